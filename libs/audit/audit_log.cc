@@ -1,0 +1,206 @@
+// The append-only, hash-chained audit log.
+#include "absl/strings/string_view.h"
+#include "libs/audit/audit_log.h"
+
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
+#include "absl/time/clock.h"
+#include "libs/pg/pg_status.h"
+
+namespace medgate::audit {
+namespace {
+
+constexpr absl::string_view kEncodingVersion = "medgate-audit-v1";
+constexpr int kVerifyPage = 2000;
+
+void AppendU64(std::string& out, uint64_t v) {
+  for (int shift = 56; shift >= 0; shift -= 8) out.push_back(static_cast<char>((v >> shift) & 0xff));
+}
+
+void AppendField(std::string& out, absl::string_view field) {
+  uint32_t n = static_cast<uint32_t>(field.size());
+  for (int shift = 24; shift >= 0; shift -= 8) out.push_back(static_cast<char>((n >> shift) & 0xff));
+  out.append(field.data(), field.size());
+}
+
+std::string ZeroHash() { return std::string(SHA256_DIGEST_LENGTH, '\0'); }
+
+// bytea values travel as PostgreSQL hex text ("\x..."), so no binary parameter handling is needed.
+std::string ByteaLiteral(absl::string_view bytes) { return absl::StrCat("\\x", ToHex(bytes)); }
+
+absl::StatusOr<std::string> FromByteaText(absl::string_view text) {
+  if (!absl::StartsWith(text, "\\x")) return absl::DataLossError("audit hash is not hex bytea");
+  return absl::HexStringToBytes(text.substr(2));
+}
+
+absl::StatusOr<Action> ParseAction(absl::string_view s) {
+  for (Action a : {Action::kCreate, Action::kRead, Action::kUpdate, Action::kDelete, Action::kExecute}) {
+    if (ActionName(a) == s) return a;
+  }
+  return absl::DataLossError(absl::StrCat("unknown audit action '", s, "'"));
+}
+
+absl::StatusOr<Decision> ParseDecision(absl::string_view s) {
+  if (s == "permit") return Decision::kPermit;
+  if (s == "deny") return Decision::kDeny;
+  return absl::DataLossError(absl::StrCat("unknown audit decision '", s, "'"));
+}
+
+}  // namespace
+
+absl::string_view ActionName(Action action) {
+  switch (action) {
+    case Action::kCreate: return "create";
+    case Action::kRead: return "read";
+    case Action::kUpdate: return "update";
+    case Action::kDelete: return "delete";
+    case Action::kExecute: return "execute";
+  }
+  return "execute";
+}
+
+absl::string_view DecisionName(Decision decision) {
+  return decision == Decision::kPermit ? "permit" : "deny";
+}
+
+std::string ToHex(absl::string_view bytes) { return absl::BytesToHexString(bytes); }
+
+std::string CanonicalEncoding(int64_t seq, int64_t at_us, const Entry& e) {
+  std::string out;
+  out.reserve(256);
+  AppendField(out, kEncodingVersion);
+  AppendU64(out, static_cast<uint64_t>(seq));
+  AppendU64(out, static_cast<uint64_t>(at_us));
+  for (absl::string_view field : {absl::string_view(e.actor), absl::string_view(e.tenant),
+                                 ActionName(e.action), absl::string_view(e.object_type),
+                                 absl::string_view(e.object_id), absl::string_view(e.patient_id),
+                                 DecisionName(e.decision), absl::string_view(e.reason),
+                                 absl::string_view(e.purpose), absl::string_view(e.consent_id)}) {
+    AppendField(out, field);
+  }
+  AppendU64(out, static_cast<uint64_t>(e.consent_version));
+  AppendField(out, e.request_id);
+  AppendField(out, e.origin);
+  return out;
+}
+
+std::string ChainHash(absl::string_view prev_hash, int64_t seq, int64_t at_us, const Entry& entry) {
+  std::string encoded = CanonicalEncoding(seq, at_us, entry);
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  EVP_DigestUpdate(ctx, prev_hash.data(), prev_hash.size());
+  EVP_DigestUpdate(ctx, encoded.data(), encoded.size());
+  EVP_DigestFinal_ex(ctx, digest, &len);
+  EVP_MD_CTX_free(ctx);
+  return std::string(reinterpret_cast<const char*>(digest), len);
+}
+
+absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry) {
+  try {
+    // The row lock on the head serializes appenders; under READ COMMITTED a waiter re-reads the
+    // head as committed by the previous appender, so each entry links to the true predecessor.
+    pqxx::row head = txn.exec1("SELECT seq, hash FROM audit_head WHERE id FOR UPDATE");
+    int64_t seq = head[0].as<int64_t>() + 1;
+    absl::StatusOr<std::string> prev = FromByteaText(head[1].c_str());
+    if (!prev.ok()) return prev.status();
+    int64_t at_us = absl::ToUnixMicros(absl::Now());
+    std::string hash = ChainHash(*prev, seq, at_us, entry);
+    txn.exec_params0(
+        "INSERT INTO audit_log (seq, at_us, actor, tenant, action, object_type, object_id, "
+        "patient_id, decision, reason, purpose, consent_id, consent_version, request_id, origin, "
+        "prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
+        "$15, $16::bytea, $17::bytea)",
+        seq, at_us, entry.actor, entry.tenant, std::string(ActionName(entry.action)),
+        entry.object_type, entry.object_id, entry.patient_id,
+        std::string(DecisionName(entry.decision)), entry.reason, entry.purpose, entry.consent_id,
+        entry.consent_version, entry.request_id, entry.origin,
+        ByteaLiteral(*prev), ByteaLiteral(hash));
+    txn.exec_params0("UPDATE audit_head SET seq = $1, hash = $2::bytea WHERE id", seq,
+                     ByteaLiteral(hash));
+    return seq;
+  } catch (const std::exception& e) {
+    return pg::StatusFromException(e);
+  }
+}
+
+absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection& connection) {
+  VerifyResult result;
+  auto fail = [&](int64_t seq, std::string problem) {
+    result.ok = false;
+    result.first_bad_seq = seq;
+    result.problem = std::move(problem);
+    return result;
+  };
+  try {
+    // One snapshot for the whole walk, so concurrent appends do not look like a broken head.
+    pqxx::transaction<pqxx::repeatable_read, pqxx::read_only> txn(
+        connection);
+    std::string prev_hash = ZeroHash();
+    int64_t expected_seq = 1;
+    while (true) {
+      pqxx::result rows = txn.exec_params(
+          "SELECT seq, at_us, actor, tenant, action, object_type, object_id, patient_id, "
+          "decision, reason, purpose, consent_id, consent_version, request_id, origin, prev_hash, "
+          "hash FROM audit_log "
+          "WHERE seq >= $1 ORDER BY seq LIMIT $2",
+          expected_seq, kVerifyPage);
+      for (const pqxx::row& row : rows) {
+        int64_t seq = row[0].as<int64_t>();
+        if (seq != expected_seq) {
+          return fail(expected_seq, absl::StrCat("entry ", expected_seq, " is missing"));
+        }
+        Entry e;
+        e.actor = row[2].c_str();
+        e.tenant = row[3].c_str();
+        absl::StatusOr<Action> action = ParseAction(row[4].c_str());
+        if (!action.ok()) return fail(seq, std::string(action.status().message()));
+        e.action = *action;
+        e.object_type = row[5].c_str();
+        e.object_id = row[6].c_str();
+        e.patient_id = row[7].c_str();
+        absl::StatusOr<Decision> decision = ParseDecision(row[8].c_str());
+        if (!decision.ok()) return fail(seq, std::string(decision.status().message()));
+        e.decision = *decision;
+        e.reason = row[9].c_str();
+        e.purpose = row[10].c_str();
+        e.consent_id = row[11].c_str();
+        e.consent_version = row[12].as<int64_t>();
+        e.request_id = row[13].c_str();
+        e.origin = row[14].c_str();
+        absl::StatusOr<std::string> stored_prev = FromByteaText(row[15].c_str());
+        absl::StatusOr<std::string> stored_hash = FromByteaText(row[16].c_str());
+        if (!stored_prev.ok() || !stored_hash.ok()) return fail(seq, "hash column is malformed");
+        if (*stored_prev != prev_hash) {
+          return fail(seq, "prev_hash does not match the previous entry's hash");
+        }
+        std::string hash = ChainHash(prev_hash, seq, row[1].as<int64_t>(), e);
+        if (hash != *stored_hash) {
+          return fail(seq, "content does not match its hash (entry altered)");
+        }
+        prev_hash = hash;
+        ++expected_seq;
+        ++result.entries_checked;
+      }
+      if (rows.size() < static_cast<size_t>(kVerifyPage)) break;
+    }
+    pqxx::row head = txn.exec1("SELECT seq, hash FROM audit_head WHERE id");
+    int64_t head_seq = head[0].as<int64_t>();
+    absl::StatusOr<std::string> head_hash = FromByteaText(head[1].c_str());
+    if (head_seq != expected_seq - 1 || !head_hash.ok() || *head_hash != prev_hash) {
+      return fail(expected_seq - 1 == head_seq ? head_seq : expected_seq,
+                  absl::StrCat("chain head says entry ", head_seq, " is last but the log ends at ",
+                               expected_seq - 1, " (entries removed or head altered)"));
+    }
+    return result;
+  } catch (const std::exception& e) {
+    return pg::StatusFromException(e);
+  }
+}
+
+}  // namespace medgate::audit

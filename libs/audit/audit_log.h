@@ -1,0 +1,74 @@
+// The append-only, hash-chained audit log kept in every database (control and each shard).
+#ifndef MEDGATE_LIBS_AUDIT_AUDIT_LOG_H_
+#define MEDGATE_LIBS_AUDIT_AUDIT_LOG_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include <pqxx/pqxx>
+
+#include "absl/strings/string_view.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace medgate::audit {
+
+enum class Action { kCreate, kRead, kUpdate, kDelete, kExecute };
+enum class Decision { kPermit, kDeny };
+
+absl::string_view ActionName(Action action);
+absl::string_view DecisionName(Decision decision);
+
+// What happened. No health values: only identities, object ids and outcomes.
+struct Entry {
+  std::string actor;        // SPIFFE id of the caller
+  std::string tenant;       // tenant of the caller or of the object ("" for ops/service work)
+  Action action = Action::kRead;
+  std::string object_type;  // e.g. "patient", "consent", "record"
+  std::string object_id;
+  std::string patient_id;   // pseudonym, "" when no patient is concerned
+  Decision decision = Decision::kPermit;
+  std::string reason;
+  std::string purpose;      // purpose of use the decision was made for, "" when none
+  std::string consent_id;   // the consent the decision rests on, "" when none
+  int64_t consent_version = 0;
+  std::string request_id;
+  std::string origin;       // peer address
+};
+
+// An entry as stored: with its position in the chain.
+struct StoredEntry {
+  int64_t seq = 0;
+  int64_t at_us = 0;  // microseconds since the Unix epoch, UTC
+  Entry entry;
+  std::string prev_hash;  // 32 raw bytes
+  std::string hash;       // 32 raw bytes
+};
+
+// The bytes hashed for an entry: a versioned, length-prefixed encoding of every field.
+std::string CanonicalEncoding(int64_t seq, int64_t at_us, const Entry& entry);
+// SHA-256(prev_hash || canonical encoding).
+std::string ChainHash(absl::string_view prev_hash, int64_t seq, int64_t at_us, const Entry& entry);
+
+std::string ToHex(absl::string_view bytes);
+
+// Appends `entry` in the caller's transaction: the change and its audit entry commit or fail
+// together. Appends serialize on the chain head row, so concurrent writers never fork the chain;
+// append last in a transaction to hold that lock briefly. Returns the new sequence number.
+absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry);
+
+struct VerifyResult {
+  bool ok = true;
+  int64_t entries_checked = 0;
+  int64_t first_bad_seq = 0;  // 0 when ok
+  std::string problem;        // what was wrong with that entry
+};
+
+// Walks the chain from the first entry and names the first entry that does not verify
+// (altered fields, broken link, missing entry, or a head that does not match the last entry).
+absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection& connection);
+
+}  // namespace medgate::audit
+
+#endif  // MEDGATE_LIBS_AUDIT_AUDIT_LOG_H_

@@ -1,0 +1,35 @@
+// Declarative per-RPC role check.
+#include "absl/strings/string_view.h"
+#include "libs/identity/authz.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace medgate {
+
+RpcPolicy::RpcPolicy(std::string trust_domain, std::initializer_list<RpcRule> rules)
+    : trust_domain_(std::move(trust_domain)) {
+  for (const RpcRule& rule : rules) {
+    rules_[std::string(rule.method)].insert(rule.allowed.begin(), rule.allowed.end());
+  }
+}
+
+absl::Status RpcPolicy::Check(const Principal& principal, absl::string_view method) const {
+  auto it = rules_.find(method);
+  if (it == rules_.end() || !it->second.contains(principal.kind)) {
+    return absl::PermissionDeniedError(absl::StrCat("a ", PrincipalKindName(principal.kind),
+                                                    " identity may not call ", method));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Principal> RpcPolicy::Authorize(const grpc::ServerContextBase& context,
+                                               absl::string_view method) const {
+  std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
+  if (!auth) return absl::UnauthenticatedError("client identity refused: no TLS peer");
+  absl::StatusOr<Principal> principal = PrincipalFromAuthContext(*auth, trust_domain_);
+  if (!principal.ok()) return principal.status();
+  if (absl::Status s = Check(*principal, method); !s.ok()) return s;
+  return principal;
+}
+
+}  // namespace medgate

@@ -1,0 +1,96 @@
+// mTLS credentials built on gRPC's TLS credentials and FileWatcherCertificateProvider.
+#include "absl/strings/string_view.h"
+#include "libs/identity/credentials.h"
+
+#include <fstream>
+
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/auth_metadata_processor.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_certificate_verifier.h>
+#include <grpcpp/security/tls_credentials_options.h>
+#include <grpcpp/support/channel_arguments.h>
+
+#include "absl/strings/str_cat.h"
+#include "libs/common/grpc_status.h"
+#include "libs/identity/principal.h"
+
+namespace medgate {
+namespace {
+
+absl::Status CheckReadable(const std::string& path, absl::string_view what) {
+  std::ifstream in(path);
+  if (!in) return absl::FailedPreconditionError(absl::StrCat(what, " file '", path, "' cannot be read"));
+  return absl::OkStatus();
+}
+
+absl::Status CheckFiles(const TlsConfig& tls) {
+  if (absl::Status s = CheckReadable(tls.cert_path, "certificate"); !s.ok()) return s;
+  if (absl::Status s = CheckReadable(tls.key_path, "private key"); !s.ok()) return s;
+  return CheckReadable(tls.ca_path, "CA certificate");
+}
+
+// Refuses every call whose verified peer certificate does not carry exactly one valid identity
+// of this trust domain, before the call reaches a handler.
+class PeerIdentityProcessor final : public grpc::AuthMetadataProcessor {
+ public:
+  explicit PeerIdentityProcessor(std::string trust_domain) : trust_domain_(std::move(trust_domain)) {}
+
+  bool IsBlocking() const override { return false; }
+
+  grpc::Status Process(const InputMetadata& /*metadata*/, grpc::AuthContext* context,
+                       OutputMetadata* /*consumed*/, OutputMetadata* /*response*/) override {
+    absl::StatusOr<Principal> principal = PrincipalFromAuthContext(*context, trust_domain_);
+    if (!principal.ok()) return ToGrpcStatus(principal.status());
+    return grpc::Status::OK;
+  }
+
+ private:
+  const std::string trust_domain_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
+    const TlsConfig& tls, const std::string& trust_domain) {
+  if (absl::Status s = CheckFiles(tls); !s.ok()) return s;
+  auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      tls.key_path, tls.cert_path, tls.ca_path, static_cast<unsigned>(tls.refresh_seconds));
+  grpc::experimental::TlsServerCredentialsOptions options(provider);
+  options.watch_root_certs();
+  options.watch_identity_key_cert_pairs();
+  options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::experimental::TlsServerCredentials(options);
+  if (!creds) return absl::InternalError("cannot build TLS server credentials");
+  creds->SetAuthMetadataProcessor(std::make_shared<PeerIdentityProcessor>(trust_domain));
+  return creds;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(
+    const TlsConfig& tls) {
+  if (absl::Status s = CheckFiles(tls); !s.ok()) return s;
+  auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      tls.key_path, tls.cert_path, tls.ca_path, static_cast<unsigned>(tls.refresh_seconds));
+  grpc::experimental::TlsChannelCredentialsOptions options;
+  options.set_certificate_provider(provider);
+  options.watch_root_certs();
+  options.watch_identity_key_cert_pairs();
+  options.set_verify_server_certs(true);
+  options.set_certificate_verifier(
+      std::make_shared<grpc::experimental::HostNameCertificateVerifier>());
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::experimental::TlsCredentials(options);
+  if (!creds) return absl::InternalError("cannot build TLS channel credentials");
+  return creds;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& address,
+                                                          const TlsConfig& tls) {
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds = MakeChannelCredentials(tls);
+  if (!creds.ok()) return creds.status();
+  grpc::ChannelArguments args;
+  // Each channel gets its own connection so credentials are not shared across identities.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return grpc::CreateCustomChannel(address, *creds, args);
+}
+
+}  // namespace medgate

@@ -1,0 +1,129 @@
+// Principal parsing from SPIFFE URI SANs.
+#include "absl/strings/string_view.h"
+#include "libs/identity/principal.h"
+
+#include <memory>
+#include <vector>
+
+#include <grpc/grpc_security_constants.h>
+#include <openssl/bio.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace medgate {
+namespace {
+
+constexpr size_t kMaxSegment = 128;
+
+bool ValidSegment(absl::string_view s) {
+  if (s.empty() || s.size() > kMaxSegment) return false;
+  for (char c : s) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '_' || c == '.';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+absl::Status Unauthenticated(absl::string_view why) {
+  return absl::UnauthenticatedError(absl::StrCat("client identity refused: ", why));
+}
+
+struct X509Deleter {
+  void operator()(X509* x) const { X509_free(x); }
+};
+struct GeneralNamesDeleter {
+  void operator()(GENERAL_NAMES* n) const { GENERAL_NAMES_free(n); }
+};
+
+}  // namespace
+
+absl::string_view PrincipalKindName(PrincipalKind kind) {
+  switch (kind) {
+    case PrincipalKind::kDevice: return "device";
+    case PrincipalKind::kPractitioner: return "practitioner";
+    case PrincipalKind::kApp: return "app";
+    case PrincipalKind::kService: return "service";
+    case PrincipalKind::kOps: return "ops";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<Principal> ParseSpiffeId(absl::string_view uri, absl::string_view trust_domain) {
+  constexpr absl::string_view kScheme = "spiffe://";
+  if (uri.substr(0, kScheme.size()) != kScheme) {
+    return Unauthenticated("the URI SAN is not a spiffe:// identity");
+  }
+  std::vector<absl::string_view> parts = absl::StrSplit(uri.substr(kScheme.size()), '/');
+  if (parts.empty() || parts[0] != trust_domain) {
+    return Unauthenticated("the identity belongs to another trust domain");
+  }
+  for (absl::string_view p : parts) {
+    if (!ValidSegment(p)) return Unauthenticated("the identity has an empty or invalid segment");
+  }
+  Principal principal;
+  principal.trust_domain = std::string(trust_domain);
+  principal.spiffe_id = std::string(uri);
+  if (parts.size() == 5 && parts[1] == "tenant") {
+    principal.tenant = std::string(parts[2]);
+    principal.name = std::string(parts[4]);
+    if (parts[3] == "device") {
+      principal.kind = PrincipalKind::kDevice;
+    } else if (parts[3] == "practitioner") {
+      principal.kind = PrincipalKind::kPractitioner;
+    } else if (parts[3] == "app") {
+      principal.kind = PrincipalKind::kApp;
+    } else {
+      return Unauthenticated("unknown tenant identity kind");
+    }
+    return principal;
+  }
+  if (parts.size() == 3 && (parts[1] == "service" || parts[1] == "ops")) {
+    principal.kind = parts[1] == "service" ? PrincipalKind::kService : PrincipalKind::kOps;
+    principal.name = std::string(parts[2]);
+    return principal;
+  }
+  return Unauthenticated("unknown identity form");
+}
+
+absl::StatusOr<Principal> PrincipalFromCertificatePem(absl::string_view pem,
+                                                      absl::string_view trust_domain) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(
+      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), &BIO_free);
+  if (!bio) return Unauthenticated("cannot read the peer certificate");
+  std::unique_ptr<X509, X509Deleter> cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+  if (!cert) return Unauthenticated("cannot parse the peer certificate");
+  std::unique_ptr<GENERAL_NAMES, GeneralNamesDeleter> names(static_cast<GENERAL_NAMES*>(
+      X509_get_ext_d2i(cert.get(), NID_subject_alt_name, nullptr, nullptr)));
+  absl::string_view uri;
+  int uri_count = 0;
+  if (names) {
+    for (int i = 0; i < sk_GENERAL_NAME_num(names.get()); ++i) {
+      const GENERAL_NAME* name = sk_GENERAL_NAME_value(names.get(), i);
+      if (name->type != GEN_URI) continue;
+      ++uri_count;
+      const ASN1_IA5STRING* s = name->d.uniformResourceIdentifier;
+      uri = absl::string_view(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)),
+                             static_cast<size_t>(ASN1_STRING_length(s)));
+    }
+  }
+  if (uri_count == 0) return Unauthenticated("the certificate has no URI SAN");
+  if (uri_count > 1) return Unauthenticated("the certificate has more than one URI SAN");
+  return ParseSpiffeId(uri, trust_domain);
+}
+
+absl::StatusOr<Principal> PrincipalFromAuthContext(const grpc::AuthContext& context,
+                                                   absl::string_view trust_domain) {
+  // The server requires and verifies the client certificate during the handshake, so a PEM
+  // certificate in the auth context is a verified one.
+  std::vector<grpc::string_ref> pems = context.FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME);
+  if (pems.size() != 1) return Unauthenticated("no verified client certificate");
+  return PrincipalFromCertificatePem(absl::string_view(pems[0].data(), pems[0].size()),
+                                     trust_domain);
+}
+
+}  // namespace medgate

@@ -1,0 +1,153 @@
+// Numbered SQL migrations with checksums.
+#include "absl/strings/string_view.h"
+#include "libs/migrate/migrate.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include <openssl/evp.h>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "libs/pg/pg_status.h"
+
+namespace medgate::migrate {
+namespace {
+
+// Distinguishes our advisory lock from any other user of pg_advisory_lock.
+constexpr int64_t kMigrationLockKey = 0x6d656467617465;  // "medgate"
+
+std::string Sha256Hex(absl::string_view data) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(data.data(), data.size(), digest, &len, EVP_sha256(), nullptr);
+  return absl::BytesToHexString(absl::string_view(reinterpret_cast<const char*>(digest), len));
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<Migration>> LoadMigrations(const std::string& dir) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    return absl::NotFoundError(absl::StrCat("migrations folder '", dir, "' does not exist"));
+  }
+  std::map<int, Migration> by_version;
+  for (const auto& item : std::filesystem::directory_iterator(dir)) {
+    std::string name = item.path().filename().string();
+    if (item.path().extension() != ".sql") continue;
+    size_t underscore = name.find('_');
+    int version = 0;
+    if (underscore == std::string::npos || underscore == 0 ||
+        !std::all_of(name.begin(), name.begin() + static_cast<long>(underscore), absl::ascii_isdigit) ||
+        !absl::SimpleAtoi(name.substr(0, underscore), &version) || version <= 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "migration file '", name, "' is not named NNNN_description.sql"));
+    }
+    if (auto it = by_version.find(version); it != by_version.end()) {
+      return absl::FailedPreconditionError(absl::StrCat("migrations '", it->second.file_name,
+                                                        "' and '", name, "' share number ", version));
+    }
+    std::ifstream in(item.path(), std::ios::binary);
+    std::stringstream buffer;
+    buffer << in.rdbuf();
+    if (!in) return absl::FailedPreconditionError(absl::StrCat("cannot read migration '", name, "'"));
+    Migration m;
+    m.version = version;
+    m.file_name = name;
+    m.sql = buffer.str();
+    m.checksum = Sha256Hex(m.sql);
+    by_version.emplace(version, std::move(m));
+  }
+  std::vector<Migration> out;
+  int expected = 1;
+  for (auto& [version, m] : by_version) {
+    if (version != expected) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "migrations in '", dir, "' skip number ", expected, " (next file is '", m.file_name, "')"));
+    }
+    out.push_back(std::move(m));
+    ++expected;
+  }
+  return out;
+}
+
+namespace {
+
+absl::StatusOr<MigrateResult> ApplyLocked(pqxx::connection& connection,
+                                          const std::vector<Migration>& migrations) {
+  MigrateResult result;
+  std::map<int, std::pair<std::string, std::string>> recorded;
+  {
+    pqxx::nontransaction session(connection);
+    session.exec0(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version integer PRIMARY KEY, file_name text NOT NULL, checksum text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now())");
+    for (const pqxx::row& row :
+         session.exec("SELECT version, file_name, checksum FROM schema_migrations ORDER BY version")) {
+      recorded[row[0].as<int>()] = {row[1].c_str(), row[2].c_str()};
+    }
+  }
+  for (const auto& [version, entry] : recorded) {
+    auto it = std::find_if(migrations.begin(), migrations.end(),
+                           [v = version](const Migration& m) { return m.version == v; });
+    if (it == migrations.end()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "migration ", version, " ('", entry.first,
+          "') is applied in the database but missing from the migrations folder"));
+    }
+    if (it->checksum != entry.second) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "migration '", it->file_name, "' was changed after it was applied (recorded checksum ",
+          entry.second.substr(0, 12), "..., file now ", it->checksum.substr(0, 12),
+          "...); add a new migration instead of editing an applied one"));
+    }
+  }
+  for (const Migration& m : migrations) {
+    if (recorded.contains(m.version)) {
+      ++result.already_applied;
+      continue;
+    }
+    try {
+      pqxx::work txn(connection);
+      txn.exec(m.sql);
+      txn.exec_params0(
+          "INSERT INTO schema_migrations (version, file_name, checksum) VALUES ($1, $2, $3)",
+          m.version, m.file_name, m.checksum);
+      txn.commit();
+    } catch (const std::exception& e) {
+      absl::Status s = pg::StatusFromException(e);
+      return absl::Status(s.code(),
+                          absl::StrCat("migration '", m.file_name, "' failed: ", s.message()));
+    }
+    result.applied.push_back(m.file_name);
+  }
+  return result;
+}
+
+}  // namespace
+
+absl::StatusOr<MigrateResult> Apply(pqxx::connection& connection,
+                                    const std::vector<Migration>& migrations) {
+  try {
+    {
+      pqxx::nontransaction lock(connection);
+      lock.exec_params("SELECT pg_advisory_lock($1)", kMigrationLockKey);
+    }
+    absl::StatusOr<MigrateResult> result = ApplyLocked(connection, migrations);
+    {
+      pqxx::nontransaction unlock(connection);
+      unlock.exec_params("SELECT pg_advisory_unlock($1)", kMigrationLockKey);
+    }
+    return result;
+  } catch (const std::exception& e) {
+    return pg::StatusFromException(e);
+  }
+}
+
+}  // namespace medgate::migrate

@@ -1,0 +1,60 @@
+// Mapping of libpqxx exceptions and SQLSTATE codes to absl::Status.
+#include "absl/strings/string_view.h"
+#include "libs/pg/pg_status.h"
+
+#include <pqxx/except>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+
+namespace medgate::pg {
+namespace {
+
+absl::string_view FirstLine(absl::string_view text) {
+  text = absl::StripPrefix(text, "ERROR:  ");
+  size_t nl = text.find('\n');
+  return nl == absl::string_view::npos ? text : text.substr(0, nl);
+}
+
+}  // namespace
+
+absl::Status StatusFromSqlState(absl::string_view sqlstate, absl::string_view message) {
+  std::string text = absl::StrCat("database error ", sqlstate, ": ", FirstLine(message));
+  if (sqlstate == "23505") return absl::AlreadyExistsError(text);
+  if (sqlstate == "40001" || sqlstate == "40P01") return absl::AbortedError(text);
+  if (sqlstate == "57014") return absl::DeadlineExceededError(text);
+  if (sqlstate == "P0001") return absl::FailedPreconditionError(text);
+  if (sqlstate == "23503") return absl::FailedPreconditionError(text);
+  if (absl::StartsWith(sqlstate, "22") || sqlstate == "23514" || sqlstate == "23502") {
+    return absl::InvalidArgumentError(text);
+  }
+  if (absl::StartsWith(sqlstate, "08") || sqlstate == "57P01" || sqlstate == "57P02" ||
+      sqlstate == "57P03") {
+    return absl::UnavailableError(text);
+  }
+  if (absl::StartsWith(sqlstate, "53")) return absl::ResourceExhaustedError(text);
+  return absl::InternalError(text);
+}
+
+absl::Status StatusFromException(const std::exception& e) {
+  if (const auto* sql = dynamic_cast<const pqxx::sql_error*>(&e)) {
+    return StatusFromSqlState(sql->sqlstate(), sql->what());
+  }
+  if (dynamic_cast<const pqxx::broken_connection*>(&e) != nullptr) {
+    return absl::UnavailableError(absl::StrCat("database unreachable: ", FirstLine(e.what())));
+  }
+  if (dynamic_cast<const pqxx::in_doubt_error*>(&e) != nullptr) {
+    return absl::UnavailableError("database commit outcome unknown (connection lost during commit)");
+  }
+  if (dynamic_cast<const pqxx::serialization_failure*>(&e) != nullptr ||
+      dynamic_cast<const pqxx::deadlock_detected*>(&e) != nullptr) {
+    return absl::AbortedError(absl::StrCat("database conflict: ", FirstLine(e.what())));
+  }
+  if (dynamic_cast<const pqxx::statement_completion_unknown*>(&e) != nullptr) {
+    return absl::UnavailableError("database statement outcome unknown");
+  }
+  return absl::InternalError(absl::StrCat("database client error: ", FirstLine(e.what())));
+}
+
+}  // namespace medgate::pg

@@ -1,0 +1,167 @@
+// A bounded PostgreSQL connection pool over libpqxx 6.4.
+#include "libs/pg/pool.h"
+
+#include "absl/strings/str_cat.h"
+#include "libs/common/log.h"
+#include "libs/pg/pg_status.h"
+
+namespace medgate::pg {
+
+PoolOptions PoolOptions::FromConfig(std::string name, const DbConfig& db) {
+  PoolOptions options;
+  options.name = std::move(name);
+  options.conninfo = db.conninfo;
+  options.size = db.pool_size;
+  options.max_waiters = db.max_waiters;
+  options.acquire_timeout = absl::Milliseconds(db.acquire_timeout_ms);
+  options.statement_timeout = absl::Milliseconds(db.statement_timeout_ms);
+  return options;
+}
+
+Lease::Lease(Lease&& other) noexcept
+    : pool_(other.pool_), connection_(std::move(other.connection_)), broken_(other.broken_) {
+  other.pool_ = nullptr;
+}
+
+Lease::~Lease() {
+  if (pool_ != nullptr && connection_ != nullptr) pool_->Release(std::move(connection_), broken_);
+}
+
+Pool::Pool(PoolOptions options) : options_(std::move(options)) {}
+
+Pool::~Pool() {
+  std::lock_guard<std::mutex> lock(mu_);
+  idle_.clear();
+}
+
+absl::StatusOr<std::unique_ptr<pqxx::connection>> Pool::Connect() {
+  try {
+    auto connection = std::make_unique<pqxx::connection>(options_.conninfo);
+    pqxx::nontransaction setup(*connection);
+    setup.exec0(absl::StrCat("SET statement_timeout = ",
+                             absl::ToInt64Milliseconds(options_.statement_timeout)));
+    setup.exec0("SET TIME ZONE 'UTC'");
+    setup.commit();
+    for (const Statement& s : options_.statements) connection->prepare(s.name, s.sql);
+    return connection;
+  } catch (const std::exception& e) {
+    absl::Status status = StatusFromException(e);
+    if (status.code() == absl::StatusCode::kInternal) {
+      // A failed connect that is not an SQL error means the server is not reachable.
+      status = absl::UnavailableError(absl::StrCat("database '", options_.name,
+                                                   "' unreachable"));
+    }
+    return status;
+  }
+}
+
+absl::StatusOr<Lease> Pool::Acquire(std::optional<absl::Duration> timeout) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        absl::ToChronoMilliseconds(timeout.value_or(options_.acquire_timeout));
+  std::unique_lock<std::mutex> lock(mu_);
+  if (idle_.empty() && open_ >= options_.size) {
+    if (waiters_ >= options_.max_waiters) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "database '", options_.name, "' pool exhausted: ", waiters_, " callers already waiting"));
+    }
+    ++waiters_;
+    bool ready = cv_.wait_until(lock, deadline,
+                                [this] { return !idle_.empty() || open_ < options_.size; });
+    --waiters_;
+    if (!ready) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "database '", options_.name, "' pool exhausted: no connection within the acquire timeout"));
+    }
+  }
+  if (!idle_.empty()) {
+    std::unique_ptr<pqxx::connection> connection = std::move(idle_.back());
+    idle_.pop_back();
+    return Lease(this, std::move(connection));
+  }
+  ++open_;
+  lock.unlock();
+  absl::StatusOr<std::unique_ptr<pqxx::connection>> connection = Connect();
+  if (!connection.ok()) {
+    lock.lock();
+    --open_;
+    cv_.notify_one();
+    return connection.status();
+  }
+  return Lease(this, *std::move(connection));
+}
+
+void Pool::Release(std::unique_ptr<pqxx::connection> connection, bool broken) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (broken || !connection->is_open()) {
+    connection.reset();
+    --open_;
+  } else {
+    idle_.push_back(std::move(connection));
+  }
+  cv_.notify_one();
+}
+
+absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn) {
+  absl::Status status;
+  bool reconnected = false;
+  for (int attempt = 0; attempt <= options_.max_retries; ++attempt) {
+    absl::StatusOr<Lease> lease = Acquire();
+    if (!lease.ok()) return lease.status();
+    try {
+      pqxx::work txn(lease->connection());
+      status = fn(txn);
+      if (status.ok()) {
+        txn.commit();
+        return status;
+      }
+      txn.abort();
+      if (status.code() != absl::StatusCode::kAborted) return status;
+    } catch (const pqxx::in_doubt_error& e) {
+      // The commit may or may not have happened: never retry, let the caller decide.
+      lease->MarkBroken();
+      return StatusFromException(e);
+    } catch (const pqxx::broken_connection& e) {
+      // Nothing was committed. An idle connection may have gone stale (server restarted):
+      // retry once on a fresh connection.
+      lease->MarkBroken();
+      status = StatusFromException(e);
+      if (reconnected) return status;
+      reconnected = true;
+    } catch (const std::exception& e) {
+      status = StatusFromException(e);
+      if (status.code() == absl::StatusCode::kUnavailable) lease->MarkBroken();
+      if (status.code() != absl::StatusCode::kAborted) return status;
+    }
+  }
+  return status;
+}
+
+absl::Status Pool::Ping() {
+  absl::StatusOr<Lease> lease = Acquire();
+  if (!lease.ok()) return lease.status();
+  try {
+    pqxx::nontransaction txn(lease->connection());
+    txn.exec1("SELECT 1");
+    return absl::OkStatus();
+  } catch (const std::exception& e) {
+    lease->MarkBroken();
+    return StatusFromException(e);
+  }
+}
+
+int Pool::idle_count() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int>(idle_.size());
+}
+
+int Pool::waiter_count() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return waiters_;
+}
+
+int Pool::open_count() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return open_;
+}
+
+}  // namespace medgate::pg

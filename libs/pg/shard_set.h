@@ -1,0 +1,36 @@
+// The regional shards: region id -> connection pool, built from the configuration.
+#ifndef MEDGATE_LIBS_PG_SHARD_SET_H_
+#define MEDGATE_LIBS_PG_SHARD_SET_H_
+
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/strings/string_view.h"
+#include "absl/status/statusor.h"
+#include "libs/common/config.h"
+#include "libs/pg/pool.h"
+
+namespace medgate::pg {
+
+class ShardSet {
+ public:
+  // One pool per configured region; `statements` are prepared on every shard connection.
+  ShardSet(const std::vector<RegionConfig>& regions, const std::vector<Statement>& statements);
+
+  // NOT_FOUND for a region that is not configured.
+  absl::StatusOr<Pool*> Get(absl::string_view region_id) const;
+  std::vector<std::string> RegionIds() const;
+
+  // OK when every shard answers; otherwise the first failure, naming the region.
+  absl::Status PingAll() const;
+
+ private:
+  std::map<std::string, std::unique_ptr<Pool>, std::less<>> pools_;
+};
+
+}  // namespace medgate::pg
+
+#endif  // MEDGATE_LIBS_PG_SHARD_SET_H_

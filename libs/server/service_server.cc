@@ -1,0 +1,124 @@
+// The one way every medgate service builds and runs its gRPC server.
+#include "libs/server/service_server.h"
+
+#include <csignal>
+#include <pthread.h>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/strings/str_cat.h"
+#include "libs/common/log.h"
+#include "libs/identity/credentials.h"
+
+namespace medgate {
+
+ServiceServer::ServiceServer(const MedgateConfig& config, std::string service_name)
+    : config_(config), service_name_(std::move(service_name)) {}
+
+ServiceServer::~ServiceServer() { Shutdown(); }
+
+void ServiceServer::AddService(grpc::Service* service) { services_.push_back(service); }
+
+void ServiceServer::SetHealthProbe(std::function<absl::Status()> probe, absl::Duration interval) {
+  probe_ = std::move(probe);
+  probe_interval_ = interval;
+}
+
+absl::Status ServiceServer::Start() {
+  absl::StatusOr<const ServiceEndpoint*> endpoint = config_.Service(service_name_);
+  if (!endpoint.ok()) return endpoint.status();
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds =
+      MakeServerCredentials((*endpoint)->tls, config_.trust_domain);
+  if (!creds.ok()) return creds.status();
+
+  grpc::EnableDefaultHealthCheckService(true);
+  if (config_.dev_reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+
+  const ServerLimits& limits = config_.limits;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort((*endpoint)->listen, *creds, &port_);
+  builder.SetMaxReceiveMessageSize(limits.max_message_bytes);
+  builder.SetMaxSendMessageSize(limits.max_message_bytes);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams);
+  // A bounded connection age makes long-lived clients reconnect, so rotated certificates reach them.
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, limits.max_connection_age_seconds * 1000);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+                             limits.max_connection_age_grace_seconds * 1000);
+  for (grpc::Service* service : services_) builder.RegisterService(service);
+  server_ = builder.BuildAndStart();
+  if (!server_ || port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on '", (*endpoint)->listen,
+                                               "' for service ", service_name_));
+  }
+  bool healthy = true;
+  if (probe_) healthy = probe_().ok();
+  SetServing(healthy);
+  if (probe_) health_thread_ = std::thread([this] { HealthLoop(); });
+  log::Info("server_started", {{"service", service_name_}, {"port", port_},
+                               {"serving", healthy}});
+  return absl::OkStatus();
+}
+
+void ServiceServer::SetServing(bool serving) {
+  if (!server_) return;
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  if (health != nullptr) health->SetServingStatus(serving);
+}
+
+void ServiceServer::HealthLoop() {
+  bool last = true;
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    cv_.wait_for(lock, absl::ToChronoMilliseconds(probe_interval_), [this] { return stopping_; });
+    if (stopping_) break;
+    lock.unlock();
+    absl::Status status = probe_();
+    lock.lock();
+    if (stopping_) break;
+    if (status.ok() != last) {
+      log::Warning("health_changed", {{"service", service_name_}, {"serving", status.ok()},
+                                      {"reason", status.message()}});
+      last = status.ok();
+    }
+    SetServing(status.ok());
+  }
+}
+
+void ServiceServer::Shutdown() {
+  if (shut_down_.exchange(true)) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (health_thread_.joinable()) health_thread_.join();
+  if (!server_) return;
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  if (health != nullptr) health->Shutdown();  // health answers NOT_SERVING while draining
+  server_->Shutdown(std::chrono::system_clock::now() +
+                    std::chrono::seconds(config_.limits.drain_seconds));
+  server_->Wait();
+  log::Info("server_stopped", {{"service", service_name_}});
+}
+
+void ServiceServer::BlockTerminationSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
+void ServiceServer::RunUntilSignal() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  int signal = 0;
+  sigwait(&set, &signal);
+  log::Info("draining", {{"service", service_name_}, {"signal", signal}});
+  Shutdown();
+}
+
+}  // namespace medgate

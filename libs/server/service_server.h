@@ -1,0 +1,75 @@
+// The one way every medgate service builds and runs its gRPC server: mTLS, health, limits, drain.
+#ifndef MEDGATE_LIBS_SERVER_SERVICE_SERVER_H_
+#define MEDGATE_LIBS_SERVER_SERVICE_SERVER_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/server.h>
+#include <grpcpp/server_builder.h>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "libs/common/config.h"
+
+namespace medgate {
+
+class ServiceServer {
+ public:
+  // `service_name` selects services.<name> in the config: listen address and certificate.
+  ServiceServer(const MedgateConfig& config, std::string service_name);
+  ~ServiceServer();
+
+  ServiceServer(const ServiceServer&) = delete;
+  ServiceServer& operator=(const ServiceServer&) = delete;
+
+  // Registers a service (sync or callback); call before Start. Not owned.
+  void AddService(grpc::Service* service);
+
+  // Polled every `interval`: while it fails, the health service answers NOT_SERVING.
+  void SetHealthProbe(std::function<absl::Status()> probe, absl::Duration interval);
+
+  // Builds the server, binds the listen address (port 0 picks a free port) over mTLS only.
+  absl::Status Start();
+
+  int port() const { return port_; }
+  grpc::Server* server() { return server_.get(); }
+
+  // Forces the health status (the probe, if any, overrides it at its next run).
+  void SetServing(bool serving);
+
+  // Stops accepting calls, lets in-flight calls finish within the drain deadline, then cancels.
+  void Shutdown();
+
+  // Blocks until SIGTERM or SIGINT, then Shutdown(). BlockTerminationSignals() must have been
+  // called at the start of main, before any thread was created.
+  void RunUntilSignal();
+  static void BlockTerminationSignals();
+
+ private:
+  void HealthLoop();
+
+  const MedgateConfig& config_;
+  const std::string service_name_;
+  std::vector<grpc::Service*> services_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+
+  std::function<absl::Status()> probe_;
+  absl::Duration probe_interval_ = absl::Seconds(2);
+  std::thread health_thread_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  std::atomic<bool> shut_down_{false};
+};
+
+}  // namespace medgate
+
+#endif  // MEDGATE_LIBS_SERVER_SERVICE_SERVER_H_

@@ -1,0 +1,167 @@
+// Migrations against real PostgreSQL: fresh, re-run, tampered, gap, duplicate; medgate-migrate.
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "libs/migrate/migrate.h"
+#include "tests/support/pg_cluster.h"
+
+namespace medgate::migrate {
+namespace {
+
+using ::testing::HasSubstr;
+using test_support::PgClusterSet;
+namespace fs = std::filesystem;
+
+std::string SourceDir() {
+  const char* dir = std::getenv("MEDGATE_SOURCE_DIR");
+  return dir != nullptr ? dir : MEDGATE_SOURCE_DIR_DEFAULT;
+}
+
+void WriteFile(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << text;
+}
+
+class MigrateTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    absl::StatusOr<std::unique_ptr<PgClusterSet>> clusters = PgClusterSet::Start();
+    ASSERT_TRUE(clusters.ok()) << clusters.status();
+    clusters_ = clusters->release();
+  }
+  static void TearDownTestSuite() { delete clusters_; }
+
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("medgate-migrate-" + std::to_string(getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    // Each test gets its own database on the control server.
+    db_ = std::string("t_") + ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    for (char& c : db_) c = static_cast<char>(std::tolower(c));
+    pqxx::connection admin(clusters_->control().ConnectionString());
+    pqxx::nontransaction txn(admin);
+    txn.exec0("DROP DATABASE IF EXISTS " + txn.quote_name(db_));
+    txn.exec0("CREATE DATABASE " + txn.quote_name(db_));
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  pqxx::connection Connect() { return pqxx::connection(clusters_->control().ConnectionString(db_)); }
+
+  static PgClusterSet* clusters_;
+  fs::path dir_;
+  std::string db_;
+};
+
+PgClusterSet* MigrateTest::clusters_ = nullptr;
+
+TEST_F(MigrateTest, AppliesTheProjectMigrationsThenReRunIsANoOp) {
+  for (const char* kind : {"control", "shard"}) {
+    absl::StatusOr<std::vector<Migration>> migrations = LoadMigrations(SourceDir() + "/migrations/" + kind);
+    ASSERT_TRUE(migrations.ok()) << migrations.status();
+    ASSERT_FALSE(migrations->empty());
+    pqxx::connection c = Connect();
+    pqxx::nontransaction reset(c);
+    reset.exec0("DROP SCHEMA public CASCADE; CREATE SCHEMA public;");
+    reset.commit();
+    absl::StatusOr<MigrateResult> first = Apply(c, *migrations);
+    ASSERT_TRUE(first.ok()) << kind << ": " << first.status();
+    EXPECT_EQ(first->applied.size(), migrations->size());
+    EXPECT_EQ(first->already_applied, 0);
+    absl::StatusOr<MigrateResult> second = Apply(c, *migrations);
+    ASSERT_TRUE(second.ok()) << second.status();
+    EXPECT_TRUE(second->applied.empty());
+    EXPECT_EQ(second->already_applied, static_cast<int>(migrations->size()));
+    pqxx::nontransaction check(c);
+    EXPECT_EQ(check.exec1("SELECT count(*) FROM schema_migrations")[0].as<size_t>(), migrations->size());
+    EXPECT_EQ(check.exec1("SELECT count(*) FROM audit_head")[0].as<int>(), 1);
+  }
+}
+
+TEST_F(MigrateTest, RefusesAnAppliedFileThatChanged) {
+  WriteFile(dir_ / "0001_create_a.sql", "CREATE TABLE a (id int);");
+  WriteFile(dir_ / "0002_create_b.sql", "CREATE TABLE b (id int);");
+  pqxx::connection c = Connect();
+  ASSERT_TRUE(Apply(c, *LoadMigrations(dir_)).ok());
+  WriteFile(dir_ / "0001_create_a.sql", "CREATE TABLE a (id int, sneaky text);");
+  WriteFile(dir_ / "0003_create_c.sql", "CREATE TABLE c (id int);");
+  absl::StatusOr<MigrateResult> result = Apply(c, *LoadMigrations(dir_));
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(result.status().message()), HasSubstr("0001_create_a.sql"));
+  EXPECT_THAT(std::string(result.status().message()), HasSubstr("changed after it was applied"));
+  // Nothing after the refusal was applied.
+  pqxx::nontransaction check(c);
+  EXPECT_EQ(check.exec1("SELECT to_regclass('public.c') IS NULL")[0].as<bool>(), true);
+}
+
+TEST_F(MigrateTest, RefusesGapsDuplicatesAndBadNames) {
+  WriteFile(dir_ / "0001_a.sql", "SELECT 1;");
+  WriteFile(dir_ / "0003_c.sql", "SELECT 1;");
+  absl::StatusOr<std::vector<Migration>> gap = LoadMigrations(dir_);
+  EXPECT_EQ(gap.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(gap.status().message()), HasSubstr("skip number 2"));
+
+  WriteFile(dir_ / "0002_b.sql", "SELECT 1;");
+  WriteFile(dir_ / "002_b_again.sql", "SELECT 1;");
+  absl::StatusOr<std::vector<Migration>> dup = LoadMigrations(dir_);
+  EXPECT_EQ(dup.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(dup.status().message()), HasSubstr("share number 2"));
+
+  fs::remove(dir_ / "002_b_again.sql");
+  WriteFile(dir_ / "init.sql", "SELECT 1;");
+  absl::StatusOr<std::vector<Migration>> bad = LoadMigrations(dir_);
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("'init.sql' is not named NNNN_description.sql"));
+}
+
+TEST_F(MigrateTest, AFailingMigrationLeavesNoTrace) {
+  WriteFile(dir_ / "0001_ok.sql", "CREATE TABLE ok (id int);");
+  WriteFile(dir_ / "0002_broken.sql", "CREATE TABLE half (id int); SELECT no_such_function();");
+  pqxx::connection c = Connect();
+  absl::StatusOr<MigrateResult> result = Apply(c, *LoadMigrations(dir_));
+  ASSERT_FALSE(result.ok());
+  EXPECT_THAT(std::string(result.status().message()), HasSubstr("0002_broken.sql"));
+  pqxx::nontransaction check(c);
+  EXPECT_EQ(check.exec1("SELECT to_regclass('public.half') IS NULL")[0].as<bool>(), true);
+  EXPECT_EQ(check.exec1("SELECT count(*) FROM schema_migrations")[0].as<int>(), 1);
+}
+
+TEST_F(MigrateTest, CommandMigratesControlAndEveryShardIdempotently) {
+  fs::path config = dir_ / "medgate.yaml";
+  std::string yaml = "trust_domain: medgate.test\nca: /nonexistent/ca.crt\n";
+  yaml += "control_db: {conninfo: \"" + clusters_->control().ConnectionString() + "\"}\nregions:\n";
+  for (auto* region : clusters_->regions()) {
+    yaml += "  - {id: " + region->name() + ", territories: [FR], db: {conninfo: \"" +
+            region->ConnectionString() + "\"}}\n";
+  }
+  WriteFile(config, yaml);
+  std::string command = std::string(MEDGATE_MIGRATE_BINARY) + " --config " + config.string() +
+                        " --migrations " + SourceDir() + "/migrations 2>" + (dir_ / "out.log").string();
+  ASSERT_EQ(std::system(command.c_str()), 0);
+  ASSERT_EQ(std::system(command.c_str()), 0);
+  std::ifstream log(dir_ / "out.log");
+  std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  // The second run reported nothing applied for each of the four databases.
+  size_t idle_runs = 0;
+  for (size_t at = text.find("\"applied\":\"\""); at != std::string::npos;
+       at = text.find("\"applied\":\"\"", at + 1)) {
+    ++idle_runs;
+  }
+  EXPECT_EQ(idle_runs, 4u) << text;
+  for (auto* region : clusters_->regions()) {
+    pqxx::connection c(region->ConnectionString());
+    pqxx::nontransaction check(c);
+    EXPECT_GE(check.exec1("SELECT count(*) FROM schema_migrations")[0].as<int>(), 1) << region->name();
+  }
+  // A bad config exits 2 naming the key.
+  WriteFile(config, "trust_domain: medgate.test\nca: x\nregions: [{id: fr-1}]\n");
+  EXPECT_EQ(WEXITSTATUS(std::system(command.c_str())), 2);
+}
+
+}  // namespace
+}  // namespace medgate::migrate

@@ -1,0 +1,306 @@
+// mTLS over real TLS on loopback: the accept/reject matrix, Principals, rotation, health.
+#include <atomic>
+#include <filesystem>
+#include <thread>
+
+#include <openssl/bn.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "libs/identity/authz.h"
+#include "libs/identity/credentials.h"
+#include "libs/server/service_server.h"
+#include "medgate/v1/audit.grpc.pb.h"
+#include "tests/support/test_pki.h"
+
+namespace medgate {
+namespace {
+
+using ::testing::HasSubstr;
+using test_support::TestCert;
+using test_support::TestPki;
+
+// A handler that records who reached it: nothing may reach it with a refused certificate.
+std::string SerialOfPem(const std::string& pem) {
+  BIO* bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+  X509* cert = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
+  BIO_free(bio);
+  if (cert == nullptr) return "";
+  BIGNUM* bn = ASN1_INTEGER_to_BN(X509_get_serialNumber(cert), nullptr);
+  char* hex = BN_bn2hex(bn);
+  std::string serial(hex);
+  OPENSSL_free(hex);
+  BN_free(bn);
+  X509_free(cert);
+  return serial;
+}
+
+class RecordingAuditService final : public v1::Audit::Service {
+ public:
+  explicit RecordingAuditService(const std::string& trust_domain)
+      : policy_(trust_domain, {{"VerifyChain", {PrincipalKind::kOps, PrincipalKind::kApp,
+                                               PrincipalKind::kPractitioner,
+                                               PrincipalKind::kDevice, PrincipalKind::kService}}}) {}
+
+  grpc::Status VerifyChain(grpc::ServerContext* context, const v1::VerifyChainRequest*,
+                           v1::VerifyChainResponse*) override {
+    calls_.fetch_add(1);
+    absl::StatusOr<Principal> principal = policy_.Authorize(*context, "VerifyChain");
+    absl::MutexLock lock(&mu_);
+    if (!principal.ok()) {
+      return grpc::Status(static_cast<grpc::StatusCode>(principal.status().code()),
+                          std::string(principal.status().message()));
+    }
+    last_ = *principal;
+    return grpc::Status::OK;
+  }
+
+  // Not in the policy: default deny.
+  grpc::Status QueryAudit(grpc::ServerContext* context, const v1::QueryAuditRequest*,
+                          v1::QueryAuditResponse*) override {
+    calls_.fetch_add(1);
+    absl::StatusOr<Principal> principal = policy_.Authorize(*context, "QueryAudit");
+    return grpc::Status(static_cast<grpc::StatusCode>(principal.status().code()),
+                        std::string(principal.status().message()));
+  }
+
+  int calls() const { return calls_.load(); }
+  Principal last() {
+    absl::MutexLock lock(&mu_);
+    return last_;
+  }
+
+ private:
+  RpcPolicy policy_;
+  std::atomic<int> calls_{0};
+  absl::Mutex mu_;
+  Principal last_;
+};
+
+class MtlsTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::string(std::filesystem::temp_directory_path() /
+                           ("medgate-mtls-" + std::to_string(getpid())));
+    std::filesystem::create_directories(*dir_);
+    absl::StatusOr<std::unique_ptr<TestPki>> pki = TestPki::Create(*dir_);
+    ASSERT_TRUE(pki.ok()) << pki.status();
+    pki_ = pki->release();
+  }
+  static void TearDownTestSuite() {
+    delete pki_;
+    std::filesystem::remove_all(*dir_);
+    delete dir_;
+  }
+
+  void SetUp() override {
+    // The server's certificate files are copies, so the rotation test can replace them.
+    server_cert_ = *dir_ + "/live-server.crt";
+    server_key_ = *dir_ + "/live-server.key";
+    std::filesystem::copy_file(pki_->server().cert_path, server_cert_,
+                               std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::copy_file(pki_->server().key_path, server_key_,
+                               std::filesystem::copy_options::overwrite_existing);
+    config_.trust_domain = pki_->trust_domain();
+    config_.ca_path = pki_->ca_path();
+    config_.limits.drain_seconds = 1;
+    ServiceEndpoint endpoint;
+    endpoint.listen = "127.0.0.1:0";
+    endpoint.tls = TlsConfig{server_cert_, server_key_, pki_->ca_path(), 1};
+    config_.services["test"] = endpoint;
+    service_ = std::make_unique<RecordingAuditService>(pki_->trust_domain());
+    server_ = std::make_unique<ServiceServer>(config_, "test");
+    server_->AddService(service_.get());
+    server_->SetHealthProbe([this] { return healthy_.load() ? absl::OkStatus()
+                                                            : absl::UnavailableError("db down"); },
+                            absl::Milliseconds(50));
+    ASSERT_TRUE(server_->Start().ok());
+    address_ = "127.0.0.1:" + std::to_string(server_->port());
+  }
+
+  void TearDown() override { server_->Shutdown(); }
+
+  std::shared_ptr<grpc::Channel> ChannelAs(const TestCert& cert) {
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+        MakeChannel(address_, TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 1});
+    EXPECT_TRUE(channel.ok()) << channel.status();
+    return *channel;
+  }
+
+  grpc::Status Call(const std::shared_ptr<grpc::Channel>& channel,
+                    std::string* server_cert_pem = nullptr) {
+    auto stub = v1::Audit::NewStub(channel);
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::VerifyChainRequest request;
+    v1::VerifyChainResponse response;
+    grpc::Status status = stub->VerifyChain(&context, request, &response);
+    if (server_cert_pem != nullptr && context.auth_context()) {
+      auto pems = context.auth_context()->FindPropertyValues("x509_pem_cert");
+      if (!pems.empty()) server_cert_pem->assign(pems[0].data(), pems[0].size());
+    }
+    return status;
+  }
+
+  static std::string* dir_;
+  static TestPki* pki_;
+  MedgateConfig config_;
+  std::string server_cert_;
+  std::string server_key_;
+  std::unique_ptr<RecordingAuditService> service_;
+  std::unique_ptr<ServiceServer> server_;
+  std::string address_;
+  std::atomic<bool> healthy_{true};
+};
+
+std::string* MtlsTest::dir_ = nullptr;
+TestPki* MtlsTest::pki_ = nullptr;
+
+TEST_F(MtlsTest, GoodCertificatesYieldTheirPrincipal) {
+  struct Case {
+    const TestCert* cert;
+    PrincipalKind kind;
+    std::string tenant;
+    std::string name;
+  };
+  for (const Case& c : {Case{&pki_->app(), PrincipalKind::kApp, "acme", "backend"},
+                        Case{&pki_->practitioner(), PrincipalKind::kPractitioner, "acme", "p-1"},
+                        Case{&pki_->device(), PrincipalKind::kDevice, "acme", "dev-1"},
+                        Case{&pki_->globex_app(), PrincipalKind::kApp, "globex", "backend"},
+                        Case{&pki_->service(), PrincipalKind::kService, "", "routing"},
+                        Case{&pki_->ops(), PrincipalKind::kOps, "", "alice"}}) {
+    grpc::Status status = Call(ChannelAs(*c.cert));
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    Principal p = service_->last();
+    EXPECT_EQ(p.kind, c.kind);
+    EXPECT_EQ(p.tenant, c.tenant);
+    EXPECT_EQ(p.name, c.name);
+    EXPECT_EQ(p.trust_domain, pki_->trust_domain());
+  }
+  EXPECT_EQ(service_->calls(), 6);
+}
+
+TEST_F(MtlsTest, IdentityRefusalsAreUnauthenticatedBeforeAnyHandler) {
+  struct Case {
+    const TestCert* cert;
+    const char* why;
+  };
+  for (const Case& c : {Case{&pki_->two_uris(), "more than one URI SAN"},
+                        Case{&pki_->no_san(), "no URI SAN"},
+                        Case{&pki_->other_trust_domain(), "another trust domain"},
+                        Case{&pki_->unknown_form(), "unknown identity form"}}) {
+    grpc::Status status = Call(ChannelAs(*c.cert));
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAUTHENTICATED) << c.why;
+    EXPECT_THAT(status.error_message(), HasSubstr(c.why));
+  }
+  EXPECT_EQ(service_->calls(), 0);
+}
+
+TEST_F(MtlsTest, HandshakeRefusalsNeverReachAHandler) {
+  // Rogue CA and expired certificates fail verification in the TLS handshake.
+  for (const TestCert* cert : {&pki_->rogue_signed(), &pki_->expired()}) {
+    grpc::Status status = Call(ChannelAs(*cert));
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << cert->cert_path;
+  }
+  // No client certificate at all.
+  grpc::SslCredentialsOptions no_cert;
+  no_cert.pem_root_certs = pki_->ca_pem();
+  EXPECT_EQ(Call(grpc::CreateChannel(address_, grpc::SslCredentials(no_cert))).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  // Plaintext is not served at all.
+  EXPECT_EQ(Call(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials())).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(service_->calls(), 0);
+}
+
+TEST_F(MtlsTest, UnlistedRpcIsDeniedToEveryKind) {
+  auto stub = v1::Audit::NewStub(ChannelAs(pki_->ops()));
+  grpc::ClientContext context;
+  v1::QueryAuditRequest request;
+  v1::QueryAuditResponse response;
+  grpc::Status status = stub->QueryAudit(&context, request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+}
+
+TEST_F(MtlsTest, RotatedServerCertificateReachesNewConnections) {
+  std::string first_pem;
+  ASSERT_TRUE(Call(ChannelAs(pki_->app()), &first_pem).ok());
+  EXPECT_EQ(SerialOfPem(first_pem), pki_->server().serial);
+
+  absl::StatusOr<TestCert> rotated = pki_->IssueServer("rotated-server");
+  ASSERT_TRUE(rotated.ok()) << rotated.status();
+  ASSERT_NE(rotated->serial, pki_->server().serial);
+  // Replace the files the way cert-manager does: write aside, then rename over.
+  std::filesystem::copy_file(rotated->key_path, server_key_ + ".new");
+  std::filesystem::copy_file(rotated->cert_path, server_cert_ + ".new");
+  std::filesystem::rename(server_key_ + ".new", server_key_);
+  std::filesystem::rename(server_cert_ + ".new", server_cert_);
+
+  std::string seen;
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (absl::Now() < deadline) {
+    std::string pem;
+    if (Call(ChannelAs(pki_->app()), &pem).ok()) {
+      seen = SerialOfPem(pem);
+      if (seen == rotated->serial) break;
+    }
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_EQ(seen, rotated->serial) << "a new connection should see the rotated certificate";
+}
+
+TEST_F(MtlsTest, HealthFollowsTheProbe) {
+  auto channel = ChannelAs(pki_->ops());
+  auto status_of = [&]() {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    grpc::ByteBuffer response;
+    // The standard health service: grpc.health.v1.Health/Check with an empty service name.
+    grpc::GenericStub stub(channel);
+    grpc::ByteBuffer request;  // empty HealthCheckRequest
+    grpc::Slice empty("");
+    request = grpc::ByteBuffer(&empty, 1);
+    grpc::Status s;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                   &response, [&](grpc::Status st) {
+                     std::lock_guard<std::mutex> lock(mu);
+                     s = st;
+                     done = true;
+                     cv.notify_one();
+                   });
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return done; });
+    // HealthCheckResponse { status = 1 }: field 1 varint; SERVING = 1, NOT_SERVING = 2.
+    std::vector<grpc::Slice> slices;
+    response.Dump(&slices);
+    std::string bytes;
+    for (const auto& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    return bytes.size() == 2 ? static_cast<int>(bytes[1]) : -1;
+  };
+  auto wait_for = [&](int want) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(10);
+    int got = -1;
+    while (absl::Now() < deadline && (got = status_of()) != want) absl::SleepFor(absl::Milliseconds(20));
+    return got;
+  };
+  EXPECT_EQ(wait_for(1), 1);
+  healthy_ = false;
+  EXPECT_EQ(wait_for(2), 2);
+  healthy_ = true;
+  EXPECT_EQ(wait_for(1), 1);
+}
+
+}  // namespace
+}  // namespace medgate

@@ -1,0 +1,191 @@
+// libs/pg against a real PostgreSQL server: transactions, error mapping, bounds, reconnection.
+#include <optional>
+#include <thread>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "absl/strings/match.h"
+#include "absl/time/clock.h"
+#include "libs/pg/pool.h"
+#include "libs/pg/shard_set.h"
+#include "tests/support/pg_cluster.h"
+
+namespace medgate::pg {
+namespace {
+
+using ::testing::HasSubstr;
+using test_support::PgCluster;
+
+class PoolTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    absl::StatusOr<std::unique_ptr<PgCluster>> cluster = PgCluster::Start("pool");
+    ASSERT_TRUE(cluster.ok()) << cluster.status();
+    cluster_ = cluster->release();
+    Pool pool(Options());
+    ASSERT_TRUE(pool.Transact([](pqxx::work& txn) {
+      txn.exec0("CREATE TABLE items (id integer PRIMARY KEY, label text NOT NULL)");
+      return absl::OkStatus();
+    }).ok());
+  }
+  static void TearDownTestSuite() { delete cluster_; }
+
+  void SetUp() override {
+    if (!cluster_->running()) {
+      ASSERT_TRUE(cluster_->StartAgain().ok());
+    }
+    Pool pool(Options());
+    ASSERT_TRUE(pool.Transact([](pqxx::work& txn) {
+      txn.exec0("TRUNCATE items");
+      return absl::OkStatus();
+    }).ok());
+  }
+
+  static PoolOptions Options() {
+    PoolOptions options;
+    options.name = "pool-test";
+    options.conninfo = cluster_->ConnectionString();
+    options.size = 2;
+    options.max_waiters = 4;
+    options.acquire_timeout = absl::Milliseconds(300);
+    options.statements = {{"insert_item", "INSERT INTO items (id, label) VALUES ($1, $2)"},
+                          {"count_items", "SELECT count(*) FROM items"}};
+    return options;
+  }
+
+  static int64_t Count(Pool& pool) {
+    absl::StatusOr<int64_t> n = pool.TransactValue<int64_t>(
+        [](pqxx::work& txn) -> absl::StatusOr<int64_t> {
+          return txn.exec_prepared1("count_items")[0].as<int64_t>();
+        });
+    EXPECT_TRUE(n.ok()) << n.status();
+    return n.value_or(-1);
+  }
+
+  static absl::Status Insert(Pool& pool, int id, const std::string& label) {
+    return pool.Transact([&](pqxx::work& txn) {
+      txn.exec_prepared0("insert_item", id, label);
+      return absl::OkStatus();
+    });
+  }
+
+  static PgCluster* cluster_;
+};
+
+PgCluster* PoolTest::cluster_ = nullptr;
+
+TEST_F(PoolTest, CommitsOnOkAndRollsBackOnError) {
+  Pool pool(Options());
+  ASSERT_TRUE(Insert(pool, 1, "one").ok());
+  absl::Status refused = pool.Transact([](pqxx::work& txn) {
+    txn.exec_prepared0("insert_item", 2, "two");
+    return absl::FailedPreconditionError("caller changed its mind");
+  });
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(Count(pool), 1);
+}
+
+TEST_F(PoolTest, MapsServerErrorsToStatus) {
+  Pool pool(Options());
+  ASSERT_TRUE(Insert(pool, 1, "one").ok());
+  absl::Status dup = Insert(pool, 1, "again");
+  EXPECT_EQ(dup.code(), absl::StatusCode::kAlreadyExists) << dup;
+  EXPECT_THAT(std::string(dup.message()), HasSubstr("23505"));
+  // Row values (the DETAIL line) never reach the message.
+  EXPECT_THAT(std::string(dup.message()), ::testing::Not(HasSubstr("(1)")));
+  PoolOptions options = Options();
+  options.statement_timeout = absl::Milliseconds(50);
+  Pool short_pool(options);
+  absl::Status timeout = short_pool.Transact([](pqxx::work& txn) {
+    txn.exec0("SELECT pg_sleep(2)");
+    return absl::OkStatus();
+  });
+  EXPECT_EQ(timeout.code(), absl::StatusCode::kDeadlineExceeded) << timeout;
+  EXPECT_EQ(Count(pool), 1);
+}
+
+TEST_F(PoolTest, RetriesAbortedTransactions) {
+  Pool pool(Options());
+  int attempts = 0;
+  absl::Status status = pool.Transact([&](pqxx::work& txn) {
+    ++attempts;
+    if (attempts < 3) return absl::AbortedError("simulated conflict");
+    txn.exec_prepared0("insert_item", 7, "seven");
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(status.ok()) << status;
+  EXPECT_EQ(attempts, 3);
+  EXPECT_EQ(Count(pool), 1);
+}
+
+TEST_F(PoolTest, BoundsWaitersAndAcquireTime) {
+  PoolOptions options = Options();
+  options.size = 1;
+  options.max_waiters = 1;
+  options.acquire_timeout = absl::Seconds(2);
+  Pool pool(options);
+  absl::StatusOr<Lease> held = pool.Acquire();
+  ASSERT_TRUE(held.ok()) << held.status();
+
+  // One waiter is allowed (and times out); another caller meanwhile is refused at once.
+  absl::Status waited;
+  std::thread waiter([&] { waited = pool.Acquire().status(); });
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  while (pool.waiter_count() < 1 && absl::Now() < deadline) std::this_thread::yield();
+  ASSERT_EQ(pool.waiter_count(), 1);
+  absl::Status refused = pool.Acquire().status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("already waiting"));
+  waiter.join();
+  EXPECT_EQ(waited.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(waited.message()), HasSubstr("acquire timeout"));
+}
+
+TEST_F(PoolTest, ReleasedConnectionWakesAWaiter) {
+  PoolOptions options = Options();
+  options.size = 1;
+  options.acquire_timeout = absl::Seconds(10);
+  Pool pool(options);
+  std::optional<Lease> held;
+  held.emplace(*pool.Acquire());
+  absl::Status waited = absl::UnknownError("not run");
+  std::thread waiter([&] { waited = pool.Acquire().status(); });
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  while (pool.waiter_count() < 1 && absl::Now() < deadline) std::this_thread::yield();
+  held.reset();
+  waiter.join();
+  EXPECT_TRUE(waited.ok()) << waited;
+  EXPECT_EQ(pool.open_count(), 1);
+}
+
+TEST_F(PoolTest, ServerDownIsUnavailableAndThePoolRecovers) {
+  Pool pool(Options());
+  ASSERT_TRUE(pool.Ping().ok());
+  ASSERT_TRUE(cluster_->Stop().ok());
+  absl::Status down = Insert(pool, 1, "one");
+  EXPECT_EQ(down.code(), absl::StatusCode::kUnavailable) << down;
+  EXPECT_EQ(pool.Ping().code(), absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(cluster_->StartAgain().ok());
+  // Stale idle connections are replaced; prepared statements exist on the new connection.
+  absl::Status back = Insert(pool, 2, "two");
+  EXPECT_TRUE(back.ok()) << back;
+  EXPECT_EQ(Count(pool), 1);
+}
+
+TEST_F(PoolTest, ShardSetResolvesConfiguredRegionsOnly) {
+  RegionConfig fr;
+  fr.id = "fr-1";
+  fr.territories = {"FR"};
+  fr.db.conninfo = cluster_->ConnectionString();
+  ShardSet shards({fr}, {{"count_items", "SELECT count(*) FROM items"}});
+  absl::StatusOr<Pool*> pool = shards.Get("fr-1");
+  ASSERT_TRUE(pool.ok());
+  EXPECT_EQ((*pool)->name(), "fr-1");
+  EXPECT_EQ(shards.Get("us-1").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(shards.PingAll().ok());
+  EXPECT_EQ(shards.RegionIds(), std::vector<std::string>{"fr-1"});
+}
+
+}  // namespace
+}  // namespace medgate::pg

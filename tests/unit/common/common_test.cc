@@ -1,0 +1,142 @@
+// Unit tests of libs/common: status macros, the status mapping, config validation, JSON logging.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "libs/common/config.h"
+#include "libs/common/grpc_status.h"
+#include "libs/common/log.h"
+#include "libs/common/status_macros.h"
+
+namespace medgate {
+namespace {
+
+using ::testing::HasSubstr;
+
+absl::Status FailIfNegative(int v) {
+  if (v < 0) return absl::InvalidArgumentError("negative");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> Half(int v) {
+  if (v % 2 != 0) return absl::InvalidArgumentError("odd");
+  return v / 2;
+}
+
+absl::StatusOr<int> Quarter(int v) {
+  RETURN_IF_ERROR(FailIfNegative(v));
+  ASSIGN_OR_RETURN(int half, Half(v));
+  ASSIGN_OR_RETURN(int quarter, Half(half));
+  return quarter;
+}
+
+TEST(StatusMacrosTest, PropagatesErrorsAndValues) {
+  EXPECT_EQ(*Quarter(8), 2);
+  EXPECT_EQ(Quarter(-4).status().message(), "negative");
+  EXPECT_EQ(Quarter(6).status().message(), "odd");  // 6 -> 3 -> odd on the second step
+  EXPECT_EQ(Quarter(5).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(GrpcStatusTest, RoundTripsEveryCode) {
+  for (int code = 0; code <= 16; ++code) {
+    absl::Status s(static_cast<absl::StatusCode>(code), code == 0 ? "" : "msg");
+    grpc::Status g = ToGrpcStatus(s);
+    EXPECT_EQ(static_cast<int>(g.error_code()), code);
+    EXPECT_EQ(FromGrpcStatus(g), s);
+  }
+  EXPECT_EQ(ToGrpcStatus(absl::NotFoundError("patient p-1 not found")).error_message(),
+            "patient p-1 not found");
+}
+
+constexpr char kGoodConfig[] = R"(
+trust_domain: medgate.test
+ca: /pki/ca.crt
+limits:
+  max_message_bytes: 2097152
+control_db:
+  conninfo: host=127.0.0.1 port=5432
+regions:
+  - id: fr-1
+    territories: [FR]
+    db: {conninfo: "host=127.0.0.1 port=5433", pool_size: 4}
+services:
+  routing:
+    listen: 127.0.0.1:0
+    tls: {cert: /pki/routing.crt, key: /pki/routing.key}
+)";
+
+TEST(ConfigTest, ParsesAValidConfig) {
+  absl::StatusOr<ConfigNode> root = ConfigNode::Parse(kGoodConfig);
+  ASSERT_TRUE(root.ok()) << root.status();
+  absl::StatusOr<MedgateConfig> config = ParseMedgateConfig(*root);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->trust_domain, "medgate.test");
+  EXPECT_EQ(config->limits.max_message_bytes, 2097152);
+  EXPECT_EQ(config->limits.max_concurrent_streams, 1000);  // default
+  ASSERT_EQ(config->regions.size(), 1u);
+  EXPECT_EQ(config->regions[0].db.pool_size, 4);
+  ASSERT_NE(config->FindRegion("fr-1"), nullptr);
+  EXPECT_EQ(config->FindRegion("de-1"), nullptr);
+  absl::StatusOr<const ServiceEndpoint*> routing = config->Service("routing");
+  ASSERT_TRUE(routing.ok());
+  EXPECT_EQ((*routing)->address, "127.0.0.1:0");
+  EXPECT_EQ((*routing)->tls.ca_path, "/pki/ca.crt");
+  EXPECT_FALSE(config->Service("consent").ok());
+}
+
+struct BadConfigCase {
+  std::string from;
+  std::string to;
+  std::string key_named;
+};
+
+class ConfigErrorTest : public ::testing::TestWithParam<BadConfigCase> {};
+
+TEST_P(ConfigErrorTest, NamesTheOffendingKey) {
+  std::string text = kGoodConfig;
+  size_t at = text.find(GetParam().from);
+  ASSERT_NE(at, std::string::npos);
+  text.replace(at, GetParam().from.size(), GetParam().to);
+  absl::StatusOr<ConfigNode> root = ConfigNode::Parse(text);
+  ASSERT_TRUE(root.ok()) << root.status();
+  absl::StatusOr<MedgateConfig> config = ParseMedgateConfig(*root);
+  ASSERT_FALSE(config.ok());
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(config.status().message(), HasSubstr("'" + GetParam().key_named + "'"));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, ConfigErrorTest,
+    ::testing::Values(
+        BadConfigCase{"trust_domain: medgate.test", "", "trust_domain"},
+        BadConfigCase{"max_message_bytes: 2097152", "max_message_bytes: lots", "limits.max_message_bytes"},
+        BadConfigCase{"max_message_bytes: 2097152", "max_message_bytes: 1", "limits.max_message_bytes"},
+        BadConfigCase{"max_message_bytes: 2097152", "max_mesage_bytes: 5", "limits.max_mesage_bytes"},
+        BadConfigCase{"territories: [FR]", "territories: [France]", "regions[0].territories[0]"},
+        BadConfigCase{"pool_size: 4", "pool_size: 0", "regions[0].db.pool_size"},
+        BadConfigCase{"tls: {cert: /pki/routing.crt, key: /pki/routing.key}", "tls: {cert: /pki/routing.crt}", "services.routing.tls.key"},
+        BadConfigCase{"- id: fr-1", "- idd: fr-1", "regions[0].idd"}));
+
+TEST(ConfigTest, RejectsNonYamlAndNonMap) {
+  EXPECT_FALSE(ConfigNode::Parse("a: [unclosed").ok());
+  EXPECT_FALSE(ConfigNode::Parse("- just\n- a list\n").ok());
+  EXPECT_EQ(ConfigNode::LoadFile("/nonexistent/medgate.yaml").status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST(LogTest, FormatsOneEscapedJsonObject) {
+  std::string line = log::FormatLine(log::Level::kWarning, "db_down",
+                                     {{"region", "fr-1"}, {"attempt", 3}, {"ok", false},
+                                      {"note", "quote\" and\nnewline"}});
+  EXPECT_THAT(line, HasSubstr("\"level\":\"warning\""));
+  EXPECT_THAT(line, HasSubstr("\"event\":\"db_down\""));
+  EXPECT_THAT(line, HasSubstr("\"region\":\"fr-1\""));
+  EXPECT_THAT(line, HasSubstr("\"attempt\":3"));
+  EXPECT_THAT(line, HasSubstr("\"ok\":false"));
+  EXPECT_THAT(line, HasSubstr("\"note\":\"quote\\\" and\\nnewline\""));
+  EXPECT_EQ(line.front(), '{');
+  EXPECT_EQ(line.back(), '}');
+  EXPECT_EQ(line.find('\n'), std::string::npos);
+}
+
+}  // namespace
+}  // namespace medgate
