@@ -28,7 +28,7 @@ class AuditChainTest : public ::testing::Test {
     cluster_ = *std::move(cluster);
     pqxx::connection c(cluster_->ConnectionString());
     absl::StatusOr<std::vector<migrate::Migration>> migrations =
-        migrate::LoadMigrations(std::string(std::getenv("MEDGATE_SOURCE_DIR")) + "/migrations/shard");
+        migrate::LoadMigrations(std::string(MEDGATE_SOURCE_DIR) + "/migrations/shard");
     ASSERT_TRUE(migrations.ok()) << migrations.status();
     ASSERT_TRUE(migrate::Apply(c, *migrations).ok());
     pg::PoolOptions options;

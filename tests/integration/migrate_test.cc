@@ -16,10 +16,7 @@ using ::testing::HasSubstr;
 using test_support::PgClusterSet;
 namespace fs = std::filesystem;
 
-std::string SourceDir() {
-  const char* dir = std::getenv("MEDGATE_SOURCE_DIR");
-  return dir != nullptr ? dir : MEDGATE_SOURCE_DIR_DEFAULT;
-}
+std::string SourceDir() { return MEDGATE_SOURCE_DIR; }
 
 void WriteFile(const fs::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
