@@ -174,8 +174,7 @@ absl::Status SetSubject(X509* cert, const std::string& common_name) {
   return absl::OkStatus();
 }
 
-// `issuer` may be `cert` itself (self-signed); the context uses it for
-// authorityKeyIdentifier.
+// `issuer` may be `cert` itself (self-signed); the context uses it for authorityKeyIdentifier.
 absl::Status AddExtension(X509* cert, X509* issuer, int nid, const char* value) {
   X509V3_CTX ctx;
   X509V3_set_ctx(&ctx, issuer, cert, nullptr, nullptr, 0);

@@ -5,11 +5,11 @@
 // created CA therefore reissues every leaf: leaves of a lost CA would not verify.
 #include <sys/stat.h>
 
-#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
+#include <filesystem>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -82,9 +82,9 @@ int main(int argc, char** argv) {
   std::string trust_domain;
   ParseFlags(argc, argv, dir, trust_domain);
 
-  if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
-    Die(absl::StrCat("cannot create ", dir, ": ", std::strerror(errno)));
-  }
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error) Die(absl::StrCat("cannot create ", dir, ": ", error.message()));
 
   const std::string ca_crt = absl::StrCat(dir, "/ca.crt");
   const std::string ca_key = absl::StrCat(dir, "/ca.key");

@@ -197,7 +197,7 @@ TEST_F(DevpkiTest, FromPemRejectsKeyOfAnotherCertificate) {
 // The tool as scripts/up runs it: a complete PKI on the first run, nothing rewritten on the second,
 // only the missing piece on the third.
 TEST(DevpkiToolTest, CreatesPkiOnceAndCompletesIt) {
-  std::string dir = FreshDir("tool") + "/pki";
+  std::string dir = FreshDir("tool") + "/nested/pki";
   std::string command =
       absl::StrCat(MEDGATE_DEVPKI_TOOL, " --dir ", dir, " --trust-domain medgate.local >/dev/null");
   ASSERT_EQ(std::system(command.c_str()), 0);

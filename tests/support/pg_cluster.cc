@@ -627,8 +627,7 @@ absl::Status PgCluster::Create() {
 absl::Status PgCluster::StartServer() {
   const PgInstall& install = *Install();
   size_t log_offset = FileSize(log_path());
-  // -w polls until the server accepts connections (or the timeout), so no
-  // sleeps here.
+  // -w polls until the server accepts connections (or the timeout), so no sleeps here.
   absl::StatusOr<std::string> out = Run({install.Bin("pg_ctl"), "start", "-D", data_dir(), "-l",
                                          log_path(), "-w", "-t", kPgCtlTimeoutSeconds, "-s"},
                                         &install.user);

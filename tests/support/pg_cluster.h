@@ -12,9 +12,8 @@
 
 namespace medgate::test_support {
 
-// A real PostgreSQL server in a fresh temporary directory, listening on
-// 127.0.0.1 on a free port, with superuser `medgate`, a random password
-// (scram-sha-256) and a database `medgate`.
+// A real PostgreSQL server in a fresh temporary directory, listening on 127.0.0.1 on a free port,
+// with superuser `medgate`, a random password (scram-sha-256) and a database `medgate`.
 //
 // Durability is off (fsync, synchronous_commit, full_page_writes, wal_level=minimal): the data is
 // throwaway and start-up speed matters more. The data directory is a copy of a template that initdb
@@ -35,8 +34,7 @@ namespace medgate::test_support {
 // Not thread-safe: call Stop() and StartAgain() from one thread at a time.
 class PgCluster {
  public:
-  // `name` ("control", "fr-1", ...) only labels the directory and error
-  // messages.
+  // `name` ("control", "fr-1", ...) only labels the directory and error messages.
   static absl::StatusOr<std::unique_ptr<PgCluster>> Start(std::string name);
 
   PgCluster(const PgCluster&) = delete;

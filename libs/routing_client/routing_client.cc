@@ -1,0 +1,248 @@
+// RoutingClient over the TenantRouting stub: per-call dedup, batched misses, two TTL caches.
+#include "libs/routing_client/routing_client.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <iterator>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <grpcpp/client_context.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "libs/common/grpc_status.h"
+#include "libs/common/status_macros.h"
+#include "libs/routing_client/ttl_cache.h"
+#include "medgate/v1/routing.grpc.pb.h"
+
+namespace medgate {
+namespace {
+
+// Device ids are unique within a tenant only.
+using DeviceCacheKey = std::pair<std::string, std::string>;  // (tenant_id, device_id)
+
+// A cache and its invalidation epoch, changed together under one lock. The epoch lets a call
+// that fetched before an invalidation see that its answers may be stale and not cache them.
+template <typename Key, typename Value>
+struct GuardedCache {
+  explicit GuardedCache(size_t capacity) : entries(capacity) {}
+
+  absl::Mutex mu;
+  TtlCache<Key, Value> entries ABSL_GUARDED_BY(mu);
+  uint64_t epoch ABSL_GUARDED_BY(mu) = 0;
+};
+
+struct TtlPolicy {
+  absl::Duration found;
+  absl::Duration not_found;
+};
+
+absl::Status RpcError(absl::string_view method, const grpc::Status& rpc_status) {
+  const absl::Status status = FromGrpcStatus(rpc_status);
+  return absl::Status(status.code(), absl::StrCat("routing ", method, ": ", status.message()));
+}
+
+// Answers `keys` in order from `cache`, fetching the distinct misses in batches of `max_batch`
+// with `fetch` (which returns one validated answer per key, in order). Answers are cached only
+// when every batch succeeded and nothing was invalidated meanwhile.
+template <typename Key, typename Value, typename FetchFn>
+absl::StatusOr<std::vector<Value>> ResolveThroughCache(
+    absl::Span<const Key> keys, GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
+    const std::function<absl::Time()>& clock, size_t max_batch, FetchFn fetch) {
+  std::vector<Value> answers(keys.size());
+  std::vector<std::optional<size_t>> miss_of(keys.size());  // position -> index in `misses`
+  std::vector<Key> misses;
+  uint64_t epoch_at_lookup;
+  {
+    absl::flat_hash_map<Key, size_t> miss_index;
+    absl::MutexLock lock(&cache.mu);
+    const absl::Time now = clock();
+    for (size_t i = 0; i < keys.size(); ++i) {
+      if (std::optional<Value> hit = cache.entries.Get(keys[i], now)) {
+        answers[i] = *std::move(hit);
+        continue;
+      }
+      auto [it, inserted] = miss_index.try_emplace(keys[i], misses.size());
+      if (inserted) misses.push_back(keys[i]);
+      miss_of[i] = it->second;
+    }
+    epoch_at_lookup = cache.epoch;
+  }
+  if (misses.empty()) return answers;
+
+  std::vector<Value> fetched;
+  fetched.reserve(misses.size());
+  const absl::Span<const Key> all_misses(misses);
+  for (size_t start = 0; start < all_misses.size(); start += max_batch) {
+    ASSIGN_OR_RETURN(std::vector<Value> batch, fetch(all_misses.subspan(start, max_batch)));
+    std::move(batch.begin(), batch.end(), std::back_inserter(fetched));
+  }
+
+  {
+    absl::MutexLock lock(&cache.mu);
+    if (cache.epoch == epoch_at_lookup) {
+      const absl::Time now = clock();
+      for (size_t j = 0; j < misses.size(); ++j) {
+        cache.entries.Put(misses[j], fetched[j], fetched[j].found ? ttl.found : ttl.not_found,
+                          now);
+      }
+    }
+  }
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (miss_of[i].has_value()) answers[i] = fetched[*miss_of[i]];
+  }
+  return answers;
+}
+
+class GrpcRoutingClient final : public RoutingClient {
+ public:
+  GrpcRoutingClient(std::shared_ptr<grpc::Channel> channel, RoutingClientOptions options)
+      : options_(std::move(options)),
+        stub_(v1::TenantRouting::NewStub(std::move(channel))),
+        patients_(options_.max_cached_patients),
+        devices_(options_.max_cached_devices) {
+    options_.max_batch = std::max<size_t>(options_.max_batch, 1);
+    if (!options_.clock) options_.clock = absl::Now;
+  }
+
+  absl::StatusOr<std::vector<PatientLocation>> ResolvePatients(
+      absl::Span<const std::string> patient_ids) override {
+    return ResolveThroughCache(
+        patient_ids, patients_, {options_.patient_ttl, options_.negative_ttl}, options_.clock,
+        options_.max_batch,
+        [this](absl::Span<const std::string> batch) { return FetchPatients(batch); });
+  }
+
+  absl::StatusOr<std::vector<DeviceLocation>> ResolveDevices(
+      absl::Span<const DeviceRef> devices) override {
+    std::vector<DeviceCacheKey> keys;
+    keys.reserve(devices.size());
+    for (const DeviceRef& device : devices) keys.emplace_back(device.tenant_id, device.device_id);
+    return ResolveThroughCache(
+        absl::Span<const DeviceCacheKey>(keys), devices_,
+        {options_.device_ttl, options_.negative_ttl}, options_.clock, options_.max_batch,
+        [this](absl::Span<const DeviceCacheKey> batch) { return FetchDevices(batch); });
+  }
+
+  void InvalidatePatient(absl::string_view patient_id) override {
+    absl::MutexLock lock(&patients_.mu);
+    patients_.entries.Erase(std::string(patient_id));
+    ++patients_.epoch;
+  }
+
+  void InvalidateDevice(absl::string_view tenant_id, absl::string_view device_id) override {
+    absl::MutexLock lock(&devices_.mu);
+    devices_.entries.Erase(DeviceCacheKey(std::string(tenant_id), std::string(device_id)));
+    ++devices_.epoch;
+  }
+
+  void InvalidateAll() override {
+    {
+      absl::MutexLock lock(&patients_.mu);
+      patients_.entries.Clear();
+      ++patients_.epoch;
+    }
+    absl::MutexLock lock(&devices_.mu);
+    devices_.entries.Clear();
+    ++devices_.epoch;
+  }
+
+ private:
+  // Deadlines are real time, whatever clock the caches use.
+  void SetDeadline(grpc::ClientContext& context) const {
+    context.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
+  }
+
+  absl::StatusOr<std::vector<PatientLocation>> FetchPatients(
+      absl::Span<const std::string> patient_ids) const {
+    v1::ResolvePatientsRequest request;
+    request.mutable_patient_ids()->Reserve(static_cast<int>(patient_ids.size()));
+    for (const std::string& id : patient_ids) request.add_patient_ids(id);
+    v1::ResolvePatientsResponse response;
+    grpc::ClientContext context;
+    SetDeadline(context);
+    const grpc::Status rpc_status = stub_->ResolvePatients(&context, request, &response);
+    if (!rpc_status.ok()) return RpcError("ResolvePatients", rpc_status);
+
+    // Identifiers stay out of error messages: they end up in logs.
+    if (static_cast<size_t>(response.patients_size()) != patient_ids.size()) {
+      return absl::InternalError(absl::StrCat("routing ResolvePatients answered ",
+                                              response.patients_size(), " patients for ",
+                                              patient_ids.size(), " asked"));
+    }
+    std::vector<PatientLocation> locations;
+    locations.reserve(patient_ids.size());
+    for (size_t i = 0; i < patient_ids.size(); ++i) {
+      const v1::ResolvedPatient& p = response.patients(static_cast<int>(i));
+      if (p.patient_id() != patient_ids[i]) {
+        return absl::InternalError(absl::StrCat(
+            "routing ResolvePatients answered another patient at position ", i));
+      }
+      locations.push_back(PatientLocation{.patient_id = p.patient_id(),
+                                          .found = p.found(),
+                                          .tenant_id = p.tenant_id(),
+                                          .region_id = p.region_id(),
+                                          .territory = p.territory()});
+    }
+    return locations;
+  }
+
+  absl::StatusOr<std::vector<DeviceLocation>> FetchDevices(
+      absl::Span<const DeviceCacheKey> devices) const {
+    v1::ResolveDevicesRequest request;
+    request.mutable_devices()->Reserve(static_cast<int>(devices.size()));
+    for (const auto& [tenant_id, device_id] : devices) {
+      v1::DeviceKey* key = request.add_devices();
+      key->set_tenant_id(tenant_id);
+      key->set_device_id(device_id);
+    }
+    v1::ResolveDevicesResponse response;
+    grpc::ClientContext context;
+    SetDeadline(context);
+    const grpc::Status rpc_status = stub_->ResolveDevices(&context, request, &response);
+    if (!rpc_status.ok()) return RpcError("ResolveDevices", rpc_status);
+
+    if (static_cast<size_t>(response.devices_size()) != devices.size()) {
+      return absl::InternalError(absl::StrCat("routing ResolveDevices answered ",
+                                              response.devices_size(), " devices for ",
+                                              devices.size(), " asked"));
+    }
+    std::vector<DeviceLocation> locations;
+    locations.reserve(devices.size());
+    for (size_t i = 0; i < devices.size(); ++i) {
+      const v1::ResolvedDevice& d = response.devices(static_cast<int>(i));
+      if (d.tenant_id() != devices[i].first || d.device_id() != devices[i].second) {
+        return absl::InternalError(absl::StrCat(
+            "routing ResolveDevices answered another device at position ", i));
+      }
+      locations.push_back(DeviceLocation{.tenant_id = d.tenant_id(),
+                                         .device_id = d.device_id(),
+                                         .found = d.found(),
+                                         .patient_id = d.patient_id(),
+                                         .region_id = d.region_id()});
+    }
+    return locations;
+  }
+
+  RoutingClientOptions options_;
+  const std::unique_ptr<v1::TenantRouting::Stub> stub_;
+  GuardedCache<std::string, PatientLocation> patients_;
+  GuardedCache<DeviceCacheKey, DeviceLocation> devices_;
+};
+
+}  // namespace
+
+std::unique_ptr<RoutingClient> NewRoutingClient(std::shared_ptr<grpc::Channel> channel,
+                                                RoutingClientOptions options) {
+  return std::make_unique<GrpcRoutingClient>(std::move(channel), std::move(options));
+}
+
+}  // namespace medgate

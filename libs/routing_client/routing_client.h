@@ -1,0 +1,83 @@
+// The client other services use to ask routing where patients and devices live, with a bounded
+// TTL cache and batched look-ups so hot paths do not call routing per sample.
+#ifndef MEDGATE_LIBS_ROUTING_CLIENT_ROUTING_CLIENT_H_
+#define MEDGATE_LIBS_ROUTING_CLIENT_ROUTING_CLIENT_H_
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <grpcpp/channel.h>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+
+namespace medgate {
+
+// Where a placed patient lives. `found` is false for an unknown patient id.
+struct PatientLocation {
+  std::string patient_id;
+  bool found = false;
+  std::string tenant_id;
+  std::string region_id;
+  std::string territory;
+};
+
+struct DeviceRef {
+  std::string tenant_id;
+  std::string device_id;
+};
+
+// The patient a device is assigned to. `found` is false for an unknown or unassigned device.
+struct DeviceLocation {
+  std::string tenant_id;
+  std::string device_id;
+  bool found = false;
+  std::string patient_id;
+  std::string region_id;
+};
+
+struct RoutingClientOptions {
+  size_t max_cached_patients = 100000;  // LRU-evicted beyond this
+  size_t max_cached_devices = 100000;
+  absl::Duration patient_ttl = absl::Minutes(5);  // placements change only by explicit moves
+  absl::Duration device_ttl = absl::Seconds(5);   // bounds how long an unassigned device still resolves
+  absl::Duration negative_ttl = absl::Seconds(2); // "not found" answers are cached briefly
+  absl::Duration rpc_deadline = absl::Seconds(2);
+  size_t max_batch = 1000;  // ids per ResolvePatients/ResolveDevices call
+  // Time source for cache expiry only (RPC deadlines always use the real clock); tests inject
+  // a fake one so expiry is deterministic.
+  std::function<absl::Time()> clock = absl::Now;
+};
+
+// Thread-safe.
+class RoutingClient {
+ public:
+  virtual ~RoutingClient() = default;
+
+  // One answer per id, in order. Cache hits are answered from memory; all misses go to routing
+  // in as few batched RPCs as max_batch allows. Routing unreachable: UNAVAILABLE (or the RPC's
+  // status); nothing is cached from a failed call.
+  virtual absl::StatusOr<std::vector<PatientLocation>> ResolvePatients(
+      absl::Span<const std::string> patient_ids) = 0;
+  virtual absl::StatusOr<std::vector<DeviceLocation>> ResolveDevices(
+      absl::Span<const DeviceRef> devices) = 0;
+
+  virtual void InvalidatePatient(absl::string_view patient_id) = 0;
+  virtual void InvalidateDevice(absl::string_view tenant_id, absl::string_view device_id) = 0;
+  virtual void InvalidateAll() = 0;
+};
+
+// A client calling the TenantRouting service over `channel` (an mTLS channel made with the
+// caller's service certificate, see libs/identity/credentials.h).
+std::unique_ptr<RoutingClient> NewRoutingClient(std::shared_ptr<grpc::Channel> channel,
+                                                RoutingClientOptions options = {});
+
+}  // namespace medgate
+
+#endif  // MEDGATE_LIBS_ROUTING_CLIENT_ROUTING_CLIENT_H_

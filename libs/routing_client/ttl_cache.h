@@ -1,0 +1,90 @@
+// A bounded LRU map whose entries expire; the current time is passed in so tests never sleep.
+#ifndef MEDGATE_LIBS_ROUTING_CLIENT_TTL_CACHE_H_
+#define MEDGATE_LIBS_ROUTING_CLIENT_TTL_CACHE_H_
+
+#include <cstddef>
+#include <list>
+#include <optional>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/time/time.h"
+
+namespace medgate {
+
+// Not thread-safe: callers serialise access (RoutingClient keeps each cache behind an
+// absl::Mutex together with the state that must change atomically with it).
+//
+// Holds at most `capacity` entries; inserting a new key into a full cache evicts the least
+// recently used one, expired or not. Expired entries are dropped lazily (on Get, or by
+// eviction), so size() may count entries that Get would no longer return.
+template <typename K, typename V>
+class TtlCache {
+ public:
+  explicit TtlCache(size_t capacity) : capacity_(capacity) {}
+
+  // The index points into the list: copying or moving would leave it dangling or surprising.
+  TtlCache(const TtlCache&) = delete;
+  TtlCache& operator=(const TtlCache&) = delete;
+
+  // The value of `key` if present and not expired at `now`; a hit becomes the most recently
+  // used entry, an expired entry is removed.
+  std::optional<V> Get(const K& key, absl::Time now) {
+    auto it = index_.find(key);
+    if (it == index_.end()) return std::nullopt;
+    auto entry = it->second;
+    if (now >= entry->expires_at) {
+      entries_.erase(entry);
+      index_.erase(it);
+      return std::nullopt;
+    }
+    entries_.splice(entries_.begin(), entries_, entry);
+    return entry->value;
+  }
+
+  // Stores `value` until `now + ttl` as the most recently used entry, replacing any previous
+  // value of `key`. A non-positive ttl (or a zero capacity) stores nothing but still removes
+  // the previous value, so the cache never answers with something older than the caller knows.
+  void Put(K key, V value, absl::Duration ttl, absl::Time now) {
+    Erase(key);
+    if (ttl <= absl::ZeroDuration() || capacity_ == 0) return;
+    if (entries_.size() >= capacity_) {
+      index_.erase(entries_.back().key);
+      entries_.pop_back();
+    }
+    entries_.push_front(Entry{std::move(key), std::move(value), now + ttl});
+    index_.emplace(entries_.front().key, entries_.begin());
+  }
+
+  // Removes `key`; true if it was present (expired or not).
+  bool Erase(const K& key) {
+    auto it = index_.find(key);
+    if (it == index_.end()) return false;
+    entries_.erase(it->second);
+    index_.erase(it);
+    return true;
+  }
+
+  void Clear() {
+    index_.clear();
+    entries_.clear();
+  }
+
+  size_t size() const { return entries_.size(); }
+  size_t capacity() const { return capacity_; }
+
+ private:
+  struct Entry {
+    K key;
+    V value;
+    absl::Time expires_at;
+  };
+
+  const size_t capacity_;
+  std::list<Entry> entries_;  // most recently used first
+  absl::flat_hash_map<K, typename std::list<Entry>::iterator> index_;
+};
+
+}  // namespace medgate
+
+#endif  // MEDGATE_LIBS_ROUTING_CLIENT_TTL_CACHE_H_

@@ -1,0 +1,512 @@
+// The routing logic: validation, placement through the residency engine, audited mutations.
+#include "services/routing/routing_core.h"
+
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+
+#include <cmath>
+#include <set>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "libs/audit/audit_log.h"
+#include "libs/common/status_macros.h"
+#include "libs/pg/sql_array.h"
+#include "libs/residency/territory.h"
+#include "services/routing/sql.h"
+
+namespace medgate::routing {
+namespace {
+
+absl::Time FromEpochSeconds(const pqxx::field& f) {
+  return absl::FromUnixMicros(static_cast<int64_t>(std::llround(f.as<double>() * 1e6)));
+}
+
+std::string RandomKeyHex() {
+  unsigned char key[32];
+  RAND_bytes(key, sizeof(key));
+  return absl::BytesToHexString(absl::string_view(reinterpret_cast<const char*>(key), sizeof(key)));
+}
+
+absl::Status ValidateRef(absl::string_view ref) {
+  if (ref.empty()) return absl::InvalidArgumentError("patient_ref: must not be empty");
+  if (ref.size() > kMaxRefBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("patient_ref: at most ", kMaxRefBytes, " bytes, got ", ref.size()));
+  }
+  for (char c : ref) {
+    if (static_cast<unsigned char>(c) < 0x20) {
+      return absl::InvalidArgumentError("patient_ref: control characters are not allowed");
+    }
+  }
+  return absl::OkStatus();
+}
+
+audit::Entry AuditFor(const CallContext& ctx, audit::Action action, absl::string_view object_type,
+                      absl::string_view object_id, absl::string_view tenant,
+                      absl::string_view patient_id, absl::string_view reason) {
+  audit::Entry e;
+  e.actor = ctx.principal.spiffe_id;
+  e.tenant = std::string(tenant);
+  e.action = action;
+  e.object_type = std::string(object_type);
+  e.object_id = std::string(object_id);
+  e.patient_id = std::string(patient_id);
+  e.decision = audit::Decision::kPermit;
+  e.reason = std::string(reason);
+  e.request_id = ctx.request_id;
+  e.origin = ctx.origin;
+  return e;
+}
+
+TenantInfo TenantFromRow(const pqxx::row& row) {
+  TenantInfo t;
+  t.tenant_id = row[0].c_str();
+  t.display_name = row[1].c_str();
+  t.territories = pg::ParseTextArray(row[2]);
+  if (!row[3].is_null()) t.region_ids = pg::ParseTextArray(row[3]);
+  t.active = row[4].as<bool>();
+  t.created_at = FromEpochSeconds(row[6]);
+  t.updated_at = FromEpochSeconds(row[7]);
+  return t;
+}
+
+struct TenantRow {
+  TenantInfo info;
+  std::string key;  // raw bytes
+};
+
+// The calling tenant, which must be registered and active to act.
+absl::StatusOr<TenantRow> LoadActiveTenant(pqxx::work& txn, const std::string& tenant_id) {
+  pqxx::result rows = txn.exec_prepared(sql::kSelectTenant, tenant_id);
+  if (rows.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("tenant '", tenant_id, "' is not registered; ops must create it first"));
+  }
+  TenantRow t{TenantFromRow(rows[0]), ""};
+  if (!t.info.active) {
+    return absl::FailedPreconditionError(absl::StrCat("tenant '", tenant_id, "' is not active"));
+  }
+  t.key = absl::HexStringToBytes(rows[0][5].c_str());
+  if (t.key.size() != 32) return absl::InternalError("tenant key is malformed");
+  return t;
+}
+
+residency::TenantPolicy PolicyOf(const TenantInfo& t) {
+  residency::TenantPolicy policy;
+  policy.served_territories.insert(t.territories.begin(), t.territories.end());
+  if (t.region_ids) {
+    policy.allowed_regions = residency::RegionIdSet(t.region_ids->begin(), t.region_ids->end());
+  }
+  return policy;
+}
+
+std::vector<residency::ResidencyRule> ToEngineRules(const std::vector<RuleInfo>& rules) {
+  std::vector<residency::ResidencyRule> out;
+  for (const RuleInfo& r : rules) {
+    residency::ResidencyRule e;
+    e.territory = r.territory;
+    e.allowed_regions = r.region_ids;
+    e.readable_from.insert(r.readable_from.begin(), r.readable_from.end());
+    e.version = r.version;
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+std::vector<RuleInfo> CurrentRules(pqxx::work& txn) {
+  std::vector<RuleInfo> rules;
+  for (const pqxx::row& row : txn.exec_prepared(sql::kSelectCurrentRules)) {
+    RuleInfo r;
+    r.territory = row[0].c_str();
+    r.version = row[1].as<int64_t>();
+    r.region_ids = pg::ParseTextArray(row[2]);
+    r.readable_from = pg::ParseTextArray(row[3]);
+    r.updated_at = FromEpochSeconds(row[4]);
+    r.updated_by = row[5].c_str();
+    rules.push_back(std::move(r));
+  }
+  return rules;
+}
+
+// Runs `fn` in a control-DB transaction, turning libpqxx exceptions into Status.
+template <typename T>
+absl::StatusOr<T> InTransaction(pg::Pool& pool,
+                                const std::function<absl::StatusOr<T>(pqxx::work&)>& fn) {
+  return pool.TransactValue<T>(fn);
+}
+
+}  // namespace
+
+std::string PseudonymFor(absl::string_view key, absl::string_view patient_ref) {
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  std::string message = absl::StrCat("medgate-patient-v1:", patient_ref);
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+       reinterpret_cast<const unsigned char*>(message.data()), message.size(), mac, &len);
+  return absl::StrCat("pt_", absl::BytesToHexString(
+                                 absl::string_view(reinterpret_cast<const char*>(mac), 20)));
+}
+
+absl::Status ValidateIdentifier(absl::string_view value, absl::string_view field,
+                                size_t max_bytes) {
+  if (value.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": must not be empty"));
+  if (value.size() > max_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": at most ", max_bytes, " bytes, got ", value.size()));
+  }
+  for (char c : value) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '_' || c == '.';
+    if (!ok) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": only letters, digits, '.', '_' and '-' are allowed"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+RoutingCore::RoutingCore(pg::Pool& control, const pg::ShardSet& shards,
+                         std::vector<residency::Region> regions)
+    : control_(control), shards_(shards), regions_(std::move(regions)) {}
+
+absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const CallContext& ctx,
+                                                                      const TenantInfo& tenant) {
+  RETURN_IF_ERROR(ValidateIdentifier(tenant.tenant_id, "tenant.tenant_id"));
+  if (tenant.display_name.empty() || tenant.display_name.size() > 200) {
+    return absl::InvalidArgumentError("tenant.display_name: 1 to 200 bytes");
+  }
+  if (tenant.territories.empty()) {
+    return absl::InvalidArgumentError("tenant.territories: a tenant serves at least one territory");
+  }
+  for (size_t i = 0; i < tenant.territories.size(); ++i) {
+    RETURN_IF_ERROR(residency::ValidateTerritory(tenant.territories[i],
+                                                 absl::StrCat("tenant.territories[", i, "]")));
+  }
+  if (tenant.region_ids) {
+    for (size_t i = 0; i < tenant.region_ids->size(); ++i) {
+      const std::string& id = (*tenant.region_ids)[i];
+      bool known = std::any_of(regions_.begin(), regions_.end(),
+                               [&](const residency::Region& r) { return r.id == id; });
+      if (!known) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("tenant.region_ids[", i, "]: region '", id, "' is not configured"));
+      }
+    }
+  }
+  return InTransaction<std::pair<TenantInfo, bool>>(
+      control_, [&](pqxx::work& txn) -> absl::StatusOr<std::pair<TenantInfo, bool>> {
+        std::string territories = pg::TextArrayLiteral(tenant.territories);
+        std::string regions = pg::TextArrayLiteral(tenant.region_ids.value_or(std::vector<std::string>{}));
+        bool narrowed = tenant.region_ids.has_value();
+        pqxx::result inserted =
+            txn.exec_prepared(sql::kInsertTenant, tenant.tenant_id, tenant.display_name,
+                              territories, regions, tenant.active, RandomKeyHex(), narrowed);
+        bool created = inserted.affected_rows() == 1;
+        if (!created) {
+          txn.exec_prepared0(sql::kUpdateTenant, tenant.tenant_id, tenant.display_name,
+                             territories, regions, tenant.active, narrowed);
+        }
+        pqxx::row row = txn.exec_prepared1(sql::kSelectTenant, tenant.tenant_id);
+        TenantInfo stored = TenantFromRow(row);
+        RETURN_IF_ERROR(audit::Append(
+            txn, AuditFor(ctx, created ? audit::Action::kCreate : audit::Action::kUpdate, "tenant",
+                          tenant.tenant_id, tenant.tenant_id, "",
+                          created ? "tenant created" : "tenant updated")).status());
+        return std::make_pair(stored, created);
+      });
+}
+
+absl::StatusOr<TenantInfo> RoutingCore::GetTenant(const CallContext&, const std::string& tenant_id) {
+  RETURN_IF_ERROR(ValidateIdentifier(tenant_id, "tenant_id"));
+  return InTransaction<TenantInfo>(control_, [&](pqxx::work& txn) -> absl::StatusOr<TenantInfo> {
+    pqxx::result rows = txn.exec_prepared(sql::kSelectTenant, tenant_id);
+    if (rows.empty()) return absl::NotFoundError(absl::StrCat("tenant '", tenant_id, "' not found"));
+    return TenantFromRow(rows[0]);
+  });
+}
+
+absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, const RuleInfo& rule,
+                                                       int64_t expected_version) {
+  residency::ResidencyRule engine_rule;
+  engine_rule.territory = rule.territory;
+  engine_rule.allowed_regions = rule.region_ids;
+  engine_rule.readable_from.insert(rule.readable_from.begin(), rule.readable_from.end());
+  engine_rule.version = 1;  // the stored version is assigned below
+  RETURN_IF_ERROR(residency::ValidateRule(engine_rule, regions_));
+  if (expected_version < 0) {
+    return absl::InvalidArgumentError("expected_version: must not be negative");
+  }
+  return InTransaction<RuleInfo>(control_, [&](pqxx::work& txn) -> absl::StatusOr<RuleInfo> {
+    // Serializes writers of one territory on its latest version row (or, for a first version,
+    // on the primary key of the insert).
+    pqxx::result current = txn.exec_prepared(sql::kSelectCurrentRule, rule.territory);
+    int64_t current_version = current.empty() ? 0 : current[0][0].as<int64_t>();
+    if (expected_version != 0 && expected_version != current_version) {
+      return absl::AbortedError(absl::StrCat("rule for ", rule.territory, " is at version ",
+                                             current_version, ", not ", expected_version,
+                                             "; re-read and retry"));
+    }
+    RuleInfo stored = rule;
+    stored.version = current_version + 1;
+    stored.updated_by = ctx.principal.spiffe_id;
+    pqxx::row row = txn.exec_prepared1(sql::kInsertRule, rule.territory, stored.version,
+                                       pg::TextArrayLiteral(rule.region_ids),
+                                       pg::TextArrayLiteral(rule.readable_from), stored.updated_by);
+    stored.updated_at = FromEpochSeconds(row[0]);
+    RETURN_IF_ERROR(audit::Append(
+        txn, AuditFor(ctx, stored.version == 1 ? audit::Action::kCreate : audit::Action::kUpdate,
+                      "residency_rule", absl::StrCat(rule.territory, "@v", stored.version), "",
+                      "", absl::StrCat("regions=", absl::StrJoin(rule.region_ids, ","))))
+                        .status());
+    return stored;
+  });
+}
+
+absl::StatusOr<std::vector<RuleInfo>> RoutingCore::ListResidencyRules(
+    absl::Span<const std::string> territories) {
+  std::set<std::string> wanted(territories.begin(), territories.end());
+  return InTransaction<std::vector<RuleInfo>>(
+      control_, [&](pqxx::work& txn) -> absl::StatusOr<std::vector<RuleInfo>> {
+        std::vector<RuleInfo> rules = CurrentRules(txn);
+        if (wanted.empty()) return rules;
+        std::vector<RuleInfo> out;
+        for (RuleInfo& r : rules) {
+          if (wanted.contains(r.territory)) out.push_back(std::move(r));
+        }
+        return out;
+      });
+}
+
+absl::Status RoutingCore::SeedRules(const CallContext& ctx, absl::Span<const RuleInfo> rules) {
+  ASSIGN_OR_RETURN(std::vector<RuleInfo> existing, ListResidencyRules({}));
+  std::set<std::string> have;
+  for (const RuleInfo& r : existing) have.insert(r.territory);
+  for (const RuleInfo& rule : rules) {
+    if (have.contains(rule.territory)) continue;
+    absl::StatusOr<RuleInfo> put = PutResidencyRule(ctx, rule, 0);
+    // A concurrent seeder may have won the race: that is fine.
+    if (!put.ok() && put.status().code() != absl::StatusCode::kAlreadyExists) return put.status();
+  }
+  return absl::OkStatus();
+}
+
+std::vector<RegionInfo> RoutingCore::ListRegions() {
+  std::vector<RegionInfo> out;
+  absl::MutexLock lock(&health_mu_);
+  for (const residency::Region& r : regions_) {
+    RegionInfo info;
+    info.region_id = r.id;
+    info.territories.assign(r.territories.begin(), r.territories.end());
+    if (auto it = health_.find(r.id); it != health_.end()) {
+      info.healthy = it->second.first;
+      info.checked_at = it->second.second;
+    }
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+void RoutingCore::RefreshRegionHealth() {
+  for (const residency::Region& r : regions_) {
+    absl::StatusOr<pg::Pool*> pool = shards_.Get(r.id);
+    bool healthy = pool.ok() && (*pool)->Ping().ok();
+    absl::MutexLock lock(&health_mu_);
+    health_[r.id] = {healthy, absl::Now()};
+  }
+}
+
+absl::StatusOr<PlaceResult> RoutingCore::PlacePatient(const CallContext& ctx,
+                                                      const std::string& patient_ref,
+                                                      const std::string& territory,
+                                                      bool allow_move) {
+  RETURN_IF_ERROR(ValidateRef(patient_ref));
+  RETURN_IF_ERROR(residency::ValidateTerritory(territory, "territory"));
+  const std::string& tenant_id = ctx.principal.tenant;
+  return InTransaction<PlaceResult>(control_, [&](pqxx::work& txn) -> absl::StatusOr<PlaceResult> {
+    ASSIGN_OR_RETURN(TenantRow tenant, LoadActiveTenant(txn, tenant_id));
+    const std::string patient_id = PseudonymFor(tenant.key, patient_ref);
+    pqxx::result existing = txn.exec_prepared(sql::kSelectPatient, patient_id, tenant_id);
+    PlaceResult result;
+    result.patient_id = patient_id;
+    if (existing.empty()) {
+      std::vector<residency::ResidencyRule> rules = ToEngineRules(CurrentRules(txn));
+      residency::RegionIdSet all;
+      for (const residency::Region& r : regions_) all.insert(r.id);
+      // Placement is a directory decision, not a write to the shard: a shard's passing outage
+      // must not send a patient to a second-choice region for good.
+      ASSIGN_OR_RETURN(residency::Placement placement,
+                       residency::Place(territory, rules, regions_, PolicyOf(tenant.info), all));
+      pqxx::result inserted = txn.exec_prepared(sql::kInsertPatient, patient_id, tenant_id,
+                                                territory, placement.region_id,
+                                                placement.rule_version);
+      if (inserted.affected_rows() == 0) {
+        // A concurrent placement of the same reference won; retry reads its result.
+        return absl::AbortedError("concurrent placement");
+      }
+      result.region_id = placement.region_id;
+      result.territory = territory;
+      result.newly_placed = true;
+      result.rule_version = placement.rule_version;
+      RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kCreate, "patient", patient_id,
+                                                  tenant_id, patient_id,
+                                                  absl::StrCat("placed in ", placement.region_id)))
+                          .status());
+      return result;
+    }
+    const pqxx::row& row = existing[0];
+    result.territory = row[2].c_str();
+    result.region_id = row[3].c_str();
+    result.rule_version = row[4].as<int64_t>();
+    if (result.territory != territory) {
+      if (allow_move) {
+        return absl::UnimplementedError(
+            "moving a patient to another territory is not supported yet");
+      }
+      return absl::FailedPreconditionError(absl::StrCat(
+          "patient is already placed for territory ", result.territory, ", not ", territory,
+          "; a move must be explicit (allow_move)"));
+    }
+    return result;
+  });
+}
+
+absl::StatusOr<std::vector<PatientLocation>> RoutingCore::ResolvePatients(
+    absl::Span<const std::string> patient_ids) {
+  if (patient_ids.empty() || patient_ids.size() > kMaxBatch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("patient_ids: between 1 and ", kMaxBatch, " ids, got ", patient_ids.size()));
+  }
+  for (size_t i = 0; i < patient_ids.size(); ++i) {
+    RETURN_IF_ERROR(ValidateIdentifier(patient_ids[i], absl::StrCat("patient_ids[", i, "]")));
+  }
+  return InTransaction<std::vector<PatientLocation>>(
+      control_, [&](pqxx::work& txn) -> absl::StatusOr<std::vector<PatientLocation>> {
+        std::map<std::string, PatientLocation> found;
+        for (const pqxx::row& row : txn.exec_prepared(
+                 sql::kResolvePatients,
+                 pg::TextArrayLiteral(std::vector<std::string>(patient_ids.begin(), patient_ids.end())))) {
+          PatientLocation p;
+          p.patient_id = row[0].c_str();
+          p.found = true;
+          p.tenant_id = row[1].c_str();
+          p.region_id = row[2].c_str();
+          p.territory = row[3].c_str();
+          found[p.patient_id] = p;
+        }
+        std::vector<PatientLocation> out;
+        for (const std::string& id : patient_ids) {
+          auto it = found.find(id);
+          if (it != found.end()) {
+            out.push_back(it->second);
+          } else {
+            PatientLocation missing;
+            missing.patient_id = id;
+            out.push_back(missing);
+          }
+        }
+        return out;
+      });
+}
+
+absl::StatusOr<AssignResult> RoutingCore::AssignDevice(const CallContext& ctx,
+                                                       const std::string& device_id,
+                                                       const std::string& patient_ref) {
+  RETURN_IF_ERROR(ValidateIdentifier(device_id, "device_id"));
+  RETURN_IF_ERROR(ValidateRef(patient_ref));
+  const std::string& tenant_id = ctx.principal.tenant;
+  return InTransaction<AssignResult>(control_, [&](pqxx::work& txn) -> absl::StatusOr<AssignResult> {
+    ASSIGN_OR_RETURN(TenantRow tenant, LoadActiveTenant(txn, tenant_id));
+    const std::string patient_id = PseudonymFor(tenant.key, patient_ref);
+    pqxx::result patient = txn.exec_prepared(sql::kSelectPatient, patient_id, tenant_id);
+    if (patient.empty()) {
+      return absl::NotFoundError("patient not found: place the patient before assigning a device");
+    }
+    AssignResult result;
+    result.device_id = device_id;
+    result.patient_id = patient_id;
+    result.region_id = patient[0][3].c_str();
+    pqxx::result device = txn.exec_prepared(sql::kSelectDevice, tenant_id, device_id);
+    if (!device.empty() && !device[0][0].is_null()) {
+      if (device[0][0].c_str() == patient_id) return result;  // already assigned: idempotent
+      return absl::FailedPreconditionError(absl::StrCat(
+          "device '", device_id, "' is assigned to another patient; unassign it first"));
+    }
+    txn.exec_prepared0(sql::kUpsertDevice, tenant_id, device_id, patient_id);
+    result.newly_assigned = true;
+    RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kUpdate, "device", device_id,
+                                                tenant_id, patient_id, "device assigned"))
+                        .status());
+    return result;
+  });
+}
+
+absl::StatusOr<UnassignResult> RoutingCore::UnassignDevice(const CallContext& ctx,
+                                                           const std::string& device_id) {
+  RETURN_IF_ERROR(ValidateIdentifier(device_id, "device_id"));
+  const std::string& tenant_id = ctx.principal.tenant;
+  return InTransaction<UnassignResult>(
+      control_, [&](pqxx::work& txn) -> absl::StatusOr<UnassignResult> {
+        pqxx::result device = txn.exec_prepared(sql::kSelectDevice, tenant_id, device_id);
+        if (device.empty()) {
+          return absl::NotFoundError(absl::StrCat("device '", device_id, "' not found"));
+        }
+        UnassignResult result;
+        result.device_id = device_id;
+        if (device[0][0].is_null()) return result;
+        result.patient_id = device[0][0].c_str();
+        result.was_assigned = true;
+        txn.exec_prepared0(sql::kUnassignDevice, tenant_id, device_id);
+        RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kUpdate, "device",
+                                                    device_id, tenant_id, result.patient_id,
+                                                    "device unassigned"))
+                            .status());
+        return result;
+      });
+}
+
+absl::StatusOr<std::vector<DeviceLocation>> RoutingCore::ResolveDevices(
+    absl::Span<const DeviceRef> devices) {
+  if (devices.empty() || devices.size() > kMaxBatch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("devices: between 1 and ", kMaxBatch, " devices, got ", devices.size()));
+  }
+  std::vector<std::string> tenants;
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < devices.size(); ++i) {
+    RETURN_IF_ERROR(ValidateIdentifier(devices[i].tenant_id, absl::StrCat("devices[", i, "].tenant_id")));
+    RETURN_IF_ERROR(ValidateIdentifier(devices[i].device_id, absl::StrCat("devices[", i, "].device_id")));
+    tenants.push_back(devices[i].tenant_id);
+    ids.push_back(devices[i].device_id);
+  }
+  return InTransaction<std::vector<DeviceLocation>>(
+      control_, [&](pqxx::work& txn) -> absl::StatusOr<std::vector<DeviceLocation>> {
+        std::map<std::pair<std::string, std::string>, DeviceLocation> found;
+        for (const pqxx::row& row : txn.exec_prepared(sql::kResolveDevices, pg::TextArrayLiteral(tenants),
+                                                      pg::TextArrayLiteral(ids))) {
+          DeviceLocation d;
+          d.tenant_id = row[0].c_str();
+          d.device_id = row[1].c_str();
+          d.found = true;
+          d.patient_id = row[2].c_str();
+          d.region_id = row[3].c_str();
+          found[{d.tenant_id, d.device_id}] = d;
+        }
+        std::vector<DeviceLocation> out;
+        for (const DeviceRef& ref : devices) {
+          auto it = found.find({ref.tenant_id, ref.device_id});
+          if (it != found.end()) {
+            out.push_back(it->second);
+          } else {
+            DeviceLocation missing;
+            missing.tenant_id = ref.tenant_id;
+            missing.device_id = ref.device_id;
+            out.push_back(missing);
+          }
+        }
+        return out;
+      });
+}
+
+}  // namespace medgate::routing

@@ -1,0 +1,132 @@
+// The routing logic over plain values: tenants, residency rules, placement, device assignment.
+#ifndef MEDGATE_SERVICES_ROUTING_ROUTING_CORE_H_
+#define MEDGATE_SERVICES_ROUTING_ROUTING_CORE_H_
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "libs/identity/principal.h"
+#include "libs/pg/pool.h"
+#include "libs/pg/shard_set.h"
+#include "libs/residency/placement.h"
+#include "libs/routing_client/routing_client.h"
+
+namespace medgate::routing {
+
+// Who asks, for the audit entry.
+struct CallContext {
+  Principal principal;
+  std::string request_id;
+  std::string origin;
+};
+
+struct TenantInfo {
+  std::string tenant_id;
+  std::string display_name;
+  std::vector<std::string> territories;
+  std::optional<std::vector<std::string>> region_ids;  // nullopt: no narrowing
+  bool active = true;
+  absl::Time created_at;
+  absl::Time updated_at;
+};
+
+struct RuleInfo {
+  std::string territory;
+  std::vector<std::string> region_ids;
+  std::vector<std::string> readable_from;
+  int64_t version = 0;
+  absl::Time updated_at;
+  std::string updated_by;
+};
+
+struct RegionInfo {
+  std::string region_id;
+  std::vector<std::string> territories;
+  bool healthy = false;
+  absl::Time checked_at;
+};
+
+struct PlaceResult {
+  std::string patient_id;
+  std::string region_id;
+  std::string territory;
+  bool newly_placed = false;
+  int64_t rule_version = 0;
+};
+
+struct AssignResult {
+  std::string device_id;
+  std::string patient_id;
+  std::string region_id;
+  bool newly_assigned = false;
+};
+
+struct UnassignResult {
+  std::string device_id;
+  std::string patient_id;
+  bool was_assigned = false;
+};
+
+inline constexpr size_t kMaxRefBytes = 256;
+inline constexpr size_t kMaxIdBytes = 128;
+inline constexpr size_t kMaxBatch = 1000;
+
+class RoutingCore {
+ public:
+  // `control` must have been created with sql::Statements(). `shards` is used only to report
+  // region health. `regions` come from the configuration.
+  RoutingCore(pg::Pool& control, const pg::ShardSet& shards,
+              std::vector<residency::Region> regions);
+
+  absl::StatusOr<std::pair<TenantInfo, bool>> UpsertTenant(const CallContext& ctx,
+                                                           const TenantInfo& tenant);
+  absl::StatusOr<TenantInfo> GetTenant(const CallContext& ctx, const std::string& tenant_id);
+
+  absl::StatusOr<RuleInfo> PutResidencyRule(const CallContext& ctx, const RuleInfo& rule,
+                                            int64_t expected_version);
+  absl::StatusOr<std::vector<RuleInfo>> ListResidencyRules(
+      absl::Span<const std::string> territories);
+  // Adds a version-1 rule for each seed territory that has none yet (dev and first deployment).
+  absl::Status SeedRules(const CallContext& ctx, absl::Span<const RuleInfo> rules);
+
+  std::vector<RegionInfo> ListRegions();
+  // Pings every shard and records its health (called by the health probe).
+  void RefreshRegionHealth();
+
+  absl::StatusOr<PlaceResult> PlacePatient(const CallContext& ctx, const std::string& patient_ref,
+                                           const std::string& territory, bool allow_move);
+  absl::StatusOr<std::vector<PatientLocation>> ResolvePatients(
+      absl::Span<const std::string> patient_ids);
+
+  absl::StatusOr<AssignResult> AssignDevice(const CallContext& ctx, const std::string& device_id,
+                                            const std::string& patient_ref);
+  absl::StatusOr<UnassignResult> UnassignDevice(const CallContext& ctx,
+                                                const std::string& device_id);
+  absl::StatusOr<std::vector<DeviceLocation>> ResolveDevices(absl::Span<const DeviceRef> devices);
+
+ private:
+  pg::Pool& control_;
+  const pg::ShardSet& shards_;
+  const std::vector<residency::Region> regions_;
+  absl::Mutex health_mu_;
+  std::map<std::string, std::pair<bool, absl::Time>> health_ ABSL_GUARDED_BY(health_mu_);
+};
+
+// The pseudonymous patient id: HMAC-SHA256 of the tenant's patient reference under the
+// tenant's secret key, so the same reference always yields the same id and the id reveals
+// nothing without the key.
+std::string PseudonymFor(absl::string_view key, absl::string_view patient_ref);
+
+// Identifier fields: 1..max bytes of [A-Za-z0-9._-]; INVALID_ARGUMENT naming the field.
+absl::Status ValidateIdentifier(absl::string_view value, absl::string_view field,
+                                size_t max_bytes = kMaxIdBytes);
+
+}  // namespace medgate::routing
+
+#endif  // MEDGATE_SERVICES_ROUTING_ROUTING_CORE_H_

@@ -1,0 +1,87 @@
+// Wiring of the routing service.
+#include "services/routing/routing_server.h"
+
+#include "absl/strings/str_cat.h"
+#include "libs/common/log.h"
+#include "libs/common/status_macros.h"
+#include "services/routing/sql.h"
+
+namespace medgate::routing {
+
+absl::StatusOr<RoutingSettings> ParseRoutingSettings(const MedgateConfig& config) {
+  RoutingSettings settings;
+  if (!config.root.Has("routing")) return settings;
+  ASSIGN_OR_RETURN(ConfigNode routing, config.root.Child("routing"));
+  RETURN_IF_ERROR(routing.OnlyKeys({"seed_rules"}));
+  ASSIGN_OR_RETURN(std::vector<ConfigNode> rules, routing.Sequence("seed_rules", false));
+  for (const ConfigNode& node : rules) {
+    RETURN_IF_ERROR(node.OnlyKeys({"territory", "regions", "readable_from"}));
+    RuleInfo rule;
+    ASSIGN_OR_RETURN(rule.territory, node.String("territory"));
+    ASSIGN_OR_RETURN(rule.region_ids, node.Strings("regions", true));
+    ASSIGN_OR_RETURN(rule.readable_from, node.Strings("readable_from", false));
+    settings.seed_rules.push_back(std::move(rule));
+  }
+  return settings;
+}
+
+absl::StatusOr<std::unique_ptr<RoutingServer>> RoutingServer::Create(const MedgateConfig& config) {
+  if (!config.control_db) {
+    return absl::InvalidArgumentError("config key 'control_db': missing (routing owns it)");
+  }
+  if (config.regions.empty()) return absl::InvalidArgumentError("config key 'regions': missing");
+  RETURN_IF_ERROR(config.Service("routing").status());
+  ASSIGN_OR_RETURN(RoutingSettings settings, ParseRoutingSettings(config));
+  return std::unique_ptr<RoutingServer>(new RoutingServer(config, std::move(settings)));
+}
+
+RoutingServer::RoutingServer(const MedgateConfig& config, RoutingSettings settings)
+    : config_(config), settings_(std::move(settings)) {
+  pg::PoolOptions options = pg::PoolOptions::FromConfig("control", *config.control_db);
+  options.statements = sql::Statements();
+  control_ = std::make_unique<pg::Pool>(std::move(options));
+  shards_ = std::make_unique<pg::ShardSet>(config.regions, std::vector<pg::Statement>{});
+  std::vector<residency::Region> regions;
+  for (const RegionConfig& r : config.regions) {
+    residency::Region region;
+    region.id = r.id;
+    region.territories.insert(r.territories.begin(), r.territories.end());
+    regions.push_back(std::move(region));
+  }
+  core_ = std::make_unique<RoutingCore>(*control_, *shards_, std::move(regions));
+  service_ = std::make_unique<RoutingService>(*core_, config.trust_domain);
+  server_ = std::make_unique<ServiceServer>(config, "routing");
+}
+
+absl::Status RoutingServer::SeedIfNeeded() {
+  if (seeded_ || settings_.seed_rules.empty()) return absl::OkStatus();
+  CallContext ctx;
+  ctx.principal.kind = PrincipalKind::kService;
+  ctx.principal.name = "routing";
+  ctx.principal.spiffe_id = absl::StrCat("spiffe://", config_.trust_domain, "/service/routing");
+  ctx.request_id = "seed-rules";
+  ctx.origin = "config";
+  absl::Status status = core_->SeedRules(ctx, settings_.seed_rules);
+  if (status.ok()) seeded_ = true;
+  return status;
+}
+
+absl::Status RoutingServer::Start() {
+  // A seed rule that is invalid for the configured regions is a configuration error.
+  absl::Status seeded = SeedIfNeeded();
+  if (!seeded.ok() && seeded.code() != absl::StatusCode::kUnavailable &&
+      seeded.code() != absl::StatusCode::kResourceExhausted) {
+    return absl::Status(seeded.code(), absl::StrCat("routing.seed_rules: ", seeded.message()));
+  }
+  server_->AddService(service_.get());
+  server_->SetHealthProbe(
+      [this]() -> absl::Status {
+        core_->RefreshRegionHealth();
+        RETURN_IF_ERROR(control_->Ping());
+        return SeedIfNeeded();
+      },
+      absl::Seconds(2));
+  return server_->Start();
+}
+
+}  // namespace medgate::routing

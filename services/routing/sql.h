@@ -1,0 +1,80 @@
+// Every statement the routing service runs against the control database.
+#ifndef MEDGATE_SERVICES_ROUTING_SQL_H_
+#define MEDGATE_SERVICES_ROUTING_SQL_H_
+
+#include <vector>
+
+#include "libs/pg/pool.h"
+
+namespace medgate::routing::sql {
+
+inline constexpr char kSelectTenant[] = "select_tenant";
+inline constexpr char kInsertTenant[] = "insert_tenant";
+inline constexpr char kUpdateTenant[] = "update_tenant";
+inline constexpr char kSelectCurrentRules[] = "select_current_rules";
+inline constexpr char kSelectCurrentRule[] = "select_current_rule";
+inline constexpr char kInsertRule[] = "insert_rule";
+inline constexpr char kSelectPatient[] = "select_patient";
+inline constexpr char kInsertPatient[] = "insert_patient";
+inline constexpr char kResolvePatients[] = "resolve_patients";
+inline constexpr char kSelectDevice[] = "select_device";
+inline constexpr char kUpsertDevice[] = "upsert_device";
+inline constexpr char kUnassignDevice[] = "unassign_device";
+inline constexpr char kResolveDevices[] = "resolve_devices";
+
+inline const std::vector<pg::Statement>& Statements() {
+  static const std::vector<pg::Statement> statements = {
+      {kSelectTenant,
+       "SELECT tenant_id, display_name, territories, region_ids, active, "
+       "encode(pseudonym_key, 'hex'), "
+       "extract(epoch from created_at)::float8, extract(epoch from updated_at)::float8 "
+       "FROM tenants WHERE tenant_id = $1"},
+      {kInsertTenant,
+       "INSERT INTO tenants (tenant_id, display_name, territories, region_ids, active, pseudonym_key) "
+       "VALUES ($1, $2, $3::text[], CASE WHEN $7 THEN $4::text[] END, $5, decode($6, 'hex')) "
+       "ON CONFLICT (tenant_id) DO NOTHING"},
+      {kUpdateTenant,
+       "UPDATE tenants SET display_name = $2, territories = $3::text[], "
+       "region_ids = CASE WHEN $6 THEN $4::text[] END, "
+       "active = $5, updated_at = now() WHERE tenant_id = $1"},
+      {kSelectCurrentRules,
+       "SELECT DISTINCT ON (territory) territory, version, region_ids, readable_from, "
+       "extract(epoch from updated_at)::float8, updated_by FROM residency_rules "
+       "ORDER BY territory, version DESC"},
+      {kSelectCurrentRule,
+       "SELECT version FROM residency_rules WHERE territory = $1 ORDER BY version DESC LIMIT 1 "
+       "FOR UPDATE"},
+      {kInsertRule,
+       "INSERT INTO residency_rules (territory, version, region_ids, readable_from, updated_by) "
+       "VALUES ($1, $2, $3::text[], $4::text[], $5) "
+       "RETURNING extract(epoch from updated_at)::float8"},
+      {kSelectPatient,
+       "SELECT patient_id, tenant_id, territory, region_id, rule_version FROM patients "
+       "WHERE patient_id = $1 AND tenant_id = $2"},
+      {kInsertPatient,
+       "INSERT INTO patients (patient_id, tenant_id, territory, region_id, rule_version) "
+       "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (patient_id) DO NOTHING"},
+      {kResolvePatients,
+       "SELECT patient_id, tenant_id, region_id, territory FROM patients "
+       "WHERE patient_id = ANY($1::text[])"},
+      {kSelectDevice,
+       "SELECT patient_id FROM devices WHERE tenant_id = $1 AND device_id = $2 FOR UPDATE"},
+      {kUpsertDevice,
+       "INSERT INTO devices (tenant_id, device_id, patient_id) VALUES ($1, $2, $3) "
+       "ON CONFLICT (tenant_id, device_id) DO UPDATE SET patient_id = EXCLUDED.patient_id, "
+       "updated_at = now()"},
+      {kUnassignDevice,
+       "UPDATE devices SET patient_id = NULL, updated_at = now() "
+       "WHERE tenant_id = $1 AND device_id = $2"},
+      {kResolveDevices,
+       "SELECT d.tenant_id, d.device_id, d.patient_id, p.region_id FROM devices d "
+       "JOIN patients p ON p.patient_id = d.patient_id "
+       "JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, device_id) "
+       "ON d.tenant_id = k.tenant_id AND d.device_id = k.device_id"},
+  };
+  return statements;
+}
+
+}  // namespace medgate::routing::sql
+
+#endif  // MEDGATE_SERVICES_ROUTING_SQL_H_

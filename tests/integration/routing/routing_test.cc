@@ -1,0 +1,515 @@
+// The routing service over real mTLS and real PostgreSQL: placement, devices, authorization,
+// bad input, audit, and the control database going away and coming back.
+#include <filesystem>
+#include <fstream>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "libs/audit/audit_log.h"
+#include "libs/common/grpc_status.h"
+#include "libs/identity/credentials.h"
+#include "libs/migrate/migrate.h"
+#include "medgate/v1/routing.grpc.pb.h"
+#include "services/routing/routing_server.h"
+#include "tests/support/pg_cluster.h"
+#include "tests/support/test_pki.h"
+
+namespace medgate::routing {
+namespace {
+
+using ::testing::HasSubstr;
+using test_support::PgClusterSet;
+using test_support::TestCert;
+using test_support::TestPki;
+
+void Migrate(const std::string& conninfo, const std::string& kind) {
+  pqxx::connection c(conninfo);
+  auto migrations = migrate::LoadMigrations(std::string(MEDGATE_SOURCE_DIR) + "/migrations/" + kind);
+  ASSERT_TRUE(migrations.ok()) << migrations.status();
+  auto result = migrate::Apply(c, *migrations);
+  ASSERT_TRUE(result.ok()) << result.status();
+}
+
+class RoutingTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto clusters = PgClusterSet::Start();
+    ASSERT_TRUE(clusters.ok()) << clusters.status();
+    clusters_ = clusters->release();
+    Migrate(clusters_->control().ConnectionString(), "control");
+    for (auto* region : clusters_->regions()) Migrate(region->ConnectionString(), "shard");
+    dir_ = new std::string(std::filesystem::temp_directory_path() /
+                           ("medgate-routing-" + std::to_string(getpid())));
+    std::filesystem::create_directories(*dir_);
+    auto pki = TestPki::Create(*dir_);
+    ASSERT_TRUE(pki.ok()) << pki.status();
+    pki_ = pki->release();
+
+    std::string eea = "[BE, NL, LU, AT, IT, ES, PT, IE]";
+    std::string yaml = absl::StrCat(
+        "trust_domain: ", pki_->trust_domain(), "\nca: ", pki_->ca_path(), "\n",
+        "limits: {drain_seconds: 1}\n",
+        "control_db: {conninfo: \"", clusters_->control().ConnectionString(),
+        "\", acquire_timeout_ms: 1000}\n",
+        "regions:\n",
+        "  - {id: fr-1, territories: [FR, BE, NL, LU, AT, IT, ES, PT, IE], db: {conninfo: \"",
+        clusters_->region("fr-1").ConnectionString(), "\"}}\n",
+        "  - {id: de-1, territories: [DE], db: {conninfo: \"",
+        clusters_->region("de-1").ConnectionString(), "\"}}\n",
+        "  - {id: eu-1, territories: ", eea, ", db: {conninfo: \"",
+        clusters_->region("eu-1").ConnectionString(), "\"}}\n",
+        "services:\n  routing:\n    listen: 127.0.0.1:0\n    tls: {cert: ", pki_->server().cert_path,
+        ", key: ", pki_->server().key_path, "}\n",
+        "routing:\n  seed_rules:\n",
+        "    - {territory: FR, regions: [fr-1], readable_from: [FR]}\n",
+        "    - {territory: DE, regions: [de-1], readable_from: [DE]}\n");
+    for (const char* t : {"BE", "NL", "LU", "AT", "IT", "ES", "PT", "IE"}) {
+      yaml += absl::StrCat("    - {territory: ", t, ", regions: [eu-1, fr-1]}\n");
+    }
+    auto root = ConfigNode::Parse(yaml);
+    ASSERT_TRUE(root.ok()) << root.status();
+    auto config = ParseMedgateConfig(*root);
+    ASSERT_TRUE(config.ok()) << config.status();
+    config_ = new MedgateConfig(*std::move(config));
+    auto server = RoutingServer::Create(*config_);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+    ASSERT_TRUE(server_->Start().ok());
+
+    // Two tenants, created by ops.
+    for (const char* tenant : {"acme", "globex"}) {
+      v1::UpsertTenantRequest request;
+      request.set_request_id(absl::StrCat("create-", tenant));
+      request.mutable_tenant()->set_tenant_id(tenant);
+      request.mutable_tenant()->set_display_name(absl::StrCat(tenant, " telehealth"));
+      for (const char* t : {"FR", "DE", "BE", "LU", "US"}) request.mutable_tenant()->add_territories(t);
+      request.mutable_tenant()->set_active(true);
+      v1::UpsertTenantResponse response;
+      grpc::ClientContext context;
+      grpc::Status status = Stub(pki_->ops())->UpsertTenant(&context, request, &response);
+      ASSERT_TRUE(status.ok()) << status.error_message();
+      ASSERT_TRUE(response.created());
+    }
+  }
+
+  static void TearDownTestSuite() {
+    server_->Shutdown();
+    delete server_;
+    delete config_;
+    delete pki_;
+    delete clusters_;
+    std::filesystem::remove_all(*dir_);
+    delete dir_;
+  }
+
+  static std::unique_ptr<v1::TenantRouting::Stub> Stub(const TestCert& cert) {
+    auto channel = MakeChannel(absl::StrCat("127.0.0.1:", server_->port()),
+                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60});
+    EXPECT_TRUE(channel.ok());
+    return v1::TenantRouting::NewStub(*channel);
+  }
+
+  static absl::StatusOr<v1::PlacePatientResponse> Place(const TestCert& as, const std::string& ref,
+                                                        const std::string& territory,
+                                                        bool allow_move = false) {
+    v1::PlacePatientRequest request;
+    static std::atomic<int> counter{0};
+    request.set_request_id(absl::StrCat("place-", counter.fetch_add(1)));
+    request.set_patient_ref(ref);
+    request.set_territory(territory);
+    request.set_allow_move(allow_move);
+    v1::PlacePatientResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(as)->PlacePatient(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static grpc::Status Assign(const TestCert& as, const std::string& device, const std::string& ref,
+                             v1::AssignDeviceResponse* response = nullptr) {
+    v1::AssignDeviceRequest request;
+    request.set_device_id(device);
+    request.set_patient_ref(ref);
+    v1::AssignDeviceResponse ignored;
+    grpc::ClientContext context;
+    return Stub(as)->AssignDevice(&context, request, response ? response : &ignored);
+  }
+
+  static int64_t AuditCount() {
+    pqxx::connection c(clusters_->control().ConnectionString());
+    pqxx::nontransaction q(c);
+    return q.exec1("SELECT count(*) FROM audit_log")[0].as<int64_t>();
+  }
+
+  static int64_t CountIn(test_support::PgCluster& cluster, const std::string& sql) {
+    pqxx::connection c(cluster.ConnectionString());
+    pqxx::nontransaction q(c);
+    return q.exec1(sql)[0].as<int64_t>();
+  }
+
+  static PgClusterSet* clusters_;
+  static std::string* dir_;
+  static TestPki* pki_;
+  static MedgateConfig* config_;
+  static RoutingServer* server_;
+};
+
+PgClusterSet* RoutingTest::clusters_ = nullptr;
+std::string* RoutingTest::dir_ = nullptr;
+TestPki* RoutingTest::pki_ = nullptr;
+MedgateConfig* RoutingTest::config_ = nullptr;
+RoutingServer* RoutingTest::server_ = nullptr;
+
+TEST_F(RoutingTest, PlacesByResidencyRulesAndFailsClosed) {
+  auto fr = Place(pki_->app(), "fr-patient-1", "FR");
+  ASSERT_TRUE(fr.ok()) << fr.status();
+  EXPECT_EQ(fr->region_id(), "fr-1");
+  EXPECT_TRUE(fr->newly_placed());
+  EXPECT_EQ(fr->residency_rule_version(), 1);
+  auto be = Place(pki_->practitioner(), "be-patient-1", "BE");
+  ASSERT_TRUE(be.ok()) << be.status();
+  EXPECT_EQ(be->region_id(), "eu-1");
+  auto de = Place(pki_->app(), "de-patient-1", "DE");
+  ASSERT_TRUE(de.ok()) << de.status();
+  EXPECT_EQ(de->region_id(), "de-1");
+
+  // US has no rule: refused, not defaulted, even though the tenant serves it.
+  auto us = Place(pki_->app(), "us-patient-1", "US");
+  EXPECT_EQ(us.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(us.status().message()), HasSubstr("US"));
+  // GB: a valid territory the tenant does not serve.
+  EXPECT_EQ(Place(pki_->app(), "gb-patient-1", "GB").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(RoutingTest, PlacementIsIdempotentAndMovesAreExplicit) {
+  auto first = Place(pki_->app(), "idem-1", "FR");
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto again = Place(pki_->practitioner(), "idem-1", "FR");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->patient_id(), first->patient_id());
+  EXPECT_EQ(again->region_id(), "fr-1");
+  EXPECT_FALSE(again->newly_placed());
+  auto moved = Place(pki_->app(), "idem-1", "DE");
+  EXPECT_EQ(moved.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(moved.status().message()), HasSubstr("allow_move"));
+  EXPECT_EQ(Place(pki_->app(), "idem-1", "DE", true).status().code(),
+            absl::StatusCode::kUnimplemented);
+  // Still where it was.
+  EXPECT_EQ(Place(pki_->app(), "idem-1", "FR")->region_id(), "fr-1");
+}
+
+TEST_F(RoutingTest, DirectoryHoldsNoPatientReference) {
+  const std::string ref = "INS-1234567890123-secret-ref";
+  auto placed = Place(pki_->app(), ref, "FR");
+  ASSERT_TRUE(placed.ok());
+  EXPECT_EQ(placed->patient_id().find(ref), std::string::npos);
+  pqxx::connection c(clusters_->control().ConnectionString());
+  pqxx::nontransaction q(c);
+  // No column of any directory or audit row contains the reference in clear.
+  for (const char* table : {"patients", "devices", "audit_log", "tenants"}) {
+    EXPECT_EQ(q.exec_params1(absl::StrCat("SELECT count(*) FROM ", table, " t WHERE t::text LIKE $1"),
+                             "%" + ref + "%")[0].as<int>(), 0) << table;
+  }
+}
+
+TEST_F(RoutingTest, DevicesAssignResolveAndUnassign) {
+  auto patient = Place(pki_->app(), "dev-owner-1", "BE");
+  ASSERT_TRUE(patient.ok());
+  ASSERT_TRUE(Place(pki_->app(), "dev-owner-2", "BE").ok());
+  v1::AssignDeviceResponse assigned;
+  ASSERT_TRUE(Assign(pki_->app(), "dev-100", "dev-owner-1", &assigned).ok());
+  EXPECT_EQ(assigned.patient_id(), patient->patient_id());
+  EXPECT_EQ(assigned.region_id(), "eu-1");
+  EXPECT_TRUE(assigned.newly_assigned());
+  // Idempotent for the same patient; refused for another one while assigned.
+  ASSERT_TRUE(Assign(pki_->practitioner(), "dev-100", "dev-owner-1", &assigned).ok());
+  EXPECT_FALSE(assigned.newly_assigned());
+  grpc::Status busy = Assign(pki_->app(), "dev-100", "dev-owner-2");
+  EXPECT_EQ(busy.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(busy.error_message(), HasSubstr("unassign"));
+  // Assigning to a patient never placed: NOT_FOUND.
+  EXPECT_EQ(Assign(pki_->app(), "dev-101", "never-placed").error_code(), grpc::StatusCode::NOT_FOUND);
+
+  // Services resolve devices and patients in batches.
+  {
+    v1::ResolveDevicesRequest request;
+    auto* key = request.add_devices();
+    key->set_tenant_id("acme");
+    key->set_device_id("dev-100");
+    key = request.add_devices();
+    key->set_tenant_id("globex");
+    key->set_device_id("dev-100");
+    v1::ResolveDevicesResponse response;
+    grpc::ClientContext context;
+    ASSERT_TRUE(Stub(pki_->service())->ResolveDevices(&context, request, &response).ok());
+    ASSERT_EQ(response.devices_size(), 2);
+    EXPECT_TRUE(response.devices(0).found());
+    EXPECT_EQ(response.devices(0).patient_id(), patient->patient_id());
+    EXPECT_EQ(response.devices(0).region_id(), "eu-1");
+    EXPECT_FALSE(response.devices(1).found());
+  }
+  {
+    v1::ResolvePatientsRequest request;
+    request.add_patient_ids(patient->patient_id());
+    request.add_patient_ids("pt_unknown");
+    v1::ResolvePatientsResponse response;
+    grpc::ClientContext context;
+    ASSERT_TRUE(Stub(pki_->service())->ResolvePatients(&context, request, &response).ok());
+    ASSERT_EQ(response.patients_size(), 2);
+    EXPECT_TRUE(response.patients(0).found());
+    EXPECT_EQ(response.patients(0).tenant_id(), "acme");
+    EXPECT_EQ(response.patients(0).region_id(), "eu-1");
+    EXPECT_EQ(response.patients(0).territory(), "BE");
+    EXPECT_FALSE(response.patients(1).found());
+  }
+
+  v1::UnassignDeviceRequest unassign;
+  unassign.set_device_id("dev-100");
+  v1::UnassignDeviceResponse unassigned;
+  grpc::ClientContext context;
+  ASSERT_TRUE(Stub(pki_->app())->UnassignDevice(&context, unassign, &unassigned).ok());
+  EXPECT_TRUE(unassigned.was_assigned());
+  EXPECT_EQ(unassigned.patient_id(), patient->patient_id());
+  // Now it may go to the other patient.
+  EXPECT_TRUE(Assign(pki_->app(), "dev-100", "dev-owner-2").ok());
+}
+
+TEST_F(RoutingTest, CrossTenantMatrixHasZeroSuccesses) {
+  // acme's objects.
+  auto acme_patient = Place(pki_->app(), "shared-ref-7", "FR");
+  ASSERT_TRUE(acme_patient.ok());
+  ASSERT_TRUE(Assign(pki_->app(), "acme-dev-7", "shared-ref-7").ok());
+
+  int successes = 0;
+  // globex names acme's device: unassign and reassign.
+  {
+    v1::UnassignDeviceRequest request;
+    request.set_device_id("acme-dev-7");
+    v1::UnassignDeviceResponse response;
+    grpc::ClientContext context;
+    grpc::Status s = Stub(pki_->globex_app())->UnassignDevice(&context, request, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+    successes += s.ok();
+  }
+  {
+    // acme's patient reference means nothing to globex: NOT_FOUND, and acme's device untouched.
+    grpc::Status s = Assign(pki_->globex_practitioner(), "acme-dev-7", "shared-ref-7");
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+    successes += s.ok();
+  }
+  {
+    // globex placing the same reference gets its own, different pseudonym.
+    auto globex_patient = Place(pki_->globex_app(), "shared-ref-7", "FR");
+    ASSERT_TRUE(globex_patient.ok());
+    EXPECT_NE(globex_patient->patient_id(), acme_patient->patient_id());
+    EXPECT_TRUE(globex_patient->newly_placed());
+    // Assigning globex's device of the same name to it leaves acme's device alone.
+    EXPECT_TRUE(Assign(pki_->globex_app(), "acme-dev-7", "shared-ref-7").ok());
+  }
+  {
+    // Tenant identities cannot resolve anything (service only), so no cross-tenant lookups.
+    v1::ResolvePatientsRequest request;
+    request.add_patient_ids(acme_patient->patient_id());
+    v1::ResolvePatientsResponse response;
+    grpc::ClientContext context;
+    grpc::Status s = Stub(pki_->globex_app())->ResolvePatients(&context, request, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    successes += s.ok();
+  }
+  EXPECT_EQ(successes, 0);
+  // acme's device still points at acme's patient.
+  v1::ResolveDevicesRequest request;
+  auto* key = request.add_devices();
+  key->set_tenant_id("acme");
+  key->set_device_id("acme-dev-7");
+  v1::ResolveDevicesResponse response;
+  grpc::ClientContext context;
+  ASSERT_TRUE(Stub(pki_->service())->ResolveDevices(&context, request, &response).ok());
+  EXPECT_EQ(response.devices(0).patient_id(), acme_patient->patient_id());
+}
+
+TEST_F(RoutingTest, DevicesMayCallNothingAndAdminIsOpsOnly) {
+  auto device = Stub(pki_->device());
+  auto app = Stub(pki_->app());
+  std::vector<std::pair<std::string, grpc::Status>> results;
+  auto call = [&](const std::string& name, auto&& fn) { results.emplace_back(name, fn()); };
+#define MEDGATE_CALL(stub, Rpc)                         \
+  call(#stub "." #Rpc, [&] {                            \
+    v1::Rpc##Request request;                           \
+    v1::Rpc##Response response;                         \
+    grpc::ClientContext context;                        \
+    return stub->Rpc(&context, request, &response);     \
+  })
+  MEDGATE_CALL(device, UpsertTenant);
+  MEDGATE_CALL(device, GetTenant);
+  MEDGATE_CALL(device, PutResidencyRule);
+  MEDGATE_CALL(device, ListResidencyRules);
+  MEDGATE_CALL(device, ListRegions);
+  MEDGATE_CALL(device, PlacePatient);
+  MEDGATE_CALL(device, ResolvePatients);
+  MEDGATE_CALL(device, AssignDevice);
+  MEDGATE_CALL(device, UnassignDevice);
+  MEDGATE_CALL(device, ResolveDevices);
+  MEDGATE_CALL(app, UpsertTenant);
+  MEDGATE_CALL(app, GetTenant);
+  MEDGATE_CALL(app, PutResidencyRule);
+#undef MEDGATE_CALL
+  ASSERT_EQ(results.size(), 13u);
+  for (const auto& [name, status] : results) {
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << name;
+  }
+}
+
+TEST_F(RoutingTest, BadInputNamesTheField) {
+  struct Case {
+    std::string ref;
+    std::string territory;
+    absl::StatusCode code;
+    std::string mentions;
+  };
+  for (const Case& c : {Case{"p", "fr", absl::StatusCode::kInvalidArgument, "territory"},
+                        Case{"p", "XX", absl::StatusCode::kInvalidArgument, "territory"},
+                        Case{"p", "", absl::StatusCode::kInvalidArgument, "territory"},
+                        Case{"", "FR", absl::StatusCode::kInvalidArgument, "patient_ref"},
+                        Case{std::string(300, 'r'), "FR", absl::StatusCode::kInvalidArgument, "patient_ref"}}) {
+    auto placed = Place(pki_->app(), c.ref, c.territory);
+    EXPECT_EQ(placed.status().code(), c.code) << c.territory;
+    EXPECT_THAT(std::string(placed.status().message()), HasSubstr(c.mentions));
+  }
+  auto put_rule = [&](const std::string& territory, std::vector<std::string> regions) {
+    v1::PutResidencyRuleRequest request;
+    request.mutable_rule()->set_territory(territory);
+    for (const auto& r : regions) request.mutable_rule()->add_region_ids(r);
+    v1::PutResidencyRuleResponse response;
+    grpc::ClientContext context;
+    return Stub(pki_->ops())->PutResidencyRule(&context, request, &response);
+  };
+  grpc::Status unknown = put_rule("FR", {"fr-1", "xx-9"});
+  EXPECT_EQ(unknown.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(unknown.error_message(), HasSubstr("xx-9"));
+  grpc::Status not_hosting = put_rule("BE", {"de-1"});
+  EXPECT_EQ(not_hosting.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(not_hosting.error_message(), HasSubstr("de-1"));
+  EXPECT_EQ(put_rule("ZZ", {"fr-1"}).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // A tenant narrowed to an unknown region is refused.
+  v1::UpsertTenantRequest tenant;
+  tenant.mutable_tenant()->set_tenant_id("initech");
+  tenant.mutable_tenant()->set_display_name("Initech");
+  tenant.mutable_tenant()->add_territories("FR");
+  tenant.mutable_tenant()->add_region_ids("mars-1");
+  v1::UpsertTenantResponse response;
+  grpc::ClientContext context;
+  grpc::Status bad_tenant = Stub(pki_->ops())->UpsertTenant(&context, tenant, &response);
+  EXPECT_EQ(bad_tenant.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(bad_tenant.error_message(), HasSubstr("region_ids[0]"));
+}
+
+TEST_F(RoutingTest, RulesAreVersionedAndTenantNarrowingApplies) {
+  // A tenant restricted to fr-1 places BE patients in fr-1 (the rule allows [eu-1, fr-1]).
+  v1::UpsertTenantRequest tenant;
+  tenant.mutable_tenant()->set_tenant_id("narrow");
+  tenant.mutable_tenant()->set_display_name("Narrow");
+  tenant.mutable_tenant()->add_territories("BE");
+  tenant.mutable_tenant()->add_region_ids("fr-1");
+  tenant.mutable_tenant()->set_active(true);
+  v1::UpsertTenantResponse created;
+  grpc::ClientContext context;
+  ASSERT_TRUE(Stub(pki_->ops())->UpsertTenant(&context, tenant, &created).ok());
+  devpki::LeafOptions narrow_options;
+  narrow_options.common_name = "narrow app";
+  narrow_options.uri_sans = {pki_->SpiffeId("/tenant/narrow/app/backend")};
+  auto narrow_app = pki_->Issue("narrow-app", narrow_options);
+  ASSERT_TRUE(narrow_app.ok());
+  auto placed = Place(*narrow_app, "narrow-be-1", "BE");
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  EXPECT_EQ(placed->region_id(), "fr-1");
+
+  // Updating a rule adds a version; a stale expected_version is refused.
+  v1::PutResidencyRuleRequest put;
+  put.mutable_rule()->set_territory("LU");
+  put.mutable_rule()->add_region_ids("fr-1");
+  put.set_expected_version(1);
+  v1::PutResidencyRuleResponse rule;
+  grpc::ClientContext c1;
+  ASSERT_TRUE(Stub(pki_->ops())->PutResidencyRule(&c1, put, &rule).ok());
+  EXPECT_EQ(rule.rule().version(), 2);
+  EXPECT_EQ(rule.rule().updated_by(), pki_->SpiffeId("/ops/alice"));
+  grpc::ClientContext c2;
+  EXPECT_EQ(Stub(pki_->ops())->PutResidencyRule(&c2, put, &rule).error_code(),
+            grpc::StatusCode::ABORTED);
+  v1::ListResidencyRulesRequest list;
+  list.add_territories("LU");
+  v1::ListResidencyRulesResponse rules;
+  grpc::ClientContext c3;
+  ASSERT_TRUE(Stub(pki_->app())->ListResidencyRules(&c3, list, &rules).ok());
+  ASSERT_EQ(rules.rules_size(), 1);
+  EXPECT_EQ(rules.rules(0).version(), 2);
+  EXPECT_EQ(rules.rules(0).region_ids(0), "fr-1");
+  EXPECT_EQ(Place(pki_->app(), "lu-patient", "LU")->region_id(), "fr-1");
+}
+
+TEST_F(RoutingTest, ListsRegionsWithHealthAndPagesRules) {
+  server_->core().RefreshRegionHealth();
+  v1::ListRegionsRequest request;
+  v1::ListRegionsResponse response;
+  grpc::ClientContext context;
+  ASSERT_TRUE(Stub(pki_->practitioner())->ListRegions(&context, request, &response).ok());
+  ASSERT_EQ(response.regions_size(), 3);
+  EXPECT_EQ(response.regions(0).region_id(), "de-1");
+  EXPECT_EQ(response.regions(0).health(), v1::REGION_HEALTH_SERVING);
+  EXPECT_THAT(response.DebugString(), ::testing::Not(HasSubstr("password")));
+
+  std::vector<std::string> seen;
+  std::string token;
+  do {
+    v1::ListResidencyRulesRequest page;
+    page.set_page_size(3);
+    page.set_page_token(token);
+    v1::ListResidencyRulesResponse rules;
+    grpc::ClientContext c;
+    ASSERT_TRUE(Stub(pki_->ops())->ListResidencyRules(&c, page, &rules).ok());
+    EXPECT_LE(rules.rules_size(), 3);
+    for (const auto& r : rules.rules()) seen.push_back(r.territory());
+    token = rules.next_page_token();
+  } while (!token.empty());
+  EXPECT_EQ(seen.size(), 10u);  // FR, DE and the eight other EEA seeds
+  EXPECT_TRUE(std::is_sorted(seen.begin(), seen.end()));
+}
+
+TEST_F(RoutingTest, EveryMutationIsAuditedInTheControlChain) {
+  int64_t before = AuditCount();
+  ASSERT_TRUE(Place(pki_->app(), "audited-1", "FR").ok());          // +1 create
+  ASSERT_TRUE(Place(pki_->app(), "audited-1", "FR").ok());          // idempotent: no change
+  ASSERT_TRUE(Assign(pki_->app(), "audited-dev", "audited-1").ok()); // +1 update
+  EXPECT_EQ(AuditCount(), before + 2);
+  pqxx::connection c(clusters_->control().ConnectionString());
+  auto verified = audit::VerifyChain(c);
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_TRUE(verified->ok) << verified->problem;
+  pqxx::nontransaction q(c);
+  pqxx::row last = q.exec1("SELECT actor, tenant, action, object_type FROM audit_log ORDER BY seq DESC LIMIT 1");
+  EXPECT_EQ(std::string(last[0].c_str()), pki_->SpiffeId("/tenant/acme/app/backend"));
+  EXPECT_EQ(std::string(last[1].c_str()), "acme");
+  EXPECT_EQ(std::string(last[2].c_str()), "update");
+  EXPECT_EQ(std::string(last[3].c_str()), "device");
+  // Patients live in the directory only; no shard holds anything about them.
+  for (auto* region : clusters_->regions()) {
+    EXPECT_EQ(CountIn(*region, "SELECT count(*) FROM audit_log"), 0) << region->name();
+  }
+}
+
+TEST_F(RoutingTest, ControlDatabaseDownIsUnavailableThenRecovers) {
+  ASSERT_TRUE(clusters_->control().Stop().ok());
+  auto down = Place(pki_->app(), "during-outage", "FR");
+  EXPECT_EQ(down.status().code(), absl::StatusCode::kUnavailable) << down.status();
+  ASSERT_TRUE(clusters_->control().StartAgain().ok());
+  auto back = Place(pki_->app(), "during-outage", "FR");
+  EXPECT_TRUE(back.ok()) << back.status();
+}
+
+}  // namespace
+}  // namespace medgate::routing
