@@ -26,6 +26,9 @@
 namespace medgate {
 namespace {
 
+// The API's limit on ids per Resolve* request: routing refuses larger batches.
+constexpr size_t kMaxIdsPerRpc = 1000;
+
 // Device ids are unique within a tenant only.
 using DeviceCacheKey = std::pair<std::string, std::string>;  // (tenant_id, device_id)
 
@@ -109,7 +112,7 @@ class GrpcRoutingClient final : public RoutingClient {
         stub_(v1::TenantRouting::NewStub(std::move(channel))),
         patients_(options_.max_cached_patients),
         devices_(options_.max_cached_devices) {
-    options_.max_batch = std::max<size_t>(options_.max_batch, 1);
+    options_.max_batch = std::clamp<size_t>(options_.max_batch, 1, kMaxIdsPerRpc);
     if (!options_.clock) options_.clock = absl::Now;
   }
 

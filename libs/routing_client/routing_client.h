@@ -49,7 +49,7 @@ struct RoutingClientOptions {
   absl::Duration device_ttl = absl::Seconds(5);   // bounds how long an unassigned device still resolves
   absl::Duration negative_ttl = absl::Seconds(2); // "not found" answers are cached briefly
   absl::Duration rpc_deadline = absl::Seconds(2);
-  size_t max_batch = 1000;  // ids per ResolvePatients/ResolveDevices call
+  size_t max_batch = 1000;  // ids per ResolvePatients/ResolveDevices call; used within [1, 1000]
   // Time source for cache expiry only (RPC deadlines always use the real clock); tests inject
   // a fake one so expiry is deterministic.
   std::function<absl::Time()> clock = absl::Now;

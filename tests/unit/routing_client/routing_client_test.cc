@@ -366,6 +366,14 @@ TEST_F(RoutingClientTest, ZeroMaxBatchMeansOneIdPerRpc) {
   EXPECT_EQ(fake_.patient_rpcs(), 2u);
 }
 
+TEST_F(RoutingClientTest, MaxBatchAboveTheApiLimitIsCapped) {
+  options_.max_batch = 5000;  // routing refuses more than 1000 ids per request
+  ASSERT_TRUE(client().ResolvePatients(ManyIds(2500)).ok());
+  const std::vector<std::vector<std::string>> batches = fake_.patient_batches();
+  ASSERT_THAT(batches, SizeIs(3));
+  EXPECT_THAT(batches[0], SizeIs(1000));
+}
+
 TEST_F(RoutingClientTest, FoundAnswerExpiresAfterPatientTtl) {
   options_.patient_ttl = absl::Minutes(5);
   EXPECT_THAT(Patients({"p1"}), ElementsAre("p1 t1/fr-1/FR"));

@@ -1,0 +1,175 @@
+// medgate-ctl: a command-line client for operators and developers, over the same mTLS as any client.
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "libs/common/config.h"
+#include "libs/identity/credentials.h"
+#include "medgate/v1/routing.grpc.pb.h"
+
+namespace medgate::ctl {
+namespace {
+
+constexpr char kUsage[] = R"(usage: medgate-ctl --config FILE --identity NAME COMMAND [--flag value ...]
+
+  --identity NAME   use the certificate NAME.crt / NAME.key next to the configured CA
+                    (the dev PKI has ops, app, practitioner, device and each service)
+
+commands (service: routing):
+  upsert-tenant   --tenant ID --name NAME --territories FR,DE [--regions fr-1,...] [--inactive]
+  get-tenant      --tenant ID
+  put-rule        --territory BE --regions eu-1,fr-1 [--readable-from BE,FR] [--expected-version N]
+  list-rules      [--territories FR,BE]
+  list-regions
+  place-patient   --ref REF --territory FR [--allow-move]
+  assign-device   --device ID --ref REF
+  unassign-device --device ID
+Output is the response as JSON; errors print the gRPC status and exit 1.
+)";
+
+using Flags = std::map<std::string, std::string>;
+
+std::vector<std::string> List(const Flags& flags, const std::string& name) {
+  auto it = flags.find(name);
+  if (it == flags.end() || it->second.empty()) return {};
+  return absl::StrSplit(it->second, ',', absl::SkipEmpty());
+}
+
+std::string Get(const Flags& flags, const std::string& name) {
+  auto it = flags.find(name);
+  return it == flags.end() ? "" : it->second;
+}
+
+int Print(const grpc::Status& status, const google::protobuf::Message& response) {
+  if (!status.ok()) {
+    std::fprintf(stderr, "error: %d %s\n", static_cast<int>(status.error_code()),
+                 status.error_message().c_str());
+    return 1;
+  }
+  std::string json;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(response, &json, options);
+  std::fputs(json.c_str(), stdout);
+  return 0;
+}
+
+template <typename Request, typename Response>
+int Call(grpc::Status (v1::TenantRouting::Stub::*rpc)(grpc::ClientContext*, const Request&, Response*),
+         v1::TenantRouting::Stub& stub, const Request& request) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  Response response;
+  return Print((stub.*rpc)(&context, request, &response), response);
+}
+
+int Run(int argc, char** argv) {
+  std::string config_path;
+  std::string identity;
+  std::string command;
+  Flags flags;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg.rfind("--", 0) != 0) {
+      if (!command.empty()) break;
+      command = arg;
+      continue;
+    }
+    std::string name = arg.substr(2);
+    bool boolean = name == "allow-move" || name == "inactive";
+    std::string value = boolean ? "true" : (i + 1 < argc ? argv[++i] : "");
+    if (name == "config") {
+      config_path = value;
+    } else if (name == "identity") {
+      identity = value;
+    } else {
+      flags[name] = value;
+    }
+  }
+  if (config_path.empty() || identity.empty() || command.empty()) {
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
+  MedgateConfig config = LoadConfigOrExit(config_path);
+  std::string pki = std::filesystem::path(config.ca_path).parent_path().string();
+  TlsConfig tls{absl::StrCat(pki, "/", identity, ".crt"), absl::StrCat(pki, "/", identity, ".key"),
+                config.ca_path, 60};
+  absl::StatusOr<const ServiceEndpoint*> routing = config.Service("routing");
+  if (!routing.ok()) {
+    std::fprintf(stderr, "error: %s\n", std::string(routing.status().message()).c_str());
+    return 2;
+  }
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel((*routing)->address, tls);
+  if (!channel.ok()) {
+    std::fprintf(stderr, "error: %s\n", std::string(channel.status().message()).c_str());
+    return 2;
+  }
+  auto stub = v1::TenantRouting::NewStub(*channel);
+  using S = v1::TenantRouting::Stub;
+  if (command == "upsert-tenant") {
+    v1::UpsertTenantRequest r;
+    r.set_request_id(Get(flags, "request-id"));
+    r.mutable_tenant()->set_tenant_id(Get(flags, "tenant"));
+    r.mutable_tenant()->set_display_name(Get(flags, "name"));
+    for (const auto& t : List(flags, "territories")) r.mutable_tenant()->add_territories(t);
+    for (const auto& id : List(flags, "regions")) r.mutable_tenant()->add_region_ids(id);
+    r.mutable_tenant()->set_active(!flags.contains("inactive"));
+    return Call(&S::UpsertTenant, *stub, r);
+  }
+  if (command == "get-tenant") {
+    v1::GetTenantRequest r;
+    r.set_tenant_id(Get(flags, "tenant"));
+    return Call(&S::GetTenant, *stub, r);
+  }
+  if (command == "put-rule") {
+    v1::PutResidencyRuleRequest r;
+    r.mutable_rule()->set_territory(Get(flags, "territory"));
+    for (const auto& id : List(flags, "regions")) r.mutable_rule()->add_region_ids(id);
+    for (const auto& t : List(flags, "readable-from")) r.mutable_rule()->add_readable_from_territories(t);
+    if (flags.contains("expected-version")) r.set_expected_version(std::stoll(Get(flags, "expected-version")));
+    return Call(&S::PutResidencyRule, *stub, r);
+  }
+  if (command == "list-rules") {
+    v1::ListResidencyRulesRequest r;
+    for (const auto& t : List(flags, "territories")) r.add_territories(t);
+    return Call(&S::ListResidencyRules, *stub, r);
+  }
+  if (command == "list-regions") return Call(&S::ListRegions, *stub, v1::ListRegionsRequest());
+  if (command == "place-patient") {
+    v1::PlacePatientRequest r;
+    r.set_request_id(Get(flags, "request-id"));
+    r.set_patient_ref(Get(flags, "ref"));
+    r.set_territory(Get(flags, "territory"));
+    r.set_allow_move(flags.contains("allow-move"));
+    return Call(&S::PlacePatient, *stub, r);
+  }
+  if (command == "assign-device") {
+    v1::AssignDeviceRequest r;
+    r.set_request_id(Get(flags, "request-id"));
+    r.set_device_id(Get(flags, "device"));
+    r.set_patient_ref(Get(flags, "ref"));
+    return Call(&S::AssignDevice, *stub, r);
+  }
+  if (command == "unassign-device") {
+    v1::UnassignDeviceRequest r;
+    r.set_request_id(Get(flags, "request-id"));
+    r.set_device_id(Get(flags, "device"));
+    return Call(&S::UnassignDevice, *stub, r);
+  }
+  std::fprintf(stderr, "unknown command '%s'\n\n%s", command.c_str(), kUsage);
+  return 2;
+}
+
+}  // namespace
+}  // namespace medgate::ctl
+
+int main(int argc, char** argv) { return medgate::ctl::Run(argc, argv); }

@@ -1,0 +1,86 @@
+// Unit tests of the vitals catalogue and sample validation.
+#include <cmath>
+#include <limits>
+
+#include <gtest/gtest.h>
+
+#include "services/ingest/vitals_catalogue.h"
+
+namespace medgate::ingest {
+namespace {
+
+const absl::Time kNow = absl::FromUnixSeconds(1'800'000'000);
+
+Sample Good() {
+  Sample s;
+  s.seq = 10;
+  s.loinc = "8867-4";
+  s.value = 72;
+  s.ucum = "/min";
+  s.measured_at = kNow - absl::Minutes(1);
+  return s;
+}
+
+Reject Check(const Sample& s, uint64_t previous = 0) {
+  return ValidateSample(s, previous, kNow, ValidationPolicy{}).reject;
+}
+
+TEST(VitalsCatalogueTest, EveryCatalogueEntryAcceptsItsRangeAndRefusesOutside) {
+  for (const char* code : {"8867-4", "2708-6", "59408-5", "8480-6", "8462-4", "8310-5", "9279-1",
+                           "29463-7", "2339-0", "15074-8"}) {
+    const VitalKind* kind = FindVital(code);
+    ASSERT_NE(kind, nullptr) << code;
+    Sample s = Good();
+    s.loinc = code;
+    s.ucum = std::string(kind->ucum);
+    for (double v : {kind->min, kind->max, (kind->min + kind->max) / 2}) {
+      s.value = v;
+      EXPECT_EQ(Check(s), Reject::kNone) << code << " " << v;
+    }
+    for (double v : {std::nextafter(kind->min, -1e9), std::nextafter(kind->max, 1e9)}) {
+      s.value = v;
+      EXPECT_EQ(Check(s), Reject::kOutOfRange) << code << " " << v;
+    }
+  }
+}
+
+TEST(VitalsCatalogueTest, EachRejectionHasItsReason) {
+  Sample s = Good();
+  s.loinc = "1234-5";
+  EXPECT_EQ(Check(s), Reject::kUnknownCode);
+  s = Good();
+  s.ucum = "bpm";
+  EXPECT_EQ(Check(s), Reject::kWrongUnit);
+  s = Good();
+  s.value = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_EQ(Check(s), Reject::kNotFinite);
+  s.value = std::numeric_limits<double>::infinity();
+  EXPECT_EQ(Check(s), Reject::kNotFinite);
+  s = Good();
+  s.measured_at = kNow + absl::Minutes(5) + absl::Seconds(1);
+  EXPECT_EQ(Check(s), Reject::kTimeInFuture);
+  s.measured_at = kNow + absl::Minutes(4);  // clock skew within tolerance
+  EXPECT_EQ(Check(s), Reject::kNone);
+  s.measured_at = kNow - absl::Hours(24 * 31);
+  EXPECT_EQ(Check(s), Reject::kTimeTooOld);
+  s.measured_at.reset();
+  EXPECT_EQ(Check(s), Reject::kMissingTime);
+  s = Good();
+  EXPECT_EQ(Check(s, 10), Reject::kInvalidSeq);  // not increasing
+  s.seq = 0;
+  EXPECT_EQ(Check(s), Reject::kInvalidSeq);
+  s = Good();
+  s.location = Location{91, 2, 5};
+  EXPECT_EQ(Check(s), Reject::kInvalidLocation);
+  s.location = Location{48.85, 2.35, 10};
+  EXPECT_EQ(Check(s), Reject::kNone);
+}
+
+TEST(VitalsCatalogueTest, DetailsNameTheExpectation) {
+  Sample s = Good();
+  s.ucum = "bpm";
+  EXPECT_EQ(ValidateSample(s, 0, kNow, {}).detail, "heart rate (8867-4) is measured in '/min'");
+}
+
+}  // namespace
+}  // namespace medgate::ingest
