@@ -95,6 +95,9 @@ void Pool::Release(std::unique_ptr<pqxx::connection> connection, bool broken) {
   if (broken || !connection->is_open()) {
     connection.reset();
     --open_;
+    // One broken connection usually means the server restarted: the idle ones are stale too.
+    open_ -= static_cast<int>(idle_.size());
+    idle_.clear();
   } else {
     idle_.push_back(std::move(connection));
   }

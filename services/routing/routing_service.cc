@@ -1,14 +1,12 @@
 // The TenantRouting gRPC adapter.
 #include "services/routing/routing_service.h"
 
-#include <openssl/rand.h>
-
 #include <algorithm>
 
-#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "libs/common/grpc_status.h"
 #include "libs/common/status_macros.h"
+#include "libs/server/rpc_util.h"
 
 namespace medgate::routing {
 namespace {
@@ -19,14 +17,6 @@ constexpr int kDefaultPageSize = 100;
 constexpr int kMaxPageSize = 1000;
 constexpr size_t kMaxRequestIdBytes = 64;
 
-google::protobuf::Timestamp ToProto(absl::Time t) {
-  google::protobuf::Timestamp ts;
-  timespec spec = absl::ToTimespec(t);
-  ts.set_seconds(spec.tv_sec);
-  ts.set_nanos(static_cast<int32_t>(spec.tv_nsec));
-  return ts;
-}
-
 void ToProto(const TenantInfo& t, v1::Tenant* out) {
   out->set_tenant_id(t.tenant_id);
   out->set_display_name(t.display_name);
@@ -35,8 +25,8 @@ void ToProto(const TenantInfo& t, v1::Tenant* out) {
     for (const auto& r : *t.region_ids) out->add_region_ids(r);
   }
   out->set_active(t.active);
-  *out->mutable_created_at() = ToProto(t.created_at);
-  *out->mutable_updated_at() = ToProto(t.updated_at);
+  *out->mutable_created_at() = ToProtoTimestamp(t.created_at);
+  *out->mutable_updated_at() = ToProtoTimestamp(t.updated_at);
 }
 
 void ToProto(const RuleInfo& r, v1::ResidencyRule* out) {
@@ -44,14 +34,8 @@ void ToProto(const RuleInfo& r, v1::ResidencyRule* out) {
   for (const auto& id : r.region_ids) out->add_region_ids(id);
   for (const auto& t : r.readable_from) out->add_readable_from_territories(t);
   out->set_version(r.version);
-  *out->mutable_updated_at() = ToProto(r.updated_at);
+  *out->mutable_updated_at() = ToProtoTimestamp(r.updated_at);
   out->set_updated_by(r.updated_by);
-}
-
-absl::StatusOr<int> PageSize(int32_t requested) {
-  if (requested < 0) return absl::InvalidArgumentError("page_size: must not be negative");
-  if (requested == 0) return kDefaultPageSize;
-  return std::min<int>(requested, kMaxPageSize);
 }
 
 // Pages over a list sorted by key: the token is the last key of the previous page.
@@ -68,13 +52,6 @@ std::string Paginate(const std::vector<T>& items, KeyFn key, const std::string& 
     ++emitted;
   }
   return "";
-}
-
-std::string NewRequestId() {
-  unsigned char bytes[12];
-  RAND_bytes(bytes, sizeof(bytes));
-  return absl::StrCat("srv-", absl::BytesToHexString(absl::string_view(
-                                  reinterpret_cast<const char*>(bytes), sizeof(bytes))));
 }
 
 }  // namespace
@@ -161,7 +138,7 @@ grpc::Status RoutingService::ListResidencyRules(grpc::ServerContext* context,
                                                 v1::ListResidencyRulesResponse* response) {
   absl::StatusOr<CallContext> ctx = Begin(context, "ListResidencyRules", "");
   if (!ctx.ok()) return ToGrpcStatus(ctx.status());
-  absl::StatusOr<int> size = PageSize(request->page_size());
+  absl::StatusOr<int> size = PageSize(request->page_size(), kDefaultPageSize, kMaxPageSize);
   if (!size.ok()) return ToGrpcStatus(size.status());
   std::vector<std::string> filter(request->territories().begin(), request->territories().end());
   absl::StatusOr<std::vector<RuleInfo>> rules = core_.ListResidencyRules(filter);
@@ -177,7 +154,7 @@ grpc::Status RoutingService::ListRegions(grpc::ServerContext* context,
                                          v1::ListRegionsResponse* response) {
   absl::StatusOr<CallContext> ctx = Begin(context, "ListRegions", "");
   if (!ctx.ok()) return ToGrpcStatus(ctx.status());
-  absl::StatusOr<int> size = PageSize(request->page_size());
+  absl::StatusOr<int> size = PageSize(request->page_size(), kDefaultPageSize, kMaxPageSize);
   if (!size.ok()) return ToGrpcStatus(size.status());
   std::vector<RegionInfo> regions = core_.ListRegions();
   std::sort(regions.begin(), regions.end(),
@@ -192,7 +169,7 @@ grpc::Status RoutingService::ListRegions(grpc::ServerContext* context,
           out->set_health(v1::REGION_HEALTH_UNSPECIFIED);
         } else {
           out->set_health(r.healthy ? v1::REGION_HEALTH_SERVING : v1::REGION_HEALTH_UNAVAILABLE);
-          *out->mutable_health_checked_at() = ToProto(r.checked_at);
+          *out->mutable_health_checked_at() = ToProtoTimestamp(r.checked_at);
         }
       }));
   return grpc::Status::OK;

@@ -42,13 +42,23 @@ std::string ReadText(const std::string& path) {
   return text.str();
 }
 
-// A fresh directory per test, under gtest's temporary directory.
-std::string FreshDir(const std::string& name) {
-  std::string dir = absl::StrCat(::testing::TempDir(), "devpki_test_", name, "_", getpid());
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir;
-}
+// A fresh directory under gtest's temporary directory, removed when the test ends.
+class ScratchDir {
+ public:
+  explicit ScratchDir(const std::string& name)
+      : path_(absl::StrCat(::testing::TempDir(), "devpki_test_", name, "_", getpid())) {
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  ~ScratchDir() { std::filesystem::remove_all(path_); }
+
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
 
 class DevpkiTest : public ::testing::Test {
  protected:
@@ -167,7 +177,8 @@ TEST_F(DevpkiTest, RejectsBadOptions) {
 }
 
 TEST_F(DevpkiTest, FilesRoundTripWithPrivateKeyMode) {
-  std::string dir = FreshDir("roundtrip");
+  ScratchDir scratch("roundtrip");
+  const std::string& dir = scratch.path();
   ASSERT_TRUE(ca_->WriteFiles(dir + "/ca.crt", dir + "/ca.key").ok());
   struct stat st;
   ASSERT_EQ(stat((dir + "/ca.key").c_str(), &st), 0);
@@ -197,7 +208,8 @@ TEST_F(DevpkiTest, FromPemRejectsKeyOfAnotherCertificate) {
 // The tool as scripts/up runs it: a complete PKI on the first run, nothing rewritten on the second,
 // only the missing piece on the third.
 TEST(DevpkiToolTest, CreatesPkiOnceAndCompletesIt) {
-  std::string dir = FreshDir("tool") + "/nested/pki";
+  ScratchDir scratch("tool");
+  const std::string dir = scratch.path() + "/nested/pki";
   std::string command =
       absl::StrCat(MEDGATE_DEVPKI_TOOL, " --dir ", dir, " --trust-domain medgate.local >/dev/null");
   ASSERT_EQ(std::system(command.c_str()), 0);

@@ -11,11 +11,9 @@
 #include "libs/audit/audit_log.h"
 #include "libs/common/grpc_status.h"
 #include "libs/identity/credentials.h"
-#include "libs/migrate/migrate.h"
 #include "medgate/v1/routing.grpc.pb.h"
 #include "services/routing/routing_server.h"
-#include "tests/support/pg_cluster.h"
-#include "tests/support/test_pki.h"
+#include "tests/support/test_stack.h"
 
 namespace medgate::routing {
 namespace {
@@ -25,55 +23,15 @@ using test_support::PgClusterSet;
 using test_support::TestCert;
 using test_support::TestPki;
 
-void Migrate(const std::string& conninfo, const std::string& kind) {
-  pqxx::connection c(conninfo);
-  auto migrations = migrate::LoadMigrations(std::string(MEDGATE_SOURCE_DIR) + "/migrations/" + kind);
-  ASSERT_TRUE(migrations.ok()) << migrations.status();
-  auto result = migrate::Apply(c, *migrations);
-  ASSERT_TRUE(result.ok()) << result.status();
-}
-
 class RoutingTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto clusters = PgClusterSet::Start();
-    ASSERT_TRUE(clusters.ok()) << clusters.status();
-    clusters_ = clusters->release();
-    Migrate(clusters_->control().ConnectionString(), "control");
-    for (auto* region : clusters_->regions()) Migrate(region->ConnectionString(), "shard");
-    dir_ = new std::string(std::filesystem::temp_directory_path() /
-                           ("medgate-routing-" + std::to_string(getpid())));
-    std::filesystem::create_directories(*dir_);
-    auto pki = TestPki::Create(*dir_);
-    ASSERT_TRUE(pki.ok()) << pki.status();
-    pki_ = pki->release();
-
-    std::string eea = "[BE, NL, LU, AT, IT, ES, PT, IE]";
-    std::string yaml = absl::StrCat(
-        "trust_domain: ", pki_->trust_domain(), "\nca: ", pki_->ca_path(), "\n",
-        "limits: {drain_seconds: 1}\n",
-        "control_db: {conninfo: \"", clusters_->control().ConnectionString(),
-        "\", acquire_timeout_ms: 1000}\n",
-        "regions:\n",
-        "  - {id: fr-1, territories: [FR, BE, NL, LU, AT, IT, ES, PT, IE], db: {conninfo: \"",
-        clusters_->region("fr-1").ConnectionString(), "\"}}\n",
-        "  - {id: de-1, territories: [DE], db: {conninfo: \"",
-        clusters_->region("de-1").ConnectionString(), "\"}}\n",
-        "  - {id: eu-1, territories: ", eea, ", db: {conninfo: \"",
-        clusters_->region("eu-1").ConnectionString(), "\"}}\n",
-        "services:\n  routing:\n    listen: 127.0.0.1:0\n    tls: {cert: ", pki_->server().cert_path,
-        ", key: ", pki_->server().key_path, "}\n",
-        "routing:\n  seed_rules:\n",
-        "    - {territory: FR, regions: [fr-1], readable_from: [FR]}\n",
-        "    - {territory: DE, regions: [de-1], readable_from: [DE]}\n");
-    for (const char* t : {"BE", "NL", "LU", "AT", "IT", "ES", "PT", "IE"}) {
-      yaml += absl::StrCat("    - {territory: ", t, ", regions: [eu-1, fr-1]}\n");
-    }
-    auto root = ConfigNode::Parse(yaml);
-    ASSERT_TRUE(root.ok()) << root.status();
-    auto config = ParseMedgateConfig(*root);
-    ASSERT_TRUE(config.ok()) << config.status();
-    config_ = new MedgateConfig(*std::move(config));
+    auto stack = test_support::TestStack::Start({"routing"});
+    ASSERT_TRUE(stack.ok()) << stack.status();
+    stack_ = stack->release();
+    clusters_ = &stack_->clusters();
+    pki_ = &stack_->pki();
+    config_ = &stack_->config();
     auto server = RoutingServer::Create(*config_);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = server->release();
@@ -98,11 +56,7 @@ class RoutingTest : public ::testing::Test {
   static void TearDownTestSuite() {
     server_->Shutdown();
     delete server_;
-    delete config_;
-    delete pki_;
-    delete clusters_;
-    std::filesystem::remove_all(*dir_);
-    delete dir_;
+    delete stack_;
   }
 
   static std::unique_ptr<v1::TenantRouting::Stub> Stub(const TestCert& cert) {
@@ -150,15 +104,15 @@ class RoutingTest : public ::testing::Test {
     return q.exec1(sql)[0].as<int64_t>();
   }
 
+  static test_support::TestStack* stack_;
   static PgClusterSet* clusters_;
-  static std::string* dir_;
   static TestPki* pki_;
   static MedgateConfig* config_;
   static RoutingServer* server_;
 };
 
+test_support::TestStack* RoutingTest::stack_ = nullptr;
 PgClusterSet* RoutingTest::clusters_ = nullptr;
-std::string* RoutingTest::dir_ = nullptr;
 TestPki* RoutingTest::pki_ = nullptr;
 MedgateConfig* RoutingTest::config_ = nullptr;
 RoutingServer* RoutingTest::server_ = nullptr;

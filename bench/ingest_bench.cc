@@ -1,0 +1,461 @@
+// ingest_bench: vitals write throughput and ack latency, measured in one run on one machine and
+// one schema: (a) a raw binary COPY client committing 1,000-row transactions (the reference),
+// (b) one INSERT per sample (the naive baseline), (c) medgate end to end over mTLS with many
+// device streams; then ack latency at 70% of (c)'s peak, and the process's peak RSS.
+//
+//   build/release/bench/ingest_bench [--devices 1000] [--batch 50] [--seconds 10] [--streams 0]
+// --streams N additionally holds N idle device streams open and reports RSS with them.
+#include <libpq-fe.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+#include <pqxx/pqxx>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "libs/devpki/devpki.h"
+#include "libs/pg/sql_array.h"
+#include "medgate/v1/ingest.grpc.pb.h"
+#include "medgate/v1/routing.grpc.pb.h"
+#include "libs/identity/credentials.h"
+#include "services/consent/consent_server.h"
+#include "services/ingest/ingest_server.h"
+#include "services/routing/routing_server.h"
+#include "tests/support/test_stack.h"
+
+namespace medgate::bench {
+namespace {
+
+struct Args {
+  int devices = 1000;
+  int batch = 50;
+  int seconds = 10;
+  int streams = 0;
+};
+
+long PeakRssKb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6));
+  }
+  return -1;
+}
+
+long RssKb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
+  }
+  return -1;
+}
+
+// --- (a) raw binary COPY -------------------------------------------------------------------------
+void PutU16(std::string& b, uint16_t v) { b.push_back(static_cast<char>(v >> 8)); b.push_back(static_cast<char>(v)); }
+void PutU32(std::string& b, uint32_t v) { for (int s = 24; s >= 0; s -= 8) b.push_back(static_cast<char>(v >> s)); }
+void PutU64(std::string& b, uint64_t v) { for (int s = 56; s >= 0; s -= 8) b.push_back(static_cast<char>(v >> s)); }
+void PutText(std::string& b, const std::string& s) { PutU32(b, static_cast<uint32_t>(s.size())); b += s; }
+void PutI64(std::string& b, int64_t v) { PutU32(b, 8); PutU64(b, static_cast<uint64_t>(v)); }
+void PutF64(std::string& b, double d) { uint64_t v; std::memcpy(&v, &d, 8); PutU32(b, 8); PutU64(b, v); }
+
+double RawCopy(const std::string& conninfo, int transactions) {
+  PGconn* conn = PQconnectdb(conninfo.c_str());
+  if (PQstatus(conn) != CONNECTION_OK) {
+    std::fprintf(stderr, "raw copy: %s\n", PQerrorMessage(conn));
+    return 0;
+  }
+  const int64_t pg_epoch_us = 946684800LL * 1000000;
+  const int64_t now_us = absl::ToUnixMicros(absl::Now()) - pg_epoch_us;
+  absl::Time start = absl::Now();
+  int64_t seq = 0;
+  for (int t = 0; t < transactions; ++t) {
+    PQclear(PQexec(conn, "BEGIN"));
+    PQclear(PQexec(conn, "COPY vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+                         "measured_at, latitude, longitude, accuracy_m) FROM STDIN (FORMAT binary)"));
+    std::string buf("PGCOPY\n\377\r\n\0", 11);
+    PutU32(buf, 0);
+    PutU32(buf, 0);
+    for (int i = 0; i < 1000; ++i) {
+      PutU16(buf, 11);
+      PutText(buf, "bench");
+      PutText(buf, "raw-copy");
+      PutI64(buf, ++seq);
+      PutText(buf, "pt_bench_raw");
+      PutText(buf, "8867-4");
+      PutF64(buf, 72);
+      PutText(buf, "/min");
+      PutI64(buf, now_us - 60000000 + seq);
+      for (int k = 0; k < 3; ++k) PutU32(buf, 0xffffffff);  // NULL location
+    }
+    PutU16(buf, 0xffff);
+    PQputCopyData(conn, buf.data(), static_cast<int>(buf.size()));
+    PQputCopyEnd(conn, nullptr);
+    PGresult* r = PQgetResult(conn);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) std::fprintf(stderr, "copy: %s\n", PQerrorMessage(conn));
+    PQclear(r);
+    PQclear(PQexec(conn, "COMMIT"));
+  }
+  double elapsed = absl::ToDoubleSeconds(absl::Now() - start);
+  PQfinish(conn);
+  return transactions * 1000.0 / elapsed;
+}
+
+// --- (b) one INSERT per sample -------------------------------------------------------------------
+double InsertPerSample(const std::string& conninfo, int samples) {
+  pqxx::connection c(conninfo);
+  c.prepare("ins", "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+                   "measured_at) VALUES ('bench', 'naive', $1, 'pt_bench_naive', '8867-4', 72, "
+                   "'/min', now() - interval '1 minute')");
+  absl::Time start = absl::Now();
+  for (int i = 1; i <= samples; ++i) {
+    pqxx::work w(c);
+    w.exec_prepared0("ins", i);
+    w.commit();
+  }
+  return samples / absl::ToDoubleSeconds(absl::Now() - start);
+}
+
+// --- (c) medgate end to end ----------------------------------------------------------------------
+google::protobuf::Timestamp Ts(absl::Time t) {
+  google::protobuf::Timestamp ts;
+  ts.set_seconds(absl::ToUnixSeconds(t));
+  ts.set_nanos(static_cast<int32_t>(absl::ToInt64Nanoseconds(t - absl::FromUnixSeconds(ts.seconds()))));
+  return ts;
+}
+
+struct LoadResult {
+  uint64_t stored = 0;
+  double seconds = 0;
+  std::vector<double> latencies_ms;
+  uint64_t retryable = 0;
+};
+
+// Continues a device's seq across runs so later runs are not duplicates.
+struct DeviceIdentity {
+  std::string id;
+  uint64_t seq = 0;
+  uint64_t batch_seq = 0;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::DeviceIngest::Stub> stub;
+};
+
+// One device's stream: sends a batch, waits for its ack, sends the next (closed loop); or, when
+// `interval` is set, a pacer thread sends each batch at its time (open loop, for latency at a
+// fixed load). Reactions never block.
+class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::IngestAck> {
+ public:
+  DeviceLoad(DeviceIdentity& device, int batch, absl::Time until, absl::Duration interval,
+             std::atomic<int>& running)
+      : batch_size_(batch), until_(until), interval_(interval), running_(running),
+        batch_seq_(device.batch_seq), seq_(device.seq) {
+    running_.fetch_add(1);
+    device.stub->async()->StreamVitals(&context_, this);
+    next_send_ = absl::Now();
+    Next();
+    StartCall();
+  }
+  void OnWriteDone(bool ok) override {
+    if (!ok) Done();
+  }
+  void OnReadDone(bool ok) override {
+    if (!ok) return;  // OnDone follows
+    std::lock_guard<std::mutex> lock(mu_);
+    latencies_.push_back(absl::ToDoubleMilliseconds(absl::Now() - sent_at_));
+    if (ack_.has_retryable_error()) {
+      ++retryable_;
+    } else {
+      stored_ += ack_.stored_count();
+    }
+    if (absl::Now() >= until_) {
+      finishing_ = true;
+      StartWritesDone();
+      return;
+    }
+    if (interval_ > absl::ZeroDuration()) {
+      next_send_ += interval_;
+      waiting_ = true;  // the pacer sends the next batch at next_send_
+      return;
+    }
+    Next();
+  }
+  void OnDone(const grpc::Status&) override { Done(); }
+
+  // Called by the pacer thread: sends the next batch when its time has come.
+  void Pace(absl::Time now) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!waiting_ || finishing_ || now < next_send_) return;
+    waiting_ = false;
+    Next();
+  }
+
+  uint64_t stored() { std::lock_guard<std::mutex> l(mu_); return stored_; }
+  uint64_t retryable() { std::lock_guard<std::mutex> l(mu_); return retryable_; }
+  std::vector<double> latencies() { std::lock_guard<std::mutex> l(mu_); return latencies_; }
+
+ private:
+  void Next() {
+    batch_.Clear();
+    batch_.set_batch_seq(++batch_seq_);
+    absl::Time now = absl::Now();
+    google::protobuf::Timestamp ts = Ts(now);
+    for (int i = 0; i < batch_size_; ++i) {
+      v1::VitalSample* s = batch_.add_samples();
+      s->set_seq(++seq_);
+      s->set_loinc_code("8867-4");
+      s->set_value(60 + static_cast<double>(seq_ % 60));
+      s->set_ucum_unit("/min");
+      *s->mutable_measured_at() = ts;
+    }
+    sent_at_ = now;
+    StartRead(&ack_);
+    StartWrite(&batch_);
+  }
+  void Done() {
+    std::lock_guard<std::mutex> l(mu_);
+    finishing_ = true;
+    if (!done_) {
+      done_ = true;
+      running_.fetch_sub(1);
+    }
+  }
+
+  grpc::ClientContext context_;
+  v1::VitalsBatch batch_;
+  v1::IngestAck ack_;
+  const int batch_size_;
+  const absl::Time until_;
+  const absl::Duration interval_;
+  std::atomic<int>& running_;
+  uint64_t& batch_seq_;  // continued across runs, so a later run is not a resend
+  uint64_t& seq_;
+  absl::Time sent_at_;
+  absl::Time next_send_;
+  std::mutex mu_;
+  bool waiting_ = false;
+  bool finishing_ = false;
+  uint64_t stored_ = 0;
+  uint64_t retryable_ = 0;
+  bool done_ = false;
+  std::vector<double> latencies_;
+};
+
+LoadResult RunLoad(std::vector<DeviceIdentity>& devices, int batch, absl::Duration duration,
+                   absl::Duration interval) {
+  std::atomic<int> running{0};
+  std::vector<std::unique_ptr<DeviceLoad>> loads;
+  const absl::Time start = absl::Now();
+  const absl::Time until = start + duration;
+  for (auto& d : devices) loads.push_back(std::make_unique<DeviceLoad>(d, batch, until, interval, running));
+  while (running.load() > 0 && absl::Now() < until + absl::Seconds(60)) {
+    if (interval > absl::ZeroDuration()) {
+      absl::Time now = absl::Now();
+      for (auto& l : loads) l->Pace(now);
+      absl::SleepFor(absl::Milliseconds(1));
+    } else {
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+  }
+  LoadResult result;
+  result.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  for (auto& l : loads) {
+    result.stored += l->stored();
+    result.retryable += l->retryable();
+    auto lat = l->latencies();
+    result.latencies_ms.insert(result.latencies_ms.end(), lat.begin(), lat.end());
+  }
+  std::sort(result.latencies_ms.begin(), result.latencies_ms.end());
+  return result;
+}
+
+double Pct(const std::vector<double>& sorted, double p) {
+  if (sorted.empty()) return 0;
+  return sorted[std::min(sorted.size() - 1, static_cast<size_t>(p * sorted.size()))];
+}
+
+// The test harness runs PostgreSQL without durability; a write benchmark needs it: servers on
+// disk (not a memory filesystem), fsync and synchronous commit on, as in production.
+void MakeDurable(const std::string& conninfo) {
+  pqxx::connection c(conninfo);
+  pqxx::nontransaction n(c);
+  n.exec0("ALTER SYSTEM SET fsync = on");
+  n.exec0("ALTER SYSTEM SET synchronous_commit = on");
+  n.exec0("ALTER SYSTEM SET full_page_writes = on");
+  n.exec0("SELECT pg_reload_conf()");
+}
+
+int Run(const Args& args) {
+  if (std::getenv("MEDGATE_PG_TMPDIR") == nullptr) setenv("MEDGATE_PG_TMPDIR", "/var/tmp", 1);
+  std::fprintf(stderr, "starting PostgreSQL servers (under %s) and services...\n",
+               std::getenv("MEDGATE_PG_TMPDIR"));
+  auto stack = test_support::TestStack::Start(
+      {"routing", "consent", "ingest"},
+      "ingest: {tenant_samples_per_second: 10000000, tenant_burst: 10000000}\n"
+      "limits: {max_concurrent_streams: 20000}\n");
+  if (!stack.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(stack.status().message()).c_str());
+    return 1;
+  }
+  auto& pki = (*stack)->pki();
+  const std::string shard = (*stack)->clusters().region("fr-1").ConnectionString();
+  const std::string control = (*stack)->clusters().control().ConnectionString();
+  MakeDurable(shard);
+  MakeDurable(control);
+  {
+    pqxx::connection c(shard);
+    pqxx::nontransaction n(c);
+    std::fprintf(stderr, "shard durability: fsync=%s synchronous_commit=%s\n",
+                 n.exec1("SHOW fsync")[0].c_str(), n.exec1("SHOW synchronous_commit")[0].c_str());
+  }
+
+  std::fprintf(stderr, "(a) raw binary COPY, 1,000-row transactions...\n");
+  double raw = RawCopy(shard, 200);
+  std::fprintf(stderr, "(b) one INSERT per sample...\n");
+  double naive = InsertPerSample(shard, 3000);
+
+  auto routing = *routing::RoutingServer::Create((*stack)->config());
+  if (!routing->Start().ok()) return 1;
+  (*stack)->SetAddress("routing", routing->port());
+  auto consent = *consent::ConsentServer::Create((*stack)->config());
+  if (!consent->Start().ok()) return 1;
+  (*stack)->SetAddress("consent", consent->port());
+  auto ingest = *ingest::IngestServer::Create((*stack)->config());
+  if (!ingest->Start().ok()) return 1;
+
+  // The bench tenant, its patients, devices and consents, seeded with SQL for speed.
+  {
+    auto ops = v1::TenantRouting::NewStub(*MakeChannel(
+        absl::StrCat("127.0.0.1:", routing->port()),
+        TlsConfig{pki.ops().cert_path, pki.ops().key_path, pki.ca_path(), 60}));
+    v1::UpsertTenantRequest r;
+    r.mutable_tenant()->set_tenant_id("bench");
+    r.mutable_tenant()->set_display_name("bench");
+    r.mutable_tenant()->add_territories("FR");
+    r.mutable_tenant()->set_active(true);
+    v1::UpsertTenantResponse response;
+    grpc::ClientContext context;
+    if (!ops->UpsertTenant(&context, r, &response).ok()) return 1;
+  }
+  const int total_devices = std::max(args.devices, args.streams);
+  std::vector<std::string> ids;
+  for (int i = 0; i < total_devices; ++i) ids.push_back(absl::StrCat("bd-", i));
+  {
+    pqxx::connection c(control);
+    pqxx::work w(c);
+    w.exec_params0("INSERT INTO patients (patient_id, tenant_id, territory, region_id, rule_version) "
+                   "SELECT 'pt_' || d, 'bench', 'FR', 'fr-1', 1 FROM unnest($1::text[]) d",
+                   pg::TextArrayLiteral(ids));
+    w.exec_params0("INSERT INTO devices (tenant_id, device_id, patient_id) "
+                   "SELECT 'bench', d, 'pt_' || d FROM unnest($1::text[]) d", pg::TextArrayLiteral(ids));
+    w.commit();
+    pqxx::connection s(shard);
+    pqxx::work ws(s);
+    ws.exec_params0("INSERT INTO consents (consent_id, patient_id, tenant_id, purpose, actor) "
+                    "SELECT 'cs_' || d, 'pt_' || d, 'bench', 'REMOTE_MONITORING', '' FROM unnest($1::text[]) d",
+                    pg::TextArrayLiteral(ids));
+    ws.exec_params0("INSERT INTO consent_versions (consent_id, version, state, valid_from, evidence_ref, "
+                    "reason, recorded_by, recorded_at, request_id) SELECT 'cs_' || d, 1, 'granted', "
+                    "now() - interval '1 day', 'bench', '', 'bench', now(), 'bench' FROM unnest($1::text[]) d",
+                    pg::TextArrayLiteral(ids));
+    ws.commit();
+  }
+  std::fprintf(stderr, "issuing %d device certificates...\n", total_devices);
+  auto ca = devpki::Credential::FromPem(pki.ca().cert_pem, pki.ca().key_pem);
+  if (!ca.ok()) return 1;
+  std::vector<DeviceIdentity> devices;
+  for (const std::string& id : ids) {
+    devpki::LeafOptions leaf;
+    leaf.common_name = id;
+    leaf.uri_sans = {pki.SpiffeId(absl::StrCat("/tenant/bench/device/", id))};
+    auto cred = devpki::IssueLeaf(*ca, leaf);
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = pki.ca_pem();
+    ssl.pem_cert_chain = *cred->CertPem();
+    ssl.pem_private_key = *cred->KeyPem();
+    grpc::ChannelArguments channel_args;
+    channel_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    DeviceIdentity d;
+    d.id = id;
+    d.channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", ingest->port()),
+                                          grpc::SslCredentials(ssl), channel_args);
+    d.stub = v1::DeviceIngest::NewStub(d.channel);
+    devices.push_back(std::move(d));
+  }
+  std::vector<DeviceIdentity> load_devices;
+  for (int i = 0; i < args.devices; ++i) load_devices.push_back(std::move(devices[static_cast<size_t>(i)]));
+
+  std::fprintf(stderr, "(c) medgate end to end: %d devices, batches of %d, %ds...\n", args.devices,
+               args.batch, args.seconds);
+  // Warm-up: connections, caches.
+  RunLoad(load_devices, args.batch, absl::Seconds(2), absl::ZeroDuration());
+  LoadResult peak = RunLoad(load_devices, args.batch, absl::Seconds(args.seconds), absl::ZeroDuration());
+  double peak_rate = peak.stored / peak.seconds;
+  // 70% of peak, open loop: each device sends a batch every `interval`.
+  double per_device_batches = 0.7 * peak_rate / args.batch / args.devices;
+  absl::Duration interval = absl::Seconds(1.0 / std::max(per_device_batches, 0.01));
+  std::fprintf(stderr, "latency at 70%% of peak (%.0f samples/s)...\n", 0.7 * peak_rate);
+  LoadResult at70 = RunLoad(load_devices, args.batch, absl::Seconds(args.seconds), interval);
+
+  long rss_streams = -1;
+  if (args.streams > 0) {
+    std::fprintf(stderr, "holding %d concurrent device streams...\n", args.streams);
+    std::vector<DeviceIdentity> idle(std::make_move_iterator(devices.begin() + args.devices),
+                                     std::make_move_iterator(devices.end()));
+    for (auto& d : load_devices) idle.push_back(std::move(d));
+    idle.resize(static_cast<size_t>(args.streams));
+    LoadResult held = RunLoad(idle, 1, absl::Seconds(15), absl::Seconds(5));
+    rss_streams = PeakRssKb();
+    std::fprintf(stderr, "streams held: %zu acks\n", held.latencies_ms.size());
+  }
+
+  std::printf("\ningest_bench (same machine, same schema, one run; PostgreSQL with fsync and "
+              "synchronous_commit on)\n");
+  std::printf("  (a) raw binary COPY, 1,000-row transactions : %10.0f samples/s  (reference)\n", raw);
+  std::printf("  (b) one INSERT per sample                  : %10.0f samples/s  (naive baseline)\n", naive);
+  std::printf("  (c) medgate end to end, %5d devices, mTLS : %10.0f samples/s  (%d-sample batches, %.0fs)\n",
+              args.devices, peak_rate, args.batch, peak.seconds);
+  std::printf("  ratio (c)/(a) = %.2f   (target >= 1.0)\n", peak_rate / raw);
+  std::printf("  ratio (c)/(b) = %.1f   (target >= 50)\n", peak_rate / naive);
+  std::printf("  ack latency at 70%% of peak: p50 %.1f ms, p99 %.1f ms  (target p99 <= 25 ms; %zu acks, %llu retryable)\n",
+              Pct(at70.latencies_ms, 0.5), Pct(at70.latencies_ms, 0.99), at70.latencies_ms.size(),
+              static_cast<unsigned long long>(at70.retryable));
+  std::printf("  ack latency at peak:        p50 %.1f ms, p99 %.1f ms\n", Pct(peak.latencies_ms, 0.5),
+              Pct(peak.latencies_ms, 0.99));
+  std::printf("  peak RSS of this process (clients + services): %.0f MiB\n", PeakRssKb() / 1024.0);
+  if (rss_streams >= 0) {
+    std::printf("  peak RSS with %d concurrent device streams: %.0f MiB  (target <= 1024 MiB)\n",
+                args.streams, rss_streams / 1024.0);
+  }
+  std::printf("  current RSS: %.0f MiB\n", RssKb() / 1024.0);
+  std::fflush(stdout);
+  ingest->Shutdown();
+  consent->Shutdown();
+  routing->Shutdown();
+  return 0;
+}
+
+}  // namespace
+}  // namespace medgate::bench
+
+int main(int argc, char** argv) {
+  medgate::bench::Args args;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string flag = argv[i];
+    int value = std::stoi(argv[i + 1]);
+    if (flag == "--devices") args.devices = value;
+    else if (flag == "--batch") args.batch = value;
+    else if (flag == "--seconds") args.seconds = value;
+    else if (flag == "--streams") args.streams = value;
+  }
+  return medgate::bench::Run(args);
+}

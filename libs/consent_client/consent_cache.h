@@ -1,0 +1,83 @@
+// Access decisions from memory for hot paths: consents of each shard cached per patient, with
+// changes pushed by PostgreSQL LISTEN/NOTIFY so a revocation reaches every running instance
+// within a second, and a cache that cannot stay fresh fails closed.
+#ifndef MEDGATE_LIBS_CONSENT_CLIENT_CONSENT_CACHE_H_
+#define MEDGATE_LIBS_CONSENT_CLIENT_CONSENT_CACHE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "libs/common/config.h"
+
+namespace medgate::consent {
+
+// The purposes of use (ARCHITECTURE.md). There is deliberately no commercial purpose.
+enum class Purpose { kCare = 1, kRemoteMonitoring = 2, kRecordSharing = 3, kResearch = 4, kGeolocation = 5 };
+
+enum class AccessReason { kPermitted, kNoConsent, kRevoked, kExpired, kActorNotCovered, kNotYetValid };
+
+absl::string_view PurposeName(Purpose purpose);        // "CARE", "REMOTE_MONITORING", ...
+absl::string_view AccessReasonName(AccessReason reason);  // "PERMITTED", "NO_CONSENT", ...
+
+struct AccessDecision {
+  bool permit = false;
+  AccessReason reason = AccessReason::kNoConsent;
+  std::string consent_id;       // the consent the decision rests on ("" when none)
+  int64_t consent_version = 0;
+  // When this decision changes by itself (a period of a consent it considered starts or ends);
+  // InfiniteFuture() if never. A change of the consents themselves may come sooner.
+  absl::Time valid_until = absl::InfiniteFuture();
+};
+
+struct ConsentCacheOptions {
+  size_t max_patients = 200000;                       // LRU-evicted beyond this
+  absl::Duration max_staleness = absl::Seconds(30);   // entries older than this are reloaded
+  absl::Duration fail_closed_after = absl::Seconds(5);  // listener down this long: UNAVAILABLE
+  absl::Duration load_timeout = absl::Seconds(2);
+};
+
+// Counters since the cache was created, for metrics and tests.
+struct ConsentCacheStats {
+  uint64_t hits = 0;           // checks answered from memory
+  uint64_t loads = 0;          // checks that read the shard
+  uint64_t notifications = 0;  // change notifications received, every region
+  uint64_t feed_starts = 0;    // times a region's feed started listening (dropping its entries)
+};
+
+// Thread-safe.
+class ConsentCache {
+ public:
+  virtual ~ConsentCache() = default;
+
+  // May `actor` (a SPIFFE id; "" for the patient's tenant as a whole, e.g. a device stream)
+  // use `patient_id`'s data for `purpose` at `now`? Default deny. The patient's home region
+  // comes from routing. A region whose change feed is down longer than fail_closed_after, or
+  // whose shard cannot be read: UNAVAILABLE (callers treat it as deny). A tenant identity is
+  // covered by its tenant's tenant-wide consents and by consents narrowed to exactly it
+  // (consent_decision.h has the rules); unknown region: FAILED_PRECONDITION.
+  virtual absl::StatusOr<AccessDecision> Check(absl::string_view region_id,
+                                               absl::string_view patient_id, Purpose purpose,
+                                               absl::string_view actor, absl::Time now) = 0;
+
+  // Drops what is cached for a patient (the consent service calls it after its own writes).
+  virtual void Invalidate(absl::string_view patient_id) = 0;
+
+  // Whether the change feed of `region_id` is listening now, so that what is cached for it is
+  // kept fresh (health probes; tests wait for it before relying on cached answers).
+  virtual bool FeedListening(absl::string_view /*region_id*/) const { return true; }
+
+  virtual ConsentCacheStats Stats() const { return {}; }
+};
+
+// One listener connection and one loading pool per region in `regions`.
+std::unique_ptr<ConsentCache> NewConsentCache(const std::vector<RegionConfig>& regions,
+                                              ConsentCacheOptions options = {});
+
+}  // namespace medgate::consent
+
+#endif  // MEDGATE_LIBS_CONSENT_CLIENT_CONSENT_CACHE_H_

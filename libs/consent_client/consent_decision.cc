@@ -1,0 +1,139 @@
+// The access decision over a patient's current consent versions.
+#include "libs/consent_client/consent_decision.h"
+
+#include <algorithm>
+
+#include "absl/strings/strip.h"
+
+namespace medgate::consent {
+namespace {
+
+constexpr Purpose kPurposes[] = {Purpose::kCare, Purpose::kRemoteMonitoring,
+                                 Purpose::kRecordSharing, Purpose::kResearch,
+                                 Purpose::kGeolocation};
+
+AccessReason ReasonFor(ConsentStatus status) {
+  switch (status) {
+    case ConsentStatus::kGranted: return AccessReason::kPermitted;
+    case ConsentStatus::kRevoked: return AccessReason::kRevoked;
+    case ConsentStatus::kExpired: return AccessReason::kExpired;
+    case ConsentStatus::kNotYetValid: return AccessReason::kNotYetValid;
+  }
+  return AccessReason::kNoConsent;
+}
+
+// The next time the status of `record` changes by itself after `now`.
+absl::Time NextChange(const ConsentRecord& record, absl::Time now) {
+  if (record.revoked) return absl::InfiniteFuture();
+  if (now < record.valid_from) return record.valid_from;
+  if (now < record.valid_until) return record.valid_until;
+  return absl::InfiniteFuture();
+}
+
+}  // namespace
+
+absl::string_view PurposeName(Purpose purpose) {
+  switch (purpose) {
+    case Purpose::kCare: return "CARE";
+    case Purpose::kRemoteMonitoring: return "REMOTE_MONITORING";
+    case Purpose::kRecordSharing: return "RECORD_SHARING";
+    case Purpose::kResearch: return "RESEARCH";
+    case Purpose::kGeolocation: return "GEOLOCATION";
+  }
+  return "UNSPECIFIED";
+}
+
+absl::string_view AccessReasonName(AccessReason reason) {
+  switch (reason) {
+    case AccessReason::kPermitted: return "PERMITTED";
+    case AccessReason::kNoConsent: return "NO_CONSENT";
+    case AccessReason::kRevoked: return "REVOKED";
+    case AccessReason::kExpired: return "EXPIRED";
+    case AccessReason::kActorNotCovered: return "ACTOR_NOT_COVERED";
+    case AccessReason::kNotYetValid: return "NOT_YET_VALID";
+  }
+  return "NO_CONSENT";
+}
+
+std::optional<Purpose> PurposeFromNumber(int number) {
+  for (Purpose p : kPurposes) {
+    if (static_cast<int>(p) == number) return p;
+  }
+  return std::nullopt;
+}
+
+std::optional<Purpose> PurposeFromName(absl::string_view name) {
+  for (Purpose p : kPurposes) {
+    if (PurposeName(p) == name) return p;
+  }
+  return std::nullopt;
+}
+
+ConsentStatus StatusAt(const ConsentRecord& record, absl::Time now) {
+  if (record.revoked) return ConsentStatus::kRevoked;
+  if (now < record.valid_from) return ConsentStatus::kNotYetValid;
+  if (now >= record.valid_until) return ConsentStatus::kExpired;
+  return ConsentStatus::kGranted;
+}
+
+absl::string_view TenantOfActor(absl::string_view actor) {
+  constexpr absl::string_view kScheme = "spiffe://";
+  if (!absl::ConsumePrefix(&actor, kScheme)) return "";
+  size_t slash = actor.find('/');
+  if (slash == absl::string_view::npos || slash == 0) return "";
+  actor.remove_prefix(slash + 1);
+  if (!absl::ConsumePrefix(&actor, "tenant/")) return "";
+  slash = actor.find('/');
+  if (slash == absl::string_view::npos || slash == 0) return "";
+  absl::string_view tenant = actor.substr(0, slash);
+  absl::string_view rest = actor.substr(slash + 1);
+  for (absl::string_view kind : {"device/", "practitioner/", "app/"}) {
+    if (absl::ConsumePrefix(&rest, kind)) {
+      return !rest.empty() && rest.find('/') == absl::string_view::npos ? tenant : "";
+    }
+  }
+  return "";
+}
+
+AccessDecision Decide(absl::Span<const ConsentRecord> consents, Purpose purpose,
+                      absl::string_view actor, absl::Time now) {
+  const ConsentRecord* narrowed = nullptr;
+  const ConsentRecord* tenant_wide = nullptr;
+  bool any_for_purpose = false;
+  for (const ConsentRecord& c : consents) {
+    if (c.purpose != purpose) continue;
+    any_for_purpose = true;
+    if (c.actor.empty()) {
+      // Parsed only here: most decisions never need the actor's tenant.
+      const absl::string_view actor_tenant = actor.empty() ? "" : TenantOfActor(actor);
+      if (actor.empty() || (!actor_tenant.empty() && actor_tenant == c.tenant_id)) {
+        tenant_wide = &c;
+      }
+    } else if (!actor.empty() && c.actor == actor) {
+      narrowed = &c;
+    }
+  }
+  AccessDecision decision;
+  if (!any_for_purpose) {
+    decision.reason = AccessReason::kNoConsent;
+    return decision;
+  }
+  if (narrowed == nullptr && tenant_wide == nullptr) {
+    decision.reason = AccessReason::kActorNotCovered;
+    return decision;
+  }
+  const ConsentRecord* rests_on = nullptr;
+  for (const ConsentRecord* c : {narrowed, tenant_wide}) {
+    if (c == nullptr) continue;
+    decision.valid_until = std::min(decision.valid_until, NextChange(*c, now));
+    if (rests_on == nullptr && StatusAt(*c, now) == ConsentStatus::kGranted) rests_on = c;
+  }
+  if (rests_on == nullptr) rests_on = narrowed != nullptr ? narrowed : tenant_wide;
+  decision.reason = ReasonFor(StatusAt(*rests_on, now));
+  decision.permit = decision.reason == AccessReason::kPermitted;
+  decision.consent_id = rests_on->consent_id;
+  decision.consent_version = rests_on->version;
+  return decision;
+}
+
+}  // namespace medgate::consent

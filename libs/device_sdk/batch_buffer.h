@@ -1,0 +1,54 @@
+// The device's durable buffer of unacknowledged batches: an append-only file that survives a
+// restart of the device process, so nothing unacknowledged is lost.
+#ifndef MEDGATE_LIBS_DEVICE_SDK_BATCH_BUFFER_H_
+#define MEDGATE_LIBS_DEVICE_SDK_BATCH_BUFFER_H_
+
+#include <cstdint>
+#include <cstdio>
+#include <deque>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "medgate/v1/ingest.pb.h"
+
+namespace medgate::device {
+
+// Records: [u32 length][u8 type][payload]. Types: a sealed batch (VitalsBatch), an ack of a
+// batch_seq, and the counters (next sample seq, next batch seq) written when the file is
+// compacted. A torn last record (power loss mid-write) is ignored on load.
+class BatchBuffer {
+ public:
+  // Opens (creating if missing) and replays `path`; compacts it to the unacked batches.
+  static absl::StatusOr<std::unique_ptr<BatchBuffer>> Open(const std::string& path,
+                                                           size_t max_batches);
+  ~BatchBuffer();
+
+  // Assigns the next batch_seq and sample seqs to `batch`, and makes it durable (fsync).
+  // RESOURCE_EXHAUSTED when max_batches are already waiting for acks.
+  absl::StatusOr<uint64_t> Seal(v1::VitalsBatch batch);
+  // Records the ack of `batch_seq` (the batch leaves the buffer).
+  absl::Status Ack(uint64_t batch_seq);
+
+  // The unacked batches, oldest first.
+  const std::deque<v1::VitalsBatch>& pending() const { return pending_; }
+  uint64_t next_seq() const { return next_seq_; }
+
+ private:
+  BatchBuffer(std::string path, size_t max_batches) : path_(std::move(path)), max_batches_(max_batches) {}
+  absl::Status Load();
+  absl::Status Rewrite();
+  absl::Status Append(uint8_t type, const std::string& payload);
+
+  const std::string path_;
+  const size_t max_batches_;
+  std::FILE* file_ = nullptr;
+  std::deque<v1::VitalsBatch> pending_;
+  uint64_t next_seq_ = 1;
+  uint64_t next_batch_seq_ = 1;
+  size_t acked_since_rewrite_ = 0;
+};
+
+}  // namespace medgate::device
+
+#endif  // MEDGATE_LIBS_DEVICE_SDK_BATCH_BUFFER_H_

@@ -1,0 +1,166 @@
+// The device SDK's sender.
+#include "libs/device_sdk/device_client.h"
+
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "libs/common/grpc_status.h"
+#include "libs/identity/credentials.h"
+
+namespace medgate::device {
+
+absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(DeviceOptions options) {
+  std::unique_ptr<DeviceClient> client(new DeviceClient(std::move(options)));
+  absl::StatusOr<std::unique_ptr<BatchBuffer>> buffer =
+      BatchBuffer::Open(client->options_.buffer_path, client->options_.max_buffered_batches);
+  if (!buffer.ok()) return buffer.status();
+  client->buffer_ = *std::move(buffer);
+  return client;
+}
+
+DeviceClient::~DeviceClient() { Stop(); }
+
+absl::StatusOr<uint64_t> DeviceClient::Send(std::vector<v1::VitalSample> samples) {
+  v1::VitalsBatch batch;
+  for (auto& s : samples) *batch.add_samples() = std::move(s);
+  std::lock_guard<std::mutex> lock(mu_);
+  absl::StatusOr<uint64_t> seq = buffer_->Seal(std::move(batch));
+  cv_.notify_all();
+  return seq;
+}
+
+void DeviceClient::Start() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (running_) return;
+  running_ = true;
+  stopping_ = false;
+  thread_ = std::thread([this] { Loop(); });
+}
+
+void DeviceClient::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!running_) return;
+    stopping_ = true;
+    if (active_ != nullptr) active_->TryCancel();
+  }
+  cv_.notify_all();
+  thread_.join();
+  std::lock_guard<std::mutex> lock(mu_);
+  running_ = false;
+}
+
+absl::Status DeviceClient::WaitUntilAcked(absl::Duration timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!cv_.wait_for(lock, absl::ToChronoMilliseconds(timeout),
+                    [this] { return buffer_->pending().empty(); })) {
+    return absl::DeadlineExceededError(
+        absl::StrCat(buffer_->pending().size(), " batches still unacknowledged"));
+  }
+  return absl::OkStatus();
+}
+
+DeviceStats DeviceClient::stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+size_t DeviceClient::pending() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return buffer_->pending().size();
+}
+
+void DeviceClient::OnAck(std::function<void(const v1::IngestAck&, absl::Duration)> callback) {
+  std::lock_guard<std::mutex> lock(mu_);
+  on_ack_ = std::move(callback);
+}
+
+void DeviceClient::Loop() {
+  std::mt19937_64 rng(std::random_device{}());
+  absl::Duration backoff = options_.backoff_initial;
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options_.address, options_.tls);
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return stopping_ || !buffer_->pending().empty(); });
+      if (stopping_) return;
+    }
+    absl::Status status = channel.ok() ? absl::OkStatus() : channel.status();
+    if (status.ok()) {
+      auto stub = v1::DeviceIngest::NewStub(*channel);
+      status = RunStream(*stub);
+    }
+    if (status.ok()) {
+      backoff = options_.backoff_initial;
+      continue;
+    }
+    // Full jitter: wait a random time up to the current backoff, then double it.
+    std::uniform_int_distribution<int64_t> jitter(0, absl::ToInt64Milliseconds(backoff));
+    absl::Duration wait = absl::Milliseconds(jitter(rng));
+    backoff = std::min(backoff * 2, options_.backoff_max);
+    std::unique_lock<std::mutex> lock(mu_);
+    ++stats_.reconnects;
+    cv_.wait_for(lock, absl::ToChronoMilliseconds(wait), [this] { return stopping_; });
+    if (stopping_) return;
+  }
+}
+
+absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
+  grpc::ClientContext context;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return absl::CancelledError("stopping");
+    active_ = &context;
+  }
+  struct Clear {
+    DeviceClient* self;
+    ~Clear() {
+      std::lock_guard<std::mutex> lock(self->mu_);
+      self->active_ = nullptr;
+    }
+  } clear{this};
+  auto stream = stub.StreamVitals(&context);
+  while (true) {
+    v1::VitalsBatch batch;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return stopping_ || !buffer_->pending().empty(); });
+      if (stopping_) {
+        context.TryCancel();
+        return absl::CancelledError("stopping");
+      }
+      batch = buffer_->pending().front();  // oldest unacked first, resent until acked
+      ++stats_.batches_sent;
+    }
+    const absl::Time sent = absl::Now();
+    v1::IngestAck ack;
+    if (!stream->Write(batch) || !stream->Read(&ack)) {
+      stream->WritesDone();
+      grpc::Status ended = stream->Finish();
+      return ended.ok() ? absl::UnavailableError("stream ended") : FromGrpcStatus(ended);
+    }
+    std::function<void(const v1::IngestAck&, absl::Duration)> callback;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      callback = on_ack_;
+    }
+    if (callback) callback(ack, absl::Now() - sent);
+    if (ack.has_retryable_error()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.retries;
+      context.TryCancel();
+      return absl::Status(static_cast<absl::StatusCode>(ack.retryable_error().code()),
+                          ack.retryable_error().message());
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (absl::Status s = buffer_->Ack(ack.batch_seq()); !s.ok()) return s;
+    ++stats_.batches_acked;
+    stats_.samples_stored += ack.stored_count();
+    stats_.samples_duplicate += ack.duplicate_count();
+    stats_.samples_rejected += ack.rejected_count();
+    cv_.notify_all();
+  }
+}
+
+}  // namespace medgate::device

@@ -1,0 +1,38 @@
+// Small conversions every gRPC adapter needs.
+#include "libs/server/rpc_util.h"
+
+#include <openssl/rand.h>
+
+#include <algorithm>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+
+namespace medgate {
+
+google::protobuf::Timestamp ToProtoTimestamp(absl::Time t) {
+  google::protobuf::Timestamp ts;
+  timespec spec = absl::ToTimespec(t);
+  ts.set_seconds(spec.tv_sec);
+  ts.set_nanos(static_cast<int32_t>(spec.tv_nsec));
+  return ts;
+}
+
+absl::Time FromProtoTimestamp(const google::protobuf::Timestamp& ts) {
+  return absl::FromUnixSeconds(ts.seconds()) + absl::Nanoseconds(ts.nanos());
+}
+
+std::string NewRequestId() {
+  unsigned char bytes[12];
+  RAND_bytes(bytes, sizeof(bytes));
+  return absl::StrCat("srv-", absl::BytesToHexString(absl::string_view(
+                                  reinterpret_cast<const char*>(bytes), sizeof(bytes))));
+}
+
+absl::StatusOr<int> PageSize(int requested, int fallback, int max) {
+  if (requested < 0) return absl::InvalidArgumentError("page_size: must not be negative");
+  if (requested == 0) return fallback;
+  return std::min(requested, max);
+}
+
+}  // namespace medgate

@@ -1,0 +1,494 @@
+// The consent logic: validation, tenant scoping, versioned writes with audit, cached decisions.
+#include "services/consent/consent_core.h"
+
+#include <openssl/rand.h>
+
+#include <algorithm>
+#include <map>
+#include <tuple>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "libs/audit/audit_log.h"
+#include "libs/common/status_macros.h"
+#include "libs/pg/sql_array.h"
+#include "libs/server/rpc_util.h"
+#include "services/consent/sql.h"
+
+namespace medgate::consent {
+namespace {
+
+// One message whether the patient is unknown or another tenant's: no enumeration.
+constexpr char kPatientNotFound[] = "patient not found";
+constexpr char kConsentNotFound[] = "consent not found";
+constexpr absl::string_view kConsentIdPrefix = "cn_";
+constexpr size_t kConsentIdRandomBytes = 12;
+
+absl::Time TruncateToMicros(absl::Time t) { return absl::FromUnixMicros(absl::ToUnixMicros(t)); }
+
+absl::string_view StateName(VersionState state) {
+  return state == VersionState::kGranted ? "granted" : "revoked";
+}
+
+VersionInfo VersionFromRow(const pqxx::row& row, int first) {
+  VersionInfo v;
+  v.version = row[first].as<int64_t>();
+  v.state = row[first + 1].as<std::string>() == "revoked" ? VersionState::kRevoked
+                                                          : VersionState::kGranted;
+  v.valid_from = absl::FromUnixMicros(row[first + 2].as<int64_t>());
+  if (!row[first + 3].is_null()) v.valid_until = absl::FromUnixMicros(row[first + 3].as<int64_t>());
+  v.evidence_ref = row[first + 4].c_str();
+  v.reason = row[first + 5].c_str();
+  v.recorded_by = row[first + 6].c_str();
+  v.recorded_at = absl::FromUnixMicros(row[first + 7].as<int64_t>());
+  v.request_id = row[first + 8].c_str();
+  return v;
+}
+
+// The record a decision reads, from a consent's latest version.
+ConsentRecord RecordOf(const ConsentInfo& c) {
+  ConsentRecord r;
+  r.consent_id = c.consent_id;
+  r.purpose = c.purpose;
+  r.actor = c.actor;
+  r.version = c.current.version;
+  r.revoked = c.current.state == VersionState::kRevoked;
+  r.valid_from = c.current.valid_from;
+  r.valid_until = c.current.valid_until.value_or(absl::InfiniteFuture());
+  return r;
+}
+
+absl::StatusOr<Principal> ParseActor(absl::string_view actor, absl::string_view field,
+                                     absl::string_view trust_domain,
+                                     std::initializer_list<PrincipalKind> kinds,
+                                     absl::string_view kinds_text) {
+  if (actor.size() > kMaxIdentityBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": at most ", kMaxIdentityBytes, " bytes, got ", actor.size()));
+  }
+  absl::StatusOr<Principal> principal = ParseSpiffeId(actor, trust_domain);
+  if (!principal.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ": not a SPIFFE id of this trust domain (", principal.status().message(), ")"));
+  }
+  if (std::find(kinds.begin(), kinds.end(), principal->kind) == kinds.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": must be ", kinds_text, " identity"));
+  }
+  return principal;
+}
+
+audit::Entry AuditFor(const CallContext& ctx, audit::Action action, const PatientLocation& patient,
+                      const std::string& consent_id, Purpose purpose, int64_t version,
+                      absl::string_view reason) {
+  audit::Entry e;
+  e.actor = ctx.principal.spiffe_id;
+  e.tenant = patient.tenant_id;
+  e.action = action;
+  e.object_type = "consent";
+  e.object_id = consent_id;
+  e.patient_id = patient.patient_id;
+  e.decision = audit::Decision::kPermit;
+  e.reason = std::string(reason);
+  e.purpose = std::string(PurposeName(purpose));
+  e.consent_id = consent_id;
+  e.consent_version = version;
+  e.request_id = ctx.request_id;
+  e.origin = ctx.origin;
+  return e;
+}
+
+std::optional<VersionInfo> LatestVersion(pqxx::work& txn, const std::string& consent_id) {
+  pqxx::result rows = txn.exec_prepared(sql::kLatestVersion, consent_id);
+  if (rows.empty()) return std::nullopt;
+  return VersionFromRow(rows[0], 0);
+}
+
+// Whose a consent is and what it is about.
+struct StoredConsent {
+  std::string tenant_id;
+  KeyRef key;
+};
+
+absl::StatusOr<std::optional<StoredConsent>> ReadConsent(pqxx::work& txn,
+                                                         const std::string& consent_id) {
+  pqxx::result rows = txn.exec_prepared(sql::kSelectConsentById, consent_id);
+  if (rows.empty()) return std::nullopt;
+  std::optional<Purpose> purpose = PurposeFromName(rows[0][2].c_str());
+  if (!purpose) return absl::DataLossError("stored consent has an unknown purpose");
+  StoredConsent c;
+  c.key.patient_id = rows[0][0].c_str();
+  c.tenant_id = rows[0][1].c_str();
+  c.key.purpose = static_cast<int>(*purpose);
+  c.key.actor = rows[0][3].c_str();
+  return c;
+}
+
+void InsertVersion(pqxx::work& txn, const std::string& consent_id, const VersionInfo& v) {
+  std::string until = v.valid_until ? std::to_string(absl::ToUnixMicros(*v.valid_until)) : "";
+  txn.exec_prepared0(sql::kInsertVersion, consent_id, v.version, std::string(StateName(v.state)),
+                     absl::ToUnixMicros(v.valid_from), v.valid_until ? until.c_str() : nullptr,
+                     v.evidence_ref, v.reason, v.recorded_by, absl::ToUnixMicros(v.recorded_at),
+                     v.request_id);
+}
+
+}  // namespace
+
+absl::StatusOr<Purpose> ValidatePurpose(int number, absl::string_view field) {
+  if (number == 0) return absl::InvalidArgumentError(absl::StrCat(field, ": required"));
+  std::optional<Purpose> purpose = PurposeFromNumber(number);
+  if (!purpose) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": unknown purpose ", number));
+  }
+  return *purpose;
+}
+
+absl::Status ValidateId(absl::string_view value, absl::string_view field, size_t max_bytes) {
+  if (value.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": required"));
+  if (value.size() > max_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": at most ", max_bytes, " bytes, got ", value.size()));
+  }
+  for (char c : value) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": only letters, digits, '.', '_' and '-' are allowed"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateText(absl::string_view value, absl::string_view field, size_t max_bytes) {
+  if (value.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": required"));
+  if (value.size() > max_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": at most ", max_bytes, " bytes, got ", value.size()));
+  }
+  for (char c : value) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": control characters are not allowed"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::pair<absl::Time, std::optional<absl::Time>>> ValidateGrantPeriod(
+    const Period& period, absl::Time now) {
+  const absl::Time start = TruncateToMicros(period.start_at.value_or(now));
+  if (!period.end_at) return std::make_pair(start, std::optional<absl::Time>());
+  const absl::Time end = TruncateToMicros(*period.end_at);
+  if (end <= now) return absl::InvalidArgumentError("period.end_at: must be in the future");
+  if (end <= start) {
+    return absl::InvalidArgumentError(
+        "period: end_at must be after start_at (the period is empty or inverted)");
+  }
+  return std::make_pair(start, std::optional<absl::Time>(end));
+}
+
+std::string NewConsentId(absl::string_view region_id) {
+  unsigned char bytes[kConsentIdRandomBytes];
+  RAND_bytes(bytes, sizeof(bytes));
+  return absl::StrCat(kConsentIdPrefix, region_id, "_",
+                      absl::BytesToHexString(
+                          absl::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes))));
+}
+
+std::optional<std::string> RegionOfConsentId(absl::string_view consent_id) {
+  constexpr size_t kRandomHex = 2 * kConsentIdRandomBytes;
+  if (!absl::ConsumePrefix(&consent_id, kConsentIdPrefix)) return std::nullopt;
+  if (consent_id.size() < kRandomHex + 2) return std::nullopt;
+  absl::string_view random = consent_id.substr(consent_id.size() - kRandomHex);
+  for (char c : random) {
+    if (!absl::ascii_isxdigit(static_cast<unsigned char>(c))) return std::nullopt;
+  }
+  consent_id.remove_suffix(kRandomHex);
+  if (!absl::ConsumeSuffix(&consent_id, "_") || consent_id.empty()) return std::nullopt;
+  return std::string(consent_id);
+}
+
+absl::Status ValidateRegionId(absl::string_view region_id) {
+  return ValidateId(region_id, "region id", kMaxRegionIdBytes);
+}
+
+std::string EncodePageToken(Purpose purpose, absl::string_view actor) {
+  return absl::WebSafeBase64Escape(absl::StrCat(static_cast<int>(purpose), "/", actor));
+}
+
+absl::StatusOr<std::pair<Purpose, std::string>> DecodePageToken(absl::string_view token) {
+  const absl::Status invalid =
+      absl::InvalidArgumentError("page_token: not a token from a previous response");
+  std::string raw;
+  if (token.size() > 2 * kMaxIdentityBytes || !absl::WebSafeBase64Unescape(token, &raw)) {
+    return invalid;
+  }
+  std::pair<absl::string_view, absl::string_view> parts =
+      absl::StrSplit(raw, absl::MaxSplits('/', 1));
+  int number = 0;
+  if (!absl::SimpleAtoi(parts.first, &number)) return invalid;
+  std::optional<Purpose> purpose = PurposeFromNumber(number);
+  if (!purpose) return invalid;
+  return std::make_pair(*purpose, std::string(parts.second));
+}
+
+ConsentCore::ConsentCore(RoutingClient& routing, const pg::ShardSet& shards, ConsentCache& cache,
+                         std::string trust_domain)
+    : routing_(routing), shards_(shards), cache_(cache), trust_domain_(std::move(trust_domain)) {}
+
+absl::StatusOr<PatientLocation> ConsentCore::ResolvePatient(const CallContext& ctx,
+                                                            const std::string& patient_id) {
+  absl::StatusOr<std::vector<PatientLocation>> found =
+      routing_.ResolvePatients(absl::MakeConstSpan(&patient_id, 1));
+  if (!found.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot resolve the patient's home region: ", found.status().message()));
+  }
+  if (found->size() != 1) return absl::InternalError("routing answered for another patient");
+  PatientLocation& patient = found->front();
+  if (!patient.found ||
+      (ctx.principal.IsTenantScoped() && patient.tenant_id != ctx.principal.tenant)) {
+    return absl::NotFoundError(kPatientNotFound);
+  }
+  return std::move(patient);
+}
+
+absl::StatusOr<pg::Pool*> ConsentCore::HomeShard(const PatientLocation& patient) {
+  absl::StatusOr<pg::Pool*> shard = shards_.Get(patient.region_id);
+  if (!shard.ok()) {
+    return absl::InternalError(absl::StrCat("the patient's home region ", patient.region_id,
+                                            " is not configured in this consent service"));
+  }
+  return shard;
+}
+
+absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
+                                               const GrantRequest& request) {
+  RETURN_IF_ERROR(ValidateId(request.patient_id, "patient_id", kMaxIdBytes));
+  ASSIGN_OR_RETURN(Purpose purpose, ValidatePurpose(request.purpose, "purpose"));
+  std::optional<Principal> actor;
+  if (!request.actor.empty()) {
+    ASSIGN_OR_RETURN(actor, ParseActor(request.actor, "actor", trust_domain_,
+                                       {PrincipalKind::kPractitioner, PrincipalKind::kApp},
+                                       "a practitioner or app"));
+  }
+  const absl::Time now = TruncateToMicros(absl::Now());
+  ASSIGN_OR_RETURN(auto period, ValidateGrantPeriod(request.period, now));
+  RETURN_IF_ERROR(ValidateText(request.evidence_ref, "evidence_ref", kMaxTextBytes));
+  ASSIGN_OR_RETURN(PatientLocation patient, ResolvePatient(ctx, request.patient_id));
+  if (actor && actor->tenant != patient.tenant_id) {
+    return absl::InvalidArgumentError(
+        "actor: must be a practitioner or app of the patient's tenant");
+  }
+  ASSIGN_OR_RETURN(pg::Pool * shard, HomeShard(patient));
+
+  VersionInfo version;
+  version.state = VersionState::kGranted;
+  version.valid_from = period.first;
+  version.valid_until = period.second;
+  version.evidence_ref = request.evidence_ref;
+  version.recorded_by = ctx.principal.spiffe_id;
+  version.recorded_at = now;
+  version.request_id = ctx.request_id;
+  const std::string purpose_name(PurposeName(purpose));
+  ASSIGN_OR_RETURN(
+      GrantResult result,
+      shard->TransactValue<GrantResult>([&](pqxx::work& txn) -> absl::StatusOr<GrantResult> {
+        txn.exec_prepared0(sql::kInsertConsent, NewConsentId(patient.region_id), patient.patient_id,
+                           patient.tenant_id, purpose_name, request.actor);
+        pqxx::result row = txn.exec_prepared(sql::kLockConsentByKey, patient.patient_id,
+                                             purpose_name, request.actor);
+        if (row.empty()) return absl::InternalError("consent vanished after insert");
+        GrantResult granted{row[0][0].c_str(), 1};
+        if (std::optional<VersionInfo> latest = LatestVersion(txn, granted.consent_id)) {
+          // A retry of this very grant (same request id and evidence) records nothing new.
+          if (latest->state == VersionState::kGranted && latest->request_id == ctx.request_id &&
+              latest->evidence_ref == request.evidence_ref) {
+            granted.version = latest->version;
+            return granted;
+          }
+          granted.version = latest->version + 1;
+        }
+        version.version = granted.version;
+        InsertVersion(txn, granted.consent_id, version);
+        RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx,
+                                                    granted.version == 1 ? audit::Action::kCreate
+                                                                         : audit::Action::kUpdate,
+                                                    patient, granted.consent_id, purpose,
+                                                    granted.version, "consent granted"))
+                            .status());
+        return granted;
+      }));
+  // Our own answers reflect the change at once; other instances hear of it from the shard.
+  cache_.Invalidate(patient.patient_id);
+  return result;
+}
+
+absl::StatusOr<std::pair<PatientLocation, KeyRef>> ConsentCore::LocateById(
+    const CallContext& ctx, const std::string& consent_id) {
+  const absl::Status not_found = absl::NotFoundError(kConsentNotFound);
+  std::optional<std::string> region = RegionOfConsentId(consent_id);
+  if (!region) return not_found;
+  absl::StatusOr<pg::Pool*> shard = shards_.Get(*region);
+  if (!shard.ok()) return not_found;
+  ASSIGN_OR_RETURN(std::optional<StoredConsent> row,
+                   (*shard)->TransactValue<std::optional<StoredConsent>>(
+                       [&](pqxx::work& txn) { return ReadConsent(txn, consent_id); }));
+  if (!row || (ctx.principal.IsTenantScoped() && row->tenant_id != ctx.principal.tenant)) {
+    return not_found;
+  }
+  absl::StatusOr<PatientLocation> patient = ResolvePatient(ctx, row->key.patient_id);
+  if (!patient.ok()) {
+    return patient.status().code() == absl::StatusCode::kNotFound ? not_found : patient.status();
+  }
+  // A patient moved since (or a directory that disagrees) makes this copy not the consent.
+  if (patient->region_id != *region || patient->tenant_id != row->tenant_id) return not_found;
+  return std::make_pair(*std::move(patient), std::move(row->key));
+}
+
+absl::StatusOr<RevokeResult> ConsentCore::Revoke(const CallContext& ctx,
+                                                 const RevokeRequest& request) {
+  if (request.consent_id.has_value() == request.key.has_value()) {
+    return absl::InvalidArgumentError("target: exactly one of consent_id or key is required");
+  }
+  PatientLocation patient;
+  KeyRef key;
+  Purpose purpose = Purpose::kCare;
+  if (request.key) {
+    key = *request.key;
+    RETURN_IF_ERROR(ValidateId(key.patient_id, "key.patient_id", kMaxIdBytes));
+    ASSIGN_OR_RETURN(purpose, ValidatePurpose(key.purpose, "key.purpose"));
+    if (key.actor.size() > kMaxIdentityBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("key.actor: at most ", kMaxIdentityBytes, " bytes"));
+    }
+    RETURN_IF_ERROR(ValidateText(request.reason, "reason", kMaxTextBytes));
+    ASSIGN_OR_RETURN(patient, ResolvePatient(ctx, key.patient_id));
+  } else {
+    RETURN_IF_ERROR(ValidateId(*request.consent_id, "consent_id", kMaxIdBytes));
+    RETURN_IF_ERROR(ValidateText(request.reason, "reason", kMaxTextBytes));
+    ASSIGN_OR_RETURN(std::tie(patient, key), LocateById(ctx, *request.consent_id));
+    purpose = *PurposeFromNumber(key.purpose);
+  }
+  ASSIGN_OR_RETURN(pg::Pool * shard, HomeShard(patient));
+  const absl::Time now = TruncateToMicros(absl::Now());
+  const std::string purpose_name(PurposeName(purpose));
+  ASSIGN_OR_RETURN(
+      RevokeResult result,
+      shard->TransactValue<RevokeResult>([&](pqxx::work& txn) -> absl::StatusOr<RevokeResult> {
+        pqxx::result row =
+            txn.exec_prepared(sql::kLockConsentByKey, patient.patient_id, purpose_name, key.actor);
+        if (row.empty()) return absl::NotFoundError(kConsentNotFound);
+        RevokeResult revoked{row[0][0].c_str(), 0, false};
+        if (request.consent_id && revoked.consent_id != *request.consent_id) {
+          return absl::NotFoundError(kConsentNotFound);
+        }
+        std::optional<VersionInfo> latest = LatestVersion(txn, revoked.consent_id);
+        if (!latest) return absl::DataLossError("consent has no version");
+        if (latest->state == VersionState::kRevoked) {
+          revoked.version = latest->version;
+          revoked.already_revoked = true;
+          return revoked;
+        }
+        // The period and evidence of what is revoked stay on the revoked version.
+        VersionInfo version = *latest;
+        version.version = latest->version + 1;
+        version.state = VersionState::kRevoked;
+        version.reason = request.reason;
+        version.recorded_by = ctx.principal.spiffe_id;
+        version.recorded_at = now;
+        version.request_id = ctx.request_id;
+        InsertVersion(txn, revoked.consent_id, version);
+        revoked.version = version.version;
+        RETURN_IF_ERROR(
+            audit::Append(txn, AuditFor(ctx, audit::Action::kUpdate, patient, revoked.consent_id,
+                                        purpose, version.version, "consent revoked"))
+                .status());
+        return revoked;
+      }));
+  cache_.Invalidate(patient.patient_id);
+  return result;
+}
+
+absl::StatusOr<ListResult> ConsentCore::List(const CallContext& ctx, const ListRequest& request) {
+  RETURN_IF_ERROR(ValidateId(request.patient_id, "patient_id", kMaxIdBytes));
+  std::optional<Purpose> filter;
+  if (request.purpose != 0) {
+    ASSIGN_OR_RETURN(filter, ValidatePurpose(request.purpose, "purpose"));
+  }
+  ASSIGN_OR_RETURN(const int page_size,
+                   PageSize(request.page_size, kDefaultPageSize, kMaxPageSize));
+  std::optional<std::pair<Purpose, std::string>> after;
+  if (!request.page_token.empty()) {
+    ASSIGN_OR_RETURN(after, DecodePageToken(request.page_token));
+  }
+  ASSIGN_OR_RETURN(PatientLocation patient, ResolvePatient(ctx, request.patient_id));
+  ASSIGN_OR_RETURN(pg::Pool * shard, HomeShard(patient));
+  const absl::Time now = absl::Now();
+  return shard->TransactValue<ListResult>([&](pqxx::work& txn) -> absl::StatusOr<ListResult> {
+    std::vector<ConsentInfo> all;
+    for (const pqxx::row& row :
+         txn.exec_prepared(sql::kListConsents, patient.patient_id,
+                           filter ? std::string(PurposeName(*filter)) : std::string())) {
+      ConsentInfo c;
+      c.consent_id = row[0].c_str();
+      c.patient_id = patient.patient_id;
+      std::optional<Purpose> purpose = PurposeFromName(row[1].c_str());
+      if (!purpose) return absl::DataLossError("stored consent has an unknown purpose");
+      c.purpose = *purpose;
+      c.actor = row[2].c_str();
+      c.current = VersionFromRow(row, 3);
+      c.status = StatusAt(RecordOf(c), now);
+      all.push_back(std::move(c));
+    }
+    auto order = [](const ConsentInfo& c) {
+      return std::make_pair(static_cast<int>(c.purpose), c.actor);
+    };
+    std::sort(all.begin(), all.end(),
+              [&](const ConsentInfo& a, const ConsentInfo& b) { return order(a) < order(b); });
+    ListResult result;
+    for (ConsentInfo& c : all) {
+      if (after && order(c) <= std::make_pair(static_cast<int>(after->first), after->second)) {
+        continue;
+      }
+      if (result.consents.size() == static_cast<size_t>(page_size)) {
+        const ConsentInfo& last = result.consents.back();
+        result.next_page_token = EncodePageToken(last.purpose, last.actor);
+        break;
+      }
+      result.consents.push_back(std::move(c));
+    }
+    if (request.include_history && !result.consents.empty()) {
+      std::map<std::string, ConsentInfo*> by_id;
+      std::vector<std::string> ids;
+      for (ConsentInfo& c : result.consents) {
+        by_id[c.consent_id] = &c;
+        ids.push_back(c.consent_id);
+      }
+      for (const pqxx::row& row :
+           txn.exec_prepared(sql::kListVersions, pg::TextArrayLiteral(ids))) {
+        auto it = by_id.find(row[0].c_str());
+        if (it != by_id.end()) it->second->history.push_back(VersionFromRow(row, 1));
+      }
+    }
+    return result;
+  });
+}
+
+absl::StatusOr<AccessDecision> ConsentCore::CheckAccess(const CallContext& ctx,
+                                                        const CheckRequest& request) {
+  RETURN_IF_ERROR(ValidateId(request.patient_id, "patient_id", kMaxIdBytes));
+  ASSIGN_OR_RETURN(Purpose purpose, ValidatePurpose(request.purpose, "purpose"));
+  if (request.actor.empty()) return absl::InvalidArgumentError("actor: required");
+  RETURN_IF_ERROR(
+      ParseActor(request.actor, "actor", trust_domain_,
+                 {PrincipalKind::kPractitioner, PrincipalKind::kApp, PrincipalKind::kDevice},
+                 "a practitioner, app or device")
+          .status());
+  ASSIGN_OR_RETURN(PatientLocation patient, ResolvePatient(ctx, request.patient_id));
+  return cache_.Check(patient.region_id, patient.patient_id, purpose, request.actor, absl::Now());
+}
+
+}  // namespace medgate::consent

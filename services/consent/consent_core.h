@@ -1,0 +1,169 @@
+// The consent logic over plain values: validation, tenant scoping through routing, append-only
+// versions with their audit entries in the patient's home shard, and decisions from the cache.
+#ifndef MEDGATE_SERVICES_CONSENT_CONSENT_CORE_H_
+#define MEDGATE_SERVICES_CONSENT_CONSENT_CORE_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "libs/consent_client/consent_cache.h"
+#include "libs/consent_client/consent_decision.h"
+#include "libs/identity/principal.h"
+#include "libs/pg/shard_set.h"
+#include "libs/routing_client/routing_client.h"
+
+namespace medgate::consent {
+
+// Who asks, for the audit entry.
+struct CallContext {
+  Principal principal;
+  std::string request_id;
+  std::string origin;
+};
+
+inline constexpr size_t kMaxIdBytes = 64;         // patient and consent ids (API convention)
+inline constexpr size_t kMaxIdentityBytes = 512;  // SPIFFE ids (API convention)
+inline constexpr size_t kMaxTextBytes = 512;      // evidence_ref, reason
+inline constexpr int kDefaultPageSize = 100;
+inline constexpr int kMaxPageSize = 1000;
+// Region ids are embedded in consent ids ("cn_<region>_<24 hex>", at most kMaxIdBytes).
+inline constexpr size_t kMaxRegionIdBytes = kMaxIdBytes - 28;
+
+// A validity period as given: unset start means from recording, unset end means until revoked.
+struct Period {
+  std::optional<absl::Time> start_at;
+  std::optional<absl::Time> end_at;
+};
+
+struct GrantRequest {
+  std::string patient_id;
+  int purpose = 0;  // proto number, validated by the core
+  std::string actor;
+  Period period;
+  std::string evidence_ref;
+};
+
+struct GrantResult {
+  std::string consent_id;
+  int64_t version = 0;
+};
+
+struct KeyRef {
+  std::string patient_id;
+  int purpose = 0;
+  std::string actor;
+};
+
+struct RevokeRequest {
+  // Exactly one of the two.
+  std::optional<std::string> consent_id;
+  std::optional<KeyRef> key;
+  std::string reason;
+};
+
+struct RevokeResult {
+  std::string consent_id;
+  int64_t version = 0;
+  bool already_revoked = false;
+};
+
+enum class VersionState { kGranted, kRevoked };
+
+struct VersionInfo {
+  int64_t version = 0;
+  VersionState state = VersionState::kGranted;
+  absl::Time valid_from;
+  std::optional<absl::Time> valid_until;
+  std::string evidence_ref;
+  std::string reason;
+  std::string recorded_by;
+  absl::Time recorded_at;
+  std::string request_id;
+};
+
+struct ConsentInfo {
+  std::string consent_id;
+  std::string patient_id;
+  Purpose purpose = Purpose::kCare;
+  std::string actor;
+  ConsentStatus status = ConsentStatus::kGranted;  // in effect when listed
+  VersionInfo current;
+  std::vector<VersionInfo> history;  // oldest first, when asked for
+};
+
+struct ListRequest {
+  std::string patient_id;
+  int purpose = 0;  // 0: every purpose
+  bool include_history = false;
+  int page_size = 0;
+  std::string page_token;
+};
+
+struct ListResult {
+  std::vector<ConsentInfo> consents;  // by purpose, then actor
+  std::string next_page_token;
+};
+
+struct CheckRequest {
+  std::string patient_id;
+  int purpose = 0;
+  std::string actor;
+};
+
+class ConsentCore {
+ public:
+  // `shards` must have been created with sql::Statements().
+  ConsentCore(RoutingClient& routing, const pg::ShardSet& shards, ConsentCache& cache,
+              std::string trust_domain);
+
+  absl::StatusOr<GrantResult> Grant(const CallContext& ctx, const GrantRequest& request);
+  absl::StatusOr<RevokeResult> Revoke(const CallContext& ctx, const RevokeRequest& request);
+  absl::StatusOr<ListResult> List(const CallContext& ctx, const ListRequest& request);
+  absl::StatusOr<AccessDecision> CheckAccess(const CallContext& ctx, const CheckRequest& request);
+
+ private:
+  // The patient's location; NOT_FOUND (one message for unknown and other tenants' patients)
+  // unless the caller is ops or a service, or of the patient's tenant.
+  absl::StatusOr<PatientLocation> ResolvePatient(const CallContext& ctx,
+                                                 const std::string& patient_id);
+  absl::StatusOr<pg::Pool*> HomeShard(const PatientLocation& patient);
+  // The patient and key of a consent found by its (validated) id, with the same NOT_FOUND for
+  // unknown ids and other tenants' consents.
+  absl::StatusOr<std::pair<PatientLocation, KeyRef>> LocateById(const CallContext& ctx,
+                                                                const std::string& consent_id);
+
+  RoutingClient& routing_;
+  const pg::ShardSet& shards_;
+  ConsentCache& cache_;
+  const std::string trust_domain_;
+};
+
+// Pure helpers, exposed for tests. Every error is INVALID_ARGUMENT naming the field.
+absl::StatusOr<Purpose> ValidatePurpose(int number, absl::string_view field);
+// 1..max bytes of [A-Za-z0-9._-].
+absl::Status ValidateId(absl::string_view value, absl::string_view field, size_t max_bytes);
+// 1..max bytes without control characters.
+absl::Status ValidateText(absl::string_view value, absl::string_view field, size_t max_bytes);
+// The period a grant at `now` records: [start or now, end), microsecond precision; the end, if
+// any, after the start and in the future.
+absl::StatusOr<std::pair<absl::Time, std::optional<absl::Time>>> ValidateGrantPeriod(
+    const Period& period, absl::Time now);
+
+// Consent ids carry the home region, so one found by id is read from one shard only.
+std::string NewConsentId(absl::string_view region_id);
+std::optional<std::string> RegionOfConsentId(absl::string_view consent_id);
+// Region ids that can be embedded in consent ids.
+absl::Status ValidateRegionId(absl::string_view region_id);
+
+std::string EncodePageToken(Purpose purpose, absl::string_view actor);
+absl::StatusOr<std::pair<Purpose, std::string>> DecodePageToken(absl::string_view token);
+
+}  // namespace medgate::consent
+
+#endif  // MEDGATE_SERVICES_CONSENT_CONSENT_CORE_H_

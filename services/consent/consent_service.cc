@@ -1,0 +1,190 @@
+// The Consent gRPC adapter.
+#include "services/consent/consent_service.h"
+
+#include "absl/strings/str_cat.h"
+#include "libs/common/grpc_status.h"
+#include "libs/common/status_macros.h"
+#include "libs/server/rpc_util.h"
+
+namespace medgate::consent {
+namespace {
+
+using K = PrincipalKind;
+
+constexpr size_t kMaxRequestIdBytes = 64;
+// The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+constexpr int64_t kMinTimestampSeconds = -62135596800;
+constexpr int64_t kMaxTimestampSeconds = 253402300799;
+
+absl::StatusOr<absl::Time> FromProto(const google::protobuf::Timestamp& ts,
+                                     absl::string_view field) {
+  if (ts.seconds() < kMinTimestampSeconds || ts.seconds() > kMaxTimestampSeconds ||
+      ts.nanos() < 0 || ts.nanos() > 999999999) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": not a valid timestamp"));
+  }
+  return FromProtoTimestamp(ts);
+}
+
+v1::AccessReason ToProto(AccessReason reason) {
+  switch (reason) {
+    case AccessReason::kPermitted: return v1::ACCESS_REASON_PERMITTED;
+    case AccessReason::kNoConsent: return v1::ACCESS_REASON_NO_CONSENT;
+    case AccessReason::kRevoked: return v1::ACCESS_REASON_REVOKED;
+    case AccessReason::kExpired: return v1::ACCESS_REASON_EXPIRED;
+    case AccessReason::kActorNotCovered: return v1::ACCESS_REASON_ACTOR_NOT_COVERED;
+    case AccessReason::kNotYetValid: return v1::ACCESS_REASON_NOT_YET_VALID;
+  }
+  return v1::ACCESS_REASON_UNSPECIFIED;
+}
+
+v1::ConsentState ToProto(ConsentStatus status) {
+  switch (status) {
+    case ConsentStatus::kGranted:
+    case ConsentStatus::kNotYetValid:  // granted; its period tells when it starts
+      return v1::CONSENT_STATE_GRANTED;
+    case ConsentStatus::kRevoked: return v1::CONSENT_STATE_REVOKED;
+    case ConsentStatus::kExpired: return v1::CONSENT_STATE_EXPIRED;
+  }
+  return v1::CONSENT_STATE_UNSPECIFIED;
+}
+
+void ToProto(const VersionInfo& v, v1::ConsentVersion* out) {
+  out->set_version(v.version);
+  out->set_state(v.state == VersionState::kRevoked ? v1::CONSENT_STATE_REVOKED
+                                                   : v1::CONSENT_STATE_GRANTED);
+  *out->mutable_period()->mutable_start_at() = ToProtoTimestamp(v.valid_from);
+  if (v.valid_until) *out->mutable_period()->mutable_end_at() = ToProtoTimestamp(*v.valid_until);
+  out->set_evidence_ref(v.evidence_ref);
+  out->set_reason(v.reason);
+  out->set_recorded_by(v.recorded_by);
+  *out->mutable_recorded_at() = ToProtoTimestamp(v.recorded_at);
+  out->set_request_id(v.request_id);
+}
+
+void ToProto(const ConsentInfo& c, v1::PatientConsent* out) {
+  out->set_consent_id(c.consent_id);
+  out->set_patient_id(c.patient_id);
+  out->set_purpose(static_cast<v1::Purpose>(static_cast<int>(c.purpose)));
+  out->set_actor(c.actor);
+  out->set_state(ToProto(c.status));
+  ToProto(c.current, out->mutable_current());
+  for (const VersionInfo& v : c.history) ToProto(v, out->add_history());
+}
+
+}  // namespace
+
+ConsentService::ConsentService(ConsentCore& core, std::string trust_domain)
+    : core_(core),
+      policy_(std::move(trust_domain),
+              {{"GrantConsent", {K::kApp, K::kPractitioner, K::kOps}},
+               {"RevokeConsent", {K::kApp, K::kPractitioner, K::kOps}},
+               {"ListConsents", {K::kApp, K::kPractitioner, K::kOps}},
+               {"CheckAccess", {K::kService, K::kApp, K::kPractitioner}}}) {}
+
+absl::StatusOr<CallContext> ConsentService::Begin(grpc::ServerContext* context,
+                                                  absl::string_view method,
+                                                  const std::string& request_id) {
+  ASSIGN_OR_RETURN(Principal principal, policy_.Authorize(*context, method));
+  if (request_id.size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request_id: at most ", kMaxRequestIdBytes, " bytes"));
+  }
+  for (char c : request_id) {
+    if (c < 0x20 || c > 0x7e) {
+      return absl::InvalidArgumentError("request_id: printable ASCII only");
+    }
+  }
+  CallContext ctx;
+  ctx.principal = std::move(principal);
+  ctx.request_id = request_id.empty() ? NewRequestId() : request_id;
+  ctx.origin = context->peer();
+  return ctx;
+}
+
+grpc::Status ConsentService::GrantConsent(grpc::ServerContext* context,
+                                          const v1::GrantConsentRequest* request,
+                                          v1::GrantConsentResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "GrantConsent", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  GrantRequest grant;
+  grant.patient_id = request->patient_id();
+  grant.purpose = request->purpose();
+  grant.actor = request->actor();
+  if (request->period().has_start_at()) {
+    absl::StatusOr<absl::Time> start = FromProto(request->period().start_at(), "period.start_at");
+    if (!start.ok()) return ToGrpcStatus(start.status());
+    grant.period.start_at = *start;
+  }
+  if (request->period().has_end_at()) {
+    absl::StatusOr<absl::Time> end = FromProto(request->period().end_at(), "period.end_at");
+    if (!end.ok()) return ToGrpcStatus(end.status());
+    grant.period.end_at = *end;
+  }
+  grant.evidence_ref = request->evidence_ref();
+  absl::StatusOr<GrantResult> result = core_.Grant(*ctx, grant);
+  if (!result.ok()) return ToGrpcStatus(result.status());
+  response->set_consent_id(result->consent_id);
+  response->set_version(result->version);
+  return grpc::Status::OK;
+}
+
+grpc::Status ConsentService::RevokeConsent(grpc::ServerContext* context,
+                                           const v1::RevokeConsentRequest* request,
+                                           v1::RevokeConsentResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "RevokeConsent", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  RevokeRequest revoke;
+  switch (request->target_case()) {
+    case v1::RevokeConsentRequest::kConsentId: revoke.consent_id = request->consent_id(); break;
+    case v1::RevokeConsentRequest::kKey:
+      revoke.key =
+          KeyRef{request->key().patient_id(), request->key().purpose(), request->key().actor()};
+      break;
+    case v1::RevokeConsentRequest::TARGET_NOT_SET: break;
+  }
+  revoke.reason = request->reason();
+  absl::StatusOr<RevokeResult> result = core_.Revoke(*ctx, revoke);
+  if (!result.ok()) return ToGrpcStatus(result.status());
+  response->set_consent_id(result->consent_id);
+  response->set_version(result->version);
+  response->set_already_revoked(result->already_revoked);
+  return grpc::Status::OK;
+}
+
+grpc::Status ConsentService::ListConsents(grpc::ServerContext* context,
+                                          const v1::ListConsentsRequest* request,
+                                          v1::ListConsentsResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "ListConsents", "");
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  ListRequest list;
+  list.patient_id = request->patient_id();
+  list.purpose = request->purpose();
+  list.include_history = request->include_history();
+  list.page_size = request->page_size();
+  list.page_token = request->page_token();
+  absl::StatusOr<ListResult> result = core_.List(*ctx, list);
+  if (!result.ok()) return ToGrpcStatus(result.status());
+  for (const ConsentInfo& c : result->consents) ToProto(c, response->add_consents());
+  response->set_next_page_token(result->next_page_token);
+  return grpc::Status::OK;
+}
+
+grpc::Status ConsentService::CheckAccess(grpc::ServerContext* context,
+                                         const v1::CheckAccessRequest* request,
+                                         v1::CheckAccessResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "CheckAccess", "");
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  absl::StatusOr<AccessDecision> decision =
+      core_.CheckAccess(*ctx, {request->patient_id(), request->purpose(), request->actor()});
+  if (!decision.ok()) return ToGrpcStatus(decision.status());
+  response->set_decision(decision->permit ? v1::DECISION_PERMIT : v1::DECISION_DENY);
+  response->set_reason(ToProto(decision->reason));
+  response->set_consent_id(decision->consent_id);
+  response->set_consent_version(decision->consent_version);
+  if (decision->valid_until != absl::InfiniteFuture()) {
+    *response->mutable_valid_until() = ToProtoTimestamp(decision->valid_until);
+  }
+  return grpc::Status::OK;
+}
+
+}  // namespace medgate::consent

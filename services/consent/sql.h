@@ -1,0 +1,64 @@
+// Every statement the consent service runs against the regional shards.
+#ifndef MEDGATE_SERVICES_CONSENT_SQL_H_
+#define MEDGATE_SERVICES_CONSENT_SQL_H_
+
+#include <vector>
+
+#include "libs/pg/pool.h"
+
+namespace medgate::consent::sql {
+
+inline constexpr char kInsertConsent[] = "insert_consent";
+inline constexpr char kLockConsentByKey[] = "lock_consent_by_key";
+inline constexpr char kSelectConsentById[] = "select_consent_by_id";
+inline constexpr char kLatestVersion[] = "latest_consent_version";
+inline constexpr char kInsertVersion[] = "insert_consent_version";
+inline constexpr char kListConsents[] = "list_consents";
+inline constexpr char kListVersions[] = "list_consent_versions";
+
+// Times travel as microseconds since the Unix epoch (int8), in both directions, so nothing
+// depends on text formats or time zones.
+inline const std::vector<pg::Statement>& Statements() {
+  static const std::vector<pg::Statement> statements = {
+      {kInsertConsent,
+       "INSERT INTO consents (consent_id, patient_id, tenant_id, purpose, actor) "
+       "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (patient_id, purpose, actor) DO NOTHING"},
+      // Serializes the writers of one consent, so versions are numbered without gaps or races.
+      {kLockConsentByKey,
+       "SELECT consent_id, tenant_id FROM consents "
+       "WHERE patient_id = $1 AND purpose = $2 AND actor = $3 FOR UPDATE"},
+      {kSelectConsentById,
+       "SELECT patient_id, tenant_id, purpose, actor FROM consents WHERE consent_id = $1"},
+      {kLatestVersion,
+       "SELECT version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "
+       "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "
+       "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id "
+       "FROM consent_versions WHERE consent_id = $1 ORDER BY version DESC LIMIT 1"},
+      {kInsertVersion,
+       "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
+       "evidence_ref, reason, recorded_by, recorded_at, request_id) VALUES ($1, $2, $3, "
+       "timestamptz 'epoch' + $4::int8 * interval '1 microsecond', "
+       "timestamptz 'epoch' + $5::int8 * interval '1 microsecond', $6, $7, $8, "
+       "timestamptz 'epoch' + $9::int8 * interval '1 microsecond', $10)"},
+      // A patient's consents with their latest version; $2 = '' for every purpose.
+      {kListConsents,
+       "SELECT c.consent_id, c.purpose, c.actor, v.version, v.state, "
+       "(extract(epoch FROM v.valid_from) * 1000000)::int8, "
+       "(extract(epoch FROM v.valid_until) * 1000000)::int8, v.evidence_ref, v.reason, "
+       "v.recorded_by, (extract(epoch FROM v.recorded_at) * 1000000)::int8, v.request_id "
+       "FROM consents c CROSS JOIN LATERAL ("
+       "  SELECT * FROM consent_versions cv WHERE cv.consent_id = c.consent_id "
+       "  ORDER BY version DESC LIMIT 1) v "
+       "WHERE c.patient_id = $1 AND ($2 = '' OR c.purpose = $2)"},
+      {kListVersions,
+       "SELECT consent_id, version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "
+       "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "
+       "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id "
+       "FROM consent_versions WHERE consent_id = ANY($1::text[]) ORDER BY consent_id, version"},
+  };
+  return statements;
+}
+
+}  // namespace medgate::consent::sql
+
+#endif  // MEDGATE_SERVICES_CONSENT_SQL_H_

@@ -1,0 +1,262 @@
+// medgate-devsim: simulates N connected devices of a tenant streaming vitals at a rate for a
+// duration, through the device SDK, with a live progress line and a final summary.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "libs/common/config.h"
+#include "libs/devpki/devpki.h"
+#include "libs/device_sdk/device_client.h"
+#include "libs/identity/credentials.h"
+#include "medgate/v1/consent.grpc.pb.h"
+#include "medgate/v1/routing.grpc.pb.h"
+
+namespace medgate::devsim {
+namespace {
+
+constexpr char kUsage[] = R"(usage: medgate-devsim --config FILE [--tenant demo] [--devices 20] [--rate 5]
+                     [--duration 10] [--batch 10] [--state DIR]
+  Simulates --devices devices of --tenant, each sending --rate heart-rate samples per second in
+  batches of --batch, for --duration seconds. On first use it issues device certificates from the
+  dev CA next to the configured CA, places one patient per device, assigns the device and records
+  REMOTE_MONITORING consent (as the tenant's app). Buffers live under --state (default
+  <config dir>/devsim). Prints a progress line every second and a summary at the end.
+)";
+
+struct Args {
+  std::string config;
+  std::string tenant = "demo";
+  int devices = 20;
+  double rate = 5;
+  int duration = 10;
+  int batch = 10;
+  std::string state;
+};
+
+google::protobuf::Timestamp Now() {
+  absl::Time t = absl::Now();
+  google::protobuf::Timestamp ts;
+  ts.set_seconds(absl::ToUnixSeconds(t));
+  ts.set_nanos(static_cast<int32_t>(absl::ToInt64Nanoseconds(t - absl::FromUnixSeconds(ts.seconds()))));
+  return ts;
+}
+
+template <typename Stub>
+std::unique_ptr<Stub> Connect(const std::string& address, const TlsConfig& tls) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(address, tls);
+  if (!channel.ok()) return nullptr;
+  return std::make_unique<Stub>(*channel);
+}
+
+// Places the device's patient, assigns the device, records consent (all idempotent).
+bool Enroll(const MedgateConfig& config, const TlsConfig& app, const std::string& device) {
+  auto routing = Connect<v1::TenantRouting::Stub>((*config.Service("routing"))->address, app);
+  v1::PlacePatientRequest place;
+  place.set_patient_ref(absl::StrCat("sim-patient-", device));
+  place.set_territory("FR");
+  v1::PlacePatientResponse placed;
+  grpc::ClientContext c1;
+  grpc::Status s = routing->PlacePatient(&c1, place, &placed);
+  if (!s.ok()) {
+    std::fprintf(stderr, "place patient for %s: %s\n", device.c_str(), s.error_message().c_str());
+    return false;
+  }
+  v1::AssignDeviceRequest assign;
+  assign.set_device_id(device);
+  assign.set_patient_ref(place.patient_ref());
+  v1::AssignDeviceResponse assigned;
+  grpc::ClientContext c2;
+  s = routing->AssignDevice(&c2, assign, &assigned);
+  if (!s.ok()) {
+    std::fprintf(stderr, "assign %s: %s\n", device.c_str(), s.error_message().c_str());
+    return false;
+  }
+  auto consent_endpoint = config.Service("consent");
+  if (!consent_endpoint.ok()) return true;  // no consent service configured
+  auto consent = Connect<v1::Consent::Stub>((*consent_endpoint)->address, app);
+  v1::GrantConsentRequest grant;
+  grant.set_patient_id(placed.patient_id());
+  grant.set_purpose(v1::PURPOSE_REMOTE_MONITORING);
+  grant.set_evidence_ref("devsim");
+  v1::GrantConsentResponse granted;
+  grpc::ClientContext c3;
+  s = consent->GrantConsent(&c3, grant, &granted);
+  if (!s.ok()) {
+    std::fprintf(stderr, "consent for %s: %s\n", device.c_str(), s.error_message().c_str());
+    return false;
+  }
+  return true;
+}
+
+int Run(const Args& args) {
+  MedgateConfig config = LoadConfigOrExit(args.config);
+  const std::string pki = std::filesystem::path(config.ca_path).parent_path().string();
+  const std::string state = args.state.empty()
+      ? (std::filesystem::path(args.config).parent_path() / "devsim").string() : args.state;
+  std::filesystem::create_directories(state + "/certs");
+  absl::StatusOr<devpki::Credential> ca = devpki::Credential::ReadFiles(pki + "/ca.crt", pki + "/ca.key");
+  if (!ca.ok()) {
+    std::fprintf(stderr, "the dev CA is needed to issue device certificates: %s\n",
+                 std::string(ca.status().message()).c_str());
+    return 2;
+  }
+  TlsConfig app{pki + "/app.crt", pki + "/app.key", config.ca_path, 60};
+  auto ingest = config.Service("ingest");
+  if (!ingest.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(ingest.status().message()).c_str());
+    return 2;
+  }
+
+  std::vector<std::unique_ptr<device::DeviceClient>> devices;
+  std::mutex latency_mu;
+  std::vector<double> latencies_ms;
+  std::atomic<uint64_t> retryable{0};
+  for (int i = 0; i < args.devices; ++i) {
+    const std::string id = absl::StrCat("sim-", i);
+    const std::string cert = absl::StrCat(state, "/certs/", id, ".crt");
+    const std::string key = absl::StrCat(state, "/certs/", id, ".key");
+    if (!std::filesystem::exists(cert)) {
+      devpki::LeafOptions leaf;
+      leaf.common_name = id;
+      leaf.uri_sans = {absl::StrCat("spiffe://", config.trust_domain, "/tenant/", args.tenant, "/device/", id)};
+      absl::StatusOr<devpki::Credential> issued = devpki::IssueLeaf(*ca, leaf);
+      if (!issued.ok() || !issued->WriteFiles(cert, key).ok()) {
+        std::fprintf(stderr, "cannot issue a certificate for %s\n", id.c_str());
+        return 1;
+      }
+      if (!Enroll(config, app, id)) return 1;
+    }
+    device::DeviceOptions options;
+    options.address = (*ingest)->address;
+    options.tls = TlsConfig{cert, key, config.ca_path, 60};
+    options.buffer_path = absl::StrCat(state, "/", id, ".buffer");
+    absl::StatusOr<std::unique_ptr<device::DeviceClient>> client = device::DeviceClient::Open(options);
+    if (!client.ok()) {
+      std::fprintf(stderr, "%s: %s\n", id.c_str(), std::string(client.status().message()).c_str());
+      return 1;
+    }
+    (*client)->OnAck([&](const v1::IngestAck& ack, absl::Duration latency) {
+      if (ack.has_retryable_error()) {
+        retryable.fetch_add(1);
+        return;
+      }
+      std::lock_guard<std::mutex> lock(latency_mu);
+      latencies_ms.push_back(absl::ToDoubleMilliseconds(latency));
+    });
+    (*client)->Start();
+    devices.push_back(*std::move(client));
+  }
+
+  // Each device produces samples at the rate, sealed into batches of args.batch.
+  const absl::Duration batch_every = absl::Seconds(args.batch / std::max(args.rate, 0.001));
+  const absl::Time start = absl::Now();
+  const absl::Time end = start + absl::Seconds(args.duration);
+  std::mt19937 rng(42);
+  std::normal_distribution<double> heart(72, 8);
+  uint64_t produced = 0;
+  absl::Time next_batch = start;
+  absl::Time next_print = start + absl::Seconds(1);
+  while (absl::Now() < end) {
+    absl::Time now = absl::Now();
+    if (now >= next_batch) {
+      for (auto& d : devices) {
+        std::vector<v1::VitalSample> samples;
+        for (int k = 0; k < args.batch; ++k) {
+          v1::VitalSample s;
+          s.set_loinc_code("8867-4");
+          s.set_ucum_unit("/min");
+          s.set_value(std::clamp(std::round(heart(rng)), 40.0, 180.0));
+          *s.mutable_measured_at() = Now();
+          samples.push_back(std::move(s));
+        }
+        if (d->Send(std::move(samples)).ok()) produced += static_cast<uint64_t>(args.batch);
+      }
+      next_batch += batch_every;
+    }
+    if (now >= next_print) {
+      uint64_t stored = 0;
+      size_t pending = 0;
+      for (auto& d : devices) {
+        stored += d->stats().samples_stored + d->stats().samples_duplicate;
+        pending += d->pending();
+      }
+      std::fprintf(stderr, "\r[%3.0fs] devices %d  produced %llu  acked %llu  unacked batches %zu  retries %llu   ",
+                   absl::ToDoubleSeconds(now - start), args.devices,
+                   static_cast<unsigned long long>(produced), static_cast<unsigned long long>(stored),
+                   pending, static_cast<unsigned long long>(retryable.load()));
+      next_print += absl::Seconds(1);
+    }
+    absl::SleepFor(std::min(next_batch, next_print) - absl::Now());
+  }
+  std::fprintf(stderr, "\n");
+  bool drained = true;
+  for (auto& d : devices) drained = d->WaitUntilAcked(absl::Seconds(30)).ok() && drained;
+  device::DeviceStats total;
+  for (auto& d : devices) {
+    d->Stop();
+    device::DeviceStats s = d->stats();
+    total.batches_sent += s.batches_sent;
+    total.batches_acked += s.batches_acked;
+    total.samples_stored += s.samples_stored;
+    total.samples_duplicate += s.samples_duplicate;
+    total.samples_rejected += s.samples_rejected;
+    total.retries += s.retries;
+  }
+  std::sort(latencies_ms.begin(), latencies_ms.end());
+  auto pct = [&](double p) {
+    if (latencies_ms.empty()) return 0.0;
+    return latencies_ms[std::min(latencies_ms.size() - 1, static_cast<size_t>(p * latencies_ms.size()))];
+  };
+  std::printf("devsim summary: devices=%d duration=%ds samples_produced=%llu batches_sent=%llu "
+              "batches_acked=%llu stored=%llu duplicates=%llu rejected=%llu retries=%llu "
+              "ack_latency_p50=%.2fms ack_latency_p99=%.2fms all_acked=%s\n",
+              args.devices, args.duration, static_cast<unsigned long long>(produced),
+              static_cast<unsigned long long>(total.batches_sent),
+              static_cast<unsigned long long>(total.batches_acked),
+              static_cast<unsigned long long>(total.samples_stored),
+              static_cast<unsigned long long>(total.samples_duplicate),
+              static_cast<unsigned long long>(total.samples_rejected),
+              static_cast<unsigned long long>(total.retries), pct(0.5), pct(0.99),
+              drained ? "yes" : "no");
+  return drained ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace medgate::devsim
+
+int main(int argc, char** argv) {
+  medgate::devsim::Args args;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string flag = argv[i];
+    std::string value = argv[i + 1];
+    if (flag == "--config") args.config = value;
+    else if (flag == "--tenant") args.tenant = value;
+    else if (flag == "--devices") args.devices = std::stoi(value);
+    else if (flag == "--rate") args.rate = std::stod(value);
+    else if (flag == "--duration") args.duration = std::stoi(value);
+    else if (flag == "--batch") args.batch = std::stoi(value);
+    else if (flag == "--state") args.state = value;
+    else {
+      std::fputs(medgate::devsim::kUsage, stderr);
+      return 2;
+    }
+  }
+  if (args.config.empty() || args.devices < 1 || args.devices > 5000 || args.batch < 1 ||
+      args.batch > 1000 || args.duration < 1 || args.rate <= 0) {
+    std::fputs(medgate::devsim::kUsage, stderr);
+    return 2;
+  }
+  return medgate::devsim::Run(args);
+}

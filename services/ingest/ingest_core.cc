@@ -1,0 +1,150 @@
+// The ingest logic for one batch.
+#include "services/ingest/ingest_core.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
+namespace medgate::ingest {
+
+absl::Duration TenantQuota::TryTake(const std::string& tenant, double n, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  auto [it, inserted] = buckets_.try_emplace(tenant, Bucket{burst_, now});
+  Bucket& b = it->second;
+  b.tokens = std::min(burst_, b.tokens + absl::ToDoubleSeconds(now - b.at) * rate_);
+  b.at = now;
+  if (b.tokens >= n) {
+    b.tokens -= n;
+    return absl::ZeroDuration();
+  }
+  return absl::Seconds((n - b.tokens) / rate_);
+}
+
+IngestCore::IngestCore(RoutingClient& routing, consent::ConsentCache& consent,
+                       std::map<std::string, VitalsWriter*> writers, IngestOptions options)
+    : routing_(routing),
+      consent_(consent),
+      writers_(std::move(writers)),
+      options_(options),
+      quota_(options.tenant_samples_per_second, options.tenant_burst) {}
+
+absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
+                                 std::vector<Sample> samples,
+                                 std::shared_ptr<std::atomic<bool>> poisoned,
+                                 std::function<void(BatchResult)> done) {
+  if (samples.empty() || samples.size() > kMaxSamplesPerBatch) {
+    return absl::InvalidArgumentError(absl::StrCat("batch ", batch_seq, " has ", samples.size(),
+                                                   " samples; a batch has 1 to ",
+                                                   kMaxSamplesPerBatch));
+  }
+  BatchResult result;
+  result.batch_seq = batch_seq;
+  auto retry = [&](absl::Status status, absl::Duration after) {
+    result.retryable = std::move(status);
+    result.retry_after = after;
+    done(std::move(result));
+    return absl::OkStatus();
+  };
+
+  // Where the device's patient lives (cached, batched lookups in the routing client).
+  absl::StatusOr<std::vector<DeviceLocation>> located =
+      routing_.ResolveDevices({DeviceRef{device.tenant, device.name}});
+  if (!located.ok()) return retry(absl::UnavailableError("routing unavailable; resend"), absl::Seconds(1));
+  const DeviceLocation& where = (*located)[0];
+  if (!where.found) {
+    return absl::FailedPreconditionError(
+        "this device is not assigned to a patient; its tenant must assign it first");
+  }
+  auto writer = writers_.find(where.region_id);
+  if (writer == writers_.end()) {
+    return retry(absl::UnavailableError(absl::StrCat("region ", where.region_id,
+                                                     " is not served by this ingest instance")),
+                 absl::Seconds(5));
+  }
+
+  const absl::Time now = absl::Now();
+  absl::StatusOr<consent::AccessDecision> monitoring =
+      consent_.Check(where.region_id, where.patient_id, consent::Purpose::kRemoteMonitoring,
+                     device.spiffe_id, now);
+  if (!monitoring.ok()) return retry(absl::UnavailableError("consent unavailable; resend"), absl::Seconds(1));
+  bool has_location = std::any_of(samples.begin(), samples.end(),
+                                  [](const Sample& s) { return s.location.has_value(); });
+  bool geolocation = false;
+  if (monitoring->permit && has_location) {
+    absl::StatusOr<consent::AccessDecision> geo =
+        consent_.Check(where.region_id, where.patient_id, consent::Purpose::kGeolocation,
+                       device.spiffe_id, now);
+    if (!geo.ok()) return retry(absl::UnavailableError("consent unavailable; resend"), absl::Seconds(1));
+    geolocation = geo->permit;
+  }
+
+  std::vector<VitalRow> rows;
+  rows.reserve(samples.size());
+  uint64_t previous_seq = 0;
+  for (uint32_t i = 0; i < samples.size(); ++i) {
+    Sample& s = samples[i];
+    Verdict verdict = ValidateSample(s, previous_seq, now, options_.validation);
+    if (verdict.reject == Reject::kNone && !monitoring->permit) {
+      verdict = {Reject::kNoConsent,
+                 absl::StrCat("no REMOTE_MONITORING consent for this patient (",
+                              consent::AccessReasonName(monitoring->reason), ")")};
+    }
+    if (s.seq > previous_seq) previous_seq = s.seq;
+    if (verdict.reject != Reject::kNone) {
+      result.rejections.push_back({i, s.seq, verdict.reject, std::move(verdict.detail)});
+      continue;
+    }
+    VitalRow row;
+    row.seq = s.seq;
+    row.loinc = std::move(s.loinc);
+    row.value = s.value;
+    row.ucum = std::move(s.ucum);
+    row.measured_at = *s.measured_at;
+    if (s.location && geolocation) {
+      row.location = s.location;
+    } else if (s.location) {
+      ++result.locations_dropped;  // dropped before storage: no GEOLOCATION consent
+    }
+    rows.push_back(std::move(row));
+  }
+  if (rows.empty()) {
+    done(std::move(result));
+    return absl::OkStatus();
+  }
+  absl::Duration wait = quota_.TryTake(device.tenant, static_cast<double>(rows.size()), now);
+  if (wait > absl::ZeroDuration()) {
+    return retry(absl::ResourceExhaustedError("tenant sample quota exceeded; resend later"), wait);
+  }
+
+  WriteRequest request;
+  request.tenant_id = device.tenant;
+  request.device_id = device.name;
+  request.patient_id = where.patient_id;
+  request.rows = std::move(rows);
+  request.poisoned = std::move(poisoned);
+  auto shared = std::make_shared<BatchResult>(std::move(result));
+  auto finish = std::make_shared<std::function<void(BatchResult)>>(std::move(done));
+  request.done = [shared, finish](const WriteOutcome& outcome) {
+    BatchResult r = std::move(*shared);
+    if (!outcome.status.ok()) {
+      r.retryable = outcome.status;
+      r.retry_after = absl::Seconds(1);
+    } else {
+      r.stored = outcome.stored;
+      r.duplicates = outcome.duplicates;
+      r.highest_committed_seq = outcome.highest_committed_seq;
+    }
+    (*finish)(std::move(r));
+  };
+  if (!writer->second->Enqueue(std::move(request), options_.enqueue_wait)) {
+    BatchResult busy = std::move(*shared);
+    busy.retryable = absl::ResourceExhaustedError(
+        absl::StrCat("region ", where.region_id, " write queue is full; resend later"));
+    busy.retry_after = absl::Seconds(1);
+    (*finish)(std::move(busy));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace medgate::ingest

@@ -1,0 +1,93 @@
+// The ingest logic for one batch, in plain values: resolve the device, check consent, validate,
+// apply the tenant's quota, and hand the rows to the home region's writer.
+#ifndef MEDGATE_SERVICES_INGEST_INGEST_CORE_H_
+#define MEDGATE_SERVICES_INGEST_INGEST_CORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "libs/consent_client/consent_cache.h"
+#include "libs/identity/principal.h"
+#include "libs/routing_client/routing_client.h"
+#include "services/ingest/vitals_catalogue.h"
+#include "services/ingest/vitals_writer.h"
+
+namespace medgate::ingest {
+
+inline constexpr size_t kMaxSamplesPerBatch = 1000;
+
+struct Rejection {
+  uint32_t index = 0;
+  uint64_t seq = 0;
+  Reject reason = Reject::kNone;
+  std::string detail;
+};
+
+// The outcome of one batch, which becomes its IngestAck.
+struct BatchResult {
+  uint64_t batch_seq = 0;
+  absl::Status retryable;  // not OK: nothing stored, resend the whole batch
+  absl::Duration retry_after;
+  uint32_t stored = 0;
+  uint32_t duplicates = 0;
+  std::vector<Rejection> rejections;
+  uint32_t locations_dropped = 0;
+  uint64_t highest_committed_seq = 0;
+};
+
+struct IngestOptions {
+  ValidationPolicy validation;
+  double tenant_samples_per_second = 50000;  // per-tenant quota
+  double tenant_burst = 100000;
+  absl::Duration enqueue_wait = absl::Seconds(10);  // backpressure bound before RESOURCE_EXHAUSTED
+};
+
+// A per-tenant token bucket (samples per second).
+class TenantQuota {
+ public:
+  TenantQuota(double rate, double burst) : rate_(rate), burst_(burst) {}
+  // Takes `n` tokens if available; otherwise returns how long until they would be.
+  absl::Duration TryTake(const std::string& tenant, double n, absl::Time now);
+
+ private:
+  struct Bucket {
+    double tokens;
+    absl::Time at;
+  };
+  const double rate_;
+  const double burst_;
+  absl::Mutex mu_;
+  std::map<std::string, Bucket> buckets_ ABSL_GUARDED_BY(mu_);
+};
+
+class IngestCore {
+ public:
+  IngestCore(RoutingClient& routing, consent::ConsentCache& consent,
+             std::map<std::string, VitalsWriter*> writers, IngestOptions options);
+
+  // Processes one batch of `device`: `done` is called exactly once with its result, possibly on
+  // another thread, after the rows are committed (or immediately when nothing is to be written).
+  // A permanent problem with the stream itself (device not assigned, batch too large) is returned
+  // as an error status and `done` is not called.
+  absl::Status Process(const Principal& device, uint64_t batch_seq, std::vector<Sample> samples,
+                       std::shared_ptr<std::atomic<bool>> poisoned,
+                       std::function<void(BatchResult)> done);
+
+ private:
+  RoutingClient& routing_;
+  consent::ConsentCache& consent_;
+  const std::map<std::string, VitalsWriter*> writers_;
+  const IngestOptions options_;
+  TenantQuota quota_;
+};
+
+}  // namespace medgate::ingest
+
+#endif  // MEDGATE_SERVICES_INGEST_INGEST_CORE_H_

@@ -1,0 +1,82 @@
+// Wiring of the ingest service.
+#include "services/ingest/ingest_server.h"
+
+#include "absl/strings/str_cat.h"
+#include "libs/common/status_macros.h"
+#include "libs/identity/credentials.h"
+#include "services/ingest/sql.h"
+
+namespace medgate::ingest {
+
+absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) {
+  IngestSettings s;
+  if (!config.root.Has("ingest")) return s;
+  ASSIGN_OR_RETURN(ConfigNode node, config.root.Child("ingest"));
+  RETURN_IF_ERROR(node.OnlyKeys({"tenant_samples_per_second", "tenant_burst", "max_sample_age_hours",
+                                 "max_queued_batches", "max_rows_per_transaction", "linger_ms",
+                                 "worker_threads"}));
+  ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
+  ASSIGN_OR_RETURN(int64_t burst, node.Int("tenant_burst", 1, 100000000, 100000));
+  ASSIGN_OR_RETURN(int64_t age, node.Int("max_sample_age_hours", 1, 24 * 365, 24 * 30));
+  ASSIGN_OR_RETURN(int64_t queued, node.Int("max_queued_batches", 1, 1000000, 4096));
+  ASSIGN_OR_RETURN(int64_t rows, node.Int("max_rows_per_transaction", 1, 1000000, 20000));
+  ASSIGN_OR_RETURN(int64_t linger, node.Int("linger_ms", 0, 1000, 2));
+  ASSIGN_OR_RETURN(int64_t workers, node.Int("worker_threads", 1, 256, 8));
+  s.core.tenant_samples_per_second = static_cast<double>(rate);
+  s.core.tenant_burst = static_cast<double>(burst);
+  s.core.validation.max_age = absl::Hours(age);
+  s.writer.max_queued_requests = static_cast<size_t>(queued);
+  s.writer.max_rows_per_transaction = static_cast<size_t>(rows);
+  s.writer.linger = absl::Milliseconds(linger);
+  s.worker_threads = static_cast<int>(workers);
+  return s;
+}
+
+absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const MedgateConfig& config) {
+  if (config.regions.empty()) return absl::InvalidArgumentError("config key 'regions': missing");
+  RETURN_IF_ERROR(config.Service("ingest").status());
+  RETURN_IF_ERROR(config.Service("routing").status());
+  ASSIGN_OR_RETURN(IngestSettings settings, ParseIngestSettings(config));
+  std::unique_ptr<IngestServer> server(new IngestServer(config, std::move(settings)));
+  const ServiceEndpoint* self = *config.Service("ingest");
+  const ServiceEndpoint* routing = *config.Service("routing");
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel, MakeChannel(routing->address, self->tls));
+  server->routing_ = NewRoutingClient(std::move(channel));
+  server->consent_ = consent::NewConsentCache(config.regions);
+  std::map<std::string, VitalsWriter*> writers;
+  for (const std::string& region : server->shards_->RegionIds()) {
+    auto writer = std::make_unique<VitalsWriter>(region, config.FindRegion(region)->db,
+                                                 server->settings_.writer);
+    writers[region] = writer.get();
+    server->writers_[region] = std::move(writer);
+  }
+  server->core_ = std::make_unique<IngestCore>(*server->routing_, *server->consent_,
+                                               std::move(writers), server->settings_.core);
+  // Each stream has at most one batch with the executor, so the bound is the stream limit.
+  server->executor_ = std::make_unique<StreamExecutor>(
+      server->settings_.worker_threads, static_cast<size_t>(config.limits.max_concurrent_streams) * 4);
+  server->service_ = std::make_unique<IngestService>(*server->core_, *server->routing_,
+                                                     *server->consent_, *server->shards_,
+                                                     config.trust_domain, *server->executor_);
+  return server;
+}
+
+IngestServer::IngestServer(const MedgateConfig& config, IngestSettings settings)
+    : config_(config), settings_(std::move(settings)) {
+  shards_ = std::make_unique<pg::ShardSet>(config.regions, sql::Statements());
+  server_ = std::make_unique<ServiceServer>(config, "ingest");
+}
+
+IngestServer::~IngestServer() {
+  // Stop accepting streams first, then the writers (which answer what they still hold).
+  server_->Shutdown();
+  writers_.clear();
+}
+
+absl::Status IngestServer::Start() {
+  server_->AddService(service_.get());
+  server_->SetHealthProbe([this] { return shards_->PingAll(); }, absl::Seconds(2));
+  return server_->Start();
+}
+
+}  // namespace medgate::ingest

@@ -1,0 +1,57 @@
+// Wiring of the ingest service from the configuration; main.cc and the tests start it this way.
+#ifndef MEDGATE_SERVICES_INGEST_INGEST_SERVER_H_
+#define MEDGATE_SERVICES_INGEST_INGEST_SERVER_H_
+
+#include <map>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "libs/common/config.h"
+#include "libs/consent_client/consent_cache.h"
+#include "libs/pg/shard_set.h"
+#include "libs/routing_client/routing_client.h"
+#include "libs/server/service_server.h"
+#include "services/ingest/ingest_core.h"
+#include "services/ingest/ingest_service.h"
+#include "services/ingest/stream_executor.h"
+#include "services/ingest/vitals_writer.h"
+
+namespace medgate::ingest {
+
+struct IngestSettings {
+  IngestOptions core;
+  WriterOptions writer;
+  int worker_threads = 8;
+};
+
+absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config);
+
+class IngestServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<IngestServer>> Create(const MedgateConfig& config);
+  ~IngestServer();
+
+  absl::Status Start();
+  void Shutdown() { server_->Shutdown(); }
+  void RunUntilSignal() { server_->RunUntilSignal(); }
+  int port() const { return server_->port(); }
+  RoutingClient& routing() { return *routing_; }
+
+ private:
+  IngestServer(const MedgateConfig& config, IngestSettings settings);
+
+  const MedgateConfig& config_;
+  IngestSettings settings_;
+  std::unique_ptr<pg::ShardSet> shards_;
+  std::unique_ptr<RoutingClient> routing_;
+  std::unique_ptr<consent::ConsentCache> consent_;
+  std::map<std::string, std::unique_ptr<VitalsWriter>> writers_;
+  std::unique_ptr<IngestCore> core_;
+  std::unique_ptr<StreamExecutor> executor_;
+  std::unique_ptr<IngestService> service_;
+  std::unique_ptr<ServiceServer> server_;
+};
+
+}  // namespace medgate::ingest
+
+#endif  // MEDGATE_SERVICES_INGEST_INGEST_SERVER_H_

@@ -1,0 +1,402 @@
+// The DeviceIngest gRPC adapter.
+#include "services/ingest/ingest_service.h"
+
+#include <deque>
+#include <mutex>
+#include <optional>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "libs/audit/audit_log.h"
+#include "libs/common/grpc_status.h"
+#include "libs/common/log.h"
+#include "libs/pg/sql_array.h"
+#include "libs/server/rpc_util.h"
+#include "services/ingest/sql.h"
+
+namespace medgate::ingest {
+namespace {
+
+using K = PrincipalKind;
+
+// Acks a stream may owe before it stops reading (per-stream bound on in-flight batches).
+constexpr size_t kMaxInFlightBatches = 16;
+constexpr int kReadChunk = 500;
+constexpr int kDefaultReadPage = 1000;
+constexpr int kMaxReadPage = 10000;
+
+v1::RejectReason ToProto(Reject r) {
+  switch (r) {
+    case Reject::kUnknownCode: return v1::REJECT_REASON_UNKNOWN_CODE;
+    case Reject::kWrongUnit: return v1::REJECT_REASON_WRONG_UNIT;
+    case Reject::kOutOfRange: return v1::REJECT_REASON_OUT_OF_RANGE;
+    case Reject::kNotFinite: return v1::REJECT_REASON_NOT_FINITE;
+    case Reject::kTimeInFuture: return v1::REJECT_REASON_TIME_IN_FUTURE;
+    case Reject::kTimeTooOld: return v1::REJECT_REASON_TIME_TOO_OLD;
+    case Reject::kNoConsent: return v1::REJECT_REASON_NO_CONSENT;
+    case Reject::kInvalidSeq: return v1::REJECT_REASON_INVALID_SEQ;
+    case Reject::kMissingTime: return v1::REJECT_REASON_MISSING_TIME;
+    case Reject::kInvalidLocation: return v1::REJECT_REASON_INVALID_LOCATION;
+    case Reject::kNone: break;
+  }
+  return v1::REJECT_REASON_UNSPECIFIED;
+}
+
+google::protobuf::Timestamp TimestampFromMicros(int64_t us) {
+  google::protobuf::Timestamp ts;
+  ts.set_seconds(us / 1000000);
+  ts.set_nanos(static_cast<int32_t>((us % 1000000) * 1000));
+  return ts;
+}
+
+v1::IngestAck ToAck(const BatchResult& r) {
+  v1::IngestAck ack;
+  ack.set_batch_seq(r.batch_seq);
+  if (!r.retryable.ok()) {
+    ack.mutable_retryable_error()->set_code(static_cast<int32_t>(r.retryable.code()));
+    ack.mutable_retryable_error()->set_message(std::string(r.retryable.message()));
+    int64_t ms = absl::ToInt64Milliseconds(r.retry_after);
+    ack.mutable_retry_after()->set_seconds(ms / 1000);
+    ack.mutable_retry_after()->set_nanos(static_cast<int32_t>((ms % 1000) * 1000000));
+    return ack;
+  }
+  ack.set_stored_count(r.stored);
+  ack.set_duplicate_count(r.duplicates);
+  ack.set_rejected_count(static_cast<uint32_t>(r.rejections.size()));
+  for (const Rejection& rej : r.rejections) {
+    v1::SampleRejection* out = ack.add_rejections();
+    out->set_sample_index(rej.index);
+    out->set_seq(rej.seq);
+    out->set_reason(ToProto(rej.reason));
+    out->set_detail(rej.detail);
+  }
+  ack.set_locations_dropped_count(r.locations_dropped);
+  ack.set_highest_committed_seq(r.highest_committed_seq);
+  return ack;
+}
+
+std::vector<Sample> ToSamples(const v1::VitalsBatch& batch) {
+  std::vector<Sample> samples;
+  samples.reserve(static_cast<size_t>(batch.samples_size()));
+  for (const v1::VitalSample& in : batch.samples()) {
+    Sample s;
+    s.seq = in.seq();
+    s.loinc = in.loinc_code();
+    s.value = in.value();
+    s.ucum = in.ucum_unit();
+    if (in.has_measured_at()) s.measured_at = FromProtoTimestamp(in.measured_at());
+    if (in.has_location()) {
+      s.location = Location{in.location().latitude(), in.location().longitude(),
+                            in.location().accuracy_m()};
+    }
+    samples.push_back(std::move(s));
+  }
+  return samples;
+}
+
+class VitalsStream;
+
+// What outlives the reactor: callbacks from the writer reach the reactor only while it lives.
+struct StreamShared {
+  std::mutex mu;
+  VitalsStream* reactor = nullptr;
+};
+
+class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck> {
+ public:
+  VitalsStream(IngestCore& core, StreamExecutor& executor, absl::StatusOr<Principal> principal)
+      : core_(core), executor_(executor), shared_(std::make_shared<StreamShared>()) {
+    if (!principal.ok()) {
+      Finish(ToGrpcStatus(principal.status()));
+      return;
+    }
+    principal_ = *std::move(principal);
+    shared_->reactor = this;
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    read_outstanding_ = true;
+    StartRead(&incoming_);
+  }
+
+  void OnReadDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    read_outstanding_ = false;
+    if (!ok) {
+      reads_done_ = true;
+      MaybeFinishLocked();
+      return;
+    }
+    const uint64_t slot = first_slot_ + pending_.size();
+    pending_.emplace_back(std::nullopt);
+    processing_ = true;
+    auto batch = std::make_shared<v1::VitalsBatch>(std::move(incoming_));
+    incoming_.Clear();
+    std::shared_ptr<StreamShared> shared = shared_;
+    bool posted = executor_.Post([this, shared, batch, slot] { ProcessBatch(shared, *batch, slot); });
+    if (!posted) {
+      BatchResult busy;
+      busy.batch_seq = batch->batch_seq();
+      busy.retryable = absl::ResourceExhaustedError("ingest is saturated; resend later");
+      busy.retry_after = absl::Seconds(1);
+      processing_ = false;
+      CompleteLocked(slot, ToAck(busy));
+      ContinueLocked();
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    write_in_flight_ = false;
+    if (!ok) {
+      broken_ = true;  // the client is gone: acks can no longer be delivered
+      pending_.clear();
+    }
+    FlushLocked();
+    ContinueLocked();
+    MaybeFinishLocked();
+  }
+
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      shared_->reactor = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  // Runs on an executor thread: may block on routing or on a full writer queue.
+  void ProcessBatch(const std::shared_ptr<StreamShared>& shared, const v1::VitalsBatch& batch,
+                    uint64_t slot) {
+    {
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (shared->reactor == nullptr) return;
+    }
+    absl::Status status = core_.Process(
+        principal_, batch.batch_seq(), ToSamples(batch), poisoned_,
+        [shared, slot](BatchResult result) {
+          std::lock_guard<std::mutex> lock(shared->mu);
+          if (shared->reactor != nullptr) shared->reactor->CompleteLocked(slot, ToAck(result));
+        });
+    std::lock_guard<std::mutex> lock(shared->mu);
+    if (shared->reactor == nullptr) return;
+    processing_ = false;
+    if (!status.ok()) {
+      // A problem with the stream itself: earlier batches still get their acks, then it ends.
+      fail_ = ToGrpcStatus(status);
+      pending_.erase(pending_.begin() + static_cast<long>(slot - first_slot_), pending_.end());
+    }
+    ContinueLocked();
+    MaybeFinishLocked();
+  }
+
+  void CompleteLocked(uint64_t slot, v1::IngestAck ack) {
+    if (broken_ || slot < first_slot_ || slot - first_slot_ >= pending_.size()) return;
+    pending_[slot - first_slot_] = std::move(ack);
+    if (poisoned_->load() && !fail_) {
+      // A write of this stream failed: later batches would be refused anyway. Owed acks go out,
+      // then the stream ends so the device reconnects and resends what was not acknowledged.
+      fail_ = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                           "the patient's region could not store a batch; reconnect and resend "
+                           "unacknowledged batches");
+    }
+    FlushLocked();
+    ContinueLocked();
+    MaybeFinishLocked();
+  }
+
+  // Acks go out in batch order, one write at a time.
+  void FlushLocked() {
+    if (write_in_flight_ || broken_ || pending_.empty() || !pending_.front().has_value()) return;
+    outgoing_ = std::move(*pending_.front());
+    pending_.pop_front();
+    ++first_slot_;
+    write_in_flight_ = true;
+    StartWrite(&outgoing_);
+  }
+
+  // Reads the next batch unless the stream owes too many acks (backpressure) or is ending.
+  void ContinueLocked() {
+    if (read_outstanding_ || processing_ || reads_done_ || fail_ || broken_ || finished_) return;
+    if (pending_.size() >= kMaxInFlightBatches) return;
+    read_outstanding_ = true;
+    StartRead(&incoming_);
+  }
+
+  void MaybeFinishLocked() {
+    if (finished_ || processing_ || write_in_flight_ || read_outstanding_) return;
+    if (!(reads_done_ || fail_ || broken_)) return;
+    if (!pending_.empty() && !broken_) return;
+    finished_ = true;
+    Finish(fail_.value_or(grpc::Status::OK));
+  }
+
+  IngestCore& core_;
+  StreamExecutor& executor_;
+  std::shared_ptr<StreamShared> shared_;
+  Principal principal_;
+  std::shared_ptr<std::atomic<bool>> poisoned_ = std::make_shared<std::atomic<bool>>(false);
+  v1::VitalsBatch incoming_;
+  v1::IngestAck outgoing_;
+  // Guarded by shared_->mu.
+  std::deque<std::optional<v1::IngestAck>> pending_;
+  uint64_t first_slot_ = 0;
+  bool read_outstanding_ = false;
+  bool processing_ = false;
+  bool write_in_flight_ = false;
+  bool reads_done_ = false;
+  bool broken_ = false;
+  bool finished_ = false;
+  std::optional<grpc::Status> fail_;
+};
+
+}  // namespace
+
+IngestService::IngestService(IngestCore& core, RoutingClient& routing,
+                             consent::ConsentCache& consent, const pg::ShardSet& shards,
+                             std::string trust_domain, StreamExecutor& executor)
+    : core_(core),
+      routing_(routing),
+      consent_(consent),
+      shards_(shards),
+      policy_(std::move(trust_domain),
+              {{"StreamVitals", {K::kDevice}}, {"ReadVitals", {K::kPractitioner}}}),
+      executor_(executor) {}
+
+grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* IngestService::StreamVitals(
+    grpc::CallbackServerContext* context) {
+  return new VitalsStream(core_, executor_, policy_.Authorize(*context, "StreamVitals"));
+}
+
+grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
+                                       const v1::ReadVitalsRequest* request,
+                                       grpc::ServerWriter<v1::ReadVitalsResponse>* writer) {
+  absl::StatusOr<Principal> principal = policy_.Authorize(*context, "ReadVitals");
+  if (!principal.ok()) return ToGrpcStatus(principal.status());
+  consent::Purpose purpose;
+  switch (request->purpose()) {
+    case v1::PURPOSE_CARE: purpose = consent::Purpose::kCare; break;
+    case v1::PURPOSE_REMOTE_MONITORING: purpose = consent::Purpose::kRemoteMonitoring; break;
+    case v1::PURPOSE_RESEARCH: purpose = consent::Purpose::kResearch; break;
+    default:
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "purpose: CARE, REMOTE_MONITORING or RESEARCH is required");
+  }
+  if (request->patient_id().empty() || request->patient_id().size() > 128) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "patient_id: 1 to 128 bytes");
+  }
+  if (request->loinc_codes_size() > 32) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "loinc_codes: at most 32");
+  }
+  absl::StatusOr<int> page_size = PageSize(request->page_size(), kDefaultReadPage, kMaxReadPage);
+  if (!page_size.ok()) return ToGrpcStatus(page_size.status());
+  const int page = *page_size;
+  int64_t from_us = request->time_range().has_start_at()
+                        ? absl::ToUnixMicros(FromProtoTimestamp(request->time_range().start_at()))
+                        : 0;
+  int64_t to_us = request->time_range().has_end_at()
+                      ? absl::ToUnixMicros(FromProtoTimestamp(request->time_range().end_at()))
+                      : absl::ToUnixMicros(absl::Now() + absl::Hours(1));
+  if (to_us <= from_us) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "time_range: end_at must be after start_at");
+  }
+  // Keyset position: "measured_us|seq|device_id" of the last reading of the previous page.
+  int64_t after_us = from_us - 1;
+  int64_t after_seq = 0;
+  std::string after_device;
+  if (!request->page_token().empty()) {
+    std::vector<std::string> parts = absl::StrSplit(request->page_token(), absl::MaxSplits('|', 2));
+    if (parts.size() != 3 || !absl::SimpleAtoi(parts[0], &after_us) ||
+        !absl::SimpleAtoi(parts[1], &after_seq)) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "page_token: not a token we issued");
+    }
+    after_device = parts[2];
+  }
+
+  absl::StatusOr<std::vector<PatientLocation>> located = routing_.ResolvePatients({request->patient_id()});
+  if (!located.ok()) return ToGrpcStatus(located.status());
+  const PatientLocation& where = (*located)[0];
+  if (!where.found || where.tenant_id != principal->tenant) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, "patient not found");
+  }
+  absl::StatusOr<consent::AccessDecision> decision =
+      consent_.Check(where.region_id, where.patient_id, purpose, principal->spiffe_id, absl::Now());
+  if (!decision.ok()) return ToGrpcStatus(decision.status());
+  absl::StatusOr<pg::Pool*> pool = shards_.Get(where.region_id);
+  if (!pool.ok()) return ToGrpcStatus(pool.status());
+
+  audit::Entry entry;
+  entry.actor = principal->spiffe_id;
+  entry.tenant = principal->tenant;
+  entry.object_type = "vitals";
+  entry.object_id = where.patient_id;
+  entry.patient_id = where.patient_id;
+  entry.purpose = std::string(consent::PurposeName(purpose));
+  entry.consent_id = decision->consent_id;
+  entry.consent_version = decision->consent_version;
+  entry.origin = context->peer();
+  entry.request_id = absl::StrCat("read-vitals:", request->page_token());
+  if (!decision->permit) {
+    // A refused read is audited too.
+    entry.action = audit::Action::kRead;
+    entry.decision = audit::Decision::kDeny;
+    entry.reason = std::string(consent::AccessReasonName(decision->reason));
+    (void)(*pool)->Transact([&](pqxx::work& txn) { return audit::Append(txn, entry).status(); });
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        absl::StrCat("no ", consent::PurposeName(purpose), " consent for this patient (",
+                                     consent::AccessReasonName(decision->reason), ")"));
+  }
+
+  std::vector<v1::VitalReading> readings;
+  std::vector<std::string> codes(request->loinc_codes().begin(), request->loinc_codes().end());
+  absl::Status status = (*pool)->Transact([&](pqxx::work& txn) -> absl::Status {
+    readings.clear();
+    for (const pqxx::row& row :
+         txn.exec_prepared(sql::kReadVitals, where.patient_id, pg::TextArrayLiteral(codes), from_us,
+                           to_us, after_us, after_device, after_seq, page + 1)) {
+      v1::VitalReading r;
+      r.set_device_id(row[0].c_str());
+      v1::VitalSample* s = r.mutable_sample();
+      s->set_seq(row[1].as<uint64_t>());
+      s->set_loinc_code(row[2].c_str());
+      s->set_value(row[3].as<double>());
+      s->set_ucum_unit(row[4].c_str());
+      *s->mutable_measured_at() = TimestampFromMicros(row[5].as<int64_t>());
+      *r.mutable_received_at() = TimestampFromMicros(row[6].as<int64_t>());
+      if (!row[7].is_null()) {
+        s->mutable_location()->set_latitude(row[7].as<double>());
+        s->mutable_location()->set_longitude(row[8].as<double>());
+        s->mutable_location()->set_accuracy_m(row[9].as<double>());
+      }
+      readings.push_back(std::move(r));
+    }
+    entry.action = audit::Action::kRead;
+    entry.decision = audit::Decision::kPermit;
+    entry.reason = absl::StrCat("readings=", std::min<size_t>(readings.size(), page));
+    return audit::Append(txn, entry).status();
+  });
+  if (!status.ok()) return ToGrpcStatus(status);
+  std::string next_token;
+  if (readings.size() > static_cast<size_t>(page)) {
+    readings.resize(page);
+    const v1::VitalReading& last = readings.back();
+    next_token = absl::StrCat(
+        absl::ToUnixMicros(FromProtoTimestamp(last.sample().measured_at())), "|", last.sample().seq(), "|",
+        last.device_id());
+  }
+  v1::ReadVitalsResponse response;
+  for (size_t i = 0; i < readings.size(); ++i) {
+    *response.add_readings() = std::move(readings[i]);
+    if (response.readings_size() == kReadChunk) {
+      if (!writer->Write(response)) return grpc::Status(grpc::StatusCode::CANCELLED, "client gone");
+      response.Clear();
+    }
+  }
+  response.set_next_page_token(next_token);
+  writer->Write(response);
+  return grpc::Status::OK;
+}
+
+}  // namespace medgate::ingest

@@ -1,0 +1,38 @@
+// The DeviceIngest gRPC adapter: StreamVitals as a callback (reactor) stream, ReadVitals.
+#ifndef MEDGATE_SERVICES_INGEST_INGEST_SERVICE_H_
+#define MEDGATE_SERVICES_INGEST_INGEST_SERVICE_H_
+
+#include <memory>
+
+#include "libs/identity/authz.h"
+#include "libs/pg/shard_set.h"
+#include "medgate/v1/ingest.grpc.pb.h"
+#include "services/ingest/ingest_core.h"
+#include "services/ingest/stream_executor.h"
+
+namespace medgate::ingest {
+
+class IngestService final
+    : public v1::DeviceIngest::WithCallbackMethod_StreamVitals<v1::DeviceIngest::Service> {
+ public:
+  IngestService(IngestCore& core, RoutingClient& routing, consent::ConsentCache& consent,
+                const pg::ShardSet& shards, std::string trust_domain, StreamExecutor& executor);
+
+  grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* StreamVitals(
+      grpc::CallbackServerContext* context) override;
+
+  grpc::Status ReadVitals(grpc::ServerContext* context, const v1::ReadVitalsRequest* request,
+                          grpc::ServerWriter<v1::ReadVitalsResponse>* writer) override;
+
+ private:
+  IngestCore& core_;
+  RoutingClient& routing_;
+  consent::ConsentCache& consent_;
+  const pg::ShardSet& shards_;
+  const RpcPolicy policy_;
+  StreamExecutor& executor_;
+};
+
+}  // namespace medgate::ingest
+
+#endif  // MEDGATE_SERVICES_INGEST_INGEST_SERVICE_H_

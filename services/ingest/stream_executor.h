@@ -1,0 +1,65 @@
+// A fixed pool of threads for the work of streams that may block (routing look-ups, a full
+// writer queue), so reactors themselves never block. Its queue is bounded.
+#ifndef MEDGATE_SERVICES_INGEST_STREAM_EXECUTOR_H_
+#define MEDGATE_SERVICES_INGEST_STREAM_EXECUTOR_H_
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace medgate::ingest {
+
+class StreamExecutor {
+ public:
+  StreamExecutor(int threads, size_t max_queue) : max_queue_(max_queue) {
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
+  }
+  ~StreamExecutor() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  // False when the queue is full (the caller answers RESOURCE_EXHAUSTED).
+  bool Post(std::function<void()> task) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_ || queue_.size() >= max_queue_) return false;
+      queue_.push_back(std::move(task));
+    }
+    cv_.notify_one();
+    return true;
+  }
+
+ private:
+  void Loop() {
+    while (true) {
+      std::function<void()> task;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        task = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      task();
+    }
+  }
+
+  const size_t max_queue_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace medgate::ingest
+
+#endif  // MEDGATE_SERVICES_INGEST_STREAM_EXECUTOR_H_

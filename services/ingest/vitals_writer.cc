@@ -1,0 +1,324 @@
+// The per-region COPY writer.
+#include "services/ingest/vitals_writer.h"
+
+#include <libpq-fe.h>
+
+#include <cstring>
+#include <map>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "libs/common/log.h"
+#include "libs/pg/pg_status.h"
+#include "libs/pg/sql_array.h"
+#include "services/ingest/sql.h"
+
+namespace medgate::ingest {
+namespace {
+
+using DeviceKey = std::pair<std::string, std::string>;
+
+// PostgreSQL's binary COPY format: big-endian fields, timestamps in microseconds since 2000-01-01.
+constexpr int64_t kPgEpochMicros = 946684800LL * 1000000;
+constexpr char kCopyVitals[] =
+    "COPY vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, measured_at, "
+    "latitude, longitude, accuracy_m) FROM STDIN (FORMAT binary)";
+
+void PutU16(std::string& b, uint16_t v) {
+  b.push_back(static_cast<char>(v >> 8));
+  b.push_back(static_cast<char>(v));
+}
+void PutU32(std::string& b, uint32_t v) {
+  for (int s = 24; s >= 0; s -= 8) b.push_back(static_cast<char>(v >> s));
+}
+void PutU64(std::string& b, uint64_t v) {
+  for (int s = 56; s >= 0; s -= 8) b.push_back(static_cast<char>(v >> s));
+}
+void PutText(std::string& b, const std::string& s) {
+  PutU32(b, static_cast<uint32_t>(s.size()));
+  b.append(s);
+}
+void PutInt64(std::string& b, int64_t v) {
+  PutU32(b, 8);
+  PutU64(b, static_cast<uint64_t>(v));
+}
+void PutDouble(std::string& b, double d) {
+  uint64_t v;
+  std::memcpy(&v, &d, sizeof(v));
+  PutU32(b, 8);
+  PutU64(b, v);
+}
+void PutNull(std::string& b) { PutU32(b, 0xffffffffu); }
+
+// Maps a failed libpq result (or a broken connection) to a Status.
+absl::Status ResultStatus(PGconn* conn, PGresult* result) {
+  if (PQstatus(conn) == CONNECTION_BAD) {
+    return absl::UnavailableError(absl::StrCat("database unreachable: ", PQerrorMessage(conn)));
+  }
+  const char* state = result != nullptr ? PQresultErrorField(result, PG_DIAG_SQLSTATE) : nullptr;
+  const char* message = result != nullptr ? PQresultErrorMessage(result) : PQerrorMessage(conn);
+  return pg::StatusFromSqlState(state != nullptr ? state : "XX000", message);
+}
+
+// Runs a statement with text parameters; OK when its result has the expected status.
+absl::StatusOr<PGresult*> Exec(PGconn* conn, const char* sql, std::vector<std::string> params,
+                               ExecStatusType expected) {
+  std::vector<const char*> values;
+  for (const std::string& p : params) values.push_back(p.c_str());
+  PGresult* result = PQexecParams(conn, sql, static_cast<int>(values.size()), nullptr,
+                                  values.data(), nullptr, nullptr, 0);
+  if (PQresultStatus(result) != expected) {
+    absl::Status status = ResultStatus(conn, result);
+    PQclear(result);
+    return status;
+  }
+  return result;
+}
+
+}  // namespace
+
+VitalsWriter::VitalsWriter(std::string region_id, DbConfig db, WriterOptions options)
+    : region_id_(std::move(region_id)), db_(std::move(db)), options_(options) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+VitalsWriter::~VitalsWriter() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  work_cv_.notify_all();
+  room_cv_.notify_all();
+  thread_.join();
+  if (conn_ != nullptr) PQfinish(conn_);
+}
+
+absl::Status VitalsWriter::EnsureConnected() {
+  if (conn_ != nullptr && PQstatus(conn_) == CONNECTION_OK) return absl::OkStatus();
+  if (conn_ != nullptr) PQfinish(conn_);
+  conn_ = PQconnectdb(db_.conninfo.c_str());
+  if (PQstatus(conn_) != CONNECTION_OK) {
+    absl::Status status = absl::UnavailableError(
+        absl::StrCat("database '", region_id_, "' unreachable"));
+    PQfinish(conn_);
+    conn_ = nullptr;
+    return status;
+  }
+  absl::StatusOr<PGresult*> setup =
+      Exec(conn_, absl::StrCat("SET statement_timeout = ", db_.statement_timeout_ms).c_str(), {},
+           PGRES_COMMAND_OK);
+  if (!setup.ok()) return setup.status();
+  PQclear(*setup);
+  return absl::OkStatus();
+}
+
+bool VitalsWriter::Enqueue(WriteRequest request, absl::Duration wait) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!room_cv_.wait_for(lock, absl::ToChronoMilliseconds(wait), [this] {
+        return stopping_ || queue_.size() < options_.max_queued_requests;
+      })) {
+    return false;
+  }
+  if (stopping_) return false;
+  queue_.push_back(std::move(request));
+  lock.unlock();
+  work_cv_.notify_one();
+  return true;
+}
+
+size_t VitalsWriter::queued() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return queue_.size();
+}
+
+void VitalsWriter::Loop() {
+  while (true) {
+    std::vector<WriteRequest> group;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty() && stopping_) break;
+      // Give concurrent streams a moment to add to this transaction, unless it is already large.
+      if (queue_.size() < 64 && !stopping_) {
+        work_cv_.wait_for(lock, absl::ToChronoMicroseconds(options_.linger),
+                          [this] { return stopping_ || queue_.size() >= 64; });
+      }
+      size_t rows = 0;
+      while (!queue_.empty() && (group.empty() || rows + queue_.front().rows.size() <=
+                                                      options_.max_rows_per_transaction)) {
+        rows += queue_.front().rows.size();
+        group.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
+    }
+    room_cv_.notify_all();
+    Commit(group);
+  }
+  // Whatever is still queued at shutdown was not written: tell its streams to retry.
+  std::deque<WriteRequest> left;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    left.swap(queue_);
+  }
+  for (WriteRequest& r : left) {
+    r.done(WriteOutcome{absl::UnavailableError("ingest is shutting down; resend"), 0, 0, 0});
+  }
+}
+
+void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
+  // A stream that already failed must not write later batches (it would leave a seq gap).
+  std::vector<WriteRequest*> live;
+  for (WriteRequest& r : group) {
+    if (r.poisoned && r.poisoned->load()) {
+      r.done(WriteOutcome{absl::UnavailableError("an earlier batch of this stream failed; resend"),
+                          0, 0, 0});
+    } else {
+      live.push_back(&r);
+    }
+  }
+  if (live.empty()) return;
+
+  std::vector<WriteOutcome> outcomes(live.size());
+  absl::Status status;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    status = WriteOnce(live, outcomes);
+    // A stale connection (server restarted) fails before anything is written: retry once.
+    if (status.ok() || status.code() != absl::StatusCode::kUnavailable || attempt > 0) break;
+    if (conn_ != nullptr && PQstatus(conn_) == CONNECTION_OK) break;
+  }
+  if (!status.ok()) {
+    log::Warning("vitals_write_failed", {{"region", region_id_}, {"batches", live.size()},
+                                         {"error", status.message()}});
+    for (WriteRequest* r : live) {
+      if (r->poisoned) r->poisoned->store(true);
+      r->done(WriteOutcome{absl::UnavailableError(absl::StrCat("region ", region_id_,
+                                                               " could not store the batch; resend")),
+                           0, 0, 0});
+    }
+    return;
+  }
+  for (size_t i = 0; i < live.size(); ++i) live[i]->done(outcomes[i]);
+}
+
+absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
+                                     std::vector<WriteOutcome>& outcomes) {
+  outcomes.assign(live.size(), WriteOutcome{});
+  if (absl::Status s = EnsureConnected(); !s.ok()) return s;
+  bool in_transaction = false;
+  auto fail = [&](absl::Status status) {
+    if (in_transaction && PQstatus(conn_) == CONNECTION_OK) PQclear(PQexec(conn_, "ROLLBACK"));
+    if (PQstatus(conn_) != CONNECTION_OK) {
+      PQfinish(conn_);
+      conn_ = nullptr;
+    }
+    return status;
+  };
+  absl::StatusOr<PGresult*> r = Exec(conn_, "BEGIN", {}, PGRES_COMMAND_OK);
+  if (!r.ok()) return fail(r.status());
+  PQclear(*r);
+  in_transaction = true;
+
+  // Lock the devices' cursors (in key order) and read where each device stands.
+  std::vector<std::string> tenants;
+  std::vector<std::string> devices;
+  std::map<DeviceKey, int64_t> cursors;
+  for (WriteRequest* w : live) {
+    if (cursors.emplace(DeviceKey{w->tenant_id, w->device_id}, 0).second) {
+      tenants.push_back(w->tenant_id);
+      devices.push_back(w->device_id);
+    }
+  }
+  r = Exec(conn_, sql::kLockCursorsSql, {pg::TextArrayLiteral(tenants), pg::TextArrayLiteral(devices)},
+           PGRES_TUPLES_OK);
+  if (!r.ok()) return fail(r.status());
+  for (int i = 0; i < PQntuples(*r); ++i) {
+    cursors[{PQgetvalue(*r, i, 0), PQgetvalue(*r, i, 1)}] = std::stoll(PQgetvalue(*r, i, 2));
+  }
+  PQclear(*r);
+
+  // Everything new goes in one binary COPY.
+  std::string buffer("PGCOPY\n\377\r\n\0", 11);
+  PutU32(buffer, 0);
+  PutU32(buffer, 0);
+  for (size_t i = 0; i < live.size(); ++i) {
+    WriteRequest& w = *live[i];
+    WriteOutcome& out = outcomes[i];
+    int64_t& cursor = cursors[{w.tenant_id, w.device_id}];
+    for (const VitalRow& v : w.rows) {
+      if (static_cast<int64_t>(v.seq) <= cursor) {
+        ++out.duplicates;
+        continue;
+      }
+      cursor = static_cast<int64_t>(v.seq);
+      ++out.stored;
+      PutU16(buffer, 11);
+      PutText(buffer, w.tenant_id);
+      PutText(buffer, w.device_id);
+      PutInt64(buffer, static_cast<int64_t>(v.seq));
+      PutText(buffer, w.patient_id);
+      PutText(buffer, v.loinc);
+      PutDouble(buffer, v.value);
+      PutText(buffer, v.ucum);
+      PutInt64(buffer, absl::ToUnixMicros(v.measured_at) - kPgEpochMicros);
+      if (v.location) {
+        PutDouble(buffer, v.location->latitude);
+        PutDouble(buffer, v.location->longitude);
+        PutDouble(buffer, v.location->accuracy_m);
+      } else {
+        PutNull(buffer);
+        PutNull(buffer);
+        PutNull(buffer);
+      }
+    }
+  }
+  PutU16(buffer, 0xffff);
+  PGresult* copy = PQexec(conn_, kCopyVitals);
+  if (PQresultStatus(copy) != PGRES_COPY_IN) {
+    absl::Status status = ResultStatus(conn_, copy);
+    PQclear(copy);
+    return fail(status);
+  }
+  PQclear(copy);
+  if (PQputCopyData(conn_, buffer.data(), static_cast<int>(buffer.size())) != 1 ||
+      PQputCopyEnd(conn_, nullptr) != 1) {
+    return fail(absl::UnavailableError(absl::StrCat("COPY to ", region_id_, " failed: ",
+                                                    PQerrorMessage(conn_))));
+  }
+  PGresult* copied = PQgetResult(conn_);
+  absl::Status copy_status =
+      PQresultStatus(copied) == PGRES_COMMAND_OK ? absl::OkStatus() : ResultStatus(conn_, copied);
+  PQclear(copied);
+  while (PGresult* extra = PQgetResult(conn_)) PQclear(extra);
+  if (!copy_status.ok()) return fail(copy_status);
+
+  std::vector<std::string> cursor_tenants;
+  std::vector<std::string> cursor_devices;
+  std::vector<std::string> max_seqs;
+  for (const auto& [key, seq] : cursors) {
+    cursor_tenants.push_back(key.first);
+    cursor_devices.push_back(key.second);
+    max_seqs.push_back(absl::StrCat(seq));
+  }
+  r = Exec(conn_, sql::kUpsertCursorsSql,
+           {pg::TextArrayLiteral(cursor_tenants), pg::TextArrayLiteral(cursor_devices),
+            pg::TextArrayLiteral(max_seqs)},
+           PGRES_COMMAND_OK);
+  if (!r.ok()) return fail(r.status());
+  PQclear(*r);
+  r = Exec(conn_, "COMMIT", {}, PGRES_COMMAND_OK);
+  if (!r.ok()) {
+    // If the connection broke during COMMIT the outcome is unknown: the batches are not acked,
+    // and the device's resend is deduplicated by the cursor if the commit did happen.
+    in_transaction = false;
+    return fail(r.status());
+  }
+  PQclear(*r);
+  for (size_t i = 0; i < live.size(); ++i) {
+    outcomes[i].highest_committed_seq =
+        static_cast<uint64_t>(cursors[{live[i]->tenant_id, live[i]->device_id}]);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace medgate::ingest

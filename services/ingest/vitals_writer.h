@@ -1,0 +1,98 @@
+// The per-region writer: coalesces batches from many streams into one COPY transaction, commits,
+// then reports each batch's outcome. Its queue is bounded; a full queue makes callers wait.
+#ifndef MEDGATE_SERVICES_INGEST_VITALS_WRITER_H_
+#define MEDGATE_SERVICES_INGEST_VITALS_WRITER_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include <libpq-fe.h>
+
+#include "libs/common/config.h"
+#include "services/ingest/vitals_catalogue.h"
+
+namespace medgate::ingest {
+
+// One validated sample to store.
+struct VitalRow {
+  uint64_t seq = 0;
+  std::string loinc;
+  double value = 0;
+  std::string ucum;
+  absl::Time measured_at;
+  std::optional<Location> location;  // already dropped unless GEOLOCATION is permitted
+};
+
+// What happened to a batch's rows.
+struct WriteOutcome {
+  absl::Status status;            // not OK: nothing of the batch was stored; retry it
+  uint32_t stored = 0;
+  uint32_t duplicates = 0;
+  uint64_t highest_committed_seq = 0;  // the device's cursor after the commit
+};
+
+// A batch of one device, all rows for one patient, in increasing seq order.
+struct WriteRequest {
+  std::string tenant_id;
+  std::string device_id;
+  std::string patient_id;
+  std::vector<VitalRow> rows;
+  // Called once, on the writer's thread, after commit or failure. Must not block.
+  std::function<void(const WriteOutcome&)> done;
+  // Shared by a stream's requests: once one fails, the stream's later requests fail without
+  // being written, so a device's seq never has a gap below its committed cursor.
+  std::shared_ptr<std::atomic<bool>> poisoned;
+};
+
+struct WriterOptions {
+  size_t max_queued_requests = 4096;
+  size_t max_rows_per_transaction = 20000;
+  absl::Duration linger = absl::Milliseconds(2);  // wait this long for more work to coalesce
+};
+
+class VitalsWriter {
+ public:
+  // The writer owns one libpq connection to the region's shard (binary COPY needs libpq itself).
+  VitalsWriter(std::string region_id, DbConfig db, WriterOptions options);
+  ~VitalsWriter();
+  VitalsWriter(const VitalsWriter&) = delete;
+  VitalsWriter& operator=(const VitalsWriter&) = delete;
+
+  // Queues a request, waiting up to `wait` for room: false when still full (backpressure).
+  bool Enqueue(WriteRequest request, absl::Duration wait);
+  size_t queued();
+  const std::string& region_id() const { return region_id_; }
+
+ private:
+  void Loop();
+  void Commit(std::vector<WriteRequest>& group);
+  // One attempt at writing `live` in one transaction; fills `outcomes`.
+  absl::Status WriteOnce(const std::vector<WriteRequest*>& live, std::vector<WriteOutcome>& outcomes);
+  absl::Status EnsureConnected();
+
+  const std::string region_id_;
+  const DbConfig db_;
+  PGconn* conn_ = nullptr;  // only the writer thread touches it
+  const WriterOptions options_;
+  std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::condition_variable room_cv_;
+  std::deque<WriteRequest> queue_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+}  // namespace medgate::ingest
+
+#endif  // MEDGATE_SERVICES_INGEST_VITALS_WRITER_H_

@@ -1,0 +1,288 @@
+// The consent cache against real PostgreSQL shards: change-feed invalidation, staleness reloads,
+// decisions at check time, a listener that loses its connection (entries dropped on reconnect)
+// or cannot get one back (fail closed), one region at a time.
+#include "libs/consent_client/consent_cache.h"
+
+#include <functional>
+#include <memory>
+
+#include <gtest/gtest.h>
+#include <pqxx/pqxx>
+
+#include "absl/strings/str_cat.h"
+#include "libs/migrate/migrate.h"
+#include "tests/support/pg_cluster.h"
+
+namespace medgate::consent {
+namespace {
+
+using test_support::PgCluster;
+
+constexpr absl::Duration kPropagationBound = absl::Seconds(1);
+constexpr absl::Duration kPatience = absl::Seconds(30);
+constexpr char kApp[] = "spiffe://medgate.test/tenant/acme/app/backend";
+
+bool PollUntil(absl::Time deadline, const std::function<bool()>& done) {
+  while (true) {
+    if (done()) return true;
+    if (absl::Now() > deadline) return false;
+  }
+}
+
+class ConsentCacheTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    for (const char* name : {"fr-1", "de-1"}) {
+      auto cluster = PgCluster::Start(name);
+      ASSERT_TRUE(cluster.ok()) << cluster.status();
+      pqxx::connection c((*cluster)->ConnectionString());
+      auto migrations =
+          migrate::LoadMigrations(std::string(MEDGATE_SOURCE_DIR) + "/migrations/shard");
+      ASSERT_TRUE(migrations.ok()) << migrations.status();
+      ASSERT_TRUE(migrate::Apply(c, *migrations).ok());
+      (name == std::string("fr-1") ? fr_ : de_) = cluster->release();
+    }
+  }
+
+  static void TearDownTestSuite() {
+    delete fr_;
+    delete de_;
+  }
+
+  static std::vector<RegionConfig> Regions() {
+    std::vector<RegionConfig> regions(2);
+    regions[0].id = "fr-1";
+    regions[0].db.conninfo = fr_->ConnectionString();
+    regions[1].id = "de-1";
+    regions[1].db.conninfo = de_->ConnectionString();
+    for (RegionConfig& r : regions) r.db.acquire_timeout_ms = 1000;
+    return regions;
+  }
+
+  static std::unique_ptr<ConsentCache> NewCache(absl::Duration max_staleness = absl::Minutes(10),
+                                                absl::Duration fail_closed = absl::Seconds(1)) {
+    ConsentCacheOptions options;
+    options.max_staleness = max_staleness;
+    options.fail_closed_after = fail_closed;
+    options.load_timeout = absl::Seconds(1);
+    std::unique_ptr<ConsentCache> cache = NewConsentCache(Regions(), options);
+    // Entries loaded before a feed listens are not kept: wait for both feeds.
+    EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+      return cache->FeedListening("fr-1") && cache->FeedListening("de-1");
+    }));
+    return cache;
+  }
+
+  static void Exec(PgCluster& cluster, const std::string& sql,
+                   const std::vector<std::string>& args = {}) {
+    pqxx::connection c(cluster.ConnectionString());
+    pqxx::work txn(c);
+    switch (args.size()) {
+      case 0: txn.exec0(sql); break;
+      case 1: txn.exec_params0(sql, args[0]); break;
+      case 2: txn.exec_params0(sql, args[0], args[1]); break;
+      default: txn.exec_params0(sql, args[0], args[1], args[2]); break;
+    }
+    txn.commit();
+  }
+
+  // A tenant-wide CARE consent for `patient`, granted now (version 1), valid for `valid_for`.
+  static std::string GrantCare(PgCluster& cluster, const std::string& patient,
+                               absl::Duration valid_for = absl::InfiniteDuration()) {
+    const std::string id = absl::StrCat("cn_test_", patient);
+    Exec(cluster,
+         "INSERT INTO consents (consent_id, patient_id, tenant_id, purpose, actor) "
+         "VALUES ($1, $2, 'acme', 'CARE', '')",
+         {id, patient});
+    std::string until =
+        valid_for == absl::InfiniteDuration()
+            ? "NULL"
+            : absl::StrCat("now() + interval '", absl::ToInt64Seconds(valid_for), " seconds'");
+    Exec(cluster,
+         absl::StrCat("INSERT INTO consent_versions (consent_id, version, state, valid_from, "
+                      "valid_until, evidence_ref, reason, recorded_by, recorded_at, request_id) "
+                      "VALUES ($1, 1, 'granted', now(), ",
+                      until, ", 'form', '', 'test', now(), 'r1')"),
+         {id});
+    return id;
+  }
+
+  static void RevokeVersion(PgCluster& cluster, const std::string& consent_id, int version) {
+    Exec(cluster,
+         "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
+         "evidence_ref, reason, recorded_by, recorded_at, request_id) "
+         "SELECT consent_id, $2::int8, 'revoked', valid_from, valid_until, evidence_ref, 'test', "
+         "'test', now(), 'r' || $2 FROM consent_versions WHERE consent_id = $1 AND version = 1",
+         {consent_id, std::to_string(version)});
+  }
+
+  // Waits until `cache` has received `count` notifications in all, so that a change's own
+  // notification cannot land after a later load and drop what that load cached.
+  static void AwaitNotifications(ConsentCache& cache, uint64_t count) {
+    ASSERT_TRUE(
+        PollUntil(absl::Now() + kPatience, [&] { return cache.Stats().notifications >= count; }));
+  }
+
+  static PgCluster* fr_;
+  static PgCluster* de_;
+};
+
+PgCluster* ConsentCacheTest::fr_ = nullptr;
+PgCluster* ConsentCacheTest::de_ = nullptr;
+
+TEST_F(ConsentCacheTest, NotificationInvalidatesWithinOneSecond) {
+  auto cache = NewCache();
+  const std::string id = GrantCare(*fr_, "pt_notify");
+  auto permit = cache->Check("fr-1", "pt_notify", Purpose::kCare, kApp, absl::Now());
+  ASSERT_TRUE(permit.ok()) << permit.status();
+  EXPECT_TRUE(permit->permit);
+  EXPECT_EQ(permit->consent_id, id);
+
+  RevokeVersion(*fr_, id, 2);
+  absl::StatusOr<AccessDecision> last;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPropagationBound, [&] {
+    last = cache->Check("fr-1", "pt_notify", Purpose::kCare, kApp, absl::Now());
+    return last.ok() && !last->permit;
+  }));
+  EXPECT_EQ(last->reason, AccessReason::kRevoked);
+  EXPECT_EQ(last->consent_version, 2);
+}
+
+TEST_F(ConsentCacheTest, AnswersFromMemoryUntilInvalidatedOrStale) {
+  auto cache = NewCache();
+  auto short_lived = NewCache(absl::Milliseconds(300));
+  const std::string id = GrantCare(*fr_, "pt_stale");
+  for (ConsentCache* c : {cache.get(), short_lived.get()}) {
+    AwaitNotifications(*c, 1);
+    ASSERT_TRUE(c->Check("fr-1", "pt_stale", Purpose::kCare, kApp, absl::Now())->permit);
+  }
+  // A change nobody is told about: only the cached copy can still permit.
+  Exec(*fr_, "ALTER TABLE consent_versions DISABLE TRIGGER consent_versions_notify");
+  RevokeVersion(*fr_, id, 2);
+  Exec(*fr_, "ALTER TABLE consent_versions ENABLE TRIGGER consent_versions_notify");
+  const ConsentCacheStats before = cache->Stats();
+  EXPECT_TRUE(cache->Check("fr-1", "pt_stale", Purpose::kCare, kApp, absl::Now())->permit);
+  EXPECT_EQ(cache->Stats().hits, before.hits + 1);
+  EXPECT_EQ(cache->Stats().loads, before.loads);
+  // Entries older than max_staleness are reloaded.
+  absl::StatusOr<AccessDecision> last;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    last = short_lived->Check("fr-1", "pt_stale", Purpose::kCare, kApp, absl::Now());
+    return last.ok() && !last->permit;
+  }));
+  EXPECT_EQ(last->reason, AccessReason::kRevoked);
+  // Invalidate drops the entry at once.
+  cache->Invalidate("pt_stale");
+  auto reloaded = cache->Check("fr-1", "pt_stale", Purpose::kCare, kApp, absl::Now());
+  ASSERT_TRUE(reloaded.ok());
+  EXPECT_EQ(reloaded->reason, AccessReason::kRevoked);
+}
+
+TEST_F(ConsentCacheTest, DecidesAtCheckTimeSoExpiryNeedsNoJob) {
+  auto cache = NewCache();
+  const std::string id = GrantCare(*fr_, "pt_expiry", absl::Hours(1));
+  const absl::Time now = absl::Now();
+  auto permit = cache->Check("fr-1", "pt_expiry", Purpose::kCare, kApp, now);
+  ASSERT_TRUE(permit.ok());
+  EXPECT_TRUE(permit->permit);
+  EXPECT_LT(permit->valid_until, now + absl::Hours(1) + absl::Minutes(1));
+  auto later = cache->Check("fr-1", "pt_expiry", Purpose::kCare, kApp, now + absl::Hours(2));
+  ASSERT_TRUE(later.ok());
+  EXPECT_FALSE(later->permit);
+  EXPECT_EQ(later->reason, AccessReason::kExpired);
+  EXPECT_EQ(later->consent_id, id);
+  auto none = cache->Check("fr-1", "pt_never_consented", Purpose::kCare, kApp, now);
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->reason, AccessReason::kNoConsent);
+}
+
+TEST_F(ConsentCacheTest, RefusesUnknownRegionsAndPurposes) {
+  auto cache = NewCache();
+  EXPECT_EQ(cache->Check("mars-1", "pt_x", Purpose::kCare, kApp, absl::Now()).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(
+      cache->Check("fr-1", "pt_x", static_cast<Purpose>(9), kApp, absl::Now()).status().code(),
+      absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(ConsentCacheTest, FailsClosedWhenTheFeedCannotReconnectAndForgetsWhatItMissed) {
+  auto cache = NewCache(absl::Minutes(10), absl::Seconds(1));
+  const std::string fr_id = GrantCare(*fr_, "pt_feed_fr");
+  GrantCare(*de_, "pt_feed_de");
+  AwaitNotifications(*cache, 2);
+  ASSERT_TRUE(cache->Check("fr-1", "pt_feed_fr", Purpose::kCare, kApp, absl::Now())->permit);
+  ASSERT_TRUE(cache->Check("de-1", "pt_feed_de", Purpose::kCare, kApp, absl::Now())->permit);
+
+  // fr-1 stops accepting connections and its consent feed is cut: the listener cannot get back.
+  // The connections the cache already has for loading stay open.
+  pqxx::connection admin(fr_->ConnectionString());
+  pqxx::connection other_db(fr_->ConnectionString("postgres"));
+  {
+    pqxx::nontransaction(other_db).exec0("ALTER DATABASE medgate ALLOW_CONNECTIONS false");
+    pqxx::nontransaction q(admin);
+    pqxx::result killed = q.exec(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = 'medgate-consent-feed' AND datname = 'medgate'");
+    ASSERT_GE(killed.size(), 1u);
+  }
+  // A revocation commits while nobody listens: its notification is lost.
+  {
+    pqxx::work txn(admin);
+    txn.exec_params0(
+        "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
+        "evidence_ref, reason, recorded_by, recorded_at, request_id) "
+        "SELECT consent_id, 2, 'revoked', valid_from, valid_until, evidence_ref, 'test', 'test', "
+        "now(), 'r2' FROM consent_versions WHERE consent_id = $1 AND version = 1",
+        fr_id);
+    txn.commit();
+  }
+  absl::StatusOr<AccessDecision> last;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    last = cache->Check("fr-1", "pt_feed_fr", Purpose::kCare, kApp, absl::Now());
+    return !last.ok();
+  }));
+  EXPECT_EQ(last.status().code(), absl::StatusCode::kUnavailable) << last.status();
+  EXPECT_FALSE(cache->FeedListening("fr-1"));
+  EXPECT_TRUE(cache->FeedListening("de-1"));
+  // Also for patients it never loaded, and only in that region.
+  EXPECT_EQ(cache->Check("fr-1", "pt_other", Purpose::kCare, kApp, absl::Now()).status().code(),
+            absl::StatusCode::kUnavailable);
+  auto de = cache->Check("de-1", "pt_feed_de", Purpose::kCare, kApp, absl::Now());
+  ASSERT_TRUE(de.ok()) << de.status();
+  EXPECT_TRUE(de->permit);
+
+  // Connections allowed again: the listener comes back, and what it cached before is gone, so the
+  // first answer already reflects the revocation it never heard of.
+  pqxx::nontransaction(other_db).exec0("ALTER DATABASE medgate ALLOW_CONNECTIONS true");
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    last = cache->Check("fr-1", "pt_feed_fr", Purpose::kCare, kApp, absl::Now());
+    return last.ok();
+  })) << last.status();
+  EXPECT_FALSE(last->permit);
+  EXPECT_EQ(last->reason, AccessReason::kRevoked);
+  EXPECT_EQ(cache->Stats().feed_starts, 3u);  // fr-1 and de-1, then fr-1 again
+}
+
+TEST_F(ConsentCacheTest, ShardDownFailsClosedAndRecovers) {
+  auto cache = NewCache(absl::Minutes(10), absl::Seconds(1));
+  GrantCare(*de_, "pt_down_de");
+  AwaitNotifications(*cache, 1);
+  ASSERT_TRUE(cache->Check("de-1", "pt_down_de", Purpose::kCare, kApp, absl::Now())->permit);
+  ASSERT_TRUE(de_->Stop().ok());
+  absl::StatusOr<AccessDecision> last;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    last = cache->Check("de-1", "pt_down_de", Purpose::kCare, kApp, absl::Now());
+    return !last.ok();
+  }));
+  EXPECT_EQ(last.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_GE(cache->Stats().hits, 1u);  // it answered from memory until the bound
+  ASSERT_TRUE(de_->StartAgain().ok());
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    last = cache->Check("de-1", "pt_down_de", Purpose::kCare, kApp, absl::Now());
+    return last.ok();
+  })) << last.status();
+  EXPECT_TRUE(last->permit);
+}
+
+}  // namespace
+}  // namespace medgate::consent

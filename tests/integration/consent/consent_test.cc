@@ -1,0 +1,981 @@
+// The consent service over real mTLS and real PostgreSQL, with routing in-process and two consent
+// instances on one cluster set: decisions, revocation reaching the other instance, history,
+// periods, actor narrowing, residency, tenant isolation, bad input, audit, and shard outages.
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+
+#include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "libs/audit/audit_log.h"
+#include "libs/common/grpc_status.h"
+#include "libs/identity/credentials.h"
+#include "libs/migrate/migrate.h"
+#include "libs/server/rpc_util.h"
+#include "medgate/v1/consent.grpc.pb.h"
+#include "medgate/v1/routing.grpc.pb.h"
+#include "services/consent/consent_server.h"
+#include "services/routing/routing_server.h"
+#include "tests/support/pg_cluster.h"
+#include "tests/support/test_pki.h"
+
+namespace medgate::consent {
+namespace {
+
+using test_support::PgCluster;
+using test_support::PgClusterSet;
+using test_support::TestCert;
+using test_support::TestPki;
+using ::testing::HasSubstr;
+
+// How long a cache may lag behind a committed change: the requirement under test.
+constexpr absl::Duration kPropagationBound = absl::Seconds(1);
+// The consent caches fail closed this long after their change feed went silent.
+constexpr int kFailClosedMs = 1500;
+// Generous bounds for things the tests wait for that have no timing requirement.
+constexpr absl::Duration kPatience = absl::Seconds(30);
+
+void Migrate(const std::string& conninfo, const std::string& kind) {
+  pqxx::connection c(conninfo);
+  auto migrations =
+      migrate::LoadMigrations(std::string(MEDGATE_SOURCE_DIR) + "/migrations/" + kind);
+  ASSERT_TRUE(migrations.ok()) << migrations.status();
+  auto result = migrate::Apply(c, *migrations);
+  ASSERT_TRUE(result.ok()) << result.status();
+}
+
+// Calls `done` until it returns true or `deadline` passes; whether it did.
+bool PollUntil(absl::Time deadline, const std::function<bool()>& done) {
+  while (true) {
+    if (done()) return true;
+    if (absl::Now() > deadline) return false;
+  }
+}
+
+// A GrantConsent request: CARE for the whole tenant, open-ended, unless said otherwise.
+struct GrantArgs {
+  explicit GrantArgs(std::string patient) : patient_id(std::move(patient)) {}
+  GrantArgs& WithPurpose(v1::Purpose p) {
+    purpose = p;
+    return *this;
+  }
+  GrantArgs& WithActor(std::string a) {
+    actor = std::move(a);
+    return *this;
+  }
+  GrantArgs& StartingAt(absl::Time t) {
+    start_at = t;
+    return *this;
+  }
+  GrantArgs& EndingAt(absl::Time t) {
+    end_at = t;
+    return *this;
+  }
+  GrantArgs& WithEvidence(std::string e) {
+    evidence_ref = std::move(e);
+    return *this;
+  }
+  GrantArgs& WithRequestId(std::string r) {
+    request_id = std::move(r);
+    return *this;
+  }
+
+  std::string patient_id;
+  v1::Purpose purpose = v1::PURPOSE_CARE;
+  std::string actor;
+  std::optional<absl::Time> start_at;
+  std::optional<absl::Time> end_at;
+  std::string evidence_ref = "signed-form-1";
+  std::string request_id;
+};
+
+class ConsentTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto clusters = PgClusterSet::Start();
+    ASSERT_TRUE(clusters.ok()) << clusters.status();
+    clusters_ = clusters->release();
+    Migrate(clusters_->control().ConnectionString(), "control");
+    for (auto* region : clusters_->regions()) Migrate(region->ConnectionString(), "shard");
+    dir_ = new std::string(std::filesystem::temp_directory_path() /
+                           ("medgate-consent-" + std::to_string(getpid())));
+    std::filesystem::create_directories(*dir_);
+    auto pki = TestPki::Create(*dir_);
+    ASSERT_TRUE(pki.ok()) << pki.status();
+    pki_ = pki->release();
+
+    routing_config_ = ParseConfig(
+        absl::StrCat(Common(), "control_db: {conninfo: \"", clusters_->control().ConnectionString(),
+                     "\", acquire_timeout_ms: 1000}\n", "services:\n",
+                     Endpoint("routing", "127.0.0.1:0"), "routing:\n  seed_rules:\n",
+                     "    - {territory: FR, regions: [fr-1], readable_from: [FR]}\n",
+                     "    - {territory: DE, regions: [de-1], readable_from: [DE]}\n",
+                     "    - {territory: BE, regions: [eu-1, fr-1]}\n"));
+    ASSERT_NE(routing_config_, nullptr);
+    auto routing = routing::RoutingServer::Create(*routing_config_);
+    ASSERT_TRUE(routing.ok()) << routing.status();
+    routing_ = routing->release();
+    ASSERT_TRUE(routing_->Start().ok());
+
+    for (const char* tenant : {"acme", "globex"}) {
+      v1::UpsertTenantRequest request;
+      request.set_request_id(absl::StrCat("create-", tenant));
+      request.mutable_tenant()->set_tenant_id(tenant);
+      request.mutable_tenant()->set_display_name(tenant);
+      for (const char* t : {"FR", "DE", "BE"}) request.mutable_tenant()->add_territories(t);
+      request.mutable_tenant()->set_active(true);
+      v1::UpsertTenantResponse response;
+      grpc::ClientContext context;
+      grpc::Status status = RoutingStub(pki_->ops())->UpsertTenant(&context, request, &response);
+      ASSERT_TRUE(status.ok()) << status.error_message();
+    }
+
+    // Both consent instances call routing with their own (service) certificate.
+    consent_config_ = ParseConfig(ConsentYaml(absl::StrCat("127.0.0.1:", routing_->port())));
+    ASSERT_NE(consent_config_, nullptr);
+    for (ConsentServer** server : {&a_, &b_}) {
+      auto created = ConsentServer::Create(*consent_config_);
+      ASSERT_TRUE(created.ok()) << created.status();
+      *server = created->release();
+      ASSERT_TRUE((*server)->Start().ok());
+      // Until a region's feed listens, nothing loaded for it is kept.
+      ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+        for (const char* region : {"fr-1", "de-1", "eu-1"}) {
+          if (!(*server)->cache().FeedListening(region)) return false;
+        }
+        return true;
+      }));
+    }
+  }
+
+  static void TearDownTestSuite() {
+    for (ConsentServer* server : {a_, b_}) {
+      if (server != nullptr) server->Shutdown();
+      delete server;
+    }
+    if (routing_ != nullptr) routing_->Shutdown();
+    delete routing_;
+    delete consent_config_;
+    delete routing_config_;
+    delete pki_;
+    delete clusters_;
+    if (dir_ != nullptr) std::filesystem::remove_all(*dir_);
+    delete dir_;
+  }
+
+  static std::string Common() {
+    return absl::StrCat(
+        "trust_domain: ", pki_->trust_domain(), "\nca: ", pki_->ca_path(), "\n",
+        "limits: {drain_seconds: 1}\n", "regions:\n",
+        "  - {id: fr-1, territories: [FR, BE], db: {conninfo: \"",
+        clusters_->region("fr-1").ConnectionString(), "\", acquire_timeout_ms: 1000}}\n",
+        "  - {id: de-1, territories: [DE], db: {conninfo: \"",
+        clusters_->region("de-1").ConnectionString(), "\", acquire_timeout_ms: 1000}}\n",
+        "  - {id: eu-1, territories: [BE], db: {conninfo: \"",
+        clusters_->region("eu-1").ConnectionString(), "\", acquire_timeout_ms: 1000}}\n");
+  }
+
+  static std::string Endpoint(const std::string& name, const std::string& listen) {
+    return absl::StrCat("  ", name, ":\n    listen: ", listen,
+                        "\n    tls: {cert: ", pki_->server().cert_path,
+                        ", key: ", pki_->server().key_path, "}\n");
+  }
+
+  static std::string ConsentYaml(const std::string& routing_address) {
+    return absl::StrCat(Common(), "services:\n", Endpoint("consent", "127.0.0.1:0"),
+                        Endpoint("routing", routing_address),
+                        "consent:\n  cache: {fail_closed_after_ms: ", kFailClosedMs,
+                        ", max_staleness_ms: 600000}\n");
+  }
+
+  static MedgateConfig* ParseConfig(const std::string& yaml) {
+    auto root = ConfigNode::Parse(yaml);
+    EXPECT_TRUE(root.ok()) << root.status();
+    if (!root.ok()) return nullptr;
+    auto config = ParseMedgateConfig(*root);
+    EXPECT_TRUE(config.ok()) << config.status();
+    if (!config.ok()) return nullptr;
+    return new MedgateConfig(*std::move(config));
+  }
+
+  static std::shared_ptr<grpc::Channel> Channel(int port, const TestCert& cert) {
+    auto channel = MakeChannel(absl::StrCat("127.0.0.1:", port),
+                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60});
+    EXPECT_TRUE(channel.ok());
+    return *channel;
+  }
+
+  static std::unique_ptr<v1::TenantRouting::Stub> RoutingStub(const TestCert& cert) {
+    return v1::TenantRouting::NewStub(Channel(routing_->port(), cert));
+  }
+
+  static std::unique_ptr<v1::Consent::Stub> Stub(const TestCert& cert,
+                                                 ConsentServer* server = nullptr) {
+    return v1::Consent::NewStub(Channel((server != nullptr ? server : a_)->port(), cert));
+  }
+
+  // Places a patient of `as`'s tenant; its pseudonymous id.
+  static std::string Place(const std::string& ref, const std::string& territory,
+                           const TestCert* as = nullptr) {
+    v1::PlacePatientRequest request;
+    request.set_patient_ref(ref);
+    request.set_territory(territory);
+    v1::PlacePatientResponse response;
+    grpc::ClientContext context;
+    grpc::Status status =
+        RoutingStub(as != nullptr ? *as : pki_->app())->PlacePatient(&context, request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.patient_id();
+  }
+
+  static absl::StatusOr<v1::GrantConsentResponse> Grant(v1::Consent::Stub& stub,
+                                                        const GrantArgs& args) {
+    v1::GrantConsentRequest request;
+    request.set_request_id(args.request_id);
+    request.set_patient_id(args.patient_id);
+    request.set_purpose(args.purpose);
+    request.set_actor(args.actor);
+    if (args.start_at) *request.mutable_period()->mutable_start_at() = ToProtoTimestamp(*args.start_at);
+    if (args.end_at) *request.mutable_period()->mutable_end_at() = ToProtoTimestamp(*args.end_at);
+    request.set_evidence_ref(args.evidence_ref);
+    v1::GrantConsentResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = stub.GrantConsent(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static absl::StatusOr<v1::GrantConsentResponse> Grant(const GrantArgs& args,
+                                                        const TestCert* as = nullptr) {
+    return Grant(*Stub(as != nullptr ? *as : pki_->app()), args);
+  }
+
+  static absl::StatusOr<v1::RevokeConsentResponse> Revoke(v1::Consent::Stub& stub,
+                                                          v1::RevokeConsentRequest request) {
+    if (request.reason().empty()) request.set_reason("patient withdrew");
+    v1::RevokeConsentResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = stub.RevokeConsent(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static v1::RevokeConsentRequest ById(const std::string& consent_id) {
+    v1::RevokeConsentRequest request;
+    request.set_consent_id(consent_id);
+    return request;
+  }
+
+  static v1::RevokeConsentRequest ByKey(const std::string& patient_id, v1::Purpose purpose,
+                                        const std::string& actor = "") {
+    v1::RevokeConsentRequest request;
+    request.mutable_key()->set_patient_id(patient_id);
+    request.mutable_key()->set_purpose(purpose);
+    request.mutable_key()->set_actor(actor);
+    return request;
+  }
+
+  static absl::StatusOr<v1::CheckAccessResponse> Check(v1::Consent::Stub& stub,
+                                                       const std::string& patient_id,
+                                                       v1::Purpose purpose,
+                                                       const std::string& actor) {
+    v1::CheckAccessRequest request;
+    request.set_patient_id(patient_id);
+    request.set_purpose(purpose);
+    request.set_actor(actor);
+    v1::CheckAccessResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = stub.CheckAccess(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static absl::StatusOr<v1::ListConsentsResponse> List(v1::Consent::Stub& stub,
+                                                       v1::ListConsentsRequest request) {
+    v1::ListConsentsResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = stub.ListConsents(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static v1::ListConsentsRequest ListOf(const std::string& patient_id, bool history = false) {
+    v1::ListConsentsRequest request;
+    request.set_patient_id(patient_id);
+    request.set_include_history(history);
+    return request;
+  }
+
+  static int64_t CountIn(PgCluster& cluster, const std::string& sql, const std::string& arg) {
+    pqxx::connection c(cluster.ConnectionString());
+    pqxx::nontransaction q(c);
+    return q.exec_params1(sql, arg)[0].as<int64_t>();
+  }
+
+  static std::string Practitioner() { return pki_->SpiffeId("/tenant/acme/practitioner/p-1"); }
+  static std::string App() { return pki_->SpiffeId("/tenant/acme/app/backend"); }
+  static std::string Device() { return pki_->SpiffeId("/tenant/acme/device/dev-1"); }
+  static std::string GlobexPractitioner() {
+    return pki_->SpiffeId("/tenant/globex/practitioner/p-1");
+  }
+
+  static PgClusterSet* clusters_;
+  static std::string* dir_;
+  static TestPki* pki_;
+  static MedgateConfig* routing_config_;
+  static MedgateConfig* consent_config_;
+  static routing::RoutingServer* routing_;
+  static ConsentServer* a_;
+  static ConsentServer* b_;
+};
+
+PgClusterSet* ConsentTest::clusters_ = nullptr;
+std::string* ConsentTest::dir_ = nullptr;
+TestPki* ConsentTest::pki_ = nullptr;
+MedgateConfig* ConsentTest::routing_config_ = nullptr;
+MedgateConfig* ConsentTest::consent_config_ = nullptr;
+routing::RoutingServer* ConsentTest::routing_ = nullptr;
+ConsentServer* ConsentTest::a_ = nullptr;
+ConsentServer* ConsentTest::b_ = nullptr;
+
+TEST_F(ConsentTest, GrantThenCheckAccessPermitsAndDefaultIsDeny) {
+  const std::string patient = Place("grant-check-1", "FR");
+  auto service = Stub(pki_->service());
+  // Nothing granted yet: default deny.
+  auto before = Check(*service, patient, v1::PURPOSE_CARE, Practitioner());
+  ASSERT_TRUE(before.ok()) << before.status();
+  EXPECT_EQ(before->decision(), v1::DECISION_DENY);
+  EXPECT_EQ(before->reason(), v1::ACCESS_REASON_NO_CONSENT);
+  EXPECT_EQ(before->consent_id(), "");
+
+  auto granted = Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_CARE));
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  EXPECT_EQ(granted->version(), 1);
+  EXPECT_LE(granted->consent_id().size(), 64u);
+
+  for (const std::string& actor : {Practitioner(), App(), Device()}) {
+    auto check = Check(*service, patient, v1::PURPOSE_CARE, actor);
+    ASSERT_TRUE(check.ok()) << check.status();
+    EXPECT_EQ(check->decision(), v1::DECISION_PERMIT) << actor;
+    EXPECT_EQ(check->reason(), v1::ACCESS_REASON_PERMITTED);
+    EXPECT_EQ(check->consent_id(), granted->consent_id());
+    EXPECT_EQ(check->consent_version(), 1);
+    EXPECT_FALSE(check->has_valid_until());
+  }
+  // Other purposes stay denied; the tenant's own practitioner may ask too.
+  auto research = Check(*Stub(pki_->practitioner()), patient, v1::PURPOSE_RESEARCH, App());
+  ASSERT_TRUE(research.ok()) << research.status();
+  EXPECT_EQ(research->reason(), v1::ACCESS_REASON_NO_CONSENT);
+  // The second instance answers the same.
+  auto other = Check(*Stub(pki_->service(), b_), patient, v1::PURPOSE_CARE, App());
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_EQ(other->decision(), v1::DECISION_PERMIT);
+}
+
+TEST_F(ConsentTest, RevocationOnOneInstanceReachesTheOtherWithinOneSecond) {
+  const std::string patient = Place("propagation-1", "FR");
+  auto on_a = Stub(pki_->app(), a_);
+  auto on_b = Stub(pki_->service(), b_);
+  const uint64_t heard = b_->cache().Stats().notifications;
+  auto granted = Grant(*on_a, GrantArgs(patient).WithPurpose(v1::PURPOSE_REMOTE_MONITORING));
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  // B has heard of the grant, and now keeps the patient in its cache: only the change feed can
+  // make it change its answer within the second (its entries live for ten minutes).
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return b_->cache().Stats().notifications > heard; }));
+  auto permit = Check(*on_b, patient, v1::PURPOSE_REMOTE_MONITORING, Device());
+  ASSERT_TRUE(permit.ok()) << permit.status();
+  ASSERT_EQ(permit->decision(), v1::DECISION_PERMIT);
+  const uint64_t hits = b_->cache().Stats().hits;
+  ASSERT_EQ(Check(*on_b, patient, v1::PURPOSE_REMOTE_MONITORING, Device())->decision(),
+            v1::DECISION_PERMIT);
+  ASSERT_EQ(b_->cache().Stats().hits, hits + 1);
+
+  auto revoked = Revoke(*on_a, ById(granted->consent_id()));
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_EQ(revoked->version(), 2);
+  absl::StatusOr<v1::CheckAccessResponse> last;
+  bool denied = PollUntil(absl::Now() + kPropagationBound, [&] {
+    last = Check(*on_b, patient, v1::PURPOSE_REMOTE_MONITORING, Device());
+    return last.ok() && last->decision() == v1::DECISION_DENY;
+  });
+  ASSERT_TRUE(denied) << "instance B still answers "
+                      << (last.ok() ? last->DebugString() : last.status().ToString());
+  EXPECT_EQ(last->reason(), v1::ACCESS_REASON_REVOKED);
+  EXPECT_EQ(last->consent_id(), granted->consent_id());
+  EXPECT_EQ(last->consent_version(), 2);
+
+  // And the other way round: a new grant on B reaches A's cache.
+  auto on_a_check = Stub(pki_->service(), a_);
+  ASSERT_EQ(Check(*on_a_check, patient, v1::PURPOSE_REMOTE_MONITORING, Device())->decision(),
+            v1::DECISION_DENY);
+  auto regranted = Grant(*Stub(pki_->practitioner(), b_),
+                         GrantArgs(patient).WithPurpose(v1::PURPOSE_REMOTE_MONITORING));
+  ASSERT_TRUE(regranted.ok()) << regranted.status();
+  EXPECT_EQ(regranted->version(), 3);
+  bool permitted = PollUntil(absl::Now() + kPropagationBound, [&] {
+    last = Check(*on_a_check, patient, v1::PURPOSE_REMOTE_MONITORING, Device());
+    return last.ok() && last->decision() == v1::DECISION_PERMIT;
+  });
+  ASSERT_TRUE(permitted);
+  EXPECT_EQ(last->consent_version(), 3);
+}
+
+TEST_F(ConsentTest, HistoryKeepsEveryVersion) {
+  const std::string patient = Place("history-1", "FR");
+  auto app = Stub(pki_->app());
+  const absl::Time end = absl::Now() + absl::Hours(24);
+  ASSERT_TRUE(Grant(*app, GrantArgs(patient).WithEvidence("form-1").WithRequestId("h-1")).ok());
+  // A retry of the same grant records nothing.
+  auto retry = Grant(*app, GrantArgs(patient).WithEvidence("form-1").WithRequestId("h-1"));
+  ASSERT_TRUE(retry.ok());
+  EXPECT_EQ(retry->version(), 1);
+  ASSERT_TRUE(Grant(*Stub(pki_->practitioner()),
+                    GrantArgs(patient).EndingAt(end).WithEvidence("form-2").WithRequestId("h-2"))
+                  .ok());
+  v1::RevokeConsentRequest revoke = ByKey(patient, v1::PURPOSE_CARE);
+  revoke.set_request_id("h-3");
+  revoke.set_reason("moved to another clinic");
+  auto revoked = Revoke(*app, revoke);
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_EQ(revoked->version(), 3);
+  EXPECT_FALSE(revoked->already_revoked());
+  auto again = Revoke(*app, revoke);
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->already_revoked());
+  EXPECT_EQ(again->version(), 3);
+  auto regranted = Grant(*app, GrantArgs(patient).WithEvidence("form-3").WithRequestId("h-4"));
+  ASSERT_TRUE(regranted.ok());
+  EXPECT_EQ(regranted->version(), 4);
+
+  auto listed = List(*app, ListOf(patient, true));
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->consents_size(), 1);
+  const v1::PatientConsent& c = listed->consents(0);
+  EXPECT_EQ(c.consent_id(), regranted->consent_id());
+  EXPECT_EQ(c.patient_id(), patient);
+  EXPECT_EQ(c.purpose(), v1::PURPOSE_CARE);
+  EXPECT_EQ(c.actor(), "");
+  EXPECT_EQ(c.state(), v1::CONSENT_STATE_GRANTED);
+  ASSERT_EQ(c.history_size(), 4);
+  const std::vector<std::pair<v1::ConsentState, std::string>> expected = {
+      {v1::CONSENT_STATE_GRANTED, "form-1"},
+      {v1::CONSENT_STATE_GRANTED, "form-2"},
+      {v1::CONSENT_STATE_REVOKED, "form-2"},
+      {v1::CONSENT_STATE_GRANTED, "form-3"}};
+  for (int i = 0; i < 4; ++i) {
+    const v1::ConsentVersion& v = c.history(i);
+    EXPECT_EQ(v.version(), i + 1);
+    EXPECT_EQ(v.state(), expected[i].first) << i;
+    EXPECT_EQ(v.evidence_ref(), expected[i].second) << i;
+    EXPECT_EQ(v.request_id(), absl::StrCat("h-", i + 1));
+    EXPECT_TRUE(v.period().has_start_at());
+    EXPECT_TRUE(v.has_recorded_at());
+  }
+  EXPECT_EQ(c.history(0).recorded_by(), App());
+  EXPECT_EQ(c.history(1).recorded_by(), Practitioner());
+  EXPECT_EQ(absl::ToUnixMicros(FromProtoTimestamp(c.history(1).period().end_at())), absl::ToUnixMicros(end));
+  // The revoked version keeps the period it revoked, and says why.
+  EXPECT_EQ(c.history(2).period().end_at().seconds(), c.history(1).period().end_at().seconds());
+  EXPECT_EQ(c.history(2).reason(), "moved to another clinic");
+  EXPECT_EQ(c.history(3).reason(), "");
+  EXPECT_EQ(c.current().DebugString(), c.history(3).DebugString());
+
+  // Without history only the current version comes back.
+  auto current = List(*app, ListOf(patient, false));
+  ASSERT_TRUE(current.ok());
+  EXPECT_EQ(current->consents(0).history_size(), 0);
+  EXPECT_EQ(current->consents(0).current().version(), 4);
+
+  // History cannot be rewritten, even with SQL.
+  pqxx::connection c_fr(clusters_->region("fr-1").ConnectionString());
+  for (const char* sql : {"UPDATE consent_versions SET state = 'granted' WHERE consent_id = $1",
+                          "DELETE FROM consent_versions WHERE consent_id = $1",
+                          "DELETE FROM consents WHERE consent_id = $1"}) {
+    pqxx::work txn(c_fr);
+    EXPECT_THROW(txn.exec_params(sql, c.consent_id()), pqxx::sql_error) << sql;
+  }
+}
+
+TEST_F(ConsentTest, ExpiredConsentDeniesAndFutureOneIsNotYetValid) {
+  const std::string patient = Place("periods-1", "FR");
+  auto service = Stub(pki_->service());
+  const absl::Time end = absl::Now() + absl::Milliseconds(1500);
+  auto granted = Grant(GrantArgs(patient).EndingAt(end));
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  auto first = Check(*service, patient, v1::PURPOSE_CARE, App());
+  ASSERT_TRUE(first.ok()) << first.status();
+  if (absl::Now() < end) {
+    // Decided before the end: permitted, and says until when.
+    EXPECT_EQ(first->decision(), v1::DECISION_PERMIT);
+    EXPECT_EQ(absl::ToUnixMicros(FromProtoTimestamp(first->valid_until())), absl::ToUnixMicros(end));
+  }
+  absl::StatusOr<v1::CheckAccessResponse> last;
+  ASSERT_TRUE(PollUntil(end + kPatience, [&] {
+    last = Check(*service, patient, v1::PURPOSE_CARE, App());
+    return last.ok() && last->reason() == v1::ACCESS_REASON_EXPIRED;
+  }));
+  EXPECT_EQ(last->decision(), v1::DECISION_DENY);
+  EXPECT_EQ(last->consent_id(), granted->consent_id());
+  EXPECT_EQ(last->consent_version(), 1);
+  EXPECT_GE(absl::Now(), end);  // no job ran: the end time alone made it expire
+  auto listed = List(*Stub(pki_->app()), ListOf(patient));
+  ASSERT_TRUE(listed.ok());
+  EXPECT_EQ(listed->consents(0).state(), v1::CONSENT_STATE_EXPIRED);
+  EXPECT_EQ(listed->consents(0).current().state(), v1::CONSENT_STATE_GRANTED);
+
+  // A consent that starts later.
+  const absl::Time start = absl::Now() + absl::Hours(1);
+  auto future = Grant(GrantArgs(patient)
+                          .WithPurpose(v1::PURPOSE_RESEARCH)
+                          .StartingAt(start)
+                          .EndingAt(start + absl::Hours(1)));
+  ASSERT_TRUE(future.ok()) << future.status();
+  auto pending = Check(*service, patient, v1::PURPOSE_RESEARCH, App());
+  ASSERT_TRUE(pending.ok());
+  EXPECT_EQ(pending->decision(), v1::DECISION_DENY);
+  EXPECT_EQ(pending->reason(), v1::ACCESS_REASON_NOT_YET_VALID);
+  EXPECT_EQ(pending->consent_id(), future->consent_id());
+  EXPECT_EQ(absl::ToUnixMicros(FromProtoTimestamp(pending->valid_until())), absl::ToUnixMicros(start));
+}
+
+TEST_F(ConsentTest, ActorNarrowingCoversOnlyThatActor) {
+  const std::string patient = Place("narrowing-1", "FR");
+  auto service = Stub(pki_->service());
+  auto narrowed =
+      Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_RESEARCH).WithActor(Practitioner()));
+  ASSERT_TRUE(narrowed.ok()) << narrowed.status();
+  auto permit = Check(*service, patient, v1::PURPOSE_RESEARCH, Practitioner());
+  ASSERT_TRUE(permit.ok());
+  EXPECT_EQ(permit->decision(), v1::DECISION_PERMIT);
+  EXPECT_EQ(permit->consent_id(), narrowed->consent_id());
+  for (const std::string& actor :
+       {App(), Device(), GlobexPractitioner(), pki_->SpiffeId("/tenant/acme/practitioner/p-2")}) {
+    auto check = Check(*service, patient, v1::PURPOSE_RESEARCH, actor);
+    ASSERT_TRUE(check.ok()) << check.status();
+    EXPECT_EQ(check->decision(), v1::DECISION_DENY) << actor;
+    EXPECT_EQ(check->reason(), v1::ACCESS_REASON_ACTOR_NOT_COVERED) << actor;
+  }
+  // A tenant-wide consent covers the tenant's devices, never another tenant's identities.
+  ASSERT_TRUE(Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_GEOLOCATION)).ok());
+  EXPECT_EQ(Check(*service, patient, v1::PURPOSE_GEOLOCATION, Device())->decision(),
+            v1::DECISION_PERMIT);
+  EXPECT_EQ(Check(*service, patient, v1::PURPOSE_GEOLOCATION, GlobexPractitioner())->reason(),
+            v1::ACCESS_REASON_ACTOR_NOT_COVERED);
+  // Narrowing only to a practitioner or app of the patient's tenant.
+  for (const std::string& actor :
+       {GlobexPractitioner(), Device(), pki_->SpiffeId("/service/ingest"),
+        std::string("spiffe://evil.test/tenant/acme/practitioner/p-1")}) {
+    auto refused = Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_CARE).WithActor(actor));
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << actor;
+    EXPECT_THAT(std::string(refused.status().message()), HasSubstr("actor")) << actor;
+  }
+}
+
+TEST_F(ConsentTest, ConsentsOfAnFrPatientExistOnlyInFr1) {
+  const std::string fr = Place("residency-fr", "FR");
+  const std::string be = Place("residency-be", "BE");
+  ASSERT_TRUE(Grant(GrantArgs(fr).WithPurpose(v1::PURPOSE_CARE)).ok());
+  ASSERT_TRUE(Grant(GrantArgs(fr).WithPurpose(v1::PURPOSE_REMOTE_MONITORING)).ok());
+  ASSERT_TRUE(Revoke(*Stub(pki_->app()), ByKey(fr, v1::PURPOSE_CARE)).ok());
+  ASSERT_TRUE(Grant(GrantArgs(be).WithPurpose(v1::PURPOSE_CARE)).ok());
+  // Per region and patient: its consents, their versions, and its audit entries there.
+  for (auto* region : clusters_->regions()) {
+    for (const auto& [patient, counts] : std::map<std::string, std::vector<int64_t>>{
+             {fr, region->name() == "fr-1" ? std::vector<int64_t>{2, 3, 3}
+                                           : std::vector<int64_t>{0, 0, 0}},
+             {be, region->name() == "eu-1" ? std::vector<int64_t>{1, 1, 1}
+                                           : std::vector<int64_t>{0, 0, 0}}}) {
+      EXPECT_EQ(CountIn(*region, "SELECT count(*) FROM consents WHERE patient_id = $1", patient),
+                counts[0])
+          << region->name();
+      EXPECT_EQ(
+          CountIn(*region,
+                  "SELECT count(*) FROM consent_versions v JOIN consents c USING (consent_id) "
+                  "WHERE c.patient_id = $1",
+                  patient),
+          counts[1])
+          << region->name();
+      EXPECT_EQ(CountIn(*region, "SELECT count(*) FROM audit_log WHERE patient_id = $1", patient),
+                counts[2])
+          << region->name();
+    }
+  }
+  // The control database holds the directory only: no consent table, no consent audit entry.
+  EXPECT_EQ(CountIn(clusters_->control(), "SELECT count(*) FROM pg_tables WHERE tablename = $1",
+                    "consents"),
+            0);
+  EXPECT_EQ(CountIn(clusters_->control(), "SELECT count(*) FROM audit_log WHERE object_type = $1",
+                    "consent"),
+            0);
+}
+
+TEST_F(ConsentTest, CrossTenantMatrixHasZeroSuccesses) {
+  const std::string patient = Place("cross-tenant-1", "FR");
+  auto granted = Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_CARE));
+  ASSERT_TRUE(granted.ok());
+  const std::string unknown_patient = "pt_0000000000000000000000000000000000000000";
+  const std::string unknown_consent = "cn_fr-1_000000000000000000000000";
+
+  int calls = 0;
+  int successes = 0;
+  for (const TestCert* as : {&pki_->globex_app(), &pki_->globex_practitioner()}) {
+    auto stub = Stub(*as);
+    // Each call on acme's ids must fail exactly like the same call on ids that do not exist.
+    auto expect_not_found = [&](const absl::Status& theirs, const absl::Status& unknown,
+                                const std::string& what) {
+      ++calls;
+      successes += theirs.ok();
+      EXPECT_EQ(theirs.code(), absl::StatusCode::kNotFound) << what << ": " << theirs;
+      EXPECT_EQ(theirs.message(), unknown.message()) << what;
+      EXPECT_EQ(unknown.code(), absl::StatusCode::kNotFound) << what;
+    };
+    expect_not_found(Grant(*stub, GrantArgs(patient)).status(),
+                     Grant(*stub, GrantArgs(unknown_patient)).status(), "GrantConsent");
+    expect_not_found(Revoke(*stub, ById(granted->consent_id())).status(),
+                     Revoke(*stub, ById(unknown_consent)).status(), "RevokeConsent(id)");
+    expect_not_found(Revoke(*stub, ByKey(patient, v1::PURPOSE_CARE)).status(),
+                     Revoke(*stub, ByKey(unknown_patient, v1::PURPOSE_CARE)).status(),
+                     "RevokeConsent(key)");
+    expect_not_found(List(*stub, ListOf(patient, true)).status(),
+                     List(*stub, ListOf(unknown_patient, true)).status(), "ListConsents");
+    expect_not_found(Check(*stub, patient, v1::PURPOSE_CARE, GlobexPractitioner()).status(),
+                     Check(*stub, unknown_patient, v1::PURPOSE_CARE, GlobexPractitioner()).status(),
+                     "CheckAccess");
+  }
+  EXPECT_EQ(calls, 10);
+  EXPECT_EQ(successes, 0);
+  // A service asking on behalf of globex's practitioner gets a deny, not acme's consent.
+  auto on_behalf = Check(*Stub(pki_->service()), patient, v1::PURPOSE_CARE, GlobexPractitioner());
+  ASSERT_TRUE(on_behalf.ok());
+  EXPECT_EQ(on_behalf->decision(), v1::DECISION_DENY);
+  EXPECT_EQ(on_behalf->reason(), v1::ACCESS_REASON_ACTOR_NOT_COVERED);
+  // acme's consent is untouched.
+  auto listed = List(*Stub(pki_->app()), ListOf(patient, true));
+  ASSERT_TRUE(listed.ok());
+  ASSERT_EQ(listed->consents_size(), 1);
+  EXPECT_EQ(listed->consents(0).state(), v1::CONSENT_STATE_GRANTED);
+  EXPECT_EQ(listed->consents(0).history_size(), 1);
+}
+
+TEST_F(ConsentTest, DevicesMayCallNothingAndRolesAreEnforced) {
+  const std::string patient = Place("roles-1", "FR");
+  std::vector<std::pair<std::string, grpc::Status>> results;
+  auto call_all = [&](const std::string& who, const TestCert& cert) {
+    auto stub = Stub(cert);
+    {
+      v1::GrantConsentRequest request;
+      request.set_patient_id(patient);
+      request.set_purpose(v1::PURPOSE_REMOTE_MONITORING);
+      request.set_evidence_ref("x");
+      v1::GrantConsentResponse response;
+      grpc::ClientContext context;
+      results.emplace_back(who + ".GrantConsent", stub->GrantConsent(&context, request, &response));
+    }
+    {
+      v1::RevokeConsentRequest request = ByKey(patient, v1::PURPOSE_CARE);
+      request.set_reason("x");
+      v1::RevokeConsentResponse response;
+      grpc::ClientContext context;
+      results.emplace_back(who + ".RevokeConsent",
+                           stub->RevokeConsent(&context, request, &response));
+    }
+    {
+      v1::ListConsentsResponse response;
+      grpc::ClientContext context;
+      results.emplace_back(who + ".ListConsents",
+                           stub->ListConsents(&context, ListOf(patient), &response));
+    }
+    {
+      v1::CheckAccessRequest request;
+      request.set_patient_id(patient);
+      request.set_purpose(v1::PURPOSE_REMOTE_MONITORING);
+      request.set_actor(Device());
+      v1::CheckAccessResponse response;
+      grpc::ClientContext context;
+      results.emplace_back(who + ".CheckAccess", stub->CheckAccess(&context, request, &response));
+    }
+  };
+  call_all("device", pki_->device());
+  call_all("globex_device", pki_->globex_device());
+  ASSERT_EQ(results.size(), 8u);
+  for (const auto& [name, status] : results) {
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << name;
+  }
+  // Services decide, they do not record; ops record, they do not decide.
+  EXPECT_EQ(Grant(GrantArgs(patient), &pki_->service()).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(List(*Stub(pki_->service()), ListOf(patient)).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(Check(*Stub(pki_->ops()), patient, v1::PURPOSE_CARE, App()).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  // Nothing was recorded by any of it.
+  EXPECT_EQ(List(*Stub(pki_->app()), ListOf(patient))->consents_size(), 0);
+}
+
+TEST_F(ConsentTest, OpsRecordConsentsForAnyTenantsPatient) {
+  const std::string patient = Place("ops-1", "DE");
+  auto granted =
+      Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_CARE).WithActor(App()), &pki_->ops());
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  auto listed = List(*Stub(pki_->ops()), ListOf(patient, true));
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->consents_size(), 1);
+  EXPECT_EQ(listed->consents(0).current().recorded_by(), pki_->SpiffeId("/ops/alice"));
+  EXPECT_EQ(CountIn(clusters_->region("de-1"),
+                    "SELECT count(*) FROM audit_log WHERE consent_id = $1 AND tenant = 'acme'",
+                    granted->consent_id()),
+            1);
+  auto revoked = Revoke(*Stub(pki_->ops()), ById(granted->consent_id()));
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_EQ(revoked->version(), 2);
+}
+
+TEST_F(ConsentTest, BadInputNamesTheField) {
+  const std::string patient = Place("bad-input-1", "FR");
+  const absl::Time now = absl::Now();
+  struct GrantCase {
+    GrantArgs args;
+    std::string mentions;
+  };
+  std::vector<GrantCase> grants = {
+      {GrantArgs(patient).WithPurpose(v1::PURPOSE_UNSPECIFIED), "purpose"},
+      {GrantArgs(patient).WithPurpose(static_cast<v1::Purpose>(99)), "purpose"},
+      {GrantArgs(patient).StartingAt(now + absl::Hours(2)).EndingAt(now + absl::Hours(1)),
+       "period"},
+      {GrantArgs(patient).StartingAt(now + absl::Hours(1)).EndingAt(now + absl::Hours(1)),
+       "period"},
+      {GrantArgs(patient).EndingAt(now - absl::Hours(1)), "period.end_at"},
+      {GrantArgs(patient).WithEvidence(""), "evidence_ref"},
+      {GrantArgs(patient).WithEvidence(std::string(513, 'e')), "evidence_ref"},
+      {GrantArgs(patient).WithActor("not-an-identity"), "actor"},
+      {GrantArgs(patient).WithActor(std::string(600, 'a')), "actor"},
+      {GrantArgs(patient).WithRequestId(std::string(65, 'r')), "request_id"},
+      {GrantArgs(""), "patient_id"},
+      {GrantArgs(std::string(65, 'p')), "patient_id"},
+      {GrantArgs("pt_with spaces"), "patient_id"},
+  };
+  for (const GrantCase& c : grants) {
+    auto result = Grant(c.args);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << c.mentions;
+    EXPECT_THAT(std::string(result.status().message()), HasSubstr(c.mentions));
+  }
+  {
+    v1::GrantConsentRequest request;
+    request.set_patient_id(patient);
+    request.set_purpose(v1::PURPOSE_CARE);
+    request.set_evidence_ref("x");
+    request.mutable_period()->mutable_end_at()->set_nanos(-5);
+    v1::GrantConsentResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(pki_->app())->GrantConsent(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(status.error_message(), HasSubstr("period.end_at"));
+  }
+  auto app = Stub(pki_->app());
+  struct RevokeCase {
+    v1::RevokeConsentRequest request;
+    std::string mentions;
+  };
+  v1::RevokeConsentRequest no_target;
+  no_target.set_reason("x");
+  v1::RevokeConsentRequest long_reason = ByKey(patient, v1::PURPOSE_CARE);
+  long_reason.set_reason(std::string(513, 'r'));
+  for (const RevokeCase& c :
+       {RevokeCase{no_target, "target"},
+        RevokeCase{ByKey(patient, v1::PURPOSE_UNSPECIFIED), "key.purpose"},
+        RevokeCase{ByKey("", v1::PURPOSE_CARE), "key.patient_id"},
+        RevokeCase{ById(std::string(70, 'c')), "consent_id"}, RevokeCase{long_reason, "reason"}}) {
+    auto result = Revoke(*app, c.request);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << c.mentions;
+    EXPECT_THAT(std::string(result.status().message()), HasSubstr(c.mentions));
+  }
+  v1::ListConsentsRequest negative = ListOf(patient);
+  negative.set_page_size(-1);
+  v1::ListConsentsRequest forged = ListOf(patient);
+  forged.set_page_token("not-a-token!");
+  v1::ListConsentsRequest bad_purpose = ListOf(patient);
+  bad_purpose.set_purpose(static_cast<v1::Purpose>(42));
+  for (const auto& [request, mentions] :
+       std::vector<std::pair<v1::ListConsentsRequest, std::string>>{
+           {negative, "page_size"}, {forged, "page_token"}, {bad_purpose, "purpose"}}) {
+    auto result = List(*app, request);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << mentions;
+    EXPECT_THAT(std::string(result.status().message()), HasSubstr(mentions));
+  }
+  auto service = Stub(pki_->service());
+  for (const auto& [purpose, actor, mentions] :
+       std::vector<std::tuple<v1::Purpose, std::string, std::string>>{
+           {v1::PURPOSE_UNSPECIFIED, App(), "purpose"},
+           {v1::PURPOSE_CARE, "", "actor"},
+           {v1::PURPOSE_CARE, "spiffe://evil.test/tenant/acme/app/backend", "actor"},
+           {v1::PURPOSE_CARE, pki_->SpiffeId("/service/ingest"), "actor"}}) {
+    auto result = Check(*service, patient, purpose, actor);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << mentions;
+    EXPECT_THAT(std::string(result.status().message()), HasSubstr(mentions));
+  }
+  // Unknown patients and consents are NOT_FOUND.
+  EXPECT_EQ(Check(*service, "pt_unknown", v1::PURPOSE_CARE, App()).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(Revoke(*app, ByKey(patient, v1::PURPOSE_RESEARCH)).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(Revoke(*app, ById("cn_mars-1_000000000000000000000000")).status().code(),
+            absl::StatusCode::kNotFound);
+  // Nothing was recorded by any of it.
+  EXPECT_EQ(List(*app, ListOf(patient))->consents_size(), 0);
+}
+
+TEST_F(ConsentTest, ListsPageByPurposeThenActor) {
+  const std::string patient = Place("paging-1", "FR");
+  for (const auto& [purpose, actor] :
+       std::vector<std::pair<v1::Purpose, std::string>>{{v1::PURPOSE_GEOLOCATION, ""},
+                                                        {v1::PURPOSE_CARE, Practitioner()},
+                                                        {v1::PURPOSE_RESEARCH, ""},
+                                                        {v1::PURPOSE_CARE, ""},
+                                                        {v1::PURPOSE_CARE, App()}}) {
+    ASSERT_TRUE(Grant(GrantArgs(patient).WithPurpose(purpose).WithActor(actor)).ok());
+  }
+  auto app = Stub(pki_->app());
+  std::vector<std::pair<int, std::string>> seen;
+  std::string token;
+  int pages = 0;
+  do {
+    v1::ListConsentsRequest request = ListOf(patient);
+    request.set_page_size(2);
+    request.set_page_token(token);
+    auto page = List(*app, request);
+    ASSERT_TRUE(page.ok()) << page.status();
+    EXPECT_LE(page->consents_size(), 2);
+    for (const auto& c : page->consents()) seen.emplace_back(c.purpose(), c.actor());
+    token = page->next_page_token();
+    ++pages;
+  } while (!token.empty() && pages < 10);
+  const std::vector<std::pair<int, std::string>> expected = {{v1::PURPOSE_CARE, ""},
+                                                             {v1::PURPOSE_CARE, App()},
+                                                             {v1::PURPOSE_CARE, Practitioner()},
+                                                             {v1::PURPOSE_RESEARCH, ""},
+                                                             {v1::PURPOSE_GEOLOCATION, ""}};
+  EXPECT_EQ(seen, expected);
+  EXPECT_EQ(pages, 3);
+  v1::ListConsentsRequest care = ListOf(patient);
+  care.set_purpose(v1::PURPOSE_CARE);
+  EXPECT_EQ(List(*app, care)->consents_size(), 3);
+}
+
+TEST_F(ConsentTest, EveryGrantAndRevocationIsAuditedInTheHomeShardChain) {
+  const std::string patient = Place("audit-1", "FR");
+  PgCluster& fr = clusters_->region("fr-1");
+  const std::string count_sql =
+      "SELECT count(*) FROM audit_log WHERE patient_id = $1 AND object_type = 'consent'";
+  auto app = Stub(pki_->app());
+  auto granted = Grant(*app, GrantArgs(patient).WithRequestId("audit-grant"));
+  ASSERT_TRUE(granted.ok());
+  ASSERT_TRUE(Grant(*app, GrantArgs(patient).WithRequestId("audit-grant")).ok());  // retry
+  ASSERT_TRUE(
+      Grant(*app, GrantArgs(patient).WithEvidence("form-2").WithRequestId("audit-regrant")).ok());
+  v1::RevokeConsentRequest revoke = ById(granted->consent_id());
+  revoke.set_request_id("audit-revoke");
+  ASSERT_TRUE(Revoke(*app, revoke).ok());
+  ASSERT_TRUE(Revoke(*app, revoke).ok());  // already revoked: nothing recorded
+  EXPECT_EQ(CountIn(fr, count_sql, patient), 3);
+
+  pqxx::connection c(fr.ConnectionString());
+  {
+    pqxx::nontransaction q(c);
+    pqxx::result rows = q.exec_params(
+        "SELECT actor, tenant, action, object_id, purpose, consent_id, consent_version, "
+        "request_id, decision FROM audit_log WHERE patient_id = $1 ORDER BY seq",
+        patient);
+    ASSERT_EQ(rows.size(), 3u);
+    const std::vector<std::tuple<std::string, int64_t, std::string>> expected = {
+        {"create", 1, "audit-grant"},
+        {"update", 2, "audit-regrant"},
+        {"update", 3, "audit-revoke"}};
+    for (size_t i = 0; i < rows.size(); ++i) {
+      EXPECT_EQ(rows[i][0].as<std::string>(), App());
+      EXPECT_EQ(rows[i][1].as<std::string>(), "acme");
+      EXPECT_EQ(rows[i][2].as<std::string>(), std::get<0>(expected[i]));
+      EXPECT_EQ(rows[i][3].as<std::string>(), granted->consent_id());
+      EXPECT_EQ(rows[i][4].as<std::string>(), "CARE");
+      EXPECT_EQ(rows[i][5].as<std::string>(), granted->consent_id());
+      EXPECT_EQ(rows[i][6].as<int64_t>(), std::get<1>(expected[i]));
+      EXPECT_EQ(rows[i][7].as<std::string>(), std::get<2>(expected[i]));
+      EXPECT_EQ(rows[i][8].as<std::string>(), "permit");
+    }
+  }
+  for (auto* region : clusters_->regions()) {
+    pqxx::connection rc(region->ConnectionString());
+    auto verified = audit::VerifyChain(rc);
+    ASSERT_TRUE(verified.ok()) << verified.status();
+    EXPECT_TRUE(verified->ok) << region->name() << ": " << verified->problem;
+  }
+}
+
+TEST_F(ConsentTest, RoutingDownIsUnavailable) {
+  // An instance whose routing does not answer (nothing listens on port 1).
+  std::unique_ptr<MedgateConfig> config(ParseConfig(ConsentYaml("127.0.0.1:1")));
+  ASSERT_NE(config, nullptr);
+  auto server = ConsentServer::Create(*config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  const std::string patient = Place("routing-down-1", "FR");
+  auto app = Stub(pki_->app(), server->get());
+  EXPECT_EQ(Grant(*app, GrantArgs(patient)).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(List(*app, ListOf(patient)).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(Check(*Stub(pki_->service(), server->get()), patient, v1::PURPOSE_CARE, App())
+                .status()
+                .code(),
+            absl::StatusCode::kUnavailable);
+  (*server)->Shutdown();
+}
+
+// Last: it stops and restarts a shard.
+TEST_F(ConsentTest, ShardDownIsUnavailableForItsPatientsOnly) {
+  const std::string de = Place("outage-de", "DE");
+  const std::string fr = Place("outage-fr", "FR");
+  auto app = Stub(pki_->app());
+  auto service = Stub(pki_->service());
+  ASSERT_TRUE(Grant(*app, GrantArgs(de)).ok());
+  ASSERT_TRUE(Grant(*app, GrantArgs(fr)).ok());
+  ASSERT_EQ(Check(*service, de, v1::PURPOSE_CARE, App())->decision(), v1::DECISION_PERMIT);
+
+  PgCluster& de1 = clusters_->region("de-1");
+  ASSERT_TRUE(de1.Stop().ok());
+  EXPECT_EQ(Grant(*app, GrantArgs(de).WithPurpose(v1::PURPOSE_RESEARCH)).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(List(*app, ListOf(de)).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(Revoke(*app, ByKey(de, v1::PURPOSE_CARE)).status().code(),
+            absl::StatusCode::kUnavailable);
+  // The cache fails closed for de-1's patients once its change feed has been down too long...
+  absl::StatusOr<v1::CheckAccessResponse> last;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    last = Check(*service, de, v1::PURPOSE_CARE, App());
+    return !last.ok();
+  }));
+  EXPECT_EQ(last.status().code(), absl::StatusCode::kUnavailable) << last.status();
+  // ...while other regions' patients keep working, reads and writes.
+  EXPECT_TRUE(Grant(*app, GrantArgs(fr).WithPurpose(v1::PURPOSE_RESEARCH)).ok());
+  EXPECT_EQ(Check(*service, fr, v1::PURPOSE_CARE, App())->decision(), v1::DECISION_PERMIT);
+  EXPECT_EQ(Check(*Stub(pki_->service(), b_), fr, v1::PURPOSE_RESEARCH, App())->decision(),
+            v1::DECISION_PERMIT);
+  EXPECT_TRUE(List(*app, ListOf(fr)).ok());
+
+  ASSERT_TRUE(de1.StartAgain().ok());
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    last = Check(*service, de, v1::PURPOSE_CARE, App());
+    return last.ok();
+  })) << last.status();
+  EXPECT_EQ(last->decision(), v1::DECISION_PERMIT);
+  absl::StatusOr<v1::GrantConsentResponse> regrant;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    regrant = Grant(*app, GrantArgs(de).WithPurpose(v1::PURPOSE_RESEARCH));
+    return regrant.ok();
+  })) << regrant.status();
+}
+
+}  // namespace
+}  // namespace medgate::consent

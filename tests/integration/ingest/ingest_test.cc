@@ -1,0 +1,506 @@
+// The ingest service over real mTLS and real PostgreSQL, with real routing and consent services:
+// residency, acks after commit, duplicates, validation, consent, geolocation, shard failure.
+#include <filesystem>
+#include <thread>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "libs/audit/audit_log.h"
+#include "libs/device_sdk/device_client.h"
+#include "libs/identity/credentials.h"
+#include "medgate/v1/consent.grpc.pb.h"
+#include "medgate/v1/ingest.grpc.pb.h"
+#include "medgate/v1/routing.grpc.pb.h"
+#include "services/consent/consent_server.h"
+#include "services/ingest/ingest_server.h"
+#include "services/routing/routing_server.h"
+#include "tests/support/test_stack.h"
+
+namespace medgate::ingest {
+namespace {
+
+using ::testing::HasSubstr;
+using test_support::TestCert;
+using test_support::TestStack;
+
+template <typename Service>
+std::unique_ptr<typename Service::Stub> StubAs(const TestCert& cert, const std::string& ca, int port) {
+  auto channel = MakeChannel(absl::StrCat("127.0.0.1:", port),
+                             TlsConfig{cert.cert_path, cert.key_path, ca, 60});
+  EXPECT_TRUE(channel.ok()) << channel.status();
+  return Service::NewStub(*channel);
+}
+
+google::protobuf::Timestamp Ts(absl::Time t) {
+  google::protobuf::Timestamp ts;
+  ts.set_seconds(absl::ToUnixSeconds(t));
+  ts.set_nanos(static_cast<int32_t>(absl::ToInt64Nanoseconds(t - absl::FromUnixSeconds(absl::ToUnixSeconds(t)))));
+  return ts;
+}
+
+v1::VitalSample HeartRate(uint64_t seq, double bpm = 72) {
+  v1::VitalSample s;
+  s.set_seq(seq);
+  s.set_loinc_code("8867-4");
+  s.set_value(bpm);
+  s.set_ucum_unit("/min");
+  *s.mutable_measured_at() = Ts(absl::Now() - absl::Minutes(1) + absl::Milliseconds(static_cast<int64_t>(seq)));
+  return s;
+}
+
+v1::VitalsBatch Batch(uint64_t batch_seq, uint64_t first_seq, int n) {
+  v1::VitalsBatch batch;
+  batch.set_batch_seq(batch_seq);
+  for (int i = 0; i < n; ++i) *batch.add_samples() = HeartRate(first_seq + static_cast<uint64_t>(i));
+  return batch;
+}
+
+// One device's stream: send a batch, read its ack.
+class DeviceStream {
+ public:
+  DeviceStream(v1::DeviceIngest::Stub& stub) {
+    context_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    stream_ = stub.StreamVitals(&context_);
+  }
+  // The ack, or nullopt when the stream ended (then Finish() tells why).
+  std::optional<v1::IngestAck> Send(const v1::VitalsBatch& batch) {
+    if (!stream_->Write(batch)) return std::nullopt;
+    v1::IngestAck ack;
+    if (!stream_->Read(&ack)) return std::nullopt;
+    return ack;
+  }
+  grpc::Status Finish() {
+    stream_->WritesDone();
+    v1::IngestAck ignored;
+    while (stream_->Read(&ignored)) {
+    }
+    return stream_->Finish();
+  }
+
+ private:
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::VitalsBatch, v1::IngestAck>> stream_;
+};
+
+class IngestTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto stack = TestStack::Start({"routing", "consent", "ingest"},
+                                  "ingest: {tenant_samples_per_second: 1000000}\n");
+    ASSERT_TRUE(stack.ok()) << stack.status();
+    stack_ = stack->release();
+    auto routing = routing::RoutingServer::Create(stack_->config());
+    ASSERT_TRUE(routing.ok()) << routing.status();
+    routing_ = routing->release();
+    ASSERT_TRUE(routing_->Start().ok());
+    stack_->SetAddress("routing", routing_->port());
+    auto consent = consent::ConsentServer::Create(stack_->config());
+    ASSERT_TRUE(consent.ok()) << consent.status();
+    consent_ = consent->release();
+    ASSERT_TRUE(consent_->Start().ok());
+    stack_->SetAddress("consent", consent_->port());
+    auto ingest = IngestServer::Create(stack_->config());
+    ASSERT_TRUE(ingest.ok()) << ingest.status();
+    ingest_ = ingest->release();
+    ASSERT_TRUE(ingest_->Start().ok());
+
+    auto ops = Routing(pki().ops());
+    for (const char* tenant : {"acme", "globex"}) {
+      v1::UpsertTenantRequest r;
+      r.mutable_tenant()->set_tenant_id(tenant);
+      r.mutable_tenant()->set_display_name(tenant);
+      for (const char* t : {"FR", "DE", "BE"}) r.mutable_tenant()->add_territories(t);
+      r.mutable_tenant()->set_active(true);
+      v1::UpsertTenantResponse response;
+      grpc::ClientContext context;
+      ASSERT_TRUE(ops->UpsertTenant(&context, r, &response).ok());
+    }
+  }
+
+  static void TearDownTestSuite() {
+    ingest_->Shutdown();
+    delete ingest_;
+    consent_->Shutdown();
+    delete consent_;
+    routing_->Shutdown();
+    delete routing_;
+    delete stack_;
+  }
+
+  static test_support::TestPki& pki() { return stack_->pki(); }
+  static std::unique_ptr<v1::TenantRouting::Stub> Routing(const TestCert& as) {
+    return StubAs<v1::TenantRouting>(as, pki().ca_path(), routing_->port());
+  }
+  static std::unique_ptr<v1::DeviceIngest::Stub> Ingest(const TestCert& as) {
+    return StubAs<v1::DeviceIngest>(as, pki().ca_path(), ingest_->port());
+  }
+
+  // Places a patient of acme and assigns `device` to it; returns the patient id.
+  static std::string PatientWithDevice(const std::string& ref, const std::string& territory,
+                                       const std::string& device) {
+    auto app = Routing(pki().app());
+    v1::PlacePatientRequest place;
+    place.set_patient_ref(ref);
+    place.set_territory(territory);
+    v1::PlacePatientResponse placed;
+    grpc::ClientContext c1;
+    EXPECT_TRUE(app->PlacePatient(&c1, place, &placed).ok());
+    v1::AssignDeviceRequest assign;
+    assign.set_device_id(device);
+    assign.set_patient_ref(ref);
+    v1::AssignDeviceResponse assigned;
+    grpc::ClientContext c2;
+    grpc::Status s = app->AssignDevice(&c2, assign, &assigned);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return placed.patient_id();
+  }
+
+  static void Grant(const std::string& patient_id, v1::Purpose purpose, const std::string& actor = "") {
+    auto stub = StubAs<v1::Consent>(pki().app(), pki().ca_path(), consent_->port());
+    v1::GrantConsentRequest r;
+    r.set_patient_id(patient_id);
+    r.set_purpose(purpose);
+    r.set_actor(actor);
+    r.set_evidence_ref("signed-form-1");
+    v1::GrantConsentResponse response;
+    grpc::ClientContext context;
+    grpc::Status s = stub->GrantConsent(&context, r, &response);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+
+  static TestCert Device(const std::string& tenant, const std::string& name) {
+    devpki::LeafOptions options;
+    options.common_name = name;
+    options.uri_sans = {pki().SpiffeId(absl::StrCat("/tenant/", tenant, "/device/", name))};
+    auto cert = pki().Issue(absl::StrCat(tenant, "-", name), options);
+    EXPECT_TRUE(cert.ok());
+    return *cert;
+  }
+
+  static int64_t Count(const std::string& region, const std::string& where) {
+    pqxx::connection c(stack_->clusters().region(region).ConnectionString());
+    pqxx::nontransaction q(c);
+    return q.exec1("SELECT count(*) FROM vitals WHERE " + where)[0].as<int64_t>();
+  }
+
+  static TestStack* stack_;
+  static routing::RoutingServer* routing_;
+  static consent::ConsentServer* consent_;
+  static IngestServer* ingest_;
+};
+
+TestStack* IngestTest::stack_ = nullptr;
+routing::RoutingServer* IngestTest::routing_ = nullptr;
+consent::ConsentServer* IngestTest::consent_ = nullptr;
+IngestServer* IngestTest::ingest_ = nullptr;
+
+TEST_F(IngestTest, StoresInTheHomeShardOnlyAndResendsAreDuplicates) {
+  std::string patient = PatientWithDevice("home-fr", "FR", "dev-home");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  TestCert device = Device("acme", "dev-home");
+  auto stub = Ingest(device);
+  DeviceStream stream(*stub);
+  std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 50));
+  ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+  EXPECT_FALSE(ack->has_retryable_error()) << ack->retryable_error().message();
+  EXPECT_EQ(ack->batch_seq(), 1u);
+  EXPECT_EQ(ack->stored_count(), 50u);
+  EXPECT_EQ(ack->highest_committed_seq(), 50u);
+  // Acked means committed: the rows are there now, in fr-1 only.
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-home'"), 50);
+  EXPECT_EQ(Count("de-1", "true"), 0);
+  EXPECT_EQ(Count("eu-1", "true"), 0);
+  EXPECT_EQ(Count("fr-1", absl::StrCat("device_id = 'dev-home' AND patient_id = '", patient, "'")), 50);
+
+  // The ack was "lost": the device resends the batch, plus a batch overlapping it.
+  ack = stream.Send(Batch(1, 1, 50));
+  ASSERT_TRUE(ack.has_value());
+  EXPECT_EQ(ack->stored_count(), 0u);
+  EXPECT_EQ(ack->duplicate_count(), 50u);
+  ack = stream.Send(Batch(2, 41, 20));
+  ASSERT_TRUE(ack.has_value());
+  EXPECT_EQ(ack->stored_count(), 10u);
+  EXPECT_EQ(ack->duplicate_count(), 10u);
+  EXPECT_TRUE(stream.Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-home'"), 60);
+}
+
+TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
+  std::string patient = PatientWithDevice("validation", "FR", "dev-validate");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto stub = Ingest(Device("acme", "dev-validate"));
+  v1::VitalsBatch batch;
+  batch.set_batch_seq(7);
+  *batch.add_samples() = HeartRate(1);                       // 0 ok
+  v1::VitalSample s = HeartRate(2);
+  s.set_loinc_code("0000-0");
+  *batch.add_samples() = s;                                  // 1 unknown code
+  s = HeartRate(3);
+  s.set_ucum_unit("bpm");
+  *batch.add_samples() = s;                                  // 2 wrong unit
+  *batch.add_samples() = HeartRate(4, 400);                  // 3 out of range
+  *batch.add_samples() = HeartRate(5, std::nan(""));         // 4 not finite
+  s = HeartRate(6);
+  *s.mutable_measured_at() = Ts(absl::Now() + absl::Minutes(10));
+  *batch.add_samples() = s;                                  // 5 future
+  s = HeartRate(7);
+  *s.mutable_measured_at() = Ts(absl::Now() - absl::Hours(24 * 40));
+  *batch.add_samples() = s;                                  // 6 too old
+  *batch.add_samples() = HeartRate(8, 180);                  // 7 ok
+  DeviceStream stream(*stub);
+  auto ack = stream.Send(batch);
+  ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+  EXPECT_EQ(ack->stored_count(), 2u);
+  EXPECT_EQ(ack->rejected_count(), 6u);
+  std::vector<std::pair<uint32_t, v1::RejectReason>> got;
+  for (const auto& r : ack->rejections()) {
+    got.emplace_back(r.sample_index(), r.reason());
+    EXPECT_FALSE(r.detail().empty());
+  }
+  EXPECT_THAT(got, ::testing::ElementsAre(
+                       std::make_pair(1u, v1::REJECT_REASON_UNKNOWN_CODE),
+                       std::make_pair(2u, v1::REJECT_REASON_WRONG_UNIT),
+                       std::make_pair(3u, v1::REJECT_REASON_OUT_OF_RANGE),
+                       std::make_pair(4u, v1::REJECT_REASON_NOT_FINITE),
+                       std::make_pair(5u, v1::REJECT_REASON_TIME_IN_FUTURE),
+                       std::make_pair(6u, v1::REJECT_REASON_TIME_TOO_OLD)));
+  EXPECT_TRUE(stream.Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-validate'"), 2);
+  // A batch over the bound ends the stream with a clear error; nothing of it is stored.
+  DeviceStream big(*stub);
+  EXPECT_FALSE(big.Send(Batch(8, 100, 1001)).has_value());
+  grpc::Status status = big.Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("1001"));
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-validate'"), 2);
+}
+
+TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
+  PatientWithDevice("no-consent", "FR", "dev-noconsent");
+  auto stub = Ingest(Device("acme", "dev-noconsent"));
+  DeviceStream stream(*stub);
+  auto ack = stream.Send(Batch(1, 1, 5));
+  ASSERT_TRUE(ack.has_value());
+  EXPECT_EQ(ack->stored_count(), 0u);
+  ASSERT_EQ(ack->rejected_count(), 5u);
+  EXPECT_EQ(ack->rejections(0).reason(), v1::REJECT_REASON_NO_CONSENT);
+  EXPECT_THAT(ack->rejections(0).detail(), HasSubstr("REMOTE_MONITORING"));
+  EXPECT_TRUE(stream.Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-noconsent'"), 0);
+
+  std::string patient = PatientWithDevice("geo", "FR", "dev-geo");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto geo_stub = Ingest(Device("acme", "dev-geo"));
+  DeviceStream geo(*geo_stub);
+  v1::VitalsBatch batch = Batch(1, 1, 1);
+  batch.mutable_samples(0)->mutable_location()->set_latitude(48.85);
+  batch.mutable_samples(0)->mutable_location()->set_longitude(2.35);
+  ack = geo.Send(batch);
+  ASSERT_TRUE(ack.has_value());
+  EXPECT_EQ(ack->stored_count(), 1u);
+  EXPECT_EQ(ack->locations_dropped_count(), 1u);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-geo' AND latitude IS NULL"), 1);
+  // With GEOLOCATION consent (reaching ingest's cache within a second), location is kept.
+  Grant(patient, v1::PURPOSE_GEOLOCATION);
+  uint64_t seq = 1;
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  do {
+    ++seq;
+    v1::VitalsBatch next = Batch(seq, seq, 1);
+    *next.mutable_samples(0)->mutable_location() = batch.samples(0).location();
+    ack = geo.Send(next);
+    ASSERT_TRUE(ack.has_value());
+  } while (ack->locations_dropped_count() == 1 && absl::Now() < deadline);
+  EXPECT_EQ(ack->locations_dropped_count(), 0u);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-geo' AND latitude = 48.85"), 1);
+  EXPECT_TRUE(geo.Finish().ok());
+}
+
+TEST_F(IngestTest, OnlyAssignedDevicesMayStreamAndOnlyDevicesMayStream) {
+  // A device of another tenant, or one never assigned, cannot write for anybody.
+  auto stub = Ingest(pki().globex_device());
+  DeviceStream stream(*stub);
+  EXPECT_FALSE(stream.Send(Batch(1, 1, 1)).has_value());
+  grpc::Status status = stream.Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(status.error_message(), HasSubstr("not assigned"));
+  // An app certificate may not stream vitals; a device may not read them.
+  auto app = Ingest(pki().app());
+  DeviceStream as_app(*app);
+  as_app.Send(Batch(1, 1, 1));
+  EXPECT_EQ(as_app.Finish().error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  v1::ReadVitalsRequest read;
+  read.set_patient_id("pt_x");
+  read.set_purpose(v1::PURPOSE_CARE);
+  grpc::ClientContext context;
+  auto reader = Ingest(pki().device())->ReadVitals(&context, read);
+  v1::ReadVitalsResponse response;
+  while (reader->Read(&response)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(Count("fr-1", "tenant_id = 'globex'"), 0);
+}
+
+TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
+  std::string patient = PatientWithDevice("reader", "FR", "dev-read");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto stub = Ingest(Device("acme", "dev-read"));
+  DeviceStream stream(*stub);
+  ASSERT_EQ(stream.Send(Batch(1, 1, 30))->stored_count(), 30u);
+  EXPECT_TRUE(stream.Finish().ok());
+
+  auto read = [&](const TestCert& as, const std::string& token, int page_size,
+                  std::vector<v1::VitalReading>* out, std::string* next) {
+    v1::ReadVitalsRequest request;
+    request.set_patient_id(patient);
+    request.set_purpose(v1::PURPOSE_CARE);
+    request.add_loinc_codes("8867-4");
+    request.set_page_size(page_size);
+    request.set_page_token(token);
+    grpc::ClientContext context;
+    auto reader = Ingest(as)->ReadVitals(&context, request);
+    v1::ReadVitalsResponse response;
+    while (reader->Read(&response)) {
+      for (const auto& r : response.readings()) out->push_back(r);
+      if (!response.next_page_token().empty()) *next = response.next_page_token();
+    }
+    return reader->Finish();
+  };
+  std::vector<v1::VitalReading> readings;
+  std::string next;
+  grpc::Status denied = read(pki().practitioner(), "", 0, &readings, &next);
+  EXPECT_EQ(denied.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(denied.error_message(), HasSubstr("CARE"));
+  Grant(patient, v1::PURPOSE_CARE);
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  grpc::Status status;
+  do {
+    readings.clear();
+    status = read(pki().practitioner(), "", 20, &readings, &next);
+  } while (!status.ok() && absl::Now() < deadline);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(readings.size(), 20u);
+  ASSERT_FALSE(next.empty());
+  std::string last_page_token = next;
+  next.clear();
+  ASSERT_TRUE(read(pki().practitioner(), last_page_token, 20, &readings, &next).ok());
+  EXPECT_EQ(readings.size(), 30u);
+  EXPECT_TRUE(next.empty());
+  for (size_t i = 0; i < readings.size(); ++i) EXPECT_EQ(readings[i].sample().seq(), i + 1);
+  // Another tenant's practitioner: NOT_FOUND, as if the patient did not exist.
+  std::vector<v1::VitalReading> none;
+  EXPECT_EQ(read(pki().globex_practitioner(), "", 0, &none, &next).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(none.empty());
+  // The reads (and the refusal) are in fr-1's audit chain, which verifies.
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  {
+    pqxx::nontransaction q(c);
+    EXPECT_GE(q.exec_params1("SELECT count(*) FROM audit_log WHERE patient_id = $1 AND action = 'read' "
+                             "AND decision = 'permit' AND purpose = 'CARE'", patient)[0].as<int>(), 2);
+    EXPECT_GE(q.exec_params1("SELECT count(*) FROM audit_log WHERE patient_id = $1 AND action = 'read' "
+                             "AND decision = 'deny'", patient)[0].as<int>(), 1);
+  }
+  auto verified = audit::VerifyChain(c);
+  ASSERT_TRUE(verified.ok());
+  EXPECT_TRUE(verified->ok) << verified->problem;
+}
+
+TEST_F(IngestTest, AShardDownLosesNoAckedSampleAndOtherRegionsKeepWorking) {
+  std::string de_patient = PatientWithDevice("fault-de", "DE", "dev-fault");
+  Grant(de_patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string fr_patient = PatientWithDevice("fault-fr", "FR", "dev-steady");
+  Grant(fr_patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto stub = Ingest(Device("acme", "dev-fault"));
+  auto steady_stub = Ingest(Device("acme", "dev-steady"));
+  constexpr int kBatches = 30;
+  constexpr int kPerBatch = 20;
+  uint64_t acked_stored = 0;
+  int retryable_seen = 0;
+  bool restarted = false;
+  auto stream = std::make_unique<DeviceStream>(*stub);
+  for (int b = 1; b <= kBatches;) {
+    if (b == 10 && !restarted && stack_->clusters().region("de-1").running()) {
+      ASSERT_TRUE(stack_->clusters().region("de-1").Stop().ok());
+      // fr-1 is unaffected while de-1 is down.
+      DeviceStream steady(*steady_stub);
+      auto ack = steady.Send(Batch(1, 1, 5));
+      ASSERT_TRUE(ack.has_value());
+      EXPECT_EQ(ack->stored_count(), 5u);
+      EXPECT_TRUE(steady.Finish().ok());
+    }
+    std::optional<v1::IngestAck> ack =
+        stream->Send(Batch(static_cast<uint64_t>(b), static_cast<uint64_t>((b - 1) * kPerBatch + 1), kPerBatch));
+    if (!ack.has_value() || ack->has_retryable_error()) {
+      // Not acked as stored: keep the batch and resend it (what the device SDK does).
+      ++retryable_seen;
+      if (!ack.has_value()) {
+        stream->Finish();
+        stream = std::make_unique<DeviceStream>(*stub);
+      }
+      if (!restarted && retryable_seen >= 3) {
+        ASSERT_TRUE(stack_->clusters().region("de-1").StartAgain().ok());
+        restarted = true;
+      }
+      absl::SleepFor(absl::Milliseconds(100));  // the device's retry backoff
+      ASSERT_LT(retryable_seen, 500) << "ingest never recovered";
+      continue;
+    }
+    acked_stored += ack->stored_count() + ack->duplicate_count();
+    ++b;
+  }
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_TRUE(restarted);
+  EXPECT_GE(retryable_seen, 3);
+  // Every sample acknowledged is stored, exactly once.
+  EXPECT_EQ(acked_stored, static_cast<uint64_t>(kBatches * kPerBatch));
+  EXPECT_EQ(Count("de-1", "device_id = 'dev-fault'"), kBatches * kPerBatch);
+  EXPECT_EQ(Count("de-1", "device_id = 'dev-fault'"),
+            Count("de-1", "device_id = 'dev-fault' AND seq BETWEEN 1 AND 600"));
+}
+
+TEST_F(IngestTest, TheSdkResendsItsFileBufferAfterARestart) {
+  std::string patient = PatientWithDevice("sdk", "BE", "dev-sdk");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  TestCert cert = Device("acme", "dev-sdk");
+  device::DeviceOptions options;
+  options.address = absl::StrCat("127.0.0.1:", ingest_->port());
+  options.tls = TlsConfig{cert.cert_path, cert.key_path, pki().ca_path(), 60};
+  options.buffer_path = (std::filesystem::temp_directory_path() /
+                         ("medgate-sdk-" + std::to_string(getpid()) + ".buffer")).string();
+  std::filesystem::remove(options.buffer_path);
+  auto samples = [](int n) {
+    std::vector<v1::VitalSample> out;
+    for (int i = 0; i < n; ++i) out.push_back(HeartRate(0, 60 + i));
+    return out;
+  };
+  {
+    // The device process records 5 batches while offline, then dies before sending any.
+    auto client = device::DeviceClient::Open(options);
+    ASSERT_TRUE(client.ok()) << client.status();
+    for (int b = 0; b < 5; ++b) ASSERT_TRUE((*client)->Send(samples(10)).ok());
+    EXPECT_EQ((*client)->pending(), 5u);
+  }
+  EXPECT_EQ(Count("eu-1", "device_id = 'dev-sdk'"), 0);
+  // After the restart it finds them in its buffer file and delivers them.
+  auto client = device::DeviceClient::Open(options);
+  ASSERT_TRUE(client.ok());
+  EXPECT_EQ((*client)->pending(), 5u);
+  ASSERT_TRUE((*client)->Send(samples(10)).ok());
+  (*client)->Start();
+  ASSERT_TRUE((*client)->WaitUntilAcked(absl::Seconds(30)).ok());
+  device::DeviceStats stats = (*client)->stats();
+  EXPECT_EQ(stats.samples_stored, 60u);
+  EXPECT_EQ(stats.batches_acked, 6u);
+  (*client)->Stop();
+  EXPECT_EQ(Count("eu-1", "device_id = 'dev-sdk'"), 60);
+  EXPECT_EQ(Count("eu-1", "device_id = 'dev-sdk' AND seq BETWEEN 1 AND 60"), 60);
+  std::filesystem::remove(options.buffer_path);
+}
+
+}  // namespace
+}  // namespace medgate::ingest

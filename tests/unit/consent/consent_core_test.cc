@@ -1,0 +1,102 @@
+// The consent core's pure helpers: field validation, grant periods, consent ids, page tokens.
+#include "services/consent/consent_core.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace medgate::consent {
+namespace {
+
+using ::testing::HasSubstr;
+
+const absl::Time kNow = absl::FromUnixSeconds(1700000000);
+
+void ExpectInvalid(const absl::Status& status, const std::string& field) {
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr(field));
+}
+
+class ConsentCoreHelpersTest : public ::testing::Test {};
+
+TEST_F(ConsentCoreHelpersTest, PurposeMustBeKnown) {
+  EXPECT_EQ(*ValidatePurpose(2, "purpose"), Purpose::kRemoteMonitoring);
+  ExpectInvalid(ValidatePurpose(0, "purpose").status(), "purpose: required");
+  ExpectInvalid(ValidatePurpose(99, "key.purpose").status(), "key.purpose: unknown purpose 99");
+  ExpectInvalid(ValidatePurpose(-1, "purpose").status(), "purpose");
+}
+
+TEST_F(ConsentCoreHelpersTest, IdsAndTextsAreBounded) {
+  EXPECT_TRUE(ValidateId("pt_0123abcd", "patient_id", kMaxIdBytes).ok());
+  ExpectInvalid(ValidateId("", "patient_id", kMaxIdBytes), "patient_id: required");
+  ExpectInvalid(ValidateId(std::string(65, 'a'), "patient_id", kMaxIdBytes),
+                "patient_id: at most 64");
+  ExpectInvalid(ValidateId("pt 1", "patient_id", kMaxIdBytes), "patient_id");
+  ExpectInvalid(ValidateId("pt/1", "consent_id", kMaxIdBytes), "consent_id");
+  EXPECT_TRUE(ValidateText("signed form #42 (scan)", "evidence_ref", kMaxTextBytes).ok());
+  ExpectInvalid(ValidateText("", "evidence_ref", kMaxTextBytes), "evidence_ref: required");
+  ExpectInvalid(ValidateText(std::string(513, 'e'), "evidence_ref", kMaxTextBytes),
+                "evidence_ref: at most 512");
+  ExpectInvalid(ValidateText("a\nb", "reason", kMaxTextBytes), "reason: control");
+}
+
+TEST_F(ConsentCoreHelpersTest, GrantPeriodDefaultsToNowAndMustBeAFutureInterval) {
+  auto open = ValidateGrantPeriod({}, kNow);
+  ASSERT_TRUE(open.ok());
+  EXPECT_EQ(open->first, kNow);
+  EXPECT_FALSE(open->second.has_value());
+
+  auto bounded = ValidateGrantPeriod({kNow + absl::Hours(1), kNow + absl::Hours(2)}, kNow);
+  ASSERT_TRUE(bounded.ok());
+  EXPECT_EQ(bounded->first, kNow + absl::Hours(1));
+  EXPECT_EQ(*bounded->second, kNow + absl::Hours(2));
+
+  // Stored with microsecond precision.
+  auto truncated = ValidateGrantPeriod({kNow + absl::Nanoseconds(1999), std::nullopt}, kNow);
+  ASSERT_TRUE(truncated.ok());
+  EXPECT_EQ(truncated->first, kNow + absl::Microseconds(1));
+
+  ExpectInvalid(ValidateGrantPeriod({kNow + absl::Hours(2), kNow + absl::Hours(1)}, kNow).status(),
+                "period: end_at must be after start_at");
+  ExpectInvalid(ValidateGrantPeriod({kNow + absl::Hours(1), kNow + absl::Hours(1)}, kNow).status(),
+                "period: end_at must be after start_at");
+  ExpectInvalid(ValidateGrantPeriod({std::nullopt, kNow - absl::Seconds(1)}, kNow).status(),
+                "period.end_at: must be in the future");
+  ExpectInvalid(ValidateGrantPeriod({std::nullopt, kNow}, kNow).status(), "period.end_at");
+}
+
+TEST_F(ConsentCoreHelpersTest, ConsentIdsCarryTheirRegion) {
+  for (const char* region : {"fr-1", "eu_west_1", "a"}) {
+    std::string id = NewConsentId(region);
+    EXPECT_LE(id.size(), kMaxIdBytes);
+    EXPECT_TRUE(ValidateId(id, "consent_id", kMaxIdBytes).ok()) << id;
+    EXPECT_EQ(RegionOfConsentId(id), region);
+    EXPECT_NE(NewConsentId(region), id);
+  }
+  std::string longest = NewConsentId(std::string(kMaxRegionIdBytes, 'r'));
+  EXPECT_EQ(longest.size(), kMaxIdBytes);
+  EXPECT_TRUE(ValidateRegionId(std::string(kMaxRegionIdBytes, 'r')).ok());
+  EXPECT_FALSE(ValidateRegionId(std::string(kMaxRegionIdBytes + 1, 'r')).ok());
+  EXPECT_FALSE(ValidateRegionId("fr 1").ok());
+  for (const char* bad :
+       {"", "cn_", "cn_fr-1_", "xx_fr-1_0123456789abcdef01234567", "cn__0123456789abcdef01234567",
+        "cn_fr-1-0123456789abcdef01234567", "cn_fr-1_0123456789abcdef0123456z", "cn_fr-1_0123"}) {
+    EXPECT_FALSE(RegionOfConsentId(bad).has_value()) << bad;
+  }
+}
+
+TEST_F(ConsentCoreHelpersTest, PageTokensRoundTripAndForgeriesAreRefused) {
+  std::string token = EncodePageToken(Purpose::kResearch, "spiffe://td/tenant/a/app/x");
+  auto decoded = DecodePageToken(token);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(decoded->first, Purpose::kResearch);
+  EXPECT_EQ(decoded->second, "spiffe://td/tenant/a/app/x");
+  auto empty_actor = DecodePageToken(EncodePageToken(Purpose::kCare, ""));
+  ASSERT_TRUE(empty_actor.ok());
+  EXPECT_EQ(empty_actor->second, "");
+  for (const char* bad : {"***", "OTk5L3g", "eA"}) {  // not base64, purpose 999, no purpose
+    ExpectInvalid(DecodePageToken(bad).status(), "page_token");
+  }
+}
+
+}  // namespace
+}  // namespace medgate::consent
