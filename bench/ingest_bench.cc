@@ -156,13 +156,18 @@ struct DeviceIdentity {
 class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::IngestAck> {
  public:
   DeviceLoad(DeviceIdentity& device, int batch, absl::Time until, absl::Duration interval,
-             std::atomic<int>& running)
+             absl::Duration offset, std::atomic<int>& running)
       : batch_size_(batch), until_(until), interval_(interval), running_(running),
         batch_seq_(device.batch_seq), seq_(device.seq) {
     running_.fetch_add(1);
     device.stub->async()->StreamVitals(&context_, this);
-    next_send_ = absl::Now();
-    Next();
+    next_send_ = absl::Now() + offset;
+    if (interval_ > absl::ZeroDuration()) {
+      // Open loop: devices start spread over one interval, so their batches do not arrive in bursts.
+      waiting_ = true;
+    } else {
+      Next();
+    }
     StartCall();
   }
   void OnWriteDone(bool ok) override {
@@ -256,7 +261,10 @@ LoadResult RunLoad(std::vector<DeviceIdentity>& devices, int batch, absl::Durati
   std::vector<std::unique_ptr<DeviceLoad>> loads;
   const absl::Time start = absl::Now();
   const absl::Time until = start + duration;
-  for (auto& d : devices) loads.push_back(std::make_unique<DeviceLoad>(d, batch, until, interval, running));
+  for (size_t i = 0; i < devices.size(); ++i) {
+    absl::Duration offset = interval * (static_cast<double>(i) / static_cast<double>(devices.size()));
+    loads.push_back(std::make_unique<DeviceLoad>(devices[i], batch, until, interval, offset, running));
+  }
   while (running.load() > 0 && absl::Now() < until + absl::Seconds(60)) {
     if (interval > absl::ZeroDuration()) {
       absl::Time now = absl::Now();
@@ -291,7 +299,7 @@ void MakeDurable(const std::string& conninfo) {
   n.exec0("ALTER SYSTEM SET fsync = on");
   n.exec0("ALTER SYSTEM SET synchronous_commit = on");
   n.exec0("ALTER SYSTEM SET full_page_writes = on");
-  n.exec0("SELECT pg_reload_conf()");
+  n.exec("SELECT pg_reload_conf()");
 }
 
 int Run(const Args& args) {

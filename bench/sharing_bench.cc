@@ -1,0 +1,402 @@
+// Sharing throughput: upload and download MiB/s of 1 MiB and 100 MiB records through the sharing
+// core (hashing, AES-256-GCM, key handling, audit, one transaction per upload) and through the
+// gRPC service over mTLS, next to raw bytea inserts and reads of the same bytes in 1 MiB rows and
+// OpenSSL AES-256-GCM speed, all measured in the same run on one PostgreSQL shard.
+//
+// usage: sharing_bench [--small-rounds N] [--large-rounds N]
+#include <grpcpp/grpcpp.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <pqxx/pqxx>
+#include <string>
+#include <vector>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "libs/common/config.h"
+#include "libs/common/log.h"
+#include "libs/crypto/chunk_cipher.h"
+#include "libs/crypto/key_encryption_key.h"
+#include "libs/crypto/sha256.h"
+#include "libs/identity/credentials.h"
+#include "libs/migrate/migrate.h"
+#include "libs/pg/shard_set.h"
+#include "libs/server/service_server.h"
+#include "medgate/v1/sharing.grpc.pb.h"
+#include "services/sharing/sharing_core.h"
+#include "services/sharing/sharing_service.h"
+#include "services/sharing/sql.h"
+#include "tests/support/pg_cluster.h"
+#include "tests/support/test_pki.h"
+
+namespace medgate::sharing {
+namespace {
+
+constexpr size_t kMiB = size_t{1} << 20;
+constexpr char kPatient[] = "pt_bench";
+
+// Every patient is acme's and lives in fr-1; reads are never cross-tenant here.
+class FixedDirectory final : public PatientDirectory {
+ public:
+  absl::StatusOr<PatientHome> Resolve(const std::string& patient_id) override {
+    return PatientHome{patient_id, "acme", "fr-1", "FR"};
+  }
+  absl::StatusOr<residency::ResidencyRule> Rule(const std::string& territory) override {
+    residency::ResidencyRule rule;
+    rule.territory = territory;
+    rule.allowed_regions = {"fr-1"};
+    rule.version = 1;
+    return rule;
+  }
+  absl::StatusOr<std::vector<std::string>> TenantTerritories(const std::string&) override {
+    return std::vector<std::string>{"FR"};
+  }
+};
+
+// Owners' uploads and downloads do not consult consent; this only satisfies the interface.
+class PermitAll final : public consent::ConsentCache {
+ public:
+  absl::StatusOr<consent::AccessDecision> Check(absl::string_view, absl::string_view,
+                                                consent::Purpose, absl::string_view,
+                                                absl::Time) override {
+    consent::AccessDecision d;
+    d.permit = true;
+    d.reason = consent::AccessReason::kPermitted;
+    return d;
+  }
+  void Invalidate(absl::string_view) override {}
+};
+
+double Seconds(const std::function<void()>& fn) {
+  auto start = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+void Check(const absl::Status& status, absl::string_view what) {
+  if (status.ok()) return;
+  std::fprintf(stderr, "sharing_bench: %s: %s\n", std::string(what).c_str(),
+               std::string(status.message()).c_str());
+  std::exit(1);
+}
+
+void Check(const grpc::Status& status, absl::string_view what) {
+  if (status.ok()) return;
+  std::fprintf(stderr, "sharing_bench: %s: %s\n", std::string(what).c_str(),
+               status.error_message().c_str());
+  std::exit(1);
+}
+
+struct Totals {
+  double upload_s = 0;
+  double download_s = 0;
+  double bytes = 0;
+  double UploadMiBs() const { return bytes / kMiB / upload_s; }
+  double DownloadMiBs() const { return bytes / kMiB / download_s; }
+};
+
+class Bench {
+ public:
+  Bench(test_support::PgCluster& shard, const std::string& dir) : shard_(shard) {
+    raw_ = std::make_unique<pqxx::connection>(shard.ConnectionString());
+    pqxx::work setup(*raw_);
+    // The same layout and storage as record_chunks, without encryption, keys or audit.
+    setup.exec0(
+        "CREATE TABLE raw_chunks (id text NOT NULL, idx integer NOT NULL, "
+        "data bytea NOT NULL, PRIMARY KEY (id, idx))");
+    setup.exec0("ALTER TABLE raw_chunks ALTER COLUMN data SET STORAGE EXTERNAL");
+    setup.commit();
+    raw_->prepare("raw_insert", "INSERT INTO raw_chunks (id, idx, data) VALUES ($1, $2, $3)");
+    raw_->prepare("raw_select", "SELECT data FROM raw_chunks WHERE id = $1 AND idx = $2");
+
+    auto pki = test_support::TestPki::Create(dir);
+    Check(pki.status(), "test PKI");
+    pki_ = *std::move(pki);
+    auto root = ConfigNode::Parse(absl::StrCat(
+        "trust_domain: ", pki_->trust_domain(), "\nca: ", pki_->ca_path(), "\n",
+        "limits: {drain_seconds: 1}\n",
+        "regions:\n  - {id: fr-1, territories: [FR], db: {conninfo: \"", shard.ConnectionString(),
+        "\"}}\n", "services:\n  sharing:\n    listen: 127.0.0.1:0\n    tls: {cert: ",
+        pki_->server().cert_path, ", key: ", pki_->server().key_path, "}\n"));
+    Check(root.status(), "config");
+    auto config = ParseMedgateConfig(*root);
+    Check(config.status(), "config");
+    config_ = std::make_unique<MedgateConfig>(*std::move(config));
+    shards_ = std::make_unique<pg::ShardSet>(config_->regions, sql::ShardStatements());
+    upload_shards_ = std::make_unique<pg::ShardSet>(config_->regions, sql::ShardStatements());
+    auto kek =
+        crypto::ParseHexKeyEncryptionKey(absl::BytesToHexString(crypto::RandomBytes(32)), "bench");
+    Check(kek.status(), "KEK");
+    kek_ = *std::move(kek);
+    SharingOptions options;
+    options.trust_domain = pki_->trust_domain();
+    core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, directory_, consent_, *kek_,
+                                          options);
+    service_ = std::make_unique<SharingService>(*core_, pki_->trust_domain());
+    server_ = std::make_unique<ServiceServer>(*config_, "sharing");
+    server_->AddService(service_.get());
+    Check(server_->Start(), "server");
+    const test_support::TestCert& me = pki_->practitioner();
+    auto channel = MakeChannel(absl::StrCat("127.0.0.1:", server_->port()),
+                               TlsConfig{me.cert_path, me.key_path, pki_->ca_path(), 60});
+    Check(channel.status(), "channel");
+    stub_ = v1::RecordSharing::NewStub(*channel);
+    ctx_.principal.kind = PrincipalKind::kPractitioner;
+    ctx_.principal.tenant = "acme";
+    ctx_.principal.name = "p-1";
+    ctx_.principal.spiffe_id = pki_->SpiffeId("/tenant/acme/practitioner/p-1");
+    ctx_.request_id = "bench";
+    ctx_.origin = "bench";
+  }
+
+  ~Bench() { server_->Shutdown(); }
+
+  // --- raw bytea: the reference ----------------------------------------------------------------
+
+  void RawInsert(const std::string& id, absl::string_view data) {
+    pqxx::work txn(*raw_);
+    for (size_t off = 0, idx = 0; off < data.size(); off += kMiB, ++idx) {
+      absl::string_view slice = data.substr(off, kMiB);
+      txn.exec_prepared0("raw_insert", id, static_cast<int64_t>(idx),
+                         pqxx::binarystring(slice.data(), slice.size()));
+    }
+    txn.commit();
+  }
+
+  uint64_t RawRead(const std::string& id, size_t size) {
+    uint64_t got = 0;
+    for (size_t off = 0, idx = 0; off < size; off += kMiB, ++idx) {
+      pqxx::nontransaction q(*raw_);
+      pqxx::result rows = q.exec_prepared("raw_select", id, static_cast<int64_t>(idx));
+      got += pqxx::binarystring(rows[0][0]).str().size();
+    }
+    return got;
+  }
+
+  // --- the sharing core ------------------------------------------------------------------------
+
+  std::string CoreUpload(absl::string_view data, const std::string& sha) {
+    UploadHeader header{kPatient,   RecordKind::kImaging, "application/dicom",
+                        "scan.dcm", data.size(),          sha};
+    auto upload = core_->StartUpload(ctx_, header);
+    Check(upload.status(), "StartUpload");
+    for (size_t off = 0; off < data.size(); off += kMiB) {
+      Check((*upload)->Write(data.substr(off, kMiB)), "Write");
+    }
+    auto result = (*upload)->Finish();
+    Check(result.status(), "Finish");
+    return result->record_id;
+  }
+
+  uint64_t CoreDownload(const std::string& record_id) {
+    auto download = core_->OpenDownload(ctx_, record_id, "");
+    Check(download.status(), "OpenDownload");
+    std::string chunk;
+    uint64_t got = 0;
+    while (true) {
+      auto more = (*download)->Next(&chunk);
+      Check(more.status(), "Next");
+      if (!*more) break;
+      got += chunk.size();
+    }
+    return got;
+  }
+
+  // --- the gRPC service over mTLS --------------------------------------------------------------
+
+  std::string GrpcUpload(absl::string_view data, const std::string& sha) {
+    grpc::ClientContext context;
+    v1::UploadRecordResponse response;
+    auto writer = stub_->UploadRecord(&context, &response);
+    v1::UploadRecordRequest message;
+    v1::UploadRecordHeader* header = message.mutable_header();
+    header->set_patient_id(kPatient);
+    header->set_kind(v1::RECORD_KIND_IMAGING);
+    header->set_content_type("application/dicom");
+    header->set_file_name("scan.dcm");
+    header->set_size_bytes(data.size());
+    header->set_sha256(sha);
+    bool open = writer->Write(message);
+    for (size_t off = 0; open && off < data.size(); off += kMiB) {
+      message.mutable_chunk()->set_data(std::string(data.substr(off, kMiB)));
+      open = writer->Write(message);
+    }
+    if (open) writer->WritesDone();
+    Check(writer->Finish(), "UploadRecord");
+    return response.record_id();
+  }
+
+  uint64_t GrpcDownload(const std::string& record_id) {
+    grpc::ClientContext context;
+    v1::DownloadRecordRequest request;
+    request.set_record_id(record_id);
+    auto reader = stub_->DownloadRecord(&context, request);
+    v1::DownloadRecordResponse message;
+    uint64_t got = 0;
+    while (reader->Read(&message)) {
+      if (message.has_chunk()) got += message.chunk().data().size();
+    }
+    Check(reader->Finish(), "DownloadRecord");
+    return got;
+  }
+
+  // Empties the content tables between record sizes, so every size starts from the same state.
+  void Reset() {
+    pqxx::connection c(shard_.ConnectionString());
+    pqxx::work txn(c);
+    txn.exec0("TRUNCATE raw_chunks, record_chunks, records, record_keys, share_grants");
+    txn.commit();
+  }
+
+  // One record size: `rounds` records per path, interleaved so drift affects all paths alike.
+  std::map<std::string, Totals> Measure(const std::string& data, int rounds) {
+    const std::string sha = crypto::Sha256::Of(data);
+    std::map<std::string, Totals> totals;
+    auto verify = [&](uint64_t got, absl::string_view what) {
+      if (got != data.size()) {
+        std::fprintf(stderr, "sharing_bench: %s returned %llu bytes, not %zu\n",
+                     std::string(what).c_str(), static_cast<unsigned long long>(got), data.size());
+        std::exit(1);
+      }
+    };
+    // Warm-up (connections, prepared statements, TLS), not counted.
+    RawInsert("warm", data.substr(0, kMiB));
+    CoreDownload(CoreUpload(data.substr(0, kMiB), crypto::Sha256::Of(data.substr(0, kMiB))));
+    GrpcDownload(GrpcUpload(data.substr(0, kMiB), crypto::Sha256::Of(data.substr(0, kMiB))));
+    for (int round = 0; round < rounds; ++round) {
+      const std::string raw_id = absl::StrCat("raw-", round);
+      std::string core_id;
+      std::string grpc_id;
+      totals["raw"].upload_s += Seconds([&] { RawInsert(raw_id, data); });
+      totals["core"].upload_s += Seconds([&] { core_id = CoreUpload(data, sha); });
+      totals["grpc"].upload_s += Seconds([&] { grpc_id = GrpcUpload(data, sha); });
+      totals["raw"].download_s +=
+          Seconds([&] { verify(RawRead(raw_id, data.size()), "raw read"); });
+      totals["core"].download_s += Seconds([&] { verify(CoreDownload(core_id), "core download"); });
+      totals["grpc"].download_s += Seconds([&] { verify(GrpcDownload(grpc_id), "gRPC download"); });
+      for (auto& [path, t] : totals) t.bytes += static_cast<double>(data.size());
+    }
+    Reset();
+    return totals;
+  }
+
+ private:
+  test_support::PgCluster& shard_;
+  std::unique_ptr<pqxx::connection> raw_;
+  std::unique_ptr<test_support::TestPki> pki_;
+  std::unique_ptr<MedgateConfig> config_;
+  std::unique_ptr<pg::ShardSet> shards_;
+  std::unique_ptr<pg::ShardSet> upload_shards_;
+  FixedDirectory directory_;
+  PermitAll consent_;
+  std::unique_ptr<crypto::KeyEncryptionKey> kek_;
+  std::unique_ptr<SharingCore> core_;
+  std::unique_ptr<SharingService> service_;
+  std::unique_ptr<ServiceServer> server_;
+  std::unique_ptr<v1::RecordSharing::Stub> stub_;
+  CallContext ctx_;
+};
+
+// OpenSSL AES-256-GCM and SHA-256 over 1 MiB chunks, as the upload and download paths use them.
+void CipherSpeeds(double* encrypt, double* decrypt, double* sha) {
+  const crypto::SecretKey key = crypto::SecretKey::Random();
+  const std::string chunk = crypto::RandomBytes(kMiB);
+  constexpr int kChunks = 512;
+  std::vector<std::string> sealed(1);
+  double e = Seconds([&] {
+    for (int i = 0; i < kChunks; ++i) sealed[0] = *crypto::EncryptChunk(key, "r", 0, true, chunk);
+  });
+  double d = Seconds([&] {
+    for (int i = 0; i < kChunks; ++i) {
+      if (!crypto::DecryptChunk(key, "r", 0, true, sealed[0]).ok()) std::exit(1);
+    }
+  });
+  double h = Seconds([&] {
+    crypto::Sha256 hasher;
+    for (int i = 0; i < kChunks; ++i) hasher.Update(chunk);
+    hasher.Finish();
+  });
+  *encrypt = kChunks / e;
+  *decrypt = kChunks / d;
+  *sha = kChunks / h;
+}
+
+int Main(int argc, char** argv) {
+  int small_rounds = 40;
+  int large_rounds = 3;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string flag = argv[i];
+    int* target = flag == "--small-rounds"   ? &small_rounds
+                  : flag == "--large-rounds" ? &large_rounds
+                                             : nullptr;
+    if (target == nullptr || !absl::SimpleAtoi(argv[i + 1], target) || *target < 1) {
+      std::fputs("usage: sharing_bench [--small-rounds N] [--large-rounds N]\n", stderr);
+      return 2;
+    }
+  }
+  log::SetMinLevel(log::Level::kWarning);
+  auto shard = test_support::PgCluster::Start("fr-1");
+  Check(shard.status(), "PostgreSQL");
+  {
+    pqxx::connection c((*shard)->ConnectionString());
+    auto migrations =
+        migrate::LoadMigrations(std::string(MEDGATE_SOURCE_DIR) + "/migrations/shard");
+    Check(migrations.status(), "migrations");
+    Check(migrate::Apply(c, *migrations).status(), "migrations");
+  }
+  const std::string dir = std::filesystem::temp_directory_path() /
+                          ("medgate-sharing-bench-" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  double encrypt = 0, decrypt = 0, sha = 0;
+  CipherSpeeds(&encrypt, &decrypt, &sha);
+  std::map<std::string, std::map<std::string, Totals>> results;
+  {
+    Bench bench(**shard, dir);
+    const std::string large = crypto::RandomBytes(100 * kMiB);
+    results["1 MiB"] = bench.Measure(large.substr(0, kMiB), small_rounds);
+    results["100 MiB"] = bench.Measure(large, large_rounds);
+  }
+  std::filesystem::remove_all(dir);
+
+  std::printf(
+      "sharing_bench: one PostgreSQL 15 shard on loopback (fsync off), 1 MiB chunks; "
+      "1 MiB records x %d, 100 MiB records x %d per path\n",
+      small_rounds, large_rounds);
+  std::printf(
+      "OpenSSL AES-256-GCM, 1 MiB chunks: encrypt %.0f MiB/s, decrypt %.0f MiB/s; "
+      "SHA-256 %.0f MiB/s\n\n",
+      encrypt, decrypt, sha);
+  std::printf("%-8s %-34s %12s %10s %14s %10s\n", "record", "path", "upload MiB/s", "x raw",
+              "download MiB/s", "x raw");
+  std::string verdicts;
+  for (const char* size : {"1 MiB", "100 MiB"}) {
+    const Totals& raw = results[size]["raw"];
+    for (const auto& [key, label] : std::vector<std::pair<std::string, std::string>>{
+             {"raw", "raw bytea insert/select (ref)"},
+             {"core", "sharing core (encrypt+hash+audit)"},
+             {"grpc", "RecordSharing over gRPC+mTLS"}}) {
+      const Totals& t = results[size][key];
+      std::printf("%-8s %-34s %12.1f %10.2f %14.1f %10.2f\n", size, label.c_str(), t.UploadMiBs(),
+                  t.UploadMiBs() / raw.UploadMiBs(), t.DownloadMiBs(),
+                  t.DownloadMiBs() / raw.DownloadMiBs());
+    }
+    const double ratio = results[size]["core"].UploadMiBs() / raw.UploadMiBs();
+    absl::StrAppend(&verdicts, verdicts.empty() ? "" : ", ", size, " records ",
+                    ratio >= 0.8 ? "met" : "NOT met", " (", absl::StrFormat("%.2f", ratio), ")");
+  }
+  std::printf("\ntarget sharing core upload >= 0.80 x raw bytea insert: %s\n", verdicts.c_str());
+  return 0;
+}
+
+}  // namespace
+}  // namespace medgate::sharing
+
+int main(int argc, char** argv) { return medgate::sharing::Main(argc, argv); }

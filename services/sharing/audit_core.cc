@@ -1,0 +1,222 @@
+// The Audit service's logic.
+#include "services/sharing/audit_core.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "libs/common/status_macros.h"
+#include "libs/pg/pg_status.h"
+#include "services/sharing/sql.h"
+
+namespace medgate::sharing {
+namespace {
+
+constexpr size_t kMaxReasonCodeBytes = 64;
+constexpr size_t kMaxActorBytes = 512;
+
+std::string LogName(const AuditLogRef& log) { return log.control ? "control" : log.region_id; }
+
+absl::StatusOr<audit::Action> ActionOf(absl::string_view s) {
+  for (audit::Action a : {audit::Action::kCreate, audit::Action::kRead, audit::Action::kUpdate,
+                          audit::Action::kDelete, audit::Action::kExecute}) {
+    if (audit::ActionName(a) == s) return a;
+  }
+  return absl::DataLossError(absl::StrCat("audit entry with unknown action '", s, "'"));
+}
+
+absl::StatusOr<audit::StoredEntry> EntryFromRow(const pqxx::row& row) {
+  audit::StoredEntry s;
+  s.seq = row[0].as<int64_t>();
+  s.at_us = row[1].as<int64_t>();
+  audit::Entry& e = s.entry;
+  e.actor = row[2].c_str();
+  e.tenant = row[3].c_str();
+  ASSIGN_OR_RETURN(e.action, ActionOf(row[4].c_str()));
+  e.object_type = row[5].c_str();
+  e.object_id = row[6].c_str();
+  e.patient_id = row[7].c_str();
+  e.decision = std::string_view(row[8].c_str()) == "deny" ? audit::Decision::kDeny
+                                                          : audit::Decision::kPermit;
+  e.reason = row[9].c_str();
+  e.purpose = row[10].c_str();
+  e.consent_id = row[11].c_str();
+  e.consent_version = row[12].as<int64_t>();
+  e.request_id = row[13].c_str();
+  e.origin = row[14].c_str();
+  s.prev_hash = pqxx::binarystring(row[15]).str();
+  s.hash = pqxx::binarystring(row[16]).str();
+  return s;
+}
+
+int64_t MicrosOrBound(absl::Time t) {
+  if (t == absl::InfinitePast()) return std::numeric_limits<int64_t>::min();
+  if (t == absl::InfiniteFuture()) return std::numeric_limits<int64_t>::max();
+  return absl::ToUnixMicros(t);
+}
+
+}  // namespace
+
+ChainFault FaultFromProblem(int64_t seq, absl::string_view problem) {
+  if (absl::StrContains(problem, "is missing") || absl::StrContains(problem, "chain head")) {
+    return ChainFault::kSeqGap;
+  }
+  if (absl::StrContains(problem, "prev_hash")) {
+    return seq == 1 ? ChainFault::kBadGenesis : ChainFault::kPrevHashMismatch;
+  }
+  if (absl::StrContains(problem, "does not match its hash")) return ChainFault::kHashMismatch;
+  return ChainFault::kMalformed;
+}
+
+std::pair<std::string, std::string> SplitReason(absl::string_view reason) {
+  size_t end = 0;
+  while (end < reason.size() &&
+         ((reason[end] >= 'A' && reason[end] <= 'Z') ||
+          (reason[end] >= '0' && reason[end] <= '9') || reason[end] == '_')) {
+    ++end;
+  }
+  const bool code = end > 0 && end <= kMaxReasonCodeBytes && reason[0] >= 'A' && reason[0] <= 'Z';
+  if (code && end == reason.size()) return {std::string(reason), ""};
+  if (code && reason[end] == ':') {
+    absl::string_view rest = reason.substr(end + 1);
+    if (!rest.empty() && rest[0] == ' ') rest.remove_prefix(1);
+    return {std::string(reason.substr(0, end)), std::string(rest)};
+  }
+  return {"", std::string(reason)};
+}
+
+AuditCore::AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirectory& directory)
+    : control_(control), shards_(shards), directory_(directory) {}
+
+absl::StatusOr<pg::Pool*> AuditCore::PoolOf(const AuditLogRef& log) const {
+  if (log.control) return &control_;
+  absl::StatusOr<pg::Pool*> pool = shards_.Get(log.region_id);
+  if (!pool.ok()) {
+    return absl::NotFoundError(
+        absl::StrCat("log.region_id: region '", log.region_id, "' is not configured"));
+  }
+  return pool;
+}
+
+absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQuery& query) {
+  if (query.page_size < 1) return absl::InvalidArgumentError("page_size: must be positive");
+  const int size = query.page_size;
+  int64_t after = 0;
+  if (!query.page_token.empty() && (!absl::SimpleAtoi(query.page_token, &after) || after < 0)) {
+    return absl::InvalidArgumentError(
+        "page_token: not a token from an earlier QueryAudit response");
+  }
+  if (query.start >= query.end) {
+    return absl::InvalidArgumentError("time_range: end_at must be after start_at");
+  }
+  if (query.actor.size() > kMaxActorBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("actor: at most ", kMaxActorBytes, " bytes"));
+  }
+  const bool ops = ctx.principal.kind == PrincipalKind::kOps;
+  if (!ops && query.log) return absl::PermissionDeniedError("only ops may read a whole audit log");
+
+  pg::Pool* pool = nullptr;
+  AuditLogRef log;
+  std::string tenant;
+  if (!query.patient_id.empty()) {
+    absl::StatusOr<PatientHome> home = directory_.Resolve(query.patient_id);
+    if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
+    if (!home.ok() || (!ops && home->tenant_id != ctx.principal.tenant)) {
+      return absl::NotFoundError(absl::StrCat("patient '", query.patient_id, "' not found"));
+    }
+    log.region_id = home->region_id;
+    tenant = home->tenant_id;
+  } else if (!ops) {
+    return absl::InvalidArgumentError("patient_id: required");
+  } else if (!query.log) {
+    return absl::InvalidArgumentError("patient_id or log: one is required");
+  } else {
+    log = *query.log;
+  }
+  ASSIGN_OR_RETURN(pool, PoolOf(log));
+
+  return pool->TransactValue<AuditPage>([&](pqxx::work& txn) -> absl::StatusOr<AuditPage> {
+    pqxx::result rows =
+        query.patient_id.empty()
+            ? txn.exec_prepared(sql::kSelectAuditLog, after, MicrosOrBound(query.start),
+                                MicrosOrBound(query.end), query.actor, size + 1)
+            : txn.exec_prepared(sql::kSelectAuditForPatient, query.patient_id, after,
+                                MicrosOrBound(query.start), MicrosOrBound(query.end), query.actor,
+                                size + 1);
+    AuditPage page;
+    for (const pqxx::row& row : rows) {
+      if (page.entries.size() == static_cast<size_t>(size)) {
+        page.next_page_token = absl::StrCat(page.entries.back().seq);
+        break;
+      }
+      ASSIGN_OR_RETURN(audit::StoredEntry entry, EntryFromRow(row));
+      page.entries.push_back(std::move(entry));
+    }
+    // Reading the audit log is itself an access to the patient's data trail.
+    audit::Entry e;
+    e.actor = ctx.principal.spiffe_id;
+    e.tenant = tenant;
+    e.action = audit::Action::kRead;
+    e.object_type = "audit_log";
+    e.object_id = LogName(log);
+    e.patient_id = query.patient_id;
+    e.decision = audit::Decision::kPermit;
+    e.reason = absl::StrCat("PERMITTED: entries=", page.entries.size());
+    e.request_id = ctx.request_id;
+    e.origin = ctx.origin;
+    RETURN_IF_ERROR(audit::Append(txn, e).status());
+    return page;
+  });
+}
+
+absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const AuditLogRef& log,
+                                              uint64_t start_seq, uint64_t end_seq) {
+  if (!log.control && log.region_id.empty()) {
+    return absl::InvalidArgumentError("log: region_id or control is required");
+  }
+  if (start_seq > 1 || end_seq != 0) {
+    return absl::UnimplementedError(
+        "verifying part of a log is not supported yet: verify the whole log (start_seq and "
+        "end_seq 0)");
+  }
+  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(log));
+  ChainReport report;
+  {
+    ASSIGN_OR_RETURN(pg::Lease lease, pool->Acquire());
+    absl::StatusOr<audit::VerifyResult> verified = audit::VerifyChain(lease.connection());
+    if (!verified.ok()) {
+      if (verified.status().code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
+      return verified.status();
+    }
+    report.ok = verified->ok;
+    report.entries_checked = verified->entries_checked + (verified->ok ? 0 : 1);
+    report.first_bad_seq = verified->first_bad_seq;
+    report.detail = verified->problem.substr(0, 1024);
+    report.fault = verified->ok ? ChainFault::kNone
+                                : FaultFromProblem(verified->first_bad_seq, verified->problem);
+    report.last_seq = verified->ok ? verified->entries_checked : verified->first_bad_seq;
+  }
+  return pool->TransactValue<ChainReport>([&](pqxx::work& txn) -> absl::StatusOr<ChainReport> {
+    ChainReport out = report;
+    if (out.last_seq > 0) {
+      pqxx::result rows = txn.exec_prepared(sql::kSelectAuditHash, out.last_seq);
+      if (!rows.empty()) out.last_hash = pqxx::binarystring(rows[0][0]).str();
+    }
+    audit::Entry e;
+    e.actor = ctx.principal.spiffe_id;
+    e.action = audit::Action::kExecute;
+    e.object_type = "audit_log";
+    e.object_id = LogName(log);
+    e.decision = audit::Decision::kPermit;
+    e.reason = out.ok ? absl::StrCat("VERIFIED: entries=", out.entries_checked)
+                      : absl::StrCat("CHAIN_BROKEN: first_bad_seq=", out.first_bad_seq);
+    e.request_id = ctx.request_id;
+    e.origin = ctx.origin;
+    RETURN_IF_ERROR(audit::Append(txn, e).status());
+    return out;
+  });
+}
+
+}  // namespace medgate::sharing

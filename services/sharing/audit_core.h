@@ -1,0 +1,85 @@
+// The Audit service's logic over plain values: who accessed a patient's data (from the home
+// shard's audit log), whole-log reads and chain verification for ops.
+#ifndef MEDGATE_SERVICES_SHARING_AUDIT_CORE_H_
+#define MEDGATE_SERVICES_SHARING_AUDIT_CORE_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "libs/audit/audit_log.h"
+#include "libs/pg/pool.h"
+#include "libs/pg/shard_set.h"
+#include "services/sharing/patient_directory.h"
+#include "services/sharing/sharing_core.h"
+
+namespace medgate::sharing {
+
+// One audit log: a region's shard, or the control database.
+struct AuditLogRef {
+  std::string region_id;
+  bool control = false;
+};
+
+struct AuditQuery {
+  std::string patient_id;
+  std::optional<AuditLogRef> log;
+  absl::Time start = absl::InfinitePast();
+  absl::Time end = absl::InfiniteFuture();
+  std::string actor;
+  int page_size = 100;  // already bounded by the adapter
+  std::string page_token;
+};
+
+struct AuditPage {
+  std::vector<audit::StoredEntry> entries;
+  std::string next_page_token;
+};
+
+enum class ChainFault { kNone, kHashMismatch, kPrevHashMismatch, kSeqGap, kBadGenesis, kMalformed };
+
+struct ChainReport {
+  bool ok = true;
+  int64_t entries_checked = 0;
+  int64_t first_bad_seq = 0;
+  ChainFault fault = ChainFault::kNone;
+  std::string detail;
+  int64_t last_seq = 0;
+  std::string last_hash;  // 32 raw bytes; empty for an empty log
+};
+
+// What kind of fault libs/audit's VerifyChain describes at `seq`.
+ChainFault FaultFromProblem(int64_t seq, absl::string_view problem);
+
+// A stored reason "CODE" or "CODE: detail" split in its machine-readable code and free text; a
+// reason that does not start with an UPPER_SNAKE code is all detail.
+std::pair<std::string, std::string> SplitReason(absl::string_view reason);
+
+class AuditCore {
+ public:
+  // `control` and `shards` must have been created with statements including
+  // sql::AuditStatements().
+  AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirectory& directory);
+
+  // Practitioners and apps: entries about one patient of their tenant. Ops: about any patient,
+  // or a whole log. The query itself is audited in the log it read.
+  absl::StatusOr<AuditPage> Query(const CallContext& ctx, const AuditQuery& query);
+
+  // Ops: recomputes a whole log's chain (start_seq <= 1 and end_seq == 0); audited.
+  absl::StatusOr<ChainReport> Verify(const CallContext& ctx, const AuditLogRef& log,
+                                     uint64_t start_seq, uint64_t end_seq);
+
+ private:
+  absl::StatusOr<pg::Pool*> PoolOf(const AuditLogRef& log) const;
+
+  pg::Pool& control_;
+  const pg::ShardSet& shards_;
+  PatientDirectory& directory_;
+};
+
+}  // namespace medgate::sharing
+
+#endif  // MEDGATE_SERVICES_SHARING_AUDIT_CORE_H_

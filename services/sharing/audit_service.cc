@@ -1,0 +1,155 @@
+// The Audit gRPC adapter.
+#include "services/sharing/audit_service.h"
+
+#include "absl/strings/str_cat.h"
+#include "libs/common/grpc_status.h"
+#include "libs/common/status_macros.h"
+#include "libs/server/rpc_util.h"
+
+namespace medgate::sharing {
+namespace {
+
+using K = PrincipalKind;
+
+v1::AuditAction ActionToProto(audit::Action a) {
+  switch (a) {
+    case audit::Action::kCreate:
+      return v1::AUDIT_ACTION_CREATE;
+    case audit::Action::kRead:
+      return v1::AUDIT_ACTION_READ;
+    case audit::Action::kUpdate:
+      return v1::AUDIT_ACTION_UPDATE;
+    case audit::Action::kDelete:
+      return v1::AUDIT_ACTION_DELETE;
+    case audit::Action::kExecute:
+      return v1::AUDIT_ACTION_EXECUTE;
+  }
+  return v1::AUDIT_ACTION_UNSPECIFIED;
+}
+
+v1::ChainFault FaultToProto(ChainFault f) {
+  switch (f) {
+    case ChainFault::kNone:
+      return v1::CHAIN_FAULT_UNSPECIFIED;
+    case ChainFault::kHashMismatch:
+      return v1::CHAIN_FAULT_HASH_MISMATCH;
+    case ChainFault::kPrevHashMismatch:
+      return v1::CHAIN_FAULT_PREV_HASH_MISMATCH;
+    case ChainFault::kSeqGap:
+      return v1::CHAIN_FAULT_SEQ_GAP;
+    case ChainFault::kBadGenesis:
+      return v1::CHAIN_FAULT_BAD_GENESIS;
+    case ChainFault::kMalformed:
+      return v1::CHAIN_FAULT_MALFORMED_ENTRY;
+  }
+  return v1::CHAIN_FAULT_UNSPECIFIED;
+}
+
+void ToProto(const audit::StoredEntry& s, v1::AuditEntry* out) {
+  const audit::Entry& e = s.entry;
+  out->set_seq(static_cast<uint64_t>(s.seq));
+  *out->mutable_recorded_at() = ToProtoTimestamp(absl::FromUnixMicros(s.at_us));
+  out->set_actor(e.actor);
+  out->set_tenant_id(e.tenant);
+  out->set_action(ActionToProto(e.action));
+  out->set_object_type(e.object_type);
+  out->set_object_id(e.object_id);
+  out->set_patient_id(e.patient_id);
+  out->set_decision(e.decision == audit::Decision::kPermit ? v1::DECISION_PERMIT
+                                                           : v1::DECISION_DENY);
+  auto [code, detail] = SplitReason(e.reason);
+  out->set_reason(code);
+  out->set_reason_detail(detail);
+  v1::Purpose purpose = v1::PURPOSE_UNSPECIFIED;
+  if (!e.purpose.empty()) v1::Purpose_Parse(absl::StrCat("PURPOSE_", e.purpose), &purpose);
+  out->set_purpose(purpose);
+  out->set_consent_id(e.consent_id);
+  out->set_consent_version(e.consent_version);
+  out->set_request_id(e.request_id);
+  out->set_origin_address(e.origin);
+  out->set_prev_hash(s.prev_hash);
+  out->set_hash(s.hash);
+}
+
+absl::StatusOr<AuditLogRef> LogOf(const v1::AuditLogRef& ref) {
+  AuditLogRef log;
+  switch (ref.log_case()) {
+    case v1::AuditLogRef::kRegionId:
+      if (ref.region_id().empty()) return absl::InvalidArgumentError("log.region_id: empty");
+      log.region_id = ref.region_id();
+      return log;
+    case v1::AuditLogRef::kControl:
+      if (!ref.control()) return absl::InvalidArgumentError("log.control: must be true when set");
+      log.control = true;
+      return log;
+    default:
+      return absl::InvalidArgumentError("log: region_id or control is required");
+  }
+}
+
+}  // namespace
+
+AuditService::AuditService(AuditCore& core, std::string trust_domain)
+    : core_(core),
+      policy_(std::move(trust_domain),
+              {{"QueryAudit", {K::kPractitioner, K::kApp, K::kOps}}, {"VerifyChain", {K::kOps}}}) {}
+
+absl::StatusOr<CallContext> AuditService::Begin(grpc::ServerContext* context,
+                                                absl::string_view method) {
+  ASSIGN_OR_RETURN(Principal principal, policy_.Authorize(*context, method));
+  CallContext ctx;
+  ctx.principal = std::move(principal);
+  ctx.request_id = NewRequestId();
+  ctx.origin = context->peer().substr(0, 128);
+  return ctx;
+}
+
+grpc::Status AuditService::QueryAudit(grpc::ServerContext* context,
+                                      const v1::QueryAuditRequest* request,
+                                      v1::QueryAuditResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "QueryAudit");
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  AuditQuery query;
+  query.patient_id = request->patient_id();
+  if (request->has_log()) {
+    absl::StatusOr<AuditLogRef> log = LogOf(request->log());
+    if (!log.ok()) return ToGrpcStatus(log.status());
+    query.log = *log;
+  }
+  if (request->time_range().has_start_at())
+    query.start = FromProtoTimestamp(request->time_range().start_at());
+  if (request->time_range().has_end_at())
+    query.end = FromProtoTimestamp(request->time_range().end_at());
+  query.actor = request->actor();
+  absl::StatusOr<int> page_size = PageSize(request->page_size(), 100, 1000);
+  if (!page_size.ok()) return ToGrpcStatus(page_size.status());
+  query.page_size = *page_size;
+  query.page_token = request->page_token();
+  absl::StatusOr<AuditPage> page = core_.Query(*ctx, query);
+  if (!page.ok()) return ToGrpcStatus(page.status());
+  for (const audit::StoredEntry& e : page->entries) ToProto(e, response->add_entries());
+  response->set_next_page_token(page->next_page_token);
+  return grpc::Status::OK;
+}
+
+grpc::Status AuditService::VerifyChain(grpc::ServerContext* context,
+                                       const v1::VerifyChainRequest* request,
+                                       v1::VerifyChainResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "VerifyChain");
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  absl::StatusOr<AuditLogRef> log = LogOf(request->log());
+  if (!log.ok()) return ToGrpcStatus(log.status());
+  absl::StatusOr<ChainReport> report =
+      core_.Verify(*ctx, *log, request->start_seq(), request->end_seq());
+  if (!report.ok()) return ToGrpcStatus(report.status());
+  response->set_ok(report->ok);
+  response->set_entries_checked(static_cast<uint64_t>(report->entries_checked));
+  response->set_first_bad_seq(static_cast<uint64_t>(report->first_bad_seq));
+  response->set_fault(FaultToProto(report->fault));
+  response->set_detail(report->detail);
+  response->set_last_seq(static_cast<uint64_t>(report->last_seq));
+  response->set_last_hash(report->last_hash);
+  return grpc::Status::OK;
+}
+
+}  // namespace medgate::sharing

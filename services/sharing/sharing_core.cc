@@ -1,0 +1,1232 @@
+// The record-sharing logic: validation, authorization, encryption and audited changes in the
+// patient's home shard.
+#include "services/sharing/sharing_core.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <iterator>
+#include <mutex>
+#include <thread>
+#include <tuple>
+#include <utility>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "libs/audit/audit_log.h"
+#include "libs/common/status_macros.h"
+#include "libs/crypto/chunk_cipher.h"
+#include "libs/crypto/sha256.h"
+#include "libs/pg/pg_status.h"
+#include "libs/pg/sql_array.h"
+#include "libs/residency/placement.h"
+#include "services/sharing/sql.h"
+
+namespace medgate::sharing {
+namespace {
+
+using crypto::SecretKey;
+
+constexpr size_t kMaxIdBytes = 64;
+constexpr absl::string_view kRecordKeyLabel = "medgate-record-key-v1/";
+
+// --- values in and out of SQL ---------------------------------------------------------------
+
+std::string PgTime(absl::Time t) {
+  if (t == absl::InfiniteFuture()) return "infinity";
+  return absl::FormatTime("%Y-%m-%d %H:%M:%E6S+00", t, absl::UTCTimeZone());
+}
+
+std::string Rfc3339(absl::Time t) {
+  return absl::FormatTime(absl::RFC3339_sec, t, absl::UTCTimeZone());
+}
+
+absl::Time TimeOf(const pqxx::field& f) { return absl::FromUnixMicros(f.as<int64_t>()); }
+
+std::optional<absl::Time> OptionalTimeOf(const pqxx::field& f) {
+  if (f.is_null()) return std::nullopt;
+  return TimeOf(f);
+}
+
+std::string BytesOf(const pqxx::field& f) { return pqxx::binarystring(f).str(); }
+
+RecordInfo RecordFromRow(const pqxx::row& row) {
+  RecordInfo r;
+  r.record_id = row[0].c_str();
+  r.tenant_id = row[1].c_str();
+  r.patient_id = row[2].c_str();
+  r.kind = static_cast<RecordKind>(row[3].as<int>());
+  r.content_type = row[4].c_str();
+  r.file_name = row[5].c_str();
+  r.size_bytes = row[6].as<uint64_t>();
+  r.sha256 = BytesOf(row[7]);
+  r.chunk_count = row[8].as<uint32_t>();
+  r.owner = row[9].c_str();
+  r.created_at = TimeOf(row[10]);
+  r.state = std::string_view(row[11].c_str()) == "archived" ? RecordState::kArchived
+                                                            : RecordState::kActive;
+  r.retain_until = OptionalTimeOf(row[12]);
+  return r;
+}
+
+GrantInfo GrantFromRow(const pqxx::row& row) {
+  GrantInfo g;
+  g.grant_id = row[0].c_str();
+  g.record_id = row[1].c_str();
+  g.grantee = row[2].c_str();
+  g.grantee_tenant = row[3].c_str();
+  g.granted_by = row[4].c_str();
+  g.created_at = TimeOf(row[5]);
+  g.expires_at = TimeOf(row[6]);
+  g.revoked_at = OptionalTimeOf(row[7]);
+  return g;
+}
+
+std::optional<RecordInfo> SelectRecord(pqxx::work& txn, const char* statement,
+                                       const std::string& record_id) {
+  pqxx::result rows = txn.exec_prepared(statement, record_id);
+  if (rows.empty()) return std::nullopt;
+  return RecordFromRow(rows[0]);
+}
+
+std::optional<GrantInfo> LatestGrant(pqxx::work& txn, const std::string& record_id,
+                                     const std::string& grantee) {
+  pqxx::result rows = txn.exec_prepared(sql::kSelectLatestGrant, record_id, grantee);
+  if (rows.empty()) return std::nullopt;
+  return GrantFromRow(rows[0]);
+}
+
+bool IsActive(const GrantInfo& g, absl::Time now) { return !g.revoked_at && g.expires_at > now; }
+
+// The grants of `records` a caller may see: all active ones for the owner, only the caller's own
+// for a grantee.
+void AttachGrants(pqxx::work& txn, std::vector<RecordInfo>& records, const std::string& caller,
+                  absl::Time now) {
+  if (records.empty()) return;
+  std::vector<std::string> ids;
+  for (const RecordInfo& r : records) ids.push_back(r.record_id);
+  std::map<std::string, std::vector<GrantInfo>> by_record;
+  for (const pqxx::row& row :
+       txn.exec_prepared(sql::kSelectActiveGrants, pg::TextArrayLiteral(ids), PgTime(now))) {
+    GrantInfo g = GrantFromRow(row);
+    by_record[g.record_id].push_back(std::move(g));
+  }
+  for (RecordInfo& r : records) {
+    for (GrantInfo& g : by_record[r.record_id]) {
+      if (r.owner == caller || g.grantee == caller) r.grants.push_back(g);
+    }
+  }
+}
+
+// --- ids and validation ---------------------------------------------------------------------
+
+std::string NewId(absl::string_view region, absl::string_view tag) {
+  return absl::StrCat(region, ".", tag, absl::BytesToHexString(crypto::RandomBytes(16)));
+}
+
+absl::Status ValidateId(absl::string_view value, absl::string_view field) {
+  if (value.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": must not be empty"));
+  if (value.size() > kMaxIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": at most ", kMaxIdBytes, " bytes"));
+  }
+  for (char c : value) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '_' || c == '.';
+    if (!ok) return absl::InvalidArgumentError(absl::StrCat(field, ": malformed id"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateText(absl::string_view value, absl::string_view field, size_t max_bytes) {
+  if (value.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": must not be empty"));
+  if (value.size() > max_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": at most ", max_bytes, " bytes, got ", value.size()));
+  }
+  for (char c : value) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": control characters are not allowed"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RecordNotFound(absl::string_view record_id) {
+  return absl::NotFoundError(absl::StrCat("record '", record_id, "' not found"));
+}
+
+// --- keys -------------------------------------------------------------------------------------
+
+std::string PatientKeyContext(absl::string_view patient_id, absl::string_view key_id) {
+  return absl::StrCat("patient-key/", patient_id, "/", key_id);
+}
+
+std::string RecordKeyAad(absl::string_view record_id) {
+  return absl::StrCat(kRecordKeyLabel, record_id);
+}
+
+struct PatientKey {
+  std::string key_id;
+  SecretKey key;
+};
+
+absl::StatusOr<SecretKey> UnwrapPatientKey(crypto::KeyEncryptionKey& kek,
+                                           absl::string_view patient_id, absl::string_view key_id,
+                                           absl::string_view wrapped_by,
+                                           absl::string_view wrapped) {
+  if (wrapped_by != kek.id()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the patient's data key is wrapped by key-encryption key ", wrapped_by,
+                     ", but this service holds ", kek.id()));
+  }
+  return kek.Unwrap(wrapped, PatientKeyContext(patient_id, key_id));
+}
+
+// --- audit ------------------------------------------------------------------------------------
+
+audit::Entry AuditFor(const CallContext& ctx, audit::Action action, absl::string_view object_type,
+                      absl::string_view object_id, absl::string_view tenant,
+                      absl::string_view patient_id, std::string reason) {
+  audit::Entry e;
+  e.actor = ctx.principal.spiffe_id;
+  e.tenant = std::string(tenant);
+  e.action = action;
+  e.object_type = std::string(object_type);
+  e.object_id = std::string(object_id);
+  e.patient_id = std::string(patient_id);
+  e.decision = audit::Decision::kPermit;
+  e.reason = std::move(reason);
+  e.request_id = ctx.request_id;
+  e.origin = ctx.origin;
+  return e;
+}
+
+void CiteConsent(audit::Entry& e, const consent::AccessDecision& d) {
+  e.purpose = std::string(consent::PurposeName(consent::Purpose::kRecordSharing));
+  e.consent_id = d.consent_id;
+  e.consent_version = d.consent_version;
+}
+
+// The result of a transaction that may end in a refusal: a refusal's audit entry is committed,
+// and its status returned to the caller afterwards.
+template <typename T>
+struct Outcome {
+  std::optional<T> value;
+  absl::Status denied;
+};
+
+template <typename T>
+absl::StatusOr<Outcome<T>> Deny(pqxx::work& txn, audit::Entry entry, absl::Status status) {
+  entry.decision = audit::Decision::kDeny;
+  RETURN_IF_ERROR(audit::Append(txn, entry).status());
+  Outcome<T> out;
+  out.denied = std::move(status);
+  return out;
+}
+
+template <typename T>
+absl::StatusOr<T> ResultOf(absl::StatusOr<Outcome<T>> outcome) {
+  if (!outcome.ok()) return outcome.status();
+  if (!outcome->denied.ok()) return outcome->denied;
+  return *std::move(outcome->value);
+}
+
+absl::Status ConsentRefusal(const consent::AccessDecision& d, absl::string_view what) {
+  return absl::PermissionDeniedError(
+      absl::StrCat(what, ": the patient's RECORD_SHARING consent does not permit it (",
+                   consent::AccessReasonName(d.reason), ")"));
+}
+
+// --- page tokens: "<created_at micros>/<record_id>" -----------------------------------------
+
+std::string PageToken(const RecordInfo& last) {
+  return absl::WebSafeBase64Escape(
+      absl::StrCat(absl::ToUnixMicros(last.created_at), "/", last.record_id));
+}
+
+absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::string& token) {
+  if (token.empty()) return std::make_pair(absl::InfiniteFuture(), std::string());
+  std::string decoded;
+  int64_t micros = 0;
+  if (absl::WebSafeBase64Unescape(token, &decoded)) {
+    std::vector<std::string> parts = absl::StrSplit(decoded, absl::MaxSplits('/', 1));
+    if (parts.size() == 2 && absl::SimpleAtoi(parts[0], &micros) &&
+        ValidateId(parts[1], "page_token").ok()) {
+      return std::make_pair(absl::FromUnixMicros(micros), parts[1]);
+    }
+  }
+  return absl::InvalidArgumentError("page_token: not a token from an earlier ListRecords response");
+}
+
+// --- PgUpload ---------------------------------------------------------------------------------
+
+// Chunks are sealed on the caller's thread and inserted by a writer thread of the upload, so
+// that receiving, hashing and encrypting the next chunk overlap with the database storing this
+// one. At most one sealed chunk waits while another is being inserted.
+class PgUpload final : public Upload {
+ public:
+  PgUpload(SharingCore& core, CallContext ctx, UploadHeader header, PatientHome home,
+           pg::Lease lease)
+      : core_(core),
+        ctx_(std::move(ctx)),
+        header_(std::move(header)),
+        home_(std::move(home)),
+        record_key_(SecretKey::Random()),
+        record_id_(NewId(home_.region_id, "r")),
+        lease_(std::move(lease)) {}
+
+  ~PgUpload() override {
+    StopWriter(/*abort=*/true).IgnoreError();  // aborting: nothing is kept either way
+    core_.AddBuffered(-static_cast<int64_t>(pending_.size()));
+    // Destroying the transaction unfinished rolls it back: nothing of the upload remains.
+    txn_.reset();
+  }
+
+  // Opens the upload's transaction and reads the patient's key in it, after `create_key` made
+  // one if the patient has none yet.
+  absl::Status Begin(absl::Duration idle_timeout, crypto::KeyEncryptionKey& kek,
+                     const std::function<absl::Status()>& create_key) {
+    try {
+      txn_ = std::make_unique<pqxx::work>(lease_.connection());
+      pqxx::result rows =
+          txn_->exec_prepared(sql::kBeginUpload, home_.patient_id,
+                              std::to_string(absl::ToInt64Milliseconds(idle_timeout)));
+      if (rows.empty() || rows[0][0].is_null()) {
+        RETURN_IF_ERROR(Fail(create_key()));
+        rows = txn_->exec_prepared(sql::kSelectPatientKey, home_.patient_id);
+        if (rows.empty()) return Fail(absl::AbortedError("patient key creation raced an erasure"));
+      }
+      std::string key_id = rows[0][0].c_str();
+      ASSIGN_OR_RETURN(SecretKey key, UnwrapPatientKey(kek, home_.patient_id, key_id,
+                                                       rows[0][1].c_str(), BytesOf(rows[0][2])));
+      patient_key_.emplace(PatientKey{std::move(key_id), std::move(key)});
+      return absl::OkStatus();
+    } catch (const std::exception& e) {
+      return Fail(pg::StatusFromException(e));
+    }
+  }
+
+  absl::Status Write(absl::string_view data) override {
+    RETURN_IF_ERROR(failed_);
+    if (data.empty()) return Fail(absl::InvalidArgumentError("chunk.data: must not be empty"));
+    if (data.size() > crypto::kMaxChunkBytes) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+          "chunk.data: at most ", crypto::kMaxChunkBytes, " bytes per chunk, got ", data.size())));
+    }
+    if (received_ + data.size() > header_.size_bytes) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("more bytes than declared: header.size_bytes is ", header_.size_bytes,
+                       ", received at least ", received_ + data.size())));
+    }
+    received_ += data.size();
+    // Storage chunks are exactly 1 MiB except the last, whatever sizes the client sends; a client
+    // sending 1 MiB pieces is stored without copying them first. Hashing comes after handing
+    // the chunk to the writer, so that it overlaps with the insert.
+    if (pending_.empty() &&
+        (data.size() == crypto::kMaxChunkBytes || received_ == header_.size_bytes)) {
+      absl::Status stored = Store(data);
+      hasher_.Update(data);
+      return stored;
+    }
+    hasher_.Update(data);
+    pending_.append(data.data(), data.size());
+    core_.AddBuffered(static_cast<int64_t>(data.size()));
+    while (pending_.size() >= crypto::kMaxChunkBytes ||
+           (received_ == header_.size_bytes && !pending_.empty())) {
+      const size_t n = std::min(pending_.size(), crypto::kMaxChunkBytes);
+      RETURN_IF_ERROR(Store(absl::string_view(pending_.data(), n)));
+      pending_.erase(0, n);
+      core_.AddBuffered(-static_cast<int64_t>(n));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<UploadResult> Finish() override {
+    RETURN_IF_ERROR(failed_);
+    if (received_ != header_.size_bytes) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("received ", received_, " bytes but header.size_bytes declared ",
+                       header_.size_bytes, "; nothing was stored")));
+    }
+    if (hasher_.Finish() != header_.sha256) {
+      return Fail(absl::InvalidArgumentError(
+          "the SHA-256 of the received content does not match header.sha256; nothing was stored"));
+    }
+    // Every chunk is in the transaction before anything else uses it.
+    RETURN_IF_ERROR(Fail(StopWriter(/*abort=*/false)));
+    try {
+      if (core_.QuotaOf(home_.tenant_id) > 0) {
+        // Serializes the tenant's commits in this region so concurrent uploads cannot overshoot
+        // the quota together.
+        txn_->exec_prepared(sql::kLockTenantUsage, home_.tenant_id);
+        int64_t used = txn_->exec_prepared1(sql::kTenantUsage, home_.tenant_id)[0].as<int64_t>();
+        RETURN_IF_ERROR(
+            Fail(core_.CheckQuota(home_.tenant_id, home_.region_id, used, header_.size_bytes)));
+      }
+      ASSIGN_OR_RETURN(
+          std::string wrapped_record_key,
+          crypto::Seal(patient_key_->key, RecordKeyAad(record_id_), record_key_.bytes()));
+      pqxx::result inserted = txn_->exec_prepared(
+          sql::kInsertRecordWithKey, record_id_, home_.tenant_id, home_.patient_id,
+          static_cast<int>(header_.kind), header_.content_type, header_.file_name,
+          static_cast<int64_t>(header_.size_bytes), pqxx::binarystring(header_.sha256), next_index_,
+          ctx_.principal.spiffe_id, PgTime(core_.Now()), NewId(home_.region_id, "k"),
+          patient_key_->key_id, pqxx::binarystring(wrapped_record_key));
+      if (inserted.affected_rows() != 1) {
+        // An erasure of the patient's records committed during the upload and destroyed the key
+        // this record would be wrapped under: storing it would leave an unreadable record.
+        return Fail(absl::AbortedError(
+            "the patient's records were erased during this upload; nothing was stored"));
+      }
+      RETURN_IF_ERROR(
+          Fail(audit::Append(*txn_, AuditFor(ctx_, audit::Action::kCreate, "record", record_id_,
+                                             home_.tenant_id, home_.patient_id,
+                                             absl::StrCat("PERMITTED: bytes=", header_.size_bytes,
+                                                          " chunks=", next_index_)))
+                   .status()));
+      txn_->commit();
+    } catch (const std::exception& e) {
+      return Fail(pg::StatusFromException(e));
+    }
+    failed_ = absl::FailedPreconditionError("the upload is finished");
+    return UploadResult{record_id_, header_.size_bytes, header_.sha256};
+  }
+
+ private:
+  struct Sealed {
+    uint32_t index = 0;
+    std::string bytes;
+  };
+
+  // Seals the next storage chunk and hands it to the writer, waiting while one already waits.
+  absl::Status Store(absl::string_view plaintext) {
+    const bool last = stored_ + plaintext.size() == header_.size_bytes;
+    ASSIGN_OR_RETURN(std::string sealed,
+                     crypto::EncryptChunk(record_key_, record_id_, next_index_, last, plaintext));
+    core_.AddBuffered(static_cast<int64_t>(sealed.size()));
+    if (!writer_.joinable()) writer_ = std::thread([this] { WriterLoop(); });
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return queue_.empty() || !writer_status_.ok(); });
+      if (!writer_status_.ok()) {
+        core_.AddBuffered(-static_cast<int64_t>(sealed.size()));
+        absl::Status status = writer_status_;
+        lock.unlock();
+        return Fail(status);
+      }
+      queue_.push_back(Sealed{next_index_, std::move(sealed)});
+    }
+    cv_.notify_all();
+    stored_ += plaintext.size();
+    ++next_index_;
+    return absl::OkStatus();
+  }
+
+  void WriterLoop() {
+    while (true) {
+      Sealed chunk;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] { return !queue_.empty() || closing_; });
+        if (queue_.empty() || aborting_) break;
+        chunk = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      cv_.notify_all();
+      absl::Status status = Insert(std::move(chunk));
+      if (!status.ok()) {
+        std::lock_guard<std::mutex> lock(mu_);
+        writer_status_ = status;
+        break;
+      }
+    }
+    cv_.notify_all();
+  }
+
+  // Inserts one sealed chunk (counted as buffered by Store) and releases it.
+  absl::Status Insert(Sealed chunk) {
+    // libpq's copy of the parameter lives until the insert returns.
+    const int64_t size = static_cast<int64_t>(chunk.bytes.size());
+    core_.AddBuffered(size);
+    absl::Status status;
+    try {
+      txn_->exec_prepared0(sql::kInsertChunk, record_id_, static_cast<int64_t>(chunk.index),
+                           pqxx::binarystring(chunk.bytes));
+    } catch (const std::exception& e) {
+      status = pg::StatusFromException(e);
+    }
+    core_.AddBuffered(-2 * size);
+    return status;
+  }
+
+  // Stops the writer: after the queued chunk is inserted, or at once when aborting. The status
+  // of the inserts.
+  absl::Status StopWriter(bool abort) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      closing_ = true;
+      aborting_ = abort;
+    }
+    cv_.notify_all();
+    if (writer_.joinable()) writer_.join();
+    for (const Sealed& left : queue_) core_.AddBuffered(-static_cast<int64_t>(left.bytes.size()));
+    queue_.clear();
+    return writer_status_;
+  }
+
+  absl::Status Fail(absl::Status status) {
+    if (status.ok()) return status;
+    if (status.code() == absl::StatusCode::kUnavailable) lease_.MarkBroken();
+    if (failed_.ok()) failed_ = status;
+    return status;
+  }
+
+  SharingCore& core_;
+  const CallContext ctx_;
+  const UploadHeader header_;
+  const PatientHome home_;
+  std::optional<PatientKey> patient_key_;  // set by Begin
+  const SecretKey record_key_;
+  const std::string record_id_;
+  pg::Lease lease_;  // declared before txn_: the transaction ends before the connection returns
+  std::unique_ptr<pqxx::work> txn_;  // the writer's until it stops, then the caller's
+  crypto::Sha256 hasher_;
+  std::string pending_;
+  uint64_t received_ = 0;
+  uint64_t stored_ = 0;
+  uint32_t next_index_ = 0;
+  absl::Status failed_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Sealed> queue_;  // at most one chunk
+  bool closing_ = false;
+  bool aborting_ = false;
+  absl::Status writer_status_;
+  std::thread writer_;
+};
+
+// --- PgDownload -------------------------------------------------------------------------------
+
+// Chunks are read by a reader thread of the download, one ahead, so that fetching the next
+// chunk from the database overlaps with authenticating and sending this one.
+class PgDownload final : public Download {
+ public:
+  PgDownload(SharingCore& core, pg::Pool& pool, RecordInfo record, SecretKey key)
+      : core_(core), pool_(pool), record_(std::move(record)), key_(std::move(key)) {}
+
+  ~PgDownload() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    if (reader_.joinable()) reader_.join();
+    if (ahead_) core_.AddBuffered(-static_cast<int64_t>(ahead_->ok() ? (*ahead_)->size() : 0));
+  }
+
+  const RecordInfo& record() const override { return record_; }
+
+  absl::StatusOr<bool> Next(std::string* chunk) override {
+    if (index_ == record_.chunk_count) {
+      if (!verified_) {
+        verified_ = true;
+        if (hasher_.Finish() != record_.sha256) {
+          return absl::DataLossError(
+              absl::StrCat("record '", record_.record_id, "': content does not match its SHA-256"));
+        }
+      }
+      return false;
+    }
+    absl::StatusOr<std::string> sealed;
+    if (record_.chunk_count == 1) {
+      sealed = Fetch(0);
+    } else {
+      if (!reader_.joinable()) reader_ = std::thread([this] { ReaderLoop(); });
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return ahead_.has_value(); });
+      sealed = *std::move(ahead_);
+      ahead_.reset();
+      lock.unlock();
+      cv_.notify_all();
+    }
+    RETURN_IF_ERROR(sealed.status());
+    const int64_t held = static_cast<int64_t>(sealed->size());
+    core_.AddBuffered(held);  // the plaintext, while the sealed chunk is still held
+    absl::StatusOr<std::string> plaintext = crypto::DecryptChunk(
+        key_, record_.record_id, index_, index_ + 1 == record_.chunk_count, *sealed);
+    core_.AddBuffered(-2 * held);
+    if (!plaintext.ok()) {
+      return absl::DataLossError(absl::StrCat("record '", record_.record_id,
+                                              "' is damaged: ", plaintext.status().message(),
+                                              "; nothing of it was returned"));
+    }
+    hasher_.Update(*plaintext);
+    *chunk = *std::move(plaintext);
+    ++index_;
+    return true;
+  }
+
+ private:
+  // One chunk's ciphertext, counted as buffered.
+  absl::StatusOr<std::string> Fetch(uint32_t index) {
+    ASSIGN_OR_RETURN(pg::Lease lease, pool_.Acquire());
+    try {
+      pqxx::nontransaction q(lease.connection());
+      pqxx::result rows =
+          q.exec_prepared(sql::kSelectChunk, record_.record_id, static_cast<int64_t>(index));
+      if (rows.empty()) {
+        if (q.exec_prepared(sql::kRecordExists, record_.record_id).empty()) {
+          return absl::AbortedError(
+              absl::StrCat("record '", record_.record_id, "' was erased during the download"));
+        }
+        return absl::DataLossError(
+            absl::StrCat("record '", record_.record_id, "': chunk ", index, " is missing"));
+      }
+      std::string sealed = BytesOf(rows[0][0]);
+      core_.AddBuffered(static_cast<int64_t>(sealed.size()));
+      return sealed;
+    } catch (const std::exception& e) {
+      absl::Status status = pg::StatusFromException(e);
+      if (status.code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
+      return status;
+    }
+  }
+
+  void ReaderLoop() {
+    for (uint32_t index = 0; index < record_.chunk_count; ++index) {
+      absl::StatusOr<std::string> sealed = Fetch(index);
+      const bool failed = !sealed.ok();
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return !ahead_.has_value() || stopping_; });
+      if (stopping_) {
+        if (sealed.ok()) core_.AddBuffered(-static_cast<int64_t>(sealed->size()));
+        return;
+      }
+      ahead_ = std::move(sealed);
+      lock.unlock();
+      cv_.notify_all();
+      if (failed) return;
+    }
+  }
+
+  SharingCore& core_;
+  pg::Pool& pool_;
+  const RecordInfo record_;
+  const SecretKey key_;
+  uint32_t index_ = 0;
+  crypto::Sha256 hasher_;
+  bool verified_ = false;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::optional<absl::StatusOr<std::string>> ahead_;  // the next chunk, fetched
+  bool stopping_ = false;
+  std::thread reader_;
+};
+
+}  // namespace
+
+// --- SharingCore ------------------------------------------------------------------------------
+
+SharingCore::SharingCore(const pg::ShardSet& shards, const pg::ShardSet& upload_shards,
+                         PatientDirectory& directory, consent::ConsentCache& consent,
+                         crypto::KeyEncryptionKey& kek, SharingOptions options)
+    : shards_(shards),
+      upload_shards_(upload_shards),
+      directory_(directory),
+      consent_(consent),
+      kek_(kek),
+      options_(std::move(options)) {}
+
+void SharingCore::AddBuffered(int64_t delta) {
+  int64_t now = buffered_.fetch_add(delta) + delta;
+  int64_t peak = peak_buffered_.load();
+  while (now > peak && !peak_buffered_.compare_exchange_weak(peak, now)) {
+  }
+}
+
+int64_t SharingCore::QuotaOf(const std::string& tenant) const {
+  auto it = options_.tenant_quota_bytes.find(tenant);
+  return it != options_.tenant_quota_bytes.end() ? it->second : options_.default_tenant_quota_bytes;
+}
+
+absl::Status SharingCore::CheckQuota(const std::string& tenant, const std::string& region,
+                                     int64_t used, uint64_t adding) const {
+  const int64_t quota = QuotaOf(tenant);
+  if (quota > 0 && used + static_cast<int64_t>(adding) > quota) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("tenant '", tenant, "' stores ", used, " bytes of records in region ", region,
+                     "; adding ", adding, " would exceed its limit of ", quota, " bytes"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<pg::Pool*> SharingCore::ShardOf(const std::string& object_id,
+                                               absl::string_view what) const {
+  absl::string_view region = absl::string_view(object_id).substr(0, object_id.find('.'));
+  absl::StatusOr<pg::Pool*> pool = shards_.Get(region);
+  if (!pool.ok()) return absl::NotFoundError(absl::StrCat(what, " '", object_id, "' not found"));
+  return pool;
+}
+
+absl::Status SharingCore::CheckReadTerritory(const RecordInfo& record,
+                                             absl::string_view reader_tenant) {
+  absl::StatusOr<PatientHome> home = directory_.Resolve(record.patient_id);
+  if (!home.ok()) {
+    if (home.status().code() != absl::StatusCode::kNotFound) return home.status();
+    return absl::FailedPreconditionError("the patient's placement is unknown: reads are refused");
+  }
+  ASSIGN_OR_RETURN(residency::ResidencyRule rule, directory_.Rule(home->territory));
+  ASSIGN_OR_RETURN(std::vector<std::string> territories,
+                   directory_.TenantTerritories(std::string(reader_tenant)));
+  if (territories.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("tenant '", reader_tenant, "' serves no territory: reads are refused"));
+  }
+  for (const std::string& t : territories) {
+    if (!residency::MayReadFrom(rule, t)) {
+      return absl::FailedPreconditionError(absl::StrCat("the residency rule of ", home->territory,
+                                                        " does not permit reading its patients' "
+                                                        "data from ",
+                                                        t, ", a territory tenant '", reader_tenant,
+                                                        "' serves"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallContext& ctx,
+                                                                 const UploadHeader& header) {
+  RETURN_IF_ERROR(ValidateId(header.patient_id, "header.patient_id"));
+  if (header.kind == RecordKind::kUnspecified) {
+    return absl::InvalidArgumentError("header.kind: required");
+  }
+  RETURN_IF_ERROR(ValidateText(header.content_type, "header.content_type", kMaxNameBytes));
+  RETURN_IF_ERROR(ValidateText(header.file_name, "header.file_name", kMaxNameBytes));
+  if (header.file_name.find_first_of("/\\") != std::string::npos) {
+    return absl::InvalidArgumentError("header.file_name: no '/' or backslash");
+  }
+  if (header.size_bytes == 0 || header.size_bytes > kMaxRecordBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("header.size_bytes: 1 to ", kMaxRecordBytes, ", got ", header.size_bytes));
+  }
+  if (header.sha256.size() != crypto::kSha256Bytes) {
+    return absl::InvalidArgumentError("header.sha256: exactly 32 bytes");
+  }
+  absl::StatusOr<PatientHome> home = directory_.Resolve(header.patient_id);
+  if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
+  if (!home.ok() || home->tenant_id != ctx.principal.tenant) {
+    return absl::NotFoundError(absl::StrCat("patient '", header.patient_id, "' not found"));
+  }
+  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home->region_id));
+  ASSIGN_OR_RETURN(pg::Pool * upload_pool, upload_shards_.Get(home->region_id));
+
+  // Refuse early what the quota cannot take; Finish() checks again under a lock.
+  if (QuotaOf(home->tenant_id) > 0) {
+    ASSIGN_OR_RETURN(
+        int64_t used, pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
+          return txn.exec_prepared1(sql::kTenantUsage, home->tenant_id)[0].as<int64_t>();
+        }));
+    RETURN_IF_ERROR(CheckQuota(home->tenant_id, home->region_id, used, header.size_bytes));
+  }
+
+  absl::StatusOr<pg::Lease> lease = upload_pool->Acquire();
+  if (!lease.ok()) {
+    if (lease.status().code() != absl::StatusCode::kResourceExhausted) return lease.status();
+    return absl::ResourceExhaustedError(
+        absl::StrCat("too many uploads in progress to region ", home->region_id, "; retry later"));
+  }
+  auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, *std::move(lease));
+  // The patient's key is created on first use in a short transaction of its own, so that
+  // concurrent uploads for the same patient do not wait for each other.
+  auto create_patient_key = [&]() -> absl::Status {
+    return pool->Transact([&](pqxx::work& txn) -> absl::Status {
+      const std::string key_id = NewId(home->region_id, "p");
+      ASSIGN_OR_RETURN(std::string wrapped,
+                       kek_.Wrap(SecretKey::Random(), PatientKeyContext(home->patient_id, key_id)));
+      txn.exec_prepared0(sql::kInsertPatientKey, key_id, home->patient_id, kek_.id(),
+                         pqxx::binarystring(wrapped), PgTime(Now()));
+      return absl::OkStatus();
+    });
+  };
+  RETURN_IF_ERROR(upload->Begin(options_.upload_idle_timeout, kek_, create_patient_key));
+  return std::unique_ptr<Upload>(std::move(upload));
+}
+
+absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
+                                                   const std::string& record_id,
+                                                   const std::string& grantee,
+                                                   absl::Time expires_at) {
+  RETURN_IF_ERROR(ValidateId(record_id, "record_id"));
+  absl::StatusOr<Principal> to = ParseSpiffeId(grantee, options_.trust_domain);
+  if (!to.ok() || to->kind != PrincipalKind::kPractitioner) {
+    return absl::InvalidArgumentError("grantee: must be the SPIFFE id of a practitioner");
+  }
+  if (grantee == ctx.principal.spiffe_id) {
+    return absl::InvalidArgumentError("grantee: you cannot share a record with yourself");
+  }
+  const absl::Time now = Now();
+  if (expires_at <= now) return absl::InvalidArgumentError("expires_at: must be in the future");
+  if (expires_at > now + kMaxGrantDuration) {
+    return absl::InvalidArgumentError("expires_at: at most 365 days ahead");
+  }
+  ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
+  const std::string region = record_id.substr(0, record_id.find('.'));
+  return ResultOf(pool->TransactValue<Outcome<GrantInfo>>(
+      [&](pqxx::work& txn) -> absl::StatusOr<Outcome<GrantInfo>> {
+        std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForShare, record_id);
+        if (!record) return RecordNotFound(record_id);
+        const bool same_tenant = record->tenant_id == ctx.principal.tenant;
+        if (record->owner != ctx.principal.spiffe_id) {
+          std::optional<GrantInfo> mine = LatestGrant(txn, record_id, ctx.principal.spiffe_id);
+          const bool active = mine && IsActive(*mine, now);
+          if (!same_tenant) {
+            if (!active) return RecordNotFound(record_id);
+            return absl::PermissionDeniedError(
+                "only practitioners of the patient's tenant may share its records");
+          }
+          if (!active) {
+            return absl::PermissionDeniedError(
+                "only the record's owner or a practitioner holding a grant on it may share it");
+          }
+          if (expires_at > mine->expires_at) {
+            return absl::FailedPreconditionError(
+                absl::StrCat("expires_at: a re-share cannot outlast your own grant (until ",
+                             Rfc3339(mine->expires_at), ")"));
+          }
+        }
+        if (grantee == record->owner) {
+          return absl::InvalidArgumentError("grantee: is the record's owner");
+        }
+        if (record->state == RecordState::kArchived) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "record '", record_id, "' is archived; archived records cannot be shared"));
+        }
+        audit::Entry entry = AuditFor(ctx, audit::Action::kCreate, "share_grant", record_id,
+                                      record->tenant_id, record->patient_id, "");
+        ASSIGN_OR_RETURN(
+            consent::AccessDecision decision,
+            consent_.Check(region, record->patient_id, consent::Purpose::kRecordSharing,
+                           ctx.principal.spiffe_id, now));
+        CiteConsent(entry, decision);
+        if (!decision.permit) {
+          entry.reason =
+              absl::StrCat(consent::AccessReasonName(decision.reason), ": grantee=", grantee);
+          return Deny<GrantInfo>(txn, entry, ConsentRefusal(decision, "sharing this record"));
+        }
+        if (to->tenant != record->tenant_id) {
+          RETURN_IF_ERROR(CheckReadTerritory(*record, to->tenant));
+        }
+        GrantInfo grant = GrantFromRow(txn.exec_prepared1(
+            sql::kUpsertGrant, NewId(region, "g"), record_id, grantee, to->tenant,
+            ctx.principal.spiffe_id, PgTime(now), PgTime(expires_at)));
+        entry.object_id = grant.grant_id;
+        entry.reason = absl::StrCat("PERMITTED: record=", record_id, " grantee=", grantee,
+                                    " until=", Rfc3339(grant.expires_at));
+        RETURN_IF_ERROR(audit::Append(txn, entry).status());
+        Outcome<GrantInfo> out;
+        out.value = std::move(grant);
+        return out;
+      }));
+}
+
+absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
+                                                   const std::string& grant_id,
+                                                   const std::string& record_id,
+                                                   const std::string& grantee) {
+  const bool by_id = !grant_id.empty();
+  if (by_id) {
+    RETURN_IF_ERROR(ValidateId(grant_id, "grant_id"));
+  } else {
+    RETURN_IF_ERROR(ValidateId(record_id, "record_grantee.record_id"));
+    RETURN_IF_ERROR(ValidateText(grantee, "record_grantee.grantee", 512));
+  }
+  const std::string& id = by_id ? grant_id : record_id;
+  ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(id, by_id ? "grant" : "record"));
+  const absl::Time now = Now();
+  return pool->TransactValue<GrantInfo>([&](pqxx::work& txn) -> absl::StatusOr<GrantInfo> {
+    std::optional<GrantInfo> grant;
+    if (by_id) {
+      pqxx::result rows = txn.exec_prepared(sql::kSelectGrantForUpdate, grant_id);
+      if (!rows.empty()) grant = GrantFromRow(rows[0]);
+    } else if (std::optional<GrantInfo> latest = LatestGrant(txn, record_id, grantee)) {
+      grant = GrantFromRow(txn.exec_prepared1(sql::kSelectGrantForUpdate, latest->grant_id));
+    }
+    const absl::Status not_found =
+        by_id ? absl::NotFoundError(absl::StrCat("grant '", grant_id, "' not found"))
+              : absl::NotFoundError(
+                    absl::StrCat("record '", record_id, "' has no grant to ", grantee));
+    if (!grant) return not_found;
+    std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecord, grant->record_id);
+    if (!record || record->tenant_id != ctx.principal.tenant) return not_found;
+    if (ctx.principal.spiffe_id != record->owner && ctx.principal.spiffe_id != grant->granted_by) {
+      return absl::PermissionDeniedError(
+          "only the record's owner or the practitioner who shared may revoke a grant");
+    }
+    if (grant->revoked_at) return *grant;  // idempotent: the earlier revocation stands
+    GrantInfo revoked =
+        GrantFromRow(txn.exec_prepared1(sql::kRevokeGrant, grant->grant_id, PgTime(now)));
+    RETURN_IF_ERROR(
+        audit::Append(txn, AuditFor(ctx, audit::Action::kUpdate, "share_grant", revoked.grant_id,
+                                    record->tenant_id, record->patient_id,
+                                    absl::StrCat("REVOKED: record=", record->record_id,
+                                                 " grantee=", revoked.grantee)))
+            .status());
+    return revoked;
+  });
+}
+
+absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
+                                                    const ListQuery& query) {
+  if (query.scope == ListScope::kUnspecified) return absl::InvalidArgumentError("scope: required");
+  if (query.scope == ListScope::kPatient) {
+    RETURN_IF_ERROR(ValidateId(query.patient_id, "patient_id"));
+  } else if (!query.patient_id.empty()) {
+    return absl::InvalidArgumentError("patient_id: only with RECORD_SCOPE_PATIENT");
+  }
+  if (query.page_size < 1) return absl::InvalidArgumentError("page_size: must be positive");
+  const int size = query.page_size;
+  ASSIGN_OR_RETURN(auto after, ParsePageToken(query.page_token));
+  const absl::Time now = Now();
+  const std::string& caller = ctx.principal.spiffe_id;
+
+  std::vector<std::string> regions;
+  if (query.scope == ListScope::kPatient) {
+    absl::StatusOr<PatientHome> home = directory_.Resolve(query.patient_id);
+    if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
+    if (!home.ok() || home->tenant_id != ctx.principal.tenant) {
+      return absl::NotFoundError(absl::StrCat("patient '", query.patient_id, "' not found"));
+    }
+    regions.push_back(home->region_id);
+  } else {
+    // A practitioner's records and grants may be in any region.
+    regions = shards_.RegionIds();
+  }
+
+  // Each region's newest `size + 1` after the token, merged newest first.
+  std::vector<RecordInfo> merged;
+  for (const std::string& region : regions) {
+    ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(region));
+    absl::StatusOr<std::vector<RecordInfo>> page = pool->TransactValue<std::vector<RecordInfo>>(
+        [&](pqxx::work& txn) -> absl::StatusOr<std::vector<RecordInfo>> {
+          const int kind = static_cast<int>(query.kind);
+          const std::string before = PgTime(after.first);
+          pqxx::result rows;
+          switch (query.scope) {
+            case ListScope::kMine:
+              rows = txn.exec_prepared(sql::kListOwned, caller, kind, query.include_archived,
+                                       before, after.second, size + 1);
+              break;
+            case ListScope::kSharedWithMe:
+              rows = txn.exec_prepared(sql::kListShared, caller, kind, query.include_archived,
+                                       before, after.second, size + 1, PgTime(now));
+              break;
+            default:
+              rows = txn.exec_prepared(sql::kListPatient, query.patient_id, kind,
+                                       query.include_archived, before, after.second, size + 1,
+                                       caller, PgTime(now));
+              break;
+          }
+          std::vector<RecordInfo> records;
+          for (const pqxx::row& row : rows) records.push_back(RecordFromRow(row));
+          AttachGrants(txn, records, caller, now);
+          return records;
+        });
+    if (!page.ok()) {
+      return absl::Status(page.status().code(),
+                          absl::StrCat("region ", region, ": ", page.status().message()));
+    }
+    std::move(page->begin(), page->end(), std::back_inserter(merged));
+  }
+  std::sort(merged.begin(), merged.end(), [](const RecordInfo& a, const RecordInfo& b) {
+    return std::tie(a.created_at, a.record_id) > std::tie(b.created_at, b.record_id);
+  });
+  ListResult result;
+  if (merged.size() > static_cast<size_t>(size)) {
+    merged.resize(size);
+    result.next_page_token = PageToken(merged.back());
+  }
+  result.records = std::move(merged);
+  return result;
+}
+
+absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
+    const CallContext& ctx, const std::string& record_id, const std::string& break_glass_reason) {
+  RETURN_IF_ERROR(ValidateId(record_id, "record_id"));
+  const bool ops = ctx.principal.kind == PrincipalKind::kOps;
+  if (ops) {
+    if (break_glass_reason.empty()) {
+      return absl::PermissionDeniedError(
+          "ops read records only by break-glass: break_glass_reason is required");
+    }
+    if (break_glass_reason.size() < kMinBreakGlassReasonBytes ||
+        break_glass_reason.size() > kMaxBreakGlassReasonBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("break_glass_reason: ", kMinBreakGlassReasonBytes, " to ",
+                       kMaxBreakGlassReasonBytes, " bytes, got ", break_glass_reason.size()));
+    }
+    RETURN_IF_ERROR(
+        ValidateText(break_glass_reason, "break_glass_reason", kMaxBreakGlassReasonBytes));
+  } else if (!break_glass_reason.empty()) {
+    return absl::PermissionDeniedError("break-glass reads are for ops identities only");
+  }
+  ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
+  const std::string region = record_id.substr(0, record_id.find('.'));
+  const absl::Time now = Now();
+  const std::string& caller = ctx.principal.spiffe_id;
+
+  struct Opened {
+    RecordInfo record;
+    SecretKey key;
+  };
+  ASSIGN_OR_RETURN(
+      Opened opened,
+      ResultOf(pool->TransactValue<Outcome<Opened>>([&](pqxx::work& txn)
+                                                        -> absl::StatusOr<Outcome<Opened>> {
+        std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecord, record_id);
+        if (!record) return RecordNotFound(record_id);
+        audit::Entry entry = AuditFor(ctx, audit::Action::kRead, "record", record_id,
+                                      record->tenant_id, record->patient_id, "");
+        const std::string bytes = absl::StrCat("bytes=", record->size_bytes);
+        std::vector<RecordInfo> one = {*record};
+        if (ops) {
+          entry.reason = absl::StrCat("BREAK_GLASS: ", bytes, " reason=", break_glass_reason);
+        } else if (record->owner == caller) {
+          entry.reason = absl::StrCat("PERMITTED: ", bytes);
+          AttachGrants(txn, one, caller, now);
+        } else {
+          std::optional<GrantInfo> grant = LatestGrant(txn, record_id, caller);
+          if (!grant) {
+            if (record->tenant_id != ctx.principal.tenant) return RecordNotFound(record_id);
+            entry.reason = "NOT_SHARED";
+            return Deny<Opened>(txn, entry,
+                                absl::PermissionDeniedError(absl::StrCat(
+                                    "record '", record_id, "' is not shared with you")));
+          }
+          const std::string which = absl::StrCat(" grant=", grant->grant_id);
+          if (grant->revoked_at) {
+            entry.reason = absl::StrCat("GRANT_REVOKED:", which);
+            return Deny<Opened>(txn, entry,
+                                absl::PermissionDeniedError(absl::StrCat(
+                                    "your grant on record '", record_id, "' was revoked at ",
+                                    Rfc3339(*grant->revoked_at))));
+          }
+          if (grant->expires_at <= now) {
+            entry.reason = absl::StrCat("GRANT_EXPIRED:", which);
+            return Deny<Opened>(txn, entry,
+                                absl::PermissionDeniedError(
+                                    absl::StrCat("your grant on record '", record_id,
+                                                 "' expired at ", Rfc3339(grant->expires_at))));
+          }
+          // The share stands only while the consent it rested on does.
+          ASSIGN_OR_RETURN(
+              consent::AccessDecision decision,
+              consent_.Check(region, record->patient_id, consent::Purpose::kRecordSharing,
+                             grant->granted_by, now));
+          CiteConsent(entry, decision);
+          if (!decision.permit) {
+            entry.reason = absl::StrCat(consent::AccessReasonName(decision.reason), ":", which);
+            return Deny<Opened>(txn, entry, ConsentRefusal(decision, "reading this shared record"));
+          }
+          if (grant->grantee_tenant != record->tenant_id) {
+            absl::Status territory = CheckReadTerritory(*record, grant->grantee_tenant);
+            if (territory.code() == absl::StatusCode::kFailedPrecondition) {
+              entry.reason = absl::StrCat("TERRITORY_NOT_PERMITTED:", which);
+              return Deny<Opened>(txn, entry, absl::PermissionDeniedError(territory.message()));
+            }
+            RETURN_IF_ERROR(territory);
+          }
+          entry.reason = absl::StrCat("PERMITTED: ", bytes, which);
+          one[0].grants.push_back(*grant);
+        }
+        pqxx::result keys = txn.exec_prepared(sql::kSelectRecordKeys, record_id);
+        if (keys.empty()) {
+          return absl::DataLossError(
+              absl::StrCat("record '", record_id, "': its data key is missing"));
+        }
+        absl::StatusOr<SecretKey> patient_key = UnwrapPatientKey(
+            kek_, record->patient_id, keys[0][2].c_str(), keys[0][3].c_str(), BytesOf(keys[0][4]));
+        if (!patient_key.ok()) {
+          return absl::Status(
+              patient_key.status().code(),
+              absl::StrCat("record '", record_id, "': ", patient_key.status().message()));
+        }
+        absl::StatusOr<std::string> record_key =
+            crypto::Open(*patient_key, RecordKeyAad(record_id), BytesOf(keys[0][1]));
+        if (!record_key.ok()) {
+          return absl::DataLossError(
+              absl::StrCat("record '", record_id, "': its wrapped data key is damaged"));
+        }
+        ASSIGN_OR_RETURN(SecretKey key, SecretKey::FromBytes(*record_key));
+        // Audited before the first byte leaves, for the full size.
+        RETURN_IF_ERROR(audit::Append(txn, entry).status());
+        Outcome<Opened> out;
+        out.value = Opened{std::move(one[0]), std::move(key)};
+        return out;
+      })));
+  return std::unique_ptr<Download>(
+      new PgDownload(*this, *pool, std::move(opened.record), std::move(opened.key)));
+}
+
+absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
+                                                      const std::string& record_id,
+                                                      absl::Time retain_until) {
+  RETURN_IF_ERROR(ValidateId(record_id, "record_id"));
+  const absl::Time now = Now();
+  if (retain_until <= now) return absl::InvalidArgumentError("retain_until: must be in the future");
+  ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
+  return pool->TransactValue<RecordInfo>([&](pqxx::work& txn) -> absl::StatusOr<RecordInfo> {
+    std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForUpdate, record_id);
+    if (!record || record->tenant_id != ctx.principal.tenant) return RecordNotFound(record_id);
+    if (record->owner != ctx.principal.spiffe_id) {
+      return absl::PermissionDeniedError("only the record's owner may archive it");
+    }
+    txn.exec_prepared0(sql::kArchiveRecord, record_id, PgTime(retain_until));
+    RETURN_IF_ERROR(
+        audit::Append(txn, AuditFor(ctx, audit::Action::kUpdate, "record", record_id,
+                                    record->tenant_id, record->patient_id,
+                                    absl::StrCat("ARCHIVED: until=", Rfc3339(retain_until))))
+            .status());
+    std::vector<RecordInfo> one = {*SelectRecord(txn, sql::kSelectRecord, record_id)};
+    AttachGrants(txn, one, ctx.principal.spiffe_id, now);
+    return one[0];
+  });
+}
+
+absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
+                                                    const std::string& record_id,
+                                                    const std::string& reason) {
+  RETURN_IF_ERROR(ValidateId(record_id, "record_id"));
+  RETURN_IF_ERROR(ValidateText(reason, "reason", kMaxReasonBytes));
+  ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
+  const absl::Time now = Now();
+  return pool->TransactValue<absl::Time>([&](pqxx::work& txn) -> absl::StatusOr<absl::Time> {
+    std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForUpdate, record_id);
+    if (!record || record->tenant_id != ctx.principal.tenant) return RecordNotFound(record_id);
+    if (ctx.principal.kind != PrincipalKind::kApp && record->owner != ctx.principal.spiffe_id) {
+      return absl::PermissionDeniedError(
+          "only the record's owner or an app of its tenant may erase it");
+    }
+    if (record->state == RecordState::kArchived && *record->retain_until > now) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "record '", record_id, "' is archived until ", Rfc3339(*record->retain_until),
+          " and cannot be erased before its retention end; only the erasure of all of the "
+          "patient's records (ErasePatientRecords, GDPR art. 17) erases it earlier"));
+    }
+    // Crypto-shredding: without its key the ciphertext left behind (and in backups of it) is
+    // unreadable; the purge removes the chunk rows later.
+    txn.exec_prepared0(sql::kDeleteRecordKey, record_id);
+    txn.exec_prepared0(sql::kDeleteRecord, record_id);
+    RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kDelete, "record", record_id,
+                                                record->tenant_id, record->patient_id,
+                                                absl::StrCat("ERASED: ", reason)))
+                        .status());
+    return now;
+  });
+}
+
+absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContext& ctx,
+                                                                const std::string& patient_id,
+                                                                const std::string& reason) {
+  RETURN_IF_ERROR(ValidateId(patient_id, "patient_id"));
+  RETURN_IF_ERROR(ValidateText(reason, "reason", kMaxReasonBytes));
+  absl::StatusOr<PatientHome> home = directory_.Resolve(patient_id);
+  if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
+  if (!home.ok() || home->tenant_id != ctx.principal.tenant) {
+    return absl::NotFoundError(absl::StrCat("patient '", patient_id, "' not found"));
+  }
+  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home->region_id));
+  const absl::Time now = Now();
+  return pool->TransactValue<PatientErasure>(
+      [&](pqxx::work& txn) -> absl::StatusOr<PatientErasure> {
+        std::vector<std::string> ids;
+        for (const pqxx::row& row :
+             txn.exec_prepared(sql::kSelectPatientRecordsForUpdate, patient_id)) {
+          ids.push_back(row[0].c_str());
+        }
+        // The patient key goes with the record keys: whatever was wrapped under it, in this
+        // database or in any copy of it, is unreadable from now on.
+        txn.exec_prepared0(sql::kDeletePatientKeys, patient_id);
+        txn.exec_prepared0(sql::kDeletePatientRecords, patient_id);
+        for (const std::string& id : ids) {
+          RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kDelete, "record", id,
+                                                      home->tenant_id, patient_id,
+                                                      absl::StrCat("PATIENT_ERASURE: ", reason)))
+                              .status());
+        }
+        RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kDelete, "patient_records",
+                                                    patient_id, home->tenant_id, patient_id,
+                                                    absl::StrCat("PATIENT_ERASURE: erased=",
+                                                                 ids.size(), " reason=", reason)))
+                            .status());
+        return PatientErasure{ids.size(), now};
+      });
+}
+
+absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
+  SweepResult result;
+  absl::Status first_error;
+  const absl::Time now = Now();
+  CallContext ctx;
+  ctx.principal.kind = PrincipalKind::kService;
+  ctx.principal.spiffe_id = options_.service_identity;
+  ctx.request_id = "retention-sweep";
+  ctx.origin = "sharing";
+  for (const std::string& region : shards_.RegionIds()) {
+    pg::Pool* pool = *shards_.Get(region);
+    absl::StatusOr<std::vector<std::string>> expired =
+        pool->TransactValue<std::vector<std::string>>(
+            [&](pqxx::work& txn) -> absl::StatusOr<std::vector<std::string>> {
+              std::vector<std::string> ids;
+              for (const pqxx::row& row :
+                   txn.exec_prepared(sql::kSelectExpiredArchives, PgTime(now), batch)) {
+                ids.push_back(row[0].c_str());
+              }
+              return ids;
+            });
+    if (!expired.ok()) {
+      if (first_error.ok()) first_error = expired.status();
+      continue;
+    }
+    if (expired->size() == static_cast<size_t>(batch)) result.more = true;
+    for (const std::string& id : *expired) {
+      absl::Status erased = pool->Transact([&](pqxx::work& txn) -> absl::Status {
+        std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForUpdate, id);
+        if (!record || record->state != RecordState::kArchived || *record->retain_until > now) {
+          return absl::OkStatus();  // erased or re-archived meanwhile
+        }
+        txn.exec_prepared0(sql::kDeleteRecordKey, id);
+        txn.exec_prepared0(sql::kDeleteRecord, id);
+        return audit::Append(txn, AuditFor(ctx, audit::Action::kDelete, "record", id,
+                                           record->tenant_id, record->patient_id,
+                                           absl::StrCat("RETENTION_END: until=",
+                                                        Rfc3339(*record->retain_until))))
+            .status();
+      });
+      if (erased.ok()) {
+        ++result.erased_records;
+      } else if (first_error.ok()) {
+        first_error = erased;
+      }
+    }
+    absl::StatusOr<int64_t> purged =
+        pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
+          return static_cast<int64_t>(
+              txn.exec_prepared(sql::kPurgeOrphanChunks, batch).affected_rows());
+        });
+    if (purged.ok()) {
+      result.purged_chunks += *purged;
+      if (*purged == batch) result.more = true;
+    } else if (first_error.ok()) {
+      first_error = purged.status();
+    }
+  }
+  if (!first_error.ok()) return first_error;
+  return result;
+}
+
+}  // namespace medgate::sharing

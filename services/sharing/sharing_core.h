@@ -1,0 +1,206 @@
+// The record-sharing logic over plain values: encrypted chunked uploads into the patient's home
+// shard, grants, audited downloads, archive and erasure by crypto-shredding.
+#ifndef MEDGATE_SERVICES_SHARING_SHARING_CORE_H_
+#define MEDGATE_SERVICES_SHARING_SHARING_CORE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "libs/consent_client/consent_cache.h"
+#include "libs/crypto/key_encryption_key.h"
+#include "libs/identity/principal.h"
+#include "libs/pg/shard_set.h"
+#include "services/sharing/patient_directory.h"
+
+namespace medgate::sharing {
+
+// Who asks, for authorization and the audit entry.
+struct CallContext {
+  Principal principal;
+  std::string request_id;
+  std::string origin;
+};
+
+enum class RecordKind { kUnspecified = 0, kDocument = 1, kImaging = 2, kReport = 3 };
+enum class RecordState { kActive, kArchived };
+
+struct GrantInfo {
+  std::string grant_id;
+  std::string record_id;
+  std::string grantee;
+  std::string grantee_tenant;
+  std::string granted_by;
+  absl::Time created_at;
+  absl::Time expires_at;
+  std::optional<absl::Time> revoked_at;
+};
+
+struct RecordInfo {
+  std::string record_id;
+  std::string tenant_id;
+  std::string patient_id;
+  RecordKind kind = RecordKind::kUnspecified;
+  std::string content_type;
+  std::string file_name;
+  uint64_t size_bytes = 0;
+  std::string sha256;  // 32 raw bytes
+  uint32_t chunk_count = 0;
+  std::string owner;
+  absl::Time created_at;
+  RecordState state = RecordState::kActive;
+  std::optional<absl::Time> retain_until;
+  std::vector<GrantInfo> grants;  // those visible to the caller
+};
+
+struct UploadHeader {
+  std::string patient_id;
+  RecordKind kind = RecordKind::kUnspecified;
+  std::string content_type;
+  std::string file_name;
+  uint64_t size_bytes = 0;
+  std::string sha256;  // 32 raw bytes
+};
+
+struct UploadResult {
+  std::string record_id;
+  uint64_t size_bytes = 0;
+  std::string sha256;
+};
+
+// One upload in progress, in one transaction of the home shard: chunks are encrypted and inserted
+// as they arrive (at most one storage chunk is held in memory), and the record becomes visible
+// only when Finish() verified size and hash and committed. Destroying an unfinished upload rolls
+// everything back. Not thread-safe.
+class Upload {
+ public:
+  virtual ~Upload() = default;
+  // The next piece of content as the client sent it (1 byte to 1 MiB).
+  virtual absl::Status Write(absl::string_view data) = 0;
+  virtual absl::StatusOr<UploadResult> Finish() = 0;
+};
+
+// One authorized, already audited download: authenticated plaintext chunk by chunk.
+class Download {
+ public:
+  virtual ~Download() = default;
+  virtual const RecordInfo& record() const = 0;
+  // Sets `chunk` to the next plaintext chunk and returns true, or returns false at the end.
+  // A chunk that does not authenticate is DATA_LOSS naming the record; nothing of it is returned.
+  virtual absl::StatusOr<bool> Next(std::string* chunk) = 0;
+};
+
+enum class ListScope { kUnspecified, kMine, kSharedWithMe, kPatient };
+
+struct ListQuery {
+  ListScope scope = ListScope::kUnspecified;
+  std::string patient_id;
+  RecordKind kind = RecordKind::kUnspecified;
+  bool include_archived = false;
+  int page_size = 100;  // already bounded by the adapter
+  std::string page_token;
+};
+
+struct ListResult {
+  std::vector<RecordInfo> records;
+  std::string next_page_token;
+};
+
+struct PatientErasure {
+  uint64_t erased_count = 0;
+  absl::Time erased_at;
+};
+
+struct SweepResult {
+  int erased_records = 0;
+  int64_t purged_chunks = 0;
+  bool more = false;  // some region had a full batch: sweep again
+};
+
+struct SharingOptions {
+  // Bytes of live records a tenant may keep in one region; 0 means no limit.
+  int64_t default_tenant_quota_bytes = 0;
+  std::map<std::string, int64_t> tenant_quota_bytes;  // per-tenant overrides
+  // Longest pause between two chunks of an upload before the shard drops its transaction.
+  absl::Duration upload_idle_timeout = absl::Seconds(30);
+  // The identity the retention sweep acts as in the audit log.
+  std::string service_identity;
+  std::string trust_domain;
+  // Time source for grants, expiry and retention (tests move it forward).
+  std::function<absl::Time()> clock = absl::Now;
+};
+
+// Limits from the API.
+inline constexpr uint64_t kMaxRecordBytes = uint64_t{256} << 20;
+inline constexpr size_t kMaxNameBytes = 255;
+inline constexpr size_t kMaxReasonBytes = 512;
+inline constexpr size_t kMinBreakGlassReasonBytes = 16;
+inline constexpr size_t kMaxBreakGlassReasonBytes = 1024;
+inline constexpr absl::Duration kMaxGrantDuration = absl::Hours(24 * 365);
+
+class SharingCore {
+ public:
+  // `shards` and `upload_shards` must have been created with sql::ShardStatements(); uploads hold
+  // a connection for their whole duration, so they get pools of their own.
+  SharingCore(const pg::ShardSet& shards, const pg::ShardSet& upload_shards,
+              PatientDirectory& directory, consent::ConsentCache& consent,
+              crypto::KeyEncryptionKey& kek, SharingOptions options);
+
+  absl::StatusOr<std::unique_ptr<Upload>> StartUpload(const CallContext& ctx,
+                                                      const UploadHeader& header);
+  absl::StatusOr<GrantInfo> ShareRecord(const CallContext& ctx, const std::string& record_id,
+                                        const std::string& grantee, absl::Time expires_at);
+  // By grant id, or by (record_id, grantee) when grant_id is empty.
+  absl::StatusOr<GrantInfo> RevokeShare(const CallContext& ctx, const std::string& grant_id,
+                                        const std::string& record_id, const std::string& grantee);
+  absl::StatusOr<ListResult> ListRecords(const CallContext& ctx, const ListQuery& query);
+  absl::StatusOr<std::unique_ptr<Download>> OpenDownload(const CallContext& ctx,
+                                                         const std::string& record_id,
+                                                         const std::string& break_glass_reason);
+  absl::StatusOr<RecordInfo> ArchiveRecord(const CallContext& ctx, const std::string& record_id,
+                                           absl::Time retain_until);
+  absl::StatusOr<absl::Time> EraseRecord(const CallContext& ctx, const std::string& record_id,
+                                         const std::string& reason);
+  absl::StatusOr<PatientErasure> ErasePatientRecords(const CallContext& ctx,
+                                                     const std::string& patient_id,
+                                                     const std::string& reason);
+  // Erases archived records past their retention end and purges ciphertext left by erasures,
+  // at most `batch` of each per region.
+  absl::StatusOr<SweepResult> SweepRetention(int batch = 100);
+
+  // Plaintext and ciphertext bytes that uploads and downloads hold right now, and the most ever.
+  int64_t buffered_bytes() const { return buffered_.load(); }
+  int64_t peak_buffered_bytes() const { return peak_buffered_.load(); }
+
+  absl::Time Now() const { return options_.clock(); }
+
+  // For uploads and downloads in progress: accounts bytes they hold, checks the tenant's quota.
+  void AddBuffered(int64_t delta);
+  int64_t QuotaOf(const std::string& tenant) const;  // 0: no limit
+  absl::Status CheckQuota(const std::string& tenant, const std::string& region, int64_t used,
+                          uint64_t adding) const;
+
+ private:
+  absl::StatusOr<pg::Pool*> ShardOf(const std::string& object_id, absl::string_view what) const;
+  absl::Status CheckReadTerritory(const RecordInfo& record, absl::string_view reader_tenant);
+
+  const pg::ShardSet& shards_;
+  const pg::ShardSet& upload_shards_;
+  PatientDirectory& directory_;
+  consent::ConsentCache& consent_;
+  crypto::KeyEncryptionKey& kek_;
+  const SharingOptions options_;
+  std::atomic<int64_t> buffered_{0};
+  std::atomic<int64_t> peak_buffered_{0};
+};
+
+}  // namespace medgate::sharing
+
+#endif  // MEDGATE_SERVICES_SHARING_SHARING_CORE_H_

@@ -1,0 +1,171 @@
+// Wiring of the sharing service.
+#include "services/sharing/sharing_server.h"
+
+#include "absl/strings/str_cat.h"
+#include "libs/common/log.h"
+#include "libs/common/status_macros.h"
+#include "libs/identity/credentials.h"
+#include "libs/routing_client/routing_client.h"
+#include "services/sharing/sql.h"
+
+namespace medgate::sharing {
+
+absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config) {
+  if (!config.root.Has("sharing")) {
+    return absl::InvalidArgumentError(
+        "config key 'sharing': missing (the key-encryption key is required)");
+  }
+  ASSIGN_OR_RETURN(ConfigNode node, config.root.Child("sharing"));
+  RETURN_IF_ERROR(node.OnlyKeys({"kek_file", "kek_env", "tenant_quota_bytes", "tenant_quotas",
+                                 "upload_idle_timeout_seconds", "retention_sweep_seconds"}));
+  SharingSettings settings;
+  ASSIGN_OR_RETURN(settings.kek_file, node.String("kek_file", ""));
+  ASSIGN_OR_RETURN(settings.kek_env, node.String("kek_env", ""));
+  if (settings.kek_file.empty() == settings.kek_env.empty()) {
+    return absl::InvalidArgumentError(
+        "config key 'sharing': exactly one of kek_file and kek_env is required");
+  }
+  constexpr int64_t kMaxQuota = int64_t{1} << 50;
+  ASSIGN_OR_RETURN(settings.tenant_quota_bytes, node.Int("tenant_quota_bytes", 0, kMaxQuota, 0));
+  if (node.Has("tenant_quotas")) {
+    ASSIGN_OR_RETURN(ConfigNode quotas, node.Child("tenant_quotas"));
+    for (const std::string& tenant : quotas.Keys()) {
+      ASSIGN_OR_RETURN(settings.tenant_quotas[tenant], quotas.Int(tenant, 0, kMaxQuota));
+    }
+  }
+  ASSIGN_OR_RETURN(int64_t idle, node.Int("upload_idle_timeout_seconds", 1, 3600, 30));
+  settings.upload_idle_timeout = absl::Seconds(idle);
+  ASSIGN_OR_RETURN(int64_t sweep, node.Int("retention_sweep_seconds", 1, 86400, 60));
+  settings.retention_sweep_interval = absl::Seconds(sweep);
+  return settings;
+}
+
+absl::StatusOr<std::unique_ptr<SharingServer>> SharingServer::Create(const MedgateConfig& config,
+                                                                     SharingServerOptions options) {
+  if (config.regions.empty()) return absl::InvalidArgumentError("config key 'regions': missing");
+  if (!config.control_db) {
+    return absl::InvalidArgumentError(
+        "config key 'control_db': missing (sharing reads tenant territories and serves the "
+        "control audit log)");
+  }
+  ASSIGN_OR_RETURN(const ServiceEndpoint* self, config.Service("sharing"));
+  // A chunk message carries up to 1 MiB of content plus framing.
+  constexpr int kMinMessageBytes = (1 << 20) + 4096;
+  if (config.limits.max_message_bytes < kMinMessageBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config key 'limits.max_message_bytes': sharing needs at least ",
+                     kMinMessageBytes, " for 1 MiB chunks, got ", config.limits.max_message_bytes));
+  }
+  ASSIGN_OR_RETURN(const ServiceEndpoint* routing, config.Service("routing"));
+  ASSIGN_OR_RETURN(SharingSettings settings, ParseSharingSettings(config));
+  absl::StatusOr<std::unique_ptr<crypto::KeyEncryptionKey>> kek =
+      settings.kek_file.empty() ? crypto::LoadKeyEncryptionKeyEnv(settings.kek_env)
+                                : crypto::LoadKeyEncryptionKeyFile(settings.kek_file);
+  if (!kek.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config key 'sharing.", settings.kek_file.empty() ? "kek_env" : "kek_file",
+                     "': ", kek.status().message()));
+  }
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
+                   MakeChannel(routing->address, self->tls));
+  return std::unique_ptr<SharingServer>(new SharingServer(
+      config, std::move(settings), *std::move(kek), std::move(channel), std::move(options)));
+}
+
+SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settings,
+                             std::unique_ptr<crypto::KeyEncryptionKey> kek,
+                             std::shared_ptr<grpc::Channel> routing_channel,
+                             SharingServerOptions options)
+    : config_(config), settings_(std::move(settings)), kek_(std::move(kek)) {
+  pg::PoolOptions control = pg::PoolOptions::FromConfig("control", *config.control_db);
+  control.statements = sql::ControlStatements();
+  control_ = std::make_unique<pg::Pool>(std::move(control));
+  shards_ = std::make_unique<pg::ShardSet>(config.regions, sql::ShardStatements());
+  upload_shards_ = std::make_unique<pg::ShardSet>(config.regions, sql::ShardStatements());
+  RoutingDirectoryOptions directory_options;
+  directory_options.clock = options.clock;
+  directory_ = std::make_unique<RoutingDirectory>(NewRoutingClient(routing_channel),
+                                                  routing_channel, *control_, directory_options);
+  consent_ = consent::NewConsentCache(config.regions);
+  SharingOptions core_options;
+  core_options.default_tenant_quota_bytes = settings_.tenant_quota_bytes;
+  core_options.tenant_quota_bytes = settings_.tenant_quotas;
+  core_options.upload_idle_timeout = settings_.upload_idle_timeout;
+  core_options.service_identity =
+      absl::StrCat("spiffe://", config.trust_domain, "/service/sharing");
+  core_options.trust_domain = config.trust_domain;
+  core_options.clock = options.clock;
+  core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, *directory_, *consent_, *kek_,
+                                        std::move(core_options));
+  audit_core_ = std::make_unique<AuditCore>(*control_, *shards_, *directory_);
+  service_ = std::make_unique<SharingService>(*core_, config.trust_domain);
+  audit_service_ = std::make_unique<AuditService>(*audit_core_, config.trust_domain);
+  server_ = std::make_unique<ServiceServer>(config, "sharing");
+  if (config.Service("audit").ok()) {
+    audit_only_service_ = std::make_unique<AuditService>(*audit_core_, config.trust_domain);
+    audit_server_ = std::make_unique<ServiceServer>(config, "audit");
+  }
+}
+
+SharingServer::~SharingServer() { Shutdown(); }
+
+absl::Status SharingServer::Start() {
+  server_->AddService(service_.get());
+  server_->AddService(audit_service_.get());
+  server_->SetHealthProbe([this] { return control_->Ping(); }, absl::Seconds(2));
+  RETURN_IF_ERROR(server_->Start());
+  if (audit_server_) {
+    audit_server_->AddService(audit_only_service_.get());
+    audit_server_->SetHealthProbe([this] { return control_->Ping(); }, absl::Seconds(2));
+    RETURN_IF_ERROR(audit_server_->Start());
+  }
+  sweeper_ = std::thread([this] { SweepLoop(); });
+  log::Info("sharing_started", {{"kek_id", kek_->id()}});
+  return absl::OkStatus();
+}
+
+void SharingServer::SweepLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    cv_.wait_for(lock, absl::ToChronoMilliseconds(settings_.retention_sweep_interval),
+                 [this] { return stopping_; });
+    if (stopping_) break;
+    lock.unlock();
+    // Batch after batch while there is more to do, so a large erasure is purged in one cycle.
+    bool more = true;
+    while (more && !Stopping()) {
+      absl::StatusOr<SweepResult> swept = core_->SweepRetention();
+      more = swept.ok() && swept->more;
+      if (!swept.ok()) {
+        log::Warning("retention_sweep_failed", {{"error", swept.status().message()}});
+      } else if (swept->erased_records > 0 || swept->purged_chunks > 0) {
+        log::Info("retention_sweep", {{"erased_records", swept->erased_records},
+                                      {"purged_chunks", swept->purged_chunks}});
+      }
+    }
+    lock.lock();
+  }
+}
+
+bool SharingServer::Stopping() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stopping_;
+}
+
+void SharingServer::Shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (sweeper_.joinable()) sweeper_.join();
+  if (audit_server_) audit_server_->Shutdown();
+  server_->Shutdown();
+}
+
+void SharingServer::RunUntilSignal() {
+  server_->RunUntilSignal();
+  Shutdown();
+}
+
+}  // namespace medgate::sharing

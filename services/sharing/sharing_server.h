@@ -1,0 +1,104 @@
+// Wiring of the sharing service: key-encryption key, pools, routing and consent clients, cores,
+// the RecordSharing and Audit gRPC services and their servers, and the retention sweep, from the
+// configuration. main.cc and the integration tests start the service the same way.
+#ifndef MEDGATE_SERVICES_SHARING_SHARING_SERVER_H_
+#define MEDGATE_SERVICES_SHARING_SHARING_SERVER_H_
+
+#include <condition_variable>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "libs/common/config.h"
+#include "libs/consent_client/consent_cache.h"
+#include "libs/crypto/key_encryption_key.h"
+#include "libs/pg/pool.h"
+#include "libs/pg/shard_set.h"
+#include "libs/server/service_server.h"
+#include "services/sharing/audit_core.h"
+#include "services/sharing/audit_service.h"
+#include "services/sharing/routing_directory.h"
+#include "services/sharing/sharing_core.h"
+#include "services/sharing/sharing_service.h"
+
+namespace medgate::sharing {
+
+// The sharing section of the configuration:
+//   sharing:
+//     kek_file: /run/secrets/kek        # the key-encryption key, 64 hex digits; or
+//     kek_env: MEDGATE_SHARING_KEK      # the environment variable holding it (exactly one)
+//     tenant_quota_bytes: 10737418240   # bytes of records per tenant and region; 0: no limit
+//     tenant_quotas: {acme: 1073741824} # per-tenant overrides
+//     upload_idle_timeout_seconds: 30   # longest pause between two chunks of an upload
+//     retention_sweep_seconds: 60       # how often archived records past retention are erased
+struct SharingSettings {
+  std::string kek_file;
+  std::string kek_env;
+  int64_t tenant_quota_bytes = 0;
+  std::map<std::string, int64_t> tenant_quotas;
+  absl::Duration upload_idle_timeout = absl::Seconds(30);
+  absl::Duration retention_sweep_interval = absl::Seconds(60);
+};
+
+absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config);
+
+struct SharingServerOptions {
+  // Time source of the cores (grants, expiry, retention); tests move it forward.
+  std::function<absl::Time()> clock = absl::Now;
+};
+
+class SharingServer {
+ public:
+  // Validates the configuration (regions, control_db, services.sharing, services.routing, the
+  // sharing section) and loads the key-encryption key; connects lazily.
+  static absl::StatusOr<std::unique_ptr<SharingServer>> Create(const MedgateConfig& config,
+                                                               SharingServerOptions options = {});
+  ~SharingServer();
+
+  // Serves RecordSharing and Audit on services.sharing, and Audit alone on services.audit when
+  // that endpoint is configured; starts the retention sweep.
+  absl::Status Start();
+  void Shutdown();
+  void RunUntilSignal();
+  int port() const { return server_->port(); }
+  int audit_port() const { return audit_server_ ? audit_server_->port() : 0; }
+  SharingCore& core() { return *core_; }
+  consent::ConsentCache& consent_cache() { return *consent_; }
+
+ private:
+  SharingServer(const MedgateConfig& config, SharingSettings settings,
+                std::unique_ptr<crypto::KeyEncryptionKey> kek,
+                std::shared_ptr<grpc::Channel> routing_channel, SharingServerOptions options);
+  void SweepLoop();
+  bool Stopping();
+
+  const MedgateConfig& config_;
+  const SharingSettings settings_;
+  std::unique_ptr<crypto::KeyEncryptionKey> kek_;
+  std::unique_ptr<pg::Pool> control_;
+  std::unique_ptr<pg::ShardSet> shards_;
+  std::unique_ptr<pg::ShardSet> upload_shards_;
+  std::unique_ptr<RoutingDirectory> directory_;
+  std::unique_ptr<consent::ConsentCache> consent_;
+  std::unique_ptr<SharingCore> core_;
+  std::unique_ptr<AuditCore> audit_core_;
+  std::unique_ptr<SharingService> service_;
+  std::unique_ptr<AuditService> audit_service_;
+  std::unique_ptr<AuditService> audit_only_service_;
+  std::unique_ptr<ServiceServer> server_;
+  std::unique_ptr<ServiceServer> audit_server_;
+
+  std::thread sweeper_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+};
+
+}  // namespace medgate::sharing
+
+#endif  // MEDGATE_SERVICES_SHARING_SHARING_SERVER_H_

@@ -1,0 +1,281 @@
+// The RecordSharing gRPC adapter.
+#include "services/sharing/sharing_service.h"
+
+#include "absl/strings/str_cat.h"
+#include "libs/common/grpc_status.h"
+#include "libs/common/status_macros.h"
+#include "libs/server/rpc_util.h"
+
+namespace medgate::sharing {
+namespace {
+
+using K = PrincipalKind;
+
+constexpr size_t kMaxRequestIdBytes = 64;
+
+void ToProto(const GrantInfo& g, v1::ShareGrant* out) {
+  out->set_grant_id(g.grant_id);
+  out->set_record_id(g.record_id);
+  out->set_grantee(g.grantee);
+  out->set_granted_by(g.granted_by);
+  *out->mutable_created_at() = ToProtoTimestamp(g.created_at);
+  *out->mutable_expires_at() = ToProtoTimestamp(g.expires_at);
+  if (g.revoked_at) *out->mutable_revoked_at() = ToProtoTimestamp(*g.revoked_at);
+}
+
+void ToProto(const RecordInfo& r, v1::Record* out) {
+  out->set_record_id(r.record_id);
+  out->set_patient_id(r.patient_id);
+  out->set_kind(static_cast<v1::RecordKind>(r.kind));
+  out->set_content_type(r.content_type);
+  out->set_file_name(r.file_name);
+  out->set_size_bytes(r.size_bytes);
+  out->set_sha256(r.sha256);
+  out->set_owner(r.owner);
+  *out->mutable_created_at() = ToProtoTimestamp(r.created_at);
+  out->set_state(r.state == RecordState::kArchived ? v1::RECORD_STATE_ARCHIVED
+                                                   : v1::RECORD_STATE_ACTIVE);
+  if (r.retain_until) *out->mutable_retain_until() = ToProtoTimestamp(*r.retain_until);
+  for (const GrantInfo& g : r.grants) ToProto(g, out->add_grants());
+}
+
+absl::StatusOr<RecordKind> KindOf(v1::RecordKind kind, absl::string_view field, bool required) {
+  switch (kind) {
+    case v1::RECORD_KIND_DOCUMENT:
+      return RecordKind::kDocument;
+    case v1::RECORD_KIND_IMAGING:
+      return RecordKind::kImaging;
+    case v1::RECORD_KIND_REPORT:
+      return RecordKind::kReport;
+    case v1::RECORD_KIND_UNSPECIFIED:
+      if (!required) return RecordKind::kUnspecified;
+      return absl::InvalidArgumentError(absl::StrCat(field, ": required"));
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(field, ": unknown kind"));
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> RequestIdOrNew(const std::string& request_id) {
+  if (request_id.empty()) return NewRequestId();
+  if (request_id.size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request_id: at most ", kMaxRequestIdBytes, " bytes"));
+  }
+  for (char c : request_id) {
+    if (c < 0x20 || c > 0x7e) {
+      return absl::InvalidArgumentError("request_id: printable ASCII only");
+    }
+  }
+  return request_id;
+}
+
+SharingService::SharingService(SharingCore& core, std::string trust_domain)
+    : core_(core),
+      policy_(std::move(trust_domain), {{"UploadRecord", {K::kPractitioner}},
+                                        {"ShareRecord", {K::kPractitioner}},
+                                        {"RevokeShare", {K::kPractitioner}},
+                                        {"ListRecords", {K::kPractitioner}},
+                                        {"DownloadRecord", {K::kPractitioner, K::kOps}},
+                                        {"ArchiveRecord", {K::kPractitioner}},
+                                        {"EraseRecord", {K::kPractitioner, K::kApp}},
+                                        {"ErasePatientRecords", {K::kPractitioner, K::kApp}}}) {}
+
+absl::StatusOr<CallContext> SharingService::Begin(grpc::ServerContext* context,
+                                                  absl::string_view method,
+                                                  const std::string& request_id) {
+  ASSIGN_OR_RETURN(Principal principal, policy_.Authorize(*context, method));
+  CallContext ctx;
+  ctx.principal = std::move(principal);
+  ASSIGN_OR_RETURN(ctx.request_id, RequestIdOrNew(request_id));
+  ctx.origin = context->peer().substr(0, 128);
+  return ctx;
+}
+
+grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
+                                          grpc::ServerReader<v1::UploadRecordRequest>* reader,
+                                          v1::UploadRecordResponse* response) {
+  absl::StatusOr<Principal> principal = policy_.Authorize(*context, "UploadRecord");
+  if (!principal.ok()) return ToGrpcStatus(principal.status());
+  v1::UploadRecordRequest message;
+  if (!reader->Read(&message) || !message.has_header()) {
+    return ToGrpcStatus(absl::InvalidArgumentError("the first message must be the header"));
+  }
+  const v1::UploadRecordHeader& in = message.header();
+  absl::StatusOr<CallContext> ctx = Begin(context, "UploadRecord", in.request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  absl::StatusOr<RecordKind> kind = KindOf(in.kind(), "header.kind", true);
+  if (!kind.ok()) return ToGrpcStatus(kind.status());
+  UploadHeader header;
+  header.patient_id = in.patient_id();
+  header.kind = *kind;
+  header.content_type = in.content_type();
+  header.file_name = in.file_name();
+  header.size_bytes = in.size_bytes();
+  header.sha256 = in.sha256();
+  absl::StatusOr<std::unique_ptr<Upload>> upload = core_.StartUpload(*ctx, header);
+  if (!upload.ok()) return ToGrpcStatus(upload.status());
+  while (reader->Read(&message)) {
+    if (!message.has_chunk()) {
+      return ToGrpcStatus(absl::InvalidArgumentError(
+          "after the header every message must be a chunk; nothing was stored"));
+    }
+    if (absl::Status s = (*upload)->Write(message.chunk().data()); !s.ok()) {
+      return ToGrpcStatus(s);
+    }
+  }
+  if (context->IsCancelled()) {
+    return grpc::Status(grpc::StatusCode::CANCELLED, "upload cancelled; nothing was stored");
+  }
+  absl::StatusOr<UploadResult> result = (*upload)->Finish();
+  if (!result.ok()) return ToGrpcStatus(result.status());
+  response->set_record_id(result->record_id);
+  response->set_size_bytes(result->size_bytes);
+  response->set_sha256(result->sha256);
+  return grpc::Status::OK;
+}
+
+grpc::Status SharingService::ShareRecord(grpc::ServerContext* context,
+                                         const v1::ShareRecordRequest* request,
+                                         v1::ShareRecordResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "ShareRecord", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  if (!request->has_expires_at()) {
+    return ToGrpcStatus(absl::InvalidArgumentError("expires_at: required"));
+  }
+  absl::StatusOr<GrantInfo> grant = core_.ShareRecord(
+      *ctx, request->record_id(), request->grantee(), FromProtoTimestamp(request->expires_at()));
+  if (!grant.ok()) return ToGrpcStatus(grant.status());
+  response->set_grant_id(grant->grant_id);
+  *response->mutable_expires_at() = ToProtoTimestamp(grant->expires_at);
+  return grpc::Status::OK;
+}
+
+grpc::Status SharingService::RevokeShare(grpc::ServerContext* context,
+                                         const v1::RevokeShareRequest* request,
+                                         v1::RevokeShareResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "RevokeShare", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  absl::StatusOr<GrantInfo> grant;
+  switch (request->target_case()) {
+    case v1::RevokeShareRequest::kGrantId:
+      grant = core_.RevokeShare(*ctx, request->grant_id(), "", "");
+      break;
+    case v1::RevokeShareRequest::kRecordGrantee:
+      grant = core_.RevokeShare(*ctx, "", request->record_grantee().record_id(),
+                                request->record_grantee().grantee());
+      break;
+    default:
+      return ToGrpcStatus(absl::InvalidArgumentError("grant_id or record_grantee: required"));
+  }
+  if (!grant.ok()) return ToGrpcStatus(grant.status());
+  response->set_grant_id(grant->grant_id);
+  *response->mutable_revoked_at() = ToProtoTimestamp(*grant->revoked_at);
+  return grpc::Status::OK;
+}
+
+grpc::Status SharingService::ListRecords(grpc::ServerContext* context,
+                                         const v1::ListRecordsRequest* request,
+                                         v1::ListRecordsResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "ListRecords", "");
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  ListQuery query;
+  switch (request->scope()) {
+    case v1::RECORD_SCOPE_MINE:
+      query.scope = ListScope::kMine;
+      break;
+    case v1::RECORD_SCOPE_SHARED_WITH_ME:
+      query.scope = ListScope::kSharedWithMe;
+      break;
+    case v1::RECORD_SCOPE_PATIENT:
+      query.scope = ListScope::kPatient;
+      break;
+    default:
+      return ToGrpcStatus(absl::InvalidArgumentError("scope: required"));
+  }
+  absl::StatusOr<RecordKind> kind = KindOf(request->kind(), "kind", false);
+  if (!kind.ok()) return ToGrpcStatus(kind.status());
+  query.kind = *kind;
+  query.patient_id = request->patient_id();
+  query.include_archived = request->include_archived();
+  absl::StatusOr<int> page_size = PageSize(request->page_size(), 100, 1000);
+  if (!page_size.ok()) return ToGrpcStatus(page_size.status());
+  query.page_size = *page_size;
+  query.page_token = request->page_token();
+  absl::StatusOr<ListResult> result = core_.ListRecords(*ctx, query);
+  if (!result.ok()) return ToGrpcStatus(result.status());
+  for (const RecordInfo& r : result->records) ToProto(r, response->add_records());
+  response->set_next_page_token(result->next_page_token);
+  return grpc::Status::OK;
+}
+
+grpc::Status SharingService::DownloadRecord(
+    grpc::ServerContext* context, const v1::DownloadRecordRequest* request,
+    grpc::ServerWriter<v1::DownloadRecordResponse>* writer) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "DownloadRecord", "");
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  absl::StatusOr<std::unique_ptr<Download>> download =
+      core_.OpenDownload(*ctx, request->record_id(), request->break_glass_reason());
+  if (!download.ok()) return ToGrpcStatus(download.status());
+  v1::DownloadRecordResponse message;
+  ToProto((*download)->record(), message.mutable_header());
+  if (!writer->Write(message)) {
+    return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+  }
+  message.Clear();
+  std::string* data = message.mutable_chunk()->mutable_data();
+  while (true) {
+    absl::StatusOr<bool> more = (*download)->Next(data);
+    if (!more.ok()) return ToGrpcStatus(more.status());
+    if (!*more) break;
+    // Blocks until the transport takes the message: a slow reader slows the download.
+    if (!writer->Write(message)) {
+      return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+    }
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status SharingService::ArchiveRecord(grpc::ServerContext* context,
+                                           const v1::ArchiveRecordRequest* request,
+                                           v1::ArchiveRecordResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "ArchiveRecord", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  if (!request->has_retain_until()) {
+    return ToGrpcStatus(absl::InvalidArgumentError("retain_until: required"));
+  }
+  absl::StatusOr<RecordInfo> record =
+      core_.ArchiveRecord(*ctx, request->record_id(), FromProtoTimestamp(request->retain_until()));
+  if (!record.ok()) return ToGrpcStatus(record.status());
+  ToProto(*record, response->mutable_record());
+  return grpc::Status::OK;
+}
+
+grpc::Status SharingService::EraseRecord(grpc::ServerContext* context,
+                                         const v1::EraseRecordRequest* request,
+                                         v1::EraseRecordResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "EraseRecord", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  absl::StatusOr<absl::Time> erased =
+      core_.EraseRecord(*ctx, request->record_id(), request->reason());
+  if (!erased.ok()) return ToGrpcStatus(erased.status());
+  response->set_record_id(request->record_id());
+  *response->mutable_erased_at() = ToProtoTimestamp(*erased);
+  return grpc::Status::OK;
+}
+
+grpc::Status SharingService::ErasePatientRecords(grpc::ServerContext* context,
+                                                 const v1::ErasePatientRecordsRequest* request,
+                                                 v1::ErasePatientRecordsResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "ErasePatientRecords", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  absl::StatusOr<PatientErasure> erased =
+      core_.ErasePatientRecords(*ctx, request->patient_id(), request->reason());
+  if (!erased.ok()) return ToGrpcStatus(erased.status());
+  response->set_erased_count(erased->erased_count);
+  *response->mutable_erased_at() = ToProtoTimestamp(erased->erased_at);
+  return grpc::Status::OK;
+}
+
+}  // namespace medgate::sharing

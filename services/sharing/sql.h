@@ -1,0 +1,207 @@
+// Every statement the sharing service runs: on the shards (records, keys, grants, audit_log) and
+// on the control database (tenant territories, its audit_log).
+#ifndef MEDGATE_SERVICES_SHARING_SQL_H_
+#define MEDGATE_SERVICES_SHARING_SQL_H_
+
+#include <vector>
+
+#include "libs/pg/pool.h"
+
+namespace medgate::sharing::sql {
+
+// Times travel as text in ('2024-05-01 10:00:00.000000+00') and as microseconds since the epoch
+// out, so that no precision is lost either way.
+#define MEDGATE_MICROS(col) "(extract(epoch from " col ") * 1000000)::bigint"
+
+// Columns of a record, in this order (see RecordFromRow).
+#define MEDGATE_RECORD_COLUMNS                                                                  \
+  "r.record_id, r.tenant_id, r.patient_id, r.kind, r.content_type, r.file_name, r.size_bytes, " \
+  "r.sha256, r.chunk_count, r.owner, " MEDGATE_MICROS(                                          \
+      "r.created_at") ", r.state, " MEDGATE_MICROS("r.retain_until")
+
+// Columns of a grant, in this order (see GrantFromRow).
+#define MEDGATE_GRANT_COLUMNS                                                            \
+  "g.grant_id, g.record_id, g.grantee, g.grantee_tenant, g.granted_by, " MEDGATE_MICROS( \
+      "g.created_at") ", " MEDGATE_MICROS("g.expires_at") ", " MEDGATE_MICROS("g.revoked_at")
+
+#define MEDGATE_AUDIT_COLUMNS                                                                 \
+  "seq, at_us, actor, tenant, action, object_type, object_id, patient_id, decision, reason, " \
+  "purpose, consent_id, consent_version, request_id, origin, prev_hash, hash"
+
+// Filters shared by the record listings: $2 kind (0: any), $3 include archived, $4/$5 the
+// (created_at, record_id) of the previous page's last record, $6 the row limit.
+#define MEDGATE_LIST_FILTERS                                                               \
+  " AND ($2::smallint = 0 OR r.kind = $2::smallint) AND ($3::bool OR r.state = 'active') " \
+  "AND (r.created_at, r.record_id) < ($4::timestamptz, $5::text) "                         \
+  "ORDER BY r.created_at DESC, r.record_id DESC LIMIT $6"
+
+inline constexpr char kSelectRecord[] = "select_record";
+inline constexpr char kSelectRecordForShare[] = "select_record_for_share";
+inline constexpr char kSelectRecordForUpdate[] = "select_record_for_update";
+inline constexpr char kSelectRecordKeys[] = "select_record_keys";
+inline constexpr char kSelectPatientKey[] = "select_patient_key";
+inline constexpr char kBeginUpload[] = "begin_upload";
+inline constexpr char kInsertPatientKey[] = "insert_patient_key";
+inline constexpr char kInsertRecordWithKey[] = "insert_record_with_key";
+inline constexpr char kInsertChunk[] = "insert_chunk";
+inline constexpr char kLockTenantUsage[] = "lock_tenant_usage";
+inline constexpr char kTenantUsage[] = "tenant_usage";
+inline constexpr char kSelectChunk[] = "select_chunk";
+inline constexpr char kRecordExists[] = "record_exists";
+inline constexpr char kSelectActiveGrants[] = "select_active_grants";
+inline constexpr char kSelectLatestGrant[] = "select_latest_grant";
+inline constexpr char kUpsertGrant[] = "upsert_grant";
+inline constexpr char kSelectGrantForUpdate[] = "select_grant_for_update";
+inline constexpr char kRevokeGrant[] = "revoke_grant";
+inline constexpr char kListOwned[] = "list_owned";
+inline constexpr char kListShared[] = "list_shared";
+inline constexpr char kListPatient[] = "list_patient";
+inline constexpr char kArchiveRecord[] = "archive_record";
+inline constexpr char kDeleteRecordKey[] = "delete_record_key";
+inline constexpr char kDeleteRecord[] = "delete_record";
+inline constexpr char kSelectPatientRecordsForUpdate[] = "select_patient_records_for_update";
+inline constexpr char kDeletePatientKeys[] = "delete_patient_keys";
+inline constexpr char kDeletePatientRecords[] = "delete_patient_records";
+inline constexpr char kSelectExpiredArchives[] = "select_expired_archives";
+inline constexpr char kPurgeOrphanChunks[] = "purge_orphan_chunks";
+inline constexpr char kSelectAuditForPatient[] = "select_audit_for_patient";
+inline constexpr char kSelectAuditLog[] = "select_audit_log";
+inline constexpr char kSelectAuditHash[] = "select_audit_hash";
+inline constexpr char kSelectTenantTerritories[] = "select_tenant_territories";
+
+inline const std::vector<pg::Statement>& AuditStatements() {
+  static const std::vector<pg::Statement> statements = {
+      {kSelectAuditForPatient,
+       "SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log WHERE patient_id = $1 AND seq > $2 "
+       "AND at_us >= $3 AND at_us < $4 AND ($5 = '' OR actor = $5) ORDER BY seq LIMIT $6"},
+      {kSelectAuditLog,
+       "SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log WHERE seq > $1 "
+       "AND at_us >= $2 AND at_us < $3 AND ($4 = '' OR actor = $4) ORDER BY seq LIMIT $5"},
+      {kSelectAuditHash, "SELECT hash FROM audit_log WHERE seq = $1"},
+  };
+  return statements;
+}
+
+inline const std::vector<pg::Statement>& ShardStatements() {
+  static const std::vector<pg::Statement> statements = [] {
+    std::vector<pg::Statement> s = {
+        {kSelectRecord, "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.record_id = $1"},
+        {kSelectRecordForShare,
+         "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.record_id = $1 FOR SHARE"},
+        {kSelectRecordForUpdate,
+         "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.record_id = $1 FOR UPDATE"},
+        {kSelectRecordKeys,
+         "SELECT rk.key_id, rk.wrapped_key, pk.key_id, pk.wrapped_by, pk.wrapped_key "
+         "FROM record_keys rk JOIN record_keys pk ON pk.key_id = rk.wrapped_by "
+         "AND pk.record_id IS NULL WHERE rk.record_id = $1"},
+        {kSelectPatientKey,
+         "SELECT key_id, wrapped_by, wrapped_key FROM record_keys "
+         "WHERE patient_id = $1 AND record_id IS NULL"},
+        // First statement of an upload's transaction: bounds how long the transaction may sit
+        // idle between two chunks ($2 ms), and reads the patient's key (NULLs when there is none).
+        {kBeginUpload,
+         "SELECT k.key_id, k.wrapped_by, k.wrapped_key FROM (SELECT set_config("
+         "'idle_in_transaction_session_timeout', $2, true)) AS idle "
+         "LEFT JOIN record_keys k ON k.patient_id = $1 AND k.record_id IS NULL"},
+        {kInsertPatientKey,
+         "INSERT INTO record_keys (key_id, patient_id, record_id, wrapped_by, wrapped_key, "
+         "created_at) VALUES ($1, $2, NULL, $3, $4, $5::timestamptz) "
+         "ON CONFLICT (patient_id) WHERE record_id IS NULL DO NOTHING"},
+        // The record and its wrapped key in one statement, only while the patient key they rest on
+        // still exists (held with FOR KEY SHARE until commit, so an erasure waits for us or we
+        // see it): no row means the patient's records were erased during the upload.
+        // $1 record_id, $2 tenant_id, $3 patient_id, $4 kind, $5 content_type, $6 file_name,
+        // $7 size_bytes, $8 sha256, $9 chunk_count, $10 owner, $11 created_at, $12 record key id,
+        // $13 patient key id, $14 wrapped record key.
+        {kInsertRecordWithKey,
+         "WITH patient_key AS (SELECT key_id FROM record_keys WHERE key_id = $13 "
+         "AND record_id IS NULL FOR KEY SHARE), "
+         "record_key AS (INSERT INTO record_keys (key_id, patient_id, record_id, wrapped_by, "
+         "wrapped_key, created_at) SELECT $12, $3, $1, key_id, $14, $11::timestamptz "
+         "FROM patient_key) "
+         "INSERT INTO records (record_id, tenant_id, patient_id, kind, content_type, file_name, "
+         "size_bytes, sha256, chunk_count, owner, created_at, state) "
+         "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::timestamptz, 'active' "
+         "FROM patient_key"},
+        {kInsertChunk,
+         "INSERT INTO record_chunks (record_id, chunk_index, ciphertext) VALUES ($1, $2, $3)"},
+        {kLockTenantUsage,
+         "SELECT pg_advisory_xact_lock(hashtextextended('medgate-records-usage:' || $1, 0))"},
+        {kTenantUsage,
+         "SELECT coalesce(sum(size_bytes), 0)::bigint FROM records WHERE tenant_id = $1"},
+        {kSelectChunk,
+         "SELECT ciphertext FROM record_chunks WHERE record_id = $1 AND chunk_index = $2"},
+        {kRecordExists, "SELECT 1 FROM records WHERE record_id = $1"},
+        {kSelectActiveGrants,
+         "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g "
+         "WHERE g.record_id = ANY($1::text[]) AND g.revoked_at IS NULL "
+         "AND g.expires_at > $2::timestamptz ORDER BY g.record_id, g.created_at, g.grant_id"},
+        {kSelectLatestGrant, "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g "
+                             "WHERE g.record_id = $1 AND g.grantee = $2 "
+                             "ORDER BY (g.revoked_at IS NULL) DESC, g.created_at DESC LIMIT 1"},
+        {kUpsertGrant,
+         "INSERT INTO share_grants AS g (grant_id, record_id, grantee, grantee_tenant, "
+         "granted_by, created_at, expires_at) "
+         "VALUES ($1, $2, $3, $4, $5, $6::timestamptz, $7::timestamptz) "
+         "ON CONFLICT (record_id, grantee) WHERE revoked_at IS NULL DO UPDATE SET "
+         "granted_by = EXCLUDED.granted_by, created_at = EXCLUDED.created_at, "
+         "expires_at = EXCLUDED.expires_at RETURNING " MEDGATE_GRANT_COLUMNS},
+        {kSelectGrantForUpdate,
+         "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g WHERE g.grant_id = $1 FOR UPDATE"},
+        {kRevokeGrant,
+         "UPDATE share_grants g SET revoked_at = coalesce(g.revoked_at, $2::timestamptz) "
+         "WHERE g.grant_id = $1 RETURNING " MEDGATE_GRANT_COLUMNS},
+        {kListOwned, "SELECT " MEDGATE_RECORD_COLUMNS
+                     " FROM records r WHERE r.owner = $1" MEDGATE_LIST_FILTERS},
+        {kListShared, "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r JOIN share_grants g "
+                      "ON g.record_id = r.record_id AND g.grantee = $1 AND g.revoked_at IS NULL "
+                      "AND g.expires_at > $7::timestamptz WHERE true" MEDGATE_LIST_FILTERS},
+        {kListPatient,
+         "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.patient_id = $1 "
+         "AND (r.owner = $7 OR EXISTS (SELECT 1 FROM share_grants g WHERE g.record_id = "
+         "r.record_id AND g.grantee = $7 AND g.revoked_at IS NULL "
+         "AND g.expires_at > $8::timestamptz))" MEDGATE_LIST_FILTERS},
+        {kArchiveRecord,
+         "UPDATE records SET state = 'archived', retain_until = $2::timestamptz "
+         "WHERE record_id = $1"},
+        {kDeleteRecordKey, "DELETE FROM record_keys WHERE record_id = $1"},
+        {kDeleteRecord, "DELETE FROM records WHERE record_id = $1"},
+        {kSelectPatientRecordsForUpdate,
+         "SELECT record_id FROM records WHERE patient_id = $1 ORDER BY record_id FOR UPDATE"},
+        {kDeletePatientKeys, "DELETE FROM record_keys WHERE patient_id = $1"},
+        {kDeletePatientRecords, "DELETE FROM records WHERE patient_id = $1"},
+        {kSelectExpiredArchives,
+         "SELECT record_id FROM records WHERE state = 'archived' "
+         "AND retain_until <= $1::timestamptz ORDER BY retain_until, record_id LIMIT $2"},
+        {kPurgeOrphanChunks,
+         "DELETE FROM record_chunks c USING (SELECT o.record_id, o.chunk_index "
+         "FROM record_chunks o WHERE NOT EXISTS "
+         "(SELECT 1 FROM records r WHERE r.record_id = o.record_id) LIMIT $1) d "
+         "WHERE c.record_id = d.record_id AND c.chunk_index = d.chunk_index"},
+    };
+    for (const pg::Statement& a : AuditStatements()) s.push_back(a);
+    return s;
+  }();
+  return statements;
+}
+
+inline const std::vector<pg::Statement>& ControlStatements() {
+  static const std::vector<pg::Statement> statements = [] {
+    std::vector<pg::Statement> s = {
+        {kSelectTenantTerritories, "SELECT territories, active FROM tenants WHERE tenant_id = $1"},
+    };
+    for (const pg::Statement& a : AuditStatements()) s.push_back(a);
+    return s;
+  }();
+  return statements;
+}
+
+#undef MEDGATE_LIST_FILTERS
+#undef MEDGATE_AUDIT_COLUMNS
+#undef MEDGATE_GRANT_COLUMNS
+#undef MEDGATE_RECORD_COLUMNS
+#undef MEDGATE_MICROS
+
+}  // namespace medgate::sharing::sql
+
+#endif  // MEDGATE_SERVICES_SHARING_SQL_H_

@@ -1,0 +1,1595 @@
+// The sharing service over real mTLS and real PostgreSQL, with routing and consent in-process:
+// encrypted uploads and downloads, a 100 MiB record with bounded memory, grants with consent,
+// revocation and expiry, residency of reads, tenant isolation, tampering, break-glass, archive,
+// erasure by crypto-shredding, quotas, and the Audit service.
+#include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <pqxx/pqxx>
+#include <sstream>
+#include <thread>
+#include <tuple>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "libs/common/grpc_status.h"
+#include "libs/crypto/sha256.h"
+#include "libs/identity/credentials.h"
+#include "libs/server/rpc_util.h"
+#include "medgate/v1/audit.grpc.pb.h"
+#include "medgate/v1/consent.grpc.pb.h"
+#include "medgate/v1/routing.grpc.pb.h"
+#include "medgate/v1/sharing.grpc.pb.h"
+#include "services/consent/consent_server.h"
+#include "services/routing/routing_server.h"
+#include "services/sharing/sharing_server.h"
+#include "tests/support/test_stack.h"
+
+namespace medgate::sharing {
+namespace {
+
+using test_support::PgCluster;
+using test_support::PgClusterSet;
+using test_support::TestCert;
+using test_support::TestPki;
+using ::testing::HasSubstr;
+
+constexpr absl::Duration kPatience = absl::Seconds(30);
+constexpr uint64_t kMiB = uint64_t{1} << 20;
+constexpr char kKekHex[] = "8f1e6a0c3b2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7";
+constexpr char kOtherKekHex[] = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+constexpr int64_t kTinyQuota = 3 * kMiB;
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+
+// The sharing server's clock: real time plus an offset that tests move forward (grant expiry,
+// retention) instead of waiting.
+std::atomic<int64_t> clock_offset_us{0};
+absl::Time ServerNow() { return absl::Now() + absl::Microseconds(clock_offset_us.load()); }
+void AdvanceClock(absl::Duration d) { clock_offset_us += absl::ToInt64Microseconds(d); }
+
+// Calls `done` until it returns true or `deadline` passes; whether it did.
+bool PollUntil(absl::Time deadline, const std::function<bool()>& done) {
+  while (true) {
+    if (done()) return true;
+    if (absl::Now() > deadline) return false;
+    std::this_thread::yield();
+  }
+}
+
+// Deterministic content of any size, generated piecewise: byte i depends only on (seed, i).
+uint64_t Mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+std::string Generate(uint64_t seed, uint64_t offset, size_t n) {
+  std::string out(n, '\0');
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t pos = offset + i;
+    out[i] = static_cast<char>(Mix(seed * 0x100000001b3ULL + pos / 8) >> (8 * (pos % 8)));
+  }
+  return out;
+}
+
+std::string Sha(absl::string_view data) { return crypto::Sha256::Of(data); }
+
+// Peak resident set size of this process since the last ResetPeakRss(), and the current one.
+int64_t ProcStatusKb(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field, 0) == 0) return std::stoll(line.substr(field.size()));
+  }
+  return -1;
+}
+void ResetPeakRss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+struct UploadSpec {
+  std::string patient_id;
+  std::string content;          // sent as is, unless generated_size is set
+  uint64_t generated_size = 0;  // content from Generate(seed, ...), never held whole
+  uint64_t seed = 1;
+  size_t chunk_bytes = 256 * 1024;
+  std::optional<uint64_t> declared_size;
+  std::optional<std::string> declared_sha;
+  v1::RecordKind kind = v1::RECORD_KIND_DOCUMENT;
+  std::string content_type = "application/pdf";
+  std::string file_name = "letter.pdf";
+  bool send_header = true;
+  bool header_twice = false;
+};
+
+struct Downloaded {
+  grpc::Status status;
+  bool has_header = false;
+  v1::Record header;
+  std::string content;  // when kept
+  std::string sha256;   // of every content byte received
+  uint64_t bytes = 0;
+  int chunks = 0;
+};
+
+class SharingTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    // The key-encryption keys live outside the stack, which reads the path from its config.
+    kek_dir_ = new std::string(std::filesystem::temp_directory_path() /
+                               ("medgate-sharing-keks-" + std::to_string(getpid())));
+    std::filesystem::create_directories(*kek_dir_);
+    for (const auto& [name, hex] :
+         {std::pair{"kek.hex", kKekHex}, {"other-kek.hex", kOtherKekHex}}) {
+      const std::string path = *kek_dir_ + "/" + name;
+      std::ofstream(path) << hex << "\n";
+      std::filesystem::permissions(
+          path, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+    }
+    auto stack = test_support::TestStack::Start(
+        {"routing", "consent", "sharing", "audit"},
+        absl::StrCat("sharing:\n  kek_file: ", *kek_dir_, "/kek.hex\n  tenant_quotas: {tiny: ",
+                     kTinyQuota, "}\n  retention_sweep_seconds: 86400\n"));
+    ASSERT_TRUE(stack.ok()) << stack.status();
+    stack_ = stack->release();
+    clusters_ = &stack_->clusters();
+    pki_ = &stack_->pki();
+
+    auto routing = routing::RoutingServer::Create(stack_->config());
+    ASSERT_TRUE(routing.ok()) << routing.status();
+    routing_ = routing->release();
+    ASSERT_TRUE(routing_->Start().ok());
+    stack_->SetAddress("routing", routing_->port());
+    // FR and LU data may also be read from DE here (the stack's seed rules allow their own
+    // territory only).
+    for (const auto& [territory, regions, readable] :
+         std::vector<std::tuple<std::string, std::vector<std::string>, std::vector<std::string>>>{
+             {"FR", {"fr-1"}, {"FR", "DE"}}, {"LU", {"eu-1", "fr-1"}, {"LU", "DE"}}}) {
+      v1::PutResidencyRuleRequest request;
+      request.mutable_rule()->set_territory(territory);
+      for (const std::string& r : regions) request.mutable_rule()->add_region_ids(r);
+      for (const std::string& t : readable)
+        request.mutable_rule()->add_readable_from_territories(t);
+      v1::PutResidencyRuleResponse response;
+      grpc::ClientContext context;
+      grpc::Status status =
+          RoutingStub(pki_->ops())->PutResidencyRule(&context, request, &response);
+      ASSERT_TRUE(status.ok()) << status.error_message();
+    }
+    for (const auto& [tenant, territories] :
+         std::vector<std::pair<std::string, std::vector<std::string>>>{
+             {"acme", {"FR", "DE", "BE", "LU"}},
+             {"globex", {"FR", "DE", "BE"}},
+             {"initech", {"DE"}},
+             {"umbrella", {"US"}},
+             {"tiny", {"FR"}}}) {
+      v1::UpsertTenantRequest request;
+      request.set_request_id(absl::StrCat("create-", tenant));
+      request.mutable_tenant()->set_tenant_id(tenant);
+      request.mutable_tenant()->set_display_name(tenant);
+      for (const std::string& t : territories) request.mutable_tenant()->add_territories(t);
+      request.mutable_tenant()->set_active(true);
+      v1::UpsertTenantResponse response;
+      grpc::ClientContext context;
+      grpc::Status status = RoutingStub(pki_->ops())->UpsertTenant(&context, request, &response);
+      ASSERT_TRUE(status.ok()) << status.error_message();
+    }
+
+    auto consent = consent::ConsentServer::Create(stack_->config());
+    ASSERT_TRUE(consent.ok()) << consent.status();
+    consent_ = consent->release();
+    ASSERT_TRUE(consent_->Start().ok());
+
+    SharingServerOptions options;
+    options.clock = ServerNow;
+    auto sharing = SharingServer::Create(stack_->config(), options);
+    ASSERT_TRUE(sharing.ok()) << sharing.status();
+    sharing_ = sharing->release();
+    ASSERT_TRUE(sharing_->Start().ok());
+    // Until a region's consent feed listens, the cache keeps nothing it loads for it.
+    for (consent::ConsentCache* cache : {&consent_->cache(), &sharing_->consent_cache()}) {
+      ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+        for (const char* region : {"fr-1", "de-1", "eu-1"}) {
+          if (!cache->FeedListening(region)) return false;
+        }
+        return true;
+      }));
+    }
+
+    for (const auto& [name, path] : std::vector<std::pair<std::string, std::string>>{
+             {"acme-p2", "/tenant/acme/practitioner/p-2"},
+             {"acme-p3", "/tenant/acme/practitioner/p-3"},
+             {"acme-p4", "/tenant/acme/practitioner/p-4"},
+             {"initech-p", "/tenant/initech/practitioner/i-1"},
+             {"umbrella-p", "/tenant/umbrella/practitioner/u-1"},
+             {"tiny-p", "/tenant/tiny/practitioner/t-1"},
+             {"tiny-app", "/tenant/tiny/app/backend"}}) {
+      devpki::LeafOptions options;
+      options.common_name = name;
+      options.uri_sans = {pki_->SpiffeId(path)};
+      auto cert = pki_->Issue(name, options);
+      ASSERT_TRUE(cert.ok()) << cert.status();
+      certs_->emplace(name, *cert);
+    }
+  }
+
+  static void TearDownTestSuite() {
+    if (sharing_ != nullptr) sharing_->Shutdown();
+    delete sharing_;
+    if (consent_ != nullptr) consent_->Shutdown();
+    delete consent_;
+    if (routing_ != nullptr) routing_->Shutdown();
+    delete routing_;
+    delete stack_;
+    if (kek_dir_ != nullptr) std::filesystem::remove_all(*kek_dir_);
+    delete kek_dir_;
+  }
+
+  // The stack's configuration with another key-encryption key, for a second sharing server.
+  static std::unique_ptr<MedgateConfig> ConfigWithOtherKek() {
+    const std::string path = stack_->dir() + "/other-kek.yaml";
+    EXPECT_TRUE(stack_->WriteConfig(path).ok());
+    std::stringstream yaml;
+    yaml << std::ifstream(path).rdbuf();
+    std::string text = yaml.str();
+    const std::string from = *kek_dir_ + "/kek.hex";
+    text.replace(text.find(from), from.size(), *kek_dir_ + "/other-kek.hex");
+    auto root = ConfigNode::Parse(text);
+    EXPECT_TRUE(root.ok()) << root.status();
+    auto config = ParseMedgateConfig(*root);
+    EXPECT_TRUE(config.ok()) << config.status();
+    return std::make_unique<MedgateConfig>(*std::move(config));
+  }
+
+  // --- identities and stubs --------------------------------------------------------------------
+
+  static const TestCert& Cert(const std::string& name) { return certs_->at(name); }
+  static std::string Id(const std::string& path) { return pki_->SpiffeId(path); }
+  static std::string P1() { return Id("/tenant/acme/practitioner/p-1"); }
+  static std::string P2() { return Id("/tenant/acme/practitioner/p-2"); }
+  static std::string P3() { return Id("/tenant/acme/practitioner/p-3"); }
+
+  static std::shared_ptr<grpc::Channel> Channel(int port, const TestCert& cert) {
+    auto channel = MakeChannel(absl::StrCat("127.0.0.1:", port),
+                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60});
+    EXPECT_TRUE(channel.ok());
+    return *channel;
+  }
+  static std::unique_ptr<v1::TenantRouting::Stub> RoutingStub(const TestCert& cert) {
+    return v1::TenantRouting::NewStub(Channel(routing_->port(), cert));
+  }
+  static std::unique_ptr<v1::RecordSharing::Stub> Stub(const TestCert& cert, int port = 0) {
+    return v1::RecordSharing::NewStub(Channel(port != 0 ? port : sharing_->port(), cert));
+  }
+  static std::unique_ptr<v1::Audit::Stub> AuditStub(const TestCert& cert) {
+    return v1::Audit::NewStub(Channel(sharing_->audit_port(), cert));
+  }
+
+  // --- routing and consent ---------------------------------------------------------------------
+
+  static std::string Place(const std::string& ref, const std::string& territory,
+                           const TestCert* as = nullptr) {
+    v1::PlacePatientRequest request;
+    request.set_patient_ref(ref);
+    request.set_territory(territory);
+    v1::PlacePatientResponse response;
+    grpc::ClientContext context;
+    grpc::Status status =
+        RoutingStub(as != nullptr ? *as : pki_->app())->PlacePatient(&context, request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.patient_id();
+  }
+
+  // A tenant-wide RECORD_SHARING consent, granted through the consent service.
+  static std::string GrantSharingConsent(const std::string& patient_id) {
+    v1::GrantConsentRequest request;
+    request.set_request_id(absl::StrCat("consent-", patient_id.substr(0, 20)));
+    request.set_patient_id(patient_id);
+    request.set_purpose(v1::PURPOSE_RECORD_SHARING);
+    request.set_evidence_ref("signed-form-7");
+    v1::GrantConsentResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = v1::Consent::NewStub(Channel(consent_->port(), pki_->app()))
+                              ->GrantConsent(&context, request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.consent_id();
+  }
+
+  static void RevokeSharingConsent(const std::string& consent_id) {
+    v1::RevokeConsentRequest request;
+    request.set_consent_id(consent_id);
+    request.set_reason("patient withdrew");
+    v1::RevokeConsentResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = v1::Consent::NewStub(Channel(consent_->port(), pki_->app()))
+                              ->RevokeConsent(&context, request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+  }
+
+  // --- sharing RPCs ----------------------------------------------------------------------------
+
+  static grpc::Status Upload(const TestCert& as, const UploadSpec& spec,
+                             v1::UploadRecordResponse* response = nullptr, int port = 0) {
+    const uint64_t size = spec.generated_size > 0 ? spec.generated_size : spec.content.size();
+    auto piece = [&](uint64_t offset, size_t n) {
+      return spec.generated_size > 0 ? Generate(spec.seed, offset, n)
+                                     : spec.content.substr(offset, n);
+    };
+    std::string sha;
+    if (spec.declared_sha) {
+      sha = *spec.declared_sha;
+    } else {
+      crypto::Sha256 hasher;
+      for (uint64_t off = 0; off < size; off += spec.chunk_bytes) {
+        hasher.Update(piece(off, std::min<uint64_t>(spec.chunk_bytes, size - off)));
+      }
+      sha = hasher.Finish();
+    }
+    v1::UploadRecordResponse ignored;
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    auto stub = Stub(as, port);
+    std::unique_ptr<grpc::ClientWriter<v1::UploadRecordRequest>> writer(
+        stub->UploadRecord(&context, response != nullptr ? response : &ignored));
+    v1::UploadRecordRequest message;
+    v1::UploadRecordHeader* header = message.mutable_header();
+    header->set_request_id("upload-test");
+    header->set_patient_id(spec.patient_id);
+    header->set_kind(spec.kind);
+    header->set_content_type(spec.content_type);
+    header->set_file_name(spec.file_name);
+    header->set_size_bytes(spec.declared_size.value_or(size));
+    header->set_sha256(sha);
+    bool open = true;
+    if (spec.send_header) open = writer->Write(message);
+    if (open && spec.header_twice) open = writer->Write(message);
+    for (uint64_t off = 0; open && off < size; off += spec.chunk_bytes) {
+      v1::UploadRecordRequest chunk;
+      chunk.mutable_chunk()->set_data(piece(off, std::min<uint64_t>(spec.chunk_bytes, size - off)));
+      open = writer->Write(chunk);
+    }
+    if (open) writer->WritesDone();
+    return writer->Finish();
+  }
+
+  static std::string UploadOk(const TestCert& as, const UploadSpec& spec) {
+    v1::UploadRecordResponse response;
+    grpc::Status status = Upload(as, spec, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.record_id();
+  }
+
+  static Downloaded Download(const TestCert& as, const std::string& record_id,
+                             const std::string& break_glass_reason = "", bool keep = true,
+                             int port = 0) {
+    Downloaded out;
+    v1::DownloadRecordRequest request;
+    request.set_record_id(record_id);
+    request.set_break_glass_reason(break_glass_reason);
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    auto stub = Stub(as, port);
+    std::unique_ptr<grpc::ClientReader<v1::DownloadRecordResponse>> reader(
+        stub->DownloadRecord(&context, request));
+    crypto::Sha256 hasher;
+    v1::DownloadRecordResponse message;
+    while (reader->Read(&message)) {
+      if (message.has_header()) {
+        EXPECT_FALSE(out.has_header);
+        EXPECT_EQ(out.chunks, 0);
+        out.has_header = true;
+        out.header = message.header();
+        continue;
+      }
+      EXPECT_TRUE(out.has_header);
+      EXPECT_LE(message.chunk().data().size(), kMiB);
+      hasher.Update(message.chunk().data());
+      out.bytes += message.chunk().data().size();
+      if (keep) out.content += message.chunk().data();
+      ++out.chunks;
+    }
+    out.sha256 = hasher.Finish();
+    out.status = reader->Finish();
+    return out;
+  }
+
+  static absl::StatusOr<v1::ShareRecordResponse> Share(const TestCert& as,
+                                                       const std::string& record_id,
+                                                       const std::string& grantee,
+                                                       absl::Time expires_at) {
+    v1::ShareRecordRequest request;
+    request.set_request_id("share-test");
+    request.set_record_id(record_id);
+    request.set_grantee(grantee);
+    *request.mutable_expires_at() = ToProtoTimestamp(expires_at);
+    v1::ShareRecordResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(as)->ShareRecord(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static absl::StatusOr<v1::RevokeShareResponse> RevokeByGrantee(const TestCert& as,
+                                                                 const std::string& record_id,
+                                                                 const std::string& grantee) {
+    v1::RevokeShareRequest request;
+    request.mutable_record_grantee()->set_record_id(record_id);
+    request.mutable_record_grantee()->set_grantee(grantee);
+    v1::RevokeShareResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(as)->RevokeShare(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static absl::StatusOr<v1::RevokeShareResponse> RevokeById(const TestCert& as,
+                                                            const std::string& grant_id) {
+    v1::RevokeShareRequest request;
+    request.set_grant_id(grant_id);
+    v1::RevokeShareResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(as)->RevokeShare(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static absl::StatusOr<v1::ListRecordsResponse> List(
+      const TestCert& as, v1::RecordScope scope, const std::string& patient_id = "",
+      int page_size = 0, const std::string& token = "", bool include_archived = false,
+      v1::RecordKind kind = v1::RECORD_KIND_UNSPECIFIED) {
+    v1::ListRecordsRequest request;
+    request.set_scope(scope);
+    request.set_patient_id(patient_id);
+    request.set_page_size(page_size);
+    request.set_page_token(token);
+    request.set_include_archived(include_archived);
+    request.set_kind(kind);
+    v1::ListRecordsResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(as)->ListRecords(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static std::vector<std::string> ListedIds(const TestCert& as, v1::RecordScope scope,
+                                            const std::string& patient_id = "") {
+    std::vector<std::string> ids;
+    auto listed = List(as, scope, patient_id, 1000);
+    EXPECT_TRUE(listed.ok()) << listed.status();
+    if (listed.ok()) {
+      for (const v1::Record& r : listed->records()) ids.push_back(r.record_id());
+    }
+    return ids;
+  }
+
+  static absl::StatusOr<v1::ArchiveRecordResponse> Archive(const TestCert& as,
+                                                           const std::string& record_id,
+                                                           absl::Time retain_until) {
+    v1::ArchiveRecordRequest request;
+    request.set_record_id(record_id);
+    *request.mutable_retain_until() = ToProtoTimestamp(retain_until);
+    v1::ArchiveRecordResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(as)->ArchiveRecord(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static absl::StatusOr<v1::EraseRecordResponse> Erase(
+      const TestCert& as, const std::string& record_id,
+      const std::string& reason = "no longer needed") {
+    v1::EraseRecordRequest request;
+    request.set_record_id(record_id);
+    request.set_reason(reason);
+    v1::EraseRecordResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(as)->EraseRecord(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static absl::StatusOr<v1::ErasePatientRecordsResponse> ErasePatient(
+      const TestCert& as, const std::string& patient_id) {
+    v1::ErasePatientRecordsRequest request;
+    request.set_patient_id(patient_id);
+    request.set_reason("GDPR art. 17 request");
+    v1::ErasePatientRecordsResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(as)->ErasePatientRecords(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static absl::StatusOr<v1::QueryAuditResponse> QueryAudit(const TestCert& as,
+                                                           v1::QueryAuditRequest request) {
+    v1::QueryAuditResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = AuditStub(as)->QueryAudit(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  static std::vector<v1::AuditEntry> PatientAudit(const std::string& patient_id) {
+    v1::QueryAuditRequest request;
+    request.set_patient_id(patient_id);
+    request.set_page_size(1000);
+    auto response = QueryAudit(pki_->app(), request);
+    EXPECT_TRUE(response.ok()) << response.status();
+    if (!response.ok()) return {};
+    return {response->entries().begin(), response->entries().end()};
+  }
+
+  static absl::StatusOr<v1::VerifyChainResponse> Verify(const std::string& region,
+                                                        const TestCert* as = nullptr) {
+    v1::VerifyChainRequest request;
+    if (region == "control") {
+      request.mutable_log()->set_control(true);
+    } else {
+      request.mutable_log()->set_region_id(region);
+    }
+    v1::VerifyChainResponse response;
+    grpc::ClientContext context;
+    grpc::Status status =
+        AuditStub(as != nullptr ? *as : pki_->ops())->VerifyChain(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
+  // --- direct database access ------------------------------------------------------------------
+
+  static PgCluster& Db(const std::string& name) {
+    return name == "control" ? clusters_->control() : clusters_->region(name);
+  }
+
+  static int64_t Count(const std::string& db, const std::string& sql, const std::string& arg = "") {
+    pqxx::connection c(Db(db).ConnectionString());
+    pqxx::nontransaction q(c);
+    return arg.empty() ? q.exec1(sql)[0].as<int64_t>() : q.exec_params1(sql, arg)[0].as<int64_t>();
+  }
+
+  static void Exec(const std::string& db, const std::string& sql, const std::string& arg = "") {
+    pqxx::connection c(Db(db).ConnectionString());
+    pqxx::work txn(c);
+    if (arg.empty()) {
+      txn.exec0(sql);
+    } else {
+      txn.exec_params0(sql, arg);
+    }
+    txn.commit();
+  }
+
+  // Rows that an upload creates, in every shard (patient keys excepted: see
+  // BadUploadsStoreNothing).
+  static int64_t StoredRows() {
+    int64_t total = 0;
+    for (const char* region : {"fr-1", "de-1", "eu-1"}) {
+      total += Count(region,
+                     "SELECT (SELECT count(*) FROM records) + (SELECT count(*) FROM record_chunks) "
+                     "+ (SELECT count(*) FROM record_keys WHERE record_id IS NOT NULL)");
+    }
+    return total;
+  }
+
+  static bool HasEntry(const std::vector<v1::AuditEntry>& entries, const std::string& actor,
+                       v1::AuditAction action, const std::string& object_id,
+                       const std::string& reason) {
+    for (const v1::AuditEntry& e : entries) {
+      if (e.actor() == actor && e.action() == action && e.object_id() == object_id &&
+          e.reason() == reason) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  static test_support::TestStack* stack_;
+  static std::string* kek_dir_;
+  static PgClusterSet* clusters_;
+  static TestPki* pki_;
+  static std::map<std::string, TestCert>* certs_;
+  static routing::RoutingServer* routing_;
+  static consent::ConsentServer* consent_;
+  static SharingServer* sharing_;
+};
+
+test_support::TestStack* SharingTest::stack_ = nullptr;
+std::string* SharingTest::kek_dir_ = nullptr;
+PgClusterSet* SharingTest::clusters_ = nullptr;
+TestPki* SharingTest::pki_ = nullptr;
+std::map<std::string, TestCert>* SharingTest::certs_ = new std::map<std::string, TestCert>();
+routing::RoutingServer* SharingTest::routing_ = nullptr;
+consent::ConsentServer* SharingTest::consent_ = nullptr;
+SharingServer* SharingTest::sharing_ = nullptr;
+
+// --- uploads and downloads ---------------------------------------------------------------------
+
+TEST_F(SharingTest, UploadDownloadRoundTripAndTheShardHoldsOnlyCiphertext) {
+  const std::string patient = Place("roundtrip-1", "FR");
+  std::string content;
+  while (content.size() < 2 * kMiB + 12345) content += "MEDGATE-PLAINTEXT-MARKER discharge letter ";
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = content;
+  spec.chunk_bytes = 100 * 1000;  // the server re-chunks to 1 MiB storage chunks
+  v1::UploadRecordResponse uploaded;
+  ASSERT_TRUE(Upload(pki_->practitioner(), spec, &uploaded).ok());
+  EXPECT_EQ(uploaded.size_bytes(), content.size());
+  EXPECT_EQ(uploaded.sha256(), Sha(content));
+  const std::string record = uploaded.record_id();
+
+  Downloaded d = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, content);
+  EXPECT_EQ(d.chunks, 3);
+  EXPECT_EQ(d.header.record_id(), record);
+  EXPECT_EQ(d.header.patient_id(), patient);
+  EXPECT_EQ(d.header.size_bytes(), content.size());
+  EXPECT_EQ(d.header.sha256(), Sha(content));
+  EXPECT_EQ(d.header.owner(), P1());
+  EXPECT_EQ(d.header.kind(), v1::RECORD_KIND_DOCUMENT);
+  EXPECT_EQ(d.header.file_name(), "letter.pdf");
+  EXPECT_EQ(d.header.state(), v1::RECORD_STATE_ACTIVE);
+
+  // Storage chunks of exactly 1 MiB, ciphertext only: no marker anywhere in the shard.
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_chunks WHERE record_id = $1", record), 3);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM record_chunks WHERE record_id = $1 AND "
+                  "length(ciphertext) = 1048576 + 29",
+                  record),
+            2);
+  for (const char* table : {"record_chunks", "record_keys", "records", "audit_log"}) {
+    EXPECT_EQ(Count("fr-1",
+                    absl::StrCat("SELECT count(*) FROM ", table,
+                                 " t WHERE position(convert_to($1, 'UTF8') in "
+                                 "convert_to(t::text, 'UTF8')) > 0"),
+                    "PLAINTEXT-MARKER"),
+              0)
+        << table;
+  }
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM record_chunks WHERE position(convert_to($1, 'UTF8') in "
+                  "ciphertext) > 0",
+                  "PLAINTEXT-MARKER"),
+            0);
+  // Data keys are stored only wrapped: a patient key and a record key, neither 32 raw bytes.
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE patient_id = $1", patient), 2);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM record_keys WHERE patient_id = $1 AND "
+                  "length(wrapped_key) = 32",
+                  patient),
+            0);
+}
+
+TEST_F(SharingTest, FrPatientsRecordExistsOnlyInFr1) {
+  const std::string patient = Place("residency-fr-1", "FR");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(7, 0, kMiB + 10);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  EXPECT_EQ(record.rfind("fr-1.", 0), 0u) << record;
+  ASSERT_TRUE(Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1)).ok());
+  ASSERT_TRUE(Download(Cert("acme-p2"), record).status.ok());
+
+  const std::string everything =
+      "SELECT (SELECT count(*) FROM records WHERE record_id = $1 OR patient_id = $1) + "
+      "(SELECT count(*) FROM record_chunks WHERE record_id = $1) + "
+      "(SELECT count(*) FROM record_keys WHERE record_id = $1 OR patient_id = $1) + "
+      "(SELECT count(*) FROM share_grants WHERE record_id = $1) + "
+      "(SELECT count(*) FROM audit_log WHERE object_id = $1 OR patient_id = $1 OR "
+      "reason LIKE '%' || $1 || '%')";
+  for (const char* region : {"de-1", "eu-1"}) {
+    EXPECT_EQ(Count(region, everything, record), 0) << region;
+    EXPECT_EQ(Count(region, everything, patient), 0) << region;
+  }
+  EXPECT_EQ(
+      Count("control",
+            "SELECT count(*) FROM audit_log WHERE object_id = $1 OR reason LIKE '%' || $1 || '%'",
+            record),
+      0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE record_id = $1", record), 1);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_chunks WHERE record_id = $1", record), 2);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM share_grants WHERE record_id = $1", record), 1);
+  // Upload, share, two reads.
+  EXPECT_GE(Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1", patient), 4);
+}
+
+TEST_F(SharingTest, HundredMiBUploadAndDownloadStreamWithBoundedMemory) {
+  const std::string patient = Place("big-record-1", "DE");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.generated_size = 100 * kMiB;
+  spec.seed = 42;
+  spec.chunk_bytes = kMiB;
+  spec.kind = v1::RECORD_KIND_IMAGING;
+  spec.content_type = "application/dicom";
+  spec.file_name = "ct-scan.dcm";
+  crypto::Sha256 expected;
+  for (uint64_t off = 0; off < spec.generated_size; off += kMiB) {
+    expected.Update(Generate(spec.seed, off, kMiB));
+  }
+  const std::string sha = expected.Finish();
+  spec.declared_sha = sha;
+
+  ResetPeakRss();
+  const int64_t rss_before_kb = ProcStatusKb("VmRSS:");
+  v1::UploadRecordResponse uploaded;
+  grpc::Status status = Upload(pki_->practitioner(), spec, &uploaded);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  const int64_t upload_growth_kb = ProcStatusKb("VmHWM:") - rss_before_kb;
+  EXPECT_EQ(uploaded.size_bytes(), 100 * kMiB);
+  EXPECT_EQ(uploaded.sha256(), sha);
+  EXPECT_EQ(Count("de-1", "SELECT count(*) FROM record_chunks WHERE record_id = $1",
+                  uploaded.record_id()),
+            100);
+
+  ResetPeakRss();
+  const int64_t rss_before_download_kb = ProcStatusKb("VmRSS:");
+  Downloaded d = Download(pki_->practitioner(), uploaded.record_id(), "", /*keep=*/false);
+  const int64_t download_growth_kb = ProcStatusKb("VmHWM:") - rss_before_download_kb;
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.bytes, 100 * kMiB);
+  EXPECT_EQ(d.sha256, sha);
+  EXPECT_EQ(d.chunks, 100);
+
+  // Client and server share this process: buffering the record anywhere would add 100 MiB or
+  // more (200 MiB as hex); streaming holds a few chunks per side.
+  RecordProperty("upload_peak_rss_growth_kib", static_cast<int>(upload_growth_kb));
+  RecordProperty("download_peak_rss_growth_kib", static_cast<int>(download_growth_kb));
+  RecordProperty("service_peak_buffered_bytes",
+                 static_cast<int>(sharing_->core().peak_buffered_bytes()));
+  if (!kSanitized) {  // sanitizers keep freed memory in quarantine: RSS says nothing there
+    EXPECT_LT(upload_growth_kb, 48 * 1024) << "peak RSS grew by " << upload_growth_kb << " KiB";
+    EXPECT_LT(download_growth_kb, 48 * 1024) << "peak RSS grew by " << download_growth_kb << " KiB";
+  }
+  // What the service itself holds for uploads and downloads at once, at most.
+  EXPECT_LE(sharing_->core().peak_buffered_bytes(), static_cast<int64_t>(8 * kMiB));
+  EXPECT_EQ(sharing_->core().buffered_bytes(), 0);
+}
+
+TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
+  const std::string patient = Place("bad-uploads-1", "FR");
+  const int64_t before = StoredRows();
+  const std::string content = Generate(3, 0, 5000);
+  struct Case {
+    std::string name;
+    std::function<void(UploadSpec&)> change;
+    const TestCert* as;
+    grpc::StatusCode code;
+    std::string mentions;
+  };
+  const std::vector<Case> cases = {
+      {"chunk over 1 MiB",
+       [](UploadSpec& s) {
+         s.content = Generate(4, 0, kMiB + 1);
+         s.chunk_bytes = kMiB + 1;
+       },
+       &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "1048576"},
+      {"more bytes than declared", [](UploadSpec& s) { s.declared_size = 4000; },
+       &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "more bytes than declared"},
+      {"fewer bytes than declared", [](UploadSpec& s) { s.declared_size = 6000; },
+       &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "declared 6000"},
+      {"hash mismatch", [](UploadSpec& s) { s.declared_sha = Sha("something else"); },
+       &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "SHA-256"},
+      {"unknown patient", [](UploadSpec& s) { s.patient_id = "pt_0123456789abcdef"; },
+       &pki_->practitioner(), grpc::StatusCode::NOT_FOUND, "patient"},
+      {"another tenant's patient", [](UploadSpec&) {}, &pki_->globex_practitioner(),
+       grpc::StatusCode::NOT_FOUND, "patient"},
+      {"device identity", [](UploadSpec&) {}, &pki_->device(), grpc::StatusCode::PERMISSION_DENIED,
+       "device"},
+      {"app identity", [](UploadSpec&) {}, &pki_->app(), grpc::StatusCode::PERMISSION_DENIED,
+       "app"},
+      {"no header", [](UploadSpec& s) { s.send_header = false; }, &pki_->practitioner(),
+       grpc::StatusCode::INVALID_ARGUMENT, "header"},
+      {"two headers", [](UploadSpec& s) { s.header_twice = true; }, &pki_->practitioner(),
+       grpc::StatusCode::INVALID_ARGUMENT, "chunk"},
+      {"no kind", [](UploadSpec& s) { s.kind = v1::RECORD_KIND_UNSPECIFIED; },
+       &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "header.kind"},
+      {"path in file name", [](UploadSpec& s) { s.file_name = "../etc/passwd"; },
+       &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "header.file_name"},
+      {"empty content type", [](UploadSpec& s) { s.content_type = ""; }, &pki_->practitioner(),
+       grpc::StatusCode::INVALID_ARGUMENT, "header.content_type"},
+      {"size over 256 MiB", [](UploadSpec& s) { s.declared_size = (uint64_t{256} << 20) + 1; },
+       &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "header.size_bytes"},
+      {"short hash", [](UploadSpec& s) { s.declared_sha = std::string(31, 'h'); },
+       &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "header.sha256"},
+  };
+  for (const Case& c : cases) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = content;
+    spec.chunk_bytes = 1000;
+    c.change(spec);
+    grpc::Status status = Upload(*c.as, spec);
+    EXPECT_EQ(status.error_code(), c.code) << c.name << ": " << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr(c.mentions)) << c.name;
+  }
+
+  // A client that goes away mid-upload.
+  {
+    grpc::ClientContext context;
+    v1::UploadRecordResponse response;
+    auto stub = Stub(pki_->practitioner());
+    auto writer = stub->UploadRecord(&context, &response);
+    v1::UploadRecordRequest message;
+    message.mutable_header()->set_patient_id(patient);
+    message.mutable_header()->set_kind(v1::RECORD_KIND_REPORT);
+    message.mutable_header()->set_content_type("text/plain");
+    message.mutable_header()->set_file_name("partial.txt");
+    message.mutable_header()->set_size_bytes(3 * kMiB);
+    message.mutable_header()->set_sha256(std::string(32, 'x'));
+    ASSERT_TRUE(writer->Write(message));
+    v1::UploadRecordRequest chunk;
+    chunk.mutable_chunk()->set_data(Generate(5, 0, kMiB));
+    ASSERT_TRUE(writer->Write(chunk));
+    ASSERT_TRUE(writer->Write(chunk));
+    context.TryCancel();
+    EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  // Rolled back transactions leave no rows behind, whenever the server notices.
+  EXPECT_EQ(StoredRows(), before);
+  EXPECT_TRUE(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient).empty());
+}
+
+TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
+  const std::string patient = Place("tiny-1", "FR", &Cert("tiny-app"));
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(9, 0, 2 * kMiB);
+  ASSERT_FALSE(UploadOk(Cert("tiny-p"), spec).empty());
+  const int64_t before = StoredRows();
+  grpc::Status refused = Upload(Cert("tiny-p"), spec);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(refused.error_message(), HasSubstr("limit of 3145728 bytes"));
+  EXPECT_EQ(StoredRows(), before);
+  // Other tenants are not limited by tiny's quota.
+  UploadSpec other;
+  other.patient_id = Place("quota-other-1", "FR");
+  other.content = spec.content;
+  EXPECT_FALSE(UploadOk(pki_->practitioner(), other).empty());
+}
+
+// --- sharing -----------------------------------------------------------------------------------
+
+TEST_F(SharingTest, SharingNeedsConsentAndGrantsAreRevokedAndExpire) {
+  const std::string patient = Place("share-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(11, 0, 300000);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const TestCert& p2 = Cert("acme-p2");
+
+  Downloaded before_share = Download(p2, record);
+  EXPECT_EQ(before_share.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_FALSE(before_share.has_header);
+  auto no_consent = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+  EXPECT_EQ(no_consent.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(no_consent.status().message()), HasSubstr("RECORD_SHARING"));
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM share_grants WHERE record_id = $1", record), 0);
+
+  GrantSharingConsent(patient);
+  absl::StatusOr<v1::ShareRecordResponse> shared;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    shared = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+    return shared.ok();
+  })) << shared.status();
+  Downloaded d = Download(p2, record);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, spec.content);
+  ASSERT_EQ(d.header.grants_size(), 1);  // a grantee sees only its own grant
+  EXPECT_EQ(d.header.grants(0).grantee(), P2());
+  EXPECT_EQ(d.header.grants(0).granted_by(), P1());
+  EXPECT_THAT(ListedIds(p2, v1::RECORD_SCOPE_SHARED_WITH_ME), ::testing::Contains(record));
+
+  // Sharing again extends the grant and keeps its id.
+  auto extended = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(2));
+  ASSERT_TRUE(extended.ok());
+  EXPECT_EQ(extended->grant_id(), shared->grant_id());
+
+  // Bad grants.
+  EXPECT_EQ(Share(pki_->practitioner(), record, P1(), ServerNow() + absl::Hours(1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Share(pki_->practitioner(), record, Id("/tenant/acme/app/backend"),
+                  ServerNow() + absl::Hours(1))
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      Share(pki_->practitioner(), record, P3(), ServerNow() - absl::Minutes(1)).status().code(),
+      absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Share(pki_->practitioner(), record, P3(), ServerNow() + absl::Hours(24 * 366))
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Share(Cert("acme-p3"), record, Id("/tenant/acme/practitioner/p-4"),
+                  ServerNow() + absl::Hours(1))
+                .status()
+                .code(),
+            absl::StatusCode::kPermissionDenied);  // p-3 holds no grant
+
+  // A grantee of the patient's tenant may re-share, not beyond its own grant.
+  auto reshared = Share(p2, record, P3(), ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(reshared.ok()) << reshared.status();
+  EXPECT_EQ(Share(p2, record, P3(), ServerNow() + absl::Hours(3)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  // The owner sees every active grant.
+  Downloaded owner = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(owner.status.ok());
+  EXPECT_EQ(owner.header.grants_size(), 2);
+
+  // Revocation takes effect for the next request; revoking again changes nothing.
+  auto revoked = RevokeByGrantee(pki_->practitioner(), record, P2());
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_EQ(revoked->grant_id(), shared->grant_id());
+  Downloaded after_revoke = Download(p2, record);
+  EXPECT_EQ(after_revoke.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(after_revoke.status.error_message(), HasSubstr("revoked"));
+  EXPECT_FALSE(after_revoke.has_header);
+  auto again = RevokeById(pki_->practitioner(), shared->grant_id());
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->revoked_at().seconds(), revoked->revoked_at().seconds());
+  EXPECT_EQ(RevokeById(Cert("acme-p3"), reshared->grant_id()).status().code(),
+            absl::StatusCode::kPermissionDenied);  // neither owner nor the one who shared
+  EXPECT_EQ(RevokeById(pki_->practitioner(), "fr-1.gnonexistent").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_THAT(ListedIds(p2, v1::RECORD_SCOPE_SHARED_WITH_ME),
+              ::testing::Not(::testing::Contains(record)));
+
+  // A new grant after revocation has a new id; it expires by itself.
+  auto renewed = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(renewed.ok());
+  EXPECT_NE(renewed->grant_id(), shared->grant_id());
+  ASSERT_TRUE(Download(p2, record).status.ok());
+  AdvanceClock(absl::Hours(3));
+  Downloaded expired = Download(p2, record);
+  EXPECT_EQ(expired.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(expired.status.error_message(), HasSubstr("expired"));
+  EXPECT_THAT(ListedIds(p2, v1::RECORD_SCOPE_SHARED_WITH_ME),
+              ::testing::Not(::testing::Contains(record)));
+
+  // Every refusal of an existing grant is in the audit, as a denial.
+  std::vector<v1::AuditEntry> entries = PatientAudit(patient);
+  int denials = 0;
+  for (const v1::AuditEntry& e : entries) denials += e.decision() == v1::DECISION_DENY;
+  EXPECT_GE(denials, 4);  // not shared, no consent, revoked, expired
+  EXPECT_TRUE(HasEntry(entries, P2(), v1::AUDIT_ACTION_READ, record, "GRANT_REVOKED"));
+  EXPECT_TRUE(HasEntry(entries, P2(), v1::AUDIT_ACTION_READ, record, "GRANT_EXPIRED"));
+  EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_UPDATE, shared->grant_id(), "REVOKED"));
+}
+
+TEST_F(SharingTest, RevokedConsentStopsGranteeReads) {
+  const std::string patient = Place("consent-revoke-1", "FR");
+  const std::string consent_id = GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "a short report";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  absl::StatusOr<v1::ShareRecordResponse> shared;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    shared = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+    return shared.ok();
+  })) << shared.status();
+  ASSERT_TRUE(Download(Cert("acme-p2"), record).status.ok());
+  RevokeSharingConsent(consent_id);
+  Downloaded denied;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    denied = Download(Cert("acme-p2"), record);
+    return denied.status.error_code() == grpc::StatusCode::PERMISSION_DENIED;
+  })) << denied.status.error_message();
+  EXPECT_THAT(denied.status.error_message(), HasSubstr("REVOKED"));
+  // The owner's own reads do not rest on the sharing consent.
+  EXPECT_TRUE(Download(pki_->practitioner(), record).status.ok());
+}
+
+TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
+  const std::string patient = Place("cross-border-1", "LU");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(13, 0, 70000);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const std::string initech = Id("/tenant/initech/practitioner/i-1");
+  const std::string umbrella = Id("/tenant/umbrella/practitioner/u-1");
+
+  // LU data is readable from DE (initech serves DE) but not from US (umbrella).
+  absl::StatusOr<v1::ShareRecordResponse> shared;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    shared = Share(pki_->practitioner(), record, initech, ServerNow() + absl::Hours(1));
+    return shared.ok();
+  })) << shared.status();
+  Downloaded d = Download(Cert("initech-p"), record);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, spec.content);
+  auto refused = Share(pki_->practitioner(), record, umbrella, ServerNow() + absl::Hours(1));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("US"));
+  // A cross-tenant grantee may read, not re-share or manage.
+  EXPECT_EQ(Share(Cert("initech-p"), record, initech, ServerNow() + absl::Hours(1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Share(Cert("initech-p"), record, P2(), ServerNow() + absl::Hours(1)).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(Erase(Cert("initech-p"), record).status().code(), absl::StatusCode::kNotFound);
+
+  // Ops narrow LU's rule: the next read from DE is refused once the cached rule ages out.
+  v1::PutResidencyRuleRequest put;
+  put.mutable_rule()->set_territory("LU");
+  put.mutable_rule()->add_region_ids("eu-1");
+  put.mutable_rule()->add_region_ids("fr-1");
+  put.mutable_rule()->add_readable_from_territories("LU");
+  v1::PutResidencyRuleResponse rule;
+  grpc::ClientContext context;
+  ASSERT_TRUE(RoutingStub(pki_->ops())->PutResidencyRule(&context, put, &rule).ok());
+  AdvanceClock(absl::Minutes(1));
+  Downloaded narrowed = Download(Cert("initech-p"), record);
+  EXPECT_EQ(narrowed.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(narrowed.status.error_message(), HasSubstr("DE"));
+  EXPECT_TRUE(HasEntry(PatientAudit(patient), initech, v1::AUDIT_ACTION_READ, record,
+                       "TERRITORY_NOT_PERMITTED"));
+  // Readers of the patient's own tenant are not concerned.
+  EXPECT_TRUE(Download(pki_->practitioner(), record).status.ok());
+}
+
+TEST_F(SharingTest, CrossTenantMatrixHasZeroSuccesses) {
+  const std::string patient = Place("matrix-1", "FR");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "acme's record";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  absl::StatusOr<v1::ShareRecordResponse> grant;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    grant = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+    return grant.ok();
+  }));
+  const int64_t grants_before = Count("fr-1", "SELECT count(*) FROM share_grants");
+  const int64_t rows_before = StoredRows();
+
+  int successes = 0;
+  int calls = 0;
+  auto expect_not_found = [&](const std::string& what, absl::StatusCode code) {
+    ++calls;
+    successes += code == absl::StatusCode::kOk;
+    EXPECT_EQ(code, absl::StatusCode::kNotFound) << what;
+  };
+  for (const TestCert* as : {&pki_->globex_practitioner(), &pki_->globex_app()}) {
+    const bool practitioner = as == &pki_->globex_practitioner();
+    if (practitioner) {
+      expect_not_found("download", FromGrpcStatus(Download(*as, record).status).code());
+      expect_not_found("share", Share(*as, record, Id("/tenant/globex/practitioner/p-9"),
+                                      ServerNow() + absl::Hours(1))
+                                    .status()
+                                    .code());
+      expect_not_found("revoke by id", RevokeById(*as, grant->grant_id()).status().code());
+      expect_not_found("revoke by grantee", RevokeByGrantee(*as, record, P2()).status().code());
+      expect_not_found("list patient",
+                       List(*as, v1::RECORD_SCOPE_PATIENT, patient).status().code());
+      expect_not_found("archive",
+                       Archive(*as, record, ServerNow() + absl::Hours(1)).status().code());
+      UploadSpec theirs = spec;
+      expect_not_found("upload", FromGrpcStatus(Upload(*as, theirs)).code());
+      EXPECT_THAT(ListedIds(*as, v1::RECORD_SCOPE_MINE),
+                  ::testing::Not(::testing::Contains(record)));
+      EXPECT_THAT(ListedIds(*as, v1::RECORD_SCOPE_SHARED_WITH_ME),
+                  ::testing::Not(::testing::Contains(record)));
+    }
+    expect_not_found("erase", Erase(*as, record).status().code());
+    expect_not_found("erase patient", ErasePatient(*as, patient).status().code());
+    v1::QueryAuditRequest query;
+    query.set_patient_id(patient);
+    expect_not_found("query audit", QueryAudit(*as, query).status().code());
+  }
+  EXPECT_EQ(calls, 13);
+  EXPECT_EQ(successes, 0);
+  // Nothing changed: the record, its grant and its key are intact.
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM share_grants"), grants_before);
+  EXPECT_EQ(StoredRows(), rows_before);
+  Downloaded d = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(d.status.ok());
+  EXPECT_EQ(d.content, spec.content);
+  EXPECT_TRUE(Download(Cert("acme-p2"), record).status.ok());
+}
+
+TEST_F(SharingTest, DevicesServicesAndAppsAreRefusedWhatTheyMayNotDo) {
+  std::vector<std::pair<std::string, grpc::Status>> results;
+  auto sharing = [&](const TestCert& cert) { return Stub(cert); };
+#define MEDGATE_CALL(name, stub, Rpc)                                    \
+  {                                                                      \
+    v1::Rpc##Request request;                                            \
+    v1::Rpc##Response response;                                          \
+    grpc::ClientContext context;                                         \
+    results.emplace_back(name, stub->Rpc(&context, request, &response)); \
+  }
+  for (const TestCert* cert : {&pki_->device(), &pki_->service()}) {
+    auto stub = sharing(*cert);
+    MEDGATE_CALL("ShareRecord", stub, ShareRecord);
+    MEDGATE_CALL("RevokeShare", stub, RevokeShare);
+    MEDGATE_CALL("ListRecords", stub, ListRecords);
+    MEDGATE_CALL("ArchiveRecord", stub, ArchiveRecord);
+    MEDGATE_CALL("EraseRecord", stub, EraseRecord);
+    MEDGATE_CALL("ErasePatientRecords", stub, ErasePatientRecords);
+    auto audit = AuditStub(*cert);
+    MEDGATE_CALL("QueryAudit", audit, QueryAudit);
+    MEDGATE_CALL("VerifyChain", audit, VerifyChain);
+    results.emplace_back("DownloadRecord", Download(*cert, "fr-1.x").status);
+    UploadSpec spec;
+    spec.patient_id = "pt_x";
+    spec.content = "x";
+    results.emplace_back("UploadRecord", Upload(*cert, spec));
+  }
+  {
+    auto stub = sharing(pki_->app());
+    MEDGATE_CALL("app ShareRecord", stub, ShareRecord);
+    MEDGATE_CALL("app ListRecords", stub, ListRecords);
+    results.emplace_back("app DownloadRecord", Download(pki_->app(), "fr-1.x").status);
+    auto audit = AuditStub(pki_->practitioner());
+    MEDGATE_CALL("practitioner VerifyChain", audit, VerifyChain);
+  }
+#undef MEDGATE_CALL
+  ASSERT_EQ(results.size(), 24u);
+  for (const auto& [name, status] : results) {
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << name;
+  }
+}
+
+// --- integrity ---------------------------------------------------------------------------------
+
+TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes) {
+  const std::string patient = Place("tamper-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(17, 0, 2 * kMiB + 500);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+
+  // One flipped bit in the middle chunk: the first chunk arrives, then DATA_LOSS.
+  const std::string flip =
+      "UPDATE record_chunks SET ciphertext = set_byte(ciphertext, 5000, "
+      "get_byte(ciphertext, 5000) # 1) WHERE record_id = $1 AND chunk_index = 1";
+  Exec("fr-1", flip, record);
+  Downloaded d = Download(pki_->practitioner(), record);
+  EXPECT_EQ(d.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_THAT(d.status.error_message(), HasSubstr(record));
+  EXPECT_EQ(d.chunks, 1);
+  EXPECT_EQ(d.content, spec.content.substr(0, kMiB));
+  Exec("fr-1", flip, record);  // flipped back
+  ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
+
+  // Swapped chunks: nothing of the content arrives.
+  auto move = [&](int from, int to) {
+    Exec("fr-1",
+         absl::StrCat("UPDATE record_chunks SET chunk_index = ", to,
+                      " WHERE record_id = $1 AND chunk_index = ", from),
+         record);
+  };
+  move(0, 99);
+  move(2, 0);
+  move(99, 2);
+  Downloaded swapped = Download(pki_->practitioner(), record);
+  EXPECT_EQ(swapped.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_THAT(swapped.status.error_message(), HasSubstr(record));
+  EXPECT_EQ(swapped.chunks, 0);
+  move(0, 99);
+  move(2, 0);
+  move(99, 2);
+  ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
+
+  // A damaged wrapped data key: DATA_LOSS before any content.
+  const std::string damage_key =
+      "UPDATE record_keys SET wrapped_key = set_byte(wrapped_key, 20, "
+      "get_byte(wrapped_key, 20) # 1) WHERE record_id = $1";
+  Exec("fr-1", damage_key, record);
+  Downloaded bad_key = Download(pki_->practitioner(), record);
+  EXPECT_EQ(bad_key.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_THAT(bad_key.status.error_message(), HasSubstr(record));
+  EXPECT_FALSE(bad_key.has_header);
+  Exec("fr-1", damage_key, record);
+
+  // The last chunk dropped and the count adjusted to hide it: the new last chunk was not sealed
+  // as last.
+  Exec("fr-1", "DELETE FROM record_chunks WHERE record_id = $1 AND chunk_index = 2", record);
+  Exec("fr-1", "UPDATE records SET chunk_count = 2 WHERE record_id = $1", record);
+  Downloaded truncated = Download(pki_->practitioner(), record);
+  EXPECT_EQ(truncated.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_EQ(truncated.chunks, 1);
+  EXPECT_EQ(truncated.content, spec.content.substr(0, kMiB));
+}
+
+TEST_F(SharingTest, AnotherKeyEncryptionKeyCannotReadOrWrite) {
+  const std::string patient = Place("wrong-kek-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "written under the right KEK";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+
+  std::unique_ptr<MedgateConfig> config = ConfigWithOtherKek();
+  auto other = SharingServer::Create(*config);
+  ASSERT_TRUE(other.ok()) << other.status();
+  ASSERT_TRUE((*other)->Start().ok());
+  const int64_t before = StoredRows();
+  Downloaded d = Download(pki_->practitioner(), record, "", true, (*other)->port());
+  EXPECT_EQ(d.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(d.status.error_message(), HasSubstr("key-encryption key"));
+  EXPECT_FALSE(d.has_header);
+  grpc::Status upload = Upload(pki_->practitioner(), spec, nullptr, (*other)->port());
+  EXPECT_EQ(upload.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(StoredRows(), before);
+  (*other)->Shutdown();
+  // The right KEK still reads it.
+  EXPECT_TRUE(Download(pki_->practitioner(), record).status.ok());
+}
+
+// --- break-glass -------------------------------------------------------------------------------
+
+TEST_F(SharingTest, BreakGlassIsOpsOnlyWithAReasonAndFlaggedInTheAudit) {
+  const std::string patient = Place("break-glass-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(19, 0, 4000);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const std::string reason = "unconscious patient in ER, record needed for treatment";
+
+  EXPECT_EQ(Download(pki_->ops(), record).status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(Download(pki_->ops(), record, "too short").status.error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Download(Cert("acme-p2"), record, reason).status.error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(Download(pki_->ops(), "fr-1.missing", reason).status.error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  Downloaded d = Download(pki_->ops(), record, reason);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, spec.content);
+  EXPECT_EQ(d.header.grants_size(), 0);
+
+  // The patient's tenant sees who read, that it was break-glass, why, and how much.
+  std::vector<v1::AuditEntry> entries = PatientAudit(patient);
+  bool found = false;
+  for (const v1::AuditEntry& e : entries) {
+    if (e.reason() != "BREAK_GLASS") continue;
+    found = true;
+    EXPECT_EQ(e.actor(), Id("/ops/alice"));
+    EXPECT_EQ(e.action(), v1::AUDIT_ACTION_READ);
+    EXPECT_EQ(e.object_id(), record);
+    EXPECT_EQ(e.tenant_id(), "acme");
+    EXPECT_EQ(e.decision(), v1::DECISION_PERMIT);
+    EXPECT_THAT(e.reason_detail(), HasSubstr(reason));
+    EXPECT_THAT(e.reason_detail(), HasSubstr("bytes=4000"));
+  }
+  EXPECT_TRUE(found);
+}
+
+// --- archive and erasure -----------------------------------------------------------------------
+
+TEST_F(SharingTest, ErasureCryptoShredsTheRecordWhileTheChainVerifies) {
+  const std::string patient = Place("erase-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(23, 0, kMiB + 77);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
+
+  EXPECT_EQ(Erase(Cert("acme-p2"), record).status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(Erase(pki_->practitioner(), record, "").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto erased = Erase(pki_->practitioner(), record, "uploaded to the wrong patient");
+  ASSERT_TRUE(erased.ok()) << erased.status();
+  EXPECT_EQ(erased->record_id(), record);
+
+  Downloaded d = Download(pki_->practitioner(), record);
+  EXPECT_EQ(d.status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_FALSE(d.has_header);
+  EXPECT_EQ(Erase(pki_->practitioner(), record).status().code(), absl::StatusCode::kNotFound);
+  // The key is gone; the ciphertext left behind (as in a backup) has nothing to decrypt it.
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE record_id = $1", record), 0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE record_id = $1", record), 0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_chunks WHERE record_id = $1", record), 2);
+
+  auto chain = Verify("fr-1");
+  ASSERT_TRUE(chain.ok()) << chain.status();
+  EXPECT_TRUE(chain->ok()) << chain->detail();
+  EXPECT_EQ(chain->fault(), v1::CHAIN_FAULT_UNSPECIFIED);
+  EXPECT_EQ(chain->last_hash().size(), 32u);
+  std::vector<v1::AuditEntry> entries = PatientAudit(patient);
+  EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_CREATE, record, "PERMITTED"));
+  EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_DELETE, record, "ERASED"));
+
+  // The purge removes the orphaned ciphertext; the chain still verifies.
+  auto swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_GE(swept->purged_chunks, 2);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_chunks WHERE record_id = $1", record), 0);
+  chain = Verify("fr-1");
+  ASSERT_TRUE(chain.ok());
+  EXPECT_TRUE(chain->ok()) << chain->detail();
+}
+
+TEST_F(SharingTest, ArchivedRecordsResistErasureUntilRetentionEnd) {
+  const std::string patient = Place("archive-1", "FR");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "an old discharge summary";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  absl::StatusOr<v1::ShareRecordResponse> shared;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    shared = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(48));
+    return shared.ok();
+  }));
+
+  EXPECT_EQ(Archive(Cert("acme-p2"), record, ServerNow() + absl::Hours(24)).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(Archive(pki_->practitioner(), record, ServerNow() - absl::Hours(1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto archived = Archive(pki_->practitioner(), record, ServerNow() + absl::Hours(24));
+  ASSERT_TRUE(archived.ok()) << archived.status();
+  EXPECT_EQ(archived->record().state(), v1::RECORD_STATE_ARCHIVED);
+  EXPECT_TRUE(archived->record().has_retain_until());
+
+  auto refused = Erase(pki_->practitioner(), record);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("retention end"));
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("ErasePatientRecords"));
+  EXPECT_EQ(Erase(pki_->app(), record).status().code(), absl::StatusCode::kFailedPrecondition);
+  auto share = Share(pki_->practitioner(), record, P3(), ServerNow() + absl::Hours(1));
+  EXPECT_EQ(share.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(share.status().message()), HasSubstr("archived"));
+  // Still readable by the owner and grantees; listed only on request.
+  EXPECT_TRUE(Download(Cert("acme-p2"), record).status.ok());
+  EXPECT_THAT(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient),
+              ::testing::Not(::testing::Contains(record)));
+  auto with_archived = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient, 10, "", true);
+  ASSERT_TRUE(with_archived.ok());
+  ASSERT_EQ(with_archived->records_size(), 1);
+  EXPECT_EQ(with_archived->records(0).state(), v1::RECORD_STATE_ARCHIVED);
+
+  // At its retention end the sweep erases it.
+  AdvanceClock(absl::Hours(25));
+  auto swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_GE(swept->erased_records, 1);
+  EXPECT_EQ(Download(pki_->practitioner(), record).status.error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(HasEntry(PatientAudit(patient), Id("/service/sharing"), v1::AUDIT_ACTION_DELETE,
+                       record, "RETENTION_END"));
+}
+
+TEST_F(SharingTest, PatientErasureShredsEveryRecordIncludingArchivedOnes) {
+  const std::string patient = Place("gdpr-1", "BE");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(29, 0, 3000);
+  const std::string first = UploadOk(pki_->practitioner(), spec);
+  const std::string second = UploadOk(Cert("acme-p2"), spec);
+  EXPECT_EQ(first.rfind("eu-1.", 0), 0u);  // BE patients live in eu-1
+  ASSERT_TRUE(Archive(Cert("acme-p2"), second, ServerNow() + absl::Hours(24 * 3650)).ok());
+  EXPECT_EQ(Erase(Cert("acme-p2"), second).status().code(), absl::StatusCode::kFailedPrecondition);
+
+  auto erased = ErasePatient(pki_->app(), patient);
+  ASSERT_TRUE(erased.ok()) << erased.status();
+  EXPECT_EQ(erased->erased_count(), 2u);
+  for (const std::string& record : {first, second}) {
+    EXPECT_EQ(Download(pki_->practitioner(), record).status.error_code(),
+              grpc::StatusCode::NOT_FOUND);
+  }
+  // The patient key went too: nothing wrapped under it can be unwrapped again.
+  EXPECT_EQ(Count("eu-1", "SELECT count(*) FROM record_keys WHERE patient_id = $1", patient), 0);
+  EXPECT_EQ(Count("eu-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 0);
+  auto again = ErasePatient(pki_->practitioner(), patient);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->erased_count(), 0u);
+  auto chain = Verify("eu-1");
+  ASSERT_TRUE(chain.ok());
+  EXPECT_TRUE(chain->ok()) << chain->detail();
+  std::vector<v1::AuditEntry> entries = PatientAudit(patient);
+  EXPECT_TRUE(HasEntry(entries, Id("/tenant/acme/app/backend"), v1::AUDIT_ACTION_DELETE, second,
+                       "PATIENT_ERASURE"));
+
+  // The patient may get new records afterwards, under a new key.
+  const std::string later = UploadOk(pki_->practitioner(), spec);
+  Downloaded d = Download(pki_->practitioner(), later);
+  ASSERT_TRUE(d.status.ok());
+  EXPECT_EQ(d.content, spec.content);
+}
+
+// --- listing -----------------------------------------------------------------------------------
+
+TEST_F(SharingTest, ListRecordsPagesNewestFirstAcrossRegions) {
+  const TestCert& p4 = Cert("acme-p4");
+  std::vector<std::string> uploaded;
+  for (const auto& [ref, territory] : std::vector<std::pair<std::string, std::string>>{
+           {"list-fr-1", "FR"}, {"list-de-1", "DE"}, {"list-be-1", "BE"}, {"list-fr-1", "FR"}}) {
+    UploadSpec spec;
+    spec.patient_id = Place(ref, territory);
+    spec.content = absl::StrCat("record for ", ref);
+    spec.kind = uploaded.size() == 2 ? v1::RECORD_KIND_REPORT : v1::RECORD_KIND_DOCUMENT;
+    uploaded.push_back(UploadOk(p4, spec));
+  }
+  std::vector<std::string> seen;
+  std::string token;
+  int pages = 0;
+  do {
+    auto page = List(p4, v1::RECORD_SCOPE_MINE, "", 3, token);
+    ASSERT_TRUE(page.ok()) << page.status();
+    EXPECT_LE(page->records_size(), 3);
+    for (const v1::Record& r : page->records()) {
+      seen.push_back(r.record_id());
+      EXPECT_EQ(r.owner(), Id("/tenant/acme/practitioner/p-4"));
+    }
+    token = page->next_page_token();
+    ++pages;
+  } while (!token.empty());
+  EXPECT_EQ(pages, 2);
+  EXPECT_EQ(seen, std::vector<std::string>(uploaded.rbegin(), uploaded.rend()));
+  auto reports = List(p4, v1::RECORD_SCOPE_MINE, "", 0, "", false, v1::RECORD_KIND_REPORT);
+  ASSERT_TRUE(reports.ok());
+  ASSERT_EQ(reports->records_size(), 1);
+  EXPECT_EQ(reports->records(0).record_id(), uploaded[2]);
+  EXPECT_EQ(ListedIds(p4, v1::RECORD_SCOPE_PATIENT, Place("list-fr-1", "FR")).size(), 2u);
+  // Bad listing requests.
+  EXPECT_EQ(List(p4, v1::RECORD_SCOPE_UNSPECIFIED).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(List(p4, v1::RECORD_SCOPE_PATIENT).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(List(p4, v1::RECORD_SCOPE_MINE, "", 0, "not-a-token").status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// --- the Audit service -------------------------------------------------------------------------
+
+TEST_F(SharingTest, QueryAuditAnswersWhoAccessedThePatientsData) {
+  const std::string patient = Place("who-saw-1", "DE");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(31, 0, 12345);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  absl::StatusOr<v1::ShareRecordResponse> shared;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    shared = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+    return shared.ok();
+  }));
+  ASSERT_TRUE(Download(Cert("acme-p2"), record).status.ok());
+
+  std::vector<v1::AuditEntry> entries = PatientAudit(patient);
+  ASSERT_GE(entries.size(), 3u);
+  EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_CREATE, record, "PERMITTED"));
+  EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_CREATE, shared->grant_id(), "PERMITTED"));
+  bool read = false;
+  for (const v1::AuditEntry& e : entries) {
+    EXPECT_EQ(e.patient_id(), patient);
+    EXPECT_EQ(e.prev_hash().size(), 32u);
+    EXPECT_EQ(e.hash().size(), 32u);
+    if (e.actor() == P2() && e.action() == v1::AUDIT_ACTION_READ) {
+      read = true;
+      EXPECT_EQ(e.reason(), "PERMITTED");
+      EXPECT_THAT(e.reason_detail(), HasSubstr("bytes=12345"));
+      EXPECT_EQ(e.purpose(), v1::PURPOSE_RECORD_SHARING);
+      EXPECT_FALSE(e.consent_id().empty());
+      EXPECT_TRUE(e.has_recorded_at());
+    }
+    if (e.object_id() == shared->grant_id()) {
+      EXPECT_THAT(e.reason_detail(), HasSubstr(P2()));  // to whom it was shared
+    }
+  }
+  EXPECT_TRUE(read);
+  for (size_t i = 1; i < entries.size(); ++i) EXPECT_LT(entries[i - 1].seq(), entries[i].seq());
+
+  // Filters and pages.
+  v1::QueryAuditRequest by_actor;
+  by_actor.set_patient_id(patient);
+  by_actor.set_actor(P2());
+  auto only_p2 = QueryAudit(pki_->practitioner(), by_actor);
+  ASSERT_TRUE(only_p2.ok()) << only_p2.status();
+  ASSERT_GE(only_p2->entries_size(), 1);
+  for (const v1::AuditEntry& e : only_p2->entries()) EXPECT_EQ(e.actor(), P2());
+  v1::QueryAuditRequest paged;
+  paged.set_patient_id(patient);
+  paged.set_page_size(1);
+  auto first = QueryAudit(pki_->app(), paged);
+  ASSERT_TRUE(first.ok());
+  ASSERT_EQ(first->entries_size(), 1);
+  ASSERT_FALSE(first->next_page_token().empty());
+  paged.set_page_token(first->next_page_token());
+  auto second = QueryAudit(pki_->app(), paged);
+  ASSERT_TRUE(second.ok());
+  ASSERT_EQ(second->entries_size(), 1);
+  EXPECT_GT(second->entries(0).seq(), first->entries(0).seq());
+
+  // The query itself is audited; whole logs are for ops.
+  EXPECT_GE(
+      Count("de-1",
+            "SELECT count(*) FROM audit_log WHERE object_type = 'audit_log' AND patient_id = $1",
+            patient),
+      3);
+  v1::QueryAuditRequest whole;
+  whole.mutable_log()->set_region_id("de-1");
+  EXPECT_EQ(QueryAudit(pki_->app(), whole).status().code(), absl::StatusCode::kPermissionDenied);
+  auto ops_view = QueryAudit(pki_->ops(), whole);
+  ASSERT_TRUE(ops_view.ok()) << ops_view.status();
+  EXPECT_GE(ops_view->entries_size(), 3);
+  v1::QueryAuditRequest control;
+  control.mutable_log()->set_control(true);
+  auto control_view = QueryAudit(pki_->ops(), control);
+  ASSERT_TRUE(control_view.ok()) << control_view.status();
+  EXPECT_GE(control_view->entries_size(), 1);  // tenants and placements
+  v1::QueryAuditRequest missing;
+  EXPECT_EQ(QueryAudit(pki_->practitioner(), missing).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Served on the audit endpoint and on the sharing endpoint alike.
+  v1::QueryAuditResponse response;
+  grpc::ClientContext context;
+  paged.clear_page_token();
+  EXPECT_TRUE(v1::Audit::NewStub(Channel(sharing_->port(), pki_->app()))
+                  ->QueryAudit(&context, paged, &response)
+                  .ok());
+}
+
+TEST_F(SharingTest, VerifyChainLocatesATamperedEntry) {
+  const std::string patient = Place("verify-1", "DE");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "checked";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  auto ok = Verify("de-1");
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_TRUE(ok->ok());
+  EXPECT_GT(ok->entries_checked(), 0u);
+  EXPECT_EQ(ok->last_seq(), ok->entries_checked());
+  EXPECT_EQ(ok->last_hash().size(), 32u);
+  auto control = Verify("control");
+  ASSERT_TRUE(control.ok());
+  EXPECT_TRUE(control->ok());
+
+  const int64_t seq = Count("de-1", "SELECT seq FROM audit_log WHERE object_id = $1", record);
+  Exec("de-1", "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
+  Exec("de-1", "UPDATE audit_log SET reason = 'PERMITTED: bytes=1' WHERE object_id = $1", record);
+  auto broken = Verify("de-1");
+  ASSERT_TRUE(broken.ok());
+  EXPECT_FALSE(broken->ok());
+  EXPECT_EQ(broken->first_bad_seq(), static_cast<uint64_t>(seq));
+  EXPECT_EQ(broken->fault(), v1::CHAIN_FAULT_HASH_MISMATCH);
+  EXPECT_FALSE(broken->detail().empty());
+  // Put back as it was: the chain verifies again (the verifications are logged in it too).
+  Exec("de-1", "UPDATE audit_log SET reason = 'PERMITTED: bytes=7 chunks=1' WHERE object_id = $1",
+       record);
+  Exec("de-1", "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update");
+  auto repaired = Verify("de-1");
+  ASSERT_TRUE(repaired.ok());
+  EXPECT_TRUE(repaired->ok()) << repaired->detail();
+
+  // A removed entry is located too; put back, the chain verifies again.
+  Exec("de-1", "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
+  Exec("de-1", "CREATE TABLE removed_entry AS SELECT * FROM audit_log WHERE object_id = $1",
+       record);
+  Exec("de-1", "DELETE FROM audit_log WHERE object_id = $1", record);
+  auto gap = Verify("de-1");
+  ASSERT_TRUE(gap.ok());
+  EXPECT_FALSE(gap->ok());
+  EXPECT_EQ(gap->first_bad_seq(), static_cast<uint64_t>(seq));
+  EXPECT_EQ(gap->fault(), v1::CHAIN_FAULT_SEQ_GAP);
+  Exec("de-1", "INSERT INTO audit_log SELECT * FROM removed_entry");
+  Exec("de-1", "DROP TABLE removed_entry");
+  Exec("de-1", "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update");
+  auto restored = Verify("de-1");
+  ASSERT_TRUE(restored.ok());
+  EXPECT_TRUE(restored->ok()) << restored->detail();
+
+  v1::VerifyChainRequest bad;
+  v1::VerifyChainResponse response;
+  grpc::ClientContext context;
+  EXPECT_EQ(AuditStub(pki_->ops())->VerifyChain(&context, bad, &response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Verify("xx-9").status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace medgate::sharing

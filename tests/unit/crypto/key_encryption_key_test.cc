@@ -1,0 +1,102 @@
+// Unit tests of key wrapping under a local key-encryption key, and of loading the KEK.
+#include "libs/crypto/key_encryption_key.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/escaping.h"
+
+namespace medgate::crypto {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+const char kKekHex[] = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+std::unique_ptr<KeyEncryptionKey> Kek(const std::string& hex = kKekHex) {
+  auto kek = ParseHexKeyEncryptionKey(hex, "test");
+  EXPECT_TRUE(kek.ok()) << kek.status();
+  return *std::move(kek);
+}
+
+TEST(KeyEncryptionKeyTest, WrapsAndUnwrapsInItsContext) {
+  auto kek = Kek();
+  SecretKey data_key = SecretKey::Random();
+  auto wrapped = kek->Wrap(data_key, "patient:pt_1");
+  ASSERT_TRUE(wrapped.ok());
+  EXPECT_EQ(wrapped->find(std::string(data_key.bytes())), std::string::npos);
+  auto unwrapped = kek->Unwrap(*wrapped, "patient:pt_1");
+  ASSERT_TRUE(unwrapped.ok()) << unwrapped.status();
+  EXPECT_EQ(unwrapped->bytes(), data_key.bytes());
+  // Another owner's context does not unwrap it.
+  EXPECT_EQ(kek->Unwrap(*wrapped, "patient:pt_2").status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(KeyEncryptionKeyTest, WrongKekIsDataLossNamingTheKek) {
+  auto kek = Kek();
+  auto other = Kek(std::string(64, 'f'));
+  EXPECT_NE(kek->id(), other->id());
+  auto wrapped = kek->Wrap(SecretKey::Random(), "c");
+  ASSERT_TRUE(wrapped.ok());
+  auto unwrapped = other->Unwrap(*wrapped, "c");
+  EXPECT_EQ(unwrapped.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(unwrapped.status().message()), HasSubstr(other->id()));
+  std::string altered = *wrapped;
+  altered.back() = static_cast<char>(altered.back() ^ 1);
+  EXPECT_EQ(kek->Unwrap(altered, "c").status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(KeyEncryptionKeyTest, IdIsStableAndRevealsNoKeyBytes) {
+  EXPECT_EQ(Kek()->id(), Kek()->id());
+  EXPECT_THAT(Kek()->id(), Not(HasSubstr("000102")));
+  EXPECT_EQ(Kek()->id().rfind("local-", 0), 0u);
+}
+
+TEST(KeyEncryptionKeyTest, RefusesMalformedKeysWithoutEchoingThem) {
+  for (const std::string& bad :
+       {std::string(""), std::string(63, 'a'), std::string(65, 'a'), std::string(62, 'a') + "zz"}) {
+    auto kek = ParseHexKeyEncryptionKey(bad, "sharing.kek_env");
+    EXPECT_EQ(kek.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(std::string(kek.status().message()), HasSubstr("sharing.kek_env"));
+    if (!bad.empty()) {
+      EXPECT_THAT(std::string(kek.status().message()), Not(HasSubstr(bad)));
+    }
+  }
+}
+
+TEST(KeyEncryptionKeyTest, LoadsFromFileAndEnvironment) {
+  const std::string path =
+      std::filesystem::temp_directory_path() / ("medgate-kek-test-" + std::to_string(getpid()));
+  {
+    std::ofstream out(path);
+    out << kKekHex << "\n";
+  }
+  std::filesystem::permissions(path, std::filesystem::perms::owner_read |
+                                         std::filesystem::perms::owner_write);
+  auto from_file = LoadKeyEncryptionKeyFile(path);
+  ASSERT_TRUE(from_file.ok()) << from_file.status();
+  EXPECT_EQ((*from_file)->id(), Kek()->id());
+  std::filesystem::remove(path);
+  EXPECT_EQ(LoadKeyEncryptionKeyFile(path).status().code(), absl::StatusCode::kNotFound);
+
+  ::setenv("MEDGATE_TEST_KEK", kKekHex, 1);
+  auto from_env = LoadKeyEncryptionKeyEnv("MEDGATE_TEST_KEK");
+  ASSERT_TRUE(from_env.ok()) << from_env.status();
+  EXPECT_EQ((*from_env)->id(), Kek()->id());
+  // Keys wrapped under one load unwrap under the other: same KEK.
+  auto wrapped = (*from_file)->Wrap(SecretKey::Random(), "x");
+  ASSERT_TRUE(wrapped.ok());
+  EXPECT_TRUE((*from_env)->Unwrap(*wrapped, "x").ok());
+  ::unsetenv("MEDGATE_TEST_KEK");
+  EXPECT_EQ(LoadKeyEncryptionKeyEnv("MEDGATE_TEST_KEK").status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace medgate::crypto
