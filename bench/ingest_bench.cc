@@ -6,6 +6,11 @@
 //   build/release/bench/ingest_bench [--devices 1000] [--batch 50] [--seconds 10] [--streams 0]
 // --streams N additionally holds N idle device streams open and reports RSS with them.
 #include <libpq-fe.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -29,9 +34,10 @@
 #include "medgate/v1/routing.grpc.pb.h"
 #include "libs/identity/credentials.h"
 #include "services/consent/consent_server.h"
-#include "services/ingest/ingest_server.h"
 #include "services/routing/routing_server.h"
 #include "tests/support/test_stack.h"
+
+extern char** environ;
 
 namespace medgate::bench {
 namespace {
@@ -43,20 +49,20 @@ struct Args {
   int streams = 0;
 };
 
+long StatusKb(const std::string& path, const std::string& key) {
+  std::ifstream status(path);
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind(key, 0) == 0) return std::stol(line.substr(key.size()));
+  }
+  return -1;
+}
+
 long PeakRssKb() {
   std::ifstream status("/proc/self/status");
   std::string line;
   while (std::getline(status, line)) {
     if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6));
-  }
-  return -1;
-}
-
-long RssKb() {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
   }
   return -1;
 }
@@ -195,6 +201,7 @@ class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::Ing
     Next();
   }
   void OnDone(const grpc::Status&) override { Done(); }
+  void Cancel() { context_.TryCancel(); }
 
   // Called by the pacer thread: sends the next batch when its time has come.
   void Pace(absl::Time now) {
@@ -276,6 +283,15 @@ LoadResult RunLoad(std::vector<DeviceIdentity>& devices, int batch, absl::Durati
   }
   LoadResult result;
   result.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  // Streams still open past the deadline are cancelled; a reactor is freed only after its OnDone.
+  for (auto& l : loads) l->Cancel();
+  const absl::Time drain = absl::Now() + absl::Seconds(30);
+  while (running.load() > 0 && absl::Now() < drain) absl::SleepFor(absl::Milliseconds(10));
+  if (running.load() > 0) {
+    std::fprintf(stderr, "%d streams did not finish; leaking their reactors\n", running.load());
+    for (auto& l : loads) (void)l.release();
+    return result;
+  }
   for (auto& l : loads) {
     result.stored += l->stored();
     result.retryable += l->retryable();
@@ -303,6 +319,11 @@ void MakeDurable(const std::string& conninfo) {
 }
 
 int Run(const Args& args) {
+  // Each stream is a TLS connection (two descriptors in this process: client and server end).
+  rlimit files{};
+  getrlimit(RLIMIT_NOFILE, &files);
+  files.rlim_cur = files.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &files);
   if (std::getenv("MEDGATE_PG_TMPDIR") == nullptr) setenv("MEDGATE_PG_TMPDIR", "/var/tmp", 1);
   std::fprintf(stderr, "starting PostgreSQL servers (under %s) and services...\n",
                std::getenv("MEDGATE_PG_TMPDIR"));
@@ -337,8 +358,26 @@ int Run(const Args& args) {
   auto consent = *consent::ConsentServer::Create((*stack)->config());
   if (!consent->Start().ok()) return 1;
   (*stack)->SetAddress("consent", consent->port());
-  auto ingest = *ingest::IngestServer::Create((*stack)->config());
-  if (!ingest->Start().ok()) return 1;
+  // The ingest service runs as its own process, as in production, so its memory is its own.
+  const int ingest_port = (*stack)->ReservePort("ingest");
+  const std::string config_path = (*stack)->dir() + "/medgate.yaml";
+  if (!(*stack)->WriteConfig(config_path).ok()) return 1;
+  const std::string ingest_log = (*stack)->dir() + "/ingest.log";
+  pid_t ingest_pid = 0;
+  {
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 2, ingest_log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    std::string binary = MEDGATE_INGEST_BINARY;
+    std::vector<char*> argv = {binary.data(), const_cast<char*>("--config"),
+                               const_cast<char*>(config_path.c_str()), nullptr};
+    if (posix_spawn(&ingest_pid, binary.c_str(), &actions, nullptr, argv.data(), environ) != 0) {
+      std::fprintf(stderr, "cannot start %s\n", binary.c_str());
+      return 1;
+    }
+    posix_spawn_file_actions_destroy(&actions);
+  }
+  const std::string ingest_status = absl::StrCat("/proc/", ingest_pid, "/status");
 
   // The bench tenant, its patients, devices and consents, seeded with SQL for speed.
   {
@@ -394,7 +433,7 @@ int Run(const Args& args) {
     channel_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     DeviceIdentity d;
     d.id = id;
-    d.channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", ingest->port()),
+    d.channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", ingest_port),
                                           grpc::SslCredentials(ssl), channel_args);
     d.stub = v1::DeviceIngest::NewStub(d.channel);
     devices.push_back(std::move(d));
@@ -422,7 +461,7 @@ int Run(const Args& args) {
     for (auto& d : load_devices) idle.push_back(std::move(d));
     idle.resize(static_cast<size_t>(args.streams));
     LoadResult held = RunLoad(idle, 1, absl::Seconds(15), absl::Seconds(5));
-    rss_streams = PeakRssKb();
+    rss_streams = StatusKb(ingest_status, "VmHWM:");
     std::fprintf(stderr, "streams held: %zu acks\n", held.latencies_ms.size());
   }
 
@@ -439,14 +478,16 @@ int Run(const Args& args) {
               static_cast<unsigned long long>(at70.retryable));
   std::printf("  ack latency at peak:        p50 %.1f ms, p99 %.1f ms\n", Pct(peak.latencies_ms, 0.5),
               Pct(peak.latencies_ms, 0.99));
-  std::printf("  peak RSS of this process (clients + services): %.0f MiB\n", PeakRssKb() / 1024.0);
+  std::printf("  peak RSS of the ingest process: %.0f MiB (load generator process: %.0f MiB)\n",
+              StatusKb(ingest_status, "VmHWM:") / 1024.0, PeakRssKb() / 1024.0);
   if (rss_streams >= 0) {
-    std::printf("  peak RSS with %d concurrent device streams: %.0f MiB  (target <= 1024 MiB)\n",
-                args.streams, rss_streams / 1024.0);
+    std::printf("  peak RSS of the ingest process with %d concurrent device streams: %.0f MiB  "
+                "(target <= 1024 MiB)\n", args.streams, rss_streams / 1024.0);
   }
-  std::printf("  current RSS: %.0f MiB\n", RssKb() / 1024.0);
   std::fflush(stdout);
-  ingest->Shutdown();
+  kill(ingest_pid, SIGTERM);
+  int wstatus = 0;
+  waitpid(ingest_pid, &wstatus, 0);
   consent->Shutdown();
   routing->Shutdown();
   return 0;

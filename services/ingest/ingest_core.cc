@@ -3,6 +3,7 @@
 
 #include <algorithm>
 
+#include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 
@@ -22,7 +23,8 @@ absl::Duration TenantQuota::TryTake(const std::string& tenant, double n, absl::T
 }
 
 IngestCore::IngestCore(RoutingClient& routing, consent::ConsentCache& consent,
-                       std::map<std::string, VitalsWriter*> writers, IngestOptions options)
+                       std::map<std::string, std::vector<VitalsWriter*>> writers,
+                       IngestOptions options)
     : routing_(routing),
       consent_(consent),
       writers_(std::move(writers)),
@@ -56,8 +58,8 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
     return absl::FailedPreconditionError(
         "this device is not assigned to a patient; its tenant must assign it first");
   }
-  auto writer = writers_.find(where.region_id);
-  if (writer == writers_.end()) {
+  auto lanes = writers_.find(where.region_id);
+  if (lanes == writers_.end() || lanes->second.empty()) {
     return retry(absl::UnavailableError(absl::StrCat("region ", where.region_id,
                                                      " is not served by this ingest instance")),
                  absl::Seconds(5));
@@ -137,7 +139,9 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
     }
     (*finish)(std::move(r));
   };
-  if (!writer->second->Enqueue(std::move(request), options_.enqueue_wait)) {
+  VitalsWriter* writer =
+      lanes->second[absl::HashOf(device.tenant, device.name) % lanes->second.size()];
+  if (!writer->Enqueue(std::move(request), options_.enqueue_wait)) {
     BatchResult busy = std::move(*shared);
     busy.retryable = absl::ResourceExhaustedError(
         absl::StrCat("region ", where.region_id, " write queue is full; resend later"));

@@ -69,8 +69,10 @@ class TenantQuota {
 
 class IngestCore {
  public:
+  // `writers` has one or more lanes per region; a device always uses the same lane, so its
+  // batches are written in order while lanes of one region commit in parallel.
   IngestCore(RoutingClient& routing, consent::ConsentCache& consent,
-             std::map<std::string, VitalsWriter*> writers, IngestOptions options);
+             std::map<std::string, std::vector<VitalsWriter*>> writers, IngestOptions options);
 
   // Processes one batch of `device`: `done` is called exactly once with its result, possibly on
   // another thread, after the rows are committed (or immediately when nothing is to be written).
@@ -83,7 +85,7 @@ class IngestCore {
  private:
   RoutingClient& routing_;
   consent::ConsentCache& consent_;
-  const std::map<std::string, VitalsWriter*> writers_;
+  const std::map<std::string, std::vector<VitalsWriter*>> writers_;
   const IngestOptions options_;
   TenantQuota quota_;
 };

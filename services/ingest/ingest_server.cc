@@ -14,7 +14,8 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(ConfigNode node, config.root.Child("ingest"));
   RETURN_IF_ERROR(node.OnlyKeys({"tenant_samples_per_second", "tenant_burst", "max_sample_age_hours",
                                  "max_queued_batches", "max_rows_per_transaction", "linger_ms",
-                                 "worker_threads"}));
+                                 "worker_threads", "writers_per_region",
+                                 "device_cache_ttl_seconds"}));
   ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
   ASSIGN_OR_RETURN(int64_t burst, node.Int("tenant_burst", 1, 100000000, 100000));
   ASSIGN_OR_RETURN(int64_t age, node.Int("max_sample_age_hours", 1, 24 * 365, 24 * 30));
@@ -22,6 +23,8 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(int64_t rows, node.Int("max_rows_per_transaction", 1, 1000000, 20000));
   ASSIGN_OR_RETURN(int64_t linger, node.Int("linger_ms", 0, 1000, 2));
   ASSIGN_OR_RETURN(int64_t workers, node.Int("worker_threads", 1, 256, 8));
+  ASSIGN_OR_RETURN(int64_t lanes, node.Int("writers_per_region", 1, 64, 4));
+  ASSIGN_OR_RETURN(int64_t device_ttl, node.Int("device_cache_ttl_seconds", 1, 3600, 30));
   s.core.tenant_samples_per_second = static_cast<double>(rate);
   s.core.tenant_burst = static_cast<double>(burst);
   s.core.validation.max_age = absl::Hours(age);
@@ -29,6 +32,8 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.writer.max_rows_per_transaction = static_cast<size_t>(rows);
   s.writer.linger = absl::Milliseconds(linger);
   s.worker_threads = static_cast<int>(workers);
+  s.writers_per_region = static_cast<int>(lanes);
+  s.device_cache_ttl = absl::Seconds(device_ttl);
   return s;
 }
 
@@ -41,14 +46,18 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   const ServiceEndpoint* self = *config.Service("ingest");
   const ServiceEndpoint* routing = *config.Service("routing");
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel, MakeChannel(routing->address, self->tls));
-  server->routing_ = NewRoutingClient(std::move(channel));
+  RoutingClientOptions routing_options;
+  routing_options.device_ttl = server->settings_.device_cache_ttl;
+  server->routing_ = NewRoutingClient(std::move(channel), routing_options);
   server->consent_ = consent::NewConsentCache(config.regions);
-  std::map<std::string, VitalsWriter*> writers;
+  std::map<std::string, std::vector<VitalsWriter*>> writers;
   for (const std::string& region : server->shards_->RegionIds()) {
-    auto writer = std::make_unique<VitalsWriter>(region, config.FindRegion(region)->db,
-                                                 server->settings_.writer);
-    writers[region] = writer.get();
-    server->writers_[region] = std::move(writer);
+    for (int lane = 0; lane < server->settings_.writers_per_region; ++lane) {
+      auto writer = std::make_unique<VitalsWriter>(region, config.FindRegion(region)->db,
+                                                   server->settings_.writer);
+      writers[region].push_back(writer.get());
+      server->writers_.push_back(std::move(writer));
+    }
   }
   server->core_ = std::make_unique<IngestCore>(*server->routing_, *server->consent_,
                                                std::move(writers), server->settings_.core);

@@ -22,6 +22,10 @@ struct IngestSettings {
   IngestOptions core;
   WriterOptions writer;
   int worker_threads = 8;
+  int writers_per_region = 4;  // parallel COPY lanes (connections) per shard
+  // How long a device -> patient answer is reused: bounds how long an unassigned device may
+  // still write for its former patient. Shorter means more routing look-ups on the hot path.
+  absl::Duration device_cache_ttl = absl::Seconds(30);
 };
 
 absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config);
@@ -45,7 +49,7 @@ class IngestServer {
   std::unique_ptr<pg::ShardSet> shards_;
   std::unique_ptr<RoutingClient> routing_;
   std::unique_ptr<consent::ConsentCache> consent_;
-  std::map<std::string, std::unique_ptr<VitalsWriter>> writers_;
+  std::vector<std::unique_ptr<VitalsWriter>> writers_;
   std::unique_ptr<IngestCore> core_;
   std::unique_ptr<StreamExecutor> executor_;
   std::unique_ptr<IngestService> service_;
