@@ -29,6 +29,25 @@ std::string NewRequestId() {
                                   reinterpret_cast<const char*>(bytes), sizeof(bytes))));
 }
 
+absl::StatusOr<CallContext> BeginCall(const RpcPolicy& policy,
+                                      const grpc::ServerContextBase& context,
+                                      absl::string_view method, const std::string& request_id) {
+  absl::StatusOr<Principal> principal = policy.Authorize(context, method);
+  if (!principal.ok()) return principal.status();
+  if (request_id.size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request_id: at most ", kMaxRequestIdBytes, " bytes"));
+  }
+  for (char c : request_id) {
+    if (c < 0x20 || c > 0x7e) return absl::InvalidArgumentError("request_id: printable ASCII only");
+  }
+  CallContext ctx;
+  ctx.principal = *std::move(principal);
+  ctx.request_id = request_id.empty() ? NewRequestId() : request_id;
+  ctx.origin = context.peer().substr(0, 128);
+  return ctx;
+}
+
 absl::StatusOr<int> PageSize(int requested, int fallback, int max) {
   if (requested < 0) return absl::InvalidArgumentError("page_size: must not be negative");
   if (requested == 0) return fallback;

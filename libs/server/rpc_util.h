@@ -5,9 +5,13 @@
 #include <string>
 
 #include <google/protobuf/timestamp.pb.h>
+#include <grpcpp/server_context.h>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "libs/identity/authz.h"
+#include "libs/identity/principal.h"
 
 namespace medgate {
 
@@ -16,6 +20,21 @@ absl::Time FromProtoTimestamp(const google::protobuf::Timestamp& ts);
 
 // A server-side request id ("srv-" + 24 hex digits) for callers that sent none.
 std::string NewRequestId();
+
+inline constexpr size_t kMaxRequestIdBytes = 64;
+
+// Who asks, for the audit entry: the authorized caller, its request id and its address.
+struct CallContext {
+  Principal principal;
+  std::string request_id;
+  std::string origin;
+};
+
+// Authorizes the call with `policy` and builds its context. A request id is at most 64 bytes
+// of printable ASCII (INVALID_ARGUMENT otherwise); an empty one is replaced by NewRequestId().
+absl::StatusOr<CallContext> BeginCall(const RpcPolicy& policy,
+                                      const grpc::ServerContextBase& context,
+                                      absl::string_view method, const std::string& request_id);
 
 // 0 means `fallback`; larger than `max` is clamped; negative is INVALID_ARGUMENT.
 absl::StatusOr<int> PageSize(int requested, int fallback, int max);

@@ -15,17 +15,13 @@
 #include "libs/consent_client/consent_cache.h"
 #include "libs/consent_client/consent_decision.h"
 #include "libs/identity/principal.h"
+#include "libs/server/rpc_util.h"
 #include "libs/pg/shard_set.h"
 #include "libs/routing_client/routing_client.h"
 
 namespace medgate::consent {
 
-// Who asks, for the audit entry.
-struct CallContext {
-  Principal principal;
-  std::string request_id;
-  std::string origin;
-};
+using ::medgate::CallContext;  // who asks, for the audit entry (libs/server/rpc_util.h)
 
 inline constexpr size_t kMaxIdBytes = 64;         // patient and consent ids (API convention)
 inline constexpr size_t kMaxIdentityBytes = 512;  // SPIFFE ids (API convention)

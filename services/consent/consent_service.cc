@@ -11,7 +11,6 @@ namespace {
 
 using K = PrincipalKind;
 
-constexpr size_t kMaxRequestIdBytes = 64;
 // The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 constexpr int64_t kMinTimestampSeconds = -62135596800;
 constexpr int64_t kMaxTimestampSeconds = 253402300799;
@@ -84,21 +83,7 @@ ConsentService::ConsentService(ConsentCore& core, std::string trust_domain)
 absl::StatusOr<CallContext> ConsentService::Begin(grpc::ServerContext* context,
                                                   absl::string_view method,
                                                   const std::string& request_id) {
-  ASSIGN_OR_RETURN(Principal principal, policy_.Authorize(*context, method));
-  if (request_id.size() > kMaxRequestIdBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("request_id: at most ", kMaxRequestIdBytes, " bytes"));
-  }
-  for (char c : request_id) {
-    if (c < 0x20 || c > 0x7e) {
-      return absl::InvalidArgumentError("request_id: printable ASCII only");
-    }
-  }
-  CallContext ctx;
-  ctx.principal = std::move(principal);
-  ctx.request_id = request_id.empty() ? NewRequestId() : request_id;
-  ctx.origin = context->peer();
-  return ctx;
+  return BeginCall(policy_, *context, method, request_id);
 }
 
 grpc::Status ConsentService::GrantConsent(grpc::ServerContext* context,

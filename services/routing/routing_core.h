@@ -12,6 +12,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "libs/identity/principal.h"
+#include "libs/server/rpc_util.h"
 #include "libs/pg/pool.h"
 #include "libs/pg/shard_set.h"
 #include "libs/residency/placement.h"
@@ -19,12 +20,7 @@
 
 namespace medgate::routing {
 
-// Who asks, for the audit entry.
-struct CallContext {
-  Principal principal;
-  std::string request_id;
-  std::string origin;
-};
+using ::medgate::CallContext;  // who asks, for the audit entry (libs/server/rpc_util.h)
 
 struct TenantInfo {
   std::string tenant_id;

@@ -15,7 +15,6 @@ using K = PrincipalKind;
 
 constexpr int kDefaultPageSize = 100;
 constexpr int kMaxPageSize = 1000;
-constexpr size_t kMaxRequestIdBytes = 64;
 
 void ToProto(const TenantInfo& t, v1::Tenant* out) {
   out->set_tenant_id(t.tenant_id);
@@ -73,16 +72,7 @@ RoutingService::RoutingService(RoutingCore& core, std::string trust_domain)
 absl::StatusOr<CallContext> RoutingService::Begin(grpc::ServerContext* context,
                                                   absl::string_view method,
                                                   const std::string& request_id) {
-  ASSIGN_OR_RETURN(Principal principal, policy_.Authorize(*context, method));
-  if (request_id.size() > kMaxRequestIdBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("request_id: at most ", kMaxRequestIdBytes, " bytes"));
-  }
-  CallContext ctx;
-  ctx.principal = std::move(principal);
-  ctx.request_id = request_id.empty() ? NewRequestId() : request_id;
-  ctx.origin = context->peer();
-  return ctx;
+  return BeginCall(policy_, *context, method, request_id);
 }
 
 grpc::Status RoutingService::UpsertTenant(grpc::ServerContext* context,

@@ -96,12 +96,7 @@ AuditService::AuditService(AuditCore& core, std::string trust_domain)
 
 absl::StatusOr<CallContext> AuditService::Begin(grpc::ServerContext* context,
                                                 absl::string_view method) {
-  ASSIGN_OR_RETURN(Principal principal, policy_.Authorize(*context, method));
-  CallContext ctx;
-  ctx.principal = std::move(principal);
-  ctx.request_id = NewRequestId();
-  ctx.origin = context->peer().substr(0, 128);
-  return ctx;
+  return BeginCall(policy_, *context, method, "");
 }
 
 grpc::Status AuditService::QueryAudit(grpc::ServerContext* context,

@@ -17,17 +17,13 @@
 #include "libs/consent_client/consent_cache.h"
 #include "libs/crypto/key_encryption_key.h"
 #include "libs/identity/principal.h"
+#include "libs/server/rpc_util.h"
 #include "libs/pg/shard_set.h"
 #include "services/sharing/patient_directory.h"
 
 namespace medgate::sharing {
 
-// Who asks, for authorization and the audit entry.
-struct CallContext {
-  Principal principal;
-  std::string request_id;
-  std::string origin;
-};
+using ::medgate::CallContext;  // who asks, for the audit entry (libs/server/rpc_util.h)
 
 enum class RecordKind { kUnspecified = 0, kDocument = 1, kImaging = 2, kReport = 3 };
 enum class RecordState { kActive, kArchived };

@@ -11,7 +11,6 @@ namespace {
 
 using K = PrincipalKind;
 
-constexpr size_t kMaxRequestIdBytes = 64;
 
 void ToProto(const GrantInfo& g, v1::ShareGrant* out) {
   out->set_grant_id(g.grant_id);
@@ -57,20 +56,6 @@ absl::StatusOr<RecordKind> KindOf(v1::RecordKind kind, absl::string_view field, 
 
 }  // namespace
 
-absl::StatusOr<std::string> RequestIdOrNew(const std::string& request_id) {
-  if (request_id.empty()) return NewRequestId();
-  if (request_id.size() > kMaxRequestIdBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("request_id: at most ", kMaxRequestIdBytes, " bytes"));
-  }
-  for (char c : request_id) {
-    if (c < 0x20 || c > 0x7e) {
-      return absl::InvalidArgumentError("request_id: printable ASCII only");
-    }
-  }
-  return request_id;
-}
-
 SharingService::SharingService(SharingCore& core, std::string trust_domain)
     : core_(core),
       policy_(std::move(trust_domain), {{"UploadRecord", {K::kPractitioner}},
@@ -85,12 +70,7 @@ SharingService::SharingService(SharingCore& core, std::string trust_domain)
 absl::StatusOr<CallContext> SharingService::Begin(grpc::ServerContext* context,
                                                   absl::string_view method,
                                                   const std::string& request_id) {
-  ASSIGN_OR_RETURN(Principal principal, policy_.Authorize(*context, method));
-  CallContext ctx;
-  ctx.principal = std::move(principal);
-  ASSIGN_OR_RETURN(ctx.request_id, RequestIdOrNew(request_id));
-  ctx.origin = context->peer().substr(0, 128);
-  return ctx;
+  return BeginCall(policy_, *context, method, request_id);
 }
 
 grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,

@@ -44,8 +44,6 @@ class SharingService final : public v1::RecordSharing::Service {
   const RpcPolicy policy_;
 };
 
-// Request ids: empty (the server makes one) or 1 to 64 printable ASCII bytes.
-absl::StatusOr<std::string> RequestIdOrNew(const std::string& request_id);
 
 }  // namespace medgate::sharing
 
