@@ -20,6 +20,7 @@
 #include "medgate/v1/routing.grpc.pb.h"
 #include "services/consent/consent_server.h"
 #include "services/routing/routing_server.h"
+#include "tests/support/poll.h"
 #include "tests/support/pg_cluster.h"
 #include "tests/support/test_pki.h"
 
@@ -49,12 +50,7 @@ void Migrate(const std::string& conninfo, const std::string& kind) {
 }
 
 // Calls `done` until it returns true or `deadline` passes; whether it did.
-bool PollUntil(absl::Time deadline, const std::function<bool()>& done) {
-  while (true) {
-    if (done()) return true;
-    if (absl::Now() > deadline) return false;
-  }
-}
+using test_support::PollUntil;
 
 // A GrantConsent request: CARE for the whole tenant, open-ended, unless said otherwise.
 struct GrantArgs {

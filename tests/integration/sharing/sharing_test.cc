@@ -32,6 +32,7 @@
 #include "services/consent/consent_server.h"
 #include "services/routing/routing_server.h"
 #include "services/sharing/sharing_server.h"
+#include "tests/support/poll.h"
 #include "tests/support/test_stack.h"
 
 namespace medgate::sharing {
@@ -60,14 +61,7 @@ std::atomic<int64_t> clock_offset_us{0};
 absl::Time ServerNow() { return absl::Now() + absl::Microseconds(clock_offset_us.load()); }
 void AdvanceClock(absl::Duration d) { clock_offset_us += absl::ToInt64Microseconds(d); }
 
-// Calls `done` until it returns true or `deadline` passes; whether it did.
-bool PollUntil(absl::Time deadline, const std::function<bool()>& done) {
-  while (true) {
-    if (done()) return true;
-    if (absl::Now() > deadline) return false;
-    std::this_thread::yield();
-  }
-}
+using test_support::PollUntil;
 
 // Deterministic content of any size, generated piecewise: byte i depends only on (seed, i).
 uint64_t Mix(uint64_t x) {
