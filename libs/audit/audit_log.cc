@@ -111,18 +111,19 @@ absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry) {
     if (!prev.ok()) return prev.status();
     int64_t at_us = absl::ToUnixMicros(absl::Now());
     std::string hash = ChainHash(*prev, seq, at_us, entry);
-    txn.exec_params0(
-        "INSERT INTO audit_log (seq, at_us, actor, tenant, action, object_type, object_id, "
-        "patient_id, decision, reason, purpose, consent_id, consent_version, request_id, origin, "
-        "prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-        "$15, $16::bytea, $17::bytea)",
+    // The entry and the new head in one round trip.
+    txn.exec_params1(
+        "WITH entry AS (INSERT INTO audit_log (seq, at_us, actor, tenant, action, object_type, "
+        "object_id, patient_id, decision, reason, purpose, consent_id, consent_version, request_id, "
+        "origin, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
+        "$14, $15, $16::bytea, $17::bytea) RETURNING seq, hash) "
+        "UPDATE audit_head SET seq = entry.seq, hash = entry.hash FROM entry WHERE audit_head.id "
+        "RETURNING audit_head.seq",
         seq, at_us, entry.actor, entry.tenant, std::string(ActionName(entry.action)),
         entry.object_type, entry.object_id, entry.patient_id,
         std::string(DecisionName(entry.decision)), entry.reason, entry.purpose, entry.consent_id,
-        entry.consent_version, entry.request_id, entry.origin,
-        ByteaLiteral(*prev), ByteaLiteral(hash));
-    txn.exec_params0("UPDATE audit_head SET seq = $1, hash = $2::bytea WHERE id", seq,
-                     ByteaLiteral(hash));
+        entry.consent_version, entry.request_id, entry.origin, ByteaLiteral(*prev),
+        ByteaLiteral(hash));
     return seq;
   } catch (const std::exception& e) {
     return pg::StatusFromException(e);
