@@ -48,6 +48,24 @@ absl::StatusOr<CallContext> BeginCall(const RpcPolicy& policy,
   return ctx;
 }
 
+audit::Entry AuditEntryFor(const CallContext& ctx, audit::Action action,
+                           absl::string_view object_type, absl::string_view object_id,
+                           absl::string_view tenant, absl::string_view patient_id,
+                           absl::string_view reason) {
+  audit::Entry e;
+  e.actor = ctx.principal.spiffe_id;
+  e.tenant = std::string(tenant);
+  e.action = action;
+  e.object_type = std::string(object_type);
+  e.object_id = std::string(object_id);
+  e.patient_id = std::string(patient_id);
+  e.decision = audit::Decision::kPermit;
+  e.reason = std::string(reason);
+  e.request_id = ctx.request_id;
+  e.origin = ctx.origin;
+  return e;
+}
+
 absl::StatusOr<int> PageSize(int requested, int fallback, int max) {
   if (requested < 0) return absl::InvalidArgumentError("page_size: must not be negative");
   if (requested == 0) return fallback;

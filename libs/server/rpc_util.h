@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "libs/audit/audit_log.h"
 #include "libs/identity/authz.h"
 #include "libs/identity/principal.h"
 
@@ -35,6 +36,12 @@ struct CallContext {
 absl::StatusOr<CallContext> BeginCall(const RpcPolicy& policy,
                                       const grpc::ServerContextBase& context,
                                       absl::string_view method, const std::string& request_id);
+
+// A permitted action of the caller, for the audit chain.
+audit::Entry AuditEntryFor(const CallContext& ctx, audit::Action action,
+                           absl::string_view object_type, absl::string_view object_id,
+                           absl::string_view tenant, absl::string_view patient_id,
+                           absl::string_view reason);
 
 // 0 means `fallback`; larger than `max` is clamped; negative is INVALID_ARGUMENT.
 absl::StatusOr<int> PageSize(int requested, int fallback, int max);

@@ -15,6 +15,7 @@
 #include "absl/strings/strip.h"
 #include "libs/audit/audit_log.h"
 #include "libs/common/status_macros.h"
+#include "libs/common/validation.h"
 #include "libs/pg/sql_array.h"
 #include "libs/server/rpc_util.h"
 #include "services/consent/sql.h"
@@ -146,36 +147,6 @@ absl::StatusOr<Purpose> ValidatePurpose(int number, absl::string_view field) {
   return *purpose;
 }
 
-absl::Status ValidateId(absl::string_view value, absl::string_view field, size_t max_bytes) {
-  if (value.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": required"));
-  if (value.size() > max_bytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, ": at most ", max_bytes, " bytes, got ", value.size()));
-  }
-  for (char c : value) {
-    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": only letters, digits, '.', '_' and '-' are allowed"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ValidateText(absl::string_view value, absl::string_view field, size_t max_bytes) {
-  if (value.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": required"));
-  if (value.size() > max_bytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, ": at most ", max_bytes, " bytes, got ", value.size()));
-  }
-  for (char c : value) {
-    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": control characters are not allowed"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::pair<absl::Time, std::optional<absl::Time>>> ValidateGrantPeriod(
     const Period& period, absl::Time now) {
   const absl::Time start = TruncateToMicros(period.start_at.value_or(now));
@@ -211,7 +182,7 @@ std::optional<std::string> RegionOfConsentId(absl::string_view consent_id) {
 }
 
 absl::Status ValidateRegionId(absl::string_view region_id) {
-  return ValidateId(region_id, "region id", kMaxRegionIdBytes);
+  return ValidateIdentifier(region_id, "region id", kMaxRegionIdBytes);
 }
 
 std::string EncodePageToken(Purpose purpose, absl::string_view actor) {
@@ -266,7 +237,7 @@ absl::StatusOr<pg::Pool*> ConsentCore::HomeShard(const PatientLocation& patient)
 
 absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
                                                const GrantRequest& request) {
-  RETURN_IF_ERROR(ValidateId(request.patient_id, "patient_id", kMaxIdBytes));
+  RETURN_IF_ERROR(ValidateIdentifier(request.patient_id, "patient_id", kMaxIdBytes));
   ASSIGN_OR_RETURN(Purpose purpose, ValidatePurpose(request.purpose, "purpose"));
   std::optional<Principal> actor;
   if (!request.actor.empty()) {
@@ -358,7 +329,7 @@ absl::StatusOr<RevokeResult> ConsentCore::Revoke(const CallContext& ctx,
   Purpose purpose = Purpose::kCare;
   if (request.key) {
     key = *request.key;
-    RETURN_IF_ERROR(ValidateId(key.patient_id, "key.patient_id", kMaxIdBytes));
+    RETURN_IF_ERROR(ValidateIdentifier(key.patient_id, "key.patient_id", kMaxIdBytes));
     ASSIGN_OR_RETURN(purpose, ValidatePurpose(key.purpose, "key.purpose"));
     if (key.actor.size() > kMaxIdentityBytes) {
       return absl::InvalidArgumentError(
@@ -367,7 +338,7 @@ absl::StatusOr<RevokeResult> ConsentCore::Revoke(const CallContext& ctx,
     RETURN_IF_ERROR(ValidateText(request.reason, "reason", kMaxTextBytes));
     ASSIGN_OR_RETURN(patient, ResolvePatient(ctx, key.patient_id));
   } else {
-    RETURN_IF_ERROR(ValidateId(*request.consent_id, "consent_id", kMaxIdBytes));
+    RETURN_IF_ERROR(ValidateIdentifier(*request.consent_id, "consent_id", kMaxIdBytes));
     RETURN_IF_ERROR(ValidateText(request.reason, "reason", kMaxTextBytes));
     ASSIGN_OR_RETURN(std::tie(patient, key), LocateById(ctx, *request.consent_id));
     purpose = *PurposeFromNumber(key.purpose);
@@ -413,7 +384,7 @@ absl::StatusOr<RevokeResult> ConsentCore::Revoke(const CallContext& ctx,
 }
 
 absl::StatusOr<ListResult> ConsentCore::List(const CallContext& ctx, const ListRequest& request) {
-  RETURN_IF_ERROR(ValidateId(request.patient_id, "patient_id", kMaxIdBytes));
+  RETURN_IF_ERROR(ValidateIdentifier(request.patient_id, "patient_id", kMaxIdBytes));
   std::optional<Purpose> filter;
   if (request.purpose != 0) {
     ASSIGN_OR_RETURN(filter, ValidatePurpose(request.purpose, "purpose"));
@@ -479,7 +450,7 @@ absl::StatusOr<ListResult> ConsentCore::List(const CallContext& ctx, const ListR
 
 absl::StatusOr<AccessDecision> ConsentCore::CheckAccess(const CallContext& ctx,
                                                         const CheckRequest& request) {
-  RETURN_IF_ERROR(ValidateId(request.patient_id, "patient_id", kMaxIdBytes));
+  RETURN_IF_ERROR(ValidateIdentifier(request.patient_id, "patient_id", kMaxIdBytes));
   ASSIGN_OR_RETURN(Purpose purpose, ValidatePurpose(request.purpose, "purpose"));
   if (request.actor.empty()) return absl::InvalidArgumentError("actor: required");
   RETURN_IF_ERROR(

@@ -142,10 +142,6 @@ class ConsentCore {
 
 // Pure helpers, exposed for tests. Every error is INVALID_ARGUMENT naming the field.
 absl::StatusOr<Purpose> ValidatePurpose(int number, absl::string_view field);
-// 1..max bytes of [A-Za-z0-9._-].
-absl::Status ValidateId(absl::string_view value, absl::string_view field, size_t max_bytes);
-// 1..max bytes without control characters.
-absl::Status ValidateText(absl::string_view value, absl::string_view field, size_t max_bytes);
 // The period a grant at `now` records: [start or now, end), microsecond precision; the end, if
 // any, after the start and in the future.
 absl::StatusOr<std::pair<absl::Time, std::optional<absl::Time>>> ValidateGrantPeriod(

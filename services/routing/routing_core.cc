@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "libs/audit/audit_log.h"
 #include "libs/common/status_macros.h"
+#include "libs/common/validation.h"
 #include "libs/pg/sql_array.h"
 #include "libs/residency/territory.h"
 #include "services/routing/sql.h"
@@ -41,23 +42,6 @@ absl::Status ValidateRef(absl::string_view ref) {
     }
   }
   return absl::OkStatus();
-}
-
-audit::Entry AuditFor(const CallContext& ctx, audit::Action action, absl::string_view object_type,
-                      absl::string_view object_id, absl::string_view tenant,
-                      absl::string_view patient_id, absl::string_view reason) {
-  audit::Entry e;
-  e.actor = ctx.principal.spiffe_id;
-  e.tenant = std::string(tenant);
-  e.action = action;
-  e.object_type = std::string(object_type);
-  e.object_id = std::string(object_id);
-  e.patient_id = std::string(patient_id);
-  e.decision = audit::Decision::kPermit;
-  e.reason = std::string(reason);
-  e.request_id = ctx.request_id;
-  e.origin = ctx.origin;
-  return e;
 }
 
 TenantInfo TenantFromRow(const pqxx::row& row) {
@@ -149,31 +133,13 @@ std::string PseudonymFor(absl::string_view key, absl::string_view patient_ref) {
                                  absl::string_view(reinterpret_cast<const char*>(mac), 20)));
 }
 
-absl::Status ValidateIdentifier(absl::string_view value, absl::string_view field,
-                                size_t max_bytes) {
-  if (value.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": must not be empty"));
-  if (value.size() > max_bytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, ": at most ", max_bytes, " bytes, got ", value.size()));
-  }
-  for (char c : value) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '-' || c == '_' || c == '.';
-    if (!ok) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": only letters, digits, '.', '_' and '-' are allowed"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 RoutingCore::RoutingCore(pg::Pool& control, const pg::ShardSet& shards,
                          std::vector<residency::Region> regions)
     : control_(control), shards_(shards), regions_(std::move(regions)) {}
 
 absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const CallContext& ctx,
                                                                       const TenantInfo& tenant) {
-  RETURN_IF_ERROR(ValidateIdentifier(tenant.tenant_id, "tenant.tenant_id"));
+  RETURN_IF_ERROR(ValidateIdentifier(tenant.tenant_id, "tenant.tenant_id", kMaxIdBytes));
   if (tenant.display_name.empty() || tenant.display_name.size() > 200) {
     return absl::InvalidArgumentError("tenant.display_name: 1 to 200 bytes");
   }
@@ -211,7 +177,7 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
         pqxx::row row = txn.exec_prepared1(sql::kSelectTenant, tenant.tenant_id);
         TenantInfo stored = TenantFromRow(row);
         RETURN_IF_ERROR(audit::Append(
-            txn, AuditFor(ctx, created ? audit::Action::kCreate : audit::Action::kUpdate, "tenant",
+            txn, AuditEntryFor(ctx, created ? audit::Action::kCreate : audit::Action::kUpdate, "tenant",
                           tenant.tenant_id, tenant.tenant_id, "",
                           created ? "tenant created" : "tenant updated")).status());
         return std::make_pair(stored, created);
@@ -219,7 +185,7 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
 }
 
 absl::StatusOr<TenantInfo> RoutingCore::GetTenant(const CallContext&, const std::string& tenant_id) {
-  RETURN_IF_ERROR(ValidateIdentifier(tenant_id, "tenant_id"));
+  RETURN_IF_ERROR(ValidateIdentifier(tenant_id, "tenant_id", kMaxIdBytes));
   return InTransaction<TenantInfo>(control_, [&](pqxx::work& txn) -> absl::StatusOr<TenantInfo> {
     pqxx::result rows = txn.exec_prepared(sql::kSelectTenant, tenant_id);
     if (rows.empty()) return absl::NotFoundError(absl::StrCat("tenant '", tenant_id, "' not found"));
@@ -256,7 +222,7 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
                                        pg::TextArrayLiteral(rule.readable_from), stored.updated_by);
     stored.updated_at = FromEpochSeconds(row[0]);
     RETURN_IF_ERROR(audit::Append(
-        txn, AuditFor(ctx, stored.version == 1 ? audit::Action::kCreate : audit::Action::kUpdate,
+        txn, AuditEntryFor(ctx, stored.version == 1 ? audit::Action::kCreate : audit::Action::kUpdate,
                       "residency_rule", absl::StrCat(rule.territory, "@v", stored.version), "",
                       "", absl::StrCat("regions=", absl::StrJoin(rule.region_ids, ","))))
                         .status());
@@ -349,7 +315,7 @@ absl::StatusOr<PlaceResult> RoutingCore::PlacePatient(const CallContext& ctx,
       result.territory = territory;
       result.newly_placed = true;
       result.rule_version = placement.rule_version;
-      RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kCreate, "patient", patient_id,
+      RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kCreate, "patient", patient_id,
                                                   tenant_id, patient_id,
                                                   absl::StrCat("placed in ", placement.region_id)))
                           .status());
@@ -379,7 +345,7 @@ absl::StatusOr<std::vector<PatientLocation>> RoutingCore::ResolvePatients(
         absl::StrCat("patient_ids: between 1 and ", kMaxBatch, " ids, got ", patient_ids.size()));
   }
   for (size_t i = 0; i < patient_ids.size(); ++i) {
-    RETURN_IF_ERROR(ValidateIdentifier(patient_ids[i], absl::StrCat("patient_ids[", i, "]")));
+    RETURN_IF_ERROR(ValidateIdentifier(patient_ids[i], absl::StrCat("patient_ids[", i, "]"), kMaxIdBytes));
   }
   return InTransaction<std::vector<PatientLocation>>(
       control_, [&](pqxx::work& txn) -> absl::StatusOr<std::vector<PatientLocation>> {
@@ -413,7 +379,7 @@ absl::StatusOr<std::vector<PatientLocation>> RoutingCore::ResolvePatients(
 absl::StatusOr<AssignResult> RoutingCore::AssignDevice(const CallContext& ctx,
                                                        const std::string& device_id,
                                                        const std::string& patient_ref) {
-  RETURN_IF_ERROR(ValidateIdentifier(device_id, "device_id"));
+  RETURN_IF_ERROR(ValidateIdentifier(device_id, "device_id", kMaxIdBytes));
   RETURN_IF_ERROR(ValidateRef(patient_ref));
   const std::string& tenant_id = ctx.principal.tenant;
   return InTransaction<AssignResult>(control_, [&](pqxx::work& txn) -> absl::StatusOr<AssignResult> {
@@ -435,7 +401,7 @@ absl::StatusOr<AssignResult> RoutingCore::AssignDevice(const CallContext& ctx,
     }
     txn.exec_prepared0(sql::kUpsertDevice, tenant_id, device_id, patient_id);
     result.newly_assigned = true;
-    RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kUpdate, "device", device_id,
+    RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "device", device_id,
                                                 tenant_id, patient_id, "device assigned"))
                         .status());
     return result;
@@ -444,7 +410,7 @@ absl::StatusOr<AssignResult> RoutingCore::AssignDevice(const CallContext& ctx,
 
 absl::StatusOr<UnassignResult> RoutingCore::UnassignDevice(const CallContext& ctx,
                                                            const std::string& device_id) {
-  RETURN_IF_ERROR(ValidateIdentifier(device_id, "device_id"));
+  RETURN_IF_ERROR(ValidateIdentifier(device_id, "device_id", kMaxIdBytes));
   const std::string& tenant_id = ctx.principal.tenant;
   return InTransaction<UnassignResult>(
       control_, [&](pqxx::work& txn) -> absl::StatusOr<UnassignResult> {
@@ -458,7 +424,7 @@ absl::StatusOr<UnassignResult> RoutingCore::UnassignDevice(const CallContext& ct
         result.patient_id = device[0][0].c_str();
         result.was_assigned = true;
         txn.exec_prepared0(sql::kUnassignDevice, tenant_id, device_id);
-        RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kUpdate, "device",
+        RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "device",
                                                     device_id, tenant_id, result.patient_id,
                                                     "device unassigned"))
                             .status());
@@ -475,8 +441,8 @@ absl::StatusOr<std::vector<DeviceLocation>> RoutingCore::ResolveDevices(
   std::vector<std::string> tenants;
   std::vector<std::string> ids;
   for (size_t i = 0; i < devices.size(); ++i) {
-    RETURN_IF_ERROR(ValidateIdentifier(devices[i].tenant_id, absl::StrCat("devices[", i, "].tenant_id")));
-    RETURN_IF_ERROR(ValidateIdentifier(devices[i].device_id, absl::StrCat("devices[", i, "].device_id")));
+    RETURN_IF_ERROR(ValidateIdentifier(devices[i].tenant_id, absl::StrCat("devices[", i, "].tenant_id"), kMaxIdBytes));
+    RETURN_IF_ERROR(ValidateIdentifier(devices[i].device_id, absl::StrCat("devices[", i, "].device_id"), kMaxIdBytes));
     tenants.push_back(devices[i].tenant_id);
     ids.push_back(devices[i].device_id);
   }

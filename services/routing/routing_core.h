@@ -119,9 +119,6 @@ class RoutingCore {
 // nothing without the key.
 std::string PseudonymFor(absl::string_view key, absl::string_view patient_ref);
 
-// Identifier fields: 1..max bytes of [A-Za-z0-9._-]; INVALID_ARGUMENT naming the field.
-absl::Status ValidateIdentifier(absl::string_view value, absl::string_view field,
-                                size_t max_bytes = kMaxIdBytes);
 
 }  // namespace medgate::routing
 

@@ -17,6 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "libs/audit/audit_log.h"
 #include "libs/common/status_macros.h"
+#include "libs/common/validation.h"
 #include "libs/crypto/chunk_cipher.h"
 #include "libs/crypto/sha256.h"
 #include "libs/pg/pg_status.h"
@@ -126,34 +127,6 @@ std::string NewId(absl::string_view region, absl::string_view tag) {
   return absl::StrCat(region, ".", tag, absl::BytesToHexString(crypto::RandomBytes(16)));
 }
 
-absl::Status ValidateId(absl::string_view value, absl::string_view field) {
-  if (value.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": must not be empty"));
-  if (value.size() > kMaxIdBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ": at most ", kMaxIdBytes, " bytes"));
-  }
-  for (char c : value) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '-' || c == '_' || c == '.';
-    if (!ok) return absl::InvalidArgumentError(absl::StrCat(field, ": malformed id"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ValidateText(absl::string_view value, absl::string_view field, size_t max_bytes) {
-  if (value.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": must not be empty"));
-  if (value.size() > max_bytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, ": at most ", max_bytes, " bytes, got ", value.size()));
-  }
-  for (char c : value) {
-    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": control characters are not allowed"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::Status RecordNotFound(absl::string_view record_id) {
   return absl::NotFoundError(absl::StrCat("record '", record_id, "' not found"));
 }
@@ -186,23 +159,6 @@ absl::StatusOr<SecretKey> UnwrapPatientKey(crypto::KeyEncryptionKey& kek,
 }
 
 // --- audit ------------------------------------------------------------------------------------
-
-audit::Entry AuditFor(const CallContext& ctx, audit::Action action, absl::string_view object_type,
-                      absl::string_view object_id, absl::string_view tenant,
-                      absl::string_view patient_id, std::string reason) {
-  audit::Entry e;
-  e.actor = ctx.principal.spiffe_id;
-  e.tenant = std::string(tenant);
-  e.action = action;
-  e.object_type = std::string(object_type);
-  e.object_id = std::string(object_id);
-  e.patient_id = std::string(patient_id);
-  e.decision = audit::Decision::kPermit;
-  e.reason = std::move(reason);
-  e.request_id = ctx.request_id;
-  e.origin = ctx.origin;
-  return e;
-}
 
 void CiteConsent(audit::Entry& e, const consent::AccessDecision& d) {
   e.purpose = std::string(consent::PurposeName(consent::Purpose::kRecordSharing));
@@ -254,7 +210,7 @@ absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::str
   if (absl::WebSafeBase64Unescape(token, &decoded)) {
     std::vector<std::string> parts = absl::StrSplit(decoded, absl::MaxSplits('/', 1));
     if (parts.size() == 2 && absl::SimpleAtoi(parts[0], &micros) &&
-        ValidateId(parts[1], "page_token").ok()) {
+        ValidateIdentifier(parts[1], "page_token", kMaxIdBytes).ok()) {
       return std::make_pair(absl::FromUnixMicros(micros), parts[1]);
     }
   }
@@ -382,7 +338,7 @@ class PgUpload final : public Upload {
             "the patient's records were erased during this upload; nothing was stored"));
       }
       RETURN_IF_ERROR(
-          Fail(audit::Append(*txn_, AuditFor(ctx_, audit::Action::kCreate, "record", record_id_,
+          Fail(audit::Append(*txn_, AuditEntryFor(ctx_, audit::Action::kCreate, "record", record_id_,
                                              home_.tenant_id, home_.patient_id,
                                              absl::StrCat("PERMITTED: bytes=", header_.size_bytes,
                                                           " chunks=", next_index_)))
@@ -701,7 +657,7 @@ absl::Status SharingCore::CheckReadTerritory(const RecordInfo& record,
 
 absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallContext& ctx,
                                                                  const UploadHeader& header) {
-  RETURN_IF_ERROR(ValidateId(header.patient_id, "header.patient_id"));
+  RETURN_IF_ERROR(ValidateIdentifier(header.patient_id, "header.patient_id", kMaxIdBytes));
   if (header.kind == RecordKind::kUnspecified) {
     return absl::InvalidArgumentError("header.kind: required");
   }
@@ -761,7 +717,7 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
                                                    const std::string& record_id,
                                                    const std::string& grantee,
                                                    absl::Time expires_at) {
-  RETURN_IF_ERROR(ValidateId(record_id, "record_id"));
+  RETURN_IF_ERROR(ValidateIdentifier(record_id, "record_id", kMaxIdBytes));
   absl::StatusOr<Principal> to = ParseSpiffeId(grantee, options_.trust_domain);
   if (!to.ok() || to->kind != PrincipalKind::kPractitioner) {
     return absl::InvalidArgumentError("grantee: must be the SPIFFE id of a practitioner");
@@ -806,7 +762,7 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
           return absl::FailedPreconditionError(absl::StrCat(
               "record '", record_id, "' is archived; archived records cannot be shared"));
         }
-        audit::Entry entry = AuditFor(ctx, audit::Action::kCreate, "share_grant", record_id,
+        audit::Entry entry = AuditEntryFor(ctx, audit::Action::kCreate, "share_grant", record_id,
                                       record->tenant_id, record->patient_id, "");
         ASSIGN_OR_RETURN(
             consent::AccessDecision decision,
@@ -840,9 +796,9 @@ absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
                                                    const std::string& grantee) {
   const bool by_id = !grant_id.empty();
   if (by_id) {
-    RETURN_IF_ERROR(ValidateId(grant_id, "grant_id"));
+    RETURN_IF_ERROR(ValidateIdentifier(grant_id, "grant_id", kMaxIdBytes));
   } else {
-    RETURN_IF_ERROR(ValidateId(record_id, "record_grantee.record_id"));
+    RETURN_IF_ERROR(ValidateIdentifier(record_id, "record_grantee.record_id", kMaxIdBytes));
     RETURN_IF_ERROR(ValidateText(grantee, "record_grantee.grantee", 512));
   }
   const std::string& id = by_id ? grant_id : record_id;
@@ -871,7 +827,7 @@ absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
     GrantInfo revoked =
         GrantFromRow(txn.exec_prepared1(sql::kRevokeGrant, grant->grant_id, PgTime(now)));
     RETURN_IF_ERROR(
-        audit::Append(txn, AuditFor(ctx, audit::Action::kUpdate, "share_grant", revoked.grant_id,
+        audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "share_grant", revoked.grant_id,
                                     record->tenant_id, record->patient_id,
                                     absl::StrCat("REVOKED: record=", record->record_id,
                                                  " grantee=", revoked.grantee)))
@@ -884,7 +840,7 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
                                                     const ListQuery& query) {
   if (query.scope == ListScope::kUnspecified) return absl::InvalidArgumentError("scope: required");
   if (query.scope == ListScope::kPatient) {
-    RETURN_IF_ERROR(ValidateId(query.patient_id, "patient_id"));
+    RETURN_IF_ERROR(ValidateIdentifier(query.patient_id, "patient_id", kMaxIdBytes));
   } else if (!query.patient_id.empty()) {
     return absl::InvalidArgumentError("patient_id: only with RECORD_SCOPE_PATIENT");
   }
@@ -956,7 +912,7 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
 
 absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
     const CallContext& ctx, const std::string& record_id, const std::string& break_glass_reason) {
-  RETURN_IF_ERROR(ValidateId(record_id, "record_id"));
+  RETURN_IF_ERROR(ValidateIdentifier(record_id, "record_id", kMaxIdBytes));
   const bool ops = ctx.principal.kind == PrincipalKind::kOps;
   if (ops) {
     if (break_glass_reason.empty()) {
@@ -989,7 +945,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
                                                         -> absl::StatusOr<Outcome<Opened>> {
         std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecord, record_id);
         if (!record) return RecordNotFound(record_id);
-        audit::Entry entry = AuditFor(ctx, audit::Action::kRead, "record", record_id,
+        audit::Entry entry = AuditEntryFor(ctx, audit::Action::kRead, "record", record_id,
                                       record->tenant_id, record->patient_id, "");
         const std::string bytes = absl::StrCat("bytes=", record->size_bytes);
         std::vector<RecordInfo> one = {*record};
@@ -1075,7 +1031,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
 absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
                                                       const std::string& record_id,
                                                       absl::Time retain_until) {
-  RETURN_IF_ERROR(ValidateId(record_id, "record_id"));
+  RETURN_IF_ERROR(ValidateIdentifier(record_id, "record_id", kMaxIdBytes));
   const absl::Time now = Now();
   if (retain_until <= now) return absl::InvalidArgumentError("retain_until: must be in the future");
   ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
@@ -1087,7 +1043,7 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
     }
     txn.exec_prepared0(sql::kArchiveRecord, record_id, PgTime(retain_until));
     RETURN_IF_ERROR(
-        audit::Append(txn, AuditFor(ctx, audit::Action::kUpdate, "record", record_id,
+        audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "record", record_id,
                                     record->tenant_id, record->patient_id,
                                     absl::StrCat("ARCHIVED: until=", Rfc3339(retain_until))))
             .status());
@@ -1100,7 +1056,7 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
 absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
                                                     const std::string& record_id,
                                                     const std::string& reason) {
-  RETURN_IF_ERROR(ValidateId(record_id, "record_id"));
+  RETURN_IF_ERROR(ValidateIdentifier(record_id, "record_id", kMaxIdBytes));
   RETURN_IF_ERROR(ValidateText(reason, "reason", kMaxReasonBytes));
   ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
   const absl::Time now = Now();
@@ -1121,7 +1077,7 @@ absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
     // unreadable; the purge removes the chunk rows later.
     txn.exec_prepared0(sql::kDeleteRecordKey, record_id);
     txn.exec_prepared0(sql::kDeleteRecord, record_id);
-    RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kDelete, "record", record_id,
+    RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", record_id,
                                                 record->tenant_id, record->patient_id,
                                                 absl::StrCat("ERASED: ", reason)))
                         .status());
@@ -1132,7 +1088,7 @@ absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
 absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContext& ctx,
                                                                 const std::string& patient_id,
                                                                 const std::string& reason) {
-  RETURN_IF_ERROR(ValidateId(patient_id, "patient_id"));
+  RETURN_IF_ERROR(ValidateIdentifier(patient_id, "patient_id", kMaxIdBytes));
   RETURN_IF_ERROR(ValidateText(reason, "reason", kMaxReasonBytes));
   absl::StatusOr<PatientHome> home = directory_.Resolve(patient_id);
   if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
@@ -1153,12 +1109,12 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
         txn.exec_prepared0(sql::kDeletePatientKeys, patient_id);
         txn.exec_prepared0(sql::kDeletePatientRecords, patient_id);
         for (const std::string& id : ids) {
-          RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kDelete, "record", id,
+          RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", id,
                                                       home->tenant_id, patient_id,
                                                       absl::StrCat("PATIENT_ERASURE: ", reason)))
                               .status());
         }
-        RETURN_IF_ERROR(audit::Append(txn, AuditFor(ctx, audit::Action::kDelete, "patient_records",
+        RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "patient_records",
                                                     patient_id, home->tenant_id, patient_id,
                                                     absl::StrCat("PATIENT_ERASURE: erased=",
                                                                  ids.size(), " reason=", reason)))
@@ -1201,7 +1157,7 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
         }
         txn.exec_prepared0(sql::kDeleteRecordKey, id);
         txn.exec_prepared0(sql::kDeleteRecord, id);
-        return audit::Append(txn, AuditFor(ctx, audit::Action::kDelete, "record", id,
+        return audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", id,
                                            record->tenant_id, record->patient_id,
                                            absl::StrCat("RETENTION_END: until=",
                                                         Rfc3339(*record->retain_until))))

@@ -6,6 +6,7 @@
 #include "libs/common/grpc_status.h"
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
+#include "libs/common/validation.h"
 
 namespace medgate {
 namespace {
@@ -136,6 +137,18 @@ TEST(LogTest, FormatsOneEscapedJsonObject) {
   EXPECT_EQ(line.front(), '{');
   EXPECT_EQ(line.back(), '}');
   EXPECT_EQ(line.find('\n'), std::string::npos);
+}
+
+TEST(ValidationTest, NamesTheFieldAndTheRule) {
+  EXPECT_TRUE(ValidateIdentifier("dev-1.a_b", "device_id", 16).ok());
+  EXPECT_EQ(ValidateIdentifier("", "device_id", 16).message(), "device_id: must not be empty");
+  EXPECT_EQ(ValidateIdentifier(std::string(17, 'a'), "device_id", 16).message(),
+            "device_id: at most 16 bytes, got 17");
+  EXPECT_THAT(std::string(ValidateIdentifier("a/b", "device_id", 16).message()),
+              HasSubstr("only letters"));
+  EXPECT_TRUE(ValidateText("scan #42 (signed)", "evidence_ref", 64).ok());
+  EXPECT_EQ(ValidateText("a\tb", "reason", 64).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ValidateText("", "reason", 64).message(), "reason: must not be empty");
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // The consent core's pure helpers: field validation, grant periods, consent ids, page tokens.
 #include "services/consent/consent_core.h"
+#include "libs/common/validation.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -26,14 +27,14 @@ TEST_F(ConsentCoreHelpersTest, PurposeMustBeKnown) {
 }
 
 TEST_F(ConsentCoreHelpersTest, IdsAndTextsAreBounded) {
-  EXPECT_TRUE(ValidateId("pt_0123abcd", "patient_id", kMaxIdBytes).ok());
-  ExpectInvalid(ValidateId("", "patient_id", kMaxIdBytes), "patient_id: required");
-  ExpectInvalid(ValidateId(std::string(65, 'a'), "patient_id", kMaxIdBytes),
+  EXPECT_TRUE(ValidateIdentifier("pt_0123abcd", "patient_id", kMaxIdBytes).ok());
+  ExpectInvalid(ValidateIdentifier("", "patient_id", kMaxIdBytes), "patient_id: must not be empty");
+  ExpectInvalid(ValidateIdentifier(std::string(65, 'a'), "patient_id", kMaxIdBytes),
                 "patient_id: at most 64");
-  ExpectInvalid(ValidateId("pt 1", "patient_id", kMaxIdBytes), "patient_id");
-  ExpectInvalid(ValidateId("pt/1", "consent_id", kMaxIdBytes), "consent_id");
+  ExpectInvalid(ValidateIdentifier("pt 1", "patient_id", kMaxIdBytes), "patient_id");
+  ExpectInvalid(ValidateIdentifier("pt/1", "consent_id", kMaxIdBytes), "consent_id");
   EXPECT_TRUE(ValidateText("signed form #42 (scan)", "evidence_ref", kMaxTextBytes).ok());
-  ExpectInvalid(ValidateText("", "evidence_ref", kMaxTextBytes), "evidence_ref: required");
+  ExpectInvalid(ValidateText("", "evidence_ref", kMaxTextBytes), "evidence_ref: must not be empty");
   ExpectInvalid(ValidateText(std::string(513, 'e'), "evidence_ref", kMaxTextBytes),
                 "evidence_ref: at most 512");
   ExpectInvalid(ValidateText("a\nb", "reason", kMaxTextBytes), "reason: control");
@@ -68,7 +69,7 @@ TEST_F(ConsentCoreHelpersTest, ConsentIdsCarryTheirRegion) {
   for (const char* region : {"fr-1", "eu_west_1", "a"}) {
     std::string id = NewConsentId(region);
     EXPECT_LE(id.size(), kMaxIdBytes);
-    EXPECT_TRUE(ValidateId(id, "consent_id", kMaxIdBytes).ok()) << id;
+    EXPECT_TRUE(ValidateIdentifier(id, "consent_id", kMaxIdBytes).ok()) << id;
     EXPECT_EQ(RegionOfConsentId(id), region);
     EXPECT_NE(NewConsentId(region), id);
   }

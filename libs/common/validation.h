@@ -1,0 +1,21 @@
+// Validation of request fields, with messages that name the field: the one copy every service uses.
+#ifndef MEDGATE_LIBS_COMMON_VALIDATION_H_
+#define MEDGATE_LIBS_COMMON_VALIDATION_H_
+
+#include <cstddef>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+
+namespace medgate {
+
+// 1..max_bytes of [A-Za-z0-9._-]; INVALID_ARGUMENT naming `field` otherwise.
+absl::Status ValidateIdentifier(absl::string_view value, absl::string_view field,
+                                size_t max_bytes);
+
+// 1..max_bytes of text without control characters; INVALID_ARGUMENT naming `field` otherwise.
+absl::Status ValidateText(absl::string_view value, absl::string_view field, size_t max_bytes);
+
+}  // namespace medgate
+
+#endif  // MEDGATE_LIBS_COMMON_VALIDATION_H_
