@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/common/log.h"
+#include "libs/common/process.h"
 #include "libs/consent_client/consent_cache.h"
 #include "libs/consent_client/consent_decision.h"
 #include "libs/consent_client/consent_store.h"
@@ -209,6 +210,7 @@ int Run(const Flags& flags) {
 }  // namespace medgate::consent
 
 int main(int argc, char** argv) {
+  medgate::ConfigureProcess();
   medgate::consent::Flags flags;
   if (!medgate::consent::ParseFlags(argc, argv, flags)) {
     std::fputs(

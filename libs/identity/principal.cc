@@ -119,11 +119,15 @@ absl::StatusOr<Principal> PrincipalFromCertificatePem(absl::string_view pem,
 absl::StatusOr<Principal> PrincipalFromAuthContext(const grpc::AuthContext& context,
                                                    absl::string_view trust_domain) {
   // The server requires and verifies the client certificate during the handshake, so a PEM
-  // certificate in the auth context is a verified one.
+  // certificate in the auth context is a verified one. The handshake already parsed it and lists
+  // each of its URI SANs as a `peer_uri` property: reading those avoids parsing the certificate
+  // again on every call (OpenSSL 3 decoding costs about a millisecond).
   std::vector<grpc::string_ref> pems = context.FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME);
   if (pems.size() != 1) return Unauthenticated("no verified client certificate");
-  return PrincipalFromCertificatePem(absl::string_view(pems[0].data(), pems[0].size()),
-                                     trust_domain);
+  std::vector<grpc::string_ref> uris = context.FindPropertyValues(GRPC_PEER_URI_PROPERTY_NAME);
+  if (uris.empty()) return Unauthenticated("the certificate has no URI SAN");
+  if (uris.size() > 1) return Unauthenticated("the certificate has more than one URI SAN");
+  return ParseSpiffeId(absl::string_view(uris[0].data(), uris[0].size()), trust_domain);
 }
 
 }  // namespace medgate

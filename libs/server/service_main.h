@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "libs/common/config.h"
 #include "libs/common/log.h"
+#include "libs/common/process.h"
 #include "libs/server/service_server.h"
 
 namespace medgate {
@@ -17,6 +18,7 @@ namespace medgate {
 // RunUntilSignal(). Exit codes: 0 after a drain, 1 when it cannot start, 2 for bad flags/config.
 template <typename Server>
 int ServiceMain(int argc, char** argv, const char* binary) {
+  ConfigureProcess();
   ServiceServer::BlockTerminationSignals();
   if (argc != 3 || std::string(argv[1]) != "--config") {
     std::fprintf(stderr, "usage: %s --config FILE\n", binary);

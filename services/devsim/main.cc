@@ -17,8 +17,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/common/config.h"
-#include "libs/devpki/devpki.h"
+#include "libs/common/process.h"
 #include "libs/device_sdk/device_client.h"
+#include "libs/devpki/devpki.h"
 #include "libs/identity/credentials.h"
 #include "medgate/v1/consent.grpc.pb.h"
 #include "medgate/v1/routing.grpc.pb.h"
@@ -237,6 +238,7 @@ int Run(const Args& args) {
 }  // namespace medgate::devsim
 
 int main(int argc, char** argv) {
+  medgate::ConfigureProcess();
   medgate::devsim::Args args;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i];
