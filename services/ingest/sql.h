@@ -2,8 +2,11 @@
 #ifndef MEDGATE_SERVICES_INGEST_SQL_H_
 #define MEDGATE_SERVICES_INGEST_SQL_H_
 
+#include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "libs/pg/pool.h"
 
 namespace medgate::ingest::sql {
@@ -11,18 +14,35 @@ namespace medgate::ingest::sql {
 inline constexpr char kReadVitals[] = "read_vitals";
 inline constexpr char kEnsurePartitions[] = "ensure_partitions";
 
-// Locks are taken in key order, so concurrent writers of one shard never deadlock.
-// The writer's statements (run through libpq by the COPY writer).
-inline constexpr char kLockCursorsSql[] =
-    "SELECT c.tenant_id, c.device_id, c.max_seq FROM device_cursors c "
-    "JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, device_id) "
-    "ON c.tenant_id = k.tenant_id AND c.device_id = k.device_id "
-    "ORDER BY c.tenant_id, c.device_id FOR UPDATE OF c";
-inline constexpr char kUpsertCursorsSql[] =
-    "INSERT INTO device_cursors (tenant_id, device_id, max_seq) "
-    "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) "
-    "ON CONFLICT (tenant_id, device_id) DO UPDATE "
-    "SET max_seq = GREATEST(device_cursors.max_seq, EXCLUDED.max_seq), updated_at = now()";
+// The writer's transaction as one query string (run through libpq by the COPY writer): lock the
+// devices' cursors in key order (so concurrent writers of one shard never deadlock) and read where
+// each stood, advance each to the highest seq the transaction brings, COPY the rows, COMMIT.
+// `quote` makes a SQL literal of a value (PQescapeLiteral); the arrays are text[] literals of the
+// devices' tenant ids, device ids and highest seqs, in key order.
+template <typename Quote>
+absl::StatusOr<std::string> WriteVitalsQuery(Quote quote, const std::string& tenants,
+                                             const std::string& devices,
+                                             const std::string& max_seqs) {
+  absl::StatusOr<std::string> t = quote(tenants);
+  if (!t.ok()) return t.status();
+  absl::StatusOr<std::string> d = quote(devices);
+  if (!d.ok()) return d.status();
+  absl::StatusOr<std::string> m = quote(max_seqs);
+  if (!m.ok()) return m.status();
+  return absl::StrCat(
+      "BEGIN; "
+      "SELECT c.tenant_id, c.device_id, c.max_seq FROM device_cursors c "
+      "JOIN unnest(", *t, "::text[], ", *d, "::text[]) AS k(tenant_id, device_id) "
+      "ON c.tenant_id = k.tenant_id AND c.device_id = k.device_id "
+      "ORDER BY c.tenant_id, c.device_id FOR UPDATE OF c; "
+      "INSERT INTO device_cursors (tenant_id, device_id, max_seq) "
+      "SELECT * FROM unnest(", *t, "::text[], ", *d, "::text[], ", *m, "::bigint[]) "
+      "ON CONFLICT (tenant_id, device_id) DO UPDATE "
+      "SET max_seq = GREATEST(device_cursors.max_seq, EXCLUDED.max_seq), updated_at = now(); "
+      "COPY vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, measured_at, "
+      "latitude, longitude, accuracy_m) FROM STDIN (FORMAT binary); "
+      "COMMIT");
+}
 
 inline const std::vector<pg::Statement>& Statements() {
   static const std::vector<pg::Statement> statements = {

@@ -3,6 +3,7 @@
 
 #include <libpq-fe.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <tuple>
@@ -19,11 +20,11 @@ namespace {
 
 using DeviceKey = std::pair<std::string, std::string>;
 
+// Queued requests that make a transaction worth committing without lingering for more.
+constexpr size_t kEnoughToCommit = 64;
+
 // PostgreSQL's binary COPY format: big-endian fields, timestamps in microseconds since 2000-01-01.
 constexpr int64_t kPgEpochMicros = 946684800LL * 1000000;
-constexpr char kCopyVitals[] =
-    "COPY vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, measured_at, "
-    "latitude, longitude, accuracy_m) FROM STDIN (FORMAT binary)";
 
 void PutU16(std::string& b, uint16_t v) {
   b.push_back(static_cast<char>(v >> 8));
@@ -122,8 +123,11 @@ bool VitalsWriter::Enqueue(WriteRequest request, absl::Duration wait) {
   }
   if (stopping_) return false;
   queue_.push_back(std::move(request));
+  // The writer sleeps only on an empty queue or while lingering for kEnoughToCommit requests:
+  // waking it for any other arrival would cost a context switch per batch for nothing.
+  const bool wake = queue_.size() == 1 || queue_.size() == kEnoughToCommit;
   lock.unlock();
-  work_cv_.notify_one();
+  if (wake) work_cv_.notify_one();
   return true;
 }
 
@@ -140,9 +144,9 @@ void VitalsWriter::Loop() {
       work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
       if (queue_.empty() && stopping_) break;
       // Give concurrent streams a moment to add to this transaction, unless it is already large.
-      if (queue_.size() < 64 && !stopping_) {
+      if (queue_.size() < kEnoughToCommit && !stopping_) {
         work_cv_.wait_for(lock, absl::ToChronoMicroseconds(options_.linger),
-                          [this] { return stopping_ || queue_.size() >= 64; });
+                          [this] { return stopping_ || queue_.size() >= kEnoughToCommit; });
       }
       size_t rows = 0;
       while (!queue_.empty() && (group.empty() || rows + queue_.front().rows.size() <=
@@ -207,6 +211,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   if (absl::Status s = EnsureConnected(); !s.ok()) return s;
   bool in_transaction = false;
   auto fail = [&](absl::Status status) {
+    while (PGresult* extra = PQgetResult(conn_)) PQclear(extra);
     if (in_transaction && PQstatus(conn_) == CONNECTION_OK) PQclear(PQexec(conn_, "ROLLBACK"));
     if (PQstatus(conn_) != CONNECTION_OK) {
       PQfinish(conn_);
@@ -214,28 +219,58 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     }
     return status;
   };
-  absl::StatusOr<PGresult*> r = Exec(conn_, "BEGIN", {}, PGRES_COMMAND_OK);
-  if (!r.ok()) return fail(r.status());
-  PQclear(*r);
-  in_transaction = true;
+  const absl::Time began = absl::Now();
 
-  // Lock the devices' cursors (in key order) and read where each device stands.
+  // The devices of this transaction, in key order, with the highest seq each brings.
+  std::map<DeviceKey, int64_t> highest;
+  for (WriteRequest* w : live) {
+    int64_t& h = highest[{w->tenant_id, w->device_id}];
+    for (const VitalRow& v : w->rows) h = std::max(h, static_cast<int64_t>(v.seq));
+  }
   std::vector<std::string> tenants;
   std::vector<std::string> devices;
-  std::map<DeviceKey, int64_t> cursors;
-  for (WriteRequest* w : live) {
-    if (cursors.emplace(DeviceKey{w->tenant_id, w->device_id}, 0).second) {
-      tenants.push_back(w->tenant_id);
-      devices.push_back(w->device_id);
+  std::vector<std::string> max_seqs;
+  for (const auto& [key, seq] : highest) {
+    tenants.push_back(key.first);
+    devices.push_back(key.second);
+    max_seqs.push_back(absl::StrCat(seq));
+  }
+  absl::StatusOr<std::string> query = sql::WriteVitalsQuery(
+      [this](const std::string& text) -> absl::StatusOr<std::string> {
+        char* quoted = PQescapeLiteral(conn_, text.data(), text.size());
+        if (quoted == nullptr) return absl::InternalError(PQerrorMessage(conn_));
+        std::string out(quoted);
+        PQfreemem(quoted);
+        return out;
+      },
+      pg::TextArrayLiteral(tenants), pg::TextArrayLiteral(devices), pg::TextArrayLiteral(max_seqs));
+  if (!query.ok()) return fail(query.status());
+
+  // First round trip: open the transaction, lock and read the devices' cursors, advance them to
+  // what this transaction stores, start the COPY. Second: the rows, then COMMIT (the rest of the
+  // query string). Any error ends the query string there, so nothing after it runs.
+  if (PQsendQuery(conn_, query->c_str()) != 1) {
+    return fail(absl::UnavailableError(absl::StrCat("database '", region_id_, "' unreachable: ",
+                                                    PQerrorMessage(conn_))));
+  }
+  in_transaction = true;
+  std::map<DeviceKey, int64_t> cursors;  // where each device stood before this transaction
+  for (ExecStatusType expected : {PGRES_COMMAND_OK, PGRES_TUPLES_OK, PGRES_COMMAND_OK, PGRES_COPY_IN}) {
+    PGresult* result = PQgetResult(conn_);
+    if (PQresultStatus(result) != expected) {
+      absl::Status status = ResultStatus(conn_, result);
+      PQclear(result);
+      return fail(status);
     }
+    if (expected == PGRES_TUPLES_OK) {
+      for (int i = 0; i < PQntuples(result); ++i) {
+        cursors[{PQgetvalue(result, i, 0), PQgetvalue(result, i, 1)}] =
+            std::stoll(PQgetvalue(result, i, 2));
+      }
+    }
+    PQclear(result);
   }
-  r = Exec(conn_, sql::kLockCursorsSql, {pg::TextArrayLiteral(tenants), pg::TextArrayLiteral(devices)},
-           PGRES_TUPLES_OK);
-  if (!r.ok()) return fail(r.status());
-  for (int i = 0; i < PQntuples(*r); ++i) {
-    cursors[{PQgetvalue(*r, i, 0), PQgetvalue(*r, i, 1)}] = std::stoll(PQgetvalue(*r, i, 2));
-  }
-  PQclear(*r);
+  const absl::Time locked = absl::Now();
 
   // Everything new goes in one binary COPY.
   std::string buffer("PGCOPY\n\377\r\n\0", 11);
@@ -273,47 +308,53 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     }
   }
   PutU16(buffer, 0xffff);
-  PGresult* copy = PQexec(conn_, kCopyVitals);
-  if (PQresultStatus(copy) != PGRES_COPY_IN) {
-    absl::Status status = ResultStatus(conn_, copy);
-    PQclear(copy);
-    return fail(status);
-  }
-  PQclear(copy);
   if (PQputCopyData(conn_, buffer.data(), static_cast<int>(buffer.size())) != 1 ||
       PQputCopyEnd(conn_, nullptr) != 1) {
     return fail(absl::UnavailableError(absl::StrCat("COPY to ", region_id_, " failed: ",
                                                     PQerrorMessage(conn_))));
   }
   PGresult* copied = PQgetResult(conn_);
-  absl::Status copy_status =
-      PQresultStatus(copied) == PGRES_COMMAND_OK ? absl::OkStatus() : ResultStatus(conn_, copied);
-  PQclear(copied);
-  while (PGresult* extra = PQgetResult(conn_)) PQclear(extra);
-  if (!copy_status.ok()) return fail(copy_status);
-
-  std::vector<std::string> cursor_tenants;
-  std::vector<std::string> cursor_devices;
-  std::vector<std::string> max_seqs;
-  for (const auto& [key, seq] : cursors) {
-    cursor_tenants.push_back(key.first);
-    cursor_devices.push_back(key.second);
-    max_seqs.push_back(absl::StrCat(seq));
+  if (PQresultStatus(copied) != PGRES_COMMAND_OK) {
+    absl::Status status = ResultStatus(conn_, copied);
+    PQclear(copied);
+    return fail(status);
   }
-  r = Exec(conn_, sql::kUpsertCursorsSql,
-           {pg::TextArrayLiteral(cursor_tenants), pg::TextArrayLiteral(cursor_devices),
-            pg::TextArrayLiteral(max_seqs)},
-           PGRES_COMMAND_OK);
-  if (!r.ok()) return fail(r.status());
-  PQclear(*r);
-  r = Exec(conn_, "COMMIT", {}, PGRES_COMMAND_OK);
-  if (!r.ok()) {
+  PQclear(copied);
+  const absl::Time copied_at = absl::Now();
+  PGresult* commit = PQgetResult(conn_);
+  const bool committed_ok = PQresultStatus(commit) == PGRES_COMMAND_OK &&
+                            std::strcmp(PQcmdStatus(commit), "COMMIT") == 0;
+  absl::Status commit_status = committed_ok ? absl::OkStatus() : ResultStatus(conn_, commit);
+  if (committed_ok || PQresultStatus(commit) == PGRES_COMMAND_OK) in_transaction = false;
+  PQclear(commit);
+  if (!committed_ok) {
     // If the connection broke during COMMIT the outcome is unknown: the batches are not acked,
     // and the device's resend is deduplicated by the cursor if the commit did happen.
+    if (commit_status.ok()) commit_status = absl::AbortedError("the transaction was rolled back");
     in_transaction = false;
-    return fail(r.status());
+    return fail(commit_status);
   }
-  PQclear(*r);
+  while (PGresult* extra = PQgetResult(conn_)) PQclear(extra);
+  const absl::Time committed = absl::Now();
+  stats_.transactions += 1;
+  stats_.batches += live.size();
+  for (const WriteOutcome& o : outcomes) stats_.rows += o.stored;
+  stats_.open += locked - began;
+  stats_.copy += copied_at - locked;
+  stats_.commit += committed - copied_at;
+  if (committed - stats_.since >= absl::Seconds(10)) {
+    const double n = static_cast<double>(stats_.transactions);
+    log::Info("vitals_writer_stats",
+              {{"region", region_id_},
+               {"transactions", stats_.transactions},
+               {"rows_per_transaction", static_cast<double>(stats_.rows) / n},
+               {"batches_per_transaction", static_cast<double>(stats_.batches) / n},
+               {"open_ms", absl::ToDoubleMilliseconds(stats_.open) / n},
+               {"copy_ms", absl::ToDoubleMilliseconds(stats_.copy) / n},
+               {"commit_ms", absl::ToDoubleMilliseconds(stats_.commit) / n}});
+    stats_ = WriterStats{};
+    stats_.since = committed;
+  }
   for (size_t i = 0; i < live.size(); ++i) {
     outcomes[i].highest_committed_seq =
         static_cast<uint64_t>(cursors[{live[i]->tenant_id, live[i]->device_id}]);

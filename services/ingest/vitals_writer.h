@@ -85,6 +85,17 @@ class VitalsWriter {
   const DbConfig db_;
   PGconn* conn_ = nullptr;  // only the writer thread touches it
   const WriterOptions options_;
+  // Where the writer's time goes, logged every 10 s (writer thread only).
+  struct WriterStats {
+    absl::Time since = absl::Now();
+    uint64_t transactions = 0;
+    uint64_t batches = 0;
+    uint64_t rows = 0;
+    absl::Duration open;    // BEGIN, cursors locked and advanced, COPY started: one round trip
+    absl::Duration copy;    // rows encoded, sent and stored
+    absl::Duration commit;
+  };
+  WriterStats stats_;
   std::mutex mu_;
   std::condition_variable work_cv_;
   std::condition_variable room_cv_;
