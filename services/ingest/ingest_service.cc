@@ -23,6 +23,8 @@ using K = PrincipalKind;
 
 // Acks a stream may owe before it stops reading (per-stream bound on in-flight batches).
 constexpr size_t kMaxInFlightBatches = 16;
+// A stream keeps the sample objects of its last batch for the next read, up to this many.
+constexpr int kRetainedSamples = 100;
 constexpr int kReadChunk = 500;
 constexpr int kDefaultReadPage = 1000;
 constexpr int kMaxReadPage = 10000;
@@ -130,13 +132,22 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     const uint64_t slot = first_slot_ + pending_.size();
     pending_.emplace_back(std::nullopt);
     processing_ = true;
-    auto batch = std::make_shared<v1::VitalsBatch>(std::move(incoming_));
-    incoming_.Clear();
+    // The samples are copied out and `incoming_` is cleared, not moved from: the next read
+    // reuses its sample objects instead of allocating them again (unless the batch was large).
+    const uint64_t batch_seq = incoming_.batch_seq();
+    auto samples = std::make_shared<std::vector<Sample>>(ToSamples(incoming_));
+    if (incoming_.samples_size() > kRetainedSamples) {
+      incoming_ = v1::VitalsBatch();
+    } else {
+      incoming_.Clear();
+    }
     std::shared_ptr<StreamShared> shared = shared_;
-    bool posted = executor_.Post([this, shared, batch, slot] { ProcessBatch(shared, *batch, slot); });
+    bool posted = executor_.Post([this, shared, batch_seq, samples, slot] {
+      ProcessBatch(shared, batch_seq, std::move(*samples), slot);
+    });
     if (!posted) {
       BatchResult busy;
-      busy.batch_seq = batch->batch_seq();
+      busy.batch_seq = batch_seq;
       busy.retryable = absl::ResourceExhaustedError("ingest is saturated; resend later");
       busy.retry_after = absl::Seconds(1);
       processing_ = false;
@@ -167,14 +178,14 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
 
  private:
   // Runs on an executor thread: may block on routing or on a full writer queue.
-  void ProcessBatch(const std::shared_ptr<StreamShared>& shared, const v1::VitalsBatch& batch,
-                    uint64_t slot) {
+  void ProcessBatch(const std::shared_ptr<StreamShared>& shared, uint64_t batch_seq,
+                    std::vector<Sample> samples, uint64_t slot) {
     {
       std::lock_guard<std::mutex> lock(shared->mu);
       if (shared->reactor == nullptr) return;
     }
     absl::Status status = core_.Process(
-        principal_, batch.batch_seq(), ToSamples(batch), poisoned_,
+        principal_, batch_seq, std::move(samples), poisoned_,
         [shared, slot](BatchResult result) {
           std::lock_guard<std::mutex> lock(shared->mu);
           if (shared->reactor != nullptr) shared->reactor->CompleteLocked(slot, ToAck(result));
