@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -28,11 +29,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "libs/common/process.h"
 #include "libs/devpki/devpki.h"
+#include "libs/identity/credentials.h"
 #include "libs/pg/sql_array.h"
 #include "medgate/v1/ingest.grpc.pb.h"
 #include "medgate/v1/routing.grpc.pb.h"
-#include "libs/identity/credentials.h"
 #include "services/consent/consent_server.h"
 #include "services/routing/routing_server.h"
 #include "tests/support/test_stack.h"
@@ -47,6 +49,8 @@ struct Args {
   int batch = 50;
   int seconds = 10;
   int streams = 0;
+  int lanes = 0;      // ingest.writers_per_region; 0: the service's default
+  int linger_ms = -1; // ingest.linger_ms; -1: the service's default
 };
 
 long StatusKb(const std::string& path, const std::string& key) {
@@ -75,16 +79,28 @@ void PutText(std::string& b, const std::string& s) { PutU32(b, static_cast<uint3
 void PutI64(std::string& b, int64_t v) { PutU32(b, 8); PutU64(b, static_cast<uint64_t>(v)); }
 void PutF64(std::string& b, double d) { uint64_t v; std::memcpy(&v, &d, 8); PutU32(b, 8); PutU64(b, v); }
 
-double RawCopy(const std::string& conninfo, int transactions) {
+// Writes `transactions` COPY transactions of 1,000 rows. With `devices` > 1 the rows are those
+// medgate stores for the same load: `batch`-row runs of each device in turn, each device with its
+// own patient, so the indexes see the same key mix; with one device every row lands on the indexes'
+// rightmost pages (PostgreSQL's cheapest insert path).
+double RawCopy(const std::string& conninfo, int transactions, int devices, int batch,
+               const std::string& prefix) {
   PGconn* conn = PQconnectdb(conninfo.c_str());
   if (PQstatus(conn) != CONNECTION_OK) {
     std::fprintf(stderr, "raw copy: %s\n", PQerrorMessage(conn));
     return 0;
   }
   const int64_t pg_epoch_us = 946684800LL * 1000000;
-  const int64_t now_us = absl::ToUnixMicros(absl::Now()) - pg_epoch_us;
+  std::vector<std::string> device_ids;
+  std::vector<std::string> patient_ids;
+  for (int d = 0; d < devices; ++d) {
+    device_ids.push_back(absl::StrCat(prefix, d));
+    patient_ids.push_back(absl::StrCat("pt_", prefix, d));
+  }
+  std::vector<int64_t> seqs(static_cast<size_t>(devices), 0);
   absl::Time start = absl::Now();
-  int64_t seq = 0;
+  size_t device = 0;
+  int in_run = 0;
   for (int t = 0; t < transactions; ++t) {
     PQclear(PQexec(conn, "BEGIN"));
     PQclear(PQexec(conn, "COPY vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
@@ -92,16 +108,23 @@ double RawCopy(const std::string& conninfo, int transactions) {
     std::string buf("PGCOPY\n\377\r\n\0", 11);
     PutU32(buf, 0);
     PutU32(buf, 0);
+    const int64_t now_us = absl::ToUnixMicros(absl::Now()) - pg_epoch_us;
     for (int i = 0; i < 1000; ++i) {
+      if (in_run == batch) {
+        in_run = 0;
+        device = (device + 1) % device_ids.size();
+      }
+      ++in_run;
+      const int64_t seq = ++seqs[device];
       PutU16(buf, 11);
       PutText(buf, "bench");
-      PutText(buf, "raw-copy");
-      PutI64(buf, ++seq);
-      PutText(buf, "pt_bench_raw");
+      PutText(buf, device_ids[device]);
+      PutI64(buf, seq);
+      PutText(buf, patient_ids[device]);
       PutText(buf, "8867-4");
-      PutF64(buf, 72);
+      PutF64(buf, static_cast<double>(60 + seq % 60));
       PutText(buf, "/min");
-      PutI64(buf, now_us - 60000000 + seq);
+      PutI64(buf, now_us);
       for (int k = 0; k < 3; ++k) PutU32(buf, 0xffffffff);  // NULL location
     }
     PutU16(buf, 0xffff);
@@ -144,6 +167,7 @@ struct LoadResult {
   uint64_t stored = 0;
   double seconds = 0;
   std::vector<double> latencies_ms;
+  std::vector<int> slow_per_second;  // acks over 25 ms, by the second their batch was sent
   uint64_t retryable = 0;
 };
 
@@ -171,6 +195,7 @@ class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::Ing
     if (interval_ > absl::ZeroDuration()) {
       // Open loop: devices start spread over one interval, so their batches do not arrive in bursts.
       waiting_ = true;
+      due_us_.store(absl::ToUnixMicros(next_send_));
     } else {
       Next();
     }
@@ -183,6 +208,7 @@ class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::Ing
     if (!ok) return;  // OnDone follows
     std::lock_guard<std::mutex> lock(mu_);
     latencies_.push_back(absl::ToDoubleMilliseconds(absl::Now() - sent_at_));
+    if (latencies_.back() > 25) slow_sent_.push_back(sent_at_);
     if (ack_.has_retryable_error()) {
       ++retryable_;
     } else {
@@ -196,6 +222,7 @@ class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::Ing
     if (interval_ > absl::ZeroDuration()) {
       next_send_ += interval_;
       waiting_ = true;  // the pacer sends the next batch at next_send_
+      due_us_.store(absl::ToUnixMicros(next_send_));
       return;
     }
     Next();
@@ -205,15 +232,19 @@ class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::Ing
 
   // Called by the pacer thread: sends the next batch when its time has come.
   void Pace(absl::Time now) {
+    // The pacer visits every device each millisecond: only a due one takes the lock.
+    if (absl::ToUnixMicros(now) < due_us_.load(std::memory_order_relaxed)) return;
     std::lock_guard<std::mutex> lock(mu_);
     if (!waiting_ || finishing_ || now < next_send_) return;
     waiting_ = false;
+    due_us_.store(std::numeric_limits<int64_t>::max());
     Next();
   }
 
   uint64_t stored() { std::lock_guard<std::mutex> l(mu_); return stored_; }
   uint64_t retryable() { std::lock_guard<std::mutex> l(mu_); return retryable_; }
   std::vector<double> latencies() { std::lock_guard<std::mutex> l(mu_); return latencies_; }
+  std::vector<absl::Time> slow_sent() { std::lock_guard<std::mutex> l(mu_); return slow_sent_; }
 
  private:
   void Next() {
@@ -253,6 +284,7 @@ class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::Ing
   uint64_t& seq_;
   absl::Time sent_at_;
   absl::Time next_send_;
+  std::atomic<int64_t> due_us_{std::numeric_limits<int64_t>::max()};  // next_send_, for the pacer
   std::mutex mu_;
   bool waiting_ = false;
   bool finishing_ = false;
@@ -260,6 +292,7 @@ class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::Ing
   uint64_t retryable_ = 0;
   bool done_ = false;
   std::vector<double> latencies_;
+  std::vector<absl::Time> slow_sent_;  // send times of batches acked after more than 25 ms
 };
 
 LoadResult RunLoad(std::vector<DeviceIdentity>& devices, int batch, absl::Duration duration,
@@ -297,9 +330,30 @@ LoadResult RunLoad(std::vector<DeviceIdentity>& devices, int batch, absl::Durati
     result.retryable += l->retryable();
     auto lat = l->latencies();
     result.latencies_ms.insert(result.latencies_ms.end(), lat.begin(), lat.end());
+    for (absl::Time t : l->slow_sent()) {
+      size_t second = static_cast<size_t>(std::max(0.0, absl::ToDoubleSeconds(t - start)));
+      if (result.slow_per_second.size() <= second) result.slow_per_second.resize(second + 1);
+      ++result.slow_per_second[second];
+    }
   }
   std::sort(result.latencies_ms.begin(), result.latencies_ms.end());
   return result;
+}
+
+// Opens every device's TLS connection before anything is measured; returns how many are ready.
+int ConnectAll(std::vector<DeviceIdentity>& devices, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  int ready = 0;
+  while (absl::Now() < deadline) {
+    ready = 0;
+    for (DeviceIdentity& d : devices) {
+      grpc_connectivity_state state = d.channel->GetState(/*try_to_connect=*/true);
+      if (state == GRPC_CHANNEL_READY) ++ready;
+    }
+    if (ready == static_cast<int>(devices.size())) break;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return ready;
 }
 
 double Pct(const std::vector<double>& sorted, double p) {
@@ -329,8 +383,10 @@ int Run(const Args& args) {
                std::getenv("MEDGATE_PG_TMPDIR"));
   auto stack = test_support::TestStack::Start(
       {"routing", "consent", "ingest"},
-      "ingest: {tenant_samples_per_second: 10000000, tenant_burst: 10000000}\n"
-      "limits: {max_concurrent_streams: 20000}\n");
+      absl::StrCat("ingest: {tenant_samples_per_second: 10000000, tenant_burst: 10000000",
+                   args.lanes > 0 ? absl::StrCat(", writers_per_region: ", args.lanes) : "",
+                   args.linger_ms >= 0 ? absl::StrCat(", linger_ms: ", args.linger_ms) : "", "}\n"
+                   "limits: {max_concurrent_streams: 20000}\n"));
   if (!stack.ok()) {
     std::fprintf(stderr, "%s\n", std::string(stack.status().message()).c_str());
     return 1;
@@ -348,7 +404,8 @@ int Run(const Args& args) {
   }
 
   std::fprintf(stderr, "(a) raw binary COPY, 1,000-row transactions...\n");
-  double raw = RawCopy(shard, 200);
+  double raw = RawCopy(shard, 300, args.devices, args.batch, "ra-");
+  double raw_one_device = RawCopy(shard, 300, 1, args.batch, "r1-");
   std::fprintf(stderr, "(b) one INSERT per sample...\n");
   double naive = InsertPerSample(shard, 3000);
 
@@ -443,7 +500,15 @@ int Run(const Args& args) {
 
   std::fprintf(stderr, "(c) medgate end to end: %d devices, batches of %d, %ds...\n", args.devices,
                args.batch, args.seconds);
-  // Warm-up: connections, caches.
+  // Every device's connection is open before the clock starts: a TLS handshake per device is
+  // paid once in production, not per batch.
+  {
+    const absl::Time t0 = absl::Now();
+    int ready = ConnectAll(load_devices, absl::Seconds(300));
+    std::fprintf(stderr, "%d of %d device connections ready in %.1f s\n", ready, args.devices,
+                 absl::ToDoubleSeconds(absl::Now() - t0));
+  }
+  // Warm-up: streams, caches.
   RunLoad(load_devices, args.batch, absl::Seconds(2), absl::ZeroDuration());
   LoadResult peak = RunLoad(load_devices, args.batch, absl::Seconds(args.seconds), absl::ZeroDuration());
   double peak_rate = peak.stored / peak.seconds;
@@ -453,6 +518,9 @@ int Run(const Args& args) {
   std::fprintf(stderr, "latency at 70%% of peak (%.0f samples/s)...\n", 0.7 * peak_rate);
   LoadResult at70 = RunLoad(load_devices, args.batch, absl::Seconds(args.seconds), interval);
 
+  std::fprintf(stderr, "acks over 25 ms at 70%%, by second of the run:");
+  for (int n : at70.slow_per_second) std::fprintf(stderr, " %d", n);
+  std::fprintf(stderr, "\n");
   long rss_streams = -1;
   if (args.streams > 0) {
     std::fprintf(stderr, "holding %d concurrent device streams...\n", args.streams);
@@ -460,14 +528,33 @@ int Run(const Args& args) {
                                      std::make_move_iterator(devices.end()));
     for (auto& d : load_devices) idle.push_back(std::move(d));
     idle.resize(static_cast<size_t>(args.streams));
+    const absl::Time t0 = absl::Now();
+    int ready = ConnectAll(idle, absl::Seconds(600));
+    std::fprintf(stderr, "%d of %d device connections ready in %.1f s\n", ready, args.streams,
+                 absl::ToDoubleSeconds(absl::Now() - t0));
+    // RSS while the streams are open, sampled every 100 ms (the handshakes are over by now: the
+    // process peak below also covers the connection storm).
+    std::atomic<bool> holding{true};
+    std::atomic<long> held_rss_kb{0};
+    std::thread sampler([&] {
+      while (holding.load()) {
+        held_rss_kb.store(std::max(held_rss_kb.load(), StatusKb(ingest_status, "VmRSS:")));
+        absl::SleepFor(absl::Milliseconds(100));
+      }
+    });
     LoadResult held = RunLoad(idle, 1, absl::Seconds(15), absl::Seconds(5));
-    rss_streams = StatusKb(ingest_status, "VmHWM:");
+    holding.store(false);
+    sampler.join();
+    rss_streams = held_rss_kb.load();
     std::fprintf(stderr, "streams held: %zu acks\n", held.latencies_ms.size());
   }
 
   std::printf("\ningest_bench (same machine, same schema, one run; PostgreSQL with fsync and "
               "synchronous_commit on)\n");
-  std::printf("  (a) raw binary COPY, 1,000-row transactions : %10.0f samples/s  (reference)\n", raw);
+  std::printf("  (a) raw binary COPY, 1,000-row transactions : %10.0f samples/s  (reference: the rows (c) "
+              "stores, %d devices x %d-row runs)\n", raw, args.devices, args.batch);
+  std::printf("      same, all rows of one device            : %10.0f samples/s  (for information: "
+              "rightmost-page index inserts)\n", raw_one_device);
   std::printf("  (b) one INSERT per sample                  : %10.0f samples/s  (naive baseline)\n", naive);
   std::printf("  (c) medgate end to end, %5d devices, mTLS : %10.0f samples/s  (%d-sample batches, %.0fs)\n",
               args.devices, peak_rate, args.batch, peak.seconds);
@@ -481,13 +568,21 @@ int Run(const Args& args) {
   std::printf("  peak RSS of the ingest process: %.0f MiB (load generator process: %.0f MiB)\n",
               StatusKb(ingest_status, "VmHWM:") / 1024.0, PeakRssKb() / 1024.0);
   if (rss_streams >= 0) {
-    std::printf("  peak RSS of the ingest process with %d concurrent device streams: %.0f MiB  "
+    std::printf("  RSS of the ingest process holding %d concurrent device streams: %.0f MiB  "
                 "(target <= 1024 MiB)\n", args.streams, rss_streams / 1024.0);
   }
   std::fflush(stdout);
   kill(ingest_pid, SIGTERM);
   int wstatus = 0;
   waitpid(ingest_pid, &wstatus, 0);
+  {
+    // The writers' own account of their transactions (size and where the time went).
+    std::ifstream log(ingest_log);
+    std::string line;
+    while (std::getline(log, line)) {
+      if (line.find("vitals_writer_stats") != std::string::npos) std::fprintf(stderr, "%s\n", line.c_str());
+    }
+  }
   consent->Shutdown();
   routing->Shutdown();
   return 0;
@@ -497,6 +592,7 @@ int Run(const Args& args) {
 }  // namespace medgate::bench
 
 int main(int argc, char** argv) {
+  medgate::ConfigureProcess();
   medgate::bench::Args args;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i];
@@ -505,6 +601,8 @@ int main(int argc, char** argv) {
     else if (flag == "--batch") args.batch = value;
     else if (flag == "--seconds") args.seconds = value;
     else if (flag == "--streams") args.streams = value;
+    else if (flag == "--lanes") args.lanes = value;
+    else if (flag == "--linger-ms") args.linger_ms = value;
   }
   return medgate::bench::Run(args);
 }
