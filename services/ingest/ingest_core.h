@@ -3,6 +3,7 @@
 #ifndef MEDGATE_SERVICES_INGEST_INGEST_CORE_H_
 #define MEDGATE_SERVICES_INGEST_INGEST_CORE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -67,6 +68,12 @@ class TenantQuota {
   std::map<std::string, Bucket> buckets_ ABSL_GUARDED_BY(mu_);
 };
 
+// Refusals since start, for metrics and tests.
+struct IngestCounters {
+  uint64_t queue_full = 0;     // a region's write queue stayed full for enqueue_wait
+  uint64_t quota_refused = 0;  // the tenant's sample quota was exhausted
+};
+
 class IngestCore {
  public:
   // `writers` has one or more lanes per region; a device always uses the same lane, so its
@@ -77,10 +84,16 @@ class IngestCore {
   // Processes one batch of `device`: `done` is called exactly once with its result, possibly on
   // another thread, after the rows are committed (or immediately when nothing is to be written).
   // A permanent problem with the stream itself (device not assigned, batch too large) is returned
-  // as an error status and `done` is not called.
+  // as an error status and `done` is not called. A retryable answer (nothing of the batch stored)
+  // sets `poisoned`: no later batch of the stream may be stored before this one is resent, or
+  // the device's seq cursor would pass it.
   absl::Status Process(const Principal& device, uint64_t batch_seq, std::vector<Sample> samples,
                        std::shared_ptr<std::atomic<bool>> poisoned,
                        std::function<void(BatchResult)> done);
+
+  IngestCounters Counters() const {
+    return {queue_full_.load(std::memory_order_relaxed), quota_refused_.load(std::memory_order_relaxed)};
+  }
 
  private:
   RoutingClient& routing_;
@@ -88,6 +101,8 @@ class IngestCore {
   const std::map<std::string, std::vector<VitalsWriter*>> writers_;
   const IngestOptions options_;
   TenantQuota quota_;
+  std::atomic<uint64_t> queue_full_{0};
+  std::atomic<uint64_t> quota_refused_{0};
 };
 
 }  // namespace medgate::ingest

@@ -15,7 +15,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   RETURN_IF_ERROR(node.OnlyKeys({"tenant_samples_per_second", "tenant_burst", "max_sample_age_hours",
                                  "max_queued_batches", "max_rows_per_transaction", "linger_ms",
                                  "worker_threads", "writers_per_region",
-                                 "device_cache_ttl_seconds"}));
+                                 "device_cache_ttl_seconds", "enqueue_wait_ms"}));
   ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
   ASSIGN_OR_RETURN(int64_t burst, node.Int("tenant_burst", 1, 100000000, 100000));
   ASSIGN_OR_RETURN(int64_t age, node.Int("max_sample_age_hours", 1, 24 * 365, 24 * 30));
@@ -25,6 +25,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(int64_t workers, node.Int("worker_threads", 1, 256, 8));
   ASSIGN_OR_RETURN(int64_t lanes, node.Int("writers_per_region", 1, 64, 4));
   ASSIGN_OR_RETURN(int64_t device_ttl, node.Int("device_cache_ttl_seconds", 1, 3600, 30));
+  ASSIGN_OR_RETURN(int64_t enqueue_wait, node.Int("enqueue_wait_ms", 1, 600000, 10000));
   s.core.tenant_samples_per_second = static_cast<double>(rate);
   s.core.tenant_burst = static_cast<double>(burst);
   s.core.validation.max_age = absl::Hours(age);
@@ -34,6 +35,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.worker_threads = static_cast<int>(workers);
   s.writers_per_region = static_cast<int>(lanes);
   s.device_cache_ttl = absl::Seconds(device_ttl);
+  s.core.enqueue_wait = absl::Milliseconds(enqueue_wait);
   return s;
 }
 

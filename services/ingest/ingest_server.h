@@ -40,6 +40,13 @@ class IngestServer {
   void RunUntilSignal() { server_->RunUntilSignal(); }
   int port() const { return server_->port(); }
   RoutingClient& routing() { return *routing_; }
+  IngestCounters counters() const { return core_->Counters(); }
+  // Batches waiting in the region writers' queues.
+  size_t queued_batches() const {
+    size_t n = 0;
+    for (const auto& w : writers_) n += w->queued();
+    return n;
+  }
 
  private:
   IngestServer(const MedgateConfig& config, IngestSettings settings);

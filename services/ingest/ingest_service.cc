@@ -150,6 +150,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
       busy.batch_seq = batch_seq;
       busy.retryable = absl::ResourceExhaustedError("ingest is saturated; resend later");
       busy.retry_after = absl::Seconds(1);
+      poisoned_->store(true);  // nothing later on this stream may be stored before this batch
       processing_ = false;
       CompleteLocked(slot, ToAck(busy));
       ContinueLocked();
@@ -209,8 +210,8 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
       // A write of this stream failed: later batches would be refused anyway. Owed acks go out,
       // then the stream ends so the device reconnects and resends what was not acknowledged.
       fail_ = grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                           "the patient's region could not store a batch; reconnect and resend "
-                           "unacknowledged batches");
+                           "a batch of this stream was not stored (its ack says why); reconnect "
+                           "and resend unacknowledged batches");
     }
     FlushLocked();
     ContinueLocked();

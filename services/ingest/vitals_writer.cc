@@ -175,7 +175,8 @@ void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
   std::vector<WriteRequest*> live;
   for (WriteRequest& r : group) {
     if (r.poisoned && r.poisoned->load()) {
-      r.done(WriteOutcome{absl::UnavailableError("an earlier batch of this stream failed; resend"),
+      r.done(WriteOutcome{absl::UnavailableError(
+          "this stream stores nothing more after a batch it sent was not stored; reconnect and resend"),
                           0, 0, 0});
     } else {
       live.push_back(&r);

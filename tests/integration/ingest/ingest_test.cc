@@ -18,12 +18,14 @@
 #include "services/consent/consent_server.h"
 #include "services/ingest/ingest_server.h"
 #include "services/routing/routing_server.h"
+#include "tests/support/poll.h"
 #include "tests/support/test_stack.h"
 
 namespace medgate::ingest {
 namespace {
 
 using ::testing::HasSubstr;
+using test_support::PollUntil;
 using test_support::TestCert;
 using test_support::TestStack;
 
@@ -500,6 +502,92 @@ TEST_F(IngestTest, TheSdkResendsItsFileBufferAfterARestart) {
   EXPECT_EQ(Count("eu-1", "device_id = 'dev-sdk'"), 60);
   EXPECT_EQ(Count("eu-1", "device_id = 'dev-sdk' AND seq BETWEEN 1 AND 60"), 60);
   std::filesystem::remove(options.buffer_path);
+}
+
+// A region's write queue that stays full stops reading the stream; after enqueue_wait the batch is
+// answered RESOURCE_EXHAUSTED (retryable), nothing after it on that stream is stored, the stream
+// ends, and the device's resend of every unacknowledged batch loses nothing.
+TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
+  std::string patient = PatientWithDevice("backpressure", "FR", "dev-bp");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  // A second ingest server on the same stack: one writer lane, a one-batch queue, a short wait.
+  static MedgateConfig small = stack_->config();  // the server keeps a reference to it
+  absl::StatusOr<ConfigNode> node = ConfigNode::Parse(
+      "ingest: {tenant_samples_per_second: 1000000, writers_per_region: 1, max_queued_batches: 1, "
+      "enqueue_wait_ms: 200, linger_ms: 0}\n");
+  ASSERT_TRUE(node.ok()) << node.status();
+  small.root = *node;
+  auto server = IngestServer::Create(small);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  auto stub = StubAs<v1::DeviceIngest>(Device("acme", "dev-bp"), pki().ca_path(), (*server)->port());
+
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto stream = stub->StreamVitals(&context);
+  v1::IngestAck ack;
+  ASSERT_TRUE(stream->Write(Batch(1, 1, 10)));
+  ASSERT_TRUE(stream->Read(&ack));
+  ASSERT_EQ(ack.stored_count(), 10u);
+
+  // Hold the writer: its next transaction waits for this lock on the cursor table.
+  pqxx::connection blocker(stack_->clusters().region("fr-1").ConnectionString());
+  pqxx::work hold(blocker);
+  hold.exec0("LOCK TABLE device_cursors IN EXCLUSIVE MODE");
+  constexpr uint64_t kBatches = 6;
+  for (uint64_t b = 2; b <= kBatches; ++b) ASSERT_TRUE(stream->Write(Batch(b, (b - 1) * 10 + 1, 10)));
+  // One batch is in the blocked writer, one fills the queue, the next waits for room in vain.
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                        [&] { return (*server)->counters().queue_full >= 1; }));
+  EXPECT_EQ((*server)->queued_batches(), 1u);
+  hold.abort();
+
+  // Acks come in batch order: stored batches, then retryable answers only (the batch refused for
+  // a full queue, and any batch still queued behind the blocked one: once a batch of a stream is
+  // not stored, the stream stores nothing more); then the stream ends.
+  uint64_t stored = 10;
+  uint64_t last_stored_batch = 1;
+  uint64_t last_acked_batch = 1;
+  int queue_full_answers = 0;
+  bool refusing = false;
+  while (stream->Read(&ack)) {
+    EXPECT_EQ(ack.batch_seq(), last_acked_batch + 1);
+    last_acked_batch = ack.batch_seq();
+    if (ack.has_retryable_error()) {
+      refusing = true;
+      if (ack.retryable_error().code() == static_cast<int32_t>(grpc::StatusCode::RESOURCE_EXHAUSTED)) {
+        EXPECT_THAT(ack.retryable_error().message(), HasSubstr("write queue is full"));
+        ++queue_full_answers;
+      } else {
+        EXPECT_EQ(ack.retryable_error().code(), static_cast<int32_t>(grpc::StatusCode::UNAVAILABLE));
+        EXPECT_THAT(ack.retryable_error().message(), HasSubstr("stores nothing more"));
+      }
+      continue;
+    }
+    EXPECT_FALSE(refusing) << "batch " << ack.batch_seq() << " stored after a refused one";
+    last_stored_batch = ack.batch_seq();
+    stored += ack.stored_count();
+  }
+  grpc::Status ended = stream->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
+  EXPECT_EQ(queue_full_answers, 1) << "the stream stops reading after the refused batch";
+  EXPECT_LT(last_acked_batch, kBatches) << "batches after the refused one were never read";
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp'"), static_cast<int64_t>(stored));
+
+  // The device resends every batch not acknowledged as stored, on a new stream.
+  DeviceStream again(*stub);
+  for (uint64_t b = last_stored_batch + 1; b <= kBatches; ++b) {
+    std::optional<v1::IngestAck> resent = again.Send(Batch(b, (b - 1) * 10 + 1, 10));
+    ASSERT_TRUE(resent.has_value());
+    ASSERT_FALSE(resent->has_retryable_error()) << resent->retryable_error().message();
+    EXPECT_EQ(resent->duplicate_count(), 0u);
+    stored += resent->stored_count();
+  }
+  EXPECT_TRUE(again.Finish().ok());
+  EXPECT_EQ(stored, kBatches * 10);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp'"), static_cast<int64_t>(kBatches * 10));
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp' AND seq BETWEEN 1 AND 60"), 60);
+  (*server)->Shutdown();
 }
 
 }  // namespace
