@@ -69,22 +69,31 @@ absl::string_view DecisionName(Decision decision) {
 
 std::string ToHex(absl::string_view bytes) { return absl::BytesToHexString(bytes); }
 
-std::string CanonicalEncoding(int64_t seq, int64_t at_us, const Entry& e) {
-  std::string out;
-  out.reserve(256);
-  AppendField(out, kEncodingVersion);
-  AppendU64(out, static_cast<uint64_t>(seq));
-  AppendU64(out, static_cast<uint64_t>(at_us));
+EncodedEntry EncodeEntry(const Entry& e) {
+  EncodedEntry out;
+  AppendField(out.head, kEncodingVersion);
+  out.tail.reserve(256);
   for (absl::string_view field : {absl::string_view(e.actor), absl::string_view(e.tenant),
                                  ActionName(e.action), absl::string_view(e.object_type),
                                  absl::string_view(e.object_id), absl::string_view(e.patient_id),
                                  DecisionName(e.decision), absl::string_view(e.reason),
                                  absl::string_view(e.purpose), absl::string_view(e.consent_id)}) {
-    AppendField(out, field);
+    AppendField(out.tail, field);
   }
-  AppendU64(out, static_cast<uint64_t>(e.consent_version));
-  AppendField(out, e.request_id);
-  AppendField(out, e.origin);
+  AppendU64(out.tail, static_cast<uint64_t>(e.consent_version));
+  AppendField(out.tail, e.request_id);
+  AppendField(out.tail, e.origin);
+  return out;
+}
+
+std::string CanonicalEncoding(int64_t seq, int64_t at_us, const Entry& e) {
+  EncodedEntry parts = EncodeEntry(e);
+  std::string out;
+  out.reserve(parts.head.size() + 16 + parts.tail.size());
+  out.append(parts.head);
+  AppendU64(out, static_cast<uint64_t>(seq));
+  AppendU64(out, static_cast<uint64_t>(at_us));
+  out.append(parts.tail);
   return out;
 }
 

@@ -48,6 +48,16 @@ struct StoredEntry {
 
 // The bytes hashed for an entry: a versioned, length-prefixed encoding of every field.
 std::string CanonicalEncoding(int64_t seq, int64_t at_us, const Entry& entry);
+// The canonical encoding of an entry in the two parts around its seq and time, which only the
+// chain head decides: CanonicalEncoding(seq, at_us, e) == head || seq || at_us || tail (each
+// number 8 bytes, big-endian). Shards chain entries in SQL with these (audit_append(), shard
+// migration 0005), so that a change and its audit entry can travel in one statement.
+struct EncodedEntry {
+  std::string head;
+  std::string tail;
+};
+EncodedEntry EncodeEntry(const Entry& entry);
+
 // SHA-256(prev_hash || canonical encoding).
 std::string ChainHash(absl::string_view prev_hash, int64_t seq, int64_t at_us, const Entry& entry);
 

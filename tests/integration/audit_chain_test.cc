@@ -1,4 +1,5 @@
 // The audit chain against real PostgreSQL: concurrent writers, tamper detection, same transaction.
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -112,6 +113,46 @@ TEST_F(AuditChainTest, ConcurrentWritersNeverForkAndAlteredRowIsNamed) {
   EXPECT_FALSE(bad.ok);
   EXPECT_EQ(bad.first_bad_seq, 1234);
   EXPECT_THAT(bad.problem, HasSubstr("altered"));
+}
+
+// Appends chained by the shard in SQL (audit_append, as uploads use it) and by Append() interleave
+// without forking, and every one verifies with the C++ hash.
+TEST_F(AuditChainTest, SqlAndCppAppendersShareOneChain) {
+  std::vector<std::thread> writers;
+  std::atomic<int> failures{0};
+  constexpr int kEach = 200;
+  for (int w = 0; w < kWriters; ++w) {
+    writers.emplace_back([&, w] {
+      for (int i = 0; i < kEach; ++i) {
+        absl::Status s = pool_->Transact([&](pqxx::work& txn) -> absl::Status {
+          const Entry e = MakeEntry(w, i);
+          if (w % 2 == 0) return Append(txn, e).status();
+          const EncodedEntry encoded = EncodeEntry(e);
+          txn.exec_params1(
+              "SELECT audit_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::bigint, $12, "
+              "$13, $14::bytea, $15::bytea)",
+              e.actor, e.tenant, std::string(ActionName(e.action)), e.object_type, e.object_id,
+              e.patient_id, std::string(DecisionName(e.decision)), e.reason, e.purpose,
+              e.consent_id, e.consent_version, e.request_id, e.origin,
+              pqxx::binarystring(encoded.head), pqxx::binarystring(encoded.tail));
+          return absl::OkStatus();
+        });
+        if (!s.ok()) failures.fetch_add(1);
+      }
+    });
+  }
+  for (auto& t : writers) t.join();
+  ASSERT_EQ(failures.load(), 0);
+  VerifyResult ok = Verify();
+  EXPECT_TRUE(ok.ok) << ok.problem;
+  EXPECT_EQ(ok.entries_checked, kWriters * kEach);
+  pqxx::connection c(cluster_->ConnectionString());
+  pqxx::nontransaction q(c);
+  EXPECT_EQ(q.exec1("SELECT count(DISTINCT prev_hash) FROM audit_log")[0].as<int>(),
+            kWriters * kEach);
+  // Both kinds are in it, and the SQL ones carry the right fields.
+  EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log WHERE actor LIKE '%/w1'")[0].as<int>(), kEach);
+  EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log WHERE actor LIKE '%/w0'")[0].as<int>(), kEach);
 }
 
 TEST_F(AuditChainTest, RemovedEntriesAreLocated) {
