@@ -11,6 +11,7 @@
 #include <tuple>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -141,11 +142,6 @@ std::string RecordKeyAad(absl::string_view record_id) {
   return absl::StrCat(kRecordKeyLabel, record_id);
 }
 
-struct PatientKey {
-  std::string key_id;
-  SecretKey key;
-};
-
 absl::StatusOr<SecretKey> UnwrapPatientKey(crypto::KeyEncryptionKey& kek,
                                            absl::string_view patient_id, absl::string_view key_id,
                                            absl::string_view wrapped_by,
@@ -159,6 +155,19 @@ absl::StatusOr<SecretKey> UnwrapPatientKey(crypto::KeyEncryptionKey& kek,
 }
 
 // --- audit ------------------------------------------------------------------------------------
+
+// Runs `statement` with `args` and then the audit entry, as MEDGATE_AUDIT_APPEND_FROM_n (sql.h)
+// takes it: the entry is chained by the shard in the same statement.
+template <typename... Args>
+pqxx::result ExecWithAudit(pqxx::transaction_base& txn, const char* statement,
+                           const audit::Entry& e, const Args&... args) {
+  const audit::EncodedEntry encoded = audit::EncodeEntry(e);
+  return txn.exec_prepared(statement, args..., e.actor, e.tenant,
+                           std::string(audit::ActionName(e.action)), e.object_type, e.object_id,
+                           e.patient_id, std::string(audit::DecisionName(e.decision)), e.reason,
+                           e.purpose, e.consent_id, e.consent_version, e.request_id, e.origin,
+                           pqxx::binarystring(encoded.head), pqxx::binarystring(encoded.tail));
+}
 
 void CiteConsent(audit::Entry& e, const consent::AccessDecision& d) {
   e.purpose = std::string(consent::PurposeName(consent::Purpose::kRecordSharing));
@@ -219,49 +228,38 @@ absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::str
 
 // --- PgUpload ---------------------------------------------------------------------------------
 
-// Chunks are sealed on the caller's thread and inserted by a writer thread of the upload, so
-// that receiving, hashing and encrypting the next chunk overlap with the database storing this
-// one. At most one sealed chunk waits while another is being inserted.
+// An upload of at most one storage chunk opens no transaction: Finish() stores the chunk, the
+// record, its key and the audit entry in one statement, which commits on its own. A larger
+// upload's chunks but the last are inserted in a transaction, opened while the first chunk is
+// received and sealed, by a writer thread of the upload, so that receiving, hashing and
+// encrypting the next chunk overlap with the database storing this one (at most one sealed chunk
+// waits while another is being inserted); Finish() stores the last chunk with the record.
+// Nothing is visible before Finish() commits.
 class PgUpload final : public Upload {
  public:
   PgUpload(SharingCore& core, CallContext ctx, UploadHeader header, PatientHome home,
-           pg::Lease lease)
+           pg::Lease lease, crypto::KeyEncryptionKey& kek, PatientKeyCache& keys)
       : core_(core),
         ctx_(std::move(ctx)),
         header_(std::move(header)),
         home_(std::move(home)),
+        kek_(kek),
+        keys_(keys),
         record_key_(SecretKey::Random()),
         record_id_(NewId(home_.region_id, "r")),
         lease_(std::move(lease)) {}
 
   ~PgUpload() override {
     StopWriter(/*abort=*/true).IgnoreError();  // aborting: nothing is kept either way
-    core_.AddBuffered(-static_cast<int64_t>(pending_.size()));
+    core_.AddBuffered(-static_cast<int64_t>(pending_.size() + last_.bytes.size()));
     // Destroying the transaction unfinished rolls it back: nothing of the upload remains.
     txn_.reset();
   }
 
-  // Opens the upload's transaction and reads the patient's key in it, after `create_key` made
-  // one if the patient has none yet.
-  absl::Status Begin(absl::Duration idle_timeout, crypto::KeyEncryptionKey& kek,
-                     const std::function<absl::Status()>& create_key) {
-    try {
-      txn_ = std::make_unique<pqxx::work>(lease_.connection());
-      pqxx::result rows =
-          txn_->exec_prepared(sql::kBeginUpload, home_.patient_id,
-                              std::to_string(absl::ToInt64Milliseconds(idle_timeout)));
-      if (rows.empty() || rows[0][0].is_null()) {
-        RETURN_IF_ERROR(Fail(create_key()));
-        rows = txn_->exec_prepared(sql::kSelectPatientKey, home_.patient_id);
-        if (rows.empty()) return Fail(absl::AbortedError("patient key creation raced an erasure"));
-      }
-      std::string key_id = rows[0][0].c_str();
-      ASSIGN_OR_RETURN(SecretKey key, UnwrapPatientKey(kek, home_.patient_id, key_id,
-                                                       rows[0][1].c_str(), BytesOf(rows[0][2])));
-      patient_key_.emplace(PatientKey{std::move(key_id), std::move(key)});
-      return absl::OkStatus();
-    } catch (const std::exception& e) {
-      return Fail(pg::StatusFromException(e));
+  // A multi-chunk upload's transaction may sit idle at most `idle_timeout` between two chunks.
+  void Begin(absl::Duration idle_timeout) {
+    if (header_.size_bytes > crypto::kMaxChunkBytes) {
+      writer_ = std::thread([this, idle_timeout] { WriterLoop(idle_timeout); });
     }
   }
 
@@ -311,42 +309,11 @@ class PgUpload final : public Upload {
       return Fail(absl::InvalidArgumentError(
           "the SHA-256 of the received content does not match header.sha256; nothing was stored"));
     }
-    // Every chunk is in the transaction before anything else uses it.
+    // Every chunk but the last is in the transaction before anything else uses it.
     RETURN_IF_ERROR(Fail(StopWriter(/*abort=*/false)));
-    try {
-      if (core_.QuotaOf(home_.tenant_id) > 0) {
-        // Serializes the tenant's commits in this region so concurrent uploads cannot overshoot
-        // the quota together.
-        txn_->exec_prepared(sql::kLockTenantUsage, home_.tenant_id);
-        int64_t used = txn_->exec_prepared1(sql::kTenantUsage, home_.tenant_id)[0].as<int64_t>();
-        RETURN_IF_ERROR(
-            Fail(core_.CheckQuota(home_.tenant_id, home_.region_id, used, header_.size_bytes)));
-      }
-      ASSIGN_OR_RETURN(
-          std::string wrapped_record_key,
-          crypto::Seal(patient_key_->key, RecordKeyAad(record_id_), record_key_.bytes()));
-      pqxx::result inserted = txn_->exec_prepared(
-          sql::kInsertRecordWithKey, record_id_, home_.tenant_id, home_.patient_id,
-          static_cast<int>(header_.kind), header_.content_type, header_.file_name,
-          static_cast<int64_t>(header_.size_bytes), pqxx::binarystring(header_.sha256), next_index_,
-          ctx_.principal.spiffe_id, PgTime(core_.Now()), NewId(home_.region_id, "k"),
-          patient_key_->key_id, pqxx::binarystring(wrapped_record_key));
-      if (inserted.affected_rows() != 1) {
-        // An erasure of the patient's records committed during the upload and destroyed the key
-        // this record would be wrapped under: storing it would leave an unreadable record.
-        return Fail(absl::AbortedError(
-            "the patient's records were erased during this upload; nothing was stored"));
-      }
-      RETURN_IF_ERROR(
-          Fail(audit::Append(*txn_, AuditEntryFor(ctx_, audit::Action::kCreate, "record", record_id_,
-                                             home_.tenant_id, home_.patient_id,
-                                             absl::StrCat("PERMITTED: bytes=", header_.size_bytes,
-                                                          " chunks=", next_index_)))
-                   .status()));
-      txn_->commit();
-    } catch (const std::exception& e) {
-      return Fail(pg::StatusFromException(e));
-    }
+    RETURN_IF_ERROR(Fail(Commit()));
+    core_.AddBuffered(-static_cast<int64_t>(last_.bytes.size()));
+    last_.bytes = std::string();
     failed_ = absl::FailedPreconditionError("the upload is finished");
     return UploadResult{record_id_, header_.size_bytes, header_.sha256};
   }
@@ -357,14 +324,116 @@ class PgUpload final : public Upload {
     std::string bytes;
   };
 
-  // Seals the next storage chunk and hands it to the writer, waiting while one already waits.
+  // Stores the last chunk, the record, its key and the audit entry, and commits.
+  absl::Status Commit() {
+    const absl::Time now = core_.Now();
+    const audit::Entry entry =
+        AuditEntryFor(ctx_, audit::Action::kCreate, "record", record_id_, home_.tenant_id,
+                      home_.patient_id,
+                      absl::StrCat("PERMITTED: bytes=", header_.size_bytes, " chunks=",
+                                   next_index_));
+    try {
+      if (core_.QuotaOf(home_.tenant_id) > 0) {
+        if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_.connection());
+        // Serializes the tenant's commits in this region so concurrent uploads cannot overshoot
+        // the quota together.
+        txn_->exec_prepared(sql::kLockTenantUsage, home_.tenant_id);
+        int64_t used = txn_->exec_prepared1(sql::kTenantUsage, home_.tenant_id)[0].as<int64_t>();
+        RETURN_IF_ERROR(
+            core_.CheckQuota(home_.tenant_id, home_.region_id, used, header_.size_bytes));
+      }
+      // Usually the patient's key is cached: then the one statement is the whole write (and,
+      // outside a transaction, the commit).
+      std::optional<PatientKey> key = keys_.Get(home_.patient_id, now);
+      if (key) {
+        absl::StatusOr<bool> stored;
+        if (txn_ != nullptr) {
+          stored = StoreRecord(*txn_, *key, now, entry);
+        } else {
+          pqxx::nontransaction alone(lease_.connection());
+          try {
+            stored = StoreRecord(alone, *key, now, entry);
+          } catch (const pqxx::broken_connection&) {
+            return absl::UnavailableError(
+                "database connection lost while the record was being stored: it may or may not "
+                "have been stored; list the patient's records before uploading again");
+          }
+        }
+        RETURN_IF_ERROR(stored.status());
+        if (*stored) {
+          if (txn_ != nullptr) txn_->commit();
+          return absl::OkStatus();
+        }
+        keys_.Forget(home_.patient_id);  // erased, or replaced after an erasure elsewhere
+      }
+      // Otherwise the key is read, or created for the patient's first record, in the record's
+      // own transaction: a failed upload leaves no key behind.
+      if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_.connection());
+      ASSIGN_OR_RETURN(PatientKey current, ReadOrCreatePatientKey(*txn_, now));
+      ASSIGN_OR_RETURN(bool stored, StoreRecord(*txn_, current, now, entry));
+      if (!stored) {
+        return absl::AbortedError(
+            "the patient's records were erased while this upload was being stored; nothing was "
+            "stored, upload again");
+      }
+      txn_->commit();
+      keys_.Put(home_.patient_id, current, now);
+      return absl::OkStatus();
+    } catch (const std::exception& e) {
+      return pg::StatusFromException(e);
+    }
+  }
+
+  // False when the patient key `key` no longer exists: then nothing was written.
+  absl::StatusOr<bool> StoreRecord(pqxx::transaction_base& txn, const PatientKey& key,
+                                   absl::Time now, const audit::Entry& entry) {
+    ASSIGN_OR_RETURN(std::string wrapped_record_key,
+                     crypto::Seal(key.key, RecordKeyAad(record_id_), record_key_.bytes()));
+    pqxx::result rows = ExecWithAudit(
+        txn, sql::kFinishUpload, entry, record_id_, home_.tenant_id, home_.patient_id,
+        static_cast<int>(header_.kind), header_.content_type, header_.file_name,
+        static_cast<int64_t>(header_.size_bytes), pqxx::binarystring(header_.sha256), next_index_,
+        ctx_.principal.spiffe_id, PgTime(now), NewId(home_.region_id, "k"), key.key_id,
+        pqxx::binarystring(wrapped_record_key), static_cast<int64_t>(last_.index),
+        pqxx::binarystring(last_.bytes));
+    return !rows.empty();
+  }
+
+  absl::StatusOr<PatientKey> ReadOrCreatePatientKey(pqxx::work& txn, absl::Time now) {
+    pqxx::result rows = txn.exec_prepared(sql::kSelectPatientKey, home_.patient_id);
+    if (rows.empty()) {
+      PatientKey created{NewId(home_.region_id, "p"), SecretKey::Random()};
+      ASSIGN_OR_RETURN(std::string wrapped,
+                       kek_.Wrap(created.key, PatientKeyContext(home_.patient_id, created.key_id)));
+      if (!txn.exec_prepared(sql::kInsertPatientKey, created.key_id, home_.patient_id, kek_.id(),
+                             pqxx::binarystring(wrapped), PgTime(now))
+               .empty()) {
+        return created;
+      }
+      // A concurrent upload created it first (and committed: the insert waited for it).
+      rows = txn.exec_prepared(sql::kSelectPatientKey, home_.patient_id);
+      if (rows.empty()) {
+        return absl::AbortedError(
+            "the patient's key was erased while this upload created it; nothing was stored, "
+            "upload again");
+      }
+    }
+    std::string key_id = rows[0][0].c_str();
+    ASSIGN_OR_RETURN(SecretKey key, UnwrapPatientKey(kek_, home_.patient_id, key_id,
+                                                     rows[0][1].c_str(), BytesOf(rows[0][2])));
+    return PatientKey{std::move(key_id), std::move(key)};
+  }
+
+  // Seals the next storage chunk. The last one waits for Finish(); the others go to the writer,
+  // waiting while one already waits.
   absl::Status Store(absl::string_view plaintext) {
     const bool last = stored_ + plaintext.size() == header_.size_bytes;
     ASSIGN_OR_RETURN(std::string sealed,
                      crypto::EncryptChunk(record_key_, record_id_, next_index_, last, plaintext));
     core_.AddBuffered(static_cast<int64_t>(sealed.size()));
-    if (!writer_.joinable()) writer_ = std::thread([this] { WriterLoop(); });
-    {
+    if (last) {
+      last_ = Sealed{next_index_, std::move(sealed)};
+    } else {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return queue_.empty() || !writer_status_.ok(); });
       if (!writer_status_.ok()) {
@@ -374,15 +443,17 @@ class PgUpload final : public Upload {
         return Fail(status);
       }
       queue_.push_back(Sealed{next_index_, std::move(sealed)});
+      lock.unlock();
+      cv_.notify_all();
     }
-    cv_.notify_all();
     stored_ += plaintext.size();
     ++next_index_;
     return absl::OkStatus();
   }
 
-  void WriterLoop() {
-    while (true) {
+  void WriterLoop(absl::Duration idle_timeout) {
+    absl::Status status = Open(idle_timeout);
+    while (status.ok()) {
       Sealed chunk;
       {
         std::unique_lock<std::mutex> lock(mu_);
@@ -392,14 +463,24 @@ class PgUpload final : public Upload {
         queue_.pop_front();
       }
       cv_.notify_all();
-      absl::Status status = Insert(std::move(chunk));
-      if (!status.ok()) {
-        std::lock_guard<std::mutex> lock(mu_);
-        writer_status_ = status;
-        break;
-      }
+      status = Insert(std::move(chunk));
+    }
+    if (!status.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      writer_status_ = status;
     }
     cv_.notify_all();
+  }
+
+  absl::Status Open(absl::Duration idle_timeout) {
+    try {
+      txn_ = std::make_unique<pqxx::work>(lease_.connection());
+      txn_->exec_prepared(sql::kSetUploadIdleTimeout,
+                          std::to_string(absl::ToInt64Milliseconds(idle_timeout)));
+      return absl::OkStatus();
+    } catch (const std::exception& e) {
+      return pg::StatusFromException(e);
+    }
   }
 
   // Inserts one sealed chunk (counted as buffered by Store) and releases it.
@@ -444,13 +525,15 @@ class PgUpload final : public Upload {
   const CallContext ctx_;
   const UploadHeader header_;
   const PatientHome home_;
-  std::optional<PatientKey> patient_key_;  // set by Begin
+  crypto::KeyEncryptionKey& kek_;
+  PatientKeyCache& keys_;
   const SecretKey record_key_;
   const std::string record_id_;
   pg::Lease lease_;  // declared before txn_: the transaction ends before the connection returns
   std::unique_ptr<pqxx::work> txn_;  // the writer's until it stops, then the caller's
   crypto::Sha256 hasher_;
   std::string pending_;
+  Sealed last_;  // the last chunk, sealed, for Finish()
   uint64_t received_ = 0;
   uint64_t stored_ = 0;
   uint32_t next_index_ = 0;
@@ -596,7 +679,8 @@ SharingCore::SharingCore(const pg::ShardSet& shards, const pg::ShardSet& upload_
       directory_(directory),
       consent_(consent),
       kek_(kek),
-      options_(std::move(options)) {}
+      options_(std::move(options)),
+      patient_keys_(options_.patient_key_cache_entries, options_.patient_key_cache_max_age) {}
 
 void SharingCore::AddBuffered(int64_t delta) {
   int64_t now = buffered_.fetch_add(delta) + delta;
@@ -696,20 +780,9 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
     return absl::ResourceExhaustedError(
         absl::StrCat("too many uploads in progress to region ", home->region_id, "; retry later"));
   }
-  auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, *std::move(lease));
-  // The patient's key is created on first use in a short transaction of its own, so that
-  // concurrent uploads for the same patient do not wait for each other.
-  auto create_patient_key = [&]() -> absl::Status {
-    return pool->Transact([&](pqxx::work& txn) -> absl::Status {
-      const std::string key_id = NewId(home->region_id, "p");
-      ASSIGN_OR_RETURN(std::string wrapped,
-                       kek_.Wrap(SecretKey::Random(), PatientKeyContext(home->patient_id, key_id)));
-      txn.exec_prepared0(sql::kInsertPatientKey, key_id, home->patient_id, kek_.id(),
-                         pqxx::binarystring(wrapped), PgTime(Now()));
-      return absl::OkStatus();
-    });
-  };
-  RETURN_IF_ERROR(upload->Begin(options_.upload_idle_timeout, kek_, create_patient_key));
+  auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, *std::move(lease), kek_,
+                                         patient_keys_);
+  upload->Begin(options_.upload_idle_timeout);
   return std::unique_ptr<Upload>(std::move(upload));
 }
 
@@ -1097,6 +1170,9 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
   }
   ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home->region_id));
   const absl::Time now = Now();
+  // Forgotten before and after: an upload finishing meanwhile may have cached the key again.
+  patient_keys_.Forget(patient_id);
+  absl::Cleanup forget = [&] { patient_keys_.Forget(patient_id); };
   return pool->TransactValue<PatientErasure>(
       [&](pqxx::work& txn) -> absl::StatusOr<PatientErasure> {
         std::vector<std::string> ids;

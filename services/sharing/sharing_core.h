@@ -20,6 +20,7 @@
 #include "libs/server/rpc_util.h"
 #include "libs/pg/shard_set.h"
 #include "services/sharing/patient_directory.h"
+#include "services/sharing/patient_key_cache.h"
 
 namespace medgate::sharing {
 
@@ -126,6 +127,9 @@ struct SharingOptions {
   std::map<std::string, int64_t> tenant_quota_bytes;  // per-tenant overrides
   // Longest pause between two chunks of an upload before the shard drops its transaction.
   absl::Duration upload_idle_timeout = absl::Seconds(30);
+  // Unwrapped patient keys kept for uploads: at most this many, each at most this long.
+  size_t patient_key_cache_entries = 4096;
+  absl::Duration patient_key_cache_max_age = absl::Minutes(1);
   // The identity the retention sweep acts as in the audit log.
   std::string service_identity;
   std::string trust_domain;
@@ -193,6 +197,7 @@ class SharingCore {
   consent::ConsentCache& consent_;
   crypto::KeyEncryptionKey& kek_;
   const SharingOptions options_;
+  PatientKeyCache patient_keys_;
   std::atomic<int64_t> buffered_{0};
   std::atomic<int64_t> peak_buffered_{0};
 };

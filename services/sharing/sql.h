@@ -24,6 +24,12 @@ namespace medgate::sharing::sql {
   "g.grant_id, g.record_id, g.grantee, g.grantee_tenant, g.granted_by, " MEDGATE_MICROS( \
       "g.created_at") ", " MEDGATE_MICROS("g.expires_at") ", " MEDGATE_MICROS("g.revoked_at")
 
+// The shard's audit_append() (migrations/shard/0005) with the entry in 15 parameters from $n on,
+// in the order AuditArgs (sharing_core.cc) passes them.
+#define MEDGATE_AUDIT_APPEND_FROM_17                                                              \
+  "audit_append($17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27::bigint, $28, $29, " \
+  "$30::bytea, $31::bytea)"
+
 #define MEDGATE_AUDIT_COLUMNS                                                                 \
   "seq, at_us, actor, tenant, action, object_type, object_id, patient_id, decision, reason, " \
   "purpose, consent_id, consent_version, request_id, origin, prev_hash, hash"
@@ -40,9 +46,9 @@ inline constexpr char kSelectRecordForShare[] = "select_record_for_share";
 inline constexpr char kSelectRecordForUpdate[] = "select_record_for_update";
 inline constexpr char kSelectRecordKeys[] = "select_record_keys";
 inline constexpr char kSelectPatientKey[] = "select_patient_key";
-inline constexpr char kBeginUpload[] = "begin_upload";
+inline constexpr char kSetUploadIdleTimeout[] = "set_upload_idle_timeout";
 inline constexpr char kInsertPatientKey[] = "insert_patient_key";
-inline constexpr char kInsertRecordWithKey[] = "insert_record_with_key";
+inline constexpr char kFinishUpload[] = "finish_upload";
 inline constexpr char kInsertChunk[] = "insert_chunk";
 inline constexpr char kLockTenantUsage[] = "lock_tenant_usage";
 inline constexpr char kTenantUsage[] = "tenant_usage";
@@ -97,32 +103,39 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kSelectPatientKey,
          "SELECT key_id, wrapped_by, wrapped_key FROM record_keys "
          "WHERE patient_id = $1 AND record_id IS NULL"},
-        // First statement of an upload's transaction: bounds how long the transaction may sit
-        // idle between two chunks ($2 ms), and reads the patient's key (NULLs when there is none).
-        {kBeginUpload,
-         "SELECT k.key_id, k.wrapped_by, k.wrapped_key FROM (SELECT set_config("
-         "'idle_in_transaction_session_timeout', $2, true)) AS idle "
-         "LEFT JOIN record_keys k ON k.patient_id = $1 AND k.record_id IS NULL"},
+        // Bounds how long a multi-chunk upload's transaction may sit idle between two chunks
+        // ($1 ms); it ends with the transaction.
+        {kSetUploadIdleTimeout,
+         "SELECT set_config('idle_in_transaction_session_timeout', $1, true)"},
+        // The patient's key, created in the transaction of the upload that needs it first (a
+        // concurrent first upload waits here for the other's commit, then reads its key). No row:
+        // another transaction's key exists.
         {kInsertPatientKey,
          "INSERT INTO record_keys (key_id, patient_id, record_id, wrapped_by, wrapped_key, "
          "created_at) VALUES ($1, $2, NULL, $3, $4, $5::timestamptz) "
-         "ON CONFLICT (patient_id) WHERE record_id IS NULL DO NOTHING"},
-        // The record and its wrapped key in one statement, only while the patient key they rest on
+         "ON CONFLICT (patient_id) WHERE record_id IS NULL DO NOTHING RETURNING key_id"},
+        // What makes an upload visible, in one statement: its last chunk, the record, its wrapped
+        // key and the audit entry. Only while the patient key the record key is wrapped under
         // still exists (held with FOR KEY SHARE until commit, so an erasure waits for us or we
-        // see it): no row means the patient's records were erased during the upload.
+        // see it); no row back means nothing was written. The record's insert reads the chunk's
+        // and the key's, so those are written before the audit entry takes the chain's lock.
         // $1 record_id, $2 tenant_id, $3 patient_id, $4 kind, $5 content_type, $6 file_name,
         // $7 size_bytes, $8 sha256, $9 chunk_count, $10 owner, $11 created_at, $12 record key id,
-        // $13 patient key id, $14 wrapped record key.
-        {kInsertRecordWithKey,
+        // $13 patient key id, $14 wrapped record key, $15 last chunk's index, $16 its ciphertext,
+        // $17.. the audit entry (AuditArgs in sharing_core.cc).
+        {kFinishUpload,
          "WITH patient_key AS (SELECT key_id FROM record_keys WHERE key_id = $13 "
-         "AND record_id IS NULL FOR KEY SHARE), "
+         "AND patient_id = $3 AND record_id IS NULL FOR KEY SHARE), "
+         "chunk AS (INSERT INTO record_chunks (record_id, chunk_index, ciphertext) "
+         "SELECT $1, $15, $16 FROM patient_key RETURNING chunk_index), "
          "record_key AS (INSERT INTO record_keys (key_id, patient_id, record_id, wrapped_by, "
          "wrapped_key, created_at) SELECT $12, $3, $1, key_id, $14, $11::timestamptz "
-         "FROM patient_key) "
-         "INSERT INTO records (record_id, tenant_id, patient_id, kind, content_type, file_name, "
-         "size_bytes, sha256, chunk_count, owner, created_at, state) "
+         "FROM patient_key RETURNING key_id), "
+         "record AS (INSERT INTO records (record_id, tenant_id, patient_id, kind, content_type, "
+         "file_name, size_bytes, sha256, chunk_count, owner, created_at, state) "
          "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::timestamptz, 'active' "
-         "FROM patient_key"},
+         "FROM chunk, record_key RETURNING record_id) "
+         "SELECT " MEDGATE_AUDIT_APPEND_FROM_17 " FROM record"},
         {kInsertChunk,
          "INSERT INTO record_chunks (record_id, chunk_index, ciphertext) VALUES ($1, $2, $3)"},
         {kLockTenantUsage,
@@ -198,6 +211,7 @@ inline const std::vector<pg::Statement>& ControlStatements() {
 
 #undef MEDGATE_LIST_FILTERS
 #undef MEDGATE_AUDIT_COLUMNS
+#undef MEDGATE_AUDIT_APPEND_FROM_17
 #undef MEDGATE_GRANT_COLUMNS
 #undef MEDGATE_RECORD_COLUMNS
 #undef MEDGATE_MICROS

@@ -1397,6 +1397,52 @@ TEST_F(SharingTest, PatientErasureShredsEveryRecordIncludingArchivedOnes) {
 
 // --- listing -----------------------------------------------------------------------------------
 
+// Uploads wrap record keys under a cached patient key; an erasure by another sharing process
+// does not reach that cache, so the next upload must notice the key is gone and use a new one.
+TEST_F(SharingTest, UploadAfterAnErasureByAnotherProcessUsesTheNewPatientKey) {
+  const std::string patient = Place("erased-elsewhere-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(37, 0, 4000);
+  const std::string before = UploadOk(pki_->practitioner(), spec);
+  // The patient key and the record key.
+  ASSERT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE patient_id = $1", patient), 2);
+
+  auto other = SharingServer::Create(stack_->config());
+  ASSERT_TRUE(other.ok()) << other.status();
+  ASSERT_TRUE((*other)->Start().ok());
+  {
+    v1::ErasePatientRecordsRequest request;
+    request.set_patient_id(patient);
+    request.set_reason("GDPR art. 17 request");
+    v1::ErasePatientRecordsResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(pki_->app(), (*other)->port())
+                              ->ErasePatientRecords(&context, request, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(response.erased_count(), 1u);
+  }
+  (*other)->Shutdown();
+
+  spec.content = Generate(38, 0, 5000);
+  const std::string after = UploadOk(pki_->practitioner(), spec);
+  Downloaded d = Download(pki_->practitioner(), after);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, spec.content);
+  EXPECT_EQ(Download(pki_->practitioner(), before).status.error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  // The new record key rests on the patient's new key, the only one the patient has.
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM record_keys rk JOIN record_keys pk ON pk.key_id = "
+                  "rk.wrapped_by AND pk.record_id IS NULL WHERE rk.record_id = $1",
+                  after),
+            1);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM record_keys WHERE patient_id = $1 AND record_id IS NULL",
+                  patient),
+            1);
+}
+
 TEST_F(SharingTest, ListRecordsPagesNewestFirstAcrossRegions) {
   const TestCert& p4 = Cert("acme-p4");
   std::vector<std::string> uploaded;
