@@ -170,6 +170,48 @@ TEST_F(AuditChainTest, RemovedEntriesAreLocated) {
   EXPECT_THAT(middle.problem, HasSubstr("missing"));
 }
 
+TEST_F(AuditChainTest, RangesVerifyFromTheStoredHashBeforeThem) {
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) { return Append(txn, MakeEntry(0, i)).status(); }).ok());
+  }
+  pqxx::connection c(cluster_->ConnectionString());
+  absl::StatusOr<VerifyResult> middle = VerifyChainRange(c, 5, 10);
+  ASSERT_TRUE(middle.ok()) << middle.status();
+  EXPECT_TRUE(middle->ok) << middle->problem;
+  EXPECT_EQ(middle->entries_checked, 6);
+  EXPECT_EQ(middle->last_seq, 10);
+  absl::StatusOr<VerifyResult> whole = VerifyChainRange(c, 0, 0);
+  ASSERT_TRUE(whole.ok());
+  EXPECT_EQ(whole->entries_checked, 20);
+  EXPECT_EQ(whole->last_seq, 20);
+
+  Tamper("DELETE FROM audit_log WHERE seq IN (8, 20)");
+  absl::StatusOr<VerifyResult> gap = VerifyChainRange(c, 5, 10);
+  ASSERT_TRUE(gap.ok());
+  EXPECT_FALSE(gap->ok);
+  EXPECT_EQ(gap->first_bad_seq, 8);
+  EXPECT_THAT(gap->problem, HasSubstr("missing"));
+  // The range after it cannot be anchored.
+  absl::StatusOr<VerifyResult> unanchored = VerifyChainRange(c, 9, 10);
+  ASSERT_TRUE(unanchored.ok());
+  EXPECT_FALSE(unanchored->ok);
+  EXPECT_EQ(unanchored->first_bad_seq, 8);
+  EXPECT_THAT(unanchored->problem, HasSubstr("anchor"));
+  // The head still says 20: its removal is found at the end of a range that names it.
+  absl::StatusOr<VerifyResult> tail = VerifyChainRange(c, 15, 20);
+  ASSERT_TRUE(tail.ok());
+  EXPECT_FALSE(tail->ok);
+  EXPECT_EQ(tail->first_bad_seq, 20);
+  absl::StatusOr<VerifyResult> intact = VerifyChainRange(c, 10, 19);
+  ASSERT_TRUE(intact.ok());
+  EXPECT_TRUE(intact->ok) << intact->problem;
+
+  for (auto [from, to] : std::vector<std::pair<int64_t, int64_t>>{{21, 0}, {5, 3}, {1, 21}, {1, -1}}) {
+    absl::StatusOr<VerifyResult> refused = VerifyChainRange(c, from, to);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << from << ".." << to;
+  }
+}
+
 TEST_F(AuditChainTest, AppendOnlyAndInTheCallersTransaction) {
   ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) { return Append(txn, MakeEntry(0, 0)).status(); }).ok());
   // A failed change takes its audit entry with it.

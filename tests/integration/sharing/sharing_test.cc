@@ -526,8 +526,12 @@ class SharingTest : public ::testing::Test {
   }
 
   static absl::StatusOr<v1::VerifyChainResponse> Verify(const std::string& region,
-                                                        const TestCert* as = nullptr) {
+                                                        const TestCert* as = nullptr,
+                                                        uint64_t start_seq = 0,
+                                                        uint64_t end_seq = 0) {
     v1::VerifyChainRequest request;
+    request.set_start_seq(start_seq);
+    request.set_end_seq(end_seq);
     if (region == "control") {
       request.mutable_log()->set_control(true);
     } else {
@@ -1629,6 +1633,94 @@ TEST_F(SharingTest, VerifyChainLocatesATamperedEntry) {
   EXPECT_EQ(AuditStub(pki_->ops())->VerifyChain(&context, bad, &response).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(Verify("xx-9").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(SharingTest, VerifyChainChecksARangeFromTheStoredHashBeforeIt) {
+  const std::string patient = Place("verify-range-1", "DE");
+  std::vector<std::string> records;
+  for (int i = 0; i < 4; ++i) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = Generate(40 + i, 0, 100);
+    records.push_back(UploadOk(pki_->practitioner(), spec));
+  }
+  auto seq_of = [](const std::string& record) {
+    return static_cast<uint64_t>(
+        Count("de-1", "SELECT seq FROM audit_log WHERE object_id = $1", record));
+  };
+  const uint64_t first = seq_of(records[0]);
+  const uint64_t last = seq_of(records[3]);
+  const uint64_t altered = seq_of(records[2]);
+  ASSERT_GT(first, 1u);
+  ASSERT_LT(first, altered);
+  ASSERT_LT(altered, last);
+
+  // An intact range verifies, and only its entries are counted.
+  auto range = Verify("de-1", nullptr, first, last);
+  ASSERT_TRUE(range.ok()) << range.status();
+  EXPECT_TRUE(range->ok()) << range->detail();
+  EXPECT_EQ(range->entries_checked(), last - first + 1);
+  EXPECT_EQ(range->last_seq(), last);
+  {
+    pqxx::connection c(Db("de-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    EXPECT_EQ(range->last_hash(),
+              pqxx::binarystring(q.exec_params1("SELECT hash FROM audit_log WHERE seq = $1",
+                                                static_cast<int64_t>(last))[0])
+                  .str());
+  }
+  // Up to the last entry (end_seq 0) includes the chain head check.
+  auto to_head = Verify("de-1", nullptr, first, 0);
+  ASSERT_TRUE(to_head.ok()) << to_head.status();
+  EXPECT_TRUE(to_head->ok()) << to_head->detail();
+  EXPECT_GT(to_head->last_seq(), last);
+
+  // An altered entry inside the range is named; ranges that leave it out still verify, the one
+  // after it from its stored hash.
+  Exec("de-1", "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
+  Exec("de-1", "UPDATE audit_log SET reason = 'PERMITTED: bytes=1' WHERE object_id = $1",
+       records[2]);
+  auto broken = Verify("de-1", nullptr, first, last);
+  ASSERT_TRUE(broken.ok()) << broken.status();
+  EXPECT_FALSE(broken->ok());
+  EXPECT_EQ(broken->first_bad_seq(), altered);
+  EXPECT_EQ(broken->fault(), v1::CHAIN_FAULT_HASH_MISMATCH);
+  EXPECT_EQ(broken->entries_checked(), altered - first + 1);
+  auto before = Verify("de-1", nullptr, first, altered - 1);
+  ASSERT_TRUE(before.ok());
+  EXPECT_TRUE(before->ok()) << before->detail();
+  auto after = Verify("de-1", nullptr, altered + 1, last);
+  ASSERT_TRUE(after.ok());
+  EXPECT_TRUE(after->ok()) << after->detail();
+  auto just_it = Verify("de-1", nullptr, altered, altered);
+  ASSERT_TRUE(just_it.ok());
+  EXPECT_FALSE(just_it->ok());
+  EXPECT_EQ(just_it->first_bad_seq(), altered);
+  Exec("de-1", "UPDATE audit_log SET reason = 'PERMITTED: bytes=100 chunks=1' WHERE object_id = $1",
+       records[2]);
+  Exec("de-1", "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update");
+  auto repaired = Verify("de-1", nullptr, first, last);
+  ASSERT_TRUE(repaired.ok());
+  EXPECT_TRUE(repaired->ok()) << repaired->detail();
+
+  // Ranges outside the log or empty are refused, saying which bound to change.
+  const uint64_t head = static_cast<uint64_t>(Count("de-1", "SELECT seq FROM audit_head"));
+  auto reversed = Verify("de-1", nullptr, last, first);
+  EXPECT_EQ(reversed.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(reversed.status().message()), HasSubstr("is after end_seq"));
+  auto past_end = Verify("de-1", nullptr, first, head + 1000);
+  EXPECT_EQ(past_end.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(past_end.status().message()),
+              HasSubstr(absl::StrCat("end_seq ", head + 1000, " is past the log's last entry")));
+  auto past_start = Verify("de-1", nullptr, head + 1000, 0);
+  EXPECT_EQ(past_start.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(past_start.status().message()), HasSubstr("start_seq"));
+  auto huge = Verify("de-1", nullptr, 1, uint64_t{1} << 63);
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(huge.status().message()), HasSubstr("end_seq"));
+  // Verifying is for ops only, ranged or not.
+  EXPECT_EQ(Verify("de-1", &pki_->app(), first, last).status().code(),
+            absl::StatusCode::kPermissionDenied);
 }
 
 }  // namespace
