@@ -32,7 +32,10 @@ namespace {
 using crypto::SecretKey;
 
 constexpr size_t kMaxIdBytes = 64;
+// Columns of MEDGATE_RECORD_COLUMNS (sql.h), where MEDGATE_RECORD_KEY_COLUMNS start.
+constexpr int kRecordColumns = 15;
 constexpr absl::string_view kRecordKeyLabel = "medgate-record-key-v1/";
+constexpr absl::string_view kMetadataLabel = "medgate-record-metadata-v1/";
 
 // --- values in and out of SQL ---------------------------------------------------------------
 
@@ -60,8 +63,8 @@ RecordInfo RecordFromRow(const pqxx::row& row) {
   r.tenant_id = row[1].c_str();
   r.patient_id = row[2].c_str();
   r.kind = static_cast<RecordKind>(row[3].as<int>());
-  r.content_type = row[4].c_str();
-  r.file_name = row[5].c_str();
+  if (!row[4].is_null()) r.content_type = row[4].c_str();
+  if (!row[5].is_null()) r.file_name = row[5].c_str();
   r.size_bytes = row[6].as<uint64_t>();
   r.sha256 = BytesOf(row[7]);
   r.chunk_count = row[8].as<uint32_t>();
@@ -70,6 +73,8 @@ RecordInfo RecordFromRow(const pqxx::row& row) {
   r.state = std::string_view(row[11].c_str()) == "archived" ? RecordState::kArchived
                                                             : RecordState::kActive;
   r.retain_until = OptionalTimeOf(row[12]);
+  if (!row[13].is_null()) r.sealed_content_type = BytesOf(row[13]);
+  if (!row[14].is_null()) r.sealed_file_name = BytesOf(row[14]);
   return r;
 }
 
@@ -140,6 +145,47 @@ std::string PatientKeyContext(absl::string_view patient_id, absl::string_view ke
 
 std::string RecordKeyAad(absl::string_view record_id) {
   return absl::StrCat(kRecordKeyLabel, record_id);
+}
+
+// The associated data of a sealed metadata field: a value moved to another record or to the
+// other field does not open.
+std::string MetadataAad(absl::string_view record_id, absl::string_view field) {
+  return absl::StrCat(kMetadataLabel, field, "/", record_id);
+}
+
+struct SealedMetadata {
+  std::string content_type;
+  std::string file_name;
+};
+
+absl::StatusOr<SealedMetadata> SealMetadata(const SecretKey& record_key,
+                                            absl::string_view record_id,
+                                            absl::string_view content_type,
+                                            absl::string_view file_name) {
+  SealedMetadata out;
+  ASSIGN_OR_RETURN(out.content_type,
+                   crypto::Seal(record_key, MetadataAad(record_id, "content_type"), content_type));
+  ASSIGN_OR_RETURN(out.file_name,
+                   crypto::Seal(record_key, MetadataAad(record_id, "file_name"), file_name));
+  return out;
+}
+
+// Replaces the record's sealed metadata by its plaintext.
+absl::Status OpenSealedMetadata(const SecretKey& record_key, RecordInfo& r) {
+  for (auto [sealed, clear, field] :
+       {std::tuple{&r.sealed_content_type, &r.content_type, "content_type"},
+        std::tuple{&r.sealed_file_name, &r.file_name, "file_name"}}) {
+    if (!sealed->has_value()) continue;
+    absl::StatusOr<std::string> opened =
+        crypto::Open(record_key, MetadataAad(r.record_id, field), **sealed);
+    if (!opened.ok()) {
+      return absl::DataLossError(
+          absl::StrCat("record '", r.record_id, "': its ", field, " does not authenticate"));
+    }
+    *clear = *std::move(opened);
+    sealed->reset();
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<SecretKey> UnwrapPatientKey(crypto::KeyEncryptionKey& kek,
@@ -389,9 +435,13 @@ class PgUpload final : public Upload {
                                    absl::Time now, const audit::Entry& entry) {
     ASSIGN_OR_RETURN(std::string wrapped_record_key,
                      crypto::Seal(key.key, RecordKeyAad(record_id_), record_key_.bytes()));
+    ASSIGN_OR_RETURN(SealedMetadata metadata, SealMetadata(record_key_, record_id_,
+                                                           header_.content_type,
+                                                           header_.file_name));
     pqxx::result rows = ExecWithAudit(
         txn, sql::kFinishUpload, entry, record_id_, home_.tenant_id, home_.patient_id,
-        static_cast<int>(header_.kind), header_.content_type, header_.file_name,
+        static_cast<int>(header_.kind), pqxx::binarystring(metadata.content_type),
+        pqxx::binarystring(metadata.file_name),
         static_cast<int64_t>(header_.size_bytes), pqxx::binarystring(header_.sha256), next_index_,
         ctx_.principal.spiffe_id, PgTime(now), NewId(home_.region_id, "k"), key.key_id,
         pqxx::binarystring(wrapped_record_key), static_cast<int64_t>(last_.index),
@@ -739,6 +789,70 @@ absl::Status SharingCore::CheckReadTerritory(const RecordInfo& record,
   return absl::OkStatus();
 }
 
+absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(const RecordInfo& record,
+                                                     const pqxx::field& wrapped_record_key,
+                                                     const pqxx::field& patient_key_id,
+                                                     const pqxx::field& patient_key_wrapped_by,
+                                                     const pqxx::field& patient_key_wrapped) {
+  if (wrapped_record_key.is_null() || patient_key_id.is_null()) {
+    return absl::DataLossError(
+        absl::StrCat("record '", record.record_id, "': its data key is missing"));
+  }
+  const std::string key_id = patient_key_id.c_str();
+  const absl::Time now = Now();
+  std::optional<PatientKey> patient_key = patient_keys_.Get(record.patient_id, now);
+  if (!patient_key || patient_key->key_id != key_id) {
+    absl::StatusOr<SecretKey> unwrapped =
+        UnwrapPatientKey(kek_, record.patient_id, key_id, patient_key_wrapped_by.c_str(),
+                         BytesOf(patient_key_wrapped));
+    if (!unwrapped.ok()) {
+      return absl::Status(unwrapped.status().code(), absl::StrCat("record '", record.record_id,
+                                                                  "': ",
+                                                                  unwrapped.status().message()));
+    }
+    patient_key = PatientKey{key_id, *std::move(unwrapped)};
+    patient_keys_.Put(record.patient_id, *patient_key, now);
+  }
+  absl::StatusOr<std::string> record_key = crypto::Open(
+      patient_key->key, RecordKeyAad(record.record_id), BytesOf(wrapped_record_key));
+  if (!record_key.ok()) {
+    return absl::DataLossError(
+        absl::StrCat("record '", record.record_id, "': its wrapped data key is damaged"));
+  }
+  return SecretKey::FromBytes(*record_key);
+}
+
+absl::Status SharingCore::OpenMetadata(RecordInfo& record, const pqxx::row& row, int first) {
+  if (!record.sealed_content_type && !record.sealed_file_name) return absl::OkStatus();
+  ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(record, row[first], row[first + 1],
+                                                row[first + 2], row[first + 3]));
+  return OpenSealedMetadata(key, record);
+}
+
+absl::StatusOr<int> SharingCore::SealMetadataInClear(pg::Pool& pool, int batch) {
+  return pool.TransactValue<int>([&](pqxx::work& txn) -> absl::StatusOr<int> {
+    int sealed = 0;
+    for (const pqxx::row& row : txn.exec_prepared(sql::kSelectMetadataInClear, batch)) {
+      RecordInfo record = RecordFromRow(row);
+      ASSIGN_OR_RETURN(SecretKey key,
+                       OpenRecordKey(record, row[kRecordColumns], row[kRecordColumns + 1],
+                                     row[kRecordColumns + 2], row[kRecordColumns + 3]));
+      // Both fields are sealed again together; one already sealed is opened first.
+      if (record.sealed_content_type || record.sealed_file_name) {
+        RETURN_IF_ERROR(OpenSealedMetadata(key, record));
+      }
+      ASSIGN_OR_RETURN(SealedMetadata metadata, SealMetadata(key, record.record_id,
+                                                             record.content_type,
+                                                             record.file_name));
+      txn.exec_prepared0(sql::kSealMetadata, record.record_id,
+                         pqxx::binarystring(metadata.content_type),
+                         pqxx::binarystring(metadata.file_name));
+      ++sealed;
+    }
+    return sealed;
+  });
+}
+
 absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallContext& ctx,
                                                                  const UploadHeader& header) {
   RETURN_IF_ERROR(ValidateIdentifier(header.patient_id, "header.patient_id", kMaxIdBytes));
@@ -961,7 +1075,10 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
               break;
           }
           std::vector<RecordInfo> records;
-          for (const pqxx::row& row : rows) records.push_back(RecordFromRow(row));
+          for (const pqxx::row& row : rows) {
+            records.push_back(RecordFromRow(row));
+            RETURN_IF_ERROR(OpenMetadata(records.back(), row, kRecordColumns));
+          }
           AttachGrants(txn, records, caller, now);
           return records;
         });
@@ -1077,20 +1194,9 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
           return absl::DataLossError(
               absl::StrCat("record '", record_id, "': its data key is missing"));
         }
-        absl::StatusOr<SecretKey> patient_key = UnwrapPatientKey(
-            kek_, record->patient_id, keys[0][2].c_str(), keys[0][3].c_str(), BytesOf(keys[0][4]));
-        if (!patient_key.ok()) {
-          return absl::Status(
-              patient_key.status().code(),
-              absl::StrCat("record '", record_id, "': ", patient_key.status().message()));
-        }
-        absl::StatusOr<std::string> record_key =
-            crypto::Open(*patient_key, RecordKeyAad(record_id), BytesOf(keys[0][1]));
-        if (!record_key.ok()) {
-          return absl::DataLossError(
-              absl::StrCat("record '", record_id, "': its wrapped data key is damaged"));
-        }
-        ASSIGN_OR_RETURN(SecretKey key, SecretKey::FromBytes(*record_key));
+        ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(*record, keys[0][1], keys[0][2],
+                                                      keys[0][3], keys[0][4]));
+        RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
         // Audited before the first byte leaves, for the full size.
         RETURN_IF_ERROR(audit::Append(txn, entry).status());
         Outcome<Opened> out;
@@ -1122,6 +1228,13 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
             .status());
     std::vector<RecordInfo> one = {*SelectRecord(txn, sql::kSelectRecord, record_id)};
     AttachGrants(txn, one, ctx.principal.spiffe_id, now);
+    pqxx::result keys = txn.exec_prepared(sql::kSelectRecordKeys, record_id);
+    if (keys.empty()) {
+      return absl::DataLossError(absl::StrCat("record '", record_id, "': its data key is missing"));
+    }
+    ASSIGN_OR_RETURN(SecretKey key,
+                     OpenRecordKey(one[0], keys[0][1], keys[0][2], keys[0][3], keys[0][4]));
+    RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
     return one[0];
   });
 }
@@ -1255,6 +1368,13 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
       if (*purged == batch) result.more = true;
     } else if (first_error.ok()) {
       first_error = purged.status();
+    }
+    absl::StatusOr<int> sealed = SealMetadataInClear(*pool, batch);
+    if (sealed.ok()) {
+      result.sealed_metadata += *sealed;
+      if (*sealed == batch) result.more = true;
+    } else if (first_error.ok()) {
+      first_error = sealed.status();
     }
   }
   if (!first_error.ok()) return first_error;

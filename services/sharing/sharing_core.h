@@ -55,6 +55,10 @@ struct RecordInfo {
   RecordState state = RecordState::kActive;
   std::optional<absl::Time> retain_until;
   std::vector<GrantInfo> grants;  // those visible to the caller
+  // content_type and file_name as stored, sealed under the record's key, until the core opens
+  // them into the fields above (records written before sealing have them in clear).
+  std::optional<std::string> sealed_content_type;
+  std::optional<std::string> sealed_file_name;
 };
 
 struct UploadHeader {
@@ -118,6 +122,7 @@ struct PatientErasure {
 struct SweepResult {
   int erased_records = 0;
   int64_t purged_chunks = 0;
+  int sealed_metadata = 0;  // records written before metadata was sealed, sealed now
   bool more = false;  // some region had a full batch: sweep again
 };
 
@@ -171,8 +176,9 @@ class SharingCore {
   absl::StatusOr<PatientErasure> ErasePatientRecords(const CallContext& ctx,
                                                      const std::string& patient_id,
                                                      const std::string& reason);
-  // Erases archived records past their retention end and purges ciphertext left by erasures,
-  // at most `batch` of each per region.
+  // Erases archived records past their retention end, purges ciphertext left by erasures and
+  // seals the metadata of records written before it was sealed, at most `batch` of each per
+  // region.
   absl::StatusOr<SweepResult> SweepRetention(int batch = 100);
 
   // Plaintext and ciphertext bytes that uploads and downloads hold right now, and the most ever.
@@ -189,6 +195,18 @@ class SharingCore {
 
  private:
   absl::StatusOr<pg::Pool*> ShardOf(const std::string& object_id, absl::string_view what) const;
+  // The data key of `record` from its wrapped form and its patient key's (id, KEK id, wrapped),
+  // as MEDGATE_RECORD_KEY_COLUMNS or select_record_keys give them; DATA_LOSS naming the record
+  // when they are missing or do not open.
+  absl::StatusOr<crypto::SecretKey> OpenRecordKey(const RecordInfo& record,
+                                                  const pqxx::field& wrapped_record_key,
+                                                  const pqxx::field& patient_key_id,
+                                                  const pqxx::field& patient_key_wrapped_by,
+                                                  const pqxx::field& patient_key_wrapped);
+  // OpenRecordKey from the columns at `first` on, then the record's sealed metadata.
+  absl::Status OpenMetadata(RecordInfo& record, const pqxx::row& row, int first);
+  // Seals the metadata of records written before it was sealed, at most `batch`; how many.
+  absl::StatusOr<int> SealMetadataInClear(pg::Pool& pool, int batch);
   absl::Status CheckReadTerritory(const RecordInfo& record, absl::string_view reader_tenant);
 
   const pg::ShardSet& shards_;

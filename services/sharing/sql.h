@@ -13,19 +13,29 @@ namespace medgate::sharing::sql {
 // out, so that no precision is lost either way.
 #define MEDGATE_MICROS(col) "(extract(epoch from " col ") * 1000000)::bigint"
 
-// Columns of a record, in this order (see RecordFromRow).
+// Columns of a record, in this order (see RecordFromRow). content_type and file_name are NULL
+// where the sealed forms are set (migration 0006).
 #define MEDGATE_RECORD_COLUMNS                                                                  \
   "r.record_id, r.tenant_id, r.patient_id, r.kind, r.content_type, r.file_name, r.size_bytes, " \
   "r.sha256, r.chunk_count, r.owner, " MEDGATE_MICROS(                                          \
-      "r.created_at") ", r.state, " MEDGATE_MICROS("r.retain_until")
+      "r.created_at") ", r.state, " MEDGATE_MICROS("r.retain_until") ", r.content_type_sealed, "  \
+                      "r.file_name_sealed"
+
+// After MEDGATE_RECORD_COLUMNS, what opens the record's key (see RecordKeyFromRow), from
+// MEDGATE_RECORD_KEY_JOIN: the wrapped record key, and its patient key's id, KEK id and wrapped
+// key.
+#define MEDGATE_RECORD_KEY_COLUMNS ", rk.wrapped_key, pk.key_id, pk.wrapped_by, pk.wrapped_key"
+#define MEDGATE_RECORD_KEY_JOIN                                                   \
+  " LEFT JOIN record_keys rk ON rk.record_id = r.record_id "                    \
+  "LEFT JOIN record_keys pk ON pk.key_id = rk.wrapped_by AND pk.record_id IS NULL"
 
 // Columns of a grant, in this order (see GrantFromRow).
 #define MEDGATE_GRANT_COLUMNS                                                            \
   "g.grant_id, g.record_id, g.grantee, g.grantee_tenant, g.granted_by, " MEDGATE_MICROS( \
       "g.created_at") ", " MEDGATE_MICROS("g.expires_at") ", " MEDGATE_MICROS("g.revoked_at")
 
-// The shard's audit_append() (migrations/shard/0005) with the entry in 15 parameters from $n on,
-// in the order AuditArgs (sharing_core.cc) passes them.
+// The shard's audit_append() (migrations/shard/0005) with the entry in 15 parameters from $17
+// on, in the order ExecWithAudit (sharing_core.cc) passes them.
 #define MEDGATE_AUDIT_APPEND_FROM_17                                                              \
   "audit_append($17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27::bigint, $28, $29, " \
   "$30::bytea, $31::bytea)"
@@ -70,6 +80,8 @@ inline constexpr char kDeletePatientKeys[] = "delete_patient_keys";
 inline constexpr char kDeletePatientRecords[] = "delete_patient_records";
 inline constexpr char kSelectExpiredArchives[] = "select_expired_archives";
 inline constexpr char kPurgeOrphanChunks[] = "purge_orphan_chunks";
+inline constexpr char kSelectMetadataInClear[] = "select_metadata_in_clear";
+inline constexpr char kSealMetadata[] = "seal_metadata";
 inline constexpr char kSelectAuditForPatient[] = "select_audit_for_patient";
 inline constexpr char kSelectAuditLog[] = "select_audit_log";
 inline constexpr char kSelectAuditHash[] = "select_audit_hash";
@@ -119,7 +131,8 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         // still exists (held with FOR KEY SHARE until commit, so an erasure waits for us or we
         // see it); no row back means nothing was written. The record's insert reads the chunk's
         // and the key's, so those are written before the audit entry takes the chain's lock.
-        // $1 record_id, $2 tenant_id, $3 patient_id, $4 kind, $5 content_type, $6 file_name,
+        // $1 record_id, $2 tenant_id, $3 patient_id, $4 kind, $5 content_type and $6 file_name
+        // (both sealed),
         // $7 size_bytes, $8 sha256, $9 chunk_count, $10 owner, $11 created_at, $12 record key id,
         // $13 patient key id, $14 wrapped record key, $15 last chunk's index, $16 its ciphertext,
         // $17.. the audit entry (AuditArgs in sharing_core.cc).
@@ -131,8 +144,9 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "record_key AS (INSERT INTO record_keys (key_id, patient_id, record_id, wrapped_by, "
          "wrapped_key, created_at) SELECT $12, $3, $1, key_id, $14, $11::timestamptz "
          "FROM patient_key RETURNING key_id), "
-         "record AS (INSERT INTO records (record_id, tenant_id, patient_id, kind, content_type, "
-         "file_name, size_bytes, sha256, chunk_count, owner, created_at, state) "
+         "record AS (INSERT INTO records (record_id, tenant_id, patient_id, kind, "
+         "content_type_sealed, file_name_sealed, size_bytes, sha256, chunk_count, owner, "
+         "created_at, state) "
          "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::timestamptz, 'active' "
          "FROM chunk, record_key RETURNING record_id) "
          "SELECT " MEDGATE_AUDIT_APPEND_FROM_17 " FROM record"},
@@ -164,13 +178,17 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kRevokeGrant,
          "UPDATE share_grants g SET revoked_at = coalesce(g.revoked_at, $2::timestamptz) "
          "WHERE g.grant_id = $1 RETURNING " MEDGATE_GRANT_COLUMNS},
-        {kListOwned, "SELECT " MEDGATE_RECORD_COLUMNS
-                     " FROM records r WHERE r.owner = $1" MEDGATE_LIST_FILTERS},
-        {kListShared, "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r JOIN share_grants g "
+        {kListOwned, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
+                     " FROM records r" MEDGATE_RECORD_KEY_JOIN
+                     " WHERE r.owner = $1" MEDGATE_LIST_FILTERS},
+        {kListShared, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
+                      " FROM records r JOIN share_grants g "
                       "ON g.record_id = r.record_id AND g.grantee = $1 AND g.revoked_at IS NULL "
-                      "AND g.expires_at > $7::timestamptz WHERE true" MEDGATE_LIST_FILTERS},
+                      "AND g.expires_at > $7::timestamptz" MEDGATE_RECORD_KEY_JOIN
+                      " WHERE true" MEDGATE_LIST_FILTERS},
         {kListPatient,
-         "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.patient_id = $1 "
+         "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
+         " FROM records r" MEDGATE_RECORD_KEY_JOIN " WHERE r.patient_id = $1 "
          "AND (r.owner = $7 OR EXISTS (SELECT 1 FROM share_grants g WHERE g.record_id = "
          "r.record_id AND g.grantee = $7 AND g.revoked_at IS NULL "
          "AND g.expires_at > $8::timestamptz))" MEDGATE_LIST_FILTERS},
@@ -186,6 +204,15 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kSelectExpiredArchives,
          "SELECT record_id FROM records WHERE state = 'archived' "
          "AND retain_until <= $1::timestamptz ORDER BY retain_until, record_id LIMIT $2"},
+        // Records written before metadata was sealed, with what opens their key ($1 at most).
+        {kSelectMetadataInClear,
+         "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
+         " FROM records r" MEDGATE_RECORD_KEY_JOIN
+         " WHERE r.file_name IS NOT NULL OR r.content_type IS NOT NULL "
+         "ORDER BY r.record_id LIMIT $1 FOR UPDATE OF r SKIP LOCKED"},
+        {kSealMetadata,
+         "UPDATE records SET content_type = NULL, file_name = NULL, content_type_sealed = $2, "
+         "file_name_sealed = $3 WHERE record_id = $1"},
         {kPurgeOrphanChunks,
          "DELETE FROM record_chunks c USING (SELECT o.record_id, o.chunk_index "
          "FROM record_chunks o WHERE NOT EXISTS "
@@ -213,6 +240,8 @@ inline const std::vector<pg::Statement>& ControlStatements() {
 #undef MEDGATE_AUDIT_COLUMNS
 #undef MEDGATE_AUDIT_APPEND_FROM_17
 #undef MEDGATE_GRANT_COLUMNS
+#undef MEDGATE_RECORD_KEY_JOIN
+#undef MEDGATE_RECORD_KEY_COLUMNS
 #undef MEDGATE_RECORD_COLUMNS
 #undef MEDGATE_MICROS
 

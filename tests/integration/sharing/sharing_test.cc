@@ -670,6 +670,101 @@ TEST_F(SharingTest, UploadDownloadRoundTripAndTheShardHoldsOnlyCiphertext) {
             0);
 }
 
+TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
+  const std::string patient = Place("sealed-names-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(51, 0, 2000);
+  spec.file_name = "NAME-MARKER Dupont oncology referral.pdf";
+  spec.content_type = "application/x-type-marker";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  spec.file_name = "second.pdf";
+  const std::string other = UploadOk(pki_->practitioner(), spec);
+
+  // Neither appears in the shard, in any table, as text or as bytes.
+  for (const char* table : {"records", "record_keys", "record_chunks", "share_grants", "audit_log"}) {
+    for (const char* marker : {"NAME-MARKER", "type-marker"}) {
+      EXPECT_EQ(Count("fr-1",
+                      absl::StrCat("SELECT count(*) FROM ", table,
+                                   " t WHERE position(convert_to($1, 'UTF8') in "
+                                   "convert_to(t::text, 'UTF8')) > 0"),
+                      marker),
+                0)
+          << table << " " << marker;
+    }
+  }
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM records WHERE position(convert_to($1, 'UTF8') in "
+                  "file_name_sealed || content_type_sealed) > 0",
+                  "MARKER"),
+            0);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM records WHERE record_id = $1 AND file_name IS NULL AND "
+                  "content_type IS NULL AND length(file_name_sealed) > 29",
+                  record),
+            1);
+
+  // Who may read the record reads them in clear: listing, download, archive.
+  auto listed = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient, 10);
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->records_size(), 2);
+  EXPECT_EQ(listed->records(1).record_id(), record);
+  EXPECT_EQ(listed->records(1).file_name(), "NAME-MARKER Dupont oncology referral.pdf");
+  EXPECT_EQ(listed->records(1).content_type(), "application/x-type-marker");
+  Downloaded d = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.header.file_name(), "NAME-MARKER Dupont oncology referral.pdf");
+  EXPECT_EQ(d.header.content_type(), "application/x-type-marker");
+  auto archived = Archive(pki_->practitioner(), other, ServerNow() + absl::Hours(24 * 365));
+  ASSERT_TRUE(archived.ok()) << archived.status();
+  EXPECT_EQ(archived->record().file_name(), "second.pdf");
+
+  // A sealed value moved to the other field, or to another record, does not open: the record is
+  // named, nothing is shown.
+  Exec("fr-1",
+       "UPDATE records SET file_name_sealed = content_type_sealed, content_type_sealed = "
+       "file_name_sealed WHERE record_id = $1",
+       record);
+  auto swapped = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient, 10, "", true);
+  EXPECT_EQ(swapped.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(swapped.status().message()), HasSubstr(record));
+  Downloaded refused = Download(pki_->practitioner(), record);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_FALSE(refused.has_header);
+  Exec("fr-1",
+       "UPDATE records SET file_name_sealed = content_type_sealed, content_type_sealed = "
+       "file_name_sealed WHERE record_id = $1",
+       record);
+  Exec("fr-1",
+       "UPDATE records r SET file_name_sealed = o.file_name_sealed FROM records o "
+       "WHERE r.record_id = $1 AND o.record_id <> r.record_id AND o.patient_id = r.patient_id",
+       record);
+  EXPECT_EQ(Download(pki_->practitioner(), record).status.error_code(),
+            grpc::StatusCode::DATA_LOSS);
+
+  // A record written before metadata was sealed (clear columns) reads as before, and the sweep
+  // seals it.
+  Exec("fr-1",
+       "UPDATE records SET file_name = 'legacy name.pdf', content_type = 'text/plain', "
+       "file_name_sealed = NULL, content_type_sealed = NULL WHERE record_id = $1",
+       record);
+  auto legacy = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient, 10);
+  ASSERT_TRUE(legacy.ok()) << legacy.status();
+  EXPECT_EQ(legacy->records(0).file_name(), "legacy name.pdf");
+  auto swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_GE(swept->sealed_metadata, 1);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM records WHERE file_name IS NOT NULL OR content_type IS "
+                  "NOT NULL"),
+            0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE file_name_sealed IS NULL"), 0);
+  Downloaded resealed = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(resealed.status.ok()) << resealed.status.error_message();
+  EXPECT_EQ(resealed.header.file_name(), "legacy name.pdf");
+  EXPECT_EQ(resealed.header.content_type(), "text/plain");
+}
+
 TEST_F(SharingTest, FrPatientsRecordExistsOnlyInFr1) {
   const std::string patient = Place("residency-fr-1", "FR");
   GrantSharingConsent(patient);
