@@ -568,14 +568,13 @@ class SharingTest : public ::testing::Test {
     txn.commit();
   }
 
-  // Rows that an upload creates, in every shard (patient keys excepted: see
-  // BadUploadsStoreNothing).
+  // Rows that an upload creates, in every shard, patient keys included.
   static int64_t StoredRows() {
     int64_t total = 0;
     for (const char* region : {"fr-1", "de-1", "eu-1"}) {
       total += Count(region,
                      "SELECT (SELECT count(*) FROM records) + (SELECT count(*) FROM record_chunks) "
-                     "+ (SELECT count(*) FROM record_keys WHERE record_id IS NOT NULL)");
+                     "+ (SELECT count(*) FROM record_keys)");
     }
     return total;
   }
@@ -934,6 +933,77 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
   // Rolled back transactions leave no rows behind, whenever the server notices.
   EXPECT_EQ(StoredRows(), before);
   EXPECT_TRUE(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient).empty());
+}
+
+// A patient's key is created by the first upload that stores a record, in that record's
+// transaction: an upload that fails, even after the key was written, leaves no key behind, and
+// concurrent first uploads end up with one key.
+TEST_F(SharingTest, FailedUploadsLeaveNoPatientKeyAndFirstUploadsShareOne) {
+  const std::string patient = Place("first-key-1", "FR");
+  const int64_t before = StoredRows();
+  auto keys = [&](const std::string& which) {
+    return Count("fr-1",
+                 absl::StrCat("SELECT count(*) FROM record_keys WHERE patient_id = $1 AND ",
+                              which),
+                 patient);
+  };
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(61, 0, 3 * kMiB + 5);  // several storage chunks
+  spec.chunk_bytes = kMiB;
+  UploadSpec bad_hash = spec;
+  bad_hash.declared_sha = Sha("not this");
+  EXPECT_EQ(Upload(pki_->practitioner(), bad_hash).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  UploadSpec single = spec;
+  single.content = Generate(62, 0, 1000);
+  single.declared_size = 1001;
+  EXPECT_EQ(Upload(pki_->practitioner(), single).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(keys("true"), 0);
+
+  // A failure after the key's insert, in the statement that stores the record.
+  Exec("fr-1",
+       absl::StrCat("CREATE FUNCTION refuse_test_record() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                    "BEGIN IF NEW.patient_id = '",
+                    patient,
+                    "' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$"));
+  Exec("fr-1",
+       "CREATE TRIGGER refuse_test_record BEFORE INSERT ON records FOR EACH ROW "
+       "EXECUTE FUNCTION refuse_test_record()");
+  for (const UploadSpec* attempt : {&spec, &single}) {
+    UploadSpec whole = *attempt;
+    whole.declared_size.reset();
+    grpc::Status failed = Upload(pki_->practitioner(), whole);
+    EXPECT_FALSE(failed.ok());
+    EXPECT_THAT(failed.error_message(), HasSubstr("injected failure"));
+  }
+  Exec("fr-1", "DROP TRIGGER refuse_test_record ON records");
+  Exec("fr-1", "DROP FUNCTION refuse_test_record()");
+  EXPECT_EQ(keys("true"), 0);
+  EXPECT_EQ(StoredRows(), before);  // no record, chunk or key anywhere
+
+  // Concurrent first uploads: every one stored, under the one key the first commit created.
+  constexpr int kUploads = 4;
+  std::vector<std::string> ids(kUploads);
+  std::vector<std::thread> uploads;
+  for (int i = 0; i < kUploads; ++i) {
+    uploads.emplace_back([&, i] {
+      UploadSpec mine = single;
+      mine.declared_size.reset();
+      mine.content = Generate(70 + i, 0, 1000 + i);
+      v1::UploadRecordResponse response;
+      grpc::Status status = Upload(pki_->practitioner(), mine, &response);
+      EXPECT_TRUE(status.ok()) << status.error_message();
+      ids[i] = response.record_id();
+    });
+  }
+  for (std::thread& t : uploads) t.join();
+  EXPECT_EQ(keys("record_id IS NULL"), 1);
+  EXPECT_EQ(keys("record_id IS NOT NULL"), kUploads);
+  for (int i = 0; i < kUploads; ++i) {
+    Downloaded d = Download(pki_->practitioner(), ids[i]);
+    ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+    EXPECT_EQ(d.content, Generate(70 + i, 0, 1000 + i));
+  }
 }
 
 TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
