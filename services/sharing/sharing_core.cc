@@ -32,6 +32,7 @@ namespace {
 using crypto::SecretKey;
 
 constexpr size_t kMaxIdBytes = 64;
+constexpr absl::Duration kIdleTransactionGrace = absl::Seconds(10);
 // Columns of MEDGATE_RECORD_COLUMNS (sql.h), where MEDGATE_RECORD_KEY_COLUMNS start.
 constexpr int kRecordColumns = 15;
 constexpr absl::string_view kRecordKeyLabel = "medgate-record-key-v1/";
@@ -302,10 +303,13 @@ class PgUpload final : public Upload {
     txn_.reset();
   }
 
-  // A multi-chunk upload's transaction may sit idle at most `idle_timeout` between two chunks.
+  // A multi-chunk upload's transaction may sit idle at most `idle_timeout` between two chunks,
+  // and a little longer so that the adapter, which ends the stream after `idle_timeout`, tells
+  // the client first.
   void Begin(absl::Duration idle_timeout) {
     if (header_.size_bytes > crypto::kMaxChunkBytes) {
-      writer_ = std::thread([this, idle_timeout] { WriterLoop(idle_timeout); });
+      writer_ = std::thread(
+          [this, idle_timeout] { WriterLoop(idle_timeout + kIdleTransactionGrace); });
     }
   }
 

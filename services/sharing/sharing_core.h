@@ -130,7 +130,8 @@ struct SharingOptions {
   // Bytes of live records a tenant may keep in one region; 0 means no limit.
   int64_t default_tenant_quota_bytes = 0;
   std::map<std::string, int64_t> tenant_quota_bytes;  // per-tenant overrides
-  // Longest pause between two chunks of an upload before the shard drops its transaction.
+  // Longest wait for an upload's next message before the upload ends (DEADLINE_EXCEEDED; the
+  // shard drops a transaction left idle a little later still).
   absl::Duration upload_idle_timeout = absl::Seconds(30);
   // Unwrapped patient keys kept for uploads: at most this many, each at most this long.
   size_t patient_key_cache_entries = 4096;
@@ -186,6 +187,7 @@ class SharingCore {
   int64_t peak_buffered_bytes() const { return peak_buffered_.load(); }
 
   absl::Time Now() const { return options_.clock(); }
+  absl::Duration upload_idle_timeout() const { return options_.upload_idle_timeout; }
 
   // For uploads and downloads in progress: accounts bytes they hold, checks the tenant's quota.
   void AddBuffered(int64_t delta);

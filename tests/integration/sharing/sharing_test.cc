@@ -231,20 +231,25 @@ class SharingTest : public ::testing::Test {
     delete kek_dir_;
   }
 
-  // The stack's configuration with another key-encryption key, for a second sharing server.
-  static std::unique_ptr<MedgateConfig> ConfigWithOtherKek() {
-    const std::string path = stack_->dir() + "/other-kek.yaml";
+  // The stack's configuration with `from` replaced by `to`, for a second sharing server.
+  static std::unique_ptr<MedgateConfig> ConfigWith(const std::string& from, const std::string& to) {
+    const std::string path = stack_->dir() + "/edited.yaml";
     EXPECT_TRUE(stack_->WriteConfig(path).ok());
     std::stringstream yaml;
     yaml << std::ifstream(path).rdbuf();
     std::string text = yaml.str();
-    const std::string from = *kek_dir_ + "/kek.hex";
-    text.replace(text.find(from), from.size(), *kek_dir_ + "/other-kek.hex");
+    EXPECT_NE(text.find(from), std::string::npos) << from;
+    text.replace(text.find(from), from.size(), to);
     auto root = ConfigNode::Parse(text);
     EXPECT_TRUE(root.ok()) << root.status();
     auto config = ParseMedgateConfig(*root);
     EXPECT_TRUE(config.ok()) << config.status();
     return std::make_unique<MedgateConfig>(*std::move(config));
+  }
+
+  // ... with another key-encryption key.
+  static std::unique_ptr<MedgateConfig> ConfigWithOtherKek() {
+    return ConfigWith(*kek_dir_ + "/kek.hex", *kek_dir_ + "/other-kek.hex");
   }
 
   // --- identities and stubs --------------------------------------------------------------------
@@ -1004,6 +1009,65 @@ TEST_F(SharingTest, FailedUploadsLeaveNoPatientKeyAndFirstUploadsShareOne) {
     ASSERT_TRUE(d.status.ok()) << d.status.error_message();
     EXPECT_EQ(d.content, Generate(70 + i, 0, 1000 + i));
   }
+}
+
+// A client that opens an upload and stops sending: the server ends the stream after the idle
+// timeout, saying so, and keeps nothing of it.
+TEST_F(SharingTest, IdleUploadsEndWithDeadlineExceededAndStoreNothing) {
+  std::unique_ptr<MedgateConfig> config =
+      ConfigWith("retention_sweep_seconds: 86400", "retention_sweep_seconds: 86400\n"
+                                                   "  upload_idle_timeout_seconds: 1");
+  auto server = SharingServer::Create(*config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  const int port = (*server)->port();
+  const std::string patient = Place("idle-upload-1", "FR");
+  const int64_t before = StoredRows();
+  const int64_t audited = Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1",
+                                patient);
+
+  struct Case {
+    std::string name;
+    uint64_t declared_size;
+    bool send_header;
+    int chunks;  // of 1 MiB, sent before going quiet
+  };
+  for (const Case& c : std::vector<Case>{{"nothing at all", 0, false, 0},
+                                         {"header only", 1000, true, 0},
+                                         {"a chunk of three", 3 * kMiB, true, 1}}) {
+    grpc::ClientContext context;
+    // Far later than the server's idle timeout: the client's own deadline must not be what ends it.
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    v1::UploadRecordResponse response;
+    auto stub = Stub(pki_->practitioner(), port);
+    auto writer = stub->UploadRecord(&context, &response);
+    if (c.send_header) {
+      v1::UploadRecordRequest header;
+      header.mutable_header()->set_patient_id(patient);
+      header.mutable_header()->set_kind(v1::RECORD_KIND_DOCUMENT);
+      header.mutable_header()->set_content_type("text/plain");
+      header.mutable_header()->set_file_name("quiet.txt");
+      header.mutable_header()->set_size_bytes(c.declared_size);
+      header.mutable_header()->set_sha256(std::string(32, 'x'));
+      ASSERT_TRUE(writer->Write(header)) << c.name;
+    }
+    for (int i = 0; i < c.chunks; ++i) {
+      v1::UploadRecordRequest chunk;
+      chunk.mutable_chunk()->set_data(Generate(80 + i, 0, kMiB));
+      ASSERT_TRUE(writer->Write(chunk)) << c.name;
+    }
+    // The client now waits for the server without sending anything more.
+    grpc::Status status = writer->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED)
+        << c.name << ": " << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr("the upload sent nothing for 1s")) << c.name;
+    EXPECT_THAT(status.error_message(), HasSubstr("nothing was stored")) << c.name;
+  }
+  (*server)->Shutdown();
+  EXPECT_EQ(StoredRows(), before);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1", patient),
+            audited);
+  EXPECT_TRUE(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient).empty());
 }
 
 TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
