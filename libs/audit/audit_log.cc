@@ -2,6 +2,8 @@
 #include "absl/strings/string_view.h"
 #include "libs/audit/audit_log.h"
 
+#include <limits>
+
 #include <openssl/evp.h>
 #include <openssl/sha.h>
 
@@ -69,22 +71,31 @@ absl::string_view DecisionName(Decision decision) {
 
 std::string ToHex(absl::string_view bytes) { return absl::BytesToHexString(bytes); }
 
-std::string CanonicalEncoding(int64_t seq, int64_t at_us, const Entry& e) {
-  std::string out;
-  out.reserve(256);
-  AppendField(out, kEncodingVersion);
-  AppendU64(out, static_cast<uint64_t>(seq));
-  AppendU64(out, static_cast<uint64_t>(at_us));
+EncodedEntry EncodeEntry(const Entry& e) {
+  EncodedEntry out;
+  AppendField(out.head, kEncodingVersion);
+  out.tail.reserve(256);
   for (absl::string_view field : {absl::string_view(e.actor), absl::string_view(e.tenant),
                                  ActionName(e.action), absl::string_view(e.object_type),
                                  absl::string_view(e.object_id), absl::string_view(e.patient_id),
                                  DecisionName(e.decision), absl::string_view(e.reason),
                                  absl::string_view(e.purpose), absl::string_view(e.consent_id)}) {
-    AppendField(out, field);
+    AppendField(out.tail, field);
   }
-  AppendU64(out, static_cast<uint64_t>(e.consent_version));
-  AppendField(out, e.request_id);
-  AppendField(out, e.origin);
+  AppendU64(out.tail, static_cast<uint64_t>(e.consent_version));
+  AppendField(out.tail, e.request_id);
+  AppendField(out.tail, e.origin);
+  return out;
+}
+
+std::string CanonicalEncoding(int64_t seq, int64_t at_us, const Entry& e) {
+  EncodedEntry parts = EncodeEntry(e);
+  std::string out;
+  out.reserve(parts.head.size() + 16 + parts.tail.size());
+  out.append(parts.head);
+  AppendU64(out, static_cast<uint64_t>(seq));
+  AppendU64(out, static_cast<uint64_t>(at_us));
+  out.append(parts.tail);
   return out;
 }
 
@@ -131,10 +142,25 @@ absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry) {
 }
 
 absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection& connection) {
+  return VerifyChainRange(connection, 1, 0);
+}
+
+absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection& connection, int64_t first_seq,
+                                              int64_t last_seq) {
+  if (first_seq < 1) first_seq = 1;
+  if (last_seq < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("end_seq ", last_seq, " is negative; use 0 for up to the last entry"));
+  }
+  if (last_seq != 0 && last_seq < first_seq) {
+    return absl::InvalidArgumentError(absl::StrCat("start_seq ", first_seq, " is after end_seq ",
+                                                   last_seq, "; the range would be empty"));
+  }
   VerifyResult result;
   auto fail = [&](int64_t seq, std::string problem) {
     result.ok = false;
     result.first_bad_seq = seq;
+    result.last_seq = seq;
     result.problem = std::move(problem);
     return result;
   };
@@ -142,15 +168,42 @@ absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection& connection) {
     // One snapshot for the whole walk, so concurrent appends do not look like a broken head.
     pqxx::transaction<pqxx::repeatable_read, pqxx::read_only> txn(
         connection);
+    pqxx::row head = txn.exec1("SELECT seq, hash FROM audit_head WHERE id");
+    const int64_t head_seq = head[0].as<int64_t>();
+    if (first_seq > 1 || last_seq != 0) {
+      // A ranged request names entries the log must have, as far as its head says.
+      if (first_seq > head_seq) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("start_seq ", first_seq, " is past the log's last entry (", head_seq,
+                         "); start at 1 to ", head_seq));
+      }
+      if (last_seq > head_seq) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("end_seq ", last_seq, " is past the log's last entry (", head_seq,
+                         "); use at most ", head_seq, ", or 0 for up to the last entry"));
+      }
+    }
     std::string prev_hash = ZeroHash();
-    int64_t expected_seq = 1;
-    while (true) {
+    if (first_seq > 1) {
+      pqxx::result anchor =
+          txn.exec_params("SELECT hash FROM audit_log WHERE seq = $1", first_seq - 1);
+      if (anchor.empty()) {
+        return fail(first_seq - 1, absl::StrCat("entry ", first_seq - 1,
+                                                " is missing (the anchor of the range)"));
+      }
+      absl::StatusOr<std::string> anchor_hash = FromByteaText(anchor[0][0].c_str());
+      if (!anchor_hash.ok()) return fail(first_seq - 1, "hash column is malformed");
+      prev_hash = *anchor_hash;
+    }
+    const int64_t stop = last_seq != 0 ? last_seq : std::numeric_limits<int64_t>::max();
+    int64_t expected_seq = first_seq;
+    while (expected_seq <= stop) {
       pqxx::result rows = txn.exec_params(
           "SELECT seq, at_us, actor, tenant, action, object_type, object_id, patient_id, "
           "decision, reason, purpose, consent_id, consent_version, request_id, origin, prev_hash, "
           "hash FROM audit_log "
-          "WHERE seq >= $1 ORDER BY seq LIMIT $2",
-          expected_seq, kVerifyPage);
+          "WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+          expected_seq, stop, kVerifyPage);
       for (const pqxx::row& row : rows) {
         int64_t seq = row[0].as<int64_t>();
         if (seq != expected_seq) {
@@ -185,13 +238,19 @@ absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection& connection) {
           return fail(seq, "content does not match its hash (entry altered)");
         }
         prev_hash = hash;
+        result.last_seq = seq;
         ++expected_seq;
         ++result.entries_checked;
       }
       if (rows.size() < static_cast<size_t>(kVerifyPage)) break;
     }
-    pqxx::row head = txn.exec1("SELECT seq, hash FROM audit_head WHERE id");
-    int64_t head_seq = head[0].as<int64_t>();
+    if (last_seq != 0) {
+      // The head said the range exists: an entry of it that is not there was removed.
+      if (expected_seq <= last_seq) {
+        return fail(expected_seq, absl::StrCat("entry ", expected_seq, " is missing"));
+      }
+      return result;
+    }
     absl::StatusOr<std::string> head_hash = FromByteaText(head[1].c_str());
     if (head_seq != expected_seq - 1 || !head_hash.ok() || *head_hash != prev_hash) {
       return fail(expected_seq - 1 == head_seq ? head_seq : expected_seq,

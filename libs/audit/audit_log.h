@@ -48,6 +48,16 @@ struct StoredEntry {
 
 // The bytes hashed for an entry: a versioned, length-prefixed encoding of every field.
 std::string CanonicalEncoding(int64_t seq, int64_t at_us, const Entry& entry);
+// The canonical encoding of an entry in the two parts around its seq and time, which only the
+// chain head decides: CanonicalEncoding(seq, at_us, e) == head || seq || at_us || tail (each
+// number 8 bytes, big-endian). Shards chain entries in SQL with these (audit_append(), shard
+// migration 0005), so that a change and its audit entry can travel in one statement.
+struct EncodedEntry {
+  std::string head;
+  std::string tail;
+};
+EncodedEntry EncodeEntry(const Entry& entry);
+
 // SHA-256(prev_hash || canonical encoding).
 std::string ChainHash(absl::string_view prev_hash, int64_t seq, int64_t at_us, const Entry& entry);
 
@@ -63,11 +73,19 @@ struct VerifyResult {
   int64_t entries_checked = 0;
   int64_t first_bad_seq = 0;  // 0 when ok
   std::string problem;        // what was wrong with that entry
+  int64_t last_seq = 0;       // the last entry checked (the first bad one when not ok)
 };
 
 // Walks the chain from the first entry and names the first entry that does not verify
 // (altered fields, broken link, missing entry, or a head that does not match the last entry).
 absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection& connection);
+
+// The same for entries first_seq..last_seq only: the walk starts from the stored hash of entry
+// first_seq - 1 (trusted, as the anchor of the range), and checks the chain head only when
+// last_seq is 0 (up to the last entry). first_seq <= 1 starts at the first entry.
+// INVALID_ARGUMENT, saying which bound is wrong, when the range is empty or outside the log.
+absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection& connection, int64_t first_seq,
+                                              int64_t last_seq);
 
 }  // namespace medgate::audit
 

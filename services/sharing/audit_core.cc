@@ -176,18 +176,25 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
   if (!log.control && log.region_id.empty()) {
     return absl::InvalidArgumentError("log: region_id or control is required");
   }
-  if (start_seq > 1 || end_seq != 0) {
-    return absl::UnimplementedError(
-        "verifying part of a log is not supported yet: verify the whole log (start_seq and "
-        "end_seq 0)");
+  constexpr uint64_t kMaxSeq = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  if (start_seq > kMaxSeq || end_seq > kMaxSeq) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(start_seq > kMaxSeq ? "start_seq" : "end_seq", ": at most ", kMaxSeq));
   }
+  const bool ranged = start_seq > 1 || end_seq != 0;
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(log));
   ChainReport report;
   {
     ASSIGN_OR_RETURN(pg::Lease lease, pool->Acquire());
-    absl::StatusOr<audit::VerifyResult> verified = audit::VerifyChain(lease.connection());
+    absl::StatusOr<audit::VerifyResult> verified =
+        audit::VerifyChainRange(lease.connection(), static_cast<int64_t>(start_seq),
+                                static_cast<int64_t>(end_seq));
     if (!verified.ok()) {
       if (verified.status().code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
+      if (verified.status().code() == absl::StatusCode::kInvalidArgument) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("log ", LogName(log), ": ", verified.status().message()));
+      }
       return verified.status();
     }
     report.ok = verified->ok;
@@ -196,7 +203,7 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     report.detail = verified->problem.substr(0, 1024);
     report.fault = verified->ok ? ChainFault::kNone
                                 : FaultFromProblem(verified->first_bad_seq, verified->problem);
-    report.last_seq = verified->ok ? verified->entries_checked : verified->first_bad_seq;
+    report.last_seq = verified->last_seq;
   }
   return pool->TransactValue<ChainReport>([&](pqxx::work& txn) -> absl::StatusOr<ChainReport> {
     ChainReport out = report;
@@ -212,6 +219,10 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     e.decision = audit::Decision::kPermit;
     e.reason = out.ok ? absl::StrCat("VERIFIED: entries=", out.entries_checked)
                       : absl::StrCat("CHAIN_BROKEN: first_bad_seq=", out.first_bad_seq);
+    if (ranged) {
+      absl::StrAppend(&e.reason, " start_seq=", std::max<uint64_t>(start_seq, 1),
+                      " end_seq=", end_seq);
+    }
     e.request_id = ctx.request_id;
     e.origin = ctx.origin;
     RETURN_IF_ERROR(audit::Append(txn, e).status());

@@ -68,7 +68,8 @@ class AuditCore {
   // or a whole log. The query itself is audited in the log it read.
   absl::StatusOr<AuditPage> Query(const CallContext& ctx, const AuditQuery& query);
 
-  // Ops: recomputes a whole log's chain (start_seq <= 1 and end_seq == 0); audited.
+  // Ops: recomputes a log's chain, whole (start_seq <= 1 and end_seq 0) or entries start_seq to
+  // end_seq (0: to the last entry) from the stored hash of the entry before; audited.
   absl::StatusOr<ChainReport> Verify(const CallContext& ctx, const AuditLogRef& log,
                                      uint64_t start_seq, uint64_t end_seq);
 

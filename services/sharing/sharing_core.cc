@@ -11,6 +11,7 @@
 #include <tuple>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -31,7 +32,11 @@ namespace {
 using crypto::SecretKey;
 
 constexpr size_t kMaxIdBytes = 64;
+constexpr absl::Duration kIdleTransactionGrace = absl::Seconds(10);
+// Columns of MEDGATE_RECORD_COLUMNS (sql.h), where MEDGATE_RECORD_KEY_COLUMNS start.
+constexpr int kRecordColumns = 15;
 constexpr absl::string_view kRecordKeyLabel = "medgate-record-key-v1/";
+constexpr absl::string_view kMetadataLabel = "medgate-record-metadata-v1/";
 
 // --- values in and out of SQL ---------------------------------------------------------------
 
@@ -59,8 +64,8 @@ RecordInfo RecordFromRow(const pqxx::row& row) {
   r.tenant_id = row[1].c_str();
   r.patient_id = row[2].c_str();
   r.kind = static_cast<RecordKind>(row[3].as<int>());
-  r.content_type = row[4].c_str();
-  r.file_name = row[5].c_str();
+  if (!row[4].is_null()) r.content_type = row[4].c_str();
+  if (!row[5].is_null()) r.file_name = row[5].c_str();
   r.size_bytes = row[6].as<uint64_t>();
   r.sha256 = BytesOf(row[7]);
   r.chunk_count = row[8].as<uint32_t>();
@@ -69,6 +74,8 @@ RecordInfo RecordFromRow(const pqxx::row& row) {
   r.state = std::string_view(row[11].c_str()) == "archived" ? RecordState::kArchived
                                                             : RecordState::kActive;
   r.retain_until = OptionalTimeOf(row[12]);
+  if (!row[13].is_null()) r.sealed_content_type = BytesOf(row[13]);
+  if (!row[14].is_null()) r.sealed_file_name = BytesOf(row[14]);
   return r;
 }
 
@@ -141,10 +148,46 @@ std::string RecordKeyAad(absl::string_view record_id) {
   return absl::StrCat(kRecordKeyLabel, record_id);
 }
 
-struct PatientKey {
-  std::string key_id;
-  SecretKey key;
+// The associated data of a sealed metadata field: a value moved to another record or to the
+// other field does not open.
+std::string MetadataAad(absl::string_view record_id, absl::string_view field) {
+  return absl::StrCat(kMetadataLabel, field, "/", record_id);
+}
+
+struct SealedMetadata {
+  std::string content_type;
+  std::string file_name;
 };
+
+absl::StatusOr<SealedMetadata> SealMetadata(const SecretKey& record_key,
+                                            absl::string_view record_id,
+                                            absl::string_view content_type,
+                                            absl::string_view file_name) {
+  SealedMetadata out;
+  ASSIGN_OR_RETURN(out.content_type,
+                   crypto::Seal(record_key, MetadataAad(record_id, "content_type"), content_type));
+  ASSIGN_OR_RETURN(out.file_name,
+                   crypto::Seal(record_key, MetadataAad(record_id, "file_name"), file_name));
+  return out;
+}
+
+// Replaces the record's sealed metadata by its plaintext.
+absl::Status OpenSealedMetadata(const SecretKey& record_key, RecordInfo& r) {
+  for (auto [sealed, clear, field] :
+       {std::tuple{&r.sealed_content_type, &r.content_type, "content_type"},
+        std::tuple{&r.sealed_file_name, &r.file_name, "file_name"}}) {
+    if (!sealed->has_value()) continue;
+    absl::StatusOr<std::string> opened =
+        crypto::Open(record_key, MetadataAad(r.record_id, field), **sealed);
+    if (!opened.ok()) {
+      return absl::DataLossError(
+          absl::StrCat("record '", r.record_id, "': its ", field, " does not authenticate"));
+    }
+    *clear = *std::move(opened);
+    sealed->reset();
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<SecretKey> UnwrapPatientKey(crypto::KeyEncryptionKey& kek,
                                            absl::string_view patient_id, absl::string_view key_id,
@@ -159,6 +202,19 @@ absl::StatusOr<SecretKey> UnwrapPatientKey(crypto::KeyEncryptionKey& kek,
 }
 
 // --- audit ------------------------------------------------------------------------------------
+
+// Runs `statement` with `args` and then the audit entry, as MEDGATE_AUDIT_APPEND_FROM_n (sql.h)
+// takes it: the entry is chained by the shard in the same statement.
+template <typename... Args>
+pqxx::result ExecWithAudit(pqxx::transaction_base& txn, const char* statement,
+                           const audit::Entry& e, const Args&... args) {
+  const audit::EncodedEntry encoded = audit::EncodeEntry(e);
+  return txn.exec_prepared(statement, args..., e.actor, e.tenant,
+                           std::string(audit::ActionName(e.action)), e.object_type, e.object_id,
+                           e.patient_id, std::string(audit::DecisionName(e.decision)), e.reason,
+                           e.purpose, e.consent_id, e.consent_version, e.request_id, e.origin,
+                           pqxx::binarystring(encoded.head), pqxx::binarystring(encoded.tail));
+}
 
 void CiteConsent(audit::Entry& e, const consent::AccessDecision& d) {
   e.purpose = std::string(consent::PurposeName(consent::Purpose::kRecordSharing));
@@ -219,49 +275,41 @@ absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::str
 
 // --- PgUpload ---------------------------------------------------------------------------------
 
-// Chunks are sealed on the caller's thread and inserted by a writer thread of the upload, so
-// that receiving, hashing and encrypting the next chunk overlap with the database storing this
-// one. At most one sealed chunk waits while another is being inserted.
+// An upload of at most one storage chunk opens no transaction: Finish() stores the chunk, the
+// record, its key and the audit entry in one statement, which commits on its own. A larger
+// upload's chunks but the last are inserted in a transaction, opened while the first chunk is
+// received and sealed, by a writer thread of the upload, so that receiving, hashing and
+// encrypting the next chunk overlap with the database storing this one (at most one sealed chunk
+// waits while another is being inserted); Finish() stores the last chunk with the record.
+// Nothing is visible before Finish() commits.
 class PgUpload final : public Upload {
  public:
   PgUpload(SharingCore& core, CallContext ctx, UploadHeader header, PatientHome home,
-           pg::Lease lease)
+           pg::Lease lease, crypto::KeyEncryptionKey& kek, PatientKeyCache& keys)
       : core_(core),
         ctx_(std::move(ctx)),
         header_(std::move(header)),
         home_(std::move(home)),
+        kek_(kek),
+        keys_(keys),
         record_key_(SecretKey::Random()),
         record_id_(NewId(home_.region_id, "r")),
         lease_(std::move(lease)) {}
 
   ~PgUpload() override {
     StopWriter(/*abort=*/true).IgnoreError();  // aborting: nothing is kept either way
-    core_.AddBuffered(-static_cast<int64_t>(pending_.size()));
+    core_.AddBuffered(-static_cast<int64_t>(pending_.size() + last_.bytes.size()));
     // Destroying the transaction unfinished rolls it back: nothing of the upload remains.
     txn_.reset();
   }
 
-  // Opens the upload's transaction and reads the patient's key in it, after `create_key` made
-  // one if the patient has none yet.
-  absl::Status Begin(absl::Duration idle_timeout, crypto::KeyEncryptionKey& kek,
-                     const std::function<absl::Status()>& create_key) {
-    try {
-      txn_ = std::make_unique<pqxx::work>(lease_.connection());
-      pqxx::result rows =
-          txn_->exec_prepared(sql::kBeginUpload, home_.patient_id,
-                              std::to_string(absl::ToInt64Milliseconds(idle_timeout)));
-      if (rows.empty() || rows[0][0].is_null()) {
-        RETURN_IF_ERROR(Fail(create_key()));
-        rows = txn_->exec_prepared(sql::kSelectPatientKey, home_.patient_id);
-        if (rows.empty()) return Fail(absl::AbortedError("patient key creation raced an erasure"));
-      }
-      std::string key_id = rows[0][0].c_str();
-      ASSIGN_OR_RETURN(SecretKey key, UnwrapPatientKey(kek, home_.patient_id, key_id,
-                                                       rows[0][1].c_str(), BytesOf(rows[0][2])));
-      patient_key_.emplace(PatientKey{std::move(key_id), std::move(key)});
-      return absl::OkStatus();
-    } catch (const std::exception& e) {
-      return Fail(pg::StatusFromException(e));
+  // A multi-chunk upload's transaction may sit idle at most `idle_timeout` between two chunks,
+  // and a little longer so that the adapter, which ends the stream after `idle_timeout`, tells
+  // the client first.
+  void Begin(absl::Duration idle_timeout) {
+    if (header_.size_bytes > crypto::kMaxChunkBytes) {
+      writer_ = std::thread(
+          [this, idle_timeout] { WriterLoop(idle_timeout + kIdleTransactionGrace); });
     }
   }
 
@@ -311,42 +359,11 @@ class PgUpload final : public Upload {
       return Fail(absl::InvalidArgumentError(
           "the SHA-256 of the received content does not match header.sha256; nothing was stored"));
     }
-    // Every chunk is in the transaction before anything else uses it.
+    // Every chunk but the last is in the transaction before anything else uses it.
     RETURN_IF_ERROR(Fail(StopWriter(/*abort=*/false)));
-    try {
-      if (core_.QuotaOf(home_.tenant_id) > 0) {
-        // Serializes the tenant's commits in this region so concurrent uploads cannot overshoot
-        // the quota together.
-        txn_->exec_prepared(sql::kLockTenantUsage, home_.tenant_id);
-        int64_t used = txn_->exec_prepared1(sql::kTenantUsage, home_.tenant_id)[0].as<int64_t>();
-        RETURN_IF_ERROR(
-            Fail(core_.CheckQuota(home_.tenant_id, home_.region_id, used, header_.size_bytes)));
-      }
-      ASSIGN_OR_RETURN(
-          std::string wrapped_record_key,
-          crypto::Seal(patient_key_->key, RecordKeyAad(record_id_), record_key_.bytes()));
-      pqxx::result inserted = txn_->exec_prepared(
-          sql::kInsertRecordWithKey, record_id_, home_.tenant_id, home_.patient_id,
-          static_cast<int>(header_.kind), header_.content_type, header_.file_name,
-          static_cast<int64_t>(header_.size_bytes), pqxx::binarystring(header_.sha256), next_index_,
-          ctx_.principal.spiffe_id, PgTime(core_.Now()), NewId(home_.region_id, "k"),
-          patient_key_->key_id, pqxx::binarystring(wrapped_record_key));
-      if (inserted.affected_rows() != 1) {
-        // An erasure of the patient's records committed during the upload and destroyed the key
-        // this record would be wrapped under: storing it would leave an unreadable record.
-        return Fail(absl::AbortedError(
-            "the patient's records were erased during this upload; nothing was stored"));
-      }
-      RETURN_IF_ERROR(
-          Fail(audit::Append(*txn_, AuditEntryFor(ctx_, audit::Action::kCreate, "record", record_id_,
-                                             home_.tenant_id, home_.patient_id,
-                                             absl::StrCat("PERMITTED: bytes=", header_.size_bytes,
-                                                          " chunks=", next_index_)))
-                   .status()));
-      txn_->commit();
-    } catch (const std::exception& e) {
-      return Fail(pg::StatusFromException(e));
-    }
+    RETURN_IF_ERROR(Fail(Commit()));
+    core_.AddBuffered(-static_cast<int64_t>(last_.bytes.size()));
+    last_.bytes = std::string();
     failed_ = absl::FailedPreconditionError("the upload is finished");
     return UploadResult{record_id_, header_.size_bytes, header_.sha256};
   }
@@ -357,14 +374,120 @@ class PgUpload final : public Upload {
     std::string bytes;
   };
 
-  // Seals the next storage chunk and hands it to the writer, waiting while one already waits.
+  // Stores the last chunk, the record, its key and the audit entry, and commits.
+  absl::Status Commit() {
+    const absl::Time now = core_.Now();
+    const audit::Entry entry =
+        AuditEntryFor(ctx_, audit::Action::kCreate, "record", record_id_, home_.tenant_id,
+                      home_.patient_id,
+                      absl::StrCat("PERMITTED: bytes=", header_.size_bytes, " chunks=",
+                                   next_index_));
+    try {
+      if (core_.QuotaOf(home_.tenant_id) > 0) {
+        if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_.connection());
+        // Serializes the tenant's commits in this region so concurrent uploads cannot overshoot
+        // the quota together.
+        txn_->exec_prepared(sql::kLockTenantUsage, home_.tenant_id);
+        int64_t used = txn_->exec_prepared1(sql::kTenantUsage, home_.tenant_id)[0].as<int64_t>();
+        RETURN_IF_ERROR(
+            core_.CheckQuota(home_.tenant_id, home_.region_id, used, header_.size_bytes));
+      }
+      // Usually the patient's key is cached: then the one statement is the whole write (and,
+      // outside a transaction, the commit).
+      std::optional<PatientKey> key = keys_.Get(home_.patient_id, now);
+      if (key) {
+        absl::StatusOr<bool> stored;
+        if (txn_ != nullptr) {
+          stored = StoreRecord(*txn_, *key, now, entry);
+        } else {
+          pqxx::nontransaction alone(lease_.connection());
+          try {
+            stored = StoreRecord(alone, *key, now, entry);
+          } catch (const pqxx::broken_connection&) {
+            return absl::UnavailableError(
+                "database connection lost while the record was being stored: it may or may not "
+                "have been stored; list the patient's records before uploading again");
+          }
+        }
+        RETURN_IF_ERROR(stored.status());
+        if (*stored) {
+          if (txn_ != nullptr) txn_->commit();
+          return absl::OkStatus();
+        }
+        keys_.Forget(home_.patient_id);  // erased, or replaced after an erasure elsewhere
+      }
+      // Otherwise the key is read, or created for the patient's first record, in the record's
+      // own transaction: a failed upload leaves no key behind.
+      if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_.connection());
+      ASSIGN_OR_RETURN(PatientKey current, ReadOrCreatePatientKey(*txn_, now));
+      ASSIGN_OR_RETURN(bool stored, StoreRecord(*txn_, current, now, entry));
+      if (!stored) {
+        return absl::AbortedError(
+            "the patient's records were erased while this upload was being stored; nothing was "
+            "stored, upload again");
+      }
+      txn_->commit();
+      keys_.Put(home_.patient_id, current, now);
+      return absl::OkStatus();
+    } catch (const std::exception& e) {
+      return pg::StatusFromException(e);
+    }
+  }
+
+  // False when the patient key `key` no longer exists: then nothing was written.
+  absl::StatusOr<bool> StoreRecord(pqxx::transaction_base& txn, const PatientKey& key,
+                                   absl::Time now, const audit::Entry& entry) {
+    ASSIGN_OR_RETURN(std::string wrapped_record_key,
+                     crypto::Seal(key.key, RecordKeyAad(record_id_), record_key_.bytes()));
+    ASSIGN_OR_RETURN(SealedMetadata metadata, SealMetadata(record_key_, record_id_,
+                                                           header_.content_type,
+                                                           header_.file_name));
+    pqxx::result rows = ExecWithAudit(
+        txn, sql::kFinishUpload, entry, record_id_, home_.tenant_id, home_.patient_id,
+        static_cast<int>(header_.kind), pqxx::binarystring(metadata.content_type),
+        pqxx::binarystring(metadata.file_name),
+        static_cast<int64_t>(header_.size_bytes), pqxx::binarystring(header_.sha256), next_index_,
+        ctx_.principal.spiffe_id, PgTime(now), NewId(home_.region_id, "k"), key.key_id,
+        pqxx::binarystring(wrapped_record_key), static_cast<int64_t>(last_.index),
+        pqxx::binarystring(last_.bytes));
+    return !rows.empty();
+  }
+
+  absl::StatusOr<PatientKey> ReadOrCreatePatientKey(pqxx::work& txn, absl::Time now) {
+    pqxx::result rows = txn.exec_prepared(sql::kSelectPatientKey, home_.patient_id);
+    if (rows.empty()) {
+      PatientKey created{NewId(home_.region_id, "p"), SecretKey::Random()};
+      ASSIGN_OR_RETURN(std::string wrapped,
+                       kek_.Wrap(created.key, PatientKeyContext(home_.patient_id, created.key_id)));
+      if (!txn.exec_prepared(sql::kInsertPatientKey, created.key_id, home_.patient_id, kek_.id(),
+                             pqxx::binarystring(wrapped), PgTime(now))
+               .empty()) {
+        return created;
+      }
+      // A concurrent upload created it first (and committed: the insert waited for it).
+      rows = txn.exec_prepared(sql::kSelectPatientKey, home_.patient_id);
+      if (rows.empty()) {
+        return absl::AbortedError(
+            "the patient's key was erased while this upload created it; nothing was stored, "
+            "upload again");
+      }
+    }
+    std::string key_id = rows[0][0].c_str();
+    ASSIGN_OR_RETURN(SecretKey key, UnwrapPatientKey(kek_, home_.patient_id, key_id,
+                                                     rows[0][1].c_str(), BytesOf(rows[0][2])));
+    return PatientKey{std::move(key_id), std::move(key)};
+  }
+
+  // Seals the next storage chunk. The last one waits for Finish(); the others go to the writer,
+  // waiting while one already waits.
   absl::Status Store(absl::string_view plaintext) {
     const bool last = stored_ + plaintext.size() == header_.size_bytes;
     ASSIGN_OR_RETURN(std::string sealed,
                      crypto::EncryptChunk(record_key_, record_id_, next_index_, last, plaintext));
     core_.AddBuffered(static_cast<int64_t>(sealed.size()));
-    if (!writer_.joinable()) writer_ = std::thread([this] { WriterLoop(); });
-    {
+    if (last) {
+      last_ = Sealed{next_index_, std::move(sealed)};
+    } else {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return queue_.empty() || !writer_status_.ok(); });
       if (!writer_status_.ok()) {
@@ -374,15 +497,17 @@ class PgUpload final : public Upload {
         return Fail(status);
       }
       queue_.push_back(Sealed{next_index_, std::move(sealed)});
+      lock.unlock();
+      cv_.notify_all();
     }
-    cv_.notify_all();
     stored_ += plaintext.size();
     ++next_index_;
     return absl::OkStatus();
   }
 
-  void WriterLoop() {
-    while (true) {
+  void WriterLoop(absl::Duration idle_timeout) {
+    absl::Status status = Open(idle_timeout);
+    while (status.ok()) {
       Sealed chunk;
       {
         std::unique_lock<std::mutex> lock(mu_);
@@ -392,14 +517,24 @@ class PgUpload final : public Upload {
         queue_.pop_front();
       }
       cv_.notify_all();
-      absl::Status status = Insert(std::move(chunk));
-      if (!status.ok()) {
-        std::lock_guard<std::mutex> lock(mu_);
-        writer_status_ = status;
-        break;
-      }
+      status = Insert(std::move(chunk));
+    }
+    if (!status.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      writer_status_ = status;
     }
     cv_.notify_all();
+  }
+
+  absl::Status Open(absl::Duration idle_timeout) {
+    try {
+      txn_ = std::make_unique<pqxx::work>(lease_.connection());
+      txn_->exec_prepared(sql::kSetUploadIdleTimeout,
+                          std::to_string(absl::ToInt64Milliseconds(idle_timeout)));
+      return absl::OkStatus();
+    } catch (const std::exception& e) {
+      return pg::StatusFromException(e);
+    }
   }
 
   // Inserts one sealed chunk (counted as buffered by Store) and releases it.
@@ -444,13 +579,15 @@ class PgUpload final : public Upload {
   const CallContext ctx_;
   const UploadHeader header_;
   const PatientHome home_;
-  std::optional<PatientKey> patient_key_;  // set by Begin
+  crypto::KeyEncryptionKey& kek_;
+  PatientKeyCache& keys_;
   const SecretKey record_key_;
   const std::string record_id_;
   pg::Lease lease_;  // declared before txn_: the transaction ends before the connection returns
   std::unique_ptr<pqxx::work> txn_;  // the writer's until it stops, then the caller's
   crypto::Sha256 hasher_;
   std::string pending_;
+  Sealed last_;  // the last chunk, sealed, for Finish()
   uint64_t received_ = 0;
   uint64_t stored_ = 0;
   uint32_t next_index_ = 0;
@@ -596,7 +733,8 @@ SharingCore::SharingCore(const pg::ShardSet& shards, const pg::ShardSet& upload_
       directory_(directory),
       consent_(consent),
       kek_(kek),
-      options_(std::move(options)) {}
+      options_(std::move(options)),
+      patient_keys_(options_.patient_key_cache_entries, options_.patient_key_cache_max_age) {}
 
 void SharingCore::AddBuffered(int64_t delta) {
   int64_t now = buffered_.fetch_add(delta) + delta;
@@ -655,6 +793,70 @@ absl::Status SharingCore::CheckReadTerritory(const RecordInfo& record,
   return absl::OkStatus();
 }
 
+absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(const RecordInfo& record,
+                                                     const pqxx::field& wrapped_record_key,
+                                                     const pqxx::field& patient_key_id,
+                                                     const pqxx::field& patient_key_wrapped_by,
+                                                     const pqxx::field& patient_key_wrapped) {
+  if (wrapped_record_key.is_null() || patient_key_id.is_null()) {
+    return absl::DataLossError(
+        absl::StrCat("record '", record.record_id, "': its data key is missing"));
+  }
+  const std::string key_id = patient_key_id.c_str();
+  const absl::Time now = Now();
+  std::optional<PatientKey> patient_key = patient_keys_.Get(record.patient_id, now);
+  if (!patient_key || patient_key->key_id != key_id) {
+    absl::StatusOr<SecretKey> unwrapped =
+        UnwrapPatientKey(kek_, record.patient_id, key_id, patient_key_wrapped_by.c_str(),
+                         BytesOf(patient_key_wrapped));
+    if (!unwrapped.ok()) {
+      return absl::Status(unwrapped.status().code(), absl::StrCat("record '", record.record_id,
+                                                                  "': ",
+                                                                  unwrapped.status().message()));
+    }
+    patient_key = PatientKey{key_id, *std::move(unwrapped)};
+    patient_keys_.Put(record.patient_id, *patient_key, now);
+  }
+  absl::StatusOr<std::string> record_key = crypto::Open(
+      patient_key->key, RecordKeyAad(record.record_id), BytesOf(wrapped_record_key));
+  if (!record_key.ok()) {
+    return absl::DataLossError(
+        absl::StrCat("record '", record.record_id, "': its wrapped data key is damaged"));
+  }
+  return SecretKey::FromBytes(*record_key);
+}
+
+absl::Status SharingCore::OpenMetadata(RecordInfo& record, const pqxx::row& row, int first) {
+  if (!record.sealed_content_type && !record.sealed_file_name) return absl::OkStatus();
+  ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(record, row[first], row[first + 1],
+                                                row[first + 2], row[first + 3]));
+  return OpenSealedMetadata(key, record);
+}
+
+absl::StatusOr<int> SharingCore::SealMetadataInClear(pg::Pool& pool, int batch) {
+  return pool.TransactValue<int>([&](pqxx::work& txn) -> absl::StatusOr<int> {
+    int sealed = 0;
+    for (const pqxx::row& row : txn.exec_prepared(sql::kSelectMetadataInClear, batch)) {
+      RecordInfo record = RecordFromRow(row);
+      ASSIGN_OR_RETURN(SecretKey key,
+                       OpenRecordKey(record, row[kRecordColumns], row[kRecordColumns + 1],
+                                     row[kRecordColumns + 2], row[kRecordColumns + 3]));
+      // Both fields are sealed again together; one already sealed is opened first.
+      if (record.sealed_content_type || record.sealed_file_name) {
+        RETURN_IF_ERROR(OpenSealedMetadata(key, record));
+      }
+      ASSIGN_OR_RETURN(SealedMetadata metadata, SealMetadata(key, record.record_id,
+                                                             record.content_type,
+                                                             record.file_name));
+      txn.exec_prepared0(sql::kSealMetadata, record.record_id,
+                         pqxx::binarystring(metadata.content_type),
+                         pqxx::binarystring(metadata.file_name));
+      ++sealed;
+    }
+    return sealed;
+  });
+}
+
 absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallContext& ctx,
                                                                  const UploadHeader& header) {
   RETURN_IF_ERROR(ValidateIdentifier(header.patient_id, "header.patient_id", kMaxIdBytes));
@@ -696,20 +898,9 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
     return absl::ResourceExhaustedError(
         absl::StrCat("too many uploads in progress to region ", home->region_id, "; retry later"));
   }
-  auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, *std::move(lease));
-  // The patient's key is created on first use in a short transaction of its own, so that
-  // concurrent uploads for the same patient do not wait for each other.
-  auto create_patient_key = [&]() -> absl::Status {
-    return pool->Transact([&](pqxx::work& txn) -> absl::Status {
-      const std::string key_id = NewId(home->region_id, "p");
-      ASSIGN_OR_RETURN(std::string wrapped,
-                       kek_.Wrap(SecretKey::Random(), PatientKeyContext(home->patient_id, key_id)));
-      txn.exec_prepared0(sql::kInsertPatientKey, key_id, home->patient_id, kek_.id(),
-                         pqxx::binarystring(wrapped), PgTime(Now()));
-      return absl::OkStatus();
-    });
-  };
-  RETURN_IF_ERROR(upload->Begin(options_.upload_idle_timeout, kek_, create_patient_key));
+  auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, *std::move(lease), kek_,
+                                         patient_keys_);
+  upload->Begin(options_.upload_idle_timeout);
   return std::unique_ptr<Upload>(std::move(upload));
 }
 
@@ -888,7 +1079,10 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
               break;
           }
           std::vector<RecordInfo> records;
-          for (const pqxx::row& row : rows) records.push_back(RecordFromRow(row));
+          for (const pqxx::row& row : rows) {
+            records.push_back(RecordFromRow(row));
+            RETURN_IF_ERROR(OpenMetadata(records.back(), row, kRecordColumns));
+          }
           AttachGrants(txn, records, caller, now);
           return records;
         });
@@ -1004,20 +1198,9 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
           return absl::DataLossError(
               absl::StrCat("record '", record_id, "': its data key is missing"));
         }
-        absl::StatusOr<SecretKey> patient_key = UnwrapPatientKey(
-            kek_, record->patient_id, keys[0][2].c_str(), keys[0][3].c_str(), BytesOf(keys[0][4]));
-        if (!patient_key.ok()) {
-          return absl::Status(
-              patient_key.status().code(),
-              absl::StrCat("record '", record_id, "': ", patient_key.status().message()));
-        }
-        absl::StatusOr<std::string> record_key =
-            crypto::Open(*patient_key, RecordKeyAad(record_id), BytesOf(keys[0][1]));
-        if (!record_key.ok()) {
-          return absl::DataLossError(
-              absl::StrCat("record '", record_id, "': its wrapped data key is damaged"));
-        }
-        ASSIGN_OR_RETURN(SecretKey key, SecretKey::FromBytes(*record_key));
+        ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(*record, keys[0][1], keys[0][2],
+                                                      keys[0][3], keys[0][4]));
+        RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
         // Audited before the first byte leaves, for the full size.
         RETURN_IF_ERROR(audit::Append(txn, entry).status());
         Outcome<Opened> out;
@@ -1049,6 +1232,13 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
             .status());
     std::vector<RecordInfo> one = {*SelectRecord(txn, sql::kSelectRecord, record_id)};
     AttachGrants(txn, one, ctx.principal.spiffe_id, now);
+    pqxx::result keys = txn.exec_prepared(sql::kSelectRecordKeys, record_id);
+    if (keys.empty()) {
+      return absl::DataLossError(absl::StrCat("record '", record_id, "': its data key is missing"));
+    }
+    ASSIGN_OR_RETURN(SecretKey key,
+                     OpenRecordKey(one[0], keys[0][1], keys[0][2], keys[0][3], keys[0][4]));
+    RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
     return one[0];
   });
 }
@@ -1097,6 +1287,9 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
   }
   ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home->region_id));
   const absl::Time now = Now();
+  // Forgotten before and after: an upload finishing meanwhile may have cached the key again.
+  patient_keys_.Forget(patient_id);
+  absl::Cleanup forget = [&] { patient_keys_.Forget(patient_id); };
   return pool->TransactValue<PatientErasure>(
       [&](pqxx::work& txn) -> absl::StatusOr<PatientErasure> {
         std::vector<std::string> ids;
@@ -1179,6 +1372,13 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
       if (*purged == batch) result.more = true;
     } else if (first_error.ok()) {
       first_error = purged.status();
+    }
+    absl::StatusOr<int> sealed = SealMetadataInClear(*pool, batch);
+    if (sealed.ok()) {
+      result.sealed_metadata += *sealed;
+      if (*sealed == batch) result.more = true;
+    } else if (first_error.ok()) {
+      first_error = sealed.status();
     }
   }
   if (!first_error.ok()) return first_error;

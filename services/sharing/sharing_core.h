@@ -20,6 +20,7 @@
 #include "libs/server/rpc_util.h"
 #include "libs/pg/shard_set.h"
 #include "services/sharing/patient_directory.h"
+#include "services/sharing/patient_key_cache.h"
 
 namespace medgate::sharing {
 
@@ -54,6 +55,10 @@ struct RecordInfo {
   RecordState state = RecordState::kActive;
   std::optional<absl::Time> retain_until;
   std::vector<GrantInfo> grants;  // those visible to the caller
+  // content_type and file_name as stored, sealed under the record's key, until the core opens
+  // them into the fields above (records written before sealing have them in clear).
+  std::optional<std::string> sealed_content_type;
+  std::optional<std::string> sealed_file_name;
 };
 
 struct UploadHeader {
@@ -117,6 +122,7 @@ struct PatientErasure {
 struct SweepResult {
   int erased_records = 0;
   int64_t purged_chunks = 0;
+  int sealed_metadata = 0;  // records written before metadata was sealed, sealed now
   bool more = false;  // some region had a full batch: sweep again
 };
 
@@ -124,8 +130,12 @@ struct SharingOptions {
   // Bytes of live records a tenant may keep in one region; 0 means no limit.
   int64_t default_tenant_quota_bytes = 0;
   std::map<std::string, int64_t> tenant_quota_bytes;  // per-tenant overrides
-  // Longest pause between two chunks of an upload before the shard drops its transaction.
+  // Longest wait for an upload's next message before the upload ends (DEADLINE_EXCEEDED; the
+  // shard drops a transaction left idle a little later still).
   absl::Duration upload_idle_timeout = absl::Seconds(30);
+  // Unwrapped patient keys kept for uploads: at most this many, each at most this long.
+  size_t patient_key_cache_entries = 4096;
+  absl::Duration patient_key_cache_max_age = absl::Minutes(1);
   // The identity the retention sweep acts as in the audit log.
   std::string service_identity;
   std::string trust_domain;
@@ -167,8 +177,9 @@ class SharingCore {
   absl::StatusOr<PatientErasure> ErasePatientRecords(const CallContext& ctx,
                                                      const std::string& patient_id,
                                                      const std::string& reason);
-  // Erases archived records past their retention end and purges ciphertext left by erasures,
-  // at most `batch` of each per region.
+  // Erases archived records past their retention end, purges ciphertext left by erasures and
+  // seals the metadata of records written before it was sealed, at most `batch` of each per
+  // region.
   absl::StatusOr<SweepResult> SweepRetention(int batch = 100);
 
   // Plaintext and ciphertext bytes that uploads and downloads hold right now, and the most ever.
@@ -176,6 +187,7 @@ class SharingCore {
   int64_t peak_buffered_bytes() const { return peak_buffered_.load(); }
 
   absl::Time Now() const { return options_.clock(); }
+  absl::Duration upload_idle_timeout() const { return options_.upload_idle_timeout; }
 
   // For uploads and downloads in progress: accounts bytes they hold, checks the tenant's quota.
   void AddBuffered(int64_t delta);
@@ -185,6 +197,18 @@ class SharingCore {
 
  private:
   absl::StatusOr<pg::Pool*> ShardOf(const std::string& object_id, absl::string_view what) const;
+  // The data key of `record` from its wrapped form and its patient key's (id, KEK id, wrapped),
+  // as MEDGATE_RECORD_KEY_COLUMNS or select_record_keys give them; DATA_LOSS naming the record
+  // when they are missing or do not open.
+  absl::StatusOr<crypto::SecretKey> OpenRecordKey(const RecordInfo& record,
+                                                  const pqxx::field& wrapped_record_key,
+                                                  const pqxx::field& patient_key_id,
+                                                  const pqxx::field& patient_key_wrapped_by,
+                                                  const pqxx::field& patient_key_wrapped);
+  // OpenRecordKey from the columns at `first` on, then the record's sealed metadata.
+  absl::Status OpenMetadata(RecordInfo& record, const pqxx::row& row, int first);
+  // Seals the metadata of records written before it was sealed, at most `batch`; how many.
+  absl::StatusOr<int> SealMetadataInClear(pg::Pool& pool, int batch);
   absl::Status CheckReadTerritory(const RecordInfo& record, absl::string_view reader_tenant);
 
   const pg::ShardSet& shards_;
@@ -193,6 +217,7 @@ class SharingCore {
   consent::ConsentCache& consent_;
   crypto::KeyEncryptionKey& kek_;
   const SharingOptions options_;
+  PatientKeyCache patient_keys_;
   std::atomic<int64_t> buffered_{0};
   std::atomic<int64_t> peak_buffered_{0};
 };

@@ -138,9 +138,11 @@ void SharingServer::SweepLoop() {
       more = swept.ok() && swept->more;
       if (!swept.ok()) {
         log::Warning("retention_sweep_failed", {{"error", swept.status().message()}});
-      } else if (swept->erased_records > 0 || swept->purged_chunks > 0) {
+      } else if (swept->erased_records > 0 || swept->purged_chunks > 0 ||
+                 swept->sealed_metadata > 0) {
         log::Info("retention_sweep", {{"erased_records", swept->erased_records},
-                                      {"purged_chunks", swept->purged_chunks}});
+                                      {"purged_chunks", swept->purged_chunks},
+                                      {"sealed_metadata", swept->sealed_metadata}});
       }
     }
     lock.lock();

@@ -1,8 +1,19 @@
 // The RecordSharing gRPC adapter.
 #include "services/sharing/sharing_service.h"
 
+#include <grpc/grpc.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "libs/common/grpc_status.h"
+#include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/server/rpc_util.h"
 
@@ -10,7 +21,6 @@ namespace medgate::sharing {
 namespace {
 
 using K = PrincipalKind;
-
 
 void ToProto(const GrantInfo& g, v1::ShareGrant* out) {
   out->set_grant_id(g.grant_id);
@@ -56,8 +66,80 @@ absl::StatusOr<RecordKind> KindOf(v1::RecordKind kind, absl::string_view field, 
 
 }  // namespace
 
+UploadIdleWatch::UploadIdleWatch(absl::Duration limit)
+    : limit_(absl::ToChronoMilliseconds(limit)),
+      message_(absl::StrCat("the upload sent nothing for ", absl::FormatDuration(limit),
+                            " (sharing.upload_idle_timeout_seconds); nothing was stored, upload "
+                            "again")),
+      thread_([this] { Run(); }) {}
+
+UploadIdleWatch::~UploadIdleWatch() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+UploadIdleWatch::Call::Call(UploadIdleWatch& watch, grpc::ServerContext& context)
+    : watch_(watch), context_(context) {
+  std::lock_guard<std::mutex> lock(watch_.mu_);
+  watch_.calls_.insert(this);
+}
+
+UploadIdleWatch::Call::~Call() {
+  std::lock_guard<std::mutex> lock(watch_.mu_);
+  watch_.calls_.erase(this);
+}
+
+void UploadIdleWatch::Call::Reading() {
+  {
+    std::lock_guard<std::mutex> lock(watch_.mu_);
+    reading_since_ = Clock::now();
+  }
+  watch_.cv_.notify_all();
+}
+
+void UploadIdleWatch::Call::Received() {
+  std::lock_guard<std::mutex> lock(watch_.mu_);
+  reading_since_.reset();
+}
+
+bool UploadIdleWatch::Call::fired() {
+  std::lock_guard<std::mutex> lock(watch_.mu_);
+  return fired_;
+}
+
+void UploadIdleWatch::Run() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    const Clock::time_point now = Clock::now();
+    std::optional<Clock::time_point> next;
+    for (Call* call : calls_) {
+      if (!call->reading_since_ || call->fired_) continue;
+      const Clock::time_point due = *call->reading_since_ + limit_;
+      if (due <= now) {
+        // Ends the blocked read; the client receives this status.
+        call->fired_ = true;
+        grpc_call_cancel_with_status(call->context_.c_call(), GRPC_STATUS_DEADLINE_EXCEEDED,
+                                     message_.c_str(), nullptr);
+      } else if (!next || due < *next) {
+        next = due;
+      }
+    }
+    // Woken early by every read that starts, so a new, earlier deadline is never missed.
+    if (next) {
+      cv_.wait_until(lock, *next);
+    } else {
+      cv_.wait(lock);
+    }
+  }
+}
+
 SharingService::SharingService(SharingCore& core, std::string trust_domain)
     : core_(core),
+      idle_watch_(core.upload_idle_timeout()),
       policy_(std::move(trust_domain), {{"UploadRecord", {K::kPractitioner}},
                                         {"ShareRecord", {K::kPractitioner}},
                                         {"RevokeShare", {K::kPractitioner}},
@@ -78,8 +160,26 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
                                           v1::UploadRecordResponse* response) {
   absl::StatusOr<Principal> principal = policy_.Authorize(*context, "UploadRecord");
   if (!principal.ok()) return ToGrpcStatus(principal.status());
+  UploadIdleWatch::Call idle(idle_watch_, *context);
+  auto read = [&](v1::UploadRecordRequest* next) {
+    idle.Reading();
+    const bool got = reader->Read(next);
+    idle.Received();
+    return got;
+  };
+  auto ended = [&] {
+    if (idle.fired()) {
+      log::Warning("upload_idle_timeout", {{"method", "UploadRecord"}});
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "upload idle; nothing was stored");
+    }
+    return grpc::Status(grpc::StatusCode::CANCELLED, "upload cancelled; nothing was stored");
+  };
   v1::UploadRecordRequest message;
-  if (!reader->Read(&message) || !message.has_header()) {
+  if (!read(&message)) {
+    if (context->IsCancelled()) return ended();
+    return ToGrpcStatus(absl::InvalidArgumentError("the first message must be the header"));
+  }
+  if (!message.has_header()) {
     return ToGrpcStatus(absl::InvalidArgumentError("the first message must be the header"));
   }
   const v1::UploadRecordHeader& in = message.header();
@@ -96,7 +196,7 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
   header.sha256 = in.sha256();
   absl::StatusOr<std::unique_ptr<Upload>> upload = core_.StartUpload(*ctx, header);
   if (!upload.ok()) return ToGrpcStatus(upload.status());
-  while (reader->Read(&message)) {
+  while (read(&message)) {
     if (!message.has_chunk()) {
       return ToGrpcStatus(absl::InvalidArgumentError(
           "after the header every message must be a chunk; nothing was stored"));
@@ -105,9 +205,7 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
       return ToGrpcStatus(s);
     }
   }
-  if (context->IsCancelled()) {
-    return grpc::Status(grpc::StatusCode::CANCELLED, "upload cancelled; nothing was stored");
-  }
+  if (context->IsCancelled()) return ended();
   absl::StatusOr<UploadResult> result = (*upload)->Finish();
   if (!result.ok()) return ToGrpcStatus(result.status());
   response->set_record_id(result->record_id);

@@ -4,13 +4,60 @@
 #ifndef MEDGATE_SERVICES_SHARING_SHARING_SERVICE_H_
 #define MEDGATE_SERVICES_SHARING_SHARING_SERVICE_H_
 
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <optional>
+#include <set>
 #include <string>
+#include <thread>
 
+#include "absl/time/time.h"
 #include "libs/identity/authz.h"
 #include "medgate/v1/sharing.grpc.pb.h"
 #include "services/sharing/sharing_core.h"
 
 namespace medgate::sharing {
+
+// Ends uploads whose client has sent nothing for the idle timeout while the server waited for
+// its next message: the blocked read returns and the client gets DEADLINE_EXCEEDED saying why.
+// Time the server spends storing what it received does not count. One thread for all uploads.
+class UploadIdleWatch {
+ public:
+  explicit UploadIdleWatch(absl::Duration limit);
+  ~UploadIdleWatch();
+
+  // One upload call, watched while it exists.
+  class Call {
+   public:
+    Call(UploadIdleWatch& watch, grpc::ServerContext& context);
+    ~Call();
+    // Around each blocking read of the stream.
+    void Reading();
+    void Received();
+    // The watch ended the call.
+    bool fired();
+
+   private:
+    friend class UploadIdleWatch;
+    UploadIdleWatch& watch_;
+    grpc::ServerContext& context_;
+    std::optional<std::chrono::steady_clock::time_point> reading_since_;
+    bool fired_ = false;
+  };
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  void Run();
+
+  const std::chrono::milliseconds limit_;
+  const std::string message_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::set<Call*> calls_;
+  bool stopping_ = false;
+  std::thread thread_;  // last: starts once the rest is set
+};
 
 class SharingService final : public v1::RecordSharing::Service {
  public:
@@ -41,6 +88,7 @@ class SharingService final : public v1::RecordSharing::Service {
                                     const std::string& request_id);
 
   SharingCore& core_;
+  UploadIdleWatch idle_watch_;
   const RpcPolicy policy_;
 };
 

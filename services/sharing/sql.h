@@ -13,16 +13,32 @@ namespace medgate::sharing::sql {
 // out, so that no precision is lost either way.
 #define MEDGATE_MICROS(col) "(extract(epoch from " col ") * 1000000)::bigint"
 
-// Columns of a record, in this order (see RecordFromRow).
+// Columns of a record, in this order (see RecordFromRow). content_type and file_name are NULL
+// where the sealed forms are set (migration 0006).
 #define MEDGATE_RECORD_COLUMNS                                                                  \
   "r.record_id, r.tenant_id, r.patient_id, r.kind, r.content_type, r.file_name, r.size_bytes, " \
   "r.sha256, r.chunk_count, r.owner, " MEDGATE_MICROS(                                          \
-      "r.created_at") ", r.state, " MEDGATE_MICROS("r.retain_until")
+      "r.created_at") ", r.state, " MEDGATE_MICROS("r.retain_until") ", r.content_type_sealed, "  \
+                      "r.file_name_sealed"
+
+// After MEDGATE_RECORD_COLUMNS, what opens the record's key (see RecordKeyFromRow), from
+// MEDGATE_RECORD_KEY_JOIN: the wrapped record key, and its patient key's id, KEK id and wrapped
+// key.
+#define MEDGATE_RECORD_KEY_COLUMNS ", rk.wrapped_key, pk.key_id, pk.wrapped_by, pk.wrapped_key"
+#define MEDGATE_RECORD_KEY_JOIN                                                   \
+  " LEFT JOIN record_keys rk ON rk.record_id = r.record_id "                    \
+  "LEFT JOIN record_keys pk ON pk.key_id = rk.wrapped_by AND pk.record_id IS NULL"
 
 // Columns of a grant, in this order (see GrantFromRow).
 #define MEDGATE_GRANT_COLUMNS                                                            \
   "g.grant_id, g.record_id, g.grantee, g.grantee_tenant, g.granted_by, " MEDGATE_MICROS( \
       "g.created_at") ", " MEDGATE_MICROS("g.expires_at") ", " MEDGATE_MICROS("g.revoked_at")
+
+// The shard's audit_append() (migrations/shard/0005) with the entry in 15 parameters from $17
+// on, in the order ExecWithAudit (sharing_core.cc) passes them.
+#define MEDGATE_AUDIT_APPEND_FROM_17                                                              \
+  "audit_append($17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27::bigint, $28, $29, " \
+  "$30::bytea, $31::bytea)"
 
 #define MEDGATE_AUDIT_COLUMNS                                                                 \
   "seq, at_us, actor, tenant, action, object_type, object_id, patient_id, decision, reason, " \
@@ -40,9 +56,9 @@ inline constexpr char kSelectRecordForShare[] = "select_record_for_share";
 inline constexpr char kSelectRecordForUpdate[] = "select_record_for_update";
 inline constexpr char kSelectRecordKeys[] = "select_record_keys";
 inline constexpr char kSelectPatientKey[] = "select_patient_key";
-inline constexpr char kBeginUpload[] = "begin_upload";
+inline constexpr char kSetUploadIdleTimeout[] = "set_upload_idle_timeout";
 inline constexpr char kInsertPatientKey[] = "insert_patient_key";
-inline constexpr char kInsertRecordWithKey[] = "insert_record_with_key";
+inline constexpr char kFinishUpload[] = "finish_upload";
 inline constexpr char kInsertChunk[] = "insert_chunk";
 inline constexpr char kLockTenantUsage[] = "lock_tenant_usage";
 inline constexpr char kTenantUsage[] = "tenant_usage";
@@ -64,6 +80,8 @@ inline constexpr char kDeletePatientKeys[] = "delete_patient_keys";
 inline constexpr char kDeletePatientRecords[] = "delete_patient_records";
 inline constexpr char kSelectExpiredArchives[] = "select_expired_archives";
 inline constexpr char kPurgeOrphanChunks[] = "purge_orphan_chunks";
+inline constexpr char kSelectMetadataInClear[] = "select_metadata_in_clear";
+inline constexpr char kSealMetadata[] = "seal_metadata";
 inline constexpr char kSelectAuditForPatient[] = "select_audit_for_patient";
 inline constexpr char kSelectAuditLog[] = "select_audit_log";
 inline constexpr char kSelectAuditHash[] = "select_audit_hash";
@@ -97,32 +115,41 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kSelectPatientKey,
          "SELECT key_id, wrapped_by, wrapped_key FROM record_keys "
          "WHERE patient_id = $1 AND record_id IS NULL"},
-        // First statement of an upload's transaction: bounds how long the transaction may sit
-        // idle between two chunks ($2 ms), and reads the patient's key (NULLs when there is none).
-        {kBeginUpload,
-         "SELECT k.key_id, k.wrapped_by, k.wrapped_key FROM (SELECT set_config("
-         "'idle_in_transaction_session_timeout', $2, true)) AS idle "
-         "LEFT JOIN record_keys k ON k.patient_id = $1 AND k.record_id IS NULL"},
+        // Bounds how long a multi-chunk upload's transaction may sit idle between two chunks
+        // ($1 ms); it ends with the transaction.
+        {kSetUploadIdleTimeout,
+         "SELECT set_config('idle_in_transaction_session_timeout', $1, true)"},
+        // The patient's key, created in the transaction of the upload that needs it first (a
+        // concurrent first upload waits here for the other's commit, then reads its key). No row:
+        // another transaction's key exists.
         {kInsertPatientKey,
          "INSERT INTO record_keys (key_id, patient_id, record_id, wrapped_by, wrapped_key, "
          "created_at) VALUES ($1, $2, NULL, $3, $4, $5::timestamptz) "
-         "ON CONFLICT (patient_id) WHERE record_id IS NULL DO NOTHING"},
-        // The record and its wrapped key in one statement, only while the patient key they rest on
+         "ON CONFLICT (patient_id) WHERE record_id IS NULL DO NOTHING RETURNING key_id"},
+        // What makes an upload visible, in one statement: its last chunk, the record, its wrapped
+        // key and the audit entry. Only while the patient key the record key is wrapped under
         // still exists (held with FOR KEY SHARE until commit, so an erasure waits for us or we
-        // see it): no row means the patient's records were erased during the upload.
-        // $1 record_id, $2 tenant_id, $3 patient_id, $4 kind, $5 content_type, $6 file_name,
+        // see it); no row back means nothing was written. The record's insert reads the chunk's
+        // and the key's, so those are written before the audit entry takes the chain's lock.
+        // $1 record_id, $2 tenant_id, $3 patient_id, $4 kind, $5 content_type and $6 file_name
+        // (both sealed),
         // $7 size_bytes, $8 sha256, $9 chunk_count, $10 owner, $11 created_at, $12 record key id,
-        // $13 patient key id, $14 wrapped record key.
-        {kInsertRecordWithKey,
+        // $13 patient key id, $14 wrapped record key, $15 last chunk's index, $16 its ciphertext,
+        // $17.. the audit entry (AuditArgs in sharing_core.cc).
+        {kFinishUpload,
          "WITH patient_key AS (SELECT key_id FROM record_keys WHERE key_id = $13 "
-         "AND record_id IS NULL FOR KEY SHARE), "
+         "AND patient_id = $3 AND record_id IS NULL FOR KEY SHARE), "
+         "chunk AS (INSERT INTO record_chunks (record_id, chunk_index, ciphertext) "
+         "SELECT $1, $15, $16 FROM patient_key RETURNING chunk_index), "
          "record_key AS (INSERT INTO record_keys (key_id, patient_id, record_id, wrapped_by, "
          "wrapped_key, created_at) SELECT $12, $3, $1, key_id, $14, $11::timestamptz "
-         "FROM patient_key) "
-         "INSERT INTO records (record_id, tenant_id, patient_id, kind, content_type, file_name, "
-         "size_bytes, sha256, chunk_count, owner, created_at, state) "
+         "FROM patient_key RETURNING key_id), "
+         "record AS (INSERT INTO records (record_id, tenant_id, patient_id, kind, "
+         "content_type_sealed, file_name_sealed, size_bytes, sha256, chunk_count, owner, "
+         "created_at, state) "
          "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::timestamptz, 'active' "
-         "FROM patient_key"},
+         "FROM chunk, record_key RETURNING record_id) "
+         "SELECT " MEDGATE_AUDIT_APPEND_FROM_17 " FROM record"},
         {kInsertChunk,
          "INSERT INTO record_chunks (record_id, chunk_index, ciphertext) VALUES ($1, $2, $3)"},
         {kLockTenantUsage,
@@ -151,13 +178,17 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kRevokeGrant,
          "UPDATE share_grants g SET revoked_at = coalesce(g.revoked_at, $2::timestamptz) "
          "WHERE g.grant_id = $1 RETURNING " MEDGATE_GRANT_COLUMNS},
-        {kListOwned, "SELECT " MEDGATE_RECORD_COLUMNS
-                     " FROM records r WHERE r.owner = $1" MEDGATE_LIST_FILTERS},
-        {kListShared, "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r JOIN share_grants g "
+        {kListOwned, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
+                     " FROM records r" MEDGATE_RECORD_KEY_JOIN
+                     " WHERE r.owner = $1" MEDGATE_LIST_FILTERS},
+        {kListShared, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
+                      " FROM records r JOIN share_grants g "
                       "ON g.record_id = r.record_id AND g.grantee = $1 AND g.revoked_at IS NULL "
-                      "AND g.expires_at > $7::timestamptz WHERE true" MEDGATE_LIST_FILTERS},
+                      "AND g.expires_at > $7::timestamptz" MEDGATE_RECORD_KEY_JOIN
+                      " WHERE true" MEDGATE_LIST_FILTERS},
         {kListPatient,
-         "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.patient_id = $1 "
+         "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
+         " FROM records r" MEDGATE_RECORD_KEY_JOIN " WHERE r.patient_id = $1 "
          "AND (r.owner = $7 OR EXISTS (SELECT 1 FROM share_grants g WHERE g.record_id = "
          "r.record_id AND g.grantee = $7 AND g.revoked_at IS NULL "
          "AND g.expires_at > $8::timestamptz))" MEDGATE_LIST_FILTERS},
@@ -173,6 +204,15 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kSelectExpiredArchives,
          "SELECT record_id FROM records WHERE state = 'archived' "
          "AND retain_until <= $1::timestamptz ORDER BY retain_until, record_id LIMIT $2"},
+        // Records written before metadata was sealed, with what opens their key ($1 at most).
+        {kSelectMetadataInClear,
+         "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
+         " FROM records r" MEDGATE_RECORD_KEY_JOIN
+         " WHERE r.file_name IS NOT NULL OR r.content_type IS NOT NULL "
+         "ORDER BY r.record_id LIMIT $1 FOR UPDATE OF r SKIP LOCKED"},
+        {kSealMetadata,
+         "UPDATE records SET content_type = NULL, file_name = NULL, content_type_sealed = $2, "
+         "file_name_sealed = $3 WHERE record_id = $1"},
         {kPurgeOrphanChunks,
          "DELETE FROM record_chunks c USING (SELECT o.record_id, o.chunk_index "
          "FROM record_chunks o WHERE NOT EXISTS "
@@ -198,7 +238,10 @@ inline const std::vector<pg::Statement>& ControlStatements() {
 
 #undef MEDGATE_LIST_FILTERS
 #undef MEDGATE_AUDIT_COLUMNS
+#undef MEDGATE_AUDIT_APPEND_FROM_17
 #undef MEDGATE_GRANT_COLUMNS
+#undef MEDGATE_RECORD_KEY_JOIN
+#undef MEDGATE_RECORD_KEY_COLUMNS
 #undef MEDGATE_RECORD_COLUMNS
 #undef MEDGATE_MICROS
 

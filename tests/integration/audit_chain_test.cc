@@ -1,4 +1,5 @@
 // The audit chain against real PostgreSQL: concurrent writers, tamper detection, same transaction.
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -114,6 +115,46 @@ TEST_F(AuditChainTest, ConcurrentWritersNeverForkAndAlteredRowIsNamed) {
   EXPECT_THAT(bad.problem, HasSubstr("altered"));
 }
 
+// Appends chained by the shard in SQL (audit_append, as uploads use it) and by Append() interleave
+// without forking, and every one verifies with the C++ hash.
+TEST_F(AuditChainTest, SqlAndCppAppendersShareOneChain) {
+  std::vector<std::thread> writers;
+  std::atomic<int> failures{0};
+  constexpr int kEach = 200;
+  for (int w = 0; w < kWriters; ++w) {
+    writers.emplace_back([&, w] {
+      for (int i = 0; i < kEach; ++i) {
+        absl::Status s = pool_->Transact([&](pqxx::work& txn) -> absl::Status {
+          const Entry e = MakeEntry(w, i);
+          if (w % 2 == 0) return Append(txn, e).status();
+          const EncodedEntry encoded = EncodeEntry(e);
+          txn.exec_params1(
+              "SELECT audit_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::bigint, $12, "
+              "$13, $14::bytea, $15::bytea)",
+              e.actor, e.tenant, std::string(ActionName(e.action)), e.object_type, e.object_id,
+              e.patient_id, std::string(DecisionName(e.decision)), e.reason, e.purpose,
+              e.consent_id, e.consent_version, e.request_id, e.origin,
+              pqxx::binarystring(encoded.head), pqxx::binarystring(encoded.tail));
+          return absl::OkStatus();
+        });
+        if (!s.ok()) failures.fetch_add(1);
+      }
+    });
+  }
+  for (auto& t : writers) t.join();
+  ASSERT_EQ(failures.load(), 0);
+  VerifyResult ok = Verify();
+  EXPECT_TRUE(ok.ok) << ok.problem;
+  EXPECT_EQ(ok.entries_checked, kWriters * kEach);
+  pqxx::connection c(cluster_->ConnectionString());
+  pqxx::nontransaction q(c);
+  EXPECT_EQ(q.exec1("SELECT count(DISTINCT prev_hash) FROM audit_log")[0].as<int>(),
+            kWriters * kEach);
+  // Both kinds are in it, and the SQL ones carry the right fields.
+  EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log WHERE actor LIKE '%/w1'")[0].as<int>(), kEach);
+  EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log WHERE actor LIKE '%/w0'")[0].as<int>(), kEach);
+}
+
 TEST_F(AuditChainTest, RemovedEntriesAreLocated) {
   for (int i = 0; i < 20; ++i) {
     ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) { return Append(txn, MakeEntry(0, i)).status(); }).ok());
@@ -127,6 +168,48 @@ TEST_F(AuditChainTest, RemovedEntriesAreLocated) {
   EXPECT_FALSE(middle.ok);
   EXPECT_EQ(middle.first_bad_seq, 7);
   EXPECT_THAT(middle.problem, HasSubstr("missing"));
+}
+
+TEST_F(AuditChainTest, RangesVerifyFromTheStoredHashBeforeThem) {
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) { return Append(txn, MakeEntry(0, i)).status(); }).ok());
+  }
+  pqxx::connection c(cluster_->ConnectionString());
+  absl::StatusOr<VerifyResult> middle = VerifyChainRange(c, 5, 10);
+  ASSERT_TRUE(middle.ok()) << middle.status();
+  EXPECT_TRUE(middle->ok) << middle->problem;
+  EXPECT_EQ(middle->entries_checked, 6);
+  EXPECT_EQ(middle->last_seq, 10);
+  absl::StatusOr<VerifyResult> whole = VerifyChainRange(c, 0, 0);
+  ASSERT_TRUE(whole.ok());
+  EXPECT_EQ(whole->entries_checked, 20);
+  EXPECT_EQ(whole->last_seq, 20);
+
+  Tamper("DELETE FROM audit_log WHERE seq IN (8, 20)");
+  absl::StatusOr<VerifyResult> gap = VerifyChainRange(c, 5, 10);
+  ASSERT_TRUE(gap.ok());
+  EXPECT_FALSE(gap->ok);
+  EXPECT_EQ(gap->first_bad_seq, 8);
+  EXPECT_THAT(gap->problem, HasSubstr("missing"));
+  // The range after it cannot be anchored.
+  absl::StatusOr<VerifyResult> unanchored = VerifyChainRange(c, 9, 10);
+  ASSERT_TRUE(unanchored.ok());
+  EXPECT_FALSE(unanchored->ok);
+  EXPECT_EQ(unanchored->first_bad_seq, 8);
+  EXPECT_THAT(unanchored->problem, HasSubstr("anchor"));
+  // The head still says 20: its removal is found at the end of a range that names it.
+  absl::StatusOr<VerifyResult> tail = VerifyChainRange(c, 15, 20);
+  ASSERT_TRUE(tail.ok());
+  EXPECT_FALSE(tail->ok);
+  EXPECT_EQ(tail->first_bad_seq, 20);
+  absl::StatusOr<VerifyResult> intact = VerifyChainRange(c, 10, 19);
+  ASSERT_TRUE(intact.ok());
+  EXPECT_TRUE(intact->ok) << intact->problem;
+
+  for (auto [from, to] : std::vector<std::pair<int64_t, int64_t>>{{21, 0}, {5, 3}, {1, 21}, {1, -1}}) {
+    absl::StatusOr<VerifyResult> refused = VerifyChainRange(c, from, to);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << from << ".." << to;
+  }
 }
 
 TEST_F(AuditChainTest, AppendOnlyAndInTheCallersTransaction) {

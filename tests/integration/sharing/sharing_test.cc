@@ -231,20 +231,25 @@ class SharingTest : public ::testing::Test {
     delete kek_dir_;
   }
 
-  // The stack's configuration with another key-encryption key, for a second sharing server.
-  static std::unique_ptr<MedgateConfig> ConfigWithOtherKek() {
-    const std::string path = stack_->dir() + "/other-kek.yaml";
+  // The stack's configuration with `from` replaced by `to`, for a second sharing server.
+  static std::unique_ptr<MedgateConfig> ConfigWith(const std::string& from, const std::string& to) {
+    const std::string path = stack_->dir() + "/edited.yaml";
     EXPECT_TRUE(stack_->WriteConfig(path).ok());
     std::stringstream yaml;
     yaml << std::ifstream(path).rdbuf();
     std::string text = yaml.str();
-    const std::string from = *kek_dir_ + "/kek.hex";
-    text.replace(text.find(from), from.size(), *kek_dir_ + "/other-kek.hex");
+    EXPECT_NE(text.find(from), std::string::npos) << from;
+    text.replace(text.find(from), from.size(), to);
     auto root = ConfigNode::Parse(text);
     EXPECT_TRUE(root.ok()) << root.status();
     auto config = ParseMedgateConfig(*root);
     EXPECT_TRUE(config.ok()) << config.status();
     return std::make_unique<MedgateConfig>(*std::move(config));
+  }
+
+  // ... with another key-encryption key.
+  static std::unique_ptr<MedgateConfig> ConfigWithOtherKek() {
+    return ConfigWith(*kek_dir_ + "/kek.hex", *kek_dir_ + "/other-kek.hex");
   }
 
   // --- identities and stubs --------------------------------------------------------------------
@@ -526,8 +531,12 @@ class SharingTest : public ::testing::Test {
   }
 
   static absl::StatusOr<v1::VerifyChainResponse> Verify(const std::string& region,
-                                                        const TestCert* as = nullptr) {
+                                                        const TestCert* as = nullptr,
+                                                        uint64_t start_seq = 0,
+                                                        uint64_t end_seq = 0) {
     v1::VerifyChainRequest request;
+    request.set_start_seq(start_seq);
+    request.set_end_seq(end_seq);
     if (region == "control") {
       request.mutable_log()->set_control(true);
     } else {
@@ -564,14 +573,13 @@ class SharingTest : public ::testing::Test {
     txn.commit();
   }
 
-  // Rows that an upload creates, in every shard (patient keys excepted: see
-  // BadUploadsStoreNothing).
+  // Rows that an upload creates, in every shard, patient keys included.
   static int64_t StoredRows() {
     int64_t total = 0;
     for (const char* region : {"fr-1", "de-1", "eu-1"}) {
       total += Count(region,
                      "SELECT (SELECT count(*) FROM records) + (SELECT count(*) FROM record_chunks) "
-                     "+ (SELECT count(*) FROM record_keys WHERE record_id IS NOT NULL)");
+                     "+ (SELECT count(*) FROM record_keys)");
     }
     return total;
   }
@@ -664,6 +672,101 @@ TEST_F(SharingTest, UploadDownloadRoundTripAndTheShardHoldsOnlyCiphertext) {
                   "length(wrapped_key) = 32",
                   patient),
             0);
+}
+
+TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
+  const std::string patient = Place("sealed-names-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(51, 0, 2000);
+  spec.file_name = "NAME-MARKER Dupont oncology referral.pdf";
+  spec.content_type = "application/x-type-marker";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  spec.file_name = "second.pdf";
+  const std::string other = UploadOk(pki_->practitioner(), spec);
+
+  // Neither appears in the shard, in any table, as text or as bytes.
+  for (const char* table : {"records", "record_keys", "record_chunks", "share_grants", "audit_log"}) {
+    for (const char* marker : {"NAME-MARKER", "type-marker"}) {
+      EXPECT_EQ(Count("fr-1",
+                      absl::StrCat("SELECT count(*) FROM ", table,
+                                   " t WHERE position(convert_to($1, 'UTF8') in "
+                                   "convert_to(t::text, 'UTF8')) > 0"),
+                      marker),
+                0)
+          << table << " " << marker;
+    }
+  }
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM records WHERE position(convert_to($1, 'UTF8') in "
+                  "file_name_sealed || content_type_sealed) > 0",
+                  "MARKER"),
+            0);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM records WHERE record_id = $1 AND file_name IS NULL AND "
+                  "content_type IS NULL AND length(file_name_sealed) > 29",
+                  record),
+            1);
+
+  // Who may read the record reads them in clear: listing, download, archive.
+  auto listed = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient, 10);
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->records_size(), 2);
+  EXPECT_EQ(listed->records(1).record_id(), record);
+  EXPECT_EQ(listed->records(1).file_name(), "NAME-MARKER Dupont oncology referral.pdf");
+  EXPECT_EQ(listed->records(1).content_type(), "application/x-type-marker");
+  Downloaded d = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.header.file_name(), "NAME-MARKER Dupont oncology referral.pdf");
+  EXPECT_EQ(d.header.content_type(), "application/x-type-marker");
+  auto archived = Archive(pki_->practitioner(), other, ServerNow() + absl::Hours(24 * 365));
+  ASSERT_TRUE(archived.ok()) << archived.status();
+  EXPECT_EQ(archived->record().file_name(), "second.pdf");
+
+  // A sealed value moved to the other field, or to another record, does not open: the record is
+  // named, nothing is shown.
+  Exec("fr-1",
+       "UPDATE records SET file_name_sealed = content_type_sealed, content_type_sealed = "
+       "file_name_sealed WHERE record_id = $1",
+       record);
+  auto swapped = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient, 10, "", true);
+  EXPECT_EQ(swapped.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(swapped.status().message()), HasSubstr(record));
+  Downloaded refused = Download(pki_->practitioner(), record);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_FALSE(refused.has_header);
+  Exec("fr-1",
+       "UPDATE records SET file_name_sealed = content_type_sealed, content_type_sealed = "
+       "file_name_sealed WHERE record_id = $1",
+       record);
+  Exec("fr-1",
+       "UPDATE records r SET file_name_sealed = o.file_name_sealed FROM records o "
+       "WHERE r.record_id = $1 AND o.record_id <> r.record_id AND o.patient_id = r.patient_id",
+       record);
+  EXPECT_EQ(Download(pki_->practitioner(), record).status.error_code(),
+            grpc::StatusCode::DATA_LOSS);
+
+  // A record written before metadata was sealed (clear columns) reads as before, and the sweep
+  // seals it.
+  Exec("fr-1",
+       "UPDATE records SET file_name = 'legacy name.pdf', content_type = 'text/plain', "
+       "file_name_sealed = NULL, content_type_sealed = NULL WHERE record_id = $1",
+       record);
+  auto legacy = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient, 10);
+  ASSERT_TRUE(legacy.ok()) << legacy.status();
+  EXPECT_EQ(legacy->records(0).file_name(), "legacy name.pdf");
+  auto swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_GE(swept->sealed_metadata, 1);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM records WHERE file_name IS NOT NULL OR content_type IS "
+                  "NOT NULL"),
+            0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE file_name_sealed IS NULL"), 0);
+  Downloaded resealed = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(resealed.status.ok()) << resealed.status.error_message();
+  EXPECT_EQ(resealed.header.file_name(), "legacy name.pdf");
+  EXPECT_EQ(resealed.header.content_type(), "text/plain");
 }
 
 TEST_F(SharingTest, FrPatientsRecordExistsOnlyInFr1) {
@@ -834,6 +937,136 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
   }
   // Rolled back transactions leave no rows behind, whenever the server notices.
   EXPECT_EQ(StoredRows(), before);
+  EXPECT_TRUE(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient).empty());
+}
+
+// A patient's key is created by the first upload that stores a record, in that record's
+// transaction: an upload that fails, even after the key was written, leaves no key behind, and
+// concurrent first uploads end up with one key.
+TEST_F(SharingTest, FailedUploadsLeaveNoPatientKeyAndFirstUploadsShareOne) {
+  const std::string patient = Place("first-key-1", "FR");
+  const int64_t before = StoredRows();
+  auto keys = [&](const std::string& which) {
+    return Count("fr-1",
+                 absl::StrCat("SELECT count(*) FROM record_keys WHERE patient_id = $1 AND ",
+                              which),
+                 patient);
+  };
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(61, 0, 3 * kMiB + 5);  // several storage chunks
+  spec.chunk_bytes = kMiB;
+  UploadSpec bad_hash = spec;
+  bad_hash.declared_sha = Sha("not this");
+  EXPECT_EQ(Upload(pki_->practitioner(), bad_hash).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  UploadSpec single = spec;
+  single.content = Generate(62, 0, 1000);
+  single.declared_size = 1001;
+  EXPECT_EQ(Upload(pki_->practitioner(), single).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(keys("true"), 0);
+
+  // A failure after the key's insert, in the statement that stores the record.
+  Exec("fr-1",
+       absl::StrCat("CREATE FUNCTION refuse_test_record() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                    "BEGIN IF NEW.patient_id = '",
+                    patient,
+                    "' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$"));
+  Exec("fr-1",
+       "CREATE TRIGGER refuse_test_record BEFORE INSERT ON records FOR EACH ROW "
+       "EXECUTE FUNCTION refuse_test_record()");
+  for (const UploadSpec* attempt : {&spec, &single}) {
+    UploadSpec whole = *attempt;
+    whole.declared_size.reset();
+    grpc::Status failed = Upload(pki_->practitioner(), whole);
+    EXPECT_FALSE(failed.ok());
+    EXPECT_THAT(failed.error_message(), HasSubstr("injected failure"));
+  }
+  Exec("fr-1", "DROP TRIGGER refuse_test_record ON records");
+  Exec("fr-1", "DROP FUNCTION refuse_test_record()");
+  EXPECT_EQ(keys("true"), 0);
+  EXPECT_EQ(StoredRows(), before);  // no record, chunk or key anywhere
+
+  // Concurrent first uploads: every one stored, under the one key the first commit created.
+  constexpr int kUploads = 4;
+  std::vector<std::string> ids(kUploads);
+  std::vector<std::thread> uploads;
+  for (int i = 0; i < kUploads; ++i) {
+    uploads.emplace_back([&, i] {
+      UploadSpec mine = single;
+      mine.declared_size.reset();
+      mine.content = Generate(70 + i, 0, 1000 + i);
+      v1::UploadRecordResponse response;
+      grpc::Status status = Upload(pki_->practitioner(), mine, &response);
+      EXPECT_TRUE(status.ok()) << status.error_message();
+      ids[i] = response.record_id();
+    });
+  }
+  for (std::thread& t : uploads) t.join();
+  EXPECT_EQ(keys("record_id IS NULL"), 1);
+  EXPECT_EQ(keys("record_id IS NOT NULL"), kUploads);
+  for (int i = 0; i < kUploads; ++i) {
+    Downloaded d = Download(pki_->practitioner(), ids[i]);
+    ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+    EXPECT_EQ(d.content, Generate(70 + i, 0, 1000 + i));
+  }
+}
+
+// A client that opens an upload and stops sending: the server ends the stream after the idle
+// timeout, saying so, and keeps nothing of it.
+TEST_F(SharingTest, IdleUploadsEndWithDeadlineExceededAndStoreNothing) {
+  std::unique_ptr<MedgateConfig> config =
+      ConfigWith("retention_sweep_seconds: 86400", "retention_sweep_seconds: 86400\n"
+                                                   "  upload_idle_timeout_seconds: 1");
+  auto server = SharingServer::Create(*config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  const int port = (*server)->port();
+  const std::string patient = Place("idle-upload-1", "FR");
+  const int64_t before = StoredRows();
+  const int64_t audited = Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1",
+                                patient);
+
+  struct Case {
+    std::string name;
+    uint64_t declared_size;
+    bool send_header;
+    int chunks;  // of 1 MiB, sent before going quiet
+  };
+  for (const Case& c : std::vector<Case>{{"nothing at all", 0, false, 0},
+                                         {"header only", 1000, true, 0},
+                                         {"a chunk of three", 3 * kMiB, true, 1}}) {
+    grpc::ClientContext context;
+    // Far later than the server's idle timeout: the client's own deadline must not be what ends it.
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    v1::UploadRecordResponse response;
+    auto stub = Stub(pki_->practitioner(), port);
+    auto writer = stub->UploadRecord(&context, &response);
+    if (c.send_header) {
+      v1::UploadRecordRequest header;
+      header.mutable_header()->set_patient_id(patient);
+      header.mutable_header()->set_kind(v1::RECORD_KIND_DOCUMENT);
+      header.mutable_header()->set_content_type("text/plain");
+      header.mutable_header()->set_file_name("quiet.txt");
+      header.mutable_header()->set_size_bytes(c.declared_size);
+      header.mutable_header()->set_sha256(std::string(32, 'x'));
+      ASSERT_TRUE(writer->Write(header)) << c.name;
+    }
+    for (int i = 0; i < c.chunks; ++i) {
+      v1::UploadRecordRequest chunk;
+      chunk.mutable_chunk()->set_data(Generate(80 + i, 0, kMiB));
+      ASSERT_TRUE(writer->Write(chunk)) << c.name;
+    }
+    // The client now waits for the server without sending anything more.
+    grpc::Status status = writer->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED)
+        << c.name << ": " << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr("the upload sent nothing for 1s")) << c.name;
+    EXPECT_THAT(status.error_message(), HasSubstr("nothing was stored")) << c.name;
+  }
+  (*server)->Shutdown();
+  EXPECT_EQ(StoredRows(), before);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1", patient),
+            audited);
   EXPECT_TRUE(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient).empty());
 }
 
@@ -1397,6 +1630,52 @@ TEST_F(SharingTest, PatientErasureShredsEveryRecordIncludingArchivedOnes) {
 
 // --- listing -----------------------------------------------------------------------------------
 
+// Uploads wrap record keys under a cached patient key; an erasure by another sharing process
+// does not reach that cache, so the next upload must notice the key is gone and use a new one.
+TEST_F(SharingTest, UploadAfterAnErasureByAnotherProcessUsesTheNewPatientKey) {
+  const std::string patient = Place("erased-elsewhere-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(37, 0, 4000);
+  const std::string before = UploadOk(pki_->practitioner(), spec);
+  // The patient key and the record key.
+  ASSERT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE patient_id = $1", patient), 2);
+
+  auto other = SharingServer::Create(stack_->config());
+  ASSERT_TRUE(other.ok()) << other.status();
+  ASSERT_TRUE((*other)->Start().ok());
+  {
+    v1::ErasePatientRecordsRequest request;
+    request.set_patient_id(patient);
+    request.set_reason("GDPR art. 17 request");
+    v1::ErasePatientRecordsResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(pki_->app(), (*other)->port())
+                              ->ErasePatientRecords(&context, request, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(response.erased_count(), 1u);
+  }
+  (*other)->Shutdown();
+
+  spec.content = Generate(38, 0, 5000);
+  const std::string after = UploadOk(pki_->practitioner(), spec);
+  Downloaded d = Download(pki_->practitioner(), after);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, spec.content);
+  EXPECT_EQ(Download(pki_->practitioner(), before).status.error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  // The new record key rests on the patient's new key, the only one the patient has.
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM record_keys rk JOIN record_keys pk ON pk.key_id = "
+                  "rk.wrapped_by AND pk.record_id IS NULL WHERE rk.record_id = $1",
+                  after),
+            1);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM record_keys WHERE patient_id = $1 AND record_id IS NULL",
+                  patient),
+            1);
+}
+
 TEST_F(SharingTest, ListRecordsPagesNewestFirstAcrossRegions) {
   const TestCert& p4 = Cert("acme-p4");
   std::vector<std::string> uploaded;
@@ -1583,6 +1862,94 @@ TEST_F(SharingTest, VerifyChainLocatesATamperedEntry) {
   EXPECT_EQ(AuditStub(pki_->ops())->VerifyChain(&context, bad, &response).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(Verify("xx-9").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(SharingTest, VerifyChainChecksARangeFromTheStoredHashBeforeIt) {
+  const std::string patient = Place("verify-range-1", "DE");
+  std::vector<std::string> records;
+  for (int i = 0; i < 4; ++i) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = Generate(40 + i, 0, 100);
+    records.push_back(UploadOk(pki_->practitioner(), spec));
+  }
+  auto seq_of = [](const std::string& record) {
+    return static_cast<uint64_t>(
+        Count("de-1", "SELECT seq FROM audit_log WHERE object_id = $1", record));
+  };
+  const uint64_t first = seq_of(records[0]);
+  const uint64_t last = seq_of(records[3]);
+  const uint64_t altered = seq_of(records[2]);
+  ASSERT_GT(first, 1u);
+  ASSERT_LT(first, altered);
+  ASSERT_LT(altered, last);
+
+  // An intact range verifies, and only its entries are counted.
+  auto range = Verify("de-1", nullptr, first, last);
+  ASSERT_TRUE(range.ok()) << range.status();
+  EXPECT_TRUE(range->ok()) << range->detail();
+  EXPECT_EQ(range->entries_checked(), last - first + 1);
+  EXPECT_EQ(range->last_seq(), last);
+  {
+    pqxx::connection c(Db("de-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    EXPECT_EQ(range->last_hash(),
+              pqxx::binarystring(q.exec_params1("SELECT hash FROM audit_log WHERE seq = $1",
+                                                static_cast<int64_t>(last))[0])
+                  .str());
+  }
+  // Up to the last entry (end_seq 0) includes the chain head check.
+  auto to_head = Verify("de-1", nullptr, first, 0);
+  ASSERT_TRUE(to_head.ok()) << to_head.status();
+  EXPECT_TRUE(to_head->ok()) << to_head->detail();
+  EXPECT_GT(to_head->last_seq(), last);
+
+  // An altered entry inside the range is named; ranges that leave it out still verify, the one
+  // after it from its stored hash.
+  Exec("de-1", "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
+  Exec("de-1", "UPDATE audit_log SET reason = 'PERMITTED: bytes=1' WHERE object_id = $1",
+       records[2]);
+  auto broken = Verify("de-1", nullptr, first, last);
+  ASSERT_TRUE(broken.ok()) << broken.status();
+  EXPECT_FALSE(broken->ok());
+  EXPECT_EQ(broken->first_bad_seq(), altered);
+  EXPECT_EQ(broken->fault(), v1::CHAIN_FAULT_HASH_MISMATCH);
+  EXPECT_EQ(broken->entries_checked(), altered - first + 1);
+  auto before = Verify("de-1", nullptr, first, altered - 1);
+  ASSERT_TRUE(before.ok());
+  EXPECT_TRUE(before->ok()) << before->detail();
+  auto after = Verify("de-1", nullptr, altered + 1, last);
+  ASSERT_TRUE(after.ok());
+  EXPECT_TRUE(after->ok()) << after->detail();
+  auto just_it = Verify("de-1", nullptr, altered, altered);
+  ASSERT_TRUE(just_it.ok());
+  EXPECT_FALSE(just_it->ok());
+  EXPECT_EQ(just_it->first_bad_seq(), altered);
+  Exec("de-1", "UPDATE audit_log SET reason = 'PERMITTED: bytes=100 chunks=1' WHERE object_id = $1",
+       records[2]);
+  Exec("de-1", "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update");
+  auto repaired = Verify("de-1", nullptr, first, last);
+  ASSERT_TRUE(repaired.ok());
+  EXPECT_TRUE(repaired->ok()) << repaired->detail();
+
+  // Ranges outside the log or empty are refused, saying which bound to change.
+  const uint64_t head = static_cast<uint64_t>(Count("de-1", "SELECT seq FROM audit_head"));
+  auto reversed = Verify("de-1", nullptr, last, first);
+  EXPECT_EQ(reversed.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(reversed.status().message()), HasSubstr("is after end_seq"));
+  auto past_end = Verify("de-1", nullptr, first, head + 1000);
+  EXPECT_EQ(past_end.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(past_end.status().message()),
+              HasSubstr(absl::StrCat("end_seq ", head + 1000, " is past the log's last entry")));
+  auto past_start = Verify("de-1", nullptr, head + 1000, 0);
+  EXPECT_EQ(past_start.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(past_start.status().message()), HasSubstr("start_seq"));
+  auto huge = Verify("de-1", nullptr, 1, uint64_t{1} << 63);
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(huge.status().message()), HasSubstr("end_seq"));
+  // Verifying is for ops only, ranged or not.
+  EXPECT_EQ(Verify("de-1", &pki_->app(), first, last).status().code(),
+            absl::StatusCode::kPermissionDenied);
 }
 
 }  // namespace

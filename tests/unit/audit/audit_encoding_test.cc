@@ -55,5 +55,17 @@ TEST(AuditEncodingTest, FieldBoundariesAreUnambiguous) {
   EXPECT_NE(CanonicalEncoding(1, 1, a), CanonicalEncoding(1, 1, b));
 }
 
+TEST(AuditEncodingTest, EncodedPartsSurroundSeqAndTime) {
+  // What the shard's audit_append() hashes: head || seq || at_us || tail, 8-byte big-endian.
+  Entry e = Sample();
+  e.consent_version = 7;
+  const EncodedEntry parts = EncodeEntry(e);
+  const std::string numbers("\x00\x00\x00\x00\x00\x00\x01\x02"
+                            "\x00\x00\x01\x02\x03\x04\x05\x06",
+                            16);
+  EXPECT_EQ(parts.head + numbers + parts.tail,
+            CanonicalEncoding(0x0102, 0x010203040506, e));
+}
+
 }  // namespace
 }  // namespace medgate::audit

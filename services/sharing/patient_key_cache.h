@@ -1,0 +1,48 @@
+// Recently used patient data keys, unwrapped, so that an upload need not read and unwrap its
+// patient's key before it stores the record. Bounded in entries and in age.
+#ifndef MEDGATE_SERVICES_SHARING_PATIENT_KEY_CACHE_H_
+#define MEDGATE_SERVICES_SHARING_PATIENT_KEY_CACHE_H_
+
+#include <cstddef>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "absl/time/time.h"
+#include "libs/crypto/aes_gcm.h"
+
+namespace medgate::sharing {
+
+struct PatientKey {
+  std::string key_id;
+  crypto::SecretKey key;
+};
+
+// A cached key is only a guess: whoever uses it checks in the same statement that the key row
+// still exists (an erasure in another process does not reach this cache), and forgets it if not.
+// The age bound also limits how long an erased key can stay in this process's memory.
+class PatientKeyCache {
+ public:
+  PatientKeyCache(size_t max_entries, absl::Duration max_age)
+      : max_entries_(max_entries), max_age_(max_age) {}
+
+  std::optional<PatientKey> Get(const std::string& patient_id, absl::Time now);
+  void Put(const std::string& patient_id, const PatientKey& key, absl::Time now);
+  void Forget(const std::string& patient_id);
+  size_t size();
+
+ private:
+  struct Entry {
+    PatientKey key;
+    absl::Time expires;
+  };
+  const size_t max_entries_;
+  const absl::Duration max_age_;
+  std::mutex mu_;
+  std::map<std::string, Entry> entries_;
+};
+
+}  // namespace medgate::sharing
+
+#endif  // MEDGATE_SERVICES_SHARING_PATIENT_KEY_CACHE_H_

@@ -1,0 +1,52 @@
+// The bounded cache of unwrapped patient keys: age and entry bounds, forgetting.
+#include "services/sharing/patient_key_cache.h"
+
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+
+namespace medgate::sharing {
+namespace {
+
+PatientKey Key(const std::string& id) { return PatientKey{id, crypto::SecretKey::Random()}; }
+
+TEST(PatientKeyCacheTest, KeysExpireAfterTheirMaxAge) {
+  PatientKeyCache cache(10, absl::Seconds(60));
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  cache.Put("pt_1", Key("k1"), t0);
+  ASSERT_TRUE(cache.Get("pt_1", t0 + absl::Seconds(59)).has_value());
+  EXPECT_EQ(cache.Get("pt_1", t0 + absl::Seconds(59))->key_id, "k1");
+  // Using a key does not extend its life.
+  cache.Put("pt_1", Key("k1"), t0 + absl::Seconds(30));
+  EXPECT_FALSE(cache.Get("pt_1", t0 + absl::Seconds(60)).has_value());
+  EXPECT_EQ(cache.size(), 0u);
+}
+
+TEST(PatientKeyCacheTest, ANewKeyReplacesTheOldOne) {
+  PatientKeyCache cache(10, absl::Seconds(60));
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  cache.Put("pt_1", Key("k1"), t0);
+  cache.Put("pt_1", Key("k2"), t0 + absl::Seconds(1));
+  EXPECT_EQ(cache.Get("pt_1", t0 + absl::Seconds(2))->key_id, "k2");
+  cache.Forget("pt_1");
+  EXPECT_FALSE(cache.Get("pt_1", t0 + absl::Seconds(2)).has_value());
+}
+
+TEST(PatientKeyCacheTest, HoldsAtMostMaxEntriesDroppingTheOldestFirst) {
+  PatientKeyCache cache(3, absl::Seconds(60));
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  for (int i = 0; i < 5; ++i) {
+    cache.Put(absl::StrCat("pt_", i), Key(absl::StrCat("k", i)), t0 + absl::Seconds(i));
+    EXPECT_LE(cache.size(), 3u);
+  }
+  const absl::Time now = t0 + absl::Seconds(5);
+  EXPECT_FALSE(cache.Get("pt_0", now).has_value());
+  EXPECT_FALSE(cache.Get("pt_1", now).has_value());
+  for (int i = 2; i < 5; ++i) EXPECT_TRUE(cache.Get(absl::StrCat("pt_", i), now).has_value()) << i;
+  PatientKeyCache none(0, absl::Seconds(60));
+  none.Put("pt_1", Key("k1"), t0);
+  EXPECT_FALSE(none.Get("pt_1", t0).has_value());
+}
+
+}  // namespace
+}  // namespace medgate::sharing
