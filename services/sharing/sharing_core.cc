@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "libs/audit/audit_log.h"
+#include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/common/validation.h"
 #include "libs/crypto/chunk_cipher.h"
@@ -838,19 +839,24 @@ absl::StatusOr<int> SharingCore::SealMetadataInClear(pg::Pool& pool, int batch) 
     int sealed = 0;
     for (const pqxx::row& row : txn.exec_prepared(sql::kSelectMetadataInClear, batch)) {
       RecordInfo record = RecordFromRow(row);
-      ASSIGN_OR_RETURN(SecretKey key,
-                       OpenRecordKey(record, row[kRecordColumns], row[kRecordColumns + 1],
-                                     row[kRecordColumns + 2], row[kRecordColumns + 3]));
       // Both fields are sealed again together; one already sealed is opened first.
-      if (record.sealed_content_type || record.sealed_file_name) {
+      absl::StatusOr<SealedMetadata> metadata =
+          [&]() -> absl::StatusOr<SealedMetadata> {
+        ASSIGN_OR_RETURN(SecretKey key,
+                         OpenRecordKey(record, row[kRecordColumns], row[kRecordColumns + 1],
+                                       row[kRecordColumns + 2], row[kRecordColumns + 3]));
         RETURN_IF_ERROR(OpenSealedMetadata(key, record));
+        return SealMetadata(key, record.record_id, record.content_type, record.file_name);
+      }();
+      if (!metadata.ok()) {
+        // One damaged record must not keep the others in clear.
+        log::Warning("metadata_seal_failed",
+                     {{"record_id", record.record_id}, {"error", metadata.status().message()}});
+        continue;
       }
-      ASSIGN_OR_RETURN(SealedMetadata metadata, SealMetadata(key, record.record_id,
-                                                             record.content_type,
-                                                             record.file_name));
       txn.exec_prepared0(sql::kSealMetadata, record.record_id,
-                         pqxx::binarystring(metadata.content_type),
-                         pqxx::binarystring(metadata.file_name));
+                         pqxx::binarystring(metadata->content_type),
+                         pqxx::binarystring(metadata->file_name));
       ++sealed;
     }
     return sealed;

@@ -21,7 +21,7 @@ namespace medgate::sharing::sql {
       "r.created_at") ", r.state, " MEDGATE_MICROS("r.retain_until") ", r.content_type_sealed, "  \
                       "r.file_name_sealed"
 
-// After MEDGATE_RECORD_COLUMNS, what opens the record's key (see RecordKeyFromRow), from
+// After MEDGATE_RECORD_COLUMNS, what opens the record's key (see OpenRecordKey), from
 // MEDGATE_RECORD_KEY_JOIN: the wrapped record key, and its patient key's id, KEK id and wrapped
 // key.
 #define MEDGATE_RECORD_KEY_COLUMNS ", rk.wrapped_key, pk.key_id, pk.wrapped_by, pk.wrapped_key"
@@ -132,10 +132,9 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         // see it); no row back means nothing was written. The record's insert reads the chunk's
         // and the key's, so those are written before the audit entry takes the chain's lock.
         // $1 record_id, $2 tenant_id, $3 patient_id, $4 kind, $5 content_type and $6 file_name
-        // (both sealed),
-        // $7 size_bytes, $8 sha256, $9 chunk_count, $10 owner, $11 created_at, $12 record key id,
-        // $13 patient key id, $14 wrapped record key, $15 last chunk's index, $16 its ciphertext,
-        // $17.. the audit entry (AuditArgs in sharing_core.cc).
+        // (both sealed), $7 size_bytes, $8 sha256, $9 chunk_count, $10 owner, $11 created_at,
+        // $12 record key id, $13 patient key id, $14 wrapped record key, $15 last chunk's index,
+        // $16 its ciphertext, $17.. the audit entry (ExecWithAudit in sharing_core.cc).
         {kFinishUpload,
          "WITH patient_key AS (SELECT key_id FROM record_keys WHERE key_id = $13 "
          "AND patient_id = $3 AND record_id IS NULL FOR KEY SHARE), "

@@ -747,22 +747,30 @@ TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
             grpc::StatusCode::DATA_LOSS);
 
   // A record written before metadata was sealed (clear columns) reads as before, and the sweep
-  // seals it.
-  Exec("fr-1",
-       "UPDATE records SET file_name = 'legacy name.pdf', content_type = 'text/plain', "
-       "file_name_sealed = NULL, content_type_sealed = NULL WHERE record_id = $1",
-       record);
+  // seals it, even when another such record cannot be sealed (its key is gone).
+  spec.file_name = "damaged.pdf";
+  const std::string damaged = UploadOk(pki_->practitioner(), spec);
+  for (const std::string& id : {record, damaged}) {
+    Exec("fr-1",
+         "UPDATE records SET file_name = 'legacy name.pdf', content_type = 'text/plain', "
+         "file_name_sealed = NULL, content_type_sealed = NULL WHERE record_id = $1",
+         id);
+  }
+  Exec("fr-1", "DELETE FROM record_keys WHERE record_id = $1", damaged);
   auto legacy = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient, 10);
   ASSERT_TRUE(legacy.ok()) << legacy.status();
-  EXPECT_EQ(legacy->records(0).file_name(), "legacy name.pdf");
+  ASSERT_EQ(legacy->records_size(), 2);  // the archived one is not listed
+  EXPECT_EQ(legacy->records(1).record_id(), record);
+  EXPECT_EQ(legacy->records(1).file_name(), "legacy name.pdf");
   auto swept = sharing_->core().SweepRetention();
   ASSERT_TRUE(swept.ok()) << swept.status();
   EXPECT_GE(swept->sealed_metadata, 1);
-  EXPECT_EQ(Count("fr-1",
-                  "SELECT count(*) FROM records WHERE file_name IS NOT NULL OR content_type IS "
-                  "NOT NULL"),
-            0);
-  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE file_name_sealed IS NULL"), 0);
+  const std::string in_clear =
+      "SELECT count(*) FROM records WHERE record_id = $1 AND (file_name IS NOT NULL OR "
+      "content_type IS NOT NULL OR file_name_sealed IS NULL OR content_type_sealed IS NULL)";
+  EXPECT_EQ(Count("fr-1", in_clear, record), 0);
+  EXPECT_EQ(Count("fr-1", in_clear, damaged), 1);
+  Exec("fr-1", "DELETE FROM records WHERE record_id = $1", damaged);
   Downloaded resealed = Download(pki_->practitioner(), record);
   ASSERT_TRUE(resealed.status.ok()) << resealed.status.error_message();
   EXPECT_EQ(resealed.header.file_name(), "legacy name.pdf");
