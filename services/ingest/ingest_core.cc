@@ -43,7 +43,6 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   BatchResult result;
   result.batch_seq = batch_seq;
   auto retry = [&](absl::Status status, absl::Duration after) {
-    if (poisoned) poisoned->store(true);
     result.retryable = std::move(status);
     result.retry_after = after;
     done(std::move(result));
@@ -126,7 +125,7 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   request.device_id = device.name;
   request.patient_id = where.patient_id;
   request.rows = std::move(rows);
-  request.poisoned = poisoned;
+  request.poisoned = std::move(poisoned);
   auto shared = std::make_shared<BatchResult>(std::move(result));
   auto finish = std::make_shared<std::function<void(BatchResult)>>(std::move(done));
   request.done = [shared, finish](const WriteOutcome& outcome) {
@@ -145,7 +144,6 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
       lanes->second[absl::HashOf(device.tenant, device.name) % lanes->second.size()];
   if (!writer->Enqueue(std::move(request), options_.enqueue_wait)) {
     queue_full_.fetch_add(1, std::memory_order_relaxed);
-    if (poisoned) poisoned->store(true);
     BatchResult busy = std::move(*shared);
     busy.retryable = absl::ResourceExhaustedError(
         absl::StrCat("region ", where.region_id, " write queue is full; resend later"));

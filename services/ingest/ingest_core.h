@@ -84,9 +84,8 @@ class IngestCore {
   // Processes one batch of `device`: `done` is called exactly once with its result, possibly on
   // another thread, after the rows are committed (or immediately when nothing is to be written).
   // A permanent problem with the stream itself (device not assigned, batch too large) is returned
-  // as an error status and `done` is not called. A retryable answer (nothing of the batch stored)
-  // sets `poisoned`: no later batch of the stream may be stored before this one is resent, or
-  // the device's seq cursor would pass it.
+  // as an error status and `done` is not called. `poisoned` is the stream's flag: the writer
+  // refuses a poisoned stream's batches (the stream sets it on any retryable ack).
   absl::Status Process(const Principal& device, uint64_t batch_seq, std::vector<Sample> samples,
                        std::shared_ptr<std::atomic<bool>> poisoned,
                        std::function<void(BatchResult)> done);

@@ -150,7 +150,6 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
       busy.batch_seq = batch_seq;
       busy.retryable = absl::ResourceExhaustedError("ingest is saturated; resend later");
       busy.retry_after = absl::Seconds(1);
-      poisoned_->store(true);  // nothing later on this stream may be stored before this batch
       processing_ = false;
       CompleteLocked(slot, ToAck(busy));
       ContinueLocked();
@@ -204,6 +203,10 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   }
 
   void CompleteLocked(uint64_t slot, v1::IngestAck ack) {
+    // A batch not stored (retryable ack): no later batch of this stream may be stored before
+    // the device resends it, or the device's seq cursor would pass it and the resend would count
+    // as duplicates. Every retryable answer comes here before the stream reads its next batch.
+    if (ack.has_retryable_error()) poisoned_->store(true);
     if (broken_ || slot < first_slot_ || slot - first_slot_ >= pending_.size()) return;
     pending_[slot - first_slot_] = std::move(ack);
     if (poisoned_->load() && !fail_) {
