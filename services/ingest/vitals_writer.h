@@ -91,9 +91,8 @@ class VitalsWriter {
     uint64_t transactions = 0;
     uint64_t batches = 0;
     uint64_t rows = 0;
-    absl::Duration open;    // BEGIN, cursors locked and advanced, COPY started: one round trip
-    absl::Duration copy;    // rows encoded, sent and stored
-    absl::Duration commit;
+    absl::Duration open;         // BEGIN, cursors locked and advanced, COPY started: one round trip
+    absl::Duration copy_commit;  // rows encoded, sent, stored and committed: the second
   };
   WriterStats stats_;
   std::mutex mu_;
