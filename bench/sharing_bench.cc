@@ -23,6 +23,7 @@
 #include "absl/strings/str_format.h"
 #include "libs/common/config.h"
 #include "libs/common/log.h"
+#include "libs/common/process.h"
 #include "libs/crypto/chunk_cipher.h"
 #include "libs/crypto/key_encryption_key.h"
 #include "libs/crypto/sha256.h"
@@ -330,6 +331,7 @@ void CipherSpeeds(double* encrypt, double* decrypt, double* sha) {
 }
 
 int Main(int argc, char** argv) {
+  ConfigureProcess();
   int small_rounds = 40;
   int large_rounds = 3;
   for (int i = 1; i + 1 < argc; i += 2) {
