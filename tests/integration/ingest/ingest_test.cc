@@ -141,10 +141,11 @@ class IngestTest : public ::testing::Test {
     return StubAs<v1::DeviceIngest>(as, pki().ca_path(), ingest_->port());
   }
 
-  // Places a patient of acme and assigns `device` to it; returns the patient id.
+  // Places a patient of `as`'s tenant (acme by default) and assigns `device` to it; returns the
+  // patient id.
   static std::string PatientWithDevice(const std::string& ref, const std::string& territory,
-                                       const std::string& device) {
-    auto app = Routing(pki().app());
+                                       const std::string& device, const TestCert& as = pki().app()) {
+    auto app = Routing(as);
     v1::PlacePatientRequest place;
     place.set_patient_ref(ref);
     place.set_territory(territory);
@@ -161,8 +162,9 @@ class IngestTest : public ::testing::Test {
     return placed.patient_id();
   }
 
-  static void Grant(const std::string& patient_id, v1::Purpose purpose, const std::string& actor = "") {
-    auto stub = StubAs<v1::Consent>(pki().app(), pki().ca_path(), consent_->port());
+  static void Grant(const std::string& patient_id, v1::Purpose purpose, const std::string& actor = "",
+                    const TestCert& as = pki().app()) {
+    auto stub = StubAs<v1::Consent>(as, pki().ca_path(), consent_->port());
     v1::GrantConsentRequest r;
     r.set_patient_id(patient_id);
     r.set_purpose(purpose);
@@ -587,6 +589,123 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
   EXPECT_EQ(stored, kBatches * 10);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp'"), static_cast<int64_t>(kBatches * 10));
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp' AND seq BETWEEN 1 AND 60"), 60);
+  (*server)->Shutdown();
+}
+
+// A tenant over its sample quota gets, for the batch over it, a retryable RESOURCE_EXHAUSTED ack:
+// its stream then stores nothing more and ends UNAVAILABLE, while another tenant on the same server
+// keeps storing; once the quota has refilled, the device's resend of the refused batch is stored.
+TEST_F(IngestTest, ATenantOverItsRateQuotaIsRefusedRetryablyAndLosesNothing) {
+  constexpr uint32_t kBurst = 100;
+  constexpr uint32_t kPerBatch = 50;  // a second of refill at 50 samples a second
+  std::string patient = PatientWithDevice("quota", "FR", "dev-quota");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string other_patient = PatientWithDevice("quota-other", "DE", "dev-quota", pki().globex_app());
+  Grant(other_patient, v1::PURPOSE_REMOTE_MONITORING, "", pki().globex_app());
+  // A second ingest server on the same stack, whose tenants' buckets start full at kBurst.
+  MedgateConfig quota = stack_->config();  // the server keeps a reference to it
+  absl::StatusOr<ConfigNode> node = ConfigNode::Parse(
+      absl::StrCat("ingest: {tenant_samples_per_second: 50, tenant_burst: ", kBurst, "}\n"));
+  ASSERT_TRUE(node.ok()) << node.status();
+  quota.root = *node;
+  auto server = IngestServer::Create(quota);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  auto stub = StubAs<v1::DeviceIngest>(Device("acme", "dev-quota"), pki().ca_path(), (*server)->port());
+  auto retry_after = [](const v1::IngestAck& ack) {
+    return absl::Seconds(ack.retry_after().seconds()) + absl::Nanoseconds(ack.retry_after().nanos());
+  };
+  const auto kResourceExhausted = static_cast<int32_t>(grpc::StatusCode::RESOURCE_EXHAUSTED);
+  const std::string kAcmeDevice = "tenant_id = 'acme' AND device_id = 'dev-quota'";
+
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto stream = stub->StreamVitals(&context);
+  v1::IngestAck ack;
+  ASSERT_TRUE(stream->Write(Batch(1, 1, kBurst)));
+  ASSERT_TRUE(stream->Read(&ack));
+  ASSERT_FALSE(ack.has_retryable_error()) << ack.retryable_error().message();
+  ASSERT_EQ(ack.stored_count(), kBurst);
+  uint64_t stored = ack.stored_count();
+  // The burst is spent: the next batches, each acked before the next is sent, outrun the refill.
+  std::optional<v1::VitalsBatch> refused;
+  uint64_t batch_seq = 1;
+  while (!refused && batch_seq < 20) {
+    ++batch_seq;
+    v1::VitalsBatch batch = Batch(batch_seq, kBurst + (batch_seq - 2) * kPerBatch + 1, kPerBatch);
+    ASSERT_TRUE(stream->Write(batch));
+    ASSERT_TRUE(stream->Read(&ack));
+    ASSERT_EQ(ack.batch_seq(), batch_seq);
+    if (ack.has_retryable_error()) {
+      refused = batch;
+    } else {
+      EXPECT_EQ(ack.stored_count(), kPerBatch);
+      stored += ack.stored_count();
+    }
+  }
+  ASSERT_TRUE(refused.has_value()) << "no batch went over the quota";
+  EXPECT_EQ(ack.retryable_error().code(), kResourceExhausted) << ack.retryable_error().message();
+  EXPECT_THAT(ack.retryable_error().message(), HasSubstr("quota"));
+  ASSERT_TRUE(ack.has_retry_after());
+  EXPECT_LE(retry_after(ack), absl::Seconds(1)) << "one batch refills in a second at the configured rate";
+  absl::Time next_try = absl::Now() + retry_after(ack);
+  uint64_t quota_refusals = 1;
+  const uint64_t refused_last_seq = refused->samples(refused->samples_size() - 1).seq();
+  // The device goes on streaming; the stream reads nothing more, owes no more acks and ends (the
+  // write itself may already fail, the server having ended the stream).
+  (void)stream->Write(Batch(batch_seq + 1, refused_last_seq + 1, kPerBatch));
+  stream->WritesDone();
+  EXPECT_FALSE(stream->Read(&ack)) << "an ack for batch " << ack.batch_seq() << " after the refusal";
+  grpc::Status ended = stream->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
+  // Every sample acknowledged is stored, nothing unacknowledged is.
+  EXPECT_EQ(Count("fr-1", kAcmeDevice), static_cast<int64_t>(stored));
+  EXPECT_EQ(Count("fr-1", absl::StrCat(kAcmeDevice, " AND seq >= ", refused->samples(0).seq())), 0);
+
+  // Another tenant's device, while acme's bucket is empty, stores a whole burst (a bucket shared by
+  // the tenants would take two seconds to hold that much again).
+  auto other_stub =
+      StubAs<v1::DeviceIngest>(Device("globex", "dev-quota"), pki().ca_path(), (*server)->port());
+  DeviceStream other(*other_stub);
+  for (uint64_t b = 1; b <= 2; ++b) {
+    std::optional<v1::IngestAck> other_ack = other.Send(Batch(b, (b - 1) * kPerBatch + 1, kPerBatch));
+    ASSERT_TRUE(other_ack.has_value()) << other.Finish().error_message();
+    ASSERT_FALSE(other_ack->has_retryable_error()) << other_ack->retryable_error().message();
+    EXPECT_EQ(other_ack->stored_count(), kPerBatch);
+  }
+  EXPECT_TRUE(other.Finish().ok());
+  EXPECT_EQ(Count("de-1", "tenant_id = 'globex' AND device_id = 'dev-quota'"),
+            static_cast<int64_t>(2 * kPerBatch));
+
+  // Once the quota has refilled as far as the ack said, the device's resend on a new stream is stored.
+  std::optional<v1::IngestAck> resent;
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    if (absl::Now() < next_try) return false;
+    DeviceStream again(*stub);
+    resent = again.Send(*refused);
+    if (!resent.has_value()) {
+      ADD_FAILURE() << "the resend got no ack: " << again.Finish().error_message();
+      return true;
+    }
+    if (!resent->has_retryable_error()) {
+      EXPECT_TRUE(again.Finish().ok());
+      return true;
+    }
+    EXPECT_EQ(resent->retryable_error().code(), kResourceExhausted) << resent->retryable_error().message();
+    ++quota_refusals;
+    next_try = absl::Now() + retry_after(*resent);
+    EXPECT_EQ(again.Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+    return false;
+  }));
+  ASSERT_TRUE(resent.has_value());
+  EXPECT_EQ(resent->batch_seq(), refused->batch_seq());
+  EXPECT_EQ(resent->stored_count(), kPerBatch);
+  EXPECT_EQ(resent->duplicate_count(), 0u);
+  stored += resent->stored_count();
+  EXPECT_EQ(Count("fr-1", kAcmeDevice), static_cast<int64_t>(stored));
+  EXPECT_EQ(Count("fr-1", absl::StrCat(kAcmeDevice, " AND seq BETWEEN 1 AND ", refused_last_seq)),
+            static_cast<int64_t>(stored));
+  EXPECT_EQ((*server)->counters().quota_refused, quota_refusals);
   (*server)->Shutdown();
 }
 
