@@ -27,7 +27,9 @@
 #include <grpcpp/grpcpp.h>
 #include <pqxx/pqxx>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "libs/common/process.h"
 #include "libs/devpki/devpki.h"
@@ -358,6 +360,20 @@ bool ConnectAll(std::vector<DeviceIdentity>& devices, absl::Duration timeout) {
   return ready == static_cast<int>(devices.size());
 }
 
+// The value of `key` in a one-line JSON object of scalars (the service's log lines).
+std::string JsonField(const std::string& line, const std::string& key) {
+  const std::string marker = absl::StrCat("\"", key, "\":");
+  size_t at = line.find(marker);
+  if (at == std::string::npos) return "";
+  at += marker.size();
+  if (at < line.size() && line[at] == '"') {
+    const size_t end = line.find('"', at + 1);
+    return end == std::string::npos ? "" : line.substr(at + 1, end - at - 1);
+  }
+  const size_t end = line.find_first_of(",}", at);
+  return line.substr(at, end == std::string::npos ? std::string::npos : end - at);
+}
+
 double Pct(const std::vector<double>& sorted, double p) {
   if (sorted.empty()) return 0;
   return sorted[std::min(sorted.size() - 1, static_cast<size_t>(p * sorted.size()))];
@@ -385,7 +401,8 @@ int Run(const Args& args) {
                std::getenv("MEDGATE_PG_TMPDIR"));
   auto stack = test_support::TestStack::Start(
       {"routing", "consent", "ingest"},
-      absl::StrCat("ingest: {tenant_samples_per_second: 10000000, tenant_burst: 10000000",
+      absl::StrCat("ingest: {tenant_samples_per_second: 10000000, tenant_burst: 10000000, "
+                   "stats_interval_ms: 1000",
                    args.lanes > 0 ? absl::StrCat(", writers_per_region: ", args.lanes) : "",
                    args.linger_ms >= 0 ? absl::StrCat(", linger_ms: ", args.linger_ms) : "", "}\n"
                    "limits: {max_concurrent_streams: 20000}\n"));
@@ -513,7 +530,9 @@ int Run(const Args& args) {
   double per_device_batches = 0.7 * peak_rate / args.batch / args.devices;
   absl::Duration interval = absl::Seconds(1.0 / std::max(per_device_batches, 0.01));
   std::fprintf(stderr, "latency at 70%% of peak (%.0f samples/s)...\n", 0.7 * peak_rate);
+  const absl::Time at70_start = absl::Now();
   LoadResult at70 = RunLoad(load_devices, args.batch, absl::Seconds(args.seconds), interval);
+  const absl::Time at70_end = absl::Now();
 
   std::fprintf(stderr, "acks over 25 ms at 70%%, by second of the run:");
   for (int n : at70.slow_per_second) std::fprintf(stderr, " %d", n);
@@ -570,12 +589,33 @@ int Run(const Args& args) {
   int wstatus = 0;
   waitpid(ingest_pid, &wstatus, 0);
   {
-    // The writers' own account of their transactions (size and where the time went).
+    // The writers' own account of their transactions (size and where the time went), and the
+    // ack latency the service measured itself.
     std::ifstream log(ingest_log);
     std::string line;
+    std::vector<std::string> p50s;
+    std::vector<std::string> p99s;
+    double worst_p99 = 0;
     while (std::getline(log, line)) {
       if (line.find("vitals_writer_stats") != std::string::npos) std::fprintf(stderr, "%s\n", line.c_str());
+      // The service's own ack latency (batch read -> ack handed to gRPC), one line a second:
+      // those whose whole second lies in the 70% run.
+      absl::Time ts;
+      double p50 = 0;
+      double p99 = 0;
+      if (line.find("ingest_ack_latency") != std::string::npos &&
+          absl::ParseTime(absl::RFC3339_full, JsonField(line, "ts"), &ts, nullptr) &&
+          ts >= at70_start + absl::Milliseconds(1500) && ts <= at70_end &&
+          absl::SimpleAtod(JsonField(line, "p50_ms"), &p50) &&
+          absl::SimpleAtod(JsonField(line, "p99_ms"), &p99)) {
+        p50s.push_back(absl::StrCat(static_cast<int>(p50 + 0.5)));
+        p99s.push_back(absl::StrCat(static_cast<int>(p99 + 0.5)));
+        worst_p99 = std::max(worst_p99, p99);
+      }
     }
+    std::printf("  ack latency inside medgate-ingest at 70%% (batch read -> ack sent), by second:\n"
+                "    p50 ms: %s\n    p99 ms: %s  (worst second %.1f ms)\n",
+                absl::StrJoin(p50s, " ").c_str(), absl::StrJoin(p99s, " ").c_str(), worst_p99);
   }
   consent->Shutdown();
   routing->Shutdown();

@@ -15,9 +15,12 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   RETURN_IF_ERROR(node.OnlyKeys({"tenant_samples_per_second", "tenant_burst", "max_sample_age_hours",
                                  "max_queued_batches", "max_rows_per_transaction", "linger_ms",
                                  "worker_threads", "writers_per_region",
-                                 "device_cache_ttl_seconds", "enqueue_wait_ms"}));
+                                 "device_cache_ttl_seconds", "enqueue_wait_ms",
+                                 "stats_interval_ms"}));
   ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
-  ASSIGN_OR_RETURN(int64_t burst, node.Int("tenant_burst", 1, 100000000, 100000));
+  // A burst below the largest batch would refuse such a batch forever, however long it waits.
+  ASSIGN_OR_RETURN(int64_t burst, node.Int("tenant_burst", static_cast<int64_t>(kMaxSamplesPerBatch),
+                                           100000000, 100000));
   ASSIGN_OR_RETURN(int64_t age, node.Int("max_sample_age_hours", 1, 24 * 365, 24 * 30));
   ASSIGN_OR_RETURN(int64_t queued, node.Int("max_queued_batches", 1, 1000000, 4096));
   ASSIGN_OR_RETURN(int64_t rows, node.Int("max_rows_per_transaction", 1, 1000000, 20000));
@@ -26,6 +29,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(int64_t lanes, node.Int("writers_per_region", 1, 64, 4));
   ASSIGN_OR_RETURN(int64_t device_ttl, node.Int("device_cache_ttl_seconds", 1, 3600, 30));
   ASSIGN_OR_RETURN(int64_t enqueue_wait, node.Int("enqueue_wait_ms", 1, 600000, 10000));
+  ASSIGN_OR_RETURN(int64_t stats_interval, node.Int("stats_interval_ms", 100, 3600000, 10000));
   s.core.tenant_samples_per_second = static_cast<double>(rate);
   s.core.tenant_burst = static_cast<double>(burst);
   s.core.validation.max_age = absl::Hours(age);
@@ -36,6 +40,8 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.writers_per_region = static_cast<int>(lanes);
   s.device_cache_ttl = absl::Seconds(device_ttl);
   s.core.enqueue_wait = absl::Milliseconds(enqueue_wait);
+  s.stats_interval = absl::Milliseconds(stats_interval);
+  s.writer.stats_interval = s.stats_interval;
   return s;
 }
 
@@ -68,7 +74,8 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
       server->settings_.worker_threads, static_cast<size_t>(config.limits.max_concurrent_streams) * 4);
   server->service_ = std::make_unique<IngestService>(*server->core_, *server->routing_,
                                                      *server->consent_, *server->shards_,
-                                                     config.trust_domain, *server->executor_);
+                                                     config.trust_domain, *server->executor_,
+                                                     server->settings_.stats_interval);
   return server;
 }
 

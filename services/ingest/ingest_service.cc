@@ -11,6 +11,7 @@
 #include "absl/time/clock.h"
 #include "libs/audit/audit_log.h"
 #include "libs/common/grpc_status.h"
+#include "libs/common/latency_histogram.h"
 #include "libs/common/log.h"
 #include "libs/pg/sql_array.h"
 #include "libs/server/rpc_util.h"
@@ -59,7 +60,8 @@ v1::IngestAck ToAck(const BatchResult& r) {
   if (!r.retryable.ok()) {
     ack.mutable_retryable_error()->set_code(static_cast<int32_t>(r.retryable.code()));
     ack.mutable_retryable_error()->set_message(std::string(r.retryable.message()));
-    int64_t ms = absl::ToInt64Milliseconds(r.retry_after);
+    // Rounded up to the millisecond: a device that waits this long finds room.
+    const int64_t ms = absl::ToInt64Milliseconds(absl::Ceil(r.retry_after, absl::Milliseconds(1)));
     ack.mutable_retry_after()->set_seconds(ms / 1000);
     ack.mutable_retry_after()->set_nanos(static_cast<int32_t>((ms % 1000) * 1000000));
     return ack;
@@ -108,8 +110,12 @@ struct StreamShared {
 
 class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck> {
  public:
-  VitalsStream(IngestCore& core, StreamExecutor& executor, absl::StatusOr<Principal> principal)
-      : core_(core), executor_(executor), shared_(std::make_shared<StreamShared>()) {
+  VitalsStream(IngestCore& core, StreamExecutor& executor, AckLatency& ack_latency,
+               absl::StatusOr<Principal> principal)
+      : core_(core),
+        executor_(executor),
+        ack_latency_(ack_latency),
+        shared_(std::make_shared<StreamShared>()) {
     if (!principal.ok()) {
       Finish(ToGrpcStatus(principal.status()));
       return;
@@ -130,7 +136,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
       return;
     }
     const uint64_t slot = first_slot_ + pending_.size();
-    pending_.emplace_back(std::nullopt);
+    pending_.push_back(PendingAck{std::nullopt, absl::Now()});
     processing_ = true;
     // The samples are copied out and `incoming_` is cleared, not moved from: the next read
     // reuses its sample objects instead of allocating them again (unless the batch was large).
@@ -208,7 +214,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     // as duplicates. Every retryable answer comes here before the stream reads its next batch.
     if (ack.has_retryable_error()) poisoned_->store(true);
     if (broken_ || slot < first_slot_ || slot - first_slot_ >= pending_.size()) return;
-    pending_[slot - first_slot_] = std::move(ack);
+    pending_[slot - first_slot_].ack = std::move(ack);
     if (poisoned_->load() && !fail_) {
       // A write of this stream failed: later batches would be refused anyway. Owed acks go out,
       // then the stream ends so the device reconnects and resends what was not acknowledged.
@@ -223,8 +229,9 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
 
   // Acks go out in batch order, one write at a time.
   void FlushLocked() {
-    if (write_in_flight_ || broken_ || pending_.empty() || !pending_.front().has_value()) return;
-    outgoing_ = std::move(*pending_.front());
+    if (write_in_flight_ || broken_ || pending_.empty() || !pending_.front().ack.has_value()) return;
+    outgoing_ = std::move(*pending_.front().ack);
+    ack_latency_.Record(absl::Now() - pending_.front().read_at);
     pending_.pop_front();
     ++first_slot_;
     write_in_flight_ = true;
@@ -247,15 +254,22 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     Finish(fail_.value_or(grpc::Status::OK));
   }
 
+  // A batch read, and its ack once it has one.
+  struct PendingAck {
+    std::optional<v1::IngestAck> ack;
+    absl::Time read_at;
+  };
+
   IngestCore& core_;
   StreamExecutor& executor_;
+  AckLatency& ack_latency_;
   std::shared_ptr<StreamShared> shared_;
   Principal principal_;
   std::shared_ptr<std::atomic<bool>> poisoned_ = std::make_shared<std::atomic<bool>>(false);
   v1::VitalsBatch incoming_;
   v1::IngestAck outgoing_;
   // Guarded by shared_->mu.
-  std::deque<std::optional<v1::IngestAck>> pending_;
+  std::deque<PendingAck> pending_;
   uint64_t first_slot_ = 0;
   bool read_outstanding_ = false;
   bool processing_ = false;
@@ -268,20 +282,46 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
 
 }  // namespace
 
+void AckLatency::Record(absl::Duration latency) {
+  histogram_.Record(latency);
+  const int64_t now_us = absl::ToUnixMicros(absl::Now());
+  int64_t due = next_log_us_.load(std::memory_order_relaxed);
+  if (due == 0) {
+    // The first ack starts the first window.
+    next_log_us_.compare_exchange_strong(due, now_us + absl::ToInt64Microseconds(interval_));
+    return;
+  }
+  if (now_us < due || !next_log_us_.compare_exchange_strong(
+                          due, now_us + absl::ToInt64Microseconds(interval_))) {
+    return;
+  }
+  const LatencyHistogram::Summary s = histogram_.TakeSummary();
+  log::Info("ingest_ack_latency",
+            {{"window_s", absl::ToDoubleSeconds(interval_ + absl::Microseconds(now_us - due))},
+             {"acks", s.count},
+             {"p50_ms", s.p50_ms},
+             {"p90_ms", s.p90_ms},
+             {"p99_ms", s.p99_ms},
+             {"max_ms", s.max_ms}});
+}
+
 IngestService::IngestService(IngestCore& core, RoutingClient& routing,
                              consent::ConsentCache& consent, const pg::ShardSet& shards,
-                             std::string trust_domain, StreamExecutor& executor)
+                             std::string trust_domain, StreamExecutor& executor,
+                             absl::Duration stats_interval)
     : core_(core),
       routing_(routing),
       consent_(consent),
       shards_(shards),
       policy_(std::move(trust_domain),
               {{"StreamVitals", {K::kDevice}}, {"ReadVitals", {K::kPractitioner}}}),
-      executor_(executor) {}
+      executor_(executor),
+      ack_latency_(stats_interval) {}
 
 grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* IngestService::StreamVitals(
     grpc::CallbackServerContext* context) {
-  return new VitalsStream(core_, executor_, policy_.Authorize(*context, "StreamVitals"));
+  return new VitalsStream(core_, executor_, ack_latency_,
+                          policy_.Authorize(*context, "StreamVitals"));
 }
 
 grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,

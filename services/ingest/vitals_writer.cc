@@ -347,7 +347,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   for (const WriteOutcome& o : outcomes) stats_.rows += o.stored;
   stats_.open += locked - began;
   stats_.copy_commit += committed - locked;
-  if (committed - stats_.since >= absl::Seconds(10)) {
+  if (committed - stats_.since >= options_.stats_interval) {
     const double n = static_cast<double>(stats_.transactions);
     log::Info("vitals_writer_stats",
               {{"region", region_id_},

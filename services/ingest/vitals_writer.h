@@ -59,6 +59,7 @@ struct WriterOptions {
   size_t max_queued_requests = 4096;
   size_t max_rows_per_transaction = 20000;
   absl::Duration linger = absl::Milliseconds(2);  // wait this long for more work to coalesce
+  absl::Duration stats_interval = absl::Seconds(10);  // how often `vitals_writer_stats` is logged
 };
 
 class VitalsWriter {

@@ -1,9 +1,11 @@
-// Unit tests of libs/common: status macros, the status mapping, config validation, JSON logging.
+// Unit tests of libs/common: status macros, the status mapping, config validation, JSON logging,
+// the latency histogram.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "libs/common/config.h"
 #include "libs/common/grpc_status.h"
+#include "libs/common/latency_histogram.h"
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/common/validation.h"
@@ -149,6 +151,59 @@ TEST(ValidationTest, NamesTheFieldAndTheRule) {
   EXPECT_TRUE(ValidateText("scan #42 (signed)", "evidence_ref", 64).ok());
   EXPECT_EQ(ValidateText("a\tb", "reason", 64).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ValidateText("", "reason", 64).message(), "reason: must not be empty");
+}
+
+TEST(LatencyHistogramTest, PercentilesAreBucketBoundsNeverBelowTheTrueValue) {
+  LatencyHistogram h;
+  // 1..100 ms: the true p50 is 50 ms, p90 90 ms, p99 99 ms, the maximum 100 ms.
+  for (int ms = 1; ms <= 100; ++ms) h.Record(absl::Milliseconds(ms));
+  LatencyHistogram::Summary s = h.TakeSummary();
+  EXPECT_EQ(s.count, 100u);
+  EXPECT_DOUBLE_EQ(s.max_ms, 100.0);
+  // Buckets grow by 2^(1/4): a reported percentile is at most 19% above the true one.
+  EXPECT_GE(s.p50_ms, 50.0);
+  EXPECT_LE(s.p50_ms, 50.0 * 1.19);
+  EXPECT_GE(s.p90_ms, 90.0);
+  EXPECT_LE(s.p90_ms, 90.0 * 1.19);
+  EXPECT_GE(s.p99_ms, 99.0);
+  EXPECT_LE(s.p99_ms, 100.0);  // capped by the exact maximum
+}
+
+TEST(LatencyHistogramTest, OneSlowOutlierShowsInP99AndMaxOnly) {
+  LatencyHistogram h;
+  for (int i = 0; i < 199; ++i) h.Record(absl::Microseconds(500));
+  h.Record(absl::Seconds(3));
+  LatencyHistogram::Summary s = h.TakeSummary();
+  EXPECT_EQ(s.count, 200u);
+  EXPECT_LE(s.p50_ms, 0.5 * 1.19);
+  EXPECT_LE(s.p99_ms, 0.5 * 1.19);  // rank 198 of 200 is still a 0.5 ms sample
+  EXPECT_DOUBLE_EQ(s.max_ms, 3000.0);
+}
+
+TEST(LatencyHistogramTest, LatenciesBeyondTheLastBoundAreCountedAndReportedByTheMaximum) {
+  LatencyHistogram h;
+  h.Record(absl::Seconds(30));
+  h.Record(absl::ZeroDuration());
+  h.Record(-absl::Milliseconds(5));  // a clock step: counted as zero, not lost
+  LatencyHistogram::Summary s = h.TakeSummary();
+  EXPECT_EQ(s.count, 3u);
+  EXPECT_DOUBLE_EQ(s.max_ms, 30000.0);
+  EXPECT_DOUBLE_EQ(s.p99_ms, 30000.0);
+  EXPECT_LE(s.p50_ms, LatencyHistogram::UpperBoundMs(0));
+}
+
+TEST(LatencyHistogramTest, TakeSummaryStartsOver) {
+  LatencyHistogram h;
+  h.Record(absl::Milliseconds(7));
+  EXPECT_EQ(h.TakeSummary().count, 1u);
+  LatencyHistogram::Summary empty = h.TakeSummary();
+  EXPECT_EQ(empty.count, 0u);
+  EXPECT_DOUBLE_EQ(empty.max_ms, 0.0);
+  h.Record(absl::Milliseconds(2));
+  LatencyHistogram::Summary again = h.TakeSummary();
+  EXPECT_EQ(again.count, 1u);
+  EXPECT_DOUBLE_EQ(again.max_ms, 2.0);
+  EXPECT_GE(again.p50_ms, 2.0);
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
-// Unit tests of the per-tenant sample quota (a token bucket).
+// Unit tests of the per-tenant sample quota (a token bucket) and of its configuration.
 #include <gtest/gtest.h>
 
 #include "services/ingest/ingest_core.h"
+#include "services/ingest/ingest_server.h"
 
 namespace medgate::ingest {
 namespace {
@@ -19,6 +20,28 @@ TEST(TenantQuotaTest, AllowsTheBurstThenTheRatePerTenant) {
   // Refill never exceeds the burst.
   EXPECT_EQ(quota.TryTake("acme", 201, t0 + absl::Hours(1)), absl::Milliseconds(10));
   EXPECT_EQ(quota.TryTake("acme", 200, t0 + absl::Hours(1)), absl::ZeroDuration());
+}
+
+// A burst smaller than the largest batch would refuse such a batch forever: the configuration
+// says so instead of the devices finding out.
+TEST(TenantQuotaTest, TheBurstMustHoldTheLargestBatch) {
+  auto settings = [](const std::string& yaml) {
+    MedgateConfig config;
+    absl::StatusOr<ConfigNode> node = ConfigNode::Parse(yaml);
+    EXPECT_TRUE(node.ok()) << node.status();
+    if (node.ok()) config.root = *node;
+    return ParseIngestSettings(config);
+  };
+  absl::StatusOr<IngestSettings> small = settings("ingest: {tenant_burst: 999}\n");
+  ASSERT_FALSE(small.ok());
+  EXPECT_EQ(small.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(small.status().message().find("tenant_burst"), std::string::npos) << small.status();
+  absl::StatusOr<IngestSettings> enough =
+      settings("ingest: {tenant_burst: 1000, stats_interval_ms: 1000}\n");
+  ASSERT_TRUE(enough.ok()) << enough.status();
+  EXPECT_EQ(enough->core.tenant_burst, 1000.0);
+  EXPECT_EQ(enough->stats_interval, absl::Seconds(1));
+  EXPECT_EQ(enough->writer.stats_interval, absl::Seconds(1));
 }
 
 }  // namespace
