@@ -122,6 +122,7 @@ bool VitalsWriter::Enqueue(WriteRequest request, absl::Duration wait) {
     return false;
   }
   if (stopping_) return false;
+  request.enqueued_at = absl::Now();
   queue_.push_back(std::move(request));
   // The writer sleeps only on an empty queue or while lingering for kEnoughToCommit requests:
   // waking it for any other arrival would cost a context switch per batch for nothing.
@@ -347,6 +348,8 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   for (const WriteOutcome& o : outcomes) stats_.rows += o.stored;
   stats_.open += locked - began;
   stats_.copy_commit += committed - locked;
+  stats_.longest = std::max(stats_.longest, committed - began);
+  for (const WriteRequest* w : live) stats_.longest_wait = std::max(stats_.longest_wait, began - w->enqueued_at);
   if (committed - stats_.since >= options_.stats_interval) {
     const double n = static_cast<double>(stats_.transactions);
     log::Info("vitals_writer_stats",
@@ -355,7 +358,9 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
                {"rows_per_transaction", static_cast<double>(stats_.rows) / n},
                {"batches_per_transaction", static_cast<double>(stats_.batches) / n},
                {"open_ms", absl::ToDoubleMilliseconds(stats_.open) / n},
-               {"copy_commit_ms", absl::ToDoubleMilliseconds(stats_.copy_commit) / n}});
+               {"copy_commit_ms", absl::ToDoubleMilliseconds(stats_.copy_commit) / n},
+               {"longest_transaction_ms", absl::ToDoubleMilliseconds(stats_.longest)},
+               {"longest_queue_wait_ms", absl::ToDoubleMilliseconds(stats_.longest_wait)}});
     stats_ = WriterStats{};
     stats_.since = committed;
   }

@@ -53,6 +53,7 @@ struct WriteRequest {
   // Shared by a stream's requests: once one fails, the stream's later requests fail without
   // being written, so a device's seq never has a gap below its committed cursor.
   std::shared_ptr<std::atomic<bool>> poisoned;
+  absl::Time enqueued_at;  // set by Enqueue
 };
 
 struct WriterOptions {
@@ -94,6 +95,8 @@ class VitalsWriter {
     uint64_t rows = 0;
     absl::Duration open;         // BEGIN, cursors locked and advanced, COPY started: one round trip
     absl::Duration copy_commit;  // rows encoded, sent, stored and committed: the second
+    absl::Duration longest;      // the longest transaction, from BEGIN to COMMIT
+    absl::Duration longest_wait;  // the longest a request waited in the queue for its transaction
   };
   WriterStats stats_;
   std::mutex mu_;
