@@ -1,6 +1,7 @@
 // The device SDK's sender.
 #include "libs/device_sdk/device_client.h"
 
+#include <algorithm>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -95,11 +96,18 @@ void DeviceClient::Loop() {
       backoff = options_.backoff_initial;
       continue;
     }
-    // Full jitter: wait a random time up to the current backoff, then double it.
+    // Full jitter: wait a random time up to the current backoff, then double it; but at least as
+    // long as the server's last retryable ack asked (a quota refill), up to backoff_max.
     std::uniform_int_distribution<int64_t> jitter(0, absl::ToInt64Milliseconds(backoff));
     absl::Duration wait = absl::Milliseconds(jitter(rng));
     backoff = std::min(backoff * 2, options_.backoff_max);
     std::unique_lock<std::mutex> lock(mu_);
+    const absl::Duration asked = std::min(retry_after_, options_.backoff_max);
+    retry_after_ = absl::ZeroDuration();
+    if (asked > wait) {
+      wait = asked;
+      ++stats_.waits_set_by_server;
+    }
     ++stats_.reconnects;
     cv_.wait_for(lock, absl::ToChronoMilliseconds(wait), [this] { return stopping_; });
     if (stopping_) return;
@@ -149,6 +157,9 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
     if (ack.has_retryable_error()) {
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.retries;
+      retry_after_ = std::max(absl::ZeroDuration(),
+                              absl::Seconds(ack.retry_after().seconds()) +
+                                  absl::Nanoseconds(ack.retry_after().nanos()));
       context.TryCancel();
       return absl::Status(static_cast<absl::StatusCode>(ack.retryable_error().code()),
                           ack.retryable_error().message());

@@ -26,7 +26,7 @@ struct DeviceOptions {
   std::string buffer_path;   // the durable buffer file
   size_t max_buffered_batches = 10000;
   absl::Duration backoff_initial = absl::Milliseconds(100);
-  absl::Duration backoff_max = absl::Seconds(30);
+  absl::Duration backoff_max = absl::Seconds(30);  // also bounds a server's retry_after
   absl::Duration ack_timeout = absl::Seconds(30);
 };
 
@@ -38,6 +38,8 @@ struct DeviceStats {
   uint64_t samples_rejected = 0;
   uint64_t retries = 0;
   uint64_t reconnects = 0;
+  // Reconnects that waited longer than the backoff because a retryable ack's retry_after asked to.
+  uint64_t waits_set_by_server = 0;
 };
 
 class DeviceClient {
@@ -73,6 +75,7 @@ class DeviceClient {
   DeviceStats stats_;
   std::function<void(const v1::IngestAck&, absl::Duration)> on_ack_;
   grpc::ClientContext* active_ = nullptr;  // to cancel a blocked stream on Stop()
+  absl::Duration retry_after_;             // from the last retryable ack, for the next wait
   std::thread thread_;
 };
 

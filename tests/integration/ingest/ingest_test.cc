@@ -506,6 +506,58 @@ TEST_F(IngestTest, TheSdkResendsItsFileBufferAfterARestart) {
   std::filesystem::remove(options.buffer_path);
 }
 
+// A device over its tenant's quota is told how long to wait (retry_after): the SDK waits at least
+// that long before it reconnects and resends, and every batch is stored once.
+TEST_F(IngestTest, TheSdkWaitsAsLongAsAQuotaRefusalAsksAndLosesNothing) {
+  std::string patient = PatientWithDevice("sdk-quota", "FR", "dev-sdk-quota");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  // A second ingest server whose tenants may send 1,000 samples at once, then 500 a second.
+  MedgateConfig quota = stack_->config();  // declared before the server, which keeps a reference to it
+  absl::StatusOr<ConfigNode> node =
+      ConfigNode::Parse("ingest: {tenant_samples_per_second: 500, tenant_burst: 1000}\n");
+  ASSERT_TRUE(node.ok()) << node.status();
+  quota.root = *node;
+  auto server = IngestServer::Create(quota);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  TestCert cert = Device("acme", "dev-sdk-quota");
+  device::DeviceOptions options;
+  options.address = absl::StrCat("127.0.0.1:", (*server)->port());
+  options.tls = TlsConfig{cert.cert_path, cert.key_path, pki().ca_path(), 60};
+  options.buffer_path = (std::filesystem::temp_directory_path() /
+                         ("medgate-sdk-quota-" + std::to_string(getpid()) + ".buffer")).string();
+  options.backoff_initial = absl::Milliseconds(100);  // far shorter than a quota refill
+  std::filesystem::remove(options.buffer_path);
+  auto samples = [](int n) {
+    std::vector<v1::VitalSample> out;
+    for (int i = 0; i < n; ++i) out.push_back(HeartRate(0, 60 + i % 100));
+    return out;
+  };
+  auto client = device::DeviceClient::Open(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  // The first batch empties the bucket; each of the next two needs a second of refill.
+  ASSERT_TRUE((*client)->Send(samples(1000)).ok());
+  ASSERT_TRUE((*client)->Send(samples(500)).ok());
+  ASSERT_TRUE((*client)->Send(samples(500)).ok());
+  (*client)->Start();
+  ASSERT_TRUE((*client)->WaitUntilAcked(absl::Seconds(60)).ok());
+  device::DeviceStats stats = (*client)->stats();
+  (*client)->Stop();
+  EXPECT_EQ(stats.batches_acked, 3u);
+  EXPECT_EQ(stats.samples_stored, 2000u);
+  EXPECT_EQ(stats.samples_duplicate, 0u);
+  EXPECT_GE(stats.retries, 1u) << "no batch was refused for the quota";
+  // A refusal's retry_after (about a second) is longer than the first backoffs (100-200 ms): the
+  // waits after refusals were the server's.
+  EXPECT_GE(stats.waits_set_by_server, 1u);
+  EXPECT_LE(stats.waits_set_by_server, stats.reconnects);
+  EXPECT_GE((*server)->counters().quota_refused, 1u);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-quota'"), 2000);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-quota' AND seq BETWEEN 1 AND 2000"), 2000);
+  std::filesystem::remove(options.buffer_path);
+  (*server)->Shutdown();
+}
+
 // A region's write queue that stays full stops reading the stream; after enqueue_wait the batch is
 // answered RESOURCE_EXHAUSTED (retryable), nothing after it on that stream is stored, the stream
 // ends, and the device's resend of every unacknowledged batch loses nothing.
