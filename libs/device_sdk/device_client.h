@@ -1,5 +1,6 @@
 // The device SDK: buffers batches durably, streams them to medgate over mTLS, resends what was
-// not acknowledged (after reconnects and restarts), with exponential backoff and jitter.
+// not acknowledged (after reconnects and restarts), with exponential backoff and jitter, waiting at
+// least as long as a retryable ack's retry_after asks.
 #ifndef MEDGATE_LIBS_DEVICE_SDK_DEVICE_CLIENT_H_
 #define MEDGATE_LIBS_DEVICE_SDK_DEVICE_CLIENT_H_
 
