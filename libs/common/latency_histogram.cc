@@ -59,4 +59,20 @@ LatencyHistogram::Summary LatencyHistogram::TakeSummary() {
   return s;
 }
 
+std::optional<LatencyWindow::Closed> LatencyWindow::Record(absl::Duration latency, absl::Time now) {
+  histogram_.Record(latency);
+  const int64_t now_us = absl::ToUnixMicros(now);
+  int64_t started = started_us_.load(std::memory_order_relaxed);
+  if (started == 0) {
+    started_us_.compare_exchange_strong(started, now_us, std::memory_order_relaxed);
+    return std::nullopt;
+  }
+  // One caller closes the window: the one whose exchange moves its start.
+  if (now_us - started < absl::ToInt64Microseconds(interval_) ||
+      !started_us_.compare_exchange_strong(started, now_us, std::memory_order_relaxed)) {
+    return std::nullopt;
+  }
+  return Closed{absl::Microseconds(now_us - started), histogram_.TakeSummary()};
+}
+
 }  // namespace medgate

@@ -7,6 +7,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <optional>
 
 #include "absl/time/time.h"
 
@@ -34,6 +35,25 @@ class LatencyHistogram {
  private:
   std::array<std::atomic<uint64_t>, kBuckets> counts_{};
   std::atomic<int64_t> max_us_{0};
+};
+
+// A LatencyHistogram summarized once per `interval`: Record() returns the summary of the window
+// it closes (the first record after the interval ends closes it), so the caller can log it. The
+// caller passes the time it already read, so the hot path reads the clock once.
+class LatencyWindow {
+ public:
+  struct Closed {
+    absl::Duration length;  // from the window's first record to the one that closed it
+    LatencyHistogram::Summary summary;
+  };
+
+  explicit LatencyWindow(absl::Duration interval) : interval_(interval) {}
+  std::optional<Closed> Record(absl::Duration latency, absl::Time now);
+
+ private:
+  const absl::Duration interval_;
+  LatencyHistogram histogram_;
+  std::atomic<int64_t> started_us_{0};  // 0: no window open yet
 };
 
 }  // namespace medgate

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/common/grpc_status.h"
+#include "libs/common/proto_duration.h"
 #include "libs/identity/credentials.h"
 
 namespace medgate::device {
@@ -157,9 +158,7 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
     if (ack.has_retryable_error()) {
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.retries;
-      retry_after_ = std::max(absl::ZeroDuration(),
-                              absl::Seconds(ack.retry_after().seconds()) +
-                                  absl::Nanoseconds(ack.retry_after().nanos()));
+      retry_after_ = std::max(absl::ZeroDuration(), FromProtoDuration(ack.retry_after()));
       context.TryCancel();
       return absl::Status(static_cast<absl::StatusCode>(ack.retryable_error().code()),
                           ack.retryable_error().message());

@@ -40,8 +40,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.writers_per_region = static_cast<int>(lanes);
   s.device_cache_ttl = absl::Seconds(device_ttl);
   s.core.enqueue_wait = absl::Milliseconds(enqueue_wait);
-  s.stats_interval = absl::Milliseconds(stats_interval);
-  s.writer.stats_interval = s.stats_interval;
+  s.writer.stats_interval = absl::Milliseconds(stats_interval);
   return s;
 }
 
@@ -75,7 +74,7 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   server->service_ = std::make_unique<IngestService>(*server->core_, *server->routing_,
                                                      *server->consent_, *server->shards_,
                                                      config.trust_domain, *server->executor_,
-                                                     server->settings_.stats_interval);
+                                                     server->settings_.writer.stats_interval);
   return server;
 }
 

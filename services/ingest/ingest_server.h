@@ -26,8 +26,6 @@ struct IngestSettings {
   // How long a device -> patient answer is reused: bounds how long an unassigned device may
   // still write for its former patient. Shorter means more routing look-ups on the hot path.
   absl::Duration device_cache_ttl = absl::Seconds(30);
-  // How often the writers' statistics and the ack latency are logged.
-  absl::Duration stats_interval = absl::Seconds(10);
 };
 
 absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config);

@@ -11,8 +11,8 @@
 #include "absl/time/clock.h"
 #include "libs/audit/audit_log.h"
 #include "libs/common/grpc_status.h"
-#include "libs/common/latency_histogram.h"
 #include "libs/common/log.h"
+#include "libs/common/proto_duration.h"
 #include "libs/pg/sql_array.h"
 #include "libs/server/rpc_util.h"
 #include "services/ingest/sql.h"
@@ -61,9 +61,7 @@ v1::IngestAck ToAck(const BatchResult& r) {
     ack.mutable_retryable_error()->set_code(static_cast<int32_t>(r.retryable.code()));
     ack.mutable_retryable_error()->set_message(std::string(r.retryable.message()));
     // Rounded up to the millisecond: a device that waits this long finds room.
-    const int64_t ms = absl::ToInt64Milliseconds(absl::Ceil(r.retry_after, absl::Milliseconds(1)));
-    ack.mutable_retry_after()->set_seconds(ms / 1000);
-    ack.mutable_retry_after()->set_nanos(static_cast<int32_t>((ms % 1000) * 1000000));
+    *ack.mutable_retry_after() = ToProtoDuration(absl::Ceil(r.retry_after, absl::Milliseconds(1)));
     return ack;
   }
   ack.set_stored_count(r.stored);
@@ -110,7 +108,7 @@ struct StreamShared {
 
 class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck> {
  public:
-  VitalsStream(IngestCore& core, StreamExecutor& executor, AckLatency& ack_latency,
+  VitalsStream(IngestCore& core, StreamExecutor& executor, LatencyWindow& ack_latency,
                absl::StatusOr<Principal> principal)
       : core_(core),
         executor_(executor),
@@ -231,7 +229,17 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   void FlushLocked() {
     if (write_in_flight_ || broken_ || pending_.empty() || !pending_.front().ack.has_value()) return;
     outgoing_ = std::move(*pending_.front().ack);
-    ack_latency_.Record(absl::Now() - pending_.front().read_at);
+    const absl::Time now = absl::Now();
+    if (std::optional<LatencyWindow::Closed> window =
+            ack_latency_.Record(now - pending_.front().read_at, now)) {
+      const LatencyHistogram::Summary& s = window->summary;
+      log::Info("ingest_ack_latency", {{"window_s", absl::ToDoubleSeconds(window->length)},
+                                       {"acks", s.count},
+                                       {"p50_ms", s.p50_ms},
+                                       {"p90_ms", s.p90_ms},
+                                       {"p99_ms", s.p99_ms},
+                                       {"max_ms", s.max_ms}});
+    }
     pending_.pop_front();
     ++first_slot_;
     write_in_flight_ = true;
@@ -262,7 +270,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
 
   IngestCore& core_;
   StreamExecutor& executor_;
-  AckLatency& ack_latency_;
+  LatencyWindow& ack_latency_;
   std::shared_ptr<StreamShared> shared_;
   Principal principal_;
   std::shared_ptr<std::atomic<bool>> poisoned_ = std::make_shared<std::atomic<bool>>(false);
@@ -281,29 +289,6 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
 };
 
 }  // namespace
-
-void AckLatency::Record(absl::Duration latency) {
-  histogram_.Record(latency);
-  const int64_t now_us = absl::ToUnixMicros(absl::Now());
-  int64_t due = next_log_us_.load(std::memory_order_relaxed);
-  if (due == 0) {
-    // The first ack starts the first window.
-    next_log_us_.compare_exchange_strong(due, now_us + absl::ToInt64Microseconds(interval_));
-    return;
-  }
-  if (now_us < due || !next_log_us_.compare_exchange_strong(
-                          due, now_us + absl::ToInt64Microseconds(interval_))) {
-    return;
-  }
-  const LatencyHistogram::Summary s = histogram_.TakeSummary();
-  log::Info("ingest_ack_latency",
-            {{"window_s", absl::ToDoubleSeconds(interval_ + absl::Microseconds(now_us - due))},
-             {"acks", s.count},
-             {"p50_ms", s.p50_ms},
-             {"p90_ms", s.p90_ms},
-             {"p99_ms", s.p99_ms},
-             {"max_ms", s.max_ms}});
-}
 
 IngestService::IngestService(IngestCore& core, RoutingClient& routing,
                              consent::ConsentCache& consent, const pg::ShardSet& shards,

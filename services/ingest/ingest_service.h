@@ -2,13 +2,10 @@
 #ifndef MEDGATE_SERVICES_INGEST_INGEST_SERVICE_H_
 #define MEDGATE_SERVICES_INGEST_INGEST_SERVICE_H_
 
-#include <atomic>
-#include <cstdint>
 #include <memory>
 
 #include "absl/time/time.h"
 #include "libs/common/latency_histogram.h"
-
 #include "libs/identity/authz.h"
 #include "libs/pg/shard_set.h"
 #include "medgate/v1/ingest.grpc.pb.h"
@@ -16,20 +13,6 @@
 #include "services/ingest/stream_executor.h"
 
 namespace medgate::ingest {
-
-// Server-side ack latency: from a batch read off the stream to its ack handed to gRPC. Logged as
-// `ingest_ack_latency` (acks, p50/p90/p99/max) once per interval, by the first ack after the
-// interval ends: a quiet service logs nothing.
-class AckLatency {
- public:
-  explicit AckLatency(absl::Duration interval) : interval_(interval) {}
-  void Record(absl::Duration latency);
-
- private:
-  const absl::Duration interval_;
-  LatencyHistogram histogram_;
-  std::atomic<int64_t> next_log_us_{0};
-};
 
 class IngestService final
     : public v1::DeviceIngest::WithCallbackMethod_StreamVitals<v1::DeviceIngest::Service> {
@@ -51,7 +34,10 @@ class IngestService final
   const pg::ShardSet& shards_;
   const RpcPolicy policy_;
   StreamExecutor& executor_;
-  AckLatency ack_latency_;
+  // From a batch read off a stream to its ack handed to gRPC; logged as `ingest_ack_latency`
+  // (acks, p50/p90/p99/max) by the first ack after each stats interval: a quiet service logs
+  // nothing.
+  LatencyWindow ack_latency_;
 };
 
 }  // namespace medgate::ingest

@@ -115,6 +115,7 @@ absl::Status VitalsWriter::EnsureConnected() {
 }
 
 bool VitalsWriter::Enqueue(WriteRequest request, absl::Duration wait) {
+  request.enqueued_at = absl::Now();  // read before taking the lock
   std::unique_lock<std::mutex> lock(mu_);
   if (!room_cv_.wait_for(lock, absl::ToChronoMilliseconds(wait), [this] {
         return stopping_ || queue_.size() < options_.max_queued_requests;
@@ -122,7 +123,6 @@ bool VitalsWriter::Enqueue(WriteRequest request, absl::Duration wait) {
     return false;
   }
   if (stopping_) return false;
-  request.enqueued_at = absl::Now();
   queue_.push_back(std::move(request));
   // The writer sleeps only on an empty queue or while lingering for kEnoughToCommit requests:
   // waking it for any other arrival would cost a context switch per batch for nothing.
@@ -349,7 +349,8 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   stats_.open += locked - began;
   stats_.copy_commit += committed - locked;
   stats_.longest = std::max(stats_.longest, committed - began);
-  for (const WriteRequest* w : live) stats_.longest_wait = std::max(stats_.longest_wait, began - w->enqueued_at);
+  // The queue is first in, first out: the transaction's first request waited longest.
+  stats_.longest_wait = std::max(stats_.longest_wait, began - live.front()->enqueued_at);
   if (committed - stats_.since >= options_.stats_interval) {
     const double n = static_cast<double>(stats_.transactions);
     log::Info("vitals_writer_stats",

@@ -53,14 +53,15 @@ struct WriteRequest {
   // Shared by a stream's requests: once one fails, the stream's later requests fail without
   // being written, so a device's seq never has a gap below its committed cursor.
   std::shared_ptr<std::atomic<bool>> poisoned;
-  absl::Time enqueued_at;  // set by Enqueue
+  absl::Time enqueued_at;  // when Enqueue was called (a wait for room counts as queueing)
 };
 
 struct WriterOptions {
   size_t max_queued_requests = 4096;
   size_t max_rows_per_transaction = 20000;
   absl::Duration linger = absl::Milliseconds(2);  // wait this long for more work to coalesce
-  absl::Duration stats_interval = absl::Seconds(10);  // how often `vitals_writer_stats` is logged
+  // How often `vitals_writer_stats` (and the service's `ingest_ack_latency`) is logged.
+  absl::Duration stats_interval = absl::Seconds(10);
 };
 
 class VitalsWriter {

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/audit/audit_log.h"
+#include "libs/common/proto_duration.h"
 #include "libs/device_sdk/device_client.h"
 #include "libs/identity/credentials.h"
 #include "medgate/v1/consent.grpc.pb.h"
@@ -121,6 +122,30 @@ class IngestTest : public ::testing::Test {
       grpc::ClientContext context;
       ASSERT_TRUE(ops->UpsertTenant(&context, r, &response).ok());
     }
+  }
+
+  // A second ingest server on the stack with its own `ingest:` settings. The server keeps a
+  // reference to its configuration: both live in one object, the configuration first.
+  struct ExtraIngest {
+    MedgateConfig config;
+    std::unique_ptr<IngestServer> server;
+  };
+  static std::unique_ptr<ExtraIngest> StartIngest(const std::string& ingest_yaml) {
+    auto extra = std::make_unique<ExtraIngest>();
+    extra->config = stack_->config();
+    absl::StatusOr<ConfigNode> node = ConfigNode::Parse(ingest_yaml);
+    EXPECT_TRUE(node.ok()) << node.status();
+    if (!node.ok()) return nullptr;
+    extra->config.root = *node;
+    auto server = IngestServer::Create(extra->config);
+    EXPECT_TRUE(server.ok()) << server.status();
+    if (!server.ok()) return nullptr;
+    extra->server = *std::move(server);
+    if (absl::Status started = extra->server->Start(); !started.ok()) {
+      ADD_FAILURE() << started;
+      return nullptr;
+    }
+    return extra;
   }
 
   static void TearDownTestSuite() {
@@ -512,17 +537,12 @@ TEST_F(IngestTest, TheSdkWaitsAsLongAsAQuotaRefusalAsksAndLosesNothing) {
   std::string patient = PatientWithDevice("sdk-quota", "FR", "dev-sdk-quota");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
   // A second ingest server whose tenants may send 1,000 samples at once, then 500 a second.
-  MedgateConfig quota = stack_->config();  // declared before the server, which keeps a reference to it
-  absl::StatusOr<ConfigNode> node =
-      ConfigNode::Parse("ingest: {tenant_samples_per_second: 500, tenant_burst: 1000}\n");
-  ASSERT_TRUE(node.ok()) << node.status();
-  quota.root = *node;
-  auto server = IngestServer::Create(quota);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
+  auto extra = StartIngest("ingest: {tenant_samples_per_second: 500, tenant_burst: 1000}\n");
+  ASSERT_NE(extra, nullptr);
+  IngestServer& server = *extra->server;
   TestCert cert = Device("acme", "dev-sdk-quota");
   device::DeviceOptions options;
-  options.address = absl::StrCat("127.0.0.1:", (*server)->port());
+  options.address = absl::StrCat("127.0.0.1:", server.port());
   options.tls = TlsConfig{cert.cert_path, cert.key_path, pki().ca_path(), 60};
   options.buffer_path = (std::filesystem::temp_directory_path() /
                          ("medgate-sdk-quota-" + std::to_string(getpid()) + ".buffer")).string();
@@ -551,11 +571,11 @@ TEST_F(IngestTest, TheSdkWaitsAsLongAsAQuotaRefusalAsksAndLosesNothing) {
   // waits after refusals were the server's.
   EXPECT_GE(stats.waits_set_by_server, 1u);
   EXPECT_LE(stats.waits_set_by_server, stats.reconnects);
-  EXPECT_GE((*server)->counters().quota_refused, 1u);
+  EXPECT_GE(server.counters().quota_refused, 1u);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-quota'"), 2000);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-quota' AND seq BETWEEN 1 AND 2000"), 2000);
   std::filesystem::remove(options.buffer_path);
-  (*server)->Shutdown();
+  server.Shutdown();
 }
 
 // A region's write queue that stays full stops reading the stream; after enqueue_wait the batch is
@@ -565,16 +585,12 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
   std::string patient = PatientWithDevice("backpressure", "FR", "dev-bp");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
   // A second ingest server on the same stack: one writer lane, a one-batch queue, a short wait.
-  MedgateConfig small = stack_->config();  // declared before the server, which keeps a reference to it
-  absl::StatusOr<ConfigNode> node = ConfigNode::Parse(
+  auto extra = StartIngest(
       "ingest: {tenant_samples_per_second: 1000000, writers_per_region: 1, max_queued_batches: 1, "
       "enqueue_wait_ms: 200, linger_ms: 0}\n");
-  ASSERT_TRUE(node.ok()) << node.status();
-  small.root = *node;
-  auto server = IngestServer::Create(small);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  auto stub = StubAs<v1::DeviceIngest>(Device("acme", "dev-bp"), pki().ca_path(), (*server)->port());
+  ASSERT_NE(extra, nullptr);
+  IngestServer& server = *extra->server;
+  auto stub = StubAs<v1::DeviceIngest>(Device("acme", "dev-bp"), pki().ca_path(), server.port());
 
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
@@ -592,8 +608,8 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
   for (uint64_t b = 2; b <= kBatches; ++b) ASSERT_TRUE(stream->Write(Batch(b, (b - 1) * 10 + 1, 10)));
   // One batch is in the blocked writer, one fills the queue, the next waits for room in vain.
   ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
-                        [&] { return (*server)->counters().queue_full >= 1; }));
-  EXPECT_EQ((*server)->queued_batches(), 1u);
+                        [&] { return server.counters().queue_full >= 1; }));
+  EXPECT_EQ(server.queued_batches(), 1u);
   hold.abort();
 
   // Acks come in batch order: stored batches, then retryable answers only (the batch refused for
@@ -641,7 +657,7 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
   EXPECT_EQ(stored, kBatches * 10);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp'"), static_cast<int64_t>(kBatches * 10));
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp' AND seq BETWEEN 1 AND 60"), 60);
-  (*server)->Shutdown();
+  server.Shutdown();
 }
 
 // A tenant over its sample quota gets, for the batch over it, a retryable RESOURCE_EXHAUSTED ack:
@@ -656,18 +672,12 @@ TEST_F(IngestTest, ATenantOverItsRateQuotaIsRefusedRetryablyAndLosesNothing) {
   std::string other_patient = PatientWithDevice("quota-other", "DE", "dev-quota", pki().globex_app());
   Grant(other_patient, v1::PURPOSE_REMOTE_MONITORING, "", pki().globex_app());
   // A second ingest server on the same stack, whose tenants' buckets start full at kBurst.
-  MedgateConfig quota = stack_->config();  // the server keeps a reference to it
-  absl::StatusOr<ConfigNode> node = ConfigNode::Parse(
+  auto extra = StartIngest(
       absl::StrCat("ingest: {tenant_samples_per_second: ", kRate, ", tenant_burst: ", kBurst, "}\n"));
-  ASSERT_TRUE(node.ok()) << node.status();
-  quota.root = *node;
-  auto server = IngestServer::Create(quota);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  auto stub = StubAs<v1::DeviceIngest>(Device("acme", "dev-quota"), pki().ca_path(), (*server)->port());
-  auto retry_after = [](const v1::IngestAck& ack) {
-    return absl::Seconds(ack.retry_after().seconds()) + absl::Nanoseconds(ack.retry_after().nanos());
-  };
+  ASSERT_NE(extra, nullptr);
+  IngestServer& server = *extra->server;
+  auto stub = StubAs<v1::DeviceIngest>(Device("acme", "dev-quota"), pki().ca_path(), server.port());
+  auto retry_after = [](const v1::IngestAck& ack) { return FromProtoDuration(ack.retry_after()); };
   const auto kResourceExhausted = static_cast<int32_t>(grpc::StatusCode::RESOURCE_EXHAUSTED);
   const std::string kAcmeDevice = "tenant_id = 'acme' AND device_id = 'dev-quota'";
 
@@ -718,7 +728,7 @@ TEST_F(IngestTest, ATenantOverItsRateQuotaIsRefusedRetryablyAndLosesNothing) {
   // Another tenant's device, while acme's bucket is empty, stores a whole burst (a bucket shared by
   // the tenants would take two seconds to hold that much again).
   auto other_stub =
-      StubAs<v1::DeviceIngest>(Device("globex", "dev-quota"), pki().ca_path(), (*server)->port());
+      StubAs<v1::DeviceIngest>(Device("globex", "dev-quota"), pki().ca_path(), server.port());
   DeviceStream other(*other_stub);
   std::optional<v1::IngestAck> other_ack = other.Send(Batch(1, 1, kBurst));
   ASSERT_TRUE(other_ack.has_value()) << other.Finish().error_message();
@@ -756,8 +766,8 @@ TEST_F(IngestTest, ATenantOverItsRateQuotaIsRefusedRetryablyAndLosesNothing) {
   EXPECT_EQ(Count("fr-1", kAcmeDevice), static_cast<int64_t>(stored));
   EXPECT_EQ(Count("fr-1", absl::StrCat(kAcmeDevice, " AND seq BETWEEN 1 AND ", refused_last_seq)),
             static_cast<int64_t>(stored));
-  EXPECT_EQ((*server)->counters().quota_refused, quota_refusals);
-  (*server)->Shutdown();
+  EXPECT_EQ(server.counters().quota_refused, quota_refusals);
+  server.Shutdown();
 }
 
 }  // namespace

@@ -206,5 +206,26 @@ TEST(LatencyHistogramTest, TakeSummaryStartsOver) {
   EXPECT_GE(again.p50_ms, 2.0);
 }
 
+TEST(LatencyWindowTest, TheFirstRecordAfterTheIntervalClosesTheWindowWithEverythingInIt) {
+  LatencyWindow window(absl::Seconds(10));
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  EXPECT_FALSE(window.Record(absl::Milliseconds(5), t0).has_value());  // opens the window
+  EXPECT_FALSE(window.Record(absl::Milliseconds(40), t0 + absl::Seconds(3)).has_value());
+  EXPECT_FALSE(window.Record(absl::Milliseconds(7), t0 + absl::Seconds(9)).has_value());
+  std::optional<LatencyWindow::Closed> closed =
+      window.Record(absl::Milliseconds(6), t0 + absl::Seconds(12));
+  ASSERT_TRUE(closed.has_value());
+  EXPECT_EQ(closed->length, absl::Seconds(12));
+  EXPECT_EQ(closed->summary.count, 4u);
+  EXPECT_DOUBLE_EQ(closed->summary.max_ms, 40.0);
+  // The next window starts where this one closed and holds only what came after.
+  EXPECT_FALSE(window.Record(absl::Milliseconds(2), t0 + absl::Seconds(21)).has_value());
+  closed = window.Record(absl::Milliseconds(3), t0 + absl::Seconds(22));
+  ASSERT_TRUE(closed.has_value());
+  EXPECT_EQ(closed->length, absl::Seconds(10));
+  EXPECT_EQ(closed->summary.count, 2u);
+  EXPECT_DOUBLE_EQ(closed->summary.max_ms, 3.0);
+}
+
 }  // namespace
 }  // namespace medgate
