@@ -834,11 +834,14 @@ absl::Status SharingCore::OpenMetadata(RecordInfo& record, const pqxx::row& row,
   return OpenSealedMetadata(key, record);
 }
 
-absl::StatusOr<int> SharingCore::SealMetadataInClear(pg::Pool& pool, int batch) {
-  return pool.TransactValue<int>([&](pqxx::work& txn) -> absl::StatusOr<int> {
-    int sealed = 0;
-    for (const pqxx::row& row : txn.exec_prepared(sql::kSelectMetadataInClear, batch)) {
+absl::StatusOr<SharingCore::SealPage> SharingCore::SealMetadataInClear(pg::Pool& pool, int batch,
+                                                                       const std::string& after) {
+  return pool.TransactValue<SealPage>([&](pqxx::work& txn) -> absl::StatusOr<SealPage> {
+    SealPage page;
+    for (const pqxx::row& row : txn.exec_prepared(sql::kSelectMetadataInClear, batch, after)) {
       RecordInfo record = RecordFromRow(row);
+      ++page.selected;
+      page.last_record_id = record.record_id;
       // Both fields are sealed again together; one already sealed is opened first.
       absl::StatusOr<SealedMetadata> metadata =
           [&]() -> absl::StatusOr<SealedMetadata> {
@@ -857,9 +860,9 @@ absl::StatusOr<int> SharingCore::SealMetadataInClear(pg::Pool& pool, int batch) 
       txn.exec_prepared0(sql::kSealMetadata, record.record_id,
                          pqxx::binarystring(metadata->content_type),
                          pqxx::binarystring(metadata->file_name));
-      ++sealed;
+      ++page.sealed;
     }
-    return sealed;
+    return page;
   });
 }
 
@@ -1379,13 +1382,26 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
     } else if (first_error.ok()) {
       first_error = purged.status();
     }
-    absl::StatusOr<int> sealed = SealMetadataInClear(*pool, batch);
-    if (sealed.ok()) {
-      result.sealed_metadata += *sealed;
-      if (*sealed == batch) result.more = true;
-    } else if (first_error.ok()) {
-      first_error = sealed.status();
+    // Page by record id past records that cannot be sealed (they stay in clear and are logged),
+    // so that however many there are they never hide the ones after them; at most `batch`
+    // records are sealed per sweep.
+    int sealed = 0;
+    std::string after;
+    while (true) {
+      absl::StatusOr<SealPage> page = SealMetadataInClear(*pool, batch, after);
+      if (!page.ok()) {
+        if (first_error.ok()) first_error = page.status();
+        break;
+      }
+      sealed += page->sealed;
+      if (page->selected < batch) break;
+      if (sealed >= batch) {
+        result.more = true;
+        break;
+      }
+      after = page->last_record_id;
     }
+    result.sealed_metadata += sealed;
   }
   if (!first_error.ok()) return first_error;
   return result;

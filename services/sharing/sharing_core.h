@@ -207,8 +207,14 @@ class SharingCore {
                                                   const pqxx::field& patient_key_wrapped);
   // OpenRecordKey from the columns at `first` on, then the record's sealed metadata.
   absl::Status OpenMetadata(RecordInfo& record, const pqxx::row& row, int first);
-  // Seals the metadata of records written before it was sealed, at most `batch`; how many.
-  absl::StatusOr<int> SealMetadataInClear(pg::Pool& pool, int batch);
+  // Seals the metadata of one page (at most `batch`) of records written before it was sealed,
+  // after record id `after`: how many were selected and sealed, and the last id selected.
+  struct SealPage {
+    int selected = 0;
+    int sealed = 0;
+    std::string last_record_id;
+  };
+  absl::StatusOr<SealPage> SealMetadataInClear(pg::Pool& pool, int batch, const std::string& after);
   absl::Status CheckReadTerritory(const RecordInfo& record, absl::string_view reader_tenant);
 
   const pg::ShardSet& shards_;

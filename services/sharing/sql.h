@@ -207,7 +207,7 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kSelectMetadataInClear,
          "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
          " FROM records r" MEDGATE_RECORD_KEY_JOIN
-         " WHERE r.file_name IS NOT NULL OR r.content_type IS NOT NULL "
+         " WHERE (r.file_name IS NOT NULL OR r.content_type IS NOT NULL) AND r.record_id > $2 "
          "ORDER BY r.record_id LIMIT $1 FOR UPDATE OF r SKIP LOCKED"},
         {kSealMetadata,
          "UPDATE records SET content_type = NULL, file_name = NULL, content_type_sealed = $2, "

@@ -747,31 +747,52 @@ TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
             grpc::StatusCode::DATA_LOSS);
 
   // A record written before metadata was sealed (clear columns) reads as before, and the sweep
-  // seals it, even when another such record cannot be sealed (its key is gone).
-  spec.file_name = "damaged.pdf";
-  const std::string damaged = UploadOk(pki_->practitioner(), spec);
-  for (const std::string& id : {record, damaged}) {
+  // seals it, even when other such records cannot be sealed (their key is gone) and come before
+  // it in the sweep's order (record id), with a batch of one record.
+  Exec("fr-1", "DELETE FROM record_keys WHERE record_id = $1", record);  // left damaged above
+  Exec("fr-1", "DELETE FROM records WHERE record_id = $1", record);
+  spec.file_name = "legacy.pdf";
+  std::vector<std::string> legacy_ids;
+  for (int i = 0; i < 3; ++i) legacy_ids.push_back(UploadOk(pki_->practitioner(), spec));
+  std::sort(legacy_ids.begin(), legacy_ids.end());
+  const std::string good = legacy_ids.back();
+  const std::vector<std::string> damaged(legacy_ids.begin(), legacy_ids.end() - 1);
+  for (const std::string& id : legacy_ids) {
     Exec("fr-1",
          "UPDATE records SET file_name = 'legacy name.pdf', content_type = 'text/plain', "
          "file_name_sealed = NULL, content_type_sealed = NULL WHERE record_id = $1",
          id);
   }
-  Exec("fr-1", "DELETE FROM record_keys WHERE record_id = $1", damaged);
+  for (const std::string& id : damaged) {
+    Exec("fr-1", "DELETE FROM record_keys WHERE record_id = $1", id);
+  }
   auto legacy = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient, 10);
   ASSERT_TRUE(legacy.ok()) << legacy.status();
-  ASSERT_EQ(legacy->records_size(), 2);  // the archived one is not listed
-  EXPECT_EQ(legacy->records(1).record_id(), record);
-  EXPECT_EQ(legacy->records(1).file_name(), "legacy name.pdf");
-  auto swept = sharing_->core().SweepRetention();
+  ASSERT_EQ(legacy->records_size(), 3);  // the archived one is not listed
+  int legacy_listed = 0;
+  for (const v1::Record& r : legacy->records()) {
+    if (std::find(legacy_ids.begin(), legacy_ids.end(), r.record_id()) == legacy_ids.end()) continue;
+    ++legacy_listed;
+    EXPECT_EQ(r.file_name(), "legacy name.pdf");
+  }
+  EXPECT_EQ(legacy_listed, 3);
+  auto swept = sharing_->core().SweepRetention(/*batch=*/1);
   ASSERT_TRUE(swept.ok()) << swept.status();
-  EXPECT_GE(swept->sealed_metadata, 1);
+  EXPECT_EQ(swept->sealed_metadata, 1);
+  EXPECT_TRUE(swept->more);  // a full batch was sealed: the caller sweeps again
   const std::string in_clear =
       "SELECT count(*) FROM records WHERE record_id = $1 AND (file_name IS NOT NULL OR "
       "content_type IS NOT NULL OR file_name_sealed IS NULL OR content_type_sealed IS NULL)";
-  EXPECT_EQ(Count("fr-1", in_clear, record), 0);
-  EXPECT_EQ(Count("fr-1", in_clear, damaged), 1);
-  Exec("fr-1", "DELETE FROM records WHERE record_id = $1", damaged);
-  Downloaded resealed = Download(pki_->practitioner(), record);
+  EXPECT_EQ(Count("fr-1", in_clear, good), 0);
+  for (const std::string& id : damaged) EXPECT_EQ(Count("fr-1", in_clear, id), 1);
+  // Nothing left that can be sealed: the next sweep seals nothing.
+  swept = sharing_->core().SweepRetention(/*batch=*/1);
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_EQ(swept->sealed_metadata, 0);
+  for (const std::string& id : damaged) {
+    Exec("fr-1", "DELETE FROM records WHERE record_id = $1", id);
+  }
+  Downloaded resealed = Download(pki_->practitioner(), good);
   ASSERT_TRUE(resealed.status.ok()) << resealed.status.error_message();
   EXPECT_EQ(resealed.header.file_name(), "legacy name.pdf");
   EXPECT_EQ(resealed.header.content_type(), "text/plain");
