@@ -94,11 +94,13 @@ UploadIdleWatch::Call::~Call() {
 }
 
 void UploadIdleWatch::Call::Reading() {
+  bool wake = false;
   {
     std::lock_guard<std::mutex> lock(watch_.mu_);
     reading_since_ = Clock::now();
+    std::swap(wake, watch_.waiting_for_a_read_);
   }
-  watch_.cv_.notify_all();
+  if (wake) watch_.cv_.notify_one();
 }
 
 void UploadIdleWatch::Call::Received() {
@@ -128,11 +130,12 @@ void UploadIdleWatch::Run() {
         next = due;
       }
     }
-    // Woken early by every read that starts, so a new, earlier deadline is never missed.
     if (next) {
       cv_.wait_until(lock, *next);
     } else {
+      waiting_for_a_read_ = true;
       cv_.wait(lock);
+      waiting_for_a_read_ = false;
     }
   }
 }

@@ -56,6 +56,9 @@ class UploadIdleWatch {
   std::condition_variable cv_;
   std::set<Call*> calls_;
   bool stopping_ = false;
+  // The watcher waits without a deadline (no call was reading): the next read must wake it.
+  // Otherwise it need not: with one fixed limit a new read is never due before the others.
+  bool waiting_for_a_read_ = false;
   std::thread thread_;  // last: starts once the rest is set
 };
 
