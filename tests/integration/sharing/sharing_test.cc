@@ -22,6 +22,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "libs/common/grpc_status.h"
+#include "libs/crypto/aes_gcm.h"
 #include "libs/crypto/sha256.h"
 #include "libs/identity/credentials.h"
 #include "libs/server/rpc_util.h"
@@ -500,13 +501,13 @@ class SharingTest : public ::testing::Test {
   }
 
   static absl::StatusOr<v1::ErasePatientRecordsResponse> ErasePatient(
-      const TestCert& as, const std::string& patient_id) {
+      const TestCert& as, const std::string& patient_id, int port = 0) {
     v1::ErasePatientRecordsRequest request;
     request.set_patient_id(patient_id);
     request.set_reason("GDPR art. 17 request");
     v1::ErasePatientRecordsResponse response;
     grpc::ClientContext context;
-    grpc::Status status = Stub(as)->ErasePatientRecords(&context, request, &response);
+    grpc::Status status = Stub(as, port)->ErasePatientRecords(&context, request, &response);
     if (!status.ok()) return FromGrpcStatus(status);
     return response;
   }
@@ -702,9 +703,12 @@ TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
                   "file_name_sealed || content_type_sealed) > 0",
                   "MARKER"),
             0);
+  // Sealed: exactly the name's length plus the seal's version byte, nonce and tag.
   EXPECT_EQ(Count("fr-1",
-                  "SELECT count(*) FROM records WHERE record_id = $1 AND file_name IS NULL AND "
-                  "content_type IS NULL AND length(file_name_sealed) > 29",
+                  absl::StrCat("SELECT count(*) FROM records WHERE record_id = $1 AND file_name IS "
+                               "NULL AND content_type IS NULL AND length(file_name_sealed) = ",
+                               crypto::kSealOverheadBytes +
+                                   std::string("NAME-MARKER Dupont oncology referral.pdf").size()),
                   record),
             1);
 
@@ -1673,17 +1677,9 @@ TEST_F(SharingTest, UploadAfterAnErasureByAnotherProcessUsesTheNewPatientKey) {
   auto other = SharingServer::Create(stack_->config());
   ASSERT_TRUE(other.ok()) << other.status();
   ASSERT_TRUE((*other)->Start().ok());
-  {
-    v1::ErasePatientRecordsRequest request;
-    request.set_patient_id(patient);
-    request.set_reason("GDPR art. 17 request");
-    v1::ErasePatientRecordsResponse response;
-    grpc::ClientContext context;
-    grpc::Status status = Stub(pki_->app(), (*other)->port())
-                              ->ErasePatientRecords(&context, request, &response);
-    ASSERT_TRUE(status.ok()) << status.error_message();
-    EXPECT_EQ(response.erased_count(), 1u);
-  }
+  auto erased = ErasePatient(pki_->app(), patient, (*other)->port());
+  ASSERT_TRUE(erased.ok()) << erased.status();
+  EXPECT_EQ(erased->erased_count(), 1u);
   (*other)->Shutdown();
 
   spec.content = Generate(38, 0, 5000);
@@ -1927,11 +1923,14 @@ TEST_F(SharingTest, VerifyChainChecksARangeFromTheStoredHashBeforeIt) {
                                                 static_cast<int64_t>(last))[0])
                   .str());
   }
-  // Up to the last entry (end_seq 0) includes the chain head check.
+  // Up to the last entry (end_seq 0) includes the chain head check, and ends at the head as it was
+  // (the verification's own audit entry comes after).
+  const int64_t head_seq = Count("de-1", "SELECT seq FROM audit_head");
   auto to_head = Verify("de-1", nullptr, first, 0);
   ASSERT_TRUE(to_head.ok()) << to_head.status();
   EXPECT_TRUE(to_head->ok()) << to_head->detail();
-  EXPECT_GT(to_head->last_seq(), last);
+  EXPECT_EQ(static_cast<int64_t>(to_head->last_seq()), head_seq);
+  EXPECT_GT(head_seq, static_cast<int64_t>(last));
 
   // An altered entry inside the range is named; ranges that leave it out still verify, the one
   // after it from its stored hash.
