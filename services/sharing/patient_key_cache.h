@@ -4,13 +4,13 @@
 #define MEDGATE_SERVICES_SHARING_PATIENT_KEY_CACHE_H_
 
 #include <cstddef>
-#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
 
 #include "absl/time/time.h"
 #include "libs/crypto/aes_gcm.h"
+#include "libs/routing_client/ttl_cache.h"
 
 namespace medgate::sharing {
 
@@ -25,7 +25,7 @@ struct PatientKey {
 class PatientKeyCache {
  public:
   PatientKeyCache(size_t max_entries, absl::Duration max_age)
-      : max_entries_(max_entries), max_age_(max_age) {}
+      : max_age_(max_age), keys_(max_entries) {}
 
   std::optional<PatientKey> Get(const std::string& patient_id, absl::Time now);
   void Put(const std::string& patient_id, const PatientKey& key, absl::Time now);
@@ -33,14 +33,9 @@ class PatientKeyCache {
   size_t size();
 
  private:
-  struct Entry {
-    PatientKey key;
-    absl::Time expires;
-  };
-  const size_t max_entries_;
   const absl::Duration max_age_;
   std::mutex mu_;
-  std::map<std::string, Entry> entries_;
+  TtlCache<std::string, PatientKey> keys_;  // least recently used first out when full
 };
 
 }  // namespace medgate::sharing
