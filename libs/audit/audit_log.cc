@@ -1,5 +1,4 @@
 // The append-only, hash-chained audit log.
-#include "absl/strings/string_view.h"
 #include "libs/audit/audit_log.h"
 
 #include <limits>
@@ -10,7 +9,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
-#include "absl/time/clock.h"
+#include "absl/strings/string_view.h"
 #include "libs/pg/pg_status.h"
 
 namespace medgate::audit {
@@ -30,9 +29,6 @@ void AppendField(std::string& out, absl::string_view field) {
 }
 
 std::string ZeroHash() { return std::string(SHA256_DIGEST_LENGTH, '\0'); }
-
-// bytea values travel as PostgreSQL hex text ("\x..."), so no binary parameter handling is needed.
-std::string ByteaLiteral(absl::string_view bytes) { return absl::StrCat("\\x", ToHex(bytes)); }
 
 absl::StatusOr<std::string> FromByteaText(absl::string_view text) {
   if (!absl::StartsWith(text, "\\x")) return absl::DataLossError("audit hash is not hex bytea");
@@ -112,30 +108,15 @@ std::string ChainHash(absl::string_view prev_hash, int64_t seq, int64_t at_us, c
   return std::string(reinterpret_cast<const char*>(digest), len);
 }
 
-absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry) {
+absl::StatusOr<int64_t> Append(pqxx::transaction_base& txn, const Entry& entry) {
   try {
-    // The row lock on the head serializes appenders; under READ COMMITTED a waiter re-reads the
-    // head as committed by the previous appender, so each entry links to the true predecessor.
-    pqxx::row head = txn.exec1("SELECT seq, hash FROM audit_head WHERE id FOR UPDATE");
-    int64_t seq = head[0].as<int64_t>() + 1;
-    absl::StatusOr<std::string> prev = FromByteaText(head[1].c_str());
-    if (!prev.ok()) return prev.status();
-    int64_t at_us = absl::ToUnixMicros(absl::Now());
-    std::string hash = ChainHash(*prev, seq, at_us, entry);
-    // The entry and the new head in one round trip.
-    txn.exec_params1(
-        "WITH entry AS (INSERT INTO audit_log (seq, at_us, actor, tenant, action, object_type, "
-        "object_id, patient_id, decision, reason, purpose, consent_id, consent_version, request_id, "
-        "origin, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
-        "$14, $15, $16::bytea, $17::bytea) RETURNING seq, hash) "
-        "UPDATE audit_head SET seq = entry.seq, hash = entry.hash FROM entry WHERE audit_head.id "
-        "RETURNING audit_head.seq",
-        seq, at_us, entry.actor, entry.tenant, std::string(ActionName(entry.action)),
-        entry.object_type, entry.object_id, entry.patient_id,
-        std::string(DecisionName(entry.decision)), entry.reason, entry.purpose, entry.consent_id,
-        entry.consent_version, entry.request_id, entry.origin, ByteaLiteral(*prev),
-        ByteaLiteral(hash));
-    return seq;
+    pqxx::row appended = WithEntryParams(entry, [&txn](const auto&... params) {
+      return txn.exec_params1(
+          "SELECT audit_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::bigint, $12, $13, "
+          "$14::bytea, $15::bytea)",
+          params...);
+    });
+    return appended[0].as<int64_t>();
   } catch (const std::exception& e) {
     return pg::StatusFromException(e);
   }

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include <pqxx/pqxx>
 
@@ -63,10 +64,26 @@ std::string ChainHash(absl::string_view prev_hash, int64_t seq, int64_t at_us, c
 
 std::string ToHex(absl::string_view bytes);
 
+// Calls `exec(args..., p1, ..., p15)` with p1..p15 the entry as the 15 parameters of the
+// databases' audit_append() function, in its order (shard migration 0005, control migration
+// 0003). A statement whose first parameters are `args` can so chain its audit entry in the same
+// round trip, e.g. "WITH change AS (...) SELECT audit_append($n, ..., $n+14) FROM change".
+template <typename Exec, typename... Args>
+decltype(auto) WithEntryParams(const Entry& e, Exec&& exec, const Args&... args) {
+  const EncodedEntry encoded = EncodeEntry(e);
+  return std::forward<Exec>(exec)(
+      args..., e.actor, e.tenant, std::string(ActionName(e.action)), e.object_type, e.object_id,
+      e.patient_id, std::string(DecisionName(e.decision)), e.reason, e.purpose, e.consent_id,
+      e.consent_version, e.request_id, e.origin, pqxx::binarystring(encoded.head),
+      pqxx::binarystring(encoded.tail));
+}
+
 // Appends `entry` in the caller's transaction: the change and its audit entry commit or fail
-// together. Appends serialize on the chain head row, so concurrent writers never fork the chain;
-// append last in a transaction to hold that lock briefly. Returns the new sequence number.
-absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry);
+// together. Every entry is chained by the database's audit_append(), on the database's clock, so
+// entry times never go backwards along the chain whichever service wrote them. Appends serialize
+// on the chain head row, so concurrent writers never fork the chain; append last in a
+// transaction to hold that lock briefly. Returns the new sequence number.
+absl::StatusOr<int64_t> Append(pqxx::transaction_base& txn, const Entry& entry);
 
 struct VerifyResult {
   bool ok = true;

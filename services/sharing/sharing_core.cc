@@ -209,12 +209,8 @@ absl::StatusOr<SecretKey> UnwrapPatientKey(crypto::KeyEncryptionKey& kek,
 template <typename... Args>
 pqxx::result ExecWithAudit(pqxx::transaction_base& txn, const char* statement,
                            const audit::Entry& e, const Args&... args) {
-  const audit::EncodedEntry encoded = audit::EncodeEntry(e);
-  return txn.exec_prepared(statement, args..., e.actor, e.tenant,
-                           std::string(audit::ActionName(e.action)), e.object_type, e.object_id,
-                           e.patient_id, std::string(audit::DecisionName(e.decision)), e.reason,
-                           e.purpose, e.consent_id, e.consent_version, e.request_id, e.origin,
-                           pqxx::binarystring(encoded.head), pqxx::binarystring(encoded.tail));
+  return audit::WithEntryParams(
+      e, [&](const auto&... params) { return txn.exec_prepared(statement, params...); }, args...);
 }
 
 void CiteConsent(audit::Entry& e, const consent::AccessDecision& d) {

@@ -115,9 +115,10 @@ TEST_F(AuditChainTest, ConcurrentWritersNeverForkAndAlteredRowIsNamed) {
   EXPECT_THAT(bad.problem, HasSubstr("altered"));
 }
 
-// Appends chained by the shard in SQL (audit_append, as uploads use it) and by Append() interleave
-// without forking, and every one verifies with the C++ hash.
-TEST_F(AuditChainTest, SqlAndCppAppendersShareOneChain) {
+// Append() and statements that chain their entry themselves, with WithEntryParams (as uploads
+// do: the change and its entry in one statement), interleave without forking; every entry
+// verifies with the C++ hash, and entry times follow the chain (one clock: the database's).
+TEST_F(AuditChainTest, AppendersInOneStatementAndAloneShareOneChainAndOneClock) {
   std::vector<std::thread> writers;
   std::atomic<int> failures{0};
   constexpr int kEach = 200;
@@ -127,15 +128,18 @@ TEST_F(AuditChainTest, SqlAndCppAppendersShareOneChain) {
         absl::Status s = pool_->Transact([&](pqxx::work& txn) -> absl::Status {
           const Entry e = MakeEntry(w, i);
           if (w % 2 == 0) return Append(txn, e).status();
-          const EncodedEntry encoded = EncodeEntry(e);
-          txn.exec_params1(
-              "SELECT audit_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::bigint, $12, "
-              "$13, $14::bytea, $15::bytea)",
-              e.actor, e.tenant, std::string(ActionName(e.action)), e.object_type, e.object_id,
-              e.patient_id, std::string(DecisionName(e.decision)), e.reason, e.purpose,
-              e.consent_id, e.consent_version, e.request_id, e.origin,
-              pqxx::binarystring(encoded.head), pqxx::binarystring(encoded.tail));
-          return absl::OkStatus();
+          pqxx::row appended = WithEntryParams(
+              e,
+              [&txn](const auto&... params) {
+                return txn.exec_params1(
+                    "WITH change AS (SELECT $1::text AS note) "
+                    "SELECT audit_append($2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::bigint, "
+                    "$13, $14, $15::bytea, $16::bytea) FROM change",
+                    params...);
+              },
+              std::string("change"));
+          return appended[0].is_null() ? absl::InternalError("no entry appended")
+                                       : absl::OkStatus();
         });
         if (!s.ok()) failures.fetch_add(1);
       }
@@ -150,9 +154,13 @@ TEST_F(AuditChainTest, SqlAndCppAppendersShareOneChain) {
   pqxx::nontransaction q(c);
   EXPECT_EQ(q.exec1("SELECT count(DISTINCT prev_hash) FROM audit_log")[0].as<int>(),
             kWriters * kEach);
-  // Both kinds are in it, and the SQL ones carry the right fields.
+  // Both kinds are in it, and the in-statement ones carry the right fields.
   EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log WHERE actor LIKE '%/w1'")[0].as<int>(), kEach);
   EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log WHERE actor LIKE '%/w0'")[0].as<int>(), kEach);
+  // No entry is older than the one before it in the chain.
+  EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log a JOIN audit_log b ON b.seq = a.seq + 1 "
+                    "WHERE b.at_us < a.at_us")[0].as<int>(),
+            0);
 }
 
 TEST_F(AuditChainTest, RemovedEntriesAreLocated) {
