@@ -155,8 +155,11 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "SELECT pg_advisory_xact_lock(hashtextextended('medgate-records-usage:' || $1, 0))"},
         {kTenantUsage,
          "SELECT coalesce(sum(size_bytes), 0)::bigint FROM records WHERE tenant_id = $1"},
+        // Only while the record exists: an erasure stops the downloads already running at their
+        // next chunk (its chunks are purged later).
         {kSelectChunk,
-         "SELECT ciphertext FROM record_chunks WHERE record_id = $1 AND chunk_index = $2"},
+         "SELECT c.ciphertext FROM record_chunks c JOIN records r ON r.record_id = c.record_id "
+         "WHERE c.record_id = $1 AND c.chunk_index = $2"},
         {kRecordExists, "SELECT 1 FROM records WHERE record_id = $1"},
         {kSelectActiveGrants,
          "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g "

@@ -1465,6 +1465,50 @@ TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes
   EXPECT_EQ(truncated.content, spec.content.substr(0, kMiB));
 }
 
+// An erasure stops a download already running at its next chunk: ABORTED naming the record,
+// after only what had been sent before, all of it the record's own bytes. (Its chunks stay in the
+// shard until they are purged; the data key is gone, and so must the stream be.)
+TEST_F(SharingTest, AnErasureStopsARunningDownloadAtItsNextChunk) {
+  const std::string patient = Place("erased-mid-download-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(41, 0, 8 * kMiB);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+
+  // A reader whose flow-control window stays small, so the service cannot send far ahead of it.
+  const TestCert& as = pki_->practitioner();
+  auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60});
+  ASSERT_TRUE(creds.ok()) << creds.status();
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
+  auto stub = v1::RecordSharing::NewStub(grpc::CreateCustomChannel(
+      absl::StrCat("127.0.0.1:", sharing_->port()), *creds, args));
+  v1::DownloadRecordRequest request;
+  request.set_record_id(record);
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  std::unique_ptr<grpc::ClientReader<v1::DownloadRecordResponse>> reader(
+      stub->DownloadRecord(&context, request));
+  v1::DownloadRecordResponse message;
+  ASSERT_TRUE(reader->Read(&message));
+  ASSERT_TRUE(message.has_header());
+  ASSERT_TRUE(reader->Read(&message));
+  ASSERT_TRUE(message.has_chunk());
+  std::string received = message.chunk().data();
+
+  ASSERT_TRUE(Erase(pki_->practitioner(), record).ok());
+  while (reader->Read(&message)) received += message.chunk().data();
+  grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::ABORTED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr(record));
+  EXPECT_THAT(status.error_message(), HasSubstr("erased"));
+  EXPECT_LT(received.size(), spec.content.size());
+  EXPECT_EQ(received, spec.content.substr(0, received.size()));
+  RecordProperty("bytes_sent_after_start", static_cast<int>(received.size()));
+}
+
 TEST_F(SharingTest, AnotherKeyEncryptionKeyCannotReadOrWrite) {
   const std::string patient = Place("wrong-kek-1", "FR");
   UploadSpec spec;
