@@ -22,6 +22,13 @@ absl::Duration TenantQuota::TryTake(const std::string& tenant, double n, absl::T
   return absl::Seconds((n - b.tokens) / rate_);
 }
 
+void TenantQuota::Refund(const std::string& tenant, double n) {
+  absl::MutexLock lock(&mu_);
+  auto it = buckets_.find(tenant);
+  if (it == buckets_.end()) return;  // no bucket yet: it starts full
+  it->second.tokens = std::min(burst_, it->second.tokens + n);
+}
+
 IngestCore::IngestCore(RoutingClient& routing, consent::ConsentCache& consent,
                        std::map<std::string, std::vector<VitalsWriter*>> writers,
                        IngestOptions options)
@@ -114,7 +121,8 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
     done(std::move(result));
     return absl::OkStatus();
   }
-  absl::Duration wait = quota_.TryTake(device.tenant, static_cast<double>(rows.size()), now);
+  const double charged = static_cast<double>(rows.size());
+  absl::Duration wait = quota_.TryTake(device.tenant, charged, now);
   if (wait > absl::ZeroDuration()) {
     quota_refused_.fetch_add(1, std::memory_order_relaxed);
     return retry(absl::ResourceExhaustedError("tenant sample quota exceeded; resend later"), wait);
@@ -128,9 +136,12 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   request.poisoned = std::move(poisoned);
   auto shared = std::make_shared<BatchResult>(std::move(result));
   auto finish = std::make_shared<std::function<void(BatchResult)>>(std::move(done));
-  request.done = [shared, finish](const WriteOutcome& outcome) {
+  // Rows not stored are given back to the quota, so the device's resend is not refused for them;
+  // duplicates stay charged (accepted work).
+  request.done = [this, tenant = device.tenant, charged, shared, finish](const WriteOutcome& outcome) {
     BatchResult r = std::move(*shared);
     if (!outcome.status.ok()) {
+      quota_.Refund(tenant, charged);
       r.retryable = outcome.status;
       r.retry_after = absl::Seconds(1);
     } else {
@@ -144,6 +155,7 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
       lanes->second[absl::HashOf(device.tenant, device.name) % lanes->second.size()];
   if (!writer->Enqueue(std::move(request), options_.enqueue_wait)) {
     queue_full_.fetch_add(1, std::memory_order_relaxed);
+    quota_.Refund(device.tenant, charged);
     BatchResult busy = std::move(*shared);
     busy.retryable = absl::ResourceExhaustedError(
         absl::StrCat("region ", where.region_id, " write queue is full; resend later"));

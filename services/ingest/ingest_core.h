@@ -56,6 +56,10 @@ class TenantQuota {
   TenantQuota(double rate, double burst) : rate_(rate), burst_(burst) {}
   // Takes `n` tokens if available; otherwise returns how long until they would be.
   absl::Duration TryTake(const std::string& tenant, double n, absl::Time now);
+  // Puts back `n` tokens taken for samples that were then not stored (their resend is charged),
+  // never beyond the burst. It needs no clock: refilling before or after adding them ends the
+  // same, both being capped at the burst.
+  void Refund(const std::string& tenant, double n);
 
  private:
   struct Bucket {

@@ -770,5 +770,82 @@ TEST_F(IngestTest, ATenantOverItsRateQuotaIsRefusedRetryablyAndLosesNothing) {
   server.Shutdown();
 }
 
+// Samples charged to the tenant's quota and then not stored (the home shard is down) are given
+// back: a device resending one batch through an outage, for more samples in all than the burst,
+// has it stored once the shard is back instead of refused for the quota.
+TEST_F(IngestTest, AResendAfterAShardOutageIsNotRefusedForTheQuota) {
+  constexpr uint32_t kBurst = 1000;  // the smallest burst allowed: the largest batch
+  constexpr uint32_t kPerBatch = 400;
+  constexpr int kAttemptsWhileDown = 3;  // 1,200 samples charged while down: more than the burst
+  std::string patient = PatientWithDevice("refund", "DE", "dev-refund");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  // A second ingest server whose tenants refill one sample a second: next to nothing in this test.
+  auto extra = StartIngest(
+      absl::StrCat("ingest: {tenant_samples_per_second: 1, tenant_burst: ", kBurst, "}\n"));
+  ASSERT_NE(extra, nullptr);
+  IngestServer& server = *extra->server;
+  auto stub = StubAs<v1::DeviceIngest>(Device("acme", "dev-refund"), pki().ca_path(), server.port());
+  const auto kUnavailable = static_cast<int32_t>(grpc::StatusCode::UNAVAILABLE);
+  const std::string kAcmeDevice = "tenant_id = 'acme' AND device_id = 'dev-refund'";
+
+  // A first sample while de-1 is up: the server has the device's patient and consent in its caches.
+  DeviceStream first(*stub);
+  std::optional<v1::IngestAck> ack = first.Send(Batch(1, 1, 1));
+  ASSERT_TRUE(ack.has_value()) << first.Finish().error_message();
+  ASSERT_FALSE(ack->has_retryable_error()) << ack->retryable_error().message();
+  ASSERT_EQ(ack->stored_count(), 1u);
+  EXPECT_TRUE(first.Finish().ok());
+  uint64_t stored = ack->stored_count();
+
+  // While the shard is down the device resends its next batch, each time on a new stream: the
+  // writer answers every attempt (the quota charged it), none is refused for the quota.
+  const v1::VitalsBatch batch = Batch(2, 2, kPerBatch);
+  ASSERT_TRUE(stack_->clusters().region("de-1").Stop().ok());
+  for (int attempt = 1; attempt <= kAttemptsWhileDown; ++attempt) {
+    DeviceStream stream(*stub);
+    ack = stream.Send(batch);
+    grpc::Status ended = stream.Finish();
+    if (!ack.has_value()) {
+      ADD_FAILURE() << "attempt " << attempt << " got no ack: " << ended.error_message();
+      continue;
+    }
+    EXPECT_EQ(ack->retryable_error().code(), kUnavailable)
+        << "attempt " << attempt << ": " << ack->retryable_error().message();
+    EXPECT_THAT(ack->retryable_error().message(), HasSubstr("could not store the batch"));
+  }
+  ASSERT_TRUE(stack_->clusters().region("de-1").StartAgain().ok());
+
+  // The shard is back: the resend is stored (the shard or the consent feed may still need a moment,
+  // answering UNAVAILABLE, never RESOURCE_EXHAUSTED).
+  absl::Time next_try = absl::Now();
+  std::optional<v1::IngestAck> resent;
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    if (absl::Now() < next_try) return false;
+    DeviceStream again(*stub);
+    resent = again.Send(batch);
+    grpc::Status ended = again.Finish();
+    if (!resent.has_value()) {
+      ADD_FAILURE() << "the resend got no ack: " << ended.error_message();
+      return true;
+    }
+    if (!resent->has_retryable_error()) return true;
+    EXPECT_EQ(resent->retryable_error().code(), kUnavailable) << resent->retryable_error().message();
+    next_try = absl::Now() + FromProtoDuration(resent->retry_after());
+    return resent->retryable_error().code() != kUnavailable;
+  }));
+  ASSERT_TRUE(resent.has_value());
+  ASSERT_FALSE(resent->has_retryable_error()) << resent->retryable_error().message();
+  EXPECT_EQ(resent->batch_seq(), batch.batch_seq());
+  EXPECT_EQ(resent->stored_count(), kPerBatch);
+  EXPECT_EQ(resent->duplicate_count(), 0u);
+  stored += resent->stored_count();
+  // Every sample acknowledged is stored, nothing else.
+  EXPECT_EQ(Count("de-1", kAcmeDevice), static_cast<int64_t>(stored));
+  EXPECT_EQ(Count("de-1", absl::StrCat(kAcmeDevice, " AND seq BETWEEN 1 AND ", kPerBatch + 1)),
+            static_cast<int64_t>(stored));
+  EXPECT_EQ(server.counters().quota_refused, 0u);
+  server.Shutdown();
+}
+
 }  // namespace
 }  // namespace medgate::ingest

@@ -22,6 +22,46 @@ TEST(TenantQuotaTest, AllowsTheBurstThenTheRatePerTenant) {
   EXPECT_EQ(quota.TryTake("acme", 200, t0 + absl::Hours(1)), absl::ZeroDuration());
 }
 
+// Samples charged and then not stored are given back, so their resend is not refused for them.
+TEST(TenantQuotaTest, ARefundRestoresExactlyWhatWasTaken) {
+  TenantQuota quota(/*rate=*/100, /*burst=*/200);
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  EXPECT_EQ(quota.TryTake("acme", 200, t0), absl::ZeroDuration());
+  quota.Refund("acme", 150);
+  // 150 tokens back, not one more: 151 waits for one token at 100/s.
+  EXPECT_EQ(quota.TryTake("acme", 151, t0), absl::Milliseconds(10));
+  EXPECT_EQ(quota.TryTake("acme", 150, t0), absl::ZeroDuration());
+  EXPECT_EQ(quota.TryTake("acme", 1, t0), absl::Milliseconds(10));
+  // A refund adds to the refill: 100 back plus half a second at 100/s.
+  quota.Refund("acme", 100);
+  EXPECT_EQ(quota.TryTake("acme", 151, t0 + absl::Milliseconds(500)), absl::Milliseconds(10));
+  EXPECT_EQ(quota.TryTake("acme", 150, t0 + absl::Milliseconds(500)), absl::ZeroDuration());
+}
+
+TEST(TenantQuotaTest, ARefundNeverGoesBeyondTheBurst) {
+  TenantQuota quota(/*rate=*/100, /*burst=*/200);
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  EXPECT_EQ(quota.TryTake("acme", 50, t0), absl::ZeroDuration());
+  quota.Refund("acme", 100);  // 150 + 100: the burst, 200
+  EXPECT_EQ(quota.TryTake("acme", 201, t0), absl::Milliseconds(10));
+  EXPECT_EQ(quota.TryTake("acme", 200, t0), absl::ZeroDuration());
+  EXPECT_EQ(quota.TryTake("acme", 1, t0), absl::Milliseconds(10));
+  // A refund to a tenant that took nothing yet leaves its bucket at the burst.
+  quota.Refund("globex", 100);
+  EXPECT_EQ(quota.TryTake("globex", 201, t0), absl::Milliseconds(10));
+  EXPECT_EQ(quota.TryTake("globex", 200, t0), absl::ZeroDuration());
+}
+
+TEST(TenantQuotaTest, ARefundGoesToItsTenantOnly) {
+  TenantQuota quota(/*rate=*/100, /*burst=*/200);
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  EXPECT_EQ(quota.TryTake("acme", 200, t0), absl::ZeroDuration());
+  EXPECT_EQ(quota.TryTake("globex", 200, t0), absl::ZeroDuration());
+  quota.Refund("acme", 200);
+  EXPECT_EQ(quota.TryTake("globex", 1, t0), absl::Milliseconds(10));
+  EXPECT_EQ(quota.TryTake("acme", 200, t0), absl::ZeroDuration());
+}
+
 // A burst smaller than the largest batch would refuse such a batch forever: the configuration
 // says so instead of the devices finding out.
 TEST(TenantQuotaTest, TheBurstMustHoldTheLargestBatch) {
