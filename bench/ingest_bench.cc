@@ -390,13 +390,17 @@ double Pct(const std::vector<double>& sorted, double p) {
 }
 
 // The test harness runs PostgreSQL without durability; a write benchmark needs it: servers on
-// disk (not a memory filesystem), fsync and synchronous commit on, as in production.
+// disk (not a memory filesystem), fsync and synchronous commit on, as in production. The harness's
+// small WAL (1 MB segments, max_wal_size 64 MB) would also force a checkpoint every second or two
+// under this load: WAL sizing goes back to PostgreSQL's defaults, which production has at least.
 void MakeDurable(const std::string& conninfo) {
   pqxx::connection c(conninfo);
   pqxx::nontransaction n(c);
   n.exec0("ALTER SYSTEM SET fsync = on");
   n.exec0("ALTER SYSTEM SET synchronous_commit = on");
   n.exec0("ALTER SYSTEM SET full_page_writes = on");
+  n.exec0("ALTER SYSTEM SET max_wal_size = '1GB'");
+  n.exec0("ALTER SYSTEM SET min_wal_size = '80MB'");
   n.exec("SELECT pg_reload_conf()");
 }
 
@@ -428,8 +432,9 @@ int Run(const Args& args) {
   {
     pqxx::connection c(shard);
     pqxx::nontransaction n(c);
-    std::fprintf(stderr, "shard durability: fsync=%s synchronous_commit=%s\n",
-                 n.exec1("SHOW fsync")[0].c_str(), n.exec1("SHOW synchronous_commit")[0].c_str());
+    std::fprintf(stderr, "shard durability: fsync=%s synchronous_commit=%s max_wal_size=%s\n",
+                 n.exec1("SHOW fsync")[0].c_str(), n.exec1("SHOW synchronous_commit")[0].c_str(),
+                 n.exec1("SHOW max_wal_size")[0].c_str());
   }
 
   std::fprintf(stderr, "(a) raw binary COPY, 1,000-row transactions...\n");
@@ -580,7 +585,7 @@ int Run(const Args& args) {
   }
 
   std::printf("\ningest_bench (same machine, same schema, one run; PostgreSQL with fsync and "
-              "synchronous_commit on)\n");
+              "synchronous_commit on, max_wal_size 1GB)\n");
   std::printf("  (a) raw binary COPY, 1,000-row transactions : %10.0f samples/s  (reference: the rows (c) "
               "stores, %d devices x %d-row runs)\n", raw, args.devices, args.batch);
   std::printf("      same, all rows of one device            : %10.0f samples/s  (for information: "
