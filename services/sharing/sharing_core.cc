@@ -1142,21 +1142,23 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
       Opened opened,
       ResultOf(pool->TransactValue<Outcome<Opened>>([&](pqxx::work& txn)
                                                         -> absl::StatusOr<Outcome<Opened>> {
-        std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecord, record_id);
-        if (!record) return RecordNotFound(record_id);
+        // The record with what opens its key, in one round trip.
+        const pqxx::result rows = txn.exec_prepared(sql::kSelectRecordWithKey, record_id);
+        if (rows.empty()) return RecordNotFound(record_id);
+        const RecordInfo record = RecordFromRow(rows[0]);
         audit::Entry entry = AuditEntryFor(ctx, audit::Action::kRead, "record", record_id,
-                                      record->tenant_id, record->patient_id, "");
-        const std::string bytes = absl::StrCat("bytes=", record->size_bytes);
-        std::vector<RecordInfo> one = {*record};
+                                      record.tenant_id, record.patient_id, "");
+        const std::string bytes = absl::StrCat("bytes=", record.size_bytes);
+        std::vector<RecordInfo> one = {record};
         if (ops) {
           entry.reason = absl::StrCat("BREAK_GLASS: ", bytes, " reason=", break_glass_reason);
-        } else if (record->owner == caller) {
+        } else if (record.owner == caller) {
           entry.reason = absl::StrCat("PERMITTED: ", bytes);
           AttachGrants(txn, one, caller, now);
         } else {
           std::optional<GrantInfo> grant = LatestGrant(txn, record_id, caller);
           if (!grant) {
-            if (record->tenant_id != ctx.principal.tenant) return RecordNotFound(record_id);
+            if (record.tenant_id != ctx.principal.tenant) return RecordNotFound(record_id);
             entry.reason = "NOT_SHARED";
             return Deny<Opened>(txn, entry,
                                 absl::PermissionDeniedError(absl::StrCat(
@@ -1180,15 +1182,15 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
           // The share stands only while the consent it rested on does.
           ASSIGN_OR_RETURN(
               consent::AccessDecision decision,
-              consent_.Check(region, record->patient_id, consent::Purpose::kRecordSharing,
+              consent_.Check(region, record.patient_id, consent::Purpose::kRecordSharing,
                              grant->granted_by, now));
           CiteConsent(entry, decision);
           if (!decision.permit) {
             entry.reason = absl::StrCat(consent::AccessReasonName(decision.reason), ":", which);
             return Deny<Opened>(txn, entry, ConsentRefusal(decision, "reading this shared record"));
           }
-          if (grant->grantee_tenant != record->tenant_id) {
-            absl::Status territory = CheckReadTerritory(*record, grant->grantee_tenant);
+          if (grant->grantee_tenant != record.tenant_id) {
+            absl::Status territory = CheckReadTerritory(record, grant->grantee_tenant);
             if (territory.code() == absl::StatusCode::kFailedPrecondition) {
               entry.reason = absl::StrCat("TERRITORY_NOT_PERMITTED:", which);
               return Deny<Opened>(txn, entry, absl::PermissionDeniedError(territory.message()));
@@ -1198,13 +1200,10 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
           entry.reason = absl::StrCat("PERMITTED: ", bytes, which);
           one[0].grants.push_back(*grant);
         }
-        pqxx::result keys = txn.exec_prepared(sql::kSelectRecordKeys, record_id);
-        if (keys.empty()) {
-          return absl::DataLossError(
-              absl::StrCat("record '", record_id, "': its data key is missing"));
-        }
-        ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(*record, keys[0][1], keys[0][2],
-                                                      keys[0][3], keys[0][4]));
+        const pqxx::row& row = rows[0];
+        ASSIGN_OR_RETURN(SecretKey key,
+                         OpenRecordKey(record, row[kRecordColumns], row[kRecordColumns + 1],
+                                       row[kRecordColumns + 2], row[kRecordColumns + 3]));
         RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
         // Audited before the first byte leaves, for the full size.
         RETURN_IF_ERROR(audit::Append(txn, entry).status());
@@ -1235,14 +1234,13 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
                                     record->tenant_id, record->patient_id,
                                     absl::StrCat("ARCHIVED: until=", Rfc3339(retain_until))))
             .status());
-    std::vector<RecordInfo> one = {*SelectRecord(txn, sql::kSelectRecord, record_id)};
+    const pqxx::result rows = txn.exec_prepared(sql::kSelectRecordWithKey, record_id);
+    std::vector<RecordInfo> one = {RecordFromRow(rows.at(0))};
     AttachGrants(txn, one, ctx.principal.spiffe_id, now);
-    pqxx::result keys = txn.exec_prepared(sql::kSelectRecordKeys, record_id);
-    if (keys.empty()) {
-      return absl::DataLossError(absl::StrCat("record '", record_id, "': its data key is missing"));
-    }
+    const pqxx::row& row = rows[0];
     ASSIGN_OR_RETURN(SecretKey key,
-                     OpenRecordKey(one[0], keys[0][1], keys[0][2], keys[0][3], keys[0][4]));
+                     OpenRecordKey(one[0], row[kRecordColumns], row[kRecordColumns + 1],
+                                   row[kRecordColumns + 2], row[kRecordColumns + 3]));
     RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
     return one[0];
   });

@@ -54,7 +54,7 @@ namespace medgate::sharing::sql {
 inline constexpr char kSelectRecord[] = "select_record";
 inline constexpr char kSelectRecordForShare[] = "select_record_for_share";
 inline constexpr char kSelectRecordForUpdate[] = "select_record_for_update";
-inline constexpr char kSelectRecordKeys[] = "select_record_keys";
+inline constexpr char kSelectRecordWithKey[] = "select_record_with_key";
 inline constexpr char kSelectPatientKey[] = "select_patient_key";
 inline constexpr char kSetUploadIdleTimeout[] = "set_upload_idle_timeout";
 inline constexpr char kInsertPatientKey[] = "insert_patient_key";
@@ -108,10 +108,8 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.record_id = $1 FOR SHARE"},
         {kSelectRecordForUpdate,
          "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.record_id = $1 FOR UPDATE"},
-        {kSelectRecordKeys,
-         "SELECT rk.key_id, rk.wrapped_key, pk.key_id, pk.wrapped_by, pk.wrapped_key "
-         "FROM record_keys rk JOIN record_keys pk ON pk.key_id = rk.wrapped_by "
-         "AND pk.record_id IS NULL WHERE rk.record_id = $1"},
+        {kSelectRecordWithKey, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
+                               " FROM records r" MEDGATE_RECORD_KEY_JOIN " WHERE r.record_id = $1"},
         {kSelectPatientKey,
          "SELECT key_id, wrapped_by, wrapped_key FROM record_keys "
          "WHERE patient_id = $1 AND record_id IS NULL"},

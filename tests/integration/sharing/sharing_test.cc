@@ -1455,6 +1455,16 @@ TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes
   EXPECT_FALSE(bad_key.has_header);
   Exec("fr-1", damage_key, record);
 
+  // The data key gone from the shard: DATA_LOSS naming the record, before any content.
+  Exec("fr-1", "UPDATE record_keys SET record_id = 'elsewhere' WHERE record_id = $1", record);
+  Downloaded no_key = Download(pki_->practitioner(), record);
+  EXPECT_EQ(no_key.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_THAT(no_key.status.error_message(), HasSubstr(record));
+  EXPECT_THAT(no_key.status.error_message(), HasSubstr("data key is missing"));
+  EXPECT_FALSE(no_key.has_header);
+  Exec("fr-1", "UPDATE record_keys SET record_id = $1 WHERE record_id = 'elsewhere'", record);
+  ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
+
   // The last chunk dropped and the count adjusted to hide it: the new last chunk was not sealed
   // as last.
   Exec("fr-1", "DELETE FROM record_chunks WHERE record_id = $1 AND chunk_index = 2", record);
