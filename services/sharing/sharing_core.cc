@@ -324,12 +324,19 @@ class PgUpload final : public Upload {
     }
     received_ += data.size();
     // Storage chunks are exactly 1 MiB except the last, whatever sizes the client sends; a client
-    // sending 1 MiB pieces is stored without copying them first. Hashing comes after handing
-    // the chunk to the writer, so that it overlaps with the insert.
+    // sending 1 MiB pieces is stored without copying them first. The chunk is hashed on a spare
+    // core, when one is idle, while this thread encrypts it; otherwise after handing it to the
+    // writer, so that hashing overlaps with the insert.
     if (pending_.empty() &&
         (data.size() == crypto::kMaxChunkBytes || received_ == header_.size_bytes)) {
+      SpareThreads::Ticket hashing;
+      core_.spare_threads().TryRun([this, data] { hasher_.Update(data); }, hashing);
       absl::Status stored = Store(data);
-      hasher_.Update(data);
+      if (hashing.taken()) {
+        hashing.Wait();
+      } else {
+        hasher_.Update(data);
+      }
       return stored;
     }
     hasher_.Update(data);
@@ -731,7 +738,10 @@ SharingCore::SharingCore(const pg::ShardSet& shards, const pg::ShardSet& upload_
       consent_(consent),
       kek_(kek),
       options_(std::move(options)),
-      patient_keys_(options_.patient_key_cache_entries, options_.patient_key_cache_max_age) {}
+      patient_keys_(options_.patient_key_cache_entries, options_.patient_key_cache_max_age),
+      // A spare thread per core beyond the first: an upload's hashing can take one that is idle.
+      spare_threads_(static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 2u, 9u)) -
+                     1) {}
 
 void SharingCore::AddBuffered(int64_t delta) {
   int64_t now = buffered_.fetch_add(delta) + delta;

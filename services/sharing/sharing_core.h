@@ -21,6 +21,7 @@
 #include "libs/pg/shard_set.h"
 #include "services/sharing/patient_directory.h"
 #include "services/sharing/patient_key_cache.h"
+#include "services/sharing/spare_threads.h"
 
 namespace medgate::sharing {
 
@@ -189,8 +190,10 @@ class SharingCore {
   absl::Time Now() const { return options_.clock(); }
   absl::Duration upload_idle_timeout() const { return options_.upload_idle_timeout; }
 
-  // For uploads and downloads in progress: accounts bytes they hold, checks the tenant's quota.
+  // For uploads and downloads in progress: accounts bytes they hold, checks the tenant's quota,
+  // and hashes beside encrypting when a core is idle.
   void AddBuffered(int64_t delta);
+  SpareThreads& spare_threads() { return spare_threads_; }
   int64_t QuotaOf(const std::string& tenant) const;  // 0: no limit
   absl::Status CheckQuota(const std::string& tenant, const std::string& region, int64_t used,
                           uint64_t adding) const;
@@ -198,7 +201,7 @@ class SharingCore {
  private:
   absl::StatusOr<pg::Pool*> ShardOf(const std::string& object_id, absl::string_view what) const;
   // The data key of `record` from its wrapped form and its patient key's (id, KEK id, wrapped),
-  // as MEDGATE_RECORD_KEY_COLUMNS or select_record_keys give them; DATA_LOSS naming the record
+  // as MEDGATE_RECORD_KEY_COLUMNS give them; DATA_LOSS naming the record
   // when they are missing or do not open.
   absl::StatusOr<crypto::SecretKey> OpenRecordKey(const RecordInfo& record,
                                                   const pqxx::field& wrapped_record_key,
@@ -224,6 +227,7 @@ class SharingCore {
   crypto::KeyEncryptionKey& kek_;
   const SharingOptions options_;
   PatientKeyCache patient_keys_;
+  SpareThreads spare_threads_;
   std::atomic<int64_t> buffered_{0};
   std::atomic<int64_t> peak_buffered_{0};
 };
