@@ -108,7 +108,7 @@ std::string ChainHash(absl::string_view prev_hash, int64_t seq, int64_t at_us, c
   return std::string(reinterpret_cast<const char*>(digest), len);
 }
 
-absl::StatusOr<int64_t> Append(pqxx::transaction_base& txn, const Entry& entry) {
+absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry) {
   try {
     pqxx::row appended = WithEntryParams(entry, [&txn](const auto&... params) {
       return txn.exec_params1(

@@ -83,7 +83,7 @@ decltype(auto) WithEntryParams(const Entry& e, Exec&& exec, const Args&... args)
 // entry times never go backwards along the chain whichever service wrote them. Appends serialize
 // on the chain head row, so concurrent writers never fork the chain; append last in a
 // transaction to hold that lock briefly. Returns the new sequence number.
-absl::StatusOr<int64_t> Append(pqxx::transaction_base& txn, const Entry& entry);
+absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry);
 
 struct VerifyResult {
   bool ok = true;
