@@ -13,8 +13,12 @@ absl::Duration TenantQuota::TryTake(const std::string& tenant, double n, absl::T
   absl::MutexLock lock(&mu_);
   auto [it, inserted] = buckets_.try_emplace(tenant, Bucket{burst_, now});
   Bucket& b = it->second;
-  b.tokens = std::min(burst_, b.tokens + absl::ToDoubleSeconds(now - b.at) * rate_);
-  b.at = now;
+  // Callers on several threads pass times read a little apart: one earlier than the bucket's
+  // last refill adds nothing, and never takes tokens away.
+  if (now > b.at) {
+    b.tokens = std::min(burst_, b.tokens + absl::ToDoubleSeconds(now - b.at) * rate_);
+    b.at = now;
+  }
   if (b.tokens >= n) {
     b.tokens -= n;
     return absl::ZeroDuration();
@@ -40,7 +44,7 @@ IngestCore::IngestCore(RoutingClient& routing, consent::ConsentCache& consent,
 
 absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
                                  std::vector<Sample> samples,
-                                 std::shared_ptr<std::atomic<bool>> poisoned,
+                                 std::shared_ptr<std::atomic<bool>> poisoned, absl::Time read_at,
                                  std::function<void(BatchResult)> done) {
   if (samples.empty() || samples.size() > kMaxSamplesPerBatch) {
     return absl::InvalidArgumentError(absl::StrCat("batch ", batch_seq, " has ", samples.size(),
@@ -72,7 +76,7 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
                  absl::Seconds(5));
   }
 
-  const absl::Time now = absl::Now();
+  const absl::Time now = read_at;
   absl::StatusOr<consent::AccessDecision> monitoring =
       consent_.Check(where.region_id, where.patient_id, consent::Purpose::kRemoteMonitoring,
                      device.spiffe_id, now);
@@ -134,6 +138,7 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   request.patient_id = where.patient_id;
   request.rows = std::move(rows);
   request.poisoned = std::move(poisoned);
+  request.read_at = read_at;
   auto shared = std::make_shared<BatchResult>(std::move(result));
   auto finish = std::make_shared<std::function<void(BatchResult)>>(std::move(done));
   // Rows not stored are given back to the quota, so the device's resend is not refused for them;

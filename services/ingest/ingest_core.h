@@ -89,9 +89,10 @@ class IngestCore {
   // another thread, after the rows are committed (or immediately when nothing is to be written).
   // A permanent problem with the stream itself (device not assigned, batch too large) is returned
   // as an error status and `done` is not called. `poisoned` is the stream's flag: the writer
-  // refuses a poisoned stream's batches (the stream sets it on any retryable ack).
+  // refuses a poisoned stream's batches (the stream sets it on any retryable ack). `read_at` is
+  // when the batch was read off its stream: the time it is validated and charged at.
   absl::Status Process(const Principal& device, uint64_t batch_seq, std::vector<Sample> samples,
-                       std::shared_ptr<std::atomic<bool>> poisoned,
+                       std::shared_ptr<std::atomic<bool>> poisoned, absl::Time read_at,
                        std::function<void(BatchResult)> done);
 
   IngestCounters Counters() const {

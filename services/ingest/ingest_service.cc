@@ -134,7 +134,8 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
       return;
     }
     const uint64_t slot = first_slot_ + pending_.size();
-    pending_.push_back(PendingAck{std::nullopt, absl::Now()});
+    const absl::Time read_at = absl::Now();
+    pending_.push_back(PendingAck{std::nullopt, read_at});
     processing_ = true;
     // The samples are copied out and `incoming_` is cleared, not moved from: the next read
     // reuses its sample objects instead of allocating them again (unless the batch was large).
@@ -146,8 +147,8 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
       incoming_.Clear();
     }
     std::shared_ptr<StreamShared> shared = shared_;
-    bool posted = executor_.Post([this, shared, batch_seq, samples, slot] {
-      ProcessBatch(shared, batch_seq, std::move(*samples), slot);
+    bool posted = executor_.Post([this, shared, batch_seq, samples, read_at, slot] {
+      ProcessBatch(shared, batch_seq, std::move(*samples), read_at, slot);
     });
     if (!posted) {
       BatchResult busy;
@@ -183,13 +184,13 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
  private:
   // Runs on an executor thread: may block on routing or on a full writer queue.
   void ProcessBatch(const std::shared_ptr<StreamShared>& shared, uint64_t batch_seq,
-                    std::vector<Sample> samples, uint64_t slot) {
+                    std::vector<Sample> samples, absl::Time read_at, uint64_t slot) {
     {
       std::lock_guard<std::mutex> lock(shared->mu);
       if (shared->reactor == nullptr) return;
     }
     absl::Status status = core_.Process(
-        principal_, batch_seq, std::move(samples), poisoned_,
+        principal_, batch_seq, std::move(samples), poisoned_, read_at,
         [shared, slot](BatchResult result) {
           std::lock_guard<std::mutex> lock(shared->mu);
           if (shared->reactor != nullptr) shared->reactor->CompleteLocked(slot, ToAck(result));

@@ -115,7 +115,6 @@ absl::Status VitalsWriter::EnsureConnected() {
 }
 
 bool VitalsWriter::Enqueue(WriteRequest request, absl::Duration wait) {
-  request.enqueued_at = absl::Now();  // read before taking the lock
   std::unique_lock<std::mutex> lock(mu_);
   if (!room_cv_.wait_for(lock, absl::ToChronoMilliseconds(wait), [this] {
         return stopping_ || queue_.size() < options_.max_queued_requests;
@@ -349,8 +348,9 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   stats_.open += locked - began;
   stats_.copy_commit += committed - locked;
   stats_.longest = std::max(stats_.longest, committed - began);
-  // The queue is first in, first out: the transaction's first request waited longest.
-  stats_.longest_wait = std::max(stats_.longest_wait, began - live.front()->enqueued_at);
+  for (const WriteRequest* r : live) {
+    stats_.longest_wait = std::max(stats_.longest_wait, began - r->read_at);
+  }
   if (committed - stats_.since >= options_.stats_interval) {
     const double n = static_cast<double>(stats_.transactions);
     log::Info("vitals_writer_stats",
@@ -361,7 +361,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
                {"open_ms", absl::ToDoubleMilliseconds(stats_.open) / n},
                {"copy_commit_ms", absl::ToDoubleMilliseconds(stats_.copy_commit) / n},
                {"longest_transaction_ms", absl::ToDoubleMilliseconds(stats_.longest)},
-               {"longest_queue_wait_ms", absl::ToDoubleMilliseconds(stats_.longest_wait)}});
+               {"longest_wait_ms", absl::ToDoubleMilliseconds(stats_.longest_wait)}});
     stats_ = WriterStats{};
     stats_.since = committed;
   }

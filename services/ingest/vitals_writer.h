@@ -53,7 +53,7 @@ struct WriteRequest {
   // Shared by a stream's requests: once one fails, the stream's later requests fail without
   // being written, so a device's seq never has a gap below its committed cursor.
   std::shared_ptr<std::atomic<bool>> poisoned;
-  absl::Time enqueued_at;  // when Enqueue was called (a wait for room counts as queueing)
+  absl::Time read_at;  // when its batch was read off the stream
 };
 
 struct WriterOptions {
@@ -97,7 +97,7 @@ class VitalsWriter {
     absl::Duration open;         // BEGIN, cursors locked and advanced, COPY started: one round trip
     absl::Duration copy_commit;  // rows encoded, sent, stored and committed: the second
     absl::Duration longest;      // the longest transaction, from BEGIN to COMMIT
-    absl::Duration longest_wait;  // the longest a request waited in the queue for its transaction
+    absl::Duration longest_wait;  // the longest from a batch read to its transaction's start
   };
   WriterStats stats_;
   std::mutex mu_;

@@ -22,6 +22,21 @@ TEST(TenantQuotaTest, AllowsTheBurstThenTheRatePerTenant) {
   EXPECT_EQ(quota.TryTake("acme", 200, t0 + absl::Hours(1)), absl::ZeroDuration());
 }
 
+// Threads charge with times read a little apart: an earlier time than the last one adds no
+// tokens and takes none away.
+TEST(TenantQuotaTest, AnEarlierTimeNeitherRefillsNorDrainsTheBucket) {
+  TenantQuota quota(/*rate=*/100, /*burst=*/200);
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  EXPECT_EQ(quota.TryTake("acme", 200, t0), absl::ZeroDuration());
+  EXPECT_EQ(quota.TryTake("acme", 50, t0 + absl::Seconds(1)), absl::ZeroDuration());  // 50 left
+  // Half a second earlier than the last charge: still 50 tokens, neither 0 nor 100.
+  EXPECT_EQ(quota.TryTake("acme", 51, t0 + absl::Milliseconds(500)), absl::Milliseconds(10));
+  EXPECT_EQ(quota.TryTake("acme", 50, t0 + absl::Milliseconds(500)), absl::ZeroDuration());
+  // Time moves on from the latest charge, not from the earlier one.
+  EXPECT_EQ(quota.TryTake("acme", 100, t0 + absl::Seconds(2)), absl::ZeroDuration());
+  EXPECT_EQ(quota.TryTake("acme", 1, t0 + absl::Seconds(2)), absl::Milliseconds(10));
+}
+
 // Samples charged and then not stored are given back, so their resend is not refused for them.
 TEST(TenantQuotaTest, ARefundRestoresExactlyWhatWasTaken) {
   TenantQuota quota(/*rate=*/100, /*burst=*/200);
