@@ -801,10 +801,11 @@ absl::Status SharingCore::CheckReadTerritory(const RecordInfo& record,
 }
 
 absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(const RecordInfo& record,
-                                                     const pqxx::field& wrapped_record_key,
-                                                     const pqxx::field& patient_key_id,
-                                                     const pqxx::field& patient_key_wrapped_by,
-                                                     const pqxx::field& patient_key_wrapped) {
+                                                     const pqxx::row& row) {
+  const pqxx::field wrapped_record_key = row[kRecordColumns];
+  const pqxx::field patient_key_id = row[kRecordColumns + 1];
+  const pqxx::field patient_key_wrapped_by = row[kRecordColumns + 2];
+  const pqxx::field patient_key_wrapped = row[kRecordColumns + 3];
   if (wrapped_record_key.is_null() || patient_key_id.is_null()) {
     return absl::DataLossError(
         absl::StrCat("record '", record.record_id, "': its data key is missing"));
@@ -833,10 +834,9 @@ absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(const RecordInfo& record,
   return SecretKey::FromBytes(*record_key);
 }
 
-absl::Status SharingCore::OpenMetadata(RecordInfo& record, const pqxx::row& row, int first) {
+absl::Status SharingCore::OpenMetadata(RecordInfo& record, const pqxx::row& row) {
   if (!record.sealed_content_type && !record.sealed_file_name) return absl::OkStatus();
-  ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(record, row[first], row[first + 1],
-                                                row[first + 2], row[first + 3]));
+  ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(record, row));
   return OpenSealedMetadata(key, record);
 }
 
@@ -851,9 +851,7 @@ absl::StatusOr<SharingCore::SealPage> SharingCore::SealMetadataInClear(pg::Pool&
       // Both fields are sealed again together; one already sealed is opened first.
       absl::StatusOr<SealedMetadata> metadata =
           [&]() -> absl::StatusOr<SealedMetadata> {
-        ASSIGN_OR_RETURN(SecretKey key,
-                         OpenRecordKey(record, row[kRecordColumns], row[kRecordColumns + 1],
-                                       row[kRecordColumns + 2], row[kRecordColumns + 3]));
+        ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(record, row));
         RETURN_IF_ERROR(OpenSealedMetadata(key, record));
         return SealMetadata(key, record.record_id, record.content_type, record.file_name);
       }();
@@ -1096,7 +1094,7 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
           std::vector<RecordInfo> records;
           for (const pqxx::row& row : rows) {
             records.push_back(RecordFromRow(row));
-            RETURN_IF_ERROR(OpenMetadata(records.back(), row, kRecordColumns));
+            RETURN_IF_ERROR(OpenMetadata(records.back(), row));
           }
           AttachGrants(txn, records, caller, now);
           return records;
@@ -1210,10 +1208,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
           entry.reason = absl::StrCat("PERMITTED: ", bytes, which);
           one[0].grants.push_back(*grant);
         }
-        const pqxx::row& row = rows[0];
-        ASSIGN_OR_RETURN(SecretKey key,
-                         OpenRecordKey(record, row[kRecordColumns], row[kRecordColumns + 1],
-                                       row[kRecordColumns + 2], row[kRecordColumns + 3]));
+        ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(record, rows[0]));
         RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
         // Audited before the first byte leaves, for the full size.
         RETURN_IF_ERROR(audit::Append(txn, entry).status());
@@ -1247,10 +1242,7 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
     const pqxx::result rows = txn.exec_prepared(sql::kSelectRecordWithKey, record_id);
     std::vector<RecordInfo> one = {RecordFromRow(rows.at(0))};
     AttachGrants(txn, one, ctx.principal.spiffe_id, now);
-    const pqxx::row& row = rows[0];
-    ASSIGN_OR_RETURN(SecretKey key,
-                     OpenRecordKey(one[0], row[kRecordColumns], row[kRecordColumns + 1],
-                                   row[kRecordColumns + 2], row[kRecordColumns + 3]));
+    ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(one[0], rows[0]));
     RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
     return one[0];
   });

@@ -200,16 +200,12 @@ class SharingCore {
 
  private:
   absl::StatusOr<pg::Pool*> ShardOf(const std::string& object_id, absl::string_view what) const;
-  // The data key of `record` from its wrapped form and its patient key's (id, KEK id, wrapped),
-  // as MEDGATE_RECORD_KEY_COLUMNS give them; DATA_LOSS naming the record
-  // when they are missing or do not open.
-  absl::StatusOr<crypto::SecretKey> OpenRecordKey(const RecordInfo& record,
-                                                  const pqxx::field& wrapped_record_key,
-                                                  const pqxx::field& patient_key_id,
-                                                  const pqxx::field& patient_key_wrapped_by,
-                                                  const pqxx::field& patient_key_wrapped);
-  // OpenRecordKey from the columns at `first` on, then the record's sealed metadata.
-  absl::Status OpenMetadata(RecordInfo& record, const pqxx::row& row, int first);
+  // The data key of `record` from the MEDGATE_RECORD_KEY_COLUMNS that follow its
+  // MEDGATE_RECORD_COLUMNS in `row` (its wrapped form and its patient key's id, KEK id and
+  // wrapped form); DATA_LOSS naming the record when they are missing or do not open.
+  absl::StatusOr<crypto::SecretKey> OpenRecordKey(const RecordInfo& record, const pqxx::row& row);
+  // The record's sealed metadata, opened with OpenRecordKey when there is any.
+  absl::Status OpenMetadata(RecordInfo& record, const pqxx::row& row);
   // Seals the metadata of one page (at most `batch`) of records written before it was sealed,
   // after record id `after`: how many were selected and sealed, and the last id selected.
   struct SealPage {
