@@ -676,10 +676,10 @@ class PgDownload final : public Download {
       pqxx::result rows =
           q.exec_prepared(sql::kSelectChunk, record_.record_id, static_cast<int64_t>(index));
       if (rows.empty()) {
-        if (q.exec_prepared(sql::kRecordExists, record_.record_id).empty()) {
-          return absl::AbortedError(
-              absl::StrCat("record '", record_.record_id, "' was erased during the download"));
-        }
+        return absl::AbortedError(
+            absl::StrCat("record '", record_.record_id, "' was erased during the download"));
+      }
+      if (rows[0][0].is_null()) {
         return absl::DataLossError(
             absl::StrCat("record '", record_.record_id, "': chunk ", index, " is missing"));
       }

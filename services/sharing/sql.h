@@ -63,7 +63,6 @@ inline constexpr char kInsertChunk[] = "insert_chunk";
 inline constexpr char kLockTenantUsage[] = "lock_tenant_usage";
 inline constexpr char kTenantUsage[] = "tenant_usage";
 inline constexpr char kSelectChunk[] = "select_chunk";
-inline constexpr char kRecordExists[] = "record_exists";
 inline constexpr char kSelectActiveGrants[] = "select_active_grants";
 inline constexpr char kSelectLatestGrant[] = "select_latest_grant";
 inline constexpr char kUpsertGrant[] = "upsert_grant";
@@ -153,12 +152,12 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "SELECT pg_advisory_xact_lock(hashtextextended('medgate-records-usage:' || $1, 0))"},
         {kTenantUsage,
          "SELECT coalesce(sum(size_bytes), 0)::bigint FROM records WHERE tenant_id = $1"},
-        // Only while the record exists: an erasure stops the downloads already running at their
-        // next chunk (its chunks are purged later).
+        // Through the record: no row once it is erased (an erasure stops the downloads already
+        // running at their next chunk; its chunks are purged later), a NULL when the chunk is
+        // missing.
         {kSelectChunk,
-         "SELECT c.ciphertext FROM record_chunks c JOIN records r ON r.record_id = c.record_id "
-         "WHERE c.record_id = $1 AND c.chunk_index = $2"},
-        {kRecordExists, "SELECT 1 FROM records WHERE record_id = $1"},
+         "SELECT c.ciphertext FROM records r LEFT JOIN record_chunks c "
+         "ON c.record_id = r.record_id AND c.chunk_index = $2 WHERE r.record_id = $1"},
         {kSelectActiveGrants,
          "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g "
          "WHERE g.record_id = ANY($1::text[]) AND g.revoked_at IS NULL "

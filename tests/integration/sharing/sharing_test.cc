@@ -1425,13 +1425,25 @@ TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes
   Exec("fr-1", flip, record);  // flipped back
   ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
 
-  // Swapped chunks: nothing of the content arrives.
   auto move = [&](int from, int to) {
     Exec("fr-1",
          absl::StrCat("UPDATE record_chunks SET chunk_index = ", to,
                       " WHERE record_id = $1 AND chunk_index = ", from),
          record);
   };
+  // A chunk gone while its record stays: DATA_LOSS naming the record and the chunk, after the
+  // chunks before it.
+  move(1, 99);
+  Downloaded gap = Download(pki_->practitioner(), record);
+  EXPECT_EQ(gap.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_THAT(gap.status.error_message(), HasSubstr(record));
+  EXPECT_THAT(gap.status.error_message(), HasSubstr("chunk 1 is missing"));
+  EXPECT_EQ(gap.chunks, 1);
+  EXPECT_EQ(gap.content, spec.content.substr(0, kMiB));
+  move(99, 1);
+  ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
+
+  // Swapped chunks: nothing of the content arrives.
   move(0, 99);
   move(2, 0);
   move(99, 2);
