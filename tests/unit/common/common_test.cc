@@ -169,7 +169,7 @@ TEST(LatencyHistogramTest, PercentilesAreBucketBoundsNeverBelowTheTrueValue) {
   EXPECT_LE(s.p99_ms, 100.0);  // capped by the exact maximum
 }
 
-TEST(LatencyHistogramTest, OneSlowOutlierShowsInP99AndMaxOnly) {
+TEST(LatencyHistogramTest, OneSlowOutlierInTwoHundredShowsInTheMaxOnly) {
   LatencyHistogram h;
   for (int i = 0; i < 199; ++i) h.Record(absl::Microseconds(500));
   h.Record(absl::Seconds(3));
