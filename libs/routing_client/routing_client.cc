@@ -20,7 +20,7 @@
 #include "absl/time/clock.h"
 #include "libs/common/grpc_status.h"
 #include "libs/common/status_macros.h"
-#include "libs/routing_client/ttl_cache.h"
+#include "libs/common/ttl_cache.h"
 #include "medgate/v1/routing.grpc.pb.h"
 
 namespace medgate {

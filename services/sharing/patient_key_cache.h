@@ -10,7 +10,7 @@
 
 #include "absl/time/time.h"
 #include "libs/crypto/aes_gcm.h"
-#include "libs/routing_client/ttl_cache.h"
+#include "libs/common/ttl_cache.h"
 
 namespace medgate::sharing {
 

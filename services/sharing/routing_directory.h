@@ -14,7 +14,7 @@
 #include "absl/time/time.h"
 #include "libs/pg/pool.h"
 #include "libs/routing_client/routing_client.h"
-#include "libs/routing_client/ttl_cache.h"
+#include "libs/common/ttl_cache.h"
 #include "medgate/v1/routing.grpc.pb.h"
 #include "services/sharing/patient_directory.h"
 

@@ -1,5 +1,5 @@
 // Tests TtlCache: expiry at the given time, LRU eviction at capacity, replacement and erasure.
-#include "libs/routing_client/ttl_cache.h"
+#include "libs/common/ttl_cache.h"
 
 #include <optional>
 #include <string>

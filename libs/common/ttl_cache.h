@@ -1,6 +1,6 @@
 // A bounded LRU map whose entries expire; the current time is passed in so tests never sleep.
-#ifndef MEDGATE_LIBS_ROUTING_CLIENT_TTL_CACHE_H_
-#define MEDGATE_LIBS_ROUTING_CLIENT_TTL_CACHE_H_
+#ifndef MEDGATE_LIBS_COMMON_TTL_CACHE_H_
+#define MEDGATE_LIBS_COMMON_TTL_CACHE_H_
 
 #include <cstddef>
 #include <list>
@@ -87,4 +87,4 @@ class TtlCache {
 
 }  // namespace medgate
 
-#endif  // MEDGATE_LIBS_ROUTING_CLIENT_TTL_CACHE_H_
+#endif  // MEDGATE_LIBS_COMMON_TTL_CACHE_H_
