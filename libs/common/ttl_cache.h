@@ -28,8 +28,11 @@ class TtlCache {
   TtlCache& operator=(const TtlCache&) = delete;
 
   // The value of `key` if present and not expired at `now`; a hit becomes the most recently
-  // used entry, an expired entry is removed.
-  std::optional<V> Get(const K& key, absl::Time now) {
+  // used entry, an expired entry is removed. With `refresh_due`, it is set to true for the first
+  // hit at or after the entry's refresh time (see Put) and to false otherwise, so a caller can
+  // fetch a fresh value, once, before the entry expires.
+  std::optional<V> Get(const K& key, absl::Time now, bool* refresh_due = nullptr) {
+    if (refresh_due != nullptr) *refresh_due = false;
     auto it = index_.find(key);
     if (it == index_.end()) return std::nullopt;
     auto entry = it->second;
@@ -39,20 +42,26 @@ class TtlCache {
       return std::nullopt;
     }
     entries_.splice(entries_.begin(), entries_, entry);
+    if (refresh_due != nullptr && now >= entry->refresh_at && !entry->refresh_reported) {
+      entry->refresh_reported = true;
+      *refresh_due = true;
+    }
     return entry->value;
   }
 
   // Stores `value` until `now + ttl` as the most recently used entry, replacing any previous
   // value of `key`. A non-positive ttl (or a zero capacity) stores nothing but still removes
   // the previous value, so the cache never answers with something older than the caller knows.
-  void Put(K key, V value, absl::Duration ttl, absl::Time now) {
+  // A hit from `now + refresh_after` on reports the entry as due for a refresh (see Get).
+  void Put(K key, V value, absl::Duration ttl, absl::Time now,
+           absl::Duration refresh_after = absl::InfiniteDuration()) {
     Erase(key);
     if (ttl <= absl::ZeroDuration() || capacity_ == 0) return;
     if (entries_.size() >= capacity_) {
       index_.erase(entries_.back().key);
       entries_.pop_back();
     }
-    entries_.push_front(Entry{std::move(key), std::move(value), now + ttl});
+    entries_.push_front(Entry{std::move(key), std::move(value), now + ttl, now + refresh_after});
     index_.emplace(entries_.front().key, entries_.begin());
   }
 
@@ -78,6 +87,8 @@ class TtlCache {
     K key;
     V value;
     absl::Time expires_at;
+    absl::Time refresh_at;
+    bool refresh_reported = false;
   };
 
   const size_t capacity_;

@@ -7,6 +7,7 @@
 #include <iterator>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -19,6 +20,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "libs/common/grpc_status.h"
+#include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/common/ttl_cache.h"
 #include "medgate/v1/routing.grpc.pb.h"
@@ -41,12 +43,27 @@ struct GuardedCache {
   absl::Mutex mu;
   TtlCache<Key, Value> entries ABSL_GUARDED_BY(mu);
   uint64_t epoch ABSL_GUARDED_BY(mu) = 0;
+  // Keys whose answers are due for a background refresh; at most the cache's capacity.
+  std::vector<Key> due ABSL_GUARDED_BY(mu);
 };
 
 struct TtlPolicy {
   absl::Duration found;
   absl::Duration not_found;
+  // A found answer hit from this age on is due for a refresh (infinite: never).
+  absl::Duration refresh_after = absl::InfiniteDuration();
 };
+
+// Caches answers fetched at `now` (found ones with their refresh point).
+template <typename Key, typename Value>
+void CacheAnswers(GuardedCache<Key, Value>& cache, const std::vector<Key>& keys,
+                  const std::vector<Value>& values, const TtlPolicy& ttl, absl::Time now)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(cache.mu) {
+  for (size_t j = 0; j < keys.size(); ++j) {
+    cache.entries.Put(keys[j], values[j], values[j].found ? ttl.found : ttl.not_found, now,
+                      values[j].found ? ttl.refresh_after : absl::InfiniteDuration());
+  }
+}
 
 absl::Status RpcError(absl::string_view method, const grpc::Status& rpc_status) {
   const absl::Status status = FromGrpcStatus(rpc_status);
@@ -55,22 +72,31 @@ absl::Status RpcError(absl::string_view method, const grpc::Status& rpc_status) 
 
 // Answers `keys` in order from `cache`, fetching the distinct misses in batches of `max_batch`
 // with `fetch` (which returns one validated answer per key, in order). Answers are cached only
-// when every batch succeeded and nothing was invalidated meanwhile.
+// when every batch succeeded and nothing was invalidated meanwhile. Hits due for a refresh are
+// queued on `cache.due`, and `on_due` is called once the cache is unlocked.
 template <typename Key, typename Value, typename FetchFn>
 absl::StatusOr<std::vector<Value>> ResolveThroughCache(
     absl::Span<const Key> keys, GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
-    const std::function<absl::Time()>& clock, size_t max_batch, FetchFn fetch) {
+    const std::function<absl::Time()>& clock, size_t max_batch, FetchFn fetch,
+    const std::function<void()>& on_due) {
   std::vector<Value> answers(keys.size());
   std::vector<std::optional<size_t>> miss_of(keys.size());  // position -> index in `misses`
   std::vector<Key> misses;
   uint64_t epoch_at_lookup;
+  bool queued = false;
   {
     absl::flat_hash_map<Key, size_t> miss_index;
     absl::MutexLock lock(&cache.mu);
     const absl::Time now = clock();
     for (size_t i = 0; i < keys.size(); ++i) {
-      if (std::optional<Value> hit = cache.entries.Get(keys[i], now)) {
+      bool refresh_due = false;
+      if (std::optional<Value> hit = cache.entries.Get(keys[i], now, &refresh_due)) {
         answers[i] = *std::move(hit);
+        // Beyond the bound the entry is not refreshed: it expires, and its next use fetches it.
+        if (refresh_due && cache.due.size() < cache.entries.capacity()) {
+          cache.due.push_back(keys[i]);
+          queued = true;
+        }
         continue;
       }
       auto [it, inserted] = miss_index.try_emplace(keys[i], misses.size());
@@ -79,6 +105,7 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
     }
     epoch_at_lookup = cache.epoch;
   }
+  if (queued && on_due) on_due();
   if (misses.empty()) return answers;
 
   std::vector<Value> fetched;
@@ -91,18 +118,40 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
 
   {
     absl::MutexLock lock(&cache.mu);
-    if (cache.epoch == epoch_at_lookup) {
-      const absl::Time now = clock();
-      for (size_t j = 0; j < misses.size(); ++j) {
-        cache.entries.Put(misses[j], fetched[j], fetched[j].found ? ttl.found : ttl.not_found,
-                          now);
-      }
-    }
+    if (cache.epoch == epoch_at_lookup) CacheAnswers(cache, misses, fetched, ttl, clock());
   }
   for (size_t i = 0; i < keys.size(); ++i) {
     if (miss_of[i].has_value()) answers[i] = fetched[*miss_of[i]];
   }
   return answers;
+}
+
+// Fetches the answers due for a refresh in batches of `max_batch` and caches each batch unless an
+// invalidation came while it was fetched. False (and the rest dropped) when a fetch fails: those
+// entries then expire, and their next use fetches them itself and sees the error.
+template <typename Key, typename Value, typename FetchFn>
+absl::Status RefreshDue(GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
+                        const std::function<absl::Time()>& clock, size_t max_batch,
+                        FetchFn fetch) {
+  std::vector<Key> due;
+  {
+    absl::MutexLock lock(&cache.mu);
+    due.swap(cache.due);
+  }
+  for (size_t start = 0; start < due.size(); start += max_batch) {
+    const size_t end = std::min(due.size(), start + max_batch);
+    const std::vector<Key> batch(due.begin() + static_cast<long>(start),
+                                 due.begin() + static_cast<long>(end));
+    uint64_t epoch;
+    {
+      absl::MutexLock lock(&cache.mu);
+      epoch = cache.epoch;
+    }
+    ASSIGN_OR_RETURN(std::vector<Value> fetched, fetch(absl::Span<const Key>(batch)));
+    absl::MutexLock lock(&cache.mu);
+    if (cache.epoch == epoch) CacheAnswers(cache, batch, fetched, ttl, clock());
+  }
+  return absl::OkStatus();
 }
 
 class GrpcRoutingClient final : public RoutingClient {
@@ -114,14 +163,30 @@ class GrpcRoutingClient final : public RoutingClient {
         devices_(options_.max_cached_devices) {
     options_.max_batch = std::clamp<size_t>(options_.max_batch, 1, kMaxIdsPerRpc);
     if (!options_.clock) options_.clock = absl::Now;
+    if (options_.refresh_ahead) {
+      patient_ttl_.refresh_after = options_.patient_ttl / 2;
+      device_ttl_.refresh_after = options_.device_ttl / 2;
+      on_due_ = [this] {
+        absl::MutexLock lock(&refresh_mu_);
+        refresh_wanted_ = true;
+      };
+      refresher_ = std::thread([this] { RefreshLoop(); });
+    }
+  }
+
+  ~GrpcRoutingClient() override {
+    {
+      absl::MutexLock lock(&refresh_mu_);
+      stopping_ = true;
+    }
+    if (refresher_.joinable()) refresher_.join();
   }
 
   absl::StatusOr<std::vector<PatientLocation>> ResolvePatients(
       absl::Span<const std::string> patient_ids) override {
     return ResolveThroughCache(
-        patient_ids, patients_, {options_.patient_ttl, options_.negative_ttl}, options_.clock,
-        options_.max_batch,
-        [this](absl::Span<const std::string> batch) { return FetchPatients(batch); });
+        patient_ids, patients_, patient_ttl_, options_.clock, options_.max_batch,
+        [this](absl::Span<const std::string> batch) { return FetchPatients(batch); }, on_due_);
   }
 
   absl::StatusOr<std::vector<DeviceLocation>> ResolveDevices(
@@ -130,9 +195,9 @@ class GrpcRoutingClient final : public RoutingClient {
     keys.reserve(devices.size());
     for (const DeviceRef& device : devices) keys.emplace_back(device.tenant_id, device.device_id);
     return ResolveThroughCache(
-        absl::Span<const DeviceCacheKey>(keys), devices_,
-        {options_.device_ttl, options_.negative_ttl}, options_.clock, options_.max_batch,
-        [this](absl::Span<const DeviceCacheKey> batch) { return FetchDevices(batch); });
+        absl::Span<const DeviceCacheKey>(keys), devices_, device_ttl_, options_.clock,
+        options_.max_batch,
+        [this](absl::Span<const DeviceCacheKey> batch) { return FetchDevices(batch); }, on_due_);
   }
 
   void InvalidatePatient(absl::string_view patient_id) override {
@@ -159,6 +224,33 @@ class GrpcRoutingClient final : public RoutingClient {
   }
 
  private:
+  // The background refresher: woken by a hit due for a refresh, it gathers for refresh_gather,
+  // then fetches everything due.
+  void RefreshLoop() {
+    while (true) {
+      {
+        absl::MutexLock lock(&refresh_mu_);
+        refresh_mu_.Await(absl::Condition(
+            +[](GrpcRoutingClient* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->refresh_mu_) {
+              return c->stopping_ || c->refresh_wanted_;
+            },
+            this));
+        if (!stopping_) refresh_mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.refresh_gather);
+        if (stopping_) return;
+        refresh_wanted_ = false;
+      }
+      absl::Status patients = RefreshDue(
+          patients_, patient_ttl_, options_.clock, options_.max_batch,
+          [this](absl::Span<const std::string> batch) { return FetchPatients(batch); });
+      absl::Status devices = RefreshDue(
+          devices_, device_ttl_, options_.clock, options_.max_batch,
+          [this](absl::Span<const DeviceCacheKey> batch) { return FetchDevices(batch); });
+      for (const absl::Status& s : {patients, devices}) {
+        if (!s.ok()) log::Warning("routing_refresh_failed", {{"error", s.message()}});
+      }
+    }
+  }
+
   // Deadlines are real time, whatever clock the caches use.
   void SetDeadline(grpc::ClientContext& context) const {
     context.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
@@ -237,8 +329,15 @@ class GrpcRoutingClient final : public RoutingClient {
 
   RoutingClientOptions options_;
   const std::unique_ptr<v1::TenantRouting::Stub> stub_;
+  TtlPolicy patient_ttl_{options_.patient_ttl, options_.negative_ttl};
+  TtlPolicy device_ttl_{options_.device_ttl, options_.negative_ttl};
   GuardedCache<std::string, PatientLocation> patients_;
   GuardedCache<DeviceCacheKey, DeviceLocation> devices_;
+  std::function<void()> on_due_;  // set with refresh_ahead
+  absl::Mutex refresh_mu_;
+  bool refresh_wanted_ ABSL_GUARDED_BY(refresh_mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(refresh_mu_) = false;
+  std::thread refresher_;  // last: started after everything it uses
 };
 
 }  // namespace

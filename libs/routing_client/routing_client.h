@@ -50,6 +50,14 @@ struct RoutingClientOptions {
   absl::Duration negative_ttl = absl::Seconds(2); // "not found" answers are cached briefly
   absl::Duration rpc_deadline = absl::Seconds(2);
   size_t max_batch = 1000;  // ids per ResolvePatients/ResolveDevices call; used within [1, 1000]
+  // Refresh ahead: a found answer used in the second half of its TTL is fetched again in the
+  // background, in batched RPCs, so a device or patient in steady use (at least once per TTL)
+  // is never a cache miss after its first lookup. An answer is still never used past its TTL,
+  // and what is not used is never refetched. Off: every answer is fetched by the lookup that
+  // misses it.
+  bool refresh_ahead = false;
+  // How long the background refresher gathers due ids into one RPC (up to max_batch).
+  absl::Duration refresh_gather = absl::Milliseconds(100);
   // Time source for cache expiry only (RPC deadlines always use the real clock); tests inject
   // a fake one so expiry is deterministic.
   std::function<absl::Time()> clock = absl::Now;

@@ -55,6 +55,9 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel, MakeChannel(routing->address, self->tls));
   RoutingClientOptions routing_options;
   routing_options.device_ttl = server->settings_.device_cache_ttl;
+  // A device streaming at least once per TTL keeps its answer fresh in the background instead of
+  // holding a batch for a routing round trip every TTL.
+  routing_options.refresh_ahead = true;
   server->routing_ = NewRoutingClient(std::move(channel), routing_options);
   server->consent_ = consent::NewConsentCache(config.regions);
   std::map<std::string, std::vector<VitalsWriter*>> writers;

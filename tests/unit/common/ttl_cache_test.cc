@@ -1,4 +1,5 @@
-// Tests TtlCache: expiry at the given time, LRU eviction at capacity, replacement and erasure.
+// Tests TtlCache: expiry at the given time, LRU eviction at capacity, replacement, erasure and
+// the refresh point.
 #include "libs/common/ttl_cache.h"
 
 #include <optional>
@@ -135,6 +136,42 @@ TEST_F(TtlCacheTest, ClearEmptiesTheCache) {
   EXPECT_EQ(cache_.Get("a", t0_), std::nullopt);
   cache_.Put("c", 3, absl::Hours(1), t0_);
   EXPECT_THAT(cache_.Get("c", t0_), Optional(Eq(3)));
+}
+
+TEST_F(TtlCacheTest, AHitFromTheRefreshPointOnIsReportedDueOnce) {
+  cache_.Put("a", 1, absl::Seconds(10), t0_, /*refresh_after=*/absl::Seconds(5));
+  bool due = true;
+  EXPECT_THAT(cache_.Get("a", t0_ + absl::Seconds(5) - absl::Nanoseconds(1), &due), Optional(Eq(1)));
+  EXPECT_FALSE(due);
+  EXPECT_THAT(cache_.Get("a", t0_ + absl::Seconds(5), &due), Optional(Eq(1)));
+  EXPECT_TRUE(due);
+  // Reported once: the caller's refresh is already on its way.
+  EXPECT_THAT(cache_.Get("a", t0_ + absl::Seconds(6), &due), Optional(Eq(1)));
+  EXPECT_FALSE(due);
+  // The refresh point never keeps an entry past its expiry.
+  EXPECT_EQ(cache_.Get("a", t0_ + absl::Seconds(10), &due), std::nullopt);
+  EXPECT_FALSE(due);
+}
+
+TEST_F(TtlCacheTest, ARefreshedEntryHasANewRefreshPoint) {
+  cache_.Put("a", 1, absl::Seconds(10), t0_, absl::Seconds(5));
+  bool due = false;
+  cache_.Get("a", t0_ + absl::Seconds(6), &due);
+  ASSERT_TRUE(due);
+  cache_.Put("a", 2, absl::Seconds(10), t0_ + absl::Seconds(6), absl::Seconds(5));
+  EXPECT_THAT(cache_.Get("a", t0_ + absl::Seconds(10), &due), Optional(Eq(2)));
+  EXPECT_FALSE(due);
+  EXPECT_THAT(cache_.Get("a", t0_ + absl::Seconds(11), &due), Optional(Eq(2)));
+  EXPECT_TRUE(due);
+}
+
+TEST_F(TtlCacheTest, WithoutARefreshPointNothingIsEverDue) {
+  cache_.Put("a", 1, absl::Seconds(10), t0_);
+  bool due = true;
+  EXPECT_THAT(cache_.Get("a", t0_ + absl::Seconds(10) - absl::Nanoseconds(1), &due), Optional(Eq(1)));
+  EXPECT_FALSE(due);
+  EXPECT_EQ(cache_.Get("b", t0_, &due), std::nullopt);
+  EXPECT_FALSE(due);
 }
 
 TEST_F(TtlCacheTest, PairKeysAreDistinctPerComponent) {

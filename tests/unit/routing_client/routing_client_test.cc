@@ -1,5 +1,5 @@
-// Tests the routing client's caching, batching, dedup, invalidation and error handling against an
-// in-process fake TenantRouting service that counts the RPCs it receives.
+// Tests the routing client's caching, batching, dedup, invalidation, refresh ahead and error
+// handling against an in-process fake TenantRouting service that counts the RPCs it receives.
 #include "libs/routing_client/routing_client.h"
 
 #include <chrono>
@@ -33,6 +33,7 @@ using ::testing::Each;
 using ::testing::HasSubstr;
 using ::testing::Le;
 using ::testing::SizeIs;
+using ::testing::UnorderedElementsAre;
 
 using DeviceKeyPair = std::pair<std::string, std::string>;
 
@@ -614,6 +615,125 @@ TEST_F(RoutingClientTest, DeviceRpcErrorCachesNothing) {
   fake_.StopFailing();
   Devices({{"t1", "d1"}});
   EXPECT_EQ(fake_.device_rpcs(), 2u);
+}
+
+// --- refresh ahead ----------------------------------------------------------------------------
+
+// Waits, in real time and up to 10 s, until `done` holds: the refresher runs on its own thread.
+bool Eventually(const std::function<bool()>& done) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (!done()) {
+    if (absl::Now() > deadline) return false;
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  return true;
+}
+
+class RefreshAheadTest : public RoutingClientTest {
+ protected:
+  void SetUp() override {
+    RoutingClientTest::SetUp();
+    options_.refresh_ahead = true;
+    options_.device_ttl = absl::Seconds(30);
+    options_.refresh_gather = absl::Milliseconds(1);
+  }
+  bool DeviceIs(const DeviceRef& device, const std::string& described) {
+    return Devices({device}) == std::vector<std::string>{described};
+  }
+};
+
+TEST_F(RefreshAheadTest, ADeviceInSteadyUseIsFetchedAgainBeforeItsAnswerExpires) {
+  EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 p1@fr-1"));
+  fake_.AssignDevice("t1", "d1", "p2", "de-1");  // reassigned by its tenant
+
+  // In the second half of its TTL a hit still answers from the cache, and has it fetched again.
+  clock_.Advance(absl::Seconds(20));
+  EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 p1@fr-1"));
+  ASSERT_TRUE(Eventually([&] { return DeviceIs({"t1", "d1"}, "t1/d1 p2@de-1"); }));
+  EXPECT_EQ(fake_.device_rpcs(), 2u);
+
+  // Past the first answer's expiry the refreshed one (fetched at +20 s) answers: no miss.
+  clock_.Advance(absl::Seconds(12));
+  EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 p2@de-1"));
+  EXPECT_EQ(fake_.device_rpcs(), 2u);
+}
+
+TEST_F(RefreshAheadTest, OnlyAnswersUsedInTheSecondHalfOfTheirTtlAreFetchedAgain) {
+  Devices({{"t1", "d1"}});
+  clock_.Advance(absl::Seconds(10));
+  Devices({{"t2", "d1"}});
+  // t1/d1 is used only before half its TTL, t2/d1 after.
+  clock_.Advance(absl::Seconds(5) - absl::Milliseconds(1));
+  Devices({{"t1", "d1"}});
+  clock_.Advance(absl::Seconds(10) + absl::Milliseconds(1));
+  Devices({{"t2", "d1"}});
+  ASSERT_TRUE(Eventually([&] { return fake_.device_rpcs() == 3; }));
+  // Had t1/d1 been queued, it would have gone in this batch or an earlier one.
+  EXPECT_THAT(fake_.device_batches()[2], ElementsAre(DeviceKeyPair("t2", "d1")));
+
+  // t1/d1 expires at its TTL as before, and its next use fetches it.
+  clock_.Advance(absl::Seconds(5));
+  EXPECT_THAT(Devices({{"t1", "d1"}, {"t2", "d1"}}), ElementsAre("t1/d1 p1@fr-1", "t2/d1 p3@eu-1"));
+  EXPECT_EQ(fake_.device_rpcs(), 4u);
+  EXPECT_THAT(fake_.device_batches()[3], ElementsAre(DeviceKeyPair("t1", "d1")));
+}
+
+TEST_F(RefreshAheadTest, DueAnswersAreFetchedTogether) {
+  options_.refresh_gather = absl::Milliseconds(300);
+  fake_.AssignDevice("t1", "d2", "p1", "fr-1");
+  Devices({{"t1", "d1"}, {"t1", "d2"}, {"t2", "d1"}});
+  clock_.Advance(absl::Seconds(15));
+  // Three lookups, as three streams would make them.
+  Devices({{"t1", "d1"}});
+  Devices({{"t1", "d2"}});
+  Devices({{"t2", "d1"}});
+  ASSERT_TRUE(Eventually([&] { return fake_.device_rpcs() == 2; }));
+  EXPECT_THAT(fake_.device_batches()[1],
+              UnorderedElementsAre(DeviceKeyPair("t1", "d1"), DeviceKeyPair("t1", "d2"),
+                                   DeviceKeyPair("t2", "d1")));
+}
+
+TEST_F(RefreshAheadTest, ARefreshAnswerPredatingAnInvalidationIsNotCached) {
+  Devices({{"t1", "d1"}, {"t2", "d1"}});
+  fake_.AfterAnswer([this] {
+    fake_.AfterAnswer(nullptr);
+    fake_.AssignDevice("t1", "d1", "p2", "de-1");
+    client().InvalidateDevice("t1", "d1");
+  });
+  clock_.Advance(absl::Seconds(15));
+  Devices({{"t1", "d1"}});
+  ASSERT_TRUE(Eventually([&] { return fake_.device_rpcs() == 2; }));
+  // The refresher works one round at a time: once t2/d1's refresh is asked for, the round that
+  // fetched t1/d1 is over.
+  Devices({{"t2", "d1"}});
+  ASSERT_TRUE(Eventually([&] { return fake_.device_rpcs() == 3; }));
+  EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 p2@de-1"));
+  EXPECT_EQ(fake_.device_rpcs(), 4u);
+}
+
+TEST_F(RefreshAheadTest, AFailedRefreshNeverExtendsAnAnswer) {
+  Devices({{"t1", "d1"}});
+  fake_.FailRpcs(grpc::Status(grpc::StatusCode::UNAVAILABLE, "down"));
+  clock_.Advance(absl::Seconds(15));
+  EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 p1@fr-1"));
+  ASSERT_TRUE(Eventually([&] { return fake_.device_rpcs() == 2; }));
+  clock_.Advance(absl::Seconds(15));
+  EXPECT_EQ(client().ResolveDevices(std::vector<DeviceRef>{{"t1", "d1"}}).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(fake_.device_rpcs(), 3u);
+}
+
+TEST_F(RefreshAheadTest, PatientsInSteadyUseAreFetchedAgainToo) {
+  options_.patient_ttl = absl::Minutes(5);
+  EXPECT_THAT(Patients({"p1"}), ElementsAre("p1 t1/fr-1/FR"));
+  fake_.PlacePatient("p1", "t1", "de-1", "DE");  // moved by ops
+  clock_.Advance(absl::Minutes(3));
+  EXPECT_THAT(Patients({"p1"}), ElementsAre("p1 t1/fr-1/FR"));
+  ASSERT_TRUE(Eventually([&] { return Patients({"p1"}) == std::vector<std::string>{"p1 t1/de-1/DE"}; }));
+  // Refreshed at +3 min: it answers past the first answer's expiry, before its own refresh point.
+  clock_.Advance(absl::Minutes(2));
+  EXPECT_THAT(Patients({"p1"}), ElementsAre("p1 t1/de-1/DE"));
+  EXPECT_EQ(fake_.patient_rpcs(), 2u);
 }
 
 // --- concurrency ------------------------------------------------------------------------------
