@@ -15,6 +15,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -138,6 +139,11 @@ absl::Status RefreshDue(GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
     absl::MutexLock lock(&cache.mu);
     due.swap(cache.due);
   }
+  // A key can be queued twice (prefetched by two streams of one device): it is fetched once.
+  absl::flat_hash_set<Key> seen;
+  due.erase(std::remove_if(due.begin(), due.end(),
+                           [&seen](const Key& key) { return !seen.insert(key).second; }),
+            due.end());
   for (size_t start = 0; start < due.size(); start += max_batch) {
     const size_t end = std::min(due.size(), start + max_batch);
     const std::vector<Key> batch(due.begin() + static_cast<long>(start),
@@ -198,6 +204,24 @@ class GrpcRoutingClient final : public RoutingClient {
         absl::Span<const DeviceCacheKey>(keys), devices_, device_ttl_, options_.clock,
         options_.max_batch,
         [this](absl::Span<const DeviceCacheKey> batch) { return FetchDevices(batch); }, on_due_);
+  }
+
+  void PrefetchDevices(absl::Span<const DeviceRef> devices) override {
+    if (!options_.refresh_ahead) return;
+    bool queued = false;
+    {
+      absl::MutexLock lock(&devices_.mu);
+      const absl::Time now = options_.clock();
+      for (const DeviceRef& device : devices) {
+        DeviceCacheKey key(device.tenant_id, device.device_id);
+        // A cached answer is used as is (and refreshed ahead if it stays in use).
+        if (devices_.entries.Get(key, now).has_value()) continue;
+        if (devices_.due.size() >= devices_.entries.capacity()) break;
+        devices_.due.push_back(std::move(key));
+        queued = true;
+      }
+    }
+    if (queued) on_due_();
   }
 
   void InvalidatePatient(absl::string_view patient_id) override {

@@ -54,7 +54,7 @@ struct RoutingClientOptions {
   // background, in batched RPCs, so a device or patient in steady use (at least once per TTL)
   // is never a cache miss after its first lookup. An answer is still never used past its TTL,
   // and what is not used is never refetched. Off: every answer is fetched by the lookup that
-  // misses it.
+  // misses it, and PrefetchDevices does nothing.
   bool refresh_ahead = false;
   // How long the background refresher gathers due ids into one RPC (up to max_batch).
   absl::Duration refresh_gather = absl::Milliseconds(100);
@@ -75,6 +75,12 @@ class RoutingClient {
       absl::Span<const std::string> patient_ids) = 0;
   virtual absl::StatusOr<std::vector<DeviceLocation>> ResolveDevices(
       absl::Span<const DeviceRef> devices) = 0;
+
+  // Has the background refresher fetch these devices' answers (batched with everything else it
+  // fetches) unless they are cached already, so that a lookup soon after finds them: a stream
+  // calls it when it opens, before its first batch arrives. Needs refresh_ahead; without it,
+  // does nothing.
+  virtual void PrefetchDevices(absl::Span<const DeviceRef> devices) = 0;
 
   virtual void InvalidatePatient(absl::string_view patient_id) = 0;
   virtual void InvalidateDevice(absl::string_view tenant_id, absl::string_view device_id) = 0;

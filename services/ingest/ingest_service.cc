@@ -306,8 +306,12 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
 
 grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* IngestService::StreamVitals(
     grpc::CallbackServerContext* context) {
-  return new VitalsStream(core_, executor_, ack_latency_,
-                          policy_.Authorize(*context, "StreamVitals"));
+  absl::StatusOr<Principal> principal = policy_.Authorize(*context, "StreamVitals");
+  // Where the device's patient lives is fetched in the background, in one RPC with the devices
+  // of other streams opening meanwhile, so a fleet reconnecting at once (after a restart of this
+  // service) does not resolve its devices one round trip at a time on the executor threads.
+  if (principal.ok()) routing_.PrefetchDevices({DeviceRef{principal->tenant, principal->name}});
+  return new VitalsStream(core_, executor_, ack_latency_, std::move(principal));
 }
 
 grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,

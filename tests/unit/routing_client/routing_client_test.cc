@@ -736,6 +736,31 @@ TEST_F(RefreshAheadTest, PatientsInSteadyUseAreFetchedAgainToo) {
   EXPECT_EQ(fake_.patient_rpcs(), 2u);
 }
 
+TEST_F(RefreshAheadTest, PrefetchedDevicesAreFetchedTogetherThenAnsweredFromTheCache) {
+  options_.refresh_gather = absl::Milliseconds(300);
+  fake_.AssignDevice("t1", "d2", "p1", "fr-1");
+  // Three streams open, each prefetching its device; one device's stream opens twice.
+  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d1"}});
+  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d2"}});
+  client().PrefetchDevices(std::vector<DeviceRef>{{"t2", "d1"}});
+  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d1"}});
+  ASSERT_TRUE(Eventually([&] { return fake_.device_rpcs() == 1; }));
+  EXPECT_THAT(fake_.device_batches()[0],
+              UnorderedElementsAre(DeviceKeyPair("t1", "d1"), DeviceKeyPair("t1", "d2"),
+                                   DeviceKeyPair("t2", "d1")));
+  // The answers land after the RPC returns: the first batch of each stream then finds them.
+  ASSERT_TRUE(Eventually([&] { return DeviceIs({"t2", "d1"}, "t2/d1 p3@eu-1"); }));
+  EXPECT_THAT(Devices({{"t1", "d1"}, {"t1", "d2"}}), ElementsAre("t1/d1 p1@fr-1", "t1/d2 p1@fr-1"));
+  EXPECT_EQ(fake_.device_rpcs(), 1u);
+}
+
+TEST_F(RefreshAheadTest, ACachedDeviceIsNotPrefetched) {
+  Devices({{"t1", "d1"}});
+  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d1"}, {"t2", "d1"}});
+  ASSERT_TRUE(Eventually([&] { return fake_.device_rpcs() == 2; }));
+  EXPECT_THAT(fake_.device_batches()[1], ElementsAre(DeviceKeyPair("t2", "d1")));
+}
+
 // --- concurrency ------------------------------------------------------------------------------
 
 TEST_F(RoutingClientTest, ConcurrentCallersAndInvalidationsGetCorrectAnswers) {
