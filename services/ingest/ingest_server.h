@@ -24,7 +24,8 @@ struct IngestSettings {
   int worker_threads = 8;
   int writers_per_region = 4;  // parallel COPY lanes (connections) per shard
   // How long a device -> patient answer is reused: bounds how long an unassigned device may
-  // still write for its former patient. Shorter means more routing look-ups on the hot path.
+  // still write for its former patient. A device streaming at least once per TTL has its answer
+  // fetched again in the background, off the hot path (the routing client's refresh ahead).
   absl::Duration device_cache_ttl = absl::Seconds(30);
 };
 
