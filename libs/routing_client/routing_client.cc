@@ -128,8 +128,8 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
 }
 
 // Fetches the answers due for a refresh in batches of `max_batch` and caches each batch unless an
-// invalidation came while it was fetched. False (and the rest dropped) when a fetch fails: those
-// entries then expire, and their next use fetches them itself and sees the error.
+// invalidation came while it was fetched. A failed fetch ends the round with its error, and the
+// rest is dropped: those entries expire, and their next use fetches them itself.
 template <typename Key, typename Value, typename FetchFn>
 absl::Status RefreshDue(GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
                         const std::function<absl::Time()>& clock, size_t max_batch,
@@ -259,7 +259,9 @@ class GrpcRoutingClient final : public RoutingClient {
               return c->stopping_ || c->refresh_wanted_;
             },
             this));
-        if (!stopping_) refresh_mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.refresh_gather);
+        if (!stopping_) {
+          refresh_mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.refresh_gather);
+        }
         if (stopping_) return;
         refresh_wanted_ = false;
       }

@@ -141,7 +141,8 @@ TEST_F(TtlCacheTest, ClearEmptiesTheCache) {
 TEST_F(TtlCacheTest, AHitFromTheRefreshPointOnIsReportedDueOnce) {
   cache_.Put("a", 1, absl::Seconds(10), t0_, /*refresh_after=*/absl::Seconds(5));
   bool due = true;
-  EXPECT_THAT(cache_.Get("a", t0_ + absl::Seconds(5) - absl::Nanoseconds(1), &due), Optional(Eq(1)));
+  EXPECT_THAT(cache_.Get("a", t0_ + absl::Seconds(5) - absl::Nanoseconds(1), &due),
+              Optional(Eq(1)));
   EXPECT_FALSE(due);
   EXPECT_THAT(cache_.Get("a", t0_ + absl::Seconds(5), &due), Optional(Eq(1)));
   EXPECT_TRUE(due);
@@ -168,7 +169,8 @@ TEST_F(TtlCacheTest, ARefreshedEntryHasANewRefreshPoint) {
 TEST_F(TtlCacheTest, WithoutARefreshPointNothingIsEverDue) {
   cache_.Put("a", 1, absl::Seconds(10), t0_);
   bool due = true;
-  EXPECT_THAT(cache_.Get("a", t0_ + absl::Seconds(10) - absl::Nanoseconds(1), &due), Optional(Eq(1)));
+  EXPECT_THAT(cache_.Get("a", t0_ + absl::Seconds(10) - absl::Nanoseconds(1), &due),
+              Optional(Eq(1)));
   EXPECT_FALSE(due);
   EXPECT_EQ(cache_.Get("b", t0_, &due), std::nullopt);
   EXPECT_FALSE(due);

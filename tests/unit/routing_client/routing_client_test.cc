@@ -729,7 +729,8 @@ TEST_F(RefreshAheadTest, PatientsInSteadyUseAreFetchedAgainToo) {
   fake_.PlacePatient("p1", "t1", "de-1", "DE");  // moved by ops
   clock_.Advance(absl::Minutes(3));
   EXPECT_THAT(Patients({"p1"}), ElementsAre("p1 t1/fr-1/FR"));
-  ASSERT_TRUE(Eventually([&] { return Patients({"p1"}) == std::vector<std::string>{"p1 t1/de-1/DE"}; }));
+  ASSERT_TRUE(Eventually(
+      [&] { return Patients({"p1"}) == std::vector<std::string>{"p1 t1/de-1/DE"}; }));
   // Refreshed at +3 min: it answers past the first answer's expiry, before its own refresh point.
   clock_.Advance(absl::Minutes(2));
   EXPECT_THAT(Patients({"p1"}), ElementsAre("p1 t1/de-1/DE"));
