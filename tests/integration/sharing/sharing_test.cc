@@ -1103,6 +1103,54 @@ TEST_F(SharingTest, IdleUploadsEndWithDeadlineExceededAndStoreNothing) {
   EXPECT_TRUE(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient).empty());
 }
 
+// The shard's own bound on an upload's open transaction, for when nothing above it ends an idle
+// upload (the idle watch belongs to the gRPC adapter; the core is called directly here): the
+// shard ends the session, the upload fails and stores nothing, and the next upload gets a
+// working connection.
+TEST_F(SharingTest, AnUploadIdlePastTheShardsBoundFailsAndTheNextUploadWorks) {
+  std::unique_ptr<MedgateConfig> config =
+      ConfigWith("retention_sweep_seconds: 86400", "retention_sweep_seconds: 86400\n"
+                                                   "  upload_idle_timeout_seconds: 1");
+  auto server = SharingServer::Create(*config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  SharingCore& core = (*server)->core();
+  const std::string patient = Place("idle-transaction-1", "FR");
+  const int64_t before = StoredRows();
+  CallContext ctx;
+  ctx.principal.kind = PrincipalKind::kPractitioner;
+  ctx.principal.tenant = "acme";
+  ctx.principal.name = "p-1";
+  ctx.principal.spiffe_id = pki_->SpiffeId("/tenant/acme/practitioner/p-1");
+  ctx.request_id = "idle-transaction";
+  ctx.origin = "test";
+  const std::string content = Generate(90, 0, 3 * kMiB);
+  UploadHeader header{patient, RecordKind::kDocument, "text/plain", "slow.txt", content.size(),
+                      Sha(content)};
+
+  absl::StatusOr<std::unique_ptr<sharing::Upload>> slow = core.StartUpload(ctx, header);
+  ASSERT_TRUE(slow.ok()) << slow.status();
+  ASSERT_TRUE((*slow)->Write(absl::string_view(content).substr(0, kMiB)).ok());
+  // The shard lets the transaction sit idle for the idle timeout and the service's 10 s grace.
+  absl::SleepFor(absl::Seconds(1 + 10 + 2));
+  absl::Status status = (*slow)->Write(absl::string_view(content).substr(kMiB, kMiB));
+  if (status.ok()) status = (*slow)->Write(absl::string_view(content).substr(2 * kMiB));
+  if (status.ok()) status = (*slow)->Finish().status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+  slow->reset();
+  EXPECT_EQ(StoredRows(), before);
+  EXPECT_TRUE(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient).empty());
+
+  absl::StatusOr<std::unique_ptr<sharing::Upload>> next = core.StartUpload(ctx, header);
+  ASSERT_TRUE(next.ok()) << next.status();
+  for (size_t off = 0; off < content.size(); off += kMiB) {
+    ASSERT_TRUE((*next)->Write(absl::string_view(content).substr(off, kMiB)).ok());
+  }
+  absl::StatusOr<UploadResult> stored = (*next)->Finish();
+  ASSERT_TRUE(stored.ok()) << stored.status();
+  EXPECT_EQ(stored->size_bytes, content.size());
+  EXPECT_GT(StoredRows(), before);
+}
+
 TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
   const std::string patient = Place("tiny-1", "FR", &Cert("tiny-app"));
   UploadSpec spec;
