@@ -44,9 +44,33 @@ struct GuardedCache {
   absl::Mutex mu;
   TtlCache<Key, Value> entries ABSL_GUARDED_BY(mu);
   uint64_t epoch ABSL_GUARDED_BY(mu) = 0;
-  // Keys whose answers are due for a background refresh; at most the cache's capacity.
+  // Keys queued for the background fetcher (`due`), and those it is fetching: `pending` holds
+  // both, at most the cache's capacity. A lookup that misses a pending key waits for its fetch.
   std::vector<Key> due ABSL_GUARDED_BY(mu);
+  absl::flat_hash_set<Key> pending ABSL_GUARDED_BY(mu);
+
+  // Queues `key` for the background fetcher unless it is pending already or the bound is
+  // reached; true when queued.
+  bool QueueForFetch(const Key& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (pending.size() >= entries.capacity() || !pending.insert(key).second) return false;
+    due.push_back(key);
+    return true;
+  }
 };
+
+// Waits, with `cache.mu` held (released while waiting), until `key` is no longer pending or
+// `timeout` has passed.
+template <typename Key, typename Value>
+void AwaitNotPending(GuardedCache<Key, Value>& cache, const Key& key, absl::Duration timeout)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(cache.mu) {
+  struct Probe {
+    GuardedCache<Key, Value>* cache;
+    const Key* key;
+  } probe{&cache, &key};
+  cache.mu.AwaitWithTimeout(
+      absl::Condition(+[](Probe* p) { return !p->cache->pending.contains(*p->key); }, &probe),
+      timeout);
+}
 
 struct TtlPolicy {
   absl::Duration found;
@@ -74,12 +98,13 @@ absl::Status RpcError(absl::string_view method, const grpc::Status& rpc_status) 
 // Answers `keys` in order from `cache`, fetching the distinct misses in batches of `max_batch`
 // with `fetch` (which returns one validated answer per key, in order). Answers are cached only
 // when every batch succeeded and nothing was invalidated meanwhile. Hits due for a refresh are
-// queued on `cache.due`, and `on_due` is called once the cache is unlocked.
+// queued for the background fetcher, and `on_due` is called once the cache is unlocked; a miss
+// the fetcher is already fetching waits up to `pending_wait` for its answer.
 template <typename Key, typename Value, typename FetchFn>
 absl::StatusOr<std::vector<Value>> ResolveThroughCache(
     absl::Span<const Key> keys, GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
     const std::function<absl::Time()>& clock, size_t max_batch, FetchFn fetch,
-    const std::function<void()>& on_due) {
+    const std::function<void()>& on_due, absl::Duration pending_wait) {
   std::vector<Value> answers(keys.size());
   std::vector<std::optional<size_t>> miss_of(keys.size());  // position -> index in `misses`
   std::vector<Key> misses;
@@ -91,13 +116,17 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
     const absl::Time now = clock();
     for (size_t i = 0; i < keys.size(); ++i) {
       bool refresh_due = false;
-      if (std::optional<Value> hit = cache.entries.Get(keys[i], now, &refresh_due)) {
+      std::optional<Value> hit = cache.entries.Get(keys[i], now, &refresh_due);
+      if (!hit.has_value() && cache.pending.contains(keys[i])) {
+        // Prefetched: its answer is on the way in a batched RPC, so this lookup does not ask
+        // routing a second time. If that fetch fails, the lookup fetches it below.
+        AwaitNotPending(cache, keys[i], pending_wait);
+        hit = cache.entries.Get(keys[i], clock(), &refresh_due);
+      }
+      if (hit.has_value()) {
         answers[i] = *std::move(hit);
         // Beyond the bound the entry is not refreshed: it expires, and its next use fetches it.
-        if (refresh_due && cache.due.size() < cache.entries.capacity()) {
-          cache.due.push_back(keys[i]);
-          queued = true;
-        }
+        if (refresh_due && cache.QueueForFetch(keys[i])) queued = true;
         continue;
       }
       auto [it, inserted] = miss_index.try_emplace(keys[i], misses.size());
@@ -134,16 +163,11 @@ template <typename Key, typename Value, typename FetchFn>
 absl::Status RefreshDue(GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
                         const std::function<absl::Time()>& clock, size_t max_batch,
                         FetchFn fetch) {
-  std::vector<Key> due;
+  std::vector<Key> due;  // each key once: a pending key is not queued again
   {
     absl::MutexLock lock(&cache.mu);
     due.swap(cache.due);
   }
-  // A key can be queued twice (prefetched by two streams of one device): it is fetched once.
-  absl::flat_hash_set<Key> seen;
-  due.erase(std::remove_if(due.begin(), due.end(),
-                           [&seen](const Key& key) { return !seen.insert(key).second; }),
-            due.end());
   for (size_t start = 0; start < due.size(); start += max_batch) {
     const size_t end = std::min(due.size(), start + max_batch);
     const std::vector<Key> batch(due.begin() + static_cast<long>(start),
@@ -153,9 +177,15 @@ absl::Status RefreshDue(GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
       absl::MutexLock lock(&cache.mu);
       epoch = cache.epoch;
     }
-    ASSIGN_OR_RETURN(std::vector<Value> fetched, fetch(absl::Span<const Key>(batch)));
+    absl::StatusOr<std::vector<Value>> fetched = fetch(absl::Span<const Key>(batch));
     absl::MutexLock lock(&cache.mu);
-    if (cache.epoch == epoch) CacheAnswers(cache, batch, fetched, ttl, clock());
+    if (!fetched.ok()) {
+      // Lookups waiting for any of the rest fetch it themselves.
+      for (size_t i = start; i < due.size(); ++i) cache.pending.erase(due[i]);
+      return fetched.status();
+    }
+    if (cache.epoch == epoch) CacheAnswers(cache, batch, *fetched, ttl, clock());
+    for (const Key& key : batch) cache.pending.erase(key);
   }
   return absl::OkStatus();
 }
@@ -192,7 +222,8 @@ class GrpcRoutingClient final : public RoutingClient {
       absl::Span<const std::string> patient_ids) override {
     return ResolveThroughCache(
         patient_ids, patients_, patient_ttl_, options_.clock, options_.max_batch,
-        [this](absl::Span<const std::string> batch) { return FetchPatients(batch); }, on_due_);
+        [this](absl::Span<const std::string> batch) { return FetchPatients(batch); }, on_due_,
+        pending_wait_);
   }
 
   absl::StatusOr<std::vector<DeviceLocation>> ResolveDevices(
@@ -203,7 +234,8 @@ class GrpcRoutingClient final : public RoutingClient {
     return ResolveThroughCache(
         absl::Span<const DeviceCacheKey>(keys), devices_, device_ttl_, options_.clock,
         options_.max_batch,
-        [this](absl::Span<const DeviceCacheKey> batch) { return FetchDevices(batch); }, on_due_);
+        [this](absl::Span<const DeviceCacheKey> batch) { return FetchDevices(batch); }, on_due_,
+        pending_wait_);
   }
 
   void PrefetchDevices(absl::Span<const DeviceRef> devices) override {
@@ -216,9 +248,7 @@ class GrpcRoutingClient final : public RoutingClient {
         DeviceCacheKey key(device.tenant_id, device.device_id);
         // A cached answer is used as is (and refreshed ahead if it stays in use).
         if (devices_.entries.Get(key, now).has_value()) continue;
-        if (devices_.due.size() >= devices_.entries.capacity()) break;
-        devices_.due.push_back(std::move(key));
-        queued = true;
+        if (devices_.QueueForFetch(key)) queued = true;
       }
     }
     if (queued) on_due_();
@@ -360,6 +390,8 @@ class GrpcRoutingClient final : public RoutingClient {
   GuardedCache<std::string, PatientLocation> patients_;
   GuardedCache<DeviceCacheKey, DeviceLocation> devices_;
   std::function<void()> on_due_;  // set with refresh_ahead
+  // The longest a lookup waits for the fetcher's answer: its gathering, then one RPC.
+  const absl::Duration pending_wait_ = options_.refresh_gather + options_.rpc_deadline;
   absl::Mutex refresh_mu_;
   bool refresh_wanted_ ABSL_GUARDED_BY(refresh_mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(refresh_mu_) = false;

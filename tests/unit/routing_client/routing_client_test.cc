@@ -766,6 +766,31 @@ TEST_F(RefreshAheadTest, ACachedDeviceIsNotPrefetched) {
   EXPECT_THAT(fake_.device_batches()[1], ElementsAre(DeviceKeyPair("t2", "d1")));
 }
 
+TEST_F(RefreshAheadTest, ALookupOfADeviceBeingPrefetchedWaitsForThatFetch) {
+  options_.refresh_gather = absl::Milliseconds(200);
+  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d1"}});
+  // The stream's first batch arrives before the prefetch has been sent.
+  EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 p1@fr-1"));
+  // One round later, routing has been asked for t1/d1 once: by the prefetch.
+  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d9"}});
+  ASSERT_TRUE(Eventually([&] {
+    const auto batches = fake_.device_batches();
+    return !batches.empty() && batches.back() == std::vector<DeviceKeyPair>{{"t1", "d9"}};
+  }));
+  EXPECT_THAT(fake_.device_batches(), ElementsAre(ElementsAre(DeviceKeyPair("t1", "d1")),
+                                                  ElementsAre(DeviceKeyPair("t1", "d9"))));
+}
+
+TEST_F(RefreshAheadTest, WhenThePrefetchFailsTheWaitingLookupAsksRoutingItself) {
+  options_.refresh_gather = absl::Milliseconds(200);
+  fake_.FailRpcs(grpc::Status(grpc::StatusCode::UNAVAILABLE, "down"), /*successes=*/0);
+  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d1"}});
+  absl::StatusOr<std::vector<DeviceLocation>> answer =
+      client().ResolveDevices(std::vector<DeviceRef>{{"t1", "d1"}});
+  EXPECT_EQ(answer.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(fake_.device_rpcs(), 2u);  // the prefetch, then the lookup's own
+}
+
 // --- concurrency ------------------------------------------------------------------------------
 
 TEST_F(RoutingClientTest, ConcurrentCallersAndInvalidationsGetCorrectAnswers) {
