@@ -44,31 +44,33 @@ struct GuardedCache {
   absl::Mutex mu;
   TtlCache<Key, Value> entries ABSL_GUARDED_BY(mu);
   uint64_t epoch ABSL_GUARDED_BY(mu) = 0;
-  // Keys queued for the background fetcher (`due`), and those it is fetching: `pending` holds
-  // both, at most the cache's capacity. A lookup that misses a pending key waits for its fetch.
-  std::vector<Key> due ABSL_GUARDED_BY(mu);
-  absl::flat_hash_set<Key> pending ABSL_GUARDED_BY(mu);
+  // Keys queued for the background fetcher, and those in the RPC it has in flight; together at
+  // most the cache's capacity. A lookup that misses a key in flight waits for that RPC; one that
+  // misses a queued key takes it off the queue and fetches it itself.
+  absl::flat_hash_set<Key> queued ABSL_GUARDED_BY(mu);
+  absl::flat_hash_set<Key> in_flight ABSL_GUARDED_BY(mu);
 
-  // Queues `key` for the background fetcher unless it is pending already or the bound is
-  // reached; true when queued.
+  // Queues `key` for the background fetcher unless it is queued or in flight already, or the
+  // bound is reached; true when queued.
   bool QueueForFetch(const Key& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    if (pending.size() >= entries.capacity() || !pending.insert(key).second) return false;
-    due.push_back(key);
-    return true;
+    if (queued.size() + in_flight.size() >= entries.capacity() || in_flight.contains(key)) {
+      return false;
+    }
+    return queued.insert(key).second;
   }
 };
 
-// Waits, with `cache.mu` held (released while waiting), until `key` is no longer pending or
+// Waits, with `cache.mu` held (released while waiting), until `key` is no longer in flight or
 // `timeout` has passed.
 template <typename Key, typename Value>
-void AwaitNotPending(GuardedCache<Key, Value>& cache, const Key& key, absl::Duration timeout)
+void AwaitNotInFlight(GuardedCache<Key, Value>& cache, const Key& key, absl::Duration timeout)
     ABSL_EXCLUSIVE_LOCKS_REQUIRED(cache.mu) {
   struct Probe {
     GuardedCache<Key, Value>* cache;
     const Key* key;
   } probe{&cache, &key};
   cache.mu.AwaitWithTimeout(
-      absl::Condition(+[](Probe* p) { return !p->cache->pending.contains(*p->key); }, &probe),
+      absl::Condition(+[](Probe* p) { return !p->cache->in_flight.contains(*p->key); }, &probe),
       timeout);
 }
 
@@ -98,8 +100,9 @@ absl::Status RpcError(absl::string_view method, const grpc::Status& rpc_status) 
 // Answers `keys` in order from `cache`, fetching the distinct misses in batches of `max_batch`
 // with `fetch` (which returns one validated answer per key, in order). Answers are cached only
 // when every batch succeeded and nothing was invalidated meanwhile. Hits due for a refresh are
-// queued for the background fetcher, and `on_due` is called once the cache is unlocked; a miss
-// the fetcher is already fetching waits up to `pending_wait` for its answer.
+// queued for the background fetcher, and `on_due` is called once the cache is unlocked. A miss
+// the fetcher has in flight waits up to `pending_wait` for its answer; a miss it has queued is
+// taken off its queue and fetched here.
 template <typename Key, typename Value, typename FetchFn>
 absl::StatusOr<std::vector<Value>> ResolveThroughCache(
     absl::Span<const Key> keys, GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
@@ -117,12 +120,13 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
     for (size_t i = 0; i < keys.size(); ++i) {
       bool refresh_due = false;
       std::optional<Value> hit = cache.entries.Get(keys[i], now, &refresh_due);
-      if (!hit.has_value() && cache.pending.contains(keys[i])) {
+      if (!hit.has_value() && cache.in_flight.contains(keys[i])) {
         // Prefetched: its answer is on the way in a batched RPC, so this lookup does not ask
         // routing a second time. If that fetch fails, the lookup fetches it below.
-        AwaitNotPending(cache, keys[i], pending_wait);
+        AwaitNotInFlight(cache, keys[i], pending_wait);
         hit = cache.entries.Get(keys[i], clock(), &refresh_due);
       }
+      if (!hit.has_value()) cache.queued.erase(keys[i]);  // fetched below, not by the fetcher
       if (hit.has_value()) {
         answers[i] = *std::move(hit);
         // Beyond the bound the entry is not refreshed: it expires, and its next use fetches it.
@@ -156,38 +160,36 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
   return answers;
 }
 
-// Fetches the answers due for a refresh in batches of `max_batch` and caches each batch unless an
-// invalidation came while it was fetched. A failed fetch ends the round with its error, and the
-// rest is dropped: those entries expire, and their next use fetches them itself.
+// Fetches the queued keys in RPCs of up to `max_batch`, one at a time, and caches each answer
+// unless an invalidation came while it was fetched. A failed fetch ends the round with its error
+// and drops the queue: those entries expire, and their next use fetches them itself.
 template <typename Key, typename Value, typename FetchFn>
 absl::Status RefreshDue(GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
                         const std::function<absl::Time()>& clock, size_t max_batch,
                         FetchFn fetch) {
-  std::vector<Key> due;  // each key once: a pending key is not queued again
-  {
-    absl::MutexLock lock(&cache.mu);
-    due.swap(cache.due);
-  }
-  for (size_t start = 0; start < due.size(); start += max_batch) {
-    const size_t end = std::min(due.size(), start + max_batch);
-    const std::vector<Key> batch(due.begin() + static_cast<long>(start),
-                                 due.begin() + static_cast<long>(end));
+  while (true) {
+    std::vector<Key> batch;
     uint64_t epoch;
     {
       absl::MutexLock lock(&cache.mu);
+      while (!cache.queued.empty() && batch.size() < max_batch) {
+        auto it = cache.queued.begin();
+        batch.push_back(*it);
+        cache.in_flight.insert(*it);
+        cache.queued.erase(it);
+      }
+      if (batch.empty()) return absl::OkStatus();
       epoch = cache.epoch;
     }
     absl::StatusOr<std::vector<Value>> fetched = fetch(absl::Span<const Key>(batch));
     absl::MutexLock lock(&cache.mu);
+    for (const Key& key : batch) cache.in_flight.erase(key);  // waiting lookups look again
     if (!fetched.ok()) {
-      // Lookups waiting for any of the rest fetch it themselves.
-      for (size_t i = start; i < due.size(); ++i) cache.pending.erase(due[i]);
+      cache.queued.clear();
       return fetched.status();
     }
     if (cache.epoch == epoch) CacheAnswers(cache, batch, *fetched, ttl, clock());
-    for (const Key& key : batch) cache.pending.erase(key);
   }
-  return absl::OkStatus();
 }
 
 class GrpcRoutingClient final : public RoutingClient {
