@@ -44,35 +44,9 @@ struct GuardedCache {
   absl::Mutex mu;
   TtlCache<Key, Value> entries ABSL_GUARDED_BY(mu);
   uint64_t epoch ABSL_GUARDED_BY(mu) = 0;
-  // Keys queued for the background fetcher, and those in the RPC it has in flight; together at
-  // most the cache's capacity. A lookup that misses a key in flight waits for that RPC; one that
-  // misses a queued key takes it off the queue and fetches it itself.
-  absl::flat_hash_set<Key> queued ABSL_GUARDED_BY(mu);
-  absl::flat_hash_set<Key> in_flight ABSL_GUARDED_BY(mu);
-
-  // Queues `key` for the background fetcher unless it is queued or in flight already, or the
-  // bound is reached; true when queued.
-  bool QueueForFetch(const Key& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    if (queued.size() + in_flight.size() >= entries.capacity() || in_flight.contains(key)) {
-      return false;
-    }
-    return queued.insert(key).second;
-  }
+  // Keys whose answers are due for a background refresh; at most the cache's capacity.
+  std::vector<Key> due ABSL_GUARDED_BY(mu);
 };
-
-// Waits, with `cache.mu` held (released while waiting), until `key` is no longer in flight or
-// `timeout` has passed.
-template <typename Key, typename Value>
-void AwaitNotInFlight(GuardedCache<Key, Value>& cache, const Key& key, absl::Duration timeout)
-    ABSL_EXCLUSIVE_LOCKS_REQUIRED(cache.mu) {
-  struct Probe {
-    GuardedCache<Key, Value>* cache;
-    const Key* key;
-  } probe{&cache, &key};
-  cache.mu.AwaitWithTimeout(
-      absl::Condition(+[](Probe* p) { return !p->cache->in_flight.contains(*p->key); }, &probe),
-      timeout);
-}
 
 struct TtlPolicy {
   absl::Duration found;
@@ -100,14 +74,12 @@ absl::Status RpcError(absl::string_view method, const grpc::Status& rpc_status) 
 // Answers `keys` in order from `cache`, fetching the distinct misses in batches of `max_batch`
 // with `fetch` (which returns one validated answer per key, in order). Answers are cached only
 // when every batch succeeded and nothing was invalidated meanwhile. Hits due for a refresh are
-// queued for the background fetcher, and `on_due` is called once the cache is unlocked. A miss
-// the fetcher has in flight waits up to `pending_wait` for its answer; a miss it has queued is
-// taken off its queue and fetched here.
+// queued on `cache.due`, and `on_due` is called once the cache is unlocked.
 template <typename Key, typename Value, typename FetchFn>
 absl::StatusOr<std::vector<Value>> ResolveThroughCache(
     absl::Span<const Key> keys, GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
     const std::function<absl::Time()>& clock, size_t max_batch, FetchFn fetch,
-    const std::function<void()>& on_due, absl::Duration pending_wait) {
+    const std::function<void()>& on_due) {
   std::vector<Value> answers(keys.size());
   std::vector<std::optional<size_t>> miss_of(keys.size());  // position -> index in `misses`
   std::vector<Key> misses;
@@ -119,18 +91,13 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
     const absl::Time now = clock();
     for (size_t i = 0; i < keys.size(); ++i) {
       bool refresh_due = false;
-      std::optional<Value> hit = cache.entries.Get(keys[i], now, &refresh_due);
-      if (!hit.has_value() && cache.in_flight.contains(keys[i])) {
-        // Prefetched: its answer is on the way in a batched RPC, so this lookup does not ask
-        // routing a second time. If that fetch fails, the lookup fetches it below.
-        AwaitNotInFlight(cache, keys[i], pending_wait);
-        hit = cache.entries.Get(keys[i], clock(), &refresh_due);
-      }
-      if (!hit.has_value()) cache.queued.erase(keys[i]);  // fetched below, not by the fetcher
-      if (hit.has_value()) {
+      if (std::optional<Value> hit = cache.entries.Get(keys[i], now, &refresh_due)) {
         answers[i] = *std::move(hit);
         // Beyond the bound the entry is not refreshed: it expires, and its next use fetches it.
-        if (refresh_due && cache.QueueForFetch(keys[i])) queued = true;
+        if (refresh_due && cache.due.size() < cache.entries.capacity()) {
+          cache.due.push_back(keys[i]);
+          queued = true;
+        }
         continue;
       }
       auto [it, inserted] = miss_index.try_emplace(keys[i], misses.size());
@@ -160,36 +127,37 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
   return answers;
 }
 
-// Fetches the queued keys in RPCs of up to `max_batch`, one at a time, and caches each answer
-// unless an invalidation came while it was fetched. A failed fetch ends the round with its error
-// and drops the queue: those entries expire, and their next use fetches them itself.
+// Fetches the answers due for a refresh in batches of `max_batch` and caches each batch unless an
+// invalidation came while it was fetched. A failed fetch ends the round with its error, and the
+// rest is dropped: those entries expire, and their next use fetches them itself.
 template <typename Key, typename Value, typename FetchFn>
 absl::Status RefreshDue(GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
                         const std::function<absl::Time()>& clock, size_t max_batch,
                         FetchFn fetch) {
-  while (true) {
-    std::vector<Key> batch;
+  std::vector<Key> due;
+  {
+    absl::MutexLock lock(&cache.mu);
+    due.swap(cache.due);
+  }
+  // A key can be queued twice (prefetched by two streams of one device): it is fetched once.
+  absl::flat_hash_set<Key> seen;
+  due.erase(std::remove_if(due.begin(), due.end(),
+                           [&seen](const Key& key) { return !seen.insert(key).second; }),
+            due.end());
+  for (size_t start = 0; start < due.size(); start += max_batch) {
+    const size_t end = std::min(due.size(), start + max_batch);
+    const std::vector<Key> batch(due.begin() + static_cast<long>(start),
+                                 due.begin() + static_cast<long>(end));
     uint64_t epoch;
     {
       absl::MutexLock lock(&cache.mu);
-      while (!cache.queued.empty() && batch.size() < max_batch) {
-        auto it = cache.queued.begin();
-        batch.push_back(*it);
-        cache.in_flight.insert(*it);
-        cache.queued.erase(it);
-      }
-      if (batch.empty()) return absl::OkStatus();
       epoch = cache.epoch;
     }
-    absl::StatusOr<std::vector<Value>> fetched = fetch(absl::Span<const Key>(batch));
+    ASSIGN_OR_RETURN(std::vector<Value> fetched, fetch(absl::Span<const Key>(batch)));
     absl::MutexLock lock(&cache.mu);
-    for (const Key& key : batch) cache.in_flight.erase(key);  // waiting lookups look again
-    if (!fetched.ok()) {
-      cache.queued.clear();
-      return fetched.status();
-    }
-    if (cache.epoch == epoch) CacheAnswers(cache, batch, *fetched, ttl, clock());
+    if (cache.epoch == epoch) CacheAnswers(cache, batch, fetched, ttl, clock());
   }
+  return absl::OkStatus();
 }
 
 class GrpcRoutingClient final : public RoutingClient {
@@ -224,8 +192,7 @@ class GrpcRoutingClient final : public RoutingClient {
       absl::Span<const std::string> patient_ids) override {
     return ResolveThroughCache(
         patient_ids, patients_, patient_ttl_, options_.clock, options_.max_batch,
-        [this](absl::Span<const std::string> batch) { return FetchPatients(batch); }, on_due_,
-        pending_wait_);
+        [this](absl::Span<const std::string> batch) { return FetchPatients(batch); }, on_due_);
   }
 
   absl::StatusOr<std::vector<DeviceLocation>> ResolveDevices(
@@ -236,8 +203,7 @@ class GrpcRoutingClient final : public RoutingClient {
     return ResolveThroughCache(
         absl::Span<const DeviceCacheKey>(keys), devices_, device_ttl_, options_.clock,
         options_.max_batch,
-        [this](absl::Span<const DeviceCacheKey> batch) { return FetchDevices(batch); }, on_due_,
-        pending_wait_);
+        [this](absl::Span<const DeviceCacheKey> batch) { return FetchDevices(batch); }, on_due_);
   }
 
   void PrefetchDevices(absl::Span<const DeviceRef> devices) override {
@@ -250,7 +216,9 @@ class GrpcRoutingClient final : public RoutingClient {
         DeviceCacheKey key(device.tenant_id, device.device_id);
         // A cached answer is used as is (and refreshed ahead if it stays in use).
         if (devices_.entries.Get(key, now).has_value()) continue;
-        if (devices_.QueueForFetch(key)) queued = true;
+        if (devices_.due.size() >= devices_.entries.capacity()) break;
+        devices_.due.push_back(std::move(key));
+        queued = true;
       }
     }
     if (queued) on_due_();
@@ -392,8 +360,6 @@ class GrpcRoutingClient final : public RoutingClient {
   GuardedCache<std::string, PatientLocation> patients_;
   GuardedCache<DeviceCacheKey, DeviceLocation> devices_;
   std::function<void()> on_due_;  // set with refresh_ahead
-  // The longest a lookup waits for the fetcher's answer: its gathering, then one RPC.
-  const absl::Duration pending_wait_ = options_.refresh_gather + options_.rpc_deadline;
   absl::Mutex refresh_mu_;
   bool refresh_wanted_ ABSL_GUARDED_BY(refresh_mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(refresh_mu_) = false;

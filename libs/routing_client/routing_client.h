@@ -77,10 +77,9 @@ class RoutingClient {
       absl::Span<const DeviceRef> devices) = 0;
 
   // Has the background refresher fetch these devices' answers (batched with everything else it
-  // fetches) unless they are cached already: a stream calls it when it opens, before its first
-  // batch arrives. A lookup of a device being fetched so waits for that answer instead of asking
-  // routing itself (and asks itself if that fetch fails). Needs refresh_ahead; without it, does
-  // nothing.
+  // fetches) unless they are cached already, so that a lookup soon after finds them: a stream
+  // calls it when it opens, before its first batch arrives. Needs refresh_ahead; without it,
+  // does nothing.
   virtual void PrefetchDevices(absl::Span<const DeviceRef> devices) = 0;
 
   virtual void InvalidatePatient(absl::string_view patient_id) = 0;

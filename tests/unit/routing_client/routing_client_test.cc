@@ -766,53 +766,6 @@ TEST_F(RefreshAheadTest, ACachedDeviceIsNotPrefetched) {
   EXPECT_THAT(fake_.device_batches()[1], ElementsAre(DeviceKeyPair("t2", "d1")));
 }
 
-TEST_F(RefreshAheadTest, ALookupOfAQueuedDeviceFetchesItAndTheFetcherDoesNot) {
-  options_.refresh_gather = absl::Milliseconds(200);
-  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d1"}});
-  // The stream's first batch arrives while the prefetch is still gathering.
-  EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 p1@fr-1"));
-  // One round later, routing has been asked for t1/d1 once: by the lookup.
-  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d9"}});
-  ASSERT_TRUE(Eventually([&] {
-    const auto batches = fake_.device_batches();
-    return !batches.empty() && batches.back() == std::vector<DeviceKeyPair>{{"t1", "d9"}};
-  }));
-  EXPECT_THAT(fake_.device_batches(), ElementsAre(ElementsAre(DeviceKeyPair("t1", "d1")),
-                                                  ElementsAre(DeviceKeyPair("t1", "d9"))));
-}
-
-TEST_F(RefreshAheadTest, ALookupOfADeviceInFlightWaitsForThatRpc) {
-  RoutingClient& routing = client();
-  std::thread lookup;
-  absl::Notification started;
-  absl::StatusOr<std::vector<DeviceLocation>> answer;
-  fake_.AfterAnswer([&] {
-    fake_.AfterAnswer(nullptr);
-    // The prefetch's RPC is in flight: a stream's first batch needs the device now.
-    lookup = std::thread(
-        [&] { answer = routing.ResolveDevices(std::vector<DeviceRef>{{"t1", "d1"}}); });
-    started.Notify();
-    absl::SleepFor(absl::Milliseconds(300));
-  });
-  routing.PrefetchDevices(std::vector<DeviceRef>{{"t1", "d1"}});
-  ASSERT_TRUE(started.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  lookup.join();
-  ASSERT_TRUE(answer.ok()) << answer.status();
-  EXPECT_EQ(Describe((*answer)[0]), "t1/d1 p1@fr-1");
-  EXPECT_EQ(fake_.device_rpcs(), 1u);  // the lookup waited for the prefetch's answer
-}
-
-TEST_F(RefreshAheadTest, AfterAFailedPrefetchALookupAsksRoutingItself) {
-  fake_.FailRpcs(grpc::Status(grpc::StatusCode::UNAVAILABLE, "down"));
-  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d1"}});
-  ASSERT_TRUE(Eventually([&] { return fake_.device_rpcs() == 1; }));
-  EXPECT_EQ(client().ResolveDevices(std::vector<DeviceRef>{{"t1", "d1"}}).status().code(),
-            absl::StatusCode::kUnavailable);
-  EXPECT_EQ(fake_.device_rpcs(), 2u);
-  fake_.StopFailing();
-  EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 p1@fr-1"));
-}
-
 // --- concurrency ------------------------------------------------------------------------------
 
 TEST_F(RoutingClientTest, ConcurrentCallersAndInvalidationsGetCorrectAnswers) {
