@@ -28,6 +28,7 @@
 #include "libs/crypto/key_encryption_key.h"
 #include "libs/crypto/sha256.h"
 #include "libs/identity/credentials.h"
+#include "libs/identity/principal.h"
 #include "libs/migrate/migrate.h"
 #include "libs/pg/shard_set.h"
 #include "libs/server/service_server.h"
@@ -150,10 +151,10 @@ class Bench {
                                TlsConfig{me.cert_path, me.key_path, pki_->ca_path(), 60});
     Check(channel.status(), "channel");
     stub_ = v1::RecordSharing::NewStub(*channel);
-    ctx_.principal.kind = PrincipalKind::kPractitioner;
-    ctx_.principal.tenant = "acme";
-    ctx_.principal.name = "p-1";
-    ctx_.principal.spiffe_id = pki_->SpiffeId("/tenant/acme/practitioner/p-1");
+    absl::StatusOr<Principal> practitioner =
+        ParseSpiffeId(pki_->SpiffeId("/tenant/acme/practitioner/p-1"), pki_->trust_domain());
+    Check(practitioner.status(), "practitioner");
+    ctx_.principal = *practitioner;
     ctx_.request_id = "bench";
     ctx_.origin = "bench";
   }

@@ -25,6 +25,7 @@
 #include "libs/crypto/aes_gcm.h"
 #include "libs/crypto/sha256.h"
 #include "libs/identity/credentials.h"
+#include "libs/identity/principal.h"
 #include "libs/server/rpc_util.h"
 #include "medgate/v1/audit.grpc.pb.h"
 #include "medgate/v1/consent.grpc.pb.h"
@@ -251,6 +252,12 @@ class SharingTest : public ::testing::Test {
   // ... with another key-encryption key.
   static std::unique_ptr<MedgateConfig> ConfigWithOtherKek() {
     return ConfigWith(*kek_dir_ + "/kek.hex", *kek_dir_ + "/other-kek.hex");
+  }
+
+  // ... with uploads that may pause at most 1 s between two messages.
+  static std::unique_ptr<MedgateConfig> ConfigWithOneSecondUploadIdleTimeout() {
+    return ConfigWith("retention_sweep_seconds: 86400",
+                      "retention_sweep_seconds: 86400\n  upload_idle_timeout_seconds: 1");
   }
 
   // --- identities and stubs --------------------------------------------------------------------
@@ -1047,9 +1054,7 @@ TEST_F(SharingTest, FailedUploadsLeaveNoPatientKeyAndFirstUploadsShareOne) {
 // A client that opens an upload and stops sending: the server ends the stream after the idle
 // timeout, saying so, and keeps nothing of it.
 TEST_F(SharingTest, IdleUploadsEndWithDeadlineExceededAndStoreNothing) {
-  std::unique_ptr<MedgateConfig> config =
-      ConfigWith("retention_sweep_seconds: 86400", "retention_sweep_seconds: 86400\n"
-                                                   "  upload_idle_timeout_seconds: 1");
+  std::unique_ptr<MedgateConfig> config = ConfigWithOneSecondUploadIdleTimeout();
   auto server = SharingServer::Create(*config);
   ASSERT_TRUE(server.ok()) << server.status();
   ASSERT_TRUE((*server)->Start().ok());
@@ -1108,21 +1113,16 @@ TEST_F(SharingTest, IdleUploadsEndWithDeadlineExceededAndStoreNothing) {
 // shard ends the session, the upload fails and stores nothing, and the next upload gets a
 // working connection.
 TEST_F(SharingTest, AnUploadIdlePastTheShardsBoundFailsAndTheNextUploadWorks) {
-  std::unique_ptr<MedgateConfig> config =
-      ConfigWith("retention_sweep_seconds: 86400", "retention_sweep_seconds: 86400\n"
-                                                   "  upload_idle_timeout_seconds: 1");
+  std::unique_ptr<MedgateConfig> config = ConfigWithOneSecondUploadIdleTimeout();
   auto server = SharingServer::Create(*config);
   ASSERT_TRUE(server.ok()) << server.status();
   SharingCore& core = (*server)->core();
   const std::string patient = Place("idle-transaction-1", "FR");
   const int64_t before = StoredRows();
-  CallContext ctx;
-  ctx.principal.kind = PrincipalKind::kPractitioner;
-  ctx.principal.tenant = "acme";
-  ctx.principal.name = "p-1";
-  ctx.principal.spiffe_id = pki_->SpiffeId("/tenant/acme/practitioner/p-1");
-  ctx.request_id = "idle-transaction";
-  ctx.origin = "test";
+  absl::StatusOr<Principal> practitioner =
+      ParseSpiffeId(pki_->SpiffeId("/tenant/acme/practitioner/p-1"), pki_->trust_domain());
+  ASSERT_TRUE(practitioner.ok()) << practitioner.status();
+  const CallContext ctx{*practitioner, "idle-transaction", "test"};
   const std::string content = Generate(90, 0, 3 * kMiB);
   UploadHeader header{patient, RecordKind::kDocument, "text/plain", "slow.txt", content.size(),
                       Sha(content)};
