@@ -766,6 +766,21 @@ TEST_F(RefreshAheadTest, ACachedDeviceIsNotPrefetched) {
   EXPECT_THAT(fake_.device_batches()[1], ElementsAre(DeviceKeyPair("t2", "d1")));
 }
 
+TEST_F(RefreshAheadTest, TheFetchersQueueIsBoundedByTheCacheAndSentInRpcsOfMaxBatch) {
+  options_.max_cached_devices = 2;
+  options_.max_batch = 1;
+  options_.refresh_gather = absl::Milliseconds(300);
+  // Three devices for a queue of two: the third is not queued, and is fetched when it is used.
+  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d1"}, {"t2", "d1"}, {"t1", "d2"}});
+  ASSERT_TRUE(Eventually([&] { return fake_.device_rpcs() == 2; }));
+  // A later round shows that the fetcher had nothing more.
+  client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d9"}});
+  ASSERT_TRUE(Eventually([&] { return fake_.device_rpcs() >= 3; }));
+  EXPECT_THAT(fake_.device_batches(), ElementsAre(ElementsAre(DeviceKeyPair("t1", "d1")),
+                                                  ElementsAre(DeviceKeyPair("t2", "d1")),
+                                                  ElementsAre(DeviceKeyPair("t1", "d9"))));
+}
+
 // --- concurrency ------------------------------------------------------------------------------
 
 TEST_F(RoutingClientTest, ConcurrentCallersAndInvalidationsGetCorrectAnswers) {
