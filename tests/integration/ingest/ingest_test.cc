@@ -580,14 +580,19 @@ TEST_F(IngestTest, TheSdkWaitsAsLongAsAQuotaRefusalAsksAndLosesNothing) {
 
 // A region's write queue that stays full stops reading the stream; after enqueue_wait the batch is
 // answered RESOURCE_EXHAUSTED (retryable), nothing after it on that stream is stored, the stream
-// ends, and the device's resend of every unacknowledged batch loses nothing.
+// ends, and the device's resend of every unacknowledged batch loses nothing. The batches not
+// stored are given back to the tenant's quota: with a burst of exactly all the batches and next
+// to no refill, the resends fit only with those refunds.
 TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
   std::string patient = PatientWithDevice("backpressure", "FR", "dev-bp");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
-  // A second ingest server on the same stack: one writer lane, a one-batch queue, a short wait.
+  constexpr uint64_t kBatches = 5;
+  constexpr uint64_t kPerBatch = 200;  // kBatches * kPerBatch = the burst
+  // A second ingest server on the same stack: one writer lane, a one-batch queue, a short wait,
+  // and a quota of 1,000 samples refilling one a second.
   auto extra = StartIngest(
-      "ingest: {tenant_samples_per_second: 1000000, writers_per_region: 1, max_queued_batches: 1, "
-      "enqueue_wait_ms: 200, linger_ms: 0}\n");
+      "ingest: {tenant_samples_per_second: 1, tenant_burst: 1000, writers_per_region: 1, "
+      "max_queued_batches: 1, enqueue_wait_ms: 200, linger_ms: 0}\n");
   ASSERT_NE(extra, nullptr);
   IngestServer& server = *extra->server;
   auto stub = StubAs<v1::DeviceIngest>(Device("acme", "dev-bp"), pki().ca_path(), server.port());
@@ -596,16 +601,17 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   auto stream = stub->StreamVitals(&context);
   v1::IngestAck ack;
-  ASSERT_TRUE(stream->Write(Batch(1, 1, 10)));
+  ASSERT_TRUE(stream->Write(Batch(1, 1, kPerBatch)));
   ASSERT_TRUE(stream->Read(&ack));
-  ASSERT_EQ(ack.stored_count(), 10u);
+  ASSERT_EQ(ack.stored_count(), kPerBatch);
 
   // Hold the writer: its next transaction waits for this lock on the cursor table.
   pqxx::connection blocker(stack_->clusters().region("fr-1").ConnectionString());
   pqxx::work hold(blocker);
   hold.exec0("LOCK TABLE device_cursors IN EXCLUSIVE MODE");
-  constexpr uint64_t kBatches = 6;
-  for (uint64_t b = 2; b <= kBatches; ++b) ASSERT_TRUE(stream->Write(Batch(b, (b - 1) * 10 + 1, 10)));
+  for (uint64_t b = 2; b <= kBatches; ++b) {
+    ASSERT_TRUE(stream->Write(Batch(b, (b - 1) * kPerBatch + 1, kPerBatch)));
+  }
   // One batch is in the blocked writer, one fills the queue, the next waits for room in vain.
   ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
                         [&] { return server.counters().queue_full >= 1; }));
@@ -615,7 +621,7 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
   // Acks come in batch order: stored batches, then retryable answers only (the batch refused for
   // a full queue, and any batch still queued behind the blocked one: once a batch of a stream is
   // not stored, the stream stores nothing more); then the stream ends.
-  uint64_t stored = 10;
+  uint64_t stored = kPerBatch;
   uint64_t last_stored_batch = 1;
   uint64_t last_acked_batch = 1;
   int queue_full_answers = 0;
@@ -647,16 +653,20 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
   // The device resends every batch not acknowledged as stored, on a new stream.
   DeviceStream again(*stub);
   for (uint64_t b = last_stored_batch + 1; b <= kBatches; ++b) {
-    std::optional<v1::IngestAck> resent = again.Send(Batch(b, (b - 1) * 10 + 1, 10));
+    std::optional<v1::IngestAck> resent =
+        again.Send(Batch(b, (b - 1) * kPerBatch + 1, kPerBatch));
     ASSERT_TRUE(resent.has_value());
     ASSERT_FALSE(resent->has_retryable_error()) << resent->retryable_error().message();
     EXPECT_EQ(resent->duplicate_count(), 0u);
     stored += resent->stored_count();
   }
   EXPECT_TRUE(again.Finish().ok());
-  EXPECT_EQ(stored, kBatches * 10);
-  EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp'"), static_cast<int64_t>(kBatches * 10));
-  EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp' AND seq BETWEEN 1 AND 60"), 60);
+  EXPECT_EQ(stored, kBatches * kPerBatch);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp'"), static_cast<int64_t>(kBatches * kPerBatch));
+  EXPECT_EQ(Count("fr-1", absl::StrCat("device_id = 'dev-bp' AND seq BETWEEN 1 AND ",
+                                       kBatches * kPerBatch)),
+            static_cast<int64_t>(kBatches * kPerBatch));
+  EXPECT_EQ(server.counters().quota_refused, 0u);
   server.Shutdown();
 }
 
