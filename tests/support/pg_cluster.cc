@@ -643,19 +643,43 @@ absl::Status PgCluster::StartServer() {
 
 // Each cluster gets its own password (the template has none), set over the private Unix socket.
 absl::Status PgCluster::SetPassword() {
+  // ALTER ROLE takes no bind parameters; the password is alphanumeric and quoted anyway.
+  return RunAsSuperuser({absl::StrCat("ALTER ROLE ", kSuperuser, " PASSWORD '", password_, "'")});
+}
+
+absl::Status PgCluster::RunAsSuperuser(const std::vector<std::string>& statements) {
   try {
     pqxx::connection connection(absl::StrCat("host=", QuoteConnValue(dir_ + "/run"),
                                              " port=", port_, " dbname=", kDatabase,
                                              " user=", kSuperuser, " connect_timeout=5"));
-    pqxx::work work(connection);
-    // ALTER ROLE takes no bind parameters; the password is alphanumeric and quoted anyway.
-    work.exec0(absl::StrCat("ALTER ROLE ", kSuperuser, " PASSWORD ", work.quote(password_)));
-    work.commit();
+    pqxx::nontransaction work(connection);
+    for (const std::string& statement : statements) work.exec0(statement);
   } catch (const std::exception& e) {
     return absl::UnavailableError(
-        absl::StrCat("pg_cluster: cannot set password on cluster ", name_, ": ", e.what()));
+        absl::StrCat("pg_cluster: on cluster ", name_, ": ", e.what()));
   }
   return absl::OkStatus();
+}
+
+absl::Status PgCluster::UseProductionSettings(const ProductionSettings& settings) {
+  std::vector<std::string> statements = {
+      "ALTER SYSTEM SET fsync = on",
+      "ALTER SYSTEM SET synchronous_commit = on",
+      "ALTER SYSTEM SET full_page_writes = on",
+      "ALTER SYSTEM SET wal_level = replica",
+      "ALTER SYSTEM SET max_wal_senders = 10",
+  };
+  const std::pair<const char*, std::string> sizes[] = {{"shared_buffers", settings.shared_buffers},
+                                                       {"wal_buffers", settings.wal_buffers},
+                                                       {"max_wal_size", settings.max_wal_size},
+                                                       {"min_wal_size", settings.min_wal_size}};
+  for (const auto& [name, value] : sizes) {
+    statements.push_back(absl::StrCat("ALTER SYSTEM SET ", name, " = ", QuoteConfValue(value)));
+  }
+  RETURN_IF_ERROR(RunAsSuperuser(statements));
+  // shared_buffers, wal_buffers and wal_level take effect at server start only.
+  RETURN_IF_ERROR(Stop());
+  return StartAgain();
 }
 
 PgCluster::~PgCluster() {

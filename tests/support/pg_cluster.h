@@ -52,6 +52,19 @@ class PgCluster {
   std::string log_path() const;
   bool running() const { return running_; }
 
+  // What a benchmark runs on: the settings of a production shard instead of the test settings.
+  // Durable commits (fsync, synchronous_commit and full_page_writes on), WAL for replicas, and
+  // memory and WAL sized for a write-heavy load (the test settings' 32 MB of shared buffers make
+  // backends write out dirty pages themselves, inside their transactions). The server restarts on
+  // the same port with them. Its 1 MB WAL segments (a template setting) stay.
+  struct ProductionSettings {
+    std::string shared_buffers = "1GB";
+    std::string wal_buffers = "16MB";
+    std::string max_wal_size = "1GB";
+    std::string min_wal_size = "80MB";
+  };
+  absl::Status UseProductionSettings(const ProductionSettings& settings);
+
   // Fast shutdown (pg_ctl stop -m fast): what a failed shard looks like to its clients.
   absl::Status Stop();
   // Restarts on the same data directory and port, so connection strings handed out stay valid.
@@ -64,6 +77,8 @@ class PgCluster {
   absl::Status Create();
   absl::Status StartServer();
   absl::Status SetPassword();
+  // Runs statements as the superuser over the private Unix socket, each in its own transaction.
+  absl::Status RunAsSuperuser(const std::vector<std::string>& statements);
   std::string data_dir() const;
 
   std::string name_;

@@ -173,6 +173,41 @@ TEST(PgClusterLifecycleTest, StopAndStartAgainKeepData) {
   EXPECT_EQ(QueryOne(connection_string, "select v from kept"), "42");
 }
 
+TEST(PgClusterLifecycleTest, ProductionSettingsTakeEffectAfterARestartThatKeepsData) {
+  absl::StatusOr<std::unique_ptr<PgCluster>> started = PgCluster::Start("production");
+  ASSERT_TRUE(started.ok()) << started.status();
+  PgCluster& cluster = **started;
+  const std::string connection_string = cluster.ConnectionString();
+  EXPECT_EQ(QueryOne(connection_string, "show fsync"), "off") << "the test settings are not durable";
+  {
+    pqxx::connection connection(connection_string);
+    pqxx::work work(connection);
+    work.exec0("create table kept (v int)");
+    work.exec0("insert into kept values (7)");
+    work.commit();
+  }
+
+  PgCluster::ProductionSettings settings;
+  settings.shared_buffers = "64MB";
+  settings.wal_buffers = "4MB";
+  settings.max_wal_size = "256MB";
+  settings.min_wal_size = "32MB";
+  absl::Status status = cluster.UseProductionSettings(settings);
+  ASSERT_TRUE(status.ok()) << status;
+
+  EXPECT_TRUE(cluster.running());
+  EXPECT_EQ(cluster.ConnectionString(), connection_string);
+  EXPECT_EQ(QueryOne(connection_string, "show fsync"), "on");
+  EXPECT_EQ(QueryOne(connection_string, "show synchronous_commit"), "on");
+  EXPECT_EQ(QueryOne(connection_string, "show full_page_writes"), "on");
+  EXPECT_EQ(QueryOne(connection_string, "show wal_level"), "replica");
+  EXPECT_EQ(QueryOne(connection_string, "show shared_buffers"), "64MB");
+  EXPECT_EQ(QueryOne(connection_string, "show wal_buffers"), "4MB");
+  EXPECT_EQ(QueryOne(connection_string, "show max_wal_size"), "256MB");
+  EXPECT_EQ(QueryOne(connection_string, "show min_wal_size"), "32MB");
+  EXPECT_EQ(QueryOne(connection_string, "select v from kept"), "7");
+}
+
 TEST(PgClusterLifecycleTest, DestructorStopsServerAndRemovesDirectory) {
   absl::StatusOr<std::unique_ptr<PgCluster>> started = PgCluster::Start("destroyed");
   ASSERT_TRUE(started.ok()) << started.status();
