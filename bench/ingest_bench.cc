@@ -516,6 +516,8 @@ int Run(const Args& args) {
     ssl.pem_private_key = *cred->KeyPem();
     grpc::ChannelArguments channel_args;
     channel_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    // As the device SDK's channels (libs/identity/credentials.h, ChannelOptions::bdp_probe).
+    channel_args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
     DeviceIdentity d;
     d.id = id;
     d.channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", ingest_port),

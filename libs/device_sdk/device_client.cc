@@ -81,7 +81,8 @@ void DeviceClient::OnAck(std::function<void(const v1::IngestAck&, absl::Duration
 void DeviceClient::Loop() {
   std::mt19937_64 rng(std::random_device{}());
   absl::Duration backoff = options_.backoff_initial;
-  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(options_.address, options_.tls);
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+      MakeChannel(options_.address, options_.tls, ChannelOptions{.bdp_probe = false});
   while (true) {
     {
       std::unique_lock<std::mutex> lock(mu_);

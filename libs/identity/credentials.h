@@ -25,9 +25,18 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(
     const TlsConfig& tls);
 
+struct ChannelOptions {
+  // gRPC answers data received on a connection with a PING to estimate the link's bandwidth-delay
+  // product and size its flow-control window from it. On a stream of small messages (a device's
+  // batches and acks) that probe costs each side a write and a read per message, more than the
+  // message itself, and the default 64 KiB window is already larger than a batch: turn it off.
+  bool bdp_probe = true;
+};
+
 // A channel to `address` (host:port) over mTLS.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& address,
-                                                          const TlsConfig& tls);
+                                                          const TlsConfig& tls,
+                                                          const ChannelOptions& options = {});
 
 }  // namespace medgate
 

@@ -35,6 +35,10 @@ class ServiceServer {
   // Polled every `interval`: while it fails, the health service answers NOT_SERVING.
   void SetHealthProbe(std::function<absl::Status()> probe, absl::Duration interval);
 
+  // For a service whose streams carry small messages (ingest): no bandwidth-delay-product probe
+  // (see ChannelOptions::bdp_probe in libs/identity/credentials.h). Call before Start.
+  void DisableBdpProbe() { bdp_probe_ = false; }
+
   // Builds the server, binds the listen address (port 0 picks a free port) over mTLS only.
   absl::Status Start();
 
@@ -60,6 +64,7 @@ class ServiceServer {
   std::vector<grpc::Service*> services_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
+  bool bdp_probe_ = true;
 
   std::function<absl::Status()> probe_;
   absl::Duration probe_interval_ = absl::Seconds(2);

@@ -85,6 +85,8 @@ IngestServer::IngestServer(const MedgateConfig& config, IngestSettings settings)
     : config_(config), settings_(std::move(settings)) {
   shards_ = std::make_unique<pg::ShardSet>(config.regions, sql::Statements());
   server_ = std::make_unique<ServiceServer>(config, "ingest");
+  // Device streams carry small batches and acks: a BDP probe would cost more than each message.
+  server_->DisableBdpProbe();
 }
 
 IngestServer::~IngestServer() {

@@ -13,7 +13,11 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpc/grpc.h>
+#include <grpc/support/log.h>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "libs/identity/authz.h"
@@ -85,6 +89,34 @@ class RecordingAuditService final : public v1::Audit::Service {
   absl::Mutex mu_;
   Principal last_;
 };
+
+// Counts the bandwidth-delay-product pings gRPC starts in this process (both ends of a loopback
+// connection are here), from gRPC's own trace of them.
+class BdpPingCounter {
+ public:
+  BdpPingCounter() {
+    pings_.store(0);
+    gpr_set_log_function(&Log);
+    gpr_set_log_verbosity(GPR_LOG_SEVERITY_INFO);
+    grpc_tracer_set_enabled("bdp_estimator", 1);
+  }
+  ~BdpPingCounter() {
+    grpc_tracer_set_enabled("bdp_estimator", 0);
+    gpr_set_log_verbosity(GPR_LOG_SEVERITY_ERROR);
+    gpr_set_log_function(nullptr);  // back to gRPC's own
+  }
+  int pings() const { return pings_.load(); }
+
+ private:
+  // "bdp[<peer>]:start acc=... est=...": a probe put on the wire.
+  static void Log(gpr_log_func_args* args) {
+    if (absl::StrContains(args->message, "bdp[") && absl::StrContains(args->message, "]:start ")) {
+      pings_.fetch_add(1);
+    }
+  }
+  static std::atomic<int> pings_;
+};
+std::atomic<int> BdpPingCounter::pings_{0};
 
 class MtlsTest : public ::testing::Test {
  protected:
@@ -300,6 +332,30 @@ TEST_F(MtlsTest, HealthFollowsTheProbe) {
   EXPECT_EQ(wait_for(2), 2);
   healthy_ = true;
   EXPECT_EQ(wait_for(1), 1);
+}
+
+// Device streams turn gRPC's BDP probe off at both ends (it costs more than their small messages).
+// With the defaults, the same calls do probe: the count can tell the two apart.
+TEST_F(MtlsTest, NoBdpProbeWhenBothEndsTurnItOff) {
+  RecordingAuditService quiet_service(pki_->trust_domain());
+  ServiceServer quiet(config_, "test");
+  quiet.AddService(&quiet_service);
+  quiet.DisableBdpProbe();
+  ASSERT_TRUE(quiet.Start().ok());
+  const TlsConfig ops{pki_->ops().cert_path, pki_->ops().key_path, pki_->ca_path(), 1};
+  auto pings_over_calls = [&](const std::string& address, const ChannelOptions& options) {
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(address, ops, options);
+    EXPECT_TRUE(channel.ok()) << channel.status();
+    BdpPingCounter counter;
+    for (int i = 0; i < 20; ++i) EXPECT_TRUE(Call(*channel).ok());
+    return counter.pings();
+  };
+
+  EXPECT_GT(pings_over_calls(address_, ChannelOptions{}), 0) << "both ends probe by default";
+  EXPECT_EQ(pings_over_calls(absl::StrCat("127.0.0.1:", quiet.port()),
+                             ChannelOptions{.bdp_probe = false}),
+            0);
+  quiet.Shutdown();
 }
 
 }  // namespace
