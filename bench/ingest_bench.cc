@@ -535,7 +535,16 @@ int Run(const Args& args) {
   if (!ConnectAll(load_devices, absl::Seconds(300))) return 1;
   // Warm-up: streams, caches.
   RunLoad(load_devices, args.batch, absl::Seconds(2), absl::ZeroDuration());
+  // Checkpoints (started by WAL volume or time) slow the shard while they run: each phase reports
+  // how many started during it.
+  auto checkpoints = [&shard] {
+    pqxx::connection c(shard);
+    pqxx::nontransaction n(c);
+    return n.exec1("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")[0].as<long>();
+  };
+  const long checkpoints_before_peak = checkpoints();
   LoadResult peak = RunLoad(load_devices, args.batch, absl::Seconds(args.seconds), absl::ZeroDuration());
+  const long checkpoints_in_peak = checkpoints() - checkpoints_before_peak;
   double peak_rate = peak.stored / peak.seconds;
   // The closed-loop peak leaves up to a second of queued batches behind: they drain first.
   absl::SleepFor(absl::Seconds(3));
@@ -549,9 +558,11 @@ int Run(const Args& args) {
   // at once) is not timed.
   const absl::Duration at70_warmup = absl::Seconds(1);
   const absl::Time at70_start = absl::Now() + at70_warmup;
+  const long checkpoints_before_at70 = checkpoints();
   LoadResult at70 =
       RunLoad(load_devices, args.batch, absl::Seconds(args.seconds), interval, at70_warmup);
   const absl::Time at70_end = absl::Now();
+  const long checkpoints_in_at70 = checkpoints() - checkpoints_before_at70;
 
   std::fprintf(stderr, "acks over 25 ms at %d%%, by second of the run:", args.load_percent);
   for (int n : at70.slow_per_second) std::fprintf(stderr, " %d", n);
@@ -607,6 +618,8 @@ int Run(const Args& args) {
               static_cast<unsigned long long>(at70.retryable));
   std::printf("  ack latency at peak:        p50 %.1f ms, p99 %.1f ms\n", Pct(peak.latencies_ms, 0.5),
               Pct(peak.latencies_ms, 0.99));
+  std::printf("  checkpoints started during (c): %ld, during the %d%% run: %ld\n", checkpoints_in_peak,
+              args.load_percent, checkpoints_in_at70);
   std::printf("  peak RSS of the ingest process: %.0f MiB (load generator process: %.0f MiB)\n",
               StatusKb(ingest_status, "VmHWM:") / 1024.0, PeakRssKb() / 1024.0);
   if (rss_streams >= 0) {
