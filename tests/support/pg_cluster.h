@@ -16,10 +16,10 @@ namespace medgate::test_support {
 // with superuser `medgate`, a random password (scram-sha-256) and a database `medgate`.
 //
 // Durability is off (fsync, synchronous_commit, full_page_writes, wal_level=minimal): the data is
-// throwaway and start-up speed matters more. The data directory is a copy of a template that initdb
-// builds once per PostgreSQL version and user, kept as
-// BASE/medgate-pg-template-v1-<version>-uid<euid> and reused by later runs (rebuilt if found
-// incomplete). BASE is $MEDGATE_PG_TMPDIR if set, else /dev/shm if it is a tmpfs with 2 GiB free
+// throwaway and start-up speed matters more (benchmarks turn it on: UseProductionSettings). The
+// data directory is a copy of a template that initdb builds once per PostgreSQL version and user,
+// kept as BASE/medgate-pg-template-v1-<version>-uid<euid> and reused by later runs (rebuilt if
+// found incomplete). BASE is $MEDGATE_PG_TMPDIR if set, else /dev/shm if it is a tmpfs with 2 GiB free
 // (file creation on disk is what makes clusters slow to copy and to migrate), else $TMPDIR, else
 // /tmp. Clusters live in BASE/medgate-pg-<name>-XXXXXX.
 //
@@ -56,7 +56,8 @@ class PgCluster {
   // Durable commits (fsync, synchronous_commit and full_page_writes on), WAL for replicas, and
   // memory and WAL sized for a write-heavy load (the test settings' 32 MB of shared buffers make
   // backends write out dirty pages themselves, inside their transactions). The server restarts on
-  // the same port with them. Its 1 MB WAL segments (a template setting) stay.
+  // the same port with them. Its 1 MB WAL segments (a template setting) stay: PostgreSQL's default
+  // 16 MB were measured and slowed the sharing core's 1 MiB uploads (see the README).
   struct ProductionSettings {
     std::string shared_buffers = "1GB";
     std::string wal_buffers = "16MB";
