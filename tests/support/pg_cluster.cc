@@ -677,8 +677,13 @@ absl::Status PgCluster::UseProductionSettings(const ProductionSettings& settings
     statements.push_back(absl::StrCat("ALTER SYSTEM SET ", name, " = ", QuoteConfValue(value)));
   }
   RETURN_IF_ERROR(RunAsSuperuser(statements));
-  // shared_buffers, wal_buffers and wal_level take effect at server start only.
+  // shared_buffers, wal_buffers and wal_level take effect at server start only, and the WAL
+  // segment size (the template's 1 MB) changes only on a cleanly stopped server.
   RETURN_IF_ERROR(Stop());
+  RETURN_IF_ERROR(Run({Install()->Bin("pg_resetwal"), "-D", data_dir(),
+                       absl::StrCat("--wal-segsize=", settings.wal_segment_mb)},
+                      &Install()->user)
+                      .status());
   return StartAgain();
 }
 

@@ -179,6 +179,7 @@ TEST(PgClusterLifecycleTest, ProductionSettingsTakeEffectAfterARestartThatKeepsD
   PgCluster& cluster = **started;
   const std::string connection_string = cluster.ConnectionString();
   EXPECT_EQ(QueryOne(connection_string, "show fsync"), "off") << "the test settings are not durable";
+  EXPECT_EQ(QueryOne(connection_string, "show wal_segment_size"), "1MB");
   {
     pqxx::connection connection(connection_string);
     pqxx::work work(connection);
@@ -205,6 +206,7 @@ TEST(PgClusterLifecycleTest, ProductionSettingsTakeEffectAfterARestartThatKeepsD
   EXPECT_EQ(QueryOne(connection_string, "show wal_buffers"), "4MB");
   EXPECT_EQ(QueryOne(connection_string, "show max_wal_size"), "256MB");
   EXPECT_EQ(QueryOne(connection_string, "show min_wal_size"), "32MB");
+  EXPECT_EQ(QueryOne(connection_string, "show wal_segment_size"), "16MB");
   EXPECT_EQ(QueryOne(connection_string, "select v from kept"), "7");
 }
 
