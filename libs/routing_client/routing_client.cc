@@ -66,6 +66,16 @@ void CacheAnswers(GuardedCache<Key, Value>& cache, const std::vector<Key>& keys,
   }
 }
 
+// Queues `key` for the background refresher unless the queue already holds as many keys as the
+// cache can (beyond that an entry is not refreshed: it expires, and its next use fetches it).
+template <typename Key, typename Value>
+bool QueueForRefresh(GuardedCache<Key, Value>& cache, const Key& key)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(cache.mu) {
+  if (cache.due.size() >= cache.entries.capacity()) return false;
+  cache.due.push_back(key);
+  return true;
+}
+
 absl::Status RpcError(absl::string_view method, const grpc::Status& rpc_status) {
   const absl::Status status = FromGrpcStatus(rpc_status);
   return absl::Status(status.code(), absl::StrCat("routing ", method, ": ", status.message()));
@@ -81,7 +91,9 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
     const std::function<absl::Time()>& clock, size_t max_batch, FetchFn fetch,
     const std::function<void()>& on_due) {
   std::vector<Value> answers(keys.size());
-  std::vector<std::optional<size_t>> miss_of(keys.size());  // position -> index in `misses`
+  // Filled only on a miss, so a lookup answered from the cache (the common case, once per ingest
+  // batch) allocates nothing for them.
+  std::vector<std::pair<size_t, size_t>> miss_of;  // (position in `keys`, index in `misses`)
   std::vector<Key> misses;
   uint64_t epoch_at_lookup;
   bool queued = false;
@@ -93,16 +105,12 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
       bool refresh_due = false;
       if (std::optional<Value> hit = cache.entries.Get(keys[i], now, &refresh_due)) {
         answers[i] = *std::move(hit);
-        // Beyond the bound the entry is not refreshed: it expires, and its next use fetches it.
-        if (refresh_due && cache.due.size() < cache.entries.capacity()) {
-          cache.due.push_back(keys[i]);
-          queued = true;
-        }
+        if (refresh_due && QueueForRefresh(cache, keys[i])) queued = true;
         continue;
       }
       auto [it, inserted] = miss_index.try_emplace(keys[i], misses.size());
       if (inserted) misses.push_back(keys[i]);
-      miss_of[i] = it->second;
+      miss_of.emplace_back(i, it->second);
     }
     epoch_at_lookup = cache.epoch;
   }
@@ -121,9 +129,7 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
     absl::MutexLock lock(&cache.mu);
     if (cache.epoch == epoch_at_lookup) CacheAnswers(cache, misses, fetched, ttl, clock());
   }
-  for (size_t i = 0; i < keys.size(); ++i) {
-    if (miss_of[i].has_value()) answers[i] = fetched[*miss_of[i]];
-  }
+  for (const auto& [position, miss] : miss_of) answers[position] = fetched[miss];
   return answers;
 }
 
@@ -216,8 +222,7 @@ class GrpcRoutingClient final : public RoutingClient {
         DeviceCacheKey key(device.tenant_id, device.device_id);
         // A cached answer is used as is (and refreshed ahead if it stays in use).
         if (devices_.entries.Get(key, now).has_value()) continue;
-        if (devices_.due.size() >= devices_.entries.capacity()) break;
-        devices_.due.push_back(std::move(key));
+        if (!QueueForRefresh(devices_, key)) break;
         queued = true;
       }
     }
