@@ -423,12 +423,10 @@ int Run(const Args& args) {
       return 1;
     }
   }
-  {
-    pqxx::connection c(shard);
-    pqxx::nontransaction n(c);
-    std::fprintf(stderr, "shard: fsync=%s synchronous_commit=%s shared_buffers=%s max_wal_size=%s\n",
-                 n.exec1("SHOW fsync")[0].c_str(), n.exec1("SHOW synchronous_commit")[0].c_str(),
-                 n.exec1("SHOW shared_buffers")[0].c_str(), n.exec1("SHOW max_wal_size")[0].c_str());
+  absl::StatusOr<std::string> shard_settings = (*stack)->clusters().region("fr-1").DescribeSettings();
+  if (!shard_settings.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(shard_settings.status().message()).c_str());
+    return 1;
   }
 
   std::fprintf(stderr, "(a) raw binary COPY, 1,000-row transactions...\n");
@@ -600,8 +598,8 @@ int Run(const Args& args) {
     rss_streams = held_rss_kb.load();
   }
 
-  std::printf("\ningest_bench (same machine, same schema, one run; PostgreSQL with fsync and "
-              "synchronous_commit on, shared_buffers 1GB, max_wal_size 1GB)\n");
+  std::printf("\ningest_bench (same machine, same schema, one run; PostgreSQL on disk: %s)\n",
+              shard_settings->c_str());
   std::printf("  (a) raw binary COPY, 1,000-row transactions : %10.0f samples/s  (reference: the rows (c) "
               "stores, %d devices x %d-row runs; mean of %.0f before (c) and %.0f after)\n",
               raw, args.devices, args.batch, raw_before, raw_after);

@@ -370,6 +370,8 @@ int Main(int argc, char** argv) {
   test_support::PgCluster::ProductionSettings settings;
   settings.max_wal_size = "4GB";
   Check((*shard)->UseProductionSettings(settings), "PostgreSQL settings");
+  absl::StatusOr<std::string> shard_settings = (*shard)->DescribeSettings();
+  Check(shard_settings.status(), "PostgreSQL settings");
   {
     pqxx::connection c((*shard)->ConnectionString());
     auto migrations =
@@ -392,10 +394,9 @@ int Main(int argc, char** argv) {
   std::filesystem::remove_all(dir);
 
   std::printf(
-      "sharing_bench: one PostgreSQL 15 shard on loopback, on disk (fsync and synchronous_commit on, "
-      "shared_buffers 1GB), 1 MiB chunks; "
+      "sharing_bench: one PostgreSQL 15 shard on loopback, on disk (%s), 1 MiB chunks; "
       "1 MiB records x %d, 100 MiB records x %d per path\n",
-      small_rounds, large_rounds);
+      shard_settings->c_str(), small_rounds, large_rounds);
   std::printf(
       "OpenSSL AES-256-GCM, 1 MiB chunks: encrypt %.0f MiB/s, decrypt %.0f MiB/s; "
       "SHA-256 %.0f MiB/s\n\n",

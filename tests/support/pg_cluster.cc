@@ -687,6 +687,22 @@ absl::Status PgCluster::UseProductionSettings(const ProductionSettings& settings
   return StartAgain();
 }
 
+absl::StatusOr<std::string> PgCluster::DescribeSettings() {
+  std::string description;
+  try {
+    pqxx::connection connection(ConnectionString());
+    pqxx::nontransaction query(connection);
+    for (const char* name : {"fsync", "synchronous_commit", "full_page_writes", "wal_level",
+                             "shared_buffers", "wal_buffers", "max_wal_size", "wal_segment_size"}) {
+      absl::StrAppend(&description, description.empty() ? "" : " ", name, "=",
+                      query.exec1(absl::StrCat("SHOW ", name))[0].c_str());
+    }
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat("pg_cluster: on cluster ", name_, ": ", e.what()));
+  }
+  return description;
+}
+
 PgCluster::~PgCluster() {
   bool clean = true;
   if (running_) {

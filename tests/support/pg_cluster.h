@@ -67,6 +67,10 @@ class PgCluster {
   };
   absl::Status UseProductionSettings(const ProductionSettings& settings);
 
+  // The settings a benchmark's figures depend on, as the running server reports them, for the
+  // benchmark to print: "fsync=on synchronous_commit=on shared_buffers=1GB ...".
+  absl::StatusOr<std::string> DescribeSettings();
+
   // Fast shutdown (pg_ctl stop -m fast): what a failed shard looks like to its clients.
   absl::Status Stop();
   // Restarts on the same data directory and port, so connection strings handed out stay valid.

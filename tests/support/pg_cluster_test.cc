@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 namespace medgate::test_support {
@@ -179,6 +180,9 @@ TEST(PgClusterLifecycleTest, ProductionSettingsTakeEffectAfterARestartThatKeepsD
   PgCluster& cluster = **started;
   const std::string connection_string = cluster.ConnectionString();
   EXPECT_EQ(QueryOne(connection_string, "show fsync"), "off") << "the test settings are not durable";
+  absl::StatusOr<std::string> test_settings = cluster.DescribeSettings();
+  ASSERT_TRUE(test_settings.ok()) << test_settings.status();
+  EXPECT_THAT(*test_settings, ::testing::HasSubstr("fsync=off synchronous_commit=off"));
   EXPECT_EQ(QueryOne(connection_string, "show wal_segment_size"), "1MB");
   {
     pqxx::connection connection(connection_string);
@@ -208,6 +212,11 @@ TEST(PgClusterLifecycleTest, ProductionSettingsTakeEffectAfterARestartThatKeepsD
   EXPECT_EQ(QueryOne(connection_string, "show min_wal_size"), "32MB");
   EXPECT_EQ(QueryOne(connection_string, "show wal_segment_size"), "16MB");
   EXPECT_EQ(QueryOne(connection_string, "select v from kept"), "7");
+  absl::StatusOr<std::string> described = cluster.DescribeSettings();
+  ASSERT_TRUE(described.ok()) << described.status();
+  EXPECT_EQ(*described,
+            "fsync=on synchronous_commit=on full_page_writes=on wal_level=replica "
+            "shared_buffers=64MB wal_buffers=4MB max_wal_size=256MB wal_segment_size=16MB");
 }
 
 TEST(PgClusterLifecycleTest, DestructorStopsServerAndRemovesDirectory) {
