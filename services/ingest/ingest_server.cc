@@ -14,7 +14,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(ConfigNode node, config.root.Child("ingest"));
   RETURN_IF_ERROR(node.OnlyKeys({"tenant_samples_per_second", "tenant_burst", "max_sample_age_hours",
                                  "max_queued_batches", "max_rows_per_transaction", "linger_ms",
-                                 "worker_threads", "writers_per_region",
+                                 "worker_threads", "max_waiting_batches", "writers_per_region",
                                  "device_cache_ttl_seconds", "enqueue_wait_ms",
                                  "stats_interval_ms"}));
   ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
@@ -26,6 +26,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(int64_t rows, node.Int("max_rows_per_transaction", 1, 1000000, 20000));
   ASSIGN_OR_RETURN(int64_t linger, node.Int("linger_ms", 0, 1000, 2));
   ASSIGN_OR_RETURN(int64_t workers, node.Int("worker_threads", 1, 256, 8));
+  ASSIGN_OR_RETURN(int64_t waiting, node.Int("max_waiting_batches", 0, 10000000, 0));
   ASSIGN_OR_RETURN(int64_t lanes, node.Int("writers_per_region", 1, 64, 4));
   ASSIGN_OR_RETURN(int64_t device_ttl, node.Int("device_cache_ttl_seconds", 1, 3600, 30));
   ASSIGN_OR_RETURN(int64_t enqueue_wait, node.Int("enqueue_wait_ms", 1, 600000, 10000));
@@ -37,6 +38,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.writer.max_rows_per_transaction = static_cast<size_t>(rows);
   s.writer.linger = absl::Milliseconds(linger);
   s.worker_threads = static_cast<int>(workers);
+  s.max_waiting_batches = static_cast<size_t>(waiting);
   s.writers_per_region = static_cast<int>(lanes);
   s.device_cache_ttl = absl::Seconds(device_ttl);
   s.core.enqueue_wait = absl::Milliseconds(enqueue_wait);
@@ -71,9 +73,11 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   }
   server->core_ = std::make_unique<IngestCore>(*server->routing_, *server->consent_,
                                                std::move(writers), server->settings_.core);
-  // Each stream has at most one batch with the executor, so the bound is the stream limit.
-  server->executor_ = std::make_unique<StreamExecutor>(
-      server->settings_.worker_threads, static_cast<size_t>(config.limits.max_concurrent_streams) * 4);
+  // Each stream has at most one batch with the executor.
+  const size_t waiting = server->settings_.max_waiting_batches > 0
+                             ? server->settings_.max_waiting_batches
+                             : static_cast<size_t>(config.limits.max_concurrent_streams) * 4;
+  server->executor_ = std::make_unique<StreamExecutor>(server->settings_.worker_threads, waiting);
   server->service_ = std::make_unique<IngestService>(*server->core_, *server->routing_,
                                                      *server->consent_, *server->shards_,
                                                      config.trust_domain, *server->executor_,

@@ -22,6 +22,10 @@ struct IngestSettings {
   IngestOptions core;
   WriterOptions writer;
   int worker_threads = 8;
+  // Batches read from their streams and waiting for a worker thread; a batch read beyond it is
+  // answered RESOURCE_EXHAUSTED (retryable). 0: four per concurrent stream the server allows on
+  // a connection (limits.max_concurrent_streams).
+  size_t max_waiting_batches = 0;
   int writers_per_region = 4;  // parallel COPY lanes (connections) per shard
   // How long a device -> patient answer is reused: bounds how long an unassigned device may
   // still write for its former patient. A device streaming at least once per TTL has its answer
@@ -48,6 +52,10 @@ class IngestServer {
     for (const auto& w : writers_) n += w->queued();
     return n;
   }
+  // Batches read from their streams and waiting for a worker thread, and those a worker thread
+  // is processing (it may be waiting for room in a writer's queue).
+  size_t waiting_batches() const { return executor_->waiting(); }
+  size_t processing_batches() const { return executor_->running(); }
 
  private:
   IngestServer(const MedgateConfig& config, IngestSettings settings);

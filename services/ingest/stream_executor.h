@@ -26,6 +26,18 @@ class StreamExecutor {
     for (auto& t : threads_) t.join();
   }
 
+  // Tasks posted and not yet taken by a thread.
+  size_t waiting() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return queue_.size();
+  }
+
+  // Tasks a thread is running.
+  size_t running() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return running_;
+  }
+
   // False when the queue is full (the caller answers RESOURCE_EXHAUSTED).
   bool Post(std::function<void()> task) {
     {
@@ -47,8 +59,11 @@ class StreamExecutor {
         if (queue_.empty()) return;
         task = std::move(queue_.front());
         queue_.pop_front();
+        ++running_;
       }
       task();
+      std::lock_guard<std::mutex> lock(mu_);
+      --running_;
     }
   }
 
@@ -56,6 +71,7 @@ class StreamExecutor {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;
+  size_t running_ = 0;
   bool stopping_ = false;
   std::vector<std::thread> threads_;
 };

@@ -670,6 +670,98 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
   server.Shutdown();
 }
 
+// Batches that would wait for a worker thread beyond max_waiting_batches are answered with a
+// retryable RESOURCE_EXHAUSTED ("ingest is saturated"): that stream stores nothing more and ends
+// UNAVAILABLE, the batches already accepted are all stored once the writer moves again, and the
+// device's resend of the refused batch is stored.
+TEST_F(IngestTest, BatchesBeyondTheWorkersBoundAreRefusedRetryablyAndLoseNothing) {
+  constexpr int kPerBatch = 10;
+  for (const char* name : {"a", "b", "c"}) {
+    Grant(PatientWithDevice(absl::StrCat("saturated-", name), "FR", absl::StrCat("dev-sat-", name)),
+          v1::PURPOSE_REMOTE_MONITORING);
+  }
+  // One worker thread, one batch waiting for it, one writer with a one-batch queue.
+  auto extra = StartIngest(
+      "ingest: {writers_per_region: 1, max_queued_batches: 1, enqueue_wait_ms: 30000, "
+      "linger_ms: 0, worker_threads: 1, max_waiting_batches: 1}\n");
+  ASSERT_NE(extra, nullptr);
+  IngestServer& server = *extra->server;
+  auto stub_a = StubAs<v1::DeviceIngest>(Device("acme", "dev-sat-a"), pki().ca_path(), server.port());
+  auto stub_b = StubAs<v1::DeviceIngest>(Device("acme", "dev-sat-b"), pki().ca_path(), server.port());
+  auto stub_c = StubAs<v1::DeviceIngest>(Device("acme", "dev-sat-c"), pki().ca_path(), server.port());
+
+  // Hold the writer: its next transaction waits for this lock on the cursor table.
+  pqxx::connection blocker(stack_->clusters().region("fr-1").ConnectionString());
+  pqxx::work hold(blocker);
+  hold.exec0("LOCK TABLE device_cursors IN EXCLUSIVE MODE");
+
+  // Device A: batch 1 in the held transaction, batch 2 in the writer's queue, batch 3 holding the
+  // worker thread (waiting for room in that queue). Device B: its batch waits for the worker.
+  grpc::ClientContext context_a;
+  context_a.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto stream_a = stub_a->StreamVitals(&context_a);
+  for (uint64_t b = 1; b <= 3; ++b) {
+    ASSERT_TRUE(stream_a->Write(Batch(b, (b - 1) * kPerBatch + 1, kPerBatch)));
+  }
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                        [&] { return server.queued_batches() == 1; }));
+  grpc::ClientContext context_b;
+  context_b.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto stream_b = stub_b->StreamVitals(&context_b);
+  ASSERT_TRUE(stream_b->Write(Batch(1, 1, kPerBatch)));
+  // Whichever of A's third batch and B's batch the worker took, it waits for the writer's queue,
+  // and the other one waits for the worker.
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    return server.processing_batches() == 1 && server.waiting_batches() == 1;
+  }));
+
+  // Device C's batch finds no room: refused, retryably, and its stream ends.
+  {
+    DeviceStream c(*stub_c);
+    std::optional<v1::IngestAck> ack = c.Send(Batch(1, 1, kPerBatch));
+    ASSERT_TRUE(ack.has_value());
+    EXPECT_EQ(ack->batch_seq(), 1u);
+    ASSERT_TRUE(ack->has_retryable_error());
+    EXPECT_EQ(ack->retryable_error().code(),
+              static_cast<int32_t>(grpc::StatusCode::RESOURCE_EXHAUSTED));
+    EXPECT_THAT(ack->retryable_error().message(), HasSubstr("ingest is saturated"));
+    EXPECT_EQ(ack->stored_count(), 0u);
+    grpc::Status ended = c.Finish();
+    EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
+  }
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-c'"), 0);
+
+  // The writer moves again: every batch accepted from A and B is stored and acknowledged.
+  hold.abort();
+  v1::IngestAck ack;
+  for (uint64_t b = 1; b <= 3; ++b) {
+    ASSERT_TRUE(stream_a->Read(&ack)) << "batch " << b;
+    EXPECT_EQ(ack.batch_seq(), b);
+    EXPECT_FALSE(ack.has_retryable_error()) << ack.retryable_error().message();
+    EXPECT_EQ(ack.stored_count(), static_cast<uint32_t>(kPerBatch));
+  }
+  ASSERT_TRUE(stream_b->Read(&ack));
+  EXPECT_FALSE(ack.has_retryable_error()) << ack.retryable_error().message();
+  EXPECT_EQ(ack.stored_count(), static_cast<uint32_t>(kPerBatch));
+  stream_a->WritesDone();
+  stream_b->WritesDone();
+  EXPECT_TRUE(stream_a->Finish().ok());
+  EXPECT_TRUE(stream_b->Finish().ok());
+
+  // Device C resends the refused batch on a new stream: stored.
+  DeviceStream again(*stub_c);
+  std::optional<v1::IngestAck> resent = again.Send(Batch(1, 1, kPerBatch));
+  ASSERT_TRUE(resent.has_value());
+  ASSERT_FALSE(resent->has_retryable_error()) << resent->retryable_error().message();
+  EXPECT_EQ(resent->stored_count(), static_cast<uint32_t>(kPerBatch));
+  EXPECT_TRUE(again.Finish().ok());
+
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-a'"), 3 * kPerBatch);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-b'"), kPerBatch);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-c'"), kPerBatch);
+  server.Shutdown();
+}
+
 // A tenant over its sample quota gets, for the batch over it, a retryable RESOURCE_EXHAUSTED ack:
 // its stream then stores nothing more and ends UNAVAILABLE, while another tenant on the same server
 // keeps storing; once the quota has refilled, the device's resend of the refused batch is stored.

@@ -44,10 +44,14 @@ TEST(StreamExecutorTest, RefusesWorkBeyondItsQueueBoundAndRunsWhatItAccepted) {
     StreamExecutor executor(/*threads=*/1, /*max_queue=*/2);
     ASSERT_TRUE(executor.Post([&] { gate.Wait(); ++ran; }));
     gate.WaitForWaiters(1);  // the only thread is busy
+    EXPECT_EQ(executor.running(), 1u);
+    EXPECT_EQ(executor.waiting(), 0u);
     EXPECT_TRUE(executor.Post([&] { ++ran; }));
     EXPECT_TRUE(executor.Post([&] { ++ran; }));
+    EXPECT_EQ(executor.waiting(), 2u);
     // The queue holds two: the next is refused (the stream answers RESOURCE_EXHAUSTED).
     EXPECT_FALSE(executor.Post([&] { ++ran; }));
+    EXPECT_EQ(executor.waiting(), 2u);
     gate.Open();
   }  // the destructor runs what was accepted, then joins
   EXPECT_EQ(ran.load(), 3);
