@@ -258,6 +258,34 @@ TEST_F(IngestTest, StoresInTheHomeShardOnlyAndResendsAreDuplicates) {
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-home'"), 60);
 }
 
+// Besides the device cursors the service checks, the shard's primary key refuses a second copy of
+// a stored sample (same tenant, device, seq and measurement time), whoever writes it.
+TEST_F(IngestTest, TheShardRefusesASecondCopyOfAStoredSample) {
+  std::string patient = PatientWithDevice("pkey", "FR", "dev-pkey");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto stub = Ingest(Device("acme", "dev-pkey"));
+  DeviceStream stream(*stub);
+  std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 5));
+  ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+  ASSERT_EQ(ack->stored_count(), 5u);
+  EXPECT_TRUE(stream.Finish().ok());
+
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  pqxx::work txn(c);
+  EXPECT_THROW(txn.exec0("INSERT INTO vitals SELECT * FROM vitals WHERE device_id = 'dev-pkey' "
+                         "AND seq = 3"),
+               pqxx::unique_violation);
+  txn.abort();
+  // The same sample under another device is another sample.
+  pqxx::work other(c);
+  other.exec0("INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+              "measured_at) SELECT tenant_id, 'dev-pkey-2', seq, patient_id, loinc, value, ucum, "
+              "measured_at FROM vitals WHERE device_id = 'dev-pkey' AND seq = 3");
+  other.commit();
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-pkey'"), 5);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-pkey-2'"), 1);
+}
+
 TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
   std::string patient = PatientWithDevice("validation", "FR", "dev-validate");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
