@@ -73,7 +73,8 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   }
   server->core_ = std::make_unique<IngestCore>(*server->routing_, *server->consent_,
                                                std::move(writers), server->settings_.core);
-  // Each stream has at most one batch with the executor.
+  // Each stream has at most one batch with the executor: the default bound is four streams'
+  // worth per stream a connection may carry.
   const size_t waiting = server->settings_.max_waiting_batches > 0
                              ? server->settings_.max_waiting_batches
                              : static_cast<size_t>(config.limits.max_concurrent_streams) * 4;

@@ -271,6 +271,14 @@ TEST_F(IngestTest, TheShardRefusesASecondCopyOfAStoredSample) {
   EXPECT_TRUE(stream.Finish().ok());
 
   pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  {
+    // Its columns lead with the fixed-width ones (migration 0007: cheaper inserts).
+    pqxx::nontransaction q(c);
+    EXPECT_EQ(q.exec1("SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                      "WHERE conname = 'vitals_pkey' AND conrelid = 'vitals'::regclass")[0]
+                  .as<std::string>(),
+              "PRIMARY KEY (measured_at, seq, tenant_id, device_id)");
+  }
   pqxx::work txn(c);
   EXPECT_THROW(txn.exec0("INSERT INTO vitals SELECT * FROM vitals WHERE device_id = 'dev-pkey' "
                          "AND seq = 3"),
@@ -723,25 +731,36 @@ TEST_F(IngestTest, BatchesBeyondTheWorkersBoundAreRefusedRetryablyAndLoseNothing
   pqxx::work hold(blocker);
   hold.exec0("LOCK TABLE device_cursors IN EXCLUSIVE MODE");
 
-  // Device A: batch 1 in the held transaction, batch 2 in the writer's queue, batch 3 holding the
-  // worker thread (waiting for room in that queue). Device B: its batch waits for the worker.
+  // Each step below ends in a state that lasts until the lock is released. Device A: batch 1 in
+  // the held transaction, batch 2 in the writer's queue; then batch 3 holds the worker thread
+  // (waiting for room in that queue); then device B's batch waits for the worker.
+  pqxx::connection watcher(stack_->clusters().region("fr-1").ConnectionString());
+  auto writer_waits_for_lock = [&] {
+    pqxx::nontransaction q(watcher);
+    return q.exec1("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                   "WHERE c.relname = 'device_cursors' AND NOT l.granted")[0]
+               .as<int64_t>() > 0;
+  };
   grpc::ClientContext context_a;
   context_a.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   auto stream_a = stub_a->StreamVitals(&context_a);
-  for (uint64_t b = 1; b <= 3; ++b) {
+  for (uint64_t b = 1; b <= 2; ++b) {
     ASSERT_TRUE(stream_a->Write(Batch(b, (b - 1) * kPerBatch + 1, kPerBatch)));
   }
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    return writer_waits_for_lock() && server.queued_batches() == 1 &&
+           server.processing_batches() == 0 && server.waiting_batches() == 0;
+  }));
+  ASSERT_TRUE(stream_a->Write(Batch(3, 2 * kPerBatch + 1, kPerBatch)));
   ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
-                        [&] { return server.queued_batches() == 1; }));
+                        [&] { return server.processing_batches() == 1; }));
   grpc::ClientContext context_b;
   context_b.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   auto stream_b = stub_b->StreamVitals(&context_b);
   ASSERT_TRUE(stream_b->Write(Batch(1, 1, kPerBatch)));
-  // Whichever of A's third batch and B's batch the worker took, it waits for the writer's queue,
-  // and the other one waits for the worker.
-  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
-    return server.processing_batches() == 1 && server.waiting_batches() == 1;
-  }));
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                        [&] { return server.waiting_batches() == 1; }));
+  EXPECT_EQ(server.processing_batches(), 1u);
 
   // Device C's batch finds no room: refused, retryably, and its stream ends.
   {
