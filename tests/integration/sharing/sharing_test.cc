@@ -1775,6 +1775,73 @@ TEST_F(SharingTest, PatientErasureShredsEveryRecordIncludingArchivedOnes) {
   EXPECT_EQ(d.content, spec.content);
 }
 
+// An erasure of all of a patient's records while an upload for the patient is under way erases
+// what was stored before it; the upload, finished after it, is a new record under a new patient
+// key (the erased key, cached when the upload started, is not used), and it can be read.
+TEST_F(SharingTest, AnUploadFinishedAfterAPatientErasureIsStoredUnderANewKey) {
+  const std::string patient = Place("erased-mid-upload-1", "FR");
+  UploadSpec before_spec;
+  before_spec.patient_id = patient;
+  before_spec.content = Generate(91, 0, 3000);
+  const std::string before = UploadOk(pki_->practitioner(), before_spec);  // caches the key
+
+  // A three-chunk upload sends its header and first chunk: the upload's transaction holds the
+  // first chunk, uncommitted.
+  const std::string content = Generate(92, 0, 2 * kMiB + 5);
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  v1::UploadRecordResponse response;
+  auto stub = Stub(pki_->practitioner());
+  auto writer = stub->UploadRecord(&context, &response);
+  v1::UploadRecordRequest header;
+  header.mutable_header()->set_patient_id(patient);
+  header.mutable_header()->set_kind(v1::RECORD_KIND_IMAGING);
+  header.mutable_header()->set_content_type("application/dicom");
+  header.mutable_header()->set_file_name("scan.dcm");
+  header.mutable_header()->set_size_bytes(content.size());
+  header.mutable_header()->set_sha256(crypto::Sha256::Of(content));
+  ASSERT_TRUE(writer->Write(header));
+  v1::UploadRecordRequest chunk;
+  chunk.mutable_chunk()->set_data(content.substr(0, kMiB));
+  ASSERT_TRUE(writer->Write(chunk));
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    return Count("fr-1",
+                 "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                 "AND datname = current_database()") > 0;
+  }));
+
+  auto erased = ErasePatient(pki_->app(), patient);
+  ASSERT_TRUE(erased.ok()) << erased.status();
+  EXPECT_EQ(erased->erased_count(), 1u);  // the record stored before; the upload is not one yet
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE patient_id = $1", patient), 0);
+
+  for (uint64_t off = kMiB; off < content.size(); off += kMiB) {
+    chunk.mutable_chunk()->set_data(content.substr(off, kMiB));
+    ASSERT_TRUE(writer->Write(chunk));
+  }
+  writer->WritesDone();
+  grpc::Status finished = writer->Finish();
+  ASSERT_TRUE(finished.ok()) << finished.error_message();
+
+  Downloaded d = Download(pki_->practitioner(), response.record_id());
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, content);
+  EXPECT_EQ(Download(pki_->practitioner(), before).status.error_code(), grpc::StatusCode::NOT_FOUND);
+  // The patient has one key again, a new one, and the new record's key is wrapped under it.
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM record_keys WHERE patient_id = $1 AND record_id IS NULL",
+                  patient),
+            1);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM record_keys rk JOIN record_keys pk ON pk.key_id = "
+                  "rk.wrapped_by AND pk.record_id IS NULL WHERE rk.record_id = $1",
+                  response.record_id()),
+            1);
+  auto chain = Verify("fr-1");
+  ASSERT_TRUE(chain.ok());
+  EXPECT_TRUE(chain->ok()) << chain->detail();
+}
+
 // --- listing -----------------------------------------------------------------------------------
 
 // Uploads wrap record keys under a cached patient key; an erasure by another sharing process
