@@ -162,8 +162,9 @@ class IngestTest : public ::testing::Test {
   static std::unique_ptr<v1::TenantRouting::Stub> Routing(const TestCert& as) {
     return StubAs<v1::TenantRouting>(as, pki().ca_path(), routing_->port());
   }
-  static std::unique_ptr<v1::DeviceIngest::Stub> Ingest(const TestCert& as) {
-    return StubAs<v1::DeviceIngest>(as, pki().ca_path(), ingest_->port());
+  // A device stub to the suite's ingest server, or to the one on `port`.
+  static std::unique_ptr<v1::DeviceIngest::Stub> Ingest(const TestCert& as, int port = 0) {
+    return StubAs<v1::DeviceIngest>(as, pki().ca_path(), port != 0 ? port : ingest_->port());
   }
 
   // Places a patient of `as`'s tenant (acme by default) and assigns `device` to it; returns the
@@ -631,7 +632,7 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
       "max_queued_batches: 1, enqueue_wait_ms: 200, linger_ms: 0}\n");
   ASSERT_NE(extra, nullptr);
   IngestServer& server = *extra->server;
-  auto stub = StubAs<v1::DeviceIngest>(Device("acme", "dev-bp"), pki().ca_path(), server.port());
+  auto stub = Ingest(Device("acme", "dev-bp"), server.port());
 
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
@@ -722,9 +723,9 @@ TEST_F(IngestTest, BatchesBeyondTheWorkersBoundAreRefusedRetryablyAndLoseNothing
       "linger_ms: 0, worker_threads: 1, max_waiting_batches: 1}\n");
   ASSERT_NE(extra, nullptr);
   IngestServer& server = *extra->server;
-  auto stub_a = StubAs<v1::DeviceIngest>(Device("acme", "dev-sat-a"), pki().ca_path(), server.port());
-  auto stub_b = StubAs<v1::DeviceIngest>(Device("acme", "dev-sat-b"), pki().ca_path(), server.port());
-  auto stub_c = StubAs<v1::DeviceIngest>(Device("acme", "dev-sat-c"), pki().ca_path(), server.port());
+  auto stub_a = Ingest(Device("acme", "dev-sat-a"), server.port());
+  auto stub_b = Ingest(Device("acme", "dev-sat-b"), server.port());
+  auto stub_c = Ingest(Device("acme", "dev-sat-c"), server.port());
 
   // Hold the writer: its next transaction waits for this lock on the cursor table.
   pqxx::connection blocker(stack_->clusters().region("fr-1").ConnectionString());
@@ -825,7 +826,7 @@ TEST_F(IngestTest, ATenantOverItsRateQuotaIsRefusedRetryablyAndLosesNothing) {
       absl::StrCat("ingest: {tenant_samples_per_second: ", kRate, ", tenant_burst: ", kBurst, "}\n"));
   ASSERT_NE(extra, nullptr);
   IngestServer& server = *extra->server;
-  auto stub = StubAs<v1::DeviceIngest>(Device("acme", "dev-quota"), pki().ca_path(), server.port());
+  auto stub = Ingest(Device("acme", "dev-quota"), server.port());
   auto retry_after = [](const v1::IngestAck& ack) { return FromProtoDuration(ack.retry_after()); };
   const auto kResourceExhausted = static_cast<int32_t>(grpc::StatusCode::RESOURCE_EXHAUSTED);
   const std::string kAcmeDevice = "tenant_id = 'acme' AND device_id = 'dev-quota'";
@@ -877,7 +878,7 @@ TEST_F(IngestTest, ATenantOverItsRateQuotaIsRefusedRetryablyAndLosesNothing) {
   // Another tenant's device, while acme's bucket is empty, stores a whole burst (a bucket shared by
   // the tenants would take two seconds to hold that much again).
   auto other_stub =
-      StubAs<v1::DeviceIngest>(Device("globex", "dev-quota"), pki().ca_path(), server.port());
+      Ingest(Device("globex", "dev-quota"), server.port());
   DeviceStream other(*other_stub);
   std::optional<v1::IngestAck> other_ack = other.Send(Batch(1, 1, kBurst));
   ASSERT_TRUE(other_ack.has_value()) << other.Finish().error_message();
@@ -933,7 +934,7 @@ TEST_F(IngestTest, AResendAfterAShardOutageIsNotRefusedForTheQuota) {
       absl::StrCat("ingest: {tenant_samples_per_second: 1, tenant_burst: ", kBurst, "}\n"));
   ASSERT_NE(extra, nullptr);
   IngestServer& server = *extra->server;
-  auto stub = StubAs<v1::DeviceIngest>(Device("acme", "dev-refund"), pki().ca_path(), server.port());
+  auto stub = Ingest(Device("acme", "dev-refund"), server.port());
   const auto kUnavailable = static_cast<int32_t>(grpc::StatusCode::UNAVAILABLE);
   const std::string kAcmeDevice = "tenant_id = 'acme' AND device_id = 'dev-refund'";
 
