@@ -138,6 +138,22 @@ class PgConsentCache final : public ConsentCache {
   absl::StatusOr<AccessDecision> Check(absl::string_view region_id, absl::string_view patient_id,
                                        Purpose purpose, absl::string_view actor,
                                        absl::Time now) override {
+    return *Answer(region_id, patient_id, purpose, actor, now, /*may_load=*/true);
+  }
+
+  std::optional<absl::StatusOr<AccessDecision>> CheckCached(absl::string_view region_id,
+                                                            absl::string_view patient_id,
+                                                            Purpose purpose,
+                                                            absl::string_view actor,
+                                                            absl::Time now) override {
+    return Answer(region_id, patient_id, purpose, actor, now, /*may_load=*/false);
+  }
+
+  // nullopt only when `may_load` is false and the decision would need a load.
+  std::optional<absl::StatusOr<AccessDecision>> Answer(absl::string_view region_id,
+                                                       absl::string_view patient_id,
+                                                       Purpose purpose, absl::string_view actor,
+                                                       absl::Time now, bool may_load) {
     auto it = regions_.find(region_id);
     if (it == regions_.end()) {
       return absl::FailedPreconditionError(
@@ -168,9 +184,11 @@ class PgConsentCache final : public ConsentCache {
           ++stripe.hits;
           return Decide(entry.consents, purpose, actor, now);
         }
+        if (!may_load) return std::nullopt;  // left for Check to drop and load again
         stripe.lru.erase(hit->second);
         stripe.index.erase(hit);
       }
+      if (!may_load) return std::nullopt;
       stripe_epoch = stripe.epoch;
       ++stripe.loads;
     }

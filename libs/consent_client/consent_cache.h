@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -63,6 +64,15 @@ class ConsentCache {
   virtual absl::StatusOr<AccessDecision> Check(absl::string_view region_id,
                                                absl::string_view patient_id, Purpose purpose,
                                                absl::string_view actor, absl::Time now) = 0;
+
+  // The decision Check would give when it can be made from memory now; nullopt when Check would
+  // read the shard (the patient's consents are not cached, or were loaded too long ago). Never
+  // waits for the database. Implementations without a cache answer nullopt.
+  virtual std::optional<absl::StatusOr<AccessDecision>> CheckCached(
+      absl::string_view /*region_id*/, absl::string_view /*patient_id*/, Purpose /*purpose*/,
+      absl::string_view /*actor*/, absl::Time /*now*/) {
+    return std::nullopt;
+  }
 
   // Drops what is cached for a patient (the consent service calls it after its own writes).
   virtual void Invalidate(absl::string_view patient_id) = 0;

@@ -76,6 +76,35 @@ bool QueueForRefresh(GuardedCache<Key, Value>& cache, const Key& key)
   return true;
 }
 
+// Answers `keys` in order when every one is cached, nullopt otherwise; never fetches. Hits due for
+// a refresh are queued on `cache.due` as ResolveThroughCache does.
+template <typename Key, typename Value>
+std::optional<std::vector<Value>> AnswerFromCache(absl::Span<const Key> keys,
+                                                  GuardedCache<Key, Value>& cache,
+                                                  const std::function<absl::Time()>& clock,
+                                                  const std::function<void()>& on_due) {
+  std::vector<Value> answers(keys.size());
+  bool complete = true;
+  bool queued = false;
+  {
+    absl::MutexLock lock(&cache.mu);
+    const absl::Time now = clock();
+    for (size_t i = 0; i < keys.size(); ++i) {
+      bool refresh_due = false;
+      std::optional<Value> hit = cache.entries.Get(keys[i], now, &refresh_due);
+      if (!hit) {
+        complete = false;
+        break;
+      }
+      answers[i] = *std::move(hit);
+      if (refresh_due && QueueForRefresh(cache, keys[i])) queued = true;
+    }
+  }
+  if (queued) on_due();
+  if (!complete) return std::nullopt;
+  return answers;
+}
+
 absl::Status RpcError(absl::string_view method, const grpc::Status& rpc_status) {
   const absl::Status status = FromGrpcStatus(rpc_status);
   return absl::Status(status.code(), absl::StrCat("routing ", method, ": ", status.message()));
@@ -210,6 +239,15 @@ class GrpcRoutingClient final : public RoutingClient {
         absl::Span<const DeviceCacheKey>(keys), devices_, device_ttl_, options_.clock,
         options_.max_batch,
         [this](absl::Span<const DeviceCacheKey> batch) { return FetchDevices(batch); }, on_due_);
+  }
+
+  std::optional<std::vector<DeviceLocation>> CachedDevices(
+      absl::Span<const DeviceRef> devices) override {
+    std::vector<DeviceCacheKey> keys;
+    keys.reserve(devices.size());
+    for (const DeviceRef& device : devices) keys.emplace_back(device.tenant_id, device.device_id);
+    return AnswerFromCache(absl::Span<const DeviceCacheKey>(keys), devices_, options_.clock,
+                           on_due_);
   }
 
   void PrefetchDevices(absl::Span<const DeviceRef> devices) override {

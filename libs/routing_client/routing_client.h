@@ -75,6 +75,10 @@ class RoutingClient {
       absl::Span<const std::string> patient_ids) = 0;
   virtual absl::StatusOr<std::vector<DeviceLocation>> ResolveDevices(
       absl::Span<const DeviceRef> devices) = 0;
+  // The same answers when every one of them is in the cache now, nullopt otherwise: never waits
+  // for routing (a hit due for a refresh is queued for the background refresher as above).
+  virtual std::optional<std::vector<DeviceLocation>> CachedDevices(
+      absl::Span<const DeviceRef> devices) = 0;
 
   // Has the background refresher fetch these devices' answers (batched with everything else it
   // fetches) unless they are cached already, so that a lookup soon after finds them: a stream

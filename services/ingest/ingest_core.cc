@@ -43,9 +43,10 @@ IngestCore::IngestCore(RoutingClient& routing, consent::ConsentCache& consent,
       quota_(options.tenant_samples_per_second, options.tenant_burst) {}
 
 absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
-                                 std::vector<Sample> samples,
+                                 const std::vector<Sample>& samples,
                                  std::shared_ptr<std::atomic<bool>> poisoned, absl::Time read_at,
-                                 std::function<void(BatchResult)> done) {
+                                 std::function<void(BatchResult)> done, bool* would_block) {
+  const bool may_block = would_block == nullptr;
   if (samples.empty() || samples.size() > kMaxSamplesPerBatch) {
     return absl::InvalidArgumentError(absl::StrCat("batch ", batch_seq, " has ", samples.size(),
                                                    " samples; a batch has 1 to ",
@@ -61,8 +62,16 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   };
 
   // Where the device's patient lives (cached, batched lookups in the routing client).
-  absl::StatusOr<std::vector<DeviceLocation>> located =
-      routing_.ResolveDevices({DeviceRef{device.tenant, device.name}});
+  const DeviceRef ref{device.tenant, device.name};
+  absl::StatusOr<std::vector<DeviceLocation>> located;
+  if (may_block) {
+    located = routing_.ResolveDevices({ref});
+  } else if (std::optional<std::vector<DeviceLocation>> cached = routing_.CachedDevices({ref})) {
+    located = *std::move(cached);
+  } else {
+    *would_block = true;
+    return absl::OkStatus();
+  }
   if (!located.ok()) return retry(absl::UnavailableError("routing unavailable; resend"), absl::Seconds(1));
   const DeviceLocation& where = (*located)[0];
   if (!where.found) {
@@ -77,26 +86,41 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   }
 
   const absl::Time now = read_at;
-  absl::StatusOr<consent::AccessDecision> monitoring =
-      consent_.Check(where.region_id, where.patient_id, consent::Purpose::kRemoteMonitoring,
-                     device.spiffe_id, now);
+  // The decision, from memory only unless `may_block`; nullopt: it would have to wait.
+  auto check = [&](consent::Purpose purpose)
+      -> std::optional<absl::StatusOr<consent::AccessDecision>> {
+    if (may_block) {
+      return consent_.Check(where.region_id, where.patient_id, purpose, device.spiffe_id, now);
+    }
+    return consent_.CheckCached(where.region_id, where.patient_id, purpose, device.spiffe_id, now);
+  };
+  std::optional<absl::StatusOr<consent::AccessDecision>> checked =
+      check(consent::Purpose::kRemoteMonitoring);
+  if (!checked) {
+    *would_block = true;
+    return absl::OkStatus();
+  }
+  const absl::StatusOr<consent::AccessDecision>& monitoring = *checked;
   if (!monitoring.ok()) return retry(absl::UnavailableError("consent unavailable; resend"), absl::Seconds(1));
   bool has_location = std::any_of(samples.begin(), samples.end(),
                                   [](const Sample& s) { return s.location.has_value(); });
   bool geolocation = false;
   if (monitoring->permit && has_location) {
-    absl::StatusOr<consent::AccessDecision> geo =
-        consent_.Check(where.region_id, where.patient_id, consent::Purpose::kGeolocation,
-                       device.spiffe_id, now);
-    if (!geo.ok()) return retry(absl::UnavailableError("consent unavailable; resend"), absl::Seconds(1));
-    geolocation = geo->permit;
+    std::optional<absl::StatusOr<consent::AccessDecision>> geo =
+        check(consent::Purpose::kGeolocation);
+    if (!geo) {
+      *would_block = true;
+      return absl::OkStatus();
+    }
+    if (!geo->ok()) return retry(absl::UnavailableError("consent unavailable; resend"), absl::Seconds(1));
+    geolocation = (*geo)->permit;
   }
 
   std::vector<VitalRow> rows;
   rows.reserve(samples.size());
   uint64_t previous_seq = 0;
   for (uint32_t i = 0; i < samples.size(); ++i) {
-    Sample& s = samples[i];
+    const Sample& s = samples[i];
     Verdict verdict = ValidateSample(s, previous_seq, now, options_.validation);
     if (verdict.reject == Reject::kNone && !monitoring->permit) {
       verdict = {Reject::kNoConsent,
@@ -110,9 +134,9 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
     }
     VitalRow row;
     row.seq = s.seq;
-    row.loinc = std::move(s.loinc);
+    row.loinc = s.loinc;
     row.value = s.value;
-    row.ucum = std::move(s.ucum);
+    row.ucum = s.ucum;
     row.measured_at = *s.measured_at;
     if (s.location && geolocation) {
       row.location = s.location;
@@ -158,6 +182,12 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   };
   VitalsWriter* writer =
       lanes->second[absl::HashOf(device.tenant, device.name) % lanes->second.size()];
+  if (!may_block) {
+    if (writer->TryEnqueue(request)) return absl::OkStatus();
+    quota_.Refund(device.tenant, charged);
+    *would_block = true;
+    return absl::OkStatus();
+  }
   if (!writer->Enqueue(std::move(request), options_.enqueue_wait)) {
     queue_full_.fetch_add(1, std::memory_order_relaxed);
     quota_.Refund(device.tenant, charged);

@@ -56,6 +56,9 @@ class IngestServer {
   // is processing (it may be waiting for room in a writer's queue).
   size_t waiting_batches() const { return executor_->waiting(); }
   size_t processing_batches() const { return executor_->running(); }
+  // Batches handed to a worker thread since start: those that had to wait for routing, consent
+  // or room in a writer's queue (the others are processed on gRPC's callback threads).
+  uint64_t batches_handed_to_workers() const { return executor_->accepted(); }
 
  private:
   IngestServer(const MedgateConfig& config, IngestSettings settings);

@@ -126,7 +126,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   }
 
   void OnReadDone(bool ok) override {
-    std::lock_guard<std::mutex> lock(shared_->mu);
+    std::unique_lock<std::mutex> lock(shared_->mu);
     read_outstanding_ = false;
     if (!ok) {
       reads_done_ = true;
@@ -136,25 +136,33 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     const uint64_t slot = first_slot_ + pending_.size();
     const absl::Time read_at = absl::Now();
     pending_.push_back(PendingAck{std::nullopt, read_at});
+    // Until the batch is with its writer (or answered), the stream reads nothing more and cannot
+    // finish: this reactor stays alive while it is processed below.
     processing_ = true;
     // The samples are copied out and `incoming_` is cleared, not moved from: the next read
     // reuses its sample objects instead of allocating them again (unless the batch was large).
     const uint64_t batch_seq = incoming_.batch_seq();
-    auto samples = std::make_shared<std::vector<Sample>>(ToSamples(incoming_));
+    auto samples = std::make_shared<const std::vector<Sample>>(ToSamples(incoming_));
     if (incoming_.samples_size() > kRetainedSamples) {
       incoming_ = v1::VitalsBatch();
     } else {
       incoming_.Clear();
     }
     std::shared_ptr<StreamShared> shared = shared_;
+    lock.unlock();
+    // Most batches need nothing that waits (their routing and consent answers are in memory and
+    // their writer's queue has room): they are processed here, on gRPC's callback thread, which
+    // saves a hand-over to a worker thread per batch. The others go to a worker thread.
+    if (ProcessBatch(shared, batch_seq, *samples, read_at, slot, /*may_block=*/false)) return;
     bool posted = executor_.Post([this, shared, batch_seq, samples, read_at, slot] {
-      ProcessBatch(shared, batch_seq, std::move(*samples), read_at, slot);
+      ProcessBatch(shared, batch_seq, *samples, read_at, slot, /*may_block=*/true);
     });
     if (!posted) {
       BatchResult busy;
       busy.batch_seq = batch_seq;
       busy.retryable = absl::ResourceExhaustedError("ingest is saturated; resend later");
       busy.retry_after = absl::Seconds(1);
+      lock.lock();
       processing_ = false;
       CompleteLocked(slot, ToAck(busy));
       ContinueLocked();
@@ -182,21 +190,26 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   }
 
  private:
-  // Runs on an executor thread: may block on routing or on a full writer queue.
-  void ProcessBatch(const std::shared_ptr<StreamShared>& shared, uint64_t batch_seq,
-                    std::vector<Sample> samples, absl::Time read_at, uint64_t slot) {
+  // With `may_block` (on a worker thread), may wait for routing, consent or room in the writer's
+  // queue. Without it, returns false instead of waiting, having done nothing for the batch.
+  bool ProcessBatch(const std::shared_ptr<StreamShared>& shared, uint64_t batch_seq,
+                    const std::vector<Sample>& samples, absl::Time read_at, uint64_t slot,
+                    bool may_block) {
     {
       std::lock_guard<std::mutex> lock(shared->mu);
-      if (shared->reactor == nullptr) return;
+      if (shared->reactor == nullptr) return true;
     }
+    bool would_block = false;
     absl::Status status = core_.Process(
-        principal_, batch_seq, std::move(samples), poisoned_, read_at,
+        principal_, batch_seq, samples, poisoned_, read_at,
         [shared, slot](BatchResult result) {
           std::lock_guard<std::mutex> lock(shared->mu);
           if (shared->reactor != nullptr) shared->reactor->CompleteLocked(slot, ToAck(result));
-        });
+        },
+        may_block ? nullptr : &would_block);
+    if (would_block) return false;
     std::lock_guard<std::mutex> lock(shared->mu);
-    if (shared->reactor == nullptr) return;
+    if (shared->reactor == nullptr) return true;
     processing_ = false;
     if (!status.ok()) {
       // A problem with the stream itself: earlier batches still get their acks, then it ends.
@@ -205,6 +218,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     }
     ContinueLocked();
     MaybeFinishLocked();
+    return true;
   }
 
   void CompleteLocked(uint64_t slot, v1::IngestAck ack) {

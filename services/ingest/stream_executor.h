@@ -32,6 +32,12 @@ class StreamExecutor {
     return queue_.size();
   }
 
+  // Tasks accepted since the executor started.
+  uint64_t accepted() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return accepted_;
+  }
+
   // Tasks a thread is running.
   size_t running() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -44,6 +50,7 @@ class StreamExecutor {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_ || queue_.size() >= max_queue_) return false;
       queue_.push_back(std::move(task));
+      ++accepted_;
     }
     cv_.notify_one();
     return true;
@@ -72,6 +79,7 @@ class StreamExecutor {
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;
   size_t running_ = 0;
+  uint64_t accepted_ = 0;
   bool stopping_ = false;
   std::vector<std::thread> threads_;
 };

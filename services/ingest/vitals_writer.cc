@@ -122,13 +122,24 @@ bool VitalsWriter::Enqueue(WriteRequest request, absl::Duration wait) {
     return false;
   }
   if (stopping_) return false;
+  PushAndUnlock(std::move(request), lock);
+  return true;
+}
+
+bool VitalsWriter::TryEnqueue(WriteRequest& request) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (stopping_ || queue_.size() >= options_.max_queued_requests) return false;
+  PushAndUnlock(std::move(request), lock);
+  return true;
+}
+
+void VitalsWriter::PushAndUnlock(WriteRequest request, std::unique_lock<std::mutex>& lock) {
   queue_.push_back(std::move(request));
   // The writer sleeps only on an empty queue or while lingering for kEnoughToCommit requests:
   // waking it for any other arrival would cost a context switch per batch for nothing.
   const bool wake = queue_.size() == 1 || queue_.size() == kEnoughToCommit;
   lock.unlock();
   if (wake) work_cv_.notify_one();
-  return true;
 }
 
 size_t VitalsWriter::queued() {

@@ -74,11 +74,15 @@ class VitalsWriter {
 
   // Queues a request, waiting up to `wait` for room: false when still full (backpressure).
   bool Enqueue(WriteRequest request, absl::Duration wait);
+  // Queues a request if there is room now; otherwise (or when stopping) returns false and leaves
+  // `request` as it was.
+  bool TryEnqueue(WriteRequest& request);
   size_t queued();
   const std::string& region_id() const { return region_id_; }
 
  private:
   void Loop();
+  void PushAndUnlock(WriteRequest request, std::unique_lock<std::mutex>& lock);
   void Commit(std::vector<WriteRequest>& group);
   // One attempt at writing `live` in one transaction; fills `outcomes`.
   absl::Status WriteOnce(const std::vector<WriteRequest*>& live, std::vector<WriteOutcome>& outcomes);

@@ -178,6 +178,44 @@ TEST_F(ConsentCacheTest, AnswersFromMemoryUntilInvalidatedOrStale) {
   EXPECT_EQ(reloaded->reason, AccessReason::kRevoked);
 }
 
+// CheckCached gives Check's decision when the patient's consents are in memory, and nothing
+// (without reading the shard) when Check would load them.
+TEST_F(ConsentCacheTest, CheckCachedAnswersFromMemoryOrNotAtAll) {
+  auto cache = NewCache();
+  auto short_lived = NewCache(absl::Milliseconds(300));
+  GrantCare(*fr_, "pt_cached_only");
+  for (ConsentCache* c : {cache.get(), short_lived.get()}) {
+    AwaitNotifications(*c, 1);
+    EXPECT_FALSE(c->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now()));
+    EXPECT_EQ(c->Stats().loads, 0u);
+    ASSERT_TRUE(c->Check("fr-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now())->permit);
+  }
+  const ConsentCacheStats before = cache->Stats();
+  std::optional<absl::StatusOr<AccessDecision>> cached =
+      cache->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now());
+  ASSERT_TRUE(cached.has_value());
+  ASSERT_TRUE(cached->ok()) << cached->status();
+  EXPECT_TRUE((*cached)->permit);
+  // Another purpose is decided from the same cached consents.
+  cached = cache->CheckCached("fr-1", "pt_cached_only", Purpose::kResearch, kApp, absl::Now());
+  ASSERT_TRUE(cached.has_value() && cached->ok());
+  EXPECT_EQ((*cached)->reason, AccessReason::kNoConsent);
+  EXPECT_EQ(cache->Stats().hits, before.hits + 2);
+  EXPECT_EQ(cache->Stats().loads, before.loads);
+  // Unknown regions are refused as by Check.
+  cached = cache->CheckCached("xx-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now());
+  ASSERT_TRUE(cached.has_value());
+  EXPECT_EQ(cached->status().code(), absl::StatusCode::kFailedPrecondition);
+  // Invalidated, or older than max_staleness: Check would load, so there is no answer.
+  cache->Invalidate("pt_cached_only");
+  EXPECT_FALSE(cache->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now()));
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    return !short_lived->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp,
+                                     absl::Now());
+  }));
+  EXPECT_EQ(cache->Stats().loads, before.loads);
+}
+
 TEST_F(ConsentCacheTest, DecidesAtCheckTimeSoExpiryNeedsNoJob) {
   auto cache = NewCache();
   const std::string id = GrantCare(*fr_, "pt_expiry", absl::Hours(1));

@@ -259,6 +259,33 @@ TEST_F(IngestTest, StoresInTheHomeShardOnlyAndResendsAreDuplicates) {
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-home'"), 60);
 }
 
+// Once a device's routing answer and its patient's consents are in memory, its batches are
+// processed on gRPC's callback thread; only what has to wait (the first batch's look-ups) goes to a
+// worker thread. Every batch is stored either way.
+TEST_F(IngestTest, BatchesWithNothingToWaitForSkipTheWorkerThreads) {
+  std::string patient = PatientWithDevice("inline", "FR", "dev-inline");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto extra = StartIngest("ingest: {linger_ms: 0}\n");
+  ASSERT_NE(extra, nullptr);
+  IngestServer& server = *extra->server;
+  auto stub = Ingest(Device("acme", "dev-inline"), server.port());
+  DeviceStream stream(*stub);
+  std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 10));
+  ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+  ASSERT_EQ(ack->stored_count(), 10u);
+  EXPECT_LE(server.batches_handed_to_workers(), 1u);
+  const uint64_t handed = server.batches_handed_to_workers();
+  for (uint64_t b = 2; b <= 6; ++b) {
+    ack = stream.Send(Batch(b, (b - 1) * 10 + 1, 10));
+    ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+    EXPECT_EQ(ack->stored_count(), 10u);
+  }
+  EXPECT_TRUE(stream.Finish().ok());
+  EXPECT_EQ(server.batches_handed_to_workers(), handed);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-inline'"), 60);
+  server.Shutdown();
+}
+
 // Besides the device cursors the service checks, the shard's primary key refuses a second copy of
 // a stored sample (same tenant, device, seq and measurement time), whoever writes it.
 TEST_F(IngestTest, TheShardRefusesASecondCopyOfAStoredSample) {

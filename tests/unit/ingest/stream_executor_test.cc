@@ -52,6 +52,7 @@ TEST(StreamExecutorTest, RefusesWorkBeyondItsQueueBoundAndRunsWhatItAccepted) {
     // The queue holds two: the next is refused (the stream answers RESOURCE_EXHAUSTED).
     EXPECT_FALSE(executor.Post([&] { ++ran; }));
     EXPECT_EQ(executor.waiting(), 2u);
+    EXPECT_EQ(executor.accepted(), 3u);  // the refused one is not counted
     gate.Open();
   }  // the destructor runs what was accepted, then joins
   EXPECT_EQ(ran.load(), 3);

@@ -553,6 +553,28 @@ TEST_F(RoutingClientTest, ResolvesDevicesInRequestOrderAndCachesThem) {
   EXPECT_EQ(fake_.device_rpcs(), 1u);
 }
 
+TEST_F(RoutingClientTest, CachedDevicesAnswersFromTheCacheOrNotAtAllAndNeverAsksRouting) {
+  auto cached = [&](const std::vector<DeviceRef>& devices) -> std::vector<std::string> {
+    std::optional<std::vector<DeviceLocation>> answers = client().CachedDevices(devices);
+    if (!answers) return {"nothing"};
+    std::vector<std::string> described;
+    for (const DeviceLocation& d : *answers) described.push_back(Describe(d));
+    return described;
+  };
+  options_.device_ttl = absl::Seconds(5);
+  EXPECT_THAT(cached({{"t1", "d1"}}), ElementsAre("nothing"));
+  EXPECT_EQ(fake_.device_rpcs(), 0u);
+  Devices({{"t1", "d1"}, {"t1", "d9"}});  // t1/d9 is cached as not found
+  EXPECT_THAT(cached({{"t1", "d1"}, {"t1", "d9"}}), ElementsAre("t1/d1 p1@fr-1", "t1/d9 missing"));
+  // One device not cached: no answer for any, and still no RPC.
+  EXPECT_THAT(cached({{"t1", "d1"}, {"t2", "d1"}}), ElementsAre("nothing"));
+  EXPECT_EQ(fake_.device_rpcs(), 1u);
+  // Past its TTL an answer is not used.
+  clock_.Advance(absl::Seconds(5));
+  EXPECT_THAT(cached({{"t1", "d1"}}), ElementsAre("nothing"));
+  EXPECT_EQ(fake_.device_rpcs(), 1u);
+}
+
 TEST_F(RoutingClientTest, DeduplicatesDevicesPerTenant) {
   EXPECT_THAT(Devices({{"t1", "d1"}, {"t2", "d1"}, {"t1", "d1"}}),
               ElementsAre("t1/d1 p1@fr-1", "t2/d1 p3@eu-1", "t1/d1 p1@fr-1"));
