@@ -100,7 +100,7 @@ std::optional<std::vector<Value>> AnswerFromCache(absl::Span<const Key> keys,
       if (refresh_due && QueueForRefresh(cache, keys[i])) queued = true;
     }
   }
-  if (queued) on_due();
+  if (queued && on_due) on_due();
   if (!complete) return std::nullopt;
   return answers;
 }

@@ -45,6 +45,7 @@ class IngestServer {
   void RunUntilSignal() { server_->RunUntilSignal(); }
   int port() const { return server_->port(); }
   RoutingClient& routing() { return *routing_; }
+  consent::ConsentCache& consent() { return *consent_; }
   IngestCounters counters() const { return core_->Counters(); }
   // Batches waiting in the region writers' queues.
   size_t queued_batches() const {

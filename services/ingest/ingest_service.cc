@@ -1,6 +1,7 @@
 // The DeviceIngest gRPC adapter.
 #include "services/ingest/ingest_service.h"
 
+#include <algorithm>
 #include <deque>
 #include <mutex>
 #include <optional>
@@ -214,7 +215,9 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     if (!status.ok()) {
       // A problem with the stream itself: earlier batches still get their acks, then it ends.
       fail_ = ToGrpcStatus(status);
-      pending_.erase(pending_.begin() + static_cast<long>(slot - first_slot_), pending_.end());
+      // The batch and those after it get no ack (pending_ is empty once the client is gone).
+      const size_t from = std::min<size_t>(slot - first_slot_, pending_.size());
+      pending_.erase(pending_.begin() + static_cast<long>(from), pending_.end());
     }
     ContinueLocked();
     MaybeFinishLocked();

@@ -116,19 +116,23 @@ absl::Status VitalsWriter::EnsureConnected() {
 
 bool VitalsWriter::Enqueue(WriteRequest request, absl::Duration wait) {
   std::unique_lock<std::mutex> lock(mu_);
-  if (!room_cv_.wait_for(lock, absl::ToChronoMilliseconds(wait), [this] {
-        return stopping_ || queue_.size() < options_.max_queued_requests;
-      })) {
-    return false;
-  }
-  if (stopping_) return false;
+  ++waiting_for_room_;
+  const bool room = room_cv_.wait_for(lock, absl::ToChronoMilliseconds(wait), [this] {
+    return stopping_ || queue_.size() < options_.max_queued_requests;
+  });
+  --waiting_for_room_;
+  if (!room || stopping_) return false;
   PushAndUnlock(std::move(request), lock);
   return true;
 }
 
 bool VitalsWriter::TryEnqueue(WriteRequest& request) {
   std::unique_lock<std::mutex> lock(mu_);
-  if (stopping_ || queue_.size() >= options_.max_queued_requests) return false;
+  // Room freed while others wait for it is theirs: taking it here would leave them waiting out
+  // enqueue_wait while later batches go ahead.
+  if (stopping_ || waiting_for_room_ > 0 || queue_.size() >= options_.max_queued_requests) {
+    return false;
+  }
   PushAndUnlock(std::move(request), lock);
   return true;
 }

@@ -74,8 +74,8 @@ class VitalsWriter {
 
   // Queues a request, waiting up to `wait` for room: false when still full (backpressure).
   bool Enqueue(WriteRequest request, absl::Duration wait);
-  // Queues a request if there is room now; otherwise (or when stopping) returns false and leaves
-  // `request` as it was.
+  // Queues a request if there is room now and no Enqueue is waiting for room; otherwise (or when
+  // stopping) returns false and leaves `request` as it was.
   bool TryEnqueue(WriteRequest& request);
   size_t queued();
   const std::string& region_id() const { return region_id_; }
@@ -108,6 +108,7 @@ class VitalsWriter {
   std::condition_variable work_cv_;
   std::condition_variable room_cv_;
   std::deque<WriteRequest> queue_;
+  int waiting_for_room_ = 0;  // Enqueue calls waiting for room
   bool stopping_ = false;
   std::thread thread_;
 };

@@ -206,14 +206,21 @@ TEST_F(ConsentCacheTest, CheckCachedAnswersFromMemoryOrNotAtAll) {
   cached = cache->CheckCached("xx-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now());
   ASSERT_TRUE(cached.has_value());
   EXPECT_EQ(cached->status().code(), absl::StatusCode::kFailedPrecondition);
-  // Invalidated, or older than max_staleness: Check would load, so there is no answer.
+  // Invalidated, or older than max_staleness: Check would load, so there is no answer, and
+  // nothing is loaded.
   cache->Invalidate("pt_cached_only");
   EXPECT_FALSE(cache->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now()));
+  const uint64_t short_lived_loads = short_lived->Stats().loads;
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
     return !short_lived->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp,
                                      absl::Now());
   }));
   EXPECT_EQ(cache->Stats().loads, before.loads);
+  EXPECT_EQ(short_lived->Stats().loads, short_lived_loads);
+  // Check itself then loads again.
+  EXPECT_TRUE(short_lived->Check("fr-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now())
+                  ->permit);
+  EXPECT_EQ(short_lived->Stats().loads, short_lived_loads + 1);
 }
 
 TEST_F(ConsentCacheTest, DecidesAtCheckTimeSoExpiryNeedsNoJob) {

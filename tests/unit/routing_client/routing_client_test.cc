@@ -803,6 +803,17 @@ TEST_F(RefreshAheadTest, TheFetchersQueueIsBoundedByTheCacheAndSentInRpcsOfMaxBa
                                                   ElementsAre(DeviceKeyPair("t1", "d9"))));
 }
 
+TEST_F(RefreshAheadTest, ACachedOnlyHitDueForARefreshIsFetchedAgainToo) {
+  EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 p1@fr-1"));
+  fake_.AssignDevice("t1", "d1", "p2", "de-1");
+  clock_.Advance(absl::Seconds(20));
+  std::optional<std::vector<DeviceLocation>> cached = client().CachedDevices({{"t1", "d1"}});
+  ASSERT_TRUE(cached.has_value());
+  EXPECT_EQ(Describe((*cached)[0]), "t1/d1 p1@fr-1");
+  ASSERT_TRUE(Eventually([&] { return DeviceIs({"t1", "d1"}, "t1/d1 p2@de-1"); }));
+  EXPECT_EQ(fake_.device_rpcs(), 2u);
+}
+
 // A hit due for a refresh is not queued when the fetcher's queue is full either: its answer then
 // expires at its TTL, and its next use fetches it.
 TEST_F(RefreshAheadTest, ADueHitFindingTheQueueFullIsFetchedWhenItIsNextUsedAfterItsTtl) {
