@@ -43,10 +43,10 @@ IngestCore::IngestCore(RoutingClient& routing, consent::ConsentCache& consent,
       quota_(options.tenant_samples_per_second, options.tenant_burst) {}
 
 absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
-                                 const std::vector<Sample>& samples,
+                                 std::vector<Sample>& samples,
                                  std::shared_ptr<std::atomic<bool>> poisoned, absl::Time read_at,
-                                 std::function<void(BatchResult)> done, bool* would_block) {
-  const bool may_block = would_block == nullptr;
+                                 std::function<void(BatchResult)> done, Later* later) {
+  const bool may_block = later == nullptr;
   if (samples.empty() || samples.size() > kMaxSamplesPerBatch) {
     return absl::InvalidArgumentError(absl::StrCat("batch ", batch_seq, " has ", samples.size(),
                                                    " samples; a batch has 1 to ",
@@ -69,7 +69,7 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   } else if (std::optional<std::vector<DeviceLocation>> cached = routing_.CachedDevices({ref})) {
     located = *std::move(cached);
   } else {
-    *would_block = true;
+    later->again = true;
     return absl::OkStatus();
   }
   if (!located.ok()) return retry(absl::UnavailableError("routing unavailable; resend"), absl::Seconds(1));
@@ -97,7 +97,7 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   std::optional<absl::StatusOr<consent::AccessDecision>> checked =
       check(consent::Purpose::kRemoteMonitoring);
   if (!checked) {
-    *would_block = true;
+    later->again = true;
     return absl::OkStatus();
   }
   const absl::StatusOr<consent::AccessDecision>& monitoring = *checked;
@@ -109,7 +109,7 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
     std::optional<absl::StatusOr<consent::AccessDecision>> geo =
         check(consent::Purpose::kGeolocation);
     if (!geo) {
-      *would_block = true;
+      later->again = true;
       return absl::OkStatus();
     }
     if (!geo->ok()) return retry(absl::UnavailableError("consent unavailable; resend"), absl::Seconds(1));
@@ -120,7 +120,7 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   rows.reserve(samples.size());
   uint64_t previous_seq = 0;
   for (uint32_t i = 0; i < samples.size(); ++i) {
-    const Sample& s = samples[i];
+    Sample& s = samples[i];
     Verdict verdict = ValidateSample(s, previous_seq, now, options_.validation);
     if (verdict.reject == Reject::kNone && !monitoring->permit) {
       verdict = {Reject::kNoConsent,
@@ -134,9 +134,9 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
     }
     VitalRow row;
     row.seq = s.seq;
-    row.loinc = s.loinc;
+    row.loinc = std::move(s.loinc);
     row.value = s.value;
-    row.ucum = s.ucum;
+    row.ucum = std::move(s.ucum);
     row.measured_at = *s.measured_at;
     if (s.location && geolocation) {
       row.location = s.location;
@@ -182,20 +182,25 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   };
   VitalsWriter* writer =
       lanes->second[absl::HashOf(device.tenant, device.name) % lanes->second.size()];
-  if (!may_block) {
-    if (writer->TryEnqueue(request)) return absl::OkStatus();
-    quota_.Refund(device.tenant, charged);
-    *would_block = true;
-    return absl::OkStatus();
-  }
-  if (!writer->Enqueue(std::move(request), options_.enqueue_wait)) {
+  if (!may_block && writer->TryEnqueue(request)) return absl::OkStatus();
+  // Waits for room (or not), then queues the request or answers that the queue is full.
+  auto enqueue = [this, writer, tenant = device.tenant, region = where.region_id, charged, shared,
+                  finish, held = std::make_shared<WriteRequest>(std::move(request))](bool wait) {
+    if (writer->Enqueue(std::move(*held), wait ? options_.enqueue_wait : absl::ZeroDuration())) {
+      return;
+    }
     queue_full_.fetch_add(1, std::memory_order_relaxed);
-    quota_.Refund(device.tenant, charged);
+    quota_.Refund(tenant, charged);
     BatchResult busy = std::move(*shared);
     busy.retryable = absl::ResourceExhaustedError(
-        absl::StrCat("region ", where.region_id, " write queue is full; resend later"));
+        absl::StrCat("region ", region, " write queue is full; resend later"));
     busy.retry_after = absl::Seconds(1);
     (*finish)(std::move(busy));
+  };
+  if (may_block) {
+    enqueue(/*wait=*/true);
+  } else {
+    later->enqueue = std::move(enqueue);
   }
   return absl::OkStatus();
 }

@@ -92,15 +92,22 @@ class IngestCore {
   // refuses a poisoned stream's batches (the stream sets it on any retryable ack). `read_at` is
   // when the batch was read off its stream: the time it is validated and charged at.
   //
-  // Without `would_block`, routing and consent look-ups may wait for a round trip, and a full
-  // write queue is waited on for enqueue_wait. With it, Process never waits: when the device's
-  // routing answer or the patient's consents are not in memory, or the writer's queue is full, it
-  // sets *would_block, calls nothing and leaves nothing behind (a sample quota it took is given
-  // back), so that the batch can be processed again where waiting is allowed.
-  absl::Status Process(const Principal& device, uint64_t batch_seq,
-                       const std::vector<Sample>& samples,
+  // Without `later`, routing and consent look-ups may wait for a round trip, and a full write
+  // queue is waited on for enqueue_wait. With it, Process never waits, and leaves in `later` what
+  // is left to do where waiting is allowed: see Later.
+  struct Later {
+    // A routing answer or the patient's consents are not in memory: nothing was done for the
+    // batch (`samples` is untouched and `done` was not called); process it again, waiting.
+    bool again = false;
+    // The writer's queue was full: the batch is built and charged; call this to wait for room
+    // (up to enqueue_wait when `wait`, else not at all), after which it is queued or answered
+    // RESOURCE_EXHAUSTED. Empty when nothing is left.
+    std::function<void(bool wait)> enqueue;
+  };
+  // `samples` is consumed unless `later->again` is set.
+  absl::Status Process(const Principal& device, uint64_t batch_seq, std::vector<Sample>& samples,
                        std::shared_ptr<std::atomic<bool>> poisoned, absl::Time read_at,
-                       std::function<void(BatchResult)> done, bool* would_block = nullptr);
+                       std::function<void(BatchResult)> done, Later* later = nullptr);
 
   IngestCounters Counters() const {
     return {queue_full_.load(std::memory_order_relaxed), quota_refused_.load(std::memory_order_relaxed)};

@@ -143,7 +143,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     // The samples are copied out and `incoming_` is cleared, not moved from: the next read
     // reuses its sample objects instead of allocating them again (unless the batch was large).
     const uint64_t batch_seq = incoming_.batch_seq();
-    auto samples = std::make_shared<const std::vector<Sample>>(ToSamples(incoming_));
+    auto samples = std::make_shared<std::vector<Sample>>(ToSamples(incoming_));
     if (incoming_.samples_size() > kRetainedSamples) {
       incoming_ = v1::VitalsBatch();
     } else {
@@ -153,21 +153,41 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     lock.unlock();
     // Most batches need nothing that waits (their routing and consent answers are in memory and
     // their writer's queue has room): they are processed here, on gRPC's callback thread, which
-    // saves a hand-over to a worker thread per batch. The others go to a worker thread.
-    if (ProcessBatch(shared, batch_seq, *samples, read_at, slot, /*may_block=*/false)) return;
-    bool posted = executor_.Post([this, shared, batch_seq, samples, read_at, slot] {
-      ProcessBatch(shared, batch_seq, *samples, read_at, slot, /*may_block=*/true);
-    });
-    if (!posted) {
-      BatchResult busy;
-      busy.batch_seq = batch_seq;
-      busy.retryable = absl::ResourceExhaustedError("ingest is saturated; resend later");
-      busy.retry_after = absl::Seconds(1);
-      lock.lock();
-      processing_ = false;
-      CompleteLocked(slot, ToAck(busy));
-      ContinueLocked();
+    // saves a hand-over to a worker thread per batch. What has to wait goes to a worker thread:
+    // the whole batch when a look-up would, only its enqueueing when the writer's queue is full.
+    IngestCore::Later later;
+    absl::Status status = Process(shared, batch_seq, *samples, read_at, slot, &later);
+    std::function<void()> rest;
+    if (later.again) {
+      rest = [this, shared, batch_seq, samples, read_at, slot] {
+        absl::Status waited = Process(shared, batch_seq, *samples, read_at, slot, nullptr);
+        Processed(shared, slot, waited);
+      };
+    } else if (later.enqueue) {
+      rest = [this, shared, slot, status, enqueue = later.enqueue] {
+        enqueue(/*wait=*/true);
+        Processed(shared, slot, status);
+      };
+    } else {
+      Processed(shared, slot, status);
+      return;
     }
+    if (executor_.Post(std::move(rest))) return;
+    // No worker can take it: a built batch is answered that its queue is full; one not yet looked
+    // up, that ingest is saturated.
+    if (later.enqueue) {
+      later.enqueue(/*wait=*/false);
+      Processed(shared, slot, status);
+      return;
+    }
+    BatchResult busy;
+    busy.batch_seq = batch_seq;
+    busy.retryable = absl::ResourceExhaustedError("ingest is saturated; resend later");
+    busy.retry_after = absl::Seconds(1);
+    lock.lock();
+    processing_ = false;
+    CompleteLocked(slot, ToAck(busy));
+    ContinueLocked();
   }
 
   void OnWriteDone(bool ok) override {
@@ -191,26 +211,24 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   }
 
  private:
-  // With `may_block` (on a worker thread), may wait for routing, consent or room in the writer's
-  // queue. Without it, returns false instead of waiting, having done nothing for the batch.
-  bool ProcessBatch(const std::shared_ptr<StreamShared>& shared, uint64_t batch_seq,
-                    const std::vector<Sample>& samples, absl::Time read_at, uint64_t slot,
-                    bool may_block) {
-    {
-      std::lock_guard<std::mutex> lock(shared->mu);
-      if (shared->reactor == nullptr) return true;
-    }
-    bool would_block = false;
-    absl::Status status = core_.Process(
+  // Hands the batch to the core; with `later` (on gRPC's callback thread) it waits for nothing
+  // and says what is left (IngestCore::Later).
+  absl::Status Process(const std::shared_ptr<StreamShared>& shared, uint64_t batch_seq,
+                       std::vector<Sample>& samples, absl::Time read_at, uint64_t slot,
+                       IngestCore::Later* later) {
+    return core_.Process(
         principal_, batch_seq, samples, poisoned_, read_at,
         [shared, slot](BatchResult result) {
           std::lock_guard<std::mutex> lock(shared->mu);
           if (shared->reactor != nullptr) shared->reactor->CompleteLocked(slot, ToAck(result));
         },
-        may_block ? nullptr : &would_block);
-    if (would_block) return false;
+        later);
+  }
+
+  // The batch is with its writer, or answered: the stream may read its next one.
+  void Processed(const std::shared_ptr<StreamShared>& shared, uint64_t slot, absl::Status status) {
     std::lock_guard<std::mutex> lock(shared->mu);
-    if (shared->reactor == nullptr) return true;
+    if (shared->reactor == nullptr) return;
     processing_ = false;
     if (!status.ok()) {
       // A problem with the stream itself: earlier batches still get their acks, then it ends.
@@ -221,7 +239,6 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     }
     ContinueLocked();
     MaybeFinishLocked();
-    return true;
   }
 
   void CompleteLocked(uint64_t slot, v1::IngestAck ack) {

@@ -741,12 +741,13 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
 }
 
 // Batches that would wait for a worker thread beyond max_waiting_batches are answered with a
-// retryable RESOURCE_EXHAUSTED ("ingest is saturated"): that stream stores nothing more and ends
-// UNAVAILABLE, the batches already accepted are all stored once the writer moves again, and the
-// device's resend of the refused batch is stored.
+// retryable RESOURCE_EXHAUSTED: "ingest is saturated" for one not yet looked up, "write queue is
+// full" for one built but finding its writer's queue full. That stream stores nothing more and
+// ends UNAVAILABLE, the batches already accepted are all stored once the writer moves again, and
+// the devices' resends of the refused batches are stored.
 TEST_F(IngestTest, BatchesBeyondTheWorkersBoundAreRefusedRetryablyAndLoseNothing) {
   constexpr int kPerBatch = 10;
-  for (const char* name : {"a", "b", "c"}) {
+  for (const char* name : {"a", "b", "c", "d"}) {
     Grant(PatientWithDevice(absl::StrCat("saturated-", name), "FR", absl::StrCat("dev-sat-", name)),
           v1::PURPOSE_REMOTE_MONITORING);
   }
@@ -756,6 +757,17 @@ TEST_F(IngestTest, BatchesBeyondTheWorkersBoundAreRefusedRetryablyAndLoseNothing
       "linger_ms: 0, worker_threads: 1, max_waiting_batches: 1}\n");
   ASSERT_NE(extra, nullptr);
   IngestServer& server = *extra->server;
+  // Consents loaded before the region's change feed listens are not kept.
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                        [&] { return server.consent().FeedListening("fr-1"); }));
+  // Device D's first batch is stored: its routing answer and consents are then in memory.
+  auto stub_d = Ingest(Device("acme", "dev-sat-d"), server.port());
+  DeviceStream d(*stub_d);
+  {
+    std::optional<v1::IngestAck> ack = d.Send(Batch(1, 1, kPerBatch));
+    ASSERT_TRUE(ack.has_value());
+    ASSERT_EQ(ack->stored_count(), static_cast<uint32_t>(kPerBatch));
+  }
   auto stub_a = Ingest(Device("acme", "dev-sat-a"), server.port());
   auto stub_b = Ingest(Device("acme", "dev-sat-b"), server.port());
   auto stub_c = Ingest(Device("acme", "dev-sat-c"), server.port());
@@ -811,6 +823,20 @@ TEST_F(IngestTest, BatchesBeyondTheWorkersBoundAreRefusedRetryablyAndLoseNothing
     EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
   }
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-c'"), 0);
+  // Device D's next batch is built at once (nothing to look up) but its writer's queue is full,
+  // and no worker can wait for room: refused as well.
+  {
+    std::optional<v1::IngestAck> ack = d.Send(Batch(2, kPerBatch + 1, kPerBatch));
+    ASSERT_TRUE(ack.has_value());
+    EXPECT_EQ(ack->batch_seq(), 2u);
+    ASSERT_TRUE(ack->has_retryable_error());
+    EXPECT_EQ(ack->retryable_error().code(),
+              static_cast<int32_t>(grpc::StatusCode::RESOURCE_EXHAUSTED));
+    EXPECT_THAT(ack->retryable_error().message(), HasSubstr("write queue is full"));
+    grpc::Status ended = d.Finish();
+    EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
+  }
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-d'"), kPerBatch);
 
   // The writer moves again: every batch accepted from A and B is stored and acknowledged.
   hold.abort();
@@ -836,10 +862,17 @@ TEST_F(IngestTest, BatchesBeyondTheWorkersBoundAreRefusedRetryablyAndLoseNothing
   ASSERT_FALSE(resent->has_retryable_error()) << resent->retryable_error().message();
   EXPECT_EQ(resent->stored_count(), static_cast<uint32_t>(kPerBatch));
   EXPECT_TRUE(again.Finish().ok());
+  DeviceStream d_again(*stub_d);
+  resent = d_again.Send(Batch(2, kPerBatch + 1, kPerBatch));
+  ASSERT_TRUE(resent.has_value());
+  ASSERT_FALSE(resent->has_retryable_error()) << resent->retryable_error().message();
+  EXPECT_EQ(resent->stored_count(), static_cast<uint32_t>(kPerBatch));
+  EXPECT_TRUE(d_again.Finish().ok());
 
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-a'"), 3 * kPerBatch);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-b'"), kPerBatch);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-c'"), kPerBatch);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-d'"), 2 * kPerBatch);
   server.Shutdown();
 }
 
