@@ -76,8 +76,18 @@ bool QueueForRefresh(GuardedCache<Key, Value>& cache, const Key& key)
   return true;
 }
 
-// Answers `keys` in order when every one is cached, nullopt otherwise; never fetches. Hits due for
-// a refresh are queued on `cache.due` as ResolveThroughCache does.
+// The cached answer for `key`, if any; when it is due for a refresh, the key is queued for the
+// refresher and `*queued` set.
+template <typename Key, typename Value>
+std::optional<Value> CachedAnswer(GuardedCache<Key, Value>& cache, const Key& key, absl::Time now,
+                                  bool* queued) ABSL_EXCLUSIVE_LOCKS_REQUIRED(cache.mu) {
+  bool refresh_due = false;
+  std::optional<Value> hit = cache.entries.Get(key, now, &refresh_due);
+  if (hit && refresh_due && QueueForRefresh(cache, key)) *queued = true;
+  return hit;
+}
+
+// Answers `keys` in order when every one is cached, nullopt otherwise; never fetches.
 template <typename Key, typename Value>
 std::optional<std::vector<Value>> AnswerFromCache(absl::Span<const Key> keys,
                                                   GuardedCache<Key, Value>& cache,
@@ -90,14 +100,12 @@ std::optional<std::vector<Value>> AnswerFromCache(absl::Span<const Key> keys,
     absl::MutexLock lock(&cache.mu);
     const absl::Time now = clock();
     for (size_t i = 0; i < keys.size(); ++i) {
-      bool refresh_due = false;
-      std::optional<Value> hit = cache.entries.Get(keys[i], now, &refresh_due);
+      std::optional<Value> hit = CachedAnswer(cache, keys[i], now, &queued);
       if (!hit) {
         complete = false;
         break;
       }
       answers[i] = *std::move(hit);
-      if (refresh_due && QueueForRefresh(cache, keys[i])) queued = true;
     }
   }
   if (queued && on_due) on_due();
@@ -131,10 +139,8 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
     absl::MutexLock lock(&cache.mu);
     const absl::Time now = clock();
     for (size_t i = 0; i < keys.size(); ++i) {
-      bool refresh_due = false;
-      if (std::optional<Value> hit = cache.entries.Get(keys[i], now, &refresh_due)) {
+      if (std::optional<Value> hit = CachedAnswer(cache, keys[i], now, &queued)) {
         answers[i] = *std::move(hit);
-        if (refresh_due && QueueForRefresh(cache, keys[i])) queued = true;
         continue;
       }
       auto [it, inserted] = miss_index.try_emplace(keys[i], misses.size());

@@ -10,6 +10,10 @@ namespace medgate::ingest {
 
 absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) {
   IngestSettings s;
+  // Each stream has at most one batch with the workers: by default four times as many batches as
+  // one connection may carry streams.
+  const int64_t default_waiting = int64_t{4} * config.limits.max_concurrent_streams;
+  s.max_waiting_batches = static_cast<size_t>(default_waiting);
   if (!config.root.Has("ingest")) return s;
   ASSIGN_OR_RETURN(ConfigNode node, config.root.Child("ingest"));
   RETURN_IF_ERROR(node.OnlyKeys({"tenant_samples_per_second", "tenant_burst", "max_sample_age_hours",
@@ -26,7 +30,8 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(int64_t rows, node.Int("max_rows_per_transaction", 1, 1000000, 20000));
   ASSIGN_OR_RETURN(int64_t linger, node.Int("linger_ms", 0, 1000, 2));
   ASSIGN_OR_RETURN(int64_t workers, node.Int("worker_threads", 1, 256, 8));
-  ASSIGN_OR_RETURN(int64_t waiting, node.Int("max_waiting_batches", 0, 10000000, 0));
+  ASSIGN_OR_RETURN(int64_t waiting,
+                   node.Int("max_waiting_batches", 1, 10000000, default_waiting));
   ASSIGN_OR_RETURN(int64_t lanes, node.Int("writers_per_region", 1, 64, 4));
   ASSIGN_OR_RETURN(int64_t device_ttl, node.Int("device_cache_ttl_seconds", 1, 3600, 30));
   ASSIGN_OR_RETURN(int64_t enqueue_wait, node.Int("enqueue_wait_ms", 1, 600000, 10000));
@@ -73,12 +78,8 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   }
   server->core_ = std::make_unique<IngestCore>(*server->routing_, *server->consent_,
                                                std::move(writers), server->settings_.core);
-  // Each stream has at most one batch with the executor: the default bound is four streams'
-  // worth per stream a connection may carry.
-  const size_t waiting = server->settings_.max_waiting_batches > 0
-                             ? server->settings_.max_waiting_batches
-                             : static_cast<size_t>(config.limits.max_concurrent_streams) * 4;
-  server->executor_ = std::make_unique<StreamExecutor>(server->settings_.worker_threads, waiting);
+  server->executor_ = std::make_unique<StreamExecutor>(server->settings_.worker_threads,
+                                                       server->settings_.max_waiting_batches);
   server->service_ = std::make_unique<IngestService>(*server->core_, *server->routing_,
                                                      *server->consent_, *server->shards_,
                                                      config.trust_domain, *server->executor_,

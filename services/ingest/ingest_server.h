@@ -23,9 +23,9 @@ struct IngestSettings {
   WriterOptions writer;
   int worker_threads = 8;
   // Batches read from their streams and waiting for a worker thread; a batch read beyond it is
-  // answered RESOURCE_EXHAUSTED (retryable). 0: four per concurrent stream the server allows on
-  // a connection (limits.max_concurrent_streams).
-  size_t max_waiting_batches = 0;
+  // answered RESOURCE_EXHAUSTED (retryable). ParseIngestSettings defaults it to four times
+  // limits.max_concurrent_streams.
+  size_t max_waiting_batches = 4000;
   int writers_per_region = 4;  // parallel COPY lanes (connections) per shard
   // How long a device -> patient answer is reused: bounds how long an unassigned device may
   // still write for its former patient. A device streaming at least once per TTL has its answer

@@ -98,5 +98,30 @@ TEST(TenantQuotaTest, TheBurstMustHoldTheLargestBatch) {
   EXPECT_EQ(enough->writer.stats_interval, absl::Seconds(1));
 }
 
+// The bound on batches waiting for a worker thread: four per stream a connection may carry unless
+// set, and at least one.
+TEST(IngestSettingsTest, MaxWaitingBatchesDefaultsFromTheStreamLimitAndIsAtLeastOne) {
+  auto settings = [](const std::string& yaml) {
+    MedgateConfig config;
+    config.limits.max_concurrent_streams = 250;
+    absl::StatusOr<ConfigNode> node = ConfigNode::Parse(yaml);
+    EXPECT_TRUE(node.ok()) << node.status();
+    if (node.ok()) config.root = *node;
+    return ParseIngestSettings(config);
+  };
+  absl::StatusOr<IngestSettings> none = settings("other: {}\n");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->max_waiting_batches, 1000u);
+  absl::StatusOr<IngestSettings> unset = settings("ingest: {linger_ms: 0}\n");
+  ASSERT_TRUE(unset.ok()) << unset.status();
+  EXPECT_EQ(unset->max_waiting_batches, 1000u);
+  absl::StatusOr<IngestSettings> set = settings("ingest: {max_waiting_batches: 7}\n");
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->max_waiting_batches, 7u);
+  absl::StatusOr<IngestSettings> zero = settings("ingest: {max_waiting_batches: 0}\n");
+  ASSERT_FALSE(zero.ok());
+  EXPECT_NE(zero.status().message().find("max_waiting_batches"), std::string::npos) << zero.status();
+}
+
 }  // namespace
 }  // namespace medgate::ingest
