@@ -219,6 +219,20 @@ TEST(PgClusterLifecycleTest, ProductionSettingsTakeEffectAfterARestartThatKeepsD
             "shared_buffers=64MB wal_buffers=4MB max_wal_size=256MB wal_segment_size=16MB");
 }
 
+// A value the server refuses is reported before anything restarts: the server keeps running.
+TEST(PgClusterLifecycleTest, ARefusedProductionSettingIsReportedAndTheServerKeepsRunning) {
+  absl::StatusOr<std::unique_ptr<PgCluster>> started = PgCluster::Start("refused");
+  ASSERT_TRUE(started.ok()) << started.status();
+  PgCluster& cluster = **started;
+  PgCluster::ProductionSettings settings;
+  settings.shared_buffers = "lots";
+  absl::Status status = cluster.UseProductionSettings(settings);
+  ASSERT_FALSE(status.ok());
+  EXPECT_THAT(std::string(status.message()), ::testing::HasSubstr("shared_buffers"));
+  EXPECT_TRUE(cluster.running());
+  EXPECT_EQ(QueryOne(cluster.ConnectionString(), "select 1"), "1");
+}
+
 TEST(PgClusterLifecycleTest, DestructorStopsServerAndRemovesDirectory) {
   absl::StatusOr<std::unique_ptr<PgCluster>> started = PgCluster::Start("destroyed");
   ASSERT_TRUE(started.ok()) << started.status();

@@ -108,6 +108,8 @@ struct UploadSpec {
   std::string file_name = "letter.pdf";
   bool send_header = true;
   bool header_twice = false;
+  // Called before each chunk is sent, with the offset of its first byte.
+  std::function<void(uint64_t offset)> before_chunk;
 };
 
 struct Downloaded {
@@ -363,6 +365,7 @@ class SharingTest : public ::testing::Test {
     if (spec.send_header) open = writer->Write(message);
     if (open && spec.header_twice) open = writer->Write(message);
     for (uint64_t off = 0; open && off < size; off += spec.chunk_bytes) {
+      if (spec.before_chunk) spec.before_chunk(off);
       v1::UploadRecordRequest chunk;
       chunk.mutable_chunk()->set_data(piece(off, std::min<uint64_t>(spec.chunk_bytes, size - off)));
       open = writer->Write(chunk);
@@ -1785,43 +1788,28 @@ TEST_F(SharingTest, AnUploadFinishedAfterAPatientErasureIsStoredUnderANewKey) {
   before_spec.content = Generate(91, 0, 3000);
   const std::string before = UploadOk(pki_->practitioner(), before_spec);  // caches the key
 
-  // A three-chunk upload sends its header and first chunk: the upload's transaction holds the
-  // first chunk, uncommitted.
-  const std::string content = Generate(92, 0, 2 * kMiB + 5);
-  grpc::ClientContext context;
-  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  // A three-chunk upload: once the upload's transaction holds its first chunk, uncommitted, the
+  // patient's records are erased; then the upload sends the rest.
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(92, 0, 2 * kMiB + 5);
+  spec.chunk_bytes = kMiB;
+  spec.before_chunk = [&](uint64_t offset) {
+    if (offset != kMiB) return;
+    ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+      return Count("fr-1",
+                   "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                   "AND datname = current_database()") > 0;
+    }));
+    auto erased = ErasePatient(pki_->app(), patient);
+    ASSERT_TRUE(erased.ok()) << erased.status();
+    EXPECT_EQ(erased->erased_count(), 1u);  // the record stored before; the upload is not one yet
+    EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE patient_id = $1", patient), 0);
+  };
   v1::UploadRecordResponse response;
-  auto stub = Stub(pki_->practitioner());
-  auto writer = stub->UploadRecord(&context, &response);
-  v1::UploadRecordRequest header;
-  header.mutable_header()->set_patient_id(patient);
-  header.mutable_header()->set_kind(v1::RECORD_KIND_IMAGING);
-  header.mutable_header()->set_content_type("application/dicom");
-  header.mutable_header()->set_file_name("scan.dcm");
-  header.mutable_header()->set_size_bytes(content.size());
-  header.mutable_header()->set_sha256(crypto::Sha256::Of(content));
-  ASSERT_TRUE(writer->Write(header));
-  v1::UploadRecordRequest chunk;
-  chunk.mutable_chunk()->set_data(content.substr(0, kMiB));
-  ASSERT_TRUE(writer->Write(chunk));
-  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
-    return Count("fr-1",
-                 "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
-                 "AND datname = current_database()") > 0;
-  }));
-
-  auto erased = ErasePatient(pki_->app(), patient);
-  ASSERT_TRUE(erased.ok()) << erased.status();
-  EXPECT_EQ(erased->erased_count(), 1u);  // the record stored before; the upload is not one yet
-  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE patient_id = $1", patient), 0);
-
-  for (uint64_t off = kMiB; off < content.size(); off += kMiB) {
-    chunk.mutable_chunk()->set_data(content.substr(off, kMiB));
-    ASSERT_TRUE(writer->Write(chunk));
-  }
-  writer->WritesDone();
-  grpc::Status finished = writer->Finish();
+  grpc::Status finished = Upload(pki_->practitioner(), spec, &response);
   ASSERT_TRUE(finished.ok()) << finished.error_message();
+  const std::string& content = spec.content;
 
   Downloaded d = Download(pki_->practitioner(), response.record_id());
   ASSERT_TRUE(d.status.ok()) << d.status.error_message();
