@@ -109,7 +109,12 @@ absl::Status VitalsWriter::EnsureConnected() {
   absl::StatusOr<PGresult*> setup =
       Exec(conn_, absl::StrCat("SET statement_timeout = ", db_.statement_timeout_ms).c_str(), {},
            PGRES_COMMAND_OK);
-  if (!setup.ok()) return setup.status();
+  if (!setup.ok()) {
+    // Not kept: the next attempt starts from a new connection rather than one without its timeout.
+    PQfinish(conn_);
+    conn_ = nullptr;
+    return setup.status();
+  }
   PQclear(*setup);
   return absl::OkStatus();
 }

@@ -684,7 +684,37 @@ absl::Status PgCluster::UseProductionSettings(const ProductionSettings& settings
                        absl::StrCat("--wal-segsize=", settings.wal_segment_mb)},
                       &Install()->user)
                       .status());
-  return StartAgain();
+  RETURN_IF_ERROR(StartAgain());
+  return PrepareWalFiles();
+}
+
+// A server that has been running keeps min_wal_size of WAL files for reuse: each checkpoint
+// renames the files it no longer needs into future ones. A new server has none, and until its first
+// checkpoint recycles some, the backend that fills a file creates the next one, writing 16 MB of
+// zeros while every commit waits for it. Filling min_wal_size of files (a row and a WAL switch per
+// file) and then checkpointing leaves the server as a running one is.
+absl::Status PgCluster::PrepareWalFiles() {
+  try {
+    pqxx::connection connection(absl::StrCat("host=", QuoteConnValue(dir_ + "/run"),
+                                             " port=", port_, " dbname=", kDatabase,
+                                             " user=", kSuperuser, " connect_timeout=5"));
+    pqxx::nontransaction work(connection);
+    const int64_t files = work.exec1(
+        "SELECT (SELECT setting::bigint * 1024 * 1024 FROM pg_settings WHERE name = 'min_wal_size')"
+        " / (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')")[0]
+                              .as<int64_t>();
+    work.exec0("CREATE TABLE medgate_wal_files (v int)");
+    for (int64_t i = 0; i < files; ++i) {
+      work.exec0("INSERT INTO medgate_wal_files VALUES (1)");
+      work.exec("SELECT pg_switch_wal()");
+    }
+    work.exec0("DROP TABLE medgate_wal_files");
+    work.exec0("CHECKPOINT");
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("pg_cluster: on cluster ", name_, ", preparing WAL files: ", e.what()));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::string> PgCluster::DescribeSettings() {
@@ -693,7 +723,8 @@ absl::StatusOr<std::string> PgCluster::DescribeSettings() {
     pqxx::connection connection(ConnectionString());
     pqxx::nontransaction query(connection);
     for (const char* name : {"fsync", "synchronous_commit", "full_page_writes", "wal_level",
-                             "shared_buffers", "wal_buffers", "max_wal_size", "wal_segment_size"}) {
+                             "shared_buffers", "wal_buffers", "min_wal_size", "max_wal_size",
+                             "wal_segment_size"}) {
       absl::StrAppend(&description, description.empty() ? "" : " ", name, "=",
                       query.exec1(absl::StrCat("SHOW ", name))[0].c_str());
     }

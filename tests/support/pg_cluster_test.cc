@@ -196,7 +196,7 @@ TEST(PgClusterLifecycleTest, ProductionSettingsTakeEffectAfterARestartThatKeepsD
   settings.shared_buffers = "64MB";
   settings.wal_buffers = "4MB";
   settings.max_wal_size = "256MB";
-  settings.min_wal_size = "32MB";
+  settings.min_wal_size = "64MB";
   absl::Status status = cluster.UseProductionSettings(settings);
   ASSERT_TRUE(status.ok()) << status;
 
@@ -209,14 +209,21 @@ TEST(PgClusterLifecycleTest, ProductionSettingsTakeEffectAfterARestartThatKeepsD
   EXPECT_EQ(QueryOne(connection_string, "show shared_buffers"), "64MB");
   EXPECT_EQ(QueryOne(connection_string, "show wal_buffers"), "4MB");
   EXPECT_EQ(QueryOne(connection_string, "show max_wal_size"), "256MB");
-  EXPECT_EQ(QueryOne(connection_string, "show min_wal_size"), "32MB");
+  EXPECT_EQ(QueryOne(connection_string, "show min_wal_size"), "64MB");
+  // min_wal_size of WAL files is ready, the one being written included: the next three are
+  // recycled ones, not files a commit would have to wait for.
+  EXPECT_EQ(QueryOne(connection_string,
+                     "select count(*) >= 4 from pg_ls_waldir() where name ~ '^[0-9A-F]{24}$' "
+                     "and name >= pg_walfile_name(pg_current_wal_lsn())"),
+            "t");
   EXPECT_EQ(QueryOne(connection_string, "show wal_segment_size"), "16MB");
   EXPECT_EQ(QueryOne(connection_string, "select v from kept"), "7");
   absl::StatusOr<std::string> described = cluster.DescribeSettings();
   ASSERT_TRUE(described.ok()) << described.status();
   EXPECT_EQ(*described,
             "fsync=on synchronous_commit=on full_page_writes=on wal_level=replica "
-            "shared_buffers=64MB wal_buffers=4MB max_wal_size=256MB wal_segment_size=16MB");
+            "shared_buffers=64MB wal_buffers=4MB min_wal_size=64MB max_wal_size=256MB "
+            "wal_segment_size=16MB");
 }
 
 // A value the server refuses is reported before anything restarts: the server keeps running.
