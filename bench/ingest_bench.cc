@@ -192,10 +192,11 @@ struct DeviceIdentity {
 class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::IngestAck> {
  public:
   DeviceLoad(DeviceIdentity& device, int batch, absl::Time until, absl::Duration interval,
-             absl::Duration offset, absl::Time measure_from, std::atomic<int>& running)
+             absl::Duration offset, absl::Time measure_from, bool time_first_batch,
+             std::atomic<int>& running)
       : batch_size_(batch), until_(until), interval_(interval), measure_from_(measure_from),
-        running_(running),
-        batch_seq_(device.batch_seq), seq_(device.seq) {
+        running_(running), batch_seq_(device.batch_seq), seq_(device.seq),
+        first_batch_untimed_(!time_first_batch) {
     running_.fetch_add(1);
     device.stub->async()->StreamVitals(&context_, this);
     next_send_ = absl::Now() + offset;
@@ -214,7 +215,10 @@ class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::Ing
   void OnReadDone(bool ok) override {
     if (!ok) return;  // OnDone follows
     std::lock_guard<std::mutex> lock(mu_);
-    if (sent_at_ >= measure_from_) {
+    // A stream's first batch waits for the stream's set-up on both sides.
+    const bool untimed = first_batch_untimed_;
+    first_batch_untimed_ = false;
+    if (!untimed && sent_at_ >= measure_from_) {
       latencies_.push_back(absl::ToDoubleMilliseconds(absl::Now() - sent_at_));
       if (latencies_.back() > 25) slow_sent_.push_back(sent_at_);
     }
@@ -297,6 +301,7 @@ class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::Ing
   std::atomic<int64_t> due_us_{std::numeric_limits<int64_t>::max()};  // next_send_, for the pacer
   std::mutex mu_;
   bool waiting_ = false;
+  bool first_batch_untimed_;
   bool finishing_ = false;
   uint64_t stored_ = 0;
   uint64_t retryable_ = 0;
@@ -305,8 +310,8 @@ class DeviceLoad final : public grpc::ClientBidiReactor<v1::VitalsBatch, v1::Ing
   std::vector<absl::Time> slow_sent_;  // send times of batches acked after more than 25 ms
 };
 
-// Latencies count only for batches sent after `warmup` (streams opening, pacing settling); the
-// run lasts `warmup + duration`.
+// Latencies count only for batches sent after `warmup` (streams opening, pacing settling) and,
+// when there is a warm-up, not for a stream's first batch; the run lasts `warmup + duration`.
 LoadResult RunLoad(std::vector<DeviceIdentity>& devices, int batch, absl::Duration duration,
                    absl::Duration interval, absl::Duration warmup = absl::ZeroDuration()) {
   std::atomic<int> running{0};
@@ -316,7 +321,9 @@ LoadResult RunLoad(std::vector<DeviceIdentity>& devices, int batch, absl::Durati
   for (size_t i = 0; i < devices.size(); ++i) {
     absl::Duration offset = interval * (static_cast<double>(i) / static_cast<double>(devices.size()));
     loads.push_back(std::make_unique<DeviceLoad>(devices[i], batch, until, interval, offset,
-                                                 start + warmup, running));
+                                                 start + warmup,
+                                                 /*time_first_batch=*/warmup == absl::ZeroDuration(),
+                                                 running));
   }
   while (running.load() > 0 && absl::Now() < until + absl::Seconds(60)) {
     if (interval > absl::ZeroDuration()) {
@@ -553,9 +560,9 @@ int Run(const Args& args) {
   std::fprintf(stderr, "latency at %d%% of peak (%.0f samples/s)...\n", args.load_percent,
                load * peak_rate);
   // The 70% run starts on a drained service (above). Its first second (1,000 streams opening at
-  // once) is not timed, nor is any device's first batch: at a low load the devices' first batches
-  // are spread over an interval longer than that second.
-  const absl::Duration at70_warmup = std::max(absl::Seconds(1), interval + absl::Milliseconds(250));
+  // once) is not timed, nor is any device's first batch (at a low load the devices' first batches
+  // are spread over an interval longer than that second).
+  const absl::Duration at70_warmup = absl::Seconds(1);
   const absl::Time at70_start = absl::Now() + at70_warmup;
   const long checkpoints_before_at70 = checkpoints();
   LoadResult at70 =

@@ -322,7 +322,8 @@ class Bench {
     CoreDownload(CoreUpload(data.substr(0, kMiB), crypto::Sha256::Of(data.substr(0, kMiB))));
     GrpcDownload(*stub_, GrpcUpload(*stub_, data.substr(0, kMiB),
                                     crypto::Sha256::Of(data.substr(0, kMiB))));
-    GrpcDownload(*transport_stub_, GrpcUpload(*transport_stub_, data.substr(0, kMiB), sha));
+    GrpcDownload(*transport_stub_, GrpcUpload(*transport_stub_, data.substr(0, kMiB),
+                                              crypto::Sha256::Of(data.substr(0, kMiB))));
     for (int round = 0; round < rounds; ++round) {
       const std::string raw_id = absl::StrCat("raw-", round);
       std::string core_id;
@@ -422,9 +423,11 @@ int Main(int argc, char** argv) {
   // Durable commits and production's memory, not the test harness's settings: the reference and
   // the sharing paths all pay for a flushed commit, as they do in production.
   // 100 MiB records write 100 MiB of WAL each: with 4 GB of WAL allowed, no checkpoint starts
-  // mid-run and falls on whichever path happens to be running.
+  // mid-run and falls on whichever path happens to be running, and with 2 GB of WAL files ready
+  // (the run writes about 1.7 GB) no statement waits for a new one to be created.
   test_support::PgCluster::ProductionSettings settings;
   settings.max_wal_size = "4GB";
+  settings.min_wal_size = "2GB";
   Check((*shard)->UseProductionSettings(settings), "PostgreSQL settings");
   absl::StatusOr<std::string> shard_settings = (*shard)->DescribeSettings();
   Check(shard_settings.status(), "PostgreSQL settings");
