@@ -550,6 +550,11 @@ int Run(const Args& args) {
   const long checkpoints_before_peak = checkpoints();
   LoadResult peak = RunLoad(load_devices, args.batch, absl::Seconds(args.seconds), absl::ZeroDuration());
   const long checkpoints_in_peak = checkpoints() - checkpoints_before_peak;
+  if (peak.stored == 0) {
+    std::fprintf(stderr, "ingest_bench: (c) stored no sample (%llu retryable acks); the service's "
+                 "log is above\n", static_cast<unsigned long long>(peak.retryable));
+    return 1;
+  }
   double peak_rate = peak.stored / peak.seconds;
   // The closed-loop peak leaves up to a second of queued batches behind: they drain first.
   absl::SleepFor(absl::Seconds(3));

@@ -14,11 +14,11 @@ namespace medgate::ingest::sql {
 inline constexpr char kReadVitals[] = "read_vitals";
 inline constexpr char kEnsurePartitions[] = "ensure_partitions";
 
-// The writer's transaction as one query string (run through libpq by the COPY writer): lock the
-// devices' cursors in key order (so concurrent writers of one shard never deadlock) and read where
-// each stood, advance each to the highest seq the transaction brings, COPY the rows, COMMIT.
-// `quote` makes a SQL literal of a value (PQescapeLiteral); the arrays are text[] literals of the
-// devices' tenant ids, device ids and highest seqs, in key order.
+// The writer's transaction as one query string (run through libpq by the COPY writer): open the
+// transaction, lock and read the devices' cursors and advance them to the highest seq the
+// transaction brings (medgate_advance_device_cursors, shard migration 0008), COPY the rows,
+// COMMIT. `quote` makes a SQL literal of a value (PQescapeLiteral); the arrays are text[]
+// literals of the devices' tenant ids, device ids and highest seqs, in key order.
 template <typename Quote>
 absl::StatusOr<std::string> WriteVitalsQuery(Quote quote, const std::string& tenants,
                                              const std::string& devices,
@@ -31,14 +31,8 @@ absl::StatusOr<std::string> WriteVitalsQuery(Quote quote, const std::string& ten
   if (!m.ok()) return m.status();
   return absl::StrCat(
       "BEGIN; "
-      "SELECT c.tenant_id, c.device_id, c.max_seq FROM device_cursors c "
-      "JOIN unnest(", *t, "::text[], ", *d, "::text[]) AS k(tenant_id, device_id) "
-      "ON c.tenant_id = k.tenant_id AND c.device_id = k.device_id "
-      "ORDER BY c.tenant_id, c.device_id FOR UPDATE OF c; "
-      "INSERT INTO device_cursors (tenant_id, device_id, max_seq) "
-      "SELECT * FROM unnest(", *t, "::text[], ", *d, "::text[], ", *m, "::bigint[]) "
-      "ON CONFLICT (tenant_id, device_id) DO UPDATE "
-      "SET max_seq = GREATEST(device_cursors.max_seq, EXCLUDED.max_seq), updated_at = now(); "
+      "SELECT tenant_id, device_id, max_seq FROM medgate_advance_device_cursors(", *t,
+      "::text[], ", *d, "::text[], ", *m, "::bigint[]); "
       "COPY vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, measured_at, "
       "latitude, longitude, accuracy_m) FROM STDIN (FORMAT binary); "
       "COMMIT");

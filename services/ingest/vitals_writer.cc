@@ -282,7 +282,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   }
   in_transaction = true;
   std::map<DeviceKey, int64_t> cursors;  // where each device stood before this transaction
-  for (ExecStatusType expected : {PGRES_COMMAND_OK, PGRES_TUPLES_OK, PGRES_COMMAND_OK, PGRES_COPY_IN}) {
+  for (ExecStatusType expected : {PGRES_COMMAND_OK, PGRES_TUPLES_OK, PGRES_COPY_IN}) {
     PGresult* result = PQgetResult(conn_);
     if (PQresultStatus(result) != expected) {
       absl::Status status = ResultStatus(conn_, result);
