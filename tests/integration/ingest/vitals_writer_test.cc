@@ -11,8 +11,8 @@
 #include <pqxx/pqxx>
 
 #include "absl/time/clock.h"
-#include "libs/migrate/migrate.h"
 #include "tests/support/pg_cluster.h"
+#include "tests/support/test_stack.h"
 
 namespace medgate::ingest {
 namespace {
@@ -24,11 +24,8 @@ class VitalsWriterTest : public ::testing::Test {
   static void SetUpTestSuite() {
     auto cluster = PgCluster::Start("fr-1");
     ASSERT_TRUE(cluster.ok()) << cluster.status();
-    pqxx::connection c((*cluster)->ConnectionString());
-    auto migrations =
-        migrate::LoadMigrations(std::string(MEDGATE_SOURCE_DIR) + "/migrations/shard");
-    ASSERT_TRUE(migrations.ok()) << migrations.status();
-    ASSERT_TRUE(migrate::Apply(c, *migrations).ok());
+    absl::Status migrated = test_support::MigrateDatabase((*cluster)->ConnectionString(), "shard");
+    ASSERT_TRUE(migrated.ok()) << migrated;
     shard_ = cluster->release();
   }
 
