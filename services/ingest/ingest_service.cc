@@ -143,7 +143,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     // The samples are copied out and `incoming_` is cleared, not moved from: the next read
     // reuses its sample objects instead of allocating them again (unless the batch was large).
     const uint64_t batch_seq = incoming_.batch_seq();
-    auto samples = std::make_shared<std::vector<Sample>>(ToSamples(incoming_));
+    std::vector<Sample> samples = ToSamples(incoming_);
     if (incoming_.samples_size() > kRetainedSamples) {
       incoming_ = v1::VitalsBatch();
     } else {
@@ -156,11 +156,13 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     // saves a hand-over to a worker thread per batch. What has to wait goes to a worker thread:
     // the whole batch when a look-up would, only its enqueueing when the writer's queue is full.
     IngestCore::Later later;
-    absl::Status status = Process(shared, batch_seq, *samples, read_at, slot, &later);
+    absl::Status status = Process(shared, batch_seq, samples, read_at, slot, &later);
     std::function<void()> rest;
     if (later.again) {
-      rest = [this, shared, batch_seq, samples, read_at, slot] {
-        absl::Status waited = Process(shared, batch_seq, *samples, read_at, slot, nullptr);
+      // Untouched by Process: moved to the worker (a std::function's captures must be copyable).
+      rest = [this, shared, batch_seq, read_at, slot,
+              held = std::make_shared<std::vector<Sample>>(std::move(samples))] {
+        absl::Status waited = Process(shared, batch_seq, *held, read_at, slot, nullptr);
         Processed(shared, slot, waited);
       };
     } else if (later.enqueue) {

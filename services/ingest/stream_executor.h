@@ -57,19 +57,19 @@ class StreamExecutor {
   }
 
  private:
+  // One lock round per task: a thread counts its task done when it comes back for the next.
   void Loop() {
+    std::unique_lock<std::mutex> lock(mu_);
     while (true) {
-      std::function<void()> task;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-        if (queue_.empty()) return;
-        task = std::move(queue_.front());
-        queue_.pop_front();
-        ++running_;
-      }
+      cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      std::function<void()> task = std::move(queue_.front());
+      queue_.pop_front();
+      ++running_;
+      lock.unlock();
       task();
-      std::lock_guard<std::mutex> lock(mu_);
+      task = nullptr;  // its captures go before the lock is taken again
+      lock.lock();
       --running_;
     }
   }
