@@ -648,11 +648,15 @@ absl::Status PgCluster::SetPassword() {
   return RunAsSuperuser({absl::StrCat("ALTER ROLE ", kSuperuser, " PASSWORD '", password_, "'")});
 }
 
+// Over the private Unix socket, where the superuser needs no password.
+std::string PgCluster::SuperuserConnectionString() const {
+  return absl::StrCat("host=", QuoteConnValue(dir_ + "/run"), " port=", port_,
+                      " dbname=", kDatabase, " user=", kSuperuser, " connect_timeout=5");
+}
+
 absl::Status PgCluster::RunAsSuperuser(const std::vector<std::string>& statements) {
   try {
-    pqxx::connection connection(absl::StrCat("host=", QuoteConnValue(dir_ + "/run"),
-                                             " port=", port_, " dbname=", kDatabase,
-                                             " user=", kSuperuser, " connect_timeout=5"));
+    pqxx::connection connection(SuperuserConnectionString());
     pqxx::nontransaction work(connection);
     for (const std::string& statement : statements) work.exec0(statement);
   } catch (const std::exception& e) {
@@ -692,46 +696,39 @@ absl::Status PgCluster::UseProductionSettings(const ProductionSettings& settings
 // A server that has been running keeps min_wal_size of WAL files for reuse: each checkpoint
 // renames the files it no longer needs into future ones. A new server has none, and until its first
 // checkpoint recycles some, the backend that fills a file creates the next one, writing 16 MB of
-// zeros while every commit waits for it. Filling min_wal_size of files (a row and a WAL switch per
-// file) and then checkpointing leaves the server as a running one is. Meanwhile max_wal_size is
-// raised: a checkpoint started halfway would recycle the first files into the next ones, and the
-// loop would reuse them instead of creating the rest.
+// zeros while every commit waits for it. Creating min_wal_size of files (a row and a WAL switch
+// each) and then checkpointing leaves the server as a running one is. The loop counts the files
+// rather than its switches: a checkpoint that starts meanwhile recycles the first files into the
+// next ones, and switches then reuse those instead of creating files.
 absl::Status PgCluster::PrepareWalFiles() {
+  constexpr char kWalFiles[] =
+      "SELECT count(*) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'";
   try {
-    pqxx::connection connection(absl::StrCat("host=", QuoteConnValue(dir_ + "/run"),
-                                             " port=", port_, " dbname=", kDatabase,
-                                             " user=", kSuperuser, " connect_timeout=5"));
+    pqxx::connection connection(SuperuserConnectionString());
     pqxx::nontransaction work(connection);
-    // pg_settings gives both WAL sizes in MB, the segment size in bytes.
-    auto setting = [&](const char* name) {
-      return work.exec_params1("SELECT setting::bigint FROM pg_settings WHERE name = $1", name)[0]
-          .as<int64_t>();
-    };
-    const int64_t min_wal_mb = setting("min_wal_size");
-    const int64_t max_wal_mb = setting("max_wal_size");
-    const int64_t files = min_wal_mb * 1024 * 1024 / setting("wal_segment_size");
-    // ALTER SYSTEM takes effect on reload: in this backend between two statements, soon after.
-    auto set_max_wal_mb = [&](int64_t mb) {
-      work.exec0(absl::StrCat("ALTER SYSTEM SET max_wal_size = '", mb, "MB'"));
-      work.exec("SELECT pg_reload_conf()");
-      for (int i = 0; i < 500 && setting("max_wal_size") != mb; ++i) {
-        absl::SleepFor(absl::Milliseconds(10));
-      }
-    };
-    set_max_wal_mb(4 * min_wal_mb);
+    // pg_settings gives min_wal_size in MB, the segment size in bytes.
+    const int64_t files =
+        work.exec1("SELECT (SELECT setting::bigint FROM pg_settings WHERE name = 'min_wal_size') "
+                   "* 1048576 / (SELECT setting::bigint FROM pg_settings "
+                   "WHERE name = 'wal_segment_size')")[0]
+            .as<int64_t>();
+    auto count = [&](const std::string& query) { return work.exec1(query)[0].as<int64_t>(); };
     work.exec0("DROP TABLE IF EXISTS medgate_wal_files");
     work.exec0("CREATE TABLE medgate_wal_files (v int)");
-    for (int64_t i = 0; i < files; ++i) {
+    // The one being written and `files` more. Each switch creates at most one file: bounded.
+    for (int64_t switches = 0; count(kWalFiles) < files + 1; ++switches) {
+      if (switches > 4 * files) {
+        return absl::InternalError(absl::StrCat("pg_cluster: on cluster ", name_, ": ",
+                                                switches, " WAL switches made only ",
+                                                count(kWalFiles), " of ", files + 1, " files"));
+      }
       work.exec0("INSERT INTO medgate_wal_files VALUES (1)");
       work.exec("SELECT pg_switch_wal()");
     }
     work.exec0("DROP TABLE medgate_wal_files");
     work.exec0("CHECKPOINT");
-    set_max_wal_mb(max_wal_mb);
     const int64_t ready =
-        work.exec1("SELECT count(*) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$' "
-                   "AND name >= pg_walfile_name(pg_current_wal_lsn())")[0]
-            .as<int64_t>();
+        count(absl::StrCat(kWalFiles, " AND name >= pg_walfile_name(pg_current_wal_lsn())"));
     if (ready < files) {
       return absl::InternalError(absl::StrCat("pg_cluster: on cluster ", name_, ": only ", ready,
                                               " of ", files, " WAL files are ready for reuse"));

@@ -88,6 +88,7 @@ class PgCluster {
   absl::Status SetPassword();
   absl::Status PrepareWalFiles();
   // Runs statements as the superuser over the private Unix socket, each in its own transaction.
+  std::string SuperuserConnectionString() const;
   absl::Status RunAsSuperuser(const std::vector<std::string>& statements);
   std::string data_dir() const;
 
