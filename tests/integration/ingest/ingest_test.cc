@@ -145,6 +145,15 @@ class IngestTest : public ::testing::Test {
       ADD_FAILURE() << started;
       return nullptr;
     }
+    // Consents loaded before a region's change feed listens are not kept (the feed's start drops
+    // them): tests that count loads or hand-overs need the feeds up first.
+    for (const RegionConfig& region : extra->config.regions) {
+      if (!PollUntil(absl::Now() + absl::Seconds(30),
+                     [&] { return extra->server->consent().FeedListening(region.id); })) {
+        ADD_FAILURE() << "the consent feed of " << region.id << " is not listening";
+        return nullptr;
+      }
+    }
     return extra;
   }
 
@@ -268,10 +277,6 @@ TEST_F(IngestTest, BatchesWithNothingToWaitForSkipTheWorkerThreads) {
   auto extra = StartIngest("ingest: {linger_ms: 0}\n");
   ASSERT_NE(extra, nullptr);
   IngestServer& server = *extra->server;
-  // Consents loaded before the region's change feed listens are not kept (the feed's start
-  // drops them): wait for it, as the service's readiness does.
-  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
-                        [&] { return server.consent().FeedListening("fr-1"); }));
   auto stub = Ingest(Device("acme", "dev-inline"), server.port());
   DeviceStream stream(*stub);
   std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 10));
@@ -757,9 +762,6 @@ TEST_F(IngestTest, BatchesBeyondTheWorkersBoundAreRefusedRetryablyAndLoseNothing
       "linger_ms: 0, worker_threads: 1, max_waiting_batches: 1}\n");
   ASSERT_NE(extra, nullptr);
   IngestServer& server = *extra->server;
-  // Consents loaded before the region's change feed listens are not kept.
-  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
-                        [&] { return server.consent().FeedListening("fr-1"); }));
   // Device D's first batch is stored: its routing answer and consents are then in memory.
   auto stub_d = Ingest(Device("acme", "dev-sat-d"), server.port());
   DeviceStream d(*stub_d);
