@@ -697,27 +697,46 @@ absl::Status PgCluster::UseProductionSettings(const ProductionSettings& settings
 // renames the files it no longer needs into future ones. A new server has none, and until its first
 // checkpoint recycles some, the backend that fills a file creates the next one, writing 16 MB of
 // zeros while every commit waits for it. Creating min_wal_size of files (a row and a WAL switch
-// each) and then checkpointing leaves the server as a running one is. The loop counts the files
-// rather than its switches: a checkpoint that starts meanwhile recycles the first files into the
-// next ones, and switches then reuse those instead of creating files.
+// each) and then checkpointing leaves the server as a running one is. Meanwhile max_wal_size is
+// raised: with it at min_wal_size, the checkpoints the switches start would remove files as fast
+// as the switches create them.
 absl::Status PgCluster::PrepareWalFiles() {
   constexpr char kWalFiles[] =
       "SELECT count(*) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$'";
   try {
     pqxx::connection connection(SuperuserConnectionString());
     pqxx::nontransaction work(connection);
-    // pg_settings gives min_wal_size in MB, the segment size in bytes.
-    const int64_t files =
-        work.exec1("SELECT (SELECT setting::bigint FROM pg_settings WHERE name = 'min_wal_size') "
-                   "* 1048576 / (SELECT setting::bigint FROM pg_settings "
-                   "WHERE name = 'wal_segment_size')")[0]
-            .as<int64_t>();
+    // pg_settings gives both WAL sizes in MB, the segment size in bytes.
+    auto setting = [&](const char* name) {
+      return work.exec_params1("SELECT setting::bigint FROM pg_settings WHERE name = $1", name)[0]
+          .as<int64_t>();
+    };
     auto count = [&](const std::string& query) { return work.exec1(query)[0].as<int64_t>(); };
+    const int64_t min_wal_mb = setting("min_wal_size");
+    const int64_t max_wal_mb = setting("max_wal_size");
+    const int64_t files = min_wal_mb * 1024 * 1024 / setting("wal_segment_size");
+    // ALTER SYSTEM takes effect on reload: in this backend between two statements, soon after.
+    auto set_max_wal_mb = [&](int64_t mb) -> absl::Status {
+      work.exec0(absl::StrCat("ALTER SYSTEM SET max_wal_size = '", mb, "MB'"));
+      work.exec("SELECT pg_reload_conf()");
+      const absl::Time deadline = absl::Now() + absl::Seconds(5);
+      while (setting("max_wal_size") != mb) {
+        if (absl::Now() > deadline) {
+          return absl::InternalError(absl::StrCat("pg_cluster: on cluster ", name_,
+                                                  ": max_wal_size did not become ", mb,
+                                                  "MB within 5 s of a reload"));
+        }
+        absl::SleepFor(absl::Milliseconds(10));
+      }
+      return absl::OkStatus();
+    };
+    RETURN_IF_ERROR(set_max_wal_mb(4 * min_wal_mb));
     work.exec0("DROP TABLE IF EXISTS medgate_wal_files");
     work.exec0("CREATE TABLE medgate_wal_files (v int)");
-    // The one being written and `files` more. Each switch creates at most one file: bounded.
+    // The one being written and `files` more, counted rather than assumed from the switches (a
+    // timed checkpoint may recycle some meanwhile); each switch creates at most one: bounded.
     for (int64_t switches = 0; count(kWalFiles) < files + 1; ++switches) {
-      if (switches > 4 * files) {
+      if (switches > 2 * files) {
         return absl::InternalError(absl::StrCat("pg_cluster: on cluster ", name_, ": ",
                                                 switches, " WAL switches made only ",
                                                 count(kWalFiles), " of ", files + 1, " files"));
@@ -727,6 +746,7 @@ absl::Status PgCluster::PrepareWalFiles() {
     }
     work.exec0("DROP TABLE medgate_wal_files");
     work.exec0("CHECKPOINT");
+    RETURN_IF_ERROR(set_max_wal_mb(max_wal_mb));
     const int64_t ready =
         count(absl::StrCat(kWalFiles, " AND name >= pg_walfile_name(pg_current_wal_lsn())"));
     if (ready < files) {
