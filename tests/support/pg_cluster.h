@@ -57,8 +57,9 @@ class PgCluster {
   // memory and WAL sized for a write-heavy load (the test settings' 32 MB of shared buffers make
   // backends write out dirty pages themselves, inside their transactions), and WAL segments of
   // PostgreSQL's default size instead of the template's 1 MB. The server restarts on the same port
-  // with them, and with min_wal_size of WAL files ready for reuse, as a server that has been
-  // running has them (see PrepareWalFiles).
+  // with them, with min_wal_size of WAL files ready for reuse and its shared buffers' memory in
+  // place, as a server that has been running has them (see PrepareWalFiles and
+  // PrewarmSharedBuffers).
   struct ProductionSettings {
     int wal_segment_mb = 16;
     std::string shared_buffers = "1GB";
@@ -87,6 +88,7 @@ class PgCluster {
   absl::Status StartServer();
   absl::Status SetPassword();
   absl::Status PrepareWalFiles();
+  absl::Status PrewarmSharedBuffers();
   // Runs statements as the superuser over the private Unix socket, each in its own transaction.
   std::string SuperuserConnectionString() const;
   absl::Status RunAsSuperuser(const std::vector<std::string>& statements);
