@@ -1,8 +1,9 @@
 // The regional shards: region id -> connection pool.
-#include "absl/strings/string_view.h"
 #include "libs/pg/shard_set.h"
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
 
 namespace medgate::pg {
 
@@ -29,13 +30,16 @@ std::vector<std::string> ShardSet::RegionIds() const {
   return ids;
 }
 
-absl::Status ShardSet::PingAll() const {
+absl::Status ShardSet::PingAny() const {
+  if (pools_.empty()) return absl::UnavailableError("no region is configured");
+  std::vector<std::string> failures;
   for (const auto& [id, pool] : pools_) {
-    if (absl::Status s = pool->Ping(); !s.ok()) {
-      return absl::Status(s.code(), absl::StrCat("region ", id, ": ", s.message()));
-    }
+    absl::Status s = pool->Ping();
+    if (s.ok()) return s;
+    failures.push_back(absl::StrCat("region ", id, ": ", s.message()));
   }
-  return absl::OkStatus();
+  return absl::UnavailableError(
+      absl::StrCat("no shard answers: ", absl::StrJoin(failures, "; ")));
 }
 
 }  // namespace medgate::pg

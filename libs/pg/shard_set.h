@@ -24,8 +24,10 @@ class ShardSet {
   absl::StatusOr<Pool*> Get(absl::string_view region_id) const;
   std::vector<std::string> RegionIds() const;
 
-  // OK when every shard answers; otherwise the first failure, naming the region.
-  absl::Status PingAll() const;
+  // OK while any shard answers (a service that can serve some regions' patients is up: one
+  // region down must not take the others with it); otherwise UNAVAILABLE naming every region's
+  // failure.
+  absl::Status PingAny() const;
 
  private:
   std::map<std::string, std::unique_ptr<Pool>, std::less<>> pools_;

@@ -24,6 +24,7 @@
 #include "libs/identity/credentials.h"
 #include "libs/server/service_server.h"
 #include "medgate/v1/audit.grpc.pb.h"
+#include "tests/support/health_check.h"
 #include "tests/support/test_pki.h"
 
 namespace medgate {
@@ -292,46 +293,18 @@ TEST_F(MtlsTest, RotatedServerCertificateReachesNewConnections) {
 
 TEST_F(MtlsTest, HealthFollowsTheProbe) {
   auto channel = ChannelAs(pki_->ops());
-  auto status_of = [&]() {
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    grpc::ByteBuffer response;
-    // The standard health service: grpc.health.v1.Health/Check with an empty service name.
-    grpc::GenericStub stub(channel);
-    grpc::ByteBuffer request;  // empty HealthCheckRequest
-    grpc::Slice empty("");
-    request = grpc::ByteBuffer(&empty, 1);
-    grpc::Status s;
-    std::mutex mu;
-    std::condition_variable cv;
-    bool done = false;
-    stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                   &response, [&](grpc::Status st) {
-                     std::lock_guard<std::mutex> lock(mu);
-                     s = st;
-                     done = true;
-                     cv.notify_one();
-                   });
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return done; });
-    // HealthCheckResponse { status = 1 }: field 1 varint; SERVING = 1, NOT_SERVING = 2.
-    std::vector<grpc::Slice> slices;
-    response.Dump(&slices);
-    std::string bytes;
-    for (const auto& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
-    return bytes.size() == 2 ? static_cast<int>(bytes[1]) : -1;
+  using test_support::Health;
+  auto wait_for = [&](Health want) {
+    return test_support::WaitForHealth(channel, want, absl::Now() + absl::Seconds(10));
   };
-  auto wait_for = [&](int want) {
-    const absl::Time deadline = absl::Now() + absl::Seconds(10);
-    int got = -1;
-    while (absl::Now() < deadline && (got = status_of()) != want) absl::SleepFor(absl::Milliseconds(20));
-    return got;
-  };
-  EXPECT_EQ(wait_for(1), 1);
+  absl::Status serving = wait_for(Health::kServing);
+  EXPECT_TRUE(serving.ok()) << serving;
   healthy_ = false;
-  EXPECT_EQ(wait_for(2), 2);
+  absl::Status unhealthy = wait_for(Health::kNotServing);
+  EXPECT_TRUE(unhealthy.ok()) << unhealthy;
   healthy_ = true;
-  EXPECT_EQ(wait_for(1), 1);
+  absl::Status healthy = wait_for(Health::kServing);
+  EXPECT_TRUE(healthy.ok()) << healthy;
 }
 
 // Device streams turn gRPC's BDP probe off at both ends (it costs more than their small messages).

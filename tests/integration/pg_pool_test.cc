@@ -183,8 +183,33 @@ TEST_F(PoolTest, ShardSetResolvesConfiguredRegionsOnly) {
   ASSERT_TRUE(pool.ok());
   EXPECT_EQ((*pool)->name(), "fr-1");
   EXPECT_EQ(shards.Get("us-1").status().code(), absl::StatusCode::kNotFound);
-  EXPECT_TRUE(shards.PingAll().ok());
+  EXPECT_TRUE(shards.PingAny().ok());
   EXPECT_EQ(shards.RegionIds(), std::vector<std::string>{"fr-1"});
+}
+
+// A service is up while it can serve some region: one shard down does not make the set fail, all
+// down does, naming each region's failure.
+TEST_F(PoolTest, ShardSetAnswersWhileAnyShardDoes) {
+  RegionConfig fr;
+  fr.id = "fr-1";
+  fr.territories = {"FR"};
+  fr.db.conninfo = cluster_->ConnectionString();
+  RegionConfig de;
+  de.id = "de-1";
+  de.territories = {"DE"};
+  // Nothing listens on port 1 of loopback: refused at once.
+  de.db.conninfo = "host=127.0.0.1 port=1 dbname=medgate user=medgate connect_timeout=2";
+  ShardSet shards({fr, de}, {});
+  absl::Status one_down = shards.PingAny();
+  EXPECT_TRUE(one_down.ok()) << one_down;
+  ASSERT_TRUE(cluster_->Stop().ok());
+  absl::Status all_down = shards.PingAny();
+  EXPECT_EQ(all_down.code(), absl::StatusCode::kUnavailable) << all_down;
+  EXPECT_THAT(std::string(all_down.message()), HasSubstr("region de-1: "));
+  EXPECT_THAT(std::string(all_down.message()), HasSubstr("region fr-1: "));
+  ASSERT_TRUE(cluster_->StartAgain().ok());
+  absl::Status back = shards.PingAny();
+  EXPECT_TRUE(back.ok()) << back;
 }
 
 }  // namespace

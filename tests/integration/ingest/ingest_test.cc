@@ -19,6 +19,7 @@
 #include "services/consent/consent_server.h"
 #include "services/ingest/ingest_server.h"
 #include "services/routing/routing_server.h"
+#include "tests/support/health_check.h"
 #include "tests/support/poll.h"
 #include "tests/support/test_stack.h"
 
@@ -1063,6 +1064,49 @@ TEST_F(IngestTest, AResendAfterAShardOutageIsNotRefusedForTheQuota) {
             static_cast<int64_t>(stored));
   EXPECT_EQ(server.counters().quota_refused, 0u);
   server.Shutdown();
+}
+
+// The standard health check, as a load balancer asks it, answers SERVING while any region's shard
+// answers: one region down gets retryable acks for its own batches (above), and must not take the
+// other regions' devices out of service with it. With every shard down, NOT_SERVING.
+TEST_F(IngestTest, HealthServesWhileAnyRegionsShardAnswers) {
+  const TestCert& ops = pki().ops();
+  auto channel = MakeChannel(absl::StrCat("127.0.0.1:", ingest_->port()),
+                             TlsConfig{ops.cert_path, ops.key_path, pki().ca_path(), 60});
+  ASSERT_TRUE(channel.ok()) << channel.status();
+  using test_support::Health;
+  auto wait_for = [&](Health want) {
+    return test_support::WaitForHealth(*channel, want, absl::Now() + absl::Seconds(30));
+  };
+  const std::vector<std::string> regions = {"fr-1", "de-1", "eu-1"};
+  // Whatever happens below, the next tests get every shard back, with the consent feeds up.
+  struct Restart {
+    std::vector<std::string> regions;
+    ~Restart() {
+      for (const std::string& id : regions) {
+        test_support::PgCluster& shard = stack_->clusters().region(id);
+        if (!shard.running()) {
+          EXPECT_TRUE(shard.StartAgain().ok()) << id;
+        }
+      }
+      for (const std::string& id : regions) {
+        EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                              [&] { return ingest_->consent().FeedListening(id); }))
+            << "the consent feed of " << id << " did not come back";
+      }
+    }
+  } restart{regions};
+
+  absl::Status serving = wait_for(Health::kServing);
+  ASSERT_TRUE(serving.ok()) << serving;
+  for (const std::string& id : regions) {
+    ASSERT_TRUE(stack_->clusters().region(id).Stop().ok()) << id;
+  }
+  absl::Status none = wait_for(Health::kNotServing);
+  EXPECT_TRUE(none.ok()) << none;
+  ASSERT_TRUE(stack_->clusters().region("fr-1").StartAgain().ok());
+  absl::Status one = wait_for(Health::kServing);
+  EXPECT_TRUE(one.ok()) << "with fr-1 back, de-1 and eu-1 still down: " << one;
 }
 
 }  // namespace

@@ -1,0 +1,30 @@
+// Asks a server's standard gRPC health service (grpc.health.v1.Health/Check, the empty service
+// name) how it is, as a load balancer or an orchestrator's probe would.
+#ifndef MEDGATE_TESTS_SUPPORT_HEALTH_CHECK_H_
+#define MEDGATE_TESTS_SUPPORT_HEALTH_CHECK_H_
+
+#include <memory>
+
+#include <grpcpp/channel.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace medgate::test_support {
+
+// grpc.health.v1.HealthCheckResponse.ServingStatus.
+enum class Health { kUnknown = 0, kServing = 1, kNotServing = 2, kServiceUnknown = 3 };
+
+// The server's answer; the call's error when it gives none within `timeout`.
+absl::StatusOr<Health> CheckHealth(const std::shared_ptr<grpc::Channel>& channel,
+                                   absl::Duration timeout = absl::Seconds(5));
+
+// Asks until the answer is `want`: OK then, DEADLINE_EXCEEDED naming the last answer (or the
+// call's error) once `deadline` has passed.
+absl::Status WaitForHealth(const std::shared_ptr<grpc::Channel>& channel, Health want,
+                                     absl::Time deadline);
+
+}  // namespace medgate::test_support
+
+#endif  // MEDGATE_TESTS_SUPPORT_HEALTH_CHECK_H_
