@@ -1,6 +1,8 @@
 // The regional shards: region id -> connection pool.
 #include "libs/pg/shard_set.h"
 
+#include <iterator>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
@@ -32,10 +34,16 @@ std::vector<std::string> ShardSet::RegionIds() const {
 
 absl::Status ShardSet::PingAny() const {
   if (pools_.empty()) return absl::UnavailableError("no region is configured");
+  const size_t first = last_answered_.load(std::memory_order_relaxed) % pools_.size();
   std::vector<std::string> failures;
-  for (const auto& [id, pool] : pools_) {
+  for (size_t k = 0; k < pools_.size(); ++k) {
+    const size_t index = (first + k) % pools_.size();
+    const auto& [id, pool] = *std::next(pools_.begin(), static_cast<std::ptrdiff_t>(index));
     absl::Status s = pool->Ping();
-    if (s.ok()) return s;
+    if (s.ok()) {
+      last_answered_.store(index, std::memory_order_relaxed);
+      return s;
+    }
     failures.push_back(absl::StrCat("region ", id, ": ", s.message()));
   }
   return absl::UnavailableError(

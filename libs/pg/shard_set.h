@@ -2,6 +2,8 @@
 #ifndef MEDGATE_LIBS_PG_SHARD_SET_H_
 #define MEDGATE_LIBS_PG_SHARD_SET_H_
 
+#include <atomic>
+#include <cstddef>
 #include <map>
 #include <memory>
 #include <string>
@@ -26,11 +28,13 @@ class ShardSet {
 
   // OK while any shard answers (a service that can serve some regions' patients is up: one
   // region down must not take the others with it); otherwise UNAVAILABLE naming every region's
-  // failure.
+  // failure. Pings the region that answered last first, so an unreachable one does not delay
+  // every call by its connect timeout.
   absl::Status PingAny() const;
 
  private:
   std::map<std::string, std::unique_ptr<Pool>, std::less<>> pools_;
+  mutable std::atomic<size_t> last_answered_{0};  // index in pools_' order
 };
 
 }  // namespace medgate::pg

@@ -1,5 +1,7 @@
+// The standard gRPC health check, asked by hand (the health protos are not installed with gRPC).
 #include "tests/support/health_check.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <mutex>
 #include <string>
@@ -10,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "tests/support/poll.h"
 
 namespace medgate::test_support {
 
@@ -50,26 +53,37 @@ absl::StatusOr<Health> CheckHealth(const std::shared_ptr<grpc::Channel>& channel
   }
   // UNKNOWN (0) is the field's default, which proto3 leaves out: an empty message.
   if (bytes.empty()) return Health::kUnknown;
-  if (bytes.size() != 2 || bytes[0] != 0x08 || bytes[1] < 0 || bytes[1] > 3) {
+  if (bytes.size() != 2 || bytes[0] != 0x08 || static_cast<unsigned char>(bytes[1]) > 3) {
     return absl::InternalError(absl::StrCat("unexpected health response of ", bytes.size(),
                                             " bytes"));
   }
   return static_cast<Health>(bytes[1]);
 }
 
+absl::string_view HealthName(Health health) {
+  switch (health) {
+    case Health::kUnknown: return "UNKNOWN";
+    case Health::kServing: return "SERVING";
+    case Health::kNotServing: return "NOT_SERVING";
+    case Health::kServiceUnknown: return "SERVICE_UNKNOWN";
+  }
+  return "?";
+}
+
 absl::Status WaitForHealth(const std::shared_ptr<grpc::Channel>& channel, Health want,
                            absl::Time deadline) {
-  while (true) {
-    absl::StatusOr<Health> health = CheckHealth(channel);
-    if (health.ok() && *health == want) return absl::OkStatus();
-    if (absl::Now() > deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "health is not ", static_cast<int>(want), " by the deadline; last answer: ",
-          health.ok() ? absl::StrCat(static_cast<int>(*health)) : health.status().ToString(),
-          " (1 SERVING, 2 NOT_SERVING)"));
-    }
-    absl::SleepFor(absl::Milliseconds(20));
-  }
+  absl::StatusOr<Health> last = absl::DeadlineExceededError("not asked before the deadline");
+  const bool reached = PollUntil(deadline, [&] {
+    // No call outlives the deadline by more than a moment.
+    last = CheckHealth(channel, std::max(deadline - absl::Now(), absl::Milliseconds(100)));
+    if (last.ok() && *last == want) return true;
+    absl::SleepFor(absl::Milliseconds(20));  // the servers' probes run every second or two
+    return false;
+  });
+  if (reached) return absl::OkStatus();
+  return absl::DeadlineExceededError(
+      absl::StrCat("health is not ", HealthName(want), " by the deadline; the last answer: ",
+                   last.ok() ? HealthName(*last) : last.status().ToString()));
 }
 
 }  // namespace medgate::test_support

@@ -9,12 +9,16 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
 namespace medgate::test_support {
 
 // grpc.health.v1.HealthCheckResponse.ServingStatus.
 enum class Health { kUnknown = 0, kServing = 1, kNotServing = 2, kServiceUnknown = 3 };
+
+// "SERVING", "NOT_SERVING", ...
+absl::string_view HealthName(Health health);
 
 // The server's answer; the call's error when it gives none within `timeout`.
 absl::StatusOr<Health> CheckHealth(const std::shared_ptr<grpc::Channel>& channel,
@@ -23,7 +27,7 @@ absl::StatusOr<Health> CheckHealth(const std::shared_ptr<grpc::Channel>& channel
 // Asks until the answer is `want`: OK then, DEADLINE_EXCEEDED naming the last answer (or the
 // call's error) once `deadline` has passed.
 absl::Status WaitForHealth(const std::shared_ptr<grpc::Channel>& channel, Health want,
-                                     absl::Time deadline);
+                           absl::Time deadline);
 
 }  // namespace medgate::test_support
 

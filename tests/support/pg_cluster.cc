@@ -32,12 +32,10 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
-#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "libs/common/status_macros.h"
 
@@ -764,45 +762,45 @@ absl::Status PgCluster::PrepareWalFiles() {
 }
 
 // A server that has been running has used every one of its shared buffers. A new one has not
-// touched their memory yet: the first use of each buffer page-faults and the kernel zeroes the
+// touched their memory yet: the first use of each buffer page-faulted and the kernel zeroed the
 // page, inside the transaction that needed the buffer. Measured with perf during ingest_bench's
 // latency run, those faults were 15% of the writer backends' time. Filling a throwaway unlogged
-// table (no WAL) of one row per page, as many pages as there are buffers, takes every buffer off
-// the free list; dropping it puts them back, their memory now in place. The backend that filled
-// it must have that much shared memory resident, or this fails.
+// table (no WAL) with one row per page, as many pages as there are buffers, takes every buffer
+// off the free list; rolling its transaction back drops the table and puts the buffers back,
+// their memory now in place. pg_buffercache must then count no buffer that was never used, or
+// this fails.
 absl::Status PgCluster::PrewarmSharedBuffers() {
   try {
     pqxx::connection connection(SuperuserConnectionString());
-    pqxx::nontransaction work(connection);
-    const int64_t pid = work.exec1("SELECT pg_backend_pid()")[0].as<int64_t>();
-    // In 8 kB pages, the size of a buffer.
-    const int64_t buffers =
-        work.exec1("SELECT setting::bigint FROM pg_settings WHERE name = 'shared_buffers'")[0]
-            .as<int64_t>();
-    work.exec0("DROP TABLE IF EXISTS medgate_prewarm");
+    // Never committed: whatever happens, the table and the extension go with the rollback.
+    pqxx::work work(connection);
+    try {
+      work.exec0("CREATE EXTENSION IF NOT EXISTS pg_buffercache");
+    } catch (const std::exception& e) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "pg_cluster: on cluster ", name_,
+          ": prewarming the shared buffers needs the pg_buffercache extension (shipped in "
+          "Debian's postgresql-15 package): ",
+          e.what()));
+    }
+    const int64_t buffers = work.exec1("SELECT count(*) FROM pg_buffercache")[0].as<int64_t>();
+    const int64_t block_size =
+        work.exec1("SELECT current_setting('block_size')::bigint")[0].as<int64_t>();
     work.exec0("CREATE UNLOGGED TABLE medgate_prewarm (v text)");
-    // Stored in line and uncompressed: 7,000 bytes take a page of their own.
+    // Stored in line and uncompressed: 7/8 of a block takes a page of its own.
     work.exec0("ALTER TABLE medgate_prewarm ALTER COLUMN v SET STORAGE PLAIN");
     work.exec_params0(
-        "INSERT INTO medgate_prewarm SELECT repeat('x', 7000) FROM generate_series(1, $1)",
-        buffers);
-    absl::StatusOr<std::string> status = ReadFile(absl::StrCat("/proc/", pid, "/status"));
-    work.exec0("DROP TABLE medgate_prewarm");
-    if (!status.ok()) return status.status();
-    int64_t resident_kb = -1;
-    for (absl::string_view line : absl::StrSplit(*status, '\n')) {
-      if (absl::ConsumePrefix(&line, "RssShmem:")) {
-        absl::ConsumeSuffix(&line, "kB");
-        if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(line), &resident_kb)) resident_kb = -1;
-      }
-    }
-    // Every buffer page, less the few the server's own catalogs held already.
-    const int64_t wanted_kb = buffers * 8 * 95 / 100;
-    if (resident_kb < wanted_kb) {
+        "INSERT INTO medgate_prewarm SELECT repeat('x', $1) FROM generate_series(1, $2)",
+        block_size * 7 / 8, buffers);
+    const int64_t unused =
+        work.exec1("SELECT count(*) FROM pg_buffercache WHERE relfilenode IS NULL")[0]
+            .as<int64_t>();
+    work.abort();
+    if (unused > 0) {
       return absl::InternalError(absl::StrCat(
-          "pg_cluster: on cluster ", name_, ": prewarming the shared buffers left ",
-          resident_kb, " kB of shared memory resident in the backend, wanted at least ",
-          wanted_kb, " kB"));
+          "pg_cluster: on cluster ", name_, ": ", unused, " of ", buffers,
+          " shared buffers were never used after writing as many pages as there are buffers; "
+          "see pg_buffercache"));
     }
   } catch (const std::exception& e) {
     return absl::UnavailableError(

@@ -220,6 +220,13 @@ TEST(PgClusterLifecycleTest, ProductionSettingsTakeEffectAfterARestartThatKeepsD
             "t");
   EXPECT_EQ(QueryOne(connection_string, "show wal_segment_size"), "16MB");
   EXPECT_EQ(QueryOne(connection_string, "select v from kept"), "7");
+  // Prewarming the shared buffers leaves neither its table nor the extension it checks with.
+  EXPECT_EQ(QueryOne(connection_string,
+                     "select count(*) from pg_class where relname = 'medgate_prewarm'"),
+            "0");
+  EXPECT_EQ(QueryOne(connection_string,
+                     "select count(*) from pg_extension where extname = 'pg_buffercache'"),
+            "0");
   absl::StatusOr<std::string> described = cluster.DescribeSettings();
   ASSERT_TRUE(described.ok()) << described.status();
   EXPECT_EQ(*described,
