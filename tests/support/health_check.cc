@@ -86,4 +86,31 @@ absl::Status WaitForHealth(const std::shared_ptr<grpc::Channel>& channel, Health
                    last.ok() ? HealthName(*last) : last.status().ToString()));
 }
 
+absl::Status ExpectServingWhileAnyRegionAnswers(const std::shared_ptr<grpc::Channel>& channel,
+                                                PgClusterSet& clusters, const std::string& first,
+                                                absl::Time deadline) {
+  absl::Status result = [&]() -> absl::Status {
+    if (absl::Status s = WaitForHealth(channel, Health::kServing, deadline); !s.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat("before any shard stopped: ", s.message()));
+    }
+    for (PgCluster* region : clusters.regions()) {
+      if (absl::Status s = region->Stop(); !s.ok()) return s;
+    }
+    if (absl::Status s = WaitForHealth(channel, Health::kNotServing, deadline); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("with every shard down: ", s.message()));
+    }
+    if (absl::Status s = clusters.region(first).StartAgain(); !s.ok()) return s;
+    if (absl::Status s = WaitForHealth(channel, Health::kServing, deadline); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("with ", first, " back and the other shards down: ",
+                                                 s.message()));
+    }
+    return absl::OkStatus();
+  }();
+  for (PgCluster* region : clusters.regions()) {
+    if (region->running()) continue;
+    if (absl::Status s = region->StartAgain(); !s.ok() && result.ok()) result = s;
+  }
+  return result;
+}
+
 }  // namespace medgate::test_support

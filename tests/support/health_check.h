@@ -4,6 +4,7 @@
 #define MEDGATE_TESTS_SUPPORT_HEALTH_CHECK_H_
 
 #include <memory>
+#include <string>
 
 #include <grpcpp/channel.h>
 
@@ -11,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "tests/support/pg_cluster.h"
 
 namespace medgate::test_support {
 
@@ -28,6 +30,13 @@ absl::StatusOr<Health> CheckHealth(const std::shared_ptr<grpc::Channel>& channel
 // call's error) once `deadline` has passed.
 absl::Status WaitForHealth(const std::shared_ptr<grpc::Channel>& channel, Health want,
                            absl::Time deadline);
+
+// A service that serves while any region's shard answers: stops every region's shard of
+// `clusters`, expects NOT_SERVING, starts `first` again and expects SERVING while the others are
+// still down. Every shard is running again when it returns, whatever it found.
+absl::Status ExpectServingWhileAnyRegionAnswers(const std::shared_ptr<grpc::Channel>& channel,
+                                                PgClusterSet& clusters, const std::string& first,
+                                                absl::Time deadline);
 
 }  // namespace medgate::test_support
 

@@ -20,6 +20,7 @@
 #include "medgate/v1/routing.grpc.pb.h"
 #include "services/consent/consent_server.h"
 #include "services/routing/routing_server.h"
+#include "tests/support/health_check.h"
 #include "tests/support/poll.h"
 #include "tests/support/pg_cluster.h"
 #include "tests/support/test_pki.h"
@@ -971,6 +972,15 @@ TEST_F(ConsentTest, ShardDownIsUnavailableForItsPatientsOnly) {
     regrant = Grant(*app, GrantArgs(de).WithPurpose(v1::PURPOSE_RESEARCH));
     return regrant.ok();
   })) << regrant.status();
+}
+
+// The standard health check answers SERVING while any region's shard answers: one region down must
+// not take the other regions' patients out of a load balancer with it. With every shard down,
+// NOT_SERVING.
+TEST_F(ConsentTest, HealthServesWhileAnyRegionsShardAnswers) {
+  absl::Status checked = test_support::ExpectServingWhileAnyRegionAnswers(
+      Channel(a_->port(), pki_->ops()), *clusters_, "de-1", absl::Now() + absl::Seconds(30));
+  EXPECT_TRUE(checked.ok()) << checked;
 }
 
 }  // namespace
