@@ -13,6 +13,7 @@
 #include "libs/audit/audit_log.h"
 #include "libs/common/grpc_status.h"
 #include "libs/common/log.h"
+#include "libs/common/validation.h"
 #include "libs/common/proto_duration.h"
 #include "libs/pg/sql_array.h"
 #include "libs/server/rpc_util.h"
@@ -30,6 +31,9 @@ constexpr int kRetainedSamples = 100;
 constexpr int kReadChunk = 500;
 constexpr int kDefaultReadPage = 1000;
 constexpr int kMaxReadPage = 10000;
+// A device id is at most 128 bytes (routing's identifiers); a page token is two numbers and one.
+constexpr size_t kMaxDeviceIdBytes = 128;
+constexpr size_t kMaxPageTokenBytes = 64 + kMaxDeviceIdBytes;
 
 v1::RejectReason ToProto(Reject r) {
   switch (r) {
@@ -388,9 +392,11 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   int64_t after_seq = 0;
   std::string after_device;
   if (!request->page_token().empty()) {
+    // Bounded, as it goes into the audit entry's request id.
     std::vector<std::string> parts = absl::StrSplit(request->page_token(), absl::MaxSplits('|', 2));
-    if (parts.size() != 3 || !absl::SimpleAtoi(parts[0], &after_us) ||
-        !absl::SimpleAtoi(parts[1], &after_seq)) {
+    if (request->page_token().size() > kMaxPageTokenBytes || parts.size() != 3 ||
+        !absl::SimpleAtoi(parts[0], &after_us) || !absl::SimpleAtoi(parts[1], &after_seq) ||
+        !ValidateIdentifier(parts[2], "page_token", kMaxDeviceIdBytes).ok()) {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "page_token: not a token we issued");
     }
     after_device = parts[2];
@@ -424,16 +430,28 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     entry.action = audit::Action::kRead;
     entry.decision = audit::Decision::kDeny;
     entry.reason = std::string(consent::AccessReasonName(decision->reason));
-    (void)(*pool)->Transact([&](pqxx::work& txn) { return audit::Append(txn, entry).status(); });
+    absl::Status audited =
+        (*pool)->Transact([&](pqxx::work& txn) { return audit::Append(txn, entry).status(); });
+    if (!audited.ok()) {
+      log::Warning("audit_append_failed", {{"method", "ReadVitals"}, {"error", audited.message()}});
+    }
     return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
                         absl::StrCat("no ", consent::PurposeName(purpose), " consent for this patient (",
                                      consent::AccessReasonName(decision->reason), ")"));
   }
 
+  // Stored locations go out only while GEOLOCATION permits this reader (checked now: a revocation
+  // hides what was stored under an earlier consent). A check that fails withholds them.
+  absl::StatusOr<consent::AccessDecision> geolocation = consent_.Check(
+      where.region_id, where.patient_id, consent::Purpose::kGeolocation, principal->spiffe_id,
+      absl::Now());
+  const bool with_location = geolocation.ok() && geolocation->permit;
+
   std::vector<v1::VitalReading> readings;
   std::vector<std::string> codes(request->loinc_codes().begin(), request->loinc_codes().end());
   absl::Status status = (*pool)->Transact([&](pqxx::work& txn) -> absl::Status {
     readings.clear();
+    size_t withheld = 0;
     for (const pqxx::row& row :
          txn.exec_prepared(sql::kReadVitals, where.patient_id, pg::TextArrayLiteral(codes), from_us,
                            to_us, after_us, after_device, after_seq, page + 1)) {
@@ -446,7 +464,9 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
       s->set_ucum_unit(row[4].c_str());
       *s->mutable_measured_at() = TimestampFromMicros(row[5].as<int64_t>());
       *r.mutable_received_at() = TimestampFromMicros(row[6].as<int64_t>());
-      if (!row[7].is_null()) {
+      if (!row[7].is_null() && !with_location) {
+        if (readings.size() < static_cast<size_t>(page)) ++withheld;
+      } else if (!row[7].is_null()) {
         s->mutable_location()->set_latitude(row[7].as<double>());
         s->mutable_location()->set_longitude(row[8].as<double>());
         s->mutable_location()->set_accuracy_m(row[9].as<double>());
@@ -456,6 +476,12 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     entry.action = audit::Action::kRead;
     entry.decision = audit::Decision::kPermit;
     entry.reason = absl::StrCat("readings=", std::min<size_t>(readings.size(), page));
+    if (withheld > 0) {
+      absl::StrAppend(&entry.reason, " locations_withheld=", withheld, " (",
+                      geolocation.ok() ? consent::AccessReasonName(geolocation->reason)
+                                       : "GEOLOCATION consent unavailable",
+                      ")");
+    }
     return audit::Append(txn, entry).status();
   });
   if (!status.ok()) return ToGrpcStatus(status);

@@ -3,6 +3,7 @@
 
 #include <array>
 #include <cmath>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 
@@ -36,6 +37,11 @@ Verdict ValidateSample(const Sample& s, uint64_t previous_seq, absl::Time now,
   if (s.seq == 0 || s.seq <= previous_seq) {
     return {Reject::kInvalidSeq,
             absl::StrCat("seq must be positive and increase within a batch (after ", previous_seq, ")")};
+  }
+  // Storage keeps seq as a signed 64-bit integer.
+  if (s.seq > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    return {Reject::kInvalidSeq, absl::StrCat("seq must be at most ",
+                                              std::numeric_limits<int64_t>::max(), ", got ", s.seq)};
   }
   const VitalKind* kind = FindVital(s.loinc);
   if (kind == nullptr) {

@@ -515,6 +515,105 @@ TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
   EXPECT_TRUE(verified->ok) << verified->problem;
 }
 
+// Stored locations are read back only while GEOLOCATION permits the reader: a revocation hides
+// what was stored under the earlier consent, and the read's audit entry says so.
+TEST_F(IngestTest, ReadVitalsReturnsLocationsOnlyWhileGeolocationPermitsTheReader) {
+  std::string patient = PatientWithDevice("geo-reader", "FR", "dev-geo-read");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  Grant(patient, v1::PURPOSE_CARE);
+  auto consents = StubAs<v1::Consent>(pki().app(), pki().ca_path(), consent_->port());
+  v1::GrantConsentRequest geo;
+  geo.set_patient_id(patient);
+  geo.set_purpose(v1::PURPOSE_GEOLOCATION);
+  geo.set_evidence_ref("signed-form-2");
+  v1::GrantConsentResponse granted;
+  {
+    grpc::ClientContext context;
+    grpc::Status s = consents->GrantConsent(&context, geo, &granted);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  // Stored with its location once ingest's cache has the consent (within a second).
+  auto stub = Ingest(Device("acme", "dev-geo-read"));
+  DeviceStream stream(*stub);
+  uint64_t seq = 0;
+  std::optional<v1::IngestAck> ack;
+  const absl::Time stored_by = absl::Now() + absl::Seconds(10);
+  do {
+    ++seq;
+    v1::VitalsBatch batch = Batch(seq, seq, 1);
+    batch.mutable_samples(0)->mutable_location()->set_latitude(43.3);
+    batch.mutable_samples(0)->mutable_location()->set_longitude(5.4);
+    ack = stream.Send(batch);
+    ASSERT_TRUE(ack.has_value());
+    ASSERT_EQ(ack->stored_count(), 1u) << "batch " << seq;
+  } while (ack->locations_dropped_count() != 0 && absl::Now() < stored_by);
+  ASSERT_EQ(ack->locations_dropped_count(), 0u);
+  EXPECT_TRUE(stream.Finish().ok());
+  const uint64_t located_seq = seq;
+
+  // The practitioner's read: whether the located sample comes back with its location.
+  auto read = [&](const std::string& token, v1::VitalReading* located) {
+    v1::ReadVitalsRequest request;
+    request.set_patient_id(patient);
+    request.set_purpose(v1::PURPOSE_CARE);
+    request.set_page_token(token);
+    grpc::ClientContext context;
+    auto reader = Ingest(pki().practitioner())->ReadVitals(&context, request);
+    v1::ReadVitalsResponse response;
+    while (reader->Read(&response)) {
+      for (const auto& r : response.readings()) {
+        if (r.sample().seq() == located_seq) *located = r;
+      }
+    }
+    return reader->Finish();
+  };
+  v1::VitalReading reading;
+  const absl::Time readable_by = absl::Now() + absl::Seconds(10);
+  grpc::Status status;
+  do {
+    reading.Clear();
+    status = read("", &reading);
+  } while ((!status.ok() || !reading.sample().has_location()) && absl::Now() < readable_by);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_TRUE(reading.sample().has_location());
+  EXPECT_DOUBLE_EQ(reading.sample().location().latitude(), 43.3);
+
+  v1::RevokeConsentRequest revoke;
+  revoke.set_consent_id(granted.consent_id());
+  revoke.set_reason("patient withdrew location sharing");
+  v1::RevokeConsentResponse revoked;
+  {
+    grpc::ClientContext context;
+    grpc::Status s = consents->RevokeConsent(&context, revoke, &revoked);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  const absl::Time hidden_by = absl::Now() + absl::Seconds(10);
+  do {
+    reading.Clear();
+    status = read("", &reading);
+  } while ((!status.ok() || reading.sample().has_location()) && absl::Now() < hidden_by);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(reading.sample().seq(), located_seq);
+  EXPECT_FALSE(reading.sample().has_location());
+  // Still stored: only withheld from this reader, and the audit entry of the read says so.
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-geo-read' AND latitude = 43.3"), 1);
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  pqxx::nontransaction q(c);
+  EXPECT_GE(q.exec_params1("SELECT count(*) FROM audit_log WHERE patient_id = $1 AND action = "
+                           "'read' AND reason LIKE '%locations_withheld=1 (%'",
+                           patient)[0]
+                .as<int>(),
+            1);
+
+  // A page token is what the service issued: bounded, its device part an identifier.
+  for (const std::string& token :
+       {absl::StrCat("1|1|", std::string(300, 'd')), std::string("1|1|dev 1"), std::string("1|x|d")}) {
+    grpc::Status refused = read(token, &reading);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << token;
+    EXPECT_EQ(refused.error_message(), "page_token: not a token we issued");
+  }
+}
+
 TEST_F(IngestTest, AShardDownLosesNoAckedSampleAndOtherRegionsKeepWorking) {
   std::string de_patient = PatientWithDevice("fault-de", "DE", "dev-fault");
   Grant(de_patient, v1::PURPOSE_REMOTE_MONITORING);

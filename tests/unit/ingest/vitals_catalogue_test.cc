@@ -76,6 +76,21 @@ TEST(VitalsCatalogueTest, EachRejectionHasItsReason) {
   EXPECT_EQ(Check(s), Reject::kNone);
 }
 
+// Storage keeps seq as a signed 64-bit integer: a larger one is refused with its reason, never
+// taken for a duplicate of a stored sample.
+TEST(VitalsCatalogueTest, SeqBeyondTheStoredRangeIsRefused) {
+  constexpr uint64_t kMax = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  Sample s = Good();
+  s.seq = kMax;
+  EXPECT_EQ(Check(s), Reject::kNone);
+  s.seq = kMax + 1;
+  Verdict verdict = ValidateSample(s, 0, kNow, {});
+  EXPECT_EQ(verdict.reject, Reject::kInvalidSeq);
+  EXPECT_EQ(verdict.detail, "seq must be at most 9223372036854775807, got 9223372036854775808");
+  s.seq = std::numeric_limits<uint64_t>::max();
+  EXPECT_EQ(Check(s, kMax), Reject::kInvalidSeq);
+}
+
 TEST(VitalsCatalogueTest, DetailsNameTheExpectation) {
   Sample s = Good();
   s.ucum = "bpm";
