@@ -163,6 +163,10 @@ absl::Status IngestCore::Process(const Principal& device, uint64_t batch_seq,
   request.rows = std::move(rows);
   request.poisoned = std::move(poisoned);
   request.read_at = read_at;
+  request.actor = device.spiffe_id;
+  request.batch_seq = batch_seq;
+  request.consent_id = monitoring->consent_id;
+  request.consent_version = monitoring->consent_version;
   auto shared = std::make_shared<BatchResult>(std::move(result));
   auto finish = std::make_shared<std::function<void(BatchResult)>>(std::move(done));
   // Rows not stored are given back to the quota, so the device's resend is not refused for them;

@@ -7,18 +7,20 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "libs/audit/audit_log.h"
 #include "libs/pg/pool.h"
+#include "libs/pg/sql_array.h"
 
 namespace medgate::ingest::sql {
 
 inline constexpr char kReadVitals[] = "read_vitals";
 inline constexpr char kEnsurePartitions[] = "ensure_partitions";
 
-// The writer's transaction as one query string (run through libpq by the COPY writer): open the
-// transaction, lock and read the devices' cursors and advance them to the highest seq the
-// transaction brings (medgate_advance_device_cursors, shard migration 0008), COPY the rows,
-// COMMIT. `quote` makes a SQL literal of a value (PQescapeLiteral); the arrays are text[]
-// literals of the devices' tenant ids, device ids and highest seqs, in key order.
+// The writer's transaction is two query strings (run through libpq by the COPY writer). This is
+// the first: open the transaction, lock and read the devices' cursors and advance them to the
+// highest seq the transaction brings (medgate_advance_device_cursors, shard migration 0008), and
+// start the COPY of the rows. `quote` makes a SQL literal of a value (PQescapeLiteral); the arrays
+// are text[] literals of the devices' tenant ids, device ids and highest seqs, in key order.
 template <typename Quote>
 absl::StatusOr<std::string> WriteVitalsQuery(Quote quote, const std::string& tenants,
                                              const std::string& devices,
@@ -34,8 +36,37 @@ absl::StatusOr<std::string> WriteVitalsQuery(Quote quote, const std::string& ten
       "SELECT tenant_id, device_id, max_seq FROM medgate_advance_device_cursors(", *t,
       "::text[], ", *d, "::text[], ", *m, "::bigint[]); "
       "COPY vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, measured_at, "
-      "latitude, longitude, accuracy_m) FROM STDIN (FORMAT binary); "
-      "COMMIT");
+      "latitude, longitude, accuracy_m) FROM STDIN (FORMAT binary)");
+}
+
+// The second, once the rows are in: the audit entries of what the transaction stored, chained by
+// audit_append_many (shard migration 0009) last so that the chain head is locked only until the
+// COMMIT that follows; COMMIT alone when there is no entry.
+template <typename Quote>
+absl::StatusOr<std::string> AuditAndCommitQuery(Quote quote,
+                                                const std::vector<audit::Entry>& entries) {
+  if (entries.empty()) return std::string("COMMIT");
+  constexpr int kFields = 15;
+  std::vector<std::string> columns[kFields];
+  for (const audit::Entry& e : entries) {
+    const audit::EncodedEntry encoded = audit::EncodeEntry(e);
+    const std::string values[kFields] = {
+        e.actor, e.tenant, std::string(audit::ActionName(e.action)), e.object_type, e.object_id,
+        e.patient_id, std::string(audit::DecisionName(e.decision)), e.reason, e.purpose,
+        e.consent_id, absl::StrCat(e.consent_version), e.request_id, e.origin,
+        absl::StrCat("\\x", audit::ToHex(encoded.head)),
+        absl::StrCat("\\x", audit::ToHex(encoded.tail))};
+    for (int i = 0; i < kFields; ++i) columns[i].push_back(values[i]);
+  }
+  std::string query = "SELECT audit_append_many(";
+  for (int i = 0; i < kFields; ++i) {
+    absl::StatusOr<std::string> literal = quote(pg::TextArrayLiteral(columns[i]));
+    if (!literal.ok()) return literal.status();
+    const char* type = i == 10 ? "::bigint[]" : i >= 13 ? "::bytea[]" : "::text[]";
+    absl::StrAppend(&query, i == 0 ? "" : ", ", *literal, type);
+  }
+  absl::StrAppend(&query, "); COMMIT");
+  return query;
 }
 
 inline const std::vector<pg::Statement>& Statements() {

@@ -262,20 +262,21 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     devices.push_back(key.second);
     max_seqs.push_back(absl::StrCat(seq));
   }
-  absl::StatusOr<std::string> query = sql::WriteVitalsQuery(
-      [this](const std::string& text) -> absl::StatusOr<std::string> {
-        char* quoted = PQescapeLiteral(conn_, text.data(), text.size());
-        if (quoted == nullptr) return absl::InternalError(PQerrorMessage(conn_));
-        std::string out(quoted);
-        PQfreemem(quoted);
-        return out;
-      },
-      pg::TextArrayLiteral(tenants), pg::TextArrayLiteral(devices), pg::TextArrayLiteral(max_seqs));
+  auto quote = [this](const std::string& text) -> absl::StatusOr<std::string> {
+    char* quoted = PQescapeLiteral(conn_, text.data(), text.size());
+    if (quoted == nullptr) return absl::InternalError(PQerrorMessage(conn_));
+    std::string out(quoted);
+    PQfreemem(quoted);
+    return out;
+  };
+  absl::StatusOr<std::string> query =
+      sql::WriteVitalsQuery(quote, pg::TextArrayLiteral(tenants), pg::TextArrayLiteral(devices),
+                            pg::TextArrayLiteral(max_seqs));
   if (!query.ok()) return fail(query.status());
 
   // First round trip: open the transaction, lock and read the devices' cursors, advance them to
-  // what this transaction stores, start the COPY. Second: the rows, then COMMIT (the rest of the
-  // query string). Any error ends the query string there, so nothing after it runs.
+  // what this transaction stores, start the COPY. Second: the rows. Third: the audit entries of
+  // what was stored, and COMMIT. Any error ends a query string there, so nothing after it runs.
   if (PQsendQuery(conn_, query->c_str()) != 1) {
     return fail(absl::UnavailableError(absl::StrCat("database '", region_id_, "' unreachable: ",
                                                     PQerrorMessage(conn_))));
@@ -347,6 +348,43 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     return fail(status);
   }
   PQclear(copied);
+  while (PGresult* extra = PQgetResult(conn_)) PQclear(extra);
+
+  // One audit entry per batch that stores something: which device created which of the
+  // patient's samples, under which consent (no values).
+  std::vector<audit::Entry> entries;
+  for (size_t i = 0; i < live.size(); ++i) {
+    const WriteRequest& w = *live[i];
+    if (outcomes[i].stored == 0) continue;
+    audit::Entry& e = entries.emplace_back();
+    e.actor = w.actor;
+    e.tenant = w.tenant_id;
+    e.action = audit::Action::kCreate;
+    e.object_type = "vitals";
+    e.object_id = w.device_id;
+    e.patient_id = w.patient_id;
+    e.decision = audit::Decision::kPermit;
+    e.reason = absl::StrCat("stored=", outcomes[i].stored, " duplicates=", outcomes[i].duplicates);
+    e.purpose = "REMOTE_MONITORING";
+    e.consent_id = w.consent_id;
+    e.consent_version = w.consent_version;
+    e.request_id = absl::StrCat("batch:", w.batch_seq);
+  }
+  absl::StatusOr<std::string> finish = sql::AuditAndCommitQuery(quote, entries);
+  if (!finish.ok()) return fail(finish.status());
+  if (PQsendQuery(conn_, finish->c_str()) != 1) {
+    return fail(absl::UnavailableError(absl::StrCat("database '", region_id_, "' unreachable: ",
+                                                    PQerrorMessage(conn_))));
+  }
+  if (!entries.empty()) {
+    PGresult* audited = PQgetResult(conn_);
+    if (PQresultStatus(audited) != PGRES_TUPLES_OK) {
+      absl::Status status = ResultStatus(conn_, audited);
+      PQclear(audited);
+      return fail(status);
+    }
+    PQclear(audited);
+  }
   PGresult* commit = PQgetResult(conn_);
   const bool committed_ok = PQresultStatus(commit) == PGRES_COMMAND_OK &&
                             std::strcmp(PQcmdStatus(commit), "COMMIT") == 0;

@@ -1,5 +1,5 @@
-// The per-region writer: coalesces batches from many streams into one COPY transaction, commits,
-// then reports each batch's outcome. Its queue is bounded; a full queue makes callers wait.
+// The per-region writer: coalesces batches from many streams into one COPY transaction, with an
+// audit entry for each batch that stores something, commits, then reports each batch's outcome. Its queue is bounded; a full queue makes callers wait.
 #ifndef MEDGATE_SERVICES_INGEST_VITALS_WRITER_H_
 #define MEDGATE_SERVICES_INGEST_VITALS_WRITER_H_
 
@@ -54,6 +54,12 @@ struct WriteRequest {
   // being written, so a device's seq never has a gap below its committed cursor.
   std::shared_ptr<std::atomic<bool>> poisoned;
   absl::Time read_at;  // when its batch was read off the stream
+  // For the audit entry of what the batch stores (written in the same transaction): the device's
+  // SPIFFE id, its batch sequence, and the REMOTE_MONITORING consent the batch was accepted under.
+  std::string actor;
+  uint64_t batch_seq = 0;
+  std::string consent_id;
+  int64_t consent_version = 0;
 };
 
 struct WriterOptions {

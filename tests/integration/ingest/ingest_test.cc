@@ -267,6 +267,41 @@ TEST_F(IngestTest, StoresInTheHomeShardOnlyAndResendsAreDuplicates) {
   EXPECT_EQ(ack->duplicate_count(), 10u);
   EXPECT_TRUE(stream.Finish().ok());
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-home'"), 60);
+
+  // Each batch that stored something has its audit entry in fr-1's chain, written with it: the
+  // device, the patient, the consent, the counts; the resend that stored nothing has none.
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  {
+    pqxx::nontransaction q(c);
+    pqxx::result entries = q.exec_params(
+        "SELECT actor, tenant, object_id, decision, reason, purpose, request_id, consent_id, "
+        "consent_version FROM audit_log WHERE patient_id = $1 AND action = 'create' AND "
+        "object_type = 'vitals' ORDER BY seq",
+        patient);
+    ASSERT_EQ(entries.size(), 2u);
+    EXPECT_EQ(entries[0][0].as<std::string>(), pki().SpiffeId("/tenant/acme/device/dev-home"));
+    EXPECT_EQ(entries[0][1].as<std::string>(), "acme");
+    EXPECT_EQ(entries[0][2].as<std::string>(), "dev-home");
+    EXPECT_EQ(entries[0][3].as<std::string>(), "permit");
+    EXPECT_EQ(entries[0][4].as<std::string>(), "stored=50 duplicates=0");
+    EXPECT_EQ(entries[0][5].as<std::string>(), "REMOTE_MONITORING");
+    EXPECT_EQ(entries[0][6].as<std::string>(), "batch:1");
+    EXPECT_FALSE(entries[0][7].as<std::string>().empty());
+    EXPECT_GE(entries[0][8].as<int64_t>(), 1);
+    EXPECT_EQ(entries[1][4].as<std::string>(), "stored=10 duplicates=10");
+    EXPECT_EQ(entries[1][6].as<std::string>(), "batch:2");
+  }
+  for (const char* other : {"de-1", "eu-1"}) {
+    pqxx::connection o(stack_->clusters().region(other).ConnectionString());
+    pqxx::nontransaction q(o);
+    EXPECT_EQ(q.exec_params1("SELECT count(*) FROM audit_log WHERE patient_id = $1", patient)[0]
+                  .as<int>(),
+              0)
+        << other;
+  }
+  auto verified = audit::VerifyChain(c);
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_TRUE(verified->ok) << verified->problem;
 }
 
 // Once a device's routing answer and its patient's consents are in memory, its batches are

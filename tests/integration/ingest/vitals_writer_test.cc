@@ -6,11 +6,14 @@
 #include <future>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <pqxx/pqxx>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "libs/audit/audit_log.h"
 #include "tests/support/pg_cluster.h"
 #include "tests/support/test_stack.h"
 
@@ -108,6 +111,101 @@ TEST_F(VitalsWriterTest, AConnectionWhoseSetupFailedIsNeverUsedToWrite) {
     EXPECT_EQ(outcome.stored, 0u);
   }
   EXPECT_EQ(Stored("dev-no-setup"), 0);
+}
+
+// The samples and their audit entries commit together: while the shard refuses audit entries,
+// a batch is not stored (its outcome says to retry) and its device's cursor does not move; once
+// they are accepted again, the resend is stored whole, with one entry naming the counts.
+TEST_F(VitalsWriterTest, ABatchIsStoredOnlyWithItsAuditEntry) {
+  auto exec = [](const std::string& sql) {
+    pqxx::connection c(shard_->ConnectionString());
+    pqxx::nontransaction q(c);
+    q.exec0(sql);
+  };
+  exec("CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+       "RAISE EXCEPTION 'audit refused for the test'; END $$");
+  exec("CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log FOR EACH ROW "
+       "EXECUTE FUNCTION refuse_audit()");
+  VitalsWriter writer("fr-1", Db(), WriterOptions{});
+  WriteRequest batch = Batch("dev-audited", 1, 4);
+  batch.actor = "spiffe://test/tenant/acme/device/dev-audited";
+  batch.batch_seq = 7;
+  batch.consent_id = "c-1";
+  batch.consent_version = 2;
+  WriteOutcome refused = Write(writer, batch);
+  EXPECT_FALSE(refused.status.ok());
+  EXPECT_EQ(refused.stored, 0u);
+  EXPECT_EQ(Stored("dev-audited"), 0);
+
+  exec("DROP TRIGGER refuse_audit ON audit_log");
+  WriteOutcome stored = Write(writer, batch);
+  ASSERT_TRUE(stored.status.ok()) << stored.status;
+  EXPECT_EQ(stored.stored, 4u);
+  EXPECT_EQ(stored.duplicates, 0u);
+  EXPECT_EQ(Stored("dev-audited"), 4);
+  pqxx::connection c(shard_->ConnectionString());
+  {
+    pqxx::nontransaction q(c);
+    pqxx::result entries = q.exec_params(
+        "SELECT actor, tenant, action, object_type, object_id, patient_id, reason, purpose, "
+        "consent_id, consent_version, request_id FROM audit_log WHERE object_id = $1",
+        "dev-audited");
+    ASSERT_EQ(entries.size(), 1u);
+    EXPECT_EQ(entries[0][0].as<std::string>(), "spiffe://test/tenant/acme/device/dev-audited");
+    EXPECT_EQ(entries[0][1].as<std::string>(), "acme");
+    EXPECT_EQ(entries[0][2].as<std::string>(), "create");
+    EXPECT_EQ(entries[0][3].as<std::string>(), "vitals");
+    EXPECT_EQ(entries[0][5].as<std::string>(), "pt-dev-audited");
+    EXPECT_EQ(entries[0][6].as<std::string>(), "stored=4 duplicates=0");
+    EXPECT_EQ(entries[0][7].as<std::string>(), "REMOTE_MONITORING");
+    EXPECT_EQ(entries[0][8].as<std::string>(), "c-1");
+    EXPECT_EQ(entries[0][9].as<int64_t>(), 2);
+    EXPECT_EQ(entries[0][10].as<std::string>(), "batch:7");
+  }
+  auto verified = audit::VerifyChain(c);
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_TRUE(verified->ok) << verified->problem;
+  exec("DROP FUNCTION refuse_audit()");
+}
+
+// Many batches in one transaction: each gets its own entry, chained one after the other, and the
+// chain verifies.
+TEST_F(VitalsWriterTest, EveryBatchOfATransactionHasItsChainedEntry) {
+  WriterOptions options;
+  options.linger = absl::Milliseconds(200);  // the batches below go in one transaction
+  VitalsWriter writer("fr-1", Db(), options);
+  constexpr int kDevices = 40;
+  std::vector<std::future<WriteOutcome>> outcomes;
+  for (int i = 0; i < kDevices; ++i) {
+    WriteRequest request = Batch(absl::StrCat("dev-many-", i), 1, 3);
+    request.actor = absl::StrCat("spiffe://test/tenant/acme/device/dev-many-", i);
+    request.batch_seq = 1;
+    auto promise = std::make_shared<std::promise<WriteOutcome>>();
+    outcomes.push_back(promise->get_future());
+    request.done = [promise](const WriteOutcome& o) { promise->set_value(o); };
+    ASSERT_TRUE(writer.Enqueue(std::move(request), absl::Seconds(10)));
+  }
+  for (auto& outcome : outcomes) {
+    WriteOutcome o = outcome.get();
+    ASSERT_TRUE(o.status.ok()) << o.status;
+    EXPECT_EQ(o.stored, 3u);
+  }
+  pqxx::connection c(shard_->ConnectionString());
+  {
+    pqxx::nontransaction q(c);
+    EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log WHERE object_id LIKE 'dev-many-%' AND "
+                      "reason = 'stored=3 duplicates=0'")[0]
+                  .as<int>(),
+              kDevices);
+    // One transaction: the entries were appended by one call, at one time.
+    EXPECT_EQ(q.exec1("SELECT count(DISTINCT at_us) FROM audit_log WHERE object_id LIKE "
+                      "'dev-many-%'")[0]
+                  .as<int>(),
+              1);
+  }
+  auto verified = audit::VerifyChain(c);
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_TRUE(verified->ok) << verified->problem;
 }
 
 }  // namespace
