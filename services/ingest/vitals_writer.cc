@@ -341,13 +341,15 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     return fail(absl::UnavailableError(absl::StrCat("COPY to ", region_id_, " failed: ",
                                                     PQerrorMessage(conn_))));
   }
-  PGresult* copied = PQgetResult(conn_);
-  if (PQresultStatus(copied) != PGRES_COMMAND_OK) {
-    absl::Status status = ResultStatus(conn_, copied);
-    PQclear(copied);
-    return fail(status);
-  }
-  PQclear(copied);
+  // The next result of the query string, which must be `want`.
+  auto expect = [this](ExecStatusType want) {
+    PGresult* result = PQgetResult(conn_);
+    absl::Status status =
+        PQresultStatus(result) == want ? absl::OkStatus() : ResultStatus(conn_, result);
+    PQclear(result);
+    return status;
+  };
+  if (absl::Status copied = expect(PGRES_COMMAND_OK); !copied.ok()) return fail(copied);
   while (PGresult* extra = PQgetResult(conn_)) PQclear(extra);
 
   // One audit entry per batch that stores something: which device created which of the
@@ -377,13 +379,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
                                                     PQerrorMessage(conn_))));
   }
   if (!entries.empty()) {
-    PGresult* audited = PQgetResult(conn_);
-    if (PQresultStatus(audited) != PGRES_TUPLES_OK) {
-      absl::Status status = ResultStatus(conn_, audited);
-      PQclear(audited);
-      return fail(status);
-    }
-    PQclear(audited);
+    if (absl::Status audited = expect(PGRES_TUPLES_OK); !audited.ok()) return fail(audited);
   }
   PGresult* commit = PQgetResult(conn_);
   const bool committed_ok = PQresultStatus(commit) == PGRES_COMMAND_OK &&
