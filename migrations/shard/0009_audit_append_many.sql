@@ -21,12 +21,15 @@ BEGIN
   IF n = 0 THEN
     RETURN NULL;
   END IF;
-  IF cardinality(p_tenant) <> n OR cardinality(p_action) <> n OR cardinality(p_object_type) <> n
-     OR cardinality(p_object_id) <> n OR cardinality(p_patient_id) <> n
-     OR cardinality(p_decision) <> n OR cardinality(p_reason) <> n OR cardinality(p_purpose) <> n
-     OR cardinality(p_consent_id) <> n OR cardinality(p_consent_version) <> n
-     OR cardinality(p_request_id) <> n OR cardinality(p_origin) <> n
-     OR cardinality(p_encoded_head) <> n OR cardinality(p_encoded_tail) <> n THEN
+  IF cardinality(p_tenant) IS DISTINCT FROM n OR cardinality(p_action) IS DISTINCT FROM n
+     OR cardinality(p_object_type) IS DISTINCT FROM n OR cardinality(p_object_id) IS DISTINCT FROM n
+     OR cardinality(p_patient_id) IS DISTINCT FROM n OR cardinality(p_decision) IS DISTINCT FROM n
+     OR cardinality(p_reason) IS DISTINCT FROM n OR cardinality(p_purpose) IS DISTINCT FROM n
+     OR cardinality(p_consent_id) IS DISTINCT FROM n
+     OR cardinality(p_consent_version) IS DISTINCT FROM n
+     OR cardinality(p_request_id) IS DISTINCT FROM n OR cardinality(p_origin) IS DISTINCT FROM n
+     OR cardinality(p_encoded_head) IS DISTINCT FROM n
+     OR cardinality(p_encoded_tail) IS DISTINCT FROM n THEN
     RAISE EXCEPTION 'audit_append_many: every array must have % elements', n;
   END IF;
   SELECT seq + 1, hash INTO first_seq, head_hash FROM audit_head WHERE id FOR UPDATE;
