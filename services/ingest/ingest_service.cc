@@ -114,11 +114,12 @@ struct StreamShared {
 class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck> {
  public:
   VitalsStream(IngestCore& core, StreamExecutor& executor, LatencyWindow& ack_latency,
-               absl::StatusOr<Principal> principal)
+               absl::StatusOr<Principal> principal, std::string origin)
       : core_(core),
         executor_(executor),
         ack_latency_(ack_latency),
-        shared_(std::make_shared<StreamShared>()) {
+        shared_(std::make_shared<StreamShared>()),
+        origin_(std::move(origin)) {
     if (!principal.ok()) {
       Finish(ToGrpcStatus(principal.status()));
       return;
@@ -223,7 +224,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
                        std::vector<Sample>& samples, absl::Time read_at, uint64_t slot,
                        IngestCore::Later* later) {
     return core_.Process(
-        principal_, batch_seq, samples, poisoned_, read_at,
+        principal_, origin_, batch_seq, samples, poisoned_, read_at,
         [shared, slot](BatchResult result) {
           std::lock_guard<std::mutex> lock(shared->mu);
           if (shared->reactor != nullptr) shared->reactor->CompleteLocked(slot, ToAck(result));
@@ -314,6 +315,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   LatencyWindow& ack_latency_;
   std::shared_ptr<StreamShared> shared_;
   Principal principal_;
+  const std::string origin_;  // the device's peer address, for the audit entries of its batches
   std::shared_ptr<std::atomic<bool>> poisoned_ = std::make_shared<std::atomic<bool>>(false);
   v1::VitalsBatch incoming_;
   v1::IngestAck outgoing_;
@@ -351,7 +353,7 @@ grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* IngestService::StreamVi
   // of other streams opening meanwhile, so a fleet reconnecting at once (after a restart of this
   // service) does not resolve its devices one round trip at a time on the executor threads.
   if (principal.ok()) routing_.PrefetchDevices({DeviceRef{principal->tenant, principal->name}});
-  return new VitalsStream(core_, executor_, ack_latency_, std::move(principal));
+  return new VitalsStream(core_, executor_, ack_latency_, std::move(principal), context->peer());
 }
 
 grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,

@@ -371,6 +371,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     e.consent_id = w.consent_id;
     e.consent_version = w.consent_version;
     e.request_id = absl::StrCat("batch:", w.batch_seq);
+    e.origin = w.origin;
   }
   absl::StatusOr<std::string> finish = sql::AuditAndCommitQuery(quote, entries);
   if (!finish.ok()) return fail(finish.status());

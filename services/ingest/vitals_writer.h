@@ -55,8 +55,10 @@ struct WriteRequest {
   std::shared_ptr<std::atomic<bool>> poisoned;
   absl::Time read_at;  // when its batch was read off the stream
   // For the audit entry of what the batch stores (written in the same transaction): the device's
-  // SPIFFE id, its batch sequence, and the REMOTE_MONITORING consent the batch was accepted under.
+  // SPIFFE id and peer address, its batch sequence, and the REMOTE_MONITORING consent the batch
+  // was accepted under.
   std::string actor;
+  std::string origin;
   uint64_t batch_seq = 0;
   std::string consent_id;
   int64_t consent_version = 0;

@@ -275,7 +275,7 @@ TEST_F(IngestTest, StoresInTheHomeShardOnlyAndResendsAreDuplicates) {
     pqxx::nontransaction q(c);
     pqxx::result entries = q.exec_params(
         "SELECT actor, tenant, object_id, decision, reason, purpose, request_id, consent_id, "
-        "consent_version FROM audit_log WHERE patient_id = $1 AND action = 'create' AND "
+        "consent_version, origin FROM audit_log WHERE patient_id = $1 AND action = 'create' AND "
         "object_type = 'vitals' ORDER BY seq",
         patient);
     ASSERT_EQ(entries.size(), 2u);
@@ -288,6 +288,7 @@ TEST_F(IngestTest, StoresInTheHomeShardOnlyAndResendsAreDuplicates) {
     EXPECT_EQ(entries[0][6].as<std::string>(), "batch:1");
     EXPECT_FALSE(entries[0][7].as<std::string>().empty());
     EXPECT_GE(entries[0][8].as<int64_t>(), 1);
+    EXPECT_THAT(entries[0][9].as<std::string>(), ::testing::StartsWith("ipv4:127.0.0.1:"));
     EXPECT_EQ(entries[1][4].as<std::string>(), "stored=10 duplicates=10");
     EXPECT_EQ(entries[1][6].as<std::string>(), "batch:2");
   }

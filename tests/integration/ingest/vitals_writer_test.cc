@@ -132,6 +132,7 @@ TEST_F(VitalsWriterTest, ABatchIsStoredOnlyWithItsAuditEntry) {
   batch.batch_seq = 7;
   batch.consent_id = "c-1";
   batch.consent_version = 2;
+  batch.origin = "ipv4:127.0.0.1:40000";
   WriteOutcome refused = Write(writer, batch);
   EXPECT_FALSE(refused.status.ok());
   EXPECT_EQ(refused.stored, 0u);
@@ -148,7 +149,7 @@ TEST_F(VitalsWriterTest, ABatchIsStoredOnlyWithItsAuditEntry) {
     pqxx::nontransaction q(c);
     pqxx::result entries = q.exec_params(
         "SELECT actor, tenant, action, object_type, object_id, patient_id, reason, purpose, "
-        "consent_id, consent_version, request_id FROM audit_log WHERE object_id = $1",
+        "consent_id, consent_version, request_id, origin FROM audit_log WHERE object_id = $1",
         "dev-audited");
     ASSERT_EQ(entries.size(), 1u);
     EXPECT_EQ(entries[0][0].as<std::string>(), "spiffe://test/tenant/acme/device/dev-audited");
@@ -161,6 +162,7 @@ TEST_F(VitalsWriterTest, ABatchIsStoredOnlyWithItsAuditEntry) {
     EXPECT_EQ(entries[0][8].as<std::string>(), "c-1");
     EXPECT_EQ(entries[0][9].as<int64_t>(), 2);
     EXPECT_EQ(entries[0][10].as<std::string>(), "batch:7");
+    EXPECT_EQ(entries[0][11].as<std::string>(), "ipv4:127.0.0.1:40000");
   }
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok()) << verified.status();
