@@ -466,12 +466,12 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
       s->set_ucum_unit(row[4].c_str());
       *s->mutable_measured_at() = TimestampFromMicros(row[5].as<int64_t>());
       *r.mutable_received_at() = TimestampFromMicros(row[6].as<int64_t>());
-      if (!row[7].is_null() && !with_location) {
-        if (readings.size() < static_cast<size_t>(page)) ++withheld;
-      } else if (!row[7].is_null()) {
+      if (!row[7].is_null() && with_location) {
         s->mutable_location()->set_latitude(row[7].as<double>());
         s->mutable_location()->set_longitude(row[8].as<double>());
         s->mutable_location()->set_accuracy_m(row[9].as<double>());
+      } else if (!row[7].is_null() && readings.size() < static_cast<size_t>(page)) {
+        ++withheld;  // the extra row read to find the next page is not returned
       }
       readings.push_back(std::move(r));
     }

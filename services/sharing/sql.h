@@ -34,7 +34,7 @@ namespace medgate::sharing::sql {
   "g.grant_id, g.record_id, g.grantee, g.grantee_tenant, g.granted_by, " MEDGATE_MICROS( \
       "g.created_at") ", " MEDGATE_MICROS("g.expires_at") ", " MEDGATE_MICROS("g.revoked_at")
 
-// The shard's audit_append() (migrations/shard/0005) with the entry in 15 parameters from $17
+// The shard's audit_append() (migrations/shard/0005, 0010) with the entry in 15 parameters from $17
 // on, in the order audit::WithEntryParams (libs/audit) passes them.
 #define MEDGATE_AUDIT_APPEND_FROM_17                                                              \
   "audit_append($17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27::bigint, $28, $29, " \

@@ -210,6 +210,30 @@ TEST_F(VitalsWriterTest, AnAuditEntryIsKeptOnlyWithItsSamples) {
   exec("DROP FUNCTION refuse_commit()");
 }
 
+// audit_append_many refuses arrays of different lengths (a NULL one included) before it touches
+// the chain.
+TEST_F(VitalsWriterTest, AuditAppendManyRefusesArraysOfDifferentLengths) {
+  pqxx::connection c(shard_->ConnectionString());
+  const std::string args =
+      "ARRAY['a','b'], ARRAY['t','t'], ARRAY['create','create'], ARRAY['vitals','vitals'], "
+      "ARRAY['d','d'], ARRAY['p','p'], ARRAY['permit','permit'], ARRAY['r','r'], "
+      "ARRAY['REMOTE_MONITORING','REMOTE_MONITORING'], ARRAY['c','c'], ARRAY[1,1]::bigint[], "
+      "ARRAY['q','q'], ARRAY['o','o'], ARRAY['\\x00'::bytea, '\\x00'], ";
+  for (const std::string tails : {"ARRAY['\\x00'::bytea]", "NULL::bytea[]"}) {
+    pqxx::nontransaction q(c);
+    try {
+      q.exec(absl::StrCat("SELECT audit_append_many(", args, tails, ")"));
+      ADD_FAILURE() << "accepted p_encoded_tail " << tails;
+    } catch (const pqxx::sql_error& e) {
+      EXPECT_NE(std::string(e.what()).find("every array must have 2 elements"), std::string::npos)
+          << e.what();
+    }
+  }
+  auto verified = audit::VerifyChain(c);
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_TRUE(verified->ok) << verified->problem;
+}
+
 // Many batches in one transaction: each gets its own entry, chained one after the other, and the
 // chain verifies.
 TEST_F(VitalsWriterTest, EveryBatchOfATransactionHasItsChainedEntry) {
