@@ -42,7 +42,8 @@ IngestCore::IngestCore(RoutingClient& routing, consent::ConsentCache& consent,
       options_(options),
       quota_(options.tenant_samples_per_second, options.tenant_burst) {}
 
-absl::Status IngestCore::Process(const Principal& device, const std::string& origin,
+absl::Status IngestCore::Process(const Principal& device,
+                                 std::shared_ptr<const BatchSource> source,
                                  uint64_t batch_seq,
                                  std::vector<Sample>& samples,
                                  std::shared_ptr<std::atomic<bool>> poisoned, absl::Time read_at,
@@ -164,8 +165,7 @@ absl::Status IngestCore::Process(const Principal& device, const std::string& ori
   request.rows = std::move(rows);
   request.poisoned = std::move(poisoned);
   request.read_at = read_at;
-  request.actor = device.spiffe_id;
-  request.origin = origin;
+  request.source = std::move(source);
   request.batch_seq = batch_seq;
   request.consent_id = monitoring->consent_id;
   request.consent_version = monitoring->consent_version;

@@ -104,8 +104,10 @@ class IngestCore {
     // RESOURCE_EXHAUSTED. Empty when nothing is left.
     std::function<void(bool wait)> enqueue;
   };
-  // `samples` is consumed unless `later->again` is set. `origin` is the device's peer address.
-  absl::Status Process(const Principal& device, const std::string& origin, uint64_t batch_seq,
+  // `samples` is consumed unless `later->again` is set. `source` names the stream's device and
+  // peer address for the audit entries.
+  absl::Status Process(const Principal& device, std::shared_ptr<const BatchSource> source,
+                       uint64_t batch_seq,
                        std::vector<Sample>& samples,
                        std::shared_ptr<std::atomic<bool>> poisoned, absl::Time read_at,
                        std::function<void(BatchResult)> done, Later* later = nullptr);

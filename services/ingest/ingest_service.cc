@@ -118,13 +118,14 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
       : core_(core),
         executor_(executor),
         ack_latency_(ack_latency),
-        shared_(std::make_shared<StreamShared>()),
-        origin_(std::move(origin)) {
+        shared_(std::make_shared<StreamShared>()) {
     if (!principal.ok()) {
       Finish(ToGrpcStatus(principal.status()));
       return;
     }
     principal_ = *std::move(principal);
+    source_ =
+        std::make_shared<const BatchSource>(BatchSource{principal_.spiffe_id, std::move(origin)});
     shared_->reactor = this;
     std::lock_guard<std::mutex> lock(shared_->mu);
     read_outstanding_ = true;
@@ -224,7 +225,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
                        std::vector<Sample>& samples, absl::Time read_at, uint64_t slot,
                        IngestCore::Later* later) {
     return core_.Process(
-        principal_, origin_, batch_seq, samples, poisoned_, read_at,
+        principal_, source_, batch_seq, samples, poisoned_, read_at,
         [shared, slot](BatchResult result) {
           std::lock_guard<std::mutex> lock(shared->mu);
           if (shared->reactor != nullptr) shared->reactor->CompleteLocked(slot, ToAck(result));
@@ -315,7 +316,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   LatencyWindow& ack_latency_;
   std::shared_ptr<StreamShared> shared_;
   Principal principal_;
-  const std::string origin_;  // the device's peer address, for the audit entries of its batches
+  std::shared_ptr<const BatchSource> source_;  // for the audit entries of its batches
   std::shared_ptr<std::atomic<bool>> poisoned_ = std::make_shared<std::atomic<bool>>(false);
   v1::VitalsBatch incoming_;
   v1::IngestAck outgoing_;

@@ -359,7 +359,10 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     const WriteRequest& w = *live[i];
     if (outcomes[i].stored == 0) continue;
     audit::Entry& e = entries.emplace_back();
-    e.actor = w.actor;
+    if (w.source != nullptr) {
+      e.actor = w.source->actor;
+      e.origin = w.source->origin;
+    }
     e.tenant = w.tenant_id;
     e.action = audit::Action::kCreate;
     e.object_type = "vitals";
@@ -371,7 +374,6 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     e.consent_id = w.consent_id;
     e.consent_version = w.consent_version;
     e.request_id = absl::StrCat("batch:", w.batch_seq);
-    e.origin = w.origin;
   }
   absl::StatusOr<std::string> finish = sql::AuditAndCommitQuery(quote, entries);
   if (!finish.ok()) return fail(finish.status());

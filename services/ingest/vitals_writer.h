@@ -42,6 +42,13 @@ struct WriteOutcome {
   uint64_t highest_committed_seq = 0;  // the device's cursor after the commit
 };
 
+// Who sends a stream's batches, for their audit entries. The same for every batch of a stream:
+// made once when the stream opens and shared by its batches, not copied into each.
+struct BatchSource {
+  std::string actor;   // the device's SPIFFE id
+  std::string origin;  // its peer address
+};
+
 // A batch of one device, all rows for one patient, in increasing seq order.
 struct WriteRequest {
   std::string tenant_id;
@@ -54,11 +61,9 @@ struct WriteRequest {
   // being written, so a device's seq never has a gap below its committed cursor.
   std::shared_ptr<std::atomic<bool>> poisoned;
   absl::Time read_at;  // when its batch was read off the stream
-  // For the audit entry of what the batch stores (written in the same transaction): the device's
-  // SPIFFE id and peer address, its batch sequence, and the REMOTE_MONITORING consent the batch
-  // was accepted under.
-  std::string actor;
-  std::string origin;
+  // For the audit entry of what the batch stores (written in the same transaction): its stream's
+  // source, its batch sequence, and the REMOTE_MONITORING consent the batch was accepted under.
+  std::shared_ptr<const BatchSource> source;
   uint64_t batch_seq = 0;
   std::string consent_id;
   int64_t consent_version = 0;

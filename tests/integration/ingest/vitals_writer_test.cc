@@ -128,11 +128,11 @@ TEST_F(VitalsWriterTest, ABatchIsStoredOnlyWithItsAuditEntry) {
        "EXECUTE FUNCTION refuse_audit()");
   VitalsWriter writer("fr-1", Db(), WriterOptions{});
   WriteRequest batch = Batch("dev-audited", 1, 4);
-  batch.actor = "spiffe://test/tenant/acme/device/dev-audited";
+  batch.source = std::make_shared<const BatchSource>(
+      BatchSource{"spiffe://test/tenant/acme/device/dev-audited", "ipv4:127.0.0.1:40000"});
   batch.batch_seq = 7;
   batch.consent_id = "c-1";
   batch.consent_version = 2;
-  batch.origin = "ipv4:127.0.0.1:40000";
   WriteOutcome refused = Write(writer, batch);
   EXPECT_FALSE(refused.status.ok());
   EXPECT_EQ(refused.stored, 0u);
@@ -192,7 +192,8 @@ TEST_F(VitalsWriterTest, AnAuditEntryIsKeptOnlyWithItsSamples) {
   const int64_t before = head();
   VitalsWriter writer("fr-1", Db(), WriterOptions{});
   WriteRequest batch = Batch("dev-not-committed", 1, 3);
-  batch.actor = "spiffe://test/tenant/acme/device/dev-not-committed";
+  batch.source = std::make_shared<const BatchSource>(
+      BatchSource{"spiffe://test/tenant/acme/device/dev-not-committed", ""});
   // Measured long ago, so the rows go to the default partition, where the trigger is.
   for (VitalRow& row : batch.rows) row.measured_at = absl::FromUnixSeconds(86400);
   WriteOutcome refused = Write(writer, batch);
@@ -244,7 +245,8 @@ TEST_F(VitalsWriterTest, EveryBatchOfATransactionHasItsChainedEntry) {
   std::vector<std::future<WriteOutcome>> outcomes;
   for (int i = 0; i < kDevices; ++i) {
     WriteRequest request = Batch(absl::StrCat("dev-many-", i), 1, 3);
-    request.actor = absl::StrCat("spiffe://test/tenant/acme/device/dev-many-", i);
+    request.source = std::make_shared<const BatchSource>(
+        BatchSource{absl::StrCat("spiffe://test/tenant/acme/device/dev-many-", i), ""});
     request.batch_seq = 1;
     auto promise = std::make_shared<std::promise<WriteOutcome>>();
     outcomes.push_back(promise->get_future());
