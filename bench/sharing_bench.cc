@@ -33,6 +33,7 @@
 #include "libs/identity/principal.h"
 #include "libs/migrate/migrate.h"
 #include "libs/pg/shard_set.h"
+#include "libs/routing_client/tenant_gate.h"
 #include "libs/server/service_server.h"
 #include "medgate/v1/sharing.grpc.pb.h"
 #include "services/sharing/sharing_core.h"
@@ -179,7 +180,14 @@ class Bench {
     options.trust_domain = pki_->trust_domain();
     core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, directory_, consent_, *kek_,
                                           options);
-    service_ = std::make_unique<SharingService>(*core_, pki_->trust_domain());
+    // Every call passes the tenant gate as in production; the bench's one tenant is active (the
+    // answer is cached, as routing's would be).
+    tenant_gate_ = NewCachedTenantGate([](absl::Span<const std::string> ids) {
+      std::vector<TenantStatus> out;
+      for (const std::string& id : ids) out.push_back({.tenant_id = id, .found = true, .active = true});
+      return absl::StatusOr<std::vector<TenantStatus>>(std::move(out));
+    });
+    service_ = std::make_unique<SharingService>(*core_, pki_->trust_domain(), tenant_gate_.get());
     server_ = std::make_unique<ServiceServer>(*config_, "sharing");
     server_->AddService(service_.get());
     Check(server_->Start(), "server");
@@ -368,6 +376,7 @@ class Bench {
   PermitAll consent_;
   std::unique_ptr<crypto::KeyEncryptionKey> kek_;
   std::unique_ptr<SharingCore> core_;
+  std::unique_ptr<TenantGate> tenant_gate_;
   std::unique_ptr<SharingService> service_;
   std::unique_ptr<ServiceServer> server_;
   std::unique_ptr<v1::RecordSharing::Stub> stub_;

@@ -14,21 +14,37 @@ RpcPolicy::RpcPolicy(std::string trust_domain, std::initializer_list<RpcRule> ru
 }
 
 absl::Status RpcPolicy::Check(const Principal& principal, absl::string_view method) const {
+  if (absl::Status s = CheckRole(principal, method); !s.ok()) return s;
+  if (gate_ == nullptr || principal.tenant.empty()) return absl::OkStatus();
+  return gate_->CheckActive(principal.tenant);
+}
+
+absl::Status RpcPolicy::CheckRole(const Principal& principal, absl::string_view method) const {
   auto it = rules_.find(method);
   if (it == rules_.end() || !it->second.contains(principal.kind)) {
-    return absl::PermissionDeniedError(absl::StrCat("a ", PrincipalKindName(principal.kind),
-                                                    " identity may not call ", method));
+    const absl::string_view kind = PrincipalKindName(principal.kind);
+    const bool vowel = !kind.empty() && absl::string_view("aeiou").find(kind[0]) != absl::string_view::npos;
+    return absl::PermissionDeniedError(
+        absl::StrCat(vowel ? "an " : "a ", kind, " identity may not call ", method));
   }
   return absl::OkStatus();
 }
 
 absl::StatusOr<Principal> RpcPolicy::Authorize(const grpc::ServerContextBase& context,
                                                absl::string_view method) const {
+  absl::StatusOr<Principal> principal = AuthorizeRole(context, method);
+  if (!principal.ok() || gate_ == nullptr || principal->tenant.empty()) return principal;
+  if (absl::Status s = gate_->CheckActive(principal->tenant); !s.ok()) return s;
+  return principal;
+}
+
+absl::StatusOr<Principal> RpcPolicy::AuthorizeRole(const grpc::ServerContextBase& context,
+                                                   absl::string_view method) const {
   std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
   if (!auth) return absl::UnauthenticatedError("client identity refused: no TLS peer");
   absl::StatusOr<Principal> principal = PrincipalFromAuthContext(*auth, trust_domain_);
   if (!principal.ok()) return principal.status();
-  if (absl::Status s = Check(*principal, method); !s.ok()) return s;
+  if (absl::Status s = CheckRole(*principal, method); !s.ok()) return s;
   return principal;
 }
 

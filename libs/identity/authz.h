@@ -21,23 +21,46 @@ struct RpcRule {
   std::initializer_list<PrincipalKind> allowed;
 };
 
+// Whether a tenant's identities may act now. Implementations cache what they learn.
+class TenantGate {
+ public:
+  virtual ~TenantGate() = default;
+
+  // OK while `tenant` is registered and active; PERMISSION_DENIED when it is suspended or not
+  // registered; UNAVAILABLE (or another error) when that cannot be known now: fail closed.
+  virtual absl::Status CheckActive(absl::string_view tenant) = 0;
+};
+
 // An RPC not listed is denied to everybody (default deny).
 class RpcPolicy {
  public:
   RpcPolicy(std::string trust_domain, std::initializer_list<RpcRule> rules);
 
-  // The caller's Principal if its kind may call `method`: UNAUTHENTICATED without a valid
-  // identity, PERMISSION_DENIED for a kind not allowed or an RPC not listed.
+  // The caller's Principal if its kind may call `method` and, for an identity of a tenant
+  // (device, practitioner, app), the tenant gate (if set) lets its tenant act: UNAUTHENTICATED
+  // without a valid identity, PERMISSION_DENIED for a kind not allowed, an RPC not listed or a
+  // suspended or unregistered tenant.
   absl::StatusOr<Principal> Authorize(const grpc::ServerContextBase& context,
                                       absl::string_view method) const;
 
-  // The same decision for an already known Principal (pure; used by tests).
+  // Authorize without the tenant gate, for a call that learns its tenant's state another way
+  // and must not wait for the gate (a device stream: routing's device answer carries it).
+  absl::StatusOr<Principal> AuthorizeRole(const grpc::ServerContextBase& context,
+                                          absl::string_view method) const;
+
+  // Every tenant identity's call asks `gate` (not owned; must outlive the policy) first.
+  void set_tenant_gate(TenantGate* gate) { gate_ = gate; }
+
+  // The same decisions for an already known Principal: Check as Authorize, CheckRole as
+  // AuthorizeRole.
   absl::Status Check(const Principal& principal, absl::string_view method) const;
+  absl::Status CheckRole(const Principal& principal, absl::string_view method) const;
 
   const std::string& trust_domain() const { return trust_domain_; }
 
  private:
   std::string trust_domain_;
+  TenantGate* gate_ = nullptr;
   std::map<std::string, std::set<PrincipalKind>, std::less<>> rules_;
 };
 

@@ -397,7 +397,8 @@ class GrpcRoutingClient final : public RoutingClient {
                                          .device_id = d.device_id(),
                                          .found = d.found(),
                                          .patient_id = d.patient_id(),
-                                         .region_id = d.region_id()});
+                                         .region_id = d.region_id(),
+                                         .tenant_active = d.tenant_active()});
     }
     return locations;
   }

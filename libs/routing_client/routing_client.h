@@ -40,6 +40,14 @@ struct DeviceLocation {
   bool found = false;
   std::string patient_id;
   std::string region_id;
+  bool tenant_active = false;  // false while the device's tenant is suspended
+};
+
+// Whether a tenant may act: registered (`found`) and not suspended (`active`).
+struct TenantStatus {
+  std::string tenant_id;
+  bool found = false;
+  bool active = false;
 };
 
 struct RoutingClientOptions {

@@ -59,10 +59,11 @@ ConsentServer::ConsentServer(const MedgateConfig& config, ConsentSettings settin
                              std::shared_ptr<grpc::Channel> routing_channel)
     : config_(config) {
   shards_ = std::make_unique<pg::ShardSet>(config.regions, sql::Statements());
-  routing_ = NewRoutingClient(std::move(routing_channel));
+  routing_ = NewRoutingClient(routing_channel);
+  tenant_gate_ = NewRoutingTenantGate(std::move(routing_channel));
   cache_ = NewConsentCache(config.regions, settings.cache);
   core_ = std::make_unique<ConsentCore>(*routing_, *shards_, *cache_, config.trust_domain);
-  service_ = std::make_unique<ConsentService>(*core_, config.trust_domain);
+  service_ = std::make_unique<ConsentService>(*core_, config.trust_domain, tenant_gate_.get());
   server_ = std::make_unique<ServiceServer>(config, "consent");
 }
 

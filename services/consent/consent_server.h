@@ -12,6 +12,7 @@
 #include "libs/consent_client/consent_cache.h"
 #include "libs/pg/shard_set.h"
 #include "libs/routing_client/routing_client.h"
+#include "libs/routing_client/tenant_gate.h"
 #include "libs/server/service_server.h"
 #include "services/consent/consent_core.h"
 #include "services/consent/consent_service.h"
@@ -47,6 +48,7 @@ class ConsentServer {
   const MedgateConfig& config_;
   std::unique_ptr<pg::ShardSet> shards_;
   std::unique_ptr<RoutingClient> routing_;
+  std::unique_ptr<TenantGate> tenant_gate_;
   std::unique_ptr<ConsentCache> cache_;
   std::unique_ptr<ConsentCore> core_;
   std::unique_ptr<ConsentService> service_;

@@ -72,13 +72,18 @@ void ToProto(const ConsentInfo& c, v1::PatientConsent* out) {
 
 }  // namespace
 
-ConsentService::ConsentService(ConsentCore& core, std::string trust_domain)
+// Consents are recorded and read by the patient's tenant only: ops host the data and have no
+// say in a patient's consent.
+ConsentService::ConsentService(ConsentCore& core, std::string trust_domain,
+                               TenantGate* tenant_gate)
     : core_(core),
       policy_(std::move(trust_domain),
-              {{"GrantConsent", {K::kApp, K::kPractitioner, K::kOps}},
-               {"RevokeConsent", {K::kApp, K::kPractitioner, K::kOps}},
-               {"ListConsents", {K::kApp, K::kPractitioner, K::kOps}},
-               {"CheckAccess", {K::kService, K::kApp, K::kPractitioner}}}) {}
+              {{"GrantConsent", {K::kApp, K::kPractitioner}},
+               {"RevokeConsent", {K::kApp, K::kPractitioner}},
+               {"ListConsents", {K::kApp, K::kPractitioner}},
+               {"CheckAccess", {K::kService, K::kApp, K::kPractitioner}}}) {
+  policy_.set_tenant_gate(tenant_gate);
+}
 
 absl::StatusOr<CallContext> ConsentService::Begin(grpc::ServerContext* context,
                                                   absl::string_view method,

@@ -12,7 +12,9 @@ namespace medgate::consent {
 
 class ConsentService final : public v1::Consent::Service {
  public:
-  ConsentService(ConsentCore& core, std::string trust_domain);
+  // `tenant_gate` (not owned; may be null in tests of the adapter alone) refuses the identities
+  // of suspended or unregistered tenants.
+  ConsentService(ConsentCore& core, std::string trust_domain, TenantGate* tenant_gate);
 
   grpc::Status GrantConsent(grpc::ServerContext* context, const v1::GrantConsentRequest* request,
                             v1::GrantConsentResponse* response) override;
@@ -29,7 +31,7 @@ class ConsentService final : public v1::Consent::Service {
                                     const std::string& request_id);
 
   ConsentCore& core_;
-  const RpcPolicy policy_;
+  RpcPolicy policy_;
 };
 
 }  // namespace medgate::consent

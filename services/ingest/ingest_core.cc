@@ -80,6 +80,11 @@ absl::Status IngestCore::Process(const Principal& device,
     return absl::FailedPreconditionError(
         "this device is not assigned to a patient; its tenant must assign it first");
   }
+  if (!where.tenant_active) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "tenant '", device.tenant, "' is suspended: its devices may not stream until ops "
+        "reactivate it"));
+  }
   auto lanes = writers_.find(where.region_id);
   if (lanes == writers_.end() || lanes->second.empty()) {
     return retry(absl::UnavailableError(absl::StrCat("region ", where.region_id,

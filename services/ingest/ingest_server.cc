@@ -65,7 +65,8 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   // A device streaming at least once per TTL keeps its answer fresh in the background instead of
   // holding a batch for a routing round trip every TTL.
   routing_options.refresh_ahead = true;
-  server->routing_ = NewRoutingClient(std::move(channel), routing_options);
+  server->routing_ = NewRoutingClient(channel, routing_options);
+  server->tenant_gate_ = NewRoutingTenantGate(std::move(channel));
   server->consent_ = consent::NewConsentCache(config.regions);
   std::map<std::string, std::vector<VitalsWriter*>> writers;
   for (const std::string& region : server->shards_->RegionIds()) {
@@ -83,7 +84,8 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   server->service_ = std::make_unique<IngestService>(*server->core_, *server->routing_,
                                                      *server->consent_, *server->shards_,
                                                      config.trust_domain, *server->executor_,
-                                                     server->settings_.writer.stats_interval);
+                                                     server->settings_.writer.stats_interval,
+                                                     server->tenant_gate_.get());
   return server;
 }
 

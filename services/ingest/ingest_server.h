@@ -10,6 +10,7 @@
 #include "libs/consent_client/consent_cache.h"
 #include "libs/pg/shard_set.h"
 #include "libs/routing_client/routing_client.h"
+#include "libs/routing_client/tenant_gate.h"
 #include "libs/server/service_server.h"
 #include "services/ingest/ingest_core.h"
 #include "services/ingest/ingest_service.h"
@@ -68,6 +69,7 @@ class IngestServer {
   IngestSettings settings_;
   std::unique_ptr<pg::ShardSet> shards_;
   std::unique_ptr<RoutingClient> routing_;
+  std::unique_ptr<TenantGate> tenant_gate_;
   std::unique_ptr<consent::ConsentCache> consent_;
   std::vector<std::unique_ptr<VitalsWriter>> writers_;
   std::unique_ptr<IngestCore> core_;

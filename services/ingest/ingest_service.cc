@@ -337,7 +337,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
 IngestService::IngestService(IngestCore& core, RoutingClient& routing,
                              consent::ConsentCache& consent, const pg::ShardSet& shards,
                              std::string trust_domain, StreamExecutor& executor,
-                             absl::Duration stats_interval)
+                             absl::Duration stats_interval, TenantGate* tenant_gate)
     : core_(core),
       routing_(routing),
       consent_(consent),
@@ -345,11 +345,15 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
       policy_(std::move(trust_domain),
               {{"StreamVitals", {K::kDevice}}, {"ReadVitals", {K::kPractitioner}}}),
       executor_(executor),
-      ack_latency_(stats_interval) {}
+      ack_latency_(stats_interval) {
+  policy_.set_tenant_gate(tenant_gate);
+}
 
 grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* IngestService::StreamVitals(
     grpc::CallbackServerContext* context) {
-  absl::StatusOr<Principal> principal = policy_.Authorize(*context, "StreamVitals");
+  // The tenant's state comes with routing's answer for the device (DeviceLocation::tenant_active),
+  // checked for every batch: asking the tenant gate here could hold a callback thread.
+  absl::StatusOr<Principal> principal = policy_.AuthorizeRole(*context, "StreamVitals");
   // Where the device's patient lives is fetched in the background, in one RPC with the devices
   // of other streams opening meanwhile, so a fleet reconnecting at once (after a restart of this
   // service) does not resolve its devices one round trip at a time on the executor threads.

@@ -17,9 +17,11 @@ namespace medgate::ingest {
 class IngestService final
     : public v1::DeviceIngest::WithCallbackMethod_StreamVitals<v1::DeviceIngest::Service> {
  public:
+  // `tenant_gate` (not owned) refuses ReadVitals to the identities of suspended or unregistered
+  // tenants; a device's batches learn their tenant's state from routing's device answer.
   IngestService(IngestCore& core, RoutingClient& routing, consent::ConsentCache& consent,
                 const pg::ShardSet& shards, std::string trust_domain, StreamExecutor& executor,
-                absl::Duration stats_interval);
+                absl::Duration stats_interval, TenantGate* tenant_gate);
 
   grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* StreamVitals(
       grpc::CallbackServerContext* context) override;
@@ -32,7 +34,7 @@ class IngestService final
   RoutingClient& routing_;
   consent::ConsentCache& consent_;
   const pg::ShardSet& shards_;
-  const RpcPolicy policy_;
+  RpcPolicy policy_;
   StreamExecutor& executor_;
   // From a batch read off a stream to its ack handed to gRPC; logged as `ingest_ack_latency`
   // (acks, p50/p90/p99/max) by the first ack after each stats interval: a quiet service logs

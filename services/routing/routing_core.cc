@@ -64,13 +64,16 @@ struct TenantRow {
 // The calling tenant, which must be registered and active to act.
 absl::StatusOr<TenantRow> LoadActiveTenant(pqxx::work& txn, const std::string& tenant_id) {
   pqxx::result rows = txn.exec_prepared(sql::kSelectTenant, tenant_id);
+  // The same answers as the tenant gate's, which normally refuses such callers first.
   if (rows.empty()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("tenant '", tenant_id, "' is not registered; ops must create it first"));
+    return absl::PermissionDeniedError(absl::StrCat(
+        "tenant '", tenant_id, "' is not registered with medgate; ops must create it first"));
   }
   TenantRow t{TenantFromRow(rows[0]), ""};
   if (!t.info.active) {
-    return absl::FailedPreconditionError(absl::StrCat("tenant '", tenant_id, "' is not active"));
+    return absl::PermissionDeniedError(
+        absl::StrCat("tenant '", tenant_id,
+                     "' is suspended: its identities may not call medgate until ops reactivate it"));
   }
   t.key = absl::HexStringToBytes(rows[0][5].c_str());
   if (t.key.size() != 32) return absl::InternalError("tenant key is malformed");
@@ -457,6 +460,7 @@ absl::StatusOr<std::vector<DeviceLocation>> RoutingCore::ResolveDevices(
           d.found = true;
           d.patient_id = row[2].c_str();
           d.region_id = row[3].c_str();
+          d.tenant_active = row[4].as<bool>();
           found[{d.tenant_id, d.device_id}] = d;
         }
         std::vector<DeviceLocation> out;
@@ -470,6 +474,35 @@ absl::StatusOr<std::vector<DeviceLocation>> RoutingCore::ResolveDevices(
             missing.device_id = ref.device_id;
             out.push_back(missing);
           }
+        }
+        return out;
+      });
+}
+
+absl::StatusOr<std::vector<TenantStatus>> RoutingCore::ResolveTenants(
+    absl::Span<const std::string> tenant_ids) {
+  if (tenant_ids.empty() || tenant_ids.size() > kMaxBatch) {
+    return absl::InvalidArgumentError(absl::StrCat("tenant_ids: between 1 and ", kMaxBatch,
+                                                   " tenants, got ", tenant_ids.size()));
+  }
+  for (size_t i = 0; i < tenant_ids.size(); ++i) {
+    RETURN_IF_ERROR(
+        ValidateIdentifier(tenant_ids[i], absl::StrCat("tenant_ids[", i, "]"), kMaxIdBytes));
+  }
+  return InTransaction<std::vector<TenantStatus>>(
+      control_, [&](pqxx::work& txn) -> absl::StatusOr<std::vector<TenantStatus>> {
+        std::map<std::string, bool, std::less<>> active;
+        for (const pqxx::row& row : txn.exec_prepared(sql::kResolveTenants,
+                                                      pg::TextArrayLiteral(tenant_ids))) {
+          active[row[0].c_str()] = row[1].as<bool>();
+        }
+        std::vector<TenantStatus> out;
+        out.reserve(tenant_ids.size());
+        for (const std::string& id : tenant_ids) {
+          auto it = active.find(id);
+          out.push_back(TenantStatus{.tenant_id = id,
+                                     .found = it != active.end(),
+                                     .active = it != active.end() && it->second});
         }
         return out;
       });

@@ -105,6 +105,8 @@ class RoutingCore {
   absl::StatusOr<UnassignResult> UnassignDevice(const CallContext& ctx,
                                                 const std::string& device_id);
   absl::StatusOr<std::vector<DeviceLocation>> ResolveDevices(absl::Span<const DeviceRef> devices);
+  // One answer per id, in order (1 to kMaxBatch ids).
+  absl::StatusOr<std::vector<TenantStatus>> ResolveTenants(absl::Span<const std::string> tenant_ids);
 
  private:
   pg::Pool& control_;

@@ -55,19 +55,26 @@ std::string Paginate(const std::vector<T>& items, KeyFn key, const std::string& 
 
 }  // namespace
 
-RoutingService::RoutingService(RoutingCore& core, std::string trust_domain)
+RoutingService::RoutingService(RoutingCore& core, std::string trust_domain,
+                               TenantGateOptions tenant_gate)
     : core_(core),
+      gate_(NewCachedTenantGate(
+          [&core](absl::Span<const std::string> ids) { return core.ResolveTenants(ids); },
+          std::move(tenant_gate))),
       policy_(std::move(trust_domain),
               {{"UpsertTenant", {K::kOps}},
                {"GetTenant", {K::kOps}},
                {"PutResidencyRule", {K::kOps}},
-               {"ListResidencyRules", {K::kOps, K::kService, K::kApp, K::kPractitioner}},
-               {"ListRegions", {K::kOps, K::kService, K::kApp, K::kPractitioner}},
+               {"ListResidencyRules", {K::kOps, K::kService}},
+               {"ListRegions", {K::kOps, K::kService}},
                {"PlacePatient", {K::kApp, K::kPractitioner}},
                {"AssignDevice", {K::kApp, K::kPractitioner}},
                {"UnassignDevice", {K::kApp, K::kPractitioner}},
                {"ResolvePatients", {K::kService}},
-               {"ResolveDevices", {K::kService}}}) {}
+               {"ResolveDevices", {K::kService}},
+               {"ResolveTenants", {K::kService}}}) {
+  policy_.set_tenant_gate(gate_.get());
+}
 
 absl::StatusOr<CallContext> RoutingService::Begin(grpc::ServerContext* context,
                                                   absl::string_view method,
@@ -244,6 +251,24 @@ grpc::Status RoutingService::ResolveDevices(grpc::ServerContext* context,
     out->set_found(d.found);
     out->set_patient_id(d.patient_id);
     out->set_region_id(d.region_id);
+    out->set_tenant_active(d.tenant_active);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status RoutingService::ResolveTenants(grpc::ServerContext* context,
+                                            const v1::ResolveTenantsRequest* request,
+                                            v1::ResolveTenantsResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "ResolveTenants", "");
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  std::vector<std::string> ids(request->tenant_ids().begin(), request->tenant_ids().end());
+  absl::StatusOr<std::vector<TenantStatus>> found = core_.ResolveTenants(ids);
+  if (!found.ok()) return ToGrpcStatus(found.status());
+  for (const TenantStatus& t : *found) {
+    v1::ResolvedTenant* out = response->add_tenants();
+    out->set_tenant_id(t.tenant_id);
+    out->set_found(t.found);
+    out->set_active(t.active);
   }
   return grpc::Status::OK;
 }

@@ -2,7 +2,10 @@
 #ifndef MEDGATE_SERVICES_ROUTING_ROUTING_SERVICE_H_
 #define MEDGATE_SERVICES_ROUTING_ROUTING_SERVICE_H_
 
+#include <memory>
+
 #include "libs/identity/authz.h"
+#include "libs/routing_client/tenant_gate.h"
 #include "medgate/v1/routing.grpc.pb.h"
 #include "services/routing/routing_core.h"
 
@@ -10,7 +13,8 @@ namespace medgate::routing {
 
 class RoutingService final : public v1::TenantRouting::Service {
  public:
-  RoutingService(RoutingCore& core, std::string trust_domain);
+  // `tenant_gate` decides for routing's own callers, from the control database.
+  RoutingService(RoutingCore& core, std::string trust_domain, TenantGateOptions tenant_gate = {});
 
   grpc::Status UpsertTenant(grpc::ServerContext* context, const v1::UpsertTenantRequest* request,
                             v1::UpsertTenantResponse* response) override;
@@ -37,6 +41,9 @@ class RoutingService final : public v1::TenantRouting::Service {
   grpc::Status ResolveDevices(grpc::ServerContext* context,
                               const v1::ResolveDevicesRequest* request,
                               v1::ResolveDevicesResponse* response) override;
+  grpc::Status ResolveTenants(grpc::ServerContext* context,
+                              const v1::ResolveTenantsRequest* request,
+                              v1::ResolveTenantsResponse* response) override;
 
  private:
   // Authorizes the call and builds its audit context; request ids are bounded.
@@ -44,7 +51,8 @@ class RoutingService final : public v1::TenantRouting::Service {
                                     const std::string& request_id);
 
   RoutingCore& core_;
-  const RpcPolicy policy_;
+  const std::unique_ptr<TenantGate> gate_;
+  RpcPolicy policy_;
 };
 
 }  // namespace medgate::routing

@@ -21,6 +21,7 @@ inline constexpr char kSelectDevice[] = "select_device";
 inline constexpr char kUpsertDevice[] = "upsert_device";
 inline constexpr char kUnassignDevice[] = "unassign_device";
 inline constexpr char kResolveDevices[] = "resolve_devices";
+inline constexpr char kResolveTenants[] = "resolve_tenants";
 
 inline const std::vector<pg::Statement>& Statements() {
   static const std::vector<pg::Statement> statements = {
@@ -67,10 +68,12 @@ inline const std::vector<pg::Statement>& Statements() {
        "UPDATE devices SET patient_id = NULL, updated_at = now() "
        "WHERE tenant_id = $1 AND device_id = $2"},
       {kResolveDevices,
-       "SELECT d.tenant_id, d.device_id, d.patient_id, p.region_id FROM devices d "
+       "SELECT d.tenant_id, d.device_id, d.patient_id, p.region_id, t.active FROM devices d "
        "JOIN patients p ON p.patient_id = d.patient_id "
+       "JOIN tenants t ON t.tenant_id = d.tenant_id "
        "JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, device_id) "
        "ON d.tenant_id = k.tenant_id AND d.device_id = k.device_id"},
+      {kResolveTenants, "SELECT tenant_id, active FROM tenants WHERE tenant_id = ANY($1::text[])"},
   };
   return statements;
 }

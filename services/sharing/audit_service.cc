@@ -89,10 +89,12 @@ absl::StatusOr<AuditLogRef> LogOf(const v1::AuditLogRef& ref) {
 
 }  // namespace
 
-AuditService::AuditService(AuditCore& core, std::string trust_domain)
+AuditService::AuditService(AuditCore& core, std::string trust_domain, TenantGate* tenant_gate)
     : core_(core),
       policy_(std::move(trust_domain),
-              {{"QueryAudit", {K::kPractitioner, K::kApp, K::kOps}}, {"VerifyChain", {K::kOps}}}) {}
+              {{"QueryAudit", {K::kPractitioner, K::kApp, K::kOps}}, {"VerifyChain", {K::kOps}}}) {
+  policy_.set_tenant_gate(tenant_gate);
+}
 
 absl::StatusOr<CallContext> AuditService::Begin(grpc::ServerContext* context,
                                                 absl::string_view method) {

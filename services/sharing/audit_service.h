@@ -12,7 +12,8 @@ namespace medgate::sharing {
 
 class AuditService final : public v1::Audit::Service {
  public:
-  AuditService(AuditCore& core, std::string trust_domain);
+  // `tenant_gate` (not owned) refuses the identities of suspended or unregistered tenants.
+  AuditService(AuditCore& core, std::string trust_domain, TenantGate* tenant_gate);
 
   grpc::Status QueryAudit(grpc::ServerContext* context, const v1::QueryAuditRequest* request,
                           v1::QueryAuditResponse* response) override;
@@ -23,7 +24,7 @@ class AuditService final : public v1::Audit::Service {
   absl::StatusOr<CallContext> Begin(grpc::ServerContext* context, absl::string_view method);
 
   AuditCore& core_;
-  const RpcPolicy policy_;
+  RpcPolicy policy_;
 };
 
 }  // namespace medgate::sharing

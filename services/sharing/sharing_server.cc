@@ -84,6 +84,7 @@ SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settin
   upload_shards_ = std::make_unique<pg::ShardSet>(config.regions, sql::ShardStatements());
   RoutingDirectoryOptions directory_options;
   directory_options.clock = options.clock;
+  tenant_gate_ = NewRoutingTenantGate(routing_channel);
   directory_ = std::make_unique<RoutingDirectory>(NewRoutingClient(routing_channel),
                                                   routing_channel, *control_, directory_options);
   consent_ = consent::NewConsentCache(config.regions);
@@ -98,11 +99,13 @@ SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settin
   core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, *directory_, *consent_, *kek_,
                                         std::move(core_options));
   audit_core_ = std::make_unique<AuditCore>(*control_, *shards_, *directory_);
-  service_ = std::make_unique<SharingService>(*core_, config.trust_domain);
-  audit_service_ = std::make_unique<AuditService>(*audit_core_, config.trust_domain);
+  service_ = std::make_unique<SharingService>(*core_, config.trust_domain, tenant_gate_.get());
+  audit_service_ =
+      std::make_unique<AuditService>(*audit_core_, config.trust_domain, tenant_gate_.get());
   server_ = std::make_unique<ServiceServer>(config, "sharing");
   if (config.Service("audit").ok()) {
-    audit_only_service_ = std::make_unique<AuditService>(*audit_core_, config.trust_domain);
+    audit_only_service_ =
+        std::make_unique<AuditService>(*audit_core_, config.trust_domain, tenant_gate_.get());
     audit_server_ = std::make_unique<ServiceServer>(config, "audit");
   }
 }

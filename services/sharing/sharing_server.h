@@ -19,6 +19,7 @@
 #include "libs/crypto/key_encryption_key.h"
 #include "libs/pg/pool.h"
 #include "libs/pg/shard_set.h"
+#include "libs/routing_client/tenant_gate.h"
 #include "libs/server/service_server.h"
 #include "services/sharing/audit_core.h"
 #include "services/sharing/audit_service.h"
@@ -83,6 +84,7 @@ class SharingServer {
   std::unique_ptr<pg::Pool> control_;
   std::unique_ptr<pg::ShardSet> shards_;
   std::unique_ptr<pg::ShardSet> upload_shards_;
+  std::unique_ptr<TenantGate> tenant_gate_;
   std::unique_ptr<RoutingDirectory> directory_;
   std::unique_ptr<consent::ConsentCache> consent_;
   std::unique_ptr<SharingCore> core_;

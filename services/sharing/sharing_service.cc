@@ -140,7 +140,8 @@ void UploadIdleWatch::Run() {
   }
 }
 
-SharingService::SharingService(SharingCore& core, std::string trust_domain)
+SharingService::SharingService(SharingCore& core, std::string trust_domain,
+                               TenantGate* tenant_gate)
     : core_(core),
       idle_watch_(core.upload_idle_timeout()),
       policy_(std::move(trust_domain), {{"UploadRecord", {K::kPractitioner}},
@@ -150,7 +151,9 @@ SharingService::SharingService(SharingCore& core, std::string trust_domain)
                                         {"DownloadRecord", {K::kPractitioner, K::kOps}},
                                         {"ArchiveRecord", {K::kPractitioner}},
                                         {"EraseRecord", {K::kPractitioner, K::kApp}},
-                                        {"ErasePatientRecords", {K::kPractitioner, K::kApp}}}) {}
+                                        {"ErasePatientRecords", {K::kPractitioner, K::kApp}}}) {
+  policy_.set_tenant_gate(tenant_gate);
+}
 
 absl::StatusOr<CallContext> SharingService::Begin(grpc::ServerContext* context,
                                                   absl::string_view method,

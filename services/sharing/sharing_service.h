@@ -64,7 +64,8 @@ class UploadIdleWatch {
 
 class SharingService final : public v1::RecordSharing::Service {
  public:
-  SharingService(SharingCore& core, std::string trust_domain);
+  // `tenant_gate` (not owned) refuses the identities of suspended or unregistered tenants.
+  SharingService(SharingCore& core, std::string trust_domain, TenantGate* tenant_gate);
 
   grpc::Status UploadRecord(grpc::ServerContext* context,
                             grpc::ServerReader<v1::UploadRecordRequest>* reader,
@@ -92,7 +93,7 @@ class SharingService final : public v1::RecordSharing::Service {
 
   SharingCore& core_;
   UploadIdleWatch idle_watch_;
-  const RpcPolicy policy_;
+  RpcPolicy policy_;
 };
 
 

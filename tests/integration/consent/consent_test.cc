@@ -714,22 +714,78 @@ TEST_F(ConsentTest, DevicesMayCallNothingAndRolesAreEnforced) {
   EXPECT_EQ(List(*Stub(pki_->app()), ListOf(patient))->consents_size(), 0);
 }
 
-TEST_F(ConsentTest, OpsRecordConsentsForAnyTenantsPatient) {
+// Consents are the patient's tenant's to record and read: ops, who host the data, may neither
+// grant, revoke nor list them, for any tenant.
+TEST_F(ConsentTest, OpsNeitherRecordNorReadConsents) {
   const std::string patient = Place("ops-1", "DE");
-  auto granted =
-      Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_CARE).WithActor(App()), &pki_->ops());
+  auto granted = Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_CARE).WithActor(App()));
   ASSERT_TRUE(granted.ok()) << granted.status();
-  auto listed = List(*Stub(pki_->ops()), ListOf(patient, true));
+  auto by_ops =
+      Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_RESEARCH).WithActor(App()), &pki_->ops());
+  EXPECT_EQ(by_ops.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(by_ops.status().message()), HasSubstr("an ops identity may not call"));
+  EXPECT_EQ(List(*Stub(pki_->ops()), ListOf(patient, true)).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(Revoke(*Stub(pki_->ops()), ById(granted->consent_id())).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  // The tenant's consent is as it was: one version, granted by the app, none by ops.
+  auto listed = List(*Stub(pki_->app()), ListOf(patient, true));
   ASSERT_TRUE(listed.ok()) << listed.status();
   ASSERT_EQ(listed->consents_size(), 1);
-  EXPECT_EQ(listed->consents(0).current().recorded_by(), pki_->SpiffeId("/ops/alice"));
+  EXPECT_EQ(listed->consents(0).current().version(), 1);
   EXPECT_EQ(CountIn(clusters_->region("de-1"),
-                    "SELECT count(*) FROM audit_log WHERE consent_id = $1 AND tenant = 'acme'",
-                    granted->consent_id()),
-            1);
-  auto revoked = Revoke(*Stub(pki_->ops()), ById(granted->consent_id()));
-  ASSERT_TRUE(revoked.ok()) << revoked.status();
-  EXPECT_EQ(revoked->version(), 2);
+                    "SELECT count(*) FROM audit_log WHERE actor LIKE $1", "%/ops/%"),
+            0);
+}
+
+// A suspended tenant's identities may not record, read or check consents; what was recorded stays,
+// and reactivation restores access to it.
+TEST_F(ConsentTest, ASuspendedTenantIsRefused) {
+  auto upsert = [](bool active) {
+    v1::UpsertTenantRequest request;
+    request.set_request_id(absl::StrCat("pausable-", active));
+    request.mutable_tenant()->set_tenant_id("pausable");
+    request.mutable_tenant()->set_display_name("pausable");
+    request.mutable_tenant()->add_territories("FR");
+    request.mutable_tenant()->set_active(active);
+    v1::UpsertTenantResponse response;
+    grpc::ClientContext context;
+    return RoutingStub(pki_->ops())->UpsertTenant(&context, request, &response);
+  };
+  ASSERT_TRUE(upsert(true).ok());
+  devpki::LeafOptions options;
+  options.uri_sans = {pki_->SpiffeId("/tenant/pausable/app/backend")};
+  absl::StatusOr<TestCert> app = pki_->Issue("pausable-app", options);
+  ASSERT_TRUE(app.ok()) << app.status();
+  const std::string patient = Place("pausable-1", "FR", &*app);
+  ASSERT_TRUE(Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_CARE), &*app).ok());
+
+  ASSERT_TRUE(upsert(false).ok());
+  absl::StatusOr<v1::ListConsentsResponse> listed;
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(15), [&] {
+    listed = List(*Stub(*app), ListOf(patient));
+    return !listed.ok();
+  }));
+  EXPECT_EQ(listed.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(listed.status().message()), HasSubstr("suspended"));
+  EXPECT_EQ(Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_RESEARCH), &*app).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(Revoke(*Stub(*app), ByKey(patient, v1::PURPOSE_CARE)).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(Check(*Stub(*app), patient, v1::PURPOSE_CARE, "").status().code(),
+            absl::StatusCode::kPermissionDenied);
+  // Services still decide for the tenant's data (the callers they serve are gated themselves).
+  auto decided = Check(*Stub(pki_->service()), patient, v1::PURPOSE_CARE,
+                       pki_->SpiffeId("/tenant/pausable/app/backend"));
+  ASSERT_TRUE(decided.ok()) << decided.status();
+
+  ASSERT_TRUE(upsert(true).ok());
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(15), [&] {
+    listed = List(*Stub(*app), ListOf(patient));
+    return listed.ok();
+  })) << listed.status();
+  ASSERT_EQ(listed->consents_size(), 1);
+  EXPECT_EQ(listed->consents(0).current().version(), 1);
 }
 
 TEST_F(ConsentTest, BadInputNamesTheField) {

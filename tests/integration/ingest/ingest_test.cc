@@ -1204,6 +1204,102 @@ TEST_F(IngestTest, AResendAfterAShardOutageIsNotRefusedForTheQuota) {
 // The standard health check, as a load balancer asks it, answers SERVING while any region's shard
 // answers: one region down gets retryable acks for its own batches (above), and must not take the
 // other regions' devices out of service with it. With every shard down, NOT_SERVING.
+// A suspended tenant's devices stop streaming (an open stream ends PERMISSION_DENIED at a batch
+// after routing's answer for the device says so, with everything acked before it stored) and its
+// practitioners may not read; reactivated, both work again.
+TEST_F(IngestTest, ASuspendedTenantNeitherStreamsNorReads) {
+  auto upsert = [](bool active) {
+    v1::UpsertTenantRequest r;
+    r.set_request_id(absl::StrCat("pauseco-", active));
+    r.mutable_tenant()->set_tenant_id("pauseco");
+    r.mutable_tenant()->set_display_name("pauseco");
+    r.mutable_tenant()->add_territories("FR");
+    r.mutable_tenant()->set_active(active);
+    v1::UpsertTenantResponse response;
+    grpc::ClientContext context;
+    return Routing(pki().ops())->UpsertTenant(&context, r, &response);
+  };
+  ASSERT_TRUE(upsert(true).ok());
+  auto issue = [](const std::string& name, const std::string& path) {
+    devpki::LeafOptions options;
+    options.uri_sans = {pki().SpiffeId(path)};
+    auto cert = pki().Issue(name, options);
+    EXPECT_TRUE(cert.ok()) << cert.status();
+    return *cert;
+  };
+  const TestCert app = issue("pauseco-app", "/tenant/pauseco/app/backend");
+  const TestCert practitioner = issue("pauseco-p", "/tenant/pauseco/practitioner/p-1");
+  const TestCert device = Device("pauseco", "dev-pause");
+  const std::string patient = PatientWithDevice("pause-1", "FR", "dev-pause", app);
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING, "", app);
+  Grant(patient, v1::PURPOSE_CARE, "", app);
+  // Routing's answer for a device lives 2 s here (30 s by default).
+  auto extra = StartIngest("ingest: {device_cache_ttl_seconds: 2}\n");
+  ASSERT_NE(extra, nullptr);
+  auto read = [&] {
+    v1::ReadVitalsRequest request;
+    request.set_patient_id(patient);
+    request.set_purpose(v1::PURPOSE_CARE);
+    grpc::ClientContext context;
+    auto reader = Ingest(practitioner, extra->server->port())->ReadVitals(&context, request);
+    v1::ReadVitalsResponse response;
+    while (reader->Read(&response)) {
+    }
+    return reader->Finish();
+  };
+  ASSERT_TRUE(read().ok());
+
+  auto stub = Ingest(device, extra->server->port());
+  DeviceStream stream(*stub);
+  uint64_t acked = 0;
+  uint64_t batch = 1;
+  std::optional<v1::IngestAck> ack = stream.Send(Batch(batch, 1, 10));
+  ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+  acked += ack->stored_count();
+  ASSERT_TRUE(upsert(false).ok());
+  // The open stream goes on until routing's answer for the device is refreshed, then ends.
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (absl::Now() < deadline) {
+    ++batch;
+    ack = stream.Send(Batch(batch, (batch - 1) * 10 + 1, 10));
+    if (!ack) break;
+    acked += ack->stored_count();
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_FALSE(ack.has_value()) << "the stream of a suspended tenant's device was not ended";
+  grpc::Status ended = stream.Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(ended.error_message(), HasSubstr("suspended"));
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-pause'"), static_cast<int64_t>(acked));
+  // A new stream is refused at its first batch; reads are refused by the tenant gate.
+  {
+    DeviceStream again(*stub);
+    EXPECT_FALSE(again.Send(Batch(batch + 1, batch * 10 + 1, 10)).has_value());
+    EXPECT_EQ(again.Finish().error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  }
+  grpc::Status refused;
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(15), [&] {
+    refused = read();
+    return !refused.ok();
+  }));
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(refused.error_message(), HasSubstr("suspended"));
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-pause'"), static_cast<int64_t>(acked));
+
+  // Reactivated: the device streams and the practitioner reads again.
+  ASSERT_TRUE(upsert(true).ok());
+  std::optional<v1::IngestAck> resumed;
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(20), [&] {
+    DeviceStream again(*stub);
+    resumed = again.Send(Batch(batch + 1, batch * 10 + 1, 10));
+    again.Finish();
+    if (!resumed) absl::SleepFor(absl::Milliseconds(50));
+    return resumed.has_value();
+  }));
+  EXPECT_EQ(resumed->stored_count(), 10u);
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(15), [&] { return read().ok(); }));
+}
+
 TEST_F(IngestTest, HealthServesWhileAnyRegionsShardAnswers) {
   const TestCert& ops = pki().ops();
   auto channel = MakeChannel(absl::StrCat("127.0.0.1:", ingest_->port()),

@@ -13,6 +13,7 @@
 #include "libs/identity/credentials.h"
 #include "medgate/v1/routing.grpc.pb.h"
 #include "services/routing/routing_server.h"
+#include "tests/support/poll.h"
 #include "tests/support/test_stack.h"
 
 namespace medgate::routing {
@@ -289,6 +290,7 @@ TEST_F(RoutingTest, CrossTenantMatrixHasZeroSuccesses) {
 TEST_F(RoutingTest, DevicesMayCallNothingAndAdminIsOpsOnly) {
   auto device = Stub(pki_->device());
   auto app = Stub(pki_->app());
+  auto practitioner = Stub(pki_->practitioner());
   std::vector<std::pair<std::string, grpc::Status>> results;
   auto call = [&](const std::string& name, auto&& fn) { results.emplace_back(name, fn()); };
 #define MEDGATE_CALL(stub, Rpc)                         \
@@ -308,14 +310,139 @@ TEST_F(RoutingTest, DevicesMayCallNothingAndAdminIsOpsOnly) {
   MEDGATE_CALL(device, AssignDevice);
   MEDGATE_CALL(device, UnassignDevice);
   MEDGATE_CALL(device, ResolveDevices);
+  MEDGATE_CALL(device, ResolveTenants);
   MEDGATE_CALL(app, UpsertTenant);
   MEDGATE_CALL(app, GetTenant);
   MEDGATE_CALL(app, PutResidencyRule);
+  // Rules and region health are the deployment's, for ops and services (as the API says).
+  MEDGATE_CALL(app, ListResidencyRules);
+  MEDGATE_CALL(app, ListRegions);
+  MEDGATE_CALL(app, ResolveTenants);
+  MEDGATE_CALL(practitioner, ListResidencyRules);
+  MEDGATE_CALL(practitioner, ListRegions);
+  MEDGATE_CALL(practitioner, ResolveTenants);
 #undef MEDGATE_CALL
-  ASSERT_EQ(results.size(), 13u);
+  ASSERT_EQ(results.size(), 20u);
   for (const auto& [name, status] : results) {
     EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << name;
   }
+}
+
+// Tenant.active = false refuses every call of the tenant's identities with PERMISSION_DENIED
+// (within the gate's TTL), tells services so through ResolveTenants and ResolveDevices, and keeps
+// the data; reactivating restores the same patient and device. An unregistered tenant's
+// identities are refused the same way.
+TEST_F(RoutingTest, SuspendedOrUnregisteredTenantIsRefused) {
+  auto issue = [](const std::string& name, const std::string& path) {
+    devpki::LeafOptions options;
+    options.uri_sans = {pki_->SpiffeId(path)};
+    absl::StatusOr<TestCert> cert = pki_->Issue(name, options);
+    EXPECT_TRUE(cert.ok()) << cert.status();
+    return *cert;
+  };
+  const TestCert app = issue("pausable-app", "/tenant/pausable/app/backend");
+  const TestCert stranger = issue("stranger-app", "/tenant/never-registered/app/backend");
+  auto upsert = [](bool active) {
+    v1::UpsertTenantRequest request;
+    request.set_request_id(absl::StrCat("pausable-", active));
+    request.mutable_tenant()->set_tenant_id("pausable");
+    request.mutable_tenant()->set_display_name("pausable");
+    request.mutable_tenant()->add_territories("FR");
+    request.mutable_tenant()->set_active(active);
+    v1::UpsertTenantResponse response;
+    grpc::ClientContext context;
+    return Stub(pki_->ops())->UpsertTenant(&context, request, &response);
+  };
+  auto resolve = [](const std::vector<std::string>& ids) {
+    v1::ResolveTenantsRequest request;
+    for (const std::string& id : ids) request.add_tenant_ids(id);
+    v1::ResolveTenantsResponse response;
+    grpc::ClientContext context;
+    EXPECT_TRUE(Stub(pki_->service())->ResolveTenants(&context, request, &response).ok());
+    return response;
+  };
+  auto device_tenant_active = [] {
+    v1::ResolveDevicesRequest request;
+    auto* key = request.add_devices();
+    key->set_tenant_id("pausable");
+    key->set_device_id("pausable-dev");
+    v1::ResolveDevicesResponse response;
+    grpc::ClientContext context;
+    EXPECT_TRUE(Stub(pki_->service())->ResolveDevices(&context, request, &response).ok());
+    EXPECT_TRUE(response.devices(0).found());
+    return response.devices(0).tenant_active();
+  };
+  const absl::Duration gate_ttl_and_margin = absl::Seconds(15);
+
+  ASSERT_TRUE(upsert(true).ok());
+  auto placed = Place(app, "pausable-patient", "FR");
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  ASSERT_TRUE(Assign(app, "pausable-dev", "pausable-patient").ok());
+  EXPECT_TRUE(device_tenant_active());
+
+  // Unassigning a device the tenant never had answers NOT_FOUND while the tenant may act, and
+  // PERMISSION_DENIED from the gate once the suspension has reached it.
+  auto unassign_unknown = [&] {
+    v1::UnassignDeviceRequest unassign;
+    unassign.set_device_id("pausable-no-such-device");
+    v1::UnassignDeviceResponse unassigned;
+    grpc::ClientContext context;
+    return Stub(app)->UnassignDevice(&context, unassign, &unassigned);
+  };
+  EXPECT_EQ(unassign_unknown().error_code(), grpc::StatusCode::NOT_FOUND);
+  ASSERT_TRUE(upsert(false).ok());
+  grpc::Status refused;
+  ASSERT_TRUE(test_support::PollUntil(absl::Now() + gate_ttl_and_margin, [&] {
+    refused = unassign_unknown();
+    return refused.error_code() != grpc::StatusCode::NOT_FOUND;
+  }));
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(refused.error_message(), HasSubstr("suspended"));
+  absl::Status place = Place(app, "pausable-patient-2", "FR").status();
+  EXPECT_EQ(place.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(place.message()), HasSubstr("suspended"));
+  EXPECT_EQ(Assign(app, "pausable-dev-2", "pausable-patient").error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  // Services learn it: the device still resolves (data in place) with its tenant inactive.
+  EXPECT_FALSE(device_tenant_active());
+  v1::ResolveTenantsResponse statuses = resolve({"pausable", "acme", "never-registered", "acme"});
+  ASSERT_EQ(statuses.tenants_size(), 4);
+  EXPECT_EQ(statuses.tenants(0).tenant_id(), "pausable");
+  EXPECT_TRUE(statuses.tenants(0).found());
+  EXPECT_FALSE(statuses.tenants(0).active());
+  EXPECT_TRUE(statuses.tenants(1).found());
+  EXPECT_TRUE(statuses.tenants(1).active());
+  EXPECT_EQ(statuses.tenants(2).tenant_id(), "never-registered");
+  EXPECT_FALSE(statuses.tenants(2).found());
+  EXPECT_FALSE(statuses.tenants(2).active());
+  EXPECT_TRUE(statuses.tenants(3).active());
+  // Nothing was placed or assigned meanwhile.
+  EXPECT_EQ(CountIn(clusters_->control(),
+                    "SELECT count(*) FROM patients WHERE tenant_id = 'pausable'"),
+            1);
+
+  // An identity of a tenant ops never created is refused before any handler.
+  auto stranger_placed = Place(stranger, "stranger-patient", "FR");
+  EXPECT_EQ(stranger_placed.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(stranger_placed.status().message()), HasSubstr("not registered"));
+
+  // Reactivated: the same patient and device, as they were.
+  ASSERT_TRUE(upsert(true).ok());
+  absl::StatusOr<v1::PlacePatientResponse> again;
+  ASSERT_TRUE(test_support::PollUntil(absl::Now() + gate_ttl_and_margin, [&] {
+    again = Place(app, "pausable-patient", "FR");
+    return again.ok();
+  })) << again.status();
+  EXPECT_EQ(again->patient_id(), placed->patient_id());
+  EXPECT_TRUE(device_tenant_active());
+
+  // Bad batches name the field.
+  v1::ResolveTenantsRequest empty;
+  v1::ResolveTenantsResponse ignored;
+  grpc::ClientContext empty_context;
+  grpc::Status bad = Stub(pki_->service())->ResolveTenants(&empty_context, empty, &ignored);
+  EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad.error_message(), HasSubstr("tenant_ids"));
 }
 
 TEST_F(RoutingTest, BadInputNamesTheField) {
@@ -399,7 +526,7 @@ TEST_F(RoutingTest, RulesAreVersionedAndTenantNarrowingApplies) {
   list.add_territories("LU");
   v1::ListResidencyRulesResponse rules;
   grpc::ClientContext c3;
-  ASSERT_TRUE(Stub(pki_->app())->ListResidencyRules(&c3, list, &rules).ok());
+  ASSERT_TRUE(Stub(pki_->ops())->ListResidencyRules(&c3, list, &rules).ok());
   ASSERT_EQ(rules.rules_size(), 1);
   EXPECT_EQ(rules.rules(0).version(), 2);
   EXPECT_EQ(rules.rules(0).region_ids(0), "fr-1");
@@ -411,7 +538,7 @@ TEST_F(RoutingTest, ListsRegionsWithHealthAndPagesRules) {
   v1::ListRegionsRequest request;
   v1::ListRegionsResponse response;
   grpc::ClientContext context;
-  ASSERT_TRUE(Stub(pki_->practitioner())->ListRegions(&context, request, &response).ok());
+  ASSERT_TRUE(Stub(pki_->service())->ListRegions(&context, request, &response).ok());
   ASSERT_EQ(response.regions_size(), 3);
   EXPECT_EQ(response.regions(0).region_id(), "de-1");
   EXPECT_EQ(response.regions(0).health(), v1::REGION_HEALTH_SERVING);

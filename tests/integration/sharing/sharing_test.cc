@@ -1304,6 +1304,73 @@ TEST_F(SharingTest, RevokedConsentStopsGranteeReads) {
   EXPECT_TRUE(Download(pki_->practitioner(), record).status.ok());
 }
 
+// A suspended tenant's practitioners are refused every sharing and audit call, as grantees of
+// another tenant's record too; the other tenants are unaffected, and reactivation restores the
+// grant as it was.
+TEST_F(SharingTest, ASuspendedTenantsGranteesAreRefused) {
+  auto upsert = [](bool active) {
+    v1::UpsertTenantRequest request;
+    request.set_request_id(absl::StrCat("pausable-", active));
+    request.mutable_tenant()->set_tenant_id("pausable");
+    request.mutable_tenant()->set_display_name("pausable");
+    request.mutable_tenant()->add_territories("FR");
+    request.mutable_tenant()->set_active(active);
+    v1::UpsertTenantResponse response;
+    grpc::ClientContext context;
+    return RoutingStub(pki_->ops())->UpsertTenant(&context, request, &response);
+  };
+  ASSERT_TRUE(upsert(true).ok());
+  devpki::LeafOptions options;
+  options.uri_sans = {Id("/tenant/pausable/practitioner/q-1")};
+  absl::StatusOr<TestCert> grantee = pki_->Issue("pausable-q1", options);
+  ASSERT_TRUE(grantee.ok()) << grantee.status();
+
+  const std::string patient = Place("pausable-grant-1", "FR");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(29, 0, 5000);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  absl::StatusOr<v1::ShareRecordResponse> shared;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    shared = Share(pki_->practitioner(), record, Id("/tenant/pausable/practitioner/q-1"),
+                   ServerNow() + absl::Hours(1));
+    return shared.ok();
+  })) << shared.status();
+  ASSERT_TRUE(Download(*grantee, record).status.ok());
+
+  ASSERT_TRUE(upsert(false).ok());
+  Downloaded refused;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    refused = Download(*grantee, record);
+    return !refused.status.ok();
+  }));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("suspended"));
+  EXPECT_EQ(refused.bytes, 0u);
+  EXPECT_FALSE(refused.has_header);
+  auto listed = List(*grantee, v1::RECORD_SCOPE_SHARED_WITH_ME);
+  EXPECT_EQ(listed.status().code(), absl::StatusCode::kPermissionDenied);
+  v1::QueryAuditRequest query;
+  query.set_patient_id(patient);
+  v1::QueryAuditResponse entries;
+  grpc::ClientContext query_context;
+  EXPECT_EQ(AuditStub(*grantee)->QueryAudit(&query_context, query, &entries).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  // The record's owner (another tenant) reads as before.
+  Downloaded own = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(own.status.ok()) << own.status.error_message();
+  EXPECT_EQ(own.content, spec.content);
+
+  ASSERT_TRUE(upsert(true).ok());
+  Downloaded again;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    again = Download(*grantee, record);
+    return again.status.ok();
+  })) << again.status.error_message();
+  EXPECT_EQ(again.content, spec.content);
+}
+
 TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
   const std::string patient = Place("cross-border-1", "LU");
   GrantSharingConsent(patient);

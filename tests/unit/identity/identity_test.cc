@@ -1,6 +1,12 @@
 // Unit tests of libs/identity's pure parts: SPIFFE id parsing and the per-RPC role check.
 #include <gtest/gtest.h>
 
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
 #include "libs/identity/authz.h"
 #include "libs/identity/principal.h"
 
@@ -64,6 +70,50 @@ TEST(RpcPolicyTest, AllowsListedKindsAndDeniesByDefault) {
   EXPECT_TRUE(policy.Check(ops, "UpsertTenant").ok());
   // An RPC nobody listed is denied to everybody, ops included.
   EXPECT_EQ(policy.Check(ops, "DropEverything").code(), absl::StatusCode::kPermissionDenied);
+}
+
+// A gate answering from a fixed set of active tenants, counting what it was asked.
+class SetTenantGate final : public TenantGate {
+ public:
+  explicit SetTenantGate(std::set<std::string> active) : active_(std::move(active)) {}
+  absl::Status CheckActive(absl::string_view tenant) override {
+    asked.emplace_back(tenant);
+    if (active_.contains(std::string(tenant))) return absl::OkStatus();
+    return absl::PermissionDeniedError(absl::StrCat("tenant '", tenant, "' is suspended"));
+  }
+  std::vector<std::string> asked;
+
+ private:
+  const std::set<std::string> active_;
+};
+
+TEST(RpcPolicyTest, TenantGateDecidesForTenantIdentitiesOnly) {
+  RpcPolicy policy(kTd, {{"PlacePatient", {PrincipalKind::kApp, PrincipalKind::kPractitioner}},
+                         {"UpsertTenant", {PrincipalKind::kOps}},
+                         {"Resolve", {PrincipalKind::kService}}});
+  SetTenantGate gate({"acme"});
+  policy.set_tenant_gate(&gate);
+  Principal acme = *ParseSpiffeId("spiffe://medgate.test/tenant/acme/app/backend", kTd);
+  Principal globex = *ParseSpiffeId("spiffe://medgate.test/tenant/globex/practitioner/p", kTd);
+  Principal ops = *ParseSpiffeId("spiffe://medgate.test/ops/alice", kTd);
+  Principal service = *ParseSpiffeId("spiffe://medgate.test/service/ingest", kTd);
+  EXPECT_TRUE(policy.Check(acme, "PlacePatient").ok());
+  absl::Status suspended = policy.Check(globex, "PlacePatient");
+  EXPECT_EQ(suspended.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(suspended.message(), "tenant 'globex' is suspended");
+  // Without the gate, the role alone decides.
+  EXPECT_TRUE(policy.CheckRole(globex, "PlacePatient").ok());
+  // Ops and services have no tenant: never asked about.
+  EXPECT_TRUE(policy.Check(ops, "UpsertTenant").ok());
+  EXPECT_TRUE(policy.Check(service, "Resolve").ok());
+  // A role refusal comes first, without asking the gate.
+  EXPECT_EQ(policy.Check(acme, "UpsertTenant").code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(gate.asked, (std::vector<std::string>{"acme", "globex"}));
+  // The refusal names the kind with its article.
+  EXPECT_EQ(policy.Check(ops, "PlacePatient").message(), "an ops identity may not call PlacePatient");
+  EXPECT_EQ(policy.Check(acme, "Resolve").message(), "an app identity may not call Resolve");
+  EXPECT_EQ(policy.Check(globex, "Resolve").message(),
+            "a practitioner identity may not call Resolve");
 }
 
 }  // namespace

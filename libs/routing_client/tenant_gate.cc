@@ -1,0 +1,105 @@
+// TenantGate over a TTL cache of routing's answers.
+#include "libs/routing_client/tenant_gate.h"
+
+#include <optional>
+#include <utility>
+
+#include <grpcpp/client_context.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "libs/common/grpc_status.h"
+#include "libs/common/ttl_cache.h"
+#include "medgate/v1/routing.grpc.pb.h"
+
+namespace medgate {
+namespace {
+
+class CachedTenantGate final : public TenantGate {
+ public:
+  CachedTenantGate(TenantStatusFetcher fetch, TenantGateOptions options)
+      : fetch_(std::move(fetch)), options_(std::move(options)), cache_(options_.max_cached) {}
+
+  absl::Status CheckActive(absl::string_view tenant) override {
+    const std::string key(tenant);
+    std::optional<TenantStatus> status;
+    {
+      absl::MutexLock lock(&mu_);
+      status = cache_.Get(key, options_.clock());
+    }
+    if (!status) {
+      // Concurrent misses of one tenant may each ask; the answers are the same.
+      const absl::Time asked_at = options_.clock();
+      absl::StatusOr<std::vector<TenantStatus>> fetched = fetch_({key});
+      if (!fetched.ok()) {
+        return absl::Status(fetched.status().code(),
+                            absl::StrCat("cannot learn whether tenant '", key,
+                                         "' may act: ", fetched.status().message()));
+      }
+      if (fetched->size() != 1 || (*fetched)[0].tenant_id != key) {
+        return absl::InternalError("routing answered another tenant");
+      }
+      status = (*fetched)[0];
+      absl::MutexLock lock(&mu_);
+      cache_.Put(key, *status, options_.ttl, asked_at);
+    }
+    if (!status->found) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "tenant '", key, "' is not registered with medgate; ops must create it first"));
+    }
+    if (!status->active) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "tenant '", key, "' is suspended: its identities may not call medgate until ops "
+          "reactivate it"));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const TenantStatusFetcher fetch_;
+  const TenantGateOptions options_;
+  absl::Mutex mu_;
+  TtlCache<std::string, TenantStatus> cache_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+std::unique_ptr<TenantGate> NewCachedTenantGate(TenantStatusFetcher fetch,
+                                                TenantGateOptions options) {
+  return std::make_unique<CachedTenantGate>(std::move(fetch), std::move(options));
+}
+
+std::unique_ptr<TenantGate> NewRoutingTenantGate(std::shared_ptr<grpc::Channel> channel,
+                                                 TenantGateOptions options,
+                                                 absl::Duration rpc_deadline) {
+  std::shared_ptr<v1::TenantRouting::Stub> stub = v1::TenantRouting::NewStub(channel);
+  auto fetch = [stub, rpc_deadline](absl::Span<const std::string> tenant_ids)
+      -> absl::StatusOr<std::vector<TenantStatus>> {
+    v1::ResolveTenantsRequest request;
+    for (const std::string& id : tenant_ids) request.add_tenant_ids(id);
+    v1::ResolveTenantsResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + rpc_deadline));
+    const grpc::Status rpc_status = stub->ResolveTenants(&context, request, &response);
+    if (!rpc_status.ok()) {
+      const absl::Status status = FromGrpcStatus(rpc_status);
+      return absl::Status(status.code(), absl::StrCat("routing ResolveTenants: ", status.message()));
+    }
+    if (static_cast<size_t>(response.tenants_size()) != tenant_ids.size()) {
+      return absl::InternalError(absl::StrCat("routing ResolveTenants answered ",
+                                              response.tenants_size(), " tenants for ",
+                                              tenant_ids.size(), " asked"));
+    }
+    std::vector<TenantStatus> out;
+    out.reserve(tenant_ids.size());
+    for (const v1::ResolvedTenant& t : response.tenants()) {
+      out.push_back(TenantStatus{.tenant_id = t.tenant_id(), .found = t.found(), .active = t.active()});
+    }
+    return out;
+  };
+  return NewCachedTenantGate(std::move(fetch), std::move(options));
+}
+
+}  // namespace medgate

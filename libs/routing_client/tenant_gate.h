@@ -1,0 +1,50 @@
+// The tenant gate every service puts in front of its RPCs: is the caller's tenant registered and
+// active? Answers come from routing and are cached for a short TTL, so a suspension reaches every
+// service within that TTL and a steady caller costs routing one look-up per tenant per TTL.
+#ifndef MEDGATE_LIBS_ROUTING_CLIENT_TENANT_GATE_H_
+#define MEDGATE_LIBS_ROUTING_CLIENT_TENANT_GATE_H_
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/channel.h>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "libs/identity/authz.h"
+#include "libs/routing_client/routing_client.h"
+
+namespace medgate {
+
+struct TenantGateOptions {
+  // How long an answer is used: the most a suspension (or reactivation) waits to take effect.
+  absl::Duration ttl = absl::Seconds(2);
+  size_t max_cached = 10000;  // LRU-evicted beyond this
+  // Time source for expiry only; tests inject a fake one.
+  std::function<absl::Time()> clock = absl::Now;
+};
+
+// Asks where tenants stand, one answer per id in order (routing's ResolveTenants, or routing's
+// own control database inside the routing service).
+using TenantStatusFetcher =
+    std::function<absl::StatusOr<std::vector<TenantStatus>>(absl::Span<const std::string>)>;
+
+// A TenantGate over `fetch` with a TTL cache. Thread-safe. A failed fetch caches nothing and
+// answers its error (fail closed).
+std::unique_ptr<TenantGate> NewCachedTenantGate(TenantStatusFetcher fetch,
+                                                TenantGateOptions options = {});
+
+// A TenantGate asking TenantRouting.ResolveTenants over `channel` (an mTLS channel made with the
+// caller's service certificate), with `rpc_deadline` per call.
+std::unique_ptr<TenantGate> NewRoutingTenantGate(std::shared_ptr<grpc::Channel> channel,
+                                                 TenantGateOptions options = {},
+                                                 absl::Duration rpc_deadline = absl::Seconds(2));
+
+}  // namespace medgate
+
+#endif  // MEDGATE_LIBS_ROUTING_CLIENT_TENANT_GATE_H_

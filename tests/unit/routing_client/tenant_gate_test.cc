@@ -1,0 +1,99 @@
+// Unit tests of the cached tenant gate, with a fake fetcher and a fake clock.
+#include "libs/routing_client/tenant_gate.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/time/clock.h"
+
+namespace medgate {
+namespace {
+
+class TenantGateTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<TenantGate> MakeGate() {
+    TenantGateOptions options;
+    options.ttl = absl::Seconds(2);
+    options.max_cached = 2;
+    options.clock = [this] { return now_; };
+    return NewCachedTenantGate(
+        [this](absl::Span<const std::string> ids) -> absl::StatusOr<std::vector<TenantStatus>> {
+          fetched_.insert(fetched_.end(), ids.begin(), ids.end());
+          if (!fetch_error_.ok()) return fetch_error_;
+          std::vector<TenantStatus> out;
+          for (const std::string& id : ids) {
+            auto it = registered_.find(id);
+            out.push_back({.tenant_id = wrong_answer_ ? "other" : id,
+                           .found = it != registered_.end(),
+                           .active = it != registered_.end() && it->second});
+          }
+          return out;
+        },
+        options);
+  }
+
+  absl::Time now_ = absl::FromUnixSeconds(1'800'000'000);
+  std::map<std::string, bool> registered_ = {{"acme", true}, {"paused", false}};
+  absl::Status fetch_error_;
+  bool wrong_answer_ = false;
+  std::vector<std::string> fetched_;
+};
+
+TEST_F(TenantGateTest, AnswersFromRoutingAndNamesTheRefusal) {
+  auto gate = MakeGate();
+  EXPECT_TRUE(gate->CheckActive("acme").ok());
+  absl::Status paused = gate->CheckActive("paused");
+  EXPECT_EQ(paused.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_NE(paused.message().find("'paused' is suspended"), absl::string_view::npos);
+  absl::Status stranger = gate->CheckActive("stranger");
+  EXPECT_EQ(stranger.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_NE(stranger.message().find("not registered"), absl::string_view::npos);
+}
+
+TEST_F(TenantGateTest, CachesForItsTtlThenAsksAgain) {
+  auto gate = MakeGate();
+  ASSERT_TRUE(gate->CheckActive("acme").ok());
+  registered_["acme"] = false;  // suspended in routing
+  now_ += absl::Seconds(1);
+  EXPECT_TRUE(gate->CheckActive("acme").ok());  // cached answer, within the TTL
+  EXPECT_EQ(fetched_.size(), 1u);
+  now_ += absl::Seconds(1);  // the TTL has passed
+  EXPECT_EQ(gate->CheckActive("acme").code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(fetched_.size(), 2u);
+  // A refusal is cached for the TTL too, and lifted after it.
+  registered_["acme"] = true;
+  EXPECT_EQ(gate->CheckActive("acme").code(), absl::StatusCode::kPermissionDenied);
+  now_ += absl::Seconds(2);
+  EXPECT_TRUE(gate->CheckActive("acme").ok());
+  EXPECT_EQ(fetched_.size(), 3u);
+}
+
+TEST_F(TenantGateTest, FailsClosedAndCachesNoFailure) {
+  auto gate = MakeGate();
+  fetch_error_ = absl::UnavailableError("routing ResolveTenants: connection refused");
+  absl::Status down = gate->CheckActive("acme");
+  EXPECT_EQ(down.code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(down.message().find("cannot learn whether tenant 'acme' may act"),
+            absl::string_view::npos);
+  fetch_error_ = absl::OkStatus();
+  EXPECT_TRUE(gate->CheckActive("acme").ok());  // asked again at once
+  EXPECT_EQ(fetched_.size(), 2u);
+  // An answer about another tenant is an error, not a decision.
+  wrong_answer_ = true;
+  EXPECT_EQ(gate->CheckActive("paused").code(), absl::StatusCode::kInternal);
+}
+
+TEST_F(TenantGateTest, HoldsAtMostItsCapacity) {
+  auto gate = MakeGate();  // capacity 2
+  ASSERT_TRUE(gate->CheckActive("acme").ok());
+  ASSERT_FALSE(gate->CheckActive("paused").ok());
+  ASSERT_FALSE(gate->CheckActive("stranger").ok());  // evicts acme, the least recently used
+  ASSERT_TRUE(gate->CheckActive("acme").ok());
+  EXPECT_EQ(fetched_, (std::vector<std::string>{"acme", "paused", "stranger", "acme"}));
+}
+
+}  // namespace
+}  // namespace medgate
