@@ -2,7 +2,10 @@
 #include "absl/strings/string_view.h"
 #include "libs/identity/credentials.h"
 
+#include <algorithm>
+#include <cstdlib>
 #include <fstream>
+#include <iterator>
 
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/auth_metadata_processor.h>
@@ -12,6 +15,8 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "libs/common/grpc_status.h"
 #include "libs/identity/principal.h"
 
@@ -23,6 +28,15 @@ absl::Status CheckReadable(const std::string& path, absl::string_view what) {
   if (!in) return absl::FailedPreconditionError(absl::StrCat(what, " file '", path, "' cannot be read"));
   return absl::OkStatus();
 }
+
+// What a deployment may narrow gRPC's cipher suites to (GRPC_SSL_CIPHER_SUITES): AEAD only.
+constexpr absl::string_view kAeadSuites[] = {
+    "TLS_AES_128_GCM_SHA256",        "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",  "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES256-GCM-SHA384",   "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+};
 
 absl::Status CheckFiles(const TlsConfig& tls) {
   if (absl::Status s = CheckReadable(tls.cert_path, "certificate"); !s.ok()) return s;
@@ -51,9 +65,26 @@ class PeerIdentityProcessor final : public grpc::AuthMetadataProcessor {
 
 }  // namespace
 
+absl::Status CheckCipherSuites(absl::string_view list) {
+  for (absl::string_view suite : absl::StrSplit(list, ':')) {
+    if (std::find(std::begin(kAeadSuites), std::end(kAeadSuites), suite) == std::end(kAeadSuites)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "GRPC_SSL_CIPHER_SUITES lists '", suite, "', which is not an AEAD cipher suite with "
+          "forward secrecy; medgate serves TLS 1.2+ with AEAD suites only: unset it, or choose "
+          "among ", absl::StrJoin(kAeadSuites, ":")));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const TlsConfig& tls, const std::string& trust_domain) {
   if (absl::Status s = CheckFiles(tls); !s.ok()) return s;
+  // gRPC reads the suites from the environment; its default list is AEAD only, and its TLS
+  // credentials refuse versions below 1.2.
+  if (const char* suites = std::getenv("GRPC_SSL_CIPHER_SUITES"); suites != nullptr) {
+    if (absl::Status s = CheckCipherSuites(suites); !s.ok()) return s;
+  }
   auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
       tls.key_path, tls.cert_path, tls.ca_path, static_cast<unsigned>(tls.refresh_seconds));
   grpc::experimental::TlsServerCredentialsOptions options(provider);

@@ -17,8 +17,14 @@ namespace medgate {
 // Server credentials that require and verify a client certificate signed by the CA, and refuse,
 // before any handler runs, a certificate whose identity is not one of ours (UNAUTHENTICATED).
 // Certificate files replaced on disk are picked up for new connections within refresh_seconds.
+// TLS 1.2 or 1.3 with AEAD cipher suites only (gRPC's defaults); FAILED_PRECONDITION when the
+// environment's GRPC_SSL_CIPHER_SUITES would allow anything else.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const TlsConfig& tls, const std::string& trust_domain);
+
+// OK when every suite of `list` (a GRPC_SSL_CIPHER_SUITES value, ':'-separated OpenSSL names) is
+// an AEAD suite with forward secrecy (TLS 1.3's, or ECDHE with AES-GCM or ChaCha20-Poly1305).
+absl::Status CheckCipherSuites(absl::string_view list);
 
 // Client credentials presenting our certificate and verifying the server's against the CA and
 // the target host name.

@@ -4,8 +4,12 @@
 #include <thread>
 
 #include <openssl/bn.h>
+#include <openssl/err.h>
 #include <openssl/pem.h>
+#include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -252,6 +256,105 @@ TEST_F(MtlsTest, HandshakeRefusalsNeverReachAHandler) {
   EXPECT_EQ(Call(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials())).error_code(),
             grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(service_->calls(), 0);
+}
+
+// What a raw OpenSSL client got from the server: the negotiated version and suite, or why not.
+struct Handshake {
+  bool ok = false;
+  std::string version;
+  std::string cipher;
+  std::string error;
+};
+
+// A TLS handshake with a client that offers what it is told, down to TLS 1.0 and CBC suites
+// (security level 0), so that a refusal comes from the server, not from this client.
+Handshake TryHandshake(int port, const TestCert& cert, const std::string& ca_path, int max_version,
+                       const char* tls12_ciphers) {
+  Handshake out;
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  SSL_CTX_set_security_level(ctx, 0);
+  SSL_CTX_set_min_proto_version(ctx, TLS1_VERSION);
+  SSL_CTX_set_max_proto_version(ctx, max_version);
+  if (tls12_ciphers != nullptr &&
+      SSL_CTX_set_cipher_list(ctx, absl::StrCat(tls12_ciphers, ":@SECLEVEL=0").c_str()) != 1) {
+    out.error = "client: cipher list refused";
+  }
+  if (SSL_CTX_use_certificate_chain_file(ctx, cert.cert_path.c_str()) != 1 ||
+      SSL_CTX_use_PrivateKey_file(ctx, cert.key_path.c_str(), SSL_FILETYPE_PEM) != 1 ||
+      SSL_CTX_load_verify_locations(ctx, ca_path.c_str(), nullptr) != 1) {
+    out.error = "client: cannot load the test certificates";
+  }
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
+  static const unsigned char kAlpn[] = {2, 'h', '2'};
+  SSL_CTX_set_alpn_protos(ctx, kAlpn, sizeof(kAlpn));
+  BIO* bio = BIO_new_connect(absl::StrCat("127.0.0.1:", port).c_str());
+  if (out.error.empty() && BIO_do_connect(bio) != 1) out.error = "client: cannot connect";
+  SSL* ssl = SSL_new(ctx);
+  SSL_set_bio(ssl, bio, bio);  // owned by ssl from here
+  if (out.error.empty()) {
+    int fd = -1;
+    BIO_get_fd(bio, &fd);
+    timeval timeout{10, 0};  // a server that never answered would fail the test, not hang it
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    ERR_clear_error();
+    if (SSL_connect(ssl) == 1) {
+      out.ok = true;
+      out.version = SSL_get_version(ssl);
+      out.cipher = SSL_get_cipher_name(ssl);
+    } else {
+      const unsigned long err = ERR_get_error();
+      const char* reason = ERR_reason_error_string(err);
+      out.error = reason != nullptr ? reason : absl::StrCat("SSL error ", err);
+    }
+  }
+  SSL_free(ssl);
+  SSL_CTX_free(ctx);
+  return out;
+}
+
+// DOMAIN's API8: no plaintext port (HandshakeRefusalsNeverReachAHandler), TLS 1.2+ with AEAD
+// cipher suites only, checked on the wire with a client that offers less.
+TEST_F(MtlsTest, OnlyTls12OrLaterWithAeadSuitesIsAccepted) {
+  const int port = server_->port();
+  const TestCert& me = pki_->practitioner();
+  // Positive controls: this client can complete a handshake when it offers what the server allows.
+  Handshake tls13 = TryHandshake(port, me, pki_->ca_path(), TLS1_3_VERSION, nullptr);
+  ASSERT_TRUE(tls13.ok) << tls13.error;
+  EXPECT_EQ(tls13.version, "TLSv1.3");
+  Handshake gcm = TryHandshake(port, me, pki_->ca_path(), TLS1_2_VERSION,
+                               "ECDHE-ECDSA-AES128-GCM-SHA256");
+  ASSERT_TRUE(gcm.ok) << gcm.error;
+  EXPECT_EQ(gcm.version, "TLSv1.2");
+  EXPECT_EQ(gcm.cipher, "ECDHE-ECDSA-AES128-GCM-SHA256");
+  // TLS 1.2 with everything but AEAD: CBC with SHA-1 or SHA-2 MACs, and no encryption at all.
+  Handshake cbc = TryHandshake(port, me, pki_->ca_path(), TLS1_2_VERSION,
+                               "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:"
+                               "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:"
+                               "ECDHE-ECDSA-NULL-SHA");
+  // The server's refusal: it ends the connection after the ClientHello (or sends an alert). A
+  // client that could not offer these would fail before sending, with another reason.
+  const auto refused_by_server =
+      ::testing::AnyOf(HasSubstr("unexpected eof"), HasSubstr("alert"));
+  EXPECT_FALSE(cbc.ok) << cbc.cipher;
+  EXPECT_THAT(cbc.error, refused_by_server);
+  // TLS 1.1 and 1.0, with every suite this client has.
+  for (int version : {TLS1_1_VERSION, TLS1_VERSION}) {
+    Handshake old = TryHandshake(port, me, pki_->ca_path(), version, "ALL:COMPLEMENTOFALL");
+    EXPECT_FALSE(old.ok) << old.version;
+    EXPECT_THAT(old.error, refused_by_server) << version;
+  }
+  EXPECT_EQ(service_->calls(), 0);
+}
+
+TEST(CipherSuitesTest, OnlyAeadSuitesMayBeConfigured) {
+  EXPECT_TRUE(CheckCipherSuites("TLS_AES_128_GCM_SHA256:ECDHE-ECDSA-AES256-GCM-SHA384").ok());
+  EXPECT_TRUE(CheckCipherSuites("ECDHE-RSA-CHACHA20-POLY1305").ok());
+  absl::Status cbc = CheckCipherSuites("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-SHA");
+  EXPECT_EQ(cbc.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(cbc.message()), HasSubstr("'ECDHE-ECDSA-AES128-SHA'"));
+  EXPECT_EQ(CheckCipherSuites("").code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(CheckCipherSuites("AES128-GCM-SHA256").code(),  // AEAD without forward secrecy
+            absl::StatusCode::kFailedPrecondition);
 }
 
 TEST_F(MtlsTest, UnlistedRpcIsDeniedToEveryKind) {
