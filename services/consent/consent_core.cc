@@ -444,6 +444,21 @@ absl::StatusOr<ListResult> ConsentCore::List(const CallContext& ctx, const ListR
         if (it != by_id.end()) it->second->history.push_back(VersionFromRow(row, 1));
       }
     }
+    // Reading a patient's consents is an access to the patient's data: audited, with the read.
+    audit::Entry entry;
+    entry.actor = ctx.principal.spiffe_id;
+    entry.tenant = patient.tenant_id;
+    entry.action = audit::Action::kRead;
+    entry.object_type = "consent_list";
+    entry.object_id = patient.patient_id;
+    entry.patient_id = patient.patient_id;
+    entry.decision = audit::Decision::kPermit;
+    entry.reason = absl::StrCat("listed=", result.consents.size(),
+                                request.include_history ? " with_history" : "",
+                                filter ? absl::StrCat(" purpose=", PurposeName(*filter)) : "");
+    entry.request_id = ctx.request_id;
+    entry.origin = ctx.origin;
+    RETURN_IF_ERROR(audit::Append(txn, entry).status());
     return result;
   });
 }

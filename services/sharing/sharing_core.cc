@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <deque>
 #include <iterator>
+#include <map>
 #include <mutex>
 #include <thread>
 #include <tuple>
@@ -1113,8 +1114,41 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
     merged.resize(size);
     result.next_page_token = PageToken(merged.back());
   }
+  RETURN_IF_ERROR(AuditListing(ctx, query.scope, merged));
   result.records = std::move(merged);
   return result;
+}
+
+absl::Status SharingCore::AuditListing(const CallContext& ctx, ListScope scope,
+                                       const std::vector<RecordInfo>& listed) {
+  // Record metadata (kind, file name, content type) is the patient's data: each patient whose
+  // records a page shows gets a read entry in its home shard's chain before the page leaves.
+  std::map<std::string, std::map<std::pair<std::string, std::string>, int>> by_region;
+  for (const RecordInfo& r : listed) {
+    ++by_region[r.record_id.substr(0, r.record_id.find('.'))][{r.tenant_id, r.patient_id}];
+  }
+  const char* scope_name = scope == ListScope::kMine           ? "mine"
+                           : scope == ListScope::kSharedWithMe ? "shared_with_me"
+                                                               : "patient";
+  for (const auto& [region, patients] : by_region) {
+    ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(region));
+    absl::Status audited = pool->Transact([&](pqxx::work& txn) -> absl::Status {
+      for (const auto& [who, count] : patients) {
+        RETURN_IF_ERROR(
+            audit::Append(txn, AuditEntryFor(ctx, audit::Action::kRead, "record_list", who.second,
+                                             who.first, who.second,
+                                             absl::StrCat("listed=", count, " scope=", scope_name)))
+                .status());
+      }
+      return absl::OkStatus();
+    });
+    if (!audited.ok()) {
+      return absl::Status(audited.code(),
+                          absl::StrCat("region ", region, ": the listing's audit entries could "
+                                       "not be written: ", audited.message()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(

@@ -199,6 +199,9 @@ class SharingCore {
                           uint64_t adding) const;
 
  private:
+  // Appends a read entry per patient of `listed` to its home shard's chain.
+  absl::Status AuditListing(const CallContext& ctx, ListScope scope,
+                            const std::vector<RecordInfo>& listed);
   absl::StatusOr<pg::Pool*> ShardOf(const std::string& object_id, absl::string_view what) const;
   // The data key of `record` from the MEDGATE_RECORD_KEY_COLUMNS that follow its
   // MEDGATE_RECORD_COLUMNS in `row` (its wrapped form and its patient key's id, KEK id and

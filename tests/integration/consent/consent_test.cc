@@ -960,6 +960,25 @@ TEST_F(ConsentTest, EveryGrantAndRevocationIsAuditedInTheHomeShardChain) {
       EXPECT_EQ(rows[i][8].as<std::string>(), "permit");
     }
   }
+  // Reading a patient's consents is an access too: one read entry per list call.
+  v1::ListConsentsRequest list = ListOf(patient, true);
+  list.set_purpose(v1::PURPOSE_CARE);
+  auto listed = List(*app, list);
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  {
+    pqxx::nontransaction q(c);
+    pqxx::result reads = q.exec_params(
+        "SELECT actor, tenant, action, object_id, reason, decision FROM audit_log "
+        "WHERE patient_id = $1 AND object_type = 'consent_list'",
+        patient);
+    ASSERT_EQ(reads.size(), 1u);
+    EXPECT_EQ(reads[0][0].as<std::string>(), App());
+    EXPECT_EQ(reads[0][1].as<std::string>(), "acme");
+    EXPECT_EQ(reads[0][2].as<std::string>(), "read");
+    EXPECT_EQ(reads[0][3].as<std::string>(), patient);
+    EXPECT_EQ(reads[0][4].as<std::string>(), "listed=1 with_history purpose=CARE");
+    EXPECT_EQ(reads[0][5].as<std::string>(), "permit");
+  }
   for (auto* region : clusters_->regions()) {
     pqxx::connection rc(region->ConnectionString());
     auto verified = audit::VerifyChain(rc);

@@ -1964,6 +1964,27 @@ TEST_F(SharingTest, ListRecordsPagesNewestFirstAcrossRegions) {
   } while (!token.empty());
   EXPECT_EQ(pages, 2);
   EXPECT_EQ(seen, std::vector<std::string>(uploaded.rbegin(), uploaded.rend()));
+  // Each page audits a read for each patient it shows, in the patient's home shard: the FR
+  // patient's two records came on different pages.
+  const std::string listings =
+      "SELECT string_agg(reason, ',' ORDER BY seq) FROM audit_log WHERE object_type = "
+      "'record_list' AND action = 'read' AND actor = $1";
+  auto reasons = [&](const std::string& region) {
+    pqxx::connection c(Db(region).ConnectionString());
+    pqxx::nontransaction q(c);
+    pqxx::row row = q.exec_params1(listings, Id("/tenant/acme/practitioner/p-4"));
+    return row[0].is_null() ? std::string() : row[0].as<std::string>();
+  };
+  EXPECT_EQ(reasons("fr-1"), "listed=1 scope=mine,listed=1 scope=mine");
+  EXPECT_EQ(reasons("de-1"), "listed=1 scope=mine");
+  EXPECT_EQ(reasons("eu-1"), "listed=1 scope=mine");
+  const std::vector<v1::AuditEntry> fr_entries = PatientAudit(Place("list-fr-1", "FR"));
+  EXPECT_EQ(std::count_if(fr_entries.begin(), fr_entries.end(),
+                          [](const v1::AuditEntry& e) {
+                            return e.object_type() == "record_list" &&
+                                   e.action() == v1::AUDIT_ACTION_READ;
+                          }),
+            2);
   auto reports = List(p4, v1::RECORD_SCOPE_MINE, "", 0, "", false, v1::RECORD_KIND_REPORT);
   ASSERT_TRUE(reports.ok());
   ASSERT_EQ(reports->records_size(), 1);
