@@ -267,8 +267,18 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
   ASSIGN_OR_RETURN(
       GrantResult result,
       shard->TransactValue<GrantResult>([&](pqxx::work& txn) -> absl::StatusOr<GrantResult> {
-        txn.exec_prepared0(sql::kInsertConsent, NewConsentId(patient.region_id), patient.patient_id,
-                           patient.tenant_id, purpose_name, request.actor);
+        txn.exec_prepared(sql::kLockPatientConsents, patient.patient_id);
+        const pqxx::result inserted =
+            txn.exec_prepared(sql::kInsertConsent, NewConsentId(patient.region_id),
+                              patient.patient_id, patient.tenant_id, purpose_name, request.actor);
+        if (inserted.affected_rows() == 1 &&
+            txn.exec_prepared1(sql::kCountPatientConsents, patient.patient_id)[0].as<int64_t>() >
+                kMaxConsentsPerPatient) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              "the patient has ", kMaxConsentsPerPatient, " consents (purpose and actor pairs), "
+              "the most a patient may have; re-grant an existing one (a tenant-wide consent has "
+              "no actor) instead of adding another"));
+        }
         pqxx::result row = txn.exec_prepared(sql::kLockConsentByKey, patient.patient_id,
                                              purpose_name, request.actor);
         if (row.empty()) return absl::InternalError("consent vanished after insert");
@@ -281,6 +291,12 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
             return granted;
           }
           granted.version = latest->version + 1;
+          // The last version is kept for a revocation, which is never refused.
+          if (granted.version >= kMaxConsentVersions) {
+            return absl::ResourceExhaustedError(absl::StrCat(
+                "consent '", granted.consent_id, "' has ", latest->version, " versions; a consent "
+                "may be granted at most ", kMaxConsentVersions - 1, " times"));
+          }
         }
         version.version = granted.version;
         InsertVersion(txn, granted.consent_id, version);
@@ -390,7 +406,9 @@ absl::StatusOr<ListResult> ConsentCore::List(const CallContext& ctx, const ListR
     ASSIGN_OR_RETURN(filter, ValidatePurpose(request.purpose, "purpose"));
   }
   ASSIGN_OR_RETURN(const int page_size,
-                   PageSize(request.page_size, kDefaultPageSize, kMaxPageSize));
+                   PageSize(request.page_size,
+                            request.include_history ? kMaxPageSizeWithHistory : kDefaultPageSize,
+                            request.include_history ? kMaxPageSizeWithHistory : kMaxPageSize));
   std::optional<std::pair<Purpose, std::string>> after;
   if (!request.page_token.empty()) {
     ASSIGN_OR_RETURN(after, DecodePageToken(request.page_token));

@@ -15,6 +15,8 @@ inline constexpr char kLatestVersion[] = "latest_consent_version";
 inline constexpr char kInsertVersion[] = "insert_consent_version";
 inline constexpr char kListConsents[] = "list_consents";
 inline constexpr char kListVersions[] = "list_consent_versions";
+inline constexpr char kLockPatientConsents[] = "lock_patient_consents";
+inline constexpr char kCountPatientConsents[] = "count_patient_consents";
 
 // Times travel as microseconds since the Unix epoch (int8), in both directions, so nothing
 // depends on text formats or time zones.
@@ -50,6 +52,9 @@ inline const std::vector<pg::Statement>& Statements() {
        "  SELECT * FROM consent_versions cv WHERE cv.consent_id = c.consent_id "
        "  ORDER BY version DESC LIMIT 1) v "
        "WHERE c.patient_id = $1 AND ($2 = '' OR c.purpose = $2)"},
+      // New consents of one patient take turns, so the bound on their number holds.
+      {kLockPatientConsents, "SELECT pg_advisory_xact_lock(hashtextextended($1, 7))"},
+      {kCountPatientConsents, "SELECT count(*) FROM consents WHERE patient_id = $1"},
       {kListVersions,
        "SELECT consent_id, version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "
        "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "

@@ -130,6 +130,16 @@ void AttachGrants(pqxx::work& txn, std::vector<RecordInfo>& records, const std::
   }
 }
 
+// What a record and the grants shown with it weigh in a response, give or take field overheads.
+size_t ApproximateBytes(const RecordInfo& r) {
+  size_t bytes = 128 + r.record_id.size() + r.tenant_id.size() + r.patient_id.size() +
+                 r.content_type.size() + r.file_name.size() + r.sha256.size() + r.owner.size();
+  for (const GrantInfo& g : r.grants) {
+    bytes += 64 + g.grant_id.size() + g.record_id.size() + g.grantee.size() + g.granted_by.size();
+  }
+  return bytes;
+}
+
 // --- ids and validation ---------------------------------------------------------------------
 
 std::string NewId(absl::string_view region, absl::string_view tag) {
@@ -969,6 +979,8 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
         }
         audit::Entry entry = AuditEntryFor(ctx, audit::Action::kCreate, "share_grant", record_id,
                                       record->tenant_id, record->patient_id, "");
+        // The consent lets the patient's tenant share the record; one narrowed to a practitioner
+        // lets that practitioner share it, with anyone (another tenant's practitioners too).
         ASSIGN_OR_RETURN(
             consent::AccessDecision decision,
             consent_.Check(region, record->patient_id, consent::Purpose::kRecordSharing,
@@ -981,6 +993,14 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
         }
         if (to->tenant != record->tenant_id) {
           RETURN_IF_ERROR(CheckReadTerritory(*record, to->tenant));
+        }
+        const int64_t others =
+            txn.exec_prepared1(sql::kCountOtherActiveGrants, record_id, PgTime(now), grantee)[0]
+                .as<int64_t>();
+        if (others >= kMaxActiveGrantsPerRecord) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              "record '", record_id, "' already has ", others, " active grants, the most a record "
+              "may have; revoke one before sharing with another practitioner"));
         }
         GrantInfo grant = GrantFromRow(txn.exec_prepared1(
             sql::kUpsertGrant, NewId(region, "g"), record_id, grantee, to->tenant,
@@ -1110,8 +1130,16 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
     return std::tie(a.created_at, a.record_id) > std::tie(b.created_at, b.record_id);
   });
   ListResult result;
-  if (merged.size() > static_cast<size_t>(size)) {
-    merged.resize(size);
+  // At most `size` records, and fewer when they would not fit max_list_page_bytes (at least one).
+  size_t keep = 0;
+  size_t bytes = 0;
+  for (; keep < merged.size() && keep < static_cast<size_t>(size); ++keep) {
+    const size_t record_bytes = ApproximateBytes(merged[keep]);
+    if (keep > 0 && bytes + record_bytes > options_.max_list_page_bytes) break;
+    bytes += record_bytes;
+  }
+  if (keep < merged.size()) {
+    merged.resize(keep);
     result.next_page_token = PageToken(merged.back());
   }
   RETURN_IF_ERROR(AuditListing(ctx, query.scope, merged));

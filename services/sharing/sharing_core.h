@@ -127,6 +127,10 @@ struct SweepResult {
   bool more = false;  // some region had a full batch: sweep again
 };
 
+// A page of ListRecords ends early, with a next_page_token, once its records and grants come to
+// about this many bytes (SharingOptions), so that a page fits a client's default 4 MiB limit.
+inline constexpr size_t kMaxListPageBytes = size_t{2} << 20;
+
 struct SharingOptions {
   // Bytes of live records a tenant may keep in one region; 0 means no limit.
   int64_t default_tenant_quota_bytes = 0;
@@ -140,6 +144,8 @@ struct SharingOptions {
   // The identity the retention sweep acts as in the audit log.
   std::string service_identity;
   std::string trust_domain;
+  // A ListRecords page ends early once its records come to about this many bytes.
+  size_t max_list_page_bytes = kMaxListPageBytes;
   // Time source for grants, expiry and retention (tests move it forward).
   std::function<absl::Time()> clock = absl::Now;
 };
@@ -151,6 +157,9 @@ inline constexpr size_t kMaxReasonBytes = 512;
 inline constexpr size_t kMinBreakGlassReasonBytes = 16;
 inline constexpr size_t kMaxBreakGlassReasonBytes = 1024;
 inline constexpr absl::Duration kMaxGrantDuration = absl::Hours(24 * 365);
+// Active grants one record may have at once: sharing with one more grantee is refused beyond it
+// (extending a grantee's grant is not).
+inline constexpr int64_t kMaxActiveGrantsPerRecord = 100;
 
 class SharingCore {
  public:

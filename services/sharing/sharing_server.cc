@@ -96,6 +96,7 @@ SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settin
       absl::StrCat("spiffe://", config.trust_domain, "/service/sharing");
   core_options.trust_domain = config.trust_domain;
   core_options.clock = options.clock;
+  core_options.max_list_page_bytes = options.max_list_page_bytes;
   core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, *directory_, *consent_, *kek_,
                                         std::move(core_options));
   audit_core_ = std::make_unique<AuditCore>(*control_, *shards_, *directory_);

@@ -51,6 +51,8 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
 struct SharingServerOptions {
   // Time source of the cores (grants, expiry, retention); tests move it forward.
   std::function<absl::Time()> clock = absl::Now;
+  // SharingOptions::max_list_page_bytes; tests make it small.
+  size_t max_list_page_bytes = kMaxListPageBytes;
 };
 
 class SharingServer {

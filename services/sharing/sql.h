@@ -66,6 +66,7 @@ inline constexpr char kSelectChunk[] = "select_chunk";
 inline constexpr char kSelectActiveGrants[] = "select_active_grants";
 inline constexpr char kSelectLatestGrant[] = "select_latest_grant";
 inline constexpr char kUpsertGrant[] = "upsert_grant";
+inline constexpr char kCountOtherActiveGrants[] = "count_other_active_grants";
 inline constexpr char kSelectGrantForUpdate[] = "select_grant_for_update";
 inline constexpr char kRevokeGrant[] = "revoke_grant";
 inline constexpr char kListOwned[] = "list_owned";
@@ -104,7 +105,9 @@ inline const std::vector<pg::Statement>& ShardStatements() {
     std::vector<pg::Statement> s = {
         {kSelectRecord, "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.record_id = $1"},
         {kSelectRecordForShare,
-         "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.record_id = $1 FOR SHARE"},
+         // Shares of one record take turns, so the bound on its active grants holds.
+         "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.record_id = $1 "
+         "FOR NO KEY UPDATE"},
         {kSelectRecordForUpdate,
          "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.record_id = $1 FOR UPDATE"},
         {kSelectRecordWithKey, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
@@ -165,6 +168,9 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kSelectLatestGrant, "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g "
                              "WHERE g.record_id = $1 AND g.grantee = $2 "
                              "ORDER BY (g.revoked_at IS NULL) DESC, g.created_at DESC LIMIT 1"},
+        {kCountOtherActiveGrants,
+         "SELECT count(*) FROM share_grants WHERE record_id = $1 AND revoked_at IS NULL "
+         "AND expires_at > $2::timestamptz AND grantee <> $3"},
         {kUpsertGrant,
          "INSERT INTO share_grants AS g (grant_id, record_id, grantee, grantee_tenant, "
          "granted_by, created_at, expires_at) "

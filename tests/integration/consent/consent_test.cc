@@ -788,6 +788,73 @@ TEST_F(ConsentTest, ASuspendedTenantIsRefused) {
   EXPECT_EQ(listed->consents(0).current().version(), 1);
 }
 
+// A patient has at most kMaxConsentsPerPatient consents and a consent at most kMaxConsentVersions
+// versions, the last of them kept for a revocation; a page with history holds at most
+// kMaxPageSizeWithHistory consents.
+TEST_F(ConsentTest, APatientsConsentsAndTheirVersionsAreBounded) {
+  const std::string patient = Place("bounded-1", "FR");
+  auto app = Stub(pki_->app());
+  auto first = Grant(*app, GrantArgs(patient).WithRequestId("bounded-v1"));
+  ASSERT_TRUE(first.ok()) << first.status();
+  // What earlier grants would have stored: more consents, each granted once, up to one below the
+  // bound, and versions 2 to kMaxConsentVersions - 2 of the first.
+  {
+    pqxx::connection c(clusters_->region("fr-1").ConnectionString());
+    pqxx::work txn(c);
+    txn.exec_params0(
+        "INSERT INTO consents (consent_id, patient_id, tenant_id, purpose, actor) "
+        "SELECT 'cn_fr-1_fill' || n, $1, 'acme', 'RESEARCH', $2 || n "
+        "FROM generate_series(1, $3::int) AS n",
+        patient, pki_->SpiffeId("/tenant/acme/app/fill-"), kMaxConsentsPerPatient - 2);
+    txn.exec_params0(
+        "INSERT INTO consent_versions (consent_id, version, state, valid_from, evidence_ref, "
+        "reason, recorded_by, recorded_at, request_id) "
+        "SELECT 'cn_fr-1_fill' || n, 1, 'granted', now(), 'form', '', $2, now(), 'fill' "
+        "FROM generate_series(1, $1::int) AS n",
+        kMaxConsentsPerPatient - 2, App());
+    txn.exec_params0(
+        "INSERT INTO consent_versions (consent_id, version, state, valid_from, evidence_ref, "
+        "reason, recorded_by, recorded_at, request_id) "
+        "SELECT $1, v, 'granted', now(), 'form-' || v, '', $2, now(), 'fill-' || v "
+        "FROM generate_series(2, $3::int) AS v",
+        first->consent_id(), App(), kMaxConsentVersions - 2);
+    txn.commit();
+  }
+  // The last consent the bound allows, then one too many.
+  ASSERT_TRUE(Grant(*app, GrantArgs(patient).WithPurpose(v1::PURPOSE_GEOLOCATION)).ok());
+  auto refused = Grant(*app, GrantArgs(patient).WithPurpose(v1::PURPOSE_RESEARCH));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr(absl::StrCat(kMaxConsentsPerPatient, " consents")));
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"), "SELECT count(*) FROM consents WHERE patient_id = $1",
+                    patient),
+            kMaxConsentsPerPatient);
+  // Versions: one more grant fits, the next does not; a revocation still does.
+  auto regranted = Grant(*app, GrantArgs(patient).WithEvidence("form-99").WithRequestId("b-99"));
+  ASSERT_TRUE(regranted.ok()) << regranted.status();
+  EXPECT_EQ(regranted->version(), kMaxConsentVersions - 1);
+  auto too_many = Grant(*app, GrantArgs(patient).WithEvidence("form-100").WithRequestId("b-100"));
+  EXPECT_EQ(too_many.status().code(), absl::StatusCode::kResourceExhausted);
+  auto revoked = Revoke(*app, ById(first->consent_id()));
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_EQ(revoked->version(), kMaxConsentVersions);
+  // With history, pages are short; without, the usual size.
+  v1::ListConsentsRequest with_history = ListOf(patient, true);
+  with_history.set_page_size(1000);
+  auto page = List(*app, with_history);
+  ASSERT_TRUE(page.ok()) << page.status();
+  EXPECT_EQ(page->consents_size(), kMaxPageSizeWithHistory);
+  EXPECT_FALSE(page->next_page_token().empty());
+  auto defaults = List(*app, ListOf(patient, true));
+  ASSERT_TRUE(defaults.ok()) << defaults.status();
+  EXPECT_EQ(defaults->consents_size(), kMaxPageSizeWithHistory);
+  v1::ListConsentsRequest plain = ListOf(patient);
+  plain.set_page_size(1000);
+  auto all = List(*app, plain);
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->consents_size(), kMaxConsentsPerPatient);
+}
+
 TEST_F(ConsentTest, BadInputNamesTheField) {
   const std::string patient = Place("bad-input-1", "FR");
   const absl::Time now = absl::Now();

@@ -301,12 +301,14 @@ class SharingTest : public ::testing::Test {
     return response.patient_id();
   }
 
-  // A tenant-wide RECORD_SHARING consent, granted through the consent service.
-  static std::string GrantSharingConsent(const std::string& patient_id) {
+  // A tenant-wide RECORD_SHARING consent (or one for `actor` only), through the consent service.
+  static std::string GrantSharingConsent(const std::string& patient_id,
+                                         const std::string& actor = "") {
     v1::GrantConsentRequest request;
     request.set_request_id(absl::StrCat("consent-", patient_id.substr(0, 20)));
     request.set_patient_id(patient_id);
     request.set_purpose(v1::PURPOSE_RECORD_SHARING);
+    request.set_actor(actor);
     request.set_evidence_ref("signed-form-7");
     v1::GrantConsentResponse response;
     grpc::ClientContext context;
@@ -1280,6 +1282,33 @@ TEST_F(SharingTest, SharingNeedsConsentAndGrantsAreRevokedAndExpire) {
   EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_UPDATE, shared->grant_id(), "REVOKED"));
 }
 
+// A RECORD_SHARING consent narrowed to one practitioner lets that practitioner share the record;
+// a grantee it does not name may read what was shared with them but not share it on.
+TEST_F(SharingTest, AConsentNarrowedToOnePractitionerLetsOnlyThemShare) {
+  const std::string patient = Place("narrow-share-1", "FR");
+  GrantSharingConsent(patient, P1());
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(41, 0, 4000);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  absl::StatusOr<v1::ShareRecordResponse> to_p2;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    to_p2 = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+    return to_p2.ok();
+  })) << to_p2.status();
+  Downloaded d = Download(Cert("acme-p2"), record);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, spec.content);
+  auto reshared = Share(Cert("acme-p2"), record, P3(), ServerNow() + absl::Minutes(30));
+  EXPECT_EQ(reshared.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(reshared.status().message()), HasSubstr("ACTOR_NOT_COVERED"));
+  EXPECT_EQ(Count("fr-1",
+                  absl::StrCat("SELECT count(*) FROM share_grants WHERE record_id = '", record,
+                               "' AND grantee = $1"),
+                  P3()),
+            0);
+}
+
 TEST_F(SharingTest, RevokedConsentStopsGranteeReads) {
   const std::string patient = Place("consent-revoke-1", "FR");
   const std::string consent_id = GrantSharingConsent(patient);
@@ -1996,6 +2025,88 @@ TEST_F(SharingTest, ListRecordsPagesNewestFirstAcrossRegions) {
   EXPECT_EQ(List(p4, v1::RECORD_SCOPE_PATIENT).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(List(p4, v1::RECORD_SCOPE_MINE, "", 0, "not-a-token").status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// A page ends early, with a token to go on, when its records would not fit the page's byte bound:
+// here so small that each page holds one record (never none).
+TEST_F(SharingTest, ListRecordsPagesEndAtTheirByteBound) {
+  const TestCert& p3 = Cert("acme-p3");
+  for (const char* ref : {"bytes-1", "bytes-2", "bytes-3"}) {
+    UploadSpec spec;
+    spec.patient_id = Place(ref, "FR");
+    spec.content = absl::StrCat("record for ", ref);
+    UploadOk(p3, spec);
+  }
+  const std::vector<std::string> all = ListedIds(p3, v1::RECORD_SCOPE_MINE);
+  ASSERT_GE(all.size(), 3u);
+  SharingServerOptions options;
+  options.clock = ServerNow;
+  options.max_list_page_bytes = 1;
+  auto server = SharingServer::Create(stack_->config(), options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  auto stub = Stub(p3, (*server)->port());
+  std::vector<std::string> seen;
+  std::string token;
+  do {
+    v1::ListRecordsRequest request;
+    request.set_scope(v1::RECORD_SCOPE_MINE);
+    request.set_page_size(1000);
+    request.set_page_token(token);
+    v1::ListRecordsResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = stub->ListRecords(&context, request, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    ASSERT_EQ(response.records_size(), 1);
+    seen.push_back(response.records(0).record_id());
+    token = response.next_page_token();
+  } while (!token.empty() && seen.size() <= all.size());
+  EXPECT_EQ(seen, all);
+  (*server)->Shutdown();
+}
+
+// A record has at most kMaxActiveGrantsPerRecord active grants: one more grantee is refused, an
+// extension of a present grantee is not, and a revocation makes room.
+TEST_F(SharingTest, ARecordsActiveGrantsAreBounded) {
+  const std::string patient = Place("many-grants-1", "FR");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "shared widely";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  // The grants already made (as ShareRecord stores them), all active.
+  {
+    pqxx::connection c(Db("fr-1").ConnectionString());
+    pqxx::work txn(c);
+    txn.exec_params0(
+        "INSERT INTO share_grants (grant_id, record_id, grantee, grantee_tenant, granted_by, "
+        "created_at, expires_at) SELECT 'fr-1.gfill' || n, $1, $2 || n, 'acme', $3, "
+        "to_timestamp($5), to_timestamp($5) + interval '1 day' "
+        "FROM generate_series(1, $4::int) AS n",
+        record, Id("/tenant/acme/practitioner/filler-"), P1(), kMaxActiveGrantsPerRecord,
+        absl::ToUnixSeconds(ServerNow()));  // the server's clock, which tests move forward
+    txn.commit();
+  }
+  const absl::Time until = ServerNow() + absl::Hours(2);
+  absl::StatusOr<v1::ShareRecordResponse> refused;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    refused = Share(pki_->practitioner(), record, P2(), until);
+    return refused.status().code() != absl::StatusCode::kPermissionDenied;  // consent loaded
+  }));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr(absl::StrCat(kMaxActiveGrantsPerRecord, " active grants")));
+  EXPECT_TRUE(Share(pki_->practitioner(), record, Id("/tenant/acme/practitioner/filler-1"), until)
+                  .ok());
+  ASSERT_TRUE(RevokeByGrantee(pki_->practitioner(), record,
+                              Id("/tenant/acme/practitioner/filler-2"))
+                  .ok());
+  auto shared = Share(pki_->practitioner(), record, P2(), until);
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM share_grants WHERE record_id = $1 AND revoked_at IS NULL",
+                  record),
+            kMaxActiveGrantsPerRecord);
 }
 
 // --- the Audit service -------------------------------------------------------------------------
