@@ -213,17 +213,19 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
 
   if (root.Has("limits")) {
     ASSIGN_OR_RETURN(ConfigNode limits, root.Child("limits"));
-    RETURN_IF_ERROR(limits.OnlyKeys({"max_message_bytes", "max_concurrent_streams",
+    RETURN_IF_ERROR(limits.OnlyKeys({"max_message_bytes", "max_concurrent_streams", "max_threads",
                                      "max_connection_age_seconds",
                                      "max_connection_age_grace_seconds", "drain_seconds"}));
     ServerLimits& l = config.limits;
     ASSIGN_OR_RETURN(int64_t msg, limits.Int("max_message_bytes", 1024, 64 << 20, l.max_message_bytes));
     ASSIGN_OR_RETURN(int64_t streams, limits.Int("max_concurrent_streams", 1, 100000, l.max_concurrent_streams));
+    ASSIGN_OR_RETURN(int64_t threads, limits.Int("max_threads", 4, 100000, l.max_threads));
     ASSIGN_OR_RETURN(int64_t age, limits.Int("max_connection_age_seconds", 1, 7 * 86400, l.max_connection_age_seconds));
     ASSIGN_OR_RETURN(int64_t grace, limits.Int("max_connection_age_grace_seconds", 0, 86400, l.max_connection_age_grace_seconds));
     ASSIGN_OR_RETURN(int64_t drain, limits.Int("drain_seconds", 0, 3600, l.drain_seconds));
     l.max_message_bytes = static_cast<int>(msg);
     l.max_concurrent_streams = static_cast<int>(streams);
+    l.max_threads = static_cast<int>(threads);
     l.max_connection_age_seconds = static_cast<int>(age);
     l.max_connection_age_grace_seconds = static_cast<int>(grace);
     l.drain_seconds = static_cast<int>(drain);

@@ -77,7 +77,11 @@ struct RegionConfig {
 
 struct ServerLimits {
   int max_message_bytes = 4 << 20;
-  int max_concurrent_streams = 1000;
+  int max_concurrent_streams = 1000;  // per connection
+  // Threads gRPC may run for one server, for all its connections together (handlers of unary and
+  // streaming calls, and its pollers): a call that would need one more is refused with
+  // RESOURCE_EXHAUSTED. Callback-API streams (device ingest) take no thread of their own.
+  int max_threads = 256;
   int max_connection_age_seconds = 3600;
   int max_connection_age_grace_seconds = 30;
   int drain_seconds = 20;

@@ -15,6 +15,7 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "libs/common/grpc_status.h"
@@ -66,6 +67,7 @@ class PeerIdentityProcessor final : public grpc::AuthMetadataProcessor {
 }  // namespace
 
 absl::Status CheckCipherSuites(absl::string_view list) {
+  bool tls12 = false;
   for (absl::string_view suite : absl::StrSplit(list, ':')) {
     if (std::find(std::begin(kAeadSuites), std::end(kAeadSuites), suite) == std::end(kAeadSuites)) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -73,6 +75,12 @@ absl::Status CheckCipherSuites(absl::string_view list) {
           "forward secrecy; medgate serves TLS 1.2+ with AEAD suites only: unset it, or choose "
           "among ", absl::StrJoin(kAeadSuites, ":")));
     }
+    tls12 = tls12 || absl::StartsWith(suite, "ECDHE-");
+  }
+  if (!tls12) {
+    // OpenSSL's TLS 1.2 cipher list (which gRPC sets from it) cannot be empty.
+    return absl::FailedPreconditionError(
+        "GRPC_SSL_CIPHER_SUITES lists no TLS 1.2 suite; add one of the ECDHE-... suites");
   }
   return absl::OkStatus();
 }

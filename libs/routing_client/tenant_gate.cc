@@ -34,9 +34,9 @@ class CachedTenantGate final : public TenantGate {
       const absl::Time asked_at = options_.clock();
       absl::StatusOr<std::vector<TenantStatus>> fetched = fetch_({key});
       if (!fetched.ok()) {
-        return absl::Status(fetched.status().code(),
-                            absl::StrCat("cannot learn whether tenant '", key,
-                                         "' may act: ", fetched.status().message()));
+        // Whatever routing answered, the caller's request was not decided: retry later.
+        return absl::UnavailableError(absl::StrCat("cannot learn whether tenant '", key,
+                                                   "' may act: ", fetched.status().message()));
       }
       if (fetched->size() != 1 || (*fetched)[0].tenant_id != key) {
         return absl::InternalError("routing answered another tenant");

@@ -35,7 +35,7 @@ using TenantStatusFetcher =
     std::function<absl::StatusOr<std::vector<TenantStatus>>(absl::Span<const std::string>)>;
 
 // A TenantGate over `fetch` with a TTL cache. Thread-safe. A failed fetch caches nothing and
-// answers its error (fail closed).
+// answers UNAVAILABLE with its message (fail closed, retryable).
 std::unique_ptr<TenantGate> NewCachedTenantGate(TenantStatusFetcher fetch,
                                                 TenantGateOptions options = {});
 

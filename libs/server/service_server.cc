@@ -6,6 +6,7 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
 
 #include "absl/strings/str_cat.h"
 #include "libs/common/log.h"
@@ -41,6 +42,11 @@ absl::Status ServiceServer::Start() {
   builder.SetMaxReceiveMessageSize(limits.max_message_bytes);
   builder.SetMaxSendMessageSize(limits.max_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams);
+  // One bound on handler threads for every connection together (streams are bounded per
+  // connection only).
+  grpc::ResourceQuota quota(absl::StrCat("medgate-", service_name_));
+  quota.SetMaxThreads(limits.max_threads);
+  builder.SetResourceQuota(quota);
   // A bounded connection age makes long-lived clients reconnect, so rotated certificates reach them.
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, limits.max_connection_age_seconds * 1000);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,

@@ -294,8 +294,9 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
           // The last version is kept for a revocation, which is never refused.
           if (granted.version >= kMaxConsentVersions) {
             return absl::ResourceExhaustedError(absl::StrCat(
-                "consent '", granted.consent_id, "' has ", latest->version, " versions; a consent "
-                "may be granted at most ", kMaxConsentVersions - 1, " times"));
+                "consent '", granted.consent_id, "' has ", latest->version, " versions (grants "
+                "and revocations), the most it may have before its last, kept for a revocation; "
+                "record further consent for this purpose tenant-wide or for another actor"));
           }
         }
         version.version = granted.version;

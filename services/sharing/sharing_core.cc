@@ -999,8 +999,9 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
                 .as<int64_t>();
         if (others >= kMaxActiveGrantsPerRecord) {
           return absl::ResourceExhaustedError(absl::StrCat(
-              "record '", record_id, "' already has ", others, " active grants, the most a record "
-              "may have; revoke one before sharing with another practitioner"));
+              "record '", record_id, "' has the most active grants a record may have (",
+              kMaxActiveGrantsPerRecord, "); revoke one before sharing with another "
+              "practitioner"));
         }
         GrantInfo grant = GrantFromRow(txn.exec_prepared1(
             sql::kUpsertGrant, NewId(region, "g"), record_id, grantee, to->tenant,

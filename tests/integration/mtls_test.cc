@@ -28,6 +28,7 @@
 #include "libs/server/service_server.h"
 #include "medgate/v1/audit.grpc.pb.h"
 #include "tests/support/health_check.h"
+#include "tests/support/poll.h"
 #include "tests/support/test_pki.h"
 
 namespace medgate {
@@ -62,6 +63,15 @@ class RecordingAuditService final : public v1::Audit::Service {
   grpc::Status VerifyChain(grpc::ServerContext* context, const v1::VerifyChainRequest*,
                            v1::VerifyChainResponse*) override {
     calls_.fetch_add(1);
+    {
+      // While held, a call stays in its handler (on its thread) until released.
+      absl::MutexLock lock(&mu_);
+      ++running_;
+      max_running_ = std::max(max_running_, running_);
+      mu_.Await(absl::Condition(
+          +[](bool* held) { return !*held; }, &held_));
+      --running_;
+    }
     absl::StatusOr<Principal> principal = policy_.Authorize(*context, "VerifyChain");
     absl::MutexLock lock(&mu_);
     if (!principal.ok()) {
@@ -82,6 +92,18 @@ class RecordingAuditService final : public v1::Audit::Service {
   }
 
   int calls() const { return calls_.load(); }
+  void Hold(bool held) {
+    absl::MutexLock lock(&mu_);
+    held_ = held;
+  }
+  int running() {
+    absl::MutexLock lock(&mu_);
+    return running_;
+  }
+  int max_running() {
+    absl::MutexLock lock(&mu_);
+    return max_running_;
+  }
   Principal last() {
     absl::MutexLock lock(&mu_);
     return last_;
@@ -92,6 +114,9 @@ class RecordingAuditService final : public v1::Audit::Service {
   std::atomic<int> calls_{0};
   absl::Mutex mu_;
   Principal last_;
+  bool held_ ABSL_GUARDED_BY(mu_) = false;
+  int running_ ABSL_GUARDED_BY(mu_) = 0;
+  int max_running_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Counts the bandwidth-delay-product pings gRPC starts in this process (both ends of a loopback
@@ -349,12 +374,72 @@ TEST_F(MtlsTest, OnlyTls12OrLaterWithAeadSuitesIsAccepted) {
 TEST(CipherSuitesTest, OnlyAeadSuitesMayBeConfigured) {
   EXPECT_TRUE(CheckCipherSuites("TLS_AES_128_GCM_SHA256:ECDHE-ECDSA-AES256-GCM-SHA384").ok());
   EXPECT_TRUE(CheckCipherSuites("ECDHE-RSA-CHACHA20-POLY1305").ok());
+  EXPECT_EQ(CheckCipherSuites("TLS_AES_128_GCM_SHA256").code(),  // no TLS 1.2 suite at all
+            absl::StatusCode::kFailedPrecondition);
   absl::Status cbc = CheckCipherSuites("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-SHA");
   EXPECT_EQ(cbc.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(cbc.message()), HasSubstr("'ECDHE-ECDSA-AES128-SHA'"));
   EXPECT_EQ(CheckCipherSuites("").code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(CheckCipherSuites("AES128-GCM-SHA256").code(),  // AEAD without forward secrecy
             absl::StatusCode::kFailedPrecondition);
+}
+
+// The server runs at most limits.max_threads threads for all its connections together: calls
+// beyond them are refused with RESOURCE_EXHAUSTED instead of queueing or growing threads, and the
+// server serves again once its handlers return.
+TEST_F(MtlsTest, HandlerThreadsAreBoundedAcrossConnections) {
+  MedgateConfig limited = config_;
+  limited.limits.max_threads = 6;
+  RecordingAuditService service(pki_->trust_domain());
+  ServiceServer server(limited, "test");
+  server.AddService(&service);
+  ASSERT_TRUE(server.Start().ok());
+  const std::string address = absl::StrCat("127.0.0.1:", server.port());
+  service.Hold(true);
+  constexpr int kCalls = 24;
+  std::vector<grpc::Status> results(kCalls);
+  std::atomic<int> answered{0};
+  std::vector<std::thread> callers;
+  for (int i = 0; i < kCalls; ++i) {
+    callers.emplace_back([&, i] {
+      // Each call on its own connection.
+      auto channel = MakeChannel(address, TlsConfig{pki_->ops().cert_path, pki_->ops().key_path,
+                                                    pki_->ca_path(), 1});
+      auto stub = v1::Audit::NewStub(*channel);
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+      v1::VerifyChainRequest request;
+      v1::VerifyChainResponse response;
+      results[i] = stub->VerifyChain(&context, request, &response);
+      answered.fetch_add(1);
+    });
+  }
+  // Every call is either held in a handler or already answered (refused): none waits for a thread.
+  EXPECT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(20), [&] {
+    return service.running() + answered.load() == kCalls;
+  })) << service.running() << " held, " << answered.load() << " answered";
+  const int held = service.running();
+  service.Hold(false);
+  for (std::thread& t : callers) t.join();
+  int ok = 0;
+  int exhausted = 0;
+  for (const grpc::Status& s : results) {
+    ok += s.ok();
+    exhausted += s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED;
+  }
+  EXPECT_GE(held, 1);
+  EXPECT_LT(service.max_running(), limited.limits.max_threads);
+  EXPECT_EQ(ok, service.calls());
+  EXPECT_GE(exhausted, 1);
+  EXPECT_EQ(ok + exhausted, kCalls);
+  // Free threads again: served.
+  auto channel = MakeChannel(address, TlsConfig{pki_->ops().cert_path, pki_->ops().key_path,
+                                                pki_->ca_path(), 1});
+  grpc::ClientContext context;
+  v1::VerifyChainRequest request;
+  v1::VerifyChainResponse response;
+  EXPECT_TRUE(v1::Audit::NewStub(*channel)->VerifyChain(&context, request, &response).ok());
+  server.Shutdown();
 }
 
 TEST_F(MtlsTest, UnlistedRpcIsDeniedToEveryKind) {

@@ -1201,9 +1201,6 @@ TEST_F(IngestTest, AResendAfterAShardOutageIsNotRefusedForTheQuota) {
   server.Shutdown();
 }
 
-// The standard health check, as a load balancer asks it, answers SERVING while any region's shard
-// answers: one region down gets retryable acks for its own batches (above), and must not take the
-// other regions' devices out of service with it. With every shard down, NOT_SERVING.
 // A suspended tenant's devices stop streaming (an open stream ends PERMISSION_DENIED at a batch
 // after routing's answer for the device says so, with everything acked before it stored) and its
 // practitioners may not read; reactivated, both work again.
@@ -1300,6 +1297,9 @@ TEST_F(IngestTest, ASuspendedTenantNeitherStreamsNorReads) {
   ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(15), [&] { return read().ok(); }));
 }
 
+// The standard health check, as a load balancer asks it, answers SERVING while any region's shard
+// answers: one region down gets retryable acks for its own batches (above), and must not take the
+// other regions' devices out of service with it. With every shard down, NOT_SERVING.
 TEST_F(IngestTest, HealthServesWhileAnyRegionsShardAnswers) {
   const TestCert& ops = pki().ops();
   auto channel = MakeChannel(absl::StrCat("127.0.0.1:", ingest_->port()),

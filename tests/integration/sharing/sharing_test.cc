@@ -2095,7 +2095,8 @@ TEST_F(SharingTest, ARecordsActiveGrantsAreBounded) {
   }));
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(refused.status().message()),
-              HasSubstr(absl::StrCat(kMaxActiveGrantsPerRecord, " active grants")));
+              HasSubstr(absl::StrCat("most active grants a record may have (",
+                                     kMaxActiveGrantsPerRecord, ")")));
   EXPECT_TRUE(Share(pki_->practitioner(), record, Id("/tenant/acme/practitioner/filler-1"), until)
                   .ok());
   ASSERT_TRUE(RevokeByGrantee(pki_->practitioner(), record,

@@ -78,9 +78,12 @@ TEST_F(TenantGateTest, FailsClosedAndCachesNoFailure) {
   EXPECT_EQ(down.code(), absl::StatusCode::kUnavailable);
   EXPECT_NE(down.message().find("cannot learn whether tenant 'acme' may act"),
             absl::string_view::npos);
+  // Routing refusing the service itself is not a decision about the tenant.
+  fetch_error_ = absl::PermissionDeniedError("routing ResolveTenants: a app identity may not call");
+  EXPECT_EQ(gate->CheckActive("acme").code(), absl::StatusCode::kUnavailable);
   fetch_error_ = absl::OkStatus();
   EXPECT_TRUE(gate->CheckActive("acme").ok());  // asked again at once
-  EXPECT_EQ(fetched_.size(), 2u);
+  EXPECT_EQ(fetched_.size(), 3u);
   // An answer about another tenant is an error, not a decision.
   wrong_answer_ = true;
   EXPECT_EQ(gate->CheckActive("paused").code(), absl::StatusCode::kInternal);
