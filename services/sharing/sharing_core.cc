@@ -224,8 +224,9 @@ pqxx::result ExecWithAudit(pqxx::transaction_base& txn, const char* statement,
       e, [&](const auto&... params) { return txn.exec_prepared(statement, params...); }, args...);
 }
 
-void CiteConsent(audit::Entry& e, const consent::AccessDecision& d) {
-  e.purpose = std::string(consent::PurposeName(consent::Purpose::kRecordSharing));
+void CiteConsent(audit::Entry& e, const consent::AccessDecision& d,
+                 consent::Purpose purpose = consent::Purpose::kRecordSharing) {
+  e.purpose = std::string(consent::PurposeName(purpose));
   e.consent_id = d.consent_id;
   e.consent_version = d.consent_version;
 }
@@ -254,10 +255,11 @@ absl::StatusOr<T> ResultOf(absl::StatusOr<Outcome<T>> outcome) {
   return *std::move(outcome->value);
 }
 
-absl::Status ConsentRefusal(const consent::AccessDecision& d, absl::string_view what) {
+absl::Status ConsentRefusal(const consent::AccessDecision& d, absl::string_view what,
+                            consent::Purpose purpose = consent::Purpose::kRecordSharing) {
   return absl::PermissionDeniedError(
-      absl::StrCat(what, ": the patient's RECORD_SHARING consent does not permit it (",
-                   consent::AccessReasonName(d.reason), ")"));
+      absl::StrCat(what, ": the patient's ", consent::PurposeName(purpose),
+                   " consent does not permit it (", consent::AccessReasonName(d.reason), ")"));
 }
 
 // --- page tokens: "<created_at micros>/<record_id>" -----------------------------------------
@@ -293,9 +295,11 @@ absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::str
 class PgUpload final : public Upload {
  public:
   PgUpload(SharingCore& core, CallContext ctx, UploadHeader header, PatientHome home,
-           pg::Lease lease, crypto::KeyEncryptionKey& kek, PatientKeyCache& keys)
+           consent::AccessDecision care, pg::Lease lease, crypto::KeyEncryptionKey& kek,
+           PatientKeyCache& keys)
       : core_(core),
         ctx_(std::move(ctx)),
+        care_(std::move(care)),
         header_(std::move(header)),
         home_(std::move(home)),
         kek_(kek),
@@ -392,11 +396,12 @@ class PgUpload final : public Upload {
   // Stores the last chunk, the record, its key and the audit entry, and commits.
   absl::Status Commit() {
     const absl::Time now = core_.Now();
-    const audit::Entry entry =
+    audit::Entry entry =
         AuditEntryFor(ctx_, audit::Action::kCreate, "record", record_id_, home_.tenant_id,
                       home_.patient_id,
                       absl::StrCat("PERMITTED: bytes=", header_.size_bytes, " chunks=",
                                    next_index_));
+    CiteConsent(entry, care_, consent::Purpose::kCare);
     try {
       if (core_.QuotaOf(home_.tenant_id) > 0) {
         if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_.connection());
@@ -592,6 +597,7 @@ class PgUpload final : public Upload {
 
   SharingCore& core_;
   const CallContext ctx_;
+  const consent::AccessDecision care_;  // the CARE decision the upload was let in on
   const UploadHeader header_;
   const PatientHome home_;
   crypto::KeyEncryptionKey& kek_;
@@ -907,6 +913,22 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
   ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home->region_id));
   ASSIGN_OR_RETURN(pg::Pool * upload_pool, upload_shards_.Get(home->region_id));
 
+  // A practitioner adds to a patient's record for the patient's care: CARE must permit them.
+  ASSIGN_OR_RETURN(consent::AccessDecision care,
+                   consent_.Check(home->region_id, header.patient_id, consent::Purpose::kCare,
+                                  ctx.principal.spiffe_id, Now()));
+  if (!care.permit) {
+    audit::Entry entry = AuditEntryFor(ctx, audit::Action::kCreate, "record", "", home->tenant_id,
+                                       header.patient_id,
+                                       consent::AccessReasonName(care.reason));
+    CiteConsent(entry, care, consent::Purpose::kCare);
+    entry.decision = audit::Decision::kDeny;
+    // A refusal whose entry cannot be written fails with that error instead.
+    RETURN_IF_ERROR(
+        pool->Transact([&](pqxx::work& txn) { return audit::Append(txn, entry).status(); }));
+    return ConsentRefusal(care, "uploading a record for this patient", consent::Purpose::kCare);
+  }
+
   // Refuse early what the quota cannot take; Finish() checks again under a lock.
   if (QuotaOf(home->tenant_id) > 0) {
     ASSIGN_OR_RETURN(
@@ -922,8 +944,8 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
     return absl::ResourceExhaustedError(
         absl::StrCat("too many uploads in progress to region ", home->region_id, "; retry later"));
   }
-  auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, *std::move(lease), kek_,
-                                         patient_keys_);
+  auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, std::move(care),
+                                           *std::move(lease), kek_, patient_keys_);
   upload->Begin(options_.upload_idle_timeout);
   return std::unique_ptr<Upload>(std::move(upload));
 }
@@ -1224,6 +1246,16 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
         if (ops) {
           entry.reason = absl::StrCat("BREAK_GLASS: ", bytes, " reason=", break_glass_reason);
         } else if (record.owner == caller) {
+          // The owner reads for the patient's care, while CARE permits them.
+          ASSIGN_OR_RETURN(consent::AccessDecision care,
+                           consent_.Check(region, record.patient_id, consent::Purpose::kCare,
+                                          caller, now));
+          CiteConsent(entry, care, consent::Purpose::kCare);
+          if (!care.permit) {
+            entry.reason = std::string(consent::AccessReasonName(care.reason));
+            return Deny<Opened>(txn, entry,
+                                ConsentRefusal(care, "reading this record", consent::Purpose::kCare));
+          }
           entry.reason = absl::StrCat("PERMITTED: ", bytes);
           AttachGrants(txn, one, caller, now);
         } else {

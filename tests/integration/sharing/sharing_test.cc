@@ -288,16 +288,30 @@ class SharingTest : public ::testing::Test {
 
   // --- routing and consent ---------------------------------------------------------------------
 
+  // Places a patient of `as`'s tenant (acme's app by default) and records the tenant-wide CARE
+  // consent its practitioners' uploads and reads rest on, unless `with_care` is false.
   static std::string Place(const std::string& ref, const std::string& territory,
-                           const TestCert* as = nullptr) {
+                           const TestCert* as = nullptr, bool with_care = true) {
+    const TestCert& who = as != nullptr ? *as : pki_->app();
     v1::PlacePatientRequest request;
     request.set_patient_ref(ref);
     request.set_territory(territory);
     v1::PlacePatientResponse response;
     grpc::ClientContext context;
-    grpc::Status status =
-        RoutingStub(as != nullptr ? *as : pki_->app())->PlacePatient(&context, request, &response);
+    grpc::Status status = RoutingStub(who)->PlacePatient(&context, request, &response);
     EXPECT_TRUE(status.ok()) << status.error_message();
+    if (with_care && status.ok()) {
+      v1::GrantConsentRequest care;
+      care.set_request_id(absl::StrCat("care-", response.patient_id().substr(0, 40)));
+      care.set_patient_id(response.patient_id());
+      care.set_purpose(v1::PURPOSE_CARE);
+      care.set_evidence_ref("admission-form");
+      v1::GrantConsentResponse granted;
+      grpc::ClientContext care_context;
+      grpc::Status care_status = v1::Consent::NewStub(Channel(consent_->port(), who))
+                                     ->GrantConsent(&care_context, care, &granted);
+      EXPECT_TRUE(care_status.ok()) << care_status.error_message();
+    }
     return response.patient_id();
   }
 
@@ -1703,6 +1717,84 @@ TEST_F(SharingTest, AnotherKeyEncryptionKeyCannotReadOrWrite) {
 }
 
 // --- break-glass -------------------------------------------------------------------------------
+
+// Uploads and the owner's downloads are for the patient's care: CARE must permit the practitioner
+// (GDPR art. 9, consent per purpose). Refusals are audited and store or reveal nothing; break-glass
+// does not rest on consent.
+TEST_F(SharingTest, UploadsAndOwnerReadsNeedCareConsent) {
+  const std::string patient = Place("care-1", "FR", nullptr, /*with_care=*/false);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(23, 0, 3000);
+  const int64_t before = StoredRows();
+  grpc::Status refused = Upload(pki_->practitioner(), spec);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(refused.error_message(), HasSubstr("CARE"));
+  EXPECT_EQ(StoredRows(), before);
+
+  // A CARE consent for another practitioner does not let this one in.
+  auto grant_care = [&](const std::string& actor, const std::string& request_id) {
+    v1::GrantConsentRequest care;
+    care.set_request_id(request_id);
+    care.set_patient_id(patient);
+    care.set_purpose(v1::PURPOSE_CARE);
+    care.set_actor(actor);
+    care.set_evidence_ref("admission-form");
+    v1::GrantConsentResponse granted;
+    grpc::ClientContext context;
+    grpc::Status status = v1::Consent::NewStub(Channel(consent_->port(), pki_->app()))
+                              ->GrantConsent(&context, care, &granted);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return granted.consent_id();
+  };
+  grant_care(P2(), "care-1-p2");
+  grpc::Status other;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    other = Upload(pki_->practitioner(), spec);
+    return other.error_message().find("ACTOR_NOT_COVERED") != std::string::npos;
+  })) << other.error_message();
+  EXPECT_EQ(StoredRows(), before);
+
+  const std::string consent_id = grant_care("", "care-1-all");
+  std::string record;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    v1::UploadRecordResponse response;
+    if (!Upload(pki_->practitioner(), spec, &response).ok()) return false;
+    record = response.record_id();
+    return true;
+  }));
+  ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
+
+  // Revoked: the owner may no longer read; ops still may, by break-glass.
+  RevokeSharingConsent(consent_id);
+  Downloaded denied;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    denied = Download(pki_->practitioner(), record);
+    return !denied.status.ok();
+  }));
+  EXPECT_EQ(denied.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(denied.status.error_message(), HasSubstr("CARE"));
+  EXPECT_FALSE(denied.has_header);
+  EXPECT_TRUE(
+      Download(pki_->ops(), record, "unconscious patient in ER, record needed for treatment")
+          .status.ok());
+
+  // Every decision is in the patient's chain: the refused uploads and read, and the permitted ones,
+  // each citing CARE.
+  int refusals = 0;
+  int permitted_care = 0;
+  for (const v1::AuditEntry& e : PatientAudit(patient)) {
+    if (e.purpose() != v1::PURPOSE_CARE || e.actor() != P1()) continue;
+    if (e.decision() == v1::DECISION_DENY) {
+      ++refusals;
+    } else {
+      ++permitted_care;
+      EXPECT_FALSE(e.consent_id().empty());
+    }
+  }
+  EXPECT_GE(refusals, 3);  // no consent, another actor's, revoked
+  EXPECT_EQ(permitted_care, 2);  // the upload and the first download
+}
 
 TEST_F(SharingTest, BreakGlassIsOpsOnlyWithAReasonAndFlaggedInTheAudit) {
   const std::string patient = Place("break-glass-1", "FR");
