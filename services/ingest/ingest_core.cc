@@ -152,7 +152,12 @@ absl::Status IngestCore::Process(const Principal& device,
     }
     rows.push_back(std::move(row));
   }
-  if (rows.empty()) {
+  // A batch refused for lack of consent is audited as a denial, through the writer like a stored
+  // one (answered once its entry is committed); one with nothing else to store is answered now.
+  const size_t refused_for_consent = static_cast<size_t>(
+      std::count_if(result.rejections.begin(), result.rejections.end(),
+                    [](const Rejection& r) { return r.reason == Reject::kNoConsent; }));
+  if (rows.empty() && refused_for_consent == 0) {
     done(std::move(result));
     return absl::OkStatus();
   }
@@ -174,6 +179,10 @@ absl::Status IngestCore::Process(const Principal& device,
   request.batch_seq = batch_seq;
   request.consent_id = monitoring->consent_id;
   request.consent_version = monitoring->consent_version;
+  if (refused_for_consent > 0) {
+    request.denial = absl::StrCat(consent::AccessReasonName(monitoring->reason),
+                                  " refused=", refused_for_consent);
+  }
   auto shared = std::make_shared<BatchResult>(std::move(result));
   auto finish = std::make_shared<std::function<void(BatchResult)>>(std::move(done));
   // Rows not stored are given back to the quota, so the device's resend is not refused for them;

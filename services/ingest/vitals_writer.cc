@@ -353,11 +353,12 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   while (PGresult* extra = PQgetResult(conn_)) PQclear(extra);
 
   // One audit entry per batch that stores something: which device created which of the
-  // patient's samples, under which consent (no values).
+  // patient's samples, under which consent (no values); and one per batch refused for lack of
+  // consent.
   std::vector<audit::Entry> entries;
   for (size_t i = 0; i < live.size(); ++i) {
     const WriteRequest& w = *live[i];
-    if (outcomes[i].stored == 0) continue;
+    if (outcomes[i].stored == 0 && w.denial.empty()) continue;
     audit::Entry& e = entries.emplace_back();
     if (w.source != nullptr) {
       e.actor = w.source->actor;
@@ -368,8 +369,14 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     e.object_type = "vitals";
     e.object_id = w.device_id;
     e.patient_id = w.patient_id;
-    e.decision = audit::Decision::kPermit;
-    e.reason = absl::StrCat("stored=", outcomes[i].stored, " duplicates=", outcomes[i].duplicates);
+    if (w.denial.empty()) {
+      e.decision = audit::Decision::kPermit;
+      e.reason =
+          absl::StrCat("stored=", outcomes[i].stored, " duplicates=", outcomes[i].duplicates);
+    } else {
+      e.decision = audit::Decision::kDeny;
+      e.reason = w.denial;
+    }
     e.purpose = "REMOTE_MONITORING";
     e.consent_id = w.consent_id;
     e.consent_version = w.consent_version;

@@ -67,6 +67,9 @@ struct WriteRequest {
   uint64_t batch_seq = 0;
   std::string consent_id;
   int64_t consent_version = 0;
+  // Non-empty for a batch refused for lack of consent (it has no rows): its audit entry is a
+  // denial with this reason, and the batch is answered once that entry is committed.
+  std::string denial;
 };
 
 struct WriterOptions {

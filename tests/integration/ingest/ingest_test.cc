@@ -421,7 +421,7 @@ TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
 }
 
 TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
-  PatientWithDevice("no-consent", "FR", "dev-noconsent");
+  const std::string refused_patient = PatientWithDevice("no-consent", "FR", "dev-noconsent");
   auto stub = Ingest(Device("acme", "dev-noconsent"));
   DeviceStream stream(*stub);
   auto ack = stream.Send(Batch(1, 1, 5));
@@ -432,6 +432,23 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
   EXPECT_THAT(ack->rejections(0).detail(), HasSubstr("REMOTE_MONITORING"));
   EXPECT_TRUE(stream.Finish().ok());
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-noconsent'"), 0);
+  // The refusal is in the patient's chain, committed before the ack: who tried, for which batch,
+  // why, and how many samples it refused.
+  {
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    pqxx::result denials = q.exec_params(
+        "SELECT actor, decision, reason, purpose, request_id, object_id FROM audit_log "
+        "WHERE patient_id = $1 AND object_type = 'vitals'",
+        refused_patient);
+    ASSERT_EQ(denials.size(), 1u);
+    EXPECT_EQ(denials[0][0].as<std::string>(), pki().SpiffeId("/tenant/acme/device/dev-noconsent"));
+    EXPECT_EQ(denials[0][1].as<std::string>(), "deny");
+    EXPECT_EQ(denials[0][2].as<std::string>(), "NO_CONSENT refused=5");
+    EXPECT_EQ(denials[0][3].as<std::string>(), "REMOTE_MONITORING");
+    EXPECT_EQ(denials[0][4].as<std::string>(), "batch:1");
+    EXPECT_EQ(denials[0][5].as<std::string>(), "dev-noconsent");
+  }
 
   std::string patient = PatientWithDevice("geo", "FR", "dev-geo");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
