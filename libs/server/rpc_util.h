@@ -18,6 +18,10 @@ namespace medgate {
 
 google::protobuf::Timestamp ToProtoTimestamp(absl::Time t);
 absl::Time FromProtoTimestamp(const google::protobuf::Timestamp& ts);
+// A request's timestamp field: INVALID_ARGUMENT naming `field` outside the range a Timestamp may
+// hold (years 1 to 9999, nanos 0 to 999,999,999), so no later arithmetic or SQL overflows.
+absl::StatusOr<absl::Time> TimeFromProto(const google::protobuf::Timestamp& ts,
+                                         absl::string_view field);
 
 // A server-side request id ("srv-" + 24 hex digits) for callers that sent none.
 std::string NewRequestId();

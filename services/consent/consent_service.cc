@@ -12,18 +12,6 @@ namespace {
 using K = PrincipalKind;
 
 // The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
-constexpr int64_t kMinTimestampSeconds = -62135596800;
-constexpr int64_t kMaxTimestampSeconds = 253402300799;
-
-absl::StatusOr<absl::Time> FromProto(const google::protobuf::Timestamp& ts,
-                                     absl::string_view field) {
-  if (ts.seconds() < kMinTimestampSeconds || ts.seconds() > kMaxTimestampSeconds ||
-      ts.nanos() < 0 || ts.nanos() > 999999999) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ": not a valid timestamp"));
-  }
-  return FromProtoTimestamp(ts);
-}
-
 v1::AccessReason ToProto(AccessReason reason) {
   switch (reason) {
     case AccessReason::kPermitted: return v1::ACCESS_REASON_PERMITTED;
@@ -101,12 +89,12 @@ grpc::Status ConsentService::GrantConsent(grpc::ServerContext* context,
   grant.purpose = request->purpose();
   grant.actor = request->actor();
   if (request->period().has_start_at()) {
-    absl::StatusOr<absl::Time> start = FromProto(request->period().start_at(), "period.start_at");
+    absl::StatusOr<absl::Time> start = TimeFromProto(request->period().start_at(), "period.start_at");
     if (!start.ok()) return ToGrpcStatus(start.status());
     grant.period.start_at = *start;
   }
   if (request->period().has_end_at()) {
-    absl::StatusOr<absl::Time> end = FromProto(request->period().end_at(), "period.end_at");
+    absl::StatusOr<absl::Time> end = TimeFromProto(request->period().end_at(), "period.end_at");
     if (!end.ok()) return ToGrpcStatus(end.status());
     grant.period.end_at = *end;
   }

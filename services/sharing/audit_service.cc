@@ -113,10 +113,18 @@ grpc::Status AuditService::QueryAudit(grpc::ServerContext* context,
     if (!log.ok()) return ToGrpcStatus(log.status());
     query.log = *log;
   }
-  if (request->time_range().has_start_at())
-    query.start = FromProtoTimestamp(request->time_range().start_at());
-  if (request->time_range().has_end_at())
-    query.end = FromProtoTimestamp(request->time_range().end_at());
+  if (request->time_range().has_start_at()) {
+    absl::StatusOr<absl::Time> start =
+        TimeFromProto(request->time_range().start_at(), "time_range.start_at");
+    if (!start.ok()) return ToGrpcStatus(start.status());
+    query.start = *start;
+  }
+  if (request->time_range().has_end_at()) {
+    absl::StatusOr<absl::Time> end =
+        TimeFromProto(request->time_range().end_at(), "time_range.end_at");
+    if (!end.ok()) return ToGrpcStatus(end.status());
+    query.end = *end;
+  }
   query.actor = request->actor();
   absl::StatusOr<int> page_size = PageSize(request->page_size(), 100, 1000);
   if (!page_size.ok()) return ToGrpcStatus(page_size.status());

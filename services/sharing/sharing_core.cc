@@ -1321,6 +1321,9 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
   RETURN_IF_ERROR(ValidateIdentifier(record_id, "record_id", kMaxIdBytes));
   const absl::Time now = Now();
   if (retain_until <= now) return absl::InvalidArgumentError("retain_until: must be in the future");
+  if (retain_until > now + kMaxRetention) {
+    return absl::InvalidArgumentError("retain_until: at most 100 years ahead");
+  }
   ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
   return pool->TransactValue<RecordInfo>([&](pqxx::work& txn) -> absl::StatusOr<RecordInfo> {
     std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForUpdate, record_id);

@@ -157,6 +157,7 @@ inline constexpr size_t kMaxReasonBytes = 512;
 inline constexpr size_t kMinBreakGlassReasonBytes = 16;
 inline constexpr size_t kMaxBreakGlassReasonBytes = 1024;
 inline constexpr absl::Duration kMaxGrantDuration = absl::Hours(24 * 365);
+inline constexpr absl::Duration kMaxRetention = absl::Hours(24 * 365 * 100);
 // Active grants one record may have at once: sharing with one more grantee is refused beyond it
 // (extending a grantee's grant is not).
 inline constexpr int64_t kMaxActiveGrantsPerRecord = 100;

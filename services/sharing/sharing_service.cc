@@ -228,8 +228,10 @@ grpc::Status SharingService::ShareRecord(grpc::ServerContext* context,
   if (!request->has_expires_at()) {
     return ToGrpcStatus(absl::InvalidArgumentError("expires_at: required"));
   }
-  absl::StatusOr<GrantInfo> grant = core_.ShareRecord(
-      *ctx, request->record_id(), request->grantee(), FromProtoTimestamp(request->expires_at()));
+  absl::StatusOr<absl::Time> expires_at = TimeFromProto(request->expires_at(), "expires_at");
+  if (!expires_at.ok()) return ToGrpcStatus(expires_at.status());
+  absl::StatusOr<GrantInfo> grant =
+      core_.ShareRecord(*ctx, request->record_id(), request->grantee(), *expires_at);
   if (!grant.ok()) return ToGrpcStatus(grant.status());
   response->set_grant_id(grant->grant_id);
   *response->mutable_expires_at() = ToProtoTimestamp(grant->expires_at);
@@ -329,8 +331,10 @@ grpc::Status SharingService::ArchiveRecord(grpc::ServerContext* context,
   if (!request->has_retain_until()) {
     return ToGrpcStatus(absl::InvalidArgumentError("retain_until: required"));
   }
+  absl::StatusOr<absl::Time> retain_until = TimeFromProto(request->retain_until(), "retain_until");
+  if (!retain_until.ok()) return ToGrpcStatus(retain_until.status());
   absl::StatusOr<RecordInfo> record =
-      core_.ArchiveRecord(*ctx, request->record_id(), FromProtoTimestamp(request->retain_until()));
+      core_.ArchiveRecord(*ctx, request->record_id(), *retain_until);
   if (!record.ok()) return ToGrpcStatus(record.status());
   ToProto(*record, response->mutable_record());
   return grpc::Status::OK;

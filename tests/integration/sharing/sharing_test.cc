@@ -2202,6 +2202,52 @@ TEST_F(SharingTest, ARecordsActiveGrantsAreBounded) {
             kMaxActiveGrantsPerRecord);
 }
 
+// Timestamps a Timestamp cannot hold, and retention ends beyond any archive's, are refused naming
+// the field; nothing changes.
+TEST_F(SharingTest, TimestampsOutOfRangeAreRefusedNamingTheField) {
+  const std::string patient = Place("timestamps-1", "FR");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "dated";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+
+  v1::ShareRecordRequest share;
+  share.set_record_id(record);
+  share.set_grantee(P2());
+  share.mutable_expires_at()->set_seconds(int64_t{1} << 50);  // far beyond year 9999
+  v1::ShareRecordResponse shared;
+  grpc::ClientContext share_context;
+  grpc::Status status = Stub(pki_->practitioner())->ShareRecord(&share_context, share, &shared);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("expires_at: not a valid timestamp"));
+
+  auto archived = Archive(pki_->practitioner(), record, ServerNow() + absl::Hours(24 * 365 * 150));
+  EXPECT_EQ(archived.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(archived.status().message()), HasSubstr("100 years"));
+  v1::ArchiveRecordRequest archive;
+  archive.set_record_id(record);
+  archive.mutable_retain_until()->set_seconds(1);
+  archive.mutable_retain_until()->set_nanos(-5);
+  v1::ArchiveRecordResponse ignored;
+  grpc::ClientContext archive_context;
+  status = Stub(pki_->practitioner())->ArchiveRecord(&archive_context, archive, &ignored);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("retain_until: not a valid timestamp"));
+
+  v1::QueryAuditRequest query;
+  query.set_patient_id(patient);
+  query.mutable_time_range()->mutable_start_at()->set_seconds(-(int64_t{1} << 40));
+  auto queried = QueryAudit(pki_->practitioner(), query);
+  EXPECT_EQ(queried.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(queried.status().message()), HasSubstr("time_range.start_at"));
+
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM share_grants WHERE record_id = $1", record), 0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE record_id = $1 AND state = 'active'",
+                  record),
+            1);
+}
+
 // --- the Audit service -------------------------------------------------------------------------
 
 TEST_F(SharingTest, QueryAuditAnswersWhoAccessedThePatientsData) {
