@@ -24,6 +24,7 @@
 #include "tests/support/poll.h"
 #include "tests/support/pg_cluster.h"
 #include "tests/support/test_pki.h"
+#include "tests/support/tenants.h"
 
 namespace medgate::consent {
 namespace {
@@ -742,20 +743,11 @@ TEST_F(ConsentTest, OpsNeitherRecordNorReadConsents) {
 // and reactivation restores access to it.
 TEST_F(ConsentTest, ASuspendedTenantIsRefused) {
   auto upsert = [](bool active) {
-    v1::UpsertTenantRequest request;
-    request.set_request_id(absl::StrCat("pausable-", active));
-    request.mutable_tenant()->set_tenant_id("pausable");
-    request.mutable_tenant()->set_display_name("pausable");
-    request.mutable_tenant()->add_territories("FR");
-    request.mutable_tenant()->set_active(active);
-    v1::UpsertTenantResponse response;
-    grpc::ClientContext context;
-    return RoutingStub(pki_->ops())->UpsertTenant(&context, request, &response);
+    return test_support::UpsertTenant(*pki_, routing_->port(), "pausable", {"FR"}, active);
   };
   ASSERT_TRUE(upsert(true).ok());
-  devpki::LeafOptions options;
-  options.uri_sans = {pki_->SpiffeId("/tenant/pausable/app/backend")};
-  absl::StatusOr<TestCert> app = pki_->Issue("pausable-app", options);
+  absl::StatusOr<TestCert> app =
+      test_support::IssueIdentity(*pki_, "pausable-app", "/tenant/pausable/app/backend");
   ASSERT_TRUE(app.ok()) << app.status();
   const std::string patient = Place("pausable-1", "FR", &*app);
   ASSERT_TRUE(Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_CARE), &*app).ok());

@@ -22,6 +22,7 @@
 #include "tests/support/health_check.h"
 #include "tests/support/poll.h"
 #include "tests/support/test_stack.h"
+#include "tests/support/tenants.h"
 
 namespace medgate::ingest {
 namespace {
@@ -1223,26 +1224,16 @@ TEST_F(IngestTest, AResendAfterAShardOutageIsNotRefusedForTheQuota) {
 // practitioners may not read; reactivated, both work again.
 TEST_F(IngestTest, ASuspendedTenantNeitherStreamsNorReads) {
   auto upsert = [](bool active) {
-    v1::UpsertTenantRequest r;
-    r.set_request_id(absl::StrCat("pauseco-", active));
-    r.mutable_tenant()->set_tenant_id("pauseco");
-    r.mutable_tenant()->set_display_name("pauseco");
-    r.mutable_tenant()->add_territories("FR");
-    r.mutable_tenant()->set_active(active);
-    v1::UpsertTenantResponse response;
-    grpc::ClientContext context;
-    return Routing(pki().ops())->UpsertTenant(&context, r, &response);
+    return test_support::UpsertTenant(pki(), routing_->port(), "pauseco", {"FR"}, active);
   };
   ASSERT_TRUE(upsert(true).ok());
-  auto issue = [](const std::string& name, const std::string& path) {
-    devpki::LeafOptions options;
-    options.uri_sans = {pki().SpiffeId(path)};
-    auto cert = pki().Issue(name, options);
-    EXPECT_TRUE(cert.ok()) << cert.status();
-    return *cert;
-  };
-  const TestCert app = issue("pauseco-app", "/tenant/pauseco/app/backend");
-  const TestCert practitioner = issue("pauseco-p", "/tenant/pauseco/practitioner/p-1");
+  absl::StatusOr<TestCert> issued =
+      test_support::IssueIdentity(pki(), "pauseco-app", "/tenant/pauseco/app/backend");
+  ASSERT_TRUE(issued.ok()) << issued.status();
+  const TestCert app = *issued;
+  issued = test_support::IssueIdentity(pki(), "pauseco-p", "/tenant/pauseco/practitioner/p-1");
+  ASSERT_TRUE(issued.ok()) << issued.status();
+  const TestCert practitioner = *issued;
   const TestCert device = Device("pauseco", "dev-pause");
   const std::string patient = PatientWithDevice("pause-1", "FR", "dev-pause", app);
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING, "", app);

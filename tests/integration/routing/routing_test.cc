@@ -14,6 +14,7 @@
 #include "medgate/v1/routing.grpc.pb.h"
 #include "services/routing/routing_server.h"
 #include "tests/support/poll.h"
+#include "tests/support/tenants.h"
 #include "tests/support/test_stack.h"
 
 namespace medgate::routing {
@@ -333,25 +334,15 @@ TEST_F(RoutingTest, DevicesMayCallNothingAndAdminIsOpsOnly) {
 // the data; reactivating restores the same patient and device. An unregistered tenant's
 // identities are refused the same way.
 TEST_F(RoutingTest, SuspendedOrUnregisteredTenantIsRefused) {
-  auto issue = [](const std::string& name, const std::string& path) {
-    devpki::LeafOptions options;
-    options.uri_sans = {pki_->SpiffeId(path)};
-    absl::StatusOr<TestCert> cert = pki_->Issue(name, options);
-    EXPECT_TRUE(cert.ok()) << cert.status();
-    return *cert;
-  };
-  const TestCert app = issue("pausable-app", "/tenant/pausable/app/backend");
-  const TestCert stranger = issue("stranger-app", "/tenant/never-registered/app/backend");
+  absl::StatusOr<TestCert> issued =
+      test_support::IssueIdentity(*pki_, "pausable-app", "/tenant/pausable/app/backend");
+  ASSERT_TRUE(issued.ok()) << issued.status();
+  const TestCert app = *issued;
+  issued = test_support::IssueIdentity(*pki_, "stranger-app", "/tenant/never-registered/app/backend");
+  ASSERT_TRUE(issued.ok()) << issued.status();
+  const TestCert stranger = *issued;
   auto upsert = [](bool active) {
-    v1::UpsertTenantRequest request;
-    request.set_request_id(absl::StrCat("pausable-", active));
-    request.mutable_tenant()->set_tenant_id("pausable");
-    request.mutable_tenant()->set_display_name("pausable");
-    request.mutable_tenant()->add_territories("FR");
-    request.mutable_tenant()->set_active(active);
-    v1::UpsertTenantResponse response;
-    grpc::ClientContext context;
-    return Stub(pki_->ops())->UpsertTenant(&context, request, &response);
+    return test_support::UpsertTenant(*pki_, server_->port(), "pausable", {"FR"}, active);
   };
   auto resolve = [](const std::vector<std::string>& ids) {
     v1::ResolveTenantsRequest request;

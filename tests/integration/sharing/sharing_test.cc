@@ -36,6 +36,7 @@
 #include "services/sharing/sharing_server.h"
 #include "tests/support/poll.h"
 #include "tests/support/test_stack.h"
+#include "tests/support/tenants.h"
 
 namespace medgate::sharing {
 namespace {
@@ -301,35 +302,35 @@ class SharingTest : public ::testing::Test {
     grpc::Status status = RoutingStub(who)->PlacePatient(&context, request, &response);
     EXPECT_TRUE(status.ok()) << status.error_message();
     if (with_care && status.ok()) {
-      v1::GrantConsentRequest care;
-      care.set_request_id(absl::StrCat("care-", response.patient_id().substr(0, 40)));
-      care.set_patient_id(response.patient_id());
-      care.set_purpose(v1::PURPOSE_CARE);
-      care.set_evidence_ref("admission-form");
-      v1::GrantConsentResponse granted;
-      grpc::ClientContext care_context;
-      grpc::Status care_status = v1::Consent::NewStub(Channel(consent_->port(), who))
-                                     ->GrantConsent(&care_context, care, &granted);
-      EXPECT_TRUE(care_status.ok()) << care_status.error_message();
+      GrantConsent(who, response.patient_id(), v1::PURPOSE_CARE, "",
+                   absl::StrCat("care-", response.patient_id().substr(0, 40)));
     }
     return response.patient_id();
+  }
+
+  // Records a consent through the consent service as `as`; its id.
+  static std::string GrantConsent(const TestCert& as, const std::string& patient_id,
+                                  v1::Purpose purpose, const std::string& actor,
+                                  const std::string& request_id) {
+    v1::GrantConsentRequest request;
+    request.set_request_id(request_id);
+    request.set_patient_id(patient_id);
+    request.set_purpose(purpose);
+    request.set_actor(actor);
+    request.set_evidence_ref("signed-form-7");
+    v1::GrantConsentResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = v1::Consent::NewStub(Channel(consent_->port(), as))
+                              ->GrantConsent(&context, request, &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response.consent_id();
   }
 
   // A tenant-wide RECORD_SHARING consent (or one for `actor` only), through the consent service.
   static std::string GrantSharingConsent(const std::string& patient_id,
                                          const std::string& actor = "") {
-    v1::GrantConsentRequest request;
-    request.set_request_id(absl::StrCat("consent-", patient_id.substr(0, 20)));
-    request.set_patient_id(patient_id);
-    request.set_purpose(v1::PURPOSE_RECORD_SHARING);
-    request.set_actor(actor);
-    request.set_evidence_ref("signed-form-7");
-    v1::GrantConsentResponse response;
-    grpc::ClientContext context;
-    grpc::Status status = v1::Consent::NewStub(Channel(consent_->port(), pki_->app()))
-                              ->GrantConsent(&context, request, &response);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return response.consent_id();
+    return GrantConsent(pki_->app(), patient_id, v1::PURPOSE_RECORD_SHARING, actor,
+                        absl::StrCat("consent-", patient_id.substr(0, 20)));
   }
 
   static void RevokeSharingConsent(const std::string& consent_id) {
@@ -1352,20 +1353,11 @@ TEST_F(SharingTest, RevokedConsentStopsGranteeReads) {
 // grant as it was.
 TEST_F(SharingTest, ASuspendedTenantsGranteesAreRefused) {
   auto upsert = [](bool active) {
-    v1::UpsertTenantRequest request;
-    request.set_request_id(absl::StrCat("pausable-", active));
-    request.mutable_tenant()->set_tenant_id("pausable");
-    request.mutable_tenant()->set_display_name("pausable");
-    request.mutable_tenant()->add_territories("FR");
-    request.mutable_tenant()->set_active(active);
-    v1::UpsertTenantResponse response;
-    grpc::ClientContext context;
-    return RoutingStub(pki_->ops())->UpsertTenant(&context, request, &response);
+    return test_support::UpsertTenant(*pki_, routing_->port(), "pausable", {"FR"}, active);
   };
   ASSERT_TRUE(upsert(true).ok());
-  devpki::LeafOptions options;
-  options.uri_sans = {Id("/tenant/pausable/practitioner/q-1")};
-  absl::StatusOr<TestCert> grantee = pki_->Issue("pausable-q1", options);
+  absl::StatusOr<TestCert> grantee =
+      test_support::IssueIdentity(*pki_, "pausable-q1", "/tenant/pausable/practitioner/q-1");
   ASSERT_TRUE(grantee.ok()) << grantee.status();
 
   const std::string patient = Place("pausable-grant-1", "FR");
@@ -1734,18 +1726,7 @@ TEST_F(SharingTest, UploadsAndOwnerReadsNeedCareConsent) {
 
   // A CARE consent for another practitioner does not let this one in.
   auto grant_care = [&](const std::string& actor, const std::string& request_id) {
-    v1::GrantConsentRequest care;
-    care.set_request_id(request_id);
-    care.set_patient_id(patient);
-    care.set_purpose(v1::PURPOSE_CARE);
-    care.set_actor(actor);
-    care.set_evidence_ref("admission-form");
-    v1::GrantConsentResponse granted;
-    grpc::ClientContext context;
-    grpc::Status status = v1::Consent::NewStub(Channel(consent_->port(), pki_->app()))
-                              ->GrantConsent(&context, care, &granted);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return granted.consent_id();
+    return GrantConsent(pki_->app(), patient, v1::PURPOSE_CARE, actor, request_id);
   };
   grant_care(P2(), "care-1-p2");
   grpc::Status other;

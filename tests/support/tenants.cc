@@ -1,0 +1,40 @@
+// Tenants for service integration tests.
+#include "tests/support/tenants.h"
+
+#include <grpcpp/client_context.h>
+
+#include "absl/strings/str_cat.h"
+#include "libs/identity/credentials.h"
+#include "medgate/v1/routing.grpc.pb.h"
+
+namespace medgate::test_support {
+
+grpc::Status UpsertTenant(const TestPki& pki, int routing_port, const std::string& tenant,
+                          const std::vector<std::string>& territories, bool active) {
+  const TestCert& ops = pki.ops();
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+      MakeChannel(absl::StrCat("127.0.0.1:", routing_port),
+                  TlsConfig{ops.cert_path, ops.key_path, pki.ca_path(), 60});
+  if (!channel.ok()) {
+    return grpc::Status(grpc::StatusCode::INTERNAL, std::string(channel.status().message()));
+  }
+  v1::UpsertTenantRequest request;
+  request.set_request_id(absl::StrCat(tenant, active ? "-active" : "-suspended"));
+  request.mutable_tenant()->set_tenant_id(tenant);
+  request.mutable_tenant()->set_display_name(tenant);
+  for (const std::string& territory : territories) request.mutable_tenant()->add_territories(territory);
+  request.mutable_tenant()->set_active(active);
+  v1::UpsertTenantResponse response;
+  grpc::ClientContext context;
+  return v1::TenantRouting::NewStub(*channel)->UpsertTenant(&context, request, &response);
+}
+
+absl::StatusOr<TestCert> IssueIdentity(const TestPki& pki, const std::string& name,
+                                       const std::string& path) {
+  devpki::LeafOptions options;
+  options.common_name = name;
+  options.uri_sans = {pki.SpiffeId(path)};
+  return pki.Issue(name, options);
+}
+
+}  // namespace medgate::test_support
