@@ -76,14 +76,14 @@ absl::Status IngestCore::Process(const Principal& device,
   }
   if (!located.ok()) return retry(absl::UnavailableError("routing unavailable; resend"), absl::Seconds(1));
   const DeviceLocation& where = (*located)[0];
+  if (!where.tenant_active) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "tenant '", device.tenant, "' is suspended or not registered: its devices may not "
+        "stream until ops activate it"));
+  }
   if (!where.found) {
     return absl::FailedPreconditionError(
         "this device is not assigned to a patient; its tenant must assign it first");
-  }
-  if (!where.tenant_active) {
-    return absl::PermissionDeniedError(absl::StrCat(
-        "tenant '", device.tenant, "' is suspended: its devices may not stream until ops "
-        "reactivate it"));
   }
   auto lanes = writers_.find(where.region_id);
   if (lanes == writers_.end() || lanes->second.empty()) {

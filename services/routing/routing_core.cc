@@ -457,9 +457,11 @@ absl::StatusOr<std::vector<DeviceLocation>> RoutingCore::ResolveDevices(
           DeviceLocation d;
           d.tenant_id = row[0].c_str();
           d.device_id = row[1].c_str();
-          d.found = true;
-          d.patient_id = row[2].c_str();
-          d.region_id = row[3].c_str();
+          d.found = !row[2].is_null();
+          if (d.found) {
+            d.patient_id = row[2].c_str();
+            d.region_id = row[3].c_str();
+          }
           d.tenant_active = row[4].as<bool>();
           found[{d.tenant_id, d.device_id}] = d;
         }

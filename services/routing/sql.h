@@ -67,12 +67,13 @@ inline const std::vector<pg::Statement>& Statements() {
       {kUnassignDevice,
        "UPDATE devices SET patient_id = NULL, updated_at = now() "
        "WHERE tenant_id = $1 AND device_id = $2"},
+      // Every key answered, with its tenant's state even when the device is not assigned.
       {kResolveDevices,
-       "SELECT d.tenant_id, d.device_id, d.patient_id, p.region_id, t.active FROM devices d "
-       "JOIN patients p ON p.patient_id = d.patient_id "
-       "JOIN tenants t ON t.tenant_id = d.tenant_id "
-       "JOIN unnest($1::text[], $2::text[]) AS k(tenant_id, device_id) "
-       "ON d.tenant_id = k.tenant_id AND d.device_id = k.device_id"},
+       "SELECT k.tenant_id, k.device_id, p.patient_id, p.region_id, coalesce(t.active, false) "
+       "FROM unnest($1::text[], $2::text[]) AS k(tenant_id, device_id) "
+       "LEFT JOIN tenants t ON t.tenant_id = k.tenant_id "
+       "LEFT JOIN devices d ON d.tenant_id = k.tenant_id AND d.device_id = k.device_id "
+       "LEFT JOIN patients p ON p.patient_id = d.patient_id"},
       {kResolveTenants, "SELECT tenant_id, active FROM tenants WHERE tenant_id = ANY($1::text[])"},
   };
   return statements;

@@ -1276,11 +1276,18 @@ TEST_F(IngestTest, ASuspendedTenantNeitherStreamsNorReads) {
   EXPECT_EQ(ended.error_code(), grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_THAT(ended.error_message(), HasSubstr("suspended"));
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-pause'"), static_cast<int64_t>(acked));
-  // A new stream is refused at its first batch; reads are refused by the tenant gate.
+  // A new stream is refused at its first batch, and so is one of a device the tenant never
+  // assigned; reads are refused by the tenant gate.
   {
     DeviceStream again(*stub);
     EXPECT_FALSE(again.Send(Batch(batch + 1, batch * 10 + 1, 10)).has_value());
     EXPECT_EQ(again.Finish().error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    auto unassigned_stub = Ingest(Device("pauseco", "dev-never-assigned"), extra->server->port());
+    DeviceStream unassigned(*unassigned_stub);
+    EXPECT_FALSE(unassigned.Send(Batch(1, 1, 1)).has_value());
+    grpc::Status refused_unassigned = unassigned.Finish();
+    EXPECT_EQ(refused_unassigned.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_THAT(refused_unassigned.error_message(), HasSubstr("suspended"));
   }
   grpc::Status refused;
   ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(15), [&] {

@@ -394,8 +394,26 @@ TEST_F(RoutingTest, SuspendedOrUnregisteredTenantIsRefused) {
   EXPECT_THAT(std::string(place.message()), HasSubstr("suspended"));
   EXPECT_EQ(Assign(app, "pausable-dev-2", "pausable-patient").error_code(),
             grpc::StatusCode::PERMISSION_DENIED);
-  // Services learn it: the device still resolves (data in place) with its tenant inactive.
+  // Services learn it: the device still resolves (data in place) with its tenant inactive, and a
+  // device never assigned says so too.
   EXPECT_FALSE(device_tenant_active());
+  {
+    v1::ResolveDevicesRequest request;
+    auto* key = request.add_devices();
+    key->set_tenant_id("pausable");
+    key->set_device_id("pausable-never-assigned");
+    key = request.add_devices();
+    key->set_tenant_id("acme");
+    key->set_device_id("acme-never-assigned");
+    v1::ResolveDevicesResponse response;
+    grpc::ClientContext context;
+    ASSERT_TRUE(Stub(pki_->service())->ResolveDevices(&context, request, &response).ok());
+    ASSERT_EQ(response.devices_size(), 2);
+    EXPECT_FALSE(response.devices(0).found());
+    EXPECT_FALSE(response.devices(0).tenant_active());
+    EXPECT_FALSE(response.devices(1).found());
+    EXPECT_TRUE(response.devices(1).tenant_active());
+  }
   v1::ResolveTenantsResponse statuses = resolve({"pausable", "acme", "never-registered", "acme"});
   ASSERT_EQ(statuses.tenants_size(), 4);
   EXPECT_EQ(statuses.tenants(0).tenant_id(), "pausable");
