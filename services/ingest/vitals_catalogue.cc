@@ -68,7 +68,7 @@ Verdict ValidateSample(const Sample& s, uint64_t previous_seq, absl::Time now,
   if (s.location) {
     const Location& l = *s.location;
     if (!std::isfinite(l.latitude) || !std::isfinite(l.longitude) || l.latitude < -90 ||
-        l.latitude > 90 || l.longitude < -180 || l.longitude > 180 || !(l.accuracy_m >= 0)) {
+        l.latitude > 90 || l.longitude < -180 || l.longitude > 180 || !std::isfinite(l.accuracy_m) || l.accuracy_m < 0) {
       return {Reject::kInvalidLocation, "location out of range"};
     }
   }

@@ -149,6 +149,13 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
   if (tenant.territories.empty()) {
     return absl::InvalidArgumentError("tenant.territories: a tenant serves at least one territory");
   }
+  if (tenant.territories.size() > kMaxTenantTerritories) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tenant.territories: at most ", kMaxTenantTerritories));
+  }
+  if (tenant.region_ids && tenant.region_ids->size() > kMaxTenantRegions) {
+    return absl::InvalidArgumentError(absl::StrCat("tenant.region_ids: at most ", kMaxTenantRegions));
+  }
   for (size_t i = 0; i < tenant.territories.size(); ++i) {
     RETURN_IF_ERROR(residency::ValidateTerritory(tenant.territories[i],
                                                  absl::StrCat("tenant.territories[", i, "]")));
@@ -198,6 +205,13 @@ absl::StatusOr<TenantInfo> RoutingCore::GetTenant(const CallContext&, const std:
 
 absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, const RuleInfo& rule,
                                                        int64_t expected_version) {
+  if (rule.region_ids.size() > kMaxRuleRegions) {
+    return absl::InvalidArgumentError(absl::StrCat("rule.region_ids: at most ", kMaxRuleRegions));
+  }
+  if (rule.readable_from.size() > kMaxRuleReadableFrom) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rule.readable_from_territories: at most ", kMaxRuleReadableFrom));
+  }
   residency::ResidencyRule engine_rule;
   engine_rule.territory = rule.territory;
   engine_rule.allowed_regions = rule.region_ids;

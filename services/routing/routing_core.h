@@ -72,6 +72,11 @@ struct UnassignResult {
 inline constexpr size_t kMaxRefBytes = 256;
 inline constexpr size_t kMaxIdBytes = 128;
 inline constexpr size_t kMaxBatch = 1000;
+// The API's bounds on a tenant's and a residency rule's lists.
+inline constexpr size_t kMaxTenantTerritories = 64;
+inline constexpr size_t kMaxTenantRegions = 32;
+inline constexpr size_t kMaxRuleRegions = 16;
+inline constexpr size_t kMaxRuleReadableFrom = 64;
 
 class RoutingCore {
  public:

@@ -454,6 +454,34 @@ TEST_F(RoutingTest, SuspendedOrUnregisteredTenantIsRefused) {
   EXPECT_THAT(bad.error_message(), HasSubstr("tenant_ids"));
 }
 
+TEST_F(RoutingTest, TenantAndRuleListsAreBounded) {
+  v1::UpsertTenantRequest tenant;
+  tenant.mutable_tenant()->set_tenant_id("lists");
+  tenant.mutable_tenant()->set_display_name("lists");
+  for (int i = 0; i < 65; ++i) {
+    tenant.mutable_tenant()->add_territories(std::string{static_cast<char>('A' + i / 26),
+                                                         static_cast<char>('A' + i % 26)});
+  }
+  tenant.mutable_tenant()->set_active(true);
+  v1::UpsertTenantResponse upserted;
+  grpc::ClientContext c1;
+  grpc::Status status = Stub(pki_->ops())->UpsertTenant(&c1, tenant, &upserted);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("tenant.territories: at most 64"));
+  v1::PutResidencyRuleRequest put;
+  put.mutable_rule()->set_territory("LU");
+  put.mutable_rule()->add_region_ids("eu-1");
+  for (int i = 0; i < 65; ++i) {
+    put.mutable_rule()->add_readable_from_territories(
+        std::string{static_cast<char>('A' + i / 26), static_cast<char>('A' + i % 26)});
+  }
+  v1::PutResidencyRuleResponse rule;
+  grpc::ClientContext c2;
+  status = Stub(pki_->ops())->PutResidencyRule(&c2, put, &rule);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("readable_from_territories: at most 64"));
+}
+
 TEST_F(RoutingTest, BadInputNamesTheField) {
   struct Case {
     std::string ref;

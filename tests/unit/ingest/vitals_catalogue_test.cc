@@ -72,6 +72,10 @@ TEST(VitalsCatalogueTest, EachRejectionHasItsReason) {
   s = Good();
   s.location = Location{91, 2, 5};
   EXPECT_EQ(Check(s), Reject::kInvalidLocation);
+  s.location = Location{48.85, 2.35, std::numeric_limits<double>::infinity()};
+  EXPECT_EQ(Check(s), Reject::kInvalidLocation);
+  s.location = Location{48.85, 2.35, -1};
+  EXPECT_EQ(Check(s), Reject::kInvalidLocation);
   s.location = Location{48.85, 2.35, 10};
   EXPECT_EQ(Check(s), Reject::kNone);
 }
