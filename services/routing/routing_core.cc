@@ -137,8 +137,11 @@ std::string PseudonymFor(absl::string_view key, absl::string_view patient_ref) {
 }
 
 RoutingCore::RoutingCore(pg::Pool& control, const pg::ShardSet& shards,
-                         std::vector<residency::Region> regions)
-    : control_(control), shards_(shards), regions_(std::move(regions)) {}
+                         std::vector<residency::Region> regions, absl::Duration reassign_wait)
+    : control_(control),
+      shards_(shards),
+      regions_(std::move(regions)),
+      reassign_wait_(reassign_wait) {}
 
 absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const CallContext& ctx,
                                                                       const TenantInfo& tenant) {
@@ -415,6 +418,17 @@ absl::StatusOr<AssignResult> RoutingCore::AssignDevice(const CallContext& ctx,
       if (device[0][0].c_str() == patient_id) return result;  // already assigned: idempotent
       return absl::FailedPreconditionError(absl::StrCat(
           "device '", device_id, "' is assigned to another patient; unassign it first"));
+    }
+    // Services may still send a recently unassigned device's samples to its former patient (their
+    // caches): it goes to another patient only once they have all let go of it.
+    if (!device.empty() && !device[0][1].is_null() && device[0][1].c_str() != patient_id) {
+      const absl::Duration since = absl::Seconds(device[0][2].as<double>());
+      if (since < reassign_wait_) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "device '", device_id, "' was unassigned ", absl::ToInt64Seconds(since),
+            " s ago; it may feed another patient ", absl::ToInt64Seconds(reassign_wait_ - since) + 1,
+            " s from now, once no service sends its samples to the former patient any more"));
+      }
     }
     txn.exec_prepared0(sql::kUpsertDevice, tenant_id, device_id, patient_id);
     result.newly_assigned = true;

@@ -82,8 +82,10 @@ class RoutingCore {
  public:
   // `control` must have been created with sql::Statements(). `shards` is used only to report
   // region health. `regions` come from the configuration.
+  // `reassign_wait`: how long an unassigned device waits before it may be assigned to another
+  // patient (longer than any service's cache of device answers).
   RoutingCore(pg::Pool& control, const pg::ShardSet& shards,
-              std::vector<residency::Region> regions);
+              std::vector<residency::Region> regions, absl::Duration reassign_wait);
 
   absl::StatusOr<std::pair<TenantInfo, bool>> UpsertTenant(const CallContext& ctx,
                                                            const TenantInfo& tenant);
@@ -117,6 +119,7 @@ class RoutingCore {
   pg::Pool& control_;
   const pg::ShardSet& shards_;
   const std::vector<residency::Region> regions_;
+  const absl::Duration reassign_wait_;
   absl::Mutex health_mu_;
   std::map<std::string, std::pair<bool, absl::Time>> health_ ABSL_GUARDED_BY(health_mu_);
 };

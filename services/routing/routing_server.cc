@@ -12,7 +12,9 @@ absl::StatusOr<RoutingSettings> ParseRoutingSettings(const MedgateConfig& config
   RoutingSettings settings;
   if (!config.root.Has("routing")) return settings;
   ASSIGN_OR_RETURN(ConfigNode routing, config.root.Child("routing"));
-  RETURN_IF_ERROR(routing.OnlyKeys({"seed_rules"}));
+  RETURN_IF_ERROR(routing.OnlyKeys({"seed_rules", "device_reassign_wait_seconds"}));
+  ASSIGN_OR_RETURN(int64_t wait, routing.Int("device_reassign_wait_seconds", 0, 86400, 35));
+  settings.device_reassign_wait = absl::Seconds(wait);
   ASSIGN_OR_RETURN(std::vector<ConfigNode> rules, routing.Sequence("seed_rules", false));
   for (const ConfigNode& node : rules) {
     RETURN_IF_ERROR(node.OnlyKeys({"territory", "regions", "readable_from"}));
@@ -48,7 +50,8 @@ RoutingServer::RoutingServer(const MedgateConfig& config, RoutingSettings settin
     region.territories.insert(r.territories.begin(), r.territories.end());
     regions.push_back(std::move(region));
   }
-  core_ = std::make_unique<RoutingCore>(*control_, *shards_, std::move(regions));
+  core_ = std::make_unique<RoutingCore>(*control_, *shards_, std::move(regions),
+                                        settings_.device_reassign_wait);
   service_ = std::make_unique<RoutingService>(*core_, config.trust_domain);
   server_ = std::make_unique<ServiceServer>(config, "routing");
 }

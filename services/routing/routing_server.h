@@ -18,6 +18,8 @@ namespace medgate::routing {
 // The routing section of the configuration.
 struct RoutingSettings {
   std::vector<RuleInfo> seed_rules;  // applied once per territory that has no rule yet
+  // Longer than ingest.device_cache_ttl_seconds (30 s by default) on every ingest instance.
+  absl::Duration device_reassign_wait = absl::Seconds(35);
 };
 
 absl::StatusOr<RoutingSettings> ParseRoutingSettings(const MedgateConfig& config);

@@ -59,13 +59,15 @@ inline const std::vector<pg::Statement>& Statements() {
        "SELECT patient_id, tenant_id, region_id, territory FROM patients "
        "WHERE patient_id = ANY($1::text[])"},
       {kSelectDevice,
-       "SELECT patient_id FROM devices WHERE tenant_id = $1 AND device_id = $2 FOR UPDATE"},
+       "SELECT patient_id, former_patient_id, "
+       "extract(epoch FROM (now() - updated_at))::float8 FROM devices "
+       "WHERE tenant_id = $1 AND device_id = $2 FOR UPDATE"},
       {kUpsertDevice,
        "INSERT INTO devices (tenant_id, device_id, patient_id) VALUES ($1, $2, $3) "
        "ON CONFLICT (tenant_id, device_id) DO UPDATE SET patient_id = EXCLUDED.patient_id, "
        "updated_at = now()"},
       {kUnassignDevice,
-       "UPDATE devices SET patient_id = NULL, updated_at = now() "
+       "UPDATE devices SET former_patient_id = patient_id, patient_id = NULL, updated_at = now() "
        "WHERE tenant_id = $1 AND device_id = $2"},
       // Every key answered, with its tenant's state even when the device is not assigned.
       {kResolveDevices,

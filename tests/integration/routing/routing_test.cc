@@ -2,6 +2,7 @@
 // bad input, audit, and the control database going away and coming back.
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -230,8 +231,61 @@ TEST_F(RoutingTest, DevicesAssignResolveAndUnassign) {
   ASSERT_TRUE(Stub(pki_->app())->UnassignDevice(&context, unassign, &unassigned).ok());
   EXPECT_TRUE(unassigned.was_assigned());
   EXPECT_EQ(unassigned.patient_id(), patient->patient_id());
-  // Now it may go to the other patient.
-  EXPECT_TRUE(Assign(pki_->app(), "dev-100", "dev-owner-2").ok());
+  // Not yet to another patient (ingest may still send its samples to the former one), but back to
+  // the former patient at once.
+  grpc::Status too_soon = Assign(pki_->app(), "dev-100", "dev-owner-2");
+  EXPECT_EQ(too_soon.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(too_soon.error_message(), HasSubstr("was unassigned"));
+  EXPECT_TRUE(Assign(pki_->app(), "dev-100", "dev-owner-1").ok());
+}
+
+// Once routing.device_reassign_wait_seconds has passed since its unassignment, a device may feed
+// another patient.
+TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
+  const std::string path = absl::StrCat(stack_->dir(), "/short-wait.yaml");
+  ASSERT_TRUE(stack_->WriteConfig(path).ok());
+  std::stringstream yaml;
+  yaml << std::ifstream(path).rdbuf();
+  std::string text = yaml.str();
+  const std::string from = "routing:\n  seed_rules:\n";
+  ASSERT_NE(text.find(from), std::string::npos);
+  text.replace(text.find(from), from.size(),
+               "routing:\n  device_reassign_wait_seconds: 1\n  seed_rules:\n");
+  auto root = ConfigNode::Parse(text);
+  ASSERT_TRUE(root.ok()) << root.status();
+  auto config = ParseMedgateConfig(*root);
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto server = RoutingServer::Create(*config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  auto stub = [&](const TestCert& cert) {
+    auto channel = MakeChannel(absl::StrCat("127.0.0.1:", (*server)->port()),
+                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60});
+    return v1::TenantRouting::NewStub(*channel);
+  };
+  auto assign = [&](const std::string& ref) {
+    v1::AssignDeviceRequest request;
+    request.set_device_id("dev-wait");
+    request.set_patient_ref(ref);
+    v1::AssignDeviceResponse response;
+    grpc::ClientContext context;
+    return stub(pki_->app())->AssignDevice(&context, request, &response);
+  };
+  ASSERT_TRUE(Place(pki_->app(), "wait-owner-1", "FR").ok());
+  ASSERT_TRUE(Place(pki_->app(), "wait-owner-2", "FR").ok());
+  ASSERT_TRUE(assign("wait-owner-1").ok());
+  v1::UnassignDeviceRequest unassign;
+  unassign.set_device_id("dev-wait");
+  v1::UnassignDeviceResponse unassigned;
+  grpc::ClientContext context;
+  ASSERT_TRUE(stub(pki_->app())->UnassignDevice(&context, unassign, &unassigned).ok());
+  EXPECT_EQ(assign("wait-owner-2").error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  grpc::Status later;
+  ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(10), [&] {
+    later = assign("wait-owner-2");
+    return later.ok();
+  })) << later.error_message();
+  (*server)->Shutdown();
 }
 
 TEST_F(RoutingTest, CrossTenantMatrixHasZeroSuccesses) {
