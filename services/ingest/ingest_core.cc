@@ -126,6 +126,7 @@ absl::Status IngestCore::Process(const Principal& device,
   std::vector<VitalRow> rows;
   rows.reserve(samples.size());
   uint64_t previous_seq = 0;
+  uint32_t refused_for_consent = 0;
   for (uint32_t i = 0; i < samples.size(); ++i) {
     Sample& s = samples[i];
     Verdict verdict = ValidateSample(s, previous_seq, now, options_.validation);
@@ -133,6 +134,7 @@ absl::Status IngestCore::Process(const Principal& device,
       verdict = {Reject::kNoConsent,
                  absl::StrCat("no REMOTE_MONITORING consent for this patient (",
                               consent::AccessReasonName(monitoring->reason), ")")};
+      ++refused_for_consent;
     }
     if (s.seq > previous_seq) previous_seq = s.seq;
     if (verdict.reject != Reject::kNone) {
@@ -154,9 +156,6 @@ absl::Status IngestCore::Process(const Principal& device,
   }
   // A batch refused for lack of consent is audited as a denial, through the writer like a stored
   // one (answered once its entry is committed); one with nothing else to store is answered now.
-  const size_t refused_for_consent = static_cast<size_t>(
-      std::count_if(result.rejections.begin(), result.rejections.end(),
-                    [](const Rejection& r) { return r.reason == Reject::kNoConsent; }));
   if (rows.empty() && refused_for_consent == 0) {
     done(std::move(result));
     return absl::OkStatus();

@@ -50,13 +50,13 @@ absl::StatusOr<std::string> AuditAndCommitQuery(Quote quote,
   std::vector<std::string> columns[kFields];
   for (const audit::Entry& e : entries) {
     const audit::EncodedEntry encoded = audit::EncodeEntry(e);
-    const std::string values[kFields] = {
+    std::string values[kFields] = {
         e.actor, e.tenant, std::string(audit::ActionName(e.action)), e.object_type, e.object_id,
         e.patient_id, std::string(audit::DecisionName(e.decision)), e.reason, e.purpose,
         e.consent_id, absl::StrCat(e.consent_version), e.request_id, e.origin,
         absl::StrCat("\\x", audit::ToHex(encoded.head)),
         absl::StrCat("\\x", audit::ToHex(encoded.tail))};
-    for (int i = 0; i < kFields; ++i) columns[i].push_back(values[i]);
+    for (int i = 0; i < kFields; ++i) columns[i].push_back(std::move(values[i]));
   }
   std::string query = "SELECT audit_append_many(";
   for (int i = 0; i < kFields; ++i) {

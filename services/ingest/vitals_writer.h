@@ -1,5 +1,6 @@
 // The per-region writer: coalesces batches from many streams into one COPY transaction, with an
-// audit entry for each batch that stores something, commits, then reports each batch's outcome. Its queue is bounded; a full queue makes callers wait.
+// audit entry for each batch that stores something or was refused for lack of consent, commits,
+// then reports each batch's outcome. Its queue is bounded; a full queue makes callers wait.
 #ifndef MEDGATE_SERVICES_INGEST_VITALS_WRITER_H_
 #define MEDGATE_SERVICES_INGEST_VITALS_WRITER_H_
 

@@ -534,6 +534,20 @@ TEST_F(RoutingTest, TenantAndRuleListsAreBounded) {
   status = Stub(pki_->ops())->PutResidencyRule(&c2, put, &rule);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(status.error_message(), HasSubstr("readable_from_territories: at most 64"));
+  // Region lists: checked for their length before any region id is looked at.
+  put.mutable_rule()->clear_readable_from_territories();
+  for (int i = 0; i < 17; ++i) put.mutable_rule()->add_region_ids(absl::StrCat("r-", i));
+  grpc::ClientContext c3;
+  status = Stub(pki_->ops())->PutResidencyRule(&c3, put, &rule);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("rule.region_ids: at most 16"));
+  tenant.mutable_tenant()->clear_territories();
+  tenant.mutable_tenant()->add_territories("FR");
+  for (int i = 0; i < 33; ++i) tenant.mutable_tenant()->add_region_ids(absl::StrCat("r-", i));
+  grpc::ClientContext c4;
+  status = Stub(pki_->ops())->UpsertTenant(&c4, tenant, &upserted);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("tenant.region_ids: at most 32"));
 }
 
 TEST_F(RoutingTest, BadInputNamesTheField) {

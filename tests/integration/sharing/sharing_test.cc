@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "absl/strings/escaping.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "libs/common/grpc_status.h"
 #include "libs/crypto/aes_gcm.h"
@@ -2136,6 +2137,32 @@ TEST_F(SharingTest, ListRecordsPagesEndAtTheirByteBound) {
   } while (!token.empty() && seen.size() <= all.size());
   EXPECT_EQ(seen, all);
   (*server)->Shutdown();
+}
+
+// A listing whose read entries cannot be written fails, and shows nothing (a request whose audit
+// entry cannot be written fails).
+TEST_F(SharingTest, AListingItCannotAuditFails) {
+  const std::string patient = Place("unaudited-list-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "listed";
+  UploadOk(pki_->practitioner(), spec);
+  ASSERT_EQ(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient).size(), 1u);
+  Exec("fr-1",
+       "CREATE FUNCTION refuse_listing_entries() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+       "IF NEW.object_type = 'record_list' THEN RAISE EXCEPTION 'listing entries refused'; END IF; "
+       "RETURN NEW; END $$");
+  Exec("fr-1",
+       "CREATE TRIGGER refuse_listing_entries BEFORE INSERT ON audit_log FOR EACH ROW "
+       "EXECUTE FUNCTION refuse_listing_entries()");
+  absl::Cleanup restore = [] {
+    Exec("fr-1", "DROP TRIGGER refuse_listing_entries ON audit_log");
+    Exec("fr-1", "DROP FUNCTION refuse_listing_entries()");
+  };
+  auto listed = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient);
+  EXPECT_FALSE(listed.ok());
+  EXPECT_THAT(std::string(listed.status().message()),
+              HasSubstr("the listing's audit entries could not be written"));
 }
 
 // A record has at most kMaxActiveGrantsPerRecord active grants: one more grantee is refused, an
