@@ -4,9 +4,11 @@
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -143,6 +145,20 @@ RoutingCore::RoutingCore(pg::Pool& control, const pg::ShardSet& shards,
       regions_(std::move(regions)),
       reassign_wait_(reassign_wait) {}
 
+absl::Status ValidateNewTenantId(absl::string_view tenant_id) {
+  const bool ok = !tenant_id.empty() && tenant_id.size() <= kMaxNewTenantIdBytes &&
+                  absl::ascii_islower(static_cast<unsigned char>(tenant_id[0])) &&
+                  std::all_of(tenant_id.begin(), tenant_id.end(), [](char c) {
+                    return absl::ascii_islower(static_cast<unsigned char>(c)) ||
+                           absl::ascii_isdigit(static_cast<unsigned char>(c)) || c == '-';
+                  });
+  if (ok) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "tenant.tenant_id: a new tenant's id is 1 to ", kMaxNewTenantIdBytes,
+      " bytes of lower-case letters, digits and '-', starting with a letter; got '",
+      tenant_id.substr(0, kMaxIdBytes), "'"));
+}
+
 absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const CallContext& ctx,
                                                                       const TenantInfo& tenant) {
   RETURN_IF_ERROR(ValidateIdentifier(tenant.tenant_id, "tenant.tenant_id", kMaxIdBytes));
@@ -174,8 +190,14 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
       }
     }
   }
+  const absl::Status new_id = ValidateNewTenantId(tenant.tenant_id);
   return InTransaction<std::pair<TenantInfo, bool>>(
       control_, [&](pqxx::work& txn) -> absl::StatusOr<std::pair<TenantInfo, bool>> {
+        // An id of another form names no tenant that can be created; one registered before the
+        // rule existed may still be updated (suspended, for one).
+        if (!new_id.ok() && txn.exec_prepared(sql::kSelectTenant, tenant.tenant_id).empty()) {
+          return new_id;
+        }
         std::string territories = pg::TextArrayLiteral(tenant.territories);
         std::string regions = pg::TextArrayLiteral(tenant.region_ids.value_or(std::vector<std::string>{}));
         bool narrowed = tenant.region_ids.has_value();

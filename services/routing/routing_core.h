@@ -71,6 +71,10 @@ struct UnassignResult {
 
 inline constexpr size_t kMaxRefBytes = 256;
 inline constexpr size_t kMaxIdBytes = 128;
+// A tenant id is the T of spiffe://TD/tenant/T/...; new ones have the API's form:
+// [a-z][a-z0-9-]*, at most 63 bytes (a DNS label, so it can name Kubernetes objects too).
+inline constexpr size_t kMaxNewTenantIdBytes = 63;
+absl::Status ValidateNewTenantId(absl::string_view tenant_id);
 inline constexpr size_t kMaxBatch = 1000;
 // The API's bounds on a tenant's and a residency rule's lists.
 inline constexpr size_t kMaxTenantTerritories = 64;

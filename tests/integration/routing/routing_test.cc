@@ -697,5 +697,44 @@ TEST_F(RoutingTest, ControlDatabaseDownIsUnavailableThenRecovers) {
   EXPECT_TRUE(back.ok()) << back.status();
 }
 
+
+// A new tenant's id has the API's form (the T of its identities' SPIFFE ids); a tenant registered
+// before that rule keeps working and can still be updated, suspended for one.
+TEST_F(RoutingTest, NewTenantIdsHaveTheApiForm) {
+  auto upsert = [&](const std::string& id, bool active) {
+    v1::UpsertTenantRequest request;
+    request.mutable_tenant()->set_tenant_id(id);
+    request.mutable_tenant()->set_display_name("form");
+    request.mutable_tenant()->add_territories("FR");
+    request.mutable_tenant()->set_active(active);
+    v1::UpsertTenantResponse response;
+    grpc::ClientContext context;
+    return Stub(pki_->ops())->UpsertTenant(&context, request, &response);
+  };
+  for (const std::string& bad :
+       {std::string("Acme"), std::string("9lives"), std::string("a_b"), std::string("a.b"),
+        std::string("-ab"), std::string(64, 'a')}) {
+    grpc::Status status = upsert(bad, true);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_THAT(status.error_message(), HasSubstr("tenant.tenant_id: a new tenant's id")) << bad;
+  }
+  EXPECT_TRUE(upsert(std::string(63, 'a'), true).ok());
+  EXPECT_TRUE(upsert("x-9", true).ok());
+  {
+    pqxx::connection c(clusters_->control().ConnectionString());
+    pqxx::work w(c);
+    for (const char* bad : {"Acme", "9lives", "a_b", "a.b", "-ab"}) {
+      EXPECT_TRUE(w.exec_params("SELECT 1 FROM tenants WHERE tenant_id = $1", bad).empty()) << bad;
+    }
+    w.exec0("INSERT INTO tenants (tenant_id, display_name, territories, active, pseudonym_key) "
+            "VALUES ('Legacy_Co', 'legacy', ARRAY['FR'], true, decode(repeat('ab', 32), 'hex'))");
+    w.commit();
+  }
+  EXPECT_TRUE(upsert("Legacy_Co", false).ok());
+  pqxx::connection c(clusters_->control().ConnectionString());
+  pqxx::nontransaction n(c);
+  EXPECT_FALSE(n.exec1("SELECT active FROM tenants WHERE tenant_id = 'Legacy_Co'")[0].as<bool>());
+}
+
 }  // namespace
 }  // namespace medgate::routing
