@@ -15,56 +15,73 @@
 #include "medgate/v1/routing.grpc.pb.h"
 
 namespace medgate {
-namespace {
 
-class CachedTenantGate final : public TenantGate {
- public:
-  CachedTenantGate(TenantStatusFetcher fetch, TenantGateOptions options)
-      : fetch_(std::move(fetch)), options_(std::move(options)), cache_(options_.max_cached) {}
-
-  absl::Status CheckActive(absl::string_view tenant) override {
-    const std::string key(tenant);
-    std::optional<TenantStatus> status;
-    {
-      absl::MutexLock lock(&mu_);
-      status = cache_.Get(key, options_.clock());
-    }
-    if (!status) {
-      // Concurrent misses of one tenant may each ask; the answers are the same.
-      const absl::Time asked_at = options_.clock();
-      absl::StatusOr<std::vector<TenantStatus>> fetched = fetch_({key});
-      if (!fetched.ok()) {
-        // Whatever routing answered, the caller's request was not decided: retry later.
-        return absl::UnavailableError(absl::StrCat("cannot learn whether tenant '", key,
-                                                   "' may act: ", fetched.status().message()));
-      }
-      if (fetched->size() != 1 || (*fetched)[0].tenant_id != key) {
-        return absl::InternalError("routing answered another tenant");
-      }
-      status = (*fetched)[0];
-      absl::MutexLock lock(&mu_);
-      cache_.Put(key, *status, options_.ttl, asked_at);
-    }
-    if (!status->found) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "tenant '", key, "' is not registered with medgate; ops must create it first"));
-    }
-    if (!status->active) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "tenant '", key, "' is suspended: its identities may not call medgate until ops "
-          "reactivate it"));
-    }
-    return absl::OkStatus();
-  }
-
- private:
-  const TenantStatusFetcher fetch_;
-  const TenantGateOptions options_;
-  absl::Mutex mu_;
-  TtlCache<std::string, TenantStatus> cache_ ABSL_GUARDED_BY(mu_);
+struct CachedTenantGate::Flight {
+  bool done = false;
+  absl::StatusOr<TenantStatus> answer;
 };
 
-}  // namespace
+CachedTenantGate::CachedTenantGate(TenantStatusFetcher fetch, TenantGateOptions options)
+    : fetch_(std::move(fetch)), options_(std::move(options)), cache_(options_.max_cached) {}
+
+size_t CachedTenantGate::waiting_for_fetch() {
+  absl::MutexLock lock(&mu_);
+  return waiting_;
+}
+
+absl::Status CachedTenantGate::CheckActive(absl::string_view tenant) {
+  const std::string key(tenant);
+  absl::StatusOr<TenantStatus> status = Fetch(key);
+  if (!status.ok()) return status.status();
+  if (!status->found) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "tenant '", key, "' is not registered with medgate; ops must create it first"));
+  }
+  if (!status->active) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "tenant '", key, "' is suspended: its identities may not call medgate until ops "
+        "reactivate it"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TenantStatus> CachedTenantGate::Fetch(const std::string& key) {
+  std::shared_ptr<Flight> flight;
+  {
+    absl::MutexLock lock(&mu_);
+    if (std::optional<TenantStatus> cached = cache_.Get(key, options_.clock())) return *cached;
+    auto it = flights_.find(key);
+    if (it != flights_.end()) {
+      // Another call is asking: its answer is this call's too. The wait is bounded by the
+      // fetch's own deadline.
+      flight = it->second;
+      ++waiting_;
+      mu_.Await(absl::Condition(+[](Flight* f) { return f->done; }, flight.get()));
+      --waiting_;
+      return flight->answer;
+    }
+    flight = std::make_shared<Flight>();
+    flights_.emplace(key, flight);
+  }
+  const absl::Time asked_at = options_.clock();
+  absl::StatusOr<std::vector<TenantStatus>> fetched = fetch_({key});
+  absl::StatusOr<TenantStatus> answer;
+  if (!fetched.ok()) {
+    // Whatever routing answered, the caller's request was not decided: retry later.
+    answer = absl::UnavailableError(absl::StrCat("cannot learn whether tenant '", key,
+                                                 "' may act: ", fetched.status().message()));
+  } else if (fetched->size() != 1 || (*fetched)[0].tenant_id != key) {
+    answer = absl::InternalError("routing answered another tenant");
+  } else {
+    answer = (*fetched)[0];
+  }
+  absl::MutexLock lock(&mu_);
+  if (answer.ok()) cache_.Put(key, *answer, options_.ttl, asked_at);
+  flight->answer = answer;
+  flight->done = true;
+  flights_.erase(key);
+  return answer;
+}
 
 std::unique_ptr<TenantGate> NewCachedTenantGate(TenantStatusFetcher fetch,
                                                 TenantGateOptions options) {

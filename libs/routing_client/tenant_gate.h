@@ -6,16 +6,21 @@
 
 #include <cstddef>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include <grpcpp/channel.h>
 
+#include "absl/base/thread_annotations.h"
+
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "libs/common/ttl_cache.h"
 #include "libs/identity/authz.h"
 #include "libs/routing_client/routing_client.h"
 
@@ -35,7 +40,27 @@ using TenantStatusFetcher =
     std::function<absl::StatusOr<std::vector<TenantStatus>>(absl::Span<const std::string>)>;
 
 // A TenantGate over `fetch` with a TTL cache. Thread-safe. A failed fetch caches nothing and
-// answers UNAVAILABLE with its message (fail closed, retryable).
+// answers UNAVAILABLE with its message (fail closed, retryable). Concurrent misses of one tenant
+// share one fetch: when an answer expires under load, routing is asked once, not once per call.
+class CachedTenantGate final : public TenantGate {
+ public:
+  CachedTenantGate(TenantStatusFetcher fetch, TenantGateOptions options);
+  absl::Status CheckActive(absl::string_view tenant) override;
+  // Calls waiting for another call's fetch (for tests).
+  size_t waiting_for_fetch();
+
+ private:
+  struct Flight;  // one fetch in progress, and its answer once there
+  absl::StatusOr<TenantStatus> Fetch(const std::string& tenant);
+
+  const TenantStatusFetcher fetch_;
+  const TenantGateOptions options_;
+  absl::Mutex mu_;
+  TtlCache<std::string, TenantStatus> cache_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::shared_ptr<Flight>> flights_ ABSL_GUARDED_BY(mu_);
+  size_t waiting_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
 std::unique_ptr<TenantGate> NewCachedTenantGate(TenantStatusFetcher fetch,
                                                 TenantGateOptions options = {});
 

@@ -3,10 +3,13 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <map>
+#include <thread>
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 
 namespace medgate {
@@ -96,6 +99,48 @@ TEST_F(TenantGateTest, HoldsAtMostItsCapacity) {
   ASSERT_FALSE(gate->CheckActive("stranger").ok());  // evicts acme, the least recently used
   ASSERT_TRUE(gate->CheckActive("acme").ok());
   EXPECT_EQ(fetched_, (std::vector<std::string>{"acme", "paused", "stranger", "acme"}));
+}
+
+// When an answer is missing under load, the calls that miss it together wait for one fetch and
+// share its answer, a failure included (which is not cached: the next call asks again).
+TEST(CachedTenantGateConcurrency, ConcurrentMissesShareOneFetch) {
+  for (const bool fail : {false, true}) {
+    absl::Notification release;
+    std::atomic<int> fetches{0};
+    CachedTenantGate gate(
+        [&](absl::Span<const std::string> ids) -> absl::StatusOr<std::vector<TenantStatus>> {
+          fetches.fetch_add(1);
+          release.WaitForNotification();
+          if (fail) return absl::DeadlineExceededError("routing did not answer");
+          return std::vector<TenantStatus>{{.tenant_id = ids[0], .found = true, .active = true}};
+        },
+        TenantGateOptions{});
+    constexpr int kCalls = 8;
+    std::vector<absl::Status> results(kCalls);
+    std::vector<std::thread> calls;
+    for (int i = 0; i < kCalls; ++i) {
+      calls.emplace_back([&, i] { results[static_cast<size_t>(i)] = gate.CheckActive("acme"); });
+    }
+    // Every call but the one fetching comes to wait for its answer.
+    const absl::Time deadline = absl::Now() + absl::Seconds(30);
+    while (gate.waiting_for_fetch() < kCalls - 1 && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+    EXPECT_EQ(gate.waiting_for_fetch(), static_cast<size_t>(kCalls - 1));
+    release.Notify();
+    for (std::thread& t : calls) t.join();
+    EXPECT_EQ(fetches.load(), 1);
+    for (const absl::Status& s : results) {
+      if (fail) {
+        EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+        EXPECT_NE(s.message().find("routing did not answer"), absl::string_view::npos) << s;
+      } else {
+        EXPECT_TRUE(s.ok()) << s;
+      }
+    }
+    EXPECT_EQ(gate.CheckActive("acme").ok(), !fail);
+    EXPECT_EQ(fetches.load(), fail ? 2 : 1);
+  }
 }
 
 }  // namespace
