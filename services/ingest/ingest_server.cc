@@ -4,6 +4,7 @@
 #include "absl/strings/str_cat.h"
 #include "libs/common/status_macros.h"
 #include "libs/identity/credentials.h"
+#include "libs/routing_client/reassign_window.h"
 #include "services/ingest/sql.h"
 
 namespace medgate::ingest {
@@ -14,6 +15,9 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   // one connection may carry streams.
   const int64_t default_waiting = int64_t{4} * config.limits.max_concurrent_streams;
   s.max_waiting_batches = static_cast<size_t>(default_waiting);
+  RETURN_IF_ERROR(CheckDeviceReassignWindow(config));
+  ASSIGN_OR_RETURN(int64_t device_ttl, DeviceCacheTtlSeconds(config));
+  s.device_cache_ttl = absl::Seconds(device_ttl);
   if (!config.root.Has("ingest")) return s;
   ASSIGN_OR_RETURN(ConfigNode node, config.root.Child("ingest"));
   RETURN_IF_ERROR(node.OnlyKeys({"tenant_samples_per_second", "tenant_burst", "max_sample_age_hours",
@@ -33,7 +37,6 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(int64_t waiting,
                    node.Int("max_waiting_batches", 1, 10000000, default_waiting));
   ASSIGN_OR_RETURN(int64_t lanes, node.Int("writers_per_region", 1, 64, 4));
-  ASSIGN_OR_RETURN(int64_t device_ttl, node.Int("device_cache_ttl_seconds", 1, 3600, 30));
   ASSIGN_OR_RETURN(int64_t enqueue_wait, node.Int("enqueue_wait_ms", 1, 600000, 10000));
   ASSIGN_OR_RETURN(int64_t stats_interval, node.Int("stats_interval_ms", 100, 3600000, 10000));
   s.core.tenant_samples_per_second = static_cast<double>(rate);
@@ -45,7 +48,6 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.worker_threads = static_cast<int>(workers);
   s.max_waiting_batches = static_cast<size_t>(waiting);
   s.writers_per_region = static_cast<int>(lanes);
-  s.device_cache_ttl = absl::Seconds(device_ttl);
   s.core.enqueue_wait = absl::Milliseconds(enqueue_wait);
   s.writer.stats_interval = absl::Milliseconds(stats_interval);
   return s;

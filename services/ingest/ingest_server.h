@@ -9,6 +9,7 @@
 #include "libs/common/config.h"
 #include "libs/consent_client/consent_cache.h"
 #include "libs/pg/shard_set.h"
+#include "libs/routing_client/reassign_window.h"
 #include "libs/routing_client/routing_client.h"
 #include "libs/routing_client/tenant_gate.h"
 #include "libs/server/service_server.h"
@@ -31,7 +32,7 @@ struct IngestSettings {
   // How long a device -> patient answer is reused: bounds how long an unassigned device may
   // still write for its former patient. A device streaming at least once per TTL has its answer
   // fetched again in the background, off the hot path (the routing client's refresh ahead).
-  absl::Duration device_cache_ttl = absl::Seconds(30);
+  absl::Duration device_cache_ttl = absl::Seconds(kDefaultDeviceCacheTtlSeconds);
 };
 
 absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config);

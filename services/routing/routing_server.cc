@@ -4,17 +4,19 @@
 #include "absl/strings/str_cat.h"
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
+#include "libs/routing_client/reassign_window.h"
 #include "services/routing/sql.h"
 
 namespace medgate::routing {
 
 absl::StatusOr<RoutingSettings> ParseRoutingSettings(const MedgateConfig& config) {
   RoutingSettings settings;
+  RETURN_IF_ERROR(CheckDeviceReassignWindow(config));
+  ASSIGN_OR_RETURN(int64_t wait, DeviceReassignWaitSeconds(config));
+  settings.device_reassign_wait = absl::Seconds(wait);
   if (!config.root.Has("routing")) return settings;
   ASSIGN_OR_RETURN(ConfigNode routing, config.root.Child("routing"));
   RETURN_IF_ERROR(routing.OnlyKeys({"seed_rules", "device_reassign_wait_seconds"}));
-  ASSIGN_OR_RETURN(int64_t wait, routing.Int("device_reassign_wait_seconds", 0, 86400, 35));
-  settings.device_reassign_wait = absl::Seconds(wait);
   ASSIGN_OR_RETURN(std::vector<ConfigNode> rules, routing.Sequence("seed_rules", false));
   for (const ConfigNode& node : rules) {
     RETURN_IF_ERROR(node.OnlyKeys({"territory", "regions", "readable_from"}));

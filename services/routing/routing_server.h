@@ -9,6 +9,7 @@
 #include "libs/common/config.h"
 #include "libs/pg/pool.h"
 #include "libs/pg/shard_set.h"
+#include "libs/routing_client/reassign_window.h"
 #include "libs/server/service_server.h"
 #include "services/routing/routing_core.h"
 #include "services/routing/routing_service.h"
@@ -19,7 +20,7 @@ namespace medgate::routing {
 struct RoutingSettings {
   std::vector<RuleInfo> seed_rules;  // applied once per territory that has no rule yet
   // Longer than ingest.device_cache_ttl_seconds (30 s by default) on every ingest instance.
-  absl::Duration device_reassign_wait = absl::Seconds(35);
+  absl::Duration device_reassign_wait = absl::Seconds(kDefaultDeviceReassignWaitSeconds);
 };
 
 absl::StatusOr<RoutingSettings> ParseRoutingSettings(const MedgateConfig& config);
