@@ -5,6 +5,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <thread>
 
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
@@ -845,6 +846,87 @@ TEST_F(ConsentTest, APatientsConsentsAndTheirVersionsAreBounded) {
   auto all = List(*app, plain);
   ASSERT_TRUE(all.ok()) << all.status();
   EXPECT_EQ(all->consents_size(), kMaxConsentsPerPatient);
+}
+
+// Grants racing for a patient's last free places: the per-patient lock lets exactly as many in as
+// the bound has room for.
+TEST_F(ConsentTest, ConcurrentGrantsStopAtThePatientsBound) {
+  const std::string patient = Place("bounded-race-1", "FR");
+  constexpr int kFree = 3;
+  constexpr int kRacers = 8;
+  {
+    pqxx::connection c(clusters_->region("fr-1").ConnectionString());
+    pqxx::work txn(c);
+    txn.exec_params0(
+        "INSERT INTO consents (consent_id, patient_id, tenant_id, purpose, actor) "
+        "SELECT 'cn_fr-1_race' || n, $1, 'acme', 'RESEARCH', $2 || n "
+        "FROM generate_series(1, $3::int) AS n",
+        patient, pki_->SpiffeId("/tenant/acme/app/race-"), kMaxConsentsPerPatient - kFree);
+    txn.exec_params0(
+        "INSERT INTO consent_versions (consent_id, version, state, valid_from, evidence_ref, "
+        "reason, recorded_by, recorded_at, request_id) "
+        "SELECT 'cn_fr-1_race' || n, 1, 'granted', now(), 'form', '', $2, now(), 'fill' "
+        "FROM generate_series(1, $1::int) AS n",
+        kMaxConsentsPerPatient - kFree, App());
+    txn.commit();
+  }
+  auto app = Stub(pki_->app());
+  std::vector<absl::Status> results(kRacers);
+  std::vector<std::thread> racers;
+  for (int i = 0; i < kRacers; ++i) {
+    racers.emplace_back([&, i] {
+      // Each a consent of its own: CARE narrowed to a different practitioner.
+      results[static_cast<size_t>(i)] =
+          Grant(*app, GrantArgs(patient).WithActor(pki_->SpiffeId(
+                          absl::StrCat("/tenant/acme/practitioner/racer-", i))))
+              .status();
+    });
+  }
+  for (std::thread& t : racers) t.join();
+  int granted = 0;
+  for (const absl::Status& s : results) {
+    if (s.ok()) {
+      ++granted;
+    } else {
+      EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+    }
+  }
+  EXPECT_EQ(granted, kFree);
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"), "SELECT count(*) FROM consents WHERE patient_id = $1",
+                    patient),
+            kMaxConsentsPerPatient);
+}
+
+// A listing whose read entry cannot be written fails and shows nothing.
+TEST_F(ConsentTest, AListingItCannotAuditFails) {
+  const std::string patient = Place("unaudited-list-1", "FR");
+  auto app = Stub(pki_->app());
+  ASSERT_TRUE(Grant(*app, GrantArgs(patient)).ok());
+  ASSERT_TRUE(List(*app, ListOf(patient)).ok());
+  pqxx::connection c(clusters_->region("fr-1").ConnectionString());
+  pqxx::nontransaction n(c);
+  n.exec0("CREATE FUNCTION refuse_consent_listings() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+          "IF NEW.object_type = 'consent_list' THEN RAISE EXCEPTION 'listing entries refused'; "
+          "END IF; RETURN NEW; END $$");
+  n.exec0("CREATE TRIGGER refuse_consent_listings BEFORE INSERT ON audit_log FOR EACH ROW "
+          "EXECUTE FUNCTION refuse_consent_listings()");
+  auto listed = List(*app, ListOf(patient));
+  n.exec0("DROP TRIGGER refuse_consent_listings ON audit_log");
+  n.exec0("DROP FUNCTION refuse_consent_listings()");
+  EXPECT_FALSE(listed.ok());
+  EXPECT_THAT(std::string(listed.status().message()), HasSubstr("listing entries refused"));
+  // Nothing of the failed listing is in the chain; the next listing is audited again.
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM audit_log WHERE object_type = 'consent_list' AND "
+                    "patient_id = $1",
+                    patient),
+            1);
+  ASSERT_TRUE(List(*app, ListOf(patient)).ok());
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM audit_log WHERE object_type = 'consent_list' AND "
+                    "patient_id = $1",
+                    patient),
+            2);
 }
 
 TEST_F(ConsentTest, BadInputNamesTheField) {

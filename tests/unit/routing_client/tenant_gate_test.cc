@@ -1,7 +1,12 @@
 // Unit tests of the cached tenant gate, with a fake fetcher and a fake clock.
 #include "libs/routing_client/tenant_gate.h"
 
+#include <arpa/inet.h>
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <map>
@@ -9,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 
@@ -141,6 +147,28 @@ TEST(CachedTenantGateConcurrency, ConcurrentMissesShareOneFetch) {
     EXPECT_EQ(gate.CheckActive("acme").ok(), !fail);
     EXPECT_EQ(fetches.load(), fail ? 2 : 1);
   }
+}
+
+// Routing that takes the connection but never answers: the gate's look-up ends at its deadline
+// and the call is refused as retryable, instead of holding the caller's thread.
+TEST(RoutingTenantGate, ALookUpEndsAtItsDeadline) {
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  ASSERT_EQ(listen(listener, 16), 0);  // connections complete in the backlog; nothing is read
+  socklen_t length = sizeof(address);
+  ASSERT_EQ(getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length), 0);
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", ntohs(address.sin_port)),
+                                     grpc::InsecureChannelCredentials());
+  std::unique_ptr<TenantGate> gate =
+      NewRoutingTenantGate(channel, TenantGateOptions{}, absl::Milliseconds(200));
+  absl::Status status = gate->CheckActive("acme");
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+  EXPECT_NE(status.message().find("routing ResolveTenants"), absl::string_view::npos) << status;
+  close(listener);
 }
 
 }  // namespace
