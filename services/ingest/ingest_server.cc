@@ -1,7 +1,10 @@
 // Wiring of the ingest service.
 #include "services/ingest/ingest_server.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
+#include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/identity/credentials.h"
 #include "libs/routing_client/reassign_window.h"
@@ -24,7 +27,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
                                  "max_queued_batches", "max_rows_per_transaction", "linger_ms",
                                  "worker_threads", "max_waiting_batches", "writers_per_region",
                                  "device_cache_ttl_seconds", "enqueue_wait_ms",
-                                 "stats_interval_ms"}));
+                                 "stats_interval_ms", "partition_check_minutes"}));
   ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
   // A burst below the largest batch would refuse such a batch forever, however long it waits.
   ASSIGN_OR_RETURN(int64_t burst, node.Int("tenant_burst", static_cast<int64_t>(kMaxSamplesPerBatch),
@@ -39,6 +42,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(int64_t lanes, node.Int("writers_per_region", 1, 64, 4));
   ASSIGN_OR_RETURN(int64_t enqueue_wait, node.Int("enqueue_wait_ms", 1, 600000, 10000));
   ASSIGN_OR_RETURN(int64_t stats_interval, node.Int("stats_interval_ms", 100, 3600000, 10000));
+  ASSIGN_OR_RETURN(int64_t partition_check, node.Int("partition_check_minutes", 1, 24 * 60, 60));
   s.core.tenant_samples_per_second = static_cast<double>(rate);
   s.core.tenant_burst = static_cast<double>(burst);
   s.core.validation.max_age = absl::Hours(age);
@@ -50,6 +54,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.writers_per_region = static_cast<int>(lanes);
   s.core.enqueue_wait = absl::Milliseconds(enqueue_wait);
   s.writer.stats_interval = absl::Milliseconds(stats_interval);
+  s.partition_check = absl::Minutes(partition_check);
   return s;
 }
 
@@ -100,9 +105,54 @@ IngestServer::IngestServer(const MedgateConfig& config, IngestSettings settings)
 }
 
 IngestServer::~IngestServer() {
+  StopPartitionKeeper();
   // Stop accepting streams first, then the writers (which answer what they still hold).
   server_->Shutdown();
   writers_.clear();
+}
+
+void IngestServer::Shutdown() {
+  StopPartitionKeeper();
+  server_->Shutdown();
+}
+
+void IngestServer::StopPartitionKeeper() {
+  {
+    absl::MutexLock lock(&keeper_mu_);
+    keeper_stopping_ = true;
+  }
+  if (keeper_.joinable()) keeper_.join();
+}
+
+uint64_t IngestServer::partition_passes() {
+  absl::MutexLock lock(&keeper_mu_);
+  return partition_passes_;
+}
+
+void IngestServer::KeepPartitions() {
+  while (true) {
+    bool all = true;
+    for (const std::string& region : shards_->RegionIds()) {
+      absl::Status made = [&]() -> absl::Status {
+        ASSIGN_OR_RETURN(pg::Pool * pool, shards_->Get(region));
+        return pool->Transact([](pqxx::work& txn) {
+          txn.exec_prepared(sql::kEnsurePartitions);
+          return absl::OkStatus();
+        });
+      }();
+      if (!made.ok()) {
+        all = false;
+        log::Warning("vitals_partitions_not_made", {{"region", region}, {"error", made.message()}});
+      }
+    }
+    absl::MutexLock lock(&keeper_mu_);
+    if (all) ++partition_passes_;
+    // A pass that missed a region comes again within a minute.
+    const absl::Duration wait = all ? settings_.partition_check
+                                    : std::min(settings_.partition_check, absl::Minutes(1));
+    keeper_mu_.AwaitWithTimeout(absl::Condition(&keeper_stopping_), wait);
+    if (keeper_stopping_) return;
+  }
 }
 
 absl::Status IngestServer::Start() {
@@ -110,7 +160,9 @@ absl::Status IngestServer::Start() {
   // Serving while any shard answers: a region down gets retryable acks for its own batches, and
   // must not take the other regions' devices with it.
   server_->SetHealthProbe([this] { return shards_->PingAny(); }, absl::Seconds(2));
-  return server_->Start();
+  RETURN_IF_ERROR(server_->Start());
+  keeper_ = std::thread([this] { KeepPartitions(); });
+  return absl::OkStatus();
 }
 
 }  // namespace medgate::ingest

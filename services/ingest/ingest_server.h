@@ -4,8 +4,12 @@
 
 #include <map>
 #include <memory>
+#include <thread>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "libs/common/config.h"
 #include "libs/consent_client/consent_cache.h"
 #include "libs/pg/shard_set.h"
@@ -33,6 +37,9 @@ struct IngestSettings {
   // still write for its former patient. A device streaming at least once per TTL has its answer
   // fetched again in the background, off the hot path (the routing client's refresh ahead).
   absl::Duration device_cache_ttl = absl::Seconds(kDefaultDeviceCacheTtlSeconds);
+  // How often each region's vitals partitions are made for the next 12 months (and at start):
+  // a month without its partition would file its samples in the default partition.
+  absl::Duration partition_check = absl::Minutes(60);
 };
 
 absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config);
@@ -43,7 +50,7 @@ class IngestServer {
   ~IngestServer();
 
   absl::Status Start();
-  void Shutdown() { server_->Shutdown(); }
+  void Shutdown();
   void RunUntilSignal() { server_->RunUntilSignal(); }
   int port() const { return server_->port(); }
   RoutingClient& routing() { return *routing_; }
@@ -62,9 +69,15 @@ class IngestServer {
   // Batches handed to a worker thread since start: those that had to wait for routing, consent
   // or room in a writer's queue (the others are processed on gRPC's callback threads).
   uint64_t batches_handed_to_workers() const { return executor_->accepted(); }
+  // Passes of the partition keeper that covered every region (for tests).
+  uint64_t partition_passes();
 
  private:
   IngestServer(const MedgateConfig& config, IngestSettings settings);
+  // Makes each region's coming vitals partitions at start and every settings_.partition_check;
+  // a region that fails is tried again at the next pass (its shard may be down).
+  void KeepPartitions();
+  void StopPartitionKeeper();
 
   const MedgateConfig& config_;
   IngestSettings settings_;
@@ -77,6 +90,10 @@ class IngestServer {
   std::unique_ptr<StreamExecutor> executor_;
   std::unique_ptr<IngestService> service_;
   std::unique_ptr<ServiceServer> server_;
+  absl::Mutex keeper_mu_;
+  bool keeper_stopping_ ABSL_GUARDED_BY(keeper_mu_) = false;
+  uint64_t partition_passes_ ABSL_GUARDED_BY(keeper_mu_) = 0;
+  std::thread keeper_;
 };
 
 }  // namespace medgate::ingest

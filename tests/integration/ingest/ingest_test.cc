@@ -309,6 +309,35 @@ TEST_F(IngestTest, StoresInTheHomeShardOnlyAndResendsAreDuplicates) {
 // Once a device's routing answer and its patient's consents are in memory, its batches are
 // processed on gRPC's callback thread; only what has to wait (the first batch's look-ups) goes to a
 // worker thread. Every batch is stored either way.
+// The ingest service makes the coming months' vitals partitions in every region, at start and
+// then every ingest.partition_check_minutes: a month without its partition would file its samples
+// in the default partition, where its partition could then never be made.
+TEST_F(IngestTest, ComingMonthsHaveTheirVitalsPartitions) {
+  std::map<std::string, std::string> dropped;  // region -> the partition dropped there
+  for (const RegionConfig& region : stack_->config().regions) {
+    pqxx::connection c(region.db.conninfo);
+    pqxx::work w(c);
+    const std::string name =
+        w.exec1("SELECT 'vitals_' || to_char(date_trunc('month', now()) + interval '3 months', "
+                "'YYYY_MM')")[0]
+            .c_str();
+    ASSERT_FALSE(w.exec_params1("SELECT to_regclass($1) IS NULL", name)[0].as<bool>()) << name;
+    w.exec0("DROP TABLE " + w.quote_name(name));
+    w.commit();
+    dropped[region.id] = name;
+  }
+  auto extra = StartIngest("ingest: {tenant_samples_per_second: 1000000}\n");
+  ASSERT_NE(extra, nullptr);
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                        [&] { return extra->server->partition_passes() >= 1; }));
+  for (const RegionConfig& region : stack_->config().regions) {
+    pqxx::connection c(region.db.conninfo);
+    pqxx::nontransaction n(c);
+    EXPECT_FALSE(n.exec_params1("SELECT to_regclass($1) IS NULL", dropped[region.id])[0].as<bool>())
+        << region.id << " " << dropped[region.id];
+  }
+}
+
 TEST_F(IngestTest, BatchesWithNothingToWaitForSkipTheWorkerThreads) {
   std::string patient = PatientWithDevice("inline", "FR", "dev-inline");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
