@@ -1084,6 +1084,29 @@ absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
   });
 }
 
+absl::StatusOr<bool> SharingCore::MayRead(const std::string& region, const RecordInfo& record,
+                                          const std::string& caller, absl::Time now) {
+  if (record.owner == caller) {
+    ASSIGN_OR_RETURN(consent::AccessDecision care,
+                     consent_.Check(region, record.patient_id, consent::Purpose::kCare, caller,
+                                    now));
+    return care.permit;
+  }
+  // AttachGrants gave a grantee's record its caller's active grant, if any.
+  auto grant = std::find_if(record.grants.begin(), record.grants.end(),
+                            [&](const GrantInfo& g) { return g.grantee == caller; });
+  if (grant == record.grants.end()) return false;
+  ASSIGN_OR_RETURN(consent::AccessDecision sharing,
+                   consent_.Check(region, record.patient_id, consent::Purpose::kRecordSharing,
+                                  grant->granted_by, now));
+  if (!sharing.permit) return false;
+  if (grant->grantee_tenant == record.tenant_id) return true;
+  absl::Status territory = CheckReadTerritory(record, grant->grantee_tenant);
+  if (territory.code() == absl::StatusCode::kFailedPrecondition) return false;
+  RETURN_IF_ERROR(territory);
+  return true;
+}
+
 absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
                                                     const ListQuery& query) {
   if (query.scope == ListScope::kUnspecified) return absl::InvalidArgumentError("scope: required");
@@ -1111,8 +1134,15 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
     regions = shards_.RegionIds();
   }
 
-  // Each region's newest `size + 1` after the token, merged newest first.
+  // Each region's newest `size + 1` after the token, those the caller may still read, merged
+  // newest first. A region that had more than it gave may hold unseen records older than the
+  // last it gave: nothing older than the newest such cut-off (the horizon) is shown on this page,
+  // since a record of that region could belong before it.
   std::vector<RecordInfo> merged;
+  std::optional<RecordInfo> horizon;  // the region cut-off nothing on this page may pass
+  auto newer = [](const RecordInfo& a, const RecordInfo& b) {
+    return std::tie(a.created_at, a.record_id) > std::tie(b.created_at, b.record_id);
+  };
   for (const std::string& region : regions) {
     ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(region));
     absl::StatusOr<std::vector<RecordInfo>> page = pool->TransactValue<std::vector<RecordInfo>>(
@@ -1147,11 +1177,24 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
       return absl::Status(page.status().code(),
                           absl::StrCat("region ", region, ": ", page.status().message()));
     }
-    std::move(page->begin(), page->end(), std::back_inserter(merged));
+    if (page->size() > static_cast<size_t>(size) && (!horizon || newer(page->back(), *horizon))) {
+      horizon = page->back();
+    }
+    for (RecordInfo& record : *page) {
+      absl::StatusOr<bool> readable = MayRead(region, record, caller, now);
+      if (!readable.ok()) {
+        return absl::Status(readable.status().code(),
+                            absl::StrCat("region ", region, ": ", readable.status().message()));
+      }
+      if (*readable) merged.push_back(std::move(record));
+    }
   }
-  std::sort(merged.begin(), merged.end(), [](const RecordInfo& a, const RecordInfo& b) {
-    return std::tie(a.created_at, a.record_id) > std::tie(b.created_at, b.record_id);
-  });
+  std::sort(merged.begin(), merged.end(), newer);
+  if (horizon) {
+    merged.erase(std::find_if(merged.begin(), merged.end(),
+                              [&](const RecordInfo& r) { return newer(*horizon, r); }),
+                 merged.end());
+  }
   ListResult result;
   // At most `size` records, and fewer when they would not fit max_list_page_bytes (at least one).
   size_t keep = 0;
@@ -1164,6 +1207,10 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
   if (keep < merged.size()) {
     merged.resize(keep);
     result.next_page_token = PageToken(merged.back());
+  } else if (horizon) {
+    // Everything up to the horizon is on this page (or was not the caller's to read): the next
+    // page starts below it.
+    result.next_page_token = PageToken(*horizon);
   }
   RETURN_IF_ERROR(AuditListing(ctx, query.scope, merged));
   result.records = std::move(merged);

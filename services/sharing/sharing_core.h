@@ -228,6 +228,11 @@ class SharingCore {
   };
   absl::StatusOr<SealPage> SealMetadataInClear(pg::Pool& pool, int batch, const std::string& after);
   absl::Status CheckReadTerritory(const RecordInfo& record, absl::string_view reader_tenant);
+  // Whether a listing may show `record` (of `region`) to `caller`: as DownloadRecord would let
+  // them read it. The owner needs CARE; a grantee an active grant whose sharer's RECORD_SHARING
+  // still permits, and for another tenant, a territory the patient's residency rule allows.
+  absl::StatusOr<bool> MayRead(const std::string& region, const RecordInfo& record,
+                               const std::string& caller, absl::Time now);
 
   const pg::ShardSet& shards_;
   const pg::ShardSet& upload_shards_;

@@ -334,7 +334,7 @@ class SharingTest : public ::testing::Test {
                         absl::StrCat("consent-", patient_id.substr(0, 20)));
   }
 
-  static void RevokeSharingConsent(const std::string& consent_id) {
+  static void WithdrawConsent(const std::string& consent_id) {
     v1::RevokeConsentRequest request;
     request.set_consent_id(consent_id);
     request.set_reason("patient withdrew");
@@ -1338,7 +1338,7 @@ TEST_F(SharingTest, RevokedConsentStopsGranteeReads) {
     return shared.ok();
   })) << shared.status();
   ASSERT_TRUE(Download(Cert("acme-p2"), record).status.ok());
-  RevokeSharingConsent(consent_id);
+  WithdrawConsent(consent_id);
   Downloaded denied;
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
     denied = Download(Cert("acme-p2"), record);
@@ -1347,6 +1347,83 @@ TEST_F(SharingTest, RevokedConsentStopsGranteeReads) {
   EXPECT_THAT(denied.status.error_message(), HasSubstr("REVOKED"));
   // The owner's own reads do not rest on the sharing consent.
   EXPECT_TRUE(Download(pki_->practitioner(), record).status.ok());
+}
+
+// A listing shows what DownloadRecord would let the caller read, no more: once the sharer's
+// RECORD_SHARING consent is withdrawn the grantee's listings leave the record out, and once the
+// owner's CARE consent is withdrawn so do the owner's. Pages skip what is left out without losing
+// what follows it.
+TEST_F(SharingTest, ListingsShowOnlyWhatTheCallerMayRead) {
+  const std::string hidden_patient = Place("list-consent-1", "FR");
+  const std::string shown_patient = Place("list-consent-2", "FR");
+  const std::string sharing_consent = GrantSharingConsent(hidden_patient);
+  GrantSharingConsent(shown_patient);
+  std::vector<std::string> hidden;
+  std::vector<std::string> shown;
+  // Interleaved, so the hidden records fall between the shown ones on every page.
+  for (int i = 0; i < 6; ++i) {
+    UploadSpec spec;
+    spec.patient_id = i % 2 == 0 ? hidden_patient : shown_patient;
+    spec.content = absl::StrCat("report ", i);
+    const std::string record = UploadOk(pki_->practitioner(), spec);
+    absl::StatusOr<v1::ShareRecordResponse> shared;
+    ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+      shared = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+      return shared.ok();
+    })) << shared.status();
+    (i % 2 == 0 ? hidden : shown).push_back(record);
+  }
+  auto all_pages = [&](const TestCert& as, v1::RecordScope scope, const std::string& patient) {
+    std::vector<std::string> ids;
+    std::string token;
+    for (int page = 0; page < 20; ++page) {
+      auto listed = List(as, scope, patient, 2, token);
+      EXPECT_TRUE(listed.ok()) << listed.status();
+      if (!listed.ok()) break;
+      for (const v1::Record& r : listed->records()) ids.push_back(r.record_id());
+      token = listed->next_page_token();
+      if (token.empty()) break;
+    }
+    return ids;
+  };
+  auto contains = [](const std::vector<std::string>& ids, const std::string& id) {
+    return std::find(ids.begin(), ids.end(), id) != ids.end();
+  };
+  std::vector<std::string> before = all_pages(Cert("acme-p2"), v1::RECORD_SCOPE_SHARED_WITH_ME, "");
+  for (const std::string& id : hidden) EXPECT_TRUE(contains(before, id)) << id;
+  for (const std::string& id : shown) EXPECT_TRUE(contains(before, id)) << id;
+
+  WithdrawConsent(sharing_consent);
+  std::vector<std::string> after;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    after = all_pages(Cert("acme-p2"), v1::RECORD_SCOPE_SHARED_WITH_ME, "");
+    return !contains(after, hidden[0]);
+  }));
+  for (const std::string& id : hidden) EXPECT_FALSE(contains(after, id)) << id;
+  for (const std::string& id : shown) EXPECT_TRUE(contains(after, id)) << id;
+  EXPECT_TRUE(all_pages(Cert("acme-p2"), v1::RECORD_SCOPE_PATIENT, hidden_patient).empty());
+  EXPECT_EQ(all_pages(Cert("acme-p2"), v1::RECORD_SCOPE_PATIENT, shown_patient).size(),
+            shown.size());
+  // The owner's listings do not rest on the sharing consent, but on CARE.
+  std::vector<std::string> owned = all_pages(pki_->practitioner(), v1::RECORD_SCOPE_MINE, "");
+  for (const std::string& id : hidden) EXPECT_TRUE(contains(owned, id)) << id;
+  const int64_t care_consents = Count(
+      "fr-1", "SELECT count(*) FROM consents WHERE patient_id = $1 AND purpose = 'CARE'",
+      hidden_patient);
+  ASSERT_EQ(care_consents, 1);
+  pqxx::connection c(Db("fr-1").ConnectionString());
+  pqxx::nontransaction n(c);
+  WithdrawConsent(
+      n.exec_params1("SELECT consent_id FROM consents WHERE patient_id = $1 AND purpose = 'CARE'",
+                     hidden_patient)[0]
+          .c_str());
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    owned = all_pages(pki_->practitioner(), v1::RECORD_SCOPE_MINE, "");
+    return !contains(owned, hidden[0]);
+  }));
+  for (const std::string& id : hidden) EXPECT_FALSE(contains(owned, id)) << id;
+  for (const std::string& id : shown) EXPECT_TRUE(contains(owned, id)) << id;
+  EXPECT_TRUE(all_pages(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, hidden_patient).empty());
 }
 
 // A suspended tenant's practitioners are refused every sharing and audit call, as grantees of
@@ -1748,7 +1825,7 @@ TEST_F(SharingTest, UploadsAndOwnerReadsNeedCareConsent) {
   ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
 
   // Revoked: the owner may no longer read; ops still may, by break-glass.
-  RevokeSharingConsent(consent_id);
+  WithdrawConsent(consent_id);
   Downloaded denied;
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
     denied = Download(pki_->practitioner(), record);
