@@ -999,6 +999,16 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
           return absl::FailedPreconditionError(absl::StrCat(
               "record '", record_id, "' is archived; archived records cannot be shared"));
         }
+        // An active grant to the grantee is extended, never shortened or taken over: only the
+        // owner or its sharer may extend it, and it then rests on the extender's consent.
+        if (std::optional<GrantInfo> held = LatestGrant(txn, record_id, grantee);
+            held && IsActive(*held, now) && held->granted_by != ctx.principal.spiffe_id &&
+            record->owner != ctx.principal.spiffe_id) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "grantee already holds an active grant on record '", record_id,
+              "' (until ", Rfc3339(held->expires_at), "), made by ", held->granted_by,
+              "; only they or the record's owner may extend it"));
+        }
         audit::Entry entry = AuditEntryFor(ctx, audit::Action::kCreate, "share_grant", record_id,
                                       record->tenant_id, record->patient_id, "");
         // The consent lets the patient's tenant share the record; one narrowed to a practitioner

@@ -177,7 +177,7 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "VALUES ($1, $2, $3, $4, $5, $6::timestamptz, $7::timestamptz) "
          "ON CONFLICT (record_id, grantee) WHERE revoked_at IS NULL DO UPDATE SET "
          "granted_by = EXCLUDED.granted_by, created_at = EXCLUDED.created_at, "
-         "expires_at = EXCLUDED.expires_at RETURNING " MEDGATE_GRANT_COLUMNS},
+         "expires_at = GREATEST(g.expires_at, EXCLUDED.expires_at) RETURNING " MEDGATE_GRANT_COLUMNS},
         {kSelectGrantForUpdate,
          "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g WHERE g.grant_id = $1 FOR UPDATE"},
         {kRevokeGrant,

@@ -1349,6 +1349,46 @@ TEST_F(SharingTest, RevokedConsentStopsGranteeReads) {
   EXPECT_TRUE(Download(pki_->practitioner(), record).status.ok());
 }
 
+// A grant already held is extended, never shortened, and only by the owner or its sharer: a
+// practitioner re-sharing cannot cut short or take over a grant the owner made.
+TEST_F(SharingTest, AHeldGrantIsOnlyExtendedAndOnlyByItsOwnerOrSharer) {
+  const std::string patient = Place("grant-extend-1", "FR");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "extended";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const absl::Time now = ServerNow();
+  absl::StatusOr<v1::ShareRecordResponse> to_p3;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    to_p3 = Share(pki_->practitioner(), record, P3(), now + absl::Hours(24 * 30));
+    return to_p3.ok();
+  })) << to_p3.status();
+  ASSERT_TRUE(Share(pki_->practitioner(), record, P2(), now + absl::Hours(24)).ok());
+  auto cut_short = Share(Cert("acme-p2"), record, P3(), now + absl::Hours(1));
+  EXPECT_EQ(cut_short.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(cut_short.status().message()), HasSubstr("only they or the record's owner"));
+  auto stored = [&] {
+    pqxx::connection c(Db("fr-1").ConnectionString());
+    pqxx::nontransaction n(c);
+    pqxx::row row = n.exec_params1(
+        "SELECT granted_by, floor(extract(epoch from expires_at))::bigint FROM share_grants "
+        "WHERE record_id = $1 AND grantee = $2 AND revoked_at IS NULL",
+        record, P3());
+    return std::make_pair(std::string(row[0].c_str()), row[1].as<int64_t>());
+  };
+  EXPECT_EQ(stored(), std::make_pair(P1(), absl::ToUnixSeconds(now + absl::Hours(24 * 30))));
+  // The owner asking for less keeps what the grant has; asking for more extends it, same id.
+  auto shorter = Share(pki_->practitioner(), record, P3(), now + absl::Hours(2));
+  ASSERT_TRUE(shorter.ok()) << shorter.status();
+  EXPECT_EQ(shorter->grant_id(), to_p3->grant_id());
+  EXPECT_EQ(shorter->expires_at().seconds(), absl::ToUnixSeconds(now + absl::Hours(24 * 30)));
+  auto longer = Share(pki_->practitioner(), record, P3(), now + absl::Hours(24 * 60));
+  ASSERT_TRUE(longer.ok()) << longer.status();
+  EXPECT_EQ(longer->grant_id(), to_p3->grant_id());
+  EXPECT_EQ(stored(), std::make_pair(P1(), absl::ToUnixSeconds(now + absl::Hours(24 * 60))));
+}
+
 // A listing shows what DownloadRecord would let the caller read, no more: once the sharer's
 // RECORD_SHARING consent is withdrawn the grantee's listings leave the record out, and once the
 // owner's CARE consent is withdrawn so do the owner's. Pages skip what is left out without losing
