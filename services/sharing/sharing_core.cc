@@ -1388,6 +1388,14 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
     if (record->owner != ctx.principal.spiffe_id) {
       return absl::PermissionDeniedError("only the record's owner may archive it");
     }
+    // A retention end only moves later: an earlier one would let the record be erased before the
+    // retention it was archived under.
+    if (record->state == RecordState::kArchived && record->retain_until &&
+        retain_until < *record->retain_until) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "record '", record_id, "' is archived until ", Rfc3339(*record->retain_until),
+          "; its retention end can be moved later, not earlier"));
+    }
     txn.exec_prepared0(sql::kArchiveRecord, record_id, PgTime(retain_until));
     RETURN_IF_ERROR(
         audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "record", record_id,

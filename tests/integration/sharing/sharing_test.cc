@@ -1998,6 +1998,14 @@ TEST_F(SharingTest, ArchivedRecordsResistErasureUntilRetentionEnd) {
   ASSERT_TRUE(archived.ok()) << archived.status();
   EXPECT_EQ(archived->record().state(), v1::RECORD_STATE_ARCHIVED);
   EXPECT_TRUE(archived->record().has_retain_until());
+  // The retention end moves later, never earlier (an earlier one would open the record to an
+  // erasure before the retention it was archived under).
+  auto sooner = Archive(pki_->practitioner(), record, ServerNow() + absl::Minutes(1));
+  EXPECT_EQ(sooner.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(sooner.status().message()), HasSubstr("moved later, not earlier"));
+  auto later = Archive(pki_->practitioner(), record, ServerNow() + absl::Hours(24) + absl::Seconds(5));
+  ASSERT_TRUE(later.ok()) << later.status();
+  EXPECT_GT(later->record().retain_until().seconds(), archived->record().retain_until().seconds());
 
   auto refused = Erase(pki_->practitioner(), record);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
