@@ -1460,15 +1460,16 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
   absl::Cleanup forget = [&] { patient_keys_.Forget(patient_id); };
   return pool->TransactValue<PatientErasure>(
       [&](pqxx::work& txn) -> absl::StatusOr<PatientErasure> {
+        txn.exec_prepared(sql::kLockPatientKey, patient_id);
+        // Every record erased gets its entry: the ids come from the deletion itself, so a record
+        // an upload committed while this erasure waited for the key is among them.
         std::vector<std::string> ids;
-        for (const pqxx::row& row :
-             txn.exec_prepared(sql::kSelectPatientRecordsForUpdate, patient_id)) {
+        for (const pqxx::row& row : txn.exec_prepared(sql::kDeletePatientRecords, patient_id)) {
           ids.push_back(row[0].c_str());
         }
-        // The patient key goes with the record keys: whatever was wrapped under it, in this
-        // database or in any copy of it, is unreadable from now on.
+        // The patient key goes with the record keys (a key an upload created meanwhile too):
+        // what was wrapped under them can no longer be opened through this database.
         txn.exec_prepared0(sql::kDeletePatientKeys, patient_id);
-        txn.exec_prepared0(sql::kDeletePatientRecords, patient_id);
         for (const std::string& id : ids) {
           RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", id,
                                                       home->tenant_id, patient_id,

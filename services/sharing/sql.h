@@ -75,7 +75,7 @@ inline constexpr char kListPatient[] = "list_patient";
 inline constexpr char kArchiveRecord[] = "archive_record";
 inline constexpr char kDeleteRecordKey[] = "delete_record_key";
 inline constexpr char kDeleteRecord[] = "delete_record";
-inline constexpr char kSelectPatientRecordsForUpdate[] = "select_patient_records_for_update";
+inline constexpr char kLockPatientKey[] = "lock_patient_key";
 inline constexpr char kDeletePatientKeys[] = "delete_patient_keys";
 inline constexpr char kDeletePatientRecords[] = "delete_patient_records";
 inline constexpr char kSelectExpiredArchives[] = "select_expired_archives";
@@ -202,10 +202,15 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "WHERE record_id = $1"},
         {kDeleteRecordKey, "DELETE FROM record_keys WHERE record_id = $1"},
         {kDeleteRecord, "DELETE FROM records WHERE record_id = $1"},
-        {kSelectPatientRecordsForUpdate,
-         "SELECT record_id FROM records WHERE patient_id = $1 ORDER BY record_id FOR UPDATE"},
+        // An upload stores its record under the patient key FOR KEY SHARE: locking the key first
+        // lets uploads finishing now commit before the erasure looks, and makes later ones wait
+        // for it and then find no key.
+        {kLockPatientKey,
+         "SELECT key_id FROM record_keys WHERE patient_id = $1 AND record_id IS NULL FOR UPDATE"},
         {kDeletePatientKeys, "DELETE FROM record_keys WHERE patient_id = $1"},
-        {kDeletePatientRecords, "DELETE FROM records WHERE patient_id = $1"},
+        {kDeletePatientRecords,
+         "WITH gone AS (DELETE FROM records WHERE patient_id = $1 RETURNING record_id) "
+         "SELECT record_id FROM gone ORDER BY record_id"},
         {kSelectExpiredArchives,
          "SELECT record_id FROM records WHERE state = 'archived' "
          "AND retain_until <= $1::timestamptz ORDER BY retain_until, record_id LIMIT $2"},

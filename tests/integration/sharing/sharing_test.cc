@@ -2035,6 +2035,54 @@ TEST_F(SharingTest, ArchivedRecordsResistErasureUntilRetentionEnd) {
                        record, "RETENTION_END"));
 }
 
+// An upload that stores its record while a patient erasure runs: the erasure waits for it, then
+// erases that record too, counts it and audits it.
+TEST_F(SharingTest, APatientErasureIncludesARecordStoredWhileItWaited) {
+  const std::string patient = Place("gdpr-race-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "first";
+  const std::string first = UploadOk(pki_->practitioner(), spec);
+  const std::string late = "fr-1.rlate0123456789abcdef";
+  // An upload's last statement, as it stands just before its commit: the record stored under the
+  // patient key it holds FOR KEY SHARE.
+  pqxx::connection upload(Db("fr-1").ConnectionString());
+  pqxx::work storing(upload);
+  ASSERT_EQ(storing
+                .exec_params("SELECT 1 FROM record_keys WHERE patient_id = $1 AND record_id IS "
+                             "NULL FOR KEY SHARE",
+                             patient)
+                .size(),
+            1u);
+  storing.exec_params0(
+      "INSERT INTO records (record_id, tenant_id, patient_id, kind, content_type_sealed, "
+      "file_name_sealed, size_bytes, sha256, chunk_count, owner, created_at, state) "
+      "SELECT $2, tenant_id, patient_id, kind, content_type_sealed, file_name_sealed, size_bytes, "
+      "sha256, chunk_count, owner, created_at, state FROM records WHERE record_id = $1",
+      first, late);
+  absl::StatusOr<v1::ErasePatientRecordsResponse> erased;
+  std::thread erasing([&] { erased = ErasePatient(pki_->app(), patient); });
+  // The erasure waits for the upload's lock.
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    return Count("fr-1",
+                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND "
+                 "datname = current_database() AND query LIKE $1",
+                 "%record_keys%") > 0;
+  }));
+  storing.commit();
+  erasing.join();
+  ASSERT_TRUE(erased.ok()) << erased.status();
+  EXPECT_EQ(erased->erased_count(), 2u);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE patient_id = $1", patient), 0);
+  std::vector<v1::AuditEntry> entries = PatientAudit(patient);
+  for (const std::string& record : {first, late}) {
+    EXPECT_TRUE(HasEntry(entries, Id("/tenant/acme/app/backend"), v1::AUDIT_ACTION_DELETE, record,
+                         "PATIENT_ERASURE"))
+        << record;
+  }
+}
+
 TEST_F(SharingTest, PatientErasureShredsEveryRecordIncludingArchivedOnes) {
   const std::string patient = Place("gdpr-1", "BE");
   UploadSpec spec;
