@@ -2,18 +2,26 @@
 #include "libs/device_sdk/device_client.h"
 
 #include <algorithm>
+#include <limits>
 #include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/common/grpc_status.h"
 #include "libs/common/proto_duration.h"
+#include "libs/common/status_macros.h"
 #include "libs/identity/credentials.h"
 
 namespace medgate::device {
 
 absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(DeviceOptions options) {
+  return Open(std::move(options), nullptr);
+}
+
+absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
+    DeviceOptions options, std::shared_ptr<grpc::Channel> channel) {
   std::unique_ptr<DeviceClient> client(new DeviceClient(std::move(options)));
+  client->channel_ = std::move(channel);
   absl::StatusOr<std::unique_ptr<BatchBuffer>> buffer =
       BatchBuffer::Open(client->options_.buffer_path, client->options_.max_buffered_batches);
   if (!buffer.ok()) return buffer.status();
@@ -24,8 +32,27 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(DeviceOptions o
 DeviceClient::~DeviceClient() { Stop(); }
 
 absl::StatusOr<uint64_t> DeviceClient::Send(std::vector<v1::VitalSample> samples) {
+  // A server ends the stream on a batch out of these bounds: buffered, it would never be acked.
+  if (samples.empty()) return absl::InvalidArgumentError("a batch needs at least one sample");
+  if (samples.size() > kMaxSamplesPerBatch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a batch has at most ", kMaxSamplesPerBatch, " samples, not ", samples.size(),
+                     ": split them over several Send calls"));
+  }
   v1::VitalsBatch batch;
-  for (auto& s : samples) *batch.add_samples() = std::move(s);
+  // Sized with the largest seqs the buffer could assign: the sealed batch is no larger.
+  constexpr uint64_t kLargestSeq = std::numeric_limits<uint64_t>::max();
+  batch.set_batch_seq(kLargestSeq);
+  for (auto& s : samples) {
+    v1::VitalSample* sample = batch.add_samples();
+    *sample = std::move(s);
+    sample->set_seq(kLargestSeq);
+  }
+  if (const size_t bytes = batch.ByteSizeLong(); bytes > kMaxBatchBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the batch is ", bytes, " bytes serialized, over the ", kMaxBatchBytes,
+                     " a server accepts: split its samples over several Send calls"));
+  }
   std::lock_guard<std::mutex> lock(mu_);
   absl::StatusOr<uint64_t> seq = buffer_->Seal(std::move(batch));
   cv_.notify_all();
@@ -78,11 +105,19 @@ void DeviceClient::OnAck(std::function<void(const v1::IngestAck&, absl::Duration
   on_ack_ = std::move(callback);
 }
 
+void DeviceClient::OnRejected(
+    std::function<void(const v1::VitalsBatch&, const absl::Status&)> callback) {
+  std::lock_guard<std::mutex> lock(mu_);
+  on_rejected_ = std::move(callback);
+}
+
 void DeviceClient::Loop() {
   std::mt19937_64 rng(std::random_device{}());
   absl::Duration backoff = options_.backoff_initial;
-  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
-      MakeChannel(options_.address, options_.tls, ChannelOptions{.bdp_probe = false});
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = channel_;
+  if (channel_ == nullptr) {
+    channel = MakeChannel(options_.address, options_.tls, ChannelOptions{.bdp_probe = false});
+  }
   while (true) {
     {
       std::unique_lock<std::mutex> lock(mu_);
@@ -145,10 +180,16 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
     }
     const absl::Time sent = absl::Now();
     v1::IngestAck ack;
-    if (!stream->Write(batch) || !stream->Read(&ack)) {
+    const bool written = stream->Write(batch);
+    if (!written || !stream->Read(&ack)) {
       stream->WritesDone();
       grpc::Status ended = stream->Finish();
-      return ended.ok() ? absl::UnavailableError("stream ended") : FromGrpcStatus(ended);
+      if (ended.ok()) return absl::UnavailableError("stream ended");
+      // One batch is in flight at a time: a server's INVALID_ARGUMENT is about this one.
+      if (written && ended.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+        RETURN_IF_ERROR(Reject(batch, FromGrpcStatus(ended)));
+      }
+      return FromGrpcStatus(ended);
     }
     std::function<void(const v1::IngestAck&, absl::Duration)> callback;
     {
@@ -172,6 +213,21 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
     stats_.samples_rejected += ack.rejected_count();
     cv_.notify_all();
   }
+}
+
+absl::Status DeviceClient::Reject(const v1::VitalsBatch& batch, const absl::Status& why) {
+  std::function<void(const v1::VitalsBatch&, const absl::Status&)> callback;
+  absl::Status dropped;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // The buffer forgets an acked batch and a rejected one alike.
+    dropped = buffer_->Ack(batch.batch_seq());
+    ++stats_.batches_rejected;
+    callback = on_rejected_;
+    cv_.notify_all();
+  }
+  if (callback) callback(batch, why);
+  return dropped;
 }
 
 }  // namespace medgate::device
