@@ -124,15 +124,15 @@ void DeviceClient::Loop() {
       cv_.wait(lock, [this] { return stopping_ || !buffer_->pending().empty(); });
       if (stopping_) return;
     }
-    absl::Status status = channel.ok() ? absl::OkStatus() : channel.status();
-    if (status.ok()) {
+    bool answered = false;
+    if (channel.ok()) {
       auto stub = v1::DeviceIngest::NewStub(*channel);
-      status = RunStream(*stub);
+      // Why the stream ended changes nothing here: every end is followed by a reconnect.
+      RunStream(*stub, &answered).IgnoreError();
     }
-    if (status.ok()) {
-      backoff = options_.backoff_initial;
-      continue;
-    }
+    // The stream reached a server that works: this failure is the first of a new series. (A
+    // stream of retryable acks only does not count: their server cannot store anything.)
+    if (answered) backoff = options_.backoff_initial;
     // Full jitter: wait a random time up to the current backoff, then double it; but at least as
     // long as the server's last retryable ack asked (a quota refill), up to backoff_max.
     std::uniform_int_distribution<int64_t> jitter(0, absl::ToInt64Milliseconds(backoff));
@@ -151,7 +151,7 @@ void DeviceClient::Loop() {
   }
 }
 
-absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
+absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answered) {
   grpc::ClientContext context;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -187,6 +187,7 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
       if (ended.ok()) return absl::UnavailableError("stream ended");
       // One batch is in flight at a time: a server's INVALID_ARGUMENT is about this one.
       if (written && ended.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+        *answered = true;
         RETURN_IF_ERROR(Reject(batch, FromGrpcStatus(ended)));
       }
       return FromGrpcStatus(ended);
@@ -206,6 +207,7 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
                           ack.retryable_error().message());
     }
     std::lock_guard<std::mutex> lock(mu_);
+    *answered = true;
     if (absl::Status s = buffer_->Ack(ack.batch_seq()); !s.ok()) return s;
     ++stats_.batches_acked;
     stats_.samples_stored += ack.stored_count();

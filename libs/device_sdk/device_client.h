@@ -33,6 +33,8 @@ struct DeviceOptions {
   std::string buffer_path;   // the durable buffer file
   size_t max_buffered_batches = 10000;
   absl::Duration backoff_initial = absl::Milliseconds(100);
+  // Reconnects wait up to a backoff that doubles from backoff_initial to backoff_max, and starts
+  // over after a stream on which a batch was acked or rejected.
   absl::Duration backoff_max = absl::Seconds(30);  // also bounds a server's retry_after
   absl::Duration ack_timeout = absl::Seconds(30);
 };
@@ -84,7 +86,8 @@ class DeviceClient {
   explicit DeviceClient(DeviceOptions options) : options_(std::move(options)) {}
   void Loop();
   // Sends everything pending on one stream; returns when the stream fails or Stop() is called.
-  absl::Status RunStream(v1::DeviceIngest::Stub& stub);
+  // Sets `*answered` once a batch of the stream was acked (retryable acks aside) or rejected.
+  absl::Status RunStream(v1::DeviceIngest::Stub& stub, bool* answered);
   // Drops `batch` from the buffer and reports it to OnRejected's callback.
   absl::Status Reject(const v1::VitalsBatch& batch, const absl::Status& why);
 

@@ -192,5 +192,23 @@ TEST_F(DeviceClientTest, ABatchIsResentAfterAStreamEndsWithAnotherError) {
   EXPECT_GE(ingest_->streams(), 2);
 }
 
+// Each stream gets one batch acked, then breaks. The backoff starts over after every such stream:
+// were it to double across them, the 30 reconnects would wait up to 2^29 ms, far past the wait.
+TEST_F(DeviceClientTest, TheBackoffStartsOverAfterAStreamThatGotAnAck) {
+  options_.backoff_max = absl::Hours(24);
+  Connect([](int, Stream& io) {
+    v1::VitalsBatch batch;
+    if (io.Read(&batch)) io.Write(Stored(batch));
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "connection reset");
+  });
+  constexpr uint64_t kBatches = 30;
+  for (uint64_t i = 0; i < kBatches; ++i) ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.batches_acked, kBatches);
+  EXPECT_GE(stats.reconnects, kBatches - 1);
+}
+
 }  // namespace
 }  // namespace medgate::device
