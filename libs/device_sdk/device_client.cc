@@ -5,6 +5,9 @@
 #include <limits>
 #include <random>
 
+#include <grpcpp/create_channel.h>
+#include <grpcpp/support/channel_arguments.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/common/grpc_status.h"
@@ -13,6 +16,25 @@
 #include "libs/identity/credentials.h"
 
 namespace medgate::device {
+namespace {
+
+// A channel as MakeChannel's (libs/identity): a connection of the device's own, no BDP probes; and
+// keepalive pings, which find a connection that died without a word while the stream is idle. A
+// ping goes out after a minute without anything received: a server refuses pings that come more
+// often than every 5 minutes (its default) only after 2 strikes, and gRPC sends no more than 2
+// pings in a row without data going out, so these never count as abuse.
+absl::StatusOr<std::shared_ptr<grpc::Channel>> Dial(const DeviceOptions& options) {
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                   MakeChannelCredentials(options.tls));
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 60'000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20'000);
+  return grpc::CreateCustomChannel(options.address, credentials, args);
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(DeviceOptions options) {
   return Open(std::move(options), nullptr);
@@ -20,6 +42,9 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(DeviceOptions o
 
 absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
     DeviceOptions options, std::shared_ptr<grpc::Channel> channel) {
+  if (options.ack_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("ack_timeout must be positive");
+  }
   std::unique_ptr<DeviceClient> client(new DeviceClient(std::move(options)));
   client->channel_ = std::move(channel);
   absl::StatusOr<std::unique_ptr<BatchBuffer>> buffer =
@@ -65,6 +90,7 @@ void DeviceClient::Start() {
   running_ = true;
   stopping_ = false;
   thread_ = std::thread([this] { Loop(); });
+  watchdog_ = std::thread([this] { Watchdog(); });
 }
 
 void DeviceClient::Stop() {
@@ -76,6 +102,7 @@ void DeviceClient::Stop() {
   }
   cv_.notify_all();
   thread_.join();
+  watchdog_.join();
   std::lock_guard<std::mutex> lock(mu_);
   running_ = false;
 }
@@ -116,7 +143,7 @@ void DeviceClient::Loop() {
   absl::Duration backoff = options_.backoff_initial;
   absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = channel_;
   if (channel_ == nullptr) {
-    channel = MakeChannel(options_.address, options_.tls, ChannelOptions{.bdp_probe = false});
+    channel = Dial(options_);
   }
   while (true) {
     {
@@ -151,6 +178,26 @@ void DeviceClient::Loop() {
   }
 }
 
+void DeviceClient::Watchdog() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    const absl::Time now = absl::Now();
+    if (ack_due_ == absl::InfiniteFuture()) {
+      cv_.wait(lock);
+    } else if (now < ack_due_) {
+      cv_.wait_for(lock, absl::ToChronoNanoseconds(ack_due_ - now));
+    } else {
+      // Only an ack tells a live connection from one that died without a word (a half-open TCP
+      // connection, where Write and Read wait forever). The cancelled stream ends its Write or
+      // Read, and the sender reconnects and resends.
+      ack_due_ = absl::InfiniteFuture();
+      ack_overdue_ = true;
+      ++stats_.ack_timeouts;
+      if (active_ != nullptr) active_->TryCancel();
+    }
+  }
+}
+
 absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answered) {
   grpc::ClientContext context;
   {
@@ -177,13 +224,27 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
       }
       batch = buffer_->pending().front();  // oldest unacked first, resent until acked
       ++stats_.batches_sent;
+      ack_due_ = absl::Now() + options_.ack_timeout;
+      ack_overdue_ = false;
+      cv_.notify_all();  // the watchdog
     }
     const absl::Time sent = absl::Now();
     v1::IngestAck ack;
     const bool written = stream->Write(batch);
-    if (!written || !stream->Read(&ack)) {
+    const bool got_ack = written && stream->Read(&ack);
+    bool overdue;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ack_due_ = absl::InfiniteFuture();
+      overdue = ack_overdue_;
+    }
+    if (!got_ack) {
       stream->WritesDone();
       grpc::Status ended = stream->Finish();
+      if (overdue) {
+        return absl::DeadlineExceededError(
+            absl::StrCat("no ack within ", absl::FormatDuration(options_.ack_timeout)));
+      }
       if (ended.ok()) return absl::UnavailableError("stream ended");
       // One batch is in flight at a time: a server's INVALID_ARGUMENT is about this one.
       if (written && ended.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {

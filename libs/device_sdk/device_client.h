@@ -36,6 +36,9 @@ struct DeviceOptions {
   // Reconnects wait up to a backoff that doubles from backoff_initial to backoff_max, and starts
   // over after a stream on which a batch was acked or rejected.
   absl::Duration backoff_max = absl::Seconds(30);  // also bounds a server's retry_after
+  // How long a written batch may wait for its ack before the stream is given up for a reconnect
+  // and a resend: a connection can die without either end being told. Longer than a server may
+  // hold an ack back (ingest's enqueue_wait, 10 s by default). Must be positive.
   absl::Duration ack_timeout = absl::Seconds(30);
 };
 
@@ -48,6 +51,7 @@ struct DeviceStats {
   uint64_t batches_rejected = 0;  // refused as a whole by the server, dropped (see OnRejected)
   uint64_t retries = 0;
   uint64_t reconnects = 0;
+  uint64_t ack_timeouts = 0;  // streams given up because an ack took longer than ack_timeout
   // Reconnects that waited longer than the backoff because a retryable ack's retry_after asked to.
   uint64_t waits_set_by_server = 0;
 };
@@ -56,7 +60,7 @@ class DeviceClient {
  public:
   static absl::StatusOr<std::unique_ptr<DeviceClient>> Open(DeviceOptions options);
   // Sends over `channel` instead of dialing options.address with options.tls (a caller with a
-  // channel of its own, tests).
+  // channel of its own, tests). The SDK's own channel sends keepalive pings; this one, as made.
   static absl::StatusOr<std::unique_ptr<DeviceClient>> Open(
       DeviceOptions options, std::shared_ptr<grpc::Channel> channel);
   ~DeviceClient();  // stops sending; what is not acked stays in the buffer file
@@ -85,6 +89,8 @@ class DeviceClient {
  private:
   explicit DeviceClient(DeviceOptions options) : options_(std::move(options)) {}
   void Loop();
+  // Cancels the active stream once the ack of its batch in flight is overdue.
+  void Watchdog();
   // Sends everything pending on one stream; returns when the stream fails or Stop() is called.
   // Sets `*answered` once a batch of the stream was acked (retryable acks aside) or rejected.
   absl::Status RunStream(v1::DeviceIngest::Stub& stub, bool* answered);
@@ -103,7 +109,10 @@ class DeviceClient {
   std::function<void(const v1::VitalsBatch&, const absl::Status&)> on_rejected_;
   grpc::ClientContext* active_ = nullptr;  // to cancel a blocked stream on Stop()
   absl::Duration retry_after_;             // from the last retryable ack, for the next wait
+  absl::Time ack_due_ = absl::InfiniteFuture();  // while a batch waits for its ack
+  bool ack_overdue_ = false;                     // the watchdog cancelled the active stream
   std::thread thread_;
+  std::thread watchdog_;
 };
 
 }  // namespace medgate::device

@@ -210,5 +210,34 @@ TEST_F(DeviceClientTest, TheBackoffStartsOverAfterAStreamThatGotAnAck) {
   EXPECT_GE(stats.reconnects, kBatches - 1);
 }
 
+// A connection that died without a word: the server takes the batch and never answers. Once the
+// ack is overdue the stream is given up, and the batch is resent on a new one.
+TEST_F(DeviceClientTest, AnOverdueAckEndsTheStreamAndTheBatchIsResent) {
+  options_.ack_timeout = absl::Milliseconds(100);
+  Connect([](int stream, Stream& io) {
+    v1::VitalsBatch batch;
+    if (stream == 1) {
+      while (io.Read(&batch)) {
+      }  // no ack; Read ends when the client cancels
+      return grpc::Status::OK;
+    }
+    while (io.Read(&batch)) io.Write(Stored(batch));
+    return grpc::Status::OK;
+  });
+  ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.ack_timeouts, 1u);
+  EXPECT_EQ(stats.batches_sent, 2u);
+  EXPECT_EQ(stats.batches_acked, 1u);
+  EXPECT_EQ(ingest_->streams(), 2);
+}
+
+TEST_F(DeviceClientTest, OpenRefusesAnAckTimeoutThatIsNotPositive) {
+  options_.ack_timeout = absl::ZeroDuration();
+  EXPECT_EQ(DeviceClient::Open(options_).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace medgate::device
