@@ -1,9 +1,12 @@
 // The device's durable buffer of unacknowledged batches.
 #include "libs/device_sdk/batch_buffer.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 
@@ -30,6 +33,28 @@ uint64_t ReadU64(const std::string& s, size_t at) {
   return v;
 }
 
+std::string Record(uint8_t type, const std::string& payload) {
+  std::string record;
+  record.reserve(5 + payload.size());
+  for (int shift : {24, 16, 8, 0}) record.push_back(static_cast<char>(payload.size() >> shift));
+  record.push_back(static_cast<char>(type));
+  record += payload;
+  return record;
+}
+
+// False (errno set) unless all of `data` is written at `offset`.
+bool WriteAt(int fd, const std::string& data, uint64_t offset) {
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n =
+        pwrite(fd, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return false;
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<BatchBuffer>> BatchBuffer::Open(const std::string& path,
@@ -41,7 +66,7 @@ absl::StatusOr<std::unique_ptr<BatchBuffer>> BatchBuffer::Open(const std::string
 }
 
 BatchBuffer::~BatchBuffer() {
-  if (file_ != nullptr) std::fclose(file_);
+  if (fd_ >= 0) close(fd_);
 }
 
 absl::Status BatchBuffer::Load() {
@@ -78,37 +103,71 @@ absl::Status BatchBuffer::Load() {
 }
 
 absl::Status BatchBuffer::Rewrite() {
-  std::string tmp = path_ + ".tmp";
-  if (file_ != nullptr) {
-    std::fclose(file_);
-    file_ = nullptr;
-  }
-  file_ = std::fopen(tmp.c_str(), "wb");
-  if (file_ == nullptr) {
+  const std::string tmp = path_ + ".tmp";
+  const int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  if (fd < 0) {
     return absl::FailedPreconditionError(absl::StrCat("cannot write buffer file '", tmp, "': ",
                                                       std::strerror(errno)));
   }
-  if (absl::Status s = Append(kCounters, U64(next_seq_) + U64(next_batch_seq_)); !s.ok()) return s;
+  // Until the rename succeeds the buffer stays on the file it has: appends keep going there.
+  auto abandon = [&](absl::string_view what) {
+    const int error = errno;
+    close(fd);
+    unlink(tmp.c_str());
+    return absl::DataLossError(
+        absl::StrCat("cannot ", what, " buffer file '", tmp, "': ", std::strerror(error)));
+  };
+  uint64_t size = 0;
+  auto write = [&](uint8_t type, const std::string& payload) {
+    const std::string record = Record(type, payload);
+    if (!WriteAt(fd, record, size)) return false;
+    size += record.size();
+    return true;
+  };
+  if (!write(kCounters, U64(next_seq_) + U64(next_batch_seq_))) return abandon("write");
   for (const v1::VitalsBatch& b : pending_) {
-    if (absl::Status s = Append(kBatch, b.SerializeAsString()); !s.ok()) return s;
+    if (!write(kBatch, b.SerializeAsString())) return abandon("write");
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path_, ec);
-  if (ec) return absl::FailedPreconditionError(absl::StrCat("cannot replace '", path_, "'"));
+  if (fsync(fd) != 0) return abandon("sync");
+  if (std::rename(tmp.c_str(), path_.c_str()) != 0) return abandon("rename");
+  if (fd_ >= 0) close(fd_);
+  fd_ = fd;
+  size_ = size;
+  truncate_owed_ = false;
   acked_since_rewrite_ = 0;
+  // The rename is durable only with its directory: a power loss could otherwise bring back the
+  // old file, without what is appended to the new one from now on.
+  std::string dir = std::filesystem::path(path_).parent_path().string();
+  if (dir.empty()) dir = ".";
+  const int dir_fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0 || fsync(dir_fd) != 0) {
+    const int error = errno;
+    if (dir_fd >= 0) close(dir_fd);
+    return absl::DataLossError(
+        absl::StrCat("cannot sync directory '", dir, "': ", std::strerror(error)));
+  }
+  close(dir_fd);
   return absl::OkStatus();
 }
 
 absl::Status BatchBuffer::Append(uint8_t type, const std::string& payload) {
-  unsigned char header[5] = {static_cast<unsigned char>(payload.size() >> 24),
-                             static_cast<unsigned char>(payload.size() >> 16),
-                             static_cast<unsigned char>(payload.size() >> 8),
-                             static_cast<unsigned char>(payload.size()), type};
-  if (std::fwrite(header, 1, 5, file_) != 5 ||
-      std::fwrite(payload.data(), 1, payload.size(), file_) != payload.size() ||
-      std::fflush(file_) != 0 || fsync(fileno(file_)) != 0) {
-    return absl::DataLossError(absl::StrCat("cannot append to buffer file '", path_, "'"));
+  // Load stops at the first bad record: bytes of a failed append left in the file would hide
+  // every record appended after them.
+  if (truncate_owed_) {
+    if (ftruncate(fd_, static_cast<off_t>(size_)) != 0) {
+      return absl::DataLossError(absl::StrCat("cannot truncate buffer file '", path_,
+                                              "': ", std::strerror(errno)));
+    }
+    truncate_owed_ = false;
   }
+  const std::string record = Record(type, payload);
+  if (!WriteAt(fd_, record, size_) || fsync(fd_) != 0) {
+    const int error = errno;
+    truncate_owed_ = ftruncate(fd_, static_cast<off_t>(size_)) != 0;
+    return absl::DataLossError(absl::StrCat("cannot append to buffer file '", path_,
+                                            "': ", std::strerror(error)));
+  }
+  size_ += record.size();
   return absl::OkStatus();
 }
 

@@ -4,7 +4,6 @@
 #define MEDGATE_LIBS_DEVICE_SDK_BATCH_BUFFER_H_
 
 #include <cstdint>
-#include <cstdio>
 #include <deque>
 #include <memory>
 #include <string>
@@ -16,7 +15,8 @@ namespace medgate::device {
 
 // Records: [u32 length][u8 type][payload]. Types: a sealed batch (VitalsBatch), an ack of a
 // batch_seq, and the counters (next sample seq, next batch seq) written when the file is
-// compacted. A torn last record (power loss mid-write) is ignored on load.
+// compacted. A torn last record (power loss mid-write) is ignored on load. A write that fails
+// leaves nothing of its record behind, so a failure never hides the records appended after it.
 class BatchBuffer {
  public:
   // Opens (creating if missing) and replays `path`; compacts it to the unacked batches.
@@ -27,7 +27,8 @@ class BatchBuffer {
   // Assigns the next batch_seq and sample seqs to `batch`, and makes it durable (fsync).
   // RESOURCE_EXHAUSTED when max_batches are already waiting for acks.
   absl::StatusOr<uint64_t> Seal(v1::VitalsBatch batch);
-  // Records the ack of `batch_seq` (the batch leaves the buffer).
+  // Records the ack of `batch_seq` (the batch leaves the buffer). An error after the ack is
+  // recorded comes from compacting the file, which keeps the file it had when it fails.
   absl::Status Ack(uint64_t batch_seq);
 
   // The unacked batches, oldest first.
@@ -37,12 +38,15 @@ class BatchBuffer {
  private:
   BatchBuffer(std::string path, size_t max_batches) : path_(std::move(path)), max_batches_(max_batches) {}
   absl::Status Load();
+  // Writes the counters and the pending batches to a new file and renames it over `path_`.
   absl::Status Rewrite();
   absl::Status Append(uint8_t type, const std::string& payload);
 
   const std::string path_;
   const size_t max_batches_;
-  std::FILE* file_ = nullptr;
+  int fd_ = -1;
+  uint64_t size_ = 0;            // where the last durable record of `fd_` ends
+  bool truncate_owed_ = false;   // a failed append's bytes may still follow size_
   std::deque<v1::VitalsBatch> pending_;
   uint64_t next_seq_ = 1;
   uint64_t next_batch_seq_ = 1;

@@ -2,18 +2,51 @@
 #include "libs/device_sdk/device_client.h"
 
 #include <algorithm>
+#include <limits>
 #include <random>
+
+#include <grpcpp/create_channel.h>
+#include <grpcpp/support/channel_arguments.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/common/grpc_status.h"
 #include "libs/common/proto_duration.h"
+#include "libs/common/status_macros.h"
 #include "libs/identity/credentials.h"
 
 namespace medgate::device {
+namespace {
+
+// A channel as MakeChannel's (libs/identity): a connection of the device's own, no BDP probes; and
+// keepalive pings, which find a connection that died without a word while the stream is idle. A
+// ping goes out after a minute without anything received: a server refuses pings that come more
+// often than every 5 minutes (its default) only after 2 strikes, and gRPC sends no more than 2
+// pings in a row without data going out, so these never count as abuse.
+absl::StatusOr<std::shared_ptr<grpc::Channel>> Dial(const DeviceOptions& options) {
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                   MakeChannelCredentials(options.tls));
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 60'000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20'000);
+  return grpc::CreateCustomChannel(options.address, credentials, args);
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(DeviceOptions options) {
+  return Open(std::move(options), nullptr);
+}
+
+absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
+    DeviceOptions options, std::shared_ptr<grpc::Channel> channel) {
+  if (options.ack_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("ack_timeout must be positive");
+  }
   std::unique_ptr<DeviceClient> client(new DeviceClient(std::move(options)));
+  client->channel_ = std::move(channel);
   absl::StatusOr<std::unique_ptr<BatchBuffer>> buffer =
       BatchBuffer::Open(client->options_.buffer_path, client->options_.max_buffered_batches);
   if (!buffer.ok()) return buffer.status();
@@ -24,8 +57,27 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(DeviceOptions o
 DeviceClient::~DeviceClient() { Stop(); }
 
 absl::StatusOr<uint64_t> DeviceClient::Send(std::vector<v1::VitalSample> samples) {
+  // A server ends the stream on a batch out of these bounds: buffered, it would never be acked.
+  if (samples.empty()) return absl::InvalidArgumentError("a batch needs at least one sample");
+  if (samples.size() > kMaxSamplesPerBatch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a batch has at most ", kMaxSamplesPerBatch, " samples, not ", samples.size(),
+                     ": split them over several Send calls"));
+  }
   v1::VitalsBatch batch;
-  for (auto& s : samples) *batch.add_samples() = std::move(s);
+  // Sized with the largest seqs the buffer could assign: the sealed batch is no larger.
+  constexpr uint64_t kLargestSeq = std::numeric_limits<uint64_t>::max();
+  batch.set_batch_seq(kLargestSeq);
+  for (auto& s : samples) {
+    v1::VitalSample* sample = batch.add_samples();
+    *sample = std::move(s);
+    sample->set_seq(kLargestSeq);
+  }
+  if (const size_t bytes = batch.ByteSizeLong(); bytes > kMaxBatchBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the batch is ", bytes, " bytes serialized, over the ", kMaxBatchBytes,
+                     " a server accepts: split its samples over several Send calls"));
+  }
   std::lock_guard<std::mutex> lock(mu_);
   absl::StatusOr<uint64_t> seq = buffer_->Seal(std::move(batch));
   cv_.notify_all();
@@ -38,6 +90,7 @@ void DeviceClient::Start() {
   running_ = true;
   stopping_ = false;
   thread_ = std::thread([this] { Loop(); });
+  watchdog_ = std::thread([this] { Watchdog(); });
 }
 
 void DeviceClient::Stop() {
@@ -49,6 +102,7 @@ void DeviceClient::Stop() {
   }
   cv_.notify_all();
   thread_.join();
+  watchdog_.join();
   std::lock_guard<std::mutex> lock(mu_);
   running_ = false;
 }
@@ -78,26 +132,34 @@ void DeviceClient::OnAck(std::function<void(const v1::IngestAck&, absl::Duration
   on_ack_ = std::move(callback);
 }
 
+void DeviceClient::OnRejected(
+    std::function<void(const v1::VitalsBatch&, const absl::Status&)> callback) {
+  std::lock_guard<std::mutex> lock(mu_);
+  on_rejected_ = std::move(callback);
+}
+
 void DeviceClient::Loop() {
   std::mt19937_64 rng(std::random_device{}());
   absl::Duration backoff = options_.backoff_initial;
-  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
-      MakeChannel(options_.address, options_.tls, ChannelOptions{.bdp_probe = false});
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = channel_;
+  if (channel_ == nullptr) {
+    channel = Dial(options_);
+  }
   while (true) {
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return stopping_ || !buffer_->pending().empty(); });
       if (stopping_) return;
     }
-    absl::Status status = channel.ok() ? absl::OkStatus() : channel.status();
-    if (status.ok()) {
+    bool answered = false;
+    if (channel.ok()) {
       auto stub = v1::DeviceIngest::NewStub(*channel);
-      status = RunStream(*stub);
+      // Why the stream ended changes nothing here: every end is followed by a reconnect.
+      RunStream(*stub, &answered).IgnoreError();
     }
-    if (status.ok()) {
-      backoff = options_.backoff_initial;
-      continue;
-    }
+    // The stream reached a server that works: this failure is the first of a new series. (A
+    // stream of retryable acks only does not count: their server cannot store anything.)
+    if (answered) backoff = options_.backoff_initial;
     // Full jitter: wait a random time up to the current backoff, then double it; but at least as
     // long as the server's last retryable ack asked (a quota refill), up to backoff_max.
     std::uniform_int_distribution<int64_t> jitter(0, absl::ToInt64Milliseconds(backoff));
@@ -116,7 +178,27 @@ void DeviceClient::Loop() {
   }
 }
 
-absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
+void DeviceClient::Watchdog() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    const absl::Time now = absl::Now();
+    if (ack_due_ == absl::InfiniteFuture()) {
+      cv_.wait(lock);
+    } else if (now < ack_due_) {
+      cv_.wait_for(lock, absl::ToChronoNanoseconds(ack_due_ - now));
+    } else {
+      // Only an ack tells a live connection from one that died without a word (a half-open TCP
+      // connection, where Write and Read wait forever). The cancelled stream ends its Write or
+      // Read, and the sender reconnects and resends.
+      ack_due_ = absl::InfiniteFuture();
+      ack_overdue_ = true;
+      ++stats_.ack_timeouts;
+      if (active_ != nullptr) active_->TryCancel();
+    }
+  }
+}
+
+absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answered) {
   grpc::ClientContext context;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -142,13 +224,34 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
       }
       batch = buffer_->pending().front();  // oldest unacked first, resent until acked
       ++stats_.batches_sent;
+      ack_due_ = absl::Now() + options_.ack_timeout;
+      ack_overdue_ = false;
+      cv_.notify_all();  // the watchdog
     }
     const absl::Time sent = absl::Now();
     v1::IngestAck ack;
-    if (!stream->Write(batch) || !stream->Read(&ack)) {
+    const bool written = stream->Write(batch);
+    const bool got_ack = written && stream->Read(&ack);
+    bool overdue;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ack_due_ = absl::InfiniteFuture();
+      overdue = ack_overdue_;
+    }
+    if (!got_ack) {
       stream->WritesDone();
       grpc::Status ended = stream->Finish();
-      return ended.ok() ? absl::UnavailableError("stream ended") : FromGrpcStatus(ended);
+      if (overdue) {
+        return absl::DeadlineExceededError(
+            absl::StrCat("no ack within ", absl::FormatDuration(options_.ack_timeout)));
+      }
+      if (ended.ok()) return absl::UnavailableError("stream ended");
+      // One batch is in flight at a time: a server's INVALID_ARGUMENT is about this one.
+      if (written && ended.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+        *answered = true;
+        RETURN_IF_ERROR(Reject(batch, FromGrpcStatus(ended)));
+      }
+      return FromGrpcStatus(ended);
     }
     std::function<void(const v1::IngestAck&, absl::Duration)> callback;
     {
@@ -165,6 +268,7 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
                           ack.retryable_error().message());
     }
     std::lock_guard<std::mutex> lock(mu_);
+    *answered = true;
     if (absl::Status s = buffer_->Ack(ack.batch_seq()); !s.ok()) return s;
     ++stats_.batches_acked;
     stats_.samples_stored += ack.stored_count();
@@ -172,6 +276,21 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub) {
     stats_.samples_rejected += ack.rejected_count();
     cv_.notify_all();
   }
+}
+
+absl::Status DeviceClient::Reject(const v1::VitalsBatch& batch, const absl::Status& why) {
+  std::function<void(const v1::VitalsBatch&, const absl::Status&)> callback;
+  absl::Status dropped;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // The buffer forgets an acked batch and a rejected one alike.
+    dropped = buffer_->Ack(batch.batch_seq());
+    ++stats_.batches_rejected;
+    callback = on_rejected_;
+    cv_.notify_all();
+  }
+  if (callback) callback(batch, why);
+  return dropped;
 }
 
 }  // namespace medgate::device

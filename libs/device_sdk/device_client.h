@@ -1,6 +1,7 @@
 // The device SDK: buffers batches durably, streams them to medgate over mTLS, resends what was
 // not acknowledged (after reconnects and restarts), with exponential backoff and jitter, waiting at
-// least as long as a retryable ack's retry_after asks.
+// least as long as a retryable ack's retry_after asks. A batch the server refuses as a whole is
+// reported (OnRejected) and dropped instead of being resent forever.
 #ifndef MEDGATE_LIBS_DEVICE_SDK_DEVICE_CLIENT_H_
 #define MEDGATE_LIBS_DEVICE_SDK_DEVICE_CLIENT_H_
 
@@ -21,13 +22,23 @@
 
 namespace medgate::device {
 
+// The largest batch Send accepts: the API's bound on samples (proto/medgate/v1/ingest.proto), and
+// the message size a medgate server accepts by default (limits.max_message_bytes).
+inline constexpr size_t kMaxSamplesPerBatch = 1000;
+inline constexpr size_t kMaxBatchBytes = 4 << 20;
+
 struct DeviceOptions {
   std::string address;       // ingest host:port
   TlsConfig tls;             // the device's certificate
   std::string buffer_path;   // the durable buffer file
   size_t max_buffered_batches = 10000;
   absl::Duration backoff_initial = absl::Milliseconds(100);
+  // Reconnects wait up to a backoff that doubles from backoff_initial to backoff_max, and starts
+  // over after a stream on which a batch was acked or rejected.
   absl::Duration backoff_max = absl::Seconds(30);  // also bounds a server's retry_after
+  // How long a written batch may wait for its ack before the stream is given up for a reconnect
+  // and a resend: a connection can die without either end being told. Longer than a server may
+  // hold an ack back (ingest's enqueue_wait, 10 s by default). Must be positive.
   absl::Duration ack_timeout = absl::Seconds(30);
 };
 
@@ -37,8 +48,10 @@ struct DeviceStats {
   uint64_t samples_stored = 0;
   uint64_t samples_duplicate = 0;
   uint64_t samples_rejected = 0;
+  uint64_t batches_rejected = 0;  // refused as a whole by the server, dropped (see OnRejected)
   uint64_t retries = 0;
   uint64_t reconnects = 0;
+  uint64_t ack_timeouts = 0;  // streams given up because an ack took longer than ack_timeout
   // Reconnects that waited longer than the backoff because a retryable ack's retry_after asked to.
   uint64_t waits_set_by_server = 0;
 };
@@ -46,28 +59,46 @@ struct DeviceStats {
 class DeviceClient {
  public:
   static absl::StatusOr<std::unique_ptr<DeviceClient>> Open(DeviceOptions options);
+  // Sends over `channel` instead of dialing options.address with options.tls (a caller with a
+  // channel of its own, tests). The SDK's own channel sends keepalive pings; this one, as made.
+  static absl::StatusOr<std::unique_ptr<DeviceClient>> Open(
+      DeviceOptions options, std::shared_ptr<grpc::Channel> channel);
   ~DeviceClient();  // stops sending; what is not acked stays in the buffer file
 
-  // Makes `samples` a batch (seqs assigned here) durable before returning.
+  // Makes `samples` a batch (seqs assigned here) durable before returning. INVALID_ARGUMENT, and
+  // nothing buffered, for a batch a server would refuse as a whole: no samples, more than
+  // kMaxSamplesPerBatch, or more than kMaxBatchBytes serialized.
   absl::StatusOr<uint64_t> Send(std::vector<v1::VitalSample> samples);
   // Starts the background sender (resending whatever the buffer file holds).
   void Start();
   void Stop();
-  // Waits until the buffer is empty; DEADLINE_EXCEEDED otherwise.
+  // Waits until the buffer is empty (every batch acked or rejected); DEADLINE_EXCEEDED otherwise.
   absl::Status WaitUntilAcked(absl::Duration timeout);
 
   DeviceStats stats();
   size_t pending();
   // Called on the sender thread for every ack (including retryable ones).
   void OnAck(std::function<void(const v1::IngestAck&, absl::Duration latency)> callback);
+  // Called on the sender thread for a batch the server refused as a whole: it ended the stream
+  // with INVALID_ARGUMENT (`why`) while waiting for that batch's ack, e.g. a batch buffered by an
+  // older SDK, or a server with tighter bounds. Every resend would be refused the same way, so the
+  // batch leaves the buffer (counted in batches_rejected) and is never sent again; its samples
+  // are not stored. Other errors that end a stream leave the batch to be resent.
+  void OnRejected(std::function<void(const v1::VitalsBatch&, const absl::Status& why)> callback);
 
  private:
   explicit DeviceClient(DeviceOptions options) : options_(std::move(options)) {}
   void Loop();
+  // Cancels the active stream once the ack of its batch in flight is overdue.
+  void Watchdog();
   // Sends everything pending on one stream; returns when the stream fails or Stop() is called.
-  absl::Status RunStream(v1::DeviceIngest::Stub& stub);
+  // Sets `*answered` once a batch of the stream was acked (retryable acks aside) or rejected.
+  absl::Status RunStream(v1::DeviceIngest::Stub& stub, bool* answered);
+  // Drops `batch` from the buffer and reports it to OnRejected's callback.
+  absl::Status Reject(const v1::VitalsBatch& batch, const absl::Status& why);
 
   const DeviceOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;  // null: dial options_.address
   std::unique_ptr<BatchBuffer> buffer_;
   std::mutex mu_;
   std::condition_variable cv_;
@@ -75,9 +106,13 @@ class DeviceClient {
   bool running_ = false;
   DeviceStats stats_;
   std::function<void(const v1::IngestAck&, absl::Duration)> on_ack_;
+  std::function<void(const v1::VitalsBatch&, const absl::Status&)> on_rejected_;
   grpc::ClientContext* active_ = nullptr;  // to cancel a blocked stream on Stop()
   absl::Duration retry_after_;             // from the last retryable ack, for the next wait
+  absl::Time ack_due_ = absl::InfiniteFuture();  // while a batch waits for its ack
+  bool ack_overdue_ = false;                     // the watchdog cancelled the active stream
   std::thread thread_;
+  std::thread watchdog_;
 };
 
 }  // namespace medgate::device

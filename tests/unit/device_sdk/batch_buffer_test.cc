@@ -1,6 +1,8 @@
 // Unit tests of the device SDK's durable batch buffer.
+#include <sys/resource.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 
@@ -77,6 +79,65 @@ TEST_F(BatchBufferTest, IsBoundedAndToleratesATornTail) {
   auto reopened = BatchBuffer::Open(path_, 2);
   ASSERT_TRUE(reopened.ok());
   EXPECT_EQ((*reopened)->pending().size(), 2u);
+}
+
+// A write that fails half-way (here: the process's file size limit, as a full disk would) leaves
+// nothing of its record in the file: the batches sealed after it are found on the next start.
+TEST_F(BatchBufferTest, AFailedSealLeavesNoTornRecordBeforeLaterBatches) {
+  auto buffer = BatchBuffer::Open(path_, 100);
+  ASSERT_TRUE(buffer.ok());
+  ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+  const auto size = static_cast<rlim_t>(std::filesystem::file_size(path_));
+  std::signal(SIGXFSZ, SIG_IGN);
+  rlimit saved;
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &saved), 0);
+  rlimit limited = saved;
+  limited.rlim_cur = size + 64;  // room for part of the next record only
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limited), 0);
+  absl::StatusOr<uint64_t> failed = (*buffer)->Seal(Samples(100));
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &saved), 0);
+  std::signal(SIGXFSZ, SIG_DFL);
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(std::filesystem::file_size(path_), size);
+  EXPECT_EQ((*buffer)->pending().size(), 1u);
+  absl::StatusOr<uint64_t> later = (*buffer)->Seal(Samples(2));
+  ASSERT_TRUE(later.ok()) << later.status();
+  buffer->reset();
+
+  auto reopened = BatchBuffer::Open(path_, 100);
+  ASSERT_TRUE(reopened.ok());
+  const auto& pending = (*reopened)->pending();
+  ASSERT_EQ(pending.size(), 2u);
+  EXPECT_EQ(pending[0].batch_seq(), 1u);
+  EXPECT_EQ(pending[1].batch_seq(), *later);
+  EXPECT_EQ(pending[1].samples_size(), 2);
+}
+
+// A compaction that cannot write its new file keeps the buffer on the file it had: what is sealed
+// afterwards is durable and found on the next start.
+TEST_F(BatchBufferTest, AFailedCompactionKeepsAppendingToTheBufferFile) {
+  auto buffer = BatchBuffer::Open(path_, 2000);
+  ASSERT_TRUE(buffer.ok());
+  constexpr uint64_t kBatches = 1100;  // more than the acks that start a compaction
+  for (uint64_t i = 0; i < kBatches; ++i) ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+  // Every write to the compacted file fails (ENOSPC).
+  std::filesystem::create_symlink("/dev/full", path_ + ".tmp");
+  uint64_t acked = 0;
+  absl::Status compaction;
+  while (compaction.ok() && acked < kBatches) compaction = (*buffer)->Ack(++acked);
+  ASSERT_FALSE(compaction.ok()) << "no compaction after " << acked << " acks";
+  EXPECT_FALSE(std::filesystem::exists(path_ + ".tmp"));
+  std::filesystem::remove(path_ + ".tmp");
+  absl::StatusOr<uint64_t> later = (*buffer)->Seal(Samples(1));
+  ASSERT_TRUE(later.ok()) << later.status();
+  buffer->reset();
+
+  auto reopened = BatchBuffer::Open(path_, 2000);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  const auto& pending = (*reopened)->pending();
+  ASSERT_EQ(pending.size(), kBatches - acked + 1);
+  EXPECT_EQ(pending.front().batch_seq(), acked + 1);
+  EXPECT_EQ(pending.back().batch_seq(), *later);
 }
 
 }  // namespace

@@ -1,0 +1,243 @@
+// Unit tests of the device SDK's sender against an in-process fake DeviceIngest server.
+#include "libs/device_sdk/device_client.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "libs/device_sdk/batch_buffer.h"
+
+namespace medgate::device {
+namespace {
+
+using Stream = grpc::ServerReaderWriter<v1::IngestAck, v1::VitalsBatch>;
+
+// Every sample of `batch` stored.
+v1::IngestAck Stored(const v1::VitalsBatch& batch) {
+  v1::IngestAck ack;
+  ack.set_batch_seq(batch.batch_seq());
+  ack.set_stored_count(static_cast<uint32_t>(batch.samples_size()));
+  ack.set_highest_committed_seq(batch.samples(batch.samples_size() - 1).seq());
+  return ack;
+}
+
+// DeviceIngest whose streams run the test's handler, given the stream's number (1, 2, ...).
+class FakeIngest final : public v1::DeviceIngest::Service {
+ public:
+  using Handler = std::function<grpc::Status(int stream, Stream& io)>;
+
+  explicit FakeIngest(Handler handler) : handler_(std::move(handler)) {}
+
+  grpc::Status StreamVitals(grpc::ServerContext*, Stream* io) override {
+    int stream;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stream = ++streams_;
+    }
+    return handler_(stream, *io);
+  }
+
+  int streams() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return streams_;
+  }
+
+ private:
+  const Handler handler_;
+  std::mutex mu_;
+  int streams_ = 0;
+};
+
+class DeviceClientTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    options_.buffer_path = (std::filesystem::temp_directory_path() /
+                            ("medgate-device-" + std::to_string(getpid()) + "-" +
+                             ::testing::UnitTest::GetInstance()->current_test_info()->name()))
+                               .string();
+    std::filesystem::remove(options_.buffer_path);
+    // Quick reconnects, so a test waits for what it checks and not for backoffs.
+    options_.backoff_initial = absl::Milliseconds(1);
+    options_.backoff_max = absl::Milliseconds(10);
+  }
+
+  void TearDown() override {
+    if (client_ != nullptr) client_->Stop();
+    if (server_ != nullptr) server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+    std::filesystem::remove(options_.buffer_path);
+  }
+
+  // Starts a fake server running `handler` and a client connected to it.
+  void Connect(FakeIngest::Handler handler) {
+    ingest_ = std::make_unique<FakeIngest>(std::move(handler));
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(ingest_.get());
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    ASSERT_NE(port, 0);
+    auto client = DeviceClient::Open(
+        options_, grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
+                                      grpc::InsecureChannelCredentials()));
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_ = *std::move(client);
+  }
+
+  static std::vector<v1::VitalSample> Samples(int n) {
+    std::vector<v1::VitalSample> samples(static_cast<size_t>(n));
+    for (v1::VitalSample& s : samples) {
+      s.set_loinc_code("8867-4");
+      s.set_ucum_unit("/min");
+      s.set_value(60);
+      s.mutable_measured_at()->set_seconds(1700000000);
+    }
+    return samples;
+  }
+
+  DeviceOptions options_;
+  std::unique_ptr<FakeIngest> ingest_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<DeviceClient> client_;
+};
+
+TEST_F(DeviceClientTest, SendRefusesABatchOutOfTheApiBoundsAndBuffersNothing) {
+  auto client = DeviceClient::Open(options_);
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_EQ((*client)->Send({}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*client)->Send(Samples(kMaxSamplesPerBatch + 1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<v1::VitalSample> huge = Samples(1);
+  huge[0].set_loinc_code(std::string(kMaxBatchBytes, 'x'));
+  absl::StatusOr<uint64_t> too_big = (*client)->Send(std::move(huge));
+  EXPECT_EQ(too_big.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*client)->pending(), 0u);
+  // Nothing of them was numbered either: the first batch accepted is batch 1.
+  absl::StatusOr<uint64_t> full = (*client)->Send(Samples(kMaxSamplesPerBatch));
+  ASSERT_TRUE(full.ok()) << full.status();
+  EXPECT_EQ(*full, 1u);
+  EXPECT_EQ((*client)->pending(), 1u);
+}
+
+// A server that ends the stream with INVALID_ARGUMENT on a batch would do so on every resend: the
+// batch is reported and dropped, and the batches behind it are delivered.
+TEST_F(DeviceClientTest, ABatchTheServerRefusesAsAWholeIsReportedAndDropped) {
+  Connect([](int, Stream& io) {
+    v1::VitalsBatch batch;
+    while (io.Read(&batch)) {
+      if (batch.samples_size() > 2) {
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "this server takes 2 samples");
+      }
+      io.Write(Stored(batch));
+    }
+    return grpc::Status::OK;
+  });
+  std::mutex mu;
+  std::vector<uint64_t> rejected;
+  client_->OnRejected([&](const v1::VitalsBatch& batch, const absl::Status& why) {
+    EXPECT_EQ(why.code(), absl::StatusCode::kInvalidArgument);
+    std::lock_guard<std::mutex> lock(mu);
+    rejected.push_back(batch.batch_seq());
+  });
+  ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  ASSERT_TRUE(client_->Send(Samples(3)).ok());
+  ASSERT_TRUE(client_->Send(Samples(2)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  client_->Stop();
+  DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.batches_acked, 2u);
+  EXPECT_EQ(stats.batches_rejected, 1u);
+  EXPECT_EQ(stats.samples_stored, 3u);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_EQ(rejected, std::vector<uint64_t>{2});
+  }
+  // Dropped from the file too: a restart does not send it again.
+  client_.reset();
+  auto buffer = BatchBuffer::Open(options_.buffer_path, 10);
+  ASSERT_TRUE(buffer.ok());
+  EXPECT_TRUE((*buffer)->pending().empty());
+}
+
+// Other errors that end a stream are not about the batch: it is resent until acked.
+TEST_F(DeviceClientTest, ABatchIsResentAfterAStreamEndsWithAnotherError) {
+  Connect([](int stream, Stream& io) {
+    v1::VitalsBatch batch;
+    if (stream == 1) {
+      io.Read(&batch);
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "device not assigned yet");
+    }
+    while (io.Read(&batch)) io.Write(Stored(batch));
+    return grpc::Status::OK;
+  });
+  ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.batches_acked, 1u);
+  EXPECT_EQ(stats.batches_rejected, 0u);
+  EXPECT_GE(ingest_->streams(), 2);
+}
+
+// Each stream gets one batch acked, then breaks. The backoff starts over after every such stream:
+// were it to double across them, the 30 reconnects would wait up to 2^29 ms, far past the wait.
+TEST_F(DeviceClientTest, TheBackoffStartsOverAfterAStreamThatGotAnAck) {
+  options_.backoff_max = absl::Hours(24);
+  Connect([](int, Stream& io) {
+    v1::VitalsBatch batch;
+    if (io.Read(&batch)) io.Write(Stored(batch));
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "connection reset");
+  });
+  constexpr uint64_t kBatches = 30;
+  for (uint64_t i = 0; i < kBatches; ++i) ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.batches_acked, kBatches);
+  EXPECT_GE(stats.reconnects, kBatches - 1);
+}
+
+// A connection that died without a word: the server takes the batch and never answers. Once the
+// ack is overdue the stream is given up, and the batch is resent on a new one.
+TEST_F(DeviceClientTest, AnOverdueAckEndsTheStreamAndTheBatchIsResent) {
+  options_.ack_timeout = absl::Milliseconds(100);
+  Connect([](int stream, Stream& io) {
+    v1::VitalsBatch batch;
+    if (stream == 1) {
+      while (io.Read(&batch)) {
+      }  // no ack; Read ends when the client cancels
+      return grpc::Status::OK;
+    }
+    while (io.Read(&batch)) io.Write(Stored(batch));
+    return grpc::Status::OK;
+  });
+  ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.ack_timeouts, 1u);
+  EXPECT_EQ(stats.batches_sent, 2u);
+  EXPECT_EQ(stats.batches_acked, 1u);
+  EXPECT_EQ(ingest_->streams(), 2);
+}
+
+TEST_F(DeviceClientTest, OpenRefusesAnAckTimeoutThatIsNotPositive) {
+  options_.ack_timeout = absl::ZeroDuration();
+  EXPECT_EQ(DeviceClient::Open(options_).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace medgate::device
