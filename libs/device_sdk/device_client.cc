@@ -18,20 +18,15 @@
 namespace medgate::device {
 namespace {
 
-// A channel as MakeChannel's (libs/identity): a connection of the device's own, no BDP probes; and
-// keepalive pings, which find a connection that died without a word while the stream is idle. A
-// ping goes out after a minute without anything received: a server refuses pings that come more
-// often than every 5 minutes (its default) only after 2 strikes, and gRPC sends no more than 2
-// pings in a row without data going out, so these never count as abuse.
+// The device's own connection, no BDP probes (small batches and acks), and keepalive pings after
+// a minute without anything received, which find a connection that died without a word while
+// the stream waits.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> Dial(const DeviceOptions& options) {
-  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
-                   MakeChannelCredentials(options.tls));
-  grpc::ChannelArguments args;
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 60'000);
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20'000);
-  return grpc::CreateCustomChannel(options.address, credentials, args);
+  ChannelOptions channel;
+  channel.bdp_probe = false;
+  channel.keepalive_time = absl::Seconds(60);
+  channel.keepalive_timeout = absl::Seconds(20);
+  return MakeChannel(options.address, options.tls, channel);
 }
 
 }  // namespace

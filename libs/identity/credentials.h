@@ -10,6 +10,7 @@
 #include <grpcpp/security/server_credentials.h>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "libs/common/config.h"
 
 namespace medgate {
@@ -37,6 +38,12 @@ struct ChannelOptions {
   // batches and acks) that probe costs each side a write and a read per message, more than the
   // message itself, and the default 64 KiB window is already larger than a batch: turn it off.
   bool bdp_probe = true;
+  // Pings after this long without anything received on the connection (zero: none), and how long
+  // an unanswered one waits before the connection is closed: finds a connection that died
+  // without a word (a NAT dropping it) while a long-lived stream is idle. medgate's servers accept
+  // pings every 30 s or more (ServiceServer).
+  absl::Duration keepalive_time = absl::ZeroDuration();
+  absl::Duration keepalive_timeout = absl::Seconds(20);
 };
 
 // A channel to `address` (host:port) over mTLS.

@@ -52,6 +52,9 @@ absl::Status ServiceServer::Start() {
   builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
                              limits.max_connection_age_grace_seconds * 1000);
   if (!bdp_probe_) builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  // Clients' keepalive pings (devices': every 60 s on an idle stream) are not abuse: gRPC's
+  // default would count pings under 5 minutes apart and close the connection after two.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 30'000);
   for (grpc::Service* service : services_) builder.RegisterService(service);
   server_ = builder.BuildAndStart();
   if (!server_ || port_ == 0) {
