@@ -154,17 +154,19 @@ absl::Status IngestCore::Process(const Principal& device,
     }
     rows.push_back(std::move(row));
   }
+  // Every sample received is charged, stored or not: validating, refusing and auditing cost the
+  // service too, so a stream of invalid or unconsented samples meets the quota like any other.
+  const double charged = static_cast<double>(samples.size());
+  absl::Duration wait = quota_.TryTake(device.tenant, charged, now);
+  if (wait > absl::ZeroDuration()) {
+    quota_refused_.fetch_add(1, std::memory_order_relaxed);
+    return retry(absl::ResourceExhaustedError("tenant sample quota exceeded; resend later"), wait);
+  }
   // A batch refused for lack of consent is audited as a denial, through the writer like a stored
   // one (answered once its entry is committed); one with nothing else to store is answered now.
   if (rows.empty() && refused_for_consent == 0) {
     done(std::move(result));
     return absl::OkStatus();
-  }
-  const double charged = static_cast<double>(rows.size());
-  absl::Duration wait = quota_.TryTake(device.tenant, charged, now);
-  if (wait > absl::ZeroDuration()) {
-    quota_refused_.fetch_add(1, std::memory_order_relaxed);
-    return retry(absl::ResourceExhaustedError("tenant sample quota exceeded; resend later"), wait);
   }
 
   WriteRequest request;
@@ -184,7 +186,7 @@ absl::Status IngestCore::Process(const Principal& device,
   }
   auto shared = std::make_shared<BatchResult>(std::move(result));
   auto finish = std::make_shared<std::function<void(BatchResult)>>(std::move(done));
-  // Rows not stored are given back to the quota, so the device's resend is not refused for them;
+  // A batch not stored is given back to the quota, so the device's resend is not refused for it;
   // duplicates stay charged (accepted work).
   request.done = [this, tenant = device.tenant, charged, shared, finish](const WriteOutcome& outcome) {
     BatchResult r = std::move(*shared);

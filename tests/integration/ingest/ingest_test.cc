@@ -422,11 +422,18 @@ TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
   *s.mutable_measured_at() = Ts(absl::Now() - absl::Hours(24 * 40));
   *batch.add_samples() = s;                                  // 6 too old
   *batch.add_samples() = HeartRate(8, 180);                  // 7 ok
+  *batch.add_samples() = HeartRate(8);                       // 8 seq not increasing
+  s = HeartRate(9);
+  s.clear_measured_at();
+  *batch.add_samples() = s;                                  // 9 no time
+  s = HeartRate(10);
+  s.mutable_location()->set_latitude(95);
+  *batch.add_samples() = s;                                  // 10 latitude out of range
   DeviceStream stream(*stub);
   auto ack = stream.Send(batch);
   ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
   EXPECT_EQ(ack->stored_count(), 2u);
-  EXPECT_EQ(ack->rejected_count(), 6u);
+  EXPECT_EQ(ack->rejected_count(), 9u);
   std::vector<std::pair<uint32_t, v1::RejectReason>> got;
   for (const auto& r : ack->rejections()) {
     got.emplace_back(r.sample_index(), r.reason());
@@ -438,7 +445,10 @@ TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
                        std::make_pair(3u, v1::REJECT_REASON_OUT_OF_RANGE),
                        std::make_pair(4u, v1::REJECT_REASON_NOT_FINITE),
                        std::make_pair(5u, v1::REJECT_REASON_TIME_IN_FUTURE),
-                       std::make_pair(6u, v1::REJECT_REASON_TIME_TOO_OLD)));
+                       std::make_pair(6u, v1::REJECT_REASON_TIME_TOO_OLD),
+                       std::make_pair(8u, v1::REJECT_REASON_INVALID_SEQ),
+                       std::make_pair(9u, v1::REJECT_REASON_MISSING_TIME),
+                       std::make_pair(10u, v1::REJECT_REASON_INVALID_LOCATION)));
   EXPECT_TRUE(stream.Finish().ok());
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-validate'"), 2);
   // A batch over the bound ends the stream with a clear error; nothing of it is stored.
@@ -834,6 +844,35 @@ TEST_F(IngestTest, TheSdkWaitsAsLongAsAQuotaRefusalAsksAndLosesNothing) {
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-quota' AND seq BETWEEN 1 AND 2000"), 2000);
   std::filesystem::remove(options.buffer_path);
   server.Shutdown();
+}
+
+// Every sample a batch carries counts against the tenant's quota, valid or not: a device sending
+// only samples that are refused meets RESOURCE_EXHAUSTED like any other.
+TEST_F(IngestTest, RefusedSamplesCountAgainstTheTenantsQuota) {
+  std::string patient = PatientWithDevice("quota-invalid", "FR", "dev-quota-invalid");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  // 1,000 samples at once, then one a second.
+  auto extra = StartIngest("ingest: {tenant_samples_per_second: 1, tenant_burst: 1000}\n");
+  ASSERT_NE(extra, nullptr);
+  auto stub = Ingest(Device("acme", "dev-quota-invalid"), extra->server->port());
+  auto unknown_codes = [](uint64_t batch_seq, uint64_t first_seq, int n) {
+    v1::VitalsBatch batch = Batch(batch_seq, first_seq, n);
+    for (v1::VitalSample& sample : *batch.mutable_samples()) sample.set_loinc_code("0000-0");
+    return batch;
+  };
+  DeviceStream stream(*stub);
+  auto first = stream.Send(unknown_codes(1, 1, 1000));
+  ASSERT_TRUE(first.has_value()) << stream.Finish().error_message();
+  EXPECT_FALSE(first->has_retryable_error());
+  EXPECT_EQ(first->rejected_count(), 1000u);
+  auto second = stream.Send(unknown_codes(2, 1001, 100));
+  ASSERT_TRUE(second.has_value()) << stream.Finish().error_message();
+  ASSERT_TRUE(second->has_retryable_error());
+  EXPECT_EQ(second->retryable_error().code(), static_cast<int>(grpc::StatusCode::RESOURCE_EXHAUSTED));
+  EXPECT_THAT(second->retryable_error().message(), HasSubstr("quota"));
+  EXPECT_GE(extra->server->counters().quota_refused, 1u);
+  stream.Finish();
+  extra->server->Shutdown();
 }
 
 // A region's write queue that stays full stops reading the stream; after enqueue_wait the batch is
