@@ -27,13 +27,15 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
                                  "max_queued_batches", "max_rows_per_transaction", "linger_ms",
                                  "worker_threads", "max_waiting_batches", "writers_per_region",
                                  "device_cache_ttl_seconds", "enqueue_wait_ms",
-                                 "stats_interval_ms", "partition_check_minutes"}));
+                                 "stats_interval_ms", "partition_check_minutes",
+                                 "max_queued_rows"}));
   ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
   // A burst below the largest batch would refuse such a batch forever, however long it waits.
   ASSIGN_OR_RETURN(int64_t burst, node.Int("tenant_burst", static_cast<int64_t>(kMaxSamplesPerBatch),
                                            100000000, 100000));
   ASSIGN_OR_RETURN(int64_t age, node.Int("max_sample_age_hours", 1, 24 * 365, 24 * 30));
   ASSIGN_OR_RETURN(int64_t queued, node.Int("max_queued_batches", 1, 1000000, 4096));
+  ASSIGN_OR_RETURN(int64_t queued_rows, node.Int("max_queued_rows", 1, 100000000, 200000));
   ASSIGN_OR_RETURN(int64_t rows, node.Int("max_rows_per_transaction", 1, 1000000, 20000));
   ASSIGN_OR_RETURN(int64_t linger, node.Int("linger_ms", 0, 1000, 2));
   ASSIGN_OR_RETURN(int64_t workers, node.Int("worker_threads", 1, 256, 8));
@@ -47,6 +49,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.core.tenant_burst = static_cast<double>(burst);
   s.core.validation.max_age = absl::Hours(age);
   s.writer.max_queued_requests = static_cast<size_t>(queued);
+  s.writer.max_queued_rows = static_cast<size_t>(queued_rows);
   s.writer.max_rows_per_transaction = static_cast<size_t>(rows);
   s.writer.linger = absl::Milliseconds(linger);
   s.worker_threads = static_cast<int>(workers);

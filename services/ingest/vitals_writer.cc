@@ -119,11 +119,17 @@ absl::Status VitalsWriter::EnsureConnected() {
   return absl::OkStatus();
 }
 
+bool VitalsWriter::HasRoomFor(size_t rows) const {
+  return queue_.size() < options_.max_queued_requests &&
+         (queue_.empty() || queued_rows_ + rows <= options_.max_queued_rows);
+}
+
 bool VitalsWriter::Enqueue(WriteRequest request, absl::Duration wait) {
   std::unique_lock<std::mutex> lock(mu_);
   ++waiting_for_room_;
-  const bool room = room_cv_.wait_for(lock, absl::ToChronoMilliseconds(wait), [this] {
-    return stopping_ || queue_.size() < options_.max_queued_requests;
+  const size_t rows = request.rows.size();
+  const bool room = room_cv_.wait_for(lock, absl::ToChronoMilliseconds(wait), [this, rows] {
+    return stopping_ || HasRoomFor(rows);
   });
   --waiting_for_room_;
   if (!room || stopping_) return false;
@@ -135,14 +141,13 @@ bool VitalsWriter::TryEnqueue(WriteRequest& request) {
   std::unique_lock<std::mutex> lock(mu_);
   // Room freed while others wait for it is theirs: taking it here would leave them waiting out
   // enqueue_wait while later batches go ahead.
-  if (stopping_ || waiting_for_room_ > 0 || queue_.size() >= options_.max_queued_requests) {
-    return false;
-  }
+  if (stopping_ || waiting_for_room_ > 0 || !HasRoomFor(request.rows.size())) return false;
   PushAndUnlock(std::move(request), lock);
   return true;
 }
 
 void VitalsWriter::PushAndUnlock(WriteRequest request, std::unique_lock<std::mutex>& lock) {
+  queued_rows_ += request.rows.size();
   queue_.push_back(std::move(request));
   // The writer sleeps only on an empty queue or while lingering for kEnoughToCommit requests:
   // waking it for any other arrival would cost a context switch per batch for nothing.
@@ -172,6 +177,7 @@ void VitalsWriter::Loop() {
       while (!queue_.empty() && (group.empty() || rows + queue_.front().rows.size() <=
                                                       options_.max_rows_per_transaction)) {
         rows += queue_.front().rows.size();
+        queued_rows_ -= queue_.front().rows.size();
         group.push_back(std::move(queue_.front()));
         queue_.pop_front();
       }
@@ -184,6 +190,7 @@ void VitalsWriter::Loop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     left.swap(queue_);
+    queued_rows_ = 0;
   }
   for (WriteRequest& r : left) {
     r.done(WriteOutcome{absl::UnavailableError("ingest is shutting down; resend"), 0, 0, 0});

@@ -75,6 +75,9 @@ struct WriteRequest {
 
 struct WriterOptions {
   size_t max_queued_requests = 4096;
+  // Rows queued at most (a request larger than this is still taken into an empty queue): with
+  // batches of up to 1,000 samples, the request bound alone would let a lane hold millions.
+  size_t max_queued_rows = 200000;
   size_t max_rows_per_transaction = 20000;
   absl::Duration linger = absl::Milliseconds(2);  // wait this long for more work to coalesce
   // How often `vitals_writer_stats` (and the service's `ingest_ack_latency`) is logged.
@@ -100,6 +103,8 @@ class VitalsWriter {
  private:
   void Loop();
   void PushAndUnlock(WriteRequest request, std::unique_lock<std::mutex>& lock);
+  // Whether a request of `rows` rows fits the queue's bounds now (mu_ held).
+  bool HasRoomFor(size_t rows) const;
   void Commit(std::vector<WriteRequest>& group);
   // One attempt at writing `live` in one transaction; fills `outcomes`.
   absl::Status WriteOnce(const std::vector<WriteRequest*>& live, std::vector<WriteOutcome>& outcomes);
@@ -125,6 +130,7 @@ class VitalsWriter {
   std::condition_variable work_cv_;
   std::condition_variable room_cv_;
   std::deque<WriteRequest> queue_;
+  size_t queued_rows_ = 0;  // rows of the requests in queue_
   int waiting_for_room_ = 0;  // Enqueue calls waiting for room
   bool stopping_ = false;
   std::thread thread_;

@@ -881,90 +881,96 @@ TEST_F(IngestTest, RefusedSamplesCountAgainstTheTenantsQuota) {
 // stored are given back to the tenant's quota: with a burst of exactly all the batches and next
 // to no refill, the resends fit only with those refunds.
 TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
-  std::string patient = PatientWithDevice("backpressure", "FR", "dev-bp");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
-  constexpr uint64_t kBatches = 5;
-  constexpr uint64_t kPerBatch = 200;  // kBatches * kPerBatch = the burst
-  // A second ingest server on the same stack: one writer lane, a one-batch queue, a short wait,
-  // and a quota of 1,000 samples refilling one a second.
-  auto extra = StartIngest(
-      "ingest: {tenant_samples_per_second: 1, tenant_burst: 1000, writers_per_region: 1, "
-      "max_queued_batches: 1, enqueue_wait_ms: 200, linger_ms: 0}\n");
-  ASSERT_NE(extra, nullptr);
-  IngestServer& server = *extra->server;
-  auto stub = Ingest(Device("acme", "dev-bp"), server.port());
+  // The queue is full at one batch: by its batch bound, then by its row bound (one batch's rows).
+  for (const auto& [queue_bound, device] :
+       {std::pair<std::string, std::string>{"max_queued_batches: 1", "dev-bp"},
+        std::pair<std::string, std::string>{"max_queued_rows: 200", "dev-bp-rows"}}) {
+    SCOPED_TRACE(queue_bound);
+    std::string patient = PatientWithDevice(absl::StrCat("backpressure-", device), "FR", device);
+    Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+    constexpr uint64_t kBatches = 5;
+    constexpr uint64_t kPerBatch = 200;  // kBatches * kPerBatch = the burst
+    // A second ingest server on the same stack: one writer lane, a one-batch queue, a short wait,
+    // and a quota of 1,000 samples refilling one a second.
+    auto extra = StartIngest(absl::StrCat(
+        "ingest: {tenant_samples_per_second: 1, tenant_burst: 1000, writers_per_region: 1, ",
+        queue_bound, ", enqueue_wait_ms: 200, linger_ms: 0}\n"));
+    ASSERT_NE(extra, nullptr);
+    IngestServer& server = *extra->server;
+    auto stub = Ingest(Device("acme", device), server.port());
 
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-  auto stream = stub->StreamVitals(&context);
-  v1::IngestAck ack;
-  ASSERT_TRUE(stream->Write(Batch(1, 1, kPerBatch)));
-  ASSERT_TRUE(stream->Read(&ack));
-  ASSERT_EQ(ack.stored_count(), kPerBatch);
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto stream = stub->StreamVitals(&context);
+    v1::IngestAck ack;
+    ASSERT_TRUE(stream->Write(Batch(1, 1, kPerBatch)));
+    ASSERT_TRUE(stream->Read(&ack));
+    ASSERT_EQ(ack.stored_count(), kPerBatch);
 
-  // Hold the writer: its next transaction waits for this lock on the cursor table.
-  pqxx::connection blocker(stack_->clusters().region("fr-1").ConnectionString());
-  pqxx::work hold(blocker);
-  hold.exec0("LOCK TABLE device_cursors IN EXCLUSIVE MODE");
-  for (uint64_t b = 2; b <= kBatches; ++b) {
-    ASSERT_TRUE(stream->Write(Batch(b, (b - 1) * kPerBatch + 1, kPerBatch)));
-  }
-  // One batch is in the blocked writer, one fills the queue, the next waits for room in vain.
-  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
-                        [&] { return server.counters().queue_full >= 1; }));
-  EXPECT_EQ(server.queued_batches(), 1u);
-  hold.abort();
-
-  // Acks come in batch order: stored batches, then retryable answers only (the batch refused for
-  // a full queue, and any batch still queued behind the blocked one: once a batch of a stream is
-  // not stored, the stream stores nothing more); then the stream ends.
-  uint64_t stored = kPerBatch;
-  uint64_t last_stored_batch = 1;
-  uint64_t last_acked_batch = 1;
-  int queue_full_answers = 0;
-  bool refusing = false;
-  while (stream->Read(&ack)) {
-    EXPECT_EQ(ack.batch_seq(), last_acked_batch + 1);
-    last_acked_batch = ack.batch_seq();
-    if (ack.has_retryable_error()) {
-      refusing = true;
-      if (ack.retryable_error().code() == static_cast<int32_t>(grpc::StatusCode::RESOURCE_EXHAUSTED)) {
-        EXPECT_THAT(ack.retryable_error().message(), HasSubstr("write queue is full"));
-        ++queue_full_answers;
-      } else {
-        EXPECT_EQ(ack.retryable_error().code(), static_cast<int32_t>(grpc::StatusCode::UNAVAILABLE));
-        EXPECT_THAT(ack.retryable_error().message(), HasSubstr("stores nothing more"));
-      }
-      continue;
+    // Hold the writer: its next transaction waits for this lock on the cursor table.
+    pqxx::connection blocker(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::work hold(blocker);
+    hold.exec0("LOCK TABLE device_cursors IN EXCLUSIVE MODE");
+    for (uint64_t b = 2; b <= kBatches; ++b) {
+      ASSERT_TRUE(stream->Write(Batch(b, (b - 1) * kPerBatch + 1, kPerBatch)));
     }
-    EXPECT_FALSE(refusing) << "batch " << ack.batch_seq() << " stored after a refused one";
-    last_stored_batch = ack.batch_seq();
-    stored += ack.stored_count();
-  }
-  grpc::Status ended = stream->Finish();
-  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
-  EXPECT_EQ(queue_full_answers, 1) << "the stream stops reading after the refused batch";
-  EXPECT_LT(last_acked_batch, kBatches) << "batches after the refused one were never read";
-  EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp'"), static_cast<int64_t>(stored));
+    // One batch is in the blocked writer, one fills the queue, the next waits for room in vain.
+    ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                          [&] { return server.counters().queue_full >= 1; }));
+    EXPECT_EQ(server.queued_batches(), 1u);
+    hold.abort();
 
-  // The device resends every batch not acknowledged as stored, on a new stream.
-  DeviceStream again(*stub);
-  for (uint64_t b = last_stored_batch + 1; b <= kBatches; ++b) {
-    std::optional<v1::IngestAck> resent =
-        again.Send(Batch(b, (b - 1) * kPerBatch + 1, kPerBatch));
-    ASSERT_TRUE(resent.has_value());
-    ASSERT_FALSE(resent->has_retryable_error()) << resent->retryable_error().message();
-    EXPECT_EQ(resent->duplicate_count(), 0u);
-    stored += resent->stored_count();
+    // Acks come in batch order: stored batches, then retryable answers only (the batch refused for
+    // a full queue, and any batch still queued behind the blocked one: once a batch of a stream is
+    // not stored, the stream stores nothing more); then the stream ends.
+    uint64_t stored = kPerBatch;
+    uint64_t last_stored_batch = 1;
+    uint64_t last_acked_batch = 1;
+    int queue_full_answers = 0;
+    bool refusing = false;
+    while (stream->Read(&ack)) {
+      EXPECT_EQ(ack.batch_seq(), last_acked_batch + 1);
+      last_acked_batch = ack.batch_seq();
+      if (ack.has_retryable_error()) {
+        refusing = true;
+        if (ack.retryable_error().code() == static_cast<int32_t>(grpc::StatusCode::RESOURCE_EXHAUSTED)) {
+          EXPECT_THAT(ack.retryable_error().message(), HasSubstr("write queue is full"));
+          ++queue_full_answers;
+        } else {
+          EXPECT_EQ(ack.retryable_error().code(), static_cast<int32_t>(grpc::StatusCode::UNAVAILABLE));
+          EXPECT_THAT(ack.retryable_error().message(), HasSubstr("stores nothing more"));
+        }
+        continue;
+      }
+      EXPECT_FALSE(refusing) << "batch " << ack.batch_seq() << " stored after a refused one";
+      last_stored_batch = ack.batch_seq();
+      stored += ack.stored_count();
+    }
+    grpc::Status ended = stream->Finish();
+    EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
+    EXPECT_EQ(queue_full_answers, 1) << "the stream stops reading after the refused batch";
+    EXPECT_LT(last_acked_batch, kBatches) << "batches after the refused one were never read";
+    EXPECT_EQ(Count("fr-1", absl::StrCat("device_id = '", device, "'")), static_cast<int64_t>(stored));
+
+    // The device resends every batch not acknowledged as stored, on a new stream.
+    DeviceStream again(*stub);
+    for (uint64_t b = last_stored_batch + 1; b <= kBatches; ++b) {
+      std::optional<v1::IngestAck> resent =
+          again.Send(Batch(b, (b - 1) * kPerBatch + 1, kPerBatch));
+      ASSERT_TRUE(resent.has_value());
+      ASSERT_FALSE(resent->has_retryable_error()) << resent->retryable_error().message();
+      EXPECT_EQ(resent->duplicate_count(), 0u);
+      stored += resent->stored_count();
+    }
+    EXPECT_TRUE(again.Finish().ok());
+    EXPECT_EQ(stored, kBatches * kPerBatch);
+    EXPECT_EQ(Count("fr-1", absl::StrCat("device_id = '", device, "'")), static_cast<int64_t>(kBatches * kPerBatch));
+    EXPECT_EQ(Count("fr-1", absl::StrCat("device_id = '", device, "' AND seq BETWEEN 1 AND ",
+                                         kBatches * kPerBatch)),
+              static_cast<int64_t>(kBatches * kPerBatch));
+    EXPECT_EQ(server.counters().quota_refused, 0u);
+    server.Shutdown();
   }
-  EXPECT_TRUE(again.Finish().ok());
-  EXPECT_EQ(stored, kBatches * kPerBatch);
-  EXPECT_EQ(Count("fr-1", "device_id = 'dev-bp'"), static_cast<int64_t>(kBatches * kPerBatch));
-  EXPECT_EQ(Count("fr-1", absl::StrCat("device_id = 'dev-bp' AND seq BETWEEN 1 AND ",
-                                       kBatches * kPerBatch)),
-            static_cast<int64_t>(kBatches * kPerBatch));
-  EXPECT_EQ(server.counters().quota_refused, 0u);
-  server.Shutdown();
 }
 
 // Batches that would wait for a worker thread beyond max_waiting_batches are answered with a
