@@ -1431,8 +1431,9 @@ absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
           " and cannot be erased before its retention end; only the erasure of all of the "
           "patient's records (ErasePatientRecords, GDPR art. 17) erases it earlier"));
     }
-    // Crypto-shredding: without its key the ciphertext left behind (and in backups of it) is
-    // unreadable; the purge removes the chunk rows later.
+    // Crypto-shredding: without its key the ciphertext left behind is unreadable through this
+    // database; the purge removes the chunk rows later. A backup taken before still holds the
+    // wrapped key (README, "Erasure and backups").
     txn.exec_prepared0(sql::kDeleteRecordKey, record_id);
     txn.exec_prepared0(sql::kDeleteRecord, record_id);
     RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", record_id,
