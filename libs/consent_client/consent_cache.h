@@ -38,7 +38,10 @@ struct AccessDecision {
 struct ConsentCacheOptions {
   size_t max_patients = 200000;                       // LRU-evicted beyond this
   absl::Duration max_staleness = absl::Seconds(30);   // entries older than this are reloaded
-  absl::Duration fail_closed_after = absl::Seconds(5);  // listener down this long: UNAVAILABLE
+  // The change feed unheard from this long (a heartbeat checks it every quarter of it, at most
+  // every 500 ms): UNAVAILABLE. It bounds how long a cache may miss a revocation when the feed
+  // dies without a word: DOMAIN's "a cache may lag by at most a second".
+  absl::Duration fail_closed_after = absl::Seconds(1);
   absl::Duration load_timeout = absl::Seconds(2);
 };
 
