@@ -1242,11 +1242,10 @@ absl::Status SharingCore::AuditListing(const CallContext& ctx, ListScope scope,
     ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(region));
     absl::Status audited = pool->Transact([&](pqxx::work& txn) -> absl::Status {
       for (const auto& [who, count] : patients) {
-        RETURN_IF_ERROR(
-            audit::Append(txn, AuditEntryFor(ctx, audit::Action::kRead, "record_list", who.second,
-                                             who.first, who.second,
-                                             absl::StrCat("listed=", count, " scope=", scope_name)))
-                .status());
+        const audit::Entry entry =
+            AuditEntryFor(ctx, audit::Action::kRead, "record_list", who.second, who.first,
+                          who.second, absl::StrCat("LISTED: count=", count, " scope=", scope_name));
+        RETURN_IF_ERROR(audit::Append(txn, entry).status());
       }
       return absl::OkStatus();
     });

@@ -2251,14 +2251,17 @@ TEST_F(SharingTest, ListRecordsPagesNewestFirstAcrossRegions) {
     pqxx::row row = q.exec_params1(listings, Id("/tenant/acme/practitioner/p-4"));
     return row[0].is_null() ? std::string() : row[0].as<std::string>();
   };
-  EXPECT_EQ(reasons("fr-1"), "listed=1 scope=mine,listed=1 scope=mine");
-  EXPECT_EQ(reasons("de-1"), "listed=1 scope=mine");
-  EXPECT_EQ(reasons("eu-1"), "listed=1 scope=mine");
+  EXPECT_EQ(reasons("fr-1"), "LISTED: count=1 scope=mine,LISTED: count=1 scope=mine");
+  EXPECT_EQ(reasons("de-1"), "LISTED: count=1 scope=mine");
+  EXPECT_EQ(reasons("eu-1"), "LISTED: count=1 scope=mine");
+  // QueryAudit gives them a reason code like every other entry, the counts as its detail.
   const std::vector<v1::AuditEntry> fr_entries = PatientAudit(Place("list-fr-1", "FR"));
   EXPECT_EQ(std::count_if(fr_entries.begin(), fr_entries.end(),
                           [](const v1::AuditEntry& e) {
                             return e.object_type() == "record_list" &&
-                                   e.action() == v1::AUDIT_ACTION_READ;
+                                   e.action() == v1::AUDIT_ACTION_READ &&
+                                   e.reason() == "LISTED" &&
+                                   e.reason_detail() == "count=1 scope=mine";
                           }),
             2);
   auto reports = List(p4, v1::RECORD_SCOPE_MINE, "", 0, "", false, v1::RECORD_KIND_REPORT);
