@@ -47,6 +47,7 @@ using test_support::PgClusterSet;
 using test_support::TestCert;
 using test_support::TestPki;
 using ::testing::HasSubstr;
+using ::testing::StartsWith;
 
 constexpr absl::Duration kPatience = absl::Seconds(30);
 constexpr uint64_t kMiB = uint64_t{1} << 20;
@@ -1930,6 +1931,38 @@ TEST_F(SharingTest, BreakGlassIsOpsOnlyWithAReasonAndFlaggedInTheAudit) {
     EXPECT_THAT(e.reason_detail(), HasSubstr("bytes=4000"));
   }
   EXPECT_TRUE(found);
+}
+
+TEST_F(SharingTest, ABreakGlassReasonIsCutToFitTheAuditDetail) {
+  const std::string patient = Place("break-glass-2", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(20, 0, 4000);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  // The longest reason allowed, of two-byte characters after one ASCII byte: a cut at the
+  // detail's bound would land inside one.
+  std::string reason = "x";
+  while (reason.size() + 2 <= kMaxBreakGlassReasonBytes) reason += "\xc3\xa9";  // "é"
+  reason += "x";
+  ASSERT_EQ(reason.size(), kMaxBreakGlassReasonBytes);
+  Downloaded d = Download(pki_->ops(), record, reason);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+
+  int found = 0;
+  for (const v1::AuditEntry& e : PatientAudit(patient)) {
+    if (e.reason() != "BREAK_GLASS") continue;
+    ++found;
+    const std::string head = "bytes=4000 reason=";
+    ASSERT_THAT(e.reason_detail(), StartsWith(head));
+    EXPECT_LE(e.reason_detail().size(), 1024u);
+    // Only the reason's end is cut: at the bound, moved back to the start of the character that
+    // the bound splits.
+    const std::string kept = e.reason_detail().substr(head.size());
+    EXPECT_GE(kept.size(), 1024u - head.size() - 1);
+    EXPECT_EQ(kept, reason.substr(0, kept.size()));
+    EXPECT_NE(static_cast<unsigned char>(reason[kept.size()]) & 0xC0, 0x80);
+  }
+  EXPECT_EQ(found, 1);
 }
 
 // --- archive and erasure -----------------------------------------------------------------------
