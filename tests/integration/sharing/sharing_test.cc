@@ -603,6 +603,28 @@ class SharingTest : public ::testing::Test {
     txn.commit();
   }
 
+  // Sessions of `db` idle inside an upload's transaction, between two of its chunks.
+  static std::vector<int> IdleUploadSessions(const std::string& db) {
+    pqxx::connection c(Db(db).ConnectionString());
+    pqxx::nontransaction q(c);
+    std::vector<int> pids;
+    for (const pqxx::row& row :
+         q.exec("SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                "AND query LIKE 'INSERT INTO record_chunks%'")) {
+      pids.push_back(row[0].as<int>());
+    }
+    return pids;
+  }
+
+  // The state of session `pid` of `db` ("idle", "active", "idle in transaction"...); empty once
+  // the session has ended.
+  static std::string SessionState(const std::string& db, int pid) {
+    pqxx::connection c(Db(db).ConnectionString());
+    pqxx::nontransaction q(c);
+    pqxx::result rows = q.exec_params("SELECT state FROM pg_stat_activity WHERE pid = $1", pid);
+    return rows.empty() || rows[0][0].is_null() ? std::string() : rows[0][0].as<std::string>();
+  }
+
   // Rows that an upload creates, in every shard, patient keys included.
   static int64_t StoredRows() {
     int64_t total = 0;
@@ -976,7 +998,8 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
     EXPECT_THAT(status.error_message(), HasSubstr(c.mentions)) << c.name;
   }
 
-  // A client that goes away mid-upload.
+  // A client that goes away mid-upload: the server ends the upload's transaction and frees what
+  // it held.
   {
     grpc::ClientContext context;
     v1::UploadRecordResponse response;
@@ -994,10 +1017,30 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
     chunk.mutable_chunk()->set_data(Generate(5, 0, kMiB));
     ASSERT_TRUE(writer->Write(chunk));
     ASSERT_TRUE(writer->Write(chunk));
+    // Less than a storage chunk: the upload buffers it until more comes or the upload ends.
+    chunk.mutable_chunk()->set_data(Generate(5, 2 * kMiB, 1000));
+    ASSERT_TRUE(writer->Write(chunk));
+    // The upload holds its transaction open in fr-1, idle between chunks, and the piece.
+    int upload_pid = 0;
+    ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+      const std::vector<int> pids = IdleUploadSessions("fr-1");
+      if (pids.size() != 1 || sharing_->core().buffered_bytes() == 0) return false;
+      upload_pid = pids[0];
+      return true;
+    }));
     context.TryCancel();
     EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    // Released whenever the server notices: the session is back in the pool with its transaction
+    // ended. A transaction left open would keep it idle in transaction until the shard's own
+    // idle timeout ended the session, which then would be gone instead.
+    EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+      return SessionState("fr-1", upload_pid) == "idle" &&
+             sharing_->core().buffered_bytes() == 0;
+    })) << "session state '" << SessionState("fr-1", upload_pid) << "', "
+        << sharing_->core().buffered_bytes() << " bytes buffered";
+    EXPECT_TRUE(IdleUploadSessions("fr-1").empty());
   }
-  // Rolled back transactions leave no rows behind, whenever the server notices.
+  // None of these uploads stored anything.
   EXPECT_EQ(StoredRows(), before);
   EXPECT_TRUE(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient).empty());
 }
