@@ -215,6 +215,18 @@ absl::StatusOr<SecretKey> UnwrapPatientKey(crypto::KeyEncryptionKey& kek,
 
 // --- audit ------------------------------------------------------------------------------------
 
+// AuditEntry.reason_detail's bound (audit.proto): what follows "CODE: " in a stored reason.
+constexpr size_t kMaxReasonDetailBytes = 1024;
+
+// The longest start of `text` of at most `max_bytes`, never ending inside a UTF-8 character (an
+// API string must stay valid UTF-8).
+absl::string_view Utf8Prefix(absl::string_view text, size_t max_bytes) {
+  if (text.size() <= max_bytes) return text;
+  size_t end = max_bytes;
+  while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
+  return text.substr(0, end);
+}
+
 // Runs `statement` with `args` and then the audit entry, as MEDGATE_AUDIT_APPEND_FROM_n (sql.h)
 // takes it: the entry is chained by the shard in the same statement.
 template <typename... Args>
@@ -1242,11 +1254,10 @@ absl::Status SharingCore::AuditListing(const CallContext& ctx, ListScope scope,
     ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(region));
     absl::Status audited = pool->Transact([&](pqxx::work& txn) -> absl::Status {
       for (const auto& [who, count] : patients) {
-        RETURN_IF_ERROR(
-            audit::Append(txn, AuditEntryFor(ctx, audit::Action::kRead, "record_list", who.second,
-                                             who.first, who.second,
-                                             absl::StrCat("listed=", count, " scope=", scope_name)))
-                .status());
+        const audit::Entry entry =
+            AuditEntryFor(ctx, audit::Action::kRead, "record_list", who.second, who.first,
+                          who.second, absl::StrCat("LISTED: count=", count, " scope=", scope_name));
+        RETURN_IF_ERROR(audit::Append(txn, entry).status());
       }
       return absl::OkStatus();
     });
@@ -1301,7 +1312,11 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
         const std::string bytes = absl::StrCat("bytes=", record.size_bytes);
         std::vector<RecordInfo> one = {record};
         if (ops) {
-          entry.reason = absl::StrCat("BREAK_GLASS: ", bytes, " reason=", break_glass_reason);
+          // The ops reason may take the whole detail by itself: its end gives way to the size.
+          const std::string head = absl::StrCat(bytes, " reason=");
+          entry.reason =
+              absl::StrCat("BREAK_GLASS: ", head,
+                           Utf8Prefix(break_glass_reason, kMaxReasonDetailBytes - head.size()));
         } else if (record.owner == caller) {
           // The owner reads for the patient's care, while CARE permits them.
           ASSIGN_OR_RETURN(consent::AccessDecision care,

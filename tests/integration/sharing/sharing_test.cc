@@ -47,6 +47,7 @@ using test_support::PgClusterSet;
 using test_support::TestCert;
 using test_support::TestPki;
 using ::testing::HasSubstr;
+using ::testing::StartsWith;
 
 constexpr absl::Duration kPatience = absl::Seconds(30);
 constexpr uint64_t kMiB = uint64_t{1} << 20;
@@ -602,6 +603,28 @@ class SharingTest : public ::testing::Test {
     txn.commit();
   }
 
+  // Sessions of `db` idle inside an upload's transaction, between two of its chunks.
+  static std::vector<int> IdleUploadSessions(const std::string& db) {
+    pqxx::connection c(Db(db).ConnectionString());
+    pqxx::nontransaction q(c);
+    std::vector<int> pids;
+    for (const pqxx::row& row :
+         q.exec("SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                "AND query LIKE 'INSERT INTO record_chunks%'")) {
+      pids.push_back(row[0].as<int>());
+    }
+    return pids;
+  }
+
+  // The state of session `pid` of `db` ("idle", "active", "idle in transaction"...); empty once
+  // the session has ended.
+  static std::string SessionState(const std::string& db, int pid) {
+    pqxx::connection c(Db(db).ConnectionString());
+    pqxx::nontransaction q(c);
+    pqxx::result rows = q.exec_params("SELECT state FROM pg_stat_activity WHERE pid = $1", pid);
+    return rows.empty() || rows[0][0].is_null() ? std::string() : rows[0][0].as<std::string>();
+  }
+
   // Rows that an upload creates, in every shard, patient keys included.
   static int64_t StoredRows() {
     int64_t total = 0;
@@ -975,7 +998,8 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
     EXPECT_THAT(status.error_message(), HasSubstr(c.mentions)) << c.name;
   }
 
-  // A client that goes away mid-upload.
+  // A client that goes away mid-upload: the server ends the upload's transaction and frees what
+  // it held.
   {
     grpc::ClientContext context;
     v1::UploadRecordResponse response;
@@ -993,10 +1017,30 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
     chunk.mutable_chunk()->set_data(Generate(5, 0, kMiB));
     ASSERT_TRUE(writer->Write(chunk));
     ASSERT_TRUE(writer->Write(chunk));
+    // Less than a storage chunk: the upload buffers it until more comes or the upload ends.
+    chunk.mutable_chunk()->set_data(Generate(5, 2 * kMiB, 1000));
+    ASSERT_TRUE(writer->Write(chunk));
+    // The upload holds its transaction open in fr-1, idle between chunks, and the piece.
+    int upload_pid = 0;
+    ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+      const std::vector<int> pids = IdleUploadSessions("fr-1");
+      if (pids.size() != 1 || sharing_->core().buffered_bytes() == 0) return false;
+      upload_pid = pids[0];
+      return true;
+    }));
     context.TryCancel();
     EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    // Released whenever the server notices: the session is back in the pool with its transaction
+    // ended. A transaction left open would keep it idle in transaction until the shard's own
+    // idle timeout ended the session, which then would be gone instead.
+    EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+      return SessionState("fr-1", upload_pid) == "idle" &&
+             sharing_->core().buffered_bytes() == 0;
+    })) << "session state '" << SessionState("fr-1", upload_pid) << "', "
+        << sharing_->core().buffered_bytes() << " bytes buffered";
+    EXPECT_TRUE(IdleUploadSessions("fr-1").empty());
   }
-  // Rolled back transactions leave no rows behind, whenever the server notices.
+  // None of these uploads stored anything.
   EXPECT_EQ(StoredRows(), before);
   EXPECT_TRUE(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient).empty());
 }
@@ -1932,6 +1976,38 @@ TEST_F(SharingTest, BreakGlassIsOpsOnlyWithAReasonAndFlaggedInTheAudit) {
   EXPECT_TRUE(found);
 }
 
+TEST_F(SharingTest, ABreakGlassReasonIsCutToFitTheAuditDetail) {
+  const std::string patient = Place("break-glass-2", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(20, 0, 4000);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  // The longest reason allowed, of two-byte characters after one ASCII byte: a cut at the
+  // detail's bound would land inside one.
+  std::string reason = "x";
+  while (reason.size() + 2 <= kMaxBreakGlassReasonBytes) reason += "\xc3\xa9";  // "é"
+  reason += "x";
+  ASSERT_EQ(reason.size(), kMaxBreakGlassReasonBytes);
+  Downloaded d = Download(pki_->ops(), record, reason);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+
+  int found = 0;
+  for (const v1::AuditEntry& e : PatientAudit(patient)) {
+    if (e.reason() != "BREAK_GLASS") continue;
+    ++found;
+    const std::string head = "bytes=4000 reason=";
+    ASSERT_THAT(e.reason_detail(), StartsWith(head));
+    EXPECT_LE(e.reason_detail().size(), 1024u);
+    // Only the reason's end is cut: at the bound, moved back to the start of the character that
+    // the bound splits.
+    const std::string kept = e.reason_detail().substr(head.size());
+    EXPECT_GE(kept.size(), 1024u - head.size() - 1);
+    EXPECT_EQ(kept, reason.substr(0, kept.size()));
+    EXPECT_NE(static_cast<unsigned char>(reason[kept.size()]) & 0xC0, 0x80);
+  }
+  EXPECT_EQ(found, 1);
+}
+
 // --- archive and erasure -----------------------------------------------------------------------
 
 TEST_F(SharingTest, ErasureCryptoShredsTheRecordWhileTheChainVerifies) {
@@ -2251,14 +2327,17 @@ TEST_F(SharingTest, ListRecordsPagesNewestFirstAcrossRegions) {
     pqxx::row row = q.exec_params1(listings, Id("/tenant/acme/practitioner/p-4"));
     return row[0].is_null() ? std::string() : row[0].as<std::string>();
   };
-  EXPECT_EQ(reasons("fr-1"), "listed=1 scope=mine,listed=1 scope=mine");
-  EXPECT_EQ(reasons("de-1"), "listed=1 scope=mine");
-  EXPECT_EQ(reasons("eu-1"), "listed=1 scope=mine");
+  EXPECT_EQ(reasons("fr-1"), "LISTED: count=1 scope=mine,LISTED: count=1 scope=mine");
+  EXPECT_EQ(reasons("de-1"), "LISTED: count=1 scope=mine");
+  EXPECT_EQ(reasons("eu-1"), "LISTED: count=1 scope=mine");
+  // QueryAudit gives them a reason code like every other entry, the counts as its detail.
   const std::vector<v1::AuditEntry> fr_entries = PatientAudit(Place("list-fr-1", "FR"));
   EXPECT_EQ(std::count_if(fr_entries.begin(), fr_entries.end(),
                           [](const v1::AuditEntry& e) {
                             return e.object_type() == "record_list" &&
-                                   e.action() == v1::AUDIT_ACTION_READ;
+                                   e.action() == v1::AUDIT_ACTION_READ &&
+                                   e.reason() == "LISTED" &&
+                                   e.reason_detail() == "count=1 scope=mine";
                           }),
             2);
   auto reports = List(p4, v1::RECORD_SCOPE_MINE, "", 0, "", false, v1::RECORD_KIND_REPORT);
