@@ -472,7 +472,7 @@ absl::StatusOr<ListResult> ConsentCore::List(const CallContext& ctx, const ListR
     entry.object_id = patient.patient_id;
     entry.patient_id = patient.patient_id;
     entry.decision = audit::Decision::kPermit;
-    entry.reason = absl::StrCat("listed=", result.consents.size(),
+    entry.reason = absl::StrCat("LISTED: count=", result.consents.size(),
                                 request.include_history ? " with_history" : "",
                                 filter ? absl::StrCat(" purpose=", PurposeName(*filter)) : "");
     entry.request_id = ctx.request_id;

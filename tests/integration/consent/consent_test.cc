@@ -1117,7 +1117,7 @@ TEST_F(ConsentTest, EveryGrantAndRevocationIsAuditedInTheHomeShardChain) {
     EXPECT_EQ(reads[0][1].as<std::string>(), "acme");
     EXPECT_EQ(reads[0][2].as<std::string>(), "read");
     EXPECT_EQ(reads[0][3].as<std::string>(), patient);
-    EXPECT_EQ(reads[0][4].as<std::string>(), "listed=1 with_history purpose=CARE");
+    EXPECT_EQ(reads[0][4].as<std::string>(), "LISTED: count=1 with_history purpose=CARE");
     EXPECT_EQ(reads[0][5].as<std::string>(), "permit");
   }
   for (auto* region : clusters_->regions()) {
