@@ -137,8 +137,9 @@ absl::Status BatchBuffer::Rewrite() {
   acked_since_rewrite_ = 0;
   // The rename is durable only with its directory: a power loss could otherwise bring back the
   // old file, without what is appended to the new one from now on.
-  std::string dir = std::filesystem::path(path_).parent_path().string();
-  if (dir.empty()) dir = ".";
+  std::filesystem::path parent = std::filesystem::path(path_).parent_path();
+  if (parent.empty()) parent = std::filesystem::path(".");
+  const std::string dir = parent.string();
   const int dir_fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir_fd < 0 || fsync(dir_fd) != 0) {
     const int error = errno;
