@@ -55,6 +55,11 @@ absl::Status ServiceServer::Start() {
   // Clients' keepalive pings (devices': every 60 s on an idle stream) are not abuse: gRPC's
   // default would count pings under 5 minutes apart and close the connection after two.
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 30'000);
+  // A client that vanished without closing its connection (a device behind a NAT that dropped
+  // it) would keep its streams, and what they hold, for good: a ping after 5 minutes of silence,
+  // unanswered for 20 s, closes the connection.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 5 * 60'000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20'000);
   for (grpc::Service* service : services_) builder.RegisterService(service);
   server_ = builder.BuildAndStart();
   if (!server_ || port_ == 0) {
