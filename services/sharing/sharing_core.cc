@@ -306,9 +306,11 @@ absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::str
 // Nothing is visible before Finish() commits.
 class PgUpload final : public Upload {
  public:
+  // `lease` is the upload's connection when it spans several chunks (taken at its start); a
+  // one-chunk upload takes one from `upload_pool` only when it stores, so a slow client holds none.
   PgUpload(SharingCore& core, CallContext ctx, UploadHeader header, PatientHome home,
-           consent::AccessDecision care, pg::Lease lease, crypto::KeyEncryptionKey& kek,
-           PatientKeyCache& keys)
+           consent::AccessDecision care, pg::Pool& upload_pool, std::optional<pg::Lease> lease,
+           crypto::KeyEncryptionKey& kek, PatientKeyCache& keys)
       : core_(core),
         ctx_(std::move(ctx)),
         care_(std::move(care)),
@@ -318,6 +320,7 @@ class PgUpload final : public Upload {
         keys_(keys),
         record_key_(SecretKey::Random()),
         record_id_(NewId(home_.region_id, "r")),
+        upload_pool_(upload_pool),
         lease_(std::move(lease)) {}
 
   ~PgUpload() override {
@@ -414,9 +417,19 @@ class PgUpload final : public Upload {
                       absl::StrCat("PERMITTED: bytes=", header_.size_bytes, " chunks=",
                                    next_index_));
     CiteConsent(entry, care_, consent::Purpose::kCare);
+    if (!lease_) {
+      absl::StatusOr<pg::Lease> lease = upload_pool_.Acquire();
+      if (!lease.ok()) {
+        if (lease.status().code() != absl::StatusCode::kResourceExhausted) return lease.status();
+        return absl::ResourceExhaustedError(
+            absl::StrCat("too many uploads storing in region ", home_.region_id,
+                         "; nothing was stored, upload again later"));
+      }
+      lease_.emplace(*std::move(lease));
+    }
     try {
       if (core_.QuotaOf(home_.tenant_id) > 0) {
-        if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_.connection());
+        if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_->connection());
         // Serializes the tenant's commits in this region so concurrent uploads cannot overshoot
         // the quota together.
         txn_->exec_prepared(sql::kLockTenantUsage, home_.tenant_id);
@@ -432,7 +445,7 @@ class PgUpload final : public Upload {
         if (txn_ != nullptr) {
           stored = StoreRecord(*txn_, *key, now, entry);
         } else {
-          pqxx::nontransaction alone(lease_.connection());
+          pqxx::nontransaction alone(lease_->connection());
           try {
             stored = StoreRecord(alone, *key, now, entry);
           } catch (const pqxx::broken_connection&) {
@@ -450,7 +463,7 @@ class PgUpload final : public Upload {
       }
       // Otherwise the key is read, or created for the patient's first record, in the record's
       // own transaction: a failed upload leaves no key behind.
-      if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_.connection());
+      if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_->connection());
       ASSIGN_OR_RETURN(PatientKey current, ReadOrCreatePatientKey(*txn_, now));
       ASSIGN_OR_RETURN(bool stored, StoreRecord(*txn_, current, now, entry));
       if (!stored) {
@@ -560,7 +573,7 @@ class PgUpload final : public Upload {
 
   absl::Status Open(absl::Duration idle_timeout) {
     try {
-      txn_ = std::make_unique<pqxx::work>(lease_.connection());
+      txn_ = std::make_unique<pqxx::work>(lease_->connection());
       txn_->exec_prepared(sql::kSetUploadIdleTimeout,
                           std::to_string(absl::ToInt64Milliseconds(idle_timeout)));
       return absl::OkStatus();
@@ -602,7 +615,7 @@ class PgUpload final : public Upload {
 
   absl::Status Fail(absl::Status status) {
     if (status.ok()) return status;
-    if (status.code() == absl::StatusCode::kUnavailable) lease_.MarkBroken();
+    if (status.code() == absl::StatusCode::kUnavailable && lease_) lease_->MarkBroken();
     if (failed_.ok()) failed_ = status;
     return status;
   }
@@ -616,7 +629,9 @@ class PgUpload final : public Upload {
   PatientKeyCache& keys_;
   const SecretKey record_key_;
   const std::string record_id_;
-  pg::Lease lease_;  // declared before txn_: the transaction ends before the connection returns
+  pg::Pool& upload_pool_;
+  // Declared before txn_: the transaction ends before the connection returns.
+  std::optional<pg::Lease> lease_;
   std::unique_ptr<pqxx::work> txn_;  // the writer's until it stops, then the caller's
   crypto::Sha256 hasher_;
   std::string pending_;
@@ -950,14 +965,22 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
     RETURN_IF_ERROR(CheckQuota(home->tenant_id, home->region_id, used, header.size_bytes));
   }
 
-  absl::StatusOr<pg::Lease> lease = upload_pool->Acquire();
-  if (!lease.ok()) {
-    if (lease.status().code() != absl::StatusCode::kResourceExhausted) return lease.status();
-    return absl::ResourceExhaustedError(
-        absl::StrCat("too many uploads in progress to region ", home->region_id, "; retry later"));
+  // An upload of several chunks writes them as they come, in a transaction of its own: it holds
+  // a connection from its start. One of a single chunk needs one only to store it.
+  std::optional<pg::Lease> lease;
+  if (header.size_bytes > crypto::kMaxChunkBytes) {
+    absl::StatusOr<pg::Lease> acquired = upload_pool->Acquire();
+    if (!acquired.ok()) {
+      if (acquired.status().code() != absl::StatusCode::kResourceExhausted) {
+        return acquired.status();
+      }
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "too many uploads in progress to region ", home->region_id, "; retry later"));
+    }
+    lease.emplace(*std::move(acquired));
   }
   auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, std::move(care),
-                                           *std::move(lease), kek_, patient_keys_);
+                                           *upload_pool, std::move(lease), kek_, patient_keys_);
   upload->Begin(options_.upload_idle_timeout);
   return std::unique_ptr<Upload>(std::move(upload));
 }

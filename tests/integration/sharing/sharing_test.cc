@@ -1116,6 +1116,47 @@ TEST_F(SharingTest, FailedUploadsLeaveNoPatientKeyAndFirstUploadsShareOne) {
   }
 }
 
+// A one-chunk upload takes a connection only to store its record: with one upload connection to
+// the region, a client still sending does not keep another's upload from being stored.
+TEST_F(SharingTest, AOneChunkUploadHoldsNoConnectionWhileItIsSent) {
+  std::unique_ptr<MedgateConfig> config =
+      ConfigWith("acquire_timeout_ms: 1000}}", "acquire_timeout_ms: 1000, pool_size: 1}}");
+  auto server = SharingServer::Create(*config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  const int port = (*server)->port();
+  const std::string patient = Place("one-connection-1", "FR");
+  UploadSpec slow;
+  slow.patient_id = patient;
+  slow.content = Generate(91, 0, 2000);
+  slow.chunk_bytes = 1000;
+  grpc::Status other_status;
+  v1::UploadRecordResponse other_response;
+  slow.before_chunk = [&](uint64_t offset) {
+    if (offset != 1000) return;
+    // The slow upload has started (its first piece is held in memory): another one now.
+    ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                          [&] { return (*server)->core().buffered_bytes() >= 1000; }));
+    UploadSpec other;
+    other.patient_id = patient;
+    other.content = "stored while the other is still being sent";
+    other_status = Upload(pki_->practitioner(), other, &other_response, port);
+  };
+  v1::UploadRecordResponse slow_response;
+  grpc::Status slow_status = Upload(pki_->practitioner(), slow, &slow_response, port);
+  EXPECT_TRUE(other_status.ok()) << other_status.error_message();
+  EXPECT_TRUE(slow_status.ok()) << slow_status.error_message();
+  (*server)->Shutdown();
+  for (const auto& [record, content] :
+       {std::make_pair(other_response.record_id(),
+                       std::string("stored while the other is still being sent")),
+        std::make_pair(slow_response.record_id(), slow.content)}) {
+    Downloaded d = Download(pki_->practitioner(), record);
+    ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+    EXPECT_EQ(d.content, content);
+  }
+}
+
 // A client that opens an upload and stops sending: the server ends the stream after the idle
 // timeout, saying so, and keeps nothing of it.
 TEST_F(SharingTest, IdleUploadsEndWithDeadlineExceededAndStoreNothing) {
