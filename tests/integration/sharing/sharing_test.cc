@@ -492,6 +492,20 @@ class SharingTest : public ::testing::Test {
     return response;
   }
 
+  // ShareRecord, asked again until it succeeds (the consent just recorded reaches the sharing
+  // service's cache within moments); the last answer.
+  static absl::StatusOr<v1::ShareRecordResponse> ShareOnceConsented(const TestCert& as,
+                                                                    const std::string& record_id,
+                                                                    const std::string& grantee,
+                                                                    absl::Time expires_at) {
+    absl::StatusOr<v1::ShareRecordResponse> shared;
+    PollUntil(absl::Now() + kPatience, [&] {
+      shared = Share(as, record_id, grantee, expires_at);
+      return shared.ok();
+    });
+    return shared;
+  }
+
   static std::vector<std::string> ListedIds(const TestCert& as, v1::RecordScope scope,
                                             const std::string& patient_id = "") {
     std::vector<std::string> ids;
@@ -1294,11 +1308,9 @@ TEST_F(SharingTest, SharingNeedsConsentAndGrantsAreRevokedAndExpire) {
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM share_grants WHERE record_id = $1", record), 0);
 
   GrantSharingConsent(patient);
-  absl::StatusOr<v1::ShareRecordResponse> shared;
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    shared = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
-    return shared.ok();
-  })) << shared.status();
+  absl::StatusOr<v1::ShareRecordResponse> shared =
+      ShareOnceConsented(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(shared.ok()) << shared.status();
   Downloaded d = Download(p2, record);
   ASSERT_TRUE(d.status.ok()) << d.status.error_message();
   EXPECT_EQ(d.content, spec.content);
@@ -1392,11 +1404,9 @@ TEST_F(SharingTest, AConsentNarrowedToOnePractitionerLetsOnlyThemShare) {
   spec.patient_id = patient;
   spec.content = Generate(41, 0, 4000);
   const std::string record = UploadOk(pki_->practitioner(), spec);
-  absl::StatusOr<v1::ShareRecordResponse> to_p2;
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    to_p2 = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
-    return to_p2.ok();
-  })) << to_p2.status();
+  absl::StatusOr<v1::ShareRecordResponse> to_p2 =
+      ShareOnceConsented(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(to_p2.ok()) << to_p2.status();
   Downloaded d = Download(Cert("acme-p2"), record);
   ASSERT_TRUE(d.status.ok()) << d.status.error_message();
   EXPECT_EQ(d.content, spec.content);
@@ -1417,11 +1427,9 @@ TEST_F(SharingTest, RevokedConsentStopsGranteeReads) {
   spec.patient_id = patient;
   spec.content = "a short report";
   const std::string record = UploadOk(pki_->practitioner(), spec);
-  absl::StatusOr<v1::ShareRecordResponse> shared;
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    shared = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
-    return shared.ok();
-  })) << shared.status();
+  absl::StatusOr<v1::ShareRecordResponse> shared =
+      ShareOnceConsented(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(shared.ok()) << shared.status();
   ASSERT_TRUE(Download(Cert("acme-p2"), record).status.ok());
   WithdrawConsent(consent_id);
   Downloaded denied;
@@ -1444,11 +1452,9 @@ TEST_F(SharingTest, AHeldGrantIsOnlyExtendedAndOnlyByItsOwnerOrSharer) {
   spec.content = "extended";
   const std::string record = UploadOk(pki_->practitioner(), spec);
   const absl::Time now = ServerNow();
-  absl::StatusOr<v1::ShareRecordResponse> to_p3;
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    to_p3 = Share(pki_->practitioner(), record, P3(), now + absl::Hours(24 * 30));
-    return to_p3.ok();
-  })) << to_p3.status();
+  absl::StatusOr<v1::ShareRecordResponse> to_p3 =
+      ShareOnceConsented(pki_->practitioner(), record, P3(), now + absl::Hours(24 * 30));
+  ASSERT_TRUE(to_p3.ok()) << to_p3.status();
   ASSERT_TRUE(Share(pki_->practitioner(), record, P2(), now + absl::Hours(24)).ok());
   auto cut_short = Share(Cert("acme-p2"), record, P3(), now + absl::Hours(1));
   EXPECT_EQ(cut_short.status().code(), absl::StatusCode::kFailedPrecondition);
@@ -1491,11 +1497,9 @@ TEST_F(SharingTest, ListingsShowOnlyWhatTheCallerMayRead) {
     spec.patient_id = i % 2 == 0 ? hidden_patient : shown_patient;
     spec.content = absl::StrCat("report ", i);
     const std::string record = UploadOk(pki_->practitioner(), spec);
-    absl::StatusOr<v1::ShareRecordResponse> shared;
-    ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-      shared = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
-      return shared.ok();
-    })) << shared.status();
+    absl::StatusOr<v1::ShareRecordResponse> shared =
+        ShareOnceConsented(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+    ASSERT_TRUE(shared.ok()) << shared.status();
     (i % 2 == 0 ? hidden : shown).push_back(record);
   }
   auto all_pages = [&](const TestCert& as, v1::RecordScope scope, const std::string& patient) {
@@ -1569,12 +1573,10 @@ TEST_F(SharingTest, ASuspendedTenantsGranteesAreRefused) {
   spec.patient_id = patient;
   spec.content = Generate(29, 0, 5000);
   const std::string record = UploadOk(pki_->practitioner(), spec);
-  absl::StatusOr<v1::ShareRecordResponse> shared;
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    shared = Share(pki_->practitioner(), record, Id("/tenant/pausable/practitioner/q-1"),
-                   ServerNow() + absl::Hours(1));
-    return shared.ok();
-  })) << shared.status();
+  absl::StatusOr<v1::ShareRecordResponse> shared =
+      ShareOnceConsented(pki_->practitioner(), record, Id("/tenant/pausable/practitioner/q-1"),
+                         ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(shared.ok()) << shared.status();
   ASSERT_TRUE(Download(*grantee, record).status.ok());
 
   ASSERT_TRUE(upsert(false).ok());
@@ -1620,11 +1622,9 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
   const std::string umbrella = Id("/tenant/umbrella/practitioner/u-1");
 
   // LU data is readable from DE (initech serves DE) but not from US (umbrella).
-  absl::StatusOr<v1::ShareRecordResponse> shared;
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    shared = Share(pki_->practitioner(), record, initech, ServerNow() + absl::Hours(1));
-    return shared.ok();
-  })) << shared.status();
+  absl::StatusOr<v1::ShareRecordResponse> shared =
+      ShareOnceConsented(pki_->practitioner(), record, initech, ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(shared.ok()) << shared.status();
   Downloaded d = Download(Cert("initech-p"), record);
   ASSERT_TRUE(d.status.ok()) << d.status.error_message();
   EXPECT_EQ(d.content, spec.content);
@@ -1664,11 +1664,9 @@ TEST_F(SharingTest, CrossTenantMatrixHasZeroSuccesses) {
   spec.patient_id = patient;
   spec.content = "acme's record";
   const std::string record = UploadOk(pki_->practitioner(), spec);
-  absl::StatusOr<v1::ShareRecordResponse> grant;
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    grant = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
-    return grant.ok();
-  }));
+  absl::StatusOr<v1::ShareRecordResponse> grant =
+      ShareOnceConsented(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(grant.ok()) << grant.status();
   const int64_t grants_before = Count("fr-1", "SELECT count(*) FROM share_grants");
   const int64_t rows_before = StoredRows();
 
@@ -2101,11 +2099,9 @@ TEST_F(SharingTest, ArchivedRecordsResistErasureUntilRetentionEnd) {
   spec.patient_id = patient;
   spec.content = "an old discharge summary";
   const std::string record = UploadOk(pki_->practitioner(), spec);
-  absl::StatusOr<v1::ShareRecordResponse> shared;
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    shared = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(48));
-    return shared.ok();
-  }));
+  absl::StatusOr<v1::ShareRecordResponse> shared =
+      ShareOnceConsented(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(48));
+  ASSERT_TRUE(shared.ok()) << shared.status();
 
   EXPECT_EQ(Archive(Cert("acme-p2"), record, ServerNow() + absl::Hours(24)).status().code(),
             absl::StatusCode::kPermissionDenied);
@@ -2558,11 +2554,9 @@ TEST_F(SharingTest, QueryAuditAnswersWhoAccessedThePatientsData) {
   spec.patient_id = patient;
   spec.content = Generate(31, 0, 12345);
   const std::string record = UploadOk(pki_->practitioner(), spec);
-  absl::StatusOr<v1::ShareRecordResponse> shared;
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    shared = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
-    return shared.ok();
-  }));
+  absl::StatusOr<v1::ShareRecordResponse> shared =
+      ShareOnceConsented(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(shared.ok()) << shared.status();
   ASSERT_TRUE(Download(Cert("acme-p2"), record).status.ok());
 
   std::vector<v1::AuditEntry> entries = PatientAudit(patient);
