@@ -138,6 +138,10 @@ struct SharingOptions {
   // Longest wait for an upload's next message before the upload ends (DEADLINE_EXCEEDED; the
   // shard drops a transaction left idle a little later still).
   absl::Duration upload_idle_timeout = absl::Seconds(30);
+  // Once an upload has run longer than upload_idle_timeout, it must have averaged at least this
+  // rate, or it ends (DEADLINE_EXCEEDED): a client trickling bytes cannot hold its connection and
+  // transaction for good.
+  int64_t upload_min_bytes_per_second = 16 * 1024;
   // Unwrapped patient keys kept for uploads: at most this many, each at most this long.
   size_t patient_key_cache_entries = 4096;
   absl::Duration patient_key_cache_max_age = absl::Minutes(1);
@@ -199,6 +203,7 @@ class SharingCore {
 
   absl::Time Now() const { return options_.clock(); }
   absl::Duration upload_idle_timeout() const { return options_.upload_idle_timeout; }
+  int64_t upload_min_bytes_per_second() const { return options_.upload_min_bytes_per_second; }
 
   // For uploads and downloads in progress: accounts bytes they hold, checks the tenant's quota,
   // and hashes beside encrypting when a core is idle.

@@ -43,6 +43,7 @@ struct SharingSettings {
   int64_t tenant_quota_bytes = 0;
   std::map<std::string, int64_t> tenant_quotas;
   absl::Duration upload_idle_timeout = absl::Seconds(30);
+  int64_t upload_min_bytes_per_second = 16 * 1024;
   absl::Duration retention_sweep_interval = absl::Seconds(60);
 };
 

@@ -202,10 +202,27 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
   header.sha256 = in.sha256();
   absl::StatusOr<std::unique_ptr<Upload>> upload = core_.StartUpload(*ctx, header);
   if (!upload.ok()) return ToGrpcStatus(upload.status());
+  const absl::Time started = absl::Now();
+  const absl::Duration grace = core_.upload_idle_timeout();
+  const int64_t min_rate = core_.upload_min_bytes_per_second();
+  uint64_t received = 0;
   while (read(&message)) {
     if (!message.has_chunk()) {
       return ToGrpcStatus(absl::InvalidArgumentError(
           "after the header every message must be a chunk; nothing was stored"));
+    }
+    received += message.chunk().data().size();
+    const absl::Duration elapsed = absl::Now() - started;
+    if (elapsed > grace && static_cast<double>(received) <
+                               static_cast<double>(min_rate) * absl::ToDoubleSeconds(elapsed)) {
+      log::Warning("upload_too_slow", {{"method", "UploadRecord"}, {"bytes", received}});
+      return grpc::Status(
+          grpc::StatusCode::DEADLINE_EXCEEDED,
+          absl::StrCat("the upload averaged ",
+                       static_cast<int64_t>(static_cast<double>(received) /
+                                            absl::ToDoubleSeconds(elapsed)),
+                       " bytes/s, under the minimum of ", min_rate,
+                       " (sharing.upload_min_bytes_per_second); nothing was stored"));
     }
     if (absl::Status s = (*upload)->Write(message.chunk().data()); !s.ok()) {
       return ToGrpcStatus(s);

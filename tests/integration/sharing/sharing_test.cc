@@ -1171,6 +1171,39 @@ TEST_F(SharingTest, AOneChunkUploadHoldsNoConnectionWhileItIsSent) {
   }
 }
 
+// A client that keeps sending, but too little to matter, is not let hold its upload for good:
+// past the idle timeout the upload must average the minimum rate, or it ends and stores nothing.
+TEST_F(SharingTest, AnUploadTricklingUnderTheMinimumRateEndsAndStoresNothing) {
+  std::unique_ptr<MedgateConfig> config =
+      ConfigWith("retention_sweep_seconds: 86400",
+                 "retention_sweep_seconds: 86400\n  upload_idle_timeout_seconds: 1\n"
+                 "  upload_min_bytes_per_second: 100000");
+  auto server = SharingServer::Create(*config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  const std::string patient = Place("trickle-1", "FR");
+  auto records = [&] {
+    return Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient);
+  };
+  UploadSpec trickle;
+  trickle.patient_id = patient;
+  trickle.content = Generate(93, 0, 20000);
+  trickle.chunk_bytes = 1000;
+  // A piece every 300 ms: never idle for the 1 s the server allows, but about 3 KB/s.
+  trickle.before_chunk = [](uint64_t) { absl::SleepFor(absl::Milliseconds(300)); };
+  grpc::Status status = Upload(pki_->practitioner(), trickle, nullptr, (*server)->port());
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("under the minimum of 100000"));
+  EXPECT_THAT(status.error_message(), HasSubstr("nothing was stored"));
+  EXPECT_EQ(records(), 0);
+  // The same record at full speed is stored.
+  UploadSpec quick = trickle;
+  quick.before_chunk = nullptr;
+  EXPECT_TRUE(Upload(pki_->practitioner(), quick, nullptr, (*server)->port()).ok());
+  (*server)->Shutdown();
+  EXPECT_EQ(records(), 1);
+}
+
 // A client that opens an upload and stops sending: the server ends the stream after the idle
 // timeout, saying so, and keeps nothing of it.
 TEST_F(SharingTest, IdleUploadsEndWithDeadlineExceededAndStoreNothing) {
