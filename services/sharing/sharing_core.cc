@@ -304,14 +304,27 @@ absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::str
 // encrypting the next chunk overlap with the database storing this one (at most one sealed chunk
 // waits while another is being inserted); Finish() stores the last chunk with the record.
 // Nothing is visible before Finish() commits.
+// One upload's place among its tenant's uploads to a region; given back when destroyed.
+class UploadSlot {
+ public:
+  explicit UploadSlot(std::function<void()> release) : release_(std::move(release)) {}
+  ~UploadSlot() { release_(); }
+  UploadSlot(const UploadSlot&) = delete;
+  UploadSlot& operator=(const UploadSlot&) = delete;
+
+ private:
+  std::function<void()> release_;
+};
+
 class PgUpload final : public Upload {
  public:
   // `lease` is the upload's connection when it spans several chunks (taken at its start); a
   // one-chunk upload takes one from `upload_pool` only when it stores, so a slow client holds none.
   PgUpload(SharingCore& core, CallContext ctx, UploadHeader header, PatientHome home,
            consent::AccessDecision care, pg::Pool& upload_pool, std::optional<pg::Lease> lease,
-           crypto::KeyEncryptionKey& kek, PatientKeyCache& keys)
-      : core_(core),
+           crypto::KeyEncryptionKey& kek, PatientKeyCache& keys, std::unique_ptr<UploadSlot> slot)
+      : slot_(std::move(slot)),
+        core_(core),
         ctx_(std::move(ctx)),
         care_(std::move(care)),
         header_(std::move(header)),
@@ -620,6 +633,7 @@ class PgUpload final : public Upload {
     return status;
   }
 
+  std::unique_ptr<UploadSlot> slot_;  // first: given back after everything else is let go
   SharingCore& core_;
   const CallContext ctx_;
   const consent::AccessDecision care_;  // the CARE decision the upload was let in on
@@ -965,6 +979,23 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
     RETURN_IF_ERROR(CheckQuota(home->tenant_id, home->region_id, used, header.size_bytes));
   }
 
+  // A tenant's uploads to a region are bounded: the region's upload connections are everyone's.
+  const std::pair<std::string, std::string> slot_key{home->tenant_id, home->region_id};
+  {
+    std::lock_guard<std::mutex> lock(uploads_mu_);
+    int& in_progress = uploads_in_progress_[slot_key];
+    if (in_progress >= options_.max_uploads_per_tenant) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "tenant '", home->tenant_id, "' already has ", options_.max_uploads_per_tenant,
+          " uploads in progress to region ", home->region_id,
+          " (sharing.max_uploads_per_tenant); retry when one ends"));
+    }
+    ++in_progress;
+  }
+  auto slot = std::make_unique<UploadSlot>([this, slot_key] {
+    std::lock_guard<std::mutex> lock(uploads_mu_);
+    if (--uploads_in_progress_[slot_key] == 0) uploads_in_progress_.erase(slot_key);
+  });
   // An upload of several chunks writes them as they come, in a transaction of its own: it holds
   // a connection from its start. One of a single chunk needs one only to store it.
   std::optional<pg::Lease> lease;
@@ -980,7 +1011,8 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
     lease.emplace(*std::move(acquired));
   }
   auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, std::move(care),
-                                           *upload_pool, std::move(lease), kek_, patient_keys_);
+                                           *upload_pool, std::move(lease), kek_, patient_keys_,
+                                           std::move(slot));
   upload->Begin(options_.upload_idle_timeout);
   return std::unique_ptr<Upload>(std::move(upload));
 }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <memory>
 #include <optional>
 #include <string>
@@ -142,6 +143,9 @@ struct SharingOptions {
   // rate, or it ends (DEADLINE_EXCEEDED): a client trickling bytes cannot hold its connection and
   // transaction for good.
   int64_t upload_min_bytes_per_second = 16 * 1024;
+  // Uploads one tenant may have in progress to one region at once: the region's upload
+  // connections are shared by every tenant, and one tenant must not take them all.
+  int max_uploads_per_tenant = 4;
   // Unwrapped patient keys kept for uploads: at most this many, each at most this long.
   size_t patient_key_cache_entries = 4096;
   absl::Duration patient_key_cache_max_age = absl::Minutes(1);
@@ -248,6 +252,9 @@ class SharingCore {
   PatientKeyCache patient_keys_;
   SpareThreads spare_threads_;
   std::atomic<int64_t> buffered_{0};
+  // Uploads in progress, by tenant and region (StartUpload to the upload's end).
+  std::mutex uploads_mu_;
+  std::map<std::pair<std::string, std::string>, int> uploads_in_progress_;
   std::atomic<int64_t> peak_buffered_{0};
 };
 

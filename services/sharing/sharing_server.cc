@@ -18,6 +18,7 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
   ASSIGN_OR_RETURN(ConfigNode node, config.root.Child("sharing"));
   RETURN_IF_ERROR(node.OnlyKeys({"kek_file", "kek_env", "tenant_quota_bytes", "tenant_quotas",
                                  "upload_idle_timeout_seconds", "upload_min_bytes_per_second",
+                                 "max_uploads_per_tenant",
                                  "retention_sweep_seconds"}));
   SharingSettings settings;
   ASSIGN_OR_RETURN(settings.kek_file, node.String("kek_file", ""));
@@ -36,6 +37,8 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
   }
   ASSIGN_OR_RETURN(int64_t idle, node.Int("upload_idle_timeout_seconds", 1, 3600, 30));
   settings.upload_idle_timeout = absl::Seconds(idle);
+  ASSIGN_OR_RETURN(int64_t per_tenant, node.Int("max_uploads_per_tenant", 1, 10000, 4));
+  settings.max_uploads_per_tenant = static_cast<int>(per_tenant);
   ASSIGN_OR_RETURN(settings.upload_min_bytes_per_second,
                    node.Int("upload_min_bytes_per_second", 1, int64_t{1} << 30, 16 * 1024));
   ASSIGN_OR_RETURN(int64_t sweep, node.Int("retention_sweep_seconds", 1, 86400, 60));
@@ -96,6 +99,7 @@ SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settin
   core_options.tenant_quota_bytes = settings_.tenant_quotas;
   core_options.upload_idle_timeout = settings_.upload_idle_timeout;
   core_options.upload_min_bytes_per_second = settings_.upload_min_bytes_per_second;
+  core_options.max_uploads_per_tenant = settings_.max_uploads_per_tenant;
   core_options.service_identity =
       absl::StrCat("spiffe://", config.trust_domain, "/service/sharing");
   core_options.trust_domain = config.trust_domain;

@@ -44,6 +44,7 @@ struct SharingSettings {
   std::map<std::string, int64_t> tenant_quotas;
   absl::Duration upload_idle_timeout = absl::Seconds(30);
   int64_t upload_min_bytes_per_second = 16 * 1024;
+  int max_uploads_per_tenant = 4;
   absl::Duration retention_sweep_interval = absl::Seconds(60);
 };
 

@@ -1204,6 +1204,39 @@ TEST_F(SharingTest, AnUploadTricklingUnderTheMinimumRateEndsAndStoresNothing) {
   EXPECT_EQ(records(), 1);
 }
 
+// A tenant's uploads to a region are bounded (sharing.max_uploads_per_tenant): one more is refused
+// retryably while they run, and let in once one ends.
+TEST_F(SharingTest, ATenantsUploadsInProgressAreBounded) {
+  std::unique_ptr<MedgateConfig> config =
+      ConfigWith("retention_sweep_seconds: 86400",
+                 "retention_sweep_seconds: 86400\n  max_uploads_per_tenant: 1");
+  auto server = SharingServer::Create(*config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  const int port = (*server)->port();
+  const std::string patient = Place("per-tenant-1", "FR");
+  UploadSpec running;
+  running.patient_id = patient;
+  running.content = Generate(95, 0, 2000);
+  running.chunk_bytes = 1000;
+  UploadSpec another;
+  another.patient_id = patient;
+  another.content = "one upload too many";
+  grpc::Status refused;
+  running.before_chunk = [&](uint64_t offset) {
+    if (offset != 1000) return;
+    ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                          [&] { return (*server)->core().buffered_bytes() >= 1000; }));
+    refused = Upload(Cert("acme-p2"), another, nullptr, port);
+  };
+  EXPECT_TRUE(Upload(pki_->practitioner(), running, nullptr, port).ok());
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), HasSubstr("sharing.max_uploads_per_tenant"));
+  EXPECT_TRUE(Upload(Cert("acme-p2"), another, nullptr, port).ok());
+  (*server)->Shutdown();
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 2);
+}
+
 // A client that opens an upload and stops sending: the server ends the stream after the idle
 // timeout, saying so, and keeps nothing of it.
 TEST_F(SharingTest, IdleUploadsEndWithDeadlineExceededAndStoreNothing) {
