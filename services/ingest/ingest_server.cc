@@ -108,54 +108,35 @@ IngestServer::IngestServer(const MedgateConfig& config, IngestSettings settings)
 }
 
 IngestServer::~IngestServer() {
-  StopPartitionKeeper();
+  if (partition_keeper_) partition_keeper_->Stop();
   // Stop accepting streams first, then the writers (which answer what they still hold).
   server_->Shutdown();
   writers_.clear();
 }
 
 void IngestServer::Shutdown() {
-  StopPartitionKeeper();
+  if (partition_keeper_) partition_keeper_->Stop();
   server_->Shutdown();
 }
 
-void IngestServer::StopPartitionKeeper() {
-  {
-    absl::MutexLock lock(&keeper_mu_);
-    keeper_stopping_ = true;
-  }
-  if (keeper_.joinable()) keeper_.join();
-}
-
-uint64_t IngestServer::partition_passes() {
-  absl::MutexLock lock(&keeper_mu_);
-  return partition_passes_;
-}
-
-void IngestServer::KeepPartitions() {
-  while (true) {
-    bool all = true;
-    for (const std::string& region : shards_->RegionIds()) {
-      absl::Status made = [&]() -> absl::Status {
-        ASSIGN_OR_RETURN(pg::Pool * pool, shards_->Get(region));
-        return pool->Transact([](pqxx::work& txn) {
-          txn.exec_prepared(sql::kEnsurePartitions);
-          return absl::OkStatus();
-        });
-      }();
-      if (!made.ok()) {
-        all = false;
-        log::Warning("vitals_partitions_not_made", {{"region", region}, {"error", made.message()}});
-      }
+absl::Duration IngestServer::MakePartitions() {
+  bool all = true;
+  for (const std::string& region : shards_->RegionIds()) {
+    absl::Status made = [&]() -> absl::Status {
+      ASSIGN_OR_RETURN(pg::Pool * pool, shards_->Get(region));
+      return pool->Transact([](pqxx::work& txn) {
+        txn.exec_prepared(sql::kEnsurePartitions);
+        return absl::OkStatus();
+      });
+    }();
+    if (!made.ok()) {
+      all = false;
+      log::Warning("vitals_partitions_not_made", {{"region", region}, {"error", made.message()}});
     }
-    absl::MutexLock lock(&keeper_mu_);
-    if (all) ++partition_passes_;
-    // A pass that missed a region comes again within a minute.
-    const absl::Duration wait = all ? settings_.partition_check
-                                    : std::min(settings_.partition_check, absl::Minutes(1));
-    keeper_mu_.AwaitWithTimeout(absl::Condition(&keeper_stopping_), wait);
-    if (keeper_stopping_) return;
   }
+  if (all) partition_passes_.fetch_add(1);
+  // A pass that missed a region comes again within a minute.
+  return all ? settings_.partition_check : std::min(settings_.partition_check, absl::Minutes(1));
 }
 
 absl::Status IngestServer::Start() {
@@ -164,7 +145,8 @@ absl::Status IngestServer::Start() {
   // must not take the other regions' devices with it.
   server_->SetHealthProbe([this] { return shards_->PingAny(); }, absl::Seconds(2));
   RETURN_IF_ERROR(server_->Start());
-  keeper_ = std::thread([this] { KeepPartitions(); });
+  partition_keeper_ =
+      std::make_unique<PeriodicTask>(absl::ZeroDuration(), [this](PeriodicTask&) { return MakePartitions(); });
   return absl::OkStatus();
 }
 

@@ -4,13 +4,12 @@
 
 #include <map>
 #include <memory>
-#include <thread>
+#include <atomic>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "libs/common/config.h"
+#include "libs/common/periodic_task.h"
 #include "libs/consent_client/consent_cache.h"
 #include "libs/pg/shard_set.h"
 #include "libs/routing_client/reassign_window.h"
@@ -70,14 +69,13 @@ class IngestServer {
   // or room in a writer's queue (the others are processed on gRPC's callback threads).
   uint64_t batches_handed_to_workers() const { return executor_->accepted(); }
   // Passes of the partition keeper that covered every region (for tests).
-  uint64_t partition_passes();
+  uint64_t partition_passes() const { return partition_passes_.load(); }
 
  private:
   IngestServer(const MedgateConfig& config, IngestSettings settings);
-  // Makes each region's coming vitals partitions at start and every settings_.partition_check;
-  // a region that fails is tried again at the next pass (its shard may be down).
-  void KeepPartitions();
-  void StopPartitionKeeper();
+  // Makes each region's coming vitals partitions; the wait before the next pass (shorter when a
+  // region failed: its shard may be down).
+  absl::Duration MakePartitions();
 
   const MedgateConfig& config_;
   IngestSettings settings_;
@@ -90,10 +88,8 @@ class IngestServer {
   std::unique_ptr<StreamExecutor> executor_;
   std::unique_ptr<IngestService> service_;
   std::unique_ptr<ServiceServer> server_;
-  absl::Mutex keeper_mu_;
-  bool keeper_stopping_ ABSL_GUARDED_BY(keeper_mu_) = false;
-  uint64_t partition_passes_ ABSL_GUARDED_BY(keeper_mu_) = 0;
-  std::thread keeper_;
+  std::atomic<uint64_t> partition_passes_{0};
+  std::unique_ptr<PeriodicTask> partition_keeper_;  // at start, then every partition_check
 };
 
 }  // namespace medgate::ingest

@@ -131,48 +131,32 @@ absl::Status SharingServer::Start() {
     audit_server_->SetHealthProbe([this] { return control_->Ping(); }, absl::Seconds(2));
     RETURN_IF_ERROR(audit_server_->Start());
   }
-  sweeper_ = std::thread([this] { SweepLoop(); });
+  sweeper_ = std::make_unique<PeriodicTask>(settings_.retention_sweep_interval,
+                                            [this](PeriodicTask& task) { return Sweep(task); });
   log::Info("sharing_started", {{"kek_id", kek_->id()}});
   return absl::OkStatus();
 }
 
-void SharingServer::SweepLoop() {
-  std::unique_lock<std::mutex> lock(mu_);
-  while (!stopping_) {
-    cv_.wait_for(lock, absl::ToChronoMilliseconds(settings_.retention_sweep_interval),
-                 [this] { return stopping_; });
-    if (stopping_) break;
-    lock.unlock();
-    // Batch after batch while there is more to do, so a large erasure is purged in one cycle.
-    bool more = true;
-    while (more && !Stopping()) {
-      absl::StatusOr<SweepResult> swept = core_->SweepRetention();
-      more = swept.ok() && swept->more;
-      if (!swept.ok()) {
-        log::Warning("retention_sweep_failed", {{"error", swept.status().message()}});
-      } else if (swept->erased_records > 0 || swept->purged_chunks > 0 ||
-                 swept->sealed_metadata > 0) {
-        log::Info("retention_sweep", {{"erased_records", swept->erased_records},
-                                      {"purged_chunks", swept->purged_chunks},
-                                      {"sealed_metadata", swept->sealed_metadata}});
-      }
+absl::Duration SharingServer::Sweep(PeriodicTask& task) {
+  // Batch after batch while there is more to do, so a large erasure is purged in one cycle.
+  bool more = true;
+  while (more && !task.stopping()) {
+    absl::StatusOr<SweepResult> swept = core_->SweepRetention();
+    more = swept.ok() && swept->more;
+    if (!swept.ok()) {
+      log::Warning("retention_sweep_failed", {{"error", swept.status().message()}});
+    } else if (swept->erased_records > 0 || swept->purged_chunks > 0 ||
+               swept->sealed_metadata > 0) {
+      log::Info("retention_sweep", {{"erased_records", swept->erased_records},
+                                    {"purged_chunks", swept->purged_chunks},
+                                    {"sealed_metadata", swept->sealed_metadata}});
     }
-    lock.lock();
   }
-}
-
-bool SharingServer::Stopping() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return stopping_;
+  return settings_.retention_sweep_interval;
 }
 
 void SharingServer::Shutdown() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stopping_ = true;
-  }
-  cv_.notify_all();
-  if (sweeper_.joinable()) sweeper_.join();
+  if (sweeper_) sweeper_->Stop();
   if (audit_server_) audit_server_->Shutdown();
   server_->Shutdown();
 }

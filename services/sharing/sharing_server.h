@@ -4,17 +4,15 @@
 #ifndef MEDGATE_SERVICES_SHARING_SHARING_SERVER_H_
 #define MEDGATE_SERVICES_SHARING_SHARING_SERVER_H_
 
-#include <condition_variable>
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "libs/common/config.h"
+#include "libs/common/periodic_task.h"
 #include "libs/consent_client/consent_cache.h"
 #include "libs/crypto/key_encryption_key.h"
 #include "libs/pg/pool.h"
@@ -79,8 +77,8 @@ class SharingServer {
   SharingServer(const MedgateConfig& config, SharingSettings settings,
                 std::unique_ptr<crypto::KeyEncryptionKey> kek,
                 std::shared_ptr<grpc::Channel> routing_channel, SharingServerOptions options);
-  void SweepLoop();
-  bool Stopping();
+  // One retention sweep, batch after batch while there is more; the wait before the next.
+  absl::Duration Sweep(PeriodicTask& task);
 
   const MedgateConfig& config_;
   const SharingSettings settings_;
@@ -99,10 +97,7 @@ class SharingServer {
   std::unique_ptr<ServiceServer> server_;
   std::unique_ptr<ServiceServer> audit_server_;
 
-  std::thread sweeper_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stopping_ = false;
+  std::unique_ptr<PeriodicTask> sweeper_;  // every retention_sweep_interval once started
 };
 
 }  // namespace medgate::sharing
