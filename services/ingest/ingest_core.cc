@@ -123,6 +123,16 @@ absl::Status IngestCore::Process(const Principal& device,
     geolocation = (*geo)->permit;
   }
 
+  // Every sample received is charged, stored or not: validating, refusing and auditing cost the
+  // service too, so a stream of invalid or unconsented samples meets the quota like any other.
+  // Charged before validation, so a refused batch costs no validation either.
+  const double charged = static_cast<double>(samples.size());
+  absl::Duration wait = quota_.TryTake(device.tenant, charged, now);
+  if (wait > absl::ZeroDuration()) {
+    quota_refused_.fetch_add(1, std::memory_order_relaxed);
+    return retry(absl::ResourceExhaustedError("tenant sample quota exceeded; resend later"), wait);
+  }
+
   std::vector<VitalRow> rows;
   rows.reserve(samples.size());
   uint64_t previous_seq = 0;
@@ -153,14 +163,6 @@ absl::Status IngestCore::Process(const Principal& device,
       ++result.locations_dropped;  // dropped before storage: no GEOLOCATION consent
     }
     rows.push_back(std::move(row));
-  }
-  // Every sample received is charged, stored or not: validating, refusing and auditing cost the
-  // service too, so a stream of invalid or unconsented samples meets the quota like any other.
-  const double charged = static_cast<double>(samples.size());
-  absl::Duration wait = quota_.TryTake(device.tenant, charged, now);
-  if (wait > absl::ZeroDuration()) {
-    quota_refused_.fetch_add(1, std::memory_order_relaxed);
-    return retry(absl::ResourceExhaustedError("tenant sample quota exceeded; resend later"), wait);
   }
   // A batch refused for lack of consent is audited as a denial, through the writer like a stored
   // one (answered once its entry is committed); one with nothing else to store is answered now.
