@@ -41,6 +41,7 @@
 #include "services/sharing/sql.h"
 #include "tests/support/pg_cluster.h"
 #include "tests/support/test_pki.h"
+#include "tests/support/test_stack.h"
 
 namespace medgate::sharing {
 namespace {
@@ -164,6 +165,7 @@ class Bench {
         "trust_domain: ", pki_->trust_domain(), "\nca: ", pki_->ca_path(), "\n",
         "limits: {drain_seconds: 1}\n",
         "regions:\n  - {id: fr-1, territories: [FR], db: {conninfo: \"", shard.ConnectionString(),
+        "\"}, keys_db: {conninfo: \"", shard.ConnectionString(test_support::kKeysDatabase),
         "\"}}\n", "services:\n  sharing:\n    listen: 127.0.0.1:0\n    tls: {cert: ",
         pki_->server().cert_path, ", key: ", pki_->server().key_path, "}\n"));
     Check(root.status(), "config");
@@ -176,9 +178,12 @@ class Bench {
         crypto::ParseHexKeyEncryptionKey(absl::BytesToHexString(crypto::RandomBytes(32)), "bench");
     Check(kek.status(), "KEK");
     kek_ = *std::move(kek);
+    auto vault = KeyVault::Create(config_->regions, *kek_);
+    Check(vault.status(), "key vault");
+    vault_ = *std::move(vault);
     SharingOptions options;
     options.trust_domain = pki_->trust_domain();
-    core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, directory_, consent_, *kek_,
+    core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, directory_, consent_, *vault_,
                                           options);
     // Every call passes the tenant gate as in production; the bench's one tenant is active (the
     // answer is cached, as routing's would be).
@@ -375,6 +380,7 @@ class Bench {
   FixedDirectory directory_;
   PermitAll consent_;
   std::unique_ptr<crypto::KeyEncryptionKey> kek_;
+  std::unique_ptr<KeyVault> vault_;
   std::unique_ptr<SharingCore> core_;
   std::unique_ptr<TenantGate> tenant_gate_;
   std::unique_ptr<SharingService> service_;
@@ -446,6 +452,13 @@ int Main(int argc, char** argv) {
         migrate::LoadMigrations(std::string(MEDGATE_SOURCE_DIR) + "/migrations/shard");
     Check(migrations.status(), "migrations");
     Check(migrate::Apply(c, *migrations).status(), "migrations");
+    // The region's key vault, a database of its own on the same server.
+    pqxx::nontransaction(c).exec0(absl::StrCat("CREATE DATABASE ", test_support::kKeysDatabase));
+    auto vault_migrations =
+        migrate::LoadMigrations(std::string(MEDGATE_SOURCE_DIR) + "/migrations/vault");
+    Check(vault_migrations.status(), "key vault migrations");
+    pqxx::connection v((*shard)->ConnectionString(test_support::kKeysDatabase));
+    Check(migrate::Apply(v, *vault_migrations).status(), "key vault migrations");
   }
   const std::string dir = std::filesystem::temp_directory_path() /
                           ("medgate-sharing-bench-" + std::to_string(getpid()));

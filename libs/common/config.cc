@@ -238,7 +238,7 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
 
   ASSIGN_OR_RETURN(std::vector<ConfigNode> regions, root.Sequence("regions", false));
   for (const ConfigNode& r : regions) {
-    RETURN_IF_ERROR(r.OnlyKeys({"id", "territories", "db"}));
+    RETURN_IF_ERROR(r.OnlyKeys({"id", "territories", "db", "keys_db"}));
     RegionConfig region;
     ASSIGN_OR_RETURN(region.id, r.String("id"));
     if (config.FindRegion(region.id) != nullptr) {
@@ -254,6 +254,10 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
     }
     ASSIGN_OR_RETURN(ConfigNode db, r.Child("db"));
     ASSIGN_OR_RETURN(region.db, ParseDb(db));
+    if (r.Has("keys_db")) {
+      ASSIGN_OR_RETURN(ConfigNode keys_db, r.Child("keys_db"));
+      ASSIGN_OR_RETURN(region.keys_db, ParseDb(keys_db));
+    }
     config.regions.push_back(std::move(region));
   }
 

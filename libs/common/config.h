@@ -72,7 +72,12 @@ struct DbConfig {
 struct RegionConfig {
   std::string id;
   std::vector<std::string> territories;
-  DbConfig db;
+  DbConfig db;  // the region's shard
+  // The region's key vault: a database apart from the shard, holding the patients' data keys
+  // (wrapped by the KEK), so that the shard's backups hold no key that opens its records and an
+  // erasure destroys the key everywhere it is kept long-term. The sharing service needs it; the
+  // other services do not use it.
+  std::optional<DbConfig> keys_db;
 };
 
 struct ServerLimits {

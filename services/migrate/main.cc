@@ -1,4 +1,5 @@
-// medgate-migrate: applies migrations/control to the control DB and migrations/shard to every shard.
+// medgate-migrate: applies migrations/control to the control DB, migrations/shard to every shard and
+// migrations/vault to every region's key vault.
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -15,7 +16,8 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: medgate-migrate --config FILE [--migrations DIR]\n"
-    "  Applies DIR/control to the control database and DIR/shard to every region's shard.\n"
+    "  Applies DIR/control to the control database, DIR/shard to every region's shard and\n"
+    "  DIR/vault to every region's key vault (keys_db).\n"
     "  DIR defaults to " MEDGATE_DEFAULT_MIGRATIONS_DIR "\n";
 
 bool MigrateOne(const std::string& db_name, const std::string& conninfo,
@@ -64,7 +66,8 @@ int main(int argc, char** argv) {
   }
   auto control = medgate::migrate::LoadMigrations(dir + "/control");
   auto shard = medgate::migrate::LoadMigrations(dir + "/shard");
-  for (const auto* loaded : {&control, &shard}) {
+  auto vault = medgate::migrate::LoadMigrations(dir + "/vault");
+  for (const auto* loaded : {&control, &shard, &vault}) {
     if (!loaded->ok()) {
       medgate::log::Error("migrations_invalid", {{"error", loaded->status().message()}});
       return 1;
@@ -73,6 +76,9 @@ int main(int argc, char** argv) {
   bool ok = MigrateOne("control", config.control_db->conninfo, *control);
   for (const medgate::RegionConfig& region : config.regions) {
     ok = MigrateOne(region.id, region.db.conninfo, *shard) && ok;
+    if (region.keys_db) {
+      ok = MigrateOne(region.id + " key vault", region.keys_db->conninfo, *vault) && ok;
+    }
   }
   return ok ? 0 : 1;
 }

@@ -152,10 +152,6 @@ absl::Status RecordNotFound(absl::string_view record_id) {
 
 // --- keys -------------------------------------------------------------------------------------
 
-std::string PatientKeyContext(absl::string_view patient_id, absl::string_view key_id) {
-  return absl::StrCat("patient-key/", patient_id, "/", key_id);
-}
-
 std::string RecordKeyAad(absl::string_view record_id) {
   return absl::StrCat(kRecordKeyLabel, record_id);
 }
@@ -201,6 +197,10 @@ absl::Status OpenSealedMetadata(const SecretKey& record_key, RecordInfo& r) {
   return absl::OkStatus();
 }
 
+// Where a patient key row's key is when it is not in the row itself.
+constexpr char kInVault[] = "vault";
+
+// A patient key the shard itself holds, wrapped by the KEK (written before the key vault).
 absl::StatusOr<SecretKey> UnwrapPatientKey(crypto::KeyEncryptionKey& kek,
                                            absl::string_view patient_id, absl::string_view key_id,
                                            absl::string_view wrapped_by,
@@ -322,14 +322,13 @@ class PgUpload final : public Upload {
   // one-chunk upload takes one from `upload_pool` only when it stores, so a slow client holds none.
   PgUpload(SharingCore& core, CallContext ctx, UploadHeader header, PatientHome home,
            consent::AccessDecision care, pg::Pool& upload_pool, std::optional<pg::Lease> lease,
-           crypto::KeyEncryptionKey& kek, PatientKeyCache& keys, std::unique_ptr<UploadSlot> slot)
+           PatientKeyCache& keys, std::unique_ptr<UploadSlot> slot)
       : slot_(std::move(slot)),
         core_(core),
         ctx_(std::move(ctx)),
         care_(std::move(care)),
         header_(std::move(header)),
         home_(std::move(home)),
-        kek_(kek),
         keys_(keys),
         record_key_(SecretKey::Random()),
         record_id_(NewId(home_.region_id, "r")),
@@ -514,11 +513,12 @@ class PgUpload final : public Upload {
   absl::StatusOr<PatientKey> ReadOrCreatePatientKey(pqxx::work& txn, absl::Time now) {
     pqxx::result rows = txn.exec_prepared(sql::kSelectPatientKey, home_.patient_id);
     if (rows.empty()) {
-      PatientKey created{NewId(home_.region_id, "p"), SecretKey::Random()};
-      ASSIGN_OR_RETURN(std::string wrapped,
-                       kek_.Wrap(created.key, PatientKeyContext(home_.patient_id, created.key_id)));
-      if (!txn.exec_prepared(sql::kInsertPatientKey, created.key_id, home_.patient_id, kek_.id(),
-                             pqxx::binarystring(wrapped), PgTime(now))
+      // The key goes to the region's key vault first (committed there), then its row here: a
+      // transaction that does not commit leaves a key the vault's sweep deletes.
+      ASSIGN_OR_RETURN(PatientKey created,
+                       core_.NewPatientKey(home_.region_id, home_.patient_id));
+      if (!txn.exec_prepared(sql::kInsertPatientKey, created.key_id, home_.patient_id, kInVault,
+                             pqxx::binarystring(std::string()), PgTime(now))
                .empty()) {
         return created;
       }
@@ -530,10 +530,8 @@ class PgUpload final : public Upload {
             "upload again");
       }
     }
-    std::string key_id = rows[0][0].c_str();
-    ASSIGN_OR_RETURN(SecretKey key, UnwrapPatientKey(kek_, home_.patient_id, key_id,
-                                                     rows[0][1].c_str(), BytesOf(rows[0][2])));
-    return PatientKey{std::move(key_id), std::move(key)};
+    return core_.OpenPatientKey(home_.region_id, home_.patient_id, rows[0][0].c_str(),
+                                rows[0][1].c_str(), BytesOf(rows[0][2]));
   }
 
   // Seals the next storage chunk. The last one waits for Finish(); the others go to the writer,
@@ -639,7 +637,6 @@ class PgUpload final : public Upload {
   const consent::AccessDecision care_;  // the CARE decision the upload was let in on
   const UploadHeader header_;
   const PatientHome home_;
-  crypto::KeyEncryptionKey& kek_;
   PatientKeyCache& keys_;
   const SecretKey record_key_;
   const std::string record_id_;
@@ -789,12 +786,12 @@ class PgDownload final : public Download {
 
 SharingCore::SharingCore(const pg::ShardSet& shards, const pg::ShardSet& upload_shards,
                          PatientDirectory& directory, consent::ConsentCache& consent,
-                         crypto::KeyEncryptionKey& kek, SharingOptions options)
+                         KeyVault& vault, SharingOptions options)
     : shards_(shards),
       upload_shards_(upload_shards),
       directory_(directory),
       consent_(consent),
-      kek_(kek),
+      vault_(vault),
       options_(std::move(options)),
       patient_keys_(options_.patient_key_cache_entries, options_.patient_key_cache_max_age),
       // A spare thread per core beyond the first: an upload's hashing can take one that is idle.
@@ -868,20 +865,15 @@ absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(const RecordInfo& record,
     return absl::DataLossError(
         absl::StrCat("record '", record.record_id, "': its data key is missing"));
   }
-  const std::string key_id = patient_key_id.c_str();
-  const absl::Time now = Now();
-  std::optional<PatientKey> patient_key = patient_keys_.Get(record.patient_id, now);
-  if (!patient_key || patient_key->key_id != key_id) {
-    absl::StatusOr<SecretKey> unwrapped =
-        UnwrapPatientKey(kek_, record.patient_id, key_id, patient_key_wrapped_by.c_str(),
-                         BytesOf(patient_key_wrapped));
-    if (!unwrapped.ok()) {
-      return absl::Status(unwrapped.status().code(), absl::StrCat("record '", record.record_id,
-                                                                  "': ",
-                                                                  unwrapped.status().message()));
-    }
-    patient_key = PatientKey{key_id, *std::move(unwrapped)};
-    patient_keys_.Put(record.patient_id, *patient_key, now);
+  absl::string_view record_id = record.record_id;
+  absl::StatusOr<PatientKey> patient_key =
+      OpenPatientKey(record_id.substr(0, record_id.find('.')), record.patient_id,
+                     patient_key_id.c_str(), patient_key_wrapped_by.c_str(),
+                     BytesOf(patient_key_wrapped));
+  if (!patient_key.ok()) {
+    return absl::Status(patient_key.status().code(),
+                        absl::StrCat("record '", record.record_id, "': ",
+                                     patient_key.status().message()));
   }
   absl::StatusOr<std::string> record_key = crypto::Open(
       patient_key->key, RecordKeyAad(record.record_id), BytesOf(wrapped_record_key));
@@ -890,6 +882,107 @@ absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(const RecordInfo& record,
         absl::StrCat("record '", record.record_id, "': its wrapped data key is damaged"));
   }
   return SecretKey::FromBytes(*record_key);
+}
+
+absl::StatusOr<PatientKey> SharingCore::OpenPatientKey(absl::string_view region,
+                                                       const std::string& patient_id,
+                                                       const std::string& key_id,
+                                                       absl::string_view wrapped_by,
+                                                       absl::string_view wrapped) {
+  const absl::Time now = Now();
+  std::optional<PatientKey> cached = patient_keys_.Get(patient_id, now);
+  if (cached && cached->key_id == key_id) return *std::move(cached);
+  absl::StatusOr<SecretKey> key;
+  if (wrapped_by == kInVault) {
+    key = vault_.Get(region, patient_id, key_id);
+    if (key.status().code() == absl::StatusCode::kNotFound) {
+      // The row named it when this request read it: an erasure has since retired it (and
+      // rewrapped the patient's other records under a new key).
+      return absl::AbortedError(
+          absl::StrCat("the patient's key was replaced by an erasure while this request ran; "
+                       "retry (",
+                       key.status().message(), ")"));
+    }
+  } else {
+    key = UnwrapPatientKey(vault_.kek(), patient_id, key_id, wrapped_by, wrapped);
+  }
+  if (!key.ok()) return key.status();
+  PatientKey opened{key_id, *std::move(key)};
+  patient_keys_.Put(patient_id, opened, now);
+  return opened;
+}
+
+absl::StatusOr<PatientKey> SharingCore::NewPatientKey(absl::string_view region,
+                                                      const std::string& patient_id) {
+  PatientKey key{NewId(region, "p"), SecretKey::Random()};
+  RETURN_IF_ERROR(vault_.Put(region, patient_id, key.key_id, key.key));
+  return key;
+}
+
+absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& region,
+                                         const RecordInfo& record,
+                                         std::vector<std::string>& retired) {
+  // Uploads store under the patient key FOR KEY SHARE: they commit before this lock is granted
+  // (and their records are rewrapped below), or wait for this erasure and find the key gone.
+  const pqxx::result locked = txn.exec_prepared(sql::kLockPatientKey, record.patient_id);
+  txn.exec_prepared0(sql::kDeleteRecordKey, record.record_id);
+  if (locked.empty()) return absl::OkStatus();
+  const std::string old_id = locked[0][0].c_str();
+  // Every other record key under the old patient key moves to a new one: the old key is then
+  // destroyed in the vault, and with it the erased record's key in the shard's backups.
+  const pqxx::result others =
+      txn.exec_prepared(sql::kSelectRecordKeysUnder, old_id, record.record_id);
+  txn.exec_prepared0(sql::kDeletePatientKeyRow, old_id);
+  txn.exec_prepared0(sql::kQueueKeyDestruction, old_id, record.patient_id);
+  retired.push_back(old_id);
+  if (others.empty()) return absl::OkStatus();  // the next upload makes a new key
+  ASSIGN_OR_RETURN(PatientKey old_key,
+                   OpenPatientKey(region, record.patient_id, old_id, locked[0][1].c_str(),
+                                  BytesOf(locked[0][2])));
+  ASSIGN_OR_RETURN(PatientKey new_key, NewPatientKey(region, record.patient_id));
+  std::vector<std::string> ids;
+  std::vector<std::string> rewrapped;
+  for (const pqxx::row& row : others) {
+    const std::string id = row[0].c_str();
+    absl::StatusOr<std::string> key = crypto::Open(old_key.key, RecordKeyAad(id), BytesOf(row[1]));
+    if (!key.ok()) {
+      return absl::DataLossError(absl::StrCat(
+          "record '", id, "': its wrapped data key is damaged; the erasure of record '",
+          record.record_id, "' cannot rewrap it and was not done"));
+    }
+    ASSIGN_OR_RETURN(std::string sealed, crypto::Seal(new_key.key, RecordKeyAad(id), *key));
+    ids.push_back(id);
+    rewrapped.push_back(absl::BytesToHexString(sealed));
+  }
+  if (txn.exec_prepared(sql::kInsertPatientKey, new_key.key_id, record.patient_id, kInVault,
+                        pqxx::binarystring(std::string()), PgTime(Now()))
+          .empty()) {
+    return absl::AbortedError("the patient's key changed during the erasure; retry");
+  }
+  const pqxx::result moved =
+      txn.exec_prepared(sql::kRewrapRecordKeys, new_key.key_id, pg::TextArrayLiteral(ids),
+                        pg::TextArrayLiteral(rewrapped), old_id);
+  if (moved.affected_rows() != ids.size()) {
+    return absl::AbortedError("the patient's record keys changed during the erasure; retry");
+  }
+  return absl::OkStatus();
+}
+
+void SharingCore::DestroyRetiredKeys(pg::Pool& shard, const std::string& region,
+                                     const std::vector<std::string>& key_ids) {
+  if (key_ids.empty()) return;
+  absl::Status status = vault_.Destroy(region, key_ids);
+  if (status.ok()) {
+    status = shard.Transact([&](pqxx::work& txn) {
+      txn.exec_prepared0(sql::kDeleteKeyDestructions, pg::TextArrayLiteral(key_ids));
+      return absl::OkStatus();
+    });
+  }
+  if (!status.ok()) {
+    // Still queued in the shard: the sweep retries.
+    log::Warning("key_destruction_deferred",
+                 {{"region", region}, {"keys", key_ids.size()}, {"error", status.message()}});
+  }
 }
 
 absl::Status SharingCore::OpenMetadata(RecordInfo& record, const pqxx::row& row) {
@@ -1011,7 +1104,7 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
     lease.emplace(*std::move(acquired));
   }
   auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, std::move(care),
-                                           *upload_pool, std::move(lease), kek_, patient_keys_,
+                                           *upload_pool, std::move(lease), patient_keys_,
                                            std::move(slot));
   upload->Begin(options_.upload_idle_timeout);
   return std::unique_ptr<Upload>(std::move(upload));
@@ -1487,8 +1580,13 @@ absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
   RETURN_IF_ERROR(ValidateIdentifier(record_id, "record_id", kMaxIdBytes));
   RETURN_IF_ERROR(ValidateText(reason, "reason", kMaxReasonBytes));
   ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
+  const std::string region = record_id.substr(0, record_id.find('.'));
   const absl::Time now = Now();
-  return pool->TransactValue<absl::Time>([&](pqxx::work& txn) -> absl::StatusOr<absl::Time> {
+  std::vector<std::string> retired;
+  std::string patient_id;
+  absl::StatusOr<absl::Time> erased =
+      pool->TransactValue<absl::Time>([&](pqxx::work& txn) -> absl::StatusOr<absl::Time> {
+    retired.clear();
     std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForUpdate, record_id);
     if (!record || record->tenant_id != ctx.principal.tenant) return RecordNotFound(record_id);
     if (ctx.principal.kind != PrincipalKind::kApp && record->owner != ctx.principal.spiffe_id) {
@@ -1501,10 +1599,12 @@ absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
           " and cannot be erased before its retention end; only the erasure of all of the "
           "patient's records (ErasePatientRecords, GDPR art. 17) erases it earlier"));
     }
-    // Crypto-shredding: without its key the ciphertext left behind is unreadable through this
-    // database; the purge removes the chunk rows later. A backup taken before still holds the
-    // wrapped key (README, "Erasure and backups").
-    txn.exec_prepared0(sql::kDeleteRecordKey, record_id);
+    // Crypto-shredding: the record key goes, and the patient key it was wrapped under is
+    // retired (its other records rewrapped under a new one), to be destroyed in the key vault
+    // once this commits. The ciphertext left behind, here and in backups, no longer opens; the
+    // purge removes the chunk rows later.
+    patient_id = record->patient_id;
+    RETURN_IF_ERROR(ShredRecordKey(txn, region, *record, retired));
     txn.exec_prepared0(sql::kDeleteRecord, record_id);
     RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", record_id,
                                                 record->tenant_id, record->patient_id,
@@ -1512,6 +1612,9 @@ absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
                         .status());
     return now;
   });
+  if (!patient_id.empty()) patient_keys_.Forget(patient_id);
+  if (erased.ok()) DestroyRetiredKeys(*pool, region, retired);
+  return erased;
 }
 
 absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContext& ctx,
@@ -1529,8 +1632,10 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
   // Forgotten before and after: an upload finishing meanwhile may have cached the key again.
   patient_keys_.Forget(patient_id);
   absl::Cleanup forget = [&] { patient_keys_.Forget(patient_id); };
-  return pool->TransactValue<PatientErasure>(
+  std::vector<std::string> retired;
+  absl::StatusOr<PatientErasure> erased = pool->TransactValue<PatientErasure>(
       [&](pqxx::work& txn) -> absl::StatusOr<PatientErasure> {
+        retired.clear();
         txn.exec_prepared(sql::kLockPatientKey, patient_id);
         // Every record erased gets its entry: the ids come from the deletion itself, so a record
         // an upload committed while this erasure waited for the key is among them.
@@ -1538,8 +1643,13 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
         for (const pqxx::row& row : txn.exec_prepared(sql::kDeletePatientRecords, patient_id)) {
           ids.push_back(row[0].c_str());
         }
-        // The patient key goes with the record keys (a key an upload created meanwhile too):
-        // what was wrapped under them can no longer be opened through this database.
+        // The patient key goes with the record keys (a key an upload created meanwhile too), and
+        // is destroyed in the key vault once this commits: what was wrapped under it no longer
+        // opens, here or in the shard's backups.
+        for (const pqxx::row& row :
+             txn.exec_prepared(sql::kQueuePatientKeyDestructions, patient_id)) {
+          retired.push_back(row[0].c_str());
+        }
         txn.exec_prepared0(sql::kDeletePatientKeys, patient_id);
         for (const std::string& id : ids) {
           RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", id,
@@ -1554,6 +1664,8 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
                             .status());
         return PatientErasure{ids.size(), now};
       });
+  if (erased.ok()) DestroyRetiredKeys(*pool, home->region_id, retired);
+  return erased;
 }
 
 absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
@@ -1583,12 +1695,16 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
     }
     if (expired->size() == static_cast<size_t>(batch)) result.more = true;
     for (const std::string& id : *expired) {
+      std::vector<std::string> retired;
+      std::string patient_id;
       absl::Status erased = pool->Transact([&](pqxx::work& txn) -> absl::Status {
+        retired.clear();
         std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForUpdate, id);
         if (!record || record->state != RecordState::kArchived || *record->retain_until > now) {
           return absl::OkStatus();  // erased or re-archived meanwhile
         }
-        txn.exec_prepared0(sql::kDeleteRecordKey, id);
+        patient_id = record->patient_id;
+        RETURN_IF_ERROR(ShredRecordKey(txn, region, *record, retired));
         txn.exec_prepared0(sql::kDeleteRecord, id);
         return audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", id,
                                            record->tenant_id, record->patient_id,
@@ -1596,7 +1712,9 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
                                                         Rfc3339(*record->retain_until))))
             .status();
       });
+      if (!patient_id.empty()) patient_keys_.Forget(patient_id);
       if (erased.ok()) {
+        DestroyRetiredKeys(*pool, region, retired);
         ++result.erased_records;
       } else if (first_error.ok()) {
         first_error = erased;
@@ -1633,9 +1751,80 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
       after = page->last_record_id;
     }
     result.sealed_metadata += sealed;
+    if (absl::Status keys = SweepKeys(*pool, region, batch, result);
+        !keys.ok() && first_error.ok()) {
+      first_error = keys;
+    }
   }
   if (!first_error.ok()) return first_error;
   return result;
+}
+
+absl::Status SharingCore::SweepKeys(pg::Pool& shard, const std::string& region, int batch,
+                                    SweepResult& result) {
+  // Keys erasures retired whose destruction in the vault did not happen with the erasure.
+  ASSIGN_OR_RETURN(std::vector<std::string> queued,
+                   shard.TransactValue<std::vector<std::string>>(
+                       [&](pqxx::work& txn) -> absl::StatusOr<std::vector<std::string>> {
+                         std::vector<std::string> ids;
+                         for (const pqxx::row& row :
+                              txn.exec_prepared(sql::kSelectKeyDestructions, batch)) {
+                           ids.push_back(row[0].c_str());
+                         }
+                         return ids;
+                       }));
+  if (!queued.empty()) {
+    RETURN_IF_ERROR(vault_.Destroy(region, queued));
+    RETURN_IF_ERROR(shard.Transact([&](pqxx::work& txn) {
+      txn.exec_prepared0(sql::kDeleteKeyDestructions, pg::TextArrayLiteral(queued));
+      return absl::OkStatus();
+    }));
+    result.destroyed_keys += static_cast<int>(queued.size());
+    if (queued.size() == static_cast<size_t>(batch)) result.more = true;
+  }
+
+  // Keys the vault holds that the shard was not yet seen to use: confirmed if it does; deleted
+  // if it does not after the grace period (their transaction did not commit).
+  ASSIGN_OR_RETURN(std::vector<std::string> unconfirmed,
+                   vault_.Unconfirmed(region, options_.unused_vault_key_grace, batch));
+  if (!unconfirmed.empty()) {
+    ASSIGN_OR_RETURN(std::vector<std::string> in_use,
+                     shard.TransactValue<std::vector<std::string>>(
+                         [&](pqxx::work& txn) -> absl::StatusOr<std::vector<std::string>> {
+                           std::vector<std::string> ids;
+                           for (const pqxx::row& row :
+                                txn.exec_prepared(sql::kSelectPatientKeysInUse,
+                                                  pg::TextArrayLiteral(unconfirmed))) {
+                             ids.push_back(row[0].c_str());
+                           }
+                           return ids;
+                         }));
+    std::vector<std::string> unused;
+    for (const std::string& id : unconfirmed) {
+      if (std::find(in_use.begin(), in_use.end(), id) == in_use.end()) unused.push_back(id);
+    }
+    RETURN_IF_ERROR(vault_.Confirm(region, in_use));
+    RETURN_IF_ERROR(vault_.Destroy(region, unused));
+    result.destroyed_keys += static_cast<int>(unused.size());
+    if (unconfirmed.size() == static_cast<size_t>(batch)) result.more = true;
+  }
+
+  // Patient keys written before the vault move into it: the vault first, then the shard forgets
+  // the wrapped key (a backup taken before still holds it: README, "Erasure and backups").
+  ASSIGN_OR_RETURN(int moved, shard.TransactValue<int>([&](pqxx::work& txn) -> absl::StatusOr<int> {
+    int n = 0;
+    for (const pqxx::row& row : txn.exec_prepared(sql::kSelectPatientKeysInShard, batch)) {
+      const std::string key_id = row[0].c_str();
+      RETURN_IF_ERROR(vault_.PutWrapped(region, row[1].c_str(), key_id, row[2].c_str(),
+                                        BytesOf(row[3])));
+      txn.exec_prepared0(sql::kMarkPatientKeyInVault, key_id);
+      ++n;
+    }
+    return n;
+  }));
+  result.moved_keys += moved;
+  if (moved == batch) result.more = true;
+  return absl::OkStatus();
 }
 
 }  // namespace medgate::sharing

@@ -20,6 +20,7 @@
 #include "libs/identity/principal.h"
 #include "libs/server/rpc_util.h"
 #include "libs/pg/shard_set.h"
+#include "services/sharing/key_vault.h"
 #include "services/sharing/patient_directory.h"
 #include "services/sharing/patient_key_cache.h"
 #include "services/sharing/spare_threads.h"
@@ -125,6 +126,8 @@ struct SweepResult {
   int erased_records = 0;
   int64_t purged_chunks = 0;
   int sealed_metadata = 0;  // records written before metadata was sealed, sealed now
+  int destroyed_keys = 0;   // patient keys deleted from the key vaults (retired, or never used)
+  int moved_keys = 0;       // patient keys moved from a shard (written before the vault) to its vault
   bool more = false;  // some region had a full batch: sweep again
 };
 
@@ -149,6 +152,10 @@ struct SharingOptions {
   // Unwrapped patient keys kept for uploads: at most this many, each at most this long.
   size_t patient_key_cache_entries = 4096;
   absl::Duration patient_key_cache_max_age = absl::Minutes(1);
+  // A key the vault holds that no shard row names this long after it was written (by the vault's
+  // clock) belongs to a transaction that did not commit (one that did names it within its
+  // statement timeouts): the sweep deletes it.
+  absl::Duration unused_vault_key_grace = absl::Hours(1);
   // The identity the retention sweep acts as in the audit log.
   std::string service_identity;
   std::string trust_domain;
@@ -176,7 +183,7 @@ class SharingCore {
   // a connection for their whole duration, so they get pools of their own.
   SharingCore(const pg::ShardSet& shards, const pg::ShardSet& upload_shards,
               PatientDirectory& directory, consent::ConsentCache& consent,
-              crypto::KeyEncryptionKey& kek, SharingOptions options);
+              KeyVault& vault, SharingOptions options);
 
   absl::StatusOr<std::unique_ptr<Upload>> StartUpload(const CallContext& ctx,
                                                       const UploadHeader& header);
@@ -196,9 +203,10 @@ class SharingCore {
   absl::StatusOr<PatientErasure> ErasePatientRecords(const CallContext& ctx,
                                                      const std::string& patient_id,
                                                      const std::string& reason);
-  // Erases archived records past their retention end, purges ciphertext left by erasures and
-  // seals the metadata of records written before it was sealed, at most `batch` of each per
-  // region.
+  // Erases archived records past their retention end, purges ciphertext left by erasures, seals
+  // the metadata of records written before it was sealed, destroys in the key vaults the keys
+  // erasures retired (when that did not happen with the erasure) and keys no shard uses, and moves
+  // patient keys written before the vaults into them: at most `batch` of each per region.
   absl::StatusOr<SweepResult> SweepRetention(int batch = 100);
 
   // Plaintext and ciphertext bytes that uploads and downloads hold right now, and the most ever.
@@ -214,6 +222,15 @@ class SharingCore {
   void AddBuffered(int64_t delta);
   SpareThreads& spare_threads() { return spare_threads_; }
   int64_t QuotaOf(const std::string& tenant) const;  // 0: no limit
+  // The patient key a shard row names (`wrapped_by` and `wrapped` as the row has them): from the
+  // cache, the region's key vault, or the row itself for keys written before the vault. ABORTED
+  // when the vault no longer holds it (an erasure retired it meanwhile: the caller may retry).
+  absl::StatusOr<PatientKey> OpenPatientKey(absl::string_view region, const std::string& patient_id,
+                                            const std::string& key_id,
+                                            absl::string_view wrapped_by,
+                                            absl::string_view wrapped);
+  // A new patient key, stored in the region's key vault (committed there) before it is returned.
+  absl::StatusOr<PatientKey> NewPatientKey(absl::string_view region, const std::string& patient_id);
   absl::Status CheckQuota(const std::string& tenant, const std::string& region, int64_t used,
                           uint64_t adding) const;
 
@@ -237,6 +254,18 @@ class SharingCore {
   };
   absl::StatusOr<SealPage> SealMetadataInClear(pg::Pool& pool, int batch, const std::string& after);
   absl::Status CheckReadTerritory(const RecordInfo& record, absl::string_view reader_tenant);
+  // In an erasure's transaction: deletes `record`'s key, and retires the patient key it was
+  // wrapped under (queued for destruction and added to `retired`), rewrapping the patient's
+  // other record keys under a new patient key.
+  absl::Status ShredRecordKey(pqxx::work& txn, const std::string& region, const RecordInfo& record,
+                              std::vector<std::string>& retired);
+  // After the erasure committed: deletes the retired keys from the vault, then their queue rows
+  // (what fails stays queued for the sweep).
+  void DestroyRetiredKeys(pg::Pool& shard, const std::string& region,
+                          const std::vector<std::string>& key_ids);
+  // The sweep's key work in one region (see SweepRetention).
+  absl::Status SweepKeys(pg::Pool& shard, const std::string& region, int batch,
+                         SweepResult& result);
   // Whether a listing may show `record` (of `region`) to `caller`: as DownloadRecord would let
   // them read it. The owner needs CARE; a grantee an active grant whose sharer's RECORD_SHARING
   // still permits, and for another tenant, a territory the patient's residency rule allows.
@@ -247,7 +276,7 @@ class SharingCore {
   const pg::ShardSet& upload_shards_;
   PatientDirectory& directory_;
   consent::ConsentCache& consent_;
-  crypto::KeyEncryptionKey& kek_;
+  KeyVault& vault_;
   const SharingOptions options_;
   PatientKeyCache patient_keys_;
   SpareThreads spare_threads_;

@@ -72,17 +72,23 @@ absl::StatusOr<std::unique_ptr<SharingServer>> SharingServer::Create(const Medga
         absl::StrCat("config key 'sharing.", settings.kek_file.empty() ? "kek_env" : "kek_file",
                      "': ", kek.status().message()));
   }
+  ASSIGN_OR_RETURN(std::unique_ptr<KeyVault> vault, KeyVault::Create(config.regions, **kek));
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
                    MakeChannel(routing->address, self->tls));
-  return std::unique_ptr<SharingServer>(new SharingServer(
-      config, std::move(settings), *std::move(kek), std::move(channel), std::move(options)));
+  return std::unique_ptr<SharingServer>(
+      new SharingServer(config, std::move(settings), *std::move(kek), std::move(vault),
+                        std::move(channel), std::move(options)));
 }
 
 SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settings,
                              std::unique_ptr<crypto::KeyEncryptionKey> kek,
+                             std::unique_ptr<KeyVault> vault,
                              std::shared_ptr<grpc::Channel> routing_channel,
                              SharingServerOptions options)
-    : config_(config), settings_(std::move(settings)), kek_(std::move(kek)) {
+    : config_(config),
+      settings_(std::move(settings)),
+      kek_(std::move(kek)),
+      vault_(std::move(vault)) {
   pg::PoolOptions control = pg::PoolOptions::FromConfig("control", *config.control_db);
   control.statements = sql::ControlStatements();
   control_ = std::make_unique<pg::Pool>(std::move(control));
@@ -105,7 +111,7 @@ SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settin
   core_options.trust_domain = config.trust_domain;
   core_options.clock = options.clock;
   core_options.max_list_page_bytes = options.max_list_page_bytes;
-  core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, *directory_, *consent_, *kek_,
+  core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, *directory_, *consent_, *vault_,
                                         std::move(core_options));
   audit_core_ = std::make_unique<AuditCore>(*control_, *shards_, *directory_);
   service_ = std::make_unique<SharingService>(*core_, config.trust_domain, tenant_gate_.get());

@@ -75,7 +75,7 @@ class SharingServer {
 
  private:
   SharingServer(const MedgateConfig& config, SharingSettings settings,
-                std::unique_ptr<crypto::KeyEncryptionKey> kek,
+                std::unique_ptr<crypto::KeyEncryptionKey> kek, std::unique_ptr<KeyVault> vault,
                 std::shared_ptr<grpc::Channel> routing_channel, SharingServerOptions options);
   // One retention sweep, batch after batch while there is more; the wait before the next.
   absl::Duration Sweep(PeriodicTask& task);
@@ -83,6 +83,7 @@ class SharingServer {
   const MedgateConfig& config_;
   const SharingSettings settings_;
   std::unique_ptr<crypto::KeyEncryptionKey> kek_;
+  std::unique_ptr<KeyVault> vault_;  // uses kek_
   std::unique_ptr<pg::Pool> control_;
   std::unique_ptr<pg::ShardSet> shards_;
   std::unique_ptr<pg::ShardSet> upload_shards_;

@@ -22,8 +22,9 @@ namespace medgate::sharing::sql {
                       "r.file_name_sealed"
 
 // After MEDGATE_RECORD_COLUMNS, what opens the record's key (see OpenRecordKey), from
-// MEDGATE_RECORD_KEY_JOIN: the wrapped record key, and its patient key's id, KEK id and wrapped
-// key.
+// MEDGATE_RECORD_KEY_JOIN: the wrapped record key, and its patient key's id, where the patient key
+// is ('vault', or the id of the KEK that wraps it for rows written before the vault) and its
+// wrapped form (empty when in the vault).
 #define MEDGATE_RECORD_KEY_COLUMNS ", rk.wrapped_key, pk.key_id, pk.wrapped_by, pk.wrapped_key"
 #define MEDGATE_RECORD_KEY_JOIN                                                   \
   " LEFT JOIN record_keys rk ON rk.record_id = r.record_id "                    \
@@ -78,6 +79,16 @@ inline constexpr char kDeleteRecord[] = "delete_record";
 inline constexpr char kLockPatientKey[] = "lock_patient_key";
 inline constexpr char kDeletePatientKeys[] = "delete_patient_keys";
 inline constexpr char kDeletePatientRecords[] = "delete_patient_records";
+inline constexpr char kSelectRecordKeysUnder[] = "select_record_keys_under";
+inline constexpr char kRewrapRecordKeys[] = "rewrap_record_keys";
+inline constexpr char kDeletePatientKeyRow[] = "delete_patient_key_row";
+inline constexpr char kQueueKeyDestruction[] = "queue_key_destruction";
+inline constexpr char kQueuePatientKeyDestructions[] = "queue_patient_key_destructions";
+inline constexpr char kSelectKeyDestructions[] = "select_key_destructions";
+inline constexpr char kDeleteKeyDestructions[] = "delete_key_destructions";
+inline constexpr char kSelectPatientKeysInUse[] = "select_patient_keys_in_use";
+inline constexpr char kSelectPatientKeysInShard[] = "select_patient_keys_in_shard";
+inline constexpr char kMarkPatientKeyInVault[] = "mark_patient_key_in_vault";
 inline constexpr char kSelectExpiredArchives[] = "select_expired_archives";
 inline constexpr char kPurgeOrphanChunks[] = "purge_orphan_chunks";
 inline constexpr char kSelectMetadataInClear[] = "select_metadata_in_clear";
@@ -206,7 +217,41 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         // lets uploads finishing now commit before the erasure looks, and makes later ones wait
         // for it and then find no key.
         {kLockPatientKey,
-         "SELECT key_id FROM record_keys WHERE patient_id = $1 AND record_id IS NULL FOR UPDATE"},
+         "SELECT key_id, wrapped_by, wrapped_key FROM record_keys WHERE patient_id = $1 "
+         "AND record_id IS NULL FOR UPDATE"},
+        // The record keys wrapped under patient key $1 but record $2's (all: $2 = '').
+        {kSelectRecordKeysUnder,
+         "SELECT record_id, wrapped_key FROM record_keys WHERE wrapped_by = $1 "
+         "AND record_id IS NOT NULL AND record_id <> $2 ORDER BY record_id"},
+        // Record keys $2 (ids) rewrapped as $3 (hex) under patient key $1, where patient key $4
+        // still wraps them.
+        {kRewrapRecordKeys,
+         "UPDATE record_keys k SET wrapped_by = $1, wrapped_key = decode(n.w, 'hex') "
+         "FROM unnest($2::text[], $3::text[]) AS n(id, w) "
+         "WHERE k.record_id = n.id AND k.wrapped_by = $4"},
+        {kDeletePatientKeyRow, "DELETE FROM record_keys WHERE key_id = $1 AND record_id IS NULL"},
+        // Patient keys retired by an erasure, for the vault to delete once it has committed.
+        {kQueueKeyDestruction,
+         "INSERT INTO key_destructions (key_id, patient_id) VALUES ($1, $2) "
+         "ON CONFLICT (key_id) DO NOTHING"},
+        {kQueuePatientKeyDestructions,
+         "INSERT INTO key_destructions (key_id, patient_id) SELECT key_id, patient_id "
+         "FROM record_keys WHERE patient_id = $1 AND record_id IS NULL "
+         "ON CONFLICT (key_id) DO NOTHING RETURNING key_id"},
+        {kSelectKeyDestructions,
+         "SELECT key_id FROM key_destructions ORDER BY requested_at, key_id LIMIT $1"},
+        {kDeleteKeyDestructions, "DELETE FROM key_destructions WHERE key_id = ANY($1::text[])"},
+        // Which of the patient keys $1 this shard uses.
+        {kSelectPatientKeysInUse,
+         "SELECT key_id FROM record_keys WHERE key_id = ANY($1::text[]) AND record_id IS NULL"},
+        // Patient keys still held here, wrapped by the KEK (written before the vault).
+        {kSelectPatientKeysInShard,
+         "SELECT key_id, patient_id, wrapped_by, wrapped_key FROM record_keys "
+         "WHERE record_id IS NULL AND wrapped_by <> 'vault' ORDER BY key_id LIMIT $1 "
+         "FOR UPDATE SKIP LOCKED"},
+        {kMarkPatientKeyInVault,
+         "UPDATE record_keys SET wrapped_by = 'vault', wrapped_key = ''::bytea "
+         "WHERE key_id = $1 AND record_id IS NULL"},
         {kDeletePatientKeys, "DELETE FROM record_keys WHERE patient_id = $1"},
         {kDeletePatientRecords,
          "WITH gone AS (DELETE FROM records WHERE patient_id = $1 RETURNING record_id) "

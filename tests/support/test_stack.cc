@@ -43,6 +43,16 @@ absl::StatusOr<std::unique_ptr<TestStack>> TestStack::Start(const std::vector<st
   RETURN_IF_ERROR(MigrateDatabase(stack->clusters_->control().ConnectionString(), "control"));
   for (PgCluster* region : stack->clusters_->regions()) {
     RETURN_IF_ERROR(MigrateDatabase(region->ConnectionString(), "shard"));
+    // The region's key vault: a database of its own (on the shard's server here; apart from it
+    // in production).
+    try {
+      pqxx::connection admin(region->ConnectionString());
+      pqxx::nontransaction txn(admin);
+      txn.exec0(absl::StrCat("CREATE DATABASE ", kKeysDatabase));
+    } catch (const std::exception& e) {
+      return pg::StatusFromException(e);
+    }
+    RETURN_IF_ERROR(MigrateDatabase(region->ConnectionString(kKeysDatabase), "vault"));
   }
   ASSIGN_OR_RETURN(stack->pki_, TestPki::Create(stack->dir_));
   const TestPki& pki = *stack->pki_;
@@ -54,11 +64,14 @@ absl::StatusOr<std::unique_ptr<TestStack>> TestStack::Start(const std::vector<st
       "control_db: {conninfo: \"", pg.control().ConnectionString(), "\", acquire_timeout_ms: 1000}\n",
       "regions:\n",
       "  - {id: fr-1, territories: [FR, BE, NL, LU, AT, IT, ES, PT, IE], db: {conninfo: \"",
-      pg.region("fr-1").ConnectionString(), "\", acquire_timeout_ms: 1000}}\n",
+      pg.region("fr-1").ConnectionString(), "\", acquire_timeout_ms: 1000}, keys_db: {conninfo: \"",
+      pg.region("fr-1").ConnectionString(kKeysDatabase), "\", acquire_timeout_ms: 1000}}\n",
       "  - {id: de-1, territories: [DE], db: {conninfo: \"", pg.region("de-1").ConnectionString(),
-      "\", acquire_timeout_ms: 1000}}\n",
+      "\", acquire_timeout_ms: 1000}, keys_db: {conninfo: \"",
+      pg.region("de-1").ConnectionString(kKeysDatabase), "\", acquire_timeout_ms: 1000}}\n",
       "  - {id: eu-1, territories: ", eea, ", db: {conninfo: \"",
-      pg.region("eu-1").ConnectionString(), "\", acquire_timeout_ms: 1000}}\n",
+      pg.region("eu-1").ConnectionString(), "\", acquire_timeout_ms: 1000}, keys_db: {conninfo: \"",
+      pg.region("eu-1").ConnectionString(kKeysDatabase), "\", acquire_timeout_ms: 1000}}\n",
       "routing:\n  seed_rules:\n",
       "    - {territory: FR, regions: [fr-1], readable_from: [FR]}\n",
       "    - {territory: DE, regions: [de-1], readable_from: [DE]}\n");

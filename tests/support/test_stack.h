@@ -14,8 +14,11 @@
 
 namespace medgate::test_support {
 
-// Applies migrations/<kind> ("control" or "shard") of the source tree to a database.
+// Applies migrations/<kind> ("control", "shard" or "vault") of the source tree to a database.
 absl::Status MigrateDatabase(const std::string& conninfo, const std::string& kind);
+
+// The database of each region's key vault (migrations/vault), on the region's server.
+inline constexpr char kKeysDatabase[] = "medgate_keys";
 
 class TestStack {
  public:

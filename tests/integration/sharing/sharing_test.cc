@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <pqxx/pqxx>
@@ -24,6 +25,8 @@
 #include "absl/strings/str_cat.h"
 #include "libs/common/grpc_status.h"
 #include "libs/crypto/aes_gcm.h"
+#include "libs/crypto/chunk_cipher.h"
+#include "libs/crypto/key_encryption_key.h"
 #include "libs/crypto/sha256.h"
 #include "libs/identity/credentials.h"
 #include "libs/identity/principal.h"
@@ -600,14 +603,21 @@ class SharingTest : public ::testing::Test {
     return name == "control" ? clusters_->control() : clusters_->region(name);
   }
 
+  // `db`: "control", a region's shard ("fr-1"), or a region's key vault ("fr-1 keys").
+  static std::string ConnInfo(const std::string& db) {
+    const size_t space = db.find(' ');
+    if (space == std::string::npos) return Db(db).ConnectionString();
+    return Db(db.substr(0, space)).ConnectionString(test_support::kKeysDatabase);
+  }
+
   static int64_t Count(const std::string& db, const std::string& sql, const std::string& arg = "") {
-    pqxx::connection c(Db(db).ConnectionString());
+    pqxx::connection c(ConnInfo(db));
     pqxx::nontransaction q(c);
     return arg.empty() ? q.exec1(sql)[0].as<int64_t>() : q.exec_params1(sql, arg)[0].as<int64_t>();
   }
 
   static void Exec(const std::string& db, const std::string& sql, const std::string& arg = "") {
-    pqxx::connection c(Db(db).ConnectionString());
+    pqxx::connection c(ConnInfo(db));
     pqxx::work txn(c);
     if (arg.empty()) {
       txn.exec0(sql);
@@ -2156,6 +2166,342 @@ TEST_F(SharingTest, ErasureCryptoShredsTheRecordWhileTheChainVerifies) {
   chain = Verify("fr-1");
   ASSERT_TRUE(chain.ok());
   EXPECT_TRUE(chain->ok()) << chain->detail();
+}
+
+// --- erasure and the shard's backups ----------------------------------------------------------
+
+// What a backup of the shard taken now holds of a patient's records: their key rows (patient key
+// and record keys) and their first chunk.
+struct ShardBackup {
+  struct KeyRow {
+    std::string key_id;
+    std::string wrapped_by;
+    std::string wrapped_key;
+  };
+  std::map<std::string, KeyRow> patient_keys;  // by key id
+  std::map<std::string, KeyRow> record_keys;   // by record id
+  std::map<std::string, std::string> first_chunks;
+};
+
+ShardBackup BackUp(const std::string& shard_conninfo, const std::string& patient_id) {
+  ShardBackup backup;
+  pqxx::connection c(shard_conninfo);
+  pqxx::nontransaction q(c);
+  for (const pqxx::row& row : q.exec_params(
+           "SELECT key_id, coalesce(record_id, ''), wrapped_by, wrapped_key FROM record_keys "
+           "WHERE patient_id = $1",
+           patient_id)) {
+    ShardBackup::KeyRow key{row[0].c_str(), row[2].c_str(), pqxx::binarystring(row[3]).str()};
+    if (std::string(row[1].c_str()).empty()) {
+      backup.patient_keys[key.key_id] = key;
+    } else {
+      backup.record_keys[row[1].c_str()] = key;
+    }
+  }
+  for (const pqxx::row& row : q.exec_params(
+           "SELECT c.record_id, c.ciphertext FROM record_chunks c JOIN records r "
+           "ON r.record_id = c.record_id WHERE r.patient_id = $1 AND c.chunk_index = 0",
+           patient_id)) {
+    backup.first_chunks[row[0].c_str()] = pqxx::binarystring(row[1]).str();
+  }
+  return backup;
+}
+
+// The patient key `key_id` as the region's key vault holds it now, unwrapped with the KEK:
+// NOT_FOUND when the vault no longer holds it.
+absl::StatusOr<crypto::SecretKey> FromVault(const std::string& vault_conninfo,
+                                    const std::string& patient_id, const std::string& key_id) {
+  pqxx::connection c(vault_conninfo);
+  pqxx::nontransaction q(c);
+  pqxx::result rows =
+      q.exec_params("SELECT wrapped_key FROM patient_keys WHERE key_id = $1", key_id);
+  if (rows.empty()) return absl::NotFoundError(absl::StrCat("the vault holds no key ", key_id));
+  auto kek = crypto::ParseHexKeyEncryptionKey(kKekHex, "test");
+  if (!kek.ok()) return kek.status();
+  return (*kek)->Unwrap(pqxx::binarystring(rows[0][0]).str(),
+                        sharing::PatientKeyContext(patient_id, key_id));
+}
+
+// Record `record_id`'s first (and only) chunk, opened from `backup` with what is kept outside the
+// shard: the KEK and the region's key vault as it is now.
+absl::StatusOr<std::string> OpenFromBackup(const ShardBackup& backup,
+                                           const std::string& vault_conninfo,
+                                           const std::string& patient_id,
+                                           const std::string& record_id) {
+  auto record_key = backup.record_keys.find(record_id);
+  auto chunk = backup.first_chunks.find(record_id);
+  if (record_key == backup.record_keys.end() || chunk == backup.first_chunks.end()) {
+    return absl::NotFoundError("the backup does not hold the record");
+  }
+  auto patient_key = backup.patient_keys.find(record_key->second.wrapped_by);
+  if (patient_key == backup.patient_keys.end()) {
+    return absl::NotFoundError("the backup does not hold the record's patient key row");
+  }
+  if (patient_key->second.wrapped_by != "vault") {
+    return absl::FailedPreconditionError("the backup holds the patient key itself");
+  }
+  auto key = FromVault(vault_conninfo, patient_id, patient_key->first);
+  if (!key.ok()) return key.status();
+  auto opened = crypto::Open(*key, absl::StrCat("medgate-record-key-v1/", record_id),
+                             record_key->second.wrapped_key);
+  if (!opened.ok()) return opened.status();
+  auto data_key = crypto::SecretKey::FromBytes(*opened);
+  if (!data_key.ok()) return data_key.status();
+  return crypto::DecryptChunk(*data_key, record_id, 0, /*last=*/true, chunk->second);
+}
+
+TEST_F(SharingTest, AnErasedRecordDoesNotOpenFromABackupOfTheShardTakenBefore) {
+  const std::string patient = Place("backup-1", "FR");
+  const std::string shard = ConnInfo("fr-1");
+  const std::string vault = ConnInfo("fr-1 keys");
+  UploadSpec a;
+  a.patient_id = patient;
+  a.content = Generate(91, 0, 3000);
+  UploadSpec b = a;
+  b.content = Generate(92, 0, 4000);
+  const std::string record_a = UploadOk(pki_->practitioner(), a);
+  const std::string record_b = UploadOk(pki_->practitioner(), b);
+
+  // The shard holds no patient key, only its id: what it names is in the vault.
+  const ShardBackup before = BackUp(shard, patient);
+  ASSERT_EQ(before.patient_keys.size(), 1u);
+  for (const auto& [id, key] : before.patient_keys) {
+    EXPECT_EQ(key.wrapped_by, "vault");
+    EXPECT_TRUE(key.wrapped_key.empty());
+  }
+  // Before the erasure, that backup opens with the vault and the KEK.
+  auto opened = OpenFromBackup(before, vault, patient, record_a);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  EXPECT_EQ(*opened, a.content);
+  opened = OpenFromBackup(before, vault, patient, record_b);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  EXPECT_EQ(*opened, b.content);
+
+  auto erased = Erase(pki_->practitioner(), record_a, "uploaded to the wrong patient");
+  ASSERT_TRUE(erased.ok()) << erased.status();
+
+  // The patient key the backup names is destroyed in the vault: the erased record does not open
+  // from it (nor does the other record's copy there; it opens from the shard as it is now).
+  opened = OpenFromBackup(before, vault, patient, record_a);
+  EXPECT_EQ(opened.status().code(), absl::StatusCode::kNotFound) << opened.status();
+  EXPECT_EQ(OpenFromBackup(before, vault, patient, record_b).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(Count("fr-1 keys", "SELECT count(*) FROM patient_keys WHERE key_id = $1",
+                  before.patient_keys.begin()->first),
+            0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions"), 0);
+  Downloaded still = Download(pki_->practitioner(), record_b);
+  ASSERT_TRUE(still.status.ok()) << still.status.error_message();
+  EXPECT_EQ(still.content, b.content);
+  const ShardBackup after = BackUp(shard, patient);
+  ASSERT_EQ(after.patient_keys.size(), 1u);
+  EXPECT_NE(after.patient_keys.begin()->first, before.patient_keys.begin()->first);
+  opened = OpenFromBackup(after, vault, patient, record_b);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  EXPECT_EQ(*opened, b.content);
+  // The patient's current key does not open the erased record's key from the old backup.
+  auto current = FromVault(vault, patient, after.patient_keys.begin()->first);
+  ASSERT_TRUE(current.ok()) << current.status();
+  EXPECT_FALSE(crypto::Open(*current, absl::StrCat("medgate-record-key-v1/", record_a),
+                            before.record_keys.at(record_a).wrapped_key)
+                   .ok());
+
+  // Erasing all of the patient's records destroys the current key too.
+  auto all = ErasePatient(pki_->app(), patient);
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(OpenFromBackup(after, vault, patient, record_b).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(Count("fr-1 keys", "SELECT count(*) FROM patient_keys WHERE patient_id = $1", patient),
+            0);
+  auto chain = Verify("fr-1");
+  ASSERT_TRUE(chain.ok()) << chain.status();
+  EXPECT_TRUE(chain->ok()) << chain->detail();
+}
+
+TEST_F(SharingTest, AKeyTheVaultCouldNotDestroyAtTheErasureIsDestroyedByTheSweep) {
+  const std::string patient = Place("backup-2", "FR");
+  const std::string vault = ConnInfo("fr-1 keys");
+  UploadSpec a;
+  a.patient_id = patient;
+  a.content = Generate(93, 0, 2000);
+  UploadSpec b = a;
+  b.content = Generate(94, 0, 2500);
+  const std::string record_a = UploadOk(pki_->practitioner(), a);
+  UploadOk(pki_->practitioner(), b);
+  const ShardBackup before = BackUp(ConnInfo("fr-1"), patient);
+
+  Exec("fr-1 keys",
+       "CREATE FUNCTION refuse_key_delete() RETURNS trigger LANGUAGE plpgsql AS $$ "
+       "BEGIN RAISE EXCEPTION 'injected vault failure'; END $$");
+  Exec("fr-1 keys",
+       "CREATE TRIGGER refuse_key_delete BEFORE DELETE ON patient_keys FOR EACH ROW "
+       "EXECUTE FUNCTION refuse_key_delete()");
+  absl::Cleanup drop = [] {
+    Exec("fr-1 keys", "DROP TRIGGER IF EXISTS refuse_key_delete ON patient_keys");
+    Exec("fr-1 keys", "DROP FUNCTION IF EXISTS refuse_key_delete()");
+  };
+  // The erasure is done (the record is gone from the shard); its retired key stays queued.
+  auto erased = Erase(pki_->practitioner(), record_a);
+  ASSERT_TRUE(erased.ok()) << erased.status();
+  EXPECT_EQ(Download(pki_->practitioner(), record_a).status.error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions WHERE patient_id = $1", patient),
+            1);
+  EXPECT_TRUE(OpenFromBackup(before, vault, patient, record_a).ok());
+  auto swept = sharing_->core().SweepRetention();
+  EXPECT_FALSE(swept.ok());  // the vault still refuses
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions WHERE patient_id = $1", patient),
+            1);
+
+  std::move(drop).Invoke();
+  swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_GE(swept->destroyed_keys, 1);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions WHERE patient_id = $1", patient),
+            0);
+  EXPECT_EQ(OpenFromBackup(before, vault, patient, record_a).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_F(SharingTest, ARecordStoredWhileAnErasureWaitedIsRewrappedUnderTheNewKey) {
+  const std::string patient = Place("rotate-race-1", "FR");
+  UploadSpec first;
+  first.patient_id = patient;
+  first.content = Generate(97, 0, 1000);
+  const std::string first_id = UploadOk(pki_->practitioner(), first);
+  const std::string old_key = BackUp(ConnInfo("fr-1"), patient).patient_keys.begin()->first;
+  auto lock_waits = [](const std::string& query) {
+    return Count("fr-1",
+                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND "
+                 "datname = current_database() AND query LIKE $1",
+                 query);
+  };
+  // Holding the audit chain's head stops the next upload in its last statement, after it took
+  // the patient key FOR KEY SHARE and before its commit.
+  pqxx::connection holder(ConnInfo("fr-1"));
+  auto head = std::make_unique<pqxx::work>(holder);
+  ASSERT_EQ(head->exec("SELECT 1 FROM audit_head FOR UPDATE").size(), 1u);
+  UploadSpec late = first;
+  late.content = Generate(98, 0, 1100);
+  grpc::Status uploaded;
+  v1::UploadRecordResponse late_response;
+  std::thread uploading([&] { uploaded = Upload(pki_->practitioner(), late, &late_response); });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return lock_waits("%audit_append%") == 1; }));
+  // The erasure waits for the upload's lock on the patient key.
+  absl::StatusOr<v1::EraseRecordResponse> erased;
+  std::thread erasing([&] { erased = Erase(pki_->practitioner(), first_id); });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    return lock_waits("%FROM record_keys WHERE patient_id = $1 AND record_id IS NULL FOR UPDATE") ==
+           1;
+  }));
+  head.reset();  // rolls back: the upload commits, then the erasure goes on
+  uploading.join();
+  erasing.join();
+  ASSERT_TRUE(uploaded.ok()) << uploaded.error_message();
+  ASSERT_TRUE(erased.ok()) << erased.status();
+
+  const ShardBackup now = BackUp(ConnInfo("fr-1"), patient);
+  ASSERT_EQ(now.patient_keys.size(), 1u);
+  EXPECT_NE(now.patient_keys.begin()->first, old_key);
+  EXPECT_EQ(now.record_keys.at(late_response.record_id()).wrapped_by,
+            now.patient_keys.begin()->first);
+  EXPECT_EQ(Count("fr-1 keys", "SELECT count(*) FROM patient_keys WHERE key_id = $1", old_key), 0);
+  Downloaded d = Download(pki_->practitioner(), late_response.record_id());
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, late.content);
+}
+
+TEST(KeyVaultConfigTest, EveryRegionNeedsAKeyVault) {
+  std::vector<RegionConfig> regions(2);
+  regions[0].id = "fr-1";
+  regions[0].keys_db = DbConfig{"host=127.0.0.1 port=1"};
+  regions[1].id = "de-1";
+  auto kek = crypto::ParseHexKeyEncryptionKey(kKekHex, "test");
+  ASSERT_TRUE(kek.ok());
+  auto vault = KeyVault::Create(regions, **kek);
+  EXPECT_EQ(vault.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(vault.status().message(), HasSubstr("'regions[1].keys_db'"));
+  EXPECT_THAT(vault.status().message(), HasSubstr("de-1"));
+  regions[1].keys_db = DbConfig{"host=127.0.0.1 port=2"};
+  EXPECT_TRUE(KeyVault::Create(regions, **kek).ok());
+}
+
+TEST_F(SharingTest, VaultKeysNoShardUsesAreDeletedAfterTheGracePeriod) {
+  const std::string patient = Place("vault-orphan-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(95, 0, 1500);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  // As a key written for an upload whose shard transaction then failed.
+  Exec("fr-1 keys",
+       "INSERT INTO patient_keys (key_id, patient_id, kek_id, wrapped_key) "
+       "VALUES ('fr-1.pstray', $1, 'unused', '\\x00')",
+       patient);
+  auto keys = [&](const std::string& which) {
+    return Count("fr-1 keys",
+                 absl::StrCat("SELECT count(*) FROM patient_keys WHERE patient_id = $1 AND ", which),
+                 patient);
+  };
+  EXPECT_EQ(keys("NOT confirmed"), 2);
+
+  // Within the grace period nothing is decided: its transaction may still commit.
+  auto swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_EQ(keys("true"), 2);
+
+  // Two hours later, by the vault's clock.
+  Exec("fr-1 keys",
+       "UPDATE patient_keys SET created_at = created_at - interval '2 hours' WHERE patient_id = $1",
+       patient);
+  swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_EQ(keys("key_id = 'fr-1.pstray'"), 0);
+  EXPECT_EQ(keys("confirmed"), 1);  // the key the shard uses stays
+  Downloaded d = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, spec.content);
+}
+
+TEST_F(SharingTest, PatientKeysTheShardHeldMoveToTheVault) {
+  const std::string patient = Place("vault-move-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(96, 0, 1200);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const std::string key_id = BackUp(ConnInfo("fr-1"), patient).patient_keys.begin()->first;
+  // As a key written before the vault: wrapped by the KEK in the shard's row.
+  {
+    pqxx::connection v(ConnInfo("fr-1 keys"));
+    pqxx::work vt(v);
+    pqxx::row row = vt.exec_params1(
+        "DELETE FROM patient_keys WHERE key_id = $1 RETURNING kek_id, wrapped_key", key_id);
+    pqxx::connection s(ConnInfo("fr-1"));
+    pqxx::work st(s);
+    st.exec_params0("UPDATE record_keys SET wrapped_by = $2, wrapped_key = $3 WHERE key_id = $1",
+                    key_id, row[0].c_str(), pqxx::binarystring(row[1]));
+    st.commit();
+    vt.commit();
+  }
+  AdvanceClock(absl::Minutes(2));  // past the service's cache of the key
+  Downloaded d = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, spec.content);
+
+  auto swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_GE(swept->moved_keys, 1);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM record_keys WHERE key_id = $1 AND wrapped_by = 'vault' "
+                  "AND length(wrapped_key) = 0",
+                  key_id),
+            1);
+  EXPECT_EQ(Count("fr-1 keys", "SELECT count(*) FROM patient_keys WHERE key_id = $1 AND confirmed",
+                  key_id),
+            1);
+  AdvanceClock(absl::Minutes(2));
+  d = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, spec.content);
 }
 
 TEST_F(SharingTest, ArchivedRecordsResistErasureUntilRetentionEnd) {

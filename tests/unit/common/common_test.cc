@@ -61,6 +61,10 @@ regions:
   - id: fr-1
     territories: [FR]
     db: {conninfo: "host=127.0.0.1 port=5433", pool_size: 4}
+    keys_db: {conninfo: "host=127.0.0.1 port=5434 dbname=medgate_keys", pool_size: 2}
+  - id: de-1
+    territories: [DE]
+    db: {conninfo: "host=127.0.0.1 port=5435"}
 services:
   routing:
     listen: 127.0.0.1:0
@@ -75,10 +79,14 @@ TEST(ConfigTest, ParsesAValidConfig) {
   EXPECT_EQ(config->trust_domain, "medgate.test");
   EXPECT_EQ(config->limits.max_message_bytes, 2097152);
   EXPECT_EQ(config->limits.max_concurrent_streams, 1000);  // default
-  ASSERT_EQ(config->regions.size(), 1u);
+  ASSERT_EQ(config->regions.size(), 2u);
   EXPECT_EQ(config->regions[0].db.pool_size, 4);
+  ASSERT_TRUE(config->regions[0].keys_db.has_value());
+  EXPECT_EQ(config->regions[0].keys_db->conninfo, "host=127.0.0.1 port=5434 dbname=medgate_keys");
+  EXPECT_EQ(config->regions[0].keys_db->pool_size, 2);
+  EXPECT_FALSE(config->regions[1].keys_db.has_value());  // optional: only sharing needs it
   ASSERT_NE(config->FindRegion("fr-1"), nullptr);
-  EXPECT_EQ(config->FindRegion("de-1"), nullptr);
+  EXPECT_EQ(config->FindRegion("it-1"), nullptr);
   absl::StatusOr<const ServiceEndpoint*> routing = config->Service("routing");
   ASSERT_TRUE(routing.ok());
   EXPECT_EQ((*routing)->address, "127.0.0.1:0");
@@ -116,6 +124,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfigCase{"max_message_bytes: 2097152", "max_mesage_bytes: 5", "limits.max_mesage_bytes"},
         BadConfigCase{"territories: [FR]", "territories: [France]", "regions[0].territories[0]"},
         BadConfigCase{"pool_size: 4", "pool_size: 0", "regions[0].db.pool_size"},
+        BadConfigCase{"pool_size: 2", "pool_size: 0", "regions[0].keys_db.pool_size"},
         BadConfigCase{"tls: {cert: /pki/routing.crt, key: /pki/routing.key}", "tls: {cert: /pki/routing.crt}", "services.routing.tls.key"},
         BadConfigCase{"- id: fr-1", "- idd: fr-1", "regions[0].idd"}));
 

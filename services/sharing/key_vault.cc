@@ -1,0 +1,156 @@
+// The regions' key vaults.
+#include "services/sharing/key_vault.h"
+
+#include <pqxx/pqxx>
+
+#include "absl/strings/str_cat.h"
+#include "libs/common/status_macros.h"
+#include "libs/pg/sql_array.h"
+
+namespace medgate::sharing {
+namespace {
+
+constexpr char kInsertKey[] = "vault_insert_key";
+constexpr char kSelectKey[] = "vault_select_key";
+constexpr char kDeleteKeys[] = "vault_delete_keys";
+constexpr char kSelectUnconfirmed[] = "vault_select_unconfirmed";
+constexpr char kConfirmKeys[] = "vault_confirm_keys";
+
+const std::vector<pg::Statement>& VaultStatements() {
+  static const std::vector<pg::Statement> statements = {
+      {kInsertKey,
+       "INSERT INTO patient_keys (key_id, patient_id, kek_id, wrapped_key, confirmed) "
+       "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key_id) DO NOTHING"},
+      {kSelectKey,
+       "SELECT kek_id, wrapped_key FROM patient_keys WHERE key_id = $1 AND patient_id = $2"},
+      {kDeleteKeys, "DELETE FROM patient_keys WHERE key_id = ANY($1::text[])"},
+      {kSelectUnconfirmed,
+       "SELECT key_id FROM patient_keys WHERE NOT confirmed "
+       "AND created_at < now() - make_interval(secs => $1::double precision) "
+       "ORDER BY created_at LIMIT $2"},
+      {kConfirmKeys, "UPDATE patient_keys SET confirmed = true WHERE key_id = ANY($1::text[])"},
+  };
+  return statements;
+}
+
+std::vector<RegionConfig> VaultsOf(const std::vector<RegionConfig>& regions) {
+  std::vector<RegionConfig> vaults;
+  for (const RegionConfig& r : regions) {
+    if (!r.keys_db) continue;
+    RegionConfig v;
+    v.id = r.id;
+    v.db = *r.keys_db;
+    vaults.push_back(std::move(v));
+  }
+  return vaults;
+}
+
+}  // namespace
+
+std::string PatientKeyContext(absl::string_view patient_id, absl::string_view key_id) {
+  return absl::StrCat("patient-key/", patient_id, "/", key_id);
+}
+
+absl::StatusOr<std::unique_ptr<KeyVault>> KeyVault::Create(
+    const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek) {
+  for (size_t i = 0; i < regions.size(); ++i) {
+    if (!regions[i].keys_db) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "config key 'regions[", i, "].keys_db': missing for region '", regions[i].id,
+          "'; the sharing service keeps the patients' data keys in each region's key vault, a "
+          "database apart from the shard (migrations/vault)"));
+    }
+  }
+  return std::unique_ptr<KeyVault>(new KeyVault(VaultsOf(regions), kek));
+}
+
+KeyVault::KeyVault(const std::vector<RegionConfig>& vaults, crypto::KeyEncryptionKey& kek)
+    : kek_(kek), pools_(vaults, VaultStatements()) {}
+
+absl::StatusOr<pg::Pool*> KeyVault::PoolOf(absl::string_view region) const {
+  absl::StatusOr<pg::Pool*> pool = pools_.Get(region);
+  if (!pool.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("region '", region, "' has no key vault configured"));
+  }
+  return pool;
+}
+
+absl::Status KeyVault::Put(absl::string_view region, const std::string& patient_id,
+                           const std::string& key_id, const crypto::SecretKey& key) {
+  ASSIGN_OR_RETURN(std::string wrapped, kek_.Wrap(key, PatientKeyContext(patient_id, key_id)));
+  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
+  return pool->Transact([&](pqxx::work& txn) {
+    txn.exec_prepared0(kInsertKey, key_id, patient_id, kek_.id(), pqxx::binarystring(wrapped),
+                       false);
+    return absl::OkStatus();
+  });
+}
+
+absl::Status KeyVault::PutWrapped(absl::string_view region, const std::string& patient_id,
+                                  const std::string& key_id, const std::string& kek_id,
+                                  const std::string& wrapped) {
+  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
+  return pool->Transact([&](pqxx::work& txn) {
+    txn.exec_prepared0(kInsertKey, key_id, patient_id, kek_id, pqxx::binarystring(wrapped), true);
+    return absl::OkStatus();
+  });
+}
+
+absl::StatusOr<crypto::SecretKey> KeyVault::Get(absl::string_view region,
+                                                const std::string& patient_id,
+                                                const std::string& key_id) {
+  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
+  std::string kek_id;
+  std::string wrapped;
+  RETURN_IF_ERROR(pool->Transact([&](pqxx::work& txn) {
+    pqxx::result rows = txn.exec_prepared(kSelectKey, key_id, patient_id);
+    if (rows.empty()) {
+      return absl::NotFoundError(absl::StrCat("the key vault of region ", region,
+                                              " holds no patient key '", key_id, "'"));
+    }
+    kek_id = rows[0][0].c_str();
+    wrapped = pqxx::binarystring(rows[0][1]).str();
+    return absl::OkStatus();
+  }));
+  if (kek_id != kek_.id()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the patient's data key is wrapped by key-encryption key ", kek_id,
+                     ", but this service holds ", kek_.id()));
+  }
+  return kek_.Unwrap(wrapped, PatientKeyContext(patient_id, key_id));
+}
+
+absl::Status KeyVault::Destroy(absl::string_view region, const std::vector<std::string>& key_ids) {
+  if (key_ids.empty()) return absl::OkStatus();
+  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
+  return pool->Transact([&](pqxx::work& txn) {
+    txn.exec_prepared0(kDeleteKeys, pg::TextArrayLiteral(key_ids));
+    return absl::OkStatus();
+  });
+}
+
+absl::StatusOr<std::vector<std::string>> KeyVault::Unconfirmed(absl::string_view region,
+                                                               absl::Duration age, int limit) {
+  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
+  return pool->TransactValue<std::vector<std::string>>(
+      [&](pqxx::work& txn) -> absl::StatusOr<std::vector<std::string>> {
+        std::vector<std::string> ids;
+        for (const pqxx::row& row :
+             txn.exec_prepared(kSelectUnconfirmed, absl::ToDoubleSeconds(age), limit)) {
+          ids.push_back(row[0].c_str());
+        }
+        return ids;
+      });
+}
+
+absl::Status KeyVault::Confirm(absl::string_view region, const std::vector<std::string>& key_ids) {
+  if (key_ids.empty()) return absl::OkStatus();
+  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
+  return pool->Transact([&](pqxx::work& txn) {
+    txn.exec_prepared0(kConfirmKeys, pg::TextArrayLiteral(key_ids));
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace medgate::sharing

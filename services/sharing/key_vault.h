@@ -1,0 +1,66 @@
+// The regions' key vaults (migrations/vault): each patient's data key, wrapped by the KEK, kept in
+// a database apart from the region's shard. The shard holds the record keys wrapped under these
+// keys, so neither the shard nor its backups open a record without the vault; deleting a key
+// here (an erasure) makes what it protected unreadable in the shard's backups too.
+#ifndef MEDGATE_SERVICES_SHARING_KEY_VAULT_H_
+#define MEDGATE_SERVICES_SHARING_KEY_VAULT_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "libs/common/config.h"
+#include "libs/crypto/aes_gcm.h"
+#include "libs/crypto/key_encryption_key.h"
+#include "libs/pg/shard_set.h"
+
+namespace medgate::sharing {
+
+// What authenticates a wrapped patient key: its patient and its id, so a wrapped key copied to
+// another row does not unwrap.
+std::string PatientKeyContext(absl::string_view patient_id, absl::string_view key_id);
+
+// Thread-safe.
+class KeyVault {
+ public:
+  // FAILED_PRECONDITION naming the first region without a `keys_db`.
+  static absl::StatusOr<std::unique_ptr<KeyVault>> Create(const std::vector<RegionConfig>& regions,
+                                                          crypto::KeyEncryptionKey& kek);
+
+  crypto::KeyEncryptionKey& kek() const { return kek_; }
+
+  // Stores a new key of the patient, wrapped by the KEK; it is committed when this returns.
+  // UNAVAILABLE when the region's vault cannot be reached.
+  absl::Status Put(absl::string_view region, const std::string& patient_id,
+                   const std::string& key_id, const crypto::SecretKey& key);
+  // Stores a key already wrapped by `kek_id` (one the shard held before the vault), as in use. A
+  // key already there is left as it is.
+  absl::Status PutWrapped(absl::string_view region, const std::string& patient_id,
+                          const std::string& key_id, const std::string& kek_id,
+                          const std::string& wrapped);
+  // The key, unwrapped. NOT_FOUND when the vault does not hold it (destroyed by an erasure);
+  // FAILED_PRECONDITION when another KEK wraps it; DATA_LOSS when it does not unwrap.
+  absl::StatusOr<crypto::SecretKey> Get(absl::string_view region, const std::string& patient_id,
+                                        const std::string& key_id);
+  // Deletes the keys (those already gone are not an error).
+  absl::Status Destroy(absl::string_view region, const std::vector<std::string>& key_ids);
+  // Keys not yet confirmed in use that were written more than `age` ago (by the vault's clock),
+  // oldest first, at most `limit`; and marking keys confirmed.
+  absl::StatusOr<std::vector<std::string>> Unconfirmed(absl::string_view region,
+                                                       absl::Duration age, int limit);
+  absl::Status Confirm(absl::string_view region, const std::vector<std::string>& key_ids);
+
+ private:
+  KeyVault(const std::vector<RegionConfig>& vaults, crypto::KeyEncryptionKey& kek);
+  absl::StatusOr<pg::Pool*> PoolOf(absl::string_view region) const;
+
+  crypto::KeyEncryptionKey& kek_;
+  pg::ShardSet pools_;
+};
+
+}  // namespace medgate::sharing
+
+#endif  // MEDGATE_SERVICES_SHARING_KEY_VAULT_H_
