@@ -396,6 +396,14 @@ class SharingTest : public ::testing::Test {
     return writer->Finish();
   }
 
+  // Downloads `record_id` as `as`, expecting `content`.
+  static void ExpectContent(const TestCert& as, const std::string& record_id,
+                            const std::string& content) {
+    Downloaded d = Download(as, record_id);
+    ASSERT_TRUE(d.status.ok()) << record_id << ": " << d.status.error_message();
+    EXPECT_EQ(d.content, content) << record_id;
+  }
+
   static std::string UploadOk(const TestCert& as, const UploadSpec& spec) {
     v1::UploadRecordResponse response;
     grpc::Status status = Upload(as, spec, &response);
@@ -2290,9 +2298,7 @@ TEST_F(SharingTest, AnErasedRecordDoesNotOpenFromABackupOfTheShardTakenBefore) {
                   before.patient_keys.begin()->first),
             0);
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions"), 0);
-  Downloaded still = Download(pki_->practitioner(), record_b);
-  ASSERT_TRUE(still.status.ok()) << still.status.error_message();
-  EXPECT_EQ(still.content, b.content);
+  ExpectContent(pki_->practitioner(), record_b, b.content);
   const ShardBackup after = BackUp(shard, patient);
   ASSERT_EQ(after.patient_keys.size(), 1u);
   EXPECT_NE(after.patient_keys.begin()->first, before.patient_keys.begin()->first);
@@ -2406,9 +2412,7 @@ TEST_F(SharingTest, ARecordStoredWhileAnErasureWaitedIsRewrappedUnderTheNewKey) 
   EXPECT_EQ(now.record_keys.at(late_response.record_id()).wrapped_by,
             now.patient_keys.begin()->first);
   EXPECT_EQ(Count("fr-1 keys", "SELECT count(*) FROM patient_keys WHERE key_id = $1", old_key), 0);
-  Downloaded d = Download(pki_->practitioner(), late_response.record_id());
-  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
-  EXPECT_EQ(d.content, late.content);
+  ExpectContent(pki_->practitioner(), late_response.record_id(), late.content);
 }
 
 TEST(KeyVaultConfigTest, EveryRegionNeedsAKeyVault) {
@@ -2457,9 +2461,7 @@ TEST_F(SharingTest, VaultKeysNoShardUsesAreDeletedAfterTheGracePeriod) {
   ASSERT_TRUE(swept.ok()) << swept.status();
   EXPECT_EQ(keys("key_id = 'fr-1.pstray'"), 0);
   EXPECT_EQ(keys("confirmed"), 1);  // the key the shard uses stays
-  Downloaded d = Download(pki_->practitioner(), record);
-  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
-  EXPECT_EQ(d.content, spec.content);
+  ExpectContent(pki_->practitioner(), record, spec.content);
 }
 
 TEST_F(SharingTest, PatientKeysTheShardHeldMoveToTheVault) {
@@ -2483,9 +2485,7 @@ TEST_F(SharingTest, PatientKeysTheShardHeldMoveToTheVault) {
     vt.commit();
   }
   AdvanceClock(absl::Minutes(2));  // past the service's cache of the key
-  Downloaded d = Download(pki_->practitioner(), record);
-  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
-  EXPECT_EQ(d.content, spec.content);
+  ExpectContent(pki_->practitioner(), record, spec.content);
 
   auto swept = sharing_->core().SweepRetention();
   ASSERT_TRUE(swept.ok()) << swept.status();
@@ -2499,9 +2499,7 @@ TEST_F(SharingTest, PatientKeysTheShardHeldMoveToTheVault) {
                   key_id),
             1);
   AdvanceClock(absl::Minutes(2));
-  d = Download(pki_->practitioner(), record);
-  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
-  EXPECT_EQ(d.content, spec.content);
+  ExpectContent(pki_->practitioner(), record, spec.content);
 }
 
 TEST_F(SharingTest, ArchivedRecordsResistErasureUntilRetentionEnd) {
