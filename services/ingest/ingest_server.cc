@@ -28,7 +28,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
                                  "worker_threads", "max_waiting_batches", "writers_per_region",
                                  "device_cache_ttl_seconds", "enqueue_wait_ms",
                                  "stats_interval_ms", "partition_check_minutes",
-                                 "max_queued_rows"}));
+                                 "max_queued_rows", "max_streams_per_device"}));
   ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
   // A burst below the largest batch would refuse such a batch forever, however long it waits.
   ASSIGN_OR_RETURN(int64_t burst, node.Int("tenant_burst", static_cast<int64_t>(kMaxSamplesPerBatch),
@@ -45,6 +45,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(int64_t enqueue_wait, node.Int("enqueue_wait_ms", 1, 600000, 10000));
   ASSIGN_OR_RETURN(int64_t stats_interval, node.Int("stats_interval_ms", 100, 3600000, 10000));
   ASSIGN_OR_RETURN(int64_t partition_check, node.Int("partition_check_minutes", 1, 24 * 60, 60));
+  ASSIGN_OR_RETURN(int64_t device_streams, node.Int("max_streams_per_device", 1, 1000, 4));
   s.core.tenant_samples_per_second = static_cast<double>(rate);
   s.core.tenant_burst = static_cast<double>(burst);
   s.core.validation.max_age = absl::Hours(age);
@@ -58,6 +59,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.core.enqueue_wait = absl::Milliseconds(enqueue_wait);
   s.writer.stats_interval = absl::Milliseconds(stats_interval);
   s.partition_check = absl::Minutes(partition_check);
+  s.max_streams_per_device = static_cast<int>(device_streams);
   return s;
 }
 
@@ -95,7 +97,8 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
                                                      *server->consent_, *server->shards_,
                                                      config.trust_domain, *server->executor_,
                                                      server->settings_.writer.stats_interval,
-                                                     server->tenant_gate_.get());
+                                                     server->tenant_gate_.get(),
+                                                     server->settings_.max_streams_per_device);
   return server;
 }
 

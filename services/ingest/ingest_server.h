@@ -39,6 +39,9 @@ struct IngestSettings {
   // How often each region's vitals partitions are made for the next 12 months (and at start):
   // a month without its partition would file its samples in the default partition.
   absl::Duration partition_check = absl::Minutes(60);
+  // Streams one device may have open at once (a reconnecting device briefly has two); one more
+  // ends RESOURCE_EXHAUSTED.
+  int max_streams_per_device = 4;
 };
 
 absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config);

@@ -114,10 +114,12 @@ struct StreamShared {
 class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck> {
  public:
   VitalsStream(IngestCore& core, StreamExecutor& executor, LatencyWindow& ack_latency,
-               absl::StatusOr<Principal> principal, std::string origin)
+               absl::StatusOr<Principal> principal, std::string origin,
+               std::unique_ptr<IngestService::DeviceStreamSlot> slot)
       : core_(core),
         executor_(executor),
         ack_latency_(ack_latency),
+        slot_(std::move(slot)),
         shared_(std::make_shared<StreamShared>()) {
     if (!principal.ok()) {
       Finish(ToGrpcStatus(principal.status()));
@@ -314,6 +316,8 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   IngestCore& core_;
   StreamExecutor& executor_;
   LatencyWindow& ack_latency_;
+  // Counts this stream against its device's bound until the reactor is deleted.
+  const std::unique_ptr<IngestService::DeviceStreamSlot> slot_;
   std::shared_ptr<StreamShared> shared_;
   Principal principal_;
   std::shared_ptr<const BatchSource> source_;  // for the audit entries of its batches
@@ -334,10 +338,32 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
 
 }  // namespace
 
+IngestService::DeviceStreamSlot::~DeviceStreamSlot() {
+  std::lock_guard<std::mutex> lock(service_.streams_mu_);
+  auto it = service_.streams_per_device_.find(device_);
+  if (it != service_.streams_per_device_.end() && --it->second == 0) {
+    service_.streams_per_device_.erase(it);
+  }
+}
+
+absl::StatusOr<std::unique_ptr<IngestService::DeviceStreamSlot>> IngestService::OpenSlot(
+    const std::string& device) {
+  std::lock_guard<std::mutex> lock(streams_mu_);
+  int& open = streams_per_device_[device];
+  if (open >= max_streams_per_device_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this device already has ", open, " streams open, the most ingest.max_streams_per_device "
+        "allows; send on an open stream, or close one first"));
+  }
+  ++open;
+  return std::make_unique<DeviceStreamSlot>(*this, device);
+}
+
 IngestService::IngestService(IngestCore& core, RoutingClient& routing,
                              consent::ConsentCache& consent, const pg::ShardSet& shards,
                              std::string trust_domain, StreamExecutor& executor,
-                             absl::Duration stats_interval, TenantGate* tenant_gate)
+                             absl::Duration stats_interval, TenantGate* tenant_gate,
+                             int max_streams_per_device)
     : core_(core),
       routing_(routing),
       consent_(consent),
@@ -345,6 +371,7 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
       policy_(std::move(trust_domain),
               {{"StreamVitals", {K::kDevice}}, {"ReadVitals", {K::kPractitioner}}}),
       executor_(executor),
+      max_streams_per_device_(max_streams_per_device),
       ack_latency_(stats_interval) {
   policy_.set_tenant_gate(tenant_gate);
 }
@@ -357,8 +384,18 @@ grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* IngestService::StreamVi
   // Where the device's patient lives is fetched in the background, in one RPC with the devices
   // of other streams opening meanwhile, so a fleet reconnecting at once (after a restart of this
   // service) does not resolve its devices one round trip at a time on the executor threads.
-  if (principal.ok()) routing_.PrefetchDevices({DeviceRef{principal->tenant, principal->name}});
-  return new VitalsStream(core_, executor_, ack_latency_, std::move(principal), context->peer());
+  std::unique_ptr<DeviceStreamSlot> slot;
+  if (principal.ok()) {
+    absl::StatusOr<std::unique_ptr<DeviceStreamSlot>> opened = OpenSlot(principal->spiffe_id);
+    if (opened.ok()) {
+      slot = *std::move(opened);
+      routing_.PrefetchDevices({DeviceRef{principal->tenant, principal->name}});
+    } else {
+      principal = opened.status();
+    }
+  }
+  return new VitalsStream(core_, executor_, ack_latency_, std::move(principal), context->peer(),
+                          std::move(slot));
 }
 
 grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,

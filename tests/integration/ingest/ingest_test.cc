@@ -543,6 +543,43 @@ TEST_F(IngestTest, OnlyAssignedDevicesMayStreamAndOnlyDevicesMayStream) {
   EXPECT_EQ(Count("fr-1", "tenant_id = 'globex'"), 0);
 }
 
+TEST_F(IngestTest, ADeviceHasAtMostItsBoundOfStreamsOpen) {
+  std::string patient = PatientWithDevice("streams-fr", "FR", "dev-streams");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto stub = Ingest(Device("acme", "dev-streams"));
+  constexpr int kBound = 4;  // ingest.max_streams_per_device's default
+  uint64_t seq = 0;
+  std::vector<std::unique_ptr<DeviceStream>> open;
+  for (int i = 0; i < kBound; ++i) {
+    open.push_back(std::make_unique<DeviceStream>(*stub));
+    ++seq;
+    std::optional<v1::IngestAck> ack = open.back()->Send(Batch(seq, seq, 1));
+    ASSERT_TRUE(ack.has_value()) << open.back()->Finish().error_message();
+    EXPECT_EQ(ack->stored_count(), 1u);
+  }
+  DeviceStream extra(*stub);
+  EXPECT_FALSE(extra.Send(Batch(seq + 1, seq + 1, 1)).has_value());
+  grpc::Status refused = extra.Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(refused.error_message(), HasSubstr("max_streams_per_device"));
+  // The open streams still work; once one is closed, a new one may open.
+  ++seq;
+  std::optional<v1::IngestAck> ack = open.front()->Send(Batch(seq, seq, 1));
+  ASSERT_TRUE(ack.has_value());
+  EXPECT_EQ(ack->stored_count(), 1u);
+  EXPECT_TRUE(open.front()->Finish().ok());
+  open.erase(open.begin());
+  ++seq;
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(10), [&] {
+    DeviceStream again(*stub);
+    std::optional<v1::IngestAck> a = again.Send(Batch(seq, seq, 1));
+    again.Finish();
+    return a.has_value() && a->stored_count() == 1;
+  }));
+  for (auto& s : open) EXPECT_TRUE(s->Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-streams'"), static_cast<int64_t>(seq));
+}
+
 TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
   std::string patient = PatientWithDevice("reader", "FR", "dev-read");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
