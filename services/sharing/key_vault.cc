@@ -33,18 +33,6 @@ const std::vector<pg::Statement>& VaultStatements() {
   return statements;
 }
 
-std::vector<RegionConfig> VaultsOf(const std::vector<RegionConfig>& regions) {
-  std::vector<RegionConfig> vaults;
-  for (const RegionConfig& r : regions) {
-    if (!r.keys_db) continue;
-    RegionConfig v;
-    v.id = r.id;
-    v.db = *r.keys_db;
-    vaults.push_back(std::move(v));
-  }
-  return vaults;
-}
-
 }  // namespace
 
 std::string PatientKeyContext(absl::string_view patient_id, absl::string_view key_id) {
@@ -61,19 +49,26 @@ absl::StatusOr<std::unique_ptr<KeyVault>> KeyVault::Create(
           "database apart from the shard (migrations/vault)"));
     }
   }
-  return std::unique_ptr<KeyVault>(new KeyVault(VaultsOf(regions), kek));
+  return std::unique_ptr<KeyVault>(new KeyVault(regions, kek));
 }
 
-KeyVault::KeyVault(const std::vector<RegionConfig>& vaults, crypto::KeyEncryptionKey& kek)
-    : kek_(kek), pools_(vaults, VaultStatements()) {}
+KeyVault::KeyVault(const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek)
+    : kek_(kek) {
+  for (const RegionConfig& r : regions) {
+    pg::PoolOptions options =
+        pg::PoolOptions::FromConfig(absl::StrCat(r.id, " key vault"), *r.keys_db);
+    options.statements = VaultStatements();
+    pools_.emplace(r.id, std::make_unique<pg::Pool>(std::move(options)));
+  }
+}
 
 absl::StatusOr<pg::Pool*> KeyVault::PoolOf(absl::string_view region) const {
-  absl::StatusOr<pg::Pool*> pool = pools_.Get(region);
-  if (!pool.ok()) {
+  auto it = pools_.find(region);
+  if (it == pools_.end()) {
     return absl::FailedPreconditionError(
         absl::StrCat("region '", region, "' has no key vault configured"));
   }
-  return pool;
+  return it->second.get();
 }
 
 absl::Status KeyVault::Put(absl::string_view region, const std::string& patient_id,

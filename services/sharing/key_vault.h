@@ -5,6 +5,7 @@
 #ifndef MEDGATE_SERVICES_SHARING_KEY_VAULT_H_
 #define MEDGATE_SERVICES_SHARING_KEY_VAULT_H_
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -15,7 +16,7 @@
 #include "libs/common/config.h"
 #include "libs/crypto/aes_gcm.h"
 #include "libs/crypto/key_encryption_key.h"
-#include "libs/pg/shard_set.h"
+#include "libs/pg/pool.h"
 
 namespace medgate::sharing {
 
@@ -54,11 +55,12 @@ class KeyVault {
   absl::Status Confirm(absl::string_view region, const std::vector<std::string>& key_ids);
 
  private:
-  KeyVault(const std::vector<RegionConfig>& vaults, crypto::KeyEncryptionKey& kek);
+  KeyVault(const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek);
   absl::StatusOr<pg::Pool*> PoolOf(absl::string_view region) const;
 
   crypto::KeyEncryptionKey& kek_;
-  pg::ShardSet pools_;
+  // By region; each pool is named "<region> key vault", as its errors say.
+  std::map<std::string, std::unique_ptr<pg::Pool>, std::less<>> pools_;
 };
 
 }  // namespace medgate::sharing

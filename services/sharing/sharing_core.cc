@@ -304,16 +304,42 @@ absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::str
 // encrypting the next chunk overlap with the database storing this one (at most one sealed chunk
 // waits while another is being inserted); Finish() stores the last chunk with the record.
 // Nothing is visible before Finish() commits.
-// One upload's place among its tenant's uploads to a region; given back when destroyed.
-class UploadSlot {
+// One upload's or download's place among its tenant's in a region; given back when destroyed.
+class TransferSlot {
  public:
-  explicit UploadSlot(std::function<void()> release) : release_(std::move(release)) {}
-  ~UploadSlot() { release_(); }
-  UploadSlot(const UploadSlot&) = delete;
-  UploadSlot& operator=(const UploadSlot&) = delete;
+  TransferSlot(std::mutex& mu, std::map<std::pair<std::string, std::string>, int>& in_progress,
+               std::pair<std::string, std::string> key)
+      : mu_(mu), in_progress_(in_progress), key_(std::move(key)) {}
+  ~TransferSlot() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (--in_progress_[key_] == 0) in_progress_.erase(key_);
+  }
+  TransferSlot(const TransferSlot&) = delete;
+  TransferSlot& operator=(const TransferSlot&) = delete;
+
+  // A place among at most `max` of (tenant, region), or RESOURCE_EXHAUSTED saying which bound
+  // (`setting`) refused what (`what`, plural).
+  static absl::StatusOr<std::unique_ptr<TransferSlot>> Take(
+      std::mutex& mu, std::map<std::pair<std::string, std::string>, int>& in_progress, int max,
+      const std::string& tenant, const std::string& region, absl::string_view what,
+      absl::string_view setting) {
+    std::pair<std::string, std::string> key{tenant, region};
+    std::lock_guard<std::mutex> lock(mu);
+    int& n = in_progress[key];
+    if (n >= max) {
+      return absl::ResourceExhaustedError(absl::StrCat("tenant '", tenant, "' already has ", max,
+                                                       " ", what, " in progress in region ",
+                                                       region, " (sharing.", setting,
+                                                       "); retry when one ends"));
+    }
+    ++n;
+    return std::make_unique<TransferSlot>(mu, in_progress, std::move(key));
+  }
 
  private:
-  std::function<void()> release_;
+  std::mutex& mu_;
+  std::map<std::pair<std::string, std::string>, int>& in_progress_;
+  const std::pair<std::string, std::string> key_;
 };
 
 class PgUpload final : public Upload {
@@ -322,7 +348,7 @@ class PgUpload final : public Upload {
   // one-chunk upload takes one from `upload_pool` only when it stores, so a slow client holds none.
   PgUpload(SharingCore& core, CallContext ctx, UploadHeader header, PatientHome home,
            consent::AccessDecision care, pg::Pool& upload_pool, std::optional<pg::Lease> lease,
-           PatientKeyCache& keys, std::unique_ptr<UploadSlot> slot)
+           PatientKeyCache& keys, std::unique_ptr<TransferSlot> slot)
       : slot_(std::move(slot)),
         core_(core),
         ctx_(std::move(ctx)),
@@ -474,17 +500,24 @@ class PgUpload final : public Upload {
         keys_.Forget(home_.patient_id);  // erased, or replaced after an erasure elsewhere
       }
       // Otherwise the key is read, or created for the patient's first record, in the record's
-      // own transaction: a failed upload leaves no key behind.
+      // own transaction: a failed upload leaves no key row in the shard (a key it wrote to the
+      // vault is deleted by the sweep). An erasure committed meanwhile may have replaced the key
+      // (one record's) or removed it (all of them): then the next statement sees what is now.
       if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_->connection());
-      ASSIGN_OR_RETURN(PatientKey current, ReadOrCreatePatientKey(*txn_, now));
-      ASSIGN_OR_RETURN(bool stored, StoreRecord(*txn_, current, now, entry));
+      bool stored = false;
+      std::optional<PatientKey> current;
+      for (int attempt = 0; attempt < 2 && !stored; ++attempt) {
+        ASSIGN_OR_RETURN(PatientKey key, ReadOrCreatePatientKey(*txn_, now));
+        ASSIGN_OR_RETURN(stored, StoreRecord(*txn_, key, now, entry));
+        current.emplace(std::move(key));
+      }
       if (!stored) {
         return absl::AbortedError(
-            "the patient's records were erased while this upload was being stored; nothing was "
-            "stored, upload again");
+            "the patient's key was replaced by erasures while this upload was being stored; "
+            "nothing was stored, upload again");
       }
       txn_->commit();
-      keys_.Put(home_.patient_id, current, now);
+      keys_.Put(home_.patient_id, *current, now);
       return absl::OkStatus();
     } catch (const std::exception& e) {
       return pg::StatusFromException(e);
@@ -631,7 +664,7 @@ class PgUpload final : public Upload {
     return status;
   }
 
-  std::unique_ptr<UploadSlot> slot_;  // first: given back after everything else is let go
+  std::unique_ptr<TransferSlot> slot_;  // first: given back after everything else is let go
   SharingCore& core_;
   const CallContext ctx_;
   const consent::AccessDecision care_;  // the CARE decision the upload was let in on
@@ -667,8 +700,13 @@ class PgUpload final : public Upload {
 // chunk from the database overlaps with authenticating and sending this one.
 class PgDownload final : public Download {
  public:
-  PgDownload(SharingCore& core, pg::Pool& pool, RecordInfo record, SecretKey key)
-      : core_(core), pool_(pool), record_(std::move(record)), key_(std::move(key)) {}
+  PgDownload(SharingCore& core, pg::Pool& pool, RecordInfo record, SecretKey key,
+             std::unique_ptr<TransferSlot> slot)
+      : slot_(std::move(slot)),
+        core_(core),
+        pool_(pool),
+        record_(std::move(record)),
+        key_(std::move(key)) {}
 
   ~PgDownload() override {
     {
@@ -765,6 +803,7 @@ class PgDownload final : public Download {
     }
   }
 
+  std::unique_ptr<TransferSlot> slot_;  // first: given back after everything else is let go
   SharingCore& core_;
   pg::Pool& pool_;
   const RecordInfo record_;
@@ -924,36 +963,61 @@ absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& reg
                                          std::vector<std::string>& retired) {
   // Uploads store under the patient key FOR KEY SHARE: they commit before this lock is granted
   // (and their records are rewrapped below), or wait for this erasure and find the key gone.
-  const pqxx::result locked = txn.exec_prepared(sql::kLockPatientKey, record.patient_id);
+  // The key locked must be the one the record's key is wrapped under: an erasure of another of
+  // the patient's records that committed while this one waited for the lock has replaced it
+  // (the lock then found no row), and the next statement sees the new one.
+  pqxx::result locked;
+  for (int attempt = 0;; ++attempt) {
+    locked = txn.exec_prepared(sql::kLockPatientKey, record.patient_id);
+    const pqxx::result under = txn.exec_prepared(sql::kSelectRecordKeyWrapper, record.record_id);
+    if (under.empty()) {
+      locked = pqxx::result();  // the record has no key: nothing to retire
+      break;
+    }
+    if (!locked.empty() && std::string(locked[0][0].c_str()) == under[0][0].c_str()) break;
+    if (attempt == 2) {
+      return absl::AbortedError(
+          "the patient's key was replaced by other erasures while this one waited; retry");
+    }
+  }
   txn.exec_prepared0(sql::kDeleteRecordKey, record.record_id);
   if (locked.empty()) return absl::OkStatus();
   const std::string old_id = locked[0][0].c_str();
   // Every other record key under the old patient key moves to a new one: the old key is then
   // destroyed in the vault, and with it the erased record's key in the shard's backups.
-  const pqxx::result others =
-      txn.exec_prepared(sql::kSelectRecordKeysUnder, old_id, record.record_id);
+  const pqxx::result others = txn.exec_prepared(sql::kSelectRecordKeysUnder, old_id,
+                                                record.record_id, record.patient_id);
   txn.exec_prepared0(sql::kDeletePatientKeyRow, old_id);
   txn.exec_prepared0(sql::kQueueKeyDestruction, old_id, record.patient_id);
   retired.push_back(old_id);
   if (others.empty()) return absl::OkStatus();  // the next upload makes a new key
-  ASSIGN_OR_RETURN(PatientKey old_key,
-                   OpenPatientKey(region, record.patient_id, old_id, locked[0][1].c_str(),
-                                  BytesOf(locked[0][2])));
+  absl::StatusOr<PatientKey> old_key = OpenPatientKey(
+      region, record.patient_id, old_id, locked[0][1].c_str(), BytesOf(locked[0][2]));
+  if (old_key.status().code() == absl::StatusCode::kAborted) {
+    // Locked here, so no erasure retired it: the vault has lost a key the shard uses.
+    return absl::DataLossError(absl::StrCat(
+        "the key vault of region ", region, " does not hold patient key '", old_id,
+        "', which the shard names: the patient's records cannot be opened, and the erasure of "
+        "record '", record.record_id, "' was not done"));
+  }
+  if (!old_key.ok()) return old_key.status();
   ASSIGN_OR_RETURN(PatientKey new_key, NewPatientKey(region, record.patient_id));
   std::vector<std::string> ids;
   std::vector<std::string> rewrapped;
   for (const pqxx::row& row : others) {
     const std::string id = row[0].c_str();
-    absl::StatusOr<std::string> key = crypto::Open(old_key.key, RecordKeyAad(id), BytesOf(row[1]));
+    absl::StatusOr<std::string> key =
+        crypto::Open(old_key->key, RecordKeyAad(id), BytesOf(row[1]));
     if (!key.ok()) {
-      return absl::DataLossError(absl::StrCat(
-          "record '", id, "': its wrapped data key is damaged; the erasure of record '",
-          record.record_id, "' cannot rewrap it and was not done"));
+      // Already unreadable: it stays under the retired key rather than block this erasure.
+      log::Error("record_key_damaged", {{"record", id}, {"during_erasure_of", record.record_id}});
+      continue;
     }
     ASSIGN_OR_RETURN(std::string sealed, crypto::Seal(new_key.key, RecordKeyAad(id), *key));
     ids.push_back(id);
     rewrapped.push_back(absl::BytesToHexString(sealed));
   }
+  if (ids.empty()) return absl::OkStatus();
   if (txn.exec_prepared(sql::kInsertPatientKey, new_key.key_id, record.patient_id, kInVault,
                         pqxx::binarystring(std::string()), PgTime(Now()))
           .empty()) {
@@ -1073,22 +1137,10 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
   }
 
   // A tenant's uploads to a region are bounded: the region's upload connections are everyone's.
-  const std::pair<std::string, std::string> slot_key{home->tenant_id, home->region_id};
-  {
-    std::lock_guard<std::mutex> lock(uploads_mu_);
-    int& in_progress = uploads_in_progress_[slot_key];
-    if (in_progress >= options_.max_uploads_per_tenant) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "tenant '", home->tenant_id, "' already has ", options_.max_uploads_per_tenant,
-          " uploads in progress to region ", home->region_id,
-          " (sharing.max_uploads_per_tenant); retry when one ends"));
-    }
-    ++in_progress;
-  }
-  auto slot = std::make_unique<UploadSlot>([this, slot_key] {
-    std::lock_guard<std::mutex> lock(uploads_mu_);
-    if (--uploads_in_progress_[slot_key] == 0) uploads_in_progress_.erase(slot_key);
-  });
+  ASSIGN_OR_RETURN(std::unique_ptr<TransferSlot> slot,
+                   TransferSlot::Take(transfers_mu_, uploads_in_progress_,
+                                      options_.max_uploads_per_tenant, home->tenant_id,
+                                      home->region_id, "uploads", "max_uploads_per_tenant"));
   // An upload of several chunks writes them as they come, in a transaction of its own: it holds
   // a connection from its start. One of a single chunk needs one only to store it.
   std::optional<pg::Lease> lease;
@@ -1439,6 +1491,12 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
     return absl::PermissionDeniedError("break-glass reads are for ops identities only");
   }
   ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
+  // Taken before the record is read, so a refused download reads and audits nothing; an ops
+  // identity (no tenant) counts with the other ops identities.
+  ASSIGN_OR_RETURN(std::unique_ptr<TransferSlot> slot,
+                   TransferSlot::Take(transfers_mu_, downloads_in_progress_,
+                                      options_.max_downloads_per_tenant, ctx.principal.tenant,
+                                      pool->name(), "downloads", "max_downloads_per_tenant"));
   const std::string region = record_id.substr(0, record_id.find('.'));
   const absl::Time now = Now();
   const std::string& caller = ctx.principal.spiffe_id;
@@ -1531,8 +1589,8 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
         out.value = Opened{std::move(one[0]), std::move(key)};
         return out;
       })));
-  return std::unique_ptr<Download>(
-      new PgDownload(*this, *pool, std::move(opened.record), std::move(opened.key)));
+  return std::unique_ptr<Download>(new PgDownload(
+      *this, *pool, std::move(opened.record), std::move(opened.key), std::move(slot)));
 }
 
 absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
@@ -1650,7 +1708,6 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
              txn.exec_prepared(sql::kQueuePatientKeyDestructions, patient_id)) {
           retired.push_back(row[0].c_str());
         }
-        txn.exec_prepared0(sql::kDeletePatientKeys, patient_id);
         for (const std::string& id : ids) {
           RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", id,
                                                       home->tenant_id, patient_id,

@@ -149,6 +149,9 @@ struct SharingOptions {
   // Uploads one tenant may have in progress to one region at once: the region's upload
   // connections are shared by every tenant, and one tenant must not take them all.
   int max_uploads_per_tenant = 4;
+  // Downloads one tenant's identities may have running from one region at once: each holds a
+  // thread of the service and reads ahead of its client.
+  int max_downloads_per_tenant = 8;
   // Unwrapped patient keys kept for uploads: at most this many, each at most this long.
   size_t patient_key_cache_entries = 4096;
   absl::Duration patient_key_cache_max_age = absl::Minutes(1);
@@ -281,9 +284,10 @@ class SharingCore {
   PatientKeyCache patient_keys_;
   SpareThreads spare_threads_;
   std::atomic<int64_t> buffered_{0};
-  // Uploads in progress, by tenant and region (StartUpload to the upload's end).
-  std::mutex uploads_mu_;
+  // Uploads and downloads in progress, by tenant and region (from their start to their end).
+  std::mutex transfers_mu_;
   std::map<std::pair<std::string, std::string>, int> uploads_in_progress_;
+  std::map<std::pair<std::string, std::string>, int> downloads_in_progress_;
   std::atomic<int64_t> peak_buffered_{0};
 };
 

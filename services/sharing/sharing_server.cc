@@ -18,7 +18,7 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
   ASSIGN_OR_RETURN(ConfigNode node, config.root.Child("sharing"));
   RETURN_IF_ERROR(node.OnlyKeys({"kek_file", "kek_env", "tenant_quota_bytes", "tenant_quotas",
                                  "upload_idle_timeout_seconds", "upload_min_bytes_per_second",
-                                 "max_uploads_per_tenant",
+                                 "max_uploads_per_tenant", "max_downloads_per_tenant",
                                  "retention_sweep_seconds"}));
   SharingSettings settings;
   ASSIGN_OR_RETURN(settings.kek_file, node.String("kek_file", ""));
@@ -39,6 +39,8 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
   settings.upload_idle_timeout = absl::Seconds(idle);
   ASSIGN_OR_RETURN(int64_t per_tenant, node.Int("max_uploads_per_tenant", 1, 10000, 4));
   settings.max_uploads_per_tenant = static_cast<int>(per_tenant);
+  ASSIGN_OR_RETURN(int64_t downloads, node.Int("max_downloads_per_tenant", 1, 10000, 8));
+  settings.max_downloads_per_tenant = static_cast<int>(downloads);
   ASSIGN_OR_RETURN(settings.upload_min_bytes_per_second,
                    node.Int("upload_min_bytes_per_second", 1, int64_t{1} << 30, 16 * 1024));
   ASSIGN_OR_RETURN(int64_t sweep, node.Int("retention_sweep_seconds", 1, 86400, 60));
@@ -106,6 +108,17 @@ SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settin
   core_options.upload_idle_timeout = settings_.upload_idle_timeout;
   core_options.upload_min_bytes_per_second = settings_.upload_min_bytes_per_second;
   core_options.max_uploads_per_tenant = settings_.max_uploads_per_tenant;
+  core_options.max_downloads_per_tenant = settings_.max_downloads_per_tenant;
+  // A vault key is deleted as unused only long after any transaction that could still name it
+  // has ended: each of its statements ends within the statement timeout.
+  for (const RegionConfig& region : config.regions) {
+    for (const DbConfig* db : {&region.db, region.keys_db ? &*region.keys_db : nullptr}) {
+      if (db == nullptr) continue;
+      core_options.unused_vault_key_grace =
+          std::max(core_options.unused_vault_key_grace,
+                   absl::Milliseconds(int64_t{20} * db->statement_timeout_ms));
+    }
+  }
   core_options.service_identity =
       absl::StrCat("spiffe://", config.trust_domain, "/service/sharing");
   core_options.trust_domain = config.trust_domain;

@@ -34,7 +34,11 @@ namespace medgate::sharing {
 //     tenant_quota_bytes: 10737418240   # bytes of records per tenant and region; 0: no limit
 //     tenant_quotas: {acme: 1073741824} # per-tenant overrides
 //     upload_idle_timeout_seconds: 30   # longest pause between two chunks of an upload
-//     retention_sweep_seconds: 60       # how often archived records past retention are erased
+//     upload_min_bytes_per_second: 16384  # an upload's lowest average rate past that pause
+//     max_uploads_per_tenant: 4         # uploads in progress per tenant and region
+//     max_downloads_per_tenant: 8       # downloads in progress per tenant and region
+//     retention_sweep_seconds: 60       # how often the retention and key sweep runs
+// Each region also needs its key vault (regions[].keys_db, libs/common/config.h).
 struct SharingSettings {
   std::string kek_file;
   std::string kek_env;
@@ -43,6 +47,7 @@ struct SharingSettings {
   absl::Duration upload_idle_timeout = absl::Seconds(30);
   int64_t upload_min_bytes_per_second = 16 * 1024;
   int max_uploads_per_tenant = 4;
+  int max_downloads_per_tenant = 8;
   absl::Duration retention_sweep_interval = absl::Seconds(60);
 };
 

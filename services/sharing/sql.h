@@ -77,9 +77,9 @@ inline constexpr char kArchiveRecord[] = "archive_record";
 inline constexpr char kDeleteRecordKey[] = "delete_record_key";
 inline constexpr char kDeleteRecord[] = "delete_record";
 inline constexpr char kLockPatientKey[] = "lock_patient_key";
-inline constexpr char kDeletePatientKeys[] = "delete_patient_keys";
 inline constexpr char kDeletePatientRecords[] = "delete_patient_records";
 inline constexpr char kSelectRecordKeysUnder[] = "select_record_keys_under";
+inline constexpr char kSelectRecordKeyWrapper[] = "select_record_key_wrapper";
 inline constexpr char kRewrapRecordKeys[] = "rewrap_record_keys";
 inline constexpr char kDeletePatientKeyRow[] = "delete_patient_key_row";
 inline constexpr char kQueueKeyDestruction[] = "queue_key_destruction";
@@ -219,10 +219,11 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kLockPatientKey,
          "SELECT key_id, wrapped_by, wrapped_key FROM record_keys WHERE patient_id = $1 "
          "AND record_id IS NULL FOR UPDATE"},
-        // The record keys wrapped under patient key $1 but record $2's (all: $2 = '').
+        // Patient $3's record keys wrapped under patient key $1, but record $2's.
         {kSelectRecordKeysUnder,
-         "SELECT record_id, wrapped_key FROM record_keys WHERE wrapped_by = $1 "
-         "AND record_id IS NOT NULL AND record_id <> $2 ORDER BY record_id"},
+         "SELECT record_id, wrapped_key FROM record_keys WHERE patient_id = $3 "
+         "AND wrapped_by = $1 AND record_id IS NOT NULL AND record_id <> $2 ORDER BY record_id"},
+        {kSelectRecordKeyWrapper, "SELECT wrapped_by FROM record_keys WHERE record_id = $1"},
         // Record keys $2 (ids) rewrapped as $3 (hex) under patient key $1, where patient key $4
         // still wraps them.
         {kRewrapRecordKeys,
@@ -234,10 +235,13 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kQueueKeyDestruction,
          "INSERT INTO key_destructions (key_id, patient_id) VALUES ($1, $2) "
          "ON CONFLICT (key_id) DO NOTHING"},
+        // Deletes every key row of patient $1 and queues its patient keys, in one statement (no
+        // key can be deleted without being queued).
         {kQueuePatientKeyDestructions,
+         "WITH gone AS (DELETE FROM record_keys WHERE patient_id = $1 "
+         "RETURNING key_id, patient_id, record_id) "
          "INSERT INTO key_destructions (key_id, patient_id) SELECT key_id, patient_id "
-         "FROM record_keys WHERE patient_id = $1 AND record_id IS NULL "
-         "ON CONFLICT (key_id) DO NOTHING RETURNING key_id"},
+         "FROM gone WHERE record_id IS NULL ON CONFLICT (key_id) DO NOTHING RETURNING key_id"},
         {kSelectKeyDestructions,
          "SELECT key_id FROM key_destructions ORDER BY requested_at, key_id LIMIT $1"},
         {kDeleteKeyDestructions, "DELETE FROM key_destructions WHERE key_id = ANY($1::text[])"},
@@ -248,11 +252,10 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kSelectPatientKeysInShard,
          "SELECT key_id, patient_id, wrapped_by, wrapped_key FROM record_keys "
          "WHERE record_id IS NULL AND wrapped_by <> 'vault' ORDER BY key_id LIMIT $1 "
-         "FOR UPDATE SKIP LOCKED"},
+         "FOR NO KEY UPDATE SKIP LOCKED"},
         {kMarkPatientKeyInVault,
          "UPDATE record_keys SET wrapped_by = 'vault', wrapped_key = ''::bytea "
          "WHERE key_id = $1 AND record_id IS NULL"},
-        {kDeletePatientKeys, "DELETE FROM record_keys WHERE patient_id = $1"},
         {kDeletePatientRecords,
          "WITH gone AS (DELETE FROM records WHERE patient_id = $1 RETURNING record_id) "
          "SELECT record_id FROM gone ORDER BY record_id"},

@@ -1969,6 +1969,71 @@ TEST_F(SharingTest, AnErasureStopsARunningDownloadAtItsNextChunk) {
   RecordProperty("bytes_sent_after_start", static_cast<int>(received.size()));
 }
 
+TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
+  const std::string patient = Place("download-bound-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(99, 0, 4 * kMiB);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+
+  // Downloads whose client reads the header and then nothing: each on its own connection with a
+  // small window, so the service soon waits to send and the download stays in progress.
+  struct Stalled {
+    std::unique_ptr<v1::RecordSharing::Stub> stub;
+    grpc::ClientContext context;
+    std::unique_ptr<grpc::ClientReader<v1::DownloadRecordResponse>> reader;
+  };
+  const TestCert& as = pki_->practitioner();
+  auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60});
+  ASSERT_TRUE(creds.ok()) << creds.status();
+  auto stall = [&]() {
+    auto s = std::make_unique<Stalled>();
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
+    s->stub = v1::RecordSharing::NewStub(grpc::CreateCustomChannel(
+        absl::StrCat("127.0.0.1:", sharing_->port()), *creds, args));
+    s->context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    v1::DownloadRecordRequest request;
+    request.set_record_id(record);
+    s->reader = s->stub->DownloadRecord(&s->context, request);
+    return s;
+  };
+  constexpr int kBound = 8;  // sharing.max_downloads_per_tenant's default
+  std::vector<std::unique_ptr<Stalled>> running;
+  for (int i = 0; i < kBound; ++i) {
+    running.push_back(stall());
+    v1::DownloadRecordResponse header;
+    ASSERT_TRUE(running.back()->reader->Read(&header)) << running.back()->reader->Finish().error_message();
+    ASSERT_TRUE(header.has_header());
+  }
+  absl::Cleanup cancel_all = [&] {
+    for (auto& s : running) {
+      s->context.TryCancel();
+      s->reader->Finish();
+    }
+  };
+
+  // One more of the tenant's is refused; another's (ops, break-glass) is not.
+  Downloaded refused = Download(pki_->practitioner(), record);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << refused.status.error_message();
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("max_downloads_per_tenant"));
+  Downloaded ops = Download(pki_->ops(), record, "incident 4711: patient unconscious in the ER");
+  ASSERT_TRUE(ops.status.ok()) << ops.status.error_message();
+  EXPECT_EQ(ops.content, spec.content);
+
+  // Once one ends, the tenant may download again.
+  running.back()->context.TryCancel();
+  running.back()->reader->Finish();
+  running.pop_back();
+  EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    Downloaded again = Download(pki_->practitioner(), record);
+    return again.status.ok() && again.content == spec.content;
+  }));
+}
+
 TEST_F(SharingTest, AnotherKeyEncryptionKeyCannotReadOrWrite) {
   const std::string patient = Place("wrong-kek-1", "FR");
   UploadSpec spec;
@@ -2297,7 +2362,8 @@ TEST_F(SharingTest, AnErasedRecordDoesNotOpenFromABackupOfTheShardTakenBefore) {
   EXPECT_EQ(Count("fr-1 keys", "SELECT count(*) FROM patient_keys WHERE key_id = $1",
                   before.patient_keys.begin()->first),
             0);
-  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions"), 0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions WHERE patient_id = $1", patient),
+            0);
   ExpectContent(pki_->practitioner(), record_b, b.content);
   const ShardBackup after = BackUp(shard, patient);
   ASSERT_EQ(after.patient_keys.size(), 1u);
@@ -2355,7 +2421,7 @@ TEST_F(SharingTest, AKeyTheVaultCouldNotDestroyAtTheErasureIsDestroyedByTheSweep
             1);
   EXPECT_TRUE(OpenFromBackup(before, vault, patient, record_a).ok());
   auto swept = sharing_->core().SweepRetention();
-  EXPECT_FALSE(swept.ok());  // the vault still refuses
+  EXPECT_THAT(swept.status().message(), HasSubstr("injected vault failure"));  // still refusing
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions WHERE patient_id = $1", patient),
             1);
 
@@ -2415,6 +2481,77 @@ TEST_F(SharingTest, ARecordStoredWhileAnErasureWaitedIsRewrappedUnderTheNewKey) 
   ExpectContent(pki_->practitioner(), late_response.record_id(), late.content);
 }
 
+TEST_F(SharingTest, TwoErasuresOfOnePatientAtOnceRetireEveryKeyTheirRecordsWereUnder) {
+  const std::string patient = Place("rotate-race-2", "FR");
+  std::vector<std::string> ids;
+  std::vector<std::string> contents;
+  for (int i = 0; i < 3; ++i) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = Generate(110 + i, 0, 900 + i);
+    ids.push_back(UploadOk(pki_->practitioner(), spec));
+    contents.push_back(spec.content);
+  }
+  const std::string first_key = BackUp(ConnInfo("fr-1"), patient).patient_keys.begin()->first;
+  auto lock_waits = [](const std::string& query) {
+    return Count("fr-1",
+                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND "
+                 "datname = current_database() AND query LIKE $1",
+                 query);
+  };
+  // The first erasure stops at its audit entry, its rewrap done; the second waits for the
+  // patient key the first holds.
+  pqxx::connection holder(ConnInfo("fr-1"));
+  auto head = std::make_unique<pqxx::work>(holder);
+  ASSERT_EQ(head->exec("SELECT 1 FROM audit_head FOR UPDATE").size(), 1u);
+  absl::StatusOr<v1::EraseRecordResponse> erased_0;
+  std::thread erasing_0([&] { erased_0 = Erase(pki_->practitioner(), ids[0]); });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return lock_waits("%audit_append%") == 1; }));
+  absl::StatusOr<v1::EraseRecordResponse> erased_1;
+  std::thread erasing_1([&] { erased_1 = Erase(pki_->practitioner(), ids[1]); });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    return lock_waits("%FROM record_keys WHERE patient_id = $1 AND record_id IS NULL FOR UPDATE") ==
+           1;
+  }));
+  // The key the first erasure made (in the vault already, not yet named by the shard): the
+  // second record's key is wrapped under it once the first erasure commits.
+  std::string second_key;
+  {
+    pqxx::connection v(ConnInfo("fr-1 keys"));
+    pqxx::nontransaction q(v);
+    pqxx::result rows = q.exec_params(
+        "SELECT key_id FROM patient_keys WHERE patient_id = $1 AND key_id <> $2", patient,
+        first_key);
+    ASSERT_EQ(rows.size(), 1u);
+    second_key = rows[0][0].c_str();
+  }
+  head.reset();
+  erasing_0.join();
+  erasing_1.join();
+  ASSERT_TRUE(erased_0.ok()) << erased_0.status();
+  ASSERT_TRUE(erased_1.ok()) << erased_1.status();
+
+  // Both keys the erased records were ever under are destroyed; the third record is under a
+  // third key, and reads.
+  const ShardBackup now = BackUp(ConnInfo("fr-1"), patient);
+  ASSERT_EQ(now.patient_keys.size(), 1u);
+  const std::string third_key = now.patient_keys.begin()->first;
+  EXPECT_NE(third_key, first_key);
+  EXPECT_NE(third_key, second_key);
+  EXPECT_EQ(now.record_keys.size(), 1u);
+  EXPECT_EQ(now.record_keys.at(ids[2]).wrapped_by, third_key);
+  for (const std::string& retired : {first_key, second_key}) {
+    EXPECT_EQ(Count("fr-1 keys", "SELECT count(*) FROM patient_keys WHERE key_id = $1", retired),
+              0)
+        << retired;
+  }
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions WHERE patient_id = $1", patient),
+            0);
+  ExpectContent(pki_->practitioner(), ids[2], contents[2]);
+  EXPECT_EQ(Download(pki_->practitioner(), ids[1]).status.error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
 TEST(KeyVaultConfigTest, EveryRegionNeedsAKeyVault) {
   std::vector<RegionConfig> regions(2);
   regions[0].id = "fr-1";
@@ -2461,6 +2598,7 @@ TEST_F(SharingTest, VaultKeysNoShardUsesAreDeletedAfterTheGracePeriod) {
   ASSERT_TRUE(swept.ok()) << swept.status();
   EXPECT_EQ(keys("key_id = 'fr-1.pstray'"), 0);
   EXPECT_EQ(keys("confirmed"), 1);  // the key the shard uses stays
+  AdvanceClock(absl::Minutes(2));     // past the service's cache of the key: read from the vault
   ExpectContent(pki_->practitioner(), record, spec.content);
 }
 
