@@ -97,6 +97,50 @@ TEST_F(VitalsWriterTest, AResentBatchIsCountedAsDuplicatesAndStoredOnce) {
   EXPECT_EQ(Stored("dev-resend"), 8);
 }
 
+// The queue's row bound: a batch larger than it is still taken into an empty queue (or it could
+// never be written), and nothing more until that batch has gone to the shard.
+TEST_F(VitalsWriterTest, TheRowBoundRefusesMoreButNeverABatchIntoAnEmptyQueue) {
+  WriterOptions options;
+  options.max_queued_rows = 10;
+  options.linger = absl::ZeroDuration();
+  VitalsWriter writer("fr-1", Db(), options);
+  // The writer's COPY waits while this lock is held: what it took off the queue stays with it.
+  pqxx::connection holder(shard_->ConnectionString());
+  auto lock = std::make_unique<pqxx::work>(holder);
+  lock->exec0("LOCK TABLE vitals IN SHARE MODE");
+  std::vector<std::future<WriteOutcome>> outcomes;
+  auto queue = [&](WriteRequest request, bool wait) {
+    auto promise = std::make_shared<std::promise<WriteOutcome>>();
+    std::future<WriteOutcome> outcome = promise->get_future();
+    request.done = [promise](const WriteOutcome& o) { promise->set_value(o); };
+    const bool taken =
+        wait ? writer.Enqueue(std::move(request), absl::Milliseconds(200)) : writer.TryEnqueue(request);
+    if (taken) outcomes.push_back(std::move(outcome));
+    return taken;
+  };
+  ASSERT_TRUE(queue(Batch("dev-bound-a", 1, 5), false));
+  for (int i = 0; i < 500 && writer.queued() > 0; ++i) absl::SleepFor(absl::Milliseconds(10));
+  ASSERT_EQ(writer.queued(), 0u);  // with the writer, which waits for the lock
+
+  EXPECT_TRUE(queue(Batch("dev-bound-b", 1, 50), false));  // 50 rows > 10, into an empty queue
+  EXPECT_EQ(writer.queued(), 1u);
+  EXPECT_FALSE(queue(Batch("dev-bound-c", 1, 1), false));  // one row more is over the bound
+  EXPECT_FALSE(queue(Batch("dev-bound-c", 1, 1), true));   // also after waiting 200 ms
+  EXPECT_EQ(writer.queued(), 1u);
+
+  lock.reset();  // rolls back: the writer goes on
+  for (std::future<WriteOutcome>& o : outcomes) {
+    WriteOutcome outcome = o.get();
+    EXPECT_TRUE(outcome.status.ok()) << outcome.status;
+  }
+  EXPECT_EQ(Stored("dev-bound-a"), 5);
+  EXPECT_EQ(Stored("dev-bound-b"), 50);
+  EXPECT_EQ(Stored("dev-bound-c"), 0);
+  WriteOutcome later = Write(writer, Batch("dev-bound-c", 1, 1));
+  ASSERT_TRUE(later.status.ok()) << later.status;
+  EXPECT_EQ(Stored("dev-bound-c"), 1);
+}
+
 // A connection on which the writer's setup (its statement timeout) failed is dropped, not kept for
 // the next transaction: nothing is ever written without the timeout. The timeout here is one the
 // server refuses (the service's configuration does not let it through; this is how a failing setup
