@@ -1,8 +1,10 @@
 // medgate-ctl: a command-line client for operators and developers, over the same mTLS as any client.
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -10,10 +12,15 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "libs/common/config.h"
+#include "libs/crypto/sha256.h"
 #include "libs/identity/credentials.h"
+#include "medgate/v1/consent.grpc.pb.h"
 #include "medgate/v1/routing.grpc.pb.h"
+#include "medgate/v1/sharing.grpc.pb.h"
 
 namespace medgate::ctl {
 namespace {
@@ -32,6 +39,14 @@ commands (service: routing):
   place-patient   --ref REF --territory FR [--allow-move]
   assign-device   --device ID --ref REF
   unassign-device --device ID
+commands (service: consent):
+  grant-consent   --patient ID --purpose CARE|REMOTE_MONITORING|RECORD_SHARING|...
+                  --evidence REF [--actor SPIFFE_ID]
+commands (service: sharing):
+  upload-record   --patient ID --file PATH [--kind document|imaging|report]
+                  [--content-type TYPE]                      (sent in 1 MiB chunks)
+  download-record --record ID --out PATH [--break-glass REASON]   (prints the record's metadata)
+  erase-record    --record ID --reason TEXT
 Output is the response as JSON; errors print the gRPC status and exit 1.
 )";
 
@@ -63,13 +78,86 @@ int Print(const grpc::Status& status, const google::protobuf::Message& response)
   return 0;
 }
 
-template <typename Request, typename Response>
-int Call(grpc::Status (v1::TenantRouting::Stub::*rpc)(grpc::ClientContext*, const Request&, Response*),
-         v1::TenantRouting::Stub& stub, const Request& request) {
+template <typename Stub, typename Request, typename Response>
+int Call(grpc::Status (Stub::*rpc)(grpc::ClientContext*, const Request&, Response*), Stub& stub,
+         const Request& request) {
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   Response response;
   return Print((stub.*rpc)(&context, request, &response), response);
+}
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "error: %s\n", message.c_str());
+  return 1;
+}
+
+int GrantConsent(v1::Consent::Stub& stub, const Flags& flags) {
+  v1::GrantConsentRequest r;
+  r.set_request_id(Get(flags, "request-id"));
+  r.set_patient_id(Get(flags, "patient"));
+  v1::Purpose purpose;
+  if (!v1::Purpose_Parse("PURPOSE_" + absl::AsciiStrToUpper(Get(flags, "purpose")), &purpose)) {
+    return Fail("--purpose: CARE, REMOTE_MONITORING, RECORD_SHARING, RESEARCH, ... required");
+  }
+  r.set_purpose(purpose);
+  r.set_actor(Get(flags, "actor"));
+  r.set_evidence_ref(Get(flags, "evidence"));
+  return Call(&v1::Consent::Stub::GrantConsent, stub, r);
+}
+
+int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
+  std::ifstream in(Get(flags, "file"), std::ios::binary);
+  if (!in) return Fail("--file: cannot read '" + Get(flags, "file") + "'");
+  std::stringstream content;
+  content << in.rdbuf();
+  const std::string data = content.str();
+  v1::RecordKind kind;
+  const std::string kind_flag = Get(flags, "kind").empty() ? "document" : Get(flags, "kind");
+  if (!v1::RecordKind_Parse("RECORD_KIND_" + absl::AsciiStrToUpper(kind_flag), &kind)) {
+    return Fail("--kind: document, imaging or report");
+  }
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
+  v1::UploadRecordResponse response;
+  auto writer = stub.UploadRecord(&context, &response);
+  v1::UploadRecordRequest header;
+  header.mutable_header()->set_request_id(Get(flags, "request-id"));
+  header.mutable_header()->set_patient_id(Get(flags, "patient"));
+  header.mutable_header()->set_kind(kind);
+  header.mutable_header()->set_content_type(
+      Get(flags, "content-type").empty() ? "application/octet-stream" : Get(flags, "content-type"));
+  header.mutable_header()->set_file_name(
+      std::filesystem::path(Get(flags, "file")).filename().string());
+  header.mutable_header()->set_size_bytes(data.size());
+  header.mutable_header()->set_sha256(crypto::Sha256::Of(data));
+  bool open = writer->Write(header);
+  constexpr size_t kChunk = size_t{1} << 20;
+  for (size_t at = 0; open && at < data.size(); at += kChunk) {
+    v1::UploadRecordRequest chunk;
+    chunk.mutable_chunk()->set_data(data.substr(at, kChunk));
+    open = writer->Write(chunk);
+  }
+  writer->WritesDone();
+  return Print(writer->Finish(), response);
+}
+
+int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
+  std::ofstream out(Get(flags, "out"), std::ios::binary | std::ios::trunc);
+  if (!out) return Fail("--out: cannot write '" + Get(flags, "out") + "'");
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
+  v1::DownloadRecordRequest request;
+  request.set_record_id(Get(flags, "record"));
+  request.set_break_glass_reason(Get(flags, "break-glass"));
+  auto reader = stub.DownloadRecord(&context, request);
+  v1::DownloadRecordResponse message;
+  v1::Record header;
+  while (reader->Read(&message)) {
+    if (message.has_header()) header = message.header();
+    if (message.has_chunk()) out << message.chunk().data();
+  }
+  return Print(reader->Finish(), header);
 }
 
 int Run(int argc, char** argv) {
@@ -103,15 +191,31 @@ int Run(int argc, char** argv) {
   std::string pki = std::filesystem::path(config.ca_path).parent_path().string();
   TlsConfig tls{absl::StrCat(pki, "/", identity, ".crt"), absl::StrCat(pki, "/", identity, ".key"),
                 config.ca_path, 60};
-  absl::StatusOr<const ServiceEndpoint*> routing = config.Service("routing");
-  if (!routing.ok()) {
-    std::fprintf(stderr, "error: %s\n", std::string(routing.status().message()).c_str());
+  const std::string service = command == "grant-consent" ? "consent"
+                              : absl::EndsWith(command, "-record") ? "sharing"
+                                                                   : "routing";
+  absl::StatusOr<const ServiceEndpoint*> endpoint = config.Service(service);
+  if (!endpoint.ok()) {
+    std::fprintf(stderr, "error: %s\n", std::string(endpoint.status().message()).c_str());
     return 2;
   }
-  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel((*routing)->address, tls);
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel((*endpoint)->address, tls);
   if (!channel.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(channel.status().message()).c_str());
     return 2;
+  }
+  if (command == "grant-consent") return GrantConsent(*v1::Consent::NewStub(*channel), flags);
+  if (service == "sharing") {
+    auto sharing = v1::RecordSharing::NewStub(*channel);
+    if (command == "upload-record") return UploadRecord(*sharing, flags);
+    if (command == "download-record") return DownloadRecord(*sharing, flags);
+    if (command == "erase-record") {
+      v1::EraseRecordRequest r;
+      r.set_request_id(Get(flags, "request-id"));
+      r.set_record_id(Get(flags, "record"));
+      r.set_reason(Get(flags, "reason"));
+      return Call(&v1::RecordSharing::Stub::EraseRecord, *sharing, r);
+    }
   }
   auto stub = v1::TenantRouting::NewStub(*channel);
   using S = v1::TenantRouting::Stub;
