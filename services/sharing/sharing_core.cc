@@ -1695,18 +1695,15 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
       [&](pqxx::work& txn) -> absl::StatusOr<PatientErasure> {
         retired.clear();
         txn.exec_prepared(sql::kLockPatientKey, patient_id);
-        // Every record erased gets its entry: the ids come from the deletion itself, so a record
-        // an upload committed while this erasure waited for the key is among them.
+        // One statement deletes the records and every key row and queues the patient keys, so
+        // they see the same rows: a record an upload committed while this erasure waited for the
+        // key is among them, one committed after it is left whole, never without its key. Every
+        // record erased gets its entry (the ids come from the deletion itself); the patient keys
+        // are destroyed in the key vault once this commits, so what was wrapped under them no
+        // longer opens, here or in the shard's backups.
         std::vector<std::string> ids;
         for (const pqxx::row& row : txn.exec_prepared(sql::kDeletePatientRecords, patient_id)) {
-          ids.push_back(row[0].c_str());
-        }
-        // The patient key goes with the record keys (a key an upload created meanwhile too), and
-        // is destroyed in the key vault once this commits: what was wrapped under it no longer
-        // opens, here or in the shard's backups.
-        for (const pqxx::row& row :
-             txn.exec_prepared(sql::kQueuePatientKeyDestructions, patient_id)) {
-          retired.push_back(row[0].c_str());
+          (std::string_view(row[0].c_str()) == "record" ? ids : retired).push_back(row[1].c_str());
         }
         for (const std::string& id : ids) {
           RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", id,

@@ -83,7 +83,6 @@ inline constexpr char kSelectRecordKeyWrapper[] = "select_record_key_wrapper";
 inline constexpr char kRewrapRecordKeys[] = "rewrap_record_keys";
 inline constexpr char kDeletePatientKeyRow[] = "delete_patient_key_row";
 inline constexpr char kQueueKeyDestruction[] = "queue_key_destruction";
-inline constexpr char kQueuePatientKeyDestructions[] = "queue_patient_key_destructions";
 inline constexpr char kSelectKeyDestructions[] = "select_key_destructions";
 inline constexpr char kDeleteKeyDestructions[] = "delete_key_destructions";
 inline constexpr char kSelectPatientKeysInUse[] = "select_patient_keys_in_use";
@@ -235,13 +234,6 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kQueueKeyDestruction,
          "INSERT INTO key_destructions (key_id, patient_id) VALUES ($1, $2) "
          "ON CONFLICT (key_id) DO NOTHING"},
-        // Deletes every key row of patient $1 and queues its patient keys, in one statement (no
-        // key can be deleted without being queued).
-        {kQueuePatientKeyDestructions,
-         "WITH gone AS (DELETE FROM record_keys WHERE patient_id = $1 "
-         "RETURNING key_id, patient_id, record_id) "
-         "INSERT INTO key_destructions (key_id, patient_id) SELECT key_id, patient_id "
-         "FROM gone WHERE record_id IS NULL ON CONFLICT (key_id) DO NOTHING RETURNING key_id"},
         {kSelectKeyDestructions,
          "SELECT key_id FROM key_destructions ORDER BY requested_at, key_id LIMIT $1"},
         {kDeleteKeyDestructions, "DELETE FROM key_destructions WHERE key_id = ANY($1::text[])"},
@@ -256,9 +248,16 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kMarkPatientKeyInVault,
          "UPDATE record_keys SET wrapped_by = 'vault', wrapped_key = ''::bytea "
          "WHERE key_id = $1 AND record_id IS NULL"},
+        // Patient $1's records, record keys and patient keys, the patient keys queued for the
+        // vault: ('record', record_id) and ('key', key_id) rows.
         {kDeletePatientRecords,
-         "WITH gone AS (DELETE FROM records WHERE patient_id = $1 RETURNING record_id) "
-         "SELECT record_id FROM gone ORDER BY record_id"},
+         "WITH gone AS (DELETE FROM records WHERE patient_id = $1 RETURNING record_id), "
+         "keys AS (DELETE FROM record_keys WHERE patient_id = $1 "
+         "RETURNING key_id, patient_id, record_id), "
+         "queued AS (INSERT INTO key_destructions (key_id, patient_id) SELECT key_id, patient_id "
+         "FROM keys WHERE record_id IS NULL ON CONFLICT (key_id) DO NOTHING RETURNING key_id) "
+         "SELECT 'record', record_id FROM gone UNION ALL SELECT 'key', key_id FROM queued "
+         "ORDER BY 1 DESC, 2"},
         {kSelectExpiredArchives,
          "SELECT record_id FROM records WHERE state = 'archived' "
          "AND retain_until <= $1::timestamptz ORDER BY retain_until, record_id LIMIT $2"},
