@@ -1183,6 +1183,17 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
   const std::string region = record_id.substr(0, record_id.find('.'));
   return ResultOf(pool->TransactValue<Outcome<GrantInfo>>(
       [&](pqxx::work& txn) -> absl::StatusOr<Outcome<GrantInfo>> {
+        // What may wait (a consent load, routing's directory) is asked before the record is
+        // locked, so that shares of it do not queue behind the wait; the answers are used below,
+        // in the same order of checks as ever. A record's patient and tenant never change.
+        std::optional<RecordInfo> unlocked = SelectRecord(txn, sql::kSelectRecord, record_id);
+        if (!unlocked) return RecordNotFound(record_id);
+        const absl::StatusOr<consent::AccessDecision> consent =
+            consent_.Check(region, unlocked->patient_id, consent::Purpose::kRecordSharing,
+                           ctx.principal.spiffe_id, now);
+        const absl::Status territory = to->tenant != unlocked->tenant_id
+                                           ? CheckReadTerritory(*unlocked, to->tenant)
+                                           : absl::OkStatus();
         std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForShare, record_id);
         if (!record) return RecordNotFound(record_id);
         const bool same_tenant = record->tenant_id == ctx.principal.tenant;
@@ -1225,19 +1236,15 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
                                       record->tenant_id, record->patient_id, "");
         // The consent lets the patient's tenant share the record; one narrowed to a practitioner
         // lets that practitioner share it, with anyone (another tenant's practitioners too).
-        ASSIGN_OR_RETURN(
-            consent::AccessDecision decision,
-            consent_.Check(region, record->patient_id, consent::Purpose::kRecordSharing,
-                           ctx.principal.spiffe_id, now));
+        if (!consent.ok()) return consent.status();
+        const consent::AccessDecision& decision = *consent;
         CiteConsent(entry, decision);
         if (!decision.permit) {
           entry.reason =
               absl::StrCat(consent::AccessReasonName(decision.reason), ": grantee=", grantee);
           return Deny<GrantInfo>(txn, entry, ConsentRefusal(decision, "sharing this record"));
         }
-        if (to->tenant != record->tenant_id) {
-          RETURN_IF_ERROR(CheckReadTerritory(*record, to->tenant));
-        }
+        RETURN_IF_ERROR(territory);
         const int64_t others =
             txn.exec_prepared1(sql::kCountOtherActiveGrants, record_id, PgTime(now), grantee)[0]
                 .as<int64_t>();
