@@ -338,27 +338,6 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
 
 }  // namespace
 
-IngestService::DeviceStreamSlot::~DeviceStreamSlot() {
-  std::lock_guard<std::mutex> lock(service_.streams_mu_);
-  auto it = service_.streams_per_device_.find(device_);
-  if (it != service_.streams_per_device_.end() && --it->second == 0) {
-    service_.streams_per_device_.erase(it);
-  }
-}
-
-absl::StatusOr<std::unique_ptr<IngestService::DeviceStreamSlot>> IngestService::OpenSlot(
-    const std::string& device) {
-  std::lock_guard<std::mutex> lock(streams_mu_);
-  int& open = streams_per_device_[device];
-  if (open >= max_streams_per_device_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "this device already has ", open, " streams open, the most ingest.max_streams_per_device "
-        "allows; send on an open stream, or close one first"));
-  }
-  ++open;
-  return std::make_unique<DeviceStreamSlot>(*this, device);
-}
-
 IngestService::IngestService(IngestCore& core, RoutingClient& routing,
                              consent::ConsentCache& consent, const pg::ShardSet& shards,
                              std::string trust_domain, StreamExecutor& executor,
@@ -386,12 +365,14 @@ grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* IngestService::StreamVi
   // service) does not resolve its devices one round trip at a time on the executor threads.
   std::unique_ptr<DeviceStreamSlot> slot;
   if (principal.ok()) {
-    absl::StatusOr<std::unique_ptr<DeviceStreamSlot>> opened = OpenSlot(principal->spiffe_id);
-    if (opened.ok()) {
-      slot = *std::move(opened);
+    slot = streams_per_device_.TryTake(principal->spiffe_id, max_streams_per_device_);
+    if (slot != nullptr) {
       routing_.PrefetchDevices({DeviceRef{principal->tenant, principal->name}});
     } else {
-      principal = opened.status();
+      principal = absl::ResourceExhaustedError(absl::StrCat(
+          "this device already has ", max_streams_per_device_,
+          " streams open, the most ingest.max_streams_per_device allows; send on an open "
+          "stream, or close one first"));
     }
   }
   return new VitalsStream(core_, executor_, ack_latency_, std::move(principal), context->peer(),

@@ -2,12 +2,11 @@
 #ifndef MEDGATE_SERVICES_INGEST_INGEST_SERVICE_H_
 #define MEDGATE_SERVICES_INGEST_INGEST_SERVICE_H_
 
-#include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "absl/time/time.h"
+#include "libs/common/bounded_counts.h"
 #include "libs/common/latency_histogram.h"
 #include "libs/identity/authz.h"
 #include "libs/pg/shard_set.h"
@@ -29,18 +28,7 @@ class IngestService final
                 int max_streams_per_device);
 
   // One of a device's open streams, counted while it lives.
-  class DeviceStreamSlot {
-   public:
-    DeviceStreamSlot(IngestService& service, std::string device)
-        : service_(service), device_(std::move(device)) {}
-    ~DeviceStreamSlot();
-    DeviceStreamSlot(const DeviceStreamSlot&) = delete;
-    DeviceStreamSlot& operator=(const DeviceStreamSlot&) = delete;
-
-   private:
-    IngestService& service_;
-    const std::string device_;
-  };
+  using DeviceStreamSlot = BoundedCounts<std::string>::Slot;
 
   grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* StreamVitals(
       grpc::CallbackServerContext* context) override;
@@ -55,11 +43,8 @@ class IngestService final
   const pg::ShardSet& shards_;
   RpcPolicy policy_;
   StreamExecutor& executor_;
-  // RESOURCE_EXHAUSTED when the device already has its bound of streams open.
-  absl::StatusOr<std::unique_ptr<DeviceStreamSlot>> OpenSlot(const std::string& device);
   const int max_streams_per_device_;
-  std::mutex streams_mu_;
-  std::map<std::string, int> streams_per_device_;  // devices with a stream open
+  BoundedCounts<std::string> streams_per_device_;  // by the device's SPIFFE id
   // From a batch read off a stream to its ack handed to gRPC; logged as `ingest_ack_latency`
   // (acks, p50/p90/p99/max) by the first ack after each stats interval: a quiet service logs
   // nothing.

@@ -305,42 +305,22 @@ absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::str
 // waits while another is being inserted); Finish() stores the last chunk with the record.
 // Nothing is visible before Finish() commits.
 // One upload's or download's place among its tenant's in a region; given back when destroyed.
-class TransferSlot {
- public:
-  TransferSlot(std::mutex& mu, std::map<std::pair<std::string, std::string>, int>& in_progress,
-               std::pair<std::string, std::string> key)
-      : mu_(mu), in_progress_(in_progress), key_(std::move(key)) {}
-  ~TransferSlot() {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (--in_progress_[key_] == 0) in_progress_.erase(key_);
-  }
-  TransferSlot(const TransferSlot&) = delete;
-  TransferSlot& operator=(const TransferSlot&) = delete;
+using TransferSlot = SharingCore::TransferCounts::Slot;
 
-  // A place among at most `max` of (tenant, region), or RESOURCE_EXHAUSTED saying which bound
-  // (`setting`) refused what (`what`, plural).
-  static absl::StatusOr<std::unique_ptr<TransferSlot>> Take(
-      std::mutex& mu, std::map<std::pair<std::string, std::string>, int>& in_progress, int max,
-      const std::string& tenant, const std::string& region, absl::string_view what,
-      absl::string_view setting) {
-    std::pair<std::string, std::string> key{tenant, region};
-    std::lock_guard<std::mutex> lock(mu);
-    int& n = in_progress[key];
-    if (n >= max) {
-      return absl::ResourceExhaustedError(absl::StrCat("tenant '", tenant, "' already has ", max,
-                                                       " ", what, " in progress in region ",
-                                                       region, " (sharing.", setting,
-                                                       "); retry when one ends"));
-    }
-    ++n;
-    return std::make_unique<TransferSlot>(mu, in_progress, std::move(key));
+// A place among at most `max` of `counts` for (tenant, region), or RESOURCE_EXHAUSTED saying which
+// bound (`setting`) refused what (`what`, plural).
+absl::StatusOr<std::unique_ptr<TransferSlot>> TakeTransferSlot(
+    SharingCore::TransferCounts& counts, int max, const std::string& tenant,
+    const std::string& region, absl::string_view what, absl::string_view setting) {
+  std::unique_ptr<TransferSlot> slot = counts.TryTake({tenant, region}, max);
+  if (slot == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrCat("tenant '", tenant, "' already has ", max,
+                                                     " ", what, " in progress in region ", region,
+                                                     " (sharing.", setting,
+                                                     "); retry when one ends"));
   }
-
- private:
-  std::mutex& mu_;
-  std::map<std::pair<std::string, std::string>, int>& in_progress_;
-  const std::pair<std::string, std::string> key_;
-};
+  return slot;
+}
 
 class PgUpload final : public Upload {
  public:
@@ -927,13 +907,19 @@ absl::StatusOr<PatientKey> SharingCore::OpenPatientKey(absl::string_view region,
                                                        const std::string& patient_id,
                                                        const std::string& key_id,
                                                        absl::string_view wrapped_by,
-                                                       absl::string_view wrapped) {
+                                                       absl::string_view wrapped,
+                                                       bool row_locked) {
   const absl::Time now = Now();
   std::optional<PatientKey> cached = patient_keys_.Get(patient_id, now);
   if (cached && cached->key_id == key_id) return *std::move(cached);
   absl::StatusOr<SecretKey> key;
   if (wrapped_by == kInVault) {
     key = vault_.Get(region, patient_id, key_id);
+    if (key.status().code() == absl::StatusCode::kNotFound && row_locked) {
+      return absl::DataLossError(absl::StrCat(
+          "the key vault of region ", region, " does not hold patient key '", key_id,
+          "', which the shard names: the patient's records cannot be opened"));
+    }
     if (key.status().code() == absl::StatusCode::kNotFound) {
       // The row named it when this request read it: an erasure has since retired it (and
       // rewrapped the patient's other records under a new key).
@@ -991,16 +977,14 @@ absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& reg
   txn.exec_prepared0(sql::kQueueKeyDestruction, old_id, record.patient_id);
   retired.push_back(old_id);
   if (others.empty()) return absl::OkStatus();  // the next upload makes a new key
-  absl::StatusOr<PatientKey> old_key = OpenPatientKey(
-      region, record.patient_id, old_id, locked[0][1].c_str(), BytesOf(locked[0][2]));
-  if (old_key.status().code() == absl::StatusCode::kAborted) {
-    // Locked here, so no erasure retired it: the vault has lost a key the shard uses.
-    return absl::DataLossError(absl::StrCat(
-        "the key vault of region ", region, " does not hold patient key '", old_id,
-        "', which the shard names: the patient's records cannot be opened, and the erasure of "
-        "record '", record.record_id, "' was not done"));
+  absl::StatusOr<PatientKey> old_key =
+      OpenPatientKey(region, record.patient_id, old_id, locked[0][1].c_str(),
+                     BytesOf(locked[0][2]), /*row_locked=*/true);
+  if (!old_key.ok()) {
+    return absl::Status(old_key.status().code(),
+                        absl::StrCat(old_key.status().message(), "; the erasure of record '",
+                                     record.record_id, "' was not done"));
   }
-  if (!old_key.ok()) return old_key.status();
   ASSIGN_OR_RETURN(PatientKey new_key, NewPatientKey(region, record.patient_id));
   std::vector<std::string> ids;
   std::vector<std::string> rewrapped;
@@ -1138,9 +1122,9 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
 
   // A tenant's uploads to a region are bounded: the region's upload connections are everyone's.
   ASSIGN_OR_RETURN(std::unique_ptr<TransferSlot> slot,
-                   TransferSlot::Take(transfers_mu_, uploads_in_progress_,
-                                      options_.max_uploads_per_tenant, home->tenant_id,
-                                      home->region_id, "uploads", "max_uploads_per_tenant"));
+                   TakeTransferSlot(uploads_in_progress_, options_.max_uploads_per_tenant,
+                                    home->tenant_id, home->region_id, "uploads",
+                                    "max_uploads_per_tenant"));
   // An upload of several chunks writes them as they come, in a transaction of its own: it holds
   // a connection from its start. One of a single chunk needs one only to store it.
   std::optional<pg::Lease> lease;
@@ -1501,9 +1485,9 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
   // Taken before the record is read, so a refused download reads and audits nothing; an ops
   // identity (no tenant) counts with the other ops identities.
   ASSIGN_OR_RETURN(std::unique_ptr<TransferSlot> slot,
-                   TransferSlot::Take(transfers_mu_, downloads_in_progress_,
-                                      options_.max_downloads_per_tenant, ctx.principal.tenant,
-                                      pool->name(), "downloads", "max_downloads_per_tenant"));
+                   TakeTransferSlot(downloads_in_progress_, options_.max_downloads_per_tenant,
+                                    ctx.principal.tenant, pool->name(), "downloads",
+                                    "max_downloads_per_tenant"));
   const std::string region = record_id.substr(0, record_id.find('.'));
   const absl::Time now = Now();
   const std::string& caller = ctx.principal.spiffe_id;

@@ -15,6 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "libs/common/bounded_counts.h"
 #include "libs/consent_client/consent_cache.h"
 #include "libs/crypto/key_encryption_key.h"
 #include "libs/identity/principal.h"
@@ -182,6 +183,9 @@ inline constexpr int64_t kMaxActiveGrantsPerRecord = 100;
 
 class SharingCore {
  public:
+  // Uploads or downloads in progress, by (tenant, region).
+  using TransferCounts = BoundedCounts<std::pair<std::string, std::string>>;
+
   // `shards` and `upload_shards` must have been created with sql::ShardStatements(); uploads hold
   // a connection for their whole duration, so they get pools of their own.
   SharingCore(const pg::ShardSet& shards, const pg::ShardSet& upload_shards,
@@ -226,12 +230,13 @@ class SharingCore {
   SpareThreads& spare_threads() { return spare_threads_; }
   int64_t QuotaOf(const std::string& tenant) const;  // 0: no limit
   // The patient key a shard row names (`wrapped_by` and `wrapped` as the row has them): from the
-  // cache, the region's key vault, or the row itself for keys written before the vault. ABORTED
-  // when the vault no longer holds it (an erasure retired it meanwhile: the caller may retry).
+  // cache, the region's key vault, or the row itself for keys written before the vault. When the
+  // vault no longer holds it: ABORTED if the caller read the row without locking it (an erasure
+  // retired the key meanwhile: retry), DATA_LOSS if it holds the row's lock (the vault lost it).
   absl::StatusOr<PatientKey> OpenPatientKey(absl::string_view region, const std::string& patient_id,
                                             const std::string& key_id,
                                             absl::string_view wrapped_by,
-                                            absl::string_view wrapped);
+                                            absl::string_view wrapped, bool row_locked = false);
   // A new patient key, stored in the region's key vault (committed there) before it is returned.
   absl::StatusOr<PatientKey> NewPatientKey(absl::string_view region, const std::string& patient_id);
   absl::Status CheckQuota(const std::string& tenant, const std::string& region, int64_t used,
@@ -285,9 +290,8 @@ class SharingCore {
   SpareThreads spare_threads_;
   std::atomic<int64_t> buffered_{0};
   // Uploads and downloads in progress, by tenant and region (from their start to their end).
-  std::mutex transfers_mu_;
-  std::map<std::pair<std::string, std::string>, int> uploads_in_progress_;
-  std::map<std::pair<std::string, std::string>, int> downloads_in_progress_;
+  TransferCounts uploads_in_progress_;
+  TransferCounts downloads_in_progress_;
   std::atomic<int64_t> peak_buffered_{0};
 };
 
