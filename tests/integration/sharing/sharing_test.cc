@@ -2567,6 +2567,103 @@ TEST(KeyVaultConfigTest, EveryRegionNeedsAKeyVault) {
   EXPECT_TRUE(KeyVault::Create(regions, **kek).ok());
 }
 
+// An erasure that cannot give the patient's other records a new key changes nothing: neither
+// when the vault refuses the new key, nor when the vault has lost the key the shard names.
+TEST_F(SharingTest, AnErasureThatCannotRewrapTheOtherRecordsChangesNothing) {
+  const std::string patient = Place("rotate-fail-1", "FR");
+  UploadSpec a;
+  a.patient_id = patient;
+  a.content = Generate(120, 0, 1300);
+  UploadSpec b = a;
+  b.content = Generate(121, 0, 1400);
+  const std::string record_a = UploadOk(pki_->practitioner(), a);
+  const std::string record_b = UploadOk(pki_->practitioner(), b);
+  const ShardBackup before = BackUp(ConnInfo("fr-1"), patient);
+  auto unchanged = [&] {
+    const ShardBackup now = BackUp(ConnInfo("fr-1"), patient);
+    EXPECT_EQ(now.patient_keys.size(), 1u);
+    EXPECT_EQ(now.patient_keys.begin()->first, before.patient_keys.begin()->first);
+    EXPECT_EQ(now.record_keys.size(), 2u);
+    EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions WHERE patient_id = $1",
+                    patient),
+              0);
+  };
+
+  Exec("fr-1 keys",
+       "CREATE FUNCTION refuse_new_key() RETURNS trigger LANGUAGE plpgsql AS $$ "
+       "BEGIN RAISE EXCEPTION 'injected vault refusal'; END $$");
+  Exec("fr-1 keys",
+       "CREATE TRIGGER refuse_new_key BEFORE INSERT ON patient_keys FOR EACH ROW "
+       "EXECUTE FUNCTION refuse_new_key()");
+  auto refused = Erase(pki_->practitioner(), record_a);
+  Exec("fr-1 keys", "DROP TRIGGER refuse_new_key ON patient_keys");
+  Exec("fr-1 keys", "DROP FUNCTION refuse_new_key()");
+  EXPECT_FALSE(refused.ok());
+  EXPECT_THAT(refused.status().message(), HasSubstr("injected vault refusal"));
+  unchanged();
+  ExpectContent(pki_->practitioner(), record_a, a.content);
+
+  // The vault loses the key the shard names (the service's cached copy expired meanwhile).
+  const std::string key_id = before.patient_keys.begin()->first;
+  std::string kek_id;
+  std::string wrapped;
+  {
+    pqxx::connection v(ConnInfo("fr-1 keys"));
+    pqxx::work vt(v);
+    pqxx::row row = vt.exec_params1(
+        "DELETE FROM patient_keys WHERE key_id = $1 RETURNING kek_id, wrapped_key", key_id);
+    kek_id = row[0].c_str();
+    wrapped = pqxx::binarystring(row[1]).str();
+    vt.commit();
+  }
+  AdvanceClock(absl::Minutes(2));
+  auto lost = Erase(pki_->practitioner(), record_a);
+  EXPECT_EQ(lost.status().code(), absl::StatusCode::kDataLoss) << lost.status();
+  EXPECT_THAT(lost.status().message(), HasSubstr(key_id));
+  unchanged();
+  // A reader, holding no lock, cannot tell a lost key from one an erasure just replaced: retry.
+  EXPECT_EQ(Download(pki_->practitioner(), record_b).status.error_code(), grpc::StatusCode::ABORTED);
+
+  // The key back, the erasure goes through and the other record reads.
+  {
+    pqxx::connection v(ConnInfo("fr-1 keys"));
+    pqxx::work vt(v);
+    vt.exec_params0(
+        "INSERT INTO patient_keys (key_id, patient_id, kek_id, wrapped_key, confirmed) "
+        "VALUES ($1, $2, $3, $4, true)",
+        key_id, patient, kek_id, pqxx::binarystring(wrapped));
+    vt.commit();
+  }
+  ASSERT_TRUE(Erase(pki_->practitioner(), record_a).ok());
+  ExpectContent(pki_->practitioner(), record_b, b.content);
+}
+
+// A record key that no longer opens (damaged) does not keep an erasure of another record from
+// happening: it stays under the retired key, as unreadable as it was.
+TEST_F(SharingTest, ADamagedRecordKeyDoesNotBlockTheErasureOfAnother) {
+  const std::string patient = Place("rotate-damaged-1", "FR");
+  std::vector<std::string> ids;
+  std::vector<std::string> contents;
+  for (int i = 0; i < 3; ++i) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = Generate(130 + i, 0, 800 + i);
+    ids.push_back(UploadOk(pki_->practitioner(), spec));
+    contents.push_back(spec.content);
+  }
+  // Record 1's wrapped key, one byte flipped.
+  Exec("fr-1",
+       "UPDATE record_keys SET wrapped_key = set_byte(wrapped_key, 20, get_byte(wrapped_key, 20) # 1) "
+       "WHERE record_id = $1",
+       ids[1]);
+  auto erased = Erase(pki_->practitioner(), ids[0]);
+  ASSERT_TRUE(erased.ok()) << erased.status();
+  ExpectContent(pki_->practitioner(), ids[2], contents[2]);
+  EXPECT_EQ(Download(pki_->practitioner(), ids[1]).status.error_code(), grpc::StatusCode::DATA_LOSS);
+  const ShardBackup now = BackUp(ConnInfo("fr-1"), patient);
+  EXPECT_NE(now.record_keys.at(ids[1]).wrapped_by, now.patient_keys.begin()->first);
+}
+
 TEST_F(SharingTest, VaultKeysNoShardUsesAreDeletedAfterTheGracePeriod) {
   const std::string patient = Place("vault-orphan-1", "FR");
   UploadSpec spec;
