@@ -82,6 +82,17 @@ absl::StatusOr<std::unique_ptr<SharingServer>> SharingServer::Create(const Medga
                         std::move(channel), std::move(options)));
 }
 
+absl::Duration UnusedVaultKeyGrace(const MedgateConfig& config) {
+  absl::Duration grace = absl::Hours(1);
+  for (const RegionConfig& region : config.regions) {
+    for (const DbConfig* db : {&region.db, region.keys_db ? &*region.keys_db : nullptr}) {
+      if (db == nullptr) continue;
+      grace = std::max(grace, absl::Milliseconds(int64_t{20} * db->statement_timeout_ms));
+    }
+  }
+  return grace;
+}
+
 SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settings,
                              std::unique_ptr<crypto::KeyEncryptionKey> kek,
                              std::unique_ptr<KeyVault> vault,
@@ -109,16 +120,7 @@ SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settin
   core_options.upload_min_bytes_per_second = settings_.upload_min_bytes_per_second;
   core_options.max_uploads_per_tenant = settings_.max_uploads_per_tenant;
   core_options.max_downloads_per_tenant = settings_.max_downloads_per_tenant;
-  // A vault key is deleted as unused only long after any transaction that could still name it
-  // has ended: each of its statements ends within the statement timeout.
-  for (const RegionConfig& region : config.regions) {
-    for (const DbConfig* db : {&region.db, region.keys_db ? &*region.keys_db : nullptr}) {
-      if (db == nullptr) continue;
-      core_options.unused_vault_key_grace =
-          std::max(core_options.unused_vault_key_grace,
-                   absl::Milliseconds(int64_t{20} * db->statement_timeout_ms));
-    }
-  }
+  core_options.unused_vault_key_grace = UnusedVaultKeyGrace(config);
   core_options.service_identity =
       absl::StrCat("spiffe://", config.trust_domain, "/service/sharing");
   core_options.trust_domain = config.trust_domain;

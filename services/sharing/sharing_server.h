@@ -51,6 +51,11 @@ struct SharingSettings {
   absl::Duration retention_sweep_interval = absl::Seconds(60);
 };
 
+// How long a key the vault holds may go unnamed by any shard before the sweep deletes it: 1 h,
+// or 20 statement timeouts of the slowest shard or vault if longer, so that no transaction that
+// could still name the key is running.
+absl::Duration UnusedVaultKeyGrace(const MedgateConfig& config);
+
 absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config);
 
 struct SharingServerOptions {

@@ -2552,6 +2552,17 @@ TEST_F(SharingTest, TwoErasuresOfOnePatientAtOnceRetireEveryKeyTheirRecordsWereU
             grpc::StatusCode::NOT_FOUND);
 }
 
+TEST(KeyVaultConfigTest, UnusedKeysOutliveEveryStatementTimeout) {
+  MedgateConfig config;
+  config.regions.resize(2);
+  EXPECT_EQ(UnusedVaultKeyGrace(config), absl::Hours(1));  // 5 s timeouts: the 1 h floor
+  config.regions[1].keys_db = DbConfig{};
+  config.regions[1].keys_db->statement_timeout_ms = 600000;  // 10 min
+  EXPECT_EQ(UnusedVaultKeyGrace(config), absl::Minutes(200));
+  config.regions[0].db.statement_timeout_ms = 3600000;  // 1 h
+  EXPECT_EQ(UnusedVaultKeyGrace(config), absl::Hours(20));
+}
+
 TEST(KeyVaultConfigTest, EveryRegionNeedsAKeyVault) {
   std::vector<RegionConfig> regions(2);
   regions[0].id = "fr-1";
