@@ -74,20 +74,22 @@ absl::StatusOr<pg::Pool*> KeyVault::PoolOf(absl::string_view region) const {
 absl::Status KeyVault::Put(absl::string_view region, const std::string& patient_id,
                            const std::string& key_id, const crypto::SecretKey& key) {
   ASSIGN_OR_RETURN(std::string wrapped, kek_.Wrap(key, PatientKeyContext(patient_id, key_id)));
-  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
-  return pool->Transact([&](pqxx::work& txn) {
-    txn.exec_prepared0(kInsertKey, key_id, patient_id, kek_.id(), pqxx::binarystring(wrapped),
-                       false);
-    return absl::OkStatus();
-  });
+  return Insert(region, patient_id, key_id, kek_.id(), wrapped, /*confirmed=*/false);
 }
 
 absl::Status KeyVault::PutWrapped(absl::string_view region, const std::string& patient_id,
                                   const std::string& key_id, const std::string& kek_id,
                                   const std::string& wrapped) {
+  return Insert(region, patient_id, key_id, kek_id, wrapped, /*confirmed=*/true);
+}
+
+absl::Status KeyVault::Insert(absl::string_view region, const std::string& patient_id,
+                              const std::string& key_id, const std::string& kek_id,
+                              const std::string& wrapped, bool confirmed) {
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
   return pool->Transact([&](pqxx::work& txn) {
-    txn.exec_prepared0(kInsertKey, key_id, patient_id, kek_id, pqxx::binarystring(wrapped), true);
+    txn.exec_prepared0(kInsertKey, key_id, patient_id, kek_id, pqxx::binarystring(wrapped),
+                       confirmed);
     return absl::OkStatus();
   });
 }
@@ -117,10 +119,15 @@ absl::StatusOr<crypto::SecretKey> KeyVault::Get(absl::string_view region,
 }
 
 absl::Status KeyVault::Destroy(absl::string_view region, const std::vector<std::string>& key_ids) {
+  return ExecOnKeys(region, kDeleteKeys, key_ids);
+}
+
+absl::Status KeyVault::ExecOnKeys(absl::string_view region, const char* statement,
+                                  const std::vector<std::string>& key_ids) {
   if (key_ids.empty()) return absl::OkStatus();
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
   return pool->Transact([&](pqxx::work& txn) {
-    txn.exec_prepared0(kDeleteKeys, pg::TextArrayLiteral(key_ids));
+    txn.exec_prepared0(statement, pg::TextArrayLiteral(key_ids));
     return absl::OkStatus();
   });
 }
@@ -140,12 +147,7 @@ absl::StatusOr<std::vector<std::string>> KeyVault::Unconfirmed(absl::string_view
 }
 
 absl::Status KeyVault::Confirm(absl::string_view region, const std::vector<std::string>& key_ids) {
-  if (key_ids.empty()) return absl::OkStatus();
-  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
-  return pool->Transact([&](pqxx::work& txn) {
-    txn.exec_prepared0(kConfirmKeys, pg::TextArrayLiteral(key_ids));
-    return absl::OkStatus();
-  });
+  return ExecOnKeys(region, kConfirmKeys, key_ids);
 }
 
 }  // namespace medgate::sharing

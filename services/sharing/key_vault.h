@@ -57,6 +57,12 @@ class KeyVault {
  private:
   KeyVault(const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek);
   absl::StatusOr<pg::Pool*> PoolOf(absl::string_view region) const;
+  absl::Status Insert(absl::string_view region, const std::string& patient_id,
+                      const std::string& key_id, const std::string& kek_id,
+                      const std::string& wrapped, bool confirmed);
+  // Runs `statement` with the keys as its one text[] parameter (nothing when there are none).
+  absl::Status ExecOnKeys(absl::string_view region, const char* statement,
+                          const std::vector<std::string>& key_ids);
 
   crypto::KeyEncryptionKey& kek_;
   // By region; each pool is named "<region> key vault", as its errors say.
