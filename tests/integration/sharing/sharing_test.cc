@@ -2832,12 +2832,8 @@ TEST_F(SharingTest, APatientErasureIncludesARecordStoredWhileItWaited) {
   absl::StatusOr<v1::ErasePatientRecordsResponse> erased;
   std::thread erasing([&] { erased = ErasePatient(pki_->app(), patient); });
   // The erasure waits for the upload's lock.
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    return Count("fr-1",
-                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND "
-                 "datname = current_database() AND query LIKE $1",
-                 "%record_keys%") > 0;
-  }));
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("fr-1", kPatientKeyLockQuery) > 0; }));
   storing.commit();
   erasing.join();
   ASSERT_TRUE(erased.ok()) << erased.status();
