@@ -5,9 +5,11 @@
 // device streams; then ack latency at 70% of (c)'s peak, and the process's peak RSS.
 //
 //   build/release/bench/ingest_bench [--devices 1000] [--batch 50] [--seconds 10] [--streams 0]
-//                                    [--load-percent 70]
+//                                    [--load-percent 70] [--lanes N] [--linger-ms N] [--max-rows N]
 // --streams N additionally holds N idle device streams open and reports RSS with them.
 // --load-percent P measures the ack latency at P% of the peak instead (the target is at 70%).
+// --lanes, --linger-ms and --max-rows set the service's writers_per_region, linger_ms and
+// max_rows_per_transaction for the run.
 #include <libpq-fe.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -56,6 +58,7 @@ struct Args {
   int streams = 0;
   int lanes = 0;      // ingest.writers_per_region; 0: the service's default
   int linger_ms = -1; // ingest.linger_ms; -1: the service's default
+  int max_rows = 0;   // ingest.max_rows_per_transaction; 0: the service's default
   int load_percent = 70;
 };
 
@@ -411,7 +414,9 @@ int Run(const Args& args) {
       absl::StrCat("ingest: {tenant_samples_per_second: 10000000, tenant_burst: 10000000, "
                    "stats_interval_ms: 1000",
                    args.lanes > 0 ? absl::StrCat(", writers_per_region: ", args.lanes) : "",
-                   args.linger_ms >= 0 ? absl::StrCat(", linger_ms: ", args.linger_ms) : "", "}\n"
+                   args.linger_ms >= 0 ? absl::StrCat(", linger_ms: ", args.linger_ms) : "",
+                   args.max_rows > 0 ? absl::StrCat(", max_rows_per_transaction: ", args.max_rows) : "",
+                   "}\n"
                    "limits: {max_concurrent_streams: 20000}\n"));
   if (!stack.ok()) {
     std::fprintf(stderr, "%s\n", std::string(stack.status().message()).c_str());
@@ -694,6 +699,7 @@ int main(int argc, char** argv) {
     else if (flag == "--streams") args.streams = value;
     else if (flag == "--lanes") args.lanes = value;
     else if (flag == "--linger-ms") args.linger_ms = value;
+    else if (flag == "--max-rows") args.max_rows = value;
     else if (flag == "--load-percent") args.load_percent = std::clamp(value, 1, 100);
   }
   return medgate::bench::Run(args);

@@ -343,6 +343,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     }
   }
   PutU16(buffer, 0xffff);
+  const absl::Time encoded = absl::Now();
   if (PQputCopyData(conn_, buffer.data(), static_cast<int>(buffer.size())) != 1 ||
       PQputCopyEnd(conn_, nullptr) != 1) {
     return fail(absl::UnavailableError(absl::StrCat("COPY to ", region_id_, " failed: ",
@@ -358,6 +359,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   };
   if (absl::Status copied = expect(PGRES_COMMAND_OK); !copied.ok()) return fail(copied);
   while (PGresult* extra = PQgetResult(conn_)) PQclear(extra);
+  const absl::Time copied = absl::Now();
 
   // One audit entry per batch that stores something: which device created which of the
   // patient's samples, under which consent (no values); and one per batch refused for lack of
@@ -417,7 +419,9 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   stats_.batches += live.size();
   for (const WriteOutcome& o : outcomes) stats_.rows += o.stored;
   stats_.open += locked - began;
-  stats_.copy_commit += committed - locked;
+  stats_.encode += encoded - locked;
+  stats_.copy += copied - encoded;
+  stats_.commit += committed - copied;
   stats_.longest = std::max(stats_.longest, committed - began);
   for (const WriteRequest* r : live) {
     stats_.longest_wait = std::max(stats_.longest_wait, began - r->read_at);
@@ -430,7 +434,9 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
                {"rows_per_transaction", static_cast<double>(stats_.rows) / n},
                {"batches_per_transaction", static_cast<double>(stats_.batches) / n},
                {"open_ms", absl::ToDoubleMilliseconds(stats_.open) / n},
-               {"copy_commit_ms", absl::ToDoubleMilliseconds(stats_.copy_commit) / n},
+               {"encode_ms", absl::ToDoubleMilliseconds(stats_.encode) / n},
+               {"copy_ms", absl::ToDoubleMilliseconds(stats_.copy) / n},
+               {"commit_ms", absl::ToDoubleMilliseconds(stats_.commit) / n},
                {"longest_transaction_ms", absl::ToDoubleMilliseconds(stats_.longest)},
                {"longest_wait_ms", absl::ToDoubleMilliseconds(stats_.longest_wait)}});
     stats_ = WriterStats{};

@@ -121,7 +121,9 @@ class VitalsWriter {
     uint64_t batches = 0;
     uint64_t rows = 0;
     absl::Duration open;         // BEGIN, cursors locked and advanced, COPY started: one round trip
-    absl::Duration copy_commit;  // rows encoded, sent, stored and committed: the second
+    absl::Duration encode;  // the rows encoded for COPY
+    absl::Duration copy;    // sent and stored: the second round trip
+    absl::Duration commit;  // audit entries appended and COMMIT: the third
     absl::Duration longest;      // the longest transaction, from BEGIN to COMMIT
     absl::Duration longest_wait;  // the longest from a batch read to its transaction's start
   };

@@ -1,0 +1,96 @@
+// ParseSharingSettings: every `sharing` key reaches the setting it names, the key-encryption key
+// has exactly one source, and a value outside its range is refused with the key's path.
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "libs/common/config.h"
+#include "services/sharing/sharing_server.h"
+
+namespace medgate::sharing {
+namespace {
+
+absl::StatusOr<SharingSettings> Parse(const std::string& yaml) {
+  MedgateConfig config;
+  absl::StatusOr<ConfigNode> node = ConfigNode::Parse(yaml);
+  if (!node.ok()) return node.status();
+  config.root = *node;
+  return ParseSharingSettings(config);
+}
+
+TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
+  absl::StatusOr<SharingSettings> s = Parse(
+      "sharing:\n"
+      "  kek_file: /etc/medgate/kek\n"
+      "  tenant_quota_bytes: 1000000\n"
+      "  tenant_quotas: {acme: 5000, globex: 0}\n"
+      "  upload_idle_timeout_seconds: 45\n"
+      "  upload_min_bytes_per_second: 2048\n"
+      "  max_uploads_per_tenant: 3\n"
+      "  max_downloads_per_tenant: 5\n"
+      "  retention_sweep_seconds: 120\n");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->kek_file, "/etc/medgate/kek");
+  EXPECT_EQ(s->kek_env, "");
+  EXPECT_EQ(s->tenant_quota_bytes, 1000000);
+  ASSERT_EQ(s->tenant_quotas.size(), 2u);
+  EXPECT_EQ(s->tenant_quotas.at("acme"), 5000);
+  EXPECT_EQ(s->tenant_quotas.at("globex"), 0);
+  EXPECT_EQ(s->upload_idle_timeout, absl::Seconds(45));
+  EXPECT_EQ(s->upload_min_bytes_per_second, 2048);
+  EXPECT_EQ(s->max_uploads_per_tenant, 3);
+  EXPECT_EQ(s->max_downloads_per_tenant, 5);
+  EXPECT_EQ(s->retention_sweep_interval, absl::Seconds(120));
+}
+
+TEST(SharingSettingsTest, DefaultsBesideTheKeySource) {
+  absl::StatusOr<SharingSettings> s = Parse("sharing: {kek_env: MEDGATE_KEK}\n");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->kek_env, "MEDGATE_KEK");
+  EXPECT_EQ(s->tenant_quota_bytes, 0);
+  EXPECT_TRUE(s->tenant_quotas.empty());
+  EXPECT_EQ(s->upload_idle_timeout, absl::Seconds(30));
+  EXPECT_EQ(s->upload_min_bytes_per_second, 16 * 1024);
+  EXPECT_EQ(s->max_uploads_per_tenant, 4);
+  EXPECT_EQ(s->max_downloads_per_tenant, 8);
+  EXPECT_EQ(s->retention_sweep_interval, absl::Seconds(60));
+}
+
+TEST(SharingSettingsTest, TheKeyEncryptionKeyNeedsExactlyOneSource) {
+  for (const std::string& yaml : {std::string("other: {}\n"), std::string("sharing: {}\n"),
+                                 std::string("sharing: {kek_file: /k, kek_env: K}\n")}) {
+    absl::StatusOr<SharingSettings> s = Parse(yaml);
+    ASSERT_FALSE(s.ok()) << yaml;
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument) << yaml;
+    EXPECT_NE(s.status().message().find("sharing"), std::string::npos) << s.status();
+  }
+}
+
+TEST(SharingSettingsTest, AValueOutOfRangeNamesItsKey) {
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"tenant_quota_bytes", "-1"},          {"tenant_quotas", "{acme: -5}"},
+      {"upload_idle_timeout_seconds", "0"},  {"upload_idle_timeout_seconds", "3601"},
+      {"upload_min_bytes_per_second", "0"},  {"max_uploads_per_tenant", "0"},
+      {"max_downloads_per_tenant", "0"},     {"max_downloads_per_tenant", "10001"},
+      {"retention_sweep_seconds", "0"},      {"max_uploads_per_tenant", "many"},
+  };
+  for (const auto& [key, value] : bad) {
+    absl::StatusOr<SharingSettings> s =
+        Parse(absl::StrCat("sharing: {kek_env: K, ", key, ": ", value, "}\n"));
+    ASSERT_FALSE(s.ok()) << key << "=" << value;
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument) << key;
+    EXPECT_NE(s.status().message().find(absl::StrCat("sharing.", key)), std::string::npos)
+        << s.status();
+  }
+}
+
+TEST(SharingSettingsTest, AnUnknownKeyIsRefused) {
+  absl::StatusOr<SharingSettings> s = Parse("sharing: {kek_env: K, max_downloads: 2}\n");
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.status().message().find("max_downloads"), std::string::npos) << s.status();
+}
+
+}  // namespace
+}  // namespace medgate::sharing
