@@ -142,14 +142,21 @@ SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settin
 
 SharingServer::~SharingServer() { Shutdown(); }
 
+absl::Status SharingServer::Probe() {
+  if (absl::Status control = control_->Ping(); !control.ok()) {
+    return absl::UnavailableError(absl::StrCat("control database: ", control.message()));
+  }
+  return shards_->PingAny();
+}
+
 absl::Status SharingServer::Start() {
   server_->AddService(service_.get());
   server_->AddService(audit_service_.get());
-  server_->SetHealthProbe([this] { return control_->Ping(); }, absl::Seconds(2));
+  server_->SetHealthProbe([this] { return Probe(); }, absl::Seconds(2));
   RETURN_IF_ERROR(server_->Start());
   if (audit_server_) {
     audit_server_->AddService(audit_only_service_.get());
-    audit_server_->SetHealthProbe([this] { return control_->Ping(); }, absl::Seconds(2));
+    audit_server_->SetHealthProbe([this] { return Probe(); }, absl::Seconds(2));
     RETURN_IF_ERROR(audit_server_->Start());
   }
   sweeper_ = std::make_unique<PeriodicTask>(settings_.retention_sweep_interval,

@@ -89,6 +89,10 @@ class SharingServer {
                 std::shared_ptr<grpc::Channel> routing_channel, SharingServerOptions options);
   // One retention sweep, batch after batch while there is more; the wait before the next.
   absl::Duration Sweep(PeriodicTask& task);
+  // The health probe of both servers: the control database answers (tenants' territories, the
+  // control audit log) and any region's shard does. One region down fails only the calls about
+  // its own patients, and must not take the other regions' out of service with it.
+  absl::Status Probe();
 
   const MedgateConfig& config_;
   const SharingSettings settings_;

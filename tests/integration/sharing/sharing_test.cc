@@ -38,6 +38,7 @@
 #include "services/consent/consent_server.h"
 #include "services/routing/routing_server.h"
 #include "services/sharing/sharing_server.h"
+#include "tests/support/health_check.h"
 #include "tests/support/poll.h"
 #include "tests/support/test_stack.h"
 #include "tests/support/tenants.h"
@@ -3432,6 +3433,38 @@ TEST_F(SharingTest, VerifyChainChecksARangeFromTheStoredHashBeforeIt) {
   // Verifying is for ops only, ranged or not.
   EXPECT_EQ(Verify("de-1", &pki_->app(), first, last).status().code(),
             absl::StatusCode::kPermissionDenied);
+}
+
+// The standard health check of the sharing and audit servers, as a load balancer asks it: SERVING
+// while the control database and any region's shard answer (one region down fails only its own
+// patients' calls); NOT_SERVING with every shard down, or with the control database down. Runs
+// last: it stops every server of the stack, and waits for the consent feeds to listen again.
+TEST_F(SharingTest, HealthServesWhileControlAndAnyRegionsShardAnswer) {
+  const TestCert& ops = pki_->ops();
+  const TlsConfig tls{ops.cert_path, ops.key_path, pki_->ca_path(), 60};
+  for (int port : {sharing_->port(), sharing_->audit_port()}) {
+    SCOPED_TRACE(port == sharing_->port() ? "sharing" : "audit");
+    auto channel = MakeChannel(absl::StrCat("127.0.0.1:", port), tls);
+    ASSERT_TRUE(channel.ok()) << channel.status();
+    absl::Status regions = test_support::ExpectServingWhileAnyRegionAnswers(
+        *channel, *clusters_, "fr-1", absl::Now() + kPatience);
+    EXPECT_TRUE(regions.ok()) << regions;
+
+    ASSERT_TRUE(clusters_->control().Stop().ok());
+    absl::Status down = test_support::WaitForHealth(*channel, test_support::Health::kNotServing,
+                                                    absl::Now() + kPatience);
+    EXPECT_TRUE(down.ok()) << "with the control database down: " << down;
+    ASSERT_TRUE(clusters_->control().StartAgain().ok());
+    absl::Status back = test_support::WaitForHealth(*channel, test_support::Health::kServing,
+                                                    absl::Now() + kPatience);
+    EXPECT_TRUE(back.ok()) << "with the control database back: " << back;
+  }
+  for (consent::ConsentCache* cache : {&consent_->cache(), &sharing_->consent_cache()}) {
+    for (const char* region : {"fr-1", "de-1", "eu-1"}) {
+      EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return cache->FeedListening(region); }))
+          << "the consent feed of " << region << " did not come back";
+    }
+  }
 }
 
 }  // namespace
