@@ -398,7 +398,11 @@ class GrpcRoutingClient final : public RoutingClient {
                                          .found = d.found(),
                                          .patient_id = d.patient_id(),
                                          .region_id = d.region_id(),
-                                         .tenant_active = d.tenant_active()});
+                                         .tenant_active = d.tenant_active(),
+                                         .assigned_at = d.has_assigned_at()
+                                                            ? absl::FromUnixSeconds(d.assigned_at().seconds()) +
+                                                                  absl::Nanoseconds(d.assigned_at().nanos())
+                                                            : absl::InfinitePast()});
     }
     return locations;
   }

@@ -41,6 +41,9 @@ struct DeviceLocation {
   std::string patient_id;
   std::string region_id;
   bool tenant_active = false;  // false while the device's tenant is suspended
+  // When the current assignment began: samples measured earlier are not this patient's.
+  // InfinitePast when routing does not say.
+  absl::Time assigned_at = absl::InfinitePast();
 };
 
 // Whether a tenant may act: registered (`found`) and not suspended (`active`).

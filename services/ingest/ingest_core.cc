@@ -6,6 +6,7 @@
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "absl/time/time.h"
 
 namespace medgate::ingest {
 
@@ -140,6 +141,18 @@ absl::Status IngestCore::Process(const Principal& device,
   for (uint32_t i = 0; i < samples.size(); ++i) {
     Sample& s = samples[i];
     Verdict verdict = ValidateSample(s, previous_seq, now, options_.validation);
+    // A sample belongs to the patient the device fed when it was measured: one from before the
+    // current assignment (a former patient's, buffered on the device, or from while it fed
+    // nobody) is not this patient's, whoever it was.
+    if (verdict.reject == Reject::kNone && *s.measured_at < where.assigned_at) {
+      verdict = {Reject::kBeforeAssignment,
+                 absl::StrCat("measured at ", absl::FormatTime(absl::RFC3339_full, *s.measured_at,
+                                                               absl::UTCTimeZone()),
+                              ", before this device's assignment to its patient began at ",
+                              absl::FormatTime(absl::RFC3339_full, where.assigned_at,
+                                               absl::UTCTimeZone()),
+                              ": not this patient's sample")};
+    }
     if (verdict.reject == Reject::kNone && !monitoring->permit) {
       verdict = {Reject::kNoConsent,
                  absl::StrCat("no REMOTE_MONITORING consent for this patient (",

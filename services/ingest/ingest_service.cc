@@ -47,6 +47,7 @@ v1::RejectReason ToProto(Reject r) {
     case Reject::kInvalidSeq: return v1::REJECT_REASON_INVALID_SEQ;
     case Reject::kMissingTime: return v1::REJECT_REASON_MISSING_TIME;
     case Reject::kInvalidLocation: return v1::REJECT_REASON_INVALID_LOCATION;
+    case Reject::kBeforeAssignment: return v1::REJECT_REASON_BEFORE_ASSIGNMENT;
     case Reject::kNone: break;
   }
   return v1::REJECT_REASON_UNSPECIFIED;

@@ -35,6 +35,7 @@ enum class Reject {
   kInvalidSeq,
   kMissingTime,
   kInvalidLocation,
+  kBeforeAssignment,  // measured before the device's current assignment began
 };
 
 struct Location {

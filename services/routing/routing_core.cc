@@ -511,6 +511,7 @@ absl::StatusOr<std::vector<DeviceLocation>> RoutingCore::ResolveDevices(
           if (d.found) {
             d.patient_id = row[2].c_str();
             d.region_id = row[3].c_str();
+            if (!row[5].is_null()) d.assigned_at = absl::FromUnixMicros(row[5].as<int64_t>());
           }
           d.tenant_active = row[4].as<bool>();
           found[{d.tenant_id, d.device_id}] = d;

@@ -252,6 +252,9 @@ grpc::Status RoutingService::ResolveDevices(grpc::ServerContext* context,
     out->set_patient_id(d.patient_id);
     out->set_region_id(d.region_id);
     out->set_tenant_active(d.tenant_active);
+    if (d.found && d.assigned_at != absl::InfinitePast()) {
+      *out->mutable_assigned_at() = ToProtoTimestamp(d.assigned_at);
+    }
   }
   return grpc::Status::OK;
 }

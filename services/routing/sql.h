@@ -62,16 +62,22 @@ inline const std::vector<pg::Statement>& Statements() {
        "SELECT patient_id, former_patient_id, "
        "extract(epoch FROM (now() - updated_at))::float8 FROM devices "
        "WHERE tenant_id = $1 AND device_id = $2 FOR UPDATE"},
+      // assigned_at: a device given back to the patient it last fed continues that assignment
+      // (its samples measured meanwhile are that patient's); any other starts now.
       {kUpsertDevice,
-       "INSERT INTO devices (tenant_id, device_id, patient_id) VALUES ($1, $2, $3) "
+       "INSERT INTO devices (tenant_id, device_id, patient_id, assigned_at) "
+       "VALUES ($1, $2, $3, now()) "
        "ON CONFLICT (tenant_id, device_id) DO UPDATE SET patient_id = EXCLUDED.patient_id, "
+       "assigned_at = CASE WHEN devices.former_patient_id = EXCLUDED.patient_id "
+       "AND devices.assigned_at IS NOT NULL THEN devices.assigned_at ELSE now() END, "
        "updated_at = now()"},
       {kUnassignDevice,
        "UPDATE devices SET former_patient_id = patient_id, patient_id = NULL, updated_at = now() "
        "WHERE tenant_id = $1 AND device_id = $2"},
       // Every key answered, with its tenant's state even when the device is not assigned.
       {kResolveDevices,
-       "SELECT k.tenant_id, k.device_id, p.patient_id, p.region_id, coalesce(t.active, false) "
+       "SELECT k.tenant_id, k.device_id, p.patient_id, p.region_id, coalesce(t.active, false), "
+       "floor(extract(epoch FROM d.assigned_at) * 1000000)::bigint "
        "FROM unnest($1::text[], $2::text[]) AS k(tenant_id, device_id) "
        "LEFT JOIN tenants t ON t.tenant_id = k.tenant_id "
        "LEFT JOIN devices d ON d.tenant_id = k.tenant_id AND d.device_id = k.device_id "

@@ -128,8 +128,11 @@ TEST(IngestProcessTest, KilledMidStreamLosesNothingAcknowledged) {
       v.set_loinc_code("8867-4");
       v.set_ucum_unit("/min");
       v.set_value(70);
-      absl::Time t = absl::Now() - absl::Minutes(1);
+      // Measured now: after the device's assignment (routing refuses earlier samples).
+      const absl::Time t = absl::Now();
       v.mutable_measured_at()->set_seconds(absl::ToUnixSeconds(t));
+      v.mutable_measured_at()->set_nanos(
+          static_cast<int32_t>(absl::ToInt64Nanoseconds(t - absl::FromUnixSeconds(absl::ToUnixSeconds(t)))));
       samples.push_back(v);
     }
     ASSERT_TRUE((*client)->Send(std::move(samples)).ok());

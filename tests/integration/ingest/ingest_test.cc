@@ -53,7 +53,8 @@ v1::VitalSample HeartRate(uint64_t seq, double bpm = 72) {
   s.set_loinc_code("8867-4");
   s.set_value(bpm);
   s.set_ucum_unit("/min");
-  *s.mutable_measured_at() = Ts(absl::Now() - absl::Minutes(1) + absl::Milliseconds(static_cast<int64_t>(seq)));
+  // Measured now (after the device's assignment, which refuses earlier samples), in seq order.
+  *s.mutable_measured_at() = Ts(absl::Now() + absl::Microseconds(static_cast<int64_t>(seq)));
   return s;
 }
 
@@ -458,6 +459,36 @@ TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(status.error_message(), HasSubstr("1001"));
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-validate'"), 2);
+}
+
+// A sample is the patient's only if the device fed that patient when it was measured: one
+// measured before the device's current assignment began (a former patient's, buffered on the
+// device through a reassignment, or from while it fed nobody) is refused with its own reason, and
+// the batch's other samples are stored.
+TEST_F(IngestTest, SamplesMeasuredBeforeTheAssignmentAreNotThePatients) {
+  const absl::Time before_assignment = absl::Now() - absl::Seconds(30);
+  const std::string patient = PatientWithDevice("assigned-late", "FR", "dev-assigned-late");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto stub = Ingest(Device("acme", "dev-assigned-late"));
+  v1::VitalsBatch batch;
+  batch.set_batch_seq(1);
+  v1::VitalSample early = HeartRate(1);
+  *early.mutable_measured_at() = Ts(before_assignment);
+  *batch.add_samples() = early;        // 0: before the assignment
+  *batch.add_samples() = HeartRate(2);  // 1: measured now
+  DeviceStream stream(*stub);
+  std::optional<v1::IngestAck> ack = stream.Send(batch);
+  ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+  EXPECT_EQ(ack->stored_count(), 1u);
+  ASSERT_EQ(ack->rejected_count(), 1u);
+  EXPECT_EQ(ack->rejections(0).sample_index(), 0u);
+  EXPECT_EQ(ack->rejections(0).reason(), v1::REJECT_REASON_BEFORE_ASSIGNMENT);
+  EXPECT_THAT(ack->rejections(0).detail(), HasSubstr("before this device's assignment"));
+  EXPECT_TRUE(stream.Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-assigned-late'"), 1);
+  EXPECT_EQ(Count("fr-1", absl::StrCat("device_id = 'dev-assigned-late' AND patient_id = '", patient,
+                                       "' AND seq = 2")),
+            1);
 }
 
 TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {

@@ -2,6 +2,7 @@
 // bad input, audit, and the control database going away and coming back.
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include <gmock/gmock.h>
@@ -271,20 +272,69 @@ TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
     grpc::ClientContext context;
     return stub(pki_->app())->AssignDevice(&context, request, &response);
   };
-  ASSERT_TRUE(Place(pki_->app(), "wait-owner-1", "FR").ok());
-  ASSERT_TRUE(Place(pki_->app(), "wait-owner-2", "FR").ok());
+  auto unassign = [&] {
+    v1::UnassignDeviceRequest request;
+    request.set_device_id("dev-wait");
+    v1::UnassignDeviceResponse response;
+    grpc::ClientContext context;
+    return stub(pki_->app())->UnassignDevice(&context, request, &response);
+  };
+  // What ingest is told: the device's patient and when its assignment began.
+  auto resolve = [&]() -> std::optional<v1::ResolvedDevice> {
+    v1::ResolveDevicesRequest request;
+    request.add_devices()->set_tenant_id("acme");
+    request.mutable_devices(0)->set_device_id("dev-wait");
+    v1::ResolveDevicesResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = stub(pki_->service())->ResolveDevices(&context, request, &response);
+    if (!status.ok() || response.devices_size() != 1) {
+      ADD_FAILURE() << status.error_message();
+      return std::nullopt;
+    }
+    return response.devices(0);
+  };
+  auto micros = [](const google::protobuf::Timestamp& t) {
+    return t.seconds() * 1000000 + t.nanos() / 1000;
+  };
+  auto patient1 = Place(pki_->app(), "wait-owner-1", "FR");
+  ASSERT_TRUE(patient1.ok());
+  auto patient2 = Place(pki_->app(), "wait-owner-2", "FR");
+  ASSERT_TRUE(patient2.ok());
+  const int64_t before = absl::ToUnixMicros(absl::Now());
   ASSERT_TRUE(assign("wait-owner-1").ok());
-  v1::UnassignDeviceRequest unassign;
-  unassign.set_device_id("dev-wait");
-  v1::UnassignDeviceResponse unassigned;
-  grpc::ClientContext context;
-  ASSERT_TRUE(stub(pki_->app())->UnassignDevice(&context, unassign, &unassigned).ok());
+  std::optional<v1::ResolvedDevice> first = resolve();
+  ASSERT_TRUE(first.has_value());
+  ASSERT_TRUE(first->found());
+  ASSERT_TRUE(first->has_assigned_at());
+  const int64_t began = micros(first->assigned_at());
+  EXPECT_GE(began, before - 1000000);  // the database's clock, on this machine
+  EXPECT_LE(began, absl::ToUnixMicros(absl::Now()) + 1000000);
+  // Assigning it again to the same patient (a retry) changes nothing.
+  ASSERT_TRUE(assign("wait-owner-1").ok());
+  EXPECT_EQ(micros(resolve()->assigned_at()), began);
+  // Unassigned, it has no patient and no assignment time; given back to the same patient at
+  // once, it continues the assignment it had.
+  ASSERT_TRUE(unassign().ok());
+  EXPECT_FALSE(resolve()->found());
+  EXPECT_FALSE(resolve()->has_assigned_at());
+  ASSERT_TRUE(assign("wait-owner-1").ok());
+  EXPECT_EQ(micros(resolve()->assigned_at()), began);
+
+  ASSERT_TRUE(unassign().ok());
+  const int64_t unassigned_at = absl::ToUnixMicros(absl::Now());
   EXPECT_EQ(assign("wait-owner-2").error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   grpc::Status later;
   ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(10), [&] {
     later = assign("wait-owner-2");
     return later.ok();
   })) << later.error_message();
+  // Another patient's assignment begins when it is made: after the unassignment, so that the
+  // samples the device measured for the first patient are not the second's.
+  std::optional<v1::ResolvedDevice> second = resolve();
+  ASSERT_TRUE(second.has_value());
+  EXPECT_EQ(second->patient_id(), patient2->patient_id());
+  ASSERT_TRUE(second->has_assigned_at());
+  EXPECT_GT(micros(second->assigned_at()), unassigned_at);
   (*server)->Shutdown();
 }
 
