@@ -185,6 +185,24 @@ absl::StatusOr<uint64_t> BatchBuffer::Seal(v1::VitalsBatch batch) {
   return pending_.back().batch_seq();
 }
 
+absl::Status BatchBuffer::RestartSeqsAbove(uint64_t committed,
+                                           std::vector<v1::VitalSample> unstored) {
+  next_seq_ = std::max(next_seq_, committed + 1);
+  for (v1::VitalsBatch& b : pending_) {
+    for (auto& s : *b.mutable_samples()) s.set_seq(next_seq_++);
+  }
+  if (!unstored.empty()) {
+    v1::VitalsBatch again;
+    again.set_batch_seq(next_batch_seq_++);
+    for (v1::VitalSample& s : unstored) {
+      s.set_seq(next_seq_++);
+      *again.add_samples() = std::move(s);
+    }
+    pending_.push_back(std::move(again));
+  }
+  return Rewrite();
+}
+
 absl::Status BatchBuffer::Ack(uint64_t batch_seq) {
   auto it = std::find_if(pending_.begin(), pending_.end(),
                          [&](const v1::VitalsBatch& b) { return b.batch_seq() == batch_seq; });

@@ -7,6 +7,7 @@
 #include <deque>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "medgate/v1/ingest.pb.h"
@@ -30,6 +31,15 @@ class BatchBuffer {
   // Records the ack of `batch_seq` (the batch leaves the buffer). An error after the ack is
   // recorded comes from compacting the file, which keeps the file it had when it fails.
   absl::Status Ack(uint64_t batch_seq);
+
+  // For a server that holds seqs this buffer never gave out (`committed`, the device's highest
+  // stored seq, is at or above next_seq()): the device's earlier buffer file was lost or replaced,
+  // so this one's seqs started over below what is stored and its samples would be taken for
+  // duplicates. Every seq it gave out is at or below `committed`, so none of its samples was
+  // stored: the pending batches get new seqs above `committed`, `unstored` (the samples of an
+  // acked batch that were taken for duplicates) is sealed again as a new batch, and the file is
+  // rewritten with them.
+  absl::Status RestartSeqsAbove(uint64_t committed, std::vector<v1::VitalSample> unstored);
 
   // The unacked batches, oldest first.
   const std::deque<v1::VitalsBatch>& pending() const { return pending_; }

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <limits>
 #include <random>
+#include <set>
 
 #include <grpcpp/create_channel.h>
 #include <grpcpp/support/channel_arguments.h>
@@ -137,14 +138,21 @@ void DeviceClient::Loop() {
   std::mt19937_64 rng(std::random_device{}());
   absl::Duration backoff = options_.backoff_initial;
   absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = channel_;
-  if (channel_ == nullptr) {
-    channel = Dial(options_);
-  }
   while (true) {
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return stopping_ || !buffer_->pending().empty(); });
       if (stopping_) return;
+    }
+    // Made again after each failure (certificate files not there yet, or replaced since), with
+    // the same backoff as a failed stream.
+    if (!channel.ok() || *channel == nullptr) {
+      channel = Dial(options_);
+      if (!channel.ok()) {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++stats_.dial_failures;
+        stats_.last_dial_error = std::string(channel.status().message());
+      }
     }
     bool answered = false;
     if (channel.ok()) {
@@ -269,6 +277,26 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
     stats_.samples_stored += ack.stored_count();
     stats_.samples_duplicate += ack.duplicate_count();
     stats_.samples_rejected += ack.rejected_count();
+    if (ack.highest_committed_seq() >= buffer_->next_seq()) {
+      // The server holds seqs this buffer never gave out: the device's earlier buffer file was
+      // lost, so this batch's samples were taken for duplicates of stored ones. None of them was
+      // stored (a stored one would not leave the server's cursor above every seq given out);
+      // those not rejected for themselves go again, with the pending batches, above the cursor.
+      std::vector<v1::VitalSample> unstored;
+      if (ack.stored_count() == 0) {
+        std::set<uint32_t> rejected;
+        for (const v1::SampleRejection& r : ack.rejections()) rejected.insert(r.sample_index());
+        for (int i = 0; i < batch.samples_size(); ++i) {
+          if (rejected.count(static_cast<uint32_t>(i)) == 0) unstored.push_back(batch.samples(i));
+        }
+      }
+      stats_.samples_duplicate -= std::min<uint64_t>(stats_.samples_duplicate, unstored.size());
+      ++stats_.seq_restarts;
+      if (absl::Status s = buffer_->RestartSeqsAbove(ack.highest_committed_seq(), std::move(unstored));
+          !s.ok()) {
+        return s;
+      }
+    }
     cv_.notify_all();
   }
 }

@@ -54,6 +54,14 @@ struct DeviceStats {
   uint64_t ack_timeouts = 0;  // streams given up because an ack took longer than ack_timeout
   // Reconnects that waited longer than the backoff because a retryable ack's retry_after asked to.
   uint64_t waits_set_by_server = 0;
+  // Times the server held seqs this device's buffer never gave out (its earlier buffer file was
+  // lost or replaced): the buffer's seqs were moved above them, and the samples taken for
+  // duplicates were sent again (BatchBuffer::RestartSeqsAbove).
+  uint64_t seq_restarts = 0;
+  // Connections that could not even be set up (certificate or key files missing or unreadable):
+  // tried again after the backoff, like a failed stream.
+  uint64_t dial_failures = 0;
+  std::string last_dial_error;
 };
 
 class DeviceClient {

@@ -867,6 +867,95 @@ TEST_F(IngestTest, TheSdkResendsItsFileBufferAfterARestart) {
   std::filesystem::remove(options.buffer_path);
 }
 
+// A device whose buffer file was lost (an app reinstalled, its storage wiped) starts its seqs over
+// at 1, below what the server stored for it: its new samples would be taken for duplicates and
+// never stored. The ack's highest_committed_seq shows the SDK seqs it never gave out: it moves its
+// seqs above them and sends the samples taken for duplicates again. Each sample is stored once.
+TEST_F(IngestTest, TheSdkMovesItsSeqsAboveTheStoredOnesWhenItsBufferFileWasLost) {
+  std::string patient = PatientWithDevice("sdk-lost", "FR", "dev-sdk-lost");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  TestCert cert = Device("acme", "dev-sdk-lost");
+  device::DeviceOptions options;
+  options.address = absl::StrCat("127.0.0.1:", ingest_->port());
+  options.tls = TlsConfig{cert.cert_path, cert.key_path, pki().ca_path(), 60};
+  options.buffer_path = (std::filesystem::temp_directory_path() /
+                         ("medgate-sdk-lost-" + std::to_string(getpid()) + ".buffer")).string();
+  std::filesystem::remove(options.buffer_path);
+  auto samples = [](int n) {
+    std::vector<v1::VitalSample> out;
+    for (int i = 0; i < n; ++i) out.push_back(HeartRate(0, 60 + i));
+    return out;
+  };
+  auto deliver = [&](int batches) -> device::DeviceStats {
+    auto client = device::DeviceClient::Open(options);
+    EXPECT_TRUE(client.ok()) << client.status();
+    if (!client.ok()) return {};
+    for (int b = 0; b < batches; ++b) EXPECT_TRUE((*client)->Send(samples(10)).ok());
+    (*client)->Start();
+    EXPECT_TRUE((*client)->WaitUntilAcked(absl::Seconds(30)).ok());
+    device::DeviceStats stats = (*client)->stats();
+    (*client)->Stop();
+    return stats;
+  };
+  device::DeviceStats first = deliver(3);
+  EXPECT_EQ(first.samples_stored, 30u);
+  EXPECT_EQ(first.seq_restarts, 0u);
+  ASSERT_EQ(Count("fr-1", "device_id = 'dev-sdk-lost'"), 30);
+
+  // The buffer file is gone: the next process seals its batches with seqs 1-10 and 11-20.
+  ASSERT_TRUE(std::filesystem::remove(options.buffer_path));
+  device::DeviceStats second = deliver(2);
+  EXPECT_EQ(second.seq_restarts, 1u);
+  EXPECT_EQ(second.samples_stored, 20u);
+  EXPECT_EQ(second.samples_duplicate, 0u);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-lost'"), 50);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-lost' AND seq BETWEEN 31 AND 50"), 20);
+  // With its buffer file back in place, the next process goes on above them: no restart.
+  device::DeviceStats third = deliver(1);
+  EXPECT_EQ(third.seq_restarts, 0u);
+  EXPECT_EQ(third.samples_stored, 10u);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-lost'"), 60);
+  std::filesystem::remove(options.buffer_path);
+}
+
+// Certificate files provisioned after the SDK starts (or replaced while it runs): a connection
+// that cannot be set up is tried again after the backoff, and the buffered batch goes once the
+// files are there.
+TEST_F(IngestTest, TheSdkConnectsOnceItsCertificateFilesAppear) {
+  std::string patient = PatientWithDevice("sdk-late-cert", "FR", "dev-sdk-late-cert");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  TestCert cert = Device("acme", "dev-sdk-late-cert");
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("medgate-sdk-certs-" + std::to_string(getpid()));
+  std::filesystem::remove_all(dir);
+  device::DeviceOptions options;
+  options.address = absl::StrCat("127.0.0.1:", ingest_->port());
+  options.tls = TlsConfig{(dir / "device.crt").string(), (dir / "device.key").string(),
+                          pki().ca_path(), 60};
+  options.buffer_path = (dir.string() + ".buffer");
+  options.backoff_initial = absl::Milliseconds(20);
+  options.backoff_max = absl::Milliseconds(200);
+  std::filesystem::remove(options.buffer_path);
+  auto client = device::DeviceClient::Open(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::vector<v1::VitalSample> batch = {HeartRate(0)};
+  ASSERT_TRUE((*client)->Send(std::move(batch)).ok());
+  (*client)->Start();
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(10),
+                        [&] { return (*client)->stats().dial_failures >= 2; }));
+  EXPECT_THAT((*client)->stats().last_dial_error, HasSubstr("device.crt"));
+  EXPECT_EQ((*client)->pending(), 1u);
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(cert.cert_path, dir / "device.crt");
+  std::filesystem::copy_file(cert.key_path, dir / "device.key");
+  ASSERT_TRUE((*client)->WaitUntilAcked(absl::Seconds(30)).ok());
+  EXPECT_EQ((*client)->stats().samples_stored, 1u);
+  (*client)->Stop();
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-late-cert'"), 1);
+  std::filesystem::remove_all(dir);
+  std::filesystem::remove(options.buffer_path);
+}
+
 // A device over its tenant's quota is told how long to wait (retry_after): the SDK waits at least
 // that long before it reconnects and resends, and every batch is stored once.
 TEST_F(IngestTest, TheSdkWaitsAsLongAsAQuotaRefusalAsksAndLosesNothing) {

@@ -63,6 +63,39 @@ TEST_F(BatchBufferTest, AssignsSeqsAndKeepsUnackedBatchesAcrossRestarts) {
   EXPECT_EQ((*again)->pending()[0].samples(0).seq(), 7u);
 }
 
+// After a lost buffer file the server holds seqs this buffer never gave out: its pending batches
+// are renumbered above them, the samples an ack took for duplicates are sealed again as a new
+// batch, and all of it survives a restart.
+TEST_F(BatchBufferTest, RestartsItsSeqsAboveWhatTheServerHolds) {
+  {
+    auto buffer = BatchBuffer::Open(path_, 100);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_EQ(*(*buffer)->Seal(Samples(3)), 1u);  // seqs 1-3
+    ASSERT_EQ(*(*buffer)->Seal(Samples(2)), 2u);  // seqs 4-5
+    ASSERT_TRUE((*buffer)->Ack(1).ok());
+    std::vector<v1::VitalSample> unstored(2);
+    unstored[0].set_loinc_code("8867-4");
+    unstored[1].set_loinc_code("59408-5");
+    ASSERT_TRUE((*buffer)->RestartSeqsAbove(100, std::move(unstored)).ok());
+    EXPECT_EQ((*buffer)->next_seq(), 105u);
+  }
+  auto buffer = BatchBuffer::Open(path_, 100);
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  const auto& pending = (*buffer)->pending();
+  ASSERT_EQ(pending.size(), 2u);
+  EXPECT_EQ(pending[0].batch_seq(), 2u);
+  ASSERT_EQ(pending[0].samples_size(), 2);
+  EXPECT_EQ(pending[0].samples(0).seq(), 101u);
+  EXPECT_EQ(pending[0].samples(1).seq(), 102u);
+  EXPECT_EQ(pending[1].batch_seq(), 3u);
+  ASSERT_EQ(pending[1].samples_size(), 2);
+  EXPECT_EQ(pending[1].samples(0).seq(), 103u);
+  EXPECT_EQ(pending[1].samples(1).loinc_code(), "59408-5");
+  EXPECT_EQ(pending[1].samples(1).seq(), 104u);
+  EXPECT_EQ(*(*buffer)->Seal(Samples(1)), 4u);
+  EXPECT_EQ((*buffer)->pending().back().samples(0).seq(), 105u);
+}
+
 TEST_F(BatchBufferTest, IsBoundedAndToleratesATornTail) {
   {
     auto buffer = BatchBuffer::Open(path_, 2);
