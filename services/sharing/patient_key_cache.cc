@@ -8,8 +8,17 @@ std::optional<PatientKey> PatientKeyCache::Get(const std::string& patient_id, ab
   return keys_.Get(patient_id, now);
 }
 
-void PatientKeyCache::Put(const std::string& patient_id, const PatientKey& key, absl::Time now) {
+uint64_t PatientKeyCache::generation() {
   std::lock_guard<std::mutex> lock(mu_);
+  return generation_;
+}
+
+void PatientKeyCache::Put(const std::string& patient_id, const PatientKey& key, absl::Time now,
+                          uint64_t read_at_generation) {
+  std::lock_guard<std::mutex> lock(mu_);
+  // A Forget since the key was read may be an erasure that retired it: not cached. (Forgets are
+  // rare; any of them makes the next read of every patient's key go to its row.)
+  if (generation_ != read_at_generation) return;
   // The expiry is not extended: a key is re-read from its row at least once per max age.
   std::optional<PatientKey> cached = keys_.Get(patient_id, now);
   if (cached && cached->key_id == key.key_id) return;
@@ -18,6 +27,7 @@ void PatientKeyCache::Put(const std::string& patient_id, const PatientKey& key, 
 
 void PatientKeyCache::Forget(const std::string& patient_id) {
   std::lock_guard<std::mutex> lock(mu_);
+  ++generation_;
   keys_.Erase(patient_id);
 }
 

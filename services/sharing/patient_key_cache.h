@@ -4,6 +4,7 @@
 #define MEDGATE_SERVICES_SHARING_PATIENT_KEY_CACHE_H_
 
 #include <cstddef>
+#include <cstdint>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -28,13 +29,19 @@ class PatientKeyCache {
       : max_age_(max_age), keys_(max_entries) {}
 
   std::optional<PatientKey> Get(const std::string& patient_id, absl::Time now);
-  void Put(const std::string& patient_id, const PatientKey& key, absl::Time now);
+  // Counts the Forget calls: taken before a key is read from its row or the vault and given to
+  // Put, so that a key read before an erasure's Forget is not cached after it.
+  uint64_t generation();
+  // Caches `key` unless a Forget came after `read_at_generation`.
+  void Put(const std::string& patient_id, const PatientKey& key, absl::Time now,
+           uint64_t read_at_generation);
   void Forget(const std::string& patient_id);
   size_t size();
 
  private:
   const absl::Duration max_age_;
   std::mutex mu_;
+  uint64_t generation_ = 0;  // Forget calls so far
   TtlCache<std::string, PatientKey> keys_;  // least recently used first out when full
 };
 

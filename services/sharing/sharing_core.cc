@@ -12,6 +12,8 @@
 #include <tuple>
 #include <utility>
 
+#include <openssl/crypto.h>
+
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
@@ -484,6 +486,7 @@ class PgUpload final : public Upload {
       // vault is deleted by the sweep). An erasure committed meanwhile may have replaced the key
       // (one record's) or removed it (all of them): then the next statement sees what is now.
       if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_->connection());
+      const uint64_t generation = keys_.generation();
       bool stored = false;
       std::optional<PatientKey> current;
       for (int attempt = 0; attempt < 2 && !stored; ++attempt) {
@@ -497,7 +500,7 @@ class PgUpload final : public Upload {
             "nothing was stored, upload again");
       }
       txn_->commit();
-      keys_.Put(home_.patient_id, *current, now);
+      keys_.Put(home_.patient_id, *current, now, generation);
       return absl::OkStatus();
     } catch (const std::exception& e) {
       return pg::StatusFromException(e);
@@ -900,7 +903,9 @@ absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(const RecordInfo& record,
     return absl::DataLossError(
         absl::StrCat("record '", record.record_id, "': its wrapped data key is damaged"));
   }
-  return SecretKey::FromBytes(*record_key);
+  absl::StatusOr<SecretKey> key = SecretKey::FromBytes(*record_key);
+  OPENSSL_cleanse(record_key->data(), record_key->size());  // the SecretKey wipes its own copy
+  return key;
 }
 
 absl::StatusOr<PatientKey> SharingCore::OpenPatientKey(absl::string_view region,
@@ -910,6 +915,7 @@ absl::StatusOr<PatientKey> SharingCore::OpenPatientKey(absl::string_view region,
                                                        absl::string_view wrapped,
                                                        bool row_locked) {
   const absl::Time now = Now();
+  const uint64_t generation = patient_keys_.generation();
   std::optional<PatientKey> cached = patient_keys_.Get(patient_id, now);
   if (cached && cached->key_id == key_id) return *std::move(cached);
   absl::StatusOr<SecretKey> key;
@@ -933,7 +939,7 @@ absl::StatusOr<PatientKey> SharingCore::OpenPatientKey(absl::string_view region,
   }
   if (!key.ok()) return key.status();
   PatientKey opened{key_id, *std::move(key)};
-  patient_keys_.Put(patient_id, opened, now);
+  patient_keys_.Put(patient_id, opened, now, generation);
   return opened;
 }
 
@@ -997,9 +1003,11 @@ absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& reg
       log::Error("record_key_damaged", {{"record", id}, {"during_erasure_of", record.record_id}});
       continue;
     }
-    ASSIGN_OR_RETURN(std::string sealed, crypto::Seal(new_key.key, RecordKeyAad(id), *key));
+    absl::StatusOr<std::string> sealed = crypto::Seal(new_key.key, RecordKeyAad(id), *key);
+    OPENSSL_cleanse(key->data(), key->size());
+    if (!sealed.ok()) return sealed.status();
     ids.push_back(id);
-    rewrapped.push_back(absl::BytesToHexString(sealed));
+    rewrapped.push_back(absl::BytesToHexString(*sealed));
   }
   if (ids.empty()) return absl::OkStatus();
   if (txn.exec_prepared(sql::kInsertPatientKey, new_key.key_id, record.patient_id, kInVault,
@@ -1266,33 +1274,51 @@ absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
   ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(id, by_id ? "grant" : "record"));
   const absl::Time now = Now();
   return pool->TransactValue<GrantInfo>([&](pqxx::work& txn) -> absl::StatusOr<GrantInfo> {
-    std::optional<GrantInfo> grant;
+    std::optional<GrantInfo> found;
     if (by_id) {
-      pqxx::result rows = txn.exec_prepared(sql::kSelectGrantForUpdate, grant_id);
-      if (!rows.empty()) grant = GrantFromRow(rows[0]);
-    } else if (std::optional<GrantInfo> latest = LatestGrant(txn, record_id, grantee)) {
-      grant = GrantFromRow(txn.exec_prepared1(sql::kSelectGrantForUpdate, latest->grant_id));
+      pqxx::result rows = txn.exec_prepared(sql::kSelectGrant, grant_id);
+      if (!rows.empty()) found = GrantFromRow(rows[0]);
+    } else {
+      found = LatestGrant(txn, record_id, grantee);
     }
     const absl::Status not_found =
         by_id ? absl::NotFoundError(absl::StrCat("grant '", grant_id, "' not found"))
               : absl::NotFoundError(
                     absl::StrCat("record '", record_id, "' has no grant to ", grantee));
-    if (!grant) return not_found;
-    std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecord, grant->record_id);
+    if (!found) return not_found;
+    // The record first, as ShareRecord locks it: a re-share by the grantee and this revocation
+    // take turns, so a grant made onward is either refused or revoked with this one.
+    std::optional<RecordInfo> record =
+        SelectRecord(txn, sql::kSelectRecordForShare, found->record_id);
     if (!record || record->tenant_id != ctx.principal.tenant) return not_found;
-    if (ctx.principal.spiffe_id != record->owner && ctx.principal.spiffe_id != grant->granted_by) {
+    const GrantInfo grant =
+        GrantFromRow(txn.exec_prepared1(sql::kSelectGrantForUpdate, found->grant_id));
+    if (ctx.principal.spiffe_id != record->owner && ctx.principal.spiffe_id != grant.granted_by) {
       return absl::PermissionDeniedError(
           "only the record's owner or the practitioner who shared may revoke a grant");
     }
-    if (grant->revoked_at) return *grant;  // idempotent: the earlier revocation stands
+    if (grant.revoked_at) return grant;  // idempotent: the earlier revocation stands
     GrantInfo revoked =
-        GrantFromRow(txn.exec_prepared1(sql::kRevokeGrant, grant->grant_id, PgTime(now)));
+        GrantFromRow(txn.exec_prepared1(sql::kRevokeGrant, grant.grant_id, PgTime(now)));
     RETURN_IF_ERROR(
         audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "share_grant", revoked.grant_id,
                                     record->tenant_id, record->patient_id,
                                     absl::StrCat("REVOKED: record=", record->record_id,
                                                  " grantee=", revoked.grantee)))
             .status());
+    // What the grantee shared onward rested on its grant: it ends with it, each audited.
+    for (const pqxx::row& row :
+         txn.exec_prepared(sql::kRevokeSharedOnward, record->record_id, revoked.grantee, PgTime(now))) {
+      const GrantInfo onward = GrantFromRow(row);
+      RETURN_IF_ERROR(
+          audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "share_grant",
+                                           onward.grant_id, record->tenant_id, record->patient_id,
+                                           absl::StrCat("REVOKED: record=", record->record_id,
+                                                        " grantee=", onward.grantee,
+                                                        " (shared onward by ", onward.granted_by,
+                                                        ", whose grant was revoked)")))
+              .status());
+    }
     return revoked;
   });
 }
@@ -1381,7 +1407,18 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
           std::vector<RecordInfo> records;
           for (const pqxx::row& row : rows) {
             records.push_back(RecordFromRow(row));
-            RETURN_IF_ERROR(OpenMetadata(records.back(), row));
+            // A damaged record is listed as such (to those who may read it, below): it does not
+            // take the caller's whole listing down with it. A vault that does not answer does.
+            absl::Status opened = OpenMetadata(records.back(), row);
+            if (opened.code() == absl::StatusCode::kDataLoss) {
+              log::Error("record_damaged", {{"record", records.back().record_id},
+                                            {"error", opened.message()}});
+              records.back().damaged = std::string(opened.message());
+              records.back().content_type.clear();
+              records.back().file_name.clear();
+            } else if (!opened.ok()) {
+              return opened;
+            }
           }
           AttachGrants(txn, records, caller, now);
           return records;
@@ -1663,6 +1700,9 @@ absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
   });
   if (!patient_id.empty()) patient_keys_.Forget(patient_id);
   if (erased.ok()) DestroyRetiredKeys(*pool, region, retired);
+  // Again once the retired key left the vault: a request that read it before it went may have
+  // cached it after the first Forget (Put refuses only keys read before a Forget).
+  if (!patient_id.empty()) patient_keys_.Forget(patient_id);
   return erased;
 }
 

@@ -63,6 +63,9 @@ struct RecordInfo {
   // them into the fields above (records written before sealing have them in clear).
   std::optional<std::string> sealed_content_type;
   std::optional<std::string> sealed_file_name;
+  // Listings only: why its key or metadata could not be opened (then content_type and file_name
+  // are empty); empty when they were.
+  std::string damaged;
 };
 
 struct UploadHeader {

@@ -38,6 +38,7 @@ void ToProto(const RecordInfo& r, v1::Record* out) {
   out->set_kind(static_cast<v1::RecordKind>(r.kind));
   out->set_content_type(r.content_type);
   out->set_file_name(r.file_name);
+  out->set_damaged(r.damaged);
   out->set_size_bytes(r.size_bytes);
   out->set_sha256(r.sha256);
   out->set_owner(r.owner);

@@ -70,6 +70,8 @@ inline constexpr char kUpsertGrant[] = "upsert_grant";
 inline constexpr char kCountOtherActiveGrants[] = "count_other_active_grants";
 inline constexpr char kSelectGrantForUpdate[] = "select_grant_for_update";
 inline constexpr char kRevokeGrant[] = "revoke_grant";
+inline constexpr char kSelectGrant[] = "select_grant";
+inline constexpr char kRevokeSharedOnward[] = "revoke_shared_onward";
 inline constexpr char kListOwned[] = "list_owned";
 inline constexpr char kListShared[] = "list_shared";
 inline constexpr char kListPatient[] = "list_patient";
@@ -193,6 +195,19 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kRevokeGrant,
          "UPDATE share_grants g SET revoked_at = coalesce(g.revoked_at, $2::timestamptz) "
          "WHERE g.grant_id = $1 RETURNING " MEDGATE_GRANT_COLUMNS},
+        {kSelectGrant, "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g WHERE g.grant_id = $1"},
+        // The active grants of record $1 that grantee $2 made, those their grantees made, and so
+        // on: revoked at $3 with $2's grant, which they rest on. (A grant the owner extended is
+        // the owner's: granted_by names whoever last vouched for it.)
+        {kRevokeSharedOnward,
+         "WITH RECURSIVE onward(sharer) AS ("
+         " SELECT $2::text"
+         " UNION"
+         " SELECT g.grantee FROM share_grants g JOIN onward o ON g.granted_by = o.sharer"
+         " WHERE g.record_id = $1 AND g.revoked_at IS NULL AND g.expires_at > $3::timestamptz) "
+         "UPDATE share_grants g SET revoked_at = $3::timestamptz "
+         "WHERE g.record_id = $1 AND g.revoked_at IS NULL AND g.expires_at > $3::timestamptz "
+         "AND g.granted_by IN (SELECT sharer FROM onward) RETURNING " MEDGATE_GRANT_COLUMNS},
         {kListOwned, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
                      " FROM records r" MEDGATE_RECORD_KEY_JOIN
                      " WHERE r.owner = $1" MEDGATE_LIST_FILTERS},

@@ -22,6 +22,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/cleanup/cleanup.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "libs/common/grpc_status.h"
 #include "libs/crypto/aes_gcm.h"
@@ -823,14 +824,24 @@ TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
   EXPECT_EQ(archived->record().file_name(), "second.pdf");
 
   // A sealed value moved to the other field, or to another record, does not open: the record is
-  // named, nothing is shown.
+  // listed as damaged, named, with nothing of its metadata shown; the other record as it is.
   Exec("fr-1",
        "UPDATE records SET file_name_sealed = content_type_sealed, content_type_sealed = "
        "file_name_sealed WHERE record_id = $1",
        record);
   auto swapped = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient, 10, "", true);
-  EXPECT_EQ(swapped.status().code(), absl::StatusCode::kDataLoss);
-  EXPECT_THAT(std::string(swapped.status().message()), HasSubstr(record));
+  ASSERT_TRUE(swapped.ok()) << swapped.status();
+  ASSERT_EQ(swapped->records_size(), 2);
+  for (const v1::Record& r : swapped->records()) {
+    if (r.record_id() == record) {
+      EXPECT_THAT(r.damaged(), HasSubstr(record));
+      EXPECT_EQ(r.file_name(), "");
+      EXPECT_EQ(r.content_type(), "");
+    } else {
+      EXPECT_EQ(r.damaged(), "");
+      EXPECT_EQ(r.file_name(), "second.pdf");
+    }
+  }
   Downloaded refused = Download(pki_->practitioner(), record);
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::DATA_LOSS);
   EXPECT_FALSE(refused.has_header);
@@ -1579,6 +1590,59 @@ TEST_F(SharingTest, AHeldGrantIsOnlyExtendedAndOnlyByItsOwnerOrSharer) {
   EXPECT_EQ(stored(), std::make_pair(P1(), absl::ToUnixSeconds(now + absl::Hours(24 * 60))));
 }
 
+// A grant shared onward rests on the grant it came from: revoking a grantee revokes what it shared
+// on, and what those grantees shared on in turn, each in the audit; a grant the owner made stays.
+// The revoked grantees can no longer read, nor give the record back to the one revoked.
+TEST_F(SharingTest, RevokingAGranteeRevokesWhatItSharedOnward) {
+  const std::string patient = Place("revoke-onward-1", "FR");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "shared onward";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const TestCert& p2 = Cert("acme-p2");
+  const TestCert& p3 = Cert("acme-p3");
+  const TestCert& p4 = Cert("acme-p4");
+  const std::string p4_id = Id("/tenant/acme/practitioner/p-4");
+  const absl::Time now = ServerNow();
+  absl::StatusOr<v1::ShareRecordResponse> to_p2 =
+      ShareOnceConsented(pki_->practitioner(), record, P2(), now + absl::Hours(24));
+  ASSERT_TRUE(to_p2.ok()) << to_p2.status();
+  absl::StatusOr<v1::ShareRecordResponse> to_p3 = Share(p2, record, P3(), now + absl::Hours(2));
+  ASSERT_TRUE(to_p3.ok()) << to_p3.status();
+  // p-4 holds the owner's own grant: it does not rest on p-2's.
+  absl::StatusOr<v1::ShareRecordResponse> to_p4 =
+      Share(pki_->practitioner(), record, p4_id, now + absl::Hours(2));
+  ASSERT_TRUE(to_p4.ok()) << to_p4.status();
+  ASSERT_TRUE(Download(p3, record).status.ok());
+
+  ASSERT_TRUE(RevokeByGrantee(pki_->practitioner(), record, P2()).ok());
+  for (const TestCert* revoked : {&p2, &p3}) {
+    Downloaded refused = Download(*revoked, record);
+    EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_THAT(refused.status.error_message(), HasSubstr("revoked"));
+    EXPECT_FALSE(refused.has_header);
+  }
+  EXPECT_TRUE(Download(p4, record).status.ok());
+  // p-3 may no longer share it, with p-2 or anyone.
+  EXPECT_EQ(Share(p3, record, P2(), now + absl::Hours(1)).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  Downloaded owner = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(owner.status.ok());
+  ASSERT_EQ(owner.header.grants_size(), 1);
+  EXPECT_EQ(owner.header.grants(0).grant_id(), to_p4->grant_id());
+  std::vector<v1::AuditEntry> entries = PatientAudit(patient);
+  EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_UPDATE, to_p2->grant_id(), "REVOKED"));
+  EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_UPDATE, to_p3->grant_id(), "REVOKED"));
+  bool onward_detail = false;
+  for (const v1::AuditEntry& e : entries) {
+    onward_detail |= e.object_id() == to_p3->grant_id() && e.reason() == "REVOKED" &&
+                     absl::StrContains(e.reason_detail(), "shared onward by " + P2());
+  }
+  EXPECT_TRUE(onward_detail);
+  EXPECT_FALSE(HasEntry(entries, P1(), v1::AUDIT_ACTION_UPDATE, to_p4->grant_id(), "REVOKED"));
+}
+
 // A listing shows what DownloadRecord would let the caller read, no more: once the sharer's
 // RECORD_SHARING consent is withdrawn the grantee's listings leave the record out, and once the
 // owner's CARE consent is withdrawn so do the owner's. Pages skip what is left out without losing
@@ -1918,6 +1982,26 @@ TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes
   EXPECT_EQ(bad_key.status.error_code(), grpc::StatusCode::DATA_LOSS);
   EXPECT_THAT(bad_key.status.error_message(), HasSubstr(record));
   EXPECT_FALSE(bad_key.has_header);
+  // The owner's listing still answers: the record is listed as damaged, without its metadata,
+  // and the owner's other records as they are.
+  {
+    std::map<std::string, v1::Record> listed;
+    std::string token;
+    for (int page = 0; page < 50; ++page) {
+      auto mine = List(pki_->practitioner(), v1::RECORD_SCOPE_MINE, "", 100, token);
+      ASSERT_TRUE(mine.ok()) << mine.status();
+      for (const v1::Record& r : mine->records()) listed[r.record_id()] = r;
+      token = mine->next_page_token();
+      if (token.empty()) break;
+    }
+    ASSERT_EQ(listed.count(record), 1u);
+    EXPECT_THAT(listed[record].damaged(), HasSubstr(record));
+    EXPECT_TRUE(listed[record].file_name().empty());
+    EXPECT_TRUE(listed[record].content_type().empty());
+    int whole = 0;
+    for (const auto& [id, r] : listed) whole += r.damaged().empty() && !r.file_name().empty();
+    EXPECT_GT(whole, 0);
+  }
   Exec("fr-1", damage_key, record);
 
   // The data key gone from the shard: DATA_LOSS naming the record, before any content.
