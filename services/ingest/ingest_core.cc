@@ -222,9 +222,10 @@ absl::Status IngestCore::Process(const Principal& device,
   // Waits for room (or not), then queues the request or answers that the queue is full.
   auto enqueue = [this, writer, tenant = device.tenant, region = where.region_id, charged, shared,
                   finish, held = std::make_shared<WriteRequest>(std::move(request))](bool wait) {
-    if (writer->Enqueue(std::move(*held), wait ? options_.enqueue_wait : absl::ZeroDuration())) {
-      return;
-    }
+    std::unique_ptr<BoundedCounts<std::string>::Slot> waiting;
+    if (wait) waiting = waiting_by_region_.TryTake(region, options_.max_waiting_per_region);
+    const absl::Duration patience = waiting ? options_.enqueue_wait : absl::ZeroDuration();
+    if (writer->Enqueue(std::move(*held), patience)) return;
     queue_full_.fetch_add(1, std::memory_order_relaxed);
     quota_.Refund(tenant, charged);
     BatchResult busy = std::move(*shared);

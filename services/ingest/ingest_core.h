@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "libs/common/bounded_counts.h"
 #include "absl/time/time.h"
 #include "libs/consent_client/consent_cache.h"
 #include "libs/identity/principal.h"
@@ -48,6 +49,10 @@ struct IngestOptions {
   double tenant_samples_per_second = 50000;  // per-tenant quota
   double tenant_burst = 100000;
   absl::Duration enqueue_wait = absl::Seconds(10);  // backpressure bound before RESOURCE_EXHAUSTED
+  // Threads that may wait for room in one region's write queues at once (the service gives half
+  // its worker threads): a region whose shard is slow or gone cannot hold every worker, which
+  // the other regions' batches need too. One more is answered at once as if the wait had ended.
+  int max_waiting_per_region = 4;
 };
 
 // A per-tenant token bucket (samples per second).
@@ -112,6 +117,9 @@ class IngestCore {
                        std::shared_ptr<std::atomic<bool>> poisoned, absl::Time read_at,
                        std::function<void(BatchResult)> done, Later* later = nullptr);
 
+  // Threads waiting for room in `region`'s write queues now.
+  int WaitingForRoom(const std::string& region) const { return waiting_by_region_.count(region); }
+
   IngestCounters Counters() const {
     return {queue_full_.load(std::memory_order_relaxed), quota_refused_.load(std::memory_order_relaxed)};
   }
@@ -124,6 +132,7 @@ class IngestCore {
   TenantQuota quota_;
   std::atomic<uint64_t> queue_full_{0};
   std::atomic<uint64_t> quota_refused_{0};
+  BoundedCounts<std::string> waiting_by_region_;  // threads waiting for room, per region
 };
 
 }  // namespace medgate::ingest

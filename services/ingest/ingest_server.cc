@@ -54,6 +54,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.writer.max_rows_per_transaction = static_cast<size_t>(rows);
   s.writer.linger = absl::Milliseconds(linger);
   s.worker_threads = static_cast<int>(workers);
+  s.core.max_waiting_per_region = std::max(1, s.worker_threads / 2);
   s.max_waiting_batches = static_cast<size_t>(waiting);
   s.writers_per_region = static_cast<int>(lanes);
   s.core.enqueue_wait = absl::Milliseconds(enqueue_wait);

@@ -58,6 +58,7 @@ class IngestServer {
   RoutingClient& routing() { return *routing_; }
   consent::ConsentCache& consent() { return *consent_; }
   IngestCounters counters() const { return core_->Counters(); }
+  int waiting_for_room(const std::string& region) const { return core_->WaitingForRoom(region); }
   // Batches waiting in the region writers' queues.
   size_t queued_batches() const {
     size_t n = 0;

@@ -7,6 +7,7 @@
 #include <linux/magic.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <pwd.h>
 #include <sys/file.h>
 #include <sys/mman.h>
@@ -24,9 +25,11 @@
 #include <cstring>
 #include <exception>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <pqxx/pqxx>
 #include <random>
+#include <sstream>
 #include <thread>
 #include <utility>
 
@@ -865,6 +868,39 @@ std::string PgCluster::ConnectionString(absl::string_view dbname) const {
 std::string PgCluster::log_path() const { return dir_ + "/postgres.log"; }
 
 std::string PgCluster::data_dir() const { return dir_ + "/data"; }
+
+absl::Status PgCluster::Signal(int signal) {
+  std::ifstream pid_file(data_dir() + "/postmaster.pid");
+  pid_t postmaster = 0;
+  pid_file >> postmaster;
+  if (postmaster <= 0) {
+    return absl::FailedPreconditionError(absl::StrCat("pg_cluster ", name_, ": not running"));
+  }
+  // The postmaster's children, from /proc/<pid>/stat (the parent pid follows the state, after
+  // the command name's closing parenthesis).
+  std::vector<pid_t> pids = {postmaster};
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    const size_t paren = line.rfind(')');
+    if (paren == std::string::npos || paren + 2 >= line.size()) continue;
+    std::istringstream rest(line.substr(paren + 2));
+    char state = 0;
+    pid_t parent = 0;
+    rest >> state >> parent;
+    if (parent == postmaster) pids.push_back(static_cast<pid_t>(std::stol(name)));
+  }
+  for (pid_t pid : pids) {
+    if (kill(pid, signal) != 0 && errno != ESRCH) {
+      return absl::InternalError(absl::StrCat("pg_cluster ", name_, ": kill(", pid, ", ", signal,
+                                              "): ", std::strerror(errno)));
+    }
+  }
+  return absl::OkStatus();
+}
 
 absl::Status PgCluster::Stop() {
   if (!running_) return absl::OkStatus();

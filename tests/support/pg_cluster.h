@@ -80,6 +80,9 @@ class PgCluster {
   // Restarts on the same data directory and port, so connection strings handed out stay valid.
   // Fails if another process took the port meanwhile.
   absl::Status StartAgain();
+  // Sends `signal` to the server and its backends. SIGSTOP: a shard that stops answering without
+  // closing its connections, as behind a network partition; SIGCONT: it answers again.
+  absl::Status Signal(int signal);
 
  private:
   explicit PgCluster(std::string name);

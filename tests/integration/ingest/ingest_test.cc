@@ -1,5 +1,7 @@
 // The ingest service over real mTLS and real PostgreSQL, with real routing and consent services:
 // residency, acks after commit, duplicates, validation, consent, geolocation, shard failure.
+#include <signal.h>
+
 #include <filesystem>
 #include <thread>
 
@@ -75,6 +77,13 @@ class DeviceStream {
   // The ack, or nullopt when the stream ended (then Finish() tells why).
   std::optional<v1::IngestAck> Send(const v1::VitalsBatch& batch) {
     if (!stream_->Write(batch)) return std::nullopt;
+    v1::IngestAck ack;
+    if (!stream_->Read(&ack)) return std::nullopt;
+    return ack;
+  }
+  // A batch sent without waiting for its ack; false when the stream ended.
+  bool Write(const v1::VitalsBatch& batch) { return stream_->Write(batch); }
+  std::optional<v1::IngestAck> Read() {
     v1::IngestAck ack;
     if (!stream_->Read(&ack)) return std::nullopt;
     return ack;
@@ -1541,6 +1550,75 @@ TEST_F(IngestTest, ASuspendedTenantNeitherStreamsNorReads) {
   }));
   EXPECT_EQ(resumed->stored_count(), 10u);
   ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(15), [&] { return read().ok(); }));
+}
+
+// A region whose shard stops answering fills its write queue, and batches waiting for room there
+// hold worker threads. At most half the workers wait for one region: a further batch for it is
+// answered at once with a retryable RESOURCE_EXHAUSTED, and another region's batch that needs a
+// worker (its device not yet in the routing cache) is stored meanwhile.
+TEST_F(IngestTest, AStalledRegionHoldsAtMostHalfTheWorkers) {
+  const std::string de_patient = PatientWithDevice("stall-de", "DE", "dev-stall-de");
+  Grant(de_patient, v1::PURPOSE_REMOTE_MONITORING);
+  const std::string de_patient2 = PatientWithDevice("stall-de-2", "DE", "dev-stall-de-2");
+  Grant(de_patient2, v1::PURPOSE_REMOTE_MONITORING);
+  const std::string fr_patient = PatientWithDevice("stall-fr", "FR", "dev-stall-fr");
+  Grant(fr_patient, v1::PURPOSE_REMOTE_MONITORING);
+  // Two workers, so one may wait for de-1; one lane and one queued batch per region.
+  auto extra = StartIngest(
+      "ingest: {worker_threads: 2, writers_per_region: 1, max_queued_batches: 1, "
+      "enqueue_wait_ms: 120000}\n");
+  ASSERT_NE(extra, nullptr);
+  auto de_stub = Ingest(Device("acme", "dev-stall-de"), extra->server->port());
+  auto de2_stub = Ingest(Device("acme", "dev-stall-de-2"), extra->server->port());
+  auto fr_stub = Ingest(Device("acme", "dev-stall-fr"), extra->server->port());
+  DeviceStream de(*de_stub);
+  DeviceStream de2(*de2_stub);
+  // Both DE devices' routing and consents in memory before the shard stalls.
+  ASSERT_EQ(de.Send(Batch(1, 1, 5))->stored_count(), 5u);
+  ASSERT_EQ(de2.Send(Batch(1, 1, 5))->stored_count(), 5u);
+
+  test_support::PgCluster& shard = stack_->clusters().region("de-1");
+  ASSERT_TRUE(shard.Signal(SIGSTOP).ok());
+  // The writer takes batch 2 and waits on the shard; batch 3 fills the queue; batch 4 goes to a
+  // worker to wait for room.
+  for (uint64_t b = 2; b <= 4; ++b) ASSERT_TRUE(de.Write(Batch(b, (b - 1) * 5 + 1, 5)));
+  const bool one_waits = PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    return extra->server->waiting_for_room("de-1") == 1;
+  });
+  std::optional<v1::IngestAck> refused;
+  std::optional<v1::IngestAck> fr_ack;
+  if (one_waits) {
+    refused = de2.Send(Batch(2, 6, 5));
+    DeviceStream fr(*fr_stub);
+    fr_ack = fr.Send(Batch(1, 1, 5));
+    EXPECT_TRUE(fr.Finish().ok());
+  }
+  ASSERT_TRUE(shard.Signal(SIGCONT).ok());
+  ASSERT_TRUE(one_waits) << "no batch waited for room in de-1's write queue";
+  ASSERT_TRUE(refused.has_value()) << de2.Finish().error_message();
+  ASSERT_TRUE(refused->has_retryable_error());
+  EXPECT_EQ(refused->retryable_error().code(), static_cast<int32_t>(grpc::StatusCode::RESOURCE_EXHAUSTED));
+  EXPECT_THAT(refused->retryable_error().message(), HasSubstr("de-1"));
+  ASSERT_TRUE(fr_ack.has_value());
+  EXPECT_EQ(fr_ack->stored_count(), 5u);
+  // Once the shard answers again, the waiting batches are stored and acked in order.
+  for (uint64_t b = 2; b <= 4; ++b) {
+    std::optional<v1::IngestAck> ack = de.Read();
+    ASSERT_TRUE(ack.has_value()) << de.Finish().error_message();
+    EXPECT_EQ(ack->batch_seq(), b);
+    EXPECT_EQ(ack->stored_count(), 5u);
+  }
+  EXPECT_TRUE(de.Finish().ok());
+  // The refused batch's stream ends after its retryable ack; resent on a new one, it is stored.
+  EXPECT_EQ(de2.Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+  DeviceStream again(*de2_stub);
+  std::optional<v1::IngestAck> resent = again.Send(Batch(2, 6, 5));
+  ASSERT_TRUE(resent.has_value()) << again.Finish().error_message();
+  EXPECT_EQ(resent->stored_count(), 5u);
+  EXPECT_TRUE(again.Finish().ok());
+  EXPECT_EQ(Count("de-1", "device_id = 'dev-stall-de'"), 20);
+  EXPECT_EQ(Count("de-1", "device_id = 'dev-stall-de-2'"), 10);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-stall-fr'"), 5);
 }
 
 // The standard health check, as a load balancer asks it, answers SERVING while any region's shard
