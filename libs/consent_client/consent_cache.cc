@@ -21,6 +21,7 @@
 #include "libs/common/log.h"
 #include "libs/consent_client/consent_decision.h"
 #include "libs/consent_client/consent_store.h"
+#include "libs/pg/conninfo.h"
 #include "libs/pg/pg_status.h"
 #include "libs/pg/pool.h"
 
@@ -318,7 +319,7 @@ class PgConsentCache final : public ConsentCache {
     std::unique_ptr<Receiver> receiver;
     absl::Status status;
     try {
-      connection = std::make_unique<pqxx::connection>(region.conninfo);
+      connection = std::make_unique<pqxx::connection>(pg::WithConnectionDefaults(region.conninfo));
       {
         pqxx::nontransaction setup(*connection);
         setup.exec0("SET application_name = 'medgate-consent-feed'");

@@ -3,6 +3,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "libs/common/log.h"
+#include "libs/pg/conninfo.h"
 #include "libs/pg/pg_status.h"
 
 namespace medgate::pg {
@@ -10,7 +11,7 @@ namespace medgate::pg {
 PoolOptions PoolOptions::FromConfig(std::string name, const DbConfig& db) {
   PoolOptions options;
   options.name = std::move(name);
-  options.conninfo = db.conninfo;
+  options.conninfo = WithConnectionDefaults(db.conninfo);
   options.size = db.pool_size;
   options.max_waiters = db.max_waiters;
   options.acquire_timeout = absl::Milliseconds(db.acquire_timeout_ms);

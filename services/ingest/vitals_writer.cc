@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/common/log.h"
+#include "libs/pg/conninfo.h"
 #include "libs/pg/pg_status.h"
 #include "libs/pg/sql_array.h"
 #include "services/ingest/sql.h"
@@ -98,7 +99,7 @@ VitalsWriter::~VitalsWriter() {
 absl::Status VitalsWriter::EnsureConnected() {
   if (conn_ != nullptr && PQstatus(conn_) == CONNECTION_OK) return absl::OkStatus();
   if (conn_ != nullptr) PQfinish(conn_);
-  conn_ = PQconnectdb(db_.conninfo.c_str());
+  conn_ = PQconnectdb(pg::WithConnectionDefaults(db_.conninfo).c_str());
   if (PQstatus(conn_) != CONNECTION_OK) {
     absl::Status status = absl::UnavailableError(
         absl::StrCat("database '", region_id_, "' unreachable"));

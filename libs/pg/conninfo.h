@@ -1,0 +1,20 @@
+// Connection settings every medgate connection to PostgreSQL has unless its conninfo says
+// otherwise: a server that stops answering (a host gone, a network partition) is given up on in
+// bounded time instead of holding the caller for the kernel's TCP timeouts (minutes).
+#ifndef MEDGATE_LIBS_PG_CONNINFO_H_
+#define MEDGATE_LIBS_PG_CONNINFO_H_
+
+#include <string>
+
+namespace medgate::pg {
+
+// `conninfo` (key=value or URI form) with those it does not set of: connect_timeout=10 (s),
+// keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3 (an idle
+// connection to a dead peer is closed within about a minute) and tcp_user_timeout=60000 (ms: sent
+// data left unacknowledged that long closes it). A conninfo libpq cannot parse is returned as it
+// is, for the connection attempt to report.
+std::string WithConnectionDefaults(const std::string& conninfo);
+
+}  // namespace medgate::pg
+
+#endif  // MEDGATE_LIBS_PG_CONNINFO_H_
