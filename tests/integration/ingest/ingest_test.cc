@@ -232,6 +232,28 @@ class IngestTest : public ::testing::Test {
     return *cert;
   }
 
+  // Device SDK options for `cert` against the ingest server on `port` (the suite's by default),
+  // with a buffer file of its own that does not exist yet.
+  static device::DeviceOptions SdkOptions(const TestCert& cert, const std::string& buffer_tag,
+                                          int port = 0) {
+    device::DeviceOptions options;
+    options.address = absl::StrCat("127.0.0.1:", port != 0 ? port : ingest_->port());
+    options.tls = TlsConfig{cert.cert_path, cert.key_path, pki().ca_path(), 60};
+    options.buffer_path =
+        (std::filesystem::temp_directory_path() /
+         absl::StrCat("medgate-", buffer_tag, "-", getpid(), ".buffer"))
+            .string();
+    std::filesystem::remove(options.buffer_path);
+    return options;
+  }
+
+  // `n` heart rates for the SDK to number (60 to 159 bpm).
+  static std::vector<v1::VitalSample> HeartRates(int n) {
+    std::vector<v1::VitalSample> out;
+    for (int i = 0; i < n; ++i) out.push_back(HeartRate(0, 60 + i % 100));
+    return out;
+  }
+
   static int64_t Count(const std::string& region, const std::string& where) {
     pqxx::connection c(stack_->clusters().region(region).ConnectionString());
     pqxx::nontransaction q(c);
@@ -840,18 +862,8 @@ TEST_F(IngestTest, AShardDownLosesNoAckedSampleAndOtherRegionsKeepWorking) {
 TEST_F(IngestTest, TheSdkResendsItsFileBufferAfterARestart) {
   std::string patient = PatientWithDevice("sdk", "BE", "dev-sdk");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
-  TestCert cert = Device("acme", "dev-sdk");
-  device::DeviceOptions options;
-  options.address = absl::StrCat("127.0.0.1:", ingest_->port());
-  options.tls = TlsConfig{cert.cert_path, cert.key_path, pki().ca_path(), 60};
-  options.buffer_path = (std::filesystem::temp_directory_path() /
-                         ("medgate-sdk-" + std::to_string(getpid()) + ".buffer")).string();
-  std::filesystem::remove(options.buffer_path);
-  auto samples = [](int n) {
-    std::vector<v1::VitalSample> out;
-    for (int i = 0; i < n; ++i) out.push_back(HeartRate(0, 60 + i));
-    return out;
-  };
+  device::DeviceOptions options = SdkOptions(Device("acme", "dev-sdk"), "sdk");
+  auto samples = HeartRates;
   {
     // The device process records 5 batches while offline, then dies before sending any.
     auto client = device::DeviceClient::Open(options);
@@ -883,18 +895,8 @@ TEST_F(IngestTest, TheSdkResendsItsFileBufferAfterARestart) {
 TEST_F(IngestTest, TheSdkMovesItsSeqsAboveTheStoredOnesWhenItsBufferFileWasLost) {
   std::string patient = PatientWithDevice("sdk-lost", "FR", "dev-sdk-lost");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
-  TestCert cert = Device("acme", "dev-sdk-lost");
-  device::DeviceOptions options;
-  options.address = absl::StrCat("127.0.0.1:", ingest_->port());
-  options.tls = TlsConfig{cert.cert_path, cert.key_path, pki().ca_path(), 60};
-  options.buffer_path = (std::filesystem::temp_directory_path() /
-                         ("medgate-sdk-lost-" + std::to_string(getpid()) + ".buffer")).string();
-  std::filesystem::remove(options.buffer_path);
-  auto samples = [](int n) {
-    std::vector<v1::VitalSample> out;
-    for (int i = 0; i < n; ++i) out.push_back(HeartRate(0, 60 + i));
-    return out;
-  };
+  device::DeviceOptions options = SdkOptions(Device("acme", "dev-sdk-lost"), "sdk-lost");
+  auto samples = HeartRates;
   auto deliver = [&](int batches) -> device::DeviceStats {
     auto client = device::DeviceClient::Open(options);
     EXPECT_TRUE(client.ok()) << client.status();
@@ -974,19 +976,10 @@ TEST_F(IngestTest, TheSdkWaitsAsLongAsAQuotaRefusalAsksAndLosesNothing) {
   auto extra = StartIngest("ingest: {tenant_samples_per_second: 500, tenant_burst: 1000}\n");
   ASSERT_NE(extra, nullptr);
   IngestServer& server = *extra->server;
-  TestCert cert = Device("acme", "dev-sdk-quota");
-  device::DeviceOptions options;
-  options.address = absl::StrCat("127.0.0.1:", server.port());
-  options.tls = TlsConfig{cert.cert_path, cert.key_path, pki().ca_path(), 60};
-  options.buffer_path = (std::filesystem::temp_directory_path() /
-                         ("medgate-sdk-quota-" + std::to_string(getpid()) + ".buffer")).string();
+  device::DeviceOptions options =
+      SdkOptions(Device("acme", "dev-sdk-quota"), "sdk-quota", server.port());
   options.backoff_initial = absl::Milliseconds(100);  // far shorter than a quota refill
-  std::filesystem::remove(options.buffer_path);
-  auto samples = [](int n) {
-    std::vector<v1::VitalSample> out;
-    for (int i = 0; i < n; ++i) out.push_back(HeartRate(0, 60 + i % 100));
-    return out;
-  };
+  auto samples = HeartRates;
   auto client = device::DeviceClient::Open(options);
   ASSERT_TRUE(client.ok()) << client.status();
   // The first batch empties the bucket; each of the next two needs a second of refill.
