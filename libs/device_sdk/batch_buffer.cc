@@ -11,6 +11,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 
 namespace medgate::device {
 namespace {
@@ -61,7 +62,23 @@ absl::StatusOr<std::unique_ptr<BatchBuffer>> BatchBuffer::Open(const std::string
                                                                size_t max_batches) {
   std::unique_ptr<BatchBuffer> buffer(new BatchBuffer(path, max_batches));
   if (absl::Status s = buffer->Load(); !s.ok()) return s;
-  if (absl::Status s = buffer->Rewrite(); !s.ok()) return s;
+  if (!buffer->damaged_copy_.empty() || !std::filesystem::exists(path)) {
+    // A damaged file is replaced by what could be read of it (its bytes kept aside); a new
+    // device starts its file. Neither can go on without a rewrite.
+    if (absl::Status s = buffer->Rewrite(); !s.ok()) return s;
+    return buffer;
+  }
+  if (buffer->Rewrite().ok()) return buffer;
+  // No room to compact (a full disk): appends go on at the end of the file as it is, past a torn
+  // last record if any, so the device keeps what it buffered and can still send it.
+  const int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::FailedPreconditionError(absl::StrCat("cannot write buffer file '", path, "': ",
+                                                      std::strerror(errno)));
+  }
+  buffer->fd_ = fd;
+  buffer->size_ = buffer->loaded_bytes_;
+  buffer->truncate_owed_ = true;
   return buffer;
 }
 
@@ -72,17 +89,25 @@ BatchBuffer::~BatchBuffer() {
 absl::Status BatchBuffer::Load() {
   std::FILE* in = std::fopen(path_.c_str(), "rb");
   if (in == nullptr) return absl::OkStatus();  // a new device
+  // False when the record read is not one this buffer writes: the file is damaged there.
+  bool readable = true;
   while (true) {
     unsigned char header[5];
-    if (std::fread(header, 1, 5, in) != 5) break;
+    if (std::fread(header, 1, 5, in) != 5) break;  // the end, or a torn last record
     uint32_t length = (uint32_t{header[0]} << 24) | (uint32_t{header[1]} << 16) |
                       (uint32_t{header[2]} << 8) | uint32_t{header[3]};
-    if (length > kMaxRecord) break;
+    if (length > kMaxRecord) {
+      readable = false;
+      break;
+    }
     std::string payload(length, '\0');
-    if (std::fread(payload.data(), 1, length, in) != length) break;  // torn tail
+    if (std::fread(payload.data(), 1, length, in) != length) break;  // torn last record
     if (header[4] == kBatch) {
       v1::VitalsBatch batch;
-      if (!batch.ParseFromString(payload)) break;
+      if (!batch.ParseFromString(payload)) {
+        readable = false;
+        break;
+      }
       next_batch_seq_ = std::max(next_batch_seq_, batch.batch_seq() + 1);
       for (const auto& s : batch.samples()) next_seq_ = std::max(next_seq_, s.seq() + 1);
       pending_.push_back(std::move(batch));
@@ -95,10 +120,26 @@ absl::Status BatchBuffer::Load() {
       next_seq_ = std::max(next_seq_, ReadU64(payload, 0));
       next_batch_seq_ = std::max(next_batch_seq_, ReadU64(payload, 8));
     } else {
+      readable = false;
       break;
     }
+    loaded_bytes_ += 5 + length;
   }
   std::fclose(in);
+  if (!readable) {
+    // What follows the damage cannot be told apart from garbage (no record says where the next
+    // one starts): the whole file is kept aside, for the device maker's support to recover the
+    // batches after it, before the buffer is rewritten with those before it.
+    damaged_copy_ = absl::StrCat(path_, ".damaged-", absl::ToUnixSeconds(absl::Now()));
+    std::error_code error;
+    std::filesystem::copy_file(path_, damaged_copy_,
+                               std::filesystem::copy_options::overwrite_existing, error);
+    if (error) {
+      return absl::DataLossError(absl::StrCat("buffer file '", path_, "' is damaged after ",
+                                              loaded_bytes_, " bytes and cannot be kept aside as '",
+                                              damaged_copy_, "': ", error.message()));
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -20,7 +20,10 @@ namespace medgate::device {
 // leaves nothing of its record behind, so a failure never hides the records appended after it.
 class BatchBuffer {
  public:
-  // Opens (creating if missing) and replays `path`; compacts it to the unacked batches.
+  // Opens (creating if missing) and replays `path`; compacts it to the unacked batches. A file
+  // damaged before its end (not a torn last record) is copied aside first (damaged_copy()) and
+  // the buffer keeps the batches before the damage. A compaction that fails (a full disk) leaves
+  // the file as it is, and appends go on at its end.
   static absl::StatusOr<std::unique_ptr<BatchBuffer>> Open(const std::string& path,
                                                            size_t max_batches);
   ~BatchBuffer();
@@ -44,6 +47,8 @@ class BatchBuffer {
   // The unacked batches, oldest first.
   const std::deque<v1::VitalsBatch>& pending() const { return pending_; }
   uint64_t next_seq() const { return next_seq_; }
+  // Where Open kept a damaged file's bytes; empty when the file was whole.
+  const std::string& damaged_copy() const { return damaged_copy_; }
 
  private:
   BatchBuffer(std::string path, size_t max_batches) : path_(std::move(path)), max_batches_(max_batches) {}
@@ -61,6 +66,8 @@ class BatchBuffer {
   uint64_t next_seq_ = 1;
   uint64_t next_batch_seq_ = 1;
   size_t acked_since_rewrite_ = 0;
+  uint64_t loaded_bytes_ = 0;  // where the last whole record Load read ends
+  std::string damaged_copy_;
 };
 
 }  // namespace medgate::device

@@ -47,6 +47,7 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
       BatchBuffer::Open(client->options_.buffer_path, client->options_.max_buffered_batches);
   if (!buffer.ok()) return buffer.status();
   client->buffer_ = *std::move(buffer);
+  client->stats_.buffer_damaged_copy = client->buffer_->damaged_copy();
   return client;
 }
 

@@ -62,6 +62,10 @@ struct DeviceStats {
   // tried again after the backoff, like a failed stream.
   uint64_t dial_failures = 0;
   std::string last_dial_error;
+  // Set when Open found the buffer file damaged before its end: where its bytes were kept (the
+  // batches after the damage are in it, for support to recover); the client goes on with the
+  // batches before it.
+  std::string buffer_damaged_copy;
 };
 
 class DeviceClient {

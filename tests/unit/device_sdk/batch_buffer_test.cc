@@ -5,6 +5,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
 #include <gtest/gtest.h>
 
@@ -94,6 +95,78 @@ TEST_F(BatchBufferTest, RestartsItsSeqsAboveWhatTheServerHolds) {
   EXPECT_EQ(pending[1].samples(1).seq(), 104u);
   EXPECT_EQ(*(*buffer)->Seal(Samples(1)), 4u);
   EXPECT_EQ((*buffer)->pending().back().samples(0).seq(), 105u);
+}
+
+// A record in the middle of the file that this buffer did not write (a damaged sector, a stray
+// write): the file's bytes are kept aside for the batches after it, and the buffer goes on with
+// those before it.
+TEST_F(BatchBufferTest, ADamagedFileIsKeptAsideAndTheBatchesBeforeTheDamageKept) {
+  {
+    auto buffer = BatchBuffer::Open(path_, 100);
+    ASSERT_TRUE(buffer.ok());
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE((*buffer)->Seal(Samples(2)).ok());
+  }
+  std::string original;
+  {
+    std::ifstream in(path_, std::ios::binary);
+    original.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  // Records: [u32 length][u8 type][payload]; the counters first, then the three batches.
+  auto record_end = [&](size_t at) {
+    const auto byte = [&](size_t i) { return static_cast<uint32_t>(static_cast<unsigned char>(original[i])); };
+    return at + 5 + ((byte(at) << 24) | (byte(at + 1) << 16) | (byte(at + 2) << 8) | byte(at + 3));
+  };
+  const size_t second_batch = record_end(record_end(0));
+  ASSERT_LT(second_batch + 4, original.size());
+  std::string damaged = original;
+  damaged[second_batch + 4] = 0x7f;  // a record type the buffer never writes
+  {
+    std::ofstream out(path_, std::ios::binary | std::ios::trunc);
+    out << damaged;
+  }
+  {
+    auto buffer = BatchBuffer::Open(path_, 100);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_EQ((*buffer)->pending().size(), 1u);
+    EXPECT_EQ((*buffer)->pending()[0].batch_seq(), 1u);
+    ASSERT_FALSE((*buffer)->damaged_copy().empty());
+    std::ifstream kept((*buffer)->damaged_copy(), std::ios::binary);
+    EXPECT_EQ(std::string(std::istreambuf_iterator<char>(kept), std::istreambuf_iterator<char>()),
+              damaged);
+    std::filesystem::remove((*buffer)->damaged_copy());
+  }
+  auto rewritten = BatchBuffer::Open(path_, 100);
+  ASSERT_TRUE(rewritten.ok());
+  EXPECT_EQ((*rewritten)->pending().size(), 1u);
+  EXPECT_TRUE((*rewritten)->damaged_copy().empty());
+}
+
+// A device whose disk is full cannot compact its buffer when it starts: it opens on the file as it
+// is and keeps sealing and sending, instead of never starting again.
+TEST_F(BatchBufferTest, OpensOnTheFileAsItIsWhenItCannotCompactIt) {
+  {
+    auto buffer = BatchBuffer::Open(path_, 100);
+    ASSERT_TRUE(buffer.ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+    ASSERT_TRUE((*buffer)->Ack(1).ok());
+  }
+  // The compaction's new file cannot be created (a directory stands in its way).
+  const std::string tmp = path_ + ".tmp";
+  std::filesystem::create_directories(tmp + "/blocked");
+  {
+    auto buffer = BatchBuffer::Open(path_, 100);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_EQ((*buffer)->pending().size(), 1u);
+    EXPECT_EQ((*buffer)->pending()[0].batch_seq(), 2u);
+    EXPECT_EQ(*(*buffer)->Seal(Samples(1)), 3u);
+  }
+  std::filesystem::remove_all(tmp);
+  auto reopened = BatchBuffer::Open(path_, 100);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  ASSERT_EQ((*reopened)->pending().size(), 2u);
+  EXPECT_EQ((*reopened)->pending()[1].batch_seq(), 3u);
+  EXPECT_EQ((*reopened)->pending()[1].samples(0).seq(), 3u);
 }
 
 TEST_F(BatchBufferTest, IsBoundedAndToleratesATornTail) {
