@@ -1180,6 +1180,17 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
         // in the same order of checks as ever. A record's patient and tenant never change.
         std::optional<RecordInfo> unlocked = SelectRecord(txn, sql::kSelectRecord, record_id);
         if (!unlocked) return RecordNotFound(record_id);
+        // Who may not share it at all is answered before anything is asked about the patient, as
+        // the checks below would answer it: a caller of another tenant without a grant learns
+        // nothing of the record, not even from how long the answer took.
+        if (unlocked->owner != ctx.principal.spiffe_id) {
+          std::optional<GrantInfo> mine = LatestGrant(txn, record_id, ctx.principal.spiffe_id);
+          if (!mine || !IsActive(*mine, now)) {
+            if (unlocked->tenant_id != ctx.principal.tenant) return RecordNotFound(record_id);
+            return absl::PermissionDeniedError(
+                "only the record's owner or a practitioner holding a grant on it may share it");
+          }
+        }
         const absl::StatusOr<consent::AccessDecision> consent =
             consent_.Check(region, unlocked->patient_id, consent::Purpose::kRecordSharing,
                            ctx.principal.spiffe_id, now);
