@@ -406,6 +406,23 @@ class SharingTest : public ::testing::Test {
     EXPECT_EQ(d.content, content) << record_id;
   }
 
+  // A FR patient of acme (`ref`) with RECORD_SHARING consent, and a record of `content` the
+  // suite's practitioner uploaded for it.
+  struct ConsentedUpload {
+    std::string patient;
+    UploadSpec spec;
+    std::string record;
+  };
+  static ConsentedUpload ConsentedRecord(const std::string& ref, const std::string& content) {
+    ConsentedUpload out;
+    out.patient = Place(ref, "FR");
+    GrantSharingConsent(out.patient);
+    out.spec.patient_id = out.patient;
+    out.spec.content = content;
+    out.record = UploadOk(pki_->practitioner(), out.spec);
+    return out;
+  }
+
   static std::string UploadOk(const TestCert& as, const UploadSpec& spec) {
     v1::UploadRecordResponse response;
     grpc::Status status = Upload(as, spec, &response);
@@ -1555,12 +1572,7 @@ TEST_F(SharingTest, RevokedConsentStopsGranteeReads) {
 // A grant already held is extended, never shortened, and only by the owner or its sharer: a
 // practitioner re-sharing cannot cut short or take over a grant the owner made.
 TEST_F(SharingTest, AHeldGrantIsOnlyExtendedAndOnlyByItsOwnerOrSharer) {
-  const std::string patient = Place("grant-extend-1", "FR");
-  GrantSharingConsent(patient);
-  UploadSpec spec;
-  spec.patient_id = patient;
-  spec.content = "extended";
-  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const auto [patient, spec, record] = ConsentedRecord("grant-extend-1", "extended");
   const absl::Time now = ServerNow();
   absl::StatusOr<v1::ShareRecordResponse> to_p3 =
       ShareOnceConsented(pki_->practitioner(), record, P3(), now + absl::Hours(24 * 30));
@@ -1594,12 +1606,7 @@ TEST_F(SharingTest, AHeldGrantIsOnlyExtendedAndOnlyByItsOwnerOrSharer) {
 // on, and what those grantees shared on in turn, each in the audit; a grant the owner made stays.
 // The revoked grantees can no longer read, nor give the record back to the one revoked.
 TEST_F(SharingTest, RevokingAGranteeRevokesWhatItSharedOnward) {
-  const std::string patient = Place("revoke-onward-1", "FR");
-  GrantSharingConsent(patient);
-  UploadSpec spec;
-  spec.patient_id = patient;
-  spec.content = "shared onward";
-  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const auto [patient, spec, record] = ConsentedRecord("revoke-onward-1", "shared onward");
   const TestCert& p2 = Cert("acme-p2");
   const TestCert& p3 = Cert("acme-p3");
   const TestCert& p4 = Cert("acme-p4");
@@ -1821,12 +1828,7 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
 }
 
 TEST_F(SharingTest, CrossTenantMatrixHasZeroSuccesses) {
-  const std::string patient = Place("matrix-1", "FR");
-  GrantSharingConsent(patient);
-  UploadSpec spec;
-  spec.patient_id = patient;
-  spec.content = "acme's record";
-  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const auto [patient, spec, record] = ConsentedRecord("matrix-1", "acme's record");
   absl::StatusOr<v1::ShareRecordResponse> grant =
       ShareOnceConsented(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
   ASSERT_TRUE(grant.ok()) << grant.status();
@@ -2838,12 +2840,7 @@ TEST_F(SharingTest, PatientKeysTheShardHeldMoveToTheVault) {
 }
 
 TEST_F(SharingTest, ArchivedRecordsResistErasureUntilRetentionEnd) {
-  const std::string patient = Place("archive-1", "FR");
-  GrantSharingConsent(patient);
-  UploadSpec spec;
-  spec.patient_id = patient;
-  spec.content = "an old discharge summary";
-  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const auto [patient, spec, record] = ConsentedRecord("archive-1", "an old discharge summary");
   absl::StatusOr<v1::ShareRecordResponse> shared =
       ShareOnceConsented(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(48));
   ASSERT_TRUE(shared.ok()) << shared.status();
@@ -3198,12 +3195,7 @@ TEST_F(SharingTest, AListingItCannotAuditFails) {
 // A record has at most kMaxActiveGrantsPerRecord active grants: one more grantee is refused, an
 // extension of a present grantee is not, and a revocation makes room.
 TEST_F(SharingTest, ARecordsActiveGrantsAreBounded) {
-  const std::string patient = Place("many-grants-1", "FR");
-  GrantSharingConsent(patient);
-  UploadSpec spec;
-  spec.patient_id = patient;
-  spec.content = "shared widely";
-  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const auto [patient, spec, record] = ConsentedRecord("many-grants-1", "shared widely");
   // The grants already made (as ShareRecord stores them), all active.
   {
     pqxx::connection c(Db("fr-1").ConnectionString());
@@ -3243,12 +3235,7 @@ TEST_F(SharingTest, ARecordsActiveGrantsAreBounded) {
 // Timestamps a Timestamp cannot hold, and retention ends beyond any archive's, are refused naming
 // the field; nothing changes.
 TEST_F(SharingTest, TimestampsOutOfRangeAreRefusedNamingTheField) {
-  const std::string patient = Place("timestamps-1", "FR");
-  GrantSharingConsent(patient);
-  UploadSpec spec;
-  spec.patient_id = patient;
-  spec.content = "dated";
-  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const auto [patient, spec, record] = ConsentedRecord("timestamps-1", "dated");
 
   v1::ShareRecordRequest share;
   share.set_record_id(record);
