@@ -1180,30 +1180,15 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
         // in the same order of checks as ever. A record's patient and tenant never change.
         std::optional<RecordInfo> unlocked = SelectRecord(txn, sql::kSelectRecord, record_id);
         if (!unlocked) return RecordNotFound(record_id);
-        // Who may not share it at all is answered before anything is asked about the patient, as
-        // the checks below would answer it: a caller of another tenant without a grant learns
-        // nothing of the record, not even from how long the answer took.
-        if (unlocked->owner != ctx.principal.spiffe_id) {
-          std::optional<GrantInfo> mine = LatestGrant(txn, record_id, ctx.principal.spiffe_id);
-          if (!mine || !IsActive(*mine, now)) {
-            if (unlocked->tenant_id != ctx.principal.tenant) return RecordNotFound(record_id);
-            return absl::PermissionDeniedError(
-                "only the record's owner or a practitioner holding a grant on it may share it");
-          }
-        }
-        const absl::StatusOr<consent::AccessDecision> consent =
-            consent_.Check(region, unlocked->patient_id, consent::Purpose::kRecordSharing,
-                           ctx.principal.spiffe_id, now);
-        const absl::Status territory = to->tenant != unlocked->tenant_id
-                                           ? CheckReadTerritory(*unlocked, to->tenant)
-                                           : absl::OkStatus();
-        std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForShare, record_id);
-        if (!record) return RecordNotFound(record_id);
-        const bool same_tenant = record->tenant_id == ctx.principal.tenant;
-        if (record->owner != ctx.principal.spiffe_id) {
+        // Who may share it: the owner, or a practitioner of the patient's tenant with an active
+        // grant, not beyond it. Asked of the record as read, before anything is asked about the
+        // patient (a caller of another tenant without a grant learns nothing of the record, not
+        // even from how long the answer took), and again once it is locked.
+        auto may_share = [&](const RecordInfo& r) -> absl::Status {
+          if (r.owner == ctx.principal.spiffe_id) return absl::OkStatus();
           std::optional<GrantInfo> mine = LatestGrant(txn, record_id, ctx.principal.spiffe_id);
           const bool active = mine && IsActive(*mine, now);
-          if (!same_tenant) {
+          if (r.tenant_id != ctx.principal.tenant) {
             if (!active) return RecordNotFound(record_id);
             return absl::PermissionDeniedError(
                 "only practitioners of the patient's tenant may share its records");
@@ -1217,7 +1202,18 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
                 absl::StrCat("expires_at: a re-share cannot outlast your own grant (until ",
                              Rfc3339(mine->expires_at), ")"));
           }
-        }
+          return absl::OkStatus();
+        };
+        RETURN_IF_ERROR(may_share(*unlocked));
+        const absl::StatusOr<consent::AccessDecision> consent =
+            consent_.Check(region, unlocked->patient_id, consent::Purpose::kRecordSharing,
+                           ctx.principal.spiffe_id, now);
+        const absl::Status territory = to->tenant != unlocked->tenant_id
+                                           ? CheckReadTerritory(*unlocked, to->tenant)
+                                           : absl::OkStatus();
+        std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForShare, record_id);
+        if (!record) return RecordNotFound(record_id);
+        RETURN_IF_ERROR(may_share(*record));  // the caller's grant may have ended meanwhile
         if (grantee == record->owner) {
           return absl::InvalidArgumentError("grantee: is the record's owner");
         }
