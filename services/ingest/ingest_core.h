@@ -49,9 +49,10 @@ struct IngestOptions {
   double tenant_samples_per_second = 50000;  // per-tenant quota
   double tenant_burst = 100000;
   absl::Duration enqueue_wait = absl::Seconds(10);  // backpressure bound before RESOURCE_EXHAUSTED
-  // Threads that may wait for room in one region's write queues at once (the service gives half
-  // its worker threads): a region whose shard is slow or gone cannot hold every worker, which
-  // the other regions' batches need too. One more is answered at once as if the wait had ended.
+  // Threads that may wait for room in one region's write queues at once (IngestServer gives half
+  // its worker threads, from ingest.worker_threads): a region whose shard is slow or gone cannot
+  // hold every worker, which the other regions' batches need too. One more is answered at once
+  // as if the wait had ended.
   int max_waiting_per_region = 4;
 };
 

@@ -54,7 +54,6 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.writer.max_rows_per_transaction = static_cast<size_t>(rows);
   s.writer.linger = absl::Milliseconds(linger);
   s.worker_threads = static_cast<int>(workers);
-  s.core.max_waiting_per_region = std::max(1, s.worker_threads / 2);
   s.max_waiting_batches = static_cast<size_t>(waiting);
   s.writers_per_region = static_cast<int>(lanes);
   s.core.enqueue_wait = absl::Milliseconds(enqueue_wait);
@@ -90,8 +89,10 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
       server->writers_.push_back(std::move(writer));
     }
   }
+  IngestOptions core = server->settings_.core;
+  core.max_waiting_per_region = std::max(1, server->settings_.worker_threads / 2);
   server->core_ = std::make_unique<IngestCore>(*server->routing_, *server->consent_,
-                                               std::move(writers), server->settings_.core);
+                                               std::move(writers), core);
   server->executor_ = std::make_unique<StreamExecutor>(server->settings_.worker_threads,
                                                        server->settings_.max_waiting_batches);
   server->service_ = std::make_unique<IngestService>(*server->core_, *server->routing_,

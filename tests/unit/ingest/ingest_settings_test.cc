@@ -12,8 +12,9 @@
 namespace medgate::ingest {
 namespace {
 
-absl::StatusOr<IngestSettings> Parse(const std::string& yaml) {
+absl::StatusOr<IngestSettings> Parse(const std::string& yaml, int max_concurrent_streams = 1000) {
   MedgateConfig config;
+  config.limits.max_concurrent_streams = max_concurrent_streams;
   absl::StatusOr<ConfigNode> node = ConfigNode::Parse(yaml);
   if (!node.ok()) return node.status();
   config.root = *node;
@@ -54,14 +55,17 @@ TEST(IngestSettingsTest, EveryKeySetsItsSetting) {
   EXPECT_EQ(s->max_streams_per_device, 6);
 }
 
-TEST(IngestSettingsTest, DefaultsWithoutTheSection) {
-  absl::StatusOr<IngestSettings> s = Parse("other: {}\n");
-  ASSERT_TRUE(s.ok()) << s.status();
-  const IngestSettings defaults;
-  EXPECT_EQ(s->writers_per_region, defaults.writers_per_region);
-  EXPECT_EQ(s->max_streams_per_device, 4);
-  EXPECT_EQ(s->writer.max_rows_per_transaction, 20000u);
-  EXPECT_EQ(s->partition_check, absl::Minutes(60));
+TEST(IngestSettingsTest, DefaultsWithoutTheSectionAndWithoutTheirKeys) {
+  for (const std::string yaml : {"other: {}\n", "ingest: {linger_ms: 2}\n"}) {
+    SCOPED_TRACE(yaml);
+    absl::StatusOr<IngestSettings> s = Parse(yaml);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ(s->writers_per_region, 4);
+    EXPECT_EQ(s->worker_threads, 8);
+    EXPECT_EQ(s->max_streams_per_device, 4);
+    EXPECT_EQ(s->writer.max_rows_per_transaction, 20000u);
+    EXPECT_EQ(s->partition_check, absl::Minutes(60));
+  }
 }
 
 TEST(IngestSettingsTest, AValueOutOfRangeNamesItsKey) {
@@ -82,6 +86,39 @@ TEST(IngestSettingsTest, AValueOutOfRangeNamesItsKey) {
     EXPECT_NE(s.status().message().find(absl::StrCat("ingest.", key)), std::string::npos)
         << s.status();
   }
+}
+
+// A burst smaller than the largest batch would refuse such a batch forever: the configuration
+// says so instead of the devices finding out.
+TEST(IngestSettingsTest, TheBurstMustHoldTheLargestBatch) {
+  auto settings = [](const std::string& yaml) { return Parse(yaml); };
+  absl::StatusOr<IngestSettings> small = settings("ingest: {tenant_burst: 999}\n");
+  ASSERT_FALSE(small.ok());
+  EXPECT_EQ(small.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(small.status().message().find("tenant_burst"), std::string::npos) << small.status();
+  absl::StatusOr<IngestSettings> enough =
+      settings("ingest: {tenant_burst: 1000, stats_interval_ms: 1000}\n");
+  ASSERT_TRUE(enough.ok()) << enough.status();
+  EXPECT_EQ(enough->core.tenant_burst, 1000.0);
+  EXPECT_EQ(enough->writer.stats_interval, absl::Seconds(1));
+}
+
+// The bound on batches waiting for a worker thread: four per stream a connection may carry unless
+// set, and at least one.
+TEST(IngestSettingsTest, MaxWaitingBatchesDefaultsFromTheStreamLimitAndIsAtLeastOne) {
+  auto settings = [](const std::string& yaml) { return Parse(yaml, /*max_concurrent_streams=*/250); };
+  absl::StatusOr<IngestSettings> none = settings("other: {}\n");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->max_waiting_batches, 1000u);
+  absl::StatusOr<IngestSettings> unset = settings("ingest: {linger_ms: 0}\n");
+  ASSERT_TRUE(unset.ok()) << unset.status();
+  EXPECT_EQ(unset->max_waiting_batches, 1000u);
+  absl::StatusOr<IngestSettings> set = settings("ingest: {max_waiting_batches: 7}\n");
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(set->max_waiting_batches, 7u);
+  absl::StatusOr<IngestSettings> zero = settings("ingest: {max_waiting_batches: 0}\n");
+  ASSERT_FALSE(zero.ok());
+  EXPECT_NE(zero.status().message().find("max_waiting_batches"), std::string::npos) << zero.status();
 }
 
 TEST(IngestSettingsTest, AnUnknownKeyIsRefused) {

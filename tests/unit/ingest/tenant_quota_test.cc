@@ -2,7 +2,6 @@
 #include <gtest/gtest.h>
 
 #include "services/ingest/ingest_core.h"
-#include "services/ingest/ingest_server.h"
 
 namespace medgate::ingest {
 namespace {
@@ -75,52 +74,6 @@ TEST(TenantQuotaTest, ARefundGoesToItsTenantOnly) {
   quota.Refund("acme", 200);
   EXPECT_EQ(quota.TryTake("globex", 1, t0), absl::Milliseconds(10));
   EXPECT_EQ(quota.TryTake("acme", 200, t0), absl::ZeroDuration());
-}
-
-// A burst smaller than the largest batch would refuse such a batch forever: the configuration
-// says so instead of the devices finding out.
-TEST(TenantQuotaTest, TheBurstMustHoldTheLargestBatch) {
-  auto settings = [](const std::string& yaml) {
-    MedgateConfig config;
-    absl::StatusOr<ConfigNode> node = ConfigNode::Parse(yaml);
-    EXPECT_TRUE(node.ok()) << node.status();
-    if (node.ok()) config.root = *node;
-    return ParseIngestSettings(config);
-  };
-  absl::StatusOr<IngestSettings> small = settings("ingest: {tenant_burst: 999}\n");
-  ASSERT_FALSE(small.ok());
-  EXPECT_EQ(small.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(small.status().message().find("tenant_burst"), std::string::npos) << small.status();
-  absl::StatusOr<IngestSettings> enough =
-      settings("ingest: {tenant_burst: 1000, stats_interval_ms: 1000}\n");
-  ASSERT_TRUE(enough.ok()) << enough.status();
-  EXPECT_EQ(enough->core.tenant_burst, 1000.0);
-  EXPECT_EQ(enough->writer.stats_interval, absl::Seconds(1));
-}
-
-// The bound on batches waiting for a worker thread: four per stream a connection may carry unless
-// set, and at least one.
-TEST(IngestSettingsTest, MaxWaitingBatchesDefaultsFromTheStreamLimitAndIsAtLeastOne) {
-  auto settings = [](const std::string& yaml) {
-    MedgateConfig config;
-    config.limits.max_concurrent_streams = 250;
-    absl::StatusOr<ConfigNode> node = ConfigNode::Parse(yaml);
-    EXPECT_TRUE(node.ok()) << node.status();
-    if (node.ok()) config.root = *node;
-    return ParseIngestSettings(config);
-  };
-  absl::StatusOr<IngestSettings> none = settings("other: {}\n");
-  ASSERT_TRUE(none.ok()) << none.status();
-  EXPECT_EQ(none->max_waiting_batches, 1000u);
-  absl::StatusOr<IngestSettings> unset = settings("ingest: {linger_ms: 0}\n");
-  ASSERT_TRUE(unset.ok()) << unset.status();
-  EXPECT_EQ(unset->max_waiting_batches, 1000u);
-  absl::StatusOr<IngestSettings> set = settings("ingest: {max_waiting_batches: 7}\n");
-  ASSERT_TRUE(set.ok()) << set.status();
-  EXPECT_EQ(set->max_waiting_batches, 7u);
-  absl::StatusOr<IngestSettings> zero = settings("ingest: {max_waiting_batches: 0}\n");
-  ASSERT_FALSE(zero.ok());
-  EXPECT_NE(zero.status().message().find("max_waiting_batches"), std::string::npos) << zero.status();
 }
 
 }  // namespace
