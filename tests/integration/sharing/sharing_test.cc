@@ -406,6 +406,22 @@ class SharingTest : public ::testing::Test {
     EXPECT_EQ(d.content, content) << record_id;
   }
 
+  // Three records the suite's practitioner uploads for `patient`, of Generate(seed + i, 0,
+  // size + i): their ids and contents.
+  static std::pair<std::vector<std::string>, std::vector<std::string>> UploadThree(
+      const std::string& patient, int seed, int size) {
+    std::vector<std::string> ids;
+    std::vector<std::string> contents;
+    for (int i = 0; i < 3; ++i) {
+      UploadSpec spec;
+      spec.patient_id = patient;
+      spec.content = Generate(seed + i, 0, size + i);
+      ids.push_back(UploadOk(pki_->practitioner(), spec));
+      contents.push_back(spec.content);
+    }
+    return {ids, contents};
+  }
+
   // A FR patient of acme (`ref`) with RECORD_SHARING consent, and a record of `content` the
   // suite's practitioner uploaded for it.
   struct ConsentedUpload {
@@ -2581,15 +2597,7 @@ TEST_F(SharingTest, ARecordStoredWhileAnErasureWaitedIsRewrappedUnderTheNewKey) 
 
 TEST_F(SharingTest, TwoErasuresOfOnePatientAtOnceRetireEveryKeyTheirRecordsWereUnder) {
   const std::string patient = Place("rotate-race-2", "FR");
-  std::vector<std::string> ids;
-  std::vector<std::string> contents;
-  for (int i = 0; i < 3; ++i) {
-    UploadSpec spec;
-    spec.patient_id = patient;
-    spec.content = Generate(110 + i, 0, 900 + i);
-    ids.push_back(UploadOk(pki_->practitioner(), spec));
-    contents.push_back(spec.content);
-  }
+  const auto [ids, contents] = UploadThree(patient, 110, 900);
   const std::string first_key = BackUp(ConnInfo("fr-1"), patient).patient_keys.begin()->first;
   // The first erasure stops at its audit entry, its rewrap done; the second waits for the
   // patient key the first holds.
@@ -2744,15 +2752,7 @@ TEST_F(SharingTest, AnErasureThatCannotRewrapTheOtherRecordsChangesNothing) {
 // happening: it stays under the retired key, as unreadable as it was.
 TEST_F(SharingTest, ADamagedRecordKeyDoesNotBlockTheErasureOfAnother) {
   const std::string patient = Place("rotate-damaged-1", "FR");
-  std::vector<std::string> ids;
-  std::vector<std::string> contents;
-  for (int i = 0; i < 3; ++i) {
-    UploadSpec spec;
-    spec.patient_id = patient;
-    spec.content = Generate(130 + i, 0, 800 + i);
-    ids.push_back(UploadOk(pki_->practitioner(), spec));
-    contents.push_back(spec.content);
-  }
+  const auto [ids, contents] = UploadThree(patient, 130, 800);
   // Record 1's wrapped key, one byte flipped.
   Exec("fr-1",
        "UPDATE record_keys SET wrapped_key = set_byte(wrapped_key, 20, get_byte(wrapped_key, 20) # 1) "
