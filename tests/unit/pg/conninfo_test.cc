@@ -2,12 +2,20 @@
 // not set them, in its own form, and never override what it sets.
 #include "libs/pg/conninfo.h"
 
+#include <arpa/inet.h>
 #include <libpq-fe.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <map>
 #include <string>
 
 #include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "libs/common/config.h"
+#include "libs/pg/pool.h"
 
 namespace medgate::pg {
 namespace {
@@ -67,6 +75,29 @@ TEST(ConnInfoTest, AddsTheDefaultsToAUri) {
 TEST(ConnInfoTest, LeavesAConnInfoLibpqCannotParseAsItIs) {
   EXPECT_EQ(WithConnectionDefaults("host='unterminated"), "host='unterminated");
   EXPECT_EQ(WithConnectionDefaults("nosuchoption=1"), "nosuchoption=1");
+}
+
+// A server that accepts the connection and then says nothing (a stopped or wedged host behind a
+// live socket): a pool made from the config gives up on it after connect_timeout instead of
+// waiting forever, and says the server is unavailable.
+TEST(ConnInfoTest, APoolGivesUpOnAServerThatNeverAnswers) {
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(listen(listener, 8), 0);  // the kernel completes connections; nothing reads them
+  socklen_t length = sizeof(addr);
+  ASSERT_EQ(getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &length), 0);
+  DbConfig db;
+  db.conninfo = absl::StrCat("host=127.0.0.1 port=", ntohs(addr.sin_port),
+                             " dbname=medgate user=medgate sslmode=disable");
+  Pool pool(PoolOptions::FromConfig("silent", db));
+  absl::StatusOr<Lease> lease = pool.Acquire();
+  close(listener);
+  ASSERT_FALSE(lease.ok());
+  EXPECT_EQ(lease.status().code(), absl::StatusCode::kUnavailable) << lease.status();
 }
 
 }  // namespace
