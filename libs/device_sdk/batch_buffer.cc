@@ -59,12 +59,16 @@ bool WriteAt(int fd, const std::string& data, uint64_t offset) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<BatchBuffer>> BatchBuffer::Open(const std::string& path,
-                                                               size_t max_batches) {
+                                                               size_t max_batches,
+                                                               uint64_t first_seq) {
   std::unique_ptr<BatchBuffer> buffer(new BatchBuffer(path, max_batches));
   if (absl::Status s = buffer->Load(); !s.ok()) return s;
   if (!buffer->damaged_copy_.empty() || !std::filesystem::exists(path)) {
     // A damaged file is replaced by what could be read of it (its bytes kept aside); a new
-    // device starts its file. Neither can go on without a rewrite.
+    // device starts its file. Neither can go on without a rewrite. Both start their seqs at
+    // first_seq at least: seqs given out before (by a file that was lost, or after the damage)
+    // are not known.
+    buffer->next_seq_ = std::max(buffer->next_seq_, std::max<uint64_t>(first_seq, 1));
     if (absl::Status s = buffer->Rewrite(); !s.ok()) return s;
     return buffer;
   }

@@ -24,8 +24,11 @@ class BatchBuffer {
   // damaged before its end (not a torn last record) is copied aside first (damaged_copy()) and
   // the buffer keeps the batches before the damage. A compaction that fails (a full disk) leaves
   // the file as it is, and appends go on at its end.
+  // A new file's first sample seq is `first_seq`; a damaged file's next seq is at least
+  // `first_seq` (the seqs given out after the damage are not known).
   static absl::StatusOr<std::unique_ptr<BatchBuffer>> Open(const std::string& path,
-                                                           size_t max_batches);
+                                                           size_t max_batches,
+                                                           uint64_t first_seq = 1);
   ~BatchBuffer();
 
   // Assigns the next batch_seq and sample seqs to `batch`, and makes it durable (fsync).

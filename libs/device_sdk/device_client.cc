@@ -44,7 +44,10 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
   std::unique_ptr<DeviceClient> client(new DeviceClient(std::move(options)));
   client->channel_ = std::move(channel);
   absl::StatusOr<std::unique_ptr<BatchBuffer>> buffer =
-      BatchBuffer::Open(client->options_.buffer_path, client->options_.max_buffered_batches);
+      BatchBuffer::Open(client->options_.buffer_path, client->options_.max_buffered_batches,
+                        client->options_.first_seq != 0
+                            ? client->options_.first_seq
+                            : static_cast<uint64_t>(std::max<int64_t>(1, absl::ToUnixMicros(absl::Now()))));
   if (!buffer.ok()) return buffer.status();
   client->buffer_ = *std::move(buffer);
   client->stats_.buffer_damaged_copy = client->buffer_->damaged_copy();

@@ -40,6 +40,12 @@ struct DeviceOptions {
   // and a resend: a connection can die without either end being told. Longer than a server may
   // hold an ack back (ingest's enqueue_wait, 10 s by default). Must be positive.
   absl::Duration ack_timeout = absl::Seconds(30);
+  // The first sample seq of a new buffer file (a new device, or one whose file was lost or
+  // damaged); 0: the clock's microseconds since 1970. From the clock, a lost file's seqs are all
+  // below the new file's (unless the device made over a million samples a second, or its clock
+  // went back), so none of the new samples is taken for a duplicate. A file's later seqs follow
+  // on from its first, whatever the clock does.
+  uint64_t first_seq = 0;
 };
 
 struct DeviceStats {

@@ -110,6 +110,7 @@ TEST(IngestProcessTest, KilledMidStreamLosesNothingAcknowledged) {
   options.buffer_path = s.dir() + "/device.buffer";
   options.backoff_initial = absl::Milliseconds(50);
   options.backoff_max = absl::Milliseconds(500);
+  options.first_seq = 1;  // batch b holds seqs (b - 1) * kPerBatch + 1 onwards
   auto client = device::DeviceClient::Open(options);
   ASSERT_TRUE(client.ok());
   std::mutex mu;

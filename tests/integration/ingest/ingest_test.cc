@@ -254,6 +254,28 @@ class IngestTest : public ::testing::Test {
     return out;
   }
 
+  // Sends `batches` batches of 10 heart rates through a new SDK client with `options`, waits for
+  // their acks and returns the client's statistics.
+  static device::DeviceStats Deliver(const device::DeviceOptions& options, int batches) {
+    auto client = device::DeviceClient::Open(options);
+    EXPECT_TRUE(client.ok()) << client.status();
+    if (!client.ok()) return {};
+    for (int b = 0; b < batches; ++b) EXPECT_TRUE((*client)->Send(HeartRates(10)).ok());
+    (*client)->Start();
+    EXPECT_TRUE((*client)->WaitUntilAcked(absl::Seconds(30)).ok());
+    device::DeviceStats stats = (*client)->stats();
+    (*client)->Stop();
+    return stats;
+  }
+
+  // The lowest seq stored for `device` in `region` (0 when none is).
+  static int64_t FirstSeq(const std::string& region, const std::string& device) {
+    pqxx::connection c(stack_->clusters().region(region).ConnectionString());
+    pqxx::nontransaction q(c);
+    return q.exec_params1("SELECT coalesce(min(seq), 0) FROM vitals WHERE device_id = $1", device)[0]
+        .as<int64_t>();
+  }
+
   static int64_t Count(const std::string& region, const std::string& where) {
     pqxx::connection c(stack_->clusters().region(region).ConnectionString());
     pqxx::nontransaction q(c);
@@ -863,6 +885,7 @@ TEST_F(IngestTest, TheSdkResendsItsFileBufferAfterARestart) {
   std::string patient = PatientWithDevice("sdk", "BE", "dev-sdk");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
   device::DeviceOptions options = SdkOptions(Device("acme", "dev-sdk"), "sdk");
+  const absl::Time test_start = absl::Now();
   auto samples = HeartRates;
   {
     // The device process records 5 batches while offline, then dies before sending any.
@@ -884,45 +907,63 @@ TEST_F(IngestTest, TheSdkResendsItsFileBufferAfterARestart) {
   EXPECT_EQ(stats.batches_acked, 6u);
   (*client)->Stop();
   EXPECT_EQ(Count("eu-1", "device_id = 'dev-sdk'"), 60);
-  EXPECT_EQ(Count("eu-1", "device_id = 'dev-sdk' AND seq BETWEEN 1 AND 60"), 60);
+  // A new buffer file numbers its samples from the clock's microseconds, one after the other.
+  const int64_t first = FirstSeq("eu-1", "dev-sdk");
+  EXPECT_GE(first, absl::ToUnixMicros(test_start));
+  EXPECT_EQ(Count("eu-1", absl::StrCat("device_id = 'dev-sdk' AND seq BETWEEN ", first, " AND ",
+                                       first + 59)),
+            60);
   std::filesystem::remove(options.buffer_path);
 }
 
-// A device whose buffer file was lost (an app reinstalled, its storage wiped) starts its seqs over
-// at 1, below what the server stored for it: its new samples would be taken for duplicates and
-// never stored. The ack's highest_committed_seq shows the SDK seqs it never gave out: it moves its
-// seqs above them and sends the samples taken for duplicates again. Each sample is stored once.
+// A device whose buffer file was lost (an app reinstalled, its storage wiped) starts a new one,
+// numbered from the clock: above every seq the lost file gave out, so each new sample is stored,
+// none taken for a duplicate, with no restart needed.
+TEST_F(IngestTest, TheSdkNumbersANewBufferFileAboveTheLostOnesSeqs) {
+  std::string patient = PatientWithDevice("sdk-new-file", "FR", "dev-sdk-new-file");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  device::DeviceOptions options = SdkOptions(Device("acme", "dev-sdk-new-file"), "sdk-new-file");
+  device::DeviceStats first = Deliver(options, 3);
+  EXPECT_EQ(first.samples_stored, 30u);
+  ASSERT_EQ(Count("fr-1", "device_id = 'dev-sdk-new-file'"), 30);
+  const int64_t lost_first = FirstSeq("fr-1", "dev-sdk-new-file");
+
+  ASSERT_TRUE(std::filesystem::remove(options.buffer_path));
+  device::DeviceStats second = Deliver(options, 2);
+  EXPECT_EQ(second.samples_stored, 20u);
+  EXPECT_EQ(second.samples_duplicate, 0u);
+  EXPECT_EQ(second.seq_restarts, 0u);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-new-file'"), 50);
+  EXPECT_EQ(Count("fr-1", absl::StrCat("device_id = 'dev-sdk-new-file' AND seq > ", lost_first + 29)),
+            20);
+  std::filesystem::remove(options.buffer_path);
+}
+
+// A device whose buffer file was lost and whose new one starts its seqs below what the server
+// stored for it (its clock was behind, or here its first_seq set to 1): its new samples would be
+// taken for duplicates and never stored. The ack's highest_committed_seq shows the SDK seqs it
+// never gave out: it moves its seqs above them and sends the samples taken for duplicates again.
+// Each sample is stored once.
 TEST_F(IngestTest, TheSdkMovesItsSeqsAboveTheStoredOnesWhenItsBufferFileWasLost) {
   std::string patient = PatientWithDevice("sdk-lost", "FR", "dev-sdk-lost");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
   device::DeviceOptions options = SdkOptions(Device("acme", "dev-sdk-lost"), "sdk-lost");
-  auto samples = HeartRates;
-  auto deliver = [&](int batches) -> device::DeviceStats {
-    auto client = device::DeviceClient::Open(options);
-    EXPECT_TRUE(client.ok()) << client.status();
-    if (!client.ok()) return {};
-    for (int b = 0; b < batches; ++b) EXPECT_TRUE((*client)->Send(samples(10)).ok());
-    (*client)->Start();
-    EXPECT_TRUE((*client)->WaitUntilAcked(absl::Seconds(30)).ok());
-    device::DeviceStats stats = (*client)->stats();
-    (*client)->Stop();
-    return stats;
-  };
-  device::DeviceStats first = deliver(3);
+  options.first_seq = 1;
+  device::DeviceStats first = Deliver(options, 3);
   EXPECT_EQ(first.samples_stored, 30u);
   EXPECT_EQ(first.seq_restarts, 0u);
   ASSERT_EQ(Count("fr-1", "device_id = 'dev-sdk-lost'"), 30);
 
   // The buffer file is gone: the next process seals its batches with seqs 1-10 and 11-20.
   ASSERT_TRUE(std::filesystem::remove(options.buffer_path));
-  device::DeviceStats second = deliver(2);
+  device::DeviceStats second = Deliver(options, 2);
   EXPECT_EQ(second.seq_restarts, 1u);
   EXPECT_EQ(second.samples_stored, 20u);
   EXPECT_EQ(second.samples_duplicate, 0u);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-lost'"), 50);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-lost' AND seq BETWEEN 31 AND 50"), 20);
   // With its buffer file back in place, the next process goes on above them: no restart.
-  device::DeviceStats third = deliver(1);
+  device::DeviceStats third = Deliver(options, 1);
   EXPECT_EQ(third.seq_restarts, 0u);
   EXPECT_EQ(third.samples_stored, 10u);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-lost'"), 60);
@@ -1000,7 +1041,10 @@ TEST_F(IngestTest, TheSdkWaitsAsLongAsAQuotaRefusalAsksAndLosesNothing) {
   EXPECT_LE(stats.waits_set_by_server, stats.reconnects);
   EXPECT_GE(server.counters().quota_refused, 1u);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-quota'"), 2000);
-  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-quota' AND seq BETWEEN 1 AND 2000"), 2000);
+  const int64_t first = FirstSeq("fr-1", "dev-sdk-quota");
+  EXPECT_EQ(Count("fr-1", absl::StrCat("device_id = 'dev-sdk-quota' AND seq BETWEEN ", first,
+                                       " AND ", first + 1999)),
+            2000);
   std::filesystem::remove(options.buffer_path);
   server.Shutdown();
 }

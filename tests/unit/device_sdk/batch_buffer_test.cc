@@ -125,20 +125,41 @@ TEST_F(BatchBufferTest, ADamagedFileIsKeptAsideAndTheBatchesBeforeTheDamageKept)
     out << damaged;
   }
   {
-    auto buffer = BatchBuffer::Open(path_, 100);
+    // The seqs of the batches after the damage (3-6) may have been sent and stored: the buffer
+    // goes on from first_seq, not from 3.
+    auto buffer = BatchBuffer::Open(path_, 100, /*first_seq=*/1000);
     ASSERT_TRUE(buffer.ok()) << buffer.status();
     ASSERT_EQ((*buffer)->pending().size(), 1u);
     EXPECT_EQ((*buffer)->pending()[0].batch_seq(), 1u);
+    EXPECT_EQ((*buffer)->next_seq(), 1000u);
     ASSERT_FALSE((*buffer)->damaged_copy().empty());
     std::ifstream kept((*buffer)->damaged_copy(), std::ios::binary);
     EXPECT_EQ(std::string(std::istreambuf_iterator<char>(kept), std::istreambuf_iterator<char>()),
               damaged);
     std::filesystem::remove((*buffer)->damaged_copy());
   }
-  auto rewritten = BatchBuffer::Open(path_, 100);
+  auto rewritten = BatchBuffer::Open(path_, 100, /*first_seq=*/5000);
   ASSERT_TRUE(rewritten.ok());
   EXPECT_EQ((*rewritten)->pending().size(), 1u);
   EXPECT_TRUE((*rewritten)->damaged_copy().empty());
+  EXPECT_EQ((*rewritten)->next_seq(), 1000u);
+}
+
+// A new file numbers its samples from first_seq; a file that exists goes on from its own counters,
+// whatever first_seq is.
+TEST_F(BatchBufferTest, ANewFileStartsAtFirstSeqAndAnExistingOneGoesOn) {
+  {
+    auto buffer = BatchBuffer::Open(path_, 100, /*first_seq=*/1'000'000);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_TRUE((*buffer)->Seal(Samples(2)).ok());
+    EXPECT_EQ((*buffer)->pending()[0].samples(0).seq(), 1'000'000u);
+    EXPECT_EQ((*buffer)->pending()[0].samples(1).seq(), 1'000'001u);
+  }
+  auto reopened = BatchBuffer::Open(path_, 100, /*first_seq=*/5);
+  ASSERT_TRUE(reopened.ok());
+  EXPECT_EQ((*reopened)->next_seq(), 1'000'002u);
+  ASSERT_TRUE((*reopened)->Seal(Samples(1)).ok());
+  EXPECT_EQ((*reopened)->pending().back().samples(0).seq(), 1'000'002u);
 }
 
 // A device whose disk is full cannot compact its buffer when it starts: it opens on the file as it
