@@ -16,12 +16,14 @@
 #include <spawn.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <mutex>
@@ -363,6 +365,67 @@ LoadResult RunLoad(std::vector<DeviceIdentity>& devices, int batch, absl::Durati
   return result;
 }
 
+// The disk under the shard, probed while a load runs: every 10 ms, one 8 KiB write and its
+// fdatasync, on a file of its own in the shard's directory (the same disk). A commit is acked only after
+// the WAL's flush, so a flush that stalls here stalls every commit waiting on it: the probe shows
+// the floor the disk puts under the ack latency, in the same seconds as the acks.
+class DiskProbe {
+ public:
+  explicit DiskProbe(std::string path) : path_(std::move(path)) {
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~DiskProbe() { Stop(); }
+
+  void Stop() {
+    stop_.store(true);
+    if (thread_.joinable()) thread_.join();
+    unlink(path_.c_str());
+  }
+  // Sorted latencies (ms) and, by second since the probe started, the flushes over 25 ms.
+  std::vector<double> latencies_ms() const {
+    std::vector<double> out = latencies_ms_;
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+  const std::vector<int>& slow_per_second() const { return slow_per_second_; }
+  const std::string& error() const { return error_; }
+
+ private:
+  void Run() {
+    const int fd = open(path_.c_str(), O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) {
+      error_ = absl::StrCat("cannot open ", path_, ": ", std::strerror(errno));
+      return;
+    }
+    const std::string block(8192, 'p');
+    const absl::Time start = absl::Now();
+    for (int i = 0; !stop_.load(); ++i) {
+      const absl::Time before = absl::Now();
+      if (pwrite(fd, block.data(), block.size(), static_cast<off_t>(i % 128) * 8192) < 0 ||
+          fdatasync(fd) != 0) {
+        error_ = absl::StrCat("write or fdatasync of ", path_, ": ", std::strerror(errno));
+        break;
+      }
+      const double ms = absl::ToDoubleMilliseconds(absl::Now() - before);
+      latencies_ms_.push_back(ms);
+      if (ms > 25) {
+        const auto second = static_cast<size_t>(absl::ToDoubleSeconds(before - start));
+        if (slow_per_second_.size() <= second) slow_per_second_.resize(second + 1);
+        ++slow_per_second_[second];
+      }
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    close(fd);
+  }
+
+  const std::string path_;
+  std::atomic<bool> stop_{false};
+  std::vector<double> latencies_ms_;
+  std::vector<int> slow_per_second_;
+  std::string error_;
+  std::thread thread_;
+};
+
 // Opens every device's TLS connection before anything is measured, and says how long that took.
 // False when some are still not ready after `timeout`: figures would then cover fewer devices.
 bool ConnectAll(std::vector<DeviceIdentity>& devices, absl::Duration timeout) {
@@ -575,13 +638,19 @@ int Run(const Args& args) {
   const absl::Duration at70_warmup = absl::Seconds(1);
   const absl::Time at70_start = absl::Now() + at70_warmup;
   const long checkpoints_before_at70 = checkpoints();
+  DiskProbe disk(
+      (std::filesystem::path((*stack)->clusters().region("fr-1").log_path()).parent_path() /
+       "medgate_disk_probe").string());
   LoadResult at70 =
       RunLoad(load_devices, args.batch, absl::Seconds(args.seconds), interval, at70_warmup);
   const absl::Time at70_end = absl::Now();
+  disk.Stop();
   const long checkpoints_in_at70 = checkpoints() - checkpoints_before_at70;
 
   std::fprintf(stderr, "acks over 25 ms at %d%%, by second of the run:", args.load_percent);
   for (int n : at70.slow_per_second) std::fprintf(stderr, " %d", n);
+  std::fprintf(stderr, "\nthe disk's fdatasyncs over 25 ms, by the same seconds:");
+  for (int n : disk.slow_per_second()) std::fprintf(stderr, " %d", n);
   std::fprintf(stderr, "\n");
   // (a) again, on the table as (c) left it: rows go into ever larger indexes, so a reference taken
   // only before (c) would favour it. The reference is the mean of the two, which bracket (c).
@@ -634,6 +703,22 @@ int Run(const Args& args) {
               static_cast<unsigned long long>(at70.retryable));
   std::printf("  ack latency at peak:        p50 %.1f ms, p99 %.1f ms\n", Pct(peak.latencies_ms, 0.5),
               Pct(peak.latencies_ms, 0.99));
+  {
+    // The floor under the ack latency: an ack waits for its commit's WAL flush.
+    const std::vector<double> flushes = disk.latencies_ms();
+    const auto over = static_cast<long>(
+        flushes.end() - std::upper_bound(flushes.begin(), flushes.end(), 25.0));
+    if (!disk.error().empty() || flushes.empty()) {
+      std::printf("  the shard's disk during the %d%% run: not measured (%s)\n", args.load_percent,
+                  disk.error().c_str());
+    } else {
+      std::printf("  the shard's disk during the %d%% run (8 KiB write + fdatasync every 10 ms): "
+                  "p50 %.1f ms, p99 %.1f ms, max %.1f ms, %ld of %zu over 25 ms  (the floor: an ack "
+                  "waits for its commit's flush)\n",
+                  args.load_percent, Pct(flushes, 0.5), Pct(flushes, 0.99), flushes.back(), over,
+                  flushes.size());
+    }
+  }
   std::printf("  checkpoints started during (c): %ld, during the %d%% run: %ld\n", checkpoints_in_peak,
               args.load_percent, checkpoints_in_at70);
   std::printf("  peak RSS of the ingest process: %.0f MiB (load generator process: %.0f MiB)\n",
