@@ -230,8 +230,11 @@ absl::StatusOr<uint64_t> BatchBuffer::Seal(v1::VitalsBatch batch) {
   return pending_.back().batch_seq();
 }
 
-absl::Status BatchBuffer::RestartSeqsAbove(uint64_t committed,
+absl::Status BatchBuffer::RestartSeqsAbove(uint64_t acked_batch_seq, uint64_t committed,
                                            std::vector<v1::VitalSample> unstored) {
+  pending_.erase(std::remove_if(pending_.begin(), pending_.end(),
+                                [&](const v1::VitalsBatch& b) { return b.batch_seq() == acked_batch_seq; }),
+                 pending_.end());
   next_seq_ = std::max(next_seq_, committed + 1);
   for (v1::VitalsBatch& b : pending_) {
     for (auto& s : *b.mutable_samples()) s.set_seq(next_seq_++);

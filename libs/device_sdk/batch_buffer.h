@@ -42,10 +42,12 @@ class BatchBuffer {
   // stored seq, is at or above next_seq()): the device's earlier buffer file was lost or replaced,
   // so this one's seqs started over below what is stored and its samples would be taken for
   // duplicates. Every seq it gave out is at or below `committed`, so none of its samples was
-  // stored: the pending batches get new seqs above `committed`, `unstored` (the samples of an
-  // acked batch that were taken for duplicates) is sealed again as a new batch, and the file is
-  // rewritten with them.
-  absl::Status RestartSeqsAbove(uint64_t committed, std::vector<v1::VitalSample> unstored);
+  // stored. The acked batch `acked_batch_seq` leaves the buffer; `unstored` (its samples that were
+  // taken for duplicates) is sealed again as a new batch; the pending batches get new seqs above
+  // `committed`. All of it in one rewrite of the file: a crash or a failed write leaves the file
+  // as it was, the acked batch still in it to be sent (and taken for duplicates) again.
+  absl::Status RestartSeqsAbove(uint64_t acked_batch_seq, uint64_t committed,
+                                std::vector<v1::VitalSample> unstored);
 
   // The unacked batches, oldest first.
   const std::deque<v1::VitalsBatch>& pending() const { return pending_; }

@@ -41,6 +41,15 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
   if (options.ack_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("ack_timeout must be positive");
   }
+  if (options.backoff_initial <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("backoff_initial must be positive");
+  }
+  if (options.backoff_max < options.backoff_initial) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backoff_max (", absl::FormatDuration(options.backoff_max),
+                     ") must be at least backoff_initial (",
+                     absl::FormatDuration(options.backoff_initial), ")"));
+  }
   std::unique_ptr<DeviceClient> client(new DeviceClient(std::move(options)));
   client->channel_ = std::move(channel);
   absl::StatusOr<std::unique_ptr<BatchBuffer>> buffer =
@@ -276,12 +285,16 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
     }
     std::lock_guard<std::mutex> lock(mu_);
     *answered = true;
-    if (absl::Status s = buffer_->Ack(ack.batch_seq()); !s.ok()) return s;
+    const bool restart = ack.highest_committed_seq() >= buffer_->next_seq();
+    // A restart takes the acked batch out of the buffer with the rest of its rewrite.
+    if (!restart) {
+      if (absl::Status s = buffer_->Ack(ack.batch_seq()); !s.ok()) return s;
+    }
     ++stats_.batches_acked;
     stats_.samples_stored += ack.stored_count();
     stats_.samples_duplicate += ack.duplicate_count();
     stats_.samples_rejected += ack.rejected_count();
-    if (ack.highest_committed_seq() >= buffer_->next_seq()) {
+    if (restart) {
       // The server holds seqs this buffer never gave out: the device's earlier buffer file was
       // lost, so this batch's samples were taken for duplicates of stored ones. None of them was
       // stored (a stored one would not leave the server's cursor above every seq given out);
@@ -296,7 +309,8 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
       }
       stats_.samples_duplicate -= std::min<uint64_t>(stats_.samples_duplicate, unstored.size());
       ++stats_.seq_restarts;
-      if (absl::Status s = buffer_->RestartSeqsAbove(ack.highest_committed_seq(), std::move(unstored));
+      if (absl::Status s = buffer_->RestartSeqsAbove(ack.batch_seq(), ack.highest_committed_seq(),
+                                                     std::move(unstored));
           !s.ok()) {
         return s;
       }

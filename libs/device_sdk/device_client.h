@@ -36,6 +36,7 @@ struct DeviceOptions {
   // Reconnects wait up to a backoff that doubles from backoff_initial to backoff_max, and starts
   // over after a stream on which a batch was acked or rejected.
   absl::Duration backoff_max = absl::Seconds(30);  // also bounds a server's retry_after
+  // (Open refuses a backoff_initial that is not positive, or a backoff_max below it.)
   // How long a written batch may wait for its ack before the stream is given up for a reconnect
   // and a resend: a connection can die without either end being told. Longer than a server may
   // hold an ack back (ingest's enqueue_wait, 10 s by default). Must be positive.

@@ -73,11 +73,10 @@ TEST_F(BatchBufferTest, RestartsItsSeqsAboveWhatTheServerHolds) {
     ASSERT_TRUE(buffer.ok()) << buffer.status();
     ASSERT_EQ(*(*buffer)->Seal(Samples(3)), 1u);  // seqs 1-3
     ASSERT_EQ(*(*buffer)->Seal(Samples(2)), 2u);  // seqs 4-5
-    ASSERT_TRUE((*buffer)->Ack(1).ok());
     std::vector<v1::VitalSample> unstored(2);
     unstored[0].set_loinc_code("8867-4");
     unstored[1].set_loinc_code("59408-5");
-    ASSERT_TRUE((*buffer)->RestartSeqsAbove(100, std::move(unstored)).ok());
+    ASSERT_TRUE((*buffer)->RestartSeqsAbove(/*acked_batch_seq=*/1, 100, std::move(unstored)).ok());
     EXPECT_EQ((*buffer)->next_seq(), 105u);
   }
   auto buffer = BatchBuffer::Open(path_, 100);
@@ -95,6 +94,25 @@ TEST_F(BatchBufferTest, RestartsItsSeqsAboveWhatTheServerHolds) {
   EXPECT_EQ(pending[1].samples(1).seq(), 104u);
   EXPECT_EQ(*(*buffer)->Seal(Samples(1)), 4u);
   EXPECT_EQ((*buffer)->pending().back().samples(0).seq(), 105u);
+}
+
+// A restart whose rewrite fails (or a crash before it) leaves the file as it was: the acked batch
+// whose samples were taken for duplicates is still in it, to be sent again, not lost.
+TEST_F(BatchBufferTest, AFailedRestartKeepsTheBatchItWouldReplace) {
+  {
+    auto buffer = BatchBuffer::Open(path_, 100);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_EQ(*(*buffer)->Seal(Samples(3)), 1u);
+    std::filesystem::create_directory(path_ + ".tmp");  // the rewrite cannot create its file
+    std::vector<v1::VitalSample> unstored(3);
+    EXPECT_FALSE((*buffer)->RestartSeqsAbove(/*acked_batch_seq=*/1, 100, std::move(unstored)).ok());
+    std::filesystem::remove(path_ + ".tmp");
+  }
+  auto reopened = BatchBuffer::Open(path_, 100);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  ASSERT_EQ((*reopened)->pending().size(), 1u);
+  EXPECT_EQ((*reopened)->pending()[0].batch_seq(), 1u);
+  EXPECT_EQ((*reopened)->pending()[0].samples_size(), 3);
 }
 
 // A record in the middle of the file that this buffer did not write (a damaged sector, a stray

@@ -239,5 +239,20 @@ TEST_F(DeviceClientTest, OpenRefusesAnAckTimeoutThatIsNotPositive) {
   EXPECT_EQ(DeviceClient::Open(options_).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// A backoff of zero would reconnect in a tight loop against a server that refuses the device.
+TEST_F(DeviceClientTest, OpenRefusesABackoffThatCouldSpin) {
+  DeviceOptions zero = options_;
+  zero.backoff_initial = absl::ZeroDuration();
+  absl::Status status = DeviceClient::Open(zero).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("backoff_initial"), absl::string_view::npos) << status;
+  DeviceOptions inverted = options_;
+  inverted.backoff_initial = absl::Seconds(2);
+  inverted.backoff_max = absl::Seconds(1);
+  status = DeviceClient::Open(inverted).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("backoff_max"), absl::string_view::npos) << status;
+}
+
 }  // namespace
 }  // namespace medgate::device
