@@ -283,13 +283,22 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
                                              purpose_name, request.actor);
         if (row.empty()) return absl::InternalError("consent vanished after insert");
         GrantResult granted{row[0][0].c_str(), 1};
-        if (std::optional<VersionInfo> latest = LatestVersion(txn, granted.consent_id)) {
-          // A retry of this very grant (same request id and evidence) records nothing new.
-          if (latest->state == VersionState::kGranted && latest->request_id == ctx.request_id &&
-              latest->evidence_ref == request.evidence_ref) {
-            granted.version = latest->version;
-            return granted;
+        // A retry of a grant already recorded (same request id) records nothing new, even when
+        // the consent was revoked since: a late retry must not undo the patient's withdrawal.
+        if (pqxx::result earlier =
+                txn.exec_prepared(sql::kGrantByRequestId, granted.consent_id, ctx.request_id);
+            !earlier.empty()) {
+          VersionInfo recorded = VersionFromRow(earlier[0], 0);
+          if (recorded.evidence_ref != request.evidence_ref) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "request_id '", ctx.request_id, "' already recorded version ", recorded.version,
+                " of consent '", granted.consent_id, "' with other evidence; a new grant needs a "
+                "new request_id"));
           }
+          granted.version = recorded.version;
+          return granted;
+        }
+        if (std::optional<VersionInfo> latest = LatestVersion(txn, granted.consent_id)) {
           granted.version = latest->version + 1;
           // The last version is kept for a revocation, which is never refused.
           if (granted.version >= kMaxConsentVersions) {

@@ -22,8 +22,9 @@ absl::StatusOr<ConsentSettings> ParseConsentSettings(const MedgateConfig& config
                    cache.Int("max_patients", 1, 100000000, static_cast<int64_t>(o.max_patients)));
   ASSIGN_OR_RETURN(int64_t staleness, cache.Int("max_staleness_ms", 100, 86400000,
                                                 absl::ToInt64Milliseconds(o.max_staleness)));
-  // At least a second: the feed's heartbeat must fit several times into it.
-  ASSIGN_OR_RETURN(int64_t fail_closed, cache.Int("fail_closed_after_ms", 1000, 3600000,
+  // At most a second, the bound on how long a cache may miss a revocation (DOMAIN.md); at least
+  // 250 ms, so that the feed's heartbeat fits several times into it.
+  ASSIGN_OR_RETURN(int64_t fail_closed, cache.Int("fail_closed_after_ms", 250, 1000,
                                                   absl::ToInt64Milliseconds(o.fail_closed_after)));
   ASSIGN_OR_RETURN(int64_t load_timeout, cache.Int("load_timeout_ms", 10, 60000,
                                                    absl::ToInt64Milliseconds(o.load_timeout)));

@@ -12,6 +12,7 @@ inline constexpr char kInsertConsent[] = "insert_consent";
 inline constexpr char kLockConsentByKey[] = "lock_consent_by_key";
 inline constexpr char kSelectConsentById[] = "select_consent_by_id";
 inline constexpr char kLatestVersion[] = "latest_consent_version";
+inline constexpr char kGrantByRequestId[] = "consent_grant_by_request_id";
 inline constexpr char kInsertVersion[] = "insert_consent_version";
 inline constexpr char kListConsents[] = "list_consents";
 inline constexpr char kListVersions[] = "list_consent_versions";
@@ -36,6 +37,13 @@ inline const std::vector<pg::Statement>& Statements() {
        "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "
        "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id "
        "FROM consent_versions WHERE consent_id = $1 ORDER BY version DESC LIMIT 1"},
+      // The grant an earlier call with this request id recorded, if any (a late retry).
+      {kGrantByRequestId,
+       "SELECT version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "
+       "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "
+       "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id "
+       "FROM consent_versions WHERE consent_id = $1 AND request_id = $2 AND state = 'granted' "
+       "ORDER BY version LIMIT 1"},
       {kInsertVersion,
        "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
        "evidence_ref, reason, recorded_by, recorded_at, request_id) VALUES ($1, $2, $3, "

@@ -1,5 +1,7 @@
 // The consent core's pure helpers: field validation, grant periods, consent ids, page tokens.
 #include "services/consent/consent_core.h"
+#include "services/consent/consent_server.h"
+#include "libs/common/config.h"
 #include "libs/common/validation.h"
 
 #include <gmock/gmock.h>
@@ -97,6 +99,31 @@ TEST_F(ConsentCoreHelpersTest, PageTokensRoundTripAndForgeriesAreRefused) {
   for (const char* bad : {"***", "OTk5L3g", "eA"}) {  // not base64, purpose 999, no purpose
     ExpectInvalid(DecodePageToken(bad).status(), "page_token");
   }
+}
+
+absl::StatusOr<ConsentSettings> ParseSettings(const std::string& yaml) {
+  MedgateConfig config;
+  absl::StatusOr<ConfigNode> node = ConfigNode::Parse(yaml);
+  if (!node.ok()) return node.status();
+  config.root = *node;
+  return ParseConsentSettings(config);
+}
+
+// A cache may miss a revocation for at most a second (DOMAIN.md): fail_closed_after, which bounds
+// that when the change feed dies without a word, cannot be set longer.
+TEST(ConsentSettingsTest, FailClosedAfterIsAtMostASecond) {
+  absl::StatusOr<ConsentSettings> ok =
+      ParseSettings("consent:\n  cache: {fail_closed_after_ms: 600}\n");
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->cache.fail_closed_after, absl::Milliseconds(600));
+  absl::StatusOr<ConsentSettings> defaults = ParseSettings("consent: {}\n");
+  ASSERT_TRUE(defaults.ok()) << defaults.status();
+  EXPECT_EQ(defaults->cache.fail_closed_after, absl::Seconds(1));
+  absl::StatusOr<ConsentSettings> too_long =
+      ParseSettings("consent:\n  cache: {fail_closed_after_ms: 5000}\n");
+  EXPECT_EQ(too_long.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(too_long.status().message().find("fail_closed_after_ms"), absl::string_view::npos)
+      << too_long.status();
 }
 
 }  // namespace
