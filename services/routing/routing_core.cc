@@ -259,10 +259,17 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
     RuleInfo stored = rule;
     stored.version = current_version + 1;
     stored.updated_by = ctx.principal.spiffe_id;
-    pqxx::row row = txn.exec_prepared1(sql::kInsertRule, rule.territory, stored.version,
-                                       pg::TextArrayLiteral(rule.region_ids),
-                                       pg::TextArrayLiteral(rule.readable_from), stored.updated_by);
-    stored.updated_at = FromEpochSeconds(row[0]);
+    pqxx::result inserted = txn.exec_prepared(sql::kInsertRule, rule.territory, stored.version,
+                                              pg::TextArrayLiteral(rule.region_ids),
+                                              pg::TextArrayLiteral(rule.readable_from),
+                                              stored.updated_by);
+    if (inserted.empty()) {
+      // A concurrent put stored this version after the look-up above: ABORTED makes the pool
+      // run this again, and the look-up then sees that version (and checks expected_version).
+      return absl::AbortedError(absl::StrCat("rule for ", rule.territory, " changed concurrently; "
+                                             "re-read and retry"));
+    }
+    stored.updated_at = FromEpochSeconds(inserted[0][0]);
     RETURN_IF_ERROR(audit::Append(
         txn, AuditEntryFor(ctx, stored.version == 1 ? audit::Action::kCreate : audit::Action::kUpdate,
                       "residency_rule", absl::StrCat(rule.territory, "@v", stored.version), "",
@@ -452,7 +459,12 @@ absl::StatusOr<AssignResult> RoutingCore::AssignDevice(const CallContext& ctx,
             " s from now, once no service sends its samples to the former patient any more"));
       }
     }
-    txn.exec_prepared0(sql::kUpsertDevice, tenant_id, device_id, patient_id);
+    if (txn.exec_prepared(sql::kUpsertDevice, tenant_id, device_id, patient_id).affected_rows() != 1) {
+      // A concurrent first assignment of the device committed after the look-up above (which
+      // found no row to lock): ABORTED makes the pool run this again, and the look-up sees it.
+      return absl::AbortedError(absl::StrCat("device '", device_id,
+                                             "' was assigned by a concurrent call; look again"));
+    }
     result.newly_assigned = true;
     RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "device", device_id,
                                                 tenant_id, patient_id, "device assigned"))

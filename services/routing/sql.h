@@ -45,9 +45,10 @@ inline const std::vector<pg::Statement>& Statements() {
       {kSelectCurrentRule,
        "SELECT version FROM residency_rules WHERE territory = $1 ORDER BY version DESC LIMIT 1 "
        "FOR UPDATE"},
+      // No row returned: a concurrent put stored this version first.
       {kInsertRule,
        "INSERT INTO residency_rules (territory, version, region_ids, readable_from, updated_by) "
-       "VALUES ($1, $2, $3::text[], $4::text[], $5) "
+       "VALUES ($1, $2, $3::text[], $4::text[], $5) ON CONFLICT (territory, version) DO NOTHING "
        "RETURNING extract(epoch from updated_at)::float8"},
       {kSelectPatient,
        "SELECT patient_id, tenant_id, territory, region_id, rule_version FROM patients "
@@ -63,14 +64,16 @@ inline const std::vector<pg::Statement>& Statements() {
        "extract(epoch FROM (now() - updated_at))::float8 FROM devices "
        "WHERE tenant_id = $1 AND device_id = $2 FOR UPDATE"},
       // assigned_at: a device given back to the patient it last fed continues that assignment
-      // (its samples measured meanwhile are that patient's); any other starts now.
+      // (its samples measured meanwhile are that patient's); any other starts now. A row that a
+      // concurrent first assignment committed after this transaction's look-up is assigned: left
+      // as it is (no row affected), for the caller to look again.
       {kUpsertDevice,
        "INSERT INTO devices (tenant_id, device_id, patient_id, assigned_at) "
        "VALUES ($1, $2, $3, now()) "
        "ON CONFLICT (tenant_id, device_id) DO UPDATE SET patient_id = EXCLUDED.patient_id, "
        "assigned_at = CASE WHEN devices.former_patient_id = EXCLUDED.patient_id "
        "AND devices.assigned_at IS NOT NULL THEN devices.assigned_at ELSE now() END, "
-       "updated_at = now()"},
+       "updated_at = now() WHERE devices.patient_id IS NULL"},
       {kUnassignDevice,
        "UPDATE devices SET former_patient_id = patient_id, patient_id = NULL, updated_at = now() "
        "WHERE tenant_id = $1 AND device_id = $2"},

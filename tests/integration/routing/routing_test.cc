@@ -4,6 +4,7 @@
 #include <fstream>
 #include <optional>
 #include <sstream>
+#include <thread>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -242,6 +243,80 @@ TEST_F(RoutingTest, DevicesAssignResolveAndUnassign) {
 
 // Once routing.device_reassign_wait_seconds has passed since its unassignment, a device may feed
 // another patient.
+// Two first assignments of a new device at once: the second waits for the first's commit and is
+// then refused, instead of both answering OK and the second silently replacing the first.
+TEST_F(RoutingTest, ConcurrentFirstAssignmentsGiveADeviceToOnePatient) {
+  auto a = Place(pki_->app(), "race-owner-a", "BE");
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(Place(pki_->app(), "race-owner-b", "BE").ok());
+  // The first assignment, to A, held uncommitted while B's runs.
+  pqxx::connection first(clusters_->control().ConnectionString());
+  pqxx::work held(first);
+  held.exec_params0("INSERT INTO devices (tenant_id, device_id, patient_id, assigned_at) "
+                    "VALUES ('acme', 'race-dev', $1, now())", a->patient_id());
+  grpc::Status second;
+  std::thread other([&] { second = Assign(pki_->app(), "race-dev", "race-owner-b"); });
+  // B's insert waits on the held row's key before A's commits.
+  const bool waiting = test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    return CountIn(clusters_->control(),
+                   "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE 'INSERT INTO devices%'") == 1;
+  });
+  held.commit();
+  other.join();
+  ASSERT_TRUE(waiting) << "the second assignment never waited for the first";
+  EXPECT_EQ(second.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << second.error_message();
+  EXPECT_THAT(second.error_message(), HasSubstr("assigned to another patient"));
+  EXPECT_EQ(CountIn(clusters_->control(),
+                    absl::StrCat("SELECT count(*) FROM devices WHERE device_id = 'race-dev' AND "
+                                 "patient_id = '", a->patient_id(), "'")),
+            1);
+}
+
+// Two puts of one territory's rule at once: the second waits for the first's commit, then stores
+// the next version (expected_version 0: whatever the current one), or is refused with ABORTED
+// when it expected the version the first replaced; never a database error.
+TEST_F(RoutingTest, ConcurrentRulePutsStoreOneVersionEach) {
+  auto put = [&](int64_t expected_version) {
+    v1::PutResidencyRuleRequest request;
+    request.mutable_rule()->set_territory("PT");  // as seeded: placements do not change
+    request.mutable_rule()->add_region_ids("eu-1");
+    request.mutable_rule()->add_region_ids("fr-1");
+    request.set_expected_version(expected_version);
+    v1::PutResidencyRuleResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(pki_->ops())->PutResidencyRule(&context, request, &response);
+    return std::make_pair(status, response.rule().version());
+  };
+  auto race = [&](int64_t held_version, int64_t expected_version) {
+    pqxx::connection first(clusters_->control().ConnectionString());
+    pqxx::work held(first);
+    held.exec_params0("INSERT INTO residency_rules (territory, version, region_ids, readable_from, "
+                      "updated_by) VALUES ('PT', $1, '{eu-1,fr-1}', '{}', 'test')", held_version);
+    std::pair<grpc::Status, int64_t> second;
+    std::thread other([&] { second = put(expected_version); });
+    const bool waiting = test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
+      return CountIn(clusters_->control(),
+                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                     "AND query LIKE 'INSERT INTO residency_rules%'") == 1;
+    });
+    held.commit();
+    other.join();
+    EXPECT_TRUE(waiting) << "the second put never waited for the first";
+    return second;
+  };
+  // Version 2 (the seed is version 1) put twice at once, the second put unconditional.
+  auto [first_status, first_version] = race(2, 0);
+  ASSERT_TRUE(first_status.ok()) << first_status.error_message();
+  EXPECT_EQ(first_version, 3);
+  // Both expected version 3: the one that commits second is refused.
+  auto [stale, ignored] = race(4, 3);
+  EXPECT_EQ(stale.error_code(), grpc::StatusCode::ABORTED) << stale.error_message();
+  EXPECT_THAT(stale.error_message(), HasSubstr("re-read and retry"));
+  EXPECT_EQ(CountIn(clusters_->control(), "SELECT count(*) FROM residency_rules WHERE territory = 'PT'"),
+            4);
+}
+
 TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
   const std::string path = absl::StrCat(stack_->dir(), "/short-wait.yaml");
   ASSERT_TRUE(stack_->WriteConfig(path).ok());
