@@ -502,7 +502,24 @@ absl::StatusOr<AccessDecision> ConsentCore::CheckAccess(const CallContext& ctx,
                  "a practitioner, app or device")
           .status());
   ASSIGN_OR_RETURN(PatientLocation patient, ResolvePatient(ctx, request.patient_id));
-  return cache_.Check(patient.region_id, patient.patient_id, purpose, request.actor, absl::Now());
+  ASSIGN_OR_RETURN(AccessDecision decision, cache_.Check(patient.region_id, patient.patient_id,
+                                                          purpose, request.actor, absl::Now()));
+  // A service asks before an access of its own, which its audit entry records with the decision.
+  // A practitioner or app asking reads the patient's consent: audited in the patient's home shard
+  // before the answer is given (no entry, no answer).
+  if (ctx.principal.IsTenantScoped()) {
+    ASSIGN_OR_RETURN(pg::Pool * shard, HomeShard(patient));
+    audit::Entry entry = AuditFor(
+        ctx, audit::Action::kRead, patient, decision.consent_id, purpose, decision.consent_version,
+        absl::StrCat("CHECKED: ", decision.permit ? "PERMIT " : "DENY ",
+                     AccessReasonName(decision.reason), " actor=", request.actor));
+    entry.object_type = "consent_decision";
+    entry.object_id = decision.consent_id.empty() ? patient.patient_id : decision.consent_id;
+    RETURN_IF_ERROR(shard->Transact([&](pqxx::work& txn) {
+      return audit::Append(txn, entry).status();
+    }));
+  }
+  return decision;
 }
 
 }  // namespace medgate::consent

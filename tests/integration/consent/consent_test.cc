@@ -365,10 +365,23 @@ TEST_F(ConsentTest, GrantThenCheckAccessPermitsAndDefaultIsDeny) {
     EXPECT_EQ(check->consent_version(), 1);
     EXPECT_FALSE(check->has_valid_until());
   }
-  // Other purposes stay denied; the tenant's own practitioner may ask too.
+  // Other purposes stay denied; the tenant's own practitioner may ask too, and that read of the
+  // patient's consent is audited in the home shard (a service's is not: it audits its own access).
+  auto audited = [&](const std::string& more) {
+    return CountIn(clusters_->region("fr-1"),
+                   "SELECT count(*) FROM audit_log WHERE patient_id = $1 AND "
+                   "object_type = 'consent_decision'" + more,
+                   patient);
+  };
+  EXPECT_EQ(audited(""), 0);
   auto research = Check(*Stub(pki_->practitioner()), patient, v1::PURPOSE_RESEARCH, App());
   ASSERT_TRUE(research.ok()) << research.status();
   EXPECT_EQ(research->reason(), v1::ACCESS_REASON_NO_CONSENT);
+  EXPECT_EQ(audited(absl::StrCat(" AND action = 'read' AND actor = '", Practitioner(),
+                                 "' AND purpose = 'RESEARCH' AND "
+                                 "reason LIKE 'CHECKED: DENY NO_CONSENT%'")),
+            1);
+  EXPECT_EQ(audited(""), 1);
   // The second instance answers the same.
   auto other = Check(*Stub(pki_->service(), b_), patient, v1::PURPOSE_CARE, App());
   ASSERT_TRUE(other.ok()) << other.status();
