@@ -8,6 +8,7 @@
 #include <cmath>
 #include <set>
 
+#include "absl/algorithm/container.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -198,6 +199,24 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
         if (!new_id.ok() && txn.exec_prepared(sql::kSelectTenant, tenant.tenant_id).empty()) {
           return new_id;
         }
+        // Narrowing picks among the regions the tenant's territories' rules allow: a region that
+        // none of them allows would never be used.
+        if (tenant.region_ids) {
+          const std::vector<RuleInfo> rules = CurrentRules(txn);
+          for (size_t i = 0; i < tenant.region_ids->size(); ++i) {
+            const std::string& id = (*tenant.region_ids)[i];
+            const bool allowed = std::any_of(rules.begin(), rules.end(), [&](const RuleInfo& r) {
+              return absl::c_linear_search(tenant.territories, r.territory) &&
+                     absl::c_linear_search(r.region_ids, id);
+            });
+            if (!allowed) {
+              return absl::FailedPreconditionError(absl::StrCat(
+                  "tenant.region_ids[", i, "]: region '", id, "' is allowed by no residency rule "
+                  "of the tenant's territories (", absl::StrJoin(tenant.territories, ", "),
+                  "); narrowing only chooses among the regions the rules allow"));
+            }
+          }
+        }
         std::string territories = pg::TextArrayLiteral(tenant.territories);
         std::string regions = pg::TextArrayLiteral(tenant.region_ids.value_or(std::vector<std::string>{}));
         bool narrowed = tenant.region_ids.has_value();
@@ -281,6 +300,13 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
 
 absl::StatusOr<std::vector<RuleInfo>> RoutingCore::ListResidencyRules(
     absl::Span<const std::string> territories) {
+  if (territories.size() > kMaxListedTerritories) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("territories: at most ", kMaxListedTerritories, ", got ", territories.size()));
+  }
+  for (size_t i = 0; i < territories.size(); ++i) {
+    RETURN_IF_ERROR(residency::ValidateTerritory(territories[i], absl::StrCat("territories[", i, "]")));
+  }
   std::set<std::string> wanted(territories.begin(), territories.end());
   return InTransaction<std::vector<RuleInfo>>(
       control_, [&](pqxx::work& txn) -> absl::StatusOr<std::vector<RuleInfo>> {

@@ -686,7 +686,7 @@ TEST_F(RoutingTest, BadInputNamesTheField) {
                         Case{"p", "XX", absl::StatusCode::kInvalidArgument, "territory"},
                         Case{"p", "", absl::StatusCode::kInvalidArgument, "territory"},
                         Case{"", "FR", absl::StatusCode::kInvalidArgument, "patient_ref"},
-                        Case{std::string(300, 'r'), "FR", absl::StatusCode::kInvalidArgument, "patient_ref"}}) {
+                        Case{std::string(129, 'r'), "FR", absl::StatusCode::kInvalidArgument, "patient_ref: at most 128"}}) {
     auto placed = Place(pki_->app(), c.ref, c.territory);
     EXPECT_EQ(placed.status().code(), c.code) << c.territory;
     EXPECT_THAT(std::string(placed.status().message()), HasSubstr(c.mentions));
@@ -717,6 +717,27 @@ TEST_F(RoutingTest, BadInputNamesTheField) {
   grpc::Status bad_tenant = Stub(pki_->ops())->UpsertTenant(&context, tenant, &response);
   EXPECT_EQ(bad_tenant.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_THAT(bad_tenant.error_message(), HasSubstr("region_ids[0]"));
+  // So is one narrowed to a region no rule of its territories allows (FR's allows fr-1 only).
+  tenant.mutable_tenant()->set_region_ids(0, "de-1");
+  grpc::ClientContext context2;
+  grpc::Status unused_region = Stub(pki_->ops())->UpsertTenant(&context2, tenant, &response);
+  EXPECT_EQ(unused_region.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(unused_region.error_message(), HasSubstr("region 'de-1' is allowed by no residency rule"));
+  // The rule listing's filter is bounded, and names a bad territory.
+  auto list = [&](int n, const std::string& territory) {
+    v1::ListResidencyRulesRequest request;
+    for (int i = 0; i < n; ++i) request.add_territories(territory);
+    v1::ListResidencyRulesResponse rules;
+    grpc::ClientContext c;
+    return Stub(pki_->ops())->ListResidencyRules(&c, request, &rules);
+  };
+  EXPECT_TRUE(list(64, "FR").ok());
+  grpc::Status too_many = list(65, "FR");
+  EXPECT_EQ(too_many.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(too_many.error_message(), HasSubstr("territories: at most 64"));
+  grpc::Status bad_code = list(1, "france");
+  EXPECT_EQ(bad_code.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad_code.error_message(), HasSubstr("territories[0]"));
 }
 
 TEST_F(RoutingTest, RulesAreVersionedAndTenantNarrowingApplies) {
