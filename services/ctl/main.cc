@@ -1,5 +1,11 @@
 // medgate-ctl: a command-line client for operators and developers, over the same mTLS as any client.
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -11,6 +17,7 @@
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -65,8 +72,10 @@ std::string Get(const Flags& flags, const std::string& name) {
 
 int Print(const grpc::Status& status, const google::protobuf::Message& response) {
   if (!status.ok()) {
-    std::fprintf(stderr, "error: %d %s\n", static_cast<int>(status.error_code()),
-                 status.error_message().c_str());
+    // gRPC's codes are absl's: "error: DATA_LOSS (15): record ... is damaged ...".
+    std::fprintf(stderr, "error: %s (%d): %s\n",
+                 absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())).c_str(),
+                 static_cast<int>(status.error_code()), status.error_message().c_str());
     return 1;
   }
   std::string json;
@@ -142,9 +151,27 @@ int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   return Print(writer->Finish(), response);
 }
 
+// Health data goes to --out only once all of it arrived and was authenticated: it is written to
+// a file only its owner may read, beside --out, renamed over --out when the download succeeded,
+// and removed otherwise (no partial or unverified plaintext is left behind).
 int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
-  std::ofstream out(Get(flags, "out"), std::ios::binary | std::ios::trunc);
-  if (!out) return Fail("--out: cannot write '" + Get(flags, "out") + "'");
+  const std::string out_path = Get(flags, "out");
+  if (out_path.empty()) return Fail("--out: the file to write the record to is required");
+  std::error_code error;
+  if (std::filesystem::exists(out_path, error) && !std::filesystem::is_regular_file(out_path, error)) {
+    return Fail("--out: '" + out_path + "' exists and is not a regular file");
+  }
+  std::string tmp_path = out_path + ".partial-XXXXXX";
+  const int fd = mkostemp(tmp_path.data(), O_CLOEXEC);  // created 0600
+  if (fd < 0) return Fail(absl::StrCat("--out: cannot write beside '", out_path, "': ", std::strerror(errno)));
+  close(fd);
+  std::ofstream out(tmp_path, std::ios::binary | std::ios::trunc);
+  auto discard = [&](const std::string& why) {
+    out.close();
+    std::remove(tmp_path.c_str());
+    return Fail(why);
+  };
+  if (!out) return discard("--out: cannot write '" + tmp_path + "'");
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
   v1::DownloadRecordRequest request;
@@ -157,7 +184,18 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
     if (message.has_header()) header = message.header();
     if (message.has_chunk()) out << message.chunk().data();
   }
-  return Print(reader->Finish(), header);
+  const grpc::Status status = reader->Finish();
+  out.close();
+  if (!status.ok()) {
+    std::remove(tmp_path.c_str());
+    return Print(status, header);
+  }
+  if (!out) return discard(absl::StrCat("--out: writing '", tmp_path, "' failed (disk full?)"));
+  if (std::rename(tmp_path.c_str(), out_path.c_str()) != 0) {
+    return discard(absl::StrCat("--out: cannot rename '", tmp_path, "' to '", out_path, "': ",
+                                std::strerror(errno)));
+  }
+  return Print(status, header);
 }
 
 int Run(int argc, char** argv) {

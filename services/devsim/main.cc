@@ -31,9 +31,10 @@ constexpr char kUsage[] = R"(usage: medgate-devsim --config FILE [--tenant demo]
                      [--duration 10] [--batch 10] [--state DIR]
   Simulates --devices devices of --tenant, each sending --rate heart-rate samples per second in
   batches of --batch, for --duration seconds. On first use it issues device certificates from the
-  dev CA next to the configured CA, places one patient per device, assigns the device and records
-  REMOTE_MONITORING consent (as the tenant's app). Buffers live under --state (default
-  <config dir>/devsim). Prints a progress line every second and a summary at the end.
+  dev CA next to the configured CA; on every start it places one patient per device, assigns the
+  device and records REMOTE_MONITORING consent (as the tenant's app; all idempotent). Certificates
+  and buffers live under --state (default <config dir>/devsim)/<trust domain>/<tenant>. Prints a
+  progress line every second and a summary at the end; exits 1 unless every sample was acked.
 )";
 
 struct Args {
@@ -57,18 +58,34 @@ google::protobuf::Timestamp Now() {
 template <typename Stub>
 std::unique_ptr<Stub> Connect(const std::string& address, const TlsConfig& tls) {
   absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(address, tls);
-  if (!channel.ok()) return nullptr;
+  if (!channel.ok()) {
+    std::fprintf(stderr, "cannot connect to %s: %s\n", address.c_str(),
+                 std::string(channel.status().message()).c_str());
+    return nullptr;
+  }
   return std::make_unique<Stub>(*channel);
 }
 
-// Places the device's patient, assigns the device, records consent (all idempotent).
+// Each enrolment call may take this long.
+constexpr absl::Duration kCallDeadline = absl::Seconds(10);
+
+// Places the device's patient, assigns the device, records consent. Each step is idempotent (the
+// grant's request id is the device's, so a second run records no new consent version), and all
+// of them run on every start: a run stopped half-way is completed by the next.
 bool Enroll(const MedgateConfig& config, const TlsConfig& app, const std::string& device) {
-  auto routing = Connect<v1::TenantRouting::Stub>((*config.Service("routing"))->address, app);
+  auto routing_endpoint = config.Service("routing");
+  if (!routing_endpoint.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(routing_endpoint.status().message()).c_str());
+    return false;
+  }
+  auto routing = Connect<v1::TenantRouting::Stub>((*routing_endpoint)->address, app);
+  if (routing == nullptr) return false;
   v1::PlacePatientRequest place;
   place.set_patient_ref(absl::StrCat("sim-patient-", device));
   place.set_territory("FR");
   v1::PlacePatientResponse placed;
   grpc::ClientContext c1;
+  c1.set_deadline(absl::ToChronoTime(absl::Now() + kCallDeadline));
   grpc::Status s = routing->PlacePatient(&c1, place, &placed);
   if (!s.ok()) {
     std::fprintf(stderr, "place patient for %s: %s\n", device.c_str(), s.error_message().c_str());
@@ -79,6 +96,7 @@ bool Enroll(const MedgateConfig& config, const TlsConfig& app, const std::string
   assign.set_patient_ref(place.patient_ref());
   v1::AssignDeviceResponse assigned;
   grpc::ClientContext c2;
+  c2.set_deadline(absl::ToChronoTime(absl::Now() + kCallDeadline));
   s = routing->AssignDevice(&c2, assign, &assigned);
   if (!s.ok()) {
     std::fprintf(stderr, "assign %s: %s\n", device.c_str(), s.error_message().c_str());
@@ -87,12 +105,15 @@ bool Enroll(const MedgateConfig& config, const TlsConfig& app, const std::string
   auto consent_endpoint = config.Service("consent");
   if (!consent_endpoint.ok()) return true;  // no consent service configured
   auto consent = Connect<v1::Consent::Stub>((*consent_endpoint)->address, app);
+  if (consent == nullptr) return false;
   v1::GrantConsentRequest grant;
+  grant.set_request_id(absl::StrCat("devsim-consent-", device));
   grant.set_patient_id(placed.patient_id());
   grant.set_purpose(v1::PURPOSE_REMOTE_MONITORING);
   grant.set_evidence_ref("devsim");
   v1::GrantConsentResponse granted;
   grpc::ClientContext c3;
+  c3.set_deadline(absl::ToChronoTime(absl::Now() + kCallDeadline));
   s = consent->GrantConsent(&c3, grant, &granted);
   if (!s.ok()) {
     std::fprintf(stderr, "consent for %s: %s\n", device.c_str(), s.error_message().c_str());
@@ -106,7 +127,6 @@ int Run(const Args& args) {
   const std::string pki = std::filesystem::path(config.ca_path).parent_path().string();
   const std::string state = args.state.empty()
       ? (std::filesystem::path(args.config).parent_path() / "devsim").string() : args.state;
-  std::filesystem::create_directories(state + "/certs");
   absl::StatusOr<devpki::Credential> ca = devpki::Credential::ReadFiles(pki + "/ca.crt", pki + "/ca.key");
   if (!ca.ok()) {
     std::fprintf(stderr, "the dev CA is needed to issue device certificates: %s\n",
@@ -120,15 +140,21 @@ int Run(const Args& args) {
     return 2;
   }
 
-  std::vector<std::unique_ptr<device::DeviceClient>> devices;
+  // Declared before the clients, so destroyed after them: a client's ack callback uses them.
   std::mutex latency_mu;
   std::vector<double> latencies_ms;
   std::atomic<uint64_t> retryable{0};
+  std::vector<std::unique_ptr<device::DeviceClient>> devices;
+  // Certificates and buffers per tenant and trust domain: a device of another run's tenant is
+  // another device.
+  const std::string device_dir =
+      absl::StrCat(state, "/", config.trust_domain, "/", args.tenant);
+  std::filesystem::create_directories(device_dir);
   for (int i = 0; i < args.devices; ++i) {
     const std::string id = absl::StrCat("sim-", i);
-    const std::string cert = absl::StrCat(state, "/certs/", id, ".crt");
-    const std::string key = absl::StrCat(state, "/certs/", id, ".key");
-    if (!std::filesystem::exists(cert)) {
+    const std::string cert = absl::StrCat(device_dir, "/", id, ".crt");
+    const std::string key = absl::StrCat(device_dir, "/", id, ".key");
+    if (!std::filesystem::exists(cert) || !std::filesystem::exists(key)) {
       devpki::LeafOptions leaf;
       leaf.common_name = id;
       leaf.uri_sans = {absl::StrCat("spiffe://", config.trust_domain, "/tenant/", args.tenant, "/device/", id)};
@@ -137,12 +163,12 @@ int Run(const Args& args) {
         std::fprintf(stderr, "cannot issue a certificate for %s\n", id.c_str());
         return 1;
       }
-      if (!Enroll(config, app, id)) return 1;
     }
+    if (!Enroll(config, app, id)) return 1;
     device::DeviceOptions options;
     options.address = (*ingest)->address;
     options.tls = TlsConfig{cert, key, config.ca_path, 60};
-    options.buffer_path = absl::StrCat(state, "/", id, ".buffer");
+    options.buffer_path = absl::StrCat(device_dir, "/", id, ".buffer");
     absl::StatusOr<std::unique_ptr<device::DeviceClient>> client = device::DeviceClient::Open(options);
     if (!client.ok()) {
       std::fprintf(stderr, "%s: %s\n", id.c_str(), std::string(client.status().message()).c_str());
@@ -167,6 +193,8 @@ int Run(const Args& args) {
   std::mt19937 rng(42);
   std::normal_distribution<double> heart(72, 8);
   uint64_t produced = 0;
+  uint64_t refused = 0;  // samples a device's SDK did not take (its buffer full or unwritable)
+  std::string refused_why;
   absl::Time next_batch = start;
   absl::Time next_print = start + absl::Seconds(1);
   while (absl::Now() < end) {
@@ -182,7 +210,12 @@ int Run(const Args& args) {
           *s.mutable_measured_at() = Now();
           samples.push_back(std::move(s));
         }
-        if (d->Send(std::move(samples)).ok()) produced += static_cast<uint64_t>(args.batch);
+        if (absl::StatusOr<uint64_t> sent = d->Send(std::move(samples)); sent.ok()) {
+          produced += static_cast<uint64_t>(args.batch);
+        } else {
+          refused += static_cast<uint64_t>(args.batch);
+          refused_why = std::string(sent.status().message());
+        }
       }
       next_batch += batch_every;
     }
@@ -202,8 +235,13 @@ int Run(const Args& args) {
     absl::SleepFor(std::min(next_batch, next_print) - absl::Now());
   }
   std::fprintf(stderr, "\n");
+  // One deadline for all of them, not 30 s each in turn.
+  const absl::Time drain_deadline = absl::Now() + absl::Seconds(30);
   bool drained = true;
-  for (auto& d : devices) drained = d->WaitUntilAcked(absl::Seconds(30)).ok() && drained;
+  for (auto& d : devices) {
+    drained = d->WaitUntilAcked(std::max(absl::ZeroDuration(), drain_deadline - absl::Now())).ok() &&
+              drained;
+  }
   device::DeviceStats total;
   for (auto& d : devices) {
     d->Stop();
@@ -222,16 +260,21 @@ int Run(const Args& args) {
   };
   std::printf("devsim summary: devices=%d duration=%ds samples_produced=%llu batches_sent=%llu "
               "batches_acked=%llu stored=%llu duplicates=%llu rejected=%llu retries=%llu "
-              "ack_latency_p50=%.2fms ack_latency_p99=%.2fms all_acked=%s\n",
+              "refused_by_sdk=%llu ack_latency_p50=%.2fms ack_latency_p99=%.2fms all_acked=%s\n",
               args.devices, args.duration, static_cast<unsigned long long>(produced),
               static_cast<unsigned long long>(total.batches_sent),
               static_cast<unsigned long long>(total.batches_acked),
               static_cast<unsigned long long>(total.samples_stored),
               static_cast<unsigned long long>(total.samples_duplicate),
               static_cast<unsigned long long>(total.samples_rejected),
-              static_cast<unsigned long long>(total.retries), pct(0.5), pct(0.99),
+              static_cast<unsigned long long>(total.retries),
+              static_cast<unsigned long long>(refused), pct(0.5), pct(0.99),
               drained ? "yes" : "no");
-  return drained ? 0 : 1;
+  if (refused > 0) {
+    std::fprintf(stderr, "devsim: %llu samples were not taken by the device SDK: %s\n",
+                 static_cast<unsigned long long>(refused), refused_why.c_str());
+  }
+  return drained && refused == 0 ? 0 : 1;
 }
 
 }  // namespace

@@ -1,0 +1,203 @@
+// medgate-ctl, the command line ops and developers use, run as a process against the routing,
+// consent and sharing services over mTLS and real PostgreSQL: placing a patient, recording
+// consent, uploading a record and downloading it. A download writes its file only once all of
+// the record arrived and was authenticated.
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <pqxx/pqxx>
+
+#include "absl/strings/str_cat.h"
+#include "services/consent/consent_server.h"
+#include "services/routing/routing_server.h"
+#include "services/sharing/sharing_server.h"
+#include "tests/support/poll.h"
+#include "tests/support/tenants.h"
+#include "tests/support/test_stack.h"
+
+namespace medgate::sharing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kKekHex[] = "5a1e6a0c3b2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7";
+
+struct CtlRun {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr
+};
+
+class CtlTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    kek_path_ = new std::string(std::filesystem::temp_directory_path() /
+                                ("medgate-ctl-kek-" + std::to_string(getpid())));
+    std::ofstream(*kek_path_) << kKekHex << "\n";
+    std::filesystem::permissions(*kek_path_, std::filesystem::perms::owner_read |
+                                                 std::filesystem::perms::owner_write);
+    auto stack = test_support::TestStack::Start({"routing", "consent", "sharing", "audit"},
+                                                absl::StrCat("sharing:\n  kek_file: ", *kek_path_, "\n"));
+    ASSERT_TRUE(stack.ok()) << stack.status();
+    stack_ = stack->release();
+    auto routing = routing::RoutingServer::Create(stack_->config());
+    ASSERT_TRUE(routing.ok()) << routing.status();
+    routing_ = routing->release();
+    ASSERT_TRUE(routing_->Start().ok());
+    stack_->SetAddress("routing", routing_->port());
+    ASSERT_TRUE(test_support::UpsertTenant(stack_->pki(), routing_->port(), "acme", {"FR"}, true).ok());
+    auto consent = consent::ConsentServer::Create(stack_->config());
+    ASSERT_TRUE(consent.ok()) << consent.status();
+    consent_ = consent->release();
+    ASSERT_TRUE(consent_->Start().ok());
+    stack_->SetAddress("consent", consent_->port());
+    auto sharing = SharingServer::Create(stack_->config());
+    ASSERT_TRUE(sharing.ok()) << sharing.status();
+    sharing_ = sharing->release();
+    ASSERT_TRUE(sharing_->Start().ok());
+    stack_->SetAddress("sharing", sharing_->port());
+    // Until fr-1's consent feed listens, the sharing service's cache keeps nothing it loads.
+    ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(30), [] {
+      return sharing_->consent_cache().FeedListening("fr-1");
+    }));
+    config_path_ = new std::string(stack_->dir() + "/ctl.yaml");
+    ASSERT_TRUE(stack_->WriteConfig(*config_path_).ok());
+  }
+
+  static void TearDownTestSuite() {
+    if (sharing_ != nullptr) sharing_->Shutdown();
+    delete sharing_;
+    if (consent_ != nullptr) consent_->Shutdown();
+    delete consent_;
+    if (routing_ != nullptr) routing_->Shutdown();
+    delete routing_;
+    delete stack_;
+    if (kek_path_ != nullptr) std::filesystem::remove(*kek_path_);
+    delete kek_path_;
+    delete config_path_;
+  }
+
+  // Runs medgate-ctl as `identity` (a certificate of the test PKI: app, practitioner, ops).
+  static CtlRun Ctl(const std::string& identity, const std::string& arguments) {
+    const std::string command = absl::StrCat(MEDGATE_CTL_BINARY, " --config ", *config_path_,
+                                             " --identity ", identity, " ", arguments, " 2>&1");
+    CtlRun run;
+    std::FILE* pipe = popen(command.c_str(), "r");
+    if (pipe == nullptr) return run;
+    char buffer[4096];
+    size_t n;
+    while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) run.output.append(buffer, n);
+    const int status = pclose(pipe);
+    run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return run;
+  }
+
+  // The value of `"field": "..."` in medgate-ctl's JSON output.
+  static std::string Field(const std::string& output, const std::string& field) {
+    const std::string key = absl::StrCat("\"", field, "\": \"");
+    const size_t at = output.find(key);
+    if (at == std::string::npos) return "";
+    const size_t start = at + key.size();
+    return output.substr(start, output.find('"', start) - start);
+  }
+
+  static std::string ReadFile(const std::string& path) {
+    std::stringstream content;
+    content << std::ifstream(path, std::ios::binary).rdbuf();
+    return content.str();
+  }
+
+  // Files in `dir` whose name starts with `prefix`.
+  static int CountFiles(const std::string& dir, const std::string& prefix) {
+    int n = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+      if (entry.path().filename().string().rfind(prefix, 0) == 0) ++n;
+    }
+    return n;
+  }
+
+  static test_support::TestStack* stack_;
+  static routing::RoutingServer* routing_;
+  static consent::ConsentServer* consent_;
+  static SharingServer* sharing_;
+  static std::string* kek_path_;
+  static std::string* config_path_;
+};
+
+test_support::TestStack* CtlTest::stack_ = nullptr;
+routing::RoutingServer* CtlTest::routing_ = nullptr;
+consent::ConsentServer* CtlTest::consent_ = nullptr;
+SharingServer* CtlTest::sharing_ = nullptr;
+std::string* CtlTest::kek_path_ = nullptr;
+std::string* CtlTest::config_path_ = nullptr;
+
+TEST_F(CtlTest, UploadsAndDownloadsARecordAndLeavesNothingOfAFailedDownload) {
+  CtlRun placed = Ctl("app", "place-patient --ref ctl-patient-1 --territory FR");
+  ASSERT_EQ(placed.exit_code, 0) << placed.output;
+  const std::string patient = Field(placed.output, "patient_id");
+  ASSERT_FALSE(patient.empty()) << placed.output;
+  CtlRun granted = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
+                                           " --purpose CARE --evidence ctl-form"));
+  ASSERT_EQ(granted.exit_code, 0) << granted.output;
+
+  const std::string dir = stack_->dir() + "/ctl-files";
+  std::filesystem::create_directories(dir);
+  std::string content = "Discharge summary\n";
+  for (int i = 0; content.size() < 1'500'000; ++i) absl::StrAppend(&content, "line ", i, "\n");
+  std::ofstream(dir + "/summary.txt", std::ios::binary) << content;
+  CtlRun uploaded = Ctl("practitioner", absl::StrCat("upload-record --patient ", patient, " --file ",
+                                                     dir, "/summary.txt --content-type text/plain"));
+  ASSERT_EQ(uploaded.exit_code, 0) << uploaded.output;
+  const std::string record = Field(uploaded.output, "record_id");
+  ASSERT_FALSE(record.empty()) << uploaded.output;
+
+  // Downloaded whole, into a file only its owner may read.
+  CtlRun downloaded = Ctl("practitioner", absl::StrCat("download-record --record ", record,
+                                                       " --out ", dir, "/copy.txt"));
+  ASSERT_EQ(downloaded.exit_code, 0) << downloaded.output;
+  EXPECT_EQ(ReadFile(dir + "/copy.txt"), content);
+  struct stat st;
+  ASSERT_EQ(stat((dir + "/copy.txt").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+
+  // A record damaged in the shard: DATA_LOSS, a non-zero exit, and no file (the part that
+  // arrived before the damage is not left behind either).
+  pqxx::connection shard(stack_->clusters().region("fr-1").ConnectionString());
+  pqxx::nontransaction n(shard);
+  const std::string flip =
+      "UPDATE record_chunks SET ciphertext = set_byte(ciphertext, 5000, "
+      "get_byte(ciphertext, 5000) # 1) WHERE record_id = $1 AND chunk_index = 1";
+  n.exec_params0(flip, record);
+  CtlRun damaged = Ctl("practitioner", absl::StrCat("download-record --record ", record, " --out ",
+                                                    dir, "/damaged.txt"));
+  EXPECT_NE(damaged.exit_code, 0) << damaged.output;
+  EXPECT_THAT(damaged.output, HasSubstr("DATA_LOSS"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/damaged.txt"));
+  EXPECT_EQ(CountFiles(dir, "damaged.txt.partial"), 0);
+  n.exec_params0(flip, record);  // flipped back
+
+  // A caller who may not read it: refused, no file.
+  CtlRun refused = Ctl("globex-practitioner", absl::StrCat("download-record --record ", record,
+                                                           " --out ", dir, "/refused.txt"));
+  EXPECT_NE(refused.exit_code, 0) << refused.output;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/refused.txt"));
+  EXPECT_EQ(CountFiles(dir, "refused.txt.partial"), 0);
+
+  // --out naming something that is not a regular file is refused before anything is asked.
+  CtlRun not_a_file = Ctl("practitioner", absl::StrCat("download-record --record ", record,
+                                                       " --out ", dir));
+  EXPECT_NE(not_a_file.exit_code, 0);
+  EXPECT_THAT(not_a_file.output, HasSubstr("not a regular file"));
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace medgate::sharing
