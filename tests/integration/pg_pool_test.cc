@@ -153,6 +153,7 @@ TEST_F(PoolTest, ReleasedConnectionWakesAWaiter) {
   std::thread waiter([&] { waited = pool.Acquire().status(); });
   const absl::Time deadline = absl::Now() + absl::Seconds(5);
   while (pool.waiter_count() < 1 && absl::Now() < deadline) std::this_thread::yield();
+  ASSERT_EQ(pool.waiter_count(), 1) << "the waiter never waited";
   held.reset();
   waiter.join();
   EXPECT_TRUE(waited.ok()) << waited;

@@ -9,25 +9,21 @@
 #include <gtest/gtest.h>
 #include <pqxx/pqxx>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "libs/migrate/migrate.h"
 #include "tests/support/pg_cluster.h"
+#include "tests/support/poll.h"
 
 namespace medgate::consent {
 namespace {
 
 using test_support::PgCluster;
 
-constexpr absl::Duration kPropagationBound = absl::Seconds(1);
+using test_support::PollUntil;
+
 constexpr absl::Duration kPatience = absl::Seconds(30);
 constexpr char kApp[] = "spiffe://medgate.test/tenant/acme/app/backend";
-
-bool PollUntil(absl::Time deadline, const std::function<bool()>& done) {
-  while (true) {
-    if (done()) return true;
-    if (absl::Now() > deadline) return false;
-  }
-}
 
 class ConsentCacheTest : public ::testing::Test {
  protected:
@@ -130,7 +126,8 @@ class ConsentCacheTest : public ::testing::Test {
 PgCluster* ConsentCacheTest::fr_ = nullptr;
 PgCluster* ConsentCacheTest::de_ = nullptr;
 
-TEST_F(ConsentCacheTest, NotificationInvalidatesWithinOneSecond) {
+// How fast is consent_bench's to measure; this shows the revocation arrives through the feed.
+TEST_F(ConsentCacheTest, ANotificationInvalidatesTheCachedDecision) {
   auto cache = NewCache();
   const std::string id = GrantCare(*fr_, "pt_notify");
   auto permit = cache->Check("fr-1", "pt_notify", Purpose::kCare, kApp, absl::Now());
@@ -138,14 +135,16 @@ TEST_F(ConsentCacheTest, NotificationInvalidatesWithinOneSecond) {
   EXPECT_TRUE(permit->permit);
   EXPECT_EQ(permit->consent_id, id);
 
+  const uint64_t heard = cache->Stats().notifications;
   RevokeVersion(*fr_, id, 2);
   absl::StatusOr<AccessDecision> last;
-  ASSERT_TRUE(PollUntil(absl::Now() + kPropagationBound, [&] {
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
     last = cache->Check("fr-1", "pt_notify", Purpose::kCare, kApp, absl::Now());
     return last.ok() && !last->permit;
   }));
   EXPECT_EQ(last->reason, AccessReason::kRevoked);
   EXPECT_EQ(last->consent_version, 2);
+  EXPECT_GT(cache->Stats().notifications, heard);
 }
 
 TEST_F(ConsentCacheTest, AnswersFromMemoryUntilInvalidatedOrStale) {
@@ -262,6 +261,10 @@ TEST_F(ConsentCacheTest, FailsClosedWhenTheFeedCannotReconnectAndForgetsWhatItMi
   // The connections the cache already has for loading stay open.
   pqxx::connection admin(fr_->ConnectionString());
   pqxx::connection other_db(fr_->ConnectionString("postgres"));
+  // Connections are allowed again after the test whatever happens in it (the suite's other tests).
+  absl::Cleanup allow = [&other_db] {
+    pqxx::nontransaction(other_db).exec0("ALTER DATABASE medgate ALLOW_CONNECTIONS true");
+  };
   {
     pqxx::nontransaction(other_db).exec0("ALTER DATABASE medgate ALLOW_CONNECTIONS false");
     pqxx::nontransaction q(admin);

@@ -241,8 +241,6 @@ TEST_F(RoutingTest, DevicesAssignResolveAndUnassign) {
   EXPECT_TRUE(Assign(pki_->app(), "dev-100", "dev-owner-1").ok());
 }
 
-// Once routing.device_reassign_wait_seconds has passed since its unassignment, a device may feed
-// another patient.
 // Two first assignments of a new device at once: the second waits for the first's commit and is
 // then refused, instead of both answering OK and the second silently replacing the first.
 TEST_F(RoutingTest, ConcurrentFirstAssignmentsGiveADeviceToOnePatient) {
@@ -317,6 +315,8 @@ TEST_F(RoutingTest, ConcurrentRulePutsStoreOneVersionEach) {
             4);
 }
 
+// Once routing.device_reassign_wait_seconds has passed since its unassignment, a device may feed
+// another patient.
 TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
   const std::string path = absl::StrCat(stack_->dir(), "/short-wait.yaml");
   ASSERT_TRUE(stack_->WriteConfig(path).ok());

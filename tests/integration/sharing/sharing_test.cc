@@ -1393,8 +1393,12 @@ TEST_F(SharingTest, AnUploadIdlePastTheShardsBoundFailsAndTheNextUploadWorks) {
   absl::StatusOr<std::unique_ptr<sharing::Upload>> slow = core.StartUpload(ctx, header);
   ASSERT_TRUE(slow.ok()) << slow.status();
   ASSERT_TRUE((*slow)->Write(absl::string_view(content).substr(0, kMiB)).ok());
-  // The shard lets the transaction sit idle for the idle timeout and the service's 10 s grace.
-  absl::SleepFor(absl::Seconds(1 + 10 + 2));
+  // The shard lets the transaction sit idle for the idle timeout and the service's 10 s grace,
+  // then ends the session.
+  // (The chunk's insert may still be running: the session is idle once it is done.)
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [] { return IdleUploadSessions("fr-1").size() == 1; }));
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(1 + 10) + kPatience,
+                        [] { return IdleUploadSessions("fr-1").empty(); }));
   absl::Status status = (*slow)->Write(absl::string_view(content).substr(kMiB, kMiB));
   if (status.ok()) status = (*slow)->Write(absl::string_view(content).substr(2 * kMiB));
   if (status.ok()) status = (*slow)->Finish().status();
