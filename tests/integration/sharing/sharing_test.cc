@@ -1253,7 +1253,7 @@ TEST_F(SharingTest, AOneChunkUploadHoldsNoConnectionWhileItIsSent) {
 TEST_F(SharingTest, AnUploadTricklingUnderTheMinimumRateEndsAndStoresNothing) {
   std::unique_ptr<MedgateConfig> config =
       ConfigWith("retention_sweep_seconds: 86400",
-                 "retention_sweep_seconds: 86400\n  upload_idle_timeout_seconds: 1\n"
+                 "retention_sweep_seconds: 86400\n  upload_idle_timeout_seconds: 2\n"
                  "  upload_min_bytes_per_second: 100000");
   auto server = SharingServer::Create(*config);
   ASSERT_TRUE(server.ok()) << server.status();
@@ -1266,16 +1266,18 @@ TEST_F(SharingTest, AnUploadTricklingUnderTheMinimumRateEndsAndStoresNothing) {
   trickle.patient_id = patient;
   trickle.content = Generate(93, 0, 20000);
   trickle.chunk_bytes = 1000;
-  // A piece every 300 ms: never idle for the 1 s the server allows, but about 3 KB/s.
+  // A piece every 300 ms: never idle for the 2 s the server allows (unless the machine stalls
+  // for 1.7 s), but about 3 KB/s.
   trickle.before_chunk = [](uint64_t) { absl::SleepFor(absl::Milliseconds(300)); };
   grpc::Status status = Upload(pki_->practitioner(), trickle, nullptr, (*server)->port());
   EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
   EXPECT_THAT(status.error_message(), HasSubstr("under the minimum of 100000"));
   EXPECT_THAT(status.error_message(), HasSubstr("nothing was stored"));
   EXPECT_EQ(records(), 0);
-  // The same record at full speed is stored.
+  // The same record at full speed, in one piece, is stored.
   UploadSpec quick = trickle;
   quick.before_chunk = nullptr;
+  quick.chunk_bytes = trickle.content.size();
   EXPECT_TRUE(Upload(pki_->practitioner(), quick, nullptr, (*server)->port()).ok());
   (*server)->Shutdown();
   EXPECT_EQ(records(), 1);
