@@ -172,9 +172,15 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
 }
 
 absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const AuditLogRef& log,
-                                              uint64_t start_seq, uint64_t end_seq) {
+                                              uint64_t start_seq, uint64_t end_seq,
+                                              const ChainAnchor& anchor) {
   if (!log.control && log.region_id.empty()) {
     return absl::InvalidArgumentError("log: region_id or control is required");
+  }
+  if (anchor.seq < 0 || (anchor.seq > 0 && anchor.hash.size() != 32)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "anchor_hash: 32 bytes (a last_hash of an earlier verification) with anchor_seq ",
+        anchor.seq, ", got ", anchor.hash.size()));
   }
   constexpr uint64_t kMaxSeq = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
   if (start_seq > kMaxSeq || end_seq > kMaxSeq) {
@@ -211,6 +217,25 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
       pqxx::result rows = txn.exec_prepared(sql::kSelectAuditHash, out.last_seq);
       if (!rows.empty()) out.last_hash = pqxx::binarystring(rows[0][0]).str();
     }
+    // The chain links every entry to the one before; only a hash kept outside the database shows
+    // a log cut short (its head moved back) or rewritten with its hashes recomputed.
+    if (out.ok && anchor.seq > 0) {
+      pqxx::result rows = txn.exec_prepared(sql::kSelectAuditHash, anchor.seq);
+      std::string problem;
+      if (rows.empty()) {
+        problem = absl::StrCat("entry ", anchor.seq, ", the anchor's, is not in the log: it was cut "
+                               "short after the anchor was taken");
+      } else if (pqxx::binarystring(rows[0][0]).str() != anchor.hash) {
+        problem = absl::StrCat("entry ", anchor.seq, " does not have the anchor's hash: the log was "
+                               "rewritten up to it after the anchor was taken");
+      }
+      if (!problem.empty()) {
+        out.ok = false;
+        out.first_bad_seq = anchor.seq;
+        out.fault = ChainFault::kAnchorMismatch;
+        out.detail = problem;
+      }
+    }
     audit::Entry e;
     e.actor = ctx.principal.spiffe_id;
     e.action = audit::Action::kExecute;
@@ -219,6 +244,7 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     e.decision = audit::Decision::kPermit;
     e.reason = out.ok ? absl::StrCat("VERIFIED: entries=", out.entries_checked)
                       : absl::StrCat("CHAIN_BROKEN: first_bad_seq=", out.first_bad_seq);
+    if (anchor.seq > 0) absl::StrAppend(&e.reason, " anchor_seq=", anchor.seq);
     if (ranged) {
       absl::StrAppend(&e.reason, " start_seq=", std::max<uint64_t>(start_seq, 1),
                       " end_seq=", end_seq);

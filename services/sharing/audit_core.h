@@ -39,7 +39,15 @@ struct AuditPage {
   std::string next_page_token;
 };
 
-enum class ChainFault { kNone, kHashMismatch, kPrevHashMismatch, kSeqGap, kBadGenesis, kMalformed };
+enum class ChainFault {
+  kNone, kHashMismatch, kPrevHashMismatch, kSeqGap, kBadGenesis, kMalformed, kAnchorMismatch
+};
+
+// An entry's hash kept outside the database from an earlier verification.
+struct ChainAnchor {
+  int64_t seq = 0;   // 0: no anchor
+  std::string hash;  // 32 raw bytes
+};
 
 struct ChainReport {
   bool ok = true;
@@ -69,9 +77,11 @@ class AuditCore {
   absl::StatusOr<AuditPage> Query(const CallContext& ctx, const AuditQuery& query);
 
   // Ops: recomputes a log's chain, whole (start_seq <= 1 and end_seq 0) or entries start_seq to
-  // end_seq (0: to the last entry) from the stored hash of the entry before; audited.
+  // end_seq (0: to the last entry) from the stored hash of the entry before, and, given an
+  // anchor, checks that its entry still has its hash; audited.
   absl::StatusOr<ChainReport> Verify(const CallContext& ctx, const AuditLogRef& log,
-                                     uint64_t start_seq, uint64_t end_seq);
+                                     uint64_t start_seq, uint64_t end_seq,
+                                     const ChainAnchor& anchor = {});
 
  private:
   absl::StatusOr<pg::Pool*> PoolOf(const AuditLogRef& log) const;

@@ -1,6 +1,8 @@
 // The Audit gRPC adapter.
 #include "services/sharing/audit_service.h"
 
+#include <limits>
+
 #include "absl/strings/str_cat.h"
 #include "libs/common/grpc_status.h"
 #include "libs/common/status_macros.h"
@@ -41,6 +43,8 @@ v1::ChainFault FaultToProto(ChainFault f) {
       return v1::CHAIN_FAULT_BAD_GENESIS;
     case ChainFault::kMalformed:
       return v1::CHAIN_FAULT_MALFORMED_ENTRY;
+    case ChainFault::kAnchorMismatch:
+      return v1::CHAIN_FAULT_ANCHOR_MISMATCH;
   }
   return v1::CHAIN_FAULT_UNSPECIFIED;
 }
@@ -144,8 +148,14 @@ grpc::Status AuditService::VerifyChain(grpc::ServerContext* context,
   if (!ctx.ok()) return ToGrpcStatus(ctx.status());
   absl::StatusOr<AuditLogRef> log = LogOf(request->log());
   if (!log.ok()) return ToGrpcStatus(log.status());
+  constexpr uint64_t kMaxSeq = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  if (request->anchor_seq() > kMaxSeq) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("anchor_seq: at most ", kMaxSeq));
+  }
+  const ChainAnchor anchor{static_cast<int64_t>(request->anchor_seq()), request->anchor_hash()};
   absl::StatusOr<ChainReport> report =
-      core_.Verify(*ctx, *log, request->start_seq(), request->end_seq());
+      core_.Verify(*ctx, *log, request->start_seq(), request->end_seq(), anchor);
   if (!report.ok()) return ToGrpcStatus(report.status());
   response->set_ok(report->ok);
   response->set_entries_checked(static_cast<uint64_t>(report->entries_checked));

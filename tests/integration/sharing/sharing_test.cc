@@ -623,10 +623,14 @@ class SharingTest : public ::testing::Test {
   static absl::StatusOr<v1::VerifyChainResponse> Verify(const std::string& region,
                                                         const TestCert* as = nullptr,
                                                         uint64_t start_seq = 0,
-                                                        uint64_t end_seq = 0) {
+                                                        uint64_t end_seq = 0,
+                                                        uint64_t anchor_seq = 0,
+                                                        const std::string& anchor_hash = "") {
     v1::VerifyChainRequest request;
     request.set_start_seq(start_seq);
     request.set_end_seq(end_seq);
+    request.set_anchor_seq(anchor_seq);
+    request.set_anchor_hash(anchor_hash);
     if (region == "control") {
       request.mutable_log()->set_control(true);
     } else {
@@ -3423,6 +3427,64 @@ TEST_F(SharingTest, VerifyChainLocatesATamperedEntry) {
   EXPECT_EQ(AuditStub(pki_->ops())->VerifyChain(&context, bad, &response).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(Verify("xx-9").status().code(), absl::StatusCode::kNotFound);
+}
+
+// Someone able to write the shard cuts the log short and moves its head back: every entry left
+// still links to the one before, so the chain alone verifies. Against an anchor kept from an
+// earlier verification (its last_seq and last_hash), the cut is found.
+TEST_F(SharingTest, VerifyChainAgainstAnAnchorFindsALogCutShort) {
+  const std::string patient = Place("verify-anchor-1", "DE");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "anchored";
+  UploadOk(pki_->practitioner(), spec);
+  auto anchored = Verify("de-1");
+  ASSERT_TRUE(anchored.ok()) << anchored.status();
+  ASSERT_TRUE(anchored->ok()) << anchored->detail();
+  const uint64_t anchor_seq = anchored->last_seq();
+  const std::string anchor_hash = anchored->last_hash();
+  // The anchor holds while the log only grows.
+  UploadOk(pki_->practitioner(), spec);
+  auto grown = Verify("de-1", nullptr, 0, 0, anchor_seq, anchor_hash);
+  ASSERT_TRUE(grown.ok()) << grown.status();
+  EXPECT_TRUE(grown->ok()) << grown->detail();
+
+  // Cut three entries before the anchor's: the verification below adds one, the anchor's entry
+  // stays missing.
+  ASSERT_GT(anchor_seq, 3u);
+  const int64_t cut = static_cast<int64_t>(anchor_seq) - 3;
+  Exec("de-1", "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
+  Exec("de-1", "CREATE TABLE tail_kept AS SELECT * FROM audit_log WHERE seq > $1::bigint",
+       std::to_string(cut));
+  Exec("de-1", "CREATE TABLE head_kept AS SELECT * FROM audit_head");
+  // Put back whatever happens below: the suite's other tests verify this log too.
+  absl::Cleanup restore = [] {
+    Exec("de-1", "DELETE FROM audit_log WHERE seq > (SELECT min(seq) - 1 FROM tail_kept)");
+    Exec("de-1", "INSERT INTO audit_log SELECT * FROM tail_kept");
+    Exec("de-1", "UPDATE audit_head SET seq = k.seq, hash = k.hash FROM head_kept k");
+    Exec("de-1", "DROP TABLE tail_kept, head_kept");
+    Exec("de-1", "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update");
+  };
+  Exec("de-1", "DELETE FROM audit_log WHERE seq > $1::bigint", std::to_string(cut));
+  Exec("de-1", "UPDATE audit_head SET seq = $1::bigint, hash = (SELECT hash FROM audit_log "
+               "WHERE seq = $1::bigint)", std::to_string(cut));
+
+  auto alone = Verify("de-1");
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  EXPECT_TRUE(alone->ok()) << "the chain alone cannot see the cut: " << alone->detail();
+  auto against = Verify("de-1", nullptr, 0, 0, anchor_seq, anchor_hash);
+  ASSERT_TRUE(against.ok()) << against.status();
+  EXPECT_FALSE(against->ok());
+  EXPECT_EQ(against->fault(), v1::CHAIN_FAULT_ANCHOR_MISMATCH);
+  EXPECT_EQ(against->first_bad_seq(), anchor_seq);
+  EXPECT_THAT(against->detail(), HasSubstr("cut short"));
+  // An anchor's hash must be a hash.
+  EXPECT_EQ(Verify("de-1", nullptr, 0, 0, anchor_seq, "short").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  std::move(restore).Invoke();
+  auto restored = Verify("de-1", nullptr, 0, 0, anchor_seq, anchor_hash);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_TRUE(restored->ok()) << restored->detail();
 }
 
 TEST_F(SharingTest, VerifyChainChecksARangeFromTheStoredHashBeforeIt) {
