@@ -607,7 +607,7 @@ int Run(const Args& args) {
   // paid once in production, not per batch.
   if (!ConnectAll(load_devices, absl::Seconds(300))) return 1;
   // Warm-up: streams, caches.
-  RunLoad(load_devices, args.batch, absl::Seconds(2), absl::ZeroDuration());
+  uint64_t acked_stored = RunLoad(load_devices, args.batch, absl::Seconds(2), absl::ZeroDuration()).stored;
   // Checkpoints (started by WAL volume or time) slow the shard while they run: each phase reports
   // how many started during it.
   auto checkpoints = [&shard] {
@@ -617,6 +617,7 @@ int Run(const Args& args) {
   };
   const long checkpoints_before_peak = checkpoints();
   LoadResult peak = RunLoad(load_devices, args.batch, absl::Seconds(args.seconds), absl::ZeroDuration());
+  acked_stored += peak.stored;
   const long checkpoints_in_peak = checkpoints() - checkpoints_before_peak;
   if (peak.stored == 0) {
     std::fprintf(stderr, "ingest_bench: (c) stored no sample (%llu retryable acks); the service's "
@@ -644,6 +645,7 @@ int Run(const Args& args) {
   LoadResult at70 =
       RunLoad(load_devices, args.batch, absl::Seconds(args.seconds), interval, at70_warmup);
   const absl::Time at70_end = absl::Now();
+  acked_stored += at70.stored;
   disk.Stop();
   const long checkpoints_in_at70 = checkpoints() - checkpoints_before_at70;
 
@@ -680,11 +682,26 @@ int Run(const Args& args) {
     // Every stream sends a one-sample batch every 5 s for 15 s; 9,000 of the devices are new to
     // the service, as after a restart of it with a fleet reconnecting.
     held = RunLoad(idle, 1, absl::Seconds(15), absl::Seconds(5));
+    acked_stored += held.stored;
     holding.store(false);
     sampler.join();
     rss_streams = held_rss_kb.load();
   }
 
+  // The samples/s above come from acks: every sample acked as stored must be in the shard (a
+  // stream cancelled at a run's end may have had a batch committed whose ack it never read).
+  int64_t rows_stored = 0;
+  {
+    pqxx::connection c(shard);
+    pqxx::nontransaction n(c);
+    rows_stored = n.exec1("SELECT count(*) FROM vitals WHERE tenant_id = 'bench' AND "
+                          "device_id LIKE 'bd-%'")[0].as<int64_t>();
+  }
+  if (rows_stored < static_cast<int64_t>(acked_stored)) {
+    std::fprintf(stderr, "ingest_bench: %llu samples were acked as stored, but the shard holds %lld\n",
+                 static_cast<unsigned long long>(acked_stored), static_cast<long long>(rows_stored));
+    return 1;
+  }
   std::printf("\ningest_bench (same machine, same schema, one run; PostgreSQL on disk: %s)\n",
               shard_settings->c_str());
   std::printf("  (a) raw binary COPY, 1,000-row transactions : %10.0f samples/s  (reference: the rows (c) "
@@ -695,6 +712,9 @@ int Run(const Args& args) {
   std::printf("  (b) one INSERT per sample                  : %10.0f samples/s  (naive baseline)\n", naive);
   std::printf("  (c) medgate end to end, %5d devices, mTLS : %10.0f samples/s  (%d-sample batches, %.0fs)\n",
               args.devices, peak_rate, args.batch, peak.seconds);
+  std::printf("      acked as stored over every phase: %llu; rows in the shard: %lld (checked: none "
+              "acked is missing)\n", static_cast<unsigned long long>(acked_stored),
+              static_cast<long long>(rows_stored));
   std::printf("  ratio (c)/(a) = %.2f   (target >= 1.0)\n", peak_rate / raw);
   std::printf("  ratio (c)/(b) = %.1f   (target >= 50)\n", peak_rate / naive);
   std::printf("  ack latency at %d%% of peak: p50 %.1f ms, p99 %.1f ms  (target p99 <= 25 ms at 70%%; %zu acks, %llu retryable)\n",
