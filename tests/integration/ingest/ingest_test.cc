@@ -24,6 +24,7 @@
 #include "services/routing/routing_server.h"
 #include "tests/support/health_check.h"
 #include "tests/support/poll.h"
+#include "tests/support/directory_services.h"
 #include "tests/support/test_stack.h"
 #include "tests/support/tenants.h"
 
@@ -109,16 +110,11 @@ class IngestTest : public ::testing::Test {
                                   "ingest: {tenant_samples_per_second: 1000000}\n");
     ASSERT_TRUE(stack.ok()) << stack.status();
     stack_ = stack->release();
-    auto routing = routing::RoutingServer::Create(stack_->config());
-    ASSERT_TRUE(routing.ok()) << routing.status();
-    routing_ = routing->release();
-    ASSERT_TRUE(routing_->Start().ok());
-    stack_->SetAddress("routing", routing_->port());
-    auto consent = consent::ConsentServer::Create(stack_->config());
-    ASSERT_TRUE(consent.ok()) << consent.status();
-    consent_ = consent->release();
-    ASSERT_TRUE(consent_->Start().ok());
-    stack_->SetAddress("consent", consent_->port());
+    auto directory = test_support::DirectoryServices::Start(*stack_);
+    ASSERT_TRUE(directory.ok()) << directory.status();
+    directory_ = directory->release();
+    routing_ = &directory_->routing();
+    consent_ = &directory_->consent();
     auto ingest = IngestServer::Create(stack_->config());
     ASSERT_TRUE(ingest.ok()) << ingest.status();
     ingest_ = ingest->release();
@@ -173,10 +169,7 @@ class IngestTest : public ::testing::Test {
   static void TearDownTestSuite() {
     ingest_->Shutdown();
     delete ingest_;
-    consent_->Shutdown();
-    delete consent_;
-    routing_->Shutdown();
-    delete routing_;
+    delete directory_;
     delete stack_;
   }
 
@@ -284,12 +277,14 @@ class IngestTest : public ::testing::Test {
   }
 
   static TestStack* stack_;
-  static routing::RoutingServer* routing_;
-  static consent::ConsentServer* consent_;
+  static test_support::DirectoryServices* directory_;
+  static routing::RoutingServer* routing_;  // directory_'s
+  static consent::ConsentServer* consent_;  // directory_'s
   static IngestServer* ingest_;
 };
 
 TestStack* IngestTest::stack_ = nullptr;
+test_support::DirectoryServices* IngestTest::directory_ = nullptr;
 routing::RoutingServer* IngestTest::routing_ = nullptr;
 consent::ConsentServer* IngestTest::consent_ = nullptr;
 IngestServer* IngestTest::ingest_ = nullptr;

@@ -17,9 +17,8 @@
 #include <pqxx/pqxx>
 
 #include "absl/strings/str_cat.h"
-#include "services/consent/consent_server.h"
-#include "services/routing/routing_server.h"
 #include "services/sharing/sharing_server.h"
+#include "tests/support/directory_services.h"
 #include "tests/support/poll.h"
 #include "tests/support/tenants.h"
 #include "tests/support/test_stack.h"
@@ -48,17 +47,12 @@ class CtlTest : public ::testing::Test {
                                                 absl::StrCat("sharing:\n  kek_file: ", *kek_path_, "\n"));
     ASSERT_TRUE(stack.ok()) << stack.status();
     stack_ = stack->release();
-    auto routing = routing::RoutingServer::Create(stack_->config());
-    ASSERT_TRUE(routing.ok()) << routing.status();
-    routing_ = routing->release();
-    ASSERT_TRUE(routing_->Start().ok());
-    stack_->SetAddress("routing", routing_->port());
-    ASSERT_TRUE(test_support::UpsertTenant(stack_->pki(), routing_->port(), "acme", {"FR"}, true).ok());
-    auto consent = consent::ConsentServer::Create(stack_->config());
-    ASSERT_TRUE(consent.ok()) << consent.status();
-    consent_ = consent->release();
-    ASSERT_TRUE(consent_->Start().ok());
-    stack_->SetAddress("consent", consent_->port());
+    auto directory = test_support::DirectoryServices::Start(*stack_);
+    ASSERT_TRUE(directory.ok()) << directory.status();
+    directory_ = directory->release();
+    ASSERT_TRUE(test_support::UpsertTenant(stack_->pki(), directory_->routing().port(), "acme",
+                                           {"FR"}, true)
+                    .ok());
     auto sharing = SharingServer::Create(stack_->config());
     ASSERT_TRUE(sharing.ok()) << sharing.status();
     sharing_ = sharing->release();
@@ -75,10 +69,7 @@ class CtlTest : public ::testing::Test {
   static void TearDownTestSuite() {
     if (sharing_ != nullptr) sharing_->Shutdown();
     delete sharing_;
-    if (consent_ != nullptr) consent_->Shutdown();
-    delete consent_;
-    if (routing_ != nullptr) routing_->Shutdown();
-    delete routing_;
+    delete directory_;
     delete stack_;
     if (kek_path_ != nullptr) std::filesystem::remove(*kek_path_);
     delete kek_path_;
@@ -125,16 +116,14 @@ class CtlTest : public ::testing::Test {
   }
 
   static test_support::TestStack* stack_;
-  static routing::RoutingServer* routing_;
-  static consent::ConsentServer* consent_;
+  static test_support::DirectoryServices* directory_;
   static SharingServer* sharing_;
   static std::string* kek_path_;
   static std::string* config_path_;
 };
 
 test_support::TestStack* CtlTest::stack_ = nullptr;
-routing::RoutingServer* CtlTest::routing_ = nullptr;
-consent::ConsentServer* CtlTest::consent_ = nullptr;
+test_support::DirectoryServices* CtlTest::directory_ = nullptr;
 SharingServer* CtlTest::sharing_ = nullptr;
 std::string* CtlTest::kek_path_ = nullptr;
 std::string* CtlTest::config_path_ = nullptr;

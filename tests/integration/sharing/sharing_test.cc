@@ -41,6 +41,7 @@
 #include "services/sharing/sharing_server.h"
 #include "tests/support/health_check.h"
 #include "tests/support/poll.h"
+#include "tests/support/directory_services.h"
 #include "tests/support/test_stack.h"
 #include "tests/support/tenants.h"
 
@@ -153,11 +154,11 @@ class SharingTest : public ::testing::Test {
     clusters_ = &stack_->clusters();
     pki_ = &stack_->pki();
 
-    auto routing = routing::RoutingServer::Create(stack_->config());
-    ASSERT_TRUE(routing.ok()) << routing.status();
-    routing_ = routing->release();
-    ASSERT_TRUE(routing_->Start().ok());
-    stack_->SetAddress("routing", routing_->port());
+    auto directory = test_support::DirectoryServices::Start(*stack_);
+    ASSERT_TRUE(directory.ok()) << directory.status();
+    directory_ = directory->release();
+    routing_ = &directory_->routing();
+    consent_ = &directory_->consent();
     // FR and LU data may also be read from DE here (the stack's seed rules allow their own
     // territory only).
     for (const auto& [territory, regions, readable] :
@@ -192,11 +193,6 @@ class SharingTest : public ::testing::Test {
       grpc::Status status = RoutingStub(pki_->ops())->UpsertTenant(&context, request, &response);
       ASSERT_TRUE(status.ok()) << status.error_message();
     }
-
-    auto consent = consent::ConsentServer::Create(stack_->config());
-    ASSERT_TRUE(consent.ok()) << consent.status();
-    consent_ = consent->release();
-    ASSERT_TRUE(consent_->Start().ok());
 
     SharingServerOptions options;
     options.clock = ServerNow;
@@ -234,10 +230,7 @@ class SharingTest : public ::testing::Test {
   static void TearDownTestSuite() {
     if (sharing_ != nullptr) sharing_->Shutdown();
     delete sharing_;
-    if (consent_ != nullptr) consent_->Shutdown();
-    delete consent_;
-    if (routing_ != nullptr) routing_->Shutdown();
-    delete routing_;
+    delete directory_;
     delete stack_;
     if (kek_dir_ != nullptr) std::filesystem::remove_all(*kek_dir_);
     delete kek_dir_;
@@ -735,8 +728,9 @@ class SharingTest : public ::testing::Test {
   static PgClusterSet* clusters_;
   static TestPki* pki_;
   static std::map<std::string, TestCert>* certs_;
-  static routing::RoutingServer* routing_;
-  static consent::ConsentServer* consent_;
+  static test_support::DirectoryServices* directory_;
+  static routing::RoutingServer* routing_;  // directory_'s
+  static consent::ConsentServer* consent_;  // directory_'s
   static SharingServer* sharing_;
 };
 
@@ -745,6 +739,7 @@ std::string* SharingTest::kek_dir_ = nullptr;
 PgClusterSet* SharingTest::clusters_ = nullptr;
 TestPki* SharingTest::pki_ = nullptr;
 std::map<std::string, TestCert>* SharingTest::certs_ = new std::map<std::string, TestCert>();
+test_support::DirectoryServices* SharingTest::directory_ = nullptr;
 routing::RoutingServer* SharingTest::routing_ = nullptr;
 consent::ConsentServer* SharingTest::consent_ = nullptr;
 SharingServer* SharingTest::sharing_ = nullptr;
