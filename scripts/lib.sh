@@ -86,13 +86,20 @@ pg_state_prepare() {
 # --- processes of the stack ----------------------------------------------------------------------
 # Whether process $1 runs the binary $2 (a pidfile left from before a reboot may name a PID that
 # another program has been given since). A binary rebuilt under a running process reads
-# '<path> (deleted)'; a zombie has no binary, and does not run.
+# '<path> (deleted)'; a zombie has no binary, and does not run. Another user's process (the
+# postgres servers) cannot have its binary read without CAP_SYS_PTRACE, which containers drop:
+# its command name, which anyone may read, is compared instead.
 pid_runs() {
-  local pid=$1 want exe
+  local pid=$1 want exe comm
   [[ "$pid" =~ ^[1-9][0-9]*$ ]] || return 1
   want=$(readlink -m "$2")
-  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
-  [ "$exe" = "$want" ] || [ "$exe" = "$want (deleted)" ]
+  if exe=$(readlink "/proc/$pid/exe" 2>/dev/null); then
+    [ "$exe" = "$want" ] || [ "$exe" = "$want (deleted)" ]
+    return
+  fi
+  comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+  grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null && return 1
+  [ "$comm" = "$(basename "$want" | cut -c1-15)" ]
 }
 
 # The binary of service $1 in the Release build.

@@ -116,10 +116,7 @@ absl::Status BatchBuffer::Load() {
       for (const auto& s : batch.samples()) next_seq_ = std::max(next_seq_, s.seq() + 1);
       pending_.push_back(std::move(batch));
     } else if (header[4] == kAck && length == 8) {
-      uint64_t acked = ReadU64(payload, 0);
-      pending_.erase(std::remove_if(pending_.begin(), pending_.end(),
-                                    [&](const v1::VitalsBatch& b) { return b.batch_seq() == acked; }),
-                     pending_.end());
+      Forget(ReadU64(payload, 0));
     } else if (header[4] == kCounters && length == 16) {
       next_seq_ = std::max(next_seq_, ReadU64(payload, 0));
       next_batch_seq_ = std::max(next_batch_seq_, ReadU64(payload, 8));
@@ -232,9 +229,7 @@ absl::StatusOr<uint64_t> BatchBuffer::Seal(v1::VitalsBatch batch) {
 
 absl::Status BatchBuffer::RestartSeqsAbove(uint64_t acked_batch_seq, uint64_t committed,
                                            std::vector<v1::VitalSample> unstored) {
-  pending_.erase(std::remove_if(pending_.begin(), pending_.end(),
-                                [&](const v1::VitalsBatch& b) { return b.batch_seq() == acked_batch_seq; }),
-                 pending_.end());
+  Forget(acked_batch_seq);
   next_seq_ = std::max(next_seq_, committed + 1);
   for (v1::VitalsBatch& b : pending_) {
     for (auto& s : *b.mutable_samples()) s.set_seq(next_seq_++);
@@ -251,11 +246,16 @@ absl::Status BatchBuffer::RestartSeqsAbove(uint64_t acked_batch_seq, uint64_t co
   return Rewrite();
 }
 
-absl::Status BatchBuffer::Ack(uint64_t batch_seq) {
+bool BatchBuffer::Forget(uint64_t batch_seq) {
   auto it = std::find_if(pending_.begin(), pending_.end(),
                          [&](const v1::VitalsBatch& b) { return b.batch_seq() == batch_seq; });
-  if (it == pending_.end()) return absl::OkStatus();  // already acked
+  if (it == pending_.end()) return false;
   pending_.erase(it);
+  return true;
+}
+
+absl::Status BatchBuffer::Ack(uint64_t batch_seq) {
+  if (!Forget(batch_seq)) return absl::OkStatus();  // already acked
   if (absl::Status s = Append(kAck, U64(batch_seq)); !s.ok()) return s;
   if (++acked_since_rewrite_ >= kRewriteAfterAcks) return Rewrite();
   return absl::OkStatus();

@@ -61,6 +61,8 @@ class BatchBuffer {
   // Writes the counters and the pending batches to a new file and renames it over `path_`.
   absl::Status Rewrite();
   absl::Status Append(uint8_t type, const std::string& payload);
+  // Takes batch `batch_seq` out of pending_ (in memory only); false if it was not there.
+  bool Forget(uint64_t batch_seq);
 
   const std::string path_;
   const size_t max_batches_;

@@ -289,11 +289,16 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
                 txn.exec_prepared(sql::kGrantByRequestId, granted.consent_id, ctx.request_id);
             !earlier.empty()) {
           VersionInfo recorded = VersionFromRow(earlier[0], 0);
-          if (recorded.evidence_ref != request.evidence_ref) {
+          // A retry repeats the grant: the same evidence and end, and the same start if it gave
+          // one (without one, the start was the first call's time).
+          const bool same = recorded.evidence_ref == request.evidence_ref &&
+                            recorded.valid_until == period.second &&
+                            (!request.period.start_at || recorded.valid_from == period.first);
+          if (!same) {
             return absl::InvalidArgumentError(absl::StrCat(
                 "request_id '", ctx.request_id, "' already recorded version ", recorded.version,
-                " of consent '", granted.consent_id, "' with other evidence; a new grant needs a "
-                "new request_id"));
+                " of consent '", granted.consent_id, "' with other evidence or period; a new "
+                "grant needs a new request_id"));
           }
           granted.version = recorded.version;
           return granted;

@@ -21,6 +21,12 @@ inline constexpr char kCountPatientConsents[] = "count_patient_consents";
 
 // Times travel as microseconds since the Unix epoch (int8), in both directions, so nothing
 // depends on text formats or time zones.
+// A version's columns, as VersionFromRow reads them (consent_core.cc).
+#define MEDGATE_CONSENT_VERSION_COLUMNS                                                      \
+  "version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "                      \
+  "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "  \
+  "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id"
+
 inline const std::vector<pg::Statement>& Statements() {
   static const std::vector<pg::Statement> statements = {
       {kInsertConsent,
@@ -33,16 +39,12 @@ inline const std::vector<pg::Statement>& Statements() {
       {kSelectConsentById,
        "SELECT patient_id, tenant_id, purpose, actor FROM consents WHERE consent_id = $1"},
       {kLatestVersion,
-       "SELECT version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "
-       "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "
-       "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id "
-       "FROM consent_versions WHERE consent_id = $1 ORDER BY version DESC LIMIT 1"},
+       "SELECT " MEDGATE_CONSENT_VERSION_COLUMNS
+       " FROM consent_versions WHERE consent_id = $1 ORDER BY version DESC LIMIT 1"},
       // The grant an earlier call with this request id recorded, if any (a late retry).
       {kGrantByRequestId,
-       "SELECT version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "
-       "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "
-       "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id "
-       "FROM consent_versions WHERE consent_id = $1 AND request_id = $2 AND state = 'granted' "
+       "SELECT " MEDGATE_CONSENT_VERSION_COLUMNS
+       " FROM consent_versions WHERE consent_id = $1 AND request_id = $2 AND state = 'granted' "
        "ORDER BY version LIMIT 1"},
       {kInsertVersion,
        "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
@@ -71,6 +73,8 @@ inline const std::vector<pg::Statement>& Statements() {
   };
   return statements;
 }
+
+#undef MEDGATE_CONSENT_VERSION_COLUMNS
 
 }  // namespace medgate::consent::sql
 

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -154,6 +155,14 @@ int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
 // Health data goes to --out only once all of it arrived and was authenticated: it is written to
 // a file only its owner may read, beside --out, renamed over --out when the download succeeded,
 // and removed otherwise (no partial or unverified plaintext is left behind).
+// The download in progress's file, removed if a signal ends the process first.
+char g_partial_path[4096];
+
+void RemovePartialAndExit(int signal) {
+  if (g_partial_path[0] != '\0') unlink(g_partial_path);  // async-signal-safe
+  _exit(128 + signal);
+}
+
 int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   const std::string out_path = Get(flags, "out");
   if (out_path.empty()) return Fail("--out: the file to write the record to is required");
@@ -162,16 +171,27 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
     return Fail("--out: '" + out_path + "' exists and is not a regular file");
   }
   std::string tmp_path = out_path + ".partial-XXXXXX";
-  const int fd = mkostemp(tmp_path.data(), O_CLOEXEC);  // created 0600
+  const int fd = mkostemp(tmp_path.data(), O_CLOEXEC);  // created 0600, exclusively
   if (fd < 0) return Fail(absl::StrCat("--out: cannot write beside '", out_path, "': ", std::strerror(errno)));
-  close(fd);
-  std::ofstream out(tmp_path, std::ios::binary | std::ios::trunc);
-  auto discard = [&](const std::string& why) {
-    out.close();
-    std::remove(tmp_path.c_str());
-    return Fail(why);
+  // Interrupted (Ctrl-C, a stop), the part received so far is removed too.
+  std::snprintf(g_partial_path, sizeof g_partial_path, "%s", tmp_path.c_str());
+  std::signal(SIGINT, RemovePartialAndExit);
+  std::signal(SIGTERM, RemovePartialAndExit);
+  std::signal(SIGHUP, RemovePartialAndExit);
+  bool written = true;
+  int write_error = 0;
+  auto write_all = [&](absl::string_view data) {
+    while (written && !data.empty()) {
+      const ssize_t n = write(fd, data.data(), data.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        written = false;
+        write_error = n < 0 ? errno : ENOSPC;
+        break;
+      }
+      data.remove_prefix(static_cast<size_t>(n));
+    }
   };
-  if (!out) return discard("--out: cannot write '" + tmp_path + "'");
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
   v1::DownloadRecordRequest request;
@@ -182,19 +202,24 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   v1::Record header;
   while (reader->Read(&message)) {
     if (message.has_header()) header = message.header();
-    if (message.has_chunk()) out << message.chunk().data();
+    if (message.has_chunk()) write_all(message.chunk().data());
   }
   const grpc::Status status = reader->Finish();
-  out.close();
-  if (!status.ok()) {
-    std::remove(tmp_path.c_str());
-    return Print(status, header);
+  if (written && fsync(fd) != 0) {
+    written = false;
+    write_error = errno;
   }
-  if (!out) return discard(absl::StrCat("--out: writing '", tmp_path, "' failed (disk full?)"));
-  if (std::rename(tmp_path.c_str(), out_path.c_str()) != 0) {
-    return discard(absl::StrCat("--out: cannot rename '", tmp_path, "' to '", out_path, "': ",
-                                std::strerror(errno)));
+  close(fd);
+  std::string failure;
+  if (status.ok() && !written) {
+    failure = absl::StrCat("--out: writing '", tmp_path, "' failed: ", std::strerror(write_error));
+  } else if (status.ok() && std::rename(tmp_path.c_str(), out_path.c_str()) != 0) {
+    failure = absl::StrCat("--out: cannot rename '", tmp_path, "' to '", out_path, "': ",
+                           std::strerror(errno));
   }
+  if (!status.ok() || !failure.empty()) std::remove(tmp_path.c_str());
+  g_partial_path[0] = '\0';
+  if (!failure.empty()) return Fail(failure);
   return Print(status, header);
 }
 

@@ -150,6 +150,11 @@ int Run(const Args& args) {
   const std::string device_dir =
       absl::StrCat(state, "/", config.trust_domain, "/", args.tenant);
   std::filesystem::create_directories(device_dir);
+  if (std::filesystem::exists(state + "/certs")) {
+    std::fprintf(stderr, "devsim: %s/certs and %s/sim-*.buffer are an earlier version's and are "
+                 "not used (the devices are now under %s); remove them once nothing there is "
+                 "still to send\n", state.c_str(), state.c_str(), device_dir.c_str());
+  }
   for (int i = 0; i < args.devices; ++i) {
     const std::string id = absl::StrCat("sim-", i);
     const std::string cert = absl::StrCat(device_dir, "/", id, ".crt");

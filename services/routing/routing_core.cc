@@ -200,11 +200,19 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
           return new_id;
         }
         // Narrowing picks among the regions the tenant's territories' rules allow: a region that
-        // none of them allows would never be used.
+        // none of them allows would never be used. Regions the tenant is already narrowed to are
+        // kept whatever the rules say since (a rule may drop one later): ops resend them with any
+        // change, a suspension for one, and must not be refused for them.
         if (tenant.region_ids) {
+          std::vector<std::string> kept;
+          if (pqxx::result stored = txn.exec_prepared(sql::kSelectTenant, tenant.tenant_id);
+              !stored.empty()) {
+            kept = TenantFromRow(stored[0]).region_ids.value_or(std::vector<std::string>{});
+          }
           const std::vector<RuleInfo> rules = CurrentRules(txn);
           for (size_t i = 0; i < tenant.region_ids->size(); ++i) {
             const std::string& id = (*tenant.region_ids)[i];
+            if (absl::c_linear_search(kept, id)) continue;
             const bool allowed = std::any_of(rules.begin(), rules.end(), [&](const RuleInfo& r) {
               return absl::c_linear_search(tenant.territories, r.territory) &&
                      absl::c_linear_search(r.region_ids, id);

@@ -69,7 +69,7 @@ struct UnassignResult {
   bool was_assigned = false;
 };
 
-inline constexpr size_t kMaxRefBytes = 128;  // a patient_ref (routing.proto)
+inline constexpr size_t kMaxRefBytes = 256;  // a patient_ref (routing.proto)
 inline constexpr size_t kMaxListedTerritories = 64;  // ListResidencyRules' filter
 inline constexpr size_t kMaxIdBytes = 128;
 // A tenant id is the T of spiffe://TD/tenant/T/...; new ones have the API's form:

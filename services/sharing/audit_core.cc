@@ -177,12 +177,13 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
   if (!log.control && log.region_id.empty()) {
     return absl::InvalidArgumentError("log: region_id or control is required");
   }
-  if (anchor.seq < 0 || (anchor.seq > 0 && anchor.hash.size() != 32)) {
+  constexpr uint64_t kMaxSeq = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  if (anchor.seq < 0) return absl::InvalidArgumentError(absl::StrCat("anchor_seq: at most ", kMaxSeq));
+  if (anchor.seq > 0 && anchor.hash.size() != 32) {
     return absl::InvalidArgumentError(absl::StrCat(
         "anchor_hash: 32 bytes (a last_hash of an earlier verification) with anchor_seq ",
         anchor.seq, ", got ", anchor.hash.size()));
   }
-  constexpr uint64_t kMaxSeq = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
   if (start_seq > kMaxSeq || end_seq > kMaxSeq) {
     return absl::InvalidArgumentError(
         absl::StrCat(start_seq > kMaxSeq ? "start_seq" : "end_seq", ": at most ", kMaxSeq));

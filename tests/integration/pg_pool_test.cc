@@ -132,8 +132,9 @@ TEST_F(PoolTest, BoundsWaitersAndAcquireTime) {
   absl::Status waited;
   std::thread waiter([&] { waited = pool.Acquire().status(); });
   const absl::Time deadline = absl::Now() + absl::Seconds(5);
-  while (pool.waiter_count() < 1 && absl::Now() < deadline) std::this_thread::yield();
-  ASSERT_EQ(pool.waiter_count(), 1);
+  while (pool.waiter_count() < 1 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+  // EXPECT, not ASSERT: the waiter thread must still be joined.
+  EXPECT_EQ(pool.waiter_count(), 1);
   absl::Status refused = pool.Acquire().status();
   EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(refused.message()), HasSubstr("already waiting"));
@@ -152,8 +153,9 @@ TEST_F(PoolTest, ReleasedConnectionWakesAWaiter) {
   absl::Status waited = absl::UnknownError("not run");
   std::thread waiter([&] { waited = pool.Acquire().status(); });
   const absl::Time deadline = absl::Now() + absl::Seconds(5);
-  while (pool.waiter_count() < 1 && absl::Now() < deadline) std::this_thread::yield();
-  ASSERT_EQ(pool.waiter_count(), 1) << "the waiter never waited";
+  while (pool.waiter_count() < 1 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+  // EXPECT, not ASSERT: the waiter thread must still be joined.
+  EXPECT_EQ(pool.waiter_count(), 1) << "the waiter never waited";
   held.reset();
   waiter.join();
   EXPECT_TRUE(waited.ok()) << waited;

@@ -467,6 +467,11 @@ TEST_F(ConsentTest, ALateRetryOfAGrantDoesNotUndoARevocation) {
   EXPECT_EQ(reused.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(reused.status().message().find("request_id 'lr-1'"), absl::string_view::npos)
       << reused.status();
+  auto other_period = Grant(*app, GrantArgs(patient)
+                                      .WithEvidence("form-1")
+                                      .WithRequestId("lr-1")
+                                      .EndingAt(absl::Now() + absl::Hours(24)));
+  EXPECT_EQ(other_period.status().code(), absl::StatusCode::kInvalidArgument) << other_period.status();
   // A new request id grants again.
   auto regranted = Grant(*app, GrantArgs(patient).WithEvidence("form-2").WithRequestId("lr-3"));
   ASSERT_TRUE(regranted.ok()) << regranted.status();

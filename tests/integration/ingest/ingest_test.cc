@@ -262,6 +262,14 @@ class IngestTest : public ::testing::Test {
     return stats;
   }
 
+  // Starts `region`'s server again if a test stopped it (for a cleanup).
+  static void StartIfStopped(const std::string& region) {
+    test_support::PgCluster& cluster = stack_->clusters().region(region);
+    if (!cluster.running()) {
+      EXPECT_TRUE(cluster.StartAgain().ok()) << region;
+    }
+  }
+
   // The lowest seq stored for `device` in `region` (0 when none is).
   static int64_t FirstSeq(const std::string& region, const std::string& device) {
     pqxx::connection c(stack_->clusters().region(region).ConnectionString());
@@ -837,9 +845,7 @@ TEST_F(IngestTest, AShardDownLosesNoAckedSampleAndOtherRegionsKeepWorking) {
   int retryable_seen = 0;
   bool restarted = false;
   // The shard runs again after the test whatever happens in it: the suite's other tests use it.
-  absl::Cleanup restart_de1 = [] {
-    if (!stack_->clusters().region("de-1").running()) (void)stack_->clusters().region("de-1").StartAgain();
-  };
+  absl::Cleanup restart_de1 = [] { StartIfStopped("de-1"); };
   auto stream = std::make_unique<DeviceStream>(*stub);
   for (int b = 1; b <= kBatches;) {
     if (b == 10 && !restarted && stack_->clusters().region("de-1").running()) {
@@ -1453,9 +1459,7 @@ TEST_F(IngestTest, AResendAfterAShardOutageIsNotRefusedForTheQuota) {
   // writer answers every attempt (the quota charged it), none is refused for the quota.
   const v1::VitalsBatch batch = Batch(2, 2, kPerBatch);
   // The shard runs again after the test whatever happens in it: the suite's other tests use it.
-  absl::Cleanup restart_de1 = [] {
-    if (!stack_->clusters().region("de-1").running()) (void)stack_->clusters().region("de-1").StartAgain();
-  };
+  absl::Cleanup restart_de1 = [] { StartIfStopped("de-1"); };
   ASSERT_TRUE(stack_->clusters().region("de-1").Stop().ok());
   for (int attempt = 1; attempt <= kAttemptsWhileDown; ++attempt) {
     DeviceStream stream(*stub);

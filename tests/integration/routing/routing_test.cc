@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <grpcpp/grpcpp.h>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "libs/audit/audit_log.h"
 #include "libs/common/grpc_status.h"
@@ -686,7 +687,7 @@ TEST_F(RoutingTest, BadInputNamesTheField) {
                         Case{"p", "XX", absl::StatusCode::kInvalidArgument, "territory"},
                         Case{"p", "", absl::StatusCode::kInvalidArgument, "territory"},
                         Case{"", "FR", absl::StatusCode::kInvalidArgument, "patient_ref"},
-                        Case{std::string(129, 'r'), "FR", absl::StatusCode::kInvalidArgument, "patient_ref: at most 128"}}) {
+                        Case{std::string(257, 'r'), "FR", absl::StatusCode::kInvalidArgument, "patient_ref: at most 256"}}) {
     auto placed = Place(pki_->app(), c.ref, c.territory);
     EXPECT_EQ(placed.status().code(), c.code) << c.territory;
     EXPECT_THAT(std::string(placed.status().message()), HasSubstr(c.mentions));
@@ -738,6 +739,38 @@ TEST_F(RoutingTest, BadInputNamesTheField) {
   grpc::Status bad_code = list(1, "france");
   EXPECT_EQ(bad_code.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(bad_code.error_message(), HasSubstr("territories[0]"));
+}
+
+// A rule that later drops a region a narrowed tenant names does not stop ops from resending the
+// tenant as it is (here to suspend it); a region newly named must still be one a rule allows.
+TEST_F(RoutingTest, ATenantKeepsItsNarrowingWhenARuleDropsItsRegion) {
+  auto put_ie = [&](std::vector<std::string> regions) {
+    v1::PutResidencyRuleRequest request;
+    request.mutable_rule()->set_territory("IE");
+    for (const std::string& r : regions) request.mutable_rule()->add_region_ids(r);
+    v1::PutResidencyRuleResponse response;
+    grpc::ClientContext context;
+    return Stub(pki_->ops())->PutResidencyRule(&context, request, &response);
+  };
+  auto upsert = [&](std::vector<std::string> regions, bool active) {
+    v1::UpsertTenantRequest request;
+    request.mutable_tenant()->set_tenant_id("ie-narrow");
+    request.mutable_tenant()->set_display_name("IE narrow");
+    request.mutable_tenant()->add_territories("IE");
+    for (const std::string& r : regions) request.mutable_tenant()->add_region_ids(r);
+    request.mutable_tenant()->set_active(active);
+    v1::UpsertTenantResponse response;
+    grpc::ClientContext context;
+    return Stub(pki_->ops())->UpsertTenant(&context, request, &response);
+  };
+  ASSERT_TRUE(upsert({"fr-1"}, true).ok());
+  ASSERT_TRUE(put_ie({"eu-1"}).ok());
+  absl::Cleanup seeded = [&] { EXPECT_TRUE(put_ie({"eu-1", "fr-1"}).ok()); };
+  grpc::Status suspended = upsert({"fr-1"}, false);
+  EXPECT_TRUE(suspended.ok()) << suspended.error_message();
+  grpc::Status widened = upsert({"fr-1", "de-1"}, false);
+  EXPECT_EQ(widened.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(widened.error_message(), HasSubstr("region 'de-1' is allowed by no residency rule"));
 }
 
 TEST_F(RoutingTest, RulesAreVersionedAndTenantNarrowingApplies) {

@@ -235,6 +235,40 @@ TEST_F(DeviceClientTest, AnOverdueAckEndsTheStreamAndTheBatchIsResent) {
   EXPECT_EQ(ingest_->streams(), 2);
 }
 
+// The server holds seqs above every one this buffer gave out (an earlier buffer file was lost):
+// the batch's samples were taken for duplicates. If the buffer cannot be rewritten with them
+// sealed again (here its temporary file cannot be made), the batch stays in the file, to be sent
+// again: the ack is not recorded on its own first.
+TEST_F(DeviceClientTest, ASeqRestartThatCannotBeWrittenKeepsTheBatchInTheFile) {
+  options_.first_seq = 1;
+  Connect([](int, Stream& io) {
+    v1::VitalsBatch batch;
+    while (io.Read(&batch)) {
+      v1::IngestAck ack;
+      ack.set_batch_seq(batch.batch_seq());
+      ack.set_duplicate_count(static_cast<uint32_t>(batch.samples_size()));
+      ack.set_highest_committed_seq(1'000'000);
+      io.Write(ack);
+    }
+    return grpc::Status::OK;
+  });
+  ASSERT_TRUE(client_->Send(Samples(3)).ok());
+  std::filesystem::create_directory(options_.buffer_path + ".tmp");
+  client_->Start();
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (client_->stats().seq_restarts < 1 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  client_->Stop();
+  std::filesystem::remove(options_.buffer_path + ".tmp");
+  ASSERT_GE(client_->stats().seq_restarts, 1u);
+  auto reopened = BatchBuffer::Open(options_.buffer_path, 10);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  ASSERT_EQ((*reopened)->pending().size(), 1u);
+  EXPECT_EQ((*reopened)->pending()[0].batch_seq(), 1u);
+  EXPECT_EQ((*reopened)->pending()[0].samples_size(), 3);
+}
+
 TEST_F(DeviceClientTest, OpenRefusesAnAckTimeoutThatIsNotPositive) {
   options_.ack_timeout = absl::ZeroDuration();
   EXPECT_EQ(DeviceClient::Open(options_).status().code(), absl::StatusCode::kInvalidArgument);
