@@ -65,6 +65,13 @@ class IngestServer {
     for (const auto& w : writers_) n += w->queued();
     return n;
   }
+  // Transactions the region writers have taken batches into since start (for tests: a count that
+  // moves once a writer holds a batch, even one whose transaction then stalls).
+  uint64_t write_groups_taken() const {
+    uint64_t n = 0;
+    for (const auto& w : writers_) n += w->groups_taken();
+    return n;
+  }
   // Batches read from their streams and waiting for a worker thread, and those a worker thread
   // is processing (it may be waiting for room in a writer's queue).
   size_t waiting_batches() const { return executor_->waiting(); }

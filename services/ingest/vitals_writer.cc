@@ -162,6 +162,11 @@ size_t VitalsWriter::queued() {
   return queue_.size();
 }
 
+uint64_t VitalsWriter::groups_taken() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return groups_taken_;
+}
+
 void VitalsWriter::Loop() {
   while (true) {
     std::vector<WriteRequest> group;
@@ -182,6 +187,7 @@ void VitalsWriter::Loop() {
         group.push_back(std::move(queue_.front()));
         queue_.pop_front();
       }
+      if (!group.empty()) ++groups_taken_;
     }
     room_cv_.notify_all();
     Commit(group);

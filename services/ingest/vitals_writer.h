@@ -98,6 +98,8 @@ class VitalsWriter {
   // stopping) returns false and leaves `request` as it was.
   bool TryEnqueue(WriteRequest& request);
   size_t queued();
+  // Groups of requests taken off the queue into a transaction since start.
+  uint64_t groups_taken();
   const std::string& region_id() const { return region_id_; }
 
  private:
@@ -133,6 +135,7 @@ class VitalsWriter {
   std::condition_variable room_cv_;
   std::deque<WriteRequest> queue_;
   size_t queued_rows_ = 0;  // rows of the requests in queue_
+  uint64_t groups_taken_ = 0;
   int waiting_for_room_ = 0;  // Enqueue calls waiting for room
   bool stopping_ = false;
   std::thread thread_;

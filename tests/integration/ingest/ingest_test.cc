@@ -1626,13 +1626,25 @@ TEST_F(IngestTest, AStalledRegionHoldsAtMostHalfTheWorkers) {
   ASSERT_EQ(de2.Send(Batch(1, 1, 5))->stored_count(), 5u);
 
   test_support::PgCluster& shard = stack_->clusters().region("de-1");
+  IngestServer& server = *extra->server;
+  const uint64_t taken = server.write_groups_taken();
   ASSERT_TRUE(shard.Signal(SIGSTOP).ok());
-  // The writer takes batch 2 and waits on the shard; batch 3 fills the queue; batch 4 goes to a
-  // worker to wait for room.
-  for (uint64_t b = 2; b <= 4; ++b) ASSERT_TRUE(de.Write(Batch(b, (b - 1) * 5 + 1, 5)));
-  const bool one_waits = PollUntil(absl::Now() + absl::Seconds(30), [&] {
-    return extra->server->waiting_for_room("de-1") == 1;
+  absl::Cleanup resume = [&shard] { (void)shard.Signal(SIGCONT); };  // also if an ASSERT fails
+  // The writer takes batch 2 and waits on the shard; then batch 3 fills the queue; then batch 4
+  // goes to a worker to wait for room. Each step is seen before the next batch is sent: sent
+  // together, batch 3 could find batch 2 still queued and take the worker's place.
+  ASSERT_TRUE(de.Write(Batch(2, 6, 5)));
+  const bool writer_holds_2 = PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    return server.write_groups_taken() > taken;
   });
+  ASSERT_TRUE(de.Write(Batch(3, 11, 5)));
+  const bool queue_holds_3 =
+      PollUntil(absl::Now() + absl::Seconds(30), [&] { return server.queued_batches() == 1; });
+  ASSERT_TRUE(de.Write(Batch(4, 16, 5)));
+  const bool one_waits = writer_holds_2 && queue_holds_3 &&
+                         PollUntil(absl::Now() + absl::Seconds(30), [&] {
+                           return server.waiting_for_room("de-1") == 1;
+                         });
   std::optional<v1::IngestAck> refused;
   std::optional<v1::IngestAck> fr_ack;
   if (one_waits) {
@@ -1642,6 +1654,8 @@ TEST_F(IngestTest, AStalledRegionHoldsAtMostHalfTheWorkers) {
     EXPECT_TRUE(fr.Finish().ok());
   }
   ASSERT_TRUE(shard.Signal(SIGCONT).ok());
+  ASSERT_TRUE(writer_holds_2) << "de-1's writer never took batch 2";
+  ASSERT_TRUE(queue_holds_3) << "batch 3 never waited in de-1's write queue";
   ASSERT_TRUE(one_waits) << "no batch waited for room in de-1's write queue";
   ASSERT_TRUE(refused.has_value()) << de2.Finish().error_message();
   ASSERT_TRUE(refused->has_retryable_error());

@@ -704,7 +704,7 @@ TEST_F(RefreshAheadTest, OnlyAnswersUsedInTheSecondHalfOfTheirTtlAreFetchedAgain
 }
 
 TEST_F(RefreshAheadTest, DueAnswersAreFetchedTogether) {
-  options_.refresh_gather = absl::Milliseconds(300);
+  options_.refresh_gather = absl::Seconds(1);  // wide enough for a loaded machine
   fake_.AssignDevice("t1", "d2", "p1", "fr-1");
   Devices({{"t1", "d1"}, {"t1", "d2"}, {"t2", "d1"}});
   clock_.Advance(absl::Seconds(15));
@@ -763,7 +763,7 @@ TEST_F(RefreshAheadTest, PatientsInSteadyUseAreFetchedAgainToo) {
 }
 
 TEST_F(RefreshAheadTest, PrefetchedDevicesAreFetchedTogetherThenAnsweredFromTheCache) {
-  options_.refresh_gather = absl::Milliseconds(300);
+  options_.refresh_gather = absl::Seconds(1);  // wide enough for a loaded machine
   fake_.AssignDevice("t1", "d2", "p1", "fr-1");
   // Three streams open, each prefetching its device; one device's stream opens twice.
   client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d1"}});
@@ -794,7 +794,7 @@ TEST_F(RefreshAheadTest, ACachedDeviceIsNotPrefetched) {
 TEST_F(RefreshAheadTest, TheFetchersQueueIsBoundedByTheCacheAndSentInRpcsOfMaxBatch) {
   options_.max_cached_devices = 2;
   options_.max_batch = 1;
-  options_.refresh_gather = absl::Milliseconds(300);
+  options_.refresh_gather = absl::Seconds(1);  // wide enough for a loaded machine
   // Three devices for a queue of two: the third is not queued, and is fetched when it is used.
   client().PrefetchDevices(std::vector<DeviceRef>{{"t1", "d1"}, {"t2", "d1"}, {"t1", "d2"}});
   ASSERT_TRUE(Eventually([&] { return fake_.device_rpcs() == 2; }));
@@ -821,7 +821,7 @@ TEST_F(RefreshAheadTest, ACachedOnlyHitDueForARefreshIsFetchedAgainToo) {
 // expires at its TTL, and its next use fetches it.
 TEST_F(RefreshAheadTest, ADueHitFindingTheQueueFullIsFetchedWhenItIsNextUsedAfterItsTtl) {
   options_.max_cached_devices = 3;  // t1/d1, t1/d2 and t1/d9 all stay cached: nothing is evicted
-  options_.refresh_gather = absl::Milliseconds(300);
+  options_.refresh_gather = absl::Seconds(1);  // wide enough for a loaded machine
   fake_.AssignDevice("t1", "d2", "p1", "fr-1");
   EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 p1@fr-1"));
   clock_.Advance(absl::Seconds(20));  // t1/d1 is in the second half of its TTL
