@@ -21,11 +21,14 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "libs/common/config.h"
 #include "libs/crypto/sha256.h"
 #include "libs/identity/credentials.h"
+#include "medgate/v1/audit.grpc.pb.h"
 #include "medgate/v1/consent.grpc.pb.h"
 #include "medgate/v1/routing.grpc.pb.h"
 #include "medgate/v1/sharing.grpc.pb.h"
@@ -55,7 +58,11 @@ commands (service: sharing):
                   [--content-type TYPE]                      (sent in 1 MiB chunks)
   download-record --record ID --out PATH [--break-glass REASON]   (prints the record's metadata)
   erase-record    --record ID --reason TEXT
-Output is the response as JSON; errors print the gRPC status and exit 1.
+commands (service: audit):
+  verify-chain    --log fr-1|control [--start-seq N] [--end-seq N]
+                  [--anchor-seq N --anchor-hash BASE64]   (an earlier run's last_seq, last_hash)
+Output is the response as JSON; errors print the gRPC status and exit 1; verify-chain exits 3
+when the chain is broken.
 )";
 
 using Flags = std::map<std::string, std::string>;
@@ -223,6 +230,46 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   return Print(status, header);
 }
 
+// Numeric flag `name` (0 when absent); false, with a message, when it is not a number.
+bool Uint64Flag(const Flags& flags, const std::string& name, uint64_t* out) {
+  *out = 0;
+  const std::string value = Get(flags, name);
+  if (value.empty() || absl::SimpleAtoi(value, out)) return true;
+  Fail("--" + name + ": a non-negative integer, not '" + value + "'");
+  return false;
+}
+
+int VerifyChain(v1::Audit::Stub& stub, const Flags& flags) {
+  v1::VerifyChainRequest r;
+  const std::string log = Get(flags, "log");
+  if (log.empty()) return Fail("--log: a region id (fr-1, ...) or control");
+  if (log == "control") {
+    r.mutable_log()->set_control(true);
+  } else {
+    r.mutable_log()->set_region_id(log);
+  }
+  uint64_t start = 0, end = 0, anchor = 0;
+  if (!Uint64Flag(flags, "start-seq", &start) || !Uint64Flag(flags, "end-seq", &end) ||
+      !Uint64Flag(flags, "anchor-seq", &anchor)) {
+    return 1;
+  }
+  r.set_start_seq(start);
+  r.set_end_seq(end);
+  r.set_anchor_seq(anchor);
+  std::string hash;
+  if (!absl::Base64Unescape(Get(flags, "anchor-hash"), &hash)) {
+    return Fail("--anchor-hash: base64, as verify-chain prints last_hash");
+  }
+  r.set_anchor_hash(hash);
+  grpc::ClientContext context;
+  // A whole log is walked entry by entry: a generous deadline.
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(600));
+  v1::VerifyChainResponse response;
+  const int printed = Print(stub.VerifyChain(&context, r, &response), response);
+  if (printed != 0) return printed;
+  return response.ok() ? 0 : 3;  // the chain is broken: its own exit code
+}
+
 int Run(int argc, char** argv) {
   std::string config_path;
   std::string identity;
@@ -254,7 +301,8 @@ int Run(int argc, char** argv) {
   std::string pki = std::filesystem::path(config.ca_path).parent_path().string();
   TlsConfig tls{absl::StrCat(pki, "/", identity, ".crt"), absl::StrCat(pki, "/", identity, ".key"),
                 config.ca_path, 60};
-  const std::string service = command == "grant-consent" ? "consent"
+  const std::string service = command == "grant-consent"          ? "consent"
+                              : command == "verify-chain"          ? "audit"
                               : absl::EndsWith(command, "-record") ? "sharing"
                                                                    : "routing";
   absl::StatusOr<const ServiceEndpoint*> endpoint = config.Service(service);
@@ -268,6 +316,7 @@ int Run(int argc, char** argv) {
     return 2;
   }
   if (command == "grant-consent") return GrantConsent(*v1::Consent::NewStub(*channel), flags);
+  if (command == "verify-chain") return VerifyChain(*v1::Audit::NewStub(*channel), flags);
   if (service == "sharing") {
     auto sharing = v1::RecordSharing::NewStub(*channel);
     if (command == "upload-record") return UploadRecord(*sharing, flags);

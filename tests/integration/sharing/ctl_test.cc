@@ -58,6 +58,7 @@ class CtlTest : public ::testing::Test {
     sharing_ = sharing->release();
     ASSERT_TRUE(sharing_->Start().ok());
     stack_->SetAddress("sharing", sharing_->port());
+    stack_->SetAddress("audit", sharing_->audit_port());
     // Until fr-1's consent feed listens, the sharing service's cache keeps nothing it loads.
     ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(30), [] {
       return sharing_->consent_cache().FeedListening("fr-1");
@@ -186,6 +187,34 @@ TEST_F(CtlTest, UploadsAndDownloadsARecordAndLeavesNothingOfAFailedDownload) {
   EXPECT_NE(not_a_file.exit_code, 0);
   EXPECT_THAT(not_a_file.output, HasSubstr("not a regular file"));
   std::filesystem::remove_all(dir);
+}
+
+// Ops verify a log's chain and keep its last hash; given back as the next run's anchor, it holds
+// while the log only grows, and a wrong anchor is reported as a broken chain (exit 3).
+TEST_F(CtlTest, VerifiesAChainAgainstAnAnchorItPrinted) {
+  CtlRun first = Ctl("ops", "verify-chain --log control");
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  EXPECT_THAT(first.output, HasSubstr("\"ok\": true"));
+  const std::string last_seq = Field(first.output, "last_seq");  // uint64 is a JSON string
+  const std::string last_hash = Field(first.output, "last_hash");
+  ASSERT_FALSE(last_seq.empty()) << first.output;
+  ASSERT_FALSE(last_hash.empty()) << first.output;
+
+  CtlRun anchored = Ctl("ops", absl::StrCat("verify-chain --log control --anchor-seq ", last_seq,
+                                            " --anchor-hash ", last_hash));
+  EXPECT_EQ(anchored.exit_code, 0) << anchored.output;
+  // The same seq with another entry's hash: not the log the anchor was taken from.
+  CtlRun other = Ctl("ops", absl::StrCat("verify-chain --log control --anchor-seq ", last_seq,
+                                         " --anchor-hash ", std::string(43, 'A'), "="));
+  EXPECT_EQ(other.exit_code, 3) << other.output;
+  EXPECT_THAT(other.output, HasSubstr("CHAIN_FAULT_ANCHOR_MISMATCH"));
+  // Only ops may verify; bad flags are refused before anything is asked.
+  CtlRun practitioner = Ctl("practitioner", "verify-chain --log control");
+  EXPECT_EQ(practitioner.exit_code, 1);
+  EXPECT_THAT(practitioner.output, HasSubstr("PERMISSION_DENIED"));
+  CtlRun bad = Ctl("ops", "verify-chain --log control --anchor-seq ten");
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_THAT(bad.output, HasSubstr("--anchor-seq"));
 }
 
 }  // namespace
