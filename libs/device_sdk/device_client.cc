@@ -285,20 +285,18 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
     }
     std::lock_guard<std::mutex> lock(mu_);
     *answered = true;
-    const bool restart = ack.highest_committed_seq() >= buffer_->next_seq();
-    // A restart takes the acked batch out of the buffer with the rest of its rewrite.
-    if (!restart) {
-      if (absl::Status s = buffer_->Ack(ack.batch_seq()); !s.ok()) return s;
-    }
     ++stats_.batches_acked;
     stats_.samples_stored += ack.stored_count();
     stats_.samples_duplicate += ack.duplicate_count();
     stats_.samples_rejected += ack.rejected_count();
-    if (restart) {
+    if (ack.highest_committed_seq() < buffer_->next_seq()) {
+      if (absl::Status s = buffer_->Ack(ack.batch_seq()); !s.ok()) return s;
+    } else {
       // The server holds seqs this buffer never gave out: the device's earlier buffer file was
       // lost, so this batch's samples were taken for duplicates of stored ones. None of them was
       // stored (a stored one would not leave the server's cursor above every seq given out);
       // those not rejected for themselves go again, with the pending batches, above the cursor.
+      // The restart takes the acked batch out of the buffer in the same rewrite.
       std::vector<v1::VitalSample> unstored;
       if (ack.stored_count() == 0) {
         std::set<uint32_t> rejected;

@@ -159,9 +159,6 @@ int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   return Print(writer->Finish(), response);
 }
 
-// Health data goes to --out only once all of it arrived and was authenticated: it is written to
-// a file only its owner may read, beside --out, renamed over --out when the download succeeded,
-// and removed otherwise (no partial or unverified plaintext is left behind).
 // The download in progress's file, removed if a signal ends the process first.
 char g_partial_path[4096];
 
@@ -170,6 +167,9 @@ void RemovePartialAndExit(int signal) {
   _exit(128 + signal);
 }
 
+// Health data goes to --out only once all of it arrived and was authenticated: it is written to
+// a file only its owner may read, beside --out, renamed over --out when the download succeeded,
+// and removed otherwise (no partial or unverified plaintext is left behind).
 int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   const std::string out_path = Get(flags, "out");
   if (out_path.empty()) return Fail("--out: the file to write the record to is required");
@@ -185,6 +185,7 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   std::signal(SIGINT, RemovePartialAndExit);
   std::signal(SIGTERM, RemovePartialAndExit);
   std::signal(SIGHUP, RemovePartialAndExit);
+  std::signal(SIGXFSZ, SIG_IGN);  // past a file size limit: a failed write, not a killed process
   bool written = true;
   int write_error = 0;
   auto write_all = [&](absl::string_view data) {
@@ -351,7 +352,9 @@ int Run(int argc, char** argv) {
     r.mutable_rule()->set_territory(Get(flags, "territory"));
     for (const auto& id : List(flags, "regions")) r.mutable_rule()->add_region_ids(id);
     for (const auto& t : List(flags, "readable-from")) r.mutable_rule()->add_readable_from_territories(t);
-    if (flags.contains("expected-version")) r.set_expected_version(std::stoll(Get(flags, "expected-version")));
+    uint64_t expected = 0;
+    if (!Uint64Flag(flags, "expected-version", &expected)) return 1;
+    r.set_expected_version(static_cast<int64_t>(expected));
     return Call(&S::PutResidencyRule, *stub, r);
   }
   if (command == "list-rules") {

@@ -953,24 +953,34 @@ TEST_F(ConsentTest, ConcurrentGrantsStopAtThePatientsBound) {
             kMaxConsentsPerPatient);
 }
 
-// A listing whose read entry cannot be written fails and shows nothing.
-TEST_F(ConsentTest, AListingItCannotAuditFails) {
+// A listing, or a practitioner's access check, whose read entry cannot be written fails and
+// shows nothing.
+TEST_F(ConsentTest, ReadsItCannotAuditFail) {
   const std::string patient = Place("unaudited-list-1", "FR");
   auto app = Stub(pki_->app());
   ASSERT_TRUE(Grant(*app, GrantArgs(patient)).ok());
   ASSERT_TRUE(List(*app, ListOf(patient)).ok());
+  auto practitioner = Stub(pki_->practitioner());
+  ASSERT_TRUE(Check(*practitioner, patient, v1::PURPOSE_CARE, App()).ok());
   pqxx::connection c(clusters_->region("fr-1").ConnectionString());
   pqxx::nontransaction n(c);
-  n.exec0("CREATE FUNCTION refuse_consent_listings() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-          "IF NEW.object_type = 'consent_list' THEN RAISE EXCEPTION 'listing entries refused'; "
-          "END IF; RETURN NEW; END $$");
-  n.exec0("CREATE TRIGGER refuse_consent_listings BEFORE INSERT ON audit_log FOR EACH ROW "
-          "EXECUTE FUNCTION refuse_consent_listings()");
+  n.exec0("CREATE FUNCTION refuse_consent_reads() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+          "IF NEW.object_type IN ('consent_list', 'consent_decision') THEN "
+          "RAISE EXCEPTION 'read entries refused'; END IF; RETURN NEW; END $$");
+  n.exec0("CREATE TRIGGER refuse_consent_reads BEFORE INSERT ON audit_log FOR EACH ROW "
+          "EXECUTE FUNCTION refuse_consent_reads()");
   auto listed = List(*app, ListOf(patient));
-  n.exec0("DROP TRIGGER refuse_consent_listings ON audit_log");
-  n.exec0("DROP FUNCTION refuse_consent_listings()");
+  auto checked = Check(*practitioner, patient, v1::PURPOSE_CARE, App());
+  n.exec0("DROP TRIGGER refuse_consent_reads ON audit_log");
+  n.exec0("DROP FUNCTION refuse_consent_reads()");
   EXPECT_FALSE(listed.ok());
-  EXPECT_THAT(std::string(listed.status().message()), HasSubstr("listing entries refused"));
+  EXPECT_THAT(std::string(listed.status().message()), HasSubstr("read entries refused"));
+  EXPECT_FALSE(checked.ok()) << "an access check answered without its audit entry";
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM audit_log WHERE object_type = 'consent_decision' AND "
+                    "patient_id = $1",
+                    patient),
+            1);
   // Nothing of the failed listing is in the chain; the next listing is audited again.
   EXPECT_EQ(CountIn(clusters_->region("fr-1"),
                     "SELECT count(*) FROM audit_log WHERE object_type = 'consent_list' AND "

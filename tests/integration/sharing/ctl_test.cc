@@ -78,9 +78,12 @@ class CtlTest : public ::testing::Test {
   }
 
   // Runs medgate-ctl as `identity` (a certificate of the test PKI: app, practitioner, ops).
-  static CtlRun Ctl(const std::string& identity, const std::string& arguments) {
-    const std::string command = absl::StrCat(MEDGATE_CTL_BINARY, " --config ", *config_path_,
-                                             " --identity ", identity, " ", arguments, " 2>&1");
+  // `shell_prefix` runs before it in the same shell (e.g. a ulimit).
+  static CtlRun Ctl(const std::string& identity, const std::string& arguments,
+                    const std::string& shell_prefix = "") {
+    const std::string command =
+        absl::StrCat(shell_prefix, MEDGATE_CTL_BINARY, " --config ", *config_path_, " --identity ",
+                     identity, " ", arguments, " 2>&1");
     CtlRun run;
     std::FILE* pipe = popen(command.c_str(), "r");
     if (pipe == nullptr) return run;
@@ -181,6 +184,16 @@ TEST_F(CtlTest, UploadsAndDownloadsARecordAndLeavesNothingOfAFailedDownload) {
   EXPECT_FALSE(std::filesystem::exists(dir + "/refused.txt"));
   EXPECT_EQ(CountFiles(dir, "refused.txt.partial"), 0);
 
+  // A write that fails (here past a 1 KiB file size limit, as a full disk would): exit 1, no file.
+  CtlRun too_big = Ctl("practitioner",
+                       absl::StrCat("download-record --record ", record, " --out ", dir,
+                                    "/too-big.txt"),
+                       "ulimit -f 2; ");
+  EXPECT_EQ(too_big.exit_code, 1) << too_big.output;
+  EXPECT_THAT(too_big.output, HasSubstr("writing"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/too-big.txt"));
+  EXPECT_EQ(CountFiles(dir, "too-big.txt.partial"), 0);
+
   // --out naming something that is not a regular file is refused before anything is asked.
   CtlRun not_a_file = Ctl("practitioner", absl::StrCat("download-record --record ", record,
                                                        " --out ", dir));
@@ -215,6 +228,10 @@ TEST_F(CtlTest, VerifiesAChainAgainstAnAnchorItPrinted) {
   CtlRun bad = Ctl("ops", "verify-chain --log control --anchor-seq ten");
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_THAT(bad.output, HasSubstr("--anchor-seq"));
+  // The same for every numeric flag (put-rule's used to end the process on an exception).
+  CtlRun bad_version = Ctl("ops", "put-rule --territory FR --regions fr-1 --expected-version two");
+  EXPECT_EQ(bad_version.exit_code, 1);
+  EXPECT_THAT(bad_version.output, HasSubstr("--expected-version"));
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -3445,7 +3446,8 @@ TEST_F(SharingTest, VerifyChainAgainstAnAnchorFindsALogCutShort) {
   UploadSpec spec;
   spec.patient_id = patient;
   spec.content = "anchored";
-  UploadOk(pki_->practitioner(), spec);
+  // Entries enough to cut three before the anchor's, whichever tests ran before.
+  for (int i = 0; i < 4; ++i) UploadOk(pki_->practitioner(), spec);
   auto anchored = Verify("de-1");
   ASSERT_TRUE(anchored.ok()) << anchored.status();
   ASSERT_TRUE(anchored->ok()) << anchored->detail();
@@ -3486,8 +3488,12 @@ TEST_F(SharingTest, VerifyChainAgainstAnAnchorFindsALogCutShort) {
   EXPECT_EQ(against->fault(), v1::CHAIN_FAULT_ANCHOR_MISMATCH);
   EXPECT_EQ(against->first_bad_seq(), anchor_seq);
   EXPECT_THAT(against->detail(), HasSubstr("cut short"));
-  // An anchor's hash must be a hash.
+  // An anchor's hash must be a hash, and its seq one a log can have.
   EXPECT_EQ(Verify("de-1", nullptr, 0, 0, anchor_seq, "short").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Verify("de-1", nullptr, 0, 0, std::numeric_limits<uint64_t>::max(), anchor_hash)
+                .status()
+                .code(),
             absl::StatusCode::kInvalidArgument);
   std::move(restore).Invoke();
   auto restored = Verify("de-1", nullptr, 0, 0, anchor_seq, anchor_hash);
