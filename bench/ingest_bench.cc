@@ -541,7 +541,8 @@ int Run(const Args& args) {
   {
     auto ops = v1::TenantRouting::NewStub(*MakeChannel(
         absl::StrCat("127.0.0.1:", routing->port()),
-        TlsConfig{pki.ops().cert_path, pki.ops().key_path, pki.ca_path(), 60}));
+        TlsConfig{pki.ops().cert_path, pki.ops().key_path, pki.ca_path(), 60},
+        pki.SpiffeId("/service/routing")));
     v1::UpsertTenantRequest r;
     r.mutable_tenant()->set_tenant_id("bench");
     r.mutable_tenant()->set_display_name("bench");

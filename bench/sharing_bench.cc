@@ -175,7 +175,8 @@ class Bench {
         "regions:\n  - {id: fr-1, territories: [FR], db: {conninfo: \"", shard.ConnectionString(),
         "\"}, keys_db: {conninfo: \"", shard.ConnectionString(test_support::kKeysDatabase),
         "\"}}\n", "services:\n  sharing:\n    listen: 127.0.0.1:0\n    tls: {cert: ",
-        pki_->server().cert_path, ", key: ", pki_->server().key_path, "}\n"));
+        pki_->server().cert_path, ", key: ", pki_->server().key_path, "}\n    identity: ",
+        pki_->server_identity(), "\n"));
     Check(root.status(), "config");
     auto config = ParseMedgateConfig(*root);
     Check(config.status(), "config");
@@ -206,14 +207,16 @@ class Bench {
     Check(server_->Start(), "server");
     const test_support::TestCert& me = pki_->practitioner();
     auto channel = MakeChannel(absl::StrCat("127.0.0.1:", server_->port()),
-                               TlsConfig{me.cert_path, me.key_path, pki_->ca_path(), 60});
+                               TlsConfig{me.cert_path, me.key_path, pki_->ca_path(), 60},
+                                         pki_->server_identity());
     Check(channel.status(), "channel");
     stub_ = v1::RecordSharing::NewStub(*channel);
     transport_server_ = std::make_unique<ServiceServer>(*config_, "sharing");
     transport_server_->AddService(&transport_);
     Check(transport_server_->Start(), "transport-only server");
     auto transport_channel = MakeChannel(absl::StrCat("127.0.0.1:", transport_server_->port()),
-                                         TlsConfig{me.cert_path, me.key_path, pki_->ca_path(), 60});
+                                         TlsConfig{me.cert_path, me.key_path, pki_->ca_path(), 60},
+                                         pki_->server_identity());
     Check(transport_channel.status(), "channel");
     transport_stub_ = v1::RecordSharing::NewStub(*transport_channel);
     absl::StatusOr<Principal> practitioner =

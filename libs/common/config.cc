@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -265,8 +266,18 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
     ASSIGN_OR_RETURN(ConfigNode services, root.Child("services"));
     for (const std::string& name : services.Keys()) {
       ASSIGN_OR_RETURN(ConfigNode s, services.Child(name));
-      RETURN_IF_ERROR(s.OnlyKeys({"listen", "address", "tls"}));
+      RETURN_IF_ERROR(s.OnlyKeys({"listen", "address", "tls", "identity"}));
       ServiceEndpoint endpoint;
+      const std::string service_prefix = absl::StrCat("spiffe://", config.trust_domain, "/service/");
+      ASSIGN_OR_RETURN(endpoint.identity,
+                       s.String("identity", absl::StrCat(service_prefix, name)));
+      if (!absl::StartsWith(endpoint.identity, service_prefix) ||
+          endpoint.identity.size() == service_prefix.size() ||
+          endpoint.identity.find('/', service_prefix.size()) != std::string::npos) {
+        return KeyError(absl::StrCat("services.", name, ".identity"),
+                        absl::StrCat("'", endpoint.identity, "' is not a service identity of this "
+                                     "trust domain (", service_prefix, "NAME)"));
+      }
       ASSIGN_OR_RETURN(endpoint.listen, s.String("listen"));
       ASSIGN_OR_RETURN(endpoint.address, s.String("address", endpoint.listen));
       ASSIGN_OR_RETURN(ConfigNode tls, s.Child("tls"));

@@ -97,6 +97,9 @@ struct ServiceEndpoint {
   std::string listen;  // host:port this service binds (port 0 picks a free one)
   std::string address;  // host:port clients dial (defaults to listen)
   TlsConfig tls;  // this service's own certificate (server and client)
+  // The SPIFFE id this service's certificate carries, which its clients require of the server they
+  // reach (default spiffe://TRUST_DOMAIN/service/NAME).
+  std::string identity;
 };
 
 // The cluster configuration file shared by every medgate binary.

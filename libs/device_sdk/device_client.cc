@@ -9,6 +9,7 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/support/channel_arguments.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/common/grpc_status.h"
@@ -27,7 +28,7 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> Dial(const DeviceOptions& options
   channel.bdp_probe = false;
   channel.keepalive_time = absl::Seconds(60);
   channel.keepalive_timeout = absl::Seconds(20);
-  return MakeChannel(options.address, options.tls, channel);
+  return MakeChannel(options.address, options.tls, options.server_identity, channel);
 }
 
 }  // namespace
@@ -49,6 +50,11 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
         absl::StrCat("backoff_max (", absl::FormatDuration(options.backoff_max),
                      ") must be at least backoff_initial (",
                      absl::FormatDuration(options.backoff_initial), ")"));
+  }
+  if (channel == nullptr && !absl::StartsWith(options.server_identity, "spiffe://")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "server_identity is '", options.server_identity,
+        "': set it to the ingest service's SPIFFE id (spiffe://TRUST_DOMAIN/service/ingest)"));
   }
   std::unique_ptr<DeviceClient> client(new DeviceClient(std::move(options)));
   client->channel_ = std::move(channel);

@@ -29,6 +29,9 @@ inline constexpr size_t kMaxBatchBytes = 4 << 20;
 
 struct DeviceOptions {
   std::string address;       // ingest host:port
+  // The ingest service's SPIFFE id, which its certificate must carry (e.g.
+  // spiffe://TRUST_DOMAIN/service/ingest): a server the CA signed for anyone else is refused.
+  std::string server_identity;
   TlsConfig tls;             // the device's certificate
   std::string buffer_path;   // the durable buffer file
   size_t max_buffered_batches = 10000;

@@ -64,6 +64,37 @@ class PeerIdentityProcessor final : public grpc::AuthMetadataProcessor {
   const std::string trust_domain_;
 };
 
+// Refuses, during the handshake, a server certificate that does not carry exactly one URI SAN equal
+// to the expected identity. The chain itself was verified against the CA before this runs.
+class ServerIdentityVerifier final : public grpc::experimental::ExternalCertificateVerifier {
+ public:
+  explicit ServerIdentityVerifier(std::string expected) : expected_(std::move(expected)) {}
+
+  bool Verify(grpc::experimental::TlsCustomVerificationCheckRequest* request,
+              std::function<void(grpc::Status)> /*callback*/, grpc::Status* sync_status) override {
+    std::vector<grpc::string_ref> uris = request->uri_names();
+    if (uris.size() != 1) {
+      *sync_status = grpc::Status(
+          grpc::StatusCode::UNAUTHENTICATED,
+          absl::StrCat("the server's certificate has ", uris.size(), " URI SANs; expected one, ",
+                       expected_));
+    } else if (absl::string_view(uris[0].data(), uris[0].size()) != expected_) {
+      *sync_status = grpc::Status(
+          grpc::StatusCode::UNAUTHENTICATED,
+          absl::StrCat("the server's certificate is for ", absl::string_view(uris[0].data(), uris[0].size()),
+                       ", not ", expected_));
+    } else {
+      *sync_status = grpc::Status::OK;
+    }
+    return true;  // decided synchronously
+  }
+
+  void Cancel(grpc::experimental::TlsCustomVerificationCheckRequest* /*request*/) override {}
+
+ private:
+  const std::string expected_;
+};
+
 }  // namespace
 
 absl::Status CheckCipherSuites(absl::string_view list) {
@@ -106,7 +137,12 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(
-    const TlsConfig& tls) {
+    const TlsConfig& tls, const std::string& server_identity) {
+  if (!absl::StartsWith(server_identity, "spiffe://")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the server identity to expect is '", server_identity,
+        "', not a spiffe:// URI (e.g. spiffe://TRUST_DOMAIN/service/routing)"));
+  }
   if (absl::Status s = CheckFiles(tls); !s.ok()) return s;
   auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
       tls.key_path, tls.cert_path, tls.ca_path, static_cast<unsigned>(tls.refresh_seconds));
@@ -116,7 +152,8 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials
   options.watch_identity_key_cert_pairs();
   options.set_verify_server_certs(true);
   options.set_certificate_verifier(
-      std::make_shared<grpc::experimental::HostNameCertificateVerifier>());
+      grpc::experimental::ExternalCertificateVerifier::Create<ServerIdentityVerifier>(
+          server_identity));
   std::shared_ptr<grpc::ChannelCredentials> creds = grpc::experimental::TlsCredentials(options);
   if (!creds) return absl::InternalError("cannot build TLS channel credentials");
   return creds;
@@ -124,8 +161,10 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials
 
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& address,
                                                           const TlsConfig& tls,
+                                                          const std::string& server_identity,
                                                           const ChannelOptions& options) {
-  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds = MakeChannelCredentials(tls);
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds =
+      MakeChannelCredentials(tls, server_identity);
   if (!creds.ok()) return creds.status();
   grpc::ChannelArguments args;
   // Each channel gets its own connection so credentials are not shared across identities.
@@ -138,6 +177,33 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& ad
                 static_cast<int>(absl::ToInt64Milliseconds(options.keepalive_timeout)));
   }
   return grpc::CreateCustomChannel(address, *creds, args);
+}
+
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeServiceChannel(const ServiceEndpoint& target,
+                                                                 const TlsConfig& own,
+                                                                 const ChannelOptions& options) {
+  return MakeChannel(target.address, own, target.identity, options);
+}
+
+absl::Status CheckServerIdentity(const ServiceEndpoint& endpoint, absl::string_view trust_domain) {
+  std::ifstream in(endpoint.tls.cert_path);
+  std::string pem((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!in && !in.eof()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("certificate file '", endpoint.tls.cert_path, "' cannot be read"));
+  }
+  absl::StatusOr<Principal> principal = PrincipalFromCertificatePem(pem, trust_domain);
+  if (!principal.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "certificate file '", endpoint.tls.cert_path, "': ", principal.status().message()));
+  }
+  if (principal->spiffe_id != endpoint.identity) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "certificate file '", endpoint.tls.cert_path, "' is for ", principal->spiffe_id,
+        ", but this service's clients expect ", endpoint.identity,
+        " (the service's 'identity' key, by default spiffe://TRUST_DOMAIN/service/NAME)"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace medgate

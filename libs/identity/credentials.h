@@ -27,10 +27,14 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
 // an AEAD suite with forward secrecy (TLS 1.3's, or ECDHE with AES-GCM or ChaCha20-Poly1305).
 absl::Status CheckCipherSuites(absl::string_view list);
 
-// Client credentials presenting our certificate and verifying the server's against the CA and
-// the target host name.
+// Client credentials presenting our certificate and verifying the server's: signed by the CA, and
+// carrying exactly one URI SAN, `server_identity` (a SPIFFE id such as
+// spiffe://TD/service/routing). A certificate the CA signed for anyone else (another service, a
+// device, a practitioner) is refused during the handshake, whatever host names it lists: the
+// identity is checked instead of the host name, as SPIFFE peers do. INVALID_ARGUMENT when
+// `server_identity` is not a spiffe:// URI.
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(
-    const TlsConfig& tls);
+    const TlsConfig& tls, const std::string& server_identity);
 
 struct ChannelOptions {
   // gRPC answers data received on a connection with a PING to estimate the link's bandwidth-delay
@@ -46,10 +50,22 @@ struct ChannelOptions {
   absl::Duration keepalive_timeout = absl::Seconds(20);
 };
 
-// A channel to `address` (host:port) over mTLS.
+// A channel to `address` (host:port) over mTLS, to the server whose certificate carries
+// `server_identity` (see MakeChannelCredentials).
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& address,
                                                           const TlsConfig& tls,
+                                                          const std::string& server_identity,
                                                           const ChannelOptions& options = {});
+
+// A channel to the configured service `target` (its address and identity), presenting `own`.
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeServiceChannel(const ServiceEndpoint& target,
+                                                                 const TlsConfig& own,
+                                                                 const ChannelOptions& options = {});
+
+// OK when the certificate file of `endpoint` carries exactly one URI SAN, the identity its clients
+// expect (endpoint.identity); FAILED_PRECONDITION naming both otherwise, so that a server with the
+// wrong certificate does not start instead of failing every client's handshake.
+absl::Status CheckServerIdentity(const ServiceEndpoint& endpoint, absl::string_view trust_domain);
 
 }  // namespace medgate
 

@@ -29,6 +29,9 @@ void ServiceServer::SetHealthProbe(std::function<absl::Status()> probe, absl::Du
 absl::Status ServiceServer::Start() {
   absl::StatusOr<const ServiceEndpoint*> endpoint = config_.Service(service_name_);
   if (!endpoint.ok()) return endpoint.status();
+  if (absl::Status s = CheckServerIdentity(**endpoint, config_.trust_domain); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("services.", service_name_, ": ", s.message()));
+  }
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds =
       MakeServerCredentials((*endpoint)->tls, config_.trust_domain);
   if (!creds.ok()) return creds.status();

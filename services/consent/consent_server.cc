@@ -47,7 +47,7 @@ absl::StatusOr<std::unique_ptr<ConsentServer>> ConsentServer::Create(const Medga
   ASSIGN_OR_RETURN(const ServiceEndpoint* routing, config.Service("routing"));
   ASSIGN_OR_RETURN(ConsentSettings settings, ParseConsentSettings(config));
   // Routing is called with this service's own certificate.
-  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(routing->address, self->tls);
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeServiceChannel(*routing, self->tls);
   if (!channel.ok()) {
     return absl::Status(channel.status().code(),
                         absl::StrCat("services.routing.address: ", channel.status().message()));

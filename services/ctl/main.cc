@@ -311,7 +311,7 @@ int Run(int argc, char** argv) {
     std::fprintf(stderr, "error: %s\n", std::string(endpoint.status().message()).c_str());
     return 2;
   }
-  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel((*endpoint)->address, tls);
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeServiceChannel(**endpoint, tls);
   if (!channel.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(channel.status().message()).c_str());
     return 2;

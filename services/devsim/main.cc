@@ -56,10 +56,10 @@ google::protobuf::Timestamp Now() {
 }
 
 template <typename Stub>
-std::unique_ptr<Stub> Connect(const std::string& address, const TlsConfig& tls) {
-  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(address, tls);
+std::unique_ptr<Stub> Connect(const ServiceEndpoint& service, const TlsConfig& tls) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeServiceChannel(service, tls);
   if (!channel.ok()) {
-    std::fprintf(stderr, "cannot connect to %s: %s\n", address.c_str(),
+    std::fprintf(stderr, "cannot connect to %s: %s\n", service.address.c_str(),
                  std::string(channel.status().message()).c_str());
     return nullptr;
   }
@@ -78,7 +78,7 @@ bool Enroll(const MedgateConfig& config, const TlsConfig& app, const std::string
     std::fprintf(stderr, "%s\n", std::string(routing_endpoint.status().message()).c_str());
     return false;
   }
-  auto routing = Connect<v1::TenantRouting::Stub>((*routing_endpoint)->address, app);
+  auto routing = Connect<v1::TenantRouting::Stub>(**routing_endpoint, app);
   if (routing == nullptr) return false;
   v1::PlacePatientRequest place;
   place.set_patient_ref(absl::StrCat("sim-patient-", device));
@@ -104,7 +104,7 @@ bool Enroll(const MedgateConfig& config, const TlsConfig& app, const std::string
   }
   auto consent_endpoint = config.Service("consent");
   if (!consent_endpoint.ok()) return true;  // no consent service configured
-  auto consent = Connect<v1::Consent::Stub>((*consent_endpoint)->address, app);
+  auto consent = Connect<v1::Consent::Stub>(**consent_endpoint, app);
   if (consent == nullptr) return false;
   v1::GrantConsentRequest grant;
   grant.set_request_id(absl::StrCat("devsim-consent-", device));
@@ -172,6 +172,7 @@ int Run(const Args& args) {
     if (!Enroll(config, app, id)) return 1;
     device::DeviceOptions options;
     options.address = (*ingest)->address;
+    options.server_identity = (*ingest)->identity;
     options.tls = TlsConfig{cert, key, config.ca_path, 60};
     options.buffer_path = absl::StrCat(device_dir, "/", id, ".buffer");
     absl::StatusOr<std::unique_ptr<device::DeviceClient>> client = device::DeviceClient::Open(options);

@@ -71,7 +71,7 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   std::unique_ptr<IngestServer> server(new IngestServer(config, std::move(settings)));
   const ServiceEndpoint* self = *config.Service("ingest");
   const ServiceEndpoint* routing = *config.Service("routing");
-  ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel, MakeChannel(routing->address, self->tls));
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel, MakeServiceChannel(*routing, self->tls));
   RoutingClientOptions routing_options;
   routing_options.device_ttl = server->settings_.device_cache_ttl;
   // A device streaming at least once per TTL keeps its answer fresh in the background instead of

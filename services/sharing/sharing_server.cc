@@ -76,7 +76,7 @@ absl::StatusOr<std::unique_ptr<SharingServer>> SharingServer::Create(const Medga
   }
   ASSIGN_OR_RETURN(std::unique_ptr<KeyVault> vault, KeyVault::Create(config.regions, **kek));
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
-                   MakeChannel(routing->address, self->tls));
+                   MakeServiceChannel(*routing, self->tls));
   return std::unique_ptr<SharingServer>(
       new SharingServer(config, std::move(settings), *std::move(kek), std::move(vault),
                         std::move(channel), std::move(options)));

@@ -16,6 +16,9 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_certificate_verifier.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <grpc/grpc.h>
 #include <grpc/support/log.h>
 
@@ -177,6 +180,7 @@ class MtlsTest : public ::testing::Test {
     ServiceEndpoint endpoint;
     endpoint.listen = "127.0.0.1:0";
     endpoint.tls = TlsConfig{server_cert_, server_key_, pki_->ca_path(), 1};
+    endpoint.identity = pki_->server_identity();
     config_.services["test"] = endpoint;
     service_ = std::make_unique<RecordingAuditService>(pki_->trust_domain());
     server_ = std::make_unique<ServiceServer>(config_, "test");
@@ -192,7 +196,8 @@ class MtlsTest : public ::testing::Test {
 
   std::shared_ptr<grpc::Channel> ChannelAs(const TestCert& cert) {
     absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
-        MakeChannel(address_, TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 1});
+        MakeChannel(address_, TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 1},
+                    pki_->server_identity());
     EXPECT_TRUE(channel.ok()) << channel.status();
     return *channel;
   }
@@ -281,6 +286,90 @@ TEST_F(MtlsTest, HandshakeRefusalsNeverReachAHandler) {
   EXPECT_EQ(Call(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials())).error_code(),
             grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(service_->calls(), 0);
+}
+
+// A client names the server it means to reach by identity: a server whose certificate the CA signed
+// for another identity is refused in the handshake, however well its host names match.
+TEST_F(MtlsTest, ClientsRefuseAServerCertificateForAnotherIdentity) {
+  const TestCert& app = pki_->app();
+  const TlsConfig tls{app.cert_path, app.key_path, pki_->ca_path(), 1};
+  ASSERT_TRUE(Call(ChannelAs(app)).ok());
+  // The same server, but the client wanted routing.
+  auto to_routing = MakeChannel(address_, tls, pki_->SpiffeId("/service/routing"));
+  ASSERT_TRUE(to_routing.ok()) << to_routing.status();
+  grpc::Status refused = Call(*to_routing);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(refused.error_message(),
+              HasSubstr(absl::StrCat("the server's certificate is for ", pki_->server_identity(),
+                                     ", not ", pki_->SpiffeId("/service/routing"))));
+  // An identity that is not a SPIFFE id at all is the caller's mistake, said before dialing.
+  auto not_spiffe = MakeChannel(address_, tls, "test-server");
+  ASSERT_FALSE(not_spiffe.ok());
+  EXPECT_EQ(not_spiffe.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(not_spiffe.status().message()), HasSubstr("spiffe://"));
+  const int served = service_->calls();
+
+  // The server's files replaced by a certificate the CA signed for a device, with the server's
+  // host names: what a stolen device key and a DNS answer would let an attacker present.
+  devpki::LeafOptions impostor_options;
+  impostor_options.common_name = "impostor";
+  impostor_options.uri_sans = {pki_->SpiffeId("/tenant/acme/device/dev-1")};
+  impostor_options.dns_sans = {"localhost"};
+  impostor_options.ip_sans = {"127.0.0.1"};
+  absl::StatusOr<TestCert> impostor = pki_->Issue("impostor", impostor_options);
+  ASSERT_TRUE(impostor.ok()) << impostor.status();
+  std::filesystem::copy_file(impostor->key_path, server_key_ + ".new");
+  std::filesystem::copy_file(impostor->cert_path, server_cert_ + ".new");
+  std::filesystem::rename(server_key_ + ".new", server_key_);
+  std::filesystem::rename(server_cert_ + ".new", server_cert_);
+  // A client that checks host names only accepts it once the server has reloaded its files...
+  // (gRPC's credentials take over the options they are built from: new options for each.)
+  auto hostname_only = [&] {
+    grpc::experimental::TlsChannelCredentialsOptions options;
+    options.set_certificate_provider(
+        std::make_shared<grpc::experimental::StaticDataCertificateProvider>(
+            pki_->ca_pem(), std::vector<grpc::experimental::IdentityKeyCertPair>{
+                                {app.key_pem, app.cert_pem}}));
+    options.watch_root_certs();
+    options.watch_identity_key_cert_pairs();
+    options.set_certificate_verifier(
+        std::make_shared<grpc::experimental::HostNameCertificateVerifier>());
+    return grpc::experimental::TlsCredentials(options);
+  };
+  std::string seen;
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (absl::Now() < deadline && seen != impostor->serial) {
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    std::string pem;
+    if (Call(grpc::CreateCustomChannel(address_, hostname_only(), args), &pem).ok()) {
+      seen = SerialOfPem(pem);
+    }
+    if (seen != impostor->serial) absl::SleepFor(absl::Milliseconds(100));
+  }
+  ASSERT_EQ(seen, impostor->serial) << "the server should have reloaded the impostor certificate";
+  // ...medgate's clients, which expect the server's identity, do not.
+  const int served_to_hostname_only = service_->calls() - served;
+  refused = Call(ChannelAs(app));
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(refused.error_message(),
+              HasSubstr(absl::StrCat("is for ", pki_->SpiffeId("/tenant/acme/device/dev-1"))));
+  EXPECT_EQ(service_->calls() - served, served_to_hostname_only) << "no call of ours reached it";
+}
+
+// A server started with a certificate that does not carry the identity its clients will expect
+// would fail every client's handshake: it does not start, and says why.
+TEST_F(MtlsTest, AServerDoesNotStartWithACertificateForAnotherIdentity) {
+  MedgateConfig config = config_;
+  config.services["test"].identity = pki_->SpiffeId("/service/routing");
+  RecordingAuditService service(pki_->trust_domain());
+  ServiceServer server(config, "test");
+  server.AddService(&service);
+  absl::Status started = server.Start();
+  ASSERT_FALSE(started.ok());
+  EXPECT_EQ(started.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(started.message()), HasSubstr(pki_->server_identity()));
+  EXPECT_THAT(std::string(started.message()), HasSubstr(pki_->SpiffeId("/service/routing")));
 }
 
 // What a raw OpenSSL client got from the server: the negotiated version and suite, or why not.
@@ -404,7 +493,8 @@ TEST_F(MtlsTest, HandlerThreadsAreBoundedAcrossConnections) {
     callers.emplace_back([&, i] {
       // Each call on its own connection.
       auto channel = MakeChannel(address, TlsConfig{pki_->ops().cert_path, pki_->ops().key_path,
-                                                    pki_->ca_path(), 1});
+                                                    pki_->ca_path(), 1},
+                                   pki_->server_identity());
       auto stub = v1::Audit::NewStub(*channel);
       grpc::ClientContext context;
       context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
@@ -434,7 +524,8 @@ TEST_F(MtlsTest, HandlerThreadsAreBoundedAcrossConnections) {
   EXPECT_EQ(ok + exhausted, kCalls);
   // Free threads again: served.
   auto channel = MakeChannel(address, TlsConfig{pki_->ops().cert_path, pki_->ops().key_path,
-                                                pki_->ca_path(), 1});
+                                                pki_->ca_path(), 1},
+                               pki_->server_identity());
   grpc::ClientContext context;
   v1::VerifyChainRequest request;
   v1::VerifyChainResponse response;
@@ -504,7 +595,7 @@ TEST_F(MtlsTest, NoBdpProbeWhenBothEndsTurnItOff) {
   ASSERT_TRUE(quiet.Start().ok());
   const TlsConfig ops{pki_->ops().cert_path, pki_->ops().key_path, pki_->ca_path(), 1};
   auto pings_over_calls = [&](const std::string& address, const ChannelOptions& options) {
-    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(address, ops, options);
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(address, ops, pki_->server_identity(), options);
     EXPECT_TRUE(channel.ok()) << channel.status();
     BdpPingCounter counter;
     for (int i = 0; i < 20; ++i) EXPECT_TRUE(Call(*channel).ok());

@@ -14,7 +14,8 @@ grpc::Status UpsertTenant(const TestPki& pki, int routing_port, const std::strin
   const TestCert& ops = pki.ops();
   absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
       MakeChannel(absl::StrCat("127.0.0.1:", routing_port),
-                  TlsConfig{ops.cert_path, ops.key_path, pki.ca_path(), 60});
+                  TlsConfig{ops.cert_path, ops.key_path, pki.ca_path(), 60},
+                  pki.SpiffeId("/service/routing"));
   if (!channel.ok()) {
     return grpc::Status(grpc::StatusCode::INTERNAL, std::string(channel.status().message()));
   }

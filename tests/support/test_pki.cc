@@ -100,8 +100,9 @@ absl::StatusOr<TestCert> TestPki::Issue(const std::string& name,
   return Save(credential, name);
 }
 
-absl::StatusOr<TestCert> TestPki::IssueServer(const std::string& name) const {
-  devpki::LeafOptions options = ClientOptions("test-server", {SpiffeId("/service/test-server")});
+absl::StatusOr<TestCert> TestPki::IssueServer(const std::string& name,
+                                              const std::string& service) const {
+  devpki::LeafOptions options = ClientOptions(service, {SpiffeId(absl::StrCat("/service/", service))});
   options.dns_sans = {"localhost"};
   options.ip_sans = {"127.0.0.1"};
   return Issue(name, options);

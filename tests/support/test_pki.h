@@ -44,6 +44,8 @@ class TestPki {
 
   // For the server under test: DNS:localhost, IP:127.0.0.1, URI spiffe://TD/service/test-server.
   const TestCert& server() const { return server_; }
+  // The identity server() carries, which a client of it expects.
+  std::string server_identity() const { return SpiffeId("/service/test-server"); }
   // spiffe://TD/service/routing
   const TestCert& service() const { return service_; }
   // spiffe://TD/ops/alice
@@ -76,8 +78,9 @@ class TestPki {
   // Issues one more certificate from the test CA, as dir/NAME.{crt,key} (overwriting).
   absl::StatusOr<TestCert> Issue(const std::string& name, const devpki::LeafOptions& options) const;
   // A fresh certificate with the same SANs as server() but a new key and serial: for
-  // certificate-rotation tests.
-  absl::StatusOr<TestCert> IssueServer(const std::string& name) const;
+  // certificate-rotation tests. With `service`, for spiffe://TD/service/SERVICE instead.
+  absl::StatusOr<TestCert> IssueServer(const std::string& name,
+                                       const std::string& service = "test-server") const;
 
  private:
   TestPki(std::string dir, std::string trust_domain, devpki::Credential ca);

@@ -80,8 +80,10 @@ absl::StatusOr<std::unique_ptr<TestStack>> TestStack::Start(const std::vector<st
   }
   absl::StrAppend(&yaml, "services:\n");
   for (const std::string& name : services) {
+    // Each service its own certificate, for spiffe://TD/service/NAME: what its clients require.
+    ASSIGN_OR_RETURN(TestCert cert, pki.IssueServer(absl::StrCat(name, "-server"), name));
     absl::StrAppend(&yaml, "  ", name, ":\n    listen: 127.0.0.1:0\n    tls: {cert: ",
-                    pki.server().cert_path, ", key: ", pki.server().key_path, "}\n");
+                    cert.cert_path, ", key: ", cert.key_path, "}\n");
   }
   absl::StrAppend(&yaml, extra_yaml);
   stack->yaml_ = yaml;

@@ -176,11 +176,15 @@ class ConsentTest : public ::testing::Test {
         clusters_->region("eu-1").ConnectionString(), "\", acquire_timeout_ms: 1000}}\n");
   }
 
+  // Each service with a certificate of its own, for spiffe://TD/service/NAME.
   static std::string Endpoint(const std::string& name, const std::string& listen) {
-    return absl::StrCat("  ", name, ":\n    listen: ", listen,
-                        "\n    tls: {cert: ", pki_->server().cert_path,
-                        ", key: ", pki_->server().key_path, "}\n");
+    absl::StatusOr<TestCert> cert = pki_->IssueServer(absl::StrCat(name, "-server"), name);
+    EXPECT_TRUE(cert.ok()) << cert.status();
+    if (!cert.ok()) return "";
+    return absl::StrCat("  ", name, ":\n    listen: ", listen, "\n    tls: {cert: ", cert->cert_path,
+                        ", key: ", cert->key_path, "}\n");
   }
+
 
   static std::string ConsentYaml(const std::string& routing_address) {
     return absl::StrCat(Common(), "services:\n", Endpoint("consent", "127.0.0.1:0"),
@@ -199,20 +203,23 @@ class ConsentTest : public ::testing::Test {
     return new MedgateConfig(*std::move(config));
   }
 
-  static std::shared_ptr<grpc::Channel> Channel(int port, const TestCert& cert) {
+  // A channel to `service` on `port`.
+  static std::shared_ptr<grpc::Channel> Channel(int port, const TestCert& cert,
+                                                const std::string& service) {
     auto channel = MakeChannel(absl::StrCat("127.0.0.1:", port),
-                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60});
+                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60},
+                               pki_->SpiffeId(absl::StrCat("/service/", service)));
     EXPECT_TRUE(channel.ok());
     return *channel;
   }
 
   static std::unique_ptr<v1::TenantRouting::Stub> RoutingStub(const TestCert& cert) {
-    return v1::TenantRouting::NewStub(Channel(routing_->port(), cert));
+    return v1::TenantRouting::NewStub(Channel(routing_->port(), cert, "routing"));
   }
 
   static std::unique_ptr<v1::Consent::Stub> Stub(const TestCert& cert,
                                                  ConsentServer* server = nullptr) {
-    return v1::Consent::NewStub(Channel((server != nullptr ? server : a_)->port(), cert));
+    return v1::Consent::NewStub(Channel((server != nullptr ? server : a_)->port(), cert, "consent"));
   }
 
   // Places a patient of `as`'s tenant; its pseudonymous id.
@@ -1261,7 +1268,7 @@ TEST_F(ConsentTest, ShardDownIsUnavailableForItsPatientsOnly) {
 // NOT_SERVING.
 TEST_F(ConsentTest, HealthServesWhileAnyRegionsShardAnswers) {
   absl::Status checked = test_support::ExpectServingWhileAnyRegionAnswers(
-      Channel(a_->port(), pki_->ops()), *clusters_, "de-1", absl::Now() + absl::Seconds(30));
+      Channel(a_->port(), pki_->ops(), "consent"), *clusters_, "de-1", absl::Now() + absl::Seconds(30));
   EXPECT_TRUE(checked.ok()) << checked;
 }
 

@@ -62,8 +62,10 @@ TEST(IngestProcessTest, KilledMidStreamLosesNothingAcknowledged) {
 
   // A tenant, a patient, its device and REMOTE_MONITORING consent.
   auto as = [&](const test_support::TestCert& cert, int port) {
+    const std::string service = port == (*routing)->port() ? "routing" : "consent";
     return *MakeChannel(absl::StrCat("127.0.0.1:", port),
-                        TlsConfig{cert.cert_path, cert.key_path, s.pki().ca_path(), 60});
+                        TlsConfig{cert.cert_path, cert.key_path, s.pki().ca_path(), 60},
+                        s.pki().SpiffeId(absl::StrCat("/service/", service)));
   };
   {
     auto ops = v1::TenantRouting::NewStub(as(s.pki().ops(), (*routing)->port()));
@@ -107,6 +109,7 @@ TEST(IngestProcessTest, KilledMidStreamLosesNothingAcknowledged) {
   device::DeviceOptions options;
   options.address = absl::StrCat("127.0.0.1:", ingest_port);
   options.tls = TlsConfig{s.pki().device().cert_path, s.pki().device().key_path, s.pki().ca_path(), 60};
+  options.server_identity = s.pki().SpiffeId("/service/ingest");
   options.buffer_path = s.dir() + "/device.buffer";
   options.backoff_initial = absl::Milliseconds(50);
   options.backoff_max = absl::Milliseconds(500);

@@ -37,9 +37,10 @@ using test_support::TestCert;
 using test_support::TestStack;
 
 template <typename Service>
-std::unique_ptr<typename Service::Stub> StubAs(const TestCert& cert, const std::string& ca, int port) {
+std::unique_ptr<typename Service::Stub> StubAs(const TestCert& cert, const std::string& ca, int port,
+                                               const std::string& server_identity) {
   auto channel = MakeChannel(absl::StrCat("127.0.0.1:", port),
-                             TlsConfig{cert.cert_path, cert.key_path, ca, 60});
+                             TlsConfig{cert.cert_path, cert.key_path, ca, 60}, server_identity);
   EXPECT_TRUE(channel.ok()) << channel.status();
   return Service::NewStub(*channel);
 }
@@ -175,11 +176,13 @@ class IngestTest : public ::testing::Test {
 
   static test_support::TestPki& pki() { return stack_->pki(); }
   static std::unique_ptr<v1::TenantRouting::Stub> Routing(const TestCert& as) {
-    return StubAs<v1::TenantRouting>(as, pki().ca_path(), routing_->port());
+    return StubAs<v1::TenantRouting>(as, pki().ca_path(), routing_->port(),
+                                     pki().SpiffeId("/service/routing"));
   }
   // A device stub to the suite's ingest server, or to the one on `port`.
   static std::unique_ptr<v1::DeviceIngest::Stub> Ingest(const TestCert& as, int port = 0) {
-    return StubAs<v1::DeviceIngest>(as, pki().ca_path(), port != 0 ? port : ingest_->port());
+    return StubAs<v1::DeviceIngest>(as, pki().ca_path(), port != 0 ? port : ingest_->port(),
+                                    pki().SpiffeId("/service/ingest"));
   }
 
   // Places a patient of `as`'s tenant (acme by default) and assigns `device` to it; returns the
@@ -205,7 +208,8 @@ class IngestTest : public ::testing::Test {
 
   static void Grant(const std::string& patient_id, v1::Purpose purpose, const std::string& actor = "",
                     const TestCert& as = pki().app()) {
-    auto stub = StubAs<v1::Consent>(as, pki().ca_path(), consent_->port());
+    auto stub = StubAs<v1::Consent>(as, pki().ca_path(), consent_->port(),
+                                    pki().SpiffeId("/service/consent"));
     v1::GrantConsentRequest r;
     r.set_patient_id(patient_id);
     r.set_purpose(purpose);
@@ -233,6 +237,7 @@ class IngestTest : public ::testing::Test {
     device::DeviceOptions options;
     options.address = absl::StrCat("127.0.0.1:", port != 0 ? port : ingest_->port());
     options.tls = TlsConfig{cert.cert_path, cert.key_path, pki().ca_path(), 60};
+    options.server_identity = pki().SpiffeId("/service/ingest");
     options.buffer_path =
         (std::filesystem::temp_directory_path() /
          absl::StrCat("medgate-", buffer_tag, "-", getpid(), ".buffer"))
@@ -739,7 +744,8 @@ TEST_F(IngestTest, ReadVitalsReturnsLocationsOnlyWhileGeolocationPermitsTheReade
   std::string patient = PatientWithDevice("geo-reader", "FR", "dev-geo-read");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
   Grant(patient, v1::PURPOSE_CARE);
-  auto consents = StubAs<v1::Consent>(pki().app(), pki().ca_path(), consent_->port());
+  auto consents = StubAs<v1::Consent>(pki().app(), pki().ca_path(), consent_->port(),
+                                              pki().SpiffeId("/service/consent"));
   v1::GrantConsentRequest geo;
   geo.set_patient_id(patient);
   geo.set_purpose(v1::PURPOSE_GEOLOCATION);
@@ -990,6 +996,7 @@ TEST_F(IngestTest, TheSdkConnectsOnceItsCertificateFilesAppear) {
   options.address = absl::StrCat("127.0.0.1:", ingest_->port());
   options.tls = TlsConfig{(dir / "device.crt").string(), (dir / "device.key").string(),
                           pki().ca_path(), 60};
+  options.server_identity = pki().SpiffeId("/service/ingest");
   options.buffer_path = (dir.string() + ".buffer");
   options.backoff_initial = absl::Milliseconds(20);
   options.backoff_max = absl::Milliseconds(200);
@@ -1689,7 +1696,8 @@ TEST_F(IngestTest, AStalledRegionHoldsAtMostHalfTheWorkers) {
 TEST_F(IngestTest, HealthServesWhileAnyRegionsShardAnswers) {
   const TestCert& ops = pki().ops();
   auto channel = MakeChannel(absl::StrCat("127.0.0.1:", ingest_->port()),
-                             TlsConfig{ops.cert_path, ops.key_path, pki().ca_path(), 60});
+                             TlsConfig{ops.cert_path, ops.key_path, pki().ca_path(), 60},
+                             pki().SpiffeId("/service/ingest"));
   ASSERT_TRUE(channel.ok()) << channel.status();
   absl::Status checked = test_support::ExpectServingWhileAnyRegionAnswers(
       *channel, stack_->clusters(), "fr-1", absl::Now() + absl::Seconds(30));

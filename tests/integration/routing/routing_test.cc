@@ -67,7 +67,8 @@ class RoutingTest : public ::testing::Test {
 
   static std::unique_ptr<v1::TenantRouting::Stub> Stub(const TestCert& cert) {
     auto channel = MakeChannel(absl::StrCat("127.0.0.1:", server_->port()),
-                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60});
+                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60},
+                               pki_->SpiffeId("/service/routing"));
     EXPECT_TRUE(channel.ok());
     return v1::TenantRouting::NewStub(*channel);
   }
@@ -337,7 +338,8 @@ TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
   ASSERT_TRUE((*server)->Start().ok());
   auto stub = [&](const TestCert& cert) {
     auto channel = MakeChannel(absl::StrCat("127.0.0.1:", (*server)->port()),
-                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60});
+                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60},
+                               pki_->SpiffeId("/service/routing"));
     return v1::TenantRouting::NewStub(*channel);
   };
   auto assign = [&](const std::string& ref) {

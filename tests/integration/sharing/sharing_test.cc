@@ -272,20 +272,23 @@ class SharingTest : public ::testing::Test {
   static std::string P2() { return Id("/tenant/acme/practitioner/p-2"); }
   static std::string P3() { return Id("/tenant/acme/practitioner/p-3"); }
 
-  static std::shared_ptr<grpc::Channel> Channel(int port, const TestCert& cert) {
+  // A channel to the stack's `service` on `port`.
+  static std::shared_ptr<grpc::Channel> Channel(int port, const TestCert& cert,
+                                                const std::string& service) {
     auto channel = MakeChannel(absl::StrCat("127.0.0.1:", port),
-                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60});
+                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60},
+                               Id(absl::StrCat("/service/", service)));
     EXPECT_TRUE(channel.ok());
     return *channel;
   }
   static std::unique_ptr<v1::TenantRouting::Stub> RoutingStub(const TestCert& cert) {
-    return v1::TenantRouting::NewStub(Channel(routing_->port(), cert));
+    return v1::TenantRouting::NewStub(Channel(routing_->port(), cert, "routing"));
   }
   static std::unique_ptr<v1::RecordSharing::Stub> Stub(const TestCert& cert, int port = 0) {
-    return v1::RecordSharing::NewStub(Channel(port != 0 ? port : sharing_->port(), cert));
+    return v1::RecordSharing::NewStub(Channel(port != 0 ? port : sharing_->port(), cert, "sharing"));
   }
   static std::unique_ptr<v1::Audit::Stub> AuditStub(const TestCert& cert) {
-    return v1::Audit::NewStub(Channel(sharing_->audit_port(), cert));
+    return v1::Audit::NewStub(Channel(sharing_->audit_port(), cert, "audit"));
   }
 
   // --- routing and consent ---------------------------------------------------------------------
@@ -321,7 +324,7 @@ class SharingTest : public ::testing::Test {
     request.set_evidence_ref("signed-form-7");
     v1::GrantConsentResponse response;
     grpc::ClientContext context;
-    grpc::Status status = v1::Consent::NewStub(Channel(consent_->port(), as))
+    grpc::Status status = v1::Consent::NewStub(Channel(consent_->port(), as, "consent"))
                               ->GrantConsent(&context, request, &response);
     EXPECT_TRUE(status.ok()) << status.error_message();
     return response.consent_id();
@@ -340,7 +343,7 @@ class SharingTest : public ::testing::Test {
     request.set_reason("patient withdrew");
     v1::RevokeConsentResponse response;
     grpc::ClientContext context;
-    grpc::Status status = v1::Consent::NewStub(Channel(consent_->port(), pki_->app()))
+    grpc::Status status = v1::Consent::NewStub(Channel(consent_->port(), pki_->app(), "consent"))
                               ->RevokeConsent(&context, request, &response);
     EXPECT_TRUE(status.ok()) << status.error_message();
   }
@@ -2073,7 +2076,8 @@ TEST_F(SharingTest, AnErasureStopsARunningDownloadAtItsNextChunk) {
 
   // A reader whose flow-control window stays small, so the service cannot send far ahead of it.
   const TestCert& as = pki_->practitioner();
-  auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60});
+  auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60},
+                                      Id("/service/sharing"));
   ASSERT_TRUE(creds.ok()) << creds.status();
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
@@ -2120,7 +2124,8 @@ TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
     std::unique_ptr<grpc::ClientReader<v1::DownloadRecordResponse>> reader;
   };
   const TestCert& as = pki_->practitioner();
-  auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60});
+  auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60},
+                                      Id("/service/sharing"));
   ASSERT_TRUE(creds.ok()) << creds.status();
   auto stall = [&]() {
     auto s = std::make_unique<Stalled>();
@@ -3375,7 +3380,7 @@ TEST_F(SharingTest, QueryAuditAnswersWhoAccessedThePatientsData) {
   v1::QueryAuditResponse response;
   grpc::ClientContext context;
   paged.clear_page_token();
-  EXPECT_TRUE(v1::Audit::NewStub(Channel(sharing_->port(), pki_->app()))
+  EXPECT_TRUE(v1::Audit::NewStub(Channel(sharing_->port(), pki_->app(), "sharing"))
                   ->QueryAudit(&context, paged, &response)
                   .ok());
 }
@@ -3600,7 +3605,8 @@ TEST_F(SharingTest, HealthServesWhileControlAndAnyRegionsShardAnswer) {
   const TlsConfig tls{ops.cert_path, ops.key_path, pki_->ca_path(), 60};
   for (int port : {sharing_->port(), sharing_->audit_port()}) {
     SCOPED_TRACE(port == sharing_->port() ? "sharing" : "audit");
-    auto channel = MakeChannel(absl::StrCat("127.0.0.1:", port), tls);
+    auto channel = MakeChannel(absl::StrCat("127.0.0.1:", port), tls,
+                               Id(port == sharing_->port() ? "/service/sharing" : "/service/audit"));
     ASSERT_TRUE(channel.ok()) << channel.status();
     absl::Status regions = test_support::ExpectServingWhileAnyRegionAnswers(
         *channel, *clusters_, "fr-1", absl::Now() + kPatience);

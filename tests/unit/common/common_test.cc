@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "libs/common/config.h"
 #include "libs/common/grpc_status.h"
 #include "libs/common/latency_histogram.h"
@@ -91,7 +92,31 @@ TEST(ConfigTest, ParsesAValidConfig) {
   ASSERT_TRUE(routing.ok());
   EXPECT_EQ((*routing)->address, "127.0.0.1:0");
   EXPECT_EQ((*routing)->tls.ca_path, "/pki/ca.crt");
+  // What its clients require of its certificate, by default the service's own SPIFFE id.
+  EXPECT_EQ((*routing)->identity, "spiffe://medgate.test/service/routing");
   EXPECT_FALSE(config->Service("consent").ok());
+}
+
+TEST(ConfigTest, AServiceIdentityMayBeSetToAnotherServiceOfTheTrustDomain) {
+  std::string text = kGoodConfig;
+  text += "    identity: spiffe://medgate.test/service/routing-fr\n";
+  absl::StatusOr<ConfigNode> root = ConfigNode::Parse(text);
+  ASSERT_TRUE(root.ok()) << root.status();
+  absl::StatusOr<MedgateConfig> config = ParseMedgateConfig(*root);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ((*config->Service("routing"))->identity, "spiffe://medgate.test/service/routing-fr");
+  // Anything but a service of this trust domain is refused, naming the key.
+  for (const char* bad : {"spiffe://evil.test/service/routing", "spiffe://medgate.test/ops/alice",
+                          "spiffe://medgate.test/tenant/acme/device/dev-1",
+                          "spiffe://medgate.test/service/", "routing"}) {
+    SCOPED_TRACE(bad);
+    root = ConfigNode::Parse(absl::StrCat(kGoodConfig, "    identity: \"", bad, "\"\n"));
+    ASSERT_TRUE(root.ok()) << root.status();
+    config = ParseMedgateConfig(*root);
+    ASSERT_FALSE(config.ok());
+    EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(config.status().message(), HasSubstr("'services.routing.identity'"));
+  }
 }
 
 struct BadConfigCase {

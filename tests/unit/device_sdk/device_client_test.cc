@@ -71,6 +71,7 @@ class DeviceClientTest : public ::testing::Test {
     // Quick reconnects, so a test waits for what it checks and not for backoffs.
     options_.backoff_initial = absl::Milliseconds(1);
     options_.backoff_max = absl::Milliseconds(10);
+    options_.server_identity = "spiffe://medgate.test/service/ingest";
   }
 
   void TearDown() override {
@@ -287,6 +288,18 @@ TEST_F(DeviceClientTest, OpenRefusesABackoffThatCouldSpin) {
   status = DeviceClient::Open(inverted).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(status.message().find("backoff_max"), absl::string_view::npos) << status;
+}
+
+// Without the server's identity the SDK could not tell the ingest service from any other
+// certificate the CA signed.
+TEST_F(DeviceClientTest, OpenRefusesAMissingServerIdentity) {
+  for (const char* identity : {"", "ingest"}) {
+    DeviceOptions options = options_;
+    options.server_identity = identity;
+    absl::Status status = DeviceClient::Open(options).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << identity;
+    EXPECT_NE(status.message().find("server_identity"), absl::string_view::npos) << status;
+  }
 }
 
 }  // namespace
