@@ -2,6 +2,7 @@
 #include "absl/strings/string_view.h"
 #include "libs/common/config.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -271,9 +272,13 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
       const std::string service_prefix = absl::StrCat("spiffe://", config.trust_domain, "/service/");
       ASSIGN_OR_RETURN(endpoint.identity,
                        s.String("identity", absl::StrCat(service_prefix, name)));
-      if (!absl::StartsWith(endpoint.identity, service_prefix) ||
-          endpoint.identity.size() == service_prefix.size() ||
-          endpoint.identity.find('/', service_prefix.size()) != std::string::npos) {
+      // NAME as an identity's segments are (libs/identity/principal.cc): 1-128 of [A-Za-z0-9._-].
+      const absl::string_view service_name =
+          absl::string_view(endpoint.identity).substr(std::min(service_prefix.size(), endpoint.identity.size()));
+      if (!absl::StartsWith(endpoint.identity, service_prefix) || service_name.empty() ||
+          service_name.size() > 128 ||
+          service_name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                         "0123456789-_.") != absl::string_view::npos) {
         return KeyError(absl::StrCat("services.", name, ".identity"),
                         absl::StrCat("'", endpoint.identity, "' is not a service identity of this "
                                      "trust domain (", service_prefix, "NAME)"));

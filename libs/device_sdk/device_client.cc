@@ -9,7 +9,6 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/support/channel_arguments.h>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/common/grpc_status.h"
@@ -51,10 +50,9 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
                      ") must be at least backoff_initial (",
                      absl::FormatDuration(options.backoff_initial), ")"));
   }
-  if (channel == nullptr && !absl::StartsWith(options.server_identity, "spiffe://")) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "server_identity is '", options.server_identity,
-        "': set it to the ingest service's SPIFFE id (spiffe://TRUST_DOMAIN/service/ingest)"));
+  if (channel == nullptr) {
+    // The ingest service's SPIFFE id, e.g. spiffe://TRUST_DOMAIN/service/ingest.
+    RETURN_IF_ERROR(CheckSpiffeId(options.server_identity, "server_identity"));
   }
   std::unique_ptr<DeviceClient> client(new DeviceClient(std::move(options)));
   client->channel_ = std::move(channel);

@@ -62,6 +62,10 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeServiceChannel(const ServiceE
                                                                  const TlsConfig& own,
                                                                  const ChannelOptions& options = {});
 
+// OK when `id` is a medgate SPIFFE id (spiffe://TD/service/NAME, spiffe://TD/ops/NAME or
+// spiffe://TD/tenant/T/KIND/X); INVALID_ARGUMENT starting with `what` otherwise.
+absl::Status CheckSpiffeId(absl::string_view id, absl::string_view what);
+
 // OK when the certificate file of `endpoint` carries exactly one URI SAN, the identity its clients
 // expect (endpoint.identity); FAILED_PRECONDITION naming both otherwise, so that a server with the
 // wrong certificate does not start instead of failing every client's handshake.

@@ -62,8 +62,10 @@ absl::Status RoutingServer::SeedIfNeeded() {
   if (seeded_ || settings_.seed_rules.empty()) return absl::OkStatus();
   CallContext ctx;
   ctx.principal.kind = PrincipalKind::kService;
-  ctx.principal.name = "routing";
-  ctx.principal.spiffe_id = absl::StrCat("spiffe://", config_.trust_domain, "/service/routing");
+  // The identity its certificate carries (checked when the server starts); Create checked that
+  // the service is configured.
+  ctx.principal.spiffe_id = (*config_.Service("routing"))->identity;
+  ctx.principal.name = ctx.principal.spiffe_id.substr(ctx.principal.spiffe_id.rfind('/') + 1);
   ctx.request_id = "seed-rules";
   ctx.origin = "config";
   absl::Status status = core_->SeedRules(ctx, settings_.seed_rules);

@@ -121,8 +121,8 @@ SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settin
   core_options.max_uploads_per_tenant = settings_.max_uploads_per_tenant;
   core_options.max_downloads_per_tenant = settings_.max_downloads_per_tenant;
   core_options.unused_vault_key_grace = UnusedVaultKeyGrace(config);
-  core_options.service_identity =
-      absl::StrCat("spiffe://", config.trust_domain, "/service/sharing");
+  // The identity its certificate carries (checked when the server starts).
+  core_options.service_identity = (*config.Service("sharing"))->identity;
   core_options.trust_domain = config.trust_domain;
   core_options.clock = options.clock;
   core_options.max_list_page_bytes = options.max_list_page_bytes;

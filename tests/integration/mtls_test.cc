@@ -306,7 +306,11 @@ TEST_F(MtlsTest, ClientsRefuseAServerCertificateForAnotherIdentity) {
   auto not_spiffe = MakeChannel(address_, tls, "test-server");
   ASSERT_FALSE(not_spiffe.ok());
   EXPECT_EQ(not_spiffe.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(not_spiffe.status().message()), HasSubstr("spiffe://"));
+  EXPECT_THAT(std::string(not_spiffe.status().message()), HasSubstr("not a medgate SPIFFE id"));
+  EXPECT_EQ(MakeChannel(address_, tls, "spiffe://").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MakeChannel(address_, tls, "spiffe://medgate.test/service/a b").status().code(),
+            absl::StatusCode::kInvalidArgument);
   const int served = service_->calls();
 
   // The server's files replaced by a certificate the CA signed for a device, with the server's
@@ -357,6 +361,61 @@ TEST_F(MtlsTest, ClientsRefuseAServerCertificateForAnotherIdentity) {
   EXPECT_EQ(service_->calls() - served, served_to_hostname_only) << "no call of ours reached it";
 }
 
+// The identity is what is checked, not host names: a server certificate with nothing but its URI
+// SAN serves clients that expect it (dialing 127.0.0.1, which it does not list). A certificate
+// with no URI SAN or two is refused.
+TEST_F(MtlsTest, ClientsCheckTheServersIdentityNotItsHostNames) {
+  const TestCert& app = pki_->app();
+  const TlsConfig tls{app.cert_path, app.key_path, pki_->ca_path(), 1};
+  devpki::LeafOptions uri_only;
+  uri_only.common_name = "uri-only";
+  uri_only.uri_sans = {pki_->SpiffeId("/service/uri-only")};
+  absl::StatusOr<TestCert> cert = pki_->Issue("uri-only-server", uri_only);
+  ASSERT_TRUE(cert.ok()) << cert.status();
+  MedgateConfig config = config_;
+  ServiceEndpoint& endpoint = config.services["uri-only"];
+  endpoint.listen = "127.0.0.1:0";
+  endpoint.tls = TlsConfig{cert->cert_path, cert->key_path, pki_->ca_path(), 1};
+  endpoint.identity = pki_->SpiffeId("/service/uri-only");
+  RecordingAuditService service(pki_->trust_domain());
+  ServiceServer server(config, "uri-only");
+  server.AddService(&service);
+  ASSERT_TRUE(server.Start().ok());
+  auto channel = MakeChannel(absl::StrCat("127.0.0.1:", server.port()), tls, endpoint.identity);
+  ASSERT_TRUE(channel.ok()) << channel.status();
+  EXPECT_TRUE(Call(*channel).ok());
+  EXPECT_EQ(service.calls(), 1);
+  server.Shutdown();
+
+  // Servers that are not medgate's (no identity check at their start) with certificates the CA
+  // signed: no URI SAN, and two.
+  struct Case {
+    const TestCert* cert;
+    std::string says;
+  };
+  for (const Case& c : {Case{&pki_->no_san(), "has 0 URI SANs"}, Case{&pki_->two_uris(), "has 2 URI SANs"}}) {
+    SCOPED_TRACE(c.says);
+    grpc::SslServerCredentialsOptions options(
+        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    options.pem_root_certs = pki_->ca_pem();
+    options.pem_key_cert_pairs.push_back({c.cert->key_pem, c.cert->cert_pem});
+    RecordingAuditService other(pki_->trust_domain());
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::SslServerCredentials(options), &port);
+    builder.RegisterService(&other);
+    std::unique_ptr<grpc::Server> raw = builder.BuildAndStart();
+    ASSERT_NE(raw, nullptr);
+    auto to_raw = MakeChannel(absl::StrCat("127.0.0.1:", port), tls, pki_->server_identity());
+    ASSERT_TRUE(to_raw.ok()) << to_raw.status();
+    grpc::Status refused = Call(*to_raw);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_THAT(refused.error_message(), HasSubstr(c.says));
+    EXPECT_EQ(other.calls(), 0);
+    raw->Shutdown(std::chrono::system_clock::now());
+  }
+}
+
 // A server started with a certificate that does not carry the identity its clients will expect
 // would fail every client's handshake: it does not start, and says why.
 TEST_F(MtlsTest, AServerDoesNotStartWithACertificateForAnotherIdentity) {
@@ -370,6 +429,17 @@ TEST_F(MtlsTest, AServerDoesNotStartWithACertificateForAnotherIdentity) {
   EXPECT_EQ(started.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(started.message()), HasSubstr(pki_->server_identity()));
   EXPECT_THAT(std::string(started.message()), HasSubstr(pki_->SpiffeId("/service/routing")));
+
+  // A certificate file that is missing, or carries no identity: said the same way.
+  config.services["test"].identity = pki_->server_identity();
+  config.services["test"].tls.cert_path = *dir_ + "/missing.crt";
+  started = CheckServerIdentity(config.services["test"], pki_->trust_domain());
+  EXPECT_EQ(started.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(started.message()), HasSubstr("cannot be read"));
+  config.services["test"].tls.cert_path = pki_->no_san().cert_path;
+  started = CheckServerIdentity(config.services["test"], pki_->trust_domain());
+  EXPECT_EQ(started.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(started.message()), HasSubstr("does not carry a medgate identity"));
 }
 
 // What a raw OpenSSL client got from the server: the negotiated version and suite, or why not.

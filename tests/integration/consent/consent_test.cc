@@ -176,9 +176,17 @@ class ConsentTest : public ::testing::Test {
         clusters_->region("eu-1").ConnectionString(), "\", acquire_timeout_ms: 1000}}\n");
   }
 
-  // Each service with a certificate of its own, for spiffe://TD/service/NAME.
+  // Each service with a certificate of its own, for spiffe://TD/service/NAME, issued once: files
+  // replaced under a running server could be read half old, half new.
   static std::string Endpoint(const std::string& name, const std::string& listen) {
-    absl::StatusOr<TestCert> cert = pki_->IssueServer(absl::StrCat(name, "-server"), name);
+    static std::map<std::string, absl::StatusOr<TestCert>>* issued =
+        new std::map<std::string, absl::StatusOr<TestCert>>();
+    const std::string key = absl::StrCat(pki_->dir(), "/", name);  // one PKI's certificates
+    auto it = issued->find(key);
+    if (it == issued->end()) {
+      it = issued->emplace(key, pki_->IssueServer(absl::StrCat(name, "-server"), name)).first;
+    }
+    const absl::StatusOr<TestCert>& cert = it->second;
     EXPECT_TRUE(cert.ok()) << cert.status();
     if (!cert.ok()) return "";
     return absl::StrCat("  ", name, ":\n    listen: ", listen, "\n    tls: {cert: ", cert->cert_path,

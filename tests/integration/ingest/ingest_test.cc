@@ -1021,6 +1021,40 @@ TEST_F(IngestTest, TheSdkConnectsOnceItsCertificateFilesAppear) {
   std::filesystem::remove(options.buffer_path);
 }
 
+// The SDK sends a device's samples only to the server whose certificate carries the ingest
+// identity it was given: to any other (here the ingest server itself, taken for routing), the
+// handshake fails, nothing is sent, and the batch stays buffered; the right identity delivers it.
+TEST_F(IngestTest, TheSdkSendsNothingToAServerWithAnotherIdentity) {
+  std::string patient = PatientWithDevice("sdk-identity", "FR", "dev-sdk-identity");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  device::DeviceOptions options =
+      SdkOptions(Device("acme", "dev-sdk-identity"), "sdk-identity");
+  options.server_identity = pki().SpiffeId("/service/routing");
+  options.backoff_initial = absl::Milliseconds(20);
+  options.backoff_max = absl::Milliseconds(200);
+  {
+    auto client = device::DeviceClient::Open(options);
+    ASSERT_TRUE(client.ok()) << client.status();
+    ASSERT_TRUE((*client)->Send({HeartRate(0)}).ok());
+    (*client)->Start();
+    ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(10),
+                          [&] { return (*client)->stats().reconnects >= 2; }));
+    (*client)->Stop();
+    EXPECT_EQ((*client)->stats().batches_acked, 0u);
+    EXPECT_EQ((*client)->pending(), 1u);
+  }
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-identity'"), 0);
+  // The same buffer file, reopened with the right identity: the batch goes.
+  options.server_identity = pki().SpiffeId("/service/ingest");
+  auto client = device::DeviceClient::Open(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  (*client)->Start();
+  ASSERT_TRUE((*client)->WaitUntilAcked(absl::Seconds(30)).ok());
+  (*client)->Stop();
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-identity'"), 1);
+  std::filesystem::remove(options.buffer_path);
+}
+
 // A device over its tenant's quota is told how long to wait (retry_after): the SDK waits at least
 // that long before it reconnects and resends, and every batch is stored once.
 TEST_F(IngestTest, TheSdkWaitsAsLongAsAQuotaRefusalAsksAndLosesNothing) {

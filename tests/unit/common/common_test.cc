@@ -108,7 +108,8 @@ TEST(ConfigTest, AServiceIdentityMayBeSetToAnotherServiceOfTheTrustDomain) {
   // Anything but a service of this trust domain is refused, naming the key.
   for (const char* bad : {"spiffe://evil.test/service/routing", "spiffe://medgate.test/ops/alice",
                           "spiffe://medgate.test/tenant/acme/device/dev-1",
-                          "spiffe://medgate.test/service/", "routing"}) {
+                          "spiffe://medgate.test/service/", "spiffe://medgate.test/service/a/b",
+                          "spiffe://medgate.test/service/a b", "routing"}) {
     SCOPED_TRACE(bad);
     root = ConfigNode::Parse(absl::StrCat(kGoodConfig, "    identity: \"", bad, "\"\n"));
     ASSERT_TRUE(root.ok()) << root.status();
