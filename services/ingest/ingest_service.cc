@@ -403,12 +403,21 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   absl::StatusOr<int> page_size = PageSize(request->page_size(), kDefaultReadPage, kMaxReadPage);
   if (!page_size.ok()) return ToGrpcStatus(page_size.status());
   const int page = *page_size;
-  int64_t from_us = request->time_range().has_start_at()
-                        ? absl::ToUnixMicros(FromProtoTimestamp(request->time_range().start_at()))
-                        : 0;
-  int64_t to_us = request->time_range().has_end_at()
-                      ? absl::ToUnixMicros(FromProtoTimestamp(request->time_range().end_at()))
-                      : absl::ToUnixMicros(absl::Now() + absl::Hours(1));
+  // Bounds outside what a Timestamp may hold are refused, so no arithmetic below overflows.
+  int64_t from_us = 0;
+  if (request->time_range().has_start_at()) {
+    absl::StatusOr<absl::Time> start =
+        TimeFromProto(request->time_range().start_at(), "time_range.start_at");
+    if (!start.ok()) return ToGrpcStatus(start.status());
+    from_us = absl::ToUnixMicros(*start);
+  }
+  int64_t to_us = absl::ToUnixMicros(absl::Now() + absl::Hours(1));
+  if (request->time_range().has_end_at()) {
+    absl::StatusOr<absl::Time> end =
+        TimeFromProto(request->time_range().end_at(), "time_range.end_at");
+    if (!end.ok()) return ToGrpcStatus(end.status());
+    to_us = absl::ToUnixMicros(*end);
+  }
   if (to_us <= from_us) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         "time_range: end_at must be after start_at");
@@ -459,7 +468,10 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     absl::Status audited =
         (*pool)->Transact([&](pqxx::work& txn) { return audit::Append(txn, entry).status(); });
     if (!audited.ok()) {
+      // A request whose audit entry cannot be written fails: the refusal is not answered as one.
       log::Warning("audit_append_failed", {{"method", "ReadVitals"}, {"error", audited.message()}});
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          "the refusal could not be audited; retry later");
     }
     return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
                         absl::StrCat("no ", consent::PurposeName(purpose), " consent for this patient (",

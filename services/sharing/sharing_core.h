@@ -139,9 +139,13 @@ struct SweepResult {
 // about this many bytes (SharingOptions), so that a page fits a client's default 4 MiB limit.
 inline constexpr size_t kMaxListPageBytes = size_t{2} << 20;
 
+// Bytes of live records a tenant may keep in one region unless configured otherwise: a bound even
+// where ops set none.
+inline constexpr int64_t kDefaultTenantQuotaBytes = int64_t{1} << 40;  // 1 TiB
+
 struct SharingOptions {
   // Bytes of live records a tenant may keep in one region; 0 means no limit.
-  int64_t default_tenant_quota_bytes = 0;
+  int64_t default_tenant_quota_bytes = kDefaultTenantQuotaBytes;
   std::map<std::string, int64_t> tenant_quota_bytes;  // per-tenant overrides
   // Longest wait for an upload's next message before the upload ends (DEADLINE_EXCEEDED; the
   // shard drops a transaction left idle a little later still).

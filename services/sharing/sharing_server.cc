@@ -28,7 +28,8 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
         "config key 'sharing': exactly one of kek_file and kek_env is required");
   }
   constexpr int64_t kMaxQuota = int64_t{1} << 50;
-  ASSIGN_OR_RETURN(settings.tenant_quota_bytes, node.Int("tenant_quota_bytes", 0, kMaxQuota, 0));
+  ASSIGN_OR_RETURN(settings.tenant_quota_bytes, node.Int("tenant_quota_bytes", 0, kMaxQuota,
+                                                                  kDefaultTenantQuotaBytes));
   if (node.Has("tenant_quotas")) {
     ASSIGN_OR_RETURN(ConfigNode quotas, node.Child("tenant_quotas"));
     for (const std::string& tenant : quotas.Keys()) {

@@ -31,7 +31,8 @@ namespace medgate::sharing {
 //   sharing:
 //     kek_file: /run/secrets/kek        # the key-encryption key, 64 hex digits; or
 //     kek_env: MEDGATE_SHARING_KEK      # the environment variable holding it (exactly one)
-//     tenant_quota_bytes: 10737418240   # bytes of records per tenant and region; 0: no limit
+//     tenant_quota_bytes: 10737418240   # bytes of records per tenant and region (default 1 TiB;
+//                                       # 0: no limit, which must be asked for)
 //     tenant_quotas: {acme: 1073741824} # per-tenant overrides
 //     upload_idle_timeout_seconds: 30   # longest pause between two chunks of an upload
 //     upload_min_bytes_per_second: 16384  # an upload's lowest average rate past that pause
@@ -42,7 +43,7 @@ namespace medgate::sharing {
 struct SharingSettings {
   std::string kek_file;
   std::string kek_env;
-  int64_t tenant_quota_bytes = 0;
+  int64_t tenant_quota_bytes = kDefaultTenantQuotaBytes;
   std::map<std::string, int64_t> tenant_quotas;
   absl::Duration upload_idle_timeout = absl::Seconds(30);
   int64_t upload_min_bytes_per_second = 16 * 1024;

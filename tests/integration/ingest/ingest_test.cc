@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include <filesystem>
+#include <limits>
 #include <thread>
 
 #include <gmock/gmock.h>
@@ -736,6 +737,49 @@ TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok());
   EXPECT_TRUE(verified->ok) << verified->problem;
+}
+
+// Time bounds a Timestamp cannot hold are the caller's error, named; a refused read whose audit
+// entry cannot be written fails (UNAVAILABLE) instead of being answered as an audited refusal.
+TEST_F(IngestTest, ReadVitalsRefusesBadBoundsAndFailsWhenItsRefusalCannotBeAudited) {
+  std::string patient = PatientWithDevice("read-bounds", "FR", "dev-read-bounds");
+  auto read = [&](int64_t start_seconds) {
+    v1::ReadVitalsRequest request;
+    request.set_patient_id(patient);
+    request.set_purpose(v1::PURPOSE_CARE);
+    request.mutable_time_range()->mutable_start_at()->set_seconds(start_seconds);
+    grpc::ClientContext context;
+    auto reader = Ingest(pki().practitioner())->ReadVitals(&context, request);
+    v1::ReadVitalsResponse response;
+    while (reader->Read(&response)) {
+    }
+    return reader->Finish();
+  };
+  for (int64_t bad : {std::numeric_limits<int64_t>::min(), int64_t{-62135596801}}) {
+    grpc::Status status = read(bad);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_THAT(status.error_message(), HasSubstr("time_range.start_at")) << bad;
+  }
+  // No CARE consent: refused, and audited.
+  EXPECT_EQ(read(0).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  // The same refusal while the shard refuses this patient's audit entries.
+  const std::string fr1 = stack_->clusters().region("fr-1").ConnectionString();
+  auto exec = [&](const std::string& sql) {
+    pqxx::connection c(fr1);
+    pqxx::nontransaction q(c);
+    q.exec0(sql);
+  };
+  exec(absl::StrCat(
+      "CREATE FUNCTION refuse_test_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+      "IF NEW.patient_id = '", patient, "' THEN RAISE EXCEPTION 'audit refused by the test'; "
+      "END IF; RETURN NEW; END $$"));
+  exec("CREATE TRIGGER refuse_test_audit BEFORE INSERT ON audit_log FOR EACH ROW "
+       "EXECUTE FUNCTION refuse_test_audit()");
+  grpc::Status unaudited = read(0);
+  exec("DROP TRIGGER refuse_test_audit ON audit_log");
+  exec("DROP FUNCTION refuse_test_audit()");
+  EXPECT_EQ(unaudited.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(unaudited.error_message(), HasSubstr("could not be audited"));
 }
 
 // Stored locations are read back only while GEOLOCATION permits the reader: a revocation hides

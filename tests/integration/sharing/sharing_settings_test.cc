@@ -49,7 +49,7 @@ TEST(SharingSettingsTest, DefaultsBesideTheKeySource) {
   absl::StatusOr<SharingSettings> s = Parse("sharing: {kek_env: MEDGATE_KEK}\n");
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->kek_env, "MEDGATE_KEK");
-  EXPECT_EQ(s->tenant_quota_bytes, 0);
+  EXPECT_EQ(s->tenant_quota_bytes, int64_t{1} << 40);  // a bound even when none is set
   EXPECT_TRUE(s->tenant_quotas.empty());
   EXPECT_EQ(s->upload_idle_timeout, absl::Seconds(30));
   EXPECT_EQ(s->upload_min_bytes_per_second, 16 * 1024);

@@ -40,6 +40,7 @@
 #include "services/consent/consent_server.h"
 #include "services/routing/routing_server.h"
 #include "services/sharing/sharing_server.h"
+#include "services/sharing/sql.h"
 #include "tests/support/health_check.h"
 #include "tests/support/poll.h"
 #include "tests/support/directory_services.h"
@@ -818,6 +819,31 @@ TEST_F(SharingTest, UploadDownloadRoundTripAndTheShardHoldsOnlyCiphertext) {
                   "length(wrapped_key) = 32",
                   patient),
             0);
+}
+
+// The latest grant of a record to a grantee, read on every grantee download, re-share and
+// revocation by grantee, whatever the grants' states (so the partial indexes of unrevoked grants
+// cannot serve it), and a record's erasure cascading to its grants, go through an index of a
+// record's grants: with sequential scans priced out, the plans use it.
+TEST_F(SharingTest, GrantLookUpsByRecordUseAnIndex) {
+  const pg::Statement* latest = nullptr;
+  for (const pg::Statement& s : sql::ShardStatements()) {
+    if (std::string(s.name) == sql::kSelectLatestGrant) latest = &s;
+  }
+  ASSERT_NE(latest, nullptr);
+  pqxx::connection c(ConnInfo("fr-1"));
+  pqxx::work txn(c);
+  txn.exec0("SET LOCAL enable_seqscan = off");
+  auto plan = [&](const std::string& query) {
+    std::string text;
+    for (const pqxx::row& row : txn.exec(query)) text += row[0].as<std::string>() + "\n";
+    return text;
+  };
+  txn.exec0(absl::StrCat("PREPARE latest_grant(text, text) AS ", latest->sql));
+  EXPECT_THAT(plan("EXPLAIN EXECUTE latest_grant('fr-1.r0', 'spiffe://medgate.test/x')"),
+              HasSubstr("share_grants_by_record"));
+  EXPECT_THAT(plan("EXPLAIN DELETE FROM share_grants WHERE record_id = 'fr-1.r0'"),
+              HasSubstr("share_grants_by_record"));
 }
 
 TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
