@@ -6,6 +6,7 @@
 #include <future>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -15,6 +16,7 @@
 #include "absl/time/clock.h"
 #include "libs/audit/audit_log.h"
 #include "tests/support/pg_cluster.h"
+#include "tests/support/poll.h"
 #include "tests/support/test_stack.h"
 
 namespace medgate::ingest {
@@ -253,6 +255,47 @@ TEST_F(VitalsWriterTest, AnAuditEntryIsKeptOnlyWithItsSamples) {
   }
   exec("DROP TRIGGER refuse_commit ON vitals_default");
   exec("DROP FUNCTION refuse_commit()");
+}
+
+// Two writers' transactions taking the cursor of a device new to the shard: the later waits for the
+// earlier, then reads the cursor it committed, so it counts those samples as duplicates instead of
+// copying them again (which failed its whole transaction on the vitals key).
+TEST_F(VitalsWriterTest, ASecondWriterOfANewDeviceReadsTheFirstOnesCursor) {
+  const std::string call =
+      "SELECT tenant_id, device_id, max_seq FROM medgate_advance_device_cursors("
+      "ARRAY['acme'], ARRAY['dev-new-race'], ARRAY[50]::bigint[])";
+  pqxx::connection first_connection(shard_->ConnectionString());
+  pqxx::work first(first_connection);
+  EXPECT_EQ(first.exec(call).size(), 1u);  // the new row, at 0: nothing stored yet
+  std::promise<pqxx::result> second_result;
+  std::thread second([&] {
+    try {
+      pqxx::connection c(shard_->ConnectionString());
+      pqxx::work txn(c);
+      pqxx::result r = txn.exec(call);
+      txn.commit();
+      second_result.set_value(r);
+    } catch (...) {
+      second_result.set_exception(std::current_exception());
+    }
+  });
+  std::future<pqxx::result> later = second_result.get_future();
+  // The second waits on the first's uncommitted row.
+  EXPECT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(10), [&] {
+    pqxx::connection c(shard_->ConnectionString());
+    pqxx::nontransaction q(c);
+    return q.exec1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE '%dev-new-race%'")[0]
+               .as<int>() == 1;
+  }));
+  EXPECT_EQ(later.wait_for(std::chrono::milliseconds(0)), std::future_status::timeout);
+  first.commit();
+  pqxx::result r = later.get();
+  second.join();
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0][2].as<int64_t>(), 50) << "the first writer's committed cursor";
+  pqxx::nontransaction q(first_connection);
+  q.exec0("DELETE FROM device_cursors WHERE device_id = 'dev-new-race'");
 }
 
 // audit_append_many refuses arrays of different lengths (a NULL one included) before it touches
