@@ -888,10 +888,31 @@ absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(const RecordInfo& record,
         absl::StrCat("record '", record.record_id, "': its data key is missing"));
   }
   absl::string_view record_id = record.record_id;
+  const absl::string_view region = record_id.substr(0, record_id.find('.'));
   absl::StatusOr<PatientKey> patient_key =
-      OpenPatientKey(record_id.substr(0, record_id.find('.')), record.patient_id,
-                     patient_key_id.c_str(), patient_key_wrapped_by.c_str(),
-                     BytesOf(patient_key_wrapped));
+      OpenPatientKey(region, record.patient_id, patient_key_id.c_str(),
+                     patient_key_wrapped_by.c_str(), BytesOf(patient_key_wrapped));
+  if (patient_key.status().code() == absl::StatusCode::kAborted) {
+    // The vault does not hold the key the row named when it was read. An erasure that has since
+    // replaced it is worth a retry; a key the vault lost (restored from an older backup) is not:
+    // if the record still rests on that key, no retry will ever open it.
+    absl::StatusOr<pg::Pool*> pool = shards_.Get(region);
+    if (!pool.ok()) return pool.status();
+    absl::StatusOr<bool> still_named = (*pool)->TransactValue<bool>(
+        [&](pqxx::work& txn) -> absl::StatusOr<bool> {
+          const pqxx::result now_named = txn.exec_params(
+              "SELECT 1 FROM record_keys WHERE record_id = $1 AND wrapped_by = $2",
+              record.record_id, patient_key_id.c_str());
+          return !now_named.empty();
+        });
+    if (!still_named.ok()) return still_named.status();
+    if (*still_named) {
+      return absl::DataLossError(absl::StrCat(
+          "record '", record.record_id, "': the key vault of region ", region,
+          " does not hold patient key '", patient_key_id.c_str(),
+          "', on which the record rests: the record cannot be opened"));
+    }
+  }
   if (!patient_key.ok()) {
     return absl::Status(patient_key.status().code(),
                         absl::StrCat("record '", record.record_id, "': ",

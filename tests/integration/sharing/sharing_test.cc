@@ -2781,8 +2781,11 @@ TEST_F(SharingTest, AnErasureThatCannotRewrapTheOtherRecordsChangesNothing) {
   EXPECT_EQ(lost.status().code(), absl::StatusCode::kDataLoss) << lost.status();
   EXPECT_THAT(lost.status().message(), HasSubstr(key_id));
   unchanged();
-  // A reader, holding no lock, cannot tell a lost key from one an erasure just replaced: retry.
-  EXPECT_EQ(Download(pki_->practitioner(), record_b).status.error_code(), grpc::StatusCode::ABORTED);
+  // A reader reads the record's key row again: it still names the lost key, so no retry would
+  // help (an erasure that replaced the key would have rewrapped the record first).
+  Downloaded unreadable = Download(pki_->practitioner(), record_b);
+  EXPECT_EQ(unreadable.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_THAT(unreadable.status.error_message(), HasSubstr(record_b));
 
   // The key back, the erasure goes through and the other record reads.
   {
@@ -3112,6 +3115,39 @@ TEST_F(SharingTest, UploadAfterAnErasureByAnotherProcessUsesTheNewPatientKey) {
                   "SELECT count(*) FROM record_keys WHERE patient_id = $1 AND record_id IS NULL",
                   patient),
             1);
+}
+
+// A patient key the region's vault no longer holds (the vault restored from a backup older than
+// the key) while the record still rests on it: DATA_LOSS naming the record, and the record listed
+// as damaged, instead of a "retry" that no retry would ever get past.
+TEST_F(SharingTest, ARecordWhosePatientKeyTheVaultLostIsDataLossNotARetry) {
+  const std::string patient = Place("vault-lost-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(39, 0, 3000);
+  spec.file_name = "lost.pdf";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  Exec("fr-1 keys", "DELETE FROM patient_keys WHERE patient_id = $1", patient);
+  // Another instance of the service: nothing of the patient's in its caches.
+  auto other = SharingServer::Create(stack_->config());
+  ASSERT_TRUE(other.ok()) << other.status();
+  ASSERT_TRUE((*other)->Start().ok());
+  Downloaded d = Download(pki_->practitioner(), record, "", true, (*other)->port());
+  EXPECT_EQ(d.status.error_code(), grpc::StatusCode::DATA_LOSS) << d.status.error_message();
+  EXPECT_THAT(d.status.error_message(), HasSubstr(record));
+  EXPECT_TRUE(d.content.empty());
+  v1::ListRecordsRequest request;
+  request.set_scope(v1::RECORD_SCOPE_PATIENT);
+  request.set_patient_id(patient);
+  v1::ListRecordsResponse listed;
+  grpc::ClientContext context;
+  grpc::Status status = Stub(pki_->practitioner(), (*other)->port())
+                            ->ListRecords(&context, request, &listed);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(listed.records_size(), 1);
+  EXPECT_EQ(listed.records(0).record_id(), record);
+  EXPECT_THAT(listed.records(0).damaged(), HasSubstr("does not hold patient key"));
+  (*other)->Shutdown();
 }
 
 TEST_F(SharingTest, ListRecordsPagesNewestFirstAcrossRegions) {
