@@ -1264,6 +1264,12 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
               absl::StrCat(consent::AccessReasonName(decision.reason), ": grantee=", grantee);
           return Deny<GrantInfo>(txn, entry, ConsentRefusal(decision, "sharing this record"));
         }
+        if (territory.code() == absl::StatusCode::kFailedPrecondition) {
+          // The residency rule keeps the grantee's tenant from reading: refused and audited as
+          // a grantee's download would be.
+          entry.reason = absl::StrCat("TERRITORY_NOT_PERMITTED: grantee=", grantee);
+          return Deny<GrantInfo>(txn, entry, absl::PermissionDeniedError(territory.message()));
+        }
         RETURN_IF_ERROR(territory);
         const int64_t others =
             txn.exec_prepared1(sql::kCountOtherActiveGrants, record_id, PgTime(now), grantee)[0]

@@ -1863,8 +1863,11 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
   ASSERT_TRUE(d.status.ok()) << d.status.error_message();
   EXPECT_EQ(d.content, spec.content);
   auto refused = Share(pki_->practitioner(), record, umbrella, ServerNow() + absl::Hours(1));
-  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kPermissionDenied);
   EXPECT_THAT(std::string(refused.status().message()), HasSubstr("US"));
+  // Refused as a download for it would be: audited.
+  EXPECT_TRUE(HasEntry(PatientAudit(patient), P1(), v1::AUDIT_ACTION_CREATE, record,
+                       "TERRITORY_NOT_PERMITTED"));
   // A cross-tenant grantee may read, not re-share or manage.
   EXPECT_EQ(Share(Cert("initech-p"), record, initech, ServerNow() + absl::Hours(1)).status().code(),
             absl::StatusCode::kInvalidArgument);
