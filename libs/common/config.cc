@@ -2,7 +2,6 @@
 #include "absl/strings/string_view.h"
 #include "libs/common/config.h"
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -14,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
+#include "libs/common/validation.h"
 
 namespace medgate {
 namespace {
@@ -273,12 +273,10 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
       ASSIGN_OR_RETURN(endpoint.identity,
                        s.String("identity", absl::StrCat(service_prefix, name)));
       // NAME as an identity's segments are (libs/identity/principal.cc): 1-128 of [A-Za-z0-9._-].
-      const absl::string_view service_name =
-          absl::string_view(endpoint.identity).substr(std::min(service_prefix.size(), endpoint.identity.size()));
-      if (!absl::StartsWith(endpoint.identity, service_prefix) || service_name.empty() ||
-          service_name.size() > 128 ||
-          service_name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                         "0123456789-_.") != absl::string_view::npos) {
+      if (!absl::StartsWith(endpoint.identity, service_prefix) ||
+          !ValidateIdentifier(absl::string_view(endpoint.identity).substr(service_prefix.size()),
+                              "identity", 128)
+               .ok()) {
         return KeyError(absl::StrCat("services.", name, ".identity"),
                         absl::StrCat("'", endpoint.identity, "' is not a service identity of this "
                                      "trust domain (", service_prefix, "NAME)"));

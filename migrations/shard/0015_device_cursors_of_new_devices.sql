@@ -20,9 +20,9 @@ BEGIN
       SELECT dc.tenant_id, dc.device_id, dc.max_seq FROM device_cursors dc
       WHERE dc.tenant_id = k.t AND dc.device_id = k.d FOR UPDATE) AS c
     ORDER BY k.n;
-  INSERT INTO device_cursors AS dc (tenant_id, device_id, max_seq)
-    SELECT * FROM unnest(tenants, devices, max_seqs)
-    ON CONFLICT (tenant_id, device_id) DO UPDATE
-    SET max_seq = GREATEST(dc.max_seq, EXCLUDED.max_seq), updated_at = now();
+  -- Every row exists and is locked by now: a plain update, not a second insert attempt.
+  UPDATE device_cursors AS dc SET max_seq = GREATEST(dc.max_seq, k.m), updated_at = now()
+    FROM unnest(tenants, devices, max_seqs) AS k(t, d, m)
+    WHERE dc.tenant_id = k.t AND dc.device_id = k.d;
 END;
 $$;

@@ -900,10 +900,9 @@ absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(const RecordInfo& record,
     if (!pool.ok()) return pool.status();
     absl::StatusOr<bool> still_named = (*pool)->TransactValue<bool>(
         [&](pqxx::work& txn) -> absl::StatusOr<bool> {
-          const pqxx::result now_named = txn.exec_params(
-              "SELECT 1 FROM record_keys WHERE record_id = $1 AND wrapped_by = $2",
-              record.record_id, patient_key_id.c_str());
-          return !now_named.empty();
+          return !txn.exec_prepared(sql::kRecordRestsOnKey, record.record_id,
+                                    patient_key_id.c_str())
+                      .empty();
         });
     if (!still_named.ok()) return still_named.status();
     if (*still_named) {

@@ -56,6 +56,7 @@ inline constexpr char kSelectRecord[] = "select_record";
 inline constexpr char kSelectRecordForShare[] = "select_record_for_share";
 inline constexpr char kSelectRecordForUpdate[] = "select_record_for_update";
 inline constexpr char kSelectRecordWithKey[] = "select_record_with_key";
+inline constexpr char kRecordRestsOnKey[] = "record_rests_on_key";
 inline constexpr char kSelectPatientKey[] = "select_patient_key";
 inline constexpr char kSetUploadIdleTimeout[] = "set_upload_idle_timeout";
 inline constexpr char kInsertPatientKey[] = "insert_patient_key";
@@ -127,6 +128,8 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kSelectPatientKey,
          "SELECT key_id, wrapped_by, wrapped_key FROM record_keys "
          "WHERE patient_id = $1 AND record_id IS NULL"},
+        // Whether record $1's data key is still wrapped by patient key $2.
+        {kRecordRestsOnKey, "SELECT 1 FROM record_keys WHERE record_id = $1 AND wrapped_by = $2"},
         // Bounds how long a multi-chunk upload's transaction may sit idle between two chunks
         // ($1 ms); it ends with the transaction.
         {kSetUploadIdleTimeout,
