@@ -112,10 +112,12 @@ struct StreamShared {
   VitalsStream* reactor = nullptr;
 };
 
+using Turn = std::shared_ptr<DeviceTurns::Turn>;
+
 class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck> {
  public:
   VitalsStream(IngestCore& core, StreamExecutor& executor, LatencyWindow& ack_latency,
-               absl::StatusOr<Principal> principal, std::string origin,
+               DeviceTurns& turns, absl::StatusOr<Principal> principal, std::string origin,
                std::unique_ptr<IngestService::DeviceStreamSlot> slot)
       : core_(core),
         executor_(executor),
@@ -130,16 +132,36 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     source_ =
         std::make_shared<const BatchSource>(BatchSource{principal_.spiffe_id, std::move(origin)});
     shared_->reactor = this;
+    // The stream reads once it holds its device's turn (DeviceTurns): now, or when the device's
+    // older stream is done with it. Not under the lock: taking the turn supersedes the older
+    // stream, which may hand the turn over (and call `start`) at once.
+    std::weak_ptr<StreamShared> weak = shared_;
+    DeviceTurns::Stream callbacks;
+    callbacks.supersede = [weak] {
+      std::shared_ptr<StreamShared> shared = weak.lock();
+      if (shared == nullptr) return;
+      Turn released;  // destroyed after the lock: it may start the next stream
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (shared->reactor != nullptr) released = shared->reactor->SupersedeLocked();
+    };
+    callbacks.start = [weak](Turn turn) {
+      std::shared_ptr<StreamShared> shared = weak.lock();
+      if (shared == nullptr) return;
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (shared->reactor != nullptr) shared->reactor->StartLocked(turn);
+    };
+    Turn turn = turns.Open(principal_.spiffe_id, std::move(callbacks));
     std::lock_guard<std::mutex> lock(shared_->mu);
-    read_outstanding_ = true;
-    StartRead(&incoming_);
+    if (turn != nullptr) StartLocked(turn);
   }
 
   void OnReadDone(bool ok) override {
     std::unique_lock<std::mutex> lock(shared_->mu);
     read_outstanding_ = false;
-    if (!ok) {
-      reads_done_ = true;
+    if (!ok || superseded_) {
+      // A batch read after a newer stream of the device opened is dropped unanswered: the
+      // device resends it there, after this stream's earlier batches.
+      reads_done_ = reads_done_ || !ok;
       MaybeFinishLocked();
       return;
     }
@@ -159,19 +181,20 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
       incoming_.Clear();
     }
     std::shared_ptr<StreamShared> shared = shared_;
+    Turn turn = turn_;  // each batch holds the device's turn until it is answered
     lock.unlock();
     // Most batches need nothing that waits (their routing and consent answers are in memory and
     // their writer's queue has room): they are processed here, on gRPC's callback thread, which
     // saves a hand-over to a worker thread per batch. What has to wait goes to a worker thread:
     // the whole batch when a look-up would, only its enqueueing when the writer's queue is full.
     IngestCore::Later later;
-    absl::Status status = Process(shared, batch_seq, samples, read_at, slot, &later);
+    absl::Status status = Process(shared, turn, batch_seq, samples, read_at, slot, &later);
     std::function<void()> rest;
     if (later.again) {
       // Untouched by Process: moved to the worker (a std::function's captures must be copyable).
-      rest = [this, shared, batch_seq, read_at, slot,
+      rest = [this, shared, turn, batch_seq, read_at, slot,
               held = std::make_shared<std::vector<Sample>>(std::move(samples))] {
-        absl::Status waited = Process(shared, batch_seq, *held, read_at, slot, nullptr);
+        absl::Status waited = Process(shared, turn, batch_seq, *held, read_at, slot, nullptr);
         Processed(shared, slot, waited);
       };
     } else if (later.enqueue) {
@@ -197,8 +220,10 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     busy.retry_after = absl::Seconds(1);
     lock.lock();
     processing_ = false;
+    Turn released = ReleaseTurnIfSupersededLocked();
     CompleteLocked(slot, ToAck(busy));
     ContinueLocked();
+    lock.unlock();
   }
 
   void OnWriteDone(bool ok) override {
@@ -213,23 +238,60 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     MaybeFinishLocked();
   }
 
+  void OnCancel() override {
+    // Reads and writes in progress end by themselves; a stream still waiting for its device's
+    // turn has none, and finishes here.
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    if (!fail_) fail_ = grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled");
+    MaybeFinishLocked();
+  }
+
   void OnDone() override {
     {
       std::lock_guard<std::mutex> lock(shared_->mu);
       shared_->reactor = nullptr;
     }
-    delete this;
+    delete this;  // gives up the device's turn, if the stream still holds it
+  }
+
+  // The device's turn has come (DeviceTurns): read, unless the stream is ending already. The
+  // turn is kept only then; otherwise it is passed on when the caller drops it.
+  void StartLocked(Turn& turn) {
+    if (fail_ || finished_ || broken_) return;
+    turn_ = std::move(turn);
+    ContinueLocked();
+  }
+
+  // A newer stream of the device opened: read no more, answer what was read, then end. Returns
+  // the device's turn for the caller to drop after unlocking, if nothing read is in processing.
+  [[nodiscard]] Turn SupersedeLocked() {
+    superseded_ = true;
+    if (!fail_) {
+      fail_ = grpc::Status(grpc::StatusCode::ABORTED,
+                           "a newer stream of this device opened; this one reads no more. "
+                           "Resend on the newer stream what this one did not acknowledge");
+    }
+    Turn released = ReleaseTurnIfSupersededLocked();
+    MaybeFinishLocked();
+    return released;
+  }
+
+  // The stream's own hold on the device's turn ends once it is superseded and processes no
+  // batch; the batches with the writer keep theirs until they are answered.
+  [[nodiscard]] Turn ReleaseTurnIfSupersededLocked() {
+    if (!superseded_ || processing_) return nullptr;
+    return std::move(turn_);
   }
 
  private:
   // Hands the batch to the core; with `later` (on gRPC's callback thread) it waits for nothing
   // and says what is left (IngestCore::Later).
-  absl::Status Process(const std::shared_ptr<StreamShared>& shared, uint64_t batch_seq,
-                       std::vector<Sample>& samples, absl::Time read_at, uint64_t slot,
-                       IngestCore::Later* later) {
+  absl::Status Process(const std::shared_ptr<StreamShared>& shared, const Turn& turn,
+                       uint64_t batch_seq, std::vector<Sample>& samples, absl::Time read_at,
+                       uint64_t slot, IngestCore::Later* later) {
     return core_.Process(
         principal_, source_, batch_seq, samples, poisoned_, read_at,
-        [shared, slot](BatchResult result) {
+        [shared, turn, slot](BatchResult result) {
           std::lock_guard<std::mutex> lock(shared->mu);
           if (shared->reactor != nullptr) shared->reactor->CompleteLocked(slot, ToAck(result));
         },
@@ -238,9 +300,11 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
 
   // The batch is with its writer, or answered: the stream may read its next one.
   void Processed(const std::shared_ptr<StreamShared>& shared, uint64_t slot, absl::Status status) {
+    Turn released;  // destroyed after the lock: it may start the device's next stream
     std::lock_guard<std::mutex> lock(shared->mu);
     if (shared->reactor == nullptr) return;
     processing_ = false;
+    released = ReleaseTurnIfSupersededLocked();
     if (!status.ok()) {
       // A problem with the stream itself: earlier batches still get their acks, then it ends.
       fail_ = ToGrpcStatus(status);
@@ -294,6 +358,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
 
   // Reads the next batch unless the stream owes too many acks (backpressure) or is ending.
   void ContinueLocked() {
+    if (turn_ == nullptr) return;  // waiting for the device's turn, or superseded
     if (read_outstanding_ || processing_ || reads_done_ || fail_ || broken_ || finished_) return;
     if (pending_.size() >= kMaxInFlightBatches) return;
     read_outstanding_ = true;
@@ -301,7 +366,8 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   }
 
   void MaybeFinishLocked() {
-    if (finished_ || processing_ || write_in_flight_ || read_outstanding_) return;
+    // A superseded stream does not wait for its device's next batch: that read ends with the call.
+    if (finished_ || processing_ || write_in_flight_ || (read_outstanding_ && !superseded_)) return;
     if (!(reads_done_ || fail_ || broken_)) return;
     if (!pending_.empty() && !broken_) return;
     finished_ = true;
@@ -323,6 +389,9 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   Principal principal_;
   std::shared_ptr<const BatchSource> source_;  // for the audit entries of its batches
   std::shared_ptr<std::atomic<bool>> poisoned_ = std::make_shared<std::atomic<bool>>(false);
+  // The device's turn while this stream may read (guarded by shared_->mu).
+  Turn turn_;
+  bool superseded_ = false;
   v1::VitalsBatch incoming_;
   v1::IngestAck outgoing_;
   // Guarded by shared_->mu.
@@ -376,8 +445,8 @@ grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* IngestService::StreamVi
           "stream, or close one first"));
     }
   }
-  return new VitalsStream(core_, executor_, ack_latency_, std::move(principal), context->peer(),
-                          std::move(slot));
+  return new VitalsStream(core_, executor_, ack_latency_, turns_, std::move(principal),
+                          context->peer(), std::move(slot));
 }
 
 grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,

@@ -11,6 +11,7 @@
 #include "libs/identity/authz.h"
 #include "libs/pg/shard_set.h"
 #include "medgate/v1/ingest.grpc.pb.h"
+#include "services/ingest/device_turns.h"
 #include "services/ingest/ingest_core.h"
 #include "services/ingest/stream_executor.h"
 
@@ -21,7 +22,8 @@ class IngestService final
  public:
   // `tenant_gate` (not owned) refuses ReadVitals to the identities of suspended or unregistered
   // tenants; a device's batches learn their tenant's state from routing's device answer.
-  // A device may have `max_streams_per_device` streams open at once.
+  // A device may have `max_streams_per_device` streams open at once; one of them reads and
+  // stores: a stream opening supersedes the device's older ones (DeviceTurns).
   IngestService(IngestCore& core, RoutingClient& routing, consent::ConsentCache& consent,
                 const pg::ShardSet& shards, std::string trust_domain, StreamExecutor& executor,
                 absl::Duration stats_interval, TenantGate* tenant_gate,
@@ -45,6 +47,7 @@ class IngestService final
   StreamExecutor& executor_;
   const int max_streams_per_device_;
   BoundedCounts<std::string> streams_per_device_;  // by the device's SPIFFE id
+  DeviceTurns turns_;                              // by the device's SPIFFE id
   // From a batch read off a stream to its ack handed to gRPC; logged as `ingest_ack_latency`
   // (acks, p50/p90/p99/max) by the first ack after each stats interval: a quiet service logs
   // nothing.

@@ -2,6 +2,7 @@
 // residency, acks after commit, duplicates, validation, consent, geolocation, shard failure.
 #include <signal.h>
 
+#include <atomic>
 #include <filesystem>
 #include <limits>
 #include <thread>
@@ -637,41 +638,87 @@ TEST_F(IngestTest, OnlyAssignedDevicesMayStreamAndOnlyDevicesMayStream) {
   EXPECT_EQ(Count("fr-1", "tenant_id = 'globex'"), 0);
 }
 
-TEST_F(IngestTest, ADeviceHasAtMostItsBoundOfStreamsOpen) {
-  std::string patient = PatientWithDevice("streams-fr", "FR", "dev-streams");
+// One stream of a device stores at a time (DeviceTurns): a device's batches are stored in the
+// order it sent them, so its seq cursor never passes a sample it has not stored.
+TEST_F(IngestTest, ANewStreamOfADeviceTakesOverOnlyOnceTheOlderOnesBatchesAreAnswered) {
+  std::string patient = PatientWithDevice("turns-fr", "FR", "dev-turns");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
-  auto stub = Ingest(Device("acme", "dev-streams"));
-  constexpr int kBound = 4;  // ingest.max_streams_per_device's default
-  uint64_t seq = 0;
-  std::vector<std::unique_ptr<DeviceStream>> open;
-  for (int i = 0; i < kBound; ++i) {
-    open.push_back(std::make_unique<DeviceStream>(*stub));
-    ++seq;
-    std::optional<v1::IngestAck> ack = open.back()->Send(Batch(seq, seq, 1));
-    ASSERT_TRUE(ack.has_value()) << open.back()->Finish().error_message();
-    EXPECT_EQ(ack->stored_count(), 1u);
-  }
-  DeviceStream extra(*stub);
-  EXPECT_FALSE(extra.Send(Batch(seq + 1, seq + 1, 1)).has_value());
-  grpc::Status refused = extra.Finish();
-  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_THAT(refused.error_message(), HasSubstr("max_streams_per_device"));
-  // The open streams still work; once one is closed, a new one may open.
-  ++seq;
-  std::optional<v1::IngestAck> ack = open.front()->Send(Batch(seq, seq, 1));
-  ASSERT_TRUE(ack.has_value());
-  EXPECT_EQ(ack->stored_count(), 1u);
-  EXPECT_TRUE(open.front()->Finish().ok());
-  open.erase(open.begin());
-  ++seq;
-  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(10), [&] {
-    DeviceStream again(*stub);
-    std::optional<v1::IngestAck> a = again.Send(Batch(seq, seq, 1));
-    again.Finish();
-    return a.has_value() && a->stored_count() == 1;
+  auto extra = StartIngest("ingest: {max_streams_per_device: 2}\n");
+  ASSERT_NE(extra, nullptr);
+  auto stub = Ingest(Device("acme", "dev-turns"), extra->server->port());
+  DeviceStream a(*stub);
+  ASSERT_EQ(a.Send(Batch(1, 1, 5))->stored_count(), 5u);
+
+  // Hold the device's cursor: A's next batch waits in its transaction.
+  pqxx::connection blocker(stack_->clusters().region("fr-1").ConnectionString());
+  pqxx::work hold(blocker);
+  ASSERT_EQ(hold.exec("SELECT 1 FROM device_cursors WHERE device_id = 'dev-turns' FOR UPDATE").size(), 1u);
+  ASSERT_TRUE(a.Write(Batch(2, 6, 5)));
+  pqxx::connection watcher(stack_->clusters().region("fr-1").ConnectionString());
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    pqxx::nontransaction q(watcher);
+    return q.exec1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")[0]
+               .as<int64_t>() > 0;
   }));
-  for (auto& s : open) EXPECT_TRUE(s->Finish().ok());
-  EXPECT_EQ(Count("fr-1", "device_id = 'dev-streams'"), static_cast<int64_t>(seq));
+
+  // B opens. Its batch needs no writer (its one sample is refused), yet it is not answered
+  // while A's batch is: B reads nothing before A's batches are answered.
+  DeviceStream b(*stub);
+  v1::VitalsBatch unknown = Batch(3, 11, 1);
+  unknown.mutable_samples(0)->set_loinc_code("0000-0");
+  ASSERT_TRUE(b.Write(unknown));
+  std::atomic<bool> b_answered = false;
+  std::optional<v1::IngestAck> b_ack;
+  std::thread b_reader([&] {
+    b_ack = b.Read();
+    b_answered = true;
+  });
+  absl::Cleanup join = [&] { b_reader.join(); };
+  // A stays open while it owes an ack and B waits for the turn: the device's bound is reached.
+  {
+    DeviceStream c(*stub);
+    EXPECT_FALSE(c.Send(Batch(4, 12, 1)).has_value());
+    grpc::Status refused = c.Finish();
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_THAT(refused.error_message(), HasSubstr("max_streams_per_device"));
+  }
+  absl::SleepFor(absl::Seconds(1));
+  EXPECT_FALSE(b_answered.load()) << "B's batch was answered while A's was unanswered";
+  hold.commit();
+
+  // A answers what it read, then ends: superseded.
+  std::optional<v1::IngestAck> a_ack = a.Read();
+  ASSERT_TRUE(a_ack.has_value());
+  EXPECT_EQ(a_ack->batch_seq(), 2u);
+  EXPECT_EQ(a_ack->stored_count(), 5u);
+  grpc::Status ended = a.Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::ABORTED);
+  EXPECT_THAT(ended.error_message(), HasSubstr("newer stream of this device"));
+  std::move(join).Invoke();
+  ASSERT_TRUE(b_ack.has_value());
+  EXPECT_EQ(b_ack->rejected_count(), 1u);
+  EXPECT_EQ(b_ack->stored_count(), 0u);
+  std::optional<v1::IngestAck> stored = b.Send(Batch(5, 12, 5));
+  ASSERT_TRUE(stored.has_value());
+  EXPECT_EQ(stored->stored_count(), 5u);
+  EXPECT_EQ(stored->duplicate_count(), 0u);
+  EXPECT_TRUE(b.Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-turns'"), 15);
+}
+
+TEST_F(IngestTest, AStreamSupersededWhileItWaitsForItsReadEndsAtOnce) {
+  std::string patient = PatientWithDevice("turns-idle-fr", "FR", "dev-turns-idle");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto stub = Ingest(Device("acme", "dev-turns-idle"));
+  DeviceStream a(*stub);
+  ASSERT_EQ(a.Send(Batch(1, 1, 3))->stored_count(), 3u);
+  // A's device reconnects while A idles (a lingering connection): A ends, B stores.
+  DeviceStream b(*stub);
+  ASSERT_EQ(b.Send(Batch(2, 4, 3))->stored_count(), 3u);
+  grpc::Status ended = a.Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::ABORTED);
+  EXPECT_TRUE(b.Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-turns-idle'"), 6);
 }
 
 TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
