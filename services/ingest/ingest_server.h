@@ -79,6 +79,10 @@ class IngestServer {
   // Batches handed to a worker thread since start: those that had to wait for routing, consent
   // or room in a writer's queue (the others are processed on gRPC's callback threads).
   uint64_t batches_handed_to_workers() const { return executor_->accepted(); }
+  // Streams the device with this SPIFFE id has open, superseded ones still ending included.
+  int device_streams(const std::string& spiffe_id) const {
+    return service_->device_streams(spiffe_id);
+  }
   // Passes of the partition keeper that covered every region (for tests).
   uint64_t partition_passes() const { return partition_passes_.load(); }
 

@@ -38,6 +38,11 @@ class IngestService final
   grpc::Status ReadVitals(grpc::ServerContext* context, const v1::ReadVitalsRequest* request,
                           grpc::ServerWriter<v1::ReadVitalsResponse>* writer) override;
 
+  // Streams the device with this SPIFFE id has open, superseded ones still ending included.
+  int device_streams(const std::string& spiffe_id) const {
+    return streams_per_device_.count(spiffe_id);
+  }
+
  private:
   IngestCore& core_;
   RoutingClient& routing_;

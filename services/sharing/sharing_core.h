@@ -154,6 +154,11 @@ struct SharingOptions {
   // rate, or it ends (DEADLINE_EXCEEDED): a client trickling bytes cannot hold its connection and
   // transaction for good.
   int64_t upload_min_bytes_per_second = 16 * 1024;
+  // Longest wait for a download's client to take its next chunk before the download ends
+  // (DEADLINE_EXCEEDED); and, once it has run longer than that, the lowest average rate it may
+  // have been read at.
+  absl::Duration download_idle_timeout = absl::Seconds(30);
+  int64_t download_min_bytes_per_second = 16 * 1024;
   // Uploads one tenant may have in progress to one region at once: the region's upload
   // connections are shared by every tenant, and one tenant must not take them all.
   int max_uploads_per_tenant = 4;
@@ -230,6 +235,8 @@ class SharingCore {
   absl::Time Now() const { return options_.clock(); }
   absl::Duration upload_idle_timeout() const { return options_.upload_idle_timeout; }
   int64_t upload_min_bytes_per_second() const { return options_.upload_min_bytes_per_second; }
+  absl::Duration download_idle_timeout() const { return options_.download_idle_timeout; }
+  int64_t download_min_bytes_per_second() const { return options_.download_min_bytes_per_second; }
 
   // For uploads and downloads in progress: accounts bytes they hold, checks the tenant's quota,
   // and hashes beside encrypting when a core is idle.

@@ -18,6 +18,7 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
   ASSIGN_OR_RETURN(ConfigNode node, config.root.Child("sharing"));
   RETURN_IF_ERROR(node.OnlyKeys({"kek_file", "kek_env", "tenant_quota_bytes", "tenant_quotas",
                                  "upload_idle_timeout_seconds", "upload_min_bytes_per_second",
+                                 "download_idle_timeout_seconds", "download_min_bytes_per_second",
                                  "max_uploads_per_tenant", "max_downloads_per_tenant",
                                  "retention_sweep_seconds"}));
   SharingSettings settings;
@@ -44,6 +45,10 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
   settings.max_downloads_per_tenant = static_cast<int>(downloads);
   ASSIGN_OR_RETURN(settings.upload_min_bytes_per_second,
                    node.Int("upload_min_bytes_per_second", 1, int64_t{1} << 30, 16 * 1024));
+  ASSIGN_OR_RETURN(int64_t download_idle, node.Int("download_idle_timeout_seconds", 1, 3600, 30));
+  settings.download_idle_timeout = absl::Seconds(download_idle);
+  ASSIGN_OR_RETURN(settings.download_min_bytes_per_second,
+                   node.Int("download_min_bytes_per_second", 1, int64_t{1} << 30, 16 * 1024));
   ASSIGN_OR_RETURN(int64_t sweep, node.Int("retention_sweep_seconds", 1, 86400, 60));
   settings.retention_sweep_interval = absl::Seconds(sweep);
   return settings;
@@ -119,6 +124,8 @@ SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settin
   core_options.tenant_quota_bytes = settings_.tenant_quotas;
   core_options.upload_idle_timeout = settings_.upload_idle_timeout;
   core_options.upload_min_bytes_per_second = settings_.upload_min_bytes_per_second;
+  core_options.download_idle_timeout = settings_.download_idle_timeout;
+  core_options.download_min_bytes_per_second = settings_.download_min_bytes_per_second;
   core_options.max_uploads_per_tenant = settings_.max_uploads_per_tenant;
   core_options.max_downloads_per_tenant = settings_.max_downloads_per_tenant;
   core_options.unused_vault_key_grace = UnusedVaultKeyGrace(config);

@@ -36,6 +36,8 @@ namespace medgate::sharing {
 //     tenant_quotas: {acme: 1073741824} # per-tenant overrides
 //     upload_idle_timeout_seconds: 30   # longest pause between two chunks of an upload
 //     upload_min_bytes_per_second: 16384  # an upload's lowest average rate past that pause
+//     download_idle_timeout_seconds: 30   # longest wait for a download's client to take a chunk
+//     download_min_bytes_per_second: 16384  # a download's lowest average rate past that wait
 //     max_uploads_per_tenant: 4         # uploads in progress per tenant and region
 //     max_downloads_per_tenant: 8       # downloads in progress per tenant and region
 //     retention_sweep_seconds: 60       # how often the retention and key sweep runs
@@ -47,6 +49,8 @@ struct SharingSettings {
   std::map<std::string, int64_t> tenant_quotas;
   absl::Duration upload_idle_timeout = absl::Seconds(30);
   int64_t upload_min_bytes_per_second = 16 * 1024;
+  absl::Duration download_idle_timeout = absl::Seconds(30);
+  int64_t download_min_bytes_per_second = 16 * 1024;
   int max_uploads_per_tenant = 4;
   int max_downloads_per_tenant = 8;
   absl::Duration retention_sweep_interval = absl::Seconds(60);

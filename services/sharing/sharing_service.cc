@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
@@ -67,14 +68,12 @@ absl::StatusOr<RecordKind> KindOf(v1::RecordKind kind, absl::string_view field, 
 
 }  // namespace
 
-UploadIdleWatch::UploadIdleWatch(absl::Duration limit)
+StallWatch::StallWatch(absl::Duration limit, std::string message)
     : limit_(absl::ToChronoMilliseconds(limit)),
-      message_(absl::StrCat("the upload sent nothing for ", absl::FormatDuration(limit),
-                            " (sharing.upload_idle_timeout_seconds); nothing was stored, upload "
-                            "again")),
+      message_(std::move(message)),
       thread_([this] { Run(); }) {}
 
-UploadIdleWatch::~UploadIdleWatch() {
+StallWatch::~StallWatch() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
@@ -83,47 +82,47 @@ UploadIdleWatch::~UploadIdleWatch() {
   thread_.join();
 }
 
-UploadIdleWatch::Call::Call(UploadIdleWatch& watch, grpc::ServerContext& context)
+StallWatch::Call::Call(StallWatch& watch, grpc::ServerContext& context)
     : watch_(watch), context_(context) {
   std::lock_guard<std::mutex> lock(watch_.mu_);
   watch_.calls_.insert(this);
 }
 
-UploadIdleWatch::Call::~Call() {
+StallWatch::Call::~Call() {
   std::lock_guard<std::mutex> lock(watch_.mu_);
   watch_.calls_.erase(this);
 }
 
-void UploadIdleWatch::Call::Reading() {
+void StallWatch::Call::Blocked() {
   bool wake = false;
   {
     std::lock_guard<std::mutex> lock(watch_.mu_);
-    reading_since_ = Clock::now();
-    std::swap(wake, watch_.waiting_for_a_read_);
+    blocked_since_ = Clock::now();
+    std::swap(wake, watch_.waiting_for_a_block_);
   }
   if (wake) watch_.cv_.notify_one();
 }
 
-void UploadIdleWatch::Call::Received() {
+void StallWatch::Call::Unblocked() {
   std::lock_guard<std::mutex> lock(watch_.mu_);
-  reading_since_.reset();
+  blocked_since_.reset();
 }
 
-bool UploadIdleWatch::Call::fired() {
+bool StallWatch::Call::fired() {
   std::lock_guard<std::mutex> lock(watch_.mu_);
   return fired_;
 }
 
-void UploadIdleWatch::Run() {
+void StallWatch::Run() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
     const Clock::time_point now = Clock::now();
     std::optional<Clock::time_point> next;
     for (Call* call : calls_) {
-      if (!call->reading_since_ || call->fired_) continue;
-      const Clock::time_point due = *call->reading_since_ + limit_;
+      if (!call->blocked_since_ || call->fired_) continue;
+      const Clock::time_point due = *call->blocked_since_ + limit_;
       if (due <= now) {
-        // Ends the blocked read; the client receives this status.
+        // Ends the blocked read or write; the client receives this status.
         call->fired_ = true;
         grpc_call_cancel_with_status(call->context_.c_call(), GRPC_STATUS_DEADLINE_EXCEEDED,
                                      message_.c_str(), nullptr);
@@ -134,9 +133,9 @@ void UploadIdleWatch::Run() {
     if (next) {
       cv_.wait_until(lock, *next);
     } else {
-      waiting_for_a_read_ = true;
+      waiting_for_a_block_ = true;
       cv_.wait(lock);
-      waiting_for_a_read_ = false;
+      waiting_for_a_block_ = false;
     }
   }
 }
@@ -144,7 +143,15 @@ void UploadIdleWatch::Run() {
 SharingService::SharingService(SharingCore& core, std::string trust_domain,
                                TenantGate* tenant_gate)
     : core_(core),
-      idle_watch_(core.upload_idle_timeout()),
+      upload_watch_(core.upload_idle_timeout(),
+                    absl::StrCat("the upload sent nothing for ",
+                                 absl::FormatDuration(core.upload_idle_timeout()),
+                                 " (sharing.upload_idle_timeout_seconds); nothing was stored, "
+                                 "upload again")),
+      download_watch_(core.download_idle_timeout(),
+                      absl::StrCat("the download took nothing for ",
+                                   absl::FormatDuration(core.download_idle_timeout()),
+                                   " (sharing.download_idle_timeout_seconds); download again")),
       policy_(std::move(trust_domain), {{"UploadRecord", {K::kPractitioner}},
                                         {"ShareRecord", {K::kPractitioner}},
                                         {"RevokeShare", {K::kPractitioner}},
@@ -167,11 +174,11 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
                                           v1::UploadRecordResponse* response) {
   absl::StatusOr<Principal> principal = policy_.Authorize(*context, "UploadRecord");
   if (!principal.ok()) return ToGrpcStatus(principal.status());
-  UploadIdleWatch::Call idle(idle_watch_, *context);
+  StallWatch::Call idle(upload_watch_, *context);
   auto read = [&](v1::UploadRecordRequest* next) {
-    idle.Reading();
+    idle.Blocked();
     const bool got = reader->Read(next);
-    idle.Received();
+    idle.Unblocked();
     return got;
   };
   auto ended = [&] {
@@ -322,21 +329,51 @@ grpc::Status SharingService::DownloadRecord(
   absl::StatusOr<std::unique_ptr<Download>> download =
       core_.OpenDownload(*ctx, request->record_id(), request->break_glass_reason());
   if (!download.ok()) return ToGrpcStatus(download.status());
+  // A download holds a thread and one of its tenant's download places: a client that stops
+  // reading, or reads too slowly, is not let keep them (sharing.download_idle_timeout_seconds and
+  // download_min_bytes_per_second).
+  StallWatch::Call stall(download_watch_, *context);
+  const absl::Time started = absl::Now();
+  const absl::Duration grace = core_.download_idle_timeout();
+  const int64_t min_rate = core_.download_min_bytes_per_second();
+  uint64_t sent = 0;
+  // Blocks until the transport takes the message: a slow reader slows the download.
+  auto write = [&](const v1::DownloadRecordResponse& m) -> grpc::Status {
+    stall.Blocked();
+    const bool written = writer->Write(m);
+    stall.Unblocked();
+    if (!written) {
+      if (stall.fired()) {
+        log::Warning("download_idle_timeout", {{"method", "DownloadRecord"}, {"bytes", sent}});
+        return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "download stalled");
+      }
+      return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+    }
+    sent += m.chunk().data().size();
+    const absl::Duration elapsed = absl::Now() - started;
+    if (elapsed > grace && static_cast<double>(sent) <
+                               static_cast<double>(min_rate) * absl::ToDoubleSeconds(elapsed)) {
+      log::Warning("download_too_slow", {{"method", "DownloadRecord"}, {"bytes", sent}});
+      return grpc::Status(
+          grpc::StatusCode::DEADLINE_EXCEEDED,
+          absl::StrCat("the download averaged ",
+                       static_cast<int64_t>(static_cast<double>(sent) /
+                                            absl::ToDoubleSeconds(elapsed)),
+                       " bytes/s, under the minimum of ", min_rate,
+                       " (sharing.download_min_bytes_per_second); download again"));
+    }
+    return grpc::Status::OK;
+  };
   v1::DownloadRecordResponse message;
   ToProto((*download)->record(), message.mutable_header());
-  if (!writer->Write(message)) {
-    return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
-  }
+  if (grpc::Status s = write(message); !s.ok()) return s;
   message.Clear();
   std::string* data = message.mutable_chunk()->mutable_data();
   while (true) {
     absl::StatusOr<bool> more = (*download)->Next(data);
     if (!more.ok()) return ToGrpcStatus(more.status());
     if (!*more) break;
-    // Blocks until the transport takes the message: a slow reader slows the download.
-    if (!writer->Write(message)) {
-      return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
-    }
+    if (grpc::Status s = write(message); !s.ok()) return s;
   }
   return grpc::Status::OK;
 }

@@ -19,30 +19,32 @@
 
 namespace medgate::sharing {
 
-// Ends uploads whose client has sent nothing for the idle timeout while the server waited for
-// its next message: the blocked read returns and the client gets DEADLINE_EXCEEDED saying why.
-// Time the server spends storing what it received does not count. One thread for all uploads.
-class UploadIdleWatch {
+// Ends transfers whose client has not moved for the idle timeout while the server waited on it:
+// an upload that sent nothing while the server waited for its next message, a download that took
+// nothing while the server waited to hand over its next chunk. The blocked read or write returns
+// and the client gets DEADLINE_EXCEEDED with `message`. Time the server spends on its own part
+// (storing, reading the shard) does not count. One thread for all the calls of one watch.
+class StallWatch {
  public:
-  explicit UploadIdleWatch(absl::Duration limit);
-  ~UploadIdleWatch();
+  StallWatch(absl::Duration limit, std::string message);
+  ~StallWatch();
 
-  // One upload call, watched while it exists.
+  // One call, watched while it exists.
   class Call {
    public:
-    Call(UploadIdleWatch& watch, grpc::ServerContext& context);
+    Call(StallWatch& watch, grpc::ServerContext& context);
     ~Call();
-    // Around each blocking read of the stream.
-    void Reading();
-    void Received();
+    // Around each blocking read or write of the stream.
+    void Blocked();
+    void Unblocked();
     // The watch ended the call.
     bool fired();
 
    private:
-    friend class UploadIdleWatch;
-    UploadIdleWatch& watch_;
+    friend class StallWatch;
+    StallWatch& watch_;
     grpc::ServerContext& context_;
-    std::optional<std::chrono::steady_clock::time_point> reading_since_;
+    std::optional<std::chrono::steady_clock::time_point> blocked_since_;
     bool fired_ = false;
   };
 
@@ -56,9 +58,9 @@ class UploadIdleWatch {
   std::condition_variable cv_;
   std::set<Call*> calls_;
   bool stopping_ = false;
-  // The watcher waits without a deadline (no call was reading): the next read must wake it.
-  // Otherwise it need not: with one fixed limit a new read is never due before the others.
-  bool waiting_for_a_read_ = false;
+  // The watcher waits without a deadline (no call was blocked): the next block must wake it.
+  // Otherwise it need not: with one fixed limit a new block is never due before the others.
+  bool waiting_for_a_block_ = false;
   std::thread thread_;  // last: starts once the rest is set
 };
 
@@ -92,7 +94,8 @@ class SharingService final : public v1::RecordSharing::Service {
                                     const std::string& request_id);
 
   SharingCore& core_;
-  UploadIdleWatch idle_watch_;
+  StallWatch upload_watch_;
+  StallWatch download_watch_;
   RpcPolicy policy_;
 };
 

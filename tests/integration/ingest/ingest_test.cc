@@ -142,9 +142,16 @@ class IngestTest : public ::testing::Test {
     MedgateConfig config;
     std::unique_ptr<IngestServer> server;
   };
-  static std::unique_ptr<ExtraIngest> StartIngest(const std::string& ingest_yaml) {
+  // A `statement_timeout_ms` other than 0 replaces the regions' shard statement timeout.
+  static std::unique_ptr<ExtraIngest> StartIngest(const std::string& ingest_yaml,
+                                                  int statement_timeout_ms = 0) {
     auto extra = std::make_unique<ExtraIngest>();
     extra->config = stack_->config();
+    if (statement_timeout_ms != 0) {
+      for (RegionConfig& region : extra->config.regions) {
+        region.db.statement_timeout_ms = statement_timeout_ms;
+      }
+    }
     absl::StatusOr<ConfigNode> node = ConfigNode::Parse(ingest_yaml);
     EXPECT_TRUE(node.ok()) << node.status();
     if (!node.ok()) return nullptr;
@@ -643,9 +650,13 @@ TEST_F(IngestTest, OnlyAssignedDevicesMayStreamAndOnlyDevicesMayStream) {
 TEST_F(IngestTest, ANewStreamOfADeviceTakesOverOnlyOnceTheOlderOnesBatchesAreAnswered) {
   std::string patient = PatientWithDevice("turns-fr", "FR", "dev-turns");
   Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
-  auto extra = StartIngest("ingest: {max_streams_per_device: 2}\n");
+  // The writer waits for the test's lock below far longer than the shard's default 5 s.
+  std::string ingest_yaml = "ingest: {max_streams_per_device: 2}\n";
+  auto extra = StartIngest(ingest_yaml, 600000);
   ASSERT_NE(extra, nullptr);
-  auto stub = Ingest(Device("acme", "dev-turns"), extra->server->port());
+  const TestCert device = Device("acme", "dev-turns");
+  const std::string device_id = pki().SpiffeId("/tenant/acme/device/dev-turns");
+  auto stub = Ingest(device, extra->server->port());
   DeviceStream a(*stub);
   ASSERT_EQ(a.Send(Batch(1, 1, 5))->stored_count(), 5u);
 
@@ -657,7 +668,8 @@ TEST_F(IngestTest, ANewStreamOfADeviceTakesOverOnlyOnceTheOlderOnesBatchesAreAns
   pqxx::connection watcher(stack_->clusters().region("fr-1").ConnectionString());
   ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
     pqxx::nontransaction q(watcher);
-    return q.exec1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")[0]
+    return q.exec1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE '%medgate_advance_device_cursors%'")[0]
                .as<int64_t>() > 0;
   }));
 
@@ -674,6 +686,8 @@ TEST_F(IngestTest, ANewStreamOfADeviceTakesOverOnlyOnceTheOlderOnesBatchesAreAns
     b_answered = true;
   });
   absl::Cleanup join = [&] { b_reader.join(); };
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                        [&] { return extra->server->device_streams(device_id) == 2; }));
   // A stays open while it owes an ack and B waits for the turn: the device's bound is reached.
   {
     DeviceStream c(*stub);
@@ -704,6 +718,9 @@ TEST_F(IngestTest, ANewStreamOfADeviceTakesOverOnlyOnceTheOlderOnesBatchesAreAns
   EXPECT_EQ(stored->duplicate_count(), 0u);
   EXPECT_TRUE(b.Finish().ok());
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-turns'"), 15);
+  // Every stream that ended gave its place back.
+  EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                        [&] { return extra->server->device_streams(device_id) == 0; }));
 }
 
 TEST_F(IngestTest, AStreamSupersededWhileItWaitsForItsReadEndsAtOnce) {
@@ -712,9 +729,11 @@ TEST_F(IngestTest, AStreamSupersededWhileItWaitsForItsReadEndsAtOnce) {
   auto stub = Ingest(Device("acme", "dev-turns-idle"));
   DeviceStream a(*stub);
   ASSERT_EQ(a.Send(Batch(1, 1, 3))->stored_count(), 3u);
-  // A's device reconnects while A idles (a lingering connection): A ends, B stores.
+  // A's device reconnects while A idles (a lingering connection): B stores, and A ends without
+  // its client closing it (the server does not wait for A's next batch).
   DeviceStream b(*stub);
   ASSERT_EQ(b.Send(Batch(2, 4, 3))->stored_count(), 3u);
+  EXPECT_FALSE(a.Read().has_value());
   grpc::Status ended = a.Finish();
   EXPECT_EQ(ended.error_code(), grpc::StatusCode::ABORTED);
   EXPECT_TRUE(b.Finish().ok());

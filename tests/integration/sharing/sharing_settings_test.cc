@@ -28,6 +28,8 @@ TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
       "  tenant_quotas: {acme: 5000, globex: 0}\n"
       "  upload_idle_timeout_seconds: 45\n"
       "  upload_min_bytes_per_second: 2048\n"
+      "  download_idle_timeout_seconds: 50\n"
+      "  download_min_bytes_per_second: 4096\n"
       "  max_uploads_per_tenant: 3\n"
       "  max_downloads_per_tenant: 5\n"
       "  retention_sweep_seconds: 120\n");
@@ -40,6 +42,8 @@ TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
   EXPECT_EQ(s->tenant_quotas.at("globex"), 0);
   EXPECT_EQ(s->upload_idle_timeout, absl::Seconds(45));
   EXPECT_EQ(s->upload_min_bytes_per_second, 2048);
+  EXPECT_EQ(s->download_idle_timeout, absl::Seconds(50));
+  EXPECT_EQ(s->download_min_bytes_per_second, 4096);
   EXPECT_EQ(s->max_uploads_per_tenant, 3);
   EXPECT_EQ(s->max_downloads_per_tenant, 5);
   EXPECT_EQ(s->retention_sweep_interval, absl::Seconds(120));
@@ -53,6 +57,8 @@ TEST(SharingSettingsTest, DefaultsBesideTheKeySource) {
   EXPECT_TRUE(s->tenant_quotas.empty());
   EXPECT_EQ(s->upload_idle_timeout, absl::Seconds(30));
   EXPECT_EQ(s->upload_min_bytes_per_second, 16 * 1024);
+  EXPECT_EQ(s->download_idle_timeout, absl::Seconds(30));
+  EXPECT_EQ(s->download_min_bytes_per_second, 16 * 1024);
   EXPECT_EQ(s->max_uploads_per_tenant, 4);
   EXPECT_EQ(s->max_downloads_per_tenant, 8);
   EXPECT_EQ(s->retention_sweep_interval, absl::Seconds(60));
@@ -75,6 +81,8 @@ TEST(SharingSettingsTest, AValueOutOfRangeNamesItsKey) {
       {"upload_min_bytes_per_second", "0"},  {"max_uploads_per_tenant", "0"},
       {"max_downloads_per_tenant", "0"},     {"max_downloads_per_tenant", "10001"},
       {"retention_sweep_seconds", "0"},      {"max_uploads_per_tenant", "many"},
+      {"download_idle_timeout_seconds", "0"}, {"download_idle_timeout_seconds", "3601"},
+      {"download_min_bytes_per_second", "0"},
   };
   for (const auto& [key, value] : bad) {
     absl::StatusOr<SharingSettings> s =

@@ -437,9 +437,9 @@ class SharingTest : public ::testing::Test {
     return out;
   }
 
-  static std::string UploadOk(const TestCert& as, const UploadSpec& spec) {
+  static std::string UploadOk(const TestCert& as, const UploadSpec& spec, int port = 0) {
     v1::UploadRecordResponse response;
-    grpc::Status status = Upload(as, spec, &response);
+    grpc::Status status = Upload(as, spec, &response, port);
     EXPECT_TRUE(status.ok()) << status.error_message();
     return response.record_id();
   }
@@ -476,6 +476,32 @@ class SharingTest : public ::testing::Test {
     out.sha256 = hasher.Finish();
     out.status = reader->Finish();
     return out;
+  }
+
+  // A download whose client reads the header and then nothing: on its own connection with a
+  // small window, so the service soon waits to send and the download stays in progress.
+  struct Stalled {
+    std::unique_ptr<v1::RecordSharing::Stub> stub;
+    grpc::ClientContext context;
+    std::unique_ptr<grpc::ClientReader<v1::DownloadRecordResponse>> reader;
+  };
+  static std::unique_ptr<Stalled> StalledDownload(const TestCert& as, const std::string& record_id,
+                                                  int port = 0) {
+    auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60},
+                                        Id("/service/sharing"));
+    EXPECT_TRUE(creds.ok()) << creds.status();
+    auto s = std::make_unique<Stalled>();
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
+    s->stub = v1::RecordSharing::NewStub(grpc::CreateCustomChannel(
+        absl::StrCat("127.0.0.1:", port != 0 ? port : sharing_->port()), *creds, args));
+    s->context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    v1::DownloadRecordRequest request;
+    request.set_record_id(record_id);
+    s->reader = s->stub->DownloadRecord(&s->context, request);
+    return s;
   }
 
   static absl::StatusOr<v1::ShareRecordResponse> Share(const TestCert& as,
@@ -2145,31 +2171,7 @@ TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
   spec.content = Generate(99, 0, 4 * kMiB);
   const std::string record = UploadOk(pki_->practitioner(), spec);
 
-  // Downloads whose client reads the header and then nothing: each on its own connection with a
-  // small window, so the service soon waits to send and the download stays in progress.
-  struct Stalled {
-    std::unique_ptr<v1::RecordSharing::Stub> stub;
-    grpc::ClientContext context;
-    std::unique_ptr<grpc::ClientReader<v1::DownloadRecordResponse>> reader;
-  };
-  const TestCert& as = pki_->practitioner();
-  auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60},
-                                      Id("/service/sharing"));
-  ASSERT_TRUE(creds.ok()) << creds.status();
-  auto stall = [&]() {
-    auto s = std::make_unique<Stalled>();
-    grpc::ChannelArguments args;
-    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
-    s->stub = v1::RecordSharing::NewStub(grpc::CreateCustomChannel(
-        absl::StrCat("127.0.0.1:", sharing_->port()), *creds, args));
-    s->context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
-    v1::DownloadRecordRequest request;
-    request.set_record_id(record);
-    s->reader = s->stub->DownloadRecord(&s->context, request);
-    return s;
-  };
+  auto stall = [&] { return StalledDownload(pki_->practitioner(), record); };
   constexpr int kBound = 8;  // sharing.max_downloads_per_tenant's default
   std::vector<std::unique_ptr<Stalled>> running;
   for (int i = 0; i < kBound; ++i) {
@@ -2202,6 +2204,73 @@ TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
     Downloaded again = Download(pki_->practitioner(), record);
     return again.status.ok() && again.content == spec.content;
   }));
+}
+
+// A client that stops reading does not keep its download (a thread and one of its tenant's
+// places) for good: past sharing.download_idle_timeout_seconds it ends, and the place is free.
+TEST_F(SharingTest, ADownloadWhoseClientStopsReadingEndsAndGivesBackItsPlace) {
+  std::unique_ptr<MedgateConfig> config =
+      ConfigWith("retention_sweep_seconds: 86400",
+                 "retention_sweep_seconds: 86400\n  download_idle_timeout_seconds: 1\n"
+                 "  max_downloads_per_tenant: 1");
+  auto server = SharingServer::Create(*config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  const int port = (*server)->port();
+  UploadSpec spec;
+  spec.patient_id = Place("download-stall-1", "FR");
+  spec.content = Generate(97, 0, 4 * kMiB);
+  const std::string record = UploadOk(pki_->practitioner(), spec, port);
+
+  std::unique_ptr<Stalled> stalled = StalledDownload(pki_->practitioner(), record, port);
+  v1::DownloadRecordResponse message;
+  ASSERT_TRUE(stalled->reader->Read(&message)) << stalled->reader->Finish().error_message();
+  ASSERT_TRUE(message.has_header());
+  // The tenant's one place is taken until the stalled download ends; then a download works.
+  EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    Downloaded again = Download(pki_->practitioner(), record, "", true, port);
+    return again.status.ok() && again.content == spec.content;
+  }));
+  // The stalled client reads what reached it before the end, then learns why it ended.
+  uint64_t received = 0;
+  while (stalled->reader->Read(&message)) received += message.chunk().data().size();
+  grpc::Status ended = stalled->reader->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << ended.error_message();
+  EXPECT_THAT(ended.error_message(), HasSubstr("download_idle_timeout_seconds"));
+  EXPECT_LT(received, spec.content.size());
+  (*server)->Shutdown();
+}
+
+// A client that keeps reading, but too slowly to matter, is not let hold its download either:
+// past the idle timeout it must have averaged sharing.download_min_bytes_per_second.
+TEST_F(SharingTest, ADownloadReadUnderTheMinimumRateEnds) {
+  std::unique_ptr<MedgateConfig> config =
+      ConfigWith("retention_sweep_seconds: 86400",
+                 "retention_sweep_seconds: 86400\n  download_idle_timeout_seconds: 2\n"
+                 "  download_min_bytes_per_second: 100000000");
+  auto server = SharingServer::Create(*config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  const int port = (*server)->port();
+  UploadSpec spec;
+  spec.patient_id = Place("download-slow-1", "FR");
+  spec.content = Generate(98, 0, 12 * kMiB);
+  const std::string record = UploadOk(pki_->practitioner(), spec, port);
+
+  // A 1 MiB chunk every 400 ms: never idle for the 2 s allowed (unless the machine stalls for
+  // 1.6 s), but about 2.6 MB/s, under the 100 MB/s this server asks for.
+  std::unique_ptr<Stalled> slow = StalledDownload(pki_->practitioner(), record, port);
+  v1::DownloadRecordResponse message;
+  uint64_t received = 0;
+  while (slow->reader->Read(&message)) {
+    received += message.chunk().data().size();
+    absl::SleepFor(absl::Milliseconds(400));
+  }
+  grpc::Status ended = slow->reader->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << ended.error_message();
+  EXPECT_THAT(ended.error_message(), HasSubstr("under the minimum of 100000000"));
+  EXPECT_LT(received, spec.content.size());
+  (*server)->Shutdown();
 }
 
 TEST_F(SharingTest, AnotherKeyEncryptionKeyCannotReadOrWrite) {
