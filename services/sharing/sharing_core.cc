@@ -1204,17 +1204,26 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
         // grant, not beyond it. Asked of the record as read, before anything is asked about the
         // patient (a caller of another tenant without a grant learns nothing of the record, not
         // even from how long the answer took), and again once it is locked.
-        auto may_share = [&](const RecordInfo& r) -> absl::Status {
-          if (r.owner == ctx.principal.spiffe_id) return absl::OkStatus();
+        // A refusal to a caller the record is visible to is audited, as a download refused to
+        // them would be; one of another tenant without a grant learns (and leaves) nothing.
+        auto may_share = [&](const RecordInfo& r) -> absl::StatusOr<Outcome<GrantInfo>> {
+          if (r.owner == ctx.principal.spiffe_id) return Outcome<GrantInfo>{};
           std::optional<GrantInfo> mine = LatestGrant(txn, record_id, ctx.principal.spiffe_id);
           const bool active = mine && IsActive(*mine, now);
+          auto refuse = [&](absl::string_view reason, absl::string_view message) {
+            audit::Entry entry = AuditEntryFor(ctx, audit::Action::kCreate, "share_grant",
+                                               record_id, r.tenant_id, r.patient_id, "");
+            entry.reason = absl::StrCat(reason, ": grantee=", grantee);
+            return Deny<GrantInfo>(txn, entry, absl::PermissionDeniedError(message));
+          };
           if (r.tenant_id != ctx.principal.tenant) {
             if (!active) return RecordNotFound(record_id);
-            return absl::PermissionDeniedError(
-                "only practitioners of the patient's tenant may share its records");
+            return refuse("SHARER_OF_ANOTHER_TENANT",
+                          "only practitioners of the patient's tenant may share its records");
           }
           if (!active) {
-            return absl::PermissionDeniedError(
+            return refuse(
+                "NOT_SHARED",
                 "only the record's owner or a practitioner holding a grant on it may share it");
           }
           if (expires_at > mine->expires_at) {
@@ -1222,9 +1231,12 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
                 absl::StrCat("expires_at: a re-share cannot outlast your own grant (until ",
                              Rfc3339(mine->expires_at), ")"));
           }
-          return absl::OkStatus();
+          return Outcome<GrantInfo>{};
         };
-        RETURN_IF_ERROR(may_share(*unlocked));
+        if (absl::StatusOr<Outcome<GrantInfo>> refused = may_share(*unlocked);
+            !refused.ok() || !refused->denied.ok()) {
+          return refused;
+        }
         const absl::StatusOr<consent::AccessDecision> consent =
             consent_.Check(region, unlocked->patient_id, consent::Purpose::kRecordSharing,
                            ctx.principal.spiffe_id, now);
@@ -1233,7 +1245,11 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
                                            : absl::OkStatus();
         std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForShare, record_id);
         if (!record) return RecordNotFound(record_id);
-        RETURN_IF_ERROR(may_share(*record));  // the caller's grant may have ended meanwhile
+        // The caller's grant may have ended meanwhile.
+        if (absl::StatusOr<Outcome<GrantInfo>> refused = may_share(*record);
+            !refused.ok() || !refused->denied.ok()) {
+          return refused;
+        }
         if (grantee == record->owner) {
           return absl::InvalidArgumentError("grantee: is the record's owner");
         }

@@ -1561,6 +1561,7 @@ TEST_F(SharingTest, SharingNeedsConsentAndGrantsAreRevokedAndExpire) {
                 .status()
                 .code(),
             absl::StatusCode::kPermissionDenied);  // p-3 holds no grant
+  EXPECT_TRUE(HasEntry(PatientAudit(patient), P3(), v1::AUDIT_ACTION_CREATE, record, "NOT_SHARED"));
 
   // A grantee of the patient's tenant may re-share, not beyond its own grant.
   auto reshared = Share(p2, record, P3(), ServerNow() + absl::Hours(1));
@@ -1899,6 +1900,8 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Share(Cert("initech-p"), record, P2(), ServerNow() + absl::Hours(1)).status().code(),
             absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE(HasEntry(PatientAudit(patient), initech, v1::AUDIT_ACTION_CREATE, record,
+                       "SHARER_OF_ANOTHER_TENANT"));
   EXPECT_EQ(Erase(Cert("initech-p"), record).status().code(), absl::StatusCode::kNotFound);
 
   // Ops narrow LU's rule: the next read from DE is refused once the cached rule ages out.
