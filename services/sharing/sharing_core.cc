@@ -415,6 +415,15 @@ class PgUpload final : public Upload {
     }
     // Every chunk but the last is in the transaction before anything else uses it.
     RETURN_IF_ERROR(Fail(StopWriter(/*abort=*/false)));
+    // A consent revoked while the content arrived stops the record before it is stored; the
+    // record's entry cites the decision it is stored under.
+    if (absl::StatusOr<consent::AccessDecision> care = core_.PermitUpload(ctx_, home_);
+        care.ok()) {
+      care_ = *std::move(care);
+    } else {
+      return Fail(absl::Status(care.status().code(),
+                               absl::StrCat(care.status().message(), "; nothing was stored")));
+    }
     RETURN_IF_ERROR(Fail(Commit()));
     core_.AddBuffered(-static_cast<int64_t>(last_.bytes.size()));
     last_.bytes = std::string();
@@ -650,7 +659,7 @@ class PgUpload final : public Upload {
   std::unique_ptr<TransferSlot> slot_;  // first: given back after everything else is let go
   SharingCore& core_;
   const CallContext ctx_;
-  const consent::AccessDecision care_;  // the CARE decision the upload was let in on
+  consent::AccessDecision care_;  // the CARE decision the upload is let in on, then stored under
   const UploadHeader header_;
   const PatientHome home_;
   PatientKeyCache& keys_;
@@ -1123,21 +1132,7 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
   ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home->region_id));
   ASSIGN_OR_RETURN(pg::Pool * upload_pool, upload_shards_.Get(home->region_id));
 
-  // A practitioner adds to a patient's record for the patient's care: CARE must permit them.
-  ASSIGN_OR_RETURN(consent::AccessDecision care,
-                   consent_.Check(home->region_id, header.patient_id, consent::Purpose::kCare,
-                                  ctx.principal.spiffe_id, Now()));
-  if (!care.permit) {
-    audit::Entry entry = AuditEntryFor(ctx, audit::Action::kCreate, "record", "", home->tenant_id,
-                                       header.patient_id,
-                                       consent::AccessReasonName(care.reason));
-    CiteConsent(entry, care, consent::Purpose::kCare);
-    entry.decision = audit::Decision::kDeny;
-    // A refusal whose entry cannot be written fails with that error instead.
-    RETURN_IF_ERROR(
-        pool->Transact([&](pqxx::work& txn) { return audit::Append(txn, entry).status(); }));
-    return ConsentRefusal(care, "uploading a record for this patient", consent::Purpose::kCare);
-  }
+  ASSIGN_OR_RETURN(consent::AccessDecision care, PermitUpload(ctx, *home));
 
   // Refuse early what the quota cannot take; Finish() checks again under a lock.
   if (QuotaOf(home->tenant_id) > 0) {
@@ -1172,6 +1167,24 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
                                            std::move(slot));
   upload->Begin(options_.upload_idle_timeout);
   return std::unique_ptr<Upload>(std::move(upload));
+}
+
+absl::StatusOr<consent::AccessDecision> SharingCore::PermitUpload(const CallContext& ctx,
+                                                                  const PatientHome& home) {
+  // A practitioner adds to a patient's record for the patient's care: CARE must permit them.
+  ASSIGN_OR_RETURN(consent::AccessDecision care,
+                   consent_.Check(home.region_id, home.patient_id, consent::Purpose::kCare,
+                                  ctx.principal.spiffe_id, Now()));
+  if (care.permit) return care;
+  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home.region_id));
+  audit::Entry entry = AuditEntryFor(ctx, audit::Action::kCreate, "record", "", home.tenant_id,
+                                     home.patient_id, consent::AccessReasonName(care.reason));
+  CiteConsent(entry, care, consent::Purpose::kCare);
+  entry.decision = audit::Decision::kDeny;
+  // A refusal whose entry cannot be written fails with that error instead.
+  RETURN_IF_ERROR(
+      pool->Transact([&](pqxx::work& txn) { return audit::Append(txn, entry).status(); }));
+  return ConsentRefusal(care, "uploading a record for this patient", consent::Purpose::kCare);
 }
 
 absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,

@@ -255,6 +255,11 @@ class SharingCore {
   absl::StatusOr<PatientKey> NewPatientKey(absl::string_view region, const std::string& patient_id);
   absl::Status CheckQuota(const std::string& tenant, const std::string& region, int64_t used,
                           uint64_t adding) const;
+  // The CARE decision that lets `ctx`'s practitioner add a record for `home`'s patient, asked
+  // when the upload starts and again before it commits. A refusal is audited in the patient's
+  // home shard (UNAVAILABLE if it cannot be) and returned as PERMISSION_DENIED.
+  absl::StatusOr<consent::AccessDecision> PermitUpload(const CallContext& ctx,
+                                                       const PatientHome& home);
 
  private:
   // Appends a read entry per patient of `listed` to its home shard's chain.

@@ -2373,6 +2373,56 @@ TEST_F(SharingTest, UploadsAndOwnerReadsNeedCareConsent) {
   EXPECT_EQ(permitted_care, 2 + read_before_withdrawal_arrived);
 }
 
+// CARE is asked again before an upload commits: a consent withdrawn while the content arrived
+// stops the record (audited), and nothing of it is stored.
+TEST_F(SharingTest, ACareConsentWithdrawnDuringAnUploadStopsItBeforeItIsStored) {
+  const std::string patient = Place("care-mid-upload-1", "FR");
+  std::string consent_id;
+  {
+    pqxx::connection c(Db("fr-1").ConnectionString());
+    pqxx::nontransaction n(c);
+    consent_id = n.exec_params1(
+                      "SELECT consent_id FROM consents WHERE patient_id = $1 AND purpose = 'CARE'",
+                      patient)[0]
+                     .c_str();
+  }
+  const int64_t before = StoredRows();
+  UploadSpec probe;
+  probe.patient_id = patient;
+  probe.content = "a probe of the service's consent cache";
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(29, 0, 3 * kMiB);
+  spec.chunk_bytes = kMiB;
+  bool withdrawn_seen = false;
+  spec.before_chunk = [&](uint64_t offset) {
+    if (offset != 2 * kMiB) return;
+    // Two chunks are in; the consent is withdrawn, and the service knows it, before the last.
+    WithdrawConsent(consent_id);
+    withdrawn_seen = PollUntil(absl::Now() + kPatience, [&] {
+      return Upload(pki_->practitioner(), probe).error_code() ==
+             grpc::StatusCode::PERMISSION_DENIED;
+    });
+  };
+  grpc::Status status = Upload(pki_->practitioner(), spec);
+  ASSERT_TRUE(withdrawn_seen);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("CARE"));
+  EXPECT_THAT(status.error_message(), HasSubstr("nothing was stored"));
+  EXPECT_EQ(StoredRows(), before);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 0);
+  // The refusal is the patient's last audit entry.
+  const std::vector<v1::AuditEntry> audit = PatientAudit(patient);
+  ASSERT_FALSE(audit.empty());
+  const v1::AuditEntry& last = *std::max_element(
+      audit.begin(), audit.end(),
+      [](const v1::AuditEntry& a, const v1::AuditEntry& b) { return a.seq() < b.seq(); });
+  EXPECT_EQ(last.actor(), P1());
+  EXPECT_EQ(last.action(), v1::AUDIT_ACTION_CREATE);
+  EXPECT_EQ(last.decision(), v1::DECISION_DENY);
+  EXPECT_EQ(last.purpose(), v1::PURPOSE_CARE);
+}
+
 TEST_F(SharingTest, BreakGlassIsOpsOnlyWithAReasonAndFlaggedInTheAudit) {
   const std::string patient = Place("break-glass-1", "FR");
   UploadSpec spec;
