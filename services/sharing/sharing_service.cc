@@ -159,7 +159,7 @@ SharingService::SharingService(SharingCore& core, std::string trust_domain,
                                         {"DownloadRecord", {K::kPractitioner, K::kOps}},
                                         {"ArchiveRecord", {K::kPractitioner}},
                                         {"EraseRecord", {K::kPractitioner, K::kApp}},
-                                        {"ErasePatientRecords", {K::kPractitioner, K::kApp}}}) {
+                                        {"ErasePatientRecords", {K::kApp}}}) {
   policy_.set_tenant_gate(tenant_gate);
 }
 

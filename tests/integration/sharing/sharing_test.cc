@@ -1960,7 +1960,15 @@ TEST_F(SharingTest, CrossTenantMatrixHasZeroSuccesses) {
                   ::testing::Not(::testing::Contains(record)));
     }
     expect_not_found("erase", Erase(*as, record).status().code());
-    expect_not_found("erase patient", ErasePatient(*as, patient).status().code());
+    if (practitioner) {
+      // Only apps erase a patient's records: refused by role before the patient is looked up.
+      ++calls;
+      const absl::StatusCode code = ErasePatient(*as, patient).status().code();
+      successes += code == absl::StatusCode::kOk;
+      EXPECT_EQ(code, absl::StatusCode::kPermissionDenied);
+    } else {
+      expect_not_found("erase patient", ErasePatient(*as, patient).status().code());
+    }
     v1::QueryAuditRequest query;
     query.set_patient_id(patient);
     expect_not_found("query audit", QueryAudit(*as, query).status().code());
@@ -3133,7 +3141,12 @@ TEST_F(SharingTest, PatientErasureShredsEveryRecordIncludingArchivedOnes) {
   // The patient key went too: nothing wrapped under it can be unwrapped again.
   EXPECT_EQ(Count("eu-1", "SELECT count(*) FROM record_keys WHERE patient_id = $1", patient), 0);
   EXPECT_EQ(Count("eu-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 0);
-  auto again = ErasePatient(pki_->practitioner(), patient);
+  // Not a practitioner's to ask, not even of the patient's tenant.
+  auto by_practitioner = ErasePatient(pki_->practitioner(), patient);
+  EXPECT_EQ(by_practitioner.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(by_practitioner.status().message()),
+              HasSubstr("practitioner identity may not call ErasePatientRecords"));
+  auto again = ErasePatient(pki_->app(), patient);
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->erased_count(), 0u);
   auto chain = Verify("eu-1");
