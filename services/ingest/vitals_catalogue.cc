@@ -59,7 +59,9 @@ Verdict ValidateSample(const Sample& s, uint64_t previous_seq, absl::Time now,
   }
   if (!s.measured_at) return {Reject::kMissingTime, "measured_at is required"};
   if (*s.measured_at > now + policy.max_future) {
-    return {Reject::kTimeInFuture, "measured_at is more than 5 minutes in the future"};
+    return {Reject::kTimeInFuture, absl::StrCat("measured_at is more than ",
+                                                absl::FormatDuration(policy.max_future),
+                                                " ahead of the server's clock")};
   }
   if (*s.measured_at < now - policy.max_age) {
     return {Reject::kTimeTooOld, absl::StrCat("measured_at is older than ",

@@ -99,6 +99,16 @@ TEST(VitalsCatalogueTest, DetailsNameTheExpectation) {
   Sample s = Good();
   s.ucum = "bpm";
   EXPECT_EQ(ValidateSample(s, 0, kNow, {}).detail, "heart rate (8867-4) is measured in '/min'");
+  // The time bounds are the policy's, not fixed text.
+  ValidationPolicy policy;
+  policy.max_future = absl::Minutes(2);
+  policy.max_age = absl::Hours(48);
+  s = Good();
+  s.measured_at = kNow + absl::Minutes(3);
+  EXPECT_EQ(ValidateSample(s, 0, kNow, policy).detail,
+            "measured_at is more than 2m ahead of the server's clock");
+  s.measured_at = kNow - absl::Hours(49);
+  EXPECT_EQ(ValidateSample(s, 0, kNow, policy).detail, "measured_at is older than 48h");
 }
 
 }  // namespace
