@@ -5,6 +5,7 @@
 #include <deque>
 #include <mutex>
 #include <optional>
+#include <set>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -555,7 +556,12 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   const bool with_location = geolocation.ok() && geolocation->permit;
 
   std::vector<v1::VitalReading> readings;
-  std::vector<std::string> codes(request->loinc_codes().begin(), request->loinc_codes().end());
+  // The codes asked for, each once; none means every code of the catalogue (the only ones stored).
+  std::set<std::string> distinct(request->loinc_codes().begin(), request->loinc_codes().end());
+  if (distinct.empty()) {
+    for (const VitalKind& kind : VitalCatalogue()) distinct.emplace(kind.loinc);
+  }
+  const std::vector<std::string> codes(distinct.begin(), distinct.end());
   absl::Status status = (*pool)->Transact([&](pqxx::work& txn) -> absl::Status {
     readings.clear();
     size_t withheld = 0;

@@ -71,15 +71,25 @@ absl::StatusOr<std::string> AuditAndCommitQuery(Quote quote,
 
 inline const std::vector<pg::Statement>& Statements() {
   static const std::vector<pg::Statement> statements = {
+      // A page of a patient's readings of some codes ($2, distinct), in (measured_at, device_id,
+      // seq) order after the page token ($5, $6, $7). Each code's next rows come from its own
+      // walk of vitals_patient_code_time in time order, at most a page of them; the page is the
+      // first of those. One scan of every code at once would sort the patient's whole time range
+      // for each page.
       {kReadVitals,
-       "SELECT device_id, seq, loinc, value, ucum, "
-       "(extract(epoch from measured_at) * 1000000)::bigint, "
-       "(extract(epoch from received_at) * 1000000)::bigint, latitude, longitude, accuracy_m "
-       "FROM vitals WHERE patient_id = $1 AND (cardinality($2::text[]) = 0 OR loinc = ANY($2::text[])) "
-       "AND measured_at >= to_timestamp($3::float8 / 1000000) "
+       "SELECT v.device_id, v.seq, v.loinc, v.value, v.ucum, "
+       "(extract(epoch from v.measured_at) * 1000000)::bigint, "
+       "(extract(epoch from v.received_at) * 1000000)::bigint, v.latitude, v.longitude, "
+       "v.accuracy_m "
+       "FROM unnest($2::text[]) AS c(code) CROSS JOIN LATERAL ("
+       "SELECT device_id, seq, loinc, value, ucum, measured_at, received_at, latitude, longitude, "
+       "accuracy_m FROM vitals WHERE patient_id = $1 AND loinc = c.code "
+       "AND measured_at >= greatest(to_timestamp($3::float8 / 1000000), "
+       "to_timestamp($5::float8 / 1000000)) "
        "AND measured_at < to_timestamp($4::float8 / 1000000) "
        "AND (measured_at, device_id, seq) > (to_timestamp($5::float8 / 1000000), $6, $7) "
-       "ORDER BY measured_at, device_id, seq LIMIT $8"},
+       "ORDER BY measured_at, device_id, seq LIMIT $8) AS v "
+       "ORDER BY v.measured_at, v.device_id, v.seq LIMIT $8"},
       {kEnsurePartitions, "SELECT medgate_ensure_vitals_partitions(2, 12)"},
   };
   return statements;

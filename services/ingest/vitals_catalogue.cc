@@ -25,6 +25,8 @@ constexpr std::array<VitalKind, 10> kCatalogue = {{
 
 }  // namespace
 
+absl::Span<const VitalKind> VitalCatalogue() { return kCatalogue; }
+
 const VitalKind* FindVital(absl::string_view loinc) {
   for (const VitalKind& kind : kCatalogue) {
     if (kind.loinc == loinc) return &kind;

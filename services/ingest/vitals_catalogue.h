@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "absl/time/time.h"
 
 namespace medgate::ingest {
@@ -22,6 +23,8 @@ struct VitalKind {
 
 // The catalogue of DOMAIN.md; nullptr for a code that is not in it.
 const VitalKind* FindVital(absl::string_view loinc);
+// Every entry of the catalogue.
+absl::Span<const VitalKind> VitalCatalogue();
 
 enum class Reject {
   kNone,

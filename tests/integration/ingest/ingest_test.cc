@@ -5,6 +5,7 @@
 #include <atomic>
 #include <filesystem>
 #include <limits>
+#include <regex>
 #include <thread>
 
 #include <gmock/gmock.h>
@@ -23,6 +24,7 @@
 #include "medgate/v1/routing.grpc.pb.h"
 #include "services/consent/consent_server.h"
 #include "services/ingest/ingest_server.h"
+#include "services/ingest/sql.h"
 #include "services/routing/routing_server.h"
 #include "tests/support/health_check.h"
 #include "tests/support/poll.h"
@@ -738,6 +740,136 @@ TEST_F(IngestTest, AStreamSupersededWhileItWaitsForItsReadEndsAtOnce) {
   EXPECT_EQ(ended.error_code(), grpc::StatusCode::ABORTED);
   EXPECT_TRUE(b.Finish().ok());
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-turns-idle'"), 6);
+}
+
+// A page of ReadVitals reads about a page of rows per code asked for, however long the patient's
+// history: each code is walked in time order through vitals_patient_code_time, not the whole time
+// range gathered and sorted for every page. And the pages, put together, are that history in order.
+TEST_F(IngestTest, AReadVitalsPageReadsAboutAPageOfRowsPerCodeAndPagesKeepOrder) {
+  std::string patient = PatientWithDevice("long-history", "FR", "dev-long-history");
+  Grant(patient, v1::PURPOSE_CARE);
+  constexpr int kRows = 30000;
+  constexpr int kPage = 100;
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  {
+    // Two days of a sample every 6 s, cycling through three codes; two devices share the times.
+    pqxx::work txn(c);
+    txn.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', 'dev-long-history-' || (g % 2), g, $1, "
+        "(ARRAY['8867-4', '9279-1', '8310-5'])[g % 3 + 1], 37, "
+        "(ARRAY['/min', '/min', 'Cel'])[g % 3 + 1], "
+        "date_trunc('second', now()) - interval '6 seconds' * (g / 2) "
+        "FROM generate_series(1, $2) AS g",
+        patient, kRows);
+    // Other patients measured at the same times, as on a shard with many patients: walking the
+    // whole shard in time order would not find this patient's page fast either.
+    txn.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', 'dev-long-history-other-' || (g % 20), g, "
+        "'pt_long_history_other_' || (g % 20), '8867-4', 70, '/min', "
+        "date_trunc('second', now()) - interval '6 seconds' * (g / 20) "
+        "FROM generate_series(1, $1) AS g",
+        20 * kRows / 2);
+    txn.exec0("ANALYZE vitals");
+    txn.commit();
+  }
+  const std::vector<std::string> codes = {"8867-4", "9279-1"};
+
+  // What one page costs the shard: the rows its scans of vitals return.
+  std::string read_sql;
+  for (const pg::Statement& st : sql::Statements()) {
+    if (std::string(st.name) == sql::kReadVitals) read_sql = st.sql;
+  }
+  ASSERT_FALSE(read_sql.empty());
+  {
+    pqxx::nontransaction q(c);
+    q.exec0(absl::StrCat("PREPARE read_page(text, text[], bigint, bigint, bigint, text, bigint, "
+                         "bigint) AS ",
+                         read_sql));
+  }
+  auto rows_scanned = [&](const std::vector<std::string>& of) {
+    pqxx::work txn(c);
+    const int64_t now_us = absl::ToUnixMicros(absl::Now());
+    const int64_t from_us = now_us - 3 * 86400 * int64_t{1000000};
+    const pqxx::result plan = txn.exec(absl::StrCat(
+        "EXPLAIN (ANALYZE, COSTS OFF) EXECUTE read_page(", txn.quote(patient), ", ",
+        txn.quote(pg::TextArrayLiteral(of)), ", ", from_us, ", ", now_us + int64_t{3600000000},
+        ", ", from_us - 1, ", '', 0, ", kPage + 1, ")"));
+    // A scan's rows are what it returned and what its filter removed (both per loop).
+    const std::regex scan_rows("actual time=[0-9.]+\\.\\.[0-9.]+ rows=([0-9]+) loops=([0-9]+)");
+    const std::regex removed("Rows Removed by (Filter|Index Recheck): ([0-9]+)");
+    int64_t scanned = 0;
+    int64_t loops = 0;  // of the last scan of vitals, whose detail lines follow it
+    std::string text;
+    for (const pqxx::row& row : plan) {
+      const std::string line = row[0].as<std::string>();
+      text += line + "\n";
+      std::smatch m;
+      if (line.find("->") != std::string::npos) loops = 0;
+      if (line.find("Scan") != std::string::npos && line.find(" on vitals") != std::string::npos &&
+          std::regex_search(line, m, scan_rows)) {
+        loops = std::stoll(m[2].str());
+        scanned += std::stoll(m[1].str()) * loops;
+      } else if (loops > 0 && std::regex_search(line, m, removed)) {
+        scanned += std::stoll(m[2].str()) * loops;
+      }
+    }
+    EXPECT_GT(scanned, 0) << text;
+    return std::make_pair(scanned, text);
+  };
+  {
+    auto [scanned, plan] = rows_scanned(codes);
+    // Two codes, a page and one each: not the 20,000 rows of those codes in the range.
+    EXPECT_LE(scanned, 2 * (kPage + 1) + 10) << plan;
+  }
+  {
+    // No code asked for: the service asks for every code of the catalogue, each walked alike.
+    std::vector<std::string> every;
+    for (const VitalKind& kind : VitalCatalogue()) every.emplace_back(kind.loinc);
+    auto [scanned, plan] = rows_scanned(every);
+    EXPECT_LE(scanned, 3 * (kPage + 1) + 10) << plan;
+  }
+
+  // Through the service, page after page: the codes asked for, in (time, device, seq) order,
+  // exactly the rows the shard holds.
+  std::vector<std::string> expected;
+  {
+    pqxx::nontransaction q(c);
+    for (const pqxx::row& row : q.exec_params(
+             "SELECT device_id || ':' || seq FROM vitals WHERE patient_id = $1 AND loinc IN "
+             "('8867-4', '9279-1') ORDER BY measured_at, device_id, seq LIMIT 350",
+             patient)) {
+      expected.push_back(row[0].as<std::string>());
+    }
+  }
+  ASSERT_EQ(expected.size(), 350u);
+  std::vector<std::string> got;
+  std::string token;
+  for (int page = 0; page < 4; ++page) {
+    v1::ReadVitalsRequest request;
+    request.set_patient_id(patient);
+    request.set_purpose(v1::PURPOSE_CARE);
+    for (const std::string& code : codes) request.add_loinc_codes(code);
+    request.add_loinc_codes("8867-4");  // asked twice: read once
+    request.set_page_size(kPage);
+    request.set_page_token(token);
+    grpc::ClientContext context;
+    auto reader = Ingest(pki().practitioner())->ReadVitals(&context, request);
+    v1::ReadVitalsResponse response;
+    token.clear();
+    while (reader->Read(&response)) {
+      for (const v1::VitalReading& r : response.readings()) {
+        got.push_back(absl::StrCat(r.device_id(), ":", r.sample().seq()));
+      }
+      if (!response.next_page_token().empty()) token = response.next_page_token();
+    }
+    grpc::Status status = reader->Finish();
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    ASSERT_FALSE(token.empty());
+  }
+  got.resize(std::min<size_t>(got.size(), expected.size()));
+  EXPECT_EQ(got, expected);
 }
 
 TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {

@@ -8,6 +8,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
@@ -735,6 +736,18 @@ class SharingTest : public ::testing::Test {
     return pids;
   }
 
+  // The one upload session idle in a transaction in `db` that is not among `before` (sessions of
+  // earlier tests may still be ending), or 0 while there is not exactly one.
+  static int NewIdleUploadSession(const std::string& db, const std::vector<int>& before) {
+    int found = 0;
+    for (int pid : IdleUploadSessions(db)) {
+      if (std::find(before.begin(), before.end(), pid) != before.end()) continue;
+      if (found != 0) return 0;
+      found = pid;
+    }
+    return found;
+  }
+
   // The state of session `pid` of `db` ("idle", "active", "idle in transaction"...); empty once
   // the session has ended.
   static std::string SessionState(const std::string& db, int pid) {
@@ -1160,6 +1173,7 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
   // A client that goes away mid-upload: the server ends the upload's transaction and frees what
   // it held.
   {
+    const std::vector<int> earlier = IdleUploadSessions("fr-1");
     grpc::ClientContext context;
     v1::UploadRecordResponse response;
     auto stub = Stub(pki_->practitioner());
@@ -1182,10 +1196,8 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
     // The upload holds its transaction open in fr-1, idle between chunks, and the piece.
     int upload_pid = 0;
     ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-      const std::vector<int> pids = IdleUploadSessions("fr-1");
-      if (pids.size() != 1 || sharing_->core().buffered_bytes() == 0) return false;
-      upload_pid = pids[0];
-      return true;
+      upload_pid = NewIdleUploadSession("fr-1", earlier);
+      return upload_pid != 0 && sharing_->core().buffered_bytes() != 0;
     }));
     context.TryCancel();
     EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::CANCELLED);
@@ -1460,15 +1472,21 @@ TEST_F(SharingTest, AnUploadIdlePastTheShardsBoundFailsAndTheNextUploadWorks) {
   UploadHeader header{patient, RecordKind::kDocument, "text/plain", "slow.txt", content.size(),
                       Sha(content)};
 
+  const std::vector<int> earlier = IdleUploadSessions("fr-1");
   absl::StatusOr<std::unique_ptr<sharing::Upload>> slow = core.StartUpload(ctx, header);
   ASSERT_TRUE(slow.ok()) << slow.status();
   ASSERT_TRUE((*slow)->Write(absl::string_view(content).substr(0, kMiB)).ok());
   // The shard lets the transaction sit idle for the idle timeout and the service's 10 s grace,
   // then ends the session.
   // (The chunk's insert may still be running: the session is idle once it is done.)
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [] { return IdleUploadSessions("fr-1").size() == 1; }));
+  int upload_pid = 0;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    upload_pid = NewIdleUploadSession("fr-1", earlier);
+    return upload_pid != 0;
+  }));
   ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(1 + 10) + kPatience,
-                        [] { return IdleUploadSessions("fr-1").empty(); }));
+                        [&] { return SessionState("fr-1", upload_pid).empty(); }))
+      << "session state '" << SessionState("fr-1", upload_pid) << "'";
   absl::Status status = (*slow)->Write(absl::string_view(content).substr(kMiB, kMiB));
   if (status.ok()) status = (*slow)->Write(absl::string_view(content).substr(2 * kMiB));
   if (status.ok()) status = (*slow)->Finish().status();
