@@ -417,12 +417,14 @@ class PgUpload final : public Upload {
     RETURN_IF_ERROR(Fail(StopWriter(/*abort=*/false)));
     // A consent revoked while the content arrived stops the record before it is stored; the
     // record's entry cites the decision it is stored under.
+    // Its errors are not the upload connection's (Fail would take that one for broken).
     if (absl::StatusOr<consent::AccessDecision> care = core_.PermitUpload(ctx_, home_);
         care.ok()) {
       care_ = *std::move(care);
     } else {
-      return Fail(absl::Status(care.status().code(),
-                               absl::StrCat(care.status().message(), "; nothing was stored")));
+      failed_ = absl::Status(care.status().code(),
+                             absl::StrCat(care.status().message(), "; nothing was stored"));
+      return failed_;
     }
     RETURN_IF_ERROR(Fail(Commit()));
     core_.AddBuffered(-static_cast<int64_t>(last_.bytes.size()));
