@@ -150,13 +150,13 @@ struct SharingOptions {
   // Longest wait for an upload's next message before the upload ends (DEADLINE_EXCEEDED; the
   // shard drops a transaction left idle a little later still).
   absl::Duration upload_idle_timeout = absl::Seconds(30);
-  // Once an upload has run longer than upload_idle_timeout, it must have averaged at least this
-  // rate, or it ends (DEADLINE_EXCEEDED): a client trickling bytes cannot hold its connection and
-  // transaction for good.
+  // Once the service has waited upload_idle_timeout in all for an upload's messages, the upload
+  // must have come at least this fast over that waiting, or it ends (DEADLINE_EXCEEDED): a client
+  // trickling bytes cannot hold its connection and transaction for good.
   int64_t upload_min_bytes_per_second = 16 * 1024;
   // Longest wait for a download's client to take its next chunk before the download ends
-  // (DEADLINE_EXCEEDED); and, once it has run longer than that, the lowest average rate it may
-  // have been read at.
+  // (DEADLINE_EXCEEDED); and, once the service has waited that long in all, the lowest rate it
+  // may have been taken at over that waiting.
   absl::Duration download_idle_timeout = absl::Seconds(30);
   int64_t download_min_bytes_per_second = 16 * 1024;
   // Uploads one tenant may have in progress to one region at once: the region's upload

@@ -66,6 +66,45 @@ absl::StatusOr<RecordKind> KindOf(v1::RecordKind kind, absl::string_view field, 
   }
 }
 
+// How fast a client moves a transfer: the bytes moved over the time the service waited for the
+// client (reads of an upload, writes of a download), not the time it spent on its own part (the
+// shard, sealing or opening chunks). Once the service has waited `grace` in all, a transfer
+// under `min_rate` bytes/s is too slow.
+class TransferPace {
+ public:
+  TransferPace(absl::string_view what, absl::Duration grace, int64_t min_rate,
+               absl::string_view setting, absl::string_view then)
+      : what_(what), grace_(grace), min_rate_(min_rate), setting_(setting), then_(then) {}
+
+  void Waited(absl::Duration d) { waited_ += d; }
+  void Moved(uint64_t bytes) { bytes_ += bytes; }
+
+  // DEADLINE_EXCEEDED saying how slow, or OK.
+  grpc::Status Check() const {
+    const double seconds = absl::ToDoubleSeconds(waited_);
+    if (waited_ <= grace_ ||
+        static_cast<double>(bytes_) >= static_cast<double>(min_rate_) * seconds) {
+      return grpc::Status::OK;
+    }
+    log::Warning("transfer_too_slow", {{"transfer", what_}, {"bytes", bytes_}});
+    return grpc::Status(
+        grpc::StatusCode::DEADLINE_EXCEEDED,
+        absl::StrCat("the ", what_, " went at ",
+                     static_cast<int64_t>(static_cast<double>(bytes_) / seconds),
+                     " bytes/s, under the minimum of ", min_rate_, " (sharing.", setting_, "); ",
+                     then_));
+  }
+
+ private:
+  const std::string what_;
+  const absl::Duration grace_;
+  const int64_t min_rate_;
+  const std::string setting_;
+  const std::string then_;
+  absl::Duration waited_;
+  uint64_t bytes_ = 0;
+};
+
 }  // namespace
 
 StallWatch::StallWatch(absl::Duration limit, std::string message)
@@ -175,10 +214,14 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
   absl::StatusOr<Principal> principal = policy_.Authorize(*context, "UploadRecord");
   if (!principal.ok()) return ToGrpcStatus(principal.status());
   StallWatch::Call idle(upload_watch_, *context);
+  TransferPace pace("upload", core_.upload_idle_timeout(), core_.upload_min_bytes_per_second(),
+                    "upload_min_bytes_per_second", "nothing was stored");
   auto read = [&](v1::UploadRecordRequest* next) {
+    const absl::Time began = absl::Now();
     idle.Blocked();
     const bool got = reader->Read(next);
     idle.Unblocked();
+    pace.Waited(absl::Now() - began);
     return got;
   };
   auto ended = [&] {
@@ -210,28 +253,13 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
   header.sha256 = in.sha256();
   absl::StatusOr<std::unique_ptr<Upload>> upload = core_.StartUpload(*ctx, header);
   if (!upload.ok()) return ToGrpcStatus(upload.status());
-  const absl::Time started = absl::Now();
-  const absl::Duration grace = core_.upload_idle_timeout();
-  const int64_t min_rate = core_.upload_min_bytes_per_second();
-  uint64_t received = 0;
   while (read(&message)) {
     if (!message.has_chunk()) {
       return ToGrpcStatus(absl::InvalidArgumentError(
           "after the header every message must be a chunk; nothing was stored"));
     }
-    received += message.chunk().data().size();
-    const absl::Duration elapsed = absl::Now() - started;
-    if (elapsed > grace && static_cast<double>(received) <
-                               static_cast<double>(min_rate) * absl::ToDoubleSeconds(elapsed)) {
-      log::Warning("upload_too_slow", {{"method", "UploadRecord"}, {"bytes", received}});
-      return grpc::Status(
-          grpc::StatusCode::DEADLINE_EXCEEDED,
-          absl::StrCat("the upload averaged ",
-                       static_cast<int64_t>(static_cast<double>(received) /
-                                            absl::ToDoubleSeconds(elapsed)),
-                       " bytes/s, under the minimum of ", min_rate,
-                       " (sharing.upload_min_bytes_per_second); nothing was stored"));
-    }
+    pace.Moved(message.chunk().data().size());
+    if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
     if (absl::Status s = (*upload)->Write(message.chunk().data()); !s.ok()) {
       return ToGrpcStatus(s);
     }
@@ -334,41 +362,25 @@ grpc::Status SharingService::DownloadRecord(
   // download_min_bytes_per_second). Only the time spent waiting for the client counts: the
   // service's own (the shard, opening chunks) does not.
   StallWatch::Call stall(download_watch_, *context);
-  const absl::Duration grace = core_.download_idle_timeout();
-  const int64_t min_rate = core_.download_min_bytes_per_second();
-  uint64_t sent = 0;
-  absl::Duration waited;  // for the client to take what was written
+  TransferPace pace("download", core_.download_idle_timeout(),
+                    core_.download_min_bytes_per_second(), "download_min_bytes_per_second",
+                    "download again");
   // Blocks until the transport takes the message: a slow reader slows the download.
   auto write = [&](const v1::DownloadRecordResponse& m) -> grpc::Status {
     const absl::Time began = absl::Now();
     stall.Blocked();
     const bool written = writer->Write(m);
     stall.Unblocked();
-    waited += absl::Now() - began;
+    pace.Waited(absl::Now() - began);
     if (!written) {
       if (stall.fired()) {
-        log::Warning("download_idle_timeout", {{"method", "DownloadRecord"}, {"bytes", sent}});
+        log::Warning("download_idle_timeout", {{"method", "DownloadRecord"}});
         return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "download stalled");
       }
       return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
     }
-    sent += m.chunk().data().size();
+    pace.Moved(m.chunk().data().size());
     return grpc::Status::OK;
-  };
-  // Asked before each chunk but the first: a download whose last chunk was taken has ended well.
-  auto too_slow = [&]() -> std::optional<grpc::Status> {
-    if (waited <= grace ||
-        static_cast<double>(sent) >= static_cast<double>(min_rate) * absl::ToDoubleSeconds(waited)) {
-      return std::nullopt;
-    }
-    log::Warning("download_too_slow", {{"method", "DownloadRecord"}, {"bytes", sent}});
-    return grpc::Status(
-        grpc::StatusCode::DEADLINE_EXCEEDED,
-        absl::StrCat("the download was taken at ",
-                     static_cast<int64_t>(static_cast<double>(sent) /
-                                          absl::ToDoubleSeconds(waited)),
-                     " bytes/s, under the minimum of ", min_rate,
-                     " (sharing.download_min_bytes_per_second); download again"));
   };
   v1::DownloadRecordResponse message;
   ToProto((*download)->record(), message.mutable_header());
@@ -379,7 +391,8 @@ grpc::Status SharingService::DownloadRecord(
     absl::StatusOr<bool> more = (*download)->Next(data);
     if (!more.ok()) return ToGrpcStatus(more.status());
     if (!*more) break;
-    if (std::optional<grpc::Status> slow = too_slow()) return *slow;
+    // Asked before each chunk: a download whose last chunk was taken has ended well.
+    if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
     if (grpc::Status s = write(message); !s.ok()) return s;
   }
   return grpc::Status::OK;

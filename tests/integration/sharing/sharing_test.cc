@@ -2271,7 +2271,7 @@ TEST_F(SharingTest, ADownloadWhoseClientStopsReadingEndsAndGivesBackItsPlace) {
 }
 
 // A client that keeps reading, but too slowly to matter, is not let hold its download either:
-// past the idle timeout it must have averaged sharing.download_min_bytes_per_second.
+// past the idle timeout it must have gone at sharing.download_min_bytes_per_second.
 TEST_F(SharingTest, ADownloadReadUnderTheMinimumRateEnds) {
   std::unique_ptr<MedgateConfig> config =
       ConfigWith("retention_sweep_seconds: 86400",
