@@ -95,6 +95,8 @@ class DeviceStream {
     if (!stream_->Read(&ack)) return std::nullopt;
     return ack;
   }
+  // Cancels the call from the client's side.
+  void Cancel() { context_.TryCancel(); }
   grpc::Status Finish() {
     stream_->WritesDone();
     v1::IngestAck ignored;
@@ -723,6 +725,56 @@ TEST_F(IngestTest, ANewStreamOfADeviceTakesOverOnlyOnceTheOlderOnesBatchesAreAns
   // Every stream that ended gave its place back.
   EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
                         [&] { return extra->server->device_streams(device_id) == 0; }));
+}
+
+// A stream waiting for its device's turn, whose client gives up, ends then and there (it has no
+// read or write of its own to end it), and the turn passes over it to the device's next stream.
+TEST_F(IngestTest, AStreamCancelledWhileWaitingForItsDevicesTurnEnds) {
+  std::string patient = PatientWithDevice("turns-cancel-fr", "FR", "dev-turns-cancel");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto extra = StartIngest("ingest: {}\n", 600000);
+  ASSERT_NE(extra, nullptr);
+  const std::string device_id = pki().SpiffeId("/tenant/acme/device/dev-turns-cancel");
+  auto stub = Ingest(Device("acme", "dev-turns-cancel"), extra->server->port());
+  DeviceStream a(*stub);
+  ASSERT_EQ(a.Send(Batch(1, 1, 5))->stored_count(), 5u);
+  pqxx::connection blocker(stack_->clusters().region("fr-1").ConnectionString());
+  pqxx::work hold(blocker);
+  ASSERT_EQ(
+      hold.exec("SELECT 1 FROM device_cursors WHERE device_id = 'dev-turns-cancel' FOR UPDATE")
+          .size(),
+      1u);
+  ASSERT_TRUE(a.Write(Batch(2, 6, 5)));
+  pqxx::connection watcher(stack_->clusters().region("fr-1").ConnectionString());
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    pqxx::nontransaction q(watcher);
+    return q.exec1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE '%medgate_advance_device_cursors%'")[0]
+               .as<int64_t>() > 0;
+  }));
+  {
+    DeviceStream b(*stub);
+    ASSERT_TRUE(b.Write(Batch(3, 11, 5)));
+    ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                          [&] { return extra->server->device_streams(device_id) == 2; }));
+    b.Cancel();
+    // B's place is given back while A's batch is still held.
+    EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                          [&] { return extra->server->device_streams(device_id) == 1; }));
+    EXPECT_EQ(b.Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  hold.commit();
+  std::optional<v1::IngestAck> a_ack = a.Read();
+  ASSERT_TRUE(a_ack.has_value());
+  EXPECT_EQ(a_ack->stored_count(), 5u);
+  EXPECT_EQ(a.Finish().error_code(), grpc::StatusCode::ABORTED);  // B superseded it
+  // The device's next stream gets the turn B never took.
+  DeviceStream c(*stub);
+  std::optional<v1::IngestAck> c_ack = c.Send(Batch(4, 11, 5));
+  ASSERT_TRUE(c_ack.has_value());
+  EXPECT_EQ(c_ack->stored_count(), 5u);
+  EXPECT_TRUE(c.Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-turns-cancel'"), 15);
 }
 
 TEST_F(IngestTest, AStreamSupersededWhileItWaitsForItsReadEndsAtOnce) {

@@ -2194,13 +2194,21 @@ TEST_F(SharingTest, AnErasureStopsARunningDownloadAtItsNextChunk) {
 }
 
 TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
+  // A server of its own whose idle bound cannot end the stalled downloads below during the test.
+  std::unique_ptr<MedgateConfig> config =
+      ConfigWith("retention_sweep_seconds: 86400",
+                 "retention_sweep_seconds: 86400\n  download_idle_timeout_seconds: 3600");
+  auto server = SharingServer::Create(*config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  const int port = (*server)->port();
   const std::string patient = Place("download-bound-1", "FR");
   UploadSpec spec;
   spec.patient_id = patient;
   spec.content = Generate(99, 0, 4 * kMiB);
-  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const std::string record = UploadOk(pki_->practitioner(), spec, port);
 
-  auto stall = [&] { return StalledDownload(pki_->practitioner(), record); };
+  auto stall = [&] { return StalledDownload(pki_->practitioner(), record, port); };
   constexpr int kBound = 8;  // sharing.max_downloads_per_tenant's default
   std::vector<std::unique_ptr<Stalled>> running;
   for (int i = 0; i < kBound; ++i) {
@@ -2217,11 +2225,12 @@ TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
   };
 
   // One more of the tenant's is refused; another's (ops, break-glass) is not.
-  Downloaded refused = Download(pki_->practitioner(), record);
+  Downloaded refused = Download(pki_->practitioner(), record, "", true, port);
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
       << refused.status.error_message();
   EXPECT_THAT(refused.status.error_message(), HasSubstr("max_downloads_per_tenant"));
-  Downloaded ops = Download(pki_->ops(), record, "incident 4711: patient unconscious in the ER");
+  Downloaded ops =
+      Download(pki_->ops(), record, "incident 4711: patient unconscious in the ER", true, port);
   ASSERT_TRUE(ops.status.ok()) << ops.status.error_message();
   EXPECT_EQ(ops.content, spec.content);
 
@@ -2230,9 +2239,11 @@ TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
   running.back()->reader->Finish();
   running.pop_back();
   EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    Downloaded again = Download(pki_->practitioner(), record);
+    Downloaded again = Download(pki_->practitioner(), record, "", true, port);
     return again.status.ok() && again.content == spec.content;
   }));
+  std::move(cancel_all).Invoke();
+  (*server)->Shutdown();
 }
 
 // A client that stops reading does not keep its download (a thread and one of its tenant's
