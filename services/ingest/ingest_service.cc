@@ -162,7 +162,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     if (!ok || superseded_) {
       // A batch read after a newer stream of the device opened is dropped unanswered: the
       // device resends it there, after this stream's earlier batches.
-      reads_done_ = reads_done_ || !ok;
+      if (!ok) reads_done_ = true;
       MaybeFinishLocked();
       return;
     }

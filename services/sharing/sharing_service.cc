@@ -142,9 +142,12 @@ void StallWatch::Call::Blocked() {
   if (wake) watch_.cv_.notify_one();
 }
 
-void StallWatch::Call::Unblocked() {
+absl::Duration StallWatch::Call::Unblocked() {
   std::lock_guard<std::mutex> lock(watch_.mu_);
+  const absl::Duration blocked =
+      blocked_since_ ? absl::FromChrono(Clock::now() - *blocked_since_) : absl::ZeroDuration();
   blocked_since_.reset();
+  return blocked;
 }
 
 bool StallWatch::Call::fired() {
@@ -217,11 +220,9 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
   TransferPace pace("upload", core_.upload_idle_timeout(), core_.upload_min_bytes_per_second(),
                     "upload_min_bytes_per_second", "nothing was stored");
   auto read = [&](v1::UploadRecordRequest* next) {
-    const absl::Time began = absl::Now();
     idle.Blocked();
     const bool got = reader->Read(next);
-    idle.Unblocked();
-    pace.Waited(absl::Now() - began);
+    pace.Waited(idle.Unblocked());
     return got;
   };
   auto ended = [&] {
@@ -367,11 +368,9 @@ grpc::Status SharingService::DownloadRecord(
                     "download again");
   // Blocks until the transport takes the message: a slow reader slows the download.
   auto write = [&](const v1::DownloadRecordResponse& m) -> grpc::Status {
-    const absl::Time began = absl::Now();
     stall.Blocked();
     const bool written = writer->Write(m);
-    stall.Unblocked();
-    pace.Waited(absl::Now() - began);
+    pace.Waited(stall.Unblocked());
     if (!written) {
       if (stall.fired()) {
         log::Warning("download_idle_timeout", {{"method", "DownloadRecord"}});

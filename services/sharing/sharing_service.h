@@ -34,9 +34,9 @@ class StallWatch {
    public:
     Call(StallWatch& watch, grpc::ServerContext& context);
     ~Call();
-    // Around each blocking read or write of the stream.
+    // Around each blocking read or write of the stream; Unblocked says how long it blocked.
     void Blocked();
-    void Unblocked();
+    absl::Duration Unblocked();
     // The watch ended the call.
     bool fired();
 
