@@ -180,6 +180,32 @@ class IngestTest : public ::testing::Test {
     return extra;
   }
 
+  // Holds a device's cursor row in fr-1 until Release(): the device's next batch then waits in its
+  // writer's transaction (whose shard statement timeout must outlast the hold).
+  class CursorHold {
+   public:
+    explicit CursorHold(const std::string& device)
+        : conn_(stack_->clusters().region("fr-1").ConnectionString()), txn_(conn_) {
+      EXPECT_EQ(txn_.exec_params("SELECT 1 FROM device_cursors WHERE device_id = $1 FOR UPDATE",
+                                 device)
+                    .size(),
+                1u);
+    }
+    // True once a writer waits for a device's cursor.
+    static bool WriterWaits() {
+      pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+      pqxx::nontransaction q(c);
+      return q.exec1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                     "AND query LIKE '%medgate_advance_device_cursors%'")[0]
+                 .as<int64_t>() > 0;
+    }
+    void Release() { txn_.commit(); }
+
+   private:
+    pqxx::connection conn_;
+    pqxx::work txn_;
+  };
+
   static void TearDownTestSuite() {
     ingest_->Shutdown();
     delete ingest_;
@@ -665,17 +691,9 @@ TEST_F(IngestTest, ANewStreamOfADeviceTakesOverOnlyOnceTheOlderOnesBatchesAreAns
   ASSERT_EQ(a.Send(Batch(1, 1, 5))->stored_count(), 5u);
 
   // Hold the device's cursor: A's next batch waits in its transaction.
-  pqxx::connection blocker(stack_->clusters().region("fr-1").ConnectionString());
-  pqxx::work hold(blocker);
-  ASSERT_EQ(hold.exec("SELECT 1 FROM device_cursors WHERE device_id = 'dev-turns' FOR UPDATE").size(), 1u);
+  CursorHold hold("dev-turns");
   ASSERT_TRUE(a.Write(Batch(2, 6, 5)));
-  pqxx::connection watcher(stack_->clusters().region("fr-1").ConnectionString());
-  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
-    pqxx::nontransaction q(watcher);
-    return q.exec1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                   "AND query LIKE '%medgate_advance_device_cursors%'")[0]
-               .as<int64_t>() > 0;
-  }));
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), &CursorHold::WriterWaits));
 
   // B opens. Its batch needs no writer (its one sample is refused), yet it is not answered
   // while A's batch is: B reads nothing before A's batches are answered.
@@ -702,7 +720,7 @@ TEST_F(IngestTest, ANewStreamOfADeviceTakesOverOnlyOnceTheOlderOnesBatchesAreAns
   }
   absl::SleepFor(absl::Seconds(1));
   EXPECT_FALSE(b_answered.load()) << "B's batch was answered while A's was unanswered";
-  hold.commit();
+  hold.Release();
 
   // A answers what it read, then ends: superseded.
   std::optional<v1::IngestAck> a_ack = a.Read();
@@ -738,20 +756,9 @@ TEST_F(IngestTest, AStreamCancelledWhileWaitingForItsDevicesTurnEnds) {
   auto stub = Ingest(Device("acme", "dev-turns-cancel"), extra->server->port());
   DeviceStream a(*stub);
   ASSERT_EQ(a.Send(Batch(1, 1, 5))->stored_count(), 5u);
-  pqxx::connection blocker(stack_->clusters().region("fr-1").ConnectionString());
-  pqxx::work hold(blocker);
-  ASSERT_EQ(
-      hold.exec("SELECT 1 FROM device_cursors WHERE device_id = 'dev-turns-cancel' FOR UPDATE")
-          .size(),
-      1u);
+  CursorHold hold("dev-turns-cancel");
   ASSERT_TRUE(a.Write(Batch(2, 6, 5)));
-  pqxx::connection watcher(stack_->clusters().region("fr-1").ConnectionString());
-  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
-    pqxx::nontransaction q(watcher);
-    return q.exec1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                   "AND query LIKE '%medgate_advance_device_cursors%'")[0]
-               .as<int64_t>() > 0;
-  }));
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), &CursorHold::WriterWaits));
   {
     DeviceStream b(*stub);
     ASSERT_TRUE(b.Write(Batch(3, 11, 5)));
@@ -763,7 +770,7 @@ TEST_F(IngestTest, AStreamCancelledWhileWaitingForItsDevicesTurnEnds) {
                           [&] { return extra->server->device_streams(device_id) == 1; }));
     EXPECT_EQ(b.Finish().error_code(), grpc::StatusCode::CANCELLED);
   }
-  hold.commit();
+  hold.Release();
   std::optional<v1::IngestAck> a_ack = a.Read();
   ASSERT_TRUE(a_ack.has_value());
   EXPECT_EQ(a_ack->stored_count(), 5u);

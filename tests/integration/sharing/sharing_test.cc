@@ -266,6 +266,29 @@ class SharingTest : public ::testing::Test {
                       "retention_sweep_seconds: 86400\n  upload_idle_timeout_seconds: 1");
   }
 
+  // A second sharing server on the stack, its sharing section given `settings` too (YAML lines
+  // such as "max_uploads_per_tenant: 1"), started. The server keeps a reference to its
+  // configuration: both live in one object, the configuration first. `server` is null (and the
+  // test has failed) if it did not start.
+  struct ExtraSharing {
+    std::unique_ptr<MedgateConfig> config;
+    std::unique_ptr<SharingServer> server;
+  };
+  static ExtraSharing StartSharingWith(const std::string& settings) {
+    ExtraSharing extra;
+    extra.config = ConfigWith("retention_sweep_seconds: 86400",
+                              absl::StrCat("retention_sweep_seconds: 86400\n  ", settings));
+    auto server = SharingServer::Create(*extra.config);
+    EXPECT_TRUE(server.ok()) << server.status();
+    if (!server.ok()) return extra;
+    if (absl::Status started = (*server)->Start(); !started.ok()) {
+      ADD_FAILURE() << started;
+      return extra;
+    }
+    extra.server = *std::move(server);
+    return extra;
+  }
+
   // --- identities and stubs --------------------------------------------------------------------
 
   static const TestCert& Cert(const std::string& name) { return certs_->at(name); }
@@ -1331,13 +1354,9 @@ TEST_F(SharingTest, AOneChunkUploadHoldsNoConnectionWhileItIsSent) {
 // A client that keeps sending, but too little to matter, is not let hold its upload for good:
 // past the idle timeout the upload must average the minimum rate, or it ends and stores nothing.
 TEST_F(SharingTest, AnUploadTricklingUnderTheMinimumRateEndsAndStoresNothing) {
-  std::unique_ptr<MedgateConfig> config =
-      ConfigWith("retention_sweep_seconds: 86400",
-                 "retention_sweep_seconds: 86400\n  upload_idle_timeout_seconds: 2\n"
-                 "  upload_min_bytes_per_second: 100000");
-  auto server = SharingServer::Create(*config);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
+  ExtraSharing extra = StartSharingWith(
+      "upload_idle_timeout_seconds: 2\n  upload_min_bytes_per_second: 100000");
+  ASSERT_NE(extra.server, nullptr);
   const std::string patient = Place("trickle-1", "FR");
   auto records = [&] {
     return Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient);
@@ -1349,7 +1368,7 @@ TEST_F(SharingTest, AnUploadTricklingUnderTheMinimumRateEndsAndStoresNothing) {
   // A piece every 300 ms: never idle for the 2 s the server allows (unless the machine stalls
   // for 1.7 s), but about 3 KB/s.
   trickle.before_chunk = [](uint64_t) { absl::SleepFor(absl::Milliseconds(300)); };
-  grpc::Status status = Upload(pki_->practitioner(), trickle, nullptr, (*server)->port());
+  grpc::Status status = Upload(pki_->practitioner(), trickle, nullptr, extra.server->port());
   EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
   EXPECT_THAT(status.error_message(), HasSubstr("under the minimum of 100000"));
   EXPECT_THAT(status.error_message(), HasSubstr("nothing was stored"));
@@ -1358,21 +1377,17 @@ TEST_F(SharingTest, AnUploadTricklingUnderTheMinimumRateEndsAndStoresNothing) {
   UploadSpec quick = trickle;
   quick.before_chunk = nullptr;
   quick.chunk_bytes = trickle.content.size();
-  EXPECT_TRUE(Upload(pki_->practitioner(), quick, nullptr, (*server)->port()).ok());
-  (*server)->Shutdown();
+  EXPECT_TRUE(Upload(pki_->practitioner(), quick, nullptr, extra.server->port()).ok());
+  extra.server->Shutdown();
   EXPECT_EQ(records(), 1);
 }
 
 // A tenant's uploads to a region are bounded (sharing.max_uploads_per_tenant): one more is refused
 // retryably while they run, and let in once one ends.
 TEST_F(SharingTest, ATenantsUploadsInProgressAreBounded) {
-  std::unique_ptr<MedgateConfig> config =
-      ConfigWith("retention_sweep_seconds: 86400",
-                 "retention_sweep_seconds: 86400\n  max_uploads_per_tenant: 1");
-  auto server = SharingServer::Create(*config);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  const int port = (*server)->port();
+  ExtraSharing extra = StartSharingWith("max_uploads_per_tenant: 1");
+  ASSERT_NE(extra.server, nullptr);
+  const int port = extra.server->port();
   const std::string patient = Place("per-tenant-1", "FR");
   UploadSpec running;
   running.patient_id = patient;
@@ -1385,14 +1400,14 @@ TEST_F(SharingTest, ATenantsUploadsInProgressAreBounded) {
   running.before_chunk = [&](uint64_t offset) {
     if (offset != 1000) return;
     ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
-                          [&] { return (*server)->core().buffered_bytes() >= 1000; }));
+                          [&] { return extra.server->core().buffered_bytes() >= 1000; }));
     refused = Upload(Cert("acme-p2"), another, nullptr, port);
   };
   EXPECT_TRUE(Upload(pki_->practitioner(), running, nullptr, port).ok());
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
   EXPECT_THAT(refused.error_message(), HasSubstr("sharing.max_uploads_per_tenant"));
   EXPECT_TRUE(Upload(Cert("acme-p2"), another, nullptr, port).ok());
-  (*server)->Shutdown();
+  extra.server->Shutdown();
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 2);
 }
 
@@ -2195,13 +2210,9 @@ TEST_F(SharingTest, AnErasureStopsARunningDownloadAtItsNextChunk) {
 
 TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
   // A server of its own whose idle bound cannot end the stalled downloads below during the test.
-  std::unique_ptr<MedgateConfig> config =
-      ConfigWith("retention_sweep_seconds: 86400",
-                 "retention_sweep_seconds: 86400\n  download_idle_timeout_seconds: 3600");
-  auto server = SharingServer::Create(*config);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  const int port = (*server)->port();
+  ExtraSharing extra = StartSharingWith("download_idle_timeout_seconds: 3600");
+  ASSERT_NE(extra.server, nullptr);
+  const int port = extra.server->port();
   const std::string patient = Place("download-bound-1", "FR");
   UploadSpec spec;
   spec.patient_id = patient;
@@ -2243,20 +2254,16 @@ TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
     return again.status.ok() && again.content == spec.content;
   }));
   std::move(cancel_all).Invoke();
-  (*server)->Shutdown();
+  extra.server->Shutdown();
 }
 
 // A client that stops reading does not keep its download (a thread and one of its tenant's
 // places) for good: past sharing.download_idle_timeout_seconds it ends, and the place is free.
 TEST_F(SharingTest, ADownloadWhoseClientStopsReadingEndsAndGivesBackItsPlace) {
-  std::unique_ptr<MedgateConfig> config =
-      ConfigWith("retention_sweep_seconds: 86400",
-                 "retention_sweep_seconds: 86400\n  download_idle_timeout_seconds: 1\n"
-                 "  max_downloads_per_tenant: 1");
-  auto server = SharingServer::Create(*config);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  const int port = (*server)->port();
+  ExtraSharing extra = StartSharingWith(
+      "download_idle_timeout_seconds: 1\n  max_downloads_per_tenant: 1");
+  ASSERT_NE(extra.server, nullptr);
+  const int port = extra.server->port();
   UploadSpec spec;
   spec.patient_id = Place("download-stall-1", "FR");
   spec.content = Generate(97, 0, 4 * kMiB);
@@ -2278,20 +2285,16 @@ TEST_F(SharingTest, ADownloadWhoseClientStopsReadingEndsAndGivesBackItsPlace) {
   EXPECT_EQ(ended.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << ended.error_message();
   EXPECT_THAT(ended.error_message(), HasSubstr("download_idle_timeout_seconds"));
   EXPECT_LT(received, spec.content.size());
-  (*server)->Shutdown();
+  extra.server->Shutdown();
 }
 
 // A client that keeps reading, but too slowly to matter, is not let hold its download either:
 // past the idle timeout it must have gone at sharing.download_min_bytes_per_second.
 TEST_F(SharingTest, ADownloadReadUnderTheMinimumRateEnds) {
-  std::unique_ptr<MedgateConfig> config =
-      ConfigWith("retention_sweep_seconds: 86400",
-                 "retention_sweep_seconds: 86400\n  download_idle_timeout_seconds: 2\n"
-                 "  download_min_bytes_per_second: 100000000");
-  auto server = SharingServer::Create(*config);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  const int port = (*server)->port();
+  ExtraSharing extra = StartSharingWith(
+      "download_idle_timeout_seconds: 2\n  download_min_bytes_per_second: 100000000");
+  ASSERT_NE(extra.server, nullptr);
+  const int port = extra.server->port();
   UploadSpec spec;
   spec.patient_id = Place("download-slow-1", "FR");
   spec.content = Generate(98, 0, 12 * kMiB);
@@ -2310,7 +2313,41 @@ TEST_F(SharingTest, ADownloadReadUnderTheMinimumRateEnds) {
   EXPECT_EQ(ended.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << ended.error_message();
   EXPECT_THAT(ended.error_message(), HasSubstr("under the minimum of 100000000"));
   EXPECT_LT(received, spec.content.size());
-  (*server)->Shutdown();
+  extra.server->Shutdown();
+}
+
+// Only the time spent waiting for the client counts against a transfer's minimum rate: a
+// prompt client is not cut off while the shard is slow to give the chunks.
+TEST_F(SharingTest, ASlowShardDoesNotCountAgainstAPromptDownload) {
+  ExtraSharing extra = StartSharingWith(
+      "download_idle_timeout_seconds: 1\n  download_min_bytes_per_second: 100000000");
+  ASSERT_NE(extra.server, nullptr);
+  const int port = extra.server->port();
+  UploadSpec spec;
+  spec.patient_id = Place("download-slow-shard-1", "FR");
+  spec.content = Generate(96, 0, 3 * kMiB);
+  const std::string record = UploadOk(pki_->practitioner(), spec, port);
+
+  // The shard keeps the download waiting for its chunks for twice the 1 s the client may take.
+  pqxx::connection blocker(Db("fr-1").ConnectionString());
+  pqxx::work hold(blocker);
+  hold.exec0("LOCK TABLE record_chunks IN ACCESS EXCLUSIVE MODE");
+  Downloaded downloaded;
+  std::thread download([&] { downloaded = Download(pki_->practitioner(), record, "", true, port); });
+  absl::Cleanup join = [&] { download.join(); };
+  pqxx::connection watcher(Db("fr-1").ConnectionString());
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    pqxx::nontransaction q(watcher);
+    return q.exec1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE '%record_chunks%'")[0]
+               .as<int64_t>() > 0;
+  }));
+  absl::SleepFor(absl::Seconds(2));
+  hold.commit();
+  std::move(join).Invoke();
+  ASSERT_TRUE(downloaded.status.ok()) << downloaded.status.error_message();
+  EXPECT_EQ(downloaded.content, spec.content);
+  extra.server->Shutdown();
 }
 
 TEST_F(SharingTest, AnotherKeyEncryptionKeyCannotReadOrWrite) {
