@@ -3,7 +3,6 @@
 // consent, uploading a record and downloading it. A download writes its file only once all of
 // the record arrived and was authenticated.
 #include <sys/stat.h>
-#include <sys/wait.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -20,6 +19,7 @@
 #include "services/sharing/sharing_server.h"
 #include "tests/support/directory_services.h"
 #include "tests/support/poll.h"
+#include "tests/support/shell.h"
 #include "tests/support/tenants.h"
 #include "tests/support/test_stack.h"
 
@@ -30,10 +30,8 @@ using ::testing::HasSubstr;
 
 constexpr char kKekHex[] = "5a1e6a0c3b2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7";
 
-struct CtlRun {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr
-};
+// medgate-ctl's exit code and what it printed (stdout and stderr).
+using CtlRun = test_support::ShellRun;
 
 class CtlTest : public ::testing::Test {
  protected:
@@ -84,15 +82,7 @@ class CtlTest : public ::testing::Test {
     const std::string command =
         absl::StrCat(shell_prefix, MEDGATE_CTL_BINARY, " --config ", *config_path_, " --identity ",
                      identity, " ", arguments, " 2>&1");
-    CtlRun run;
-    std::FILE* pipe = popen(command.c_str(), "r");
-    if (pipe == nullptr) return run;
-    char buffer[4096];
-    size_t n;
-    while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) run.output.append(buffer, n);
-    const int status = pclose(pipe);
-    run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return run;
+    return test_support::RunShell(command);
   }
 
   // The value of `"field": "..."` in medgate-ctl's JSON output.

@@ -1,0 +1,212 @@
+{{/*
+Names, labels, checks and the cluster configuration file that every medgate binary reads.
+*/}}
+
+{{- define "medgate.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "medgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "medgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "medgate.labels" -}}
+{{ include "medgate.selectorLabels" . }}
+app.kubernetes.io/part-of: medgate
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ include "medgate.chart" .root }}
+medgate.io/country: {{ .root.Values.country | quote }}
+{{- end -}}
+
+{{- define "medgate.image" -}}
+{{- $repo := required "image.repository: the medgate image is required (helm/Containerfile builds it)" .Values.image.repository -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The pods of a service: sharing also serves audit. */}}
+{{- define "medgate.binary" -}}
+medgate-{{ . }}
+{{- end -}}
+
+{{/* The Secret holding a service's certificate, key and CA (tls.crt, tls.key, ca.crt). */}}
+{{- define "medgate.tlsSecret" -}}
+{{- printf "%s-%s-tls" (include "medgate.fullname" .root) .service -}}
+{{- end -}}
+
+{{- define "medgate.spiffeId" -}}
+{{- printf "spiffe://%s/service/%s" .root.Values.trustDomain .service -}}
+{{- end -}}
+
+{{/* A database endpoint as libpq keywords. Every value is checked: no quoting is needed. */}}
+{{- define "medgate.conninfo" -}}
+{{- $db := .db -}}
+{{- $where := .where -}}
+{{- $host := required (printf "%s.host: the database's host name is required" $where) $db.host -}}
+{{- $port := default 5432 $db.port | int -}}
+{{- $dbname := required (printf "%s.dbname: required" $where) $db.dbname -}}
+{{- $user := required (printf "%s.user: required" $where) $db.user -}}
+{{- range $k, $v := dict "host" $host "dbname" $dbname "user" $user -}}
+{{- if not (regexMatch "^[A-Za-z0-9._-]+$" (toString $v)) -}}
+{{- fail (printf "%s.%s: '%v' may hold only letters, digits, '.', '_' and '-'" $where $k $v) -}}
+{{- end -}}
+{{- end -}}
+{{- if or (lt $port 1) (gt $port 65535) -}}
+{{- fail (printf "%s.port: %v is not a TCP port" $where $db.port) -}}
+{{- end -}}
+{{- $parts := list (printf "host=%s port=%d dbname=%s user=%s passfile=/run/medgate/secrets/pgpass" $host $port $dbname $user) -}}
+{{- with .root.Values.database.options }}{{ $parts = append $parts . }}{{ end -}}
+{{- if .root.Values.database.caSecret }}{{ $parts = append $parts "sslrootcert=/etc/medgate/db-ca/ca.crt" }}{{ end -}}
+{{- join " " $parts -}}
+{{- end -}}
+
+{{- define "medgate.dbBlock" -}}
+{{- $pool := .root.Values.database.pool -}}
+conninfo: {{ include "medgate.conninfo" . | quote }}
+pool_size: {{ $pool.poolSize }}
+max_waiters: {{ $pool.maxWaiters }}
+acquire_timeout_ms: {{ $pool.acquireTimeoutMs }}
+statement_timeout_ms: {{ $pool.statementTimeoutMs }}
+{{- end -}}
+
+{{/*
+Stops rendering on values that would give a cluster storing data where the residency rules do not
+allow, or one that cannot start: fail closed, before anything is deployed.
+*/}}
+{{- define "medgate.validate" -}}
+{{- $v := .Values -}}
+{{- $country := required "country: the ISO 3166-1 alpha-2 code of the country this cluster serves is required" $v.country -}}
+{{- if not (regexMatch "^[A-Z]{2}$" $country) -}}
+{{- fail (printf "country: '%s' is not an ISO 3166-1 alpha-2 code (two capital letters)" $country) -}}
+{{- end -}}
+{{- $td := required "trustDomain: the SPIFFE trust domain of the cluster's certificates is required" $v.trustDomain -}}
+{{- if not (regexMatch "^[a-z0-9.-]+$" $td) -}}
+{{- fail (printf "trustDomain: '%s' may hold only lower-case letters, digits, '.' and '-'" $td) -}}
+{{- end -}}
+{{- $_ := required "database.passfileSecret: a Secret with key pgpass (a libpq password file) is required" $v.database.passfileSecret -}}
+{{- $_ := required "sharing.kekSecret: a Secret with key kek.hex (the key-encryption key) is required" $v.sharing.kekSecret -}}
+{{- if $v.tls.certManager.enabled -}}
+{{- $_ := required "tls.certManager.issuerRef.name: the cert-manager issuer is required (or set tls.certManager.enabled=false and provide the services' Secrets)" $v.tls.certManager.issuerRef.name -}}
+{{- end -}}
+{{- if not $v.regions -}}
+{{- fail "regions: at least one region is required (its id, territories, db and keysDb)" -}}
+{{- end -}}
+{{- $ids := list -}}
+{{- $covered := false -}}
+{{- range $i, $r := $v.regions -}}
+{{- $id := required (printf "regions[%d].id: required" $i) $r.id -}}
+{{- if not (regexMatch "^[a-z0-9][a-z0-9-]*$" $id) -}}
+{{- fail (printf "regions[%d].id: '%s' may hold only lower-case letters, digits and '-'" $i $id) -}}
+{{- end -}}
+{{- if has $id $ids -}}
+{{- fail (printf "regions[%d].id: region '%s' is listed twice" $i $id) -}}
+{{- end -}}
+{{- $ids = append $ids $id -}}
+{{- if not $r.territories -}}
+{{- fail (printf "regions[%d].territories: region '%s' must name the territories whose data it may hold" $i $id) -}}
+{{- end -}}
+{{- if has $country $r.territories }}{{ $covered = true }}{{ end -}}
+{{- if not $r.db -}}
+{{- fail (printf "regions[%d].db: region '%s' needs its shard" $i $id) -}}
+{{- end -}}
+{{- if not $r.keysDb -}}
+{{- fail (printf "regions[%d].keysDb: region '%s' needs its key vault (a database apart from the shard)" $i $id) -}}
+{{- end -}}
+{{- end -}}
+{{- if not $covered -}}
+{{- fail (printf "regions: no region may hold data of %s, the country this cluster serves (add %s to a region's territories)" $country $country) -}}
+{{- end -}}
+{{- range $i, $rule := $v.routing.seedRules -}}
+{{- $_ := required (printf "routing.seedRules[%d].territory: required" $i) $rule.territory -}}
+{{- if not $rule.regions -}}
+{{- fail (printf "routing.seedRules[%d].regions: the regions of territory %s are required" $i $rule.territory) -}}
+{{- end -}}
+{{- range $rule.regions -}}
+{{- if not (has . $ids) -}}
+{{- fail (printf "routing.seedRules[%d].regions: '%s' is not one of this cluster's regions (%s)" $i . (join ", " $ids)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $name, $s := $v.services -}}
+{{- if not (has $name (list "routing" "consent" "ingest" "sharing" "audit")) -}}
+{{- fail (printf "services.%s: not a medgate service (routing, consent, ingest, sharing, audit)" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq (int $v.services.sharing.port) (int $v.services.audit.port) -}}
+{{- fail "services.audit.port: audit is served by the sharing pods and needs a port other than services.sharing.port" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* medgate.yaml: the cluster configuration file (libs/common/config.h). */}}
+{{- define "medgate.config" -}}
+{{- $root := . -}}
+{{- $v := .Values -}}
+{{- $ns := .Release.Namespace -}}
+# The cluster configuration of medgate in {{ $v.country }} (release {{ .Release.Name }}).
+trust_domain: {{ $v.trustDomain | quote }}
+ca: /etc/medgate/ca/ca.crt
+limits:
+  max_message_bytes: {{ $v.limits.maxMessageBytes }}
+  max_concurrent_streams: {{ $v.limits.maxConcurrentStreams }}
+  max_threads: {{ $v.limits.maxThreads }}
+  max_connection_age_seconds: {{ $v.limits.maxConnectionAgeSeconds }}
+  max_connection_age_grace_seconds: {{ $v.limits.maxConnectionAgeGraceSeconds }}
+  drain_seconds: {{ $v.limits.drainSeconds }}
+control_db:
+  {{- include "medgate.dbBlock" (dict "root" $root "db" $v.control "where" "control") | nindent 2 }}
+regions:
+{{- range $i, $r := $v.regions }}
+  - id: {{ $r.id | quote }}
+    territories: {{ toJson $r.territories }}
+    db:
+      {{- include "medgate.dbBlock" (dict "root" $root "db" $r.db "where" (printf "regions[%d].db" $i)) | nindent 6 }}
+    keys_db:
+      {{- include "medgate.dbBlock" (dict "root" $root "db" $r.keysDb "where" (printf "regions[%d].keysDb" $i)) | nindent 6 }}
+{{- end }}
+services:
+{{- range $name := list "routing" "consent" "ingest" "sharing" "audit" }}
+{{- $s := index $v.services $name }}
+  {{ $name }}:
+    listen: {{ printf "0.0.0.0:%d" (int $s.port) | quote }}
+    address: {{ printf "%s-%s.%s.svc.%s:%d" (include "medgate.fullname" $root) $name $ns $v.clusterDomain (int $s.port) | quote }}
+    identity: {{ include "medgate.spiffeId" (dict "root" $root "service" $name) | quote }}
+    tls:
+      cert: /etc/medgate/tls/{{ $name }}/tls.crt
+      key: /etc/medgate/tls/{{ $name }}/tls.key
+      refresh_seconds: {{ $v.tls.refreshSeconds }}
+{{- end }}
+routing:
+  {{- with $v.routing.settings }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  seed_rules:
+  {{- range $v.routing.seedRules }}
+    - territory: {{ .territory | quote }}
+      regions: {{ toJson .regions }}
+      readable_from: {{ toJson (default (list) .readableFrom) }}
+  {{- else }} []
+  {{- end }}
+{{- with $v.consent.settings }}
+consent:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.ingest.settings }}
+ingest:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+sharing:
+  kek_file: /run/medgate/secrets/kek.hex
+  {{- with $v.sharing.settings }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end -}}

@@ -1,0 +1,466 @@
+// The Helm chart (helm/medgate), rendered by helm/render (Helm's template engine and functions),
+// checked against what the services themselves accept: the configuration it writes goes through
+// the services' own parsers, and every path, port and identity that configuration names is
+// checked against what the pods mount, expose and are issued.
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <yaml-cpp/yaml.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "libs/common/config.h"
+#include "services/consent/consent_server.h"
+#include "services/ingest/ingest_server.h"
+#include "services/routing/routing_server.h"
+#include "services/sharing/sharing_server.h"
+#include "tests/support/shell.h"
+
+namespace medgate {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::UnorderedElementsAre;
+
+const std::string kChart = std::string(MEDGATE_SOURCE_DIR) + "/helm/medgate";
+const std::string kFrance = kChart + "/examples/values-fr.yaml";
+const std::vector<std::string> kServices = {"routing", "consent", "ingest", "sharing", "audit"};
+const std::vector<std::string> kDeployments = {"routing", "consent", "ingest", "sharing"};
+
+struct Render {
+  int exit_code = -1;
+  std::string manifests;  // stdout
+  std::string error;      // stderr
+  std::vector<YAML::Node> documents;
+};
+
+std::string ReadFile(const std::string& path) {
+  std::stringstream content;
+  content << std::ifstream(path).rdbuf();
+  return content.str();
+}
+
+// Renders the chart with the example values of France, then `overrides` (YAML) on top.
+Render RenderChart(const std::string& overrides = "", const std::string& release = "medgate") {
+  static int counter = 0;
+  const std::string dir = testing::TempDir();
+  const std::string values = absl::StrCat(dir, "/helm-values-", ++counter, ".yaml");
+  const std::string err = absl::StrCat(dir, "/helm-err-", counter, ".txt");
+  std::ofstream(values) << overrides;
+  const std::string command =
+      absl::StrCat(MEDGATE_HELM_RENDER, " ", kChart, " --release ", release,
+                   " --namespace health -f ", kFrance, " -f ", values, " 2>", err);
+  const test_support::ShellRun run = test_support::RunShell(command);
+  Render render;
+  render.exit_code = run.exit_code;
+  render.manifests = run.output;
+  render.error = ReadFile(err);
+  std::filesystem::remove(values);
+  std::filesystem::remove(err);
+  if (render.exit_code == 0) {
+    for (const YAML::Node& doc : YAML::LoadAll(render.manifests)) {
+      if (doc.IsMap()) render.documents.push_back(doc);
+    }
+  }
+  return render;
+}
+
+std::vector<YAML::Node> OfKind(const Render& render, const std::string& kind) {
+  std::vector<YAML::Node> found;
+  for (const YAML::Node& doc : render.documents) {
+    if (doc["kind"].as<std::string>() == kind) found.push_back(doc);
+  }
+  return found;
+}
+
+YAML::Node Named(const Render& render, const std::string& kind, const std::string& name) {
+  for (const YAML::Node& doc : OfKind(render, kind)) {
+    if (doc["metadata"]["name"].as<std::string>() == name) return doc;
+  }
+  ADD_FAILURE() << "no " << kind << " named " << name;
+  return YAML::Node();
+}
+
+std::string ConfigText(const Render& render, const std::string& config_map = "medgate-config") {
+  return Named(render, "ConfigMap", config_map)["data"]["medgate.yaml"].as<std::string>();
+}
+
+MedgateConfig ParseConfig(const std::string& text) {
+  absl::StatusOr<ConfigNode> root = ConfigNode::Parse(text);
+  EXPECT_TRUE(root.ok()) << root.status();
+  if (!root.ok()) return MedgateConfig();
+  absl::StatusOr<MedgateConfig> config = ParseMedgateConfig(*root);
+  EXPECT_TRUE(config.ok()) << config.status();
+  return config.ok() ? *std::move(config) : MedgateConfig();
+}
+
+// The directory a path is in.
+std::string Dir(const std::string& path) { return std::filesystem::path(path).parent_path(); }
+
+// mountPath -> volume name, for one container.
+std::map<std::string, std::string> Mounts(const YAML::Node& container) {
+  std::map<std::string, std::string> mounts;
+  for (const YAML::Node& m : container["volumeMounts"]) {
+    mounts[m["mountPath"].as<std::string>()] = m["name"].as<std::string>();
+  }
+  return mounts;
+}
+
+YAML::Node Volume(const YAML::Node& pod, const std::string& name) {
+  for (const YAML::Node& v : pod["volumes"]) {
+    if (v["name"].as<std::string>() == name) return v;
+  }
+  ADD_FAILURE() << "no volume " << name;
+  return YAML::Node();
+}
+
+int PortOf(const std::string& listen) {
+  return std::stoi(listen.substr(listen.rfind(':') + 1));
+}
+
+class HelmChartTest : public testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    france_ = new Render(RenderChart());
+    ASSERT_EQ(france_->exit_code, 0) << france_->error;
+  }
+  static void TearDownTestSuite() { delete france_; }
+  static Render* france_;
+};
+Render* HelmChartTest::france_ = nullptr;
+
+TEST_F(HelmChartTest, RendersEveryPartOfACountrysCluster) {
+  std::map<std::string, int> kinds;
+  for (const YAML::Node& doc : france_->documents) {
+    ASSERT_TRUE(doc["apiVersion"].IsScalar()) << YAML::Dump(doc);
+    ASSERT_TRUE(doc["metadata"]["name"].IsScalar()) << YAML::Dump(doc);
+    ++kinds[doc["kind"].as<std::string>()];
+  }
+  EXPECT_EQ(kinds["Deployment"], 4);
+  EXPECT_EQ(kinds["Service"], 5);
+  EXPECT_EQ(kinds["Certificate"], 5);
+  EXPECT_EQ(kinds["ConfigMap"], 2);  // the release's and the migrations' own
+  EXPECT_EQ(kinds["Job"], 1);
+  EXPECT_EQ(kinds["PodDisruptionBudget"], 4);
+  EXPECT_EQ(kinds["ServiceAccount"], 1);
+  EXPECT_EQ(kinds["NetworkPolicy"], 6);  // default deny, one per service's pods, egress
+  // Names are unique within a kind.
+  std::set<std::string> names;
+  for (const YAML::Node& doc : france_->documents) {
+    EXPECT_TRUE(names.insert(doc["kind"].as<std::string>() + "/" +
+                             doc["metadata"]["name"].as<std::string>())
+                    .second);
+  }
+}
+
+TEST_F(HelmChartTest, TheConfigurationIsOneEveryServiceAccepts) {
+  const MedgateConfig config = ParseConfig(ConfigText(*france_));
+  EXPECT_EQ(config.trust_domain, "fr.medgate.example");
+  ASSERT_EQ(config.regions.size(), 2u);
+  EXPECT_EQ(config.regions[0].id, "fr-1");
+  EXPECT_THAT(config.regions[0].territories, UnorderedElementsAre("FR"));
+  EXPECT_EQ(config.regions[1].id, "eu-1");
+  EXPECT_THAT(config.regions[1].territories, UnorderedElementsAre("BE", "NL", "LU"));
+  for (const RegionConfig& region : config.regions) {
+    ASSERT_TRUE(region.keys_db.has_value()) << region.id;
+  }
+  ASSERT_TRUE(config.control_db.has_value());
+  for (const std::string& name : kServices) {
+    ASSERT_TRUE(config.Service(name).ok()) << name;
+  }
+  // Each service's own settings, through its own parser.
+  absl::StatusOr<routing::RoutingSettings> routing = routing::ParseRoutingSettings(config);
+  ASSERT_TRUE(routing.ok()) << routing.status();
+  ASSERT_EQ(routing->seed_rules.size(), 4u);
+  EXPECT_EQ(routing->seed_rules[0].territory, "FR");
+  EXPECT_THAT(routing->seed_rules[0].region_ids, UnorderedElementsAre("fr-1"));
+  EXPECT_THAT(routing->seed_rules[1].readable_from, UnorderedElementsAre("BE", "FR"));
+  EXPECT_TRUE(consent::ParseConsentSettings(config).ok());
+  absl::StatusOr<ingest::IngestSettings> ingest = ingest::ParseIngestSettings(config);
+  ASSERT_TRUE(ingest.ok()) << ingest.status();
+  EXPECT_EQ(ingest->max_streams_per_device, 2);
+  absl::StatusOr<sharing::SharingSettings> sharing = sharing::ParseSharingSettings(config);
+  ASSERT_TRUE(sharing.ok()) << sharing.status();
+  EXPECT_EQ(sharing->tenant_quota_bytes, int64_t{1} << 40);
+  EXPECT_EQ(sharing->kek_file, "/run/medgate/secrets/kek.hex");
+}
+
+TEST_F(HelmChartTest, DatabaseConnectionsAreVerifiedTlsWithTheirPasswordsOutOfTheConfiguration) {
+  const std::string text = ConfigText(*france_);
+  EXPECT_THAT(text, ::testing::Not(HasSubstr("password=")));
+  const MedgateConfig config = ParseConfig(text);
+  std::vector<std::string> conninfos = {config.control_db->conninfo};
+  for (const RegionConfig& region : config.regions) {
+    conninfos.push_back(region.db.conninfo);
+    conninfos.push_back(region.keys_db->conninfo);
+  }
+  for (const std::string& conninfo : conninfos) {
+    EXPECT_THAT(conninfo, HasSubstr("passfile=/run/medgate/secrets/pgpass")) << conninfo;
+    EXPECT_THAT(conninfo, HasSubstr("sslmode=verify-full")) << conninfo;
+    EXPECT_THAT(conninfo, HasSubstr("sslrootcert=/etc/medgate/db-ca/ca.crt")) << conninfo;
+  }
+  EXPECT_THAT(config.regions[0].db.conninfo, HasSubstr("host=pg-fr-1.fr.medgate.example "));
+  EXPECT_THAT(config.regions[0].keys_db->conninfo,
+              HasSubstr("host=pg-fr-1-keys.fr.medgate.example "));
+}
+
+// Every file the configuration names is in a volume the pod mounts, from the right Secret, and
+// every certificate carries the identity the configuration expects of its service.
+TEST_F(HelmChartTest, EachPodMountsAndIsIssuedWhatItsConfigurationNames) {
+  const MedgateConfig config = ParseConfig(ConfigText(*france_));
+  std::map<std::string, std::string> uri_of_secret;
+  for (const YAML::Node& cert : OfKind(*france_, "Certificate")) {
+    ASSERT_EQ(cert["spec"]["uris"].size(), 1u);
+    uri_of_secret[cert["spec"]["secretName"].as<std::string>()] =
+        cert["spec"]["uris"][0].as<std::string>();
+  }
+  for (const std::string& name : kDeployments) {
+    SCOPED_TRACE(name);
+    const YAML::Node pod = Named(*france_, "Deployment", "medgate-" + name)["spec"]["template"]["spec"];
+    ASSERT_EQ(pod["containers"].size(), 1u);
+    const YAML::Node container = pod["containers"][0];
+    const std::map<std::string, std::string> mounts = Mounts(container);
+    std::vector<std::string> command;
+    for (const YAML::Node& arg : container["command"]) command.push_back(arg.as<std::string>());
+    ASSERT_EQ(command.size(), 3u);
+    EXPECT_EQ(command[0], "/usr/local/bin/medgate-" + name);
+    EXPECT_EQ(command[1], "--config");
+    ASSERT_EQ(mounts.count(Dir(command[2])), 1u);
+    EXPECT_EQ(Volume(pod, mounts.at(Dir(command[2])))["configMap"]["name"].as<std::string>(),
+              "medgate-config");
+
+    const std::vector<std::string> served =
+        name == "sharing" ? std::vector<std::string>{"sharing", "audit"}
+                          : std::vector<std::string>{name};
+    std::set<int> container_ports;
+    for (const YAML::Node& p : container["ports"]) container_ports.insert(p["containerPort"].as<int>());
+    for (const std::string& service : served) {
+      const ServiceEndpoint& endpoint = **config.Service(service);
+      EXPECT_EQ(container_ports.count(PortOf(endpoint.listen)), 1u) << service;
+      EXPECT_EQ(Dir(endpoint.tls.cert_path), Dir(endpoint.tls.key_path));
+      ASSERT_EQ(mounts.count(Dir(endpoint.tls.cert_path)), 1u) << endpoint.tls.cert_path;
+      const std::string secret =
+          Volume(pod, mounts.at(Dir(endpoint.tls.cert_path)))["secret"]["secretName"].as<std::string>();
+      EXPECT_EQ(secret, "medgate-" + service + "-tls");
+      ASSERT_EQ(uri_of_secret.count(secret), 1u) << secret;
+      EXPECT_EQ(uri_of_secret[secret], endpoint.identity);
+      EXPECT_EQ(endpoint.identity, "spiffe://fr.medgate.example/service/" + service);
+    }
+    // The CA: from the pod's own certificate Secret.
+    ASSERT_EQ(mounts.count(Dir(config.ca_path)), 1u);
+    EXPECT_EQ(Volume(pod, mounts.at(Dir(config.ca_path)))["secret"]["secretName"].as<std::string>(),
+              "medgate-" + name + "-tls");
+    // The password file (and sharing's key-encryption key): copied by the init container into
+    // memory, mode 0400, and mounted read-only where the configuration names them.
+    const std::string pgpass = "/run/medgate/secrets/pgpass";
+    ASSERT_EQ(mounts.count(Dir(pgpass)), 1u);
+    EXPECT_EQ(Volume(pod, mounts.at(Dir(pgpass)))["emptyDir"]["medium"].as<std::string>(), "Memory");
+    ASSERT_EQ(pod["initContainers"].size(), 1u);
+    const YAML::Node init = pod["initContainers"][0];
+    const std::string script = init["command"][2].as<std::string>();
+    EXPECT_THAT(script, HasSubstr("install -m 0400 /etc/medgate/secrets/db/pgpass " + pgpass));
+    EXPECT_EQ(Volume(pod, Mounts(init).at("/etc/medgate/secrets/db"))["secret"]["secretName"]
+                  .as<std::string>(),
+              "medgate-pgpass");
+    if (name == "sharing") {
+      const absl::StatusOr<sharing::SharingSettings> sharing = sharing::ParseSharingSettings(config);
+      ASSERT_TRUE(sharing.ok());
+      EXPECT_THAT(script, HasSubstr("install -m 0400 /etc/medgate/secrets/kek/kek.hex " +
+                                    sharing->kek_file));
+      EXPECT_EQ(Volume(pod, Mounts(init).at("/etc/medgate/secrets/kek"))["secret"]["secretName"]
+                    .as<std::string>(),
+                "medgate-kek");
+    } else {
+      EXPECT_THAT(script, ::testing::Not(HasSubstr("kek")));
+      EXPECT_EQ(Mounts(init).count("/etc/medgate/secrets/kek"), 0u);
+    }
+    // The databases' CA, for sslrootcert.
+    ASSERT_EQ(mounts.count("/etc/medgate/db-ca"), 1u);
+    EXPECT_EQ(Volume(pod, mounts.at("/etc/medgate/db-ca"))["secret"]["secretName"].as<std::string>(),
+              "medgate-db-ca");
+  }
+}
+
+TEST_F(HelmChartTest, EachServiceReachesThePodsThatServeIt) {
+  const MedgateConfig config = ParseConfig(ConfigText(*france_));
+  for (const std::string& name : kServices) {
+    SCOPED_TRACE(name);
+    const YAML::Node service = Named(*france_, "Service", "medgate-" + name);
+    const ServiceEndpoint& endpoint = **config.Service(name);
+    // Clients dial the Service's name and port.
+    EXPECT_EQ(endpoint.address,
+              absl::StrCat("medgate-", name, ".health.svc.cluster.local:", PortOf(endpoint.listen)));
+    ASSERT_EQ(service["spec"]["ports"].size(), 1u);
+    EXPECT_EQ(service["spec"]["ports"][0]["port"].as<int>(), PortOf(endpoint.listen));
+    const std::string target = service["spec"]["ports"][0]["targetPort"].as<std::string>();
+    // The pods it selects: audit's are sharing's.
+    const std::string serving = name == "audit" ? "sharing" : name;
+    const YAML::Node deployment = Named(*france_, "Deployment", "medgate-" + serving);
+    const YAML::Node labels = deployment["spec"]["template"]["metadata"]["labels"];
+    for (const auto& kv : service["spec"]["selector"]) {
+      EXPECT_EQ(labels[kv.first.as<std::string>()].as<std::string>(), kv.second.as<std::string>());
+    }
+    bool named_port = false;
+    for (const YAML::Node& p : deployment["spec"]["template"]["spec"]["containers"][0]["ports"]) {
+      if (p["name"].as<std::string>() == target) {
+        named_port = true;
+        EXPECT_EQ(p["containerPort"].as<int>(), PortOf(endpoint.listen));
+      }
+    }
+    EXPECT_TRUE(named_port) << target;
+  }
+  EXPECT_EQ(Named(*france_, "Service", "medgate-ingest")["spec"]["type"].as<std::string>(),
+            "LoadBalancer");
+  EXPECT_EQ(Named(*france_, "Service", "medgate-routing")["spec"]["type"].as<std::string>(),
+            "ClusterIP");
+}
+
+TEST_F(HelmChartTest, PodsRunWithoutPrivilegeAndDrainBeforeTheyAreKilled) {
+  const MedgateConfig config = ParseConfig(ConfigText(*france_));
+  for (const std::string& name : kDeployments) {
+    SCOPED_TRACE(name);
+    const YAML::Node pod = Named(*france_, "Deployment", "medgate-" + name)["spec"]["template"]["spec"];
+    EXPECT_TRUE(pod["securityContext"]["runAsNonRoot"].as<bool>());
+    EXPECT_NE(pod["securityContext"]["runAsUser"].as<int>(), 0);
+    EXPECT_FALSE(pod["automountServiceAccountToken"].as<bool>());
+    EXPECT_GT(pod["terminationGracePeriodSeconds"].as<int>(), config.limits.drain_seconds);
+    for (const YAML::Node& container : {pod["containers"][0], pod["initContainers"][0]}) {
+      const YAML::Node security = container["securityContext"];
+      EXPECT_FALSE(security["allowPrivilegeEscalation"].as<bool>());
+      EXPECT_TRUE(security["readOnlyRootFilesystem"].as<bool>());
+      ASSERT_EQ(security["capabilities"]["drop"].size(), 1u);
+      EXPECT_EQ(security["capabilities"]["drop"][0].as<std::string>(), "ALL");
+      EXPECT_TRUE(container["resources"]["limits"]["memory"].IsScalar());
+    }
+    // Probes on the service's port.
+    EXPECT_EQ(pod["containers"][0]["readinessProbe"]["tcpSocket"]["port"].as<std::string>(), name);
+  }
+  EXPECT_FALSE(OfKind(*france_, "ServiceAccount")[0]["automountServiceAccountToken"].as<bool>());
+}
+
+TEST_F(HelmChartTest, MigrationsRunBeforeInstallAndEveryUpgradeOnTheSameDatabases) {
+  const YAML::Node job = Named(*france_, "Job", "medgate-migrate");
+  EXPECT_EQ(job["metadata"]["annotations"]["helm.sh/hook"].as<std::string>(),
+            "pre-install,pre-upgrade");
+  const YAML::Node config_map = Named(*france_, "ConfigMap", "medgate-migrate-config");
+  EXPECT_EQ(config_map["metadata"]["annotations"]["helm.sh/hook"].as<std::string>(),
+            "pre-install,pre-upgrade");
+  // The configuration the Job reads exists before it does, and names the same databases.
+  EXPECT_LT(std::stoi(config_map["metadata"]["annotations"]["helm.sh/hook-weight"].as<std::string>()),
+            std::stoi(job["metadata"]["annotations"]["helm.sh/hook-weight"].as<std::string>()));
+  EXPECT_EQ(ConfigText(*france_, "medgate-migrate-config"), ConfigText(*france_));
+  const YAML::Node pod = job["spec"]["template"]["spec"];
+  EXPECT_EQ(pod["restartPolicy"].as<std::string>(), "Never");
+  const std::string script = pod["containers"][0]["command"][2].as<std::string>();
+  EXPECT_THAT(script, HasSubstr("medgate-migrate --config /etc/medgate/config/medgate.yaml "
+                                "--migrations /usr/local/share/medgate/migrations"));
+  EXPECT_EQ(Volume(pod, "config")["configMap"]["name"].as<std::string>(), "medgate-migrate-config");
+}
+
+TEST_F(HelmChartTest, NetworkPoliciesOpenOnlyTheServicesPortsAndTheDatabases) {
+  const MedgateConfig config = ParseConfig(ConfigText(*france_));
+  const YAML::Node deny = Named(*france_, "NetworkPolicy", "medgate-default-deny");
+  EXPECT_FALSE(deny["spec"]["ingress"].IsDefined());
+  std::vector<std::string> types;
+  for (const YAML::Node& t : deny["spec"]["policyTypes"]) types.push_back(t.as<std::string>());
+  EXPECT_THAT(types, UnorderedElementsAre("Ingress", "Egress"));
+  for (const std::string& name : kDeployments) {
+    SCOPED_TRACE(name);
+    const YAML::Node policy = Named(*france_, "NetworkPolicy", "medgate-" + name);
+    ASSERT_EQ(policy["spec"]["ingress"].size(), 1u);
+    std::set<int> ports;
+    for (const YAML::Node& p : policy["spec"]["ingress"][0]["ports"]) ports.insert(p["port"].as<int>());
+    std::set<int> expected = {PortOf((*config.Service(name))->listen)};
+    if (name == "sharing") expected.insert(PortOf((*config.Service("audit"))->listen));
+    EXPECT_EQ(ports, expected);
+  }
+  const YAML::Node egress = Named(*france_, "NetworkPolicy", "medgate-egress");
+  EXPECT_EQ(egress["spec"]["egress"][0]["to"][0]["ipBlock"]["cidr"].as<std::string>(),
+            "10.20.0.0/16");
+  // Without database networks the pods' connections are not restricted, and no policy says so.
+  const Render open = RenderChart("networkPolicy: {databaseCIDRs: []}\n");
+  ASSERT_EQ(open.exit_code, 0) << open.error;
+  for (const YAML::Node& policy : OfKind(open, "NetworkPolicy")) {
+    EXPECT_FALSE(policy["spec"]["egress"].IsDefined());
+    for (const YAML::Node& t : policy["spec"]["policyTypes"]) {
+      EXPECT_EQ(t.as<std::string>(), "Ingress");
+    }
+  }
+}
+
+TEST_F(HelmChartTest, WithoutCertManagerThePodsUseTheServicesOwnSecrets) {
+  const Render render = RenderChart("tls: {certManager: {enabled: false}}\n", "health");
+  ASSERT_EQ(render.exit_code, 0) << render.error;
+  EXPECT_THAT(OfKind(render, "Certificate"), IsEmpty());
+  const YAML::Node pod = Named(render, "Deployment", "health-medgate-sharing")["spec"]["template"]["spec"];
+  EXPECT_EQ(Volume(pod, "tls-sharing")["secret"]["secretName"].as<std::string>(),
+            "health-medgate-sharing-tls");
+  EXPECT_EQ(Volume(pod, "tls-audit")["secret"]["secretName"].as<std::string>(),
+            "health-medgate-audit-tls");
+  // The release name is in every name the configuration dials.
+  EXPECT_EQ((*ParseConfig(ConfigText(render, "health-medgate-config")).Service("audit"))->address,
+            "health-medgate-audit.health.svc.cluster.local:8444");
+}
+
+// Values that would give a cluster storing data where the residency rules do not allow, or one
+// that cannot start, stop the rendering with a message naming the value: nothing is deployed.
+TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
+  struct Case {
+    std::string overrides;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {"country: null\n", "country: the ISO 3166-1 alpha-2 code"},
+      {"country: France\n", "country: 'France' is not an ISO 3166-1 alpha-2 code"},
+      {"country: DE\n", "regions: no region may hold data of DE"},
+      {"trustDomain: null\n", "trustDomain: the SPIFFE trust domain"},
+      {"image: {repository: null}\n", "image.repository: the medgate image is required"},
+      {"database: {passfileSecret: null}\n", "database.passfileSecret"},
+      {"sharing: {kekSecret: null}\n", "sharing.kekSecret"},
+      {"tls: {certManager: {issuerRef: {name: null}}}\n", "tls.certManager.issuerRef.name"},
+      {"regions: []\n", "regions: at least one region is required"},
+      {"regions: [{id: fr-1, territories: [FR], db: {host: a}}]\n",
+       "regions[0].keysDb: region 'fr-1' needs its key vault"},
+      {"regions: [{id: fr-1, territories: [], db: {host: a}, keysDb: {host: b}}]\n",
+       "regions[0].territories: region 'fr-1' must name the territories"},
+      {"regions: [{id: fr-1, territories: [FR], db: {host: a}, keysDb: {host: b}},\n"
+       "          {id: fr-1, territories: [BE], db: {host: c}, keysDb: {host: d}}]\n",
+       "regions[1].id: region 'fr-1' is listed twice"},
+      {"routing: {seedRules: [{territory: FR, regions: [de-1]}]}\n",
+       "routing.seedRules[0].regions: 'de-1' is not one of this cluster's regions (fr-1, eu-1)"},
+      {"control: {host: \"pg password=x\"}\n",
+       "control.host: 'pg password=x' may hold only letters, digits"},
+      {"control: {port: 99999}\n", "control.port: 99999 is not a TCP port"},
+      {"services: {audit: {port: 8443}}\n", "services.audit.port"},
+      {"services: {billing: {port: 1}}\n", "services.billing: not a medgate service"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.overrides);
+    const Render render = RenderChart(c.overrides);
+    EXPECT_EQ(render.exit_code, 1);
+    EXPECT_THAT(render.error, HasSubstr(c.message));
+    EXPECT_TRUE(render.manifests.empty()) << render.manifests.size() << " bytes rendered";
+  }
+}
+
+TEST_F(HelmChartTest, TheChartDefaultsAloneRenderNothing) {
+  // Without a country's values there is no cluster to describe: the first missing value is named.
+  const std::string err = testing::TempDir() + "/helm-defaults-err.txt";
+  const test_support::ShellRun run =
+      test_support::RunShell(absl::StrCat(MEDGATE_HELM_RENDER, " ", kChart, " 2>", err));
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_TRUE(run.output.empty()) << run.output;
+  EXPECT_THAT(ReadFile(err), HasSubstr("is required"));
+}
+
+}  // namespace
+}  // namespace medgate
