@@ -10,6 +10,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -34,6 +35,24 @@ func loadYAML(path string) (map[string]interface{}, error) {
 	return out, nil
 }
 
+// loadValues reads a values file as Helm does: YAML converted to JSON and decoded from it, so
+// that every number is a float64 (printed as 4.194304e+06 unless a template converts it).
+func loadValues(path string) (map[string]interface{}, error) {
+	parsed, err := loadYAML(path)
+	if err != nil {
+		return nil, err
+	}
+	data, err := json.Marshal(parsed)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	out := map[string]interface{}{}
+	if err := json.Unmarshal(data, &out); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return out, nil
+}
+
 // merge sets every key of src into dst, merging maps key by key; a null in src deletes the key,
 // as Helm does with user-supplied values.
 func merge(dst, src map[string]interface{}) {
@@ -52,11 +71,30 @@ func merge(dst, src map[string]interface{}) {
 	}
 }
 
+// blockStyle undoes the flow style that YAML parsed from JSON keeps.
+func blockStyle(n *yaml.Node) {
+	n.Style &^= yaml.FlowStyle
+	for _, c := range n.Content {
+		blockStyle(c)
+	}
+}
+
+// toYAML is Helm's: through JSON (sigs.k8s.io/yaml), so keys are sorted and a float64 that holds
+// an integer prints as one; two-space indents; no trailing newline.
 func toYAML(v interface{}) string {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return ""
+	}
+	var node yaml.Node
+	if err := yaml.Unmarshal(data, &node); err != nil {
+		return ""
+	}
+	blockStyle(&node)
 	var buf bytes.Buffer
 	enc := yaml.NewEncoder(&buf)
 	enc.SetIndent(2)
-	if err := enc.Encode(v); err != nil {
+	if err := enc.Encode(&node); err != nil {
 		return ""
 	}
 	enc.Close()
@@ -114,12 +152,12 @@ func run(args []string) error {
 		// Helm exposes Chart.yaml's fields capitalised: .Chart.Name, .Chart.AppVersion.
 		chart[strings.ToUpper(k[:1])+k[1:]] = v
 	}
-	values, err := loadYAML(filepath.Join(chartDir, "values.yaml"))
+	values, err := loadValues(filepath.Join(chartDir, "values.yaml"))
 	if err != nil {
 		return err
 	}
 	for _, f := range valueFiles {
-		override, err := loadYAML(f)
+		override, err := loadValues(f)
 		if err != nil {
 			return err
 		}

@@ -10,21 +10,26 @@
 #include "libs/common/config.h"
 #include "libs/common/log.h"
 #include "libs/common/process.h"
+#include "libs/server/probe.h"
 #include "libs/server/service_server.h"
 
 namespace medgate {
 
 // `Server` has static Create(const MedgateConfig&) -> StatusOr<unique_ptr<Server>>, Start() and
 // RunUntilSignal(). Exit codes: 0 after a drain, 1 when it cannot start, 2 for bad flags/config.
+// With `--probe NAME[,NAME...]` it serves nothing: it asks the running servers of those services
+// on this host for their health (libs/server/probe.h), for an orchestrator's readiness probe.
 template <typename Server>
 int ServiceMain(int argc, char** argv, const char* binary) {
   ConfigureProcess();
   ServiceServer::BlockTerminationSignals();
-  if (argc != 3 || std::string(argv[1]) != "--config") {
-    std::fprintf(stderr, "usage: %s --config FILE\n", binary);
+  const bool probe = argc == 5 && std::string(argv[3]) == "--probe";
+  if ((argc != 3 && !probe) || std::string(argv[1]) != "--config") {
+    std::fprintf(stderr, "usage: %s --config FILE [--probe SERVICE[,SERVICE...]]\n", binary);
     return 2;
   }
   MedgateConfig config = LoadConfigOrExit(argv[2]);
+  if (probe) return ProbeServices(config, argv[4]);
   absl::StatusOr<std::unique_ptr<Server>> server = Server::Create(config);
   if (!server.ok()) {
     log::Error("config_invalid", {{"error", server.status().message()}});

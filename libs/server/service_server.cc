@@ -128,13 +128,18 @@ void ServiceServer::BlockTerminationSignals() {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
-void ServiceServer::RunUntilSignal() {
+int ServiceServer::WaitForTerminationSignal() {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);
   int signal = 0;
   sigwait(&set, &signal);
+  return signal;
+}
+
+void ServiceServer::RunUntilSignal() {
+  const int signal = WaitForTerminationSignal();
   log::Info("draining", {{"service", service_name_}, {"signal", signal}});
   Shutdown();
 }

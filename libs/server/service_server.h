@@ -55,6 +55,9 @@ class ServiceServer {
   // called at the start of main, before any thread was created.
   void RunUntilSignal();
   static void BlockTerminationSignals();
+  // Blocks until SIGTERM or SIGINT (blocked by BlockTerminationSignals()); returns it. For a
+  // binary that runs several servers and drains them together.
+  static int WaitForTerminationSignal();
 
  private:
   void HealthLoop();

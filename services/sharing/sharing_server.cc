@@ -1,6 +1,8 @@
 // Wiring of the sharing service.
 #include "services/sharing/sharing_server.h"
 
+#include <thread>
+
 #include "absl/strings/str_cat.h"
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
@@ -193,12 +195,17 @@ absl::Duration SharingServer::Sweep(PeriodicTask& task) {
 
 void SharingServer::Shutdown() {
   if (sweeper_) sweeper_->Stop();
-  if (audit_server_) audit_server_->Shutdown();
+  // Both servers drain at once: stopping takes one drain period (limits.drain_seconds), which
+  // is what an orchestrator's grace period allows for.
+  std::thread audit;
+  if (audit_server_) audit = std::thread([this] { audit_server_->Shutdown(); });
   server_->Shutdown();
+  if (audit.joinable()) audit.join();
 }
 
 void SharingServer::RunUntilSignal() {
-  server_->RunUntilSignal();
+  const int signal = ServiceServer::WaitForTerminationSignal();
+  log::Info("draining", {{"service", "sharing"}, {"signal", signal}});
   Shutdown();
 }
 

@@ -12,19 +12,14 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "libs/server/health_check.h"
 #include "tests/support/pg_cluster.h"
 
 namespace medgate::test_support {
 
-// grpc.health.v1.HealthCheckResponse.ServingStatus.
-enum class Health { kUnknown = 0, kServing = 1, kNotServing = 2, kServiceUnknown = 3 };
-
-// "SERVING", "NOT_SERVING", ...
-absl::string_view HealthName(Health health);
-
-// The server's answer; the call's error when it gives none within `timeout`.
-absl::StatusOr<Health> CheckHealth(const std::shared_ptr<grpc::Channel>& channel,
-                                   absl::Duration timeout = absl::Seconds(5));
+using ::medgate::CheckHealth;
+using ::medgate::Health;
+using ::medgate::HealthName;
 
 // Asks until the answer is `want`: OK then, DEADLINE_EXCEEDED naming the last answer (or the
 // call's error) once `deadline` has passed.

@@ -53,7 +53,7 @@ medgate-{{ . }}
 {{- $db := .db -}}
 {{- $where := .where -}}
 {{- $host := required (printf "%s.host: the database's host name is required" $where) $db.host -}}
-{{- $port := default 5432 $db.port | int -}}
+{{- $port := ternary $db.port 5432 (hasKey $db "port") -}}
 {{- $dbname := required (printf "%s.dbname: required" $where) $db.dbname -}}
 {{- $user := required (printf "%s.user: required" $where) $db.user -}}
 {{- range $k, $v := dict "host" $host "dbname" $dbname "user" $user -}}
@@ -61,27 +61,36 @@ medgate-{{ . }}
 {{- fail (printf "%s.%s: '%v' may hold only letters, digits, '.', '_' and '-'" $where $k $v) -}}
 {{- end -}}
 {{- end -}}
-{{- if or (lt $port 1) (gt $port 65535) -}}
-{{- fail (printf "%s.port: %v is not a TCP port" $where $db.port) -}}
-{{- end -}}
-{{- $parts := list (printf "host=%s port=%d dbname=%s user=%s passfile=/run/medgate/secrets/pgpass" $host $port $dbname $user) -}}
-{{- with .root.Values.database.options }}{{ $parts = append $parts . }}{{ end -}}
-{{- if .root.Values.database.caSecret }}{{ $parts = append $parts "sslrootcert=/etc/medgate/db-ca/ca.crt" }}{{ end -}}
+{{- include "medgate.checkPort" (dict "port" $port "where" (printf "%s.port" $where)) -}}
+{{- $parts := list (printf "host=%s port=%d dbname=%s user=%s passfile=/run/medgate/secrets/pgpass" $host (int64 $port) $dbname $user) -}}
+{{- $parts = append $parts .root.Values.database.options -}}
+{{- $parts = append $parts "sslrootcert=/etc/medgate/db-ca/ca.crt" -}}
 {{- join " " $parts -}}
+{{- end -}}
+
+{{/* A TCP port: a whole number from 1 to 65535. */}}
+{{- define "medgate.checkPort" -}}
+{{- $p := .port -}}
+{{- if not (regexMatch "^[0-9]+$" (toString $p)) -}}
+{{- fail (printf "%s: '%v' is not a TCP port (1-65535)" .where $p) -}}
+{{- end -}}
+{{- if or (lt (int64 $p) 1) (gt (int64 $p) 65535) -}}
+{{- fail (printf "%s: %v is not a TCP port (1-65535)" .where $p) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "medgate.dbBlock" -}}
 {{- $pool := .root.Values.database.pool -}}
 conninfo: {{ include "medgate.conninfo" . | quote }}
-pool_size: {{ $pool.poolSize }}
-max_waiters: {{ $pool.maxWaiters }}
-acquire_timeout_ms: {{ $pool.acquireTimeoutMs }}
-statement_timeout_ms: {{ $pool.statementTimeoutMs }}
+pool_size: {{ int64 $pool.poolSize }}
+max_waiters: {{ int64 $pool.maxWaiters }}
+acquire_timeout_ms: {{ int64 $pool.acquireTimeoutMs }}
+statement_timeout_ms: {{ int64 $pool.statementTimeoutMs }}
 {{- end -}}
 
 {{/*
 Stops rendering on values that would give a cluster storing data where the residency rules do not
-allow, or one that cannot start: fail closed, before anything is deployed.
+allow, exposing it, or one that cannot start: fail closed, before anything is deployed.
 */}}
 {{- define "medgate.validate" -}}
 {{- $v := .Values -}}
@@ -94,6 +103,23 @@ allow, or one that cannot start: fail closed, before anything is deployed.
 {{- fail (printf "trustDomain: '%s' may hold only lower-case letters, digits, '.' and '-'" $td) -}}
 {{- end -}}
 {{- $_ := required "database.passfileSecret: a Secret with key pgpass (a libpq password file) is required" $v.database.passfileSecret -}}
+{{- $_ := required "database.caSecret: a Secret with key ca.crt (the databases' certificate authority) is required: connections to the databases verify their certificates" $v.database.caSecret -}}
+{{- /* The database options: TLS verified, no credentials, no file the chart sets itself. */ -}}
+{{- $options := toString $v.database.options -}}
+{{- if not (regexMatch "(^|\\s)sslmode=verify-(full|ca)(\\s|$)" $options) -}}
+{{- fail (printf "database.options: '%s' must set sslmode=verify-full (or verify-ca): health data goes to the databases over verified TLS only" $options) -}}
+{{- end -}}
+{{- range $word := splitList " " $options -}}
+{{- if and $word (not (regexMatch "^[a-z_]+=[A-Za-z0-9._/:-]+$" $word)) -}}
+{{- fail (printf "database.options: '%s' is not a libpq keyword=value without quotes or spaces" $word) -}}
+{{- end -}}
+{{- $key := (splitList "=" $word) | first -}}
+{{- if and $word (has $key (list "password" "passfile" "sslrootcert" "sslmode" "host" "hostaddr" "port" "dbname" "user" "service" "servicefile" "sslpassword")) -}}
+{{- if not (and (eq $key "sslmode") (regexMatch "^sslmode=verify-(full|ca)$" $word)) -}}
+{{- fail (printf "database.options: '%s' may not be set here (credentials live in database.passfileSecret, endpoints in control/regions, the CA in database.caSecret)" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- $_ := required "sharing.kekSecret: a Secret with key kek.hex (the key-encryption key) is required" $v.sharing.kekSecret -}}
 {{- if $v.tls.certManager.enabled -}}
 {{- $_ := required "tls.certManager.issuerRef.name: the cert-manager issuer is required (or set tls.certManager.enabled=false and provide the services' Secrets)" $v.tls.certManager.issuerRef.name -}}
@@ -102,6 +128,7 @@ allow, or one that cannot start: fail closed, before anything is deployed.
 {{- fail "regions: at least one region is required (its id, territories, db and keysDb)" -}}
 {{- end -}}
 {{- $ids := list -}}
+{{- $hosts := dict -}}
 {{- $covered := false -}}
 {{- range $i, $r := $v.regions -}}
 {{- $id := required (printf "regions[%d].id: required" $i) $r.id -}}
@@ -115,6 +142,12 @@ allow, or one that cannot start: fail closed, before anything is deployed.
 {{- if not $r.territories -}}
 {{- fail (printf "regions[%d].territories: region '%s' must name the territories whose data it may hold" $i $id) -}}
 {{- end -}}
+{{- range $j, $t := $r.territories -}}
+{{- if not (regexMatch "^[A-Z]{2}$" (toString $t)) -}}
+{{- fail (printf "regions[%d].territories[%d]: '%v' is not an ISO 3166-1 alpha-2 code" $i $j $t) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $hosts $id $r.territories -}}
 {{- if has $country $r.territories }}{{ $covered = true }}{{ end -}}
 {{- if not $r.db -}}
 {{- fail (printf "regions[%d].db: region '%s' needs its shard" $i $id) -}}
@@ -127,23 +160,47 @@ allow, or one that cannot start: fail closed, before anything is deployed.
 {{- fail (printf "regions: no region may hold data of %s, the country this cluster serves (add %s to a region's territories)" $country $country) -}}
 {{- end -}}
 {{- range $i, $rule := $v.routing.seedRules -}}
-{{- $_ := required (printf "routing.seedRules[%d].territory: required" $i) $rule.territory -}}
+{{- $t := required (printf "routing.seedRules[%d].territory: required" $i) $rule.territory -}}
+{{- if not (regexMatch "^[A-Z]{2}$" (toString $t)) -}}
+{{- fail (printf "routing.seedRules[%d].territory: '%v' is not an ISO 3166-1 alpha-2 code" $i $t) -}}
+{{- end -}}
 {{- if not $rule.regions -}}
-{{- fail (printf "routing.seedRules[%d].regions: the regions of territory %s are required" $i $rule.territory) -}}
+{{- fail (printf "routing.seedRules[%d].regions: the regions of territory %s are required" $i $t) -}}
 {{- end -}}
 {{- range $rule.regions -}}
 {{- if not (has . $ids) -}}
 {{- fail (printf "routing.seedRules[%d].regions: '%s' is not one of this cluster's regions (%s)" $i . (join ", " $ids)) -}}
 {{- end -}}
+{{- if not (has $t (get $hosts .)) -}}
+{{- fail (printf "routing.seedRules[%d].regions: region '%s' may not hold data of %s (its territories: %s)" $i . $t (join ", " (get $hosts .))) -}}
 {{- end -}}
 {{- end -}}
+{{- range $j, $r := $rule.readableFrom -}}
+{{- if not (regexMatch "^[A-Z]{2}$" (toString $r)) -}}
+{{- fail (printf "routing.seedRules[%d].readableFrom[%d]: '%v' is not an ISO 3166-1 alpha-2 code" $i $j $r) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- /* Keys the chart writes itself may not come in through the services' settings. */ -}}
+{{- range $section, $keys := dict "routing" (list "seed_rules") "sharing" (list "kek_file" "kek_env") -}}
+{{- range $keys -}}
+{{- if hasKey (index $v $section).settings . -}}
+{{- fail (printf "%s.settings.%s: set by the chart (%s)" $section . (ternary "routing.seedRules" "sharing.kekSecret" (eq $section "routing"))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $ports := dict -}}
 {{- range $name, $s := $v.services -}}
 {{- if not (has $name (list "routing" "consent" "ingest" "sharing" "audit")) -}}
 {{- fail (printf "services.%s: not a medgate service (routing, consent, ingest, sharing, audit)" $name) -}}
 {{- end -}}
+{{- include "medgate.checkPort" (dict "port" $s.port "where" (printf "services.%s.port" $name)) -}}
 {{- end -}}
-{{- if eq (int $v.services.sharing.port) (int $v.services.audit.port) -}}
+{{- if eq (int64 $v.services.sharing.port) (int64 $v.services.audit.port) -}}
 {{- fail "services.audit.port: audit is served by the sharing pods and needs a port other than services.sharing.port" -}}
+{{- end -}}
+{{- if and $v.networkPolicy.enabled (not $v.networkPolicy.databaseCIDRs) -}}
+{{- fail "networkPolicy.databaseCIDRs: the networks of the databases are required: the pods may connect to them, DNS and each other only (or set networkPolicy.enabled=false where the cluster enforces this otherwise)" -}}
 {{- end -}}
 {{- end -}}
 
@@ -156,12 +213,12 @@ allow, or one that cannot start: fail closed, before anything is deployed.
 trust_domain: {{ $v.trustDomain | quote }}
 ca: /etc/medgate/ca/ca.crt
 limits:
-  max_message_bytes: {{ $v.limits.maxMessageBytes }}
-  max_concurrent_streams: {{ $v.limits.maxConcurrentStreams }}
-  max_threads: {{ $v.limits.maxThreads }}
-  max_connection_age_seconds: {{ $v.limits.maxConnectionAgeSeconds }}
-  max_connection_age_grace_seconds: {{ $v.limits.maxConnectionAgeGraceSeconds }}
-  drain_seconds: {{ $v.limits.drainSeconds }}
+  max_message_bytes: {{ int64 $v.limits.maxMessageBytes }}
+  max_concurrent_streams: {{ int64 $v.limits.maxConcurrentStreams }}
+  max_threads: {{ int64 $v.limits.maxThreads }}
+  max_connection_age_seconds: {{ int64 $v.limits.maxConnectionAgeSeconds }}
+  max_connection_age_grace_seconds: {{ int64 $v.limits.maxConnectionAgeGraceSeconds }}
+  drain_seconds: {{ int64 $v.limits.drainSeconds }}
 control_db:
   {{- include "medgate.dbBlock" (dict "root" $root "db" $v.control "where" "control") | nindent 2 }}
 regions:
@@ -177,13 +234,13 @@ services:
 {{- range $name := list "routing" "consent" "ingest" "sharing" "audit" }}
 {{- $s := index $v.services $name }}
   {{ $name }}:
-    listen: {{ printf "0.0.0.0:%d" (int $s.port) | quote }}
-    address: {{ printf "%s-%s.%s.svc.%s:%d" (include "medgate.fullname" $root) $name $ns $v.clusterDomain (int $s.port) | quote }}
+    listen: {{ printf "%s:%d" $v.listenHost (int64 $s.port) | quote }}
+    address: {{ printf "%s-%s.%s.svc.%s:%d" (include "medgate.fullname" $root) $name $ns $v.clusterDomain (int64 $s.port) | quote }}
     identity: {{ include "medgate.spiffeId" (dict "root" $root "service" $name) | quote }}
     tls:
       cert: /etc/medgate/tls/{{ $name }}/tls.crt
       key: /etc/medgate/tls/{{ $name }}/tls.key
-      refresh_seconds: {{ $v.tls.refreshSeconds }}
+      refresh_seconds: {{ int64 $v.tls.refreshSeconds }}
 {{- end }}
 routing:
   {{- with $v.routing.settings }}

@@ -51,12 +51,14 @@ class CtlTest : public ::testing::Test {
     ASSERT_TRUE(test_support::UpsertTenant(stack_->pki(), directory_->routing().port(), "acme",
                                            {"FR"}, true)
                     .ok());
+    // Ports known before the servers start, so that the configuration names them where they
+    // listen: the readiness probe reaches a server there.
+    stack_->ReservePort("sharing");
+    stack_->ReservePort("audit");
     auto sharing = SharingServer::Create(stack_->config());
     ASSERT_TRUE(sharing.ok()) << sharing.status();
     sharing_ = sharing->release();
     ASSERT_TRUE(sharing_->Start().ok());
-    stack_->SetAddress("sharing", sharing_->port());
-    stack_->SetAddress("audit", sharing_->audit_port());
     // Until fr-1's consent feed listens, the sharing service's cache keeps nothing it loads.
     ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(30), [] {
       return sharing_->consent_cache().FeedListening("fr-1");
@@ -222,6 +224,43 @@ TEST_F(CtlTest, VerifiesAChainAgainstAnAnchorItPrinted) {
   CtlRun bad_version = Ctl("ops", "put-rule --territory FR --regions fr-1 --expected-version two");
   EXPECT_EQ(bad_version.exit_code, 1);
   EXPECT_THAT(bad_version.output, HasSubstr("--expected-version"));
+}
+
+// A pod's readiness probe (helm/medgate): the service's binary asks the servers running on this
+// host, on their own ports and with their own certificates, for their standard gRPC health.
+TEST_F(CtlTest, TheReadinessProbeAsksTheRunningServersForTheirHealth) {
+  auto probe = [](const std::string& services) {
+    return test_support::RunShell(absl::StrCat(MEDGATE_SHARING_BINARY, " --config ", *config_path_,
+                                                " --probe ", services, " 2>&1"));
+  };
+  const test_support::ShellRun serving = probe("sharing,audit");
+  EXPECT_EQ(serving.exit_code, 0) << serving.output;
+  EXPECT_THAT(serving.output, HasSubstr("sharing: SERVING"));
+  EXPECT_THAT(serving.output, HasSubstr("audit: SERVING"));
+
+  const test_support::ShellRun unknown = probe("sharing,billing");
+  EXPECT_EQ(unknown.exit_code, 2) << unknown.output;
+  EXPECT_THAT(unknown.output, HasSubstr("services.billing"));
+
+  // With every region's shard down the service cannot serve, and the probe fails until one is
+  // back.
+  test_support::PgClusterSet& clusters = stack_->clusters();
+  for (test_support::PgCluster* region : clusters.regions()) ASSERT_TRUE(region->Stop().ok());
+  test_support::ShellRun down;
+  const bool failed = test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    down = probe("sharing,audit");
+    return down.exit_code == 1;
+  });
+  for (test_support::PgCluster* region : clusters.regions()) {
+    ASSERT_TRUE(region->StartAgain().ok());
+  }
+  EXPECT_TRUE(failed) << down.output;
+  EXPECT_THAT(down.output, HasSubstr("sharing: NOT_SERVING"));
+  test_support::ShellRun back;
+  EXPECT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    back = probe("sharing,audit");
+    return back.exit_code == 0;
+  })) << back.output;
 }
 
 }  // namespace

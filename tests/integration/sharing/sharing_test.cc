@@ -275,9 +275,13 @@ class SharingTest : public ::testing::Test {
     std::unique_ptr<SharingServer> server;
   };
   static ExtraSharing StartSharingWith(const std::string& settings) {
+    return StartSharingOn(ConfigWith("retention_sweep_seconds: 86400",
+                                     absl::StrCat("retention_sweep_seconds: 86400\n  ", settings)));
+  }
+  // ... on `config` (ConfigWith's, say).
+  static ExtraSharing StartSharingOn(std::unique_ptr<MedgateConfig> config) {
     ExtraSharing extra;
-    extra.config = ConfigWith("retention_sweep_seconds: 86400",
-                              absl::StrCat("retention_sweep_seconds: 86400\n  ", settings));
+    extra.config = std::move(config);
     auto server = SharingServer::Create(*extra.config);
     EXPECT_TRUE(server.ok()) << server.status();
     if (!server.ok()) return extra;
@@ -1313,12 +1317,10 @@ TEST_F(SharingTest, FailedUploadsLeaveNoPatientKeyAndFirstUploadsShareOne) {
 // A one-chunk upload takes a connection only to store its record: with one upload connection to
 // the region, a client still sending does not keep another's upload from being stored.
 TEST_F(SharingTest, AOneChunkUploadHoldsNoConnectionWhileItIsSent) {
-  std::unique_ptr<MedgateConfig> config =
-      ConfigWith("acquire_timeout_ms: 1000}}", "acquire_timeout_ms: 1000, pool_size: 1}}");
-  auto server = SharingServer::Create(*config);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  const int port = (*server)->port();
+  ExtraSharing extra = StartSharingOn(
+      ConfigWith("acquire_timeout_ms: 1000}}", "acquire_timeout_ms: 1000, pool_size: 1}}"));
+  ASSERT_NE(extra.server, nullptr);
+  const int port = extra.server->port();
   const std::string patient = Place("one-connection-1", "FR");
   UploadSpec slow;
   slow.patient_id = patient;
@@ -1330,7 +1332,7 @@ TEST_F(SharingTest, AOneChunkUploadHoldsNoConnectionWhileItIsSent) {
     if (offset != 1000) return;
     // The slow upload has started (its first piece is held in memory): another one now.
     ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
-                          [&] { return (*server)->core().buffered_bytes() >= 1000; }));
+                          [&] { return extra.server->core().buffered_bytes() >= 1000; }));
     UploadSpec other;
     other.patient_id = patient;
     other.content = "stored while the other is still being sent";
@@ -1340,7 +1342,7 @@ TEST_F(SharingTest, AOneChunkUploadHoldsNoConnectionWhileItIsSent) {
   grpc::Status slow_status = Upload(pki_->practitioner(), slow, &slow_response, port);
   EXPECT_TRUE(other_status.ok()) << other_status.error_message();
   EXPECT_TRUE(slow_status.ok()) << slow_status.error_message();
-  (*server)->Shutdown();
+  extra.server->Shutdown();
   for (const auto& [record, content] :
        {std::make_pair(other_response.record_id(),
                        std::string("stored while the other is still being sent")),
@@ -1411,14 +1413,48 @@ TEST_F(SharingTest, ATenantsUploadsInProgressAreBounded) {
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 2);
 }
 
+// Stopping drains the sharing and audit servers at once, so that a stop takes one drain period,
+// which is what a pod's grace period allows for: the audit server stops while an upload is still
+// being drained, and the upload completes.
+TEST_F(SharingTest, StoppingDrainsSharingAndAuditAtOnce) {
+  ExtraSharing extra =
+      StartSharingOn(ConfigWith("limits: {drain_seconds: 1}", "limits: {drain_seconds: 120}"));
+  ASSERT_NE(extra.server, nullptr);
+  std::shared_ptr<grpc::Channel> audit =
+      Channel(extra.server->audit_port(), pki_->practitioner(), "audit");
+  ASSERT_TRUE(test_support::WaitForHealth(audit, test_support::Health::kServing,
+                                          absl::Now() + kPatience)
+                  .ok());
+  const std::string patient = Place("drain-together-1", "FR");
+  UploadSpec upload;
+  upload.patient_id = patient;
+  upload.content = Generate(97, 0, 2000);
+  upload.chunk_bytes = 1000;
+  std::thread stopper;
+  bool audit_stopped = false;
+  upload.before_chunk = [&](uint64_t offset) {
+    if (offset != 1000) return;
+    // The upload is in progress: the sharing server drains it while it lasts.
+    stopper = std::thread([&] { extra.server->Shutdown(); });
+    audit_stopped = PollUntil(absl::Now() + kPatience, [&] {
+      absl::StatusOr<test_support::Health> health =
+          test_support::CheckHealth(audit, absl::Seconds(1));
+      return !health.ok() || *health != test_support::Health::kServing;
+    });
+  };
+  const grpc::Status status = Upload(pki_->practitioner(), upload, nullptr, extra.server->port());
+  if (stopper.joinable()) stopper.join();
+  EXPECT_TRUE(audit_stopped) << "the audit server kept serving while the sharing server drained";
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 1);
+}
+
 // A client that opens an upload and stops sending: the server ends the stream after the idle
 // timeout, saying so, and keeps nothing of it.
 TEST_F(SharingTest, IdleUploadsEndWithDeadlineExceededAndStoreNothing) {
-  std::unique_ptr<MedgateConfig> config = ConfigWithOneSecondUploadIdleTimeout();
-  auto server = SharingServer::Create(*config);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  const int port = (*server)->port();
+  ExtraSharing extra = StartSharingOn(ConfigWithOneSecondUploadIdleTimeout());
+  ASSERT_NE(extra.server, nullptr);
+  const int port = extra.server->port();
   const std::string patient = Place("idle-upload-1", "FR");
   const int64_t before = StoredRows();
   const int64_t audited = Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1",
@@ -1461,7 +1497,7 @@ TEST_F(SharingTest, IdleUploadsEndWithDeadlineExceededAndStoreNothing) {
     EXPECT_THAT(status.error_message(), HasSubstr("the upload sent nothing for 1s")) << c.name;
     EXPECT_THAT(status.error_message(), HasSubstr("nothing was stored")) << c.name;
   }
-  (*server)->Shutdown();
+  extra.server->Shutdown();
   EXPECT_EQ(StoredRows(), before);
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1", patient),
             audited);

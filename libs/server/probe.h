@@ -1,0 +1,26 @@
+// `BINARY --config FILE --probe NAME[,NAME...]`: a pod's readiness probe, run next to the service.
+#ifndef MEDGATE_LIBS_SERVER_PROBE_H_
+#define MEDGATE_LIBS_SERVER_PROBE_H_
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "libs/common/config.h"
+
+namespace medgate {
+
+// Where a probe reaches a server listening on `listen` from the same host: the loopback address
+// for a wildcard one (0.0.0.0 -> 127.0.0.1, [::] -> [::1]), the address itself otherwise.
+// INVALID_ARGUMENT for port 0 (the port is only known to the running server) or no port.
+absl::StatusOr<std::string> LocalAddressOf(absl::string_view listen);
+
+// Asks each named service's server, on its own listening port and over mTLS with that service's
+// own certificate, for its standard gRPC health. Prints "NAME: SERVING" (or the answer, or the
+// error) per service on stdout. Returns 0 when every one is SERVING, 1 otherwise, 2 when a name
+// is not a service of the configuration or its listening address cannot be probed.
+int ProbeServices(const MedgateConfig& config, absl::string_view names);
+
+}  // namespace medgate
+
+#endif  // MEDGATE_LIBS_SERVER_PROBE_H_
