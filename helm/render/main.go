@@ -20,6 +20,7 @@ import (
 	"text/template"
 
 	"github.com/Masterminds/sprig"
+	yaml2 "gopkg.in/yaml.v2"
 	"gopkg.in/yaml.v3"
 )
 
@@ -35,14 +36,39 @@ func loadYAML(path string) (map[string]interface{}, error) {
 	return out, nil
 }
 
-// loadValues reads a values file as Helm does: YAML converted to JSON and decoded from it, so
-// that every number is a float64 (printed as 4.194304e+06 unless a template converts it).
+// jsonable turns yaml.v2's map[interface{}]interface{} into maps JSON can encode.
+func jsonable(v interface{}) interface{} {
+	switch t := v.(type) {
+	case map[interface{}]interface{}:
+		out := map[string]interface{}{}
+		for k, e := range t {
+			out[fmt.Sprint(k)] = jsonable(e)
+		}
+		return out
+	case []interface{}:
+		for i, e := range t {
+			t[i] = jsonable(e)
+		}
+	}
+	return v
+}
+
+// loadValues reads a values file as Helm does (sigs.k8s.io/yaml): YAML 1.1, so that NO, ON or Y
+// are booleans, converted to JSON and decoded from it, so that every number is a float64 (printed
+// as 4.194304e+06 unless a template converts it).
 func loadValues(path string) (map[string]interface{}, error) {
-	parsed, err := loadYAML(path)
+	text, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	data, err := json.Marshal(parsed)
+	var parsed interface{}
+	if err := yaml2.Unmarshal(text, &parsed); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if parsed == nil {
+		parsed = map[string]interface{}{}
+	}
+	data, err := json.Marshal(jsonable(parsed))
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}

@@ -1,6 +1,7 @@
 #include "libs/server/probe.h"
 
 #include <cstdio>
+#include <future>
 #include <string>
 #include <vector>
 
@@ -8,6 +9,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "libs/common/status_macros.h"
 #include "libs/identity/credentials.h"
 #include "libs/server/health_check.h"
 
@@ -23,7 +25,9 @@ absl::StatusOr<std::string> LocalAddressOf(absl::string_view listen) {
   }
   const absl::string_view host = listen.substr(0, colon);
   if (host == "0.0.0.0" || host.empty()) return absl::StrCat("127.0.0.1:", port);
-  if (host == "[::]") return absl::StrCat("[::1]:", port);
+  // A dual-stack listener falls back to IPv4 where the pod has no IPv6: "localhost" is tried on
+  // both.
+  if (host == "[::]") return absl::StrCat("localhost:", port);
   return std::string(listen);
 }
 
@@ -46,20 +50,23 @@ int ProbeServices(const MedgateConfig& config, absl::string_view names) {
     target.address = *local;
     targets.emplace_back(std::string(name), std::move(target));
   }
+  // Asked at once, so that a pod's probe takes one deadline however many servers it has.
+  std::vector<std::future<absl::StatusOr<Health>>> answers;
+  for (const auto& entry : targets) {
+    const ServiceEndpoint* target = &entry.second;
+    answers.push_back(std::async(std::launch::async, [target]() -> absl::StatusOr<Health> {
+      ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
+                       MakeServiceChannel(*target, target->tls));
+      return CheckHealth(channel, absl::Seconds(3));
+    }));
+  }
   int result = 0;
-  for (const auto& [name, target] : targets) {
-    std::string answer;
-    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeServiceChannel(target, target.tls);
-    absl::StatusOr<Health> health =
-        channel.ok() ? CheckHealth(*channel, absl::Seconds(3)) : channel.status();
-    if (health.ok()) {
-      answer = std::string(HealthName(*health));
-      if (*health != Health::kServing) result = 1;
-    } else {
-      answer = health.status().ToString();
-      result = 1;
-    }
-    std::printf("%s: %s\n", name.c_str(), answer.c_str());
+  for (size_t i = 0; i < targets.size(); ++i) {
+    const absl::StatusOr<Health> health = answers[i].get();
+    if (!health.ok() || *health != Health::kServing) result = 1;
+    const std::string answer =
+        health.ok() ? std::string(HealthName(*health)) : health.status().ToString();
+    std::printf("%s: %s\n", targets[i].first.c_str(), answer.c_str());
   }
   return result;
 }

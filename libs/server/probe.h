@@ -11,7 +11,8 @@
 namespace medgate {
 
 // Where a probe reaches a server listening on `listen` from the same host: the loopback address
-// for a wildcard one (0.0.0.0 -> 127.0.0.1, [::] -> [::1]), the address itself otherwise.
+// for a wildcard one (0.0.0.0 -> 127.0.0.1, [::] -> localhost, which is tried on IPv6 and IPv4),
+// the address itself otherwise.
 // INVALID_ARGUMENT for port 0 (the port is only known to the running server) or no port.
 absl::StatusOr<std::string> LocalAddressOf(absl::string_view listen);
 

@@ -110,14 +110,17 @@ void ServiceServer::Shutdown() {
     stopping_ = true;
   }
   cv_.notify_all();
+  if (server_) {
+    // NOT_SERVING and draining at once, without waiting for a health probe that may be in a
+    // database call: after Shutdown the health service takes no more changes.
+    grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+    if (health != nullptr) health->Shutdown();
+    server_->Shutdown(std::chrono::system_clock::now() +
+                      std::chrono::seconds(config_.limits.drain_seconds));
+    server_->Wait();
+  }
   if (health_thread_.joinable()) health_thread_.join();
-  if (!server_) return;
-  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-  if (health != nullptr) health->Shutdown();  // health answers NOT_SERVING while draining
-  server_->Shutdown(std::chrono::system_clock::now() +
-                    std::chrono::seconds(config_.limits.drain_seconds));
-  server_->Wait();
-  log::Info("server_stopped", {{"service", service_name_}});
+  if (server_) log::Info("server_stopped", {{"service", service_name_}});
 }
 
 void ServiceServer::BlockTerminationSignals() {

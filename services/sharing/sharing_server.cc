@@ -194,13 +194,16 @@ absl::Duration SharingServer::Sweep(PeriodicTask& task) {
 }
 
 void SharingServer::Shutdown() {
-  if (sweeper_) sweeper_->Stop();
-  // Both servers drain at once: stopping takes one drain period (limits.drain_seconds), which
-  // is what an orchestrator's grace period allows for.
+  // Both servers drain at once, and the retention sweep (which may be in a statement) stops
+  // meanwhile: stopping takes one drain period (limits.drain_seconds), which is what an
+  // orchestrator's grace period allows for.
   std::thread audit;
   if (audit_server_) audit = std::thread([this] { audit_server_->Shutdown(); });
+  std::thread sweeper;
+  if (sweeper_) sweeper = std::thread([this] { sweeper_->Stop(); });
   server_->Shutdown();
   if (audit.joinable()) audit.join();
+  if (sweeper.joinable()) sweeper.join();
 }
 
 void SharingServer::RunUntilSignal() {

@@ -88,6 +88,23 @@ acquire_timeout_ms: {{ int64 $pool.acquireTimeoutMs }}
 statement_timeout_ms: {{ int64 $pool.statementTimeoutMs }}
 {{- end -}}
 
+{{/* An ISO 3166-1 alpha-2 code given in the values, or rendering stops naming where it is. */}}
+{{- define "medgate.checkTerritory" -}}
+{{- if not (kindIs "string" .code) -}}
+{{- fail (printf "%s: '%v' is not an ISO 3166-1 alpha-2 code: quote it (\"NO\"), since YAML reads NO, ON, Y and the like as booleans" .where .code) -}}
+{{- end -}}
+{{- if not (regexMatch "^[A-Z]{2}$" .code) -}}
+{{- fail (printf "%s: '%s' is not an ISO 3166-1 alpha-2 code (two capital letters)" .where .code) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A network in CIDR notation (IPv4 or IPv6). */}}
+{{- define "medgate.checkCidr" -}}
+{{- if not (and (kindIs "string" .cidr) (or (regexMatch "^([0-9]{1,3}\\.){3}[0-9]{1,3}/[0-9]{1,2}$" .cidr) (regexMatch "^[0-9a-fA-F:]+/[0-9]{1,3}$" .cidr))) -}}
+{{- fail (printf "%s: '%v' is not a network in CIDR notation (10.0.0.0/16, 2001:db8::/32)" .where .cidr) -}}
+{{- end -}}
+{{- end -}}
+
 {{/*
 Stops rendering on values that would give a cluster storing data where the residency rules do not
 allow, exposing it, or one that cannot start: fail closed, before anything is deployed.
@@ -95,28 +112,34 @@ allow, exposing it, or one that cannot start: fail closed, before anything is de
 {{- define "medgate.validate" -}}
 {{- $v := .Values -}}
 {{- $country := required "country: the ISO 3166-1 alpha-2 code of the country this cluster serves is required" $v.country -}}
-{{- if not (regexMatch "^[A-Z]{2}$" $country) -}}
-{{- fail (printf "country: '%s' is not an ISO 3166-1 alpha-2 code (two capital letters)" $country) -}}
-{{- end -}}
+{{- include "medgate.checkTerritory" (dict "code" $country "where" "country") -}}
 {{- $td := required "trustDomain: the SPIFFE trust domain of the cluster's certificates is required" $v.trustDomain -}}
 {{- if not (regexMatch "^[a-z0-9.-]+$" $td) -}}
 {{- fail (printf "trustDomain: '%s' may hold only lower-case letters, digits, '.' and '-'" $td) -}}
 {{- end -}}
 {{- $_ := required "database.passfileSecret: a Secret with key pgpass (a libpq password file) is required" $v.database.passfileSecret -}}
 {{- $_ := required "database.caSecret: a Secret with key ca.crt (the databases' certificate authority) is required: connections to the databases verify their certificates" $v.database.caSecret -}}
-{{- /* The database options: TLS verified, no credentials, no file the chart sets itself. */ -}}
+{{- /* The database options: TLS verified, and only keywords that change neither credentials, nor
+endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- $options := toString $v.database.options -}}
-{{- if not (regexMatch "(^|\\s)sslmode=verify-(full|ca)(\\s|$)" $options) -}}
-{{- fail (printf "database.options: '%s' must set sslmode=verify-full (or verify-ca): health data goes to the databases over verified TLS only" $options) -}}
+{{- if not (regexMatch "(^|\\s)sslmode=verify-full(\\s|$)" $options) -}}
+{{- fail (printf "database.options: '%s' must set sslmode=verify-full: health data goes to the databases over TLS whose certificate names the host" $options) -}}
 {{- end -}}
+{{- $allowed := list "sslmode" "connect_timeout" "application_name" "keepalives" "keepalives_idle" "keepalives_interval" "keepalives_count" "tcp_user_timeout" "target_session_attrs" "ssl_min_protocol_version" -}}
 {{- range $word := splitList " " $options -}}
-{{- if and $word (not (regexMatch "^[a-z_]+=[A-Za-z0-9._/:-]+$" $word)) -}}
-{{- fail (printf "database.options: '%s' is not a libpq keyword=value without quotes or spaces" $word) -}}
+{{- if $word -}}
+{{- if not (regexMatch "^[a-z_]+=[A-Za-z0-9._-]+$" $word) -}}
+{{- fail (printf "database.options: '%s' is not a libpq keyword=value without quotes, spaces or paths" $word) -}}
 {{- end -}}
 {{- $key := (splitList "=" $word) | first -}}
-{{- if and $word (has $key (list "password" "passfile" "sslrootcert" "sslmode" "host" "hostaddr" "port" "dbname" "user" "service" "servicefile" "sslpassword")) -}}
-{{- if not (and (eq $key "sslmode") (regexMatch "^sslmode=verify-(full|ca)$" $word)) -}}
-{{- fail (printf "database.options: '%s' may not be set here (credentials live in database.passfileSecret, endpoints in control/regions, the CA in database.caSecret)" $key) -}}
+{{- if not (has $key $allowed) -}}
+{{- fail (printf "database.options: '%s' may not be set here (allowed: %s; credentials live in database.passfileSecret, endpoints in control and regions, the CA in database.caSecret)" $key (join ", " $allowed)) -}}
+{{- end -}}
+{{- if and (eq $key "sslmode") (ne $word "sslmode=verify-full") -}}
+{{- fail (printf "database.options: '%s': sslmode must be verify-full" $word) -}}
+{{- end -}}
+{{- if and (eq $key "ssl_min_protocol_version") (not (has $word (list "ssl_min_protocol_version=TLSv1.2" "ssl_min_protocol_version=TLSv1.3"))) -}}
+{{- fail (printf "database.options: '%s': TLSv1.2 or TLSv1.3 only" $word) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -143,9 +166,7 @@ allow, exposing it, or one that cannot start: fail closed, before anything is de
 {{- fail (printf "regions[%d].territories: region '%s' must name the territories whose data it may hold" $i $id) -}}
 {{- end -}}
 {{- range $j, $t := $r.territories -}}
-{{- if not (regexMatch "^[A-Z]{2}$" (toString $t)) -}}
-{{- fail (printf "regions[%d].territories[%d]: '%v' is not an ISO 3166-1 alpha-2 code" $i $j $t) -}}
-{{- end -}}
+{{- include "medgate.checkTerritory" (dict "code" $t "where" (printf "regions[%d].territories[%d]" $i $j)) -}}
 {{- end -}}
 {{- $_ := set $hosts $id $r.territories -}}
 {{- if has $country $r.territories }}{{ $covered = true }}{{ end -}}
@@ -161,9 +182,7 @@ allow, exposing it, or one that cannot start: fail closed, before anything is de
 {{- end -}}
 {{- range $i, $rule := $v.routing.seedRules -}}
 {{- $t := required (printf "routing.seedRules[%d].territory: required" $i) $rule.territory -}}
-{{- if not (regexMatch "^[A-Z]{2}$" (toString $t)) -}}
-{{- fail (printf "routing.seedRules[%d].territory: '%v' is not an ISO 3166-1 alpha-2 code" $i $t) -}}
-{{- end -}}
+{{- include "medgate.checkTerritory" (dict "code" $t "where" (printf "routing.seedRules[%d].territory" $i)) -}}
 {{- if not $rule.regions -}}
 {{- fail (printf "routing.seedRules[%d].regions: the regions of territory %s are required" $i $t) -}}
 {{- end -}}
@@ -176,9 +195,7 @@ allow, exposing it, or one that cannot start: fail closed, before anything is de
 {{- end -}}
 {{- end -}}
 {{- range $j, $r := $rule.readableFrom -}}
-{{- if not (regexMatch "^[A-Z]{2}$" (toString $r)) -}}
-{{- fail (printf "routing.seedRules[%d].readableFrom[%d]: '%v' is not an ISO 3166-1 alpha-2 code" $i $j $r) -}}
-{{- end -}}
+{{- include "medgate.checkTerritory" (dict "code" $r "where" (printf "routing.seedRules[%d].readableFrom[%d]" $i $j)) -}}
 {{- end -}}
 {{- end -}}
 {{- /* Keys the chart writes itself may not come in through the services' settings. */ -}}
@@ -195,6 +212,16 @@ allow, exposing it, or one that cannot start: fail closed, before anything is de
 {{- fail (printf "services.%s: not a medgate service (routing, consent, ingest, sharing, audit)" $name) -}}
 {{- end -}}
 {{- include "medgate.checkPort" (dict "port" $s.port "where" (printf "services.%s.port" $name)) -}}
+{{- range $j, $c := $s.clientCIDRs -}}
+{{- include "medgate.checkCidr" (dict "cidr" $c "where" (printf "services.%s.clientCIDRs[%d]" $name $j)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $j, $c := $v.networkPolicy.databaseCIDRs -}}
+{{- include "medgate.checkCidr" (dict "cidr" $c "where" (printf "networkPolicy.databaseCIDRs[%d]" $j)) -}}
+{{- end -}}
+{{- $pdb := $v.podDisruptionBudget.maxUnavailable -}}
+{{- if not (or (and (kindIs "string" $pdb) (regexMatch "^[0-9]{1,3}%$" $pdb)) (and (kindIs "float64" $pdb) (ge (int64 $pdb) 1))) -}}
+{{- fail (printf "podDisruptionBudget.maxUnavailable: '%v' must be a whole number of pods (at least 1) or a percentage (\"25%%\")" $pdb) -}}
 {{- end -}}
 {{- if eq (int64 $v.services.sharing.port) (int64 $v.services.audit.port) -}}
 {{- fail "services.audit.port: audit is served by the sharing pods and needs a port other than services.sharing.port" -}}

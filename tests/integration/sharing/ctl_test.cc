@@ -51,14 +51,12 @@ class CtlTest : public ::testing::Test {
     ASSERT_TRUE(test_support::UpsertTenant(stack_->pki(), directory_->routing().port(), "acme",
                                            {"FR"}, true)
                     .ok());
-    // Ports known before the servers start, so that the configuration names them where they
-    // listen: the readiness probe reaches a server there.
-    stack_->ReservePort("sharing");
-    stack_->ReservePort("audit");
     auto sharing = SharingServer::Create(stack_->config());
     ASSERT_TRUE(sharing.ok()) << sharing.status();
     sharing_ = sharing->release();
     ASSERT_TRUE(sharing_->Start().ok());
+    stack_->SetAddress("sharing", sharing_->port());
+    stack_->SetAddress("audit", sharing_->audit_port());
     // Until fr-1's consent feed listens, the sharing service's cache keeps nothing it loads.
     ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(30), [] {
       return sharing_->consent_cache().FeedListening("fr-1");
@@ -229,8 +227,23 @@ TEST_F(CtlTest, VerifiesAChainAgainstAnAnchorItPrinted) {
 // A pod's readiness probe (helm/medgate): the service's binary asks the servers running on this
 // host, on their own ports and with their own certificates, for their standard gRPC health.
 TEST_F(CtlTest, TheReadinessProbeAsksTheRunningServersForTheirHealth) {
-  auto probe = [](const std::string& services) {
-    return test_support::RunShell(absl::StrCat(MEDGATE_SHARING_BINARY, " --config ", *config_path_,
+  // As in a pod: each service listens on a port of its own, and its address (the Service's, which
+  // may lead to another pod) is not where the probe goes. Here the addresses lead nowhere.
+  std::string yaml = ReadFile(*config_path_);
+  for (const auto& [service, port] :
+       {std::pair<std::string, int>{"sharing", sharing_->port()}, {"audit", sharing_->audit_port()}}) {
+    const std::string from =
+        absl::StrCat("  ", service, ":\n    address: 127.0.0.1:", port, "\n    listen: 127.0.0.1:0\n");
+    const size_t at = yaml.find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    yaml.replace(at, from.size(),
+                 absl::StrCat("  ", service, ":\n    address: 127.0.0.1:1\n    listen: 127.0.0.1:",
+                              port, "\n"));
+  }
+  const std::string probe_config = stack_->dir() + "/probe.yaml";
+  std::ofstream(probe_config) << yaml;
+  auto probe = [&](const std::string& services) {
+    return test_support::RunShell(absl::StrCat(MEDGATE_SHARING_BINARY, " --config ", probe_config,
                                                 " --probe ", services, " 2>&1"));
   };
   const test_support::ShellRun serving = probe("sharing,audit");
@@ -254,6 +267,10 @@ TEST_F(CtlTest, TheReadinessProbeAsksTheRunningServersForTheirHealth) {
   for (test_support::PgCluster* region : clusters.regions()) {
     ASSERT_TRUE(region->StartAgain().ok());
   }
+  // As the suite set it up: fr-1's consent feed listening again.
+  ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(30), [] {
+    return sharing_->consent_cache().FeedListening("fr-1");
+  }));
   EXPECT_TRUE(failed) << down.output;
   EXPECT_THAT(down.output, HasSubstr("sharing: NOT_SERVING"));
   test_support::ShellRun back;

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -1413,10 +1414,10 @@ TEST_F(SharingTest, ATenantsUploadsInProgressAreBounded) {
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 2);
 }
 
-// Stopping drains the sharing and audit servers at once, so that a stop takes one drain period,
-// which is what a pod's grace period allows for: the audit server stops while an upload is still
-// being drained, and the upload completes.
-TEST_F(SharingTest, StoppingDrainsSharingAndAuditAtOnce) {
+// On SIGTERM the sharing binary drains its sharing and audit servers at once, so that stopping
+// takes one drain period, which is what a pod's grace period allows for: the audit server stops
+// while an upload is still being stored, and the upload completes.
+TEST_F(SharingTest, ATerminationSignalDrainsSharingAndAuditAtOnce) {
   ExtraSharing extra =
       StartSharingOn(ConfigWith("limits: {drain_seconds: 1}", "limits: {drain_seconds: 120}"));
   ASSERT_NE(extra.server, nullptr);
@@ -1425,27 +1426,44 @@ TEST_F(SharingTest, StoppingDrainsSharingAndAuditAtOnce) {
   ASSERT_TRUE(test_support::WaitForHealth(audit, test_support::Health::kServing,
                                           absl::Now() + kPatience)
                   .ok());
+  // The binary's main thread: SIGTERM blocked, waiting for it. The signal is sent to this thread
+  // only, so no other thread of the test takes it.
+  std::atomic<bool> waiting{false};
+  std::thread main_thread([&] {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    waiting = true;
+    extra.server->RunUntilSignal();
+  });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return waiting.load(); }));
+  // Holding the audit chain's head stops the upload in its last statement, in progress.
   const std::string patient = Place("drain-together-1", "FR");
+  pqxx::connection holder(ConnInfo("fr-1"));
+  auto head = std::make_unique<pqxx::work>(holder);
+  ASSERT_EQ(head->exec("SELECT 1 FROM audit_head FOR UPDATE").size(), 1u);
   UploadSpec upload;
   upload.patient_id = patient;
-  upload.content = Generate(97, 0, 2000);
-  upload.chunk_bytes = 1000;
-  std::thread stopper;
-  bool audit_stopped = false;
-  upload.before_chunk = [&](uint64_t offset) {
-    if (offset != 1000) return;
-    // The upload is in progress: the sharing server drains it while it lasts.
-    stopper = std::thread([&] { extra.server->Shutdown(); });
-    audit_stopped = PollUntil(absl::Now() + kPatience, [&] {
-      absl::StatusOr<test_support::Health> health =
-          test_support::CheckHealth(audit, absl::Seconds(1));
-      return !health.ok() || *health != test_support::Health::kServing;
-    });
-  };
-  const grpc::Status status = Upload(pki_->practitioner(), upload, nullptr, extra.server->port());
-  if (stopper.joinable()) stopper.join();
+  upload.content = Generate(97, 0, 1000);
+  grpc::Status uploaded;
+  std::thread uploading(
+      [&] { uploaded = Upload(pki_->practitioner(), upload, nullptr, extra.server->port()); });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("fr-1", "%audit_append%") == 1; }));
+  ASSERT_EQ(pthread_kill(main_thread.native_handle(), SIGTERM), 0);
+  // Well within the statement's timeout (5 s), so that the upload is still being drained.
+  const bool audit_stopped = PollUntil(absl::Now() + absl::Seconds(3), [&] {
+    absl::StatusOr<test_support::Health> health =
+        test_support::CheckHealth(audit, absl::Seconds(1));
+    return !health.ok() || *health != test_support::Health::kServing;
+  });
+  head.reset();  // rolls back: the upload stores its record
+  uploading.join();
+  main_thread.join();
   EXPECT_TRUE(audit_stopped) << "the audit server kept serving while the sharing server drained";
-  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(uploaded.ok()) << uploaded.error_message();
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 1);
 }
 

@@ -153,7 +153,8 @@ TEST_F(HelmChartTest, RendersEveryPartOfACountrysCluster) {
   EXPECT_EQ(kinds["Job"], 1);
   EXPECT_EQ(kinds["PodDisruptionBudget"], 4);
   EXPECT_EQ(kinds["ServiceAccount"], 1);
-  EXPECT_EQ(kinds["NetworkPolicy"], 6);  // default deny, one per service's pods, egress
+  // Default deny, one per service's pods, egress, and the migrations' own egress.
+  EXPECT_EQ(kinds["NetworkPolicy"], 7);
   // Names are unique within a kind.
   std::set<std::string> names;
   for (const YAML::Node& doc : france_->documents) {
@@ -397,6 +398,22 @@ TEST_F(HelmChartTest, MigrationsRunBeforeInstallAndEveryUpgradeOnTheSameDatabase
   EXPECT_THAT(script, HasSubstr("medgate-migrate --config /etc/medgate/config/medgate.yaml "
                                 "--migrations /usr/local/share/medgate/migrations"));
   EXPECT_EQ(Volume(pod, "config")["configMap"]["name"].as<std::string>(), "medgate-migrate-config");
+  // Its way to the databases comes with it, from the same values: on an upgrade it runs before
+  // the release's own policies change.
+  const YAML::Node policy = Named(*france_, "NetworkPolicy", "medgate-migrate");
+  EXPECT_EQ(policy["metadata"]["annotations"]["helm.sh/hook"].as<std::string>(),
+            "pre-install,pre-upgrade");
+  EXPECT_LT(std::stoi(policy["metadata"]["annotations"]["helm.sh/hook-weight"].as<std::string>()),
+            std::stoi(job["metadata"]["annotations"]["helm.sh/hook-weight"].as<std::string>()));
+  const YAML::Node job_labels = job["spec"]["template"]["metadata"]["labels"];
+  for (const auto& kv : policy["spec"]["podSelector"]["matchLabels"]) {
+    EXPECT_EQ(job_labels[kv.first.as<std::string>()].as<std::string>(), kv.second.as<std::string>());
+  }
+  EXPECT_EQ(policy["spec"]["egress"][0]["to"][0]["ipBlock"]["cidr"].as<std::string>(),
+            "10.20.0.0/16");
+  EXPECT_EQ(policy["spec"]["egress"][1]["to"][0]["podSelector"]["matchLabels"]["k8s-app"]
+                .as<std::string>(),
+            "kube-dns");
 }
 
 // The peers of one ingress rule: "pods:COMPONENT" or "cidr:CIDR".
@@ -497,6 +514,12 @@ TEST_F(HelmChartTest, OnlyServicesWithSeveralReplicasHaveADisruptionBudget) {
     budgets.insert(pdb["metadata"]["name"].as<std::string>());
   }
   EXPECT_EQ(budgets, (std::set<std::string>{"medgate-consent", "medgate-ingest", "medgate-sharing"}));
+  // A share of the replicas, as Kubernetes takes it: a string.
+  const Render share = RenderChart("podDisruptionBudget: {maxUnavailable: \"25%\"}\n");
+  ASSERT_EQ(share.exit_code, 0) << share.error;
+  EXPECT_EQ(Named(share, "PodDisruptionBudget", "medgate-ingest")["spec"]["maxUnavailable"]
+                .as<std::string>(),
+            "25%");
 }
 
 TEST_F(HelmChartTest, WithoutCertManagerThePodsUseTheServicesOwnSecrets) {
@@ -523,6 +546,8 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
   const std::vector<Case> cases = {
       {"country: null\n", "country: the ISO 3166-1 alpha-2 code"},
       {"country: France\n", "country: 'France' is not an ISO 3166-1 alpha-2 code"},
+      // YAML 1.1, as Helm reads values: Norway's code unquoted is a boolean.
+      {"country: NO\n", "country: 'false' is not an ISO 3166-1 alpha-2 code: quote it"},
       {"country: DE\n", "regions: no region may hold data of DE"},
       {"trustDomain: null\n", "trustDomain: the SPIFFE trust domain"},
       {"image: {repository: null}\n", "image.repository: the medgate image is required"},
@@ -530,12 +555,19 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
       {"database: {caSecret: null}\n", "database.caSecret: a Secret with key ca.crt"},
       {"database: {options: \"sslmode=require\"}\n",
        "database.options: 'sslmode=require' must set sslmode=verify-full"},
+      {"database: {options: \"sslmode=verify-ca\"}\n",
+       "database.options: 'sslmode=verify-ca' must set sslmode=verify-full"},
       {"database: {options: \"sslmode=verify-full password=secret\"}\n",
        "database.options: 'password' may not be set here"},
+      {"database: {options: \"sslmode=verify-full sslcert=client.crt\"}\n",
+       "database.options: 'sslcert' may not be set here"},
       {"database: {options: \"sslmode=verify-full sslrootcert=/tmp/x\"}\n",
-       "database.options: 'sslrootcert' may not be set here"},
+       "database.options: 'sslrootcert=/tmp/x' is not a libpq keyword=value without quotes, "
+       "spaces or paths"},
       {"database: {options: \"sslmode=verify-full sslmode=disable\"}\n",
-       "database.options: 'sslmode' may not be set here"},
+       "database.options: 'sslmode=disable': sslmode must be verify-full"},
+      {"database: {options: \"sslmode=verify-full ssl_min_protocol_version=TLSv1\"}\n",
+       "database.options: 'ssl_min_protocol_version=TLSv1': TLSv1.2 or TLSv1.3 only"},
       {"database: {options: \"sslmode=verify-full application_name='a b'\"}\n",
        "is not a libpq keyword=value"},
       {"sharing: {kekSecret: null}\n", "sharing.kekSecret"},
@@ -549,6 +581,8 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
        "regions[0].territories: region 'fr-1' must name the territories"},
       {"regions: [{id: fr-1, territories: [FR, fr], db: {host: a}, keysDb: {host: b}}]\n",
        "regions[0].territories[1]: 'fr' is not an ISO 3166-1 alpha-2 code"},
+      {"regions: [{id: fr-1, territories: [FR, NO], db: {host: a}, keysDb: {host: b}}]\n",
+       "regions[0].territories[1]: 'false' is not an ISO 3166-1 alpha-2 code: quote it"},
       {"regions: [{id: fr-1, territories: [FR], db: {host: a}, keysDb: {host: b}},\n"
        "          {id: fr-1, territories: [BE], db: {host: c}, keysDb: {host: d}}]\n",
        "regions[1].id: region 'fr-1' is listed twice"},
@@ -570,6 +604,12 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
        "services.sharing.clientCIDRs: a LoadBalancer service needs the networks"},
       {"networkPolicy: {databaseCIDRs: []}\n", "networkPolicy.databaseCIDRs: the networks of the "
                                                "databases are required"},
+      {"networkPolicy: {databaseCIDRs: [10.20.0.0]}\n",
+       "networkPolicy.databaseCIDRs[0]: '10.20.0.0' is not a network in CIDR notation"},
+      {"services: {ingest: {clientCIDRs: [\"0.0.0.0/0}\"]}}\n",
+       "services.ingest.clientCIDRs[0]: '0.0.0.0/0}' is not a network in CIDR notation"},
+      {"podDisruptionBudget: {maxUnavailable: 0}\n",
+       "podDisruptionBudget.maxUnavailable: '0' must be a whole number of pods (at least 1)"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.overrides);
