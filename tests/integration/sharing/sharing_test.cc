@@ -294,6 +294,30 @@ class SharingTest : public ::testing::Test {
     return extra;
   }
 
+  // A sharing binary's main thread: SIGTERM blocked, waiting for it in RunUntilSignal.
+  // Terminate() sends SIGTERM to that thread only, so that no other thread of the test takes it.
+  class MainThread {
+   public:
+    explicit MainThread(SharingServer& server) {
+      thread_ = std::thread([this, &server] {
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGTERM);
+        sigaddset(&set, SIGINT);
+        pthread_sigmask(SIG_BLOCK, &set, nullptr);
+        waiting_ = true;
+        server.RunUntilSignal();
+      });
+      EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [this] { return waiting_.load(); }));
+    }
+    ~MainThread() { thread_.join(); }
+    void Terminate() { EXPECT_EQ(pthread_kill(thread_.native_handle(), SIGTERM), 0); }
+
+   private:
+    std::atomic<bool> waiting_{false};
+    std::thread thread_;
+  };
+
   // --- identities and stubs --------------------------------------------------------------------
 
   static const TestCert& Cert(const std::string& name) { return certs_->at(name); }
@@ -1426,19 +1450,7 @@ TEST_F(SharingTest, ATerminationSignalDrainsSharingAndAuditAtOnce) {
   ASSERT_TRUE(test_support::WaitForHealth(audit, test_support::Health::kServing,
                                           absl::Now() + kPatience)
                   .ok());
-  // The binary's main thread: SIGTERM blocked, waiting for it. The signal is sent to this thread
-  // only, so no other thread of the test takes it.
-  std::atomic<bool> waiting{false};
-  std::thread main_thread([&] {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &set, nullptr);
-    waiting = true;
-    extra.server->RunUntilSignal();
-  });
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return waiting.load(); }));
+  auto main_thread = std::make_unique<MainThread>(*extra.server);
   // Holding the audit chain's head stops the upload in its last statement, in progress.
   const std::string patient = Place("drain-together-1", "FR");
   pqxx::connection holder(ConnInfo("fr-1"));
@@ -1452,7 +1464,7 @@ TEST_F(SharingTest, ATerminationSignalDrainsSharingAndAuditAtOnce) {
       [&] { uploaded = Upload(pki_->practitioner(), upload, nullptr, extra.server->port()); });
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
                         [&] { return LockWaits("fr-1", "%audit_append%") == 1; }));
-  ASSERT_EQ(pthread_kill(main_thread.native_handle(), SIGTERM), 0);
+  main_thread->Terminate();
   // Well within the statement's timeout (5 s), so that the upload is still being drained.
   const bool audit_stopped = PollUntil(absl::Now() + absl::Seconds(3), [&] {
     absl::StatusOr<test_support::Health> health =
@@ -1461,9 +1473,32 @@ TEST_F(SharingTest, ATerminationSignalDrainsSharingAndAuditAtOnce) {
   });
   head.reset();  // rolls back: the upload stores its record
   uploading.join();
-  main_thread.join();
+  main_thread.reset();
   EXPECT_TRUE(audit_stopped) << "the audit server kept serving while the sharing server drained";
   EXPECT_TRUE(uploaded.ok()) << uploaded.error_message();
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 1);
+}
+
+// A stop drains an upload whose client is still sending: it may pause between two messages (here
+// 1 s) and still have its record stored.
+TEST_F(SharingTest, AnUploadStillBeingSentWhenTheServiceStopsIsStored) {
+  ExtraSharing extra =
+      StartSharingOn(ConfigWith("limits: {drain_seconds: 1}", "limits: {drain_seconds: 120}"));
+  ASSERT_NE(extra.server, nullptr);
+  auto main_thread = std::make_unique<MainThread>(*extra.server);
+  const std::string patient = Place("drain-sending-1", "FR");
+  UploadSpec upload;
+  upload.patient_id = patient;
+  upload.content = Generate(99, 0, 2000);
+  upload.chunk_bytes = 1000;
+  upload.before_chunk = [&](uint64_t offset) {
+    if (offset != 1000) return;
+    main_thread->Terminate();
+    absl::SleepFor(absl::Seconds(1));
+  };
+  const grpc::Status status = Upload(pki_->practitioner(), upload, nullptr, extra.server->port());
+  main_thread.reset();
+  EXPECT_TRUE(status.ok()) << status.error_message();
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 1);
 }
 

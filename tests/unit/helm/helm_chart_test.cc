@@ -350,7 +350,7 @@ TEST_F(HelmChartTest, PodsRunWithoutPrivilegeAndDrainBeforeTheyAreKilled) {
     EXPECT_NE(pod["securityContext"]["runAsUser"].as<int>(), 0);
     EXPECT_FALSE(pod["automountServiceAccountToken"].as<bool>());
     // On SIGTERM: the preStop wait, then one drain (the sharing pods drain sharing and audit at
-    // once: sharing_test's StoppingDrainsSharingAndAuditAtOnce).
+    // once: sharing_test's ATerminationSignalDrainsSharingAndAuditAtOnce).
     const YAML::Node container = pod["containers"][0];
     const YAML::Node pre_stop = container["lifecycle"]["preStop"]["exec"]["command"];
     ASSERT_EQ(pre_stop.size(), 2u);
