@@ -57,7 +57,7 @@ int ProbeServices(const MedgateConfig& config, absl::string_view names) {
     answers.push_back(std::async(std::launch::async, [target]() -> absl::StatusOr<Health> {
       ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
                        MakeServiceChannel(*target, target->tls));
-      return CheckHealth(channel, absl::Seconds(3));
+      return CheckHealth(channel, kProbeDeadline);
     }));
   }
   int result = 0;

@@ -6,6 +6,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "libs/common/config.h"
 
 namespace medgate {
@@ -15,6 +16,10 @@ namespace medgate {
 // the address itself otherwise.
 // INVALID_ARGUMENT for port 0 (the port is only known to the running server) or no port.
 absl::StatusOr<std::string> LocalAddressOf(absl::string_view listen);
+
+// How long a probe waits for each server's answer (they are asked at once): an orchestrator's
+// probe timeout must be longer.
+inline constexpr absl::Duration kProbeDeadline = absl::Seconds(3);
 
 // Asks each named service's server, on its own listening port and over mTLS with that service's
 // own certificate, for its standard gRPC health. Prints "NAME: SERVING" (or the answer, or the

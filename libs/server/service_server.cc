@@ -131,19 +131,18 @@ void ServiceServer::BlockTerminationSignals() {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
-int ServiceServer::WaitForTerminationSignal() {
+void ServiceServer::WaitForTerminationSignal(absl::string_view binary) {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);
   int signal = 0;
   sigwait(&set, &signal);
-  return signal;
+  log::Info("draining", {{"service", binary}, {"signal", signal}});
 }
 
 void ServiceServer::RunUntilSignal() {
-  const int signal = WaitForTerminationSignal();
-  log::Info("draining", {{"service", service_name_}, {"signal", signal}});
+  WaitForTerminationSignal(service_name_);
   Shutdown();
 }
 

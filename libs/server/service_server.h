@@ -15,6 +15,7 @@
 #include <grpcpp/server_builder.h>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "libs/common/config.h"
 
@@ -55,9 +56,9 @@ class ServiceServer {
   // called at the start of main, before any thread was created.
   void RunUntilSignal();
   static void BlockTerminationSignals();
-  // Blocks until SIGTERM or SIGINT (blocked by BlockTerminationSignals()); returns it. For a
-  // binary that runs several servers and drains them together.
-  static int WaitForTerminationSignal();
+  // Blocks until SIGTERM or SIGINT (blocked by BlockTerminationSignals()) and logs that `binary`
+  // drains. For a binary that runs several servers and drains them together.
+  static void WaitForTerminationSignal(absl::string_view binary);
 
  private:
   void HealthLoop();

@@ -207,8 +207,7 @@ void SharingServer::Shutdown() {
 }
 
 void SharingServer::RunUntilSignal() {
-  const int signal = ServiceServer::WaitForTerminationSignal();
-  log::Info("draining", {{"service", "sharing"}, {"signal", signal}});
+  ServiceServer::WaitForTerminationSignal("sharing");
   Shutdown();
 }
 

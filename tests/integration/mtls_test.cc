@@ -655,6 +655,47 @@ TEST_F(MtlsTest, HealthFollowsTheProbe) {
   EXPECT_TRUE(healthy.ok()) << healthy;
 }
 
+// A stop answers NOT_SERVING and drains at once, without waiting for a health probe that is in
+// progress (in a database call that may last until its timeout).
+TEST_F(MtlsTest, AStopIsNotHeldByAHealthProbeInProgress) {
+  std::atomic<bool> hold{false};
+  std::atomic<int> held{0};
+  RecordingAuditService service(pki_->trust_domain());
+  ServiceServer server(config_, "test");
+  server.AddService(&service);
+  server.SetHealthProbe(
+      [&] {
+        if (hold.load()) {
+          ++held;
+          while (hold.load()) absl::SleepFor(absl::Milliseconds(5));
+        }
+        return absl::OkStatus();
+      },
+      absl::Milliseconds(50));
+  ASSERT_TRUE(server.Start().ok());
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> own =
+      MakeChannel(absl::StrCat("127.0.0.1:", server.port()),
+                  TlsConfig{pki_->ops().cert_path, pki_->ops().key_path, pki_->ca_path(), 1},
+                  pki_->server_identity());
+  ASSERT_TRUE(own.ok()) << own.status();
+  ASSERT_TRUE(test_support::WaitForHealth(*own, test_support::Health::kServing,
+                                          absl::Now() + absl::Seconds(10))
+                  .ok());
+  hold = true;
+  ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(10),
+                                      [&] { return held.load() > 0; }));
+  std::thread stopping([&] { server.Shutdown(); });
+  // While the probe is still held, the server has stopped serving.
+  const bool stopped = test_support::PollUntil(absl::Now() + absl::Seconds(5), [&] {
+    absl::StatusOr<test_support::Health> health =
+        test_support::CheckHealth(*own, absl::Seconds(1));
+    return !health.ok() || *health != test_support::Health::kServing;
+  });
+  hold = false;
+  stopping.join();
+  EXPECT_TRUE(stopped) << "the server kept serving until its health probe returned";
+}
+
 // Device streams turn gRPC's BDP probe off at both ends (it costs more than their small messages).
 // With the defaults, the same calls do probe: the count can tell the two apart.
 TEST_F(MtlsTest, NoBdpProbeWhenBothEndsTurnItOff) {

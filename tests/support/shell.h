@@ -1,4 +1,4 @@
-// Runs a shell command line for a test and collects what it prints.
+// Runs a shell command line for a test and collects what it prints, or wrote to a file.
 #ifndef MEDGATE_TESTS_SUPPORT_SHELL_H_
 #define MEDGATE_TESTS_SUPPORT_SHELL_H_
 
@@ -13,6 +13,9 @@ struct ShellRun {
 
 // Runs `command` with /bin/sh and waits for it to end.
 ShellRun RunShell(const std::string& command);
+
+// The whole content of the file at `path` (what a command wrote); empty if it cannot be read.
+std::string ReadFile(const std::string& path);
 
 }  // namespace medgate::test_support
 

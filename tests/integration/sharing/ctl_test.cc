@@ -2,14 +2,18 @@
 // consent and sharing services over mTLS and real PostgreSQL: placing a patient, recording
 // consent, uploading a record and downloading it. A download writes its file only once all of
 // the record arrived and was authenticated.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
+#include <tuple>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -27,6 +31,7 @@ namespace medgate::sharing {
 namespace {
 
 using ::testing::HasSubstr;
+using test_support::ReadFile;
 
 constexpr char kKekHex[] = "5a1e6a0c3b2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7";
 
@@ -92,12 +97,6 @@ class CtlTest : public ::testing::Test {
     if (at == std::string::npos) return "";
     const size_t start = at + key.size();
     return output.substr(start, output.find('"', start) - start);
-  }
-
-  static std::string ReadFile(const std::string& path) {
-    std::stringstream content;
-    content << std::ifstream(path, std::ios::binary).rdbuf();
-    return content.str();
   }
 
   // Files in `dir` whose name starts with `prefix`.
@@ -229,22 +228,30 @@ TEST_F(CtlTest, VerifiesAChainAgainstAnAnchorItPrinted) {
 TEST_F(CtlTest, TheReadinessProbeAsksTheRunningServersForTheirHealth) {
   // As in a pod: each service listens on a port of its own, and its address (the Service's, which
   // may lead to another pod) is not where the probe goes. Here the addresses lead nowhere.
-  std::string yaml = ReadFile(*config_path_);
-  for (const auto& [service, port] :
-       {std::pair<std::string, int>{"sharing", sharing_->port()}, {"audit", sharing_->audit_port()}}) {
-    const std::string from =
-        absl::StrCat("  ", service, ":\n    address: 127.0.0.1:", port, "\n    listen: 127.0.0.1:0\n");
-    const size_t at = yaml.find(from);
-    ASSERT_NE(at, std::string::npos) << from;
-    yaml.replace(at, from.size(),
-                 absl::StrCat("  ", service, ":\n    address: 127.0.0.1:1\n    listen: 127.0.0.1:",
-                              port, "\n"));
-  }
-  const std::string probe_config = stack_->dir() + "/probe.yaml";
-  std::ofstream(probe_config) << yaml;
-  auto probe = [&](const std::string& services) {
-    return test_support::RunShell(absl::StrCat(MEDGATE_SHARING_BINARY, " --config ", probe_config,
-                                                " --probe ", services, " 2>&1"));
+  // A configuration in which sharing and audit listen on `sharing` and `audit`.
+  auto probe_config = [&](int sharing, int audit) {
+    std::string yaml = ReadFile(*config_path_);
+    for (const auto& [service, address_port, listen_port] :
+         {std::tuple<std::string, int, int>{"sharing", sharing_->port(), sharing},
+          {"audit", sharing_->audit_port(), audit}}) {
+      const std::string from = absl::StrCat("  ", service, ":\n    address: 127.0.0.1:",
+                                            address_port, "\n    listen: 127.0.0.1:0\n");
+      const size_t at = yaml.find(from);
+      EXPECT_NE(at, std::string::npos) << from;
+      if (at == std::string::npos) continue;
+      yaml.replace(at, from.size(),
+                   absl::StrCat("  ", service, ":\n    address: 127.0.0.1:1\n",
+                                "    listen: 127.0.0.1:", listen_port, "\n"));
+    }
+    const std::string path = absl::StrCat(stack_->dir(), "/probe-", sharing, "-", audit, ".yaml");
+    std::ofstream(path) << yaml;
+    return path;
+  };
+  const std::string config = probe_config(sharing_->port(), sharing_->audit_port());
+  auto probe = [&](const std::string& services, const std::string& with = "") {
+    return test_support::RunShell(absl::StrCat(MEDGATE_SHARING_BINARY, " --config ",
+                                                with.empty() ? config : with, " --probe ",
+                                                services, " 2>&1"));
   };
   const test_support::ShellRun serving = probe("sharing,audit");
   EXPECT_EQ(serving.exit_code, 0) << serving.output;
@@ -254,6 +261,24 @@ TEST_F(CtlTest, TheReadinessProbeAsksTheRunningServersForTheirHealth) {
   const test_support::ShellRun unknown = probe("sharing,billing");
   EXPECT_EQ(unknown.exit_code, 2) << unknown.output;
   EXPECT_THAT(unknown.output, HasSubstr("services.billing"));
+
+  // A server that takes the connection and never answers: the probe gives up at its deadline
+  // and fails, saying which server did not answer; the other is still asked.
+  const int silent = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(silent, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(bind(silent, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(listen(silent, 4), 0);
+  ASSERT_EQ(getsockname(silent, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const test_support::ShellRun hung =
+      probe("sharing,audit", probe_config(sharing_->port(), ntohs(addr.sin_port)));
+  close(silent);
+  EXPECT_EQ(hung.exit_code, 1) << hung.output;
+  EXPECT_THAT(hung.output, HasSubstr("sharing: SERVING"));
+  EXPECT_THAT(hung.output, HasSubstr("audit: DEADLINE_EXCEEDED"));
 
   // With every region's shard down the service cannot serve, and the probe fails until one is
   // back.

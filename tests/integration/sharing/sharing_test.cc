@@ -294,6 +294,24 @@ class SharingTest : public ::testing::Test {
     return extra;
   }
 
+  // A second sharing server (StartSharingWith `settings`) holding one record: `size` generated
+  // bytes (`seed`) of a new FR patient `ref`, uploaded by the test PKI's practitioner.
+  struct ExtraWithRecord {
+    ExtraSharing extra;
+    UploadSpec spec;
+    std::string record;
+  };
+  static ExtraWithRecord StartSharingWithRecord(const std::string& settings,
+                                                const std::string& ref, uint64_t seed,
+                                                size_t size) {
+    ExtraWithRecord out{StartSharingWith(settings), {}, ""};
+    if (out.extra.server == nullptr) return out;
+    out.spec.patient_id = Place(ref, "FR");
+    out.spec.content = Generate(seed, 0, size);
+    out.record = UploadOk(pki_->practitioner(), out.spec, out.extra.server->port());
+    return out;
+  }
+
   // A sharing binary's main thread: SIGTERM blocked, waiting for it in RunUntilSignal.
   // Terminate() sends SIGTERM to that thread only, so that no other thread of the test takes it.
   class MainThread {
@@ -2349,14 +2367,13 @@ TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
 // A client that stops reading does not keep its download (a thread and one of its tenant's
 // places) for good: past sharing.download_idle_timeout_seconds it ends, and the place is free.
 TEST_F(SharingTest, ADownloadWhoseClientStopsReadingEndsAndGivesBackItsPlace) {
-  ExtraSharing extra = StartSharingWith(
-      "download_idle_timeout_seconds: 1\n  max_downloads_per_tenant: 1");
-  ASSERT_NE(extra.server, nullptr);
-  const int port = extra.server->port();
-  UploadSpec spec;
-  spec.patient_id = Place("download-stall-1", "FR");
-  spec.content = Generate(97, 0, 4 * kMiB);
-  const std::string record = UploadOk(pki_->practitioner(), spec, port);
+  ExtraWithRecord stored = StartSharingWithRecord(
+      "download_idle_timeout_seconds: 1\n  max_downloads_per_tenant: 1",
+      "download-stall-1", 97, 4 * kMiB);
+  ASSERT_NE(stored.extra.server, nullptr);
+  const int port = stored.extra.server->port();
+  const UploadSpec& spec = stored.spec;
+  const std::string& record = stored.record;
 
   std::unique_ptr<Stalled> stalled = StalledDownload(pki_->practitioner(), record, port);
   v1::DownloadRecordResponse message;
@@ -2374,20 +2391,19 @@ TEST_F(SharingTest, ADownloadWhoseClientStopsReadingEndsAndGivesBackItsPlace) {
   EXPECT_EQ(ended.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << ended.error_message();
   EXPECT_THAT(ended.error_message(), HasSubstr("download_idle_timeout_seconds"));
   EXPECT_LT(received, spec.content.size());
-  extra.server->Shutdown();
+  stored.extra.server->Shutdown();
 }
 
 // A client that keeps reading, but too slowly to matter, is not let hold its download either:
 // past the idle timeout it must have gone at sharing.download_min_bytes_per_second.
 TEST_F(SharingTest, ADownloadReadUnderTheMinimumRateEnds) {
-  ExtraSharing extra = StartSharingWith(
-      "download_idle_timeout_seconds: 2\n  download_min_bytes_per_second: 100000000");
-  ASSERT_NE(extra.server, nullptr);
-  const int port = extra.server->port();
-  UploadSpec spec;
-  spec.patient_id = Place("download-slow-1", "FR");
-  spec.content = Generate(98, 0, 12 * kMiB);
-  const std::string record = UploadOk(pki_->practitioner(), spec, port);
+  ExtraWithRecord stored = StartSharingWithRecord(
+      "download_idle_timeout_seconds: 2\n  download_min_bytes_per_second: 100000000",
+      "download-slow-1", 98, 12 * kMiB);
+  ASSERT_NE(stored.extra.server, nullptr);
+  const int port = stored.extra.server->port();
+  const UploadSpec& spec = stored.spec;
+  const std::string& record = stored.record;
 
   // A 1 MiB chunk every 400 ms: never idle for the 2 s allowed (unless the machine stalls for
   // 1.6 s), but about 2.6 MB/s, under the 100 MB/s this server asks for.
@@ -2402,20 +2418,19 @@ TEST_F(SharingTest, ADownloadReadUnderTheMinimumRateEnds) {
   EXPECT_EQ(ended.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << ended.error_message();
   EXPECT_THAT(ended.error_message(), HasSubstr("under the minimum of 100000000"));
   EXPECT_LT(received, spec.content.size());
-  extra.server->Shutdown();
+  stored.extra.server->Shutdown();
 }
 
 // Only the time spent waiting for the client counts against a transfer's minimum rate: a
 // prompt client is not cut off while the shard is slow to give the chunks.
 TEST_F(SharingTest, ASlowShardDoesNotCountAgainstAPromptDownload) {
-  ExtraSharing extra = StartSharingWith(
-      "download_idle_timeout_seconds: 1\n  download_min_bytes_per_second: 100000000");
-  ASSERT_NE(extra.server, nullptr);
-  const int port = extra.server->port();
-  UploadSpec spec;
-  spec.patient_id = Place("download-slow-shard-1", "FR");
-  spec.content = Generate(96, 0, 3 * kMiB);
-  const std::string record = UploadOk(pki_->practitioner(), spec, port);
+  ExtraWithRecord stored = StartSharingWithRecord(
+      "download_idle_timeout_seconds: 1\n  download_min_bytes_per_second: 100000000",
+      "download-slow-shard-1", 96, 3 * kMiB);
+  ASSERT_NE(stored.extra.server, nullptr);
+  const int port = stored.extra.server->port();
+  const UploadSpec& spec = stored.spec;
+  const std::string& record = stored.record;
 
   // The shard keeps the download waiting for its chunks for twice the 1 s the client may take.
   pqxx::connection blocker(Db("fr-1").ConnectionString());
@@ -2424,19 +2439,14 @@ TEST_F(SharingTest, ASlowShardDoesNotCountAgainstAPromptDownload) {
   Downloaded downloaded;
   std::thread download([&] { downloaded = Download(pki_->practitioner(), record, "", true, port); });
   absl::Cleanup join = [&] { download.join(); };
-  pqxx::connection watcher(Db("fr-1").ConnectionString());
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    pqxx::nontransaction q(watcher);
-    return q.exec1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                   "AND query LIKE '%record_chunks%'")[0]
-               .as<int64_t>() > 0;
-  }));
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [] { return LockWaits("fr-1", "%record_chunks%") > 0; }));
   absl::SleepFor(absl::Seconds(2));
   hold.commit();
   std::move(join).Invoke();
   ASSERT_TRUE(downloaded.status.ok()) << downloaded.status.error_message();
   EXPECT_EQ(downloaded.content, spec.content);
-  extra.server->Shutdown();
+  stored.extra.server->Shutdown();
 }
 
 TEST_F(SharingTest, AnotherKeyEncryptionKeyCannotReadOrWrite) {

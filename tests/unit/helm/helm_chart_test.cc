@@ -6,7 +6,6 @@
 #include <fstream>
 #include <map>
 #include <set>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -19,6 +18,7 @@
 #include "absl/strings/str_split.h"
 #include "libs/common/config.h"
 #include "libs/residency/placement.h"
+#include "libs/server/probe.h"
 #include "services/consent/consent_server.h"
 #include "services/ingest/ingest_server.h"
 #include "services/routing/routing_server.h"
@@ -29,6 +29,7 @@ namespace medgate {
 namespace {
 
 using ::testing::HasSubstr;
+using test_support::ReadFile;
 using ::testing::IsEmpty;
 using ::testing::UnorderedElementsAre;
 
@@ -43,12 +44,6 @@ struct Render {
   std::string error;      // stderr
   std::vector<YAML::Node> documents;
 };
-
-std::string ReadFile(const std::string& path) {
-  std::stringstream content;
-  content << std::ifstream(path).rdbuf();
-  return content.str();
-}
 
 // Renders the chart with the example values of France, then `overrides` (YAML) on top.
 Render RenderChart(const std::string& overrides = "", const std::string& release = "medgate") {
@@ -375,6 +370,9 @@ TEST_F(HelmChartTest, PodsRunWithoutPrivilegeAndDrainBeforeTheyAreKilled) {
               (std::vector<std::string>{container["command"][0].as<std::string>(), "--config",
                                         container["command"][2].as<std::string>(), "--probe",
                                         name == "sharing" ? "sharing,audit" : name}));
+    // The probe gives up on a server after kProbeDeadline; the orchestrator must wait longer.
+    EXPECT_GT(container["readinessProbe"]["timeoutSeconds"].as<int>(),
+              absl::ToInt64Seconds(kProbeDeadline));
     EXPECT_EQ(container["startupProbe"]["tcpSocket"]["port"].as<std::string>(), name);
     EXPECT_EQ(container["livenessProbe"]["tcpSocket"]["port"].as<std::string>(), name);
   }
