@@ -1,11 +1,13 @@
 // Mapping of libpqxx exceptions and SQLSTATE codes to absl::Status.
-#include "absl/strings/string_view.h"
 #include "libs/pg/pg_status.h"
+
+#include <string>
 
 #include <pqxx/except>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 
 namespace medgate::pg {
@@ -15,6 +17,21 @@ absl::string_view FirstLine(absl::string_view text) {
   text = absl::StripPrefix(text, "ERROR:  ");
   size_t nl = text.find('\n');
   return nl == absl::string_view::npos ? text : text.substr(0, nl);
+}
+
+// libpqxx 6.4 throws some errors as their own types without their SQLSTATE: the code their type
+// stands for, so that the status still names it.
+std::string SqlStateOf(const pqxx::sql_error& e) {
+  if (!e.sqlstate().empty()) return e.sqlstate();
+  if (dynamic_cast<const pqxx::insufficient_privilege*>(&e) != nullptr) return "42501";
+  if (dynamic_cast<const pqxx::disk_full*>(&e) != nullptr) return "53100";
+  if (dynamic_cast<const pqxx::out_of_memory*>(&e) != nullptr) return "53200";
+  if (dynamic_cast<const pqxx::insufficient_resources*>(&e) != nullptr) return "53000";
+  if (dynamic_cast<const pqxx::undefined_table*>(&e) != nullptr) return "42P01";
+  if (dynamic_cast<const pqxx::undefined_column*>(&e) != nullptr) return "42703";
+  if (dynamic_cast<const pqxx::undefined_function*>(&e) != nullptr) return "42883";
+  if (dynamic_cast<const pqxx::syntax_error*>(&e) != nullptr) return "42601";
+  return "";
 }
 
 }  // namespace
@@ -39,7 +56,7 @@ absl::Status StatusFromSqlState(absl::string_view sqlstate, absl::string_view me
 
 absl::Status StatusFromException(const std::exception& e) {
   if (const auto* sql = dynamic_cast<const pqxx::sql_error*>(&e)) {
-    return StatusFromSqlState(sql->sqlstate(), sql->what());
+    return StatusFromSqlState(SqlStateOf(*sql), sql->what());
   }
   if (dynamic_cast<const pqxx::broken_connection*>(&e) != nullptr) {
     return absl::UnavailableError(absl::StrCat("database unreachable: ", FirstLine(e.what())));

@@ -3,6 +3,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "libs/common/status_macros.h"
+#include "libs/pg/database_roles.h"
 #include "libs/identity/credentials.h"
 #include "services/consent/sql.h"
 
@@ -52,20 +53,21 @@ absl::StatusOr<std::unique_ptr<ConsentServer>> ConsentServer::Create(const Medga
     return absl::Status(channel.status().code(),
                         absl::StrCat("services.routing.address: ", channel.status().message()));
   }
+  ASSIGN_OR_RETURN(MedgateConfig own, pg::ConfigAs(config, pg::kConsentRole));
   return std::unique_ptr<ConsentServer>(
-      new ConsentServer(config, std::move(settings), *std::move(channel)));
+      new ConsentServer(std::move(own), std::move(settings), *std::move(channel)));
 }
 
-ConsentServer::ConsentServer(const MedgateConfig& config, ConsentSettings settings,
+ConsentServer::ConsentServer(MedgateConfig config, ConsentSettings settings,
                              std::shared_ptr<grpc::Channel> routing_channel)
-    : config_(config) {
-  shards_ = std::make_unique<pg::ShardSet>(config.regions, sql::Statements());
+    : config_(std::move(config)) {
+  shards_ = std::make_unique<pg::ShardSet>(config_.regions, sql::Statements());
   routing_ = NewRoutingClient(routing_channel);
   tenant_gate_ = NewRoutingTenantGate(std::move(routing_channel));
-  cache_ = NewConsentCache(config.regions, settings.cache);
-  core_ = std::make_unique<ConsentCore>(*routing_, *shards_, *cache_, config.trust_domain);
-  service_ = std::make_unique<ConsentService>(*core_, config.trust_domain, tenant_gate_.get());
-  server_ = std::make_unique<ServiceServer>(config, "consent");
+  cache_ = NewConsentCache(config_.regions, settings.cache);
+  core_ = std::make_unique<ConsentCore>(*routing_, *shards_, *cache_, config_.trust_domain);
+  service_ = std::make_unique<ConsentService>(*core_, config_.trust_domain, tenant_gate_.get());
+  server_ = std::make_unique<ServiceServer>(config_, "consent");
 }
 
 absl::Status ConsentServer::Start() {

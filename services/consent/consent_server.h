@@ -42,10 +42,10 @@ class ConsentServer {
   ConsentCache& cache() { return *cache_; }
 
  private:
-  ConsentServer(const MedgateConfig& config, ConsentSettings settings,
+  ConsentServer(MedgateConfig config, ConsentSettings settings,
                 std::shared_ptr<grpc::Channel> routing_channel);
 
-  const MedgateConfig& config_;
+  const MedgateConfig config_;  // connecting as the consent database role
   std::unique_ptr<pg::ShardSet> shards_;
   std::unique_ptr<RoutingClient> routing_;
   std::unique_ptr<TenantGate> tenant_gate_;

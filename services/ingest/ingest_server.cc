@@ -7,6 +7,7 @@
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/identity/credentials.h"
+#include "libs/pg/database_roles.h"
 #include "libs/routing_client/reassign_window.h"
 #include "services/ingest/sql.h"
 
@@ -63,12 +64,14 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   return s;
 }
 
-absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const MedgateConfig& config) {
-  if (config.regions.empty()) return absl::InvalidArgumentError("config key 'regions': missing");
-  RETURN_IF_ERROR(config.Service("ingest").status());
-  RETURN_IF_ERROR(config.Service("routing").status());
-  ASSIGN_OR_RETURN(IngestSettings settings, ParseIngestSettings(config));
-  std::unique_ptr<IngestServer> server(new IngestServer(config, std::move(settings)));
+absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const MedgateConfig& given) {
+  if (given.regions.empty()) return absl::InvalidArgumentError("config key 'regions': missing");
+  RETURN_IF_ERROR(given.Service("ingest").status());
+  RETURN_IF_ERROR(given.Service("routing").status());
+  ASSIGN_OR_RETURN(IngestSettings settings, ParseIngestSettings(given));
+  ASSIGN_OR_RETURN(MedgateConfig own, pg::ConfigAs(given, pg::kIngestRole));
+  std::unique_ptr<IngestServer> server(new IngestServer(std::move(own), std::move(settings)));
+  const MedgateConfig& config = server->config_;
   const ServiceEndpoint* self = *config.Service("ingest");
   const ServiceEndpoint* routing = *config.Service("routing");
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel, MakeServiceChannel(*routing, self->tls));
@@ -104,10 +107,10 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   return server;
 }
 
-IngestServer::IngestServer(const MedgateConfig& config, IngestSettings settings)
-    : config_(config), settings_(std::move(settings)) {
-  shards_ = std::make_unique<pg::ShardSet>(config.regions, sql::Statements());
-  server_ = std::make_unique<ServiceServer>(config, "ingest");
+IngestServer::IngestServer(MedgateConfig config, IngestSettings settings)
+    : config_(std::move(config)), settings_(std::move(settings)) {
+  shards_ = std::make_unique<pg::ShardSet>(config_.regions, sql::Statements());
+  server_ = std::make_unique<ServiceServer>(config_, "ingest");
   // Device streams carry small batches and acks: a BDP probe would cost more than each message.
   server_->DisableBdpProbe();
 }

@@ -87,12 +87,12 @@ class IngestServer {
   uint64_t partition_passes() const { return partition_passes_.load(); }
 
  private:
-  IngestServer(const MedgateConfig& config, IngestSettings settings);
+  IngestServer(MedgateConfig config, IngestSettings settings);
   // Makes each region's coming vitals partitions; the wait before the next pass (shorter when a
   // region failed: its shard may be down).
   absl::Duration MakePartitions();
 
-  const MedgateConfig& config_;
+  const MedgateConfig config_;  // connecting as the ingest database role
   IngestSettings settings_;
   std::unique_ptr<pg::ShardSet> shards_;
   std::unique_ptr<RoutingClient> routing_;

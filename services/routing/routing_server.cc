@@ -4,6 +4,7 @@
 #include "absl/strings/str_cat.h"
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
+#include "libs/pg/database_roles.h"
 #include "libs/routing_client/reassign_window.h"
 #include "services/routing/sql.h"
 
@@ -36,17 +37,18 @@ absl::StatusOr<std::unique_ptr<RoutingServer>> RoutingServer::Create(const Medga
   if (config.regions.empty()) return absl::InvalidArgumentError("config key 'regions': missing");
   RETURN_IF_ERROR(config.Service("routing").status());
   ASSIGN_OR_RETURN(RoutingSettings settings, ParseRoutingSettings(config));
-  return std::unique_ptr<RoutingServer>(new RoutingServer(config, std::move(settings)));
+  ASSIGN_OR_RETURN(MedgateConfig own, pg::ConfigAs(config, pg::kRoutingRole));
+  return std::unique_ptr<RoutingServer>(new RoutingServer(std::move(own), std::move(settings)));
 }
 
-RoutingServer::RoutingServer(const MedgateConfig& config, RoutingSettings settings)
-    : config_(config), settings_(std::move(settings)) {
-  pg::PoolOptions options = pg::PoolOptions::FromConfig("control", *config.control_db);
+RoutingServer::RoutingServer(MedgateConfig config, RoutingSettings settings)
+    : config_(std::move(config)), settings_(std::move(settings)) {
+  pg::PoolOptions options = pg::PoolOptions::FromConfig("control", *config_.control_db);
   options.statements = sql::Statements();
   control_ = std::make_unique<pg::Pool>(std::move(options));
-  shards_ = std::make_unique<pg::ShardSet>(config.regions, std::vector<pg::Statement>{});
+  shards_ = std::make_unique<pg::ShardSet>(config_.regions, std::vector<pg::Statement>{});
   std::vector<residency::Region> regions;
-  for (const RegionConfig& r : config.regions) {
+  for (const RegionConfig& r : config_.regions) {
     residency::Region region;
     region.id = r.id;
     region.territories.insert(r.territories.begin(), r.territories.end());
@@ -54,8 +56,8 @@ RoutingServer::RoutingServer(const MedgateConfig& config, RoutingSettings settin
   }
   core_ = std::make_unique<RoutingCore>(*control_, *shards_, std::move(regions),
                                         settings_.device_reassign_wait);
-  service_ = std::make_unique<RoutingService>(*core_, config.trust_domain);
-  server_ = std::make_unique<ServiceServer>(config, "routing");
+  service_ = std::make_unique<RoutingService>(*core_, config_.trust_domain);
+  server_ = std::make_unique<ServiceServer>(config_, "routing");
 }
 
 absl::Status RoutingServer::SeedIfNeeded() {

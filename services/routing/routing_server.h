@@ -38,10 +38,10 @@ class RoutingServer {
   RoutingCore& core() { return *core_; }
 
  private:
-  RoutingServer(const MedgateConfig& config, RoutingSettings settings);
+  RoutingServer(MedgateConfig config, RoutingSettings settings);
   absl::Status SeedIfNeeded();
 
-  const MedgateConfig& config_;
+  const MedgateConfig config_;  // connecting as the routing database role
   RoutingSettings settings_;
   std::unique_ptr<pg::Pool> control_;
   std::unique_ptr<pg::ShardSet> shards_;

@@ -206,6 +206,10 @@ class SharingCore {
 
   absl::StatusOr<std::unique_ptr<Upload>> StartUpload(const CallContext& ctx,
                                                       const UploadHeader& header);
+  // Uploads of `tenant` to `region` started and not yet ended.
+  int UploadsInProgress(const std::string& tenant, const std::string& region) const {
+    return uploads_in_progress_.count({tenant, region});
+  }
   absl::StatusOr<GrantInfo> ShareRecord(const CallContext& ctx, const std::string& record_id,
                                         const std::string& grantee, absl::Time expires_at);
   // By grant id, or by (record_id, grantee) when grant_id is empty.

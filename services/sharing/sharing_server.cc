@@ -7,6 +7,7 @@
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/identity/credentials.h"
+#include "libs/pg/database_roles.h"
 #include "libs/routing_client/routing_client.h"
 #include "services/sharing/sql.h"
 
@@ -82,11 +83,12 @@ absl::StatusOr<std::unique_ptr<SharingServer>> SharingServer::Create(const Medga
         absl::StrCat("config key 'sharing.", settings.kek_file.empty() ? "kek_env" : "kek_file",
                      "': ", kek.status().message()));
   }
-  ASSIGN_OR_RETURN(std::unique_ptr<KeyVault> vault, KeyVault::Create(config.regions, **kek));
+  ASSIGN_OR_RETURN(MedgateConfig own, pg::ConfigAs(config, pg::kSharingRole));
+  ASSIGN_OR_RETURN(std::unique_ptr<KeyVault> vault, KeyVault::Create(own.regions, **kek));
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
                    MakeServiceChannel(*routing, self->tls));
   return std::unique_ptr<SharingServer>(
-      new SharingServer(config, std::move(settings), *std::move(kek), std::move(vault),
+      new SharingServer(std::move(own), std::move(settings), *std::move(kek), std::move(vault),
                         std::move(channel), std::move(options)));
 }
 
@@ -101,26 +103,26 @@ absl::Duration UnusedVaultKeyGrace(const MedgateConfig& config) {
   return grace;
 }
 
-SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settings,
+SharingServer::SharingServer(MedgateConfig config, SharingSettings settings,
                              std::unique_ptr<crypto::KeyEncryptionKey> kek,
                              std::unique_ptr<KeyVault> vault,
                              std::shared_ptr<grpc::Channel> routing_channel,
                              SharingServerOptions options)
-    : config_(config),
+    : config_(std::move(config)),
       settings_(std::move(settings)),
       kek_(std::move(kek)),
       vault_(std::move(vault)) {
-  pg::PoolOptions control = pg::PoolOptions::FromConfig("control", *config.control_db);
+  pg::PoolOptions control = pg::PoolOptions::FromConfig("control", *config_.control_db);
   control.statements = sql::ControlStatements();
   control_ = std::make_unique<pg::Pool>(std::move(control));
-  shards_ = std::make_unique<pg::ShardSet>(config.regions, sql::ShardStatements());
-  upload_shards_ = std::make_unique<pg::ShardSet>(config.regions, sql::ShardStatements());
+  shards_ = std::make_unique<pg::ShardSet>(config_.regions, sql::ShardStatements());
+  upload_shards_ = std::make_unique<pg::ShardSet>(config_.regions, sql::ShardStatements());
   RoutingDirectoryOptions directory_options;
   directory_options.clock = options.clock;
   tenant_gate_ = NewRoutingTenantGate(routing_channel);
   directory_ = std::make_unique<RoutingDirectory>(NewRoutingClient(routing_channel),
                                                   routing_channel, *control_, directory_options);
-  consent_ = consent::NewConsentCache(config.regions);
+  consent_ = consent::NewConsentCache(config_.regions);
   SharingOptions core_options;
   core_options.default_tenant_quota_bytes = settings_.tenant_quota_bytes;
   core_options.tenant_quota_bytes = settings_.tenant_quotas;
@@ -130,23 +132,23 @@ SharingServer::SharingServer(const MedgateConfig& config, SharingSettings settin
   core_options.download_min_bytes_per_second = settings_.download_min_bytes_per_second;
   core_options.max_uploads_per_tenant = settings_.max_uploads_per_tenant;
   core_options.max_downloads_per_tenant = settings_.max_downloads_per_tenant;
-  core_options.unused_vault_key_grace = UnusedVaultKeyGrace(config);
+  core_options.unused_vault_key_grace = UnusedVaultKeyGrace(config_);
   // The identity its certificate carries (checked when the server starts).
-  core_options.service_identity = (*config.Service("sharing"))->identity;
-  core_options.trust_domain = config.trust_domain;
+  core_options.service_identity = (*config_.Service("sharing"))->identity;
+  core_options.trust_domain = config_.trust_domain;
   core_options.clock = options.clock;
   core_options.max_list_page_bytes = options.max_list_page_bytes;
   core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, *directory_, *consent_, *vault_,
                                         std::move(core_options));
   audit_core_ = std::make_unique<AuditCore>(*control_, *shards_, *directory_);
-  service_ = std::make_unique<SharingService>(*core_, config.trust_domain, tenant_gate_.get());
+  service_ = std::make_unique<SharingService>(*core_, config_.trust_domain, tenant_gate_.get());
   audit_service_ =
-      std::make_unique<AuditService>(*audit_core_, config.trust_domain, tenant_gate_.get());
-  server_ = std::make_unique<ServiceServer>(config, "sharing");
-  if (config.Service("audit").ok()) {
+      std::make_unique<AuditService>(*audit_core_, config_.trust_domain, tenant_gate_.get());
+  server_ = std::make_unique<ServiceServer>(config_, "sharing");
+  if (config_.Service("audit").ok()) {
     audit_only_service_ =
-        std::make_unique<AuditService>(*audit_core_, config.trust_domain, tenant_gate_.get());
-    audit_server_ = std::make_unique<ServiceServer>(config, "audit");
+        std::make_unique<AuditService>(*audit_core_, config_.trust_domain, tenant_gate_.get());
+    audit_server_ = std::make_unique<ServiceServer>(config_, "audit");
   }
 }
 

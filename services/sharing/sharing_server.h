@@ -89,7 +89,7 @@ class SharingServer {
   consent::ConsentCache& consent_cache() { return *consent_; }
 
  private:
-  SharingServer(const MedgateConfig& config, SharingSettings settings,
+  SharingServer(MedgateConfig config, SharingSettings settings,
                 std::unique_ptr<crypto::KeyEncryptionKey> kek, std::unique_ptr<KeyVault> vault,
                 std::shared_ptr<grpc::Channel> routing_channel, SharingServerOptions options);
   // One retention sweep, batch after batch while there is more; the wait before the next.
@@ -99,7 +99,7 @@ class SharingServer {
   // its own patients, and must not take the other regions' out of service with it.
   absl::Status Probe();
 
-  const MedgateConfig& config_;
+  const MedgateConfig config_;  // connecting as the sharing database role
   const SharingSettings settings_;
   std::unique_ptr<crypto::KeyEncryptionKey> kek_;
   std::unique_ptr<KeyVault> vault_;  // uses kek_

@@ -1,4 +1,5 @@
 // libs/pg against a real PostgreSQL server: transactions, error mapping, bounds, reconnection.
+#include <atomic>
 #include <optional>
 #include <thread>
 
@@ -117,6 +118,50 @@ TEST_F(PoolTest, RetriesAbortedTransactions) {
   EXPECT_TRUE(status.ok()) << status;
   EXPECT_EQ(attempts, 3);
   EXPECT_EQ(Count(pool), 1);
+}
+
+// A conflict the server reports (here a deadlock, SQLSTATE 40P01) is ABORTED and retried, as is a
+// serialization failure. A right the service's role lacks is INTERNAL (the deployment's fault,
+// not the caller's) naming SQLSTATE 42501, which libpqxx 6.4 does not give with its exception.
+TEST_F(PoolTest, ARealDeadlockIsRetriedAndAMissingRightNamesItsSqlState) {
+  Pool pool(Options());
+  ASSERT_TRUE(Insert(pool, 1, "one").ok());
+  ASSERT_TRUE(Insert(pool, 2, "two").ok());
+  std::atomic<int> first_locks{0};
+  std::atomic<int> attempts{0};
+  // Each locks one row, waits until the other holds its own, then wants the other's.
+  auto cross = [&](int mine, int theirs) {
+    return pool.Transact([&, mine, theirs](pqxx::work& txn) {
+      ++attempts;
+      txn.exec_params0("UPDATE items SET label = label || '+' WHERE id = $1", mine);
+      ++first_locks;
+      while (first_locks.load() < 2) std::this_thread::yield();
+      txn.exec_params0("UPDATE items SET label = label || '+' WHERE id = $1", theirs);
+      return absl::OkStatus();
+    });
+  };
+  absl::Status a;
+  std::thread other([&] { a = cross(1, 2); });
+  absl::Status b = cross(2, 1);
+  other.join();
+  EXPECT_TRUE(a.ok()) << a;
+  EXPECT_TRUE(b.ok()) << b;
+  EXPECT_EQ(attempts.load(), 3);  // the deadlock's victim ran again
+
+  ASSERT_TRUE(pool.Transact([](pqxx::work& txn) {
+    txn.exec0("CREATE TABLE IF NOT EXISTS owners_only (id int)");
+    txn.exec0("REVOKE ALL ON owners_only FROM PUBLIC");
+    return absl::OkStatus();
+  }).ok());
+  PoolOptions options = Options();
+  options.conninfo = cluster_->ConnectionString("medgate", "medgate_ingest");
+  Pool other_role(options);
+  absl::Status denied = other_role.Transact([](pqxx::work& txn) {
+    txn.exec0("SELECT * FROM owners_only");
+    return absl::OkStatus();
+  });
+  EXPECT_EQ(denied.code(), absl::StatusCode::kInternal) << denied;
+  EXPECT_THAT(std::string(denied.message()), HasSubstr("42501"));
 }
 
 TEST_F(PoolTest, BoundsWaitersAndAcquireTime) {

@@ -41,6 +41,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "libs/common/status_macros.h"
+#include "libs/pg/database_roles.h"
 
 extern char** environ;
 
@@ -646,9 +647,16 @@ absl::Status PgCluster::StartServer() {
 }
 
 // Each cluster gets its own password (the template has none), set over the private Unix socket.
+// The services' roles are made with it, as ops provision them on a production server, before the
+// migrations grant them their rights.
 absl::Status PgCluster::SetPassword() {
   // ALTER ROLE takes no bind parameters; the password is alphanumeric and quoted anyway.
-  return RunAsSuperuser({absl::StrCat("ALTER ROLE ", kSuperuser, " PASSWORD '", password_, "'")});
+  std::vector<std::string> statements = {
+      absl::StrCat("ALTER ROLE ", kSuperuser, " PASSWORD '", password_, "'")};
+  for (absl::string_view role : pg::kServiceRoles) {
+    statements.push_back(absl::StrCat("CREATE ROLE ", role, " LOGIN PASSWORD '", password_, "'"));
+  }
+  return RunAsSuperuser(statements);
 }
 
 // Over the private Unix socket, where the superuser needs no password.
@@ -860,8 +868,9 @@ PgCluster::~PgCluster() {
   }
 }
 
-std::string PgCluster::ConnectionString(absl::string_view dbname) const {
-  return absl::StrCat("host=127.0.0.1 port=", port_, " dbname=", dbname, " user=", kSuperuser,
+std::string PgCluster::ConnectionString(absl::string_view dbname, absl::string_view user) const {
+  return absl::StrCat("host=127.0.0.1 port=", port_, " dbname=", dbname, " user=",
+                      user.empty() ? kSuperuser : user,
                       " password=", password_, " connect_timeout=5");
 }
 

@@ -13,7 +13,8 @@
 namespace medgate::test_support {
 
 // A real PostgreSQL server in a fresh temporary directory, listening on 127.0.0.1 on a free port,
-// with superuser `medgate`, a random password (scram-sha-256) and a database `medgate`.
+// with superuser `medgate`, a random password (scram-sha-256) and a database `medgate`. The
+// services' roles (libs/pg/database_roles.h) exist, with the same password and no rights yet.
 //
 // Durability is off (fsync, synchronous_commit, full_page_writes, wal_level=minimal): the data is
 // throwaway and start-up speed matters more (benchmarks turn it on: UseProductionSettings). The
@@ -42,8 +43,10 @@ class PgCluster {
   ~PgCluster();
 
   // libpq keyword/value form: "host=127.0.0.1 port=N dbname=medgate user=medgate password=...
-  // connect_timeout=5". `dbname` names another database for tests that create their own.
-  std::string ConnectionString(absl::string_view dbname = "medgate") const;
+  // connect_timeout=5". `dbname` names another database for tests that create their own; `user`
+  // one of the services' roles (libs/pg/database_roles.h), which have the same password.
+  std::string ConnectionString(absl::string_view dbname = "medgate",
+                               absl::string_view user = "") const;
 
   const std::string& name() const { return name_; }
   int port() const { return port_; }

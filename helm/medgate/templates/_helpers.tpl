@@ -117,7 +117,20 @@ allow, exposing it, or one that cannot start: fail closed, before anything is de
 {{- if not (regexMatch "^[a-z0-9.-]+$" $td) -}}
 {{- fail (printf "trustDomain: '%s' may hold only lower-case letters, digits, '.' and '-'" $td) -}}
 {{- end -}}
-{{- $_ := required "database.passfileSecret: a Secret with key pgpass (a libpq password file) is required" $v.database.passfileSecret -}}
+{{- $owner := required "database.passfileSecret: a Secret with key pgpass (a libpq password file) is required" $v.database.passfileSecret -}}
+{{- /* Each service pod holds its own role's password only: not the schema owner's, not another
+service's. */ -}}
+{{- $servicePassfiles := dict -}}
+{{- range $service := list "routing" "consent" "ingest" "sharing" -}}
+{{- $secret := required (printf "database.servicePassfileSecrets.%s: a Secret with key pgpass holding the medgate_%s role's password is required" $service $service) (index ($v.database.servicePassfileSecrets | default dict) $service) -}}
+{{- if eq (toString $secret) (toString $owner) -}}
+{{- fail (printf "database.servicePassfileSecrets.%s: '%s' is database.passfileSecret, the schema owner's: a service's pods may hold only its own role's password" $service $secret) -}}
+{{- end -}}
+{{- if hasKey $servicePassfiles (toString $secret) -}}
+{{- fail (printf "database.servicePassfileSecrets.%s: '%s' is also %s's: each service's pods may hold only its own role's password" $service $secret (get $servicePassfiles (toString $secret))) -}}
+{{- end -}}
+{{- $_ := set $servicePassfiles (toString $secret) $service -}}
+{{- end -}}
 {{- $_ := required "database.caSecret: a Secret with key ca.crt (the databases' certificate authority) is required: connections to the databases verify their certificates" $v.database.caSecret -}}
 {{- /* The database options: TLS verified, and only keywords that change neither credentials, nor
 endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}

@@ -1498,7 +1498,9 @@ TEST_F(SharingTest, ATerminationSignalDrainsSharingAndAuditAtOnce) {
 }
 
 // A stop drains an upload whose client is still sending: it may pause between two messages (here
-// 1 s) and still have its record stored.
+// 1 s) and still have its record stored. (A call that reaches the server as it stops, before a
+// handler has taken it, is cancelled by gRPC without reaching the service, and stores nothing:
+// the stop comes once the service holds the upload.)
 TEST_F(SharingTest, AnUploadStillBeingSentWhenTheServiceStopsIsStored) {
   ExtraSharing extra =
       StartSharingOn(ConfigWith("limits: {drain_seconds: 1}", "limits: {drain_seconds: 120}"));
@@ -1511,6 +1513,9 @@ TEST_F(SharingTest, AnUploadStillBeingSentWhenTheServiceStopsIsStored) {
   upload.chunk_bytes = 1000;
   upload.before_chunk = [&](uint64_t offset) {
     if (offset != 1000) return;
+    EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+      return extra.server->core().UploadsInProgress("acme", "fr-1") == 1;
+    }));
     main_thread->Terminate();
     absl::SleepFor(absl::Seconds(1));
   };

@@ -276,7 +276,8 @@ TEST_F(HelmChartTest, EachPodMountsAndIsIssuedWhatItsConfigurationNames) {
     EXPECT_EQ(Volume(pod, mounts.at(Dir(config.ca_path)))["secret"]["secretName"].as<std::string>(),
               "medgate-" + name + "-tls");
     // The password file (and sharing's key-encryption key): copied by the init container into
-    // memory, mode 0400, and mounted read-only where the configuration names them.
+    // memory, mode 0400, and mounted read-only where the configuration names them. The password
+    // file is the service's own role's, not the schema owner's the migrations use.
     const std::string pgpass = "/run/medgate/secrets/pgpass";
     ASSERT_EQ(mounts.count(Dir(pgpass)), 1u);
     EXPECT_EQ(Volume(pod, mounts.at(Dir(pgpass)))["emptyDir"]["medium"].as<std::string>(), "Memory");
@@ -286,7 +287,7 @@ TEST_F(HelmChartTest, EachPodMountsAndIsIssuedWhatItsConfigurationNames) {
     EXPECT_THAT(script, HasSubstr("install -m 0400 /etc/medgate/secrets/db/pgpass " + pgpass));
     EXPECT_EQ(Volume(pod, Mounts(init).at("/etc/medgate/secrets/db"))["secret"]["secretName"]
                   .as<std::string>(),
-              "medgate-pgpass");
+              "medgate-" + name + "-pgpass");
     if (name == "sharing") {
       const absl::StatusOr<sharing::SharingSettings> sharing = sharing::ParseSharingSettings(config);
       ASSERT_TRUE(sharing.ok());
@@ -396,6 +397,8 @@ TEST_F(HelmChartTest, MigrationsRunBeforeInstallAndEveryUpgradeOnTheSameDatabase
   EXPECT_THAT(script, HasSubstr("medgate-migrate --config /etc/medgate/config/medgate.yaml "
                                 "--migrations /usr/local/share/medgate/migrations"));
   EXPECT_EQ(Volume(pod, "config")["configMap"]["name"].as<std::string>(), "medgate-migrate-config");
+  // The schema owner's password file is the migrations' alone.
+  EXPECT_EQ(Volume(pod, "db-secret")["secret"]["secretName"].as<std::string>(), "medgate-pgpass");
   // Its way to the databases comes with it, from the same values: on an upgrade it runs before
   // the release's own policies change.
   const YAML::Node policy = Named(*france_, "NetworkPolicy", "medgate-migrate");
@@ -550,6 +553,14 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
       {"trustDomain: null\n", "trustDomain: the SPIFFE trust domain"},
       {"image: {repository: null}\n", "image.repository: the medgate image is required"},
       {"database: {passfileSecret: null}\n", "database.passfileSecret"},
+      {"database: {servicePassfileSecrets: {ingest: null}}\n",
+       "database.servicePassfileSecrets.ingest: a Secret with key pgpass holding the "
+       "medgate_ingest role's password is required"},
+      {"database: {servicePassfileSecrets: {consent: medgate-pgpass}}\n",
+       "database.servicePassfileSecrets.consent: 'medgate-pgpass' is database.passfileSecret, "
+       "the schema owner's"},
+      {"database: {servicePassfileSecrets: {sharing: medgate-ingest-pgpass}}\n",
+       "database.servicePassfileSecrets.sharing: 'medgate-ingest-pgpass' is also ingest's"},
       {"database: {caSecret: null}\n", "database.caSecret: a Secret with key ca.crt"},
       {"database: {options: \"sslmode=require\"}\n",
        "database.options: 'sslmode=require' must set sslmode=verify-full"},

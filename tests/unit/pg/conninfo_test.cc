@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "libs/common/config.h"
+#include "libs/pg/database_roles.h"
 #include "libs/pg/pool.h"
 
 namespace medgate::pg {
@@ -80,6 +81,74 @@ TEST(ConnInfoTest, LeavesAConnInfoLibpqCannotParseAsItIs) {
 // A server that accepts the connection and then says nothing (a stopped or wedged host behind a
 // live socket): a pool made from the config gives up on it after connect_timeout instead of
 // waiting forever, and says the server is unavailable.
+TEST(ConnInfoTest, ConninfoAsReplacesTheUserAndKeepsTheRest) {
+  absl::StatusOr<std::string> as =
+      ConninfoAs("host=db port=5433 dbname=fr user=owner password='it\\'s \\\\ secret' "
+                 "sslmode=verify-full passfile=/run/pgpass", kIngestRole);
+  ASSERT_TRUE(as.ok()) << as.status();
+  std::map<std::string, std::string> got = Parsed(*as);
+  EXPECT_EQ(got["user"], "medgate_ingest");
+  EXPECT_EQ(got["password"], "it's \\ secret");
+  EXPECT_EQ(got["host"], "db");
+  EXPECT_EQ(got["port"], "5433");
+  EXPECT_EQ(got["dbname"], "fr");
+  EXPECT_EQ(got["sslmode"], "verify-full");
+  EXPECT_EQ(got["passfile"], "/run/pgpass");
+  EXPECT_EQ(got.size(), 7u) << *as;
+
+  // A URI, and a conninfo without a user.
+  as = ConninfoAs("postgresql://owner:pw@db:5434/fr?sslmode=require", kSharingRole);
+  ASSERT_TRUE(as.ok()) << as.status();
+  got = Parsed(*as);
+  EXPECT_EQ(got["user"], "medgate_sharing");
+  EXPECT_EQ(got["password"], "pw");
+  EXPECT_EQ(got["port"], "5434");
+  EXPECT_EQ(got["sslmode"], "require");
+  as = ConninfoAs("host=db", kRoutingRole);
+  ASSERT_TRUE(as.ok()) << as.status();
+  EXPECT_EQ(Parsed(*as)["user"], "medgate_routing");
+}
+
+TEST(ConnInfoTest, ConninfoAsRefusesWhatLibpqCannotParseWithoutQuotingIt) {
+  absl::StatusOr<std::string> as = ConninfoAs("host=db password='s3cret", kIngestRole);
+  ASSERT_EQ(as.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(std::string(as.status().message()).find("s3cret"), std::string::npos)
+      << as.status();
+}
+
+TEST(ConnInfoTest, ConfigAsMakesEveryDatabaseTheRoles) {
+  MedgateConfig config;
+  config.control_db = DbConfig{.conninfo = "host=control user=owner"};
+  RegionConfig fr;
+  fr.id = "fr-1";
+  fr.db.conninfo = "host=fr user=owner";
+  fr.db.pool_size = 3;
+  fr.keys_db = DbConfig{.conninfo = "host=fr dbname=keys user=owner"};
+  RegionConfig de;
+  de.id = "de-1";
+  de.db.conninfo = "host=de user=owner";
+  config.regions = {fr, de};
+  absl::StatusOr<MedgateConfig> as = ConfigAs(config, kConsentRole);
+  ASSERT_TRUE(as.ok()) << as.status();
+  for (const std::string* conninfo :
+       {&as->control_db->conninfo, &as->regions[0].db.conninfo, &as->regions[0].keys_db->conninfo,
+        &as->regions[1].db.conninfo}) {
+    EXPECT_EQ(Parsed(*conninfo)["user"], "medgate_consent") << *conninfo;
+  }
+  EXPECT_EQ(Parsed(as->regions[0].keys_db->conninfo)["dbname"], "keys");
+  EXPECT_EQ(as->regions[0].db.pool_size, 3);
+  EXPECT_FALSE(as->regions[1].keys_db.has_value());
+  // The original is left as it was.
+  EXPECT_EQ(config.regions[0].db.conninfo, "host=fr user=owner");
+
+  config.regions[1].keys_db = DbConfig{.conninfo = "host='de"};
+  as = ConfigAs(config, kConsentRole);
+  ASSERT_EQ(as.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(as.status().message(),
+            "config key 'regions[1].keys_db.conninfo': not a libpq connection string "
+            "(keyword=value or URI)");
+}
+
 TEST(ConnInfoTest, APoolGivesUpOnAServerThatNeverAnswers) {
   const int listener = socket(AF_INET, SOCK_STREAM, 0);
   ASSERT_GE(listener, 0);

@@ -1,0 +1,318 @@
+// The services' database roles against real PostgreSQL, after the project's migrations: each role
+// holds exactly the rights its service uses, none can touch the audit trail but through the
+// chaining functions, and the migrations refuse a role that holds more than a service should.
+// (That the rights suffice is shown by every service's integration tests, which connect as them.)
+#include <set>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <pqxx/pqxx>
+
+#include "absl/strings/str_cat.h"
+#include "libs/audit/audit_log.h"
+#include "libs/migrate/migrate.h"
+#include "libs/pg/database_roles.h"
+#include "tests/support/pg_cluster.h"
+
+namespace medgate {
+namespace {
+
+using ::testing::HasSubstr;
+using test_support::PgCluster;
+
+constexpr char kControl[] = "medgate";
+constexpr char kShard[] = "shard";
+constexpr char kVault[] = "vault";
+constexpr char kDenied[] = "permission denied";
+
+std::string MigrationsDir(const std::string& kind) {
+  return std::string(MEDGATE_SOURCE_DIR) + "/migrations/" + kind;
+}
+
+absl::Status Migrate(PgCluster& cluster, const std::string& db, const std::string& kind) {
+  absl::StatusOr<std::vector<migrate::Migration>> migrations =
+      migrate::LoadMigrations(MigrationsDir(kind));
+  if (!migrations.ok()) return migrations.status();
+  pqxx::connection connection(cluster.ConnectionString(db));
+  return migrate::Apply(connection, *migrations).status();
+}
+
+// "role table PRIVILEGE" for every right a service role holds on a table of `db`, and
+// "role function()" for every function it may execute (trigger functions aside: they cannot be
+// called).
+std::set<std::string> RightsIn(PgCluster& cluster, const std::string& db) {
+  pqxx::connection connection(cluster.ConnectionString(db));
+  pqxx::nontransaction txn(connection);
+  std::set<std::string> rights;
+  for (const pqxx::row& row : txn.exec(
+           "SELECT r.rolname, c.relname, p.priv FROM pg_class c "
+           "CROSS JOIN pg_roles r "
+           "CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', "
+           "  'REFERENCES', 'TRIGGER']) AS p(priv) "
+           "WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v') "
+           "AND r.rolname LIKE 'medgate\\_%' AND has_table_privilege(r.oid, c.oid, p.priv)")) {
+    rights.insert(absl::StrCat(row[0].c_str(), " ", row[1].c_str(), " ", row[2].c_str()));
+  }
+  for (const pqxx::row& row : txn.exec(
+           "SELECT r.rolname, f.proname FROM pg_proc f CROSS JOIN pg_roles r "
+           "WHERE f.pronamespace = 'public'::regnamespace AND f.prorettype <> 'trigger'::regtype "
+           "AND r.rolname LIKE 'medgate\\_%' AND has_function_privilege(r.oid, f.oid, 'EXECUTE')")) {
+    rights.insert(absl::StrCat(row[0].c_str(), " ", row[1].c_str(), "()"));
+  }
+  return rights;
+}
+
+// What `sql` run as `role` in `db` gives: "ok", kDenied, or the error.
+std::string RunAs(PgCluster& cluster, const std::string& db, absl::string_view role,
+                  const std::string& sql) {
+  try {
+    pqxx::connection connection(cluster.ConnectionString(db, role));
+    pqxx::work txn(connection);
+    txn.exec(sql);
+    txn.commit();
+    return "ok";
+  } catch (const pqxx::insufficient_privilege&) {
+    // SQLSTATE 42501, "must be owner" included (libpqxx 6.4 leaves sqlstate() empty for it).
+    return kDenied;
+  } catch (const pqxx::sql_error& e) {
+    return e.what();
+  }
+}
+
+class DatabaseRolesTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    absl::StatusOr<std::unique_ptr<PgCluster>> cluster = PgCluster::Start("roles");
+    ASSERT_TRUE(cluster.ok()) << cluster.status();
+    cluster_ = cluster->release();
+    {
+      pqxx::connection admin(cluster_->ConnectionString());
+      pqxx::nontransaction txn(admin);
+      txn.exec0(absl::StrCat("CREATE DATABASE ", kShard));
+      txn.exec0(absl::StrCat("CREATE DATABASE ", kVault));
+    }
+    ASSERT_TRUE(Migrate(*cluster_, kControl, "control").ok());
+    ASSERT_TRUE(Migrate(*cluster_, kShard, "shard").ok());
+    ASSERT_TRUE(Migrate(*cluster_, kVault, "vault").ok());
+  }
+  static void TearDownTestSuite() { delete cluster_; }
+
+  static PgCluster* cluster_;
+};
+
+PgCluster* DatabaseRolesTest::cluster_ = nullptr;
+
+TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
+  const std::set<std::string> control = {
+      "medgate_routing tenants SELECT",       "medgate_routing tenants INSERT",
+      "medgate_routing tenants UPDATE",       "medgate_routing residency_rules SELECT",
+      "medgate_routing residency_rules INSERT", "medgate_routing residency_rules UPDATE",
+      "medgate_routing devices SELECT",       "medgate_routing devices INSERT",
+      "medgate_routing devices UPDATE",       "medgate_routing patients SELECT",
+      "medgate_routing patients INSERT",      "medgate_routing audit_append()",
+      "medgate_sharing tenants SELECT",       "medgate_sharing audit_log SELECT",
+      "medgate_sharing audit_head SELECT",    "medgate_sharing audit_append()",
+  };
+  EXPECT_THAT(RightsIn(*cluster_, kControl), ::testing::ContainerEq(control));
+
+  std::set<std::string> shard = {
+      "medgate_consent consents SELECT",
+      "medgate_consent consents INSERT",
+      "medgate_consent consents UPDATE",
+      "medgate_consent consent_versions SELECT",
+      "medgate_consent consent_versions INSERT",
+      "medgate_consent audit_append()",
+      "medgate_ingest consents SELECT",
+      "medgate_ingest consent_versions SELECT",
+      "medgate_ingest vitals SELECT",
+      "medgate_ingest vitals INSERT",
+      "medgate_ingest device_cursors SELECT",
+      "medgate_ingest device_cursors INSERT",
+      "medgate_ingest device_cursors UPDATE",
+      "medgate_ingest medgate_advance_device_cursors()",
+      "medgate_ingest medgate_ensure_vitals_partitions()",
+      "medgate_ingest audit_append()",
+      "medgate_ingest audit_append_many()",
+      "medgate_sharing consents SELECT",
+      "medgate_sharing consent_versions SELECT",
+      "medgate_sharing share_grants SELECT",
+      "medgate_sharing share_grants INSERT",
+      "medgate_sharing share_grants UPDATE",
+      "medgate_sharing key_destructions SELECT",
+      "medgate_sharing key_destructions INSERT",
+      "medgate_sharing key_destructions DELETE",
+      "medgate_sharing audit_log SELECT",
+      "medgate_sharing audit_head SELECT",
+      "medgate_sharing audit_append()",
+      "medgate_sharing audit_append_many()",
+  };
+  for (const char* table : {"records", "record_chunks", "record_keys"}) {
+    for (const char* right : {"SELECT", "INSERT", "UPDATE", "DELETE"}) {
+      shard.insert(absl::StrCat("medgate_sharing ", table, " ", right));
+    }
+  }
+  // The vitals partitions (made by the migrations and the keeper) are reached through vitals only.
+  EXPECT_THAT(RightsIn(*cluster_, kShard), ::testing::ContainerEq(shard));
+
+  const std::set<std::string> vault = {
+      "medgate_sharing patient_keys SELECT", "medgate_sharing patient_keys INSERT",
+      "medgate_sharing patient_keys UPDATE", "medgate_sharing patient_keys DELETE"};
+  EXPECT_THAT(RightsIn(*cluster_, kVault), ::testing::ContainerEq(vault));
+}
+
+TEST_F(DatabaseRolesTest, NoServiceCanRewriteTheAuditTrail) {
+  const std::vector<std::string> tampering = {
+      "UPDATE audit_log SET actor = 'nobody'",
+      "DELETE FROM audit_log",
+      "TRUNCATE audit_log",
+      "INSERT INTO audit_log SELECT * FROM audit_log LIMIT 1",
+      "UPDATE audit_head SET seq = 0",
+      "ALTER TABLE audit_log DISABLE TRIGGER USER",
+      "DROP TRIGGER audit_log_no_update ON audit_log",
+      "DROP TABLE audit_log CASCADE",
+      "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+      "$$ BEGIN RETURN NULL; END $$",
+  };
+  for (const char* db : {kControl, kShard}) {
+    for (absl::string_view role : pg::kServiceRoles) {
+      for (const std::string& sql : tampering) {
+        EXPECT_EQ(RunAs(*cluster_, db, role, sql), kDenied) << db << ", " << role << ": " << sql;
+      }
+    }
+  }
+  // A service appends through the chaining function, run with its owner's rights; the chain
+  // verifies.
+  audit::Entry entry;
+  entry.actor = "spiffe://medgate.test/tenant/acme/practitioner/p-1";
+  entry.tenant = "acme";
+  entry.action = audit::Action::kRead;
+  entry.object_type = "record";
+  entry.object_id = "fr-1.r1";
+  entry.decision = audit::Decision::kPermit;
+  {
+    pqxx::connection connection(cluster_->ConnectionString(kShard, pg::kSharingRole));
+    pqxx::work txn(connection);
+    absl::StatusOr<int64_t> seq = audit::Append(txn, entry);
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    txn.commit();
+  }
+  // A role its service does not append with cannot call it.
+  EXPECT_EQ(RunAs(*cluster_, kShard, pg::kRoutingRole,
+                  "SELECT audit_append('a', 't', 'read', 'x', 'y', '', 'permit', '', '', '', 0, "
+                  "'', '', ''::bytea, ''::bytea)"),
+            kDenied);
+  pqxx::connection owner(cluster_->ConnectionString(kShard));
+  absl::StatusOr<audit::VerifyResult> verified = audit::VerifyChain(owner);
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_TRUE(verified->ok) << verified->problem;
+  EXPECT_GE(verified->entries_checked, 1);
+}
+
+TEST_F(DatabaseRolesTest, AServiceCannotReachAnotherServicesData) {
+  struct Attempt {
+    const char* db;
+    absl::string_view role;
+    const char* sql;
+  };
+  const Attempt attempts[] = {
+      {kShard, pg::kIngestRole, "SELECT * FROM record_chunks"},
+      {kShard, pg::kIngestRole, "SELECT * FROM record_keys"},
+      {kVault, pg::kIngestRole, "SELECT * FROM patient_keys"},
+      {kShard, pg::kIngestRole, "INSERT INTO consents VALUES ('c', 'p', 't', 'CARE', '')"},
+      {kShard, pg::kIngestRole, "DELETE FROM vitals"},
+      {kShard, pg::kConsentRole, "SELECT * FROM vitals"},
+      {kShard, pg::kConsentRole, "SELECT * FROM records"},
+      {kVault, pg::kConsentRole, "SELECT * FROM patient_keys"},
+      {kShard, pg::kRoutingRole, "SELECT * FROM consents"},
+      {kShard, pg::kRoutingRole, "SELECT * FROM vitals"},
+      {kControl, pg::kConsentRole, "SELECT * FROM patients"},
+      {kControl, pg::kIngestRole, "SELECT * FROM devices"},
+      {kControl, pg::kSharingRole, "UPDATE tenants SET active = false"},
+      {kControl, pg::kSharingRole, "SELECT * FROM devices"},
+      {kShard, pg::kSharingRole, "SELECT * FROM vitals"},
+      {kShard, pg::kSharingRole, "DELETE FROM share_grants"},
+      {kShard, pg::kSharingRole, "ALTER TABLE records ADD COLUMN x int"},
+      {kShard, pg::kSharingRole, "CREATE TABLE scratch (id int)"},
+      {kVault, pg::kSharingRole, "TRUNCATE patient_keys"},
+  };
+  for (const Attempt& a : attempts) {
+    EXPECT_EQ(RunAs(*cluster_, a.db, a.role, a.sql), kDenied) << a.db << ", " << a.role << ": "
+                                                              << a.sql;
+  }
+  // And what the services do is allowed.
+  EXPECT_EQ(RunAs(*cluster_, kShard, pg::kIngestRole, "SELECT count(*) FROM vitals"), "ok");
+  EXPECT_EQ(RunAs(*cluster_, kVault, pg::kSharingRole, "SELECT count(*) FROM patient_keys"), "ok");
+}
+
+TEST_F(DatabaseRolesTest, ThePartitionKeeperMakesTablesIngestCannotAlter) {
+  ASSERT_EQ(RunAs(*cluster_, kShard, pg::kIngestRole,
+                  "SELECT medgate_ensure_vitals_partitions(0, 14)"),
+            "ok");
+  pqxx::connection owner(cluster_->ConnectionString(kShard));
+  pqxx::nontransaction txn(owner);
+  // The partition 14 months ahead is new (the migrations make fewer), and the schema owner's.
+  const pqxx::row newest = txn.exec1(
+      "SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_inherits i "
+      "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'vitals'::regclass "
+      "ORDER BY c.relname DESC LIMIT 1");
+  EXPECT_EQ(std::string(newest[1].c_str()), "medgate");
+  const std::string partition = newest[0].c_str();
+  EXPECT_EQ(RunAs(*cluster_, kShard, pg::kIngestRole, "DROP TABLE " + partition), kDenied);
+  EXPECT_EQ(RunAs(*cluster_, kShard, pg::kIngestRole, "SELECT * FROM " + partition), kDenied);
+}
+
+// The migrations make the roles a server lacks, able to log in once ops give them a password, and
+// refuse one that holds more than a service should.
+TEST(DatabaseRolesMigrationTest, MakesMissingRolesAndRefusesOverprivilegedOnes) {
+  absl::StatusOr<std::unique_ptr<PgCluster>> started = PgCluster::Start("roles-fresh");
+  ASSERT_TRUE(started.ok()) << started.status();
+  PgCluster& cluster = **started;
+  {
+    pqxx::connection admin(cluster.ConnectionString());
+    pqxx::nontransaction txn(admin);
+    for (absl::string_view role : pg::kServiceRoles) {
+      txn.exec0(absl::StrCat("DROP ROLE ", role));
+    }
+  }
+  ASSERT_TRUE(Migrate(cluster, kControl, "control").ok());
+  {
+    pqxx::connection admin(cluster.ConnectionString());
+    pqxx::nontransaction txn(admin);
+    for (absl::string_view role : pg::kServiceRoles) {
+      const pqxx::row made = txn.exec_params1(
+          "SELECT rolcanlogin, rolsuper, rolcreaterole, rolpassword IS NULL FROM pg_authid "
+          "WHERE rolname = $1",
+          std::string(role));
+      EXPECT_TRUE(made[0].as<bool>()) << role;
+      EXPECT_FALSE(made[1].as<bool>()) << role;
+      EXPECT_FALSE(made[2].as<bool>()) << role;
+      EXPECT_TRUE(made[3].as<bool>()) << role << " has a password";
+    }
+    txn.exec0("CREATE DATABASE shard_a");
+    txn.exec0("CREATE DATABASE shard_b");
+    txn.exec0("ALTER ROLE medgate_ingest CREATEROLE");
+  }
+  absl::Status refused = Migrate(cluster, "shard_a", "shard");
+  EXPECT_THAT(std::string(refused.message()),
+              HasSubstr("role medgate_ingest is a superuser or may create roles"));
+  {
+    pqxx::connection admin(cluster.ConnectionString());
+    pqxx::nontransaction txn(admin);
+    txn.exec0("ALTER ROLE medgate_ingest NOCREATEROLE");
+    txn.exec0("GRANT medgate TO medgate_sharing");
+  }
+  refused = Migrate(cluster, "shard_b", "shard");
+  EXPECT_THAT(std::string(refused.message()),
+              HasSubstr("role medgate_sharing has the rights of medgate, which owns the schema"));
+  {
+    pqxx::connection shard(cluster.ConnectionString("shard_b"));
+    pqxx::nontransaction txn(shard);
+    // The refused migration left nothing: the one before it is the last applied.
+    EXPECT_EQ(txn.exec1("SELECT max(version) FROM schema_migrations")[0].as<int>(), 15);
+  }
+}
+
+}  // namespace
+}  // namespace medgate
