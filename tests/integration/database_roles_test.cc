@@ -39,9 +39,10 @@ absl::Status Migrate(PgCluster& cluster, const std::string& db, const std::strin
   return migrate::Apply(connection, *migrations).status();
 }
 
-// "role table PRIVILEGE" for every right a service role holds on a table of `db`, and
-// "role function()" for every function it may execute (trigger functions aside: they cannot be
-// called).
+// "role table PRIVILEGE" for every right a service role holds on a table of `db`, "role
+// table(column) PRIVILEGE" for one it holds on a column only, "role function()" for every function
+// it may execute (trigger functions aside: they cannot be called), and "function() SECURITY
+// DEFINER settings" for every function run with its owner's rights.
 std::set<std::string> RightsIn(PgCluster& cluster, const std::string& db) {
   pqxx::connection connection(cluster.ConnectionString(db));
   pqxx::nontransaction txn(connection);
@@ -56,10 +57,26 @@ std::set<std::string> RightsIn(PgCluster& cluster, const std::string& db) {
     rights.insert(absl::StrCat(row[0].c_str(), " ", row[1].c_str(), " ", row[2].c_str()));
   }
   for (const pqxx::row& row : txn.exec(
+           "SELECT r.rolname, c.relname, a.attname, p.priv FROM pg_class c "
+           "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+           "CROSS JOIN pg_roles r "
+           "CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'REFERENCES']) AS p(priv) "
+           "WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v') "
+           "AND r.rolname LIKE 'medgate\\_%' AND NOT has_table_privilege(r.oid, c.oid, p.priv) "
+           "AND has_column_privilege(r.oid, c.oid, a.attnum, p.priv)")) {
+    rights.insert(absl::StrCat(row[0].c_str(), " ", row[1].c_str(), "(", row[2].c_str(), ") ",
+                               row[3].c_str()));
+  }
+  for (const pqxx::row& row : txn.exec(
            "SELECT r.rolname, f.proname FROM pg_proc f CROSS JOIN pg_roles r "
            "WHERE f.pronamespace = 'public'::regnamespace AND f.prorettype <> 'trigger'::regtype "
            "AND r.rolname LIKE 'medgate\\_%' AND has_function_privilege(r.oid, f.oid, 'EXECUTE')")) {
     rights.insert(absl::StrCat(row[0].c_str(), " ", row[1].c_str(), "()"));
+  }
+  for (const pqxx::row& row : txn.exec(
+           "SELECT proname, array_to_string(proconfig, ' ') FROM pg_proc "
+           "WHERE pronamespace = 'public'::regnamespace AND prosecdef")) {
+    rights.insert(absl::StrCat(row[0].c_str(), "() SECURITY DEFINER ", row[1].c_str()));
   }
   return rights;
 }
@@ -112,8 +129,12 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_routing devices SELECT",       "medgate_routing devices INSERT",
       "medgate_routing devices UPDATE",       "medgate_routing patients SELECT",
       "medgate_routing patients INSERT",      "medgate_routing audit_append()",
-      "medgate_sharing tenants SELECT",       "medgate_sharing audit_log SELECT",
-      "medgate_sharing audit_head SELECT",    "medgate_sharing audit_append()",
+      "medgate_sharing audit_log SELECT",     "medgate_sharing audit_head SELECT",
+      "medgate_sharing audit_append()",
+      // Tenants' territories, not their pseudonym keys.
+      "medgate_sharing tenants(tenant_id) SELECT", "medgate_sharing tenants(territories) SELECT",
+      "medgate_sharing tenants(active) SELECT",
+      "audit_append() SECURITY DEFINER search_path=public, pg_temp",
   };
   EXPECT_THAT(RightsIn(*cluster_, kControl), ::testing::ContainerEq(control));
 
@@ -147,8 +168,14 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_sharing audit_head SELECT",
       "medgate_sharing audit_append()",
       "medgate_sharing audit_append_many()",
+      "medgate_sharing record_chunks SELECT",
+      "medgate_sharing record_chunks INSERT",
+      "medgate_sharing record_chunks DELETE",
+      "audit_append() SECURITY DEFINER search_path=public, pg_temp",
+      "audit_append_many() SECURITY DEFINER search_path=public, pg_temp",
+      "medgate_ensure_vitals_partitions() SECURITY DEFINER search_path=public, pg_temp",
   };
-  for (const char* table : {"records", "record_chunks", "record_keys"}) {
+  for (const char* table : {"records", "record_keys"}) {
     for (const char* right : {"SELECT", "INSERT", "UPDATE", "DELETE"}) {
       shard.insert(absl::StrCat("medgate_sharing ", table, " ", right));
     }
@@ -241,6 +268,14 @@ TEST_F(DatabaseRolesTest, AServiceCannotReachAnotherServicesData) {
     EXPECT_EQ(RunAs(*cluster_, a.db, a.role, a.sql), kDenied) << a.db << ", " << a.role << ": "
                                                               << a.sql;
   }
+  // Residency rules gain versions; none is changed, by routing either.
+  EXPECT_EQ(RunAs(*cluster_, kControl, pg::kRoutingRole,
+                  "INSERT INTO residency_rules (territory, version, region_ids, readable_from, "
+                  "updated_by) VALUES ('FR', 1, '{fr-1}', '{FR}', 'test')"),
+            "ok");
+  EXPECT_THAT(RunAs(*cluster_, kControl, pg::kRoutingRole,
+                    "UPDATE residency_rules SET region_ids = '{de-1}'"),
+              HasSubstr("residency_rules is append-only: UPDATE refused"));
   // And what the services do is allowed.
   EXPECT_EQ(RunAs(*cluster_, kShard, pg::kIngestRole, "SELECT count(*) FROM vitals"), "ok");
   EXPECT_EQ(RunAs(*cluster_, kVault, pg::kSharingRole, "SELECT count(*) FROM patient_keys"), "ok");
@@ -252,15 +287,19 @@ TEST_F(DatabaseRolesTest, ThePartitionKeeperMakesTablesIngestCannotAlter) {
             "ok");
   pqxx::connection owner(cluster_->ConnectionString(kShard));
   pqxx::nontransaction txn(owner);
-  // The partition 14 months ahead is new (the migrations make fewer), and the schema owner's.
-  const pqxx::row newest = txn.exec1(
+  // The partition 14 months ahead (the migrations make fewer) is new, and the schema owner's.
+  const pqxx::row made = txn.exec1(
       "SELECT c.relname, pg_get_userbyid(c.relowner) FROM pg_inherits i "
       "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'vitals'::regclass "
-      "ORDER BY c.relname DESC LIMIT 1");
-  EXPECT_EQ(std::string(newest[1].c_str()), "medgate");
-  const std::string partition = newest[0].c_str();
+      "AND c.relname = to_char(now() + interval '14 months', '\"vitals_\"YYYY_MM')");
+  EXPECT_EQ(std::string(made[1].c_str()), "medgate");
+  const std::string partition = made[0].c_str();
   EXPECT_EQ(RunAs(*cluster_, kShard, pg::kIngestRole, "DROP TABLE " + partition), kDenied);
   EXPECT_EQ(RunAs(*cluster_, kShard, pg::kIngestRole, "SELECT * FROM " + partition), kDenied);
+  // It makes the partitions of two years around now, not any number of tables.
+  EXPECT_THAT(RunAs(*cluster_, kShard, pg::kIngestRole,
+                    "SELECT medgate_ensure_vitals_partitions(0, 100000)"),
+              HasSubstr("months_back and months_ahead must be 0 to 24"));
 }
 
 // The migrations make the roles a server lacks, able to log in once ops give them a password, and
@@ -276,7 +315,8 @@ TEST(DatabaseRolesMigrationTest, MakesMissingRolesAndRefusesOverprivilegedOnes) 
       txn.exec0(absl::StrCat("DROP ROLE ", role));
     }
   }
-  ASSERT_TRUE(Migrate(cluster, kControl, "control").ok());
+  absl::Status control = Migrate(cluster, kControl, "control");
+  ASSERT_TRUE(control.ok()) << control;
   {
     pqxx::connection admin(cluster.ConnectionString());
     pqxx::nontransaction txn(admin);
@@ -290,28 +330,74 @@ TEST(DatabaseRolesMigrationTest, MakesMissingRolesAndRefusesOverprivilegedOnes) 
       EXPECT_FALSE(made[2].as<bool>()) << role;
       EXPECT_TRUE(made[3].as<bool>()) << role << " has a password";
     }
-    txn.exec0("CREATE DATABASE shard_a");
-    txn.exec0("CREATE DATABASE shard_b");
-    txn.exec0("ALTER ROLE medgate_ingest CREATEROLE");
   }
-  absl::Status refused = Migrate(cluster, "shard_a", "shard");
-  EXPECT_THAT(std::string(refused.message()),
-              HasSubstr("role medgate_ingest is a superuser or may create roles"));
+  // Each way a role could do more than its grants, set up, refused by name, then undone.
+  struct Case {
+    std::string grant;
+    std::string message;
+    std::string undo;
+  };
+  const std::vector<Case> cases = {
+      {"ALTER ROLE medgate_ingest CREATEROLE",
+       "role medgate_ingest is a superuser or may create roles", "ALTER ROLE medgate_ingest NOCREATEROLE"},
+      {"GRANT medgate TO medgate_sharing", "role medgate_sharing has the rights of medgate:",
+       "REVOKE medgate FROM medgate_sharing"},
+      {"GRANT pg_write_all_data TO medgate_consent",
+       "role medgate_consent has the rights of pg_write_all_data",
+       "REVOKE pg_write_all_data FROM medgate_consent"},
+      {"GRANT medgate_sharing TO medgate_routing",
+       "role medgate_routing has the rights of medgate_sharing",
+       "REVOKE medgate_sharing FROM medgate_routing"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string db = absl::StrCat("shard_", i);
+    {
+      pqxx::connection admin(cluster.ConnectionString());
+      pqxx::nontransaction txn(admin);
+      txn.exec0("CREATE DATABASE " + db);
+      txn.exec0(cases[i].grant);
+    }
+    absl::Status refused = Migrate(cluster, db, "shard");
+    EXPECT_THAT(std::string(refused.message()), HasSubstr(cases[i].message)) << cases[i].grant;
+    pqxx::connection admin(cluster.ConnectionString());
+    pqxx::nontransaction txn(admin);
+    txn.exec0(cases[i].undo);
+    pqxx::connection shard(cluster.ConnectionString(db));
+    pqxx::nontransaction check(shard);
+    // The refused migration left nothing: the one before it is the last applied.
+    EXPECT_EQ(check.exec1("SELECT max(version) FROM schema_migrations")[0].as<int>(), 15);
+  }
+  // A role owning a table where the migrations run.
   {
     pqxx::connection admin(cluster.ConnectionString());
     pqxx::nontransaction txn(admin);
-    txn.exec0("ALTER ROLE medgate_ingest NOCREATEROLE");
-    txn.exec0("GRANT medgate TO medgate_sharing");
+    txn.exec0("CREATE DATABASE shard_owned");
   }
-  refused = Migrate(cluster, "shard_b", "shard");
-  EXPECT_THAT(std::string(refused.message()),
-              HasSubstr("role medgate_sharing has the rights of medgate, which owns the schema"));
   {
-    pqxx::connection shard(cluster.ConnectionString("shard_b"));
+    pqxx::connection shard(cluster.ConnectionString("shard_owned"));
     pqxx::nontransaction txn(shard);
-    // The refused migration left nothing: the one before it is the last applied.
-    EXPECT_EQ(txn.exec1("SELECT max(version) FROM schema_migrations")[0].as<int>(), 15);
+    txn.exec0("CREATE TABLE planted (id int)");
+    txn.exec0("ALTER TABLE planted OWNER TO medgate_ingest");
   }
+  absl::Status refused = Migrate(cluster, "shard_owned", "shard");
+  EXPECT_THAT(std::string(refused.message()),
+              HasSubstr("role medgate_ingest owns objects in database shard_owned"));
+  // Rights held before the migrations are revoked: the grants are all a role has.
+  {
+    pqxx::connection admin(cluster.ConnectionString());
+    pqxx::nontransaction txn(admin);
+    txn.exec0("CREATE DATABASE shard_granted");
+    // As ops would, once the migrations have made the role.
+    txn.exec0(absl::StrCat("ALTER ROLE medgate_ingest PASSWORD '", cluster.password(), "'"));
+  }
+  {
+    pqxx::connection shard(cluster.ConnectionString("shard_granted"));
+    pqxx::nontransaction txn(shard);
+    txn.exec0("CREATE TABLE spare (id int)");
+    txn.exec0("GRANT ALL ON spare TO medgate_ingest");
+  }
+  ASSERT_TRUE(Migrate(cluster, "shard_granted", "shard").ok());
+  EXPECT_EQ(RunAs(cluster, "shard_granted", pg::kIngestRole, "SELECT * FROM spare"), kDenied);
 }
 
 }  // namespace

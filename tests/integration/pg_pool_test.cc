@@ -129,20 +129,28 @@ TEST_F(PoolTest, ARealDeadlockIsRetriedAndAMissingRightNamesItsSqlState) {
   ASSERT_TRUE(Insert(pool, 2, "two").ok());
   std::atomic<int> first_locks{0};
   std::atomic<int> attempts{0};
-  // Each locks one row, waits until the other holds its own, then wants the other's.
-  auto cross = [&](int mine, int theirs) {
-    return pool.Transact([&, mine, theirs](pqxx::work& txn) {
+  std::atomic<bool> finished[2] = {false, false};
+  // Each locks one row, waits until the other holds its own, then wants the other's. The
+  // deadlock's victim runs again once the other has committed (so that it cannot deadlock again).
+  auto cross = [&](int me, int mine, int theirs) {
+    int my_attempts = 0;
+    absl::Status status = pool.Transact([&, mine, theirs](pqxx::work& txn) {
       ++attempts;
+      if (++my_attempts > 1) {
+        while (!finished[1 - me].load()) std::this_thread::yield();
+      }
       txn.exec_params0("UPDATE items SET label = label || '+' WHERE id = $1", mine);
       ++first_locks;
       while (first_locks.load() < 2) std::this_thread::yield();
       txn.exec_params0("UPDATE items SET label = label || '+' WHERE id = $1", theirs);
       return absl::OkStatus();
     });
+    finished[me] = true;
+    return status;
   };
   absl::Status a;
-  std::thread other([&] { a = cross(1, 2); });
-  absl::Status b = cross(2, 1);
+  std::thread other([&] { a = cross(0, 1, 2); });
+  absl::Status b = cross(1, 2, 1);
   other.join();
   EXPECT_TRUE(a.ok()) << a;
   EXPECT_TRUE(b.ok()) << b;

@@ -146,7 +146,7 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- end -}}
 {{- $key := (splitList "=" $word) | first -}}
 {{- if not (has $key $allowed) -}}
-{{- fail (printf "database.options: '%s' may not be set here (allowed: %s; credentials live in database.passfileSecret, endpoints in control and regions, the CA in database.caSecret)" $key (join ", " $allowed)) -}}
+{{- fail (printf "database.options: '%s' may not be set here (allowed: %s; credentials live in database.passfileSecret and database.servicePassfileSecrets, endpoints in control and regions, the CA in database.caSecret)" $key (join ", " $allowed)) -}}
 {{- end -}}
 {{- if and (eq $key "sslmode") (ne $word "sslmode=verify-full") -}}
 {{- fail (printf "database.options: '%s': sslmode must be verify-full" $word) -}}
