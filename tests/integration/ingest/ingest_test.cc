@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <limits>
 #include <regex>
+#include <set>
 #include <thread>
 
 #include <gmock/gmock.h>
@@ -14,6 +15,7 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "libs/audit/audit_log.h"
 #include "libs/common/proto_duration.h"
@@ -406,6 +408,34 @@ TEST_F(IngestTest, StoresInTheHomeShardOnlyAndResendsAreDuplicates) {
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok()) << verified.status();
   EXPECT_TRUE(verified->ok) << verified->problem;
+}
+
+// Ingest's writers, consent cache and reads reach the shard as its own database role (next to
+// routing's and consent's): once the test's own connections have closed, none of the schema
+// owner's is left.
+TEST_F(IngestTest, IngestConnectsAsItsOwnDatabaseRole) {
+  std::string patient = PatientWithDevice("role-fr", "FR", "dev-role");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto stub = Ingest(Device("acme", "dev-role"));
+  DeviceStream stream(*stub);
+  std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 5));
+  ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+  EXPECT_EQ(ack->stored_count(), 5u);
+  EXPECT_TRUE(stream.Finish().ok());
+  std::set<std::string> users;
+  const bool no_owner = PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    users.clear();
+    for (const pqxx::row& row :
+         q.exec("SELECT DISTINCT usename FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")) {
+      users.insert(row[0].c_str());
+    }
+    return users.count("medgate") == 0;
+  });
+  EXPECT_TRUE(no_owner) << absl::StrJoin(users, ", ");
+  EXPECT_EQ(users.count("medgate_ingest"), 1u) << absl::StrJoin(users, ", ");
 }
 
 // The ingest service makes the coming months' vitals partitions in every region, at start and

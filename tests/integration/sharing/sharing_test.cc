@@ -19,6 +19,7 @@
 #include <memory>
 #include <optional>
 #include <pqxx/pqxx>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <tuple>
@@ -27,6 +28,7 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "libs/common/grpc_status.h"
 #include "libs/crypto/aes_gcm.h"
 #include "libs/crypto/chunk_cipher.h"
@@ -1090,6 +1092,51 @@ TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
   ASSERT_TRUE(resealed.status.ok()) << resealed.status.error_message();
   EXPECT_EQ(resealed.header.file_name(), "legacy name.pdf");
   EXPECT_EQ(resealed.header.content_type(), "text/plain");
+}
+
+// Routing, consent and sharing (and the audit server) reach the databases as their own roles:
+// once the test's own connections have closed, no connection of the schema owner is left, and the
+// key vault is reached by sharing alone.
+TEST_F(SharingTest, EveryServiceConnectsAsItsOwnDatabaseRole) {
+  const std::string patient = Place("roles-1", "FR");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(8, 0, 1000);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
+  // "database user" for every client connection to `server` but the asking one.
+  auto users = [](const std::string& server) {
+    pqxx::connection c(ConnInfo(server));
+    pqxx::nontransaction q(c);
+    std::set<std::string> out;
+    for (const pqxx::row& row :
+         q.exec("SELECT DISTINCT datname || ' ' || usename FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")) {
+      out.insert(row[0].c_str());
+    }
+    return out;
+  };
+  std::set<std::string> control;
+  std::set<std::string> fr;
+  const bool no_owner = PollUntil(absl::Now() + kPatience, [&] {
+    control = users("control");
+    fr = users("fr-1");
+    return control.count("medgate medgate") == 0 && fr.count("medgate medgate") == 0 &&
+           fr.count("medgate_keys medgate") == 0;
+  });
+  EXPECT_TRUE(no_owner) << "control: " << absl::StrJoin(control, ", ")
+                        << "; fr-1: " << absl::StrJoin(fr, ", ");
+  EXPECT_TRUE(control.count("medgate medgate_routing")) << absl::StrJoin(control, ", ");
+  EXPECT_TRUE(control.count("medgate medgate_sharing")) << absl::StrJoin(control, ", ");
+  EXPECT_TRUE(fr.count("medgate medgate_consent")) << absl::StrJoin(fr, ", ");
+  EXPECT_TRUE(fr.count("medgate medgate_sharing")) << absl::StrJoin(fr, ", ");
+  for (const std::string& entry : fr) {
+    if (entry.rfind("medgate_keys ", 0) == 0) {
+      EXPECT_EQ(entry, "medgate_keys medgate_sharing");
+    }
+  }
+  EXPECT_TRUE(fr.count("medgate_keys medgate_sharing")) << absl::StrJoin(fr, ", ");
 }
 
 TEST_F(SharingTest, FrPatientsRecordExistsOnlyInFr1) {
