@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <pqxx/pqxx>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "libs/audit/audit_log.h"
 #include "libs/migrate/migrate.h"
@@ -42,7 +43,8 @@ absl::Status Migrate(PgCluster& cluster, const std::string& db, const std::strin
 // "role table PRIVILEGE" for every right a service role holds on a table of `db`, "role
 // table(column) PRIVILEGE" for one it holds on a column only, "role function()" for every function
 // it may execute (trigger functions aside: they cannot be called), and "function() SECURITY
-// DEFINER settings" for every function run with its owner's rights.
+// DEFINER settings" for every function run with its owner's rights; "role DATABASE PRIVILEGE"
+// for its rights on `db` itself, and "role SCHEMA CREATE" if it may create objects in public.
 std::set<std::string> RightsIn(PgCluster& cluster, const std::string& db) {
   pqxx::connection connection(cluster.ConnectionString(db));
   pqxx::nontransaction txn(connection);
@@ -74,6 +76,18 @@ std::set<std::string> RightsIn(PgCluster& cluster, const std::string& db) {
     rights.insert(absl::StrCat(row[0].c_str(), " ", row[1].c_str(), "()"));
   }
   for (const pqxx::row& row : txn.exec(
+           "SELECT r.rolname, p.priv FROM pg_roles r "
+           "CROSS JOIN unnest(ARRAY['CONNECT', 'TEMPORARY', 'CREATE']) AS p(priv) "
+           "WHERE r.rolname LIKE 'medgate\\_%' "
+           "AND has_database_privilege(r.oid, current_database(), p.priv)")) {
+    rights.insert(absl::StrCat(row[0].c_str(), " DATABASE ", row[1].c_str()));
+  }
+  for (const pqxx::row& row : txn.exec(
+           "SELECT rolname FROM pg_roles WHERE rolname LIKE 'medgate\\_%' "
+           "AND has_schema_privilege(oid, 'public', 'CREATE')")) {
+    rights.insert(absl::StrCat(row[0].c_str(), " SCHEMA CREATE"));
+  }
+  for (const pqxx::row& row : txn.exec(
            "SELECT proname, array_to_string(proconfig, ' ') FROM pg_proc "
            "WHERE pronamespace = 'public'::regnamespace AND prosecdef")) {
     rights.insert(absl::StrCat(row[0].c_str(), "() SECURITY DEFINER ", row[1].c_str()));
@@ -93,6 +107,10 @@ std::string RunAs(PgCluster& cluster, const std::string& db, absl::string_view r
   } catch (const pqxx::insufficient_privilege&) {
     // SQLSTATE 42501, "must be owner" included (libpqxx 6.4 leaves sqlstate() empty for it).
     return kDenied;
+  } catch (const pqxx::broken_connection& e) {
+    // The role may not connect to the database at all.
+    if (absl::StrContains(e.what(), "permission denied for database")) return kDenied;
+    return e.what();
   } catch (const pqxx::sql_error& e) {
     return e.what();
   }
@@ -135,6 +153,7 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_sharing tenants(tenant_id) SELECT", "medgate_sharing tenants(territories) SELECT",
       "medgate_sharing tenants(active) SELECT",
       "audit_append() SECURITY DEFINER search_path=public, pg_temp",
+      "medgate_routing DATABASE CONNECT",     "medgate_sharing DATABASE CONNECT",
   };
   EXPECT_THAT(RightsIn(*cluster_, kControl), ::testing::ContainerEq(control));
 
@@ -180,12 +199,16 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       shard.insert(absl::StrCat("medgate_sharing ", table, " ", right));
     }
   }
+  for (absl::string_view role : pg::kServiceRoles) {
+    shard.insert(absl::StrCat(role, " DATABASE CONNECT"));
+  }
   // The vitals partitions (made by the migrations and the keeper) are reached through vitals only.
   EXPECT_THAT(RightsIn(*cluster_, kShard), ::testing::ContainerEq(shard));
 
   const std::set<std::string> vault = {
       "medgate_sharing patient_keys SELECT", "medgate_sharing patient_keys INSERT",
-      "medgate_sharing patient_keys UPDATE", "medgate_sharing patient_keys DELETE"};
+      "medgate_sharing patient_keys UPDATE", "medgate_sharing patient_keys DELETE",
+      "medgate_sharing DATABASE CONNECT"};
   EXPECT_THAT(RightsIn(*cluster_, kVault), ::testing::ContainerEq(vault));
 }
 
@@ -263,6 +286,13 @@ TEST_F(DatabaseRolesTest, AServiceCannotReachAnotherServicesData) {
       {kShard, pg::kSharingRole, "ALTER TABLE records ADD COLUMN x int"},
       {kShard, pg::kSharingRole, "CREATE TABLE scratch (id int)"},
       {kVault, pg::kSharingRole, "TRUNCATE patient_keys"},
+      {kShard, pg::kSharingRole, "CREATE TEMPORARY TABLE scratch (id int)"},
+      // Not even a connection where the service has nothing to do.
+      {kVault, pg::kIngestRole, "SELECT 1"},
+      {kVault, pg::kConsentRole, "SELECT 1"},
+      {kVault, pg::kRoutingRole, "SELECT 1"},
+      {kControl, pg::kConsentRole, "SELECT 1"},
+      {kControl, pg::kIngestRole, "SELECT 1"},
   };
   for (const Attempt& a : attempts) {
     EXPECT_EQ(RunAs(*cluster_, a.db, a.role, a.sql), kDenied) << a.db << ", " << a.role << ": "
@@ -398,6 +428,28 @@ TEST(DatabaseRolesMigrationTest, MakesMissingRolesAndRefusesOverprivilegedOnes) 
   }
   ASSERT_TRUE(Migrate(cluster, "shard_granted", "shard").ok());
   EXPECT_EQ(RunAs(cluster, "shard_granted", pg::kIngestRole, "SELECT * FROM spare"), kDenied);
+  // Migrations run by a role that does not own the database cannot take PUBLIC's right to
+  // connect away: they stop, saying so.
+  {
+    pqxx::connection admin(cluster.ConnectionString());
+    pqxx::nontransaction txn(admin);
+    txn.exec0("CREATE DATABASE shard_foreign");
+    txn.exec0(absl::StrCat("CREATE ROLE schema_owner LOGIN PASSWORD '", cluster.password(), "'"));
+  }
+  {
+    pqxx::connection shard(cluster.ConnectionString("shard_foreign"));
+    pqxx::nontransaction txn(shard);
+    txn.exec0("GRANT CREATE ON SCHEMA public TO schema_owner");
+  }
+  absl::StatusOr<std::vector<migrate::Migration>> migrations =
+      migrate::LoadMigrations(MigrationsDir("shard"));
+  ASSERT_TRUE(migrations.ok()) << migrations.status();
+  pqxx::connection foreign(cluster.ConnectionString("shard_foreign", "schema_owner"));
+  refused = migrate::Apply(foreign, *migrations).status();
+  EXPECT_THAT(std::string(refused.message()),
+              HasSubstr("the role running the migrations (schema_owner) must own the database"));
+  pqxx::nontransaction check(foreign);
+  EXPECT_EQ(check.exec1("SELECT max(version) FROM schema_migrations")[0].as<int>(), 16);
 }
 
 }  // namespace
