@@ -1,7 +1,7 @@
 -- Only the services that use the control database may connect to it: routing and sharing
 -- (PUBLIC may connect to any database by default), and none may make temporary tables in it.
--- The role running the migrations must own the database, since a REVOKE by anyone else changes
--- nothing: otherwise this migration stops, saying so.
+-- The role running the migrations must own the database (or be a superuser), since a GRANT or
+-- REVOKE by anyone else changes nothing: otherwise this migration stops, saying so.
 DO $$
 DECLARE
   roles text[] := ARRAY['medgate_routing', 'medgate_consent', 'medgate_ingest', 'medgate_sharing'];
@@ -17,8 +17,8 @@ BEGIN
   END LOOP;
   FOREACH r IN ARRAY roles LOOP
     IF has_database_privilege(r, current_database(), 'TEMPORARY')
-       OR (has_database_privilege(r, current_database(), 'CONNECT') AND NOT r = ANY (allowed)) THEN
-      RAISE EXCEPTION 'database %: role % may still connect or make temporary tables (through PUBLIC): the role running the migrations (%) must own the database', current_database(), r, current_user;
+       OR has_database_privilege(r, current_database(), 'CONNECT') <> (r = ANY (allowed)) THEN
+      RAISE EXCEPTION 'database %: role %''s right to connect or make temporary tables could not be set: the role running the migrations (%) must own the database', current_database(), r, current_user;
     END IF;
   END LOOP;
 END $$;

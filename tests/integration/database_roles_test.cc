@@ -27,6 +27,7 @@ constexpr char kControl[] = "medgate";
 constexpr char kShard[] = "shard";
 constexpr char kVault[] = "vault";
 constexpr char kDenied[] = "permission denied";
+constexpr char kNoConnection[] = "may not connect";
 
 std::string MigrationsDir(const std::string& kind) {
   return std::string(MEDGATE_SOURCE_DIR) + "/migrations/" + kind;
@@ -95,7 +96,7 @@ std::set<std::string> RightsIn(PgCluster& cluster, const std::string& db) {
   return rights;
 }
 
-// What `sql` run as `role` in `db` gives: "ok", kDenied, or the error.
+// What `sql` run as `role` in `db` gives: "ok", kDenied, kNoConnection, or the error.
 std::string RunAs(PgCluster& cluster, const std::string& db, absl::string_view role,
                   const std::string& sql) {
   try {
@@ -109,7 +110,7 @@ std::string RunAs(PgCluster& cluster, const std::string& db, absl::string_view r
     return kDenied;
   } catch (const pqxx::broken_connection& e) {
     // The role may not connect to the database at all.
-    if (absl::StrContains(e.what(), "permission denied for database")) return kDenied;
+    if (absl::StrContains(e.what(), "permission denied for database")) return kNoConnection;
     return e.what();
   } catch (const pqxx::sql_error& e) {
     return e.what();
@@ -228,7 +229,11 @@ TEST_F(DatabaseRolesTest, NoServiceCanRewriteTheAuditTrail) {
   for (const char* db : {kControl, kShard}) {
     for (absl::string_view role : pg::kServiceRoles) {
       for (const std::string& sql : tampering) {
-        EXPECT_EQ(RunAs(*cluster_, db, role, sql), kDenied) << db << ", " << role << ": " << sql;
+        // Consent and ingest may not even connect to the control database.
+        const bool connects = std::string(db) == kShard || role == pg::kRoutingRole ||
+                              role == pg::kSharingRole;
+        EXPECT_EQ(RunAs(*cluster_, db, role, sql), connects ? kDenied : kNoConnection)
+            << db << ", " << role << ": " << sql;
       }
     }
   }
@@ -265,20 +270,21 @@ TEST_F(DatabaseRolesTest, AServiceCannotReachAnotherServicesData) {
     const char* db;
     absl::string_view role;
     const char* sql;
+    const char* result = kDenied;
   };
   const Attempt attempts[] = {
       {kShard, pg::kIngestRole, "SELECT * FROM record_chunks"},
       {kShard, pg::kIngestRole, "SELECT * FROM record_keys"},
-      {kVault, pg::kIngestRole, "SELECT * FROM patient_keys"},
+      {kVault, pg::kIngestRole, "SELECT * FROM patient_keys", kNoConnection},
       {kShard, pg::kIngestRole, "INSERT INTO consents VALUES ('c', 'p', 't', 'CARE', '')"},
       {kShard, pg::kIngestRole, "DELETE FROM vitals"},
       {kShard, pg::kConsentRole, "SELECT * FROM vitals"},
       {kShard, pg::kConsentRole, "SELECT * FROM records"},
-      {kVault, pg::kConsentRole, "SELECT * FROM patient_keys"},
+      {kVault, pg::kConsentRole, "SELECT * FROM patient_keys", kNoConnection},
       {kShard, pg::kRoutingRole, "SELECT * FROM consents"},
       {kShard, pg::kRoutingRole, "SELECT * FROM vitals"},
-      {kControl, pg::kConsentRole, "SELECT * FROM patients"},
-      {kControl, pg::kIngestRole, "SELECT * FROM devices"},
+      {kControl, pg::kConsentRole, "SELECT * FROM patients", kNoConnection},
+      {kControl, pg::kIngestRole, "SELECT * FROM devices", kNoConnection},
       {kControl, pg::kSharingRole, "UPDATE tenants SET active = false"},
       {kControl, pg::kSharingRole, "SELECT * FROM devices"},
       {kShard, pg::kSharingRole, "SELECT * FROM vitals"},
@@ -287,16 +293,12 @@ TEST_F(DatabaseRolesTest, AServiceCannotReachAnotherServicesData) {
       {kShard, pg::kSharingRole, "CREATE TABLE scratch (id int)"},
       {kVault, pg::kSharingRole, "TRUNCATE patient_keys"},
       {kShard, pg::kSharingRole, "CREATE TEMPORARY TABLE scratch (id int)"},
-      // Not even a connection where the service has nothing to do.
-      {kVault, pg::kIngestRole, "SELECT 1"},
-      {kVault, pg::kConsentRole, "SELECT 1"},
-      {kVault, pg::kRoutingRole, "SELECT 1"},
-      {kControl, pg::kConsentRole, "SELECT 1"},
-      {kControl, pg::kIngestRole, "SELECT 1"},
+      // No connection where the service has nothing to do.
+      {kVault, pg::kRoutingRole, "SELECT 1", kNoConnection},
   };
   for (const Attempt& a : attempts) {
-    EXPECT_EQ(RunAs(*cluster_, a.db, a.role, a.sql), kDenied) << a.db << ", " << a.role << ": "
-                                                              << a.sql;
+    EXPECT_EQ(RunAs(*cluster_, a.db, a.role, a.sql), a.result) << a.db << ", " << a.role << ": "
+                                                               << a.sql;
   }
   // Residency rules gain versions; none is changed, by routing either.
   EXPECT_EQ(RunAs(*cluster_, kControl, pg::kRoutingRole,
@@ -450,6 +452,26 @@ TEST(DatabaseRolesMigrationTest, MakesMissingRolesAndRefusesOverprivilegedOnes) 
               HasSubstr("the role running the migrations (schema_owner) must own the database"));
   pqxx::nontransaction check(foreign);
   EXPECT_EQ(check.exec1("SELECT max(version) FROM schema_migrations")[0].as<int>(), 16);
+
+  // Nor on a database a DBA has closed to PUBLIC already: its GRANTs change nothing either, and
+  // the services could not connect.
+  {
+    pqxx::connection admin(cluster.ConnectionString());
+    pqxx::nontransaction txn(admin);
+    txn.exec0("CREATE DATABASE shard_closed");
+    txn.exec0("REVOKE CONNECT, TEMPORARY ON DATABASE shard_closed FROM PUBLIC");
+    txn.exec0("GRANT CONNECT ON DATABASE shard_closed TO schema_owner");
+  }
+  {
+    pqxx::connection shard(cluster.ConnectionString("shard_closed"));
+    pqxx::nontransaction txn(shard);
+    txn.exec0("GRANT CREATE ON SCHEMA public TO schema_owner");
+  }
+  pqxx::connection closed(cluster.ConnectionString("shard_closed", "schema_owner"));
+  refused = migrate::Apply(closed, *migrations).status();
+  EXPECT_THAT(std::string(refused.message()),
+              HasSubstr("role medgate_routing's right to connect or make temporary tables could "
+                        "not be set: the role running the migrations (schema_owner) must own"));
 }
 
 }  // namespace
