@@ -16,6 +16,7 @@
 #include "libs/migrate/migrate.h"
 #include "libs/pg/database_roles.h"
 #include "tests/support/pg_cluster.h"
+#include "tests/support/test_stack.h"
 
 namespace medgate {
 namespace {
@@ -34,11 +35,7 @@ std::string MigrationsDir(const std::string& kind) {
 }
 
 absl::Status Migrate(PgCluster& cluster, const std::string& db, const std::string& kind) {
-  absl::StatusOr<std::vector<migrate::Migration>> migrations =
-      migrate::LoadMigrations(MigrationsDir(kind));
-  if (!migrations.ok()) return migrations.status();
-  pqxx::connection connection(cluster.ConnectionString(db));
-  return migrate::Apply(connection, *migrations).status();
+  return test_support::MigrateDatabase(cluster.ConnectionString(db), kind);
 }
 
 // "role table PRIVILEGE" for every right a service role holds on a table of `db`, "role
@@ -334,19 +331,44 @@ TEST_F(DatabaseRolesTest, ThePartitionKeeperMakesTablesIngestCannotAlter) {
               HasSubstr("months_back and months_ahead must be 0 to 24"));
 }
 
+// Runs `statements` in `db` as the schema's owner (the cluster's superuser).
+void ExecAsOwner(PgCluster& cluster, const std::string& db,
+                 const std::vector<std::string>& statements) {
+  pqxx::connection connection(cluster.ConnectionString(db));
+  pqxx::nontransaction txn(connection);
+  for (const std::string& statement : statements) txn.exec0(statement);
+}
+
+// The last migration applied to `db`.
+int LastApplied(PgCluster& cluster, const std::string& db) {
+  pqxx::connection connection(cluster.ConnectionString(db));
+  pqxx::nontransaction txn(connection);
+  return txn.exec1("SELECT max(version) FROM schema_migrations")[0].as<int>();
+}
+
+// The number of the migration of `kind` whose file name ends in `suffix`.
+int VersionOf(const std::string& kind, const std::string& suffix) {
+  absl::StatusOr<std::vector<migrate::Migration>> migrations =
+      migrate::LoadMigrations(MigrationsDir(kind));
+  EXPECT_TRUE(migrations.ok()) << migrations.status();
+  for (const migrate::Migration& m : migrations.value_or(std::vector<migrate::Migration>{})) {
+    if (absl::EndsWith(m.file_name, suffix)) return m.version;
+  }
+  ADD_FAILURE() << "no " << kind << " migration named *" << suffix;
+  return -1;
+}
+
 // The migrations make the roles a server lacks, able to log in once ops give them a password, and
 // refuse one that holds more than a service should.
 TEST(DatabaseRolesMigrationTest, MakesMissingRolesAndRefusesOverprivilegedOnes) {
   absl::StatusOr<std::unique_ptr<PgCluster>> started = PgCluster::Start("roles-fresh");
   ASSERT_TRUE(started.ok()) << started.status();
   PgCluster& cluster = **started;
-  {
-    pqxx::connection admin(cluster.ConnectionString());
-    pqxx::nontransaction txn(admin);
-    for (absl::string_view role : pg::kServiceRoles) {
-      txn.exec0(absl::StrCat("DROP ROLE ", role));
-    }
-  }
+  const int roles_migration = VersionOf("shard", "_service_roles.sql");
+  const int connect_migration = VersionOf("shard", "_database_connect.sql");
+  std::vector<std::string> drop;
+  for (absl::string_view role : pg::kServiceRoles) drop.push_back(absl::StrCat("DROP ROLE ", role));
+  ExecAsOwner(cluster, kControl, drop);
   absl::Status control = Migrate(cluster, kControl, "control");
   ASSERT_TRUE(control.ok()) << control;
   {
@@ -363,7 +385,8 @@ TEST(DatabaseRolesMigrationTest, MakesMissingRolesAndRefusesOverprivilegedOnes) 
       EXPECT_TRUE(made[3].as<bool>()) << role << " has a password";
     }
   }
-  // Each way a role could do more than its grants, set up, refused by name, then undone.
+  // Each way a role could do more than its grants, set up, refused by name, then undone. The
+  // refused migration leaves nothing: the one before it is the last applied.
   struct Case {
     std::string grant;
     std::string message;
@@ -383,95 +406,46 @@ TEST(DatabaseRolesMigrationTest, MakesMissingRolesAndRefusesOverprivilegedOnes) 
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     const std::string db = absl::StrCat("shard_", i);
-    {
-      pqxx::connection admin(cluster.ConnectionString());
-      pqxx::nontransaction txn(admin);
-      txn.exec0("CREATE DATABASE " + db);
-      txn.exec0(cases[i].grant);
-    }
+    ExecAsOwner(cluster, kControl, {"CREATE DATABASE " + db, cases[i].grant});
     absl::Status refused = Migrate(cluster, db, "shard");
     EXPECT_THAT(std::string(refused.message()), HasSubstr(cases[i].message)) << cases[i].grant;
-    pqxx::connection admin(cluster.ConnectionString());
-    pqxx::nontransaction txn(admin);
-    txn.exec0(cases[i].undo);
-    pqxx::connection shard(cluster.ConnectionString(db));
-    pqxx::nontransaction check(shard);
-    // The refused migration left nothing: the one before it is the last applied.
-    EXPECT_EQ(check.exec1("SELECT max(version) FROM schema_migrations")[0].as<int>(), 15);
+    ExecAsOwner(cluster, kControl, {cases[i].undo});
+    EXPECT_EQ(LastApplied(cluster, db), roles_migration - 1) << cases[i].grant;
   }
   // A role owning a table where the migrations run.
-  {
-    pqxx::connection admin(cluster.ConnectionString());
-    pqxx::nontransaction txn(admin);
-    txn.exec0("CREATE DATABASE shard_owned");
-  }
-  {
-    pqxx::connection shard(cluster.ConnectionString("shard_owned"));
-    pqxx::nontransaction txn(shard);
-    txn.exec0("CREATE TABLE planted (id int)");
-    txn.exec0("ALTER TABLE planted OWNER TO medgate_ingest");
-  }
+  ExecAsOwner(cluster, kControl, {"CREATE DATABASE shard_owned"});
+  ExecAsOwner(cluster, "shard_owned",
+              {"CREATE TABLE planted (id int)", "ALTER TABLE planted OWNER TO medgate_ingest"});
   absl::Status refused = Migrate(cluster, "shard_owned", "shard");
   EXPECT_THAT(std::string(refused.message()),
               HasSubstr("role medgate_ingest owns objects in database shard_owned"));
-  // Rights held before the migrations are revoked: the grants are all a role has.
-  {
-    pqxx::connection admin(cluster.ConnectionString());
-    pqxx::nontransaction txn(admin);
-    txn.exec0("CREATE DATABASE shard_granted");
-    // As ops would, once the migrations have made the role.
-    txn.exec0(absl::StrCat("ALTER ROLE medgate_ingest PASSWORD '", cluster.password(), "'"));
-  }
-  {
-    pqxx::connection shard(cluster.ConnectionString("shard_granted"));
-    pqxx::nontransaction txn(shard);
-    txn.exec0("CREATE TABLE spare (id int)");
-    txn.exec0("GRANT ALL ON spare TO medgate_ingest");
-  }
+  // Rights held before the migrations are revoked: the grants are all a role has. (The password
+  // as ops would set it, once the migrations have made the role.)
+  ExecAsOwner(cluster, kControl,
+              {"CREATE DATABASE shard_granted",
+               absl::StrCat("ALTER ROLE medgate_ingest PASSWORD '", cluster.password(), "'")});
+  ExecAsOwner(cluster, "shard_granted",
+              {"CREATE TABLE spare (id int)", "GRANT ALL ON spare TO medgate_ingest"});
   ASSERT_TRUE(Migrate(cluster, "shard_granted", "shard").ok());
   EXPECT_EQ(RunAs(cluster, "shard_granted", pg::kIngestRole, "SELECT * FROM spare"), kDenied);
-  // Migrations run by a role that does not own the database cannot take PUBLIC's right to
-  // connect away: they stop, saying so.
-  {
-    pqxx::connection admin(cluster.ConnectionString());
-    pqxx::nontransaction txn(admin);
-    txn.exec0("CREATE DATABASE shard_foreign");
-    txn.exec0(absl::StrCat("CREATE ROLE schema_owner LOGIN PASSWORD '", cluster.password(), "'"));
-  }
-  {
-    pqxx::connection shard(cluster.ConnectionString("shard_foreign"));
-    pqxx::nontransaction txn(shard);
-    txn.exec0("GRANT CREATE ON SCHEMA public TO schema_owner");
-  }
-  absl::StatusOr<std::vector<migrate::Migration>> migrations =
-      migrate::LoadMigrations(MigrationsDir("shard"));
-  ASSERT_TRUE(migrations.ok()) << migrations.status();
-  pqxx::connection foreign(cluster.ConnectionString("shard_foreign", "schema_owner"));
-  refused = migrate::Apply(foreign, *migrations).status();
-  EXPECT_THAT(std::string(refused.message()),
-              HasSubstr("the role running the migrations (schema_owner) must own the database"));
-  pqxx::nontransaction check(foreign);
-  EXPECT_EQ(check.exec1("SELECT max(version) FROM schema_migrations")[0].as<int>(), 16);
 
-  // Nor on a database a DBA has closed to PUBLIC already: its GRANTs change nothing either, and
-  // the services could not connect.
-  {
-    pqxx::connection admin(cluster.ConnectionString());
-    pqxx::nontransaction txn(admin);
-    txn.exec0("CREATE DATABASE shard_closed");
-    txn.exec0("REVOKE CONNECT, TEMPORARY ON DATABASE shard_closed FROM PUBLIC");
-    txn.exec0("GRANT CONNECT ON DATABASE shard_closed TO schema_owner");
+  // Migrations run by a role that does not own the database can neither take PUBLIC's right to
+  // connect away nor grant the services theirs: they stop, saying so. On an open database, and on
+  // one a DBA has closed to PUBLIC already (where the services could not connect).
+  ExecAsOwner(cluster, kControl,
+              {absl::StrCat("CREATE ROLE schema_owner LOGIN PASSWORD '", cluster.password(), "'"),
+               "CREATE DATABASE shard_foreign", "CREATE DATABASE shard_closed",
+               "REVOKE CONNECT, TEMPORARY ON DATABASE shard_closed FROM PUBLIC",
+               "GRANT CONNECT ON DATABASE shard_closed TO schema_owner"});
+  for (const char* db : {"shard_foreign", "shard_closed"}) {
+    ExecAsOwner(cluster, db, {"GRANT CREATE ON SCHEMA public TO schema_owner"});
+    refused = test_support::MigrateDatabase(cluster.ConnectionString(db, "schema_owner"), "shard");
+    EXPECT_THAT(std::string(refused.message()),
+                HasSubstr("right to connect or make temporary tables could not be set: the role "
+                          "running the migrations (schema_owner) must own the database"))
+        << db;
+    EXPECT_EQ(LastApplied(cluster, db), connect_migration - 1) << db;
   }
-  {
-    pqxx::connection shard(cluster.ConnectionString("shard_closed"));
-    pqxx::nontransaction txn(shard);
-    txn.exec0("GRANT CREATE ON SCHEMA public TO schema_owner");
-  }
-  pqxx::connection closed(cluster.ConnectionString("shard_closed", "schema_owner"));
-  refused = migrate::Apply(closed, *migrations).status();
-  EXPECT_THAT(std::string(refused.message()),
-              HasSubstr("role medgate_routing's right to connect or make temporary tables could "
-                        "not be set: the role running the migrations (schema_owner) must own"));
 }
 
 }  // namespace

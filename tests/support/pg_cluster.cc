@@ -874,6 +874,18 @@ std::string PgCluster::ConnectionString(absl::string_view dbname, absl::string_v
                       " password=", password_, " connect_timeout=5");
 }
 
+std::set<std::string> PgCluster::ClientConnections() const {
+  pqxx::connection connection(ConnectionString());
+  pqxx::nontransaction txn(connection);
+  std::set<std::string> out;
+  for (const pqxx::row& row :
+       txn.exec("SELECT DISTINCT datname || ' ' || usename FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")) {
+    out.insert(row[0].c_str());
+  }
+  return out;
+}
+
 std::string PgCluster::log_path() const { return dir_ + "/postgres.log"; }
 
 std::string PgCluster::data_dir() const { return dir_ + "/data"; }

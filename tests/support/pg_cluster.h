@@ -3,6 +3,7 @@
 #define MEDGATE_TESTS_SUPPORT_PG_CLUSTER_H_
 
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,10 @@ class PgCluster {
   // one of the services' roles (libs/pg/database_roles.h), which have the same password.
   std::string ConnectionString(absl::string_view dbname = "medgate",
                                absl::string_view user = "") const;
+
+  // "database user" for each database and user connected to the server now, but for the
+  // connection that asks.
+  std::set<std::string> ClientConnections() const;
 
   const std::string& name() const { return name_; }
   int port() const { return port_; }

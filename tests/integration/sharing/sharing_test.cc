@@ -1105,23 +1105,11 @@ TEST_F(SharingTest, EveryServiceConnectsAsItsOwnDatabaseRole) {
   spec.content = Generate(8, 0, 1000);
   const std::string record = UploadOk(pki_->practitioner(), spec);
   ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
-  // "database user" for every client connection to `server` but the asking one.
-  auto users = [](const std::string& server) {
-    pqxx::connection c(ConnInfo(server));
-    pqxx::nontransaction q(c);
-    std::set<std::string> out;
-    for (const pqxx::row& row :
-         q.exec("SELECT DISTINCT datname || ' ' || usename FROM pg_stat_activity "
-                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")) {
-      out.insert(row[0].c_str());
-    }
-    return out;
-  };
   std::set<std::string> control;
   std::set<std::string> fr;
   const bool no_owner = PollUntil(absl::Now() + kPatience, [&] {
-    control = users("control");
-    fr = users("fr-1");
+    control = Db("control").ClientConnections();
+    fr = Db("fr-1").ClientConnections();
     return control.count("medgate medgate") == 0 && fr.count("medgate medgate") == 0 &&
            fr.count("medgate_keys medgate") == 0;
   });

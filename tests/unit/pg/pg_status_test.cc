@@ -3,6 +3,8 @@
 
 #include <pqxx/except>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "libs/pg/pg_status.h"
 
 namespace medgate::pg {
@@ -34,6 +36,33 @@ TEST(PgStatusTest, MapsExceptions) {
             absl::StatusCode::kUnavailable);
   EXPECT_EQ(StatusFromException(pqxx::in_doubt_error("?")).code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(StatusFromException(std::runtime_error("x")).code(), absl::StatusCode::kInternal);
+}
+
+// libpqxx 6.4 throws some server errors as their own types without their SQLSTATE: the status
+// names the code the type stands for; a SQLSTATE given with the exception is kept.
+TEST(PgStatusTest, NamesTheSqlStateOfExceptionsThrownWithoutIt) {
+  const struct {
+    absl::Status status;
+    const char* sqlstate;
+  } cases[] = {
+      {StatusFromException(pqxx::insufficient_privilege("ERROR:  permission denied for table t")),
+       "42501"},
+      {StatusFromException(pqxx::undefined_table("ERROR:  relation \"t\" does not exist")), "42P01"},
+      {StatusFromException(pqxx::undefined_column("ERROR:  column c does not exist")), "42703"},
+      {StatusFromException(pqxx::undefined_function("ERROR:  function f() does not exist")),
+       "42883"},
+      {StatusFromException(pqxx::syntax_error("ERROR:  syntax error")), "42601"},
+      {StatusFromException(pqxx::disk_full("ERROR:  could not extend file")), "53100"},
+      {StatusFromException(pqxx::out_of_memory("ERROR:  out of memory")), "53200"},
+      {StatusFromException(pqxx::insufficient_resources("ERROR:  too many locks")), "53000"},
+      {StatusFromException(pqxx::insufficient_privilege("ERROR:  denied", "q", "42501")), "42501"},
+  };
+  for (const auto& c : cases) {
+    EXPECT_TRUE(absl::StartsWith(c.status.message(), absl::StrCat("database error ", c.sqlstate, ": ")))
+        << c.status;
+  }
+  EXPECT_EQ(cases[0].status.code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(cases[5].status.code(), absl::StatusCode::kResourceExhausted);
 }
 
 }  // namespace
