@@ -126,7 +126,12 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
         slot_(std::move(slot)),
         shared_(std::make_shared<StreamShared>()) {
     if (!principal.ok()) {
-      Finish(ToGrpcStatus(principal.status()));
+      // Marked finished first: a cancellation from the client (OnCancel) must not finish the
+      // call a second time, which gRPC treats as a fatal misuse.
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      finished_ = true;
+      fail_ = ToGrpcStatus(principal.status());
+      Finish(*fail_);
       return;
     }
     principal_ = *std::move(principal);

@@ -698,6 +698,41 @@ TEST_F(IngestTest, OnlyAssignedDevicesMayStreamAndOnlyDevicesMayStream) {
   EXPECT_EQ(Count("fr-1", "tenant_id = 'globex'"), 0);
 }
 
+// A stream refused as it opens (a caller that may not stream, a device over its stream bound) and
+// cancelled by its client before the refusal is sent ends once: the service keeps serving.
+TEST_F(IngestTest, RefusedStreamsCancelledAtOnceLeaveTheServiceServing) {
+  std::string patient = PatientWithDevice("refused-cancel-fr", "FR", "dev-refused-cancel");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto extra = StartIngest("ingest: {max_streams_per_device: 1}\n");
+  ASSERT_NE(extra, nullptr);
+  auto device = Ingest(Device("acme", "dev-refused-cancel"), extra->server->port());
+  DeviceStream held(*device);  // the device's one stream: every other one is refused
+  std::optional<v1::IngestAck> first = held.Send(Batch(1, 1, 1));
+  ASSERT_TRUE(first.has_value());
+  ASSERT_EQ(first->stored_count(), 1u);
+  auto app = Ingest(pki().app(), extra->server->port());
+  for (int i = 0; i < 400; ++i) {
+    grpc::ClientContext context;
+    // Some calls are cancelled before the server reads them, some just after it refused them.
+    if (i % 2 == 0) {
+      context.set_deadline(std::chrono::system_clock::now() +
+                           std::chrono::microseconds(200 * (i % 10)));
+    }
+    auto stream = (i % 4 < 2 ? app : device)->StreamVitals(&context);
+    context.TryCancel();
+    ASSERT_FALSE(stream->Finish().ok()) << i;
+  }
+  // The service still serves the device's stream, and a refused one is still told why.
+  std::optional<v1::IngestAck> ack = held.Send(Batch(2, 2, 1));
+  ASSERT_TRUE(ack.has_value()) << held.Finish().error_message();
+  EXPECT_EQ(ack->stored_count(), 1u);
+  DeviceStream refused(*device);
+  EXPECT_FALSE(refused.Send(Batch(3, 3, 1)).has_value());
+  EXPECT_EQ(refused.Finish().error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_TRUE(held.Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-refused-cancel'"), 2);
+}
+
 // One stream of a device stores at a time (DeviceTurns): a device's batches are stored in the
 // order it sent them, so its seq cursor never passes a sample it has not stored.
 TEST_F(IngestTest, ANewStreamOfADeviceTakesOverOnlyOnceTheOlderOnesBatchesAreAnswered) {
