@@ -8,6 +8,7 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -350,9 +351,11 @@ class PgUpload final : public Upload {
     txn_.reset();
   }
 
-  // A multi-chunk upload's transaction may sit idle at most `idle_timeout` between two chunks,
-  // and a little longer so that the adapter, which ends the stream after `idle_timeout`, tells
-  // the client first.
+  // A multi-chunk upload's transaction may sit idle at most `idle_timeout`, and a little longer
+  // so that the adapter, which ends the stream after `idle_timeout`, tells the client first.
+  // While content keeps arriving the writer keeps the transaction from idling out, however long
+  // a storage chunk takes to fill (a client within the minimum rate may take minutes per MiB);
+  // once nothing arrives, the shard ends the session after that bound.
   void Begin(absl::Duration idle_timeout) {
     if (header_.size_bytes > crypto::kMaxChunkBytes) {
       writer_ = std::thread(
@@ -373,6 +376,10 @@ class PgUpload final : public Upload {
                        ", received at least ", received_ + data.size())));
     }
     received_ += data.size();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      arrived_ = true;
+    }
     // Storage chunks are exactly 1 MiB except the last, whatever sizes the client sends; a client
     // sending 1 MiB pieces is stored without copying them first. The chunk is hashed on a spare
     // core, when one is idle, while this thread encrypts it; otherwise after handing it to the
@@ -590,17 +597,33 @@ class PgUpload final : public Upload {
 
   void WriterLoop(absl::Duration idle_timeout) {
     absl::Status status = Open(idle_timeout);
+    // Well inside the shard's bound, so that one missed turn still keeps the session.
+    const absl::Duration keepalive = idle_timeout / 3;
     while (status.ok()) {
-      Sealed chunk;
+      std::optional<Sealed> chunk;
+      bool keep_alive = false;
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [this] { return !queue_.empty() || closing_; });
-        if (queue_.empty() || aborting_) break;
-        chunk = std::move(queue_.front());
-        queue_.pop_front();
+        const bool woken = cv_.wait_for(lock, absl::ToChronoNanoseconds(keepalive), [this] {
+          return !queue_.empty() || closing_;
+        });
+        if (!woken) {
+          // Content arrived since the last statement, but not yet a whole storage chunk.
+          keep_alive = arrived_;
+          arrived_ = false;
+        } else {
+          if (queue_.empty() || aborting_) break;
+          chunk = std::move(queue_.front());
+          queue_.pop_front();
+          arrived_ = false;
+        }
+      }
+      if (!chunk) {
+        if (keep_alive) status = KeepAlive();
+        continue;
       }
       cv_.notify_all();
-      status = Insert(std::move(chunk));
+      status = Insert(*std::move(chunk));
     }
     if (!status.ok()) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -614,6 +637,16 @@ class PgUpload final : public Upload {
       txn_ = std::make_unique<pqxx::work>(lease_->connection());
       txn_->exec_prepared(sql::kSetUploadIdleTimeout,
                           std::to_string(absl::ToInt64Milliseconds(idle_timeout)));
+      return absl::OkStatus();
+    } catch (const std::exception& e) {
+      return pg::StatusFromException(e);
+    }
+  }
+
+  // A statement that does nothing but reset the shard's idle-in-transaction timer.
+  absl::Status KeepAlive() {
+    try {
+      txn_->exec("SELECT 1");
       return absl::OkStatus();
     } catch (const std::exception& e) {
       return pg::StatusFromException(e);
@@ -684,6 +717,7 @@ class PgUpload final : public Upload {
   std::deque<Sealed> queue_;  // at most one chunk
   bool closing_ = false;
   bool aborting_ = false;
+  bool arrived_ = false;  // content received since the writer's last statement
   absl::Status writer_status_;
   std::thread writer_;
 };

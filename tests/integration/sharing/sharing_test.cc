@@ -1668,6 +1668,30 @@ TEST_F(SharingTest, AnUploadIdlePastTheShardsBoundFailsAndTheNextUploadWorks) {
   EXPECT_GT(StoredRows(), before);
 }
 
+// A client that keeps sending, but so slowly that a storage chunk (1 MiB) takes longer to fill
+// than the shard lets the upload's transaction sit idle (the idle timeout and the 10 s grace),
+// is within every bound of the service: its upload is stored.
+TEST_F(SharingTest, AnUploadSlowerThanTheShardsIdleBoundButSendingIsStored) {
+  ExtraSharing extra = StartSharingOn(ConfigWithOneSecondUploadIdleTimeout());
+  ASSERT_NE(extra.server, nullptr);
+  const std::string patient = Place("slow-steady-upload-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(91, 0, kMiB + 1024);  // two storage chunks: the transaction is open
+  spec.chunk_bytes = 16 * 1024;
+  // 66 pieces 0.2 s apart: about 13 s for the first MiB (the shard's bound is 1 + 10 s), never
+  // idle for the service's 1 s, and 80 KiB/s, over its 16 KiB/s minimum.
+  spec.before_chunk = [](uint64_t offset) {
+    if (offset > 0) absl::SleepFor(absl::Milliseconds(200));
+  };
+  v1::UploadRecordResponse response;
+  grpc::Status status = Upload(pki_->practitioner(), spec, &response, extra.server->port());
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  Downloaded got = Download(pki_->practitioner(), response.record_id());
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.content, spec.content);
+}
+
 TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
   const std::string patient = Place("tiny-1", "FR", &Cert("tiny-app"));
   UploadSpec spec;
