@@ -154,7 +154,9 @@ struct Totals {
 
 class Bench {
  public:
-  Bench(test_support::PgCluster& shard, const std::string& dir) : shard_(shard) {
+  // Uploads send `message_bytes` a message (and give the core as many a Write).
+  Bench(test_support::PgCluster& shard, const std::string& dir, size_t message_bytes)
+      : shard_(shard), message_bytes_(message_bytes) {
     raw_ = std::make_unique<pqxx::connection>(shard.ConnectionString());
     pqxx::work setup(*raw_);
     // The same layout and storage as record_chunks, without encryption, keys or audit.
@@ -264,8 +266,8 @@ class Bench {
                         "scan.dcm", data.size(),          sha};
     auto upload = core_->StartUpload(ctx_, header);
     Check(upload.status(), "StartUpload");
-    for (size_t off = 0; off < data.size(); off += kMiB) {
-      Check((*upload)->Write(data.substr(off, kMiB)), "Write");
+    for (size_t off = 0; off < data.size(); off += message_bytes_) {
+      Check((*upload)->Write(data.substr(off, message_bytes_)), "Write");
     }
     auto result = (*upload)->Finish();
     Check(result.status(), "Finish");
@@ -303,8 +305,8 @@ class Bench {
     header->set_size_bytes(data.size());
     header->set_sha256(sha);
     bool open = writer->Write(message);
-    for (size_t off = 0; open && off < data.size(); off += kMiB) {
-      message.mutable_chunk()->set_data(std::string(data.substr(off, kMiB)));
+    for (size_t off = 0; open && off < data.size(); off += message_bytes_) {
+      message.mutable_chunk()->set_data(std::string(data.substr(off, message_bytes_)));
       open = writer->Write(message);
     }
     if (open) writer->WritesDone();
@@ -406,6 +408,7 @@ class Bench {
 
  private:
   test_support::PgCluster& shard_;
+  const size_t message_bytes_;
   std::unique_ptr<pqxx::connection> raw_;
   std::unique_ptr<test_support::TestPki> pki_;
   std::unique_ptr<MedgateConfig> config_;
@@ -454,13 +457,18 @@ int Main(int argc, char** argv) {
   ConfigureProcess();
   int small_rounds = 40;
   int large_rounds = 5;
+  int message_kib = 1024;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i];
     int* target = flag == "--small-rounds"   ? &small_rounds
                   : flag == "--large-rounds" ? &large_rounds
+                  : flag == "--message-kib"  ? &message_kib
                                              : nullptr;
-    if (target == nullptr || !absl::SimpleAtoi(argv[i + 1], target) || *target < 1) {
-      std::fputs("usage: sharing_bench [--small-rounds N] [--large-rounds N]\n", stderr);
+    if (target == nullptr || !absl::SimpleAtoi(argv[i + 1], target) || *target < 1 ||
+        (target == &message_kib && *target > 1024)) {
+      std::fputs(
+          "usage: sharing_bench [--small-rounds N] [--large-rounds N] [--message-kib 1..1024]\n",
+          stderr);
       return 2;
     }
   }
@@ -501,7 +509,7 @@ int Main(int argc, char** argv) {
   CipherSpeeds(&encrypt, &decrypt, &sha);
   std::map<std::string, std::map<std::string, Totals>> results;
   {
-    Bench bench(**shard, dir);
+    Bench bench(**shard, dir, static_cast<size_t>(message_kib) * 1024);
     const std::string large = crypto::RandomBytes(100 * kMiB);
     results["1 MiB"] = bench.Measure(large.substr(0, kMiB), small_rounds);
     results["100 MiB"] = bench.Measure(large, large_rounds);
@@ -509,9 +517,9 @@ int Main(int argc, char** argv) {
   std::filesystem::remove_all(dir);
 
   std::printf(
-      "sharing_bench: one PostgreSQL 15 shard on loopback, on disk (%s), 1 MiB chunks; "
-      "1 MiB records x %d, 100 MiB records x %d per path\n",
-      shard_settings->c_str(), small_rounds, large_rounds);
+      "sharing_bench: one PostgreSQL 15 shard on loopback, on disk (%s), 1 MiB storage chunks, "
+      "uploads sent in %d KiB messages; 1 MiB records x %d, 100 MiB records x %d per path\n",
+      shard_settings->c_str(), message_kib, small_rounds, large_rounds);
   std::printf(
       "OpenSSL AES-256-GCM, 1 MiB chunks: encrypt %.0f MiB/s, decrypt %.0f MiB/s; "
       "SHA-256 %.0f MiB/s\n",
