@@ -1371,7 +1371,8 @@ absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
   const std::string& id = by_id ? grant_id : record_id;
   ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(id, by_id ? "grant" : "record"));
   const absl::Time now = Now();
-  return pool->TransactValue<GrantInfo>([&](pqxx::work& txn) -> absl::StatusOr<GrantInfo> {
+  return ResultOf(pool->TransactValue<Outcome<GrantInfo>>(
+      [&](pqxx::work& txn) -> absl::StatusOr<Outcome<GrantInfo>> {
     std::optional<GrantInfo> found;
     if (by_id) {
       pqxx::result rows = txn.exec_prepared(sql::kSelectGrant, grant_id);
@@ -1392,10 +1393,21 @@ absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
     const GrantInfo grant =
         GrantFromRow(txn.exec_prepared1(sql::kSelectGrantForUpdate, found->grant_id));
     if (ctx.principal.spiffe_id != record->owner && ctx.principal.spiffe_id != grant.granted_by) {
-      return absl::PermissionDeniedError(
-          "only the record's owner or the practitioner who shared may revoke a grant");
+      // Audited: a practitioner of the tenant tried to end another's share.
+      return Deny<GrantInfo>(
+          txn,
+          AuditEntryFor(ctx, audit::Action::kUpdate, "share_grant", grant.grant_id,
+                        record->tenant_id, record->patient_id,
+                        absl::StrCat("NOT_OWNER_OR_SHARER: record=", record->record_id,
+                                     " grantee=", grant.grantee)),
+          absl::PermissionDeniedError(
+              "only the record's owner or the practitioner who shared may revoke a grant"));
     }
-    if (grant.revoked_at) return grant;  // idempotent: the earlier revocation stands
+    Outcome<GrantInfo> out;
+    if (grant.revoked_at) {  // idempotent: the earlier revocation stands
+      out.value = grant;
+      return out;
+    }
     GrantInfo revoked =
         GrantFromRow(txn.exec_prepared1(sql::kRevokeGrant, grant.grant_id, PgTime(now)));
     RETURN_IF_ERROR(
@@ -1417,8 +1429,9 @@ absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
                                                         ", whose grant was revoked)")))
               .status());
     }
-    return revoked;
-  });
+    out.value = std::move(revoked);
+    return out;
+  }));
 }
 
 absl::StatusOr<bool> SharingCore::MayRead(const std::string& region, const RecordInfo& record,
@@ -1600,11 +1613,15 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
     const CallContext& ctx, const std::string& record_id, const std::string& break_glass_reason) {
   RETURN_IF_ERROR(ValidateIdentifier(record_id, "record_id", kMaxIdBytes));
   const bool ops = ctx.principal.kind == PrincipalKind::kOps;
-  if (ops) {
-    if (break_glass_reason.empty()) {
-      return absl::PermissionDeniedError(
-          "ops read records only by break-glass: break_glass_reason is required");
-    }
+  // A break-glass request its caller may not make is refused once the record is read, so that the
+  // refusal is audited with it (unless the record is not the caller's to know of).
+  absl::Status break_glass_refused;
+  std::string break_glass_refusal_reason;
+  if (ops && break_glass_reason.empty()) {
+    break_glass_refused = absl::PermissionDeniedError(
+        "ops read records only by break-glass: break_glass_reason is required");
+    break_glass_refusal_reason = "BREAK_GLASS_WITHOUT_REASON";
+  } else if (ops) {
     if (break_glass_reason.size() < kMinBreakGlassReasonBytes ||
         break_glass_reason.size() > kMaxBreakGlassReasonBytes) {
       return absl::InvalidArgumentError(
@@ -1614,7 +1631,9 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
     RETURN_IF_ERROR(
         ValidateText(break_glass_reason, "break_glass_reason", kMaxBreakGlassReasonBytes));
   } else if (!break_glass_reason.empty()) {
-    return absl::PermissionDeniedError("break-glass reads are for ops identities only");
+    break_glass_refused =
+        absl::PermissionDeniedError("break-glass reads are for ops identities only");
+    break_glass_refusal_reason = "BREAK_GLASS_NOT_OPS";
   }
   ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
   // Taken before the record is read, so a refused download reads and audits nothing; an ops
@@ -1637,10 +1656,17 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
                                                         -> absl::StatusOr<Outcome<Opened>> {
         // The record with what opens its key, in one round trip.
         const pqxx::result rows = txn.exec_prepared(sql::kSelectRecordWithKey, record_id);
+        // The same refusal whether the record exists or not.
+        if (rows.empty() && !break_glass_refused.ok()) return break_glass_refused;
         if (rows.empty()) return RecordNotFound(record_id);
         const RecordInfo record = RecordFromRow(rows[0]);
         audit::Entry entry = AuditEntryFor(ctx, audit::Action::kRead, "record", record_id,
                                       record.tenant_id, record.patient_id, "");
+        if (!break_glass_refused.ok()) {
+          if (!ops && record.tenant_id != ctx.principal.tenant) return break_glass_refused;
+          entry.reason = break_glass_refusal_reason;
+          return Deny<Opened>(txn, entry, break_glass_refused);
+        }
         const std::string bytes = absl::StrCat("bytes=", record.size_bytes);
         std::vector<RecordInfo> one = {record};
         if (ops) {
@@ -1729,11 +1755,15 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
     return absl::InvalidArgumentError("retain_until: at most 100 years ahead");
   }
   ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
-  return pool->TransactValue<RecordInfo>([&](pqxx::work& txn) -> absl::StatusOr<RecordInfo> {
+  return ResultOf(pool->TransactValue<Outcome<RecordInfo>>(
+      [&](pqxx::work& txn) -> absl::StatusOr<Outcome<RecordInfo>> {
     std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForUpdate, record_id);
     if (!record || record->tenant_id != ctx.principal.tenant) return RecordNotFound(record_id);
     if (record->owner != ctx.principal.spiffe_id) {
-      return absl::PermissionDeniedError("only the record's owner may archive it");
+      return Deny<RecordInfo>(txn,
+                              AuditEntryFor(ctx, audit::Action::kUpdate, "record", record_id,
+                                            record->tenant_id, record->patient_id, "NOT_OWNER"),
+                              absl::PermissionDeniedError("only the record's owner may archive it"));
     }
     // A retention end only moves later: an earlier one would let the record be erased before the
     // retention it was archived under.
@@ -1754,8 +1784,10 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
     AttachGrants(txn, one, ctx.principal.spiffe_id, now);
     ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(one[0], rows[0]));
     RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
-    return one[0];
-  });
+    Outcome<RecordInfo> out;
+    out.value = std::move(one[0]);
+    return out;
+  }));
 }
 
 absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
@@ -1768,20 +1800,30 @@ absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
   const absl::Time now = Now();
   std::vector<std::string> retired;
   std::string patient_id;
-  absl::StatusOr<absl::Time> erased =
-      pool->TransactValue<absl::Time>([&](pqxx::work& txn) -> absl::StatusOr<absl::Time> {
+  absl::StatusOr<absl::Time> erased = ResultOf(pool->TransactValue<Outcome<absl::Time>>(
+      [&](pqxx::work& txn) -> absl::StatusOr<Outcome<absl::Time>> {
     retired.clear();
     std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForUpdate, record_id);
     if (!record || record->tenant_id != ctx.principal.tenant) return RecordNotFound(record_id);
+    // Refusals are audited: who tried to erase a patient's record, and why they could not.
+    auto refuse = [&](absl::string_view reason, absl::Status status) {
+      return Deny<absl::Time>(txn,
+                              AuditEntryFor(ctx, audit::Action::kDelete, "record", record_id,
+                                            record->tenant_id, record->patient_id,
+                                            std::string(reason)),
+                              std::move(status));
+    };
     if (ctx.principal.kind != PrincipalKind::kApp && record->owner != ctx.principal.spiffe_id) {
-      return absl::PermissionDeniedError(
-          "only the record's owner or an app of its tenant may erase it");
+      return refuse("NOT_OWNER", absl::PermissionDeniedError(
+                                     "only the record's owner or an app of its tenant may erase it"));
     }
     if (record->state == RecordState::kArchived && *record->retain_until > now) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "record '", record_id, "' is archived until ", Rfc3339(*record->retain_until),
-          " and cannot be erased before its retention end; only the erasure of all of the "
-          "patient's records (ErasePatientRecords, GDPR art. 17) erases it earlier"));
+      return refuse(
+          absl::StrCat("ARCHIVED_UNTIL: ", Rfc3339(*record->retain_until)),
+          absl::FailedPreconditionError(absl::StrCat(
+              "record '", record_id, "' is archived until ", Rfc3339(*record->retain_until),
+              " and cannot be erased before its retention end; only the erasure of all of the "
+              "patient's records (ErasePatientRecords, GDPR art. 17) erases it earlier")));
     }
     // Crypto-shredding: the record key goes, and the patient key it was wrapped under is
     // retired (its other records rewrapped under a new one), to be destroyed in the key vault
@@ -1794,8 +1836,10 @@ absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
                                                 record->tenant_id, record->patient_id,
                                                 absl::StrCat("ERASED: ", reason)))
                         .status());
-    return now;
-  });
+    Outcome<absl::Time> out;
+    out.value = now;
+    return out;
+  }));
   if (!patient_id.empty()) patient_keys_.Forget(patient_id);
   if (erased.ok()) DestroyRetiredKeys(*pool, region, retired);
   // Again once the retired key left the vault: a request that read it before it went may have

@@ -1790,6 +1790,8 @@ TEST_F(SharingTest, SharingNeedsConsentAndGrantsAreRevokedAndExpire) {
   EXPECT_EQ(again->revoked_at().seconds(), revoked->revoked_at().seconds());
   EXPECT_EQ(RevokeById(Cert("acme-p3"), reshared->grant_id()).status().code(),
             absl::StatusCode::kPermissionDenied);  // neither owner nor the one who shared
+  EXPECT_TRUE(HasEntry(PatientAudit(patient), P3(), v1::AUDIT_ACTION_UPDATE, reshared->grant_id(),
+                       "NOT_OWNER_OR_SHARER"));
   EXPECT_EQ(RevokeById(pki_->practitioner(), "fr-1.gnonexistent").status().code(),
             absl::StatusCode::kNotFound);
   EXPECT_THAT(ListedIds(p2, v1::RECORD_SCOPE_SHARED_WITH_ME),
@@ -2684,6 +2686,24 @@ TEST_F(SharingTest, BreakGlassIsOpsOnlyWithAReasonAndFlaggedInTheAudit) {
             grpc::StatusCode::PERMISSION_DENIED);
   EXPECT_EQ(Download(pki_->ops(), "fr-1.missing", reason).status.error_code(),
             grpc::StatusCode::NOT_FOUND);
+  // Refused the same way whether the record exists or not, and not audited in a tenant the
+  // caller does not belong to.
+  EXPECT_EQ(Download(Cert("acme-p2"), "fr-1.missing", reason).status.error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(Download(pki_->globex_practitioner(), record, reason).status.error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  // The refused break-glass attempts on the record are in its patient's audit.
+  auto denial = [&](const std::string& actor, const std::string& why) {
+    int n = 0;
+    for (const v1::AuditEntry& e : PatientAudit(patient)) {
+      n += e.actor() == actor && e.action() == v1::AUDIT_ACTION_READ && e.object_id() == record &&
+           e.decision() == v1::DECISION_DENY && e.reason() == why;
+    }
+    return n;
+  };
+  EXPECT_EQ(denial(Id("/ops/alice"), "BREAK_GLASS_WITHOUT_REASON"), 1);
+  EXPECT_EQ(denial(P2(), "BREAK_GLASS_NOT_OPS"), 1);
+  EXPECT_EQ(denial(Id("/tenant/globex/practitioner/p-1"), "BREAK_GLASS_NOT_OPS"), 0);
   Downloaded d = Download(pki_->ops(), record, reason);
   ASSERT_TRUE(d.status.ok()) << d.status.error_message();
   EXPECT_EQ(d.content, spec.content);
@@ -2772,6 +2792,8 @@ TEST_F(SharingTest, ErasureCryptoShredsTheRecordWhileTheChainVerifies) {
   std::vector<v1::AuditEntry> entries = PatientAudit(patient);
   EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_CREATE, record, "PERMITTED"));
   EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_DELETE, record, "ERASED"));
+  // The refused erasure too.
+  EXPECT_TRUE(HasEntry(entries, P2(), v1::AUDIT_ACTION_DELETE, record, "NOT_OWNER"));
 
   // The purge removes the orphaned ciphertext; the chain still verifies.
   auto swept = sharing_->core().SweepRetention();
@@ -3291,6 +3313,17 @@ TEST_F(SharingTest, ArchivedRecordsResistErasureUntilRetentionEnd) {
   EXPECT_THAT(std::string(refused.status().message()), HasSubstr("retention end"));
   EXPECT_THAT(std::string(refused.status().message()), HasSubstr("ErasePatientRecords"));
   EXPECT_EQ(Erase(pki_->app(), record).status().code(), absl::StatusCode::kFailedPrecondition);
+  // The refusals are audited: the archiving by another practitioner, each early erasure.
+  {
+    const std::vector<v1::AuditEntry> entries = PatientAudit(patient);
+    EXPECT_TRUE(HasEntry(entries, P2(), v1::AUDIT_ACTION_UPDATE, record, "NOT_OWNER"));
+    int early_erasures = 0;
+    for (const v1::AuditEntry& e : entries) {
+      early_erasures += e.action() == v1::AUDIT_ACTION_DELETE && e.object_id() == record &&
+                        e.decision() == v1::DECISION_DENY && e.reason() == "ARCHIVED_UNTIL";
+    }
+    EXPECT_EQ(early_erasures, 2);
+  }
   auto share = Share(pki_->practitioner(), record, P3(), ServerNow() + absl::Hours(1));
   EXPECT_EQ(share.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(share.status().message()), HasSubstr("archived"));
