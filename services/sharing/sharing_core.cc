@@ -564,8 +564,21 @@ class PgUpload final : public Upload {
             "upload again");
       }
     }
-    return core_.OpenPatientKey(home_.region_id, home_.patient_id, rows[0][0].c_str(),
-                                rows[0][1].c_str(), BytesOf(rows[0][2]));
+    const std::string key_id = rows[0][0].c_str();
+    absl::StatusOr<PatientKey> opened = core_.OpenPatientKey(
+        home_.region_id, home_.patient_id, key_id, rows[0][1].c_str(), BytesOf(rows[0][2]));
+    if (opened.status().code() == absl::StatusCode::kAborted) {
+      // The vault does not hold the key the row named. An erasure that has since replaced it is
+      // worth a retry; a key the vault lost is not, while the shard still names it.
+      pqxx::result again = txn.exec_prepared(sql::kSelectPatientKey, home_.patient_id);
+      if (!again.empty() && key_id == again[0][0].c_str()) {
+        return absl::DataLossError(absl::StrCat(
+            "the key vault of region ", home_.region_id, " does not hold patient key '", key_id,
+            "', which the shard names: nothing was stored; no record can be added for this "
+            "patient until ops restore the key or the patient's records are erased"));
+      }
+    }
+    return opened;
   }
 
   // Seals the next storage chunk. The last one waits for Finish(); the others go to the writer,
@@ -922,7 +935,8 @@ absl::Status SharingCore::CheckReadTerritory(const RecordInfo& record,
   return absl::OkStatus();
 }
 
-absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(const RecordInfo& record,
+absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(pqxx::transaction_base& txn,
+                                                     const RecordInfo& record,
                                                      const pqxx::row& row) {
   const pqxx::field wrapped_record_key = row[kRecordColumns];
   const pqxx::field patient_key_id = row[kRecordColumns + 1];
@@ -940,17 +954,13 @@ absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(const RecordInfo& record,
   if (patient_key.status().code() == absl::StatusCode::kAborted) {
     // The vault does not hold the key the row named when it was read. An erasure that has since
     // replaced it is worth a retry; a key the vault lost (restored from an older backup) is not:
-    // if the record still rests on that key, no retry will ever open it.
-    absl::StatusOr<pg::Pool*> pool = shards_.Get(region);
-    if (!pool.ok()) return pool.status();
-    absl::StatusOr<bool> still_named = (*pool)->TransactValue<bool>(
-        [&](pqxx::work& txn) -> absl::StatusOr<bool> {
-          return !txn.exec_prepared(sql::kRecordRestsOnKey, record.record_id,
-                                    patient_key_id.c_str())
-                      .empty();
-        });
-    if (!still_named.ok()) return still_named.status();
-    if (*still_named) {
+    // if the record still rests on that key, no retry will ever open it. Asked in the caller's
+    // transaction (a new statement sees what has committed since): a second connection from the
+    // same pool could wait for one that requests like this one all hold.
+    const bool still_named =
+        !txn.exec_prepared(sql::kRecordRestsOnKey, record.record_id, patient_key_id.c_str())
+             .empty();
+    if (still_named) {
       return absl::DataLossError(absl::StrCat(
           "record '", record.record_id, "': the key vault of region ", region,
           " does not hold patient key '", patient_key_id.c_str(),
@@ -1032,6 +1042,13 @@ absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& reg
       break;
     }
     if (!locked.empty() && std::string(locked[0][0].c_str()) == under[0][0].c_str()) break;
+    // A record whose key rests on no patient key the shard still names was left under a retired
+    // key by an erasure that could not open it (damaged), or its patient key row is gone: it is
+    // unreadable already, and no retry changes that. Its key goes; no patient key is retired.
+    if (txn.exec_prepared(sql::kPatientKeyRowExists, under[0][0].c_str()).empty()) {
+      locked = pqxx::result();
+      break;
+    }
     if (attempt == 2) {
       return absl::AbortedError(
           "the patient's key was replaced by other erasures while this one waited; retry");
@@ -1106,9 +1123,10 @@ void SharingCore::DestroyRetiredKeys(pg::Pool& shard, const std::string& region,
   }
 }
 
-absl::Status SharingCore::OpenMetadata(RecordInfo& record, const pqxx::row& row) {
+absl::Status SharingCore::OpenMetadata(pqxx::transaction_base& txn, RecordInfo& record,
+                                       const pqxx::row& row) {
   if (!record.sealed_content_type && !record.sealed_file_name) return absl::OkStatus();
-  ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(record, row));
+  ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(txn, record, row));
   return OpenSealedMetadata(key, record);
 }
 
@@ -1123,7 +1141,7 @@ absl::StatusOr<SharingCore::SealPage> SharingCore::SealMetadataInClear(pg::Pool&
       // Both fields are sealed again together; one already sealed is opened first.
       absl::StatusOr<SealedMetadata> metadata =
           [&]() -> absl::StatusOr<SealedMetadata> {
-        ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(record, row));
+        ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(txn, record, row));
         RETURN_IF_ERROR(OpenSealedMetadata(key, record));
         return SealMetadata(key, record.record_id, record.content_type, record.file_name);
       }();
@@ -1520,7 +1538,7 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
             records.push_back(RecordFromRow(row));
             // A damaged record is listed as such (to those who may read it, below): it does not
             // take the caller's whole listing down with it. A vault that does not answer does.
-            absl::Status opened = OpenMetadata(records.back(), row);
+            absl::Status opened = OpenMetadata(txn, records.back(), row);
             if (opened.code() == absl::StatusCode::kDataLoss) {
               log::Error("record_damaged", {{"record", records.back().record_id},
                                             {"error", opened.message()}});
@@ -1733,7 +1751,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
           entry.reason = absl::StrCat("PERMITTED: ", bytes, which);
           one[0].grants.push_back(*grant);
         }
-        ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(record, rows[0]));
+        ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(txn, record, rows[0]));
         RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
         // Audited before the first byte leaves, for the full size.
         RETURN_IF_ERROR(audit::Append(txn, entry).status());
@@ -1782,7 +1800,7 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
     const pqxx::result rows = txn.exec_prepared(sql::kSelectRecordWithKey, record_id);
     std::vector<RecordInfo> one = {RecordFromRow(rows.at(0))};
     AttachGrants(txn, one, ctx.principal.spiffe_id, now);
-    ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(one[0], rows[0]));
+    ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(txn, one[0], rows[0]));
     RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
     Outcome<RecordInfo> out;
     out.value = std::move(one[0]);

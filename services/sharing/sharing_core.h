@@ -272,10 +272,12 @@ class SharingCore {
   absl::StatusOr<pg::Pool*> ShardOf(const std::string& object_id, absl::string_view what) const;
   // The data key of `record` from the MEDGATE_RECORD_KEY_COLUMNS that follow its
   // MEDGATE_RECORD_COLUMNS in `row` (its wrapped form and its patient key's id, KEK id and
-  // wrapped form); DATA_LOSS naming the record when they are missing or do not open.
-  absl::StatusOr<crypto::SecretKey> OpenRecordKey(const RecordInfo& record, const pqxx::row& row);
+  // wrapped form); DATA_LOSS naming the record when they are missing or do not open. `txn` is
+  // the transaction `row` was read in: what the shard names now is asked there.
+  absl::StatusOr<crypto::SecretKey> OpenRecordKey(pqxx::transaction_base& txn,
+                                                  const RecordInfo& record, const pqxx::row& row);
   // The record's sealed metadata, opened with OpenRecordKey when there is any.
-  absl::Status OpenMetadata(RecordInfo& record, const pqxx::row& row);
+  absl::Status OpenMetadata(pqxx::transaction_base& txn, RecordInfo& record, const pqxx::row& row);
   // Seals the metadata of one page (at most `batch`) of records written before it was sealed,
   // after record id `after`: how many were selected and sealed, and the last id selected.
   struct SealPage {

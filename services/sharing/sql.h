@@ -57,6 +57,7 @@ inline constexpr char kSelectRecordForShare[] = "select_record_for_share";
 inline constexpr char kSelectRecordForUpdate[] = "select_record_for_update";
 inline constexpr char kSelectRecordWithKey[] = "select_record_with_key";
 inline constexpr char kRecordRestsOnKey[] = "record_rests_on_key";
+inline constexpr char kPatientKeyRowExists[] = "patient_key_row_exists";
 inline constexpr char kSelectPatientKey[] = "select_patient_key";
 inline constexpr char kSetUploadIdleTimeout[] = "set_upload_idle_timeout";
 inline constexpr char kInsertPatientKey[] = "insert_patient_key";
@@ -241,6 +242,9 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "SELECT record_id, wrapped_key FROM record_keys WHERE patient_id = $3 "
          "AND wrapped_by = $1 AND record_id IS NOT NULL AND record_id <> $2 ORDER BY record_id"},
         {kSelectRecordKeyWrapper, "SELECT wrapped_by FROM record_keys WHERE record_id = $1"},
+        // Whether $1 is a patient key the shard still names (not one an erasure retired).
+        {kPatientKeyRowExists,
+         "SELECT 1 FROM record_keys WHERE key_id = $1 AND record_id IS NULL"},
         // Record keys $2 (ids) rewrapped as $3 (hex) under patient key $1, where patient key $4
         // still wraps them.
         {kRewrapRecordKeys,

@@ -3210,6 +3210,14 @@ TEST_F(SharingTest, ADamagedRecordKeyDoesNotBlockTheErasureOfAnother) {
   EXPECT_EQ(Download(pki_->practitioner(), ids[1]).status.error_code(), grpc::StatusCode::DATA_LOSS);
   const ShardBackup now = BackUp(ConnInfo("fr-1"), patient);
   EXPECT_NE(now.record_keys.at(ids[1]).wrapped_by, now.patient_keys.begin()->first);
+  // The damaged record, left under the retired key, is erased in its turn; the others stay.
+  auto damaged_erased = Erase(pki_->practitioner(), ids[1], "damaged beyond repair");
+  ASSERT_TRUE(damaged_erased.ok()) << damaged_erased.status();
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE record_id = $1", ids[1]), 0);
+  ExpectContent(pki_->practitioner(), ids[2], contents[2]);
+  auto chain = Verify("fr-1");
+  ASSERT_TRUE(chain.ok()) << chain.status();
+  EXPECT_TRUE(chain->ok()) << chain->detail();
 }
 
 TEST_F(SharingTest, VaultKeysNoShardUsesAreDeletedAfterTheGracePeriod) {
@@ -3556,7 +3564,23 @@ TEST_F(SharingTest, ARecordWhosePatientKeyTheVaultLostIsDataLossNotARetry) {
   ASSERT_EQ(listed.records_size(), 1);
   EXPECT_EQ(listed.records(0).record_id(), record);
   EXPECT_THAT(listed.records(0).damaged(), HasSubstr("does not hold patient key"));
+  // An upload for the patient is refused as lost, not as worth a retry, and stores nothing.
+  UploadSpec more = spec;
+  more.content = Generate(40, 0, 2000);
+  grpc::Status upload = Upload(pki_->practitioner(), more, nullptr, (*other)->port());
+  EXPECT_EQ(upload.error_code(), grpc::StatusCode::DATA_LOSS) << upload.error_message();
+  EXPECT_THAT(upload.error_message(), HasSubstr("does not hold patient key"));
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 1);
   (*other)->Shutdown();
+  // With one connection to the shard, finding the key lost needs no second one.
+  MedgateConfig one_connection = stack_->config();
+  for (RegionConfig& region : one_connection.regions) region.db.pool_size = 1;
+  auto narrow = SharingServer::Create(one_connection);
+  ASSERT_TRUE(narrow.ok()) << narrow.status();
+  ASSERT_TRUE((*narrow)->Start().ok());
+  d = Download(pki_->practitioner(), record, "", true, (*narrow)->port());
+  EXPECT_EQ(d.status.error_code(), grpc::StatusCode::DATA_LOSS) << d.status.error_message();
+  (*narrow)->Shutdown();
 }
 
 TEST_F(SharingTest, ListRecordsPagesNewestFirstAcrossRegions) {
