@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "libs/common/status_macros.h"
 
 namespace medgate::device {
 namespace {
@@ -62,17 +63,22 @@ absl::StatusOr<std::unique_ptr<BatchBuffer>> BatchBuffer::Open(const std::string
                                                                size_t max_batches,
                                                                uint64_t first_seq) {
   std::unique_ptr<BatchBuffer> buffer(new BatchBuffer(path, max_batches));
-  if (absl::Status s = buffer->Load(); !s.ok()) return s;
-  if (!buffer->damaged_copy_.empty() || !std::filesystem::exists(path)) {
+  ASSIGN_OR_RETURN(const bool found, buffer->Load());
+  if (!buffer->damaged_copy_.empty() || !found) {
     // A damaged file is replaced by what could be read of it (its bytes kept aside); a new
     // device starts its file. Neither can go on without a rewrite. Both start their seqs at
     // first_seq at least: seqs given out before (by a file that was lost, or after the damage)
     // are not known.
     buffer->next_seq_ = std::max(buffer->next_seq_, std::max<uint64_t>(first_seq, 1));
-    if (absl::Status s = buffer->Rewrite(); !s.ok()) return s;
+    RETURN_IF_ERROR(buffer->Rewrite());
     return buffer;
   }
-  if (buffer->Rewrite().ok()) return buffer;
+  if (buffer->Replace(buffer->pending_, buffer->next_seq_, buffer->next_batch_seq_).ok()) {
+    // Compacted: from here on the buffer is on the new file, whether or not the rename can be
+    // made durable.
+    RETURN_IF_ERROR(buffer->SyncDirectory());
+    return buffer;
+  }
   // No room to compact (a full disk): appends go on at the end of the file as it is, past a torn
   // last record if any, so the device keeps what it buffered and can still send it.
   const int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
@@ -90,14 +96,33 @@ BatchBuffer::~BatchBuffer() {
   if (fd_ >= 0) close(fd_);
 }
 
-absl::Status BatchBuffer::Load() {
+absl::StatusOr<bool> BatchBuffer::Load() {
   std::FILE* in = std::fopen(path_.c_str(), "rb");
-  if (in == nullptr) return absl::OkStatus();  // a new device
+  if (in == nullptr) {
+    const int error = errno;
+    if (error == ENOENT) return false;  // a new device
+    // Anything else (no permission, a symlink loop, an I/O error) is a file that may hold
+    // batches never acked: taken for a new device, it would be replaced by an empty buffer.
+    return absl::FailedPreconditionError(absl::StrCat("cannot open buffer file '", path_, "': ",
+                                                      std::strerror(error)));
+  }
+  // A short read is the end of the file, or a torn last record, only when it is not an error: a
+  // read error taken for the end would compact the file to the records before it.
+  auto read_error = [&] {
+    const int error = errno;
+    std::fclose(in);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cannot read buffer file '", path_, "' after ", loaded_bytes_, " bytes: ",
+        std::strerror(error)));
+  };
   // False when the record read is not one this buffer writes: the file is damaged there.
   bool readable = true;
   while (true) {
     unsigned char header[5];
-    if (std::fread(header, 1, 5, in) != 5) break;  // the end, or a torn last record
+    if (std::fread(header, 1, 5, in) != 5) {
+      if (std::ferror(in)) return read_error();
+      break;  // the end, or a torn last record
+    }
     uint32_t length = (uint32_t{header[0]} << 24) | (uint32_t{header[1]} << 16) |
                       (uint32_t{header[2]} << 8) | uint32_t{header[3]};
     if (length > kMaxRecord) {
@@ -105,7 +130,10 @@ absl::Status BatchBuffer::Load() {
       break;
     }
     std::string payload(length, '\0');
-    if (std::fread(payload.data(), 1, length, in) != length) break;  // torn last record
+    if (std::fread(payload.data(), 1, length, in) != length) {
+      if (std::ferror(in)) return read_error();
+      break;  // a torn last record
+    }
     if (header[4] == kBatch) {
       v1::VitalsBatch batch;
       if (!batch.ParseFromString(payload)) {
@@ -141,10 +169,16 @@ absl::Status BatchBuffer::Load() {
                                               damaged_copy_, "': ", error.message()));
     }
   }
-  return absl::OkStatus();
+  return true;
 }
 
 absl::Status BatchBuffer::Rewrite() {
+  RETURN_IF_ERROR(Replace(pending_, next_seq_, next_batch_seq_));
+  return SyncDirectory();
+}
+
+absl::Status BatchBuffer::Replace(const std::deque<v1::VitalsBatch>& pending, uint64_t next_seq,
+                                  uint64_t next_batch_seq) {
   const std::string tmp = path_ + ".tmp";
   const int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
   if (fd < 0) {
@@ -166,8 +200,8 @@ absl::Status BatchBuffer::Rewrite() {
     size += record.size();
     return true;
   };
-  if (!write(kCounters, U64(next_seq_) + U64(next_batch_seq_))) return abandon("write");
-  for (const v1::VitalsBatch& b : pending_) {
+  if (!write(kCounters, U64(next_seq) + U64(next_batch_seq))) return abandon("write");
+  for (const v1::VitalsBatch& b : pending) {
     if (!write(kBatch, b.SerializeAsString())) return abandon("write");
   }
   if (fsync(fd) != 0) return abandon("sync");
@@ -177,6 +211,10 @@ absl::Status BatchBuffer::Rewrite() {
   size_ = size;
   truncate_owed_ = false;
   acked_since_rewrite_ = 0;
+  return absl::OkStatus();
+}
+
+absl::Status BatchBuffer::SyncDirectory() {
   // The rename is durable only with its directory: a power loss could otherwise bring back the
   // old file, without what is appended to the new one from now on.
   std::filesystem::path parent = std::filesystem::path(path_).parent_path();
@@ -229,21 +267,33 @@ absl::StatusOr<uint64_t> BatchBuffer::Seal(v1::VitalsBatch batch) {
 
 absl::Status BatchBuffer::RestartSeqsAbove(uint64_t acked_batch_seq, uint64_t committed,
                                            std::vector<v1::VitalSample> unstored) {
-  Forget(acked_batch_seq);
-  next_seq_ = std::max(next_seq_, committed + 1);
-  for (v1::VitalsBatch& b : pending_) {
-    for (auto& s : *b.mutable_samples()) s.set_seq(next_seq_++);
+  // Built aside and taken only once the file holds it: memory gone ahead of a failed rewrite
+  // would send samples under seqs the file does not have, and after a restart of the device
+  // process the file would send them again under their old ones, to be stored twice.
+  std::deque<v1::VitalsBatch> pending;
+  for (const v1::VitalsBatch& b : pending_) {
+    if (b.batch_seq() != acked_batch_seq) pending.push_back(b);
+  }
+  uint64_t next_seq = std::max(next_seq_, committed + 1);
+  uint64_t next_batch_seq = next_batch_seq_;
+  for (v1::VitalsBatch& b : pending) {
+    for (auto& s : *b.mutable_samples()) s.set_seq(next_seq++);
   }
   if (!unstored.empty()) {
     v1::VitalsBatch again;
-    again.set_batch_seq(next_batch_seq_++);
+    again.set_batch_seq(next_batch_seq++);
     for (v1::VitalSample& s : unstored) {
-      s.set_seq(next_seq_++);
+      s.set_seq(next_seq++);
       *again.add_samples() = std::move(s);
     }
-    pending_.push_back(std::move(again));
+    pending.push_back(std::move(again));
   }
-  return Rewrite();
+  RETURN_IF_ERROR(Replace(pending, next_seq, next_batch_seq));
+  // The file has the new state now, even if its rename cannot be made durable: so has memory.
+  pending_ = std::move(pending);
+  next_seq_ = next_seq;
+  next_batch_seq_ = next_batch_seq;
+  return SyncDirectory();
 }
 
 bool BatchBuffer::Forget(uint64_t batch_seq) {

@@ -23,9 +23,12 @@ class BatchBuffer {
   // Opens (creating if missing) and replays `path`; compacts it to the unacked batches. A file
   // damaged before its end (not a torn last record) is copied aside first (damaged_copy()) and
   // the buffer keeps the batches before the damage. A compaction that fails (a full disk) leaves
-  // the file as it is, and appends go on at its end.
+  // the file as it is, and appends go on at its end; one whose rename cannot be made durable (the
+  // directory cannot be synced) is an error.
   // A new file's first sample seq is `first_seq`; a damaged file's next seq is at least
-  // `first_seq` (the seqs given out after the damage are not known).
+  // `first_seq` (the seqs given out after the damage are not known). Only a missing file is a
+  // new one: a file that cannot be opened or read (FAILED_PRECONDITION, naming it and why) is
+  // left as it is.
   static absl::StatusOr<std::unique_ptr<BatchBuffer>> Open(const std::string& path,
                                                            size_t max_batches,
                                                            uint64_t first_seq = 1);
@@ -45,7 +48,8 @@ class BatchBuffer {
   // stored. The acked batch `acked_batch_seq` leaves the buffer; `unstored` (its samples that were
   // taken for duplicates) is sealed again as a new batch; the pending batches get new seqs above
   // `committed`. All of it in one rewrite of the file: a crash or a failed write leaves the file
-  // as it was, the acked batch still in it to be sent (and taken for duplicates) again.
+  // as it was, the acked batch still in it to be sent (and taken for duplicates) again; a failed
+  // write leaves the buffer in memory as it was too, so it goes on sending what the file holds.
   absl::Status RestartSeqsAbove(uint64_t acked_batch_seq, uint64_t committed,
                                 std::vector<v1::VitalSample> unstored);
 
@@ -57,9 +61,17 @@ class BatchBuffer {
 
  private:
   BatchBuffer(std::string path, size_t max_batches) : path_(std::move(path)), max_batches_(max_batches) {}
-  absl::Status Load();
-  // Writes the counters and the pending batches to a new file and renames it over `path_`.
+  // Replays the file into memory; false when there is none (a new device).
+  absl::StatusOr<bool> Load();
+  // Replace() with the buffer's own counters and pending batches, then SyncDirectory().
   absl::Status Rewrite();
+  // Writes `next_seq`, `next_batch_seq` and `pending` to a new file and renames it over `path_`;
+  // appends go to the new file from then on. An error leaves the buffer on its file as it was.
+  // The counters and batches in memory are the caller's to update.
+  absl::Status Replace(const std::deque<v1::VitalsBatch>& pending, uint64_t next_seq,
+                       uint64_t next_batch_seq);
+  // Makes the last Replace's rename durable.
+  absl::Status SyncDirectory();
   absl::Status Append(uint8_t type, const std::string& payload);
   // Takes batch `batch_seq` out of pending_ (in memory only); false if it was not there.
   bool Forget(uint64_t batch_seq);

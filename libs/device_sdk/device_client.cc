@@ -9,6 +9,7 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/support/channel_arguments.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/common/grpc_status.h"
@@ -28,6 +29,24 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> Dial(const DeviceOptions& options
   channel.keepalive_time = absl::Seconds(60);
   channel.keepalive_timeout = absl::Seconds(20);
   return MakeChannel(options.address, options.tls, options.server_identity, channel);
+}
+
+// True when the end of a stream refuses its batch in flight as such: every resend would be
+// refused the same way. One batch is in flight at a time, so a server's INVALID_ARGUMENT after it
+// was written is about this one. So is gRPC's RESOURCE_EXHAUSTED for a message larger than the
+// server's limits.max_message_bytes (a server configured below kMaxBatchBytes, a batch buffered by
+// an older SDK): its text ("Received message larger than max (N vs. M)") tells it from a
+// RESOURCE_EXHAUSTED that passes (the server's streams per device), whose batch is resent, and
+// says it is about the message sent, whatever Write returned.
+bool RefusesTheBatch(const grpc::Status& ended, bool written) {
+  switch (ended.error_code()) {
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      return written;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return absl::StrContains(ended.error_message(), "message larger than max");
+    default:
+      return false;
+  }
 }
 
 }  // namespace
@@ -266,8 +285,7 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
             absl::StrCat("no ack within ", absl::FormatDuration(options_.ack_timeout)));
       }
       if (ended.ok()) return absl::UnavailableError("stream ended");
-      // One batch is in flight at a time: a server's INVALID_ARGUMENT is about this one.
-      if (written && ended.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+      if (RefusesTheBatch(ended, written)) {
         *answered = true;
         RETURN_IF_ERROR(Reject(batch, FromGrpcStatus(ended)));
       }

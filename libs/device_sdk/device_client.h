@@ -23,7 +23,8 @@
 namespace medgate::device {
 
 // The largest batch Send accepts: the API's bound on samples (proto/medgate/v1/ingest.proto), and
-// the message size a medgate server accepts by default (limits.max_message_bytes).
+// the message size a medgate server accepts by default (limits.max_message_bytes). A larger batch
+// sent to a server configured below it is refused as a whole (OnRejected).
 inline constexpr size_t kMaxSamplesPerBatch = 1000;
 inline constexpr size_t kMaxBatchBytes = 4 << 20;
 
@@ -103,9 +104,11 @@ class DeviceClient {
   void OnAck(std::function<void(const v1::IngestAck&, absl::Duration latency)> callback);
   // Called on the sender thread for a batch the server refused as a whole: it ended the stream
   // with INVALID_ARGUMENT (`why`) while waiting for that batch's ack, e.g. a batch buffered by an
-  // older SDK, or a server with tighter bounds. Every resend would be refused the same way, so the
-  // batch leaves the buffer (counted in batches_rejected) and is never sent again; its samples
-  // are not stored. Other errors that end a stream leave the batch to be resent.
+  // older SDK, or a server with tighter bounds; or gRPC refused the batch with RESOURCE_EXHAUSTED
+  // as larger than the server's max message size. Every resend would be refused the same way, so
+  // the batch leaves the buffer (counted in batches_rejected) and is never sent again; its samples
+  // are not stored. Other errors that end a stream (a RESOURCE_EXHAUSTED quota among them) leave
+  // the batch to be resent.
   void OnRejected(std::function<void(const v1::VitalsBatch&, const absl::Status& why)> callback);
 
  private:

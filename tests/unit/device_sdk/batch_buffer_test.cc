@@ -2,10 +2,16 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <csignal>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
+#include <set>
+#include <utility>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -31,7 +37,48 @@ class BatchBufferTest : public ::testing::Test {
     return b;
   }
 
+  static std::string Bytes(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+
+  // Each pending batch as its batch_seq, then its samples' seqs.
+  static std::vector<std::vector<uint64_t>> Seqs(const std::deque<v1::VitalsBatch>& pending) {
+    std::vector<std::vector<uint64_t>> out;
+    for (const v1::VitalsBatch& b : pending) {
+      out.push_back({b.batch_seq()});
+      for (const v1::VitalSample& s : b.samples()) out.back().push_back(s.seq());
+    }
+    return out;
+  }
+
+  // Expects `status` to be an error that names `path` and the system's reason `error`.
+  static void ExpectNamesPathAndReason(const absl::Status& status, const std::string& path,
+                                       int error) {
+    EXPECT_FALSE(status.ok());
+    EXPECT_NE(status.message().find("'" + path + "'"), absl::string_view::npos) << status;
+    EXPECT_NE(status.message().find(std::strerror(error)), absl::string_view::npos) << status;
+  }
+
   std::string path_;
+};
+
+// Root opens any file whatever its mode: for a file the device's user cannot read, a test run as
+// root opens the buffer as nobody. Restores the effective user when it goes out of scope.
+class UnprivilegedScope {
+ public:
+  UnprivilegedScope() {
+    if (geteuid() == 0) switched_ = seteuid(kNobody) == 0;
+  }
+  ~UnprivilegedScope() {
+    if (switched_) seteuid(0);
+  }
+  // False when the test runs as root and could not give it up.
+  bool ok() const { return geteuid() != 0; }
+
+ private:
+  static constexpr uid_t kNobody = 65534;
+  bool switched_ = false;
 };
 
 TEST_F(BatchBufferTest, AssignsSeqsAndKeepsUnackedBatchesAcrossRestarts) {
@@ -113,6 +160,113 @@ TEST_F(BatchBufferTest, AFailedRestartKeepsTheBatchItWouldReplace) {
   ASSERT_EQ((*reopened)->pending().size(), 1u);
   EXPECT_EQ((*reopened)->pending()[0].batch_seq(), 1u);
   EXPECT_EQ((*reopened)->pending()[0].samples_size(), 3);
+}
+
+// A restart whose rewrite fails leaves memory as it was too, so it matches the file: the buffer
+// goes on sending what a restart of the device process would find. Memory that had moved on would
+// send the acked batch's samples under new seqs, and after a restart the file would send them
+// again under their old ones: stored twice.
+TEST_F(BatchBufferTest, AFailedRestartLeavesMemoryAsTheFileHasIt) {
+  auto buffer = BatchBuffer::Open(path_, 100);
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  // Every sample told apart by its value.
+  v1::VitalsBatch first = Samples(3);
+  v1::VitalsBatch second = Samples(2);
+  for (int i = 0; i < 3; ++i) first.mutable_samples(i)->set_value(i);
+  for (int i = 0; i < 2; ++i) second.mutable_samples(i)->set_value(10 + i);
+  ASSERT_EQ(*(*buffer)->Seal(first), 1u);   // seqs 1-3
+  ASSERT_EQ(*(*buffer)->Seal(second), 2u);  // seqs 4-5
+  const std::vector<std::vector<uint64_t>> before = Seqs((*buffer)->pending());
+  const uint64_t next_seq_before = (*buffer)->next_seq();
+  std::vector<v1::VitalSample> unstored((*buffer)->pending()[0].samples().begin(),
+                                        (*buffer)->pending()[0].samples().end());
+  std::filesystem::create_directory(path_ + ".tmp");  // the rewrite cannot create its file
+  EXPECT_FALSE((*buffer)->RestartSeqsAbove(/*acked_batch_seq=*/1, 100, std::move(unstored)).ok());
+  std::filesystem::remove(path_ + ".tmp");
+  EXPECT_EQ(Seqs((*buffer)->pending()), before);
+  EXPECT_EQ((*buffer)->next_seq(), next_seq_before);
+
+  auto reopened = BatchBuffer::Open(path_, 100);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  EXPECT_EQ(Seqs((*reopened)->pending()), Seqs((*buffer)->pending()));
+  EXPECT_EQ((*reopened)->next_seq(), (*buffer)->next_seq());
+  std::map<double, std::set<uint64_t>> seqs_of_value;
+  for (const auto* pending : {&(*buffer)->pending(), &(*reopened)->pending()}) {
+    for (const v1::VitalsBatch& b : *pending) {
+      for (const v1::VitalSample& s : b.samples()) seqs_of_value[s.value()].insert(s.seq());
+    }
+  }
+  EXPECT_EQ(seqs_of_value.size(), 5u);
+  for (const auto& [value, seqs] : seqs_of_value) {
+    EXPECT_EQ(seqs.size(), 1u) << "the sample of value " << value << " has " << seqs.size()
+                               << " seqs";
+  }
+}
+
+// Only a missing file is a new device's. A path that cannot be opened for another reason (a
+// symlink loop, a path under a regular file) is an error naming it, and nothing is written there.
+TEST_F(BatchBufferTest, APathThatCannotBeOpenedIsAnError) {
+  std::filesystem::create_symlink(path_, path_);
+  ExpectNamesPathAndReason(BatchBuffer::Open(path_, 100).status(), path_, ELOOP);
+  EXPECT_TRUE(std::filesystem::is_symlink(path_));
+  std::filesystem::remove(path_);
+
+  {
+    std::ofstream out(path_, std::ios::binary);
+    out << "a regular file";
+  }
+  const std::string under = path_ + "/buffer";
+  ExpectNamesPathAndReason(BatchBuffer::Open(under, 100).status(), under, ENOTDIR);
+  EXPECT_EQ(Bytes(path_), "a regular file");
+}
+
+// A buffer file that is there but cannot be opened (here: the device's user may not read it) holds
+// batches never acked: Open fails, and the file keeps its bytes instead of being replaced by an
+// empty buffer (its directory would let it be).
+TEST_F(BatchBufferTest, AFileThatCannotBeOpenedIsAnErrorAndKeepsItsBytes) {
+  const std::string dir = path_ + ".dir";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directory(dir);
+  std::filesystem::permissions(dir, std::filesystem::perms::all);
+  const std::string file = dir + "/buffer";
+  {
+    auto buffer = BatchBuffer::Open(file, 100);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_TRUE((*buffer)->Seal(Samples(2)).ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+  }
+  const std::string original = Bytes(file);
+  std::filesystem::permissions(file, std::filesystem::perms::none);
+  absl::Status opened;
+  {
+    UnprivilegedScope nobody;
+    ASSERT_TRUE(nobody.ok()) << "cannot run the test as another user than root";
+    opened = BatchBuffer::Open(file, 100).status();
+  }
+  ExpectNamesPathAndReason(opened, file, EACCES);
+  std::filesystem::permissions(file, std::filesystem::perms::owner_read |
+                                         std::filesystem::perms::owner_write);
+  EXPECT_EQ(Bytes(file), original);
+  auto reopened = BatchBuffer::Open(file, 100);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  EXPECT_EQ((*reopened)->pending().size(), 2u);
+  reopened->reset();
+  std::filesystem::remove_all(dir);
+}
+
+// A file that opens but cannot be read (here: the buffer path is a symlink to a directory, which
+// fopen opens and fread fails on with EISDIR) is an error, not a file that ended early: the buffer
+// would otherwise be compacted to what was read, and renamed over what was not.
+TEST_F(BatchBufferTest, AReadErrorIsAnErrorNotTheEndOfTheFile) {
+  const std::string dir = path_ + ".dir";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directory(dir);
+  std::filesystem::create_symlink(dir, path_);
+  ExpectNamesPathAndReason(BatchBuffer::Open(path_, 100).status(), path_, EISDIR);
+  EXPECT_TRUE(std::filesystem::is_symlink(path_));
+  EXPECT_FALSE(std::filesystem::exists(path_ + ".tmp"));
+  std::filesystem::remove(path_);
+  std::filesystem::remove_all(dir);
 }
 
 // A record in the middle of the file that this buffer did not write (a damaged sector, a stray
@@ -206,6 +360,45 @@ TEST_F(BatchBufferTest, OpensOnTheFileAsItIsWhenItCannotCompactIt) {
   ASSERT_EQ((*reopened)->pending().size(), 2u);
   EXPECT_EQ((*reopened)->pending()[1].batch_seq(), 3u);
   EXPECT_EQ((*reopened)->pending()[1].samples(0).seq(), 3u);
+}
+
+// A compaction at Open whose rename cannot be made durable (here: the directory cannot be opened
+// to be synced) is an error. The buffer is on the compacted file by then: going on as if the
+// compaction had failed would append to that file at the old file's length, past its end.
+TEST_F(BatchBufferTest, ACompactionThatCannotBeMadeDurableIsAnErrorAndLosesNothing) {
+  const std::string dir = path_ + ".dir";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directory(dir);
+  const std::string file = dir + "/buffer";
+  {
+    auto buffer = BatchBuffer::Open(file, 100);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_TRUE((*buffer)->Seal(Samples(2)).ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+    ASSERT_TRUE((*buffer)->Ack(1).ok());  // the compacted file is shorter than this one
+  }
+  std::filesystem::permissions(file, std::filesystem::perms::all);
+  // Files can be made and renamed in it, but it cannot be opened (to be synced).
+  using std::filesystem::perms;
+  std::filesystem::permissions(dir, perms::all & ~(perms::owner_read | perms::group_read |
+                                                   perms::others_read));
+  absl::Status opened;
+  {
+    UnprivilegedScope nobody;
+    ASSERT_TRUE(nobody.ok()) << "cannot run the test as another user than root";
+    auto buffer = BatchBuffer::Open(file, 100);
+    opened = buffer.status();
+    if (buffer.ok()) (*buffer)->Seal(Samples(1)).IgnoreError();
+  }
+  std::filesystem::permissions(dir, perms::all);
+  ExpectNamesPathAndReason(opened, dir, EACCES);
+  auto reopened = BatchBuffer::Open(file, 100);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  EXPECT_TRUE((*reopened)->damaged_copy().empty()) << (*reopened)->damaged_copy();
+  ASSERT_GE((*reopened)->pending().size(), 1u);
+  EXPECT_EQ((*reopened)->pending()[0].batch_seq(), 2u);
+  reopened->reset();
+  std::filesystem::remove_all(dir);
 }
 
 TEST_F(BatchBufferTest, IsBoundedAndToleratesATornTail) {

@@ -3,6 +3,8 @@
 
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <memory>
@@ -86,6 +88,7 @@ class DeviceClientTest : public ::testing::Test {
     grpc::ServerBuilder builder;
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    if (server_max_message_bytes_ > 0) builder.SetMaxReceiveMessageSize(server_max_message_bytes_);
     builder.RegisterService(ingest_.get());
     server_ = builder.BuildAndStart();
     ASSERT_NE(server_, nullptr);
@@ -109,6 +112,7 @@ class DeviceClientTest : public ::testing::Test {
   }
 
   DeviceOptions options_;
+  int server_max_message_bytes_ = 0;  // the fake server's limits.max_message_bytes; 0: gRPC's
   std::unique_ptr<FakeIngest> ingest_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<DeviceClient> client_;
@@ -211,6 +215,63 @@ TEST_F(DeviceClientTest, TheBackoffStartsOverAfterAStreamThatGotAnAck) {
   EXPECT_GE(stats.reconnects, kBatches - 1);
 }
 
+// A server whose limits.max_message_bytes is below a batch's size: gRPC refuses the batch with
+// RESOURCE_EXHAUSTED, and would on every resend. The batch is reported and dropped, like one
+// refused with INVALID_ARGUMENT, and the batches behind it are delivered.
+TEST_F(DeviceClientTest, ABatchOverTheServersMessageSizeIsReportedAndDropped) {
+  server_max_message_bytes_ = 4096;
+  Connect([](int, Stream& io) {
+    v1::VitalsBatch batch;
+    while (io.Read(&batch)) io.Write(Stored(batch));
+    return grpc::Status::OK;
+  });
+  std::mutex mu;
+  std::vector<std::pair<uint64_t, absl::Status>> rejected;
+  client_->OnRejected([&](const v1::VitalsBatch& batch, const absl::Status& why) {
+    std::lock_guard<std::mutex> lock(mu);
+    rejected.emplace_back(batch.batch_seq(), why);
+  });
+  std::vector<v1::VitalSample> large = Samples(1);
+  large[0].set_ucum_unit(std::string(2 * 4096, 'x'));
+  ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  ASSERT_TRUE(client_->Send(std::move(large)).ok());
+  ASSERT_TRUE(client_->Send(Samples(2)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  client_->Stop();
+  DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.batches_acked, 2u);
+  EXPECT_EQ(stats.batches_rejected, 1u);
+  EXPECT_EQ(stats.samples_stored, 3u);
+  std::lock_guard<std::mutex> lock(mu);
+  ASSERT_EQ(rejected.size(), 1u);
+  EXPECT_EQ(rejected[0].first, 2u);
+  EXPECT_EQ(rejected[0].second.code(), absl::StatusCode::kResourceExhausted) << rejected[0].second;
+}
+
+// RESOURCE_EXHAUSTED for anything but the message's size is a quota that passes (here: ingest's
+// streams per device): the batch is resent until acked.
+TEST_F(DeviceClientTest, ABatchIsResentAfterAStreamEndsWithAQuota) {
+  Connect([](int stream, Stream& io) {
+    v1::VitalsBatch batch;
+    if (stream == 1) {
+      io.Read(&batch);
+      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          "this device already has 4 streams open, the most "
+                          "ingest.max_streams_per_device allows");
+    }
+    while (io.Read(&batch)) io.Write(Stored(batch));
+    return grpc::Status::OK;
+  });
+  ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.batches_acked, 1u);
+  EXPECT_EQ(stats.batches_rejected, 0u);
+  EXPECT_GE(ingest_->streams(), 2);
+}
+
 // A connection that died without a word: the server takes the batch and never answers. Once the
 // ack is overdue the stream is given up, and the batch is resent on a new one.
 TEST_F(DeviceClientTest, AnOverdueAckEndsTheStreamAndTheBatchIsResent) {
@@ -268,6 +329,16 @@ TEST_F(DeviceClientTest, ASeqRestartThatCannotBeWrittenKeepsTheBatchInTheFile) {
   ASSERT_EQ((*reopened)->pending().size(), 1u);
   EXPECT_EQ((*reopened)->pending()[0].batch_seq(), 1u);
   EXPECT_EQ((*reopened)->pending()[0].samples_size(), 3);
+}
+
+// A buffer file that cannot be opened (here: a symlink loop) is an error naming it; no exception
+// leaves Open.
+TEST_F(DeviceClientTest, OpenReportsABufferFileThatCannotBeOpened) {
+  std::filesystem::create_symlink(options_.buffer_path, options_.buffer_path);
+  absl::Status status = DeviceClient::Open(options_).status();
+  EXPECT_FALSE(status.ok());
+  EXPECT_NE(status.message().find(options_.buffer_path), absl::string_view::npos) << status;
+  EXPECT_NE(status.message().find(std::strerror(ELOOP)), absl::string_view::npos) << status;
 }
 
 TEST_F(DeviceClientTest, OpenRefusesAnAckTimeoutThatIsNotPositive) {
