@@ -1,12 +1,15 @@
 // Key wrapping under a local key-encryption key.
 #include "libs/crypto/key_encryption_key.h"
 
+#include <fcntl.h>
 #include <openssl/crypto.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <array>
+#include <cerrno>
 #include <cstdlib>
-#include <fstream>
-#include <sstream>
+#include <cstring>
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
@@ -79,20 +82,39 @@ absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> ParseHexKeyEncryptionKey(
 
 absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> LoadKeyEncryptionKeyFile(
     const std::string& path) {
-  std::ifstream in(path);
-  if (!in) {
-    return absl::NotFoundError(absl::StrCat("key-encryption key file '", path, "' cannot be read"));
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::NotFoundError(absl::StrCat("key-encryption key file '", path,
+                                            "' cannot be read: ", std::strerror(errno)));
   }
   struct stat st {};
-  if (stat(path.c_str(), &st) == 0 && (st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
+  if (fstat(fd, &st) == 0 && (st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
     log::Warning("kek_file_permissions",
                  {{"path", path}, {"detail", "readable by group or others; use mode 0600"}});
   }
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  std::string text = buffer.str();
-  absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> kek =
-      ParseHexKeyEncryptionKey(text, absl::StrCat("key-encryption key file '", path, "'"));
+  // Read into one buffer of our own, wiped afterwards (a stream's buffers would be freed with
+  // the key's digits in them). A KEK file is 64 hex digits and a newline; more than the buffer
+  // holds is not one.
+  std::array<char, 1024> text;
+  size_t size = 0;
+  ssize_t n = 0;
+  while (size < text.size() &&
+         ((n = read(fd, text.data() + size, text.size() - size)) > 0 || (n < 0 && errno == EINTR))) {
+    if (n > 0) size += static_cast<size_t>(n);
+  }
+  const int read_errno = errno;
+  close(fd);
+  absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> kek;
+  if (n < 0) {
+    kek = absl::NotFoundError(absl::StrCat("key-encryption key file '", path,
+                                           "' cannot be read: ", std::strerror(read_errno)));
+  } else if (size == text.size()) {
+    kek = absl::InvalidArgumentError(absl::StrCat("key-encryption key file '", path, "': over ",
+                                                  text.size() - 1, " bytes, not a key"));
+  } else {
+    kek = ParseHexKeyEncryptionKey(absl::string_view(text.data(), size),
+                                   absl::StrCat("key-encryption key file '", path, "'"));
+  }
   OPENSSL_cleanse(text.data(), text.size());
   return kek;
 }

@@ -1106,6 +1106,16 @@ absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& reg
   return absl::OkStatus();
 }
 
+void SharingCore::AfterRecordErasure(pg::Pool& shard, const std::string& region,
+                                     const std::string& patient_id,
+                                     const std::vector<std::string>& retired, bool committed) {
+  if (!patient_id.empty()) patient_keys_.Forget(patient_id);
+  if (committed) DestroyRetiredKeys(shard, region, retired);
+  // Again once the retired key left the vault: a request that read it before it went may have
+  // cached it after the first Forget (Put refuses only keys read before a Forget).
+  if (!patient_id.empty()) patient_keys_.Forget(patient_id);
+}
+
 void SharingCore::DestroyRetiredKeys(pg::Pool& shard, const std::string& region,
                                      const std::vector<std::string>& key_ids) {
   if (key_ids.empty()) return;
@@ -1858,11 +1868,7 @@ absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
     out.value = now;
     return out;
   }));
-  if (!patient_id.empty()) patient_keys_.Forget(patient_id);
-  if (erased.ok()) DestroyRetiredKeys(*pool, region, retired);
-  // Again once the retired key left the vault: a request that read it before it went may have
-  // cached it after the first Forget (Put refuses only keys read before a Forget).
-  if (!patient_id.empty()) patient_keys_.Forget(patient_id);
+  AfterRecordErasure(*pool, region, patient_id, retired, erased.ok());
   return erased;
 }
 
@@ -1957,9 +1963,8 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
                                                         Rfc3339(*record->retain_until))))
             .status();
       });
-      if (!patient_id.empty()) patient_keys_.Forget(patient_id);
+      AfterRecordErasure(*pool, region, patient_id, retired, erased.ok());
       if (erased.ok()) {
-        DestroyRetiredKeys(*pool, region, retired);
         ++result.erased_records;
       } else if (first_error.ok()) {
         first_error = erased;

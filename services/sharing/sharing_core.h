@@ -292,6 +292,11 @@ class SharingCore {
   // other record keys under a new patient key.
   absl::Status ShredRecordKey(pqxx::work& txn, const std::string& region, const RecordInfo& record,
                               std::vector<std::string>& retired);
+  // After a record's erasure transaction (`committed` or not): the patient's cached key is
+  // forgotten, the retired keys destroyed (when committed), and the cache forgotten again.
+  void AfterRecordErasure(pg::Pool& shard, const std::string& region,
+                          const std::string& patient_id, const std::vector<std::string>& retired,
+                          bool committed);
   // After the erasure committed: deletes the retired keys from the vault, then their queue rows
   // (what fails stays queued for the sweep).
   void DestroyRetiredKeys(pg::Pool& shard, const std::string& region,

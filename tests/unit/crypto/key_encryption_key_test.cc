@@ -82,6 +82,14 @@ TEST(KeyEncryptionKeyTest, LoadsFromFileAndEnvironment) {
   auto from_file = LoadKeyEncryptionKeyFile(path);
   ASSERT_TRUE(from_file.ok()) << from_file.status();
   EXPECT_EQ((*from_file)->id(), Kek()->id());
+  // A file far longer than a key is refused without echoing it.
+  {
+    std::ofstream out(path, std::ios::app);
+    out << std::string(2000, ' ');
+  }
+  absl::Status too_long = LoadKeyEncryptionKeyFile(path).status();
+  EXPECT_EQ(too_long.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(too_long.message()), ::testing::Not(::testing::HasSubstr(kKekHex)));
   std::filesystem::remove(path);
   EXPECT_EQ(LoadKeyEncryptionKeyFile(path).status().code(), absl::StatusCode::kNotFound);
 
