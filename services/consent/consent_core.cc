@@ -152,8 +152,9 @@ absl::StatusOr<std::pair<absl::Time, std::optional<absl::Time>>> ValidateGrantPe
   const absl::Time start = TruncateToMicros(period.start_at.value_or(now));
   if (!period.end_at) return std::make_pair(start, std::optional<absl::Time>());
   const absl::Time end = TruncateToMicros(*period.end_at);
-  if (end <= now) return absl::InvalidArgumentError("period.end_at: must be in the future");
-  if (end <= start) {
+  // An end already past is refused once the grant is known not to be a retry (Grant): a retry
+  // of one recorded before its end answers what was recorded.
+  if (period.start_at && end <= start) {
     return absl::InvalidArgumentError(
         "period: end_at must be after start_at (the period is empty or inverted)");
   }
@@ -302,6 +303,9 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
           }
           granted.version = recorded.version;
           return granted;
+        }
+        if (period.second && *period.second <= now) {
+          return absl::InvalidArgumentError("period.end_at: must be in the future");
         }
         if (std::optional<VersionInfo> latest = LatestVersion(txn, granted.consent_id)) {
           granted.version = latest->version + 1;

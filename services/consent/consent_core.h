@@ -149,7 +149,8 @@ class ConsentCore {
 // Pure helpers, exposed for tests. Every error is INVALID_ARGUMENT naming the field.
 absl::StatusOr<Purpose> ValidatePurpose(int number, absl::string_view field);
 // The period a grant at `now` records: [start or now, end), microsecond precision; the end, if
-// any, after the start and in the future.
+// any, after a given start. Whether the end is still to come is Grant's to ask, once it knows the
+// grant is not a retry of one recorded earlier.
 absl::StatusOr<std::pair<absl::Time, std::optional<absl::Time>>> ValidateGrantPeriod(
     const Period& period, absl::Time now);
 

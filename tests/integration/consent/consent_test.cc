@@ -493,6 +493,27 @@ TEST_F(ConsentTest, ALateRetryOfAGrantDoesNotUndoARevocation) {
   EXPECT_EQ(regranted->version(), 3);
 }
 
+// A grant's answer lost, and its retry made after the end it gave: the retry answers what was
+// recorded. A new grant with an end already past is refused.
+TEST_F(ConsentTest, ARetryAfterTheGrantsEndAnswersWhatWasRecorded) {
+  const std::string patient = Place("late-retry-2", "FR");
+  auto app = Stub(pki_->app());
+  const absl::Time end = absl::Now() + absl::Seconds(2);
+  auto granted =
+      Grant(*app, GrantArgs(patient).WithEvidence("form-1").WithRequestId("le-1").EndingAt(end));
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  absl::SleepFor(end - absl::Now() + absl::Milliseconds(100));
+  auto retry =
+      Grant(*app, GrantArgs(patient).WithEvidence("form-1").WithRequestId("le-1").EndingAt(end));
+  ASSERT_TRUE(retry.ok()) << retry.status();
+  EXPECT_EQ(retry->consent_id(), granted->consent_id());
+  EXPECT_EQ(retry->version(), granted->version());
+  auto past = Grant(*app, GrantArgs(patient).WithEvidence("form-1").WithRequestId("le-2").EndingAt(end));
+  EXPECT_EQ(past.status().code(), absl::StatusCode::kInvalidArgument) << past.status();
+  EXPECT_NE(past.status().message().find("must be in the future"), absl::string_view::npos)
+      << past.status();
+}
+
 TEST_F(ConsentTest, HistoryKeepsEveryVersion) {
   const std::string patient = Place("history-1", "FR");
   auto app = Stub(pki_->app());
