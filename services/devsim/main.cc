@@ -14,7 +14,9 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "libs/common/config.h"
 #include "libs/common/process.h"
@@ -34,7 +36,9 @@ constexpr char kUsage[] = R"(usage: medgate-devsim --config FILE [--tenant demo]
   dev CA next to the configured CA; on every start it places one patient per device, assigns the
   device and records REMOTE_MONITORING consent (as the tenant's app; all idempotent). Certificates
   and buffers live under --state (default <config dir>/devsim)/<trust domain>/<tenant>. Prints a
-  progress line every second and a summary at the end; exits 1 unless every sample was acked.
+  progress line every second and a summary at the end; exits 1 unless every sample was acked
+  and stored (the simulated samples are all valid: a rejection, e.g. for want of consent, means
+  the stack is not working as it should, and the reasons are printed).
 )";
 
 struct Args {
@@ -144,6 +148,7 @@ int Run(const Args& args) {
   std::mutex latency_mu;
   std::vector<double> latencies_ms;
   std::atomic<uint64_t> retryable{0};
+  std::map<std::string, uint64_t> rejected_by_reason;  // under latency_mu
   std::vector<std::unique_ptr<device::DeviceClient>> devices;
   // Certificates and buffers per tenant and trust domain: a device of another run's tenant is
   // another device.
@@ -187,6 +192,15 @@ int Run(const Args& args) {
       }
       std::lock_guard<std::mutex> lock(latency_mu);
       latencies_ms.push_back(absl::ToDoubleMilliseconds(latency));
+      for (const v1::SampleRejection& r : ack.rejections()) {
+        ++rejected_by_reason[std::string(
+            absl::StripPrefix(v1::RejectReason_Name(r.reason()), "REJECT_REASON_"))];
+      }
+    });
+    (*client)->OnRejected([&](const v1::VitalsBatch& batch, const absl::Status& why) {
+      std::lock_guard<std::mutex> lock(latency_mu);
+      rejected_by_reason[absl::StrCat("batch refused whole (", why.message(), ")")] +=
+          static_cast<uint64_t>(batch.samples_size());
     });
     (*client)->Start();
     devices.push_back(*std::move(client));
@@ -280,7 +294,16 @@ int Run(const Args& args) {
     std::fprintf(stderr, "devsim: %llu samples were not taken by the device SDK: %s\n",
                  static_cast<unsigned long long>(refused), refused_why.c_str());
   }
-  return drained && refused == 0 ? 0 : 1;
+  uint64_t rejected = 0;
+  {
+    std::lock_guard<std::mutex> lock(latency_mu);
+    for (const auto& [reason, n] : rejected_by_reason) {
+      std::fprintf(stderr, "devsim: %llu samples rejected: %s\n",
+                   static_cast<unsigned long long>(n), reason.c_str());
+      rejected += n;
+    }
+  }
+  return drained && refused == 0 && rejected == 0 ? 0 : 1;
 }
 
 }  // namespace
@@ -292,15 +315,18 @@ int main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i];
     std::string value = argv[i + 1];
+    bool parsed = true;
     if (flag == "--config") args.config = value;
     else if (flag == "--tenant") args.tenant = value;
-    else if (flag == "--devices") args.devices = std::stoi(value);
-    else if (flag == "--rate") args.rate = std::stod(value);
-    else if (flag == "--duration") args.duration = std::stoi(value);
-    else if (flag == "--batch") args.batch = std::stoi(value);
+    else if (flag == "--devices") parsed = absl::SimpleAtoi(value, &args.devices);
+    else if (flag == "--rate") parsed = absl::SimpleAtod(value, &args.rate);
+    else if (flag == "--duration") parsed = absl::SimpleAtoi(value, &args.duration);
+    else if (flag == "--batch") parsed = absl::SimpleAtoi(value, &args.batch);
     else if (flag == "--state") args.state = value;
-    else {
-      std::fputs(medgate::devsim::kUsage, stderr);
+    else parsed = false;
+    if (!parsed) {
+      std::fprintf(stderr, "devsim: cannot use %s %s\n%s", flag.c_str(), value.c_str(),
+                   medgate::devsim::kUsage);
       return 2;
     }
   }

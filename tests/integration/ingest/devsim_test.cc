@@ -1,0 +1,104 @@
+// medgate-devsim, run as a process against routing, consent and ingest over mTLS and real
+// PostgreSQL: it enrolls its devices, streams, and says by its exit code whether every sample it
+// produced was stored; a run whose samples are refused (here for a withdrawn consent) fails,
+// naming why.
+#include <memory>
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <grpcpp/grpcpp.h>
+#include <pqxx/pqxx>
+
+#include "absl/strings/str_cat.h"
+#include "libs/identity/credentials.h"
+#include "medgate/v1/consent.grpc.pb.h"
+#include "medgate/v1/routing.grpc.pb.h"
+#include "services/ingest/ingest_server.h"
+#include "tests/support/directory_services.h"
+#include "tests/support/shell.h"
+#include "tests/support/tenants.h"
+#include "tests/support/test_stack.h"
+
+namespace medgate::ingest {
+namespace {
+
+using ::testing::HasSubstr;
+using test_support::TestStack;
+
+// Rows stored for devsim's devices in `region`.
+int64_t StoredSamples(TestStack& stack, const std::string& region) {
+  pqxx::connection c(stack.clusters().region(region).ConnectionString());
+  pqxx::nontransaction n(c);
+  return n.exec1("SELECT count(*) FROM vitals WHERE tenant_id = 'acme' AND device_id LIKE 'sim-%'")[0]
+      .as<int64_t>();
+}
+
+TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
+  auto started = TestStack::Start({"routing", "consent", "ingest"}, "");
+  ASSERT_TRUE(started.ok()) << started.status();
+  TestStack& stack = **started;
+  auto directory = test_support::DirectoryServices::Start(stack);
+  ASSERT_TRUE(directory.ok()) << directory.status();
+  ASSERT_TRUE(test_support::UpsertTenant(stack.pki(), (*directory)->routing().port(), "acme",
+                                         {"FR"}, true)
+                  .ok());
+  auto ingest = IngestServer::Create(stack.config());
+  ASSERT_TRUE(ingest.ok()) << ingest.status();
+  ASSERT_TRUE((*ingest)->Start().ok());
+  stack.SetAddress("ingest", (*ingest)->port());
+  const std::string config = stack.dir() + "/devsim.yaml";
+  ASSERT_TRUE(stack.WriteConfig(config).ok());
+  // The test PKI's directory holds the dev CA and acme's app certificate, as a dev stack's does.
+  const std::string command =
+      absl::StrCat(MEDGATE_DEVSIM_BINARY, " --config ", config,
+                   " --tenant acme --devices 2 --rate 20 --duration 2 --batch 5 --state ",
+                   stack.dir(), "/devsim 2>&1");
+
+  test_support::ShellRun run = test_support::RunShell(command);
+  EXPECT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("rejected=0"));
+  EXPECT_THAT(run.output, HasSubstr("all_acked=yes"));
+  const int64_t stored = StoredSamples(stack, "fr-1");
+  EXPECT_GE(stored, 2 * 20 * 2 - 2 * 5);  // about 20 a second each for 2 s
+  EXPECT_THAT(run.output, HasSubstr(absl::StrCat("stored=", stored)));
+
+  // The first device's patient withdraws REMOTE_MONITORING. The next run's enrolment repeats its
+  // recorded grant (same request id), which does not undo the withdrawal: that device's samples
+  // are refused, and the run fails saying so.
+  auto channel = [&](int port, const std::string& service) {
+    return *MakeChannel(absl::StrCat("127.0.0.1:", port),
+                        TlsConfig{stack.pki().app().cert_path, stack.pki().app().key_path,
+                                  stack.pki().ca_path(), 60},
+                        stack.pki().SpiffeId(absl::StrCat("/service/", service)));
+  };
+  v1::PlacePatientRequest place;
+  place.set_patient_ref("sim-patient-sim-0");
+  place.set_territory("FR");
+  v1::PlacePatientResponse placed;
+  grpc::ClientContext placing;
+  ASSERT_TRUE(v1::TenantRouting::NewStub(channel((*directory)->routing().port(), "routing"))
+                  ->PlacePatient(&placing, place, &placed)
+                  .ok());
+  v1::RevokeConsentRequest revoke;
+  revoke.mutable_key()->set_patient_id(placed.patient_id());
+  revoke.mutable_key()->set_purpose(v1::PURPOSE_REMOTE_MONITORING);
+  revoke.set_reason("the patient withdrew");
+  revoke.set_request_id("devsim-test-withdrawal");
+  v1::RevokeConsentResponse revoked;
+  grpc::ClientContext revoking;
+  grpc::Status withdrawn = v1::Consent::NewStub(channel((*directory)->consent().port(), "consent"))
+                               ->RevokeConsent(&revoking, revoke, &revoked);
+  ASSERT_TRUE(withdrawn.ok()) << withdrawn.error_message();
+
+  run = test_support::RunShell(command);
+  EXPECT_EQ(run.exit_code, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("samples rejected: NO_CONSENT\n"));
+  EXPECT_THAT(run.output, ::testing::Not(HasSubstr("rejected=0 ")));
+  // The other device's samples were stored all the same.
+  EXPECT_GT(StoredSamples(stack, "fr-1"), stored);
+  (*ingest)->Shutdown();
+}
+
+}  // namespace
+}  // namespace medgate::ingest
