@@ -154,6 +154,10 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
 
   std::vector<Value> fetched;
   fetched.reserve(misses.size());
+  // An answer is timed from when it was asked for, not from when it came: routing may have read
+  // it up to an RPC deadline before it arrived, and readers of the cache (the device
+  // reassignment window) count on an answer being used at most a TTL after routing read it.
+  const absl::Time asked_at = clock();
   const absl::Span<const Key> all_misses(misses);
   for (size_t start = 0; start < all_misses.size(); start += max_batch) {
     ASSIGN_OR_RETURN(std::vector<Value> batch, fetch(all_misses.subspan(start, max_batch)));
@@ -162,7 +166,7 @@ absl::StatusOr<std::vector<Value>> ResolveThroughCache(
 
   {
     absl::MutexLock lock(&cache.mu);
-    if (cache.epoch == epoch_at_lookup) CacheAnswers(cache, misses, fetched, ttl, clock());
+    if (cache.epoch == epoch_at_lookup) CacheAnswers(cache, misses, fetched, ttl, asked_at);
   }
   for (const auto& [position, miss] : miss_of) answers[position] = fetched[miss];
   return answers;
@@ -194,9 +198,10 @@ absl::Status RefreshDue(GuardedCache<Key, Value>& cache, const TtlPolicy& ttl,
       absl::MutexLock lock(&cache.mu);
       epoch = cache.epoch;
     }
+    const absl::Time asked_at = clock();  // as in Lookup
     ASSIGN_OR_RETURN(std::vector<Value> fetched, fetch(absl::Span<const Key>(batch)));
     absl::MutexLock lock(&cache.mu);
-    if (cache.epoch == epoch) CacheAnswers(cache, batch, fetched, ttl, clock());
+    if (cache.epoch == epoch) CacheAnswers(cache, batch, fetched, ttl, asked_at);
   }
   return absl::OkStatus();
 }

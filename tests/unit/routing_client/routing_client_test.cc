@@ -578,6 +578,22 @@ TEST_F(RoutingClientTest, CachedDevicesAnswersFromTheCacheOrNotAtAllAndNeverAsks
   EXPECT_EQ(fake_.device_rpcs(), 1u);
 }
 
+// An answer that took long to come is used at most a TTL after it was asked for: routing may
+// have read it any time after the request left.
+TEST_F(RoutingClientTest, AnAnswerExpiresATtlAfterItWasAskedForNotAfterItCame) {
+  options_.device_ttl = absl::Seconds(5);
+  fake_.AfterAnswer([this] { clock_.Advance(absl::Milliseconds(1500)); });
+  Devices({{"t1", "d1"}});
+  fake_.AfterAnswer(nullptr);
+  // 1.5 s passed during the RPC: 3.5 s of the TTL are left.
+  clock_.Advance(absl::Milliseconds(3400));
+  std::optional<std::vector<DeviceLocation>> cached = client().CachedDevices({{"t1", "d1"}});
+  ASSERT_TRUE(cached.has_value());
+  clock_.Advance(absl::Milliseconds(100));
+  EXPECT_FALSE(client().CachedDevices({{"t1", "d1"}}).has_value());
+  EXPECT_EQ(fake_.device_rpcs(), 1u);
+}
+
 TEST_F(RoutingClientTest, DeduplicatesDevicesPerTenant) {
   EXPECT_THAT(Devices({{"t1", "d1"}, {"t2", "d1"}, {"t1", "d1"}}),
               ElementsAre("t1/d1 p1@fr-1", "t2/d1 p3@eu-1", "t1/d1 p1@fr-1"));
