@@ -741,13 +741,16 @@ class PgUpload final : public Upload {
 // chunk from the database overlaps with authenticating and sending this one.
 class PgDownload final : public Download {
  public:
+  // `grant_id` is the grant a grantee reads under (empty for the owner and break-glass): its
+  // revocation or expiry stops the download at the next chunk read.
   PgDownload(SharingCore& core, pg::Pool& pool, RecordInfo record, SecretKey key,
-             std::unique_ptr<TransferSlot> slot)
+             std::string grant_id, std::unique_ptr<TransferSlot> slot)
       : slot_(std::move(slot)),
         core_(core),
         pool_(pool),
         record_(std::move(record)),
-        key_(std::move(key)) {}
+        key_(std::move(key)),
+        grant_id_(std::move(grant_id)) {}
 
   ~PgDownload() override {
     {
@@ -807,11 +810,17 @@ class PgDownload final : public Download {
     ASSIGN_OR_RETURN(pg::Lease lease, pool_.Acquire());
     try {
       pqxx::nontransaction q(lease.connection());
-      pqxx::result rows =
-          q.exec_prepared(sql::kSelectChunk, record_.record_id, static_cast<int64_t>(index));
+      pqxx::result rows = q.exec_prepared(sql::kSelectChunk, record_.record_id,
+                                          static_cast<int64_t>(index), grant_id_,
+                                          PgTime(core_.Now()));
       if (rows.empty()) {
         return absl::AbortedError(
             absl::StrCat("record '", record_.record_id, "' was erased during the download"));
+      }
+      if (!rows[0][1].as<bool>()) {
+        return absl::PermissionDeniedError(
+            absl::StrCat("your grant on record '", record_.record_id,
+                         "' was revoked or expired during the download"));
       }
       if (rows[0][0].is_null()) {
         return absl::DataLossError(
@@ -849,6 +858,7 @@ class PgDownload final : public Download {
   pg::Pool& pool_;
   const RecordInfo record_;
   const SecretKey key_;
+  const std::string grant_id_;
   uint32_t index_ = 0;
   crypto::Sha256 hasher_;
   bool verified_ = false;
@@ -1677,6 +1687,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
   struct Opened {
     RecordInfo record;
     SecretKey key;
+    std::string grant_id;  // the grant a grantee reads under
   };
   ASSIGN_OR_RETURN(
       Opened opened,
@@ -1697,6 +1708,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
         }
         const std::string bytes = absl::StrCat("bytes=", record.size_bytes);
         std::vector<RecordInfo> one = {record};
+        std::string grant_id;  // the grant a grantee reads under
         if (ops) {
           // The ops reason may take the whole detail by itself: its end gives way to the size.
           const std::string head = absl::StrCat(bytes, " reason=");
@@ -1760,17 +1772,19 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
           }
           entry.reason = absl::StrCat("PERMITTED: ", bytes, which);
           one[0].grants.push_back(*grant);
+          grant_id = grant->grant_id;
         }
         ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(txn, record, rows[0]));
         RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
         // Audited before the first byte leaves, for the full size.
         RETURN_IF_ERROR(audit::Append(txn, entry).status());
         Outcome<Opened> out;
-        out.value = Opened{std::move(one[0]), std::move(key)};
+        out.value = Opened{std::move(one[0]), std::move(key), std::move(grant_id)};
         return out;
       })));
-  return std::unique_ptr<Download>(new PgDownload(
-      *this, *pool, std::move(opened.record), std::move(opened.key), std::move(slot)));
+  return std::unique_ptr<Download>(
+      new PgDownload(*this, *pool, std::move(opened.record), std::move(opened.key),
+                     std::move(opened.grant_id), std::move(slot)));
 }
 
 absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,

@@ -174,8 +174,12 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         // Through the record: no row once it is erased (an erasure stops the downloads already
         // running at their next chunk; its chunks are purged later), a NULL when the chunk is
         // missing.
+        // Chunk $2 of record $1 (no row: the record is gone), and whether grant $3 (empty: the
+        // download rests on no grant) is still active at $4.
         {kSelectChunk,
-         "SELECT c.ciphertext FROM records r LEFT JOIN record_chunks c "
+         "SELECT c.ciphertext, $3 = '' OR EXISTS (SELECT 1 FROM share_grants g "
+         "WHERE g.grant_id = $3 AND g.record_id = $1 AND g.revoked_at IS NULL "
+         "AND g.expires_at > $4::timestamptz) FROM records r LEFT JOIN record_chunks c "
          "ON c.record_id = r.record_id AND c.chunk_index = $2 WHERE r.record_id = $1"},
         {kSelectActiveGrants,
          "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g "

@@ -2381,6 +2381,53 @@ TEST_F(SharingTest, AnErasureStopsARunningDownloadAtItsNextChunk) {
   RecordProperty("bytes_sent_after_start", static_cast<int>(received.size()));
 }
 
+// A grantee's download in progress ends at the next chunk read once its grant is revoked; what it
+// received before is what was uploaded.
+TEST_F(SharingTest, ARevocationStopsTheGranteesRunningDownload) {
+  const auto [patient, spec, record] = ConsentedRecord("revoked-mid-download-1", "a letter");
+  UploadSpec big = spec;
+  big.content = Generate(42, 0, 8 * kMiB);
+  const std::string large = UploadOk(pki_->practitioner(), big);
+  absl::StatusOr<v1::ShareRecordResponse> shared =
+      ShareOnceConsented(pki_->practitioner(), large, P2(), ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(shared.ok()) << shared.status();
+
+  // A reader whose flow-control window stays small, so the service cannot send far ahead of it.
+  const TestCert& as = Cert("acme-p2");
+  auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60},
+                                      Id("/service/sharing"));
+  ASSERT_TRUE(creds.ok()) << creds.status();
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
+  auto stub = v1::RecordSharing::NewStub(grpc::CreateCustomChannel(
+      absl::StrCat("127.0.0.1:", sharing_->port()), *creds, args));
+  v1::DownloadRecordRequest request;
+  request.set_record_id(large);
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+  std::unique_ptr<grpc::ClientReader<v1::DownloadRecordResponse>> reader(
+      stub->DownloadRecord(&context, request));
+  v1::DownloadRecordResponse message;
+  ASSERT_TRUE(reader->Read(&message));
+  ASSERT_TRUE(message.has_header());
+  ASSERT_TRUE(reader->Read(&message));
+  ASSERT_TRUE(message.has_chunk());
+  std::string received = message.chunk().data();
+
+  ASSERT_TRUE(RevokeById(pki_->practitioner(), shared->grant_id()).ok());
+  while (reader->Read(&message)) received += message.chunk().data();
+  grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr(large));
+  EXPECT_THAT(status.error_message(), HasSubstr("revoked or expired during the download"));
+  EXPECT_LT(received.size(), big.content.size());
+  EXPECT_EQ(received, big.content.substr(0, received.size()));
+  // The owner's download of the same record is not affected by the grant.
+  ExpectContent(pki_->practitioner(), large, big.content);
+}
+
 TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
   // A server of its own whose idle bound cannot end the stalled downloads below during the test.
   ExtraSharing extra = StartSharingWith("download_idle_timeout_seconds: 3600");
