@@ -39,7 +39,7 @@ using crypto::SecretKey;
 constexpr size_t kMaxIdBytes = 64;
 constexpr absl::Duration kIdleTransactionGrace = absl::Seconds(10);
 // Columns of MEDGATE_RECORD_COLUMNS (sql.h), where MEDGATE_RECORD_KEY_COLUMNS start.
-constexpr int kRecordColumns = 15;
+constexpr int kRecordColumns = 16;
 constexpr absl::string_view kRecordKeyLabel = "medgate-record-key-v1/";
 constexpr absl::string_view kMetadataLabel = "medgate-record-metadata-v1/";
 
@@ -72,7 +72,7 @@ RecordInfo RecordFromRow(const pqxx::row& row) {
   if (!row[4].is_null()) r.content_type = row[4].c_str();
   if (!row[5].is_null()) r.file_name = row[5].c_str();
   r.size_bytes = row[6].as<uint64_t>();
-  r.sha256 = BytesOf(row[7]);
+  if (!row[7].is_null()) r.sha256 = BytesOf(row[7]);
   r.chunk_count = row[8].as<uint32_t>();
   r.owner = row[9].c_str();
   r.created_at = TimeOf(row[10]);
@@ -81,6 +81,7 @@ RecordInfo RecordFromRow(const pqxx::row& row) {
   r.retain_until = OptionalTimeOf(row[12]);
   if (!row[13].is_null()) r.sealed_content_type = BytesOf(row[13]);
   if (!row[14].is_null()) r.sealed_file_name = BytesOf(row[14]);
+  if (!row[15].is_null()) r.sealed_sha256 = BytesOf(row[15]);
   return r;
 }
 
@@ -165,20 +166,25 @@ std::string MetadataAad(absl::string_view record_id, absl::string_view field) {
   return absl::StrCat(kMetadataLabel, field, "/", record_id);
 }
 
+// What of a record is stored sealed under its key besides its content. The SHA-256 too: in
+// clear it would let a holder of a backup confirm a guessed document after the erasure.
 struct SealedMetadata {
   std::string content_type;
   std::string file_name;
+  std::string sha256;
 };
 
 absl::StatusOr<SealedMetadata> SealMetadata(const SecretKey& record_key,
                                             absl::string_view record_id,
                                             absl::string_view content_type,
-                                            absl::string_view file_name) {
+                                            absl::string_view file_name,
+                                            absl::string_view sha256) {
   SealedMetadata out;
   ASSIGN_OR_RETURN(out.content_type,
                    crypto::Seal(record_key, MetadataAad(record_id, "content_type"), content_type));
   ASSIGN_OR_RETURN(out.file_name,
                    crypto::Seal(record_key, MetadataAad(record_id, "file_name"), file_name));
+  ASSIGN_OR_RETURN(out.sha256, crypto::Seal(record_key, MetadataAad(record_id, "sha256"), sha256));
   return out;
 }
 
@@ -186,7 +192,8 @@ absl::StatusOr<SealedMetadata> SealMetadata(const SecretKey& record_key,
 absl::Status OpenSealedMetadata(const SecretKey& record_key, RecordInfo& r) {
   for (auto [sealed, clear, field] :
        {std::tuple{&r.sealed_content_type, &r.content_type, "content_type"},
-        std::tuple{&r.sealed_file_name, &r.file_name, "file_name"}}) {
+        std::tuple{&r.sealed_file_name, &r.file_name, "file_name"},
+        std::tuple{&r.sealed_sha256, &r.sha256, "sha256"}}) {
     if (!sealed->has_value()) continue;
     absl::StatusOr<std::string> opened =
         crypto::Open(record_key, MetadataAad(r.record_id, field), **sealed);
@@ -530,14 +537,14 @@ class PgUpload final : public Upload {
                                    absl::Time now, const audit::Entry& entry) {
     ASSIGN_OR_RETURN(std::string wrapped_record_key,
                      crypto::Seal(key.key, RecordKeyAad(record_id_), record_key_.bytes()));
-    ASSIGN_OR_RETURN(SealedMetadata metadata, SealMetadata(record_key_, record_id_,
-                                                           header_.content_type,
-                                                           header_.file_name));
+    ASSIGN_OR_RETURN(SealedMetadata metadata,
+                     SealMetadata(record_key_, record_id_, header_.content_type,
+                                  header_.file_name, header_.sha256));
     pqxx::result rows = ExecWithAudit(
         txn, sql::kFinishUpload, entry, record_id_, home_.tenant_id, home_.patient_id,
         static_cast<int>(header_.kind), pqxx::binarystring(metadata.content_type),
         pqxx::binarystring(metadata.file_name),
-        static_cast<int64_t>(header_.size_bytes), pqxx::binarystring(header_.sha256), next_index_,
+        static_cast<int64_t>(header_.size_bytes), pqxx::binarystring(metadata.sha256), next_index_,
         ctx_.principal.spiffe_id, PgTime(now), NewId(home_.region_id, "k"), key.key_id,
         pqxx::binarystring(wrapped_record_key), static_cast<int64_t>(last_.index),
         pqxx::binarystring(last_.bytes));
@@ -1145,7 +1152,9 @@ void SharingCore::DestroyRetiredKeys(pg::Pool& shard, const std::string& region,
 
 absl::Status SharingCore::OpenMetadata(pqxx::transaction_base& txn, RecordInfo& record,
                                        const pqxx::row& row) {
-  if (!record.sealed_content_type && !record.sealed_file_name) return absl::OkStatus();
+  if (!record.sealed_content_type && !record.sealed_file_name && !record.sealed_sha256) {
+    return absl::OkStatus();
+  }
   ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(txn, record, row));
   return OpenSealedMetadata(key, record);
 }
@@ -1163,7 +1172,8 @@ absl::StatusOr<SharingCore::SealPage> SharingCore::SealMetadataInClear(pg::Pool&
           [&]() -> absl::StatusOr<SealedMetadata> {
         ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(txn, record, row));
         RETURN_IF_ERROR(OpenSealedMetadata(key, record));
-        return SealMetadata(key, record.record_id, record.content_type, record.file_name);
+        return SealMetadata(key, record.record_id, record.content_type, record.file_name,
+                            record.sha256);
       }();
       if (!metadata.ok()) {
         // One damaged record must not keep the others in clear.
@@ -1173,7 +1183,8 @@ absl::StatusOr<SharingCore::SealPage> SharingCore::SealMetadataInClear(pg::Pool&
       }
       txn.exec_prepared0(sql::kSealMetadata, record.record_id,
                          pqxx::binarystring(metadata->content_type),
-                         pqxx::binarystring(metadata->file_name));
+                         pqxx::binarystring(metadata->file_name),
+                         pqxx::binarystring(metadata->sha256));
       ++page.sealed;
     }
     return page;
@@ -1565,6 +1576,7 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
               records.back().damaged = std::string(opened.message());
               records.back().content_type.clear();
               records.back().file_name.clear();
+              records.back().sha256.clear();
             } else if (!opened.ok()) {
               return opened;
             }

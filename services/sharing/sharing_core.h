@@ -59,12 +59,13 @@ struct RecordInfo {
   RecordState state = RecordState::kActive;
   std::optional<absl::Time> retain_until;
   std::vector<GrantInfo> grants;  // those visible to the caller
-  // content_type and file_name as stored, sealed under the record's key, until the core opens
-  // them into the fields above (records written before sealing have them in clear).
+  // content_type, file_name and sha256 as stored, sealed under the record's key, until the core
+  // opens them into the fields above (records written before sealing have them in clear).
   std::optional<std::string> sealed_content_type;
   std::optional<std::string> sealed_file_name;
-  // Listings only: why its key or metadata could not be opened (then content_type and file_name
-  // are empty); empty when they were.
+  std::optional<std::string> sealed_sha256;
+  // Listings only: why its key or metadata could not be opened (then content_type, file_name and
+  // sha256 are empty); empty when they were.
   std::string damaged;
 };
 

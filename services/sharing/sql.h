@@ -13,13 +13,13 @@ namespace medgate::sharing::sql {
 // out, so that no precision is lost either way.
 #define MEDGATE_MICROS(col) "(extract(epoch from " col ") * 1000000)::bigint"
 
-// Columns of a record, in this order (see RecordFromRow). content_type and file_name are NULL
-// where the sealed forms are set (migration 0006).
+// Columns of a record, in this order (see RecordFromRow). content_type, file_name and sha256 are
+// NULL where the sealed forms are set (migrations 0006, 0018).
 #define MEDGATE_RECORD_COLUMNS                                                                  \
   "r.record_id, r.tenant_id, r.patient_id, r.kind, r.content_type, r.file_name, r.size_bytes, " \
   "r.sha256, r.chunk_count, r.owner, " MEDGATE_MICROS(                                          \
       "r.created_at") ", r.state, " MEDGATE_MICROS("r.retain_until") ", r.content_type_sealed, "  \
-                      "r.file_name_sealed"
+                      "r.file_name_sealed, r.sha256_sealed"
 
 // After MEDGATE_RECORD_COLUMNS, what opens the record's key (see OpenRecordKey), from
 // MEDGATE_RECORD_KEY_JOIN: the wrapped record key, and its patient key's id, where the patient key
@@ -148,7 +148,7 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         // see it); no row back means nothing was written. The record's insert reads the chunk's
         // and the key's, so those are written before the audit entry takes the chain's lock.
         // $1 record_id, $2 tenant_id, $3 patient_id, $4 kind, $5 content_type and $6 file_name
-        // (both sealed), $7 size_bytes, $8 sha256, $9 chunk_count, $10 owner, $11 created_at,
+        // (both sealed), $7 size_bytes, $8 sha256 (sealed), $9 chunk_count, $10 owner, $11 created_at,
         // $12 record key id, $13 patient key id, $14 wrapped record key, $15 last chunk's index,
         // $16 its ciphertext, $17.. the audit entry (ExecWithAudit in sharing_core.cc).
         {kFinishUpload,
@@ -160,7 +160,7 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "wrapped_key, created_at) SELECT $12, $3, $1, key_id, $14, $11::timestamptz "
          "FROM patient_key RETURNING key_id), "
          "record AS (INSERT INTO records (record_id, tenant_id, patient_id, kind, "
-         "content_type_sealed, file_name_sealed, size_bytes, sha256, chunk_count, owner, "
+         "content_type_sealed, file_name_sealed, size_bytes, sha256_sealed, chunk_count, owner, "
          "created_at, state) "
          "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::timestamptz, 'active' "
          "FROM chunk, record_key RETURNING record_id) "
@@ -291,11 +291,13 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kSelectMetadataInClear,
          "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
          " FROM records r" MEDGATE_RECORD_KEY_JOIN
-         " WHERE (r.file_name IS NOT NULL OR r.content_type IS NOT NULL) AND r.record_id > $2 "
+         " WHERE (r.file_name IS NOT NULL OR r.content_type IS NOT NULL OR r.sha256 IS NOT NULL) "
+         "AND r.record_id > $2 "
          "ORDER BY r.record_id LIMIT $1 FOR UPDATE OF r SKIP LOCKED"},
         {kSealMetadata,
-         "UPDATE records SET content_type = NULL, file_name = NULL, content_type_sealed = $2, "
-         "file_name_sealed = $3 WHERE record_id = $1"},
+         "UPDATE records SET content_type = NULL, file_name = NULL, sha256 = NULL, "
+         "content_type_sealed = $2, file_name_sealed = $3, sha256_sealed = $4 "
+         "WHERE record_id = $1"},
         {kPurgeOrphanChunks,
          "DELETE FROM record_chunks c USING (SELECT o.record_id, o.chunk_index "
          "FROM record_chunks o WHERE NOT EXISTS "

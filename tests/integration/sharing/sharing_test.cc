@@ -985,6 +985,16 @@ TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
                   "file_name_sealed || content_type_sealed) > 0",
                   "MARKER"),
             0);
+  // Nor does the content's SHA-256: sealed too, it cannot confirm a guessed document.
+  const std::string content_sha_hex = absl::BytesToHexString(Sha(spec.content));
+  EXPECT_EQ(Count("fr-1",
+                  absl::StrCat("SELECT count(*) FROM records WHERE patient_id = $1 AND (sha256 IS "
+                               "NOT NULL OR position(decode('", content_sha_hex,
+                               "', 'hex') in sha256_sealed) > 0 OR length(sha256_sealed) <> ",
+                               32 + crypto::kSealOverheadBytes, ")"),
+                  patient),
+            0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 2);
   // Sealed: exactly the name's length plus the seal's version byte, nonce and tag.
   EXPECT_EQ(Count("fr-1",
                   absl::StrCat("SELECT count(*) FROM records WHERE record_id = $1 AND file_name IS "
@@ -1001,6 +1011,7 @@ TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
   EXPECT_EQ(listed->records(1).record_id(), record);
   EXPECT_EQ(listed->records(1).file_name(), "NAME-MARKER Dupont oncology referral.pdf");
   EXPECT_EQ(listed->records(1).content_type(), "application/x-type-marker");
+  EXPECT_EQ(listed->records(1).sha256(), Sha(spec.content));
   Downloaded d = Download(pki_->practitioner(), record);
   ASSERT_TRUE(d.status.ok()) << d.status.error_message();
   EXPECT_EQ(d.header.file_name(), "NAME-MARKER Dupont oncology referral.pdf");
@@ -1055,8 +1066,10 @@ TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
   const std::vector<std::string> damaged(legacy_ids.begin(), legacy_ids.end() - 1);
   for (const std::string& id : legacy_ids) {
     Exec("fr-1",
-         "UPDATE records SET file_name = 'legacy name.pdf', content_type = 'text/plain', "
-         "file_name_sealed = NULL, content_type_sealed = NULL WHERE record_id = $1",
+         absl::StrCat("UPDATE records SET file_name = 'legacy name.pdf', content_type = "
+                      "'text/plain', sha256 = decode('", absl::BytesToHexString(Sha(spec.content)),
+                      "', 'hex'), file_name_sealed = NULL, content_type_sealed = NULL, "
+                      "sha256_sealed = NULL WHERE record_id = $1"),
          id);
   }
   for (const std::string& id : damaged) {
@@ -1070,6 +1083,7 @@ TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
     if (std::find(legacy_ids.begin(), legacy_ids.end(), r.record_id()) == legacy_ids.end()) continue;
     ++legacy_listed;
     EXPECT_EQ(r.file_name(), "legacy name.pdf");
+    EXPECT_EQ(r.sha256(), Sha(spec.content));
   }
   EXPECT_EQ(legacy_listed, 3);
   auto swept = sharing_->core().SweepRetention(/*batch=*/1);
@@ -1078,7 +1092,8 @@ TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
   EXPECT_TRUE(swept->more);  // a full batch was sealed: the caller sweeps again
   const std::string in_clear =
       "SELECT count(*) FROM records WHERE record_id = $1 AND (file_name IS NOT NULL OR "
-      "content_type IS NOT NULL OR file_name_sealed IS NULL OR content_type_sealed IS NULL)";
+      "content_type IS NOT NULL OR sha256 IS NOT NULL OR file_name_sealed IS NULL OR "
+      "content_type_sealed IS NULL OR sha256_sealed IS NULL)";
   EXPECT_EQ(Count("fr-1", in_clear, good), 0);
   for (const std::string& id : damaged) EXPECT_EQ(Count("fr-1", in_clear, id), 1);
   // Nothing left that can be sealed: the next sweep seals nothing.
@@ -1092,6 +1107,8 @@ TEST_F(SharingTest, FileNameAndContentTypeAreStoredSealedUnderTheRecordKey) {
   ASSERT_TRUE(resealed.status.ok()) << resealed.status.error_message();
   EXPECT_EQ(resealed.header.file_name(), "legacy name.pdf");
   EXPECT_EQ(resealed.header.content_type(), "text/plain");
+  EXPECT_EQ(resealed.header.sha256(), Sha(spec.content));
+  EXPECT_EQ(resealed.sha256, Sha(spec.content));  // the download's own check passed on it
 }
 
 // Routing, consent and sharing (and the audit server) reach the databases as their own roles:
@@ -3423,9 +3440,9 @@ TEST_F(SharingTest, APatientErasureIncludesARecordStoredWhileItWaited) {
             1u);
   storing.exec_params0(
       "INSERT INTO records (record_id, tenant_id, patient_id, kind, content_type_sealed, "
-      "file_name_sealed, size_bytes, sha256, chunk_count, owner, created_at, state) "
+      "file_name_sealed, size_bytes, sha256_sealed, chunk_count, owner, created_at, state) "
       "SELECT $2, tenant_id, patient_id, kind, content_type_sealed, file_name_sealed, size_bytes, "
-      "sha256, chunk_count, owner, created_at, state FROM records WHERE record_id = $1",
+      "sha256_sealed, chunk_count, owner, created_at, state FROM records WHERE record_id = $1",
       first, late);
   absl::StatusOr<v1::ErasePatientRecordsResponse> erased;
   std::thread erasing([&] { erased = ErasePatient(pki_->app(), patient); });
