@@ -113,6 +113,7 @@ absl::Status IngestCore::Process(const Principal& device,
   bool has_location = std::any_of(samples.begin(), samples.end(),
                                   [](const Sample& s) { return s.location.has_value(); });
   bool geolocation = false;
+  std::optional<consent::AccessDecision> geolocation_decision;  // when the batch has locations
   if (monitoring->permit && has_location) {
     std::optional<absl::StatusOr<consent::AccessDecision>> geo =
         check(consent::Purpose::kGeolocation);
@@ -122,6 +123,7 @@ absl::Status IngestCore::Process(const Principal& device,
     }
     if (!geo->ok()) return retry(absl::UnavailableError("consent unavailable; resend"), absl::Seconds(1));
     geolocation = (*geo)->permit;
+    geolocation_decision = **geo;
   }
 
   // Every sample received is charged, stored or not: validating, refusing and auditing cost the
@@ -138,6 +140,7 @@ absl::Status IngestCore::Process(const Principal& device,
   rows.reserve(samples.size());
   uint64_t previous_seq = 0;
   uint32_t refused_for_consent = 0;
+  uint32_t locations_kept = 0;
   for (uint32_t i = 0; i < samples.size(); ++i) {
     Sample& s = samples[i];
     Verdict verdict = ValidateSample(s, previous_seq, now, options_.validation);
@@ -172,6 +175,7 @@ absl::Status IngestCore::Process(const Principal& device,
     row.measured_at = *s.measured_at;
     if (s.location && geolocation) {
       row.location = s.location;
+      ++locations_kept;
     } else if (s.location) {
       ++result.locations_dropped;  // dropped before storage: no GEOLOCATION consent
     }
@@ -198,6 +202,18 @@ absl::Status IngestCore::Process(const Principal& device,
   if (refused_for_consent > 0) {
     request.denial = absl::StrCat(consent::AccessReasonName(monitoring->reason),
                                   " refused=", refused_for_consent);
+  }
+  // The entry cites REMOTE_MONITORING; where the batch had locations, it says what became of them
+  // and under which GEOLOCATION decision, so the chain answers under which consent a location was
+  // kept or why it was not.
+  if (geolocation_decision && locations_kept > 0) {
+    request.location_note =
+        absl::StrCat("locations=", locations_kept, " GEOLOCATION=", geolocation_decision->consent_id,
+                     "/v", geolocation_decision->consent_version);
+  } else if (geolocation_decision && result.locations_dropped > 0) {
+    request.location_note =
+        absl::StrCat("locations_dropped=", result.locations_dropped, " GEOLOCATION=",
+                     consent::AccessReasonName(geolocation_decision->reason));
   }
   auto shared = std::make_shared<BatchResult>(std::move(result));
   auto finish = std::make_shared<std::function<void(BatchResult)>>(std::move(done));

@@ -570,6 +570,7 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   absl::Status status = (*pool)->Transact([&](pqxx::work& txn) -> absl::Status {
     readings.clear();
     size_t withheld = 0;
+    size_t disclosed = 0;
     for (const pqxx::row& row :
          txn.exec_prepared(sql::kReadVitals, where.patient_id, pg::TextArrayLiteral(codes), from_us,
                            to_us, after_us, after_device, after_seq, page + 1)) {
@@ -583,6 +584,7 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
       *s->mutable_measured_at() = TimestampFromMicros(row[5].as<int64_t>());
       *r.mutable_received_at() = TimestampFromMicros(row[6].as<int64_t>());
       if (!row[7].is_null() && with_location) {
+        if (readings.size() < static_cast<size_t>(page)) ++disclosed;
         s->mutable_location()->set_latitude(row[7].as<double>());
         s->mutable_location()->set_longitude(row[8].as<double>());
         s->mutable_location()->set_accuracy_m(row[9].as<double>());
@@ -594,6 +596,11 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     entry.action = audit::Action::kRead;
     entry.decision = audit::Decision::kPermit;
     entry.reason = absl::StrCat("readings=", std::min<size_t>(readings.size(), page));
+    if (disclosed > 0) {
+      // The locations read out, under the GEOLOCATION decision that let them out.
+      absl::StrAppend(&entry.reason, " locations=", disclosed, " GEOLOCATION=",
+                      geolocation->consent_id, "/v", geolocation->consent_version);
+    }
     if (withheld > 0) {
       absl::StrAppend(&entry.reason, " locations_withheld=", withheld, " (",
                       geolocation.ok() ? consent::AccessReasonName(geolocation->reason)

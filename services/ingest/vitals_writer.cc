@@ -389,6 +389,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
       e.decision = audit::Decision::kPermit;
       e.reason =
           absl::StrCat("stored=", outcomes[i].stored, " duplicates=", outcomes[i].duplicates);
+      if (!w.location_note.empty()) absl::StrAppend(&e.reason, " ", w.location_note);
     } else {
       e.decision = audit::Decision::kDeny;
       e.reason = w.denial;

@@ -71,6 +71,9 @@ struct WriteRequest {
   // Non-empty for a batch refused for lack of consent (it has no rows): its audit entry is a
   // denial with this reason, and the batch is answered once that entry is committed.
   std::string denial;
+  // Added to a stored batch's entry when it carried locations: how many were kept and the
+  // GEOLOCATION consent they were kept under, or how many were dropped and why.
+  std::string location_note;
 };
 
 struct WriterOptions {

@@ -671,6 +671,29 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
   EXPECT_EQ(ack->locations_dropped_count(), 0u);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-geo' AND latitude = 48.85"), 1);
   EXPECT_TRUE(geo.Finish().ok());
+  // Each stored batch's entry says what became of its locations: dropped, and why, then kept
+  // under the GEOLOCATION consent it cites.
+  {
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    const std::string geolocation_consent =
+        q.exec_params1("SELECT consent_id FROM consents WHERE patient_id = $1 AND purpose = "
+                       "'GEOLOCATION'",
+                       patient)[0]
+            .as<std::string>();
+    auto reason_of = [&](uint64_t batch_seq) {
+      pqxx::result rows = q.exec_params(
+          "SELECT reason FROM audit_log WHERE patient_id = $1 AND object_type = 'vitals' AND "
+          "request_id = $2",
+          patient, absl::StrCat("batch:", batch_seq));
+      return rows.size() == 1 ? rows[0][0].as<std::string>() : std::string("(none)");
+    };
+    EXPECT_THAT(reason_of(1), ::testing::StartsWith("stored=1 duplicates=0 locations_dropped=1 "
+                                                    "GEOLOCATION="));
+    EXPECT_EQ(reason_of(seq),
+              absl::StrCat("stored=1 duplicates=0 locations=1 GEOLOCATION=", geolocation_consent,
+                           "/v1"));
+  }
 }
 
 TEST_F(IngestTest, OnlyAssignedDevicesMayStreamAndOnlyDevicesMayStream) {
@@ -1185,6 +1208,14 @@ TEST_F(IngestTest, ReadVitalsReturnsLocationsOnlyWhileGeolocationPermitsTheReade
   EXPECT_GE(q.exec_params1("SELECT count(*) FROM audit_log WHERE patient_id = $1 AND action = "
                            "'read' AND reason LIKE '%locations_withheld=1 (%'",
                            patient)[0]
+                .as<int>(),
+            1);
+  // The reads that disclosed the location cite the GEOLOCATION consent that let it out.
+  EXPECT_GE(q.exec_params1("SELECT count(*) FROM audit_log WHERE patient_id = $1 AND action = "
+                           "'read' AND reason LIKE $2",
+                           patient,
+                           absl::StrCat("%locations=1 GEOLOCATION=", granted.consent_id(), "/v",
+                                        granted.version()))[0]
                 .as<int>(),
             1);
 
