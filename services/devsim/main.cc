@@ -331,7 +331,7 @@ int main(int argc, char** argv) {
     }
   }
   if (args.config.empty() || args.devices < 1 || args.devices > 5000 || args.batch < 1 ||
-      args.batch > 1000 || args.duration < 1 || args.rate <= 0) {
+      args.batch > 1000 || args.duration < 1 || !std::isfinite(args.rate) || args.rate <= 0) {
     std::fputs(medgate::devsim::kUsage, stderr);
     return 2;
   }

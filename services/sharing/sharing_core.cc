@@ -617,8 +617,10 @@ class PgUpload final : public Upload {
 
   void WriterLoop(absl::Duration idle_timeout) {
     absl::Status status = Open(idle_timeout);
-    // Well inside the shard's bound, so that one missed turn still keeps the session.
-    const absl::Duration keepalive = idle_timeout / 3;
+    // Content may arrive up to the adapter's idle timeout after the last statement, and its
+    // keepalive goes out at the end of the turn it arrived in: a turn shorter than the grace
+    // the shard's bound adds to that timeout keeps the session.
+    const absl::Duration keepalive = std::min(idle_timeout / 3, kIdleTransactionGrace / 2);
     while (status.ok()) {
       std::optional<Sealed> chunk;
       bool keep_alive = false;
@@ -666,7 +668,7 @@ class PgUpload final : public Upload {
   // A statement that does nothing but reset the shard's idle-in-transaction timer.
   absl::Status KeepAlive() {
     try {
-      txn_->exec("SELECT 1");
+      txn_->exec_prepared(sql::kKeepAlive);
       return absl::OkStatus();
     } catch (const std::exception& e) {
       return pg::StatusFromException(e);
@@ -748,16 +750,17 @@ class PgUpload final : public Upload {
 // chunk from the database overlaps with authenticating and sending this one.
 class PgDownload final : public Download {
  public:
-  // `grant_id` is the grant a grantee reads under (empty for the owner and break-glass): its
-  // revocation or expiry stops the download at the next chunk read.
+  // `grantee` is the caller when it reads under a grant (empty for the owner and break-glass):
+  // once it holds no active grant on the record (revoked, expired), the next chunk read stops
+  // the download.
   PgDownload(SharingCore& core, pg::Pool& pool, RecordInfo record, SecretKey key,
-             std::string grant_id, std::unique_ptr<TransferSlot> slot)
+             std::string grantee, std::unique_ptr<TransferSlot> slot)
       : slot_(std::move(slot)),
         core_(core),
         pool_(pool),
         record_(std::move(record)),
         key_(std::move(key)),
-        grant_id_(std::move(grant_id)) {}
+        grantee_(std::move(grantee)) {}
 
   ~PgDownload() override {
     {
@@ -818,7 +821,7 @@ class PgDownload final : public Download {
     try {
       pqxx::nontransaction q(lease.connection());
       pqxx::result rows = q.exec_prepared(sql::kSelectChunk, record_.record_id,
-                                          static_cast<int64_t>(index), grant_id_,
+                                          static_cast<int64_t>(index), grantee_,
                                           PgTime(core_.Now()));
       if (rows.empty()) {
         return absl::AbortedError(
@@ -865,7 +868,7 @@ class PgDownload final : public Download {
   pg::Pool& pool_;
   const RecordInfo record_;
   const SecretKey key_;
-  const std::string grant_id_;
+  const std::string grantee_;
   uint32_t index_ = 0;
   crypto::Sha256 hasher_;
   bool verified_ = false;
@@ -1062,7 +1065,12 @@ absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& reg
     // A record whose key rests on no patient key the shard still names was left under a retired
     // key by an erasure that could not open it (damaged), or its patient key row is gone: it is
     // unreadable already, and no retry changes that. Its key goes; no patient key is retired.
-    if (txn.exec_prepared(sql::kPatientKeyRowExists, under[0][0].c_str()).empty()) {
+    // Only while nothing can move it meanwhile: this transaction holds the patient's key (only
+    // its holder rewraps), or the patient has none (nothing to rewrap under). Otherwise another
+    // erasure may just have rewrapped it and retired the key read: the next turn sees the new one.
+    if (txn.exec_prepared(sql::kPatientKeyRowExists, under[0][0].c_str()).empty() &&
+        (!locked.empty() ||
+         txn.exec_prepared(sql::kSelectPatientKey, record.patient_id).empty())) {
       locked = pqxx::result();
       break;
     }
@@ -1167,7 +1175,7 @@ absl::StatusOr<SharingCore::SealPage> SharingCore::SealMetadataInClear(pg::Pool&
       RecordInfo record = RecordFromRow(row);
       ++page.selected;
       page.last_record_id = record.record_id;
-      // Both fields are sealed again together; one already sealed is opened first.
+      // All three are sealed again together; one already sealed is opened first.
       absl::StatusOr<SealedMetadata> metadata =
           [&]() -> absl::StatusOr<SealedMetadata> {
         ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(txn, record, row));
@@ -1686,12 +1694,16 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
     break_glass_refusal_reason = "BREAK_GLASS_NOT_OPS";
   }
   ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
-  // Taken before the record is read, so a refused download reads and audits nothing; an ops
-  // identity (no tenant) counts with the other ops identities.
-  ASSIGN_OR_RETURN(std::unique_ptr<TransferSlot> slot,
-                   TakeTransferSlot(downloads_in_progress_, options_.max_downloads_per_tenant,
-                                    ctx.principal.tenant, pool->name(), "downloads",
-                                    "max_downloads_per_tenant"));
+  // Taken before the record is read, so a download refused for want of one reads and audits
+  // nothing; an ops identity (no tenant) counts with the other ops identities. A break-glass
+  // request refused for who asks takes none: it is refused (and audited) whatever the load.
+  std::unique_ptr<TransferSlot> slot;
+  if (break_glass_refused.ok()) {
+    ASSIGN_OR_RETURN(slot, TakeTransferSlot(downloads_in_progress_,
+                                            options_.max_downloads_per_tenant,
+                                            ctx.principal.tenant, pool->name(), "downloads",
+                                            "max_downloads_per_tenant"));
+  }
   const std::string region = record_id.substr(0, record_id.find('.'));
   const absl::Time now = Now();
   const std::string& caller = ctx.principal.spiffe_id;
@@ -1699,7 +1711,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
   struct Opened {
     RecordInfo record;
     SecretKey key;
-    std::string grant_id;  // the grant a grantee reads under
+    std::string grantee;  // the caller, when it reads under a grant
   };
   ASSIGN_OR_RETURN(
       Opened opened,
@@ -1720,7 +1732,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
         }
         const std::string bytes = absl::StrCat("bytes=", record.size_bytes);
         std::vector<RecordInfo> one = {record};
-        std::string grant_id;  // the grant a grantee reads under
+        std::string grantee;  // the caller, when it reads under a grant
         if (ops) {
           // The ops reason may take the whole detail by itself: its end gives way to the size.
           const std::string head = absl::StrCat(bytes, " reason=");
@@ -1784,19 +1796,19 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
           }
           entry.reason = absl::StrCat("PERMITTED: ", bytes, which);
           one[0].grants.push_back(*grant);
-          grant_id = grant->grant_id;
+          grantee = caller;
         }
         ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(txn, record, rows[0]));
         RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
         // Audited before the first byte leaves, for the full size.
         RETURN_IF_ERROR(audit::Append(txn, entry).status());
         Outcome<Opened> out;
-        out.value = Opened{std::move(one[0]), std::move(key), std::move(grant_id)};
+        out.value = Opened{std::move(one[0]), std::move(key), std::move(grantee)};
         return out;
       })));
   return std::unique_ptr<Download>(
       new PgDownload(*this, *pool, std::move(opened.record), std::move(opened.key),
-                     std::move(opened.grant_id), std::move(slot)));
+                     std::move(opened.grantee), std::move(slot)));
 }
 
 absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,

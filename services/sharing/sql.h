@@ -58,6 +58,7 @@ inline constexpr char kSelectRecordForUpdate[] = "select_record_for_update";
 inline constexpr char kSelectRecordWithKey[] = "select_record_with_key";
 inline constexpr char kRecordRestsOnKey[] = "record_rests_on_key";
 inline constexpr char kPatientKeyRowExists[] = "patient_key_row_exists";
+inline constexpr char kKeepAlive[] = "keep_alive";
 inline constexpr char kSelectPatientKey[] = "select_patient_key";
 inline constexpr char kSetUploadIdleTimeout[] = "set_upload_idle_timeout";
 inline constexpr char kInsertPatientKey[] = "insert_patient_key";
@@ -131,10 +132,13 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "WHERE patient_id = $1 AND record_id IS NULL"},
         // Whether record $1's data key is still wrapped by patient key $2.
         {kRecordRestsOnKey, "SELECT 1 FROM record_keys WHERE record_id = $1 AND wrapped_by = $2"},
-        // Bounds how long a multi-chunk upload's transaction may sit idle between two chunks
-        // ($1 ms); it ends with the transaction.
+        // Bounds how long a multi-chunk upload's transaction may sit idle between two of its
+        // statements ($1 ms; a chunk's insert, or a keepalive while content still arrives); it
+        // ends with the transaction.
         {kSetUploadIdleTimeout,
          "SELECT set_config('idle_in_transaction_session_timeout', $1, true)"},
+        // Resets the shard's idle-in-transaction timer of a multi-chunk upload still receiving.
+        {kKeepAlive, "SELECT 1"},
         // The patient's key, created in the transaction of the upload that needs it first (a
         // concurrent first upload waits here for the other's commit, then reads its key). No row:
         // another transaction's key exists.
@@ -169,16 +173,18 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "INSERT INTO record_chunks (record_id, chunk_index, ciphertext) VALUES ($1, $2, $3)"},
         {kLockTenantUsage,
          "SELECT pg_advisory_xact_lock(hashtextextended('medgate-records-usage:' || $1, 0))"},
+        // Kept by the records table's trigger (shard migration 0019).
         {kTenantUsage,
-         "SELECT coalesce(sum(size_bytes), 0)::bigint FROM records WHERE tenant_id = $1"},
+         "SELECT coalesce((SELECT bytes FROM tenant_record_usage WHERE tenant_id = $1), 0)"},
         // Through the record: no row once it is erased (an erasure stops the downloads already
         // running at their next chunk; its chunks are purged later), a NULL when the chunk is
         // missing.
-        // Chunk $2 of record $1 (no row: the record is gone), and whether grant $3 (empty: the
-        // download rests on no grant) is still active at $4.
+        // Chunk $2 of record $1 (no row: the record is gone), and whether grantee $3 (empty: the
+        // download rests on no grant) still holds an active grant on it at $4 (a re-share after
+        // a revocation is a new grant).
         {kSelectChunk,
          "SELECT c.ciphertext, $3 = '' OR EXISTS (SELECT 1 FROM share_grants g "
-         "WHERE g.grant_id = $3 AND g.record_id = $1 AND g.revoked_at IS NULL "
+         "WHERE g.record_id = $1 AND g.grantee = $3 AND g.revoked_at IS NULL "
          "AND g.expires_at > $4::timestamptz) FROM records r LEFT JOIN record_chunks c "
          "ON c.record_id = r.record_id AND c.chunk_index = $2 WHERE r.record_id = $1"},
         {kSelectActiveGrants,

@@ -188,9 +188,11 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_sharing record_chunks SELECT",
       "medgate_sharing record_chunks INSERT",
       "medgate_sharing record_chunks DELETE",
+      "medgate_sharing tenant_record_usage SELECT",
       "audit_append() SECURITY DEFINER search_path=public, pg_temp",
       "audit_append_many() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_ensure_vitals_partitions() SECURITY DEFINER search_path=public, pg_temp",
+      "medgate_count_record_usage() SECURITY DEFINER search_path=public, pg_temp",
   };
   for (const char* table : {"records", "record_keys"}) {
     for (const char* right : {"SELECT", "INSERT", "UPDATE", "DELETE"}) {

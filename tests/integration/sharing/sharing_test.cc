@@ -1714,7 +1714,8 @@ TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
   UploadSpec spec;
   spec.patient_id = patient;
   spec.content = Generate(9, 0, 2 * kMiB);
-  ASSERT_FALSE(UploadOk(Cert("tiny-p"), spec).empty());
+  const std::string first = UploadOk(Cert("tiny-p"), spec);
+  ASSERT_FALSE(first.empty());
   const int64_t before = StoredRows();
   grpc::Status refused = Upload(Cert("tiny-p"), spec);
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
@@ -1725,6 +1726,18 @@ TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
   other.patient_id = Place("quota-other-1", "FR");
   other.content = spec.content;
   EXPECT_FALSE(UploadOk(pki_->practitioner(), other).empty());
+  // An erasure gives the bytes back: the same upload is stored now.
+  ASSERT_TRUE(Erase(Cert("tiny-p"), first, "made room").ok());
+  EXPECT_FALSE(UploadOk(Cert("tiny-p"), spec).empty());
+  // The per-tenant counts the quota reads are the sums of the tenants' records, in every region.
+  for (const char* region : {"fr-1", "de-1", "eu-1"}) {
+    EXPECT_EQ(Count(region,
+                    "SELECT count(*) FROM (SELECT tenant_id, sum(size_bytes) AS bytes FROM records "
+                    "GROUP BY tenant_id) r FULL JOIN tenant_record_usage u USING (tenant_id) "
+                    "WHERE coalesce(r.bytes, 0) <> coalesce(u.bytes, 0)"),
+              0)
+        << region;
+  }
 }
 
 // --- sharing -----------------------------------------------------------------------------------
