@@ -707,6 +707,49 @@ class SharingTest : public ::testing::Test {
     return response;
   }
 
+  // A download by `as` of `record_id` whose reader's flow-control window stays small, so the
+  // service cannot send far ahead of what it reads: what happens meanwhile reaches it mid-way.
+  class SlowDownload {
+   public:
+    SlowDownload(const TestCert& as, const std::string& record_id) {
+      auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60},
+                                          Id("/service/sharing"));
+      EXPECT_TRUE(creds.ok()) << creds.status();
+      if (!creds.ok()) return;
+      grpc::ChannelArguments args;
+      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+      args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+      args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
+      stub_ = v1::RecordSharing::NewStub(grpc::CreateCustomChannel(
+          absl::StrCat("127.0.0.1:", sharing_->port()), *creds, args));
+      v1::DownloadRecordRequest request;
+      request.set_record_id(record_id);
+      context_.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+      reader_ = stub_->DownloadRecord(&context_, request);
+    }
+    // Reads the header and the first chunk; false if they did not come.
+    bool ReadFirstChunk() {
+      v1::DownloadRecordResponse message;
+      if (reader_ == nullptr || !reader_->Read(&message) || !message.has_header()) return false;
+      if (!reader_->Read(&message) || !message.has_chunk()) return false;
+      received = message.chunk().data();
+      return true;
+    }
+    // Reads to the end; how the download ended.
+    grpc::Status ReadTheRest() {
+      v1::DownloadRecordResponse message;
+      while (reader_->Read(&message)) received += message.chunk().data();
+      return reader_->Finish();
+    }
+
+    std::string received;  // the content received so far
+
+   private:
+    std::unique_ptr<v1::RecordSharing::Stub> stub_;
+    grpc::ClientContext context_;
+    std::unique_ptr<grpc::ClientReader<v1::DownloadRecordResponse>> reader_;
+  };
+
   static std::vector<v1::AuditEntry> PatientAudit(const std::string& patient_id) {
     v1::QueryAuditRequest request;
     request.set_patient_id(patient_id);
@@ -2376,33 +2419,11 @@ TEST_F(SharingTest, AnErasureStopsARunningDownloadAtItsNextChunk) {
   spec.content = Generate(41, 0, 8 * kMiB);
   const std::string record = UploadOk(pki_->practitioner(), spec);
 
-  // A reader whose flow-control window stays small, so the service cannot send far ahead of it.
-  const TestCert& as = pki_->practitioner();
-  auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60},
-                                      Id("/service/sharing"));
-  ASSERT_TRUE(creds.ok()) << creds.status();
-  grpc::ChannelArguments args;
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
-  auto stub = v1::RecordSharing::NewStub(grpc::CreateCustomChannel(
-      absl::StrCat("127.0.0.1:", sharing_->port()), *creds, args));
-  v1::DownloadRecordRequest request;
-  request.set_record_id(record);
-  grpc::ClientContext context;
-  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
-  std::unique_ptr<grpc::ClientReader<v1::DownloadRecordResponse>> reader(
-      stub->DownloadRecord(&context, request));
-  v1::DownloadRecordResponse message;
-  ASSERT_TRUE(reader->Read(&message));
-  ASSERT_TRUE(message.has_header());
-  ASSERT_TRUE(reader->Read(&message));
-  ASSERT_TRUE(message.has_chunk());
-  std::string received = message.chunk().data();
-
+  SlowDownload download(pki_->practitioner(), record);
+  ASSERT_TRUE(download.ReadFirstChunk());
   ASSERT_TRUE(Erase(pki_->practitioner(), record).ok());
-  while (reader->Read(&message)) received += message.chunk().data();
-  grpc::Status status = reader->Finish();
+  grpc::Status status = download.ReadTheRest();
+  const std::string& received = download.received;
   EXPECT_EQ(status.error_code(), grpc::StatusCode::ABORTED) << status.error_message();
   EXPECT_THAT(status.error_message(), HasSubstr(record));
   EXPECT_THAT(status.error_message(), HasSubstr("erased"));
@@ -2422,33 +2443,11 @@ TEST_F(SharingTest, ARevocationStopsTheGranteesRunningDownload) {
       ShareOnceConsented(pki_->practitioner(), large, P2(), ServerNow() + absl::Hours(1));
   ASSERT_TRUE(shared.ok()) << shared.status();
 
-  // A reader whose flow-control window stays small, so the service cannot send far ahead of it.
-  const TestCert& as = Cert("acme-p2");
-  auto creds = MakeChannelCredentials(TlsConfig{as.cert_path, as.key_path, pki_->ca_path(), 60},
-                                      Id("/service/sharing"));
-  ASSERT_TRUE(creds.ok()) << creds.status();
-  grpc::ChannelArguments args;
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
-  auto stub = v1::RecordSharing::NewStub(grpc::CreateCustomChannel(
-      absl::StrCat("127.0.0.1:", sharing_->port()), *creds, args));
-  v1::DownloadRecordRequest request;
-  request.set_record_id(large);
-  grpc::ClientContext context;
-  context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
-  std::unique_ptr<grpc::ClientReader<v1::DownloadRecordResponse>> reader(
-      stub->DownloadRecord(&context, request));
-  v1::DownloadRecordResponse message;
-  ASSERT_TRUE(reader->Read(&message));
-  ASSERT_TRUE(message.has_header());
-  ASSERT_TRUE(reader->Read(&message));
-  ASSERT_TRUE(message.has_chunk());
-  std::string received = message.chunk().data();
-
+  SlowDownload download(Cert("acme-p2"), large);
+  ASSERT_TRUE(download.ReadFirstChunk());
   ASSERT_TRUE(RevokeById(pki_->practitioner(), shared->grant_id()).ok());
-  while (reader->Read(&message)) received += message.chunk().data();
-  grpc::Status status = reader->Finish();
+  grpc::Status status = download.ReadTheRest();
+  const std::string& received = download.received;
   EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
   EXPECT_THAT(status.error_message(), HasSubstr(large));
   EXPECT_THAT(status.error_message(), HasSubstr("revoked or expired during the download"));

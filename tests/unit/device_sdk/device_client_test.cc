@@ -100,6 +100,27 @@ class DeviceClientTest : public ::testing::Test {
     client_ = *std::move(client);
   }
 
+  // The first stream reads the batch and ends with `ended`; the next ones store what they read.
+  // The batch is resent until acked, never rejected.
+  void ExpectResentAfterTheFirstStreamEndsWith(grpc::Status ended) {
+    Connect([ended](int stream, Stream& io) {
+      v1::VitalsBatch batch;
+      if (stream == 1) {
+        io.Read(&batch);
+        return ended;
+      }
+      while (io.Read(&batch)) io.Write(Stored(batch));
+      return grpc::Status::OK;
+    });
+    ASSERT_TRUE(client_->Send(Samples(1)).ok());
+    client_->Start();
+    ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+    DeviceStats stats = client_->stats();
+    EXPECT_EQ(stats.batches_acked, 1u);
+    EXPECT_EQ(stats.batches_rejected, 0u);
+    EXPECT_GE(ingest_->streams(), 2);
+  }
+
   static std::vector<v1::VitalSample> Samples(int n) {
     std::vector<v1::VitalSample> samples(static_cast<size_t>(n));
     for (v1::VitalSample& s : samples) {
@@ -179,22 +200,8 @@ TEST_F(DeviceClientTest, ABatchTheServerRefusesAsAWholeIsReportedAndDropped) {
 
 // Other errors that end a stream are not about the batch: it is resent until acked.
 TEST_F(DeviceClientTest, ABatchIsResentAfterAStreamEndsWithAnotherError) {
-  Connect([](int stream, Stream& io) {
-    v1::VitalsBatch batch;
-    if (stream == 1) {
-      io.Read(&batch);
-      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "device not assigned yet");
-    }
-    while (io.Read(&batch)) io.Write(Stored(batch));
-    return grpc::Status::OK;
-  });
-  ASSERT_TRUE(client_->Send(Samples(1)).ok());
-  client_->Start();
-  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
-  DeviceStats stats = client_->stats();
-  EXPECT_EQ(stats.batches_acked, 1u);
-  EXPECT_EQ(stats.batches_rejected, 0u);
-  EXPECT_GE(ingest_->streams(), 2);
+  ExpectResentAfterTheFirstStreamEndsWith(
+      grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "device not assigned yet"));
 }
 
 // Each stream gets one batch acked, then breaks. The backoff starts over after every such stream:
@@ -252,24 +259,10 @@ TEST_F(DeviceClientTest, ABatchOverTheServersMessageSizeIsReportedAndDropped) {
 // RESOURCE_EXHAUSTED for anything but the message's size is a quota that passes (here: ingest's
 // streams per device): the batch is resent until acked.
 TEST_F(DeviceClientTest, ABatchIsResentAfterAStreamEndsWithAQuota) {
-  Connect([](int stream, Stream& io) {
-    v1::VitalsBatch batch;
-    if (stream == 1) {
-      io.Read(&batch);
-      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                          "this device already has 4 streams open, the most "
-                          "ingest.max_streams_per_device allows");
-    }
-    while (io.Read(&batch)) io.Write(Stored(batch));
-    return grpc::Status::OK;
-  });
-  ASSERT_TRUE(client_->Send(Samples(1)).ok());
-  client_->Start();
-  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
-  DeviceStats stats = client_->stats();
-  EXPECT_EQ(stats.batches_acked, 1u);
-  EXPECT_EQ(stats.batches_rejected, 0u);
-  EXPECT_GE(ingest_->streams(), 2);
+  ExpectResentAfterTheFirstStreamEndsWith(
+      grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                   "this device already has 4 streams open, the most "
+                   "ingest.max_streams_per_device allows"));
 }
 
 // A connection that died without a word: the server takes the batch and never answers. Once the
