@@ -262,6 +262,19 @@ class IngestTest : public ::testing::Test {
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
 
+  static void Revoke(const std::string& patient_id, v1::Purpose purpose) {
+    auto stub = StubAs<v1::Consent>(pki().app(), pki().ca_path(), consent_->port(),
+                                    pki().SpiffeId("/service/consent"));
+    v1::RevokeConsentRequest r;
+    r.mutable_key()->set_patient_id(patient_id);
+    r.mutable_key()->set_purpose(purpose);
+    r.set_reason("the patient withdrew");
+    v1::RevokeConsentResponse response;
+    grpc::ClientContext context;
+    grpc::Status s = stub->RevokeConsent(&context, r, &response);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+
   static TestCert Device(const std::string& tenant, const std::string& name) {
     devpki::LeafOptions options;
     options.common_name = name;
@@ -694,6 +707,42 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
               absl::StrCat("stored=1 duplicates=0 locations=1 GEOLOCATION=", geolocation_consent,
                            "/v1"));
   }
+}
+
+// A withdrawal of REMOTE_MONITORING reaches a stream already open: once ingest knows of it (its
+// consent cache hears of it within about a second), every later batch is refused for it and
+// nothing more is stored; what was stored before stays.
+TEST_F(IngestTest, AWithdrawalStopsAStreamAlreadyOpenFromStoring) {
+  std::string patient = PatientWithDevice("withdrawn-mid-stream", "FR", "dev-withdrawn");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  auto stub = Ingest(Device("acme", "dev-withdrawn"));
+  DeviceStream stream(*stub);
+  std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 5));
+  ASSERT_TRUE(ack.has_value());
+  ASSERT_EQ(ack->stored_count(), 5u);
+  Revoke(patient, v1::PURPOSE_REMOTE_MONITORING);
+  uint64_t batch_seq = 1;
+  uint64_t stored_after_revocation = 0;
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  do {
+    ++batch_seq;
+    ack = stream.Send(Batch(batch_seq, 5 * batch_seq - 4, 5));
+    ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+    stored_after_revocation += ack->stored_count();
+  } while (ack->rejected_count() == 0 && absl::Now() < deadline);
+  ASSERT_EQ(ack->rejected_count(), 5u);
+  EXPECT_EQ(ack->rejections(0).reason(), v1::REJECT_REASON_NO_CONSENT);
+  // From then on, every batch is refused.
+  for (int i = 0; i < 5; ++i) {
+    ++batch_seq;
+    ack = stream.Send(Batch(batch_seq, 5 * batch_seq - 4, 5));
+    ASSERT_TRUE(ack.has_value());
+    EXPECT_EQ(ack->stored_count(), 0u);
+    EXPECT_EQ(ack->rejected_count(), 5u);
+  }
+  EXPECT_TRUE(stream.Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-withdrawn'"),
+            static_cast<int64_t>(5 + stored_after_revocation));
 }
 
 TEST_F(IngestTest, OnlyAssignedDevicesMayStreamAndOnlyDevicesMayStream) {
