@@ -2010,8 +2010,10 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
     }
     absl::StatusOr<int64_t> purged =
         pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
-          return static_cast<int64_t>(
-              txn.exec_prepared(sql::kPurgeOrphanChunks, batch).affected_rows());
+          const int64_t deleted =
+              txn.exec_prepared1(sql::kPurgeOrphanChunks, batch)[0].as<int64_t>();
+          txn.exec_prepared0(sql::kDequeuePurgedRecords);
+          return deleted;
         });
     if (purged.ok()) {
       result.purged_chunks += *purged;

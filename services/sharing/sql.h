@@ -95,6 +95,7 @@ inline constexpr char kSelectPatientKeysInShard[] = "select_patient_keys_in_shar
 inline constexpr char kMarkPatientKeyInVault[] = "mark_patient_key_in_vault";
 inline constexpr char kSelectExpiredArchives[] = "select_expired_archives";
 inline constexpr char kPurgeOrphanChunks[] = "purge_orphan_chunks";
+inline constexpr char kDequeuePurgedRecords[] = "dequeue_purged_records";
 inline constexpr char kSelectMetadataInClear[] = "select_metadata_in_clear";
 inline constexpr char kSealMetadata[] = "seal_metadata";
 inline constexpr char kSelectAuditForPatient[] = "select_audit_for_patient";
@@ -304,11 +305,18 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "UPDATE records SET content_type = NULL, file_name = NULL, sha256 = NULL, "
          "content_type_sealed = $2, file_name_sealed = $3, sha256_sealed = $4 "
          "WHERE record_id = $1"},
+        // At most $1 chunks of the erased records queued for the purge (shard migration 0020):
+        // how many were deleted.
         {kPurgeOrphanChunks,
-         "DELETE FROM record_chunks c USING (SELECT o.record_id, o.chunk_index "
-         "FROM record_chunks o WHERE NOT EXISTS "
-         "(SELECT 1 FROM records r WHERE r.record_id = o.record_id) LIMIT $1) d "
-         "WHERE c.record_id = d.record_id AND c.chunk_index = d.chunk_index"},
+         "WITH doomed AS (SELECT c.record_id, c.chunk_index FROM chunk_purge_queue q "
+         "JOIN record_chunks c ON c.record_id = q.record_id LIMIT $1), "
+         "gone AS (DELETE FROM record_chunks c USING doomed d "
+         "WHERE c.record_id = d.record_id AND c.chunk_index = d.chunk_index RETURNING 1) "
+         "SELECT count(*) FROM gone"},
+        // The queued records with no chunk left leave the queue.
+        {kDequeuePurgedRecords,
+         "DELETE FROM chunk_purge_queue q WHERE NOT EXISTS "
+         "(SELECT 1 FROM record_chunks c WHERE c.record_id = q.record_id)"},
     };
     for (const pg::Statement& a : AuditStatements()) s.push_back(a);
     return s;

@@ -2872,10 +2872,14 @@ TEST_F(SharingTest, ErasureCryptoShredsTheRecordWhileTheChainVerifies) {
   EXPECT_TRUE(HasEntry(entries, P2(), v1::AUDIT_ACTION_DELETE, record, "NOT_OWNER"));
 
   // The purge removes the orphaned ciphertext; the chain still verifies.
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM chunk_purge_queue WHERE record_id = $1", record),
+            1);
   auto swept = sharing_->core().SweepRetention();
   ASSERT_TRUE(swept.ok()) << swept.status();
   EXPECT_GE(swept->purged_chunks, 2);
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_chunks WHERE record_id = $1", record), 0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM chunk_purge_queue WHERE record_id = $1", record),
+            0);
   chain = Verify("fr-1");
   ASSERT_TRUE(chain.ok());
   EXPECT_TRUE(chain->ok()) << chain->detail();
