@@ -305,11 +305,13 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "UPDATE records SET content_type = NULL, file_name = NULL, sha256 = NULL, "
          "content_type_sealed = $2, file_name_sealed = $3, sha256_sealed = $4 "
          "WHERE record_id = $1"},
-        // At most $1 chunks of the erased records queued for the purge (shard migration 0020):
-        // how many were deleted.
+        // At most $1 chunks of the erased records queued for the purge (shard migration 0020),
+        // in key order (two instances' purges lock them in the same order): how many were
+        // deleted.
         {kPurgeOrphanChunks,
          "WITH doomed AS (SELECT c.record_id, c.chunk_index FROM chunk_purge_queue q "
-         "JOIN record_chunks c ON c.record_id = q.record_id LIMIT $1), "
+         "JOIN record_chunks c ON c.record_id = q.record_id "
+         "ORDER BY c.record_id, c.chunk_index LIMIT $1), "
          "gone AS (DELETE FROM record_chunks c USING doomed d "
          "WHERE c.record_id = d.record_id AND c.chunk_index = d.chunk_index RETURNING 1) "
          "SELECT count(*) FROM gone"},

@@ -33,6 +33,7 @@
 #include "libs/crypto/aes_gcm.h"
 #include "libs/crypto/chunk_cipher.h"
 #include "libs/crypto/key_encryption_key.h"
+#include "libs/audit/audit_log.h"
 #include "libs/crypto/sha256.h"
 #include "libs/identity/credentials.h"
 #include "libs/identity/principal.h"
@@ -1781,6 +1782,84 @@ TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
               0)
         << region;
   }
+}
+
+// The tenant's usage count is written at commit: an upload (its audit entry first, then its
+// record) and an erasure of the same tenant (its delete first, then its entry) take the audit
+// chain's head and the count in the same order, and do not deadlock.
+TEST_F(SharingTest, AnUploadAndAnErasureOfOneTenantDoNotDeadlockOnItsUsage) {
+  const std::string patient = Place("usage-order-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(93, 0, 3000);
+  const std::string erased = UploadOk(pki_->practitioner(), spec);
+  const std::string source = UploadOk(pki_->practitioner(), spec);
+  audit::Entry entry;
+  entry.actor = P1();
+  entry.tenant = "acme";
+  entry.action = audit::Action::kCreate;
+  entry.object_type = "record";
+  entry.object_id = "usage-order";
+  entry.patient_id = patient;
+  entry.decision = audit::Decision::kPermit;
+
+  pqxx::connection erasing_connection(ConnInfo("fr-1"));
+  pqxx::work erasing(erasing_connection);
+  erasing.exec_params0("DELETE FROM records WHERE record_id = $1", erased);
+  std::atomic<bool> stored{false};
+  std::atomic<bool> upload_ended{false};
+  std::atomic<int> upload_pid{0};
+  std::string upload_error;  // read once the thread is joined
+  std::thread upload([&] {
+    absl::Cleanup ended = [&] { upload_ended = true; };
+    try {
+      pqxx::connection c(ConnInfo("fr-1"));
+      upload_pid = c.backendpid();
+      pqxx::work txn(c);
+      if (absl::StatusOr<int64_t> seq = audit::Append(txn, entry); !seq.ok()) {
+        upload_error = std::string(seq.status().message());
+        return;
+      }
+      txn.exec_params0(
+          "INSERT INTO records (record_id, tenant_id, patient_id, kind, content_type_sealed, "
+          "file_name_sealed, size_bytes, sha256_sealed, chunk_count, owner, created_at, state) "
+          "SELECT 'fr-1.rusageorder', tenant_id, patient_id, kind, content_type_sealed, "
+          "file_name_sealed, size_bytes, sha256_sealed, chunk_count, owner, created_at, state "
+          "FROM records WHERE record_id = $1",
+          source);
+      txn.commit();
+      stored = true;
+    } catch (const std::exception& e) {
+      upload_error = e.what();
+    }
+  });
+  // The upload holds the chain's head once it is past its entry: stored, or waiting for a lock.
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    return upload_ended.load() ||
+           (upload_pid.load() != 0 &&
+            Count("fr-1",
+                  absl::StrCat("SELECT count(*) FROM pg_stat_activity WHERE pid = ", upload_pid.load(),
+                               " AND wait_event_type = 'Lock'")) == 1);
+  }));
+  std::string erasure_error;
+  try {
+    if (absl::StatusOr<int64_t> seq = audit::Append(erasing, entry); !seq.ok()) {
+      erasure_error = std::string(seq.status().message());
+    }
+    erasing.commit();
+  } catch (const std::exception& e) {
+    erasure_error = e.what();
+  }
+  upload.join();
+  EXPECT_EQ(upload_error, "");
+  EXPECT_EQ(erasure_error, "");
+  EXPECT_TRUE(stored.load());
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM (SELECT tenant_id, sum(size_bytes) AS bytes FROM records "
+                  "GROUP BY tenant_id) r FULL JOIN tenant_record_usage u USING (tenant_id) "
+                  "WHERE coalesce(r.bytes, 0) <> coalesce(u.bytes, 0)"),
+            0);
+  Exec("fr-1", "DELETE FROM records WHERE record_id = 'fr-1.rusageorder'");
 }
 
 // --- sharing -----------------------------------------------------------------------------------
