@@ -873,6 +873,14 @@ class SharingTest : public ::testing::Test {
     return rows.empty() || rows[0][0].is_null() ? std::string() : rows[0][0].as<std::string>();
   }
 
+  // Tenants of `db` whose usage count (what the quota reads) is not the sum of their records.
+  static int64_t UsageCountsOff(const std::string& db) {
+    return Count(db,
+                 "SELECT count(*) FROM (SELECT tenant_id, sum(size_bytes) AS bytes FROM records "
+                 "GROUP BY tenant_id) r FULL JOIN tenant_record_usage u USING (tenant_id) "
+                 "WHERE coalesce(r.bytes, 0) <> coalesce(u.bytes, 0)");
+  }
+
   // Rows that an upload creates, in every shard, patient keys included.
   static int64_t StoredRows() {
     int64_t total = 0;
@@ -1775,12 +1783,7 @@ TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
   EXPECT_FALSE(UploadOk(Cert("tiny-p"), spec).empty());
   // The per-tenant counts the quota reads are the sums of the tenants' records, in every region.
   for (const char* region : {"fr-1", "de-1", "eu-1"}) {
-    EXPECT_EQ(Count(region,
-                    "SELECT count(*) FROM (SELECT tenant_id, sum(size_bytes) AS bytes FROM records "
-                    "GROUP BY tenant_id) r FULL JOIN tenant_record_usage u USING (tenant_id) "
-                    "WHERE coalesce(r.bytes, 0) <> coalesce(u.bytes, 0)"),
-              0)
-        << region;
+    EXPECT_EQ(UsageCountsOff(region), 0) << region;
   }
 }
 
@@ -1854,11 +1857,7 @@ TEST_F(SharingTest, AnUploadAndAnErasureOfOneTenantDoNotDeadlockOnItsUsage) {
   EXPECT_EQ(upload_error, "");
   EXPECT_EQ(erasure_error, "");
   EXPECT_TRUE(stored.load());
-  EXPECT_EQ(Count("fr-1",
-                  "SELECT count(*) FROM (SELECT tenant_id, sum(size_bytes) AS bytes FROM records "
-                  "GROUP BY tenant_id) r FULL JOIN tenant_record_usage u USING (tenant_id) "
-                  "WHERE coalesce(r.bytes, 0) <> coalesce(u.bytes, 0)"),
-            0);
+  EXPECT_EQ(UsageCountsOff("fr-1"), 0);
   Exec("fr-1", "DELETE FROM records WHERE record_id = 'fr-1.rusageorder'");
 }
 
