@@ -365,8 +365,9 @@ class PgUpload final : public Upload {
   // once nothing arrives, the shard ends the session after that bound.
   void Begin(absl::Duration idle_timeout) {
     if (header_.size_bytes > crypto::kMaxChunkBytes) {
-      writer_ = std::thread(
-          [this, idle_timeout] { WriterLoop(idle_timeout + kIdleTransactionGrace); });
+      writer_ = std::thread([this, idle_timeout] {
+        WriterLoop(UploadTransactionIdleBound(idle_timeout), UploadKeepaliveTurn(idle_timeout));
+      });
     }
   }
 
@@ -615,12 +616,8 @@ class PgUpload final : public Upload {
     return absl::OkStatus();
   }
 
-  void WriterLoop(absl::Duration idle_timeout) {
-    absl::Status status = Open(idle_timeout);
-    // Content may arrive up to the adapter's idle timeout after the last statement, and its
-    // keepalive goes out at the end of the turn it arrived in: a turn shorter than the grace
-    // the shard's bound adds to that timeout keeps the session.
-    const absl::Duration keepalive = std::min(idle_timeout / 3, kIdleTransactionGrace / 2);
+  void WriterLoop(absl::Duration idle_bound, absl::Duration keepalive) {
+    absl::Status status = Open(idle_bound);
     while (status.ok()) {
       std::optional<Sealed> chunk;
       bool keep_alive = false;
@@ -881,6 +878,16 @@ class PgDownload final : public Download {
 };
 
 }  // namespace
+
+absl::Duration UploadTransactionIdleBound(absl::Duration idle_timeout) {
+  return idle_timeout + kIdleTransactionGrace;
+}
+
+absl::Duration UploadKeepaliveTurn(absl::Duration idle_timeout) {
+  // Content may arrive up to the idle timeout after the last statement, and its keepalive goes
+  // out at the end of the turn it arrived in: a turn shorter than the grace keeps the session.
+  return std::min(UploadTransactionIdleBound(idle_timeout) / 3, kIdleTransactionGrace / 2);
+}
 
 // --- SharingCore ------------------------------------------------------------------------------
 

@@ -144,6 +144,14 @@ inline constexpr size_t kMaxListPageBytes = size_t{2} << 20;
 // where ops set none.
 inline constexpr int64_t kDefaultTenantQuotaBytes = int64_t{1} << 40;  // 1 TiB
 
+// A multi-chunk upload's transaction, for an upload idle timeout of `idle_timeout`: how long the
+// shard lets it sit idle (the timeout and a grace, so that the service, which ends the stream
+// after the timeout, tells the client first), and how often its writer keeps it alive while
+// content still arrives, slower than a storage chunk per bound (a turn shorter than the grace:
+// content may arrive up to the timeout after the writer's last statement).
+absl::Duration UploadTransactionIdleBound(absl::Duration idle_timeout);
+absl::Duration UploadKeepaliveTurn(absl::Duration idle_timeout);
+
 struct SharingOptions {
   // Bytes of live records a tenant may keep in one region; 0 means no limit.
   int64_t default_tenant_quota_bytes = kDefaultTenantQuotaBytes;

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "libs/common/config.h"
+#include "services/sharing/sharing_core.h"
 #include "services/sharing/sharing_server.h"
 
 namespace medgate::sharing {
@@ -98,6 +99,19 @@ TEST(SharingSettingsTest, AnUnknownKeyIsRefused) {
   absl::StatusOr<SharingSettings> s = Parse("sharing: {kek_env: K, max_downloads: 2}\n");
   ASSERT_FALSE(s.ok());
   EXPECT_NE(s.status().message().find("max_downloads"), std::string::npos) << s.status();
+}
+
+
+// Content arriving as late as the idle timeout allows after the writer's last statement is kept
+// alive before the shard's bound ends the session, whatever the timeout (the default 30 s, the
+// tests' 1 s, the most the configuration allows).
+TEST(SharingSettingsTest, AnUploadsKeepaliveComesBeforeTheShardsIdleBound) {
+  for (absl::Duration idle : {absl::Seconds(1), absl::Seconds(30), absl::Seconds(3600)}) {
+    const absl::Duration turn = UploadKeepaliveTurn(idle);
+    EXPECT_GT(turn, absl::ZeroDuration()) << idle;
+    EXPECT_LT(idle + turn, UploadTransactionIdleBound(idle)) << idle;
+    EXPECT_GT(UploadTransactionIdleBound(idle), idle) << idle;
+  }
 }
 
 }  // namespace
