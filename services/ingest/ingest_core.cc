@@ -112,8 +112,7 @@ absl::Status IngestCore::Process(const Principal& device,
   if (!monitoring.ok()) return retry(absl::UnavailableError("consent unavailable; resend"), absl::Seconds(1));
   bool has_location = std::any_of(samples.begin(), samples.end(),
                                   [](const Sample& s) { return s.location.has_value(); });
-  bool geolocation = false;
-  std::optional<consent::AccessDecision> geolocation_decision;  // when the batch has locations
+  std::optional<consent::AccessDecision> geolocation;  // asked only when the batch has locations
   if (monitoring->permit && has_location) {
     std::optional<absl::StatusOr<consent::AccessDecision>> geo =
         check(consent::Purpose::kGeolocation);
@@ -122,9 +121,9 @@ absl::Status IngestCore::Process(const Principal& device,
       return absl::OkStatus();
     }
     if (!geo->ok()) return retry(absl::UnavailableError("consent unavailable; resend"), absl::Seconds(1));
-    geolocation = (*geo)->permit;
-    geolocation_decision = **geo;
+    geolocation = **geo;
   }
+  const bool keep_locations = geolocation && geolocation->permit;
 
   // Every sample received is charged, stored or not: validating, refusing and auditing cost the
   // service too, so a stream of invalid or unconsented samples meets the quota like any other.
@@ -173,7 +172,7 @@ absl::Status IngestCore::Process(const Principal& device,
     row.value = s.value;
     row.ucum = std::move(s.ucum);
     row.measured_at = *s.measured_at;
-    if (s.location && geolocation) {
+    if (s.location && keep_locations) {
       row.location = s.location;
       ++locations_kept;
     } else if (s.location) {
@@ -206,14 +205,14 @@ absl::Status IngestCore::Process(const Principal& device,
   // The entry cites REMOTE_MONITORING; where the batch had locations, it says what became of them
   // and under which GEOLOCATION decision, so the chain answers under which consent a location was
   // kept or why it was not.
-  if (geolocation_decision && locations_kept > 0) {
-    request.location_note =
-        absl::StrCat("locations=", locations_kept, " GEOLOCATION=", geolocation_decision->consent_id,
-                     "/v", geolocation_decision->consent_version);
-  } else if (geolocation_decision && result.locations_dropped > 0) {
+  if (locations_kept > 0) {
+    request.location_note = absl::StrCat("locations=", locations_kept, " GEOLOCATION=",
+                                         geolocation->consent_id, "/v",
+                                         geolocation->consent_version);
+  } else if (geolocation && result.locations_dropped > 0) {
     request.location_note =
         absl::StrCat("locations_dropped=", result.locations_dropped, " GEOLOCATION=",
-                     consent::AccessReasonName(geolocation_decision->reason));
+                     consent::AccessReasonName(geolocation->reason));
   }
   auto shared = std::make_shared<BatchResult>(std::move(result));
   auto finish = std::make_shared<std::function<void(BatchResult)>>(std::move(done));

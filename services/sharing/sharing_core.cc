@@ -270,6 +270,14 @@ absl::StatusOr<Outcome<T>> Deny(pqxx::work& txn, audit::Entry entry, absl::Statu
   return out;
 }
 
+// The outcome of a transaction that did what it was asked: `value`.
+template <typename T>
+Outcome<T> Done(T value) {
+  Outcome<T> out;
+  out.value = std::move(value);
+  return out;
+}
+
 template <typename T>
 absl::StatusOr<T> ResultOf(absl::StatusOr<Outcome<T>> outcome) {
   if (!outcome.ok()) return outcome.status();
@@ -1415,9 +1423,7 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
         entry.reason = absl::StrCat("PERMITTED: record=", record_id, " grantee=", grantee,
                                     " until=", Rfc3339(grant.expires_at));
         RETURN_IF_ERROR(audit::Append(txn, entry).status());
-        Outcome<GrantInfo> out;
-        out.value = std::move(grant);
-        return out;
+        return Done(std::move(grant));
       }));
 }
 
@@ -1467,11 +1473,7 @@ absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
           absl::PermissionDeniedError(
               "only the record's owner or the practitioner who shared may revoke a grant"));
     }
-    Outcome<GrantInfo> out;
-    if (grant.revoked_at) {  // idempotent: the earlier revocation stands
-      out.value = grant;
-      return out;
-    }
+    if (grant.revoked_at) return Done(grant);  // idempotent: the earlier revocation stands
     GrantInfo revoked =
         GrantFromRow(txn.exec_prepared1(sql::kRevokeGrant, grant.grant_id, PgTime(now)));
     RETURN_IF_ERROR(
@@ -1493,8 +1495,7 @@ absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
                                                         ", whose grant was revoked)")))
               .status());
     }
-    out.value = std::move(revoked);
-    return out;
+    return Done(std::move(revoked));
   }));
 }
 
@@ -1681,11 +1682,9 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
   // A break-glass request its caller may not make is refused once the record is read, so that the
   // refusal is audited with it (unless the record is not the caller's to know of).
   absl::Status break_glass_refused;
-  std::string break_glass_refusal_reason;
   if (ops && break_glass_reason.empty()) {
     break_glass_refused = absl::PermissionDeniedError(
         "ops read records only by break-glass: break_glass_reason is required");
-    break_glass_refusal_reason = "BREAK_GLASS_WITHOUT_REASON";
   } else if (ops) {
     if (break_glass_reason.size() < kMinBreakGlassReasonBytes ||
         break_glass_reason.size() > kMaxBreakGlassReasonBytes) {
@@ -1698,7 +1697,6 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
   } else if (!break_glass_reason.empty()) {
     break_glass_refused =
         absl::PermissionDeniedError("break-glass reads are for ops identities only");
-    break_glass_refusal_reason = "BREAK_GLASS_NOT_OPS";
   }
   ASSIGN_OR_RETURN(pg::Pool * pool, ShardOf(record_id, "record"));
   // Taken before the record is read, so a download refused for want of one reads and audits
@@ -1734,7 +1732,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
                                       record.tenant_id, record.patient_id, "");
         if (!break_glass_refused.ok()) {
           if (!ops && record.tenant_id != ctx.principal.tenant) return break_glass_refused;
-          entry.reason = break_glass_refusal_reason;
+          entry.reason = ops ? "BREAK_GLASS_WITHOUT_REASON" : "BREAK_GLASS_NOT_OPS";
           return Deny<Opened>(txn, entry, break_glass_refused);
         }
         const std::string bytes = absl::StrCat("bytes=", record.size_bytes);
@@ -1809,9 +1807,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
         RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
         // Audited before the first byte leaves, for the full size.
         RETURN_IF_ERROR(audit::Append(txn, entry).status());
-        Outcome<Opened> out;
-        out.value = Opened{std::move(one[0]), std::move(key), std::move(grantee)};
-        return out;
+        return Done(Opened{std::move(one[0]), std::move(key), std::move(grantee)});
       })));
   return std::unique_ptr<Download>(
       new PgDownload(*this, *pool, std::move(opened.record), std::move(opened.key),
@@ -1857,9 +1853,7 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
     AttachGrants(txn, one, ctx.principal.spiffe_id, now);
     ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(txn, one[0], rows[0]));
     RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
-    Outcome<RecordInfo> out;
-    out.value = std::move(one[0]);
-    return out;
+    return Done(std::move(one[0]));
   }));
 }
 
@@ -1909,9 +1903,7 @@ absl::StatusOr<absl::Time> SharingCore::EraseRecord(const CallContext& ctx,
                                                 record->tenant_id, record->patient_id,
                                                 absl::StrCat("ERASED: ", reason)))
                         .status());
-    Outcome<absl::Time> out;
-    out.value = now;
-    return out;
+    return Done(now);
   }));
   AfterRecordErasure(*pool, region, patient_id, retired, erased.ok());
   return erased;
