@@ -247,6 +247,16 @@ class IngestTest : public ::testing::Test {
     return placed.patient_id();
   }
 
+  // A patient placed in `territory` with device `device_id` assigned (PatientWithDevice), who has
+  // granted REMOTE_MONITORING: the device's samples are stored.
+  static std::string MonitoredPatientWithDevice(const std::string& ref,
+                                                const std::string& territory,
+                                                const std::string& device_id) {
+    std::string patient = PatientWithDevice(ref, territory, device_id);
+    Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+    return patient;
+  }
+
   static void Grant(const std::string& patient_id, v1::Purpose purpose, const std::string& actor = "",
                     const TestCert& as = pki().app()) {
     auto stub = StubAs<v1::Consent>(as, pki().ca_path(), consent_->port(),
@@ -357,8 +367,7 @@ consent::ConsentServer* IngestTest::consent_ = nullptr;
 IngestServer* IngestTest::ingest_ = nullptr;
 
 TEST_F(IngestTest, StoresInTheHomeShardOnlyAndResendsAreDuplicates) {
-  std::string patient = PatientWithDevice("home-fr", "FR", "dev-home");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("home-fr", "FR", "dev-home");
   TestCert device = Device("acme", "dev-home");
   auto stub = Ingest(device);
   DeviceStream stream(*stub);
@@ -427,8 +436,7 @@ TEST_F(IngestTest, StoresInTheHomeShardOnlyAndResendsAreDuplicates) {
 // routing's and consent's): once the test's own connections have closed, none of the schema
 // owner's is left.
 TEST_F(IngestTest, IngestConnectsAsItsOwnDatabaseRole) {
-  std::string patient = PatientWithDevice("role-fr", "FR", "dev-role");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("role-fr", "FR", "dev-role");
   auto stub = Ingest(Device("acme", "dev-role"));
   DeviceStream stream(*stub);
   std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 5));
@@ -477,8 +485,7 @@ TEST_F(IngestTest, ComingMonthsHaveTheirVitalsPartitions) {
 // processed on gRPC's callback thread; only what has to wait (the first batch's look-ups) goes to a
 // worker thread. Every batch is stored either way.
 TEST_F(IngestTest, BatchesWithNothingToWaitForSkipTheWorkerThreads) {
-  std::string patient = PatientWithDevice("inline", "FR", "dev-inline");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("inline", "FR", "dev-inline");
   auto extra = StartIngest("ingest: {linger_ms: 0}\n");
   ASSERT_NE(extra, nullptr);
   IngestServer& server = *extra->server;
@@ -505,8 +512,7 @@ TEST_F(IngestTest, BatchesWithNothingToWaitForSkipTheWorkerThreads) {
 // Besides the device cursors the service checks, the shard's primary key refuses a second copy of
 // a stored sample (same tenant, device, seq and measurement time), whoever writes it.
 TEST_F(IngestTest, TheShardRefusesASecondCopyOfAStoredSample) {
-  std::string patient = PatientWithDevice("pkey", "FR", "dev-pkey");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("pkey", "FR", "dev-pkey");
   auto stub = Ingest(Device("acme", "dev-pkey"));
   DeviceStream stream(*stub);
   std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 5));
@@ -539,8 +545,7 @@ TEST_F(IngestTest, TheShardRefusesASecondCopyOfAStoredSample) {
 }
 
 TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
-  std::string patient = PatientWithDevice("validation", "FR", "dev-validate");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("validation", "FR", "dev-validate");
   auto stub = Ingest(Device("acme", "dev-validate"));
   v1::VitalsBatch batch;
   batch.set_batch_seq(7);
@@ -604,8 +609,7 @@ TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
 // the batch's other samples are stored.
 TEST_F(IngestTest, SamplesMeasuredBeforeTheAssignmentAreNotThePatients) {
   const absl::Time before_assignment = absl::Now() - absl::Seconds(30);
-  const std::string patient = PatientWithDevice("assigned-late", "FR", "dev-assigned-late");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  const std::string patient = MonitoredPatientWithDevice("assigned-late", "FR", "dev-assigned-late");
   auto stub = Ingest(Device("acme", "dev-assigned-late"));
   v1::VitalsBatch batch;
   batch.set_batch_seq(1);
@@ -658,8 +662,7 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
     EXPECT_EQ(denials[0][5].as<std::string>(), "dev-noconsent");
   }
 
-  std::string patient = PatientWithDevice("geo", "FR", "dev-geo");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("geo", "FR", "dev-geo");
   auto geo_stub = Ingest(Device("acme", "dev-geo"));
   DeviceStream geo(*geo_stub);
   v1::VitalsBatch batch = Batch(1, 1, 1);
@@ -713,8 +716,7 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
 // consent cache hears of it within about a second), every later batch is refused for it and
 // nothing more is stored; what was stored before stays.
 TEST_F(IngestTest, AWithdrawalStopsAStreamAlreadyOpenFromStoring) {
-  std::string patient = PatientWithDevice("withdrawn-mid-stream", "FR", "dev-withdrawn");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("withdrawn-mid-stream", "FR", "dev-withdrawn");
   auto stub = Ingest(Device("acme", "dev-withdrawn"));
   DeviceStream stream(*stub);
   std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 5));
@@ -773,8 +775,7 @@ TEST_F(IngestTest, OnlyAssignedDevicesMayStreamAndOnlyDevicesMayStream) {
 // A stream refused as it opens (a caller that may not stream, a device over its stream bound) and
 // cancelled by its client before the refusal is sent ends once: the service keeps serving.
 TEST_F(IngestTest, RefusedStreamsCancelledAtOnceLeaveTheServiceServing) {
-  std::string patient = PatientWithDevice("refused-cancel-fr", "FR", "dev-refused-cancel");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("refused-cancel-fr", "FR", "dev-refused-cancel");
   auto extra = StartIngest("ingest: {max_streams_per_device: 1}\n");
   ASSERT_NE(extra, nullptr);
   auto device = Ingest(Device("acme", "dev-refused-cancel"), extra->server->port());
@@ -808,8 +809,7 @@ TEST_F(IngestTest, RefusedStreamsCancelledAtOnceLeaveTheServiceServing) {
 // One stream of a device stores at a time (DeviceTurns): a device's batches are stored in the
 // order it sent them, so its seq cursor never passes a sample it has not stored.
 TEST_F(IngestTest, ANewStreamOfADeviceTakesOverOnlyOnceTheOlderOnesBatchesAreAnswered) {
-  std::string patient = PatientWithDevice("turns-fr", "FR", "dev-turns");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("turns-fr", "FR", "dev-turns");
   // The writer waits for the test's lock below far longer than the shard's default 5 s.
   std::string ingest_yaml = "ingest: {max_streams_per_device: 2}\n";
   auto extra = StartIngest(ingest_yaml, 600000);
@@ -878,8 +878,7 @@ TEST_F(IngestTest, ANewStreamOfADeviceTakesOverOnlyOnceTheOlderOnesBatchesAreAns
 // A stream waiting for its device's turn, whose client gives up, ends then and there (it has no
 // read or write of its own to end it), and the turn passes over it to the device's next stream.
 TEST_F(IngestTest, AStreamCancelledWhileWaitingForItsDevicesTurnEnds) {
-  std::string patient = PatientWithDevice("turns-cancel-fr", "FR", "dev-turns-cancel");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("turns-cancel-fr", "FR", "dev-turns-cancel");
   auto extra = StartIngest("ingest: {}\n", 600000);
   ASSERT_NE(extra, nullptr);
   const std::string device_id = pki().SpiffeId("/tenant/acme/device/dev-turns-cancel");
@@ -915,8 +914,7 @@ TEST_F(IngestTest, AStreamCancelledWhileWaitingForItsDevicesTurnEnds) {
 }
 
 TEST_F(IngestTest, AStreamSupersededWhileItWaitsForItsReadEndsAtOnce) {
-  std::string patient = PatientWithDevice("turns-idle-fr", "FR", "dev-turns-idle");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("turns-idle-fr", "FR", "dev-turns-idle");
   auto stub = Ingest(Device("acme", "dev-turns-idle"));
   DeviceStream a(*stub);
   ASSERT_EQ(a.Send(Batch(1, 1, 3))->stored_count(), 3u);
@@ -1062,8 +1060,7 @@ TEST_F(IngestTest, AReadVitalsPageReadsAboutAPageOfRowsPerCodeAndPagesKeepOrder)
 }
 
 TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
-  std::string patient = PatientWithDevice("reader", "FR", "dev-read");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("reader", "FR", "dev-read");
   auto stub = Ingest(Device("acme", "dev-read"));
   DeviceStream stream(*stub);
   ASSERT_EQ(stream.Send(Batch(1, 1, 30))->stored_count(), 30u);
@@ -1172,8 +1169,7 @@ TEST_F(IngestTest, ReadVitalsRefusesBadBoundsAndFailsWhenItsRefusalCannotBeAudit
 // Stored locations are read back only while GEOLOCATION permits the reader: a revocation hides
 // what was stored under the earlier consent, and the read's audit entry says so.
 TEST_F(IngestTest, ReadVitalsReturnsLocationsOnlyWhileGeolocationPermitsTheReader) {
-  std::string patient = PatientWithDevice("geo-reader", "FR", "dev-geo-read");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("geo-reader", "FR", "dev-geo-read");
   Grant(patient, v1::PURPOSE_CARE);
   auto consents = StubAs<v1::Consent>(pki().app(), pki().ca_path(), consent_->port(),
                                               pki().SpiffeId("/service/consent"));
@@ -1278,10 +1274,8 @@ TEST_F(IngestTest, ReadVitalsReturnsLocationsOnlyWhileGeolocationPermitsTheReade
 }
 
 TEST_F(IngestTest, AShardDownLosesNoAckedSampleAndOtherRegionsKeepWorking) {
-  std::string de_patient = PatientWithDevice("fault-de", "DE", "dev-fault");
-  Grant(de_patient, v1::PURPOSE_REMOTE_MONITORING);
-  std::string fr_patient = PatientWithDevice("fault-fr", "FR", "dev-steady");
-  Grant(fr_patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string de_patient = MonitoredPatientWithDevice("fault-de", "DE", "dev-fault");
+  std::string fr_patient = MonitoredPatientWithDevice("fault-fr", "FR", "dev-steady");
   auto stub = Ingest(Device("acme", "dev-fault"));
   auto steady_stub = Ingest(Device("acme", "dev-steady"));
   constexpr int kBatches = 30;
@@ -1333,8 +1327,7 @@ TEST_F(IngestTest, AShardDownLosesNoAckedSampleAndOtherRegionsKeepWorking) {
 }
 
 TEST_F(IngestTest, TheSdkResendsItsFileBufferAfterARestart) {
-  std::string patient = PatientWithDevice("sdk", "BE", "dev-sdk");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("sdk", "BE", "dev-sdk");
   device::DeviceOptions options = SdkOptions(Device("acme", "dev-sdk"), "sdk");
   const absl::Time test_start = absl::Now();
   auto samples = HeartRates;
@@ -1371,8 +1364,7 @@ TEST_F(IngestTest, TheSdkResendsItsFileBufferAfterARestart) {
 // numbered from the clock: above every seq the lost file gave out, so each new sample is stored,
 // none taken for a duplicate, with no restart needed.
 TEST_F(IngestTest, TheSdkNumbersANewBufferFileAboveTheLostOnesSeqs) {
-  std::string patient = PatientWithDevice("sdk-new-file", "FR", "dev-sdk-new-file");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("sdk-new-file", "FR", "dev-sdk-new-file");
   device::DeviceOptions options = SdkOptions(Device("acme", "dev-sdk-new-file"), "sdk-new-file");
   device::DeviceStats first = Deliver(options, 3);
   EXPECT_EQ(first.samples_stored, 30u);
@@ -1396,8 +1388,7 @@ TEST_F(IngestTest, TheSdkNumbersANewBufferFileAboveTheLostOnesSeqs) {
 // never gave out: it moves its seqs above them and sends the samples taken for duplicates again.
 // Each sample is stored once.
 TEST_F(IngestTest, TheSdkMovesItsSeqsAboveTheStoredOnesWhenItsBufferFileWasLost) {
-  std::string patient = PatientWithDevice("sdk-lost", "FR", "dev-sdk-lost");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("sdk-lost", "FR", "dev-sdk-lost");
   device::DeviceOptions options = SdkOptions(Device("acme", "dev-sdk-lost"), "sdk-lost");
   options.first_seq = 1;
   device::DeviceStats first = Deliver(options, 3);
@@ -1425,8 +1416,7 @@ TEST_F(IngestTest, TheSdkMovesItsSeqsAboveTheStoredOnesWhenItsBufferFileWasLost)
 // that cannot be set up is tried again after the backoff, and the buffered batch goes once the
 // files are there.
 TEST_F(IngestTest, TheSdkConnectsOnceItsCertificateFilesAppear) {
-  std::string patient = PatientWithDevice("sdk-late-cert", "FR", "dev-sdk-late-cert");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("sdk-late-cert", "FR", "dev-sdk-late-cert");
   TestCert cert = Device("acme", "dev-sdk-late-cert");
   const std::filesystem::path dir =
       std::filesystem::temp_directory_path() / ("medgate-sdk-certs-" + std::to_string(getpid()));
@@ -1464,8 +1454,7 @@ TEST_F(IngestTest, TheSdkConnectsOnceItsCertificateFilesAppear) {
 // identity it was given: to any other (here the ingest server itself, taken for routing), the
 // handshake fails, nothing is sent, and the batch stays buffered; the right identity delivers it.
 TEST_F(IngestTest, TheSdkSendsNothingToAServerWithAnotherIdentity) {
-  std::string patient = PatientWithDevice("sdk-identity", "FR", "dev-sdk-identity");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("sdk-identity", "FR", "dev-sdk-identity");
   device::DeviceOptions options =
       SdkOptions(Device("acme", "dev-sdk-identity"), "sdk-identity");
   options.server_identity = pki().SpiffeId("/service/routing");
@@ -1497,8 +1486,7 @@ TEST_F(IngestTest, TheSdkSendsNothingToAServerWithAnotherIdentity) {
 // A device over its tenant's quota is told how long to wait (retry_after): the SDK waits at least
 // that long before it reconnects and resends, and every batch is stored once.
 TEST_F(IngestTest, TheSdkWaitsAsLongAsAQuotaRefusalAsksAndLosesNothing) {
-  std::string patient = PatientWithDevice("sdk-quota", "FR", "dev-sdk-quota");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("sdk-quota", "FR", "dev-sdk-quota");
   // A second ingest server whose tenants may send 1,000 samples at once, then 500 a second.
   auto extra = StartIngest("ingest: {tenant_samples_per_second: 500, tenant_burst: 1000}\n");
   ASSERT_NE(extra, nullptr);
@@ -1541,8 +1529,7 @@ TEST_F(IngestTest, TheSdkWaitsAsLongAsAQuotaRefusalAsksAndLosesNothing) {
 // Every sample a batch carries counts against the tenant's quota, valid or not: a device sending
 // only samples that are refused meets RESOURCE_EXHAUSTED like any other.
 TEST_F(IngestTest, RefusedSamplesCountAgainstTheTenantsQuota) {
-  std::string patient = PatientWithDevice("quota-invalid", "FR", "dev-quota-invalid");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("quota-invalid", "FR", "dev-quota-invalid");
   // 1,000 samples at once, then one a second.
   auto extra = StartIngest("ingest: {tenant_samples_per_second: 1, tenant_burst: 1000}\n");
   ASSERT_NE(extra, nullptr);
@@ -1578,8 +1565,7 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
        {std::pair<std::string, std::string>{"max_queued_batches: 1", "dev-bp"},
         std::pair<std::string, std::string>{"max_queued_rows: 200", "dev-bp-rows"}}) {
     SCOPED_TRACE(queue_bound);
-    std::string patient = PatientWithDevice(absl::StrCat("backpressure-", device), "FR", device);
-    Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+    std::string patient = MonitoredPatientWithDevice(absl::StrCat("backpressure-", device), "FR", device);
     constexpr uint64_t kBatches = 5;
     constexpr uint64_t kPerBatch = 200;  // kBatches * kPerBatch = the burst
     // A second ingest server on the same stack: one writer lane, a one-batch queue, a short wait,
@@ -1805,8 +1791,7 @@ TEST_F(IngestTest, ATenantOverItsRateQuotaIsRefusedRetryablyAndLosesNothing) {
   constexpr uint32_t kBurst = 1000;    // the smallest burst allowed: the largest batch
   constexpr uint32_t kRate = 500;      // samples a second
   constexpr uint32_t kPerBatch = 50;  // a tenth of a second of refill
-  std::string patient = PatientWithDevice("quota", "FR", "dev-quota");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("quota", "FR", "dev-quota");
   std::string other_patient = PatientWithDevice("quota-other", "DE", "dev-quota", pki().globex_app());
   Grant(other_patient, v1::PURPOSE_REMOTE_MONITORING, "", pki().globex_app());
   // A second ingest server on the same stack, whose tenants' buckets start full at kBurst.
@@ -1915,8 +1900,7 @@ TEST_F(IngestTest, AResendAfterAShardOutageIsNotRefusedForTheQuota) {
   constexpr uint32_t kBurst = 1000;  // the smallest burst allowed: the largest batch
   constexpr uint32_t kPerBatch = 400;
   constexpr int kAttemptsWhileDown = 3;  // 1,200 samples charged while down: more than the burst
-  std::string patient = PatientWithDevice("refund", "DE", "dev-refund");
-  Grant(patient, v1::PURPOSE_REMOTE_MONITORING);
+  std::string patient = MonitoredPatientWithDevice("refund", "DE", "dev-refund");
   // A second ingest server whose tenants refill one sample a second: next to nothing in this test.
   auto extra = StartIngest(
       absl::StrCat("ingest: {tenant_samples_per_second: 1, tenant_burst: ", kBurst, "}\n"));
@@ -2085,12 +2069,9 @@ TEST_F(IngestTest, ASuspendedTenantNeitherStreamsNorReads) {
 // answered at once with a retryable RESOURCE_EXHAUSTED, and another region's batch that needs a
 // worker (its device not yet in the routing cache) is stored meanwhile.
 TEST_F(IngestTest, AStalledRegionHoldsAtMostHalfTheWorkers) {
-  const std::string de_patient = PatientWithDevice("stall-de", "DE", "dev-stall-de");
-  Grant(de_patient, v1::PURPOSE_REMOTE_MONITORING);
-  const std::string de_patient2 = PatientWithDevice("stall-de-2", "DE", "dev-stall-de-2");
-  Grant(de_patient2, v1::PURPOSE_REMOTE_MONITORING);
-  const std::string fr_patient = PatientWithDevice("stall-fr", "FR", "dev-stall-fr");
-  Grant(fr_patient, v1::PURPOSE_REMOTE_MONITORING);
+  const std::string de_patient = MonitoredPatientWithDevice("stall-de", "DE", "dev-stall-de");
+  const std::string de_patient2 = MonitoredPatientWithDevice("stall-de-2", "DE", "dev-stall-de-2");
+  const std::string fr_patient = MonitoredPatientWithDevice("stall-fr", "FR", "dev-stall-fr");
   // Two workers, so one may wait for de-1; one lane and one queued batch per region.
   auto extra = StartIngest(
       "ingest: {worker_threads: 2, writers_per_region: 1, max_queued_batches: 1, "
