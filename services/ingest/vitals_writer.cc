@@ -221,9 +221,15 @@ void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
   std::vector<WriteOutcome> outcomes(live.size());
   absl::Status status;
   for (int attempt = 0; attempt < 2; ++attempt) {
-    status = WriteOnce(live, outcomes);
-    // A stale connection (server restarted) fails before anything is written: retry once.
-    if (status.ok() || status.code() != absl::StatusCode::kUnavailable || attempt > 0) break;
+    bool commit_sent = false;
+    status = WriteOnce(live, outcomes, commit_sent);
+    // A stale connection (server restarted) fails before anything is written: retry once. Not
+    // once the COMMIT was sent: it may have happened, and a second transaction would answer the
+    // stored samples as duplicates and write a refusal's entry twice.
+    if (status.ok() || status.code() != absl::StatusCode::kUnavailable || attempt > 0 ||
+        commit_sent) {
+      break;
+    }
     if (conn_ != nullptr && PQstatus(conn_) == CONNECTION_OK) break;
   }
   if (!status.ok()) {
@@ -241,7 +247,7 @@ void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
 }
 
 absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
-                                     std::vector<WriteOutcome>& outcomes) {
+                                     std::vector<WriteOutcome>& outcomes, bool& commit_sent) {
   outcomes.assign(live.size(), WriteOutcome{});
   if (absl::Status s = EnsureConnected(); !s.ok()) return s;
   bool in_transaction = false;
@@ -401,6 +407,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   }
   absl::StatusOr<std::string> finish = sql::AuditAndCommitQuery(quote, entries);
   if (!finish.ok()) return fail(finish.status());
+  commit_sent = true;
   if (PQsendQuery(conn_, finish->c_str()) != 1) {
     return fail(absl::UnavailableError(absl::StrCat("database '", region_id_, "' unreachable: ",
                                                     PQerrorMessage(conn_))));

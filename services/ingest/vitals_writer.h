@@ -111,8 +111,10 @@ class VitalsWriter {
   // Whether a request of `rows` rows fits the queue's bounds now (mu_ held).
   bool HasRoomFor(size_t rows) const;
   void Commit(std::vector<WriteRequest>& group);
-  // One attempt at writing `live` in one transaction; fills `outcomes`.
-  absl::Status WriteOnce(const std::vector<WriteRequest*>& live, std::vector<WriteOutcome>& outcomes);
+  // One attempt at writing `live` in one transaction; fills `outcomes`. `commit_sent` is set once
+  // the COMMIT has gone to the shard: from then on a failure may follow a commit that happened.
+  absl::Status WriteOnce(const std::vector<WriteRequest*>& live, std::vector<WriteOutcome>& outcomes,
+                         bool& commit_sent);
   absl::Status EnsureConnected();
 
   const std::string region_id_;

@@ -16,6 +16,7 @@
 #include "absl/time/clock.h"
 #include "libs/audit/audit_log.h"
 #include "tests/support/pg_cluster.h"
+#include "tests/support/pg_fault_proxy.h"
 #include "tests/support/poll.h"
 #include "tests/support/test_stack.h"
 
@@ -255,6 +256,66 @@ TEST_F(VitalsWriterTest, AnAuditEntryIsKeptOnlyWithItsSamples) {
   }
   exec("DROP TRIGGER refuse_commit ON vitals_default");
   exec("DROP FUNCTION refuse_commit()");
+}
+
+// The connection lost after the shard committed, before the writer heard so: the outcome is
+// unknown, so nothing is acknowledged and nothing is written again. The batches are answered
+// "resend"; the samples are in the shard once, a resend is counted as duplicates, and the refusal
+// of a batch without consent is in the audit log once, as it was sent once.
+TEST_F(VitalsWriterTest, ACommitWhoseAnswerIsLostIsNeitherAckedNorWrittenAgain) {
+  auto proxy = test_support::PgFaultProxy::Start(shard_->port());
+  ASSERT_TRUE(proxy.ok()) << proxy.status();
+  DbConfig db = Db();
+  db.conninfo = (*proxy)->Via(db.conninfo);
+  WriterOptions options;
+  options.linger = absl::Milliseconds(200);  // the two batches below go in one transaction
+  VitalsWriter writer("fr-1", db, options);
+  ASSERT_TRUE(Write(writer, Batch("dev-lost-commit", 1, 1)).status.ok());  // connected
+
+  WriteRequest stored = Batch("dev-lost-commit", 2, 4);
+  stored.batch_seq = 2;
+  WriteRequest refused;
+  refused.tenant_id = "acme";
+  refused.device_id = "dev-lost-commit-refused";
+  refused.patient_id = "pt-dev-lost-commit-refused";
+  refused.denial = "no REMOTE_MONITORING consent";
+  refused.batch_seq = 9;
+  refused.read_at = absl::Now();
+  (*proxy)->CutAtNextCommit();
+  std::vector<std::future<WriteOutcome>> outcomes;
+  for (WriteRequest* r : {&stored, &refused}) {
+    auto promise = std::make_shared<std::promise<WriteOutcome>>();
+    outcomes.push_back(promise->get_future());
+    r->done = [promise](const WriteOutcome& o) { promise->set_value(o); };
+    ASSERT_TRUE(writer.Enqueue(*r, absl::Seconds(10)));
+  }
+  for (std::future<WriteOutcome>& o : outcomes) {
+    WriteOutcome outcome = o.get();
+    EXPECT_EQ(outcome.status.code(), absl::StatusCode::kUnavailable) << outcome.status;
+    EXPECT_EQ(outcome.stored, 0u);
+  }
+  EXPECT_EQ((*proxy)->cuts(), 1);
+  EXPECT_EQ(Stored("dev-lost-commit"), 4);  // committed: the shard has them
+  auto denials = [] {
+    pqxx::connection c(shard_->ConnectionString());
+    pqxx::nontransaction q(c);
+    return q.exec1("SELECT count(*) FROM audit_log WHERE object_id = 'dev-lost-commit-refused'")[0]
+        .as<int>();
+  };
+  EXPECT_EQ(denials(), 1);
+
+  // The device's resend: nothing twice.
+  stored.done = nullptr;
+  WriteOutcome resent = Write(writer, stored);
+  ASSERT_TRUE(resent.status.ok()) << resent.status;
+  EXPECT_EQ(resent.stored, 0u);
+  EXPECT_EQ(resent.duplicates, 3u);
+  EXPECT_EQ(resent.highest_committed_seq, 4u);
+  EXPECT_EQ(Stored("dev-lost-commit"), 4);
+  pqxx::connection c(shard_->ConnectionString());
+  auto verified = audit::VerifyChain(c);
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_TRUE(verified->ok) << verified->problem;
 }
 
 // Two writers' transactions taking the cursor of a device new to the shard: the later waits for the

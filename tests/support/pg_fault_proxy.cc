@@ -1,0 +1,178 @@
+#include "tests/support/pg_fault_proxy.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace medgate::test_support {
+namespace {
+
+// The server's CommandComplete message for COMMIT: 'C', length 11, "COMMIT\0".
+constexpr absl::string_view kCommitComplete("C\0\0\0\x0b" "COMMIT\0", 12);
+
+absl::Status Errno(absl::string_view what) {
+  return absl::InternalError(absl::StrCat(what, ": ", std::strerror(errno)));
+}
+
+bool SendAll(int fd, const char* data, size_t size) {
+  while (size > 0) {
+    const ssize_t n = send(fd, data, size, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+  return true;
+}
+
+// Waits until `fd` is readable; false when the proxy stops first.
+bool WaitReadable(int fd, int stop_fd) {
+  pollfd fds[2] = {{.fd = fd, .events = POLLIN, .revents = 0},
+                   {.fd = stop_fd, .events = POLLIN, .revents = 0}};
+  while (true) {
+    const int n = poll(fds, 2, -1);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 || fds[1].revents != 0) return false;
+    if (fds[0].revents != 0) return true;
+  }
+}
+
+// The length of the longest end of `bytes` that begins kCommitComplete.
+size_t PartialCommitAtEnd(absl::string_view bytes) {
+  for (size_t n = std::min(bytes.size(), kCommitComplete.size() - 1); n > 0; --n) {
+    if (bytes.substr(bytes.size() - n) == kCommitComplete.substr(0, n)) return n;
+  }
+  return 0;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PgFaultProxy>> PgFaultProxy::Start(int server_port) {
+  std::unique_ptr<PgFaultProxy> proxy(new PgFaultProxy());
+  proxy->server_port_ = server_port;
+  if (pipe(proxy->stop_pipe_) != 0) return Errno("pipe");
+  proxy->listener_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (proxy->listener_ < 0) return Errno("socket");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  if (bind(proxy->listener_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return Errno("bind");
+  }
+  if (listen(proxy->listener_, 64) != 0) return Errno("listen");
+  socklen_t len = sizeof(addr);
+  if (getsockname(proxy->listener_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    return Errno("getsockname");
+  }
+  proxy->port_ = ntohs(addr.sin_port);
+  proxy->acceptor_ = std::thread([p = proxy.get()] { p->AcceptLoop(); });
+  return proxy;
+}
+
+PgFaultProxy::~PgFaultProxy() {
+  if (stop_pipe_[1] >= 0) {
+    const char stop = 's';
+    while (write(stop_pipe_[1], &stop, 1) < 0 && errno == EINTR) {
+    }
+  }
+  if (acceptor_.joinable()) acceptor_.join();
+  std::vector<std::thread> connections;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    connections.swap(connections_);
+  }
+  for (std::thread& t : connections) t.join();
+  if (listener_ >= 0) close(listener_);
+  for (int fd : stop_pipe_) {
+    if (fd >= 0) close(fd);
+  }
+}
+
+std::string PgFaultProxy::Via(absl::string_view conninfo) const {
+  std::string out(conninfo);
+  const size_t at = out.find("port=");
+  if (at == std::string::npos) return absl::StrCat(out, " port=", port_);
+  size_t end = at + 5;
+  while (end < out.size() && out[end] >= '0' && out[end] <= '9') ++end;
+  out.replace(at + 5, end - at - 5, std::to_string(port_));
+  return out;
+}
+
+void PgFaultProxy::CutAtNextCommit() { armed_.store(true); }
+
+void PgFaultProxy::AcceptLoop() {
+  while (WaitReadable(listener_, stop_pipe_[0])) {
+    const int client = accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (client < 0) continue;
+    const int server = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(server_port_));
+    if (server < 0 || connect(server, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      if (server >= 0) close(server);
+      close(client);
+      continue;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    connections_.emplace_back([this, client, server] { Forward(client, server); });
+  }
+}
+
+void PgFaultProxy::Forward(int client, int server) {
+  // The client's bytes go to the server unchanged, on a thread of their own.
+  std::thread upstream([this, client, server] {
+    char buf[65536];
+    while (WaitReadable(client, stop_pipe_[0])) {
+      const ssize_t n = recv(client, buf, sizeof(buf), 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0 || !SendAll(server, buf, static_cast<size_t>(n))) break;
+    }
+    shutdown(server, SHUT_RDWR);
+    shutdown(client, SHUT_RDWR);
+  });
+  // The server's bytes go to the client, except from a COMMIT's completion on when armed. While
+  // armed, the end of what has arrived that could begin one waits for the next bytes (the server
+  // always sends a message whole, and more follows it).
+  std::string held;
+  char buf[65536];
+  while (WaitReadable(server, stop_pipe_[0])) {
+    const ssize_t n = recv(server, buf, sizeof(buf), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    held.append(buf, static_cast<size_t>(n));
+    size_t pass = held.size();
+    bool cut = false;
+    if (armed_.load()) {
+      const size_t at = held.find(kCommitComplete.data(), 0, kCommitComplete.size());
+      if (at != std::string::npos) {
+        bool expected = true;
+        cut = armed_.compare_exchange_strong(expected, false);
+        pass = cut ? at : held.size();
+      } else {
+        pass = held.size() - PartialCommitAtEnd(held);
+      }
+    }
+    if (!SendAll(client, held.data(), pass)) break;
+    held.erase(0, pass);
+    if (cut) {
+      cuts_.fetch_add(1);
+      break;
+    }
+  }
+  shutdown(client, SHUT_RDWR);
+  shutdown(server, SHUT_RDWR);
+  upstream.join();
+  close(client);
+  close(server);
+}
+
+}  // namespace medgate::test_support

@@ -1,0 +1,63 @@
+// A TCP proxy in front of a PostgreSQL server that loses a connection the way a network can at
+// the worst moment: after the server has committed a transaction, before the client hears so.
+// The client then cannot tell a commit that happened from one that did not, which is the case
+// the services must answer without acknowledging twice or writing twice.
+//
+// Bytes pass through unchanged (the test servers do not use TLS). The proxy recognises the
+// server's CommandComplete message for COMMIT in the byte stream it forwards to the client.
+#ifndef MEDGATE_TESTS_SUPPORT_PG_FAULT_PROXY_H_
+#define MEDGATE_TESTS_SUPPORT_PG_FAULT_PROXY_H_
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace medgate::test_support {
+
+class PgFaultProxy {
+ public:
+  // Listens on 127.0.0.1 (a free port) and forwards each connection to 127.0.0.1:`server_port`.
+  static absl::StatusOr<std::unique_ptr<PgFaultProxy>> Start(int server_port);
+  ~PgFaultProxy();
+  PgFaultProxy(const PgFaultProxy&) = delete;
+  PgFaultProxy& operator=(const PgFaultProxy&) = delete;
+
+  int port() const { return port_; }
+
+  // `conninfo` (a key=value connection string naming the server's port) made to go through the
+  // proxy instead.
+  std::string Via(absl::string_view conninfo) const;
+
+  // The next COMMIT that the server completes on any connection through the proxy: that
+  // connection is closed at both ends instead of its completion reaching the client. The
+  // transaction stays committed. Later connections and commits pass again.
+  void CutAtNextCommit();
+
+  // Connections cut so far.
+  int cuts() const { return cuts_.load(); }
+
+ private:
+  PgFaultProxy() = default;
+  void AcceptLoop();
+  void Forward(int client, int server);
+
+  int server_port_ = 0;
+  int port_ = 0;
+  int listener_ = -1;
+  int stop_pipe_[2] = {-1, -1};
+  std::atomic<bool> armed_{false};
+  std::atomic<int> cuts_{0};
+  std::thread acceptor_;
+  std::mutex mu_;
+  std::vector<std::thread> connections_;
+};
+
+}  // namespace medgate::test_support
+
+#endif  // MEDGATE_TESTS_SUPPORT_PG_FAULT_PROXY_H_
