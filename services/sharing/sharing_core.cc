@@ -503,16 +503,11 @@ class PgUpload final : public Upload {
           try {
             stored = StoreRecord(alone, *key, now, entry);
           } catch (const pqxx::broken_connection&) {
-            return absl::UnavailableError(
-                "database connection lost while the record was being stored: it may or may not "
-                "have been stored; list the patient's records before uploading again");
+            return absl::UnavailableError(kOutcomeUnknown);
           }
         }
         RETURN_IF_ERROR(stored.status());
-        if (*stored) {
-          if (txn_ != nullptr) txn_->commit();
-          return absl::OkStatus();
-        }
+        if (*stored) return txn_ != nullptr ? CommitTransaction() : absl::OkStatus();
         keys_.Forget(home_.patient_id);  // erased, or replaced after an erasure elsewhere
       }
       // Otherwise the key is read, or created for the patient's first record, in the record's
@@ -533,12 +528,25 @@ class PgUpload final : public Upload {
             "the patient's key was replaced by erasures while this upload was being stored; "
             "nothing was stored, upload again");
       }
-      txn_->commit();
+      RETURN_IF_ERROR(CommitTransaction());
       keys_.Put(home_.patient_id, *current, now, generation);
       return absl::OkStatus();
     } catch (const std::exception& e) {
       return pg::StatusFromException(e);
     }
+  }
+
+  static constexpr char kOutcomeUnknown[] =
+      "database connection lost while the record was being stored: it may or may not have been "
+      "stored; list the patient's records before uploading again";
+
+  absl::Status CommitTransaction() {
+    try {
+      txn_->commit();
+    } catch (const pqxx::in_doubt_error&) {
+      return absl::UnavailableError(kOutcomeUnknown);
+    }
+    return absl::OkStatus();
   }
 
   // False when the patient key `key` no longer exists: then nothing was written.

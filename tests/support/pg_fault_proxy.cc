@@ -106,7 +106,12 @@ std::string PgFaultProxy::Via(absl::string_view conninfo) const {
   return out;
 }
 
-void PgFaultProxy::CutAtNextCommit() { armed_.store(true); }
+void PgFaultProxy::CutAtNextCommit(absl::string_view marker) {
+  std::lock_guard<std::mutex> lock(mu_);
+  marker_ = std::string(marker);
+  arming_.fetch_add(1);
+  armed_.store(true);
+}
 
 void PgFaultProxy::AcceptLoop() {
   while (WaitReadable(listener_, stop_pipe_[0])) {
@@ -128,13 +133,29 @@ void PgFaultProxy::AcceptLoop() {
 }
 
 void PgFaultProxy::Forward(int client, int server) {
+  // Which arming this connection's client sent the marker under (0: none).
+  std::atomic<int> marked{0};
   // The client's bytes go to the server unchanged, on a thread of their own.
-  std::thread upstream([this, client, server] {
+  std::thread upstream([this, client, server, &marked] {
     char buf[65536];
+    std::string tail;  // the end of the previous read, for a marker split between two
     while (WaitReadable(client, stop_pipe_[0])) {
       const ssize_t n = recv(client, buf, sizeof(buf), 0);
       if (n < 0 && errno == EINTR) continue;
-      if (n <= 0 || !SendAll(server, buf, static_cast<size_t>(n))) break;
+      if (n <= 0) break;
+      if (armed_.load()) {
+        std::string marker;
+        int arming;
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          marker = marker_;
+          arming = arming_.load();
+        }
+        tail.append(buf, static_cast<size_t>(n));
+        if (!marker.empty() && tail.find(marker) != std::string::npos) marked.store(arming);
+        if (tail.size() > marker.size()) tail.erase(0, tail.size() - marker.size());
+      }
+      if (!SendAll(server, buf, static_cast<size_t>(n))) break;
     }
     shutdown(server, SHUT_RDWR);
     shutdown(client, SHUT_RDWR);
@@ -151,7 +172,12 @@ void PgFaultProxy::Forward(int client, int server) {
     held.append(buf, static_cast<size_t>(n));
     size_t pass = held.size();
     bool cut = false;
-    if (armed_.load()) {
+    bool mine = armed_.load();
+    if (mine) {
+      std::lock_guard<std::mutex> lock(mu_);
+      mine = marker_.empty() || marked.load() == arming_.load();
+    }
+    if (mine) {
       const size_t at = held.find(kCommitComplete.data(), 0, kCommitComplete.size());
       if (at != std::string::npos) {
         bool expected = true;

@@ -34,10 +34,11 @@ class PgFaultProxy {
   // proxy instead.
   std::string Via(absl::string_view conninfo) const;
 
-  // The next COMMIT that the server completes on any connection through the proxy: that
-  // connection is closed at both ends instead of its completion reaching the client. The
-  // transaction stays committed. Later connections and commits pass again.
-  void CutAtNextCommit();
+  // The next COMMIT that the server completes on a connection through the proxy whose client has
+  // sent `marker` since this call (a prepared statement's name or a query's text, say; empty: on
+  // any connection): that connection is closed at both ends instead of the completion reaching
+  // the client. The transaction stays committed. Later connections and commits pass again.
+  void CutAtNextCommit(absl::string_view marker = "");
 
   // Connections cut so far.
   int cuts() const { return cuts_.load(); }
@@ -52,6 +53,8 @@ class PgFaultProxy {
   int listener_ = -1;
   int stop_pipe_[2] = {-1, -1};
   std::atomic<bool> armed_{false};
+  std::atomic<int> arming_{0};  // which call of CutAtNextCommit armed it
+  std::string marker_;           // guarded by mu_
   std::atomic<int> cuts_{0};
   std::thread acceptor_;
   std::mutex mu_;

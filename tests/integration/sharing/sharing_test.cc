@@ -47,6 +47,7 @@
 #include "services/sharing/sharing_server.h"
 #include "services/sharing/sql.h"
 #include "tests/support/health_check.h"
+#include "tests/support/pg_fault_proxy.h"
 #include "tests/support/poll.h"
 #include "tests/support/directory_services.h"
 #include "tests/support/test_stack.h"
@@ -1790,6 +1791,42 @@ TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
 // The tenant's usage count is written at commit: an upload (its audit entry first, then its
 // record) and an erasure of the same tenant (its delete first, then its entry) take the audit
 // chain's head and the count in the same order, and do not deadlock.
+// The shard's connection lost after it committed an upload, before the service heard so: the
+// client is told the outcome is unknown and how to find out, never that nothing was stored; the
+// record is there once, with its one audit entry, and can be read.
+TEST_F(SharingTest, AnUploadWhoseCommitAnswerIsLostSaysItMayHaveBeenStored) {
+  const std::string patient = Place("lost-commit-1", "FR");
+  auto proxy = test_support::PgFaultProxy::Start(Db("fr-1").port());
+  ASSERT_TRUE(proxy.ok()) << proxy.status();
+  const std::string direct = Db("fr-1").ConnectionString();
+  ExtraSharing extra = StartSharingOn(ConfigWith(direct, (*proxy)->Via(direct)));
+  ASSERT_NE(extra.server, nullptr);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(97, 0, 5000);
+  (*proxy)->CutAtNextCommit(sql::kFinishUpload);
+  grpc::Status lost = Upload(pki_->practitioner(), spec, nullptr, extra.server->port());
+  EXPECT_EQ(lost.error_code(), grpc::StatusCode::UNAVAILABLE) << lost.error_message();
+  EXPECT_THAT(lost.error_message(), HasSubstr("may or may not have been stored"));
+  EXPECT_THAT(lost.error_message(), HasSubstr("list the patient's records"));
+  EXPECT_EQ((*proxy)->cuts(), 1);
+
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 1);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM audit_log WHERE patient_id = $1 AND action = 'create' "
+                  "AND object_type = 'record'",
+                  patient),
+            1);
+  absl::StatusOr<v1::ListRecordsResponse> listed =
+      List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient);
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->records_size(), 1);
+  Downloaded got = Download(pki_->practitioner(), listed->records(0).record_id());
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.content, spec.content);
+  extra.server->Shutdown();
+}
+
 TEST_F(SharingTest, AnUploadAndAnErasureOfOneTenantDoNotDeadlockOnItsUsage) {
   const std::string patient = Place("usage-order-1", "FR");
   UploadSpec spec;
