@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -113,10 +114,22 @@ void PgFaultProxy::CutAtNextCommit(absl::string_view marker) {
   armed_.store(true);
 }
 
+void PgFaultProxy::Sever() {
+  std::lock_guard<std::mutex> lock(mu_);
+  severed_.store(true);
+  for (int fd : open_sockets_) shutdown(fd, SHUT_RDWR);
+}
+
+void PgFaultProxy::Restore() { severed_.store(false); }
+
 void PgFaultProxy::AcceptLoop() {
   while (WaitReadable(listener_, stop_pipe_[0])) {
     const int client = accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
     if (client < 0) continue;
+    if (severed_.load()) {
+      close(client);
+      continue;
+    }
     const int server = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
@@ -128,6 +141,13 @@ void PgFaultProxy::AcceptLoop() {
       continue;
     }
     std::lock_guard<std::mutex> lock(mu_);
+    if (severed_.load()) {  // severed while this one connected
+      close(server);
+      close(client);
+      continue;
+    }
+    open_sockets_.push_back(client);
+    open_sockets_.push_back(server);
     connections_.emplace_back([this, client, server] { Forward(client, server); });
   }
 }
@@ -197,6 +217,11 @@ void PgFaultProxy::Forward(int client, int server) {
   shutdown(client, SHUT_RDWR);
   shutdown(server, SHUT_RDWR);
   upstream.join();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::erase(open_sockets_, client);
+    std::erase(open_sockets_, server);
+  }
   close(client);
   close(server);
 }

@@ -40,6 +40,11 @@ class PgFaultProxy {
   // the client. The transaction stays committed. Later connections and commits pass again.
   void CutAtNextCommit(absl::string_view marker = "");
 
+  // Closes every connection through the proxy, and every new one as soon as it is accepted, until
+  // Restore(): the server is unreachable for the clients of the proxy and for no one else.
+  void Sever();
+  void Restore();
+
   // Connections cut so far.
   int cuts() const { return cuts_.load(); }
 
@@ -56,6 +61,8 @@ class PgFaultProxy {
   std::atomic<int> arming_{0};  // which call of CutAtNextCommit armed it
   std::string marker_;           // guarded by mu_
   std::atomic<int> cuts_{0};
+  std::atomic<bool> severed_{false};
+  std::vector<int> open_sockets_;  // guarded by mu_
   std::thread acceptor_;
   std::mutex mu_;
   std::vector<std::thread> connections_;

@@ -29,6 +29,7 @@
 #include "services/ingest/sql.h"
 #include "services/routing/routing_server.h"
 #include "tests/support/health_check.h"
+#include "tests/support/pg_fault_proxy.h"
 #include "tests/support/poll.h"
 #include "tests/support/directory_services.h"
 #include "tests/support/test_stack.h"
@@ -148,15 +149,16 @@ class IngestTest : public ::testing::Test {
     MedgateConfig config;
     std::unique_ptr<IngestServer> server;
   };
-  // A `statement_timeout_ms` other than 0 replaces the regions' shard statement timeout.
+  // A `statement_timeout_ms` other than 0 replaces the regions' shard statement timeout; a
+  // `fr1_conninfo` replaces fr-1's.
   static std::unique_ptr<ExtraIngest> StartIngest(const std::string& ingest_yaml,
-                                                  int statement_timeout_ms = 0) {
+                                                  int statement_timeout_ms = 0,
+                                                  const std::string& fr1_conninfo = "") {
     auto extra = std::make_unique<ExtraIngest>();
     extra->config = stack_->config();
-    if (statement_timeout_ms != 0) {
-      for (RegionConfig& region : extra->config.regions) {
-        region.db.statement_timeout_ms = statement_timeout_ms;
-      }
+    for (RegionConfig& region : extra->config.regions) {
+      if (statement_timeout_ms != 0) region.db.statement_timeout_ms = statement_timeout_ms;
+      if (region.id == "fr-1" && !fr1_conninfo.empty()) region.db.conninfo = fr1_conninfo;
     }
     absl::StatusOr<ConfigNode> node = ConfigNode::Parse(ingest_yaml);
     EXPECT_TRUE(node.ok()) << node.status();
@@ -1324,6 +1326,58 @@ TEST_F(IngestTest, AShardDownLosesNoAckedSampleAndOtherRegionsKeepWorking) {
   EXPECT_EQ(Count("de-1", "device_id = 'dev-fault'"), kBatches * kPerBatch);
   EXPECT_EQ(Count("de-1", "device_id = 'dev-fault'"),
             Count("de-1", "device_id = 'dev-fault' AND seq BETWEEN 1 AND 600"));
+}
+
+// While the shard's consent feed is lost for longer than the cache may trust what it holds
+// (1 s), a batch is refused retryably as "consent unavailable", never stored on a decision that
+// may be stale; once the shard is reachable again the device's resend is stored, and nothing that
+// was acked is missing.
+TEST_F(IngestTest, ABatchWhileConsentIsUnknownIsRefusedRetryablyAndStoredOnResend) {
+  const std::string patient = MonitoredPatientWithDevice("consent-lost", "FR", "dev-consent-lost");
+  auto proxy = test_support::PgFaultProxy::Start(stack_->clusters().region("fr-1").port());
+  ASSERT_TRUE(proxy.ok()) << proxy.status();
+  std::unique_ptr<ExtraIngest> extra = StartIngest(
+      "ingest: {tenant_samples_per_second: 1000000}\n", 0, (*proxy)->Via(stack_->clusters().region("fr-1").ConnectionString()));
+  ASSERT_NE(extra, nullptr);
+  auto stub = Ingest(Device("acme", "dev-consent-lost"), extra->server->port());
+  {
+    DeviceStream stream(*stub);
+    std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 5));
+    ASSERT_TRUE(ack.has_value());
+    ASSERT_EQ(ack->stored_count(), 5u) << ack->DebugString();
+    EXPECT_TRUE(stream.Finish().ok());
+  }
+
+  (*proxy)->Sever();
+  absl::SleepFor(absl::Milliseconds(1500));  // past the cache's fail_closed_after (1 s)
+  {
+    DeviceStream stream(*stub);
+    std::optional<v1::IngestAck> ack = stream.Send(Batch(2, 6, 5));
+    ASSERT_TRUE(ack.has_value());
+    ASSERT_TRUE(ack->has_retryable_error()) << ack->DebugString();
+    EXPECT_EQ(ack->retryable_error().code(), static_cast<int>(grpc::StatusCode::UNAVAILABLE));
+    EXPECT_EQ(ack->retryable_error().message(), "consent unavailable; resend");
+    EXPECT_EQ(ack->retry_after().seconds(), 1);
+    EXPECT_EQ(ack->stored_count(), 0u);
+    stream.Finish();
+  }
+
+  (*proxy)->Restore();
+  // The device resends until the shard and the consent feed answer again.
+  bool stored = false;
+  for (int attempt = 0; attempt < 100 && !stored; ++attempt) {
+    DeviceStream stream(*stub);
+    std::optional<v1::IngestAck> ack = stream.Send(Batch(2, 6, 5));
+    if (ack.has_value() && !ack->has_retryable_error()) {
+      EXPECT_EQ(ack->stored_count(), 5u) << ack->DebugString();
+      stored = true;
+    }
+    stream.Finish();
+    if (!stored) absl::SleepFor(absl::Milliseconds(200));
+  }
+  EXPECT_TRUE(stored);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-consent-lost'"), 10);
+  extra->server->Shutdown();
 }
 
 TEST_F(IngestTest, TheSdkResendsItsFileBufferAfterARestart) {
