@@ -360,6 +360,7 @@ class PgUpload final : public Upload {
         lease_(std::move(lease)) {}
 
   ~PgUpload() override {
+    last_hash_.Wait();  // it reads the caller's last piece
     StopWriter(/*abort=*/true).IgnoreError();  // aborting: nothing is kept either way
     core_.AddBuffered(-static_cast<int64_t>(pending_.size() + last_.bytes.size()));
     // Destroying the transaction unfinished rolls it back: nothing of the upload remains.
@@ -399,17 +400,16 @@ class PgUpload final : public Upload {
     // Storage chunks are exactly 1 MiB except the last, whatever sizes the client sends; a client
     // sending 1 MiB pieces is stored without copying them first. The chunk is hashed on a spare
     // core, when one is idle, while this thread encrypts it; otherwise after handing it to the
-    // writer, so that hashing overlaps with the insert.
+    // writer, so that hashing overlaps with the insert. The last piece's hash may go on while the
+    // record is stored: it is checked before anything commits (ContentAsDeclared).
     if (pending_.empty() &&
         (data.size() == crypto::kMaxChunkBytes || received_ == header_.size_bytes)) {
-      SpareThreads::Ticket hashing;
+      SpareThreads::Ticket piece_hash;
+      SpareThreads::Ticket& hashing = received_ == header_.size_bytes ? last_hash_ : piece_hash;
       core_.spare_threads().TryRun([this, data] { hasher_.Update(data); }, hashing);
       absl::Status stored = Store(data);
-      if (hashing.taken()) {
-        hashing.Wait();
-      } else {
-        hasher_.Update(data);
-      }
+      if (!hashing.taken()) hasher_.Update(data);
+      piece_hash.Wait();
       return stored;
     }
     hasher_.Update(data);
@@ -431,10 +431,6 @@ class PgUpload final : public Upload {
       return Fail(absl::InvalidArgumentError(
           absl::StrCat("received ", received_, " bytes but header.size_bytes declared ",
                        header_.size_bytes, "; nothing was stored")));
-    }
-    if (hasher_.Finish() != header_.sha256) {
-      return Fail(absl::InvalidArgumentError(
-          "the SHA-256 of the received content does not match header.sha256; nothing was stored"));
     }
     // Every chunk but the last is in the transaction before anything else uses it.
     RETURN_IF_ERROR(Fail(StopWriter(/*abort=*/false)));
@@ -499,6 +495,7 @@ class PgUpload final : public Upload {
         if (txn_ != nullptr) {
           stored = StoreRecord(*txn_, *key, now, entry);
         } else {
+          RETURN_IF_ERROR(ContentAsDeclared());
           pqxx::nontransaction alone(lease_->connection());
           try {
             stored = StoreRecord(alone, *key, now, entry);
@@ -536,11 +533,24 @@ class PgUpload final : public Upload {
     }
   }
 
+  // Whether the content received hashes to header.sha256 (once the last piece's hash is done).
+  // Checked before the record's statement when it commits by itself, else before COMMIT.
+  absl::Status ContentAsDeclared() {
+    if (!content_hash_matches_) {
+      last_hash_.Wait();
+      content_hash_matches_ = hasher_.Finish() == header_.sha256;
+    }
+    if (*content_hash_matches_) return absl::OkStatus();
+    return absl::InvalidArgumentError(
+        "the SHA-256 of the received content does not match header.sha256; nothing was stored");
+  }
+
   static constexpr char kOutcomeUnknown[] =
       "database connection lost while the record was being stored: it may or may not have been "
       "stored; list the patient's records before uploading again";
 
   absl::Status CommitTransaction() {
+    RETURN_IF_ERROR(ContentAsDeclared());
     try {
       txn_->commit();
     } catch (const pqxx::in_doubt_error&) {
@@ -740,6 +750,8 @@ class PgUpload final : public Upload {
   std::optional<pg::Lease> lease_;
   std::unique_ptr<pqxx::work> txn_;  // the writer's until it stops, then the caller's
   crypto::Sha256 hasher_;
+  SpareThreads::Ticket last_hash_;  // the last piece's, while a spare thread hashes it
+  std::optional<bool> content_hash_matches_;
   std::string pending_;
   Sealed last_;  // the last chunk, sealed, for Finish()
   uint64_t received_ = 0;
@@ -1250,8 +1262,10 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
 
   ASSIGN_OR_RETURN(consent::AccessDecision care, PermitUpload(ctx, *home));
 
-  // Refuse early what the quota cannot take; Finish() checks again under a lock.
-  if (QuotaOf(home->tenant_id) > 0) {
+  // Refuse early what the quota cannot take, before a client sends megabytes for nothing;
+  // Finish() checks again under a lock. A one-chunk upload is checked only then: its content
+  // comes with its header, and the early look-up would cost every upload another transaction.
+  if (QuotaOf(home->tenant_id) > 0 && header.size_bytes > crypto::kMaxChunkBytes) {
     ASSIGN_OR_RETURN(
         int64_t used, pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
           return txn.exec_prepared1(sql::kTenantUsage, home->tenant_id)[0].as<int64_t>();

@@ -91,7 +91,9 @@ struct UploadResult {
 class Upload {
  public:
   virtual ~Upload() = default;
-  // The next piece of content as the client sent it (1 byte to 1 MiB).
+  // The next piece of content as the client sent it (1 byte to 1 MiB). The piece that completes
+  // the declared size must stay valid until Finish() returns or the upload is destroyed (it may
+  // still be hashed while the record is stored); the others only until Write returns.
   virtual absl::Status Write(absl::string_view data) = 0;
   virtual absl::StatusOr<UploadResult> Finish() = 0;
 };

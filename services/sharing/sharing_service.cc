@@ -252,16 +252,21 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
   header.file_name = in.file_name();
   header.size_bytes = in.size_bytes();
   header.sha256 = in.sha256();
+  // Chunks are read into two messages in turn: the piece last written stays as it is while the
+  // next read (which ends the stream) is waited for, as the upload may still be hashing it.
+  // Declared before the upload, which is destroyed first.
+  v1::UploadRecordRequest chunks[2];
   absl::StatusOr<std::unique_ptr<Upload>> upload = core_.StartUpload(*ctx, header);
   if (!upload.ok()) return ToGrpcStatus(upload.status());
-  while (read(&message)) {
-    if (!message.has_chunk()) {
+  for (int turn = 0; read(&chunks[turn]); turn ^= 1) {
+    const v1::UploadRecordRequest& next = chunks[turn];
+    if (!next.has_chunk()) {
       return ToGrpcStatus(absl::InvalidArgumentError(
           "after the header every message must be a chunk; nothing was stored"));
     }
-    pace.Moved(message.chunk().data().size());
+    pace.Moved(next.chunk().data().size());
     if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
-    if (absl::Status s = (*upload)->Write(message.chunk().data()); !s.ok()) {
+    if (absl::Status s = (*upload)->Write(next.chunk().data()); !s.ok()) {
       return ToGrpcStatus(s);
     }
   }

@@ -1827,6 +1827,33 @@ TEST_F(SharingTest, AnUploadWhoseCommitAnswerIsLostSaysItMayHaveBeenStored) {
   extra.server->Shutdown();
 }
 
+// A tenant without a quota: a one-chunk upload whose patient key is cached is one statement that
+// commits by itself. Its content is still checked against the declared hash before that
+// statement: a mismatch stores nothing.
+TEST_F(SharingTest, WithoutAQuotaAnUploadIsOneStatementAndStillCheckedFirst) {
+  ExtraSharing extra = StartSharingWith("tenant_quota_bytes: 0");
+  ASSERT_NE(extra.server, nullptr);
+  const int port = extra.server->port();
+  UploadSpec spec;
+  spec.patient_id = Place("no-quota-1", "FR");
+  spec.content = Generate(98, 0, 7000);
+  const std::string first = UploadOk(pki_->practitioner(), spec, port);  // caches the key
+  const int64_t before = StoredRows();
+  UploadSpec bad = spec;
+  bad.declared_sha = Sha("other content");
+  grpc::Status refused = Upload(pki_->practitioner(), bad, nullptr, port);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), HasSubstr("does not match header.sha256"));
+  EXPECT_EQ(StoredRows(), before);
+  spec.content = Generate(99, 0, 9000);
+  const std::string second = UploadOk(pki_->practitioner(), spec, port);
+  EXPECT_EQ(StoredRows(), before + 3);  // the record, its chunk, its key
+  Downloaded got = Download(pki_->practitioner(), second);
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.content, spec.content);
+  extra.server->Shutdown();
+}
+
 TEST_F(SharingTest, AnUploadAndAnErasureOfOneTenantDoNotDeadlockOnItsUsage) {
   const std::string patient = Place("usage-order-1", "FR");
   UploadSpec spec;
