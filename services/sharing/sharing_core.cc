@@ -2042,6 +2042,15 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
     } else if (first_error.ok()) {
       first_error = purged.status();
     }
+    absl::StatusOr<int64_t> folded =
+        pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
+          return txn.exec_prepared1(sql::kFoldTenantUsage)[0].as<int64_t>();
+        });
+    if (folded.ok()) {
+      result.folded_usage_changes += *folded;
+    } else if (first_error.ok()) {
+      first_error = folded.status();
+    }
     // Page by record id past records that cannot be sealed (they stay in clear and are logged),
     // so that however many there are they never hide the ones after them; at most `batch`
     // records are sealed per sweep.

@@ -135,6 +135,7 @@ struct SweepResult {
   int sealed_metadata = 0;  // records written before metadata was sealed, sealed now
   int destroyed_keys = 0;   // patient keys deleted from the key vaults (retired, or never used)
   int moved_keys = 0;       // patient keys moved from a shard (written before the vault) to its vault
+  int64_t folded_usage_changes = 0;  // records' size changes folded into the tenants' counts
   bool more = false;  // some region had a full batch: sweep again
 };
 

@@ -66,6 +66,7 @@ inline constexpr char kFinishUpload[] = "finish_upload";
 inline constexpr char kInsertChunk[] = "insert_chunk";
 inline constexpr char kLockTenantUsage[] = "lock_tenant_usage";
 inline constexpr char kTenantUsage[] = "tenant_usage";
+inline constexpr char kFoldTenantUsage[] = "fold_tenant_usage";
 inline constexpr char kSelectChunk[] = "select_chunk";
 inline constexpr char kSelectActiveGrants[] = "select_active_grants";
 inline constexpr char kSelectLatestGrant[] = "select_latest_grant";
@@ -174,9 +175,12 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "INSERT INTO record_chunks (record_id, chunk_index, ciphertext) VALUES ($1, $2, $3)"},
         {kLockTenantUsage,
          "SELECT pg_advisory_xact_lock(hashtextextended('medgate-records-usage:' || $1, 0))"},
-        // Kept by the records table's trigger (shard migration 0019).
+        // The count the sweep folded (shard migration 0019) and the changes the records table's
+        // triggers appended since (0021), read in one snapshot.
         {kTenantUsage,
-         "SELECT coalesce((SELECT bytes FROM tenant_record_usage WHERE tenant_id = $1), 0)"},
+         "SELECT coalesce((SELECT bytes FROM tenant_record_usage WHERE tenant_id = $1), 0) + "
+         "coalesce((SELECT sum(bytes) FROM tenant_record_usage_changes WHERE tenant_id = $1), 0)"},
+        {kFoldTenantUsage, "SELECT medgate_fold_record_usage()"},
         // Through the record: no row once it is erased (an erasure stops the downloads already
         // running at their next chunk; its chunks are purged later), a NULL when the chunk is
         // missing.

@@ -189,12 +189,17 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_sharing record_chunks INSERT",
       "medgate_sharing record_chunks DELETE",
       "medgate_sharing tenant_record_usage SELECT",
+      "medgate_sharing tenant_record_usage_changes SELECT",
+      "medgate_sharing medgate_fold_record_usage()",
       "medgate_sharing chunk_purge_queue SELECT",
       "medgate_sharing chunk_purge_queue DELETE",
       "audit_append() SECURITY DEFINER search_path=public, pg_temp",
       "audit_append_many() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_ensure_vitals_partitions() SECURITY DEFINER search_path=public, pg_temp",
-      "medgate_count_record_usage() SECURITY DEFINER search_path=public, pg_temp",
+      "medgate_note_records_added() SECURITY DEFINER search_path=public, pg_temp",
+      "medgate_note_records_removed() SECURITY DEFINER search_path=public, pg_temp",
+      "medgate_note_records_changed() SECURITY DEFINER search_path=public, pg_temp",
+      "medgate_fold_record_usage() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_queue_chunk_purge() SECURITY DEFINER search_path=public, pg_temp",
   };
   for (const char* table : {"records", "record_keys"}) {

@@ -874,11 +874,15 @@ class SharingTest : public ::testing::Test {
     return rows.empty() || rows[0][0].is_null() ? std::string() : rows[0][0].as<std::string>();
   }
 
-  // Tenants of `db` whose usage count (what the quota reads) is not the sum of their records.
+  // Tenants of `db` whose usage (what the quota reads: the count and the changes not yet folded
+  // into it) is not the sum of their records.
   static int64_t UsageCountsOff(const std::string& db) {
     return Count(db,
                  "SELECT count(*) FROM (SELECT tenant_id, sum(size_bytes) AS bytes FROM records "
-                 "GROUP BY tenant_id) r FULL JOIN tenant_record_usage u USING (tenant_id) "
+                 "GROUP BY tenant_id) r FULL JOIN (SELECT tenant_id, sum(bytes) AS bytes FROM "
+                 "(SELECT tenant_id, bytes FROM tenant_record_usage UNION ALL "
+                 "SELECT tenant_id, bytes FROM tenant_record_usage_changes) AS a "
+                 "GROUP BY tenant_id) u USING (tenant_id) "
                  "WHERE coalesce(r.bytes, 0) <> coalesce(u.bytes, 0)");
   }
 
@@ -1923,6 +1927,57 @@ TEST_F(SharingTest, AnUploadAndAnErasureOfOneTenantDoNotDeadlockOnItsUsage) {
   EXPECT_TRUE(stored.load());
   EXPECT_EQ(UsageCountsOff("fr-1"), 0);
   Exec("fr-1", "DELETE FROM records WHERE record_id = 'fr-1.rusageorder'");
+}
+
+// A tenant's usage is its folded count plus the changes that the records' triggers append: one
+// per statement and tenant, however many records the statement writes (an erasure of a patient's
+// records is one statement), so that no row is updated once per record. The sweep folds them, and
+// the usage is the sum of the records throughout.
+TEST_F(SharingTest, UsageChangesAreOnePerStatementAndTheSweepFoldsThem) {
+  const std::string patient = Place("usage-fold-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  for (int i = 0; i < 4; ++i) {
+    spec.content = Generate(100 + i, 0, 1000 + i);
+    ASSERT_FALSE(UploadOk(pki_->practitioner(), spec).empty());
+  }
+  auto changes = [](const std::string& where) {
+    return Count("fr-1",
+                 absl::StrCat("SELECT count(*) FROM tenant_record_usage_changes WHERE ", where));
+  };
+  const int64_t before = changes("true");
+  EXPECT_GE(changes("tenant_id = 'acme' AND bytes = 1003"), 1);  // one per upload
+  {
+    auto erased = ErasePatient(pki_->app(), patient);
+    ASSERT_TRUE(erased.ok()) << erased.status();
+  }
+  EXPECT_EQ(changes("true"), before + 1);
+  EXPECT_EQ(changes("tenant_id = 'acme' AND bytes = -4006"), 1);  // the four records at once
+  EXPECT_EQ(UsageCountsOff("fr-1"), 0);
+
+  auto swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_GE(swept->folded_usage_changes, before + 1);
+  EXPECT_EQ(changes("true"), 0);
+  EXPECT_EQ(UsageCountsOff("fr-1"), 0);
+
+  // A count that fell short (records restored with triggers off, say) stops at zero instead of
+  // failing the fold, for a tenant counted before or not.
+  auto fold = [] { return Count("fr-1", "SELECT medgate_fold_record_usage()"); };
+  auto count = [] {
+    return Count("fr-1", "SELECT bytes FROM tenant_record_usage WHERE tenant_id = 'short-count'");
+  };
+  Exec("fr-1", "INSERT INTO tenant_record_usage_changes VALUES ('short-count', -500)");
+  EXPECT_EQ(fold(), 1);
+  EXPECT_EQ(count(), 0);
+  Exec("fr-1",
+       "INSERT INTO tenant_record_usage_changes VALUES ('short-count', 100), ('short-count', -300)");
+  EXPECT_EQ(fold(), 2);
+  EXPECT_EQ(count(), 0);
+  Exec("fr-1", "INSERT INTO tenant_record_usage_changes VALUES ('short-count', 700)");
+  EXPECT_EQ(fold(), 1);
+  EXPECT_EQ(count(), 700);
+  Exec("fr-1", "DELETE FROM tenant_record_usage WHERE tenant_id = 'short-count'");
 }
 
 // --- sharing -----------------------------------------------------------------------------------
