@@ -522,11 +522,14 @@ absl::StatusOr<UnassignResult> RoutingCore::UnassignDevice(const CallContext& ct
         if (device[0][0].is_null()) return result;
         result.patient_id = device[0][0].c_str();
         result.was_assigned = true;
-        txn.exec_prepared0(sql::kUnassignDevice, tenant_id, device_id);
+        // The entry first, then the change: until COMMIT, look-ups still answer the former
+        // patient (and caches keep that answer), so the unassignment's time is taken after the
+        // wait for the chain's head, as late as a statement can.
         RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "device",
                                                     device_id, tenant_id, result.patient_id,
                                                     "device unassigned"))
                             .status());
+        txn.exec_prepared0(sql::kUnassignDevice, tenant_id, device_id);
         return result;
       });
 }

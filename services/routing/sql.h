@@ -74,9 +74,11 @@ inline const std::vector<pg::Statement>& Statements() {
        "assigned_at = CASE WHEN devices.former_patient_id = EXCLUDED.patient_id "
        "AND devices.assigned_at IS NOT NULL THEN devices.assigned_at ELSE now() END, "
        "updated_at = now() WHERE devices.patient_id IS NULL"},
+      // The time it is written, not the transaction's start: the reassignment wait counts from when
+      // the unassignment became visible (the transaction's last statement, just before COMMIT).
       {kUnassignDevice,
-       "UPDATE devices SET former_patient_id = patient_id, patient_id = NULL, updated_at = now() "
-       "WHERE tenant_id = $1 AND device_id = $2"},
+       "UPDATE devices SET former_patient_id = patient_id, patient_id = NULL, "
+       "updated_at = clock_timestamp() WHERE tenant_id = $1 AND device_id = $2"},
       // Every key answered, with its tenant's state even when the device is not assigned.
       {kResolveDevices,
        "SELECT k.tenant_id, k.device_id, p.patient_id, p.region_id, coalesce(t.active, false), "

@@ -2,6 +2,7 @@
 // bad input, audit, and the control database going away and coming back.
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <optional>
 #include <sstream>
 #include <thread>
@@ -9,6 +10,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <grpcpp/grpcpp.h>
+#include <pqxx/pqxx>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
@@ -413,6 +415,25 @@ TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
   EXPECT_EQ(second->patient_id(), patient2->patient_id());
   ASSERT_TRUE(second->has_assigned_at());
   EXPECT_GT(micros(second->assigned_at()), unassigned_at);
+
+  // An unassignment slow to commit (here it waits for the audit chain's head): look-ups answer
+  // the second patient until it commits, and caches keep that answer for as long as the wait, so
+  // the wait counts from the commit, not from when the unassignment began.
+  {
+    pqxx::connection holder(stack_->clusters().control().ConnectionString());
+    pqxx::work hold(holder);
+    hold.exec("SELECT 1 FROM audit_head FOR UPDATE");
+    std::promise<grpc::Status> slow;
+    std::thread unassigning([&] { slow.set_value(unassign()); });
+    absl::SleepFor(absl::Seconds(2));  // longer than the 1 s wait
+    std::optional<v1::ResolvedDevice> still = resolve();
+    ASSERT_TRUE(still.has_value());
+    EXPECT_EQ(still->patient_id(), patient2->patient_id());
+    hold.commit();
+    unassigning.join();
+    ASSERT_TRUE(slow.get_future().get().ok());
+  }
+  EXPECT_EQ(assign("wait-owner-1").error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   (*server)->Shutdown();
 }
 
