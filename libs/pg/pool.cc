@@ -142,7 +142,21 @@ absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn) 
 
 absl::Status Pool::Ping() {
   absl::StatusOr<Lease> lease = Acquire();
-  if (!lease.ok()) return lease.status();
+  if (!lease.ok()) {
+    if (lease.status().code() != absl::StatusCode::kResourceExhausted) return lease.status();
+    // Every connection is in use: the pool is busy, which says nothing about the server. A
+    // connection of the probe's own, closed at once, asks the server itself (a busy service must
+    // not report itself down, or every replica leaves the load balancer together).
+    absl::StatusOr<std::unique_ptr<pqxx::connection>> own = Connect();
+    if (!own.ok()) return own.status();
+    try {
+      pqxx::nontransaction txn(**own);
+      txn.exec1("SELECT 1");
+      return absl::OkStatus();
+    } catch (const std::exception& e) {
+      return StatusFromException(e);
+    }
+  }
   try {
     pqxx::nontransaction txn(lease->connection());
     txn.exec1("SELECT 1");

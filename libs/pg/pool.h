@@ -90,7 +90,8 @@ class Pool {
     return *std::move(result);
   }
 
-  // A round trip to the server (health probes).
+  // A round trip to the server (health probes). When every connection is in use, on a connection
+  // of its own, closed at once: a busy pool is not an unreachable server.
   absl::Status Ping();
 
   const std::string& name() const { return options_.name; }

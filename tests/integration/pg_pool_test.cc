@@ -229,6 +229,25 @@ TEST_F(PoolTest, ServerDownIsUnavailableAndThePoolRecovers) {
   EXPECT_EQ(Count(pool), 1);
 }
 
+// A pool whose every connection is in use is busy, not down: its probe asks the server on a
+// connection of its own (which it closes), so a service under load stays in its load balancer.
+// With the server stopped, the busy pool's probe fails.
+TEST_F(PoolTest, ABusyPoolStillAnswersItsProbe) {
+  PoolOptions options = Options();
+  options.size = 1;
+  options.acquire_timeout = absl::Milliseconds(100);
+  Pool pool(options);
+  absl::StatusOr<Lease> held = pool.Acquire();
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_EQ(pool.Acquire().status().code(), absl::StatusCode::kResourceExhausted);
+  absl::Status busy = pool.Ping();
+  EXPECT_TRUE(busy.ok()) << busy;
+  EXPECT_EQ(pool.open_count(), 1);  // the probe's connection is not the pool's
+  ASSERT_TRUE(cluster_->Stop().ok());
+  EXPECT_EQ(pool.Ping().code(), absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(cluster_->StartAgain().ok());
+}
+
 TEST_F(PoolTest, ShardSetResolvesConfiguredRegionsOnly) {
   RegionConfig fr;
   fr.id = "fr-1";
