@@ -67,20 +67,25 @@ absl::string_view DecisionName(Decision decision) {
 
 std::string ToHex(absl::string_view bytes) { return absl::BytesToHexString(bytes); }
 
+// A text field as the database stores it: libpq passes text parameters (and escapes literals) up
+// to their first NUL byte, and PostgreSQL text holds none. Encoding anything past it would hash
+// bytes the entry does not hold, and the chain would fail to verify from that entry on.
+absl::string_view AsStored(const std::string& field) { return absl::string_view(field.c_str()); }
+
 EncodedEntry EncodeEntry(const Entry& e) {
   EncodedEntry out;
   AppendField(out.head, kEncodingVersion);
   out.tail.reserve(256);
-  for (absl::string_view field : {absl::string_view(e.actor), absl::string_view(e.tenant),
-                                 ActionName(e.action), absl::string_view(e.object_type),
-                                 absl::string_view(e.object_id), absl::string_view(e.patient_id),
-                                 DecisionName(e.decision), absl::string_view(e.reason),
-                                 absl::string_view(e.purpose), absl::string_view(e.consent_id)}) {
+  for (absl::string_view field : {AsStored(e.actor), AsStored(e.tenant), ActionName(e.action),
+                                 AsStored(e.object_type), AsStored(e.object_id),
+                                 AsStored(e.patient_id), DecisionName(e.decision),
+                                 AsStored(e.reason), AsStored(e.purpose),
+                                 AsStored(e.consent_id)}) {
     AppendField(out.tail, field);
   }
   AppendU64(out.tail, static_cast<uint64_t>(e.consent_version));
-  AppendField(out.tail, e.request_id);
-  AppendField(out.tail, e.origin);
+  AppendField(out.tail, AsStored(e.request_id));
+  AppendField(out.tail, AsStored(e.origin));
   return out;
 }
 

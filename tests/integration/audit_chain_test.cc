@@ -246,5 +246,23 @@ TEST_F(AuditChainTest, AppendOnlyAndInTheCallersTransaction) {
   EXPECT_EQ(result.entries_checked, 1);
 }
 
+// A text field holding a NUL byte is stored up to it (libpq sends text that far; PostgreSQL text
+// holds none) and hashed as stored, in every field, so the chain still verifies.
+TEST_F(AuditChainTest, AFieldWithANulByteIsHashedAsStored) {
+  Entry e = MakeEntry(0, 0);
+  e.reason = std::string("before\0after", 12);
+  e.request_id = std::string("req\0x", 5);
+  ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) { return Append(txn, e).status(); }).ok());
+  ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) { return Append(txn, MakeEntry(0, 1)).status(); }).ok());
+  VerifyResult result = Verify();
+  EXPECT_TRUE(result.ok) << result.problem;
+  EXPECT_EQ(result.entries_checked, 2);
+  pqxx::connection c(cluster_->ConnectionString());
+  pqxx::nontransaction q(c);
+  pqxx::row stored = q.exec1("SELECT reason, request_id FROM audit_log ORDER BY seq LIMIT 1");
+  EXPECT_EQ(stored[0].as<std::string>(), "before");
+  EXPECT_EQ(stored[1].as<std::string>(), "req");
+}
+
 }  // namespace
 }  // namespace medgate::audit
