@@ -132,7 +132,8 @@ absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection& connection) {
 }
 
 absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection& connection, int64_t first_seq,
-                                              int64_t last_seq) {
+                                              int64_t last_seq,
+                                              const std::function<bool()>& cancelled) {
   if (first_seq < 1) first_seq = 1;
   if (last_seq < 0) {
     return absl::InvalidArgumentError(
@@ -184,6 +185,11 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection& connection, int6
     const int64_t stop = last_seq != 0 ? last_seq : std::numeric_limits<int64_t>::max();
     int64_t expected_seq = first_seq;
     while (expected_seq <= stop) {
+      if (cancelled && cancelled()) {
+        return absl::CancelledError(absl::StrCat(
+            "the verification was cancelled after ", result.entries_checked,
+            " entries, up to entry ", expected_seq - 1, "; nothing was concluded"));
+      }
       pqxx::result rows = txn.exec_params(
           "SELECT seq, at_us, actor, tenant, action, object_type, object_id, patient_id, "
           "decision, reason, purpose, consent_id, consent_version, request_id, origin, prev_hash, "

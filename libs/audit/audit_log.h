@@ -3,6 +3,7 @@
 #define MEDGATE_LIBS_AUDIT_AUDIT_LOG_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -101,8 +102,11 @@ absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection& connection);
 // first_seq - 1 (trusted, as the anchor of the range), and checks the chain head only when
 // last_seq is 0 (up to the last entry). first_seq <= 1 starts at the first entry.
 // INVALID_ARGUMENT, saying which bound is wrong, when the range is empty or outside the log.
+// `cancelled`, when given, is asked between pages of entries: once it answers true the walk stops
+// with CANCELLED (its caller gone, its server draining), however long the log.
 absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection& connection, int64_t first_seq,
-                                              int64_t last_seq);
+                                              int64_t last_seq,
+                                              const std::function<bool()>& cancelled = nullptr);
 
 }  // namespace medgate::audit
 

@@ -173,7 +173,8 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
 
 absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const AuditLogRef& log,
                                               uint64_t start_seq, uint64_t end_seq,
-                                              const ChainAnchor& anchor) {
+                                              const ChainAnchor& anchor,
+                                              const std::function<bool()>& cancelled) {
   if (!log.control && log.region_id.empty()) {
     return absl::InvalidArgumentError("log: region_id or control is required");
   }
@@ -188,6 +189,20 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     return absl::InvalidArgumentError(
         absl::StrCat(start_seq > kMaxSeq ? "start_seq" : "end_seq", ": at most ", kMaxSeq));
   }
+  if (anchor.seq > 0) {
+    const uint64_t anchor_seq = static_cast<uint64_t>(anchor.seq);
+    if (start_seq > anchor_seq + 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "start_seq ", start_seq, " is after anchor_seq ", anchor_seq, " + 1: the entries between "
+          "them would be trusted unchecked; start at most at ", anchor_seq + 1));
+    }
+    if (end_seq != 0 && end_seq < anchor_seq) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "end_seq ", end_seq, " is before anchor_seq ", anchor_seq,
+          ": the range must contain the anchor's entry; end at ", anchor_seq,
+          " or later, or 0 for the last entry"));
+    }
+  }
   const bool ranged = start_seq > 1 || end_seq != 0;
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(log));
   ChainReport report;
@@ -195,7 +210,7 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     ASSIGN_OR_RETURN(pg::Lease lease, pool->Acquire());
     absl::StatusOr<audit::VerifyResult> verified =
         audit::VerifyChainRange(lease.connection(), static_cast<int64_t>(start_seq),
-                                static_cast<int64_t>(end_seq));
+                                static_cast<int64_t>(end_seq), cancelled);
     if (!verified.ok()) {
       if (verified.status().code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
       if (verified.status().code() == absl::StatusCode::kInvalidArgument) {

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -78,10 +79,14 @@ class AuditCore {
 
   // Ops: recomputes a log's chain, whole (start_seq <= 1 and end_seq 0) or entries start_seq to
   // end_seq (0: to the last entry) from the stored hash of the entry before, and, given an
-  // anchor, checks that its entry still has its hash; audited.
+  // anchor, checks that its entry still has its hash; audited. A range checked against an anchor
+  // must contain the anchor's entry and start at most one entry after it: entries between the
+  // anchor and the range's start would be trusted unchecked. `cancelled` (the call's, say) stops
+  // a long walk with CANCELLED.
   absl::StatusOr<ChainReport> Verify(const CallContext& ctx, const AuditLogRef& log,
                                      uint64_t start_seq, uint64_t end_seq,
-                                     const ChainAnchor& anchor = {});
+                                     const ChainAnchor& anchor = {},
+                                     const std::function<bool()>& cancelled = nullptr);
 
  private:
   absl::StatusOr<pg::Pool*> PoolOf(const AuditLogRef& log) const;

@@ -149,7 +149,8 @@ grpc::Status AuditService::VerifyChain(grpc::ServerContext* context,
   // A seq past int64's range turns negative here, and the core refuses it.
   const ChainAnchor anchor{static_cast<int64_t>(request->anchor_seq()), request->anchor_hash()};
   absl::StatusOr<ChainReport> report =
-      core_.Verify(*ctx, *log, request->start_seq(), request->end_seq(), anchor);
+      core_.Verify(*ctx, *log, request->start_seq(), request->end_seq(), anchor,
+                   [context] { return context->IsCancelled(); });
   if (!report.ok()) return ToGrpcStatus(report.status());
   response->set_ok(report->ok);
   response->set_entries_checked(static_cast<uint64_t>(report->entries_checked));

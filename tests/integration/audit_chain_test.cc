@@ -246,6 +246,22 @@ TEST_F(AuditChainTest, AppendOnlyAndInTheCallersTransaction) {
   EXPECT_EQ(result.entries_checked, 1);
 }
 
+// A walk asks whether to go on between pages of entries: once told it was cancelled (its
+// caller gone, its server draining) it stops, however long the log, and concludes nothing.
+TEST_F(AuditChainTest, AWalkStopsBetweenPagesOnceCancelled) {
+  WriteConcurrently();  // 4,000 entries: two pages and more
+  pqxx::connection c(cluster_->ConnectionString());
+  int asked = 0;
+  absl::StatusOr<VerifyResult> stopped = VerifyChainRange(c, 1, 0, [&] { return ++asked > 1; });
+  EXPECT_EQ(stopped.status().code(), absl::StatusCode::kCancelled) << stopped.status();
+  EXPECT_THAT(std::string(stopped.status().message()), HasSubstr("after 2000 entries"));
+  EXPECT_EQ(asked, 2);
+  absl::StatusOr<VerifyResult> whole = VerifyChainRange(c, 1, 0, [] { return false; });
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_TRUE(whole->ok) << whole->problem;
+  EXPECT_EQ(whole->entries_checked, kWriters * kEntriesPerWriter);
+}
+
 // A text field holding a NUL byte is stored up to it (libpq sends text that far; PostgreSQL text
 // holds none) and hashed as stored, in every field, so the chain still verifies.
 TEST_F(AuditChainTest, AFieldWithANulByteIsHashedAsStored) {

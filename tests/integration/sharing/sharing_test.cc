@@ -4276,6 +4276,21 @@ TEST_F(SharingTest, VerifyChainAgainstAnAnchorFindsALogCutShort) {
   auto restored = Verify("de-1", nullptr, 0, 0, anchor_seq, anchor_hash);
   ASSERT_TRUE(restored.ok()) << restored.status();
   EXPECT_TRUE(restored->ok()) << restored->detail();
+
+  // A range checked against the anchor contains its entry and starts at most one entry after it:
+  // the entries in between would otherwise be trusted unchecked.
+  auto late = Verify("de-1", nullptr, anchor_seq + 2, 0, anchor_seq, anchor_hash);
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(late.status().message()), HasSubstr("trusted unchecked"));
+  auto early = Verify("de-1", nullptr, 1, anchor_seq - 1, anchor_seq, anchor_hash);
+  EXPECT_EQ(early.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(early.status().message()), HasSubstr("contain the anchor's entry"));
+  auto from_next = Verify("de-1", nullptr, anchor_seq + 1, 0, anchor_seq, anchor_hash);
+  ASSERT_TRUE(from_next.ok()) << from_next.status();
+  EXPECT_TRUE(from_next->ok()) << from_next->detail();
+  auto up_to = Verify("de-1", nullptr, 1, anchor_seq, anchor_seq, anchor_hash);
+  ASSERT_TRUE(up_to.ok()) << up_to.status();
+  EXPECT_TRUE(up_to->ok()) << up_to->detail();
 }
 
 TEST_F(SharingTest, VerifyChainChecksARangeFromTheStoredHashBeforeIt) {
