@@ -256,7 +256,8 @@ absl::StatusOr<TenantInfo> RoutingCore::GetTenant(const CallContext&, const std:
 }
 
 absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, const RuleInfo& rule,
-                                                       int64_t expected_version) {
+                                                       int64_t expected_version,
+                                                       bool only_if_absent) {
   if (rule.region_ids.size() > kMaxRuleRegions) {
     return absl::InvalidArgumentError(absl::StrCat("rule.region_ids: at most ", kMaxRuleRegions));
   }
@@ -278,6 +279,10 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
     // on the primary key of the insert).
     pqxx::result current = txn.exec_prepared(sql::kSelectCurrentRule, rule.territory);
     int64_t current_version = current.empty() ? 0 : current[0][0].as<int64_t>();
+    if (only_if_absent && current_version != 0) {
+      return absl::AlreadyExistsError(absl::StrCat("rule for ", rule.territory, " exists (version ",
+                                                   current_version, "); left as it is"));
+    }
     if (expected_version != 0 && expected_version != current_version) {
       return absl::AbortedError(absl::StrCat("rule for ", rule.territory, " is at version ",
                                              current_version, ", not ", expected_version,
@@ -334,8 +339,8 @@ absl::Status RoutingCore::SeedRules(const CallContext& ctx, absl::Span<const Rul
   for (const RuleInfo& r : existing) have.insert(r.territory);
   for (const RuleInfo& rule : rules) {
     if (have.contains(rule.territory)) continue;
-    absl::StatusOr<RuleInfo> put = PutResidencyRule(ctx, rule, 0);
-    // A concurrent seeder may have won the race: that is fine.
+    absl::StatusOr<RuleInfo> put = PutResidencyRule(ctx, rule, 0, /*only_if_absent=*/true);
+    // A concurrent seeder, or ops, stored one since the listing: it stays.
     if (!put.ok() && put.status().code() != absl::StatusCode::kAlreadyExists) return put.status();
   }
   return absl::OkStatus();

@@ -96,11 +96,14 @@ class RoutingCore {
                                                            const TenantInfo& tenant);
   absl::StatusOr<TenantInfo> GetTenant(const CallContext& ctx, const std::string& tenant_id);
 
+  // `only_if_absent`: stores nothing, ALREADY_EXISTS, when the territory has a rule by the time
+  // the put holds its lock (a seed never replaces what ops stored meanwhile).
   absl::StatusOr<RuleInfo> PutResidencyRule(const CallContext& ctx, const RuleInfo& rule,
-                                            int64_t expected_version);
+                                            int64_t expected_version, bool only_if_absent = false);
   absl::StatusOr<std::vector<RuleInfo>> ListResidencyRules(
       absl::Span<const std::string> territories);
-  // Adds a version-1 rule for each seed territory that has none yet (dev and first deployment).
+  // Adds a version-1 rule for each seed territory that has none yet (dev and first deployment);
+  // replicas seeding at once store one version between them.
   absl::Status SeedRules(const CallContext& ctx, absl::Span<const RuleInfo> rules);
 
   std::vector<RegionInfo> ListRegions();

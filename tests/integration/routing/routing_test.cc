@@ -319,6 +319,45 @@ TEST_F(RoutingTest, ConcurrentRulePutsStoreOneVersionEach) {
             4);
 }
 
+// Two replicas seeding at once (or a seed racing ops): a seed stores a territory's first version
+// only, never a second one over a rule stored after it looked.
+TEST_F(RoutingTest, ASeedRacingAnotherPutStoresNothingOverIt) {
+  {
+    // NL without its seeded rule, as on a first deployment (a superuser bypasses append-only).
+    pqxx::connection c(clusters_->control().ConnectionString());
+    pqxx::work txn(c);
+    txn.exec0("SET LOCAL session_replication_role = replica");
+    txn.exec0("DELETE FROM residency_rules WHERE territory = 'NL'");
+    txn.commit();
+  }
+  pqxx::connection first(clusters_->control().ConnectionString());
+  pqxx::work held(first);
+  held.exec0("INSERT INTO residency_rules (territory, version, region_ids, readable_from, "
+             "updated_by) VALUES ('NL', 1, '{eu-1,fr-1}', '{}', 'another replica')");
+  CallContext ctx;
+  ctx.principal.kind = PrincipalKind::kService;
+  ctx.principal.spiffe_id = pki_->SpiffeId("/service/routing");
+  ctx.request_id = "seed-rules";
+  ctx.origin = "config";
+  RuleInfo seed;
+  seed.territory = "NL";
+  seed.region_ids = {"eu-1", "fr-1"};
+  absl::Status seeded = absl::UnknownError("not run");
+  std::thread seeder([&] { seeded = server_->core().SeedRules(ctx, {seed}); });
+  const bool waiting = test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    return CountIn(clusters_->control(),
+                   "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE 'INSERT INTO residency_rules%'") == 1;
+  });
+  held.commit();
+  seeder.join();
+  EXPECT_TRUE(waiting) << "the seed never waited for the other put";
+  EXPECT_TRUE(seeded.ok()) << seeded;
+  EXPECT_EQ(CountIn(clusters_->control(),
+                    "SELECT count(*) FROM residency_rules WHERE territory = 'NL'"),
+            1);
+}
+
 // Once routing.device_reassign_wait_seconds has passed since its unassignment, a device may feed
 // another patient.
 TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
