@@ -287,7 +287,8 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
         // A retry of a grant already recorded (same request id) records nothing new, even when
         // the consent was revoked since: a late retry must not undo the patient's withdrawal.
         if (pqxx::result earlier =
-                txn.exec_prepared(sql::kGrantByRequestId, granted.consent_id, ctx.request_id);
+                txn.exec_prepared(sql::kGrantByRequestId, granted.consent_id, ctx.request_id,
+                                  ctx.principal.spiffe_id);
             !earlier.empty()) {
           VersionInfo recorded = VersionFromRow(earlier[0], 0);
           // A retry repeats the grant: the same evidence and end, and the same start if it gave

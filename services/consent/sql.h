@@ -41,11 +41,13 @@ inline const std::vector<pg::Statement>& Statements() {
       {kLatestVersion,
        "SELECT " MEDGATE_CONSENT_VERSION_COLUMNS
        " FROM consent_versions WHERE consent_id = $1 ORDER BY version DESC LIMIT 1"},
-      // The grant an earlier call with this request id recorded, if any (a late retry).
+      // The grant an earlier call of the same caller ($3) with this request id recorded, if any
+      // (a late retry). Request ids are each caller's own: another's that happens to be the same
+      // is a new grant.
       {kGrantByRequestId,
        "SELECT " MEDGATE_CONSENT_VERSION_COLUMNS
-       " FROM consent_versions WHERE consent_id = $1 AND request_id = $2 AND state = 'granted' "
-       "ORDER BY version LIMIT 1"},
+       " FROM consent_versions WHERE consent_id = $1 AND request_id = $2 AND recorded_by = $3 "
+       "AND state = 'granted' ORDER BY version LIMIT 1"},
       {kInsertVersion,
        "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
        "evidence_ref, reason, recorded_by, recorded_at, request_id) VALUES ($1, $2, $3, "

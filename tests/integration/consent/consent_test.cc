@@ -491,6 +491,20 @@ TEST_F(ConsentTest, ALateRetryOfAGrantDoesNotUndoARevocation) {
   auto regranted = Grant(*app, GrantArgs(patient).WithEvidence("form-2").WithRequestId("lr-3"));
   ASSERT_TRUE(regranted.ok()) << regranted.status();
   EXPECT_EQ(regranted->version(), 3);
+
+  // Request ids are each caller's own: another caller's grant that happens to reuse one (a form
+  // number, say) is a grant of its own, not a retry of the app's.
+  revoke.set_request_id("lr-4");
+  ASSERT_TRUE(Revoke(*app, revoke).ok());
+  auto practitioner = Stub(pki_->practitioner());
+  auto other_caller =
+      Grant(*practitioner, GrantArgs(patient).WithEvidence("form-1").WithRequestId("lr-1"));
+  ASSERT_TRUE(other_caller.ok()) << other_caller.status();
+  EXPECT_EQ(other_caller->version(), 5);
+  auto now_listed = List(*app, ListOf(patient, true));
+  ASSERT_TRUE(now_listed.ok()) << now_listed.status();
+  ASSERT_EQ(now_listed->consents_size(), 1);
+  EXPECT_EQ(now_listed->consents(0).state(), v1::CONSENT_STATE_GRANTED);
 }
 
 // A grant's answer lost, and its retry made after the end it gave: the retry answers what was
