@@ -233,7 +233,7 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- include "medgate.checkCidr" (dict "cidr" $c "where" (printf "networkPolicy.databaseCIDRs[%d]" $j)) -}}
 {{- end -}}
 {{- $pdb := $v.podDisruptionBudget.maxUnavailable -}}
-{{- if not (or (and (kindIs "string" $pdb) (regexMatch "^[0-9]{1,3}%$" $pdb)) (and (kindIs "float64" $pdb) (ge (int64 $pdb) 1))) -}}
+{{- if not (or (and (kindIs "string" $pdb) (regexMatch "^[0-9]{1,3}%$" $pdb)) (and (or (kindIs "float64" $pdb) (kindIs "int64" $pdb) (kindIs "int" $pdb)) (ge (int64 $pdb) 1))) -}}
 {{- fail (printf "podDisruptionBudget.maxUnavailable: '%v' must be a whole number of pods (at least 1) or a percentage (\"25%%\")" $pdb) -}}
 {{- end -}}
 {{- if eq (int64 $v.services.sharing.port) (int64 $v.services.audit.port) -}}

@@ -417,6 +417,28 @@ TEST_F(HelmChartTest, MigrationsRunBeforeInstallAndEveryUpgradeOnTheSameDatabase
             "kube-dns");
 }
 
+// The migrations' pod goes where the services' pods go: on nodes set aside (and tainted) for
+// them, with the annotations ops give pods (a service mesh's opt-out, say).
+TEST_F(HelmChartTest, TheMigrationsJobIsScheduledLikeTheServices) {
+  const Render placed = RenderChart(
+      "nodeSelector: {medgate.example/pool: health}\n"
+      "tolerations: [{key: dedicated, operator: Equal, value: health, effect: NoSchedule}]\n"
+      "podAnnotations: {sidecar.istio.io/inject: \"false\"}\n");
+  ASSERT_EQ(placed.exit_code, 0) << placed.error;
+  const YAML::Node job = Named(placed, "Job", "medgate-migrate")["spec"]["template"];
+  const YAML::Node routing = Named(placed, "Deployment", "medgate-routing")["spec"]["template"];
+  for (const YAML::Node& pod : {job, routing}) {
+    EXPECT_EQ(pod["spec"]["nodeSelector"]["medgate.example/pool"].as<std::string>(), "health");
+    ASSERT_EQ(pod["spec"]["tolerations"].size(), 1u);
+    EXPECT_EQ(pod["spec"]["tolerations"][0]["key"].as<std::string>(), "dedicated");
+    EXPECT_EQ(pod["metadata"]["annotations"]["sidecar.istio.io/inject"].as<std::string>(), "false");
+  }
+  // Without them, none.
+  const YAML::Node plain = Named(*france_, "Job", "medgate-migrate")["spec"]["template"];
+  EXPECT_FALSE(plain["spec"]["nodeSelector"]);
+  EXPECT_FALSE(plain["spec"]["tolerations"]);
+}
+
 // The peers of one ingress rule: "pods:COMPONENT" or "cidr:CIDR".
 std::set<std::string> Peers(const YAML::Node& rule) {
   std::set<std::string> peers;
