@@ -16,10 +16,17 @@ namespace medgate::sharing {
 
 class SpareThreads {
   struct Slot;
+  // One task's end, shared by the thread that runs it and the ticket that waits for it.
+  struct Completion {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+  };
 
  public:
   // A task handed to a spare thread. Wait() (or the destructor) returns once it has run: the
-  // caller waits before anything the task uses goes away.
+  // caller waits before anything the task uses goes away. The thread is idle again as soon as
+  // the task ends, whether or not anyone has waited yet.
   class Ticket {
    public:
     Ticket() = default;
@@ -27,29 +34,29 @@ class SpareThreads {
     Ticket& operator=(const Ticket&) = delete;
     ~Ticket() { Wait(); }
 
-    // Whether a spare thread took the task (false: the caller does it itself).
-    bool taken() const { return slot_ != nullptr; }
+    // Whether a spare thread took the task and nobody has waited for it yet (false: the caller
+    // does it itself, or it is done and waited for).
+    bool taken() const { return completion_ != nullptr; }
 
     void Wait() {
-      if (slot_ == nullptr) return;
+      if (completion_ == nullptr) return;
       {
-        std::unique_lock<std::mutex> lock(slot_->mu);
-        slot_->cv.wait(lock, [this] { return !slot_->task; });
+        std::unique_lock<std::mutex> lock(completion_->mu);
+        completion_->cv.wait(lock, [this] { return completion_->done; });
       }
-      owner_->Release(slot_);
-      slot_ = nullptr;
+      completion_ = nullptr;
     }
 
    private:
     friend class SpareThreads;
-    SpareThreads* owner_ = nullptr;
-    Slot* slot_ = nullptr;
+    std::shared_ptr<Completion> completion_;
   };
 
   explicit SpareThreads(int threads) {
     for (int i = 0; i < threads; ++i) {
       slots_.push_back(std::make_unique<Slot>());
       Slot* slot = slots_.back().get();
+      slot->owner = this;
       idle_.push_back(slot);
       slot->thread = std::thread([slot] { slot->Loop(); });
     }
@@ -72,7 +79,7 @@ class SpareThreads {
   // Hands `task` to an idle thread and returns true; returns false at once when none is idle or
   // `ticket` already holds a task.
   bool TryRun(std::function<void()> task, Ticket& ticket) {
-    if (ticket.slot_ != nullptr) return false;
+    if (ticket.completion_ != nullptr) return false;
     Slot* slot = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -80,22 +87,31 @@ class SpareThreads {
       slot = idle_.back();
       idle_.pop_back();
     }
+    auto completion = std::make_shared<Completion>();
     {
       std::lock_guard<std::mutex> lock(slot->mu);
       slot->task = std::move(task);
+      slot->completion = completion;
     }
     slot->cv.notify_all();
-    ticket.owner_ = this;
-    ticket.slot_ = slot;
+    ticket.completion_ = std::move(completion);
     return true;
+  }
+
+  // Threads idle now (for tests).
+  int idle() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int>(idle_.size());
   }
 
  private:
   // One thread and its mailbox: `task` is set while a task is to run or running.
   struct Slot {
+    SpareThreads* owner = nullptr;
     std::mutex mu;
     std::condition_variable cv;
     std::function<void()> task;
+    std::shared_ptr<Completion> completion;
     bool stopping = false;
     std::thread thread;
 
@@ -104,11 +120,19 @@ class SpareThreads {
       while (true) {
         cv.wait(lock, [this] { return stopping || task; });
         if (!task) return;  // stopping, with nothing handed over
-        lock.unlock();
-        task();
-        lock.lock();
+        std::function<void()> run = std::move(task);
+        std::shared_ptr<Completion> done = std::move(completion);
         task = nullptr;
-        cv.notify_all();
+        lock.unlock();
+        run();
+        run = nullptr;  // what the task captured goes before its end is told
+        {
+          std::lock_guard<std::mutex> told(done->mu);
+          done->done = true;
+        }
+        done->cv.notify_all();
+        owner->Release(this);
+        lock.lock();
       }
     }
   };

@@ -3,6 +3,7 @@
 #include "services/sharing/spare_threads.h"
 
 #include <atomic>
+#include <chrono>
 #include <future>
 #include <thread>
 
@@ -81,6 +82,26 @@ TEST(SpareThreadsTest, ATicketGoingOutOfScopeWaitsForItsTask) {
   }
   EXPECT_TRUE(done.load());
   releaser.join();
+}
+
+// A thread is idle again once its task has run, though its ticket has not been waited for yet
+// (an upload waits for its last piece's hash only when it stores the record, seconds later).
+TEST(SpareThreadsTest, AThreadIsIdleAgainOnceItsTaskEndsBeforeAnyWait) {
+  SpareThreads spare(1);
+  std::atomic<bool> ran{false};
+  SpareThreads::Ticket first;
+  ASSERT_TRUE(spare.TryRun([&] { ran = true; }, first));
+  for (int i = 0; i < 5000 && spare.idle() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(spare.idle(), 1);
+  EXPECT_TRUE(ran.load());
+  SpareThreads::Ticket second;
+  EXPECT_TRUE(spare.TryRun([] {}, second));
+  second.Wait();
+  EXPECT_TRUE(first.taken());  // not waited for yet
+  first.Wait();
+  EXPECT_FALSE(first.taken());
 }
 
 }  // namespace
