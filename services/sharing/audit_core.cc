@@ -57,6 +57,28 @@ int64_t MicrosOrBound(absl::Time t) {
   return absl::ToUnixMicros(t);
 }
 
+// Why the anchor's entry no longer has the anchor's hash ("" when it has).
+std::string AnchorProblem(pqxx::transaction_base& txn, const ChainAnchor& anchor) {
+  pqxx::result rows = txn.exec_prepared(sql::kSelectAuditHash, anchor.seq);
+  if (rows.empty()) {
+    return absl::StrCat("entry ", anchor.seq, ", the anchor's, is not in the log: it was cut "
+                        "short after the anchor was taken");
+  }
+  if (pqxx::binarystring(rows[0][0]).str() != anchor.hash) {
+    return absl::StrCat("entry ", anchor.seq, " does not have the anchor's hash: the log was "
+                        "rewritten up to it after the anchor was taken");
+  }
+  return "";
+}
+
+void FailOnAnchor(ChainReport& report, std::string problem, const ChainAnchor& anchor) {
+  if (problem.empty()) return;
+  report.ok = false;
+  report.first_bad_seq = anchor.seq;
+  report.fault = ChainFault::kAnchorMismatch;
+  report.detail = std::move(problem);
+}
+
 }  // namespace
 
 ChainFault FaultFromProblem(int64_t seq, absl::string_view problem) {
@@ -206,7 +228,17 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
   const bool ranged = start_seq > 1 || end_seq != 0;
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(log));
   ChainReport report;
-  {
+  // The anchor first: a log cut short before it has no range to walk (the range's bounds would be
+  // refused as past its end), and that is the anchor's fault to report, not the caller's.
+  if (anchor.seq > 0) {
+    ASSIGN_OR_RETURN(std::string problem,
+                     pool->TransactValue<std::string>(
+                         [&](pqxx::work& txn) -> absl::StatusOr<std::string> {
+                           return AnchorProblem(txn, anchor);
+                         }));
+    FailOnAnchor(report, problem, anchor);
+  }
+  if (report.ok) {
     ASSIGN_OR_RETURN(pg::Lease lease, pool->Acquire());
     absl::StatusOr<audit::VerifyResult> verified =
         audit::VerifyChainRange(lease.connection(), static_cast<int64_t>(start_seq),
@@ -235,23 +267,7 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     }
     // The chain links every entry to the one before; only a hash kept outside the database shows
     // a log cut short (its head moved back) or rewritten with its hashes recomputed.
-    if (out.ok && anchor.seq > 0) {
-      pqxx::result rows = txn.exec_prepared(sql::kSelectAuditHash, anchor.seq);
-      std::string problem;
-      if (rows.empty()) {
-        problem = absl::StrCat("entry ", anchor.seq, ", the anchor's, is not in the log: it was cut "
-                               "short after the anchor was taken");
-      } else if (pqxx::binarystring(rows[0][0]).str() != anchor.hash) {
-        problem = absl::StrCat("entry ", anchor.seq, " does not have the anchor's hash: the log was "
-                               "rewritten up to it after the anchor was taken");
-      }
-      if (!problem.empty()) {
-        out.ok = false;
-        out.first_bad_seq = anchor.seq;
-        out.fault = ChainFault::kAnchorMismatch;
-        out.detail = problem;
-      }
-    }
+    if (out.ok && anchor.seq > 0) FailOnAnchor(out, AnchorProblem(txn, anchor), anchor);
     audit::Entry e;
     e.actor = ctx.principal.spiffe_id;
     e.action = audit::Action::kExecute;

@@ -400,8 +400,9 @@ class PgUpload final : public Upload {
     // Storage chunks are exactly 1 MiB except the last, whatever sizes the client sends; a client
     // sending 1 MiB pieces is stored without copying them first. The chunk is hashed on a spare
     // core, when one is idle, while this thread encrypts it; otherwise after handing it to the
-    // writer, so that hashing overlaps with the insert. The last piece's hash may go on while the
-    // record is stored: it is checked before anything commits (ContentAsDeclared).
+    // writer, so that hashing overlaps with the insert. The last piece's hash may go on while
+    // Finish() takes a connection and the quota's lock: it is checked before the record is
+    // written (ContentAsDeclared).
     if (pending_.empty() &&
         (data.size() == crypto::kMaxChunkBytes || received_ == header_.size_bytes)) {
       SpareThreads::Ticket piece_hash;
@@ -487,6 +488,9 @@ class PgUpload final : public Upload {
         RETURN_IF_ERROR(
             core_.CheckQuota(home_.tenant_id, home_.region_id, used, header_.size_bytes));
       }
+      // The last piece's hash has run meanwhile (on a spare core). Checked before anything of the
+      // record is written: a mismatch creates no key and never holds the audit chain's head.
+      RETURN_IF_ERROR(ContentAsDeclared());
       // Usually the patient's key is cached: then the one statement is the whole write (and,
       // outside a transaction, the commit).
       std::optional<PatientKey> key = keys_.Get(home_.patient_id, now);
@@ -495,7 +499,6 @@ class PgUpload final : public Upload {
         if (txn_ != nullptr) {
           stored = StoreRecord(*txn_, *key, now, entry);
         } else {
-          RETURN_IF_ERROR(ContentAsDeclared());
           pqxx::nontransaction alone(lease_->connection());
           try {
             stored = StoreRecord(alone, *key, now, entry);
@@ -534,7 +537,6 @@ class PgUpload final : public Upload {
   }
 
   // Whether the content received hashes to header.sha256 (once the last piece's hash is done).
-  // Checked before the record's statement when it commits by itself, else before COMMIT.
   absl::Status ContentAsDeclared() {
     if (!content_hash_matches_) {
       last_hash_.Wait();
@@ -550,7 +552,6 @@ class PgUpload final : public Upload {
       "stored; list the patient's records before uploading again";
 
   absl::Status CommitTransaction() {
-    RETURN_IF_ERROR(ContentAsDeclared());
     try {
       txn_->commit();
     } catch (const pqxx::in_doubt_error&) {
@@ -2042,15 +2043,7 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
     } else if (first_error.ok()) {
       first_error = purged.status();
     }
-    absl::StatusOr<int64_t> folded =
-        pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
-          return txn.exec_prepared1(sql::kFoldTenantUsage)[0].as<int64_t>();
-        });
-    if (folded.ok()) {
-      result.folded_usage_changes += *folded;
-    } else if (first_error.ok()) {
-      first_error = folded.status();
-    }
+
     // Page by record id past records that cannot be sealed (they stay in clear and are logged),
     // so that however many there are they never hide the ones after them; at most `batch`
     // records are sealed per sweep.
@@ -2078,6 +2071,25 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
   }
   if (!first_error.ok()) return first_error;
   return result;
+}
+
+absl::StatusOr<int64_t> SharingCore::FoldTenantUsage() {
+  int64_t total = 0;
+  absl::Status first_error;
+  for (const std::string& region : shards_.RegionIds()) {
+    pg::Pool* pool = *shards_.Get(region);
+    absl::StatusOr<int64_t> folded =
+        pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
+          return txn.exec_prepared1(sql::kFoldTenantUsage)[0].as<int64_t>();
+        });
+    if (folded.ok()) {
+      total += *folded;
+    } else if (first_error.ok()) {
+      first_error = folded.status();
+    }
+  }
+  if (!first_error.ok()) return first_error;
+  return total;
 }
 
 absl::Status SharingCore::SweepKeys(pg::Pool& shard, const std::string& region, int batch,

@@ -92,8 +92,8 @@ class Upload {
  public:
   virtual ~Upload() = default;
   // The next piece of content as the client sent it (1 byte to 1 MiB). The piece that completes
-  // the declared size must stay valid until Finish() returns or the upload is destroyed (it may
-  // still be hashed while the record is stored); the others only until Write returns.
+  // the declared size must stay valid until the upload is destroyed (it may still be hashed
+  // while Finish() prepares to store the record); the others only until Write returns.
   virtual absl::Status Write(absl::string_view data) = 0;
   virtual absl::StatusOr<UploadResult> Finish() = 0;
 };
@@ -135,7 +135,6 @@ struct SweepResult {
   int sealed_metadata = 0;  // records written before metadata was sealed, sealed now
   int destroyed_keys = 0;   // patient keys deleted from the key vaults (retired, or never used)
   int moved_keys = 0;       // patient keys moved from a shard (written before the vault) to its vault
-  int64_t folded_usage_changes = 0;  // records' size changes folded into the tenants' counts
   bool more = false;  // some region had a full batch: sweep again
 };
 
@@ -243,6 +242,10 @@ class SharingCore {
   // erasures retired (when that did not happen with the erasure) and keys no shard uses, and moves
   // patient keys written before the vaults into them: at most `batch` of each per region.
   absl::StatusOr<SweepResult> SweepRetention(int batch = 100);
+  // Folds the records' size changes that the shards' triggers appended into the tenants' usage
+  // counts (shard migration 0021), in every region: the quota's read sums only the changes since.
+  // How many changes were folded.
+  absl::StatusOr<int64_t> FoldTenantUsage();
 
   // Plaintext and ciphertext bytes that uploads and downloads hold right now, and the most ever.
   int64_t buffered_bytes() const { return buffered_.load(); }

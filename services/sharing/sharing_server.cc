@@ -173,6 +173,14 @@ absl::Status SharingServer::Start() {
   }
   sweeper_ = std::make_unique<PeriodicTask>(settings_.retention_sweep_interval,
                                             [this](PeriodicTask& task) { return Sweep(task); });
+  // Whatever the retention sweep's interval, so that a quota check never sums more than a few
+  // seconds of a tenant's changes.
+  usage_folder_ = std::make_unique<PeriodicTask>(kUsageFoldInterval, [this](PeriodicTask&) {
+    if (absl::StatusOr<int64_t> folded = core_->FoldTenantUsage(); !folded.ok()) {
+      log::Warning("usage_fold_failed", {{"error", folded.status().message()}});
+    }
+    return kUsageFoldInterval;
+  });
   log::Info("sharing_started", {{"kek_id", kek_->id()}});
   return absl::OkStatus();
 }
@@ -203,9 +211,12 @@ void SharingServer::Shutdown() {
   if (audit_server_) audit = std::thread([this] { audit_server_->Shutdown(); });
   std::thread sweeper;
   if (sweeper_) sweeper = std::thread([this] { sweeper_->Stop(); });
+  std::thread folder;
+  if (usage_folder_) folder = std::thread([this] { usage_folder_->Stop(); });
   server_->Shutdown();
   if (audit.joinable()) audit.join();
   if (sweeper.joinable()) sweeper.join();
+  if (folder.joinable()) folder.join();
 }
 
 void SharingServer::RunUntilSignal() {

@@ -27,6 +27,9 @@
 
 namespace medgate::sharing {
 
+// How often the server folds the shards' record size changes into the tenants' usage counts.
+inline constexpr absl::Duration kUsageFoldInterval = absl::Seconds(10);
+
 // The sharing section of the configuration:
 //   sharing:
 //     kek_file: /run/secrets/kek        # the key-encryption key, 64 hex digits; or
@@ -118,6 +121,7 @@ class SharingServer {
   std::unique_ptr<ServiceServer> audit_server_;
 
   std::unique_ptr<PeriodicTask> sweeper_;  // every retention_sweep_interval once started
+  std::unique_ptr<PeriodicTask> usage_folder_;  // every kUsageFoldInterval once started
 };
 
 }  // namespace medgate::sharing

@@ -1931,39 +1931,43 @@ TEST_F(SharingTest, AnUploadAndAnErasureOfOneTenantDoNotDeadlockOnItsUsage) {
 
 // A tenant's usage is its folded count plus the changes that the records' triggers append: one
 // per statement and tenant, however many records the statement writes (an erasure of a patient's
-// records is one statement), so that no row is updated once per record. The sweep folds them, and
-// the usage is the sum of the records throughout.
-TEST_F(SharingTest, UsageChangesAreOnePerStatementAndTheSweepFoldsThem) {
-  const std::string patient = Place("usage-fold-1", "FR");
-  UploadSpec spec;
-  spec.patient_id = patient;
-  for (int i = 0; i < 4; ++i) {
-    spec.content = Generate(100 + i, 0, 1000 + i);
-    ASSERT_FALSE(UploadOk(pki_->practitioner(), spec).empty());
-  }
+// records is one statement), so that no row is updated once per record. The server folds them
+// (every 10 s), and the usage is the sum of the records throughout.
+TEST_F(SharingTest, UsageChangesAreOnePerStatementAndAreFoldedIntoTheCounts) {
+  // The servers' folds wait while this session holds the fold's lock: what the statements
+  // append stays in sight until the test folds it (in this session, which the lock lets in).
+  pqxx::connection holder(ConnInfo("fr-1"));
+  pqxx::nontransaction hold(holder);
+  hold.exec("SELECT pg_advisory_lock(hashtextextended('medgate-records-usage-fold', 0))");
+  auto fold = [&] { return hold.exec1("SELECT medgate_fold_record_usage()")[0].as<int64_t>(); };
   auto changes = [](const std::string& where) {
     return Count("fr-1",
                  absl::StrCat("SELECT count(*) FROM tenant_record_usage_changes WHERE ", where));
   };
-  const int64_t before = changes("true");
-  EXPECT_GE(changes("tenant_id = 'acme' AND bytes = 1003"), 1);  // one per upload
+  const std::string patient = Place("usage-fold-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  const int64_t before_uploads = changes("true");
+  for (int i = 0; i < 4; ++i) {
+    spec.content = Generate(100 + i, 0, 1000 + i);
+    ASSERT_FALSE(UploadOk(pki_->practitioner(), spec).empty());
+  }
+  EXPECT_EQ(changes("true"), before_uploads + 4);  // one per upload
+  EXPECT_EQ(changes("tenant_id = 'acme' AND bytes = 1003"), 1);
   {
     auto erased = ErasePatient(pki_->app(), patient);
     ASSERT_TRUE(erased.ok()) << erased.status();
   }
-  EXPECT_EQ(changes("true"), before + 1);
+  EXPECT_EQ(changes("true"), before_uploads + 5);
   EXPECT_EQ(changes("tenant_id = 'acme' AND bytes = -4006"), 1);  // the four records at once
   EXPECT_EQ(UsageCountsOff("fr-1"), 0);
 
-  auto swept = sharing_->core().SweepRetention();
-  ASSERT_TRUE(swept.ok()) << swept.status();
-  EXPECT_GE(swept->folded_usage_changes, before + 1);
+  EXPECT_EQ(fold(), before_uploads + 5);
   EXPECT_EQ(changes("true"), 0);
   EXPECT_EQ(UsageCountsOff("fr-1"), 0);
 
   // A count that fell short (records restored with triggers off, say) stops at zero instead of
   // failing the fold, for a tenant counted before or not.
-  auto fold = [] { return Count("fr-1", "SELECT medgate_fold_record_usage()"); };
   auto count = [] {
     return Count("fr-1", "SELECT bytes FROM tenant_record_usage WHERE tenant_id = 'short-count'");
   };
@@ -1978,6 +1982,17 @@ TEST_F(SharingTest, UsageChangesAreOnePerStatementAndTheSweepFoldsThem) {
   EXPECT_EQ(fold(), 1);
   EXPECT_EQ(count(), 700);
   Exec("fr-1", "DELETE FROM tenant_record_usage WHERE tenant_id = 'short-count'");
+  hold.exec("SELECT pg_advisory_unlock(hashtextextended('medgate-records-usage-fold', 0))");
+
+  // The server's own fold, in every region.
+  absl::StatusOr<int64_t> folded = sharing_->core().FoldTenantUsage();
+  ASSERT_TRUE(folded.ok()) << folded.status();
+  for (const char* region : {"fr-1", "de-1", "eu-1"}) {
+    EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+      return Count(region, "SELECT count(*) FROM tenant_record_usage_changes") == 0;
+    })) << region;
+    EXPECT_EQ(UsageCountsOff(region), 0) << region;
+  }
 }
 
 // --- sharing -----------------------------------------------------------------------------------
@@ -4265,6 +4280,12 @@ TEST_F(SharingTest, VerifyChainAgainstAnAnchorFindsALogCutShort) {
   EXPECT_EQ(against->fault(), v1::CHAIN_FAULT_ANCHOR_MISMATCH);
   EXPECT_EQ(against->first_bad_seq(), anchor_seq);
   EXPECT_THAT(against->detail(), HasSubstr("cut short"));
+  // So is the next check from where the last one ended: the log no longer reaches its start.
+  auto onward = Verify("de-1", nullptr, anchor_seq + 1, 0, anchor_seq, anchor_hash);
+  ASSERT_TRUE(onward.ok()) << onward.status();
+  EXPECT_FALSE(onward->ok());
+  EXPECT_EQ(onward->fault(), v1::CHAIN_FAULT_ANCHOR_MISMATCH);
+  EXPECT_EQ(onward->first_bad_seq(), anchor_seq);
   // An anchor's hash must be a hash, and its seq one a log can have.
   EXPECT_EQ(Verify("de-1", nullptr, 0, 0, anchor_seq, "short").status().code(),
             absl::StatusCode::kInvalidArgument);
