@@ -141,7 +141,9 @@ absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn) 
 }
 
 absl::Status Pool::Ping() {
-  absl::StatusOr<Lease> lease = Acquire();
+  // Without waiting: a probe must not queue among the callers, nor take a connection one of them
+  // waits for.
+  absl::StatusOr<Lease> lease = Acquire(absl::ZeroDuration());
   if (!lease.ok()) {
     if (lease.status().code() != absl::StatusCode::kResourceExhausted) return lease.status();
     // Every connection is in use: the pool is busy, which says nothing about the server. A

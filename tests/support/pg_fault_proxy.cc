@@ -1,6 +1,7 @@
 #include "tests/support/pg_fault_proxy.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -58,7 +59,7 @@ size_t PartialCommitAtEnd(absl::string_view bytes) {
 absl::StatusOr<std::unique_ptr<PgFaultProxy>> PgFaultProxy::Start(int server_port) {
   std::unique_ptr<PgFaultProxy> proxy(new PgFaultProxy());
   proxy->server_port_ = server_port;
-  if (pipe(proxy->stop_pipe_) != 0) return Errno("pipe");
+  if (pipe2(proxy->stop_pipe_, O_CLOEXEC) != 0) return Errno("pipe2");
   proxy->listener_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (proxy->listener_ < 0) return Errno("socket");
   sockaddr_in addr{};
