@@ -471,10 +471,11 @@ TEST_F(HelmChartTest, NetworkPoliciesLetInOnlyTheNamedClientsAndLetOutOnlyToTheD
   std::vector<std::string> types;
   for (const YAML::Node& t : deny["spec"]["policyTypes"]) types.push_back(t.as<std::string>());
   EXPECT_THAT(types, UnorderedElementsAre("Ingress", "Egress"));
-  // Routing: the services that call it, and the apps' networks.
+  // Routing: the services that call it, the apps' networks, and ops (tenants, residency rules).
   using Allowed = std::map<int, std::set<std::string>>;
   EXPECT_EQ(IngressOf(*france_, "routing"),
-            (Allowed{{8443, {"pods:consent", "pods:ingest", "pods:sharing", "cidr:198.51.100.0/24"}}}));
+            (Allowed{{8443, {"pods:consent", "pods:ingest", "pods:sharing", "cidr:198.51.100.0/24",
+                             "cidr:10.30.0.0/16"}}}));
   EXPECT_EQ(IngressOf(*france_, "consent"), (Allowed{{8443, {"cidr:198.51.100.0/24"}}}));
   EXPECT_EQ(IngressOf(*france_, "ingest"), (Allowed{{8443, {"cidr:0.0.0.0/0"}}}));
   // Sharing and audit on their own ports, each from its own clients.
@@ -520,10 +521,25 @@ TEST_F(HelmChartTest, ALoadBalancerKeepsTheClientsAddressesAndAcceptsOnlyTheirNe
     for (const YAML::Node& r : spec["loadBalancerSourceRanges"]) ranges.insert(r.as<std::string>());
     EXPECT_EQ(ranges, (std::set<std::string>{name == "ingest" ? "0.0.0.0/0" : "198.51.100.0/24"}));
   }
-  const YAML::Node audit = Named(*france_, "Service", "medgate-audit")["spec"];
-  EXPECT_EQ(audit["type"].as<std::string>(), "ClusterIP");
-  EXPECT_FALSE(audit["externalTrafficPolicy"].IsDefined());
-  EXPECT_FALSE(audit["loadBalancerSourceRanges"].IsDefined());
+  // Audit, for ops only, behind the cloud's internal load balancer (the Service's annotation),
+  // from the ops network.
+  const YAML::Node audit = Named(*france_, "Service", "medgate-audit");
+  EXPECT_EQ(audit["spec"]["type"].as<std::string>(), "LoadBalancer");
+  EXPECT_EQ(audit["metadata"]["annotations"]["service.beta.kubernetes.io/"
+                                             "openstack-internal-load-balancer"]
+                .as<std::string>(),
+            "true");
+  std::set<std::string> ops;
+  for (const YAML::Node& r : audit["spec"]["loadBalancerSourceRanges"]) ops.insert(r.as<std::string>());
+  EXPECT_EQ(ops, (std::set<std::string>{"10.30.0.0/16"}));
+  // A ClusterIP Service has neither, nor annotations unless given.
+  const YAML::Node consent =
+      Named(RenderChart("services: {consent: {serviceType: ClusterIP}}\n"), "Service",
+            "medgate-consent");
+  EXPECT_EQ(consent["spec"]["type"].as<std::string>(), "ClusterIP");
+  EXPECT_FALSE(consent["spec"]["externalTrafficPolicy"].IsDefined());
+  EXPECT_FALSE(consent["spec"]["loadBalancerSourceRanges"].IsDefined());
+  EXPECT_FALSE(consent["metadata"]["annotations"].IsDefined());
 }
 
 TEST_F(HelmChartTest, OnlyServicesWithSeveralReplicasHaveADisruptionBudget) {
