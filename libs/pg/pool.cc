@@ -61,6 +61,11 @@ absl::StatusOr<Lease> Pool::Acquire(std::optional<absl::Duration> timeout) {
                         absl::ToChronoMilliseconds(timeout.value_or(options_.acquire_timeout));
   std::unique_lock<std::mutex> lock(mu_);
   if (idle_.empty() && open_ >= options_.size) {
+    if (timeout && *timeout <= absl::ZeroDuration()) {
+      // Not waiting at all: not counted among the waiters either.
+      return absl::ResourceExhaustedError(
+          absl::StrCat("database '", options_.name, "' pool exhausted: no connection free"));
+    }
     if (waiters_ >= options_.max_waiters) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "database '", options_.name, "' pool exhausted: ", waiters_, " callers already waiting"));

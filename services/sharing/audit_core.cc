@@ -228,36 +228,39 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
   const bool ranged = start_seq > 1 || end_seq != 0;
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(log));
   ChainReport report;
-  // The anchor first: a log cut short before it has no range to walk (the range's bounds would be
-  // refused as past its end), and that is the anchor's fault to report, not the caller's.
-  if (anchor.seq > 0) {
-    ASSIGN_OR_RETURN(std::string problem,
-                     pool->TransactValue<std::string>(
-                         [&](pqxx::work& txn) -> absl::StatusOr<std::string> {
-                           return AnchorProblem(txn, anchor);
-                         }));
-    FailOnAnchor(report, problem, anchor);
-  }
-  if (report.ok) {
+  {
     ASSIGN_OR_RETURN(pg::Lease lease, pool->Acquire());
     absl::StatusOr<audit::VerifyResult> verified =
         audit::VerifyChainRange(lease.connection(), static_cast<int64_t>(start_seq),
                                 static_cast<int64_t>(end_seq), cancelled);
     if (!verified.ok()) {
       if (verified.status().code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
-      if (verified.status().code() == absl::StatusCode::kInvalidArgument) {
+      if (verified.status().code() != absl::StatusCode::kInvalidArgument) return verified.status();
+      // A range past the log's end: against an anchor the log no longer reaches, that is the
+      // log cut short (the anchor's fault), not the caller's mistake.
+      std::string problem;
+      if (anchor.seq > 0) {
+        try {
+          pqxx::nontransaction q(lease.connection());
+          problem = AnchorProblem(q, anchor);
+        } catch (const std::exception& e) {
+          return pg::StatusFromException(e);
+        }
+      }
+      if (problem.empty()) {
         return absl::InvalidArgumentError(
             absl::StrCat("log ", LogName(log), ": ", verified.status().message()));
       }
-      return verified.status();
+      FailOnAnchor(report, std::move(problem), anchor);
+    } else {
+      report.ok = verified->ok;
+      report.entries_checked = verified->entries_checked + (verified->ok ? 0 : 1);
+      report.first_bad_seq = verified->first_bad_seq;
+      report.detail = verified->problem.substr(0, 1024);
+      report.fault = verified->ok ? ChainFault::kNone
+                                  : FaultFromProblem(verified->first_bad_seq, verified->problem);
+      report.last_seq = verified->last_seq;
     }
-    report.ok = verified->ok;
-    report.entries_checked = verified->entries_checked + (verified->ok ? 0 : 1);
-    report.first_bad_seq = verified->first_bad_seq;
-    report.detail = verified->problem.substr(0, 1024);
-    report.fault = verified->ok ? ChainFault::kNone
-                                : FaultFromProblem(verified->first_bad_seq, verified->problem);
-    report.last_seq = verified->last_seq;
   }
   return pool->TransactValue<ChainReport>([&](pqxx::work& txn) -> absl::StatusOr<ChainReport> {
     ChainReport out = report;

@@ -126,12 +126,14 @@ class SpareThreads {
         lock.unlock();
         run();
         run = nullptr;  // what the task captured goes before its end is told
+        // Idle before the waiter hears of the end: a caller that waited may hand out work again
+        // at once. `done` is this turn's own; a task handed over meanwhile waits for `lock`.
+        owner->Release(this);
         {
           std::lock_guard<std::mutex> told(done->mu);
           done->done = true;
         }
         done->cv.notify_all();
-        owner->Release(this);
         lock.lock();
       }
     }
