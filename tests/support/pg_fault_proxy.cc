@@ -18,6 +18,8 @@ namespace {
 
 // The server's CommandComplete message for COMMIT: 'C', length 11, "COMMIT\0".
 constexpr absl::string_view kCommitComplete("C\0\0\0\x0b" "COMMIT\0", 12);
+// The server's ReadyForQuery message when no transaction is open: 'Z', length 5, 'I'.
+constexpr absl::string_view kReadyIdle("Z\0\0\0\x05I", 6);
 
 absl::Status Errno(absl::string_view what) {
   return absl::InternalError(absl::StrCat(what, ": ", std::strerror(errno)));
@@ -46,12 +48,17 @@ bool WaitReadable(int fd, int stop_fd) {
   }
 }
 
-// The length of the longest end of `bytes` that begins kCommitComplete.
-size_t PartialCommitAtEnd(absl::string_view bytes) {
-  for (size_t n = std::min(bytes.size(), kCommitComplete.size() - 1); n > 0; --n) {
-    if (bytes.substr(bytes.size() - n) == kCommitComplete.substr(0, n)) return n;
+// The length of the longest end of `bytes` that begins `message`.
+size_t PartialAtEnd(absl::string_view bytes, absl::string_view message) {
+  for (size_t n = std::min(bytes.size(), message.size() - 1); n > 0; --n) {
+    if (bytes.substr(bytes.size() - n) == message.substr(0, n)) return n;
   }
   return 0;
+}
+
+// Where `message` begins in `bytes`, or npos.
+size_t Find(const std::string& bytes, absl::string_view message) {
+  return bytes.find(message.data(), 0, message.size());
 }
 
 }  // namespace
@@ -194,18 +201,23 @@ void PgFaultProxy::Forward(int client, int server) {
     size_t pass = held.size();
     bool cut = false;
     bool mine = armed_.load();
+    bool marked_here = false;
     if (mine) {
       std::lock_guard<std::mutex> lock(mu_);
-      mine = marker_.empty() || marked.load() == arming_.load();
+      marked_here = !marker_.empty() && marked.load() == arming_.load();
+      mine = marker_.empty() || marked_here;
     }
     if (mine) {
-      const size_t at = held.find(kCommitComplete.data(), 0, kCommitComplete.size());
+      size_t at = Find(held, kCommitComplete);
+      if (marked_here) at = std::min(at, Find(held, kReadyIdle));
       if (at != std::string::npos) {
         bool expected = true;
         cut = armed_.compare_exchange_strong(expected, false);
         pass = cut ? at : held.size();
       } else {
-        pass = held.size() - PartialCommitAtEnd(held);
+        size_t partial = PartialAtEnd(held, kCommitComplete);
+        if (marked_here) partial = std::max(partial, PartialAtEnd(held, kReadyIdle));
+        pass = held.size() - partial;
       }
     }
     if (!SendAll(client, held.data(), pass)) break;

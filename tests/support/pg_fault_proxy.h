@@ -35,9 +35,13 @@ class PgFaultProxy {
   std::string Via(absl::string_view conninfo) const;
 
   // The next COMMIT that the server completes on a connection through the proxy whose client has
-  // sent `marker` since this call (a prepared statement's name or a query's text, say; empty: on
-  // any connection): that connection is closed at both ends instead of the completion reaching
-  // the client. The transaction stays committed. Later connections and commits pass again.
+  // sent `marker` since this call (a parameter's value or a query's text, say; empty: on any
+  // connection): that connection is closed at both ends instead of the completion reaching the
+  // client. The transaction stays committed. Later connections and commits pass again.
+  // With a marker, the end of a statement that committed by itself (outside a transaction: the
+  // server's ReadyForQuery saying idle) is cut too, just before that ReadyForQuery. A marker
+  // should be something only the statement of interest sends: a statement's name is also sent
+  // when it is prepared, which may end a transaction of its own.
   void CutAtNextCommit(absl::string_view marker = "");
 
   // Closes every connection through the proxy, and every new one as soon as it is accepted, until

@@ -125,6 +125,7 @@ struct UploadSpec {
   std::string file_name = "letter.pdf";
   bool send_header = true;
   bool header_twice = false;
+  std::string request_id = "upload-test";
   // Called before each chunk is sent, with the offset of its first byte.
   std::function<void(uint64_t offset)> before_chunk;
 };
@@ -451,7 +452,7 @@ class SharingTest : public ::testing::Test {
         stub->UploadRecord(&context, response != nullptr ? response : &ignored));
     v1::UploadRecordRequest message;
     v1::UploadRecordHeader* header = message.mutable_header();
-    header->set_request_id("upload-test");
+    header->set_request_id(spec.request_id);
     header->set_patient_id(spec.patient_id);
     header->set_kind(spec.kind);
     header->set_content_type(spec.content_type);
@@ -1829,6 +1830,54 @@ TEST_F(SharingTest, AnUploadWhoseCommitAnswerIsLostSaysItMayHaveBeenStored) {
   ASSERT_TRUE(got.status.ok()) << got.status.error_message();
   EXPECT_EQ(got.content, spec.content);
   extra.server->Shutdown();
+}
+
+// The same when the record is one statement that commits by itself (a tenant without a quota,
+// the patient's key cached): the statement's answer is lost after its commit.
+TEST_F(SharingTest, AOneStatementUploadWhoseAnswerIsLostSaysItMayHaveBeenStored) {
+  const std::string patient = Place("lost-commit-2", "FR");
+  auto proxy = test_support::PgFaultProxy::Start(Db("fr-1").port());
+  ASSERT_TRUE(proxy.ok()) << proxy.status();
+  const std::string direct = Db("fr-1").ConnectionString();
+  // fr-1 through the proxy, and no quota.
+  ExtraSharing proxied = StartSharingOn([&] {
+    const std::string path = stack_->dir() + "/no-quota-proxied.yaml";
+    EXPECT_TRUE(stack_->WriteConfig(path).ok());
+    std::stringstream yaml;
+    yaml << std::ifstream(path).rdbuf();
+    std::string text = yaml.str();
+    for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{
+             {direct, (*proxy)->Via(direct)},
+             {"retention_sweep_seconds: 86400",
+              "retention_sweep_seconds: 86400\n  tenant_quota_bytes: 0"}}) {
+      EXPECT_NE(text.find(from), std::string::npos) << from;
+      text.replace(text.find(from), from.size(), to);
+    }
+    auto root = ConfigNode::Parse(text);
+    EXPECT_TRUE(root.ok()) << root.status();
+    auto parsed = ParseMedgateConfig(*root);
+    EXPECT_TRUE(parsed.ok()) << parsed.status();
+    return std::make_unique<MedgateConfig>(*std::move(parsed));
+  }());
+  ASSERT_NE(proxied.server, nullptr);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(96, 0, 3000);
+  UploadOk(pki_->practitioner(), spec, proxied.server->port());  // caches the patient's key
+  spec.content = Generate(95, 0, 4000);
+  spec.request_id = "lost-one-statement-1";  // sent by the record's statement only
+  (*proxy)->CutAtNextCommit(spec.request_id);
+  grpc::Status lost = Upload(pki_->practitioner(), spec, nullptr, proxied.server->port());
+  EXPECT_EQ(lost.error_code(), grpc::StatusCode::UNAVAILABLE) << lost.error_message();
+  EXPECT_THAT(lost.error_message(), HasSubstr("may or may not have been stored"));
+  EXPECT_EQ((*proxy)->cuts(), 1);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 2);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM audit_log WHERE patient_id = $1 AND action = 'create' "
+                  "AND object_type = 'record' AND request_id = 'lost-one-statement-1'",
+                  patient),
+            1);
+  proxied.server->Shutdown();
 }
 
 // A tenant without a quota: a one-chunk upload whose patient key is cached is one statement that
