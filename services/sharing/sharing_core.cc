@@ -1951,7 +1951,20 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
   absl::StatusOr<PatientErasure> erased = pool->TransactValue<PatientErasure>(
       [&](pqxx::work& txn) -> absl::StatusOr<PatientErasure> {
         retired.clear();
-        txn.exec_prepared(sql::kLockPatientKey, patient_id);
+        // The patient's current key, locked until this commits, so that no upload stores under it
+        // meanwhile. An erasure of one of the records that committed while this waited for the
+        // lock has replaced the key it waited for (the lock then finds no row); the next
+        // statement sees the new key, which is locked in turn. Without that, an upload could
+        // store under the new key between here and the deletion below, which would not see its
+        // record but would destroy its key: an acknowledged record lost.
+        for (int attempt = 0;; ++attempt) {
+          if (!txn.exec_prepared(sql::kLockPatientKey, patient_id).empty()) break;
+          if (txn.exec_prepared(sql::kSelectPatientKey, patient_id).empty()) break;  // none
+          if (attempt == 2) {
+            return absl::AbortedError(
+                "the patient's key was replaced by other erasures while this one waited; retry");
+          }
+        }
         // One statement deletes the records and every key row and queues the patient keys, so
         // they see the same rows: a record an upload committed while this erasure waited for the
         // key is among them, one committed after it is left whole, never without its key. Every

@@ -3741,6 +3741,54 @@ TEST_F(SharingTest, APatientErasureIncludesARecordStoredWhileItWaited) {
   }
 }
 
+// A patient's erasure that waited for the key while an erasure of one record replaced it: it
+// locks the new key before deleting, so an upload arriving meanwhile waits for it and then stores
+// under a key of its own. Without that lock the upload stored under the new key, which the
+// patient's erasure (not seeing the record) then destroyed: an acknowledged record unreadable.
+TEST_F(SharingTest, AnUploadDuringAPatientErasureThatWaitedForTheKeyStaysReadable) {
+  const std::string patient = Place("gdpr-race-2", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "zero";
+  const std::string r0 = UploadOk(pki_->practitioner(), spec);
+  spec.content = "one";
+  const std::string r1 = UploadOk(pki_->practitioner(), spec);
+  // r1's row held, so that the patient's erasure, once past its key lock, waits in its deletion.
+  pqxx::connection holder(Db("fr-1").ConnectionString());
+  pqxx::work row_hold(holder);
+  row_hold.exec_params("SELECT 1 FROM records WHERE record_id = $1 FOR UPDATE", r1);
+  // The chain's head held, so that the erasure of r0 waits with the patient's key replaced.
+  pqxx::connection head_holder(Db("fr-1").ConnectionString());
+  pqxx::work head_hold(head_holder);
+  head_hold.exec("SELECT 1 FROM audit_head FOR UPDATE");
+  absl::StatusOr<v1::EraseRecordResponse> one;
+  std::thread erasing_one([&] { one = Erase(pki_->practitioner(), r0); });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("fr-1", "%audit_append%") > 0; }));
+  absl::StatusOr<v1::ErasePatientRecordsResponse> all;
+  std::thread erasing_all([&] { all = ErasePatient(pki_->app(), patient); });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("fr-1", kPatientKeyLockQuery) > 0; }));
+  head_hold.commit();
+  erasing_one.join();
+  ASSERT_TRUE(one.ok()) << one.status();
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("fr-1", "%DELETE FROM records%") > 0; }));
+  spec.content = Generate(94, 0, 2000);
+  std::string late;
+  std::thread uploading([&] { late = UploadOk(pki_->practitioner(), spec); });
+  absl::SleepFor(absl::Milliseconds(500));  // the upload stores now, or waits for the erasure
+  row_hold.abort();
+  erasing_all.join();
+  uploading.join();
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_FALSE(late.empty());
+  Downloaded got = Download(pki_->practitioner(), late);
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.content, spec.content);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 1);
+}
+
 TEST_F(SharingTest, PatientErasureShredsEveryRecordIncludingArchivedOnes) {
   const std::string patient = Place("gdpr-1", "BE");
   UploadSpec spec;
