@@ -17,7 +17,8 @@ namespace medgate {
 //
 // Holds at most `capacity` entries; inserting a new key into a full cache evicts the least
 // recently used one, expired or not. Expired entries are dropped lazily (on Get, or by
-// eviction), so size() may count entries that Get would no longer return.
+// eviction) unless the caller calls EraseExpired, so size() may count entries that Get would no
+// longer return.
 template <typename K, typename V>
 class TtlCache {
  public:
@@ -63,6 +64,21 @@ class TtlCache {
     }
     entries_.push_front(Entry{std::move(key), std::move(value), now + ttl, now + refresh_after});
     index_.emplace(entries_.front().key, entries_.begin());
+  }
+
+  // Removes every entry expired at `now` (a walk of the whole cache); how many.
+  size_t EraseExpired(absl::Time now) {
+    size_t erased = 0;
+    for (auto entry = entries_.begin(); entry != entries_.end();) {
+      if (now >= entry->expires_at) {
+        index_.erase(entry->key);
+        entry = entries_.erase(entry);
+        ++erased;
+      } else {
+        ++entry;
+      }
+    }
+    return erased;
   }
 
   // Removes `key`; true if it was present (expired or not).

@@ -19,6 +19,10 @@ void PatientKeyCache::Put(const std::string& patient_id, const PatientKey& key, 
   // A Forget since the key was read may be an erasure that retired it: not cached. (Forgets are
   // rare; any of them makes the next read of every patient's key go to its row.)
   if (generation_ != read_at_generation) return;
+  if (now >= next_drop_) {
+    keys_.EraseExpired(now);
+    next_drop_ = now + absl::Seconds(1);
+  }
   // The expiry is not extended: a key is re-read from its row at least once per max age.
   std::optional<PatientKey> cached = keys_.Get(patient_id, now);
   if (cached && cached->key_id == key.key_id) return;
@@ -29,6 +33,11 @@ void PatientKeyCache::Forget(const std::string& patient_id) {
   std::lock_guard<std::mutex> lock(mu_);
   ++generation_;
   keys_.Erase(patient_id);
+}
+
+size_t PatientKeyCache::DropExpired(absl::Time now) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return keys_.EraseExpired(now);
 }
 
 size_t PatientKeyCache::size() {

@@ -246,6 +246,8 @@ class SharingCore {
   // counts (shard migration 0021), in every region: the quota's read sums only the changes since.
   // How many changes were folded.
   absl::StatusOr<int64_t> FoldTenantUsage();
+  // Drops (and wipes) the cached patient keys past their max age, used or not since.
+  size_t DropExpiredPatientKeys() { return patient_keys_.DropExpired(Now()); }
 
   // Plaintext and ciphertext bytes that uploads and downloads hold right now, and the most ever.
   int64_t buffered_bytes() const { return buffered_.load(); }

@@ -174,8 +174,10 @@ absl::Status SharingServer::Start() {
   sweeper_ = std::make_unique<PeriodicTask>(settings_.retention_sweep_interval,
                                             [this](PeriodicTask& task) { return Sweep(task); });
   // Whatever the retention sweep's interval, so that a quota check never sums more than a few
-  // seconds of a tenant's changes.
+  // seconds of a tenant's changes. The same turn drops cached patient keys past their age, so
+  // that a key another process erased leaves this one's memory even when nothing here asks.
   usage_folder_ = std::make_unique<PeriodicTask>(kUsageFoldInterval, [this](PeriodicTask&) {
+    core_->DropExpiredPatientKeys();
     if (absl::StatusOr<int64_t> folded = core_->FoldTenantUsage(); !folded.ok()) {
       log::Warning("usage_fold_failed", {{"error", folded.status().message()}});
     }

@@ -35,6 +35,21 @@ TEST_F(TtlCacheTest, EntryLivesUntilItsTtl) {
   EXPECT_EQ(cache_.size(), 0u);  // the expired entry was dropped by the lookup
 }
 
+// EraseExpired drops every expired entry, wherever recent use put it, and keeps the others
+// reachable.
+TEST_F(TtlCacheTest, EraseExpiredDropsOnlyExpiredEntries) {
+  cache_.Put("old", 1, absl::Seconds(5), t0_);
+  cache_.Put("new", 2, absl::Seconds(60), t0_);
+  cache_.Put("used", 3, absl::Seconds(5), t0_);
+  EXPECT_THAT(cache_.Get("used", t0_ + absl::Seconds(1)), Optional(Eq(3)));  // most recent now
+  EXPECT_EQ(cache_.EraseExpired(t0_ + absl::Seconds(4)), 0u);
+  EXPECT_EQ(cache_.EraseExpired(t0_ + absl::Seconds(5)), 2u);
+  EXPECT_EQ(cache_.size(), 1u);
+  EXPECT_THAT(cache_.Get("new", t0_ + absl::Seconds(6)), Optional(Eq(2)));
+  cache_.Put("again", 4, absl::Seconds(5), t0_ + absl::Seconds(6));
+  EXPECT_THAT(cache_.Get("again", t0_ + absl::Seconds(7)), Optional(Eq(4)));
+}
+
 TEST_F(TtlCacheTest, EntriesExpireIndependently) {
   cache_.Put("short", 1, absl::Seconds(1), t0_);
   cache_.Put("long", 2, absl::Seconds(60), t0_);
