@@ -247,13 +247,20 @@ class SharingTest : public ::testing::Test {
 
   // The stack's configuration with `from` replaced by `to`, for a second sharing server.
   static std::unique_ptr<MedgateConfig> ConfigWith(const std::string& from, const std::string& to) {
+    return ConfigWith({{from, to}});
+  }
+  // ... with each `from` replaced by its `to`, in turn.
+  static std::unique_ptr<MedgateConfig> ConfigWith(
+      const std::vector<std::pair<std::string, std::string>>& replacements) {
     const std::string path = stack_->dir() + "/edited.yaml";
     EXPECT_TRUE(stack_->WriteConfig(path).ok());
     std::stringstream yaml;
     yaml << std::ifstream(path).rdbuf();
     std::string text = yaml.str();
-    EXPECT_NE(text.find(from), std::string::npos) << from;
-    text.replace(text.find(from), from.size(), to);
+    for (const auto& [from, to] : replacements) {
+      EXPECT_NE(text.find(from), std::string::npos) << from;
+      if (text.find(from) != std::string::npos) text.replace(text.find(from), from.size(), to);
+    }
     auto root = ConfigNode::Parse(text);
     EXPECT_TRUE(root.ok()) << root.status();
     auto config = ParseMedgateConfig(*root);
@@ -1840,25 +1847,10 @@ TEST_F(SharingTest, AOneStatementUploadWhoseAnswerIsLostSaysItMayHaveBeenStored)
   ASSERT_TRUE(proxy.ok()) << proxy.status();
   const std::string direct = Db("fr-1").ConnectionString();
   // fr-1 through the proxy, and no quota.
-  ExtraSharing proxied = StartSharingOn([&] {
-    const std::string path = stack_->dir() + "/no-quota-proxied.yaml";
-    EXPECT_TRUE(stack_->WriteConfig(path).ok());
-    std::stringstream yaml;
-    yaml << std::ifstream(path).rdbuf();
-    std::string text = yaml.str();
-    for (const auto& [from, to] : std::vector<std::pair<std::string, std::string>>{
-             {direct, (*proxy)->Via(direct)},
-             {"retention_sweep_seconds: 86400",
-              "retention_sweep_seconds: 86400\n  tenant_quota_bytes: 0"}}) {
-      EXPECT_NE(text.find(from), std::string::npos) << from;
-      text.replace(text.find(from), from.size(), to);
-    }
-    auto root = ConfigNode::Parse(text);
-    EXPECT_TRUE(root.ok()) << root.status();
-    auto parsed = ParseMedgateConfig(*root);
-    EXPECT_TRUE(parsed.ok()) << parsed.status();
-    return std::make_unique<MedgateConfig>(*std::move(parsed));
-  }());
+  ExtraSharing proxied = StartSharingOn(ConfigWith(
+      {{direct, (*proxy)->Via(direct)},
+       {"retention_sweep_seconds: 86400",
+        "retention_sweep_seconds: 86400\n  tenant_quota_bytes: 0"}}));
   ASSERT_NE(proxied.server, nullptr);
   UploadSpec spec;
   spec.patient_id = patient;
@@ -2034,13 +2026,17 @@ TEST_F(SharingTest, UsageChangesAreOnePerStatementAndAreFoldedIntoTheCounts) {
   Exec("fr-1", "DELETE FROM tenant_record_usage WHERE tenant_id = 'short-count'");
   hold.exec("SELECT pg_advisory_unlock(hashtextextended('medgate-records-usage-fold', 0))");
 
-  // The server's own fold, in every region.
+  // The server folds on its own every 10 s: a record stored now is folded without being asked.
+  spec.content = Generate(104, 0, 1500);
+  ASSERT_FALSE(UploadOk(pki_->practitioner(), spec).empty());
+  EXPECT_GE(changes("true"), 1);
+  EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return changes("true") == 0; }));
+  EXPECT_EQ(UsageCountsOff("fr-1"), 0);
+  // And when asked, in every region.
   absl::StatusOr<int64_t> folded = sharing_->core().FoldTenantUsage();
   ASSERT_TRUE(folded.ok()) << folded.status();
   for (const char* region : {"fr-1", "de-1", "eu-1"}) {
-    EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-      return Count(region, "SELECT count(*) FROM tenant_record_usage_changes") == 0;
-    })) << region;
+    EXPECT_EQ(Count(region, "SELECT count(*) FROM tenant_record_usage_changes"), 0) << region;
     EXPECT_EQ(UsageCountsOff(region), 0) << region;
   }
 }
@@ -3776,8 +3772,15 @@ TEST_F(SharingTest, AnUploadDuringAPatientErasureThatWaitedForTheKeyStaysReadabl
                         [&] { return LockWaits("fr-1", "%DELETE FROM records%") > 0; }));
   spec.content = Generate(94, 0, 2000);
   std::string late;
-  std::thread uploading([&] { late = UploadOk(pki_->practitioner(), spec); });
-  absl::SleepFor(absl::Milliseconds(500));  // the upload stores now, or waits for the erasure
+  std::atomic<bool> uploaded{false};
+  std::thread uploading([&] {
+    late = UploadOk(pki_->practitioner(), spec);
+    uploaded = true;
+  });
+  // The upload stores now (under the new key, unlocked), or waits for the erasure's lock on it.
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    return uploaded.load() || LockWaits("fr-1", "%FOR KEY SHARE%") > 0;
+  }));
   row_hold.abort();
   erasing_all.join();
   uploading.join();
