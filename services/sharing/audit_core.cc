@@ -3,10 +3,13 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "libs/common/status_macros.h"
 #include "libs/pg/pg_status.h"
 #include "services/sharing/sql.h"
@@ -125,10 +128,24 @@ absl::StatusOr<pg::Pool*> AuditCore::PoolOf(const AuditLogRef& log) const {
 absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQuery& query) {
   if (query.page_size < 1) return absl::InvalidArgumentError("page_size: must be positive");
   const int size = query.page_size;
-  int64_t after = 0;
-  if (!query.page_token.empty() && (!absl::SimpleAtoi(query.page_token, &after) || after < 0)) {
-    return absl::InvalidArgumentError(
-        "page_token: not a token from an earlier QueryAudit response");
+  // Entries come in (at_us, seq) order: the log's times follow its order but for a clock set
+  // back. A token is the last entry's "at_us.seq"; one of only a seq (a server before the order
+  // by time) continues after that entry.
+  const absl::Status bad_token = absl::InvalidArgumentError(
+      "page_token: not a token from an earlier QueryAudit response; query from the first page");
+  int64_t after_at = std::numeric_limits<int64_t>::min();
+  int64_t after_seq = 0;
+  std::optional<int64_t> after_seq_alone;
+  if (!query.page_token.empty()) {
+    std::vector<absl::string_view> parts = absl::StrSplit(query.page_token, '.');
+    if (parts.size() == 1) {
+      int64_t seq = 0;
+      if (!absl::SimpleAtoi(parts[0], &seq) || seq < 1) return bad_token;
+      after_seq_alone = seq;
+    } else if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &after_at) ||
+               !absl::SimpleAtoi(parts[1], &after_seq) || after_seq < 1) {
+      return bad_token;
+    }
   }
   if (query.start >= query.end) {
     return absl::InvalidArgumentError("time_range: end_at must be after start_at");
@@ -160,17 +177,25 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
   ASSIGN_OR_RETURN(pool, PoolOf(log));
 
   return pool->TransactValue<AuditPage>([&](pqxx::work& txn) -> absl::StatusOr<AuditPage> {
+    if (after_seq_alone) {
+      pqxx::result at = txn.exec_prepared(sql::kSelectAuditTime, *after_seq_alone);
+      if (at.empty()) return bad_token;
+      after_at = at[0][0].as<int64_t>();
+      after_seq = *after_seq_alone;
+    }
     pqxx::result rows =
         query.patient_id.empty()
-            ? txn.exec_prepared(sql::kSelectAuditLog, after, MicrosOrBound(query.start),
-                                MicrosOrBound(query.end), query.actor, size + 1)
-            : txn.exec_prepared(sql::kSelectAuditForPatient, query.patient_id, after,
+            ? txn.exec_prepared(sql::kSelectAuditLog, after_at, after_seq,
                                 MicrosOrBound(query.start), MicrosOrBound(query.end), query.actor,
-                                size + 1);
+                                size + 1)
+            : txn.exec_prepared(sql::kSelectAuditForPatient, query.patient_id, after_at,
+                                after_seq, MicrosOrBound(query.start), MicrosOrBound(query.end),
+                                query.actor, size + 1);
     AuditPage page;
     for (const pqxx::row& row : rows) {
       if (page.entries.size() == static_cast<size_t>(size)) {
-        page.next_page_token = absl::StrCat(page.entries.back().seq);
+        const audit::StoredEntry& last = page.entries.back();
+        page.next_page_token = absl::StrCat(last.at_us, ".", last.seq);
         break;
       }
       ASSIGN_OR_RETURN(audit::StoredEntry entry, EntryFromRow(row));
