@@ -5,8 +5,8 @@
 -- indexes find a range's first entry directly: a patient's, and the whole log's for ops.
 --
 -- Building them holds appends to the log (and so every audited write) until they are built. On a
--- large log, build them beforehand without blocking writes, as the migrations' role, and check
--- that both are valid (pg_index.indisvalid) before running this migration, which then keeps them:
+-- large log, build them beforehand without blocking writes, as the migrations' role; this
+-- migration then keeps them (and stops if one is not valid, or not as below):
 --   CREATE INDEX CONCURRENTLY audit_log_patient_time ON audit_log (patient_id, at_us, seq)
 --     WHERE patient_id <> '';
 --   CREATE INDEX CONCURRENTLY audit_log_time ON audit_log (at_us, seq);
@@ -14,5 +14,27 @@ SET LOCAL lock_timeout = '30s';
 CREATE INDEX IF NOT EXISTS audit_log_patient_time ON audit_log (patient_id, at_us, seq)
   WHERE patient_id <> '';
 CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (at_us, seq);
+-- An index built beforehand by a CREATE INDEX CONCURRENTLY that failed, or still runs, is not
+-- valid: nothing reads it, yet every append writes it. One not as above would not serve.
+DO $$
+DECLARE
+  wanted text[] := ARRAY[
+    'audit_log_patient_time', 'USING btree (patient_id, at_us, seq) WHERE (patient_id <> ''''::text)',
+    'audit_log_time', 'USING btree (at_us, seq)'];
+  ix record;
+BEGIN
+  FOR i IN 1..array_length(wanted, 1) BY 2 LOOP
+    SELECT x.indisvalid AND x.indisready AS usable, pg_get_indexdef(x.indexrelid) AS definition
+      INTO ix
+      FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid
+     WHERE c.relname = wanted[i] AND x.indrelid = 'audit_log'::regclass;
+    IF NOT FOUND OR NOT ix.usable OR NOT ix.definition LIKE '%' || wanted[i + 1] THEN
+      RAISE EXCEPTION 'index % on audit_log is not valid, or not as this migration builds it '
+                      '(%): drop it (DROP INDEX CONCURRENTLY %) and run the migrations again',
+                      wanted[i], coalesce(ix.definition, 'missing'), wanted[i];
+    END IF;
+  END LOOP;
+END
+$$;
 -- The index on (patient_id, seq) stays while a version before this one may run (a rolling
 -- upgrade, a rollback): its queries read it.

@@ -3,13 +3,10 @@
 
 #include <algorithm>
 #include <limits>
-#include <optional>
-#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "libs/common/status_macros.h"
 #include "libs/pg/pg_status.h"
 #include "services/sharing/sql.h"
@@ -128,24 +125,16 @@ absl::StatusOr<pg::Pool*> AuditCore::PoolOf(const AuditLogRef& log) const {
 absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQuery& query) {
   if (query.page_size < 1) return absl::InvalidArgumentError("page_size: must be positive");
   const int size = query.page_size;
-  // Entries come in (at_us, seq) order: the log's times follow its order but for a clock set
-  // back. A token is the last entry's "at_us.seq"; one of only a seq (a server before the order
-  // by time) continues after that entry.
+  // Entries come in (at_us, seq) order: the log's order, unless the database's clock was set
+  // back. A page token is the seq of the page's last entry (as when the order was seq alone, so
+  // that servers of either version continue each other's pages); the query goes on after that
+  // entry's (at_us, seq).
   const absl::Status bad_token = absl::InvalidArgumentError(
       "page_token: not a token from an earlier QueryAudit response; query from the first page");
-  int64_t after_at = std::numeric_limits<int64_t>::min();
   int64_t after_seq = 0;
-  std::optional<int64_t> after_seq_alone;
-  if (!query.page_token.empty()) {
-    std::vector<absl::string_view> parts = absl::StrSplit(query.page_token, '.');
-    if (parts.size() == 1) {
-      int64_t seq = 0;
-      if (!absl::SimpleAtoi(parts[0], &seq) || seq < 1) return bad_token;
-      after_seq_alone = seq;
-    } else if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &after_at) ||
-               !absl::SimpleAtoi(parts[1], &after_seq) || after_seq < 1) {
-      return bad_token;
-    }
+  if (!query.page_token.empty() &&
+      (!absl::SimpleAtoi(query.page_token, &after_seq) || after_seq < 1)) {
+    return bad_token;
   }
   if (query.start >= query.end) {
     return absl::InvalidArgumentError("time_range: end_at must be after start_at");
@@ -177,25 +166,29 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
   ASSIGN_OR_RETURN(pool, PoolOf(log));
 
   return pool->TransactValue<AuditPage>([&](pqxx::work& txn) -> absl::StatusOr<AuditPage> {
-    if (after_seq_alone) {
-      pqxx::result at = txn.exec_prepared(sql::kSelectAuditTime, *after_seq_alone);
+    // The scan starts at its lower bound: the later of the range's start and the token's entry.
+    const int64_t start_us = MicrosOrBound(query.start);
+    int64_t after_at = start_us;
+    int64_t after = 0;  // every seq is above: (at_us, seq) > (start, 0) is at_us >= start
+    if (after_seq > 0) {
+      // The token's entry, in the log and (for a patient's entries) the patient's.
+      pqxx::result at = txn.exec_prepared(sql::kSelectAuditTime, after_seq, query.patient_id);
       if (at.empty()) return bad_token;
-      after_at = at[0][0].as<int64_t>();
-      after_seq = *after_seq_alone;
+      if (const int64_t token_at = at[0][0].as<int64_t>(); token_at >= start_us) {
+        after_at = token_at;
+        after = after_seq;
+      }
     }
     pqxx::result rows =
         query.patient_id.empty()
-            ? txn.exec_prepared(sql::kSelectAuditLog, after_at, after_seq,
-                                MicrosOrBound(query.start), MicrosOrBound(query.end), query.actor,
-                                size + 1)
-            : txn.exec_prepared(sql::kSelectAuditForPatient, query.patient_id, after_at,
-                                after_seq, MicrosOrBound(query.start), MicrosOrBound(query.end),
-                                query.actor, size + 1);
+            ? txn.exec_prepared(sql::kSelectAuditLog, after_at, after, MicrosOrBound(query.end),
+                                query.actor, size + 1)
+            : txn.exec_prepared(sql::kSelectAuditForPatient, query.patient_id, after_at, after,
+                                MicrosOrBound(query.end), query.actor, size + 1);
     AuditPage page;
     for (const pqxx::row& row : rows) {
       if (page.entries.size() == static_cast<size_t>(size)) {
-        const audit::StoredEntry& last = page.entries.back();
-        page.next_page_token = absl::StrCat(last.at_us, ".", last.seq);
+        page.next_page_token = absl::StrCat(page.entries.back().seq);
         break;
       }
       ASSIGN_OR_RETURN(audit::StoredEntry entry, EntryFromRow(row));

@@ -107,19 +107,20 @@ inline constexpr char kSelectTenantTerritories[] = "select_tenant_territories";
 
 inline const std::vector<pg::Statement>& AuditStatements() {
   static const std::vector<pg::Statement> statements = {
-      // In (at_us, seq) order, after the page token's ($2, $3) or ($1, $2): a range of a long
-      // history is found in the indexes of migrations shard 0022 / control 0008, not read from
-      // the history's start. patient_id <> '' lets a generic plan use the partial index.
+      // In (at_us, seq) order from a lower bound ($2, $3), past which the index scan starts:
+      // a range of a long history is found in the indexes of migrations shard 0022 / control
+      // 0008, not read from the history's start. patient_id <> '' lets a generic plan use the
+      // partial index.
       {kSelectAuditForPatient,
        "SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log WHERE patient_id = $1 "
-       "AND patient_id <> '' AND (at_us, seq) > ($2, $3) AND at_us >= $4 AND at_us < $5 "
-       "AND ($6 = '' OR actor = $6) ORDER BY at_us, seq LIMIT $7"},
+       "AND patient_id <> '' AND (at_us, seq) > ($2, $3) AND at_us < $4 "
+       "AND ($5 = '' OR actor = $5) ORDER BY at_us, seq LIMIT $6"},
       {kSelectAuditLog,
        "SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log WHERE (at_us, seq) > ($1, $2) "
-       "AND at_us >= $3 AND at_us < $4 AND ($5 = '' OR actor = $5) ORDER BY at_us, seq "
-       "LIMIT $6"},
+       "AND at_us < $3 AND ($4 = '' OR actor = $4) ORDER BY at_us, seq LIMIT $5"},
       {kSelectAuditHash, "SELECT hash FROM audit_log WHERE seq = $1"},
-      {kSelectAuditTime, "SELECT at_us FROM audit_log WHERE seq = $1"},
+      {kSelectAuditTime,
+       "SELECT at_us FROM audit_log WHERE seq = $1 AND ($2 = '' OR patient_id = $2)"},
   };
   return statements;
 }

@@ -1,4 +1,5 @@
 // Migrations against real PostgreSQL: fresh, re-run, tampered, gap, duplicate; medgate-migrate.
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -77,6 +78,66 @@ TEST_F(MigrateTest, AppliesTheProjectMigrationsThenReRunIsANoOp) {
     pqxx::nontransaction check(c);
     EXPECT_EQ(check.exec1("SELECT count(*) FROM schema_migrations")[0].as<size_t>(), migrations->size());
     EXPECT_EQ(check.exec1("SELECT count(*) FROM audit_head")[0].as<int>(), 1);
+  }
+}
+
+// The audit logs' time indexes may be built beforehand, without blocking appends, on a large log;
+// the migration keeps them when they are usable and as it builds them, and otherwise stops.
+TEST_F(MigrateTest, AuditTimeIndexesBuiltBeforehandAreKeptOnlyWhenValid) {
+  for (const char* kind : {"control", "shard"}) {
+    SCOPED_TRACE(kind);
+    absl::StatusOr<std::vector<Migration>> all = LoadMigrations(SourceDir() + "/migrations/" + kind);
+    ASSERT_TRUE(all.ok()) << all.status();
+    auto it = std::find_if(all->begin(), all->end(), [](const Migration& m) {
+      return m.file_name.ends_with("_audit_log_by_time.sql");
+    });
+    ASSERT_NE(it, all->end());
+    const std::vector<Migration> before(all->begin(), it);
+    pqxx::connection c = Connect();
+    {
+      pqxx::nontransaction reset(c);
+      reset.exec0("DROP SCHEMA public CASCADE; CREATE SCHEMA public;");
+    }
+    ASSERT_TRUE(Apply(c, before).ok());
+    auto run = [&](const std::string& sql) {
+      pqxx::nontransaction n(c);
+      n.exec0(sql);
+    };
+    auto applied = [&] {
+      pqxx::nontransaction n(c);
+      return n.exec1("SELECT count(*) FROM schema_migrations")[0].as<size_t>();
+    };
+    // Built beforehand, one of them without its WHERE clause: refused, nothing recorded.
+    run("CREATE INDEX CONCURRENTLY audit_log_time ON audit_log (at_us, seq)");
+    run("CREATE INDEX CONCURRENTLY audit_log_patient_time ON audit_log (patient_id, at_us, seq)");
+    absl::StatusOr<MigrateResult> wrong = Apply(c, *all);
+    ASSERT_FALSE(wrong.ok());
+    EXPECT_THAT(std::string(wrong.status().message()), HasSubstr("audit_log_patient_time"));
+    EXPECT_THAT(std::string(wrong.status().message()),
+                HasSubstr("DROP INDEX CONCURRENTLY audit_log_patient_time"));
+    EXPECT_EQ(applied(), before.size());
+    // As built, but left invalid (a concurrent build that failed): refused too.
+    run("DROP INDEX audit_log_patient_time");
+    run("CREATE INDEX CONCURRENTLY audit_log_patient_time ON audit_log (patient_id, at_us, seq) "
+        "WHERE patient_id <> ''");
+    run("UPDATE pg_index SET indisvalid = false "
+        "WHERE indexrelid = 'audit_log_time'::regclass");
+    absl::StatusOr<MigrateResult> invalid = Apply(c, *all);
+    ASSERT_FALSE(invalid.ok());
+    EXPECT_THAT(std::string(invalid.status().message()), HasSubstr("audit_log_time"));
+    EXPECT_THAT(std::string(invalid.status().message()), HasSubstr("not valid"));
+    EXPECT_EQ(applied(), before.size());
+    // Valid and as built: kept, and the migrations go on.
+    run("UPDATE pg_index SET indisvalid = true WHERE indexrelid = 'audit_log_time'::regclass");
+    pqxx::nontransaction n(c);
+    const int64_t oid =
+        n.exec1("SELECT 'audit_log_time'::regclass::oid")[0].as<int64_t>();
+    n.commit();
+    absl::StatusOr<MigrateResult> kept = Apply(c, *all);
+    ASSERT_TRUE(kept.ok()) << kept.status();
+    EXPECT_EQ(applied(), all->size());
+    pqxx::nontransaction after(c);
+    EXPECT_EQ(after.exec1("SELECT 'audit_log_time'::regclass::oid")[0].as<int64_t>(), oid);
   }
 }
 

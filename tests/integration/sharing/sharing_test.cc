@@ -47,6 +47,7 @@
 #include "services/consent/consent_server.h"
 #include "services/routing/routing_server.h"
 #include "services/sharing/sharing_server.h"
+#include "services/ingest/sql.h"
 #include "services/sharing/sql.h"
 #include "tests/support/health_check.h"
 #include "tests/support/pg_fault_proxy.h"
@@ -4275,11 +4276,17 @@ TEST_F(SharingTest, QueryAuditAnswersWhoAccessedThePatientsData) {
                   .ok());
 }
 
-// The audit query's plan for a time range near the end of a long history, with its figures:
-// how many rows the scans of audit_log threw away (the filter) before the range's first entry.
-int64_t AuditRowsDiscarded(pqxx::connection& c, absl::string_view statement,
-                           absl::string_view arguments, absl::string_view plan_cache_mode,
-                           std::string* plan_out) {
+// What the audit query did for a time range, in one plan (EXPLAIN ANALYZE): the rows its scans
+// read and threw away (filters), and the buffers its scan of audit_log read (with its index's;
+// not the catalog's, which a first execution reads).
+struct AuditScan {
+  int64_t discarded = 0;
+  int64_t buffers = 0;
+  std::string plan;
+};
+
+AuditScan ScanOfAuditQuery(pqxx::connection& c, absl::string_view statement,
+                           absl::string_view arguments, absl::string_view plan_cache_mode) {
   std::string text;
   for (const pg::Statement& s : sql::AuditStatements()) {
     if (s.name == statement) text = s.sql;
@@ -4289,32 +4296,53 @@ int64_t AuditRowsDiscarded(pqxx::connection& c, absl::string_view statement,
   q.exec0(absl::StrCat("SET plan_cache_mode = ", plan_cache_mode));
   q.exec0("DEALLOCATE ALL");
   q.exec0(absl::StrCat("PREPARE audit_range AS ", text));
-  std::string plan;
-  for (const pqxx::row& row :
-       q.exec(absl::StrCat("EXPLAIN (ANALYZE, COSTS OFF) EXECUTE audit_range(", arguments, ")"))) {
-    absl::StrAppend(&plan, row[0].c_str(), "\n");
+  AuditScan scan;
+  for (const pqxx::row& row : q.exec(absl::StrCat(
+           "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) EXECUTE audit_range(", arguments, ")"))) {
+    absl::StrAppend(&scan.plan, row[0].c_str(), "\n");
   }
   q.exec0("RESET plan_cache_mode");
-  *plan_out = plan;
-  int64_t discarded = 0;
-  for (absl::string_view line : absl::StrSplit(plan, '\n')) {
+  bool scan_node = false;
+  bool counted = false;
+  for (absl::string_view line : absl::StrSplit(scan.plan, '\n')) {
+    if (absl::StrContains(line, "Planning")) break;  // the plan's own reads (the catalog)
     for (absl::string_view what : {"Rows Removed by Filter: ", "Rows Removed by Index Recheck: "}) {
       const size_t at = line.find(what);
       int64_t n = 0;
       if (at != absl::string_view::npos && absl::SimpleAtoi(line.substr(at + what.size()), &n)) {
-        discarded += n;
+        scan.discarded += n;
+      }
+    }
+    // The scan's node (an index scan, or a bitmap heap scan over its index's bitmap), whose
+    // Buffers line comes after the node's, counts its children's.
+    if (absl::StrContains(line, " on audit_log")) scan_node = true;
+    if (scan_node && !counted && absl::StrContains(line, "Buffers: shared")) {
+      counted = true;
+      for (absl::string_view what : {"hit=", "read="}) {
+        const size_t at = line.find(what);
+        if (at == absl::string_view::npos) continue;
+        absl::string_view n = line.substr(at + what.size());
+        n = n.substr(0, n.find(' '));
+        int64_t count = 0;
+        EXPECT_TRUE(absl::SimpleAtoi(n, &count)) << line;
+        scan.buffers += count;
       }
     }
   }
-  return discarded;
+  EXPECT_TRUE(counted) << "no buffer counts for audit_log in the plan:\n" << scan.plan;
+  return scan;
 }
 
 TEST_F(SharingTest, AnAuditQueryForARecentRangeOfALongHistoryStartsAtTheRange) {
   const std::string patient = Place("audit-range-1", "DE");
-  // A monitored patient's long history: 3,000 entries, the range asked for is the last 10.
+  // A monitored patient's long history: 3,000 entries, each at its own time, then two groups of
+  // 7 appended together (one time each, as ingest appends a transaction's batches). The range
+  // asked for is the last 10 single entries and the two groups.
   constexpr int kHistory = 3000;
-  constexpr int kRange = 10;
-  int64_t range_start_us = 0;
+  constexpr int kGroup = 7;
+  std::vector<std::string> expected;
+  std::vector<int64_t> at_of;  // at_us of each single entry
+  int64_t other_patients_seq = 0;
   int64_t range_end_us = 0;
   {
     pqxx::connection c(Db("de-1").ConnectionString());
@@ -4324,25 +4352,48 @@ TEST_F(SharingTest, AnAuditQueryForARecentRangeOfALongHistoryStartsAtTheRange) {
     e.tenant = "acme";
     e.action = audit::Action::kCreate;
     e.object_type = "vitals";
-    e.patient_id = patient;
     e.decision = audit::Decision::kPermit;
     e.reason = "PERMITTED";
+    e.patient_id = "another-patient";
+    absl::StatusOr<int64_t> other = audit::Append(txn, e);
+    ASSERT_TRUE(other.ok()) << other.status();
+    other_patients_seq = *other;
+    e.patient_id = patient;
     for (int i = 0; i < kHistory; ++i) {
       e.object_id = absl::StrCat("batch-", i);
       absl::StatusOr<int64_t> seq = audit::Append(txn, e);
       ASSERT_TRUE(seq.ok()) << seq.status();
-      if (i >= kHistory - kRange - 1) {
-        const int64_t at =
-            txn.exec_params1("SELECT at_us FROM audit_log WHERE seq = $1", *seq)[0].as<int64_t>();
-        if (i == kHistory - kRange - 1) range_start_us = at + 1;  // after the one before the range
-        range_end_us = at + 1;
-      }
+      at_of.push_back(
+          txn.exec_params1("SELECT at_us FROM audit_log WHERE seq = $1", *seq)[0].as<int64_t>());
+      if (i >= kHistory - 10) expected.push_back(e.object_id);
     }
     txn.commit();
+    auto quote = [&](const std::string& s) -> absl::StatusOr<std::string> { return c.quote(s); };
+    for (int g = 0; g < 2; ++g) {
+      std::vector<audit::Entry> group;
+      for (int k = 0; k < kGroup; ++k) {
+        e.object_id = absl::StrCat("group-", g, "-", k);
+        group.push_back(e);
+        expected.push_back(e.object_id);
+      }
+      absl::StatusOr<std::string> appended = ingest::sql::AuditAndCommitQuery(quote, group);
+      ASSERT_TRUE(appended.ok()) << appended.status();
+      pqxx::nontransaction n(c);
+      n.exec(absl::StrCat("BEGIN; ", *appended));
+    }
+    pqxx::nontransaction n(c);
+    range_end_us = n.exec_params1("SELECT max(at_us) + 1 FROM audit_log WHERE patient_id = $1",
+                                  patient)[0]
+                       .as<int64_t>();
+    ASSERT_EQ(n.exec_params1("SELECT count(DISTINCT at_us) FROM audit_log WHERE object_id "
+                             "LIKE 'group-%' AND patient_id = $1",
+                             patient)[0]
+                  .as<int64_t>(),
+              2);
   }
-  ASSERT_LT(range_start_us, range_end_us);
+  const int64_t range_start_us = at_of[kHistory - 11] + 1;  // after the entry before the range
 
-  // The range's entries, in pages of 4, in order.
+  // The range's entries, in pages of 4 (two of them end inside a group), in order.
   v1::QueryAuditRequest request;
   request.set_patient_id(patient);
   *request.mutable_time_range()->mutable_start_at() =
@@ -4350,53 +4401,69 @@ TEST_F(SharingTest, AnAuditQueryForARecentRangeOfALongHistoryStartsAtTheRange) {
   *request.mutable_time_range()->mutable_end_at() =
       ToProtoTimestamp(absl::FromUnixMicros(range_end_us));
   request.set_page_size(4);
-  std::vector<v1::AuditEntry> got;
-  for (int page = 0; page < 10; ++page) {
-    auto response = QueryAudit(pki_->app(), request);
-    ASSERT_TRUE(response.ok()) << response.status();
-    got.insert(got.end(), response->entries().begin(), response->entries().end());
-    if (response->next_page_token().empty()) break;
-    request.set_page_token(response->next_page_token());
-  }
-  ASSERT_EQ(got.size(), static_cast<size_t>(kRange));
-  for (int i = 0; i < kRange; ++i) {
-    EXPECT_EQ(got[i].object_id(), absl::StrCat("batch-", kHistory - kRange + i));
-    if (i > 0) {
-      EXPECT_EQ(got[i].seq(), got[i - 1].seq() + 1);
+  auto all_pages = [&](v1::QueryAuditRequest r) {
+    std::vector<v1::AuditEntry> got;
+    for (int page = 0; page < 20; ++page) {
+      auto response = QueryAudit(pki_->app(), r);
+      EXPECT_TRUE(response.ok()) << response.status();
+      if (!response.ok()) break;
+      got.insert(got.end(), response->entries().begin(), response->entries().end());
+      if (response->next_page_token().empty()) break;
+      r.set_page_token(response->next_page_token());
     }
-  }
-  // A token of a server that paged by seq alone continues after that entry.
-  request.set_page_token(absl::StrCat(got[5].seq()));
-  auto legacy = QueryAudit(pki_->app(), request);
-  ASSERT_TRUE(legacy.ok()) << legacy.status();
-  ASSERT_EQ(legacy->entries_size(), 4);
-  EXPECT_EQ(legacy->entries(0).seq(), got[6].seq());
-  for (const char* bad : {"x", "0", "1.2.3", "5.0", "99999999"}) {
+    return got;
+  };
+  std::vector<v1::AuditEntry> got = all_pages(request);
+  std::vector<std::string> ids;
+  for (const v1::AuditEntry& entry : got) ids.push_back(entry.object_id());
+  EXPECT_EQ(ids, expected);
+  for (size_t i = 1; i < got.size(); ++i) EXPECT_EQ(got[i].seq(), got[i - 1].seq() + 1);
+
+  // A token of an entry before the range (from a query of the whole history) starts at the range.
+  v1::QueryAuditRequest earlier = request;
+  earlier.clear_time_range();
+  earlier.set_page_size(5);
+  auto first_five = QueryAudit(pki_->app(), earlier);
+  ASSERT_TRUE(first_five.ok()) << first_five.status();
+  ASSERT_FALSE(first_five->next_page_token().empty());
+  request.set_page_token(first_five->next_page_token());
+  auto from_before = QueryAudit(pki_->app(), request);
+  ASSERT_TRUE(from_before.ok()) << from_before.status();
+  ASSERT_EQ(from_before->entries_size(), 4);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(from_before->entries(i).object_id(), expected[i]);
+  // Tokens that are not a seq of this patient's entries: among them, an entry of another patient
+  // (whether it exists is not for this caller to learn) and one past the log's end.
+  for (const std::string& bad :
+       {std::string("x"), std::string("0"), std::string("-3"), std::string("1.2"),
+        absl::StrCat(other_patients_seq), std::string("99999999")}) {
     request.set_page_token(bad);
     EXPECT_EQ(QueryAudit(pki_->app(), request).status().code(),
               absl::StatusCode::kInvalidArgument)
         << bad;
   }
 
-  // Found in an index, not by reading the 2,990 entries before it: nothing is read and thrown
-  // away, in the plans made for these values and in the generic plan a prepared statement comes
-  // to use.
+  // Found in an index: nothing is read and thrown away, and the range at the end of the history
+  // reads about as many buffers as one at its start (walking the history's index entries would
+  // read every leaf page), in the plans made for these values and in the generic plan a prepared
+  // statement comes to use.
   pqxx::connection c(Db("de-1").ConnectionString());
+  const std::string patient_quoted = c.quote(patient);
+  // As many entries at the history's start as the range holds.
+  const int64_t first_range_start = at_of[0];
+  const int64_t first_range_end = at_of[expected.size() - 1] + 1;
   for (absl::string_view mode : {"force_custom_plan", "force_generic_plan"}) {
-    std::string plan;
-    EXPECT_EQ(AuditRowsDiscarded(c, sql::kSelectAuditForPatient,
-                                 absl::StrCat(c.quote(patient), ", ",
-                                              std::numeric_limits<int64_t>::min(), ", 0, ",
-                                              range_start_us, ", ", range_end_us, ", '', 5"),
-                                 mode, &plan),
-              0)
-        << mode << "\n" << plan;
-    EXPECT_EQ(AuditRowsDiscarded(c, sql::kSelectAuditLog,
-                                 absl::StrCat(std::numeric_limits<int64_t>::min(), ", 0, ",
-                                              range_start_us, ", ", range_end_us, ", '', 5"),
-                                 mode, &plan),
-              0)
-        << mode << "\n" << plan;
+    for (bool whole_log : {false, true}) {
+      auto args = [&](int64_t start, int64_t end) {
+        return absl::StrCat(whole_log ? "" : patient_quoted + ", ", start, ", 0, ", end, ", '', 5");
+      };
+      const char* statement = whole_log ? sql::kSelectAuditLog : sql::kSelectAuditForPatient;
+      const AuditScan recent = ScanOfAuditQuery(c, statement, args(range_start_us, range_end_us), mode);
+      const AuditScan first =
+          ScanOfAuditQuery(c, statement, args(first_range_start, first_range_end), mode);
+      EXPECT_EQ(recent.discarded, 0) << mode << "\n" << recent.plan;
+      EXPECT_LE(recent.buffers, first.buffers + 3)
+          << mode << "\n" << recent.plan << "\nagainst\n" << first.plan;
+    }
   }
 }
 
