@@ -259,11 +259,16 @@ class Bench {
     return got;
   }
 
+  std::string NextRequestId() { return absl::StrCat("bench-upload-", ++uploads_); }
+
   // --- the sharing core ------------------------------------------------------------------------
 
   std::string CoreUpload(absl::string_view data, const std::string& sha) {
-    UploadHeader header{kPatient,   RecordKind::kImaging, "application/dicom",
-                        "scan.dcm", data.size(),          sha};
+    // Each upload carries its own request id, as a client that retries safely sends (the
+    // service looks it up before the content arrives).
+    UploadHeader header{kPatient,    RecordKind::kImaging, "application/dicom",
+                        "scan.dcm",  data.size(),          sha,
+                        NextRequestId()};
     auto upload = core_->StartUpload(ctx_, header);
     Check(upload.status(), "StartUpload");
     for (size_t off = 0; off < data.size(); off += message_bytes_) {
@@ -304,6 +309,7 @@ class Bench {
     header->set_file_name("scan.dcm");
     header->set_size_bytes(data.size());
     header->set_sha256(sha);
+    header->set_request_id(NextRequestId());
     bool open = writer->Write(message);
     for (size_t off = 0; open && off < data.size(); off += message_bytes_) {
       message.mutable_chunk()->set_data(std::string(data.substr(off, message_bytes_)));
@@ -410,6 +416,7 @@ class Bench {
   test_support::PgCluster& shard_;
   const size_t message_bytes_;
   std::unique_ptr<pqxx::connection> raw_;
+  uint64_t uploads_ = 0;
   std::unique_ptr<test_support::TestPki> pki_;
   std::unique_ptr<MedgateConfig> config_;
   std::unique_ptr<pg::ShardSet> shards_;

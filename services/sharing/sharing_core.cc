@@ -17,6 +17,7 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -340,6 +341,19 @@ absl::StatusOr<std::unique_ptr<TransferSlot>> TakeTransferSlot(
   return slot;
 }
 
+// An upload answered with the record an earlier one with its request id stored: whatever
+// content follows is not stored again.
+class AnsweredUpload final : public Upload {
+ public:
+  explicit AnsweredUpload(UploadResult result) : result_(std::move(result)) {}
+  absl::Status Write(absl::string_view) override { return absl::OkStatus(); }
+  absl::StatusOr<UploadResult> Finish() override { return result_; }
+  std::optional<UploadResult> AlreadyStored() const override { return result_; }
+
+ private:
+  UploadResult result_;
+};
+
 class PgUpload final : public Upload {
  public:
   // `lease` is the upload's connection when it spans several chunks (taken at its start); a
@@ -450,6 +464,7 @@ class PgUpload final : public Upload {
     core_.AddBuffered(-static_cast<int64_t>(last_.bytes.size()));
     last_.bytes = std::string();
     failed_ = absl::FailedPreconditionError("the upload is finished");
+    if (answered_) return *answered_;
     return UploadResult{record_id_, header_.size_bytes, header_.sha256};
   }
 
@@ -531,9 +546,29 @@ class PgUpload final : public Upload {
       RETURN_IF_ERROR(CommitTransaction());
       keys_.Put(home_.patient_id, *current, now, generation);
       return absl::OkStatus();
+    } catch (const pqxx::unique_violation& e) {
+      if (!absl::StrContains(e.what(), "records_owner_request")) return pg::StatusFromException(e);
+      return AnswerFromEarlier();
     } catch (const std::exception& e) {
       return pg::StatusFromException(e);
     }
+  }
+
+  // Another upload with this request id committed its record while this one was being stored
+  // (the record's insert waited for it): this one stores nothing and is answered with that one.
+  absl::Status AnswerFromEarlier() {
+    txn_.reset();  // rolls back what this upload wrote
+    absl::StatusOr<std::optional<UploadResult>> earlier =
+        core_.StoredByRequest(lease_->connection(), ctx_, header_);
+    if (!earlier.ok()) return earlier.status();
+    if (!*earlier) {
+      // Erased since: nothing to answer with.
+      return absl::AbortedError(absl::StrCat(
+          "the record stored with request_id '", header_.request_id,
+          "' by another upload at the same time was erased since; nothing was stored"));
+    }
+    answered_ = **earlier;
+    return absl::OkStatus();
   }
 
   // Whether the content received hashes to header.sha256 (once the last piece's hash is done).
@@ -549,7 +584,8 @@ class PgUpload final : public Upload {
 
   static constexpr char kOutcomeUnknown[] =
       "database connection lost while the record was being stored: it may or may not have been "
-      "stored; list the patient's records before uploading again";
+      "stored; upload again with the same request_id (a record it stored answers the retry), or "
+      "list the patient's records first";
 
   absl::Status CommitTransaction() {
     try {
@@ -575,7 +611,7 @@ class PgUpload final : public Upload {
         static_cast<int64_t>(header_.size_bytes), pqxx::binarystring(metadata.sha256), next_index_,
         ctx_.principal.spiffe_id, PgTime(now), NewId(home_.region_id, "k"), key.key_id,
         pqxx::binarystring(wrapped_record_key), static_cast<int64_t>(last_.index),
-        pqxx::binarystring(last_.bytes));
+        pqxx::binarystring(last_.bytes), header_.request_id);
     return !rows.empty();
   }
 
@@ -753,6 +789,8 @@ class PgUpload final : public Upload {
   crypto::Sha256 hasher_;
   SpareThreads::Ticket last_hash_;  // the last piece's, while a spare thread hashes it
   std::optional<bool> content_hash_matches_;
+  // Set when a concurrent upload with the same request id stored the record first.
+  std::optional<UploadResult> answered_;
   std::string pending_;
   Sealed last_;  // the last chunk, sealed, for Finish()
   uint64_t received_ = 0;
@@ -1203,6 +1241,30 @@ absl::Status SharingCore::OpenMetadata(pqxx::transaction_base& txn, RecordInfo& 
   return OpenSealedMetadata(key, record);
 }
 
+absl::StatusOr<std::optional<UploadResult>> SharingCore::StoredByRequest(
+    pqxx::connection& connection, const CallContext& ctx, const UploadHeader& header) {
+  if (header.request_id.empty()) return std::nullopt;
+  try {
+    pqxx::nontransaction q(connection);
+    const pqxx::result rows =
+        q.exec_prepared(sql::kSelectRecordByRequest, ctx.principal.spiffe_id, header.request_id);
+    if (rows.empty()) return std::nullopt;
+    RecordInfo record = RecordFromRow(rows[0]);
+    RETURN_IF_ERROR(OpenMetadata(q, record, rows[0]));
+    if (record.patient_id != header.patient_id || record.kind != header.kind ||
+        record.content_type != header.content_type || record.file_name != header.file_name ||
+        record.size_bytes != header.size_bytes || record.sha256 != header.sha256) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "request_id '", header.request_id, "' already stored record '", record.record_id,
+          "' with another header (patient, kind, content type, file name, size or SHA-256); a "
+          "new upload needs a new request_id; nothing was stored"));
+    }
+    return UploadResult{record.record_id, record.size_bytes, record.sha256};
+  } catch (const std::exception& e) {
+    return pg::StatusFromException(e);
+  }
+}
+
 absl::StatusOr<SharingCore::SealPage> SharingCore::SealMetadataInClear(pg::Pool& pool, int batch,
                                                                        const std::string& after) {
   return pool.TransactValue<SealPage>([&](pqxx::work& txn) -> absl::StatusOr<SealPage> {
@@ -1262,6 +1324,15 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
   ASSIGN_OR_RETURN(pg::Pool * upload_pool, upload_shards_.Get(home->region_id));
 
   ASSIGN_OR_RETURN(consent::AccessDecision care, PermitUpload(ctx, *home));
+
+  // A retry of an upload already stored is answered before its content is sent again. (Two at
+  // once both get past this: the second to commit finds the first's record, see Commit().)
+  if (!header.request_id.empty()) {
+    ASSIGN_OR_RETURN(pg::Lease lease, pool->Acquire());
+    ASSIGN_OR_RETURN(std::optional<UploadResult> earlier,
+                     StoredByRequest(lease.connection(), ctx, header));
+    if (earlier) return std::unique_ptr<Upload>(std::make_unique<AnsweredUpload>(*earlier));
+  }
 
   // Refuse early what the quota cannot take, before a client sends megabytes for nothing;
   // Finish() checks again under a lock. A one-chunk upload is checked only then: its content

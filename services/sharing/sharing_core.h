@@ -76,6 +76,9 @@ struct UploadHeader {
   std::string file_name;
   uint64_t size_bytes = 0;
   std::string sha256;  // 32 raw bytes
+  // The client's request id ("" if it gave none). A record the same practitioner stored with it
+  // answers the upload (a retry) when the header is the same, and refuses it otherwise.
+  std::string request_id;
 };
 
 struct UploadResult {
@@ -96,6 +99,9 @@ class Upload {
   // while Finish() prepares to store the record); the others only until Write returns.
   virtual absl::Status Write(absl::string_view data) = 0;
   virtual absl::StatusOr<UploadResult> Finish() = 0;
+  // Set when the header's request id names a record already stored with the same header: the
+  // upload is answered with it and stores nothing (the content need not be read).
+  virtual std::optional<UploadResult> AlreadyStored() const { return std::nullopt; }
 };
 
 // One authorized, already audited download: authenticated plaintext chunk by chunk.
@@ -281,6 +287,13 @@ class SharingCore {
   // home shard (UNAVAILABLE if it cannot be) and returned as PERMISSION_DENIED.
   absl::StatusOr<consent::AccessDecision> PermitUpload(const CallContext& ctx,
                                                        const PatientHome& home);
+
+  // The record the caller stored with the header's request id, if any, on `connection` (the
+  // header's patient's home shard): its result when its header was the same, ALREADY_EXISTS when
+  // not (a request id names one upload).
+  absl::StatusOr<std::optional<UploadResult>> StoredByRequest(pqxx::connection& connection,
+                                                              const CallContext& ctx,
+                                                              const UploadHeader& header);
 
  private:
   // Appends a read entry per patient of `listed` to its home shard's chain.

@@ -252,12 +252,20 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
   header.file_name = in.file_name();
   header.size_bytes = in.size_bytes();
   header.sha256 = in.sha256();
+  header.request_id = in.request_id();
   // Chunks are read into two messages in turn: the piece last written stays as it is while the
   // next read (which ends the stream) is waited for, as the upload may still be hashing it.
   // Declared before the upload, which is destroyed first.
   v1::UploadRecordRequest chunks[2];
   absl::StatusOr<std::unique_ptr<Upload>> upload = core_.StartUpload(*ctx, header);
   if (!upload.ok()) return ToGrpcStatus(upload.status());
+  if (std::optional<UploadResult> earlier = (*upload)->AlreadyStored()) {
+    // A retry of an upload already stored: answered now, its content not read.
+    response->set_record_id(earlier->record_id);
+    response->set_size_bytes(earlier->size_bytes);
+    response->set_sha256(earlier->sha256);
+    return grpc::Status::OK;
+  }
   for (int turn = 0; read(&chunks[turn]); turn ^= 1) {
     const v1::UploadRecordRequest& next = chunks[turn];
     if (!next.has_chunk()) {

@@ -37,9 +37,9 @@ namespace medgate::sharing::sql {
 
 // The shard's audit_append() (migrations/shard/0005, 0010) with the entry in 15 parameters from $17
 // on, in the order audit::WithEntryParams (libs/audit) passes them.
-#define MEDGATE_AUDIT_APPEND_FROM_17                                                              \
-  "audit_append($17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27::bigint, $28, $29, " \
-  "$30::bytea, $31::bytea)"
+#define MEDGATE_AUDIT_APPEND_FROM_18                                                              \
+  "audit_append($18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28::bigint, $29, $30, " \
+  "$31::bytea, $32::bytea)"
 
 #define MEDGATE_AUDIT_COLUMNS                                                                 \
   "seq, at_us, actor, tenant, action, object_type, object_id, patient_id, decision, reason, " \
@@ -53,6 +53,7 @@ namespace medgate::sharing::sql {
   "ORDER BY r.created_at DESC, r.record_id DESC LIMIT $6"
 
 inline constexpr char kSelectRecord[] = "select_record";
+inline constexpr char kSelectRecordByRequest[] = "select_record_by_request";
 inline constexpr char kSelectRecordForShare[] = "select_record_for_share";
 inline constexpr char kSelectRecordForUpdate[] = "select_record_for_update";
 inline constexpr char kSelectRecordWithKey[] = "select_record_with_key";
@@ -137,6 +138,10 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.record_id = $1 FOR UPDATE"},
         {kSelectRecordWithKey, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
                                " FROM records r" MEDGATE_RECORD_KEY_JOIN " WHERE r.record_id = $1"},
+        // The record owner $1 stored with request id $2 (shard migration 0023), to answer a retry.
+        {kSelectRecordByRequest, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
+                                 " FROM records r" MEDGATE_RECORD_KEY_JOIN
+                                 " WHERE r.owner = $1 AND r.request_id = $2 AND $2 <> ''"},
         {kSelectPatientKey,
          "SELECT key_id, wrapped_by, wrapped_key FROM record_keys "
          "WHERE patient_id = $1 AND record_id IS NULL"},
@@ -175,10 +180,10 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "FROM patient_key RETURNING key_id), "
          "record AS (INSERT INTO records (record_id, tenant_id, patient_id, kind, "
          "content_type_sealed, file_name_sealed, size_bytes, sha256_sealed, chunk_count, owner, "
-         "created_at, state) "
-         "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::timestamptz, 'active' "
+         "created_at, state, request_id) "
+         "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::timestamptz, 'active', $17 "
          "FROM chunk, record_key RETURNING record_id) "
-         "SELECT " MEDGATE_AUDIT_APPEND_FROM_17 " FROM record"},
+         "SELECT " MEDGATE_AUDIT_APPEND_FROM_18 " FROM record"},
         {kInsertChunk,
          "INSERT INTO record_chunks (record_id, chunk_index, ciphertext) VALUES ($1, $2, $3)"},
         {kLockTenantUsage,
@@ -351,7 +356,7 @@ inline const std::vector<pg::Statement>& ControlStatements() {
 
 #undef MEDGATE_LIST_FILTERS
 #undef MEDGATE_AUDIT_COLUMNS
-#undef MEDGATE_AUDIT_APPEND_FROM_17
+#undef MEDGATE_AUDIT_APPEND_FROM_18
 #undef MEDGATE_GRANT_COLUMNS
 #undef MEDGATE_RECORD_KEY_JOIN
 #undef MEDGATE_RECORD_KEY_COLUMNS

@@ -128,7 +128,8 @@ struct UploadSpec {
   std::string file_name = "letter.pdf";
   bool send_header = true;
   bool header_twice = false;
-  std::string request_id = "upload-test";
+  // Empty: a new one for each upload (a request id names one upload; sent again, it is a retry).
+  std::string request_id;
   // Called before each chunk is sent, with the offset of its first byte.
   std::function<void(uint64_t offset)> before_chunk;
 };
@@ -462,7 +463,10 @@ class SharingTest : public ::testing::Test {
         stub->UploadRecord(&context, response != nullptr ? response : &ignored));
     v1::UploadRecordRequest message;
     v1::UploadRecordHeader* header = message.mutable_header();
-    header->set_request_id(spec.request_id);
+    static std::atomic<uint64_t> uploads{0};
+    header->set_request_id(!spec.request_id.empty()
+                               ? spec.request_id
+                               : absl::StrCat("upload-test-", uploads.fetch_add(1)));
     header->set_patient_id(spec.patient_id);
     header->set_kind(spec.kind);
     header->set_content_type(spec.content_type);
@@ -1717,7 +1721,7 @@ TEST_F(SharingTest, AnUploadIdlePastTheShardsBoundFailsAndTheNextUploadWorks) {
   const CallContext ctx{*practitioner, "idle-transaction", "test"};
   const std::string content = Generate(90, 0, 3 * kMiB);
   UploadHeader header{patient, RecordKind::kDocument, "text/plain", "slow.txt", content.size(),
-                      Sha(content)};
+                      Sha(content), ""};
 
   const std::vector<int> earlier = IdleUploadSessions("fr-1");
   absl::StatusOr<std::unique_ptr<sharing::Upload>> slow = core.StartUpload(ctx, header);
@@ -1860,8 +1864,10 @@ TEST_F(SharingTest, AOneStatementUploadWhoseAnswerIsLostSaysItMayHaveBeenStored)
   spec.content = Generate(96, 0, 3000);
   UploadOk(pki_->practitioner(), spec, proxied.server->port());  // caches the patient's key
   spec.content = Generate(95, 0, 4000);
-  spec.request_id = "lost-one-statement-1";  // sent by the record's statement only
-  (*proxy)->CutAtNextCommit(spec.request_id);
+  spec.request_id = "lost-one-statement-1";
+  // Sent by the record's statement only (in its audit entry's reason), not by the look-up of
+  // the request id before it.
+  (*proxy)->CutAtNextCommit("PERMITTED: bytes=4000 ");
   grpc::Status lost = Upload(pki_->practitioner(), spec, nullptr, proxied.server->port());
   EXPECT_EQ(lost.error_code(), grpc::StatusCode::UNAVAILABLE) << lost.error_message();
   EXPECT_THAT(lost.error_message(), HasSubstr("may or may not have been stored"));
@@ -1872,6 +1878,15 @@ TEST_F(SharingTest, AOneStatementUploadWhoseAnswerIsLostSaysItMayHaveBeenStored)
                   "AND object_type = 'record' AND request_id = 'lost-one-statement-1'",
                   patient),
             1);
+  // The retry the message suggests: answered with the record stored, nothing stored twice.
+  v1::UploadRecordResponse retried;
+  ASSERT_TRUE(Upload(pki_->practitioner(), spec, &retried, proxied.server->port()).ok());
+  pqxx::connection c(direct);
+  pqxx::nontransaction q(c);
+  EXPECT_EQ(retried.record_id(),
+            q.exec1("SELECT record_id FROM records WHERE request_id = 'lost-one-statement-1'")[0]
+                .c_str());
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 2);
   proxied.server->Shutdown();
 }
 
@@ -3744,6 +3759,108 @@ TEST_F(SharingTest, APatientErasureIncludesARecordStoredWhileItWaited) {
 // locks the new key before deleting, so an upload arriving meanwhile waits for it and then stores
 // under a key of its own. Without that lock the upload stored under the new key, which the
 // patient's erasure (not seeing the record) then destroyed: an acknowledged record unreadable.
+TEST_F(SharingTest, AnUploadRetriedWithItsRequestIdIsAnsweredWithTheRecordStored) {
+  const std::string patient = Place("retry-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(120, 0, 300000);
+  spec.request_id = "retry-upload-1";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  ASSERT_FALSE(record.empty());
+  auto stored = [&] {
+    return Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient);
+  };
+  auto created = [&] {
+    return Count("fr-1",
+                 "SELECT count(*) FROM audit_log WHERE action = 'create' AND "
+                 "object_type = 'record' AND patient_id = $1",
+                 patient);
+  };
+  const int64_t chunks = Count("fr-1", "SELECT count(*) FROM record_chunks");
+
+  // Its answer was lost: the retry gets the same record, and nothing is stored or audited again.
+  v1::UploadRecordResponse again;
+  ASSERT_TRUE(Upload(pki_->practitioner(), spec, &again).ok());
+  EXPECT_EQ(again.record_id(), record);
+  EXPECT_EQ(again.size_bytes(), spec.content.size());
+  EXPECT_EQ(again.sha256(), Sha(spec.content));
+  EXPECT_EQ(stored(), 1);
+  EXPECT_EQ(created(), 1);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_chunks"), chunks);
+  // Answered from the header: a retry that sends no content at all gets it too.
+  UploadSpec header_only = spec;
+  header_only.declared_size = spec.content.size();
+  header_only.declared_sha = Sha(spec.content);
+  header_only.content.clear();
+  v1::UploadRecordResponse from_header;
+  ASSERT_TRUE(Upload(pki_->practitioner(), header_only, &from_header).ok());
+  EXPECT_EQ(from_header.record_id(), record);
+  ExpectContent(pki_->practitioner(), record, spec.content);
+
+  // The same request id for other content, or another patient, is refused; nothing is stored.
+  UploadSpec other = spec;
+  other.content = Generate(121, 0, 300000);
+  grpc::Status refused = Upload(pki_->practitioner(), other);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::ALREADY_EXISTS) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), HasSubstr("retry-upload-1"));
+  EXPECT_THAT(refused.error_message(), HasSubstr(record));
+  UploadSpec renamed = spec;
+  renamed.file_name = "other.pdf";
+  EXPECT_EQ(Upload(pki_->practitioner(), renamed).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  UploadSpec elsewhere = spec;
+  elsewhere.patient_id = Place("retry-2", "FR");
+  EXPECT_EQ(Upload(pki_->practitioner(), elsewhere).error_code(),
+            grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_EQ(stored(), 1);
+  // Another practitioner's request ids are its own.
+  const std::string theirs = UploadOk(Cert("acme-p2"), spec);
+  EXPECT_NE(theirs, record);
+  EXPECT_EQ(stored(), 2);
+
+  // Once the record is erased, the request id answers nothing: the upload stores anew.
+  ASSERT_TRUE(Erase(pki_->practitioner(), record).ok());
+  const std::string anew = UploadOk(pki_->practitioner(), spec);
+  EXPECT_NE(anew, record);
+  ExpectContent(pki_->practitioner(), anew, spec.content);
+}
+
+TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
+  const std::string patient = Place("retry-race-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(122, 0, 5000);
+  spec.request_id = "retry-race-upload";
+  // The chain's head held: the first upload waits in its record's statement, its records row
+  // written (uncommitted); the second, past its look-up (nothing committed yet), waits behind it
+  // (for the tenant's quota lock, or on that row).
+  pqxx::connection head_holder(Db("fr-1").ConnectionString());
+  pqxx::work head_hold(head_holder);
+  head_hold.exec("SELECT 1 FROM audit_head FOR UPDATE");
+  v1::UploadRecordResponse first;
+  grpc::Status first_status;
+  std::thread one([&] { first_status = Upload(pki_->practitioner(), spec, &first); });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("fr-1", "%audit_append%") > 0; }));
+  v1::UploadRecordResponse second;
+  grpc::Status second_status;
+  std::thread two([&] { second_status = Upload(pki_->practitioner(), spec, &second); });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("fr-1", "%") >= 2; }));
+  head_hold.commit();
+  one.join();
+  two.join();
+  ASSERT_TRUE(first_status.ok()) << first_status.error_message();
+  ASSERT_TRUE(second_status.ok()) << second_status.error_message();
+  EXPECT_EQ(second.record_id(), first.record_id());
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 1);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM audit_log WHERE action = 'create' AND "
+                  "object_type = 'record' AND patient_id = $1",
+                  patient),
+            1);
+  ExpectContent(pki_->practitioner(), first.record_id(), spec.content);
+}
+
 TEST_F(SharingTest, AnUploadDuringAPatientErasureThatWaitedForTheKeyStaysReadable) {
   const std::string patient = Place("gdpr-race-2", "FR");
   UploadSpec spec;
