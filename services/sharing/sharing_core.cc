@@ -547,25 +547,27 @@ class PgUpload final : public Upload {
       keys_.Put(home_.patient_id, *current, now, generation);
       return absl::OkStatus();
     } catch (const pqxx::unique_violation& e) {
-      if (!absl::StrContains(e.what(), "records_owner_request")) return pg::StatusFromException(e);
-      return AnswerFromEarlier();
+      // Only the request id's index can refuse the record's statement (its ids are new).
+      return AnswerFromEarlier(pg::StatusFromException(e));
     } catch (const std::exception& e) {
       return pg::StatusFromException(e);
     }
   }
 
-  // Another upload with this request id committed its record while this one was being stored
-  // (the record's insert waited for it): this one stores nothing and is answered with that one.
-  absl::Status AnswerFromEarlier() {
+  // The record's statement met a record of this practitioner with this request id: a retry of
+  // an upload already stored, or one that committed while this one was being stored (the insert
+  // waited for it). This one stores nothing and is answered with that one.
+  absl::Status AnswerFromEarlier(absl::Status violation) {
     txn_.reset();  // rolls back what this upload wrote
     absl::StatusOr<std::optional<UploadResult>> earlier =
-        core_.StoredByRequest(lease_->connection(), ctx_, header_);
+        core_.StoredByRequest(lease_->connection(), ctx_, header_, care_);
     if (!earlier.ok()) return earlier.status();
     if (!*earlier) {
+      if (header_.request_id.empty()) return violation;
       // Erased since: nothing to answer with.
       return absl::AbortedError(absl::StrCat(
           "the record stored with request_id '", header_.request_id,
-          "' by another upload at the same time was erased since; nothing was stored"));
+          "' was erased while this upload was being stored; nothing was stored"));
     }
     answered_ = **earlier;
     return absl::OkStatus();
@@ -1242,24 +1244,41 @@ absl::Status SharingCore::OpenMetadata(pqxx::transaction_base& txn, RecordInfo& 
 }
 
 absl::StatusOr<std::optional<UploadResult>> SharingCore::StoredByRequest(
-    pqxx::connection& connection, const CallContext& ctx, const UploadHeader& header) {
+    pqxx::connection& connection, const CallContext& ctx, const UploadHeader& header,
+    const consent::AccessDecision& care) {
   if (header.request_id.empty()) return std::nullopt;
   try {
-    pqxx::nontransaction q(connection);
-    const pqxx::result rows =
-        q.exec_prepared(sql::kSelectRecordByRequest, ctx.principal.spiffe_id, header.request_id);
-    if (rows.empty()) return std::nullopt;
-    RecordInfo record = RecordFromRow(rows[0]);
-    RETURN_IF_ERROR(OpenMetadata(q, record, rows[0]));
+    RecordInfo record;
+    {
+      pqxx::nontransaction q(connection);
+      const pqxx::result rows = q.exec_prepared(sql::kSelectRecordByRequest,
+                                                ctx.principal.spiffe_id, header.request_id);
+      if (rows.empty()) return std::nullopt;
+      record = RecordFromRow(rows[0]);
+      RETURN_IF_ERROR(OpenMetadata(q, record, rows[0]));
+    }
     if (record.patient_id != header.patient_id || record.kind != header.kind ||
         record.content_type != header.content_type || record.file_name != header.file_name ||
         record.size_bytes != header.size_bytes || record.sha256 != header.sha256) {
       return absl::AlreadyExistsError(absl::StrCat(
-          "request_id '", header.request_id, "' already stored record '", record.record_id,
-          "' with another header (patient, kind, content type, file name, size or SHA-256); a "
-          "new upload needs a new request_id; nothing was stored"));
+          "request_id '", header.request_id, "' already named an upload with another header "
+          "(patient, kind, content type, file name, size or SHA-256); a new upload needs a new "
+          "request_id; nothing was stored"));
     }
+    // The answer reads the stored record's metadata for its uploader: audited as a read.
+    audit::Entry entry = AuditEntryFor(
+        ctx, audit::Action::kRead, "record", record.record_id, record.tenant_id,
+        record.patient_id,
+        absl::StrCat("PERMITTED: upload retried with request_id ", header.request_id,
+                     ", answered with the record stored; nothing stored again"));
+    CiteConsent(entry, care, consent::Purpose::kCare);
+    pqxx::work txn(connection);
+    RETURN_IF_ERROR(audit::Append(txn, entry).status());
+    txn.commit();
     return UploadResult{record.record_id, record.size_bytes, record.sha256};
+  } catch (const pqxx::in_doubt_error&) {
+    return absl::UnavailableError(
+        "database connection lost while the answer to a retried upload was audited; retry");
   } catch (const std::exception& e) {
     return pg::StatusFromException(e);
   }
@@ -1325,26 +1344,6 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
 
   ASSIGN_OR_RETURN(consent::AccessDecision care, PermitUpload(ctx, *home));
 
-  // A retry of an upload already stored is answered before its content is sent again. (Two at
-  // once both get past this: the second to commit finds the first's record, see Commit().)
-  if (!header.request_id.empty()) {
-    ASSIGN_OR_RETURN(pg::Lease lease, pool->Acquire());
-    ASSIGN_OR_RETURN(std::optional<UploadResult> earlier,
-                     StoredByRequest(lease.connection(), ctx, header));
-    if (earlier) return std::unique_ptr<Upload>(std::make_unique<AnsweredUpload>(*earlier));
-  }
-
-  // Refuse early what the quota cannot take, before a client sends megabytes for nothing;
-  // Finish() checks again under a lock. A one-chunk upload is checked only then: its content
-  // comes with its header, and the early look-up would cost every upload another transaction.
-  if (QuotaOf(home->tenant_id) > 0 && header.size_bytes > crypto::kMaxChunkBytes) {
-    ASSIGN_OR_RETURN(
-        int64_t used, pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
-          return txn.exec_prepared1(sql::kTenantUsage, home->tenant_id)[0].as<int64_t>();
-        }));
-    RETURN_IF_ERROR(CheckQuota(home->tenant_id, home->region_id, used, header.size_bytes));
-  }
-
   // A tenant's uploads to a region are bounded: the region's upload connections are everyone's.
   ASSIGN_OR_RETURN(std::unique_ptr<TransferSlot> slot,
                    TakeTransferSlot(uploads_in_progress_, options_.max_uploads_per_tenant,
@@ -1363,6 +1362,23 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
           "too many uploads in progress to region ", home->region_id, "; retry later"));
     }
     lease.emplace(*std::move(acquired));
+    // A retry of an upload already stored is answered before its megabytes are sent again. A
+    // one-chunk upload's content comes with its header: its retry is answered when its record
+    // meets the first one's request id (Commit), without a look-up for every upload. Two at once
+    // both get past this, and the second to commit is answered the same way.
+    ASSIGN_OR_RETURN(std::optional<UploadResult> earlier,
+                     StoredByRequest(lease->connection(), ctx, header, care));
+    if (earlier) return std::unique_ptr<Upload>(std::make_unique<AnsweredUpload>(*earlier));
+    // Refuse early what the quota cannot take, before a client sends megabytes for nothing;
+    // Finish() checks again under a lock (and is the only check of a one-chunk upload).
+    if (QuotaOf(home->tenant_id) > 0) {
+      ASSIGN_OR_RETURN(int64_t used,
+                       pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
+                         return txn.exec_prepared1(sql::kTenantUsage, home->tenant_id)[0]
+                             .as<int64_t>();
+                       }));
+      RETURN_IF_ERROR(CheckQuota(home->tenant_id, home->region_id, used, header.size_bytes));
+    }
   }
   auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, std::move(care),
                                            *upload_pool, std::move(lease), patient_keys_,

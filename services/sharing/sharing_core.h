@@ -289,11 +289,13 @@ class SharingCore {
                                                        const PatientHome& home);
 
   // The record the caller stored with the header's request id, if any, on `connection` (the
-  // header's patient's home shard): its result when its header was the same, ALREADY_EXISTS when
-  // not (a request id names one upload).
+  // header's patient's home shard): its result when its header was the same (the answer audited
+  // as a read, under the upload's CARE decision `care`), ALREADY_EXISTS when not (a request id
+  // names one upload).
   absl::StatusOr<std::optional<UploadResult>> StoredByRequest(pqxx::connection& connection,
                                                               const CallContext& ctx,
-                                                              const UploadHeader& header);
+                                                              const UploadHeader& header,
+                                                              const consent::AccessDecision& care);
 
  private:
   // Appends a read entry per patient of `listed` to its home shard's chain.

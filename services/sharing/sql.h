@@ -35,7 +35,7 @@ namespace medgate::sharing::sql {
   "g.grant_id, g.record_id, g.grantee, g.grantee_tenant, g.granted_by, " MEDGATE_MICROS( \
       "g.created_at") ", " MEDGATE_MICROS("g.expires_at") ", " MEDGATE_MICROS("g.revoked_at")
 
-// The shard's audit_append() (migrations/shard/0005, 0010) with the entry in 15 parameters from $17
+// The shard's audit_append() (migrations/shard/0005, 0010) with the entry in 15 parameters from $18
 // on, in the order audit::WithEntryParams (libs/audit) passes them.
 #define MEDGATE_AUDIT_APPEND_FROM_18                                                              \
   "audit_append($18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28::bigint, $29, $30, " \
@@ -141,7 +141,8 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         // The record owner $1 stored with request id $2 (shard migration 0023), to answer a retry.
         {kSelectRecordByRequest, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
                                  " FROM records r" MEDGATE_RECORD_KEY_JOIN
-                                 " WHERE r.owner = $1 AND r.request_id = $2 AND $2 <> ''"},
+                                 " WHERE r.owner = $1 AND r.request_id = $2 "
+                                 "AND r.request_id <> ''"},
         {kSelectPatientKey,
          "SELECT key_id, wrapped_by, wrapped_key FROM record_keys "
          "WHERE patient_id = $1 AND record_id IS NULL"},
@@ -169,7 +170,8 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         // $1 record_id, $2 tenant_id, $3 patient_id, $4 kind, $5 content_type and $6 file_name
         // (both sealed), $7 size_bytes, $8 sha256 (sealed), $9 chunk_count, $10 owner, $11 created_at,
         // $12 record key id, $13 patient key id, $14 wrapped record key, $15 last chunk's index,
-        // $16 its ciphertext, $17.. the audit entry (ExecWithAudit in sharing_core.cc).
+        // $16 its ciphertext, $17 the client's request id, $18.. the audit entry (ExecWithAudit
+        // in sharing_core.cc).
         {kFinishUpload,
          "WITH patient_key AS (SELECT key_id FROM record_keys WHERE key_id = $13 "
          "AND patient_id = $3 AND record_id IS NULL FOR KEY SHARE), "

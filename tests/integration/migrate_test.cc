@@ -141,6 +141,35 @@ TEST_F(MigrateTest, AuditTimeIndexesBuiltBeforehandAreKeptOnlyWhenValid) {
   }
 }
 
+// The same for the index of upload request ids (shard migration 0024), which must be unique.
+TEST_F(MigrateTest, ARequestIdIndexBuiltBeforehandIsKeptOnlyWhenAsBuilt) {
+  absl::StatusOr<std::vector<Migration>> all = LoadMigrations(SourceDir() + "/migrations/shard");
+  ASSERT_TRUE(all.ok()) << all.status();
+  auto it = std::find_if(all->begin(), all->end(), [](const Migration& m) {
+    return m.file_name.ends_with("_record_request_ids_index.sql");
+  });
+  ASSERT_NE(it, all->end());
+  pqxx::connection c = Connect();
+  auto run = [&](const std::string& sql) {
+    pqxx::nontransaction n(c);
+    n.exec0(sql);
+  };
+  run("DROP SCHEMA public CASCADE; CREATE SCHEMA public;");
+  ASSERT_TRUE(Apply(c, std::vector<Migration>(all->begin(), it)).ok());
+  // Not unique: it would enforce nothing.
+  run("CREATE INDEX CONCURRENTLY records_owner_request ON records (owner, request_id) "
+      "WHERE request_id <> ''");
+  absl::StatusOr<MigrateResult> refused = Apply(c, *all);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("DROP INDEX CONCURRENTLY records_owner_request"));
+  run("DROP INDEX records_owner_request");
+  run("CREATE UNIQUE INDEX CONCURRENTLY records_owner_request ON records (owner, request_id) "
+      "WHERE request_id <> ''");
+  absl::StatusOr<MigrateResult> kept = Apply(c, *all);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+}
+
 TEST_F(MigrateTest, RefusesAnAppliedFileThatChanged) {
   WriteFile(dir_ / "0001_create_a.sql", "CREATE TABLE a (id int);");
   WriteFile(dir_ / "0002_create_b.sql", "CREATE TABLE b (id int);");

@@ -3755,73 +3755,93 @@ TEST_F(SharingTest, APatientErasureIncludesARecordStoredWhileItWaited) {
   }
 }
 
-// A patient's erasure that waited for the key while an erasure of one record replaced it: it
-// locks the new key before deleting, so an upload arriving meanwhile waits for it and then stores
-// under a key of its own. Without that lock the upload stored under the new key, which the
-// patient's erasure (not seeing the record) then destroyed: an acknowledged record unreadable.
 TEST_F(SharingTest, AnUploadRetriedWithItsRequestIdIsAnsweredWithTheRecordStored) {
   const std::string patient = Place("retry-1", "FR");
-  UploadSpec spec;
-  spec.patient_id = patient;
-  spec.content = Generate(120, 0, 300000);
-  spec.request_id = "retry-upload-1";
-  const std::string record = UploadOk(pki_->practitioner(), spec);
-  ASSERT_FALSE(record.empty());
   auto stored = [&] {
     return Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient);
   };
-  auto created = [&] {
+  auto audited = [&](const std::string& action) {
     return Count("fr-1",
-                 "SELECT count(*) FROM audit_log WHERE action = 'create' AND "
-                 "object_type = 'record' AND patient_id = $1",
+                 "SELECT count(*) FROM audit_log WHERE object_type = 'record' AND patient_id = $1 "
+                 "AND action = '" + action + "'",
                  patient);
   };
+  // A record of several chunks, whose retry is answered from its header, and one of a single
+  // chunk, whose retry is answered when its record's statement meets the first one's request id.
+  UploadSpec large;
+  large.patient_id = patient;
+  large.generated_size = kMiB + kMiB / 2;
+  large.seed = 120;
+  large.request_id = "retry-upload-1";
+  UploadSpec small;
+  small.patient_id = patient;
+  small.content = Generate(121, 0, 300000);
+  small.request_id = "retry-upload-2";
+  const std::string large_record = UploadOk(pki_->practitioner(), large);
+  const std::string small_record = UploadOk(pki_->practitioner(), small);
+  ASSERT_FALSE(large_record.empty());
+  ASSERT_FALSE(small_record.empty());
   const int64_t chunks = Count("fr-1", "SELECT count(*) FROM record_chunks");
 
-  // Its answer was lost: the retry gets the same record, and nothing is stored or audited again.
-  v1::UploadRecordResponse again;
-  ASSERT_TRUE(Upload(pki_->practitioner(), spec, &again).ok());
-  EXPECT_EQ(again.record_id(), record);
-  EXPECT_EQ(again.size_bytes(), spec.content.size());
-  EXPECT_EQ(again.sha256(), Sha(spec.content));
-  EXPECT_EQ(stored(), 1);
-  EXPECT_EQ(created(), 1);
+  // Their answers were lost: the retries get the same records, nothing is stored or created
+  // again, and each answer is audited as a read of the record.
+  for (const auto& [spec, record] : {std::pair{large, large_record}, {small, small_record}}) {
+    v1::UploadRecordResponse again;
+    ASSERT_TRUE(Upload(pki_->practitioner(), spec, &again).ok()) << spec.request_id;
+    EXPECT_EQ(again.record_id(), record);
+    EXPECT_EQ(again.size_bytes(), spec.generated_size > 0 ? spec.generated_size : spec.content.size());
+  }
+  EXPECT_EQ(stored(), 2);
+  EXPECT_EQ(audited("create"), 2);
+  EXPECT_EQ(audited("read"), 2);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM audit_log WHERE object_id = $1 AND action = 'read' AND "
+                  "reason LIKE '%request_id retry-upload-2%'",
+                  small_record),
+            1);
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_chunks"), chunks);
-  // Answered from the header: a retry that sends no content at all gets it too.
-  UploadSpec header_only = spec;
-  header_only.declared_size = spec.content.size();
-  header_only.declared_sha = Sha(spec.content);
+  // Answered from the header: a retry of the large one that sends no content at all gets it.
+  UploadSpec header_only = large;
+  header_only.declared_size = large.generated_size;
+  header_only.declared_sha = Sha(Generate(large.seed, 0, large.generated_size));
+  header_only.generated_size = 0;
   header_only.content.clear();
   v1::UploadRecordResponse from_header;
   ASSERT_TRUE(Upload(pki_->practitioner(), header_only, &from_header).ok());
-  EXPECT_EQ(from_header.record_id(), record);
-  ExpectContent(pki_->practitioner(), record, spec.content);
+  EXPECT_EQ(from_header.record_id(), large_record);
+  ExpectContent(pki_->practitioner(), small_record, small.content);
 
-  // The same request id for other content, or another patient, is refused; nothing is stored.
-  UploadSpec other = spec;
-  other.content = Generate(121, 0, 300000);
-  grpc::Status refused = Upload(pki_->practitioner(), other);
-  EXPECT_EQ(refused.error_code(), grpc::StatusCode::ALREADY_EXISTS) << refused.error_message();
-  EXPECT_THAT(refused.error_message(), HasSubstr("retry-upload-1"));
-  EXPECT_THAT(refused.error_message(), HasSubstr(record));
-  UploadSpec renamed = spec;
-  renamed.file_name = "other.pdf";
-  EXPECT_EQ(Upload(pki_->practitioner(), renamed).error_code(), grpc::StatusCode::ALREADY_EXISTS);
-  UploadSpec elsewhere = spec;
-  elsewhere.patient_id = Place("retry-2", "FR");
-  EXPECT_EQ(Upload(pki_->practitioner(), elsewhere).error_code(),
-            grpc::StatusCode::ALREADY_EXISTS);
-  EXPECT_EQ(stored(), 1);
-  // Another practitioner's request ids are its own.
-  const std::string theirs = UploadOk(Cert("acme-p2"), spec);
-  EXPECT_NE(theirs, record);
+  // The same request id for other content, another file name or another patient is refused
+  // (from the header, or at the record's statement); nothing is stored.
+  for (UploadSpec first : {large, small}) {
+    UploadSpec other = first;
+    other.seed = 122;
+    other.content = first.content.empty() ? "" : Generate(122, 0, first.content.size());
+    grpc::Status refused = Upload(pki_->practitioner(), other);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::ALREADY_EXISTS) << refused.error_message();
+    EXPECT_THAT(refused.error_message(), HasSubstr(first.request_id));
+    UploadSpec renamed = first;
+    renamed.file_name = "other.pdf";
+    EXPECT_EQ(Upload(pki_->practitioner(), renamed).error_code(),
+              grpc::StatusCode::ALREADY_EXISTS);
+    UploadSpec elsewhere = first;
+    elsewhere.patient_id = Place("retry-2", "FR");
+    EXPECT_EQ(Upload(pki_->practitioner(), elsewhere).error_code(),
+              grpc::StatusCode::ALREADY_EXISTS);
+  }
   EXPECT_EQ(stored(), 2);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE request_id LIKE 'retry-upload-%'"),
+            2);
+  // Another practitioner's request ids are its own.
+  const std::string theirs = UploadOk(Cert("acme-p2"), small);
+  EXPECT_NE(theirs, small_record);
+  EXPECT_EQ(stored(), 3);
 
   // Once the record is erased, the request id answers nothing: the upload stores anew.
-  ASSERT_TRUE(Erase(pki_->practitioner(), record).ok());
-  const std::string anew = UploadOk(pki_->practitioner(), spec);
-  EXPECT_NE(anew, record);
-  ExpectContent(pki_->practitioner(), anew, spec.content);
+  ASSERT_TRUE(Erase(pki_->practitioner(), small_record).ok());
+  const std::string anew = UploadOk(pki_->practitioner(), small);
+  EXPECT_NE(anew, small_record);
+  ExpectContent(pki_->practitioner(), anew, small.content);
 }
 
 TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
@@ -3831,21 +3851,20 @@ TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
   spec.content = Generate(122, 0, 5000);
   spec.request_id = "retry-race-upload";
   // The chain's head held: the first upload waits in its record's statement, its records row
-  // written (uncommitted); the second, past its look-up (nothing committed yet), waits behind it
-  // (for the tenant's quota lock, or on that row).
+  // written (uncommitted); the second waits behind it (for the tenant's quota lock, or on that
+  // row), past any look-up that could have seen the first's record.
   pqxx::connection head_holder(Db("fr-1").ConnectionString());
   pqxx::work head_hold(head_holder);
   head_hold.exec("SELECT 1 FROM audit_head FOR UPDATE");
   v1::UploadRecordResponse first;
   grpc::Status first_status;
   std::thread one([&] { first_status = Upload(pki_->practitioner(), spec, &first); });
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+  EXPECT_TRUE(PollUntil(absl::Now() + kPatience,
                         [&] { return LockWaits("fr-1", "%audit_append%") > 0; }));
   v1::UploadRecordResponse second;
   grpc::Status second_status;
   std::thread two([&] { second_status = Upload(pki_->practitioner(), spec, &second); });
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
-                        [&] { return LockWaits("fr-1", "%") >= 2; }));
+  EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return LockWaits("fr-1", "%") >= 2; }));
   head_hold.commit();
   one.join();
   two.join();
@@ -3861,6 +3880,10 @@ TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
   ExpectContent(pki_->practitioner(), first.record_id(), spec.content);
 }
 
+// A patient's erasure that waited for the key while an erasure of one record replaced it: it
+// locks the new key before deleting, so an upload arriving meanwhile waits for it and then stores
+// under a key of its own. Without that lock the upload stored under the new key, which the
+// patient's erasure (not seeing the record) then destroyed: an acknowledged record unreadable.
 TEST_F(SharingTest, AnUploadDuringAPatientErasureThatWaitedForTheKeyStaysReadable) {
   const std::string patient = Place("gdpr-race-2", "FR");
   UploadSpec spec;
