@@ -264,8 +264,9 @@ class Bench {
   // --- the sharing core ------------------------------------------------------------------------
 
   std::string CoreUpload(absl::string_view data, const std::string& sha) {
-    // Each upload carries its own request id, as a client that retries safely sends (the
-    // service looks it up before the content arrives).
+    // Each upload carries its own request id, as a client that retries safely sends (looked up
+    // from the header when the record has several chunks; a one-chunk record's is checked by
+    // its unique index when stored).
     UploadHeader header{kPatient,    RecordKind::kImaging, "application/dicom",
                         "scan.dcm",  data.size(),          sha,
                         NextRequestId()};

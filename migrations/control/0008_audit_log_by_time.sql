@@ -12,11 +12,6 @@
 --     WHERE patient_id <> '';
 --   CREATE INDEX CONCURRENTLY audit_log_time ON audit_log (at_us, seq);
 SET LOCAL lock_timeout = '30s';
-CREATE INDEX IF NOT EXISTS audit_log_patient_time ON audit_log (patient_id, at_us, seq)
-  WHERE patient_id <> '';
-CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (at_us, seq);
--- An index built beforehand by a CREATE INDEX CONCURRENTLY that failed, or still runs, is not
--- valid: nothing reads it, yet every append writes it. One not as above would not serve.
 DO $$
 DECLARE
   wanted text[] := ARRAY[
@@ -24,6 +19,16 @@ DECLARE
     'audit_log_time', 'USING btree (at_us, seq)'];
   ix record;
 BEGIN
+  -- Built here only when missing: a CREATE INDEX, even IF NOT EXISTS, first waits for its lock.
+  IF to_regclass('audit_log_patient_time') IS NULL THEN
+    CREATE INDEX audit_log_patient_time ON audit_log (patient_id, at_us, seq)
+      WHERE patient_id <> '';
+  END IF;
+  IF to_regclass('audit_log_time') IS NULL THEN
+    CREATE INDEX audit_log_time ON audit_log (at_us, seq);
+  END IF;
+  -- An index built beforehand by a CREATE INDEX CONCURRENTLY that failed, or still runs, is not
+  -- valid: nothing reads it, yet every append writes it. One not as above would not serve.
   FOR i IN 1..array_length(wanted, 1) BY 2 LOOP
     SELECT x.indisvalid AND x.indisready AS usable, pg_get_indexdef(x.indexrelid) AS definition
       INTO ix

@@ -5,4 +5,4 @@
 -- which no retry matches. A column with a constant default rewrites nothing: the table's lock is
 -- held only for the change of its definition. Its index is migration 0024.
 SET LOCAL lock_timeout = '30s';
-ALTER TABLE records ADD COLUMN request_id text NOT NULL DEFAULT '';
+ALTER TABLE records ADD COLUMN IF NOT EXISTS request_id text NOT NULL DEFAULT '';

@@ -500,8 +500,19 @@ class PgUpload final : public Upload {
         // the quota together.
         txn_->exec_prepared(sql::kLockTenantUsage, home_.tenant_id);
         int64_t used = txn_->exec_prepared1(sql::kTenantUsage, home_.tenant_id)[0].as<int64_t>();
-        RETURN_IF_ERROR(
-            core_.CheckQuota(home_.tenant_id, home_.region_id, used, header_.size_bytes));
+        if (absl::Status room =
+                core_.CheckQuota(home_.tenant_id, home_.region_id, used, header_.size_bytes);
+            !room.ok()) {
+          // A retry of an upload already stored is answered, not refused for the room its
+          // record already takes.
+          if (header_.request_id.empty()) return room;
+          txn_.reset();
+          ASSIGN_OR_RETURN(std::optional<UploadResult> earlier,
+                           core_.StoredByRequest(lease_->connection(), ctx_, header_, care_));
+          if (!earlier) return room;
+          answered_ = *std::move(earlier);
+          return absl::OkStatus();
+        }
       }
       // The last piece's hash has run meanwhile (on a spare core). Checked before anything of the
       // record is written: a mismatch creates no key and never holds the audit chain's head.

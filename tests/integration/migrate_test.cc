@@ -166,8 +166,22 @@ TEST_F(MigrateTest, ARequestIdIndexBuiltBeforehandIsKeptOnlyWhenAsBuilt) {
   run("DROP INDEX records_owner_request");
   run("CREATE UNIQUE INDEX CONCURRENTLY records_owner_request ON records (owner, request_id) "
       "WHERE request_id <> ''");
+  // Left invalid (a concurrent build that failed): refused.
+  run("UPDATE pg_index SET indisvalid = false "
+      "WHERE indexrelid = 'records_owner_request'::regclass");
+  absl::StatusOr<MigrateResult> invalid = Apply(c, *all);
+  ASSERT_FALSE(invalid.ok());
+  EXPECT_THAT(std::string(invalid.status().message()), HasSubstr("not valid"));
+  run("UPDATE pg_index SET indisvalid = true "
+      "WHERE indexrelid = 'records_owner_request'::regclass");
+  auto oid = [&] {
+    pqxx::nontransaction n(c);
+    return n.exec1("SELECT 'records_owner_request'::regclass::oid")[0].as<int64_t>();
+  };
+  const int64_t built = oid();
   absl::StatusOr<MigrateResult> kept = Apply(c, *all);
   ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ(oid(), built);  // kept, not built again
 }
 
 TEST_F(MigrateTest, RefusesAnAppliedFileThatChanged) {

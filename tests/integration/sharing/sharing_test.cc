@@ -64,6 +64,7 @@ using test_support::PgClusterSet;
 using test_support::TestCert;
 using test_support::TestPki;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 constexpr absl::Duration kPatience = absl::Seconds(30);
@@ -1805,6 +1806,41 @@ TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
   for (const char* region : {"fr-1", "de-1", "eu-1"}) {
     EXPECT_EQ(UsageCountsOff(region), 0) << region;
   }
+}
+
+// A retry of an upload already stored is answered even when the tenant has no room left for a
+// second copy: its record already takes its room.
+TEST_F(SharingTest, ARetryIsAnsweredWhenTheQuotaHasNoRoomForASecondCopy) {
+  const std::string patient = Place("tiny-retry-1", "FR", &Cert("tiny-app"));
+  const int64_t used =
+      Count("fr-1", "SELECT coalesce(sum(size_bytes), 0) FROM records WHERE tenant_id = 'tiny'");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(130, 0, 500000);
+  spec.request_id = "tiny-retry-upload";
+  ASSERT_LE(used + static_cast<int64_t>(spec.content.size()), kTinyQuota);
+  const std::string record = UploadOk(Cert("tiny-p"), spec);
+  ASSERT_FALSE(record.empty());
+  // What is left is less than another copy.
+  const int64_t left = kTinyQuota - used - static_cast<int64_t>(spec.content.size());
+  if (left > 1000) {
+    UploadSpec filler;
+    filler.patient_id = patient;
+    filler.generated_size = static_cast<uint64_t>(left - 1000);
+    filler.seed = 131;
+    ASSERT_FALSE(UploadOk(Cert("tiny-p"), filler).empty());
+  }
+  UploadSpec another = spec;
+  another.request_id = "tiny-retry-upload-2";
+  EXPECT_EQ(Upload(Cert("tiny-p"), another).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  v1::UploadRecordResponse again;
+  grpc::Status retried = Upload(Cert("tiny-p"), spec, &again);
+  ASSERT_TRUE(retried.ok()) << retried.error_message();
+  EXPECT_EQ(again.record_id(), record);
+  // The same request id with another header is still refused for what it is.
+  UploadSpec renamed = spec;
+  renamed.file_name = "other.pdf";
+  EXPECT_EQ(Upload(Cert("tiny-p"), renamed).error_code(), grpc::StatusCode::ALREADY_EXISTS);
 }
 
 // The tenant's usage count is written at commit: an upload (its audit entry first, then its
@@ -3820,6 +3856,9 @@ TEST_F(SharingTest, AnUploadRetriedWithItsRequestIdIsAnsweredWithTheRecordStored
     grpc::Status refused = Upload(pki_->practitioner(), other);
     EXPECT_EQ(refused.error_code(), grpc::StatusCode::ALREADY_EXISTS) << refused.error_message();
     EXPECT_THAT(refused.error_message(), HasSubstr(first.request_id));
+    // The refusal names no record: the one stored may be another patient's.
+    EXPECT_THAT(refused.error_message(), Not(HasSubstr(large_record)));
+    EXPECT_THAT(refused.error_message(), Not(HasSubstr(small_record)));
     UploadSpec renamed = first;
     renamed.file_name = "other.pdf";
     EXPECT_EQ(Upload(pki_->practitioner(), renamed).error_code(),
@@ -3845,39 +3884,59 @@ TEST_F(SharingTest, AnUploadRetriedWithItsRequestIdIsAnsweredWithTheRecordStored
 }
 
 TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
+  // Without a quota (whose lock would put the second behind the first's commit) and with the
+  // patient's key cached, the second upload's record meets the first's uncommitted one.
+  ExtraSharing quota_less = StartSharingWith("tenant_quota_bytes: 0");
+  ASSERT_NE(quota_less.server, nullptr);
+  const int port = quota_less.server->port();
   const std::string patient = Place("retry-race-1", "FR");
-  UploadSpec spec;
-  spec.patient_id = patient;
-  spec.content = Generate(122, 0, 5000);
-  spec.request_id = "retry-race-upload";
-  // The chain's head held: the first upload waits in its record's statement, its records row
-  // written (uncommitted); the second waits behind it (for the tenant's quota lock, or on that
-  // row), past any look-up that could have seen the first's record.
-  pqxx::connection head_holder(Db("fr-1").ConnectionString());
-  pqxx::work head_hold(head_holder);
-  head_hold.exec("SELECT 1 FROM audit_head FOR UPDATE");
-  v1::UploadRecordResponse first;
-  grpc::Status first_status;
-  std::thread one([&] { first_status = Upload(pki_->practitioner(), spec, &first); });
-  EXPECT_TRUE(PollUntil(absl::Now() + kPatience,
-                        [&] { return LockWaits("fr-1", "%audit_append%") > 0; }));
-  v1::UploadRecordResponse second;
-  grpc::Status second_status;
-  std::thread two([&] { second_status = Upload(pki_->practitioner(), spec, &second); });
-  EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return LockWaits("fr-1", "%") >= 2; }));
-  head_hold.commit();
-  one.join();
-  two.join();
-  ASSERT_TRUE(first_status.ok()) << first_status.error_message();
-  ASSERT_TRUE(second_status.ok()) << second_status.error_message();
-  EXPECT_EQ(second.record_id(), first.record_id());
-  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 1);
-  EXPECT_EQ(Count("fr-1",
-                  "SELECT count(*) FROM audit_log WHERE action = 'create' AND "
-                  "object_type = 'record' AND patient_id = $1",
-                  patient),
-            1);
-  ExpectContent(pki_->practitioner(), first.record_id(), spec.content);
+  UploadSpec warm;
+  warm.patient_id = patient;
+  warm.content = "caches the patient's key";
+  ASSERT_FALSE(UploadOk(pki_->practitioner(), warm, port).empty());
+  // A record of one chunk, and one of several (whose chunks the loser's transaction rolls back).
+  int round = 0;
+  for (const uint64_t size : {uint64_t{5000}, kMiB + kMiB / 2}) {
+    SCOPED_TRACE(size);
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.generated_size = size;
+    spec.seed = 140 + round;
+    spec.request_id = absl::StrCat("retry-race-upload-", round++);
+    const int64_t chunks_before = Count("fr-1", "SELECT count(*) FROM record_chunks");
+    // The chain's head held: the first upload waits in its record's statement, its records row
+    // written (uncommitted); the second, past any look-up that could have seen it, waits on it.
+    pqxx::connection head_holder(Db("fr-1").ConnectionString());
+    pqxx::work head_hold(head_holder);
+    head_hold.exec("SELECT 1 FROM audit_head FOR UPDATE");
+    v1::UploadRecordResponse first;
+    grpc::Status first_status;
+    std::thread one([&] { first_status = Upload(pki_->practitioner(), spec, &first, port); });
+    EXPECT_TRUE(PollUntil(absl::Now() + kPatience,
+                          [&] { return LockWaits("fr-1", "%INSERT INTO records%") >= 1; }));
+    v1::UploadRecordResponse second;
+    grpc::Status second_status;
+    std::thread two([&] { second_status = Upload(pki_->practitioner(), spec, &second, port); });
+    EXPECT_TRUE(PollUntil(absl::Now() + kPatience,
+                          [&] { return LockWaits("fr-1", "%INSERT INTO records%") >= 2; }));
+    head_hold.commit();
+    one.join();
+    two.join();
+    ASSERT_TRUE(first_status.ok()) << first_status.error_message();
+    ASSERT_TRUE(second_status.ok()) << second_status.error_message();
+    EXPECT_EQ(second.record_id(), first.record_id());
+    EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE request_id = $1", spec.request_id),
+              1);
+    EXPECT_EQ(Count("fr-1",
+                    "SELECT count(*) FROM audit_log WHERE action = 'create' AND "
+                    "object_type = 'record' AND object_id = $1",
+                    first.record_id()),
+              1);
+    EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_chunks") - chunks_before,
+              static_cast<int64_t>((size + kMiB - 1) / kMiB));
+    ExpectContent(pki_->practitioner(), first.record_id(), Generate(spec.seed, 0, size));
+  }
+  quota_less.server->Shutdown();
 }
 
 // A patient's erasure that waited for the key while an erasure of one record replaced it: it
