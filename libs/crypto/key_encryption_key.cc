@@ -120,11 +120,25 @@ absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> LoadKeyEncryptionKeyFile(
 }
 
 absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> LoadKeyEncryptionKeyEnv(const std::string& name) {
-  const char* value = std::getenv(name.c_str());
+  // The variable's own bytes in the environment, which /proc/PID/environ shows for the process's
+  // initial environment, and which every child process would inherit.
+  const std::string prefix = name + "=";
+  char* value = nullptr;
+  for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
+    if (std::strncmp(*entry, prefix.c_str(), prefix.size()) == 0) {
+      value = *entry + prefix.size();
+      break;
+    }
+  }
   if (value == nullptr || *value == '\0') {
     return absl::NotFoundError(absl::StrCat("environment variable ", name, " is not set"));
   }
-  return ParseHexKeyEncryptionKey(value, absl::StrCat("environment variable ", name));
+  absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> kek =
+      ParseHexKeyEncryptionKey(value, absl::StrCat("environment variable ", name));
+  // Read once: the key is wiped from the environment, and the variable removed.
+  OPENSSL_cleanse(value, std::strlen(value));
+  ::unsetenv(name.c_str());
+  return kek;
 }
 
 }  // namespace medgate::crypto

@@ -56,7 +56,9 @@ absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> ParseHexKeyEncryptionKey(
 // Reads the KEK from a file (NOT_FOUND if it cannot be read).
 absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> LoadKeyEncryptionKeyFile(const std::string& path);
 
-// Reads the KEK from an environment variable (NOT_FOUND if unset or empty).
+// Reads the KEK from an environment variable (NOT_FOUND if unset or empty), then overwrites its
+// value in the environment and removes the variable: it is read once, is not inherited by child
+// processes, and no longer shows in /proc/PID/environ.
 absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> LoadKeyEncryptionKeyEnv(const std::string& name);
 
 }  // namespace medgate::crypto

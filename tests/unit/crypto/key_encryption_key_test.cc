@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -93,7 +94,9 @@ TEST(KeyEncryptionKeyTest, LoadsFromFileAndEnvironment) {
   std::filesystem::remove(path);
   EXPECT_EQ(LoadKeyEncryptionKeyFile(path).status().code(), absl::StatusCode::kNotFound);
 
-  ::setenv("MEDGATE_TEST_KEK", kKekHex, 1);
+  // The variable's bytes are the environment's own (putenv), as a process's initial ones are.
+  std::string variable = std::string("MEDGATE_TEST_KEK=") + kKekHex;
+  ASSERT_EQ(::putenv(variable.data()), 0);
   auto from_env = LoadKeyEncryptionKeyEnv("MEDGATE_TEST_KEK");
   ASSERT_TRUE(from_env.ok()) << from_env.status();
   EXPECT_EQ((*from_env)->id(), Kek()->id());
@@ -101,9 +104,21 @@ TEST(KeyEncryptionKeyTest, LoadsFromFileAndEnvironment) {
   auto wrapped = (*from_file)->Wrap(SecretKey::Random(), "x");
   ASSERT_TRUE(wrapped.ok());
   EXPECT_TRUE((*from_env)->Unwrap(*wrapped, "x").ok());
-  ::unsetenv("MEDGATE_TEST_KEK");
+  // Read once: wiped where the environment held it, and the variable gone (no child inherits it).
+  EXPECT_EQ(std::getenv("MEDGATE_TEST_KEK"), nullptr);
+  EXPECT_EQ(variable.find(kKekHex), std::string::npos);
+  EXPECT_EQ(variable.substr(std::strlen("MEDGATE_TEST_KEK=")),
+            std::string(std::strlen(kKekHex), '\0'));
   EXPECT_EQ(LoadKeyEncryptionKeyEnv("MEDGATE_TEST_KEK").status().code(),
             absl::StatusCode::kNotFound);
+  // A value that is not a key is wiped too, and not echoed.
+  std::string bad = "MEDGATE_TEST_KEK=0123456789abcdef";
+  ASSERT_EQ(::putenv(bad.data()), 0);
+  absl::Status refused = LoadKeyEncryptionKeyEnv("MEDGATE_TEST_KEK").status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.message()), ::testing::Not(::testing::HasSubstr("0123456789")));
+  EXPECT_EQ(std::getenv("MEDGATE_TEST_KEK"), nullptr);
+  EXPECT_EQ(bad.find("0123456789abcdef"), std::string::npos);
 }
 
 }  // namespace
