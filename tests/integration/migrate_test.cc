@@ -81,107 +81,113 @@ TEST_F(MigrateTest, AppliesTheProjectMigrationsThenReRunIsANoOp) {
   }
 }
 
+// An index built beforehand (CREATE INDEX CONCURRENTLY, without blocking writes on a large
+// table) that a migration then keeps: helpers to prepare one.
+void Exec(pqxx::connection& c, const std::string& sql) {
+  pqxx::nontransaction n(c);
+  n.exec0(sql);
+}
+
+int64_t Oid(pqxx::connection& c, const std::string& index) {
+  pqxx::nontransaction n(c);
+  return n.exec1("SELECT '" + index + "'::regclass::oid")[0].as<int64_t>();
+}
+
+size_t Applied(pqxx::connection& c) {
+  pqxx::nontransaction n(c);
+  return n.exec1("SELECT count(*) FROM schema_migrations")[0].as<size_t>();
+}
+
+// Marks `index` valid or not, as a concurrent build that failed leaves it.
+void SetValid(pqxx::connection& c, const std::string& index, bool valid) {
+  Exec(c, std::string("UPDATE pg_index SET indisvalid = ") + (valid ? "true" : "false") +
+             " WHERE indexrelid = '" + index + "'::regclass");
+}
+
+// The migrations of `kind` before the one whose file name ends with `suffix`, applied to a fresh
+// schema of `c`; all of them in `all`.
+std::vector<Migration> ApplyBefore(pqxx::connection& c, const char* kind,
+                                   const std::string& suffix, std::vector<Migration>* all) {
+  absl::StatusOr<std::vector<Migration>> loaded =
+      LoadMigrations(SourceDir() + "/migrations/" + kind);
+  EXPECT_TRUE(loaded.ok()) << loaded.status();
+  if (!loaded.ok()) return {};
+  *all = *std::move(loaded);
+  auto it = std::find_if(all->begin(), all->end(),
+                         [&](const Migration& m) { return m.file_name.ends_with(suffix); });
+  EXPECT_NE(it, all->end()) << suffix;
+  std::vector<Migration> before(all->begin(), it);
+  Exec(c, "DROP SCHEMA public CASCADE; CREATE SCHEMA public;");
+  absl::StatusOr<MigrateResult> applied = Apply(c, before);
+  EXPECT_TRUE(applied.ok()) << applied.status();
+  return before;
+}
+
 // The audit logs' time indexes may be built beforehand, without blocking appends, on a large log;
 // the migration keeps them when they are usable and as it builds them, and otherwise stops.
 TEST_F(MigrateTest, AuditTimeIndexesBuiltBeforehandAreKeptOnlyWhenValid) {
   for (const char* kind : {"control", "shard"}) {
     SCOPED_TRACE(kind);
-    absl::StatusOr<std::vector<Migration>> all = LoadMigrations(SourceDir() + "/migrations/" + kind);
-    ASSERT_TRUE(all.ok()) << all.status();
-    auto it = std::find_if(all->begin(), all->end(), [](const Migration& m) {
-      return m.file_name.ends_with("_audit_log_by_time.sql");
-    });
-    ASSERT_NE(it, all->end());
-    const std::vector<Migration> before(all->begin(), it);
     pqxx::connection c = Connect();
-    {
-      pqxx::nontransaction reset(c);
-      reset.exec0("DROP SCHEMA public CASCADE; CREATE SCHEMA public;");
-    }
-    ASSERT_TRUE(Apply(c, before).ok());
-    auto run = [&](const std::string& sql) {
-      pqxx::nontransaction n(c);
-      n.exec0(sql);
-    };
-    auto applied = [&] {
-      pqxx::nontransaction n(c);
-      return n.exec1("SELECT count(*) FROM schema_migrations")[0].as<size_t>();
-    };
+    std::vector<Migration> all;
+    const std::vector<Migration> before = ApplyBefore(c, kind, "_audit_log_by_time.sql", &all);
+    ASSERT_FALSE(before.empty());
     // Built beforehand, one of them without its WHERE clause: refused, nothing recorded.
-    run("CREATE INDEX CONCURRENTLY audit_log_time ON audit_log (at_us, seq)");
-    run("CREATE INDEX CONCURRENTLY audit_log_patient_time ON audit_log (patient_id, at_us, seq)");
-    absl::StatusOr<MigrateResult> wrong = Apply(c, *all);
+    Exec(c, "CREATE INDEX CONCURRENTLY audit_log_time ON audit_log (at_us, seq)");
+    Exec(c, "CREATE INDEX CONCURRENTLY audit_log_patient_time ON audit_log (patient_id, at_us, seq)");
+    absl::StatusOr<MigrateResult> wrong = Apply(c, all);
     ASSERT_FALSE(wrong.ok());
-    EXPECT_THAT(std::string(wrong.status().message()), HasSubstr("audit_log_patient_time"));
     EXPECT_THAT(std::string(wrong.status().message()),
                 HasSubstr("DROP INDEX CONCURRENTLY audit_log_patient_time"));
-    EXPECT_EQ(applied(), before.size());
+    EXPECT_EQ(Applied(c), before.size());
     // As built, but left invalid (a concurrent build that failed): refused too.
-    run("DROP INDEX audit_log_patient_time");
-    run("CREATE INDEX CONCURRENTLY audit_log_patient_time ON audit_log (patient_id, at_us, seq) "
-        "WHERE patient_id <> ''");
-    run("UPDATE pg_index SET indisvalid = false "
-        "WHERE indexrelid = 'audit_log_time'::regclass");
-    absl::StatusOr<MigrateResult> invalid = Apply(c, *all);
+    Exec(c, "DROP INDEX audit_log_patient_time");
+    Exec(c, "CREATE INDEX CONCURRENTLY audit_log_patient_time ON audit_log (patient_id, at_us, seq) "
+           "WHERE patient_id <> ''");
+    SetValid(c, "audit_log_time", false);
+    absl::StatusOr<MigrateResult> invalid = Apply(c, all);
     ASSERT_FALSE(invalid.ok());
     EXPECT_THAT(std::string(invalid.status().message()), HasSubstr("audit_log_time"));
     EXPECT_THAT(std::string(invalid.status().message()), HasSubstr("not valid"));
-    EXPECT_EQ(applied(), before.size());
-    // Valid and as built: kept, and the migrations go on.
-    run("UPDATE pg_index SET indisvalid = true WHERE indexrelid = 'audit_log_time'::regclass");
-    pqxx::nontransaction n(c);
-    const int64_t oid =
-        n.exec1("SELECT 'audit_log_time'::regclass::oid")[0].as<int64_t>();
-    n.commit();
-    absl::StatusOr<MigrateResult> kept = Apply(c, *all);
+    EXPECT_EQ(Applied(c), before.size());
+    // Valid and as built: kept (not built again), and the migrations go on.
+    SetValid(c, "audit_log_time", true);
+    const int64_t built = Oid(c, "audit_log_time");
+    absl::StatusOr<MigrateResult> kept = Apply(c, all);
     ASSERT_TRUE(kept.ok()) << kept.status();
-    EXPECT_EQ(applied(), all->size());
-    pqxx::nontransaction after(c);
-    EXPECT_EQ(after.exec1("SELECT 'audit_log_time'::regclass::oid")[0].as<int64_t>(), oid);
+    EXPECT_EQ(Applied(c), all.size());
+    EXPECT_EQ(Oid(c, "audit_log_time"), built);
   }
 }
 
-// The same for the index of upload request ids (shard migration 0024), which must be unique.
+// The same for the index of upload request ids (shard migration 0024), which must be unique; its
+// column (0023) may be added beforehand too, so that the index can be built first.
 TEST_F(MigrateTest, ARequestIdIndexBuiltBeforehandIsKeptOnlyWhenAsBuilt) {
-  absl::StatusOr<std::vector<Migration>> all = LoadMigrations(SourceDir() + "/migrations/shard");
-  ASSERT_TRUE(all.ok()) << all.status();
-  auto it = std::find_if(all->begin(), all->end(), [](const Migration& m) {
-    return m.file_name.ends_with("_record_request_ids_index.sql");
-  });
-  ASSERT_NE(it, all->end());
   pqxx::connection c = Connect();
-  auto run = [&](const std::string& sql) {
-    pqxx::nontransaction n(c);
-    n.exec0(sql);
-  };
-  run("DROP SCHEMA public CASCADE; CREATE SCHEMA public;");
-  ASSERT_TRUE(Apply(c, std::vector<Migration>(all->begin(), it)).ok());
+  std::vector<Migration> all;
+  const std::vector<Migration> before = ApplyBefore(c, "shard", "_record_request_ids.sql", &all);
+  ASSERT_FALSE(before.empty());
+  Exec(c, "ALTER TABLE records ADD COLUMN IF NOT EXISTS request_id text NOT NULL DEFAULT ''");
   // Not unique: it would enforce nothing.
-  run("CREATE INDEX CONCURRENTLY records_owner_request ON records (owner, request_id) "
-      "WHERE request_id <> ''");
-  absl::StatusOr<MigrateResult> refused = Apply(c, *all);
+  Exec(c, "CREATE INDEX CONCURRENTLY records_owner_request ON records (owner, request_id) "
+         "WHERE request_id <> ''");
+  absl::StatusOr<MigrateResult> refused = Apply(c, all);
   ASSERT_FALSE(refused.ok());
   EXPECT_THAT(std::string(refused.status().message()),
               HasSubstr("DROP INDEX CONCURRENTLY records_owner_request"));
-  run("DROP INDEX records_owner_request");
-  run("CREATE UNIQUE INDEX CONCURRENTLY records_owner_request ON records (owner, request_id) "
-      "WHERE request_id <> ''");
-  // Left invalid (a concurrent build that failed): refused.
-  run("UPDATE pg_index SET indisvalid = false "
-      "WHERE indexrelid = 'records_owner_request'::regclass");
-  absl::StatusOr<MigrateResult> invalid = Apply(c, *all);
+  Exec(c, "DROP INDEX records_owner_request");
+  Exec(c, "CREATE UNIQUE INDEX CONCURRENTLY records_owner_request ON records (owner, request_id) "
+         "WHERE request_id <> ''");
+  SetValid(c, "records_owner_request", false);
+  absl::StatusOr<MigrateResult> invalid = Apply(c, all);
   ASSERT_FALSE(invalid.ok());
   EXPECT_THAT(std::string(invalid.status().message()), HasSubstr("not valid"));
-  run("UPDATE pg_index SET indisvalid = true "
-      "WHERE indexrelid = 'records_owner_request'::regclass");
-  auto oid = [&] {
-    pqxx::nontransaction n(c);
-    return n.exec1("SELECT 'records_owner_request'::regclass::oid")[0].as<int64_t>();
-  };
-  const int64_t built = oid();
-  absl::StatusOr<MigrateResult> kept = Apply(c, *all);
+  SetValid(c, "records_owner_request", true);
+  const int64_t built = Oid(c, "records_owner_request");
+  absl::StatusOr<MigrateResult> kept = Apply(c, all);
   ASSERT_TRUE(kept.ok()) << kept.status();
-  EXPECT_EQ(oid(), built);  // kept, not built again
+  EXPECT_EQ(Applied(c), all.size());
+  EXPECT_EQ(Oid(c, "records_owner_request"), built);
 }
 
 TEST_F(MigrateTest, RefusesAnAppliedFileThatChanged) {
