@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
@@ -123,20 +124,19 @@ absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> LoadKeyEncryptionKeyEnv(const 
   // The variable's own bytes in the environment, which /proc/PID/environ shows for the process's
   // initial environment, and which every child process would inherit.
   const std::string prefix = name + "=";
-  char* value = nullptr;
+  std::vector<char*> values;  // the first is what getenv() answers; all are wiped
   for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
     if (std::strncmp(*entry, prefix.c_str(), prefix.size()) == 0) {
-      value = *entry + prefix.size();
-      break;
+      values.push_back(*entry + prefix.size());
     }
   }
-  if (value == nullptr || *value == '\0') {
+  if (values.empty() || *values.front() == '\0') {
     return absl::NotFoundError(absl::StrCat("environment variable ", name, " is not set"));
   }
   absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> kek =
-      ParseHexKeyEncryptionKey(value, absl::StrCat("environment variable ", name));
+      ParseHexKeyEncryptionKey(values.front(), absl::StrCat("environment variable ", name));
   // Read once: the key is wiped from the environment, and the variable removed.
-  OPENSSL_cleanse(value, std::strlen(value));
+  for (char* value : values) OPENSSL_cleanse(value, std::strlen(value));
   ::unsetenv(name.c_str());
   return kek;
 }

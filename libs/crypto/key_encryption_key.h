@@ -58,7 +58,8 @@ absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> LoadKeyEncryptionKeyFile(const
 
 // Reads the KEK from an environment variable (NOT_FOUND if unset or empty), then overwrites its
 // value in the environment and removes the variable: it is read once, is not inherited by child
-// processes, and no longer shows in /proc/PID/environ.
+// processes, and no longer shows in /proc/PID/environ. It writes the environment: call it before
+// any other thread starts.
 absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> LoadKeyEncryptionKeyEnv(const std::string& name);
 
 }  // namespace medgate::crypto

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/escaping.h"
 
 namespace medgate::crypto {
@@ -96,6 +97,10 @@ TEST(KeyEncryptionKeyTest, LoadsFromFileAndEnvironment) {
 
   // The variable's bytes are the environment's own (putenv), as a process's initial ones are.
   std::string variable = std::string("MEDGATE_TEST_KEK=") + kKekHex;
+  std::string bad = "MEDGATE_TEST_KEK=0123456789abcdef";
+  // Declared after the buffers: whatever happens below, the environment names neither once they
+  // are gone.
+  absl::Cleanup forget = [] { ::unsetenv("MEDGATE_TEST_KEK"); };
   ASSERT_EQ(::putenv(variable.data()), 0);
   auto from_env = LoadKeyEncryptionKeyEnv("MEDGATE_TEST_KEK");
   ASSERT_TRUE(from_env.ok()) << from_env.status();
@@ -112,7 +117,6 @@ TEST(KeyEncryptionKeyTest, LoadsFromFileAndEnvironment) {
   EXPECT_EQ(LoadKeyEncryptionKeyEnv("MEDGATE_TEST_KEK").status().code(),
             absl::StatusCode::kNotFound);
   // A value that is not a key is wiped too, and not echoed.
-  std::string bad = "MEDGATE_TEST_KEK=0123456789abcdef";
   ASSERT_EQ(::putenv(bad.data()), 0);
   absl::Status refused = LoadKeyEncryptionKeyEnv("MEDGATE_TEST_KEK").status();
   EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
