@@ -573,13 +573,8 @@ class PgUpload final : public Upload {
     absl::StatusOr<std::optional<UploadResult>> earlier =
         core_.StoredByRequest(lease_->connection(), ctx_, header_, care_);
     if (!earlier.ok()) return earlier.status();
-    if (!*earlier) {
-      if (header_.request_id.empty()) return violation;
-      // Erased since: nothing to answer with.
-      return absl::AbortedError(absl::StrCat(
-          "the record stored with request_id '", header_.request_id,
-          "' was erased while this upload was being stored; nothing was stored"));
-    }
+    // The request ids are never deleted while a retry can come (the sweep keeps them 30 days).
+    if (!*earlier) return violation;
     answered_ = **earlier;
     return absl::OkStatus();
   }
@@ -1265,6 +1260,12 @@ absl::StatusOr<std::optional<UploadResult>> SharingCore::StoredByRequest(
       const pqxx::result rows = q.exec_prepared(sql::kSelectRecordByRequest,
                                                 ctx.principal.spiffe_id, header.request_id);
       if (rows.empty()) return std::nullopt;
+      if (rows[0][0].is_null()) {
+        // Its record was erased: a late retry must not store the erased document again.
+        return absl::FailedPreconditionError(absl::StrCat(
+            "request_id '", header.request_id, "' stored a record that has since been erased; a "
+            "new upload needs a new request_id; nothing was stored"));
+      }
       record = RecordFromRow(rows[0]);
       RETURN_IF_ERROR(OpenMetadata(q, record, rows[0]));
     }
@@ -2140,6 +2141,19 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
       } else if (first_error.ok()) {
         first_error = erased;
       }
+    }
+    // Upload request ids past the time a retry can come.
+    absl::StatusOr<int64_t> forgotten =
+        pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
+          return txn.exec_prepared1(sql::kPurgeRecordRequests, PgTime(now - kRecordRequestRetention),
+                                    batch)[0]
+              .as<int64_t>();
+        });
+    if (forgotten.ok()) {
+      result.forgotten_request_ids += *forgotten;
+      if (*forgotten == batch) result.more = true;
+    } else if (first_error.ok()) {
+      first_error = forgotten.status();
     }
     absl::StatusOr<int64_t> purged =
         pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {

@@ -77,7 +77,8 @@ struct UploadHeader {
   uint64_t size_bytes = 0;
   std::string sha256;  // 32 raw bytes
   // The client's request id ("" if it gave none). A record the same practitioner stored with it
-  // answers the upload (a retry) when the header is the same, and refuses it otherwise.
+  // answers the upload (a retry) when the header is the same, and refuses it otherwise, or once
+  // that record is erased.
   std::string request_id;
 };
 
@@ -135,9 +136,14 @@ struct PatientErasure {
   absl::Time erased_at;
 };
 
+// How long an upload's request id answers its retries (and refuses them once its record is
+// erased): a retry comes within minutes.
+inline constexpr absl::Duration kRecordRequestRetention = absl::Hours(24 * 30);
+
 struct SweepResult {
   int erased_records = 0;
   int64_t purged_chunks = 0;
+  int64_t forgotten_request_ids = 0;  // upload request ids older than kRecordRequestRetention
   int sealed_metadata = 0;  // records written before metadata was sealed, sealed now
   int destroyed_keys = 0;   // patient keys deleted from the key vaults (retired, or never used)
   int moved_keys = 0;       // patient keys moved from a shard (written before the vault) to its vault

@@ -196,10 +196,11 @@ absl::Duration SharingServer::Sweep(PeriodicTask& task) {
     if (!swept.ok()) {
       log::Warning("retention_sweep_failed", {{"error", swept.status().message()}});
     } else if (swept->erased_records > 0 || swept->purged_chunks > 0 ||
-               swept->sealed_metadata > 0) {
+               swept->sealed_metadata > 0 || swept->forgotten_request_ids > 0) {
       log::Info("retention_sweep", {{"erased_records", swept->erased_records},
                                     {"purged_chunks", swept->purged_chunks},
-                                    {"sealed_metadata", swept->sealed_metadata}});
+                                    {"sealed_metadata", swept->sealed_metadata},
+                                    {"forgotten_request_ids", swept->forgotten_request_ids}});
     }
   }
   return settings_.retention_sweep_interval;

@@ -54,6 +54,7 @@ namespace medgate::sharing::sql {
 
 inline constexpr char kSelectRecord[] = "select_record";
 inline constexpr char kSelectRecordByRequest[] = "select_record_by_request";
+inline constexpr char kPurgeRecordRequests[] = "purge_record_requests";
 inline constexpr char kSelectRecordForShare[] = "select_record_for_share";
 inline constexpr char kSelectRecordForUpdate[] = "select_record_for_update";
 inline constexpr char kSelectRecordWithKey[] = "select_record_with_key";
@@ -138,11 +139,19 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "SELECT " MEDGATE_RECORD_COLUMNS " FROM records r WHERE r.record_id = $1 FOR UPDATE"},
         {kSelectRecordWithKey, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
                                " FROM records r" MEDGATE_RECORD_KEY_JOIN " WHERE r.record_id = $1"},
-        // The record owner $1 stored with request id $2 (shard migration 0023), to answer a retry.
+        // The record owner $1 stored with request id $2 (shard migration 0023), to answer a retry:
+        // no row when none, the record's columns NULL when it was erased since.
         {kSelectRecordByRequest, "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS
-                                 " FROM records r" MEDGATE_RECORD_KEY_JOIN
-                                 " WHERE r.owner = $1 AND r.request_id = $2 "
-                                 "AND r.request_id <> ''"},
+                                 " FROM record_requests q LEFT JOIN records r "
+                                 "ON r.record_id = q.record_id" MEDGATE_RECORD_KEY_JOIN
+                                 " WHERE q.owner = $1 AND q.request_id = $2"},
+        // Request ids given before $1, at most $2 of them.
+        {kPurgeRecordRequests,
+         "WITH old AS (SELECT owner, request_id FROM record_requests "
+         "WHERE created_at < $1::timestamptz ORDER BY created_at LIMIT $2), "
+         "gone AS (DELETE FROM record_requests q USING old "
+         "WHERE q.owner = old.owner AND q.request_id = old.request_id RETURNING 1) "
+         "SELECT count(*) FROM gone"},
         {kSelectPatientKey,
          "SELECT key_id, wrapped_by, wrapped_key FROM record_keys "
          "WHERE patient_id = $1 AND record_id IS NULL"},
@@ -182,9 +191,13 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "FROM patient_key RETURNING key_id), "
          "record AS (INSERT INTO records (record_id, tenant_id, patient_id, kind, "
          "content_type_sealed, file_name_sealed, size_bytes, sha256_sealed, chunk_count, owner, "
-         "created_at, state, request_id) "
-         "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::timestamptz, 'active', $17 "
-         "FROM chunk, record_key RETURNING record_id) "
+         "created_at, state) "
+         "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::timestamptz, 'active' "
+         "FROM chunk, record_key RETURNING record_id), "
+         // The client's request id, if any (shard migration 0023): one this practitioner already
+         // gave is a unique violation, which answers the upload with the record stored then.
+         "request AS (INSERT INTO record_requests (owner, request_id, record_id, created_at) "
+         "SELECT $10, $17, record_id, $11::timestamptz FROM record WHERE $17 <> '') "
          "SELECT " MEDGATE_AUDIT_APPEND_FROM_18 " FROM record"},
         {kInsertChunk,
          "INSERT INTO record_chunks (record_id, chunk_index, ciphertext) VALUES ($1, $2, $3)"},

@@ -160,36 +160,6 @@ TEST_F(MigrateTest, AuditTimeIndexesBuiltBeforehandAreKeptOnlyWhenValid) {
   }
 }
 
-// The same for the index of upload request ids (shard migration 0024), which must be unique; its
-// column (0023) may be added beforehand too, so that the index can be built first.
-TEST_F(MigrateTest, ARequestIdIndexBuiltBeforehandIsKeptOnlyWhenAsBuilt) {
-  pqxx::connection c = Connect();
-  std::vector<Migration> all;
-  const std::vector<Migration> before = ApplyBefore(c, "shard", "_record_request_ids.sql", &all);
-  ASSERT_FALSE(before.empty());
-  Exec(c, "ALTER TABLE records ADD COLUMN IF NOT EXISTS request_id text NOT NULL DEFAULT ''");
-  // Not unique: it would enforce nothing.
-  Exec(c, "CREATE INDEX CONCURRENTLY records_owner_request ON records (owner, request_id) "
-         "WHERE request_id <> ''");
-  absl::StatusOr<MigrateResult> refused = Apply(c, all);
-  ASSERT_FALSE(refused.ok());
-  EXPECT_THAT(std::string(refused.status().message()),
-              HasSubstr("DROP INDEX CONCURRENTLY records_owner_request"));
-  Exec(c, "DROP INDEX records_owner_request");
-  Exec(c, "CREATE UNIQUE INDEX CONCURRENTLY records_owner_request ON records (owner, request_id) "
-         "WHERE request_id <> ''");
-  SetValid(c, "records_owner_request", false);
-  absl::StatusOr<MigrateResult> invalid = Apply(c, all);
-  ASSERT_FALSE(invalid.ok());
-  EXPECT_THAT(std::string(invalid.status().message()), HasSubstr("not valid"));
-  SetValid(c, "records_owner_request", true);
-  const int64_t built = Oid(c, "records_owner_request");
-  absl::StatusOr<MigrateResult> kept = Apply(c, all);
-  ASSERT_TRUE(kept.ok()) << kept.status();
-  EXPECT_EQ(Applied(c), all.size());
-  EXPECT_EQ(Oid(c, "records_owner_request"), built);
-}
-
 TEST_F(MigrateTest, RefusesAnAppliedFileThatChanged) {
   WriteFile(dir_ / "0001_create_a.sql", "CREATE TABLE a (id int);");
   WriteFile(dir_ / "0002_create_b.sql", "CREATE TABLE b (id int);");

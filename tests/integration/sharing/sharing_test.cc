@@ -1920,7 +1920,8 @@ TEST_F(SharingTest, AOneStatementUploadWhoseAnswerIsLostSaysItMayHaveBeenStored)
   pqxx::connection c(direct);
   pqxx::nontransaction q(c);
   EXPECT_EQ(retried.record_id(),
-            q.exec1("SELECT record_id FROM records WHERE request_id = 'lost-one-statement-1'")[0]
+            q.exec1("SELECT record_id FROM record_requests WHERE request_id = "
+                    "'lost-one-statement-1'")[0]
                 .c_str());
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 2);
   proxied.server->Shutdown();
@@ -3869,18 +3870,40 @@ TEST_F(SharingTest, AnUploadRetriedWithItsRequestIdIsAnsweredWithTheRecordStored
               grpc::StatusCode::ALREADY_EXISTS);
   }
   EXPECT_EQ(stored(), 2);
-  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE request_id LIKE 'retry-upload-%'"),
-            2);
+  EXPECT_EQ(
+      Count("fr-1", "SELECT count(*) FROM record_requests WHERE request_id LIKE 'retry-upload-%'"),
+      2);
   // Another practitioner's request ids are its own.
   const std::string theirs = UploadOk(Cert("acme-p2"), small);
   EXPECT_NE(theirs, small_record);
   EXPECT_EQ(stored(), 3);
 
-  // Once the record is erased, the request id answers nothing: the upload stores anew.
+  // Once the record is erased, a late retry is refused rather than storing the erased document
+  // again, from the header or at the record's statement; a new request id stores it anew.
   ASSERT_TRUE(Erase(pki_->practitioner(), small_record).ok());
-  const std::string anew = UploadOk(pki_->practitioner(), small);
+  ASSERT_TRUE(Erase(pki_->practitioner(), large_record).ok());
+  for (const UploadSpec& late : {large, small}) {
+    grpc::Status refused = Upload(pki_->practitioner(), late);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+        << refused.error_message();
+    EXPECT_THAT(refused.error_message(), HasSubstr("erased"));
+  }
+  EXPECT_EQ(stored(), 1);  // the other practitioner's
+  UploadSpec renewed = small;
+  renewed.request_id = "retry-upload-3";
+  const std::string anew = UploadOk(pki_->practitioner(), renewed);
   EXPECT_NE(anew, small_record);
   ExpectContent(pki_->practitioner(), anew, small.content);
+  // The retention sweep forgets request ids once no retry can come.
+  Exec("fr-1", "UPDATE record_requests SET created_at = now() - interval '31 days' "
+               "WHERE request_id = 'retry-upload-2'");
+  absl::StatusOr<SweepResult> swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_GE(swept->forgotten_request_ids, 1);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_requests WHERE request_id = 'retry-upload-2'"),
+            0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_requests WHERE request_id = 'retry-upload-1'"),
+            1);
 }
 
 TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
@@ -3925,7 +3948,8 @@ TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
     ASSERT_TRUE(first_status.ok()) << first_status.error_message();
     ASSERT_TRUE(second_status.ok()) << second_status.error_message();
     EXPECT_EQ(second.record_id(), first.record_id());
-    EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE request_id = $1", spec.request_id),
+    EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_requests WHERE request_id = $1",
+                    spec.request_id),
               1);
     EXPECT_EQ(Count("fr-1",
                     "SELECT count(*) FROM audit_log WHERE action = 'create' AND "
