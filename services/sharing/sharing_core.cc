@@ -565,16 +565,21 @@ class PgUpload final : public Upload {
     }
   }
 
-  // The record's statement met a record of this practitioner with this request id: a retry of
-  // an upload already stored, or one that committed while this one was being stored (the insert
+  // The record's statement met this practitioner's request id: a retry of an upload already
+  // stored, or one that committed while this one was being stored (the request id's insert
   // waited for it). This one stores nothing and is answered with that one.
   absl::Status AnswerFromEarlier(absl::Status violation) {
     txn_.reset();  // rolls back what this upload wrote
     absl::StatusOr<std::optional<UploadResult>> earlier =
         core_.StoredByRequest(lease_->connection(), ctx_, header_, care_);
     if (!earlier.ok()) return earlier.status();
-    // The request ids are never deleted while a retry can come (the sweep keeps them 30 days).
-    if (!*earlier) return violation;
+    if (!*earlier) {
+      if (header_.request_id.empty()) return violation;
+      // Forgotten meanwhile by the sweep (30 days old): nothing answers it any more.
+      return absl::AbortedError(absl::StrCat("request_id '", header_.request_id,
+                                             "' was forgotten while this upload was being stored; "
+                                             "nothing was stored, upload again"));
+    }
     answered_ = **earlier;
     return absl::OkStatus();
   }

@@ -196,9 +196,14 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "FROM chunk, record_key RETURNING record_id), "
          // The client's request id, if any (shard migration 0023): one this practitioner already
          // gave is a unique violation, which answers the upload with the record stored then.
+         // Read by the last line so that it runs before the audit append: a retry's statement
+         // stops before it appends a create entry, and a second upload at once waits on the
+         // first's request id.
          "request AS (INSERT INTO record_requests (owner, request_id, record_id, created_at) "
-         "SELECT $10, $17, record_id, $11::timestamptz FROM record WHERE $17 <> '') "
-         "SELECT " MEDGATE_AUDIT_APPEND_FROM_18 " FROM record"},
+         "SELECT $10, $17, record_id, $11::timestamptz FROM record WHERE $17 <> '' "
+         "RETURNING 1) "
+         "SELECT " MEDGATE_AUDIT_APPEND_FROM_18 " FROM record "
+         "WHERE (SELECT count(*) FROM request) >= 0"},
         {kInsertChunk,
          "INSERT INTO record_chunks (record_id, chunk_index, ciphertext) VALUES ($1, $2, $3)"},
         {kLockTenantUsage,

@@ -3927,8 +3927,9 @@ TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
     spec.seed = 140 + round;
     spec.request_id = absl::StrCat("retry-race-upload-", round++);
     const int64_t chunks_before = Count("fr-1", "SELECT count(*) FROM record_chunks");
-    // The chain's head held: the first upload waits in its record's statement, its records row
-    // written (uncommitted); the second, past any look-up that could have seen it, waits on it.
+    // The chain's head held: the first upload waits in its record's statement, its record and
+    // request id written (uncommitted); the second, past any look-up that could have seen them,
+    // waits on that request id, not on the chain's head.
     pqxx::connection head_holder(Db("fr-1").ConnectionString());
     pqxx::work head_hold(head_holder);
     head_hold.exec("SELECT 1 FROM audit_head FOR UPDATE");
