@@ -42,5 +42,9 @@ BEGIN
   END LOOP;
 END
 $$;
--- The index on (patient_id, seq) stays while a version before this one may run (a rolling
--- upgrade, a rollback): its queries read it.
+-- Every append writes every index of the log (ingest appends an entry per batch of vitals): the
+-- index on (patient_id, seq), replaced by the first one above, goes, and so does the one on
+-- (tenant, seq), which no query reads. A version before this one (a rolling upgrade, a rollback)
+-- still answers its patient queries, through the new index and a sort of the patient's entries.
+DROP INDEX audit_log_patient;
+DROP INDEX audit_log_tenant;

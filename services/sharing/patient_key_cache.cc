@@ -19,10 +19,6 @@ void PatientKeyCache::Put(const std::string& patient_id, const PatientKey& key, 
   // A Forget since the key was read may be an erasure that retired it: not cached. (Forgets are
   // rare; any of them makes the next read of every patient's key go to its row.)
   if (generation_ != read_at_generation) return;
-  if (now >= next_drop_) {
-    keys_.EraseExpired(now);
-    next_drop_ = now + absl::Seconds(1);
-  }
   // The expiry is not extended: a key is re-read from its row at least once per max age.
   std::optional<PatientKey> cached = keys_.Get(patient_id, now);
   if (cached && cached->key_id == key.key_id) return;

@@ -23,9 +23,9 @@ struct PatientKey {
 // A cached key is only a guess: whoever uses it checks in the same statement that the key row
 // still exists (an erasure in another process does not reach this cache), and forgets it if not.
 // The age bound also limits how long an erased key can stay in this process's memory: expired
-// keys are dropped (and wiped) by DropExpired, which Put calls at most once a second and the
-// sharing server every 10 s, so a key erased by another process is gone from this one's memory
-// at most max_age plus 10 s after it was cached, however quiet this process is.
+// keys are dropped (and wiped) by DropExpired, which the sharing server calls every 10 s, so a
+// key erased by another process is gone from this one's memory at most max_age plus 10 s after
+// it was cached, however quiet this process is.
 class PatientKeyCache {
  public:
   PatientKeyCache(size_t max_entries, absl::Duration max_age)
@@ -47,7 +47,6 @@ class PatientKeyCache {
   const absl::Duration max_age_;
   std::mutex mu_;
   uint64_t generation_ = 0;  // Forget calls so far
-  absl::Time next_drop_ = absl::InfinitePast();  // Put drops expired keys from then on
   TtlCache<std::string, PatientKey> keys_;  // least recently used first out when full
 };
 

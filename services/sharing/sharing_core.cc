@@ -505,13 +505,7 @@ class PgUpload final : public Upload {
             !room.ok()) {
           // A retry of an upload already stored is answered, not refused for the room its
           // record already takes.
-          if (header_.request_id.empty()) return room;
-          txn_.reset();
-          ASSIGN_OR_RETURN(std::optional<UploadResult> earlier,
-                           core_.StoredByRequest(lease_->connection(), ctx_, header_, care_));
-          if (!earlier) return room;
-          answered_ = *std::move(earlier);
-          return absl::OkStatus();
+          return AnswerFromEarlier(std::move(room));
         }
       }
       // The last piece's hash has run meanwhile (on a spare core). Checked before anything of the
@@ -558,29 +552,29 @@ class PgUpload final : public Upload {
       keys_.Put(home_.patient_id, *current, now, generation);
       return absl::OkStatus();
     } catch (const pqxx::unique_violation& e) {
-      // Only the request id's index can refuse the record's statement (its ids are new).
-      return AnswerFromEarlier(pg::StatusFromException(e));
+      // Only the request id's key can refuse the record's statement (its ids are new). Found no
+      // more, it was forgotten meanwhile by the sweep (30 days old).
+      if (header_.request_id.empty()) return pg::StatusFromException(e);
+      return AnswerFromEarlier(absl::AbortedError(
+          absl::StrCat("request_id '", header_.request_id,
+                       "' was forgotten while this upload was being stored; nothing was stored, "
+                       "upload again")));
     } catch (const std::exception& e) {
       return pg::StatusFromException(e);
     }
   }
 
-  // The record's statement met this practitioner's request id: a retry of an upload already
-  // stored, or one that committed while this one was being stored (the request id's insert
-  // waited for it). This one stores nothing and is answered with that one.
-  absl::Status AnswerFromEarlier(absl::Status violation) {
+  // This upload cannot be stored (`refusal`), but may be a retry of one already stored: the
+  // record's statement met this practitioner's request id, a retry of a stored upload or of one
+  // that committed while this one was being stored (the request id's insert waited for it), or
+  // the quota has no room for a second copy. Then it stores nothing and is answered with that
+  // record; otherwise `refusal` stands.
+  absl::Status AnswerFromEarlier(absl::Status refusal) {
     txn_.reset();  // rolls back what this upload wrote
-    absl::StatusOr<std::optional<UploadResult>> earlier =
-        core_.StoredByRequest(lease_->connection(), ctx_, header_, care_);
-    if (!earlier.ok()) return earlier.status();
-    if (!*earlier) {
-      if (header_.request_id.empty()) return violation;
-      // Forgotten meanwhile by the sweep (30 days old): nothing answers it any more.
-      return absl::AbortedError(absl::StrCat("request_id '", header_.request_id,
-                                             "' was forgotten while this upload was being stored; "
-                                             "nothing was stored, upload again"));
-    }
-    answered_ = **earlier;
+    ASSIGN_OR_RETURN(std::optional<UploadResult> earlier,
+                     core_.StoredByRequest(lease_->connection(), ctx_, header_, care_));
+    if (!earlier) return refusal;
+    answered_ = *std::move(earlier);
     return absl::OkStatus();
   }
 
