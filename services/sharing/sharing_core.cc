@@ -494,40 +494,31 @@ class PgUpload final : public Upload {
       lease_.emplace(*std::move(lease));
     }
     try {
-      if (core_.QuotaOf(home_.tenant_id) > 0) {
-        if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_->connection());
-        // Serializes the tenant's commits in this region so concurrent uploads cannot overshoot
-        // the quota together.
-        txn_->exec_prepared(sql::kLockTenantUsage, home_.tenant_id);
-        int64_t used = txn_->exec_prepared1(sql::kTenantUsage, home_.tenant_id)[0].as<int64_t>();
-        if (absl::Status room =
-                core_.CheckQuota(home_.tenant_id, home_.region_id, used, header_.size_bytes);
-            !room.ok()) {
-          // A retry of an upload already stored is answered, not refused for the room its
-          // record already takes.
-          return AnswerFromEarlier(std::move(room));
-        }
-      }
+      const int64_t quota = core_.QuotaOf(home_.tenant_id);
       // The last piece's hash has run meanwhile (on a spare core). Checked before anything of the
       // record is written: a mismatch creates no key and never holds the audit chain's head.
       RETURN_IF_ERROR(ContentAsDeclared());
-      // Usually the patient's key is cached: then the one statement is the whole write (and,
-      // outside a transaction, the commit).
+      // Usually the patient's key is cached: then the one statement, which also checks the
+      // tenant's quota under its lock, is the whole write (and, outside a transaction, the
+      // commit).
       std::optional<PatientKey> key = keys_.Get(home_.patient_id, now);
       if (key) {
-        absl::StatusOr<bool> stored;
+        absl::StatusOr<Written> written;
         if (txn_ != nullptr) {
-          stored = StoreRecord(*txn_, *key, now, entry);
+          written = StoreRecord(*txn_, *key, now, entry, quota);
         } else {
           pqxx::nontransaction alone(lease_->connection());
           try {
-            stored = StoreRecord(alone, *key, now, entry);
+            written = StoreRecord(alone, *key, now, entry, quota);
           } catch (const pqxx::broken_connection&) {
             return absl::UnavailableError(kOutcomeUnknown);
           }
         }
-        RETURN_IF_ERROR(stored.status());
-        if (*stored) return txn_ != nullptr ? CommitTransaction() : absl::OkStatus();
+        RETURN_IF_ERROR(written.status());
+        // A retry of an upload already stored is answered, not refused for the room its record
+        // already takes.
+        if (!written->no_room.ok()) return AnswerFromEarlier(written->no_room);
+        if (written->stored) return txn_ != nullptr ? CommitTransaction() : absl::OkStatus();
         keys_.Forget(home_.patient_id);  // erased, or replaced after an erasure elsewhere
       }
       // Otherwise the key is read, or created for the patient's first record, in the record's
@@ -535,12 +526,26 @@ class PgUpload final : public Upload {
       // vault is deleted by the sweep). An erasure committed meanwhile may have replaced the key
       // (one record's) or removed it (all of them): then the next statement sees what is now.
       if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_->connection());
+      if (quota > 0) {
+        // Before a key is created for a record the quota has no room for. The lock, taken here
+        // for the rest of the transaction, serializes the tenant's commits in this region so
+        // that concurrent uploads cannot overshoot the quota together.
+        const int64_t used =
+            txn_->exec_prepared1(sql::kLockTenantUsage, home_.tenant_id)[0].as<int64_t>();
+        if (absl::Status room =
+                core_.CheckQuota(home_.tenant_id, home_.region_id, used, header_.size_bytes);
+            !room.ok()) {
+          return AnswerFromEarlier(std::move(room));
+        }
+      }
       const uint64_t generation = keys_.generation();
       bool stored = false;
       std::optional<PatientKey> current;
       for (int attempt = 0; attempt < 2 && !stored; ++attempt) {
         ASSIGN_OR_RETURN(PatientKey key, ReadOrCreatePatientKey(*txn_, now));
-        ASSIGN_OR_RETURN(stored, StoreRecord(*txn_, key, now, entry));
+        ASSIGN_OR_RETURN(Written written, StoreRecord(*txn_, key, now, entry, quota));
+        if (!written.no_room.ok()) return AnswerFromEarlier(written.no_room);
+        stored = written.stored;
         current.emplace(std::move(key));
       }
       if (!stored) {
@@ -603,9 +608,17 @@ class PgUpload final : public Upload {
     return absl::OkStatus();
   }
 
-  // False when the patient key `key` no longer exists: then nothing was written.
-  absl::StatusOr<bool> StoreRecord(pqxx::transaction_base& txn, const PatientKey& key,
-                                   absl::Time now, const audit::Entry& entry) {
+  // What the record's statement did. Nothing is written when the tenant's quota has no room for
+  // the record (`no_room` says so) or when the patient key it was given no longer exists.
+  struct Written {
+    bool stored = false;
+    absl::Status no_room;
+  };
+
+  // `quota`: the tenant's limit in bytes (0: none), checked by the statement under the tenant's
+  // usage lock.
+  absl::StatusOr<Written> StoreRecord(pqxx::transaction_base& txn, const PatientKey& key,
+                                      absl::Time now, const audit::Entry& entry, int64_t quota) {
     ASSIGN_OR_RETURN(std::string wrapped_record_key,
                      crypto::Seal(key.key, RecordKeyAad(record_id_), record_key_.bytes()));
     ASSIGN_OR_RETURN(SealedMetadata metadata,
@@ -618,8 +631,14 @@ class PgUpload final : public Upload {
         static_cast<int64_t>(header_.size_bytes), pqxx::binarystring(metadata.sha256), next_index_,
         ctx_.principal.spiffe_id, PgTime(now), NewId(home_.region_id, "k"), key.key_id,
         pqxx::binarystring(wrapped_record_key), static_cast<int64_t>(last_.index),
-        pqxx::binarystring(last_.bytes), header_.request_id);
-    return !rows.empty();
+        pqxx::binarystring(last_.bytes), header_.request_id, quota);
+    Written written;
+    written.stored = !rows.empty() && !rows[0][1].is_null();
+    if (!written.stored && quota > 0 && !rows.empty() && !rows[0][0].is_null()) {
+      written.no_room = core_.CheckQuota(home_.tenant_id, home_.region_id,
+                                         rows[0][0].as<int64_t>(), header_.size_bytes);
+    }
+    return written;
   }
 
   absl::StatusOr<PatientKey> ReadOrCreatePatientKey(pqxx::work& txn, absl::Time now) {

@@ -35,11 +35,11 @@ namespace medgate::sharing::sql {
   "g.grant_id, g.record_id, g.grantee, g.grantee_tenant, g.granted_by, " MEDGATE_MICROS( \
       "g.created_at") ", " MEDGATE_MICROS("g.expires_at") ", " MEDGATE_MICROS("g.revoked_at")
 
-// The shard's audit_append() (migrations/shard/0005, 0010) with the entry in 15 parameters from $18
+// The shard's audit_append() (migrations/shard/0005, 0010) with the entry in 15 parameters from $19
 // on, in the order audit::WithEntryParams (libs/audit) passes them.
-#define MEDGATE_AUDIT_APPEND_FROM_18                                                              \
-  "audit_append($18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28::bigint, $29, $30, " \
-  "$31::bytea, $32::bytea)"
+#define MEDGATE_AUDIT_APPEND_FROM_19                                                              \
+  "audit_append($19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29::bigint, $30, $31, " \
+  "$32::bytea, $33::bytea)"
 
 #define MEDGATE_AUDIT_COLUMNS                                                                 \
   "seq, at_us, actor, tenant, action, object_type, object_id, patient_id, decision, reason, " \
@@ -181,9 +181,17 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         // $12 record key id, $13 patient key id, $14 wrapped record key, $15 last chunk's index,
         // $16 its ciphertext, $17 the client's request id, $18.. the audit entry (ExecWithAudit
         // in sharing_core.cc).
+        // $18: the tenant's quota in bytes (0: none). With one, the statement first takes the
+        // tenant's usage lock and reads its usage (shard migration 0024), and writes nothing
+        // unless the record fits. One row: the usage read (NULL without a quota) and the audit
+        // entry's seq (NULL when nothing was written: no room, or the patient key is gone).
         {kFinishUpload,
-         "WITH patient_key AS (SELECT key_id FROM record_keys WHERE key_id = $13 "
-         "AND patient_id = $3 AND record_id IS NULL FOR KEY SHARE), "
+         "WITH usage AS (SELECT CASE WHEN $18::bigint > 0 THEN medgate_lock_tenant_usage($2) "
+         "END AS used), "
+         "patient_key AS (SELECT key_id FROM record_keys WHERE key_id = $13 "
+         "AND patient_id = $3 AND record_id IS NULL "
+         "AND ($18::bigint <= 0 OR (SELECT used FROM usage) + $7::bigint <= $18::bigint) "
+         "FOR KEY SHARE), "
          "chunk AS (INSERT INTO record_chunks (record_id, chunk_index, ciphertext) "
          "SELECT $1, $15, $16 FROM patient_key RETURNING chunk_index), "
          "record_key AS (INSERT INTO record_keys (key_id, patient_id, record_id, wrapped_by, "
@@ -202,12 +210,13 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "request AS (INSERT INTO record_requests (owner, request_id, record_id, created_at) "
          "SELECT $10, $17, record_id, $11::timestamptz FROM record WHERE $17 <> '' "
          "RETURNING 1) "
-         "SELECT " MEDGATE_AUDIT_APPEND_FROM_18 " FROM record "
-         "WHERE (SELECT count(*) FROM request) >= 0"},
+         "SELECT (SELECT used FROM usage), (SELECT " MEDGATE_AUDIT_APPEND_FROM_19 " FROM record "
+         "WHERE (SELECT count(*) FROM request) >= 0)"},
         {kInsertChunk,
          "INSERT INTO record_chunks (record_id, chunk_index, ciphertext) VALUES ($1, $2, $3)"},
-        {kLockTenantUsage,
-         "SELECT pg_advisory_xact_lock(hashtextextended('medgate-records-usage:' || $1, 0))"},
+        // Takes the tenant's usage lock until the transaction ends, then reads its usage in a
+        // snapshot of its own (shard migration 0024).
+        {kLockTenantUsage, "SELECT medgate_lock_tenant_usage($1)"},
         // The count the sweep folded (shard migration 0019) and the changes the records table's
         // triggers appended since (0021), read in one snapshot.
         {kTenantUsage,
@@ -376,7 +385,7 @@ inline const std::vector<pg::Statement>& ControlStatements() {
 
 #undef MEDGATE_LIST_FILTERS
 #undef MEDGATE_AUDIT_COLUMNS
-#undef MEDGATE_AUDIT_APPEND_FROM_18
+#undef MEDGATE_AUDIT_APPEND_FROM_19
 #undef MEDGATE_GRANT_COLUMNS
 #undef MEDGATE_RECORD_KEY_JOIN
 #undef MEDGATE_RECORD_KEY_COLUMNS

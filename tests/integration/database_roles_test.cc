@@ -191,6 +191,7 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_sharing tenant_record_usage SELECT",
       "medgate_sharing tenant_record_usage_changes SELECT",
       "medgate_sharing medgate_fold_record_usage()",
+      "medgate_sharing medgate_lock_tenant_usage()",
       "medgate_sharing chunk_purge_queue SELECT",
       "medgate_sharing chunk_purge_queue DELETE",
       "medgate_sharing record_requests SELECT",

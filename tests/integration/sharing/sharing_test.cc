@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <csignal>
 #include <filesystem>
@@ -852,6 +853,9 @@ class SharingTest : public ::testing::Test {
                  "datname = current_database() AND query LIKE $1",
                  query);
   }
+  // An upload's record statement (sql.h, kFinishUpload), by what comes early in its text:
+  // pg_stat_activity keeps a query's first 1024 bytes only, and its audit_append comes later.
+  static constexpr char kRecordStatementQuery[] = "%medgate_lock_tenant_usage(%INSERT INTO records%";
   // An erasure's lock on a patient key (sql.h, kLockPatientKey).
   static constexpr char kPatientKeyLockQuery[] =
       "%FROM record_keys WHERE patient_id = $1 AND record_id IS NULL FOR UPDATE";
@@ -1606,7 +1610,7 @@ TEST_F(SharingTest, ATerminationSignalDrainsSharingAndAuditAtOnce) {
   std::thread uploading(
       [&] { uploaded = Upload(pki_->practitioner(), upload, nullptr, extra.server->port()); });
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
-                        [&] { return LockWaits("fr-1", "%audit_append%") == 1; }));
+                        [&] { return LockWaits("fr-1", kRecordStatementQuery) == 1; }));
   main_thread->Terminate();
   // Well within the statement's timeout (5 s), so that the upload is still being drained.
   const bool audit_stopped = PollUntil(absl::Now() + absl::Seconds(3), [&] {
@@ -1882,8 +1886,9 @@ TEST_F(SharingTest, AnUploadWhoseCommitAnswerIsLostSaysItMayHaveBeenStored) {
   extra.server->Shutdown();
 }
 
-// The same when the record is one statement that commits by itself (a tenant without a quota,
-// the patient's key cached): the statement's answer is lost after its commit.
+// The same when the record is one statement that commits by itself (a one-chunk upload, the
+// patient's key cached; here for a tenant without a quota): the statement's answer is lost after
+// its commit.
 TEST_F(SharingTest, AOneStatementUploadWhoseAnswerIsLostSaysItMayHaveBeenStored) {
   const std::string patient = Place("lost-commit-2", "FR");
   auto proxy = test_support::PgFaultProxy::Start(Db("fr-1").port());
@@ -3409,7 +3414,8 @@ TEST_F(SharingTest, ARecordStoredWhileAnErasureWaitedIsRewrappedUnderTheNewKey) 
   grpc::Status uploaded;
   v1::UploadRecordResponse late_response;
   std::thread uploading([&] { uploaded = Upload(pki_->practitioner(), late, &late_response); });
-  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return LockWaits("fr-1", "%audit_append%") == 1; }));
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("fr-1", kRecordStatementQuery) == 1; }));
   // The erasure waits for the upload's lock on the patient key.
   absl::StatusOr<v1::EraseRecordResponse> erased;
   std::thread erasing([&] { erased = Erase(pki_->practitioner(), first_id); });
@@ -3962,6 +3968,74 @@ TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
     ExpectContent(pki_->practitioner(), first.record_id(), Generate(spec.seed, 0, size));
   }
   quota_less.server->Shutdown();
+}
+
+// The quota is checked in the record's own statement, under the tenant's usage lock, reading the
+// usage after the lock is held (shard migration 0024): of two uploads at once with room for one,
+// the second, waiting on that lock while the first commits, sees the first's bytes and is refused.
+// With the patient's key cached, a one-chunk upload is one statement that commits by itself, begun
+// before the other committed; an upload of several chunks ends its own transaction with it.
+TEST_F(SharingTest, TwoUploadsAtOnceCannotBothTakeTheQuotasLastRoom) {
+  const auto usage = [] {
+    return Count("fr-1",
+                 "SELECT coalesce((SELECT bytes FROM tenant_record_usage WHERE tenant_id = "
+                 "'acme'), 0) + coalesce((SELECT sum(bytes) FROM tenant_record_usage_changes "
+                 "WHERE tenant_id = 'acme'), 0)");
+  };
+  int round = 0;
+  for (const int64_t size : {int64_t{200000}, static_cast<int64_t>(kMiB + kMiB / 2)}) {
+    SCOPED_TRACE(size);
+    const std::string patient = Place(absl::StrCat("quota-race-", round), "FR");
+    // acme's quota on a server of its own: its usage now, plus room for one record of `size`.
+    UploadSpec warm;
+    warm.patient_id = patient;
+    warm.content = "caches the patient's key";
+    const int64_t quota = usage() + static_cast<int64_t>(warm.content.size()) + size + size / 2;
+    ExtraSharing limited = StartSharingWith(absl::StrCat("tenant_quota_bytes: ", quota));
+    ASSERT_NE(limited.server, nullptr);
+    const int port = limited.server->port();
+    ASSERT_FALSE(UploadOk(pki_->practitioner(), warm, port).empty());
+    const int64_t records_before =
+        Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient);
+
+    // The chain's head held: the first upload waits in its record's statement, holding the
+    // tenant's usage lock; the second's statement waits on that lock.
+    pqxx::connection head_holder(Db("fr-1").ConnectionString());
+    pqxx::work head_hold(head_holder);
+    head_hold.exec("SELECT 1 FROM audit_head FOR UPDATE");
+    std::array<grpc::Status, 2> statuses;
+    std::vector<std::thread> uploads;
+    for (int i = 0; i < 2; ++i) {
+      uploads.emplace_back([&, i] {
+        UploadSpec spec;
+        spec.patient_id = patient;
+        spec.generated_size = static_cast<uint64_t>(size);
+        spec.seed = 150 + 2 * round + i;
+        statuses[i] = Upload(pki_->practitioner(), spec, nullptr, port);
+      });
+      EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+        return LockWaits("fr-1", kRecordStatementQuery) >= i + 1;
+      })) << "upload " << i << " never waited in its record's statement";
+    }
+    head_hold.commit();
+    for (std::thread& t : uploads) t.join();
+    int stored = 0;
+    for (const grpc::Status& status : statuses) {
+      if (status.ok()) {
+        ++stored;
+        continue;
+      }
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+          << status.error_message();
+      EXPECT_THAT(status.error_message(), HasSubstr(absl::StrCat("limit of ", quota, " bytes")));
+    }
+    EXPECT_EQ(stored, 1);
+    EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient),
+              records_before + 1);
+    EXPECT_LE(usage(), quota);
+    limited.server->Shutdown();
+    ++round;
+  }
 }
 
 // A patient's erasure that waited for the key while an erasure of one record replaced it: it
