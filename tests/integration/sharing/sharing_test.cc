@@ -4038,6 +4038,64 @@ TEST_F(SharingTest, TwoUploadsAtOnceCannotBothTakeTheQuotasLastRoom) {
   }
 }
 
+// A one-chunk upload whose record's statement met its request id, which the retention sweep then
+// forgot before the upload could look it up: nothing answers it and nothing was stored, so it is
+// ABORTED, to be sent again, rather than the database's unique violation. Here the request id is
+// another session's, committed while the upload's statement waits on it; a third session, queued
+// for the records table behind that statement, deletes it before the look-up can read.
+TEST_F(SharingTest, AnUploadWhoseRequestIdIsForgottenMeanwhileIsAborted) {
+  const std::string patient = Place("request-forgotten-1", "FR");
+  UploadSpec warm;
+  warm.patient_id = patient;
+  warm.content = "caches the patient's key";
+  ASSERT_FALSE(UploadOk(pki_->practitioner(), warm).empty());
+  const int64_t records_before =
+      Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient);
+  constexpr char kRequest[] = "forgotten-request-1";
+
+  pqxx::connection earlier_connection(Db("fr-1").ConnectionString());
+  pqxx::work earlier(earlier_connection);
+  earlier.exec_params0(
+      "INSERT INTO record_requests (owner, request_id, record_id, created_at) "
+      "VALUES ($1, $2, 'fr-1.r-earlier', now())",
+      P1(), kRequest);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(160, 0, 6000);
+  spec.request_id = kRequest;
+  grpc::Status uploaded;
+  std::thread uploading([&] { uploaded = Upload(pki_->practitioner(), spec); });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("fr-1", kRecordStatementQuery) == 1; }));
+  std::string sweep_error;  // read once the thread is joined
+  std::thread sweeping([&] {
+    try {
+      pqxx::connection c(Db("fr-1").ConnectionString());
+      pqxx::work sweep(c);
+      sweep.exec0("LOCK TABLE records IN ACCESS EXCLUSIVE MODE");
+      sweep.exec_params0("DELETE FROM record_requests WHERE request_id = $1", kRequest);
+      sweep.commit();
+    } catch (const std::exception& e) {
+      sweep_error = e.what();
+    }
+  });
+  EXPECT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("fr-1", "LOCK TABLE records%") == 1; }));
+  earlier.commit();
+  uploading.join();
+  sweeping.join();
+  EXPECT_EQ(sweep_error, "");
+  EXPECT_EQ(uploaded.error_code(), grpc::StatusCode::ABORTED) << uploaded.error_message();
+  EXPECT_THAT(uploaded.error_message(),
+              HasSubstr("was forgotten while this upload was being stored; nothing was stored"));
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient),
+            records_before);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_requests WHERE request_id = $1", kRequest),
+            0);
+  // Sent again, it is stored.
+  EXPECT_FALSE(UploadOk(pki_->practitioner(), spec).empty());
+}
+
 // A patient's erasure that waited for the key while an erasure of one record replaced it: it
 // locks the new key before deleting, so an upload arriving meanwhile waits for it and then stores
 // under a key of its own. Without that lock the upload stored under the new key, which the
