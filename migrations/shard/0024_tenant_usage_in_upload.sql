@@ -9,11 +9,20 @@
 -- the count the sweep folded (0019) plus the changes appended since (0021). VOLATILE, so that the
 -- read takes a snapshot of its own after the lock is held: it sees every upload of the tenant
 -- that committed while this one waited, even though the calling statement's snapshot is older.
--- Two uploads at once cannot both fit into the room that only one of them has.
+-- Two uploads at once cannot both fit into the room that only one of them has. That holds in
+-- READ COMMITTED only (in REPEATABLE READ every read would use the transaction's first
+-- snapshot), so the function refuses any other isolation level.
+-- The wait for the lock now counts towards the record statement's statement_timeout (5 s by
+-- default); the lock is held while one record's statement runs, or from a multi-chunk upload's
+-- last statement to its commit.
 -- Run with the caller's rights: the sharing service reads both tables and takes the lock itself.
 CREATE FUNCTION medgate_lock_tenant_usage(p_tenant text) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = public, pg_temp AS $$
 BEGIN
+  IF current_setting('transaction_isolation') <> 'read committed' THEN
+    RAISE EXCEPTION 'medgate_lock_tenant_usage needs READ COMMITTED, not %',
+      current_setting('transaction_isolation');
+  END IF;
   PERFORM pg_advisory_xact_lock(hashtextextended('medgate-records-usage:' || p_tenant, 0));
   RETURN coalesce((SELECT bytes FROM tenant_record_usage WHERE tenant_id = p_tenant), 0) +
          coalesce((SELECT sum(bytes) FROM tenant_record_usage_changes WHERE tenant_id = p_tenant), 0);

@@ -316,8 +316,9 @@ absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::str
 
 // --- PgUpload ---------------------------------------------------------------------------------
 
-// An upload of at most one storage chunk opens no transaction: Finish() stores the chunk, the
-// record, its key and the audit entry in one statement, which commits on its own. A larger
+// An upload of at most one storage chunk whose patient key is cached opens no transaction:
+// Finish() checks the tenant's quota and stores the chunk, the record, its key and the audit
+// entry in one statement, which commits on its own. A larger
 // upload's chunks but the last are inserted in a transaction, opened while the first chunk is
 // received and sealed, by a writer thread of the upload, so that receiving, hashing and
 // encrypting the next chunk overlap with the database storing this one (at most one sealed chunk
@@ -415,8 +416,8 @@ class PgUpload final : public Upload {
     // sending 1 MiB pieces is stored without copying them first. The chunk is hashed on a spare
     // core, when one is idle, while this thread encrypts it; otherwise after handing it to the
     // writer, so that hashing overlaps with the insert. The last piece's hash may go on while
-    // Finish() takes a connection and the quota's lock: it is checked before the record is
-    // written (ContentAsDeclared).
+    // Finish() takes a connection: it is checked before the record is written
+    // (ContentAsDeclared).
     if (pending_.empty() &&
         (data.size() == crypto::kMaxChunkBytes || received_ == header_.size_bytes)) {
       SpareThreads::Ticket piece_hash;

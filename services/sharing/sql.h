@@ -174,17 +174,17 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         // What makes an upload visible, in one statement: its last chunk, the record, its wrapped
         // key and the audit entry. Only while the patient key the record key is wrapped under
         // still exists (held with FOR KEY SHARE until commit, so an erasure waits for us or we
-        // see it); no row back means nothing was written. The record's insert reads the chunk's
-        // and the key's, so those are written before the audit entry takes the chain's lock.
+        // see it), and only when the tenant's quota has room for the record: with a quota, the
+        // statement first takes the tenant's usage lock (held until commit) and reads its usage
+        // (shard migration 0024). The record's insert reads the chunk's and the key's, so those
+        // are written before the audit entry takes the chain's lock.
         // $1 record_id, $2 tenant_id, $3 patient_id, $4 kind, $5 content_type and $6 file_name
         // (both sealed), $7 size_bytes, $8 sha256 (sealed), $9 chunk_count, $10 owner, $11 created_at,
         // $12 record key id, $13 patient key id, $14 wrapped record key, $15 last chunk's index,
-        // $16 its ciphertext, $17 the client's request id, $18.. the audit entry (ExecWithAudit
-        // in sharing_core.cc).
-        // $18: the tenant's quota in bytes (0: none). With one, the statement first takes the
-        // tenant's usage lock and reads its usage (shard migration 0024), and writes nothing
-        // unless the record fits. One row: the usage read (NULL without a quota) and the audit
-        // entry's seq (NULL when nothing was written: no room, or the patient key is gone).
+        // $16 its ciphertext, $17 the client's request id, $18 the tenant's quota in bytes (0:
+        // none), $19.. the audit entry (ExecWithAudit in sharing_core.cc).
+        // One row back: the usage read (NULL without a quota) and the audit entry's seq, NULL when
+        // nothing was written (no room, or the patient key is gone).
         {kFinishUpload,
          "WITH usage AS (SELECT CASE WHEN $18::bigint > 0 THEN medgate_lock_tenant_usage($2) "
          "END AS used), "

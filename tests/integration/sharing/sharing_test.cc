@@ -1932,10 +1932,10 @@ TEST_F(SharingTest, AOneStatementUploadWhoseAnswerIsLostSaysItMayHaveBeenStored)
   proxied.server->Shutdown();
 }
 
-// A tenant without a quota: a one-chunk upload whose patient key is cached is one statement that
-// commits by itself. Its content is still checked against the declared hash before that
-// statement: a mismatch stores nothing.
-TEST_F(SharingTest, WithoutAQuotaAnUploadIsOneStatementAndStillCheckedFirst) {
+// A one-chunk upload whose patient key is cached is one statement that commits by itself (here
+// for a tenant without a quota, whose statement skips the usage lock). Its content is still
+// checked against the declared hash before that statement: a mismatch stores nothing.
+TEST_F(SharingTest, AOneStatementUploadIsStillCheckedFirst) {
   ExtraSharing extra = StartSharingWith("tenant_quota_bytes: 0");
   ASSERT_NE(extra.server, nullptr);
   const int port = extra.server->port();
@@ -3986,12 +3986,19 @@ TEST_F(SharingTest, TwoUploadsAtOnceCannotBothTakeTheQuotasLastRoom) {
   for (const int64_t size : {int64_t{200000}, static_cast<int64_t>(kMiB + kMiB / 2)}) {
     SCOPED_TRACE(size);
     const std::string patient = Place(absl::StrCat("quota-race-", round), "FR");
-    // acme's quota on a server of its own: its usage now, plus room for one record of `size`.
+    // acme's quota on a server of its own: its usage now, plus room for one record of `size`
+    // (nothing else changes acme's usage meanwhile: tests run one at a time, and the sweep that
+    // could erase an archived record runs once a day). Statements may wait a minute: the first
+    // upload waits in its statement while the second is sent and sealed.
     UploadSpec warm;
     warm.patient_id = patient;
     warm.content = "caches the patient's key";
     const int64_t quota = usage() + static_cast<int64_t>(warm.content.size()) + size + size / 2;
-    ExtraSharing limited = StartSharingWith(absl::StrCat("tenant_quota_bytes: ", quota));
+    std::unique_ptr<MedgateConfig> config =
+        ConfigWith("retention_sweep_seconds: 86400",
+                   absl::StrCat("retention_sweep_seconds: 86400\n  tenant_quota_bytes: ", quota));
+    for (RegionConfig& region : config->regions) region.db.statement_timeout_ms = 60000;
+    ExtraSharing limited = StartSharingOn(std::move(config));
     ASSERT_NE(limited.server, nullptr);
     const int port = limited.server->port();
     ASSERT_FALSE(UploadOk(pki_->practitioner(), warm, port).empty());
@@ -4033,6 +4040,24 @@ TEST_F(SharingTest, TwoUploadsAtOnceCannotBothTakeTheQuotasLastRoom) {
     EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient),
               records_before + 1);
     EXPECT_LE(usage(), quota);
+    // The refusal came from the record's statement: the patient's key is still cached, and the
+    // next upload, which fits, is one such statement again (it waits in it for the usage lock
+    // held here; an upload that had to read the key would wait in a statement of its own).
+    pqxx::connection usage_holder(Db("fr-1").ConnectionString());
+    pqxx::work usage_hold(usage_holder);
+    usage_hold.exec(
+        "SELECT pg_advisory_xact_lock(hashtextextended('medgate-records-usage:acme', 0))");
+    UploadSpec fits;
+    fits.patient_id = patient;
+    fits.content = Generate(154 + round, 0, 1000);
+    grpc::Status fitted;
+    std::thread fitting([&] { fitted = Upload(pki_->practitioner(), fits, nullptr, port); });
+    EXPECT_TRUE(PollUntil(absl::Now() + kPatience,
+                          [&] { return LockWaits("fr-1", kRecordStatementQuery) == 1; }))
+        << "the upload after the refusal did not wait in its record's statement";
+    usage_hold.commit();
+    fitting.join();
+    EXPECT_TRUE(fitted.ok()) << fitted.error_message();
     limited.server->Shutdown();
     ++round;
   }
