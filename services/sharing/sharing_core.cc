@@ -887,6 +887,14 @@ class PgDownload final : public Download {
       ahead_.reset();
       lock.unlock();
       cv_.notify_all();
+      // Fetched ahead, perhaps while the client was still taking an earlier chunk: an erasure or
+      // a revocation committed since then stops the download here, not a chunk or two later.
+      if (sealed.ok()) {
+        if (absl::Status readable = StillReadable(); !readable.ok()) {
+          core_.AddBuffered(-static_cast<int64_t>(sealed->size()));
+          return readable;
+        }
+      }
     }
     RETURN_IF_ERROR(sealed.status());
     const int64_t held = static_cast<int64_t>(sealed->size());
@@ -914,15 +922,7 @@ class PgDownload final : public Download {
       pqxx::result rows = q.exec_prepared(sql::kSelectChunk, record_.record_id,
                                           static_cast<int64_t>(index), grantee_,
                                           PgTime(core_.Now()));
-      if (rows.empty()) {
-        return absl::AbortedError(
-            absl::StrCat("record '", record_.record_id, "' was erased during the download"));
-      }
-      if (!rows[0][1].as<bool>()) {
-        return absl::PermissionDeniedError(
-            absl::StrCat("your grant on record '", record_.record_id,
-                         "' was revoked or expired during the download"));
-      }
+      RETURN_IF_ERROR(Readable(rows, 1));
       if (rows[0][0].is_null()) {
         return absl::DataLossError(
             absl::StrCat("record '", record_.record_id, "': chunk ", index, " is missing"));
@@ -930,6 +930,36 @@ class PgDownload final : public Download {
       std::string sealed = BytesOf(rows[0][0]);
       core_.AddBuffered(static_cast<int64_t>(sealed.size()));
       return sealed;
+    } catch (const std::exception& e) {
+      absl::Status status = pg::StatusFromException(e);
+      if (status.code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
+      return status;
+    }
+  }
+
+  // Whether the record, and the grant the download rests on, still stand (kSelectChunk's and
+  // kChunkStillReadable's answer: no row when the record is gone, `grant_column` false when the
+  // grant no longer holds).
+  absl::Status Readable(const pqxx::result& rows, int grant_column) const {
+    if (rows.empty()) {
+      return absl::AbortedError(
+          absl::StrCat("record '", record_.record_id, "' was erased during the download"));
+    }
+    if (!rows[0][grant_column].as<bool>()) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("your grant on record '", record_.record_id,
+                       "' was revoked or expired during the download"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status StillReadable() {
+    ASSIGN_OR_RETURN(pg::Lease lease, pool_.Acquire());
+    try {
+      pqxx::nontransaction q(lease.connection());
+      return Readable(q.exec_prepared(sql::kChunkStillReadable, record_.record_id, grantee_,
+                                      PgTime(core_.Now())),
+                      0);
     } catch (const std::exception& e) {
       absl::Status status = pg::StatusFromException(e);
       if (status.code() == absl::StatusCode::kUnavailable) lease.MarkBroken();

@@ -70,6 +70,7 @@ inline constexpr char kLockTenantUsage[] = "lock_tenant_usage";
 inline constexpr char kTenantUsage[] = "tenant_usage";
 inline constexpr char kFoldTenantUsage[] = "fold_tenant_usage";
 inline constexpr char kSelectChunk[] = "select_chunk";
+inline constexpr char kChunkStillReadable[] = "chunk_still_readable";
 inline constexpr char kSelectActiveGrants[] = "select_active_grants";
 inline constexpr char kSelectLatestGrant[] = "select_latest_grant";
 inline constexpr char kUpsertGrant[] = "upsert_grant";
@@ -234,6 +235,12 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "WHERE g.record_id = $1 AND g.grantee = $3 AND g.revoked_at IS NULL "
          "AND g.expires_at > $4::timestamptz) FROM records r LEFT JOIN record_chunks c "
          "ON c.record_id = r.record_id AND c.chunk_index = $2 WHERE r.record_id = $1"},
+        // kSelectChunk's checks alone, for a chunk fetched ahead, as it is handed over: the
+        // record $1 (no row: erased) and the grant of grantee $2 at $3.
+        {kChunkStillReadable,
+         "SELECT $2 = '' OR EXISTS (SELECT 1 FROM share_grants g "
+         "WHERE g.record_id = $1 AND g.grantee = $2 AND g.revoked_at IS NULL "
+         "AND g.expires_at > $3::timestamptz) FROM records r WHERE r.record_id = $1"},
         {kSelectActiveGrants,
          "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g "
          "WHERE g.record_id = ANY($1::text[]) AND g.revoked_at IS NULL "

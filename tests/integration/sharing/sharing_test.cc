@@ -2729,7 +2729,9 @@ TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes
 
 // An erasure stops a download already running at its next chunk: ABORTED naming the record,
 // after only what had been sent before, all of it the record's own bytes. (Its chunks stay in the
-// shard until they are purged; the data key is gone, and so must the stream be.)
+// shard until they are purged; the data key is gone, and so must the stream be.) The client has
+// taken the first chunk; the service may have handed the second to gRPC before the erasure (the
+// client's 64 KiB window holds it back), and no more, though it reads chunks ahead.
 TEST_F(SharingTest, AnErasureStopsARunningDownloadAtItsNextChunk) {
   const std::string patient = Place("erased-mid-download-1", "FR");
   UploadSpec spec;
@@ -2745,13 +2747,14 @@ TEST_F(SharingTest, AnErasureStopsARunningDownloadAtItsNextChunk) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::ABORTED) << status.error_message();
   EXPECT_THAT(status.error_message(), HasSubstr(record));
   EXPECT_THAT(status.error_message(), HasSubstr("erased"));
-  EXPECT_LT(received.size(), spec.content.size());
+  EXPECT_LE(received.size(), 2 * kMiB);
   EXPECT_EQ(received, spec.content.substr(0, received.size()));
   RecordProperty("bytes_sent_after_start", static_cast<int>(received.size()));
 }
 
-// A grantee's download in progress ends at the next chunk read once its grant is revoked; what it
-// received before is what was uploaded.
+// A grantee's download in progress ends at the next chunk read once its grant is revoked (at most
+// the chunk already handed to gRPC gets through, as above); what it received before is what was
+// uploaded.
 TEST_F(SharingTest, ARevocationStopsTheGranteesRunningDownload) {
   const auto [patient, spec, record] = ConsentedRecord("revoked-mid-download-1", "a letter");
   UploadSpec big = spec;
@@ -2769,7 +2772,7 @@ TEST_F(SharingTest, ARevocationStopsTheGranteesRunningDownload) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
   EXPECT_THAT(status.error_message(), HasSubstr(large));
   EXPECT_THAT(status.error_message(), HasSubstr("revoked or expired during the download"));
-  EXPECT_LT(received.size(), big.content.size());
+  EXPECT_LE(received.size(), 2 * kMiB);
   EXPECT_EQ(received, big.content.substr(0, received.size()));
   // The owner's download of the same record is not affected by the grant.
   ExpectContent(pki_->practitioner(), large, big.content);
