@@ -2151,30 +2151,55 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
   ctx.origin = "sharing";
   for (const std::string& region : shards_.RegionIds()) {
     pg::Pool* pool = *shards_.Get(region);
-    absl::StatusOr<std::vector<std::string>> expired =
-        pool->TransactValue<std::vector<std::string>>(
-            [&](pqxx::work& txn) -> absl::StatusOr<std::vector<std::string>> {
-              std::vector<std::string> ids;
+    std::pair<absl::Time, std::string> archives_after{absl::InfinitePast(), ""};
+    {
+      std::lock_guard<std::mutex> lock(retention_mu_);
+      if (auto it = retention_after_.find(region); it != retention_after_.end()) {
+        archives_after = it->second;
+      }
+    }
+    absl::StatusOr<std::vector<std::pair<std::string, absl::Time>>> expired =
+        pool->TransactValue<std::vector<std::pair<std::string, absl::Time>>>(
+            [&](pqxx::work& txn) -> absl::StatusOr<std::vector<std::pair<std::string, absl::Time>>> {
+              std::vector<std::pair<std::string, absl::Time>> page;
               for (const pqxx::row& row :
-                   txn.exec_prepared(sql::kSelectExpiredArchives, PgTime(now), batch)) {
-                ids.push_back(row[0].c_str());
+                   txn.exec_prepared(sql::kSelectExpiredArchives, PgTime(now), batch,
+                                     archives_after.first == absl::InfinitePast()
+                                         ? std::string("-infinity")
+                                         : PgTime(archives_after.first),
+                                     archives_after.second)) {
+                page.emplace_back(row[0].c_str(), TimeOf(row[1]));
               }
-              return ids;
+              return page;
             });
     if (!expired.ok()) {
       if (first_error.ok()) first_error = expired.status();
       continue;
     }
+    {
+      // A full page: the next call goes on past it. A short one reached the end: the next call
+      // starts again from the first, trying again what failed.
+      std::lock_guard<std::mutex> lock(retention_mu_);
+      if (expired->size() == static_cast<size_t>(batch)) {
+        retention_after_[region] = {expired->back().second, expired->back().first};
+      } else {
+        retention_after_.erase(region);
+      }
+    }
     if (expired->size() == static_cast<size_t>(batch)) result.more = true;
-    for (const std::string& id : *expired) {
+    for (const auto& expired_record : *expired) {
+      const std::string& id = expired_record.first;
       std::vector<std::string> retired;
       std::string patient_id;
+      bool done = false;
       absl::Status erased = pool->Transact([&](pqxx::work& txn) -> absl::Status {
         retired.clear();
+        done = false;
         std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForUpdate, id);
         if (!record || record->state != RecordState::kArchived || *record->retain_until > now) {
           return absl::OkStatus();  // erased or re-archived meanwhile
         }
+        done = true;
         patient_id = record->patient_id;
         RETURN_IF_ERROR(ShredRecordKey(txn, region, *record, retired));
         txn.exec_prepared0(sql::kDeleteRecord, id);
@@ -2185,10 +2210,12 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
             .status();
       });
       AfterRecordErasure(*pool, region, patient_id, retired, erased.ok());
-      if (erased.ok()) {
+      if (!erased.ok()) {
+        ++result.failed_records;
+        if (result.first_failure.ok()) result.first_failure = erased;
+        if (result.failed_record_ids.size() < 10) result.failed_record_ids.push_back(id);
+      } else if (done) {
         ++result.erased_records;
-      } else if (first_error.ok()) {
-        first_error = erased;
       }
     }
     // Upload request ids past the time a retry can come.

@@ -142,6 +142,11 @@ inline constexpr absl::Duration kRecordRequestRetention = absl::Hours(24 * 30);
 
 struct SweepResult {
   int erased_records = 0;
+  // Archived records past their retention end whose erasure failed this time (they are tried
+  // again once the sweep has been through the region's others), and the first failure.
+  int failed_records = 0;
+  absl::Status first_failure;
+  std::vector<std::string> failed_record_ids;  // at most the first 10
   int64_t purged_chunks = 0;
   int64_t forgotten_request_ids = 0;  // upload request ids older than kRecordRequestRetention
   int sealed_metadata = 0;  // records written before metadata was sealed, sealed now
@@ -253,6 +258,9 @@ class SharingCore {
   // the metadata of records written before it was sealed, destroys in the key vaults the keys
   // erasures retired (when that did not happen with the erasure) and keys no shard uses, and moves
   // patient keys written before the vaults into them: at most `batch` of each per region.
+  // Expired archives are taken in (retain_until, record_id) order from where the previous call
+  // stopped, so that records whose erasure keeps failing (reported in the result, not an error)
+  // do not hold back the others; past the last one, the next call starts again from the first.
   absl::StatusOr<SweepResult> SweepRetention(int batch = 100);
   // Folds the records' size changes that the shards' triggers appended into the tenants' usage
   // counts (shard migration 0021), in every region: the quota's read sums only the changes since.
@@ -361,6 +369,9 @@ class SharingCore {
   TransferCounts uploads_in_progress_;
   TransferCounts downloads_in_progress_;
   std::atomic<int64_t> peak_buffered_{0};
+  // Per region, the (retain_until, record_id) of the last expired archive the sweep took.
+  std::mutex retention_mu_;
+  std::map<std::string, std::pair<absl::Time, std::string>> retention_after_;
 };
 
 }  // namespace medgate::sharing

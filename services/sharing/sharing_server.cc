@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/identity/credentials.h"
@@ -195,8 +196,17 @@ absl::Duration SharingServer::Sweep(PeriodicTask& task) {
     more = swept.ok() && swept->more;
     if (!swept.ok()) {
       log::Warning("retention_sweep_failed", {{"error", swept.status().message()}});
-    } else if (swept->erased_records > 0 || swept->purged_chunks > 0 ||
-               swept->sealed_metadata > 0 || swept->forgotten_request_ids > 0) {
+      continue;
+    }
+    if (swept->failed_records > 0) {
+      // Tried again once the sweep has been through the region's other expired archives.
+      log::Warning("retention_erasure_failed",
+                   {{"records", swept->failed_records},
+                    {"record_ids", absl::StrJoin(swept->failed_record_ids, ",")},
+                    {"error", swept->first_failure.message()}});
+    }
+    if (swept->erased_records > 0 || swept->purged_chunks > 0 || swept->sealed_metadata > 0 ||
+        swept->forgotten_request_ids > 0) {
       log::Info("retention_sweep", {{"erased_records", swept->erased_records},
                                     {"purged_chunks", swept->purged_chunks},
                                     {"sealed_metadata", swept->sealed_metadata},

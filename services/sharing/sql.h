@@ -344,9 +344,12 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "FROM keys WHERE record_id IS NULL ON CONFLICT (key_id) DO NOTHING RETURNING key_id) "
          "SELECT 'record', record_id FROM gone UNION ALL SELECT 'key', key_id FROM queued "
          "ORDER BY 1 DESC, 2"},
+        // Past the sweep's last one, ($3, $4).
         {kSelectExpiredArchives,
-         "SELECT record_id FROM records WHERE state = 'archived' "
-         "AND retain_until <= $1::timestamptz ORDER BY retain_until, record_id LIMIT $2"},
+         "SELECT record_id, " MEDGATE_MICROS("retain_until") " FROM records "
+         "WHERE state = 'archived' AND retain_until <= $1::timestamptz "
+         "AND (retain_until, record_id) > ($3::timestamptz, $4) "
+         "ORDER BY retain_until, record_id LIMIT $2"},
         // Records written before metadata was sealed, with what opens their key ($1 at most).
         {kSelectMetadataInClear,
          "SELECT " MEDGATE_RECORD_COLUMNS MEDGATE_RECORD_KEY_COLUMNS

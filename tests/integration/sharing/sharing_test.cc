@@ -3757,6 +3757,82 @@ TEST_F(SharingTest, ArchivedRecordsResistErasureUntilRetentionEnd) {
                        record, "RETENTION_END"));
 }
 
+// Archived records past their retention end whose erasure keeps failing do not hold back the
+// others: the sweep goes on past them (reporting them, not failing), and tries them again once it
+// has been through the region's other expired archives.
+TEST_F(SharingTest, TheRetentionSweepGoesPastRecordsWhoseErasureFails) {
+  // Whatever earlier tests left expired is erased first, so the sweep starts from the region's
+  // first expired archive.
+  for (int i = 0; i < 1000; ++i) {
+    absl::StatusOr<SweepResult> drained = sharing_->core().SweepRetention();
+    ASSERT_TRUE(drained.ok()) << drained.status();
+    if (!drained->more) break;
+  }
+  const std::string patient = Place("retention-stuck-1", "FR");
+  std::vector<std::string> ids;
+  for (int i = 0; i < 3; ++i) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = Generate(170 + i, 0, 1000);
+    ids.push_back(UploadOk(pki_->practitioner(), spec));
+    ASSERT_FALSE(ids.back().empty());
+    // Long past their retention end, so that they come first, in this order.
+    Exec("fr-1",
+         absl::StrCat("UPDATE records SET state = 'archived', retain_until = "
+                      "'2000-01-01 00:00:0",
+                      i + 1, "+00' WHERE record_id = $1"),
+         ids.back());
+  }
+  // The first two cannot be erased (as when the key vault lost their patient's key).
+  Exec("fr-1", absl::StrCat("CREATE FUNCTION refuse_record_delete() RETURNS trigger "
+                            "LANGUAGE plpgsql AS $$ BEGIN IF OLD.record_id IN ('",
+                            ids[0], "', '", ids[1],
+                            "') THEN RAISE EXCEPTION 'injected erasure failure'; END IF; "
+                            "RETURN OLD; END $$"));
+  Exec("fr-1",
+       "CREATE TRIGGER refuse_record_delete BEFORE DELETE ON records FOR EACH ROW "
+       "EXECUTE FUNCTION refuse_record_delete()");
+  absl::Cleanup drop = [] {
+    Exec("fr-1", "DROP TRIGGER IF EXISTS refuse_record_delete ON records");
+    Exec("fr-1", "DROP FUNCTION IF EXISTS refuse_record_delete()");
+  };
+  const auto exists = [](const std::string& id) {
+    return Count("fr-1", "SELECT count(*) FROM records WHERE record_id = $1", id) == 1;
+  };
+
+  absl::StatusOr<SweepResult> swept = sharing_->core().SweepRetention(/*batch=*/2);
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_EQ(swept->failed_records, 2);
+  EXPECT_EQ(swept->erased_records, 0);
+  EXPECT_THAT(swept->failed_record_ids, ::testing::ElementsAre(ids[0], ids[1]));
+  EXPECT_THAT(std::string(swept->first_failure.message()), HasSubstr("injected erasure failure"));
+  EXPECT_TRUE(swept->more);
+  // The next batch starts past them.
+  swept = sharing_->core().SweepRetention(/*batch=*/2);
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_EQ(swept->failed_records, 0);
+  EXPECT_GE(swept->erased_records, 1);
+  EXPECT_FALSE(exists(ids[2]));
+  EXPECT_TRUE(exists(ids[0]));
+  EXPECT_TRUE(exists(ids[1]));
+
+  // Once they can be erased, a later pass erases them.
+  std::move(drop).Invoke();
+  for (int i = 0; i < 10 && (exists(ids[0]) || exists(ids[1])); ++i) {
+    swept = sharing_->core().SweepRetention(/*batch=*/2);
+    ASSERT_TRUE(swept.ok()) << swept.status();
+    EXPECT_EQ(swept->failed_records, 0);
+  }
+  EXPECT_FALSE(exists(ids[0]));
+  EXPECT_FALSE(exists(ids[1]));
+  const std::vector<v1::AuditEntry> entries = PatientAudit(patient);
+  for (const std::string& id : ids) {
+    EXPECT_TRUE(HasEntry(entries, Id("/service/sharing"), v1::AUDIT_ACTION_DELETE, id,
+                         "RETENTION_END"))
+        << id;
+  }
+}
+
 // An upload that stores its record while a patient erasure runs: the erasure waits for it, then
 // erases that record too, counts it and audits it.
 TEST_F(SharingTest, APatientErasureIncludesARecordStoredWhileItWaited) {
