@@ -1852,13 +1852,18 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
   const bool ops = ctx.principal.kind == PrincipalKind::kOps;
   // A break-glass request its caller may not make is refused once the record is read, so that the
   // refusal is audited with it (unless the record is not the caller's to know of).
+  // An ops read with a reason too short to justify it is refused and audited as one without;
+  // a reason too long, or not text, is bad input, refused before anything is read.
   absl::Status break_glass_refused;
   if (ops && break_glass_reason.empty()) {
     break_glass_refused = absl::PermissionDeniedError(
         "ops read records only by break-glass: break_glass_reason is required");
+  } else if (ops && break_glass_reason.size() < kMinBreakGlassReasonBytes) {
+    break_glass_refused = absl::InvalidArgumentError(
+        absl::StrCat("break_glass_reason: ", kMinBreakGlassReasonBytes, " to ",
+                     kMaxBreakGlassReasonBytes, " bytes, got ", break_glass_reason.size()));
   } else if (ops) {
-    if (break_glass_reason.size() < kMinBreakGlassReasonBytes ||
-        break_glass_reason.size() > kMaxBreakGlassReasonBytes) {
+    if (break_glass_reason.size() > kMaxBreakGlassReasonBytes) {
       return absl::InvalidArgumentError(
           absl::StrCat("break_glass_reason: ", kMinBreakGlassReasonBytes, " to ",
                        kMaxBreakGlassReasonBytes, " bytes, got ", break_glass_reason.size()));
