@@ -139,7 +139,6 @@ absl::Status IngestCore::Process(const Principal& device,
   rows.reserve(samples.size());
   uint64_t previous_seq = 0;
   uint32_t refused_for_consent = 0;
-  uint32_t locations_kept = 0;
   for (uint32_t i = 0; i < samples.size(); ++i) {
     Sample& s = samples[i];
     Verdict verdict = ValidateSample(s, previous_seq, now, options_.validation);
@@ -174,9 +173,8 @@ absl::Status IngestCore::Process(const Principal& device,
     row.measured_at = *s.measured_at;
     if (s.location && keep_locations) {
       row.location = s.location;
-      ++locations_kept;
     } else if (s.location) {
-      ++result.locations_dropped;  // dropped before storage: no GEOLOCATION consent
+      row.location_dropped = true;  // dropped before storage: no GEOLOCATION consent
     }
     rows.push_back(std::move(row));
   }
@@ -202,17 +200,17 @@ absl::Status IngestCore::Process(const Principal& device,
     request.denial = absl::StrCat(consent::AccessReasonName(monitoring->reason),
                                   " refused=", refused_for_consent);
   }
-  // The entry cites REMOTE_MONITORING; where the batch had locations, it says what became of them
-  // and under which GEOLOCATION decision, so the chain answers under which consent a location was
-  // kept or why it was not.
-  if (locations_kept > 0) {
-    request.location_note = absl::StrCat("locations=", locations_kept, " GEOLOCATION=",
-                                         geolocation->consent_id, "/v",
-                                         geolocation->consent_version);
-  } else if (geolocation && result.locations_dropped > 0) {
-    request.location_note =
-        absl::StrCat("locations_dropped=", result.locations_dropped, " GEOLOCATION=",
-                     consent::AccessReasonName(geolocation->reason));
+  // The entry cites REMOTE_MONITORING; where the rows it stores had locations, it says what
+  // became of them and under which GEOLOCATION decision, so the chain answers under which consent
+  // a location was kept or why it was not (the writer counts them: duplicates store nothing).
+  if (geolocation) {
+    if (keep_locations) {
+      request.locations_kept_under = absl::StrCat("GEOLOCATION=", geolocation->consent_id, "/v",
+                                                  geolocation->consent_version);
+    } else {
+      request.locations_dropped_for =
+          absl::StrCat("GEOLOCATION=", consent::AccessReasonName(geolocation->reason));
+    }
   }
   auto shared = std::make_shared<BatchResult>(std::move(result));
   auto finish = std::make_shared<std::function<void(BatchResult)>>(std::move(done));
@@ -227,6 +225,7 @@ absl::Status IngestCore::Process(const Principal& device,
     } else {
       r.stored = outcome.stored;
       r.duplicates = outcome.duplicates;
+      r.locations_dropped = outcome.locations_dropped;
       r.highest_committed_seq = outcome.highest_committed_seq;
     }
     (*finish)(std::move(r));

@@ -40,7 +40,7 @@ struct BatchResult {
   uint32_t stored = 0;
   uint32_t duplicates = 0;
   std::vector<Rejection> rejections;
-  uint32_t locations_dropped = 0;
+  uint32_t locations_dropped = 0;  // stored samples whose location was dropped (no GEOLOCATION)
   uint64_t highest_committed_seq = 0;
 };
 

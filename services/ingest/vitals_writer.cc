@@ -335,6 +335,11 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
       }
       cursor = static_cast<int64_t>(v.seq);
       ++out.stored;
+      if (v.location) {
+        ++out.locations_kept;
+      } else if (v.location_dropped) {
+        ++out.locations_dropped;
+      }
       PutU16(buffer, 11);
       PutText(buffer, w.tenant_id);
       PutText(buffer, w.device_id);
@@ -395,7 +400,14 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
       e.decision = audit::Decision::kPermit;
       e.reason =
           absl::StrCat("stored=", outcomes[i].stored, " duplicates=", outcomes[i].duplicates);
-      if (!w.location_note.empty()) absl::StrAppend(&e.reason, " ", w.location_note);
+      // What became of the stored rows' locations, and under which GEOLOCATION decision.
+      if (outcomes[i].locations_kept > 0) {
+        absl::StrAppend(&e.reason, " locations=", outcomes[i].locations_kept, " ",
+                        w.locations_kept_under);
+      } else if (outcomes[i].locations_dropped > 0 && !w.locations_dropped_for.empty()) {
+        absl::StrAppend(&e.reason, " locations_dropped=", outcomes[i].locations_dropped, " ",
+                        w.locations_dropped_for);
+      }
     } else {
       e.decision = audit::Decision::kDeny;
       e.reason = w.denial;

@@ -33,6 +33,7 @@ struct VitalRow {
   std::string ucum;
   absl::Time measured_at;
   std::optional<Location> location;  // already dropped unless GEOLOCATION is permitted
+  bool location_dropped = false;     // it came with one, dropped for want of GEOLOCATION
 };
 
 // What happened to a batch's rows.
@@ -41,6 +42,10 @@ struct WriteOutcome {
   uint32_t stored = 0;
   uint32_t duplicates = 0;
   uint64_t highest_committed_seq = 0;  // the device's cursor after the commit
+  // Of the rows stored (duplicates aside): those that kept their location, and those whose
+  // location was dropped.
+  uint32_t locations_kept = 0;
+  uint32_t locations_dropped = 0;
 };
 
 // Who sends a stream's batches, for their audit entries. The same for every batch of a stream:
@@ -71,9 +76,11 @@ struct WriteRequest {
   // Non-empty for a batch refused for lack of consent (it has no rows): its audit entry is a
   // denial with this reason, and the batch is answered once that entry is committed.
   std::string denial;
-  // Added to a stored batch's entry when it carried locations: how many were kept and the
-  // GEOLOCATION consent they were kept under, or how many were dropped and why.
-  std::string location_note;
+  // For a stored batch's entry when the rows it stores carried locations: the GEOLOCATION decision
+  // they were kept under ("GEOLOCATION=<consent>/v<version>"), or dropped for
+  // ("GEOLOCATION=<reason>"). The writer adds how many, of the rows it stored.
+  std::string locations_kept_under;
+  std::string locations_dropped_for;
 };
 
 struct WriterOptions {

@@ -675,6 +675,12 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
   EXPECT_EQ(ack->stored_count(), 1u);
   EXPECT_EQ(ack->locations_dropped_count(), 1u);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-geo' AND latitude IS NULL"), 1);
+  // Resent (its ack lost, say), it stores nothing: no location of it is dropped this time.
+  ack = geo.Send(batch);
+  ASSERT_TRUE(ack.has_value());
+  EXPECT_EQ(ack->stored_count(), 0u);
+  EXPECT_EQ(ack->duplicate_count(), 1u);
+  EXPECT_EQ(ack->locations_dropped_count(), 0u);
   // With GEOLOCATION consent (reaching ingest's cache within a second), location is kept.
   Grant(patient, v1::PURPOSE_GEOLOCATION);
   uint64_t seq = 1;
@@ -688,6 +694,18 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
   } while (ack->locations_dropped_count() == 1 && absl::Now() < deadline);
   EXPECT_EQ(ack->locations_dropped_count(), 0u);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-geo' AND latitude = 48.85"), 1);
+  // A batch whose first sample was stored before: its entry counts the location it stores.
+  const uint64_t overlapping = seq + 1;
+  {
+    v1::VitalsBatch next = Batch(overlapping, seq, 2);
+    for (int i = 0; i < 2; ++i) {
+      *next.mutable_samples(i)->mutable_location() = batch.samples(0).location();
+    }
+    ack = geo.Send(next);
+    ASSERT_TRUE(ack.has_value());
+    EXPECT_EQ(ack->stored_count(), 1u);
+    EXPECT_EQ(ack->duplicate_count(), 1u);
+  }
   EXPECT_TRUE(geo.Finish().ok());
   // Each stored batch's entry says what became of its locations: dropped, and why, then kept
   // under the GEOLOCATION consent it cites.
@@ -710,6 +728,9 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
                                                     "GEOLOCATION="));
     EXPECT_EQ(reason_of(seq),
               absl::StrCat("stored=1 duplicates=0 locations=1 GEOLOCATION=", geolocation_consent,
+                           "/v1"));
+    EXPECT_EQ(reason_of(overlapping),
+              absl::StrCat("stored=1 duplicates=1 locations=1 GEOLOCATION=", geolocation_consent,
                            "/v1"));
   }
 }
