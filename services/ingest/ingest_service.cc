@@ -27,6 +27,13 @@ using K = PrincipalKind;
 
 // Acks a stream may owe before it stops reading (per-stream bound on in-flight batches).
 constexpr size_t kMaxInFlightBatches = 16;
+// Bytes of acks made and not yet sent past which a stream stops reading: a device that sends
+// batches of rejected samples and reads no ack holds at most this, plus an ack or two.
+constexpr size_t kMaxOwedAckBytes = 64 * 1024;
+// Rejections of one ack that carry their detail; the others carry their reason only (a batch
+// with this many rejected samples has a fault the first details show). Bounds an ack to about
+// 20 KB with 1,000 rejections.
+constexpr int kDetailedRejectionsPerAck = 32;
 // A stream keeps the sample objects of its last batch for the next read, up to this many.
 constexpr int kRetainedSamples = 100;
 constexpr int kReadChunk = 500;
@@ -79,7 +86,7 @@ v1::IngestAck ToAck(const BatchResult& r) {
     out->set_sample_index(rej.index);
     out->set_seq(rej.seq);
     out->set_reason(ToProto(rej.reason));
-    out->set_detail(rej.detail);
+    if (ack.rejections_size() <= kDetailedRejectionsPerAck) out->set_detail(rej.detail);
   }
   ack.set_locations_dropped_count(r.locations_dropped);
   ack.set_highest_committed_seq(r.highest_committed_seq);
@@ -173,7 +180,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     }
     const uint64_t slot = first_slot_ + pending_.size();
     const absl::Time read_at = absl::Now();
-    pending_.push_back(PendingAck{std::nullopt, read_at});
+    pending_.push_back(PendingAck{std::nullopt, 0, read_at});
     // Until the batch is with its writer (or answered), the stream reads nothing more and cannot
     // finish: this reactor stays alive while it is processed below.
     processing_ = true;
@@ -238,6 +245,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     if (!ok) {
       broken_ = true;  // the client is gone: acks can no longer be delivered
       pending_.clear();
+      owed_ack_bytes_ = 0;
     }
     FlushLocked();
     ContinueLocked();
@@ -316,6 +324,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
       fail_ = ToGrpcStatus(status);
       // The batch and those after it get no ack (pending_ is empty once the client is gone).
       const size_t from = std::min<size_t>(slot - first_slot_, pending_.size());
+      for (size_t i = from; i < pending_.size(); ++i) owed_ack_bytes_ -= pending_[i].bytes;
       pending_.erase(pending_.begin() + static_cast<long>(from), pending_.end());
     }
     ContinueLocked();
@@ -328,7 +337,10 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     // as duplicates. Every retryable answer comes here before the stream reads its next batch.
     if (ack.has_retryable_error()) poisoned_->store(true);
     if (broken_ || slot < first_slot_ || slot - first_slot_ >= pending_.size()) return;
-    pending_[slot - first_slot_].ack = std::move(ack);
+    PendingAck& owed = pending_[slot - first_slot_];
+    owed.bytes = ack.ByteSizeLong();
+    owed_ack_bytes_ += owed.bytes;
+    owed.ack = std::move(ack);
     if (poisoned_->load() && !fail_) {
       // A write of this stream failed: later batches would be refused anyway. Owed acks go out,
       // then the stream ends so the device reconnects and resends what was not acknowledged.
@@ -356,6 +368,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
                                        {"p99_ms", s.p99_ms},
                                        {"max_ms", s.max_ms}});
     }
+    owed_ack_bytes_ -= pending_.front().bytes;
     pending_.pop_front();
     ++first_slot_;
     write_in_flight_ = true;
@@ -366,7 +379,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   void ContinueLocked() {
     if (turn_ == nullptr) return;  // waiting for the device's turn, or superseded
     if (read_outstanding_ || processing_ || reads_done_ || fail_ || broken_ || finished_) return;
-    if (pending_.size() >= kMaxInFlightBatches) return;
+    if (pending_.size() >= kMaxInFlightBatches || owed_ack_bytes_ >= kMaxOwedAckBytes) return;
     read_outstanding_ = true;
     StartRead(&incoming_);
   }
@@ -383,6 +396,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   // A batch read, and its ack once it has one.
   struct PendingAck {
     std::optional<v1::IngestAck> ack;
+    size_t bytes = 0;  // the ack's, once made
     absl::Time read_at;
   };
 
@@ -402,6 +416,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   v1::IngestAck outgoing_;
   // Guarded by shared_->mu.
   std::deque<PendingAck> pending_;
+  size_t owed_ack_bytes_ = 0;  // of the acks in pending_ made and not yet sent
   uint64_t first_slot_ = 0;
   bool read_outstanding_ = false;
   bool processing_ = false;

@@ -546,6 +546,36 @@ TEST_F(IngestTest, TheShardRefusesASecondCopyOfAStoredSample) {
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-pkey-2'"), 1);
 }
 
+// A batch of a thousand samples all rejected: every rejection is in the ack with its reason, the
+// first 32 with their detail too, so that the ack stays small (a stream owes at most 16 of them,
+// and stops reading once those it owes pass 64 KiB).
+TEST_F(IngestTest, AnAckOfManyRejectionsGivesTheFirstDetailsOnly) {
+  MonitoredPatientWithDevice("rejections", "FR", "dev-rejections");
+  auto stub = Ingest(Device("acme", "dev-rejections"));
+  v1::VitalsBatch batch;
+  batch.set_batch_seq(1);
+  for (uint64_t seq = 1; seq <= 1000; ++seq) {
+    v1::VitalSample s = HeartRate(seq);
+    s.set_ucum_unit("mm[Hg]");  // a heart rate's unit is /min
+    *batch.add_samples() = s;
+  }
+  DeviceStream stream(*stub);
+  auto ack = stream.Send(batch);
+  ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+  EXPECT_EQ(ack->stored_count(), 0u);
+  EXPECT_EQ(ack->rejected_count(), 1000u);
+  ASSERT_EQ(ack->rejections_size(), 1000);
+  for (int i = 0; i < ack->rejections_size(); ++i) {
+    const v1::SampleRejection& r = ack->rejections(i);
+    EXPECT_EQ(r.sample_index(), static_cast<uint32_t>(i));
+    EXPECT_EQ(r.reason(), v1::REJECT_REASON_WRONG_UNIT);
+    EXPECT_EQ(r.detail().empty(), i >= 32) << i;
+  }
+  EXPECT_THAT(ack->rejections(0).detail(), HasSubstr("/min"));
+  EXPECT_LT(ack->ByteSizeLong(), 24u * 1024);
+  EXPECT_TRUE(stream.Finish().ok());
+}
+
 TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
   std::string patient = MonitoredPatientWithDevice("validation", "FR", "dev-validate");
   auto stub = Ingest(Device("acme", "dev-validate"));
