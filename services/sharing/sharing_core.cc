@@ -842,8 +842,8 @@ class PgUpload final : public Upload {
 class PgDownload final : public Download {
  public:
   // `grantee` is the caller when it reads under a grant (empty for the owner and break-glass):
-  // once it holds no active grant on the record (revoked, expired), the next chunk read stops
-  // the download.
+  // once it holds no active grant on the record (revoked, expired), the next chunk handed over
+  // stops the download.
   PgDownload(SharingCore& core, pg::Pool& pool, RecordInfo record, SecretKey key,
              std::string grantee, std::unique_ptr<TransferSlot> slot)
       : slot_(std::move(slot)),
@@ -2146,6 +2146,7 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
 }
 
 absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
+  if (batch < 1) return absl::InvalidArgumentError("batch: at least 1");
   SweepResult result;
   absl::Status first_error;
   const absl::Time now = Now();
@@ -2185,7 +2186,7 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
       // A full page: the next call goes on past it. A short one reached the end: the next call
       // starts again from the first, trying again what failed.
       std::lock_guard<std::mutex> lock(retention_mu_);
-      if (expired->size() == static_cast<size_t>(batch)) {
+      if (!expired->empty() && expired->size() == static_cast<size_t>(batch)) {
         retention_after_[region] = {expired->back().second, expired->back().first};
       } else {
         retention_after_.erase(region);
