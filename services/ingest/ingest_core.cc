@@ -236,8 +236,10 @@ absl::Status IngestCore::Process(const Principal& device,
   // Waits for room (or not), then queues the request or answers that the queue is full.
   auto enqueue = [this, writer, tenant = device.tenant, region = where.region_id, charged, shared,
                   finish, held = std::make_shared<WriteRequest>(std::move(request))](bool wait) {
+    std::unique_ptr<BoundedCounts<int>::Slot> waiting_any;
     std::unique_ptr<BoundedCounts<std::string>::Slot> waiting;
-    if (wait) waiting = waiting_by_region_.TryTake(region, options_.max_waiting_per_region);
+    if (wait) waiting_any = waiting_all_.TryTake(0, options_.max_waiting);
+    if (waiting_any) waiting = waiting_by_region_.TryTake(region, options_.max_waiting_per_region);
     const absl::Duration patience = waiting ? options_.enqueue_wait : absl::ZeroDuration();
     if (writer->Enqueue(std::move(*held), patience)) return;
     queue_full_.fetch_add(1, std::memory_order_relaxed);

@@ -54,6 +54,9 @@ struct IngestOptions {
   // hold every worker, which the other regions' batches need too. One more is answered at once
   // as if the wait had ended.
   int max_waiting_per_region = 4;
+  // The same bound over every region together (IngestServer leaves at least a quarter of its
+  // workers, and at least one, free): two or more stalled regions cannot hold them all either.
+  int max_waiting = 6;
 };
 
 // A per-tenant token bucket (samples per second).
@@ -134,6 +137,7 @@ class IngestCore {
   std::atomic<uint64_t> queue_full_{0};
   std::atomic<uint64_t> quota_refused_{0};
   BoundedCounts<std::string> waiting_by_region_;  // threads waiting for room, per region
+  BoundedCounts<int> waiting_all_;                // the same, all regions together (key 0)
 };
 
 }  // namespace medgate::ingest

@@ -93,7 +93,9 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
     }
   }
   IngestOptions core = server->settings_.core;
-  core.max_waiting_per_region = std::max(1, server->settings_.worker_threads / 2);
+  const int workers = server->settings_.worker_threads;
+  core.max_waiting_per_region = std::max(1, workers / 2);
+  core.max_waiting = std::max(1, workers - std::max(1, workers / 4));
   server->core_ = std::make_unique<IngestCore>(*server->routing_, *server->consent_,
                                                std::move(writers), core);
   server->executor_ = std::make_unique<StreamExecutor>(server->settings_.worker_threads,

@@ -14,6 +14,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/cleanup/cleanup.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -1657,6 +1658,114 @@ TEST_F(IngestTest, RefusedSamplesCountAgainstTheTenantsQuota) {
   EXPECT_GE(extra->server->counters().quota_refused, 1u);
   stream.Finish();
   extra->server->Shutdown();
+}
+
+// Threads that wait for room in full write queues are bounded per region and over all regions:
+// with two regions' writers stalled, a batch of a third, healthy region still finds a worker.
+// Here two workers: at most one waits, whatever the region; the second stalled region's batch is
+// answered at once that its queue is full, and the healthy region's batch is stored.
+TEST_F(IngestTest, StalledRegionsLeaveAWorkerForTheOthers) {
+  MonitoredPatientWithDevice("stalls-fr", "FR", "dev-stalls-fr");
+  MonitoredPatientWithDevice("stalls-de", "DE", "dev-stalls-de");
+  MonitoredPatientWithDevice("stalls-healthy-be", "BE", "dev-stalls-healthy-be");
+  // Waits for room that outlast the test, and shard statements that outlast the stalls.
+  auto extra = StartIngest(
+      "ingest: {worker_threads: 2, writers_per_region: 1, max_queued_batches: 1, "
+      "enqueue_wait_ms: 600000, linger_ms: 0}\n",
+      /*statement_timeout_ms=*/600000);
+  ASSERT_NE(extra, nullptr);
+  IngestServer& server = *extra->server;
+  constexpr uint64_t kPerBatch = 10;
+
+  struct Stalled {
+    std::string region;
+    std::unique_ptr<v1::DeviceIngest::Stub> stub;
+    grpc::ClientContext context;
+    std::unique_ptr<grpc::ClientReaderWriter<v1::VitalsBatch, v1::IngestAck>> stream;
+    std::unique_ptr<pqxx::connection> blocker;
+    std::unique_ptr<pqxx::work> hold;
+  };
+  std::vector<std::unique_ptr<Stalled>> stalled;
+  for (const auto& [region, device] : {std::pair<std::string, std::string>{"fr-1", "dev-stalls-fr"},
+                                       std::pair<std::string, std::string>{"de-1", "dev-stalls-de"}}) {
+    SCOPED_TRACE(region);
+    auto st = std::make_unique<Stalled>();
+    st->region = region;
+    st->stub = Ingest(Device("acme", device), server.port());
+    st->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    st->stream = st->stub->StreamVitals(&st->context);
+    // A first batch stored: the device's routing and consent are cached.
+    v1::IngestAck ack;
+    ASSERT_TRUE(st->stream->Write(Batch(1, 1, kPerBatch)));
+    ASSERT_TRUE(st->stream->Read(&ack));
+    ASSERT_EQ(ack.stored_count(), kPerBatch);
+    // The region's writer stalls in its next transaction (batch 2); batch 3 fills the queue behind
+    // it; batch 4 needs room. Each step is seen before the next batch is sent: sent together,
+    // batch 3 could find batch 2 still queued and take the place to wait.
+    st->blocker =
+        std::make_unique<pqxx::connection>(stack_->clusters().region(region).ConnectionString());
+    st->hold = std::make_unique<pqxx::work>(*st->blocker);
+    st->hold->exec0("LOCK TABLE device_cursors IN EXCLUSIVE MODE");
+    const uint64_t taken = server.write_groups_taken();
+    const size_t queued = server.queued_batches();
+    ASSERT_TRUE(st->stream->Write(Batch(2, kPerBatch + 1, kPerBatch)));
+    ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                          [&] { return server.write_groups_taken() > taken; }));
+    ASSERT_TRUE(st->stream->Write(Batch(3, 2 * kPerBatch + 1, kPerBatch)));
+    ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                          [&] { return server.queued_batches() == queued + 1; }));
+    ASSERT_TRUE(st->stream->Write(Batch(4, 3 * kPerBatch + 1, kPerBatch)));
+    stalled.push_back(std::move(st));
+    if (region == "fr-1") {
+      // The first stalled region's batch takes the one place to wait.
+      ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                            [&] { return server.waiting_for_room("fr-1") == 1; }));
+    }
+  }
+  // The second's is answered at once: no worker may wait for it.
+  EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                        [&] { return server.counters().queue_full >= 1; }))
+      << "the second stalled region's batch took a worker to wait";
+  EXPECT_EQ(server.waiting_for_room("de-1"), 0);
+
+  // The healthy region's batch, whose look-ups need a worker, is stored.
+  {
+    auto stub = Ingest(Device("acme", "dev-stalls-healthy-be"), server.port());
+    DeviceStream healthy(*stub);
+    std::optional<v1::IngestAck> ack = healthy.Send(Batch(1, 1, kPerBatch));
+    ASSERT_TRUE(ack.has_value()) << healthy.Finish().error_message();
+    EXPECT_EQ(ack->stored_count(), kPerBatch);
+    EXPECT_TRUE(healthy.Finish().ok());
+  }
+
+  // The stalls end: the first region's batches are all stored; the second's last batch was
+  // refused, retryably, for its full queue, and so the batch queued before it is not stored
+  // either (once a batch of a stream is not stored, the stream stores nothing more): the device
+  // resends both.
+  for (auto& st : stalled) st->hold->abort();
+  for (auto& st : stalled) {
+    SCOPED_TRACE(st->region);
+    st->stream->WritesDone();
+    v1::IngestAck ack;
+    uint64_t stored = kPerBatch;
+    int queue_full = 0;
+    while (st->stream->Read(&ack)) {
+      stored += ack.stored_count();
+      if (ack.has_retryable_error()) {
+        queue_full += ack.retryable_error().code() ==
+                              static_cast<int32_t>(grpc::StatusCode::RESOURCE_EXHAUSTED) &&
+                          absl::StrContains(ack.retryable_error().message(), "write queue is full");
+      }
+    }
+    st->stream->Finish();
+    if (st->region == "fr-1") {
+      EXPECT_EQ(stored, 4 * kPerBatch);
+      EXPECT_EQ(queue_full, 0);
+    } else {
+      EXPECT_EQ(stored, 2 * kPerBatch);
+      EXPECT_EQ(queue_full, 1);
+    }
+  }
 }
 
 // A region's write queue that stays full stops reading the stream; after enqueue_wait the batch is
