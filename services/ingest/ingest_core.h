@@ -54,8 +54,9 @@ struct IngestOptions {
   // hold every worker, which the other regions' batches need too. One more is answered at once
   // as if the wait had ended.
   int max_waiting_per_region = 4;
-  // The same bound over every region together (IngestServer leaves at least a quarter of its
-  // workers, and at least one, free): two or more stalled regions cannot hold them all either.
+  // The same bound over every region together (IngestServer leaves a quarter of its workers,
+  // and at least one when it has two or more, free): two or more stalled regions cannot hold
+  // them all either.
   int max_waiting = 6;
 };
 
