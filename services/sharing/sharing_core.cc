@@ -544,8 +544,8 @@ class PgUpload final : public Upload {
       std::optional<PatientKey> current;
       for (int attempt = 0; attempt < 2 && !stored; ++attempt) {
         ASSIGN_OR_RETURN(PatientKey key, ReadOrCreatePatientKey(*txn_, now));
-        ASSIGN_OR_RETURN(Written written, StoreRecord(*txn_, key, now, entry, quota));
-        if (!written.no_room.ok()) return AnswerFromEarlier(written.no_room);
+        // The quota was checked above, under the lock this transaction holds.
+        ASSIGN_OR_RETURN(Written written, StoreRecord(*txn_, key, now, entry, /*quota=*/0));
         stored = written.stored;
         current.emplace(std::move(key));
       }
@@ -889,7 +889,8 @@ class PgDownload final : public Download {
       cv_.notify_all();
       // Fetched ahead, perhaps while the client was still taking an earlier chunk: an erasure or
       // a revocation committed since then stops the download here, not a chunk or two later.
-      if (sealed.ok()) {
+      // (The first chunk was fetched within this call, after the download was let in.)
+      if (sealed.ok() && index_ > 0) {
         if (absl::Status readable = StillReadable(); !readable.ok()) {
           core_.AddBuffered(-static_cast<int64_t>(sealed->size()));
           return readable;

@@ -847,6 +847,21 @@ class SharingTest : public ::testing::Test {
   }
 
   // Sessions of `db` waiting for a lock in a statement like `query` (a LIKE pattern).
+  // Stores a record of kKeyCachingBytes for `patient` through the sharing server on `port` (0:
+  // the stack's), which then holds the patient's key: its next one-chunk upload for the patient
+  // is one statement. Whether it was stored.
+  static constexpr int64_t kKeyCachingBytes = 24;
+  static bool CachePatientKey(const std::string& patient, int port = 0) {
+    UploadSpec warm;
+    warm.patient_id = patient;
+    warm.content = std::string(kKeyCachingBytes, 'k');
+    return !UploadOk(pki_->practitioner(), warm, port).empty();
+  }
+  // A tenant's usage in `region`, as an upload's quota check reads it (shard migration 0024).
+  static int64_t TenantUsage(const std::string& region, const std::string& tenant) {
+    return Count(region, "SELECT medgate_lock_tenant_usage($1)", tenant);
+  }
+
   static int64_t LockWaits(const std::string& db, const std::string& query) {
     return Count(db,
                  "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND "
@@ -4001,10 +4016,7 @@ TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
   ASSERT_NE(quota_less.server, nullptr);
   const int port = quota_less.server->port();
   const std::string patient = Place("retry-race-1", "FR");
-  UploadSpec warm;
-  warm.patient_id = patient;
-  warm.content = "caches the patient's key";
-  ASSERT_FALSE(UploadOk(pki_->practitioner(), warm, port).empty());
+  ASSERT_TRUE(CachePatientKey(patient, port));
   // A record of one chunk, and one of several (whose chunks the loser's transaction rolls back).
   int round = 0;
   for (const uint64_t size : {uint64_t{5000}, kMiB + kMiB / 2}) {
@@ -4058,12 +4070,7 @@ TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
 // With the patient's key cached, a one-chunk upload is one statement that commits by itself, begun
 // before the other committed; an upload of several chunks ends its own transaction with it.
 TEST_F(SharingTest, TwoUploadsAtOnceCannotBothTakeTheQuotasLastRoom) {
-  const auto usage = [] {
-    return Count("fr-1",
-                 "SELECT coalesce((SELECT bytes FROM tenant_record_usage WHERE tenant_id = "
-                 "'acme'), 0) + coalesce((SELECT sum(bytes) FROM tenant_record_usage_changes "
-                 "WHERE tenant_id = 'acme'), 0)");
-  };
+  const auto usage = [] { return TenantUsage("fr-1", "acme"); };
   int round = 0;
   for (const int64_t size : {int64_t{200000}, static_cast<int64_t>(kMiB + kMiB / 2)}) {
     SCOPED_TRACE(size);
@@ -4072,10 +4079,7 @@ TEST_F(SharingTest, TwoUploadsAtOnceCannotBothTakeTheQuotasLastRoom) {
     // (nothing else changes acme's usage meanwhile: tests run one at a time, and the sweep that
     // could erase an archived record runs once a day). Statements may wait a minute: the first
     // upload waits in its statement while the second is sent and sealed.
-    UploadSpec warm;
-    warm.patient_id = patient;
-    warm.content = "caches the patient's key";
-    const int64_t quota = usage() + static_cast<int64_t>(warm.content.size()) + size + size / 2;
+    const int64_t quota = usage() + kKeyCachingBytes + size + size / 2;
     std::unique_ptr<MedgateConfig> config =
         ConfigWith("retention_sweep_seconds: 86400",
                    absl::StrCat("retention_sweep_seconds: 86400\n  tenant_quota_bytes: ", quota));
@@ -4083,7 +4087,7 @@ TEST_F(SharingTest, TwoUploadsAtOnceCannotBothTakeTheQuotasLastRoom) {
     ExtraSharing limited = StartSharingOn(std::move(config));
     ASSERT_NE(limited.server, nullptr);
     const int port = limited.server->port();
-    ASSERT_FALSE(UploadOk(pki_->practitioner(), warm, port).empty());
+    ASSERT_TRUE(CachePatientKey(patient, port));
     const int64_t records_before =
         Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient);
 
@@ -4152,10 +4156,7 @@ TEST_F(SharingTest, TwoUploadsAtOnceCannotBothTakeTheQuotasLastRoom) {
 // for the records table behind that statement, deletes it before the look-up can read.
 TEST_F(SharingTest, AnUploadWhoseRequestIdIsForgottenMeanwhileIsAborted) {
   const std::string patient = Place("request-forgotten-1", "FR");
-  UploadSpec warm;
-  warm.patient_id = patient;
-  warm.content = "caches the patient's key";
-  ASSERT_FALSE(UploadOk(pki_->practitioner(), warm).empty());
+  ASSERT_TRUE(CachePatientKey(patient));
   const int64_t records_before =
       Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient);
   constexpr char kRequest[] = "forgotten-request-1";
