@@ -50,6 +50,8 @@ absl::Status IngestCore::Process(const Principal& device,
                                  std::shared_ptr<std::atomic<bool>> poisoned, absl::Time read_at,
                                  std::function<void(BatchResult)> done, Later* later) {
   const bool may_block = later == nullptr;
+  // A stream's batch comes here first with `later` (and again without it when it had to wait).
+  if (!may_block) batches_.fetch_add(1, std::memory_order_relaxed);
   if (samples.empty() || samples.size() > kMaxSamplesPerBatch) {
     return absl::InvalidArgumentError(absl::StrCat("batch ", batch_seq, " has ", samples.size(),
                                                    " samples; a batch has 1 to ",

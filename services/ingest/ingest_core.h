@@ -86,6 +86,7 @@ class TenantQuota {
 struct IngestCounters {
   uint64_t queue_full = 0;     // a region's write queue stayed full for enqueue_wait
   uint64_t quota_refused = 0;  // the tenant's sample quota was exhausted
+  uint64_t batches = 0;        // batches read off the streams
 };
 
 class IngestCore {
@@ -126,7 +127,9 @@ class IngestCore {
   int WaitingForRoom(const std::string& region) const { return waiting_by_region_.count(region); }
 
   IngestCounters Counters() const {
-    return {queue_full_.load(std::memory_order_relaxed), quota_refused_.load(std::memory_order_relaxed)};
+    return {queue_full_.load(std::memory_order_relaxed),
+            quota_refused_.load(std::memory_order_relaxed),
+            batches_.load(std::memory_order_relaxed)};
   }
 
  private:
@@ -137,6 +140,7 @@ class IngestCore {
   TenantQuota quota_;
   std::atomic<uint64_t> queue_full_{0};
   std::atomic<uint64_t> quota_refused_{0};
+  std::atomic<uint64_t> batches_{0};
   BoundedCounts<std::string> waiting_by_region_;  // threads waiting for room, per region
   BoundedCounts<int> waiting_all_;                // the same, all regions together (key 0)
 };

@@ -577,6 +577,66 @@ TEST_F(IngestTest, AnAckOfManyRejectionsGivesTheFirstDetailsOnly) {
   EXPECT_TRUE(stream.Finish().ok());
 }
 
+// A device that sends batches of rejected samples and reads no ack: once the acks the stream
+// owes pass 64 KiB, the stream reads no further batch (fewer than the 16 owed acks the count
+// bound alone allows, plus those the client's 64 KiB window takes); read, every batch is acked.
+TEST_F(IngestTest, AStreamOwingTooManyAckBytesStopsReading) {
+  MonitoredPatientWithDevice("owed-acks", "FR", "dev-owed-acks");
+  auto extra = StartIngest("ingest: {worker_threads: 2}\n");
+  ASSERT_NE(extra, nullptr);
+  IngestServer& server = *extra->server;
+  auto creds = MakeChannelCredentials(
+      TlsConfig{Device("acme", "dev-owed-acks").cert_path, Device("acme", "dev-owed-acks").key_path,
+                pki().ca_path(), 60},
+      pki().SpiffeId("/service/ingest"));
+  ASSERT_TRUE(creds.ok()) << creds.status();
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
+  auto stub = v1::DeviceIngest::NewStub(
+      grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", server.port()), *creds, args));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  auto stream = stub->StreamVitals(&context);
+
+  constexpr uint64_t kBatches = 40;
+  const uint64_t before = server.counters().batches;
+  std::thread sending([&] {
+    for (uint64_t b = 1; b <= kBatches; ++b) {
+      v1::VitalsBatch batch;
+      batch.set_batch_seq(b);
+      for (uint64_t seq = (b - 1) * 1000 + 1; seq <= b * 1000; ++seq) {
+        v1::VitalSample s = HeartRate(seq);
+        s.set_ucum_unit("mm[Hg]");  // every sample rejected: each ack is about 14 KB
+        *batch.add_samples() = s;
+      }
+      if (!stream->Write(batch)) return;
+    }
+    stream->WritesDone();
+  });
+  // The stream reads until it owes too much, then waits for the client.
+  uint64_t read = 0;
+  int unchanged = 0;
+  while (unchanged < 10) {
+    absl::SleepFor(absl::Milliseconds(100));
+    const uint64_t now = server.counters().batches - before;
+    unchanged = now == read && now > 0 ? unchanged + 1 : 0;
+    read = now;
+  }
+  EXPECT_LE(read, 16u) << "the stream kept reading while it owed more than 64 KiB of acks";
+  // Read, the acks come, and the stream reads on: every batch is answered.
+  v1::IngestAck ack;
+  uint64_t acked = 0;
+  while (stream->Read(&ack)) {
+    ++acked;
+    EXPECT_EQ(ack.rejected_count(), 1000u);
+  }
+  sending.join();
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(acked, kBatches);
+}
+
 TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
   std::string patient = MonitoredPatientWithDevice("validation", "FR", "dev-validate");
   auto stub = Ingest(Device("acme", "dev-validate"));
