@@ -148,6 +148,7 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection& connection, int6
     result.ok = false;
     result.first_bad_seq = seq;
     result.last_seq = seq;
+    result.last_hash.clear();
     result.problem = std::move(problem);
     return result;
   };
@@ -231,6 +232,7 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection& connection, int6
         }
         prev_hash = hash;
         result.last_seq = seq;
+        result.last_hash = hash;
         ++expected_seq;
         ++result.entries_checked;
       }

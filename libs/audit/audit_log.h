@@ -92,6 +92,7 @@ struct VerifyResult {
   int64_t first_bad_seq = 0;  // 0 when ok
   std::string problem;        // what was wrong with that entry
   int64_t last_seq = 0;       // the last entry checked (the first bad one when not ok)
+  std::string last_hash;      // when ok: the hash the walk computed for last_seq (empty: none)
 };
 
 // Walks the chain from the first entry and names the first entry that does not verify

@@ -7,7 +7,9 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "libs/common/log.h"
 #include "libs/common/status_macros.h"
+#include "libs/common/validation.h"
 #include "libs/pg/pg_status.h"
 #include "services/sharing/sql.h"
 
@@ -16,6 +18,8 @@ namespace {
 
 constexpr size_t kMaxReasonCodeBytes = 64;
 constexpr size_t kMaxActorBytes = 512;
+constexpr size_t kMaxPatientIdBytes = 64;  // as every other call's patient_id
+constexpr size_t kMaxRegionIdBytes = 64;
 
 std::string LogName(const AuditLogRef& log) { return log.control ? "control" : log.region_id; }
 
@@ -109,11 +113,16 @@ std::pair<std::string, std::string> SplitReason(absl::string_view reason) {
   return {"", std::string(reason)};
 }
 
-AuditCore::AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirectory& directory)
-    : control_(control), shards_(shards), directory_(directory) {}
+AuditCore::AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirectory& directory,
+                     int64_t max_scanned_per_page)
+    : control_(control),
+      shards_(shards),
+      directory_(directory),
+      max_scanned_(max_scanned_per_page) {}
 
 absl::StatusOr<pg::Pool*> AuditCore::PoolOf(const AuditLogRef& log) const {
   if (log.control) return &control_;
+  RETURN_IF_ERROR(ValidateIdentifier(log.region_id, "log.region_id", kMaxRegionIdBytes));
   absl::StatusOr<pg::Pool*> pool = shards_.Get(log.region_id);
   if (!pool.ok()) {
     return absl::NotFoundError(
@@ -149,6 +158,7 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
   AuditLogRef log;
   std::string tenant;
   if (!query.patient_id.empty()) {
+    RETURN_IF_ERROR(ValidateIdentifier(query.patient_id, "patient_id", kMaxPatientIdBytes));
     absl::StatusOr<PatientHome> home = directory_.Resolve(query.patient_id);
     if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
     if (!home.ok() || (!ops && home->tenant_id != ctx.principal.tenant)) {
@@ -179,12 +189,16 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
         after = after_seq;
       }
     }
+    // Without an actor every entry read is returned; with one, at most max_scanned_per_page
+    // entries of the range are read, and a page may come back short, or empty, with a token.
+    const int64_t end_us = MicrosOrBound(query.end);
+    const int64_t scan = query.actor.empty() ? size + 1 : std::max<int64_t>(max_scanned_, size + 1);
     pqxx::result rows =
         query.patient_id.empty()
-            ? txn.exec_prepared(sql::kSelectAuditLog, after_at, after, MicrosOrBound(query.end),
-                                query.actor, size + 1)
+            ? txn.exec_prepared(sql::kSelectAuditLog, after_at, after, end_us, query.actor,
+                                size + 1, scan)
             : txn.exec_prepared(sql::kSelectAuditForPatient, query.patient_id, after_at, after,
-                                MicrosOrBound(query.end), query.actor, size + 1);
+                                end_us, query.actor, size + 1, scan);
     AuditPage page;
     for (const pqxx::row& row : rows) {
       if (page.entries.size() == static_cast<size_t>(size)) {
@@ -193,6 +207,16 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
       }
       ASSIGN_OR_RETURN(audit::StoredEntry entry, EntryFromRow(row));
       page.entries.push_back(std::move(entry));
+    }
+    if (page.next_page_token.empty() && !query.actor.empty()) {
+      // The scan stopped at its bound before the range's end: the next page goes on after the
+      // last entry it read, matching or not.
+      pqxx::result end =
+          query.patient_id.empty()
+              ? txn.exec_prepared(sql::kSelectAuditScanEndOfLog, after_at, after, end_us, scan)
+              : txn.exec_prepared(sql::kSelectAuditScanEndForPatient, query.patient_id, after_at,
+                                  after, end_us, scan);
+      if (!end.empty()) page.next_page_token = absl::StrCat(end[0][0].as<int64_t>());
     }
     // Reading the audit log is itself an access to the patient's data trail.
     audit::Entry e;
@@ -245,15 +269,46 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
   }
   const bool ranged = start_seq > 1 || end_seq != 0;
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(log));
+  // Every walk that read the log is audited, concluded or not: ops read a log's entries either way.
+  auto entry_for = [&](std::string reason) {
+    audit::Entry e;
+    e.actor = ctx.principal.spiffe_id;
+    e.action = audit::Action::kExecute;
+    e.object_type = "audit_log";
+    e.object_id = LogName(log);
+    e.decision = audit::Decision::kPermit;
+    e.reason = std::move(reason);
+    if (anchor.seq > 0) absl::StrAppend(&e.reason, " anchor_seq=", anchor.seq);
+    if (ranged) {
+      absl::StrAppend(&e.reason, " start_seq=", std::max<uint64_t>(start_seq, 1),
+                      " end_seq=", end_seq);
+    }
+    e.request_id = ctx.request_id;
+    e.origin = ctx.origin;
+    return e;
+  };
   ChainReport report;
   {
     ASSIGN_OR_RETURN(pg::Lease lease, pool->Acquire());
     absl::StatusOr<audit::VerifyResult> verified =
         audit::VerifyChainRange(lease.connection(), static_cast<int64_t>(start_seq),
                                 static_cast<int64_t>(end_seq), cancelled);
-    if (!verified.ok()) {
+    if (!verified.ok() && verified.status().code() != absl::StatusCode::kInvalidArgument) {
+      // Cancelled (the caller gone, the server draining), or the database failed mid-walk.
       if (verified.status().code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
-      if (verified.status().code() != absl::StatusCode::kInvalidArgument) return verified.status();
+      const absl::Status walk = verified.status();
+      absl::Status audited = pool->Transact([&](pqxx::work& txn) {
+        return audit::Append(txn, entry_for(absl::StrCat(
+                                      "NOT_CONCLUDED: ", absl::StatusCodeToString(walk.code()))))
+            .status();
+      });
+      if (!audited.ok()) {
+        log::Warning("verify_chain_not_audited",
+                     {{"log", LogName(log)}, {"walk", walk.message()}, {"error", audited.message()}});
+      }
+      return walk;
+    }
+    if (!verified.ok()) {
       // A range past the log's end: against an anchor the log no longer reaches, that is the
       // log cut short (the anchor's fault), not the caller's mistake.
       std::string problem;
@@ -278,33 +333,26 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
       report.fault = verified->ok ? ChainFault::kNone
                                   : FaultFromProblem(verified->first_bad_seq, verified->problem);
       report.last_seq = verified->last_seq;
+      // The hash the walk computed and checked, not one read again afterwards: a tail rewritten
+      // in between must not be handed out as an anchor.
+      report.last_hash = verified->last_hash;
     }
   }
   return pool->TransactValue<ChainReport>([&](pqxx::work& txn) -> absl::StatusOr<ChainReport> {
     ChainReport out = report;
-    if (out.last_seq > 0) {
+    if (!out.ok && out.last_seq > 0) {
+      // The first bad entry's stored hash, as it is (what the walk did not accept).
       pqxx::result rows = txn.exec_prepared(sql::kSelectAuditHash, out.last_seq);
       if (!rows.empty()) out.last_hash = pqxx::binarystring(rows[0][0]).str();
     }
     // The chain links every entry to the one before; only a hash kept outside the database shows
     // a log cut short (its head moved back) or rewritten with its hashes recomputed.
     if (out.ok && anchor.seq > 0) FailOnAnchor(out, AnchorProblem(txn, anchor), anchor);
-    audit::Entry e;
-    e.actor = ctx.principal.spiffe_id;
-    e.action = audit::Action::kExecute;
-    e.object_type = "audit_log";
-    e.object_id = LogName(log);
-    e.decision = audit::Decision::kPermit;
-    e.reason = out.ok ? absl::StrCat("VERIFIED: entries=", out.entries_checked)
-                      : absl::StrCat("CHAIN_BROKEN: first_bad_seq=", out.first_bad_seq);
-    if (anchor.seq > 0) absl::StrAppend(&e.reason, " anchor_seq=", anchor.seq);
-    if (ranged) {
-      absl::StrAppend(&e.reason, " start_seq=", std::max<uint64_t>(start_seq, 1),
-                      " end_seq=", end_seq);
-    }
-    e.request_id = ctx.request_id;
-    e.origin = ctx.origin;
-    RETURN_IF_ERROR(audit::Append(txn, e).status());
+    RETURN_IF_ERROR(
+        audit::Append(txn, entry_for(out.ok ? absl::StrCat("VERIFIED: entries=", out.entries_checked)
+                                            : absl::StrCat("CHAIN_BROKEN: first_bad_seq=",
+                                                           out.first_bad_seq)))
+            .status());
     return out;
   });
 }

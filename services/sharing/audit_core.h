@@ -67,14 +67,23 @@ ChainFault FaultFromProblem(int64_t seq, absl::string_view problem);
 // reason that does not start with an UPPER_SNAKE code is all detail.
 std::pair<std::string, std::string> SplitReason(absl::string_view reason);
 
+// Entries of a time range one QueryAudit page filtered by actor reads at most: about as many as
+// an index range scan reads in a few milliseconds.
+inline constexpr int64_t kMaxAuditScannedPerPage = 10000;
+
 class AuditCore {
  public:
   // `control` and `shards` must have been created with statements including
   // sql::AuditStatements().
-  AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirectory& directory);
+  // `max_scanned_per_page`: how many entries of the time range one page filtered by actor may
+  // read (kMaxAuditScannedPerPage; tests make it small).
+  AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirectory& directory,
+            int64_t max_scanned_per_page = kMaxAuditScannedPerPage);
 
   // Practitioners and apps: entries about one patient of their tenant. Ops: about any patient,
-  // or a whole log. The query itself is audited in the log it read.
+  // or a whole log. The query itself is audited in the log it read. A query by actor reads at
+  // most max_scanned_per_page entries of the range a page, so its pages may be short or empty
+  // and still carry a next_page_token.
   absl::StatusOr<AuditPage> Query(const CallContext& ctx, const AuditQuery& query);
 
   // Ops: recomputes a log's chain, whole (start_seq <= 1 and end_seq 0) or entries start_seq to
@@ -94,6 +103,7 @@ class AuditCore {
   pg::Pool& control_;
   const pg::ShardSet& shards_;
   PatientDirectory& directory_;
+  const int64_t max_scanned_;
 };
 
 }  // namespace medgate::sharing

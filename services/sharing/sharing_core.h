@@ -275,6 +275,8 @@ class SharingCore {
 
   absl::Time Now() const { return options_.clock(); }
   absl::Duration upload_idle_timeout() const { return options_.upload_idle_timeout; }
+  int max_uploads_per_tenant() const { return options_.max_uploads_per_tenant; }
+  size_t region_count() const { return shards_.RegionIds().size(); }
   int64_t upload_min_bytes_per_second() const { return options_.upload_min_bytes_per_second; }
   absl::Duration download_idle_timeout() const { return options_.download_idle_timeout; }
   int64_t download_min_bytes_per_second() const { return options_.download_min_bytes_per_second; }

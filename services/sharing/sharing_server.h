@@ -71,6 +71,8 @@ struct SharingServerOptions {
   std::function<absl::Time()> clock = absl::Now;
   // SharingOptions::max_list_page_bytes; tests make it small.
   size_t max_list_page_bytes = kMaxListPageBytes;
+  // AuditCore's max_scanned_per_page; tests make it small.
+  int64_t audit_scanned_per_page = kMaxAuditScannedPerPage;
 };
 
 class SharingServer {

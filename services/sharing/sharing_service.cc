@@ -3,6 +3,7 @@
 
 #include <grpc/grpc.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -185,6 +186,8 @@ void StallWatch::Run() {
 SharingService::SharingService(SharingCore& core, std::string trust_domain,
                                TenantGate* tenant_gate)
     : core_(core),
+      max_awaiting_header_(core.max_uploads_per_tenant() *
+                           static_cast<int>(std::max<size_t>(1, core.region_count()))),
       upload_watch_(core.upload_idle_timeout(),
                     absl::StrCat("the upload sent nothing for ",
                                  absl::FormatDuration(core.upload_idle_timeout()),
@@ -232,11 +235,20 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
     }
     return grpc::Status(grpc::StatusCode::CANCELLED, "upload cancelled; nothing was stored");
   };
+  std::unique_ptr<BoundedCounts<std::string>::Slot> awaiting =
+      awaiting_header_.TryTake(principal->tenant, max_awaiting_header_);
+  if (awaiting == nullptr) {
+    return ToGrpcStatus(absl::ResourceExhaustedError(absl::StrCat(
+        "tenant '", principal->tenant, "' already has ", max_awaiting_header_,
+        " uploads waiting for their header (sharing.max_uploads_per_tenant in each region); send "
+        "each upload's header first, and retry when one has sent it")));
+  }
   v1::UploadRecordRequest message;
   if (!read(&message)) {
     if (context->IsCancelled()) return ended();
     return ToGrpcStatus(absl::InvalidArgumentError("the first message must be the header"));
   }
+  awaiting.reset();
   if (!message.has_header()) {
     return ToGrpcStatus(absl::InvalidArgumentError("the first message must be the header"));
   }
@@ -313,6 +325,10 @@ grpc::Status SharingService::RevokeShare(grpc::ServerContext* context,
   absl::StatusOr<GrantInfo> grant;
   switch (request->target_case()) {
     case v1::RevokeShareRequest::kGrantId:
+      // Set but empty is not "look the grant up by record and grantee".
+      if (request->grant_id().empty()) {
+        return ToGrpcStatus(absl::InvalidArgumentError("grant_id: must not be empty"));
+      }
       grant = core_.RevokeShare(*ctx, request->grant_id(), "", "");
       break;
     case v1::RevokeShareRequest::kRecordGrantee:

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "absl/time/time.h"
+#include "libs/common/bounded_counts.h"
 #include "libs/identity/authz.h"
 #include "medgate/v1/sharing.grpc.pb.h"
 #include "services/sharing/sharing_core.h"
@@ -94,6 +95,11 @@ class SharingService final : public v1::RecordSharing::Service {
                                     const std::string& request_id);
 
   SharingCore& core_;
+  // Uploads whose header has not come yet, by tenant: at most the uploads the tenant may have in
+  // progress in every region together (sharing.max_uploads_per_tenant each), so that streams
+  // that send nothing cannot hold the server's threads.
+  BoundedCounts<std::string> awaiting_header_;
+  const int max_awaiting_header_;
   StallWatch upload_watch_;
   StallWatch download_watch_;
   RpcPolicy policy_;

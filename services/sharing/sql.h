@@ -104,6 +104,8 @@ inline constexpr char kSelectMetadataInClear[] = "select_metadata_in_clear";
 inline constexpr char kSealMetadata[] = "seal_metadata";
 inline constexpr char kSelectAuditForPatient[] = "select_audit_for_patient";
 inline constexpr char kSelectAuditLog[] = "select_audit_log";
+inline constexpr char kSelectAuditScanEndForPatient[] = "select_audit_scan_end_for_patient";
+inline constexpr char kSelectAuditScanEndOfLog[] = "select_audit_scan_end_of_log";
 inline constexpr char kSelectAuditHash[] = "select_audit_hash";
 inline constexpr char kSelectAuditTime[] = "select_audit_time";
 inline constexpr char kSelectTenantTerritories[] = "select_tenant_territories";
@@ -114,13 +116,25 @@ inline const std::vector<pg::Statement>& AuditStatements() {
       // a range of a long history is found in the indexes of migrations shard 0022 / control
       // 0008, not read from the history's start. patient_id <> '' lets a generic plan use the
       // partial index.
+      // An actor filter reads at most $7 / $6 entries of the range (the scan's bound): the
+      // actor is not in the index, and a rare one must not make a page read a whole history.
       {kSelectAuditForPatient,
-       "SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log WHERE patient_id = $1 "
-       "AND patient_id <> '' AND (at_us, seq) > ($2, $3) AND at_us < $4 "
-       "AND ($5 = '' OR actor = $5) ORDER BY at_us, seq LIMIT $6"},
+       "SELECT " MEDGATE_AUDIT_COLUMNS " FROM (SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log "
+       "WHERE patient_id = $1 AND patient_id <> '' AND (at_us, seq) > ($2, $3) AND at_us < $4 "
+       "ORDER BY at_us, seq LIMIT $7) scanned "
+       "WHERE ($5 = '' OR actor = $5) ORDER BY at_us, seq LIMIT $6"},
       {kSelectAuditLog,
-       "SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log WHERE (at_us, seq) > ($1, $2) "
-       "AND at_us < $3 AND ($4 = '' OR actor = $4) ORDER BY at_us, seq LIMIT $5"},
+       "SELECT " MEDGATE_AUDIT_COLUMNS " FROM (SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log "
+       "WHERE (at_us, seq) > ($1, $2) AND at_us < $3 ORDER BY at_us, seq LIMIT $6) scanned "
+       "WHERE ($4 = '' OR actor = $4) ORDER BY at_us, seq LIMIT $5"},
+      // The last entry such a bounded scan read ($5th of the range), if it read that many: where
+      // the next page goes on.
+      {kSelectAuditScanEndForPatient,
+       "SELECT seq FROM audit_log WHERE patient_id = $1 AND patient_id <> '' "
+       "AND (at_us, seq) > ($2, $3) AND at_us < $4 ORDER BY at_us, seq OFFSET $5 - 1 LIMIT 1"},
+      {kSelectAuditScanEndOfLog,
+       "SELECT seq FROM audit_log WHERE (at_us, seq) > ($1, $2) AND at_us < $3 "
+       "ORDER BY at_us, seq OFFSET $4 - 1 LIMIT 1"},
       {kSelectAuditHash, "SELECT hash FROM audit_log WHERE seq = $1"},
       {kSelectAuditTime,
        "SELECT at_us FROM audit_log WHERE seq = $1 AND ($2 = '' OR patient_id = $2)"},

@@ -64,6 +64,7 @@ using test_support::PgCluster;
 using test_support::PgClusterSet;
 using test_support::TestCert;
 using test_support::TestPki;
+using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::Not;
 using ::testing::StartsWith;
@@ -298,10 +299,11 @@ class SharingTest : public ::testing::Test {
                                      absl::StrCat("retention_sweep_seconds: 86400\n  ", settings)));
   }
   // ... on `config` (ConfigWith's, say).
-  static ExtraSharing StartSharingOn(std::unique_ptr<MedgateConfig> config) {
+  static ExtraSharing StartSharingOn(std::unique_ptr<MedgateConfig> config,
+                                     SharingServerOptions options = {}) {
     ExtraSharing extra;
     extra.config = std::move(config);
-    auto server = SharingServer::Create(*extra.config);
+    auto server = SharingServer::Create(*extra.config, std::move(options));
     EXPECT_TRUE(server.ok()) << server.status();
     if (!server.ok()) return extra;
     if (absl::Status started = (*server)->Start(); !started.ok()) {
@@ -4918,7 +4920,8 @@ TEST_F(SharingTest, AnAuditQueryForARecentRangeOfALongHistoryStartsAtTheRange) {
   for (absl::string_view mode : {"force_custom_plan", "force_generic_plan"}) {
     for (bool whole_log : {false, true}) {
       auto args = [&](int64_t start, int64_t end) {
-        return absl::StrCat(whole_log ? "" : patient_quoted + ", ", start, ", 0, ", end, ", '', 5");
+        return absl::StrCat(whole_log ? "" : patient_quoted + ", ", start, ", 0, ", end,
+                            ", '', 5, 5");
       };
       const char* statement = whole_log ? sql::kSelectAuditLog : sql::kSelectAuditForPatient;
       const AuditScan recent = ScanOfAuditQuery(c, statement, args(range_start_us, range_end_us), mode);
@@ -4929,6 +4932,183 @@ TEST_F(SharingTest, AnAuditQueryForARecentRangeOfALongHistoryStartsAtTheRange) {
           << mode << "\n" << recent.plan << "\nagainst\n" << first.plan;
     }
   }
+}
+
+// A query by actor reads a bounded part of the range per page (the actor is not in the index):
+// a rare actor in a long history gives short or empty pages with a token, not a scan of it all,
+// and paging on still finds every entry of that actor, in order.
+TEST_F(SharingTest, AnAuditQueryByActorReadsABoundedPartOfTheRangeAPage) {
+  constexpr int64_t kScanned = 500;
+  SharingServerOptions options;
+  options.audit_scanned_per_page = kScanned;
+  ExtraSharing extra = StartSharingOn(
+      ConfigWith("retention_sweep_seconds: 86400", "retention_sweep_seconds: 86400"), options);
+  ASSERT_NE(extra.server, nullptr);
+  const std::string patient = Place("audit-actor-1", "DE");
+  // P2's entry, 1,200 of P1's, P2's again: 1,202 entries of the patient.
+  {
+    pqxx::connection c(Db("de-1").ConnectionString());
+    pqxx::work txn(c);
+    audit::Entry e;
+    e.tenant = "acme";
+    e.action = audit::Action::kRead;
+    e.object_type = "record";
+    e.decision = audit::Decision::kPermit;
+    e.reason = "PERMITTED";
+    e.patient_id = patient;
+    for (int i = 0; i < 1202; ++i) {
+      e.actor = i == 0 || i == 1201 ? P2() : P1();
+      e.object_id = absl::StrCat("r-", i);
+      ASSERT_TRUE(audit::Append(txn, e).ok());
+    }
+    txn.commit();
+  }
+  auto stub = v1::Audit::NewStub(Channel(extra.server->port(), pki_->app(), "sharing"));
+  v1::QueryAuditRequest request;
+  request.set_patient_id(patient);
+  request.set_actor(P2());
+  request.set_page_size(10);
+  std::vector<std::string> found;
+  std::vector<int> page_sizes;
+  for (int page = 0; page < 10; ++page) {
+    v1::QueryAuditResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = stub->QueryAudit(&context, request, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    page_sizes.push_back(response.entries_size());
+    for (const v1::AuditEntry& entry : response.entries()) found.push_back(entry.object_id());
+    if (response.next_page_token().empty()) break;
+    request.set_page_token(response.next_page_token());
+  }
+  // 500 entries read a page: P2's first entry, then none, then (the last 202) P2's second.
+  EXPECT_THAT(page_sizes, ElementsAre(1, 0, 1));
+  EXPECT_THAT(found, ElementsAre("r-0", "r-1201"));
+  // Without an actor, pages are full as before.
+  request.clear_actor();
+  request.clear_page_token();
+  v1::QueryAuditResponse all;
+  grpc::ClientContext context;
+  ASSERT_TRUE(stub->QueryAudit(&context, request, &all).ok());
+  EXPECT_EQ(all.entries_size(), 10);
+  EXPECT_FALSE(all.next_page_token().empty());
+  extra.server->Shutdown();
+}
+
+// Until its header comes, an upload counts against its tenant's uploads in every region together
+// (sharing.max_uploads_per_tenant each): streams that never send a header cannot hold every
+// thread of the server, and other tenants' uploads go on.
+TEST_F(SharingTest, UploadsThatSendNoHeaderAreBoundedPerTenant) {
+  ExtraSharing extra = StartSharingWith("max_uploads_per_tenant: 1");
+  ASSERT_NE(extra.server, nullptr);
+  const int port = extra.server->port();
+  const int bound = static_cast<int>(extra.config->regions.size());  // 1 in each region
+  auto stub = v1::RecordSharing::NewStub(Channel(port, pki_->practitioner(), "sharing"));
+  struct Held {
+    grpc::ClientContext context;
+    v1::UploadRecordResponse response;
+    std::unique_ptr<grpc::ClientWriter<v1::UploadRecordRequest>> writer;
+  };
+  std::vector<std::unique_ptr<Held>> held;
+  for (int i = 0; i < bound; ++i) {
+    auto h = std::make_unique<Held>();
+    h->writer = stub->UploadRecord(&h->context, &h->response);
+    held.push_back(std::move(h));
+  }
+  // One more of acme's, without a header, is refused once those are all waiting for theirs.
+  grpc::Status refused;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    grpc::ClientContext context;
+    v1::UploadRecordResponse response;
+    auto writer = stub->UploadRecord(&context, &response);
+    writer->WritesDone();
+    refused = writer->Finish();
+    return refused.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED;
+  })) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), HasSubstr("waiting for their header"));
+  EXPECT_THAT(refused.error_message(), HasSubstr("sharing.max_uploads_per_tenant"));
+  // Another tenant's upload is stored meanwhile.
+  UploadSpec theirs;
+  theirs.patient_id = Place("no-header-globex", "FR", &pki_->globex_app());
+  theirs.content = "globex's record";
+  EXPECT_TRUE(Upload(pki_->globex_practitioner(), theirs, nullptr, port).ok());
+  // One held stream ends: acme uploads again.
+  held.front()->context.TryCancel();
+  UploadSpec mine;
+  mine.patient_id = Place("no-header-acme", "FR");
+  mine.content = "acme's record";
+  grpc::Status stored;
+  EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    stored = Upload(pki_->practitioner(), mine, nullptr, port);
+    return stored.ok();
+  })) << stored.error_message();
+  for (auto& h : held) h->context.TryCancel();
+  extra.server->Shutdown();
+}
+
+// Ids that cannot be any are refused before anything is looked up, naming the field the caller
+// sent, with a message of bounded size.
+TEST_F(SharingTest, AuditAndRevokeRefuseMalformedIdsNamingTheirField) {
+  v1::QueryAuditRequest query;
+  for (const std::string& id : {std::string("p!"), std::string(200 * 1024, 'p')}) {
+    query.set_patient_id(id);
+    absl::StatusOr<v1::QueryAuditResponse> refused = QueryAudit(pki_->app(), query);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+    EXPECT_THAT(std::string(refused.status().message()), StartsWith("patient_id:"));
+    EXPECT_THAT(std::string(refused.status().message()), Not(HasSubstr("routing")));
+  }
+  absl::StatusOr<v1::VerifyChainResponse> huge = Verify(std::string(1 << 20, 'x'));
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kInvalidArgument) << huge.status().code();
+  EXPECT_THAT(std::string(huge.status().message()), StartsWith("log.region_id:"));
+  EXPECT_LT(huge.status().message().size(), 1024u);
+  v1::RevokeShareRequest revoke;
+  revoke.set_grant_id("");
+  v1::RevokeShareResponse response;
+  grpc::ClientContext context;
+  grpc::Status status = Stub(pki_->practitioner())->RevokeShare(&context, revoke, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), StartsWith("grant_id:"));
+}
+
+// A walk cancelled by its caller stops (the service asks the call between pages) and is audited
+// as not concluded: it read entries of the log all the same.
+TEST_F(SharingTest, ACancelledVerifyChainStopsAndIsAuditedAsNotConcluded) {
+  Place("verify-cancel-1", "DE");  // an entry or more in de-1's log
+  // The walk's first read (the chain's head) waits behind this lock while the call is cancelled.
+  pqxx::connection locker(Db("de-1").ConnectionString());
+  pqxx::work lock(locker);
+  lock.exec0("LOCK TABLE audit_head IN ACCESS EXCLUSIVE MODE");
+  v1::VerifyChainRequest request;
+  request.mutable_log()->set_region_id("de-1");
+  grpc::ClientContext context;
+  v1::VerifyChainResponse response;
+  grpc::Status status;
+  std::thread call([&] { status = AuditStub(pki_->ops())->VerifyChain(&context, request, &response); });
+  const bool waiting = PollUntil(absl::Now() + kPatience, [&] {
+    return Count("de-1",
+                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                 "AND query LIKE '%audit_head%'") > 0;
+  });
+  context.TryCancel();
+  lock.abort();
+  call.join();
+  ASSERT_TRUE(waiting);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+  std::string reason;
+  EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    pqxx::connection c(ConnInfo("de-1"));
+    pqxx::nontransaction q(c);
+    pqxx::result rows = q.exec(
+        "SELECT reason FROM audit_log WHERE object_type = 'audit_log' AND action = 'execute' "
+        "ORDER BY seq DESC LIMIT 1");
+    if (rows.empty()) return false;
+    reason = rows[0][0].c_str();
+    return true;
+  }));
+  EXPECT_THAT(reason, StartsWith("NOT_CONCLUDED: CANCELLED")) << reason;
+  // The log still verifies, the cancelled walk's entry with it.
+  auto verified = Verify("de-1");
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_TRUE(verified->ok()) << verified->detail();
 }
 
 TEST_F(SharingTest, VerifyChainLocatesATamperedEntry) {
