@@ -2,6 +2,7 @@
 #include "libs/device_sdk/batch_buffer.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/common/status_macros.h"
+#include "libs/crypto/sha256.h"
 
 namespace medgate::device {
 namespace {
@@ -20,6 +22,11 @@ namespace {
 constexpr uint8_t kBatch = 1;
 constexpr uint8_t kAck = 2;
 constexpr uint8_t kCounters = 3;
+// On the type of a record with sums. Every record written has them; a file of records without
+// them was written before they were, and is read as such.
+constexpr uint8_t kChecked = 0x80;
+constexpr size_t kHeader = 5;          // [u32 length][u8 type]
+constexpr size_t kCheckedHeader = 13;  // ... [u32 header sum][u32 payload sum]
 constexpr uint32_t kMaxRecord = 64 << 20;
 constexpr size_t kRewriteAfterAcks = 1024;
 
@@ -35,11 +42,30 @@ uint64_t ReadU64(const std::string& s, size_t at) {
   return v;
 }
 
+uint32_t ReadU32(const unsigned char* p) {
+  return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
+}
+
+void PutU32(std::string& out, uint32_t v) {
+  for (int shift : {24, 16, 8, 0}) out.push_back(static_cast<char>(v >> shift));
+}
+
+// The first 4 bytes of the SHA-256 of `data`: tells a damaged record from a whole one.
+uint32_t Sum(absl::string_view data) {
+  const std::string digest = crypto::Sha256::Of(data);
+  return ReadU32(reinterpret_cast<const unsigned char*>(digest.data()));
+}
+
 std::string Record(uint8_t type, const std::string& payload) {
   std::string record;
-  record.reserve(5 + payload.size());
-  for (int shift : {24, 16, 8, 0}) record.push_back(static_cast<char>(payload.size() >> shift));
-  record.push_back(static_cast<char>(type));
+  record.reserve(kCheckedHeader + payload.size());
+  PutU32(record, static_cast<uint32_t>(payload.size()));
+  record.push_back(static_cast<char>(type | kChecked));
+  // The length has a sum of its own: a damaged length would otherwise make a record in the middle
+  // of the file run past its end, like a torn last record, and everything after it would be lost
+  // without a word.
+  PutU32(record, Sum(record));
+  PutU32(record, Sum(payload));
   record += payload;
   return record;
 }
@@ -63,6 +89,7 @@ absl::StatusOr<std::unique_ptr<BatchBuffer>> BatchBuffer::Open(const std::string
                                                                size_t max_batches,
                                                                uint64_t first_seq) {
   std::unique_ptr<BatchBuffer> buffer(new BatchBuffer(path, max_batches));
+  RETURN_IF_ERROR(buffer->Lock());
   ASSIGN_OR_RETURN(const bool found, buffer->Load());
   if (!buffer->damaged_copy_.empty() || !found) {
     // A damaged file is replaced by what could be read of it (its bytes kept aside); a new
@@ -94,6 +121,31 @@ absl::StatusOr<std::unique_ptr<BatchBuffer>> BatchBuffer::Open(const std::string
 
 BatchBuffer::~BatchBuffer() {
   if (fd_ >= 0) close(fd_);
+  if (lock_fd_ >= 0) close(lock_fd_);  // releases the lock
+}
+
+absl::Status BatchBuffer::Lock() {
+  // Not on the buffer file: every compaction renames a new file over it, and a lock on the old
+  // one would let a second process in. The lock file is never removed either: a process could
+  // hold a lock on the removed file while another one locks a new file of the same name.
+  const std::string lock_path = path_ + ".lock";
+  lock_fd_ = open(lock_path.c_str(), O_RDONLY | O_CREAT | O_CLOEXEC, 0666);
+  if (lock_fd_ < 0) {
+    return absl::FailedPreconditionError(absl::StrCat("cannot lock buffer file '", path_,
+                                                      "': cannot open '", lock_path, "': ",
+                                                      std::strerror(errno)));
+  }
+  if (flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int error = errno;
+    if (error == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("buffer file '", path_, "' is in use: another process holds its lock '",
+                       lock_path, "'"));
+    }
+    return absl::FailedPreconditionError(absl::StrCat("cannot lock buffer file '", path_, "' ('",
+                                                      lock_path, "'): ", std::strerror(error)));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<bool> BatchBuffer::Load() {
@@ -117,14 +169,35 @@ absl::StatusOr<bool> BatchBuffer::Load() {
   };
   // False when the record read is not one this buffer writes: the file is damaged there.
   bool readable = true;
+  // Records without sums never follow one with them (the buffer writes only these now): one
+  // that does is a damaged type byte.
+  bool checked_seen = false;
   while (true) {
-    unsigned char header[5];
-    if (std::fread(header, 1, 5, in) != 5) {
+    unsigned char header[kCheckedHeader];
+    if (std::fread(header, 1, kHeader, in) != kHeader) {
       if (std::ferror(in)) return read_error();
       break;  // the end, or a torn last record
     }
-    uint32_t length = (uint32_t{header[0]} << 24) | (uint32_t{header[1]} << 16) |
-                      (uint32_t{header[2]} << 8) | uint32_t{header[3]};
+    const uint32_t length = ReadU32(header);
+    const bool checked = (header[4] & kChecked) != 0;
+    const uint8_t type = header[4] & static_cast<uint8_t>(~kChecked);
+    size_t header_size = kHeader;
+    if (checked) {
+      header_size = kCheckedHeader;
+      if (std::fread(header + kHeader, 1, kCheckedHeader - kHeader, in) !=
+          kCheckedHeader - kHeader) {
+        if (std::ferror(in)) return read_error();
+        break;  // a torn last record
+      }
+      if (ReadU32(header + kHeader) !=
+          Sum(absl::string_view(reinterpret_cast<const char*>(header), kHeader))) {
+        readable = false;
+        break;
+      }
+    } else if (checked_seen) {
+      readable = false;
+      break;
+    }
     if (length > kMaxRecord) {
       readable = false;
       break;
@@ -132,9 +205,13 @@ absl::StatusOr<bool> BatchBuffer::Load() {
     std::string payload(length, '\0');
     if (std::fread(payload.data(), 1, length, in) != length) {
       if (std::ferror(in)) return read_error();
-      break;  // a torn last record
+      break;  // a torn last record (with sums: its length is the one written)
     }
-    if (header[4] == kBatch) {
+    if (checked && ReadU32(header + kHeader + 4) != Sum(payload)) {
+      readable = false;
+      break;
+    }
+    if (type == kBatch) {
       v1::VitalsBatch batch;
       if (!batch.ParseFromString(payload)) {
         readable = false;
@@ -143,33 +220,49 @@ absl::StatusOr<bool> BatchBuffer::Load() {
       next_batch_seq_ = std::max(next_batch_seq_, batch.batch_seq() + 1);
       for (const auto& s : batch.samples()) next_seq_ = std::max(next_seq_, s.seq() + 1);
       pending_.push_back(std::move(batch));
-    } else if (header[4] == kAck && length == 8) {
+    } else if (type == kAck && length == 8) {
       Forget(ReadU64(payload, 0));
-    } else if (header[4] == kCounters && length == 16) {
+    } else if (type == kCounters && length == 16) {
       next_seq_ = std::max(next_seq_, ReadU64(payload, 0));
       next_batch_seq_ = std::max(next_batch_seq_, ReadU64(payload, 8));
     } else {
       readable = false;
       break;
     }
-    loaded_bytes_ += 5 + length;
+    checked_seen = checked_seen || checked;
+    loaded_bytes_ += header_size + length;
   }
   std::fclose(in);
-  if (!readable) {
-    // What follows the damage cannot be told apart from garbage (no record says where the next
-    // one starts): the whole file is kept aside, for the device maker's support to recover the
-    // batches after it, before the buffer is rewritten with those before it.
-    damaged_copy_ = absl::StrCat(path_, ".damaged-", absl::ToUnixSeconds(absl::Now()));
-    std::error_code error;
-    std::filesystem::copy_file(path_, damaged_copy_,
-                               std::filesystem::copy_options::overwrite_existing, error);
-    if (error) {
-      return absl::DataLossError(absl::StrCat("buffer file '", path_, "' is damaged after ",
-                                              loaded_bytes_, " bytes and cannot be kept aside as '",
-                                              damaged_copy_, "': ", error.message()));
-    }
-  }
+  if (!readable) RETURN_IF_ERROR(KeepDamagedCopy());
   return true;
+}
+
+absl::Status BatchBuffer::KeepDamagedCopy() {
+  // What follows the damage cannot be told apart from garbage (no record says where the next
+  // one starts): the whole file is kept aside, for the device maker's support to recover the
+  // batches after it, before the buffer is rewritten with those before it. The copy is made
+  // durable (its bytes and its name) first: the rewrite's rename is the end of the original.
+  damaged_copy_ = absl::StrCat(path_, ".damaged-", absl::ToUnixSeconds(absl::Now()));
+  auto cannot_keep = [&](const std::string& why) {
+    return absl::DataLossError(absl::StrCat("buffer file '", path_, "' is damaged after ",
+                                            loaded_bytes_, " bytes and cannot be kept aside as '",
+                                            damaged_copy_, "': ", why));
+  };
+  std::error_code error;
+  std::filesystem::copy_file(path_, damaged_copy_,
+                             std::filesystem::copy_options::overwrite_existing, error);
+  if (error) return cannot_keep(error.message());
+  const int fd = open(damaged_copy_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || fsync(fd) != 0) {
+    const int failed = errno;
+    if (fd >= 0) close(fd);
+    return cannot_keep(absl::StrCat("cannot sync it: ", std::strerror(failed)));
+  }
+  close(fd);
+  if (absl::Status synced = SyncDirectory(); !synced.ok()) {
+    return cannot_keep(std::string(synced.message()));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status BatchBuffer::Rewrite() {
@@ -206,6 +299,7 @@ absl::Status BatchBuffer::Replace(const std::deque<v1::VitalsBatch>& pending, ui
   }
   if (fsync(fd) != 0) return abandon("sync");
   if (std::rename(tmp.c_str(), path_.c_str()) != 0) return abandon("rename");
+  dir_sync_owed_ = true;
   if (fd_ >= 0) close(fd_);
   fd_ = fd;
   size_ = size;
@@ -228,10 +322,19 @@ absl::Status BatchBuffer::SyncDirectory() {
         absl::StrCat("cannot sync directory '", dir, "': ", std::strerror(error)));
   }
   close(dir_fd);
+  dir_sync_owed_ = false;
   return absl::OkStatus();
 }
 
 absl::Status BatchBuffer::Append(uint8_t type, const std::string& payload) {
+  // Before the record is written: one reported as failed must not come back after a restart.
+  if (dir_sync_owed_) {
+    if (absl::Status synced = SyncDirectory(); !synced.ok()) {
+      return absl::DataLossError(absl::StrCat("buffer file '", path_,
+                                              "' was replaced and the rename is not durable: ",
+                                              synced.message()));
+    }
+  }
   // Load stops at the first bad record: bytes of a failed append left in the file would hide
   // every record appended after them.
   if (truncate_owed_) {

@@ -14,10 +14,15 @@
 
 namespace medgate::device {
 
-// Records: [u32 length][u8 type][payload]. Types: a sealed batch (VitalsBatch), an ack of a
-// batch_seq, and the counters (next sample seq, next batch seq) written when the file is
-// compacted. A torn last record (power loss mid-write) is ignored on load. A write that fails
-// leaves nothing of its record behind, so a failure never hides the records appended after it.
+// Records: [u32 length][u8 type][u32 header sum][u32 payload sum][payload], each sum the first
+// 4 bytes of the SHA-256 of the length and type, and of the payload; the type has its high bit
+// set. Files written before the sums ([u32 length][u8 type][payload]) are still read, and
+// rewritten with them when opened. Types: a sealed batch (VitalsBatch), an ack of a batch_seq, and
+// the counters (next sample seq, next batch seq) written when the file is compacted. A torn last
+// record (power loss mid-write: its header or payload runs past the end of the file) is ignored
+// on load; a record whose sums do not match is damage. A write that fails leaves nothing of its
+// record behind, so a failure never hides the records appended after it. One process at a time
+// has a file: the buffer holds an flock on "<path>.lock" while it lives.
 class BatchBuffer {
  public:
   // Opens (creating if missing) and replays `path`; compacts it to the unacked batches. A file
@@ -28,7 +33,8 @@ class BatchBuffer {
   // A new file's first sample seq is `first_seq`; a damaged file's next seq is at least
   // `first_seq` (the seqs given out after the damage are not known). Only a missing file is a
   // new one: a file that cannot be opened or read (FAILED_PRECONDITION, naming it and why) is
-  // left as it is.
+  // left as it is. A file another BatchBuffer holds (another process) is FAILED_PRECONDITION:
+  // both would give out the same seqs, and one's compaction would rename over the other's file.
   static absl::StatusOr<std::unique_ptr<BatchBuffer>> Open(const std::string& path,
                                                            size_t max_batches,
                                                            uint64_t first_seq = 1);
@@ -61,8 +67,12 @@ class BatchBuffer {
 
  private:
   BatchBuffer(std::string path, size_t max_batches) : path_(std::move(path)), max_batches_(max_batches) {}
+  // Takes the lock on path_ + ".lock" for the buffer's lifetime.
+  absl::Status Lock();
   // Replays the file into memory; false when there is none (a new device).
   absl::StatusOr<bool> Load();
+  // Copies the damaged file aside to damaged_copy_, durably, before it is replaced.
+  absl::Status KeepDamagedCopy();
   // Replace() with the buffer's own counters and pending batches, then SyncDirectory().
   absl::Status Rewrite();
   // Writes `next_seq`, `next_batch_seq` and `pending` to a new file and renames it over `path_`;
@@ -70,17 +80,21 @@ class BatchBuffer {
   // The counters and batches in memory are the caller's to update.
   absl::Status Replace(const std::deque<v1::VitalsBatch>& pending, uint64_t next_seq,
                        uint64_t next_batch_seq);
-  // Makes the last Replace's rename durable.
+  // Makes the last Replace's rename durable; until it succeeds, appends fail (dir_sync_owed_).
   absl::Status SyncDirectory();
+  // Appends a record and makes it durable: with the last rename (a record on a file that a power
+  // loss could take back is not).
   absl::Status Append(uint8_t type, const std::string& payload);
   // Takes batch `batch_seq` out of pending_ (in memory only); false if it was not there.
   bool Forget(uint64_t batch_seq);
 
   const std::string path_;
   const size_t max_batches_;
+  int lock_fd_ = -1;
   int fd_ = -1;
   uint64_t size_ = 0;            // where the last durable record of `fd_` ends
   bool truncate_owed_ = false;   // a failed append's bytes may still follow size_
+  bool dir_sync_owed_ = false;   // the last rename is not durable yet
   std::deque<v1::VitalsBatch> pending_;
   uint64_t next_seq_ = 1;
   uint64_t next_batch_seq_ = 1;

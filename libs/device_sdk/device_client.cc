@@ -51,6 +51,11 @@ bool RefusesTheBatch(const grpc::Status& ended, bool written) {
 
 }  // namespace
 
+absl::Duration ReconnectWait(absl::Duration jitter, absl::Duration retry_after,
+                             absl::Duration backoff_max) {
+  return jitter + std::clamp(retry_after, absl::ZeroDuration(), backoff_max);
+}
+
 absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(DeviceOptions options) {
   return Open(std::move(options), nullptr);
 }
@@ -83,6 +88,9 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
   if (!buffer.ok()) return buffer.status();
   client->buffer_ = *std::move(buffer);
   client->stats_.buffer_damaged_copy = client->buffer_->damaged_copy();
+  if (!client->buffer_->pending().empty()) {
+    client->maybe_sent_up_to_ = client->buffer_->pending().back().batch_seq();
+  }
   return client;
 }
 
@@ -199,18 +207,15 @@ void DeviceClient::Loop() {
     // The stream reached a server that works: this failure is the first of a new series. (A
     // stream of retryable acks only does not count: their server cannot store anything.)
     if (answered) backoff = options_.backoff_initial;
-    // Full jitter: wait a random time up to the current backoff, then double it; but at least as
-    // long as the server's last retryable ack asked (a quota refill), up to backoff_max.
+    // Full jitter: wait a random time up to the current backoff, then double it; after what the
+    // server's last retryable ack asked (a quota refill), up to backoff_max.
     std::uniform_int_distribution<int64_t> jitter(0, absl::ToInt64Milliseconds(backoff));
-    absl::Duration wait = absl::Milliseconds(jitter(rng));
+    const absl::Duration jittered = absl::Milliseconds(jitter(rng));
     backoff = std::min(backoff * 2, options_.backoff_max);
     std::unique_lock<std::mutex> lock(mu_);
-    const absl::Duration asked = std::min(retry_after_, options_.backoff_max);
+    const absl::Duration wait = ReconnectWait(jittered, retry_after_, options_.backoff_max);
+    if (retry_after_ > absl::ZeroDuration()) ++stats_.waits_set_by_server;
     retry_after_ = absl::ZeroDuration();
-    if (asked > wait) {
-      wait = asked;
-      ++stats_.waits_set_by_server;
-    }
     ++stats_.reconnects;
     cv_.wait_for(lock, absl::ToChronoMilliseconds(wait), [this] { return stopping_; });
     if (stopping_) return;
@@ -254,6 +259,7 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
   auto stream = stub.StreamVitals(&context);
   while (true) {
     v1::VitalsBatch batch;
+    bool first_send = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return stopping_ || !buffer_->pending().empty(); });
@@ -262,6 +268,8 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
         return absl::CancelledError("stopping");
       }
       batch = buffer_->pending().front();  // oldest unacked first, resent until acked
+      first_send = batch.batch_seq() > maybe_sent_up_to_;
+      maybe_sent_up_to_ = std::max(maybe_sent_up_to_, batch.batch_seq());
       ++stats_.batches_sent;
       ack_due_ = absl::Now() + options_.ack_timeout;
       ack_overdue_ = false;
@@ -286,8 +294,8 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
       }
       if (ended.ok()) return absl::UnavailableError("stream ended");
       if (RefusesTheBatch(ended, written)) {
-        *answered = true;
         RETURN_IF_ERROR(Reject(batch, FromGrpcStatus(ended)));
+        *answered = true;
       }
       return FromGrpcStatus(ended);
     }
@@ -306,35 +314,52 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
                           ack.retryable_error().message());
     }
     std::lock_guard<std::mutex> lock(mu_);
-    *answered = true;
-    ++stats_.batches_acked;
-    stats_.samples_stored += ack.stored_count();
-    stats_.samples_duplicate += ack.duplicate_count();
-    stats_.samples_rejected += ack.rejected_count();
-    if (ack.highest_committed_seq() < buffer_->next_seq()) {
-      if (absl::Status s = buffer_->Ack(ack.batch_seq()); !s.ok()) return s;
+    // Duplicates the server took for samples it already had, though this buffer never gave their
+    // seqs out before (the device's earlier buffer file was lost or replaced): the server's cursor
+    // is above every seq given out, or this batch's first send found it within the batch's seqs.
+    // (A batch sent before may get duplicates for what an earlier send stored, whose ack was lost.)
+    const bool seqs_taken = ack.highest_committed_seq() >= buffer_->next_seq() ||
+                            (first_send && ack.duplicate_count() > 0);
+    // Counted once the batch has left the buffer's memory, whether or not the file could be
+    // written: from then on this process does not send it again. A restart that cannot be
+    // written leaves the batch in memory to be sent again, and counts nothing.
+    auto count = [&](uint64_t resent) {
+      if (std::any_of(buffer_->pending().begin(), buffer_->pending().end(),
+                      [&](const v1::VitalsBatch& b) { return b.batch_seq() == ack.batch_seq(); })) {
+        return;
+      }
+      ++stats_.batches_acked;
+      stats_.samples_stored += ack.stored_count();
+      stats_.samples_duplicate +=
+          ack.duplicate_count() - std::min<uint64_t>(ack.duplicate_count(), resent);
+      stats_.samples_rejected += ack.rejected_count();
+      if (seqs_taken) ++stats_.seq_restarts;
+    };
+    if (!seqs_taken) {
+      const absl::Status recorded = buffer_->Ack(ack.batch_seq());
+      count(0);
+      RETURN_IF_ERROR(recorded);
     } else {
-      // The server holds seqs this buffer never gave out: the device's earlier buffer file was
-      // lost, so this batch's samples were taken for duplicates of stored ones. None of them was
-      // stored (a stored one would not leave the server's cursor above every seq given out);
-      // those not rejected for themselves go again, with the pending batches, above the cursor.
-      // The restart takes the acked batch out of the buffer in the same rewrite.
+      // The duplicates were not stored: those of a batch are its first samples not rejected for
+      // themselves (its seqs increase, and the server's cursor stood at or above theirs). They go
+      // again, with the pending batches, above the cursor. The restart takes the acked batch out
+      // of the buffer in the same rewrite.
       std::vector<v1::VitalSample> unstored;
-      if (ack.stored_count() == 0) {
+      if (ack.stored_count() == 0 || ack.highest_committed_seq() < buffer_->next_seq()) {
         std::set<uint32_t> rejected;
         for (const v1::SampleRejection& r : ack.rejections()) rejected.insert(r.sample_index());
-        for (int i = 0; i < batch.samples_size(); ++i) {
+        for (int i = 0; i < batch.samples_size() && unstored.size() < ack.duplicate_count(); ++i) {
           if (rejected.count(static_cast<uint32_t>(i)) == 0) unstored.push_back(batch.samples(i));
         }
       }
-      stats_.samples_duplicate -= std::min<uint64_t>(stats_.samples_duplicate, unstored.size());
-      ++stats_.seq_restarts;
-      if (absl::Status s = buffer_->RestartSeqsAbove(ack.batch_seq(), ack.highest_committed_seq(),
-                                                     std::move(unstored));
-          !s.ok()) {
-        return s;
-      }
+      const uint64_t resent = unstored.size();
+      const absl::Status restarted = buffer_->RestartSeqsAbove(
+          ack.batch_seq(), ack.highest_committed_seq(), std::move(unstored));
+      count(resent);
+      RETURN_IF_ERROR(restarted);
     }
+    // The stream reached a server that works, and the buffer has its answer.
+    *answered = true;
     cv_.notify_all();
   }
 }

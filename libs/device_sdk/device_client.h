@@ -1,6 +1,6 @@
 // The device SDK: buffers batches durably, streams them to medgate over mTLS, resends what was
-// not acknowledged (after reconnects and restarts), with exponential backoff and jitter, waiting at
-// least as long as a retryable ack's retry_after asks. A batch the server refuses as a whole is
+// not acknowledged (after reconnects and restarts), with exponential backoff and jitter, waiting a
+// retryable ack's retry_after plus the jitter. A batch the server refuses as a whole is
 // reported (OnRejected) and dropped instead of being resent forever.
 #ifndef MEDGATE_LIBS_DEVICE_SDK_DEVICE_CLIENT_H_
 #define MEDGATE_LIBS_DEVICE_SDK_DEVICE_CLIENT_H_
@@ -63,11 +63,12 @@ struct DeviceStats {
   uint64_t retries = 0;
   uint64_t reconnects = 0;
   uint64_t ack_timeouts = 0;  // streams given up because an ack took longer than ack_timeout
-  // Reconnects that waited longer than the backoff because a retryable ack's retry_after asked to.
+  // Reconnects that waited a retryable ack's retry_after (plus the jitter).
   uint64_t waits_set_by_server = 0;
   // Times the server held seqs this device's buffer never gave out (its earlier buffer file was
   // lost or replaced): the buffer's seqs were moved above them, and the samples taken for
-  // duplicates were sent again (BatchBuffer::RestartSeqsAbove).
+  // duplicates were sent again (BatchBuffer::RestartSeqsAbove). Counted, like the acks, once the
+  // batch has left the buffer: a restart that cannot be written leaves it to be sent again.
   uint64_t seq_restarts = 0;
   // Connections that could not even be set up (certificate or key files missing or unreadable):
   // tried again after the backoff, like a failed stream.
@@ -78,6 +79,13 @@ struct DeviceStats {
   // batches before it.
   std::string buffer_damaged_copy;
 };
+
+// The wait before a reconnect: `jitter` (drawn at random up to the backoff) on top of what the
+// server's last retryable ack asked (`retry_after`, at most `backoff_max`; zero if none). Added,
+// not the larger of the two: the devices a server told to come back in a second would otherwise
+// all come back at the same instant.
+absl::Duration ReconnectWait(absl::Duration jitter, absl::Duration retry_after,
+                             absl::Duration backoff_max);
 
 class DeviceClient {
  public:
@@ -134,6 +142,10 @@ class DeviceClient {
   std::function<void(const v1::VitalsBatch&, const absl::Status&)> on_rejected_;
   grpc::ClientContext* active_ = nullptr;  // to cancel a blocked stream on Stop()
   absl::Duration retry_after_;             // from the last retryable ack, for the next wait
+  // Batches up to this batch_seq may have been written to a stream before (by this process, or
+  // by one before it: those the buffer file had when opened). A later one's seqs reach a server
+  // for the first time, so none of its samples can be a duplicate of one it sent.
+  uint64_t maybe_sent_up_to_ = 0;
   absl::Time ack_due_ = absl::InfiniteFuture();  // while a batch waits for its ack
   bool ack_overdue_ = false;                     // the watchdog cancelled the active stream
   std::thread thread_;

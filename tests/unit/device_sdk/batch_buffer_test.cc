@@ -29,7 +29,10 @@ class BatchBufferTest : public ::testing::Test {
                 .string();
     std::filesystem::remove(path_);
   }
-  void TearDown() override { std::filesystem::remove(path_); }
+  void TearDown() override {
+    std::filesystem::remove(path_);
+    std::filesystem::remove(path_ + ".lock");
+  }
 
   static v1::VitalsBatch Samples(int n) {
     v1::VitalsBatch b;
@@ -186,7 +189,10 @@ TEST_F(BatchBufferTest, AFailedRestartLeavesMemoryAsTheFileHasIt) {
   EXPECT_EQ(Seqs((*buffer)->pending()), before);
   EXPECT_EQ((*buffer)->next_seq(), next_seq_before);
 
-  auto reopened = BatchBuffer::Open(path_, 100);
+  // What a restart of the device process would find (the file is this buffer's while it lives).
+  const std::string restarted = path_ + ".restarted";
+  std::filesystem::copy_file(path_, restarted, std::filesystem::copy_options::overwrite_existing);
+  auto reopened = BatchBuffer::Open(restarted, 100);
   ASSERT_TRUE(reopened.ok()) << reopened.status();
   EXPECT_EQ(Seqs((*reopened)->pending()), Seqs((*buffer)->pending()));
   EXPECT_EQ((*reopened)->next_seq(), (*buffer)->next_seq());
@@ -201,6 +207,9 @@ TEST_F(BatchBufferTest, AFailedRestartLeavesMemoryAsTheFileHasIt) {
     EXPECT_EQ(seqs.size(), 1u) << "the sample of value " << value << " has " << seqs.size()
                                << " seqs";
   }
+  reopened->reset();
+  std::filesystem::remove(restarted);
+  std::filesystem::remove(restarted + ".lock");
 }
 
 // Only a missing file is a new device's. A path that cannot be opened for another reason (a
@@ -283,10 +292,11 @@ TEST_F(BatchBufferTest, ADamagedFileIsKeptAsideAndTheBatchesBeforeTheDamageKept)
     std::ifstream in(path_, std::ios::binary);
     original.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   }
-  // Records: [u32 length][u8 type][payload]; the counters first, then the three batches.
+  // Records: [u32 length][u8 type][u32 header sum][u32 payload sum][payload]; the counters
+  // first, then the three batches.
   auto record_end = [&](size_t at) {
     const auto byte = [&](size_t i) { return static_cast<uint32_t>(static_cast<unsigned char>(original[i])); };
-    return at + 5 + ((byte(at) << 24) | (byte(at + 1) << 16) | (byte(at + 2) << 8) | byte(at + 3));
+    return at + 13 + ((byte(at) << 24) | (byte(at + 1) << 16) | (byte(at + 2) << 8) | byte(at + 3));
   };
   const size_t second_batch = record_end(record_end(0));
   ASSERT_LT(second_batch + 4, original.size());
@@ -402,21 +412,203 @@ TEST_F(BatchBufferTest, ACompactionThatCannotBeMadeDurableIsAnErrorAndLosesNothi
 }
 
 TEST_F(BatchBufferTest, IsBoundedAndToleratesATornTail) {
+  uintmax_t whole = 0;
   {
-    auto buffer = BatchBuffer::Open(path_, 2);
+    auto buffer = BatchBuffer::Open(path_, 3);
     ASSERT_TRUE(buffer.ok());
     ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
     ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+    whole = std::filesystem::file_size(path_);
+    ASSERT_TRUE((*buffer)->Seal(Samples(5)).ok());
     EXPECT_EQ((*buffer)->Seal(Samples(1)).status().code(), absl::StatusCode::kResourceExhausted);
   }
-  // Power lost in the middle of a write: the partial record is ignored, the rest survives.
-  {
-    std::ofstream out(path_, std::ios::binary | std::ios::app);
-    out.write("\x00\x00\x10\x00\x01partial", 12);
+  const std::string three = Bytes(path_);
+  // Power lost in the middle of writing the last record: the part of it written (its header cut
+  // short, or its payload) is ignored without a word, the rest survives.
+  for (const uintmax_t cut : {whole + 3, whole + 9, uintmax_t{three.size()} - 1}) {
+    {
+      std::ofstream out(path_, std::ios::binary | std::ios::trunc);
+      out << three.substr(0, cut);
+    }
+    auto reopened = BatchBuffer::Open(path_, 3, /*first_seq=*/1000);
+    ASSERT_TRUE(reopened.ok()) << reopened.status();
+    EXPECT_EQ((*reopened)->pending().size(), 2u) << cut;
+    EXPECT_TRUE((*reopened)->damaged_copy().empty()) << cut;
+    EXPECT_EQ((*reopened)->next_seq(), 3u) << cut;
   }
-  auto reopened = BatchBuffer::Open(path_, 2);
-  ASSERT_TRUE(reopened.ok());
-  EXPECT_EQ((*reopened)->pending().size(), 2u);
+}
+
+// Every record was written as [u32 length][u8 type][payload] before records had sums: such a
+// file still opens, torn last record included, and is rewritten in the current format.
+TEST_F(BatchBufferTest, AFileWrittenBeforeRecordSumsStillOpens) {
+  auto record = [](char type, const std::string& payload) {
+    std::string out;
+    for (int shift : {24, 16, 8, 0}) out.push_back(static_cast<char>(payload.size() >> shift));
+    out.push_back(type);
+    return out + payload;
+  };
+  auto u64 = [](uint64_t v) {
+    std::string out;
+    for (int shift = 56; shift >= 0; shift -= 8) out.push_back(static_cast<char>(v >> shift));
+    return out;
+  };
+  v1::VitalsBatch first = Samples(2);
+  first.set_batch_seq(7);
+  first.mutable_samples(0)->set_seq(20);
+  first.mutable_samples(1)->set_seq(21);
+  v1::VitalsBatch second = Samples(1);
+  second.set_batch_seq(8);
+  second.mutable_samples(0)->set_seq(22);
+  {
+    std::ofstream out(path_, std::ios::binary);
+    out << record(3, u64(20) + u64(7)) << record(1, first.SerializeAsString())
+        << record(1, second.SerializeAsString()) << record(2, u64(7))
+        << record(1, second.SerializeAsString()).substr(0, 9);  // a torn last record
+  }
+  for (int open = 0; open < 2; ++open) {
+    auto buffer = BatchBuffer::Open(path_, 10, /*first_seq=*/1000);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    EXPECT_TRUE((*buffer)->damaged_copy().empty()) << (*buffer)->damaged_copy();
+    ASSERT_EQ((*buffer)->pending().size(), 1u);
+    EXPECT_EQ((*buffer)->pending()[0].batch_seq(), 8u);
+    EXPECT_EQ((*buffer)->next_seq(), 23u);
+  }
+}
+
+// A length damaged in the middle of the file (here 65536 more) makes the record run past the end
+// of the file, as a torn last record does: the records' sums tell it apart. The file is kept
+// aside for the batches after the damage, and the seqs go on from first_seq, not from those
+// before the damage (those after it may have been sent and stored).
+TEST_F(BatchBufferTest, ADamagedLengthInTheMiddleIsKeptAsideNotTakenForATornTail) {
+  uintmax_t second_batch = 0;
+  {
+    auto buffer = BatchBuffer::Open(path_, 100);
+    ASSERT_TRUE(buffer.ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(2)).ok());
+    second_batch = std::filesystem::file_size(path_);
+    for (int i = 0; i < 2; ++i) ASSERT_TRUE((*buffer)->Seal(Samples(2)).ok());
+  }
+  std::string damaged = Bytes(path_);
+  ASSERT_LT(second_batch + 65536, 65536 + damaged.size());
+  damaged[second_batch + 1] = static_cast<char>(damaged[second_batch + 1] + 1);  // +65536
+  {
+    std::ofstream out(path_, std::ios::binary | std::ios::trunc);
+    out << damaged;
+  }
+  auto buffer = BatchBuffer::Open(path_, 100, /*first_seq=*/1000);
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  ASSERT_EQ((*buffer)->pending().size(), 1u);
+  EXPECT_EQ((*buffer)->pending()[0].batch_seq(), 1u);
+  EXPECT_EQ((*buffer)->next_seq(), 1000u);
+  ASSERT_FALSE((*buffer)->damaged_copy().empty());
+  EXPECT_EQ(Bytes((*buffer)->damaged_copy()), damaged);
+  std::filesystem::remove((*buffer)->damaged_copy());
+}
+
+// Two buffers on one file would give out the same seqs, and one's compaction would rename a new
+// file over the one the other appends to. The second is refused while the first lives (its
+// compaction at Open renamed the file: the lock is still held), and welcome once it is gone.
+TEST_F(BatchBufferTest, ASecondBufferOnTheSameFileIsRefusedWhileTheFirstLives) {
+  auto first = BatchBuffer::Open(path_, 100);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE((*first)->Seal(Samples(1)).ok());
+  auto second = BatchBuffer::Open(path_, 100);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition) << second.status();
+  EXPECT_NE(second.status().message().find("'" + path_ + "'"), absl::string_view::npos)
+      << second.status();
+  EXPECT_NE(second.status().message().find("another process holds"), absl::string_view::npos)
+      << second.status();
+  EXPECT_EQ((*first)->pending().size(), 1u);
+  EXPECT_TRUE((*first)->Seal(Samples(1)).ok());
+  first->reset();
+  auto third = BatchBuffer::Open(path_, 100);
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_EQ((*third)->pending().size(), 2u);
+}
+
+// The copy of a damaged file must be durable before the rewrite's rename ends the original. Its
+// name is durable only with its directory: when the directory cannot be synced (here it cannot be
+// opened), Open fails and leaves the damaged file as it is. (That the copy's bytes are synced
+// too cannot be seen without a power loss.)
+TEST_F(BatchBufferTest, ADamagedFileWhoseCopyCannotBeMadeDurableIsLeftAsItIs) {
+  const std::string dir = path_ + ".dir";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directory(dir);
+  const std::string file = dir + "/buffer";
+  uintmax_t second_batch = 0;
+  {
+    auto buffer = BatchBuffer::Open(file, 100);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_TRUE((*buffer)->Seal(Samples(2)).ok());
+    second_batch = std::filesystem::file_size(file);
+    ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+  }
+  std::string damaged = Bytes(file);
+  damaged[second_batch + 4] = 0x7f;  // a record type the buffer never writes
+  {
+    std::ofstream out(file, std::ios::binary | std::ios::trunc);
+    out << damaged;
+  }
+  std::filesystem::permissions(file, std::filesystem::perms::all);
+  using std::filesystem::perms;
+  std::filesystem::permissions(dir, perms::all & ~(perms::owner_read | perms::group_read |
+                                                   perms::others_read));
+  absl::Status opened;
+  {
+    UnprivilegedScope nobody;
+    ASSERT_TRUE(nobody.ok()) << "cannot run the test as another user than root";
+    opened = BatchBuffer::Open(file, 100).status();
+  }
+  std::filesystem::permissions(dir, perms::all);
+  EXPECT_EQ(opened.code(), absl::StatusCode::kDataLoss) << opened;
+  ExpectNamesPathAndReason(opened, dir, EACCES);
+  EXPECT_EQ(Bytes(file), damaged);
+  std::filesystem::remove_all(dir);
+}
+
+// A compaction whose rename cannot be made durable (the directory cannot be synced) is an error,
+// and so is every append after it until the directory is synced: a batch reported durable on the
+// new file would be gone with it if a power loss brought the old file back.
+TEST_F(BatchBufferTest, AppendsFailUntilTheLastRenameIsDurable) {
+  const std::string dir = path_ + ".dir";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directory(dir);
+  std::filesystem::permissions(dir, std::filesystem::perms::all);
+  const std::string file = dir + "/buffer";
+  auto buffer = BatchBuffer::Open(file, 100);
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  ASSERT_TRUE((*buffer)->Seal(Samples(2)).ok());
+  ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+  using std::filesystem::perms;
+  std::filesystem::permissions(dir, perms::all & ~(perms::owner_read | perms::group_read |
+                                                   perms::others_read));
+  absl::Status restarted;
+  absl::StatusOr<uint64_t> sealed;
+  absl::Status acked;
+  {
+    UnprivilegedScope nobody;
+    ASSERT_TRUE(nobody.ok()) << "cannot run the test as another user than root";
+    // The rewrite renames its file over the buffer file; the directory cannot be synced.
+    restarted = (*buffer)->RestartSeqsAbove(/*acked_batch_seq=*/1, 100, {});
+    sealed = (*buffer)->Seal(Samples(1));
+    acked = (*buffer)->Ack(2);
+  }
+  ExpectNamesPathAndReason(restarted, dir, EACCES);
+  ExpectNamesPathAndReason(sealed.status(), dir, EACCES);
+  ExpectNamesPathAndReason(acked, dir, EACCES);
+  std::filesystem::permissions(dir, perms::all);
+  // Once the directory can be synced, appends are durable again.
+  absl::StatusOr<uint64_t> later = (*buffer)->Seal(Samples(1));
+  ASSERT_TRUE(later.ok()) << later.status();
+  buffer->reset();
+  auto reopened = BatchBuffer::Open(file, 100);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  // The ack that failed was not written: its batch is sent again after a restart.
+  ASSERT_EQ((*reopened)->pending().size(), 2u);
+  EXPECT_EQ((*reopened)->pending()[0].batch_seq(), 2u);
+  EXPECT_EQ((*reopened)->pending()[1].batch_seq(), *later);
+  reopened->reset();
+  std::filesystem::remove_all(dir);
 }
 
 // A write that fails half-way (here: the process's file size limit, as a full disk would) leaves

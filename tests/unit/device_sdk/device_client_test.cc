@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -80,6 +81,7 @@ class DeviceClientTest : public ::testing::Test {
     if (client_ != nullptr) client_->Stop();
     if (server_ != nullptr) server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
     std::filesystem::remove(options_.buffer_path);
+    std::filesystem::remove(options_.buffer_path + ".lock");
   }
 
   // Starts a fake server running `handler` and a client connected to it.
@@ -293,7 +295,7 @@ TEST_F(DeviceClientTest, AnOverdueAckEndsTheStreamAndTheBatchIsResent) {
 // The server holds seqs above every one this buffer gave out (an earlier buffer file was lost):
 // the batch's samples were taken for duplicates. If the buffer cannot be rewritten with them
 // sealed again (here its temporary file cannot be made), the batch stays in the file, to be sent
-// again: the ack is not recorded on its own first.
+// again: the ack is not recorded on its own first. Nor is it counted, however often it is sent.
 TEST_F(DeviceClientTest, ASeqRestartThatCannotBeWrittenKeepsTheBatchInTheFile) {
   options_.first_seq = 1;
   Connect([](int, Stream& io) {
@@ -311,17 +313,128 @@ TEST_F(DeviceClientTest, ASeqRestartThatCannotBeWrittenKeepsTheBatchInTheFile) {
   std::filesystem::create_directory(options_.buffer_path + ".tmp");
   client_->Start();
   const absl::Time deadline = absl::Now() + absl::Seconds(20);
-  while (client_->stats().seq_restarts < 1 && absl::Now() < deadline) {
+  while (client_->stats().batches_sent < 3 && absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(1));
   }
   client_->Stop();
   std::filesystem::remove(options_.buffer_path + ".tmp");
-  ASSERT_GE(client_->stats().seq_restarts, 1u);
+  const DeviceStats stats = client_->stats();
+  ASSERT_GE(stats.batches_sent, 3u);
+  EXPECT_EQ(stats.seq_restarts, 0u);
+  EXPECT_EQ(stats.batches_acked, 0u);
+  EXPECT_EQ(stats.samples_stored, 0u);
+  EXPECT_EQ(stats.samples_duplicate, 0u);
+  EXPECT_EQ(client_->pending(), 1u);
+  client_.reset();  // the buffer file is the client's while it lives
   auto reopened = BatchBuffer::Open(options_.buffer_path, 10);
   ASSERT_TRUE(reopened.ok()) << reopened.status();
   ASSERT_EQ((*reopened)->pending().size(), 1u);
   EXPECT_EQ((*reopened)->pending()[0].batch_seq(), 1u);
   EXPECT_EQ((*reopened)->pending()[0].samples_size(), 3);
+}
+
+// A device's samples as a server with a cursor stores them: a sample at or below the device's
+// highest stored seq is a duplicate. Each stored sample's value, with its seq.
+class CursorServer {
+ public:
+  explicit CursorServer(uint64_t cursor) : cursor_(cursor) {}
+
+  v1::IngestAck Store(const v1::VitalsBatch& batch) {
+    std::lock_guard<std::mutex> lock(mu_);
+    v1::IngestAck ack;
+    ack.set_batch_seq(batch.batch_seq());
+    for (const v1::VitalSample& s : batch.samples()) {
+      if (s.seq() <= cursor_) {
+        ack.set_duplicate_count(ack.duplicate_count() + 1);
+        continue;
+      }
+      cursor_ = s.seq();
+      stored_.emplace_back(s.value(), s.seq());
+      ack.set_stored_count(ack.stored_count() + 1);
+    }
+    ack.set_highest_committed_seq(cursor_);
+    return ack;
+  }
+
+  std::vector<std::pair<double, uint64_t>> stored() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stored_;
+  }
+
+ private:
+  std::mutex mu_;
+  uint64_t cursor_;
+  std::vector<std::pair<double, uint64_t>> stored_;
+};
+
+// The device's earlier buffer file was lost after seqs 1-3 were stored; the new one starts at 1
+// again. Its first batch (seqs 1-10) straddles the server's cursor: 1-3 are taken for duplicates,
+// 4-10 stored. The batch was never sent before, so its duplicates are not a resend's: those
+// samples go again above the cursor, and every sample is stored once.
+TEST_F(DeviceClientTest, ABatchStraddlingTheServersCursorOnItsFirstSendLosesNothing) {
+  options_.first_seq = 1;
+  CursorServer server(/*cursor=*/3);
+  Connect([&server](int, Stream& io) {
+    v1::VitalsBatch batch;
+    while (io.Read(&batch)) io.Write(server.Store(batch));
+    return grpc::Status::OK;
+  });
+  std::vector<v1::VitalSample> samples = Samples(10);
+  for (int i = 0; i < 10; ++i) samples[static_cast<size_t>(i)].set_value(100 + i);
+  ASSERT_TRUE(client_->Send(std::move(samples)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  client_->Stop();
+  std::map<double, int> times_stored;
+  for (const auto& [value, seq] : server.stored()) ++times_stored[value];
+  EXPECT_EQ(times_stored.size(), 10u);
+  for (const auto& [value, times] : times_stored) EXPECT_EQ(times, 1) << value;
+  const DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.samples_stored, 10u);
+  EXPECT_EQ(stats.samples_duplicate, 0u);
+  EXPECT_EQ(stats.seq_restarts, 1u);
+}
+
+// A batch stored whose ack was lost (the connection broke) is sent again, and the server takes
+// all of it for duplicates: rightly, it has them. They are not sent again under new seqs.
+TEST_F(DeviceClientTest, AResendOfAStoredBatchIsNotStoredTwice) {
+  options_.first_seq = 1;
+  CursorServer server(/*cursor=*/0);
+  Connect([&server](int stream, Stream& io) {
+    v1::VitalsBatch batch;
+    if (stream == 1) {
+      if (io.Read(&batch)) server.Store(batch);  // stored, never acked
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "connection reset");
+    }
+    while (io.Read(&batch)) io.Write(server.Store(batch));
+    return grpc::Status::OK;
+  });
+  std::vector<v1::VitalSample> samples = Samples(4);
+  for (int i = 0; i < 4; ++i) samples[static_cast<size_t>(i)].set_value(100 + i);
+  ASSERT_TRUE(client_->Send(std::move(samples)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  client_->Stop();
+  EXPECT_EQ(server.stored().size(), 4u);
+  const DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.samples_duplicate, 4u);
+  EXPECT_EQ(stats.seq_restarts, 0u);
+  EXPECT_GE(stats.batches_sent, 2u);
+}
+
+// What a server's retry_after asks is waited on top of the jitter, not instead of it: devices a
+// server told alike still come back at different times.
+TEST(ReconnectWaitTest, AddsTheJitterToTheServersRetryAfter) {
+  const absl::Duration max = absl::Seconds(30);
+  EXPECT_EQ(ReconnectWait(absl::Milliseconds(300), absl::Seconds(1), max),
+            absl::Milliseconds(1300));
+  EXPECT_NE(ReconnectWait(absl::Milliseconds(10), absl::Seconds(1), max),
+            ReconnectWait(absl::Milliseconds(700), absl::Seconds(1), max));
+  // Without retry_after, the jitter alone; a retry_after past backoff_max counts as backoff_max.
+  EXPECT_EQ(ReconnectWait(absl::Milliseconds(300), absl::ZeroDuration(), max),
+            absl::Milliseconds(300));
+  EXPECT_EQ(ReconnectWait(absl::Milliseconds(300), absl::Hours(1), max),
+            max + absl::Milliseconds(300));
 }
 
 // A buffer file that cannot be opened (here: a symlink loop) is an error naming it; no exception
