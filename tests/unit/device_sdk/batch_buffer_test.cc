@@ -34,6 +34,16 @@ class BatchBufferTest : public ::testing::Test {
     std::filesystem::remove(path_ + ".lock");
   }
 
+  // An empty directory next to the test's file, which every user may enter and write (tests
+  // that drop privileges take its rights away themselves); the caller removes it.
+  std::string NewDirectory() const {
+    const std::string dir = path_ + ".dir";
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directory(dir);
+    std::filesystem::permissions(dir, std::filesystem::perms::all);
+    return dir;
+  }
+
   static v1::VitalsBatch Samples(int n) {
     v1::VitalsBatch b;
     for (int i = 0; i < n; ++i) b.add_samples()->set_loinc_code("8867-4");
@@ -233,10 +243,7 @@ TEST_F(BatchBufferTest, APathThatCannotBeOpenedIsAnError) {
 // batches never acked: Open fails, and the file keeps its bytes instead of being replaced by an
 // empty buffer (its directory would let it be).
 TEST_F(BatchBufferTest, AFileThatCannotBeOpenedIsAnErrorAndKeepsItsBytes) {
-  const std::string dir = path_ + ".dir";
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directory(dir);
-  std::filesystem::permissions(dir, std::filesystem::perms::all);
+  const std::string dir = NewDirectory();
   const std::string file = dir + "/buffer";
   {
     auto buffer = BatchBuffer::Open(file, 100);
@@ -376,9 +383,7 @@ TEST_F(BatchBufferTest, OpensOnTheFileAsItIsWhenItCannotCompactIt) {
 // to be synced) is an error. The buffer is on the compacted file by then: going on as if the
 // compaction had failed would append to that file at the old file's length, past its end.
 TEST_F(BatchBufferTest, ACompactionThatCannotBeMadeDurableIsAnErrorAndLosesNothing) {
-  const std::string dir = path_ + ".dir";
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directory(dir);
+  const std::string dir = NewDirectory();
   const std::string file = dir + "/buffer";
   {
     auto buffer = BatchBuffer::Open(file, 100);
@@ -531,9 +536,7 @@ TEST_F(BatchBufferTest, ASecondBufferOnTheSameFileIsRefusedWhileTheFirstLives) {
 // opened), Open fails and leaves the damaged file as it is. (That the copy's bytes are synced
 // too cannot be seen without a power loss.)
 TEST_F(BatchBufferTest, ADamagedFileWhoseCopyCannotBeMadeDurableIsLeftAsItIs) {
-  const std::string dir = path_ + ".dir";
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directory(dir);
+  const std::string dir = NewDirectory();
   const std::string file = dir + "/buffer";
   uintmax_t second_batch = 0;
   {
@@ -570,10 +573,7 @@ TEST_F(BatchBufferTest, ADamagedFileWhoseCopyCannotBeMadeDurableIsLeftAsItIs) {
 // and so is every append after it until the directory is synced: a batch reported durable on the
 // new file would be gone with it if a power loss brought the old file back.
 TEST_F(BatchBufferTest, AppendsFailUntilTheLastRenameIsDurable) {
-  const std::string dir = path_ + ".dir";
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directory(dir);
-  std::filesystem::permissions(dir, std::filesystem::perms::all);
+  const std::string dir = NewDirectory();
   const std::string file = dir + "/buffer";
   auto buffer = BatchBuffer::Open(file, 100);
   ASSERT_TRUE(buffer.ok()) << buffer.status();
