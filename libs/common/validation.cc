@@ -41,4 +41,12 @@ absl::Status ValidateText(absl::string_view value, absl::string_view field, size
   return absl::OkStatus();
 }
 
+std::string TruncateUtf8(absl::string_view text, size_t max_bytes) {
+  if (text.size() <= max_bytes) return std::string(text);
+  size_t end = max_bytes;
+  // text[end], the first byte left out, continues a character: that character is left out whole.
+  while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
+  return std::string(text.substr(0, end));
+}
+
 }  // namespace medgate

@@ -3,6 +3,7 @@
 #define MEDGATE_LIBS_COMMON_VALIDATION_H_
 
 #include <cstddef>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
@@ -15,6 +16,10 @@ absl::Status ValidateIdentifier(absl::string_view value, absl::string_view field
 
 // 1..max_bytes of text without control characters; INVALID_ARGUMENT naming `field` otherwise.
 absl::Status ValidateText(absl::string_view value, absl::string_view field, size_t max_bytes);
+
+// At most `max_bytes` of `text` (UTF-8), cut before a character rather than inside one: a
+// proto3 string field holding half a character fails to parse at the receiver.
+std::string TruncateUtf8(absl::string_view text, size_t max_bytes);
 
 }  // namespace medgate
 

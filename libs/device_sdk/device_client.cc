@@ -34,8 +34,8 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> Dial(const DeviceOptions& options
 // True when the end of a stream refuses its batch in flight as such: every resend would be
 // refused the same way. One batch is in flight at a time, so a server's INVALID_ARGUMENT after it
 // was written is about this one. So is gRPC's RESOURCE_EXHAUSTED for a message larger than the
-// server's limits.max_message_bytes (a server configured below kMaxBatchBytes, a batch buffered by
-// an older SDK): its text ("Received message larger than max (N vs. M)") tells it from a
+// server's message bound (kMaxBatchBytes, or a limits.max_message_bytes configured below it; a
+// batch buffered by an older SDK): its text ("Received message larger than max (N vs. M)") tells it from a
 // RESOURCE_EXHAUSTED that passes (the server's streams per device), whose batch is resent, and
 // says it is about the message sent, whatever Write returned.
 bool RefusesTheBatch(const grpc::Status& ended, bool written) {

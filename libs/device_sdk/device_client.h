@@ -22,11 +22,11 @@
 
 namespace medgate::device {
 
-// The largest batch Send accepts: the API's bound on samples (proto/medgate/v1/ingest.proto), and
-// the message size a medgate server accepts by default (limits.max_message_bytes). A larger batch
-// sent to a server configured below it is refused as a whole (OnRejected).
+// The largest batch Send accepts: the API's bounds on samples and on a batch's message size
+// (proto/medgate/v1/ingest.proto). A larger batch buffered by an older SDK is refused as a whole
+// by the server (OnRejected).
 inline constexpr size_t kMaxSamplesPerBatch = 1000;
-inline constexpr size_t kMaxBatchBytes = 4 << 20;
+inline constexpr size_t kMaxBatchBytes = 256 << 10;
 
 struct DeviceOptions {
   std::string address;       // ingest host:port

@@ -1,6 +1,7 @@
 // The one way every medgate service builds and runs its gRPC server.
 #include "libs/server/service_server.h"
 
+#include <algorithm>
 #include <csignal>
 #include <pthread.h>
 
@@ -42,7 +43,9 @@ absl::Status ServiceServer::Start() {
   const ServerLimits& limits = config_.limits;
   grpc::ServerBuilder builder;
   builder.AddListeningPort((*endpoint)->listen, *creds, &port_);
-  builder.SetMaxReceiveMessageSize(limits.max_message_bytes);
+  builder.SetMaxReceiveMessageSize(max_receive_bytes_ > 0
+                                       ? std::min(max_receive_bytes_, limits.max_message_bytes)
+                                       : limits.max_message_bytes);
   builder.SetMaxSendMessageSize(limits.max_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams);
   // One bound on handler threads for every connection together (streams are bounded per

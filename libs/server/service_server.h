@@ -39,6 +39,11 @@ class ServiceServer {
   // For a service whose streams carry small messages (ingest): no bandwidth-delay-product probe
   // (see ChannelOptions::bdp_probe in libs/identity/credentials.h). Call before Start.
   void DisableBdpProbe() { bdp_probe_ = false; }
+  // For a service whose requests are small (ingest): messages received over `bytes` (and over
+  // limits.max_message_bytes) end their call with RESOURCE_EXHAUSTED before they are parsed into
+  // memory, where a message of many empty elements takes dozens of times its size. Call before
+  // Start.
+  void LimitReceivedMessages(int bytes) { max_receive_bytes_ = bytes; }
 
   // Builds the server, binds the listen address (port 0 picks a free port) over mTLS only.
   absl::Status Start();
@@ -69,6 +74,7 @@ class ServiceServer {
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   bool bdp_probe_ = true;
+  int max_receive_bytes_ = 0;  // 0: limits.max_message_bytes
 
   std::function<absl::Status()> probe_;
   absl::Duration probe_interval_ = absl::Seconds(2);

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "libs/common/status_macros.h"
 
 namespace medgate::ingest {
 
@@ -43,6 +44,19 @@ IngestCore::IngestCore(RoutingClient& routing, consent::ConsentCache& consent,
       options_(options),
       quota_(options.tenant_samples_per_second, options.tenant_burst) {}
 
+absl::Status IngestCore::CheckBatch(uint64_t batch_seq, size_t samples) {
+  if (batch_seq == 0) {
+    return absl::InvalidArgumentError(
+        "batch_seq must be at least 1 (it identifies the batch in its ack and in the audit log)");
+  }
+  if (samples == 0 || samples > kMaxSamplesPerBatch) {
+    return absl::InvalidArgumentError(absl::StrCat("batch ", batch_seq, " has ", samples,
+                                                   " samples; a batch has 1 to ",
+                                                   kMaxSamplesPerBatch));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status IngestCore::Process(const Principal& device,
                                  std::shared_ptr<const BatchSource> source,
                                  uint64_t batch_seq,
@@ -52,11 +66,7 @@ absl::Status IngestCore::Process(const Principal& device,
   const bool may_block = later == nullptr;
   // A stream's batch comes here first with `later` (and again without it when it had to wait).
   if (!may_block) batches_.fetch_add(1, std::memory_order_relaxed);
-  if (samples.empty() || samples.size() > kMaxSamplesPerBatch) {
-    return absl::InvalidArgumentError(absl::StrCat("batch ", batch_seq, " has ", samples.size(),
-                                                   " samples; a batch has 1 to ",
-                                                   kMaxSamplesPerBatch));
-  }
+  RETURN_IF_ERROR(CheckBatch(batch_seq, samples.size()));
   BatchResult result;
   result.batch_seq = batch_seq;
   auto retry = [&](absl::Status status, absl::Duration after) {

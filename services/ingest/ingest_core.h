@@ -24,6 +24,10 @@
 namespace medgate::ingest {
 
 inline constexpr size_t kMaxSamplesPerBatch = 1000;
+// The largest VitalsBatch message a stream receives: 1000 samples with every field at its
+// largest take under 100 KiB. A larger message ends the stream with RESOURCE_EXHAUSTED before it
+// is parsed (empty samples, 2 bytes each on the wire, take about 100 bytes each in memory).
+inline constexpr size_t kMaxBatchMessageBytes = 256 << 10;
 
 struct Rejection {
   uint32_t index = 0;
@@ -115,6 +119,11 @@ class IngestCore {
     // RESOURCE_EXHAUSTED. Empty when nothing is left.
     std::function<void(bool wait)> enqueue;
   };
+  // A batch's shape as the stream received it: batch_seq >= 1, 1 to kMaxSamplesPerBatch samples.
+  // INVALID_ARGUMENT otherwise (Process checks it too); checked before the samples are copied out
+  // of the message, so that a message of millions of empty samples is not copied as well.
+  static absl::Status CheckBatch(uint64_t batch_seq, size_t samples);
+
   // `samples` is consumed unless `later->again` is set. `source` names the stream's device and
   // peer address for the audit entries.
   absl::Status Process(const Principal& device, std::shared_ptr<const BatchSource> source,

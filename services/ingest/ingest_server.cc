@@ -29,7 +29,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
                                  "worker_threads", "max_waiting_batches", "writers_per_region",
                                  "device_cache_ttl_seconds", "enqueue_wait_ms",
                                  "stats_interval_ms", "partition_check_minutes",
-                                 "max_queued_rows", "max_streams_per_device"}));
+                                 "max_queued_rows", "max_streams_per_device", "instances"}));
   ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
   // A burst below the largest batch would refuse such a batch forever, however long it waits.
   ASSIGN_OR_RETURN(int64_t burst, node.Int("tenant_burst", static_cast<int64_t>(kMaxSamplesPerBatch),
@@ -47,8 +47,14 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(int64_t stats_interval, node.Int("stats_interval_ms", 100, 3600000, 10000));
   ASSIGN_OR_RETURN(int64_t partition_check, node.Int("partition_check_minutes", 1, 24 * 60, 60));
   ASSIGN_OR_RETURN(int64_t device_streams, node.Int("max_streams_per_device", 1, 1000, 4));
-  s.core.tenant_samples_per_second = static_cast<double>(rate);
-  s.core.tenant_burst = static_cast<double>(burst);
+  // The tenant quota is the deployment's: each of the instances that share a tenant's streams
+  // (the load balancer spreads its devices' connections over them) enforces its share. Its burst
+  // still lets the largest batch through.
+  ASSIGN_OR_RETURN(int64_t instances, node.Int("instances", 1, 1000, 1));
+  s.instances = static_cast<int>(instances);
+  s.core.tenant_samples_per_second = static_cast<double>(rate) / static_cast<double>(instances);
+  s.core.tenant_burst = std::max(static_cast<double>(burst) / static_cast<double>(instances),
+                                 static_cast<double>(kMaxSamplesPerBatch));
   s.core.validation.max_age = absl::Hours(age);
   s.writer.max_queued_requests = static_cast<size_t>(queued);
   s.writer.max_queued_rows = static_cast<size_t>(queued_rows);
@@ -115,6 +121,7 @@ IngestServer::IngestServer(MedgateConfig config, IngestSettings settings)
   server_ = std::make_unique<ServiceServer>(config_, "ingest");
   // Device streams carry small batches and acks: a BDP probe would cost more than each message.
   server_->DisableBdpProbe();
+  server_->LimitReceivedMessages(static_cast<int>(kMaxBatchMessageBytes));
 }
 
 IngestServer::~IngestServer() {

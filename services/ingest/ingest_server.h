@@ -24,6 +24,10 @@
 namespace medgate::ingest {
 
 struct IngestSettings {
+  // ingest.tenant_samples_per_second and ingest.tenant_burst are a tenant's quota over the whole
+  // deployment; ingest.instances (the Helm chart sets the ingest replicas) divides them between
+  // the instances, each of which holds its own token bucket (core.tenant_*: this one's share).
+  int instances = 1;
   IngestOptions core;
   WriterOptions writer;
   int worker_threads = 8;

@@ -187,7 +187,10 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     // The samples are copied out and `incoming_` is cleared, not moved from: the next read
     // reuses its sample objects instead of allocating them again (unless the batch was large).
     const uint64_t batch_seq = incoming_.batch_seq();
-    std::vector<Sample> samples = ToSamples(incoming_);
+    const absl::Status shape =
+        IngestCore::CheckBatch(batch_seq, static_cast<size_t>(incoming_.samples_size()));
+    std::vector<Sample> samples;
+    if (shape.ok()) samples = ToSamples(incoming_);
     if (incoming_.samples_size() > kRetainedSamples) {
       incoming_ = v1::VitalsBatch();
     } else {
@@ -201,7 +204,8 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     // saves a hand-over to a worker thread per batch. What has to wait goes to a worker thread:
     // the whole batch when a look-up would, only its enqueueing when the writer's queue is full.
     IngestCore::Later later;
-    absl::Status status = Process(shared, turn, batch_seq, samples, read_at, slot, &later);
+    absl::Status status =
+        shape.ok() ? Process(shared, turn, batch_seq, samples, read_at, slot, &later) : shape;
     std::function<void()> rest;
     if (later.again) {
       // Untouched by Process: moved to the worker (a std::function's captures must be copyable).

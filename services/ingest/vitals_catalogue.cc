@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "libs/common/validation.h"
 
 namespace medgate::ingest {
 namespace {
@@ -48,7 +49,8 @@ Verdict ValidateSample(const Sample& s, uint64_t previous_seq, absl::Time now,
   const VitalKind* kind = FindVital(s.loinc);
   if (kind == nullptr) {
     return {Reject::kUnknownCode,
-            absl::StrCat("LOINC code '", s.loinc.substr(0, 16), "' is not in the vitals catalogue")};
+            absl::StrCat("LOINC code '", TruncateUtf8(s.loinc, 16),
+                         "' is not in the vitals catalogue")};
   }
   if (s.ucum != kind->ucum) {
     return {Reject::kWrongUnit, absl::StrCat(kind->name, " (", kind->loinc, ") is measured in '",

@@ -329,7 +329,7 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
       report.ok = verified->ok;
       report.entries_checked = verified->entries_checked + (verified->ok ? 0 : 1);
       report.first_bad_seq = verified->first_bad_seq;
-      report.detail = verified->problem.substr(0, 1024);
+      report.detail = TruncateUtf8(verified->problem, 1024);
       report.fault = verified->ok ? ChainFault::kNone
                                   : FaultFromProblem(verified->first_bad_seq, verified->problem);
       report.last_seq = verified->last_seq;

@@ -297,10 +297,16 @@ routing:
 consent:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with $v.ingest.settings }}
-ingest:
-  {{- toYaml . | nindent 2 }}
+{{- if hasKey (default dict $v.ingest.settings) "instances" }}
+{{- fail "ingest.settings.instances: set by the chart from services.ingest.replicas (the tenant quota is shared by the replicas); remove it" }}
 {{- end }}
+ingest:
+  # The tenant quota (tenant_samples_per_second, tenant_burst) is the deployment's: each replica
+  # enforces its share.
+  instances: {{ int64 $v.services.ingest.replicas }}
+  {{- with $v.ingest.settings }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
 sharing:
   kek_file: /run/medgate/secrets/kek.hex
   {{- with $v.sharing.settings }}

@@ -644,7 +644,10 @@ TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
   batch.set_batch_seq(7);
   *batch.add_samples() = HeartRate(1);                       // 0 ok
   v1::VitalSample s = HeartRate(2);
-  s.set_loinc_code("0000-0");
+  // 15 bytes, then a 2-byte character its detail would cut in half at 16 bytes: the ack must
+  // still be UTF-8 (a proto3 string that is not fails to parse, and the device could never read
+  // its ack).
+  s.set_loinc_code("000000000000000\xc3\xa9");
   *batch.add_samples() = s;                                  // 1 unknown code
   s = HeartRate(3);
   s.set_ucum_unit("bpm");
@@ -675,6 +678,7 @@ TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
     got.emplace_back(r.sample_index(), r.reason());
     EXPECT_FALSE(r.detail().empty());
   }
+  EXPECT_THAT(ack->rejections(0).detail(), HasSubstr("LOINC code '000000000000000'"));
   EXPECT_THAT(got, ::testing::ElementsAre(
                        std::make_pair(1u, v1::REJECT_REASON_UNKNOWN_CODE),
                        std::make_pair(2u, v1::REJECT_REASON_WRONG_UNIT),
@@ -694,6 +698,45 @@ TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(status.error_message(), HasSubstr("1001"));
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-validate'"), 2);
+}
+
+// A batch's message is bounded before it is read (256 KiB: a thousand samples with every field at
+// its largest fit in under 100 KiB), and its batch_seq must be at least 1: either fault ends the
+// stream and stores nothing.
+TEST_F(IngestTest, ABatchMessageIsBoundedAndNeedsABatchSeq) {
+  MonitoredPatientWithDevice("batch-bounds", "FR", "dev-batch-bounds");
+  auto stub = Ingest(Device("acme", "dev-batch-bounds"));
+  // The largest valid batch: 1000 samples, every field set, seqs of the largest size.
+  v1::VitalsBatch largest = Batch(std::numeric_limits<int64_t>::max(), 1, 1000);
+  for (int i = 0; i < largest.samples_size(); ++i) {
+    v1::VitalSample* sample = largest.mutable_samples(i);
+    sample->set_seq(static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) - 1000 + i);
+    sample->mutable_location()->set_latitude(-89.123456789);
+    sample->mutable_location()->set_longitude(-179.123456789);
+    sample->mutable_location()->set_accuracy_m(12345.678);
+    sample->mutable_measured_at()->set_nanos(999999999);
+  }
+  ASSERT_LT(largest.ByteSizeLong(), 100u * 1024);
+  DeviceStream ok(*stub);
+  std::optional<v1::IngestAck> ack = ok.Send(largest);
+  ASSERT_TRUE(ack.has_value()) << ok.Finish().error_message();
+  EXPECT_EQ(ack->stored_count(), 1000u);
+  EXPECT_TRUE(ok.Finish().ok());
+  // Past the bound: refused before it is parsed, whatever it holds.
+  v1::VitalsBatch too_large = Batch(2, 1, 1);
+  for (int i = 0; i < 150 * 1024; ++i) too_large.add_samples();  // 2 bytes each on the wire
+  ASSERT_GT(too_large.ByteSizeLong(), 256u * 1024);
+  DeviceStream big(*stub);
+  EXPECT_FALSE(big.Send(too_large).has_value());
+  grpc::Status refused = big.Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  // batch_seq 0.
+  DeviceStream zero(*stub);
+  EXPECT_FALSE(zero.Send(Batch(0, 1, 1)).has_value());
+  refused = zero.Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(refused.error_message(), HasSubstr("batch_seq must be at least 1"));
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-batch-bounds'"), 1000);
 }
 
 // A sample is the patient's only if the device fed that patient when it was measured: one
@@ -2056,6 +2099,29 @@ TEST_F(IngestTest, BatchesBeyondTheWorkersBoundAreRefusedRetryablyAndLoseNothing
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-c'"), kPerBatch);
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-sat-d'"), 2 * kPerBatch);
   server.Shutdown();
+}
+
+// The tenant quota is the deployment's: an instance of two (ingest.instances, which the Helm
+// chart sets to the ingest replicas) holds half of the rate and of the burst, so that a tenant
+// whose devices' connections the load balancer spreads over both gets the quota once, not twice.
+TEST_F(IngestTest, EachInstanceEnforcesItsShareOfTheTenantsQuota) {
+  MonitoredPatientWithDevice("quota-share", "FR", "dev-quota-share");
+  // Over the deployment: 1 sample a second, a burst of 2000; this instance's share: 1000.
+  auto extra = StartIngest("ingest: {tenant_samples_per_second: 2, tenant_burst: 2000, instances: 2}\n");
+  ASSERT_NE(extra, nullptr);
+  auto stub = Ingest(Device("acme", "dev-quota-share"), extra->server->port());
+  DeviceStream stream(*stub);
+  std::optional<v1::IngestAck> first = stream.Send(Batch(1, 1, 1000));
+  ASSERT_TRUE(first.has_value()) << stream.Finish().error_message();
+  EXPECT_EQ(first->stored_count(), 1000u);
+  std::optional<v1::IngestAck> second = stream.Send(Batch(2, 1001, 1000));
+  ASSERT_TRUE(second.has_value()) << stream.Finish().error_message();
+  ASSERT_TRUE(second->has_retryable_error()) << "stored " << second->stored_count();
+  EXPECT_EQ(second->retryable_error().code(),
+            static_cast<int32_t>(grpc::StatusCode::RESOURCE_EXHAUSTED));
+  EXPECT_THAT(second->retryable_error().message(), HasSubstr("quota"));
+  stream.Finish();
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-quota-share'"), 1000);
 }
 
 // A tenant over its sample quota gets, for the batch over it, a retryable RESOURCE_EXHAUSTED ack:

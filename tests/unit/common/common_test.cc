@@ -188,6 +188,19 @@ TEST(ValidationTest, NamesTheFieldAndTheRule) {
   EXPECT_EQ(ValidateText("", "reason", 64).message(), "reason: must not be empty");
 }
 
+// Cut before a character, never inside one: "é" is 2 bytes, "€" 3, "😀" 4.
+TEST(ValidationTest, TruncateUtf8CutsBetweenCharacters) {
+  EXPECT_EQ(TruncateUtf8("abc", 16), "abc");
+  EXPECT_EQ(TruncateUtf8("abcdef", 4), "abcd");
+  EXPECT_EQ(TruncateUtf8("abc\xc3\xa9", 4), "abc");      // "abcé": é would be cut
+  EXPECT_EQ(TruncateUtf8("abc\xc3\xa9", 5), "abc\xc3\xa9");
+  EXPECT_EQ(TruncateUtf8("a\xe2\x82\xac", 2), "a");     // "a€"
+  EXPECT_EQ(TruncateUtf8("a\xe2\x82\xac", 3), "a");
+  EXPECT_EQ(TruncateUtf8("\xf0\x9f\x98\x80z", 3), "");  // "😀z"
+  EXPECT_EQ(TruncateUtf8("\xf0\x9f\x98\x80z", 4), "\xf0\x9f\x98\x80");
+  EXPECT_EQ(TruncateUtf8("", 0), "");
+}
+
 TEST(LatencyHistogramTest, PercentilesAreBucketBoundsNeverBelowTheTrueValue) {
   LatencyHistogram h;
   // 1..100 ms: the true p50 is 50 ms, p90 90 ms, p99 99 ms, the maximum 100 ms.

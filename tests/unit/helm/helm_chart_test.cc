@@ -185,6 +185,9 @@ TEST_F(HelmChartTest, TheConfigurationIsOneEveryServiceAccepts) {
   absl::StatusOr<ingest::IngestSettings> ingest = ingest::ParseIngestSettings(config);
   ASSERT_TRUE(ingest.ok()) << ingest.status();
   EXPECT_EQ(ingest->max_streams_per_device, 2);
+  // The tenant quota is the deployment's, shared by France's 3 ingest replicas.
+  EXPECT_EQ(ingest->instances, 3);
+  EXPECT_DOUBLE_EQ(ingest->core.tenant_samples_per_second, 50000.0 / 3);
   absl::StatusOr<sharing::SharingSettings> sharing = sharing::ParseSharingSettings(config);
   ASSERT_TRUE(sharing.ok()) << sharing.status();
   EXPECT_EQ(sharing->tenant_quota_bytes, int64_t{1} << 40);
@@ -657,6 +660,8 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
        "services.ingest.clientCIDRs[0]: '0.0.0.0/0}' is not a network in CIDR notation"},
       {"podDisruptionBudget: {maxUnavailable: 0}\n",
        "podDisruptionBudget.maxUnavailable: '0' must be a whole number of pods (at least 1)"},
+      {"ingest: {settings: {instances: 5}}\n",
+       "ingest.settings.instances: set by the chart from services.ingest.replicas"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.overrides);
