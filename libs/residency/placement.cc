@@ -79,29 +79,33 @@ absl::Status ValidateRegions(absl::Span<const Region> regions) {
   return absl::OkStatus();
 }
 
-absl::Status ValidateRule(const ResidencyRule& rule, absl::Span<const Region> regions) {
-  absl::Status status = ValidateTerritory(rule.territory, "territory");
+absl::Status ValidateRule(const ResidencyRule& rule, absl::Span<const Region> regions,
+                          const RuleFieldNames& names) {
+  absl::Status status = ValidateTerritory(rule.territory, names.territory);
   if (!status.ok()) return status;
   if (rule.version <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("version: ", rule.version, " is not positive; placements cite it"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        names.version, ": ", rule.version, " is not positive; placements cite it"));
   }
   if (rule.allowed_regions.empty()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("allowed_regions: must not be empty (to refuse territory ",
+        absl::StrCat(names.allowed_regions, ": must not be empty (to refuse territory ",
                      Quoted(rule.territory), ", delete its rule)"));
   }
+  auto allowed = [&names](std::size_t i) {
+    return absl::StrCat(names.allowed_regions, "[", i, "]");
+  };
   absl::flat_hash_map<absl::string_view, std::size_t> first_index;
   for (std::size_t i = 0; i < rule.allowed_regions.size(); ++i) {
     const auto [it, inserted] = first_index.emplace(rule.allowed_regions[i], i);
     if (!inserted) {
       return absl::InvalidArgumentError(
-          absl::StrCat("allowed_regions[", i, "]: region ", Quoted(rule.allowed_regions[i]),
-                       " is already listed at allowed_regions[", it->second, "]"));
+          absl::StrCat(allowed(i), ": region ", Quoted(rule.allowed_regions[i]),
+                       " is already listed at ", allowed(it->second)));
     }
   }
   for (const std::string& reader : rule.readable_from) {
-    status = ValidateTerritory(reader, "readable_from");
+    status = ValidateTerritory(reader, names.readable_from);
     if (!status.ok()) return status;
   }
   // Only now the checks that depend on the current region configuration.
@@ -110,11 +114,11 @@ absl::Status ValidateRule(const ResidencyRule& rule, absl::Span<const Region> re
     const Region* region = FindRegion(regions, id);
     if (region == nullptr) {
       return absl::FailedPreconditionError(
-          absl::StrCat("allowed_regions[", i, "]: region ", Quoted(id), " is not configured"));
+          absl::StrCat(allowed(i), ": region ", Quoted(id), " is not configured"));
     }
     if (!region->territories.contains(rule.territory)) {
-      return absl::FailedPreconditionError(absl::StrCat("allowed_regions[", i, "]: region ",
-                                                        Quoted(id), " does not host territory ",
+      return absl::FailedPreconditionError(absl::StrCat(allowed(i), ": region ", Quoted(id),
+                                                        " does not host territory ",
                                                         Quoted(rule.territory)));
     }
   }

@@ -61,13 +61,25 @@ struct Placement {
 // INVALID_ARGUMENT naming the field (e.g. "regions[2].territories: 'UK' is not ...") otherwise.
 absl::Status ValidateRegions(absl::Span<const Region> regions);
 
+// How ValidateRule's messages name the rule's fields: ResidencyRule's own names by default; a
+// caller checking a request passes the request's field paths, so that the caller is told what
+// it sent wrong in its own terms.
+struct RuleFieldNames {
+  std::string territory = "territory";
+  std::string allowed_regions = "allowed_regions";  // messages add the index: "...[1]"
+  std::string readable_from = "readable_from";
+  std::string version = "version";
+};
+
 // Checks a rule against the configured regions before it is stored:
 // - INVALID_ARGUMENT: invalid territory, non-positive version, empty or duplicated
 //   allowed_regions, invalid readable_from territory;
 // - FAILED_PRECONDITION: an allowed region that is not configured ("allowed_regions[1]: region
 //   'xx-9' is not configured") or that does not host the rule's territory.
 // Checks that need only the rule come first, so INVALID_ARGUMENT means "the rule itself is wrong".
-absl::Status ValidateRule(const ResidencyRule& rule, absl::Span<const Region> regions);
+// Fields are named as `names` says.
+absl::Status ValidateRule(const ResidencyRule& rule, absl::Span<const Region> regions,
+                          const RuleFieldNames& names = {});
 
 // Checks a tenant policy before it is stored: served territories are assigned codes
 // (INVALID_ARGUMENT) and narrowing names only configured regions (FAILED_PRECONDITION), since a

@@ -22,6 +22,7 @@
 #include "absl/time/clock.h"
 #include "libs/common/grpc_status.h"
 #include "libs/common/log.h"
+#include "libs/common/monotonic_clock.h"
 #include "libs/common/status_macros.h"
 #include "libs/common/ttl_cache.h"
 #include "medgate/v1/routing.grpc.pb.h"
@@ -214,7 +215,7 @@ class GrpcRoutingClient final : public RoutingClient {
         patients_(options_.max_cached_patients),
         devices_(options_.max_cached_devices) {
     options_.max_batch = std::clamp<size_t>(options_.max_batch, 1, kMaxIdsPerRpc);
-    if (!options_.clock) options_.clock = absl::Now;
+    if (!options_.clock) options_.clock = MonotonicNow;
     if (options_.refresh_ahead) {
       patient_ttl_.refresh_after = options_.patient_ttl / 2;
       device_ttl_.refresh_after = options_.device_ttl / 2;

@@ -16,6 +16,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "libs/common/monotonic_clock.h"
 
 namespace medgate {
 
@@ -69,9 +70,10 @@ struct RoutingClientOptions {
   bool refresh_ahead = false;
   // How long the background refresher gathers due ids into one RPC (up to max_batch).
   absl::Duration refresh_gather = absl::Milliseconds(100);
-  // Time source for cache expiry only (RPC deadlines always use the real clock); tests inject
-  // a fake one so expiry is deterministic.
-  std::function<absl::Time()> clock = absl::Now;
+  // Time source for cache expiry only (RPC deadlines always use the real clock): monotonic, so a
+  // host clock stepped back never extends an answer's life; tests inject a fake one so expiry is
+  // deterministic. Its readings are compared only with each other.
+  std::function<absl::Time()> clock = MonotonicNow;
 };
 
 // Thread-safe.

@@ -21,8 +21,19 @@ struct CachedTenantGate::Flight {
   absl::StatusOr<TenantStatus> answer;
 };
 
+namespace {
+
+TenantGateOptions WithClock(TenantGateOptions options) {
+  if (!options.clock) options.clock = MonotonicNow;
+  return options;
+}
+
+}  // namespace
+
 CachedTenantGate::CachedTenantGate(TenantStatusFetcher fetch, TenantGateOptions options)
-    : fetch_(std::move(fetch)), options_(std::move(options)), cache_(options_.max_cached) {}
+    : fetch_(std::move(fetch)),
+      options_(WithClock(std::move(options))),
+      cache_(options_.max_cached) {}
 
 size_t CachedTenantGate::waiting_for_fetch() {
   absl::MutexLock lock(&mu_);

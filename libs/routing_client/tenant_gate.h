@@ -20,6 +20,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "libs/common/monotonic_clock.h"
 #include "libs/common/ttl_cache.h"
 #include "libs/identity/authz.h"
 #include "libs/routing_client/routing_client.h"
@@ -30,8 +31,9 @@ struct TenantGateOptions {
   // How long an answer is used: the most a suspension (or reactivation) waits to take effect.
   absl::Duration ttl = absl::Seconds(2);
   size_t max_cached = 10000;  // LRU-evicted beyond this
-  // Time source for expiry only; tests inject a fake one.
-  std::function<absl::Time()> clock = absl::Now;
+  // Time source for expiry only: monotonic, so a host clock stepped back never extends an
+  // answer's life (a suspended tenant served past the TTL); tests inject a fake one.
+  std::function<absl::Time()> clock = MonotonicNow;
 };
 
 // Asks where tenants stand, one answer per id in order (routing's ResolveTenants, or routing's

@@ -287,8 +287,9 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
         // A retry of a grant already recorded (same request id) records nothing new, even when
         // the consent was revoked since: a late retry must not undo the patient's withdrawal.
         if (pqxx::result earlier =
-                txn.exec_prepared(sql::kGrantByRequestId, granted.consent_id, ctx.request_id,
-                                  ctx.principal.spiffe_id);
+                txn.exec_prepared(sql::kVersionByRequestId, granted.consent_id, ctx.request_id,
+                                  ctx.principal.spiffe_id,
+                                  std::string(StateName(VersionState::kGranted)));
             !earlier.empty()) {
           VersionInfo recorded = VersionFromRow(earlier[0], 0);
           // A retry repeats the grant: the same evidence and end, and the same start if it gave
@@ -391,6 +392,24 @@ absl::StatusOr<RevokeResult> ConsentCore::Revoke(const CallContext& ctx,
         RevokeResult revoked{row[0][0].c_str(), 0, false};
         if (request.consent_id && revoked.consent_id != *request.consent_id) {
           return absl::NotFoundError(kConsentNotFound);
+        }
+        // A retry of a revocation already recorded (same request id) records nothing, even when
+        // the consent was granted again since: a late retry must not undo the newer grant.
+        if (pqxx::result earlier =
+                txn.exec_prepared(sql::kVersionByRequestId, revoked.consent_id, ctx.request_id,
+                                  ctx.principal.spiffe_id,
+                                  std::string(StateName(VersionState::kRevoked)));
+            !earlier.empty()) {
+          const VersionInfo recorded = VersionFromRow(earlier[0], 0);
+          if (recorded.reason != request.reason) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "request_id '", ctx.request_id, "' already recorded version ", recorded.version,
+                " of consent '", revoked.consent_id, "' with another reason; a new revocation "
+                "needs a new request_id"));
+          }
+          revoked.version = recorded.version;
+          revoked.already_revoked = true;
+          return revoked;
         }
         std::optional<VersionInfo> latest = LatestVersion(txn, revoked.consent_id);
         if (!latest) return absl::DataLossError("consent has no version");

@@ -12,7 +12,7 @@ inline constexpr char kInsertConsent[] = "insert_consent";
 inline constexpr char kLockConsentByKey[] = "lock_consent_by_key";
 inline constexpr char kSelectConsentById[] = "select_consent_by_id";
 inline constexpr char kLatestVersion[] = "latest_consent_version";
-inline constexpr char kGrantByRequestId[] = "consent_grant_by_request_id";
+inline constexpr char kVersionByRequestId[] = "consent_version_by_request_id";
 inline constexpr char kInsertVersion[] = "insert_consent_version";
 inline constexpr char kListConsents[] = "list_consents";
 inline constexpr char kListVersions[] = "list_consent_versions";
@@ -41,13 +41,13 @@ inline const std::vector<pg::Statement>& Statements() {
       {kLatestVersion,
        "SELECT " MEDGATE_CONSENT_VERSION_COLUMNS
        " FROM consent_versions WHERE consent_id = $1 ORDER BY version DESC LIMIT 1"},
-      // The grant an earlier call of the same caller ($3) with this request id recorded, if any
-      // (a late retry). Request ids are each caller's own: another's that happens to be the same
-      // is a new grant.
-      {kGrantByRequestId,
+      // The grant or revocation ($4: its state) an earlier call of the same caller ($3) with
+      // this request id recorded, if any (a late retry). Request ids are each caller's own:
+      // another's that happens to be the same is a new change.
+      {kVersionByRequestId,
        "SELECT " MEDGATE_CONSENT_VERSION_COLUMNS
        " FROM consent_versions WHERE consent_id = $1 AND request_id = $2 AND recorded_by = $3 "
-       "AND state = 'granted' ORDER BY version LIMIT 1"},
+       "AND state = $4 ORDER BY version LIMIT 1"},
       {kInsertVersion,
        "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
        "evidence_ref, reason, recorded_by, recorded_at, request_id) VALUES ($1, $2, $3, "

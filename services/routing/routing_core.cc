@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <set>
 
 #include "absl/algorithm/container.h"
@@ -14,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "libs/audit/audit_log.h"
+#include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/common/validation.h"
 #include "libs/pg/sql_array.h"
@@ -177,8 +179,15 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
     return absl::InvalidArgumentError(absl::StrCat("tenant.region_ids: at most ", kMaxTenantRegions));
   }
   for (size_t i = 0; i < tenant.territories.size(); ++i) {
-    RETURN_IF_ERROR(residency::ValidateTerritory(tenant.territories[i],
-                                                 absl::StrCat("tenant.territories[", i, "]")));
+    const std::string field = absl::StrCat("tenant.territories[", i, "]");
+    RETURN_IF_ERROR(residency::ValidateTerritory(tenant.territories[i], field));
+    const auto first = std::find(tenant.territories.begin(), tenant.territories.end(),
+                                 tenant.territories[i]);
+    if (first != tenant.territories.begin() + static_cast<std::ptrdiff_t>(i)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ": '", tenant.territories[i], "' is already listed at tenant.territories[",
+          first - tenant.territories.begin(), "]; the territories are distinct codes"));
+    }
   }
   if (tenant.region_ids) {
     for (size_t i = 0; i < tenant.region_ids->size(); ++i) {
@@ -265,12 +274,22 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
     return absl::InvalidArgumentError(
         absl::StrCat("rule.readable_from_territories: at most ", kMaxRuleReadableFrom));
   }
+  // Checked here, where the index is still known: the engine's rule holds them as a set.
+  for (size_t i = 0; i < rule.readable_from.size(); ++i) {
+    RETURN_IF_ERROR(residency::ValidateTerritory(
+        rule.readable_from[i], absl::StrCat("rule.readable_from_territories[", i, "]")));
+  }
   residency::ResidencyRule engine_rule;
   engine_rule.territory = rule.territory;
   engine_rule.allowed_regions = rule.region_ids;
   engine_rule.readable_from.insert(rule.readable_from.begin(), rule.readable_from.end());
   engine_rule.version = 1;  // the stored version is assigned below
-  RETURN_IF_ERROR(residency::ValidateRule(engine_rule, regions_));
+  RETURN_IF_ERROR(residency::ValidateRule(
+      engine_rule, regions_,
+      residency::RuleFieldNames{.territory = "rule.territory",
+                                .allowed_regions = "rule.region_ids",
+                                .readable_from = "rule.readable_from_territories",
+                                .version = "rule.version"}));
   if (expected_version < 0) {
     return absl::InvalidArgumentError("expected_version: must not be negative");
   }
@@ -516,7 +535,7 @@ absl::StatusOr<UnassignResult> RoutingCore::UnassignDevice(const CallContext& ct
                                                            const std::string& device_id) {
   RETURN_IF_ERROR(ValidateIdentifier(device_id, "device_id", kMaxIdBytes));
   const std::string& tenant_id = ctx.principal.tenant;
-  return InTransaction<UnassignResult>(
+  absl::StatusOr<UnassignResult> unassigned = InTransaction<UnassignResult>(
       control_, [&](pqxx::work& txn) -> absl::StatusOr<UnassignResult> {
         pqxx::result device = txn.exec_prepared(sql::kSelectDevice, tenant_id, device_id);
         if (device.empty()) {
@@ -537,6 +556,21 @@ absl::StatusOr<UnassignResult> RoutingCore::UnassignDevice(const CallContext& ct
         txn.exec_prepared0(sql::kUnassignDevice, tenant_id, device_id);
         return result;
       });
+  if (!unassigned.ok() || !unassigned->was_assigned) return unassigned;
+  // The reassignment wait must count from when other sessions could see the unassignment, which
+  // is only once COMMIT has returned. If this fails (or the process dies first), the stamp taken
+  // just before COMMIT stands: the wait is then shorter by the COMMIT's duration, never longer
+  // than intended, and the unassignment itself is done either way.
+  absl::StatusOr<bool> restamped = InTransaction<bool>(
+      control_, [&](pqxx::work& txn) -> absl::StatusOr<bool> {
+        txn.exec_prepared(sql::kRestampUnassignment, tenant_id, device_id,
+                          unassigned->patient_id);
+        return true;
+      });
+  if (!restamped.ok()) {
+    log::Warning("device_unassignment_restamp_failed", {{"error", restamped.status().message()}});
+  }
+  return unassigned;
 }
 
 absl::StatusOr<std::vector<DeviceLocation>> RoutingCore::ResolveDevices(

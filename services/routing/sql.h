@@ -20,6 +20,7 @@ inline constexpr char kResolvePatients[] = "resolve_patients";
 inline constexpr char kSelectDevice[] = "select_device";
 inline constexpr char kUpsertDevice[] = "upsert_device";
 inline constexpr char kUnassignDevice[] = "unassign_device";
+inline constexpr char kRestampUnassignment[] = "restamp_unassignment";
 inline constexpr char kResolveDevices[] = "resolve_devices";
 inline constexpr char kResolveTenants[] = "resolve_tenants";
 
@@ -76,9 +77,18 @@ inline const std::vector<pg::Statement>& Statements() {
        "updated_at = now() WHERE devices.patient_id IS NULL"},
       // The time it is written, not the transaction's start: the reassignment wait counts from when
       // the unassignment became visible (the transaction's last statement, just before COMMIT).
+      // kRestampUnassignment moves it past the COMMIT; this stamp stands if that never runs.
       {kUnassignDevice,
        "UPDATE devices SET former_patient_id = patient_id, patient_id = NULL, "
        "updated_at = clock_timestamp() WHERE tenant_id = $1 AND device_id = $2"},
+      // Run once the unassignment has committed, in a transaction of its own: a COMMIT can take
+      // long (a slow disk, a synchronous standby), and look-ups answered the former patient ($3)
+      // until it was done. Only while the device is still unassigned from that patient, and
+      // never earlier than the stamp it replaces.
+      {kRestampUnassignment,
+       "UPDATE devices SET updated_at = greatest(updated_at, clock_timestamp()) "
+       "WHERE tenant_id = $1 AND device_id = $2 AND patient_id IS NULL "
+       "AND former_patient_id = $3"},
       // Every key answered, with its tenant's state even when the device is not assigned.
       {kResolveDevices,
        "SELECT k.tenant_id, k.device_id, p.patient_id, p.region_id, coalesce(t.active, false), "

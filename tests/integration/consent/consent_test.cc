@@ -507,6 +507,49 @@ TEST_F(ConsentTest, ALateRetryOfAGrantDoesNotUndoARevocation) {
   EXPECT_EQ(now_listed->consents(0).state(), v1::CONSENT_STATE_GRANTED);
 }
 
+// A revocation whose answer was lost, retried after the patient granted again: the retry answers
+// the first revocation, records nothing and leaves the newer grant in force. The same request id
+// with another reason is a client's mistake, refused rather than taken for done.
+TEST_F(ConsentTest, ALateRetryOfARevocationDoesNotUndoANewerGrant) {
+  const std::string patient = Place("late-revoke-1", "FR");
+  auto app = Stub(pki_->app());
+  auto granted = Grant(*app, GrantArgs(patient).WithEvidence("form-1").WithRequestId("lv-1"));
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  v1::RevokeConsentRequest revoke = ByKey(patient, v1::PURPOSE_CARE);
+  revoke.set_request_id("lv-2");
+  revoke.set_reason("withdrawn");
+  auto revoked = Revoke(*app, revoke);
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_EQ(revoked->version(), 2);
+  auto regranted = Grant(*app, GrantArgs(patient).WithEvidence("form-2").WithRequestId("lv-3"));
+  ASSERT_TRUE(regranted.ok()) << regranted.status();
+  EXPECT_EQ(regranted->version(), 3);
+
+  auto retry = Revoke(*app, revoke);
+  ASSERT_TRUE(retry.ok()) << retry.status();
+  EXPECT_EQ(retry->consent_id(), granted->consent_id());
+  EXPECT_EQ(retry->version(), 2);
+  EXPECT_TRUE(retry->already_revoked());
+  auto listed = List(*app, ListOf(patient, true));
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->consents_size(), 1);
+  EXPECT_EQ(listed->consents(0).state(), v1::CONSENT_STATE_GRANTED);
+  EXPECT_EQ(listed->consents(0).current().version(), 3);
+  EXPECT_EQ(listed->consents(0).history_size(), 3);
+
+  revoke.set_reason("changed my mind");
+  auto reused = Revoke(*app, revoke);
+  EXPECT_EQ(reused.status().code(), absl::StatusCode::kInvalidArgument) << reused.status();
+  EXPECT_NE(reused.status().message().find("request_id 'lv-2'"), absl::string_view::npos)
+      << reused.status();
+  // A new request id revokes the newer grant.
+  revoke.set_request_id("lv-4");
+  auto revoked_again = Revoke(*app, revoke);
+  ASSERT_TRUE(revoked_again.ok()) << revoked_again.status();
+  EXPECT_EQ(revoked_again->version(), 4);
+  EXPECT_FALSE(revoked_again->already_revoked());
+}
+
 // A grant's answer lost, and its retry made after the end it gave: the retry answers what was
 // recorded. A new grant with an end already past is refused.
 TEST_F(ConsentTest, ARetryAfterTheGrantsEndAnswersWhatWasRecorded) {

@@ -473,6 +473,35 @@ TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
     ASSERT_TRUE(slow.get_future().get().ok());
   }
   EXPECT_EQ(assign("wait-owner-1").error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+
+  // An unassignment whose COMMIT itself is slow (a deferred trigger standing in for a slow disk
+  // or a synchronous standby), longer than the wait: look-ups answered the former patient until
+  // the COMMIT was done, so the wait still counts from then, and another patient must wait.
+  ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(10), [&] {
+    return assign("wait-owner-1").ok();
+  }));
+  {
+    pqxx::connection admin(stack_->clusters().control().ConnectionString());
+    pqxx::nontransaction q(admin);
+    q.exec("CREATE FUNCTION test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+           "$$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$");
+    q.exec("CREATE CONSTRAINT TRIGGER test_slow_unassignment AFTER UPDATE ON devices "
+           "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+           "WHEN (OLD.patient_id IS NOT NULL AND NEW.patient_id IS NULL) "
+           "EXECUTE FUNCTION test_slow_commit()");
+  }
+  const grpc::Status slow_commit = unassign();
+  // At once (the wait is 1 s; the trigger does not fire on an assignment).
+  const grpc::Status right_after = assign("wait-owner-2");
+  {
+    pqxx::connection admin(stack_->clusters().control().ConnectionString());
+    pqxx::nontransaction q(admin);
+    q.exec("DROP TRIGGER test_slow_unassignment ON devices");
+    q.exec("DROP FUNCTION test_slow_commit()");
+  }
+  ASSERT_TRUE(slow_commit.ok()) << slow_commit.error_message();
+  EXPECT_EQ(right_after.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+      << right_after.error_message();
   (*server)->Shutdown();
 }
 
@@ -738,6 +767,28 @@ TEST_F(RoutingTest, TenantAndRuleListsAreBounded) {
   EXPECT_THAT(status.error_message(), HasSubstr("tenant.region_ids: at most 32"));
 }
 
+// The API promises distinct territory codes: a repeated one is refused, naming where.
+TEST_F(RoutingTest, UpsertTenantRefusesARepeatedTerritory) {
+  v1::UpsertTenantRequest request;
+  request.mutable_tenant()->set_tenant_id("twinned");
+  request.mutable_tenant()->set_display_name("Twinned");
+  request.mutable_tenant()->set_active(true);
+  request.mutable_tenant()->add_territories("FR");
+  request.mutable_tenant()->add_territories("FR");
+  v1::UpsertTenantResponse response;
+  grpc::ClientContext context;
+  grpc::Status status = Stub(pki_->ops())->UpsertTenant(&context, request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("tenant.territories[1]: 'FR' is already listed at tenant.territories[0]"));
+  v1::GetTenantRequest get;
+  get.set_tenant_id("twinned");
+  v1::GetTenantResponse got;
+  grpc::ClientContext get_context;
+  EXPECT_EQ(Stub(pki_->ops())->GetTenant(&get_context, get, &got).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
 TEST_F(RoutingTest, BadInputNamesTheField) {
   struct Case {
     std::string ref;
@@ -754,21 +805,36 @@ TEST_F(RoutingTest, BadInputNamesTheField) {
     EXPECT_EQ(placed.status().code(), c.code) << c.territory;
     EXPECT_THAT(std::string(placed.status().message()), HasSubstr(c.mentions));
   }
-  auto put_rule = [&](const std::string& territory, std::vector<std::string> regions) {
+  auto put_rule = [&](const std::string& territory, std::vector<std::string> regions,
+                      std::vector<std::string> readable_from = {}) {
     v1::PutResidencyRuleRequest request;
     request.mutable_rule()->set_territory(territory);
     for (const auto& r : regions) request.mutable_rule()->add_region_ids(r);
+    for (const auto& t : readable_from) request.mutable_rule()->add_readable_from_territories(t);
     v1::PutResidencyRuleResponse response;
     grpc::ClientContext context;
     return Stub(pki_->ops())->PutResidencyRule(&context, request, &response);
   };
+  // A rule's errors name the request's fields, as the caller sent them.
   grpc::Status unknown = put_rule("FR", {"fr-1", "xx-9"});
   EXPECT_EQ(unknown.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
-  EXPECT_THAT(unknown.error_message(), HasSubstr("xx-9"));
+  EXPECT_THAT(unknown.error_message(), HasSubstr("rule.region_ids[1]: region 'xx-9'"));
   grpc::Status not_hosting = put_rule("BE", {"de-1"});
   EXPECT_EQ(not_hosting.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
-  EXPECT_THAT(not_hosting.error_message(), HasSubstr("de-1"));
-  EXPECT_EQ(put_rule("ZZ", {"fr-1"}).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(not_hosting.error_message(), HasSubstr("rule.region_ids[0]: region 'de-1'"));
+  grpc::Status repeated = put_rule("FR", {"fr-1", "fr-1"});
+  EXPECT_EQ(repeated.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(repeated.error_message(),
+              HasSubstr("rule.region_ids[1]: region 'fr-1' is already listed at rule.region_ids[0]"));
+  grpc::Status no_region = put_rule("FR", {});
+  EXPECT_EQ(no_region.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(no_region.error_message(), HasSubstr("rule.region_ids: must not be empty"));
+  grpc::Status bad_territory = put_rule("ZZ", {"fr-1"});
+  EXPECT_EQ(bad_territory.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad_territory.error_message(), HasSubstr("rule.territory: 'ZZ'"));
+  grpc::Status bad_reader = put_rule("FR", {"fr-1"}, {"DE", "UK"});
+  EXPECT_EQ(bad_reader.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad_reader.error_message(), HasSubstr("rule.readable_from_territories[1]: 'UK'"));
   // A tenant narrowed to an unknown region is refused.
   v1::UpsertTenantRequest tenant;
   tenant.mutable_tenant()->set_tenant_id("initech");

@@ -24,6 +24,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "medgate/v1/routing.grpc.pb.h"
+#include "tests/unit/routing_client/wall_clock_step.h"
 
 namespace medgate {
 namespace {
@@ -250,6 +251,7 @@ class RoutingClientTest : public ::testing::Test {
   }
 
   void TearDown() override {
+    ResetWallClock();
     if (!release_.HasBeenNotified()) release_.Notify();
     if (server_ != nullptr) server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
   }
@@ -619,6 +621,26 @@ TEST_F(RoutingClientTest, UnassignedDeviceResolvesUntilDeviceTtl) {
   clock_.Advance(absl::Milliseconds(1));
   EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 missing"));
   EXPECT_EQ(fake_.device_rpcs(), 2u);
+}
+
+// The host clock stepped back (by NTP, by an operator) must not keep an unassigned device's old
+// patient past the TTL: expiry is timed on a clock that the step does not move.
+TEST_F(RoutingClientTest, AWallClockSteppedBackDoesNotExtendAnAnswer) {
+  options_.clock = RoutingClientOptions{}.clock;
+  options_.device_ttl = absl::Milliseconds(200);
+  EXPECT_THAT(Devices({{"t1", "d1"}}), ElementsAre("t1/d1 p1@fr-1"));
+  fake_.UnassignDevice("t1", "d1");
+  ASSERT_TRUE(StepWallClock(-absl::Hours(1)));
+  // Waits for the unassignment, far longer than the TTL but far shorter than the step (on the
+  // steady clock: test_support::PollUntil's deadline is on the wall clock, stepped here).
+  std::vector<std::string> answer;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  do {
+    answer = Devices({{"t1", "d1"}});
+    if (answer != std::vector<std::string>{"t1/d1 p1@fr-1"}) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  } while (std::chrono::steady_clock::now() < deadline);
+  EXPECT_THAT(answer, ElementsAre("t1/d1 missing"));
 }
 
 TEST_F(RoutingClientTest, UnknownDeviceIsCachedForNegativeTtl) {

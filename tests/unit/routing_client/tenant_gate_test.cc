@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <map>
 #include <thread>
 #include <string>
@@ -17,17 +18,22 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "tests/unit/routing_client/wall_clock_step.h"
 
 namespace medgate {
 namespace {
 
 class TenantGateTest : public ::testing::Test {
  protected:
-  std::unique_ptr<TenantGate> MakeGate() {
+  void TearDown() override { ResetWallClock(); }
+
+  // With the fake clock `now_`, or else the gate's own default clock and `ttl`.
+  std::unique_ptr<TenantGate> MakeGate(bool fake_clock = true,
+                                       absl::Duration ttl = absl::Seconds(2)) {
     TenantGateOptions options;
-    options.ttl = absl::Seconds(2);
+    options.ttl = ttl;
     options.max_cached = 2;
-    options.clock = [this] { return now_; };
+    if (fake_clock) options.clock = [this] { return now_; };
     return NewCachedTenantGate(
         [this](absl::Span<const std::string> ids) -> absl::StatusOr<std::vector<TenantStatus>> {
           fetched_.insert(fetched_.end(), ids.begin(), ids.end());
@@ -78,6 +84,25 @@ TEST_F(TenantGateTest, CachesForItsTtlThenAsksAgain) {
   now_ += absl::Seconds(2);
   EXPECT_TRUE(gate->CheckActive("acme").ok());
   EXPECT_EQ(fetched_.size(), 3u);
+}
+
+// The host clock stepped back (by NTP, by an operator) must not keep a suspended tenant served
+// past the TTL: expiry is timed on a clock that the step does not move.
+TEST_F(TenantGateTest, AWallClockSteppedBackDoesNotExtendAnAnswer) {
+  auto gate = MakeGate(/*fake_clock=*/false, absl::Milliseconds(200));
+  ASSERT_TRUE(gate->CheckActive("acme").ok());
+  registered_["acme"] = false;  // suspended in routing
+  ASSERT_TRUE(StepWallClock(-absl::Hours(1)));
+  // Waits for the suspension, far longer than the TTL but far shorter than the step (on the
+  // steady clock: test_support::PollUntil's deadline is on the wall clock, stepped here).
+  absl::Status status;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  do {
+    status = gate->CheckActive("acme");
+    if (!status.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  } while (std::chrono::steady_clock::now() < deadline);
+  EXPECT_EQ(status.code(), absl::StatusCode::kPermissionDenied) << status;
 }
 
 TEST_F(TenantGateTest, FailsClosedAndCachesNoFailure) {
