@@ -16,6 +16,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "libs/common/log.h"
 #include "libs/crypto/sha256.h"
 
@@ -88,10 +89,22 @@ absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> LoadKeyEncryptionKeyFile(
     return absl::NotFoundError(absl::StrCat("key-encryption key file '", path,
                                             "' cannot be read: ", std::strerror(errno)));
   }
+  // A key others may read unwraps every patient key; one they may write can be swapped for
+  // theirs, under which new patient keys would be wrapped. Refused, not warned about.
   struct stat st {};
-  if (fstat(fd, &st) == 0 && (st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
-    log::Warning("kek_file_permissions",
-                 {{"path", path}, {"detail", "readable by group or others; use mode 0600"}});
+  if (fstat(fd, &st) != 0) {
+    const int error = errno;
+    close(fd);
+    return absl::FailedPreconditionError(absl::StrCat("key-encryption key file '", path,
+                                                      "' cannot be checked: ",
+                                                      std::strerror(error)));
+  }
+  if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
+    close(fd);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "key-encryption key file '", path, "' is open to its group or others (mode ",
+        absl::StrFormat("%04o", st.st_mode & 07777), "); make it readable by its owner only "
+        "(chmod 0400 or 0600)"));
   }
   // Read into one buffer of our own, wiped afterwards (a stream's buffers would be freed with
   // the key's digits in them). A KEK file is 64 hex digits and a newline; more than the buffer

@@ -21,6 +21,8 @@ constexpr size_t kMaxSegment = 128;
 
 bool ValidSegment(absl::string_view s) {
   if (s.empty() || s.size() > kMaxSegment) return false;
+  // The SPIFFE spec forbids them: a tool that normalises the path would read another identity.
+  if (s == "." || s == "..") return false;
   for (char c : s) {
     bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
               c == '-' || c == '_' || c == '.';

@@ -4,6 +4,7 @@
 #include <openssl/rand.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -36,7 +37,9 @@ absl::StatusOr<absl::Time> TimeFromProto(const google::protobuf::Timestamp& ts,
 
 std::string NewRequestId() {
   unsigned char bytes[12];
-  RAND_bytes(bytes, sizeof(bytes));
+  // As every other use of the CSPRNG here: without it, nothing is safe to go on with (and the
+  // buffer would carry stack bytes into the audit log).
+  if (RAND_bytes(bytes, sizeof(bytes)) != 1) std::abort();
   return absl::StrCat("srv-", absl::BytesToHexString(absl::string_view(
                                   reinterpret_cast<const char*>(bytes), sizeof(bytes))));
 }

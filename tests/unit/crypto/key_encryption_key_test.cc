@@ -84,6 +84,20 @@ TEST(KeyEncryptionKeyTest, LoadsFromFileAndEnvironment) {
   auto from_file = LoadKeyEncryptionKeyFile(path);
   ASSERT_TRUE(from_file.ok()) << from_file.status();
   EXPECT_EQ((*from_file)->id(), Kek()->id());
+  // Open to its group or others: refused, not loaded (others could read the key that unwraps
+  // every patient key, or swap in theirs).
+  using std::filesystem::perms;
+  for (perms open : {perms::others_read, perms::group_read, perms::group_write,
+                     perms::others_write}) {
+    std::filesystem::permissions(path, perms::owner_read | open);
+    absl::Status refused = LoadKeyEncryptionKeyFile(path).status();
+    EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition) << refused;
+    EXPECT_THAT(std::string(refused.message()), HasSubstr("readable by its owner only"));
+    EXPECT_THAT(std::string(refused.message()), Not(HasSubstr(kKekHex)));
+  }
+  std::filesystem::permissions(path, perms::owner_read);
+  ASSERT_TRUE(LoadKeyEncryptionKeyFile(path).ok());
+  std::filesystem::permissions(path, perms::owner_read | perms::owner_write);
   // A file far longer than a key is refused without echoing it.
   {
     std::ofstream out(path, std::ios::app);

@@ -51,6 +51,11 @@ TEST(ParseSpiffeIdTest, RefusesEverythingElse) {
            "spiffe://medgate.test/tenant//app/backend",    // empty segment
            "spiffe://medgate.test/ops/al ice",             // invalid character
            "spiffe://medgate.test/service/../ops",         // path trickery (invalid segment)
+           // Dot segments, which the SPIFFE spec forbids (a normalising tool reads another id).
+           "spiffe://medgate.test/tenant/../device/d",
+           "spiffe://medgate.test/tenant/acme/device/..",
+           "spiffe://medgate.test/ops/..",
+           "spiffe://medgate.test/service/.",
            "",
        }) {
     absl::StatusOr<Principal> p = ParseSpiffeId(uri, kTd);
