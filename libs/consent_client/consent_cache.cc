@@ -79,7 +79,17 @@ struct Entry {
   uint64_t region_epoch;
   int64_t loaded_at;  // MonoNanos
   std::vector<ConsentRecord> consents;
+  size_t bytes = 0;   // EntryBytes, counted in its stripe's bytes
 };
+
+// What an entry takes in memory, about: its own size, its list and index nodes, and its strings.
+size_t EntryBytes(absl::string_view patient_id, const std::vector<ConsentRecord>& consents) {
+  size_t bytes = sizeof(Entry) + 64 + 2 * patient_id.size();
+  for (const ConsentRecord& c : consents) {
+    bytes += sizeof(ConsentRecord) + c.consent_id.size() + c.tenant_id.size() + c.actor.size();
+  }
+  return bytes;
+}
 
 // One lock's worth of the cache. The epoch changes with every invalidation, so that a load that
 // raced with one does not store what it read. Locks here are std::mutex rather than absl::Mutex:
@@ -89,6 +99,7 @@ struct Stripe {
   std::mutex mu;
   std::list<Entry> lru;  // most recently used first
   absl::flat_hash_map<std::string, std::list<Entry>::iterator> index;
+  size_t bytes = 0;  // the entries' EntryBytes
   uint64_t epoch = 0;
   uint64_t hits = 0;  // counted under the lock the check holds anyway
   uint64_t loads = 0;
@@ -104,6 +115,7 @@ class PgConsentCache final : public ConsentCache {
             absl::ToInt64Nanoseconds(std::min(kMaxHeartbeat, options.fail_closed_after / 4))),
         stripe_count_(std::clamp<size_t>(options.max_patients, 1, kMaxStripes)),
         stripe_capacity_(std::max<size_t>(1, options.max_patients / stripe_count_)),
+        stripe_bytes_(std::max<size_t>(1, options.max_bytes / stripe_count_)),
         stripes_(std::make_unique<Stripe[]>(stripe_count_)) {
     const int64_t now = MonoNanos();
     for (const RegionConfig& config : regions) {
@@ -186,8 +198,7 @@ class PgConsentCache final : public ConsentCache {
           return Decide(entry.consents, purpose, actor, now);
         }
         if (!may_load) return std::nullopt;  // left for Check to drop and load again
-        stripe.lru.erase(hit->second);
-        stripe.index.erase(hit);
+        Remove(stripe, hit);
       }
       if (!may_load) return std::nullopt;
       stripe_epoch = stripe.epoch;
@@ -203,13 +214,18 @@ class PgConsentCache final : public ConsentCache {
       if (stripe.epoch == stripe_epoch &&
           region.epoch.load(std::memory_order_acquire) == region_epoch &&
           !stripe.index.contains(patient_id)) {
-        if (stripe.lru.size() >= stripe_capacity_) {
-          stripe.index.erase(stripe.lru.back().patient_id);
-          stripe.lru.pop_back();
+        const size_t bytes = EntryBytes(patient_id, *consents);
+        // A patient whose consents would take more than the stripe's bytes is read each time.
+        if (bytes <= stripe_bytes_) {
+          while (!stripe.lru.empty() && (stripe.lru.size() >= stripe_capacity_ ||
+                                         stripe.bytes + bytes > stripe_bytes_)) {
+            Remove(stripe, stripe.index.find(stripe.lru.back().patient_id));
+          }
+          stripe.lru.push_front(Entry{std::string(patient_id), &region, region_epoch, mono,
+                                      *std::move(consents), bytes});
+          stripe.index.emplace(stripe.lru.front().patient_id, stripe.lru.begin());
+          stripe.bytes += bytes;
         }
-        stripe.lru.push_front(
-            Entry{std::string(patient_id), &region, region_epoch, mono, *std::move(consents)});
-        stripe.index.emplace(stripe.lru.front().patient_id, stripe.lru.begin());
       }
     }
     return decision;
@@ -226,6 +242,8 @@ class PgConsentCache final : public ConsentCache {
       std::lock_guard<std::mutex> lock(stripes_[i].mu);
       stats.hits += stripes_[i].hits;
       stats.loads += stripes_[i].loads;
+      stats.entries += stripes_[i].lru.size();
+      stats.bytes += stripes_[i].bytes;
     }
     for (const auto& [id, region] : regions_) {
       stats.notifications += region->notifications.load(std::memory_order_acquire);
@@ -240,13 +258,20 @@ class PgConsentCache final : public ConsentCache {
     ++stripe.epoch;
     auto it = stripe.index.find(patient_id);
     if (it == stripe.index.end()) return;
-    stripe.lru.erase(it->second);
-    stripe.index.erase(it);
+    Remove(stripe, it);
   }
 
  private:
   Stripe& StripeOf(absl::string_view patient_id) {
     return stripes_[absl::Hash<absl::string_view>{}(patient_id) % stripe_count_];
+  }
+
+  // Drops a cached patient; the stripe's lock is held.
+  static void Remove(Stripe& stripe,
+                     absl::flat_hash_map<std::string, std::list<Entry>::iterator>::iterator at) {
+    stripe.bytes -= at->second->bytes;
+    stripe.lru.erase(at->second);
+    stripe.index.erase(at);
   }
 
   bool Stopping() {
@@ -381,6 +406,7 @@ class PgConsentCache final : public ConsentCache {
   const int64_t heartbeat_ns_;
   const size_t stripe_count_;
   const size_t stripe_capacity_;
+  const size_t stripe_bytes_;
   std::unique_ptr<Stripe[]> stripes_;
   std::map<std::string, std::unique_ptr<Region>, std::less<>> regions_;
   std::mutex stop_mu_;

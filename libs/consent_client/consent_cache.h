@@ -37,6 +37,10 @@ struct AccessDecision {
 
 struct ConsentCacheOptions {
   size_t max_patients = 200000;                       // LRU-evicted beyond this
+  // ... and beyond this many bytes of cached consents (estimated: a patient may hold 1,000
+  // consents, each narrowed to an actor of up to 512 bytes). A patient's consents larger than a
+  // sixteenth of it are not cached: they are read for each check.
+  size_t max_bytes = size_t{256} << 20;
   absl::Duration max_staleness = absl::Seconds(30);   // entries older than this are reloaded
   // The change feed unheard from this long (a heartbeat checks it every quarter of it, at most
   // every 500 ms): UNAVAILABLE. It bounds how long a cache may miss a revocation when the feed
@@ -51,6 +55,8 @@ struct ConsentCacheStats {
   uint64_t loads = 0;          // checks that read the shard
   uint64_t notifications = 0;  // change notifications received, every region
   uint64_t feed_starts = 0;    // times a region's feed started listening (dropping its entries)
+  uint64_t entries = 0;        // patients cached now
+  uint64_t bytes = 0;          // their estimated size now
 };
 
 // Thread-safe.

@@ -21,7 +21,7 @@ namespace medgate::consent {
 
 // The consent section of the configuration (every key optional):
 //   consent:
-//     cache: {max_patients, max_staleness_ms, fail_closed_after_ms, load_timeout_ms}
+//     cache: {max_patients, max_mib, max_staleness_ms, fail_closed_after_ms, load_timeout_ms}
 struct ConsentSettings {
   ConsentCacheOptions cache;
 };

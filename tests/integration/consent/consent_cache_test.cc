@@ -56,8 +56,10 @@ class ConsentCacheTest : public ::testing::Test {
   }
 
   static std::unique_ptr<ConsentCache> NewCache(absl::Duration max_staleness = absl::Minutes(10),
-                                                absl::Duration fail_closed = absl::Seconds(1)) {
+                                                absl::Duration fail_closed = absl::Seconds(1),
+                                                size_t max_bytes = size_t{256} << 20) {
     ConsentCacheOptions options;
+    options.max_bytes = max_bytes;
     options.max_staleness = max_staleness;
     options.fail_closed_after = fail_closed;
     options.load_timeout = absl::Seconds(1);
@@ -148,6 +150,50 @@ TEST_F(ConsentCacheTest, ANotificationInvalidatesTheCachedDecision) {
   EXPECT_EQ(last->reason, AccessReason::kRevoked);
   EXPECT_EQ(last->consent_version, 2);
   EXPECT_GT(cache->Stats().notifications, heard);
+}
+
+// The cache is bounded in bytes as well as in patients: a patient may hold 1,000 consents, each
+// narrowed to an actor of up to 512 bytes. Over the bound the least recently used patients go;
+// a patient larger than a stripe's share (a sixteenth) is not cached but read for each check.
+TEST_F(ConsentCacheTest, IsBoundedInBytesAsWellAsInPatients) {
+  // `count` CARE consents of `patient`, each narrowed to an actor of about 450 bytes, granted.
+  auto narrowed = [](const std::string& patient, int count) {
+    Exec(*fr_,
+         "INSERT INTO consents (consent_id, patient_id, tenant_id, purpose, actor) "
+         "SELECT 'cn_' || $1 || '_' || g, $1, 'acme', 'CARE', "
+         "'spiffe://medgate.test/tenant/acme/practitioner/' || repeat('x', 400) || g "
+         "FROM generate_series(1, $2::int) g",
+         {patient, std::to_string(count)});
+    Exec(*fr_,
+         "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
+         "evidence_ref, reason, recorded_by, recorded_at, request_id) "
+         "SELECT consent_id, 1, 'granted', now(), NULL, 'form', '', 'test', now(), 'r1' "
+         "FROM consents WHERE patient_id = $1",
+         {patient});
+  };
+  constexpr int kPatients = 40;
+  for (int i = 0; i < kPatients; ++i) narrowed(absl::StrCat("pt_bytes_", i), 10);  // ~7 KB each
+  narrowed("pt_bytes_large", 30);                                                   // ~20 KB
+  // 8 KiB a stripe: one such patient fits in each, two do not.
+  constexpr size_t kMaxBytes = 16 * 8 * 1024;
+  auto cache = NewCache(absl::Minutes(10), absl::Seconds(1), kMaxBytes);
+  for (int i = 0; i < kPatients; ++i) {
+    ASSERT_TRUE(cache->Check("fr-1", absl::StrCat("pt_bytes_", i), Purpose::kCare, kApp,
+                             absl::Now()).ok());
+    const ConsentCacheStats stats = cache->Stats();
+    EXPECT_LE(stats.bytes, kMaxBytes);
+    EXPECT_LE(stats.entries, 16u);
+  }
+  EXPECT_GT(cache->Stats().entries, 0u);
+  // The large patient is read for every check, and decided as from memory.
+  const uint64_t loads = cache->Stats().loads;
+  for (int i = 0; i < 2; ++i) {
+    auto decision = cache->Check("fr-1", "pt_bytes_large", Purpose::kCare, kApp, absl::Now());
+    ASSERT_TRUE(decision.ok()) << decision.status();
+    EXPECT_FALSE(decision->permit);  // narrowed to other actors
+    EXPECT_EQ(decision->reason, AccessReason::kActorNotCovered);
+  }
+  EXPECT_EQ(cache->Stats().loads, loads + 2);
 }
 
 TEST_F(ConsentCacheTest, AnswersFromMemoryUntilInvalidatedOrStale) {
