@@ -502,7 +502,7 @@ class PgUpload final : public Upload {
       // Usually the patient's key is cached: then the one statement, which also checks the
       // tenant's quota under its lock, is the whole write (and, outside a transaction, the
       // commit).
-      std::optional<PatientKey> key = keys_.Get(home_.patient_id, now);
+      std::optional<PatientKey> key = keys_.Get(home_.patient_id, core_.KeyCacheNow());
       if (key) {
         absl::StatusOr<Written> written;
         if (txn_ != nullptr) {
@@ -555,7 +555,7 @@ class PgUpload final : public Upload {
             "nothing was stored, upload again");
       }
       RETURN_IF_ERROR(CommitTransaction());
-      keys_.Put(home_.patient_id, *current, now, generation);
+      keys_.Put(home_.patient_id, *current, core_.KeyCacheNow(), generation);
       return absl::OkStatus();
     } catch (const pqxx::unique_violation& e) {
       // Only the request id's key can refuse the record's statement (its ids are new). Found no
@@ -1141,9 +1141,8 @@ absl::StatusOr<PatientKey> SharingCore::OpenPatientKey(absl::string_view region,
                                                        absl::string_view wrapped_by,
                                                        absl::string_view wrapped,
                                                        bool row_locked) {
-  const absl::Time now = Now();
   const uint64_t generation = patient_keys_.generation();
-  std::optional<PatientKey> cached = patient_keys_.Get(patient_id, now);
+  std::optional<PatientKey> cached = patient_keys_.Get(patient_id, KeyCacheNow());
   if (cached && cached->key_id == key_id) return *std::move(cached);
   absl::StatusOr<SecretKey> key;
   if (wrapped_by == kInVault) {
@@ -1166,7 +1165,7 @@ absl::StatusOr<PatientKey> SharingCore::OpenPatientKey(absl::string_view region,
   }
   if (!key.ok()) return key.status();
   PatientKey opened{key_id, *std::move(key)};
-  patient_keys_.Put(patient_id, opened, now, generation);
+  patient_keys_.Put(patient_id, opened, KeyCacheNow(), generation);
   return opened;
 }
 

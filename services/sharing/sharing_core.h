@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "libs/common/bounded_counts.h"
+#include "libs/common/monotonic_clock.h"
 #include "libs/consent_client/consent_cache.h"
 #include "libs/crypto/key_encryption_key.h"
 #include "libs/identity/principal.h"
@@ -207,6 +208,9 @@ struct SharingOptions {
   size_t max_list_page_bytes = kMaxListPageBytes;
   // Time source for grants, expiry and retention (tests move it forward).
   std::function<absl::Time()> clock = absl::Now;
+  // Times how long unwrapped patient keys stay cached: monotonic, so that a host clock stepped
+  // back does not keep them in memory longer (tests move it forward with `clock`).
+  std::function<absl::Time()> key_cache_clock = MonotonicNow;
 };
 
 // Limits from the API.
@@ -267,13 +271,15 @@ class SharingCore {
   // How many changes were folded.
   absl::StatusOr<int64_t> FoldTenantUsage();
   // Drops (and wipes) the cached patient keys past their max age, used or not since.
-  size_t DropExpiredPatientKeys() { return patient_keys_.DropExpired(Now()); }
+  size_t DropExpiredPatientKeys() { return patient_keys_.DropExpired(KeyCacheNow()); }
 
   // Plaintext and ciphertext bytes that uploads and downloads hold right now, and the most ever.
   int64_t buffered_bytes() const { return buffered_.load(); }
   int64_t peak_buffered_bytes() const { return peak_buffered_.load(); }
 
   absl::Time Now() const { return options_.clock(); }
+  // The time of the patient key cache (SharingOptions::key_cache_clock).
+  absl::Time KeyCacheNow() const { return options_.key_cache_clock(); }
   absl::Duration upload_idle_timeout() const { return options_.upload_idle_timeout; }
   int max_uploads_per_tenant() const { return options_.max_uploads_per_tenant; }
   size_t region_count() const { return shards_.RegionIds().size(); }

@@ -138,6 +138,7 @@ SharingServer::SharingServer(MedgateConfig config, SharingSettings settings,
   core_options.service_identity = (*config_.Service("sharing"))->identity;
   core_options.trust_domain = config_.trust_domain;
   core_options.clock = options.clock;
+  core_options.key_cache_clock = options.key_cache_clock;
   core_options.max_list_page_bytes = options.max_list_page_bytes;
   core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, *directory_, *consent_, *vault_,
                                         std::move(core_options));

@@ -69,6 +69,8 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
 struct SharingServerOptions {
   // Time source of the cores (grants, expiry, retention); tests move it forward.
   std::function<absl::Time()> clock = absl::Now;
+  // SharingOptions::key_cache_clock; tests move it forward with `clock`.
+  std::function<absl::Time()> key_cache_clock = MonotonicNow;
   // SharingOptions::max_list_page_bytes; tests make it small.
   size_t max_list_page_bytes = kMaxListPageBytes;
   // AuditCore's max_scanned_per_page; tests make it small.

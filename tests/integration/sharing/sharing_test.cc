@@ -212,6 +212,9 @@ class SharingTest : public ::testing::Test {
 
     SharingServerOptions options;
     options.clock = ServerNow;
+    options.key_cache_clock = [] {
+      return MonotonicNow() + absl::Microseconds(clock_offset_us.load());
+    };
     auto sharing = SharingServer::Create(stack_->config(), options);
     ASSERT_TRUE(sharing.ok()) << sharing.status();
     sharing_ = sharing->release();
