@@ -98,6 +98,37 @@ statement_timeout_ms: {{ int64 $pool.statementTimeoutMs }}
 {{- end -}}
 {{- end -}}
 
+{{/*
+The egress rules every pod of the release (and the migration Job) has: the databases' networks on
+the databases' ports only, and DNS.
+*/}}
+{{- define "medgate.databaseAndDnsEgress" -}}
+{{- $v := .Values -}}
+{{- $ports := dict -}}
+{{- $dbs := list $v.control -}}
+{{- range $v.regions -}}
+{{- $dbs = append $dbs .db -}}
+{{- $dbs = append $dbs .keysDb -}}
+{{- end -}}
+{{- range $db := $dbs -}}
+{{- $port := 5432 -}}
+{{- if and $db (hasKey $db "port") -}}{{- $port = $db.port -}}{{- end -}}
+{{- $_ := set $ports (toString (int64 $port)) true -}}
+{{- end -}}
+- to:
+    {{- range $v.networkPolicy.databaseCIDRs }}
+    - ipBlock: {cidr: {{ . | quote }}}
+    {{- end }}
+  ports:
+    {{- range $p, $_ := $ports }}
+    - {port: {{ $p }}, protocol: TCP}
+    {{- end }}
+- to:
+    {{- toYaml $v.networkPolicy.dns.peers | nindent 4 }}
+  ports:
+    {{- toYaml $v.networkPolicy.dns.ports | nindent 4 }}
+{{- end -}}
+
 {{/* A network in CIDR notation (IPv4 or IPv6). */}}
 {{- define "medgate.checkCidr" -}}
 {{- if not (and (kindIs "string" .cidr) (or (regexMatch "^([0-9]{1,3}\\.){3}[0-9]{1,3}/[0-9]{1,2}$" .cidr) (regexMatch "^[0-9a-fA-F:]+/[0-9]{1,3}$" .cidr))) -}}
@@ -231,6 +262,17 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- end -}}
 {{- range $j, $c := $v.networkPolicy.databaseCIDRs -}}
 {{- include "medgate.checkCidr" (dict "cidr" $c "where" (printf "networkPolicy.databaseCIDRs[%d]" $j)) -}}
+{{- if regexMatch "/0+$" $c -}}
+{{- fail (printf "networkPolicy.databaseCIDRs[%d]: '%s' is every address: name the databases' networks" $j $c) -}}
+{{- end -}}
+{{- end -}}
+{{- if $v.networkPolicy.enabled -}}
+{{- if not $v.networkPolicy.dns.peers -}}
+{{- fail "networkPolicy.dns.peers: the cluster DNS pods are required (an empty list would let the pods reach every address on the DNS ports)" -}}
+{{- end -}}
+{{- if not $v.networkPolicy.dns.ports -}}
+{{- fail "networkPolicy.dns.ports: the DNS ports are required (an empty list would let the pods reach the DNS peers on every port)" -}}
+{{- end -}}
 {{- end -}}
 {{- $pdb := $v.podDisruptionBudget.maxUnavailable -}}
 {{- if not (or (and (kindIs "string" $pdb) (regexMatch "^[0-9]{1,3}%$" $pdb)) (and (or (kindIs "float64" $pdb) (kindIs "int64" $pdb) (kindIs "int" $pdb)) (ge (int64 $pdb) 1))) -}}

@@ -489,6 +489,21 @@ TEST_F(HelmChartTest, NetworkPoliciesLetInOnlyTheNamedClientsAndLetOutOnlyToTheD
   ASSERT_EQ(egress.size(), 3u);
   ASSERT_EQ(egress[0]["to"].size(), 1u);
   EXPECT_EQ(egress[0]["to"][0]["ipBlock"]["cidr"].as<std::string>(), "10.20.0.0/16");
+  // ... on the databases' ports only (France's are all 5432); the migrations' policy alike.
+  for (const YAML::Node& rules :
+       {egress, Named(*france_, "NetworkPolicy", "medgate-migrate")["spec"]["egress"]}) {
+    ASSERT_EQ(rules[0]["ports"].size(), 1u);
+    EXPECT_EQ(rules[0]["ports"][0]["port"].as<int>(), 5432);
+    EXPECT_EQ(rules[0]["ports"][0]["protocol"].as<std::string>(), "TCP");
+  }
+  const Render other_port = RenderChart("control: {port: 6432}\n");
+  ASSERT_EQ(other_port.exit_code, 0) << other_port.error;
+  std::set<int> db_ports;
+  for (const YAML::Node& p :
+       Named(other_port, "NetworkPolicy", "medgate-egress")["spec"]["egress"][0]["ports"]) {
+    db_ports.insert(p["port"].as<int>());
+  }
+  EXPECT_EQ(db_ports, (std::set<int>{5432, 6432}));
   EXPECT_EQ(egress[1]["to"][0]["podSelector"]["matchLabels"]["k8s-app"].as<std::string>(),
             "kube-dns");
   std::set<std::string> dns_ports;
@@ -660,6 +675,12 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
        "services.ingest.clientCIDRs[0]: '0.0.0.0/0}' is not a network in CIDR notation"},
       {"podDisruptionBudget: {maxUnavailable: 0}\n",
        "podDisruptionBudget.maxUnavailable: '0' must be a whole number of pods (at least 1)"},
+      {"networkPolicy: {databaseCIDRs: [0.0.0.0/0]}\n",
+       "networkPolicy.databaseCIDRs[0]: '0.0.0.0/0' is every address"},
+      {"networkPolicy: {databaseCIDRs: [10.20.0.0/16, \"::/0\"]}\n",
+       "networkPolicy.databaseCIDRs[1]: '::/0' is every address"},
+      {"networkPolicy: {dns: {peers: []}}\n", "networkPolicy.dns.peers: the cluster DNS pods"},
+      {"networkPolicy: {dns: {ports: []}}\n", "networkPolicy.dns.ports: the DNS ports"},
       {"ingest: {settings: {instances: 5}}\n",
        "ingest.settings.instances: set by the chart from services.ingest.replicas"},
   };
