@@ -462,5 +462,41 @@ TEST(DatabaseRolesMigrationTest, MakesMissingRolesAndRefusesOverprivilegedOnes) 
   }
 }
 
+// A database whose public schema lets everyone create objects (one upgraded from a server before
+// PostgreSQL 15 keeps that; a grant can add it back) is closed by the migrations: a service role
+// that could plant a function there would have the owner-rights functions run it, as the owner.
+// A service role that still could, through a role it belongs to, stops them.
+TEST(DatabaseRolesMigrationTest, NoServiceRoleMayCreateObjectsInPublic) {
+  absl::StatusOr<std::unique_ptr<PgCluster>> started = PgCluster::Start("roles-public");
+  ASSERT_TRUE(started.ok()) << started.status();
+  PgCluster& cluster = **started;
+  ExecAsOwner(cluster, kControl,
+              {"CREATE DATABASE shard_open", "CREATE DATABASE vault_open",
+               "CREATE DATABASE shard_group", "CREATE ROLE planters NOLOGIN"});
+  for (const auto& [db, kind] : std::vector<std::pair<std::string, std::string>>{
+           {kControl, "control"}, {"shard_open", "shard"}, {"vault_open", "vault"}}) {
+    ExecAsOwner(cluster, db, {"GRANT CREATE ON SCHEMA public TO PUBLIC"});
+    absl::Status migrated = Migrate(cluster, db, kind);
+    ASSERT_TRUE(migrated.ok()) << db << ": " << migrated;
+    for (const std::string& right : RightsIn(cluster, db)) {
+      EXPECT_THAT(right, Not(HasSubstr("SCHEMA CREATE"))) << db;
+    }
+    // What the attack needs, refused: a function of the service's own in public.
+    EXPECT_EQ(RunAs(cluster, db, kind == "vault" ? pg::kSharingRole : pg::kRoutingRole,
+                    "CREATE FUNCTION public.planted() RETURNS int LANGUAGE sql AS 'SELECT 1'"),
+              kDenied)
+        << db;
+  }
+  // Through a role it belongs to.
+  ExecAsOwner(cluster, "shard_group", {"GRANT CREATE ON SCHEMA public TO planters"});
+  ExecAsOwner(cluster, kControl, {"GRANT planters TO medgate_ingest"});
+  absl::Status refused = Migrate(cluster, "shard_group", "shard");
+  EXPECT_THAT(std::string(refused.message()),
+              HasSubstr("role medgate_ingest may create objects in schema public of database "
+                        "shard_group"));
+  EXPECT_EQ(LastApplied(cluster, "shard_group"),
+            VersionOf("shard", "_no_objects_in_public_but_the_owners.sql") - 1);
+}
+
 }  // namespace
 }  // namespace medgate
