@@ -122,6 +122,13 @@ absl::StatusOr<MigrateResult> ApplyLocked(pqxx::connection& connection,
       txn.commit();
     } catch (const std::exception& e) {
       absl::Status s = pg::StatusFromException(e);
+      const auto* sql = dynamic_cast<const pqxx::sql_error*>(&e);
+      if (sql != nullptr && sql->sqlstate() == "55P03") {
+        return absl::UnavailableError(absl::StrCat(
+            "migration '", m.file_name, "' waited longer than the lock timeout for a lock that "
+            "another transaction holds; nothing of it was applied: run again once that "
+            "transaction is done (", s.message(), ")"));
+      }
       return absl::Status(s.code(),
                           absl::StrCat("migration '", m.file_name, "' failed: ", s.message()));
     }
@@ -133,11 +140,23 @@ absl::StatusOr<MigrateResult> ApplyLocked(pqxx::connection& connection,
 }  // namespace
 
 absl::StatusOr<MigrateResult> Apply(pqxx::connection& connection,
-                                    const std::vector<Migration>& migrations) {
+                                    const std::vector<Migration>& migrations,
+                                    absl::Duration lock_timeout) {
   try {
     {
+      // For the session: the advisory lock below, and every lock the migrations take (one that
+      // sets its own, as the audit index migrations do, keeps it).
       pqxx::nontransaction lock(connection);
-      lock.exec_params("SELECT pg_advisory_lock($1)", kMigrationLockKey);
+      lock.exec0(absl::StrCat("SET lock_timeout = ",
+                              std::max<int64_t>(1, absl::ToInt64Milliseconds(lock_timeout))));
+      try {
+        lock.exec_params("SELECT pg_advisory_lock($1)", kMigrationLockKey);
+      } catch (const pqxx::sql_error& e) {
+        if (e.sqlstate() != "55P03") throw;
+        return absl::UnavailableError(absl::StrCat(
+            "another migrator has held the migration lock of this database for ",
+            absl::FormatDuration(lock_timeout), "; run again once it is done"));
+      }
     }
     absl::StatusOr<MigrateResult> result = ApplyLocked(connection, migrations);
     {

@@ -8,6 +8,7 @@
 #include <pqxx/pqxx>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 
 namespace medgate::migrate {
 
@@ -27,12 +28,19 @@ struct MigrateResult {
   int already_applied = 0;
 };
 
+// How long the migrator waits for any lock (the migrators' advisory lock, a table a migration
+// alters) before it stops with an error: a migration queued behind a long transaction would
+// otherwise make every query of the services on that table queue behind it, without bound.
+inline constexpr absl::Duration kDefaultLockTimeout = absl::Minutes(1);
+
 // Applies the pending migrations in order, each in its own transaction together with its
 // schema_migrations row, under an advisory lock so two migrators never interleave. A recorded
 // migration whose checksum differs from its file, or one recorded but missing from the folder,
-// is FAILED_PRECONDITION and nothing is applied.
+// is FAILED_PRECONDITION and nothing is applied. A lock not had within `lock_timeout` stops the
+// run at that migration (the ones before it stay applied; run again later).
 absl::StatusOr<MigrateResult> Apply(pqxx::connection& connection,
-                                    const std::vector<Migration>& migrations);
+                                    const std::vector<Migration>& migrations,
+                                    absl::Duration lock_timeout = kDefaultLockTimeout);
 
 }  // namespace medgate::migrate
 

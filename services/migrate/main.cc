@@ -10,6 +10,7 @@
 #include "libs/common/config.h"
 #include "libs/common/log.h"
 #include "libs/migrate/migrate.h"
+#include "libs/pg/conninfo.h"
 #include "libs/pg/pg_status.h"
 
 namespace {
@@ -25,7 +26,8 @@ bool MigrateOne(const std::string& db_name, const std::string& conninfo,
   absl::StatusOr<medgate::migrate::MigrateResult> result = [&]()
       -> absl::StatusOr<medgate::migrate::MigrateResult> {
     try {
-      pqxx::connection connection(conninfo);
+      // Bounded connect and keepalives, as the services' connections have.
+      pqxx::connection connection(medgate::pg::WithConnectionDefaults(conninfo));
       return medgate::migrate::Apply(connection, migrations);
     } catch (const std::exception& e) {
       return medgate::pg::StatusFromException(e);

@@ -160,6 +160,41 @@ TEST_F(MigrateTest, AuditTimeIndexesBuiltBeforehandAreKeptOnlyWhenValid) {
   }
 }
 
+// A migration that needs a lock a long transaction holds, or a migrator that finds the migration
+// lock taken, stops after the lock timeout instead of waiting (and making every query of the
+// services on that table wait behind it) without bound. Run again, it goes through.
+TEST_F(MigrateTest, WaitsForALockOnlyAsLongAsTheLockTimeout) {
+  WriteFile(dir_ / "0001_create_a.sql", "CREATE TABLE a (id int);");
+  pqxx::connection c = Connect();
+  ASSERT_TRUE(Apply(c, *LoadMigrations(dir_)).ok());
+  WriteFile(dir_ / "0002_alter_a.sql", "ALTER TABLE a ADD COLUMN label text;");
+  {
+    pqxx::connection reader = Connect();
+    pqxx::work long_transaction(reader);
+    long_transaction.exec0("LOCK TABLE a IN ACCESS SHARE MODE");
+    absl::StatusOr<MigrateResult> stopped =
+        Apply(c, *LoadMigrations(dir_), absl::Milliseconds(200));
+    ASSERT_FALSE(stopped.ok());
+    EXPECT_EQ(stopped.status().code(), absl::StatusCode::kUnavailable) << stopped.status();
+    EXPECT_THAT(std::string(stopped.status().message()),
+                HasSubstr("migration '0002_alter_a.sql' waited longer than the lock timeout"));
+    EXPECT_EQ(Applied(c), 1u);
+  }
+  {
+    pqxx::connection other = Connect();
+    pqxx::nontransaction holder(other);
+    holder.exec("SELECT pg_advisory_lock(x'6d656467617465'::int8)");
+    absl::StatusOr<MigrateResult> locked =
+        Apply(c, *LoadMigrations(dir_), absl::Milliseconds(200));
+    EXPECT_EQ(locked.status().code(), absl::StatusCode::kUnavailable) << locked.status();
+    EXPECT_THAT(std::string(locked.status().message()),
+                HasSubstr("another migrator has held the migration lock"));
+  }
+  absl::StatusOr<MigrateResult> again = Apply(c, *LoadMigrations(dir_), absl::Milliseconds(200));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(Applied(c), 2u);
+}
+
 TEST_F(MigrateTest, RefusesAnAppliedFileThatChanged) {
   WriteFile(dir_ / "0001_create_a.sql", "CREATE TABLE a (id int);");
   WriteFile(dir_ / "0002_create_b.sql", "CREATE TABLE b (id int);");

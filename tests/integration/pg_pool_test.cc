@@ -8,6 +8,8 @@
 
 #include "absl/strings/match.h"
 #include "absl/time/clock.h"
+#include "absl/strings/str_cat.h"
+#include "libs/pg/pg_status.h"
 #include "libs/pg/pool.h"
 #include "libs/pg/shard_set.h"
 #include "tests/support/pg_cluster.h"
@@ -104,6 +106,55 @@ TEST_F(PoolTest, MapsServerErrorsToStatus) {
   });
   EXPECT_EQ(timeout.code(), absl::StatusCode::kDeadlineExceeded) << timeout;
   EXPECT_EQ(Count(pool), 1);
+}
+
+// A connection whose server process is gone is not used again without the session the pool set up
+// (libpqxx can re-establish a connection by itself, which would lose a plain SET): the pool's
+// statements keep their timeout, whether the process ends during a transaction or while idle.
+TEST_F(PoolTest, AConnectionReestablishedKeepsItsStatementTimeout) {
+  PoolOptions options = Options();
+  options.size = 1;
+  options.statement_timeout = absl::Milliseconds(50);
+  Pool pool(options);
+  absl::Status lost = pool.Transact([&](pqxx::work& txn) {
+    const int64_t pid = txn.exec1("SELECT pg_backend_pid()")[0].as<int64_t>();
+    pqxx::connection admin(cluster_->ConnectionString());
+    pqxx::nontransaction(admin).exec_params("SELECT pg_terminate_backend($1)", pid);
+    try {
+      txn.exec0("SELECT 1");
+    } catch (const std::exception& e) {
+      return pg::StatusFromException(e);  // as a caller that maps its errors does
+    }
+    return absl::OkStatus();
+  });
+  EXPECT_EQ(lost.code(), absl::StatusCode::kUnavailable) << lost;
+  absl::StatusOr<std::string> settings = pool.TransactValue<std::string>(
+      [](pqxx::work& txn) -> absl::StatusOr<std::string> {
+        return std::string(txn.exec1("SHOW statement_timeout")[0].c_str());
+      });
+  ASSERT_TRUE(settings.ok()) << settings.status();
+  EXPECT_EQ(*settings, "50ms");
+  absl::Status timeout = pool.Transact([](pqxx::work& txn) {
+    txn.exec0("SELECT pg_sleep(2)");
+    return absl::OkStatus();
+  });
+  EXPECT_EQ(timeout.code(), absl::StatusCode::kDeadlineExceeded) << timeout;
+  // The same for a connection whose server process ends while it is idle in the pool (a server
+  // restart, an idle session timeout, a failover): the next transaction gets it back.
+  absl::StatusOr<int64_t> pid = pool.TransactValue<int64_t>(
+      [](pqxx::work& txn) -> absl::StatusOr<int64_t> {
+        return txn.exec1("SELECT pg_backend_pid()")[0].as<int64_t>();
+      });
+  ASSERT_TRUE(pid.ok()) << pid.status();
+  {
+    pqxx::connection admin(cluster_->ConnectionString());
+    pqxx::nontransaction(admin).exec_params("SELECT pg_terminate_backend($1)", *pid);
+  }
+  settings = pool.TransactValue<std::string>([](pqxx::work& txn) -> absl::StatusOr<std::string> {
+    return std::string(txn.exec1("SHOW statement_timeout")[0].c_str());
+  });
+  ASSERT_TRUE(settings.ok()) << settings.status();
+  EXPECT_EQ(*settings, "50ms");
 }
 
 TEST_F(PoolTest, RetriesAbortedTransactions) {
