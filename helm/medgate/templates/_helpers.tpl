@@ -278,6 +278,12 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- if not (or (and (kindIs "string" $pdb) (regexMatch "^[0-9]{1,3}%$" $pdb)) (and (or (kindIs "float64" $pdb) (kindIs "int64" $pdb) (kindIs "int" $pdb)) (ge (int64 $pdb) 1))) -}}
 {{- fail (printf "podDisruptionBudget.maxUnavailable: '%v' must be a whole number of pods (at least 1) or a percentage (\"25%%\")" $pdb) -}}
 {{- end -}}
+{{- if not (regexMatch "^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$" (toString $v.clusterDomain)) -}}
+{{- fail (printf "clusterDomain: '%v' is not a DNS domain (cluster.local)" $v.clusterDomain) -}}
+{{- end -}}
+{{- if not (has (toString $v.image.pullPolicy) (list "Always" "IfNotPresent" "Never")) -}}
+{{- fail (printf "image.pullPolicy: '%v' is not Always, IfNotPresent or Never" $v.image.pullPolicy) -}}
+{{- end -}}
 {{- if eq (int64 $v.services.sharing.port) (int64 $v.services.audit.port) -}}
 {{- fail "services.audit.port: audit is served by the sharing pods and needs a port other than services.sharing.port" -}}
 {{- end -}}

@@ -2,6 +2,9 @@
 // checked against what the services themselves accept: the configuration it writes goes through
 // the services' own parsers, and every path, port and identity that configuration names is
 // checked against what the pods mount, expose and are issued.
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -48,10 +51,23 @@ struct Render {
 // Renders the chart with the example values of France, then `overrides` (YAML) on top.
 Render RenderChart(const std::string& overrides = "", const std::string& release = "medgate") {
   static int counter = 0;
-  const std::string dir = testing::TempDir();
-  const std::string values = absl::StrCat(dir, "/helm-values-", ++counter, ".yaml");
-  const std::string err = absl::StrCat(dir, "/helm-err-", counter, ".txt");
-  std::ofstream(values) << overrides;
+  // A directory of this process's own: names in the shared temporary directory could be another
+  // run's (or user's) files.
+  static const struct PrivateDir {
+    PrivateDir() : path(testing::TempDir() + "/helm-chart-test-XXXXXX") {
+      const char* made = mkdtemp(path.data());
+      EXPECT_NE(made, nullptr) << "mkdtemp: " << std::strerror(errno);
+    }
+    ~PrivateDir() { std::filesystem::remove_all(path); }
+    std::string path;
+  } dir;
+  const std::string values = absl::StrCat(dir.path, "/values-", ++counter, ".yaml");
+  const std::string err = absl::StrCat(dir.path, "/err-", counter, ".txt");
+  {
+    std::ofstream out(values);
+    out << overrides;
+    EXPECT_TRUE(out.good()) << "cannot write " << values;
+  }
   const std::string command =
       absl::StrCat(MEDGATE_HELM_RENDER, " ", kChart, " --release ", release,
                    " --namespace health -f ", kFrance, " -f ", values, " 2>", err);
@@ -681,6 +697,10 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
        "networkPolicy.databaseCIDRs[1]: '::/0' is every address"},
       {"networkPolicy: {dns: {peers: []}}\n", "networkPolicy.dns.peers: the cluster DNS pods"},
       {"networkPolicy: {dns: {ports: []}}\n", "networkPolicy.dns.ports: the DNS ports"},
+      {"clusterDomain: \"cluster.local\\n    - evil.example\"\n",
+       "clusterDomain: 'cluster.local\n    - evil.example' is not a DNS domain"},
+      {"image: {pullPolicy: \"Always\\n  privileged: true\"}\n",
+       "image.pullPolicy: 'Always\n  privileged: true' is not Always, IfNotPresent or Never"},
       {"ingest: {settings: {instances: 5}}\n",
        "ingest.settings.instances: set by the chart from services.ingest.replicas"},
   };
