@@ -172,22 +172,37 @@ stop_services() {
   return $status
 }
 
+# Whether process $1 is the postmaster of data directory $2: PostgreSQL, started with that
+# directory (pg_ctl gives it on the command line, which every user may read).
+pg_postmaster_of() {
+  local want arg prev=""
+  pid_runs "$1" "$(pg_bindir)/postgres" || return 1
+  [ -r "/proc/$1/cmdline" ] || return 1
+  want=$(readlink -m "$2")
+  while IFS= read -r -d '' arg; do
+    if [ "$prev" = "-D" ] && [ "$(readlink -m "$arg")" = "$want" ]; then return 0; fi
+    prev=$arg
+  done < "/proc/$1/cmdline"
+  return 1
+}
+
 # Whether the PostgreSQL server of data directory $1 runs: pg_ctl's answer, checked against the
-# process its postmaster.pid names (which, left from before a reboot, may be another program).
+# process its postmaster.pid names (which, left from before a reboot, may be another program, or
+# another server's process).
 pg_running() {
   local pid
   as_pg_user "$(pg_bindir)/pg_ctl" -D "$1" status >/dev/null 2>&1 || return 1
   pid=$(head -n 1 "$1/postmaster.pid" 2>/dev/null) || return 1
-  pid_runs "$pid" "$(pg_bindir)/postgres"
+  pg_postmaster_of "$pid" "$1"
 }
 
-# The PID a stale postmaster.pid of data directory $1 names when a process that is not PostgreSQL
-# has it (pg_ctl would take that process for the server); nothing otherwise.
+# The PID a stale postmaster.pid of data directory $1 names when a process that is not this
+# directory's server has it (pg_ctl would take that process for the server); nothing otherwise.
 pg_stale_pid() {
   local pid
   pid=$(head -n 1 "$1/postmaster.pid" 2>/dev/null) || return 0
   if [[ "$pid" =~ ^[1-9][0-9]*$ ]] && kill -0 "$pid" 2>/dev/null &&
-     ! pid_runs "$pid" "$(pg_bindir)/postgres"; then
+     ! pg_postmaster_of "$pid" "$1"; then
     echo "$pid"
   fi
 }
