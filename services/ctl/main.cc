@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <string>
@@ -22,8 +23,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
-#include "absl/strings/numbers.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "libs/common/config.h"
 #include "libs/crypto/sha256.h"
@@ -32,38 +31,10 @@
 #include "medgate/v1/consent.grpc.pb.h"
 #include "medgate/v1/routing.grpc.pb.h"
 #include "medgate/v1/sharing.grpc.pb.h"
+#include "services/ctl/command_line.h"
 
 namespace medgate::ctl {
 namespace {
-
-constexpr char kUsage[] = R"(usage: medgate-ctl --config FILE --identity NAME COMMAND [--flag value ...]
-
-  --identity NAME   use the certificate NAME.crt / NAME.key next to the configured CA
-                    (the dev PKI has ops, app, practitioner, device and each service)
-
-commands (service: routing):
-  upsert-tenant   --tenant ID --name NAME --territories FR,DE [--regions fr-1,...] [--inactive]
-  get-tenant      --tenant ID
-  put-rule        --territory BE --regions eu-1,fr-1 [--readable-from BE,FR] [--expected-version N]
-  list-rules      [--territories FR,BE]
-  list-regions
-  place-patient   --ref REF --territory FR [--allow-move]
-  assign-device   --device ID --ref REF
-  unassign-device --device ID
-commands (service: consent):
-  grant-consent   --patient ID --purpose CARE|REMOTE_MONITORING|RECORD_SHARING|...
-                  --evidence REF [--actor SPIFFE_ID]
-commands (service: sharing):
-  upload-record   --patient ID --file PATH [--kind document|imaging|report]
-                  [--content-type TYPE]                      (sent in 1 MiB chunks)
-  download-record --record ID --out PATH [--break-glass REASON]   (prints the record's metadata)
-  erase-record    --record ID --reason TEXT
-commands (service: audit):
-  verify-chain    --log fr-1|control [--start-seq N] [--end-seq N]
-                  [--anchor-seq N --anchor-hash BASE64]   (an earlier run's last_seq, last_hash)
-Output is the response as JSON; errors print the gRPC status and exit 1; verify-chain exits 3
-when the chain is broken.
-)";
 
 using Flags = std::map<std::string, std::string>;
 
@@ -231,12 +202,14 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   return Print(status, header);
 }
 
-// Numeric flag `name` (0 when absent); false, with a message, when it is not a number.
-bool Uint64Flag(const Flags& flags, const std::string& name, uint64_t* out) {
+// Numeric flag `name` (0 when absent); false, with a message, when it is not a decimal number of
+// at most `max`.
+bool NumberFlag(const Flags& flags, const std::string& name, uint64_t max, uint64_t* out) {
   *out = 0;
-  const std::string value = Get(flags, name);
-  if (value.empty() || absl::SimpleAtoi(value, out)) return true;
-  Fail("--" + name + ": a non-negative integer, not '" + value + "'");
+  auto it = flags.find(name);
+  if (it == flags.end() || ParseDecimal(it->second, max, out)) return true;
+  Fail(absl::StrCat("--", name, ": a non-negative integer of at most ", max, ", not '", it->second,
+                    "'"));
   return false;
 }
 
@@ -250,8 +223,9 @@ int VerifyChain(v1::Audit::Stub& stub, const Flags& flags) {
     r.mutable_log()->set_region_id(log);
   }
   uint64_t start = 0, end = 0, anchor = 0;
-  if (!Uint64Flag(flags, "start-seq", &start) || !Uint64Flag(flags, "end-seq", &end) ||
-      !Uint64Flag(flags, "anchor-seq", &anchor)) {
+  constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
+  if (!NumberFlag(flags, "start-seq", kMax, &start) || !NumberFlag(flags, "end-seq", kMax, &end) ||
+      !NumberFlag(flags, "anchor-seq", kMax, &anchor)) {
     return 1;
   }
   r.set_start_seq(start);
@@ -272,40 +246,21 @@ int VerifyChain(v1::Audit::Stub& stub, const Flags& flags) {
 }
 
 int Run(int argc, char** argv) {
-  std::string config_path;
-  std::string identity;
-  std::string command;
-  Flags flags;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg.rfind("--", 0) != 0) {
-      if (!command.empty()) break;
-      command = arg;
-      continue;
-    }
-    std::string name = arg.substr(2);
-    bool boolean = name == "allow-move" || name == "inactive";
-    std::string value = boolean ? "true" : (i + 1 < argc ? argv[++i] : "");
-    if (name == "config") {
-      config_path = value;
-    } else if (name == "identity") {
-      identity = value;
-    } else {
-      flags[name] = value;
-    }
-  }
-  if (config_path.empty() || identity.empty() || command.empty()) {
-    std::fputs(kUsage, stderr);
+  // Read whole before anything is sent: a command line that says something else than what the
+  // operator meant (a dropped flag, `--allow-move false`) must not act.
+  absl::StatusOr<CommandLine> line =
+      ParseCommandLine(std::vector<std::string>(argv + 1, argv + argc));
+  if (!line.ok()) {
+    std::fprintf(stderr, "error: %s", std::string(line.status().message()).c_str());
     return 2;
   }
-  MedgateConfig config = LoadConfigOrExit(config_path);
+  const std::string command(line->command->name);
+  const std::string service(line->command->service);
+  const Flags& flags = line->flags;
+  MedgateConfig config = LoadConfigOrExit(line->config_path);
   std::string pki = std::filesystem::path(config.ca_path).parent_path().string();
-  TlsConfig tls{absl::StrCat(pki, "/", identity, ".crt"), absl::StrCat(pki, "/", identity, ".key"),
-                config.ca_path, 60};
-  const std::string service = command == "grant-consent"          ? "consent"
-                              : command == "verify-chain"          ? "audit"
-                              : absl::EndsWith(command, "-record") ? "sharing"
-                                                                   : "routing";
+  TlsConfig tls{absl::StrCat(pki, "/", line->identity, ".crt"),
+                absl::StrCat(pki, "/", line->identity, ".key"), config.ca_path, 60};
   absl::StatusOr<const ServiceEndpoint*> endpoint = config.Service(service);
   if (!endpoint.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(endpoint.status().message()).c_str());
@@ -353,7 +308,9 @@ int Run(int argc, char** argv) {
     for (const auto& id : List(flags, "regions")) r.mutable_rule()->add_region_ids(id);
     for (const auto& t : List(flags, "readable-from")) r.mutable_rule()->add_readable_from_territories(t);
     uint64_t expected = 0;
-    if (!Uint64Flag(flags, "expected-version", &expected)) return 1;
+    if (!NumberFlag(flags, "expected-version", std::numeric_limits<int64_t>::max(), &expected)) {
+      return 1;
+    }
     r.set_expected_version(static_cast<int64_t>(expected));
     return Call(&S::PutResidencyRule, *stub, r);
   }
@@ -384,7 +341,8 @@ int Run(int argc, char** argv) {
     r.set_device_id(Get(flags, "device"));
     return Call(&S::UnassignDevice, *stub, r);
   }
-  std::fprintf(stderr, "unknown command '%s'\n\n%s", command.c_str(), kUsage);
+  // Every command of Commands() is handled above.
+  std::fprintf(stderr, "error: command '%s' is not implemented\n", command.c_str());
   return 2;
 }
 

@@ -14,6 +14,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
@@ -40,6 +42,19 @@ constexpr char kUsage[] = R"(usage: medgate-devsim --config FILE [--tenant demo]
   and stored (the simulated samples are all valid: a rejection, e.g. for want of consent, means
   the stack is not working as it should, and the reasons are printed).
 )";
+
+// Digits only (no sign, space or trailing junk), within an int.
+bool ParseWhole(absl::string_view text, int* out) {
+  return !text.empty() && std::all_of(text.begin(), text.end(), absl::ascii_isdigit) &&
+         absl::SimpleAtoi(text, out);
+}
+
+// Digits with at most one decimal point: no sign, exponent, space, "inf" or "nan".
+bool ParseDecimal(absl::string_view text, double* out) {
+  return std::all_of(text.begin(), text.end(),
+                     [](char c) { return absl::ascii_isdigit(c) || c == '.'; }) &&
+         std::count(text.begin(), text.end(), '.') <= 1 && absl::SimpleAtod(text, out);
+}
 
 struct Args {
   std::string config;
@@ -312,20 +327,36 @@ int Run(const Args& args) {
 int main(int argc, char** argv) {
   medgate::ConfigureProcess();
   medgate::devsim::Args args;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    std::string flag = argv[i];
-    std::string value = argv[i + 1];
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    std::string* text = nullptr;
+    int* whole = nullptr;
+    double* decimal = nullptr;
+    if (flag == "--config") text = &args.config;
+    else if (flag == "--tenant") text = &args.tenant;
+    else if (flag == "--devices") whole = &args.devices;
+    else if (flag == "--rate") decimal = &args.rate;
+    else if (flag == "--duration") whole = &args.duration;
+    else if (flag == "--batch") whole = &args.batch;
+    else if (flag == "--state") text = &args.state;
+    if (text == nullptr && whole == nullptr && decimal == nullptr) {
+      std::fprintf(stderr, "devsim: unknown %s '%s'\n%s",
+                   absl::StartsWith(flag, "--") ? "flag" : "argument", flag.c_str(),
+                   medgate::devsim::kUsage);
+      return 2;
+    }
+    // Every flag takes a value: one missing is refused rather than the default silently used.
+    if (i + 1 == argc || absl::StartsWith(argv[i + 1], "--")) {
+      std::fprintf(stderr, "devsim: %s needs a value\n%s", flag.c_str(), medgate::devsim::kUsage);
+      return 2;
+    }
+    const std::string value = argv[++i];
     bool parsed = true;
-    if (flag == "--config") args.config = value;
-    else if (flag == "--tenant") args.tenant = value;
-    else if (flag == "--devices") parsed = absl::SimpleAtoi(value, &args.devices);
-    else if (flag == "--rate") parsed = absl::SimpleAtod(value, &args.rate);
-    else if (flag == "--duration") parsed = absl::SimpleAtoi(value, &args.duration);
-    else if (flag == "--batch") parsed = absl::SimpleAtoi(value, &args.batch);
-    else if (flag == "--state") args.state = value;
-    else parsed = false;
+    if (text != nullptr) *text = value;
+    if (whole != nullptr) parsed = medgate::devsim::ParseWhole(value, whole);
+    if (decimal != nullptr) parsed = medgate::devsim::ParseDecimal(value, decimal);
     if (!parsed) {
-      std::fprintf(stderr, "devsim: cannot use %s %s\n%s", flag.c_str(), value.c_str(),
+      std::fprintf(stderr, "devsim: cannot use %s '%s'\n%s", flag.c_str(), value.c_str(),
                    medgate::devsim::kUsage);
       return 2;
     }

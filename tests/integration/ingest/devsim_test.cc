@@ -97,6 +97,17 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   EXPECT_THAT(run.output, ::testing::Not(HasSubstr("rejected=0 ")));
   // The other device's samples were stored all the same.
   EXPECT_GT(StoredSamples(stack, "fr-1"), stored);
+
+  // A flag at the end without its value is refused before anything runs (it used to be dropped,
+  // and the fleet ran at the default rate).
+  const int64_t before = StoredSamples(stack, "fr-1");
+  run = test_support::RunShell(absl::StrCat(MEDGATE_DEVSIM_BINARY, " --config ", config,
+                                            " --tenant acme --devices 2 --duration 1 --state ",
+                                            stack.dir(), "/devsim --rate 2>&1"));
+  EXPECT_EQ(run.exit_code, 2) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("--rate needs a value"));
+  EXPECT_THAT(run.output, ::testing::Not(HasSubstr("devsim summary")));
+  EXPECT_EQ(StoredSamples(stack, "fr-1"), before);
   (*ingest)->Shutdown();
 }
 

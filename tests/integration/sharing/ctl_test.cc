@@ -222,6 +222,65 @@ TEST_F(CtlTest, VerifiesAChainAgainstAnAnchorItPrinted) {
   CtlRun bad_version = Ctl("ops", "put-rule --territory FR --regions fr-1 --expected-version two");
   EXPECT_EQ(bad_version.exit_code, 1);
   EXPECT_THAT(bad_version.output, HasSubstr("--expected-version"));
+  // A version past int64 (the field's type) is refused too, not sent as a negative number.
+  CtlRun huge_version = Ctl("ops", "put-rule --territory FR --regions fr-1 "
+                                   "--expected-version 9223372036854775808");
+  EXPECT_EQ(huge_version.exit_code, 1) << huge_version.output;
+  EXPECT_THAT(huge_version.output, HasSubstr("--expected-version"));
+}
+
+// A command line that does not say exactly what it seems to (a flag dropped after an unquoted
+// word, `--allow-move false` read as true, a flag without its value, a misspelt flag) is refused
+// with exit code 2, naming what is wrong, and nothing is sent.
+TEST_F(CtlTest, RefusesACommandLineItCannotReadBeforeAnythingIsSent) {
+  pqxx::connection control(stack_->clusters().control().ConnectionString());
+  auto tenant = [&] {
+    pqxx::nontransaction n(control);
+    pqxx::result rows = n.exec(
+        "SELECT display_name || '|' || array_to_string(territories, ',') || '|' || "
+        "coalesce(array_to_string(region_ids, ','), '-') || '|' || active::text "
+        "FROM tenants WHERE tenant_id = 'ctl-strict'");
+    return rows.empty() ? std::string("none") : rows[0][0].as<std::string>();
+  };
+  auto acme_patients = [&] {
+    pqxx::nontransaction n(control);
+    return n.exec1("SELECT count(*) FROM patients WHERE tenant_id = 'acme'")[0].as<int64_t>();
+  };
+  CtlRun created = Ctl("ops", "upsert-tenant --tenant ctl-strict --name Strict --territories FR");
+  ASSERT_EQ(created.exit_code, 0) << created.output;
+  const std::string tenant_before = tenant();
+  ASSERT_EQ(tenant_before, "Strict|FR|-|true");
+  const int64_t patients_before = acme_patients();
+
+  struct Case {
+    std::string identity;
+    std::string arguments;
+    std::string problem;
+  };
+  const Case cases[] = {
+      {"app", "place-patient --ref ctl-strict-patient --territory FR --allow-move false",
+       "--allow-move takes no value, not 'false'"},
+      {"ops", "upsert-tenant --tenant ctl-strict --name Strict --territories FR --inactive false",
+       "--inactive takes no value, not 'false'"},
+      {"ops", "upsert-tenant --tenant ctl-strict --name Strict --territories FR,DE --regions",
+       "--regions needs a value"},
+      {"ops", "upsert-tenant --tenant ctl-strict --name Strict --regions --territories FR,DE",
+       "--regions needs a value, not --territories"},
+      {"ops", "upsert-tenant --tenant ctl-strict --name Strict --territories FR,DE --bogus",
+       "unknown flag --bogus of upsert-tenant"},
+      {"ops", "upsert-tenant --tenant ctl-strict --name Strict --teritories FR,DE",
+       "unknown flag --teritories of upsert-tenant"},
+      {"ops", "upsert-tenant --tenant ctl-strict --name Strict telehealth --territories FR,DE",
+       "unexpected word 'telehealth' after upsert-tenant"},
+  };
+  for (const Case& c : cases) {
+    CtlRun run = Ctl(c.identity, c.arguments);
+    EXPECT_EQ(run.exit_code, 2) << c.arguments << "\n" << run.output;
+    EXPECT_THAT(run.output, HasSubstr(c.problem)) << c.arguments;
+    EXPECT_THAT(run.output, HasSubstr("usage: medgate-ctl")) << c.arguments;
+    EXPECT_EQ(tenant(), tenant_before) << c.arguments;
+    EXPECT_EQ(acme_patients(), patients_before) << c.arguments;
+  }
 }
 
 // A pod's readiness probe (helm/medgate): the service's binary asks the servers running on this
