@@ -2,6 +2,7 @@
 #include "absl/strings/string_view.h"
 #include "libs/common/config.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -243,6 +244,16 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
     RETURN_IF_ERROR(r.OnlyKeys({"id", "territories", "db", "keys_db"}));
     RegionConfig region;
     ASSIGN_OR_RETURN(region.id, r.String("id"));
+    if (region.id.empty() || region.id.size() > kMaxConfiguredRegionIdBytes ||
+        !std::all_of(region.id.begin(), region.id.end(), [](char c) {
+          return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-';
+        })) {
+      return KeyError(absl::StrCat(r.path(), ".id"),
+                      absl::StrCat("'", region.id, "' is not a region id: 1 to ",
+                                   kMaxConfiguredRegionIdBytes,
+                                   " lowercase letters, digits or '-' (it is part of the ids of "
+                                   "what the region stores)"));
+    }
     if (config.FindRegion(region.id) != nullptr) {
       return KeyError(absl::StrCat(r.path(), ".id"), absl::StrCat("duplicate region '", region.id, "'"));
     }

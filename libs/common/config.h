@@ -69,6 +69,11 @@ struct DbConfig {
   int statement_timeout_ms = 5000;
 };
 
+// A region id is embedded in the ids of what the region stores ("<region>.r<32 hex>" for records
+// and grants, at most 64 bytes; "cn_<region>_<24 hex>" for consents), which are split at their
+// first '.': 1 to 30 bytes of lowercase letters, digits and '-', as the Helm chart's regions.
+inline constexpr size_t kMaxConfiguredRegionIdBytes = 30;
+
 struct RegionConfig {
   std::string id;
   std::vector<std::string> territories;

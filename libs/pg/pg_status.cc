@@ -39,15 +39,22 @@ std::string SqlStateOf(const pqxx::sql_error& e) {
 absl::Status StatusFromSqlState(absl::string_view sqlstate, absl::string_view message) {
   std::string text = absl::StrCat("database error ", sqlstate, ": ", FirstLine(message));
   if (sqlstate == "23505") return absl::AlreadyExistsError(text);
-  if (sqlstate == "40001" || sqlstate == "40P01") return absl::AbortedError(text);
+  // Class 40, transaction rollback (serialization failure, deadlock, the rest), and a lock not
+  // taken in time: the transaction can be retried as a whole. 40003, a statement whose completion
+  // is unknown, cannot be: whether it took effect has to be read back.
+  if (sqlstate == "40003") return absl::UnavailableError(text);
+  if (absl::StartsWith(sqlstate, "40") || sqlstate == "55P03") return absl::AbortedError(text);
   if (sqlstate == "57014") return absl::DeadlineExceededError(text);
   if (sqlstate == "P0001") return absl::FailedPreconditionError(text);
   if (sqlstate == "23503") return absl::FailedPreconditionError(text);
   if (absl::StartsWith(sqlstate, "22") || sqlstate == "23514" || sqlstate == "23502") {
     return absl::InvalidArgumentError(text);
   }
+  // The server going away or refusing work for now: a connection lost, a shutdown, a server
+  // still starting, a session ended for idling, or writes refused by a server that is (after a
+  // failover, still) a read-only standby.
   if (absl::StartsWith(sqlstate, "08") || sqlstate == "57P01" || sqlstate == "57P02" ||
-      sqlstate == "57P03") {
+      sqlstate == "57P03" || sqlstate == "57P05" || sqlstate == "25P03" || sqlstate == "25006") {
     return absl::UnavailableError(text);
   }
   if (absl::StartsWith(sqlstate, "53")) return absl::ResourceExhaustedError(text);

@@ -21,7 +21,9 @@ ShardSet::ShardSet(const std::vector<RegionConfig>& regions,
 absl::StatusOr<Pool*> ShardSet::Get(absl::string_view region_id) const {
   auto it = pools_.find(region_id);
   if (it == pools_.end()) {
-    return absl::NotFoundError(absl::StrCat("region '", region_id, "' is not configured"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "region '", region_id, "' is not configured in this service: its data cannot be reached "
+        "here until the service's configuration lists it as routing does"));
   }
   return it->second.get();
 }

@@ -22,7 +22,9 @@ class ShardSet {
   // One pool per configured region; `statements` are prepared on every shard connection.
   ShardSet(const std::vector<RegionConfig>& regions, const std::vector<Statement>& statements);
 
-  // NOT_FOUND for a region that is not configured.
+  // FAILED_PRECONDITION for a region that is not configured: the service's configuration is out
+  // of step with routing's placements, which a caller must not take for "no such patient"
+  // (NOT_FOUND would end an erasure's retries as if there were nothing to erase).
   absl::StatusOr<Pool*> Get(absl::string_view region_id) const;
   std::vector<std::string> RegionIds() const;
 

@@ -308,7 +308,11 @@ TEST_F(PoolTest, ShardSetResolvesConfiguredRegionsOnly) {
   absl::StatusOr<Pool*> pool = shards.Get("fr-1");
   ASSERT_TRUE(pool.ok());
   EXPECT_EQ((*pool)->name(), "fr-1");
-  EXPECT_EQ(shards.Get("us-1").status().code(), absl::StatusCode::kNotFound);
+  // A region routing knows but this service's configuration does not: a misconfiguration, which
+  // a caller must not take for "no such patient" (an erasure would stop retrying).
+  absl::StatusOr<Pool*> missing = shards.Get("us-1");
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(missing.status().message().find("'us-1' is not configured"), absl::string_view::npos);
   EXPECT_TRUE(shards.PingAny().ok());
   EXPECT_EQ(shards.RegionIds(), std::vector<std::string>{"fr-1"});
 }

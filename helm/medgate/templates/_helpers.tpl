@@ -202,6 +202,9 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- if not (regexMatch "^[a-z0-9][a-z0-9-]*$" $id) -}}
 {{- fail (printf "regions[%d].id: '%s' may hold only lower-case letters, digits and '-'" $i $id) -}}
 {{- end -}}
+{{- if gt (len $id) 30 -}}
+{{- fail (printf "regions[%d].id: '%s' is over 30 characters (it is part of the ids of what the region stores)" $i $id) -}}
+{{- end -}}
 {{- if has $id $ids -}}
 {{- fail (printf "regions[%d].id: region '%s' is listed twice" $i $id) -}}
 {{- end -}}

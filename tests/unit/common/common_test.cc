@@ -152,7 +152,26 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfigCase{"pool_size: 4", "pool_size: 0", "regions[0].db.pool_size"},
         BadConfigCase{"pool_size: 2", "pool_size: 0", "regions[0].keys_db.pool_size"},
         BadConfigCase{"tls: {cert: /pki/routing.crt, key: /pki/routing.key}", "tls: {cert: /pki/routing.crt}", "services.routing.tls.key"},
-        BadConfigCase{"- id: fr-1", "- idd: fr-1", "regions[0].idd"}));
+        BadConfigCase{"- id: fr-1", "- idd: fr-1", "regions[0].idd"},
+        // A region id is part of the ids of what the region stores: ids split at their first
+        // '.' and hold at most 64 bytes, so a region id with a '.' or of over 30 bytes would make
+        // every record uploaded there unreachable.
+        BadConfigCase{"- id: fr-1", "- id: fr.1", "regions[0].id"},
+        BadConfigCase{"- id: fr-1", "- id: " + std::string(31, 'a'), "regions[0].id"},
+        BadConfigCase{"- id: fr-1", "- id: FR-1", "regions[0].id"},
+        BadConfigCase{"- id: fr-1", "- id: fr_1", "regions[0].id"},
+        BadConfigCase{"- id: fr-1", "- id: \"\"", "regions[0].id"}));
+
+TEST(ConfigTest, ARegionIdOfThirtyBytesIsAccepted) {
+  std::string text = kGoodConfig;
+  const std::string longest(kMaxConfiguredRegionIdBytes, 'a');
+  text.replace(text.find("- id: fr-1"), 10, "- id: " + longest);
+  absl::StatusOr<ConfigNode> root = ConfigNode::Parse(text);
+  ASSERT_TRUE(root.ok()) << root.status();
+  absl::StatusOr<MedgateConfig> config = ParseMedgateConfig(*root);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->regions[0].id, longest);
+}
 
 TEST(ConfigTest, RejectsNonYamlAndNonMap) {
   EXPECT_FALSE(ConfigNode::Parse("a: [unclosed").ok());

@@ -667,6 +667,9 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
       {"regions: [{id: fr-1, territories: [FR], db: {host: a}, keysDb: {host: b}},\n"
        "          {id: fr-1, territories: [BE], db: {host: c}, keysDb: {host: d}}]\n",
        "regions[1].id: region 'fr-1' is listed twice"},
+      {"regions: [{id: abcdefghijklmnopqrstuvwxyz01234, territories: [FR], db: {host: a}, "
+       "keysDb: {host: b}}]\n",
+       "regions[0].id: 'abcdefghijklmnopqrstuvwxyz01234' is over 30 characters"},
       {"routing: {seedRules: [{territory: FR, regions: [de-1]}]}\n",
        "routing.seedRules[0].regions: 'de-1' is not one of this cluster's regions (fr-1, eu-1)"},
       {"routing: {seedRules: [{territory: FR, regions: [eu-1]}]}\n",

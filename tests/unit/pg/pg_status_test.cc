@@ -23,6 +23,21 @@ TEST(PgStatusTest, MapsSqlStates) {
   EXPECT_EQ(StatusFromSqlState("42P01", "no table").code(), absl::StatusCode::kInternal);
 }
 
+TEST(PgStatusTest, ARolledBackTransactionIsRetryableAndAnUnknownOutcomeIsNot) {
+  // Class 40 as a whole, and a lock not taken in time: retry the transaction.
+  EXPECT_EQ(StatusFromSqlState("40000", "rollback").code(), absl::StatusCode::kAborted);
+  EXPECT_EQ(StatusFromSqlState("40002", "deferred").code(), absl::StatusCode::kAborted);
+  EXPECT_EQ(StatusFromSqlState("55P03", "lock").code(), absl::StatusCode::kAborted);
+  // Whether the statement took effect is unknown: not a conflict to retry blindly.
+  EXPECT_EQ(StatusFromSqlState("40003", "unknown").code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(PgStatusTest, AServerThatCannotTakeWritesNowIsUnavailable) {
+  EXPECT_EQ(StatusFromSqlState("25006", "read-only").code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(StatusFromSqlState("25P03", "idle in tx").code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(StatusFromSqlState("57P05", "idle session").code(), absl::StatusCode::kUnavailable);
+}
+
 TEST(PgStatusTest, KeepsOnlyThePrimaryMessage) {
   absl::Status s = StatusFromSqlState(
       "23505", "ERROR:  duplicate key value violates unique constraint \"x\"\nDETAIL:  Key (ref)=(secret)");
