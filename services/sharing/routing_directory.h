@@ -12,6 +12,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "libs/common/monotonic_clock.h"
 #include "libs/pg/pool.h"
 #include "libs/routing_client/routing_client.h"
 #include "libs/common/ttl_cache.h"
@@ -26,7 +27,9 @@ struct RoutingDirectoryOptions {
   absl::Duration ttl = absl::Seconds(10);
   absl::Duration rpc_deadline = absl::Seconds(2);
   size_t max_cached = 10000;
-  std::function<absl::Time()> clock = absl::Now;
+  // Times the caches only: monotonic, so a host clock stepped back does not keep a narrowed rule
+  // or a suspended tenant's territories in use for as long as the step.
+  std::function<absl::Time()> clock = MonotonicNow;
 };
 
 class RoutingDirectory final : public PatientDirectory {
