@@ -7,6 +7,9 @@
 #include <atomic>
 #include <condition_variable>
 #include <ctime>
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <list>
 #include <map>
 #include <mutex>
@@ -35,6 +38,9 @@ constexpr size_t kMaxStripes = 16;
 constexpr long kAwaitMicros = 100000;
 constexpr absl::Duration kMaxHeartbeat = absl::Milliseconds(500);
 constexpr absl::Duration kMinBackoff = absl::Milliseconds(50);
+// A feed listener stuck this long (at least; twice the fail-closed limit if longer) on one wait
+// or round trip has its connection shut and starts over.
+constexpr absl::Duration kMinFeedStall = absl::Seconds(2);
 constexpr absl::Duration kMaxBackoff = absl::Milliseconds(500);
 
 // Durations on the hot path are compared as monotonic nanoseconds, immune to the wall clock being
@@ -71,6 +77,13 @@ struct Region {
   std::atomic<uint64_t> notifications{0};
   std::atomic<uint64_t> feed_starts{0};
   std::thread listener;
+  // A copy (dup) of the feed connection's socket while it is open, -1 otherwise, under feed_mu;
+  // and when the listener last came back from a wait or a round trip (MonoNanos). A listener
+  // stuck longer than the stall limit (a backend that stopped answering: its kernel still acks,
+  // so no TCP timeout ends the wait) has its socket shut by the watchdog, and reconnects.
+  std::mutex feed_mu;
+  int feed_socket = -1;
+  std::atomic<int64_t> progress_at{0};
 };
 
 struct Entry {
@@ -113,6 +126,8 @@ class PgConsentCache final : public ConsentCache {
         fail_closed_ns_(absl::ToInt64Nanoseconds(options.fail_closed_after)),
         heartbeat_ns_(
             absl::ToInt64Nanoseconds(std::min(kMaxHeartbeat, options.fail_closed_after / 4))),
+        stall_ns_(absl::ToInt64Nanoseconds(
+            std::max(kMinFeedStall, 2 * options.fail_closed_after))),
         stripe_count_(std::clamp<size_t>(options.max_patients, 1, kMaxStripes)),
         stripe_capacity_(std::max<size_t>(1, options.max_patients / stripe_count_)),
         stripe_bytes_(std::max<size_t>(1, options.max_bytes / stripe_count_)),
@@ -135,6 +150,7 @@ class PgConsentCache final : public ConsentCache {
       Region* r = region.get();
       r->listener = std::thread([this, r] { ListenLoop(*r); });
     }
+    watchdog_ = std::thread([this] { WatchFeeds(); });
   }
 
   ~PgConsentCache() override {
@@ -143,6 +159,7 @@ class PgConsentCache final : public ConsentCache {
       stopping_ = true;
     }
     stop_cv_.notify_all();
+    if (watchdog_.joinable()) watchdog_.join();
     for (auto& [id, region] : regions_) {
       if (region->listener.joinable()) region->listener.join();
     }
@@ -233,7 +250,10 @@ class PgConsentCache final : public ConsentCache {
 
   bool FeedListening(absl::string_view region_id) const override {
     auto it = regions_.find(region_id);
-    return it != regions_.end() && it->second->listening.load(std::memory_order_acquire);
+    // Listening, and heard from within the fail-closed limit: a connection that stopped answering
+    // is not a feed, though LISTEN once took effect on it.
+    return it != regions_.end() && it->second->listening.load(std::memory_order_acquire) &&
+           MonoNanos() - it->second->alive_at.load(std::memory_order_acquire) <= fail_closed_ns_;
   }
 
   ConsentCacheStats Stats() const override {
@@ -277,6 +297,31 @@ class PgConsentCache final : public ConsentCache {
   bool Stopping() {
     std::lock_guard<std::mutex> lock(stop_mu_);
     return stopping_;
+  }
+
+  // Shuts the socket of a feed whose listener has been stuck past the stall limit, so that its
+  // blocked round trip fails and the listener reconnects.
+  void WatchFeeds() {
+    while (WaitUnlessStopping(absl::Nanoseconds(heartbeat_ns_))) {
+      for (auto& [id, region] : regions_) {
+        std::lock_guard<std::mutex> lock(region->feed_mu);
+        const int64_t stuck_for = MonoNanos() - region->progress_at.load(std::memory_order_acquire);
+        if (region->feed_socket < 0 || stuck_for <= stall_ns_) continue;
+        log::Warning("consent_feed_stalled",
+                     {{"region", id}, {"stuck_ms", stuck_for / 1000000}});
+        ::shutdown(region->feed_socket, SHUT_RDWR);
+        region->progress_at.store(MonoNanos(), std::memory_order_release);  // once per stall
+      }
+    }
+  }
+
+  // Publishes (or, with -1, withdraws and closes) the copy of the feed's socket the watchdog may
+  // shut.
+  static void PublishFeedSocket(Region& region, int socket) {
+    std::lock_guard<std::mutex> lock(region.feed_mu);
+    if (region.feed_socket >= 0) ::close(region.feed_socket);
+    region.feed_socket = socket < 0 ? -1 : ::fcntl(socket, F_DUPFD_CLOEXEC, 0);
+    region.progress_at.store(MonoNanos(), std::memory_order_release);
   }
 
   // Waits for `d` unless the cache is being destroyed; false when it is.
@@ -345,6 +390,7 @@ class PgConsentCache final : public ConsentCache {
     absl::Status status;
     try {
       connection = std::make_unique<pqxx::connection>(pg::WithConnectionDefaults(region.conninfo));
+      PublishFeedSocket(region, connection->sock());
       {
         pqxx::nontransaction setup(*connection);
         setup.exec0("SET application_name = 'medgate-consent-feed'");
@@ -374,6 +420,7 @@ class PgConsentCache final : public ConsentCache {
       int64_t last_beat = MonoNanos();
       while (!Stopping()) {
         connection->await_notification(0, kAwaitMicros);
+        region.progress_at.store(MonoNanos(), std::memory_order_release);
         // libpqxx 6 silently reconnects a broken connection on next use; a new backend may have
         // missed notifications, so that counts as a failure.
         if (connection->backendpid() != backend) {
@@ -385,6 +432,7 @@ class PgConsentCache final : public ConsentCache {
           // does not.
           pqxx::nontransaction beat(*connection);
           beat.exec1("SELECT 1");
+          region.progress_at.store(MonoNanos(), std::memory_order_release);
           last_beat = now;
           region.alive_at.store(MonoNanos(), std::memory_order_release);
         }
@@ -393,6 +441,7 @@ class PgConsentCache final : public ConsentCache {
       status = pg::StatusFromException(e);
     }
     region.listening.store(false, std::memory_order_release);
+    PublishFeedSocket(region, -1);
     // Close first, so that dropping the receiver does not reconnect to send UNLISTEN.
     if (connection) connection->disconnect();
     receiver.reset();
@@ -404,6 +453,7 @@ class PgConsentCache final : public ConsentCache {
   const int64_t max_staleness_ns_;
   const int64_t fail_closed_ns_;
   const int64_t heartbeat_ns_;
+  const int64_t stall_ns_;  // a feed listener stuck this long is shut (WatchFeeds)
   const size_t stripe_count_;
   const size_t stripe_capacity_;
   const size_t stripe_bytes_;
@@ -412,6 +462,7 @@ class PgConsentCache final : public ConsentCache {
   std::mutex stop_mu_;
   std::condition_variable stop_cv_;
   bool stopping_ = false;  // guarded by stop_mu_
+  std::thread watchdog_;   // WatchFeeds; started after regions_ is complete
 };
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <openssl/rand.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <tuple>
 
@@ -163,7 +164,9 @@ absl::StatusOr<std::pair<absl::Time, std::optional<absl::Time>>> ValidateGrantPe
 
 std::string NewConsentId(absl::string_view region_id) {
   unsigned char bytes[kConsentIdRandomBytes];
-  RAND_bytes(bytes, sizeof(bytes));
+  // Without the CSPRNG the id would be stack bytes, perhaps another consent's: nothing is safe to
+  // go on with (as every other use of it here).
+  if (RAND_bytes(bytes, sizeof(bytes)) != 1) std::abort();
   return absl::StrCat(kConsentIdPrefix, region_id, "_",
                       absl::BytesToHexString(
                           absl::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes))));
@@ -325,7 +328,7 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
                                                     granted.version == 1 ? audit::Action::kCreate
                                                                          : audit::Action::kUpdate,
                                                     patient, granted.consent_id, purpose,
-                                                    granted.version, "consent granted"))
+                                                    granted.version, "GRANTED"))
                             .status());
         return granted;
       }));
@@ -429,8 +432,13 @@ absl::StatusOr<RevokeResult> ConsentCore::Revoke(const CallContext& ctx,
         InsertVersion(txn, revoked.consent_id, version);
         revoked.version = version.version;
         RETURN_IF_ERROR(
+            // The code, then the reason the caller gave: what a patient or a DPO reads the
+            // entry for.
             audit::Append(txn, AuditFor(ctx, audit::Action::kUpdate, patient, revoked.consent_id,
-                                        purpose, version.version, "consent revoked"))
+                                        purpose, version.version,
+                                        request.reason.empty()
+                                            ? std::string("REVOKED")
+                                            : absl::StrCat("REVOKED: ", request.reason)))
                 .status());
         return revoked;
       }));

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdlib>
 #include <set>
 
 #include "absl/algorithm/container.h"
@@ -31,7 +32,8 @@ absl::Time FromEpochSeconds(const pqxx::field& f) {
 
 std::string RandomKeyHex() {
   unsigned char key[32];
-  RAND_bytes(key, sizeof(key));
+  // Without the CSPRNG the key would be stack bytes: nothing is safe to go on with.
+  if (RAND_bytes(key, sizeof(key)) != 1) std::abort();
   return absl::BytesToHexString(absl::string_view(reinterpret_cast<const char*>(key), sizeof(key)));
 }
 

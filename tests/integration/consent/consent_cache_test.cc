@@ -3,8 +3,13 @@
 // or cannot get one back (fail closed), one region at a time.
 #include "libs/consent_client/consent_cache.h"
 
+#include <signal.h>
+
+#include <cerrno>
+#include <cstring>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <pqxx/pqxx>
@@ -379,6 +384,51 @@ TEST_F(ConsentCacheTest, ShardDownFailsClosedAndRecovers) {
     return last.ok();
   })) << last.status();
   EXPECT_TRUE(last->permit);
+}
+
+// The feed's backend stops answering while its server still takes new connections (a hung
+// backend, a failover that left the old host silent): the listener's round trip would wait
+// forever, its kernel still acknowledging. The cache fails closed, says the feed is not
+// listening, shuts the stuck connection, and is back on a new one without the old backend.
+TEST_F(ConsentCacheTest, AFeedConnectionThatStopsAnsweringIsReplaced) {
+  auto cache = NewCache(absl::Minutes(10), absl::Seconds(1));
+  GrantCare(*fr_, "pt_stall_fr");
+  AwaitNotifications(*cache, 1);
+  ASSERT_TRUE(cache->Check("fr-1", "pt_stall_fr", Purpose::kCare, kApp, absl::Now())->permit);
+  const uint64_t starts = cache->Stats().feed_starts;
+  std::vector<int> stopped;
+  {
+    pqxx::connection admin(fr_->ConnectionString());
+    pqxx::nontransaction q(admin);
+    for (const pqxx::row& row :
+         q.exec("SELECT pid FROM pg_stat_activity WHERE application_name = "
+                "'medgate-consent-feed' AND pid <> pg_backend_pid()")) {
+      stopped.push_back(row[0].as<int>());
+    }
+  }
+  ASSERT_FALSE(stopped.empty());
+  for (int pid : stopped) ASSERT_EQ(::kill(pid, SIGSTOP), 0) << std::strerror(errno);
+  absl::Cleanup resume = [&stopped] {
+    for (int pid : stopped) ::kill(pid, SIGCONT);
+  };
+  absl::StatusOr<AccessDecision> last;
+  bool listening_while_failed = true;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    last = cache->Check("fr-1", "pt_stall_fr", Purpose::kCare, kApp, absl::Now());
+    if (!last.ok()) listening_while_failed = cache->FeedListening("fr-1");
+    return !last.ok();
+  }));
+  EXPECT_EQ(last.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(listening_while_failed);
+  // Back, on a new connection, while the old backend is still stopped.
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    last = cache->Check("fr-1", "pt_stall_fr", Purpose::kCare, kApp, absl::Now());
+    return last.ok();
+  })) << last.status();
+  EXPECT_TRUE(last->permit);
+  EXPECT_TRUE(cache->FeedListening("fr-1"));
+  EXPECT_GT(cache->Stats().feed_starts, starts);
+  for (int pid : stopped) EXPECT_EQ(::kill(pid, 0), 0);  // still there, still stopped
 }
 
 }  // namespace

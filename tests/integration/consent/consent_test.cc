@@ -1232,6 +1232,7 @@ TEST_F(ConsentTest, EveryGrantAndRevocationIsAuditedInTheHomeShardChain) {
       Grant(*app, GrantArgs(patient).WithEvidence("form-2").WithRequestId("audit-regrant")).ok());
   v1::RevokeConsentRequest revoke = ById(granted->consent_id());
   revoke.set_request_id("audit-revoke");
+  revoke.set_reason("patient withdrew");
   ASSERT_TRUE(Revoke(*app, revoke).ok());
   ASSERT_TRUE(Revoke(*app, revoke).ok());  // already revoked: nothing recorded
   EXPECT_EQ(CountIn(fr, count_sql, patient), 3);
@@ -1241,13 +1242,14 @@ TEST_F(ConsentTest, EveryGrantAndRevocationIsAuditedInTheHomeShardChain) {
     pqxx::nontransaction q(c);
     pqxx::result rows = q.exec_params(
         "SELECT actor, tenant, action, object_id, purpose, consent_id, consent_version, "
-        "request_id, decision FROM audit_log WHERE patient_id = $1 ORDER BY seq",
+        "request_id, decision, reason FROM audit_log WHERE patient_id = $1 ORDER BY seq",
         patient);
     ASSERT_EQ(rows.size(), 3u);
-    const std::vector<std::tuple<std::string, int64_t, std::string>> expected = {
-        {"create", 1, "audit-grant"},
-        {"update", 2, "audit-regrant"},
-        {"update", 3, "audit-revoke"}};
+    // A reason code (as QueryAudit splits it), and the revocation's reason as the caller gave it.
+    const std::vector<std::tuple<std::string, int64_t, std::string, std::string>> expected = {
+        {"create", 1, "audit-grant", "GRANTED"},
+        {"update", 2, "audit-regrant", "GRANTED"},
+        {"update", 3, "audit-revoke", "REVOKED: patient withdrew"}};
     for (size_t i = 0; i < rows.size(); ++i) {
       EXPECT_EQ(rows[i][0].as<std::string>(), App());
       EXPECT_EQ(rows[i][1].as<std::string>(), "acme");
@@ -1258,6 +1260,7 @@ TEST_F(ConsentTest, EveryGrantAndRevocationIsAuditedInTheHomeShardChain) {
       EXPECT_EQ(rows[i][6].as<int64_t>(), std::get<1>(expected[i]));
       EXPECT_EQ(rows[i][7].as<std::string>(), std::get<2>(expected[i]));
       EXPECT_EQ(rows[i][8].as<std::string>(), "permit");
+      EXPECT_EQ(rows[i][9].as<std::string>(), std::get<3>(expected[i]));
     }
   }
   // Reading a patient's consents is an access too: one read entry per list call.
