@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 #include <string_view>
 #include <utility>
 
@@ -85,6 +86,12 @@ decltype(auto) WithEntryParams(const Entry& e, Exec&& exec, const Args&... args)
 // on the chain head row, so concurrent writers never fork the chain; append last in a
 // transaction to hold that lock briefly. Returns the new sequence number.
 absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry);
+
+// Appends `entries`, in their order, in the caller's transaction with one call of a shard's
+// audit_append_many() (shard migration 0009): the chain head is locked once, for one statement,
+// where Append would hold it from the first entry's round trip to the commit. Shard databases only
+// (the control database has audit_append alone). Returns the last entry's seq; 0 for no entries.
+absl::StatusOr<int64_t> AppendMany(pqxx::work& txn, const std::vector<Entry>& entries);
 
 struct VerifyResult {
   bool ok = true;

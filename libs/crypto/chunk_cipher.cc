@@ -39,7 +39,15 @@ absl::StatusOr<std::string> EncryptChunk(const SecretKey& key, absl::string_view
 
 absl::StatusOr<std::string> DecryptChunk(const SecretKey& key, absl::string_view record_id,
                                          uint32_t index, bool last, absl::string_view sealed) {
+  if (sealed.size() > kMaxChunkBytes + kSealOverheadBytes) {
+    return absl::DataLossError(absl::StrCat("chunk ", index, " is ", sealed.size(),
+                                            " bytes sealed, more than a chunk can be"));
+  }
   absl::StatusOr<std::string> plaintext = Open(key, ChunkAad(record_id, index, last), sealed);
+  // Only a chunk that does not authenticate is damaged; OpenSSL failing to set up is not.
+  if (!plaintext.ok() && plaintext.status().code() != absl::StatusCode::kDataLoss) {
+    return plaintext.status();
+  }
   if (!plaintext.ok()) {
     return absl::DataLossError(absl::StrCat("chunk ", index, " does not authenticate (",
                                             plaintext.status().message(), ")"));

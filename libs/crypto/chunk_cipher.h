@@ -26,7 +26,8 @@ absl::StatusOr<std::string> EncryptChunk(const SecretKey& key, absl::string_view
                                          uint32_t index, bool last, absl::string_view plaintext);
 
 // The plaintext of chunk `index` only if it authenticates as that chunk of that record with that
-// last-chunk flag: DATA_LOSS naming the chunk otherwise.
+// last-chunk flag: DATA_LOSS naming the chunk otherwise (a sealed chunk longer than a 1 MiB
+// chunk's is refused before decrypting). OpenSSL failing to set up is INTERNAL, not damage.
 absl::StatusOr<std::string> DecryptChunk(const SecretKey& key, absl::string_view record_id,
                                          uint32_t index, bool last, absl::string_view sealed);
 

@@ -57,6 +57,8 @@ absl::StatusOr<std::string> LocalKeyEncryptionKey::Wrap(const SecretKey& key,
 absl::StatusOr<SecretKey> LocalKeyEncryptionKey::Unwrap(absl::string_view wrapped,
                                                         absl::string_view context) {
   absl::StatusOr<std::string> bytes = Open(kek_, WrapAad(context), wrapped);
+  // Only a key that does not authenticate is damaged; OpenSSL failing to set up is not.
+  if (!bytes.ok() && bytes.status().code() != absl::StatusCode::kDataLoss) return bytes.status();
   if (!bytes.ok()) {
     return absl::DataLossError(absl::StrCat("wrapped key does not unwrap under key-encryption key ",
                                             id_, " (another KEK, another owner, or altered)"));
@@ -84,7 +86,8 @@ absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> ParseHexKeyEncryptionKey(
 
 absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> LoadKeyEncryptionKeyFile(
     const std::string& path) {
-  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // Without blocking: a FIFO at the path would hold the start in open() until someone writes.
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     return absl::NotFoundError(absl::StrCat("key-encryption key file '", path,
                                             "' cannot be read: ", std::strerror(errno)));
@@ -98,6 +101,19 @@ absl::StatusOr<std::unique_ptr<KeyEncryptionKey>> LoadKeyEncryptionKeyFile(
     return absl::FailedPreconditionError(absl::StrCat("key-encryption key file '", path,
                                                       "' cannot be checked: ",
                                                       std::strerror(error)));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    close(fd);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "key-encryption key file '", path, "' is not a regular file (a FIFO, a device or a "
+        "directory); give the path of the file holding the key"));
+  }
+  // Owned by another account (root aside), the file is that account's to replace.
+  if (st.st_uid != geteuid() && st.st_uid != 0) {
+    close(fd);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "key-encryption key file '", path, "' is owned by uid ", st.st_uid, ", not by this "
+        "service's (uid ", geteuid(), ") or root: another account could swap the key; chown it"));
   }
   if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
     close(fd);

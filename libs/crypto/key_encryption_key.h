@@ -27,7 +27,7 @@ class KeyEncryptionKey {
   virtual absl::StatusOr<std::string> Wrap(const SecretKey& key, absl::string_view context) = 0;
 
   // The key inside `wrapped`: DATA_LOSS if it was altered, wrapped for another context or by
-  // another KEK.
+  // another KEK; another code (INTERNAL, UNAVAILABLE) when it could not be tried.
   virtual absl::StatusOr<SecretKey> Unwrap(absl::string_view wrapped,
                                            absl::string_view context) = 0;
 };

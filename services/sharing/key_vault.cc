@@ -15,6 +15,7 @@ constexpr char kSelectKey[] = "vault_select_key";
 constexpr char kDeleteKeys[] = "vault_delete_keys";
 constexpr char kSelectUnconfirmed[] = "vault_select_unconfirmed";
 constexpr char kConfirmKeys[] = "vault_confirm_keys";
+constexpr char kSelectAnyKek[] = "vault_select_any_kek";
 
 const std::vector<pg::Statement>& VaultStatements() {
   static const std::vector<pg::Statement> statements = {
@@ -29,6 +30,7 @@ const std::vector<pg::Statement>& VaultStatements() {
        "AND created_at < now() - make_interval(secs => $1::double precision) "
        "ORDER BY created_at LIMIT $2"},
       {kConfirmKeys, "UPDATE patient_keys SET confirmed = true WHERE key_id = ANY($1::text[])"},
+      {kSelectAnyKek, "SELECT kek_id FROM patient_keys LIMIT 1"},
   };
   return statements;
 }
@@ -59,7 +61,27 @@ KeyVault::KeyVault(const std::vector<RegionConfig>& regions, crypto::KeyEncrypti
         pg::PoolOptions::FromConfig(absl::StrCat(r.id, " key vault"), *r.keys_db);
     options.statements = VaultStatements();
     pools_.emplace(r.id, std::make_unique<pg::Pool>(std::move(options)));
+    kek_verified_.emplace(r.id, std::make_unique<std::atomic<bool>>(false));
   }
+}
+
+absl::Status KeyVault::CheckKek(absl::string_view region) {
+  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
+  std::string held;
+  RETURN_IF_ERROR(pool->Transact([&](pqxx::work& txn) {
+    pqxx::result rows = txn.exec_prepared(kSelectAnyKek);
+    if (!rows.empty()) held = rows[0][0].c_str();
+    return absl::OkStatus();
+  }));
+  if (held.empty()) return absl::OkStatus();  // no key yet: the first one written decides
+  if (held != kek_.id()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the key vault of region ", region, " holds patient keys wrapped by key-encryption key ",
+        held, ", but this service was given ", kek_.id(), ": configure the cluster's KEK (one "
+        "KEK per cluster; keys are not rewrapped)"));
+  }
+  kek_verified_.find(region)->second->store(true);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<pg::Pool*> KeyVault::PoolOf(absl::string_view region) const {
@@ -73,8 +95,13 @@ absl::StatusOr<pg::Pool*> KeyVault::PoolOf(absl::string_view region) const {
 
 absl::Status KeyVault::Put(absl::string_view region, const std::string& patient_id,
                            const std::string& key_id, const crypto::SecretKey& key) {
+  RETURN_IF_ERROR(PoolOf(region).status());  // a region with a vault has its flag too
+  std::atomic<bool>& verified = *kek_verified_.find(region)->second;
+  if (!verified.load()) RETURN_IF_ERROR(CheckKek(region));
   ASSIGN_OR_RETURN(std::string wrapped, kek_.Wrap(key, PatientKeyContext(patient_id, key_id)));
-  return Insert(region, patient_id, key_id, kek_.id(), wrapped, /*confirmed=*/false);
+  RETURN_IF_ERROR(Insert(region, patient_id, key_id, kek_.id(), wrapped, /*confirmed=*/false));
+  verified.store(true);
+  return absl::OkStatus();
 }
 
 absl::Status KeyVault::PutWrapped(absl::string_view region, const std::string& patient_id,

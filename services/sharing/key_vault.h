@@ -5,6 +5,7 @@
 #ifndef MEDGATE_SERVICES_SHARING_KEY_VAULT_H_
 #define MEDGATE_SERVICES_SHARING_KEY_VAULT_H_
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <string>
@@ -33,7 +34,16 @@ class KeyVault {
 
   crypto::KeyEncryptionKey& kek() const { return kek_; }
 
+  // Whether the region's vault holds keys wrapped by another key-encryption key than this
+  // process's: FAILED_PRECONDITION naming both (a KEK mistyped into one pod's Secret would wrap
+  // the keys of the patients it sees first under a key no other pod holds); OK when the keys are
+  // this KEK's or there are none yet; UNAVAILABLE when the vault cannot be reached. The vault holds
+  // keys of one KEK: there is no rotation, so any key tells which.
+  absl::Status CheckKek(absl::string_view region);
+
   // Stores a new key of the patient, wrapped by the KEK; it is committed when this returns.
+  // FAILED_PRECONDITION, storing nothing, while the region's vault holds keys of another KEK
+  // (checked until the vault has answered with a key of this one, or taken one from it).
   // UNAVAILABLE when the region's vault cannot be reached.
   absl::Status Put(absl::string_view region, const std::string& patient_id,
                    const std::string& key_id, const crypto::SecretKey& key);
@@ -67,6 +77,8 @@ class KeyVault {
   crypto::KeyEncryptionKey& kek_;
   // By region; each pool is named "<region> key vault", as its errors say.
   std::map<std::string, std::unique_ptr<pg::Pool>, std::less<>> pools_;
+  // By region: the vault has shown a key of this KEK (CheckKek or Put), so Put checks no more.
+  std::map<std::string, std::unique_ptr<std::atomic<bool>>, std::less<>> kek_verified_;
 };
 
 }  // namespace medgate::sharing

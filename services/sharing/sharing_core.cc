@@ -873,6 +873,13 @@ class PgDownload final : public Download {
           return absl::DataLossError(
               absl::StrCat("record '", record_.record_id, "': content does not match its SHA-256"));
         }
+        // The size the header announced (and the audit entry and the quota counted) is the
+        // record row's: a row altered in the shard must not end a download as complete.
+        if (delivered_ != record_.size_bytes) {
+          return absl::DataLossError(absl::StrCat("record '", record_.record_id, "': content is ",
+                                                  delivered_, " bytes, its record says ",
+                                                  record_.size_bytes));
+        }
       }
       return false;
     }
@@ -904,10 +911,16 @@ class PgDownload final : public Download {
         key_, record_.record_id, index_, index_ + 1 == record_.chunk_count, *sealed);
     core_.AddBuffered(-2 * held);
     if (!plaintext.ok()) {
-      return absl::DataLossError(absl::StrCat("record '", record_.record_id,
-                                              "' is damaged: ", plaintext.status().message(),
-                                              "; nothing of it was returned"));
+      // DATA_LOSS: the chunk does not authenticate. Anything else (OpenSSL failing to set up) is
+      // this process's trouble, not the record's, and is not reported as damage.
+      return absl::Status(plaintext.status().code(),
+                          absl::StrCat("record '", record_.record_id,
+                                       plaintext.status().code() == absl::StatusCode::kDataLoss
+                                           ? "' is damaged: "
+                                           : "': chunk not decrypted: ",
+                                       plaintext.status().message(), "; nothing of it was returned"));
     }
+    delivered_ += plaintext->size();
     hasher_.Update(*plaintext);
     *chunk = *std::move(plaintext);
     ++index_;
@@ -992,6 +1005,7 @@ class PgDownload final : public Download {
   const SecretKey key_;
   const std::string grantee_;
   uint32_t index_ = 0;
+  uint64_t delivered_ = 0;  // plaintext bytes handed out
   crypto::Sha256 hasher_;
   bool verified_ = false;
 
@@ -1126,9 +1140,14 @@ absl::StatusOr<SecretKey> SharingCore::OpenRecordKey(pqxx::transaction_base& txn
   }
   absl::StatusOr<std::string> record_key = crypto::Open(
       patient_key->key, RecordKeyAad(record.record_id), BytesOf(wrapped_record_key));
-  if (!record_key.ok()) {
+  if (record_key.status().code() == absl::StatusCode::kDataLoss) {
     return absl::DataLossError(
         absl::StrCat("record '", record.record_id, "': its wrapped data key is damaged"));
+  }
+  if (!record_key.ok()) {
+    return absl::Status(record_key.status().code(),
+                        absl::StrCat("record '", record.record_id, "': its data key not opened: ",
+                                     record_key.status().message()));
   }
   absl::StatusOr<SecretKey> key = SecretKey::FromBytes(*record_key);
   OPENSSL_cleanse(record_key->data(), record_key->size());  // the SecretKey wipes its own copy
@@ -1236,10 +1255,18 @@ absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& reg
     const std::string id = row[0].c_str();
     absl::StatusOr<std::string> key =
         crypto::Open(old_key->key, RecordKeyAad(id), BytesOf(row[1]));
-    if (!key.ok()) {
+    if (key.status().code() == absl::StatusCode::kDataLoss) {
       // Already unreadable: it stays under the retired key rather than block this erasure.
       log::Error("record_key_damaged", {{"record", id}, {"during_erasure_of", record.record_id}});
       continue;
+    }
+    // Any other failure is this process's (OpenSSL could not set up), not the record's: the
+    // erasure is not done, rather than leave a readable record under a key about to be destroyed.
+    if (!key.ok()) {
+      return absl::Status(key.status().code(),
+                          absl::StrCat("record '", id, "': its key not rewrapped (",
+                                       key.status().message(), "); the erasure of record '",
+                                       record.record_id, "' was not done"));
     }
     absl::StatusOr<std::string> sealed = crypto::Seal(new_key.key, RecordKeyAad(id), *key);
     OPENSSL_cleanse(key->data(), key->size());
@@ -1647,25 +1674,24 @@ absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
     if (grant.revoked_at) return Done(grant);  // idempotent: the earlier revocation stands
     GrantInfo revoked =
         GrantFromRow(txn.exec_prepared1(sql::kRevokeGrant, grant.grant_id, PgTime(now)));
-    RETURN_IF_ERROR(
-        audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "share_grant", revoked.grant_id,
-                                    record->tenant_id, record->patient_id,
-                                    absl::StrCat("REVOKED: record=", record->record_id,
-                                                 " grantee=", revoked.grantee)))
-            .status());
-    // What the grantee shared onward rested on its grant: it ends with it, each audited.
+    std::vector<audit::Entry> entries = {
+        AuditEntryFor(ctx, audit::Action::kUpdate, "share_grant", revoked.grant_id,
+                      record->tenant_id, record->patient_id,
+                      absl::StrCat("REVOKED: record=", record->record_id,
+                                   " grantee=", revoked.grantee))};
+    // What the grantee shared onward rested on its grant: it ends with it, each audited (all the
+    // entries in one statement, the chain head locked once).
     for (const pqxx::row& row :
          txn.exec_prepared(sql::kRevokeSharedOnward, record->record_id, revoked.grantee, PgTime(now))) {
       const GrantInfo onward = GrantFromRow(row);
-      RETURN_IF_ERROR(
-          audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "share_grant",
-                                           onward.grant_id, record->tenant_id, record->patient_id,
-                                           absl::StrCat("REVOKED: record=", record->record_id,
-                                                        " grantee=", onward.grantee,
-                                                        " (shared onward by ", onward.granted_by,
-                                                        ", whose grant was revoked)")))
-              .status());
+      entries.push_back(AuditEntryFor(ctx, audit::Action::kUpdate, "share_grant", onward.grant_id,
+                                      record->tenant_id, record->patient_id,
+                                      absl::StrCat("REVOKED: record=", record->record_id,
+                                                   " grantee=", onward.grantee,
+                                                   " (shared onward by ", onward.granted_by,
+                                                   ", whose grant was revoked)")));
     }
+    RETURN_IF_ERROR(audit::AppendMany(txn, entries).status());
     return Done(std::move(revoked));
   }));
 }
@@ -1828,14 +1854,16 @@ absl::Status SharingCore::AuditListing(const CallContext& ctx, ListScope scope,
                                                                : "patient";
   for (const auto& [region, patients] : by_region) {
     ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(region));
+    // One statement per region: a page of many patients locks the region's chain head once.
+    std::vector<audit::Entry> entries;
+    entries.reserve(patients.size());
+    for (const auto& [who, count] : patients) {
+      entries.push_back(AuditEntryFor(ctx, audit::Action::kRead, "record_list", who.second,
+                                      who.first, who.second,
+                                      absl::StrCat("LISTED: count=", count, " scope=", scope_name)));
+    }
     absl::Status audited = pool->Transact([&](pqxx::work& txn) -> absl::Status {
-      for (const auto& [who, count] : patients) {
-        const audit::Entry entry =
-            AuditEntryFor(ctx, audit::Action::kRead, "record_list", who.second, who.first,
-                          who.second, absl::StrCat("LISTED: count=", count, " scope=", scope_name));
-        RETURN_IF_ERROR(audit::Append(txn, entry).status());
-      }
-      return absl::OkStatus();
+      return audit::AppendMany(txn, entries).status();
     });
     if (!audited.ok()) {
       return absl::Status(audited.code(),
@@ -2010,6 +2038,20 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
                                             record->tenant_id, record->patient_id, "NOT_OWNER"),
                               absl::PermissionDeniedError("only the record's owner may archive it"));
     }
+    // Archiving keeps the record for the patient's care (and answers with its metadata): only
+    // while CARE permits its owner, as reading it does. An owner whose CARE was withdrawn could
+    // otherwise hold the record past any erasure by the tenant for up to a century.
+    ASSIGN_OR_RETURN(consent::AccessDecision care,
+                     consent_.Check(record_id.substr(0, record_id.find('.')), record->patient_id,
+                                    consent::Purpose::kCare, ctx.principal.spiffe_id, now));
+    if (!care.permit) {
+      audit::Entry entry =
+          AuditEntryFor(ctx, audit::Action::kUpdate, "record", record_id, record->tenant_id,
+                        record->patient_id, std::string(consent::AccessReasonName(care.reason)));
+      CiteConsent(entry, care, consent::Purpose::kCare);
+      return Deny<RecordInfo>(txn, entry,
+                              ConsentRefusal(care, "archiving this record", consent::Purpose::kCare));
+    }
     // A retention end only moves later: an earlier one would let the record be erased before the
     // retention it was archived under.
     if (record->state == RecordState::kArchived && record->retain_until &&
@@ -2019,11 +2061,11 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
           "; its retention end can be moved later, not earlier"));
     }
     txn.exec_prepared0(sql::kArchiveRecord, record_id, PgTime(retain_until));
-    RETURN_IF_ERROR(
-        audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "record", record_id,
-                                    record->tenant_id, record->patient_id,
-                                    absl::StrCat("ARCHIVED: until=", Rfc3339(retain_until))))
-            .status());
+    audit::Entry archived =
+        AuditEntryFor(ctx, audit::Action::kUpdate, "record", record_id, record->tenant_id,
+                      record->patient_id, absl::StrCat("ARCHIVED: until=", Rfc3339(retain_until)));
+    CiteConsent(archived, care, consent::Purpose::kCare);
+    RETURN_IF_ERROR(audit::Append(txn, archived).status());
     const pqxx::result rows = txn.exec_prepared(sql::kSelectRecordWithKey, record_id);
     std::vector<RecordInfo> one = {RecordFromRow(rows.at(0))};
     AttachGrants(txn, one, ctx.principal.spiffe_id, now);
@@ -2128,17 +2170,20 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
         for (const pqxx::row& row : txn.exec_prepared(sql::kDeletePatientRecords, patient_id)) {
           (std::string_view(row[0].c_str()) == "record" ? ids : retired).push_back(row[1].c_str());
         }
+        // In one statement: the region's chain head is locked once, not for a round trip per
+        // record erased (every audited write of the region waits for it meanwhile).
+        std::vector<audit::Entry> entries;
+        entries.reserve(ids.size() + 1);
         for (const std::string& id : ids) {
-          RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", id,
-                                                      home->tenant_id, patient_id,
-                                                      absl::StrCat("PATIENT_ERASURE: ", reason)))
-                              .status());
+          entries.push_back(AuditEntryFor(ctx, audit::Action::kDelete, "record", id,
+                                          home->tenant_id, patient_id,
+                                          absl::StrCat("PATIENT_ERASURE: ", reason)));
         }
-        RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "patient_records",
-                                                    patient_id, home->tenant_id, patient_id,
-                                                    absl::StrCat("PATIENT_ERASURE: erased=",
-                                                                 ids.size(), " reason=", reason)))
-                            .status());
+        entries.push_back(AuditEntryFor(ctx, audit::Action::kDelete, "patient_records", patient_id,
+                                        home->tenant_id, patient_id,
+                                        absl::StrCat("PATIENT_ERASURE: erased=", ids.size(),
+                                                     " reason=", reason)));
+        RETURN_IF_ERROR(audit::AppendMany(txn, entries).status());
         return PatientErasure{ids.size(), now};
       });
   if (erased.ok()) DestroyRetiredKeys(*pool, home->region_id, retired);

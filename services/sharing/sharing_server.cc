@@ -86,6 +86,17 @@ absl::StatusOr<std::unique_ptr<SharingServer>> SharingServer::Create(const Medga
   }
   ASSIGN_OR_RETURN(MedgateConfig own, pg::ConfigAs(config, pg::kSharingRole));
   ASSIGN_OR_RETURN(std::unique_ptr<KeyVault> vault, KeyVault::Create(own.regions, **kek));
+  if (options.check_kek_at_start) {
+    for (const RegionConfig& region : own.regions) {
+      absl::Status checked = vault->CheckKek(region.id);
+      if (checked.code() == absl::StatusCode::kFailedPrecondition) return checked;
+      // A vault down now is checked before the first key written to it (KeyVault::Put).
+      if (!checked.ok()) {
+        log::Warning("kek_check_deferred",
+                     {{"region", region.id}, {"error", checked.message()}});
+      }
+    }
+  }
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
                    MakeServiceChannel(*routing, self->tls));
   return std::unique_ptr<SharingServer>(

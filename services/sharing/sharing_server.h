@@ -75,12 +75,16 @@ struct SharingServerOptions {
   size_t max_list_page_bytes = kMaxListPageBytes;
   // AuditCore's max_scanned_per_page; tests make it small.
   int64_t audit_scanned_per_page = kMaxAuditScannedPerPage;
+  // Whether Create asks each region's key vault which KEK wraps its keys (KeyVault::CheckKek) and
+  // refuses another; tests turn it off to act as if no vault answered at start.
+  bool check_kek_at_start = true;
 };
 
 class SharingServer {
  public:
   // Validates the configuration (regions, control_db, services.sharing, services.routing, the
-  // sharing section) and loads the key-encryption key; connects lazily.
+  // sharing section), loads the key-encryption key and checks it against the key vaults that
+  // answer (FAILED_PRECONDITION when one holds keys of another KEK); connects lazily otherwise.
   static absl::StatusOr<std::unique_ptr<SharingServer>> Create(const MedgateConfig& config,
                                                                SharingServerOptions options = {});
   ~SharingServer();

@@ -264,6 +264,62 @@ TEST_F(AuditChainTest, AWalkStopsBetweenPagesOnceCancelled) {
 
 // A text field holding a NUL byte is stored up to it (libpq sends text that far; PostgreSQL text
 // holds none) and hashed as stored, in every field, so the chain still verifies.
+// AppendMany chains several entries in one statement, interleaved with Append by other writers:
+// one chain, every entry verifying, the batch's entries consecutive and of one time (one call,
+// one lock of the head), with quotes, backslashes and commas in fields kept as they were.
+TEST_F(AuditChainTest, AppendManyChainsABatchInOneStatementAmongSingleAppends) {
+  std::vector<std::thread> writers;
+  std::atomic<int> failures{0};
+  constexpr int kEach = 50;
+  constexpr int kBatch = 7;
+  for (int w = 0; w < kWriters; ++w) {
+    writers.emplace_back([&, w] {
+      for (int i = 0; i < kEach; ++i) {
+        absl::Status s = pool_->Transact([&](pqxx::work& txn) -> absl::Status {
+          if (w % 2 == 0) return Append(txn, MakeEntry(w, i)).status();
+          std::vector<Entry> batch;
+          for (int k = 0; k < kBatch; ++k) {
+            Entry e = MakeEntry(w, i * kBatch + k);
+            e.reason = absl::StrCat("say \"hi\", {a,b} \\ ", k);
+            e.consent_version = k;
+            batch.push_back(std::move(e));
+          }
+          absl::StatusOr<int64_t> last = AppendMany(txn, batch);
+          if (!last.ok()) return last.status();
+          return *last > 0 ? absl::OkStatus() : absl::InternalError("no seq returned");
+        });
+        if (!s.ok()) failures.fetch_add(1);
+      }
+    });
+  }
+  for (auto& t : writers) t.join();
+  ASSERT_EQ(failures.load(), 0);
+  constexpr int kTotal = kWriters / 2 * kEach + kWriters / 2 * kEach * kBatch;
+  VerifyResult ok = Verify();
+  EXPECT_TRUE(ok.ok) << ok.problem;
+  EXPECT_EQ(ok.entries_checked, kTotal);
+  pqxx::connection c(cluster_->ConnectionString());
+  pqxx::nontransaction q(c);
+  // Each batch: kBatch consecutive seqs, one time.
+  EXPECT_EQ(q.exec1("SELECT count(*) FROM (SELECT actor, at_us, max(seq) - min(seq) AS span, "
+                    "count(*) AS n FROM audit_log WHERE actor LIKE '%/w1' GROUP BY actor, at_us) b "
+                    "WHERE n = 7 AND span = 6")[0].as<int>(),
+            kEach);
+  pqxx::row one = q.exec1(
+      "SELECT reason, consent_version FROM audit_log WHERE actor LIKE '%/w1' ORDER BY seq "
+      "OFFSET 3 LIMIT 1");
+  EXPECT_EQ(one[0].as<std::string>(), "say \"hi\", {a,b} \\ 3");
+  EXPECT_EQ(one[1].as<int64_t>(), 3);
+  // Nothing to append appends nothing.
+  absl::StatusOr<int64_t> none = -1;
+  ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) {
+    none = AppendMany(txn, {});
+    return none.status();
+  }).ok());
+  EXPECT_EQ(*none, 0);
+  EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log")[0].as<int>(), kTotal);
+}
+
 TEST_F(AuditChainTest, AFieldWithANulByteIsHashedAsStored) {
   Entry e = MakeEntry(0, 0);
   e.reason = std::string("before\0after", 12);
@@ -278,6 +334,13 @@ TEST_F(AuditChainTest, AFieldWithANulByteIsHashedAsStored) {
   pqxx::row stored = q.exec1("SELECT reason, request_id FROM audit_log ORDER BY seq LIMIT 1");
   EXPECT_EQ(stored[0].as<std::string>(), "before");
   EXPECT_EQ(stored[1].as<std::string>(), "req");
+  // The same through AppendMany.
+  ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) {
+    return AppendMany(txn, {e, MakeEntry(0, 2)}).status();
+  }).ok());
+  result = Verify();
+  EXPECT_TRUE(result.ok) << result.problem;
+  EXPECT_EQ(result.entries_checked, 4);
 }
 
 }  // namespace

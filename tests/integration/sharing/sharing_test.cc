@@ -2696,6 +2696,17 @@ TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes
   move(99, 2);
   ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
 
+  // A record row whose size was altered: every chunk authenticates and the content matches its
+  // hash, but the download does not end as complete with the size its header announced.
+  const std::string grow = "UPDATE records SET size_bytes = size_bytes + 5 WHERE record_id = $1";
+  Exec("fr-1", grow, record);
+  Downloaded resized = Download(pki_->practitioner(), record);
+  EXPECT_EQ(resized.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_THAT(resized.status.error_message(), HasSubstr(record));
+  EXPECT_THAT(resized.status.error_message(), HasSubstr("its record says"));
+  Exec("fr-1", "UPDATE records SET size_bytes = size_bytes - 5 WHERE record_id = $1", record);
+  ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
+
   // A damaged wrapped data key: DATA_LOSS before any content.
   const std::string damage_key =
       "UPDATE record_keys SET wrapped_key = set_byte(wrapped_key, 20, "
@@ -2940,7 +2951,17 @@ TEST_F(SharingTest, AnotherKeyEncryptionKeyCannotReadOrWrite) {
   const std::string record = UploadOk(pki_->practitioner(), spec);
 
   std::unique_ptr<MedgateConfig> config = ConfigWithOtherKek();
-  auto other = SharingServer::Create(*config);
+  // A vault that answers at start tells the other KEK apart: the service does not start.
+  auto refused = SharingServer::Create(*config);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("holds patient keys wrapped by key-encryption key"));
+
+  // Started as if no vault had answered then, it still neither reads nor writes.
+  SharingServerOptions unchecked;
+  unchecked.check_kek_at_start = false;
+  auto other = SharingServer::Create(*config, unchecked);
   ASSERT_TRUE(other.ok()) << other.status();
   ASSERT_TRUE((*other)->Start().ok());
   const int64_t before = StoredRows();
@@ -2951,9 +2972,20 @@ TEST_F(SharingTest, AnotherKeyEncryptionKeyCannotReadOrWrite) {
   grpc::Status upload = Upload(pki_->practitioner(), spec, nullptr, (*other)->port());
   EXPECT_EQ(upload.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_EQ(StoredRows(), before);
+  // Nor does it make a key of its own for a patient new to it: that patient's records would be
+  // readable by this pod only.
+  UploadSpec fresh;
+  fresh.patient_id = Place("wrong-kek-2", "FR");
+  fresh.content = "a first record of this patient";
+  upload = Upload(pki_->practitioner(), fresh, nullptr, (*other)->port());
+  EXPECT_EQ(upload.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(upload.error_message(), HasSubstr("key-encryption key"));
+  EXPECT_EQ(StoredRows(), before);
   (*other)->Shutdown();
-  // The right KEK still reads it.
+  // The right KEK still reads the record, and writes the new patient's first.
   EXPECT_TRUE(Download(pki_->practitioner(), record).status.ok());
+  const std::string first = UploadOk(pki_->practitioner(), fresh);
+  EXPECT_EQ(Download(pki_->practitioner(), first).content, fresh.content);
 }
 
 // --- break-glass -------------------------------------------------------------------------------
@@ -3009,9 +3041,15 @@ TEST_F(SharingTest, UploadsAndOwnerReadsNeedCareConsent) {
   EXPECT_TRUE(
       Download(pki_->ops(), record, "unconscious patient in ER, record needed for treatment")
           .status.ok());
+  // Nor may the owner archive it (which answers with its metadata, and would keep it from the
+  // tenant's erasure for as long as the owner chose).
+  absl::StatusOr<v1::ArchiveRecordResponse> kept =
+      Archive(pki_->practitioner(), record, absl::Now() + absl::Hours(24 * 365));
+  EXPECT_EQ(kept.status().code(), absl::StatusCode::kPermissionDenied) << kept.status();
+  EXPECT_THAT(std::string(kept.status().message()), HasSubstr("CARE"));
 
-  // Every decision is in the patient's chain: the refused uploads and read, and the permitted ones,
-  // each citing CARE.
+  // Every decision is in the patient's chain: the refused uploads, read and archiving, and the
+  // permitted ones, each citing CARE.
   int refusals = 0;
   int permitted_care = 0;
   for (const v1::AuditEntry& e : PatientAudit(patient)) {
@@ -3023,10 +3061,12 @@ TEST_F(SharingTest, UploadsAndOwnerReadsNeedCareConsent) {
       EXPECT_FALSE(e.consent_id().empty());
     }
   }
-  EXPECT_GE(refusals, 3);  // no consent, another actor's, revoked
+  EXPECT_GE(refusals, 4);  // no consent, another actor's, revoked (the read and the archiving)
   // The upload, the first download, and any read that came before the withdrawal reached the
   // cache.
   EXPECT_EQ(permitted_care, 2 + read_before_withdrawal_arrived);
+  // The tenant can still erase it: it was not archived.
+  EXPECT_TRUE(Erase(pki_->app(), record).ok());
 }
 
 // CARE is asked again before an upload commits: a consent withdrawn while the content arrived
@@ -4299,6 +4339,25 @@ TEST_F(SharingTest, PatientErasureShredsEveryRecordIncludingArchivedOnes) {
   std::vector<v1::AuditEntry> entries = PatientAudit(patient);
   EXPECT_TRUE(HasEntry(entries, Id("/tenant/acme/app/backend"), v1::AUDIT_ACTION_DELETE, second,
                        "PATIENT_ERASURE"));
+  // The erasure's entries (a record's each, then the patient's) are consecutive and of one time:
+  // chained in one statement, the region's chain head locked once rather than for a round trip
+  // per record.
+  std::vector<const v1::AuditEntry*> erasure;
+  for (const v1::AuditEntry& e : entries) {
+    // (QueryAudit gives the reason code and its detail apart.)
+    if (e.reason() == "PATIENT_ERASURE" && e.decision() == v1::DECISION_PERMIT &&
+        e.reason_detail().rfind("erased=0 ", 0) != 0) {
+      erasure.push_back(&e);
+    }
+  }
+  ASSERT_EQ(erasure.size(), 3u);
+  std::sort(erasure.begin(), erasure.end(),
+            [](const auto* a, const auto* b) { return a->seq() < b->seq(); });
+  EXPECT_EQ(erasure[2]->seq(), erasure[0]->seq() + 2);
+  EXPECT_EQ(erasure[2]->object_type(), "patient_records");
+  for (const v1::AuditEntry* e : erasure) {
+    EXPECT_EQ(FromProtoTimestamp(e->recorded_at()), FromProtoTimestamp(erasure[0]->recorded_at()));
+  }
 
   // The patient may get new records afterwards, under a new key.
   const std::string later = UploadOk(pki_->practitioner(), spec);

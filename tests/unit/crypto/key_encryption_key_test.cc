@@ -3,12 +3,17 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/escaping.h"
@@ -137,6 +142,54 @@ TEST(KeyEncryptionKeyTest, LoadsFromFileAndEnvironment) {
   EXPECT_THAT(std::string(refused.message()), ::testing::Not(::testing::HasSubstr("0123456789")));
   EXPECT_EQ(std::getenv("MEDGATE_TEST_KEK"), nullptr);
   EXPECT_EQ(bad.find("0123456789abcdef"), std::string::npos);
+}
+
+// A KEK path that names something other than a regular file is refused at once: a FIFO would
+// hold the service's start in open() until another process wrote to it.
+TEST(KeyEncryptionKeyTest, APathThatIsNotAFileIsRefusedWithoutWaiting) {
+  char dir_template[] = "/tmp/medgate-kek-fifo-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir_template), nullptr);
+  const std::string dir = dir_template;
+  absl::Cleanup remove_dir = [&] { std::filesystem::remove_all(dir); };
+  const std::string fifo = dir + "/kek.hex";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
+  // Run apart, so that a loader stuck in open() fails this test instead of hanging it: a writer
+  // opened afterwards lets it go.
+  std::future<absl::Status> loaded = std::async(std::launch::async, [&] {
+    return LoadKeyEncryptionKeyFile(fifo).status();
+  });
+  if (loaded.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    ADD_FAILURE() << "loading a FIFO as the KEK blocked";
+    const int writer = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);
+    if (writer >= 0) ::close(writer);
+  }
+  absl::Status status = loaded.get();
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr("not a regular file"));
+  // A directory neither.
+  EXPECT_EQ(LoadKeyEncryptionKeyFile(dir).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// A key file owned by another account is that account's to swap, whatever its mode.
+TEST(KeyEncryptionKeyTest, AFileOwnedByAnotherAccountIsRefused) {
+  char dir_template[] = "/tmp/medgate-kek-owner-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir_template), nullptr);
+  const std::string dir = dir_template;
+  absl::Cleanup remove_dir = [&] { std::filesystem::remove_all(dir); };
+  const std::string path = dir + "/kek.hex";
+  {
+    std::ofstream out(path);
+    out << kKekHex << "\n";
+  }
+  ASSERT_EQ(::chmod(path.c_str(), 0600), 0);
+  ASSERT_TRUE(LoadKeyEncryptionKeyFile(path).ok());
+  // Giving a file away takes root (CI runs as root): as another user, this part cannot be set up.
+  if (::geteuid() != 0) GTEST_SKIP() << "chown to another account needs root";
+  ASSERT_EQ(::chown(path.c_str(), 65534, 65534), 0) << std::strerror(errno);
+  absl::Status status = LoadKeyEncryptionKeyFile(path).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr("owned by uid 65534"));
+  EXPECT_THAT(std::string(status.message()), Not(HasSubstr(kKekHex)));
 }
 
 }  // namespace
