@@ -18,7 +18,8 @@ absl::Time FromMicros(const pqxx::field& field, absl::Time if_null) {
 const pg::Statement& LoadCurrentConsentsStatement() {
   static const pg::Statement statement = {
       "consent_load_current",
-      "SELECT c.consent_id, c.tenant_id, c.purpose, c.actor, v.version, v.state = 'revoked', "
+      "SELECT c.consent_id, c.tenant_id, c.purpose, c.actor, v.version, "
+      "v.state IS DISTINCT FROM 'granted', "
       "(extract(epoch FROM v.valid_from) * 1000000)::int8, "
       "(extract(epoch FROM v.valid_until) * 1000000)::int8 "
       "FROM consents c CROSS JOIN LATERAL ("

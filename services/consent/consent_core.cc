@@ -39,8 +39,10 @@ absl::string_view StateName(VersionState state) {
 VersionInfo VersionFromRow(const pqxx::row& row, int first) {
   VersionInfo v;
   v.version = row[first].as<int64_t>();
-  v.state = row[first + 1].as<std::string>() == "revoked" ? VersionState::kRevoked
-                                                          : VersionState::kGranted;
+  // Only a version recorded as granted grants: a state this code does not know (a later
+  // migration's) reads as revoked, so that it fails closed.
+  v.state = row[first + 1].as<std::string>() == "granted" ? VersionState::kGranted
+                                                          : VersionState::kRevoked;
   v.valid_from = absl::FromUnixMicros(row[first + 2].as<int64_t>());
   if (!row[first + 3].is_null()) v.valid_until = absl::FromUnixMicros(row[first + 3].as<int64_t>());
   v.evidence_ref = row[first + 4].c_str();
@@ -233,8 +235,9 @@ absl::StatusOr<PatientLocation> ConsentCore::ResolvePatient(const CallContext& c
 absl::StatusOr<pg::Pool*> ConsentCore::HomeShard(const PatientLocation& patient) {
   absl::StatusOr<pg::Pool*> shard = shards_.Get(patient.region_id);
   if (!shard.ok()) {
-    return absl::InternalError(absl::StrCat("the patient's home region ", patient.region_id,
-                                            " is not configured in this consent service"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the patient's home region ", patient.region_id,
+        " is not configured in this consent service (its configuration is behind routing's)"));
   }
   return shard;
 }

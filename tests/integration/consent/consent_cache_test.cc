@@ -386,6 +386,35 @@ TEST_F(ConsentCacheTest, ShardDownFailsClosedAndRecovers) {
   EXPECT_TRUE(last->permit);
 }
 
+// Only a version recorded as granted grants: a state this code does not know (one a later
+// migration could add) is read as a revocation, so that it fails closed.
+TEST_F(ConsentCacheTest, AVersionInAStateItDoesNotKnowDoesNotGrant) {
+  GrantCare(*fr_, "pt_unknown_state");
+  auto cache = NewCache();
+  ASSERT_TRUE(cache->Check("fr-1", "pt_unknown_state", Purpose::kCare, kApp, absl::Now())->permit);
+  Exec(*fr_, "ALTER TABLE consent_versions DROP CONSTRAINT consent_versions_state_check");
+  absl::Cleanup restore = [] {
+    // Past the append-only trigger, as only a superuser could: the suite's later tests share
+    // this shard.
+    Exec(*fr_,
+         "SET LOCAL session_replication_role = replica; "
+         "DELETE FROM consent_versions WHERE state NOT IN ('granted', 'revoked')");
+    Exec(*fr_,
+         "ALTER TABLE consent_versions ADD CONSTRAINT consent_versions_state_check "
+         "CHECK (state IN ('granted', 'revoked'))");
+  };
+  Exec(*fr_,
+       "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
+       "evidence_ref, reason, recorded_by, recorded_at, request_id) "
+       "VALUES ($1, 2, 'suspended', now(), NULL, 'form', '', 'test', now(), 'r2')",
+       {"cn_test_pt_unknown_state"});
+  auto fresh = NewCache();  // reads it from the shard
+  absl::StatusOr<AccessDecision> decision =
+      fresh->Check("fr-1", "pt_unknown_state", Purpose::kCare, kApp, absl::Now());
+  ASSERT_TRUE(decision.ok()) << decision.status();
+  EXPECT_FALSE(decision->permit);
+}
+
 // The feed's backend stops answering while its server still takes new connections (a hung
 // backend, a failover that left the old host silent): the listener's round trip would wait
 // forever, its kernel still acknowledging. The cache fails closed, says the feed is not
