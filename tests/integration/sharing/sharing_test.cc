@@ -5073,6 +5073,10 @@ TEST_F(SharingTest, UploadsThatSendNoHeaderAreBoundedPerTenant) {
   std::vector<std::unique_ptr<Held>> held;
   for (int i = 0; i < bound; ++i) {
     auto h = std::make_unique<Held>();
+    // Waiting for the connection: gRPC shares subchannels between channels, and one to a port an
+    // earlier test's server had (now this one's) may still be backing off; a stream that failed
+    // fast would hold nothing.
+    h->context.set_wait_for_ready(true);
     h->writer = stub->UploadRecord(&h->context, &h->response);
     held.push_back(std::move(h));
   }
