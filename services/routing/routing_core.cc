@@ -519,11 +519,16 @@ absl::StatusOr<AssignResult> RoutingCore::AssignDevice(const CallContext& ctx,
             " s from now, once no service sends its samples to the former patient any more"));
       }
     }
-    if (txn.exec_prepared(sql::kUpsertDevice, tenant_id, device_id, patient_id).affected_rows() != 1) {
-      // A concurrent first assignment of the device committed after the look-up above (which
-      // found no row to lock): ABORTED makes the pool run this again, and the look-up sees it.
+    // The row the look-up locked is updated; without one, a row is inserted, unless a concurrent
+    // call committed one after the look-up (which had nothing to lock): assigned, or assigned and
+    // unassigned since, whose reassignment wait this call has not checked.
+    const pqxx::result assigned =
+        device.empty() ? txn.exec_prepared(sql::kInsertDevice, tenant_id, device_id, patient_id)
+                       : txn.exec_prepared(sql::kAssignLockedDevice, tenant_id, device_id, patient_id);
+    if (assigned.affected_rows() != 1) {
+      // ABORTED makes the pool run this again, and the look-up sees (and locks) that row.
       return absl::AbortedError(absl::StrCat("device '", device_id,
-                                             "' was assigned by a concurrent call; look again"));
+                                             "' was changed by a concurrent call; look again"));
     }
     result.newly_assigned = true;
     RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kUpdate, "device", device_id,

@@ -18,7 +18,8 @@ inline constexpr char kSelectPatient[] = "select_patient";
 inline constexpr char kInsertPatient[] = "insert_patient";
 inline constexpr char kResolvePatients[] = "resolve_patients";
 inline constexpr char kSelectDevice[] = "select_device";
-inline constexpr char kUpsertDevice[] = "upsert_device";
+inline constexpr char kInsertDevice[] = "insert_device";
+inline constexpr char kAssignLockedDevice[] = "assign_locked_device";
 inline constexpr char kUnassignDevice[] = "unassign_device";
 inline constexpr char kRestampUnassignment[] = "restamp_unassignment";
 inline constexpr char kResolveDevices[] = "resolve_devices";
@@ -64,17 +65,20 @@ inline const std::vector<pg::Statement>& Statements() {
        "SELECT patient_id, former_patient_id, "
        "extract(epoch FROM (now() - updated_at))::float8 FROM devices "
        "WHERE tenant_id = $1 AND device_id = $2 FOR UPDATE"},
-      // assigned_at: a device given back to the patient it last fed continues that assignment
-      // (its samples measured meanwhile are that patient's); any other starts now. A row that a
-      // concurrent first assignment committed after this transaction's look-up is assigned: left
-      // as it is (no row affected), for the caller to look again.
-      {kUpsertDevice,
+      // A device's first row, when the look-up found none. A row a concurrent call committed
+      // after that look-up (assigned, or assigned and unassigned since) is left as it is (no row
+      // affected), for the caller to look again: its reassignment wait must be checked on it.
+      {kInsertDevice,
        "INSERT INTO devices (tenant_id, device_id, patient_id, assigned_at) "
-       "VALUES ($1, $2, $3, now()) "
-       "ON CONFLICT (tenant_id, device_id) DO UPDATE SET patient_id = EXCLUDED.patient_id, "
-       "assigned_at = CASE WHEN devices.former_patient_id = EXCLUDED.patient_id "
-       "AND devices.assigned_at IS NOT NULL THEN devices.assigned_at ELSE now() END, "
-       "updated_at = now() WHERE devices.patient_id IS NULL"},
+       "VALUES ($1, $2, $3, now()) ON CONFLICT (tenant_id, device_id) DO NOTHING"},
+      // The row the look-up locked, unassigned. assigned_at: a device given back to the patient it
+      // last fed continues that assignment (its samples measured meanwhile are that patient's);
+      // any other starts now.
+      {kAssignLockedDevice,
+       "UPDATE devices SET patient_id = $3, "
+       "assigned_at = CASE WHEN former_patient_id = $3 AND assigned_at IS NOT NULL "
+       "THEN assigned_at ELSE now() END, updated_at = now() "
+       "WHERE tenant_id = $1 AND device_id = $2 AND patient_id IS NULL"},
       // The time it is written, not the transaction's start: the reassignment wait counts from when
       // the unassignment became visible (the transaction's last statement, just before COMMIT).
       // kRestampUnassignment moves it past the COMMIT; this stamp stands if that never runs.

@@ -275,6 +275,39 @@ TEST_F(RoutingTest, ConcurrentFirstAssignmentsGiveADeviceToOnePatient) {
             1);
 }
 
+// A first assignment whose look-up found no row, while another call gives the device to A and
+// takes it back (committed after that look-up): the row it then meets was unassigned just now,
+// and the reassignment wait applies to it, as to any unassigned device.
+TEST_F(RoutingTest, AFirstAssignmentMeetingADeviceUnassignedMeanwhileWaitsForTheReassignment) {
+  auto a = Place(pki_->app(), "race-unassigned-a", "BE");
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(Place(pki_->app(), "race-unassigned-b", "BE").ok());
+  // What the other calls leave, held uncommitted: fed A, unassigned now.
+  pqxx::connection first(clusters_->control().ConnectionString());
+  pqxx::work held(first);
+  held.exec_params0(
+      "INSERT INTO devices (tenant_id, device_id, patient_id, former_patient_id, assigned_at, "
+      "updated_at) VALUES ('acme', 'race-unassigned-dev', NULL, $1, now(), clock_timestamp())",
+      a->patient_id());
+  grpc::Status second;
+  std::thread other(
+      [&] { second = Assign(pki_->app(), "race-unassigned-dev", "race-unassigned-b"); });
+  const bool waiting = test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    return CountIn(clusters_->control(),
+                   "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE 'INSERT INTO devices%'") == 1;
+  });
+  held.commit();
+  other.join();
+  ASSERT_TRUE(waiting) << "the assignment never waited for the held row";
+  EXPECT_EQ(second.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << second.error_message();
+  EXPECT_THAT(second.error_message(), HasSubstr("was unassigned"));
+  EXPECT_EQ(CountIn(clusters_->control(),
+                    "SELECT count(*) FROM devices WHERE device_id = 'race-unassigned-dev' AND "
+                    "patient_id IS NULL"),
+            1);
+}
+
 // Two puts of one territory's rule at once: the second waits for the first's commit, then stores
 // the next version (expected_version 0: whatever the current one), or is refused with ABORTED
 // when it expected the version the first replaced; never a database error.
