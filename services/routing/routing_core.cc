@@ -249,10 +249,15 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
         }
         pqxx::row row = txn.exec_prepared1(sql::kSelectTenant, tenant.tenant_id);
         TenantInfo stored = TenantFromRow(row);
+        // What the tenant now is: the row is overwritten in place, so the chain is its history
+        // (who suspended it, who widened its regions).
+        const std::string state = absl::StrCat(
+            created ? "TENANT_CREATED" : "TENANT_UPDATED", ": active=",
+            stored.active ? "true" : "false", " territories=", absl::StrJoin(stored.territories, ","),
+            " regions=", stored.region_ids ? absl::StrJoin(*stored.region_ids, ",") : "any");
         RETURN_IF_ERROR(audit::Append(
             txn, AuditEntryFor(ctx, created ? audit::Action::kCreate : audit::Action::kUpdate, "tenant",
-                          tenant.tenant_id, tenant.tenant_id, "",
-                          created ? "tenant created" : "tenant updated")).status());
+                          tenant.tenant_id, tenant.tenant_id, "", state)).status());
         return std::make_pair(stored, created);
       });
 }

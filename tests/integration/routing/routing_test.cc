@@ -686,6 +686,17 @@ TEST_F(RoutingTest, SuspendedOrUnregisteredTenantIsRefused) {
   };
   EXPECT_EQ(unassign_unknown().error_code(), grpc::StatusCode::NOT_FOUND);
   ASSERT_TRUE(upsert(false).ok());
+  // The chain says who suspended it, and what the tenant then was.
+  {
+    pqxx::connection c(clusters_->control().ConnectionString());
+    pqxx::nontransaction q(c);
+    pqxx::row last = q.exec1(
+        "SELECT reason, actor FROM audit_log WHERE object_type = 'tenant' AND "
+        "object_id = 'pausable' ORDER BY seq DESC LIMIT 1");
+    EXPECT_EQ(last[0].as<std::string>(),
+              "TENANT_UPDATED: active=false territories=FR regions=any");
+    EXPECT_THAT(last[1].as<std::string>(), HasSubstr("/ops/"));
+  }
   grpc::Status refused;
   ASSERT_TRUE(test_support::PollUntil(absl::Now() + gate_ttl_and_margin, [&] {
     refused = unassign_unknown();
