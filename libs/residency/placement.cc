@@ -89,8 +89,9 @@ absl::Status ValidateRule(const ResidencyRule& rule, absl::Span<const Region> re
   }
   if (rule.allowed_regions.empty()) {
     return absl::InvalidArgumentError(
-        absl::StrCat(names.allowed_regions, ": must not be empty (to refuse territory ",
-                     Quoted(rule.territory), ", delete its rule)"));
+        absl::StrCat(names.allowed_regions, ": must not be empty (rules are versioned, never "
+                     "deleted; to stop placements of territory ", Quoted(rule.territory),
+                     ", take it out of the tenants' territories with UpsertTenant)"));
   }
   auto allowed = [&names](std::size_t i) {
     return absl::StrCat(names.allowed_regions, "[", i, "]");

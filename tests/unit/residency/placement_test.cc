@@ -86,6 +86,9 @@ TEST_F(ValidateRuleTest, RefusesEmptyAllowedRegions) {
   const absl::Status status = ValidateRule(rule, regions_);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(status.message()), HasSubstr("allowed_regions: must not be empty"));
+  // What it tells ops to do can be done: there is no way to delete a rule.
+  EXPECT_THAT(std::string(status.message()), ::testing::Not(HasSubstr("delete its rule")));
+  EXPECT_THAT(std::string(status.message()), HasSubstr("UpsertTenant"));
 }
 
 TEST_F(ValidateRuleTest, RefusesDuplicateRegion) {
