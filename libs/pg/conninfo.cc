@@ -1,6 +1,8 @@
 // Connection settings every medgate connection to PostgreSQL has; see conninfo.h.
 #include "libs/pg/conninfo.h"
 
+#include <algorithm>
+
 #include <libpq-fe.h>
 
 #include <set>
@@ -39,6 +41,10 @@ std::string WithConnectionDefaults(const std::string& conninfo) {
     }
   }
   return out;
+}
+
+absl::Duration IdleInTransactionTimeout(absl::Duration statement_timeout) {
+  return std::max(absl::Minutes(1), 4 * statement_timeout);
 }
 
 }  // namespace medgate::pg

@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "absl/time/time.h"
+
 namespace medgate::pg {
 
 // `conninfo` (key=value or URI form) with those it does not set of: connect_timeout=10 (s),
@@ -14,6 +16,12 @@ namespace medgate::pg {
 // data left unacknowledged that long closes it). A conninfo libpq cannot parse is returned as it
 // is, for the connection attempt to report.
 std::string WithConnectionDefaults(const std::string& conninfo);
+
+// How long a session of ours may sit idle inside a transaction before the server ends it:
+// four statement timeouts, at least a minute. A client host that dies (or is cut off) between two
+// statements of a transaction leaves its session and its locks (device cursors, the audit chain's
+// head) to the server's own TCP keepalive otherwise, about two hours by default.
+absl::Duration IdleInTransactionTimeout(absl::Duration statement_timeout);
 
 }  // namespace medgate::pg
 

@@ -41,6 +41,10 @@ absl::StatusOr<std::unique_ptr<pqxx::connection>> Pool::Connect() {
     pqxx::nontransaction setup(*connection);
     setup.exec0(absl::StrCat("SET statement_timeout = ",
                              absl::ToInt64Milliseconds(options_.statement_timeout)));
+    setup.exec0(absl::StrCat(
+        "SET idle_in_transaction_session_timeout = ",
+        absl::ToInt64Milliseconds(options_.idle_in_transaction_timeout.value_or(
+            IdleInTransactionTimeout(options_.statement_timeout)))));
     setup.exec0("SET TIME ZONE 'UTC'");
     setup.commit();
     for (const Statement& s : options_.statements) connection->prepare(s.name, s.sql);

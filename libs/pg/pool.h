@@ -34,6 +34,8 @@ struct PoolOptions {
   int max_waiters = 64;
   absl::Duration acquire_timeout = absl::Seconds(2);
   absl::Duration statement_timeout = absl::Seconds(5);
+  // Unset: IdleInTransactionTimeout(statement_timeout).
+  std::optional<absl::Duration> idle_in_transaction_timeout;
   int max_retries = 3;  // transaction retries on ABORTED (serialization failure, deadlock)
   std::vector<Statement> statements;
 

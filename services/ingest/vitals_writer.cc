@@ -107,16 +107,23 @@ absl::Status VitalsWriter::EnsureConnected() {
     conn_ = nullptr;
     return status;
   }
-  absl::StatusOr<PGresult*> setup =
-      Exec(conn_, absl::StrCat("SET statement_timeout = ", db_.statement_timeout_ms).c_str(), {},
-           PGRES_COMMAND_OK);
-  if (!setup.ok()) {
-    // Not kept: the next attempt starts from a new connection rather than one without its timeout.
-    PQfinish(conn_);
-    conn_ = nullptr;
-    return setup.status();
+  // A session this writer's host left inside a transaction (the host gone between its two round
+  // trips) holds its devices' cursors: the server ends it after the idle timeout.
+  for (const std::string& setting :
+       {absl::StrCat("SET statement_timeout = ", db_.statement_timeout_ms),
+        absl::StrCat("SET idle_in_transaction_session_timeout = ",
+                     absl::ToInt64Milliseconds(pg::IdleInTransactionTimeout(
+                         absl::Milliseconds(db_.statement_timeout_ms))))}) {
+    absl::StatusOr<PGresult*> setup = Exec(conn_, setting.c_str(), {}, PGRES_COMMAND_OK);
+    if (!setup.ok()) {
+      // Not kept: the next attempt starts from a new connection rather than one without its
+      // timeouts.
+      PQfinish(conn_);
+      conn_ = nullptr;
+      return setup.status();
+    }
+    PQclear(*setup);
   }
-  PQclear(*setup);
   return absl::OkStatus();
 }
 

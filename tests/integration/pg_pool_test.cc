@@ -111,6 +111,41 @@ TEST_F(PoolTest, MapsServerErrorsToStatus) {
 // A connection whose server process is gone is not used again without the session the pool set up
 // (libpqxx can re-establish a connection by itself, which would lose a plain SET): the pool's
 // statements keep their timeout, whether the process ends during a transaction or while idle.
+// A session left inside a transaction (its client's host gone between two statements) is ended
+// by the server after the idle-in-transaction timeout, releasing its locks; by default four
+// statement timeouts, at least a minute.
+TEST_F(PoolTest, ATransactionLeftIdleIsEndedByTheServerAndItsLocksReleased) {
+  {
+    Pool pool(Options());
+    absl::StatusOr<std::string> setting = pool.TransactValue<std::string>(
+        [](pqxx::work& txn) -> absl::StatusOr<std::string> {
+          return std::string(txn.exec1("SHOW idle_in_transaction_session_timeout")[0].c_str());
+        });
+    ASSERT_TRUE(setting.ok()) << setting.status();
+    EXPECT_EQ(*setting, "1min");
+  }
+  PoolOptions options = Options();
+  options.idle_in_transaction_timeout = absl::Milliseconds(300);
+  Pool pool(options);
+  ASSERT_TRUE(pool.Transact([](pqxx::work& txn) {
+    txn.exec0("INSERT INTO items (id, label) VALUES (1, 'held')");
+    return absl::OkStatus();
+  }).ok());
+  // A transaction that locks the row and then waits (as an orphaned session would, forever).
+  absl::StatusOr<Lease> lease = pool.Acquire();
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  pqxx::work orphan(lease->connection());
+  orphan.exec("SELECT * FROM items WHERE id = 1 FOR UPDATE");
+  // Another session gets the lock once the server has ended the idle one.
+  pqxx::connection other(cluster_->ConnectionString());
+  pqxx::work txn(other);
+  txn.exec0("SET LOCAL lock_timeout = '10s'");
+  txn.exec0("UPDATE items SET label = 'taken' WHERE id = 1");
+  txn.commit();
+  EXPECT_THROW(orphan.exec("SELECT 1"), pqxx::broken_connection);
+  lease->MarkBroken();
+}
+
 TEST_F(PoolTest, AConnectionReestablishedKeepsItsStatementTimeout) {
   PoolOptions options = Options();
   options.size = 1;
