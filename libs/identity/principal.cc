@@ -126,6 +126,15 @@ absl::StatusOr<Principal> PrincipalFromAuthContext(const grpc::AuthContext& cont
   // again on every call (OpenSSL 3 decoding costs about a millisecond).
   std::vector<grpc::string_ref> pems = context.FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME);
   if (pems.size() != 1) return Unauthenticated("no verified client certificate");
+  // A resumed TLS session did not verify the certificate again: it may have expired since. The
+  // servers issue no tickets (tls_buffers.cc); a session resumed any other way is refused.
+  for (const grpc::string_ref& reused : context.FindPropertyValues(GRPC_SSL_SESSION_REUSED_PROPERTY)) {
+    if (absl::string_view(reused.data(), reused.size()) == "true") {
+      return Unauthenticated(
+          "a resumed TLS session is not accepted (its certificate was not verified again); "
+          "connect without a TLS session cache");
+    }
+  }
   std::vector<grpc::string_ref> uris = context.FindPropertyValues(GRPC_PEER_URI_PROPERTY_NAME);
   if (uris.empty()) return Unauthenticated("the certificate has no URI SAN");
   if (uris.size() > 1) return Unauthenticated("the certificate has more than one URI SAN");

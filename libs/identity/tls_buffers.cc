@@ -1,4 +1,5 @@
-// Idle TLS connections give their record buffers back to the allocator.
+// Idle TLS connections give their record buffers back to the allocator, and no TLS session is
+// resumed (below).
 //
 // OpenSSL gives every connection a read and a write record buffer of about 17 KiB each and keeps
 // them for the connection's life. With SSL_MODE_RELEASE_BUFFERS it frees them whenever they are
@@ -17,6 +18,13 @@ extern "C" SSL* SSL_new(SSL_CTX* ctx) {
   static const SslNew libssl_new = reinterpret_cast<SslNew>(dlsym(RTLD_NEXT, "SSL_new"));
   if (libssl_new == nullptr) return nullptr;  // libssl not loaded: no connection can be made
   SSL* ssl = libssl_new(ctx);
-  if (ssl != nullptr) SSL_set_mode(ssl, SSL_MODE_RELEASE_BUFFERS);
+  if (ssl != nullptr) {
+    SSL_set_mode(ssl, SSL_MODE_RELEASE_BUFFERS);
+    // No session tickets: a resumed session skips the client certificate's verification, so a
+    // certificate that has since expired would go on being accepted (the auth context keeps the
+    // original one). Servers issue none; every connection verifies its certificate afresh.
+    SSL_set_options(ssl, SSL_OP_NO_TICKET);
+    SSL_set_num_tickets(ssl, 0);
+  }
   return ssl;
 }

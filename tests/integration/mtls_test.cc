@@ -20,6 +20,7 @@
 #include <grpcpp/security/tls_certificate_verifier.h>
 #include <grpcpp/security/tls_credentials_options.h>
 #include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
 #include <grpc/support/log.h>
 
 #include "absl/strings/match.h"
@@ -601,6 +602,44 @@ TEST_F(MtlsTest, HandlerThreadsAreBoundedAcrossConnections) {
   v1::VerifyChainResponse response;
   EXPECT_TRUE(v1::Audit::NewStub(*channel)->VerifyChain(&context, request, &response).ok());
   server.Shutdown();
+}
+
+// Expiry is what ends a certificate: a client that caches TLS sessions must not carry one past
+// it. Servers issue no session tickets, so each connection of such a client verifies its
+// certificate afresh, and one that has expired since the first connection is refused.
+TEST_F(MtlsTest, AnExpiredCertificateIsRefusedEvenToAClientThatCachesTlsSessions) {
+  devpki::LeafOptions options;
+  options.common_name = "short-lived";
+  options.uri_sans = {pki_->SpiffeId("/tenant/acme/device/dev-short")};
+  options.not_after = absl::Seconds(4);
+  absl::StatusOr<TestCert> cert = pki_->Issue("short-lived", options);
+  ASSERT_TRUE(cert.ok()) << cert.status();
+  const absl::Time expires = absl::Now() + absl::Seconds(4);
+  grpc_ssl_session_cache* cache = grpc_ssl_session_cache_create_lru(8);
+  auto channel = [&] {
+    grpc::SslCredentialsOptions tls;
+    tls.pem_root_certs = pki_->ca_pem();
+    tls.pem_private_key = cert->key_pem;
+    tls.pem_cert_chain = cert->cert_pem;
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // a new connection each time
+    args.SetSslTargetNameOverride("localhost");
+    grpc_arg session_cache = grpc_ssl_session_cache_create_channel_arg(cache);
+    args.SetPointerWithVtable(session_cache.key, session_cache.value.pointer.p,
+                              session_cache.value.pointer.vtable);
+    return grpc::CreateCustomChannel(address_, grpc::SslCredentials(tls), args);
+  };
+  grpc::Status first = Call(channel());
+  EXPECT_TRUE(first.ok()) << first.error_message();
+  // Another connection while it is valid is served (a full handshake: there is no ticket).
+  grpc::Status second = Call(channel());
+  EXPECT_TRUE(second.ok()) << second.error_message();
+  absl::SleepFor(expires - absl::Now() + absl::Seconds(2));
+  const int served = service_->calls();
+  grpc::Status expired = Call(channel());
+  EXPECT_FALSE(expired.ok()) << "an expired certificate was served";
+  EXPECT_EQ(service_->calls(), served);
+  grpc_ssl_session_cache_destroy(cache);
 }
 
 TEST_F(MtlsTest, UnlistedRpcIsDeniedToEveryKind) {
