@@ -66,6 +66,10 @@ absl::Status ServiceServer::Start() {
   // unanswered for 20 s, closes the connection.
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 5 * 60'000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20'000);
+  // A connection that has not finished its TLS handshake (no certificate shown yet) is closed
+  // after 10 s, not gRPC's 120 s: anyone who reaches the port could otherwise hold descriptors
+  // and handshakers by opening connections that say nothing.
+  builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS, kHandshakeTimeoutMs);
   for (grpc::Service* service : services_) builder.RegisterService(service);
   server_ = builder.BuildAndStart();
   if (!server_ || port_ == 0) {

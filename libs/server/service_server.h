@@ -21,6 +21,9 @@
 
 namespace medgate {
 
+// How long a connection may take to finish its TLS handshake before the server closes it.
+inline constexpr int kHandshakeTimeoutMs = 10'000;
+
 class ServiceServer {
  public:
   // `service_name` selects services.<name> in the config: listen address and certificate.

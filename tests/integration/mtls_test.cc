@@ -8,6 +8,7 @@
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
@@ -640,6 +641,27 @@ TEST_F(MtlsTest, AnExpiredCertificateIsRefusedEvenToAClientThatCachesTlsSessions
   EXPECT_FALSE(expired.ok()) << "an expired certificate was served";
   EXPECT_EQ(service_->calls(), served);
   grpc_ssl_session_cache_destroy(cache);
+}
+
+// A connection that never starts its handshake is closed after the handshake timeout, not held
+// (with its descriptor) for gRPC's default two minutes.
+TEST_F(MtlsTest, AConnectionThatSaysNothingIsClosedAfterTheHandshakeTimeout) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_port = htons(static_cast<uint16_t>(server_->port()));
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&to), sizeof(to)), 0);
+  // Reads until the server closes it, or 60 s (gRPC's default would hold it 120 s; the timeout
+  // is kHandshakeTimeoutMs).
+  timeval wait{};
+  wait.tv_sec = 60;
+  ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof(wait)), 0);
+  char byte;
+  const ssize_t got = ::recv(fd, &byte, 1, 0);
+  ::close(fd);
+  EXPECT_EQ(got, 0) << "not closed by the server within 60 s";
 }
 
 TEST_F(MtlsTest, UnlistedRpcIsDeniedToEveryKind) {
