@@ -128,15 +128,12 @@ absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry) {
   }
 }
 
-absl::StatusOr<int64_t> AppendMany(pqxx::work& txn, const std::vector<Entry>& entries) {
-  if (entries.empty()) return 0;
-  // audit_append_many's 15 arrays, element i of each being entry i's field (as stored: up to a
-  // NUL, which a text[] literal could not carry either).
-  constexpr int kFields = 15;
-  std::vector<std::string> columns[kFields];
+std::vector<std::string> AppendManyArgs(const std::vector<Entry>& entries) {
+  std::vector<std::string> columns[kAppendManyArgs];
+  for (std::vector<std::string>& column : columns) column.reserve(entries.size());
   for (const Entry& e : entries) {
     const EncodedEntry encoded = EncodeEntry(e);
-    std::string values[kFields] = {
+    std::string values[kAppendManyArgs] = {
         std::string(AsStored(e.actor)), std::string(AsStored(e.tenant)),
         std::string(ActionName(e.action)), std::string(AsStored(e.object_type)),
         std::string(AsStored(e.object_id)), std::string(AsStored(e.patient_id)),
@@ -145,21 +142,25 @@ absl::StatusOr<int64_t> AppendMany(pqxx::work& txn, const std::vector<Entry>& en
         absl::StrCat(e.consent_version), std::string(AsStored(e.request_id)),
         std::string(AsStored(e.origin)), absl::StrCat("\\x", ToHex(encoded.head)),
         absl::StrCat("\\x", ToHex(encoded.tail))};
-    for (int i = 0; i < kFields; ++i) columns[i].push_back(std::move(values[i]));
+    for (int i = 0; i < kAppendManyArgs; ++i) columns[i].push_back(std::move(values[i]));
   }
+  std::vector<std::string> args;
+  args.reserve(kAppendManyArgs);
+  for (const std::vector<std::string>& column : columns) args.push_back(pg::TextArrayLiteral(column));
+  return args;
+}
+
+absl::StatusOr<int64_t> AppendMany(pqxx::work& txn, const std::vector<Entry>& entries) {
+  if (entries.empty()) return 0;
+  const std::vector<std::string> a = AppendManyArgs(entries);
+  std::string call = "SELECT audit_append_many(";
+  for (int i = 0; i < kAppendManyArgs; ++i) {
+    absl::StrAppend(&call, i == 0 ? "" : ", ", "$", i + 1, "::", kAppendManyArgTypes[i]);
+  }
+  call += ")";
   try {
-    pqxx::row appended = txn.exec_params1(
-        "SELECT audit_append_many($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
-        "$6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[], $12::text[], "
-        "$13::text[], $14::bytea[], $15::bytea[])",
-        pg::TextArrayLiteral(columns[0]), pg::TextArrayLiteral(columns[1]),
-        pg::TextArrayLiteral(columns[2]), pg::TextArrayLiteral(columns[3]),
-        pg::TextArrayLiteral(columns[4]), pg::TextArrayLiteral(columns[5]),
-        pg::TextArrayLiteral(columns[6]), pg::TextArrayLiteral(columns[7]),
-        pg::TextArrayLiteral(columns[8]), pg::TextArrayLiteral(columns[9]),
-        pg::TextArrayLiteral(columns[10]), pg::TextArrayLiteral(columns[11]),
-        pg::TextArrayLiteral(columns[12]), pg::TextArrayLiteral(columns[13]),
-        pg::TextArrayLiteral(columns[14]));
+    pqxx::row appended = txn.exec_params1(call, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7],
+                                          a[8], a[9], a[10], a[11], a[12], a[13], a[14]);
     return appended[0].as<int64_t>();
   } catch (const std::exception& e) {
     return pg::StatusFromException(e);

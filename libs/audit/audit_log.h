@@ -87,6 +87,16 @@ decltype(auto) WithEntryParams(const Entry& e, Exec&& exec, const Args&... args)
 // transaction to hold that lock briefly. Returns the new sequence number.
 absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry);
 
+// audit_append_many()'s 15 arguments for `entries`: text-array literals whose element i is entry
+// i's field as the database stores it (text up to a NUL), each to be cast to the type of the same
+// index in kAppendManyArgTypes. What AppendMany sends as parameters, and what a caller building
+// the statement's text (the ingest writer, which pipelines it with its COMMIT) quotes.
+inline constexpr int kAppendManyArgs = 15;
+inline constexpr const char* kAppendManyArgTypes[kAppendManyArgs] = {
+    "text[]", "text[]", "text[]", "text[]", "text[]", "text[]",  "text[]",  "text[]",
+    "text[]", "text[]", "bigint[]", "text[]", "text[]", "bytea[]", "bytea[]"};
+std::vector<std::string> AppendManyArgs(const std::vector<Entry>& entries);
+
 // Appends `entries`, in their order, in the caller's transaction with one call of a shard's
 // audit_append_many() (shard migration 0009): the chain head is locked once, for one statement,
 // where Append would hold it from the first entry's round trip to the commit. Shard databases only

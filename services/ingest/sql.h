@@ -46,24 +46,12 @@ template <typename Quote>
 absl::StatusOr<std::string> AuditAndCommitQuery(Quote quote,
                                                 const std::vector<audit::Entry>& entries) {
   if (entries.empty()) return std::string("COMMIT");
-  constexpr int kFields = 15;
-  std::vector<std::string> columns[kFields];
-  for (const audit::Entry& e : entries) {
-    const audit::EncodedEntry encoded = audit::EncodeEntry(e);
-    std::string values[kFields] = {
-        e.actor, e.tenant, std::string(audit::ActionName(e.action)), e.object_type, e.object_id,
-        e.patient_id, std::string(audit::DecisionName(e.decision)), e.reason, e.purpose,
-        e.consent_id, absl::StrCat(e.consent_version), e.request_id, e.origin,
-        absl::StrCat("\\x", audit::ToHex(encoded.head)),
-        absl::StrCat("\\x", audit::ToHex(encoded.tail))};
-    for (int i = 0; i < kFields; ++i) columns[i].push_back(std::move(values[i]));
-  }
+  const std::vector<std::string> args = audit::AppendManyArgs(entries);
   std::string query = "SELECT audit_append_many(";
-  for (int i = 0; i < kFields; ++i) {
-    absl::StatusOr<std::string> literal = quote(pg::TextArrayLiteral(columns[i]));
+  for (int i = 0; i < audit::kAppendManyArgs; ++i) {
+    absl::StatusOr<std::string> literal = quote(args[i]);
     if (!literal.ok()) return literal.status();
-    const char* type = i == 10 ? "::bigint[]" : i >= 13 ? "::bytea[]" : "::text[]";
-    absl::StrAppend(&query, i == 0 ? "" : ", ", *literal, type);
+    absl::StrAppend(&query, i == 0 ? "" : ", ", *literal, "::", audit::kAppendManyArgTypes[i]);
   }
   absl::StrAppend(&query, "); COMMIT");
   return query;

@@ -107,6 +107,15 @@ class RoutingTest : public ::testing::Test {
     return q.exec1("SELECT count(*) FROM audit_log")[0].as<int64_t>();
   }
 
+  // Whether, within 30 s, one session's INSERT INTO devices waits on a lock (the test holds it).
+  static bool ADeviceInsertWaitsOnALock() {
+    return test_support::PollUntil(absl::Now() + absl::Seconds(30), [] {
+      return CountIn(clusters_->control(),
+                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                     "AND query LIKE 'INSERT INTO devices%'") == 1;
+    });
+  }
+
   static int64_t CountIn(test_support::PgCluster& cluster, const std::string& sql) {
     pqxx::connection c(cluster.ConnectionString());
     pqxx::nontransaction q(c);
@@ -259,11 +268,7 @@ TEST_F(RoutingTest, ConcurrentFirstAssignmentsGiveADeviceToOnePatient) {
   grpc::Status second;
   std::thread other([&] { second = Assign(pki_->app(), "race-dev", "race-owner-b"); });
   // B's insert waits on the held row's key before A's commits.
-  const bool waiting = test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
-    return CountIn(clusters_->control(),
-                   "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                   "AND query LIKE 'INSERT INTO devices%'") == 1;
-  });
+  const bool waiting = ADeviceInsertWaitsOnALock();
   held.commit();
   other.join();
   ASSERT_TRUE(waiting) << "the second assignment never waited for the first";
@@ -292,11 +297,7 @@ TEST_F(RoutingTest, AFirstAssignmentMeetingADeviceUnassignedMeanwhileWaitsForThe
   grpc::Status second;
   std::thread other(
       [&] { second = Assign(pki_->app(), "race-unassigned-dev", "race-unassigned-b"); });
-  const bool waiting = test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
-    return CountIn(clusters_->control(),
-                   "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                   "AND query LIKE 'INSERT INTO devices%'") == 1;
-  });
+  const bool waiting = ADeviceInsertWaitsOnALock();
   held.commit();
   other.join();
   ASSERT_TRUE(waiting) << "the assignment never waited for the held row";
