@@ -410,7 +410,15 @@ bool BatchBuffer::Forget(uint64_t batch_seq) {
 absl::Status BatchBuffer::Ack(uint64_t batch_seq) {
   if (!Forget(batch_seq)) return absl::OkStatus();  // already acked
   if (absl::Status s = Append(kAck, U64(batch_seq)); !s.ok()) return s;
-  if (++acked_since_rewrite_ >= kRewriteAfterAcks) return Rewrite();
+  if (++acked_since_rewrite_ < kRewriteAfterAcks) return absl::OkStatus();
+  absl::Status compacted = Rewrite();
+  // The ack is durable already. A compaction that left the file as it was (no room for the new
+  // one) is tried again after as many acks; one whose rename is not durable yet stops appends
+  // until it is, and is the caller's error.
+  if (compacted.ok() || dir_sync_owed_) return compacted;
+  acked_since_rewrite_ = 0;
+  ++compaction_failures_;
+  last_compaction_error_ = std::string(compacted.message());
   return absl::OkStatus();
 }
 

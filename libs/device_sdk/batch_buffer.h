@@ -43,8 +43,10 @@ class BatchBuffer {
   // Assigns the next batch_seq and sample seqs to `batch`, and makes it durable (fsync).
   // RESOURCE_EXHAUSTED when max_batches are already waiting for acks.
   absl::StatusOr<uint64_t> Seal(v1::VitalsBatch batch);
-  // Records the ack of `batch_seq` (the batch leaves the buffer). An error after the ack is
-  // recorded comes from compacting the file, which keeps the file it had when it fails.
+  // Records the ack of `batch_seq` (the batch leaves the buffer). Every 1,024 acks the file is
+  // compacted; a compaction that fails keeps the file it had, is counted (compaction_failures())
+  // and tried again 1,024 acks later; the ack is recorded all the same. An error after the ack
+  // is recorded comes from a compaction whose rename could not be made durable.
   absl::Status Ack(uint64_t batch_seq);
 
   // For a server that holds seqs this buffer never gave out (`committed`, the device's highest
@@ -64,6 +66,9 @@ class BatchBuffer {
   uint64_t next_seq() const { return next_seq_; }
   // Where Open kept a damaged file's bytes; empty when the file was whole.
   const std::string& damaged_copy() const { return damaged_copy_; }
+  // Compactions that failed and left the file as it was, and why the last one failed.
+  uint64_t compaction_failures() const { return compaction_failures_; }
+  const std::string& last_compaction_error() const { return last_compaction_error_; }
 
  private:
   BatchBuffer(std::string path, size_t max_batches) : path_(std::move(path)), max_batches_(max_batches) {}
@@ -101,6 +106,8 @@ class BatchBuffer {
   size_t acked_since_rewrite_ = 0;
   uint64_t loaded_bytes_ = 0;  // where the last whole record Load read ends
   std::string damaged_copy_;
+  uint64_t compaction_failures_ = 0;
+  std::string last_compaction_error_;
 };
 
 }  // namespace medgate::device

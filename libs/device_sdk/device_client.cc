@@ -149,8 +149,12 @@ void DeviceClient::Stop() {
 
 absl::Status DeviceClient::WaitUntilAcked(absl::Duration timeout) {
   std::unique_lock<std::mutex> lock(mu_);
-  if (!cv_.wait_for(lock, absl::ToChronoMilliseconds(timeout),
-                    [this] { return buffer_->pending().empty(); })) {
+  auto acked = [this] { return buffer_->pending().empty(); };
+  // A deadline, not a duration: an infinite (or very long) timeout overflows a wait_for.
+  const bool done = timeout == absl::InfiniteDuration()
+                        ? (cv_.wait(lock, acked), true)
+                        : cv_.wait_until(lock, absl::ToChronoTime(absl::Now() + timeout), acked);
+  if (!done) {
     return absl::DeadlineExceededError(
         absl::StrCat(buffer_->pending().size(), " batches still unacknowledged"));
   }
@@ -159,7 +163,10 @@ absl::Status DeviceClient::WaitUntilAcked(absl::Duration timeout) {
 
 DeviceStats DeviceClient::stats() {
   std::lock_guard<std::mutex> lock(mu_);
-  return stats_;
+  DeviceStats stats = stats_;
+  stats.buffer_compaction_failures = buffer_->compaction_failures();
+  stats.last_buffer_compaction_error = buffer_->last_compaction_error();
+  return stats;
 }
 
 size_t DeviceClient::pending() {
@@ -299,6 +306,20 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
       }
       return FromGrpcStatus(ended);
     }
+    // An ack for another batch than the one in flight, or whose counts are not the batch's,
+    // changes nothing in the buffer: acted on, it would drop a batch never sent, or restart seqs
+    // from counts that are not this batch's. The stream ends and the batch goes again.
+    if (ack.batch_seq() != batch.batch_seq() ||
+        (!ack.has_retryable_error() &&
+         uint64_t{ack.stored_count()} + ack.duplicate_count() + ack.rejected_count() !=
+             static_cast<uint64_t>(batch.samples_size()))) {
+      context.TryCancel();
+      return absl::InternalError(absl::StrCat(
+          "the server answered batch ", batch.batch_seq(), " with an ack for batch ",
+          ack.batch_seq(), " of ", ack.stored_count(), " stored, ", ack.duplicate_count(),
+          " duplicate and ", ack.rejected_count(), " rejected samples (the batch has ",
+          batch.samples_size(), ")"));
+    }
     std::function<void(const v1::IngestAck&, absl::Duration)> callback;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -335,10 +356,10 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
       stats_.samples_rejected += ack.rejected_count();
       if (seqs_taken) ++stats_.seq_restarts;
     };
+    absl::Status kept;
     if (!seqs_taken) {
-      const absl::Status recorded = buffer_->Ack(ack.batch_seq());
+      kept = buffer_->Ack(ack.batch_seq());
       count(0);
-      RETURN_IF_ERROR(recorded);
     } else {
       // The duplicates were not stored: those of a batch are its first samples not rejected for
       // themselves (its seqs increase, and the server's cursor stood at or above theirs). They go
@@ -353,14 +374,15 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
         }
       }
       const uint64_t resent = unstored.size();
-      const absl::Status restarted = buffer_->RestartSeqsAbove(
-          ack.batch_seq(), ack.highest_committed_seq(), std::move(unstored));
+      kept = buffer_->RestartSeqsAbove(ack.batch_seq(), ack.highest_committed_seq(),
+                                        std::move(unstored));
       count(resent);
-      RETURN_IF_ERROR(restarted);
     }
-    // The stream reached a server that works, and the buffer has its answer.
+    // The stream reached a server that works, and the buffer has its answer (or could not
+    // write it: the stream ends then, but WaitUntilAcked hears of what left the buffer).
     *answered = true;
     cv_.notify_all();
+    RETURN_IF_ERROR(kept);
   }
 }
 

@@ -78,6 +78,10 @@ struct DeviceStats {
   // batches after the damage are in it, for support to recover); the client goes on with the
   // batches before it.
   std::string buffer_damaged_copy;
+  // Compactions of the buffer file that failed (a full disk): the file keeps growing with ack
+  // records until one succeeds (BatchBuffer::Ack); the last one's reason.
+  uint64_t buffer_compaction_failures = 0;
+  std::string last_buffer_compaction_error;
 };
 
 // The wait before a reconnect: `jitter` (drawn at random up to the backoff) on top of what the

@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -10,7 +11,9 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -477,6 +480,109 @@ TEST_F(DeviceClientTest, OpenRefusesAMissingServerIdentity) {
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << identity;
     EXPECT_NE(status.message().find("server_identity"), absl::string_view::npos) << status;
   }
+}
+
+// A compaction of the buffer file that fails (no room for the new file; a directory stands in
+// its place here) leaves the file as it was and the stream as it was: the client does not end
+// its stream after every later ack, and WaitUntilAcked hears of every ack.
+TEST_F(DeviceClientTest, AFailedCompactionOfTheBufferKeepsTheStream) {
+  options_.max_buffered_batches = 2000;
+  Connect([](int, Stream& io) {
+    v1::VitalsBatch batch;
+    while (io.Read(&batch)) io.Write(Stored(batch));
+    return grpc::Status::OK;
+  });
+  constexpr int kBatches = 1100;  // more than the acks that start a compaction
+  for (int i = 0; i < kBatches; ++i) ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  ASSERT_TRUE(std::filesystem::create_directory(options_.buffer_path + ".tmp"));
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(60)).ok());
+  client_->Stop();
+  std::filesystem::remove(options_.buffer_path + ".tmp");
+  const DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.batches_acked, static_cast<uint64_t>(kBatches));
+  EXPECT_EQ(ingest_->streams(), 1);
+  EXPECT_GE(stats.buffer_compaction_failures, 1u);
+  EXPECT_FALSE(stats.last_buffer_compaction_error.empty());
+}
+
+// An ack naming another batch than the one in flight changes nothing in the buffer: that other
+// batch is still sent, and the one in flight is sent again.
+TEST_F(DeviceClientTest, AnAckForAnotherBatchLosesNothing) {
+  std::mutex mu;
+  std::set<uint64_t> stored;
+  Connect([&](int stream, Stream& io) {
+    v1::VitalsBatch batch;
+    bool first = stream == 1;
+    while (io.Read(&batch)) {
+      v1::IngestAck ack = Stored(batch);
+      if (first) {
+        ack.set_batch_seq(batch.batch_seq() + 1);  // batch 2's ack, for batch 1
+        first = false;
+      } else {
+        std::lock_guard<std::mutex> lock(mu);
+        stored.insert(batch.batch_seq());
+      }
+      io.Write(ack);
+    }
+    return grpc::Status::OK;
+  });
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  client_->Stop();
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_EQ(stored, (std::set<uint64_t>{1, 2, 3}));
+  EXPECT_GE(ingest_->streams(), 2);
+}
+
+// Nor do counts that are not the batch's: the batch goes again.
+TEST_F(DeviceClientTest, AnAckWhoseCountsAreNotTheBatchsLosesNothing) {
+  std::atomic<int> acked{0};
+  Connect([&](int stream, Stream& io) {
+    v1::VitalsBatch batch;
+    while (io.Read(&batch)) {
+      v1::IngestAck ack = Stored(batch);
+      if (stream == 1) ack.set_duplicate_count(3);  // 3 samples more than the batch has
+      if (stream > 1) ++acked;
+      io.Write(ack);
+    }
+    return grpc::Status::OK;
+  });
+  ASSERT_TRUE(client_->Send(Samples(2)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  client_->Stop();
+  EXPECT_EQ(acked.load(), 1);
+  EXPECT_EQ(client_->stats().samples_stored, 2u);
+}
+
+// WaitUntilAcked(InfiniteDuration()) waits for the acks (a wait_for of it overflowed and
+// returned at once).
+TEST_F(DeviceClientTest, WaitingWithoutATimeoutWaitsForTheAcks) {
+  std::atomic<bool> serve{false};
+  Connect([&](int, Stream& io) {
+    v1::VitalsBatch batch;
+    while (io.Read(&batch)) {
+      while (!serve.load()) absl::SleepFor(absl::Milliseconds(5));
+      io.Write(Stored(batch));
+    }
+    return grpc::Status::OK;
+  });
+  ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  client_->Start();
+  absl::Status waited = absl::UnknownError("not returned");
+  std::atomic<bool> returned{false};
+  std::thread waiter([&] {
+    waited = client_->WaitUntilAcked(absl::InfiniteDuration());
+    returned = true;
+  });
+  absl::SleepFor(absl::Milliseconds(200));
+  const bool returned_before_the_ack = returned.load();
+  serve = true;
+  waiter.join();
+  EXPECT_FALSE(returned_before_the_ack) << waited;
+  EXPECT_TRUE(waited.ok()) << waited;
 }
 
 }  // namespace
