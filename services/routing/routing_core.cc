@@ -411,7 +411,20 @@ absl::StatusOr<PlaceResult> RoutingCore::PlacePatient(const CallContext& ctx,
     PlaceResult result;
     result.patient_id = patient_id;
     if (existing.empty()) {
+      // The patient is placed under the territory's rule as it stands when the placement commits:
+      // its latest version is held against puts until then. A put that committed while this
+      // waited for the hold leaves a newer version than the row held: placed again, under it.
+      pqxx::result held = txn.exec_prepared(sql::kShareCurrentRule, territory);
       std::vector<residency::ResidencyRule> rules = ToEngineRules(CurrentRules(txn));
+      if (!held.empty()) {
+        const int64_t held_version = held[0][0].as<int64_t>();
+        for (const residency::ResidencyRule& rule : rules) {
+          if (rule.territory == territory && rule.version != held_version) {
+            return absl::AbortedError(absl::StrCat("the residency rule for ", territory,
+                                                   " changed during the placement; retry"));
+          }
+        }
+      }
       residency::RegionIdSet all;
       for (const residency::Region& r : regions_) all.insert(r.id);
       // Placement is a directory decision, not a write to the shard: a shard's passing outage

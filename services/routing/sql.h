@@ -13,6 +13,7 @@ inline constexpr char kInsertTenant[] = "insert_tenant";
 inline constexpr char kUpdateTenant[] = "update_tenant";
 inline constexpr char kSelectCurrentRules[] = "select_current_rules";
 inline constexpr char kSelectCurrentRule[] = "select_current_rule";
+inline constexpr char kShareCurrentRule[] = "share_current_rule";
 inline constexpr char kInsertRule[] = "insert_rule";
 inline constexpr char kSelectPatient[] = "select_patient";
 inline constexpr char kInsertPatient[] = "insert_patient";
@@ -47,6 +48,12 @@ inline const std::vector<pg::Statement>& Statements() {
       {kSelectCurrentRule,
        "SELECT version FROM residency_rules WHERE territory = $1 ORDER BY version DESC LIMIT 1 "
        "FOR UPDATE"},
+      // A placement's hold on the territory's rule: a put of its next version (which locks this
+      // row FOR UPDATE) commits only after the placement, and a placement that waited for a put
+      // sees the new version when it reads the rules again.
+      {kShareCurrentRule,
+       "SELECT version FROM residency_rules WHERE territory = $1 ORDER BY version DESC LIMIT 1 "
+       "FOR SHARE"},
       // No row returned: a concurrent put stored this version first.
       {kInsertRule,
        "INSERT INTO residency_rules (territory, version, region_ids, readable_from, updated_by) "

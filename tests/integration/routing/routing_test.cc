@@ -353,6 +353,58 @@ TEST_F(RoutingTest, ConcurrentRulePutsStoreOneVersionEach) {
             4);
 }
 
+// A placement racing a rule put: the patient is placed under the rule as it stands when the
+// placement commits. A put in progress (holding the territory's latest version, its next one
+// written) makes the placement wait, and once the put commits the placement follows the new
+// version, not the one it would have read before the put committed.
+TEST_F(RoutingTest, APlacementRacingARulePutFollowsTheRuleItCommitsUnder) {
+  // AT is seeded as [eu-1, fr-1]: a patient would go to eu-1. The put narrows it to fr-1. A
+  // tenant of its own serves AT, whose rule no other test uses.
+  {
+    v1::UpsertTenantRequest request;
+    request.mutable_tenant()->set_tenant_id("racer");
+    request.mutable_tenant()->set_display_name("racer");
+    request.mutable_tenant()->add_territories("AT");
+    request.mutable_tenant()->set_active(true);
+    v1::UpsertTenantResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(pki_->ops())->UpsertTenant(&context, request, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+  }
+  devpki::LeafOptions app_options;
+  app_options.common_name = "racer app";
+  app_options.uri_sans = {pki_->SpiffeId("/tenant/racer/app/backend")};
+  auto app = pki_->Issue("racer-app", app_options);
+  ASSERT_TRUE(app.ok()) << app.status();
+  pqxx::connection first(clusters_->control().ConnectionString());
+  pqxx::work held(first);
+  const int64_t current =
+      held.exec1("SELECT version FROM residency_rules WHERE territory = 'AT' ORDER BY version DESC "
+                 "LIMIT 1 FOR UPDATE")[0]
+          .as<int64_t>();
+  held.exec_params0("INSERT INTO residency_rules (territory, version, region_ids, readable_from, "
+                    "updated_by) VALUES ('AT', $1, '{fr-1}', '{}', 'test')",
+                    current + 1);
+  absl::StatusOr<v1::PlacePatientResponse> placed;
+  std::thread other([&] { placed = Place(*app, "at-race-1", "AT"); });
+  const bool waiting = test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    return CountIn(clusters_->control(),
+                   "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE '%FROM residency_rules%FOR SHARE'") == 1;
+  });
+  held.commit();
+  other.join();
+  EXPECT_TRUE(waiting) << "the placement never waited for the put in progress";
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  EXPECT_EQ(placed->region_id(), "fr-1");
+  EXPECT_EQ(placed->residency_rule_version(), current + 1);
+  EXPECT_EQ(CountIn(clusters_->control(),
+                    absl::StrCat("SELECT count(*) FROM patients WHERE patient_id = '",
+                                 placed->patient_id(), "' AND region_id = 'fr-1' AND rule_version = ",
+                                 current + 1)),
+            1);
+}
+
 // Two replicas seeding at once (or a seed racing ops): a seed stores a territory's first version
 // only, never a second one over a rule stored after it looked.
 TEST_F(RoutingTest, ASeedRacingAnotherPutStoresNothingOverIt) {
