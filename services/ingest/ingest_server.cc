@@ -29,7 +29,9 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
                                  "worker_threads", "max_waiting_batches", "writers_per_region",
                                  "device_cache_ttl_seconds", "enqueue_wait_ms",
                                  "stats_interval_ms", "partition_check_minutes",
-                                 "max_queued_rows", "max_streams_per_device", "instances"}));
+                                 "max_queued_rows", "max_streams_per_device", "instances",
+                                 "max_reads_per_tenant", "read_idle_timeout_seconds",
+                                 "partition_lock_timeout_ms"}));
   ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
   // A burst below the largest batch would refuse such a batch forever, however long it waits.
   ASSIGN_OR_RETURN(int64_t burst, node.Int("tenant_burst", static_cast<int64_t>(kMaxSamplesPerBatch),
@@ -47,6 +49,9 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(int64_t stats_interval, node.Int("stats_interval_ms", 100, 3600000, 10000));
   ASSIGN_OR_RETURN(int64_t partition_check, node.Int("partition_check_minutes", 1, 24 * 60, 60));
   ASSIGN_OR_RETURN(int64_t device_streams, node.Int("max_streams_per_device", 1, 1000, 4));
+  ASSIGN_OR_RETURN(int64_t reads_per_tenant, node.Int("max_reads_per_tenant", 1, 10000, 16));
+  ASSIGN_OR_RETURN(int64_t read_idle, node.Int("read_idle_timeout_seconds", 1, 3600, 30));
+  ASSIGN_OR_RETURN(int64_t partition_lock, node.Int("partition_lock_timeout_ms", 100, 60000, 1000));
   // The tenant quota is the deployment's: each of the instances that share a tenant's streams
   // (the load balancer spreads its devices' connections over them) enforces its share. Its burst
   // still lets the largest batch through.
@@ -67,6 +72,9 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.writer.stats_interval = absl::Milliseconds(stats_interval);
   s.partition_check = absl::Minutes(partition_check);
   s.max_streams_per_device = static_cast<int>(device_streams);
+  s.reads.max_per_tenant = static_cast<int>(reads_per_tenant);
+  s.reads.idle_timeout = absl::Seconds(read_idle);
+  s.partition_lock_timeout = absl::Milliseconds(partition_lock);
   return s;
 }
 
@@ -111,7 +119,8 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
                                                      config.trust_domain, *server->executor_,
                                                      server->settings_.writer.stats_interval,
                                                      server->tenant_gate_.get(),
-                                                     server->settings_.max_streams_per_device);
+                                                     server->settings_.max_streams_per_device,
+                                                     server->settings_.reads);
   return server;
 }
 
@@ -141,8 +150,21 @@ absl::Duration IngestServer::MakePartitions() {
   for (const std::string& region : shards_->RegionIds()) {
     absl::Status made = [&]() -> absl::Status {
       ASSIGN_OR_RETURN(pg::Pool * pool, shards_->Get(region));
-      return pool->Transact([](pqxx::work& txn) {
-        txn.exec_prepared(sql::kEnsurePartitions);
+      const int64_t lock_timeout_ms = absl::ToInt64Milliseconds(settings_.partition_lock_timeout);
+      return pool->Transact([&](pqxx::work& txn) -> absl::Status {
+        // Making a partition takes an ACCESS EXCLUSIVE lock on vitals: while it waits for one
+        // (behind a long read), every write and read of the region queues behind it. It gives up
+        // after ingest.partition_lock_timeout_ms instead, without the pool's retries, and the next
+        // pass (within a minute) tries again; the month it makes is a year ahead.
+        txn.exec0(absl::StrCat("SET LOCAL lock_timeout = ", lock_timeout_ms));
+        try {
+          txn.exec_prepared(sql::kEnsurePartitions);
+        } catch (const pqxx::sql_error& e) {
+          if (e.sqlstate() != "55P03") throw;
+          return absl::UnavailableError(absl::StrCat(
+              "vitals was busy for ", lock_timeout_ms,
+              " ms (ingest.partition_lock_timeout_ms); the next pass tries again"));
+        }
         return absl::OkStatus();
       });
     }();

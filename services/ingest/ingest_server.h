@@ -43,9 +43,14 @@ struct IngestSettings {
   // How often each region's vitals partitions are made for the next 12 months (and at start):
   // a month without its partition would file its samples in the default partition.
   absl::Duration partition_check = absl::Minutes(60);
+  // How long a pass waits for its lock on a region's vitals table (ingest.partition_lock_timeout_ms):
+  // every write and read of the region waits behind that lock request meanwhile.
+  absl::Duration partition_lock_timeout = absl::Seconds(1);
   // Streams one device may have open at once (a reconnecting device briefly has two); one more
   // ends RESOURCE_EXHAUSTED.
   int max_streams_per_device = 4;
+  // ingest.max_reads_per_tenant and ingest.read_idle_timeout_seconds.
+  ReadBounds reads;
 };
 
 absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config);

@@ -437,7 +437,7 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
                              consent::ConsentCache& consent, const pg::ShardSet& shards,
                              std::string trust_domain, StreamExecutor& executor,
                              absl::Duration stats_interval, TenantGate* tenant_gate,
-                             int max_streams_per_device)
+                             int max_streams_per_device, ReadBounds reads)
     : core_(core),
       routing_(routing),
       consent_(consent),
@@ -446,6 +446,10 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
               {{"StreamVitals", {K::kDevice}}, {"ReadVitals", {K::kPractitioner}}}),
       executor_(executor),
       max_streams_per_device_(max_streams_per_device),
+      reads_(reads),
+      read_watch_(reads.idle_timeout,
+                  absl::StrCat("the reader took nothing for ", absl::FormatDuration(reads.idle_timeout),
+                               " (ingest.read_idle_timeout_seconds); read the page again")),
       ack_latency_(stats_interval) {
   policy_.set_tenant_gate(tenant_gate);
 }
@@ -479,6 +483,15 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
                                        grpc::ServerWriter<v1::ReadVitalsResponse>* writer) {
   absl::StatusOr<Principal> principal = policy_.Authorize(*context, "ReadVitals");
   if (!principal.ok()) return ToGrpcStatus(principal.status());
+  std::unique_ptr<BoundedCounts<std::string>::Slot> slot =
+      reads_per_tenant_.TryTake(principal->tenant, reads_.max_per_tenant);
+  if (slot == nullptr) {
+    return grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("this tenant already has ", reads_.max_per_tenant,
+                     " ReadVitals calls in progress, the most ingest.max_reads_per_tenant allows; "
+                     "retry once one has ended"));
+  }
   consent::Purpose purpose;
   switch (request->purpose()) {
     case v1::PURPOSE_CARE: purpose = consent::Purpose::kCare; break;
@@ -637,17 +650,32 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
         absl::ToUnixMicros(FromProtoTimestamp(last.sample().measured_at())), "|", last.sample().seq(), "|",
         last.device_id());
   }
+  // A client that stops taking readings would hold this thread (and its tenant's place) while
+  // the write waits on flow control: the watch ends the call past the idle timeout.
+  StallWatch::Call stall(read_watch_, *context);
+  auto write = [&](const v1::ReadVitalsResponse& message) {
+    stall.Blocked();
+    const bool written = writer->Write(message);
+    stall.Unblocked();
+    return written;
+  };
   v1::ReadVitalsResponse response;
-  for (size_t i = 0; i < readings.size(); ++i) {
+  bool written = true;
+  for (size_t i = 0; i < readings.size() && written; ++i) {
     *response.add_readings() = std::move(readings[i]);
     if (response.readings_size() == kReadChunk) {
-      if (!writer->Write(response)) return grpc::Status(grpc::StatusCode::CANCELLED, "client gone");
+      written = write(response);
       response.Clear();
     }
   }
-  response.set_next_page_token(next_token);
-  writer->Write(response);
-  return grpc::Status::OK;
+  if (written) {
+    response.set_next_page_token(next_token);
+    if (write(response)) return grpc::Status::OK;
+  }
+  if (stall.fired()) {
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "read stalled");  // the watch's status
+  }
+  return grpc::Status(grpc::StatusCode::CANCELLED, "client gone");
 }
 
 }  // namespace medgate::ingest

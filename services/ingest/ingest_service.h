@@ -10,12 +10,23 @@
 #include "libs/common/latency_histogram.h"
 #include "libs/identity/authz.h"
 #include "libs/pg/shard_set.h"
+#include "libs/server/stall_watch.h"
 #include "medgate/v1/ingest.grpc.pb.h"
 #include "services/ingest/device_turns.h"
 #include "services/ingest/ingest_core.h"
 #include "services/ingest/stream_executor.h"
 
 namespace medgate::ingest {
+
+// What ReadVitals calls may hold: each holds a handler thread of the server's bounded pool.
+struct ReadBounds {
+  // A tenant's reads in progress at once (ingest.max_reads_per_tenant); one more is refused
+  // RESOURCE_EXHAUSTED, so one tenant cannot take every handler thread.
+  int max_per_tenant = 16;
+  // A read whose client takes nothing for this long while the service waits to hand over its
+  // next readings ends DEADLINE_EXCEEDED (ingest.read_idle_timeout_seconds).
+  absl::Duration idle_timeout = absl::Seconds(30);
+};
 
 class IngestService final
     : public v1::DeviceIngest::WithCallbackMethod_StreamVitals<v1::DeviceIngest::Service> {
@@ -27,7 +38,7 @@ class IngestService final
   IngestService(IngestCore& core, RoutingClient& routing, consent::ConsentCache& consent,
                 const pg::ShardSet& shards, std::string trust_domain, StreamExecutor& executor,
                 absl::Duration stats_interval, TenantGate* tenant_gate,
-                int max_streams_per_device);
+                int max_streams_per_device, ReadBounds reads = {});
 
   // One of a device's open streams, counted while it lives.
   using DeviceStreamSlot = BoundedCounts<std::string>::Slot;
@@ -53,6 +64,9 @@ class IngestService final
   const int max_streams_per_device_;
   BoundedCounts<std::string> streams_per_device_;  // by the device's SPIFFE id
   DeviceTurns turns_;                              // by the device's SPIFFE id
+  const ReadBounds reads_;
+  BoundedCounts<std::string> reads_per_tenant_;
+  StallWatch read_watch_;
   // From a batch read off a stream to its ack handed to gRPC; logged as `ingest_ack_latency`
   // (acks, p50/p90/p99/max) by the first ack after each stats interval: a quiet service logs
   // nothing.

@@ -15,55 +15,11 @@
 #include "absl/time/time.h"
 #include "libs/common/bounded_counts.h"
 #include "libs/identity/authz.h"
+#include "libs/server/stall_watch.h"
 #include "medgate/v1/sharing.grpc.pb.h"
 #include "services/sharing/sharing_core.h"
 
 namespace medgate::sharing {
-
-// Ends transfers whose client has not moved for the idle timeout while the server waited on it:
-// an upload that sent nothing while the server waited for its next message, a download that took
-// nothing while the server waited to hand over its next chunk. The blocked read or write returns
-// and the client gets DEADLINE_EXCEEDED with `message`. Time the server spends on its own part
-// (storing, reading the shard) does not count. One thread for all the calls of one watch.
-class StallWatch {
- public:
-  StallWatch(absl::Duration limit, std::string message);
-  ~StallWatch();
-
-  // One call, watched while it exists.
-  class Call {
-   public:
-    Call(StallWatch& watch, grpc::ServerContext& context);
-    ~Call();
-    // Around each blocking read or write of the stream; Unblocked says how long it blocked.
-    void Blocked();
-    absl::Duration Unblocked();
-    // The watch ended the call.
-    bool fired();
-
-   private:
-    friend class StallWatch;
-    StallWatch& watch_;
-    grpc::ServerContext& context_;
-    std::optional<std::chrono::steady_clock::time_point> blocked_since_;
-    bool fired_ = false;
-  };
-
- private:
-  using Clock = std::chrono::steady_clock;
-  void Run();
-
-  const std::chrono::milliseconds limit_;
-  const std::string message_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::set<Call*> calls_;
-  bool stopping_ = false;
-  // The watcher waits without a deadline (no call was blocked): the next block must wake it.
-  // Otherwise it need not: with one fixed limit a new block is never due before the others.
-  bool waiting_for_a_block_ = false;
-  std::thread thread_;  // last: starts once the rest is set
-};
 
 class SharingService final : public v1::RecordSharing::Service {
  public:

@@ -19,6 +19,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "libs/audit/audit_log.h"
+#include "libs/common/grpc_status.h"
 #include "libs/common/proto_duration.h"
 #include "libs/device_sdk/device_client.h"
 #include "libs/identity/credentials.h"
@@ -482,6 +483,63 @@ TEST_F(IngestTest, ComingMonthsHaveTheirVitalsPartitions) {
     EXPECT_FALSE(n.exec_params1("SELECT to_regclass($1) IS NULL", dropped[region.id])[0].as<bool>())
         << region.id << " " << dropped[region.id];
   }
+}
+
+// Making a partition needs an ACCESS EXCLUSIVE lock on vitals, and every write of the region
+// queues behind that request while it waits (here behind a read the test holds open): the keeper
+// gives up after ingest.partition_lock_timeout_ms, so batches are stored meanwhile, rather than
+// after the shard's statement timeout (two minutes here).
+TEST_F(IngestTest, APartitionKeeperWaitingForItsLockGivesWayToWrites) {
+  const std::string patient =
+      MonitoredPatientWithDevice("partition-lock", "FR", "dev-partition-lock");
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  const std::string name = [&] {
+    pqxx::work w(c);
+    const std::string month =
+        w.exec1("SELECT 'vitals_' || to_char(date_trunc('month', now()) + interval '4 months', "
+                "'YYYY_MM')")[0]
+            .c_str();
+    w.exec0("DROP TABLE " + w.quote_name(month));
+    w.commit();
+    return month;
+  }();
+  absl::Cleanup restore = [&] {
+    pqxx::work w(c);
+    w.exec("SELECT medgate_ensure_vitals_partitions(2, 12)");
+    w.commit();
+  };
+  {
+    pqxx::work reading(c);
+    reading.exec0("LOCK TABLE vitals IN ACCESS SHARE MODE");
+    auto extra = StartIngest(
+        "ingest: {tenant_samples_per_second: 1000000, partition_lock_timeout_ms: 5000}\n",
+        /*statement_timeout_ms=*/120000);
+    ASSERT_NE(extra, nullptr);
+    auto keeper_waits = [] {
+      pqxx::connection q(stack_->clusters().region("fr-1").ConnectionString());
+      pqxx::nontransaction n(q);
+      return n.exec1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND "
+                     "query LIKE '%medgate_ensure_vitals_partitions%'")[0]
+                 .as<int64_t>() > 0;
+    };
+    ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), keeper_waits));
+    // While the read still holds vitals, a batch is stored: the keeper gave up.
+    auto stub = Ingest(Device("acme", "dev-partition-lock"), extra->server->port());
+    DeviceStream stream(*stub);
+    std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 5));
+    ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+    EXPECT_FALSE(ack->has_retryable_error()) << ack->retryable_error().message();
+    EXPECT_EQ(ack->stored_count(), 5u);
+    EXPECT_FALSE(keeper_waits());
+    EXPECT_EQ(extra->server->partition_passes(), 0u);
+    EXPECT_TRUE(stream.Finish().ok());
+    reading.commit();
+    extra->server->Shutdown();
+  }
+  std::move(restore).Invoke();
+  pqxx::nontransaction n(c);
+  EXPECT_FALSE(n.exec_params1("SELECT to_regclass($1) IS NULL", name)[0].as<bool>()) << name;
+  EXPECT_EQ(Count("fr-1", absl::StrCat("patient_id = '", patient, "'")), 5);
 }
 
 // Once a device's routing answer and its patient's consents are in memory, its batches are
@@ -1278,6 +1336,138 @@ TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok());
   EXPECT_TRUE(verified->ok) << verified->problem;
+}
+
+// A ReadVitals call whose client takes nothing: its first message read, the rest left in the
+// transport until flow control stops the service's writes (a 10,000-reading page is about 700 KB,
+// the stalled client's window 64 KiB).
+struct StalledRead {
+  std::unique_ptr<v1::DeviceIngest::Stub> stub;
+  grpc::ClientContext context;
+  std::unique_ptr<grpc::ClientReader<v1::ReadVitalsResponse>> reader;
+};
+
+class IngestReadBoundsTest : public IngestTest {
+ protected:
+  // A patient of acme's with CARE for the suite's practitioner and `rows` heart-rate readings in
+  // fr-1, written directly.
+  static std::string PatientWithReadings(const std::string& ref, int rows) {
+    std::string patient = PatientWithDevice(ref, "FR", absl::StrCat("dev-", ref));
+    Grant(patient, v1::PURPOSE_CARE);
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::work txn(c);
+    txn.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', $3, g, $1, '8867-4', 70, '/min', "
+        "date_trunc('second', now()) - interval '1 second' * g FROM generate_series(1, $2) AS g",
+        patient, rows, absl::StrCat("dev-", ref));
+    txn.commit();
+    return patient;
+  }
+  static v1::ReadVitalsRequest PageOf(const std::string& patient) {
+    v1::ReadVitalsRequest request;
+    request.set_patient_id(patient);
+    request.set_purpose(v1::PURPOSE_CARE);
+    request.set_page_size(10000);
+    return request;
+  }
+  static std::unique_ptr<StalledRead> StallRead(const std::string& patient, int port) {
+    auto creds = MakeChannelCredentials(
+        TlsConfig{pki().practitioner().cert_path, pki().practitioner().key_path, pki().ca_path(), 60},
+        pki().SpiffeId("/service/ingest"));
+    EXPECT_TRUE(creds.ok()) << creds.status();
+    auto s = std::make_unique<StalledRead>();
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
+    s->stub = v1::DeviceIngest::NewStub(
+        grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port), *creds, args));
+    s->context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+    s->reader = s->stub->ReadVitals(&s->context, PageOf(patient));
+    return s;
+  }
+  // A whole page read by a client that keeps reading: the readings, or the call's status.
+  static absl::StatusOr<size_t> ReadPage(const std::string& patient, int port) {
+    grpc::ClientContext context;
+    auto reader = Ingest(pki().practitioner(), port)->ReadVitals(&context, PageOf(patient));
+    v1::ReadVitalsResponse response;
+    size_t readings = 0;
+    while (reader->Read(&response)) readings += response.readings_size();
+    grpc::Status status = reader->Finish();
+    if (!status.ok()) return FromGrpcStatus(status);
+    return readings;
+  }
+};
+
+// Reads hold handler threads: a tenant has at most ingest.max_reads_per_tenant in progress, so
+// clients that stop reading cannot take every thread of the server.
+TEST_F(IngestReadBoundsTest, ATenantsReadsInProgressAreBounded) {
+  const std::string patient = PatientWithReadings("read-bound", 12000);
+  auto extra = StartIngest("ingest: {max_reads_per_tenant: 2, read_idle_timeout_seconds: 3600}\n");
+  ASSERT_NE(extra, nullptr);
+  const int port = extra->server->port();
+  std::vector<std::unique_ptr<StalledRead>> stalled;
+  for (int i = 0; i < 2; ++i) {
+    stalled.push_back(StallRead(patient, port));
+    v1::ReadVitalsResponse first;
+    ASSERT_TRUE(stalled.back()->reader->Read(&first)) << stalled.back()->reader->Finish().error_message();
+    EXPECT_EQ(first.readings_size(), 500);
+  }
+  absl::Cleanup cancel_all = [&] {
+    for (auto& s : stalled) {
+      s->context.TryCancel();
+      s->reader->Finish();
+    }
+  };
+  absl::StatusOr<size_t> refused = ReadPage(patient, port);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("ingest.max_reads_per_tenant"));
+
+  // Once one ends, the tenant reads again, the whole page.
+  stalled.back()->context.TryCancel();
+  stalled.back()->reader->Finish();
+  stalled.pop_back();
+  absl::StatusOr<size_t> read;
+  EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    read = ReadPage(patient, port);
+    return read.ok();
+  })) << read.status();
+  if (read.ok()) {
+    EXPECT_EQ(*read, 10000u);
+  }
+  std::move(cancel_all).Invoke();
+  extra->server->Shutdown();
+}
+
+// A client that stops reading does not keep its read (a thread and one of its tenant's places)
+// for good: past ingest.read_idle_timeout_seconds it ends, and the place is free.
+TEST_F(IngestReadBoundsTest, AReadWhoseClientStopsTakingReadingsEndsAndGivesBackItsPlace) {
+  const std::string patient = PatientWithReadings("read-stall", 12000);
+  auto extra = StartIngest("ingest: {max_reads_per_tenant: 1, read_idle_timeout_seconds: 1}\n");
+  ASSERT_NE(extra, nullptr);
+  const int port = extra->server->port();
+  std::unique_ptr<StalledRead> stalled = StallRead(patient, port);
+  v1::ReadVitalsResponse message;
+  ASSERT_TRUE(stalled->reader->Read(&message)) << stalled->reader->Finish().error_message();
+  size_t received = message.readings_size();
+  // The tenant's one place is taken until the stalled read ends; then a read works.
+  absl::StatusOr<size_t> read;
+  EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    read = ReadPage(patient, port);
+    return read.ok();
+  })) << read.status();
+  if (read.ok()) {
+    EXPECT_EQ(*read, 10000u);
+  }
+  // The stalled client reads what reached it before the end, then learns why it ended.
+  while (stalled->reader->Read(&message)) received += message.readings_size();
+  grpc::Status ended = stalled->reader->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << ended.error_message();
+  EXPECT_THAT(ended.error_message(), HasSubstr("ingest.read_idle_timeout_seconds"));
+  EXPECT_LT(received, 10000u);
+  extra->server->Shutdown();
 }
 
 // Time bounds a Timestamp cannot hold are the caller's error, named; a refused read whose audit

@@ -37,7 +37,10 @@ TEST(IngestSettingsTest, EveryKeySetsItsSetting) {
       "  enqueue_wait_ms: 250\n"
       "  stats_interval_ms: 2000\n"
       "  partition_check_minutes: 15\n"
-      "  max_streams_per_device: 6\n");
+      "  max_streams_per_device: 6\n"
+      "  max_reads_per_tenant: 3\n"
+      "  read_idle_timeout_seconds: 45\n"
+      "  partition_lock_timeout_ms: 2500\n");
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->core.tenant_samples_per_second, 1234.0);
   EXPECT_EQ(s->core.tenant_burst, 5678.0);
@@ -53,6 +56,9 @@ TEST(IngestSettingsTest, EveryKeySetsItsSetting) {
   EXPECT_EQ(s->writer.stats_interval, absl::Seconds(2));
   EXPECT_EQ(s->partition_check, absl::Minutes(15));
   EXPECT_EQ(s->max_streams_per_device, 6);
+  EXPECT_EQ(s->reads.max_per_tenant, 3);
+  EXPECT_EQ(s->reads.idle_timeout, absl::Seconds(45));
+  EXPECT_EQ(s->partition_lock_timeout, absl::Milliseconds(2500));
 }
 
 TEST(IngestSettingsTest, DefaultsWithoutTheSectionAndWithoutTheirKeys) {
@@ -65,6 +71,9 @@ TEST(IngestSettingsTest, DefaultsWithoutTheSectionAndWithoutTheirKeys) {
     EXPECT_EQ(s->max_streams_per_device, 4);
     EXPECT_EQ(s->writer.max_rows_per_transaction, 20000u);
     EXPECT_EQ(s->partition_check, absl::Minutes(60));
+    EXPECT_EQ(s->reads.max_per_tenant, 16);
+    EXPECT_EQ(s->reads.idle_timeout, absl::Seconds(30));
+    EXPECT_EQ(s->partition_lock_timeout, absl::Seconds(1));
   }
 }
 
@@ -78,6 +87,8 @@ TEST(IngestSettingsTest, AValueOutOfRangeNamesItsKey) {
       {"enqueue_wait_ms", "0"},           {"stats_interval_ms", "99"},
       {"partition_check_minutes", "0"},   {"max_streams_per_device", "0"},
       {"max_streams_per_device", "1001"}, {"writers_per_region", "two"},
+      {"max_reads_per_tenant", "0"},      {"read_idle_timeout_seconds", "0"},
+      {"read_idle_timeout_seconds", "3601"}, {"partition_lock_timeout_ms", "99"},
   };
   for (const auto& [key, value] : bad) {
     absl::StatusOr<IngestSettings> s = Parse(absl::StrCat("ingest: {", key, ": ", value, "}\n"));
