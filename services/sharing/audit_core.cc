@@ -166,6 +166,9 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
     }
     log.region_id = home->region_id;
     tenant = home->tenant_id;
+    // Ops may read the patient's entries of another log: the control log holds their placement
+    // and device assignments.
+    if (query.log) log = *query.log;
   } else if (!ops) {
     return absl::InvalidArgumentError("patient_id: required");
   } else if (!query.log) {
@@ -200,7 +203,12 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
             : txn.exec_prepared(sql::kSelectAuditForPatient, query.patient_id, after_at, after,
                                 end_us, query.actor, size + 1, scan);
     AuditPage page;
+    int64_t scanned = 0;
+    int64_t last_scanned = 0;
     for (const pqxx::row& row : rows) {
+      scanned = row[17].as<int64_t>();
+      if (!row[18].is_null()) last_scanned = row[18].as<int64_t>();
+      if (row[0].is_null()) continue;  // no entry matched: the scan's figures only
       if (page.entries.size() == static_cast<size_t>(size)) {
         page.next_page_token = absl::StrCat(page.entries.back().seq);
         break;
@@ -208,15 +216,10 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
       ASSIGN_OR_RETURN(audit::StoredEntry entry, EntryFromRow(row));
       page.entries.push_back(std::move(entry));
     }
-    if (page.next_page_token.empty() && !query.actor.empty()) {
-      // The scan stopped at its bound before the range's end: the next page goes on after the
-      // last entry it read, matching or not.
-      pqxx::result end =
-          query.patient_id.empty()
-              ? txn.exec_prepared(sql::kSelectAuditScanEndOfLog, after_at, after, end_us, scan)
-              : txn.exec_prepared(sql::kSelectAuditScanEndForPatient, query.patient_id, after_at,
-                                  after, end_us, scan);
-      if (!end.empty()) page.next_page_token = absl::StrCat(end[0][0].as<int64_t>());
+    if (page.next_page_token.empty() && !query.actor.empty() && scanned == scan) {
+      // The scan stopped at its bound, maybe before the range's end: the next page goes on after
+      // the last entry it read, matching or not.
+      page.next_page_token = absl::StrCat(last_scanned);
     }
     // Reading the audit log is itself an access to the patient's data trail.
     audit::Entry e;
@@ -244,6 +247,11 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
   }
   constexpr uint64_t kMaxSeq = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
   if (anchor.seq < 0) return absl::InvalidArgumentError(absl::StrCat("anchor_seq: at most ", kMaxSeq));
+  if (anchor.seq == 0 && !anchor.hash.empty()) {
+    // Verified without it, the log's end would go unchecked while the caller trusts it was.
+    return absl::InvalidArgumentError(
+        "anchor_hash without anchor_seq: give the seq of the entry the hash is of");
+  }
   if (anchor.seq > 0 && anchor.hash.size() != 32) {
     return absl::InvalidArgumentError(absl::StrCat(
         "anchor_hash: 32 bytes (a last_hash of an earlier verification) with anchor_seq ",
@@ -295,13 +303,27 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
                                 static_cast<int64_t>(end_seq), cancelled);
     if (!verified.ok() && verified.status().code() != absl::StatusCode::kInvalidArgument) {
       // Cancelled (the caller gone, the server draining), or the database failed mid-walk.
-      if (verified.status().code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
       const absl::Status walk = verified.status();
-      absl::Status audited = pool->Transact([&](pqxx::work& txn) {
-        return audit::Append(txn, entry_for(absl::StrCat(
-                                      "NOT_CONCLUDED: ", absl::StatusCodeToString(walk.code()))))
-            .status();
-      });
+      const audit::Entry not_concluded =
+          entry_for(absl::StrCat("NOT_CONCLUDED: ", absl::StatusCodeToString(walk.code())));
+      absl::Status audited;
+      if (walk.code() == absl::StatusCode::kUnavailable) {
+        // The walk's connection failed: another one writes the entry.
+        lease.MarkBroken();
+        audited = pool->Transact(
+            [&](pqxx::work& txn) { return audit::Append(txn, not_concluded).status(); });
+      } else {
+        // On the walk's own connection: waiting for another one while holding this could wait
+        // out the acquire timeout when every connection is held by walks ending together.
+        try {
+          pqxx::work txn(lease.connection());
+          audited = audit::Append(txn, not_concluded).status();
+          if (audited.ok()) txn.commit();
+        } catch (const std::exception& e) {
+          lease.MarkBroken();
+          audited = pg::StatusFromException(e);
+        }
+      }
       if (!audited.ok()) {
         log::Warning("verify_chain_not_audited",
                      {{"log", LogName(log)}, {"walk", walk.message()}, {"error", audited.message()}});

@@ -45,6 +45,15 @@ namespace medgate::sharing::sql {
   "seq, at_us, actor, tenant, action, object_type, object_id, patient_id, decision, reason, " \
   "purpose, consent_id, consent_version, request_id, origin, prev_hash, hash"
 
+// The page of an audit query from its `scanned` entries: those of the actor ACTOR ('' for any),
+// at most LIMIT, each with the scan's count and last seq (columns 17 and 18).
+#define MEDGATE_AUDIT_PAGE(ACTOR, LIMIT)                                                        \
+  "page AS (SELECT " MEDGATE_AUDIT_COLUMNS " FROM scanned WHERE (" ACTOR " = '' OR actor = " \
+  ACTOR ") ORDER BY at_us, seq LIMIT " LIMIT ") "                                              \
+  "SELECT page.*, m.scanned, m.last_seq FROM (SELECT count(*) AS scanned, "                   \
+  "(SELECT seq FROM scanned ORDER BY at_us DESC, seq DESC LIMIT 1) AS last_seq FROM scanned) m " \
+  "LEFT JOIN page ON true ORDER BY page.at_us, page.seq"
+
 // Filters shared by the record listings: $2 kind (0: any), $3 include archived, $4/$5 the
 // (created_at, record_id) of the previous page's last record, $6 the row limit.
 #define MEDGATE_LIST_FILTERS                                                               \
@@ -104,8 +113,6 @@ inline constexpr char kSelectMetadataInClear[] = "select_metadata_in_clear";
 inline constexpr char kSealMetadata[] = "seal_metadata";
 inline constexpr char kSelectAuditForPatient[] = "select_audit_for_patient";
 inline constexpr char kSelectAuditLog[] = "select_audit_log";
-inline constexpr char kSelectAuditScanEndForPatient[] = "select_audit_scan_end_for_patient";
-inline constexpr char kSelectAuditScanEndOfLog[] = "select_audit_scan_end_of_log";
 inline constexpr char kSelectAuditHash[] = "select_audit_hash";
 inline constexpr char kSelectAuditTime[] = "select_audit_time";
 inline constexpr char kSelectTenantTerritories[] = "select_tenant_territories";
@@ -118,23 +125,18 @@ inline const std::vector<pg::Statement>& AuditStatements() {
       // partial index.
       // An actor filter reads at most $7 / $6 entries of the range (the scan's bound): the
       // actor is not in the index, and a rare one must not make a page read a whole history.
+      // Every row also says how many entries the scan read and the last of them (where the next
+      // page goes on when the scan stopped at its bound); with no entry matching, one row of
+      // NULL entry columns says it. One statement, so one snapshot: entries committed meanwhile
+      // cannot move the scan's end past entries the page never read.
       {kSelectAuditForPatient,
-       "SELECT " MEDGATE_AUDIT_COLUMNS " FROM (SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log "
+       "WITH scanned AS MATERIALIZED (SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log "
        "WHERE patient_id = $1 AND patient_id <> '' AND (at_us, seq) > ($2, $3) AND at_us < $4 "
-       "ORDER BY at_us, seq LIMIT $7) scanned "
-       "WHERE ($5 = '' OR actor = $5) ORDER BY at_us, seq LIMIT $6"},
+       "ORDER BY at_us, seq LIMIT $7), " MEDGATE_AUDIT_PAGE("$5", "$6")},
       {kSelectAuditLog,
-       "SELECT " MEDGATE_AUDIT_COLUMNS " FROM (SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log "
-       "WHERE (at_us, seq) > ($1, $2) AND at_us < $3 ORDER BY at_us, seq LIMIT $6) scanned "
-       "WHERE ($4 = '' OR actor = $4) ORDER BY at_us, seq LIMIT $5"},
-      // The last entry such a bounded scan read ($5th of the range), if it read that many: where
-      // the next page goes on.
-      {kSelectAuditScanEndForPatient,
-       "SELECT seq FROM audit_log WHERE patient_id = $1 AND patient_id <> '' "
-       "AND (at_us, seq) > ($2, $3) AND at_us < $4 ORDER BY at_us, seq OFFSET $5 - 1 LIMIT 1"},
-      {kSelectAuditScanEndOfLog,
-       "SELECT seq FROM audit_log WHERE (at_us, seq) > ($1, $2) AND at_us < $3 "
-       "ORDER BY at_us, seq OFFSET $4 - 1 LIMIT 1"},
+       "WITH scanned AS MATERIALIZED (SELECT " MEDGATE_AUDIT_COLUMNS " FROM audit_log "
+       "WHERE (at_us, seq) > ($1, $2) AND at_us < $3 ORDER BY at_us, seq LIMIT $6), "
+       MEDGATE_AUDIT_PAGE("$4", "$5")},
       {kSelectAuditHash, "SELECT hash FROM audit_log WHERE seq = $1"},
       {kSelectAuditTime,
        "SELECT at_us FROM audit_log WHERE seq = $1 AND ($2 = '' OR patient_id = $2)"},

@@ -4792,6 +4792,17 @@ TEST_F(SharingTest, QueryAuditAnswersWhoAccessedThePatientsData) {
   auto control_view = QueryAudit(pki_->ops(), control);
   ASSERT_TRUE(control_view.ok()) << control_view.status();
   EXPECT_GE(control_view->entries_size(), 1);  // tenants and placements
+  // The patient's entries of the control log: their placement, for ops.
+  v1::QueryAuditRequest placement;
+  placement.set_patient_id(patient);
+  placement.mutable_log()->set_control(true);
+  EXPECT_EQ(QueryAudit(pki_->app(), placement).status().code(), absl::StatusCode::kPermissionDenied);
+  auto placement_view = QueryAudit(pki_->ops(), placement);
+  ASSERT_TRUE(placement_view.ok()) << placement_view.status();
+  ASSERT_EQ(placement_view->entries_size(), 1);
+  EXPECT_EQ(placement_view->entries(0).patient_id(), patient);
+  EXPECT_EQ(placement_view->entries(0).object_type(), "patient");
+  EXPECT_EQ(placement_view->entries(0).action(), v1::AUDIT_ACTION_CREATE);
   v1::QueryAuditRequest missing;
   EXPECT_EQ(QueryAudit(pki_->practitioner(), missing).status().code(),
             absl::StatusCode::kInvalidArgument);
@@ -5298,6 +5309,10 @@ TEST_F(SharingTest, VerifyChainAgainstAnAnchorFindsALogCutShort) {
                 .status()
                 .code(),
             absl::StatusCode::kInvalidArgument);
+  // A hash without its seq would leave the log's end unchecked (here, the log cut short).
+  absl::StatusOr<v1::VerifyChainResponse> unanchored = Verify("de-1", nullptr, 0, 0, 0, anchor_hash);
+  EXPECT_EQ(unanchored.status().code(), absl::StatusCode::kInvalidArgument) << unanchored.status();
+  EXPECT_THAT(std::string(unanchored.status().message()), HasSubstr("anchor_seq"));
   std::move(restore).Invoke();
   auto restored = Verify("de-1", nullptr, 0, 0, anchor_seq, anchor_hash);
   ASSERT_TRUE(restored.ok()) << restored.status();
