@@ -276,6 +276,83 @@ TEST_F(DatabaseRolesTest, NoServiceCanRewriteTheAuditTrail) {
   EXPECT_GE(verified->entries_checked, 1);
 }
 
+// The chaining functions hash the encoding their caller sends with the fields: an encoding that
+// is not the fields' (here, of another reason) would leave an entry whose hash covers other data,
+// reported by VerifyChain forever and hiding what follows it. It is refused, on a shard and on the
+// control database, alone and within a batch, and nothing is appended.
+TEST_F(DatabaseRolesTest, AnEntryWhoseEncodingIsNotItsFieldsIsRefused) {
+  audit::Entry shown;
+  shown.actor = "spiffe://medgate.test/service/consent";
+  shown.tenant = "acme";
+  shown.action = audit::Action::kCreate;
+  shown.object_type = "consent";
+  shown.object_id = "c-1";
+  shown.patient_id = "pt_1";
+  shown.decision = audit::Decision::kPermit;
+  shown.reason = "GRANTED";
+  shown.consent_version = 1;
+  audit::Entry hashed = shown;
+  hashed.reason = "REVOKED: withdrawn";
+  const audit::EncodedEntry other = audit::EncodeEntry(hashed);
+  const audit::EncodedEntry own = audit::EncodeEntry(shown);
+  auto count = [&](const char* db) {
+    pqxx::connection owner(cluster_->ConnectionString(db));
+    pqxx::nontransaction q(owner);
+    return q.exec1("SELECT count(*) FROM audit_log")[0].as<int64_t>();
+  };
+  for (const auto& [db, role] : {std::pair<const char*, absl::string_view>{kShard, pg::kConsentRole},
+                                 {kControl, pg::kRoutingRole}}) {
+    SCOPED_TRACE(db);
+    const int64_t before = count(db);
+    pqxx::connection connection(cluster_->ConnectionString(db, role));
+    auto append = [&](const audit::EncodedEntry& encoding) {
+      pqxx::work txn(connection);
+      txn.exec_params(
+          "SELECT audit_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::bigint, $12, $13, "
+          "$14::bytea, $15::bytea)",
+          shown.actor, shown.tenant, std::string(audit::ActionName(shown.action)),
+          shown.object_type, shown.object_id, shown.patient_id,
+          std::string(audit::DecisionName(shown.decision)), shown.reason, shown.purpose,
+          shown.consent_id, shown.consent_version, shown.request_id, shown.origin,
+          pqxx::binarystring(encoding.head), pqxx::binarystring(encoding.tail));
+      txn.commit();
+    };
+    try {
+      append(other);
+      ADD_FAILURE() << "an entry hashed over other fields was appended";
+    } catch (const pqxx::sql_error& e) {
+      EXPECT_THAT(e.what(), HasSubstr("encoding is not that of its fields"));
+    }
+    EXPECT_EQ(count(db), before);
+    append(own);  // its own encoding is taken
+    EXPECT_EQ(count(db), before + 1);
+    pqxx::connection owner(cluster_->ConnectionString(db));
+    absl::StatusOr<audit::VerifyResult> verified = audit::VerifyChain(owner);
+    ASSERT_TRUE(verified.ok()) << verified.status();
+    EXPECT_TRUE(verified->ok) << verified->problem;
+  }
+  // In a batch, as ingest appends: the second entry's encoding is another's; none is appended.
+  const int64_t before = count(kShard);
+  pqxx::connection ingest(cluster_->ConnectionString(kShard, pg::kIngestRole));
+  pqxx::work txn(ingest);
+  try {
+    txn.exec_params(
+        "SELECT audit_append_many(ARRAY[$1, $1], ARRAY[$2, $2], ARRAY[$3, $3], ARRAY[$4, $4], "
+        "ARRAY[$5, $5], ARRAY[$6, $6], ARRAY[$7, $7], ARRAY[$8, $8], ARRAY[$9, $9], "
+        "ARRAY[$10, $10], ARRAY[$11::bigint, $11::bigint], ARRAY[$12, $12], ARRAY[$13, $13], "
+        "ARRAY[$14::bytea, $14::bytea], ARRAY[$15::bytea, $16::bytea])",
+        shown.actor, shown.tenant, std::string(audit::ActionName(shown.action)), shown.object_type,
+        shown.object_id, shown.patient_id, std::string(audit::DecisionName(shown.decision)),
+        shown.reason, shown.purpose, shown.consent_id, shown.consent_version, shown.request_id,
+        shown.origin, pqxx::binarystring(own.head), pqxx::binarystring(own.tail),
+        pqxx::binarystring(other.tail));
+    ADD_FAILURE() << "a batch with an entry hashed over other fields was appended";
+  } catch (const pqxx::sql_error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("entry 2 of 2"));
+  }
+  EXPECT_EQ(count(kShard), before);
+}
+
 TEST_F(DatabaseRolesTest, AServiceCannotReachAnotherServicesData) {
   struct Attempt {
     const char* db;
