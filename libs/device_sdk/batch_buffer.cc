@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -100,6 +101,11 @@ absl::StatusOr<std::unique_ptr<BatchBuffer>> BatchBuffer::Open(const std::string
     RETURN_IF_ERROR(buffer->Rewrite());
     return buffer;
   }
+  if (buffer->torn_last_record_) {
+    // Its seqs may have been given out, if the record was whole once and was damaged since: the
+    // seqs go on from first_seq at least, as after damage.
+    buffer->next_seq_ = std::max(buffer->next_seq_, first_seq);
+  }
   if (buffer->Replace(buffer->pending_, buffer->next_seq_, buffer->next_batch_seq_).ok()) {
     // Compacted: from here on the buffer is on the new file, whether or not the rename can be
     // made durable.
@@ -167,6 +173,8 @@ absl::StatusOr<bool> BatchBuffer::Load() {
         "cannot read buffer file '", path_, "' after ", loaded_bytes_, " bytes: ",
         std::strerror(error)));
   };
+  struct stat st;
+  const int64_t file_size = fstat(fileno(in), &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
   // False when the record read is not one this buffer writes: the file is damaged there.
   bool readable = true;
   // Records without sums never follow one with them (the buffer writes only these now): one
@@ -208,6 +216,13 @@ absl::StatusOr<bool> BatchBuffer::Load() {
       break;  // a torn last record (with sums: its length is the one written)
     }
     if (checked && ReadU32(header + kHeader + 4) != Sum(payload)) {
+      // A last record whose payload is not what was written, though its length is: the write
+      // was torn after the file grew (a filesystem may show the new blocks zeroed after a power
+      // loss). A torn tail like a short one, not damage: nothing follows it to keep aside.
+      if (file_size >= 0 && loaded_bytes_ + header_size + length == static_cast<uint64_t>(file_size)) {
+        torn_last_record_ = true;
+        break;
+      }
       readable = false;
       break;
     }

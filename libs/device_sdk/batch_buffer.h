@@ -19,8 +19,9 @@ namespace medgate::device {
 // set. Files written before the sums ([u32 length][u8 type][payload]) are still read, and
 // rewritten with them when opened. Types: a sealed batch (VitalsBatch), an ack of a batch_seq, and
 // the counters (next sample seq, next batch seq) written when the file is compacted. A torn last
-// record (power loss mid-write: its header or payload runs past the end of the file) is ignored
-// on load; a record whose sums do not match is damage. A write that fails leaves nothing of its
+// record (power loss mid-write: its header or payload runs past the end of the file, or its
+// payload, of the right length, does not match its sum) is ignored on load; any other record whose
+// sums do not match is damage. A write that fails leaves nothing of its
 // record behind, so a failure never hides the records appended after it. One process at a time
 // has a file: the buffer holds an flock on "<path>.lock" while it lives.
 class BatchBuffer {
@@ -105,6 +106,7 @@ class BatchBuffer {
   uint64_t next_batch_seq_ = 1;
   size_t acked_since_rewrite_ = 0;
   uint64_t loaded_bytes_ = 0;  // where the last whole record Load read ends
+  bool torn_last_record_ = false;  // Load found a last record of the right length but not whole
   std::string damaged_copy_;
   uint64_t compaction_failures_ = 0;
   std::string last_compaction_error_;

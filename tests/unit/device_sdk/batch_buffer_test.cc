@@ -443,6 +443,52 @@ TEST_F(BatchBufferTest, IsBoundedAndToleratesATornTail) {
   }
 }
 
+// Power lost after the file grew but before the last record's payload reached the disk: the
+// record has its length but not its bytes (zeros here). A torn tail too, not damage: nothing is
+// copied aside, and the buffer opens even with no room to compact it (a full disk); its seqs go
+// on from first_seq at least, as the record's may have been given out.
+TEST_F(BatchBufferTest, ALastRecordOfTheRightLengthButNotWholeIsATornTail) {
+  uintmax_t whole = 0;
+  {
+    auto buffer = BatchBuffer::Open(path_, 10);
+    ASSERT_TRUE(buffer.ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+    whole = std::filesystem::file_size(path_);
+    ASSERT_TRUE((*buffer)->Seal(Samples(5)).ok());
+  }
+  std::string bytes = Bytes(path_);
+  constexpr size_t kCheckedHeader = 13;  // length, type, and the two sums
+  for (size_t i = whole + kCheckedHeader; i < bytes.size(); ++i) bytes[i] = 0;
+  {
+    std::ofstream out(path_, std::ios::binary | std::ios::trunc);
+    out << bytes;
+  }
+  // No room for a compacted copy, nor for a copy of the file aside.
+  std::signal(SIGXFSZ, SIG_IGN);
+  rlimit saved;
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &saved), 0);
+  rlimit limited = saved;
+  limited.rlim_cur = 16;
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limited), 0);
+  auto reopened = BatchBuffer::Open(path_, 10, /*first_seq=*/1000);
+  setrlimit(RLIMIT_FSIZE, &saved);
+  std::signal(SIGXFSZ, SIG_DFL);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  EXPECT_TRUE((*reopened)->damaged_copy().empty()) << (*reopened)->damaged_copy();
+  EXPECT_EQ((*reopened)->pending().size(), 2u);
+  EXPECT_EQ((*reopened)->next_seq(), 1000u);
+  // Appends go on past the torn record; reopened, the file has the two batches and the new one.
+  absl::StatusOr<uint64_t> later = (*reopened)->Seal(Samples(1));
+  ASSERT_TRUE(later.ok()) << later.status();
+  reopened->reset();
+  auto again = BatchBuffer::Open(path_, 10);
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_EQ((*again)->pending().size(), 3u);
+  EXPECT_EQ((*again)->pending().back().samples(0).seq(), 1000u);
+  EXPECT_TRUE((*again)->damaged_copy().empty());
+}
+
 // Every record was written as [u32 length][u8 type][payload] before records had sums: such a
 // file still opens, torn last record included, and is rewritten in the current format.
 TEST_F(BatchBufferTest, AFileWrittenBeforeRecordSumsStillOpens) {
