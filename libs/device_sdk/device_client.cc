@@ -130,6 +130,7 @@ void DeviceClient::Start() {
   running_ = true;
   stopping_ = false;
   thread_ = std::thread([this] { Loop(); });
+  sender_id_ = thread_.get_id();
   watchdog_ = std::thread([this] { Watchdog(); });
 }
 
@@ -139,10 +140,18 @@ void DeviceClient::Stop() {
     if (!running_) return;
     stopping_ = true;
     if (active_ != nullptr) active_->TryCancel();
+    if (std::this_thread::get_id() == sender_id_) {
+      // From an OnAck or OnRejected callback, on the sender's own thread: it ends once the
+      // callback returns; joining it here would throw (and terminate the process).
+      cv_.notify_all();
+      return;
+    }
   }
   cv_.notify_all();
-  thread_.join();
-  watchdog_.join();
+  // One caller joins; another one calling at the same time waits for it.
+  std::lock_guard<std::mutex> joining(stop_mu_);
+  if (thread_.joinable()) thread_.join();
+  if (watchdog_.joinable()) watchdog_.join();
   std::lock_guard<std::mutex> lock(mu_);
   running_ = false;
 }
@@ -208,8 +217,14 @@ void DeviceClient::Loop() {
     bool answered = false;
     if (channel.ok()) {
       auto stub = v1::DeviceIngest::NewStub(*channel);
-      // Why the stream ended changes nothing here: every end is followed by a reconnect.
-      RunStream(*stub, &answered).IgnoreError();
+      // Every end is followed by a reconnect; why, the app can read in the stats (a refusal
+      // such as PERMISSION_DENIED is retried too, and would otherwise look like being offline).
+      absl::Status ended = RunStream(*stub, &answered);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!ended.ok() && !stopping_) {
+        ++stats_.stream_failures;
+        stats_.last_stream_error = ended.ToString();
+      }
     }
     // The stream reached a server that works: this failure is the first of a new series. (A
     // stream of retryable acks only does not count: their server cannot store anything.)

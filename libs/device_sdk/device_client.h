@@ -74,6 +74,10 @@ struct DeviceStats {
   // tried again after the backoff, like a failed stream.
   uint64_t dial_failures = 0;
   std::string last_dial_error;
+  // Streams that ended with an error (the server unreachable or refusing, an ack overdue...):
+  // each is followed by a reconnect; the last one's status.
+  uint64_t stream_failures = 0;
+  std::string last_stream_error;
   // Set when Open found the buffer file damaged before its end: where its bytes were kept (the
   // batches after the damage are in it, for support to recover); the client goes on with the
   // batches before it.
@@ -106,6 +110,9 @@ class DeviceClient {
   absl::StatusOr<uint64_t> Send(std::vector<v1::VitalSample> samples);
   // Starts the background sender (resending whatever the buffer file holds).
   void Start();
+  // Stops the sender and waits for it. From an OnAck or OnRejected callback (the sender's own
+  // thread) it only tells the sender to stop once the callback returns; the destructor, or a
+  // Stop() from another thread, then waits for it.
   void Stop();
   // Waits until the buffer is empty (every batch acked or rejected); DEADLINE_EXCEEDED otherwise.
   absl::Status WaitUntilAcked(absl::Duration timeout);
@@ -145,6 +152,8 @@ class DeviceClient {
   std::function<void(const v1::IngestAck&, absl::Duration)> on_ack_;
   std::function<void(const v1::VitalsBatch&, const absl::Status&)> on_rejected_;
   grpc::ClientContext* active_ = nullptr;  // to cancel a blocked stream on Stop()
+  std::thread::id sender_id_;  // thread_'s, set by Start()
+  std::mutex stop_mu_;         // held by the Stop() that joins the threads
   absl::Duration retry_after_;             // from the last retryable ack, for the next wait
   // Batches up to this batch_seq may have been written to a stream before (by this process, or
   // by one before it: those the buffer file had when opened). A later one's seqs reach a server

@@ -24,6 +24,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "libs/device_sdk/batch_buffer.h"
+#include "tests/support/poll.h"
 
 namespace medgate::device {
 namespace {
@@ -583,6 +584,56 @@ TEST_F(DeviceClientTest, WaitingWithoutATimeoutWaitsForTheAcks) {
   waiter.join();
   EXPECT_FALSE(returned_before_the_ack) << waited;
   EXPECT_TRUE(waited.ok()) << waited;
+}
+
+// Why streams end is in the stats: a refusal retried at the backoff would otherwise look like
+// being offline.
+TEST_F(DeviceClientTest, TheStatsSayWhyAStreamEnded) {
+  Connect([](int stream, Stream& io) {
+    v1::VitalsBatch batch;
+    if (stream == 1) {
+      io.Read(&batch);
+      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "device dev-1 is not assigned");
+    }
+    while (io.Read(&batch)) io.Write(Stored(batch));
+    return grpc::Status::OK;
+  });
+  ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  client_->Stop();
+  const DeviceStats stats = client_->stats();
+  EXPECT_GE(stats.stream_failures, 1u);
+  EXPECT_NE(stats.last_stream_error.find("PERMISSION_DENIED"), std::string::npos)
+      << stats.last_stream_error;
+  EXPECT_NE(stats.last_stream_error.find("not assigned"), std::string::npos)
+      << stats.last_stream_error;
+}
+
+// Stop() from a callback (the sender's own thread) stops the sender once the callback returns,
+// instead of joining its own thread (which threw and terminated the process).
+TEST_F(DeviceClientTest, StopFromACallbackStopsTheSender) {
+  std::atomic<int> streamed{0};
+  Connect([&](int, Stream& io) {
+    v1::VitalsBatch batch;
+    while (io.Read(&batch)) {
+      ++streamed;
+      io.Write(Stored(batch));
+    }
+    return grpc::Status::OK;
+  });
+  std::atomic<bool> called{false};
+  client_->OnAck([&](const v1::IngestAck&, absl::Duration) {
+    client_->Stop();
+    called = true;
+  });
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(client_->Send(Samples(1)).ok());
+  client_->Start();
+  ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(20), [&] { return called.load(); }));
+  client_->Stop();  // from here, waits for the sender
+  EXPECT_EQ(streamed.load(), 1);
+  EXPECT_EQ(client_->pending(), 2u);
+  EXPECT_EQ(client_->stats().batches_acked, 1u);
 }
 
 }  // namespace
