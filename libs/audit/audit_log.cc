@@ -286,10 +286,15 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection& connection, int6
       return result;
     }
     absl::StatusOr<std::string> head_hash = FromByteaText(head[1].c_str());
-    if (head_seq != expected_seq - 1 || !head_hash.ok() || *head_hash != prev_hash) {
-      return fail(expected_seq - 1 == head_seq ? head_seq : expected_seq,
+    if (head_seq != expected_seq - 1) {
+      return fail(expected_seq,
                   absl::StrCat("chain head says entry ", head_seq, " is last but the log ends at ",
                                expected_seq - 1, " (entries removed or head altered)"));
+    }
+    if (!head_hash.ok() || *head_hash != prev_hash) {
+      return fail(head_seq, absl::StrCat("the chain head's hash is not entry ", head_seq,
+                                         "'s (the entry rewritten with its hash recomputed, or "
+                                         "the head altered)"));
     }
     return result;
   } catch (const std::exception& e) {

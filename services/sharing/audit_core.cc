@@ -86,6 +86,9 @@ void FailOnAnchor(ChainReport& report, std::string problem, const ChainAnchor& a
 }  // namespace
 
 ChainFault FaultFromProblem(int64_t seq, absl::string_view problem) {
+  // The head's hash is not the last entry's, at the same seq: that entry was rewritten with its
+  // hash recomputed (or the head altered).
+  if (absl::StrContains(problem, "chain head's hash")) return ChainFault::kHashMismatch;
   if (absl::StrContains(problem, "is missing") || absl::StrContains(problem, "chain head")) {
     return ChainFault::kSeqGap;
   }
@@ -349,11 +352,15 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
       FailOnAnchor(report, std::move(problem), anchor);
     } else {
       report.ok = verified->ok;
-      report.entries_checked = verified->entries_checked + (verified->ok ? 0 : 1);
       report.first_bad_seq = verified->first_bad_seq;
       report.detail = TruncateUtf8(verified->problem, 1024);
       report.fault = verified->ok ? ChainFault::kNone
                                   : FaultFromProblem(verified->first_bad_seq, verified->problem);
+      // The bad entry was checked too, when there was one to read (not a missing entry, nor a
+      // head that disagrees with the last entry read).
+      const bool bad_entry_read = !verified->ok && report.fault != ChainFault::kSeqGap &&
+                                  !absl::StrContains(verified->problem, "chain head");
+      report.entries_checked = verified->entries_checked + (bad_entry_read ? 1 : 0);
       report.last_seq = verified->last_seq;
       // The hash the walk computed and checked, not one read again afterwards: a tail rewritten
       // in between must not be handed out as an anchor.

@@ -27,6 +27,10 @@ TEST(FaultFromProblemTest, NamesWhatLibsAuditReports) {
                              "chain head says entry 9 is last but the log ends at 8 "
                              "(entries removed or head altered)"),
             ChainFault::kSeqGap);
+  EXPECT_EQ(FaultFromProblem(8,
+                             "the chain head's hash is not entry 8's (the entry rewritten with its "
+                             "hash recomputed, or the head altered)"),
+            ChainFault::kHashMismatch);
   EXPECT_EQ(FaultFromProblem(1, "prev_hash does not match the previous entry's hash"),
             ChainFault::kBadGenesis);
   EXPECT_EQ(FaultFromProblem(4, "prev_hash does not match the previous entry's hash"),

@@ -5238,6 +5238,36 @@ TEST_F(SharingTest, VerifyChainLocatesATamperedEntry) {
   ASSERT_TRUE(restored.ok());
   EXPECT_TRUE(restored->ok()) << restored->detail();
 
+  // The last entry rewritten with its hash recomputed, the head left as it was: every entry
+  // checks, the head's hash does not; the fault is that entry's content, not a gap.
+  const int64_t last = Count("de-1", "SELECT max(seq) FROM audit_log");
+  Exec("de-1", "CREATE TABLE last_entry AS SELECT * FROM audit_log WHERE seq = $1",
+       std::to_string(last));
+  Exec("de-1", "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
+  Exec("de-1",
+       "UPDATE audit_log SET reason = 'VERIFIED: entries=0', hash = sha256(prev_hash || "
+       "audit_field('medgate-audit-v1') || int8send(seq) || int8send(at_us) || "
+       "audit_encoded_tail(actor, tenant, action, object_type, object_id, patient_id, decision, "
+       "'VERIFIED: entries=0', purpose, consent_id, consent_version, request_id, origin)) "
+       "WHERE seq = $1",
+       std::to_string(last));
+  auto rewritten = Verify("de-1");
+  Exec("de-1",
+       "UPDATE audit_log a SET reason = l.reason, hash = l.hash FROM last_entry l "
+       "WHERE a.seq = l.seq");
+  Exec("de-1", "DROP TABLE last_entry");
+  Exec("de-1", "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update");
+  ASSERT_TRUE(rewritten.ok()) << rewritten.status();
+  EXPECT_FALSE(rewritten->ok());
+  EXPECT_EQ(rewritten->first_bad_seq(), static_cast<uint64_t>(last));
+  EXPECT_EQ(rewritten->fault(), v1::CHAIN_FAULT_HASH_MISMATCH) << rewritten->detail();
+  EXPECT_EQ(rewritten->entries_checked(), static_cast<uint64_t>(last));
+  auto put_right = Verify("de-1");
+  ASSERT_TRUE(put_right.ok());
+  EXPECT_TRUE(put_right->ok()) << put_right->detail();
+  // A removed entry is not counted as checked.
+  EXPECT_EQ(gap->entries_checked(), static_cast<uint64_t>(seq - 1));
+
   v1::VerifyChainRequest bad;
   v1::VerifyChainResponse response;
   grpc::ClientContext context;
