@@ -301,8 +301,10 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
     return absl::InvalidArgumentError("expected_version: must not be negative");
   }
   return InTransaction<RuleInfo>(control_, [&](pqxx::work& txn) -> absl::StatusOr<RuleInfo> {
-    // Serializes writers of one territory on its latest version row (or, for a first version,
-    // on the primary key of the insert).
+    // Waits for the placements under the current version, and holds new ones off until this
+    // commits. Writers of one territory also serialize on its latest version row (or, for a first
+    // version, on the primary key of the insert).
+    txn.exec_prepared(sql::kLockRule, rule.territory);
     pqxx::result current = txn.exec_prepared(sql::kSelectCurrentRule, rule.territory);
     int64_t current_version = current.empty() ? 0 : current[0][0].as<int64_t>();
     if (only_if_absent && current_version != 0) {
@@ -412,19 +414,10 @@ absl::StatusOr<PlaceResult> RoutingCore::PlacePatient(const CallContext& ctx,
     result.patient_id = patient_id;
     if (existing.empty()) {
       // The patient is placed under the territory's rule as it stands when the placement commits:
-      // its latest version is held against puts until then. A put that committed while this
-      // waited for the hold leaves a newer version than the row held: placed again, under it.
-      pqxx::result held = txn.exec_prepared(sql::kShareCurrentRule, territory);
+      // the rule is held against puts until then, and read once held (a put that held it first
+      // has committed its version by then).
+      txn.exec_prepared(sql::kShareRule, territory);
       std::vector<residency::ResidencyRule> rules = ToEngineRules(CurrentRules(txn));
-      if (!held.empty()) {
-        const int64_t held_version = held[0][0].as<int64_t>();
-        for (const residency::ResidencyRule& rule : rules) {
-          if (rule.territory == territory && rule.version != held_version) {
-            return absl::AbortedError(absl::StrCat("the residency rule for ", territory,
-                                                   " changed during the placement; retry"));
-          }
-        }
-      }
       residency::RegionIdSet all;
       for (const residency::Region& r : regions_) all.insert(r.id);
       // Placement is a directory decision, not a write to the shard: a shard's passing outage

@@ -13,7 +13,8 @@ inline constexpr char kInsertTenant[] = "insert_tenant";
 inline constexpr char kUpdateTenant[] = "update_tenant";
 inline constexpr char kSelectCurrentRules[] = "select_current_rules";
 inline constexpr char kSelectCurrentRule[] = "select_current_rule";
-inline constexpr char kShareCurrentRule[] = "share_current_rule";
+inline constexpr char kShareRule[] = "share_rule";
+inline constexpr char kLockRule[] = "lock_rule";
 inline constexpr char kInsertRule[] = "insert_rule";
 inline constexpr char kSelectPatient[] = "select_patient";
 inline constexpr char kInsertPatient[] = "insert_patient";
@@ -48,12 +49,14 @@ inline const std::vector<pg::Statement>& Statements() {
       {kSelectCurrentRule,
        "SELECT version FROM residency_rules WHERE territory = $1 ORDER BY version DESC LIMIT 1 "
        "FOR UPDATE"},
-      // A placement's hold on the territory's rule: a put of its next version (which locks this
-      // row FOR UPDATE) commits only after the placement, and a placement that waited for a put
-      // sees the new version when it reads the rules again.
-      {kShareCurrentRule,
-       "SELECT version FROM residency_rules WHERE territory = $1 ORDER BY version DESC LIMIT 1 "
-       "FOR SHARE"},
+      // A territory's rule, held while placements use it (shared) and while a put replaces it
+      // (exclusive), until the transaction ends: a put waits for the placements under the version
+      // it replaces, and a placement waiting for a put reads the new version. Advisory locks,
+      // not row locks: they queue in order, so placements that keep overlapping cannot starve a
+      // waiting put (a row's share lock takes in new sharers past a waiting writer). Key: the
+      // class 7201 (residency rules) and the territory.
+      {kShareRule, "SELECT pg_advisory_xact_lock_shared(7201, hashtext($1))"},
+      {kLockRule, "SELECT pg_advisory_xact_lock(7201, hashtext($1))"},
       // No row returned: a concurrent put stored this version first.
       {kInsertRule,
        "INSERT INTO residency_rules (territory, version, region_ids, readable_from, updated_by) "

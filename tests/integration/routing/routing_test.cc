@@ -116,6 +116,35 @@ class RoutingTest : public ::testing::Test {
     });
   }
 
+  // Whether, within 30 s, `sessions` sessions wait for a residency rule's lock, taken by a
+  // statement starting with "SELECT " + `call`.
+  static bool RuleLockWaits(const std::string& call, int sessions) {
+    return test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
+      return CountIn(clusters_->control(),
+                     absl::StrCat("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                                  "'Lock' AND query LIKE 'SELECT ",
+                                  call, "%'")) == sessions;
+    });
+  }
+
+  // An app identity of a new tenant serving `territory` only (a rule no other test uses).
+  static absl::StatusOr<TestCert> AppOfTenantServing(const std::string& tenant,
+                                                     const std::string& territory) {
+    v1::UpsertTenantRequest request;
+    request.mutable_tenant()->set_tenant_id(tenant);
+    request.mutable_tenant()->set_display_name(tenant);
+    request.mutable_tenant()->add_territories(territory);
+    request.mutable_tenant()->set_active(true);
+    v1::UpsertTenantResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(pki_->ops())->UpsertTenant(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    devpki::LeafOptions options;
+    options.common_name = tenant + " app";
+    options.uri_sans = {pki_->SpiffeId("/tenant/" + tenant + "/app/backend")};
+    return pki_->Issue(tenant + "-app", options);
+  }
+
   static int64_t CountIn(test_support::PgCluster& cluster, const std::string& sql) {
     pqxx::connection c(cluster.ConnectionString());
     pqxx::nontransaction q(c);
@@ -354,30 +383,17 @@ TEST_F(RoutingTest, ConcurrentRulePutsStoreOneVersionEach) {
 }
 
 // A placement racing a rule put: the patient is placed under the rule as it stands when the
-// placement commits. A put in progress (holding the territory's latest version, its next one
-// written) makes the placement wait, and once the put commits the placement follows the new
-// version, not the one it would have read before the put committed.
+// placement commits. A put in progress (its rule held, its next version written) makes the
+// placement wait, and once the put commits the placement follows the new version, not the one it
+// would have read before the put committed.
 TEST_F(RoutingTest, APlacementRacingARulePutFollowsTheRuleItCommitsUnder) {
-  // AT is seeded as [eu-1, fr-1]: a patient would go to eu-1. The put narrows it to fr-1. A
-  // tenant of its own serves AT, whose rule no other test uses.
-  {
-    v1::UpsertTenantRequest request;
-    request.mutable_tenant()->set_tenant_id("racer");
-    request.mutable_tenant()->set_display_name("racer");
-    request.mutable_tenant()->add_territories("AT");
-    request.mutable_tenant()->set_active(true);
-    v1::UpsertTenantResponse response;
-    grpc::ClientContext context;
-    grpc::Status status = Stub(pki_->ops())->UpsertTenant(&context, request, &response);
-    ASSERT_TRUE(status.ok()) << status.error_message();
-  }
-  devpki::LeafOptions app_options;
-  app_options.common_name = "racer app";
-  app_options.uri_sans = {pki_->SpiffeId("/tenant/racer/app/backend")};
-  auto app = pki_->Issue("racer-app", app_options);
+  // AT is seeded as [eu-1, fr-1]: a patient would go to eu-1. The put narrows it to fr-1.
+  absl::StatusOr<TestCert> app = AppOfTenantServing("racer", "AT");
   ASSERT_TRUE(app.ok()) << app.status();
   pqxx::connection first(clusters_->control().ConnectionString());
   pqxx::work held(first);
+  // What a put does first (sql::kLockRule), then its new version.
+  held.exec("SELECT pg_advisory_xact_lock(7201, hashtext('AT'))");
   const int64_t current =
       held.exec1("SELECT version FROM residency_rules WHERE territory = 'AT' ORDER BY version DESC "
                  "LIMIT 1 FOR UPDATE")[0]
@@ -387,11 +403,7 @@ TEST_F(RoutingTest, APlacementRacingARulePutFollowsTheRuleItCommitsUnder) {
                     current + 1);
   absl::StatusOr<v1::PlacePatientResponse> placed;
   std::thread other([&] { placed = Place(*app, "at-race-1", "AT"); });
-  const bool waiting = test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
-    return CountIn(clusters_->control(),
-                   "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                   "AND query LIKE '%FROM residency_rules%FOR SHARE'") == 1;
-  });
+  const bool waiting = RuleLockWaits("pg_advisory_xact_lock_shared", 1);
   held.commit();
   other.join();
   EXPECT_TRUE(waiting) << "the placement never waited for the put in progress";
@@ -403,6 +415,40 @@ TEST_F(RoutingTest, APlacementRacingARulePutFollowsTheRuleItCommitsUnder) {
                                  placed->patient_id(), "' AND region_id = 'fr-1' AND rule_version = ",
                                  current + 1)),
             1);
+}
+
+// Placements that keep overlapping do not starve a put: a placement that comes while a put waits
+// for the placements in progress waits behind the put, and is placed under its version.
+TEST_F(RoutingTest, APutWaitingForPlacementsIsNotOvertakenByNewOnes) {
+  // IT is seeded as [eu-1, fr-1]; the put narrows it to fr-1.
+  absl::StatusOr<TestCert> app = AppOfTenantServing("queuer", "IT");
+  ASSERT_TRUE(app.ok()) << app.status();
+  pqxx::connection first(clusters_->control().ConnectionString());
+  pqxx::work placing(first);
+  placing.exec("SELECT pg_advisory_xact_lock_shared(7201, hashtext('IT'))");  // a placement
+  std::pair<grpc::Status, int64_t> put;
+  std::thread putter([&] {
+    v1::PutResidencyRuleRequest request;
+    request.mutable_rule()->set_territory("IT");
+    request.mutable_rule()->add_region_ids("fr-1");
+    v1::PutResidencyRuleResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(pki_->ops())->PutResidencyRule(&context, request, &response);
+    put = {status, response.rule().version()};
+  });
+  const bool put_waits = RuleLockWaits("pg_advisory_xact_lock(", 1);
+  absl::StatusOr<v1::PlacePatientResponse> placed;
+  std::thread placer([&] { placed = Place(*app, "it-queue-1", "IT"); });
+  const bool placement_waits = RuleLockWaits("pg_advisory_xact_lock_shared", 1);
+  placing.commit();
+  putter.join();
+  placer.join();
+  EXPECT_TRUE(put_waits) << "the put never waited for the placement in progress";
+  EXPECT_TRUE(placement_waits) << "the new placement went past the waiting put";
+  ASSERT_TRUE(put.first.ok()) << put.first.error_message();
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  EXPECT_EQ(placed->residency_rule_version(), put.second);
+  EXPECT_EQ(placed->region_id(), "fr-1");
 }
 
 // Two replicas seeding at once (or a seed racing ops): a seed stores a territory's first version
