@@ -149,6 +149,9 @@ absl::StatusOr<MigrateResult> Apply(pqxx::connection& connection,
       pqxx::nontransaction lock(connection);
       lock.exec0(absl::StrCat("SET lock_timeout = ",
                               std::max<int64_t>(1, absl::ToInt64Milliseconds(lock_timeout))));
+      // Migrations run in UTC, as the services do: what they compute from the time (the first
+      // vitals partitions, calendar months) must not depend on the server's time zone.
+      lock.exec0("SET TIME ZONE 'UTC'");
       try {
         lock.exec_params("SELECT pg_advisory_lock($1)", kMigrationLockKey);
       } catch (const pqxx::sql_error& e) {

@@ -199,7 +199,8 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_sharing record_requests DELETE",
       "audit_append() SECURITY DEFINER search_path=public, pg_temp",
       "audit_append_many() SECURITY DEFINER search_path=public, pg_temp",
-      "medgate_ensure_vitals_partitions() SECURITY DEFINER search_path=public, pg_temp",
+      "medgate_ensure_vitals_partitions() SECURITY DEFINER search_path=public, pg_temp "
+      "TimeZone=UTC",
       "medgate_note_records_added() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_note_records_removed() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_note_records_changed() SECURITY DEFINER search_path=public, pg_temp",

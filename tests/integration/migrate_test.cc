@@ -243,6 +243,26 @@ TEST_F(MigrateTest, AFailingMigrationLeavesNoTrace) {
   EXPECT_EQ(check.exec1("SELECT count(*) FROM schema_migrations")[0].as<int>(), 1);
 }
 
+// Migrations run in UTC whatever the server's (or the connection's) time zone: what they compute
+// from the time, such as the first vitals partitions' months, is in UTC as the services' is.
+TEST_F(MigrateTest, MigrationsRunInUtc) {
+  WriteFile(dir_ / "0001_zone.sql",
+            "CREATE TABLE zone AS SELECT current_setting('TimeZone') AS name, "
+            "date_trunc('month', timestamptz '2027-03-15 12:00:00+00') AS month;");
+  pqxx::connection c = Connect();
+  {
+    pqxx::nontransaction set(c);
+    set.exec0("SET TIME ZONE 'America/Sao_Paulo'");  // a server west of UTC
+  }
+  absl::StatusOr<MigrateResult> result = Apply(c, *LoadMigrations(dir_));
+  ASSERT_TRUE(result.ok()) << result.status();
+  pqxx::nontransaction check(c);
+  pqxx::row zone = check.exec1(
+      "SELECT name, month = timestamptz '2027-03-01 00:00:00+00' FROM zone");
+  EXPECT_EQ(zone[0].as<std::string>(), "UTC");
+  EXPECT_TRUE(zone[1].as<bool>());
+}
+
 TEST_F(MigrateTest, CommandMigratesControlAndEveryShardIdempotently) {
   fs::path config = dir_ / "medgate.yaml";
   std::string yaml = "trust_domain: medgate.test\nca: /nonexistent/ca.crt\n";

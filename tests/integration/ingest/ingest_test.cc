@@ -485,6 +485,70 @@ TEST_F(IngestTest, ComingMonthsHaveTheirVitalsPartitions) {
   }
 }
 
+// Vitals partitions are calendar months in UTC whatever the session's time zone, and a month the
+// keeper makes next to months made in another time zone (a server west of UTC made them before the
+// keeper ran in UTC) starts and ends where they do: no overlap (the keeper failed for good on
+// one), no gap (samples filed in vitals_default).
+TEST_F(IngestTest, VitalsPartitionsAreUtcMonthsContiguousWithMonthsMadeElsewhere) {
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  {
+    pqxx::work w(c);
+    w.exec0("SET LOCAL TIME ZONE 'America/Sao_Paulo'");
+    for (int k = 5; k <= 12; ++k) {
+      w.exec0(absl::StrCat("DROP TABLE IF EXISTS ",
+                           w.exec1(absl::StrCat("SELECT 'vitals_' || to_char(date_trunc('month', "
+                                                "now()) + interval '", k,
+                                                " months', 'YYYY_MM')"))[0]
+                               .c_str()));
+    }
+    for (int k = 5; k <= 6; ++k) {
+      w.exec0(absl::StrCat(
+          "DO $$ DECLARE m timestamptz := date_trunc('month', now()) + interval '", k,
+          " months'; BEGIN EXECUTE format('CREATE TABLE %I PARTITION OF vitals FOR VALUES FROM "
+          "(%L) TO (%L)', 'vitals_' || to_char(m, 'YYYY_MM'), m, m + interval '1 month'); END $$"));
+    }
+    w.commit();
+  }
+  {
+    pqxx::work w(c);
+    w.exec0("SET LOCAL TIME ZONE 'Asia/Tokyo'");  // the keeper's caller's zone does not matter
+    w.exec("SELECT medgate_ensure_vitals_partitions(2, 12)");
+    w.commit();
+  }
+  pqxx::work w(c);
+  w.exec0("SET LOCAL TIME ZONE 'UTC'");
+  const std::string bounds =
+      "SELECT c.relname AS name, "
+      "substring(pg_get_expr(c.relpartbound, c.oid) FROM $r$FROM \\('([^']+)'\\)$r$)::timestamptz AS lo, "
+      "substring(pg_get_expr(c.relpartbound, c.oid) FROM $r$TO \\('([^']+)'\\)$r$)::timestamptz AS hi "
+      "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+      "WHERE i.inhparent = 'vitals'::regclass AND c.relname <> 'vitals_default'";
+  // From the months made elsewhere on, each partition ends where the next one starts. (The test
+  // made only the two months in another zone; before them the months are UTC ones.)
+  const pqxx::result breaks = w.exec(absl::StrCat(
+      "SELECT name, hi, next_lo FROM (SELECT name, hi, lead(lo) OVER (ORDER BY lo) AS next_lo "
+      "FROM (", bounds, ") b WHERE lo > date_trunc('month', now()) + interval '4 months') n "
+      "WHERE next_lo IS NOT NULL AND next_lo <> hi"));
+  EXPECT_EQ(w.exec1(absl::StrCat("SELECT count(*) FROM (", bounds, ") b WHERE lo > "
+                                 "date_trunc('month', now()) + interval '4 months'"))[0]
+                .as<int>(),
+            8);  // months 5 to 12
+  for (const pqxx::row& row : breaks) {
+    ADD_FAILURE() << row[0].c_str() << " ends at " << row[1].c_str() << ", the next starts at "
+                  << row[2].c_str();
+  }
+  // The months made here from scratch are UTC months.
+  for (int k = 8; k <= 12; ++k) {
+    EXPECT_TRUE(w.exec1(absl::StrCat("SELECT lo = date_trunc('month', now()) + interval '", k,
+                                     " months' AND hi = date_trunc('month', now()) + interval '",
+                                     k + 1, " months' FROM (", bounds,
+                                     ") b WHERE name = 'vitals_' || to_char(date_trunc('month', "
+                                     "now()) + interval '", k, " months', 'YYYY_MM')"))[0]
+                    .as<bool>())
+        << k;
+  }
+}
+
 // Making a partition needs an ACCESS EXCLUSIVE lock on vitals, and every write of the region
 // queues behind that request while it waits (here behind a read the test holds open): the keeper
 // gives up after ingest.partition_lock_timeout_ms, so batches are stored meanwhile, rather than
