@@ -216,10 +216,13 @@ absl::StatusOr<bool> BatchBuffer::Load() {
       break;  // a torn last record (with sums: its length is the one written)
     }
     if (checked && ReadU32(header + kHeader + 4) != Sum(payload)) {
-      // A last record whose payload is not what was written, though its length is: the write
-      // was torn after the file grew (a filesystem may show the new blocks zeroed after a power
-      // loss). A torn tail like a short one, not damage: nothing follows it to keep aside.
-      if (file_size >= 0 && loaded_bytes_ + header_size + length == static_cast<uint64_t>(file_size)) {
+      // A last record whose payload is zeros, though its length is right: the write was torn
+      // after the file grew (a filesystem may show the new blocks zeroed after a power loss). A
+      // torn tail like a short one, not damage: nothing follows it to keep aside. Other bytes
+      // there (a record damaged after it was written whole) are damage.
+      if (file_size >= 0 &&
+          loaded_bytes_ + header_size + length == static_cast<uint64_t>(file_size) &&
+          std::all_of(payload.begin(), payload.end(), [](char b) { return b == 0; })) {
         torn_last_record_ = true;
         break;
       }

@@ -20,8 +20,8 @@ namespace medgate::device {
 // rewritten with them when opened. Types: a sealed batch (VitalsBatch), an ack of a batch_seq, and
 // the counters (next sample seq, next batch seq) written when the file is compacted. A torn last
 // record (power loss mid-write: its header or payload runs past the end of the file, or its
-// payload, of the right length, does not match its sum) is ignored on load; any other record whose
-// sums do not match is damage. A write that fails leaves nothing of its
+// payload, of the right length, is zeros) is ignored on load; any other record whose sums do not
+// match is damage. A write that fails leaves nothing of its
 // record behind, so a failure never hides the records appended after it. One process at a time
 // has a file: the buffer holds an flock on "<path>.lock" while it lives.
 class BatchBuffer {

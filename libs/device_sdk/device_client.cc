@@ -2,6 +2,7 @@
 #include "libs/device_sdk/device_client.h"
 
 #include <algorithm>
+#include <chrono>
 #include <limits>
 #include <random>
 #include <set>
@@ -159,10 +160,17 @@ void DeviceClient::Stop() {
 absl::Status DeviceClient::WaitUntilAcked(absl::Duration timeout) {
   std::unique_lock<std::mutex> lock(mu_);
   auto acked = [this] { return buffer_->pending().empty(); };
-  // A deadline, not a duration: an infinite (or very long) timeout overflows a wait_for.
-  const bool done = timeout == absl::InfiniteDuration()
-                        ? (cv_.wait(lock, acked), true)
-                        : cv_.wait_until(lock, absl::ToChronoTime(absl::Now() + timeout), acked);
+  // On the steady clock (a device's wall clock may step at its first time sync), and bounded: an
+  // infinite (or very long) timeout overflowed a wait_for.
+  constexpr absl::Duration kLongest = absl::Hours(24 * 365);
+  const bool done =
+      timeout >= kLongest
+          ? (cv_.wait(lock, acked), true)
+          : cv_.wait_until(lock,
+                           std::chrono::steady_clock::now() +
+                               std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                   absl::ToChronoNanoseconds(std::max(timeout, absl::ZeroDuration()))),
+                           acked);
   if (!done) {
     return absl::DeadlineExceededError(
         absl::StrCat(buffer_->pending().size(), " batches still unacknowledged"));

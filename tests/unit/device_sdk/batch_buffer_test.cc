@@ -489,6 +489,32 @@ TEST_F(BatchBufferTest, ALastRecordOfTheRightLengthButNotWholeIsATornTail) {
   EXPECT_TRUE((*again)->damaged_copy().empty());
 }
 
+// A last record of the right length with other bytes than it was written with, not zeros (damaged
+// after it was written whole): damage, kept aside, not dropped as a torn tail.
+TEST_F(BatchBufferTest, ALastRecordDamagedAfterItWasWrittenIsKeptAside) {
+  uintmax_t whole = 0;
+  {
+    auto buffer = BatchBuffer::Open(path_, 10);
+    ASSERT_TRUE(buffer.ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+    whole = std::filesystem::file_size(path_);
+    ASSERT_TRUE((*buffer)->Seal(Samples(5)).ok());
+  }
+  std::string bytes = Bytes(path_);
+  constexpr size_t kCheckedHeader = 13;
+  bytes[whole + kCheckedHeader + 2] ^= 0x40;
+  {
+    std::ofstream out(path_, std::ios::binary | std::ios::trunc);
+    out << bytes;
+  }
+  auto reopened = BatchBuffer::Open(path_, 10, /*first_seq=*/1000);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  EXPECT_FALSE((*reopened)->damaged_copy().empty());
+  EXPECT_EQ((*reopened)->pending().size(), 1u);
+  EXPECT_EQ((*reopened)->next_seq(), 1000u);
+  std::filesystem::remove((*reopened)->damaged_copy());
+}
+
 // Every record was written as [u32 length][u8 type][payload] before records had sums: such a
 // file still opens, torn last record included, and is rewritten in the current format.
 TEST_F(BatchBufferTest, AFileWrittenBeforeRecordSumsStillOpens) {
