@@ -253,6 +253,22 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- /* The services refuse to start when a device could be given to another patient before the
+ingest instances' cached answer for it expires (libs/routing_client reassign_window): refused here,
+before a rollout that would crash-loop. */ -}}
+{{- $ttl := 30 -}}
+{{- $ingestSettings := default dict $v.ingest.settings -}}
+{{- if hasKey $ingestSettings "device_cache_ttl_seconds" -}}
+{{- $ttl = int (index $ingestSettings "device_cache_ttl_seconds") -}}
+{{- end -}}
+{{- $wait := 35 -}}
+{{- $routingSettings := default dict $v.routing.settings -}}
+{{- if hasKey $routingSettings "device_reassign_wait_seconds" -}}
+{{- $wait = int (index $routingSettings "device_reassign_wait_seconds") -}}
+{{- end -}}
+{{- if le $wait $ttl -}}
+{{- fail (printf "routing.settings.device_reassign_wait_seconds (%d) must exceed ingest.settings.device_cache_ttl_seconds (%d): a device given to another patient sooner could have samples filed under the former one" $wait $ttl) -}}
+{{- end -}}
 {{- $ports := dict -}}
 {{- range $name, $s := $v.services -}}
 {{- if not (has $name (list "routing" "consent" "ingest" "sharing" "audit")) -}}

@@ -654,6 +654,12 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
       {"sharing: {kekSecret: null}\n", "sharing.kekSecret"},
       {"sharing: {settings: {kek_env: KEK}}\n", "sharing.settings.kek_env: set by the chart"},
       {"routing: {settings: {seed_rules: []}}\n", "routing.settings.seed_rules: set by the chart"},
+      {"ingest: {settings: {device_cache_ttl_seconds: 60}}\n",
+       "routing.settings.device_reassign_wait_seconds (35) must exceed "
+       "ingest.settings.device_cache_ttl_seconds (60)"},
+      {"routing: {settings: {device_reassign_wait_seconds: 0}}\n",
+       "routing.settings.device_reassign_wait_seconds (0) must exceed "
+       "ingest.settings.device_cache_ttl_seconds (30)"},
       {"tls: {certManager: {issuerRef: {name: null}}}\n", "tls.certManager.issuerRef.name"},
       {"regions: []\n", "regions: at least one region is required"},
       {"regions: [{id: fr-1, territories: [FR], db: {host: a}}]\n",
