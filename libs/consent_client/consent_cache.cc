@@ -22,6 +22,7 @@
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "libs/common/log.h"
+#include "libs/common/status_macros.h"
 #include "libs/consent_client/consent_decision.h"
 #include "libs/consent_client/consent_store.h"
 #include "libs/pg/conninfo.h"
@@ -470,6 +471,35 @@ class PgConsentCache final : public ConsentCache {
 std::unique_ptr<ConsentCache> NewConsentCache(const std::vector<RegionConfig>& regions,
                                               ConsentCacheOptions options) {
   return std::make_unique<PgConsentCache>(regions, options);
+}
+
+absl::StatusOr<ConsentCacheOptions> ParseConsentCacheOptions(const MedgateConfig& config) {
+  ConsentCacheOptions o;
+  if (!config.root.Has("consent")) return o;
+  ASSIGN_OR_RETURN(ConfigNode consent, config.root.Child("consent"));
+  RETURN_IF_ERROR(consent.OnlyKeys({"cache"}));
+  if (!consent.Has("cache")) return o;
+  ASSIGN_OR_RETURN(ConfigNode cache, consent.Child("cache"));
+  RETURN_IF_ERROR(cache.OnlyKeys(
+      {"max_patients", "max_mib", "max_staleness_ms", "fail_closed_after_ms", "load_timeout_ms"}));
+  ASSIGN_OR_RETURN(int64_t max_patients,
+                   cache.Int("max_patients", 1, 100000000, static_cast<int64_t>(o.max_patients)));
+  ASSIGN_OR_RETURN(int64_t max_mib,
+                   cache.Int("max_mib", 1, 1 << 20, static_cast<int64_t>(o.max_bytes >> 20)));
+  ASSIGN_OR_RETURN(int64_t staleness, cache.Int("max_staleness_ms", 100, 86400000,
+                                                absl::ToInt64Milliseconds(o.max_staleness)));
+  // At most a second, the bound on how long a cache may miss a revocation (DOMAIN.md); at least
+  // 250 ms, so that the feed's heartbeat fits several times into it.
+  ASSIGN_OR_RETURN(int64_t fail_closed, cache.Int("fail_closed_after_ms", 250, 1000,
+                                                  absl::ToInt64Milliseconds(o.fail_closed_after)));
+  ASSIGN_OR_RETURN(int64_t load_timeout, cache.Int("load_timeout_ms", 10, 60000,
+                                                   absl::ToInt64Milliseconds(o.load_timeout)));
+  o.max_patients = static_cast<size_t>(max_patients);
+  o.max_bytes = static_cast<size_t>(max_mib) << 20;
+  o.max_staleness = absl::Milliseconds(staleness);
+  o.fail_closed_after = absl::Milliseconds(fail_closed);
+  o.load_timeout = absl::Milliseconds(load_timeout);
+  return o;
 }
 
 }  // namespace medgate::consent

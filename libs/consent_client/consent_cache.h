@@ -93,6 +93,12 @@ class ConsentCache {
   virtual ConsentCacheStats Stats() const { return {}; }
 };
 
+// The cache's bounds from the configuration's consent section, the same for every service that
+// holds a cache (consent, ingest, sharing); every key optional:
+//   consent:
+//     cache: {max_patients, max_mib, max_staleness_ms, fail_closed_after_ms, load_timeout_ms}
+absl::StatusOr<ConsentCacheOptions> ParseConsentCacheOptions(const MedgateConfig& config);
+
 // One listener connection and one loading pool per region in `regions`.
 std::unique_ptr<ConsentCache> NewConsentCache(const std::vector<RegionConfig>& regions,
                                               ConsentCacheOptions options = {});

@@ -11,31 +11,7 @@ namespace medgate::consent {
 
 absl::StatusOr<ConsentSettings> ParseConsentSettings(const MedgateConfig& config) {
   ConsentSettings settings;
-  if (!config.root.Has("consent")) return settings;
-  ASSIGN_OR_RETURN(ConfigNode consent, config.root.Child("consent"));
-  RETURN_IF_ERROR(consent.OnlyKeys({"cache"}));
-  if (!consent.Has("cache")) return settings;
-  ASSIGN_OR_RETURN(ConfigNode cache, consent.Child("cache"));
-  RETURN_IF_ERROR(cache.OnlyKeys(
-      {"max_patients", "max_mib", "max_staleness_ms", "fail_closed_after_ms", "load_timeout_ms"}));
-  ConsentCacheOptions& o = settings.cache;
-  ASSIGN_OR_RETURN(int64_t max_patients,
-                   cache.Int("max_patients", 1, 100000000, static_cast<int64_t>(o.max_patients)));
-  ASSIGN_OR_RETURN(int64_t max_mib,
-                   cache.Int("max_mib", 1, 1 << 20, static_cast<int64_t>(o.max_bytes >> 20)));
-  ASSIGN_OR_RETURN(int64_t staleness, cache.Int("max_staleness_ms", 100, 86400000,
-                                                absl::ToInt64Milliseconds(o.max_staleness)));
-  // At most a second, the bound on how long a cache may miss a revocation (DOMAIN.md); at least
-  // 250 ms, so that the feed's heartbeat fits several times into it.
-  ASSIGN_OR_RETURN(int64_t fail_closed, cache.Int("fail_closed_after_ms", 250, 1000,
-                                                  absl::ToInt64Milliseconds(o.fail_closed_after)));
-  ASSIGN_OR_RETURN(int64_t load_timeout, cache.Int("load_timeout_ms", 10, 60000,
-                                                   absl::ToInt64Milliseconds(o.load_timeout)));
-  o.max_patients = static_cast<size_t>(max_patients);
-  o.max_bytes = static_cast<size_t>(max_mib) << 20;
-  o.max_staleness = absl::Milliseconds(staleness);
-  o.fail_closed_after = absl::Milliseconds(fail_closed);
-  o.load_timeout = absl::Milliseconds(load_timeout);
+  ASSIGN_OR_RETURN(settings.cache, ParseConsentCacheOptions(config));
   return settings;
 }
 

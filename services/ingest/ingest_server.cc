@@ -96,7 +96,10 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   routing_options.refresh_ahead = true;
   server->routing_ = NewRoutingClient(channel, routing_options);
   server->tenant_gate_ = NewRoutingTenantGate(std::move(channel));
-  server->consent_ = consent::NewConsentCache(config.regions);
+  // Bounded as the consent service's own cache is (consent.cache.*).
+  ASSIGN_OR_RETURN(consent::ConsentCacheOptions consent_options,
+                   consent::ParseConsentCacheOptions(config));
+  server->consent_ = consent::NewConsentCache(config.regions, consent_options);
   std::map<std::string, std::vector<VitalsWriter*>> writers;
   for (const std::string& region : server->shards_->RegionIds()) {
     for (int lane = 0; lane < server->settings_.writers_per_region; ++lane) {

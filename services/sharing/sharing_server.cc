@@ -55,6 +55,7 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
                    node.Int("download_min_bytes_per_second", 1, int64_t{1} << 30, 16 * 1024));
   ASSIGN_OR_RETURN(int64_t sweep, node.Int("retention_sweep_seconds", 1, 86400, 60));
   settings.retention_sweep_interval = absl::Seconds(sweep);
+  ASSIGN_OR_RETURN(settings.consent_cache, consent::ParseConsentCacheOptions(config));
   return settings;
 }
 
@@ -134,7 +135,7 @@ SharingServer::SharingServer(MedgateConfig config, SharingSettings settings,
   tenant_gate_ = NewRoutingTenantGate(routing_channel);
   directory_ = std::make_unique<RoutingDirectory>(NewRoutingClient(routing_channel),
                                                   routing_channel, *control_, directory_options);
-  consent_ = consent::NewConsentCache(config_.regions);
+  consent_ = consent::NewConsentCache(config_.regions, settings_.consent_cache);
   SharingOptions core_options;
   core_options.default_tenant_quota_bytes = settings_.tenant_quota_bytes;
   core_options.tenant_quota_bytes = settings_.tenant_quotas;

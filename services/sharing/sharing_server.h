@@ -57,6 +57,8 @@ struct SharingSettings {
   int max_uploads_per_tenant = 4;
   int max_downloads_per_tenant = 8;
   absl::Duration retention_sweep_interval = absl::Seconds(60);
+  // The consent cache's bounds, as the consent service's own (consent.cache.*).
+  consent::ConsentCacheOptions consent_cache;
 };
 
 // How long a key the vault holds may go unnamed by any shard before the sweep deletes it: 1 h,

@@ -549,6 +549,27 @@ TEST_F(IngestTest, VitalsPartitionsAreUtcMonthsContiguousWithMonthsMadeElsewhere
   }
 }
 
+// The consent cache of ingest is bounded by the consent.cache keys, as the consent service's is
+// (it was built with the defaults whatever the configuration said).
+TEST_F(IngestTest, TheConsentCacheHasTheConfiguredBounds) {
+  const std::string first = MonitoredPatientWithDevice("cache-bound-1", "FR", "dev-cache-bound-1");
+  const std::string second = MonitoredPatientWithDevice("cache-bound-2", "FR", "dev-cache-bound-2");
+  auto extra = StartIngest("consent: {cache: {max_patients: 1}}\n");
+  ASSERT_NE(extra, nullptr);
+  for (const char* device : {"dev-cache-bound-1", "dev-cache-bound-2"}) {
+    auto stub = Ingest(Device("acme", device), extra->server->port());
+    DeviceStream stream(*stub);
+    std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 3));
+    ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+    EXPECT_EQ(ack->stored_count(), 3u) << ack->retryable_error().message();
+    EXPECT_TRUE(stream.Finish().ok());
+  }
+  const consent::ConsentCacheStats stats = extra->server->consent().Stats();
+  EXPECT_GE(stats.loads, 2u);
+  EXPECT_LE(stats.entries, 1u);
+  extra->server->Shutdown();
+}
+
 // Making a partition needs an ACCESS EXCLUSIVE lock on vitals, and every write of the region
 // queues behind that request while it waits (here behind a read the test holds open): the keeper
 // gives up after ingest.partition_lock_timeout_ms, so batches are stored meanwhile, rather than

@@ -33,8 +33,13 @@ TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
       "  download_min_bytes_per_second: 4096\n"
       "  max_uploads_per_tenant: 3\n"
       "  max_downloads_per_tenant: 5\n"
-      "  retention_sweep_seconds: 120\n");
+      "  retention_sweep_seconds: 120\n"
+      "consent:\n"
+      "  cache: {max_patients: 7, max_mib: 3}\n");
   ASSERT_TRUE(s.ok()) << s.status();
+  // The consent cache's bounds are the consent service's keys.
+  EXPECT_EQ(s->consent_cache.max_patients, 7u);
+  EXPECT_EQ(s->consent_cache.max_bytes, size_t{3} << 20);
   EXPECT_EQ(s->kek_file, "/etc/medgate/kek");
   EXPECT_EQ(s->kek_env, "");
   EXPECT_EQ(s->tenant_quota_bytes, 1000000);
