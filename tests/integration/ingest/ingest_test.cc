@@ -1472,6 +1472,17 @@ class IngestReadBoundsTest : public IngestTest {
     s->reader = s->stub->ReadVitals(&s->context, PageOf(patient));
     return s;
   }
+  // Within 30 s, a read of a whole page (10,000 readings) succeeds: the tenant's place is free.
+  static void ExpectAWholePageWithin30s(const std::string& patient, int port) {
+    absl::StatusOr<size_t> read;
+    EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+      read = ReadPage(patient, port);
+      return read.ok();
+    })) << read.status();
+    if (read.ok()) {
+      EXPECT_EQ(*read, 10000u);
+    }
+  }
   // A whole page read by a client that keeps reading: the readings, or the call's status.
   static absl::StatusOr<size_t> ReadPage(const std::string& patient, int port) {
     grpc::ClientContext context;
@@ -1514,14 +1525,7 @@ TEST_F(IngestReadBoundsTest, ATenantsReadsInProgressAreBounded) {
   stalled.back()->context.TryCancel();
   stalled.back()->reader->Finish();
   stalled.pop_back();
-  absl::StatusOr<size_t> read;
-  EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
-    read = ReadPage(patient, port);
-    return read.ok();
-  })) << read.status();
-  if (read.ok()) {
-    EXPECT_EQ(*read, 10000u);
-  }
+  ExpectAWholePageWithin30s(patient, port);
   std::move(cancel_all).Invoke();
   extra->server->Shutdown();
 }
@@ -1538,14 +1542,7 @@ TEST_F(IngestReadBoundsTest, AReadWhoseClientStopsTakingReadingsEndsAndGivesBack
   ASSERT_TRUE(stalled->reader->Read(&message)) << stalled->reader->Finish().error_message();
   size_t received = message.readings_size();
   // The tenant's one place is taken until the stalled read ends; then a read works.
-  absl::StatusOr<size_t> read;
-  EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
-    read = ReadPage(patient, port);
-    return read.ok();
-  })) << read.status();
-  if (read.ok()) {
-    EXPECT_EQ(*read, 10000u);
-  }
+  ExpectAWholePageWithin30s(patient, port);
   // The stalled client reads what reached it before the end, then learns why it ended.
   while (stalled->reader->Read(&message)) received += message.readings_size();
   grpc::Status ended = stalled->reader->Finish();
