@@ -39,11 +39,12 @@ std::string SqlStateOf(const pqxx::sql_error& e) {
 absl::Status StatusFromSqlState(absl::string_view sqlstate, absl::string_view message) {
   std::string text = absl::StrCat("database error ", sqlstate, ": ", FirstLine(message));
   if (sqlstate == "23505") return absl::AlreadyExistsError(text);
-  // Class 40, transaction rollback (serialization failure, deadlock, the rest), and a lock not
-  // taken in time: the transaction can be retried as a whole. 40003, a statement whose completion
-  // is unknown, cannot be: whether it took effect has to be read back.
-  if (sqlstate == "40003") return absl::UnavailableError(text);
-  if (absl::StartsWith(sqlstate, "40") || sqlstate == "55P03") return absl::AbortedError(text);
+  // Class 40, transaction rollback (serialization failure, deadlock, the rest): the transaction
+  // can be retried as a whole. 40003, a statement whose completion is unknown, cannot be: whether
+  // it took effect has to be read back. 55P03, a lock not taken within lock_timeout (or NOWAIT):
+  // the caller chose not to wait; retried at once, the transaction would wait again, each time.
+  if (sqlstate == "40003" || sqlstate == "55P03") return absl::UnavailableError(text);
+  if (absl::StartsWith(sqlstate, "40")) return absl::AbortedError(text);
   if (sqlstate == "57014") return absl::DeadlineExceededError(text);
   if (sqlstate == "P0001") return absl::FailedPreconditionError(text);
   if (sqlstate == "23503") return absl::FailedPreconditionError(text);

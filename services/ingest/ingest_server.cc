@@ -154,26 +154,23 @@ absl::Duration IngestServer::MakePartitions() {
     absl::Status made = [&]() -> absl::Status {
       ASSIGN_OR_RETURN(pg::Pool * pool, shards_->Get(region));
       const int64_t lock_timeout_ms = absl::ToInt64Milliseconds(settings_.partition_lock_timeout);
-      return pool->Transact([&](pqxx::work& txn) -> absl::Status {
+      return pool->Transact([&](pqxx::work& txn) {
         // Making a partition takes an ACCESS EXCLUSIVE lock on vitals: while it waits for one
         // (behind a long read), every write and read of the region queues behind it. It gives up
-        // after ingest.partition_lock_timeout_ms instead, without the pool's retries, and the next
-        // pass (within a minute) tries again; the month it makes is a year ahead.
+        // after ingest.partition_lock_timeout_ms instead (UNAVAILABLE, which the pool does not
+        // retry), and the next pass (within a minute) tries again; the month it makes is a year
+        // ahead.
         txn.exec0(absl::StrCat("SET LOCAL lock_timeout = ", lock_timeout_ms));
-        try {
-          txn.exec_prepared(sql::kEnsurePartitions);
-        } catch (const pqxx::sql_error& e) {
-          if (e.sqlstate() != "55P03") throw;
-          return absl::UnavailableError(absl::StrCat(
-              "vitals was busy for ", lock_timeout_ms,
-              " ms (ingest.partition_lock_timeout_ms); the next pass tries again"));
-        }
+        txn.exec_prepared(sql::kEnsurePartitions);
         return absl::OkStatus();
       });
     }();
     if (!made.ok()) {
       all = false;
-      log::Warning("vitals_partitions_not_made", {{"region", region}, {"error", made.message()}});
+      log::Warning("vitals_partitions_not_made",
+                   {{"region", region},
+                    {"error", made.message()},
+                    {"lock_timeout_ms", absl::ToInt64Milliseconds(settings_.partition_lock_timeout)}});
     }
   }
   if (all) partition_passes_.fetch_add(1);
