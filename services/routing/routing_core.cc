@@ -301,9 +301,8 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
     return absl::InvalidArgumentError("expected_version: must not be negative");
   }
   return InTransaction<RuleInfo>(control_, [&](pqxx::work& txn) -> absl::StatusOr<RuleInfo> {
-    // Waits for the placements under the current version, and holds new ones off until this
-    // commits. Writers of one territory also serialize on its latest version row (or, for a first
-    // version, on the primary key of the insert).
+    // Waits for the placements under the current version and for any other put of the territory,
+    // and holds new ones off until this commits: the version read below is the latest.
     txn.exec_prepared(sql::kLockRule, rule.territory);
     pqxx::result current = txn.exec_prepared(sql::kSelectCurrentRule, rule.territory);
     int64_t current_version = current.empty() ? 0 : current[0][0].as<int64_t>();

@@ -47,8 +47,7 @@ inline const std::vector<pg::Statement>& Statements() {
        "extract(epoch from updated_at)::float8, updated_by FROM residency_rules "
        "ORDER BY territory, version DESC"},
       {kSelectCurrentRule,
-       "SELECT version FROM residency_rules WHERE territory = $1 ORDER BY version DESC LIMIT 1 "
-       "FOR UPDATE"},
+       "SELECT version FROM residency_rules WHERE territory = $1 ORDER BY version DESC LIMIT 1"},
       // A territory's rule, held while placements use it (shared) and while a put replaces it
       // (exclusive), until the transaction ends: a put waits for the placements under the version
       // it replaces, and a placement waiting for a put reads the new version. Advisory locks,
