@@ -447,6 +447,7 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
       executor_(executor),
       max_streams_per_device_(max_streams_per_device),
       reads_(reads),
+      read_rate_(reads.per_second, reads.burst),
       read_watch_(reads.idle_timeout,
                   absl::StrCat("the reader took nothing for ", absl::FormatDuration(reads.idle_timeout),
                                " (ingest.read_idle_timeout_seconds); read the page again")),
@@ -491,6 +492,18 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
         absl::StrCat("this tenant already has ", reads_.max_per_tenant,
                      " ReadVitals calls in progress, the most ingest.max_reads_per_tenant allows; "
                      "retry once one has ended"));
+  }
+  // Charged before anything is read: a refused or invalid read costs a place too.
+  const absl::Duration rate_wait = read_rate_.TryTake(principal->tenant, 1, absl::Now());
+  if (rate_wait > absl::ZeroDuration()) {
+    return grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("this tenant has started ReadVitals calls faster than ", reads_.per_second,
+                     " per second (burst ", reads_.burst,
+                     "), the most ingest.reads_per_tenant_per_second and ingest.read_burst allow "
+                     "on this instance; retry in ",
+                     absl::ToInt64Milliseconds(absl::Ceil(rate_wait, absl::Milliseconds(1))),
+                     " ms"));
   }
   consent::Purpose purpose;
   switch (request->purpose()) {

@@ -1552,6 +1552,50 @@ TEST_F(IngestReadBoundsTest, AReadWhoseClientStopsTakingReadingsEndsAndGivesBack
   extra->server->Shutdown();
 }
 
+// A tenant starts reads at most at ingest.reads_per_tenant_per_second, after a burst of
+// ingest.read_burst: past it a read is refused RESOURCE_EXHAUSTED, saying which keys and when to
+// retry, and another tenant's reads are not charged for it.
+TEST_F(IngestReadBoundsTest, ATenantStartsReadsAtMostAtItsRate) {
+  const std::string patient = PatientWithReadings("read-rate", 3);
+  auto extra = StartIngest("ingest: {reads_per_tenant_per_second: 1, read_burst: 3}\n");
+  ASSERT_NE(extra, nullptr);
+  const int port = extra->server->port();
+  // Reads one after the other: the burst goes through, then one is refused (well before 50 at
+  // one token a second, unless each read took over half a second).
+  int read_before_refusal = 0;
+  absl::Status refused;
+  for (int i = 0; i < 50 && refused.ok(); ++i) {
+    absl::StatusOr<size_t> read = ReadPage(patient, port);
+    if (read.ok()) {
+      EXPECT_EQ(*read, 3u);
+      ++read_before_refusal;
+    } else {
+      refused = read.status();
+    }
+  }
+  ASSERT_FALSE(refused.ok()) << "50 reads in a row, none refused";
+  EXPECT_GE(read_before_refusal, 3);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("ingest.reads_per_tenant_per_second"));
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("retry in"));
+
+  // Another tenant's read is not refused for acme's rate: it goes on to find no such patient.
+  grpc::ClientContext context;
+  auto other = Ingest(pki().globex_practitioner(), port)->ReadVitals(&context, PageOf(patient));
+  v1::ReadVitalsResponse response;
+  while (other->Read(&response)) {
+  }
+  EXPECT_EQ(other->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+
+  // Tokens come back with time: acme reads again.
+  absl::StatusOr<size_t> again;
+  EXPECT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    again = ReadPage(patient, port);
+    return again.ok();
+  })) << again.status();
+  extra->server->Shutdown();
+}
+
 // Time bounds a Timestamp cannot hold are the caller's error, named; a refused read whose audit
 // entry cannot be written fails (UNAVAILABLE) instead of being answered as an audited refusal.
 TEST_F(IngestTest, ReadVitalsRefusesBadBoundsAndFailsWhenItsRefusalCannotBeAudited) {
