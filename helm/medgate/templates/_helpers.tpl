@@ -313,10 +313,25 @@ before a rollout that would crash-loop. */ -}}
 
 {{/* medgate.yaml: the cluster configuration file (libs/common/config.h). */}}
 {{- define "medgate.config" -}}
-{{- $root := . -}}
-{{- $v := .Values -}}
-{{- $ns := .Release.Namespace -}}
-# The cluster configuration of medgate in {{ $v.country }} (release {{ .Release.Name }}).
+{{- include "medgate.configText" (dict "root" . "ingestReplicas" true) -}}
+{{- end -}}
+
+{{/*
+What the pods of one service read of medgate.yaml, for the checksum that rolls them when it
+changes: ingest.instances (ingest's replica count) is ingest's alone, so scaling ingest does not
+roll the other services.
+*/}}
+{{- define "medgate.configChecksum" -}}
+{{- include "medgate.configText" (dict "root" .root "ingestReplicas" (eq .service "ingest")) | sha256sum -}}
+{{- end -}}
+
+{{/* The configuration's text; without ingest.instances unless "ingestReplicas". */}}
+{{- define "medgate.configText" -}}
+{{- $root := .root -}}
+{{- $withReplicas := .ingestReplicas -}}
+{{- $v := $root.Values -}}
+{{- $ns := $root.Release.Namespace -}}
+# The cluster configuration of medgate in {{ $v.country }} (release {{ $root.Release.Name }}).
 trust_domain: {{ $v.trustDomain | quote }}
 ca: /etc/medgate/ca/ca.crt
 limits:
@@ -368,9 +383,11 @@ consent:
 {{- fail "ingest.settings.instances: set by the chart from services.ingest.replicas (the tenant quota is shared by the replicas); remove it" }}
 {{- end }}
 ingest:
-  # The tenant quota (tenant_samples_per_second, tenant_burst) is the deployment's: each replica
-  # enforces its share.
+  {{- if $withReplicas }}
+  # The tenant quota (tenant_samples_per_second, tenant_burst) and the read rate are the
+  # deployment's: each replica enforces its share.
   instances: {{ int64 $v.services.ingest.replicas }}
+  {{- end }}
   {{- with $v.ingest.settings }}
   {{- toYaml . | nindent 2 }}
   {{- end }}

@@ -595,6 +595,36 @@ TEST_F(HelmChartTest, OnlyServicesWithSeveralReplicasHaveADisruptionBudget) {
             "25%");
 }
 
+// A changed configuration rolls the pods that read it: scaling ingest changes ingest.instances,
+// which only ingest reads, so the other services keep their pods; any other change rolls them all.
+TEST_F(HelmChartTest, ScalingIngestRollsOnlyIngestWhileOtherChangesRollEveryService) {
+  auto checksums = [](const Render& render) {
+    std::map<std::string, std::string> sums;
+    for (const std::string& name : kDeployments) {
+      sums[name] = Named(render, "Deployment", "medgate-" + name)["spec"]["template"]["metadata"]
+                       ["annotations"]["checksum/config"]
+                           .as<std::string>("");
+      EXPECT_EQ(sums[name].size(), 64u) << name << ": " << sums[name];
+    }
+    return sums;
+  };
+  const std::map<std::string, std::string> before = checksums(*france_);
+  const Render scaled = RenderChart("services: {ingest: {replicas: 7}}\n");
+  ASSERT_EQ(scaled.exit_code, 0) << scaled.error;
+  EXPECT_THAT(ConfigText(scaled), HasSubstr("instances: 7"));
+  const std::map<std::string, std::string> after_scaling = checksums(scaled);
+  EXPECT_NE(after_scaling.at("ingest"), before.at("ingest"));
+  for (const char* name : {"routing", "consent", "sharing"}) {
+    EXPECT_EQ(after_scaling.at(name), before.at(name)) << name;
+  }
+  const Render changed = RenderChart("consent: {settings: {cache: {max_patients: 1234}}}\n");
+  ASSERT_EQ(changed.exit_code, 0) << changed.error;
+  const std::map<std::string, std::string> after_change = checksums(changed);
+  for (const std::string& name : kDeployments) {
+    EXPECT_NE(after_change.at(name), before.at(name)) << name;
+  }
+}
+
 TEST_F(HelmChartTest, WithoutCertManagerThePodsUseTheServicesOwnSecrets) {
   const Render render = RenderChart("tls: {certManager: {enabled: false}}\n", "health");
   ASSERT_EQ(render.exit_code, 0) << render.error;
