@@ -101,9 +101,10 @@ const std::vector<Command>& Commands() {
        "  upsert-tenant   --tenant ID --name NAME --territories FR,DE [--regions fr-1,...] "
        "[--inactive]\n"},
       {"get-tenant", "routing", {"tenant"}, {}, "  get-tenant      --tenant ID\n"},
-      {"put-rule", "routing", {"territory", "regions", "readable-from", "expected-version"}, {},
+      {"put-rule", "routing", {"territory", "regions", "readable-from", "expected-version"},
+       {"keep-placed-patients"},
        "  put-rule        --territory BE --regions eu-1,fr-1 [--readable-from BE,FR] "
-       "[--expected-version N]\n"},
+       "[--expected-version N] [--keep-placed-patients]\n"},
       {"list-rules", "routing", {"territories"}, {}, "  list-rules      [--territories FR,BE]\n"},
       {"list-regions", "routing", {}, {}, "  list-regions\n"},
       {"place-patient", "routing", {"ref", "territory", "request-id"}, {"allow-move"},

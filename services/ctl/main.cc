@@ -312,6 +312,7 @@ int Run(int argc, char** argv) {
       return 1;
     }
     r.set_expected_version(static_cast<int64_t>(expected));
+    r.set_keep_placed_patients(flags.contains("keep-placed-patients"));
     return Call(&S::PutResidencyRule, *stub, r);
   }
   if (command == "list-rules") {

@@ -273,7 +273,8 @@ absl::StatusOr<TenantInfo> RoutingCore::GetTenant(const CallContext&, const std:
 
 absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, const RuleInfo& rule,
                                                        int64_t expected_version,
-                                                       bool only_if_absent) {
+                                                       bool only_if_absent,
+                                                       bool keep_placed_patients) {
   if (rule.region_ids.size() > kMaxRuleRegions) {
     return absl::InvalidArgumentError(absl::StrCat("rule.region_ids: at most ", kMaxRuleRegions));
   }
@@ -315,9 +316,30 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
                                              current_version, ", not ", expected_version,
                                              "; re-read and retry"));
     }
+    // Patients placed under earlier versions in regions this rule drops stay there: medgate does
+    // not move a patient's data. Counted under the lock, so no placement under the version being
+    // replaced is still to commit.
+    std::vector<RegionPatients> placed_outside;
+    for (const pqxx::row& row : txn.exec_prepared(sql::kCountPlacedOutside, rule.territory,
+                                                  pg::TextArrayLiteral(rule.region_ids))) {
+      placed_outside.push_back({row[0].c_str(), row[1].as<int64_t>()});
+    }
+    if (!placed_outside.empty() && !keep_placed_patients) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "rule for ", rule.territory, " would no longer allow ",
+          absl::StrJoin(placed_outside, ", ",
+                        [](std::string* out, const RegionPatients& r) {
+                          absl::StrAppend(out, "region '", r.region_id, "', where ", r.patients,
+                                          r.patients == 1 ? " patient" : " patients", " of ",
+                                          "the territory live");
+                        }),
+          "; medgate does not move their data, so they would stay there. Keep the region in the "
+          "rule, or put it again with keep_placed_patients to leave them where they are"));
+    }
     RuleInfo stored = rule;
     stored.version = current_version + 1;
     stored.updated_by = ctx.principal.spiffe_id;
+    stored.placed_outside = placed_outside;
     pqxx::result inserted = txn.exec_prepared(sql::kInsertRule, rule.territory, stored.version,
                                               pg::TextArrayLiteral(rule.region_ids),
                                               pg::TextArrayLiteral(rule.readable_from),
@@ -329,10 +351,19 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
                                              "re-read and retry"));
     }
     stored.updated_at = FromEpochSeconds(inserted[0][0]);
+    std::string reason = absl::StrCat("regions=", absl::StrJoin(rule.region_ids, ","));
+    if (!placed_outside.empty()) {
+      // The chain says who left which patients outside the rule, and how many.
+      absl::StrAppend(&reason, " placed_outside=",
+                      absl::StrJoin(placed_outside, ",",
+                                    [](std::string* out, const RegionPatients& r) {
+                                      absl::StrAppend(out, r.region_id, ":", r.patients);
+                                    }));
+    }
     RETURN_IF_ERROR(audit::Append(
         txn, AuditEntryFor(ctx, stored.version == 1 ? audit::Action::kCreate : audit::Action::kUpdate,
                       "residency_rule", absl::StrCat(rule.territory, "@v", stored.version), "",
-                      "", absl::StrCat("regions=", absl::StrJoin(rule.region_ids, ","))))
+                      "", reason))
                         .status());
     return stored;
   });

@@ -32,6 +32,12 @@ struct TenantInfo {
   absl::Time updated_at;
 };
 
+// How many patients of a territory live in one region.
+struct RegionPatients {
+  std::string region_id;
+  int64_t patients = 0;
+};
+
 struct RuleInfo {
   std::string territory;
   std::vector<std::string> region_ids;
@@ -39,6 +45,9 @@ struct RuleInfo {
   int64_t version = 0;
   absl::Time updated_at;
   std::string updated_by;
+  // A put's only, with keep_placed_patients: where patients of the territory live that the rule
+  // no longer allows.
+  std::vector<RegionPatients> placed_outside;
 };
 
 struct RegionInfo {
@@ -97,9 +106,12 @@ class RoutingCore {
   absl::StatusOr<TenantInfo> GetTenant(const CallContext& ctx, const std::string& tenant_id);
 
   // `only_if_absent`: stores nothing, ALREADY_EXISTS, when the territory has a rule by the time
-  // the put holds its lock (a seed never replaces what ops stored meanwhile).
+  // the put holds its lock (a seed never replaces what ops stored meanwhile). A rule that does not
+  // allow a region where patients of the territory live is FAILED_PRECONDITION unless
+  // `keep_placed_patients` (they stay there; the result counts them in placed_outside).
   absl::StatusOr<RuleInfo> PutResidencyRule(const CallContext& ctx, const RuleInfo& rule,
-                                            int64_t expected_version, bool only_if_absent = false);
+                                            int64_t expected_version, bool only_if_absent = false,
+                                            bool keep_placed_patients = false);
   absl::StatusOr<std::vector<RuleInfo>> ListResidencyRules(
       absl::Span<const std::string> territories);
   // Adds a version-1 rule for each seed territory that has none yet (dev and first deployment);

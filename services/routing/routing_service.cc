@@ -124,9 +124,16 @@ grpc::Status RoutingService::PutResidencyRule(grpc::ServerContext* context,
   rule.region_ids.assign(request->rule().region_ids().begin(), request->rule().region_ids().end());
   rule.readable_from.assign(request->rule().readable_from_territories().begin(),
                             request->rule().readable_from_territories().end());
-  absl::StatusOr<RuleInfo> stored = core_.PutResidencyRule(*ctx, rule, request->expected_version());
+  absl::StatusOr<RuleInfo> stored =
+      core_.PutResidencyRule(*ctx, rule, request->expected_version(), /*only_if_absent=*/false,
+                             request->keep_placed_patients());
   if (!stored.ok()) return ToGrpcStatus(stored.status());
   ToProto(*stored, response->mutable_rule());
+  for (const RegionPatients& r : stored->placed_outside) {
+    v1::RegionPatients* out = response->add_placed_outside_rule();
+    out->set_region_id(r.region_id);
+    out->set_patients(r.patients);
+  }
   return grpc::Status::OK;
 }
 

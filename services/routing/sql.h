@@ -16,6 +16,7 @@ inline constexpr char kSelectCurrentRule[] = "select_current_rule";
 inline constexpr char kShareRule[] = "share_rule";
 inline constexpr char kLockRule[] = "lock_rule";
 inline constexpr char kInsertRule[] = "insert_rule";
+inline constexpr char kCountPlacedOutside[] = "count_placed_outside";
 inline constexpr char kSelectPatient[] = "select_patient";
 inline constexpr char kInsertPatient[] = "insert_patient";
 inline constexpr char kResolvePatients[] = "resolve_patients";
@@ -61,6 +62,11 @@ inline const std::vector<pg::Statement>& Statements() {
        "INSERT INTO residency_rules (territory, version, region_ids, readable_from, updated_by) "
        "VALUES ($1, $2, $3::text[], $4::text[], $5) ON CONFLICT (territory, version) DO NOTHING "
        "RETURNING extract(epoch from updated_at)::float8"},
+      // Where patients of a territory live outside the regions a rule allows, by region (index
+      // patients_territory_region: control migration 0012).
+      {kCountPlacedOutside,
+       "SELECT region_id, count(*) FROM patients WHERE territory = $1 "
+       "AND region_id <> ALL($2::text[]) GROUP BY region_id ORDER BY region_id"},
       {kSelectPatient,
        "SELECT patient_id, tenant_id, territory, region_id, rule_version FROM patients "
        "WHERE patient_id = $1 AND tenant_id = $2"},

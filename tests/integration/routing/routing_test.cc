@@ -451,6 +451,68 @@ TEST_F(RoutingTest, APutWaitingForPlacementsIsNotOvertakenByNewOnes) {
   EXPECT_EQ(placed->region_id(), "fr-1");
 }
 
+// A rule that no longer allows a region where patients of its territory live cannot take them
+// out of it (medgate does not move data): the put is refused, naming the region and how many live
+// there, unless ops keep them there knowingly; then the response and the audit entry count them.
+TEST_F(RoutingTest, ARuleThatDropsARegionWherePatientsLiveIsRefusedUnlessTheyAreKeptThere) {
+  // ES is seeded as [eu-1, fr-1]: its patients go to eu-1.
+  absl::StatusOr<TestCert> app = AppOfTenantServing("strander", "ES");
+  ASSERT_TRUE(app.ok()) << app.status();
+  for (const char* ref : {"es-kept-1", "es-kept-2"}) {
+    absl::StatusOr<v1::PlacePatientResponse> placed = Place(*app, ref, "ES");
+    ASSERT_TRUE(placed.ok()) << placed.status();
+    ASSERT_EQ(placed->region_id(), "eu-1");
+  }
+  auto put = [&](std::vector<std::string> regions, bool keep, v1::PutResidencyRuleResponse* response) {
+    v1::PutResidencyRuleRequest request;
+    request.mutable_rule()->set_territory("ES");
+    for (const std::string& r : regions) request.mutable_rule()->add_region_ids(r);
+    request.set_keep_placed_patients(keep);
+    grpc::ClientContext context;
+    return Stub(pki_->ops())->PutResidencyRule(&context, request, response);
+  };
+  auto version = [&] {
+    return CountIn(clusters_->control(),
+                   "SELECT max(version) FROM residency_rules WHERE territory = 'ES'");
+  };
+  const int64_t before = version();
+
+  v1::PutResidencyRuleResponse refused_response;
+  grpc::Status refused = put({"fr-1"}, false, &refused_response);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), HasSubstr("region 'eu-1', where 2 patients"));
+  EXPECT_THAT(refused.error_message(), HasSubstr("keep_placed_patients"));
+  EXPECT_EQ(version(), before);
+  EXPECT_EQ(Place(*app, "es-new-1", "ES")->region_id(), "eu-1");  // the rule is as it was
+
+  // A put that keeps the region needs no acknowledgement and counts nothing.
+  v1::PutResidencyRuleResponse reordered;
+  grpc::Status kept_region = put({"fr-1", "eu-1"}, false, &reordered);
+  ASSERT_TRUE(kept_region.ok()) << kept_region.error_message();
+  EXPECT_EQ(reordered.placed_outside_rule_size(), 0);
+
+  v1::PutResidencyRuleResponse narrowed;
+  grpc::Status kept = put({"fr-1"}, true, &narrowed);
+  ASSERT_TRUE(kept.ok()) << kept.error_message();
+  EXPECT_EQ(narrowed.rule().version(), before + 2);
+  ASSERT_EQ(narrowed.placed_outside_rule_size(), 1);
+  EXPECT_EQ(narrowed.placed_outside_rule(0).region_id(), "eu-1");
+  EXPECT_EQ(narrowed.placed_outside_rule(0).patients(), 3);
+  EXPECT_EQ(CountIn(clusters_->control(),
+                    absl::StrCat("SELECT count(*) FROM audit_log WHERE object_type = "
+                                 "'residency_rule' AND object_id = 'ES@v",
+                                 before + 2, "' AND reason = 'regions=fr-1 placed_outside=eu-1:3'")),
+            1);
+  // The patients stay where they live; new ones follow the rule.
+  EXPECT_EQ(Place(*app, "es-kept-1", "ES")->region_id(), "eu-1");
+  EXPECT_EQ(Place(*app, "es-new-2", "ES")->region_id(), "fr-1");
+  // The territory's patients in fr-1 do not count: the rule allows it.
+  v1::PutResidencyRuleResponse again;
+  ASSERT_TRUE(put({"fr-1"}, true, &again).ok());
+  ASSERT_EQ(again.placed_outside_rule_size(), 1);
+  EXPECT_EQ(again.placed_outside_rule(0).patients(), 3);
+}
+
 // Two replicas seeding at once (or a seed racing ops): a seed stores a territory's first version
 // only, never a second one over a rule stored after it looked.
 TEST_F(RoutingTest, ASeedRacingAnotherPutStoresNothingOverIt) {
