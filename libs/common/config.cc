@@ -218,7 +218,8 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
     ASSIGN_OR_RETURN(ConfigNode limits, root.Child("limits"));
     RETURN_IF_ERROR(limits.OnlyKeys({"max_message_bytes", "max_concurrent_streams", "max_threads",
                                      "max_connection_age_seconds",
-                                     "max_connection_age_grace_seconds", "drain_seconds"}));
+                                     "max_connection_age_grace_seconds", "drain_seconds",
+                                     "tenant_calls_per_second", "tenant_call_burst"}));
     ServerLimits& l = config.limits;
     ASSIGN_OR_RETURN(int64_t msg, limits.Int("max_message_bytes", 1024, 64 << 20, l.max_message_bytes));
     ASSIGN_OR_RETURN(int64_t streams, limits.Int("max_concurrent_streams", 1, 100000, l.max_concurrent_streams));
@@ -226,12 +227,18 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
     ASSIGN_OR_RETURN(int64_t age, limits.Int("max_connection_age_seconds", 1, 7 * 86400, l.max_connection_age_seconds));
     ASSIGN_OR_RETURN(int64_t grace, limits.Int("max_connection_age_grace_seconds", 0, 86400, l.max_connection_age_grace_seconds));
     ASSIGN_OR_RETURN(int64_t drain, limits.Int("drain_seconds", 0, 3600, l.drain_seconds));
+    ASSIGN_OR_RETURN(int64_t calls, limits.Int("tenant_calls_per_second", 1, 1000000,
+                                               l.tenant_calls_per_second));
+    ASSIGN_OR_RETURN(int64_t call_burst, limits.Int("tenant_call_burst", 1, 10000000,
+                                                    l.tenant_call_burst));
     l.max_message_bytes = static_cast<int>(msg);
     l.max_concurrent_streams = static_cast<int>(streams);
     l.max_threads = static_cast<int>(threads);
     l.max_connection_age_seconds = static_cast<int>(age);
     l.max_connection_age_grace_seconds = static_cast<int>(grace);
     l.drain_seconds = static_cast<int>(drain);
+    l.tenant_calls_per_second = static_cast<int>(calls);
+    l.tenant_call_burst = static_cast<int>(call_burst);
   }
 
   if (root.Has("control_db")) {

@@ -30,10 +30,18 @@ TenantGateOptions WithClock(TenantGateOptions options) {
 
 }  // namespace
 
+TenantGateOptions TenantGateOptions::FromLimits(const ServerLimits& limits) {
+  TenantGateOptions options;
+  options.calls_per_second = limits.tenant_calls_per_second;
+  options.call_burst = limits.tenant_call_burst;
+  return options;
+}
+
 CachedTenantGate::CachedTenantGate(TenantStatusFetcher fetch, TenantGateOptions options)
     : fetch_(std::move(fetch)),
       options_(WithClock(std::move(options))),
-      cache_(options_.max_cached) {}
+      cache_(options_.max_cached),
+      calls_(options_.calls_per_second, options_.call_burst) {}
 
 size_t CachedTenantGate::waiting_for_fetch() {
   absl::MutexLock lock(&mu_);
@@ -52,6 +60,15 @@ absl::Status CachedTenantGate::CheckActive(absl::string_view tenant) {
     return absl::PermissionDeniedError(absl::StrCat(
         "tenant '", key, "' is suspended: its identities may not call medgate until ops "
         "reactivate it"));
+  }
+  // Only calls let through are counted: a refused tenant's calls cost it nothing.
+  const absl::Duration wait = calls_.TryTake(key, 1, options_.clock());
+  if (wait > absl::ZeroDuration()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "tenant '", key, "' is calling faster than this service instance takes (",
+        options_.calls_per_second, " calls a second after a burst of ", options_.call_burst,
+        ": limits.tenant_calls_per_second and limits.tenant_call_burst); retry in ",
+        absl::ToInt64Milliseconds(absl::Ceil(wait, absl::Milliseconds(1))), " ms"));
   }
   return absl::OkStatus();
 }

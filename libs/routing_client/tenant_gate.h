@@ -20,7 +20,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "libs/common/config.h"
 #include "libs/common/monotonic_clock.h"
+#include "libs/common/token_buckets.h"
 #include "libs/common/ttl_cache.h"
 #include "libs/identity/authz.h"
 #include "libs/routing_client/routing_client.h"
@@ -34,6 +36,14 @@ struct TenantGateOptions {
   // Time source for expiry only: monotonic, so a host clock stepped back never extends an
   // answer's life (a suspended tenant served past the TTL); tests inject a fake one.
   std::function<absl::Time()> clock = MonotonicNow;
+  // Calls one active tenant's identities may start a second through this gate, after a burst
+  // (limits.tenant_calls_per_second and limits.tenant_call_burst): one more is RESOURCE_EXHAUSTED,
+  // saying when to retry. Timed on `clock`.
+  double calls_per_second = ServerLimits{}.tenant_calls_per_second;
+  double call_burst = ServerLimits{}.tenant_call_burst;
+
+  // The defaults, with the call rate of `limits`.
+  static TenantGateOptions FromLimits(const ServerLimits& limits);
 };
 
 // Asks where tenants stand, one answer per id in order (routing's ResolveTenants, or routing's
@@ -41,7 +51,7 @@ struct TenantGateOptions {
 using TenantStatusFetcher =
     std::function<absl::StatusOr<std::vector<TenantStatus>>(absl::Span<const std::string>)>;
 
-// A TenantGate over `fetch` with a TTL cache. Thread-safe. A failed fetch caches nothing and
+// A TenantGate over `fetch` with a TTL cache, and each active tenant's call rate. Thread-safe. A failed fetch caches nothing and
 // answers UNAVAILABLE with its message (fail closed, retryable). Concurrent misses of one tenant
 // share one fetch: when an answer expires under load, routing is asked once, not once per call.
 class CachedTenantGate final : public TenantGate {
@@ -61,6 +71,7 @@ class CachedTenantGate final : public TenantGate {
   TtlCache<std::string, TenantStatus> cache_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::shared_ptr<Flight>> flights_ ABSL_GUARDED_BY(mu_);
   size_t waiting_ ABSL_GUARDED_BY(mu_) = 0;
+  TokenBuckets calls_;  // by tenant: calls let through
 };
 
 std::unique_ptr<TenantGate> NewCachedTenantGate(TenantStatusFetcher fetch,

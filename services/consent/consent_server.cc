@@ -42,7 +42,8 @@ ConsentServer::ConsentServer(MedgateConfig config, ConsentSettings settings,
     : config_(std::move(config)) {
   shards_ = std::make_unique<pg::ShardSet>(config_.regions, sql::Statements());
   routing_ = NewRoutingClient(routing_channel);
-  tenant_gate_ = NewRoutingTenantGate(std::move(routing_channel));
+  tenant_gate_ = NewRoutingTenantGate(std::move(routing_channel),
+                                      TenantGateOptions::FromLimits(config_.limits));
   cache_ = NewConsentCache(config_.regions, settings.cache);
   core_ = std::make_unique<ConsentCore>(*routing_, *shards_, *cache_, config_.trust_domain);
   service_ = std::make_unique<ConsentService>(*core_, config_.trust_domain, tenant_gate_.get());

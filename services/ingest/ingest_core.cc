@@ -11,30 +11,6 @@
 
 namespace medgate::ingest {
 
-absl::Duration TenantQuota::TryTake(const std::string& tenant, double n, absl::Time now) {
-  absl::MutexLock lock(&mu_);
-  auto [it, inserted] = buckets_.try_emplace(tenant, Bucket{burst_, now});
-  Bucket& b = it->second;
-  // Callers on several threads pass times read a little apart: one earlier than the bucket's
-  // last refill adds nothing, and never takes tokens away.
-  if (now > b.at) {
-    b.tokens = std::min(burst_, b.tokens + absl::ToDoubleSeconds(now - b.at) * rate_);
-    b.at = now;
-  }
-  if (b.tokens >= n) {
-    b.tokens -= n;
-    return absl::ZeroDuration();
-  }
-  return absl::Seconds((n - b.tokens) / rate_);
-}
-
-void TenantQuota::Refund(const std::string& tenant, double n) {
-  absl::MutexLock lock(&mu_);
-  auto it = buckets_.find(tenant);
-  if (it == buckets_.end()) return;  // no bucket yet: it starts full
-  it->second.tokens = std::min(burst_, it->second.tokens + n);
-}
-
 IngestCore::IngestCore(RoutingClient& routing, consent::ConsentCache& consent,
                        std::map<std::string, std::vector<VitalsWriter*>> writers,
                        IngestOptions options)

@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "libs/common/bounded_counts.h"
+#include "libs/common/token_buckets.h"
 #include "absl/time/time.h"
 #include "libs/consent_client/consent_cache.h"
 #include "libs/identity/principal.h"
@@ -62,28 +63,6 @@ struct IngestOptions {
   // and at least one when it has two or more, free): two or more stalled regions cannot hold
   // them all either.
   int max_waiting = 6;
-};
-
-// A per-tenant token bucket (samples per second).
-class TenantQuota {
- public:
-  TenantQuota(double rate, double burst) : rate_(rate), burst_(burst) {}
-  // Takes `n` tokens if available; otherwise returns how long until they would be.
-  absl::Duration TryTake(const std::string& tenant, double n, absl::Time now);
-  // Puts back `n` tokens taken for samples that were then not stored (their resend is charged),
-  // never beyond the burst. It needs no clock: refilling before or after adding them ends the
-  // same, both being capped at the burst.
-  void Refund(const std::string& tenant, double n);
-
- private:
-  struct Bucket {
-    double tokens;
-    absl::Time at;
-  };
-  const double rate_;
-  const double burst_;
-  absl::Mutex mu_;
-  std::map<std::string, Bucket> buckets_ ABSL_GUARDED_BY(mu_);
 };
 
 // Refusals since start, for metrics and tests.
@@ -146,7 +125,7 @@ class IngestCore {
   consent::ConsentCache& consent_;
   const std::map<std::string, std::vector<VitalsWriter*>> writers_;
   const IngestOptions options_;
-  TenantQuota quota_;
+  TokenBuckets quota_;  // samples, per tenant
   std::atomic<uint64_t> queue_full_{0};
   std::atomic<uint64_t> quota_refused_{0};
   std::atomic<uint64_t> batches_{0};

@@ -81,6 +81,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   // one read at once.
   s.reads.per_second = static_cast<double>(read_rate) / static_cast<double>(instances);
   s.reads.burst = std::max(static_cast<double>(read_burst) / static_cast<double>(instances), 1.0);
+  s.reads.instances = static_cast<int>(instances);
   s.partition_lock_timeout = absl::Milliseconds(partition_lock);
   return s;
 }
@@ -102,7 +103,8 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
   // holding a batch for a routing round trip every TTL.
   routing_options.refresh_ahead = true;
   server->routing_ = NewRoutingClient(channel, routing_options);
-  server->tenant_gate_ = NewRoutingTenantGate(std::move(channel));
+  server->tenant_gate_ =
+      NewRoutingTenantGate(std::move(channel), TenantGateOptions::FromLimits(config.limits));
   // Bounded as the consent service's own cache is (consent.cache.*).
   ASSIGN_OR_RETURN(consent::ConsentCacheOptions consent_options,
                    consent::ParseConsentCacheOptions(config));

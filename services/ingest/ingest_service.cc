@@ -498,10 +498,10 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   if (rate_wait > absl::ZeroDuration()) {
     return grpc::Status(
         grpc::StatusCode::RESOURCE_EXHAUSTED,
-        absl::StrCat("this tenant has started ReadVitals calls faster than ", reads_.per_second,
-                     " per second (burst ", reads_.burst,
-                     "), the most ingest.reads_per_tenant_per_second and ingest.read_burst allow "
-                     "on this instance; retry in ",
+        absl::StrCat("this tenant has started ReadVitals calls faster than this instance's "
+                     "share allows (", reads_.per_second, " a second after a burst of ",
+                     reads_.burst, ": ingest.reads_per_tenant_per_second and ingest.read_burst "
+                     "divided between ", reads_.instances, " instance(s)); retry in ",
                      absl::ToInt64Milliseconds(absl::Ceil(rate_wait, absl::Milliseconds(1))),
                      " ms"));
   }

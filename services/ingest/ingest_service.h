@@ -32,6 +32,7 @@ struct ReadBounds {
   // a read past the rate is refused RESOURCE_EXHAUSTED, saying when one would be taken.
   double per_second = 100;
   double burst = 200;
+  int instances = 1;  // the instances the configured rate is divided between (ingest.instances)
 };
 
 class IngestService final
@@ -72,7 +73,7 @@ class IngestService final
   DeviceTurns turns_;                              // by the device's SPIFFE id
   const ReadBounds reads_;
   BoundedCounts<std::string> reads_per_tenant_;
-  TenantQuota read_rate_;  // reads started, per tenant
+  TokenBuckets read_rate_;  // reads started, per tenant
   StallWatch read_watch_;
   // From a batch read off a stream to its ack handed to gRPC; logged as `ingest_ack_latency`
   // (acks, p50/p90/p99/max) by the first ack after each stats interval: a quiet service logs

@@ -56,7 +56,8 @@ RoutingServer::RoutingServer(MedgateConfig config, RoutingSettings settings)
   }
   core_ = std::make_unique<RoutingCore>(*control_, *shards_, std::move(regions),
                                         settings_.device_reassign_wait);
-  service_ = std::make_unique<RoutingService>(*core_, config_.trust_domain);
+  service_ = std::make_unique<RoutingService>(*core_, config_.trust_domain,
+                                              TenantGateOptions::FromLimits(config_.limits));
   server_ = std::make_unique<ServiceServer>(config_, "routing");
 }
 

@@ -132,7 +132,7 @@ SharingServer::SharingServer(MedgateConfig config, SharingSettings settings,
   upload_shards_ = std::make_unique<pg::ShardSet>(config_.regions, sql::ShardStatements());
   RoutingDirectoryOptions directory_options;
   directory_options.clock = options.clock;
-  tenant_gate_ = NewRoutingTenantGate(routing_channel);
+  tenant_gate_ = NewRoutingTenantGate(routing_channel, TenantGateOptions::FromLimits(config_.limits));
   directory_ = std::make_unique<RoutingDirectory>(NewRoutingClient(routing_channel),
                                                   routing_channel, *control_, directory_options);
   consent_ = consent::NewConsentCache(config_.regions, settings_.consent_cache);

@@ -341,6 +341,8 @@ limits:
   max_connection_age_seconds: {{ int64 $v.limits.maxConnectionAgeSeconds }}
   max_connection_age_grace_seconds: {{ int64 $v.limits.maxConnectionAgeGraceSeconds }}
   drain_seconds: {{ int64 $v.limits.drainSeconds }}
+  tenant_calls_per_second: {{ int64 $v.limits.tenantCallsPerSecond }}
+  tenant_call_burst: {{ int64 $v.limits.tenantCallBurst }}
 control_db:
   {{- include "medgate.dbBlock" (dict "root" $root "db" $v.control "where" "control") | nindent 2 }}
 regions:

@@ -1561,7 +1561,7 @@ TEST_F(IngestReadBoundsTest, ATenantStartsReadsAtMostAtItsRate) {
   ASSERT_NE(extra, nullptr);
   const int port = extra->server->port();
   // Reads one after the other: the burst goes through, then one is refused (well before 50 at
-  // one token a second, unless each read took over half a second).
+  // one token a second, unless each read took about a second).
   int read_before_refusal = 0;
   absl::Status refused;
   for (int i = 0; i < 50 && refused.ok(); ++i) {

@@ -56,6 +56,7 @@ trust_domain: medgate.test
 ca: /pki/ca.crt
 limits:
   max_message_bytes: 2097152
+  tenant_calls_per_second: 50
 control_db:
   conninfo: host=127.0.0.1 port=5432
 regions:
@@ -80,6 +81,8 @@ TEST(ConfigTest, ParsesAValidConfig) {
   EXPECT_EQ(config->trust_domain, "medgate.test");
   EXPECT_EQ(config->limits.max_message_bytes, 2097152);
   EXPECT_EQ(config->limits.max_concurrent_streams, 1000);  // default
+  EXPECT_EQ(config->limits.tenant_calls_per_second, 50);
+  EXPECT_EQ(config->limits.tenant_call_burst, 2000);  // default
   ASSERT_EQ(config->regions.size(), 2u);
   EXPECT_EQ(config->regions[0].db.pool_size, 4);
   ASSERT_TRUE(config->regions[0].keys_db.has_value());
@@ -148,6 +151,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfigCase{"max_message_bytes: 2097152", "max_message_bytes: lots", "limits.max_message_bytes"},
         BadConfigCase{"max_message_bytes: 2097152", "max_message_bytes: 1", "limits.max_message_bytes"},
         BadConfigCase{"max_message_bytes: 2097152", "max_mesage_bytes: 5", "limits.max_mesage_bytes"},
+        BadConfigCase{"tenant_calls_per_second: 50", "tenant_calls_per_second: 0",
+                      "limits.tenant_calls_per_second"},
         BadConfigCase{"territories: [FR]", "territories: [France]", "regions[0].territories[0]"},
         BadConfigCase{"pool_size: 4", "pool_size: 0", "regions[0].db.pool_size"},
         BadConfigCase{"pool_size: 2", "pool_size: 0", "regions[0].keys_db.pool_size"},

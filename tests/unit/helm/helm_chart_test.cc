@@ -212,6 +212,8 @@ TEST_F(HelmChartTest, TheConfigurationIsOneEveryServiceAccepts) {
   // 4.194304e+06).
   EXPECT_EQ(config.limits.max_message_bytes, 4194304);
   EXPECT_EQ(config.limits.drain_seconds, 20);
+  EXPECT_EQ(config.limits.tenant_calls_per_second, 1000);
+  EXPECT_EQ(config.limits.tenant_call_burst, 2000);
   // The regions and seed rules pass routing's own residency checks.
   std::vector<residency::Region> regions;
   for (const RegionConfig& r : config.regions) {

@@ -114,6 +114,7 @@ TEST(IngestSettingsTest, TheReadRateIsSplitBetweenTheInstances) {
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->reads.per_second, 10.0);
   EXPECT_EQ(s->reads.burst, 1.0);
+  EXPECT_EQ(s->reads.instances, 4);
 }
 
 // A burst smaller than the largest batch would refuse such a batch forever: the configuration

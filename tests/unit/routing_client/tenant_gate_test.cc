@@ -29,8 +29,8 @@ class TenantGateTest : public ::testing::Test {
 
   // With the fake clock `now_`, or else the gate's own default clock and `ttl`.
   std::unique_ptr<TenantGate> MakeGate(bool fake_clock = true,
-                                       absl::Duration ttl = absl::Seconds(2)) {
-    TenantGateOptions options;
+                                       absl::Duration ttl = absl::Seconds(2),
+                                       TenantGateOptions options = {}) {
     options.ttl = ttl;
     options.max_cached = 2;
     if (fake_clock) options.clock = [this] { return now_; };
@@ -66,6 +66,38 @@ TEST_F(TenantGateTest, AnswersFromRoutingAndNamesTheRefusal) {
   absl::Status stranger = gate->CheckActive("stranger");
   EXPECT_EQ(stranger.code(), absl::StatusCode::kPermissionDenied);
   EXPECT_NE(stranger.message().find("not registered"), absl::string_view::npos);
+}
+
+// An active tenant's identities start calls at most at the configured rate after its burst; the
+// refusal says which limits and when to retry. Each tenant has its own count, refused calls
+// (of a suspended tenant) are not counted, and time gives calls back.
+TEST_F(TenantGateTest, AnActiveTenantsCallsAreBoundedByTheCallRate) {
+  registered_["globex"] = true;
+  ServerLimits limits;
+  limits.tenant_calls_per_second = 10;
+  limits.tenant_call_burst = 3;
+  auto gate = MakeGate(/*fake_clock=*/true, absl::Seconds(2), TenantGateOptions::FromLimits(limits));
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(gate->CheckActive("acme").ok()) << i;
+  absl::Status refused = gate->CheckActive("acme");
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_NE(refused.message().find("limits.tenant_calls_per_second"), absl::string_view::npos)
+      << refused;
+  EXPECT_NE(refused.message().find("retry in 100 ms"), absl::string_view::npos) << refused;
+  // Another tenant is not charged for acme's calls.
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(gate->CheckActive("globex").ok()) << i;
+  // A suspended tenant is refused for that, and its refusals count nothing.
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_EQ(gate->CheckActive("paused").code(), absl::StatusCode::kPermissionDenied);
+  }
+  registered_["paused"] = true;
+  now_ += absl::Seconds(3);  // its answer expires: it is active now
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(gate->CheckActive("paused").ok()) << i;
+  // Three seconds later acme has its burst again (at most): three calls, not four.
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(gate->CheckActive("acme").ok()) << i;
+  EXPECT_EQ(gate->CheckActive("acme").code(), absl::StatusCode::kResourceExhausted);
+  now_ += absl::Milliseconds(100);  // one call's worth at 10 a second
+  EXPECT_TRUE(gate->CheckActive("acme").ok());
+  EXPECT_EQ(gate->CheckActive("acme").code(), absl::StatusCode::kResourceExhausted);
 }
 
 TEST_F(TenantGateTest, CachesForItsTtlThenAsksAgain) {

@@ -1,13 +1,14 @@
-// Unit tests of the per-tenant sample quota (a token bucket) and of its configuration.
+// Unit tests of the token buckets by key (ingest's tenant sample quota and read rate, the tenant
+// call rate of every service).
 #include <gtest/gtest.h>
 
-#include "services/ingest/ingest_core.h"
+#include "libs/common/token_buckets.h"
 
-namespace medgate::ingest {
+namespace medgate {
 namespace {
 
-TEST(TenantQuotaTest, AllowsTheBurstThenTheRatePerTenant) {
-  TenantQuota quota(/*rate=*/100, /*burst=*/200);
+TEST(TokenBucketsTest, AllowsTheBurstThenTheRatePerTenant) {
+  TokenBuckets quota(/*rate=*/100, /*burst=*/200);
   const absl::Time t0 = absl::FromUnixSeconds(1000);
   EXPECT_EQ(quota.TryTake("acme", 150, t0), absl::ZeroDuration());
   // 50 tokens left: 100 more must wait half a second at 100/s.
@@ -23,8 +24,8 @@ TEST(TenantQuotaTest, AllowsTheBurstThenTheRatePerTenant) {
 
 // Threads charge with times read a little apart: an earlier time than the last one adds no
 // tokens and takes none away.
-TEST(TenantQuotaTest, AnEarlierTimeNeitherRefillsNorDrainsTheBucket) {
-  TenantQuota quota(/*rate=*/100, /*burst=*/200);
+TEST(TokenBucketsTest, AnEarlierTimeNeitherRefillsNorDrainsTheBucket) {
+  TokenBuckets quota(/*rate=*/100, /*burst=*/200);
   const absl::Time t0 = absl::FromUnixSeconds(1000);
   EXPECT_EQ(quota.TryTake("acme", 200, t0), absl::ZeroDuration());
   EXPECT_EQ(quota.TryTake("acme", 50, t0 + absl::Seconds(1)), absl::ZeroDuration());  // 50 left
@@ -37,8 +38,8 @@ TEST(TenantQuotaTest, AnEarlierTimeNeitherRefillsNorDrainsTheBucket) {
 }
 
 // Samples charged and then not stored are given back, so their resend is not refused for them.
-TEST(TenantQuotaTest, ARefundRestoresExactlyWhatWasTaken) {
-  TenantQuota quota(/*rate=*/100, /*burst=*/200);
+TEST(TokenBucketsTest, ARefundRestoresExactlyWhatWasTaken) {
+  TokenBuckets quota(/*rate=*/100, /*burst=*/200);
   const absl::Time t0 = absl::FromUnixSeconds(1000);
   EXPECT_EQ(quota.TryTake("acme", 200, t0), absl::ZeroDuration());
   quota.Refund("acme", 150);
@@ -52,8 +53,8 @@ TEST(TenantQuotaTest, ARefundRestoresExactlyWhatWasTaken) {
   EXPECT_EQ(quota.TryTake("acme", 150, t0 + absl::Milliseconds(500)), absl::ZeroDuration());
 }
 
-TEST(TenantQuotaTest, ARefundNeverGoesBeyondTheBurst) {
-  TenantQuota quota(/*rate=*/100, /*burst=*/200);
+TEST(TokenBucketsTest, ARefundNeverGoesBeyondTheBurst) {
+  TokenBuckets quota(/*rate=*/100, /*burst=*/200);
   const absl::Time t0 = absl::FromUnixSeconds(1000);
   EXPECT_EQ(quota.TryTake("acme", 50, t0), absl::ZeroDuration());
   quota.Refund("acme", 100);  // 150 + 100: the burst, 200
@@ -66,8 +67,8 @@ TEST(TenantQuotaTest, ARefundNeverGoesBeyondTheBurst) {
   EXPECT_EQ(quota.TryTake("globex", 200, t0), absl::ZeroDuration());
 }
 
-TEST(TenantQuotaTest, ARefundGoesToItsTenantOnly) {
-  TenantQuota quota(/*rate=*/100, /*burst=*/200);
+TEST(TokenBucketsTest, ARefundGoesToItsTenantOnly) {
+  TokenBuckets quota(/*rate=*/100, /*burst=*/200);
   const absl::Time t0 = absl::FromUnixSeconds(1000);
   EXPECT_EQ(quota.TryTake("acme", 200, t0), absl::ZeroDuration());
   EXPECT_EQ(quota.TryTake("globex", 200, t0), absl::ZeroDuration());
@@ -77,4 +78,4 @@ TEST(TenantQuotaTest, ARefundGoesToItsTenantOnly) {
 }
 
 }  // namespace
-}  // namespace medgate::ingest
+}  // namespace medgate
