@@ -316,22 +316,32 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
                                              current_version, ", not ", expected_version,
                                              "; re-read and retry"));
     }
-    // Patients placed under earlier versions in regions this rule drops stay there: medgate does
-    // not move a patient's data. Counted under the lock, so no placement under the version being
-    // replaced is still to commit.
+    // Patients placed in a region this put drops from the current version stay there: medgate
+    // does not move a patient's data. Counted under the lock, so no placement under the version
+    // being replaced is still to commit. Regions an earlier put dropped knowingly are not counted
+    // again: only what this put drops needs acknowledging.
+    std::vector<std::string> dropped;
+    if (!current.empty()) {
+      for (const std::string& id : pg::ParseTextArray(current[0][1])) {
+        if (!absl::c_linear_search(rule.region_ids, id)) dropped.push_back(id);
+      }
+    }
     std::vector<RegionPatients> placed_outside;
-    for (const pqxx::row& row : txn.exec_prepared(sql::kCountPlacedOutside, rule.territory,
-                                                  pg::TextArrayLiteral(rule.region_ids))) {
-      placed_outside.push_back({row[0].c_str(), row[1].as<int64_t>()});
+    if (!dropped.empty()) {
+      for (const pqxx::row& row : txn.exec_prepared(sql::kCountPlacedOutside, rule.territory,
+                                                    pg::TextArrayLiteral(dropped))) {
+        placed_outside.push_back({row[0].c_str(), row[1].as<int64_t>()});
+      }
     }
     if (!placed_outside.empty() && !keep_placed_patients) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "rule for ", rule.territory, " would no longer allow ",
+          "rule for ", rule.territory, " would drop ",
           absl::StrJoin(placed_outside, ", ",
-                        [](std::string* out, const RegionPatients& r) {
-                          absl::StrAppend(out, "region '", r.region_id, "', where ", r.patients,
-                                          r.patients == 1 ? " patient" : " patients", " of ",
-                                          "the territory live");
+                        [&territory = rule.territory](std::string* out, const RegionPatients& r) {
+                          absl::StrAppend(out, "region '", r.region_id, "' (", r.patients,
+                                          r.patients == 1 ? " patient of " : " patients of ",
+                                          territory, r.patients == 1 ? " lives" : " live",
+                                          " there)");
                         }),
           "; medgate does not move their data, so they would stay there. Keep the region in the "
           "rule, or put it again with keep_placed_patients to leave them where they are"));

@@ -45,8 +45,8 @@ struct RuleInfo {
   int64_t version = 0;
   absl::Time updated_at;
   std::string updated_by;
-  // A put's only, with keep_placed_patients: where patients of the territory live that the rule
-  // no longer allows.
+  // A put's only, with keep_placed_patients: the regions it dropped where patients of the
+  // territory live, and how many.
   std::vector<RegionPatients> placed_outside;
 };
 
@@ -106,9 +106,9 @@ class RoutingCore {
   absl::StatusOr<TenantInfo> GetTenant(const CallContext& ctx, const std::string& tenant_id);
 
   // `only_if_absent`: stores nothing, ALREADY_EXISTS, when the territory has a rule by the time
-  // the put holds its lock (a seed never replaces what ops stored meanwhile). A rule that does not
-  // allow a region where patients of the territory live is FAILED_PRECONDITION unless
-  // `keep_placed_patients` (they stay there; the result counts them in placed_outside).
+  // the put holds its lock (a seed never replaces what ops stored meanwhile). A put that drops a
+  // region of the current version where patients of the territory live is FAILED_PRECONDITION
+  // unless `keep_placed_patients` (they stay there; the result counts them in placed_outside).
   absl::StatusOr<RuleInfo> PutResidencyRule(const CallContext& ctx, const RuleInfo& rule,
                                             int64_t expected_version, bool only_if_absent = false,
                                             bool keep_placed_patients = false);

@@ -48,7 +48,8 @@ inline const std::vector<pg::Statement>& Statements() {
        "extract(epoch from updated_at)::float8, updated_by FROM residency_rules "
        "ORDER BY territory, version DESC"},
       {kSelectCurrentRule,
-       "SELECT version FROM residency_rules WHERE territory = $1 ORDER BY version DESC LIMIT 1"},
+       "SELECT version, region_ids FROM residency_rules WHERE territory = $1 "
+       "ORDER BY version DESC LIMIT 1"},
       // A territory's rule, held while placements use it (shared) and while a put replaces it
       // (exclusive), until the transaction ends: a put waits for the placements under the version
       // it replaces, and a placement waiting for a put reads the new version. Advisory locks,
@@ -62,11 +63,11 @@ inline const std::vector<pg::Statement>& Statements() {
        "INSERT INTO residency_rules (territory, version, region_ids, readable_from, updated_by) "
        "VALUES ($1, $2, $3::text[], $4::text[], $5) ON CONFLICT (territory, version) DO NOTHING "
        "RETURNING extract(epoch from updated_at)::float8"},
-      // Where patients of a territory live outside the regions a rule allows, by region (index
-      // patients_territory_region: control migration 0012).
+      // How many patients of a territory live in each of the regions a put drops (index
+      // patients_territory_region: control migration 0012, read for those regions only).
       {kCountPlacedOutside,
        "SELECT region_id, count(*) FROM patients WHERE territory = $1 "
-       "AND region_id <> ALL($2::text[]) GROUP BY region_id ORDER BY region_id"},
+       "AND region_id = ANY($2::text[]) GROUP BY region_id ORDER BY region_id"},
       {kSelectPatient,
        "SELECT patient_id, tenant_id, territory, region_id, rule_version FROM patients "
        "WHERE patient_id = $1 AND tenant_id = $2"},

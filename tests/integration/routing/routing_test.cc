@@ -480,7 +480,7 @@ TEST_F(RoutingTest, ARuleThatDropsARegionWherePatientsLiveIsRefusedUnlessTheyAre
   v1::PutResidencyRuleResponse refused_response;
   grpc::Status refused = put({"fr-1"}, false, &refused_response);
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << refused.error_message();
-  EXPECT_THAT(refused.error_message(), HasSubstr("region 'eu-1', where 2 patients"));
+  EXPECT_THAT(refused.error_message(), HasSubstr("region 'eu-1' (2 patients of ES live there)"));
   EXPECT_THAT(refused.error_message(), HasSubstr("keep_placed_patients"));
   EXPECT_EQ(version(), before);
   EXPECT_EQ(Place(*app, "es-new-1", "ES")->region_id(), "eu-1");  // the rule is as it was
@@ -506,11 +506,80 @@ TEST_F(RoutingTest, ARuleThatDropsARegionWherePatientsLiveIsRefusedUnlessTheyAre
   // The patients stay where they live; new ones follow the rule.
   EXPECT_EQ(Place(*app, "es-kept-1", "ES")->region_id(), "eu-1");
   EXPECT_EQ(Place(*app, "es-new-2", "ES")->region_id(), "fr-1");
-  // The territory's patients in fr-1 do not count: the rule allows it.
+  // A later put that drops no region of the current version needs no acknowledgement: eu-1 was
+  // dropped knowingly already, and the patients in fr-1 live where the rule allows.
   v1::PutResidencyRuleResponse again;
-  ASSERT_TRUE(put({"fr-1"}, true, &again).ok());
-  ASSERT_EQ(again.placed_outside_rule_size(), 1);
-  EXPECT_EQ(again.placed_outside_rule(0).patients(), 3);
+  grpc::Status same = put({"fr-1"}, false, &again);
+  ASSERT_TRUE(same.ok()) << same.error_message();
+  EXPECT_EQ(again.placed_outside_rule_size(), 0);
+  // Dropping fr-1 for eu-1 drops the region where es-new-2 lives: refused, counted alone.
+  grpc::Status swapped = put({"eu-1"}, false, &again);
+  EXPECT_EQ(swapped.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << swapped.error_message();
+  EXPECT_THAT(swapped.error_message(), HasSubstr("region 'fr-1' (1 patient of ES lives there)"));
+  EXPECT_THAT(swapped.error_message(), ::testing::Not(HasSubstr("eu-1")));
+}
+
+// A tenant's identities start calls at most at limits.tenant_calls_per_second after
+// limits.tenant_call_burst, per service instance: past them RESOURCE_EXHAUSTED says which limits
+// and when to retry. Ops and services are not counted, nor is another tenant.
+TEST_F(RoutingTest, ATenantsCallsAreBoundedByTheCallRate) {
+  MedgateConfig limited = *config_;
+  limited.limits.tenant_calls_per_second = 1;
+  limited.limits.tenant_call_burst = 3;
+  auto created = RoutingServer::Create(limited);
+  ASSERT_TRUE(created.ok()) << created.status();
+  std::unique_ptr<RoutingServer> server = *std::move(created);
+  ASSERT_TRUE(server->Start().ok());
+  auto stub = [&](const TestCert& cert) {
+    auto channel = MakeChannel(absl::StrCat("127.0.0.1:", server->port()),
+                               TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60},
+                               pki_->SpiffeId("/service/routing"));
+    EXPECT_TRUE(channel.ok());
+    return v1::TenantRouting::NewStub(*channel);
+  };
+  auto place = [&](const TestCert& as, const std::string& ref) {
+    v1::PlacePatientRequest request;
+    static int counter = 0;
+    request.set_request_id(absl::StrCat("rate-place-", ++counter));
+    request.set_patient_ref(ref);
+    request.set_territory("FR");
+    v1::PlacePatientResponse response;
+    grpc::ClientContext context;
+    return stub(as)->PlacePatient(&context, request, &response);
+  };
+  // Calls one after the other: the burst goes through, then one is refused (well before 50 at one
+  // call a second, unless each took about a second).
+  int before_refusal = 0;
+  grpc::Status refused;
+  for (int i = 0; i < 50 && refused.ok(); ++i) {
+    grpc::Status status = place(pki_->app(), absl::StrCat("rate-", i % 2));
+    if (status.ok()) {
+      ++before_refusal;
+    } else {
+      refused = status;
+    }
+  }
+  ASSERT_FALSE(refused.ok()) << "50 calls in a row, none refused";
+  EXPECT_GE(before_refusal, 3);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), HasSubstr("limits.tenant_calls_per_second"));
+  EXPECT_THAT(refused.error_message(), HasSubstr("retry in"));
+
+  // Another tenant, ops and services call on.
+  EXPECT_TRUE(place(pki_->globex_app(), "rate-globex").ok());
+  for (const TestCert* cert : {&pki_->ops(), &pki_->service()}) {
+    for (int i = 0; i < 5; ++i) {
+      v1::ListRegionsRequest request;
+      v1::ListRegionsResponse response;
+      grpc::ClientContext context;
+      grpc::Status status = stub(*cert)->ListRegions(&context, request, &response);
+      EXPECT_TRUE(status.ok()) << status.error_message();
+    }
+  }
+  // Time gives the tenant calls back.
+  EXPECT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(30),
+                                      [&] { return place(pki_->app(), "rate-0").ok(); }));
+  server->Shutdown();
 }
 
 // Two replicas seeding at once (or a seed racing ops): a seed stores a territory's first version
