@@ -97,9 +97,9 @@ std::optional<size_t> CommandIndex(const std::vector<std::string>& args) {
 const std::vector<Command>& Commands() {
   static const std::vector<Command>* const commands = new std::vector<Command>{
       {"upsert-tenant", "routing", {"tenant", "name", "territories", "regions", "request-id"},
-       {"inactive"},
+       {"inactive", "keep-placed-patients"},
        "  upsert-tenant   --tenant ID --name NAME --territories FR,DE [--regions fr-1,...] "
-       "[--inactive]\n"},
+       "[--inactive] [--keep-placed-patients]\n"},
       {"get-tenant", "routing", {"tenant"}, {}, "  get-tenant      --tenant ID\n"},
       {"put-rule", "routing", {"territory", "regions", "readable-from", "expected-version"},
        {"keep-placed-patients"},

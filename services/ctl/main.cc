@@ -295,6 +295,7 @@ int Run(int argc, char** argv) {
     for (const auto& t : List(flags, "territories")) r.mutable_tenant()->add_territories(t);
     for (const auto& id : List(flags, "regions")) r.mutable_tenant()->add_region_ids(id);
     r.mutable_tenant()->set_active(!flags.contains("inactive"));
+    r.set_keep_placed_patients(flags.contains("keep-placed-patients"));
     return Call(&S::UpsertTenant, *stub, r);
   }
   if (command == "get-tenant") {

@@ -87,6 +87,25 @@ absl::StatusOr<TenantRow> LoadActiveTenant(pqxx::work& txn, const std::string& t
   return t;
 }
 
+// "region 'eu-1' (3 patients of FR live there), ..." for a refusal.
+std::string DescribePlacedOutside(const std::vector<RegionPatients>& placed, absl::string_view of) {
+  return absl::StrJoin(placed, ", ", [of](std::string* out, const RegionPatients& r) {
+    absl::StrAppend(out, "region '", r.region_id, "' (", r.patients,
+                    r.patients == 1 ? " patient of " : " patients of ", of,
+                    r.patients == 1 ? " lives" : " live", " there)");
+  });
+}
+
+// " placed_outside=eu-1:3,..." for the audit entry of a change that left patients outside it
+// (the chain says who did, and how many), or "".
+std::string PlacedOutsideReason(const std::vector<RegionPatients>& placed) {
+  if (placed.empty()) return "";
+  return absl::StrCat(" placed_outside=",
+                      absl::StrJoin(placed, ",", [](std::string* out, const RegionPatients& r) {
+                        absl::StrAppend(out, r.region_id, ":", r.patients);
+                      }));
+}
+
 residency::TenantPolicy PolicyOf(const TenantInfo& t) {
   residency::TenantPolicy policy;
   policy.served_territories.insert(t.territories.begin(), t.territories.end());
@@ -165,7 +184,8 @@ absl::Status ValidateNewTenantId(absl::string_view tenant_id) {
 }
 
 absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const CallContext& ctx,
-                                                                      const TenantInfo& tenant) {
+                                                                      const TenantInfo& tenant,
+                                                                      bool keep_placed_patients) {
   RETURN_IF_ERROR(ValidateIdentifier(tenant.tenant_id, "tenant.tenant_id", kMaxIdBytes));
   if (tenant.display_name.empty() || tenant.display_name.size() > 200) {
     return absl::InvalidArgumentError("tenant.display_name: 1 to 200 bytes");
@@ -205,21 +225,23 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
   const absl::Status new_id = ValidateNewTenantId(tenant.tenant_id);
   return InTransaction<std::pair<TenantInfo, bool>>(
       control_, [&](pqxx::work& txn) -> absl::StatusOr<std::pair<TenantInfo, bool>> {
+        // Waits for the tenant's placements in progress and holds new ones off until this
+        // commits: the patients counted below are all there will be under the old narrowing.
+        txn.exec_prepared(sql::kLockTenant, tenant.tenant_id);
+        pqxx::result stored_row = txn.exec_prepared(sql::kSelectTenant, tenant.tenant_id);
+        std::optional<TenantInfo> before;
+        if (!stored_row.empty()) before = TenantFromRow(stored_row[0]);
         // An id of another form names no tenant that can be created; one registered before the
         // rule existed may still be updated (suspended, for one).
-        if (!new_id.ok() && txn.exec_prepared(sql::kSelectTenant, tenant.tenant_id).empty()) {
-          return new_id;
-        }
+        if (!new_id.ok() && !before) return new_id;
         // Narrowing picks among the regions the tenant's territories' rules allow: a region that
         // none of them allows would never be used. Regions the tenant is already narrowed to are
         // kept whatever the rules say since (a rule may drop one later): ops resend them with any
         // change, a suspension for one, and must not be refused for them.
+        std::vector<RegionPatients> placed_outside;
         if (tenant.region_ids) {
           std::vector<std::string> kept;
-          if (pqxx::result stored = txn.exec_prepared(sql::kSelectTenant, tenant.tenant_id);
-              !stored.empty()) {
-            kept = TenantFromRow(stored[0]).region_ids.value_or(std::vector<std::string>{});
-          }
+          if (before) kept = before->region_ids.value_or(std::vector<std::string>{});
           const std::vector<RuleInfo> rules = CurrentRules(txn);
           for (size_t i = 0; i < tenant.region_ids->size(); ++i) {
             const std::string& id = (*tenant.region_ids)[i];
@@ -235,6 +257,36 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
                   "); narrowing only chooses among the regions the rules allow"));
             }
           }
+          // Patients of the tenant in a region this narrowing drops (from the tenant's current
+          // narrowing, or from every region when it had none) stay there: medgate does not move
+          // a patient's data. A new tenant has none.
+          std::vector<std::string> dropped;
+          if (before) {
+            std::vector<std::string> had;
+            if (before->region_ids) {
+              had = *before->region_ids;
+            } else {
+              for (const residency::Region& r : regions_) had.push_back(r.id);
+            }
+            for (const std::string& id : had) {
+              if (!absl::c_linear_search(*tenant.region_ids, id)) dropped.push_back(id);
+            }
+          }
+          if (!dropped.empty()) {
+            for (const pqxx::row& row : txn.exec_prepared(sql::kCountTenantPatientsIn,
+                                                          tenant.tenant_id,
+                                                          pg::TextArrayLiteral(dropped))) {
+              placed_outside.push_back({row[0].c_str(), row[1].as<int64_t>()});
+            }
+          }
+          if (!placed_outside.empty() && !keep_placed_patients) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                "tenant.region_ids would drop ",
+                DescribePlacedOutside(placed_outside, absl::StrCat("tenant ", tenant.tenant_id)),
+                "; medgate does not move their data, so they would stay there. Keep the region, "
+                "or upsert the tenant again with keep_placed_patients to leave them where they "
+                "are"));
+          }
         }
         std::string territories = pg::TextArrayLiteral(tenant.territories);
         std::string regions = pg::TextArrayLiteral(tenant.region_ids.value_or(std::vector<std::string>{}));
@@ -249,12 +301,14 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
         }
         pqxx::row row = txn.exec_prepared1(sql::kSelectTenant, tenant.tenant_id);
         TenantInfo stored = TenantFromRow(row);
+        stored.placed_outside = placed_outside;
         // What the tenant now is: the row is overwritten in place, so the chain is its history
         // (who suspended it, who widened its regions).
         const std::string state = absl::StrCat(
             created ? "TENANT_CREATED" : "TENANT_UPDATED", ": active=",
             stored.active ? "true" : "false", " territories=", absl::StrJoin(stored.territories, ","),
-            " regions=", stored.region_ids ? absl::StrJoin(*stored.region_ids, ",") : "any");
+            " regions=", stored.region_ids ? absl::StrJoin(*stored.region_ids, ",") : "any",
+            PlacedOutsideReason(placed_outside));
         RETURN_IF_ERROR(audit::Append(
             txn, AuditEntryFor(ctx, created ? audit::Action::kCreate : audit::Action::kUpdate, "tenant",
                           tenant.tenant_id, tenant.tenant_id, "", state)).status());
@@ -336,13 +390,7 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
     if (!placed_outside.empty() && !keep_placed_patients) {
       return absl::FailedPreconditionError(absl::StrCat(
           "rule for ", rule.territory, " would drop ",
-          absl::StrJoin(placed_outside, ", ",
-                        [&territory = rule.territory](std::string* out, const RegionPatients& r) {
-                          absl::StrAppend(out, "region '", r.region_id, "' (", r.patients,
-                                          r.patients == 1 ? " patient of " : " patients of ",
-                                          territory, r.patients == 1 ? " lives" : " live",
-                                          " there)");
-                        }),
+          DescribePlacedOutside(placed_outside, rule.territory),
           "; medgate does not move their data, so they would stay there. Keep the region in the "
           "rule, or put it again with keep_placed_patients to leave them where they are"));
     }
@@ -361,15 +409,8 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
                                              "re-read and retry"));
     }
     stored.updated_at = FromEpochSeconds(inserted[0][0]);
-    std::string reason = absl::StrCat("regions=", absl::StrJoin(rule.region_ids, ","));
-    if (!placed_outside.empty()) {
-      // The chain says who left which patients outside the rule, and how many.
-      absl::StrAppend(&reason, " placed_outside=",
-                      absl::StrJoin(placed_outside, ",",
-                                    [](std::string* out, const RegionPatients& r) {
-                                      absl::StrAppend(out, r.region_id, ":", r.patients);
-                                    }));
-    }
+    const std::string reason = absl::StrCat("regions=", absl::StrJoin(rule.region_ids, ","),
+                                            PlacedOutsideReason(placed_outside));
     RETURN_IF_ERROR(audit::Append(
         txn, AuditEntryFor(ctx, stored.version == 1 ? audit::Action::kCreate : audit::Action::kUpdate,
                       "residency_rule", absl::StrCat(rule.territory, "@v", stored.version), "",
@@ -447,6 +488,9 @@ absl::StatusOr<PlaceResult> RoutingCore::PlacePatient(const CallContext& ctx,
   RETURN_IF_ERROR(residency::ValidateTerritory(territory, "territory"));
   const std::string& tenant_id = ctx.principal.tenant;
   return InTransaction<PlaceResult>(control_, [&](pqxx::work& txn) -> absl::StatusOr<PlaceResult> {
+    // The tenant (its narrowing) is held against upserts until this commits, and read once held:
+    // an upsert counting the tenant's patients in the regions it drops sees this one.
+    txn.exec_prepared(sql::kShareTenant, tenant_id);
     ASSIGN_OR_RETURN(TenantRow tenant, LoadActiveTenant(txn, tenant_id));
     const std::string patient_id = PseudonymFor(tenant.key, patient_ref);
     pqxx::result existing = txn.exec_prepared(sql::kSelectPatient, patient_id, tenant_id);

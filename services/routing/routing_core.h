@@ -22,6 +22,12 @@ namespace medgate::routing {
 
 using ::medgate::CallContext;  // who asks, for the audit entry (libs/server/rpc_util.h)
 
+// How many patients (of a territory, or of a tenant) live in one region.
+struct RegionPatients {
+  std::string region_id;
+  int64_t patients = 0;
+};
+
 struct TenantInfo {
   std::string tenant_id;
   std::string display_name;
@@ -30,12 +36,9 @@ struct TenantInfo {
   bool active = true;
   absl::Time created_at;
   absl::Time updated_at;
-};
-
-// How many patients of a territory live in one region.
-struct RegionPatients {
-  std::string region_id;
-  int64_t patients = 0;
+  // An upsert's only, with keep_placed_patients: the regions its narrowing dropped where patients
+  // of the tenant live, and how many.
+  std::vector<RegionPatients> placed_outside;
 };
 
 struct RuleInfo {
@@ -101,8 +104,11 @@ class RoutingCore {
   RoutingCore(pg::Pool& control, const pg::ShardSet& shards,
               std::vector<residency::Region> regions, absl::Duration reassign_wait);
 
+  // A narrowing that drops a region where patients of the tenant live is FAILED_PRECONDITION
+  // unless `keep_placed_patients` (they stay there; the result counts them in placed_outside).
   absl::StatusOr<std::pair<TenantInfo, bool>> UpsertTenant(const CallContext& ctx,
-                                                           const TenantInfo& tenant);
+                                                           const TenantInfo& tenant,
+                                                           bool keep_placed_patients = false);
   absl::StatusOr<TenantInfo> GetTenant(const CallContext& ctx, const std::string& tenant_id);
 
   // `only_if_absent`: stores nothing, ALREADY_EXISTS, when the territory has a rule by the time

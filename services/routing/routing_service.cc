@@ -96,10 +96,16 @@ grpc::Status RoutingService::UpsertTenant(grpc::ServerContext* context,
     tenant.region_ids = std::vector<std::string>(in.region_ids().begin(), in.region_ids().end());
   }
   tenant.active = in.active();
-  absl::StatusOr<std::pair<TenantInfo, bool>> result = core_.UpsertTenant(*ctx, tenant);
+  absl::StatusOr<std::pair<TenantInfo, bool>> result =
+      core_.UpsertTenant(*ctx, tenant, request->keep_placed_patients());
   if (!result.ok()) return ToGrpcStatus(result.status());
   ToProto(result->first, response->mutable_tenant());
   response->set_created(result->second);
+  for (const RegionPatients& r : result->first.placed_outside) {
+    v1::RegionPatients* out = response->add_placed_outside_narrowing();
+    out->set_region_id(r.region_id);
+    out->set_patients(r.patients);
+  }
   return grpc::Status::OK;
 }
 

@@ -17,6 +17,9 @@ inline constexpr char kShareRule[] = "share_rule";
 inline constexpr char kLockRule[] = "lock_rule";
 inline constexpr char kInsertRule[] = "insert_rule";
 inline constexpr char kCountPlacedOutside[] = "count_placed_outside";
+inline constexpr char kShareTenant[] = "share_tenant";
+inline constexpr char kLockTenant[] = "lock_tenant";
+inline constexpr char kCountTenantPatientsIn[] = "count_tenant_patients_in";
 inline constexpr char kSelectPatient[] = "select_patient";
 inline constexpr char kInsertPatient[] = "insert_patient";
 inline constexpr char kResolvePatients[] = "resolve_patients";
@@ -67,6 +70,16 @@ inline const std::vector<pg::Statement>& Statements() {
       // patients_territory_region: control migration 0012, read for those regions only).
       {kCountPlacedOutside,
        "SELECT region_id, count(*) FROM patients WHERE territory = $1 "
+       "AND region_id = ANY($2::text[]) GROUP BY region_id ORDER BY region_id"},
+      // A tenant, held while its placements read its narrowing (shared) and while an upsert
+      // replaces it (exclusive): class 7202 (tenants) and the tenant id. As for the rules:
+      // advisory locks queue in order, so placements cannot starve a waiting upsert.
+      {kShareTenant, "SELECT pg_advisory_xact_lock_shared(7202, hashtext($1))"},
+      {kLockTenant, "SELECT pg_advisory_xact_lock(7202, hashtext($1))"},
+      // How many patients of a tenant live in each of the regions an upsert's narrowing drops
+      // (index patients_tenant_region: control migration 0013).
+      {kCountTenantPatientsIn,
+       "SELECT region_id, count(*) FROM patients WHERE tenant_id = $1 "
        "AND region_id = ANY($2::text[]) GROUP BY region_id ORDER BY region_id"},
       {kSelectPatient,
        "SELECT patient_id, tenant_id, territory, region_id, rule_version FROM patients "

@@ -118,7 +118,7 @@ class RoutingTest : public ::testing::Test {
 
   // Whether, within 30 s, `sessions` sessions wait for a residency rule's lock, taken by a
   // statement starting with "SELECT " + `call`.
-  static bool RuleLockWaits(const std::string& call, int sessions) {
+  static bool AdvisoryLockWaits(const std::string& call, int sessions) {
     return test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
       return CountIn(clusters_->control(),
                      absl::StrCat("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
@@ -403,7 +403,7 @@ TEST_F(RoutingTest, APlacementRacingARulePutFollowsTheRuleItCommitsUnder) {
                     current + 1);
   absl::StatusOr<v1::PlacePatientResponse> placed;
   std::thread other([&] { placed = Place(*app, "at-race-1", "AT"); });
-  const bool waiting = RuleLockWaits("pg_advisory_xact_lock_shared", 1);
+  const bool waiting = AdvisoryLockWaits("pg_advisory_xact_lock_shared", 1);
   held.commit();
   other.join();
   EXPECT_TRUE(waiting) << "the placement never waited for the put in progress";
@@ -436,10 +436,10 @@ TEST_F(RoutingTest, APutWaitingForPlacementsIsNotOvertakenByNewOnes) {
     grpc::Status status = Stub(pki_->ops())->PutResidencyRule(&context, request, &response);
     put = {status, response.rule().version()};
   });
-  const bool put_waits = RuleLockWaits("pg_advisory_xact_lock(", 1);
+  const bool put_waits = AdvisoryLockWaits("pg_advisory_xact_lock(", 1);
   absl::StatusOr<v1::PlacePatientResponse> placed;
   std::thread placer([&] { placed = Place(*app, "it-queue-1", "IT"); });
-  const bool placement_waits = RuleLockWaits("pg_advisory_xact_lock_shared", 1);
+  const bool placement_waits = AdvisoryLockWaits("pg_advisory_xact_lock_shared", 1);
   placing.commit();
   putter.join();
   placer.join();
@@ -580,6 +580,87 @@ TEST_F(RoutingTest, ATenantsCallsAreBoundedByTheCallRate) {
   EXPECT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(30),
                                       [&] { return place(pki_->app(), "rate-0").ok(); }));
   server->Shutdown();
+}
+
+// A tenant narrowed to fewer regions keeps its patients where they live (medgate does not move
+// data): an upsert whose narrowing drops a region holding patients of the tenant is refused,
+// naming the region and how many live there, unless ops keep them there knowingly.
+TEST_F(RoutingTest, ANarrowingThatDropsARegionWherePatientsLiveIsRefusedUnlessTheyAreKeptThere) {
+  // NL is seeded as [eu-1, fr-1]: an unnarrowed tenant's patients go to eu-1.
+  absl::StatusOr<TestCert> app = AppOfTenantServing("narrower", "NL");
+  ASSERT_TRUE(app.ok()) << app.status();
+  for (const char* ref : {"nl-kept-1", "nl-kept-2"}) {
+    absl::StatusOr<v1::PlacePatientResponse> placed = Place(*app, ref, "NL");
+    ASSERT_TRUE(placed.ok()) << placed.status();
+    ASSERT_EQ(placed->region_id(), "eu-1");
+  }
+  auto upsert = [&](std::optional<std::vector<std::string>> regions, bool keep,
+                    v1::UpsertTenantResponse* response) {
+    v1::UpsertTenantRequest request;
+    request.mutable_tenant()->set_tenant_id("narrower");
+    request.mutable_tenant()->set_display_name("narrower");
+    request.mutable_tenant()->add_territories("NL");
+    if (regions) {
+      for (const std::string& r : *regions) request.mutable_tenant()->add_region_ids(r);
+    }
+    request.mutable_tenant()->set_active(true);
+    request.set_keep_placed_patients(keep);
+    grpc::ClientContext context;
+    return Stub(pki_->ops())->UpsertTenant(&context, request, response);
+  };
+  v1::UpsertTenantResponse response;
+  grpc::Status refused = upsert(std::vector<std::string>{"fr-1"}, false, &response);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << refused.error_message();
+  EXPECT_THAT(refused.error_message(),
+              HasSubstr("region 'eu-1' (2 patients of tenant narrower live there)"));
+  EXPECT_THAT(refused.error_message(), HasSubstr("keep_placed_patients"));
+  EXPECT_EQ(Place(*app, "nl-new-1", "NL")->region_id(), "eu-1");  // still unnarrowed
+
+  v1::UpsertTenantResponse narrowed;
+  grpc::Status kept = upsert(std::vector<std::string>{"fr-1"}, true, &narrowed);
+  ASSERT_TRUE(kept.ok()) << kept.error_message();
+  ASSERT_EQ(narrowed.placed_outside_narrowing_size(), 1);
+  EXPECT_EQ(narrowed.placed_outside_narrowing(0).region_id(), "eu-1");
+  EXPECT_EQ(narrowed.placed_outside_narrowing(0).patients(), 3);
+  EXPECT_EQ(CountIn(clusters_->control(),
+                    "SELECT count(*) FROM audit_log WHERE object_type = 'tenant' AND object_id = "
+                    "'narrower' AND reason LIKE '% regions=fr-1 placed_outside=eu-1:3'"),
+            1);
+  EXPECT_EQ(Place(*app, "nl-kept-1", "NL")->region_id(), "eu-1");
+  EXPECT_EQ(Place(*app, "nl-new-2", "NL")->region_id(), "fr-1");
+  // Resending the narrowing (a suspension, say) drops nothing more, and widening drops nothing.
+  v1::UpsertTenantResponse again;
+  grpc::Status resent = upsert(std::vector<std::string>{"fr-1"}, false, &again);
+  ASSERT_TRUE(resent.ok()) << resent.error_message();
+  EXPECT_EQ(again.placed_outside_narrowing_size(), 0);
+  grpc::Status widened = upsert(std::nullopt, false, &again);
+  ASSERT_TRUE(widened.ok()) << widened.error_message();
+  // Narrowing to eu-1 now drops fr-1, where nl-new-2 lives, and counts it alone.
+  grpc::Status swapped = upsert(std::vector<std::string>{"eu-1"}, false, &again);
+  EXPECT_EQ(swapped.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << swapped.error_message();
+  EXPECT_THAT(swapped.error_message(),
+              HasSubstr("region 'fr-1' (1 patient of tenant narrower lives there)"));
+  EXPECT_THAT(swapped.error_message(), ::testing::Not(HasSubstr("eu-1")));
+}
+
+// A placement racing an upsert of its tenant: an upsert in progress holds the tenant, so the
+// placement waits, and follows the narrowing the upsert commits.
+TEST_F(RoutingTest, APlacementRacingATenantUpsertFollowsTheNarrowingItCommitsUnder) {
+  absl::StatusOr<TestCert> app = AppOfTenantServing("racing-tenant", "PT");
+  ASSERT_TRUE(app.ok()) << app.status();
+  pqxx::connection first(clusters_->control().ConnectionString());
+  pqxx::work held(first);
+  // What an upsert does first (sql::kLockTenant), then its new narrowing.
+  held.exec("SELECT pg_advisory_xact_lock(7202, hashtext('racing-tenant'))");
+  held.exec0("UPDATE tenants SET region_ids = '{fr-1}' WHERE tenant_id = 'racing-tenant'");
+  absl::StatusOr<v1::PlacePatientResponse> placed;
+  std::thread other([&] { placed = Place(*app, "pt-race-1", "PT"); });
+  const bool waiting = AdvisoryLockWaits("pg_advisory_xact_lock_shared(7202", 1);
+  held.commit();
+  other.join();
+  EXPECT_TRUE(waiting) << "the placement never waited for the upsert in progress";
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  EXPECT_EQ(placed->region_id(), "fr-1");  // PT's rule alone would give eu-1
 }
 
 // Two replicas seeding at once (or a seed racing ops): a seed stores a territory's first version
