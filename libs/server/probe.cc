@@ -31,7 +31,7 @@ absl::StatusOr<std::string> LocalAddressOf(absl::string_view listen) {
   return std::string(listen);
 }
 
-int ProbeServices(const MedgateConfig& config, absl::string_view names) {
+int ProbeServices(const MedgateConfig& config, absl::string_view names, ProbeKind kind) {
   std::vector<std::pair<std::string, ServiceEndpoint>> targets;
   for (absl::string_view name : absl::StrSplit(names, ',')) {
     absl::StatusOr<const ServiceEndpoint*> endpoint = config.Service(name);
@@ -63,7 +63,12 @@ int ProbeServices(const MedgateConfig& config, absl::string_view names) {
   int result = 0;
   for (size_t i = 0; i < targets.size(); ++i) {
     const absl::StatusOr<Health> health = answers[i].get();
-    if (!health.ok() || *health != Health::kServing) result = 1;
+    const bool passes =
+        kind == ProbeKind::kReady
+            ? health.ok() && *health == Health::kServing
+            : health.ok() || (health.status().code() != absl::StatusCode::kDeadlineExceeded &&
+                              health.status().code() != absl::StatusCode::kUnavailable);
+    if (!passes) result = 1;
     const std::string answer =
         health.ok() ? std::string(HealthName(*health)) : health.status().ToString();
     std::printf("%s: %s\n", targets[i].first.c_str(), answer.c_str());

@@ -1,4 +1,5 @@
-// `BINARY --config FILE --probe NAME[,NAME...]`: a pod's readiness probe, run next to the service.
+// `BINARY --config FILE --probe NAME[,NAME...]`: a pod's readiness probe, run next to the service;
+// `--liveness NAME[,NAME...]`: its liveness probe.
 #ifndef MEDGATE_LIBS_SERVER_PROBE_H_
 #define MEDGATE_LIBS_SERVER_PROBE_H_
 
@@ -21,11 +22,23 @@ absl::StatusOr<std::string> LocalAddressOf(absl::string_view listen);
 // probe timeout must be longer.
 inline constexpr absl::Duration kProbeDeadline = absl::Seconds(3);
 
+// What a probe asks of the servers.
+enum class ProbeKind {
+  // Every server SERVING: the pod may take calls (readiness).
+  kReady,
+  // Every server answering at all, NOT_SERVING included (its shards down, or draining): the
+  // process is not wedged (liveness). Only a server that gives no answer within kProbeDeadline
+  // (DEADLINE_EXCEEDED) or cannot be reached (UNAVAILABLE) fails it, so a database outage, which
+  // restarting cannot mend, restarts nothing.
+  kAlive,
+};
+
 // Asks each named service's server, on its own listening port and over mTLS with that service's
 // own certificate, for its standard gRPC health. Prints "NAME: SERVING" (or the answer, or the
-// error) per service on stdout. Returns 0 when every one is SERVING, 1 otherwise, 2 when a name
+// error) per service on stdout. Returns 0 when every one passes `kind`, 1 otherwise, 2 when a name
 // is not a service of the configuration or its listening address cannot be probed.
-int ProbeServices(const MedgateConfig& config, absl::string_view names);
+int ProbeServices(const MedgateConfig& config, absl::string_view names,
+                  ProbeKind kind = ProbeKind::kReady);
 
 }  // namespace medgate
 

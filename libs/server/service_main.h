@@ -17,19 +17,25 @@ namespace medgate {
 
 // `Server` has static Create(const MedgateConfig&) -> StatusOr<unique_ptr<Server>>, Start() and
 // RunUntilSignal(). Exit codes: 0 after a drain, 1 when it cannot start, 2 for bad flags/config.
-// With `--probe NAME[,NAME...]` it serves nothing: it asks the running servers of those services
-// on this host for their health (libs/server/probe.h), for an orchestrator's readiness probe.
+// With `--probe NAME[,NAME...]` (or `--liveness NAME[,NAME...]`) it serves nothing: it asks the
+// running servers of those services on this host for their health (libs/server/probe.h), for an
+// orchestrator's readiness (or liveness) probe.
 template <typename Server>
 int ServiceMain(int argc, char** argv, const char* binary) {
   ConfigureProcess();
   ServiceServer::BlockTerminationSignals();
-  const bool probe = argc == 5 && std::string(argv[3]) == "--probe";
+  const bool probe =
+      argc == 5 && (std::string(argv[3]) == "--probe" || std::string(argv[3]) == "--liveness");
   if ((argc != 3 && !probe) || std::string(argv[1]) != "--config") {
-    std::fprintf(stderr, "usage: %s --config FILE [--probe SERVICE[,SERVICE...]]\n", binary);
+    std::fprintf(stderr,
+                 "usage: %s --config FILE [--probe|--liveness SERVICE[,SERVICE...]]\n", binary);
     return 2;
   }
   MedgateConfig config = LoadConfigOrExit(argv[2]);
-  if (probe) return ProbeServices(config, argv[4]);
+  if (probe) {
+    return ProbeServices(config, argv[4],
+                         std::string(argv[3]) == "--probe" ? ProbeKind::kReady : ProbeKind::kAlive);
+  }
   absl::StatusOr<std::unique_ptr<Server>> server = Server::Create(config);
   if (!server.ok()) {
     log::Error("config_invalid", {{"error", server.status().message()}});

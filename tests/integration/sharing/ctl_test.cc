@@ -283,9 +283,10 @@ TEST_F(CtlTest, RefusesACommandLineItCannotReadBeforeAnythingIsSent) {
   }
 }
 
-// A pod's readiness probe (helm/medgate): the service's binary asks the servers running on this
-// host, on their own ports and with their own certificates, for their standard gRPC health.
-TEST_F(CtlTest, TheReadinessProbeAsksTheRunningServersForTheirHealth) {
+// A pod's readiness and liveness probes (helm/medgate): the service's binary asks the servers
+// running on this host, on their own ports and with their own certificates, for their standard
+// gRPC health; ready when every one is SERVING, alive when every one answers.
+TEST_F(CtlTest, TheProbesAskTheRunningServersForTheirHealth) {
   // As in a pod: each service listens on a port of its own, and its address (the Service's, which
   // may lead to another pod) is not where the probe goes. Here the addresses lead nowhere.
   // A configuration in which sharing and audit listen on `sharing` and `audit`.
@@ -313,8 +314,16 @@ TEST_F(CtlTest, TheReadinessProbeAsksTheRunningServersForTheirHealth) {
                                                 with.empty() ? config : with, " --probe ",
                                                 services, " 2>&1"));
   };
+  // The liveness probe asks the same, and passes on any answer.
+  auto alive = [&](const std::string& services, const std::string& with = "") {
+    return test_support::RunShell(absl::StrCat(MEDGATE_SHARING_BINARY, " --config ",
+                                                with.empty() ? config : with, " --liveness ",
+                                                services, " 2>&1"));
+  };
   const test_support::ShellRun serving = probe("sharing,audit");
   EXPECT_EQ(serving.exit_code, 0) << serving.output;
+  const test_support::ShellRun living = alive("sharing,audit");
+  EXPECT_EQ(living.exit_code, 0) << living.output;
   EXPECT_THAT(serving.output, HasSubstr("sharing: SERVING"));
   EXPECT_THAT(serving.output, HasSubstr("audit: SERVING"));
 
@@ -335,10 +344,15 @@ TEST_F(CtlTest, TheReadinessProbeAsksTheRunningServersForTheirHealth) {
   ASSERT_EQ(getsockname(silent, reinterpret_cast<sockaddr*>(&addr), &len), 0);
   const test_support::ShellRun hung =
       probe("sharing,audit", probe_config(sharing_->port(), ntohs(addr.sin_port)));
-  close(silent);
   EXPECT_EQ(hung.exit_code, 1) << hung.output;
   EXPECT_THAT(hung.output, HasSubstr("sharing: SERVING"));
   EXPECT_THAT(hung.output, HasSubstr("audit: DEADLINE_EXCEEDED"));
+  // The liveness probe fails on it too: a server that never answers is wedged.
+  const test_support::ShellRun hung_alive =
+      alive("sharing,audit", probe_config(sharing_->port(), ntohs(addr.sin_port)));
+  EXPECT_EQ(hung_alive.exit_code, 1) << hung_alive.output;
+  EXPECT_THAT(hung_alive.output, HasSubstr("audit: DEADLINE_EXCEEDED"));
+  close(silent);
 
   // With every region's shard down the service cannot serve, and the probe fails until one is
   // back.
@@ -352,6 +366,8 @@ TEST_F(CtlTest, TheReadinessProbeAsksTheRunningServersForTheirHealth) {
     return down.exit_code == 1 && absl::StrContains(down.output, "sharing: NOT_SERVING") &&
            absl::StrContains(down.output, "audit: NOT_SERVING");
   });
+  // Not serving, yet alive: restarting the pods would not bring the shards back.
+  const test_support::ShellRun down_alive = alive("sharing,audit");
   for (test_support::PgCluster* region : clusters.regions()) {
     ASSERT_TRUE(region->StartAgain().ok());
   }
@@ -360,6 +376,8 @@ TEST_F(CtlTest, TheReadinessProbeAsksTheRunningServersForTheirHealth) {
     return sharing_->consent_cache().FeedListening("fr-1");
   }));
   EXPECT_TRUE(failed) << down.output;
+  EXPECT_EQ(down_alive.exit_code, 0) << down_alive.output;
+  EXPECT_THAT(down_alive.output, HasSubstr("sharing: NOT_SERVING"));
   test_support::ShellRun back;
   EXPECT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
     back = probe("sharing,audit");

@@ -382,21 +382,24 @@ TEST_F(HelmChartTest, PodsRunWithoutPrivilegeAndDrainBeforeTheyAreKilled) {
       EXPECT_EQ(security["capabilities"]["drop"][0].as<std::string>(), "ALL");
       EXPECT_TRUE(c["resources"]["limits"]["memory"].IsScalar());
     }
-    // Ready: the binary's own probe asks every server of the pod (ctl_test runs it); started
-    // and alive: the service's port listens.
-    std::vector<std::string> readiness;
-    for (const YAML::Node& arg : container["readinessProbe"]["exec"]["command"]) {
-      readiness.push_back(arg.as<std::string>());
+    // Ready and alive: the binary's own probes ask every server of the pod (ctl_test runs them);
+    // started: the service's port listens.
+    for (const auto& [probe, flag] : {std::pair<std::string, std::string>{"readinessProbe", "--probe"},
+                                      {"livenessProbe", "--liveness"}}) {
+      std::vector<std::string> command;
+      for (const YAML::Node& arg : container[probe]["exec"]["command"]) {
+        command.push_back(arg.as<std::string>());
+      }
+      EXPECT_EQ(command,
+                (std::vector<std::string>{container["command"][0].as<std::string>(), "--config",
+                                          container["command"][2].as<std::string>(), flag,
+                                          name == "sharing" ? "sharing,audit" : name}))
+          << probe;
+      // The probe gives up on a server after kProbeDeadline; the orchestrator must wait longer.
+      EXPECT_GT(container[probe]["timeoutSeconds"].as<int>(), absl::ToInt64Seconds(kProbeDeadline))
+          << probe;
     }
-    EXPECT_EQ(readiness,
-              (std::vector<std::string>{container["command"][0].as<std::string>(), "--config",
-                                        container["command"][2].as<std::string>(), "--probe",
-                                        name == "sharing" ? "sharing,audit" : name}));
-    // The probe gives up on a server after kProbeDeadline; the orchestrator must wait longer.
-    EXPECT_GT(container["readinessProbe"]["timeoutSeconds"].as<int>(),
-              absl::ToInt64Seconds(kProbeDeadline));
     EXPECT_EQ(container["startupProbe"]["tcpSocket"]["port"].as<std::string>(), name);
-    EXPECT_EQ(container["livenessProbe"]["tcpSocket"]["port"].as<std::string>(), name);
   }
   EXPECT_FALSE(OfKind(*france_, "ServiceAccount")[0]["automountServiceAccountToken"].as<bool>());
 }
