@@ -95,10 +95,10 @@ struct ServerLimits {
   int max_connection_age_seconds = 3600;
   int max_connection_age_grace_seconds = 30;
   int drain_seconds = 20;
-  // Calls one tenant's identities (devices, practitioners, apps) may start a second on one
-  // instance of a service, after a burst: one more is RESOURCE_EXHAUSTED (the tenant gate's).
-  // Services and ops are not counted; neither are device streams once open (ingest's sample
-  // quota bounds what they send).
+  // Calls one tenant's practitioners and apps may start a second on one instance of a service,
+  // after a burst: one more is RESOURCE_EXHAUSTED (the tenant gate's). Services and ops are not
+  // counted; neither are device streams, which learn their tenant's state from routing's device
+  // answer instead (ingest's sample quota and per-device stream bound apply to them).
   int tenant_calls_per_second = 1000;
   int tenant_call_burst = 2000;
 };

@@ -27,7 +27,9 @@ class TenantGate {
   virtual ~TenantGate() = default;
 
   // OK while `tenant` is registered and active; PERMISSION_DENIED when it is suspended or not
-  // registered; UNAVAILABLE (or another error) when that cannot be known now: fail closed.
+  // registered; UNAVAILABLE (or another error) when that cannot be known now: fail closed. A gate
+  // may also count the calls it lets through (RESOURCE_EXHAUSTED past its rate): ask it once per
+  // call.
   virtual absl::Status CheckActive(absl::string_view tenant) = 0;
 };
 

@@ -49,6 +49,11 @@ absl::StatusOr<CallContext> BeginCall(const RpcPolicy& policy,
                                       absl::string_view method, const std::string& request_id) {
   absl::StatusOr<Principal> principal = policy.Authorize(context, method);
   if (!principal.ok()) return principal.status();
+  return BeginCall(*std::move(principal), context, request_id);
+}
+
+absl::StatusOr<CallContext> BeginCall(Principal principal, const grpc::ServerContextBase& context,
+                                      const std::string& request_id) {
   if (request_id.size() > kMaxRequestIdBytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("request_id: at most ", kMaxRequestIdBytes, " bytes"));
@@ -57,7 +62,7 @@ absl::StatusOr<CallContext> BeginCall(const RpcPolicy& policy,
     if (c < 0x20 || c > 0x7e) return absl::InvalidArgumentError("request_id: printable ASCII only");
   }
   CallContext ctx;
-  ctx.principal = *std::move(principal);
+  ctx.principal = std::move(principal);
   ctx.request_id = request_id.empty() ? NewRequestId() : request_id;
   ctx.origin = context.peer().substr(0, 128);
   return ctx;

@@ -40,6 +40,11 @@ struct CallContext {
 absl::StatusOr<CallContext> BeginCall(const RpcPolicy& policy,
                                       const grpc::ServerContextBase& context,
                                       absl::string_view method, const std::string& request_id);
+// The same for a call whose caller was authorized at its start (`principal`, from
+// policy.Authorize), once its request id is known: the tenant gate, which counts the tenant's
+// calls, is asked once per call.
+absl::StatusOr<CallContext> BeginCall(Principal principal, const grpc::ServerContextBase& context,
+                                      const std::string& request_id);
 
 // A permitted action of the caller, for the audit chain.
 audit::Entry AuditEntryFor(const CallContext& ctx, audit::Action action,

@@ -3,10 +3,12 @@
 -- patients of the tenant directly, and serves whatever the index on tenant_id alone served, which
 -- goes: a placement writes one index less.
 --
--- Building it holds placements (inserts into patients) until it is built. On a large directory,
--- build it beforehand without blocking them, as the migrations' role; this migration then keeps it
--- (and stops if it is not valid, or not as below):
+-- Building it holds placements (inserts into patients) until it is built, and dropping the old
+-- index takes the table's lock for a moment (after every transaction using the table ends). On a
+-- large or busy directory, do both beforehand without blocking, as the migrations' role; this
+-- migration then keeps the new index (and stops if it is not valid, or not as below):
 --   CREATE INDEX CONCURRENTLY patients_tenant_region ON patients (tenant_id, region_id);
+--   DROP INDEX CONCURRENTLY patients_tenant;
 SET LOCAL lock_timeout = '30s';
 DO $$
 DECLARE

@@ -178,7 +178,8 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
     return ToGrpcStatus(absl::InvalidArgumentError("the first message must be the header"));
   }
   const v1::UploadRecordHeader& in = message.header();
-  absl::StatusOr<CallContext> ctx = Begin(context, "UploadRecord", in.request_id());
+  // Authorized when the call began: asking the tenant gate again would count the call twice.
+  absl::StatusOr<CallContext> ctx = BeginCall(*principal, *context, in.request_id());
   if (!ctx.ok()) return ToGrpcStatus(ctx.status());
   absl::StatusOr<RecordKind> kind = KindOf(in.kind(), "header.kind", true);
   if (!kind.ok()) return ToGrpcStatus(kind.status());

@@ -116,8 +116,8 @@ class RoutingTest : public ::testing::Test {
     });
   }
 
-  // Whether, within 30 s, `sessions` sessions wait for a residency rule's lock, taken by a
-  // statement starting with "SELECT " + `call`.
+  // Whether, within 30 s, `sessions` sessions wait for an advisory lock (a residency rule's, or
+  // a tenant's), taken by a statement starting with "SELECT " + `call`.
   static bool AdvisoryLockWaits(const std::string& call, int sessions) {
     return test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
       return CountIn(clusters_->control(),
@@ -661,6 +661,38 @@ TEST_F(RoutingTest, APlacementRacingATenantUpsertFollowsTheNarrowingItCommitsUnd
   EXPECT_TRUE(waiting) << "the placement never waited for the upsert in progress";
   ASSERT_TRUE(placed.ok()) << placed.status();
   EXPECT_EQ(placed->region_id(), "fr-1");  // PT's rule alone would give eu-1
+}
+
+// An upsert racing a placement of its tenant: the upsert waits for the placement in progress
+// (its tenant held shared) and counts the patient it placed.
+TEST_F(RoutingTest, ATenantUpsertWaitsForThePlacementsInProgressAndCountsThem) {
+  absl::StatusOr<TestCert> app = AppOfTenantServing("upsert-racer", "IE");
+  ASSERT_TRUE(app.ok()) << app.status();
+  pqxx::connection first(clusters_->control().ConnectionString());
+  pqxx::work placing(first);
+  // What a placement does first (sql::kShareTenant), then its patient, in eu-1.
+  placing.exec("SELECT pg_advisory_xact_lock_shared(7202, hashtext('upsert-racer'))");
+  placing.exec0("INSERT INTO patients (patient_id, tenant_id, territory, region_id, rule_version) "
+                "VALUES ('ie-upsert-race-1', 'upsert-racer', 'IE', 'eu-1', 1)");
+  grpc::Status upserted;
+  std::thread upserter([&] {
+    v1::UpsertTenantRequest request;
+    request.mutable_tenant()->set_tenant_id("upsert-racer");
+    request.mutable_tenant()->set_display_name("upsert-racer");
+    request.mutable_tenant()->add_territories("IE");
+    request.mutable_tenant()->add_region_ids("fr-1");
+    request.mutable_tenant()->set_active(true);
+    v1::UpsertTenantResponse response;
+    grpc::ClientContext context;
+    upserted = Stub(pki_->ops())->UpsertTenant(&context, request, &response);
+  });
+  const bool waits = AdvisoryLockWaits("pg_advisory_xact_lock(7202", 1);
+  placing.commit();
+  upserter.join();
+  EXPECT_TRUE(waits) << "the upsert never waited for the placement in progress";
+  EXPECT_EQ(upserted.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << upserted.error_message();
+  EXPECT_THAT(upserted.error_message(),
+              HasSubstr("region 'eu-1' (1 patient of tenant upsert-racer lives there)"));
 }
 
 // Two replicas seeding at once (or a seed racing ops): a seed stores a territory's first version

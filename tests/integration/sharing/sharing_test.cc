@@ -1508,6 +1508,32 @@ TEST_F(SharingTest, FailedUploadsLeaveNoPatientKeyAndFirstUploadsShareOne) {
 
 // A one-chunk upload takes a connection only to store its record: with one upload connection to
 // the region, a client still sending does not keep another's upload from being stored.
+// An upload asks the tenant gate, which counts the tenant's calls, once: with a burst of two
+// calls, two uploads in a row are stored (counted at its start and again at its header, the first
+// left nothing for the second). Past the rate an upload is refused, saying why.
+TEST_F(SharingTest, AnUploadCountsOnceAgainstItsTenantsCallRate) {
+  ExtraSharing extra = StartSharingOn(
+      ConfigWith("limits: {drain_seconds: 1}",
+                 "limits: {drain_seconds: 1, tenant_calls_per_second: 1, tenant_call_burst: 2}"));
+  ASSERT_NE(extra.server, nullptr);
+  const std::string patient = Place("call-rate-1", "FR");
+  auto upload = [&](int i) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = absl::StrCat("upload ", i);
+    return Upload(pki_->practitioner(), spec, nullptr, extra.server->port());
+  };
+  for (int i = 0; i < 2; ++i) {
+    grpc::Status status = upload(i);
+    EXPECT_TRUE(status.ok()) << i << ": " << status.error_message();
+  }
+  grpc::Status refused;
+  for (int i = 2; i < 50 && refused.ok(); ++i) refused = upload(i);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), HasSubstr("limits.tenant_calls_per_second"));
+  extra.server->Shutdown();
+}
+
 TEST_F(SharingTest, AOneChunkUploadHoldsNoConnectionWhileItIsSent) {
   ExtraSharing extra = StartSharingOn(
       ConfigWith("acquire_timeout_ms: 1000}}", "acquire_timeout_ms: 1000, pool_size: 1}}"));
