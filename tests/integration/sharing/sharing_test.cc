@@ -1534,6 +1534,24 @@ TEST_F(SharingTest, AnUploadCountsOnceAgainstItsTenantsCallRate) {
   extra.server->Shutdown();
 }
 
+// The consent section's cache bounds (consent.cache.*) are sharing's too: with room for one
+// patient, uploads for two patients keep at most one cached.
+TEST_F(SharingTest, TheConsentCacheHasTheConfiguredBounds) {
+  ExtraSharing extra = StartSharingOn(ConfigWith(
+      "limits: {drain_seconds: 1}\n", "limits: {drain_seconds: 1}\nconsent: {cache: {max_patients: 1}}\n"));
+  ASSERT_NE(extra.server, nullptr);
+  for (const char* ref : {"cache-bound-1", "cache-bound-2"}) {
+    UploadSpec spec;
+    spec.patient_id = Place(ref, "FR");
+    spec.content = absl::StrCat("a record of ", ref);
+    UploadOk(pki_->practitioner(), spec, extra.server->port());
+  }
+  const consent::ConsentCacheStats stats = extra.server->consent_cache().Stats();
+  EXPECT_GE(stats.loads, 2u);
+  EXPECT_LE(stats.entries, 1u);
+  extra.server->Shutdown();
+}
+
 TEST_F(SharingTest, AOneChunkUploadHoldsNoConnectionWhileItIsSent) {
   ExtraSharing extra = StartSharingOn(
       ConfigWith("acquire_timeout_ms: 1000}}", "acquire_timeout_ms: 1000, pool_size: 1}}"));
