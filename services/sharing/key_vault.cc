@@ -4,6 +4,7 @@
 #include <pqxx/pqxx>
 
 #include "absl/strings/str_cat.h"
+#include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/pg/sql_array.h"
 
@@ -16,6 +17,8 @@ constexpr char kDeleteKeys[] = "vault_delete_keys";
 constexpr char kSelectUnconfirmed[] = "vault_select_unconfirmed";
 constexpr char kConfirmKeys[] = "vault_confirm_keys";
 constexpr char kSelectAnyKek[] = "vault_select_any_kek";
+constexpr char kSelectOtherKeks[] = "vault_select_other_keks";
+constexpr char kRewrapKey[] = "vault_rewrap_key";
 
 const std::vector<pg::Statement>& VaultStatements() {
   static const std::vector<pg::Statement> statements = {
@@ -31,6 +34,12 @@ const std::vector<pg::Statement>& VaultStatements() {
        "ORDER BY created_at LIMIT $2"},
       {kConfirmKeys, "UPDATE patient_keys SET confirmed = true WHERE key_id = ANY($1::text[])"},
       {kSelectAnyKek, "SELECT kek_id FROM patient_keys LIMIT 1"},
+      {kSelectOtherKeks,
+       "SELECT key_id, patient_id, kek_id, wrapped_key FROM patient_keys WHERE kek_id <> $1 "
+       "LIMIT $2"},
+      {kRewrapKey,
+       "UPDATE patient_keys SET kek_id = $3, wrapped_key = $4 "
+       "WHERE key_id = $1 AND patient_id = $2 AND kek_id = $5"},
   };
   return statements;
 }
@@ -41,8 +50,78 @@ std::string PatientKeyContext(absl::string_view patient_id, absl::string_view ke
   return absl::StrCat("patient-key/", patient_id, "/", key_id);
 }
 
+crypto::KeyEncryptionKey* KeyVault::KekOf(absl::string_view kek_id) const {
+  if (kek_id == kek_.id()) return &kek_;
+  for (crypto::KeyEncryptionKey* previous : previous_) {
+    if (kek_id == previous->id()) return previous;
+  }
+  return nullptr;
+}
+
+std::string KeyVault::HeldKeks() const {
+  std::string held = kek_.id();
+  for (const crypto::KeyEncryptionKey* previous : previous_) {
+    absl::StrAppend(&held, " (and previous ", previous->id(), ")");
+  }
+  return held;
+}
+
+absl::StatusOr<crypto::SecretKey> KeyVault::Unwrap(absl::string_view kek_id,
+                                                   absl::string_view wrapped,
+                                                   absl::string_view context) {
+  crypto::KeyEncryptionKey* kek = KekOf(kek_id);
+  if (kek == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the patient's data key is wrapped by key-encryption key ", kek_id,
+                     ", but this service holds ", HeldKeks()));
+  }
+  return kek->Unwrap(wrapped, context);
+}
+
+absl::StatusOr<bool> KeyVault::Rewrap(pg::Pool& pool, const std::string& patient_id,
+                                      const std::string& key_id, absl::string_view from_kek_id,
+                                      const crypto::SecretKey& key) {
+  ASSIGN_OR_RETURN(std::string wrapped, kek_.Wrap(key, PatientKeyContext(patient_id, key_id)));
+  return pool.TransactValue<bool>([&](pqxx::work& txn) -> absl::StatusOr<bool> {
+    pqxx::result updated = txn.exec_prepared(kRewrapKey, key_id, patient_id, kek_.id(),
+                                             pqxx::binarystring(wrapped), std::string(from_kek_id));
+    return updated.affected_rows() == 1;
+  });
+}
+
+absl::StatusOr<KeyVault::Rewrapped> KeyVault::RewrapSome(absl::string_view region, int limit) {
+  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
+  struct Row {
+    std::string key_id, patient_id, kek_id, wrapped;
+  };
+  ASSIGN_OR_RETURN(std::vector<Row> rows,
+                   pool->TransactValue<std::vector<Row>>(
+                       [&](pqxx::work& txn) -> absl::StatusOr<std::vector<Row>> {
+                         std::vector<Row> out;
+                         for (const pqxx::row& r :
+                              txn.exec_prepared(kSelectOtherKeks, kek_.id(), limit)) {
+                           out.push_back({r[0].c_str(), r[1].c_str(), r[2].c_str(),
+                                          pqxx::binarystring(r[3]).str()});
+                         }
+                         return out;
+                       }));
+  Rewrapped done;
+  for (const Row& row : rows) {
+    if (KekOf(row.kek_id) == nullptr) {
+      ++done.unknown;
+      continue;
+    }
+    ASSIGN_OR_RETURN(crypto::SecretKey key,
+                     Unwrap(row.kek_id, row.wrapped, PatientKeyContext(row.patient_id, row.key_id)));
+    ASSIGN_OR_RETURN(bool rewrapped, Rewrap(*pool, row.patient_id, row.key_id, row.kek_id, key));
+    if (rewrapped) ++done.rewrapped;
+  }
+  return done;
+}
+
 absl::StatusOr<std::unique_ptr<KeyVault>> KeyVault::Create(
-    const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek) {
+    const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek,
+    std::vector<crypto::KeyEncryptionKey*> previous) {
   for (size_t i = 0; i < regions.size(); ++i) {
     if (!regions[i].keys_db) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -51,11 +130,12 @@ absl::StatusOr<std::unique_ptr<KeyVault>> KeyVault::Create(
           "database apart from the shard (migrations/vault)"));
     }
   }
-  return std::unique_ptr<KeyVault>(new KeyVault(regions, kek));
+  return std::unique_ptr<KeyVault>(new KeyVault(regions, kek, std::move(previous)));
 }
 
-KeyVault::KeyVault(const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek)
-    : kek_(kek) {
+KeyVault::KeyVault(const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek,
+                   std::vector<crypto::KeyEncryptionKey*> previous)
+    : kek_(kek), previous_(std::move(previous)) {
   for (const RegionConfig& r : regions) {
     pg::PoolOptions options =
         pg::PoolOptions::FromConfig(absl::StrCat(r.id, " key vault"), *r.keys_db);
@@ -74,11 +154,12 @@ absl::Status KeyVault::CheckKek(absl::string_view region) {
     return absl::OkStatus();
   }));
   if (held.empty()) return absl::OkStatus();  // no key yet: the first one written decides
-  if (held != kek_.id()) {
+  if (KekOf(held) == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the key vault of region ", region, " holds patient keys wrapped by key-encryption key ",
-        held, ", but this service was given ", kek_.id(), ": configure the cluster's KEK (one "
-        "KEK per cluster; keys are not rewrapped)"));
+        held, ", but this service was given ", HeldKeks(),
+        ": configure the cluster's KEK (a rotation gives the new one as sharing.kek_file and "
+        "the old one in sharing.previous_kek_files until every key is rewrapped)"));
   }
   kek_verified_.find(region)->second->store(true);
   return absl::OkStatus();
@@ -137,12 +218,17 @@ absl::StatusOr<crypto::SecretKey> KeyVault::Get(absl::string_view region,
     wrapped = pqxx::binarystring(rows[0][1]).str();
     return absl::OkStatus();
   }));
+  ASSIGN_OR_RETURN(crypto::SecretKey key,
+                   Unwrap(kek_id, wrapped, PatientKeyContext(patient_id, key_id)));
   if (kek_id != kek_.id()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the patient's data key is wrapped by key-encryption key ", kek_id,
-                     ", but this service holds ", kek_.id()));
+    // A previous KEK's: from now on this process's wraps it. The read does not wait on it.
+    absl::StatusOr<bool> rewrapped = Rewrap(*pool, patient_id, key_id, kek_id, key);
+    if (!rewrapped.ok()) {
+      log::Warning("patient_key_rewrap_failed",
+                   {{"region", region}, {"key_id", key_id}, {"error", rewrapped.status().message()}});
+    }
   }
-  return kek_.Unwrap(wrapped, PatientKeyContext(patient_id, key_id));
+  return key;
 }
 
 absl::Status KeyVault::Destroy(absl::string_view region, const std::vector<std::string>& key_ids) {

@@ -28,18 +28,37 @@ std::string PatientKeyContext(absl::string_view patient_id, absl::string_view ke
 // Thread-safe.
 class KeyVault {
  public:
-  // FAILED_PRECONDITION naming the first region without a `keys_db`.
-  static absl::StatusOr<std::unique_ptr<KeyVault>> Create(const std::vector<RegionConfig>& regions,
-                                                          crypto::KeyEncryptionKey& kek);
+  // FAILED_PRECONDITION naming the first region without a `keys_db`. `kek` wraps every key
+  // written; `previous` (a rotation's retired KEKs, sharing.previous_kek_files) only unwrap the
+  // keys they still wrap, which are then rewrapped under `kek` (Get, RewrapSome).
+  static absl::StatusOr<std::unique_ptr<KeyVault>> Create(
+      const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek,
+      std::vector<crypto::KeyEncryptionKey*> previous = {});
 
   crypto::KeyEncryptionKey& kek() const { return kek_; }
 
-  // Whether the region's vault holds keys wrapped by another key-encryption key than this
-  // process's: FAILED_PRECONDITION naming both (a KEK mistyped into one pod's Secret would wrap
-  // the keys of the patients it sees first under a key no other pod holds); OK when the keys are
-  // this KEK's or there are none yet; UNAVAILABLE when the vault cannot be reached. The vault holds
-  // keys of one KEK: there is no rotation, so any key tells which.
+  // The key `wrapped` holds, unwrapped by the KEK named `kek_id` (this process's or a previous
+  // one): FAILED_PRECONDITION naming the KEKs held when it is neither; DATA_LOSS when it does not
+  // unwrap.
+  absl::StatusOr<crypto::SecretKey> Unwrap(absl::string_view kek_id, absl::string_view wrapped,
+                                           absl::string_view context);
+
+  // Whether the region's vault holds keys wrapped by a key-encryption key this process does not
+  // hold: FAILED_PRECONDITION naming both (a KEK mistyped into one pod's Secret would wrap the
+  // keys of the patients it sees first under a key no other pod holds); OK when a key tells of
+  // this KEK or a previous one, or there are none yet; UNAVAILABLE when the vault cannot be
+  // reached. Any one key is asked.
   absl::Status CheckKek(absl::string_view region);
+
+  // Rewraps under this process's KEK at most `limit` of the region's keys that a previous KEK
+  // wraps: how many it rewrapped. A key of a KEK this process does not hold is left (and counted
+  // in `unknown`): CheckKek refuses such a vault at start.
+  struct Rewrapped {
+    int rewrapped = 0;
+    int unknown = 0;
+  };
+  absl::StatusOr<Rewrapped> RewrapSome(absl::string_view region, int limit);
+  bool rotating() const { return !previous_.empty(); }
 
   // Stores a new key of the patient, wrapped by the KEK; it is committed when this returns.
   // FAILED_PRECONDITION, storing nothing, while the region's vault holds keys of another KEK
@@ -53,7 +72,9 @@ class KeyVault {
                           const std::string& key_id, const std::string& kek_id,
                           const std::string& wrapped);
   // The key, unwrapped. NOT_FOUND when the vault does not hold it (destroyed by an erasure);
-  // FAILED_PRECONDITION when another KEK wraps it; DATA_LOSS when it does not unwrap.
+  // FAILED_PRECONDITION when a KEK this process does not hold wraps it; DATA_LOSS when it does
+  // not unwrap. A key a previous KEK wraps is rewrapped under this process's as it is read (a
+  // failure to store that is logged: the sweep tries again).
   absl::StatusOr<crypto::SecretKey> Get(absl::string_view region, const std::string& patient_id,
                                         const std::string& key_id);
   // Deletes the keys (those already gone are not an error).
@@ -65,8 +86,18 @@ class KeyVault {
   absl::Status Confirm(absl::string_view region, const std::vector<std::string>& key_ids);
 
  private:
-  KeyVault(const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek);
+  KeyVault(const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek,
+           std::vector<crypto::KeyEncryptionKey*> previous);
+  // Stores `key` wrapped by this process's KEK in place of its wrapping by `from_kek_id`, unless
+  // the row changed meanwhile (rewrapped by another process, or destroyed): whether it did.
+  absl::StatusOr<bool> Rewrap(pg::Pool& pool, const std::string& patient_id,
+                              const std::string& key_id, absl::string_view from_kek_id,
+                              const crypto::SecretKey& key);
   absl::StatusOr<pg::Pool*> PoolOf(absl::string_view region) const;
+  // This process's KEK or a previous one named `kek_id`; null for another.
+  crypto::KeyEncryptionKey* KekOf(absl::string_view kek_id) const;
+  // "ID (and previous ID)...", for messages.
+  std::string HeldKeks() const;
   absl::Status Insert(absl::string_view region, const std::string& patient_id,
                       const std::string& key_id, const std::string& kek_id,
                       const std::string& wrapped, bool confirmed);
@@ -75,6 +106,7 @@ class KeyVault {
                           const std::vector<std::string>& key_ids);
 
   crypto::KeyEncryptionKey& kek_;
+  const std::vector<crypto::KeyEncryptionKey*> previous_;
   // By region; each pool is named "<region> key vault", as its errors say.
   std::map<std::string, std::unique_ptr<pg::Pool>, std::less<>> pools_;
   // By region: the vault has shown a key of this KEK (CheckKek or Put), so Put checks no more.

@@ -211,19 +211,6 @@ absl::Status OpenSealedMetadata(const SecretKey& record_key, RecordInfo& r) {
 // Where a patient key row's key is when it is not in the row itself.
 constexpr char kInVault[] = "vault";
 
-// A patient key the shard itself holds, wrapped by the KEK (written before the key vault).
-absl::StatusOr<SecretKey> UnwrapPatientKey(crypto::KeyEncryptionKey& kek,
-                                           absl::string_view patient_id, absl::string_view key_id,
-                                           absl::string_view wrapped_by,
-                                           absl::string_view wrapped) {
-  if (wrapped_by != kek.id()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the patient's data key is wrapped by key-encryption key ", wrapped_by,
-                     ", but this service holds ", kek.id()));
-  }
-  return kek.Unwrap(wrapped, PatientKeyContext(patient_id, key_id));
-}
-
 // --- audit ------------------------------------------------------------------------------------
 
 // AuditEntry.reason_detail's bound (audit.proto): what follows "CODE: " in a stored reason.
@@ -1180,7 +1167,8 @@ absl::StatusOr<PatientKey> SharingCore::OpenPatientKey(absl::string_view region,
                        key.status().message(), ")"));
     }
   } else {
-    key = UnwrapPatientKey(vault_.kek(), patient_id, key_id, wrapped_by, wrapped);
+    // A key the shard held before the vault existed, wrapped by this KEK or a previous one.
+    key = vault_.Unwrap(wrapped_by, wrapped, PatientKeyContext(patient_id, key_id));
   }
   if (!key.ok()) return key.status();
   PatientKey opened{key_id, *std::move(key)};

@@ -24,7 +24,8 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
                                  "upload_idle_timeout_seconds", "upload_min_bytes_per_second",
                                  "download_idle_timeout_seconds", "download_min_bytes_per_second",
                                  "max_uploads_per_tenant", "max_downloads_per_tenant",
-                                 "retention_sweep_seconds"}));
+                                 "retention_sweep_seconds", "previous_kek_files",
+                                 "kek_rewrap_seconds"}));
   SharingSettings settings;
   ASSIGN_OR_RETURN(settings.kek_file, node.String("kek_file", ""));
   ASSIGN_OR_RETURN(settings.kek_env, node.String("kek_env", ""));
@@ -32,6 +33,16 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
     return absl::InvalidArgumentError(
         "config key 'sharing': exactly one of kek_file and kek_env is required");
   }
+  if (node.Has("previous_kek_files")) {
+    ASSIGN_OR_RETURN(settings.previous_kek_files, node.Strings("previous_kek_files", true));
+    if (settings.previous_kek_files.size() > 8) {
+      return absl::InvalidArgumentError(
+          "config key 'sharing.previous_kek_files': at most 8 (retire a KEK once the sweep has "
+          "rewrapped its keys)");
+    }
+  }
+  ASSIGN_OR_RETURN(int64_t rewrap, node.Int("kek_rewrap_seconds", 1, 86400, 60));
+  settings.kek_rewrap_interval = absl::Seconds(rewrap);
   constexpr int64_t kMaxQuota = int64_t{1} << 50;
   ASSIGN_OR_RETURN(settings.tenant_quota_bytes, node.Int("tenant_quota_bytes", 0, kMaxQuota,
                                                                   kDefaultTenantQuotaBytes));
@@ -85,8 +96,26 @@ absl::StatusOr<std::unique_ptr<SharingServer>> SharingServer::Create(const Medga
         absl::StrCat("config key 'sharing.", settings.kek_file.empty() ? "kek_env" : "kek_file",
                      "': ", kek.status().message()));
   }
+  std::vector<std::unique_ptr<crypto::KeyEncryptionKey>> previous_keks;
+  std::vector<crypto::KeyEncryptionKey*> previous;
+  for (size_t i = 0; i < settings.previous_kek_files.size(); ++i) {
+    absl::StatusOr<std::unique_ptr<crypto::KeyEncryptionKey>> loaded =
+        crypto::LoadKeyEncryptionKeyFile(settings.previous_kek_files[i]);
+    if (!loaded.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("config key 'sharing.previous_kek_files[", i,
+                                                     "]': ", loaded.status().message()));
+    }
+    if ((*loaded)->id() == (*kek)->id()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "config key 'sharing.previous_kek_files[", i, "]': this is the current KEK (",
+          (*kek)->id(), "), not a previous one"));
+    }
+    previous.push_back(loaded->get());
+    previous_keks.push_back(*std::move(loaded));
+  }
   ASSIGN_OR_RETURN(MedgateConfig own, pg::ConfigAs(config, pg::kSharingRole));
-  ASSIGN_OR_RETURN(std::unique_ptr<KeyVault> vault, KeyVault::Create(own.regions, **kek));
+  ASSIGN_OR_RETURN(std::unique_ptr<KeyVault> vault,
+                   KeyVault::Create(own.regions, **kek, std::move(previous)));
   if (options.check_kek_at_start) {
     for (const RegionConfig& region : own.regions) {
       absl::Status checked = vault->CheckKek(region.id);
@@ -101,8 +130,9 @@ absl::StatusOr<std::unique_ptr<SharingServer>> SharingServer::Create(const Medga
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
                    MakeServiceChannel(*routing, self->tls));
   return std::unique_ptr<SharingServer>(
-      new SharingServer(std::move(own), std::move(settings), *std::move(kek), std::move(vault),
-                        std::move(channel), std::move(options)));
+      new SharingServer(std::move(own), std::move(settings), *std::move(kek),
+                        std::move(previous_keks), std::move(vault), std::move(channel),
+                        std::move(options)));
 }
 
 absl::Duration UnusedVaultKeyGrace(const MedgateConfig& config) {
@@ -118,12 +148,14 @@ absl::Duration UnusedVaultKeyGrace(const MedgateConfig& config) {
 
 SharingServer::SharingServer(MedgateConfig config, SharingSettings settings,
                              std::unique_ptr<crypto::KeyEncryptionKey> kek,
+                             std::vector<std::unique_ptr<crypto::KeyEncryptionKey>> previous_keks,
                              std::unique_ptr<KeyVault> vault,
                              std::shared_ptr<grpc::Channel> routing_channel,
                              SharingServerOptions options)
     : config_(std::move(config)),
       settings_(std::move(settings)),
       kek_(std::move(kek)),
+      previous_keks_(std::move(previous_keks)),
       vault_(std::move(vault)) {
   pg::PoolOptions control = pg::PoolOptions::FromConfig("control", *config_.control_db);
   control.statements = sql::ControlStatements();
@@ -188,6 +220,10 @@ absl::Status SharingServer::Start() {
   }
   sweeper_ = std::make_unique<PeriodicTask>(settings_.retention_sweep_interval,
                                             [this](PeriodicTask& task) { return Sweep(task); });
+  if (vault_->rotating()) {
+    rewrapper_ = std::make_unique<PeriodicTask>(
+        settings_.kek_rewrap_interval, [this](PeriodicTask& task) { return RewrapKeys(task); });
+  }
   // Whatever the retention sweep's interval, so that a quota check never sums more than a few
   // seconds of a tenant's changes. The same turn drops cached patient keys past their age, so
   // that a key another process erased leaves this one's memory even when nothing here asks.
@@ -230,6 +266,33 @@ absl::Duration SharingServer::Sweep(PeriodicTask& task) {
   return settings_.retention_sweep_interval;
 }
 
+absl::Duration SharingServer::RewrapKeys(PeriodicTask& task) {
+  constexpr int kBatch = 500;
+  for (const RegionConfig& region : config_.regions) {
+    KeyVault::Rewrapped total;
+    bool more = true;
+    while (more && !task.stopping()) {
+      absl::StatusOr<KeyVault::Rewrapped> done = vault_->RewrapSome(region.id, kBatch);
+      if (!done.ok()) {
+        log::Warning("kek_rewrap_failed", {{"region", region.id}, {"error", done.status().message()}});
+        break;
+      }
+      total.rewrapped += done->rewrapped;
+      total.unknown = done->unknown;
+      // A batch of keys of KEKs this process does not hold alone would come back each time.
+      more = done->rewrapped > 0 && done->rewrapped + done->unknown == kBatch;
+    }
+    if (total.rewrapped > 0 || total.unknown > 0) {
+      // Once no region logs any, the previous KEKs wrap nothing: they can be retired.
+      log::Info("kek_rewrap", {{"region", region.id},
+                               {"rewrapped", total.rewrapped},
+                               {"of_unknown_keks", total.unknown},
+                               {"kek_id", kek_->id()}});
+    }
+  }
+  return settings_.kek_rewrap_interval;
+}
+
 void SharingServer::Shutdown() {
   // Both servers drain at once, and the retention sweep (which may be in a statement) stops
   // meanwhile: stopping takes one drain period (limits.drain_seconds), which is what an
@@ -240,6 +303,7 @@ void SharingServer::Shutdown() {
   if (sweeper_) sweeper = std::thread([this] { sweeper_->Stop(); });
   std::thread folder;
   if (usage_folder_) folder = std::thread([this] { usage_folder_->Stop(); });
+  if (rewrapper_) rewrapper_->Stop();
   server_->Shutdown();
   if (audit.joinable()) audit.join();
   if (sweeper.joinable()) sweeper.join();

@@ -34,6 +34,10 @@ inline constexpr absl::Duration kUsageFoldInterval = absl::Seconds(10);
 //   sharing:
 //     kek_file: /run/secrets/kek        # the key-encryption key, 64 hex digits; or
 //     kek_env: MEDGATE_SHARING_KEK      # the environment variable holding it (exactly one)
+//     previous_kek_files: [/run/secrets/old-kek]  # a rotation's retired KEKs (at most 8): they
+//                                       # unwrap the keys they still wrap, which are rewrapped
+//                                       # under the KEK as they are read and by a sweep
+//     kek_rewrap_seconds: 60            # how often that sweep runs while there are previous KEKs
 //     tenant_quota_bytes: 10737418240   # bytes of records per tenant and region (default 1 TiB;
 //                                       # 0: no limit, which must be asked for)
 //     tenant_quotas: {acme: 1073741824} # per-tenant overrides
@@ -48,6 +52,8 @@ inline constexpr absl::Duration kUsageFoldInterval = absl::Seconds(10);
 struct SharingSettings {
   std::string kek_file;
   std::string kek_env;
+  std::vector<std::string> previous_kek_files;
+  absl::Duration kek_rewrap_interval = absl::Seconds(60);
   int64_t tenant_quota_bytes = kDefaultTenantQuotaBytes;
   std::map<std::string, int64_t> tenant_quotas;
   absl::Duration upload_idle_timeout = absl::Seconds(30);
@@ -103,8 +109,12 @@ class SharingServer {
 
  private:
   SharingServer(MedgateConfig config, SharingSettings settings,
-                std::unique_ptr<crypto::KeyEncryptionKey> kek, std::unique_ptr<KeyVault> vault,
-                std::shared_ptr<grpc::Channel> routing_channel, SharingServerOptions options);
+                std::unique_ptr<crypto::KeyEncryptionKey> kek,
+                std::vector<std::unique_ptr<crypto::KeyEncryptionKey>> previous_keks,
+                std::unique_ptr<KeyVault> vault, std::shared_ptr<grpc::Channel> routing_channel,
+                SharingServerOptions options);
+  // Rewraps the keys previous KEKs wrap, batch after batch; the wait before the next pass.
+  absl::Duration RewrapKeys(PeriodicTask& task);
   // One retention sweep, batch after batch while there is more; the wait before the next.
   absl::Duration Sweep(PeriodicTask& task);
   // The health probe of both servers: the control database answers (tenants' territories, the
@@ -115,7 +125,8 @@ class SharingServer {
   const MedgateConfig config_;  // connecting as the sharing database role
   const SharingSettings settings_;
   std::unique_ptr<crypto::KeyEncryptionKey> kek_;
-  std::unique_ptr<KeyVault> vault_;  // uses kek_
+  std::vector<std::unique_ptr<crypto::KeyEncryptionKey>> previous_keks_;
+  std::unique_ptr<KeyVault> vault_;  // uses kek_ and previous_keks_
   std::unique_ptr<pg::Pool> control_;
   std::unique_ptr<pg::ShardSet> shards_;
   std::unique_ptr<pg::ShardSet> upload_shards_;
@@ -132,6 +143,7 @@ class SharingServer {
 
   std::unique_ptr<PeriodicTask> sweeper_;  // every retention_sweep_interval once started
   std::unique_ptr<PeriodicTask> usage_folder_;  // every kUsageFoldInterval once started
+  std::unique_ptr<PeriodicTask> rewrapper_;  // every kek_rewrap_interval, with previous KEKs
 };
 
 }  // namespace medgate::sharing

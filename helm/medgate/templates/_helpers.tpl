@@ -188,6 +188,14 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- end -}}
 {{- end -}}
 {{- $_ := required "sharing.kekSecret: a Secret with key kek.hex (the key-encryption key) is required" $v.sharing.kekSecret -}}
+{{- if gt (len $v.sharing.previousKekKeys) 8 -}}
+{{- fail "sharing.previousKekKeys: at most 8 (retire a KEK once the sharing pods have rewrapped its keys)" -}}
+{{- end -}}
+{{- range $i, $key := $v.sharing.previousKekKeys -}}
+{{- if or (not (regexMatch "^[-._a-zA-Z0-9]+$" (toString $key))) (eq (toString $key) "kek.hex") (hasPrefix "." (toString $key)) -}}
+{{- fail (printf "sharing.previousKekKeys[%d]: '%v' is not a key of sharing.kekSecret other than kek.hex (letters, digits, '-', '_', '.')" $i $key) -}}
+{{- end -}}
+{{- end -}}
 {{- if $v.tls.certManager.enabled -}}
 {{- $_ := required "tls.certManager.issuerRef.name: the cert-manager issuer is required (or set tls.certManager.enabled=false and provide the services' Secrets)" $v.tls.certManager.issuerRef.name -}}
 {{- end -}}
@@ -246,10 +254,10 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- end -}}
 {{- end -}}
 {{- /* Keys the chart writes itself may not come in through the services' settings. */ -}}
-{{- range $section, $keys := dict "routing" (list "seed_rules") "sharing" (list "kek_file" "kek_env") -}}
+{{- range $section, $keys := dict "routing" (list "seed_rules") "sharing" (list "kek_file" "kek_env" "previous_kek_files") -}}
 {{- range $keys -}}
 {{- if hasKey (index $v $section).settings . -}}
-{{- fail (printf "%s.settings.%s: set by the chart (%s)" $section . (ternary "routing.seedRules" "sharing.kekSecret" (eq $section "routing"))) -}}
+{{- fail (printf "%s.settings.%s: set by the chart (%s)" $section . (ternary "routing.seedRules" "sharing.kekSecret and sharing.previousKekKeys" (eq $section "routing"))) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -395,6 +403,12 @@ ingest:
   {{- end }}
 sharing:
   kek_file: /run/medgate/secrets/kek.hex
+  {{- with $v.sharing.previousKekKeys }}
+  previous_kek_files:
+  {{- range $i, $key := . }}
+    - /run/medgate/secrets/previous-kek-{{ $i }}.hex
+  {{- end }}
+  {{- end }}
   {{- with $v.sharing.settings }}
   {{- toYaml . | nindent 2 }}
   {{- end }}

@@ -34,6 +34,8 @@ TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
       "  max_uploads_per_tenant: 3\n"
       "  max_downloads_per_tenant: 5\n"
       "  retention_sweep_seconds: 120\n"
+      "  previous_kek_files: [/etc/medgate/kek-2026, /etc/medgate/kek-2025]\n"
+      "  kek_rewrap_seconds: 5\n"
       "consent:\n"
       "  cache: {max_patients: 7, max_mib: 3}\n");
   ASSERT_TRUE(s.ok()) << s.status();
@@ -53,6 +55,9 @@ TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
   EXPECT_EQ(s->max_uploads_per_tenant, 3);
   EXPECT_EQ(s->max_downloads_per_tenant, 5);
   EXPECT_EQ(s->retention_sweep_interval, absl::Seconds(120));
+  EXPECT_EQ(s->previous_kek_files,
+            (std::vector<std::string>{"/etc/medgate/kek-2026", "/etc/medgate/kek-2025"}));
+  EXPECT_EQ(s->kek_rewrap_interval, absl::Seconds(5));
 }
 
 TEST(SharingSettingsTest, DefaultsBesideTheKeySource) {
@@ -68,6 +73,8 @@ TEST(SharingSettingsTest, DefaultsBesideTheKeySource) {
   EXPECT_EQ(s->max_uploads_per_tenant, 4);
   EXPECT_EQ(s->max_downloads_per_tenant, 8);
   EXPECT_EQ(s->retention_sweep_interval, absl::Seconds(60));
+  EXPECT_TRUE(s->previous_kek_files.empty());
+  EXPECT_EQ(s->kek_rewrap_interval, absl::Seconds(60));
 }
 
 TEST(SharingSettingsTest, TheKeyEncryptionKeyNeedsExactlyOneSource) {
@@ -89,6 +96,7 @@ TEST(SharingSettingsTest, AValueOutOfRangeNamesItsKey) {
       {"retention_sweep_seconds", "0"},      {"max_uploads_per_tenant", "many"},
       {"download_idle_timeout_seconds", "0"}, {"download_idle_timeout_seconds", "3601"},
       {"download_min_bytes_per_second", "0"},
+      {"kek_rewrap_seconds", "0"},           {"previous_kek_files", "[a, b, c, d, e, f, g, h, i]"},
   };
   for (const auto& [key, value] : bad) {
     absl::StatusOr<SharingSettings> s =

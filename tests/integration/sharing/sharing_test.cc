@@ -3032,6 +3032,95 @@ TEST_F(SharingTest, AnotherKeyEncryptionKeyCannotReadOrWrite) {
   EXPECT_EQ(Download(pki_->practitioner(), first).content, fresh.content);
 }
 
+// Rotating the KEK: a service given the new KEK, with the old one in
+// sharing.previous_kek_files, opens the keys the old one wraps, rewraps a key under the new one as
+// it reads it, and rewraps the rest in its sweep; then the old KEK can go. (The stack's vaults are
+// shared by the suite: the test rotates every key back before it ends.)
+TEST_F(SharingTest, ARotatedKekOpensTheOldOnesKeysAndRewrapsThem) {
+  const std::string old_kek = *kek_dir_ + "/kek.hex";
+  const std::string new_kek = *kek_dir_ + "/other-kek.hex";
+  const std::string old_id = (*crypto::LoadKeyEncryptionKeyFile(old_kek))->id();
+  const std::string new_id = (*crypto::LoadKeyEncryptionKeyFile(new_kek))->id();
+  UploadSpec spec;
+  spec.patient_id = Place("rotated-kek-1", "FR");
+  spec.content = "written under the old KEK";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  UploadSpec other;
+  other.patient_id = Place("rotated-kek-2", "FR");
+  other.content = "also written under the old KEK";
+  const std::string other_record = UploadOk(pki_->practitioner(), other);
+  auto keys_under = [&](const std::string& kek_id, const std::string& patient = "") {
+    int64_t n = 0;
+    for (const char* vault : {"fr-1 keys", "de-1 keys", "eu-1 keys"}) {
+      n += patient.empty()
+               ? Count(vault, "SELECT count(*) FROM patient_keys WHERE kek_id = $1", kek_id)
+               : Count(vault,
+                       absl::StrCat("SELECT count(*) FROM patient_keys WHERE patient_id = '",
+                                    patient, "' AND kek_id = $1"),
+                       kek_id);
+    }
+    return n;
+  };
+  ASSERT_EQ(keys_under(old_id, spec.patient_id), 1);
+
+  // A previous KEK that is the current one is a mistake, named.
+  auto same = SharingServer::Create(*ConfigWith(
+      "retention_sweep_seconds: 86400",
+      absl::StrCat("retention_sweep_seconds: 86400\n  previous_kek_files: [", old_kek, "]")));
+  ASSERT_FALSE(same.ok());
+  EXPECT_THAT(same.status().message(), HasSubstr("sharing.previous_kek_files[0]"));
+
+  // Rotating (the sweep hourly: only reads rewrap here): the old KEK's keys open; a key read is
+  // rewrapped under the new KEK.
+  auto rotated_config = [&](const std::string& current, const std::string& previous,
+                            int rewrap_seconds) {
+    return ConfigWith({{*kek_dir_ + "/kek.hex", current},
+                       {"retention_sweep_seconds: 86400",
+                        absl::StrCat("retention_sweep_seconds: 86400\n  previous_kek_files: [",
+                                     previous, "]\n  kek_rewrap_seconds: ", rewrap_seconds)}});
+  };
+  // Back to the suite's KEK the same way, however the test ends: the suite's other tests read
+  // the vaults with it.
+  absl::Cleanup rotate_back = [&] {
+    ExtraSharing back = StartSharingOn(rotated_config(old_kek, new_kek, 1));
+    ASSERT_NE(back.server, nullptr);
+    EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return keys_under(new_id) == 0; }))
+        << keys_under(new_id) << " keys still under the other KEK";
+    back.server->Shutdown();
+  };
+  {
+    ExtraSharing rotating = StartSharingOn(rotated_config(new_kek, old_kek, 3600));
+    ASSERT_NE(rotating.server, nullptr);
+    Downloaded read = Download(pki_->practitioner(), record, "", true, rotating.server->port());
+    ASSERT_TRUE(read.status.ok()) << read.status.error_message();
+    EXPECT_EQ(read.content, spec.content);
+    EXPECT_EQ(keys_under(new_id, spec.patient_id), 1);
+    EXPECT_EQ(keys_under(old_id, spec.patient_id), 0);
+    EXPECT_EQ(keys_under(old_id, other.patient_id), 1);  // not read: not yet rewrapped
+    rotating.server->Shutdown();
+  }
+  // With the sweep every second, every key the old KEK wraps is rewrapped.
+  {
+    ExtraSharing sweeping = StartSharingOn(rotated_config(new_kek, old_kek, 1));
+    ASSERT_NE(sweeping.server, nullptr);
+    EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return keys_under(old_id) == 0; }))
+        << keys_under(old_id) << " keys still under the old KEK";
+    sweeping.server->Shutdown();
+  }
+  // The old KEK retired: the new one alone opens both records.
+  {
+    ExtraSharing retired = StartSharingOn(ConfigWithOtherKek());
+    ASSERT_NE(retired.server, nullptr);
+    EXPECT_EQ(Download(pki_->practitioner(), record, "", true, retired.server->port()).content,
+              spec.content);
+    EXPECT_EQ(Download(pki_->practitioner(), other_record, "", true, retired.server->port()).content,
+              other.content);
+    retired.server->Shutdown();
+  }
+  std::move(rotate_back).Invoke();
+  EXPECT_EQ(Download(pki_->practitioner(), other_record).content, other.content);
+}
+
 // --- break-glass -------------------------------------------------------------------------------
 
 // Uploads and the owner's downloads are for the patient's care: CARE must permit the practitioner

@@ -317,6 +317,7 @@ TEST_F(HelmChartTest, EachPodMountsAndIsIssuedWhatItsConfigurationNames) {
       EXPECT_EQ(Volume(pod, Mounts(init).at("/etc/medgate/secrets/kek"))["secret"]["secretName"]
                     .as<std::string>(),
                 "medgate-kek");
+      EXPECT_THAT(sharing->previous_kek_files, IsEmpty());
     } else {
       EXPECT_THAT(script, ::testing::Not(HasSubstr("kek")));
       EXPECT_EQ(Mounts(init).count("/etc/medgate/secrets/kek"), 0u);
@@ -627,6 +628,47 @@ TEST_F(HelmChartTest, ScalingIngestRollsOnlyIngestWhileOtherChangesRollEveryServ
   const std::map<std::string, std::string> after_change = checksums(changed);
   for (const std::string& name : kDeployments) {
     EXPECT_NE(after_change.at(name), before.at(name)) << name;
+  }
+}
+
+// A KEK rotation: the previous KEKs, keys of the same Secret, are copied into memory next to the
+// KEK and named in sharing.previous_kek_files, as the sharing service's own parser reads them.
+TEST_F(HelmChartTest, ARotationsPreviousKeksReachTheSharingPodsOnly) {
+  const Render rotating = RenderChart("sharing: {previousKekKeys: [kek-2026.hex, kek-2025.hex]}\n");
+  ASSERT_EQ(rotating.exit_code, 0) << rotating.error;
+  const absl::StatusOr<sharing::SharingSettings> settings =
+      sharing::ParseSharingSettings(ParseConfig(ConfigText(rotating)));
+  ASSERT_TRUE(settings.ok()) << settings.status();
+  ASSERT_EQ(settings->previous_kek_files.size(), 2u);
+  const YAML::Node pod =
+      Named(rotating, "Deployment", "medgate-sharing")["spec"]["template"]["spec"];
+  const YAML::Node init = pod["initContainers"][0];
+  const std::string script = init["command"][2].as<std::string>();
+  const YAML::Node volume = Volume(pod, Mounts(init).at("/etc/medgate/secrets/kek"));
+  std::set<std::string> items;
+  for (const YAML::Node& item : volume["secret"]["items"]) items.insert(item["key"].as<std::string>());
+  EXPECT_EQ(items, (std::set<std::string>{"kek.hex", "kek-2026.hex", "kek-2025.hex"}));
+  const std::vector<std::string> keys = {"kek-2026.hex", "kek-2025.hex"};
+  for (size_t i = 0; i < keys.size(); ++i) {
+    EXPECT_THAT(script, HasSubstr("install -m 0400 /etc/medgate/secrets/kek/" + keys[i] + " " +
+                                  settings->previous_kek_files[i]));
+    // Where the service reads it: the in-memory copy the sharing container mounts.
+    EXPECT_EQ(Dir(settings->previous_kek_files[i]), "/run/medgate/secrets");
+  }
+  for (const char* other : {"medgate-routing", "medgate-consent", "medgate-ingest"}) {
+    const std::string other_script = Named(rotating, "Deployment", other)["spec"]["template"]["spec"]
+                                         ["initContainers"][0]["command"][2]
+                                             .as<std::string>();
+    EXPECT_THAT(other_script, ::testing::Not(HasSubstr("kek"))) << other;
+  }
+  for (const auto& [values, refusal] : std::vector<std::pair<std::string, std::string>>{
+           {"sharing: {previousKekKeys: [kek.hex]}\n", "sharing.previousKekKeys[0]"},
+           {"sharing: {previousKekKeys: [\"../db/pgpass\"]}\n", "sharing.previousKekKeys[0]"},
+           {"sharing: {settings: {previous_kek_files: [/x]}}\n",
+            "sharing.settings.previous_kek_files: set by the chart"}}) {
+    const Render refused = RenderChart(values);
+    EXPECT_NE(refused.exit_code, 0) << values;
+    EXPECT_THAT(refused.error, HasSubstr(refusal)) << values;
   }
 }
 
