@@ -54,10 +54,10 @@ int ProbeServices(const MedgateConfig& config, absl::string_view names, ProbeKin
   std::vector<std::future<absl::StatusOr<Health>>> answers;
   for (const auto& entry : targets) {
     const ServiceEndpoint* target = &entry.second;
-    answers.push_back(std::async(std::launch::async, [target]() -> absl::StatusOr<Health> {
+    answers.push_back(std::async(std::launch::async, [target, kind]() -> absl::StatusOr<Health> {
       ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
                        MakeServiceChannel(*target, target->tls));
-      return CheckHealth(channel, kProbeDeadline);
+      return CheckHealth(channel, kind == ProbeKind::kAlive ? kLivenessDeadline : kProbeDeadline);
     }));
   }
   int result = 0;

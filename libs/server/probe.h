@@ -19,17 +19,22 @@ namespace medgate {
 absl::StatusOr<std::string> LocalAddressOf(absl::string_view listen);
 
 // How long a probe waits for each server's answer (they are asked at once): an orchestrator's
-// probe timeout must be longer.
+// probe timeout must be longer. A liveness probe waits longer: a busy pod (its CPU throttled)
+// must not be restarted for a slow answer.
 inline constexpr absl::Duration kProbeDeadline = absl::Seconds(3);
+inline constexpr absl::Duration kLivenessDeadline = absl::Seconds(7);
 
 // What a probe asks of the servers.
 enum class ProbeKind {
   // Every server SERVING: the pod may take calls (readiness).
   kReady,
-  // Every server answering at all, NOT_SERVING included (its shards down, or draining): the
-  // process is not wedged (liveness). Only a server that gives no answer within kProbeDeadline
-  // (DEADLINE_EXCEEDED) or cannot be reached (UNAVAILABLE) fails it, so a database outage, which
-  // restarting cannot mend, restarts nothing.
+  // Every server answering at all, NOT_SERVING included (its shards down, or draining), within
+  // kLivenessDeadline (liveness). Only a server that gives no answer in time (DEADLINE_EXCEEDED)
+  // or cannot be reached (UNAVAILABLE) fails it, so a database outage, which restarting cannot
+  // mend, restarts nothing. gRPC answers the health check on its own threads, from the status
+  // the service's health loop last set: this finds a server whose gRPC core, TLS or connections
+  // are stuck, not handlers stuck in the service's own code (their calls' deadlines and the
+  // services' bounds deal with those).
   kAlive,
 };
 

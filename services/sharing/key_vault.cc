@@ -33,10 +33,12 @@ const std::vector<pg::Statement>& VaultStatements() {
        "AND created_at < now() - make_interval(secs => $1::double precision) "
        "ORDER BY created_at LIMIT $2"},
       {kConfirmKeys, "UPDATE patient_keys SET confirmed = true WHERE key_id = ANY($1::text[])"},
-      {kSelectAnyKek, "SELECT kek_id FROM patient_keys LIMIT 1"},
+      // A key of a KEK not among those held, if any (index patient_keys_kek: vault migration 0005).
+      {kSelectAnyKek,
+       "SELECT kek_id FROM patient_keys WHERE NOT (kek_id = ANY($1::text[])) LIMIT 1"},
       {kSelectOtherKeks,
        "SELECT key_id, patient_id, kek_id, wrapped_key FROM patient_keys WHERE kek_id <> $1 "
-       "LIMIT $2"},
+       "AND key_id > $2 ORDER BY key_id LIMIT $3"},
       {kRewrapKey,
        "UPDATE patient_keys SET kek_id = $3, wrapped_key = $4 "
        "WHERE key_id = $1 AND patient_id = $2 AND kek_id = $5"},
@@ -89,7 +91,9 @@ absl::StatusOr<bool> KeyVault::Rewrap(pg::Pool& pool, const std::string& patient
   });
 }
 
-absl::StatusOr<KeyVault::Rewrapped> KeyVault::RewrapSome(absl::string_view region, int limit) {
+absl::StatusOr<KeyVault::Rewrapped> KeyVault::RewrapSome(absl::string_view region,
+                                                        const std::string& after_key_id,
+                                                        int limit) {
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
   struct Row {
     std::string key_id, patient_id, kek_id, wrapped;
@@ -98,30 +102,44 @@ absl::StatusOr<KeyVault::Rewrapped> KeyVault::RewrapSome(absl::string_view regio
                    pool->TransactValue<std::vector<Row>>(
                        [&](pqxx::work& txn) -> absl::StatusOr<std::vector<Row>> {
                          std::vector<Row> out;
-                         for (const pqxx::row& r :
-                              txn.exec_prepared(kSelectOtherKeks, kek_.id(), limit)) {
+                         for (const pqxx::row& r : txn.exec_prepared(
+                                  kSelectOtherKeks, kek_.id(), after_key_id, limit)) {
                            out.push_back({r[0].c_str(), r[1].c_str(), r[2].c_str(),
                                           pqxx::binarystring(r[3]).str()});
                          }
                          return out;
                        }));
   Rewrapped done;
+  done.scanned = static_cast<int>(rows.size());
+  done.last_key_id = rows.empty() ? after_key_id : rows.back().key_id;
   for (const Row& row : rows) {
     if (KekOf(row.kek_id) == nullptr) {
       ++done.unknown;
       continue;
     }
-    ASSIGN_OR_RETURN(crypto::SecretKey key,
-                     Unwrap(row.kek_id, row.wrapped, PatientKeyContext(row.patient_id, row.key_id)));
-    ASSIGN_OR_RETURN(bool rewrapped, Rewrap(*pool, row.patient_id, row.key_id, row.kek_id, key));
-    if (rewrapped) ++done.rewrapped;
+    absl::StatusOr<crypto::SecretKey> key =
+        Unwrap(row.kek_id, row.wrapped, PatientKeyContext(row.patient_id, row.key_id));
+    if (!key.ok()) {
+      ++done.damaged;
+      continue;
+    }
+    absl::StatusOr<bool> rewrapped = Rewrap(*pool, row.patient_id, row.key_id, row.kek_id, *key);
+    // A vault that stops answering mid-walk ends the walk; this pass counts what it did.
+    if (!rewrapped.ok() && rewrapped.status().code() == absl::StatusCode::kUnavailable) {
+      return rewrapped.status();
+    }
+    if (!rewrapped.ok()) {
+      ++done.damaged;
+    } else if (*rewrapped) {
+      ++done.rewrapped;
+    }
   }
   return done;
 }
 
 absl::StatusOr<std::unique_ptr<KeyVault>> KeyVault::Create(
     const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek,
-    std::vector<crypto::KeyEncryptionKey*> previous) {
+    std::vector<crypto::KeyEncryptionKey*> others, bool rewrap) {
   for (size_t i = 0; i < regions.size(); ++i) {
     if (!regions[i].keys_db) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -130,12 +148,12 @@ absl::StatusOr<std::unique_ptr<KeyVault>> KeyVault::Create(
           "database apart from the shard (migrations/vault)"));
     }
   }
-  return std::unique_ptr<KeyVault>(new KeyVault(regions, kek, std::move(previous)));
+  return std::unique_ptr<KeyVault>(new KeyVault(regions, kek, std::move(others), rewrap));
 }
 
 KeyVault::KeyVault(const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek,
-                   std::vector<crypto::KeyEncryptionKey*> previous)
-    : kek_(kek), previous_(std::move(previous)) {
+                   std::vector<crypto::KeyEncryptionKey*> others, bool rewrap)
+    : kek_(kek), previous_(std::move(others)), rewrap_(rewrap) {
   for (const RegionConfig& r : regions) {
     pg::PoolOptions options =
         pg::PoolOptions::FromConfig(absl::StrCat(r.id, " key vault"), *r.keys_db);
@@ -148,21 +166,21 @@ KeyVault::KeyVault(const std::vector<RegionConfig>& regions, crypto::KeyEncrypti
 absl::Status KeyVault::CheckKek(absl::string_view region) {
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
   std::string held;
+  std::vector<std::string> known = {kek_.id()};
+  for (const crypto::KeyEncryptionKey* other : previous_) known.push_back(other->id());
   RETURN_IF_ERROR(pool->Transact([&](pqxx::work& txn) {
-    pqxx::result rows = txn.exec_prepared(kSelectAnyKek);
+    pqxx::result rows = txn.exec_prepared(kSelectAnyKek, pg::TextArrayLiteral(known));
     if (!rows.empty()) held = rows[0][0].c_str();
     return absl::OkStatus();
   }));
-  if (held.empty()) return absl::OkStatus();  // no key yet: the first one written decides
-  if (KekOf(held) == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the key vault of region ", region, " holds patient keys wrapped by key-encryption key ",
-        held, ", but this service was given ", HeldKeks(),
-        ": configure the cluster's KEK (a rotation gives the new one as sharing.kek_file and "
-        "the old one in sharing.previous_kek_files until every key is rewrapped)"));
-  }
-  kek_verified_.find(region)->second->store(true);
-  return absl::OkStatus();
+  // Every key (if any) is of a KEK held. With none yet the first one written decides, and Put
+  // asks again until then.
+  if (held.empty()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "the key vault of region ", region, " holds patient keys wrapped by key-encryption key ",
+      held, ", but this service was given ", HeldKeks(),
+      ": configure the cluster's KEK (README, \"Rotating the KEK\": every KEK that still wraps "
+      "a key stays in sharing.previous_kek_files)"));
 }
 
 absl::StatusOr<pg::Pool*> KeyVault::PoolOf(absl::string_view region) const {
@@ -220,8 +238,8 @@ absl::StatusOr<crypto::SecretKey> KeyVault::Get(absl::string_view region,
   }));
   ASSIGN_OR_RETURN(crypto::SecretKey key,
                    Unwrap(kek_id, wrapped, PatientKeyContext(patient_id, key_id)));
-  if (kek_id != kek_.id()) {
-    // A previous KEK's: from now on this process's wraps it. The read does not wait on it.
+  if (rewrap_ && kek_id != kek_.id()) {
+    // Another KEK's: from now on this process's wraps it.
     absl::StatusOr<bool> rewrapped = Rewrap(*pool, patient_id, key_id, kek_id, key);
     if (!rewrapped.ok()) {
       log::Warning("patient_key_rewrap_failed",

@@ -29,11 +29,13 @@ std::string PatientKeyContext(absl::string_view patient_id, absl::string_view ke
 class KeyVault {
  public:
   // FAILED_PRECONDITION naming the first region without a `keys_db`. `kek` wraps every key
-  // written; `previous` (a rotation's retired KEKs, sharing.previous_kek_files) only unwrap the
-  // keys they still wrap, which are then rewrapped under `kek` (Get, RewrapSome).
+  // written; `others` (sharing.previous_kek_files: a rotation's other KEKs) only unwrap the keys
+  // they wrap. With `rewrap` (sharing.kek_rewrap), those keys are rewrapped under `kek` (Get,
+  // RewrapSome); without it, never (a rotation's first step, while pods that hold the old KEK as
+  // their current one still run).
   static absl::StatusOr<std::unique_ptr<KeyVault>> Create(
       const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek,
-      std::vector<crypto::KeyEncryptionKey*> previous = {});
+      std::vector<crypto::KeyEncryptionKey*> others = {}, bool rewrap = false);
 
   crypto::KeyEncryptionKey& kek() const { return kek_; }
 
@@ -44,21 +46,25 @@ class KeyVault {
                                            absl::string_view context);
 
   // Whether the region's vault holds keys wrapped by a key-encryption key this process does not
-  // hold: FAILED_PRECONDITION naming both (a KEK mistyped into one pod's Secret would wrap the
-  // keys of the patients it sees first under a key no other pod holds); OK when a key tells of
-  // this KEK or a previous one, or there are none yet; UNAVAILABLE when the vault cannot be
-  // reached. Any one key is asked.
+  // hold: FAILED_PRECONDITION naming it (a KEK mistyped into one pod's Secret would wrap the keys
+  // of the patients it sees first under a key no other pod holds, and a KEK dropped too early
+  // would leave keys nobody opens); OK when every key is this KEK's or another one's it holds, or
+  // there are none yet; UNAVAILABLE when the vault cannot be reached.
   absl::Status CheckKek(absl::string_view region);
 
-  // Rewraps under this process's KEK at most `limit` of the region's keys that a previous KEK
-  // wraps: how many it rewrapped. A key of a KEK this process does not hold is left (and counted
-  // in `unknown`): CheckKek refuses such a vault at start.
+  // Rewraps under this process's KEK the next `limit` keys (by key id, after `after_key_id`) of
+  // the region that another KEK wraps. A key of a KEK this process does not hold, or that does
+  // not unwrap, is left and counted; the walk goes on past it.
   struct Rewrapped {
-    int rewrapped = 0;
-    int unknown = 0;
+    int scanned = 0;    // keys of other KEKs looked at (fewer than `limit`: the walk's end)
+    int rewrapped = 0;  // now this KEK's
+    int unknown = 0;    // of a KEK this process does not hold
+    int damaged = 0;    // that did not unwrap (DATA_LOSS), or whose rewrap failed
+    std::string last_key_id;  // where the next batch starts
   };
-  absl::StatusOr<Rewrapped> RewrapSome(absl::string_view region, int limit);
-  bool rotating() const { return !previous_.empty(); }
+  absl::StatusOr<Rewrapped> RewrapSome(absl::string_view region, const std::string& after_key_id,
+                                       int limit);
+  bool rewrapping() const { return rewrap_; }
 
   // Stores a new key of the patient, wrapped by the KEK; it is committed when this returns.
   // FAILED_PRECONDITION, storing nothing, while the region's vault holds keys of another KEK
@@ -73,8 +79,8 @@ class KeyVault {
                           const std::string& wrapped);
   // The key, unwrapped. NOT_FOUND when the vault does not hold it (destroyed by an erasure);
   // FAILED_PRECONDITION when a KEK this process does not hold wraps it; DATA_LOSS when it does
-  // not unwrap. A key a previous KEK wraps is rewrapped under this process's as it is read (a
-  // failure to store that is logged: the sweep tries again).
+  // not unwrap. With rewrap, a key another KEK wraps is rewrapped under this process's as it is
+  // read, in a transaction of its own after the read (a failure is logged: the sweep tries again).
   absl::StatusOr<crypto::SecretKey> Get(absl::string_view region, const std::string& patient_id,
                                         const std::string& key_id);
   // Deletes the keys (those already gone are not an error).
@@ -87,7 +93,7 @@ class KeyVault {
 
  private:
   KeyVault(const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek,
-           std::vector<crypto::KeyEncryptionKey*> previous);
+           std::vector<crypto::KeyEncryptionKey*> others, bool rewrap);
   // Stores `key` wrapped by this process's KEK in place of its wrapping by `from_kek_id`, unless
   // the row changed meanwhile (rewrapped by another process, or destroyed): whether it did.
   absl::StatusOr<bool> Rewrap(pg::Pool& pool, const std::string& patient_id,
@@ -107,6 +113,7 @@ class KeyVault {
 
   crypto::KeyEncryptionKey& kek_;
   const std::vector<crypto::KeyEncryptionKey*> previous_;
+  const bool rewrap_;
   // By region; each pool is named "<region> key vault", as its errors say.
   std::map<std::string, std::unique_ptr<pg::Pool>, std::less<>> pools_;
   // By region: the vault has shown a key of this KEK (CheckKek or Put), so Put checks no more.

@@ -25,7 +25,7 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
                                  "download_idle_timeout_seconds", "download_min_bytes_per_second",
                                  "max_uploads_per_tenant", "max_downloads_per_tenant",
                                  "retention_sweep_seconds", "previous_kek_files",
-                                 "kek_rewrap_seconds"}));
+                                 "kek_rewrap", "kek_rewrap_seconds"}));
   SharingSettings settings;
   ASSIGN_OR_RETURN(settings.kek_file, node.String("kek_file", ""));
   ASSIGN_OR_RETURN(settings.kek_env, node.String("kek_env", ""));
@@ -40,6 +40,12 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
           "config key 'sharing.previous_kek_files': at most 8 (retire a KEK once the sweep has "
           "rewrapped its keys)");
     }
+  }
+  ASSIGN_OR_RETURN(settings.kek_rewrap, node.Bool("kek_rewrap", false));
+  if (settings.kek_rewrap && settings.previous_kek_files.empty()) {
+    return absl::InvalidArgumentError(
+        "config key 'sharing.kek_rewrap': rewraps the keys of sharing.previous_kek_files, which "
+        "names none");
   }
   ASSIGN_OR_RETURN(int64_t rewrap, node.Int("kek_rewrap_seconds", 1, 86400, 60));
   settings.kek_rewrap_interval = absl::Seconds(rewrap);
@@ -115,7 +121,7 @@ absl::StatusOr<std::unique_ptr<SharingServer>> SharingServer::Create(const Medga
   }
   ASSIGN_OR_RETURN(MedgateConfig own, pg::ConfigAs(config, pg::kSharingRole));
   ASSIGN_OR_RETURN(std::unique_ptr<KeyVault> vault,
-                   KeyVault::Create(own.regions, **kek, std::move(previous)));
+                   KeyVault::Create(own.regions, **kek, std::move(previous), settings.kek_rewrap));
   if (options.check_kek_at_start) {
     for (const RegionConfig& region : own.regions) {
       absl::Status checked = vault->CheckKek(region.id);
@@ -220,7 +226,7 @@ absl::Status SharingServer::Start() {
   }
   sweeper_ = std::make_unique<PeriodicTask>(settings_.retention_sweep_interval,
                                             [this](PeriodicTask& task) { return Sweep(task); });
-  if (vault_->rotating()) {
+  if (vault_->rewrapping()) {
     rewrapper_ = std::make_unique<PeriodicTask>(
         settings_.kek_rewrap_interval, [this](PeriodicTask& task) { return RewrapKeys(task); });
   }
@@ -269,24 +275,32 @@ absl::Duration SharingServer::Sweep(PeriodicTask& task) {
 absl::Duration SharingServer::RewrapKeys(PeriodicTask& task) {
   constexpr int kBatch = 500;
   for (const RegionConfig& region : config_.regions) {
-    KeyVault::Rewrapped total;
-    bool more = true;
-    while (more && !task.stopping()) {
-      absl::StatusOr<KeyVault::Rewrapped> done = vault_->RewrapSome(region.id, kBatch);
+    // One walk over the region's keys of other KEKs, by key id: keys it cannot rewrap (of a KEK
+    // not held, or damaged) are counted and passed, never walked again in this pass.
+    int rewrapped = 0, left = 0;
+    std::string after;
+    bool walked = false;
+    while (!task.stopping()) {
+      absl::StatusOr<KeyVault::Rewrapped> done = vault_->RewrapSome(region.id, after, kBatch);
       if (!done.ok()) {
         log::Warning("kek_rewrap_failed", {{"region", region.id}, {"error", done.status().message()}});
         break;
       }
-      total.rewrapped += done->rewrapped;
-      total.unknown = done->unknown;
-      // A batch of keys of KEKs this process does not hold alone would come back each time.
-      more = done->rewrapped > 0 && done->rewrapped + done->unknown == kBatch;
+      rewrapped += done->rewrapped;
+      // A key changed meanwhile (another pod rewrapped it, an erasure destroyed it) is neither.
+      left += done->unknown + done->damaged;
+      after = done->last_key_id;
+      if (done->scanned < kBatch) {
+        walked = true;
+        break;
+      }
     }
-    if (total.rewrapped > 0 || total.unknown > 0) {
-      // Once no region logs any, the previous KEKs wrap nothing: they can be retired.
+    // Every pass of every region says where it stands: once every region says remaining=0 on
+    // every pod, no key needs another KEK than the current one.
+    if (walked) {
       log::Info("kek_rewrap", {{"region", region.id},
-                               {"rewrapped", total.rewrapped},
-                               {"of_unknown_keks", total.unknown},
+                               {"rewrapped", rewrapped},
+                               {"remaining", left},
                                {"kek_id", kek_->id()}});
     }
   }
@@ -303,11 +317,13 @@ void SharingServer::Shutdown() {
   if (sweeper_) sweeper = std::thread([this] { sweeper_->Stop(); });
   std::thread folder;
   if (usage_folder_) folder = std::thread([this] { usage_folder_->Stop(); });
-  if (rewrapper_) rewrapper_->Stop();
+  std::thread rewrapper;
+  if (rewrapper_) rewrapper = std::thread([this] { rewrapper_->Stop(); });
   server_->Shutdown();
   if (audit.joinable()) audit.join();
   if (sweeper.joinable()) sweeper.join();
   if (folder.joinable()) folder.join();
+  if (rewrapper.joinable()) rewrapper.join();
 }
 
 void SharingServer::RunUntilSignal() {

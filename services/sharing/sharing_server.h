@@ -34,10 +34,11 @@ inline constexpr absl::Duration kUsageFoldInterval = absl::Seconds(10);
 //   sharing:
 //     kek_file: /run/secrets/kek        # the key-encryption key, 64 hex digits; or
 //     kek_env: MEDGATE_SHARING_KEK      # the environment variable holding it (exactly one)
-//     previous_kek_files: [/run/secrets/old-kek]  # a rotation's retired KEKs (at most 8): they
-//                                       # unwrap the keys they still wrap, which are rewrapped
-//                                       # under the KEK as they are read and by a sweep
-//     kek_rewrap_seconds: 60            # how often that sweep runs while there are previous KEKs
+//     previous_kek_files: [/run/secrets/old-kek]  # a rotation's other KEKs (at most 8): they
+//                                       # only unwrap the keys they wrap
+//     kek_rewrap: false                 # rewrap those keys under kek_file's KEK, as they are read
+//                                       # and by a sweep (README, "Rotating the KEK")
+//     kek_rewrap_seconds: 60            # how often that sweep runs
 //     tenant_quota_bytes: 10737418240   # bytes of records per tenant and region (default 1 TiB;
 //                                       # 0: no limit, which must be asked for)
 //     tenant_quotas: {acme: 1073741824} # per-tenant overrides
@@ -53,6 +54,7 @@ struct SharingSettings {
   std::string kek_file;
   std::string kek_env;
   std::vector<std::string> previous_kek_files;
+  bool kek_rewrap = false;
   absl::Duration kek_rewrap_interval = absl::Seconds(60);
   int64_t tenant_quota_bytes = kDefaultTenantQuotaBytes;
   std::map<std::string, int64_t> tenant_quotas;
@@ -143,7 +145,7 @@ class SharingServer {
 
   std::unique_ptr<PeriodicTask> sweeper_;  // every retention_sweep_interval once started
   std::unique_ptr<PeriodicTask> usage_folder_;  // every kUsageFoldInterval once started
-  std::unique_ptr<PeriodicTask> rewrapper_;  // every kek_rewrap_interval, with previous KEKs
+  std::unique_ptr<PeriodicTask> rewrapper_;  // every kek_rewrap_interval, with kek_rewrap
 };
 
 }  // namespace medgate::sharing

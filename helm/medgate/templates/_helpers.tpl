@@ -187,14 +187,20 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
-{{- $_ := required "sharing.kekSecret: a Secret with key kek.hex (the key-encryption key) is required" $v.sharing.kekSecret -}}
+{{- $_ := required "sharing.kekSecret: a Secret with the key-encryption key (under sharing.kekKey) is required" $v.sharing.kekSecret -}}
 {{- if gt (len $v.sharing.previousKekKeys) 8 -}}
 {{- fail "sharing.previousKekKeys: at most 8 (retire a KEK once the sharing pods have rewrapped its keys)" -}}
 {{- end -}}
-{{- range $i, $key := $v.sharing.previousKekKeys -}}
-{{- if or (not (regexMatch "^[-._a-zA-Z0-9]+$" (toString $key))) (eq (toString $key) "kek.hex") (hasPrefix "." (toString $key)) -}}
-{{- fail (printf "sharing.previousKekKeys[%d]: '%v' is not a key of sharing.kekSecret other than kek.hex (letters, digits, '-', '_', '.')" $i $key) -}}
+{{- if or (not (regexMatch "^[-_a-zA-Z0-9][-._a-zA-Z0-9]*$" (toString $v.sharing.kekKey))) -}}
+{{- fail (printf "sharing.kekKey: '%v' is not a key of a Secret (letters, digits, '-', '_', '.')" $v.sharing.kekKey) -}}
 {{- end -}}
+{{- range $i, $key := $v.sharing.previousKekKeys -}}
+{{- if or (not (regexMatch "^[-_a-zA-Z0-9][-._a-zA-Z0-9]*$" (toString $key))) (eq (toString $key) (toString $v.sharing.kekKey)) -}}
+{{- fail (printf "sharing.previousKekKeys[%d]: '%v' is not a key of sharing.kekSecret other than sharing.kekKey (letters, digits, '-', '_', '.')" $i $key) -}}
+{{- end -}}
+{{- end -}}
+{{- if ne (len $v.sharing.previousKekKeys) (len (uniq $v.sharing.previousKekKeys)) -}}
+{{- fail "sharing.previousKekKeys: each key once" -}}
 {{- end -}}
 {{- if $v.tls.certManager.enabled -}}
 {{- $_ := required "tls.certManager.issuerRef.name: the cert-manager issuer is required (or set tls.certManager.enabled=false and provide the services' Secrets)" $v.tls.certManager.issuerRef.name -}}

@@ -35,6 +35,7 @@ TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
       "  max_downloads_per_tenant: 5\n"
       "  retention_sweep_seconds: 120\n"
       "  previous_kek_files: [/etc/medgate/kek-2026, /etc/medgate/kek-2025]\n"
+      "  kek_rewrap: true\n"
       "  kek_rewrap_seconds: 5\n"
       "consent:\n"
       "  cache: {max_patients: 7, max_mib: 3}\n");
@@ -57,7 +58,16 @@ TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
   EXPECT_EQ(s->retention_sweep_interval, absl::Seconds(120));
   EXPECT_EQ(s->previous_kek_files,
             (std::vector<std::string>{"/etc/medgate/kek-2026", "/etc/medgate/kek-2025"}));
+  EXPECT_TRUE(s->kek_rewrap);
   EXPECT_EQ(s->kek_rewrap_interval, absl::Seconds(5));
+}
+
+// Rewrapping names the KEKs it rewraps from: without previous ones it is a mistake, named.
+TEST(SharingSettingsTest, RewrappingNeedsPreviousKeks) {
+  absl::StatusOr<SharingSettings> s = Parse("sharing: {kek_env: K, kek_rewrap: true}\n");
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.status().message().find("sharing.kek_rewrap"), std::string::npos) << s.status();
 }
 
 TEST(SharingSettingsTest, DefaultsBesideTheKeySource) {
@@ -74,6 +84,7 @@ TEST(SharingSettingsTest, DefaultsBesideTheKeySource) {
   EXPECT_EQ(s->max_downloads_per_tenant, 8);
   EXPECT_EQ(s->retention_sweep_interval, absl::Seconds(60));
   EXPECT_TRUE(s->previous_kek_files.empty());
+  EXPECT_FALSE(s->kek_rewrap);
   EXPECT_EQ(s->kek_rewrap_interval, absl::Seconds(60));
 }
 

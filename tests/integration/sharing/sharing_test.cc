@@ -3032,10 +3032,11 @@ TEST_F(SharingTest, AnotherKeyEncryptionKeyCannotReadOrWrite) {
   EXPECT_EQ(Download(pki_->practitioner(), first).content, fresh.content);
 }
 
-// Rotating the KEK: a service given the new KEK, with the old one in
-// sharing.previous_kek_files, opens the keys the old one wraps, rewraps a key under the new one as
-// it reads it, and rewraps the rest in its sweep; then the old KEK can go. (The stack's vaults are
-// shared by the suite: the test rotates every key back before it ends.)
+// Rotating the KEK (README, "Rotating the KEK"): pods given the other KEK in
+// sharing.previous_kek_files open the keys it wraps and rewrap nothing; with sharing.kek_rewrap,
+// a key read is rewrapped under the current KEK, and a sweep rewraps the rest; a vault holding
+// any key of a KEK a pod is not given refuses that pod at start. (The stack's vaults are shared by
+// the suite: the test rotates every key back before it ends.)
 TEST_F(SharingTest, ARotatedKekOpensTheOldOnesKeysAndRewrapsThem) {
   const std::string old_kek = *kek_dir_ + "/kek.hex";
   const std::string new_kek = *kek_dir_ + "/other-kek.hex";
@@ -3070,26 +3071,39 @@ TEST_F(SharingTest, ARotatedKekOpensTheOldOnesKeysAndRewrapsThem) {
   ASSERT_FALSE(same.ok());
   EXPECT_THAT(same.status().message(), HasSubstr("sharing.previous_kek_files[0]"));
 
-  // Rotating (the sweep hourly: only reads rewrap here): the old KEK's keys open; a key read is
-  // rewrapped under the new KEK.
-  auto rotated_config = [&](const std::string& current, const std::string& previous,
+  auto rotated_config = [&](const std::string& current, const std::string& previous, bool rewrap,
                             int rewrap_seconds) {
-    return ConfigWith({{*kek_dir_ + "/kek.hex", current},
-                       {"retention_sweep_seconds: 86400",
-                        absl::StrCat("retention_sweep_seconds: 86400\n  previous_kek_files: [",
-                                     previous, "]\n  kek_rewrap_seconds: ", rewrap_seconds)}});
+    return ConfigWith(
+        {{*kek_dir_ + "/kek.hex", current},
+         {"retention_sweep_seconds: 86400",
+          absl::StrCat("retention_sweep_seconds: 86400\n  previous_kek_files: [", previous,
+                       "]\n  kek_rewrap: ", rewrap ? "true" : "false",
+                       "\n  kek_rewrap_seconds: ", rewrap_seconds)}});
   };
   // Back to the suite's KEK the same way, however the test ends: the suite's other tests read
   // the vaults with it.
   absl::Cleanup rotate_back = [&] {
-    ExtraSharing back = StartSharingOn(rotated_config(old_kek, new_kek, 1));
+    ExtraSharing back = StartSharingOn(rotated_config(old_kek, new_kek, true, 1));
     ASSERT_NE(back.server, nullptr);
     EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return keys_under(new_id) == 0; }))
         << keys_under(new_id) << " keys still under the other KEK";
     back.server->Shutdown();
   };
+  // Without kek_rewrap (while pods holding the old KEK as their current one may still run): the
+  // old KEK's keys open, and stay as they are.
   {
-    ExtraSharing rotating = StartSharingOn(rotated_config(new_kek, old_kek, 3600));
+    ExtraSharing reading = StartSharingOn(rotated_config(new_kek, old_kek, false, 1));
+    ASSERT_NE(reading.server, nullptr);
+    Downloaded read = Download(pki_->practitioner(), record, "", true, reading.server->port());
+    ASSERT_TRUE(read.status.ok()) << read.status.error_message();
+    EXPECT_EQ(read.content, spec.content);
+    EXPECT_EQ(keys_under(old_id, spec.patient_id), 1);
+    EXPECT_EQ(keys_under(new_id), 0);
+    reading.server->Shutdown();
+  }
+  // With it (the sweep hourly: only reads rewrap here), a key read is rewrapped.
+  {
+    ExtraSharing rotating = StartSharingOn(rotated_config(new_kek, old_kek, true, 3600));
     ASSERT_NE(rotating.server, nullptr);
     Downloaded read = Download(pki_->practitioner(), record, "", true, rotating.server->port());
     ASSERT_TRUE(read.status.ok()) << read.status.error_message();
@@ -3099,9 +3113,16 @@ TEST_F(SharingTest, ARotatedKekOpensTheOldOnesKeysAndRewrapsThem) {
     EXPECT_EQ(keys_under(old_id, other.patient_id), 1);  // not read: not yet rewrapped
     rotating.server->Shutdown();
   }
+  // Keys of both KEKs in the vaults: a pod given only one of them does not start, whichever key
+  // it happens to look at first.
+  for (const std::unique_ptr<MedgateConfig>& only : {ConfigWithOtherKek(), ConfigWith({})}) {
+    auto refused = SharingServer::Create(*only);
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  }
   // With the sweep every second, every key the old KEK wraps is rewrapped.
   {
-    ExtraSharing sweeping = StartSharingOn(rotated_config(new_kek, old_kek, 1));
+    ExtraSharing sweeping = StartSharingOn(rotated_config(new_kek, old_kek, true, 1));
     ASSERT_NE(sweeping.server, nullptr);
     EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] { return keys_under(old_id) == 0; }))
         << keys_under(old_id) << " keys still under the old KEK";

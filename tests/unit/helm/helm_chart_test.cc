@@ -396,8 +396,9 @@ TEST_F(HelmChartTest, PodsRunWithoutPrivilegeAndDrainBeforeTheyAreKilled) {
                                           container["command"][2].as<std::string>(), flag,
                                           name == "sharing" ? "sharing,audit" : name}))
           << probe;
-      // The probe gives up on a server after kProbeDeadline; the orchestrator must wait longer.
-      EXPECT_GT(container[probe]["timeoutSeconds"].as<int>(), absl::ToInt64Seconds(kProbeDeadline))
+      // The probe gives up on a server after its deadline; the orchestrator must wait longer.
+      EXPECT_GT(container[probe]["timeoutSeconds"].as<int>(),
+                absl::ToInt64Seconds(flag == "--liveness" ? kLivenessDeadline : kProbeDeadline))
           << probe;
     }
     EXPECT_EQ(container["startupProbe"]["tcpSocket"]["port"].as<std::string>(), name);
@@ -634,7 +635,8 @@ TEST_F(HelmChartTest, ScalingIngestRollsOnlyIngestWhileOtherChangesRollEveryServ
 // A KEK rotation: the previous KEKs, keys of the same Secret, are copied into memory next to the
 // KEK and named in sharing.previous_kek_files, as the sharing service's own parser reads them.
 TEST_F(HelmChartTest, ARotationsPreviousKeksReachTheSharingPodsOnly) {
-  const Render rotating = RenderChart("sharing: {previousKekKeys: [kek-2026.hex, kek-2025.hex]}\n");
+  const Render rotating = RenderChart(
+      "sharing: {kekKey: kek-2027.hex, previousKekKeys: [kek-2026.hex, kek-2025.hex]}\n");
   ASSERT_EQ(rotating.exit_code, 0) << rotating.error;
   const absl::StatusOr<sharing::SharingSettings> settings =
       sharing::ParseSharingSettings(ParseConfig(ConfigText(rotating)));
@@ -647,7 +649,9 @@ TEST_F(HelmChartTest, ARotationsPreviousKeksReachTheSharingPodsOnly) {
   const YAML::Node volume = Volume(pod, Mounts(init).at("/etc/medgate/secrets/kek"));
   std::set<std::string> items;
   for (const YAML::Node& item : volume["secret"]["items"]) items.insert(item["key"].as<std::string>());
-  EXPECT_EQ(items, (std::set<std::string>{"kek.hex", "kek-2026.hex", "kek-2025.hex"}));
+  EXPECT_EQ(items, (std::set<std::string>{"kek-2027.hex", "kek-2026.hex", "kek-2025.hex"}));
+  EXPECT_THAT(script, HasSubstr("install -m 0400 /etc/medgate/secrets/kek/kek-2027.hex " +
+                                settings->kek_file));
   const std::vector<std::string> keys = {"kek-2026.hex", "kek-2025.hex"};
   for (size_t i = 0; i < keys.size(); ++i) {
     EXPECT_THAT(script, HasSubstr("install -m 0400 /etc/medgate/secrets/kek/" + keys[i] + " " +
@@ -663,6 +667,8 @@ TEST_F(HelmChartTest, ARotationsPreviousKeksReachTheSharingPodsOnly) {
   }
   for (const auto& [values, refusal] : std::vector<std::pair<std::string, std::string>>{
            {"sharing: {previousKekKeys: [kek.hex]}\n", "sharing.previousKekKeys[0]"},
+           {"sharing: {previousKekKeys: [a.hex, a.hex]}\n", "sharing.previousKekKeys: each key once"},
+           {"sharing: {kekKey: \"../x\"}\n", "sharing.kekKey"},
            {"sharing: {previousKekKeys: [\"../db/pgpass\"]}\n", "sharing.previousKekKeys[0]"},
            {"sharing: {settings: {previous_kek_files: [/x]}}\n",
             "sharing.settings.previous_kek_files: set by the chart"}}) {
