@@ -19,6 +19,7 @@ constexpr char kConfirmKeys[] = "vault_confirm_keys";
 constexpr char kSelectAnyKek[] = "vault_select_any_kek";
 constexpr char kSelectOtherKeks[] = "vault_select_other_keks";
 constexpr char kRewrapKey[] = "vault_rewrap_key";
+constexpr char kCountOfKeks[] = "vault_count_of_keks";
 
 const std::vector<pg::Statement>& VaultStatements() {
   static const std::vector<pg::Statement> statements = {
@@ -33,12 +34,20 @@ const std::vector<pg::Statement>& VaultStatements() {
        "AND created_at < now() - make_interval(secs => $1::double precision) "
        "ORDER BY created_at LIMIT $2"},
       {kConfirmKeys, "UPDATE patient_keys SET confirmed = true WHERE key_id = ANY($1::text[])"},
-      // A key of a KEK not among those held, if any (index patient_keys_kek: vault migration 0005).
+      // A KEK not among those held that wraps a key, if any: the KEKs that wrap keys, one index
+      // probe each (index patient_keys_kek: vault migration 0005), not every key.
       {kSelectAnyKek,
-       "SELECT kek_id FROM patient_keys WHERE NOT (kek_id = ANY($1::text[])) LIMIT 1"},
+       "WITH RECURSIVE k AS ("
+       "  (SELECT kek_id FROM patient_keys ORDER BY kek_id LIMIT 1)"
+       "  UNION ALL"
+       "  SELECT (SELECT p.kek_id FROM patient_keys p WHERE p.kek_id > k.kek_id "
+       "          ORDER BY p.kek_id LIMIT 1) FROM k WHERE k.kek_id IS NOT NULL)"
+       "SELECT kek_id FROM k WHERE kek_id IS NOT NULL AND NOT (kek_id = ANY($1::text[])) LIMIT 1"},
+      // The next keys one other KEK wraps, by key id (the same index).
       {kSelectOtherKeks,
-       "SELECT key_id, patient_id, kek_id, wrapped_key FROM patient_keys WHERE kek_id <> $1 "
+       "SELECT key_id, patient_id, kek_id, wrapped_key FROM patient_keys WHERE kek_id = $1 "
        "AND key_id > $2 ORDER BY key_id LIMIT $3"},
+      {kCountOfKeks, "SELECT count(*) FROM patient_keys WHERE kek_id = ANY($1::text[])"},
       {kRewrapKey,
        "UPDATE patient_keys SET kek_id = $3, wrapped_key = $4 "
        "WHERE key_id = $1 AND patient_id = $2 AND kek_id = $5"},
@@ -91,9 +100,18 @@ absl::StatusOr<bool> KeyVault::Rewrap(pg::Pool& pool, const std::string& patient
   });
 }
 
-absl::StatusOr<KeyVault::Rewrapped> KeyVault::RewrapSome(absl::string_view region,
-                                                        const std::string& after_key_id,
-                                                        int limit) {
+absl::StatusOr<int64_t> KeyVault::KeysOfOtherKeks(absl::string_view region) {
+  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
+  std::vector<std::string> others;
+  for (const crypto::KeyEncryptionKey* other : previous_) others.push_back(other->id());
+  return pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
+    return txn.exec_prepared1(kCountOfKeks, pg::TextArrayLiteral(others))[0].as<int64_t>();
+  });
+}
+
+absl::StatusOr<KeyVault::Rewrapped> KeyVault::RewrapSome(
+    absl::string_view region, const crypto::KeyEncryptionKey& from,
+    const std::string& after_key_id, int limit, const std::function<bool()>& stopping) {
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(region));
   struct Row {
     std::string key_id, patient_id, kek_id, wrapped;
@@ -103,7 +121,7 @@ absl::StatusOr<KeyVault::Rewrapped> KeyVault::RewrapSome(absl::string_view regio
                        [&](pqxx::work& txn) -> absl::StatusOr<std::vector<Row>> {
                          std::vector<Row> out;
                          for (const pqxx::row& r : txn.exec_prepared(
-                                  kSelectOtherKeks, kek_.id(), after_key_id, limit)) {
+                                  kSelectOtherKeks, from.id(), after_key_id, limit)) {
                            out.push_back({r[0].c_str(), r[1].c_str(), r[2].c_str(),
                                           pqxx::binarystring(r[3]).str()});
                          }
@@ -113,26 +131,16 @@ absl::StatusOr<KeyVault::Rewrapped> KeyVault::RewrapSome(absl::string_view regio
   done.scanned = static_cast<int>(rows.size());
   done.last_key_id = rows.empty() ? after_key_id : rows.back().key_id;
   for (const Row& row : rows) {
-    if (KekOf(row.kek_id) == nullptr) {
-      ++done.unknown;
-      continue;
-    }
+    if (stopping()) break;
     absl::StatusOr<crypto::SecretKey> key =
         Unwrap(row.kek_id, row.wrapped, PatientKeyContext(row.patient_id, row.key_id));
     if (!key.ok()) {
-      ++done.damaged;
+      ++done.damaged;  // passed: the walk goes on
       continue;
     }
-    absl::StatusOr<bool> rewrapped = Rewrap(*pool, row.patient_id, row.key_id, row.kek_id, *key);
-    // A vault that stops answering mid-walk ends the walk; this pass counts what it did.
-    if (!rewrapped.ok() && rewrapped.status().code() == absl::StatusCode::kUnavailable) {
-      return rewrapped.status();
-    }
-    if (!rewrapped.ok()) {
-      ++done.damaged;
-    } else if (*rewrapped) {
-      ++done.rewrapped;
-    }
+    // A database error ends the walk (the next pass starts again).
+    ASSIGN_OR_RETURN(bool rewrapped, Rewrap(*pool, row.patient_id, row.key_id, row.kek_id, *key));
+    if (rewrapped) ++done.rewrapped;
   }
   return done;
 }
@@ -206,7 +214,12 @@ absl::Status KeyVault::Put(absl::string_view region, const std::string& patient_
 absl::Status KeyVault::PutWrapped(absl::string_view region, const std::string& patient_id,
                                   const std::string& key_id, const std::string& kek_id,
                                   const std::string& wrapped) {
-  return Insert(region, patient_id, key_id, kek_id, wrapped, /*confirmed=*/true);
+  // Stored under this process's KEK, whichever held one wrapped it: a key the vault gains must be
+  // one every pod of this configuration opens, or they would all refuse the vault at start.
+  ASSIGN_OR_RETURN(crypto::SecretKey key,
+                   Unwrap(kek_id, wrapped, PatientKeyContext(patient_id, key_id)));
+  ASSIGN_OR_RETURN(std::string rewrapped, kek_.Wrap(key, PatientKeyContext(patient_id, key_id)));
+  return Insert(region, patient_id, key_id, kek_.id(), rewrapped, /*confirmed=*/true);
 }
 
 absl::Status KeyVault::Insert(absl::string_view region, const std::string& patient_id,

@@ -6,6 +6,7 @@
 #define MEDGATE_SERVICES_SHARING_KEY_VAULT_H_
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -52,18 +53,22 @@ class KeyVault {
   // there are none yet; UNAVAILABLE when the vault cannot be reached.
   absl::Status CheckKek(absl::string_view region);
 
-  // Rewraps under this process's KEK the next `limit` keys (by key id, after `after_key_id`) of
-  // the region that another KEK wraps. A key of a KEK this process does not hold, or that does
-  // not unwrap, is left and counted; the walk goes on past it.
+  // Rewraps under this process's KEK the next `limit` keys of the region that `from` (one of the
+  // other KEKs) wraps, by key id after `after_key_id`, until `stopping`. A key that does not
+  // unwrap is left and counted, and the walk goes on past it; a database error ends it.
   struct Rewrapped {
-    int scanned = 0;    // keys of other KEKs looked at (fewer than `limit`: the walk's end)
+    int scanned = 0;    // keys looked at (fewer than `limit`: the walk's end)
     int rewrapped = 0;  // now this KEK's
-    int unknown = 0;    // of a KEK this process does not hold
-    int damaged = 0;    // that did not unwrap (DATA_LOSS), or whose rewrap failed
+    int damaged = 0;    // that did not unwrap (DATA_LOSS)
     std::string last_key_id;  // where the next batch starts
   };
-  absl::StatusOr<Rewrapped> RewrapSome(absl::string_view region, const std::string& after_key_id,
-                                       int limit);
+  absl::StatusOr<Rewrapped> RewrapSome(absl::string_view region,
+                                       const crypto::KeyEncryptionKey& from,
+                                       const std::string& after_key_id, int limit,
+                                       const std::function<bool()>& stopping);
+  // How many of the region's keys the other KEKs wrap.
+  absl::StatusOr<int64_t> KeysOfOtherKeks(absl::string_view region);
+  const std::vector<crypto::KeyEncryptionKey*>& others() const { return previous_; }
   bool rewrapping() const { return rewrap_; }
 
   // Stores a new key of the patient, wrapped by the KEK; it is committed when this returns.
@@ -72,8 +77,9 @@ class KeyVault {
   // UNAVAILABLE when the region's vault cannot be reached.
   absl::Status Put(absl::string_view region, const std::string& patient_id,
                    const std::string& key_id, const crypto::SecretKey& key);
-  // Stores a key already wrapped by `kek_id` (one the shard held before the vault), as in use. A
-  // key already there is left as it is.
+  // Stores a key already wrapped by `kek_id` (one the shard held before the vault), as in use,
+  // rewrapped under this process's KEK: FAILED_PRECONDITION when `kek_id` is not a KEK it holds,
+  // storing nothing. A key already there is left as it is.
   absl::Status PutWrapped(absl::string_view region, const std::string& patient_id,
                           const std::string& key_id, const std::string& kek_id,
                           const std::string& wrapped);
@@ -116,7 +122,8 @@ class KeyVault {
   const bool rewrap_;
   // By region; each pool is named "<region> key vault", as its errors say.
   std::map<std::string, std::unique_ptr<pg::Pool>, std::less<>> pools_;
-  // By region: the vault has shown a key of this KEK (CheckKek or Put), so Put checks no more.
+  // By region: this process has written a key there (Put), after CheckKek found no key of a KEK
+  // it does not hold, so Put checks no more.
   std::map<std::string, std::unique_ptr<std::atomic<bool>>, std::less<>> kek_verified_;
 };
 

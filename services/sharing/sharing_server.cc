@@ -274,35 +274,40 @@ absl::Duration SharingServer::Sweep(PeriodicTask& task) {
 
 absl::Duration SharingServer::RewrapKeys(PeriodicTask& task) {
   constexpr int kBatch = 500;
+  const std::function<bool()> stopping = [&task] { return task.stopping(); };
   for (const RegionConfig& region : config_.regions) {
-    // One walk over the region's keys of other KEKs, by key id: keys it cannot rewrap (of a KEK
-    // not held, or damaged) are counted and passed, never walked again in this pass.
-    int rewrapped = 0, left = 0;
-    std::string after;
-    bool walked = false;
-    while (!task.stopping()) {
-      absl::StatusOr<KeyVault::Rewrapped> done = vault_->RewrapSome(region.id, after, kBatch);
-      if (!done.ok()) {
-        log::Warning("kek_rewrap_failed", {{"region", region.id}, {"error", done.status().message()}});
-        break;
+    // One walk over each other KEK's keys, by key id: a key that does not unwrap is counted and
+    // passed, never walked again in this pass.
+    int rewrapped = 0, damaged = 0;
+    bool failed = false;
+    for (const crypto::KeyEncryptionKey* from : vault_->others()) {
+      std::string after;
+      while (!task.stopping()) {
+        absl::StatusOr<KeyVault::Rewrapped> done =
+            vault_->RewrapSome(region.id, *from, after, kBatch, stopping);
+        if (!done.ok()) {
+          log::Warning("kek_rewrap_failed",
+                       {{"region", region.id}, {"error", done.status().message()}});
+          failed = true;
+          break;
+        }
+        rewrapped += done->rewrapped;
+        damaged += done->damaged;
+        after = done->last_key_id;
+        if (done->scanned < kBatch) break;
       }
-      rewrapped += done->rewrapped;
-      // A key changed meanwhile (another pod rewrapped it, an erasure destroyed it) is neither.
-      left += done->unknown + done->damaged;
-      after = done->last_key_id;
-      if (done->scanned < kBatch) {
-        walked = true;
-        break;
-      }
+      if (failed) break;
     }
-    // Every pass of every region says where it stands: once every region says remaining=0 on
-    // every pod, no key needs another KEK than the current one.
-    if (walked) {
-      log::Info("kek_rewrap", {{"region", region.id},
-                               {"rewrapped", rewrapped},
-                               {"remaining", left},
-                               {"kek_id", kek_->id()}});
-    }
+    if (failed || task.stopping()) continue;
+    // Where the region stands after the pass: the keys other KEKs still wrap (damaged ones, and
+    // any a pod still on the previous configuration has written since). A rotation's last step
+    // waits for 0 on a pass that began after every pod took the new configuration.
+    absl::StatusOr<int64_t> remaining = vault_->KeysOfOtherKeks(region.id);
+    log::Info("kek_rewrap", {{"region", region.id},
+                             {"rewrapped", rewrapped},
+                             {"damaged", damaged},
+                             {"remaining", remaining.ok() ? *remaining : -1},
+                             {"kek_id", kek_->id()}});
   }
   return settings_.kek_rewrap_interval;
 }

@@ -202,6 +202,9 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- if ne (len $v.sharing.previousKekKeys) (len (uniq $v.sharing.previousKekKeys)) -}}
 {{- fail "sharing.previousKekKeys: each key once" -}}
 {{- end -}}
+{{- if and (get (default dict $v.sharing.settings) "kek_rewrap") (not $v.sharing.previousKekKeys) -}}
+{{- fail "sharing.settings.kek_rewrap: rewraps the keys of the KEKs sharing.previousKekKeys names, which names none" -}}
+{{- end -}}
 {{- if $v.tls.certManager.enabled -}}
 {{- $_ := required "tls.certManager.issuerRef.name: the cert-manager issuer is required (or set tls.certManager.enabled=false and provide the services' Secrets)" $v.tls.certManager.issuerRef.name -}}
 {{- end -}}
@@ -408,11 +411,11 @@ ingest:
   {{- toYaml . | nindent 2 }}
   {{- end }}
 sharing:
-  kek_file: /run/medgate/secrets/kek.hex
+  kek_file: /run/medgate/secrets/keks/{{ $v.sharing.kekKey }}
   {{- with $v.sharing.previousKekKeys }}
   previous_kek_files:
-  {{- range $i, $key := . }}
-    - /run/medgate/secrets/previous-kek-{{ $i }}.hex
+  {{- range . }}
+    - /run/medgate/secrets/keks/{{ . }}
   {{- end }}
   {{- end }}
   {{- with $v.sharing.settings }}

@@ -207,7 +207,7 @@ TEST_F(HelmChartTest, TheConfigurationIsOneEveryServiceAccepts) {
   absl::StatusOr<sharing::SharingSettings> sharing = sharing::ParseSharingSettings(config);
   ASSERT_TRUE(sharing.ok()) << sharing.status();
   EXPECT_EQ(sharing->tenant_quota_bytes, int64_t{1} << 40);
-  EXPECT_EQ(sharing->kek_file, "/run/medgate/secrets/kek.hex");
+  EXPECT_EQ(sharing->kek_file, "/run/medgate/secrets/keks/kek.hex");
   // Numbers as the values give them (Helm reads them as floats: 4194304 must not become
   // 4.194304e+06).
   EXPECT_EQ(config.limits.max_message_bytes, 4194304);
@@ -656,9 +656,16 @@ TEST_F(HelmChartTest, ARotationsPreviousKeksReachTheSharingPodsOnly) {
   for (size_t i = 0; i < keys.size(); ++i) {
     EXPECT_THAT(script, HasSubstr("install -m 0400 /etc/medgate/secrets/kek/" + keys[i] + " " +
                                   settings->previous_kek_files[i]));
-    // Where the service reads it: the in-memory copy the sharing container mounts.
-    EXPECT_EQ(Dir(settings->previous_kek_files[i]), "/run/medgate/secrets");
+    // Where the service reads it: the in-memory copy the sharing container mounts, named after
+    // its key, as the current KEK's is.
+    EXPECT_EQ(settings->previous_kek_files[i], "/run/medgate/secrets/keks/" + keys[i]);
   }
+  EXPECT_EQ(settings->kek_file, "/run/medgate/secrets/keks/kek-2027.hex");
+  const YAML::Node container = pod["containers"][0];
+  ASSERT_EQ(Mounts(container).count("/run/medgate/secrets"), 1u);
+  EXPECT_EQ(Volume(pod, Mounts(container).at("/run/medgate/secrets"))["emptyDir"]["medium"]
+                .as<std::string>(),
+            "Memory");
   for (const char* other : {"medgate-routing", "medgate-consent", "medgate-ingest"}) {
     const std::string other_script = Named(rotating, "Deployment", other)["spec"]["template"]["spec"]
                                          ["initContainers"][0]["command"][2]
@@ -669,6 +676,7 @@ TEST_F(HelmChartTest, ARotationsPreviousKeksReachTheSharingPodsOnly) {
            {"sharing: {previousKekKeys: [kek.hex]}\n", "sharing.previousKekKeys[0]"},
            {"sharing: {previousKekKeys: [a.hex, a.hex]}\n", "sharing.previousKekKeys: each key once"},
            {"sharing: {kekKey: \"../x\"}\n", "sharing.kekKey"},
+           {"sharing: {settings: {kek_rewrap: true}}\n", "sharing.settings.kek_rewrap"},
            {"sharing: {previousKekKeys: [\"../db/pgpass\"]}\n", "sharing.previousKekKeys[0]"},
            {"sharing: {settings: {previous_kek_files: [/x]}}\n",
             "sharing.settings.previous_kek_files: set by the chart"}}) {
