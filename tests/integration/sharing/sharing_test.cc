@@ -3910,6 +3910,56 @@ TEST_F(SharingTest, PatientKeysTheShardHeldMoveToTheVault) {
   ExpectContent(pki_->practitioner(), record, spec.content);
 }
 
+// A key the shard held before the vault, wrapped by another KEK of a rotation: it opens with that
+// KEK, and moves into the vault rewrapped under the current one, which every pod holds.
+TEST_F(SharingTest, AShardHeldKeyOfAPreviousKekMovesIntoTheVaultUnderTheCurrentOne) {
+  const std::string patient = Place("vault-move-rotated-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = Generate(97, 0, 1500);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const std::string key_id = BackUp(ConnInfo("fr-1"), patient).patient_keys.begin()->first;
+  absl::StatusOr<crypto::SecretKey> key = FromVault(ConnInfo("fr-1 keys"), patient, key_id);
+  ASSERT_TRUE(key.ok()) << key.status();
+  auto other_kek = crypto::ParseHexKeyEncryptionKey(kOtherKekHex, "test");
+  ASSERT_TRUE(other_kek.ok());
+  absl::StatusOr<std::string> wrapped =
+      (*other_kek)->Wrap(*key, sharing::PatientKeyContext(patient, key_id));
+  ASSERT_TRUE(wrapped.ok());
+  {
+    pqxx::connection v(ConnInfo("fr-1 keys"));
+    pqxx::work vt(v);
+    vt.exec_params0("DELETE FROM patient_keys WHERE key_id = $1", key_id);
+    pqxx::connection s(ConnInfo("fr-1"));
+    pqxx::work st(s);
+    st.exec_params0("UPDATE record_keys SET wrapped_by = $2, wrapped_key = $3 WHERE key_id = $1",
+                    key_id, (*other_kek)->id(), pqxx::binarystring(*wrapped));
+    st.commit();
+    vt.commit();
+  }
+  ExtraSharing rotating = StartSharingOn(ConfigWith(
+      "retention_sweep_seconds: 86400",
+      absl::StrCat("retention_sweep_seconds: 86400\n  previous_kek_files: [", *kek_dir_,
+                   "/other-kek.hex]")));
+  ASSERT_NE(rotating.server, nullptr);
+  Downloaded read = Download(pki_->practitioner(), record, "", true, rotating.server->port());
+  ASSERT_TRUE(read.status.ok()) << read.status.error_message();
+  EXPECT_EQ(read.content, spec.content);
+  auto swept = rotating.server->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_GE(swept->moved_keys, 1);
+  const std::string current_id = (*crypto::ParseHexKeyEncryptionKey(kKekHex, "test"))->id();
+  EXPECT_EQ(Count("fr-1 keys",
+                  absl::StrCat("SELECT count(*) FROM patient_keys WHERE key_id = $1 AND kek_id = '",
+                               current_id, "'"),
+                  key_id),
+            1);
+  rotating.server->Shutdown();
+  // The suite's server, which holds the current KEK only, opens it.
+  AdvanceClock(absl::Minutes(2));
+  ExpectContent(pki_->practitioner(), record, spec.content);
+}
+
 TEST_F(SharingTest, ArchivedRecordsResistErasureUntilRetentionEnd) {
   const auto [patient, spec, record] = ConsentedRecord("archive-1", "an old discharge summary");
   absl::StatusOr<v1::ShareRecordResponse> shared =
