@@ -2178,6 +2178,14 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
   return erased;
 }
 
+absl::StatusOr<int64_t> SharingCore::PatientKeysInShardNotUnder(const std::string& region,
+                                                                const std::string& kek_id) {
+  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(region));
+  return pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
+    return txn.exec_prepared1(sql::kCountPatientKeysInShardNotUnder, kek_id)[0].as<int64_t>();
+  });
+}
+
 absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
   if (batch < 1) return absl::InvalidArgumentError("batch: at least 1");
   SweepResult result;
@@ -2382,20 +2390,42 @@ absl::Status SharingCore::SweepKeys(pg::Pool& shard, const std::string& region, 
   }
 
   // Patient keys written before the vault move into it: the vault first, then the shard forgets
-  // the wrapped key (a backup taken before still holds it: README, "Erasure and backups").
-  ASSIGN_OR_RETURN(int moved, shard.TransactValue<int>([&](pqxx::work& txn) -> absl::StatusOr<int> {
-    int n = 0;
-    for (const pqxx::row& row : txn.exec_prepared(sql::kSelectPatientKeysInShard, batch)) {
-      const std::string key_id = row[0].c_str();
-      RETURN_IF_ERROR(vault_.PutWrapped(region, row[1].c_str(), key_id, row[2].c_str(),
-                                        BytesOf(row[3])));
-      txn.exec_prepared0(sql::kMarkPatientKeyInVault, key_id);
-      ++n;
-    }
-    return n;
-  }));
-  result.moved_keys += moved;
-  if (moved == batch) result.more = true;
+  // the wrapped key (a backup taken before still holds it: README, "Erasure and backups"). A key
+  // of a KEK this process is not given, or that does not unwrap, stays in the shard, logged and
+  // passed: it must not hold up the others.
+  std::string after;
+  while (true) {
+    const std::string start = after;
+    int fetched = 0;
+    int skipped = 0;
+    ASSIGN_OR_RETURN(int moved, shard.TransactValue<int>([&](pqxx::work& txn) -> absl::StatusOr<int> {
+      int n = 0;
+      fetched = 0;
+      skipped = 0;
+      after = start;  // again from there if the pool runs this again
+      for (const pqxx::row& row : txn.exec_prepared(sql::kSelectPatientKeysInShard, batch, start)) {
+        ++fetched;
+        const std::string key_id = row[0].c_str();
+        after = key_id;
+        absl::Status put = vault_.PutWrapped(region, row[1].c_str(), key_id, row[2].c_str(),
+                                             BytesOf(row[3]));
+        if (put.code() == absl::StatusCode::kFailedPrecondition ||
+            put.code() == absl::StatusCode::kDataLoss) {
+          log::Warning("patient_key_move_skipped",
+                       {{"region", region}, {"key_id", key_id}, {"error", put.message()}});
+          ++skipped;
+          continue;
+        }
+        RETURN_IF_ERROR(put);
+        txn.exec_prepared0(sql::kMarkPatientKeyInVault, key_id);
+        ++n;
+      }
+      return n;
+    }));
+    result.moved_keys += moved;
+    result.unmovable_keys += skipped;
+    if (fetched < batch) break;
+  }
   return absl::OkStatus();
 }
 

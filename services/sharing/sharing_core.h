@@ -153,6 +153,7 @@ struct SweepResult {
   int sealed_metadata = 0;  // records written before metadata was sealed, sealed now
   int destroyed_keys = 0;   // patient keys deleted from the key vaults (retired, or never used)
   int moved_keys = 0;       // patient keys moved from a shard (written before the vault) to its vault
+  int unmovable_keys = 0;   // such keys left in the shard: of a KEK not given, or damaged
   bool more = false;  // some region had a full batch: sweep again
 };
 
@@ -266,6 +267,10 @@ class SharingCore {
   // stopped, so that records whose erasure keeps failing (reported in the result, not an error)
   // do not hold back the others; past the last one, the next call starts again from the first.
   absl::StatusOr<SweepResult> SweepRetention(int batch = 100);
+  // How many patient keys the region's shard still holds (from before the vault) that `kek_id`
+  // does not wrap: a KEK rotation is not done while any is left.
+  absl::StatusOr<int64_t> PatientKeysInShardNotUnder(const std::string& region,
+                                                     const std::string& kek_id);
   // Folds the records' size changes that the shards' triggers appended into the tenants' usage
   // counts (shard migration 0021), in every region: the quota's read sums only the changes since.
   // How many changes were folded.

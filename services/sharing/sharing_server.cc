@@ -262,11 +262,13 @@ absl::Duration SharingServer::Sweep(PeriodicTask& task) {
                     {"error", swept->first_failure.message()}});
     }
     if (swept->erased_records > 0 || swept->purged_chunks > 0 || swept->sealed_metadata > 0 ||
-        swept->forgotten_request_ids > 0) {
+        swept->forgotten_request_ids > 0 || swept->moved_keys > 0 || swept->unmovable_keys > 0) {
       log::Info("retention_sweep", {{"erased_records", swept->erased_records},
                                     {"purged_chunks", swept->purged_chunks},
                                     {"sealed_metadata", swept->sealed_metadata},
-                                    {"forgotten_request_ids", swept->forgotten_request_ids}});
+                                    {"forgotten_request_ids", swept->forgotten_request_ids},
+                                    {"moved_keys", swept->moved_keys},
+                                    {"unmovable_keys", swept->unmovable_keys}});
     }
   }
   return settings_.retention_sweep_interval;
@@ -302,11 +304,20 @@ absl::Duration SharingServer::RewrapKeys(PeriodicTask& task) {
     // Where the region stands after the pass: the keys other KEKs still wrap (damaged ones, and
     // any a pod still on the previous configuration has written since). A rotation's last step
     // waits for 0 on a pass that began after every pod took the new configuration.
+    // Keys the shard still holds from before the vault count too: they move in (rewrapped) with
+    // the retention sweep.
     absl::StatusOr<int64_t> remaining = vault_->KeysOfOtherKeks(region.id);
+    absl::StatusOr<int64_t> in_shard = core_->PatientKeysInShardNotUnder(region.id, kek_->id());
+    if (!remaining.ok() || !in_shard.ok()) {
+      log::Warning("kek_rewrap_failed",
+                   {{"region", region.id},
+                    {"error", (!remaining.ok() ? remaining.status() : in_shard.status()).message()}});
+      continue;
+    }
     log::Info("kek_rewrap", {{"region", region.id},
                              {"rewrapped", rewrapped},
                              {"damaged", damaged},
-                             {"remaining", remaining.ok() ? *remaining : -1},
+                             {"remaining", *remaining + *in_shard},
                              {"kek_id", kek_->id()}});
   }
   return settings_.kek_rewrap_interval;

@@ -106,6 +106,7 @@ inline constexpr char kDeleteKeyDestructions[] = "delete_key_destructions";
 inline constexpr char kSelectPatientKeysInUse[] = "select_patient_keys_in_use";
 inline constexpr char kSelectPatientKeysInShard[] = "select_patient_keys_in_shard";
 inline constexpr char kMarkPatientKeyInVault[] = "mark_patient_key_in_vault";
+inline constexpr char kCountPatientKeysInShardNotUnder[] = "count_patient_keys_in_shard_not_under";
 inline constexpr char kSelectExpiredArchives[] = "select_expired_archives";
 inline constexpr char kPurgeOrphanChunks[] = "purge_orphan_chunks";
 inline constexpr char kDequeuePurgedRecords[] = "dequeue_purged_records";
@@ -345,8 +346,12 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         // Patient keys still held here, wrapped by the KEK (written before the vault).
         {kSelectPatientKeysInShard,
          "SELECT key_id, patient_id, wrapped_by, wrapped_key FROM record_keys "
-         "WHERE record_id IS NULL AND wrapped_by <> 'vault' ORDER BY key_id LIMIT $1 "
-         "FOR NO KEY UPDATE SKIP LOCKED"},
+         "WHERE record_id IS NULL AND wrapped_by <> 'vault' AND key_id > $2 ORDER BY key_id "
+         "LIMIT $1 FOR NO KEY UPDATE SKIP LOCKED"},
+        // Patient keys the shard still holds (from before the vault) that KEK $1 does not wrap.
+        {kCountPatientKeysInShardNotUnder,
+         "SELECT count(*) FROM record_keys WHERE record_id IS NULL AND wrapped_by <> 'vault' "
+         "AND wrapped_by <> $1"},
         {kMarkPatientKeyInVault,
          "UPDATE record_keys SET wrapped_by = 'vault', wrapped_key = ''::bytea "
          "WHERE key_id = $1 AND record_id IS NULL"},

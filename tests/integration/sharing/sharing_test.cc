@@ -3937,6 +3937,46 @@ TEST_F(SharingTest, AShardHeldKeyOfAPreviousKekMovesIntoTheVaultUnderTheCurrentO
     st.commit();
     vt.commit();
   }
+  // Another patient's key, in the shard under a KEK no pod is given: it cannot move, and must not
+  // hold up the others. (Put back in the vault as it was at the end.)
+  const std::string stranded_patient = Place("vault-move-rotated-2", "FR");
+  UploadSpec stranded_spec;
+  stranded_spec.patient_id = stranded_patient;
+  stranded_spec.content = "under a KEK nobody holds";
+  UploadOk(pki_->practitioner(), stranded_spec);
+  const std::string stranded_key =
+      BackUp(ConnInfo("fr-1"), stranded_patient).patient_keys.begin()->first;
+  pqxx::binarystring stranded_vault_row("");
+  std::string stranded_kek_id;
+  {
+    pqxx::connection v(ConnInfo("fr-1 keys"));
+    pqxx::work vt(v);
+    pqxx::row row = vt.exec_params1(
+        "DELETE FROM patient_keys WHERE key_id = $1 RETURNING kek_id, wrapped_key", stranded_key);
+    stranded_kek_id = row[0].c_str();
+    stranded_vault_row = pqxx::binarystring(row[1]);
+    pqxx::connection s(ConnInfo("fr-1"));
+    pqxx::work st(s);
+    st.exec_params0("UPDATE record_keys SET wrapped_by = 'unheld-kek', wrapped_key = '\\x00' "
+                    "WHERE key_id = $1",
+                    stranded_key);
+    st.commit();
+    vt.commit();
+  }
+  absl::Cleanup put_back = [&] {
+    pqxx::connection v(ConnInfo("fr-1 keys"));
+    pqxx::work vt(v);
+    vt.exec_params0("INSERT INTO patient_keys (key_id, patient_id, kek_id, wrapped_key, confirmed) "
+                    "VALUES ($1, $2, $3, $4, true)",
+                    stranded_key, stranded_patient, stranded_kek_id, stranded_vault_row);
+    pqxx::connection s(ConnInfo("fr-1"));
+    pqxx::work st(s);
+    st.exec_params0("UPDATE record_keys SET wrapped_by = 'vault', wrapped_key = ''::bytea "
+                    "WHERE key_id = $1",
+                    stranded_key);
+    vt.commit();
+    st.commit();
+  };
   ExtraSharing rotating = StartSharingOn(ConfigWith(
       "retention_sweep_seconds: 86400",
       absl::StrCat("retention_sweep_seconds: 86400\n  previous_kek_files: [", *kek_dir_,
@@ -3948,10 +3988,19 @@ TEST_F(SharingTest, AShardHeldKeyOfAPreviousKekMovesIntoTheVaultUnderTheCurrentO
   auto swept = rotating.server->core().SweepRetention();
   ASSERT_TRUE(swept.ok()) << swept.status();
   EXPECT_GE(swept->moved_keys, 1);
-  const std::string current_id = (*crypto::ParseHexKeyEncryptionKey(kKekHex, "test"))->id();
+  EXPECT_EQ(swept->unmovable_keys, 1);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE key_id = $1 AND wrapped_by = "
+                          "'unheld-kek'",
+                  stranded_key),
+            1);
+  const std::string current_kek = (*crypto::ParseHexKeyEncryptionKey(kKekHex, "test"))->id();
+  absl::StatusOr<int64_t> in_shard =
+      rotating.server->core().PatientKeysInShardNotUnder("fr-1", current_kek);
+  ASSERT_TRUE(in_shard.ok()) << in_shard.status();
+  EXPECT_EQ(*in_shard, 1);
   EXPECT_EQ(Count("fr-1 keys",
                   absl::StrCat("SELECT count(*) FROM patient_keys WHERE key_id = $1 AND kek_id = '",
-                               current_id, "'"),
+                               current_kek, "'"),
                   key_id),
             1);
   rotating.server->Shutdown();
