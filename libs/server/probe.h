@@ -28,10 +28,10 @@ inline constexpr absl::Duration kLivenessDeadline = absl::Seconds(7);
 enum class ProbeKind {
   // Every server SERVING: the pod may take calls (readiness).
   kReady,
-  // Every server answering at all, NOT_SERVING included (its shards down, or draining), within
-  // kLivenessDeadline (liveness). Only a server that gives no answer in time (DEADLINE_EXCEEDED)
-  // or cannot be reached (UNAVAILABLE) fails it, so a database outage, which restarting cannot
-  // mend, restarts nothing. gRPC answers the health check on its own threads, from the status
+  // Every server answering within kLivenessDeadline, NOT_SERVING included (its shards down)
+  // (liveness). Only a server that gives no answer in time (DEADLINE_EXCEEDED) or cannot be
+  // reached (UNAVAILABLE: a draining one too, briefly) fails it, so a database outage, which
+  // restarting cannot mend, restarts nothing. gRPC answers the health check on its own threads, from the status
   // the service's health loop last set: this finds a server whose gRPC core, TLS or connections
   // are stuck, not handlers stuck in the service's own code (their calls' deadlines and the
   // services' bounds deal with those).

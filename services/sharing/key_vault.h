@@ -32,8 +32,9 @@ class KeyVault {
   // FAILED_PRECONDITION naming the first region without a `keys_db`. `kek` wraps every key
   // written; `others` (sharing.previous_kek_files: a rotation's other KEKs) only unwrap the keys
   // they wrap. With `rewrap` (sharing.kek_rewrap), those keys are rewrapped under `kek` (Get,
-  // RewrapSome); without it, never (a rotation's first step, while pods that hold the old KEK as
-  // their current one still run).
+  // RewrapSome); without it, not as they are read or swept (a rotation's first step, while pods
+  // that hold the old KEK as their current one still run). Keys moved in from the shard
+  // (PutWrapped) are stored under `kek` either way.
   static absl::StatusOr<std::unique_ptr<KeyVault>> Create(
       const std::vector<RegionConfig>& regions, crypto::KeyEncryptionKey& kek,
       std::vector<crypto::KeyEncryptionKey*> others = {}, bool rewrap = false);
@@ -72,8 +73,8 @@ class KeyVault {
   bool rewrapping() const { return rewrap_; }
 
   // Stores a new key of the patient, wrapped by the KEK; it is committed when this returns.
-  // FAILED_PRECONDITION, storing nothing, while the region's vault holds keys of another KEK
-  // (checked until the vault has answered with a key of this one, or taken one from it).
+  // FAILED_PRECONDITION, storing nothing, while the region's vault holds keys of a KEK this
+  // process does not hold (checked until this process has written a key there).
   // UNAVAILABLE when the region's vault cannot be reached.
   absl::Status Put(absl::string_view region, const std::string& patient_id,
                    const std::string& key_id, const crypto::SecretKey& key);

@@ -85,8 +85,9 @@ struct SharingServerOptions {
   size_t max_list_page_bytes = kMaxListPageBytes;
   // AuditCore's max_scanned_per_page; tests make it small.
   int64_t audit_scanned_per_page = kMaxAuditScannedPerPage;
-  // Whether Create asks each region's key vault which KEK wraps its keys (KeyVault::CheckKek) and
-  // refuses another; tests turn it off to act as if no vault answered at start.
+  // Whether Create asks each region's key vault whether a KEK it is not given (current or
+  // previous) wraps any key (KeyVault::CheckKek), and refuses to start then; tests turn it off to
+  // act as if no vault answered at start.
   bool check_kek_at_start = true;
 };
 
