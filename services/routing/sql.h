@@ -77,7 +77,7 @@ inline const std::vector<pg::Statement>& Statements() {
       {kShareTenant, "SELECT pg_advisory_xact_lock_shared(7202, hashtext($1))"},
       {kLockTenant, "SELECT pg_advisory_xact_lock(7202, hashtext($1))"},
       // How many patients of a tenant live in each of the regions an upsert's narrowing drops
-      // (index patients_tenant_region: control migration 0013).
+      // (index patients_tenant_region: control migration 0012).
       {kCountTenantPatientsIn,
        "SELECT region_id, count(*) FROM patients WHERE tenant_id = $1 "
        "AND region_id = ANY($2::text[]) GROUP BY region_id ORDER BY region_id"},
