@@ -10,13 +10,19 @@ RpcPolicy::RpcPolicy(std::string trust_domain, std::initializer_list<RpcRule> ru
     : trust_domain_(std::move(trust_domain)) {
   for (const RpcRule& rule : rules) {
     rules_[std::string(rule.method)].insert(rule.allowed.begin(), rule.allowed.end());
+    calls_[std::string(rule.method)] = rule.calls;
   }
 }
 
 absl::Status RpcPolicy::Check(const Principal& principal, absl::string_view method) const {
   if (absl::Status s = CheckRole(principal, method); !s.ok()) return s;
   if (gate_ == nullptr || principal.tenant.empty()) return absl::OkStatus();
-  return gate_->CheckActive(principal.tenant);
+  return gate_->CheckActive(principal.tenant, CallsOf(method));
+}
+
+double RpcPolicy::CallsOf(absl::string_view method) const {
+  auto it = calls_.find(method);
+  return it == calls_.end() ? 1 : it->second;
 }
 
 absl::Status RpcPolicy::CheckRole(const Principal& principal, absl::string_view method) const {
@@ -34,7 +40,7 @@ absl::StatusOr<Principal> RpcPolicy::Authorize(const grpc::ServerContextBase& co
                                                absl::string_view method) const {
   absl::StatusOr<Principal> principal = AuthorizeRole(context, method);
   if (!principal.ok() || gate_ == nullptr || principal->tenant.empty()) return principal;
-  if (absl::Status s = gate_->CheckActive(principal->tenant); !s.ok()) return s;
+  if (absl::Status s = gate_->CheckActive(principal->tenant, CallsOf(method)); !s.ok()) return s;
   return principal;
 }
 

@@ -19,6 +19,9 @@ namespace medgate {
 struct RpcRule {
   absl::string_view method;  // the RPC name, e.g. "PlacePatient"
   std::initializer_list<PrincipalKind> allowed;
+  // What one call of it counts against its tenant's call rate (the gate's): more than 1 for a
+  // call that costs the service more (ReadVitals scans a shard and commits an audit entry).
+  double calls = 1;
 };
 
 // Whether a tenant's identities may act now. Implementations cache what they learn.
@@ -28,9 +31,9 @@ class TenantGate {
 
   // OK while `tenant` is registered and active; PERMISSION_DENIED when it is suspended or not
   // registered; UNAVAILABLE (or another error) when that cannot be known now: fail closed. A gate
-  // may also count the calls it lets through (RESOURCE_EXHAUSTED past its rate): ask it once per
-  // call.
-  virtual absl::Status CheckActive(absl::string_view tenant) = 0;
+  // may also count the calls it lets through, `calls` for this one (RESOURCE_EXHAUSTED past its
+  // rate): ask it once per call.
+  virtual absl::Status CheckActive(absl::string_view tenant, double calls = 1) = 0;
 };
 
 // An RPC not listed is denied to everybody (default deny).
@@ -61,9 +64,12 @@ class RpcPolicy {
   const std::string& trust_domain() const { return trust_domain_; }
 
  private:
+  double CallsOf(absl::string_view method) const;
+
   std::string trust_domain_;
   TenantGate* gate_ = nullptr;
   std::map<std::string, std::set<PrincipalKind>, std::less<>> rules_;
+  std::map<std::string, double, std::less<>> calls_;  // by method: what a call counts
 };
 
 }  // namespace medgate

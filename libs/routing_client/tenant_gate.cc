@@ -1,6 +1,7 @@
 // TenantGate over a TTL cache of routing's answers.
 #include "libs/routing_client/tenant_gate.h"
 
+#include <algorithm>
 #include <optional>
 #include <utility>
 
@@ -48,7 +49,7 @@ size_t CachedTenantGate::waiting_for_fetch() {
   return waiting_;
 }
 
-absl::Status CachedTenantGate::CheckActive(absl::string_view tenant) {
+absl::Status CachedTenantGate::CheckActive(absl::string_view tenant, double calls) {
   const std::string key(tenant);
   absl::StatusOr<TenantStatus> status = Fetch(key);
   if (!status.ok()) return status.status();
@@ -62,12 +63,15 @@ absl::Status CachedTenantGate::CheckActive(absl::string_view tenant) {
         "reactivate it"));
   }
   // Only calls let through are counted: a refused tenant's calls cost it nothing.
-  const absl::Duration wait = calls_.TryTake(key, 1, options_.clock());
+  // A call that counts for more than the whole burst takes the burst, or it could never pass.
+  const absl::Duration wait =
+      calls_.TryTake(key, std::min(calls, options_.call_burst), options_.clock());
   if (wait > absl::ZeroDuration()) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "tenant '", key, "' is calling faster than this service instance takes (",
         options_.calls_per_second, " calls a second after a burst of ", options_.call_burst,
-        ": limits.tenant_calls_per_second and limits.tenant_call_burst); retry in ",
+        ": limits.tenant_calls_per_second and limits.tenant_call_burst; this call counts as ",
+        calls, "); retry in ",
         absl::ToInt64Milliseconds(absl::Ceil(wait, absl::Milliseconds(1))), " ms"));
   }
   return absl::OkStatus();

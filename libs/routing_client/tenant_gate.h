@@ -57,7 +57,7 @@ using TenantStatusFetcher =
 class CachedTenantGate final : public TenantGate {
  public:
   CachedTenantGate(TenantStatusFetcher fetch, TenantGateOptions options);
-  absl::Status CheckActive(absl::string_view tenant) override;
+  absl::Status CheckActive(absl::string_view tenant, double calls = 1) override;
   // Calls waiting for another call's fetch (for tests).
   size_t waiting_for_fetch();
 

@@ -49,8 +49,7 @@ struct IngestSettings {
   // Streams one device may have open at once (a reconnecting device briefly has two); one more
   // ends RESOURCE_EXHAUSTED.
   int max_streams_per_device = 4;
-  // ingest.max_reads_per_tenant, ingest.read_idle_timeout_seconds, and this instance's share of
-  // ingest.reads_per_tenant_per_second and ingest.read_burst.
+  // ingest.max_reads_per_tenant and ingest.read_idle_timeout_seconds.
   ReadBounds reads;
 };
 

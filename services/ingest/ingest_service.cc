@@ -443,11 +443,10 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
       consent_(consent),
       shards_(shards),
       policy_(std::move(trust_domain),
-              {{"StreamVitals", {K::kDevice}}, {"ReadVitals", {K::kPractitioner}}}),
+              {{"StreamVitals", {K::kDevice}}, {"ReadVitals", {K::kPractitioner}, kReadVitalsCalls}}),
       executor_(executor),
       max_streams_per_device_(max_streams_per_device),
       reads_(reads),
-      read_rate_(reads.per_second, reads.burst),
       read_watch_(reads.idle_timeout,
                   absl::StrCat("the reader took nothing for ", absl::FormatDuration(reads.idle_timeout),
                                " (ingest.read_idle_timeout_seconds); read the page again")),
@@ -492,18 +491,6 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
         absl::StrCat("this tenant already has ", reads_.max_per_tenant,
                      " ReadVitals calls in progress, the most ingest.max_reads_per_tenant allows; "
                      "retry once one has ended"));
-  }
-  // Charged before anything is read: a refused or invalid read costs a place too.
-  const absl::Duration rate_wait = read_rate_.TryTake(principal->tenant, 1, absl::Now());
-  if (rate_wait > absl::ZeroDuration()) {
-    return grpc::Status(
-        grpc::StatusCode::RESOURCE_EXHAUSTED,
-        absl::StrCat("this tenant has started ReadVitals calls faster than this instance's "
-                     "share allows (", reads_.per_second, " a second after a burst of ",
-                     reads_.burst, ": ingest.reads_per_tenant_per_second and ingest.read_burst "
-                     "divided between ", reads_.instances, " instance(s)); retry in ",
-                     absl::ToInt64Milliseconds(absl::Ceil(rate_wait, absl::Milliseconds(1))),
-                     " ms"));
   }
   consent::Purpose purpose;
   switch (request->purpose()) {

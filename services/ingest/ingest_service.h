@@ -26,14 +26,12 @@ struct ReadBounds {
   // A read whose client takes nothing for this long while the service waits to hand over its
   // next readings ends DEADLINE_EXCEEDED (ingest.read_idle_timeout_seconds).
   absl::Duration idle_timeout = absl::Seconds(30);
-  // The rate at which a tenant may start reads, and the burst it may start at once (a token
-  // bucket per tenant: ingest.reads_per_tenant_per_second and ingest.read_burst, shared between
-  // the instances like the sample quota). Each read scans the shard and commits an audit entry;
-  // a read past the rate is refused RESOURCE_EXHAUSTED, saying when one would be taken.
-  double per_second = 100;
-  double burst = 200;
-  int instances = 1;  // the instances the configured rate is divided between (ingest.instances)
 };
+
+// What one ReadVitals call counts against its tenant's call rate (limits.tenant_calls_per_second,
+// the tenant gate's): a read scans the shard and commits an audit entry. With the defaults, a
+// tenant starts at most 100 reads a second on one instance, after a burst of 200.
+inline constexpr double kReadVitalsCalls = 10;
 
 class IngestService final
     : public v1::DeviceIngest::WithCallbackMethod_StreamVitals<v1::DeviceIngest::Service> {
@@ -73,7 +71,6 @@ class IngestService final
   DeviceTurns turns_;                              // by the device's SPIFFE id
   const ReadBounds reads_;
   BoundedCounts<std::string> reads_per_tenant_;
-  TokenBuckets read_rate_;  // reads started, per tenant
   StallWatch read_watch_;
   // From a batch read off a stream to its ack handed to gRPC; logged as `ingest_ack_latency`
   // (acks, p50/p90/p99/max) by the first ack after each stats interval: a quiet service logs

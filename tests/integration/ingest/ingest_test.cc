@@ -153,11 +153,12 @@ class IngestTest : public ::testing::Test {
   };
   // A `statement_timeout_ms` other than 0 replaces the regions' shard statement timeout; a
   // `fr1_conninfo` replaces fr-1's.
-  static std::unique_ptr<ExtraIngest> StartIngest(const std::string& ingest_yaml,
-                                                  int statement_timeout_ms = 0,
-                                                  const std::string& fr1_conninfo = "") {
+  static std::unique_ptr<ExtraIngest> StartIngest(
+      const std::string& ingest_yaml, int statement_timeout_ms = 0,
+      const std::string& fr1_conninfo = "", const ServerLimits* limits = nullptr) {
     auto extra = std::make_unique<ExtraIngest>();
     extra->config = stack_->config();
+    if (limits != nullptr) extra->config.limits = *limits;
     for (RegionConfig& region : extra->config.regions) {
       if (statement_timeout_ms != 0) region.db.statement_timeout_ms = statement_timeout_ms;
       if (region.id == "fr-1" && !fr1_conninfo.empty()) region.db.conninfo = fr1_conninfo;
@@ -1552,12 +1553,15 @@ TEST_F(IngestReadBoundsTest, AReadWhoseClientStopsTakingReadingsEndsAndGivesBack
   extra->server->Shutdown();
 }
 
-// A tenant starts reads at most at ingest.reads_per_tenant_per_second, after a burst of
-// ingest.read_burst: past it a read is refused RESOURCE_EXHAUSTED, saying which keys and when to
-// retry, and another tenant's reads are not charged for it.
+// A read counts as kReadVitalsCalls calls against its tenant's call rate: with 10 calls a second
+// after a burst of 30, a tenant starts 3 reads at once, then one is refused RESOURCE_EXHAUSTED,
+// saying which limits and when to retry; another tenant's reads are not charged for it.
 TEST_F(IngestReadBoundsTest, ATenantStartsReadsAtMostAtItsRate) {
   const std::string patient = PatientWithReadings("read-rate", 3);
-  auto extra = StartIngest("ingest: {reads_per_tenant_per_second: 1, read_burst: 3}\n");
+  ServerLimits limits = stack_->config().limits;
+  limits.tenant_calls_per_second = static_cast<int>(kReadVitalsCalls);
+  limits.tenant_call_burst = static_cast<int>(3 * kReadVitalsCalls);
+  auto extra = StartIngest("ingest: {}\n", 0, "", &limits);
   ASSERT_NE(extra, nullptr);
   const int port = extra->server->port();
   // Reads one after the other: the burst goes through, then one is refused (well before 50 at
@@ -1575,8 +1579,9 @@ TEST_F(IngestReadBoundsTest, ATenantStartsReadsAtMostAtItsRate) {
   }
   ASSERT_FALSE(refused.ok()) << "50 reads in a row, none refused";
   EXPECT_GE(read_before_refusal, 3);
+  EXPECT_LE(read_before_refusal, 10);  // each read counted as more than one call
   EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
-  EXPECT_THAT(std::string(refused.message()), HasSubstr("ingest.reads_per_tenant_per_second"));
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("limits.tenant_calls_per_second"));
   EXPECT_THAT(std::string(refused.message()), HasSubstr("retry in"));
 
   // Another tenant's read is not refused for acme's rate: it goes on to find no such patient.

@@ -81,16 +81,30 @@ TEST(RpcPolicyTest, AllowsListedKindsAndDeniesByDefault) {
 class SetTenantGate final : public TenantGate {
  public:
   explicit SetTenantGate(std::set<std::string> active) : active_(std::move(active)) {}
-  absl::Status CheckActive(absl::string_view tenant) override {
+  absl::Status CheckActive(absl::string_view tenant, double calls) override {
     asked.emplace_back(tenant);
+    counted.push_back(calls);
     if (active_.contains(std::string(tenant))) return absl::OkStatus();
     return absl::PermissionDeniedError(absl::StrCat("tenant '", tenant, "' is suspended"));
   }
   std::vector<std::string> asked;
+  std::vector<double> counted;  // what each call counted as
 
  private:
   const std::set<std::string> active_;
 };
+
+// A method declared to count as several calls is counted so by the gate; others as one.
+TEST(RpcPolicyTest, TheGateCountsEachMethodAsDeclared) {
+  RpcPolicy policy(kTd, {{"PlacePatient", {PrincipalKind::kApp}},
+                         {"ReadVitals", {PrincipalKind::kApp}, 10}});
+  SetTenantGate gate({"acme"});
+  policy.set_tenant_gate(&gate);
+  Principal acme = *ParseSpiffeId("spiffe://medgate.test/tenant/acme/app/backend", kTd);
+  EXPECT_TRUE(policy.Check(acme, "PlacePatient").ok());
+  EXPECT_TRUE(policy.Check(acme, "ReadVitals").ok());
+  EXPECT_EQ(gate.counted, (std::vector<double>{1, 10}));
+}
 
 TEST(RpcPolicyTest, TenantGateDecidesForTenantIdentitiesOnly) {
   RpcPolicy policy(kTd, {{"PlacePatient", {PrincipalKind::kApp, PrincipalKind::kPractitioner}},

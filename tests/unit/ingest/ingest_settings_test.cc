@@ -40,8 +40,7 @@ TEST(IngestSettingsTest, EveryKeySetsItsSetting) {
       "  max_streams_per_device: 6\n"
       "  max_reads_per_tenant: 3\n"
       "  read_idle_timeout_seconds: 45\n"
-      "  reads_per_tenant_per_second: 30\n"
-      "  read_burst: 70\n"
+
       "  partition_lock_timeout_ms: 2500\n");
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->core.tenant_samples_per_second, 1234.0);
@@ -60,8 +59,6 @@ TEST(IngestSettingsTest, EveryKeySetsItsSetting) {
   EXPECT_EQ(s->max_streams_per_device, 6);
   EXPECT_EQ(s->reads.max_per_tenant, 3);
   EXPECT_EQ(s->reads.idle_timeout, absl::Seconds(45));
-  EXPECT_EQ(s->reads.per_second, 30.0);
-  EXPECT_EQ(s->reads.burst, 70.0);
   EXPECT_EQ(s->partition_lock_timeout, absl::Milliseconds(2500));
 }
 
@@ -77,8 +74,6 @@ TEST(IngestSettingsTest, DefaultsWithoutTheSectionAndWithoutTheirKeys) {
     EXPECT_EQ(s->partition_check, absl::Minutes(60));
     EXPECT_EQ(s->reads.max_per_tenant, 16);
     EXPECT_EQ(s->reads.idle_timeout, absl::Seconds(30));
-    EXPECT_EQ(s->reads.per_second, 100.0);
-    EXPECT_EQ(s->reads.burst, 200.0);
     EXPECT_EQ(s->partition_lock_timeout, absl::Seconds(1));
   }
 }
@@ -95,7 +90,6 @@ TEST(IngestSettingsTest, AValueOutOfRangeNamesItsKey) {
       {"max_streams_per_device", "1001"}, {"writers_per_region", "two"},
       {"max_reads_per_tenant", "0"},      {"read_idle_timeout_seconds", "0"},
       {"read_idle_timeout_seconds", "3601"}, {"partition_lock_timeout_ms", "99"},
-      {"reads_per_tenant_per_second", "0"}, {"read_burst", "0"},
   };
   for (const auto& [key, value] : bad) {
     absl::StatusOr<IngestSettings> s = Parse(absl::StrCat("ingest: {", key, ": ", value, "}\n"));
@@ -104,17 +98,6 @@ TEST(IngestSettingsTest, AValueOutOfRangeNamesItsKey) {
     EXPECT_NE(s.status().message().find(absl::StrCat("ingest.", key)), std::string::npos)
         << s.status();
   }
-}
-
-// The read rate is the deployment's, like the sample quota: each instance enforces its share,
-// and may always start one read.
-TEST(IngestSettingsTest, TheReadRateIsSplitBetweenTheInstances) {
-  absl::StatusOr<IngestSettings> s =
-      Parse("ingest: {reads_per_tenant_per_second: 40, read_burst: 3, instances: 4}\n");
-  ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_EQ(s->reads.per_second, 10.0);
-  EXPECT_EQ(s->reads.burst, 1.0);
-  EXPECT_EQ(s->reads.instances, 4);
 }
 
 // A burst smaller than the largest batch would refuse such a batch forever: the configuration

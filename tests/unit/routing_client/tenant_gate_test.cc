@@ -98,6 +98,17 @@ TEST_F(TenantGateTest, AnActiveTenantsCallsAreBoundedByTheCallRate) {
   now_ += absl::Milliseconds(100);  // one call's worth at 10 a second
   EXPECT_TRUE(gate->CheckActive("acme").ok());
   EXPECT_EQ(gate->CheckActive("acme").code(), absl::StatusCode::kResourceExhausted);
+  // A call that counts as two waits for two calls' worth; one that counts as more than the burst
+  // takes the whole burst, or it could never pass.
+  now_ += absl::Milliseconds(100);
+  absl::Status costly = gate->CheckActive("acme", 2);
+  EXPECT_EQ(costly.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(costly.message().find("this call counts as 2"), absl::string_view::npos) << costly;
+  now_ += absl::Milliseconds(100);
+  EXPECT_TRUE(gate->CheckActive("acme", 2).ok());
+  now_ += absl::Seconds(1);
+  EXPECT_TRUE(gate->CheckActive("acme", 50).ok());
+  EXPECT_FALSE(gate->CheckActive("acme").ok());
 }
 
 TEST_F(TenantGateTest, CachesForItsTtlThenAsksAgain) {
