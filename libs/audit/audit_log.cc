@@ -167,11 +167,11 @@ absl::StatusOr<int64_t> AppendMany(pqxx::work& txn, const std::vector<Entry>& en
   }
 }
 
-absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection& connection) {
+absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection_base& connection) {
   return VerifyChainRange(connection, 1, 0);
 }
 
-absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection& connection, int64_t first_seq,
+absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection, int64_t first_seq,
                                               int64_t last_seq,
                                               const std::function<bool()>& cancelled) {
   if (first_seq < 1) first_seq = 1;

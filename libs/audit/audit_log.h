@@ -114,7 +114,7 @@ struct VerifyResult {
 
 // Walks the chain from the first entry and names the first entry that does not verify
 // (altered fields, broken link, missing entry, or a head that does not match the last entry).
-absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection& connection);
+absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection_base& connection);
 
 // The same for entries first_seq..last_seq only: the walk starts from the stored hash of entry
 // first_seq - 1 (trusted, as the anchor of the range), and checks the chain head only when
@@ -122,7 +122,7 @@ absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection& connection);
 // INVALID_ARGUMENT, saying which bound is wrong, when the range is empty or outside the log.
 // `cancelled`, when given, is asked between pages of entries: once it answers true the walk stops
 // with CANCELLED (its caller gone, its server draining), however long the log.
-absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection& connection, int64_t first_seq,
+absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection, int64_t first_seq,
                                               int64_t last_seq,
                                               const std::function<bool()>& cancelled = nullptr);
 

@@ -35,9 +35,9 @@ Pool::~Pool() {
   idle_.clear();
 }
 
-absl::StatusOr<std::unique_ptr<pqxx::connection>> Pool::Connect() {
+absl::StatusOr<std::unique_ptr<Connection>> Pool::Connect() {
   try {
-    auto connection = std::make_unique<pqxx::connection>(options_.conninfo);
+    auto connection = std::make_unique<Connection>(options_.conninfo);
     pqxx::nontransaction setup(*connection);
     setup.exec0(absl::StrCat("SET statement_timeout = ",
                              absl::ToInt64Milliseconds(options_.statement_timeout)));
@@ -84,13 +84,13 @@ absl::StatusOr<Lease> Pool::Acquire(std::optional<absl::Duration> timeout) {
     }
   }
   if (!idle_.empty()) {
-    std::unique_ptr<pqxx::connection> connection = std::move(idle_.back());
+    std::unique_ptr<Connection> connection = std::move(idle_.back());
     idle_.pop_back();
     return Lease(this, std::move(connection));
   }
   ++open_;
   lock.unlock();
-  absl::StatusOr<std::unique_ptr<pqxx::connection>> connection = Connect();
+  absl::StatusOr<std::unique_ptr<Connection>> connection = Connect();
   if (!connection.ok()) {
     lock.lock();
     --open_;
@@ -100,7 +100,7 @@ absl::StatusOr<Lease> Pool::Acquire(std::optional<absl::Duration> timeout) {
   return Lease(this, *std::move(connection));
 }
 
-void Pool::Release(std::unique_ptr<pqxx::connection> connection, bool broken) {
+void Pool::Release(std::unique_ptr<Connection> connection, bool broken) {
   std::lock_guard<std::mutex> lock(mu_);
   if (broken || !connection->is_open()) {
     connection.reset();
@@ -158,7 +158,7 @@ absl::Status Pool::Ping() {
     // Every connection is in use: the pool is busy, which says nothing about the server. A
     // connection of the probe's own, closed at once, asks the server itself (a busy service must
     // not report itself down, or every replica leaves the load balancer together).
-    absl::StatusOr<std::unique_ptr<pqxx::connection>> own = Connect();
+    absl::StatusOr<std::unique_ptr<Connection>> own = Connect();
     if (!own.ok()) return own.status();
     try {
       pqxx::nontransaction txn(**own);

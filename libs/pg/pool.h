@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "libs/common/config.h"
+#include "libs/pg/connection.h"
 
 namespace medgate::pg {
 
@@ -51,16 +52,16 @@ class Lease {
   Lease& operator=(Lease&&) = delete;
   ~Lease();
 
-  pqxx::connection& connection() { return *connection_; }
+  Connection& connection() { return *connection_; }
   // The connection will be closed rather than reused (after a broken-connection error).
   void MarkBroken() { broken_ = true; }
 
  private:
   friend class Pool;
-  Lease(Pool* pool, std::unique_ptr<pqxx::connection> connection)
+  Lease(Pool* pool, std::unique_ptr<Connection> connection)
       : pool_(pool), connection_(std::move(connection)) {}
   Pool* pool_;
-  std::unique_ptr<pqxx::connection> connection_;
+  std::unique_ptr<Connection> connection_;
   bool broken_ = false;
 };
 
@@ -103,13 +104,13 @@ class Pool {
 
  private:
   friend class Lease;
-  void Release(std::unique_ptr<pqxx::connection> connection, bool broken);
-  absl::StatusOr<std::unique_ptr<pqxx::connection>> Connect();
+  void Release(std::unique_ptr<Connection> connection, bool broken);
+  absl::StatusOr<std::unique_ptr<Connection>> Connect();
 
   const PoolOptions options_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<std::unique_ptr<pqxx::connection>> idle_;
+  std::vector<std::unique_ptr<Connection>> idle_;
   int open_ = 0;     // connections checked out or idle, plus ones being opened
   int waiters_ = 0;
 };

@@ -918,35 +918,32 @@ class PgDownload final : public Download {
   // One chunk's ciphertext, counted as buffered.
   absl::StatusOr<std::string> Fetch(uint32_t index) {
     ASSIGN_OR_RETURN(pg::Lease lease, pool_.Acquire());
-    try {
-      pqxx::nontransaction q(lease.connection());
-      pqxx::result rows = q.exec_prepared(sql::kSelectChunk, record_.record_id,
-                                          static_cast<int64_t>(index), grantee_,
-                                          PgTime(core_.Now()));
-      RETURN_IF_ERROR(Readable(rows, 1));
-      if (rows[0][0].is_null()) {
-        return absl::DataLossError(
-            absl::StrCat("record '", record_.record_id, "': chunk ", index, " is missing"));
-      }
-      std::string sealed = BytesOf(rows[0][0]);
-      core_.AddBuffered(static_cast<int64_t>(sealed.size()));
-      return sealed;
-    } catch (const std::exception& e) {
-      absl::Status status = pg::StatusFromException(e);
-      if (status.code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
-      return status;
+    absl::StatusOr<pg::BinaryResult> rows = sql::kSelectChunk.Run(
+        lease.connection(),
+        {record_.record_id, absl::StrCat(index), grantee_, PgTime(core_.Now())});
+    if (!rows.ok()) {
+      if (rows.status().code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
+      return rows.status();
     }
+    RETURN_IF_ERROR(Readable(rows->rows() == 0, rows->rows() > 0 && rows->boolean(0, 1)));
+    if (rows->is_null(0, 0)) {
+      return absl::DataLossError(
+          absl::StrCat("record '", record_.record_id, "': chunk ", index, " is missing"));
+    }
+    std::string sealed(rows->bytes(0, 0));
+    core_.AddBuffered(static_cast<int64_t>(sealed.size()));
+    return sealed;
   }
 
-  // Whether the record, and the grant the download rests on, still stand (kSelectChunk's and
-  // kChunkStillReadable's answer: no row when the record is gone, `grant_column` false when the
-  // grant no longer holds).
-  absl::Status Readable(const pqxx::result& rows, int grant_column) const {
-    if (rows.empty()) {
+  // Whether the record, and the grant the download rests on, still stand (from kSelectChunk's or
+  // kChunkStillReadable's answer: no row when the record is gone, false when the grant no longer
+  // holds).
+  absl::Status Readable(bool erased, bool grant_holds) const {
+    if (erased) {
       return absl::AbortedError(
           absl::StrCat("record '", record_.record_id, "' was erased during the download"));
     }
-    if (!rows[0][grant_column].as<bool>()) {
+    if (!grant_holds) {
       return absl::PermissionDeniedError(
           absl::StrCat("your grant on record '", record_.record_id,
                        "' was revoked or expired during the download"));
@@ -958,9 +955,9 @@ class PgDownload final : public Download {
     ASSIGN_OR_RETURN(pg::Lease lease, pool_.Acquire());
     try {
       pqxx::nontransaction q(lease.connection());
-      return Readable(q.exec_prepared(sql::kChunkStillReadable, record_.record_id, grantee_,
-                                      PgTime(core_.Now())),
-                      0);
+      const pqxx::result rows = q.exec_prepared(sql::kChunkStillReadable, record_.record_id,
+                                                grantee_, PgTime(core_.Now()));
+      return Readable(rows.empty(), !rows.empty() && rows[0][0].as<bool>());
     } catch (const std::exception& e) {
       absl::Status status = pg::StatusFromException(e);
       if (status.code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
@@ -1314,7 +1311,7 @@ absl::Status SharingCore::OpenMetadata(pqxx::transaction_base& txn, RecordInfo& 
 }
 
 absl::StatusOr<std::optional<UploadResult>> SharingCore::StoredByRequest(
-    pqxx::connection& connection, const CallContext& ctx, const UploadHeader& header,
+    pqxx::connection_base& connection, const CallContext& ctx, const UploadHeader& header,
     const consent::AccessDecision& care) {
   if (header.request_id.empty()) return std::nullopt;
   try {

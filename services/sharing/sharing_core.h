@@ -319,7 +319,7 @@ class SharingCore {
   // header's patient's home shard): its result when its header was the same (the answer audited
   // as a read, under the upload's CARE decision `care`), ALREADY_EXISTS when not (a request id
   // names one upload).
-  absl::StatusOr<std::optional<UploadResult>> StoredByRequest(pqxx::connection& connection,
+  absl::StatusOr<std::optional<UploadResult>> StoredByRequest(pqxx::connection_base& connection,
                                                               const CallContext& ctx,
                                                               const UploadHeader& header,
                                                               const consent::AccessDecision& care);

@@ -108,6 +108,77 @@ TEST_F(PoolTest, MapsServerErrorsToStatus) {
   EXPECT_EQ(Count(pool), 1);
 }
 
+// A statement read in binary format: a bytea's bytes exactly as stored (every byte value, zeros
+// included, none hex-encoded), NULLs and booleans; server errors map as libpqxx's do, and a
+// connection lost is UNAVAILABLE.
+TEST_F(PoolTest, ABinaryQueryReadsBytesAsStoredAndMapsErrorsAsTheRest) {
+  PoolOptions options = Options();
+  options.size = 1;
+  options.statement_timeout = absl::Milliseconds(200);
+  Pool pool(options);
+  absl::StatusOr<Lease> lease = pool.Acquire();
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  std::string blob;
+  for (int i = 0; i < (1 << 20); ++i) blob.push_back(static_cast<char>((i * 7 + i / 256) & 0xff));
+  {
+    pqxx::work txn(lease->connection());
+    txn.exec0("CREATE TEMP TABLE blobs (id integer PRIMARY KEY, b bytea)");
+    txn.exec_params("INSERT INTO blobs VALUES (1, $1), (2, NULL)",
+                    pqxx::binarystring(blob.data(), blob.size()));
+    txn.commit();
+  }
+  constexpr BinaryQuery kBlob("test_blob", "SELECT b, b IS NULL, $2::bool FROM blobs WHERE id = $1");
+  absl::StatusOr<BinaryResult> one = kBlob.Run(lease->connection(), {"1", "false"});
+  ASSERT_TRUE(one.ok()) << one.status();
+  ASSERT_EQ(one->rows(), 1);
+  EXPECT_FALSE(one->is_null(0, 0));
+  EXPECT_TRUE(one->bytes(0, 0) == blob) << "read " << one->bytes(0, 0).size() << " bytes";
+  EXPECT_FALSE(one->boolean(0, 1));
+  EXPECT_FALSE(one->boolean(0, 2));
+  absl::StatusOr<BinaryResult> two = kBlob.Run(lease->connection(), {"2", "true"});
+  ASSERT_TRUE(two.ok()) << two.status();
+  ASSERT_EQ(two->rows(), 1);
+  EXPECT_TRUE(two->is_null(0, 0));
+  EXPECT_TRUE(two->boolean(0, 1));
+  EXPECT_TRUE(two->boolean(0, 2));
+  absl::StatusOr<BinaryResult> none = kBlob.Run(lease->connection(), {"3", "true"});
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->rows(), 0);
+
+  constexpr BinaryQuery kDivide("test_divide", "SELECT 1 / $1::integer");
+  absl::StatusOr<BinaryResult> by_zero = kDivide.Run(lease->connection(), {"0"});
+  EXPECT_EQ(by_zero.status().code(), absl::StatusCode::kInvalidArgument) << by_zero.status();
+  EXPECT_THAT(std::string(by_zero.status().message()), HasSubstr("22012"));
+  constexpr BinaryQuery kSleep("test_sleep", "SELECT pg_sleep($1::float8)");
+  absl::StatusOr<BinaryResult> slow = kSleep.Run(lease->connection(), {"2"});
+  EXPECT_EQ(slow.status().code(), absl::StatusCode::kDeadlineExceeded) << slow.status();
+  constexpr BinaryQuery kBroken("test_broken", "SELEC 1");
+  EXPECT_EQ(kBroken.Run(lease->connection(), {}).status().code(), absl::StatusCode::kInternal);
+  // The session is still good after its statements failed.
+  ASSERT_TRUE(kDivide.Run(lease->connection(), {"1"}).ok());
+
+  // Its server process ends: UNAVAILABLE, and the lease is given back broken. The next
+  // connection is a new session, where the statement is prepared when it first runs.
+  int64_t pid = 0;
+  {
+    pqxx::nontransaction q(lease->connection());
+    pid = q.exec1("SELECT pg_backend_pid()")[0].as<int64_t>();
+  }
+  {
+    pqxx::connection admin(cluster_->ConnectionString());
+    pqxx::nontransaction(admin).exec_params("SELECT pg_terminate_backend($1)", pid);
+  }
+  absl::StatusOr<BinaryResult> gone = kDivide.Run(lease->connection(), {"1"});
+  EXPECT_EQ(gone.status().code(), absl::StatusCode::kUnavailable) << gone.status();
+  lease->MarkBroken();
+  lease = absl::UnavailableError("given back");
+  absl::StatusOr<Lease> next = pool.Acquire();
+  ASSERT_TRUE(next.ok()) << next.status();
+  absl::StatusOr<BinaryResult> again = kDivide.Run(next->connection(), {"1"});
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->bytes(0, 0), std::string("\0\0\0\1", 4));  // int4 1, network byte order
+}
+
 // A connection whose server process is gone is not used again without the session the pool set up
 // (libpqxx can re-establish a connection by itself, which would lose a plain SET): the pool's
 // statements keep their timeout, whether the process ends during a transaction or while idle.
