@@ -28,6 +28,7 @@
 #include "libs/pg/conninfo.h"
 #include "libs/pg/pg_status.h"
 #include "libs/pg/pool.h"
+#include "libs/pg/statement_watch.h"
 
 namespace medgate::consent {
 namespace {
@@ -332,21 +333,37 @@ class PgConsentCache final : public ConsentCache {
   }
 
   // One round trip on a pooled connection; a connection found broken (the shard restarted since
-  // it was opened) is replaced once.
+  // it was opened) is replaced once. A shard that stops answering (frozen, its storage hung) is
+  // left after load_timeout, measured here: its statement_timeout is the server's to enforce.
   absl::StatusOr<std::vector<ConsentRecord>> Load(Region& region, absl::string_view patient_id) {
     absl::Status status;
     for (int attempt = 0; attempt < 2; ++attempt) {
       absl::StatusOr<pg::Lease> lease = region.pool->Acquire();
       if (!lease.ok()) return lease.status();
-      try {
-        pqxx::nontransaction txn(lease->connection());
-        absl::StatusOr<std::vector<ConsentRecord>> loaded = LoadCurrentConsents(txn, patient_id);
-        if (loaded.ok() || loaded.status().code() != absl::StatusCode::kUnavailable) return loaded;
-        status = loaded.status();
-      } catch (const std::exception& e) {
-        status = pg::StatusFromException(e);
-        if (status.code() != absl::StatusCode::kUnavailable) return status;
+      absl::StatusOr<std::vector<ConsentRecord>> loaded;
+      bool fired = false;
+      {
+        pg::StatementWatch::Scope watch(load_watch_, lease->connection().sock(),
+                                        options_.load_timeout);
+        try {
+          pqxx::nontransaction txn(lease->connection());
+          loaded = LoadCurrentConsents(txn, patient_id);
+        } catch (const std::exception& e) {
+          loaded = pg::StatusFromException(e);
+        }
+        fired = watch.fired();
       }
+      if (fired) {
+        // Its socket is shut: the connection goes, whatever the statement returned.
+        lease->MarkBroken();
+        if (loaded.ok()) return loaded;
+        return absl::DeadlineExceededError(
+            absl::StrCat("consents of region ", region.id, " not read within ",
+                         absl::FormatDuration(options_.load_timeout),
+                         " (consent.cache.load_timeout_ms): the shard does not answer"));
+      }
+      if (loaded.ok() || loaded.status().code() != absl::StatusCode::kUnavailable) return loaded;
+      status = loaded.status();
       lease->MarkBroken();
     }
     return status;
@@ -459,6 +476,7 @@ class PgConsentCache final : public ConsentCache {
   const size_t stripe_capacity_;
   const size_t stripe_bytes_;
   std::unique_ptr<Stripe[]> stripes_;
+  pg::StatementWatch load_watch_;  // Load's deadline on a shard that stops answering
   std::map<std::string, std::unique_ptr<Region>, std::less<>> regions_;
   std::mutex stop_mu_;
   std::condition_variable stop_cv_;

@@ -7,15 +7,20 @@
 
 #include <cerrno>
 #include <cstring>
+#include <atomic>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <pqxx/pqxx>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "libs/migrate/migrate.h"
 #include "tests/support/pg_cluster.h"
 #include "tests/support/poll.h"
@@ -458,6 +463,71 @@ TEST_F(ConsentCacheTest, AFeedConnectionThatStopsAnsweringIsReplaced) {
   EXPECT_TRUE(cache->FeedListening("fr-1"));
   EXPECT_GT(cache->Stats().feed_starts, starts);
   for (int pid : stopped) EXPECT_EQ(::kill(pid, 0), 0);  // still there, still stopped
+}
+
+// A load on a connection whose backend stops answering (frozen; the kernel still acknowledges
+// what is sent, so no TCP timeout ends the wait, nor can the server's statement timeout) ends
+// after load_timeout, DEADLINE_EXCEEDED, and the next load runs on a new connection while that
+// backend is still stopped. The feed stays up throughout, so the check does go to the shard.
+TEST_F(ConsentCacheTest, ALoadOnABackendThatStopsAnsweringEndsAfterTheLoadTimeout) {
+  auto cache = NewCache(absl::Minutes(10), absl::Minutes(5));
+  GrantCare(*fr_, "pt_frozen_a");
+  GrantCare(*fr_, "pt_frozen_b");
+  AwaitNotifications(*cache, 2);
+  // Leaves the loading pool's connection idle, to be taken by the next load.
+  ASSERT_TRUE(cache->Check("fr-1", "pt_frozen_a", Purpose::kCare, kApp, absl::Now())->permit);
+  std::vector<int> stopped;
+  {
+    pqxx::connection admin(fr_->ConnectionString());
+    pqxx::nontransaction q(admin);
+    for (const pqxx::row& row :
+         q.exec("SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND "
+                "application_name <> 'medgate-consent-feed' AND datname = current_database() "
+                "AND pid <> pg_backend_pid()")) {
+      stopped.push_back(row[0].as<int>());
+    }
+  }
+  ASSERT_FALSE(stopped.empty());
+  for (int pid : stopped) ASSERT_EQ(::kill(pid, SIGSTOP), 0) << std::strerror(errno);
+  std::mutex mu;
+  bool resumed = false;
+  auto resume = [&] {
+    std::lock_guard<std::mutex> lock(mu);
+    if (resumed) return;
+    resumed = true;
+    for (int pid : stopped) ::kill(pid, SIGCONT);
+  };
+  absl::Cleanup resume_at_end = resume;
+  // Without a deadline of the cache's own the load would wait until the backend resumes: resumed
+  // after 20 s so that the test ends either way (and then fails on the status below).
+  std::atomic<bool> done{false};
+  std::thread safety([&] {
+    for (int i = 0; i < 200 && !done.load(); ++i) absl::SleepFor(absl::Milliseconds(100));
+    resume();
+  });
+  absl::Cleanup stop_safety = [&] {
+    done = true;
+    safety.join();
+  };
+  absl::StatusOr<AccessDecision> frozen =
+      cache->Check("fr-1", "pt_frozen_b", Purpose::kCare, kApp, absl::Now());
+  bool resumed_before_answer;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    resumed_before_answer = resumed;
+  }
+  EXPECT_FALSE(resumed_before_answer) << "the load waited for the stopped backend";
+  EXPECT_EQ(frozen.status().code(), absl::StatusCode::kDeadlineExceeded) << frozen.status();
+  EXPECT_THAT(std::string(frozen.status().message()),
+              ::testing::HasSubstr("consents of region fr-1 not read within 1s"));
+  absl::StatusOr<AccessDecision> next =
+      cache->Check("fr-1", "pt_frozen_b", Purpose::kCare, kApp, absl::Now());
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_TRUE(next->permit);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_FALSE(resumed) << "the second load waited for the stopped backend";
+  }
 }
 
 }  // namespace

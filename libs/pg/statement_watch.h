@@ -1,0 +1,58 @@
+// A client-side deadline for statements on a connection whose server may stop answering.
+#ifndef MEDGATE_LIBS_PG_STATEMENT_WATCH_H_
+#define MEDGATE_LIBS_PG_STATEMENT_WATCH_H_
+
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "absl/time/time.h"
+
+namespace medgate::pg {
+
+// Ends what a connection is waiting for once its limit has passed: the connection's socket is
+// shut down, so that the blocked libpq call returns and libpqxx throws broken_connection. The
+// server's statement_timeout cannot do this when the server itself has stopped answering (a host
+// or process frozen, storage hung): the kernel still acknowledges what is sent, so neither TCP
+// keepalives nor tcp_user_timeout end the wait either. One thread for all the scopes of a watch.
+class StatementWatch {
+ public:
+  StatementWatch();
+  ~StatementWatch();
+  StatementWatch(const StatementWatch&) = delete;
+  StatementWatch& operator=(const StatementWatch&) = delete;
+
+  // Watches `socket` (a connection's, open for the whole scope) for `limit` from now. The
+  // connection cannot be used once the scope fired: it is to be dropped, not returned to a pool.
+  class Scope {
+   public:
+    Scope(StatementWatch& watch, int socket, absl::Duration limit);
+    ~Scope();
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+    // The limit passed and the socket was shut down.
+    bool fired();
+
+   private:
+    friend class StatementWatch;
+    StatementWatch& watch_;
+    const int socket_;
+    const std::chrono::steady_clock::time_point due_;
+    bool fired_ = false;
+  };
+
+ private:
+  void Run();
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::set<Scope*> scopes_;
+  bool stopping_ = false;
+  std::thread thread_;  // last: starts once the rest is set
+};
+
+}  // namespace medgate::pg
+
+#endif  // MEDGATE_LIBS_PG_STATEMENT_WATCH_H_
