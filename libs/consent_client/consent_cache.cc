@@ -44,6 +44,9 @@ constexpr absl::Duration kMinBackoff = absl::Milliseconds(50);
 // or round trip has its connection shut and starts over.
 constexpr absl::Duration kMinFeedStall = absl::Seconds(2);
 constexpr absl::Duration kMaxBackoff = absl::Milliseconds(500);
+// How long past load_timeout (the shard's statement timeout for a load) a load waits for a shard
+// that does not end its statement: one that has stopped answering.
+constexpr absl::Duration kFrozenShardGrace = absl::Seconds(1);
 
 // Durations on the hot path are compared as monotonic nanoseconds, immune to the wall clock being
 // stepped. The coarse clock (a few milliseconds of resolution) costs a fraction of the precise
@@ -333,8 +336,9 @@ class PgConsentCache final : public ConsentCache {
   }
 
   // One round trip on a pooled connection; a connection found broken (the shard restarted since
-  // it was opened) is replaced once. A shard that stops answering (frozen, its storage hung) is
-  // left after load_timeout, measured here: its statement_timeout is the server's to enforce.
+  // it was opened) is replaced once. A slow shard ends the statement itself at load_timeout (its
+  // statement_timeout: DEADLINE_EXCEEDED, the connection kept); one that stops answering (frozen,
+  // its storage hung) cannot, and is left kFrozenShardGrace later, its connection dropped.
   absl::StatusOr<std::vector<ConsentRecord>> Load(Region& region, absl::string_view patient_id) {
     absl::Status status;
     for (int attempt = 0; attempt < 2; ++attempt) {
@@ -344,7 +348,7 @@ class PgConsentCache final : public ConsentCache {
       bool fired = false;
       {
         pg::StatementWatch::Scope watch(load_watch_, lease->connection().sock(),
-                                        options_.load_timeout);
+                                        options_.load_timeout + kFrozenShardGrace);
         try {
           pqxx::nontransaction txn(lease->connection());
           loaded = LoadCurrentConsents(txn, patient_id);
@@ -357,10 +361,11 @@ class PgConsentCache final : public ConsentCache {
         // Its socket is shut: the connection goes, whatever the statement returned.
         lease->MarkBroken();
         if (loaded.ok()) return loaded;
-        return absl::DeadlineExceededError(
-            absl::StrCat("consents of region ", region.id, " not read within ",
-                         absl::FormatDuration(options_.load_timeout),
-                         " (consent.cache.load_timeout_ms): the shard does not answer"));
+        return absl::DeadlineExceededError(absl::StrCat(
+            "consents of region ", region.id, " not read within ",
+            absl::FormatDuration(options_.load_timeout + kFrozenShardGrace),
+            " (consent.cache.load_timeout_ms and ", absl::FormatDuration(kFrozenShardGrace),
+            " more): the shard does not answer"));
       }
       if (loaded.ok() || loaded.status().code() != absl::StatusCode::kUnavailable) return loaded;
       status = loaded.status();

@@ -46,10 +46,10 @@ struct ConsentCacheOptions {
   // every 500 ms): UNAVAILABLE. It bounds how long a cache may miss a revocation when the feed
   // dies without a word: DOMAIN's "a cache may lag by at most a second".
   absl::Duration fail_closed_after = absl::Seconds(1);
-  // A load (a cache miss) waits at most this long for a free connection, and for the shard's
-  // answer: the server's statement timeout, and a deadline kept here for a shard that stops
-  // answering altogether (DEADLINE_EXCEEDED). Opening a new connection is bounded apart
-  // (connect_timeout).
+  // A load (a cache miss) waits at most this long for a free connection, and as long for the
+  // shard's answer (its statement timeout; DEADLINE_EXCEEDED). A shard that stops answering
+  // altogether is left a second later, also DEADLINE_EXCEEDED. Opening a new connection is
+  // bounded apart (connect_timeout); a load on a connection found broken is tried once more.
   absl::Duration load_timeout = absl::Seconds(2);
 };
 

@@ -15,6 +15,15 @@ HandleKeepingConnect::handle HandleKeepingConnect::Keep(handle h) noexcept {
   return h;
 }
 
+std::set<std::string>& HandleKeepingConnect::prepared() {
+  const int pid = handle_ == nullptr ? 0 : PQbackendPID(handle_);
+  if (pid != prepared_on_) {
+    prepared_.clear();
+    prepared_on_ = pid;
+  }
+  return prepared_;
+}
+
 HandleKeepingConnect::handle HandleKeepingConnect::do_startconnect(handle orig) {
   return Keep(connect_direct::do_startconnect(orig));
 }
@@ -79,11 +88,21 @@ absl::StatusOr<BinaryResult> BinaryQuery::Run(Connection& connection,
                                               const std::vector<std::string>& parameters) const {
   PGconn* conn = connection.policy_.native();
   if (conn == nullptr || PQstatus(conn) != CONNECTION_OK) return Unreachable(conn);
+  if (PQtransactionStatus(conn) != PQTRANS_IDLE) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("statement '", name_, "' runs outside transactions; its connection is in one"));
+  }
   std::set<std::string>& prepared = connection.policy_.prepared();
   if (prepared.count(name_) == 0) {
     std::unique_ptr<PGresult, void (*)(PGresult*)> r(PQprepare(conn, name_, sql_, 0, nullptr),
                                                       PQclear);
-    if (r == nullptr || PQresultStatus(r.get()) != PGRES_COMMAND_OK) return Failure(conn, r.get());
+    const char* sqlstate =
+        r == nullptr ? nullptr : PQresultErrorField(r.get(), PG_DIAG_SQLSTATE);
+    // 42P05: the session has it already (prepared before this process's record of it began).
+    const bool there = sqlstate != nullptr && absl::string_view(sqlstate) == "42P05";
+    if (!there && (r == nullptr || PQresultStatus(r.get()) != PGRES_COMMAND_OK)) {
+      return Failure(conn, r.get());
+    }
     prepared.insert(name_);
   }
   std::vector<const char*> values;
@@ -92,6 +111,12 @@ absl::StatusOr<BinaryResult> BinaryQuery::Run(Connection& connection,
   BinaryResult result(PQexecPrepared(conn, name_, static_cast<int>(values.size()), values.data(),
                                      nullptr, nullptr, /*resultFormat=*/1));
   if (result.result_ == nullptr || PQresultStatus(result.result_.get()) != PGRES_TUPLES_OK) {
+    const char* sqlstate = result.result_ == nullptr
+                               ? nullptr
+                               : PQresultErrorField(result.result_.get(), PG_DIAG_SQLSTATE);
+    // The session no longer has it (DEALLOCATE ALL, a pooler's new session): prepared again on
+    // the next run.
+    if (sqlstate != nullptr && absl::string_view(sqlstate) == "26000") prepared.erase(name_);
     return Failure(conn, result.result_.get());
   }
   return result;

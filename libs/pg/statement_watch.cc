@@ -1,8 +1,11 @@
 // Client-side statement deadlines: a socket shut down past its limit.
 #include "libs/pg/statement_watch.h"
 
+#include <fcntl.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <optional>
 
 namespace medgate::pg {
@@ -20,8 +23,10 @@ StatementWatch::~StatementWatch() {
 
 StatementWatch::Scope::Scope(StatementWatch& watch, int socket, absl::Duration limit)
     : watch_(watch),
-      socket_(socket),
-      due_(std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(limit)) {
+      socket_(socket < 0 ? -1 : ::fcntl(socket, F_DUPFD_CLOEXEC, 0)),
+      // At most a day: a steady_clock time point this side of overflow.
+      due_(std::chrono::steady_clock::now() +
+           absl::ToChronoNanoseconds(std::min(limit, absl::Hours(24)))) {
   {
     std::lock_guard<std::mutex> lock(watch_.mu_);
     watch_.scopes_.insert(this);
@@ -31,9 +36,11 @@ StatementWatch::Scope::Scope(StatementWatch& watch, int socket, absl::Duration l
 }
 
 StatementWatch::Scope::~Scope() {
-  // Once this returns the watcher no longer knows the socket, which its owner may then close.
-  std::lock_guard<std::mutex> lock(watch_.mu_);
-  watch_.scopes_.erase(this);
+  {
+    std::lock_guard<std::mutex> lock(watch_.mu_);
+    watch_.scopes_.erase(this);
+  }
+  if (socket_ >= 0) ::close(socket_);  // the watcher no longer knows it
 }
 
 bool StatementWatch::Scope::fired() {

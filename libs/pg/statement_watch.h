@@ -24,8 +24,10 @@ class StatementWatch {
   StatementWatch(const StatementWatch&) = delete;
   StatementWatch& operator=(const StatementWatch&) = delete;
 
-  // Watches `socket` (a connection's, open for the whole scope) for `limit` from now. The
-  // connection cannot be used once the scope fired: it is to be dropped, not returned to a pool.
+  // Watches `socket` (a connection's, open when the scope starts) for `limit` from now. The
+  // scope holds a duplicate of it, so that what it shuts down is that socket even if libpq closes
+  // its descriptor meanwhile and the number is reused. The connection cannot be used once the
+  // scope fired: it is to be dropped, not returned to a pool.
   class Scope {
    public:
     Scope(StatementWatch& watch, int socket, absl::Duration limit);
@@ -38,7 +40,7 @@ class StatementWatch {
    private:
     friend class StatementWatch;
     StatementWatch& watch_;
-    const int socket_;
+    const int socket_;  // the duplicate, -1 if it could not be made (then never shut down)
     const std::chrono::steady_clock::time_point due_;
     bool fired_ = false;
   };

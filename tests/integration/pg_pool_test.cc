@@ -109,12 +109,12 @@ TEST_F(PoolTest, MapsServerErrorsToStatus) {
 }
 
 // A statement read in binary format: a bytea's bytes exactly as stored (every byte value, zeros
-// included, none hex-encoded), NULLs and booleans; server errors map as libpqxx's do, and a
-// connection lost is UNAVAILABLE.
+// included, none hex-encoded), NULLs and booleans; server errors map as libpqxx's do, a statement
+// the session lost is prepared again, none runs inside a transaction, and a connection lost is
+// UNAVAILABLE.
 TEST_F(PoolTest, ABinaryQueryReadsBytesAsStoredAndMapsErrorsAsTheRest) {
   PoolOptions options = Options();
   options.size = 1;
-  options.statement_timeout = absl::Milliseconds(200);
   Pool pool(options);
   absl::StatusOr<Lease> lease = pool.Acquire();
   ASSERT_TRUE(lease.ok()) << lease.status();
@@ -149,6 +149,7 @@ TEST_F(PoolTest, ABinaryQueryReadsBytesAsStoredAndMapsErrorsAsTheRest) {
   absl::StatusOr<BinaryResult> by_zero = kDivide.Run(lease->connection(), {"0"});
   EXPECT_EQ(by_zero.status().code(), absl::StatusCode::kInvalidArgument) << by_zero.status();
   EXPECT_THAT(std::string(by_zero.status().message()), HasSubstr("22012"));
+  pqxx::nontransaction(lease->connection()).exec0("SET statement_timeout = 200");
   constexpr BinaryQuery kSleep("test_sleep", "SELECT pg_sleep($1::float8)");
   absl::StatusOr<BinaryResult> slow = kSleep.Run(lease->connection(), {"2"});
   EXPECT_EQ(slow.status().code(), absl::StatusCode::kDeadlineExceeded) << slow.status();
@@ -156,6 +157,18 @@ TEST_F(PoolTest, ABinaryQueryReadsBytesAsStoredAndMapsErrorsAsTheRest) {
   EXPECT_EQ(kBroken.Run(lease->connection(), {}).status().code(), absl::StatusCode::kInternal);
   // The session is still good after its statements failed.
   ASSERT_TRUE(kDivide.Run(lease->connection(), {"1"}).ok());
+  // A statement the session lost (DEALLOCATE, a pooler's new session) fails once, then is
+  // prepared again.
+  pqxx::nontransaction(lease->connection()).exec0("DEALLOCATE test_divide");
+  EXPECT_FALSE(kDivide.Run(lease->connection(), {"1"}).ok());
+  ASSERT_TRUE(kDivide.Run(lease->connection(), {"1"}).ok());
+  // Not inside a transaction: the statement would be part of it, unknown to libpqxx.
+  {
+    pqxx::work txn(lease->connection());
+    txn.exec("SELECT 1");
+    EXPECT_EQ(kDivide.Run(lease->connection(), {"1"}).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+  }
 
   // Its server process ends: UNAVAILABLE, and the lease is given back broken. The next
   // connection is a new session, where the statement is prepared when it first runs.

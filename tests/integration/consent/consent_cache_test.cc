@@ -519,7 +519,7 @@ TEST_F(ConsentCacheTest, ALoadOnABackendThatStopsAnsweringEndsAfterTheLoadTimeou
   EXPECT_FALSE(resumed_before_answer) << "the load waited for the stopped backend";
   EXPECT_EQ(frozen.status().code(), absl::StatusCode::kDeadlineExceeded) << frozen.status();
   EXPECT_THAT(std::string(frozen.status().message()),
-              ::testing::HasSubstr("consents of region fr-1 not read within 1s"));
+              ::testing::HasSubstr("consents of region fr-1 not read within 2s"));
   absl::StatusOr<AccessDecision> next =
       cache->Check("fr-1", "pt_frozen_b", Purpose::kCare, kApp, absl::Now());
   ASSERT_TRUE(next.ok()) << next.status();
