@@ -5335,25 +5335,46 @@ TEST_F(SharingTest, UploadsThatSendNoHeaderAreBoundedPerTenant) {
     std::unique_ptr<grpc::ClientWriter<v1::UploadRecordRequest>> writer;
   };
   std::vector<std::unique_ptr<Held>> held;
-  for (int i = 0; i < bound; ++i) {
-    auto h = std::make_unique<Held>();
-    // Waiting for the connection: gRPC shares subchannels between channels, and one to a port an
-    // earlier test's server had (now this one's) may still be backing off; a stream that failed
-    // fast would hold nothing.
-    h->context.set_wait_for_ready(true);
-    h->writer = stub->UploadRecord(&h->context, &h->response);
-    held.push_back(std::move(h));
-  }
+  // What the held streams that ended other than by this test's cancelling ended with.
+  std::vector<std::string> held_ended;
+  // Exactly `bound` streams are held. A held stream the server ended at once (a refusal while the
+  // machine is loaded, say) holds nothing, and its client cannot tell without sending: every two
+  // seconds without a refusal, they are all ended (their outcome kept) and held anew.
+  auto hold = [&] {
+    for (auto& h : held) {
+      h->context.TryCancel();
+      const grpc::Status ended = h->writer->Finish();
+      if (ended.error_code() != grpc::StatusCode::CANCELLED) {
+        held_ended.push_back(absl::StrCat(ended.error_code(), ": ", ended.error_message()));
+      }
+    }
+    held.clear();
+    for (int i = 0; i < bound; ++i) {
+      auto h = std::make_unique<Held>();
+      // Waiting for the connection: gRPC shares subchannels between channels, and one to a port
+      // an earlier test's server had (now this one's) may still be backing off; a stream that
+      // failed fast would hold nothing.
+      h->context.set_wait_for_ready(true);
+      h->writer = stub->UploadRecord(&h->context, &h->response);
+      held.push_back(std::move(h));
+    }
+  };
+  hold();
+  absl::Time hold_again_at = absl::Now() + absl::Seconds(2);
   // One more of acme's, without a header, is refused once those are all waiting for theirs.
   grpc::Status refused;
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    if (absl::Now() >= hold_again_at) {
+      hold();
+      hold_again_at = absl::Now() + absl::Seconds(2);
+    }
     grpc::ClientContext context;
     v1::UploadRecordResponse response;
     auto writer = stub->UploadRecord(&context, &response);
     writer->WritesDone();
     refused = writer->Finish();
     return refused.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED;
-  })) << refused.error_message();
+  })) << refused.error_message() << "; held streams ended with: " << absl::StrJoin(held_ended, "; ");
   EXPECT_THAT(refused.error_message(), HasSubstr("waiting for their header"));
   EXPECT_THAT(refused.error_message(), HasSubstr("sharing.max_uploads_per_tenant"));
   // Another tenant's upload is stored meanwhile.
@@ -5371,7 +5392,10 @@ TEST_F(SharingTest, UploadsThatSendNoHeaderAreBoundedPerTenant) {
     stored = Upload(pki_->practitioner(), mine, nullptr, port);
     return stored.ok();
   })) << stored.error_message();
-  for (auto& h : held) h->context.TryCancel();
+  for (auto& h : held) {
+    h->context.TryCancel();
+    h->writer->Finish();
+  }
   extra.server->Shutdown();
 }
 
