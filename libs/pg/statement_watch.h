@@ -14,9 +14,11 @@ namespace medgate::pg {
 
 // Ends what a connection is waiting for once its limit has passed: the connection's socket is
 // shut down, so that the blocked libpq call returns and libpqxx throws broken_connection. The
-// server's statement_timeout cannot do this when the server itself has stopped answering (a host
-// or process frozen, storage hung): the kernel still acknowledges what is sent, so neither TCP
-// keepalives nor tcp_user_timeout end the wait either. One thread for all the scopes of a watch.
+// server's statement_timeout cannot do this when the server process itself has stopped answering
+// (frozen, or stuck on hung storage) while its host runs on: that host's kernel still
+// acknowledges what is sent, so neither TCP keepalives nor tcp_user_timeout end the wait either
+// (they do end it, after tcp_user_timeout, when the whole host is gone). One thread for all the
+// scopes of a watch.
 class StatementWatch {
  public:
   StatementWatch();
