@@ -59,8 +59,7 @@ namespace {
 constexpr size_t kMiB = size_t{1} << 20;
 constexpr char kPatient[] = "pt_bench";
 // The reference's read: one bytea in binary format, as the sharing core reads its chunks.
-constexpr pg::BinaryQuery kRawSelect("raw_select",
-                                     "SELECT data FROM raw_chunks WHERE id = $1 AND idx = $2");
+constexpr pg::BinaryQuery kRawSelect("SELECT data FROM raw_chunks WHERE id = $1 AND idx = $2");
 
 // Every patient is acme's and lives in fr-1; reads are never cross-tenant here.
 class FixedDirectory final : public PatientDirectory {

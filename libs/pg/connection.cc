@@ -7,40 +7,6 @@
 #include "libs/pg/pg_status.h"
 
 namespace medgate::pg {
-namespace internal {
-
-HandleKeepingConnect::handle HandleKeepingConnect::Keep(handle h) noexcept {
-  if (h != handle_) prepared_.clear();  // a new session has none of the old one's statements
-  handle_ = h;
-  return h;
-}
-
-std::set<std::string>& HandleKeepingConnect::prepared() {
-  const int pid = handle_ == nullptr ? 0 : PQbackendPID(handle_);
-  if (pid != prepared_on_) {
-    prepared_.clear();
-    prepared_on_ = pid;
-  }
-  return prepared_;
-}
-
-HandleKeepingConnect::handle HandleKeepingConnect::do_startconnect(handle orig) {
-  return Keep(connect_direct::do_startconnect(orig));
-}
-
-HandleKeepingConnect::handle HandleKeepingConnect::do_completeconnect(handle orig) {
-  return Keep(connect_direct::do_completeconnect(orig));
-}
-
-HandleKeepingConnect::handle HandleKeepingConnect::do_dropconnect(handle orig) noexcept {
-  return Keep(connect_direct::do_dropconnect(orig));
-}
-
-HandleKeepingConnect::handle HandleKeepingConnect::do_disconnect(handle orig) noexcept {
-  return Keep(connect_direct::do_disconnect(orig));
-}
-
-}  // namespace internal
 
 // The base keeps a reference to the policy, constructed after it, as pqxx::connection does.
 Connection::Connection(const std::string& conninfo) : connection_base(policy_), policy_(conninfo) {
@@ -48,6 +14,17 @@ Connection::Connection(const std::string& conninfo) : connection_base(policy_), 
 }
 
 Connection::~Connection() noexcept { close(); }
+
+bool Connection::ClosedByServer() {
+  PGconn* conn = policy_.native();
+  if (conn == nullptr || PQstatus(conn) != CONNECTION_OK) return true;
+  // A session the server ends sends its last message, then closes: one read takes the message,
+  // the next finds the end. Reads that would block leave a live connection as it was.
+  for (int read = 0; read < 2; ++read) {
+    if (PQconsumeInput(conn) == 0) return true;
+  }
+  return PQstatus(conn) != CONNECTION_OK;
+}
 
 int BinaryResult::rows() const { return PQntuples(result_.get()); }
 
@@ -90,33 +67,14 @@ absl::StatusOr<BinaryResult> BinaryQuery::Run(Connection& connection,
   if (conn == nullptr || PQstatus(conn) != CONNECTION_OK) return Unreachable(conn);
   if (PQtransactionStatus(conn) != PQTRANS_IDLE) {
     return absl::FailedPreconditionError(
-        absl::StrCat("statement '", name_, "' runs outside transactions; its connection is in one"));
-  }
-  std::set<std::string>& prepared = connection.policy_.prepared();
-  if (prepared.count(name_) == 0) {
-    std::unique_ptr<PGresult, void (*)(PGresult*)> r(PQprepare(conn, name_, sql_, 0, nullptr),
-                                                      PQclear);
-    const char* sqlstate =
-        r == nullptr ? nullptr : PQresultErrorField(r.get(), PG_DIAG_SQLSTATE);
-    // 42P05: the session has it already (prepared before this process's record of it began).
-    const bool there = sqlstate != nullptr && absl::string_view(sqlstate) == "42P05";
-    if (!there && (r == nullptr || PQresultStatus(r.get()) != PGRES_COMMAND_OK)) {
-      return Failure(conn, r.get());
-    }
-    prepared.insert(name_);
+        "a binary-format statement runs outside transactions; its connection is in one");
   }
   std::vector<const char*> values;
   values.reserve(parameters.size());
   for (const std::string& p : parameters) values.push_back(p.c_str());
-  BinaryResult result(PQexecPrepared(conn, name_, static_cast<int>(values.size()), values.data(),
-                                     nullptr, nullptr, /*resultFormat=*/1));
+  BinaryResult result(PQexecParams(conn, sql_, static_cast<int>(values.size()), nullptr,
+                                   values.data(), nullptr, nullptr, /*resultFormat=*/1));
   if (result.result_ == nullptr || PQresultStatus(result.result_.get()) != PGRES_TUPLES_OK) {
-    const char* sqlstate = result.result_ == nullptr
-                               ? nullptr
-                               : PQresultErrorField(result.result_.get(), PG_DIAG_SQLSTATE);
-    // The session no longer has it (DEALLOCATE ALL, a pooler's new session): prepared again on
-    // the next run.
-    if (sqlstate != nullptr && absl::string_view(sqlstate) == "26000") prepared.erase(name_);
     return Failure(conn, result.result_.get());
   }
   return result;

@@ -7,7 +7,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -23,25 +22,27 @@ namespace medgate::pg {
 namespace internal {
 
 // libpqxx's direct connection policy, keeping the handle it opens (and forgetting it when it is
-// closed), and the statements BinaryQuery prepared on its session (known by its backend's pid:
-// libpqxx may also reset a session on the same handle).
+// closed).
 class HandleKeepingConnect final : public pqxx::connect_direct {
  public:
   explicit HandleKeepingConnect(const std::string& options) : connect_direct(options) {}
-  handle do_startconnect(handle orig) override;
-  handle do_completeconnect(handle orig) override;
-  handle do_dropconnect(handle orig) noexcept override;
-  handle do_disconnect(handle orig) noexcept override;
+  handle do_startconnect(handle orig) override {
+    return handle_ = connect_direct::do_startconnect(orig);
+  }
+  handle do_completeconnect(handle orig) override {
+    return handle_ = connect_direct::do_completeconnect(orig);
+  }
+  handle do_dropconnect(handle orig) noexcept override {
+    return handle_ = connect_direct::do_dropconnect(orig);
+  }
+  handle do_disconnect(handle orig) noexcept override {
+    return handle_ = connect_direct::do_disconnect(orig);
+  }
 
   PGconn* native() const { return handle_; }
-  // The statements prepared on the handle's current session.
-  std::set<std::string>& prepared();
 
  private:
-  handle Keep(handle h) noexcept;
   handle handle_ = nullptr;
-  int prepared_on_ = 0;  // the backend pid of the session prepared_ is of
-  std::set<std::string> prepared_;
 };
 
 }  // namespace internal
@@ -53,6 +54,11 @@ class Connection : public pqxx::connection_base {
   ~Connection() noexcept;
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
+
+  // Whether the server has closed this idle connection (its session ended: a restart, a
+  // failover, a terminated backend), from what has already arrived on its socket, without a
+  // round trip. Not to be asked while a statement runs.
+  bool ClosedByServer();
 
  private:
   friend class BinaryQuery;
@@ -78,21 +84,20 @@ class BinaryResult {
   std::unique_ptr<PGresult, Clear> result_;
 };
 
-// One statement, prepared on a connection's session the first time it runs there, its parameters
-// in text format and its result in binary. Runs outside any transaction (a statement of its own,
-// as a pqxx::nontransaction's is): on a connection inside one, FAILED_PRECONDITION.
+// One statement, its parameters in text format and its result in binary. Unnamed (parsed and
+// planned at each run, which costs nothing measurable beside a 1 MiB read), so a session needs
+// no record of what was prepared on it. Runs outside any transaction (a statement of its own, as
+// a pqxx::nontransaction's is): on a connection inside one, FAILED_PRECONDITION.
 class BinaryQuery {
  public:
-  // `name` must not be one of the connection's libpqxx statements.
-  constexpr BinaryQuery(const char* name, const char* sql) : name_(name), sql_(sql) {}
+  constexpr explicit BinaryQuery(const char* sql) : sql_(sql) {}
 
   // A connection lost: UNAVAILABLE (the caller marks its lease broken); an SQL error: the status
-  // pg::StatusFromSqlState gives it.
+  // pg::StatusFromSqlState gives it. Pool::Read runs one on a pooled connection.
   absl::StatusOr<BinaryResult> Run(Connection& connection,
                                    const std::vector<std::string>& parameters) const;
 
  private:
-  const char* name_;
   const char* sql_;
 };
 

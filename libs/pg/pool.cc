@@ -4,6 +4,7 @@
 #include "absl/strings/str_cat.h"
 #include "libs/common/log.h"
 #include "libs/pg/conninfo.h"
+#include "libs/common/status_macros.h"
 #include "libs/pg/pg_status.h"
 
 namespace medgate::pg {
@@ -83,10 +84,13 @@ absl::StatusOr<Lease> Pool::Acquire(std::optional<absl::Duration> timeout) {
           "database '", options_.name, "' pool exhausted: no connection within the acquire timeout"));
     }
   }
-  if (!idle_.empty()) {
+  while (!idle_.empty()) {
     std::unique_ptr<Connection> connection = std::move(idle_.back());
     idle_.pop_back();
-    return Lease(this, std::move(connection));
+    // One whose session the server ended while it sat idle is dropped here, rather than fail its
+    // caller's first statement (a caller that does not retry would fail once per such connection).
+    if (!connection->ClosedByServer()) return Lease(this, std::move(connection));
+    --open_;
   }
   ++open_;
   lock.unlock();
@@ -145,6 +149,19 @@ absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn) 
       if (status.code() == absl::StatusCode::kUnavailable) lease->MarkBroken();
       if (status.code() != absl::StatusCode::kAborted) return status;
     }
+  }
+  return status;
+}
+
+absl::StatusOr<BinaryResult> Pool::Read(const BinaryQuery& query,
+                                        const std::vector<std::string>& parameters) {
+  absl::Status status;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    ASSIGN_OR_RETURN(Lease lease, Acquire());
+    absl::StatusOr<BinaryResult> result = query.Run(lease.connection(), parameters);
+    if (result.ok() || result.status().code() != absl::StatusCode::kUnavailable) return result;
+    lease.MarkBroken();
+    status = result.status();
   }
   return status;
 }

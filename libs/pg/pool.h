@@ -80,6 +80,12 @@ class Pool {
   // otherwise. Retried up to max_retries on ABORTED. pqxx exceptions become Status here.
   absl::Status Transact(const std::function<absl::Status(pqxx::work&)>& fn);
 
+  // Runs `query` on a pooled connection, outside any transaction. A read lost with its
+  // connection (its session ended while it ran, or before the server's close reached Acquire) is
+  // run once more on a new one, as Transact retries a transaction.
+  absl::StatusOr<BinaryResult> Read(const BinaryQuery& query,
+                                    const std::vector<std::string>& parameters);
+
   template <typename T>
   absl::StatusOr<T> TransactValue(const std::function<absl::StatusOr<T>(pqxx::work&)>& fn) {
     std::optional<T> result;

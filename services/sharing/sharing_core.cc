@@ -917,33 +917,28 @@ class PgDownload final : public Download {
  private:
   // One chunk's ciphertext, counted as buffered.
   absl::StatusOr<std::string> Fetch(uint32_t index) {
-    ASSIGN_OR_RETURN(pg::Lease lease, pool_.Acquire());
-    absl::StatusOr<pg::BinaryResult> rows = sql::kSelectChunk.Run(
-        lease.connection(),
-        {record_.record_id, absl::StrCat(index), grantee_, PgTime(core_.Now())});
-    if (!rows.ok()) {
-      if (rows.status().code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
-      return rows.status();
-    }
-    RETURN_IF_ERROR(Readable(rows->rows() == 0, rows->rows() > 0 && rows->boolean(0, 1)));
-    if (rows->is_null(0, 0)) {
+    ASSIGN_OR_RETURN(pg::BinaryResult rows,
+                     pool_.Read(sql::kSelectChunk, {record_.record_id, absl::StrCat(index),
+                                                    grantee_, PgTime(core_.Now())}));
+    RETURN_IF_ERROR(Readable(rows, 1));
+    if (rows.is_null(0, 0)) {
       return absl::DataLossError(
           absl::StrCat("record '", record_.record_id, "': chunk ", index, " is missing"));
     }
-    std::string sealed(rows->bytes(0, 0));
+    std::string sealed(rows.bytes(0, 0));
     core_.AddBuffered(static_cast<int64_t>(sealed.size()));
     return sealed;
   }
 
-  // Whether the record, and the grant the download rests on, still stand (from kSelectChunk's or
-  // kChunkStillReadable's answer: no row when the record is gone, false when the grant no longer
-  // holds).
-  absl::Status Readable(bool erased, bool grant_holds) const {
-    if (erased) {
+  // Whether the record, and the grant the download rests on, still stand (kSelectChunk's and
+  // kChunkStillReadable's answer: no row when the record is gone, `grant_column` false when the
+  // grant no longer holds).
+  absl::Status Readable(const pg::BinaryResult& rows, int grant_column) const {
+    if (rows.rows() == 0) {
       return absl::AbortedError(
           absl::StrCat("record '", record_.record_id, "' was erased during the download"));
     }
-    if (!grant_holds) {
+    if (!rows.boolean(0, grant_column)) {
       return absl::PermissionDeniedError(
           absl::StrCat("your grant on record '", record_.record_id,
                        "' was revoked or expired during the download"));
@@ -952,17 +947,10 @@ class PgDownload final : public Download {
   }
 
   absl::Status StillReadable() {
-    ASSIGN_OR_RETURN(pg::Lease lease, pool_.Acquire());
-    try {
-      pqxx::nontransaction q(lease.connection());
-      const pqxx::result rows = q.exec_prepared(sql::kChunkStillReadable, record_.record_id,
-                                                grantee_, PgTime(core_.Now()));
-      return Readable(rows.empty(), !rows.empty() && rows[0][0].as<bool>());
-    } catch (const std::exception& e) {
-      absl::Status status = pg::StatusFromException(e);
-      if (status.code() == absl::StatusCode::kUnavailable) lease.MarkBroken();
-      return status;
-    }
+    ASSIGN_OR_RETURN(pg::BinaryResult rows,
+                     pool_.Read(sql::kChunkStillReadable,
+                                {record_.record_id, grantee_, PgTime(core_.Now())}));
+    return Readable(rows, 0);
   }
 
   void ReaderLoop() {

@@ -78,7 +78,6 @@ inline constexpr char kInsertChunk[] = "insert_chunk";
 inline constexpr char kLockTenantUsage[] = "lock_tenant_usage";
 inline constexpr char kTenantUsage[] = "tenant_usage";
 inline constexpr char kFoldTenantUsage[] = "fold_tenant_usage";
-inline constexpr char kChunkStillReadable[] = "chunk_still_readable";
 // Read in binary format, not as libpqxx's statements are: a chunk's ciphertext (up to 1 MiB) as
 // text would be hex, twice its size. Through the record: no row once it is erased (an erasure
 // stops the downloads already running at their next chunk; its chunks are purged later), a NULL
@@ -86,11 +85,16 @@ inline constexpr char kChunkStillReadable[] = "chunk_still_readable";
 // grantee $3 (empty: the download rests on no grant) still holds an active grant on it at $4 (a
 // re-share after a revocation is a new grant).
 inline constexpr pg::BinaryQuery kSelectChunk(
-    "select_chunk",
     "SELECT c.ciphertext, $3 = '' OR EXISTS (SELECT 1 FROM share_grants g "
     "WHERE g.record_id = $1 AND g.grantee = $3 AND g.revoked_at IS NULL "
     "AND g.expires_at > $4::timestamptz) FROM records r LEFT JOIN record_chunks c "
     "ON c.record_id = r.record_id AND c.chunk_index = $2 WHERE r.record_id = $1");
+// kSelectChunk's checks alone, for a chunk fetched ahead, as it is handed over: the record $1
+// (no row: erased) and the grant of grantee $2 at $3.
+inline constexpr pg::BinaryQuery kChunkStillReadable(
+    "SELECT $2 = '' OR EXISTS (SELECT 1 FROM share_grants g "
+    "WHERE g.record_id = $1 AND g.grantee = $2 AND g.revoked_at IS NULL "
+    "AND g.expires_at > $3::timestamptz) FROM records r WHERE r.record_id = $1");
 inline constexpr char kSelectActiveGrants[] = "select_active_grants";
 inline constexpr char kSelectLatestGrant[] = "select_latest_grant";
 inline constexpr char kUpsertGrant[] = "upsert_grant";
@@ -252,12 +256,6 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "SELECT coalesce((SELECT bytes FROM tenant_record_usage WHERE tenant_id = $1), 0) + "
          "coalesce((SELECT sum(bytes) FROM tenant_record_usage_changes WHERE tenant_id = $1), 0)"},
         {kFoldTenantUsage, "SELECT medgate_fold_record_usage()"},
-        // kSelectChunk's checks alone, for a chunk fetched ahead, as it is handed over: the
-        // record $1 (no row: erased) and the grant of grantee $2 at $3.
-        {kChunkStillReadable,
-         "SELECT $2 = '' OR EXISTS (SELECT 1 FROM share_grants g "
-         "WHERE g.record_id = $1 AND g.grantee = $2 AND g.revoked_at IS NULL "
-         "AND g.expires_at > $3::timestamptz) FROM records r WHERE r.record_id = $1"},
         {kSelectActiveGrants,
          "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g "
          "WHERE g.record_id = ANY($1::text[]) AND g.revoked_at IS NULL "

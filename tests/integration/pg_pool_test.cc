@@ -1,4 +1,6 @@
 // libs/pg against a real PostgreSQL server: transactions, error mapping, bounds, reconnection.
+#include <poll.h>
+
 #include <atomic>
 #include <optional>
 #include <thread>
@@ -13,6 +15,7 @@
 #include "libs/pg/pool.h"
 #include "libs/pg/shard_set.h"
 #include "tests/support/pg_cluster.h"
+#include "tests/support/poll.h"
 
 namespace medgate::pg {
 namespace {
@@ -109,9 +112,8 @@ TEST_F(PoolTest, MapsServerErrorsToStatus) {
 }
 
 // A statement read in binary format: a bytea's bytes exactly as stored (every byte value, zeros
-// included, none hex-encoded), NULLs and booleans; server errors map as libpqxx's do, a statement
-// the session lost is prepared again, none runs inside a transaction, and a connection lost is
-// UNAVAILABLE.
+// included, none hex-encoded), NULLs and booleans; server errors map as libpqxx's do, none runs
+// inside a transaction, and a connection lost is UNAVAILABLE.
 TEST_F(PoolTest, ABinaryQueryReadsBytesAsStoredAndMapsErrorsAsTheRest) {
   PoolOptions options = Options();
   options.size = 1;
@@ -127,7 +129,7 @@ TEST_F(PoolTest, ABinaryQueryReadsBytesAsStoredAndMapsErrorsAsTheRest) {
                     pqxx::binarystring(blob.data(), blob.size()));
     txn.commit();
   }
-  constexpr BinaryQuery kBlob("test_blob", "SELECT b, b IS NULL, $2::bool FROM blobs WHERE id = $1");
+  constexpr BinaryQuery kBlob("SELECT b, b IS NULL, $2::bool FROM blobs WHERE id = $1");
   absl::StatusOr<BinaryResult> one = kBlob.Run(lease->connection(), {"1", "false"});
   ASSERT_TRUE(one.ok()) << one.status();
   ASSERT_EQ(one->rows(), 1);
@@ -145,22 +147,17 @@ TEST_F(PoolTest, ABinaryQueryReadsBytesAsStoredAndMapsErrorsAsTheRest) {
   ASSERT_TRUE(none.ok()) << none.status();
   EXPECT_EQ(none->rows(), 0);
 
-  constexpr BinaryQuery kDivide("test_divide", "SELECT 1 / $1::integer");
+  constexpr BinaryQuery kDivide("SELECT 1 / $1::integer");
   absl::StatusOr<BinaryResult> by_zero = kDivide.Run(lease->connection(), {"0"});
   EXPECT_EQ(by_zero.status().code(), absl::StatusCode::kInvalidArgument) << by_zero.status();
   EXPECT_THAT(std::string(by_zero.status().message()), HasSubstr("22012"));
   pqxx::nontransaction(lease->connection()).exec0("SET statement_timeout = 200");
-  constexpr BinaryQuery kSleep("test_sleep", "SELECT pg_sleep($1::float8)");
+  constexpr BinaryQuery kSleep("SELECT pg_sleep($1::float8)");
   absl::StatusOr<BinaryResult> slow = kSleep.Run(lease->connection(), {"2"});
   EXPECT_EQ(slow.status().code(), absl::StatusCode::kDeadlineExceeded) << slow.status();
-  constexpr BinaryQuery kBroken("test_broken", "SELEC 1");
+  constexpr BinaryQuery kBroken("SELEC 1");
   EXPECT_EQ(kBroken.Run(lease->connection(), {}).status().code(), absl::StatusCode::kInternal);
   // The session is still good after its statements failed.
-  ASSERT_TRUE(kDivide.Run(lease->connection(), {"1"}).ok());
-  // A statement the session lost (DEALLOCATE, a pooler's new session) fails once, then is
-  // prepared again.
-  pqxx::nontransaction(lease->connection()).exec0("DEALLOCATE test_divide");
-  EXPECT_FALSE(kDivide.Run(lease->connection(), {"1"}).ok());
   ASSERT_TRUE(kDivide.Run(lease->connection(), {"1"}).ok());
   // Not inside a transaction: the statement would be part of it, unknown to libpqxx.
   {
@@ -170,8 +167,7 @@ TEST_F(PoolTest, ABinaryQueryReadsBytesAsStoredAndMapsErrorsAsTheRest) {
               absl::StatusCode::kFailedPrecondition);
   }
 
-  // Its server process ends: UNAVAILABLE, and the lease is given back broken. The next
-  // connection is a new session, where the statement is prepared when it first runs.
+  // Its server process ends: UNAVAILABLE, and the lease is given back broken.
   int64_t pid = 0;
   {
     pqxx::nontransaction q(lease->connection());
@@ -190,6 +186,92 @@ TEST_F(PoolTest, ABinaryQueryReadsBytesAsStoredAndMapsErrorsAsTheRest) {
   absl::StatusOr<BinaryResult> again = kDivide.Run(next->connection(), {"1"});
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->bytes(0, 0), std::string("\0\0\0\1", 4));  // int4 1, network byte order
+}
+
+// Ends every other session of the server, and waits until they are gone.
+void EndOtherSessions(PgCluster& cluster) {
+  pqxx::connection admin(cluster.ConnectionString());
+  pqxx::nontransaction q(admin);
+  q.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+         "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()");
+  ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(10), [&] {
+    return q.exec1("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                   "AND pid <> pg_backend_pid()")[0]
+               .as<int>() == 0;
+  }));
+}
+
+// Waits until the server's close of `socket` has reached this end (its FIN).
+bool ClosedByPeer(int socket) {
+  pollfd p{socket, POLLRDHUP, 0};
+  return ::poll(&p, 1, 10000) == 1 && (p.revents & (POLLRDHUP | POLLHUP)) != 0;
+}
+
+// A pooled connection whose session the server ended while it sat idle (a restart, a failover,
+// a terminated backend) is not handed out: the caller's first statement runs, with no retry of
+// its own, on a new connection.
+TEST_F(PoolTest, AnIdleConnectionTheServerClosedIsNotHandedOut) {
+  PoolOptions options = Options();
+  options.size = 1;
+  Pool pool(options);
+  ASSERT_TRUE(Insert(pool, 1, "one").ok());
+  {
+    absl::StatusOr<Lease> held = pool.Acquire();
+    ASSERT_TRUE(held.ok()) << held.status();
+    EndOtherSessions(*cluster_);
+    ASSERT_TRUE(ClosedByPeer(held->connection().sock()));
+  }  // given back idle, its session ended
+  absl::StatusOr<Lease> lease = pool.Acquire();
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  try {
+    pqxx::nontransaction q(lease->connection());
+    EXPECT_EQ(q.exec1("SELECT count(*) FROM items")[0].as<int>(), 1);
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "the closed connection was handed out: " << e.what();
+    lease->MarkBroken();
+  }
+}
+
+// Pool::Read reads in binary on a pooled connection. A read whose session ends while it runs is
+// run once more on a new connection; with the server down, UNAVAILABLE, and it reads again once
+// the server is back.
+TEST_F(PoolTest, APoolReadIsRunAgainOnceWhenItsSessionEnds) {
+  PoolOptions options = Options();
+  options.size = 1;
+  Pool pool(options);
+  constexpr BinaryQuery kSlowPid("SELECT pg_backend_pid(), pg_sleep(0.3)");
+  std::atomic<int> ended{0};
+  std::thread terminator([&] {
+    pqxx::connection admin(cluster_->ConnectionString());
+    pqxx::nontransaction q(admin);
+    // The first read's backend, once it sleeps, and only that one.
+    test_support::PollUntil(absl::Now() + absl::Seconds(10), [&] {
+      const pqxx::result r = q.exec(
+          "SELECT pg_terminate_backend(pid), pid FROM pg_stat_activity WHERE wait_event = "
+          "'PgSleep' AND pid <> pg_backend_pid()");
+      if (r.empty()) return false;
+      ended = r[0][1].as<int>();
+      return true;
+    });
+  });
+  absl::StatusOr<BinaryResult> read = pool.Read(kSlowPid, {});
+  terminator.join();
+  ASSERT_NE(ended.load(), 0) << "no read was seen sleeping";
+  ASSERT_TRUE(read.ok()) << read.status();
+  const absl::string_view pid = read->bytes(0, 0);  // int4, network byte order
+  ASSERT_EQ(pid.size(), 4u);
+  const int read_by = (static_cast<unsigned char>(pid[0]) << 24) |
+                      (static_cast<unsigned char>(pid[1]) << 16) |
+                      (static_cast<unsigned char>(pid[2]) << 8) | static_cast<unsigned char>(pid[3]);
+  EXPECT_NE(read_by, ended.load());
+
+  constexpr BinaryQuery kPid("SELECT pg_backend_pid()");
+  ASSERT_TRUE(cluster_->Stop().ok());
+  absl::StatusOr<BinaryResult> down = pool.Read(kPid, {});
+  EXPECT_EQ(down.status().code(), absl::StatusCode::kUnavailable) << down.status();
+  ASSERT_TRUE(cluster_->StartAgain().ok());
+  absl::StatusOr<BinaryResult> back = pool.Read(kPid, {});
+  EXPECT_TRUE(back.ok()) << back.status();
 }
 
 // A connection whose server process is gone is not used again without the session the pool set up

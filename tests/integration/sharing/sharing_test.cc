@@ -2802,6 +2802,35 @@ TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes
   EXPECT_EQ(truncated.content, spec.content.substr(0, kMiB));
 }
 
+// A download whose shard sessions end mid-way (the shard's processes ended: a restart, a
+// failover) goes on: the pool hands out no connection the server closed, so each of its reads
+// runs on a new one, and the client receives the whole record.
+TEST_F(SharingTest, ADownloadWhoseShardConnectionsAreLostGoesOnOnNewOnes) {
+  UploadSpec spec;
+  spec.patient_id = Place("connections-lost-mid-download-1", "FR");
+  spec.content = Generate(43, 0, 8 * kMiB);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+
+  SlowDownload download(pki_->practitioner(), record);
+  ASSERT_TRUE(download.ReadFirstChunk());
+  {
+    pqxx::connection admin(Db("fr-1").ConnectionString());
+    pqxx::nontransaction q(admin);
+    constexpr char kOthers[] =
+        " FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = "
+        "current_database() AND pid <> pg_backend_pid() AND application_name <> "
+        "'medgate-consent-feed'";
+    ASSERT_FALSE(q.exec(absl::StrCat("SELECT pg_terminate_backend(pid)", kOthers)).empty());
+    ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+      return q.exec1(absl::StrCat("SELECT count(*)", kOthers))[0].as<int>() == 0;
+    }));
+  }
+  grpc::Status status = download.ReadTheRest();
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(download.received == spec.content)
+      << "received " << download.received.size() << " of " << spec.content.size() << " bytes";
+}
+
 // An erasure stops a download already running at its next chunk: ABORTED naming the record,
 // after only what had been sent before, all of it the record's own bytes. (Its chunks stay in the
 // shard until they are purged; the data key is gone, and so must the stream be.) The client has
