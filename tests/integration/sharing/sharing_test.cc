@@ -2695,6 +2695,11 @@ TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes
   spec.patient_id = patient;
   spec.content = Generate(17, 0, 2 * kMiB + 500);
   const std::string record = UploadOk(pki_->practitioner(), spec);
+  // Another record of the same owner, left intact: the listing below must still show it whole.
+  UploadSpec intact_spec;
+  intact_spec.patient_id = patient;
+  intact_spec.content = Generate(18, 0, 1000);
+  const std::string intact = UploadOk(pki_->practitioner(), intact_spec);
 
   // One flipped bit in the middle chunk: the first chunk arrives, then DATA_LOSS.
   const std::string flip =
@@ -2776,9 +2781,10 @@ TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes
     EXPECT_THAT(listed[record].damaged(), HasSubstr(record));
     EXPECT_TRUE(listed[record].file_name().empty());
     EXPECT_TRUE(listed[record].content_type().empty());
-    int whole = 0;
-    for (const auto& [id, r] : listed) whole += r.damaged().empty() && !r.file_name().empty();
-    EXPECT_GT(whole, 0);
+    ASSERT_EQ(listed.count(intact), 1u);
+    EXPECT_TRUE(listed[intact].damaged().empty()) << listed[intact].damaged();
+    EXPECT_EQ(listed[intact].file_name(), intact_spec.file_name);
+    EXPECT_EQ(listed[intact].size_bytes(), 1000u);
   }
   Exec("fr-1", damage_key, record);
 
