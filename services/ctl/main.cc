@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
@@ -12,7 +13,6 @@
 #include <functional>
 #include <limits>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -94,39 +94,94 @@ int GrantConsent(v1::Consent::Stub& stub, const Flags& flags) {
   return Call(&v1::Consent::Stub::GrantConsent, stub, r);
 }
 
+// Reads at most `max` bytes of `file` into `buffer`: the bytes read (fewer only at the file's
+// end), or -1 when the read failed.
+int64_t ReadChunk(std::ifstream& file, std::string& buffer, size_t max) {
+  file.read(buffer.data(), static_cast<std::streamsize>(std::min(max, buffer.size())));
+  if (file.bad()) return -1;
+  return static_cast<int64_t>(file.gcount());
+}
+
+// The file is read twice, a chunk at a time: once for its size and SHA-256, which the header
+// declares, then to send it. Memory stays at one chunk whatever the file's size. A file that
+// changes between the two reads is not sent as it was hashed: the upload is cancelled before its
+// last chunk, and the server stores nothing.
 int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
-  std::ifstream in(Get(flags, "file"), std::ios::binary);
-  if (!in) return Fail("--file: cannot read '" + Get(flags, "file") + "'");
-  std::stringstream content;
-  content << in.rdbuf();
-  const std::string data = content.str();
+  const std::string path = Get(flags, "file");
   v1::RecordKind kind;
   const std::string kind_flag = Get(flags, "kind").empty() ? "document" : Get(flags, "kind");
   if (!v1::RecordKind_Parse("RECORD_KIND_" + absl::AsciiStrToUpper(kind_flag), &kind)) {
     return Fail("--kind: document, imaging or report");
   }
+  constexpr size_t kChunk = size_t{1} << 20;  // the largest chunk the service takes
+  std::string buffer(kChunk, '\0');
+  uint64_t size = 0;
+  std::string sha256;
+  {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return Fail("--file: cannot read '" + path + "'");
+    crypto::Sha256 hasher;
+    for (int64_t n; (n = ReadChunk(in, buffer, buffer.size())) != 0;) {
+      if (n < 0) return Fail("--file: reading '" + path + "' failed");
+      hasher.Update(absl::string_view(buffer.data(), static_cast<size_t>(n)));
+      size += static_cast<uint64_t>(n);
+    }
+    sha256 = hasher.Finish();
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Fail("--file: cannot read '" + path + "'");
+
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
   v1::UploadRecordResponse response;
   auto writer = stub.UploadRecord(&context, &response);
-  v1::UploadRecordRequest header;
-  header.mutable_header()->set_request_id(Get(flags, "request-id"));
-  header.mutable_header()->set_patient_id(Get(flags, "patient"));
-  header.mutable_header()->set_kind(kind);
-  header.mutable_header()->set_content_type(
+  v1::UploadRecordRequest message;
+  v1::UploadRecordHeader* header = message.mutable_header();
+  header->set_request_id(Get(flags, "request-id"));
+  header->set_patient_id(Get(flags, "patient"));
+  header->set_kind(kind);
+  header->set_content_type(
       Get(flags, "content-type").empty() ? "application/octet-stream" : Get(flags, "content-type"));
-  header.mutable_header()->set_file_name(
-      std::filesystem::path(Get(flags, "file")).filename().string());
-  header.mutable_header()->set_size_bytes(data.size());
-  header.mutable_header()->set_sha256(crypto::Sha256::Of(data));
-  bool open = writer->Write(header);
-  constexpr size_t kChunk = size_t{1} << 20;
-  for (size_t at = 0; open && at < data.size(); at += kChunk) {
-    v1::UploadRecordRequest chunk;
-    chunk.mutable_chunk()->set_data(data.substr(at, kChunk));
-    open = writer->Write(chunk);
+  header->set_file_name(std::filesystem::path(path).filename().string());
+  header->set_size_bytes(size);
+  header->set_sha256(sha256);
+  // An empty file is its header alone.
+  bool open = size == 0 ? writer->Write(message, grpc::WriteOptions().set_last_message())
+                        : writer->Write(message);
+  crypto::Sha256 sent;
+  uint64_t at = 0;
+  std::string changed;
+  while (open && at < size) {
+    const size_t wanted = static_cast<size_t>(std::min<uint64_t>(kChunk, size - at));
+    const int64_t n = ReadChunk(in, buffer, wanted);
+    if (n < 0) {
+      changed = "reading it failed";
+      break;
+    }
+    if (static_cast<size_t>(n) < wanted) {
+      changed = "it is shorter than it was";
+      break;
+    }
+    const absl::string_view piece(buffer.data(), wanted);
+    sent.Update(piece);
+    at += wanted;
+    message.mutable_chunk()->set_data(piece.data(), piece.size());
+    if (at < size) {
+      open = writer->Write(message);
+    } else if (in.peek() != std::ifstream::traits_type::eof()) {
+      changed = "it is longer than it was";
+    } else if (sent.Finish() != sha256) {
+      changed = "its content changed";
+    } else {
+      open = writer->Write(message, grpc::WriteOptions().set_last_message());
+    }
   }
-  writer->WritesDone();
+  if (!changed.empty()) {
+    context.TryCancel();
+    writer->Finish();
+    return Fail("--file: '" + path + "' changed while it was sent (" + changed +
+                "); the upload was cancelled and nothing was stored");
+  }
   return Print(writer->Finish(), response);
 }
 

@@ -6,9 +6,12 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/types.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -189,6 +192,128 @@ TEST_F(CtlTest, UploadsAndDownloadsARecordAndLeavesNothingOfAFailedDownload) {
                                                        " --out ", dir));
   EXPECT_NE(not_a_file.exit_code, 0);
   EXPECT_THAT(not_a_file.output, HasSubstr("not a regular file"));
+  std::filesystem::remove_all(dir);
+}
+
+// A file is sent a chunk at a time: uploading one of 64 MiB keeps medgate-ctl's memory far below
+// the file's size (reading it whole, as it once did, took twice the file at least). The record
+// arrives whole.
+TEST_F(CtlTest, UploadsALargeFileWithMemoryBoundedByAChunk) {
+  CtlRun placed = Ctl("app", "place-patient --ref ctl-patient-2 --territory FR");
+  ASSERT_EQ(placed.exit_code, 0) << placed.output;
+  const std::string patient = Field(placed.output, "patient_id");
+  ASSERT_FALSE(patient.empty()) << placed.output;
+  CtlRun granted = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
+                                           " --purpose CARE --evidence ctl-form"));
+  ASSERT_EQ(granted.exit_code, 0) << granted.output;
+
+  const std::string dir = stack_->dir() + "/ctl-large";
+  std::filesystem::create_directories(dir);
+  constexpr size_t kSize = size_t{64} << 20;
+  {
+    std::ofstream out(dir + "/scan.bin", std::ios::binary);
+    std::string block(size_t{1} << 20, '\0');
+    for (size_t at = 0; at < kSize; at += block.size()) {
+      for (size_t i = 0; i < block.size(); i += 8) {
+        const uint64_t v = (at + i) * 0x9E3779B97F4A7C15ull;
+        std::memcpy(&block[i], &v, 8);
+      }
+      out.write(block.data(), static_cast<std::streamsize>(block.size()));
+    }
+    ASSERT_TRUE(out.good());
+  }
+  // GNU time prints the process's peak resident memory (KiB) after it ends.
+  CtlRun uploaded = Ctl("practitioner",
+                        absl::StrCat("upload-record --kind imaging --patient ", patient,
+                                     " --file ", dir, "/scan.bin"),
+                        "/usr/bin/time -f 'peak_rss_kib=%M' ");
+  ASSERT_EQ(uploaded.exit_code, 0) << uploaded.output;
+  const std::string record = Field(uploaded.output, "record_id");
+  ASSERT_FALSE(record.empty()) << uploaded.output;
+  const size_t at = uploaded.output.rfind("peak_rss_kib=");
+  ASSERT_NE(at, std::string::npos) << uploaded.output;
+  const long peak_kib = std::stol(uploaded.output.substr(at + 13));
+  EXPECT_GT(peak_kib, 0);
+  EXPECT_LT(peak_kib, 48 * 1024) << "medgate-ctl held " << peak_kib << " KiB for a "
+                                 << (kSize >> 20) << " MiB file";
+
+  CtlRun downloaded = Ctl("practitioner", absl::StrCat("download-record --record ", record,
+                                                       " --out ", dir, "/copy.bin"));
+  ASSERT_EQ(downloaded.exit_code, 0) << downloaded.output;
+  EXPECT_EQ(std::filesystem::file_size(dir + "/copy.bin"), kSize);
+  EXPECT_TRUE(ReadFile(dir + "/copy.bin") == ReadFile(dir + "/scan.bin"));
+  std::filesystem::remove_all(dir);
+}
+
+// The file is read twice (its hash, then its bytes). A file whose content differs on the second
+// read (here a FIFO fed two different contents of one size) is not sent as hashed: the upload is
+// cancelled, medgate-ctl says why, and the shard holds no new record.
+TEST_F(CtlTest, AFileThatChangesWhileItIsSentIsNotStored) {
+  CtlRun placed = Ctl("app", "place-patient --ref ctl-patient-3 --territory FR");
+  ASSERT_EQ(placed.exit_code, 0) << placed.output;
+  const std::string patient = Field(placed.output, "patient_id");
+  ASSERT_FALSE(patient.empty()) << placed.output;
+  CtlRun granted = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
+                                           " --purpose CARE --evidence ctl-form"));
+  ASSERT_EQ(granted.exit_code, 0) << granted.output;
+
+  const std::string dir = stack_->dir() + "/ctl-changing";
+  std::filesystem::create_directories(dir);
+  const std::string first(3 * 1024 * 1024 / 2, 'a');
+  const std::string second(first.size(), 'b');
+  std::ofstream(dir + "/first", std::ios::binary) << first;
+  std::ofstream(dir + "/second", std::ios::binary) << second;
+  ASSERT_EQ(mkfifo((dir + "/letter").c_str(), 0600), 0) << std::strerror(errno);
+  pqxx::connection shard(stack_->clusters().region("fr-1").ConnectionString());
+  auto records = [&] {
+    pqxx::nontransaction n(shard);
+    return n.exec_params1("SELECT count(*) FROM records WHERE patient_id = $1", patient)[0]
+        .as<int64_t>();
+  };
+  ASSERT_EQ(records(), 0);
+
+  // Feeds `a` to medgate-ctl's first read of the FIFO, waits until no process holds the FIFO
+  // open any more (the first read's end), then feeds `b` to its second read. Each `cat` waits
+  // for its reader to open the FIFO, writes, and closes it. Every wait is bounded, so that a
+  // medgate-ctl that reads the file a number of times other than two fails the test, not hangs it.
+  const std::string fifo = dir + "/letter";
+  auto feed = [&](const std::string& a, const std::string& b) {
+    auto cat = [&](const std::string& file) {
+      return absl::StrCat("timeout 60 sh -c 'cat ", dir, "/", file, " > ", fifo, "'");
+    };
+    return absl::StrCat("(", cat(a), "; for i in $(seq 6000); do find /proc/[0-9]*/fd -lname ",
+                        fifo, " 2>/dev/null | grep -q . || break; sleep 0.01; done; ", cat(b),
+                        ") >/dev/null 2>&1 & timeout 120 ");
+  };
+  CtlRun uploaded = Ctl("practitioner",
+                        absl::StrCat("upload-record --patient ", patient, " --file ", fifo),
+                        feed("first", "second"));
+  EXPECT_EQ(uploaded.exit_code, 1) << uploaded.output;
+  EXPECT_THAT(uploaded.output, HasSubstr("changed while it was sent (its content changed)"));
+  EXPECT_THAT(uploaded.output, HasSubstr("nothing was stored"));
+  EXPECT_EQ(records(), 0);
+
+  // Shorter, or longer, on the second read: refused as well.
+  std::ofstream(dir + "/shorter", std::ios::binary) << first.substr(0, first.size() - 1);
+  std::ofstream(dir + "/longer", std::ios::binary) << first << "a";
+  CtlRun shorter = Ctl("practitioner",
+                       absl::StrCat("upload-record --patient ", patient, " --file ", fifo),
+                       feed("first", "shorter"));
+  EXPECT_EQ(shorter.exit_code, 1) << shorter.output;
+  EXPECT_THAT(shorter.output, HasSubstr("changed while it was sent (it is shorter than it was)"));
+  CtlRun longer = Ctl("practitioner",
+                      absl::StrCat("upload-record --patient ", patient, " --file ", fifo),
+                      feed("first", "longer"));
+  EXPECT_EQ(longer.exit_code, 1) << longer.output;
+  EXPECT_THAT(longer.output, HasSubstr("changed while it was sent (it is longer than it was)"));
+  EXPECT_EQ(records(), 0);
+
+  // The same file, unchanged, is stored.
+  CtlRun again = Ctl("practitioner",
+                     absl::StrCat("upload-record --patient ", patient, " --file ", fifo),
+                     feed("first", "first"));
+  ASSERT_EQ(again.exit_code, 0) << again.output;
+  EXPECT_EQ(records(), 1);
   std::filesystem::remove_all(dir);
 }
 
