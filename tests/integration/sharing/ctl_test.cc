@@ -94,6 +94,20 @@ class CtlTest : public ::testing::Test {
     return test_support::RunShell(command);
   }
 
+  // Places a patient in FR and records its CARE consent, through medgate-ctl: the patient's id,
+  // or empty (and a failure) when either command failed.
+  static std::string PlaceWithCare(const std::string& ref) {
+    CtlRun placed = Ctl("app", absl::StrCat("place-patient --ref ", ref, " --territory FR"));
+    EXPECT_EQ(placed.exit_code, 0) << placed.output;
+    const std::string patient = Field(placed.output, "patient_id");
+    EXPECT_FALSE(patient.empty()) << placed.output;
+    if (placed.exit_code != 0 || patient.empty()) return "";
+    CtlRun granted = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
+                                             " --purpose CARE --evidence ctl-form"));
+    EXPECT_EQ(granted.exit_code, 0) << granted.output;
+    return granted.exit_code == 0 ? patient : "";
+  }
+
   // The value of `"field": "..."` in medgate-ctl's JSON output.
   static std::string Field(const std::string& output, const std::string& field) {
     const std::string key = absl::StrCat("\"", field, "\": \"");
@@ -126,13 +140,8 @@ std::string* CtlTest::kek_path_ = nullptr;
 std::string* CtlTest::config_path_ = nullptr;
 
 TEST_F(CtlTest, UploadsAndDownloadsARecordAndLeavesNothingOfAFailedDownload) {
-  CtlRun placed = Ctl("app", "place-patient --ref ctl-patient-1 --territory FR");
-  ASSERT_EQ(placed.exit_code, 0) << placed.output;
-  const std::string patient = Field(placed.output, "patient_id");
-  ASSERT_FALSE(patient.empty()) << placed.output;
-  CtlRun granted = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
-                                           " --purpose CARE --evidence ctl-form"));
-  ASSERT_EQ(granted.exit_code, 0) << granted.output;
+  const std::string patient = PlaceWithCare("ctl-patient-1");
+  ASSERT_FALSE(patient.empty());
 
   const std::string dir = stack_->dir() + "/ctl-files";
   std::filesystem::create_directories(dir);
@@ -199,13 +208,8 @@ TEST_F(CtlTest, UploadsAndDownloadsARecordAndLeavesNothingOfAFailedDownload) {
 // the file's size (reading it whole, as it once did, took twice the file at least). The record
 // arrives whole.
 TEST_F(CtlTest, UploadsALargeFileWithMemoryBoundedByAChunk) {
-  CtlRun placed = Ctl("app", "place-patient --ref ctl-patient-2 --territory FR");
-  ASSERT_EQ(placed.exit_code, 0) << placed.output;
-  const std::string patient = Field(placed.output, "patient_id");
-  ASSERT_FALSE(patient.empty()) << placed.output;
-  CtlRun granted = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
-                                           " --purpose CARE --evidence ctl-form"));
-  ASSERT_EQ(granted.exit_code, 0) << granted.output;
+  const std::string patient = PlaceWithCare("ctl-patient-2");
+  ASSERT_FALSE(patient.empty());
 
   const std::string dir = stack_->dir() + "/ctl-large";
   std::filesystem::create_directories(dir);
@@ -249,13 +253,8 @@ TEST_F(CtlTest, UploadsALargeFileWithMemoryBoundedByAChunk) {
 // read (here a FIFO fed two different contents of one size) is not sent as hashed: the upload is
 // cancelled, medgate-ctl says why, and the shard holds no new record.
 TEST_F(CtlTest, AFileThatChangesWhileItIsSentIsNotStored) {
-  CtlRun placed = Ctl("app", "place-patient --ref ctl-patient-3 --territory FR");
-  ASSERT_EQ(placed.exit_code, 0) << placed.output;
-  const std::string patient = Field(placed.output, "patient_id");
-  ASSERT_FALSE(patient.empty()) << placed.output;
-  CtlRun granted = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
-                                           " --purpose CARE --evidence ctl-form"));
-  ASSERT_EQ(granted.exit_code, 0) << granted.output;
+  const std::string patient = PlaceWithCare("ctl-patient-3");
+  ASSERT_FALSE(patient.empty());
 
   const std::string dir = stack_->dir() + "/ctl-changing";
   std::filesystem::create_directories(dir);
