@@ -42,6 +42,12 @@ constexpr char kKekHex[] = "5a1e6a0c3b2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6071
 // medgate-ctl's exit code and what it printed (stdout and stderr).
 using CtlRun = test_support::ShellRun;
 
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+
 class CtlTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -238,8 +244,13 @@ TEST_F(CtlTest, UploadsALargeFileWithMemoryBoundedByAChunk) {
   ASSERT_NE(at, std::string::npos) << uploaded.output;
   const long peak_kib = std::stol(uploaded.output.substr(at + 13));
   EXPECT_GT(peak_kib, 0);
-  EXPECT_LT(peak_kib, 48 * 1024) << "medgate-ctl held " << peak_kib << " KiB for a "
-                                 << (kSize >> 20) << " MiB file";
+  RecordProperty("ctl_upload_peak_rss_kib", static_cast<int>(peak_kib));
+  // About 30 MiB here, 17 MiB of it the process before any call. Holding the file once would be
+  // over 80 MiB; reading it whole as before took 222 MiB.
+  if (!kSanitized) {  // sanitizers keep freed memory in quarantine: RSS says nothing there
+    EXPECT_LT(peak_kib, 64 * 1024) << "medgate-ctl held " << peak_kib << " KiB for a "
+                                   << (kSize >> 20) << " MiB file";
+  }
 
   CtlRun downloaded = Ctl("practitioner", absl::StrCat("download-record --record ", record,
                                                        " --out ", dir, "/copy.bin"));
@@ -275,7 +286,7 @@ TEST_F(CtlTest, AFileThatChangesWhileItIsSentIsNotStored) {
   // open any more (the first read's end), then feeds `b` to its second read. Each `cat` waits
   // for its reader to open the FIFO, writes, and closes it. Every wait is bounded, so that a
   // medgate-ctl that reads the file a number of times other than two fails the test, not hangs it.
-  const std::string fifo = dir + "/letter";
+  const std::string fifo = std::filesystem::canonical(dir).string() + "/letter";  // as /proc shows it
   auto feed = [&](const std::string& a, const std::string& b) {
     auto cat = [&](const std::string& file) {
       return absl::StrCat("timeout 60 sh -c 'cat ", dir, "/", file, " > ", fifo, "'");
