@@ -193,7 +193,8 @@ void RemovePartialAndExit(int signal) {
   _exit(128 + signal);
 }
 
-// Health data goes to --out only once all of it arrived and was authenticated: it is written to
+// Health data goes to --out only once all of it arrived, was authenticated, and matched the
+// size and SHA-256 its header announced: it is written to
 // a file only its owner may read, beside --out, renamed over --out when the download succeeded,
 // and removed otherwise (no partial or unverified plaintext is left behind).
 int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
@@ -234,18 +235,59 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   auto reader = stub.DownloadRecord(&context, request);
   v1::DownloadRecordResponse message;
   v1::Record header;
+  bool have_header = false;
+  crypto::Sha256 hasher;
+  uint64_t received = 0;
+  // The server checks the record before it ends the stream; the content is checked here too,
+  // against the header it announced, so that what reaches --out is what was uploaded, whatever
+  // happened on the way (as the protocol asks of every client).
+  std::string broken;  // the stream breaks the protocol: first break seen
   while (reader->Read(&message)) {
-    if (message.has_header()) header = message.header();
-    if (message.has_chunk()) write_all(message.chunk().data());
+    if (message.has_header()) {
+      if (have_header) {
+        broken = "a second header arrived";
+        break;
+      }
+      header = message.header();
+      have_header = true;
+    } else if (message.has_chunk()) {
+      if (!have_header) {
+        broken = "content arrived before the record's header";
+        break;
+      }
+      const std::string& data = message.chunk().data();
+      received += data.size();
+      if (received > header.size_bytes()) {
+        broken = absl::StrCat("more than the header's size_bytes (", header.size_bytes(),
+                              ") arrived");
+        break;
+      }
+      hasher.Update(data);
+      write_all(data);
+    }
   }
+  if (!broken.empty()) context.TryCancel();
   const grpc::Status status = reader->Finish();
+  if (status.ok() && broken.empty()) {
+    if (!have_header) {
+      broken = "the stream ended without the record's header";
+    } else if (received != header.size_bytes()) {
+      broken = absl::StrCat(received, " bytes arrived, the header's size_bytes is ",
+                            header.size_bytes());
+    } else if (hasher.Finish() != header.sha256()) {
+      broken = "the content does not match the header's sha256";
+    }
+  }
   if (written && fsync(fd) != 0) {
     written = false;
     write_error = errno;
   }
   close(fd);
   std::string failure;
-  if (status.ok() && !written) {
+  if (!broken.empty()) {
+    failure = absl::StrCat("record '", request.record_id(), "': ", broken,
+                           "; nothing was written to '", out_path, "'");
+  } else if (status.ok() && !written) {
     failure = absl::StrCat("--out: writing '", tmp_path, "' failed: ", std::strerror(write_error));
   } else if (status.ok() && std::rename(tmp_path.c_str(), out_path.c_str()) != 0) {
     failure = absl::StrCat("--out: cannot rename '", tmp_path, "' to '", out_path, "': ",

@@ -15,15 +15,21 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <pqxx/pqxx>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "libs/crypto/sha256.h"
+#include "libs/identity/credentials.h"
+#include "medgate/v1/sharing.grpc.pb.h"
 #include "services/sharing/sharing_server.h"
 #include "tests/support/directory_services.h"
 #include "tests/support/poll.h"
@@ -207,6 +213,120 @@ TEST_F(CtlTest, UploadsAndDownloadsARecordAndLeavesNothingOfAFailedDownload) {
                                                        " --out ", dir));
   EXPECT_NE(not_a_file.exit_code, 0);
   EXPECT_THAT(not_a_file.output, HasSubstr("not a regular file"));
+  std::filesystem::remove_all(dir);
+}
+
+// A RecordSharing server that answers every download with the messages it was given, then OK:
+// streams the real service never sends, as something between it and the client might.
+class ScriptedDownloads final : public v1::RecordSharing::Service {
+ public:
+  void Script(std::vector<v1::DownloadRecordResponse> messages) {
+    std::lock_guard<std::mutex> lock(mu_);
+    messages_ = std::move(messages);
+  }
+
+  grpc::Status DownloadRecord(grpc::ServerContext*, const v1::DownloadRecordRequest*,
+                              grpc::ServerWriter<v1::DownloadRecordResponse>* writer) override {
+    std::vector<v1::DownloadRecordResponse> messages;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      messages = messages_;
+    }
+    for (const v1::DownloadRecordResponse& message : messages) {
+      if (!writer->Write(message)) break;
+    }
+    return grpc::Status::OK;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<v1::DownloadRecordResponse> messages_;
+};
+
+// medgate-ctl checks what it downloads against the header the stream began with (size_bytes,
+// sha256) and the stream's shape (one header, first), and writes --out only when all of it holds.
+TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
+  ScriptedDownloads scripted;
+  auto credentials = MakeServerCredentials(stack_->config().services.at("sharing").tls,
+                                           stack_->config().trust_domain);
+  ASSERT_TRUE(credentials.ok()) << credentials.status();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", *credentials, &port);
+  builder.RegisterService(&scripted);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  ASSERT_NE(port, 0);
+  // A configuration whose sharing address is the scripted server's (with the sharing service's
+  // certificate, which medgate-ctl requires of it).
+  const std::string config = stack_->dir() + "/ctl-scripted.yaml";
+  stack_->SetAddress("sharing", port);
+  const absl::Status config_written = stack_->WriteConfig(config);
+  stack_->SetAddress("sharing", sharing_->port());
+  ASSERT_TRUE(config_written.ok()) << config_written;
+
+  const std::string dir = stack_->dir() + "/ctl-scripted";
+  std::filesystem::create_directories(dir);
+  const std::string content(700'000, 'x');
+  auto header = [](uint64_t size, const std::string& sha256) {
+    v1::DownloadRecordResponse m;
+    m.mutable_header()->set_record_id("fr-1.r-scripted");
+    m.mutable_header()->set_size_bytes(size);
+    m.mutable_header()->set_sha256(sha256);
+    return m;
+  };
+  auto chunk = [](absl::string_view data) {
+    v1::DownloadRecordResponse m;
+    m.mutable_chunk()->set_data(std::string(data));
+    return m;
+  };
+  const std::string sha = crypto::Sha256::Of(content);
+  const absl::string_view first = absl::string_view(content).substr(0, 400'000);
+  const absl::string_view rest = absl::string_view(content).substr(400'000);
+  auto download = [&](const std::string& out) {
+    return test_support::RunShell(absl::StrCat(MEDGATE_CTL_BINARY, " --config ", config,
+                                               " --identity practitioner download-record --record "
+                                               "fr-1.r-scripted --out ",
+                                               dir, "/", out, " 2>&1"));
+  };
+
+  // The stream as the service sends it: accepted, the file written.
+  scripted.Script({header(content.size(), sha), chunk(first), chunk(rest)});
+  CtlRun whole = download("whole.bin");
+  ASSERT_EQ(whole.exit_code, 0) << whole.output;
+  EXPECT_EQ(ReadFile(dir + "/whole.bin"), content);
+
+  const struct {
+    const char* name;
+    std::vector<v1::DownloadRecordResponse> messages;
+    const char* says;
+  } kBroken[] = {
+      {"other-content", {header(content.size(), crypto::Sha256::Of("other")), chunk(first),
+                         chunk(rest)},
+       "the content does not match the header's sha256"},
+      {"short", {header(content.size() + 1, sha), chunk(first), chunk(rest)},
+       "700000 bytes arrived, the header's size_bytes is 700001"},
+      {"long", {header(content.size() - 1, sha), chunk(first), chunk(rest)},
+       "more than the header's size_bytes (699999) arrived"},
+      {"headless", {chunk(first), chunk(rest)},
+       "content arrived before the record's header"},
+      {"empty", {}, "the stream ended without the record's header"},
+      {"two-headers", {header(content.size(), sha), chunk(first), header(content.size(), sha),
+                       chunk(rest)},
+       "a second header arrived"},
+  };
+  for (const auto& broken : kBroken) {
+    SCOPED_TRACE(broken.name);
+    scripted.Script(broken.messages);
+    const std::string out = absl::StrCat(broken.name, ".bin");
+    CtlRun run = download(out);
+    EXPECT_EQ(run.exit_code, 1) << run.output;
+    EXPECT_THAT(run.output, HasSubstr(broken.says));
+    EXPECT_THAT(run.output, HasSubstr("nothing was written"));
+    EXPECT_FALSE(std::filesystem::exists(dir + "/" + out));
+    EXPECT_EQ(CountFiles(dir, out + ".partial"), 0);
+  }
+  server->Shutdown();
   std::filesystem::remove_all(dir);
 }
 
