@@ -889,6 +889,30 @@ TEST_F(ConsentTest, OpsNeitherRecordNorReadConsents) {
             0);
 }
 
+// A service's identity belongs to no tenant, so only the role table keeps it from revoking any
+// tenant's consent: by id and by key, it is refused, and the consent stays as it was.
+TEST_F(ConsentTest, ServicesMayNotRevokeConsents) {
+  const std::string patient = Place("service-revoke-1", "FR");
+  auto granted = Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_CARE).WithActor(App()));
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  auto service = Stub(pki_->service());
+  for (const v1::RevokeConsentRequest& request :
+       {ById(granted->consent_id()), ByKey(patient, v1::PURPOSE_CARE, App())}) {
+    SCOPED_TRACE(request.ShortDebugString());
+    auto revoked = Revoke(*service, request);
+    EXPECT_EQ(revoked.status().code(), absl::StatusCode::kPermissionDenied);
+    EXPECT_THAT(std::string(revoked.status().message()), HasSubstr("may not call"));
+  }
+  auto listed = List(*Stub(pki_->app()), ListOf(patient, true));
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->consents_size(), 1);
+  EXPECT_EQ(listed->consents(0).current().version(), 1);
+  // And a service still decides with it: the consent is in force.
+  auto decision = Check(*service, patient, v1::PURPOSE_CARE, App());
+  ASSERT_TRUE(decision.ok()) << decision.status();
+  EXPECT_EQ(decision->decision(), v1::DECISION_PERMIT);
+}
+
 // A suspended tenant's identities may not record, read or check consents; what was recorded stays,
 // and reactivation restores access to it.
 TEST_F(ConsentTest, ASuspendedTenantIsRefused) {

@@ -31,6 +31,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "libs/common/grpc_status.h"
 #include "libs/crypto/aes_gcm.h"
@@ -2619,6 +2620,28 @@ TEST_F(SharingTest, CrossTenantMatrixHasZeroSuccesses) {
                   ::testing::Not(::testing::Contains(record)));
       EXPECT_THAT(ListedIds(*as, v1::RECORD_SCOPE_SHARED_WITH_ME),
                   ::testing::Not(::testing::Contains(record)));
+      // The answer is the one an id that exists nowhere gets, word for word but the id: another
+      // tenant's ids are not revealed to exist.
+      const std::string no_record = "fr-1.r" + std::string(32, '0');
+      const std::string no_patient = "pt_" + std::string(40, '0');
+      auto expect_as_unknown = [](const std::string& what, const absl::Status& foreign,
+                                  const std::string& foreign_id, const absl::Status& unknown,
+                                  const std::string& unknown_id) {
+        EXPECT_EQ(foreign.code(), unknown.code()) << what;
+        EXPECT_EQ(absl::StrReplaceAll(foreign.message(), {{foreign_id, "ID"}}),
+                  absl::StrReplaceAll(unknown.message(), {{unknown_id, "ID"}}))
+            << what;
+      };
+      expect_as_unknown("download", FromGrpcStatus(Download(*as, record).status), record,
+                        FromGrpcStatus(Download(*as, no_record).status), no_record);
+      expect_as_unknown("archive", Archive(*as, record, ServerNow() + absl::Hours(1)).status(),
+                        record, Archive(*as, no_record, ServerNow() + absl::Hours(1)).status(),
+                        no_record);
+      expect_as_unknown("erase", Erase(*as, record).status(), record,
+                        Erase(*as, no_record).status(), no_record);
+      expect_as_unknown("list patient", List(*as, v1::RECORD_SCOPE_PATIENT, patient).status(),
+                        patient, List(*as, v1::RECORD_SCOPE_PATIENT, no_patient).status(),
+                        no_patient);
     }
     expect_not_found("erase", Erase(*as, record).status().code());
     if (practitioner) {
