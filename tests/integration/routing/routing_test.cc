@@ -939,6 +939,8 @@ TEST_F(RoutingTest, DevicesMayCallNothingAndAdminIsOpsOnly) {
   auto device = Stub(pki_->device());
   auto app = Stub(pki_->app());
   auto practitioner = Stub(pki_->practitioner());
+  auto service = Stub(pki_->service());
+  auto ops = Stub(pki_->ops());
   std::vector<std::pair<std::string, grpc::Status>> results;
   auto call = [&](const std::string& name, auto&& fn) { results.emplace_back(name, fn()); };
 #define MEDGATE_CALL(stub, Rpc)                         \
@@ -969,8 +971,32 @@ TEST_F(RoutingTest, DevicesMayCallNothingAndAdminIsOpsOnly) {
   MEDGATE_CALL(practitioner, ListResidencyRules);
   MEDGATE_CALL(practitioner, ListRegions);
   MEDGATE_CALL(practitioner, ResolveTenants);
+  // Administration is ops' alone: not a practitioner's, not a service's.
+  MEDGATE_CALL(practitioner, UpsertTenant);
+  MEDGATE_CALL(practitioner, GetTenant);
+  MEDGATE_CALL(practitioner, PutResidencyRule);
+  MEDGATE_CALL(service, UpsertTenant);
+  MEDGATE_CALL(service, GetTenant);
+  MEDGATE_CALL(service, PutResidencyRule);
+  // Resolving a patient or a device is for the services that route data, not for a tenant's
+  // identities (whose tenant is not the one asked about, in general).
+  MEDGATE_CALL(app, ResolvePatients);
+  MEDGATE_CALL(app, ResolveDevices);
+  MEDGATE_CALL(practitioner, ResolvePatients);
+  MEDGATE_CALL(practitioner, ResolveDevices);
+  // Patients and devices are a tenant's to place and assign: a service has no tenant.
+  MEDGATE_CALL(service, PlacePatient);
+  MEDGATE_CALL(service, AssignDevice);
+  MEDGATE_CALL(service, UnassignDevice);
+  // Ops run the deployment; they neither place a tenant's patients nor resolve them.
+  MEDGATE_CALL(ops, PlacePatient);
+  MEDGATE_CALL(ops, AssignDevice);
+  MEDGATE_CALL(ops, UnassignDevice);
+  MEDGATE_CALL(ops, ResolvePatients);
+  MEDGATE_CALL(ops, ResolveDevices);
+  MEDGATE_CALL(ops, ResolveTenants);
 #undef MEDGATE_CALL
-  ASSERT_EQ(results.size(), 20u);
+  ASSERT_EQ(results.size(), 39u);
   for (const auto& [name, status] : results) {
     EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << name;
   }

@@ -2668,7 +2668,7 @@ TEST_F(SharingTest, CrossTenantMatrixHasZeroSuccesses) {
   EXPECT_TRUE(Download(Cert("acme-p2"), record).status.ok());
 }
 
-TEST_F(SharingTest, DevicesServicesAndAppsAreRefusedWhatTheyMayNotDo) {
+TEST_F(SharingTest, DevicesServicesAppsAndOpsAreRefusedWhatTheyMayNotDo) {
   std::vector<std::pair<std::string, grpc::Status>> results;
   auto sharing = [&](const TestCert& cert) { return Stub(cert); };
 #define MEDGATE_CALL(name, stub, Rpc)                                    \
@@ -2700,11 +2700,33 @@ TEST_F(SharingTest, DevicesServicesAndAppsAreRefusedWhatTheyMayNotDo) {
     MEDGATE_CALL("app ShareRecord", stub, ShareRecord);
     MEDGATE_CALL("app ListRecords", stub, ListRecords);
     results.emplace_back("app DownloadRecord", Download(pki_->app(), "fr-1.x").status);
+    MEDGATE_CALL("app RevokeShare", stub, RevokeShare);
+    MEDGATE_CALL("app ArchiveRecord", stub, ArchiveRecord);
+    UploadSpec spec;
+    spec.patient_id = "pt_x";
+    spec.content = "x";
+    results.emplace_back("app UploadRecord", Upload(pki_->app(), spec));
     auto audit = AuditStub(pki_->practitioner());
     MEDGATE_CALL("practitioner VerifyChain", audit, VerifyChain);
+    auto app_audit = AuditStub(pki_->app());
+    MEDGATE_CALL("app VerifyChain", app_audit, VerifyChain);
+  }
+  {
+    // Ops host the records: they may read one under break-glass, and change none.
+    auto stub = sharing(pki_->ops());
+    MEDGATE_CALL("ops ShareRecord", stub, ShareRecord);
+    MEDGATE_CALL("ops RevokeShare", stub, RevokeShare);
+    MEDGATE_CALL("ops ListRecords", stub, ListRecords);
+    MEDGATE_CALL("ops ArchiveRecord", stub, ArchiveRecord);
+    MEDGATE_CALL("ops EraseRecord", stub, EraseRecord);
+    MEDGATE_CALL("ops ErasePatientRecords", stub, ErasePatientRecords);
+    UploadSpec spec;
+    spec.patient_id = "pt_x";
+    spec.content = "x";
+    results.emplace_back("ops UploadRecord", Upload(pki_->ops(), spec));
   }
 #undef MEDGATE_CALL
-  ASSERT_EQ(results.size(), 24u);
+  ASSERT_EQ(results.size(), 35u);
   for (const auto& [name, status] : results) {
     EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << name;
   }
