@@ -1073,6 +1073,59 @@ TEST_F(IngestTest, OnlyAssignedDevicesMayStreamAndOnlyDevicesMayStream) {
   EXPECT_EQ(Count("fr-1", "tenant_id = 'globex'"), 0);
 }
 
+// Device ids are a tenant's own: another tenant's device of the same id is not the one assigned,
+// and writes for nobody; the tenant's own device of that id writes for its patient.
+TEST_F(IngestTest, ADeviceOfAnotherTenantWithTheSameIdWritesForNobody) {
+  const std::string patient = MonitoredPatientWithDevice("same-id-fr", "FR", "dev-same-id");
+  const std::string of_patient = absl::StrCat("patient_id = '", patient, "'");
+  auto globex = Ingest(Device("globex", "dev-same-id"));
+  DeviceStream theirs(*globex);
+  EXPECT_FALSE(theirs.Send(Batch(1, 1, 3)).has_value());
+  const grpc::Status refused = theirs.Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(refused.error_message(), HasSubstr("not assigned"));
+  EXPECT_EQ(Count("fr-1", of_patient), 0);
+
+  auto acme = Ingest(Device("acme", "dev-same-id"));
+  DeviceStream ours(*acme);
+  std::optional<v1::IngestAck> ack = ours.Send(Batch(1, 1, 3));
+  ASSERT_TRUE(ack.has_value());
+  EXPECT_EQ(ack->stored_count(), 3u);
+  EXPECT_TRUE(ours.Finish().ok());
+  EXPECT_EQ(Count("fr-1", of_patient), 3);
+  EXPECT_EQ(Count("fr-1", of_patient + " AND tenant_id = 'acme'"), 3);
+  for (const char* region : {"fr-1", "de-1", "eu-1"}) {
+    EXPECT_EQ(Count(region, "tenant_id = 'globex' AND device_id = 'dev-same-id'"), 0) << region;
+  }
+}
+
+// Only devices stream, only practitioners read: every other kind of identity is refused both.
+TEST_F(IngestTest, OnlyDevicesStreamAndOnlyPractitionersRead) {
+  const std::string patient = MonitoredPatientWithDevice("roles-fr", "FR", "dev-roles");
+  for (const TestCert* as : {&pki().practitioner(), &pki().ops(), &pki().service()}) {
+    auto stub = Ingest(*as);
+    DeviceStream stream(*stub);
+    stream.Write(Batch(1, 1, 1));
+    EXPECT_EQ(stream.Finish().error_code(), grpc::StatusCode::PERMISSION_DENIED)
+        << as->cert_path;
+  }
+  for (const TestCert* as : {&pki().app(), &pki().ops(), &pki().service()}) {
+    v1::ReadVitalsRequest read;
+    read.set_patient_id(patient);
+    read.set_purpose(v1::PURPOSE_CARE);
+    grpc::ClientContext context;
+    auto stub = Ingest(*as);
+    auto reader = stub->ReadVitals(&context, read);
+    v1::ReadVitalsResponse response;
+    int messages = 0;
+    while (reader->Read(&response)) ++messages;
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::PERMISSION_DENIED)
+        << as->cert_path;
+    EXPECT_EQ(messages, 0) << as->cert_path;
+  }
+  EXPECT_EQ(Count("fr-1", absl::StrCat("patient_id = '", patient, "'")), 0);
+}
+
 // A stream refused as it opens (a caller that may not stream, a device over its stream bound) and
 // cancelled by its client before the refusal is sent ends once: the service keeps serving.
 TEST_F(IngestTest, RefusedStreamsCancelledAtOnceLeaveTheServiceServing) {
