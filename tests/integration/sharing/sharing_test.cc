@@ -5107,6 +5107,20 @@ TEST_F(SharingTest, QueryAuditAnswersWhoAccessedThePatientsData) {
   ASSERT_TRUE(second.ok());
   ASSERT_EQ(second->entries_size(), 1);
   EXPECT_GT(second->entries(0).seq(), first->entries(0).seq());
+  // A token is the patient's: with another patient of the same log, the tenant's or another
+  // tenant's, it is refused rather than read from, and another tenant's caller learns nothing of
+  // the token's patient either.
+  const std::string other_patient = Place("who-saw-other", "DE");
+  const std::string globex_patient = Place("who-saw-globex", "DE", &pki_->globex_app());
+  for (const auto& [as, whose] :
+       {std::pair{&pki_->app(), other_patient}, std::pair{&pki_->globex_app(), globex_patient}}) {
+    v1::QueryAuditRequest reused = paged;
+    reused.set_patient_id(whose);
+    auto refused = QueryAudit(*as, reused);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << whose;
+    EXPECT_THAT(std::string(refused.status().message()), HasSubstr("page_token")) << whose;
+  }
+  EXPECT_EQ(QueryAudit(pki_->globex_app(), paged).status().code(), absl::StatusCode::kNotFound);
 
   // The query itself is audited; whole logs are for ops.
   EXPECT_GE(
