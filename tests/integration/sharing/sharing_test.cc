@@ -2565,6 +2565,18 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
   EXPECT_TRUE(HasEntry(PatientAudit(patient), initech, v1::AUDIT_ACTION_CREATE, record,
                        "SHARER_OF_ANOTHER_TENANT"));
   EXPECT_EQ(Erase(Cert("initech-p"), record).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(RevokeById(Cert("initech-p"), shared->grant_id()).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(RevokeByGrantee(Cert("initech-p"), record, initech).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(Archive(Cert("initech-p"), record, ServerNow() + absl::Hours(1)).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(List(Cert("initech-p"), v1::RECORD_SCOPE_PATIENT, patient).status().code(),
+            absl::StatusCode::kNotFound);
+  // What it may do, it still may: the record is listed as shared with it and downloads.
+  EXPECT_THAT(ListedIds(Cert("initech-p"), v1::RECORD_SCOPE_SHARED_WITH_ME),
+              ::testing::Contains(record));
+  EXPECT_TRUE(Download(Cert("initech-p"), record).status.ok());
 
   // Ops narrow LU's rule: the next read from DE is refused once the cached rule ages out.
   v1::PutResidencyRuleRequest put;
