@@ -2683,6 +2683,12 @@ TEST_F(SharingTest, CrossTenantMatrixHasZeroSuccesses) {
 TEST_F(SharingTest, DevicesServicesAppsAndOpsAreRefusedWhatTheyMayNotDo) {
   std::vector<std::pair<std::string, grpc::Status>> results;
   auto sharing = [&](const TestCert& cert) { return Stub(cert); };
+  auto upload = [](const TestCert& cert) {
+    UploadSpec spec;
+    spec.patient_id = "pt_x";
+    spec.content = "x";
+    return Upload(cert, spec);
+  };
 #define MEDGATE_CALL(name, stub, Rpc)                                    \
   {                                                                      \
     v1::Rpc##Request request;                                            \
@@ -2702,10 +2708,7 @@ TEST_F(SharingTest, DevicesServicesAppsAndOpsAreRefusedWhatTheyMayNotDo) {
     MEDGATE_CALL("QueryAudit", audit, QueryAudit);
     MEDGATE_CALL("VerifyChain", audit, VerifyChain);
     results.emplace_back("DownloadRecord", Download(*cert, "fr-1.x").status);
-    UploadSpec spec;
-    spec.patient_id = "pt_x";
-    spec.content = "x";
-    results.emplace_back("UploadRecord", Upload(*cert, spec));
+    results.emplace_back("UploadRecord", upload(*cert));
   }
   {
     auto stub = sharing(pki_->app());
@@ -2714,10 +2717,7 @@ TEST_F(SharingTest, DevicesServicesAppsAndOpsAreRefusedWhatTheyMayNotDo) {
     results.emplace_back("app DownloadRecord", Download(pki_->app(), "fr-1.x").status);
     MEDGATE_CALL("app RevokeShare", stub, RevokeShare);
     MEDGATE_CALL("app ArchiveRecord", stub, ArchiveRecord);
-    UploadSpec spec;
-    spec.patient_id = "pt_x";
-    spec.content = "x";
-    results.emplace_back("app UploadRecord", Upload(pki_->app(), spec));
+    results.emplace_back("app UploadRecord", upload(pki_->app()));
     auto audit = AuditStub(pki_->practitioner());
     MEDGATE_CALL("practitioner VerifyChain", audit, VerifyChain);
     auto app_audit = AuditStub(pki_->app());
@@ -2732,10 +2732,7 @@ TEST_F(SharingTest, DevicesServicesAppsAndOpsAreRefusedWhatTheyMayNotDo) {
     MEDGATE_CALL("ops ArchiveRecord", stub, ArchiveRecord);
     MEDGATE_CALL("ops EraseRecord", stub, EraseRecord);
     MEDGATE_CALL("ops ErasePatientRecords", stub, ErasePatientRecords);
-    UploadSpec spec;
-    spec.patient_id = "pt_x";
-    spec.content = "x";
-    results.emplace_back("ops UploadRecord", Upload(pki_->ops(), spec));
+    results.emplace_back("ops UploadRecord", upload(pki_->ops()));
   }
 #undef MEDGATE_CALL
   ASSERT_EQ(results.size(), 35u);
