@@ -28,7 +28,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "libs/crypto/sha256.h"
-#include "libs/identity/credentials.h"
+#include "libs/server/service_server.h"
 #include "medgate/v1/sharing.grpc.pb.h"
 #include "services/sharing/sharing_server.h"
 #include "tests/support/directory_services.h"
@@ -246,21 +246,14 @@ class ScriptedDownloads final : public v1::RecordSharing::Service {
 // medgate-ctl checks what it downloads against the header the stream began with (size_bytes,
 // sha256) and the stream's shape (one header, first), and writes --out only when all of it holds.
 TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
+  // Served as the sharing service is (its certificate, which medgate-ctl requires of it), on a
+  // port of its own; a configuration names that port as the sharing service's address.
   ScriptedDownloads scripted;
-  auto credentials = MakeServerCredentials(stack_->config().services.at("sharing").tls,
-                                           stack_->config().trust_domain);
-  ASSERT_TRUE(credentials.ok()) << credentials.status();
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", *credentials, &port);
-  builder.RegisterService(&scripted);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  ASSERT_NE(server, nullptr);
-  ASSERT_NE(port, 0);
-  // A configuration whose sharing address is the scripted server's (with the sharing service's
-  // certificate, which medgate-ctl requires of it).
+  ServiceServer server(stack_->config(), "sharing");
+  server.AddService(&scripted);
+  ASSERT_TRUE(server.Start().ok());
   const std::string config = stack_->dir() + "/ctl-scripted.yaml";
-  stack_->SetAddress("sharing", port);
+  stack_->SetAddress("sharing", server.port());
   const absl::Status config_written = stack_->WriteConfig(config);
   stack_->SetAddress("sharing", sharing_->port());
   ASSERT_TRUE(config_written.ok()) << config_written;
@@ -326,7 +319,7 @@ TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
     EXPECT_FALSE(std::filesystem::exists(dir + "/" + out));
     EXPECT_EQ(CountFiles(dir, out + ".partial"), 0);
   }
-  server->Shutdown();
+  server.Shutdown();
   std::filesystem::remove_all(dir);
 }
 
