@@ -300,19 +300,22 @@ class IngestTest : public ::testing::Test {
   }
 
   // Device SDK options for `cert` against the ingest server on `port` (the suite's by default),
-  // with a buffer file of its own that does not exist yet.
+  // with a buffer file of its own that does not exist yet. Buffer files and their lock files are
+  // in the suite's directory, removed with it.
   static device::DeviceOptions SdkOptions(const TestCert& cert, const std::string& buffer_tag,
                                           int port = 0) {
     device::DeviceOptions options;
     options.address = absl::StrCat("127.0.0.1:", port != 0 ? port : ingest_->port());
     options.tls = TlsConfig{cert.cert_path, cert.key_path, pki().ca_path(), 60};
     options.server_identity = pki().SpiffeId("/service/ingest");
-    options.buffer_path =
-        (std::filesystem::temp_directory_path() /
-         absl::StrCat("medgate-", buffer_tag, "-", getpid(), ".buffer"))
-            .string();
+    options.buffer_path = SuitePath(absl::StrCat("medgate-", buffer_tag, ".buffer"));
     std::filesystem::remove(options.buffer_path);
     return options;
+  }
+
+  // `name` in the suite's own directory (the stack's), which its teardown removes.
+  static std::string SuitePath(const std::string& name) {
+    return (std::filesystem::path(stack_->dir()) / name).string();
   }
 
   // `n` heart rates for the SDK to number (60 to 159 bpm).
@@ -2018,8 +2021,7 @@ TEST_F(IngestTest, TheSdkMovesItsSeqsAboveTheStoredOnesWhenItsBufferFileWasLost)
 TEST_F(IngestTest, TheSdkConnectsOnceItsCertificateFilesAppear) {
   std::string patient = MonitoredPatientWithDevice("sdk-late-cert", "FR", "dev-sdk-late-cert");
   TestCert cert = Device("acme", "dev-sdk-late-cert");
-  const std::filesystem::path dir =
-      std::filesystem::temp_directory_path() / ("medgate-sdk-certs-" + std::to_string(getpid()));
+  const std::filesystem::path dir = SuitePath("medgate-sdk-certs");
   std::filesystem::remove_all(dir);
   device::DeviceOptions options;
   options.address = absl::StrCat("127.0.0.1:", ingest_->port());
