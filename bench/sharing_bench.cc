@@ -560,9 +560,10 @@ int Main(int argc, char** argv) {
       for (const bool upload : {true, false}) {
         const Totals& t = results[size][key];
         const double ratio = (upload ? t.UploadMiBs() : t.DownloadMiBs()) / raw.UploadMiBs();
+        // Three decimals: a ratio just under 0.8 must not read as 0.80 beside "NOT met".
         absl::StrAppend(&verdicts, "\n  ", size, upload ? " uploads " : " downloads ", label,
                         ": ", ratio >= 0.8 ? "met" : "NOT met", " (",
-                        absl::StrFormat("%.2f", ratio), ")");
+                        absl::StrFormat("%.3f", ratio), ")");
       }
     }
   }

@@ -17,10 +17,12 @@ namespace medgate::ctl {
 namespace {
 
 constexpr char kUsageHead[] =
-    R"(usage: medgate-ctl --config FILE --identity NAME COMMAND [--flag value ...]
+    R"(usage: medgate-ctl --config FILE --identity NAME [--timeout SECONDS] COMMAND [--flag value ...]
 
   --identity NAME   use the certificate NAME.crt / NAME.key next to the configured CA
                     (the dev PKI has ops, app, practitioner, device and each service)
+  --timeout SECONDS give up on the call after this long, 1 to 86400 (default: 10;
+                    300 for upload-record and download-record; 600 for verify-chain)
 
 )";
 
@@ -33,7 +35,7 @@ value, a value given to a flag that takes none, an extra word) exits 2 before an
 constexpr char kRequestIdUsage[] = "                  [--request-id ID]   (an idempotency key)\n";
 
 // The flags every command takes, given before or after the command.
-constexpr absl::string_view kGlobalFlags[] = {"config", "identity"};
+constexpr absl::string_view kGlobalFlags[] = {"config", "identity", "timeout"};
 
 // The order of the usage's sections.
 constexpr absl::string_view kServices[] = {"routing", "consent", "sharing", "audit"};
@@ -74,7 +76,8 @@ const Command* FindCommand(absl::string_view name) {
 }
 
 std::string CommandUsage(const Command& command) {
-  return absl::StrCat("usage: medgate-ctl --config FILE --identity NAME ", command.name,
+  return absl::StrCat("usage: medgate-ctl --config FILE --identity NAME [--timeout SECONDS] ",
+                      command.name,
                       " [--flag value ...]\n", command.usage,
                       TakesRequestId(command) ? kRequestIdUsage : "");
 }
@@ -208,6 +211,13 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
       line.config_path = value;
     } else if (name == "identity") {
       line.identity = value;
+    } else if (name == "timeout") {
+      if (!ParseDecimal(value, kMaxTimeoutSeconds, &line.timeout_seconds) ||
+          line.timeout_seconds == 0) {
+        line.timeout_seconds = 0;
+        return refuse(absl::StrCat("--timeout: whole seconds from 1 to ", kMaxTimeoutSeconds,
+                                   ", not '", value, "'"));
+      }
     } else {
       line.flags[std::string(name)] = value;
     }

@@ -28,9 +28,15 @@ std::string Usage();
 
 // A command line as read: the flags hold only flags of `command` (names without the "--"); a
 // switch that was given holds "true".
+// The longest --timeout: a day.
+inline constexpr uint64_t kMaxTimeoutSeconds = 86400;
+
 struct CommandLine {
   std::string config_path;
   std::string identity;
+  // --timeout: the call's deadline in seconds from its start; 0 when not given (the command's
+  // own: 10 s, 300 s for uploads and downloads, 600 s for verify-chain).
+  uint64_t timeout_seconds = 0;
   const Command* command = nullptr;
   std::map<std::string, std::string> flags;
 };
@@ -38,8 +44,8 @@ struct CommandLine {
 // Reads argv[1..]. INVALID_ARGUMENT, with a message naming the flag or word at fault followed by
 // the command's usage (the whole usage when there is no known command), for an unknown command or
 // flag, a flag given twice, a value flag with no value (at the end, or before another --flag), a
-// switch given a value (`--allow-move false`), an extra word, or no --config, --identity or
-// command.
+// switch given a value (`--allow-move false`), an extra word, a --timeout that is not 1 to
+// kMaxTimeoutSeconds whole seconds, or no --config, --identity or command.
 absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& args);
 
 // A non-negative decimal integer of at most `max`: digits only (no sign, space or trailing junk).

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -38,6 +39,15 @@ namespace {
 
 using Flags = std::map<std::string, std::string>;
 
+// --timeout, set once by Run before any call: 0 leaves each command its own deadline.
+std::chrono::seconds g_timeout{0};
+
+// When a call started now gives up: after --timeout if given, else after `command_default`.
+std::chrono::system_clock::time_point Deadline(std::chrono::seconds command_default) {
+  return std::chrono::system_clock::now() +
+         (g_timeout.count() > 0 ? g_timeout : command_default);
+}
+
 std::vector<std::string> List(const Flags& flags, const std::string& name) {
   auto it = flags.find(name);
   if (it == flags.end() || it->second.empty()) return {};
@@ -70,7 +80,7 @@ template <typename Stub, typename Request, typename Response>
 int Call(grpc::Status (Stub::*rpc)(grpc::ClientContext*, const Request&, Response*), Stub& stub,
          const Request& request) {
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  context.set_deadline(Deadline(std::chrono::seconds(10)));
   Response response;
   return Print((stub.*rpc)(&context, request, &response), response);
 }
@@ -132,7 +142,7 @@ int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   if (!in) return Fail("--file: cannot read '" + path + "'");
 
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
+  context.set_deadline(Deadline(std::chrono::seconds(300)));
   v1::UploadRecordResponse response;
   auto writer = stub.UploadRecord(&context, &response);
   v1::UploadRecordRequest message;
@@ -228,7 +238,7 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
     }
   };
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
+  context.set_deadline(Deadline(std::chrono::seconds(300)));
   v1::DownloadRecordRequest request;
   request.set_record_id(Get(flags, "record"));
   request.set_break_glass_reason(Get(flags, "break-glass"));
@@ -296,6 +306,10 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   if (!status.ok() || !failure.empty()) std::remove(tmp_path.c_str());
   g_partial_path[0] = '\0';
   if (!failure.empty()) return Fail(failure);
+  if (!status.ok()) {
+    Print(status, header);
+    return Fail(absl::StrCat("nothing was written to '", out_path, "'"));
+  }
   return Print(status, header);
 }
 
@@ -335,7 +349,7 @@ int VerifyChain(v1::Audit::Stub& stub, const Flags& flags) {
   r.set_anchor_hash(hash);
   grpc::ClientContext context;
   // A whole log is walked entry by entry: a generous deadline.
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(600));
+  context.set_deadline(Deadline(std::chrono::seconds(600)));
   v1::VerifyChainResponse response;
   const int printed = Print(stub.VerifyChain(&context, r, &response), response);
   if (printed != 0) return printed;
@@ -351,6 +365,7 @@ int Run(int argc, char** argv) {
     std::fprintf(stderr, "error: %s", std::string(line.status().message()).c_str());
     return 2;
   }
+  g_timeout = std::chrono::seconds(line->timeout_seconds);
   const std::string command(line->command->name);
   const std::string service(line->command->service);
   const Flags& flags = line->flags;

@@ -217,23 +217,31 @@ TEST_F(CtlTest, UploadsAndDownloadsARecordAndLeavesNothingOfAFailedDownload) {
 }
 
 // A RecordSharing server that answers every download with the messages it was given, then OK:
-// streams the real service never sends, as something between it and the client might.
+// streams the real service never sends, as something between it and the client might. With
+// `stall`, it sends them and then nothing more until the client gives up (30 s at most).
 class ScriptedDownloads final : public v1::RecordSharing::Service {
  public:
-  void Script(std::vector<v1::DownloadRecordResponse> messages) {
+  void Script(std::vector<v1::DownloadRecordResponse> messages, bool stall = false) {
     std::lock_guard<std::mutex> lock(mu_);
     messages_ = std::move(messages);
+    stall_ = stall;
   }
 
-  grpc::Status DownloadRecord(grpc::ServerContext*, const v1::DownloadRecordRequest*,
+  grpc::Status DownloadRecord(grpc::ServerContext* context, const v1::DownloadRecordRequest*,
                               grpc::ServerWriter<v1::DownloadRecordResponse>* writer) override {
     std::vector<v1::DownloadRecordResponse> messages;
+    bool stall = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       messages = messages_;
+      stall = stall_;
     }
     for (const v1::DownloadRecordResponse& message : messages) {
       if (!writer->Write(message)) break;
+    }
+    if (stall) {
+      (void)test_support::PollUntil(absl::Now() + absl::Seconds(30),
+                                    [&] { return context->IsCancelled(); });
     }
     return grpc::Status::OK;
   }
@@ -241,6 +249,7 @@ class ScriptedDownloads final : public v1::RecordSharing::Service {
  private:
   std::mutex mu_;
   std::vector<v1::DownloadRecordResponse> messages_;
+  bool stall_ = false;
 };
 
 // medgate-ctl checks what it downloads against the header the stream began with (size_bytes,
@@ -319,6 +328,20 @@ TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
     EXPECT_FALSE(std::filesystem::exists(dir + "/" + out));
     EXPECT_EQ(CountFiles(dir, out + ".partial"), 0);
   }
+
+  // A stream that stops half way: medgate-ctl gives up at its --timeout (DEADLINE_EXCEEDED) and
+  // keeps nothing of what arrived. Without the flag it would wait 300 s; the server stalls 30 s at
+  // most, then ends the stream short, which fails otherwise.
+  scripted.Script({header(content.size(), sha), chunk(first)}, /*stall=*/true);
+  CtlRun stalled = test_support::RunShell(absl::StrCat(
+      MEDGATE_CTL_BINARY, " --config ", config, " --identity practitioner --timeout 1 "
+      "download-record --record fr-1.r-scripted --out ", dir, "/stalled.bin 2>&1"));
+  EXPECT_EQ(stalled.exit_code, 1) << stalled.output;
+  EXPECT_THAT(stalled.output, HasSubstr("DEADLINE_EXCEEDED"));
+  EXPECT_THAT(stalled.output, HasSubstr(absl::StrCat("nothing was written to '", dir,
+                                                     "/stalled.bin'")));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/stalled.bin"));
+  EXPECT_EQ(CountFiles(dir, "stalled.bin.partial"), 0);
   server.Shutdown();
   std::filesystem::remove_all(dir);
 }

@@ -11,6 +11,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 
 namespace medgate::ctl {
@@ -118,6 +119,34 @@ TEST(ParseCommandLineTest, RefusesAMissingOrUnknownCommand) {
   absl::StatusOr<CommandLine> no_identity = ParseCommandLine({"--config", "c", "list-regions"});
   ASSERT_FALSE(no_identity.ok());
   EXPECT_THAT(no_identity.status().message(), HasSubstr("--identity NAME is required"));
+}
+
+// --timeout is global: before or after the command, whole seconds from 1 to a day; without it
+// each command keeps its own deadline (0 here).
+TEST(ParseCommandLineTest, ReadsATimeoutOfWholeSeconds) {
+  absl::StatusOr<CommandLine> without = Parse("list-regions");
+  ASSERT_TRUE(without.ok()) << without.status();
+  EXPECT_EQ(without->timeout_seconds, 0u);
+  absl::StatusOr<CommandLine> after = Parse("download-record --record r --out o --timeout 900");
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->timeout_seconds, 900u);
+  EXPECT_THAT(after->flags, UnorderedElementsAre(Pair("record", "r"), Pair("out", "o")));
+  absl::StatusOr<CommandLine> before = Parse("--timeout 1 list-regions");
+  ASSERT_TRUE(before.ok()) << before.status();
+  EXPECT_EQ(before->timeout_seconds, 1u);
+  EXPECT_EQ(before->command->name, "list-regions");
+  absl::StatusOr<CommandLine> longest = Parse("list-regions --timeout 86400");
+  ASSERT_TRUE(longest.ok()) << longest.status();
+  EXPECT_EQ(longest->timeout_seconds, kMaxTimeoutSeconds);
+  for (const char* value : {"0", "-1", "86401", "5s", "1.5", "+3", "99999999999999999999999"}) {
+    EXPECT_THAT(Refusal(absl::StrCat("list-regions --timeout ", value)),
+                HasSubstr(absl::StrCat("--timeout: whole seconds from 1 to 86400, not '", value,
+                                       "'")))
+        << value;
+  }
+  EXPECT_THAT(Refusal("list-regions --timeout"), HasSubstr("--timeout needs a value"));
+  EXPECT_THAT(Refusal("list-regions --timeout 5 --timeout 6"), HasSubstr("--timeout given twice"));
+  EXPECT_THAT(Usage(), HasSubstr("--timeout SECONDS"));
 }
 
 TEST(ParseCommandLineTest, ARefusalEndsWithTheCommandsUsage) {
