@@ -26,11 +26,11 @@ const std::vector<Command>& Commands();
 // The whole usage text.
 std::string Usage();
 
-// A command line as read: the flags hold only flags of `command` (names without the "--"); a
-// switch that was given holds "true".
 // The longest --timeout: a day.
 inline constexpr uint64_t kMaxTimeoutSeconds = 86400;
 
+// A command line as read: the flags hold only flags of `command` (names without the "--"); a
+// switch that was given holds "true".
 struct CommandLine {
   std::string config_path;
   std::string identity;
