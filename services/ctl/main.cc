@@ -59,12 +59,16 @@ std::string Get(const Flags& flags, const std::string& name) {
   return it == flags.end() ? "" : it->second;
 }
 
+// A failed call as printed: "DATA_LOSS (15): record ... is damaged ..." (gRPC's codes are absl's).
+std::string StatusText(const grpc::Status& status) {
+  return absl::StrCat(
+      absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())), " (",
+      static_cast<int>(status.error_code()), "): ", status.error_message());
+}
+
 int Print(const grpc::Status& status, const google::protobuf::Message& response) {
   if (!status.ok()) {
-    // gRPC's codes are absl's: "error: DATA_LOSS (15): record ... is damaged ...".
-    std::fprintf(stderr, "error: %s (%d): %s\n",
-                 absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())).c_str(),
-                 static_cast<int>(status.error_code()), status.error_message().c_str());
+    std::fprintf(stderr, "error: %s\n", StatusText(status).c_str());
     return 1;
   }
   std::string json;
@@ -294,22 +298,21 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   }
   close(fd);
   std::string failure;
+  // A check that failed says more than the CANCELLED it ended the call with.
   if (!broken.empty()) {
     failure = absl::StrCat("record '", request.record_id(), "': ", broken,
                            "; nothing was written to '", out_path, "'");
-  } else if (status.ok() && !written) {
+  } else if (!status.ok()) {
+    failure = absl::StrCat(StatusText(status), "; nothing was written to '", out_path, "'");
+  } else if (!written) {
     failure = absl::StrCat("--out: writing '", tmp_path, "' failed: ", std::strerror(write_error));
-  } else if (status.ok() && std::rename(tmp_path.c_str(), out_path.c_str()) != 0) {
+  } else if (std::rename(tmp_path.c_str(), out_path.c_str()) != 0) {
     failure = absl::StrCat("--out: cannot rename '", tmp_path, "' to '", out_path, "': ",
                            std::strerror(errno));
   }
-  if (!status.ok() || !failure.empty()) std::remove(tmp_path.c_str());
+  if (!failure.empty()) std::remove(tmp_path.c_str());
   g_partial_path[0] = '\0';
   if (!failure.empty()) return Fail(failure);
-  if (!status.ok()) {
-    Print(status, header);
-    return Fail(absl::StrCat("nothing was written to '", out_path, "'"));
-  }
   return Print(status, header);
 }
 

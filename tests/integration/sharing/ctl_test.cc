@@ -40,7 +40,9 @@
 namespace medgate::sharing {
 namespace {
 
+using ::testing::EndsWith;
 using ::testing::HasSubstr;
+using ::testing::StartsWith;
 using test_support::ReadFile;
 
 constexpr char kKekHex[] = "5a1e6a0c3b2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7";
@@ -187,6 +189,7 @@ TEST_F(CtlTest, UploadsAndDownloadsARecordAndLeavesNothingOfAFailedDownload) {
                                                     dir, "/damaged.txt"));
   EXPECT_NE(damaged.exit_code, 0) << damaged.output;
   EXPECT_THAT(damaged.output, HasSubstr("DATA_LOSS"));
+  EXPECT_THAT(damaged.output, HasSubstr("nothing was written to '" + dir + "/damaged.txt'"));
   EXPECT_FALSE(std::filesystem::exists(dir + "/damaged.txt"));
   EXPECT_EQ(CountFiles(dir, "damaged.txt.partial"), 0);
   n.exec_params0(flip, record);  // flipped back
@@ -337,9 +340,11 @@ TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
       MEDGATE_CTL_BINARY, " --config ", config, " --identity practitioner --timeout 1 "
       "download-record --record fr-1.r-scripted --out ", dir, "/stalled.bin 2>&1"));
   EXPECT_EQ(stalled.exit_code, 1) << stalled.output;
-  EXPECT_THAT(stalled.output, HasSubstr("DEADLINE_EXCEEDED"));
-  EXPECT_THAT(stalled.output, HasSubstr(absl::StrCat("nothing was written to '", dir,
-                                                     "/stalled.bin'")));
+  // One error line: the call's status, and what became of --out.
+  EXPECT_THAT(stalled.output, StartsWith("error: DEADLINE_EXCEEDED (4): "));
+  EXPECT_THAT(stalled.output, EndsWith(absl::StrCat("; nothing was written to '", dir,
+                                                    "/stalled.bin'\n")));
+  EXPECT_EQ(stalled.output.find("error:", 1), std::string::npos) << stalled.output;
   EXPECT_FALSE(std::filesystem::exists(dir + "/stalled.bin"));
   EXPECT_EQ(CountFiles(dir, "stalled.bin.partial"), 0);
   server.Shutdown();
