@@ -2441,6 +2441,11 @@ TEST_F(SharingTest, ListingsShowOnlyWhatTheCallerMayRead) {
   auto contains = [](const std::vector<std::string>& ids, const std::string& id) {
     return std::find(ids.begin(), ids.end(), id) != ids.end();
   };
+  auto lists_none_of = [&](const std::vector<std::string>& ids,
+                           const std::vector<std::string>& left_out) {
+    return std::none_of(left_out.begin(), left_out.end(),
+                        [&](const std::string& id) { return contains(ids, id); });
+  };
   std::vector<std::string> before = all_pages(Cert("acme-p2"), v1::RECORD_SCOPE_SHARED_WITH_ME, "");
   for (const std::string& id : hidden) EXPECT_TRUE(contains(before, id)) << id;
   for (const std::string& id : shown) EXPECT_TRUE(contains(before, id)) << id;
@@ -2450,10 +2455,7 @@ TEST_F(SharingTest, ListingsShowOnlyWhatTheCallerMayRead) {
   // pages may straddle that moment (its first pages decided before, the others after), so it is
   // polled until no hidden record is listed, then a new listing must agree.
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    const std::vector<std::string> listed =
-        all_pages(Cert("acme-p2"), v1::RECORD_SCOPE_SHARED_WITH_ME, "");
-    return std::none_of(hidden.begin(), hidden.end(),
-                        [&](const std::string& id) { return contains(listed, id); });
+    return lists_none_of(all_pages(Cert("acme-p2"), v1::RECORD_SCOPE_SHARED_WITH_ME, ""), hidden);
   }));
   const std::vector<std::string> after =
       all_pages(Cert("acme-p2"), v1::RECORD_SCOPE_SHARED_WITH_ME, "");
@@ -2476,10 +2478,7 @@ TEST_F(SharingTest, ListingsShowOnlyWhatTheCallerMayRead) {
                      hidden_patient)[0]
           .c_str());
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    const std::vector<std::string> listed =
-        all_pages(pki_->practitioner(), v1::RECORD_SCOPE_MINE, "");
-    return std::none_of(hidden.begin(), hidden.end(),
-                        [&](const std::string& id) { return contains(listed, id); });
+    return lists_none_of(all_pages(pki_->practitioner(), v1::RECORD_SCOPE_MINE, ""), hidden);
   }));
   owned = all_pages(pki_->practitioner(), v1::RECORD_SCOPE_MINE, "");
   for (const std::string& id : hidden) EXPECT_FALSE(contains(owned, id)) << id;
