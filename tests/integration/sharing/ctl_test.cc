@@ -131,6 +131,16 @@ class CtlTest : public ::testing::Test {
     return output.substr(start, output.find('"', start) - start);
   }
 
+  // Writes to `path` the stack's configuration with the sharing service's address at `port` (a
+  // server the test runs in its place); the stack's own configuration is left as it was.
+  static bool WriteConfigWithSharingAt(int port, const std::string& path) {
+    stack_->SetAddress("sharing", port);
+    const absl::Status written = stack_->WriteConfig(path);
+    stack_->SetAddress("sharing", sharing_->port());
+    EXPECT_TRUE(written.ok()) << written;
+    return written.ok();
+  }
+
   // Files in `dir` whose name starts with `prefix`.
   static int CountFiles(const std::string& dir, const std::string& prefix) {
     int n = 0;
@@ -221,8 +231,11 @@ TEST_F(CtlTest, UploadsAndDownloadsARecordAndLeavesNothingOfAFailedDownload) {
 
 // A RecordSharing server that answers every download with the messages it was given, then OK:
 // streams the real service never sends, as something between it and the client might. With
-// `stall`, it sends them and then nothing more until the client gives up (30 s at most).
-class ScriptedDownloads final : public v1::RecordSharing::Service {
+// `stall`, it sends them and then nothing more until the client gives up. Its uploads (once their
+// header has arrived) and erasures always wait so. Each wait lasts 5 s at most and then ends the
+// call OK (an erasure's or upload's answer, a download short of its header's size): a client that
+// did not give up at its own deadline sees that, not DEADLINE_EXCEEDED.
+class ScriptedSharing final : public v1::RecordSharing::Service {
  public:
   void Script(std::vector<v1::DownloadRecordResponse> messages, bool stall = false) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -242,14 +255,32 @@ class ScriptedDownloads final : public v1::RecordSharing::Service {
     for (const v1::DownloadRecordResponse& message : messages) {
       if (!writer->Write(message)) break;
     }
-    if (stall) {
-      (void)test_support::PollUntil(absl::Now() + absl::Seconds(30),
-                                    [&] { return context->IsCancelled(); });
-    }
+    if (stall) WaitForTheClientToGiveUp(*context);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status UploadRecord(grpc::ServerContext* context,
+                            grpc::ServerReader<v1::UploadRecordRequest>* reader,
+                            v1::UploadRecordResponse* response) override {
+    v1::UploadRecordRequest header;
+    if (!reader->Read(&header)) return grpc::Status::OK;
+    WaitForTheClientToGiveUp(*context);
+    response->set_record_id("fr-1.r-scripted");
+    return grpc::Status::OK;
+  }
+
+  grpc::Status EraseRecord(grpc::ServerContext* context, const v1::EraseRecordRequest*,
+                           v1::EraseRecordResponse*) override {
+    WaitForTheClientToGiveUp(*context);
     return grpc::Status::OK;
   }
 
  private:
+  static void WaitForTheClientToGiveUp(grpc::ServerContext& context) {
+    (void)test_support::PollUntil(absl::Now() + absl::Seconds(5),
+                                  [&] { return context.IsCancelled(); });
+  }
+
   std::mutex mu_;
   std::vector<v1::DownloadRecordResponse> messages_;
   bool stall_ = false;
@@ -260,15 +291,12 @@ class ScriptedDownloads final : public v1::RecordSharing::Service {
 TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
   // Served as the sharing service is (its certificate, which medgate-ctl requires of it), on a
   // port of its own; a configuration names that port as the sharing service's address.
-  ScriptedDownloads scripted;
+  ScriptedSharing scripted;
   ServiceServer server(stack_->config(), "sharing");
   server.AddService(&scripted);
   ASSERT_TRUE(server.Start().ok());
   const std::string config = stack_->dir() + "/ctl-scripted.yaml";
-  stack_->SetAddress("sharing", server.port());
-  const absl::Status config_written = stack_->WriteConfig(config);
-  stack_->SetAddress("sharing", sharing_->port());
-  ASSERT_TRUE(config_written.ok()) << config_written;
+  ASSERT_TRUE(WriteConfigWithSharingAt(server.port(), config));
 
   const std::string dir = stack_->dir() + "/ctl-scripted";
   std::filesystem::create_directories(dir);
@@ -333,7 +361,7 @@ TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
   }
 
   // A stream that stops half way: medgate-ctl gives up at its --timeout (DEADLINE_EXCEEDED) and
-  // keeps nothing of what arrived. Without the flag it would wait 300 s; the server stalls 30 s at
+  // keeps nothing of what arrived. Without the flag it would wait 300 s; the server stalls 5 s at
   // most, then ends the stream short, which fails otherwise.
   scripted.Script({header(content.size(), sha), chunk(first)}, /*stall=*/true);
   CtlRun stalled = test_support::RunShell(absl::StrCat(
@@ -349,6 +377,42 @@ TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
   EXPECT_EQ(CountFiles(dir, "stalled.bin.partial"), 0);
   server.Shutdown();
   std::filesystem::remove_all(dir);
+}
+
+// --timeout bounds every kind of call, not only downloads: an erasure (a unary call, 10 s by
+// default) and an upload (300 s) that the server leaves unanswered end at the flag's deadline,
+// with DEADLINE_EXCEEDED. The server answers them OK after 5 s, so a call that waited for its
+// command's own deadline instead would succeed.
+TEST_F(CtlTest, TheTimeoutBoundsUnaryCallsAndUploads) {
+  ScriptedSharing scripted;
+  ServiceServer server(stack_->config(), "sharing");
+  server.AddService(&scripted);
+  ASSERT_TRUE(server.Start().ok());
+  const std::string config = stack_->dir() + "/ctl-timeout.yaml";
+  ASSERT_TRUE(WriteConfigWithSharingAt(server.port(), config));
+  const std::string file = stack_->dir() + "/ctl-timeout.txt";
+  {
+    std::ofstream out(file, std::ios::binary);
+    out << "a note the server never answers for";
+  }
+  const struct {
+    const char* name;
+    std::string arguments;
+  } kCalls[] = {
+      {"erase-record", "erase-record --record fr-1.r-scripted --reason timeout-test"},
+      {"upload-record", absl::StrCat("upload-record --patient fr-1.p-scripted --kind document "
+                                     "--file ", file)},
+  };
+  for (const auto& call : kCalls) {
+    SCOPED_TRACE(call.name);
+    CtlRun run = test_support::RunShell(absl::StrCat(MEDGATE_CTL_BINARY, " --config ", config,
+                                                     " --identity practitioner --timeout 1 ",
+                                                     call.arguments, " 2>&1"));
+    EXPECT_EQ(run.exit_code, 1) << run.output;
+    EXPECT_THAT(run.output, StartsWith("error: DEADLINE_EXCEEDED (4): ")) << run.output;
+  }
+  server.Shutdown();
+  std::filesystem::remove(file);
 }
 
 // A file is sent a chunk at a time: uploading one of 64 MiB keeps medgate-ctl's memory far below
