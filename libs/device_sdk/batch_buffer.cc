@@ -29,6 +29,8 @@ constexpr uint8_t kChecked = 0x80;
 constexpr size_t kHeader = 5;          // [u32 length][u8 type]
 constexpr size_t kCheckedHeader = 13;  // ... [u32 header sum][u32 payload sum]
 constexpr uint32_t kMaxRecord = 64 << 20;
+// The unit a disk writes whole: a write torn by a power loss leaves whole sectors unwritten.
+constexpr uint64_t kSector = 512;
 constexpr size_t kRewriteAfterAcks = 1024;
 
 std::string U64(uint64_t v) {
@@ -82,6 +84,17 @@ bool WriteAt(int fd, const std::string& data, uint64_t offset) {
     done += static_cast<size_t>(n);
   }
   return true;
+}
+
+// Whether `payload`, whose last byte is the file's last (the file ends at offset `end`), ends in
+// zeros from the start of a disk sector on: the sectors of a write torn by a power loss that never
+// reached the disk read as zeros once the file had grown.
+bool EndsInUnwrittenSectors(const std::string& payload, uint64_t end) {
+  size_t zeros = 0;
+  while (zeros < payload.size() && payload[payload.size() - 1 - zeros] == 0) ++zeros;
+  if (zeros == 0) return false;
+  const uint64_t first_zero = end - zeros;
+  return (first_zero + kSector - 1) / kSector * kSector < end;
 }
 
 }  // namespace
@@ -216,13 +229,15 @@ absl::StatusOr<bool> BatchBuffer::Load() {
       break;  // a torn last record (with sums: its length is the one written)
     }
     if (checked && ReadU32(header + kHeader + 4) != Sum(payload)) {
-      // A last record whose payload is zeros, though its length is right: the write was torn
-      // after the file grew (a filesystem may show the new blocks zeroed after a power loss). A
-      // torn tail like a short one, not damage: nothing follows it to keep aside. Other bytes
-      // there (a record damaged after it was written whole) are damage.
-      if (file_size >= 0 &&
-          loaded_bytes_ + header_size + length == static_cast<uint64_t>(file_size) &&
-          std::all_of(payload.begin(), payload.end(), [](char b) { return b == 0; })) {
+      // A last record whose payload is zeros, or ends in zeroed sectors, though its length is
+      // right: the write was torn after the file grew (a filesystem may show the blocks that did
+      // not reach the disk zeroed after a power loss). A torn tail like a short one, not damage:
+      // nothing follows it to keep aside. Other bytes there (a record damaged after it was
+      // written whole) are damage.
+      const uint64_t end = loaded_bytes_ + header_size + length;
+      if (file_size >= 0 && end == static_cast<uint64_t>(file_size) &&
+          (std::all_of(payload.begin(), payload.end(), [](char b) { return b == 0; }) ||
+           EndsInUnwrittenSectors(payload, end))) {
         torn_last_record_ = true;
         break;
       }
@@ -249,6 +264,23 @@ absl::StatusOr<bool> BatchBuffer::Load() {
     }
     checked_seen = checked_seen || checked;
     loaded_bytes_ += header_size + length;
+  }
+  if (!readable) {
+    // Nothing but zeros from the record that failed to the end: a last record torn before any
+    // of it, its header included, reached the disk (the file grew; its blocks did not). No
+    // record is all zeros (no record type is 0), so no record is lost there.
+    if (std::fseek(in, static_cast<long>(loaded_bytes_), SEEK_SET) != 0) return read_error();
+    bool zeros = true;
+    char chunk[1 << 16];
+    size_t n = 0;
+    while (zeros && (n = std::fread(chunk, 1, sizeof(chunk), in)) > 0) {
+      zeros = std::all_of(chunk, chunk + n, [](char b) { return b == 0; });
+    }
+    if (std::ferror(in)) return read_error();
+    if (zeros) {
+      readable = true;
+      torn_last_record_ = true;
+    }
   }
   std::fclose(in);
   if (!readable) RETURN_IF_ERROR(KeepDamagedCopy());
@@ -428,7 +460,11 @@ bool BatchBuffer::Forget(uint64_t batch_seq) {
 absl::Status BatchBuffer::Ack(uint64_t batch_seq) {
   if (!Forget(batch_seq)) return absl::OkStatus();  // already acked
   if (absl::Status s = Append(kAck, U64(batch_seq)); !s.ok()) return s;
-  if (++acked_since_rewrite_ < kRewriteAfterAcks) return absl::OkStatus();
+  // A small bound compacts sooner: the file holds at most as many acked batches as unacked ones
+  // (max_batches), whatever the batches' size.
+  if (++acked_since_rewrite_ < std::min(kRewriteAfterAcks, std::max<size_t>(max_batches_, 1))) {
+    return absl::OkStatus();
+  }
   absl::Status compacted = Rewrite();
   // The ack is durable already. A compaction that left the file as it was (no room for the new
   // one) is tried again after as many acks; one whose rename is not durable yet stops appends

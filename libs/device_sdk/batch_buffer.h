@@ -19,11 +19,12 @@ namespace medgate::device {
 // set. Files written before the sums ([u32 length][u8 type][payload]) are still read, and
 // rewritten with them when opened. Types: a sealed batch (VitalsBatch), an ack of a batch_seq, and
 // the counters (next sample seq, next batch seq) written when the file is compacted. A torn last
-// record (power loss mid-write: its header or payload runs past the end of the file, or its
-// payload, of the right length, is zeros) is ignored on load; any other record whose sums do not
-// match is damage. A write that fails leaves nothing of its
-// record behind, so a failure never hides the records appended after it. One process at a time
-// has a file: the buffer holds an flock on "<path>.lock" while it lives.
+// record (power loss mid-write: its header or payload runs past the end of the file; its payload,
+// of the right length, is zeros or ends in zeroed sectors; or the file is zeros from the record's
+// start to its end) is ignored on load; any other record whose sums do not match is damage. A
+// write that fails leaves nothing of its record behind, so a failure never hides the records
+// appended after it. One process at a time has a file: the buffer holds an flock on
+// "<path>.lock" while it lives.
 class BatchBuffer {
  public:
   // Opens (creating if missing) and replays `path`; compacts it to the unacked batches. A file
@@ -44,9 +45,11 @@ class BatchBuffer {
   // Assigns the next batch_seq and sample seqs to `batch`, and makes it durable (fsync).
   // RESOURCE_EXHAUSTED when max_batches are already waiting for acks.
   absl::StatusOr<uint64_t> Seal(v1::VitalsBatch batch);
-  // Records the ack of `batch_seq` (the batch leaves the buffer). Every 1,024 acks the file is
-  // compacted; a compaction that fails keeps the file it had, is counted (compaction_failures())
-  // and tried again 1,024 acks later; the ack is recorded all the same. An error after the ack
+  // Records the ack of `batch_seq` (the batch leaves the buffer). Every 1,024 acks, or every
+  // max_batches acks when that is fewer, the file is compacted: it holds at most max_batches
+  // acked batches besides the unacked ones. A compaction that fails keeps the file it had, is
+  // counted (compaction_failures()) and tried again as many acks later; the ack is recorded all
+  // the same. An error after the ack
   // is recorded comes from a compaction whose rename could not be made durable.
   absl::Status Ack(uint64_t batch_seq);
 

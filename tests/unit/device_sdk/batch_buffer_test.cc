@@ -443,8 +443,28 @@ TEST_F(BatchBufferTest, IsBoundedAndToleratesATornTail) {
   }
 }
 
-// Power lost after the file grew but before the last record's payload reached the disk: the
-// record has its length but not its bytes (zeros here). A torn tail too, not damage: nothing is
+// Acked batches leave the file at its compactions, which come sooner for a small bound: a file of
+// at most 2 batches waiting holds, besides them, at most 2 acked ones however many were acked.
+TEST_F(BatchBufferTest, TheFileHoldsNoMoreAckedBatchesThanItsBound) {
+  auto buffer = BatchBuffer::Open(path_, 2);
+  ASSERT_TRUE(buffer.ok());
+  const uintmax_t empty = std::filesystem::file_size(path_);
+  absl::StatusOr<uint64_t> first = (*buffer)->Seal(Samples(500));
+  ASSERT_TRUE(first.ok());
+  const uintmax_t batch = std::filesystem::file_size(path_) - empty;
+  ASSERT_TRUE((*buffer)->Ack(*first).ok());
+  for (int i = 0; i < 50; ++i) {
+    absl::StatusOr<uint64_t> sealed = (*buffer)->Seal(Samples(500));
+    ASSERT_TRUE(sealed.ok());
+    ASSERT_TRUE((*buffer)->Ack(*sealed).ok());
+    EXPECT_LE(std::filesystem::file_size(path_), empty + 3 * batch) << i;
+  }
+  EXPECT_TRUE((*buffer)->pending().empty());
+}
+
+// Power lost after the file grew but before the whole last record reached the disk: the blocks
+// that did not read as zeros. Whether none of the record arrived (its header zeros too), none of
+// its payload, or only the payload's first sectors, it is a torn tail, not damage: nothing is
 // copied aside, and the buffer opens even with no room to compact it (a full disk); its seqs go
 // on from first_seq at least, as the record's may have been given out.
 TEST_F(BatchBufferTest, ALastRecordOfTheRightLengthButNotWholeIsATornTail) {
@@ -455,42 +475,58 @@ TEST_F(BatchBufferTest, ALastRecordOfTheRightLengthButNotWholeIsATornTail) {
     ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
     ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
     whole = std::filesystem::file_size(path_);
-    ASSERT_TRUE((*buffer)->Seal(Samples(5)).ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(300)).ok());  // over 2 KiB: several sectors
   }
-  std::string bytes = Bytes(path_);
+  const std::string written = Bytes(path_);
   constexpr size_t kCheckedHeader = 13;  // length, type, and the two sums
-  for (size_t i = whole + kCheckedHeader; i < bytes.size(); ++i) bytes[i] = 0;
-  {
-    std::ofstream out(path_, std::ios::binary | std::ios::trunc);
-    out << bytes;
+  constexpr size_t kSector = 512;
+  const size_t second_sector = (whole + kCheckedHeader + kSector) / kSector * kSector;
+  ASSERT_LT(second_sector + kSector, written.size());
+  const struct {
+    const char* name;
+    size_t zeros_from;
+  } kTorn[] = {
+      {"nothing of the record", whole},
+      {"its header alone", whole + kCheckedHeader},
+      {"its payload's first sectors", second_sector},
+  };
+  for (const auto& torn : kTorn) {
+    SCOPED_TRACE(torn.name);
+    std::string bytes = written;
+    for (size_t i = torn.zeros_from; i < bytes.size(); ++i) bytes[i] = 0;
+    {
+      std::ofstream out(path_, std::ios::binary | std::ios::trunc);
+      out << bytes;
+    }
+    // No room for a compacted copy, nor for a copy of the file aside.
+    std::signal(SIGXFSZ, SIG_IGN);
+    rlimit saved;
+    ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &saved), 0);
+    rlimit limited = saved;
+    limited.rlim_cur = 16;
+    ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limited), 0);
+    auto reopened = BatchBuffer::Open(path_, 10, /*first_seq=*/1000);
+    setrlimit(RLIMIT_FSIZE, &saved);
+    std::signal(SIGXFSZ, SIG_DFL);
+    ASSERT_TRUE(reopened.ok()) << reopened.status();
+    EXPECT_TRUE((*reopened)->damaged_copy().empty()) << (*reopened)->damaged_copy();
+    EXPECT_EQ((*reopened)->pending().size(), 2u);
+    EXPECT_EQ((*reopened)->next_seq(), 1000u);
+    // Appends go on past the torn record; reopened, the file has the two batches and the new one.
+    absl::StatusOr<uint64_t> later = (*reopened)->Seal(Samples(1));
+    ASSERT_TRUE(later.ok()) << later.status();
+    reopened->reset();
+    auto again = BatchBuffer::Open(path_, 10);
+    ASSERT_TRUE(again.ok()) << again.status();
+    ASSERT_EQ((*again)->pending().size(), 3u);
+    EXPECT_EQ((*again)->pending().back().samples(0).seq(), 1000u);
+    EXPECT_TRUE((*again)->damaged_copy().empty());
   }
-  // No room for a compacted copy, nor for a copy of the file aside.
-  std::signal(SIGXFSZ, SIG_IGN);
-  rlimit saved;
-  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &saved), 0);
-  rlimit limited = saved;
-  limited.rlim_cur = 16;
-  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limited), 0);
-  auto reopened = BatchBuffer::Open(path_, 10, /*first_seq=*/1000);
-  setrlimit(RLIMIT_FSIZE, &saved);
-  std::signal(SIGXFSZ, SIG_DFL);
-  ASSERT_TRUE(reopened.ok()) << reopened.status();
-  EXPECT_TRUE((*reopened)->damaged_copy().empty()) << (*reopened)->damaged_copy();
-  EXPECT_EQ((*reopened)->pending().size(), 2u);
-  EXPECT_EQ((*reopened)->next_seq(), 1000u);
-  // Appends go on past the torn record; reopened, the file has the two batches and the new one.
-  absl::StatusOr<uint64_t> later = (*reopened)->Seal(Samples(1));
-  ASSERT_TRUE(later.ok()) << later.status();
-  reopened->reset();
-  auto again = BatchBuffer::Open(path_, 10);
-  ASSERT_TRUE(again.ok()) << again.status();
-  ASSERT_EQ((*again)->pending().size(), 3u);
-  EXPECT_EQ((*again)->pending().back().samples(0).seq(), 1000u);
-  EXPECT_TRUE((*again)->damaged_copy().empty());
 }
 
-// A last record of the right length with other bytes than it was written with, not zeros (damaged
-// after it was written whole): damage, kept aside, not dropped as a torn tail.
+// A last record of the right length with other bytes than it was written with, not zeros where a
+// torn write leaves them (damaged after it was written whole): damage, kept aside, not dropped as
+// a torn tail. So is one whose zeroed sector is followed by bytes that did reach the disk.
 TEST_F(BatchBufferTest, ALastRecordDamagedAfterItWasWrittenIsKeptAside) {
   uintmax_t whole = 0;
   {
@@ -498,21 +534,31 @@ TEST_F(BatchBufferTest, ALastRecordDamagedAfterItWasWrittenIsKeptAside) {
     ASSERT_TRUE(buffer.ok());
     ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
     whole = std::filesystem::file_size(path_);
-    ASSERT_TRUE((*buffer)->Seal(Samples(5)).ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(300)).ok());
   }
-  std::string bytes = Bytes(path_);
+  const std::string written = Bytes(path_);
   constexpr size_t kCheckedHeader = 13;
-  bytes[whole + kCheckedHeader + 2] ^= 0x40;
-  {
-    std::ofstream out(path_, std::ios::binary | std::ios::trunc);
-    out << bytes;
+  constexpr size_t kSector = 512;
+  const size_t second_sector = (whole + kCheckedHeader + kSector) / kSector * kSector;
+  ASSERT_LT(second_sector + kSector, written.size());
+  std::string flipped = written;
+  flipped[whole + kCheckedHeader + 2] ^= 0x40;
+  std::string zeroed_inside = written;
+  for (size_t i = second_sector; i < second_sector + kSector; ++i) zeroed_inside[i] = 0;
+  for (const std::string& bytes : {flipped, zeroed_inside}) {
+    {
+      std::ofstream out(path_, std::ios::binary | std::ios::trunc);
+      out << bytes;
+    }
+    auto reopened = BatchBuffer::Open(path_, 10, /*first_seq=*/1000);
+    ASSERT_TRUE(reopened.ok()) << reopened.status();
+    EXPECT_FALSE((*reopened)->damaged_copy().empty());
+    EXPECT_EQ((*reopened)->pending().size(), 1u);
+    EXPECT_EQ((*reopened)->next_seq(), 1000u);
+    std::filesystem::remove((*reopened)->damaged_copy());
+    reopened->reset();
+    std::filesystem::remove(path_);
   }
-  auto reopened = BatchBuffer::Open(path_, 10, /*first_seq=*/1000);
-  ASSERT_TRUE(reopened.ok()) << reopened.status();
-  EXPECT_FALSE((*reopened)->damaged_copy().empty());
-  EXPECT_EQ((*reopened)->pending().size(), 1u);
-  EXPECT_EQ((*reopened)->next_seq(), 1000u);
-  std::filesystem::remove((*reopened)->damaged_copy());
 }
 
 // Every record was written as [u32 length][u8 type][payload] before records had sums: such a
