@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -34,13 +35,15 @@ namespace {
 constexpr char kUsage[] = R"(usage: medgate-devsim --config FILE [--tenant demo] [--devices 20] [--rate 5]
                      [--duration 10] [--batch 10] [--state DIR]
   Simulates --devices devices of --tenant, each sending --rate heart-rate samples per second in
-  batches of --batch, for --duration seconds. On first use it issues device certificates from the
-  dev CA next to the configured CA; on every start it places one patient per device, assigns the
-  device and records REMOTE_MONITORING consent (as the tenant's app; all idempotent). Certificates
-  and buffers live under --state (default <config dir>/devsim)/<trust domain>/<tenant>. Prints a
-  progress line every second and a summary at the end; exits 1 unless every sample was acked
-  and stored (the simulated samples are all valid: a rejection, e.g. for want of consent, means
-  the stack is not working as it should, and the reasons are printed).
+  batches of --batch, for --duration seconds. On first use it issues, from the dev CA next to the
+  configured CA, the devices' certificates and an app certificate of --tenant
+  (spiffe://<trust domain>/tenant/<tenant>/app/devsim); on every start it places one patient per
+  device, assigns the device and records REMOTE_MONITORING consent, as that app (all
+  idempotent). Certificates and buffers live under --state (default <config dir>/devsim)/<trust
+  domain>/<tenant>. Prints a progress line every second and a summary at the end; exits 1 unless
+  every sample was acked and stored (the simulated samples are all valid: a rejection, e.g. for
+  want of consent, means the stack is not working as it should, and the reasons are printed, as
+  is the last stream error of devices left with unacked batches).
 )";
 
 // Digits only (no sign, space or trailing junk), within an int.
@@ -83,6 +86,26 @@ std::unique_ptr<Stub> Connect(const ServiceEndpoint& service, const TlsConfig& t
     return nullptr;
   }
   return std::make_unique<Stub>(*channel);
+}
+
+// `name`'s certificate and key in `dir`, for spiffe://<trust domain>`path`: issued by the dev CA
+// on first use, kept for the next runs. Nothing when they cannot be issued (said on stderr).
+std::optional<TlsConfig> Certificate(const devpki::Credential& ca, const std::string& dir,
+                                     const std::string& name, const MedgateConfig& config,
+                                     const std::string& path) {
+  const std::string cert = absl::StrCat(dir, "/", name, ".crt");
+  const std::string key = absl::StrCat(dir, "/", name, ".key");
+  if (!std::filesystem::exists(cert) || !std::filesystem::exists(key)) {
+    devpki::LeafOptions leaf;
+    leaf.common_name = name;
+    leaf.uri_sans = {absl::StrCat("spiffe://", config.trust_domain, path)};
+    absl::StatusOr<devpki::Credential> issued = devpki::IssueLeaf(ca, leaf);
+    if (!issued.ok() || !issued->WriteFiles(cert, key).ok()) {
+      std::fprintf(stderr, "cannot issue a certificate for %s\n", name.c_str());
+      return std::nullopt;
+    }
+  }
+  return TlsConfig{cert, key, config.ca_path, 60};
 }
 
 // Each enrolment call may take this long.
@@ -148,11 +171,10 @@ int Run(const Args& args) {
       ? (std::filesystem::path(args.config).parent_path() / "devsim").string() : args.state;
   absl::StatusOr<devpki::Credential> ca = devpki::Credential::ReadFiles(pki + "/ca.crt", pki + "/ca.key");
   if (!ca.ok()) {
-    std::fprintf(stderr, "the dev CA is needed to issue device certificates: %s\n",
+    std::fprintf(stderr, "the dev CA is needed to issue device and app certificates: %s\n",
                  std::string(ca.status().message()).c_str());
     return 2;
   }
-  TlsConfig app{pki + "/app.crt", pki + "/app.key", config.ca_path, 60};
   auto ingest = config.Service("ingest");
   if (!ingest.ok()) {
     std::fprintf(stderr, "%s\n", std::string(ingest.status().message()).c_str());
@@ -175,25 +197,21 @@ int Run(const Args& args) {
                  "not used (the devices are now under %s); remove them once nothing there is "
                  "still to send\n", state.c_str(), state.c_str(), device_dir.c_str());
   }
+  // The devices are enrolled by an app of their own tenant: the routing service takes the
+  // tenant of a patient placed, or a device assigned, from the caller's certificate.
+  const std::optional<TlsConfig> app =
+      Certificate(*ca, device_dir, "app", config, absl::StrCat("/tenant/", args.tenant, "/app/devsim"));
+  if (!app) return 1;
   for (int i = 0; i < args.devices; ++i) {
     const std::string id = absl::StrCat("sim-", i);
-    const std::string cert = absl::StrCat(device_dir, "/", id, ".crt");
-    const std::string key = absl::StrCat(device_dir, "/", id, ".key");
-    if (!std::filesystem::exists(cert) || !std::filesystem::exists(key)) {
-      devpki::LeafOptions leaf;
-      leaf.common_name = id;
-      leaf.uri_sans = {absl::StrCat("spiffe://", config.trust_domain, "/tenant/", args.tenant, "/device/", id)};
-      absl::StatusOr<devpki::Credential> issued = devpki::IssueLeaf(*ca, leaf);
-      if (!issued.ok() || !issued->WriteFiles(cert, key).ok()) {
-        std::fprintf(stderr, "cannot issue a certificate for %s\n", id.c_str());
-        return 1;
-      }
-    }
-    if (!Enroll(config, app, id)) return 1;
+    const std::optional<TlsConfig> tls =
+        Certificate(*ca, device_dir, id, config, absl::StrCat("/tenant/", args.tenant, "/device/", id));
+    if (!tls) return 1;
+    if (!Enroll(config, *app, id)) return 1;
     device::DeviceOptions options;
     options.address = (*ingest)->address;
     options.server_identity = (*ingest)->identity;
-    options.tls = TlsConfig{cert, key, config.ca_path, 60};
+    options.tls = *tls;
     options.buffer_path = absl::StrCat(device_dir, "/", id, ".buffer");
     absl::StatusOr<std::unique_ptr<device::DeviceClient>> client = device::DeviceClient::Open(options);
     if (!client.ok()) {
@@ -278,9 +296,14 @@ int Run(const Args& args) {
               drained;
   }
   device::DeviceStats total;
+  // Devices left with unacked batches, by their last stream error: why they were not acked.
+  std::map<std::string, int> unacked_by_error;
   for (auto& d : devices) {
     d->Stop();
     device::DeviceStats s = d->stats();
+    if (d->pending() > 0) {
+      ++unacked_by_error[s.last_stream_error.empty() ? "none reported" : s.last_stream_error];
+    }
     total.batches_sent += s.batches_sent;
     total.batches_acked += s.batches_acked;
     total.samples_stored += s.samples_stored;
@@ -305,6 +328,10 @@ int Run(const Args& args) {
               static_cast<unsigned long long>(total.retries),
               static_cast<unsigned long long>(refused), pct(0.5), pct(0.99),
               drained ? "yes" : "no");
+  for (const auto& [error, n] : unacked_by_error) {
+    std::fprintf(stderr, "devsim: %d devices still have unacked batches; their last stream error: "
+                 "%s\n", n, error.c_str());
+  }
   if (refused > 0) {
     std::fprintf(stderr, "devsim: %llu samples were not taken by the device SDK: %s\n",
                  static_cast<unsigned long long>(refused), refused_why.c_str());

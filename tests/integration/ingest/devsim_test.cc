@@ -26,11 +26,13 @@ namespace {
 using ::testing::HasSubstr;
 using test_support::TestStack;
 
-// Rows stored for devsim's devices in `region`.
-int64_t StoredSamples(TestStack& stack, const std::string& region) {
+// Rows stored for devsim's devices of `tenant` in `region`.
+int64_t StoredSamples(TestStack& stack, const std::string& region,
+                      const std::string& tenant = "acme") {
   pqxx::connection c(stack.clusters().region(region).ConnectionString());
   pqxx::nontransaction n(c);
-  return n.exec1("SELECT count(*) FROM vitals WHERE tenant_id = 'acme' AND device_id LIKE 'sim-%'")[0]
+  return n.exec_params1("SELECT count(*) FROM vitals WHERE tenant_id = $1 AND device_id LIKE 'sim-%'",
+                        tenant)[0]
       .as<int64_t>();
 }
 
@@ -49,7 +51,8 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   stack.SetAddress("ingest", (*ingest)->port());
   const std::string config = stack.dir() + "/devsim.yaml";
   ASSERT_TRUE(stack.WriteConfig(config).ok());
-  // The test PKI's directory holds the dev CA and acme's app certificate, as a dev stack's does.
+  // The test PKI's directory holds the dev CA, as a dev stack's does: devsim issues its devices'
+  // certificates and its app's (acme's) from it.
   const std::string command =
       absl::StrCat(MEDGATE_DEVSIM_BINARY, " --config ", config,
                    " --tenant acme --devices 2 --rate 20 --duration 2 --batch 5 --state ",
@@ -98,6 +101,22 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   // The other device's samples were stored all the same.
   EXPECT_GT(StoredSamples(stack, "fr-1"), stored);
 
+  // Another tenant's devices are enrolled by an app of that tenant, which devsim issues itself:
+  // placed and assigned in acme (the tenant of the PKI's app certificate, which devsim once used),
+  // beta's devices were refused by ingest and their batches never acked.
+  ASSERT_TRUE(test_support::UpsertTenant(stack.pki(), (*directory)->routing().port(), "beta",
+                                         {"FR"}, true)
+                  .ok());
+  run = test_support::RunShell(absl::StrCat(MEDGATE_DEVSIM_BINARY, " --config ", config,
+                                            " --tenant beta --devices 2 --rate 20 --duration 1 "
+                                            "--batch 5 --state ",
+                                            stack.dir(), "/devsim 2>&1"));
+  EXPECT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("all_acked=yes"));
+  const int64_t beta_stored = StoredSamples(stack, "fr-1", "beta");
+  EXPECT_GT(beta_stored, 0);
+  EXPECT_THAT(run.output, HasSubstr(absl::StrCat("stored=", beta_stored)));
+
   // A flag at the end without its value is refused before anything runs (it used to be dropped,
   // and the fleet ran at the default rate).
   const int64_t before = StoredSamples(stack, "fr-1");
@@ -108,7 +127,16 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   EXPECT_THAT(run.output, HasSubstr("--rate needs a value"));
   EXPECT_THAT(run.output, ::testing::Not(HasSubstr("devsim summary")));
   EXPECT_EQ(StoredSamples(stack, "fr-1"), before);
+
+  // Ingest gone: the run ends after its 30 s drain with the batches unacked, and says why.
   (*ingest)->Shutdown();
+  run = test_support::RunShell(absl::StrCat(MEDGATE_DEVSIM_BINARY, " --config ", config,
+                                            " --tenant acme --devices 1 --duration 1 --state ",
+                                            stack.dir(), "/devsim 2>&1"));
+  EXPECT_EQ(run.exit_code, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("all_acked=no"));
+  EXPECT_THAT(run.output, HasSubstr("devsim: 1 devices still have unacked batches; their last "
+                                    "stream error: UNAVAILABLE"));
 }
 
 }  // namespace
