@@ -541,6 +541,12 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
         !ValidateIdentifier(parts[2], "page_token", kMaxDeviceIdBytes).ok()) {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "page_token: not a token we issued");
     }
+    // A token's position is a reading of its request's time range: one outside this request's
+    // (another request's token, or a forged time the shard could not even convert) is refused.
+    if (after_us < from_us - 1 || after_us >= to_us) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "page_token: not a token we issued for this time_range");
+    }
     after_device = parts[2];
   }
 

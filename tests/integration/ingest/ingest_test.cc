@@ -1822,6 +1822,15 @@ TEST_F(IngestTest, ReadVitalsReturnsLocationsOnlyWhileGeolocationPermitsTheReade
     EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << token;
     EXPECT_EQ(refused.error_message(), "page_token: not a token we issued");
   }
+  // Its position lies in the request's time range: a forged time far outside it (which the shard
+  // could not convert) is refused as the token it is, not as a database error.
+  for (const std::string& token : {std::string("-9223372036854775807|1|d"),
+                                   std::string("9223372036854775807|1|d")}) {
+    grpc::Status refused = read(token, &reading);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << token;
+    EXPECT_EQ(refused.error_message(), "page_token: not a token we issued for this time_range")
+        << token;
+  }
 }
 
 TEST_F(IngestTest, AShardDownLosesNoAckedSampleAndOtherRegionsKeepWorking) {
