@@ -131,14 +131,22 @@ class CtlTest : public ::testing::Test {
     return output.substr(start, output.find('"', start) - start);
   }
 
-  // Writes to `path` the stack's configuration with the sharing service's address at `port` (a
-  // server the test runs in its place); the stack's own configuration is left as it was.
-  static bool WriteConfigWithSharingAt(int port, const std::string& path) {
-    stack_->SetAddress("sharing", port);
+  // Starts `server` with `service` in the sharing service's place (its certificate, which
+  // medgate-ctl requires of it, on a port of its own) and writes a configuration naming that port
+  // as the sharing service's address, to `file` in the stack's directory: its path, or empty if
+  // either failed. The stack's own configuration is left as it was.
+  static std::string ServeInPlaceOfSharing(ServiceServer& server, grpc::Service& service,
+                                           const std::string& file) {
+    server.AddService(&service);
+    const absl::Status started = server.Start();
+    EXPECT_TRUE(started.ok()) << started;
+    if (!started.ok()) return "";
+    const std::string path = absl::StrCat(stack_->dir(), "/", file);
+    stack_->SetAddress("sharing", server.port());
     const absl::Status written = stack_->WriteConfig(path);
     stack_->SetAddress("sharing", sharing_->port());
     EXPECT_TRUE(written.ok()) << written;
-    return written.ok();
+    return written.ok() ? path : "";
   }
 
   // Files in `dir` whose name starts with `prefix`.
@@ -289,14 +297,10 @@ class ScriptedSharing final : public v1::RecordSharing::Service {
 // medgate-ctl checks what it downloads against the header the stream began with (size_bytes,
 // sha256) and the stream's shape (one header, first), and writes --out only when all of it holds.
 TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
-  // Served as the sharing service is (its certificate, which medgate-ctl requires of it), on a
-  // port of its own; a configuration names that port as the sharing service's address.
   ScriptedSharing scripted;
   ServiceServer server(stack_->config(), "sharing");
-  server.AddService(&scripted);
-  ASSERT_TRUE(server.Start().ok());
-  const std::string config = stack_->dir() + "/ctl-scripted.yaml";
-  ASSERT_TRUE(WriteConfigWithSharingAt(server.port(), config));
+  const std::string config = ServeInPlaceOfSharing(server, scripted, "ctl-scripted.yaml");
+  ASSERT_FALSE(config.empty());
 
   const std::string dir = stack_->dir() + "/ctl-scripted";
   std::filesystem::create_directories(dir);
@@ -386,10 +390,8 @@ TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
 TEST_F(CtlTest, TheTimeoutBoundsUnaryCallsAndUploads) {
   ScriptedSharing scripted;
   ServiceServer server(stack_->config(), "sharing");
-  server.AddService(&scripted);
-  ASSERT_TRUE(server.Start().ok());
-  const std::string config = stack_->dir() + "/ctl-timeout.yaml";
-  ASSERT_TRUE(WriteConfigWithSharingAt(server.port(), config));
+  const std::string config = ServeInPlaceOfSharing(server, scripted, "ctl-timeout.yaml");
+  ASSERT_FALSE(config.empty());
   const std::string file = stack_->dir() + "/ctl-timeout.txt";
   {
     std::ofstream out(file, std::ios::binary);
