@@ -280,6 +280,16 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
   }
   const bool ranged = start_seq > 1 || end_seq != 0;
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(log));
+  // Walks sent again and again (a schedule, its retries) must not take every connection of the
+  // log's database, which uploads and downloads need too.
+  const std::unique_ptr<BoundedCounts<std::string>::Slot> walking =
+      walks_.TryTake(LogName(log), kMaxChainWalksPerLog);
+  if (walking == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "a walk of log '", LogName(log), "' is already running on this server (",
+        kMaxChainWalksPerLog, " at a time: each holds one of the log's database connections for "
+        "as long as it reads); retry when it ends"));
+  }
   // Every walk that read the log is audited, concluded or not: ops read a log's entries either way.
   auto entry_for = [&](std::string reason) {
     audit::Entry e;

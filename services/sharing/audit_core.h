@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "libs/audit/audit_log.h"
+#include "libs/common/bounded_counts.h"
 #include "libs/pg/pool.h"
 #include "libs/pg/shard_set.h"
 #include "services/sharing/patient_directory.h"
@@ -71,6 +72,10 @@ std::pair<std::string, std::string> SplitReason(absl::string_view reason);
 // an index range scan reads in a few milliseconds.
 inline constexpr int64_t kMaxAuditScannedPerPage = 10000;
 
+// Walks of one log that a server runs at once: each holds one of the log's database connections,
+// and one snapshot, for as long as it reads (a whole-log walk reads every entry).
+inline constexpr int kMaxChainWalksPerLog = 1;
+
 class AuditCore {
  public:
   // `control` and `shards` must have been created with statements including
@@ -91,7 +96,8 @@ class AuditCore {
   // anchor, checks that its entry still has its hash; audited. A range checked against an anchor
   // must contain the anchor's entry and start at most one entry after it: entries between the
   // anchor and the range's start would be trusted unchecked. `cancelled` (the call's, say) stops
-  // a long walk with CANCELLED.
+  // a long walk with CANCELLED. A walk of a log that kMaxChainWalksPerLog walks are reading
+  // already is RESOURCE_EXHAUSTED.
   absl::StatusOr<ChainReport> Verify(const CallContext& ctx, const AuditLogRef& log,
                                      uint64_t start_seq, uint64_t end_seq,
                                      const ChainAnchor& anchor = {},
@@ -104,6 +110,7 @@ class AuditCore {
   const pg::ShardSet& shards_;
   PatientDirectory& directory_;
   const int64_t max_scanned_;
+  BoundedCounts<std::string> walks_;  // by log name
 };
 
 }  // namespace medgate::sharing

@@ -5573,6 +5573,43 @@ TEST_F(SharingTest, ACancelledVerifyChainStopsAndIsAuditedAsNotConcluded) {
   EXPECT_TRUE(verified->ok()) << verified->detail();
 }
 
+// A server walks a log once at a time (a walk holds one of the log's connections, and a snapshot,
+// for as long as it reads): a second walk of the same log meanwhile is refused, one of another log
+// goes ahead, and once the first has ended the log is walked again.
+TEST_F(SharingTest, AServerWalksALogOnceAtATime) {
+  Place("verify-once-1", "DE");
+  // The first walk's first read (the chain's head) waits behind this lock.
+  pqxx::connection locker(Db("de-1").ConnectionString());
+  pqxx::work lock(locker);
+  lock.exec0("LOCK TABLE audit_head IN ACCESS EXCLUSIVE MODE");
+  v1::VerifyChainRequest request;
+  request.mutable_log()->set_region_id("de-1");
+  grpc::ClientContext context;
+  v1::VerifyChainResponse first;
+  grpc::Status status;
+  std::thread call([&] { status = AuditStub(pki_->ops())->VerifyChain(&context, request, &first); });
+  const bool waiting = PollUntil(absl::Now() + kPatience, [&] {
+    return Count("de-1",
+                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                 "AND query LIKE '%audit_head%'") > 0;
+  });
+  absl::StatusOr<v1::VerifyChainResponse> second = Verify("de-1");
+  absl::StatusOr<v1::VerifyChainResponse> other = Verify("control");
+  lock.abort();
+  call.join();
+  ASSERT_TRUE(waiting);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted) << second.status();
+  EXPECT_THAT(std::string(second.status().message()),
+              HasSubstr("a walk of log 'de-1' is already running"));
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_TRUE(other->ok()) << other->detail();
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(first.ok()) << first.detail();
+  absl::StatusOr<v1::VerifyChainResponse> again = Verify("de-1");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->ok()) << again->detail();
+}
+
 TEST_F(SharingTest, VerifyChainLocatesATamperedEntry) {
   const std::string patient = Place("verify-1", "DE");
   UploadSpec spec;
