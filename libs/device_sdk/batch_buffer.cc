@@ -31,7 +31,14 @@ constexpr size_t kCheckedHeader = 13;  // ... [u32 header sum][u32 payload sum]
 constexpr uint32_t kMaxRecord = 64 << 20;
 // The unit a disk writes whole: a write torn by a power loss leaves whole sectors unwritten.
 constexpr uint64_t kSector = 512;
+// A torn append leaves at most one record unwritten: a batch of at most kMaxBatchBytes (one sealed
+// again after a seq restart may be a little larger). Zeros over more than this at the end of the
+// file are records lost after they were written: damage, reported, not a torn tail.
+constexpr uint64_t kMaxTornSpan = kCheckedHeader + 2 * kMaxBatchBytes;
+// Zeros at the end of a record that make it a torn one: fewer could end a damaged record by chance.
+constexpr size_t kMinTornZeros = 8;
 constexpr size_t kRewriteAfterAcks = 1024;
+constexpr size_t kRewriteAfterAcksAtLeast = 16;
 
 std::string U64(uint64_t v) {
   std::string out(8, '\0');
@@ -92,7 +99,7 @@ bool WriteAt(int fd, const std::string& data, uint64_t offset) {
 bool EndsInUnwrittenSectors(const std::string& payload, uint64_t end) {
   size_t zeros = 0;
   while (zeros < payload.size() && payload[payload.size() - 1 - zeros] == 0) ++zeros;
-  if (zeros == 0) return false;
+  if (zeros < kMinTornZeros) return false;
   const uint64_t first_zero = end - zeros;
   return (first_zero + kSector - 1) / kSector * kSector < end;
 }
@@ -265,19 +272,21 @@ absl::StatusOr<bool> BatchBuffer::Load() {
     checked_seen = checked_seen || checked;
     loaded_bytes_ += header_size + length;
   }
-  if (!readable) {
-    // Nothing but zeros from the record that failed to the end: a last record torn before any
-    // of it, its header included, reached the disk (the file grew; its blocks did not). No
-    // record is all zeros (no record type is 0), so no record is lost there.
-    if (std::fseek(in, static_cast<long>(loaded_bytes_), SEEK_SET) != 0) return read_error();
-    bool zeros = true;
-    char chunk[1 << 16];
-    size_t n = 0;
-    while (zeros && (n = std::fread(chunk, 1, sizeof(chunk), in)) > 0) {
-      zeros = std::all_of(chunk, chunk + n, [](char b) { return b == 0; });
+  if (!readable && file_size >= 0 &&
+      static_cast<uint64_t>(file_size) - loaded_bytes_ <= kMaxTornSpan) {
+    // Zeros from the first sector of the record that failed (or from its start) to the end, over
+    // no more than one record: a last record torn before more than that sector, its header
+    // included, reached the disk (the file grew; its blocks did not). Its header, cut by the
+    // sector's end or never written, could not be read.
+    std::string tail(static_cast<size_t>(file_size) - loaded_bytes_, '\0');
+    if (fseeko(in, static_cast<off_t>(loaded_bytes_), SEEK_SET) != 0 ||
+        std::fread(tail.data(), 1, tail.size(), in) != tail.size()) {
+      return read_error();
     }
-    if (std::ferror(in)) return read_error();
-    if (zeros) {
+    size_t written = tail.size();
+    while (written > 0 && tail[written - 1] == 0) --written;
+    const uint64_t first_sector_end = (loaded_bytes_ / kSector + 1) * kSector;
+    if (written < tail.size() && loaded_bytes_ + written <= first_sector_end) {
       readable = true;
       torn_last_record_ = true;
     }
@@ -460,9 +469,10 @@ bool BatchBuffer::Forget(uint64_t batch_seq) {
 absl::Status BatchBuffer::Ack(uint64_t batch_seq) {
   if (!Forget(batch_seq)) return absl::OkStatus();  // already acked
   if (absl::Status s = Append(kAck, U64(batch_seq)); !s.ok()) return s;
-  // A small bound compacts sooner: the file holds at most as many acked batches as unacked ones
-  // (max_batches), whatever the batches' size.
-  if (++acked_since_rewrite_ < std::min(kRewriteAfterAcks, std::max<size_t>(max_batches_, 1))) {
+  // A small bound compacts sooner: the file holds at most max(max_batches, 16) acked batches,
+  // whatever their size, and a bound of 1 or 2 does not rewrite the file at every ack.
+  if (++acked_since_rewrite_ <
+      std::min(kRewriteAfterAcks, std::max(max_batches_, kRewriteAfterAcksAtLeast))) {
     return absl::OkStatus();
   }
   absl::Status compacted = Rewrite();

@@ -14,6 +14,12 @@
 
 namespace medgate::device {
 
+// The largest batch DeviceClient::Send accepts: the API's bounds on samples and on a batch's
+// message size (proto/medgate/v1/ingest.proto). A larger batch buffered by an older SDK is refused
+// as a whole by the server (DeviceClient::OnRejected).
+inline constexpr size_t kMaxSamplesPerBatch = 1000;
+inline constexpr size_t kMaxBatchBytes = 256 << 10;
+
 // Records: [u32 length][u8 type][u32 header sum][u32 payload sum][payload], each sum the first
 // 4 bytes of the SHA-256 of the length and type, and of the payload; the type has its high bit
 // set. Files written before the sums ([u32 length][u8 type][payload]) are still read, and
@@ -21,7 +27,7 @@ namespace medgate::device {
 // the counters (next sample seq, next batch seq) written when the file is compacted. A torn last
 // record (power loss mid-write: its header or payload runs past the end of the file; its payload,
 // of the right length, is zeros or ends in zeroed sectors; or the file is zeros from the record's
-// start to its end) is ignored on load; any other record whose sums do not match is damage. A
+// first sector on, over no more than one batch) is ignored on load; any other record whose sums do not match is damage. A
 // write that fails leaves nothing of its record behind, so a failure never hides the records
 // appended after it. One process at a time has a file: the buffer holds an flock on
 // "<path>.lock" while it lives.
@@ -46,10 +52,10 @@ class BatchBuffer {
   // RESOURCE_EXHAUSTED when max_batches are already waiting for acks.
   absl::StatusOr<uint64_t> Seal(v1::VitalsBatch batch);
   // Records the ack of `batch_seq` (the batch leaves the buffer). Every 1,024 acks, or every
-  // max_batches acks when that is fewer, the file is compacted: it holds at most max_batches
-  // acked batches besides the unacked ones. A compaction that fails keeps the file it had, is
-  // counted (compaction_failures()) and tried again as many acks later; the ack is recorded all
-  // the same. An error after the ack
+  // max(max_batches, 16) acks when that is fewer, the file is compacted: it holds at most that
+  // many acked batches besides the unacked ones. A compaction that fails keeps the file it had,
+  // is counted (compaction_failures()) and tried again as many acks later; the ack is recorded
+  // all the same. An error after the ack
   // is recorded comes from a compaction whose rename could not be made durable.
   absl::Status Ack(uint64_t batch_seq);
 

@@ -22,12 +22,6 @@
 
 namespace medgate::device {
 
-// The largest batch Send accepts: the API's bounds on samples and on a batch's message size
-// (proto/medgate/v1/ingest.proto). A larger batch buffered by an older SDK is refused as a whole
-// by the server (OnRejected).
-inline constexpr size_t kMaxSamplesPerBatch = 1000;
-inline constexpr size_t kMaxBatchBytes = 256 << 10;
-
 struct DeviceOptions {
   std::string address;       // ingest host:port
   // The ingest service's SPIFFE id, which its certificate must carry (e.g.

@@ -444,8 +444,9 @@ TEST_F(BatchBufferTest, IsBoundedAndToleratesATornTail) {
 }
 
 // Acked batches leave the file at its compactions, which come sooner for a small bound: a file of
-// at most 2 batches waiting holds, besides them, at most 2 acked ones however many were acked.
-TEST_F(BatchBufferTest, TheFileHoldsNoMoreAckedBatchesThanItsBound) {
+// at most 2 batches waiting holds, besides them, at most 16 acked ones however many were acked
+// (at least 16: a bound of 1 or 2 does not rewrite the file at every ack).
+TEST_F(BatchBufferTest, TheFileHoldsABoundedNumberOfAckedBatches) {
   auto buffer = BatchBuffer::Open(path_, 2);
   ASSERT_TRUE(buffer.ok());
   const uintmax_t empty = std::filesystem::file_size(path_);
@@ -453,33 +454,43 @@ TEST_F(BatchBufferTest, TheFileHoldsNoMoreAckedBatchesThanItsBound) {
   ASSERT_TRUE(first.ok());
   const uintmax_t batch = std::filesystem::file_size(path_) - empty;
   ASSERT_TRUE((*buffer)->Ack(*first).ok());
-  for (int i = 0; i < 50; ++i) {
+  for (int i = 0; i < 60; ++i) {
     absl::StatusOr<uint64_t> sealed = (*buffer)->Seal(Samples(500));
     ASSERT_TRUE(sealed.ok());
     ASSERT_TRUE((*buffer)->Ack(*sealed).ok());
-    EXPECT_LE(std::filesystem::file_size(path_), empty + 3 * batch) << i;
+    // 16 batches and their acks at most (an ack's record is far smaller than a batch's).
+    EXPECT_LE(std::filesystem::file_size(path_), empty + 17 * batch) << i;
   }
   EXPECT_TRUE((*buffer)->pending().empty());
 }
 
 // Power lost after the file grew but before the whole last record reached the disk: the blocks
-// that did not read as zeros. Whether none of the record arrived (its header zeros too), none of
-// its payload, or only the payload's first sectors, it is a torn tail, not damage: nothing is
-// copied aside, and the buffer opens even with no room to compact it (a full disk); its seqs go
-// on from first_seq at least, as the record's may have been given out.
+// that did not read as zeros. Whether none of the record arrived (its header zeros too), only the
+// part of its header in the sector it starts in, none of its payload, or only the payload's first
+// sectors, it is a torn tail, not damage: nothing is copied aside, and the buffer opens even with
+// no room to compact it (a full disk); its seqs go on from first_seq at least, as the record's may
+// have been given out.
 TEST_F(BatchBufferTest, ALastRecordOfTheRightLengthButNotWholeIsATornTail) {
+  constexpr size_t kCheckedHeader = 13;  // length, type, and the two sums
+  constexpr size_t kSector = 512;
+  // Two batches, the second's code padded so that the third record starts 4 bytes before a
+  // sector's end: its header runs into the next sector.
   uintmax_t whole = 0;
-  {
+  std::string written;
+  for (size_t pad = 1; pad <= 2 * kSector && whole % kSector != kSector - 4; ++pad) {
+    std::filesystem::remove(path_);
     auto buffer = BatchBuffer::Open(path_, 10);
     ASSERT_TRUE(buffer.ok());
     ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
-    ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+    v1::VitalsBatch padded = Samples(1);
+    padded.mutable_samples(0)->set_loinc_code(std::string(pad, 'p'));
+    ASSERT_TRUE((*buffer)->Seal(padded).ok());
     whole = std::filesystem::file_size(path_);
     ASSERT_TRUE((*buffer)->Seal(Samples(300)).ok());  // over 2 KiB: several sectors
+    buffer->reset();
+    written = Bytes(path_);
   }
-  const std::string written = Bytes(path_);
-  constexpr size_t kCheckedHeader = 13;  // length, type, and the two sums
-  constexpr size_t kSector = 512;
+  ASSERT_EQ(whole % kSector, kSector - 4);
   const size_t second_sector = (whole + kCheckedHeader + kSector) / kSector * kSector;
   ASSERT_LT(second_sector + kSector, written.size());
   const struct {
@@ -487,6 +498,7 @@ TEST_F(BatchBufferTest, ALastRecordOfTheRightLengthButNotWholeIsATornTail) {
     size_t zeros_from;
   } kTorn[] = {
       {"nothing of the record", whole},
+      {"the part of its header in its first sector", whole + 4},
       {"its header alone", whole + kCheckedHeader},
       {"its payload's first sectors", second_sector},
   };
@@ -522,6 +534,30 @@ TEST_F(BatchBufferTest, ALastRecordOfTheRightLengthButNotWholeIsATornTail) {
     EXPECT_EQ((*again)->pending().back().samples(0).seq(), 1000u);
     EXPECT_TRUE((*again)->damaged_copy().empty());
   }
+}
+
+// Zeros at the end of the file over more than one batch are records lost after they were written,
+// not a torn append: damage, kept aside.
+TEST_F(BatchBufferTest, ZerosOverMoreThanOneRecordAreDamage) {
+  uintmax_t whole = 0;
+  {
+    auto buffer = BatchBuffer::Open(path_, 10);
+    ASSERT_TRUE(buffer.ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
+    whole = std::filesystem::file_size(path_);
+  }
+  {
+    std::ofstream out(path_, std::ios::binary | std::ios::app);
+    out << std::string(2 * kMaxBatchBytes + 4096, '\0');
+  }
+  auto reopened = BatchBuffer::Open(path_, 10, /*first_seq=*/1000);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  EXPECT_FALSE((*reopened)->damaged_copy().empty());
+  EXPECT_EQ((*reopened)->pending().size(), 1u);
+  EXPECT_EQ((*reopened)->next_seq(), 1000u);
+  EXPECT_EQ(std::filesystem::file_size((*reopened)->damaged_copy()),
+            whole + 2 * kMaxBatchBytes + 4096);
+  std::filesystem::remove((*reopened)->damaged_copy());
 }
 
 // A last record of the right length with other bytes than it was written with, not zeros where a
