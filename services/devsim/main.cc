@@ -15,6 +15,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/algorithm/container.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -36,14 +37,15 @@ constexpr char kUsage[] = R"(usage: medgate-devsim --config FILE [--tenant demo]
                      [--duration 10] [--batch 10] [--state DIR]
   Simulates --devices devices of --tenant, each sending --rate heart-rate samples per second in
   batches of --batch, for --duration seconds. On first use it issues, from the dev CA next to the
-  configured CA, the devices' certificates and an app certificate of --tenant
-  (spiffe://<trust domain>/tenant/<tenant>/app/devsim); on every start it places one patient per
-  device, assigns the device and records REMOTE_MONITORING consent, as that app (all
-  idempotent). Certificates and buffers live under --state (default <config dir>/devsim)/<trust
-  domain>/<tenant>. Prints a progress line every second and a summary at the end; exits 1 unless
-  every sample was acked and stored (the simulated samples are all valid: a rejection, e.g. for
-  want of consent, means the stack is not working as it should, and the reasons are printed, as
-  is the last stream error of devices left with unacked batches).
+  configured CA, the devices' certificates and, unless the dev PKI's app certificate is
+  --tenant's, an app certificate of --tenant (spiffe://<trust domain>/tenant/<tenant>/app/devsim);
+  on every start it places one patient per device, assigns the device and records
+  REMOTE_MONITORING consent, as that app (all idempotent). Certificates and buffers live under
+  --state (default <config dir>/devsim)/<trust domain>/<tenant>. Prints a progress line every
+  second and a summary at the end; exits 1 unless every sample was acked and stored (the
+  simulated samples are all valid: a rejection, e.g. for want of consent, means the stack is not
+  working as it should, and the reasons are printed, as is the last error of devices left with
+  unacked batches).
 )";
 
 // Digits only (no sign, space or trailing junk), within an int.
@@ -296,7 +298,7 @@ int Run(const Args& args) {
               drained;
   }
   device::DeviceStats total;
-  // Devices left with unacked batches, by their last stream error: why they were not acked.
+  // Devices left with unacked batches, by their last error: why they were not acked.
   std::map<std::string, int> unacked_by_error;
   for (auto& d : devices) {
     d->Stop();
@@ -329,8 +331,8 @@ int Run(const Args& args) {
               static_cast<unsigned long long>(refused), pct(0.5), pct(0.99),
               drained ? "yes" : "no");
   for (const auto& [error, n] : unacked_by_error) {
-    std::fprintf(stderr, "devsim: %d devices still have unacked batches; their last stream error: "
-                 "%s\n", n, error.c_str());
+    std::fprintf(stderr, "devsim: %d devices still have unacked batches; their last error: %s\n",
+                 n, error.c_str());
   }
   if (refused > 0) {
     std::fprintf(stderr, "devsim: %llu samples were not taken by the device SDK: %s\n",

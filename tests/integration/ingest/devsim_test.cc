@@ -51,8 +51,8 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   stack.SetAddress("ingest", (*ingest)->port());
   const std::string config = stack.dir() + "/devsim.yaml";
   ASSERT_TRUE(stack.WriteConfig(config).ok());
-  // The test PKI's directory holds the dev CA, as a dev stack's does: devsim issues its devices'
-  // certificates and its app's (acme's) from it.
+  // The test PKI's directory holds the dev CA and acme's app certificate, as a dev stack's does
+  // (demo's there): devsim issues its devices' certificates from it, and enrolls them as that app.
   const std::string command =
       absl::StrCat(MEDGATE_DEVSIM_BINARY, " --config ", config,
                    " --tenant acme --devices 2 --rate 20 --duration 2 --batch 5 --state ",
@@ -102,8 +102,8 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   EXPECT_GT(StoredSamples(stack, "fr-1"), stored);
 
   // Another tenant's devices are enrolled by an app of that tenant, which devsim issues itself:
-  // placed and assigned in acme (the tenant of the PKI's app certificate, which devsim once used),
-  // beta's devices were refused by ingest and their batches never acked.
+  // placed and assigned in acme (the tenant of the PKI's app certificate, which devsim once used
+  // for every tenant), beta's devices were refused by ingest and their batches never acked.
   ASSERT_TRUE(test_support::UpsertTenant(stack.pki(), (*directory)->routing().port(), "beta",
                                          {"FR"}, true)
                   .ok());
@@ -136,7 +136,7 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   EXPECT_EQ(run.exit_code, 1) << run.output;
   EXPECT_THAT(run.output, HasSubstr("all_acked=no"));
   EXPECT_THAT(run.output, HasSubstr("devsim: 1 devices still have unacked batches; their last "
-                                    "stream error: UNAVAILABLE"));
+                                    "error: UNAVAILABLE"));
 }
 
 }  // namespace
