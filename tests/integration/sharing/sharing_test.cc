@@ -803,11 +803,52 @@ class SharingTest : public ::testing::Test {
     }
     v1::VerifyChainResponse response;
     grpc::ClientContext context;
+    // A walk that waits (behind a lock a test holds) fails the test instead of hanging it.
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
     grpc::Status status =
         AuditStub(as != nullptr ? *as : pki_->ops())->VerifyChain(&context, request, &response);
     if (!status.ok()) return FromGrpcStatus(status);
     return response;
   }
+
+  // A walk of de-1's log by ops, on a thread of its own, whose first read (the chain's head)
+  // waits behind an exclusive lock on audit_head, taken first, until End().
+  class WalkBehindALock {
+   public:
+    WalkBehindALock() : locker_(Db("de-1").ConnectionString()), lock_(locker_) {
+      lock_.exec0("LOCK TABLE audit_head IN ACCESS EXCLUSIVE MODE");
+      request_.mutable_log()->set_region_id("de-1");
+      call_ = std::thread(
+          [this] { status_ = AuditStub(pki_->ops())->VerifyChain(&context_, request_, &response_); });
+    }
+    ~WalkBehindALock() { End(); }
+    // Whether the walk came to wait behind the lock.
+    bool Waiting() {
+      return PollUntil(absl::Now() + kPatience, [] {
+        return Count("de-1",
+                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                     "AND query LIKE '%audit_head%'") > 0;
+      });
+    }
+    void Cancel() { context_.TryCancel(); }
+    // Releases the lock and waits for the call's end.
+    void End() {
+      if (!call_.joinable()) return;
+      lock_.abort();
+      call_.join();
+    }
+    const grpc::Status& status() const { return status_; }
+    const v1::VerifyChainResponse& response() const { return response_; }
+
+   private:
+    pqxx::connection locker_;
+    pqxx::work lock_;
+    v1::VerifyChainRequest request_;
+    grpc::ClientContext context_;
+    v1::VerifyChainResponse response_;
+    grpc::Status status_;
+    std::thread call_;
+  };
 
   // --- direct database access ------------------------------------------------------------------
 
@@ -5535,26 +5576,14 @@ TEST_F(SharingTest, AuditAndRevokeRefuseMalformedIdsNamingTheirField) {
 // as not concluded: it read entries of the log all the same.
 TEST_F(SharingTest, ACancelledVerifyChainStopsAndIsAuditedAsNotConcluded) {
   Place("verify-cancel-1", "DE");  // an entry or more in de-1's log
-  // The walk's first read (the chain's head) waits behind this lock while the call is cancelled.
-  pqxx::connection locker(Db("de-1").ConnectionString());
-  pqxx::work lock(locker);
-  lock.exec0("LOCK TABLE audit_head IN ACCESS EXCLUSIVE MODE");
-  v1::VerifyChainRequest request;
-  request.mutable_log()->set_region_id("de-1");
-  grpc::ClientContext context;
-  v1::VerifyChainResponse response;
-  grpc::Status status;
-  std::thread call([&] { status = AuditStub(pki_->ops())->VerifyChain(&context, request, &response); });
-  const bool waiting = PollUntil(absl::Now() + kPatience, [&] {
-    return Count("de-1",
-                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                 "AND query LIKE '%audit_head%'") > 0;
-  });
-  context.TryCancel();
-  lock.abort();
-  call.join();
+  // The walk's first read waits behind a lock while the call is cancelled.
+  WalkBehindALock walk;
+  const bool waiting = walk.Waiting();
+  walk.Cancel();
+  walk.End();
   ASSERT_TRUE(waiting);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+  EXPECT_EQ(walk.status().error_code(), grpc::StatusCode::CANCELLED)
+      << walk.status().error_message();
   std::string reason;
   EXPECT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
     pqxx::connection c(ConnInfo("de-1"));
@@ -5578,47 +5607,19 @@ TEST_F(SharingTest, ACancelledVerifyChainStopsAndIsAuditedAsNotConcluded) {
 // goes ahead, and once the first has ended the log is walked again.
 TEST_F(SharingTest, AServerWalksALogOnceAtATime) {
   Place("verify-once-1", "DE");
-  // The first walk's first read (the chain's head) waits behind this lock.
-  pqxx::connection locker(Db("de-1").ConnectionString());
-  pqxx::work lock(locker);
-  lock.exec0("LOCK TABLE audit_head IN ACCESS EXCLUSIVE MODE");
-  v1::VerifyChainRequest request;
-  request.mutable_log()->set_region_id("de-1");
-  grpc::ClientContext context;
-  v1::VerifyChainResponse first;
-  grpc::Status status;
-  std::thread call([&] { status = AuditStub(pki_->ops())->VerifyChain(&context, request, &first); });
-  const bool waiting = PollUntil(absl::Now() + kPatience, [&] {
-    return Count("de-1",
-                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                 "AND query LIKE '%audit_head%'") > 0;
-  });
-  // With deadlines: a server that let the second walk in would leave it waiting behind the lock
-  // this thread holds.
-  auto walk = [&](bool control, v1::VerifyChainResponse* response) {
-    v1::VerifyChainRequest r;
-    if (control) {
-      r.mutable_log()->set_control(true);
-    } else {
-      r.mutable_log()->set_region_id("de-1");
-    }
-    grpc::ClientContext c;
-    c.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
-    return AuditStub(pki_->ops())->VerifyChain(&c, r, response);
-  };
-  v1::VerifyChainResponse second_response;
-  v1::VerifyChainResponse other;
-  const grpc::Status second = walk(false, &second_response);
-  const grpc::Status other_status = walk(true, &other);
-  lock.abort();
-  call.join();
+  WalkBehindALock first;
+  const bool waiting = first.Waiting();
+  absl::StatusOr<v1::VerifyChainResponse> second = Verify("de-1");
+  absl::StatusOr<v1::VerifyChainResponse> other = Verify("control");
+  first.End();
   ASSERT_TRUE(waiting);
-  EXPECT_EQ(second.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << second.error_message();
-  EXPECT_THAT(second.error_message(), HasSubstr("a walk of log 'de-1' is already running"));
-  ASSERT_TRUE(other_status.ok()) << other_status.error_message();
-  EXPECT_TRUE(other.ok()) << other.detail();
-  ASSERT_TRUE(status.ok()) << status.error_message();
-  EXPECT_TRUE(first.ok()) << first.detail();
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted) << second.status();
+  EXPECT_THAT(std::string(second.status().message()),
+              HasSubstr("a walk of log 'de-1' is already running"));
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_TRUE(other->ok()) << other->detail();
+  ASSERT_TRUE(first.status().ok()) << first.status().error_message();
+  EXPECT_TRUE(first.response().ok()) << first.response().detail();
   absl::StatusOr<v1::VerifyChainResponse> again = Verify("de-1");
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_TRUE(again->ok()) << again->detail();
