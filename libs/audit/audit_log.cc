@@ -286,6 +286,16 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
       return result;
     }
     absl::StatusOr<std::string> head_hash = FromByteaText(head[1].c_str());
+    if (head_seq < expected_seq - 1 && head_seq >= first_seq - 1) {
+      // Chained entries after the one the head names as last: the first of them is the fault,
+      // the entries up to the head's (and that one) verified.
+      VerifyResult past = fail(head_seq + 1, absl::StrCat(
+          "entries ", head_seq + 1, " to ", expected_seq - 1, " follow entry ", head_seq,
+          ", the last by the chain head (appended without moving the head, or the head moved "
+          "back)"));
+      past.entries_checked = head_seq - first_seq + 2;
+      return past;
+    }
     if (head_seq != expected_seq - 1) {
       return fail(expected_seq,
                   absl::StrCat("chain head says entry ", head_seq, " is last but the log ends at ",

@@ -89,6 +89,8 @@ ChainFault FaultFromProblem(int64_t seq, absl::string_view problem) {
   // The head's hash is not the last entry's, at the same seq: that entry was rewritten with its
   // hash recomputed (or the head altered).
   if (absl::StrContains(problem, "chain head's hash")) return ChainFault::kHashMismatch;
+  // Entries after the head's last: added without the head, or the head moved back.
+  if (absl::StrContains(problem, ", the last by the chain head")) return ChainFault::kPastHead;
   if (absl::StrContains(problem, "is missing") || absl::StrContains(problem, "chain head")) {
     return ChainFault::kSeqGap;
   }

@@ -42,7 +42,8 @@ struct AuditPage {
 };
 
 enum class ChainFault {
-  kNone, kHashMismatch, kPrevHashMismatch, kSeqGap, kBadGenesis, kMalformed, kAnchorMismatch
+  kNone, kHashMismatch, kPrevHashMismatch, kSeqGap, kBadGenesis, kMalformed, kAnchorMismatch,
+  kPastHead
 };
 
 // An entry's hash kept outside the database from an earlier verification.

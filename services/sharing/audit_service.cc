@@ -43,6 +43,8 @@ v1::ChainFault FaultToProto(ChainFault f) {
       return v1::CHAIN_FAULT_MALFORMED_ENTRY;
     case ChainFault::kAnchorMismatch:
       return v1::CHAIN_FAULT_ANCHOR_MISMATCH;
+    case ChainFault::kPastHead:
+      return v1::CHAIN_FAULT_PAST_HEAD;
   }
   return v1::CHAIN_FAULT_UNSPECIFIED;
 }

@@ -178,6 +178,20 @@ TEST_F(AuditChainTest, RemovedEntriesAreLocated) {
   EXPECT_THAT(middle.problem, HasSubstr("missing"));
 }
 
+// Entries chained after the one the head names as the last (the head moved back, or entries added
+// without it) are located at the first of them, not taken for removed ones.
+TEST_F(AuditChainTest, EntriesPastTheHeadAreLocatedAtTheFirstOfThem) {
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) { return Append(txn, MakeEntry(0, i)).status(); }).ok());
+  }
+  Tamper("UPDATE audit_head SET seq = 17, hash = (SELECT hash FROM audit_log WHERE seq = 17)");
+  VerifyResult past = Verify();
+  EXPECT_FALSE(past.ok);
+  EXPECT_EQ(past.first_bad_seq, 18);
+  EXPECT_EQ(past.entries_checked, 18);
+  EXPECT_THAT(past.problem, HasSubstr("entries 18 to 20 follow entry 17"));
+}
+
 TEST_F(AuditChainTest, RangesVerifyFromTheStoredHashBeforeThem) {
   for (int i = 0; i < 20; ++i) {
     ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) { return Append(txn, MakeEntry(0, i)).status(); }).ok());

@@ -38,6 +38,10 @@ TEST(FaultFromProblemTest, NamesWhatLibsAuditReports) {
   EXPECT_EQ(FaultFromProblem(4, "content does not match its hash (entry altered)"),
             ChainFault::kHashMismatch);
   EXPECT_EQ(FaultFromProblem(4, "unknown audit action 'frobnicate'"), ChainFault::kMalformed);
+  EXPECT_EQ(FaultFromProblem(18,
+                             "entries 18 to 20 follow entry 17, the last by the chain head "
+                             "(appended without moving the head, or the head moved back)"),
+            ChainFault::kPastHead);
 }
 
 }  // namespace
