@@ -102,8 +102,10 @@ std::optional<TlsConfig> Certificate(const devpki::Credential& ca, const std::st
     leaf.common_name = name;
     leaf.uri_sans = {absl::StrCat("spiffe://", config.trust_domain, path)};
     absl::StatusOr<devpki::Credential> issued = devpki::IssueLeaf(ca, leaf);
-    if (!issued.ok() || !issued->WriteFiles(cert, key).ok()) {
-      std::fprintf(stderr, "cannot issue a certificate for %s\n", name.c_str());
+    const absl::Status kept = issued.ok() ? issued->WriteFiles(cert, key) : issued.status();
+    if (!kept.ok()) {
+      std::fprintf(stderr, "cannot issue a certificate for %s: %s\n", name.c_str(),
+                   std::string(kept.message()).c_str());
       return std::nullopt;
     }
   }
@@ -200,9 +202,23 @@ int Run(const Args& args) {
                  "still to send\n", state.c_str(), state.c_str(), device_dir.c_str());
   }
   // The devices are enrolled by an app of their own tenant: the routing service takes the
-  // tenant of a patient placed, or a device assigned, from the caller's certificate.
-  const std::optional<TlsConfig> app =
-      Certificate(*ca, device_dir, "app", config, absl::StrCat("/tenant/", args.tenant, "/app/devsim"));
+  // tenant of a patient placed, or a device assigned, from the caller's certificate. The dev
+  // PKI's app enrolls its own tenant's, as it always has: a consent grant is repeated, not
+  // recorded again, only by the app that recorded it, so another app would undo a withdrawal.
+  // Another tenant's devices are enrolled by an app of theirs issued here.
+  std::optional<TlsConfig> app;
+  absl::StatusOr<devpki::Credential> pki_app =
+      devpki::Credential::ReadFiles(pki + "/app.crt", pki + "/app.key");
+  const std::string app_prefix =
+      absl::StrCat("spiffe://", config.trust_domain, "/tenant/", args.tenant, "/app/");
+  if (pki_app.ok() && absl::c_any_of(pki_app->UriSans(), [&](const std::string& uri) {
+        return absl::StartsWith(uri, app_prefix);
+      })) {
+    app = TlsConfig{pki + "/app.crt", pki + "/app.key", config.ca_path, 60};
+  } else {
+    app = Certificate(*ca, device_dir, "app", config,
+                      absl::StrCat("/tenant/", args.tenant, "/app/devsim"));
+  }
   if (!app) return 1;
   for (int i = 0; i < args.devices; ++i) {
     const std::string id = absl::StrCat("sim-", i);

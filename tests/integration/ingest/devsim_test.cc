@@ -2,7 +2,9 @@
 // PostgreSQL: it enrolls its devices, streams, and says by its exit code whether every sample it
 // produced was stored; a run whose samples are refused (here for a withdrawn consent) fails,
 // naming why.
+#include <filesystem>
 #include <memory>
+#include <set>
 #include <string>
 
 #include <gmock/gmock.h>
@@ -36,6 +38,21 @@ int64_t StoredSamples(TestStack& stack, const std::string& region,
       .as<int64_t>();
 }
 
+// Who recorded the consents devsim's enrolments granted to `tenant`'s patients in `region`.
+std::set<std::string> ConsentRecorders(TestStack& stack, const std::string& region,
+                                       const std::string& tenant) {
+  pqxx::connection c(stack.clusters().region(region).ConnectionString());
+  pqxx::nontransaction n(c);
+  std::set<std::string> recorders;
+  for (const auto& row : n.exec_params(
+           "SELECT DISTINCT v.recorded_by FROM consent_versions v JOIN consents c USING "
+           "(consent_id) WHERE c.tenant_id = $1 AND v.request_id LIKE 'devsim-consent-%'",
+           tenant)) {
+    recorders.insert(row[0].c_str());
+  }
+  return recorders;
+}
+
 TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   auto started = TestStack::Start({"routing", "consent", "ingest"}, "");
   ASSERT_TRUE(started.ok()) << started.status();
@@ -65,6 +82,8 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   const int64_t stored = StoredSamples(stack, "fr-1");
   EXPECT_GE(stored, 2 * 20 * 2 - 2 * 5);  // about 20 a second each for 2 s
   EXPECT_THAT(run.output, HasSubstr(absl::StrCat("stored=", stored)));
+  EXPECT_EQ(ConsentRecorders(stack, "fr-1", "acme"),
+            std::set<std::string>{stack.pki().SpiffeId("/tenant/acme/app/backend")});
 
   // The first device's patient withdraws REMOTE_MONITORING. The next run's enrolment repeats its
   // recorded grant (same request id), which does not undo the withdrawal: that device's samples
@@ -116,6 +135,19 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   const int64_t beta_stored = StoredSamples(stack, "fr-1", "beta");
   EXPECT_GT(beta_stored, 0);
   EXPECT_THAT(run.output, HasSubstr(absl::StrCat("stored=", beta_stored)));
+  EXPECT_EQ(ConsentRecorders(stack, "fr-1", "beta"),
+            std::set<std::string>{stack.pki().SpiffeId("/tenant/beta/app/devsim")});
+
+  // A certificate devsim cannot issue (here a directory where its file goes) stops the run,
+  // saying why.
+  std::filesystem::create_directories(
+      absl::StrCat(stack.dir(), "/devsim/", stack.config().trust_domain, "/acme/sim-2.crt"));
+  run = test_support::RunShell(absl::StrCat(MEDGATE_DEVSIM_BINARY, " --config ", config,
+                                            " --tenant acme --devices 3 --duration 1 --state ",
+                                            stack.dir(), "/devsim 2>&1"));
+  EXPECT_EQ(run.exit_code, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("cannot issue a certificate for sim-2: "));
+  EXPECT_THAT(run.output, ::testing::Not(HasSubstr("devsim summary")));
 
   // A flag at the end without its value is refused before anything runs (it used to be dropped,
   // and the fleet ran at the default rate).
