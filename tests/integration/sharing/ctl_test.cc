@@ -29,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "libs/crypto/sha256.h"
 #include "libs/server/service_server.h"
+#include "medgate/v1/audit.grpc.pb.h"
 #include "medgate/v1/sharing.grpc.pb.h"
 #include "services/sharing/sharing_server.h"
 #include "tests/support/directory_services.h"
@@ -131,22 +132,31 @@ class CtlTest : public ::testing::Test {
     return output.substr(start, output.find('"', start) - start);
   }
 
-  // Starts `server` with `service` in the sharing service's place (its certificate, which
-  // medgate-ctl requires of it, on a port of its own) and writes a configuration naming that port
-  // as the sharing service's address, to `file` in the stack's directory: its path, or empty if
-  // either failed. The stack's own configuration is left as it was.
-  static std::string ServeInPlaceOfSharing(ServiceServer& server, grpc::Service& service,
-                                           const std::string& file) {
-    server.AddService(&service);
-    const absl::Status started = server.Start();
-    EXPECT_TRUE(started.ok()) << started;
-    if (!started.ok()) return "";
+  // A server the test runs in place of the stack's service `name` ("sharing" or "audit"): with
+  // that service's certificate, which medgate-ctl requires of it, on a port of its own.
+  struct InPlaceOf {
+    std::string name;
+    ServiceServer* server;
+    grpc::Service* service;
+  };
+
+  // Starts `servers` and writes a configuration naming their ports as their services' addresses,
+  // to `file` in the stack's directory: its path, or empty if any of it failed. The stack's own
+  // configuration is left as it was.
+  static std::string ServeInPlace(const std::vector<InPlaceOf>& servers, const std::string& file) {
     const std::string path = absl::StrCat(stack_->dir(), "/", file);
-    stack_->SetAddress("sharing", server.port());
-    const absl::Status written = stack_->WriteConfig(path);
+    absl::Status status;
+    for (const InPlaceOf& s : servers) {
+      s.server->AddService(s.service);
+      status = s.server->Start();
+      if (!status.ok()) break;
+      stack_->SetAddress(s.name, s.server->port());
+    }
+    if (status.ok()) status = stack_->WriteConfig(path);
     stack_->SetAddress("sharing", sharing_->port());
-    EXPECT_TRUE(written.ok()) << written;
-    return written.ok() ? path : "";
+    stack_->SetAddress("audit", sharing_->audit_port());
+    EXPECT_TRUE(status.ok()) << status;
+    return status.ok() ? path : "";
   }
 
   // Files in `dir` whose name starts with `prefix`.
@@ -299,7 +309,7 @@ class ScriptedSharing final : public v1::RecordSharing::Service {
 TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
   ScriptedSharing scripted;
   ServiceServer server(stack_->config(), "sharing");
-  const std::string config = ServeInPlaceOfSharing(server, scripted, "ctl-scripted.yaml");
+  const std::string config = ServeInPlace({{"sharing", &server, &scripted}}, "ctl-scripted.yaml");
   ASSERT_FALSE(config.empty());
 
   const std::string dir = stack_->dir() + "/ctl-scripted";
@@ -383,14 +393,31 @@ TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
   std::filesystem::remove_all(dir);
 }
 
+// An Audit server whose VerifyChain waits until the client gives up, 5 s at most, then answers
+// OK: a client that did not give up at its own deadline sees that, not DEADLINE_EXCEEDED.
+class StalledAudit final : public v1::Audit::Service {
+ public:
+  grpc::Status VerifyChain(grpc::ServerContext* context, const v1::VerifyChainRequest*,
+                           v1::VerifyChainResponse* response) override {
+    (void)test_support::PollUntil(absl::Now() + absl::Seconds(5),
+                                  [&] { return context->IsCancelled(); });
+    response->set_ok(true);
+    return grpc::Status::OK;
+  }
+};
+
 // --timeout bounds every kind of call, not only downloads: an erasure (a unary call, 10 s by
-// default) and an upload (300 s) that the server leaves unanswered end at the flag's deadline,
-// with DEADLINE_EXCEEDED. The server answers them OK after 5 s, so a call that waited for its
-// command's own deadline instead would succeed.
-TEST_F(CtlTest, TheTimeoutBoundsUnaryCallsAndUploads) {
+// default), an upload (300 s) and a chain's verification (600 s) that the server leaves
+// unanswered end at the flag's deadline, with DEADLINE_EXCEEDED. The server answers them OK
+// after 5 s, so a call that waited for its command's own deadline instead would succeed.
+TEST_F(CtlTest, TheTimeoutBoundsEveryKindOfCall) {
   ScriptedSharing scripted;
   ServiceServer server(stack_->config(), "sharing");
-  const std::string config = ServeInPlaceOfSharing(server, scripted, "ctl-timeout.yaml");
+  StalledAudit stalled_audit;
+  ServiceServer audit_server(stack_->config(), "audit");
+  const std::string config = ServeInPlace(
+      {{"sharing", &server, &scripted}, {"audit", &audit_server, &stalled_audit}},
+      "ctl-timeout.yaml");
   ASSERT_FALSE(config.empty());
   const std::string file = stack_->dir() + "/ctl-timeout.txt";
   {
@@ -404,6 +431,7 @@ TEST_F(CtlTest, TheTimeoutBoundsUnaryCallsAndUploads) {
       {"erase-record", "erase-record --record fr-1.r-scripted --reason timeout-test"},
       {"upload-record", absl::StrCat("upload-record --patient fr-1.p-scripted --kind document "
                                      "--file ", file)},
+      {"verify-chain", "verify-chain --log control"},
   };
   for (const auto& call : kCalls) {
     SCOPED_TRACE(call.name);
@@ -414,6 +442,7 @@ TEST_F(CtlTest, TheTimeoutBoundsUnaryCallsAndUploads) {
     EXPECT_THAT(run.output, StartsWith("error: DEADLINE_EXCEEDED (4): ")) << run.output;
   }
   server.Shutdown();
+  audit_server.Shutdown();
   std::filesystem::remove(file);
 }
 
