@@ -274,10 +274,10 @@ absl::StatusOr<bool> BatchBuffer::Load() {
   }
   if (!readable && file_size >= 0 &&
       static_cast<uint64_t>(file_size) - loaded_bytes_ <= kMaxTornSpan) {
-    // Zeros from the first sector of the record that failed (or from its start) to the end, over
-    // no more than one record: a last record torn before more than that sector, its header
-    // included, reached the disk (the file grew; its blocks did not). Its header, cut by the
-    // sector's end or never written, could not be read.
+    // Zeros from the end of the sector the failed record starts in (or sooner) to the end of the
+    // file, over no more than one record: a last record of which at most that sector reached the
+    // disk (the file grew; its other blocks did not). Its header, cut at the sector's end or
+    // never written, could not be read.
     std::string tail(static_cast<size_t>(file_size) - loaded_bytes_, '\0');
     if (fseeko(in, static_cast<off_t>(loaded_bytes_), SEEK_SET) != 0 ||
         std::fread(tail.data(), 1, tail.size(), in) != tail.size()) {

@@ -26,11 +26,11 @@ inline constexpr size_t kMaxBatchBytes = 256 << 10;
 // rewritten with them when opened. Types: a sealed batch (VitalsBatch), an ack of a batch_seq, and
 // the counters (next sample seq, next batch seq) written when the file is compacted. A torn last
 // record (power loss mid-write: its header or payload runs past the end of the file; its payload,
-// of the right length, is zeros or ends in zeroed sectors; or the file is zeros from the record's
-// first sector on, over no more than one batch) is ignored on load; any other record whose sums do not match is damage. A
-// write that fails leaves nothing of its record behind, so a failure never hides the records
-// appended after it. One process at a time has a file: the buffer holds an flock on
-// "<path>.lock" while it lives.
+// of the right length, is zeros or ends in zeroed sectors; or the file is zeros from the end of
+// the sector the record starts in, over no more than one batch) is ignored on load; any other
+// record whose sums do not match is damage. A write that fails leaves nothing of its record
+// behind, so a failure never hides the records appended after it. One process at a time has a
+// file: the buffer holds an flock on "<path>.lock" while it lives.
 class BatchBuffer {
  public:
   // Opens (creating if missing) and replays `path`; compacts it to the unacked batches. A file
@@ -55,8 +55,8 @@ class BatchBuffer {
   // max(max_batches, 16) acks when that is fewer, the file is compacted: it holds at most that
   // many acked batches besides the unacked ones. A compaction that fails keeps the file it had,
   // is counted (compaction_failures()) and tried again as many acks later; the ack is recorded
-  // all the same. An error after the ack
-  // is recorded comes from a compaction whose rename could not be made durable.
+  // all the same. An error after the ack is recorded comes from a compaction whose rename could
+  // not be made durable.
   absl::Status Ack(uint64_t batch_seq);
 
   // For a server that holds seqs this buffer never gave out (`committed`, the device's highest

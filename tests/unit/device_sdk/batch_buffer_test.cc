@@ -1,5 +1,6 @@
 // Unit tests of the device SDK's durable batch buffer.
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -454,13 +455,25 @@ TEST_F(BatchBufferTest, TheFileHoldsABoundedNumberOfAckedBatches) {
   ASSERT_TRUE(first.ok());
   const uintmax_t batch = std::filesystem::file_size(path_) - empty;
   ASSERT_TRUE((*buffer)->Ack(*first).ok());
-  for (int i = 0; i < 60; ++i) {
+  // A compaction renames a new file over the old one: the file's inode tells when it came.
+  auto inode = [&] {
+    struct stat st;
+    return stat(path_.c_str(), &st) == 0 ? st.st_ino : ino_t{0};
+  };
+  int compactions = 0;
+  for (int acks = 2; acks <= 64; ++acks) {
     absl::StatusOr<uint64_t> sealed = (*buffer)->Seal(Samples(500));
     ASSERT_TRUE(sealed.ok());
+    const ino_t before = inode();
     ASSERT_TRUE((*buffer)->Ack(*sealed).ok());
+    // Every 16th ack compacts the file, and only that one.
+    const bool compacted = inode() != before;
+    EXPECT_EQ(compacted, acks % 16 == 0) << acks;
+    compactions += compacted ? 1 : 0;
     // 16 batches and their acks at most (an ack's record is far smaller than a batch's).
-    EXPECT_LE(std::filesystem::file_size(path_), empty + 17 * batch) << i;
+    EXPECT_LE(std::filesystem::file_size(path_), empty + 17 * batch) << acks;
   }
+  EXPECT_EQ(compactions, 4);
   EXPECT_TRUE((*buffer)->pending().empty());
 }
 
