@@ -286,9 +286,10 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
       return result;
     }
     absl::StatusOr<std::string> head_hash = FromByteaText(head[1].c_str());
-    if (head_seq < expected_seq - 1 && head_seq >= first_seq - 1) {
+    if (head_seq < expected_seq - 1) {
       // Chained entries after the one the head names as last: the first of them is the fault,
-      // the entries up to the head's (and that one) verified.
+      // the entries up to the head's (and that one) verified. (A range starting past the head's
+      // entry was refused above.)
       VerifyResult past = fail(head_seq + 1, absl::StrCat(
           "entries ", head_seq + 1, " to ", expected_seq - 1, " follow entry ", head_seq,
           ", the last by the chain head (appended without moving the head, or the head moved "
