@@ -57,6 +57,17 @@ class AuditChainTest : public ::testing::Test {
     return e;
   }
 
+  // Appends `n` entries of one writer, each in its own transaction: false if one failed.
+  bool AppendEntries(int n) {
+    for (int i = 0; i < n; ++i) {
+      absl::Status appended =
+          pool_->Transact([&](pqxx::work& txn) { return Append(txn, MakeEntry(0, i)).status(); });
+      EXPECT_TRUE(appended.ok()) << appended;
+      if (!appended.ok()) return false;
+    }
+    return true;
+  }
+
   VerifyResult Verify() {
     pqxx::connection c(cluster_->ConnectionString());
     absl::StatusOr<VerifyResult> result = VerifyChain(c);
@@ -164,9 +175,7 @@ TEST_F(AuditChainTest, AppendersInOneStatementAndAloneShareOneChainAndOneClock) 
 }
 
 TEST_F(AuditChainTest, RemovedEntriesAreLocated) {
-  for (int i = 0; i < 20; ++i) {
-    ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) { return Append(txn, MakeEntry(0, i)).status(); }).ok());
-  }
+  ASSERT_TRUE(AppendEntries(20));
   Tamper("DELETE FROM audit_log WHERE seq = 20");
   VerifyResult tail = Verify();
   EXPECT_FALSE(tail.ok);
@@ -181,9 +190,7 @@ TEST_F(AuditChainTest, RemovedEntriesAreLocated) {
 // Entries chained after the one the head names as the last (the head moved back, or entries added
 // without it) are located at the first of them, not taken for removed ones.
 TEST_F(AuditChainTest, EntriesPastTheHeadAreLocatedAtTheFirstOfThem) {
-  for (int i = 0; i < 20; ++i) {
-    ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) { return Append(txn, MakeEntry(0, i)).status(); }).ok());
-  }
+  ASSERT_TRUE(AppendEntries(20));
   Tamper("UPDATE audit_head SET seq = 17, hash = (SELECT hash FROM audit_log WHERE seq = 17)");
   VerifyResult past = Verify();
   EXPECT_FALSE(past.ok);
@@ -193,9 +200,7 @@ TEST_F(AuditChainTest, EntriesPastTheHeadAreLocatedAtTheFirstOfThem) {
 }
 
 TEST_F(AuditChainTest, RangesVerifyFromTheStoredHashBeforeThem) {
-  for (int i = 0; i < 20; ++i) {
-    ASSERT_TRUE(pool_->Transact([&](pqxx::work& txn) { return Append(txn, MakeEntry(0, i)).status(); }).ok());
-  }
+  ASSERT_TRUE(AppendEntries(20));
   pqxx::connection c(cluster_->ConnectionString());
   absl::StatusOr<VerifyResult> middle = VerifyChainRange(c, 5, 10);
   ASSERT_TRUE(middle.ok()) << middle.status();
