@@ -197,6 +197,9 @@ absl::StatusOr<bool> BatchBuffer::Load() {
   const int64_t file_size = fstat(fileno(in), &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
   // False when the record read is not one this buffer writes: the file is damaged there.
   bool readable = true;
+  // Whether that record's header was read whole, its sum right: its extent is known, and bytes
+  // after it are records written after it (a torn append leaves nothing behind it).
+  bool extent_known = false;
   // Records without sums never follow one with them (the buffer writes only these now): one
   // that does is a damaged type byte.
   bool checked_seen = false;
@@ -226,8 +229,14 @@ absl::StatusOr<bool> BatchBuffer::Load() {
       readable = false;
       break;
     }
-    if (length > kMaxRecord) {
+    // A type or length this buffer never writes is damage, found before the payload is read: in
+    // a record without sums (a damaged type byte reads as one) a damaged length would otherwise
+    // run past the end of the file and be taken for a torn last record.
+    const bool known = (type == kBatch && length <= kMaxRecord) || (type == kAck && length == 8) ||
+                       (type == kCounters && length == 16);
+    if (!known) {
       readable = false;
+      extent_known = checked;
       break;
     }
     std::string payload(length, '\0');
@@ -249,6 +258,7 @@ absl::StatusOr<bool> BatchBuffer::Load() {
         break;
       }
       readable = false;
+      extent_known = true;
       break;
     }
     if (type == kBatch) {
@@ -260,24 +270,22 @@ absl::StatusOr<bool> BatchBuffer::Load() {
       next_batch_seq_ = std::max(next_batch_seq_, batch.batch_seq() + 1);
       for (const auto& s : batch.samples()) next_seq_ = std::max(next_seq_, s.seq() + 1);
       pending_.push_back(std::move(batch));
-    } else if (type == kAck && length == 8) {
+    } else if (type == kAck) {
       Forget(ReadU64(payload, 0));
-    } else if (type == kCounters && length == 16) {
+    } else {
       next_seq_ = std::max(next_seq_, ReadU64(payload, 0));
       next_batch_seq_ = std::max(next_batch_seq_, ReadU64(payload, 8));
-    } else {
-      readable = false;
-      break;
     }
     checked_seen = checked_seen || checked;
     loaded_bytes_ += header_size + length;
   }
-  if (!readable && file_size >= 0 &&
+  if (!readable && !extent_known && file_size >= 0 &&
       static_cast<uint64_t>(file_size) - loaded_bytes_ <= kMaxTornSpan) {
     // Zeros from the end of the sector the failed record starts in (or sooner) to the end of the
     // file, over no more than one record: a last record of which at most that sector reached the
     // disk (the file grew; its other blocks did not). Its header, cut at the sector's end or
-    // never written, could not be read.
+    // never written, could not be read. (A record whose header reads whole, zeroed before its
+    // end, with bytes after it, is damage: those bytes are records appended after it was synced.)
     std::string tail(static_cast<size_t>(file_size) - loaded_bytes_, '\0');
     if (fseeko(in, static_cast<off_t>(loaded_bytes_), SEEK_SET) != 0 ||
         std::fread(tail.data(), 1, tail.size(), in) != tail.size()) {
@@ -286,12 +294,24 @@ absl::StatusOr<bool> BatchBuffer::Load() {
     size_t written = tail.size();
     while (written > 0 && tail[written - 1] == 0) --written;
     const uint64_t first_sector_end = (loaded_bytes_ / kSector + 1) * kSector;
-    if (written < tail.size() && loaded_bytes_ + written <= first_sector_end) {
+    // The sector either reached the disk, with the record's bytes to its end (the last few may
+    // be zeros of their own), or did not, and the record is all zeros. Zeros from the middle of
+    // the sector on are not what a torn write leaves: damage.
+    if (written < tail.size() && loaded_bytes_ + written <= first_sector_end &&
+        (written == 0 || first_sector_end - (loaded_bytes_ + written) < kMinTornZeros)) {
       readable = true;
       torn_last_record_ = true;
     }
   }
   std::fclose(in);
+  if (!readable && !checked_seen && loaded_bytes_ > 0) {
+    // Damage after records without sums only: nothing read can be trusted, as a damaged type
+    // byte reads a record with sums as one without, its sums as its payload (a counters record
+    // gave a next seq of its sums' bytes). The buffer starts empty; the file is kept aside.
+    pending_.clear();
+    next_seq_ = 1;
+    next_batch_seq_ = 1;
+  }
   if (!readable) RETURN_IF_ERROR(KeepDamagedCopy());
   return true;
 }

@@ -23,12 +23,15 @@ inline constexpr size_t kMaxBatchBytes = 256 << 10;
 // Records: [u32 length][u8 type][u32 header sum][u32 payload sum][payload], each sum the first
 // 4 bytes of the SHA-256 of the length and type, and of the payload; the type has its high bit
 // set. Files written before the sums ([u32 length][u8 type][payload]) are still read, and
-// rewritten with them when opened. Types: a sealed batch (VitalsBatch), an ack of a batch_seq, and
-// the counters (next sample seq, next batch seq) written when the file is compacted. A torn last
-// record (power loss mid-write: its header or payload runs past the end of the file; its payload,
-// of the right length, is zeros or ends in zeroed sectors; or the file is zeros from the end of
-// the sector the record starts in, over no more than one batch) is ignored on load; any other
-// record whose sums do not match is damage. A write that fails leaves nothing of its record
+// rewritten with them when opened; damage in such a file before any record with sums leaves
+// nothing of it trusted (a damaged type byte reads a record with sums as one without). Types: a
+// sealed batch (VitalsBatch), an ack of a batch_seq, and the counters (next sample seq, next batch
+// seq) written when the file is compacted; any other type or length is damage. A torn last record
+// (power loss mid-write: its header or payload runs past the end of the file; its payload, of the
+// right length, is zeros or ends in zeroed sectors; or, its header not readable, the file is zeros
+// from the record's start or from the end of the sector it starts in, less at most 7 zeros of its
+// own, over no more than one batch) is ignored on load; any other record whose sums do not match
+// is damage. A write that fails leaves nothing of its record
 // behind, so a failure never hides the records appended after it. One process at a time has a
 // file: the buffer holds an flock on "<path>.lock" while it lives.
 class BatchBuffer {

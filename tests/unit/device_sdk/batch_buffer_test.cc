@@ -610,6 +610,65 @@ TEST_F(BatchBufferTest, ALastRecordDamagedAfterItWasWrittenIsKeptAside) {
   }
 }
 
+// Zeros that end the file are a torn append only in the shape a power loss leaves: the last
+// record's bytes to the end of the sector it starts in, or none of them, then zeros. Zeros from
+// the middle of that sector, or past the end of a record whose header reads whole, with records
+// after it, cover records synced before: damage, kept aside, not dropped without a word. (Found
+// by batch_buffer_fuzz_test.) So is a type byte that reads as a record without sums, with a
+// length past the end of the file, or with the sums read as a counters record's next seq.
+TEST_F(BatchBufferTest, ZerosOrTypesNoTornAppendLeavesAreDamage) {
+  constexpr size_t kCheckedHeader = 13;
+  constexpr size_t kSector = 512;
+  size_t first_batch = 0;
+  {
+    auto buffer = BatchBuffer::Open(path_, 10);
+    ASSERT_TRUE(buffer.ok());
+    first_batch = std::filesystem::file_size(path_);  // after the counters record
+    ASSERT_TRUE((*buffer)->Seal(Samples(60)).ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(60)).ok());
+    ASSERT_TRUE((*buffer)->Ack(1).ok());
+  }
+  const std::string written = Bytes(path_);
+  ASSERT_LT(first_batch + kCheckedHeader, kSector - 8);
+  ASSERT_NE(written[first_batch + 2], '\0');  // the length's third byte: a batch over 255 bytes
+  ASSERT_GT(written.size(), 2 * kSector);
+  auto zeros_from = [&](size_t at) {
+    std::string bytes = written;
+    std::fill(bytes.begin() + static_cast<std::ptrdiff_t>(at), bytes.end(), '\0');
+    return bytes;
+  };
+  std::string legacy_length = written;  // the counters record's type without its sums' bit
+  legacy_length[4] = 0x05;
+  legacy_length[2] = 0x7f;
+  std::string legacy_counters = written;
+  legacy_counters[4] &= 0x7f;
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"zeros from inside the first batch's header", zeros_from(first_batch + 3)},
+      {"zeros from the middle of its first sector", zeros_from(first_batch + 200)},
+      {"zeros from near its sector's end, its header whole", zeros_from(kSector - 4)},
+      {"a type without sums, an unknown one, its length past the end", legacy_length},
+      {"a counters record read without sums", legacy_counters},
+  };
+  for (const auto& [what, bytes] : cases) {
+    SCOPED_TRACE(what);
+    {
+      std::ofstream out(path_, std::ios::binary | std::ios::trunc);
+      out << bytes;
+    }
+    auto reopened = BatchBuffer::Open(path_, 10, /*first_seq=*/1000);
+    ASSERT_TRUE(reopened.ok()) << reopened.status();
+    EXPECT_FALSE((*reopened)->damaged_copy().empty());
+    EXPECT_TRUE((*reopened)->pending().empty());
+    EXPECT_EQ((*reopened)->next_seq(), 1000u);
+    if (!(*reopened)->damaged_copy().empty()) {
+      EXPECT_EQ(Bytes((*reopened)->damaged_copy()), bytes);
+      std::filesystem::remove((*reopened)->damaged_copy());
+    }
+    reopened->reset();
+    std::filesystem::remove(path_);
+  }
+}
+
 // Every record was written as [u32 length][u8 type][payload] before records had sums: such a
 // file still opens, torn last record included, and is rewritten in the current format.
 TEST_F(BatchBufferTest, AFileWrittenBeforeRecordSumsStillOpens) {
