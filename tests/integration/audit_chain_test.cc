@@ -1,5 +1,7 @@
 // The audit chain against real PostgreSQL: concurrent writers, tamper detection, same transaction.
 #include <atomic>
+#include <map>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -10,6 +12,7 @@
 #include "libs/audit/audit_log.h"
 #include "libs/migrate/migrate.h"
 #include "libs/pg/pool.h"
+#include "tests/support/fuzz.h"
 #include "tests/support/pg_cluster.h"
 
 namespace medgate::audit {
@@ -360,6 +363,167 @@ TEST_F(AuditChainTest, AFieldWithANulByteIsHashedAsStored) {
   result = Verify();
   EXPECT_TRUE(result.ok) << result.problem;
   EXPECT_EQ(result.entries_checked, 4);
+}
+
+// Random tampering by someone with the database owner's rights, each undone before the next:
+// a field of any entry changed (with its hash left, or recomputed as the chain would), entries
+// removed or swapped, the head moved back, an entry forged after it. Every one is detected, and
+// located at the entry the chain first stops holding at. Seeded (MEDGATE_FUZZ_SEED and
+// MEDGATE_FUZZ_ROUNDS replay or extend it).
+TEST_F(AuditChainTest, RandomTamperingIsDetectedAndLocated) {
+  constexpr int kEntries = 30;
+  ASSERT_TRUE(AppendEntries(kEntries));
+  pqxx::connection c(cluster_->ConnectionString());
+  {
+    pqxx::work txn(c);
+    txn.exec0("CREATE TABLE audit_log_kept AS SELECT * FROM audit_log");
+    txn.exec0("CREATE TABLE audit_head_kept AS SELECT * FROM audit_head");
+    txn.commit();
+  }
+  auto restore = [&] {
+    Tamper("DELETE FROM audit_log; INSERT INTO audit_log SELECT * FROM audit_log_kept; "
+           "UPDATE audit_head SET seq = k.seq, hash = k.hash FROM audit_head_kept k");
+  };
+  static const char* const kTextFields[] = {"actor",     "tenant",     "object_type", "object_id",
+                                            "patient_id", "reason",     "purpose",     "consent_id",
+                                            "request_id", "origin"};
+  const uint64_t seed = testing::FuzzSeed();
+  const int rounds = testing::FuzzRounds(80);
+  std::map<std::string, int> tried;
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
+    const int64_t k = static_cast<int64_t>(testing::Uniform(rng, 1, kEntries));
+    auto other_than_k = [&] {
+      int64_t m = k;
+      while (m == k) m = static_cast<int64_t>(testing::Uniform(rng, 1, kEntries));
+      return m;
+    };
+    auto random_text = [&] {
+      std::string t(testing::Uniform(rng, 0, 12), 'x');
+      for (char& ch : t) ch = static_cast<char>(testing::Uniform(rng, 0x20, 0x7e));
+      return t;
+    };
+    const std::string sk = std::to_string(k);
+    std::string what;
+    int64_t expected = k;
+    switch (testing::Uniform(rng, 0, 9)) {
+      case 0: {
+        const std::string field = kTextFields[testing::Uniform(rng, 0, 9)];
+        what = "text field " + field + " changed";
+        pqxx::work txn(c);
+        txn.exec0("SET LOCAL session_replication_role = replica");
+        const std::string value = random_text();
+        const pqxx::result r = txn.exec_params(
+            "UPDATE audit_log SET " + field + " = $1 WHERE seq = $2 AND " + field + " <> $1", value,
+            k);
+        txn.commit();
+        if (r.affected_rows() == 0) continue;  // the same value: nothing changed
+        break;
+      }
+      case 1:
+        what = "time changed";
+        Tamper("UPDATE audit_log SET at_us = at_us + " +
+               std::to_string(testing::Uniform(rng, 1, 1000000)) + " WHERE seq = " + sk);
+        break;
+      case 2: {
+        what = "action, decision or consent version changed";
+        static const char* const kChanges[] = {"action = 'delete'", "decision = 'deny'",
+                                               "consent_version = consent_version + 1"};
+        Tamper(std::string("UPDATE audit_log SET ") + kChanges[testing::Uniform(rng, 0, 2)] +
+               " WHERE seq = " + sk);
+        break;
+      }
+      case 3:
+        what = "hash or prev_hash replaced";
+        Tamper(std::string("UPDATE audit_log SET ") +
+               (testing::Uniform(rng, 0, 1) == 0 ? "hash" : "prev_hash") +
+               " = sha256(random()::text::bytea) WHERE seq = " + sk);
+        break;
+      case 4: {
+        const int64_t last =
+            std::min<int64_t>(kEntries, k + static_cast<int64_t>(testing::Uniform(rng, 0, 3)));
+        what = "entries removed";
+        Tamper("DELETE FROM audit_log WHERE seq BETWEEN " + sk + " AND " + std::to_string(last));
+        break;
+      }
+      case 5: {
+        const int64_t m = other_than_k();
+        what = "two entries' contents swapped";
+        expected = std::min(k, m);
+        Tamper("UPDATE audit_log a SET at_us = b.at_us, actor = b.actor, object_id = b.object_id, "
+               "request_id = b.request_id, prev_hash = b.prev_hash, hash = b.hash FROM audit_log b "
+               "WHERE (a.seq, b.seq) IN ((" + sk + ", " + std::to_string(m) + "), (" +
+               std::to_string(m) + ", " + sk + "))");
+        break;
+      }
+      case 6: {
+        // The chain's own hash recomputed for the changed entry: the link to the next entry (or
+        // the head, for the last) no longer holds.
+        what = "a field changed and its hash recomputed";
+        expected = k < kEntries ? k + 1 : k;
+        pqxx::work txn(c);
+        const pqxx::row row = txn.exec_params1(
+            "SELECT at_us, actor, tenant, action, object_type, object_id, patient_id, decision, "
+            "reason, purpose, consent_id, consent_version, request_id, origin, prev_hash FROM "
+            "audit_log WHERE seq = $1", k);
+        Entry e;
+        e.actor = row[1].as<std::string>();
+        e.tenant = row[2].as<std::string>();
+        for (Action a : {Action::kCreate, Action::kRead, Action::kUpdate, Action::kDelete,
+                         Action::kExecute}) {
+          if (ActionName(a) == row[3].as<std::string>()) e.action = a;
+        }
+        e.object_type = row[4].as<std::string>();
+        e.object_id = row[5].as<std::string>() + "-forged";
+        e.patient_id = row[6].as<std::string>();
+        e.decision = row[7].as<std::string>() == "deny" ? Decision::kDeny : Decision::kPermit;
+        e.reason = row[8].as<std::string>();
+        e.purpose = row[9].as<std::string>();
+        e.consent_id = row[10].as<std::string>();
+        e.consent_version = row[11].as<int64_t>();
+        e.request_id = row[12].as<std::string>();
+        e.origin = row[13].as<std::string>();
+        const std::string prev = pqxx::binarystring(row[14]).str();
+        const std::string forged = ChainHash(prev, k, row[0].as<int64_t>(), e);
+        txn.exec0("SET LOCAL session_replication_role = replica");
+        txn.exec_params("UPDATE audit_log SET object_id = $1, hash = $2 WHERE seq = $3",
+                        e.object_id, pqxx::binarystring(forged), k);
+        txn.commit();
+        break;
+      }
+      case 7:
+        if (k == kEntries) continue;
+        what = "the head moved back";
+        expected = k + 1;
+        Tamper("UPDATE audit_head SET seq = " + sk +
+               ", hash = (SELECT hash FROM audit_log WHERE seq = " + sk + ")");
+        break;
+      case 8:
+        what = "an entry forged after the head";
+        expected = kEntries + 1;
+        Tamper("INSERT INTO audit_log SELECT seq + 1, at_us + 1, actor, tenant, action, "
+               "object_type, object_id, patient_id, decision, reason, purpose, consent_id, "
+               "consent_version, request_id, origin, hash, sha256(hash) FROM audit_log "
+               "WHERE seq = " + std::to_string(kEntries));
+        break;
+      default:
+        what = "nothing changed";
+        expected = 0;
+        break;
+    }
+    SCOPED_TRACE(what + " at entry " + sk);
+    ++tried[what];
+    const VerifyResult result = Verify();
+    EXPECT_EQ(result.ok, expected == 0) << result.problem;
+    EXPECT_EQ(result.first_bad_seq, expected) << result.problem;
+    restore();
+    if (HasFailure()) break;
+  }
+  const VerifyResult restored = Verify();
+  EXPECT_TRUE(restored.ok) << restored.problem;
+  EXPECT_EQ(restored.entries_checked, kEntries);
+  for (const auto& [what, n] : tried) std::printf("%s: %d rounds\n", what.c_str(), n);
 }
 
 }  // namespace
