@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <pqxx/pqxx>
 #include <set>
 #include <sstream>
@@ -55,6 +56,7 @@
 #include "tests/support/pg_fault_proxy.h"
 #include "tests/support/poll.h"
 #include "tests/support/directory_services.h"
+#include "tests/support/fuzz.h"
 #include "tests/support/test_stack.h"
 #include "tests/support/tenants.h"
 
@@ -1475,6 +1477,90 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
   // None of these uploads stored anything.
   EXPECT_EQ(StoredRows(), before);
   EXPECT_TRUE(ListedIds(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient).empty());
+}
+
+// Random upload streams: the header first or not, once or twice, chunks of random sizes (empty,
+// one byte, up to just over 1 MiB), a declared size off by a little or right, a hash right or
+// wrong. An upload is stored exactly when the stream is what the API asks for (the header once,
+// first; chunks of 1 byte to 1 MiB; their bytes the declared size and hash), and then downloads
+// as sent; anything else is INVALID_ARGUMENT and stores nothing. Seeded (MEDGATE_FUZZ_SEED and
+// MEDGATE_FUZZ_ROUNDS replay or extend it).
+TEST_F(SharingTest, RandomUploadStreamsAreStoredExactlyWhenWellFormed) {
+  const std::string patient = Place("random-uploads-1", "FR");
+  const uint64_t seed = testing::FuzzSeed();
+  const int rounds = testing::FuzzRounds(40);
+  std::map<std::string, int> outcomes;
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
+    static const size_t kSizes[] = {1, 7, 1000, 65536, kMiB - 1, kMiB};
+    std::vector<std::string> chunks(testing::Uniform(rng, 0, 3));
+    std::string content;
+    bool chunks_ok = !chunks.empty();
+    for (std::string& chunk : chunks) {
+      // Mostly sizes the API takes; now and then an empty chunk or one over 1 MiB.
+      size_t size = kSizes[testing::Uniform(rng, 0, 5)];
+      if (testing::Uniform(rng, 0, 7) == 0) size = testing::Uniform(rng, 0, 1) == 0 ? 0 : kMiB + 1;
+      chunk = Generate(seed + static_cast<uint64_t>(round), content.size(), size);
+      content += chunk;
+      chunks_ok = chunks_ok && size >= 1 && size <= kMiB;
+    }
+    uint64_t declared = content.size();
+    if (testing::Uniform(rng, 0, 7) == 0) declared += testing::Uniform(rng, 0, 1) == 0 ? 1 : -1;
+    std::string sha = Sha(content);
+    if (testing::Uniform(rng, 0, 7) == 0) sha[testing::Uniform(rng, 0, 31)] ^= 0x01;
+    const bool header_first = testing::Uniform(rng, 0, 11) != 0;
+    const bool header_again = testing::Uniform(rng, 0, 11) == 0;
+    const bool well_formed = header_first && !header_again && chunks_ok &&
+                             declared == content.size() && declared >= 1 && sha == Sha(content);
+
+    const int64_t rows_before = StoredRows();
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    v1::UploadRecordResponse response;
+    auto stub = Stub(pki_->practitioner());
+    auto writer = stub->UploadRecord(&context, &response);
+    v1::UploadRecordRequest header;
+    header.mutable_header()->set_request_id(absl::StrCat("random-upload-", seed, "-", round));
+    header.mutable_header()->set_patient_id(patient);
+    header.mutable_header()->set_kind(v1::RECORD_KIND_DOCUMENT);
+    header.mutable_header()->set_content_type("application/octet-stream");
+    header.mutable_header()->set_file_name("random.bin");
+    header.mutable_header()->set_size_bytes(declared);
+    header.mutable_header()->set_sha256(sha);
+    std::vector<v1::UploadRecordRequest> stream;
+    if (header_first) stream.push_back(header);
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      v1::UploadRecordRequest chunk;
+      chunk.mutable_chunk()->set_data(chunks[i]);
+      stream.push_back(chunk);
+      if (header_again && i == 0) stream.push_back(header);
+    }
+    if (!header_first) stream.push_back(header);
+    bool open = true;
+    for (const v1::UploadRecordRequest& message : stream) {
+      if (open) open = writer->Write(message);
+    }
+    if (open) writer->WritesDone();
+    const grpc::Status status = writer->Finish();
+    SCOPED_TRACE(absl::StrCat(chunks.size(), " chunks, ", content.size(), " bytes, declared ",
+                              declared, ", hash ", sha == Sha(content) ? "right" : "wrong",
+                              header_first ? "" : ", header last", header_again ? ", twice" : ""));
+    if (well_formed) {
+      ASSERT_TRUE(status.ok()) << status.error_message();
+      EXPECT_EQ(response.size_bytes(), content.size());
+      ExpectContent(pki_->practitioner(), response.record_id(), content);
+      ++outcomes["stored"];
+    } else {
+      ++outcomes[!chunks_ok ? "refused: no chunk, an empty one or one over 1 MiB"
+                 : !header_first || header_again ? "refused: the header not once and first"
+                                                 : "refused: size or hash"];
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+      EXPECT_EQ(StoredRows(), rows_before);
+    }
+    if (HasFailure()) break;
+  }
+  for (const auto& [outcome, n] : outcomes) std::printf("%s: %d rounds\n", outcome.c_str(), n);
 }
 
 // A patient's key is created by the first upload that stores a record, in that record's
