@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <set>
 #include <string>
 #include <thread>
@@ -24,6 +25,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "libs/device_sdk/batch_buffer.h"
+#include "tests/support/fuzz.h"
 #include "tests/support/poll.h"
 
 namespace medgate::device {
@@ -424,6 +426,103 @@ TEST_F(DeviceClientTest, AResendOfAStoredBatchIsNotStoredTwice) {
   EXPECT_EQ(stats.samples_duplicate, 4u);
   EXPECT_EQ(stats.seq_restarts, 0u);
   EXPECT_GE(stats.batches_sent, 2u);
+}
+
+// A server whose streams fail at random (a batch stored but its ack lost with the connection, a
+// batch not stored and the stream ended, a retryable ack, a slow ack) and a device process
+// restarted at random while it sends: once every batch is acked, every sample is stored, and
+// none twice. Seeded (MEDGATE_FUZZ_SEED and MEDGATE_FUZZ_ROUNDS); where a failure falls among a
+// stream's batches is the machine's timing.
+TEST_F(DeviceClientTest, RandomStreamFailuresAndRestartsLoseNothingAndStoreNothingTwice) {
+  options_.first_seq = 1;
+  const uint64_t seed = testing::FuzzSeed();
+  const int rounds = testing::FuzzRounds(4);
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::filesystem::remove(options_.buffer_path);
+    CursorServer store(/*cursor=*/0);
+    std::mutex rng_mu;
+    std::mt19937_64 server_rng = testing::FuzzRng(seed, round);
+    std::mt19937_64 device_rng = testing::FuzzRng(seed + 1, round);
+    auto draw = [&](uint64_t lo, uint64_t hi) {
+      std::lock_guard<std::mutex> lock(rng_mu);
+      return testing::Uniform(server_rng, lo, hi);
+    };
+    std::atomic<int> lost_acks{0};
+    FakeIngest ingest([&](int, Stream& io) {
+      v1::VitalsBatch batch;
+      while (io.Read(&batch)) {
+        switch (draw(0, 9)) {
+          case 0:
+            store.Store(batch);
+            lost_acks.fetch_add(1);
+            return grpc::Status(grpc::StatusCode::UNAVAILABLE, "connection reset after commit");
+          case 1:
+            return grpc::Status(grpc::StatusCode::UNAVAILABLE, "connection reset");
+          case 2: {
+            v1::IngestAck retry;
+            retry.set_batch_seq(batch.batch_seq());
+            retry.mutable_retryable_error()->set_code(grpc::StatusCode::UNAVAILABLE);
+            retry.mutable_retryable_error()->set_message("region down");
+            retry.mutable_retry_after()->set_nanos(1000000);
+            io.Write(retry);
+            break;
+          }
+          case 3:
+            absl::SleepFor(absl::Milliseconds(static_cast<int64_t>(draw(1, 5))));
+            io.Write(store.Store(batch));
+            break;
+          default:
+            io.Write(store.Store(batch));
+            break;
+        }
+      }
+      return grpc::Status::OK;
+    });
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&ingest);
+    std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+    ASSERT_NE(server, nullptr);
+    auto open = [&] {
+      auto client = DeviceClient::Open(
+          options_, grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
+                                        grpc::InsecureChannelCredentials()));
+      EXPECT_TRUE(client.ok()) << client.status();
+      return client.ok() ? *std::move(client) : nullptr;
+    };
+    std::unique_ptr<DeviceClient> client = open();
+    ASSERT_NE(client, nullptr);
+    client->Start();
+    constexpr int kBatches = 30;
+    std::multiset<double> sent;
+    int restarts = 0;
+    for (int b = 0; b < kBatches; ++b) {
+      std::vector<v1::VitalSample> samples =
+          Samples(static_cast<int>(testing::Uniform(device_rng, 1, 5)));
+      for (size_t i = 0; i < samples.size(); ++i) {
+        samples[i].set_value(b * 100 + static_cast<double>(i));
+        sent.insert(samples[i].value());
+      }
+      ASSERT_TRUE(client->Send(std::move(samples)).ok());
+      if (testing::Uniform(device_rng, 0, 6) == 0) {
+        absl::SleepFor(absl::Microseconds(testing::Uniform(device_rng, 0, 3000)));
+        client.reset();  // the device process ends; its buffer file stays
+        client = open();
+        ASSERT_NE(client, nullptr);
+        client->Start();
+        ++restarts;
+      }
+    }
+    ASSERT_TRUE(client->WaitUntilAcked(absl::Seconds(60)).ok());
+    client.reset();
+    server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+    std::multiset<double> stored;
+    for (const auto& [value, seq] : store.stored()) stored.insert(value);
+    EXPECT_EQ(stored, sent) << restarts << " restarts, " << lost_acks.load() << " acks lost";
+    if (HasFailure()) break;
+  }
 }
 
 // What a server's retry_after asks is waited on top of the jitter, not instead of it: devices a
