@@ -4,7 +4,10 @@
 
 #include <atomic>
 #include <filesystem>
+#include <cmath>
 #include <limits>
+#include <map>
+#include <random>
 #include <regex>
 #include <set>
 #include <thread>
@@ -34,6 +37,7 @@
 #include "tests/support/pg_fault_proxy.h"
 #include "tests/support/poll.h"
 #include "tests/support/directory_services.h"
+#include "tests/support/fuzz.h"
 #include "tests/support/test_stack.h"
 #include "tests/support/tenants.h"
 
@@ -845,6 +849,159 @@ TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(status.error_message(), HasSubstr("1001"));
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-validate'"), 2);
+}
+
+// Random batches over one stream: samples of several catalogue codes, valid or wrong in one way
+// (unknown code, wrong unit, just out of range, NaN or infinite, no time, minutes in the future,
+// weeks too old, a seq that does not increase, an impossible location), and now and then a batch
+// sent again. Each ack rejects exactly the samples the catalogue's rules reject, in order and with
+// their reasons; counts add up; valid samples above the device's cursor are stored and the others
+// are duplicates; and the shard ends up holding exactly the valid samples, once each. Seeded
+// (MEDGATE_FUZZ_SEED and MEDGATE_FUZZ_ROUNDS replay or extend it).
+TEST_F(IngestTest, RandomBatchesAreValidatedSampleBySampleAndStoredOnce) {
+  struct Kind {
+    const char* loinc;
+    const char* ucum;
+    double min, max;
+  };
+  static const Kind kKinds[] = {{"8867-4", "/min", 20, 300},
+                                {"2708-6", "%", 50, 100},
+                                {"29463-7", "kg", 0.3, 400},
+                                {"15074-8", "mmol/L", 0.5, 55}};
+  const uint64_t seed = testing::FuzzSeed();
+  const std::string device = absl::StrCat("dev-random-", seed % 100000);
+  MonitoredPatientWithDevice(absl::StrCat("random-batches-", seed % 100000), "FR", device);
+  auto stub = Ingest(Device("acme", device));
+  DeviceStream stream(*stub);
+  std::mt19937_64 rng = testing::FuzzRng(seed, 0);
+  uint64_t next_seq = 1;
+  uint64_t cursor = 0;                      // the device's highest stored seq, as modelled
+  std::map<uint64_t, double> expect_stored;  // seq -> value
+  std::vector<v1::VitalsBatch> sent;
+  std::map<std::string, int> reasons;
+  const int rounds = testing::FuzzRounds(60);
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    v1::VitalsBatch batch;
+    std::vector<v1::RejectReason> expected;  // per sample; UNSPECIFIED: valid
+    if (!sent.empty() && testing::Uniform(rng, 0, 7) == 0) {
+      batch = sent[testing::Uniform(rng, 0, sent.size() - 1)];  // sent again, as it was
+    } else {
+      batch.set_batch_seq(static_cast<uint64_t>(round) + 1);
+      const uint64_t n = testing::Uniform(rng, 1, 20);
+      for (uint64_t i = 0; i < n; ++i) {
+        const Kind& kind = kKinds[testing::Uniform(rng, 0, 3)];
+        v1::VitalSample* s = batch.add_samples();
+        s->set_seq(next_seq++);
+        s->set_loinc_code(kind.loinc);
+        s->set_ucum_unit(kind.ucum);
+        s->set_value(kind.min + (kind.max - kind.min) *
+                                    static_cast<double>(testing::Uniform(rng, 0, 1000)) / 1000);
+        *s->mutable_measured_at() =
+            Ts(absl::Now() + absl::Seconds(static_cast<int64_t>(testing::Uniform(rng, 0, 120))));
+        switch (testing::Uniform(rng, 0, 15)) {
+          case 0: s->set_loinc_code("1234-5"); break;
+          case 1: s->set_ucum_unit("bpm"); break;
+          case 2:
+            s->set_value(testing::Uniform(rng, 0, 1) == 0 ? kind.min - 0.01 : kind.max + 0.01);
+            break;
+          case 3:
+            s->set_value(testing::Uniform(rng, 0, 1) == 0
+                             ? std::nan("")
+                             : std::numeric_limits<double>::infinity());
+            break;
+          case 4: s->clear_measured_at(); break;
+          case 5:
+            *s->mutable_measured_at() = Ts(absl::Now() + absl::Minutes(static_cast<int64_t>(
+                                                             testing::Uniform(rng, 10, 60))));
+            break;
+          case 6:
+            *s->mutable_measured_at() = Ts(absl::Now() - absl::Hours(24 * static_cast<int64_t>(
+                                                             testing::Uniform(rng, 31, 90))));
+            break;
+          case 7:
+            if (s->seq() > 1) {
+              s->set_seq(s->seq() - testing::Uniform(rng, 1, std::min<uint64_t>(3, s->seq() - 1)));
+            }
+            break;
+          case 8:
+            s->mutable_location()->set_latitude(testing::Uniform(rng, 0, 1) == 0 ? 91 : -91);
+            break;
+          default:
+            break;
+        }
+      }
+    }
+    // The rules, in the order the catalogue applies them.
+    uint64_t previous = 0;
+    uint64_t highest_valid = 0;
+    for (const v1::VitalSample& s : batch.samples()) {
+      v1::RejectReason r = v1::REJECT_REASON_UNSPECIFIED;
+      const Kind* kind = nullptr;
+      for (const Kind& k : kKinds) {
+        if (s.loinc_code() == k.loinc) kind = &k;
+      }
+      const absl::Time t = absl::FromUnixSeconds(s.measured_at().seconds());
+      if (s.seq() == 0 || s.seq() <= previous) r = v1::REJECT_REASON_INVALID_SEQ;
+      else if (kind == nullptr) r = v1::REJECT_REASON_UNKNOWN_CODE;
+      else if (s.ucum_unit() != kind->ucum) r = v1::REJECT_REASON_WRONG_UNIT;
+      else if (!std::isfinite(s.value())) r = v1::REJECT_REASON_NOT_FINITE;
+      else if (s.value() < kind->min || s.value() > kind->max) r = v1::REJECT_REASON_OUT_OF_RANGE;
+      else if (!s.has_measured_at()) r = v1::REJECT_REASON_MISSING_TIME;
+      else if (t > absl::Now() + absl::Minutes(5)) r = v1::REJECT_REASON_TIME_IN_FUTURE;
+      else if (t < absl::Now() - absl::Hours(24 * 30)) r = v1::REJECT_REASON_TIME_TOO_OLD;
+      else if (s.has_location() && std::abs(s.location().latitude()) > 90) {
+        r = v1::REJECT_REASON_INVALID_LOCATION;
+      }
+      previous = std::max(previous, s.seq());
+      expected.push_back(r);
+      if (r == v1::REJECT_REASON_UNSPECIFIED) highest_valid = std::max(highest_valid, s.seq());
+    }
+    std::optional<v1::IngestAck> ack = stream.Send(batch);
+    ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+    ASSERT_FALSE(ack->has_retryable_error()) << ack->retryable_error().message();
+    std::vector<std::pair<uint32_t, v1::RejectReason>> want;
+    uint32_t stored = 0;
+    uint32_t duplicates = 0;
+    for (size_t i = 0; i < expected.size(); ++i) {
+      const v1::VitalSample& s = batch.samples(static_cast<int>(i));
+      if (expected[i] != v1::REJECT_REASON_UNSPECIFIED) {
+        want.emplace_back(static_cast<uint32_t>(i), expected[i]);
+        ++reasons[v1::RejectReason_Name(expected[i])];
+      } else if (s.seq() > cursor) {
+        ++stored;
+        expect_stored[s.seq()] = s.value();
+      } else {
+        ++duplicates;
+      }
+    }
+    cursor = std::max(cursor, highest_valid);
+    std::vector<std::pair<uint32_t, v1::RejectReason>> got;
+    for (const auto& r : ack->rejections()) got.emplace_back(r.sample_index(), r.reason());
+    EXPECT_EQ(got, want);
+    EXPECT_EQ(ack->stored_count(), stored);
+    EXPECT_EQ(ack->duplicate_count(), duplicates);
+    EXPECT_EQ(ack->rejected_count(), want.size());
+    if (stored + duplicates > 0) {
+      EXPECT_EQ(ack->highest_committed_seq(), cursor);
+    }
+    sent.push_back(batch);
+    if (HasFailure()) break;
+  }
+  EXPECT_TRUE(stream.Finish().ok());
+  std::map<uint64_t, double> in_shard;
+  {
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    for (const pqxx::row& row :
+         q.exec_params("SELECT seq, value FROM vitals WHERE device_id = $1", device)) {
+      EXPECT_TRUE(in_shard.emplace(row[0].as<uint64_t>(), row[1].as<double>()).second)
+          << "seq " << row[0].as<uint64_t>() << " stored twice";
+    }
+  }
+  EXPECT_EQ(in_shard, expect_stored);
+  for (const auto& [reason, n] : reasons) std::printf("%s: %d samples\n", reason.c_str(), n);
+  std::printf("stored: %zu samples\n", expect_stored.size());
 }
 
 // A batch's message is bounded before it is read (256 KiB: a thousand samples with every field at
