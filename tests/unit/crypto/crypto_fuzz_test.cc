@@ -4,6 +4,7 @@
 // flag, context or key) never decrypts: DATA_LOSS every time, and the untouched original
 // always does. Seeded: a failure names the MEDGATE_FUZZ_SEED and MEDGATE_FUZZ_ROUNDS that replay
 // it.
+#include <random>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -16,15 +17,9 @@
 namespace medgate::crypto {
 namespace {
 
-using ::medgate::testing::FuzzReplay;
-using ::medgate::testing::FuzzRng;
-using ::medgate::testing::FuzzRounds;
-using ::medgate::testing::FuzzSeed;
-using ::medgate::testing::Uniform;
-
 std::string RandomText(std::mt19937_64& rng, size_t n) {
   std::string out(n, '\0');
-  for (char& c : out) c = static_cast<char>(Uniform(rng, 0, 255));
+  for (char& c : out) c = static_cast<char>(testing::Uniform(rng, 0, 255));
   return out;
 }
 
@@ -32,25 +27,26 @@ std::string RandomText(std::mt19937_64& rng, size_t n) {
 // the same plaintext, which is genuine).
 std::string Altered(const std::string& sealed, const std::string& other, std::mt19937_64& rng) {
   std::string out = sealed;
-  switch (Uniform(rng, 0, 5)) {
+  switch (testing::Uniform(rng, 0, 5)) {
     case 0:  // one bit
-      out[Uniform(rng, 0, out.size() - 1)] ^= static_cast<char>(1 << Uniform(rng, 0, 7));
+      out[testing::Uniform(rng, 0, out.size() - 1)] ^=
+          static_cast<char>(1 << testing::Uniform(rng, 0, 7));
       break;
     case 1: {  // a few bytes overwritten with others
-      const size_t at = Uniform(rng, 0, out.size() - 1);
-      for (size_t i = at; i < std::min(out.size(), at + Uniform(rng, 1, 8)); ++i) {
-        out[i] = static_cast<char>(out[i] ^ static_cast<char>(Uniform(rng, 1, 255)));
+      const size_t at = testing::Uniform(rng, 0, out.size() - 1);
+      for (size_t i = at; i < std::min(out.size(), at + testing::Uniform(rng, 1, 8)); ++i) {
+        out[i] = static_cast<char>(out[i] ^ static_cast<char>(testing::Uniform(rng, 1, 255)));
       }
       break;
     }
     case 2:  // cut short
-      out.resize(Uniform(rng, 0, out.size() - 1));
+      out.resize(testing::Uniform(rng, 0, out.size() - 1));
       break;
     case 3:  // extended
-      out += RandomText(rng, Uniform(rng, 1, 32));
+      out += RandomText(rng, testing::Uniform(rng, 1, 32));
       break;
     case 4: {  // the head of one sealed message and the tail of another
-      const size_t at = Uniform(rng, 1, std::min(out.size(), other.size()) - 1);
+      const size_t at = testing::Uniform(rng, 1, std::min(out.size(), other.size()) - 1);
       out = sealed.substr(0, at) + other.substr(at);
       break;
     }
@@ -62,16 +58,16 @@ std::string Altered(const std::string& sealed, const std::string& other, std::mt
 }
 
 TEST(CryptoFuzzTest, AChunkChangedOrReadElsewhereNeverDecrypts) {
-  const uint64_t seed = FuzzSeed();
-  const int rounds = FuzzRounds(500);
+  const uint64_t seed = testing::FuzzSeed();
+  const int rounds = testing::FuzzRounds(500);
   for (int round = 0; round < rounds; ++round) {
-    SCOPED_TRACE(FuzzReplay(seed, round));
-    std::mt19937_64 rng = FuzzRng(seed, round);
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
     const SecretKey key = *SecretKey::FromBytes(RandomText(rng, kKeyBytes));
-    const std::string record_id = "rec-" + std::to_string(Uniform(rng, 0, 1000000));
-    const uint32_t index = static_cast<uint32_t>(Uniform(rng, 0, 5000));
-    const bool last = Uniform(rng, 0, 1) == 1;
-    const std::string plaintext = RandomText(rng, Uniform(rng, 1, 3000));
+    const std::string record_id = "rec-" + std::to_string(testing::Uniform(rng, 0, 1000000));
+    const uint32_t index = static_cast<uint32_t>(testing::Uniform(rng, 0, 5000));
+    const bool last = testing::Uniform(rng, 0, 1) == 1;
+    const std::string plaintext = RandomText(rng, testing::Uniform(rng, 1, 3000));
     absl::StatusOr<std::string> sealed = EncryptChunk(key, record_id, index, last, plaintext);
     ASSERT_TRUE(sealed.ok()) << sealed.status();
     absl::StatusOr<std::string> other = EncryptChunk(key, record_id, index, last, plaintext);
@@ -86,15 +82,15 @@ TEST(CryptoFuzzTest, AChunkChangedOrReadElsewhereNeverDecrypts) {
     uint32_t at = index;
     bool is_last = last;
     SecretKey under = key;
-    switch (Uniform(rng, 0, 4)) {
+    switch (testing::Uniform(rng, 0, 4)) {
       case 0:
         bytes = Altered(*sealed, *other, rng);
         break;
       case 1:
-        id = record_id + std::string(1, static_cast<char>(Uniform(rng, 0, 255)));
+        id = record_id + std::string(1, static_cast<char>(testing::Uniform(rng, 0, 255)));
         break;
       case 2:
-        at = index ^ static_cast<uint32_t>(1u << Uniform(rng, 0, 31));
+        at = index ^ static_cast<uint32_t>(1u << testing::Uniform(rng, 0, 31));
         break;
       case 3:
         is_last = !last;
@@ -110,14 +106,14 @@ TEST(CryptoFuzzTest, AChunkChangedOrReadElsewhereNeverDecrypts) {
 }
 
 TEST(CryptoFuzzTest, AWrappedKeyChangedOrReadForAnotherOwnerNeverUnwraps) {
-  const uint64_t seed = FuzzSeed();
-  const int rounds = FuzzRounds(500);
+  const uint64_t seed = testing::FuzzSeed();
+  const int rounds = testing::FuzzRounds(500);
   for (int round = 0; round < rounds; ++round) {
-    SCOPED_TRACE(FuzzReplay(seed, round));
-    std::mt19937_64 rng = FuzzRng(seed, round);
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
     LocalKeyEncryptionKey kek(*SecretKey::FromBytes(RandomText(rng, kKeyBytes)));
     const SecretKey data_key = *SecretKey::FromBytes(RandomText(rng, kKeyBytes));
-    const std::string context = "patient-" + std::to_string(Uniform(rng, 0, 1000000));
+    const std::string context = "patient-" + std::to_string(testing::Uniform(rng, 0, 1000000));
     absl::StatusOr<std::string> wrapped = kek.Wrap(data_key, context);
     ASSERT_TRUE(wrapped.ok()) << wrapped.status();
     absl::StatusOr<std::string> other = kek.Wrap(data_key, context);
@@ -127,13 +123,13 @@ TEST(CryptoFuzzTest, AWrappedKeyChangedOrReadForAnotherOwnerNeverUnwraps) {
     EXPECT_EQ(whole->bytes(), data_key.bytes());
 
     absl::StatusOr<SecretKey> read;
-    switch (Uniform(rng, 0, 2)) {
+    switch (testing::Uniform(rng, 0, 2)) {
       case 0:
         read = kek.Unwrap(Altered(*wrapped, *other, rng), context);
         break;
       case 1:
-        read = kek.Unwrap(*wrapped,
-                          context + std::string(1, static_cast<char>(Uniform(rng, 0, 255))));
+        read = kek.Unwrap(
+            *wrapped, context + std::string(1, static_cast<char>(testing::Uniform(rng, 0, 255))));
         break;
       default: {
         LocalKeyEncryptionKey another(*SecretKey::FromBytes(RandomText(rng, kKeyBytes)));
@@ -148,14 +144,15 @@ TEST(CryptoFuzzTest, AWrappedKeyChangedOrReadForAnotherOwnerNeverUnwraps) {
 
 // Bytes that were never sealed, of any length, are refused as damage, not read past or crashed on.
 TEST(CryptoFuzzTest, BytesNeverSealedAreDataLoss) {
-  const uint64_t seed = FuzzSeed();
-  const int rounds = FuzzRounds(2000);
+  const uint64_t seed = testing::FuzzSeed();
+  const int rounds = testing::FuzzRounds(2000);
   const SecretKey key = SecretKey::Random();
   for (int round = 0; round < rounds; ++round) {
-    SCOPED_TRACE(FuzzReplay(seed, round));
-    std::mt19937_64 rng = FuzzRng(seed, round);
-    std::string bytes = RandomText(rng, Uniform(rng, 0, 80));
-    if (!bytes.empty() && Uniform(rng, 0, 1) == 1) bytes[0] = 1;  // the format's version byte
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
+    std::string bytes = RandomText(rng, testing::Uniform(rng, 0, 80));
+    if (!bytes.empty() && testing::Uniform(rng, 0, 1) == 1)
+      bytes[0] = 1;  // the format's version byte
     EXPECT_EQ(Open(key, "aad", bytes).status().code(), absl::StatusCode::kDataLoss);
     EXPECT_EQ(DecryptChunk(key, "rec", 0, true, bytes).status().code(),
               absl::StatusCode::kDataLoss);

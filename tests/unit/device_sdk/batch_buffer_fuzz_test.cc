@@ -14,6 +14,7 @@
 #include <iterator>
 #include <limits>
 #include <map>
+#include <random>
 #include <set>
 #include <string>
 #include <vector>
@@ -25,12 +26,6 @@
 
 namespace medgate::device {
 namespace {
-
-using ::medgate::testing::FuzzReplay;
-using ::medgate::testing::FuzzRng;
-using ::medgate::testing::FuzzRounds;
-using ::medgate::testing::FuzzSeed;
-using ::medgate::testing::Uniform;
 
 // The file format (batch_buffer.h): [u32 length][u8 type | 0x80][u32 header sum][u32 payload
 // sum][payload]; types 1 batch, 2 ack, 3 counters.
@@ -73,13 +68,14 @@ struct Scenario {
 v1::VitalsBatch RandomBatch(std::mt19937_64& rng) {
   static const char* const kCodes[] = {"8867-4", "2708-6", "8480-6", "8310-5", "2339-0"};
   v1::VitalsBatch batch;
-  const uint64_t samples = Uniform(rng, 1, 40);
+  const uint64_t samples = testing::Uniform(rng, 1, 40);
   for (uint64_t i = 0; i < samples; ++i) {
     v1::VitalSample* s = batch.add_samples();
-    s->set_loinc_code(kCodes[Uniform(rng, 0, 4)]);
-    s->set_value(static_cast<double>(Uniform(rng, 0, 100000)) / 100.0);
+    s->set_loinc_code(kCodes[testing::Uniform(rng, 0, 4)]);
+    s->set_value(static_cast<double>(testing::Uniform(rng, 0, 100000)) / 100.0);
     s->set_ucum_unit("/min");
-    s->mutable_measured_at()->set_seconds(static_cast<int64_t>(Uniform(rng, 1.7e9, 1.8e9)));
+    s->mutable_measured_at()->set_seconds(
+        static_cast<int64_t>(testing::Uniform(rng, 1.7e9, 1.8e9)));
   }
   return batch;
 }
@@ -92,14 +88,14 @@ Scenario MakeScenario(const std::string& path, std::mt19937_64& rng) {
     auto buffer = BatchBuffer::Open(path, 64);
     EXPECT_TRUE(buffer.ok()) << buffer.status();
     if (!buffer.ok()) return scenario;
-    const uint64_t batches = Uniform(rng, 1, 12);
+    const uint64_t batches = testing::Uniform(rng, 1, 12);
     for (uint64_t i = 0; i < batches; ++i) {
       absl::StatusOr<uint64_t> seq = (*buffer)->Seal(RandomBatch(rng));
       EXPECT_TRUE(seq.ok()) << seq.status();
       scenario.sealed[*seq] = (*buffer)->pending().back().SerializeAsString();
-      if (Uniform(rng, 0, 9) < 4) {
+      if (testing::Uniform(rng, 0, 9) < 4) {
         const auto& pending = (*buffer)->pending();
-        const uint64_t acked = pending[Uniform(rng, 0, pending.size() - 1)].batch_seq();
+        const uint64_t acked = pending[testing::Uniform(rng, 0, pending.size() - 1)].batch_seq();
         EXPECT_TRUE((*buffer)->Ack(acked).ok());
       }
     }
@@ -152,47 +148,50 @@ bool TornShape(const Scenario& scenario, const std::string& damaged, size_t firs
 std::string Damage(const Scenario& scenario, std::mt19937_64& rng, int depth = 0) {
   std::string bytes = scenario.bytes;
   const size_t size = bytes.size();
-  const uint64_t kind = Uniform(rng, 0, depth == 0 ? 9 : 8);
+  const uint64_t kind = testing::Uniform(rng, 0, depth == 0 ? 9 : 8);
   switch (kind) {
     case 0:  // one bit flipped
-      bytes[Uniform(rng, 0, size - 1)] ^= static_cast<char>(1 << Uniform(rng, 0, 7));
+      bytes[testing::Uniform(rng, 0, size - 1)] ^=
+          static_cast<char>(1 << testing::Uniform(rng, 0, 7));
       break;
     case 1: {  // a few bytes overwritten
-      const size_t at = Uniform(rng, 0, size - 1);
-      const size_t n = std::min<size_t>(Uniform(rng, 1, 16), size - at);
-      for (size_t i = 0; i < n; ++i) bytes[at + i] = static_cast<char>(Uniform(rng, 0, 255));
+      const size_t at = testing::Uniform(rng, 0, size - 1);
+      const size_t n = std::min<size_t>(testing::Uniform(rng, 1, 16), size - at);
+      for (size_t i = 0; i < n; ++i)
+        bytes[at + i] = static_cast<char>(testing::Uniform(rng, 0, 255));
       break;
     }
     case 2: {  // a range zeroed
-      const size_t at = Uniform(rng, 0, size - 1);
-      const size_t n = std::min<size_t>(Uniform(rng, 1, 1500), size - at);
+      const size_t at = testing::Uniform(rng, 0, size - 1);
+      const size_t n = std::min<size_t>(testing::Uniform(rng, 1, 1500), size - at);
       std::fill_n(bytes.begin() + static_cast<std::ptrdiff_t>(at), n, '\0');
       break;
     }
     case 3:  // cut short
-      bytes.resize(Uniform(rng, 0, size - 1));
+      bytes.resize(testing::Uniform(rng, 0, size - 1));
       break;
     case 4: {  // garbage after the end
-      const size_t n = Uniform(rng, 1, 64);
-      for (size_t i = 0; i < n; ++i) bytes.push_back(static_cast<char>(Uniform(rng, 0, 255)));
+      const size_t n = testing::Uniform(rng, 1, 64);
+      for (size_t i = 0; i < n; ++i)
+        bytes.push_back(static_cast<char>(testing::Uniform(rng, 0, 255)));
       break;
     }
     case 5:  // zeros after the end (a file grown by a write that did not reach the disk)
-      bytes.append(Uniform(rng, 1, 4096), '\0');
+      bytes.append(testing::Uniform(rng, 1, 4096), '\0');
       break;
     case 6: {  // a byte of a record's header (length, type or sums)
-      const Record& r = scenario.records[Uniform(rng, 0, scenario.records.size() - 1)];
-      const size_t at = r.begin + Uniform(rng, 0, kRecordHeader - 1);
-      if (at < size) bytes[at] = static_cast<char>(Uniform(rng, 0, 255));
+      const Record& r = scenario.records[testing::Uniform(rng, 0, scenario.records.size() - 1)];
+      const size_t at = r.begin + testing::Uniform(rng, 0, kRecordHeader - 1);
+      if (at < size) bytes[at] = static_cast<char>(testing::Uniform(rng, 0, 255));
       break;
     }
     case 7: {  // zeros from somewhere to the end (a torn write of the last sectors)
-      const size_t at = Uniform(rng, 0, size - 1);
+      const size_t at = testing::Uniform(rng, 0, size - 1);
       std::fill(bytes.begin() + static_cast<std::ptrdiff_t>(at), bytes.end(), '\0');
       break;
     }
     case 8: {  // a record's type read as one of a file written before records had sums
-      const Record& r = scenario.records[Uniform(rng, 0, scenario.records.size() - 1)];
+      const Record& r = scenario.records[testing::Uniform(rng, 0, scenario.records.size() - 1)];
       if (r.begin + 4 < size) bytes[r.begin + 4] &= 0x7f;
       break;
     }
@@ -234,19 +233,19 @@ class BatchBufferFuzzTest : public ::testing::Test {
 };
 
 TEST_F(BatchBufferFuzzTest, DamageAnywhereLosesNothingBeforeItAndAltersNothing) {
-  const uint64_t seed = FuzzSeed();
+  const uint64_t seed = testing::FuzzSeed();
   constexpr int kScenarios = 8;
   std::vector<Scenario> scenarios;
   for (int i = 0; i < kScenarios; ++i) {
-    std::mt19937_64 rng = FuzzRng(seed, -1 - i);
+    std::mt19937_64 rng = testing::FuzzRng(seed, -1 - i);
     scenarios.push_back(MakeScenario(path_, rng));
     ASSERT_FALSE(HasFailure());
   }
   std::map<std::string, int> outcomes;
-  const int rounds = FuzzRounds(400);
+  const int rounds = testing::FuzzRounds(400);
   for (int round = 0; round < rounds; ++round) {
-    SCOPED_TRACE(FuzzReplay(seed, round));
-    std::mt19937_64 rng = FuzzRng(seed, round);
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
     const Scenario& scenario = scenarios[static_cast<size_t>(round) % kScenarios];
     const std::string damaged = Damage(scenario, rng);
     size_t first_change = 0;
@@ -286,8 +285,8 @@ TEST_F(BatchBufferFuzzTest, DamageAnywhereLosesNothingBeforeItAndAltersNothing) 
         kept_bytes.push_back(batch.SerializeAsString());
       }
       for (uint64_t seq : must_keep) {
-        EXPECT_TRUE(kept.count(seq)) << "batch " << seq << " lost, its record before the damage at "
-                                     << first_change;
+        EXPECT_TRUE(kept.count(seq))
+            << "batch " << seq << " lost, its record before the damage at " << first_change;
       }
       for (uint64_t seq : acked_before) {
         EXPECT_FALSE(kept.count(seq)) << "batch " << seq << " acked before the damage came back";
