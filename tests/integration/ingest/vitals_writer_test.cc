@@ -435,7 +435,8 @@ TEST_F(VitalsWriterTest, RandomConcurrentResendsAreStoredOnceAndCountedAsStored)
     }
     {
       std::unique_lock<std::mutex> lock(mu);
-      ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return answered == kBatches; }));
+      ASSERT_TRUE(
+          cv.wait_for(lock, std::chrono::seconds(60), [&] { return answered == kBatches; }));
     }
     // What the outcomes claim was stored: (device, seq) -> the batch that stored it.
     std::map<std::pair<std::string, uint64_t>, int> claimed;
