@@ -1463,6 +1463,118 @@ TEST_F(IngestTest, AStreamSupersededWhileItWaitsForItsReadEndsAtOnce) {
 // A page of ReadVitals reads about a page of rows per code asked for, however long the patient's
 // history: each code is walked in time order through vitals_patient_code_time, not the whole time
 // range gathered and sorted for every page. And the pages, put together, are that history in order.
+// Random reads of one patient's readings, page after page: a random set of codes (or none: every
+// code), a random time range (either bound unset, the start inclusive, the end exclusive) and a
+// random page size, over readings of three devices that share measurement times and seqs. The
+// pages together are exactly the rows the shard holds for the request, in (measured_at, device,
+// seq) order, none twice, and no call returns more than its page size. Seeded
+// (MEDGATE_FUZZ_SEED and MEDGATE_FUZZ_ROUNDS replay or extend it).
+TEST_F(IngestTest, RandomReadsPageThroughExactlyTheRequestedReadingsInOrder) {
+  const uint64_t seed = testing::FuzzSeed();
+  const std::string patient =
+      PatientWithDevice(absl::StrCat("random-reads-", seed % 100000), "FR", "dev-random-reads");
+  Grant(patient, v1::PURPOSE_CARE);
+  static const char* const kCodes[] = {"8867-4", "9279-1", "8310-5", "2708-6"};
+  static const char* const kUnits[] = {"/min", "/min", "Cel", "%"};
+  const absl::Time base = absl::FromUnixSeconds(absl::ToUnixSeconds(absl::Now()) - 86400);
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  {
+    // 300 readings at 40 distinct times a second apart: many share a time, some a time and a
+    // device (two seqs), and the devices' seqs overlap.
+    std::mt19937_64 rng = testing::FuzzRng(seed, -1);
+    pqxx::work txn(c);
+    for (int i = 0; i < 300; ++i) {
+      const int device = i % 3;  // seqs 1..100 for each device
+      const int code = static_cast<int>(testing::Uniform(rng, 0, 3));
+      txn.exec_params0(
+          "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+          "measured_at) VALUES ('acme', $1, $2, $3, $4, 50, $5, "
+          "to_timestamp($6::double precision))",
+          absl::StrCat("dev-random-reads-", device), i / 3 + 1, patient,
+          kCodes[code], kUnits[code],
+          static_cast<double>(absl::ToUnixSeconds(base) +
+                              static_cast<int64_t>(testing::Uniform(rng, 0, 39))));
+    }
+    txn.commit();
+  }
+  const int rounds = testing::FuzzRounds(25);
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
+    std::vector<std::string> codes;
+    for (const char* code : kCodes) {
+      if (testing::Uniform(rng, 0, 2) == 0) codes.push_back(code);
+    }
+    std::optional<absl::Time> from;
+    std::optional<absl::Time> until;
+    if (testing::Uniform(rng, 0, 2) != 0) {
+      from = base + absl::Seconds(static_cast<int64_t>(testing::Uniform(rng, 0, 30)));
+    }
+    if (testing::Uniform(rng, 0, 2) != 0) {
+      until = (from ? *from : base) +
+              absl::Seconds(static_cast<int64_t>(testing::Uniform(rng, 1, 30)));
+    }
+    const int page_size = static_cast<int>(testing::Uniform(rng, 1, 40));
+    std::string where = "patient_id = " + c.quote(patient);
+    if (!codes.empty()) where += " AND loinc = ANY(" + c.quote(pg::TextArrayLiteral(codes)) + ")";
+    if (from) {
+      where += absl::StrCat(" AND measured_at >= to_timestamp(", absl::ToUnixSeconds(*from), ")");
+    }
+    if (until) {
+      where += absl::StrCat(" AND measured_at < to_timestamp(", absl::ToUnixSeconds(*until), ")");
+    }
+    std::vector<std::string> expected;
+    {
+      pqxx::nontransaction q(c);
+      for (const pqxx::row& row :
+           q.exec("SELECT device_id || ':' || seq FROM vitals WHERE " + where +
+                  " ORDER BY measured_at, device_id, seq")) {
+        expected.push_back(row[0].as<std::string>());
+      }
+    }
+    std::vector<std::string> got;
+    std::string token;
+    for (int calls = 1;; ++calls) {
+      ASSERT_LT(calls, 2000) << "pages never end";
+      v1::ReadVitalsRequest request;
+      request.set_patient_id(patient);
+      request.set_purpose(v1::PURPOSE_CARE);
+      for (const std::string& code : codes) request.add_loinc_codes(code);
+      if (from) *request.mutable_time_range()->mutable_start_at() = Ts(*from);
+      if (until) *request.mutable_time_range()->mutable_end_at() = Ts(*until);
+      request.set_page_size(page_size);
+      request.set_page_token(token);
+      grpc::ClientContext context;
+      auto reader = Ingest(pki().practitioner())->ReadVitals(&context, request);
+      v1::ReadVitalsResponse response;
+      const size_t before = got.size();
+      const std::string asked = token;
+      token.clear();
+      size_t in_call = 0;
+      while (reader->Read(&response)) {
+        for (const v1::VitalReading& r : response.readings()) {
+          got.push_back(absl::StrCat(r.device_id(), ":", r.sample().seq()));
+          ++in_call;
+        }
+        if (!response.next_page_token().empty()) token = response.next_page_token();
+      }
+      const grpc::Status status = reader->Finish();
+      if (status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+        // The tenant's call rate (a read counts as 10 calls), met by a long run: the page again.
+        got.resize(before);
+        token = asked;
+        absl::SleepFor(absl::Milliseconds(100));
+        continue;
+      }
+      ASSERT_TRUE(status.ok()) << status.error_message();
+      EXPECT_LE(in_call, static_cast<size_t>(page_size));
+      if (token.empty()) break;
+    }
+    EXPECT_EQ(got, expected) << codes.size() << " codes, page size " << page_size;
+    if (HasFailure()) break;
+  }
+}
+
 TEST_F(IngestTest, AReadVitalsPageReadsAboutAPageOfRowsPerCodeAndPagesKeepOrder) {
   std::string patient = PatientWithDevice("long-history", "FR", "dev-long-history");
   Grant(patient, v1::PURPOSE_CARE);
