@@ -236,6 +236,7 @@ class SharingTest : public ::testing::Test {
              {"acme-p2", "/tenant/acme/practitioner/p-2"},
              {"acme-p3", "/tenant/acme/practitioner/p-3"},
              {"acme-p4", "/tenant/acme/practitioner/p-4"},
+             {"acme-p5", "/tenant/acme/practitioner/p-5"},
              {"initech-p", "/tenant/initech/practitioner/i-1"},
              {"umbrella-p", "/tenant/umbrella/practitioner/u-1"},
              {"tiny-p", "/tenant/tiny/practitioner/t-1"},
@@ -1561,6 +1562,92 @@ TEST_F(SharingTest, RandomUploadStreamsAreStoredExactlyWhenWellFormed) {
     if (HasFailure()) break;
   }
   for (const auto& [outcome, n] : outcomes) std::printf("%s: %d rounds\n", outcome.c_str(), n);
+}
+
+// Random listings of one practitioner's records, page after page: records of patients in three
+// regions, of three kinds, some archived; a random kind filter or none, archived ones included or
+// not, MINE or one patient's, page sizes 1 to 7. The pages together are exactly the records that
+// match, newest first, none twice, no page over its size. Seeded (MEDGATE_FUZZ_SEED and
+// MEDGATE_FUZZ_ROUNDS replay or extend it).
+TEST_F(SharingTest, RandomListingsPageThroughExactlyTheMatchingRecordsNewestFirst) {
+  const TestCert& owner = Cert("acme-p5");
+  const uint64_t seed = testing::FuzzSeed();
+  const std::vector<std::string> patients = {
+      Place(absl::StrCat("random-list-fr-", seed % 100000), "FR"),
+      Place(absl::StrCat("random-list-de-", seed % 100000), "DE"),
+      Place(absl::StrCat("random-list-be-", seed % 100000), "BE")};
+  static const v1::RecordKind kKinds[] = {v1::RECORD_KIND_DOCUMENT, v1::RECORD_KIND_IMAGING,
+                                          v1::RECORD_KIND_REPORT};
+  struct Uploaded {
+    std::string patient;
+    v1::RecordKind kind;
+    bool archived = false;
+  };
+  std::map<std::string, Uploaded> uploaded;
+  {
+    std::mt19937_64 rng = testing::FuzzRng(seed, -1);
+    for (int i = 0; i < 24; ++i) {
+      UploadSpec spec;
+      spec.patient_id = patients[testing::Uniform(rng, 0, 2)];
+      spec.kind = kKinds[testing::Uniform(rng, 0, 2)];
+      spec.content = absl::StrCat("listed record ", seed, "-", i);
+      const std::string id = UploadOk(owner, spec);
+      ASSERT_FALSE(id.empty());
+      Uploaded u{spec.patient_id, spec.kind};
+      if (testing::Uniform(rng, 0, 3) == 0) {
+        ASSERT_TRUE(Archive(owner, id, absl::Now() + absl::Hours(24)).ok());
+        u.archived = true;
+      }
+      uploaded[id] = u;
+    }
+  }
+  const int rounds = testing::FuzzRounds(20);
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
+    const bool by_patient = testing::Uniform(rng, 0, 2) == 0;
+    const std::string patient = by_patient ? patients[testing::Uniform(rng, 0, 2)] : "";
+    const v1::RecordKind kind = testing::Uniform(rng, 0, 1) == 0
+                                    ? v1::RECORD_KIND_UNSPECIFIED
+                                    : kKinds[testing::Uniform(rng, 0, 2)];
+    const bool include_archived = testing::Uniform(rng, 0, 1) == 0;
+    const int page_size = static_cast<int>(testing::Uniform(rng, 1, 7));
+    std::set<std::string> expected;
+    for (const auto& [id, u] : uploaded) {
+      if ((patient.empty() || u.patient == patient) &&
+          (kind == v1::RECORD_KIND_UNSPECIFIED || u.kind == kind) &&
+          (include_archived || !u.archived)) {
+        expected.insert(id);
+      }
+    }
+    std::vector<std::string> got;
+    std::optional<absl::Time> last_created;
+    std::string token;
+    for (int page = 1;; ++page) {
+      ASSERT_LT(page, 200) << "pages never end";
+      absl::StatusOr<v1::ListRecordsResponse> listed =
+          List(owner, by_patient ? v1::RECORD_SCOPE_PATIENT : v1::RECORD_SCOPE_MINE, patient,
+               page_size, token, include_archived, kind);
+      ASSERT_TRUE(listed.ok()) << listed.status();
+      EXPECT_LE(listed->records_size(), page_size);
+      for (const v1::Record& r : listed->records()) {
+        got.push_back(r.record_id());
+        const absl::Time created = absl::FromUnixSeconds(r.created_at().seconds()) +
+                                   absl::Nanoseconds(r.created_at().nanos());
+        if (last_created) {
+          EXPECT_LE(created, *last_created) << "not newest first";
+        }
+        last_created = created;
+      }
+      token = listed->next_page_token();
+      if (token.empty()) break;
+    }
+    const std::set<std::string> got_set(got.begin(), got.end());
+    EXPECT_EQ(got_set.size(), got.size()) << "a record listed twice";
+    EXPECT_EQ(got_set, expected) << (by_patient ? "one patient's" : "mine") << ", page size "
+                                 << page_size << (include_archived ? ", archived too" : "");
+    if (HasFailure()) break;
+  }
 }
 
 // A patient's key is created by the first upload that stores a record, in that record's
