@@ -1650,6 +1650,105 @@ TEST_F(SharingTest, RandomListingsPageThroughExactlyTheMatchingRecordsNewestFirs
   }
 }
 
+// Random pages through a region's log by ops, and through one patient's entries by the app,
+// filtered by actor or not, page sizes 1 to 12, while uploads keep appending entries to the same
+// log. Every entry that matched before the paging began is on a page, in seq order, none twice,
+// and every entry listed matches the request. Seeded (MEDGATE_FUZZ_SEED and MEDGATE_FUZZ_ROUNDS
+// replay or extend it); how the appends fall among the pages is the machine's timing.
+TEST_F(SharingTest, RandomAuditPagesWhileEntriesArriveMissNoneAndRepeatNone) {
+  const uint64_t seed = testing::FuzzSeed();
+  const std::string patient = Place(absl::StrCat("random-audit-", seed % 100000), "FR");
+  auto upload = [&](const std::string& content) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = content;
+    return Upload(pki_->practitioner(), spec).ok();
+  };
+  int appended = 0;
+  const int rounds = testing::FuzzRounds(10);
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
+    // Each round reads from its own start: the entries of its first uploads, and those of the
+    // uploads that go on while it reads.
+    const absl::Time since = absl::Now() - absl::Milliseconds(1);
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(upload(absl::StrCat("audited ", round, "-", i)));
+    std::atomic<bool> stop{false};
+    std::atomic<int> arriving{0};
+    std::thread appender([&] {
+      for (int i = 0; !stop.load(); ++i) {
+        if (upload(absl::StrCat("arriving ", round, "-", i))) arriving.fetch_add(1);
+      }
+    });
+    absl::Cleanup join = [&] {
+      stop.store(true);
+      appender.join();
+      appended += arriving.load();
+    };
+    const bool whole_log = testing::Uniform(rng, 0, 1) == 0;
+    // Unfiltered, or the uploading practitioner's entries only (among the upload's own reads).
+    const std::string actor =
+        testing::Uniform(rng, 0, 1) == 0 ? "" : Id("/tenant/acme/practitioner/p-1");
+    const int page_size = static_cast<int>(testing::Uniform(rng, 1, 12));
+    v1::QueryAuditRequest request;
+    if (whole_log) {
+      request.mutable_log()->set_region_id("fr-1");
+    } else {
+      request.set_patient_id(patient);
+    }
+    *request.mutable_time_range()->mutable_start_at() = ToProtoTimestamp(since);
+    request.set_actor(actor);
+    request.set_page_size(page_size);
+    // What matches now, by the shard itself.
+    std::set<int64_t> before;
+    {
+      pqxx::connection c(ConnInfo("fr-1"));
+      pqxx::nontransaction q(c);
+      for (const pqxx::row& row : q.exec_params(
+               "SELECT seq FROM audit_log WHERE at_us >= $1 AND ($2 = '' OR patient_id = $2) "
+               "AND ($3 = '' OR actor = $3)",
+               absl::ToUnixMicros(since), whole_log ? "" : patient, actor)) {
+        before.insert(row[0].as<int64_t>());
+      }
+    }
+    ASSERT_FALSE(before.empty());
+    std::vector<int64_t> listed;
+    for (int page = 1;; ++page) {
+      ASSERT_LT(page, 2000) << "pages never end";
+      absl::StatusOr<v1::QueryAuditResponse> response =
+          QueryAudit(whole_log ? pki_->ops() : pki_->app(), request);
+      ASSERT_TRUE(response.ok()) << response.status();
+      EXPECT_LE(response->entries_size(), page_size);
+      for (const v1::AuditEntry& e : response->entries()) {
+        if (!listed.empty()) {
+          EXPECT_GT(static_cast<int64_t>(e.seq()), listed.back()) << "out of order or twice";
+        }
+        listed.push_back(static_cast<int64_t>(e.seq()));
+        if (!whole_log) {
+          EXPECT_EQ(e.patient_id(), patient);
+        }
+        if (!actor.empty()) {
+          EXPECT_EQ(e.actor(), actor);
+        }
+      }
+      // Past the entries that were there to begin with, enough: the log keeps growing.
+      if (response->next_page_token().empty() ||
+          (!listed.empty() && listed.back() >= *before.rbegin())) {
+        break;
+      }
+      request.set_page_token(response->next_page_token());
+    }
+    std::move(join).Invoke();
+    for (int64_t seq : before) {
+      EXPECT_TRUE(std::binary_search(listed.begin(), listed.end(), seq))
+          << "entry " << seq << " missing; " << (whole_log ? "the log" : "the patient's")
+          << (actor.empty() ? "" : ", by actor") << ", page size " << page_size;
+    }
+    if (HasFailure()) break;
+  }
+  std::printf("%d uploads appended entries while the pages were read\n", appended);
+}
+
 // A patient's key is created by the first upload that stores a record, in that record's
 // transaction: an upload that fails, even after the key was written, leaves no key behind, and
 // concurrent first uploads end up with one key.
