@@ -5,6 +5,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <random>
 #include <thread>
 
 #include <gmock/gmock.h>
@@ -14,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "libs/audit/audit_log.h"
 #include "libs/common/grpc_status.h"
+#include "libs/consent_client/consent_decision.h"
 #include "libs/identity/credentials.h"
 #include "libs/migrate/migrate.h"
 #include "libs/server/rpc_util.h"
@@ -21,6 +23,7 @@
 #include "medgate/v1/routing.grpc.pb.h"
 #include "services/consent/consent_server.h"
 #include "services/routing/routing_server.h"
+#include "tests/support/fuzz.h"
 #include "tests/support/health_check.h"
 #include "tests/support/poll.h"
 #include "tests/support/pg_cluster.h"
@@ -399,6 +402,120 @@ TEST_F(ConsentTest, GrantThenCheckAccessPermitsAndDefaultIsDeny) {
   auto other = Check(*Stub(pki_->service(), b_), patient, v1::PURPOSE_CARE, App());
   ASSERT_TRUE(other.ok()) << other.status();
   EXPECT_EQ(other->decision(), v1::DECISION_PERMIT);
+}
+
+// Random grants (tenant-wide or narrowed to a practitioner or an app, started or starting later,
+// open-ended or ending later) and revocations of one patient's consents, each followed by
+// CheckAccess for random purposes and actors (of the tenant, a device, another tenant's):
+// every answer is the decision the pure library gives over the versions the test recorded, the
+// consent and version it rests on included; and the history lists every version, numbered from 1
+// without a gap, in the states recorded. Seeded (MEDGATE_FUZZ_SEED and MEDGATE_FUZZ_ROUNDS).
+TEST_F(ConsentTest, RandomGrantsAndRevocationsDecideAsRecorded) {
+  const uint64_t seed = testing::FuzzSeed();
+  const std::string patient = Place(absl::StrCat("random-consents-", seed % 100000), "FR");
+  auto service = Stub(pki_->service());
+  const v1::Purpose purposes[] = {v1::PURPOSE_CARE, v1::PURPOSE_REMOTE_MONITORING,
+                                  v1::PURPOSE_RESEARCH};
+  const std::string narrowed_to[] = {"", Practitioner(), App()};
+  const std::string askers[] = {Practitioner(), App(), Device(), GlobexPractitioner(),
+                                pki_->SpiffeId("/tenant/acme/practitioner/p-2")};
+  struct Recorded {
+    std::string consent_id;
+    int64_t version = 0;
+    bool revoked = false;
+    absl::Time from = absl::InfinitePast();
+    absl::Time until = absl::InfiniteFuture();
+    std::vector<v1::ConsentState> states;  // of each version, oldest first
+  };
+  std::map<std::pair<int, int>, Recorded> recorded;  // (purpose, actor) -> latest version
+  const absl::Time now = absl::Now();
+  const int rounds = testing::FuzzRounds(40);
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
+    const int p = static_cast<int>(testing::Uniform(rng, 0, 2));
+    const int a = static_cast<int>(testing::Uniform(rng, 0, 2));
+    auto found = recorded.find({p, a});
+    if (found != recorded.end() && testing::Uniform(rng, 0, 2) == 0) {
+      auto revoked = Revoke(*Stub(pki_->app()), ByKey(patient, purposes[p], narrowed_to[a]));
+      ASSERT_TRUE(revoked.ok()) << revoked.status();
+      EXPECT_EQ(revoked->already_revoked(), found->second.revoked);
+      if (!found->second.revoked) {
+        found->second.revoked = true;
+        found->second.version++;
+        found->second.states.push_back(v1::CONSENT_STATE_REVOKED);
+      }
+      EXPECT_EQ(revoked->version(), found->second.version);
+    } else {
+      GrantArgs args(patient);
+      args.WithPurpose(purposes[p]).WithActor(narrowed_to[a]);
+      args.WithRequestId(absl::StrCat("random-grant-", seed, "-", round));
+      Recorded r = found != recorded.end() ? found->second : Recorded{};
+      r.from = absl::InfinitePast();
+      r.until = absl::InfiniteFuture();
+      if (testing::Uniform(rng, 0, 2) == 0) {
+        r.from = now + absl::Hours(static_cast<int64_t>(testing::Uniform(rng, 0, 1)) * 2 - 1);
+        args.StartingAt(r.from);
+      }
+      if (testing::Uniform(rng, 0, 2) == 0) {
+        r.until = now + absl::Hours(static_cast<int64_t>(testing::Uniform(rng, 2, 5)));
+        args.EndingAt(r.until);
+      }
+      auto granted = Grant(args);
+      ASSERT_TRUE(granted.ok()) << granted.status();
+      r.consent_id = granted->consent_id();
+      r.version++;
+      r.revoked = false;
+      r.states.push_back(v1::CONSENT_STATE_GRANTED);
+      EXPECT_EQ(granted->version(), r.version);
+      recorded[{p, a}] = r;
+    }
+    // Asked as the service would, for a random purpose and actor.
+    for (int ask = 0; ask < 3; ++ask) {
+      const int q = static_cast<int>(testing::Uniform(rng, 0, 2));
+      const std::string& asker = askers[testing::Uniform(rng, 0, 4)];
+      std::vector<ConsentRecord> records;
+      for (const auto& [key, r] : recorded) {
+        ConsentRecord c;
+        c.consent_id = r.consent_id;
+        c.tenant_id = "acme";
+        c.purpose = *PurposeFromNumber(static_cast<int>(purposes[key.first]));
+        c.actor = narrowed_to[key.second];
+        c.version = r.version;
+        c.revoked = r.revoked;
+        // An unset start is the time of recording: before any check that follows it.
+        c.valid_from = r.from;
+        c.valid_until = r.until;
+        records.push_back(c);
+      }
+      const AccessDecision want =
+          Decide(records, *PurposeFromNumber(static_cast<int>(purposes[q])), asker, absl::Now());
+      auto check = Check(*service, patient, purposes[q], asker);
+      ASSERT_TRUE(check.ok()) << check.status();
+      EXPECT_EQ(check->decision() == v1::DECISION_PERMIT, want.permit) << asker;
+      EXPECT_EQ(v1::AccessReason_Name(check->reason()),
+                absl::StrCat("ACCESS_REASON_", AccessReasonName(want.reason)))
+          << asker;
+      EXPECT_EQ(check->consent_id(), want.consent_id) << asker;
+      EXPECT_EQ(check->consent_version(), want.consent_version) << asker;
+    }
+    if (HasFailure()) break;
+  }
+  auto listed = List(*Stub(pki_->app()), ListOf(patient, /*history=*/true));
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  size_t consents = 0;
+  for (const v1::PatientConsent& c : listed->consents()) {
+    ++consents;
+    for (const auto& [key, r] : recorded) {
+      if (r.consent_id != c.consent_id()) continue;
+      ASSERT_EQ(static_cast<size_t>(c.history_size()), r.states.size()) << c.consent_id();
+      for (int v = 0; v < c.history_size(); ++v) {
+        EXPECT_EQ(c.history(v).version(), v + 1);
+        EXPECT_EQ(c.history(v).state(), r.states[static_cast<size_t>(v)]) << "version " << v + 1;
+      }
+    }
+  }
+  EXPECT_EQ(consents, recorded.size());
 }
 
 // How fast a change reaches another instance is consent_bench's to measure (DOMAIN.md: within a
