@@ -1749,6 +1749,137 @@ TEST_F(SharingTest, RandomAuditPagesWhileEntriesArriveMissNoneAndRepeatNone) {
   std::printf("%d uploads appended entries while the pages were read\n", appended);
 }
 
+// Random shares, extensions and revocations of one record among four practitioners of its
+// tenant (the owner and three others), each followed by a download attempt by everyone: a
+// download is allowed exactly while the model says the downloader holds an active grant (or owns
+// the record). The model is the API's: the owner or an active grantee may share; an active grant
+// is extended only by the owner or its sharer, and becomes the extender's; a grant is revoked by
+// the owner or its sharer, and with it every grant its grantee shared on, and theirs, but not the
+// owner's. Seeded (MEDGATE_FUZZ_SEED and MEDGATE_FUZZ_ROUNDS replay or extend it).
+TEST_F(SharingTest, RandomSharesAndRevocationsAllowExactlyTheActiveGrantees) {
+  const uint64_t seed = testing::FuzzSeed();
+  const std::string patient = Place(absl::StrCat("random-shares-", seed % 100000), "FR");
+  GrantSharingConsent(patient);
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "shared around";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  ASSERT_FALSE(record.empty());
+  const TestCert* as[4] = {&pki_->practitioner(), &Cert("acme-p2"), &Cert("acme-p3"),
+                           &Cert("acme-p4")};
+  const std::string id[4] = {P1(), P2(), P3(), Id("/tenant/acme/practitioner/p-4")};
+  // Expiries are whole hours after t0, so that the model compares them exactly.
+  const absl::Time t0 = absl::FromUnixSeconds(absl::ToUnixSeconds(absl::Now()));
+  // The first share waits for the consent to reach the sharing service's cache.
+  ASSERT_TRUE(ShareOnceConsented(*as[0], record, id[1], t0 + absl::Hours(24)).ok());
+  struct Grant {
+    int sharer = 0;
+    bool active = false;
+    int64_t hours = 0;  // expires at t0 + hours
+  };
+  std::map<int, Grant> grants = {{1, {0, true, 24}}};
+  int onward_revoked = 0;   // grants revoked with the one they rested on
+  int further_revoked = 0;  // ... with one that rested on another
+  std::function<void(int, int)> cascade = [&](int grantee, int depth) {
+    for (auto& [other, g] : grants) {
+      if (g.active && g.sharer == grantee) {
+        g.active = false;
+        ++(depth == 1 ? onward_revoked : further_revoked);
+        cascade(other, depth + 1);
+      }
+    }
+  };
+  const int rounds = testing::FuzzRounds(60);
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
+    // Chains of grantees sharing on, and their revocations, are what the model is for: half the
+    // shares are a grantee's, and revocations aim at active grants.
+    std::vector<int> active;
+    std::vector<int> inactive;
+    std::vector<int> shared_on;  // active grantees with active grants of their own making
+    for (int p = 1; p <= 3; ++p) {
+      (grants[p].active ? active : inactive).push_back(p);
+    }
+    for (int p : active) {
+      for (const auto& [other, g] : grants) {
+        if (g.active && g.sharer == p) {
+          shared_on.push_back(p);
+          break;
+        }
+      }
+    }
+    auto pick = [&](const std::vector<int>& from) {
+      return from[testing::Uniform(rng, 0, from.size() - 1)];
+    };
+    const bool share = active.empty() || testing::Uniform(rng, 0, 4) < 3;
+    int actor = static_cast<int>(testing::Uniform(rng, 0, 3));
+    int target = static_cast<int>(testing::Uniform(rng, 1, 3));
+    if (share) {
+      if (!active.empty() && testing::Uniform(rng, 0, 2) != 0) actor = pick(active);
+      if (!inactive.empty() && testing::Uniform(rng, 0, 2) != 0) target = pick(inactive);
+    } else {
+      target = !shared_on.empty() && testing::Uniform(rng, 0, 1) == 0 ? pick(shared_on)
+                                                                      : pick(active);
+      if (testing::Uniform(rng, 0, 1) == 0) actor = 0;
+    }
+    if (target == actor) target = target % 3 + 1;
+    std::string what;
+    if (share) {
+      // A grantee's share mostly within its own grant's time.
+      const int64_t hours =
+          actor != 0 && grants[actor].active && testing::Uniform(rng, 0, 4) != 0
+              ? static_cast<int64_t>(testing::Uniform(rng, 1, grants[actor].hours))
+              : static_cast<int64_t>(testing::Uniform(rng, 1, 48));
+      what = absl::StrCat("p", actor + 1, " shares with p", target + 1, " for ", hours, " h");
+      auto shared = Share(*as[actor], record, id[target], t0 + absl::Hours(hours));
+      Grant& g = grants[target];
+      if (actor != 0 && !grants[actor].active) {
+        EXPECT_EQ(shared.status().code(), absl::StatusCode::kPermissionDenied)
+            << what << ": " << shared.status();
+      } else if (actor != 0 && ((g.active && g.sharer != actor) || hours > grants[actor].hours)) {
+        // Another's grant to extend, or past the sharer's own grant.
+        EXPECT_EQ(shared.status().code(), absl::StatusCode::kFailedPrecondition)
+            << what << ": " << shared.status();
+      } else {
+        EXPECT_TRUE(shared.ok()) << what << ": " << shared.status();
+        g = {actor, true, g.active ? std::max(g.hours, hours) : hours};  // never shortened
+        if (shared.ok()) {
+          EXPECT_EQ(absl::FromUnixSeconds(shared->expires_at().seconds()),
+                    t0 + absl::Hours(g.hours))
+              << what;
+        }
+      }
+    } else {
+      if (!grants[target].active) continue;  // revoking a revoked grant is idempotent: not asked
+      what = absl::StrCat("p", actor + 1, " revokes p", target + 1, "'s grant");
+      auto revoked = RevokeByGrantee(*as[actor], record, id[target]);
+      if (actor != 0 && grants[target].sharer != actor) {
+        EXPECT_EQ(revoked.status().code(), absl::StatusCode::kPermissionDenied)
+            << what << ": " << revoked.status();
+      } else {
+        EXPECT_TRUE(revoked.ok()) << what << ": " << revoked.status();
+        grants[target].active = false;
+        cascade(target, 1);
+      }
+    }
+    SCOPED_TRACE(what);
+    for (int reader = 0; reader < 4; ++reader) {
+      const Downloaded got = Download(*as[reader], record);
+      const bool allowed = reader == 0 || grants[reader].active;
+      EXPECT_EQ(got.status.ok(), allowed)
+          << "p" << reader + 1 << ": " << got.status.error_message();
+      if (!allowed) {
+        EXPECT_EQ(got.status.error_code(), grpc::StatusCode::PERMISSION_DENIED)
+            << "p" << reader + 1 << ": " << got.status.error_message();
+      }
+    }
+    if (HasFailure()) break;
+  }
+  std::printf("grants revoked with the one they rested on: %d, further down: %d\n", onward_revoked,
+              further_revoked);
+}
+
 // A patient's key is created by the first upload that stores a record, in that record's
 // transaction: an upload that fails, even after the key was written, leaves no key behind, and
 // concurrent first uploads end up with one key.
