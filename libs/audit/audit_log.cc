@@ -184,8 +184,9 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
                                                    last_seq, "; the range would be empty"));
   }
   VerifyResult result;
-  auto fail = [&](int64_t seq, std::string problem) {
+  auto fail = [&](int64_t seq, ChainFault fault, std::string problem) {
     result.ok = false;
+    result.fault = fault;
     result.first_bad_seq = seq;
     result.last_seq = seq;
     result.last_hash.clear();
@@ -216,11 +217,13 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
       pqxx::result anchor =
           txn.exec_params("SELECT hash FROM audit_log WHERE seq = $1", first_seq - 1);
       if (anchor.empty()) {
-        return fail(first_seq - 1, absl::StrCat("entry ", first_seq - 1,
+        return fail(first_seq - 1, ChainFault::kMissing, absl::StrCat("entry ", first_seq - 1,
                                                 " is missing (the anchor of the range)"));
       }
       absl::StatusOr<std::string> anchor_hash = FromByteaText(anchor[0][0].c_str());
-      if (!anchor_hash.ok()) return fail(first_seq - 1, "hash column is malformed");
+      if (!anchor_hash.ok()) {
+        return fail(first_seq - 1, ChainFault::kMalformed, "hash column is malformed");
+      }
       prev_hash = *anchor_hash;
     }
     const int64_t stop = last_seq != 0 ? last_seq : std::numeric_limits<int64_t>::max();
@@ -240,19 +243,24 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
       for (const pqxx::row& row : rows) {
         int64_t seq = row[0].as<int64_t>();
         if (seq != expected_seq) {
-          return fail(expected_seq, absl::StrCat("entry ", expected_seq, " is missing"));
+          return fail(expected_seq, ChainFault::kMissing,
+                      absl::StrCat("entry ", expected_seq, " is missing"));
         }
         Entry e;
         e.actor = row[2].c_str();
         e.tenant = row[3].c_str();
         absl::StatusOr<Action> action = ParseAction(row[4].c_str());
-        if (!action.ok()) return fail(seq, std::string(action.status().message()));
+        if (!action.ok()) {
+          return fail(seq, ChainFault::kMalformed, std::string(action.status().message()));
+        }
         e.action = *action;
         e.object_type = row[5].c_str();
         e.object_id = row[6].c_str();
         e.patient_id = row[7].c_str();
         absl::StatusOr<Decision> decision = ParseDecision(row[8].c_str());
-        if (!decision.ok()) return fail(seq, std::string(decision.status().message()));
+        if (!decision.ok()) {
+          return fail(seq, ChainFault::kMalformed, std::string(decision.status().message()));
+        }
         e.decision = *decision;
         e.reason = row[9].c_str();
         e.purpose = row[10].c_str();
@@ -262,13 +270,13 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
         e.origin = row[14].c_str();
         absl::StatusOr<std::string> stored_prev = FromByteaText(row[15].c_str());
         absl::StatusOr<std::string> stored_hash = FromByteaText(row[16].c_str());
-        if (!stored_prev.ok() || !stored_hash.ok()) return fail(seq, "hash column is malformed");
+        if (!stored_prev.ok() || !stored_hash.ok()) return fail(seq, ChainFault::kMalformed, "hash column is malformed");
         if (*stored_prev != prev_hash) {
-          return fail(seq, "prev_hash does not match the previous entry's hash");
+          return fail(seq, ChainFault::kPrevHash, "prev_hash does not match the previous entry's hash");
         }
         std::string hash = ChainHash(prev_hash, seq, row[1].as<int64_t>(), e);
         if (hash != *stored_hash) {
-          return fail(seq, "content does not match its hash (entry altered)");
+          return fail(seq, ChainFault::kAltered, "content does not match its hash (entry altered)");
         }
         prev_hash = hash;
         result.last_seq = seq;
@@ -281,7 +289,8 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
     if (last_seq != 0) {
       // The head said the range exists: an entry of it that is not there was removed.
       if (expected_seq <= last_seq) {
-        return fail(expected_seq, absl::StrCat("entry ", expected_seq, " is missing"));
+        return fail(expected_seq, ChainFault::kMissing,
+                      absl::StrCat("entry ", expected_seq, " is missing"));
       }
       return result;
     }
@@ -290,7 +299,7 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
       // Chained entries after the one the head names as last: the first of them is the fault,
       // the entries up to the head's (and that one) verified. (A range starting past the head's
       // entry was refused above.)
-      VerifyResult past = fail(head_seq + 1, absl::StrCat(
+      VerifyResult past = fail(head_seq + 1, ChainFault::kPastHead, absl::StrCat(
           "entries ", head_seq + 1, " to ", expected_seq - 1, " follow entry ", head_seq,
           ", the last by the chain head (appended without moving the head, or the head moved "
           "back)"));
@@ -298,12 +307,12 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
       return past;
     }
     if (head_seq != expected_seq - 1) {
-      return fail(expected_seq,
+      return fail(expected_seq, ChainFault::kHeadBehind,
                   absl::StrCat("chain head says entry ", head_seq, " is last but the log ends at ",
                                expected_seq - 1, " (entries removed or head altered)"));
     }
     if (!head_hash.ok() || *head_hash != prev_hash) {
-      return fail(head_seq, absl::StrCat("the chain head's hash is not entry ", head_seq,
+      return fail(head_seq, ChainFault::kHeadHash, absl::StrCat("the chain head's hash is not entry ", head_seq,
                                          "'s (the entry rewritten with its hash recomputed, or "
                                          "the head altered)"));
     }

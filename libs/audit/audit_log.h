@@ -103,8 +103,21 @@ std::vector<std::string> AppendManyArgs(const std::vector<Entry>& entries);
 // (the control database has audit_append alone). Returns the last entry's seq; 0 for no entries.
 absl::StatusOr<int64_t> AppendMany(pqxx::work& txn, const std::vector<Entry>& entries);
 
+// What is wrong with the first entry a walk stops at.
+enum class ChainFault {
+  kNone,
+  kMissing,     // the entry is not in the log (removed)
+  kMalformed,   // a column cannot be read (hash, action, decision)
+  kPrevHash,    // its prev_hash is not the previous entry's hash (moved, or the first rewritten)
+  kAltered,     // its content does not match its hash
+  kHeadBehind,  // the chain head names a later last entry than the log has (entries removed)
+  kHeadHash,    // the chain head's hash is not the last entry's (rewritten with its hash redone)
+  kPastHead,    // chained entries follow the one the head names as last
+};
+
 struct VerifyResult {
   bool ok = true;
+  ChainFault fault = ChainFault::kNone;
   int64_t entries_checked = 0;
   int64_t first_bad_seq = 0;  // 0 when ok
   std::string problem;        // what was wrong with that entry

@@ -85,19 +85,25 @@ void FailOnAnchor(ChainReport& report, std::string problem, const ChainAnchor& a
 
 }  // namespace
 
-ChainFault FaultFromProblem(int64_t seq, absl::string_view problem) {
-  // The head's hash is not the last entry's, at the same seq: that entry was rewritten with its
-  // hash recomputed (or the head altered).
-  if (absl::StrContains(problem, "chain head's hash")) return ChainFault::kHashMismatch;
-  // Entries after the head's last: added without the head, or the head moved back.
-  if (absl::StrContains(problem, ", the last by the chain head")) return ChainFault::kPastHead;
-  if (absl::StrContains(problem, "is missing") || absl::StrContains(problem, "chain head")) {
-    return ChainFault::kSeqGap;
+ChainFault FaultOf(const audit::VerifyResult& result) {
+  switch (result.fault) {
+    case audit::ChainFault::kNone:
+      return ChainFault::kNone;
+    case audit::ChainFault::kMissing:
+    case audit::ChainFault::kHeadBehind:
+      return ChainFault::kSeqGap;
+    case audit::ChainFault::kMalformed:
+      return ChainFault::kMalformed;
+    case audit::ChainFault::kPrevHash:
+      return result.first_bad_seq == 1 ? ChainFault::kBadGenesis : ChainFault::kPrevHashMismatch;
+    // The head's hash is not the last entry's, at the same seq: that entry was rewritten with its
+    // hash recomputed (or the head altered).
+    case audit::ChainFault::kAltered:
+    case audit::ChainFault::kHeadHash:
+      return ChainFault::kHashMismatch;
+    case audit::ChainFault::kPastHead:
+      return ChainFault::kPastHead;
   }
-  if (absl::StrContains(problem, "prev_hash")) {
-    return seq == 1 ? ChainFault::kBadGenesis : ChainFault::kPrevHashMismatch;
-  }
-  if (absl::StrContains(problem, "does not match its hash")) return ChainFault::kHashMismatch;
   return ChainFault::kMalformed;
 }
 
@@ -366,12 +372,13 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
       report.ok = verified->ok;
       report.first_bad_seq = verified->first_bad_seq;
       report.detail = TruncateUtf8(verified->problem, 1024);
-      report.fault = verified->ok ? ChainFault::kNone
-                                  : FaultFromProblem(verified->first_bad_seq, verified->problem);
+      report.fault = FaultOf(*verified);
       // The bad entry was checked too, when there was one to read (not a missing entry, nor a
       // head that disagrees with the last entry read).
-      const bool bad_entry_read = !verified->ok && report.fault != ChainFault::kSeqGap &&
-                                  !absl::StrContains(verified->problem, "chain head");
+      const audit::ChainFault f = verified->fault;
+      const bool bad_entry_read = f == audit::ChainFault::kMalformed ||
+                                  f == audit::ChainFault::kPrevHash ||
+                                  f == audit::ChainFault::kAltered;
       report.entries_checked = verified->entries_checked + (bad_entry_read ? 1 : 0);
       report.last_seq = verified->last_seq;
       // The hash the walk computed and checked, not one read again afterwards: a tail rewritten

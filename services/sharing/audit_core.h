@@ -62,8 +62,8 @@ struct ChainReport {
   std::string last_hash;  // 32 raw bytes; empty for an empty log
 };
 
-// What kind of fault libs/audit's VerifyChain describes at `seq`.
-ChainFault FaultFromProblem(int64_t seq, absl::string_view problem);
+// The fault libs/audit found, as the Audit API names it (kNone when the walk verified).
+ChainFault FaultOf(const audit::VerifyResult& result);
 
 // A stored reason "CODE" or "CODE: detail" split in its machine-readable code and free text; a
 // reason that does not start with an UPPER_SNAKE code is all detail.

@@ -367,8 +367,8 @@ TEST_F(AuditChainTest, AFieldWithANulByteIsHashedAsStored) {
 
 // Random tampering by someone with the database owner's rights, each undone before the next:
 // a field of any entry changed (with its hash left, or recomputed as the chain would), entries
-// removed or swapped, the head moved back, an entry forged after it. Every one is detected, and
-// located at the entry the chain first stops holding at. Seeded (MEDGATE_FUZZ_SEED and
+// removed or swapped, the head moved back, an entry forged after it. Every one is detected,
+// located at the entry the chain first stops holding at, and named as the fault it is. Seeded (MEDGATE_FUZZ_SEED and
 // MEDGATE_FUZZ_ROUNDS replay or extend it).
 TEST_F(AuditChainTest, RandomTamperingIsDetectedAndLocated) {
   constexpr int kEntries = 30;
@@ -407,6 +407,7 @@ TEST_F(AuditChainTest, RandomTamperingIsDetectedAndLocated) {
     const std::string sk = std::to_string(k);
     std::string what;
     int64_t expected = k;
+    ChainFault fault = ChainFault::kAltered;
     switch (testing::Uniform(rng, 0, 9)) {
       case 0: {
         const std::string field = kTextFields[testing::Uniform(rng, 0, 9)];
@@ -434,16 +435,20 @@ TEST_F(AuditChainTest, RandomTamperingIsDetectedAndLocated) {
                " WHERE seq = " + sk);
         break;
       }
-      case 3:
-        what = "hash or prev_hash replaced";
-        Tamper(std::string("UPDATE audit_log SET ") +
-               (testing::Uniform(rng, 0, 1) == 0 ? "hash" : "prev_hash") +
+      case 3: {
+        const bool prev = testing::Uniform(rng, 0, 1) == 1;
+        what = prev ? "prev_hash replaced" : "hash replaced";
+        if (prev) fault = ChainFault::kPrevHash;
+        Tamper(std::string("UPDATE audit_log SET ") + (prev ? "prev_hash" : "hash") +
                " = sha256(random()::text::bytea) WHERE seq = " + sk);
         break;
+      }
       case 4: {
         const int64_t last =
             std::min<int64_t>(kEntries, k + static_cast<int64_t>(testing::Uniform(rng, 0, 3)));
         what = "entries removed";
+        // Removed up to the end, the head names entries the log no longer has.
+        fault = last == kEntries ? ChainFault::kHeadBehind : ChainFault::kMissing;
         Tamper("DELETE FROM audit_log WHERE seq BETWEEN " + sk + " AND " + std::to_string(last));
         break;
       }
@@ -451,6 +456,7 @@ TEST_F(AuditChainTest, RandomTamperingIsDetectedAndLocated) {
         const int64_t m = other_than_k();
         what = "two entries' contents swapped";
         expected = std::min(k, m);
+        fault = ChainFault::kPrevHash;
         Tamper("UPDATE audit_log a SET at_us = b.at_us, actor = b.actor, object_id = b.object_id, "
                "request_id = b.request_id, prev_hash = b.prev_hash, hash = b.hash FROM audit_log b "
                "WHERE (a.seq, b.seq) IN ((" + sk + ", " + std::to_string(m) + "), (" +
@@ -462,6 +468,7 @@ TEST_F(AuditChainTest, RandomTamperingIsDetectedAndLocated) {
         // the head, for the last) no longer holds.
         what = "a field changed and its hash recomputed";
         expected = k < kEntries ? k + 1 : k;
+        fault = k < kEntries ? ChainFault::kPrevHash : ChainFault::kHeadHash;
         pqxx::work txn(c);
         const pqxx::row row = txn.exec_params1(
             "SELECT at_us, actor, tenant, action, object_type, object_id, patient_id, decision, "
@@ -496,12 +503,15 @@ TEST_F(AuditChainTest, RandomTamperingIsDetectedAndLocated) {
         if (k == kEntries) continue;
         what = "the head moved back";
         expected = k + 1;
+        fault = ChainFault::kPastHead;
         Tamper("UPDATE audit_head SET seq = " + sk +
                ", hash = (SELECT hash FROM audit_log WHERE seq = " + sk + ")");
         break;
       case 8:
         what = "an entry forged after the head";
         expected = kEntries + 1;
+        // Its hash is not the chain's: read before the head is, that is what the walk names.
+        fault = ChainFault::kAltered;
         Tamper("INSERT INTO audit_log SELECT seq + 1, at_us + 1, actor, tenant, action, "
                "object_type, object_id, patient_id, decision, reason, purpose, consent_id, "
                "consent_version, request_id, origin, hash, sha256(hash) FROM audit_log "
@@ -510,6 +520,7 @@ TEST_F(AuditChainTest, RandomTamperingIsDetectedAndLocated) {
       default:
         what = "nothing changed";
         expected = 0;
+        fault = ChainFault::kNone;
         break;
     }
     SCOPED_TRACE(what + " at entry " + sk);
@@ -517,6 +528,7 @@ TEST_F(AuditChainTest, RandomTamperingIsDetectedAndLocated) {
     const VerifyResult result = Verify();
     EXPECT_EQ(result.ok, expected == 0) << result.problem;
     EXPECT_EQ(result.first_bad_seq, expected) << result.problem;
+    EXPECT_EQ(result.fault, fault) << result.problem;
     restore();
     if (HasFailure()) break;
   }

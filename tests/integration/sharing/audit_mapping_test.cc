@@ -21,27 +21,23 @@ TEST(SplitReasonTest, SeparatesTheCodeFromTheDetail) {
   EXPECT_EQ(SplitReason(std::string(65, 'A')), P("", std::string(65, 'A')));
 }
 
-TEST(FaultFromProblemTest, NamesWhatLibsAuditReports) {
-  EXPECT_EQ(FaultFromProblem(7, "entry 7 is missing"), ChainFault::kSeqGap);
-  EXPECT_EQ(FaultFromProblem(9,
-                             "chain head says entry 9 is last but the log ends at 8 "
-                             "(entries removed or head altered)"),
-            ChainFault::kSeqGap);
-  EXPECT_EQ(FaultFromProblem(8,
-                             "the chain head's hash is not entry 8's (the entry rewritten with its "
-                             "hash recomputed, or the head altered)"),
-            ChainFault::kHashMismatch);
-  EXPECT_EQ(FaultFromProblem(1, "prev_hash does not match the previous entry's hash"),
-            ChainFault::kBadGenesis);
-  EXPECT_EQ(FaultFromProblem(4, "prev_hash does not match the previous entry's hash"),
-            ChainFault::kPrevHashMismatch);
-  EXPECT_EQ(FaultFromProblem(4, "content does not match its hash (entry altered)"),
-            ChainFault::kHashMismatch);
-  EXPECT_EQ(FaultFromProblem(4, "unknown audit action 'frobnicate'"), ChainFault::kMalformed);
-  EXPECT_EQ(FaultFromProblem(18,
-                             "entries 18 to 20 follow entry 17, the last by the chain head "
-                             "(appended without moving the head, or the head moved back)"),
-            ChainFault::kPastHead);
+TEST(FaultOfTest, NamesWhatLibsAuditReports) {
+  auto fault = [](int64_t seq, audit::ChainFault f) {
+    audit::VerifyResult r;
+    r.ok = f == audit::ChainFault::kNone;
+    r.fault = f;
+    r.first_bad_seq = r.ok ? 0 : seq;
+    return FaultOf(r);
+  };
+  EXPECT_EQ(fault(0, audit::ChainFault::kNone), ChainFault::kNone);
+  EXPECT_EQ(fault(7, audit::ChainFault::kMissing), ChainFault::kSeqGap);
+  EXPECT_EQ(fault(9, audit::ChainFault::kHeadBehind), ChainFault::kSeqGap);
+  EXPECT_EQ(fault(8, audit::ChainFault::kHeadHash), ChainFault::kHashMismatch);
+  EXPECT_EQ(fault(1, audit::ChainFault::kPrevHash), ChainFault::kBadGenesis);
+  EXPECT_EQ(fault(4, audit::ChainFault::kPrevHash), ChainFault::kPrevHashMismatch);
+  EXPECT_EQ(fault(4, audit::ChainFault::kAltered), ChainFault::kHashMismatch);
+  EXPECT_EQ(fault(4, audit::ChainFault::kMalformed), ChainFault::kMalformed);
+  EXPECT_EQ(fault(18, audit::ChainFault::kPastHead), ChainFault::kPastHead);
 }
 
 }  // namespace
