@@ -6,6 +6,7 @@
 #define MEDGATE_TESTS_SUPPORT_FUZZ_H_
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
@@ -15,10 +16,17 @@
 
 namespace medgate::testing {
 
+// A variable that is set but not a number the test can use stops the run and says so, rather
+// than running the default rounds as if asked.
+[[noreturn]] inline void FuzzBadVariable(const char* name, const char* value, const char* want) {
+  std::fprintf(stderr, "%s='%s' is not %s\n", name, value, want);
+  std::exit(2);
+}
+
 inline uint64_t FuzzSeed() {
   uint64_t seed = 20261203;
   if (const char* env = std::getenv("MEDGATE_FUZZ_SEED")) {
-    if (!absl::SimpleAtoi(env, &seed)) std::abort();
+    if (!absl::SimpleAtoi(env, &seed)) FuzzBadVariable("MEDGATE_FUZZ_SEED", env, "a seed (0-2^64)");
   }
   return seed;
 }
@@ -26,7 +34,9 @@ inline uint64_t FuzzSeed() {
 inline int FuzzRounds(int default_rounds) {
   int rounds = default_rounds;
   if (const char* env = std::getenv("MEDGATE_FUZZ_ROUNDS")) {
-    if (!absl::SimpleAtoi(env, &rounds) || rounds < 1) std::abort();
+    if (!absl::SimpleAtoi(env, &rounds) || rounds < 1) {
+      FuzzBadVariable("MEDGATE_FUZZ_ROUNDS", env, "a number of rounds, 1 or more");
+    }
   }
   return rounds;
 }

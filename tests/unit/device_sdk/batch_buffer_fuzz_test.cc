@@ -75,7 +75,7 @@ v1::VitalsBatch RandomBatch(std::mt19937_64& rng) {
     s->set_value(static_cast<double>(testing::Uniform(rng, 0, 100000)) / 100.0);
     s->set_ucum_unit("/min");
     s->mutable_measured_at()->set_seconds(
-        static_cast<int64_t>(testing::Uniform(rng, 1.7e9, 1.8e9)));
+        static_cast<int64_t>(testing::Uniform(rng, 1700000000, 1800000000)));
   }
   return batch;
 }
