@@ -2,18 +2,26 @@
 #include <poll.h>
 
 #include <atomic>
+#include <iterator>
 #include <optional>
+#include <random>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "libs/pg/pg_status.h"
 #include "libs/pg/pool.h"
 #include "libs/pg/shard_set.h"
+#include "libs/pg/sql_array.h"
+#include "tests/support/fuzz.h"
 #include "tests/support/pg_cluster.h"
 #include "tests/support/poll.h"
 
@@ -516,6 +524,96 @@ TEST_F(PoolTest, ShardSetResolvesConfiguredRegionsOnly) {
   EXPECT_NE(missing.status().message().find("'us-1' is not configured"), absl::string_view::npos);
   EXPECT_TRUE(shards.PingAny().ok());
   EXPECT_EQ(shards.RegionIds(), std::vector<std::string>{"fr-1"});
+}
+
+// One text[] element for the round trips below: any UTF-8 text, drawn to be mostly what a text[]
+// literal must escape or quote (quotes, backslashes, braces, commas, white space, the word NULL).
+std::string RandomArrayElement(std::mt19937_64& rng) {
+  static const char* const kPieces[] = {
+      "\"", "\\", "{", "}", ",", " ", "\t", "\n", "\r", "NULL", "null", "a", "Z", "0", "-", "_",
+      ".", "'", "$1", "\\\"", "\"\"", "{}", "é", "日本", "😀", "\x7f", "\x01", "[1:2]", "=",
+      "()"};
+  std::string out;
+  const uint64_t pieces = testing::Uniform(rng, 0, 6);
+  for (uint64_t i = 0; i < pieces; ++i) {
+    out += kPieces[testing::Uniform(rng, 0, std::size(kPieces) - 1)];
+  }
+  return out;
+}
+
+// A JSON string of `s` (UTF-8 passed as is), for building an array on the server by another path.
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      out.push_back('\\');
+      out.push_back(c);
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      out += absl::StrFormat("\\u%04x", static_cast<unsigned char>(c));
+    } else {
+      out.push_back(c);
+    }
+  }
+  return out + "\"";
+}
+
+// TextArrayLiteral is how services pass lists of ids and codes to SQL, and ParseTextArray how they
+// read them back: an element that split, merged or changed on the way would make a statement act
+// on other ids. Random lists of awkward text go to the server as a literal and come back element
+// by element exactly; lists the server builds itself (from JSON, not from our literal, with NULL
+// elements among them) are read back exactly by ParseTextArray, without the NULLs.
+TEST_F(PoolTest, RandomTextArraysRoundTripThroughTheServerExactly) {
+  const uint64_t seed = testing::FuzzSeed();
+  const int rounds = testing::FuzzRounds(300);
+  Pool pool(Options());
+  for (int round = 0; round < rounds; ++round) {
+    SCOPED_TRACE(testing::FuzzReplay(seed, round));
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
+    std::vector<std::string> values(testing::Uniform(rng, 0, 8));
+    for (std::string& v : values) v = RandomArrayElement(rng);
+    // The server's array also has NULL elements (JSON nulls), which ParseTextArray skips.
+    std::string json = "[";
+    for (size_t i = 0; i <= values.size(); ++i) {
+      while (testing::Uniform(rng, 0, 3) == 0) {
+        absl::StrAppend(&json, json.size() > 1 ? "," : "", "null");
+      }
+      if (i < values.size()) {
+        absl::StrAppend(&json, json.size() > 1 ? "," : "", JsonString(values[i]));
+      }
+    }
+    json += "]";
+    std::vector<std::string> sent;
+    std::vector<std::string> built;
+    ASSERT_TRUE(pool.Transact([&](pqxx::work& txn) {
+      sent.clear();
+      const pqxx::result elements = txn.exec_params(
+          "SELECT v FROM unnest($1::text[]) WITH ORDINALITY AS u(v, n) ORDER BY n",
+          TextArrayLiteral(values));
+      for (const pqxx::row& row : elements) sent.push_back(row[0].as<std::string>());
+      built = ParseTextArray(txn.exec_params1(
+          "SELECT ARRAY(SELECT jsonb_array_elements_text($1::jsonb))", json)[0]);
+      return absl::OkStatus();
+    }).ok());
+    EXPECT_EQ(sent, values) << "literal: " << TextArrayLiteral(values);
+    EXPECT_EQ(built, values) << "json: " << json;
+  }
+}
+
+// Text cannot hold a NUL byte: a list with one is refused by the server, never read as a list
+// of other elements.
+TEST_F(PoolTest, ATextArrayWithANulByteIsRefusedNotSplit) {
+  Pool pool(Options());
+  for (const std::vector<std::string>& values :
+       {std::vector<std::string>{std::string("a\0b", 3)},
+        std::vector<std::string>{"x", std::string("\0\",\"y", 5)},
+        std::vector<std::string>{std::string("z\0", 2), "w"}}) {
+    const std::string literal = TextArrayLiteral(values);
+    absl::StatusOr<int64_t> n = pool.TransactValue<int64_t>(
+        [&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
+          return txn.exec_params1("SELECT cardinality($1::text[])", literal)[0].as<int64_t>();
+        });
+    EXPECT_FALSE(n.ok()) << "read as " << *n << " elements: " << absl::CHexEscape(literal);
+  }
 }
 
 // A service is up while it can serve some region: one shard down does not make the set fail, all
