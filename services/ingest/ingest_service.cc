@@ -7,6 +7,8 @@
 #include <optional>
 #include <set>
 
+#include <grpcpp/support/proto_buffer_reader.h>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -122,7 +124,7 @@ struct StreamShared {
 
 using Turn = std::shared_ptr<DeviceTurns::Turn>;
 
-class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck> {
+class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   VitalsStream(IngestCore& core, StreamExecutor& executor, LatencyWindow& ack_latency,
                DeviceTurns& turns, absl::StatusOr<Principal> principal, std::string origin,
@@ -169,12 +171,36 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   }
 
   void OnReadDone(bool ok) override {
+    // The message read is the reactor's alone until it starts the next read: parsed unlocked.
+    bool parsed = false;
+    if (ok) {
+      {
+        grpc::ProtoBufferReader reader(&incoming_bytes_);
+        parsed = reader.status().ok() && incoming_.ParseFromZeroCopyStream(&reader);
+      }
+      incoming_bytes_.Clear();
+    }
     std::unique_lock<std::mutex> lock(shared_->mu);
     read_outstanding_ = false;
     if (!ok || superseded_) {
       // A batch read after a newer stream of the device opened is dropped unanswered: the
       // device resends it there, after this stream's earlier batches.
       if (!ok) reads_done_ = true;
+      MaybeFinishLocked();
+      return;
+    }
+    if (!parsed) {
+      // Not a batch: nothing of it is stored, and it cannot be acknowledged by its batch_seq.
+      // The batches read before it are answered, then the stream ends.
+      incoming_.Clear();
+      if (!fail_) {
+        fail_ = grpc::Status(
+            grpc::StatusCode::INVALID_ARGUMENT,
+            absl::StrCat("the message after batch_seq ", last_batch_seq_,
+                         " is not a VitalsBatch: it does not parse (every string field, "
+                         "loinc_code and ucum_unit among them, must be valid UTF-8); nothing "
+                         "of it was stored, and the batches before it are answered"));
+      }
       MaybeFinishLocked();
       return;
     }
@@ -187,6 +213,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     // The samples are copied out and `incoming_` is cleared, not moved from: the next read
     // reuses its sample objects instead of allocating them again (unless the batch was large).
     const uint64_t batch_seq = incoming_.batch_seq();
+    last_batch_seq_ = batch_seq;
     const absl::Status shape =
         IngestCore::CheckBatch(batch_seq, static_cast<size_t>(incoming_.samples_size()));
     std::vector<Sample> samples;
@@ -360,7 +387,14 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   // Acks go out in batch order, one write at a time.
   void FlushLocked() {
     if (write_in_flight_ || broken_ || pending_.empty() || !pending_.front().ack.has_value()) return;
-    outgoing_ = std::move(*pending_.front().ack);
+    bool own_buffer = false;
+    outgoing_.Clear();  // the previous ack's, written
+    if (!grpc::SerializationTraits<v1::IngestAck>::Serialize(*pending_.front().ack,
+                                                             &outgoing_, &own_buffer)
+             .ok()) {
+      // An ack is made here, of known fields: it always serializes.
+      log::Error("ingest_ack_not_serialized", {});
+    }
     const absl::Time now = absl::Now();
     if (std::optional<LatencyWindow::Closed> window =
             ack_latency_.Record(now - pending_.front().read_at, now)) {
@@ -385,7 +419,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
     if (read_outstanding_ || processing_ || reads_done_ || fail_ || broken_ || finished_) return;
     if (pending_.size() >= kMaxInFlightBatches || owed_ack_bytes_ >= kMaxOwedAckBytes) return;
     read_outstanding_ = true;
-    StartRead(&incoming_);
+    StartRead(&incoming_bytes_);
   }
 
   void MaybeFinishLocked() {
@@ -416,8 +450,10 @@ class VitalsStream final : public grpc::ServerBidiReactor<v1::VitalsBatch, v1::I
   // The device's turn while this stream may read (guarded by shared_->mu).
   Turn turn_;
   bool superseded_ = false;
+  grpc::ByteBuffer incoming_bytes_;  // the message read, parsed into incoming_
   v1::VitalsBatch incoming_;
-  v1::IngestAck outgoing_;
+  uint64_t last_batch_seq_ = 0;  // of the last batch read, for the message of one that is not
+  grpc::ByteBuffer outgoing_;    // the ack being written
   // Guarded by shared_->mu.
   std::deque<PendingAck> pending_;
   size_t owed_ack_bytes_ = 0;  // of the acks in pending_ made and not yet sent
@@ -454,7 +490,7 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
   policy_.set_tenant_gate(tenant_gate);
 }
 
-grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* IngestService::StreamVitals(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* IngestService::StreamVitals(
     grpc::CallbackServerContext* context) {
   // The tenant's state comes with routing's answer for the device (DeviceLocation::tenant_active),
   // checked for every batch: asking the tenant gate here could hold a callback thread.

@@ -33,8 +33,12 @@ struct ReadBounds {
 // tenant starts at most 100 reads a second on one instance, after a burst of 200.
 inline constexpr double kReadVitalsCalls = 10;
 
+// StreamVitals is served raw (ByteBuffer in and out): a message that does not parse as a
+// VitalsBatch (a string field that is not UTF-8, as a device's protobuf library may send) ends
+// the stream with INVALID_ARGUMENT saying so. Parsed by gRPC, it would read as the end of the
+// stream, which a device resends on its next stream forever.
 class IngestService final
-    : public v1::DeviceIngest::WithCallbackMethod_StreamVitals<v1::DeviceIngest::Service> {
+    : public v1::DeviceIngest::WithRawCallbackMethod_StreamVitals<v1::DeviceIngest::Service> {
  public:
   // `tenant_gate` (not owned) refuses ReadVitals to the identities of suspended or unregistered
   // tenants; a device's batches learn their tenant's state from routing's device answer.
@@ -48,7 +52,8 @@ class IngestService final
   // One of a device's open streams, counted while it lives.
   using DeviceStreamSlot = BoundedCounts<std::string>::Slot;
 
-  grpc::ServerBidiReactor<v1::VitalsBatch, v1::IngestAck>* StreamVitals(
+  // Reads VitalsBatch messages and writes IngestAck messages.
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* StreamVitals(
       grpc::CallbackServerContext* context) override;
 
   grpc::Status ReadVitals(grpc::ServerContext* context, const v1::ReadVitalsRequest* request,

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <random>
 #include <regex>
 #include <set>
@@ -1043,6 +1044,77 @@ TEST_F(IngestTest, ABatchMessageIsBoundedAndNeedsABatchSeq) {
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(refused.error_message(), HasSubstr("batch_seq must be at least 1"));
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-batch-bounds'"), 1000);
+}
+
+// A message that does not parse as a VitalsBatch (here a unit that is not UTF-8, which a proto3
+// string must be: a device's protobuf library may send it anyway) ends the stream with
+// INVALID_ARGUMENT saying so, after the batches read before it are answered and stored. Parsed by
+// gRPC it read as the end of the stream: the stream ended OK without an answer, and a device
+// resent the batch on its next stream, forever.
+TEST_F(IngestTest, AMessageThatIsNotABatchEndsTheStreamInvalidAfterEarlierAcks) {
+  MonitoredPatientWithDevice("not-a-batch", "FR", "dev-not-a-batch");
+  auto stub = Ingest(Device("acme", "dev-not-a-batch"));
+  v1::VitalsBatch latin1 = Batch(2, 3, 2);
+  latin1.mutable_samples(1)->set_ucum_unit("\xb5g");  // "µg" in Latin-1
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto stream = stub->StreamVitals(&context);
+  // Both written before any ack is read: the first is answered all the same.
+  ASSERT_TRUE(stream->Write(Batch(1, 1, 2)));
+  stream->Write(latin1);
+  std::vector<v1::IngestAck> acks;
+  for (v1::IngestAck ack; stream->Read(&ack);) acks.push_back(ack);
+  const grpc::Status ended = stream->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << ended.error_message();
+  EXPECT_THAT(ended.error_message(), HasSubstr("the message after batch_seq 1 is not a VitalsBatch"));
+  EXPECT_THAT(ended.error_message(), HasSubstr("UTF-8"));
+  ASSERT_EQ(acks.size(), 1u);
+  EXPECT_EQ(acks[0].batch_seq(), 1u);
+  EXPECT_EQ(acks[0].stored_count(), 2u);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-not-a-batch'"), 2);
+  // The next stream of the device works.
+  DeviceStream next(*stub);
+  std::optional<v1::IngestAck> ack = next.Send(Batch(3, 5, 1));
+  ASSERT_TRUE(ack.has_value()) << next.Finish().error_message();
+  EXPECT_EQ(ack->stored_count(), 1u);
+  EXPECT_TRUE(next.Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-not-a-batch'"), 3);
+}
+
+// The device SDK takes that end of the stream as the refusal of the batch: it reports the batch
+// to OnRejected and drops it, and delivers the batches after it, instead of resending it forever.
+TEST_F(IngestTest, TheSdkDropsAndReportsABatchThatIsNotABatchAndDeliversTheRest) {
+  MonitoredPatientWithDevice("sdk-not-a-batch", "FR", "dev-sdk-not-a-batch");
+  device::DeviceOptions options =
+      SdkOptions(Device("acme", "dev-sdk-not-a-batch"), "sdk-not-a-batch");
+  auto client = device::DeviceClient::Open(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::mutex mu;
+  std::vector<absl::Status> rejected;
+  (*client)->OnRejected([&](const v1::VitalsBatch&, const absl::Status& why) {
+    std::lock_guard<std::mutex> lock(mu);
+    rejected.push_back(why);
+  });
+  std::vector<v1::VitalSample> latin1 = HeartRates(3);
+  latin1[1].set_ucum_unit("\xb5g");
+  ASSERT_TRUE((*client)->Send(HeartRates(10)).ok());
+  ASSERT_TRUE((*client)->Send(latin1).ok());
+  ASSERT_TRUE((*client)->Send(HeartRates(10)).ok());
+  (*client)->Start();
+  ASSERT_TRUE((*client)->WaitUntilAcked(absl::Seconds(30)).ok());
+  (*client)->Stop();
+  const device::DeviceStats stats = (*client)->stats();
+  EXPECT_EQ(stats.batches_acked, 2u);
+  EXPECT_EQ(stats.batches_rejected, 1u);
+  EXPECT_EQ(stats.samples_stored, 20u);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_EQ(rejected.size(), 1u);
+    EXPECT_EQ(rejected[0].code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(rejected[0].message()), HasSubstr("is not a VitalsBatch"));
+  }
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-not-a-batch'"), 20);
+  std::filesystem::remove(options.buffer_path);
 }
 
 // A sample is the patient's only if the device fed that patient when it was measured: one
