@@ -171,7 +171,11 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
   v1::UploadRecordRequest message;
   if (!read(&message)) {
     if (context->IsCancelled()) return ended();
-    return ToGrpcStatus(absl::InvalidArgumentError("the first message must be the header"));
+    // gRPC reads a message that does not parse as the end of the stream.
+    return ToGrpcStatus(absl::InvalidArgumentError(
+        "the first message must be the header: the stream ended before it, or it did not parse "
+        "as an UploadRecordRequest (every string field, file_name among them, must be valid "
+        "UTF-8); nothing was stored"));
   }
   awaiting.reset();
   if (!message.has_header()) {

@@ -1414,6 +1414,9 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
        grpc::StatusCode::INVALID_ARGUMENT, "chunk"},
       {"no kind", [](UploadSpec& s) { s.kind = v1::RECORD_KIND_UNSPECIFIED; },
        &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "header.kind"},
+      // A proto3 string must be UTF-8: the header does not parse (a C++ client sends it anyway).
+      {"file name not UTF-8", [](UploadSpec& s) { s.file_name = "r\xe9sum\xe9.pdf"; },
+       &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "must be valid UTF-8"},
       {"path in file name", [](UploadSpec& s) { s.file_name = "../etc/passwd"; },
        &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "header.file_name"},
       {"empty content type", [](UploadSpec& s) { s.content_type = ""; }, &pki_->practitioner(),
