@@ -17,6 +17,10 @@ absl::Status ValidateIdentifier(absl::string_view value, absl::string_view field
 // 1..max_bytes of text without control characters; INVALID_ARGUMENT naming `field` otherwise.
 absl::Status ValidateText(absl::string_view value, absl::string_view field, size_t max_bytes);
 
+// Whether `text` is well-formed UTF-8 (no overlong forms, surrogates or code points past
+// U+10FFFF), as every proto3 string must be.
+bool IsValidUtf8(absl::string_view text);
+
 // At most `max_bytes` of `text` (UTF-8), cut before a character rather than inside one: a
 // proto3 string field holding half a character fails to parse at the receiver.
 std::string TruncateUtf8(absl::string_view text, size_t max_bytes);

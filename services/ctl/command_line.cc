@@ -119,9 +119,11 @@ const std::vector<Command>& Commands() {
       {"grant-consent", "consent", {"patient", "purpose", "evidence", "actor", "request-id"}, {},
        "  grant-consent   --patient ID --purpose CARE|REMOTE_MONITORING|RECORD_SHARING|...\n"
        "                  --evidence REF [--actor SPIFFE_ID]\n"},
-      {"upload-record", "sharing", {"patient", "file", "kind", "content-type", "request-id"}, {},
+      {"upload-record", "sharing",
+       {"patient", "file", "kind", "content-type", "file-name", "request-id"}, {},
        "  upload-record   --patient ID --file PATH [--kind document|imaging|report]\n"
-       "                  [--content-type TYPE]                      (sent in 1 MiB chunks)\n"},
+       "                  [--content-type TYPE] [--file-name NAME]   (sent in 1 MiB chunks;\n"
+       "                  NAME: the record's, the file's own by default)\n"},
       {"download-record", "sharing", {"record", "out", "break-glass"}, {},
        "  download-record --record ID --out PATH [--break-glass REASON]   (prints the record's "
        "metadata)\n"},

@@ -26,6 +26,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_split.h"
 #include "libs/common/config.h"
+#include "libs/common/validation.h"
 #include "libs/crypto/sha256.h"
 #include "libs/identity/credentials.h"
 #include "medgate/v1/audit.grpc.pb.h"
@@ -127,6 +128,16 @@ int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   if (!v1::RecordKind_Parse("RECORD_KIND_" + absl::AsciiStrToUpper(kind_flag), &kind)) {
     return Fail("--kind: document, imaging or report");
   }
+  // The record's name is UTF-8, as every proto3 string: a file named in another encoding (an
+  // old Latin-1 disk) is given one instead of being refused by the service.
+  const std::string file_name = Get(flags, "file-name").empty()
+                                    ? std::filesystem::path(path).filename().string()
+                                    : Get(flags, "file-name");
+  if (!IsValidUtf8(file_name)) {
+    const char* which = Get(flags, "file-name").empty() ? "--file: the file's" : "--file-name: the";
+    return Fail(absl::StrCat(which, " name '", absl::CHexEscape(file_name),
+                             "' is not valid UTF-8; give the record a name with --file-name"));
+  }
   constexpr size_t kChunk = size_t{1} << 20;  // the largest chunk the service takes
   std::string buffer(kChunk, '\0');
   uint64_t size = 0;
@@ -156,7 +167,7 @@ int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   header->set_kind(kind);
   header->set_content_type(
       Get(flags, "content-type").empty() ? "application/octet-stream" : Get(flags, "content-type"));
-  header->set_file_name(std::filesystem::path(path).filename().string());
+  header->set_file_name(file_name);
   header->set_size_bytes(size);
   header->set_sha256(sha256);
   // An empty file is its header alone.

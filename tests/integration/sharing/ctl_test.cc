@@ -603,6 +603,47 @@ TEST_F(CtlTest, VerifiesAChainAgainstAnAnchorItPrinted) {
 // A command line that does not say exactly what it seems to (a flag dropped after an unquoted
 // word, `--allow-move false` read as true, a flag without its value, a misspelt flag) is refused
 // with exit code 2, naming what is wrong, and nothing is sent.
+// A record's name is UTF-8, as every proto3 string: a file named in another encoding is refused
+// before anything is sent, saying how to name the record, and --file-name names it.
+TEST_F(CtlTest, AFileNamedInAnotherEncodingIsGivenANameWithFileName) {
+  const std::string patient = PlaceWithCare("ctl-latin1-name");
+  ASSERT_FALSE(patient.empty());
+  const std::string dir = stack_->dir() + "/ctl-latin1";
+  std::filesystem::create_directories(dir);
+  const std::string latin1 = dir + "/r\xe9sum\xe9.txt";  // "résumé.txt" in Latin-1
+  std::ofstream(latin1, std::ios::binary) << "curriculum";
+  pqxx::connection shard(stack_->clusters().region("fr-1").ConnectionString());
+  auto records = [&] {
+    pqxx::nontransaction n(shard);
+    return n.exec_params1("SELECT count(*) FROM records WHERE patient_id = $1", patient)[0]
+        .as<int64_t>();
+  };
+  CtlRun refused = Ctl("practitioner", absl::StrCat("upload-record --patient ", patient,
+                                                    " --file '", latin1, "'"));
+  EXPECT_NE(refused.exit_code, 0) << refused.output;
+  EXPECT_THAT(refused.output, HasSubstr("--file: the file's name 'r\\xe9sum\\xe9.txt' is not "
+                                        "valid UTF-8; give the record a name with --file-name"));
+  CtlRun bad_name =
+      Ctl("practitioner", absl::StrCat("upload-record --patient ", patient, " --file '", latin1,
+                                       "' --file-name 'caf\xe9.txt'"));
+  EXPECT_NE(bad_name.exit_code, 0) << bad_name.output;
+  EXPECT_THAT(bad_name.output,
+              HasSubstr("--file-name: the name 'caf\\xe9.txt' is not valid UTF-8"));
+  EXPECT_EQ(records(), 0);
+
+  CtlRun named =
+      Ctl("practitioner", absl::StrCat("upload-record --patient ", patient, " --file '", latin1,
+                                       "' --file-name 'r\xc3\xa9sum\xc3\xa9.txt'"));
+  ASSERT_EQ(named.exit_code, 0) << named.output;
+  const std::string record = Field(named.output, "record_id");
+  CtlRun downloaded = Ctl("practitioner", absl::StrCat("download-record --record ", record,
+                                                       " --out ", dir, "/copy.txt"));
+  ASSERT_EQ(downloaded.exit_code, 0) << downloaded.output;
+  EXPECT_EQ(Field(downloaded.output, "file_name"), "r\xc3\xa9sum\xc3\xa9.txt");
+  EXPECT_EQ(ReadFile(dir + "/copy.txt"), "curriculum");
+  EXPECT_EQ(records(), 1);
+}
+
 TEST_F(CtlTest, RefusesACommandLineItCannotReadBeforeAnythingIsSent) {
   pqxx::connection control(stack_->clusters().control().ConnectionString());
   auto tenant = [&] {

@@ -1,8 +1,10 @@
 // Unit tests of libs/common: status macros, the status mapping, config validation, JSON logging,
 // the latency histogram.
+#include <google/protobuf/stubs/common.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "libs/common/config.h"
 #include "libs/common/grpc_status.h"
@@ -10,6 +12,7 @@
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/common/validation.h"
+#include "tests/support/fuzz.h"
 
 namespace medgate {
 namespace {
@@ -223,6 +226,88 @@ TEST(ValidationTest, TruncateUtf8CutsBetweenCharacters) {
   EXPECT_EQ(TruncateUtf8("\xf0\x9f\x98\x80z", 3), "");  // "😀z"
   EXPECT_EQ(TruncateUtf8("\xf0\x9f\x98\x80z", 4), "\xf0\x9f\x98\x80");
   EXPECT_EQ(TruncateUtf8("", 0), "");
+}
+
+TEST(ValidationTest, IsValidUtf8RefusesWhatIsNotUtf8) {
+  for (absl::string_view ok : {"", "abc", "r\xc3\xa9sum\xc3\xa9", "\xe2\x82\xac",
+                               "\xf0\x9f\x98\x80", "\xed\x9f\xbf", "\xee\x80\x80",
+                               "\xf4\x8f\xbf\xbf", "\x7f"}) {
+    EXPECT_TRUE(IsValidUtf8(ok)) << absl::CHexEscape(ok);
+  }
+  for (absl::string_view bad : {"r\xe9sum\xe9",        // Latin-1
+                                "\xc0\xaf", "\xe0\x80\xaf",  // overlong "/"
+                                "\xed\xa0\x80",          // a surrogate
+                                "\xf4\x90\x80\x80",      // past U+10FFFF
+                                "\xc3", "\xe2\x82", "a\xf0\x9f\x98",  // cut short
+                                "\x80", "\xbf", "\xf8\x88\x80\x80\x80", "\xff"}) {
+    EXPECT_FALSE(IsValidUtf8(bad)) << absl::CHexEscape(bad);
+  }
+}
+
+// IsValidUtf8 says what protobuf's parser says of a proto3 string: random bytes, mostly UTF-8
+// sequences (the ranges' ends among them), some changed, cut or overlong, get the same answer.
+TEST(ValidationTest, IsValidUtf8AgreesWithProtobufOnRandomBytes) {
+  const uint64_t seed = testing::FuzzSeed();
+  const int rounds = testing::FuzzRounds(20000);
+  static const uint32_t kEnds[] = {0x0,    0x7F,   0x80,   0x7FF,   0x800,    0xFFF,
+                                   0x1000, 0xD7FF, 0xE000, 0xFFFF,  0x10000,  0x3FFFF,
+                                   0x40000, 0xFFFFF, 0x100000, 0x10FFFF};
+  auto encode = [](uint32_t c, std::string& out) {
+    if (c < 0x80) {
+      out.push_back(static_cast<char>(c));
+    } else if (c < 0x800) {
+      out.push_back(static_cast<char>(0xC0 | (c >> 6)));
+      out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    } else if (c < 0x10000) {
+      out.push_back(static_cast<char>(0xE0 | (c >> 12)));
+      out.push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    } else {
+      out.push_back(static_cast<char>(0xF0 | (c >> 18)));
+      out.push_back(static_cast<char>(0x80 | ((c >> 12) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    }
+  };
+  int valid = 0;
+  for (int round = 0; round < rounds; ++round) {
+    std::mt19937_64 rng = testing::FuzzRng(seed, round);
+    std::string text;
+    const uint64_t pieces = testing::Uniform(rng, 0, 6);
+    for (uint64_t i = 0; i < pieces; ++i) {
+      switch (testing::Uniform(rng, 0, 5)) {
+        case 0:  // a range's end, or one past it (surrogates and past U+10FFFF included)
+          encode(kEnds[testing::Uniform(rng, 0, std::size(kEnds) - 1)] +
+                     static_cast<uint32_t>(testing::Uniform(rng, 0, 1)),
+                 text);
+          break;
+        case 1:  // any code point, surrogates included, or a little past the last
+          encode(static_cast<uint32_t>(testing::Uniform(rng, 0, 0x11FFFF)), text);
+          break;
+        case 2:  // any byte
+          text.push_back(static_cast<char>(testing::Uniform(rng, 0, 255)));
+          break;
+        case 3: {  // an overlong form of an ASCII character
+          const uint32_t c = static_cast<uint32_t>(testing::Uniform(rng, 0, 0x7F));
+          text.push_back(static_cast<char>(0xC0 | (c >> 6)));
+          text.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+          break;
+        }
+        default:
+          text += "ok";
+      }
+    }
+    if (!text.empty() && testing::Uniform(rng, 0, 9) == 0) {
+      text.resize(testing::Uniform(rng, 0, text.size() - 1));  // cut short
+    }
+    const bool want = google::protobuf::internal::IsStructurallyValidUTF8(text);
+    valid += want ? 1 : 0;
+    ASSERT_EQ(IsValidUtf8(text), want)
+        << absl::CHexEscape(text) << ", " << testing::FuzzReplay(seed, round);
+  }
+  // Both answers were drawn often.
+  EXPECT_GT(valid, rounds / 10);
+  EXPECT_LT(valid, rounds - rounds / 10);
 }
 
 TEST(LatencyHistogramTest, PercentilesAreBucketBoundsNeverBelowTheTrueValue) {
