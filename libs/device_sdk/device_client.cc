@@ -16,6 +16,7 @@
 #include "libs/common/grpc_status.h"
 #include "libs/common/proto_duration.h"
 #include "libs/common/status_macros.h"
+#include "libs/common/validation.h"
 #include "libs/identity/credentials.h"
 
 namespace medgate::device {
@@ -104,6 +105,18 @@ absl::StatusOr<uint64_t> DeviceClient::Send(std::vector<v1::VitalSample> samples
     return absl::InvalidArgumentError(
         absl::StrCat("a batch has at most ", kMaxSamplesPerBatch, " samples, not ", samples.size(),
                      ": split them over several Send calls"));
+  }
+  // A proto3 string must be UTF-8: a batch with one that is not does not parse at the server.
+  for (size_t i = 0; i < samples.size(); ++i) {
+    for (const auto& [field, text] : {std::pair<const char*, const std::string*>{
+                                          "loinc_code", &samples[i].loinc_code()},
+                                      {"ucum_unit", &samples[i].ucum_unit()}}) {
+      if (!IsValidUtf8(*text)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "samples[", i, "].", field, " is not valid UTF-8, as every string of a batch must be: "
+            "the server could not read the batch"));
+      }
+    }
   }
   v1::VitalsBatch batch;
   // Sized with the largest seqs the buffer could assign: the sealed batch is no larger.

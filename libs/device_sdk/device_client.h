@@ -100,7 +100,8 @@ class DeviceClient {
 
   // Makes `samples` a batch (seqs assigned here) durable before returning. INVALID_ARGUMENT, and
   // nothing buffered, for a batch a server would refuse as a whole: no samples, more than
-  // kMaxSamplesPerBatch, or more than kMaxBatchBytes serialized.
+  // kMaxSamplesPerBatch, more than kMaxBatchBytes serialized, or a code or unit that is not
+  // valid UTF-8 (the batch would not parse).
   absl::StatusOr<uint64_t> Send(std::vector<v1::VitalSample> samples);
   // Starts the background sender (resending whatever the buffer file holds).
   void Start();

@@ -1081,39 +1081,33 @@ TEST_F(IngestTest, AMessageThatIsNotABatchEndsTheStreamInvalidAfterEarlierAcks) 
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-not-a-batch'"), 3);
 }
 
-// The device SDK takes that end of the stream as the refusal of the batch: it reports the batch
-// to OnRejected and drops it, and delivers the batches after it, instead of resending it forever.
-TEST_F(IngestTest, TheSdkDropsAndReportsABatchThatIsNotABatchAndDeliversTheRest) {
-  MonitoredPatientWithDevice("sdk-not-a-batch", "FR", "dev-sdk-not-a-batch");
-  device::DeviceOptions options =
-      SdkOptions(Device("acme", "dev-sdk-not-a-batch"), "sdk-not-a-batch");
+// The device SDK refuses a batch with a code or unit that is not UTF-8 when it is sent, buffering
+// nothing: the server could not read it (above). The batches around it are delivered.
+TEST_F(IngestTest, TheSdkRefusesABatchThatIsNotUtf8WhenItIsSent) {
+  MonitoredPatientWithDevice("sdk-not-utf8", "FR", "dev-sdk-not-utf8");
+  device::DeviceOptions options = SdkOptions(Device("acme", "dev-sdk-not-utf8"), "sdk-not-utf8");
   auto client = device::DeviceClient::Open(options);
   ASSERT_TRUE(client.ok()) << client.status();
-  std::mutex mu;
-  std::vector<absl::Status> rejected;
-  (*client)->OnRejected([&](const v1::VitalsBatch&, const absl::Status& why) {
-    std::lock_guard<std::mutex> lock(mu);
-    rejected.push_back(why);
-  });
   std::vector<v1::VitalSample> latin1 = HeartRates(3);
-  latin1[1].set_ucum_unit("\xb5g");
+  latin1[1].set_ucum_unit("\xb5g");  // "µg" in Latin-1
   ASSERT_TRUE((*client)->Send(HeartRates(10)).ok());
-  ASSERT_TRUE((*client)->Send(latin1).ok());
+  absl::StatusOr<uint64_t> refused = (*client)->Send(latin1);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("samples[1].ucum_unit is not valid UTF-8"));
+  latin1[1] = HeartRates(1)[0];
+  latin1[2].set_loinc_code("8867-4\xff");
+  EXPECT_THAT(std::string((*client)->Send(latin1).status().message()),
+              HasSubstr("samples[2].loinc_code is not valid UTF-8"));
   ASSERT_TRUE((*client)->Send(HeartRates(10)).ok());
+  EXPECT_EQ((*client)->pending(), 2u);
   (*client)->Start();
   ASSERT_TRUE((*client)->WaitUntilAcked(absl::Seconds(30)).ok());
   (*client)->Stop();
   const device::DeviceStats stats = (*client)->stats();
   EXPECT_EQ(stats.batches_acked, 2u);
-  EXPECT_EQ(stats.batches_rejected, 1u);
-  EXPECT_EQ(stats.samples_stored, 20u);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    ASSERT_EQ(rejected.size(), 1u);
-    EXPECT_EQ(rejected[0].code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_THAT(std::string(rejected[0].message()), HasSubstr("is not a VitalsBatch"));
-  }
-  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-not-a-batch'"), 20);
+  EXPECT_EQ(stats.batches_rejected, 0u);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-sdk-not-utf8'"), 20);
   std::filesystem::remove(options.buffer_path);
 }
 
