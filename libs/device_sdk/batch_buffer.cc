@@ -11,6 +11,9 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <optional>
+
+#include <google/protobuf/unknown_field_set.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -19,6 +22,36 @@
 
 namespace medgate::device {
 namespace {
+
+// A batch's batch_seq and highest sample seq, read from its wire format without checking its
+// strings (VitalsBatch: batch_seq = 1, samples = 2; VitalSample: seq = 1).
+struct SeqsRead {
+  uint64_t batch_seq = 0;
+  uint64_t max_seq = 0;
+};
+
+std::optional<SeqsRead> ReadSeqsOnly(const std::string& payload) {
+  using google::protobuf::UnknownField;
+  google::protobuf::UnknownFieldSet fields;
+  if (!fields.ParseFromString(payload)) return std::nullopt;
+  SeqsRead out;
+  for (int i = 0; i < fields.field_count(); ++i) {
+    const UnknownField& field = fields.field(i);
+    if (field.number() == 1 && field.type() == UnknownField::TYPE_VARINT) {
+      out.batch_seq = field.varint();
+    } else if (field.number() == 2 && field.type() == UnknownField::TYPE_LENGTH_DELIMITED) {
+      google::protobuf::UnknownFieldSet sample;
+      if (!sample.ParseFromString(field.length_delimited())) return std::nullopt;
+      for (int k = 0; k < sample.field_count(); ++k) {
+        if (sample.field(k).number() == 1 && sample.field(k).type() == UnknownField::TYPE_VARINT) {
+          out.max_seq = std::max(out.max_seq, sample.field(k).varint());
+        }
+      }
+    }
+  }
+  if (out.batch_seq == 0) return std::nullopt;
+  return out;
+}
 
 constexpr uint8_t kBatch = 1;
 constexpr uint8_t kAck = 2;
@@ -264,8 +297,20 @@ absl::StatusOr<bool> BatchBuffer::Load() {
     if (type == kBatch) {
       v1::VitalsBatch batch;
       if (!batch.ParseFromString(payload)) {
-        readable = false;
-        break;
+        std::optional<SeqsRead> seqs;
+        if (checked) seqs = ReadSeqsOnly(payload);
+        if (!seqs) {
+          readable = false;
+          break;
+        }
+        // Whole, as its sums say, yet not a batch the parser reads (a string that is not
+        // UTF-8): not damage. Dropped, as no server could read it; its seqs are not given again.
+        ++unreadable_batches_;
+        next_batch_seq_ = std::max(next_batch_seq_, seqs->batch_seq + 1);
+        next_seq_ = std::max(next_seq_, seqs->max_seq + 1);
+        checked_seen = true;
+        loaded_bytes_ += header_size + length;
+        continue;
       }
       next_batch_seq_ = std::max(next_batch_seq_, batch.batch_seq() + 1);
       for (const auto& s : batch.samples()) next_seq_ = std::max(next_seq_, s.seq() + 1);

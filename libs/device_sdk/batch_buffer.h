@@ -79,6 +79,10 @@ class BatchBuffer {
   uint64_t next_seq() const { return next_seq_; }
   // Where Open kept a damaged file's bytes; empty when the file was whole.
   const std::string& damaged_copy() const { return damaged_copy_; }
+  // Batches Open found whole (their sums match) but could not read as batches, and dropped: ones
+  // sealed with a string that is not UTF-8, before DeviceClient::Send checked them, which no
+  // server could read either. The file goes on after them, and their seqs are not given again.
+  uint64_t unreadable_batches() const { return unreadable_batches_; }
   // Compactions that failed and left the file as it was, and why the last one failed.
   uint64_t compaction_failures() const { return compaction_failures_; }
   const std::string& last_compaction_error() const { return last_compaction_error_; }
@@ -120,6 +124,7 @@ class BatchBuffer {
   uint64_t loaded_bytes_ = 0;  // where the last whole record Load read ends
   bool torn_last_record_ = false;  // Load found a last record of the right length but not whole
   std::string damaged_copy_;
+  uint64_t unreadable_batches_ = 0;
   uint64_t compaction_failures_ = 0;
   std::string last_compaction_error_;
 };

@@ -90,6 +90,7 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
   if (!buffer.ok()) return buffer.status();
   client->buffer_ = *std::move(buffer);
   client->stats_.buffer_damaged_copy = client->buffer_->damaged_copy();
+  client->stats_.batches_unreadable = client->buffer_->unreadable_batches();
   if (!client->buffer_->pending().empty()) {
     client->maybe_sent_up_to_ = client->buffer_->pending().back().batch_seq();
   }

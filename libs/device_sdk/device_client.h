@@ -54,6 +54,9 @@ struct DeviceStats {
   uint64_t samples_duplicate = 0;
   uint64_t samples_rejected = 0;
   uint64_t batches_rejected = 0;  // refused as a whole by the server, dropped (see OnRejected)
+  // Batches the buffer file held whole but could not read, dropped when it was opened: sealed
+  // with a string that is not UTF-8 by an SDK before Send checked them (no server reads them).
+  uint64_t batches_unreadable = 0;
   uint64_t retries = 0;
   uint64_t reconnects = 0;
   uint64_t ack_timeouts = 0;  // streams given up because an ack took longer than ack_timeout

@@ -125,6 +125,37 @@ TEST_F(BatchBufferTest, AssignsSeqsAndKeepsUnackedBatchesAcrossRestarts) {
   EXPECT_EQ((*again)->pending()[0].samples(0).seq(), 7u);
 }
 
+// A batch sealed with a string that is not UTF-8 (before DeviceClient::Send checked them) is
+// whole in the file but does not parse: reopened, it is dropped and counted, not taken for damage.
+// The batches after it are kept, no copy is set aside, and its seqs are not given out again.
+TEST_F(BatchBufferTest, AWholeBatchThatDoesNotParseIsDroppedAndTheRestKept) {
+  {
+    auto buffer = BatchBuffer::Open(path_, 100);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_EQ(*(*buffer)->Seal(Samples(2)), 1u);
+    v1::VitalsBatch latin1 = Samples(3);
+    latin1.mutable_samples(1)->set_ucum_unit("\xb5g");  // "µg" in Latin-1
+    ASSERT_EQ(*(*buffer)->Seal(latin1), 2u);
+    ASSERT_EQ(*(*buffer)->Seal(Samples(1)), 3u);
+  }
+  {
+    auto reopened = BatchBuffer::Open(path_, 100);
+    ASSERT_TRUE(reopened.ok()) << reopened.status();
+    EXPECT_EQ((*reopened)->unreadable_batches(), 1u);
+    EXPECT_EQ((*reopened)->damaged_copy(), "");
+    EXPECT_EQ(Seqs((*reopened)->pending()),
+              (std::vector<std::vector<uint64_t>>{{1, 1, 2}, {3, 6}}));
+    EXPECT_EQ(*(*reopened)->Seal(Samples(1)), 4u);
+    EXPECT_EQ((*reopened)->pending().back().samples(0).seq(), 7u);
+  }
+  // Gone from the file once it was compacted: the next opening finds nothing unreadable.
+  auto again = BatchBuffer::Open(path_, 100);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ((*again)->unreadable_batches(), 0u);
+  EXPECT_EQ(Seqs((*again)->pending()),
+            (std::vector<std::vector<uint64_t>>{{1, 1, 2}, {3, 6}, {4, 7}}));
+}
+
 // After a lost buffer file the server holds seqs this buffer never gave out: its pending batches
 // are renumbered above them, the samples an ack took for duplicates are sealed again as a new
 // batch, and all of it survives a restart.
