@@ -1388,6 +1388,16 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
   if (header.file_name.find_first_of("/\\") != std::string::npos) {
     return absl::InvalidArgumentError("header.file_name: no '/' or backslash");
   }
+  // Bidirectional controls reorder what is shown: "scan\u202Efdp.exe" shows as "scanexe.pdf".
+  for (absl::string_view control :
+       {"\u061C", "\u200E", "\u200F", "\u202A", "\u202B", "\u202C", "\u202D", "\u202E",
+        "\u2066", "\u2067", "\u2068", "\u2069"}) {
+    if (absl::StrContains(header.file_name, control)) {
+      return absl::InvalidArgumentError(
+          "header.file_name: no Unicode bidirectional control characters (U+061C, U+200E, "
+          "U+200F, U+202A-U+202E, U+2066-U+2069), which can make a name show as another");
+    }
+  }
   if (header.size_bytes == 0 || header.size_bytes > kMaxRecordBytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("header.size_bytes: 1 to ", kMaxRecordBytes, ", got ", header.size_bytes));

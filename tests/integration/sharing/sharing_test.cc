@@ -1376,6 +1376,26 @@ TEST_F(SharingTest, HundredMiBUploadAndDownloadStreamWithBoundedMemory) {
   EXPECT_EQ(sharing_->core().buffered_bytes(), 0);
 }
 
+// Names in right-to-left scripts need no bidirectional control character (which are refused,
+// below): they are stored and listed as sent.
+TEST_F(SharingTest, RightToLeftFileNamesAreStoredAsSent) {
+  const std::string patient = Place("rtl-names-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "scan";
+  spec.file_name = "\xd7\xaa\xd7\x95\xd7\xa6\xd7\x90\xd7\x95\xd7\xaa 2026.pdf";  // Hebrew
+  UploadOk(pki_->practitioner(), spec);
+  spec.file_name = "\xd8\xaa\xd9\x82\xd8\xb1\xd9\x8a\xd8\xb1.pdf";  // Arabic
+  UploadOk(pki_->practitioner(), spec);
+  auto listed = List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, patient, 10);
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  std::set<std::string> names;
+  for (const v1::Record& r : listed->records()) names.insert(r.file_name());
+  EXPECT_EQ(names, (std::set<std::string>{
+                       "\xd7\xaa\xd7\x95\xd7\xa6\xd7\x90\xd7\x95\xd7\xaa 2026.pdf",
+                       "\xd8\xaa\xd9\x82\xd8\xb1\xd9\x8a\xd8\xb1.pdf"}));
+}
+
 TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
   const std::string patient = Place("bad-uploads-1", "FR");
   const int64_t before = StoredRows();
@@ -1417,6 +1437,10 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
       // A proto3 string must be UTF-8: the header does not parse (a C++ client sends it anyway).
       {"file name not UTF-8", [](UploadSpec& s) { s.file_name = "r\xe9sum\xe9.pdf"; },
        &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "must be valid UTF-8"},
+      // U+202E: shows as "scanexe.pdf".
+      {"bidirectional control in file name",
+       [](UploadSpec& s) { s.file_name = "scan\xe2\x80\xae" "fdp.exe"; }, &pki_->practitioner(),
+       grpc::StatusCode::INVALID_ARGUMENT, "bidirectional control characters"},
       {"path in file name", [](UploadSpec& s) { s.file_name = "../etc/passwd"; },
        &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "header.file_name"},
       {"empty content type", [](UploadSpec& s) { s.content_type = ""; }, &pki_->practitioner(),
