@@ -8,12 +8,22 @@
 #include <cstdlib>
 #include <mutex>
 
+#include <google/protobuf/stubs/logging.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 
 namespace medgate::log {
 namespace {
+
+void ProtobufLog(google::protobuf::LogLevel level, const char* file, int line,
+                 const std::string& message) {
+  Level ours = Level::kWarning;
+  if (level == google::protobuf::LOGLEVEL_INFO) ours = Level::kInfo;
+  if (level == google::protobuf::LOGLEVEL_FATAL) ours = Level::kError;
+  Write(ours, "protobuf", {{"message", message}, {"source", absl::StrCat(file, ":", line)}});
+}
 
 Level LevelFromEnv() {
   const char* env = std::getenv("MEDGATE_LOG_LEVEL");
@@ -101,5 +111,7 @@ void Write(Level level, absl::string_view event, std::initializer_list<Field> fi
   std::lock_guard<std::mutex> lock(mu);
   std::fwrite(line.data(), 1, line.size(), stderr);
 }
+
+void RouteProtobufLogs() { google::protobuf::SetLogHandler(&ProtobufLog); }
 
 }  // namespace medgate::log

@@ -51,6 +51,11 @@ inline void Error(absl::string_view event, std::initializer_list<Field> fields =
   Write(Level::kError, event, fields);
 }
 
+// Sends protobuf's own messages through Write, as "protobuf" events, instead of its plain-text
+// lines on stderr: a request whose string field is not UTF-8 makes it log one. Its errors are
+// warnings here, as a client causes them. Process-wide (ConfigureProcess calls it).
+void RouteProtobufLogs();
+
 // Appends `text` to `out` as a JSON string literal (with quotes).
 void AppendJsonString(std::string& out, absl::string_view text);
 

@@ -5,6 +5,7 @@
 #include <sys/resource.h>
 
 #include "absl/synchronization/mutex.h"
+#include "libs/common/log.h"
 
 namespace medgate {
 
@@ -17,6 +18,8 @@ inline void ConfigureProcess() {
   // with them too) records lock-order graphs under one process-wide lock to detect deadlocks.
   // Tests keep that check; services, tools and benchmarks do not pay for it.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  // Every line on stderr a JSON one, protobuf's too.
+  log::RouteProtobufLogs();
 }
 
 }  // namespace medgate

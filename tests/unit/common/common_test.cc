@@ -1,6 +1,7 @@
 // Unit tests of libs/common: status macros, the status mapping, config validation, JSON logging,
 // the latency histogram.
 #include <google/protobuf/stubs/common.h>
+#include <google/protobuf/stubs/logging.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -201,6 +202,21 @@ TEST(LogTest, FormatsOneEscapedJsonObject) {
   EXPECT_EQ(line.front(), '{');
   EXPECT_EQ(line.back(), '}');
   EXPECT_EQ(line.find('\n'), std::string::npos);
+}
+
+// Protobuf's own messages (a request string that is not UTF-8 makes it log one) come out as JSON
+// lines like every other, its errors as warnings: a client causes them.
+TEST(LogTest, ProtobufMessagesAreJsonLines) {
+  log::RouteProtobufLogs();
+  ::testing::internal::CaptureStderr();
+  GOOGLE_LOG(ERROR) << "String field 'medgate.v1.X.y' contains invalid UTF-8 data";
+  const std::string out = ::testing::internal::GetCapturedStderr();
+  ASSERT_FALSE(out.empty());
+  EXPECT_EQ(out.front(), '{') << out;
+  EXPECT_EQ(out.find("[libprotobuf"), std::string::npos) << out;
+  EXPECT_THAT(out, HasSubstr("\"level\":\"warning\""));
+  EXPECT_THAT(out, HasSubstr("\"event\":\"protobuf\""));
+  EXPECT_THAT(out, HasSubstr("contains invalid UTF-8 data"));
 }
 
 TEST(ValidationTest, NamesTheFieldAndTheRule) {
