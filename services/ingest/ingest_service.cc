@@ -369,9 +369,14 @@ class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
     if (ack.has_retryable_error()) poisoned_->store(true);
     if (broken_ || slot < first_slot_ || slot - first_slot_ >= pending_.size()) return;
     PendingAck& owed = pending_[slot - first_slot_];
-    owed.bytes = ack.ByteSizeLong();
+    // Serialized once, here: its size is what the stream owes. An ack is bounded (its first
+    // rejections' details only), so it always serializes.
+    owed.ack.emplace();
+    bool own_buffer = false;
+    static_cast<void>(
+        grpc::SerializationTraits<v1::IngestAck>::Serialize(ack, &*owed.ack, &own_buffer));
+    owed.bytes = owed.ack->Length();
     owed_ack_bytes_ += owed.bytes;
-    owed.ack = std::move(ack);
     if (poisoned_->load() && !fail_) {
       // A write of this stream failed: later batches would be refused anyway. Owed acks go out,
       // then the stream ends so the device reconnects and resends what was not acknowledged.
@@ -387,14 +392,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
   // Acks go out in batch order, one write at a time.
   void FlushLocked() {
     if (write_in_flight_ || broken_ || pending_.empty() || !pending_.front().ack.has_value()) return;
-    bool own_buffer = false;
-    outgoing_.Clear();  // the previous ack's, written
-    if (!grpc::SerializationTraits<v1::IngestAck>::Serialize(*pending_.front().ack,
-                                                             &outgoing_, &own_buffer)
-             .ok()) {
-      // An ack is made here, of known fields: it always serializes.
-      log::Error("ingest_ack_not_serialized", {});
-    }
+    outgoing_.Swap(&*pending_.front().ack);  // outgoing_'s last ack, written, goes with it
     const absl::Time now = absl::Now();
     if (std::optional<LatencyWindow::Closed> window =
             ack_latency_.Record(now - pending_.front().read_at, now)) {
@@ -433,7 +431,7 @@ class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
 
   // A batch read, and its ack once it has one.
   struct PendingAck {
-    std::optional<v1::IngestAck> ack;
+    std::optional<grpc::ByteBuffer> ack;  // serialized
     size_t bytes = 0;  // the ack's, once made
     absl::Time read_at;
   };
