@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "libs/common/log.h"
 #include "libs/identity/credentials.h"
+#include "libs/server/request_parse_errors.h"
 
 namespace medgate {
 
@@ -70,6 +71,10 @@ absl::Status ServiceServer::Start() {
   // after 10 s, not gRPC's 120 s: anyone who reaches the port could otherwise hold descriptors
   // and handshakers by opening connections that say nothing.
   builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS, kHandshakeTimeoutMs);
+  // A request that does not parse is INVALID_ARGUMENT saying so, not gRPC's empty INTERNAL.
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<RequestParseErrorsFactory>());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   for (grpc::Service* service : services_) builder.RegisterService(service);
   server_ = builder.BuildAndStart();
   if (!server_ || port_ == 0) {

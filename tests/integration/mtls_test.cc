@@ -1,5 +1,6 @@
 // mTLS over real TLS on loopback: the accept/reject matrix, Principals, rotation, health.
 #include <atomic>
+#include <future>
 #include <filesystem>
 #include <thread>
 
@@ -15,6 +16,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <grpcpp/create_channel.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/tls_certificate_provider.h>
@@ -671,6 +673,81 @@ TEST_F(MtlsTest, UnlistedRpcIsDeniedToEveryKind) {
   v1::QueryAuditResponse response;
   grpc::Status status = stub->QueryAudit(&context, request, &response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+}
+
+// A request message that does not parse is the client's error: INVALID_ARGUMENT saying what to
+// fix, before any handler runs, where gRPC alone answers INTERNAL with an empty message.
+TEST_F(MtlsTest, ARequestThatDoesNotParseIsInvalidArgumentBeforeAnyHandler) {
+  std::shared_ptr<grpc::Channel> channel = ChannelAs(pki_->ops());
+  {
+    // What a C++ client sends for a string in Latin-1: protobuf logs an error and sends it.
+    auto stub = v1::Audit::NewStub(channel);
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::QueryAuditRequest request;
+    request.set_patient_id("Andr\xe9");
+    v1::QueryAuditResponse response;
+    grpc::Status status = stub->QueryAudit(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr("/medgate.v1.Audit/QueryAudit"));
+    EXPECT_THAT(status.error_message(), HasSubstr("valid UTF-8"));
+  }
+  grpc::GenericStub generic(channel);
+  const auto call_raw = [&](const std::string& bytes) {
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer request(&slice, 1);
+    grpc::ByteBuffer response;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    std::promise<grpc::Status> done;
+    generic.UnaryCall(&context, "/medgate.v1.Audit/VerifyChain", grpc::StubOptions(), &request,
+                      &response, [&done](grpc::Status status) { done.set_value(status); });
+    return done.get_future().get();
+  };
+  // Bytes that are no protobuf message: a field number 0 and a length past the end.
+  for (const std::string& bytes : {std::string("\x00\x01", 2), std::string("\x0a\x7f\x01")}) {
+    grpc::Status status = call_raw(bytes);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr("/medgate.v1.Audit/VerifyChain did not parse"));
+  }
+  EXPECT_EQ(service_->calls(), 0);
+  // An empty message is a valid request, and the handler answers it; so does a normal call.
+  EXPECT_TRUE(call_raw("").ok());
+  EXPECT_TRUE(Call(channel).ok());
+  EXPECT_EQ(service_->calls(), 2);
+}
+
+// A unary call that sends no request message at all (a client that closes its side first) is
+// told so, as INVALID_ARGUMENT.
+TEST_F(MtlsTest, AUnaryCallWithoutARequestMessageIsInvalidArgument) {
+  grpc::GenericStub generic(ChannelAs(pki_->ops()));
+  grpc::CompletionQueue cq;
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call =
+      generic.PrepareCall(&context, "/medgate.v1.Audit/VerifyChain", &cq);
+  const auto await = [&cq](intptr_t tag) {
+    void* got = nullptr;
+    bool ok = false;
+    EXPECT_TRUE(cq.Next(&got, &ok));
+    EXPECT_EQ(reinterpret_cast<intptr_t>(got), tag);
+    return ok;
+  };
+  call->StartCall(reinterpret_cast<void*>(1));
+  ASSERT_TRUE(await(1));
+  call->WritesDone(reinterpret_cast<void*>(2));
+  await(2);
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(3));
+  ASSERT_TRUE(await(3));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("carried no request message"));
+  EXPECT_EQ(service_->calls(), 0);
+  cq.Shutdown();
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq.Next(&tag, &ok)) {
+  }
 }
 
 TEST_F(MtlsTest, RotatedServerCertificateReachesNewConnections) {

@@ -3217,6 +3217,41 @@ TEST_F(SharingTest, DevicesServicesAppsAndOpsAreRefusedWhatTheyMayNotDo) {
   }
 }
 
+// A request that does not parse (a name in Latin-1, as a C++ client sends it after logging an
+// error) is INVALID_ARGUMENT naming the method, for a unary call and a download alike, and
+// changes nothing.
+TEST_F(SharingTest, RequestsThatDoNotParseAreInvalidArgumentNamingTheMethod) {
+  const std::string patient = Place("not-utf8", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "discharge letter";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  ASSERT_FALSE(record.empty());
+  {
+    v1::ShareRecordRequest request;
+    request.set_record_id(record);
+    request.set_grantee("practitioner:acme/Andr\xe9");
+    v1::ShareRecordResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    grpc::Status status = Stub(pki_->practitioner())->ShareRecord(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr("/medgate.v1.RecordSharing/ShareRecord"));
+    EXPECT_THAT(status.error_message(), HasSubstr("UTF-8"));
+  }
+  Downloaded refused = Download(pki_->practitioner(), record, "raison m\xe9" "dicale");
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+      << refused.status.error_message();
+  EXPECT_THAT(refused.status.error_message(),
+              HasSubstr("/medgate.v1.RecordSharing/DownloadRecord"));
+  EXPECT_FALSE(refused.has_header);
+  // No grant was made, and the record reads as stored.
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM share_grants WHERE record_id = $1", record), 0);
+  Downloaded d = Download(pki_->practitioner(), record);
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  EXPECT_EQ(d.content, spec.content);
+}
+
 // --- integrity ---------------------------------------------------------------------------------
 
 TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes) {
