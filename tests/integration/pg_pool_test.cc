@@ -616,6 +616,37 @@ TEST_F(PoolTest, ATextArrayWithANulByteIsRefusedNotSplit) {
   }
 }
 
+// What the server sends for a column read as text[]: a NULL array is empty, an array with other
+// bounds is read from its elements, and a field that is no one-dimensional array is a
+// conversion_error naming the column, never a list read from part of it.
+TEST_F(PoolTest, ParseTextArrayReadsWhatTheServerSendsOrThrows) {
+  Pool pool(Options());
+  std::vector<std::vector<std::string>> read;
+  std::vector<std::string> refused;
+  ASSERT_TRUE(pool.Transact([&](pqxx::work& txn) {
+    read.clear();
+    refused.clear();
+    for (const char* query : {"SELECT NULL::text[]", "SELECT '[0:1]={a,b}'::text[]",
+                              "SELECT ARRAY['x', NULL, 'y']"}) {
+      read.push_back(ParseTextArray(txn.exec1(query)[0]));
+    }
+    for (const char* query : {"SELECT ARRAY[['a','b'],['c','d']] AS tags",
+                              "SELECT 'no array'::text AS tags",
+                              "SELECT '{\"unterminated'::text AS tags"}) {
+      try {
+        std::vector<std::string> got = ParseTextArray(txn.exec1(query)[0]);
+        ADD_FAILURE() << query << " read as " << got.size() << " elements";
+      } catch (const pqxx::conversion_error& e) {
+        refused.push_back(e.what());
+      }
+    }
+    return absl::OkStatus();
+  }).ok());
+  EXPECT_EQ(read, (std::vector<std::vector<std::string>>{{}, {"a", "b"}, {"x", "y"}}));
+  ASSERT_EQ(refused.size(), 3u);
+  for (const std::string& why : refused) EXPECT_THAT(why, HasSubstr("column tags: "));
+}
+
 // A service is up while it can serve some region: one shard down does not make the set fail, all
 // down does, naming each region's failure.
 TEST_F(PoolTest, ShardSetAnswersWhileAnyShardDoes) {
