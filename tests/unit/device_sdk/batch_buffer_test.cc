@@ -16,6 +16,7 @@
 
 #include <gtest/gtest.h>
 
+#include "libs/crypto/sha256.h"
 #include "libs/device_sdk/batch_buffer.h"
 
 namespace medgate::device {
@@ -154,6 +155,50 @@ TEST_F(BatchBufferTest, AWholeBatchThatDoesNotParseIsDroppedAndTheRestKept) {
   EXPECT_EQ((*again)->unreadable_batches(), 0u);
   EXPECT_EQ(Seqs((*again)->pending()),
             (std::vector<std::vector<uint64_t>>{{1, 1, 2}, {3, 6}, {4, 7}}));
+}
+
+// A batch record whose sums match but whose bytes are not even protobuf's wire format (only a
+// fault in the writer could make one) is damage: its seqs cannot be read, so the file is kept
+// aside and the batches before it kept, as for any damage; it is not dropped as unreadable.
+TEST_F(BatchBufferTest, AWholeRecordThatIsNoWireFormatIsDamageNotAnUnreadableBatch) {
+  {
+    auto buffer = BatchBuffer::Open(path_, 100);
+    ASSERT_TRUE(buffer.ok());
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE((*buffer)->Seal(Samples(2)).ok());
+  }
+  std::string file;
+  {
+    std::ifstream in(path_, std::ios::binary);
+    file.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  // Records: [u32 length][u8 type][u32 header sum][u32 payload sum][payload]; the counters first.
+  const auto length_at = [&](size_t at) {
+    uint32_t n = 0;
+    for (size_t i = 0; i < 4; ++i) n = (n << 8) | static_cast<unsigned char>(file[at + i]);
+    return n;
+  };
+  const size_t first_batch = 13 + length_at(0);
+  const size_t second_batch = first_batch + 13 + length_at(first_batch);
+  const uint32_t length = length_at(second_batch);
+  ASSERT_LT(length, 127u);
+  // batch_seq 2, then a samples field whose length (127) runs past the end of the record.
+  std::string payload = std::string("\x08\x02\x12\x7f", 4);
+  payload.resize(length, 'x');
+  const std::string sum = crypto::Sha256::Of(payload).substr(0, 4);
+  file.replace(second_batch + 9, 4, sum);
+  file.replace(second_batch + 13, length, payload);
+  {
+    std::ofstream out(path_, std::ios::binary | std::ios::trunc);
+    out << file;
+  }
+  auto buffer = BatchBuffer::Open(path_, 100, /*first_seq=*/1000);
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  EXPECT_EQ((*buffer)->unreadable_batches(), 0u);
+  ASSERT_EQ((*buffer)->pending().size(), 1u);
+  EXPECT_EQ((*buffer)->pending()[0].batch_seq(), 1u);
+  EXPECT_EQ((*buffer)->next_seq(), 1000u);
+  ASSERT_FALSE((*buffer)->damaged_copy().empty());
+  std::filesystem::remove((*buffer)->damaged_copy());
 }
 
 // After a lost buffer file the server holds seqs this buffer never gave out: its pending batches
