@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "absl/strings/match.h"
@@ -23,12 +24,55 @@ absl::Status KeyError(const std::string& key, absl::string_view problem) {
   return absl::InvalidArgumentError(absl::StrCat("config key '", key, "': ", problem));
 }
 
+// A configuration is a few levels of maps and lists; these bound what reading one may cost (an
+// alias may name a list that holds it, or lists of lists of one list).
+constexpr int kMaxConfigDepth = 32;
+constexpr int kMaxConfigValues = 100'000;
+
+// Every key of every map is a single value (a key that is a list or a map can name no setting,
+// and reading one as a name would throw), given once (a second `regions:` would otherwise be
+// ignored without a word); no deeper than kMaxConfigDepth, no more than kMaxConfigValues values.
+absl::Status CheckShape(const YAML::Node& node, const std::string& path, int depth, int& budget) {
+  if (--budget < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: more than ", kMaxConfigValues, " values"));
+  }
+  if (depth > kMaxConfigDepth) {
+    return KeyError(path, absl::StrCat("nested more than ", kMaxConfigDepth, " levels"));
+  }
+  if (node.IsMap()) {
+    std::set<std::string> seen;
+    for (const auto& kv : node) {
+      if (!kv.first.IsScalar()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "config: line ", kv.first.Mark().line + 1, ": a key must be a single value, not a ",
+            kv.first.IsSequence() ? "list" : kv.first.IsMap() ? "map" : "null",
+            path.empty() ? "" : absl::StrCat(" (in '", path, "')")));
+      }
+      const std::string key_path =
+          path.empty() ? kv.first.Scalar() : absl::StrCat(path, ".", kv.first.Scalar());
+      if (!seen.insert(kv.first.Scalar()).second) {
+        return KeyError(key_path, absl::StrCat("given twice (line ", kv.first.Mark().line + 1,
+                                               ")"));
+      }
+      RETURN_IF_ERROR(CheckShape(kv.second, key_path, depth + 1, budget));
+    }
+  } else if (node.IsSequence()) {
+    for (size_t i = 0; i < node.size(); ++i) {
+      RETURN_IF_ERROR(CheckShape(node[i], absl::StrCat(path, "[", i, "]"), depth + 1, budget));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ConfigNode> ConfigNode::Parse(absl::string_view yaml_text) {
   try {
     YAML::Node node = YAML::Load(std::string(yaml_text));
     if (!node.IsMap()) return absl::InvalidArgumentError("config: the document must be a map");
+    int budget = kMaxConfigValues;
+    RETURN_IF_ERROR(CheckShape(node, "", 0, budget));
     return ConfigNode(node, "");
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("config: not valid YAML: ", e.what()));

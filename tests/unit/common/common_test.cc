@@ -189,6 +189,42 @@ TEST(ConfigTest, RejectsNonYamlAndNonMap) {
             absl::StatusCode::kNotFound);
 }
 
+// What a hand-edited file may hold that names no setting is refused with the line or key, as
+// every other mistake is, never thrown out of the reader (every binary exited with an uncaught
+// exception on a key that was a list).
+TEST(ConfigTest, KeysThatAreNotNamesOrGivenTwiceAreRefused) {
+  const auto refused = [](const std::string& text) {
+    absl::StatusOr<ConfigNode> root = ConfigNode::Parse(text);
+    EXPECT_FALSE(root.ok()) << text;
+    return std::string(root.status().message());
+  };
+  EXPECT_THAT(refused(absl::StrCat(kGoodConfig, "? [a, b]\n: 1\n")),
+              AllOf(HasSubstr("a key must be a single value, not a list"), HasSubstr("line 21")));
+  EXPECT_THAT(refused(absl::StrCat(kGoodConfig, "  ? {a: 1}\n  : {listen: x}\n")),
+              HasSubstr("not a map (in 'services')"));
+  EXPECT_THAT(refused(absl::StrCat(kGoodConfig, "regions: []\n")),
+              HasSubstr("config key 'regions': given twice (line 21)"));
+  EXPECT_THAT(refused(absl::StrCat(kGoodConfig, "    listen: 127.0.0.1:1\n")),
+              HasSubstr("config key 'services.routing.listen': given twice"));
+  // An alias of a list that holds it, and lists nested past any configuration's depth.
+  EXPECT_THAT(refused("trust_domain: t\nloop: &l [*l]\n"), HasSubstr("nested more than 32"));
+  EXPECT_THAT(refused(absl::StrCat("deep: ", std::string(40, '['), std::string(40, ']'), "\n")),
+              HasSubstr("config key 'deep[0][0]"));
+  // Many aliases of one list of aliases: a small file, far too many values.
+  std::string laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n";
+  for (char c = 'b'; c <= 'h'; ++c) {
+    absl::StrAppend(&laughs, std::string(1, c), ": &", std::string(1, c), " [");
+    for (int i = 0; i < 10; ++i) {
+      absl::StrAppend(&laughs, i > 0 ? ", " : "", "*", std::string(1, static_cast<char>(c - 1)));
+    }
+    absl::StrAppend(&laughs, "]\n");
+  }
+  EXPECT_THAT(refused(laughs), HasSubstr("more than 100000 values"));
+  // Keys that are numbers or quoted are names like any other.
+  absl::StatusOr<ConfigNode> fine = ConfigNode::Parse("a: {1: x, \"b c\": y}\n");
+  EXPECT_TRUE(fine.ok()) << fine.status();
+}
+
 TEST(LogTest, FormatsOneEscapedJsonObject) {
   std::string line = log::FormatLine(log::Level::kWarning, "db_down",
                                      {{"region", "fr-1"}, {"attempt", 3}, {"ok", false},
