@@ -97,8 +97,14 @@ void TestStack::SetAddress(const std::string& service, int port) {
   config_->services[service].address = absl::StrCat("127.0.0.1:", port);
   const std::string block = absl::StrCat("  ", service, ":\n");
   size_t at = yaml_.find(block);
-  if (at != std::string::npos) {
-    yaml_.insert(at + block.size(), absl::StrCat("    address: 127.0.0.1:", port, "\n"));
+  if (at == std::string::npos) return;
+  at += block.size();
+  // An address set before is replaced: a key given twice is refused.
+  const std::string line = absl::StrCat("    address: 127.0.0.1:", port, "\n");
+  if (yaml_.compare(at, 13, "    address: ") == 0) {
+    yaml_.replace(at, yaml_.find('\n', at) + 1 - at, line);
+  } else {
+    yaml_.insert(at, line);
   }
 }
 
