@@ -480,7 +480,7 @@ int Run(const Args& args) {
                    args.linger_ms >= 0 ? absl::StrCat(", linger_ms: ", args.linger_ms) : "",
                    args.max_rows > 0 ? absl::StrCat(", max_rows_per_transaction: ", args.max_rows) : "",
                    "}\n"
-                   "limits: {max_concurrent_streams: 20000}\n"));
+                   "limits: {drain_seconds: 1, max_concurrent_streams: 20000}\n"));
   if (!stack.ok()) {
     std::fprintf(stderr, "%s\n", std::string(stack.status().message()).c_str());
     return 1;

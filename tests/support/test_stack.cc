@@ -13,6 +13,7 @@
 
 #include <pqxx/pqxx>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "libs/common/status_macros.h"
 #include "libs/migrate/migrate.h"
@@ -60,7 +61,10 @@ absl::StatusOr<std::unique_ptr<TestStack>> TestStack::Start(const std::vector<st
   const std::string eea = "[BE, NL, LU, AT, IT, ES, PT, IE]";
   std::string yaml = absl::StrCat(
       "trust_domain: ", pki.trust_domain(), "\nca: ", pki.ca_path(), "\n",
-      "limits: {drain_seconds: 1}\n",
+      // `extra_yaml` may set limits of its own (a key given twice is refused).
+      absl::StartsWith(extra_yaml, "limits:") || absl::StrContains(extra_yaml, "\nlimits:")
+          ? ""
+          : "limits: {drain_seconds: 1}\n",
       "control_db: {conninfo: \"", pg.control().ConnectionString(), "\", acquire_timeout_ms: 1000}\n",
       "regions:\n",
       "  - {id: fr-1, territories: [FR, BE, NL, LU, AT, IT, ES, PT, IE], db: {conninfo: \"",

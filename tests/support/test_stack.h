@@ -23,8 +23,10 @@ inline constexpr char kKeysDatabase[] = "medgate_keys";
 class TestStack {
  public:
   // Starts control + fr-1 + de-1 + eu-1, migrates them, and creates a PKI under a temporary
-  // directory. `services` get entries under services: (listening on 127.0.0.1:0, each with a certificate
-  // of its own for spiffe://TD/service/NAME, also its identity as a client). `extra_yaml` is appended to the config.
+  // directory. `services` get entries under services: (listening on 127.0.0.1:0, each with a
+  // certificate of its own for spiffe://TD/service/NAME, also its identity as a client).
+  // `extra_yaml` is appended to the config; when it sets `limits`, the stack's own
+  // (drain_seconds: 1) is left out, as a key may be given once.
   static absl::StatusOr<std::unique_ptr<TestStack>> Start(const std::vector<std::string>& services,
                                                           const std::string& extra_yaml = "");
   ~TestStack();
