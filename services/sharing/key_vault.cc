@@ -21,6 +21,8 @@ constexpr char kSelectOtherKeks[] = "vault_select_other_keks";
 constexpr char kRewrapKey[] = "vault_rewrap_key";
 constexpr char kCountOfKeks[] = "vault_count_of_keks";
 
+}  // namespace
+
 const std::vector<pg::Statement>& VaultStatements() {
   static const std::vector<pg::Statement> statements = {
       {kInsertKey,
@@ -54,8 +56,6 @@ const std::vector<pg::Statement>& VaultStatements() {
   };
   return statements;
 }
-
-}  // namespace
 
 std::string PatientKeyContext(absl::string_view patient_id, absl::string_view key_id) {
   return absl::StrCat("patient-key/", patient_id, "/", key_id);

@@ -26,6 +26,9 @@ namespace medgate::sharing {
 // another row does not unwrap.
 std::string PatientKeyContext(absl::string_view patient_id, absl::string_view key_id);
 
+// Every statement the vault runs against a region's vault database.
+const std::vector<pg::Statement>& VaultStatements();
+
 // Thread-safe.
 class KeyVault {
  public:

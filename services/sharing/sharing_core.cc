@@ -2129,6 +2129,10 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
   absl::StatusOr<PatientErasure> erased = pool->TransactValue<PatientErasure>(
       [&](pqxx::work& txn) -> absl::StatusOr<PatientErasure> {
         retired.clear();
+        // The records first, as an erasure of one of them takes its row before the key: a
+        // patient erasure holding the key while it waited for such a record would deadlock
+        // with it.
+        txn.exec_prepared(sql::kLockPatientRecords, patient_id);
         // The patient's current key, locked until this commits, so that no upload stores under it
         // meanwhile. An erasure of one of the records that committed while this waited for the
         // lock has replaced the key it waited for (the lock then finds no row); the next

@@ -110,6 +110,7 @@ inline constexpr char kArchiveRecord[] = "archive_record";
 inline constexpr char kDeleteRecordKey[] = "delete_record_key";
 inline constexpr char kDeleteRecord[] = "delete_record";
 inline constexpr char kLockPatientKey[] = "lock_patient_key";
+inline constexpr char kLockPatientRecords[] = "lock_patient_records";
 inline constexpr char kDeletePatientRecords[] = "delete_patient_records";
 inline constexpr char kSelectRecordKeysUnder[] = "select_record_keys_under";
 inline constexpr char kSelectRecordKeyWrapper[] = "select_record_key_wrapper";
@@ -316,6 +317,11 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kLockPatientKey,
          "SELECT key_id, wrapped_by, wrapped_key FROM record_keys WHERE patient_id = $1 "
          "AND record_id IS NULL FOR UPDATE"},
+        // A patient erasure's first lock: the patient's records, in one order, before the key.
+        // Erasing one record locks its row, then the key (ShredRecordKey); taken the other way
+        // round, the two erasures would each hold what the other waits for.
+        {kLockPatientRecords,
+         "SELECT record_id FROM records WHERE patient_id = $1 ORDER BY record_id FOR UPDATE"},
         // Patient $3's record keys wrapped under patient key $1, but record $2's.
         {kSelectRecordKeysUnder,
          "SELECT record_id, wrapped_key FROM record_keys WHERE patient_id = $3 "
@@ -354,13 +360,17 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "UPDATE record_keys SET wrapped_by = 'vault', wrapped_key = ''::bytea "
          "WHERE key_id = $1 AND record_id IS NULL"},
         // Patient $1's records, record keys and patient keys, the patient keys queued for the
-        // vault: ('record', record_id) and ('key', key_id) rows.
+        // vault: ('record', record_id) and ('key', key_id) rows. Record keys and the patient key
+        // are deleted apart, each through its partial index (0004, 0013): `patient_id = $1`
+        // alone implies neither index's predicate, and read every record key of the shard.
         {kDeletePatientRecords,
          "WITH gone AS (DELETE FROM records WHERE patient_id = $1 RETURNING record_id), "
-         "keys AS (DELETE FROM record_keys WHERE patient_id = $1 "
-         "RETURNING key_id, patient_id, record_id), "
+         "record_keys_gone AS (DELETE FROM record_keys WHERE patient_id = $1 "
+         "AND record_id IS NOT NULL), "
+         "patient_keys AS (DELETE FROM record_keys WHERE patient_id = $1 AND record_id IS NULL "
+         "RETURNING key_id, patient_id), "
          "queued AS (INSERT INTO key_destructions (key_id, patient_id) SELECT key_id, patient_id "
-         "FROM keys WHERE record_id IS NULL ON CONFLICT (key_id) DO NOTHING RETURNING key_id) "
+         "FROM patient_keys ON CONFLICT (key_id) DO NOTHING RETURNING key_id) "
          "SELECT 'record', record_id FROM gone UNION ALL SELECT 'key', key_id FROM queued "
          "ORDER BY 1 DESC, 2"},
         // Past the sweep's last one, ($3, $4).
