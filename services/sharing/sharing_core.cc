@@ -1584,8 +1584,17 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
         if (territory.code() == absl::StatusCode::kFailedPrecondition) {
           // The residency rule keeps the grantee's tenant from reading: refused and audited as
           // a grantee's download would be.
-          entry.reason = absl::StrCat("TERRITORY_NOT_PERMITTED: grantee=", grantee);
-          return Deny<GrantInfo>(txn, entry, absl::PermissionDeniedError(territory.message()));
+          // The caller learns the patient's rule refuses the grantee's tenant, not which
+          // territories another tenant serves or whether it is registered: the audit entry,
+          // which ops read, keeps that.
+          entry.reason = absl::StrCat("TERRITORY_NOT_PERMITTED: grantee=", grantee, " (",
+                                      territory.message(), ")");
+          return Deny<GrantInfo>(
+              txn, entry,
+              absl::PermissionDeniedError(absl::StrCat(
+                  "the grantee's tenant may not read this patient's data: the residency rule of "
+                  "the patient's territory does not permit reads from every territory it serves, "
+                  "or it is not an active tenant")));
         }
         RETURN_IF_ERROR(territory);
         const int64_t others =

@@ -3032,10 +3032,24 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
   EXPECT_EQ(d.content, spec.content);
   auto refused = Share(pki_->practitioner(), record, umbrella, ServerNow() + absl::Hours(1));
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kPermissionDenied);
-  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("US"));
-  // Refused as a download for it would be: audited.
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("residency rule"));
+  // Refused as a download for it would be: audited, with what the caller is not told of another
+  // tenant (the territories it serves).
+  EXPECT_THAT(std::string(refused.status().message()), Not(HasSubstr("US")));
+  EXPECT_THAT(std::string(refused.status().message()), Not(HasSubstr("umbrella")));
   EXPECT_TRUE(HasEntry(PatientAudit(patient), P1(), v1::AUDIT_ACTION_CREATE, record,
                        "TERRITORY_NOT_PERMITTED"));
+  bool detailed = false;
+  for (const v1::AuditEntry& e : PatientAudit(patient)) {
+    detailed |= e.reason() == "TERRITORY_NOT_PERMITTED" &&
+                absl::StrContains(e.reason_detail(), "from US, a territory tenant 'umbrella'");
+  }
+  EXPECT_TRUE(detailed);
+  // A tenant that does not exist is refused in the same words: whether it does is not told.
+  auto unknown = Share(pki_->practitioner(), record, Id("/tenant/nosuchtenant/practitioner/n-1"),
+                       ServerNow() + absl::Hours(1));
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(unknown.status().message(), refused.status().message());
   // A cross-tenant grantee may read, not re-share or manage.
   EXPECT_EQ(Share(Cert("initech-p"), record, initech, ServerNow() + absl::Hours(1)).status().code(),
             absl::StatusCode::kInvalidArgument);
