@@ -7,6 +7,7 @@
 #include <deque>
 #include <iterator>
 #include <map>
+#include <set>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -116,23 +117,40 @@ std::optional<GrantInfo> LatestGrant(pqxx::work& txn, const std::string& record_
 bool IsActive(const GrantInfo& g, absl::Time now) { return !g.revoked_at && g.expires_at > now; }
 
 // The grants of `records` a caller may see: all active ones for the owner, only the caller's own
-// for a grantee.
-void AttachGrants(pqxx::work& txn, std::vector<RecordInfo>& records, const std::string& caller,
-                  absl::Time now) {
-  if (records.empty()) return;
+// for a grantee. At most `max_grants` are read: when the records hold more, the records from the
+// first whose grants were not all read on are dropped (at least one is kept), and the answer is
+// true. A listing's page cannot show more grants than its bytes allow, so it ends there. (One
+// record's grants, at most kMaxActiveGrantsPerRecord, are never cut.)
+bool AttachGrants(pqxx::work& txn, std::vector<RecordInfo>& records, const std::string& caller,
+                  absl::Time now, size_t max_grants = kMaxActiveGrantsPerRecord) {
+  if (records.empty()) return false;
   std::vector<std::string> ids;
-  for (const RecordInfo& r : records) ids.push_back(r.record_id);
+  std::string owned = "{";
+  for (const RecordInfo& r : records) {
+    ids.push_back(r.record_id);
+    absl::StrAppend(&owned, owned.size() > 1 ? "," : "", r.owner == caller ? "t" : "f");
+  }
+  owned += "}";
+  const pqxx::result rows =
+      txn.exec_prepared(sql::kSelectActiveGrants, pg::TextArrayLiteral(ids), owned, PgTime(now),
+                        caller, static_cast<int64_t>(max_grants) + 1);
   std::map<std::string, std::vector<GrantInfo>> by_record;
-  for (const pqxx::row& row :
-       txn.exec_prepared(sql::kSelectActiveGrants, pg::TextArrayLiteral(ids), PgTime(now))) {
+  for (const pqxx::row& row : rows) {
     GrantInfo g = GrantFromRow(row);
     by_record[g.record_id].push_back(std::move(g));
   }
-  for (RecordInfo& r : records) {
-    for (GrantInfo& g : by_record[r.record_id]) {
-      if (r.owner == caller || g.grantee == caller) r.grants.push_back(g);
-    }
+  bool truncated = false;
+  if (rows.size() > max_grants) {
+    // The record of the row past the bound may not have all its grants read, nor those after it.
+    const std::string first_partial = rows[max_grants][1].c_str();
+    size_t keep = 0;
+    while (keep < records.size() && records[keep].record_id != first_partial) ++keep;
+    // One record holds at most kMaxActiveGrantsPerRecord active grants, fewer than the bound.
+    records.resize(std::max<size_t>(keep, 1));
+    truncated = true;
   }
+  for (RecordInfo& r : records) r.grants = std::move(by_record[r.record_id]);
+  return truncated;
 }
 
 // What a record and the grants shown with it weigh in a response, give or take field overheads.
@@ -1744,6 +1762,13 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
   // since a record of that region could belong before it.
   std::vector<RecordInfo> merged;
   std::optional<RecordInfo> horizon;  // the region cut-off nothing on this page may pass
+  // Regions whose records were cut short by the grants they hold: cut off like those that had
+  // more records than the page.
+  std::set<std::string> grants_cut;
+  const size_t max_grants =
+      options_.max_listed_grants > 0
+          ? std::max<size_t>(options_.max_listed_grants, kMaxActiveGrantsPerRecord)
+          : options_.max_list_page_bytes / 64 + kMaxActiveGrantsPerRecord;
   auto newer = [](const RecordInfo& a, const RecordInfo& b) {
     return std::tie(a.created_at, a.record_id) > std::tie(b.created_at, b.record_id);
   };
@@ -1786,14 +1811,16 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
               return opened;
             }
           }
-          AttachGrants(txn, records, caller, now);
+          grants_cut.erase(region);  // a retried transaction reads them again
+          if (AttachGrants(txn, records, caller, now, max_grants)) grants_cut.insert(region);
           return records;
         });
     if (!page.ok()) {
       return absl::Status(page.status().code(),
                           absl::StrCat("region ", region, ": ", page.status().message()));
     }
-    if (page->size() > static_cast<size_t>(size) && (!horizon || newer(page->back(), *horizon))) {
+    if ((page->size() > static_cast<size_t>(size) || grants_cut.count(region) > 0) &&
+        !page->empty() && (!horizon || newer(page->back(), *horizon))) {
       horizon = page->back();
     }
     for (RecordInfo& record : *page) {

@@ -207,6 +207,10 @@ struct SharingOptions {
   std::string trust_domain;
   // A ListRecords page ends early once its records come to about this many bytes.
   size_t max_list_page_bytes = kMaxListPageBytes;
+  // The grants a ListRecords call reads from one region at most: a page ends early at the first
+  // record whose grants would pass it. 0: as many as max_list_page_bytes could show (a grant
+  // weighs at least 64 bytes), and one record's.
+  size_t max_listed_grants = 0;
   // Time source for grants, expiry and retention (tests move it forward).
   std::function<absl::Time()> clock = absl::Now;
   // Times how long unwrapped patient keys stay cached: monotonic, so that a host clock stepped

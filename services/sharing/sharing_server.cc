@@ -190,6 +190,7 @@ SharingServer::SharingServer(MedgateConfig config, SharingSettings settings,
   core_options.clock = options.clock;
   core_options.key_cache_clock = options.key_cache_clock;
   core_options.max_list_page_bytes = options.max_list_page_bytes;
+  core_options.max_listed_grants = options.max_listed_grants;
   core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, *directory_, *consent_, *vault_,
                                         std::move(core_options));
   audit_core_ = std::make_unique<AuditCore>(*control_, *shards_, *directory_,

@@ -83,6 +83,8 @@ struct SharingServerOptions {
   std::function<absl::Time()> key_cache_clock = MonotonicNow;
   // SharingOptions::max_list_page_bytes; tests make it small.
   size_t max_list_page_bytes = kMaxListPageBytes;
+  // SharingOptions::max_listed_grants; tests make it small.
+  size_t max_listed_grants = 0;
   // AuditCore's max_scanned_per_page; tests make it small.
   int64_t audit_scanned_per_page = kMaxAuditScannedPerPage;
   // Whether Create asks each region's key vault whether a KEK it is not given (current or

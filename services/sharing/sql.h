@@ -257,10 +257,14 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "SELECT coalesce((SELECT bytes FROM tenant_record_usage WHERE tenant_id = $1), 0) + "
          "coalesce((SELECT sum(bytes) FROM tenant_record_usage_changes WHERE tenant_id = $1), 0)"},
         {kFoldTenantUsage, "SELECT medgate_fold_record_usage()"},
+        // The active grants of records $1, in their order: all of them for a record whose $2 is
+        // true (the caller owns it), else only those to $4; at most $5.
         {kSelectActiveGrants,
-         "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g "
-         "WHERE g.record_id = ANY($1::text[]) AND g.revoked_at IS NULL "
-         "AND g.expires_at > $2::timestamptz ORDER BY g.record_id, g.created_at, g.grant_id"},
+         "SELECT " MEDGATE_GRANT_COLUMNS " FROM unnest($1::text[], $2::bool[]) "
+         "WITH ORDINALITY AS r(record_id, all_grants, n) "
+         "JOIN share_grants g ON g.record_id = r.record_id "
+         "WHERE g.revoked_at IS NULL AND g.expires_at > $3::timestamptz "
+         "AND (r.all_grants OR g.grantee = $4) ORDER BY r.n, g.created_at, g.grant_id LIMIT $5"},
         {kSelectLatestGrant, "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g "
                              "WHERE g.record_id = $1 AND g.grantee = $2 "
                              "ORDER BY (g.revoked_at IS NULL) DESC, g.created_at DESC LIMIT 1"},

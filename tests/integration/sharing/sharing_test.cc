@@ -237,6 +237,7 @@ class SharingTest : public ::testing::Test {
              {"acme-p3", "/tenant/acme/practitioner/p-3"},
              {"acme-p4", "/tenant/acme/practitioner/p-4"},
              {"acme-p5", "/tenant/acme/practitioner/p-5"},
+             {"acme-p6", "/tenant/acme/practitioner/p-6"},
              {"initech-p", "/tenant/initech/practitioner/i-1"},
              {"umbrella-p", "/tenant/umbrella/practitioner/u-1"},
              {"tiny-p", "/tenant/tiny/practitioner/t-1"},
@@ -5534,6 +5535,89 @@ TEST_F(SharingTest, ListRecordsPagesEndAtTheirByteBound) {
     token = response.next_page_token();
   } while (!token.empty() && seen.size() <= all.size());
   EXPECT_EQ(seen, all);
+  (*server)->Shutdown();
+}
+
+// A listing reads a bounded number of grants from a region: a page ends, with a token to go on,
+// at the first record whose grants would pass the bound. Each record still comes once, with all
+// of its grants; a grantee's listing reads only its own grant of each record.
+TEST_F(SharingTest, ListRecordsReadsABoundedNumberOfGrants) {
+  const std::string patient = Place("listed-grants-1", "FR");
+  GrantSharingConsent(patient);
+  std::vector<std::string> records;
+  for (int i = 0; i < 3; ++i) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = absl::StrCat("record ", i, " of three, each shared with a hundred");
+    records.push_back(UploadOk(pki_->practitioner(), spec));
+  }
+  {
+    pqxx::connection c(Db("fr-1").ConnectionString());
+    pqxx::work txn(c);
+    for (const std::string& record : records) {
+      txn.exec_params0(
+          "INSERT INTO share_grants (grant_id, record_id, grantee, grantee_tenant, granted_by, "
+          "created_at, expires_at) SELECT $1 || n, $2, $3 || n, 'acme', $4, "
+          "to_timestamp($6), to_timestamp($6) + interval '1 day' "
+          "FROM generate_series(1, $5::int) AS n",
+          absl::StrCat(record, ".g"), record, Id("/tenant/acme/practitioner/listed-"), P1(),
+          kMaxActiveGrantsPerRecord - 1, absl::ToUnixSeconds(ServerNow()));
+      // The hundredth to a practitioner who lists what is shared with it (only this test's).
+      txn.exec_params0(
+          "INSERT INTO share_grants (grant_id, record_id, grantee, grantee_tenant, granted_by, "
+          "created_at, expires_at) VALUES ($1, $2, $3, 'acme', $4, to_timestamp($5), "
+          "to_timestamp($5) + interval '1 day')",
+          absl::StrCat(record, ".g-p6"), record, Id("/tenant/acme/practitioner/p-6"), P1(),
+          absl::ToUnixSeconds(ServerNow()));
+    }
+    txn.commit();
+  }
+  SharingServerOptions options;
+  options.clock = ServerNow;
+  options.max_listed_grants = kMaxActiveGrantsPerRecord * 3 / 2;
+  auto server = SharingServer::Create(stack_->config(), options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  auto list_all = [&](const TestCert& as, v1::RecordScope scope) {
+    auto stub = Stub(as, (*server)->port());
+    std::vector<std::pair<std::string, int>> seen;  // record, grants shown with it
+    std::vector<int> page_sizes;
+    std::string token;
+    do {
+      v1::ListRecordsRequest request;
+      request.set_scope(scope);
+      if (scope == v1::RECORD_SCOPE_PATIENT) request.set_patient_id(patient);
+      request.set_page_size(1000);
+      request.set_page_token(token);
+      v1::ListRecordsResponse response;
+      grpc::ClientContext context;
+      grpc::Status status = stub->ListRecords(&context, request, &response);
+      EXPECT_TRUE(status.ok()) << status.error_message();
+      if (!status.ok()) break;
+      page_sizes.push_back(response.records_size());
+      for (const v1::Record& r : response.records()) seen.emplace_back(r.record_id(), r.grants_size());
+      token = response.next_page_token();
+    } while (!token.empty() && page_sizes.size() < 10);
+    return std::pair{seen, page_sizes};
+  };
+  // The owner's listing: 150 grants read at most, so one record (100 grants) a page.
+  const auto [owned, owned_pages] = list_all(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT);
+  std::vector<std::string> owned_ids;
+  for (const auto& [id, grants] : owned) {
+    owned_ids.push_back(id);
+    EXPECT_EQ(grants, kMaxActiveGrantsPerRecord) << id;
+  }
+  EXPECT_THAT(owned_ids, ::testing::UnorderedElementsAreArray(records));
+  for (int size : owned_pages) EXPECT_LE(size, 1);
+  // A grantee's: only its own grant of each record is read, so all three fit one page.
+  const auto [shared, shared_pages] = list_all(Cert("acme-p6"), v1::RECORD_SCOPE_SHARED_WITH_ME);
+  std::vector<std::string> shared_ids;
+  for (const auto& [id, grants] : shared) {
+    shared_ids.push_back(id);
+    EXPECT_EQ(grants, 1) << id;
+  }
+  EXPECT_THAT(shared_ids, ::testing::UnorderedElementsAreArray(records));
+  EXPECT_THAT(shared_pages, ElementsAre(3));
   (*server)->Shutdown();
 }
 
