@@ -146,7 +146,11 @@ absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn) 
       reconnected = true;
     } catch (const std::exception& e) {
       status = StatusFromException(e);
-      if (status.code() == absl::StatusCode::kUnavailable) lease->MarkBroken();
+      // UNAVAILABLE also answers a lock not taken in time (55P03) on a session that is fine:
+      // only a session the server ended is dropped, with the idle ones (the server restarted).
+      if (status.code() == absl::StatusCode::kUnavailable && lease->connection().ClosedByServer()) {
+        lease->MarkBroken();
+      }
       if (status.code() != absl::StatusCode::kAborted) return status;
     }
   }

@@ -5,6 +5,7 @@
 #include <iterator>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -364,6 +365,36 @@ TEST_F(PoolTest, AConnectionReestablishedKeepsItsStatementTimeout) {
   });
   ASSERT_TRUE(settings.ok()) << settings.status();
   EXPECT_EQ(*settings, "50ms");
+}
+
+// A lock not taken within lock_timeout is UNAVAILABLE (try again later), on a session that is
+// fine: the pool keeps it and its idle connections, instead of reconnecting all of them as if
+// the server had restarted.
+TEST_F(PoolTest, ALockTimeoutKeepsThePoolsConnections) {
+  Pool pool(Options());
+  std::set<int> before;
+  {
+    absl::StatusOr<Lease> a = pool.Acquire();
+    absl::StatusOr<Lease> b = pool.Acquire();
+    ASSERT_TRUE(a.ok() && b.ok());
+    before = {a->connection().backendpid(), b->connection().backendpid()};
+  }
+  ASSERT_EQ(pool.idle_count(), 2);
+  pqxx::connection admin(cluster_->ConnectionString());
+  pqxx::work holding(admin);
+  holding.exec0("LOCK TABLE items IN ACCESS EXCLUSIVE MODE");
+  absl::Status timed_out = pool.Transact([](pqxx::work& txn) {
+    txn.exec0("SET LOCAL lock_timeout = '20ms'");
+    txn.exec0("SELECT count(*) FROM items");
+    return absl::OkStatus();
+  });
+  EXPECT_EQ(timed_out.code(), absl::StatusCode::kUnavailable) << timed_out;
+  holding.abort();
+  EXPECT_EQ(pool.idle_count(), 2);
+  absl::StatusOr<Lease> a = pool.Acquire();
+  absl::StatusOr<Lease> b = pool.Acquire();
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ((std::set<int>{a->connection().backendpid(), b->connection().backendpid()}), before);
 }
 
 TEST_F(PoolTest, RetriesAbortedTransactions) {
