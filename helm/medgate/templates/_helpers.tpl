@@ -306,6 +306,11 @@ before a rollout that would crash-loop. */ -}}
 {{- if not $v.networkPolicy.dns.peers -}}
 {{- fail "networkPolicy.dns.peers: the cluster DNS pods are required (an empty list would let the pods reach every address on the DNS ports)" -}}
 {{- end -}}
+{{- range $i, $p := $v.networkPolicy.dns.peers -}}
+{{- if and (kindIs "map" $p) (hasKey $p "namespaceSelector") (empty $p.namespaceSelector) -}}
+{{- fail (printf "networkPolicy.dns.peers[%d]: an empty namespaceSelector is every namespace, where any pod labelled as the DNS would receive what the pods send to it: name the DNS's namespace (kubernetes.io/metadata.name: kube-system)" $i) -}}
+{{- end -}}
+{{- end -}}
 {{- if not $v.networkPolicy.dns.ports -}}
 {{- fail "networkPolicy.dns.ports: the DNS ports are required (an empty list would let the pods reach the DNS peers on every port)" -}}
 {{- end -}}

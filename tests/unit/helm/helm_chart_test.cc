@@ -529,6 +529,10 @@ TEST_F(HelmChartTest, NetworkPoliciesLetInOnlyTheNamedClientsAndLetOutOnlyToTheD
   EXPECT_EQ(db_ports, (std::set<int>{5432, 6432}));
   EXPECT_EQ(egress[1]["to"][0]["podSelector"]["matchLabels"]["k8s-app"].as<std::string>(),
             "kube-dns");
+  // In kube-system only: a pod labelled kube-dns in any other namespace is not the DNS.
+  EXPECT_EQ(egress[1]["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                .as<std::string>(),
+            "kube-system");
   std::set<std::string> dns_ports;
   for (const YAML::Node& p : egress[1]["ports"]) {
     dns_ports.insert(p["protocol"].as<std::string>() + "/" + p["port"].as<std::string>());
@@ -797,6 +801,9 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
        "networkPolicy.databaseCIDRs[1]: '::/0' is every address"},
       {"networkPolicy: {dns: {peers: []}}\n", "networkPolicy.dns.peers: the cluster DNS pods"},
       {"networkPolicy: {dns: {ports: []}}\n", "networkPolicy.dns.ports: the DNS ports"},
+      {"networkPolicy: {dns: {peers: [{namespaceSelector: {}, podSelector: {matchLabels: "
+       "{k8s-app: kube-dns}}}]}}\n",
+       "networkPolicy.dns.peers[0]: an empty namespaceSelector is every namespace"},
       {"clusterDomain: \"cluster.local\\n    - evil.example\"\n",
        "clusterDomain: 'cluster.local\n    - evil.example' is not a DNS domain"},
       {"image: {pullPolicy: \"Always\\n  privileged: true\"}\n",
