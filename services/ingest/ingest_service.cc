@@ -535,8 +535,10 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                           "purpose: CARE, REMOTE_MONITORING or RESEARCH is required");
   }
-  if (request->patient_id().empty() || request->patient_id().size() > 128) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "patient_id: 1 to 128 bytes");
+  // Checked here, so that a malformed id is refused in this request's own terms, not in those
+  // of the routing call that resolves it.
+  if (absl::Status id = ValidateIdentifier(request->patient_id(), "patient_id", 128); !id.ok()) {
+    return ToGrpcStatus(id);
   }
   if (request->loinc_codes_size() > 32) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "loinc_codes: at most 32");
@@ -560,8 +562,12 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     to_us = absl::ToUnixMicros(*end);
   }
   if (to_us <= from_us) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        "time_range: end_at must be after start_at");
+    return grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        request->time_range().has_end_at()
+            ? "time_range: end_at must be after start_at"
+            : "time_range.start_at: more than an hour ahead of now, where no reading can be "
+              "(with end_at unset the range ends an hour from now)");
   }
   // Keyset position: "measured_us|seq|device_id" of the last reading of the previous page.
   int64_t after_us = from_us - 1;
@@ -606,7 +612,8 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   entry.consent_id = decision->consent_id;
   entry.consent_version = decision->consent_version;
   entry.origin = context->peer();
-  entry.request_id = absl::StrCat("read-vitals:", request->page_token());
+  // A request id of its own, as every other call's entry has; the page read is in the reason.
+  entry.request_id = NewRequestId();
   if (!decision->permit) {
     // A refused read is audited too.
     entry.action = audit::Action::kRead;
@@ -668,6 +675,9 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     entry.action = audit::Action::kRead;
     entry.decision = audit::Decision::kPermit;
     entry.reason = absl::StrCat("readings=", std::min<size_t>(readings.size(), page));
+    if (!request->page_token().empty()) {
+      absl::StrAppend(&entry.reason, " after=", request->page_token());
+    }
     if (disclosed > 0) {
       // The locations read out, under the GEOLOCATION decision that let them out.
       absl::StrAppend(&entry.reason, " locations=", disclosed, " GEOLOCATION=",

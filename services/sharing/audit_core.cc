@@ -3,10 +3,13 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/common/validation.h"
@@ -148,13 +151,22 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
   // Entries come in (at_us, seq) order: the log's order, unless the database's clock was set
   // back. A page token is the seq of the page's last entry (as when the order was seq alone, so
   // that servers of either version continue each other's pages); the query goes on after that
-  // entry's (at_us, seq).
+  // entry's (at_us, seq). After a '.', the token carries the listing's end: the database's clock
+  // when its first page was read. Entries written later, among them each page's own read entry,
+  // are left to the next query: without that end, pages of one entry never ran out, each page
+  // adding the entry the next one listed.
   const absl::Status bad_token = absl::InvalidArgumentError(
       "page_token: not a token from an earlier QueryAudit response; query from the first page");
   int64_t after_seq = 0;
-  if (!query.page_token.empty() &&
-      (!absl::SimpleAtoi(query.page_token, &after_seq) || after_seq < 1)) {
-    return bad_token;
+  std::optional<int64_t> listing_end;
+  if (!query.page_token.empty()) {
+    const std::vector<absl::string_view> parts = absl::StrSplit(query.page_token, '.');
+    int64_t end = 0;
+    if (parts.size() > 2 || !absl::SimpleAtoi(parts[0], &after_seq) || after_seq < 1 ||
+        (parts.size() == 2 && !absl::SimpleAtoi(parts[1], &end))) {
+      return bad_token;
+    }
+    if (parts.size() == 2) listing_end = end;
   }
   if (query.start >= query.end) {
     return absl::InvalidArgumentError("time_range: end_at must be after start_at");
@@ -205,7 +217,11 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
     }
     // Without an actor every entry read is returned; with one, at most max_scanned_per_page
     // entries of the range are read, and a page may come back short, or empty, with a token.
-    const int64_t end_us = MicrosOrBound(query.end);
+    int64_t end_us = MicrosOrBound(query.end);
+    if (!listing_end) {
+      listing_end = txn.exec_prepared1(sql::kSelectAuditClock)[0].as<int64_t>();
+    }
+    end_us = std::min(end_us, *listing_end);
     const int64_t scan = query.actor.empty() ? size + 1 : std::max<int64_t>(max_scanned_, size + 1);
     pqxx::result rows =
         query.patient_id.empty()
@@ -221,7 +237,7 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
       if (!row[18].is_null()) last_scanned = row[18].as<int64_t>();
       if (row[0].is_null()) continue;  // no entry matched: the scan's figures only
       if (page.entries.size() == static_cast<size_t>(size)) {
-        page.next_page_token = absl::StrCat(page.entries.back().seq);
+        page.next_page_token = absl::StrCat(page.entries.back().seq, ".", *listing_end);
         break;
       }
       ASSIGN_OR_RETURN(audit::StoredEntry entry, EntryFromRow(row));
@@ -230,7 +246,7 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
     if (page.next_page_token.empty() && !query.actor.empty() && scanned == scan) {
       // The scan stopped at its bound, maybe before the range's end: the next page goes on after
       // the last entry it read, matching or not.
-      page.next_page_token = absl::StrCat(last_scanned);
+      page.next_page_token = absl::StrCat(last_scanned, ".", *listing_end);
     }
     // Reading the audit log is itself an access to the patient's data trail.
     audit::Entry e;

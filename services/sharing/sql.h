@@ -131,6 +131,7 @@ inline constexpr char kSealMetadata[] = "seal_metadata";
 inline constexpr char kSelectAuditForPatient[] = "select_audit_for_patient";
 inline constexpr char kSelectAuditLog[] = "select_audit_log";
 inline constexpr char kSelectAuditHash[] = "select_audit_hash";
+inline constexpr char kSelectAuditClock[] = "select_audit_clock";
 inline constexpr char kSelectAuditTime[] = "select_audit_time";
 inline constexpr char kSelectTenantTerritories[] = "select_tenant_territories";
 
@@ -155,6 +156,8 @@ inline const std::vector<pg::Statement>& AuditStatements() {
        "WHERE (at_us, seq) > ($1, $2) AND at_us < $3 ORDER BY at_us, seq LIMIT $6), "
        MEDGATE_AUDIT_PAGE("$4", "$5")},
       {kSelectAuditHash, "SELECT hash FROM audit_log WHERE seq = $1"},
+      // The database's clock as audit_append() reads it for an entry's time (at_us).
+      {kSelectAuditClock, "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"},
       {kSelectAuditTime,
        "SELECT at_us FROM audit_log WHERE seq = $1 AND ($2 = '' OR patient_id = $2)"},
   };

@@ -1960,7 +1960,39 @@ TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
                              "AND decision = 'permit' AND purpose = 'CARE'", patient)[0].as<int>(), 2);
     EXPECT_GE(q.exec_params1("SELECT count(*) FROM audit_log WHERE patient_id = $1 AND action = 'read' "
                              "AND decision = 'deny'", patient)[0].as<int>(), 1);
+    // Each call's entry has a request id of its own; the second page's says where it began.
+    const pqxx::result reads = q.exec_params(
+        "SELECT request_id, reason FROM audit_log WHERE patient_id = $1 AND action = 'read' "
+        "AND object_type = 'vitals' ORDER BY seq",
+        patient);
+    std::set<std::string> ids;
+    for (const pqxx::row& row : reads) {
+      EXPECT_THAT(row[0].as<std::string>(), ::testing::StartsWith("srv-"));
+      ids.insert(row[0].as<std::string>());
+    }
+    EXPECT_EQ(ids.size(), reads.size());
+    EXPECT_EQ(reads[reads.size() - 1][1].as<std::string>(),
+              absl::StrCat("readings=10 after=", last_page_token));
   }
+  // A malformed patient id and a start an hour ahead are refused in this call's own terms.
+  auto refused = [&](const std::string& patient_id, absl::Time start) {
+    v1::ReadVitalsRequest request;
+    request.set_patient_id(patient_id);
+    request.set_purpose(v1::PURPOSE_CARE);
+    request.mutable_time_range()->mutable_start_at()->set_seconds(absl::ToUnixSeconds(start));
+    grpc::ClientContext context;
+    auto reader = Ingest(pki().practitioner())->ReadVitals(&context, request);
+    v1::ReadVitalsResponse response;
+    while (reader->Read(&response)) {
+    }
+    return reader->Finish();
+  };
+  grpc::Status bad_id = refused("a/b", absl::Now() - absl::Hours(1));
+  EXPECT_EQ(bad_id.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad_id.error_message(), ::testing::StartsWith("patient_id:"));
+  grpc::Status ahead = refused(patient, absl::Now() + absl::Hours(2));
+  EXPECT_EQ(ahead.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(ahead.error_message(), ::testing::StartsWith("time_range.start_at:"));
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok());
   EXPECT_TRUE(verified->ok) << verified->problem;

@@ -1683,6 +1683,67 @@ TEST_F(SharingTest, RandomListingsPageThroughExactlyTheMatchingRecordsNewestFirs
 // log. Every entry that matched before the paging began is on a page, in seq order, none twice,
 // and every entry listed matches the request. Seeded (MEDGATE_FUZZ_SEED and MEDGATE_FUZZ_ROUNDS
 // replay or extend it); how the appends fall among the pages is the machine's timing.
+// Each QueryAudit page writes a read entry in the log it lists. A listing ends where its first
+// page was read, so that pages of one entry run out: each lists an entry that was there when
+// the listing began, once; the pages' own entries are for the next query.
+TEST_F(SharingTest, AuditPagesOfOneEntryEndAtTheEntriesThereWhenTheListingBegan) {
+  const std::string patient = Place("audit-one-by-one-1", "FR");
+  for (int i = 0; i < 3; ++i) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = absl::StrCat("paged one by one ", i);
+    UploadOk(pki_->practitioner(), spec);
+  }
+  std::vector<int64_t> there;
+  {
+    pqxx::connection c(ConnInfo("fr-1"));
+    pqxx::nontransaction q(c);
+    for (const pqxx::row& row :
+         q.exec_params("SELECT seq FROM audit_log WHERE patient_id = $1 ORDER BY at_us, seq",
+                       patient)) {
+      there.push_back(row[0].as<int64_t>());
+    }
+  }
+  ASSERT_GE(there.size(), 3u);
+  v1::QueryAuditRequest request;
+  request.set_patient_id(patient);
+  request.set_page_size(1);
+  std::vector<int64_t> listed;
+  int pages = 0;
+  for (;; ++pages) {
+    ASSERT_LT(pages, 50) << "pages never end";
+    absl::StatusOr<v1::QueryAuditResponse> response = QueryAudit(pki_->app(), request);
+    ASSERT_TRUE(response.ok()) << response.status();
+    for (const v1::AuditEntry& e : response->entries()) listed.push_back(e.seq());
+    if (response->next_page_token().empty()) break;
+    request.set_page_token(response->next_page_token());
+  }
+  EXPECT_EQ(listed, there);
+  // The next query shows the listing's own read entries, one a page.
+  request.clear_page_token();
+  request.set_page_size(1000);
+  absl::StatusOr<v1::QueryAuditResponse> again = QueryAudit(pki_->app(), request);
+  ASSERT_TRUE(again.ok()) << again.status();
+  int reads = 0;
+  for (const v1::AuditEntry& e : again->entries()) {
+    if (e.object_type() == "audit_log") ++reads;
+  }
+  EXPECT_EQ(reads, pages + 1);
+  // A token of the form servers before this one gave (the seq alone) still continues.
+  request.set_page_size(1);
+  request.set_page_token(absl::StrCat(there[0]));
+  absl::StatusOr<v1::QueryAuditResponse> legacy = QueryAudit(pki_->app(), request);
+  ASSERT_TRUE(legacy.ok()) << legacy.status();
+  ASSERT_EQ(legacy->entries_size(), 1);
+  EXPECT_EQ(static_cast<int64_t>(legacy->entries(0).seq()), there[1]);
+  for (const char* bad : {"1.2.3", "1.x", "x.1", "0.5"}) {
+    request.set_page_token(bad);
+    EXPECT_EQ(QueryAudit(pki_->app(), request).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << bad;
+  }
+}
+
 TEST_F(SharingTest, RandomAuditPagesWhileEntriesArriveMissNoneAndRepeatNone) {
   const uint64_t seed = testing::FuzzSeed();
   const std::string patient = Place(absl::StrCat("random-audit-", seed % 100000), "FR");
