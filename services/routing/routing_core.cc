@@ -355,13 +355,12 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
   if (expected_version < 0) {
     return absl::InvalidArgumentError("expected_version: must not be negative");
   }
-  // The caller's expected_version behind the rule's: ABORTED for the caller to re-read, carried
-  // out of the transaction, since an ABORTED from inside it makes the pool run it again (for a
-  // conflict between transactions), taking the territory's lock each time for the same answer.
-  absl::Status stale;
-  absl::StatusOr<RuleInfo> put = InTransaction<RuleInfo>(
-      control_, [&](pqxx::work& txn) -> absl::StatusOr<RuleInfo> {
-    stale = absl::OkStatus();
+  // The inner status is the answer to the caller; the outer one, the transaction's. A caller's
+  // expected_version behind the rule's is answered ABORTED (re-read and retry) from the inner
+  // one: returned as the transaction's, the pool would run it again, as for a conflict between
+  // transactions, taking the territory's lock each time for the same answer.
+  absl::StatusOr<absl::StatusOr<RuleInfo>> put = InTransaction<absl::StatusOr<RuleInfo>>(
+      control_, [&](pqxx::work& txn) -> absl::StatusOr<absl::StatusOr<RuleInfo>> {
     // Waits for the placements under the current version and for any other put of the territory,
     // and holds new ones off until this commits: the version read below is the latest.
     txn.exec_prepared(sql::kLockRule, rule.territory);
@@ -372,10 +371,9 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
                                                    current_version, "); left as it is"));
     }
     if (expected_version != 0 && expected_version != current_version) {
-      stale = absl::AbortedError(absl::StrCat("rule for ", rule.territory, " is at version ",
-                                              current_version, ", not ", expected_version,
-                                              "; re-read and retry"));
-      return absl::CancelledError("stale expected_version");  // not retried; `stale` answers
+      return absl::StatusOr<RuleInfo>(absl::AbortedError(
+          absl::StrCat("rule for ", rule.territory, " is at version ", current_version, ", not ",
+                       expected_version, "; re-read and retry")));
     }
     // Patients placed in a region this put drops from the current version stay there: medgate
     // does not move a patient's data. Counted under the lock, so no placement under the version
@@ -423,10 +421,10 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
                       "residency_rule", absl::StrCat(rule.territory, "@v", stored.version), "",
                       "", reason))
                         .status());
-    return stored;
+    return absl::StatusOr<RuleInfo>(std::move(stored));
   });
-  if (!stale.ok()) return stale;
-  return put;
+  if (!put.ok()) return put.status();
+  return *std::move(put);
 }
 
 absl::StatusOr<std::vector<RuleInfo>> RoutingCore::ListResidencyRules(

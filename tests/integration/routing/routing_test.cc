@@ -382,6 +382,42 @@ TEST_F(RoutingTest, ConcurrentRulePutsStoreOneVersionEach) {
             4);
 }
 
+// A put whose expected_version is behind the rule is answered ABORTED once: its transaction is
+// not run again (each run takes the territory's lock, and placements of the territory wait
+// behind it). Here another session takes the territory's lock again as soon as the put has had
+// it: a put that ran again would wait for that session until its statement timeout, and answer
+// DEADLINE_EXCEEDED.
+TEST_F(RoutingTest, AStaleRulePutIsAnsweredWithoutRunningAgain) {
+  pqxx::connection holder(clusters_->control().ConnectionString());
+  pqxx::nontransaction hold(holder);
+  hold.exec("SELECT pg_advisory_lock_shared(7201, hashtext('PT'))");
+  grpc::Status status;
+  std::thread put([&] {
+    v1::PutResidencyRuleRequest request;
+    request.mutable_rule()->set_territory("PT");
+    request.mutable_rule()->add_region_ids("eu-1");
+    request.mutable_rule()->add_region_ids("fr-1");
+    request.set_expected_version(1'000'000);
+    v1::PutResidencyRuleResponse response;
+    grpc::ClientContext context;
+    status = Stub(pki_->ops())->PutResidencyRule(&context, request, &response);
+  });
+  const bool waited = test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    return CountIn(clusters_->control(),
+                   "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE '%pg_advisory_xact_lock%'") == 1;
+  });
+  // The put has the lock once this session lets go, and this session's next request waits for
+  // the put's transaction to end.
+  hold.exec("SELECT pg_advisory_unlock_shared(7201, hashtext('PT')), "
+            "pg_advisory_lock_shared(7201, hashtext('PT'))");
+  put.join();
+  hold.exec("SELECT pg_advisory_unlock_all()");
+  EXPECT_TRUE(waited) << "the put never waited for the territory's lock";
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::ABORTED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("not 1000000; re-read and retry"));
+}
+
 // A placement racing a rule put: the patient is placed under the rule as it stands when the
 // placement commits. A put in progress (its rule held, its next version written) makes the
 // placement wait, and once the put commits the placement follows the new version, not the one it
