@@ -7,7 +7,6 @@
 #include <deque>
 #include <iterator>
 #include <map>
-#include <set>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -1609,10 +1608,10 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
                                       territory.message(), ")");
           return Deny<GrantInfo>(
               txn, entry,
-              absl::PermissionDeniedError(absl::StrCat(
+              absl::PermissionDeniedError(
                   "the grantee's tenant may not read this patient's data: the residency rule of "
                   "the patient's territory does not permit reads from every territory it serves, "
-                  "or it is not an active tenant")));
+                  "or it is not an active tenant"));
         }
         RETURN_IF_ERROR(territory);
         const int64_t others =
@@ -1762,9 +1761,6 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
   // since a record of that region could belong before it.
   std::vector<RecordInfo> merged;
   std::optional<RecordInfo> horizon;  // the region cut-off nothing on this page may pass
-  // Regions whose records were cut short by the grants they hold: cut off like those that had
-  // more records than the page.
-  std::set<std::string> grants_cut;
   const size_t max_grants =
       options_.max_listed_grants > 0
           ? std::max<size_t>(options_.max_listed_grants, kMaxActiveGrantsPerRecord)
@@ -1774,6 +1770,9 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
   };
   for (const std::string& region : regions) {
     ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(region));
+    // The region's records cut short by the grants they hold: cut off as when it had more
+    // records than the page.
+    bool grants_cut = false;
     absl::StatusOr<std::vector<RecordInfo>> page = pool->TransactValue<std::vector<RecordInfo>>(
         [&](pqxx::work& txn) -> absl::StatusOr<std::vector<RecordInfo>> {
           const int kind = static_cast<int>(query.kind);
@@ -1811,15 +1810,14 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
               return opened;
             }
           }
-          grants_cut.erase(region);  // a retried transaction reads them again
-          if (AttachGrants(txn, records, caller, now, max_grants)) grants_cut.insert(region);
+          grants_cut = AttachGrants(txn, records, caller, now, max_grants);
           return records;
         });
     if (!page.ok()) {
       return absl::Status(page.status().code(),
                           absl::StrCat("region ", region, ": ", page.status().message()));
     }
-    if ((page->size() > static_cast<size_t>(size) || grants_cut.count(region) > 0) &&
+    if ((page->size() > static_cast<size_t>(size) || grants_cut) &&
         !page->empty() && (!horizon || newer(page->back(), *horizon))) {
       horizon = page->back();
     }
