@@ -120,15 +120,8 @@ class DatabaseRolesTest : public ::testing::Test {
     absl::StatusOr<std::unique_ptr<PgCluster>> cluster = PgCluster::Start("roles");
     ASSERT_TRUE(cluster.ok()) << cluster.status();
     cluster_ = cluster->release();
-    {
-      pqxx::connection admin(cluster_->ConnectionString());
-      pqxx::nontransaction txn(admin);
-      txn.exec0(absl::StrCat("CREATE DATABASE ", kShard));
-      txn.exec0(absl::StrCat("CREATE DATABASE ", kVault));
-    }
-    ASSERT_TRUE(Migrate(*cluster_, kControl, "control").ok());
-    ASSERT_TRUE(Migrate(*cluster_, kShard, "shard").ok());
-    ASSERT_TRUE(Migrate(*cluster_, kVault, "vault").ok());
+    absl::Status migrated = test_support::CreateAndMigrateEveryKind(*cluster_);
+    ASSERT_TRUE(migrated.ok()) << migrated;
   }
   static void TearDownTestSuite() { delete cluster_; }
 

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <utility>
 
 #include <pqxx/pqxx>
 
@@ -30,6 +31,22 @@ absl::Status MigrateDatabase(const std::string& conninfo, const std::string& kin
   } catch (const std::exception& e) {
     return pg::StatusFromException(e);
   }
+}
+
+absl::Status CreateAndMigrateEveryKind(PgCluster& cluster) {
+  try {
+    pqxx::connection admin(cluster.ConnectionString());
+    pqxx::nontransaction txn(admin);
+    txn.exec0("CREATE DATABASE shard");
+    txn.exec0("CREATE DATABASE vault");
+  } catch (const std::exception& e) {
+    return pg::StatusFromException(e);
+  }
+  for (const auto& [db, kind] : {std::pair{"medgate", "control"}, {"shard", "shard"},
+                                 {"vault", "vault"}}) {
+    RETURN_IF_ERROR(MigrateDatabase(cluster.ConnectionString(db), kind));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<TestStack>> TestStack::Start(const std::vector<std::string>& services,

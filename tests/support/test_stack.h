@@ -17,6 +17,10 @@ namespace medgate::test_support {
 // Applies migrations/<kind> ("control", "shard" or "vault") of the source tree to a database.
 absl::Status MigrateDatabase(const std::string& conninfo, const std::string& kind);
 
+// One server holding a database of each kind, migrated: "medgate" (control), "shard" and
+// "vault", for tests of the schema itself (plans, rights) rather than of a service.
+absl::Status CreateAndMigrateEveryKind(PgCluster& cluster);
+
 // The database of each region's key vault (migrations/vault), on the region's server.
 inline constexpr char kKeysDatabase[] = "medgate_keys";
 
