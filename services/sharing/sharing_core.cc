@@ -124,15 +124,15 @@ bool AttachGrants(pqxx::work& txn, std::vector<RecordInfo>& records, const std::
                   absl::Time now, size_t max_grants = kMaxActiveGrantsPerRecord) {
   if (records.empty()) return false;
   std::vector<std::string> ids;
-  std::string owned = "{";
+  std::vector<std::string> owned;  // "t" or "f", read as bool[]
   for (const RecordInfo& r : records) {
     ids.push_back(r.record_id);
-    absl::StrAppend(&owned, owned.size() > 1 ? "," : "", r.owner == caller ? "t" : "f");
+    owned.push_back(r.owner == caller ? "t" : "f");
   }
-  owned += "}";
   const pqxx::result rows =
-      txn.exec_prepared(sql::kSelectActiveGrants, pg::TextArrayLiteral(ids), owned, PgTime(now),
-                        caller, static_cast<int64_t>(max_grants) + 1);
+      txn.exec_prepared(sql::kSelectActiveGrants, pg::TextArrayLiteral(ids),
+                        pg::TextArrayLiteral(owned), PgTime(now), caller,
+                        static_cast<int64_t>(max_grants) + 1);
   std::map<std::string, std::vector<GrantInfo>> by_record;
   for (const pqxx::row& row : rows) {
     GrantInfo g = GrantFromRow(row);
