@@ -102,27 +102,40 @@ statement_timeout_ms: {{ int64 $pool.statementTimeoutMs }}
 The egress rules every pod of the release (and the migration Job) has: the databases' networks on
 the databases' ports only, and DNS.
 */}}
-{{- define "medgate.databaseAndDnsEgress" -}}
-{{- $v := .Values -}}
-{{- $ports := dict -}}
-{{- $dbs := list $v.control -}}
+{{/*
+Egress rules to the databases of the kinds named (control, shards, keyVaults), one rule per kind:
+that kind's networks (networkPolicy.databaseCIDRs.KIND) on that kind's ports only.
+Called with (dict "root" $ "kinds" (list ...)).
+*/}}
+{{- define "medgate.databaseEgress" -}}
+{{- $v := .root.Values -}}
+{{- range $kind := .kinds -}}
+{{- $dbs := list -}}
+{{- if eq $kind "control" -}}{{- $dbs = list $v.control -}}{{- end -}}
 {{- range $v.regions -}}
-{{- $dbs = append $dbs .db -}}
-{{- $dbs = append $dbs .keysDb -}}
+{{- if eq $kind "shards" -}}{{- $dbs = append $dbs .db -}}{{- end -}}
+{{- if eq $kind "keyVaults" -}}{{- $dbs = append $dbs .keysDb -}}{{- end -}}
 {{- end -}}
+{{- $ports := dict -}}
 {{- range $db := $dbs -}}
 {{- $port := 5432 -}}
 {{- if and $db (hasKey $db "port") -}}{{- $port = $db.port -}}{{- end -}}
 {{- $_ := set $ports (toString (int64 $port)) true -}}
-{{- end -}}
+{{- end }}
 - to:
-    {{- range $v.networkPolicy.databaseCIDRs }}
+    {{- range (index $v.networkPolicy.databaseCIDRs $kind) }}
     - ipBlock: {cidr: {{ . | quote }}}
     {{- end }}
   ports:
     {{- range $p, $_ := $ports }}
     - {port: {{ $p }}, protocol: TCP}
     {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* The egress rule to the cluster DNS (networkPolicy.dns). */}}
+{{- define "medgate.dnsEgress" -}}
+{{- $v := .Values -}}
 - to:
     {{- toYaml $v.networkPolicy.dns.peers | nindent 4 }}
   ports:
@@ -296,10 +309,29 @@ before a rollout that would crash-loop. */ -}}
 {{- include "medgate.checkCidr" (dict "cidr" $c "where" (printf "services.%s.clientCIDRs[%d]" $name $j)) -}}
 {{- end -}}
 {{- end -}}
-{{- range $j, $c := $v.networkPolicy.databaseCIDRs -}}
-{{- include "medgate.checkCidr" (dict "cidr" $c "where" (printf "networkPolicy.databaseCIDRs[%d]" $j)) -}}
+{{- $cidrs := $v.networkPolicy.databaseCIDRs -}}
+{{- $kinds := list "control" "shards" "keyVaults" -}}
+{{- if not (kindIs "map" $cidrs) -}}
+{{- fail "networkPolicy.databaseCIDRs: name the networks of each kind of database apart, {control: [...], shards: [...], keyVaults: [...]}: each pod may then reach only the databases its service uses" -}}
+{{- end -}}
+{{- range $kind, $_ := $cidrs -}}
+{{- if not (has $kind $kinds) -}}
+{{- fail (printf "networkPolicy.databaseCIDRs.%s: not a kind of database (control, shards, keyVaults)" $kind) -}}
+{{- end -}}
+{{- end -}}
+{{- range $kind := $kinds -}}
+{{- $list := index $cidrs $kind -}}
+{{- if and $list (not (kindIs "slice" $list)) -}}
+{{- fail (printf "networkPolicy.databaseCIDRs.%s: '%v' is not a list of networks" $kind $list) -}}
+{{- end -}}
+{{- range $j, $c := $list -}}
+{{- include "medgate.checkCidr" (dict "cidr" $c "where" (printf "networkPolicy.databaseCIDRs.%s[%d]" $kind $j)) -}}
 {{- if regexMatch "/0+$" $c -}}
-{{- fail (printf "networkPolicy.databaseCIDRs[%d]: '%s' is every address: name the databases' networks" $j $c) -}}
+{{- fail (printf "networkPolicy.databaseCIDRs.%s[%d]: '%s' is every address: name the databases' networks" $kind $j $c) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.networkPolicy.enabled (not $list) -}}
+{{- fail (printf "networkPolicy.databaseCIDRs.%s: the networks of the %s are required: the pods may connect to the databases their service uses, DNS and each other only (or set networkPolicy.enabled=false where the cluster enforces this otherwise)" $kind (index (dict "control" "control database" "shards" "regions' shards" "keyVaults" "regions' key vaults") $kind)) -}}
 {{- end -}}
 {{- end -}}
 {{- if $v.networkPolicy.enabled -}}
@@ -327,9 +359,6 @@ before a rollout that would crash-loop. */ -}}
 {{- end -}}
 {{- if eq (int64 $v.services.sharing.port) (int64 $v.services.audit.port) -}}
 {{- fail "services.audit.port: audit is served by the sharing pods and needs a port other than services.sharing.port" -}}
-{{- end -}}
-{{- if and $v.networkPolicy.enabled (not $v.networkPolicy.databaseCIDRs) -}}
-{{- fail "networkPolicy.databaseCIDRs: the networks of the databases are required: the pods may connect to them, DNS and each other only (or set networkPolicy.enabled=false where the cluster enforces this otherwise)" -}}
 {{- end -}}
 {{- end -}}
 

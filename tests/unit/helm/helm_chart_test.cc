@@ -16,9 +16,12 @@
 #include <gtest/gtest.h>
 #include <yaml-cpp/yaml.h>
 
+#include "absl/algorithm/container.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "libs/common/config.h"
 #include "libs/residency/placement.h"
 #include "libs/server/probe.h"
@@ -164,8 +167,8 @@ TEST_F(HelmChartTest, RendersEveryPartOfACountrysCluster) {
   EXPECT_EQ(kinds["Job"], 1);
   EXPECT_EQ(kinds["PodDisruptionBudget"], 4);
   EXPECT_EQ(kinds["ServiceAccount"], 1);
-  // Default deny, one per service's pods, egress, and the migrations' own egress.
-  EXPECT_EQ(kinds["NetworkPolicy"], 7);
+  // Default deny; one in and one out per service's pods; DNS for every pod; the migrations' own.
+  EXPECT_EQ(kinds["NetworkPolicy"], 11);
   // Names are unique within a kind.
   std::set<std::string> names;
   for (const YAML::Node& doc : france_->documents) {
@@ -406,6 +409,56 @@ TEST_F(HelmChartTest, PodsRunWithoutPrivilegeAndDrainBeforeTheyAreKilled) {
   EXPECT_FALSE(OfKind(*france_, "ServiceAccount")[0]["automountServiceAccountToken"].as<bool>());
 }
 
+// One peer of a NetworkPolicy rule: "cidr:CIDR", "pods:COMPONENT" (this release's pods), or "dns"
+// (the cluster DNS pods in kube-system).
+std::string PeerName(const YAML::Node& peer) {
+  if (peer["ipBlock"]) return "cidr:" + peer["ipBlock"]["cidr"].as<std::string>();
+  const YAML::Node labels = peer["podSelector"]["matchLabels"];
+  if (labels["app.kubernetes.io/component"]) {
+    return "pods:" + labels["app.kubernetes.io/component"].as<std::string>();
+  }
+  if (labels["k8s-app"] && labels["k8s-app"].as<std::string>() == "kube-dns" &&
+      peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].as<std::string>() ==
+          "kube-system") {
+    return "dns";
+  }
+  return "other:" + YAML::Dump(peer);
+}
+
+// Whether a policy's podSelector selects pods labelled `labels`.
+bool Selects(const YAML::Node& policy, const YAML::Node& labels) {
+  for (const auto& kv : policy["spec"]["podSelector"]["matchLabels"]) {
+    const YAML::Node value = labels[kv.first.as<std::string>()];
+    if (!value || value.as<std::string>() != kv.second.as<std::string>()) return false;
+  }
+  return true;
+}
+
+// Everywhere pods labelled `labels` may connect, as "PEER PROTOCOL/PORT": the union of the
+// egress rules of every policy that selects them, as Kubernetes applies them.
+std::set<std::string> EgressOf(const Render& render, const YAML::Node& labels) {
+  std::set<std::string> allowed;
+  for (const YAML::Node& policy : OfKind(render, "NetworkPolicy")) {
+    if (!Selects(policy, labels)) continue;
+    for (const YAML::Node& rule : policy["spec"]["egress"]) {
+      EXPECT_TRUE(rule["to"] && rule["ports"]) << "a rule open to every peer or port: "
+                                               << YAML::Dump(rule);
+      for (const YAML::Node& peer : rule["to"]) {
+        for (const YAML::Node& port : rule["ports"]) {
+          allowed.insert(absl::StrCat(PeerName(peer), " ", port["protocol"].as<std::string>(), "/",
+                                      port["port"].as<std::string>()));
+        }
+      }
+    }
+  }
+  return allowed;
+}
+
+// The labels of a service's pods.
+YAML::Node PodLabels(const Render& render, const std::string& service) {
+  return Named(render, "Deployment", "medgate-" + service)["spec"]["template"]["metadata"]["labels"];
+}
+
 TEST_F(HelmChartTest, MigrationsRunBeforeInstallAndEveryUpgradeOnTheSameDatabases) {
   const YAML::Node job = Named(*france_, "Job", "medgate-migrate");
   EXPECT_EQ(job["metadata"]["annotations"]["helm.sh/hook"].as<std::string>(),
@@ -436,11 +489,10 @@ TEST_F(HelmChartTest, MigrationsRunBeforeInstallAndEveryUpgradeOnTheSameDatabase
   for (const auto& kv : policy["spec"]["podSelector"]["matchLabels"]) {
     EXPECT_EQ(job_labels[kv.first.as<std::string>()].as<std::string>(), kv.second.as<std::string>());
   }
-  EXPECT_EQ(policy["spec"]["egress"][0]["to"][0]["ipBlock"]["cidr"].as<std::string>(),
-            "10.20.0.0/16");
-  EXPECT_EQ(policy["spec"]["egress"][1]["to"][0]["podSelector"]["matchLabels"]["k8s-app"]
-                .as<std::string>(),
-            "kube-dns");
+  // Every database, of every kind, and DNS.
+  EXPECT_EQ(EgressOf(*france_, job_labels),
+            (std::set<std::string>{"cidr:10.20.0.0/24 TCP/5432", "cidr:10.20.1.0/24 TCP/5432",
+                                   "cidr:10.20.2.0/24 TCP/5432", "dns UDP/53", "dns TCP/53"}));
 }
 
 // The migrations' pod goes where the services' pods go: on nodes set aside (and tainted) for
@@ -468,14 +520,7 @@ TEST_F(HelmChartTest, TheMigrationsJobIsScheduledLikeTheServices) {
 // The peers of one ingress rule: "pods:COMPONENT" or "cidr:CIDR".
 std::set<std::string> Peers(const YAML::Node& rule) {
   std::set<std::string> peers;
-  for (const YAML::Node& from : rule["from"]) {
-    if (from["ipBlock"]) {
-      peers.insert("cidr:" + from["ipBlock"]["cidr"].as<std::string>());
-    } else {
-      peers.insert("pods:" + from["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
-                                 .as<std::string>());
-    }
-  }
+  for (const YAML::Node& from : rule["from"]) peers.insert(PeerName(from));
   return peers;
 }
 
@@ -507,41 +552,29 @@ TEST_F(HelmChartTest, NetworkPoliciesLetInOnlyTheNamedClientsAndLetOutOnlyToTheD
   // Sharing and audit on their own ports, each from its own clients.
   EXPECT_EQ(IngressOf(*france_, "sharing"),
             (Allowed{{8443, {"cidr:198.51.100.0/24"}}, {8444, {"cidr:10.30.0.0/16"}}}));
-  // Out: the databases, DNS, and the routing service.
-  const YAML::Node egress = Named(*france_, "NetworkPolicy", "medgate-egress")["spec"]["egress"];
-  ASSERT_EQ(egress.size(), 3u);
-  ASSERT_EQ(egress[0]["to"].size(), 1u);
-  EXPECT_EQ(egress[0]["to"][0]["ipBlock"]["cidr"].as<std::string>(), "10.20.0.0/16");
-  // ... on the databases' ports only (France's are all 5432); the migrations' policy alike.
-  for (const YAML::Node& rules :
-       {egress, Named(*france_, "NetworkPolicy", "medgate-migrate")["spec"]["egress"]}) {
-    ASSERT_EQ(rules[0]["ports"].size(), 1u);
-    EXPECT_EQ(rules[0]["ports"][0]["port"].as<int>(), 5432);
-    EXPECT_EQ(rules[0]["ports"][0]["protocol"].as<std::string>(), "TCP");
-  }
+  // Out: DNS, the routing service, and the databases each service's role may connect to (see
+  // EachServicesPodsReachOnlyTheDatabasesItsRoleMayConnectTo), on the databases' ports only.
+  const std::set<std::string> dns = {"dns UDP/53", "dns TCP/53"};
+  const std::string control = "cidr:10.20.0.0/24 TCP/5432";
+  const std::string shards = "cidr:10.20.1.0/24 TCP/5432";
+  const std::string vaults = "cidr:10.20.2.0/24 TCP/5432";
+  const std::string routing = "pods:routing TCP/8443";
+  auto with_dns = [&dns](std::set<std::string> peers) {
+    peers.insert(dns.begin(), dns.end());
+    return peers;
+  };
+  EXPECT_EQ(EgressOf(*france_, PodLabels(*france_, "routing")), with_dns({control, shards}));
+  EXPECT_EQ(EgressOf(*france_, PodLabels(*france_, "consent")), with_dns({shards, routing}));
+  EXPECT_EQ(EgressOf(*france_, PodLabels(*france_, "ingest")), with_dns({shards, routing}));
+  EXPECT_EQ(EgressOf(*france_, PodLabels(*france_, "sharing")),
+            with_dns({control, shards, vaults, routing}));
+  // Each kind on its own databases' ports: a control database on 6432 opens 6432 to the control
+  // network only.
   const Render other_port = RenderChart("control: {port: 6432}\n");
   ASSERT_EQ(other_port.exit_code, 0) << other_port.error;
-  std::set<int> db_ports;
-  for (const YAML::Node& p :
-       Named(other_port, "NetworkPolicy", "medgate-egress")["spec"]["egress"][0]["ports"]) {
-    db_ports.insert(p["port"].as<int>());
-  }
-  EXPECT_EQ(db_ports, (std::set<int>{5432, 6432}));
-  EXPECT_EQ(egress[1]["to"][0]["podSelector"]["matchLabels"]["k8s-app"].as<std::string>(),
-            "kube-dns");
-  // In kube-system only: a pod labelled kube-dns in any other namespace is not the DNS.
-  EXPECT_EQ(egress[1]["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-                .as<std::string>(),
-            "kube-system");
-  std::set<std::string> dns_ports;
-  for (const YAML::Node& p : egress[1]["ports"]) {
-    dns_ports.insert(p["protocol"].as<std::string>() + "/" + p["port"].as<std::string>());
-  }
-  EXPECT_EQ(dns_ports, (std::set<std::string>{"UDP/53", "TCP/53"}));
-  EXPECT_EQ(egress[2]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
-                .as<std::string>(),
-            "routing");
-  EXPECT_EQ(egress[2]["ports"][0]["port"].as<int>(), 8443);
+  EXPECT_EQ(EgressOf(other_port, PodLabels(other_port, "sharing")),
+            with_dns({"cidr:10.20.0.0/24 TCP/6432", shards, vaults, routing}));
+  EXPECT_EQ(EgressOf(other_port, PodLabels(other_port, "ingest")), with_dns({shards, routing}));
 
   // A service no client network is named for accepts no one (consent here): default deny.
   const Render closed = RenderChart(
@@ -550,10 +583,59 @@ TEST_F(HelmChartTest, NetworkPoliciesLetInOnlyTheNamedClientsAndLetOutOnlyToTheD
   ASSERT_EQ(closed.exit_code, 0) << closed.error;
   EXPECT_THAT(IngressOf(closed, "consent"), IsEmpty());
   // Another cluster's DNS (NodeLocal DNSCache) is named in the values.
-  EXPECT_EQ(Named(closed, "NetworkPolicy", "medgate-egress")["spec"]["egress"][1]["to"][0]
-                 ["ipBlock"]["cidr"]
-                     .as<std::string>(),
-            "169.254.20.10/32");
+  EXPECT_EQ(EgressOf(closed, PodLabels(closed, "consent")),
+            (std::set<std::string>{"cidr:169.254.20.10/32 UDP/53", "cidr:169.254.20.10/32 TCP/53",
+                                   shards, routing}));
+}
+
+// The roles the migrations let connect to one kind of database: the `allowed` array of its
+// *_database_connect.sql migration.
+std::set<std::string> RolesThatMayConnect(const std::string& kind_dir) {
+  std::set<std::string> roles;
+  const std::string dir = std::string(MEDGATE_SOURCE_DIR) + "/migrations/" + kind_dir;
+  for (const auto& file : std::filesystem::directory_iterator(dir)) {
+    if (!absl::EndsWith(file.path().string(), "_database_connect.sql")) continue;
+    const std::string sql = ReadFile(file.path().string());
+    const std::string opening = "allowed text[] := ARRAY[";
+    const size_t at = sql.find(opening);
+    EXPECT_NE(at, std::string::npos) << file.path();
+    if (at == std::string::npos) continue;
+    const size_t from = at + opening.size();
+    for (absl::string_view role : absl::StrSplit(sql.substr(from, sql.find(']', from) - from), ',')) {
+      roles.insert(std::string(absl::StripAsciiWhitespace(absl::StripPrefix(
+          absl::StripSuffix(absl::StripAsciiWhitespace(role), "'"), "'"))));
+    }
+  }
+  EXPECT_FALSE(roles.empty()) << "no database_connect migration in " << dir;
+  return roles;
+}
+
+// Defence in depth beside the database roles: a pod can open a connection only to the databases
+// its service's role may log in to. Ingest and consent, which hold no data keys, cannot reach a
+// key vault, nor the control database.
+TEST_F(HelmChartTest, EachServicesPodsReachOnlyTheDatabasesItsRoleMayConnectTo) {
+  const std::map<std::string, std::string> networks = {{"control", "cidr:10.20.0.0/24 TCP/5432"},
+                                                       {"shard", "cidr:10.20.1.0/24 TCP/5432"},
+                                                       {"vault", "cidr:10.20.2.0/24 TCP/5432"}};
+  std::map<std::string, std::set<std::string>> may_connect;  // kind -> roles
+  for (const auto& [kind, network] : networks) may_connect[kind] = RolesThatMayConnect(kind);
+  for (const std::string& service : kDeployments) {
+    SCOPED_TRACE(service);
+    const std::set<std::string> egress = EgressOf(*france_, PodLabels(*france_, service));
+    for (const auto& [kind, network] : networks) {
+      EXPECT_EQ(egress.count(network) == 1, may_connect[kind].count("medgate_" + service) == 1)
+          << kind;
+    }
+    // Nothing else but DNS and the routing service.
+    for (const std::string& peer : egress) {
+      EXPECT_TRUE(absl::StartsWith(peer, "dns ") || peer == "pods:routing TCP/8443" ||
+                  absl::c_any_of(networks, [&peer](const auto& n) { return n.second == peer; }))
+          << peer;
+    }
+  }
+  // The roles read as the chart assumes: a vault only sharing may reach, shards every service.
+  EXPECT_EQ(may_connect["vault"], (std::set<std::string>{"medgate_sharing"}));
+  EXPECT_EQ(may_connect["shard"].size(), 4u);
 }
 
 TEST_F(HelmChartTest, ALoadBalancerKeepsTheClientsAddressesAndAcceptsOnlyTheirNetworks) {
@@ -787,18 +869,28 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
       {"services: {billing: {port: 1}}\n", "services.billing: not a medgate service"},
       {"services: {sharing: {clientCIDRs: []}}\n",
        "services.sharing.clientCIDRs: a LoadBalancer service needs the networks"},
-      {"networkPolicy: {databaseCIDRs: []}\n", "networkPolicy.databaseCIDRs: the networks of the "
-                                               "databases are required"},
-      {"networkPolicy: {databaseCIDRs: [10.20.0.0]}\n",
-       "networkPolicy.databaseCIDRs[0]: '10.20.0.0' is not a network in CIDR notation"},
+      {"networkPolicy: {databaseCIDRs: {shards: []}}\n",
+       "networkPolicy.databaseCIDRs.shards: the networks of the regions' shards are required"},
+      {"networkPolicy: {databaseCIDRs: {keyVaults: null}}\n",
+       "networkPolicy.databaseCIDRs.keyVaults: the networks of the regions' key vaults are "
+       "required"},
+      {"networkPolicy: {databaseCIDRs: {control: [10.20.0.0]}}\n",
+       "networkPolicy.databaseCIDRs.control[0]: '10.20.0.0' is not a network in CIDR notation"},
+      {"networkPolicy: {databaseCIDRs: {control: 10.20.0.0/24}}\n",
+       "networkPolicy.databaseCIDRs.control: '10.20.0.0/24' is not a list of networks"},
+      // The form of one list for every database would let every pod reach the key vaults.
+      {"networkPolicy: {databaseCIDRs: [10.20.0.0/16]}\n",
+       "networkPolicy.databaseCIDRs: name the networks of each kind of database apart"},
+      {"networkPolicy: {databaseCIDRs: {vaults: [10.20.3.0/24]}}\n",
+       "networkPolicy.databaseCIDRs.vaults: not a kind of database (control, shards, keyVaults)"},
       {"services: {ingest: {clientCIDRs: [\"0.0.0.0/0}\"]}}\n",
        "services.ingest.clientCIDRs[0]: '0.0.0.0/0}' is not a network in CIDR notation"},
       {"podDisruptionBudget: {maxUnavailable: 0}\n",
        "podDisruptionBudget.maxUnavailable: '0' must be a whole number of pods (at least 1)"},
-      {"networkPolicy: {databaseCIDRs: [0.0.0.0/0]}\n",
-       "networkPolicy.databaseCIDRs[0]: '0.0.0.0/0' is every address"},
-      {"networkPolicy: {databaseCIDRs: [10.20.0.0/16, \"::/0\"]}\n",
-       "networkPolicy.databaseCIDRs[1]: '::/0' is every address"},
+      {"networkPolicy: {databaseCIDRs: {shards: [0.0.0.0/0]}}\n",
+       "networkPolicy.databaseCIDRs.shards[0]: '0.0.0.0/0' is every address"},
+      {"networkPolicy: {databaseCIDRs: {keyVaults: [10.20.2.0/24, \"::/0\"]}}\n",
+       "networkPolicy.databaseCIDRs.keyVaults[1]: '::/0' is every address"},
       {"networkPolicy: {dns: {peers: []}}\n", "networkPolicy.dns.peers: the cluster DNS pods"},
       {"networkPolicy: {dns: {ports: []}}\n", "networkPolicy.dns.ports: the DNS ports"},
       {"networkPolicy: {dns: {peers: [{namespaceSelector: {}, podSelector: {matchLabels: "
