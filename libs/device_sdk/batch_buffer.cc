@@ -137,6 +137,14 @@ bool EndsInUnwrittenSectors(const std::string& payload, uint64_t end) {
   return (first_zero + kSector - 1) / kSector * kSector < end;
 }
 
+// Creates `path` for writing, readable and writable by its owner only (it holds patients'
+// vitals, locations included), whatever the umask. Exclusively: a file or symbolic link already
+// there is an error, never followed or overwritten, so a link planted in a shared directory cannot
+// make the buffer write over another file.
+int CreateOwnerOnly(const std::string& path) {
+  return open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<BatchBuffer>> BatchBuffer::Open(const std::string& path,
@@ -188,7 +196,7 @@ absl::Status BatchBuffer::Lock() {
   // one would let a second process in. The lock file is never removed either: a process could
   // hold a lock on the removed file while another one locks a new file of the same name.
   const std::string lock_path = path_ + ".lock";
-  lock_fd_ = open(lock_path.c_str(), O_RDONLY | O_CREAT | O_CLOEXEC, 0666);
+  lock_fd_ = open(lock_path.c_str(), O_RDONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (lock_fd_ < 0) {
     return absl::FailedPreconditionError(absl::StrCat("cannot lock buffer file '", path_,
                                                       "': cannot open '", lock_path, "': ",
@@ -372,17 +380,35 @@ absl::Status BatchBuffer::KeepDamagedCopy() {
                                             loaded_bytes_, " bytes and cannot be kept aside as '",
                                             damaged_copy_, "': ", why));
   };
-  std::error_code error;
-  std::filesystem::copy_file(path_, damaged_copy_,
-                             std::filesystem::copy_options::overwrite_existing, error);
-  if (error) return cannot_keep(error.message());
-  const int fd = open(damaged_copy_.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0 || fsync(fd) != 0) {
-    const int failed = errno;
-    if (fd >= 0) close(fd);
-    return cannot_keep(absl::StrCat("cannot sync it: ", std::strerror(failed)));
+  // A name of its own: an earlier damage's copy of the same second is kept too.
+  int out = CreateOwnerOnly(damaged_copy_);
+  for (int n = 2; out < 0 && errno == EEXIST && n <= 100; ++n) {
+    damaged_copy_ = absl::StrCat(path_, ".damaged-", absl::ToUnixSeconds(absl::Now()), "-", n);
+    out = CreateOwnerOnly(damaged_copy_);
   }
-  close(fd);
+  if (out < 0) return cannot_keep(std::strerror(errno));
+  const int in = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  bool copied = in >= 0;
+  std::string chunk(1 << 16, '\0');
+  uint64_t at = 0;
+  while (copied) {
+    const ssize_t n = read(in, chunk.data(), chunk.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      copied = n == 0;
+      break;
+    }
+    copied = WriteAt(out, chunk.substr(0, static_cast<size_t>(n)), at);
+    at += static_cast<uint64_t>(n);
+  }
+  const int failed = errno;
+  if (in >= 0) close(in);
+  if (!copied || fsync(out) != 0) {
+    const int error = copied ? errno : failed;
+    close(out);
+    return cannot_keep(std::strerror(error));
+  }
+  close(out);
   if (absl::Status synced = SyncDirectory(); !synced.ok()) {
     return cannot_keep(std::string(synced.message()));
   }
@@ -397,7 +423,10 @@ absl::Status BatchBuffer::Rewrite() {
 absl::Status BatchBuffer::Replace(const std::deque<v1::VitalsBatch>& pending, uint64_t next_seq,
                                   uint64_t next_batch_seq) {
   const std::string tmp = path_ + ".tmp";
-  const int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  // A rewrite's leftover (the process stopped before its rename) goes first; only this process,
+  // holding the lock, writes that name.
+  unlink(tmp.c_str());
+  const int fd = CreateOwnerOnly(tmp);
   if (fd < 0) {
     return absl::FailedPreconditionError(absl::StrCat("cannot write buffer file '", tmp, "': ",
                                                       std::strerror(errno)));

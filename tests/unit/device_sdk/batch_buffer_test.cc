@@ -96,6 +96,53 @@ class UnprivilegedScope {
   bool switched_ = false;
 };
 
+// The buffer holds patients' vitals: its files are its owner's alone whatever the umask, and a
+// link planted where it writes its rewrite is removed, never written through.
+TEST_F(BatchBufferTest, FilesAreTheOwnersAloneAndNoLinkIsFollowed) {
+  const mode_t umask_before = umask(022);
+  const std::string target = path_ + ".target";
+  {
+    std::ofstream out(target);
+    out << "not the buffer's";
+  }
+  std::filesystem::create_symlink(target, path_ + ".tmp");
+  auto mode_of = [](const std::string& path) {
+    struct stat st {};
+    EXPECT_EQ(lstat(path.c_str(), &st), 0) << path << ": " << std::strerror(errno);
+    return st.st_mode & 0777;
+  };
+  {
+    auto buffer = BatchBuffer::Open(path_, 100);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_TRUE((*buffer)->Seal(Samples(2)).ok());
+  }
+  EXPECT_EQ(Bytes(target), "not the buffer's");
+  EXPECT_FALSE(std::filesystem::is_symlink(path_));
+  EXPECT_EQ(mode_of(path_), 0600u);
+  EXPECT_EQ(mode_of(path_ + ".lock"), 0600u);
+  // A damaged file's copy kept aside holds the same data: the owner's alone too.
+  std::string damaged = Bytes(path_);
+  damaged[4] = 0x7f;  // the first record's type: one the buffer never writes
+  {
+    std::ofstream out(path_, std::ios::binary | std::ios::trunc);
+    out << damaged;
+  }
+  std::filesystem::permissions(path_, std::filesystem::perms::owner_read |
+                                          std::filesystem::perms::owner_write |
+                                          std::filesystem::perms::others_read);
+  {
+    auto buffer = BatchBuffer::Open(path_, 100, /*first_seq=*/1000);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_FALSE((*buffer)->damaged_copy().empty());
+    EXPECT_EQ(Bytes((*buffer)->damaged_copy()), damaged);
+    EXPECT_EQ(mode_of((*buffer)->damaged_copy()), 0600u);
+    EXPECT_EQ(mode_of(path_), 0600u);  // the rewritten buffer
+    std::filesystem::remove((*buffer)->damaged_copy());
+  }
+  umask(umask_before);
+  std::filesystem::remove(target);
+}
+
 TEST_F(BatchBufferTest, AssignsSeqsAndKeepsUnackedBatchesAcrossRestarts) {
   {
     auto buffer = BatchBuffer::Open(path_, 100);
@@ -470,6 +517,7 @@ TEST_F(BatchBufferTest, ACompactionThatCannotBeMadeDurableIsAnErrorAndLosesNothi
     ASSERT_TRUE((*buffer)->Ack(1).ok());  // the compacted file is shorter than this one
   }
   std::filesystem::permissions(file, std::filesystem::perms::all);
+  std::filesystem::permissions(file + ".lock", std::filesystem::perms::all);
   // Files can be made and renamed in it, but it cannot be opened (to be synced).
   using std::filesystem::perms;
   std::filesystem::permissions(dir, perms::all & ~(perms::owner_read | perms::group_read |
@@ -855,6 +903,7 @@ TEST_F(BatchBufferTest, ADamagedFileWhoseCopyCannotBeMadeDurableIsLeftAsItIs) {
     out << damaged;
   }
   std::filesystem::permissions(file, std::filesystem::perms::all);
+  std::filesystem::permissions(file + ".lock", std::filesystem::perms::all);
   using std::filesystem::perms;
   std::filesystem::permissions(dir, perms::all & ~(perms::owner_read | perms::group_read |
                                                    perms::others_read));
@@ -952,15 +1001,14 @@ TEST_F(BatchBufferTest, AFailedCompactionKeepsAppendingToTheBufferFile) {
   ASSERT_TRUE(buffer.ok());
   constexpr uint64_t kBatches = 1100;  // more than the acks that start a compaction
   for (uint64_t i = 0; i < kBatches; ++i) ASSERT_TRUE((*buffer)->Seal(Samples(1)).ok());
-  // Every write to the compacted file fails (ENOSPC).
-  std::filesystem::create_symlink("/dev/full", path_ + ".tmp");
+  // The compacted file cannot be created (a directory has its name).
+  std::filesystem::create_directory(path_ + ".tmp");
   // The acks are recorded all the same; the failed compaction is counted, and tried again
   // after as many acks.
   constexpr uint64_t acked = 1050;  // past the 1,024th ack, which starts a compaction
   for (uint64_t b = 1; b <= acked; ++b) ASSERT_TRUE((*buffer)->Ack(b).ok()) << b;
   EXPECT_EQ((*buffer)->compaction_failures(), 1u);
   EXPECT_FALSE((*buffer)->last_compaction_error().empty());
-  EXPECT_FALSE(std::filesystem::exists(path_ + ".tmp"));
   std::filesystem::remove(path_ + ".tmp");
   absl::StatusOr<uint64_t> later = (*buffer)->Seal(Samples(1));
   ASSERT_TRUE(later.ok()) << later.status();
