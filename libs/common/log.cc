@@ -114,4 +114,16 @@ void Write(Level level, absl::string_view event, std::initializer_list<Field> fi
 
 void RouteProtobufLogs() { google::protobuf::SetLogHandler(&ProtobufLog); }
 
+bool Throttle::Allow(absl::Time now, uint64_t& held_back) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (now < next_) {
+    ++held_back_;
+    return false;
+  }
+  next_ = now + interval_;
+  held_back = held_back_;
+  held_back_ = 0;
+  return true;
+}
+
 }  // namespace medgate::log

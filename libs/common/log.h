@@ -5,9 +5,12 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <variant>
+
+#include "absl/time/time.h"
 
 namespace medgate::log {
 
@@ -50,6 +53,23 @@ inline void Warning(absl::string_view event, std::initializer_list<Field> fields
 inline void Error(absl::string_view event, std::initializer_list<Field> fields = {}) {
   Write(Level::kError, event, fields);
 }
+
+// Lets at most one line through per interval, for a failure every request may hit (a database
+// or service down): the first is written at once, the next after the interval, with the count of
+// those held back meanwhile.
+class Throttle {
+ public:
+  explicit Throttle(absl::Duration interval) : interval_(interval) {}
+  // Whether to write a line at `now`; if so, `held_back` is how many were not written since the
+  // last one that was.
+  bool Allow(absl::Time now, uint64_t& held_back);
+
+ private:
+  const absl::Duration interval_;
+  std::mutex mu_;
+  absl::Time next_ = absl::InfinitePast();
+  uint64_t held_back_ = 0;
+};
 
 // Sends protobuf's own messages through Write, as "protobuf" events, instead of its plain-text
 // lines on stderr: a request whose string field is not UTF-8 makes it log one. Its errors are

@@ -51,14 +51,19 @@ absl::StatusOr<std::unique_ptr<Connection>> Pool::Connect() {
     for (const Statement& s : options_.statements) connection->prepare(s.name, s.sql);
     return connection;
   } catch (const std::exception& e) {
-    absl::Status status = StatusFromException(e);
-    if (status.code() == absl::StatusCode::kInternal) {
-      // A failed connect that is not an SQL error means the server is not reachable.
-      status = absl::UnavailableError(absl::StrCat("database '", options_.name,
-                                                   "' unreachable"));
-    }
-    return status;
+    // Not reached, not logged in, or not set up for this service (a schema the statements do
+    // not fit): to the caller, a database it cannot use now.
+    return Unreachable(e.what());
   }
+}
+
+absl::Status Pool::Unreachable(absl::string_view detail) {
+  if (uint64_t held_back = 0; unreachable_log_.Allow(absl::Now(), held_back)) {
+    log::Warning("database_unreachable", {{"database", options_.name},
+                                          {"error", detail},
+                                          {"similar_failures_not_logged", held_back}});
+  }
+  return absl::UnavailableError(absl::StrCat("database '", options_.name, "' unreachable"));
 }
 
 absl::StatusOr<Lease> Pool::Acquire(std::optional<absl::Duration> timeout) {
@@ -141,7 +146,7 @@ absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn) 
       // Nothing was committed. An idle connection may have gone stale (server restarted):
       // retry once on a fresh connection.
       lease->MarkBroken();
-      status = StatusFromException(e);
+      status = Unreachable(e.what());
       if (reconnected) return status;
       reconnected = true;
     } catch (const std::exception& e) {
@@ -167,7 +172,7 @@ absl::StatusOr<BinaryResult> Pool::Read(const BinaryQuery& query,
     lease.MarkBroken();
     status = result.status();
   }
-  return status;
+  return Unreachable(status.message());
 }
 
 absl::Status Pool::Ping() {

@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "libs/common/config.h"
+#include "libs/common/log.h"
 #include "libs/pg/connection.h"
 
 namespace medgate::pg {
@@ -112,8 +113,13 @@ class Pool {
   friend class Lease;
   void Release(std::unique_ptr<Connection> connection, bool broken);
   absl::StatusOr<std::unique_ptr<Connection>> Connect();
+  // The status of a connection that could not be opened or was lost, from what libpq said
+  // (`detail`): "database 'NAME' unreachable", without libpq's text, which names the server's
+  // address, port, socket or user. The detail is logged, at most once a second.
+  absl::Status Unreachable(absl::string_view detail);
 
   const PoolOptions options_;
+  log::Throttle unreachable_log_{absl::Seconds(1)};
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::unique_ptr<Connection>> idle_;

@@ -114,11 +114,6 @@ std::optional<std::vector<Value>> AnswerFromCache(absl::Span<const Key> keys,
   return answers;
 }
 
-absl::Status RpcError(absl::string_view method, const grpc::Status& rpc_status) {
-  const absl::Status status = FromGrpcStatus(rpc_status);
-  return absl::Status(status.code(), absl::StrCat("routing ", method, ": ", status.message()));
-}
-
 // Answers `keys` in order from `cache`, fetching the distinct misses in batches of `max_batch`
 // with `fetch` (which returns one validated answer per key, in order). Answers are cached only
 // when every batch succeeded and nothing was invalidated meanwhile. Hits due for a refresh are
@@ -346,7 +341,7 @@ class GrpcRoutingClient final : public RoutingClient {
     grpc::ClientContext context;
     SetDeadline(context);
     const grpc::Status rpc_status = stub_->ResolvePatients(&context, request, &response);
-    if (!rpc_status.ok()) return RpcError("ResolvePatients", rpc_status);
+    if (!rpc_status.ok()) return RoutingCallError("ResolvePatients", rpc_status);
 
     // Identifiers stay out of error messages: they end up in logs.
     if (static_cast<size_t>(response.patients_size()) != patient_ids.size()) {
@@ -384,7 +379,7 @@ class GrpcRoutingClient final : public RoutingClient {
     grpc::ClientContext context;
     SetDeadline(context);
     const grpc::Status rpc_status = stub_->ResolveDevices(&context, request, &response);
-    if (!rpc_status.ok()) return RpcError("ResolveDevices", rpc_status);
+    if (!rpc_status.ok()) return RoutingCallError("ResolveDevices", rpc_status);
 
     if (static_cast<size_t>(response.devices_size()) != devices.size()) {
       return absl::InternalError(absl::StrCat("routing ResolveDevices answered ",
@@ -427,6 +422,32 @@ class GrpcRoutingClient final : public RoutingClient {
 };
 
 }  // namespace
+
+absl::Status RoutingCallError(absl::string_view method, const grpc::Status& rpc_status) {
+  const absl::Status status = FromGrpcStatus(rpc_status);
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kAlreadyExists:
+    case absl::StatusCode::kPermissionDenied:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kOutOfRange:
+    case absl::StatusCode::kResourceExhausted:
+      return absl::Status(status.code(), absl::StrCat("routing ", method, ": ", status.message()));
+    default:
+      break;
+  }
+  static log::Throttle throttle(absl::Seconds(1));
+  if (uint64_t held_back = 0; throttle.Allow(absl::Now(), held_back)) {
+    log::Warning("routing_call_failed", {{"method", method},
+                                         {"code", absl::StatusCodeToString(status.code())},
+                                         {"error", status.message()},
+                                         {"similar_failures_not_logged", held_back}});
+  }
+  return absl::Status(status.code(), absl::StrCat("routing ", method, " failed (",
+                                                  absl::StatusCodeToString(status.code()),
+                                                  "); retry"));
+}
 
 std::unique_ptr<RoutingClient> NewRoutingClient(std::shared_ptr<grpc::Channel> channel,
                                                 RoutingClientOptions options) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include <grpcpp/channel.h>
+#include <grpcpp/support/status.h>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -106,6 +107,14 @@ class RoutingClient {
 
 // A client calling the TenantRouting service over `channel` (an mTLS channel made with the
 // caller's service certificate, see libs/identity/credentials.h).
+// The status a failed call to routing's `method` becomes. Routing's answers about the request
+// itself (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, FAILED_PRECONDITION,
+// OUT_OF_RANGE, RESOURCE_EXHAUSTED) keep their message. Any other failure (routing unreachable,
+// too slow, or failing itself) keeps its code with a message that says only that: the message
+// gRPC or routing gave names addresses and libraries of the network behind the service, which
+// this service's clients are not told. That detail goes to the log, at most once a second.
+absl::Status RoutingCallError(absl::string_view method, const grpc::Status& status);
+
 std::unique_ptr<RoutingClient> NewRoutingClient(std::shared_ptr<grpc::Channel> channel,
                                                 RoutingClientOptions options = {});
 

@@ -11,8 +11,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "libs/common/grpc_status.h"
 #include "libs/common/ttl_cache.h"
+#include "libs/routing_client/routing_client.h"
 #include "medgate/v1/routing.grpc.pb.h"
 
 namespace medgate {
@@ -132,10 +132,7 @@ std::unique_ptr<TenantGate> NewRoutingTenantGate(std::shared_ptr<grpc::Channel> 
     grpc::ClientContext context;
     context.set_deadline(absl::ToChronoTime(absl::Now() + rpc_deadline));
     const grpc::Status rpc_status = stub->ResolveTenants(&context, request, &response);
-    if (!rpc_status.ok()) {
-      const absl::Status status = FromGrpcStatus(rpc_status);
-      return absl::Status(status.code(), absl::StrCat("routing ResolveTenants: ", status.message()));
-    }
+    if (!rpc_status.ok()) return RoutingCallError("ResolveTenants", rpc_status);
     if (static_cast<size_t>(response.tenants_size()) != tenant_ids.size()) {
       return absl::InternalError(absl::StrCat("routing ResolveTenants answered ",
                                               response.tenants_size(), " tenants for ",

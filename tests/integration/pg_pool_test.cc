@@ -463,6 +463,24 @@ TEST_F(PoolTest, ARealDeadlockIsRetriedAndAMissingRightNamesItsSqlState) {
   EXPECT_THAT(std::string(denied.message()), HasSubstr("42501"));
 }
 
+// A server the pool cannot reach, or cannot log in to, is named by the pool's name only: libpq's
+// text (its address, port, user), which callers pass on to their clients, stays in the log.
+TEST_F(PoolTest, AServerThatCannotBeUsedIsNamedWithoutItsAddressOrUser) {
+  PoolOptions nowhere = Options();
+  nowhere.conninfo = "host=127.0.0.1 port=1 dbname=medgate connect_timeout=2";
+  PoolOptions no_such_user = Options();
+  no_such_user.conninfo = cluster_->ConnectionString("medgate", "no_such_role");
+  for (const PoolOptions& options : {nowhere, no_such_user}) {
+    Pool pool(options);
+    absl::StatusOr<Lease> lease = pool.Acquire();
+    EXPECT_EQ(lease.status().code(), absl::StatusCode::kUnavailable) << lease.status();
+    EXPECT_EQ(lease.status().message(), "database 'pool-test' unreachable");
+    absl::Status transact = pool.Transact([](pqxx::work&) { return absl::OkStatus(); });
+    EXPECT_EQ(transact.code(), absl::StatusCode::kUnavailable);
+    EXPECT_EQ(transact.message(), "database 'pool-test' unreachable");
+  }
+}
+
 TEST_F(PoolTest, BoundsWaitersAndAcquireTime) {
   PoolOptions options = Options();
   options.size = 1;

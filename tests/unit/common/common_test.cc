@@ -242,6 +242,20 @@ TEST(LogTest, FormatsOneEscapedJsonObject) {
 
 // Protobuf's own messages (a request string that is not UTF-8 makes it log one) come out as JSON
 // lines like every other, its errors as warnings: a client causes them.
+TEST(LogTest, AThrottleLetsOneLineThroughPerIntervalAndCountsTheOthers) {
+  log::Throttle throttle(absl::Seconds(10));
+  const absl::Time start = absl::FromUnixSeconds(1000000);
+  uint64_t held_back = 99;
+  EXPECT_TRUE(throttle.Allow(start, held_back));
+  EXPECT_EQ(held_back, 0u);
+  EXPECT_FALSE(throttle.Allow(start + absl::Seconds(1), held_back));
+  EXPECT_FALSE(throttle.Allow(start + absl::Seconds(9), held_back));
+  EXPECT_TRUE(throttle.Allow(start + absl::Seconds(10), held_back));
+  EXPECT_EQ(held_back, 2u);
+  EXPECT_TRUE(throttle.Allow(start + absl::Seconds(25), held_back));
+  EXPECT_EQ(held_back, 0u);
+}
+
 TEST(LogTest, ProtobufMessagesAreJsonLines) {
   log::RouteProtobufLogs();
   ::testing::internal::CaptureStderr();
