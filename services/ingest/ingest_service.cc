@@ -9,6 +9,7 @@
 
 #include <grpcpp/support/proto_buffer_reader.h>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -104,7 +105,15 @@ std::vector<Sample> ToSamples(const v1::VitalsBatch& batch) {
     s.loinc = in.loinc_code();
     s.value = in.value();
     s.ucum = in.ucum_unit();
-    if (in.has_measured_at()) s.measured_at = FromProtoTimestamp(in.measured_at());
+    if (in.has_measured_at()) {
+      // Out-of-range nanos would otherwise move the sample in time.
+      absl::StatusOr<absl::Time> at = TimeFromProto(in.measured_at(), "measured_at");
+      if (at.ok()) {
+        s.measured_at = *at;
+      } else {
+        s.measured_at_malformed = true;
+      }
+    }
     if (in.has_location()) {
       s.location = Location{in.location().latitude(), in.location().longitude(),
                             in.location().accuracy_m()};
@@ -542,6 +551,17 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   }
   if (request->loinc_codes_size() > 32) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "loinc_codes: at most 32");
+  }
+  // Only codes of the catalogue are ever stored: any other is a mistake to name, not a filter
+  // that silently matches nothing.
+  for (int i = 0; i < request->loinc_codes_size(); ++i) {
+    if (FindVital(request->loinc_codes(i)) == nullptr) {
+      return grpc::Status(
+          grpc::StatusCode::INVALID_ARGUMENT,
+          absl::StrCat("loinc_codes[", i, "]: '",
+                       absl::CHexEscape(TruncateUtf8(request->loinc_codes(i), 32)),
+                       "' is not in the vitals catalogue"));
+    }
   }
   absl::StatusOr<int> page_size = PageSize(request->page_size(), kDefaultReadPage, kMaxReadPage);
   if (!page_size.ok()) return ToGrpcStatus(page_size.status());

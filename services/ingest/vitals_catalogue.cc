@@ -61,6 +61,10 @@ Verdict ValidateSample(const Sample& s, uint64_t previous_seq, absl::Time now,
     return {Reject::kOutOfRange, absl::StrCat(kind->name, " must be within ", kind->min, "..",
                                               kind->max, " ", kind->ucum)};
   }
+  if (s.measured_at_malformed) {
+    return {Reject::kMissingTime,
+            "measured_at is not a valid timestamp (years 1 to 9999, nanos 0 to 999999999)"};
+  }
   if (!s.measured_at) return {Reject::kMissingTime, "measured_at is required"};
   if (*s.measured_at > now + policy.max_future) {
     return {Reject::kTimeInFuture, absl::StrCat("measured_at is more than ",

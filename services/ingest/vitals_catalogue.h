@@ -53,7 +53,8 @@ struct Sample {
   std::string loinc;
   double value = 0;
   std::string ucum;
-  std::optional<absl::Time> measured_at;
+  std::optional<absl::Time> measured_at;  // unset when missing or not a valid Timestamp
+  bool measured_at_malformed = false;      // it came, but not as a valid Timestamp
   std::optional<Location> location;
 };
 

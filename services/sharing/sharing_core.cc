@@ -1080,11 +1080,11 @@ absl::Status SharingCore::CheckReadTerritory(const RecordInfo& record,
   }
   for (const std::string& t : territories) {
     if (!residency::MayReadFrom(rule, t)) {
-      return absl::FailedPreconditionError(absl::StrCat("the residency rule of ", home->territory,
-                                                        " does not permit reading its patients' "
-                                                        "data from ",
-                                                        t, ", a territory tenant '", reader_tenant,
-                                                        "' serves"));
+      // The reader's own territories only: a grantee of another tenant is not told where the
+      // patient lives.
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the residency rule of the patient's territory does not permit reading its data from ",
+          t, ", a territory tenant '", reader_tenant, "' serves"));
     }
   }
   return absl::OkStatus();

@@ -822,11 +822,14 @@ TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
   s = HeartRate(10);
   s.mutable_location()->set_latitude(95);
   *batch.add_samples() = s;                                  // 10 latitude out of range
+  s = HeartRate(11);
+  s.mutable_measured_at()->set_nanos(-1);
+  *batch.add_samples() = s;                                  // 11 not a valid Timestamp
   DeviceStream stream(*stub);
   auto ack = stream.Send(batch);
   ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
   EXPECT_EQ(ack->stored_count(), 2u);
-  EXPECT_EQ(ack->rejected_count(), 9u);
+  EXPECT_EQ(ack->rejected_count(), 10u);
   std::vector<std::pair<uint32_t, v1::RejectReason>> got;
   for (const auto& r : ack->rejections()) {
     got.emplace_back(r.sample_index(), r.reason());
@@ -842,7 +845,9 @@ TEST_F(IngestTest, EachValidationCaseHasItsReasonAndValidSamplesAreStored) {
                        std::make_pair(6u, v1::REJECT_REASON_TIME_TOO_OLD),
                        std::make_pair(8u, v1::REJECT_REASON_INVALID_SEQ),
                        std::make_pair(9u, v1::REJECT_REASON_MISSING_TIME),
-                       std::make_pair(10u, v1::REJECT_REASON_INVALID_LOCATION)));
+                       std::make_pair(10u, v1::REJECT_REASON_INVALID_LOCATION),
+                       std::make_pair(11u, v1::REJECT_REASON_MISSING_TIME)));
+  EXPECT_THAT(ack->rejections(9).detail(), HasSubstr("measured_at is not a valid timestamp"));
   EXPECT_TRUE(stream.Finish().ok());
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-validate'"), 2);
   // A batch over the bound ends the stream with a clear error; nothing of it is stored.
@@ -2195,6 +2200,37 @@ TEST_F(IngestTest, ReadVitalsRefusesBadBoundsAndFailsWhenItsRefusalCannotBeAudit
     grpc::Status status = read(bad);
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
     EXPECT_THAT(status.error_message(), HasSubstr("time_range.start_at")) << bad;
+  }
+  // A code that is not in the catalogue is named with its place in the list, before anything is
+  // read; a NUL byte in it never reaches the database's text.
+  auto read_codes = [&](std::vector<std::string> codes, v1::Purpose purpose) {
+    v1::ReadVitalsRequest request;
+    request.set_patient_id(patient);
+    request.set_purpose(purpose);
+    for (const std::string& code : codes) request.add_loinc_codes(code);
+    grpc::ClientContext context;
+    auto reader = Ingest(pki().practitioner())->ReadVitals(&context, request);
+    v1::ReadVitalsResponse response;
+    int messages = 0;
+    while (reader->Read(&response)) ++messages;
+    EXPECT_EQ(messages, 0);
+    return reader->Finish();
+  };
+  const std::vector<std::pair<std::vector<std::string>, std::string>> bad_codes = {
+      {{"8867-4", std::string("\0x", 2)},
+       "loinc_codes[1]: '\\x00x' is not in the vitals catalogue"},
+      {{"nope"}, "loinc_codes[0]: 'nope' is not in the vitals catalogue"}};
+  for (const auto& [codes, message] : bad_codes) {
+    grpc::Status status = read_codes(codes, v1::PURPOSE_CARE);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << message;
+    EXPECT_EQ(status.error_message(), message);
+  }
+  // Only the purposes vitals are read for.
+  for (v1::Purpose purpose : {v1::PURPOSE_UNSPECIFIED, v1::PURPOSE_GEOLOCATION,
+                              v1::PURPOSE_RECORD_SHARING, static_cast<v1::Purpose>(99)}) {
+    grpc::Status status = read_codes({"8867-4"}, purpose);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << purpose;
+    EXPECT_EQ(status.error_message(), "purpose: CARE, REMOTE_MONITORING or RESEARCH is required");
   }
   // No CARE consent: refused, and audited.
   EXPECT_EQ(read(0).error_code(), grpc::StatusCode::PERMISSION_DENIED);

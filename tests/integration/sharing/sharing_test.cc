@@ -3145,7 +3145,9 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
   AdvanceClock(absl::Minutes(1));
   Downloaded narrowed = Download(Cert("initech-p"), record);
   EXPECT_EQ(narrowed.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
-  EXPECT_THAT(narrowed.status.error_message(), HasSubstr("DE"));
+  // It is told which of its own territories the rule refuses, not the patient's territory.
+  EXPECT_THAT(narrowed.status.error_message(), HasSubstr("from DE, a territory tenant 'initech'"));
+  EXPECT_THAT(narrowed.status.error_message(), Not(HasSubstr("LU")));
   EXPECT_TRUE(HasEntry(PatientAudit(patient), initech, v1::AUDIT_ACTION_READ, record,
                        "TERRITORY_NOT_PERMITTED"));
   // Readers of the patient's own tenant are not concerned.

@@ -66,6 +66,10 @@ TEST(VitalsCatalogueTest, EachRejectionHasItsReason) {
   s.measured_at.reset();
   EXPECT_EQ(Check(s), Reject::kMissingTime);
   s = Good();
+  s.measured_at.reset();
+  s.measured_at_malformed = true;  // came with nanos out of range
+  EXPECT_EQ(Check(s), Reject::kMissingTime);
+  s = Good();
   EXPECT_EQ(Check(s, 10), Reject::kInvalidSeq);  // not increasing
   s.seq = 0;
   EXPECT_EQ(Check(s), Reject::kInvalidSeq);
