@@ -374,9 +374,13 @@ absl::StatusOr<RevokeResult> ConsentCore::Revoke(const CallContext& ctx,
     key = *request.key;
     RETURN_IF_ERROR(ValidateIdentifier(key.patient_id, "key.patient_id", kMaxIdBytes));
     ASSIGN_OR_RETURN(purpose, ValidatePurpose(key.purpose, "key.purpose"));
-    if (key.actor.size() > kMaxIdentityBytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("key.actor: at most ", kMaxIdentityBytes, " bytes"));
+    // As Grant takes it: anything else names no consent (and a NUL would cut the id the
+    // database compares to another one's).
+    if (!key.actor.empty()) {
+      RETURN_IF_ERROR(ParseActor(key.actor, "key.actor", trust_domain_,
+                                 {PrincipalKind::kPractitioner, PrincipalKind::kApp},
+                                 "a practitioner or app")
+                          .status());
     }
     RETURN_IF_ERROR(ValidateText(request.reason, "reason", kMaxTextBytes));
     ASSIGN_OR_RETURN(patient, ResolvePatient(ctx, key.patient_id));

@@ -26,6 +26,20 @@
 namespace medgate::routing {
 namespace {
 
+// INVALID_ARGUMENT naming the first entry of `values` (the list `field`) that repeats an earlier
+// one: each list is of distinct codes or ids.
+absl::Status RefuseRepeats(const std::vector<std::string>& values, absl::string_view field) {
+  for (size_t i = 0; i < values.size(); ++i) {
+    const auto first = std::find(values.begin(), values.end(), values[i]);
+    if (first != values.begin() + static_cast<std::ptrdiff_t>(i)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, "[", i, "]: '", values[i], "' is already listed at ", field, "[",
+          first - values.begin(), "]; the list is of distinct entries"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Time FromEpochSeconds(const pqxx::field& f) {
   return absl::FromUnixMicros(static_cast<int64_t>(std::llround(f.as<double>() * 1e6)));
 }
@@ -187,9 +201,7 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
                                                                       const TenantInfo& tenant,
                                                                       bool keep_placed_patients) {
   RETURN_IF_ERROR(ValidateIdentifier(tenant.tenant_id, "tenant.tenant_id", kMaxIdBytes));
-  if (tenant.display_name.empty() || tenant.display_name.size() > 200) {
-    return absl::InvalidArgumentError("tenant.display_name: 1 to 200 bytes");
-  }
+  RETURN_IF_ERROR(ValidateText(tenant.display_name, "tenant.display_name", 200));
   if (tenant.territories.empty()) {
     return absl::InvalidArgumentError("tenant.territories: a tenant serves at least one territory");
   }
@@ -201,16 +213,10 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
     return absl::InvalidArgumentError(absl::StrCat("tenant.region_ids: at most ", kMaxTenantRegions));
   }
   for (size_t i = 0; i < tenant.territories.size(); ++i) {
-    const std::string field = absl::StrCat("tenant.territories[", i, "]");
-    RETURN_IF_ERROR(residency::ValidateTerritory(tenant.territories[i], field));
-    const auto first = std::find(tenant.territories.begin(), tenant.territories.end(),
-                                 tenant.territories[i]);
-    if (first != tenant.territories.begin() + static_cast<std::ptrdiff_t>(i)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, ": '", tenant.territories[i], "' is already listed at tenant.territories[",
-          first - tenant.territories.begin(), "]; the territories are distinct codes"));
-    }
+    RETURN_IF_ERROR(residency::ValidateTerritory(tenant.territories[i],
+                                                 absl::StrCat("tenant.territories[", i, "]")));
   }
+  RETURN_IF_ERROR(RefuseRepeats(tenant.territories, "tenant.territories"));
   if (tenant.region_ids) {
     for (size_t i = 0; i < tenant.region_ids->size(); ++i) {
       const std::string& id = (*tenant.region_ids)[i];
@@ -221,6 +227,8 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
             absl::StrCat("tenant.region_ids[", i, "]: region '", id, "' is not configured"));
       }
     }
+    // Configured ids, so safe to name.
+    RETURN_IF_ERROR(RefuseRepeats(*tenant.region_ids, "tenant.region_ids"));
   }
   const absl::Status new_id = ValidateNewTenantId(tenant.tenant_id);
   return InTransaction<std::pair<TenantInfo, bool>>(
@@ -341,6 +349,7 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
     RETURN_IF_ERROR(residency::ValidateTerritory(
         rule.readable_from[i], absl::StrCat("rule.readable_from_territories[", i, "]")));
   }
+  RETURN_IF_ERROR(RefuseRepeats(rule.readable_from, "rule.readable_from_territories"));
   residency::ResidencyRule engine_rule;
   engine_rule.territory = rule.territory;
   engine_rule.allowed_regions = rule.region_ids;

@@ -4,8 +4,11 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "libs/common/config.h"
 #include "libs/common/grpc_status.h"
 #include "libs/common/status_macros.h"
+#include "libs/common/validation.h"
+#include "libs/residency/territory.h"
 #include "libs/server/rpc_util.h"
 
 namespace medgate::routing {
@@ -150,6 +153,13 @@ grpc::Status RoutingService::ListResidencyRules(grpc::ServerContext* context,
   if (!ctx.ok()) return ToGrpcStatus(ctx.status());
   absl::StatusOr<int> size = PageSize(request->page_size(), kDefaultPageSize, kMaxPageSize);
   if (!size.ok()) return ToGrpcStatus(size.status());
+  // A token is the last territory of the page before: any other is not one this listing gave.
+  if (!request->page_token().empty()) {
+    if (!residency::ValidateTerritory(request->page_token(), "page_token").ok()) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "page_token: not a token this listing gave");
+    }
+  }
   std::vector<std::string> filter(request->territories().begin(), request->territories().end());
   absl::StatusOr<std::vector<RuleInfo>> rules = core_.ListResidencyRules(filter);
   if (!rules.ok()) return ToGrpcStatus(rules.status());
@@ -166,6 +176,12 @@ grpc::Status RoutingService::ListRegions(grpc::ServerContext* context,
   if (!ctx.ok()) return ToGrpcStatus(ctx.status());
   absl::StatusOr<int> size = PageSize(request->page_size(), kDefaultPageSize, kMaxPageSize);
   if (!size.ok()) return ToGrpcStatus(size.status());
+  // A token is the last region id of the page before.
+  if (!request->page_token().empty() &&
+      !ValidateIdentifier(request->page_token(), "page_token", kMaxConfiguredRegionIdBytes).ok()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "page_token: not a token this listing gave");
+  }
   std::vector<RegionInfo> regions = core_.ListRegions();
   std::sort(regions.begin(), regions.end(),
             [](const RegionInfo& a, const RegionInfo& b) { return a.region_id < b.region_id; });

@@ -171,9 +171,7 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
   if (query.start >= query.end) {
     return absl::InvalidArgumentError("time_range: end_at must be after start_at");
   }
-  if (query.actor.size() > kMaxActorBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("actor: at most ", kMaxActorBytes, " bytes"));
-  }
+  if (!query.actor.empty()) RETURN_IF_ERROR(ValidateText(query.actor, "actor", kMaxActorBytes));
   const bool ops = ctx.principal.kind == PrincipalKind::kOps;
   if (!ops && query.log) return absl::PermissionDeniedError("only ops may read a whole audit log");
 

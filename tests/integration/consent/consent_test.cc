@@ -1284,7 +1284,12 @@ TEST_F(ConsentTest, BadInputNamesTheField) {
        {RevokeCase{no_target, "target"},
         RevokeCase{ByKey(patient, v1::PURPOSE_UNSPECIFIED), "key.purpose"},
         RevokeCase{ByKey("", v1::PURPOSE_CARE), "key.patient_id"},
-        RevokeCase{ById(std::string(70, 'c')), "consent_id"}, RevokeCase{long_reason, "reason"}}) {
+        RevokeCase{ById(std::string(70, 'c')), "consent_id"}, RevokeCase{long_reason, "reason"},
+        // Taken as Grant takes it: not an identity, or one the database would read cut at a
+        // NUL (and then revoke the consent of the identity before it).
+        RevokeCase{ByKey(patient, v1::PURPOSE_CARE, "bogus"), "key.actor"},
+        RevokeCase{ByKey(patient, v1::PURPOSE_CARE, App() + std::string("\0x", 2)),
+                   "key.actor"}}) {
     auto result = Revoke(*app, c.request);
     EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << c.mentions;
     EXPECT_THAT(std::string(result.status().message()), HasSubstr(c.mentions));

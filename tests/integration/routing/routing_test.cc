@@ -1236,6 +1236,74 @@ TEST_F(RoutingTest, UpsertTenantRefusesARepeatedTerritory) {
   grpc::ClientContext get_context;
   EXPECT_EQ(Stub(pki_->ops())->GetTenant(&get_context, get, &got).error_code(),
             grpc::StatusCode::NOT_FOUND);
+  // So are a repeated region, and a name that is not text (a NUL the database would cut it at).
+  request.mutable_tenant()->clear_territories();
+  request.mutable_tenant()->add_territories("FR");
+  request.mutable_tenant()->add_region_ids("fr-1");
+  request.mutable_tenant()->add_region_ids("fr-1");
+  grpc::ClientContext regions_context;
+  status = Stub(pki_->ops())->UpsertTenant(&regions_context, request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("tenant.region_ids[1]: 'fr-1' is already listed at tenant.region_ids[0]"));
+  request.mutable_tenant()->clear_region_ids();
+  for (const std::string& name : {std::string("\0", 1), std::string("Twin\nned")}) {
+    request.mutable_tenant()->set_display_name(name);
+    grpc::ClientContext name_context;
+    status = Stub(pki_->ops())->UpsertTenant(&name_context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(status.error_message(), HasSubstr("tenant.display_name"));
+  }
+  grpc::ClientContext get_again;
+  EXPECT_EQ(Stub(pki_->ops())->GetTenant(&get_again, get, &got).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  // A rule's readable-from territories alike.
+  v1::PutResidencyRuleRequest put;
+  put.mutable_rule()->set_territory("FR");
+  put.mutable_rule()->add_region_ids("fr-1");
+  put.mutable_rule()->add_readable_from_territories("FR");
+  put.mutable_rule()->add_readable_from_territories("FR");
+  v1::PutResidencyRuleResponse rule;
+  grpc::ClientContext rule_context;
+  status = Stub(pki_->ops())->PutResidencyRule(&rule_context, put, &rule);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("rule.readable_from_territories[1]: 'FR' is already listed at "
+                        "rule.readable_from_territories[0]"));
+}
+
+// A listing's page token is the last key of the page before: anything else is refused rather
+// than answered with an empty page.
+TEST_F(RoutingTest, ListingsRefuseTokensTheyDidNotGive) {
+  for (const std::string& token : {std::string("zz-not-a-token"), std::string("FR\0", 3)}) {
+    v1::ListResidencyRulesRequest rules;
+    rules.set_page_token(token);
+    v1::ListResidencyRulesResponse listed;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(pki_->ops())->ListResidencyRules(&context, rules, &listed);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_EQ(status.error_message(), "page_token: not a token this listing gave");
+  }
+  v1::ListRegionsRequest regions;
+  regions.set_page_token("not/a/region");
+  v1::ListRegionsResponse listed;
+  grpc::ClientContext context;
+  grpc::Status status = Stub(pki_->ops())->ListRegions(&context, regions, &listed);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(status.error_message(), "page_token: not a token this listing gave");
+  // A token the listing gave goes on after it.
+  regions.set_page_token("");
+  regions.set_page_size(1);
+  grpc::ClientContext first_context;
+  ASSERT_TRUE(Stub(pki_->ops())->ListRegions(&first_context, regions, &listed).ok());
+  ASSERT_EQ(listed.regions_size(), 1);
+  ASSERT_FALSE(listed.next_page_token().empty());
+  const std::string first = listed.regions(0).region_id();
+  regions.set_page_token(listed.next_page_token());
+  grpc::ClientContext next_context;
+  ASSERT_TRUE(Stub(pki_->ops())->ListRegions(&next_context, regions, &listed).ok());
+  ASSERT_EQ(listed.regions_size(), 1);
+  EXPECT_GT(listed.regions(0).region_id(), first);
 }
 
 TEST_F(RoutingTest, BadInputNamesTheField) {

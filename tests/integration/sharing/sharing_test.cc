@@ -6246,6 +6246,16 @@ TEST_F(SharingTest, AuditAndRevokeRefuseMalformedIdsNamingTheirField) {
     EXPECT_THAT(std::string(refused.status().message()), StartsWith("patient_id:"));
     EXPECT_THAT(std::string(refused.status().message()), Not(HasSubstr("routing")));
   }
+  // The actor filter is text: a NUL (which the database would cut the filter at, dropping it) or
+  // another control character is refused.
+  for (const std::string& actor : {std::string("spiffe://x\0y", 13), std::string("a\nb")}) {
+    v1::QueryAuditRequest by_actor;
+    by_actor.set_patient_id("p-1");
+    by_actor.set_actor(actor);
+    absl::StatusOr<v1::QueryAuditResponse> refused = QueryAudit(pki_->app(), by_actor);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+    EXPECT_THAT(std::string(refused.status().message()), StartsWith("actor:"));
+  }
   absl::StatusOr<v1::VerifyChainResponse> huge = Verify(std::string(1 << 20, 'x'));
   EXPECT_EQ(huge.status().code(), absl::StatusCode::kInvalidArgument) << huge.status().code();
   EXPECT_THAT(std::string(huge.status().message()), StartsWith("log.region_id:"));
