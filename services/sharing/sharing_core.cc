@@ -1626,6 +1626,8 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
         GrantInfo grant = GrantFromRow(txn.exec_prepared1(
             sql::kUpsertGrant, NewId(region, "g"), record_id, grantee, to->tenant,
             ctx.principal.spiffe_id, PgTime(now), PgTime(expires_at)));
+        // At most two rows per grantee: this grant and the latest revoked one.
+        txn.exec_prepared(sql::kTrimRevokedGrants, record_id, grantee);
         entry.object_id = grant.grant_id;
         entry.reason = absl::StrCat("PERMITTED: record=", record_id, " grantee=", grantee,
                                     " until=", Rfc3339(grant.expires_at));

@@ -98,6 +98,7 @@ inline constexpr pg::BinaryQuery kChunkStillReadable(
 inline constexpr char kSelectActiveGrants[] = "select_active_grants";
 inline constexpr char kSelectLatestGrant[] = "select_latest_grant";
 inline constexpr char kUpsertGrant[] = "upsert_grant";
+inline constexpr char kTrimRevokedGrants[] = "trim_revoked_grants";
 inline constexpr char kCountOtherActiveGrants[] = "count_other_active_grants";
 inline constexpr char kSelectGrantForUpdate[] = "select_grant_for_update";
 inline constexpr char kRevokeGrant[] = "revoke_grant";
@@ -281,6 +282,8 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "ON CONFLICT (record_id, grantee) WHERE revoked_at IS NULL DO UPDATE SET "
          "granted_by = EXCLUDED.granted_by, created_at = EXCLUDED.created_at, "
          "expires_at = GREATEST(g.expires_at, EXCLUDED.expires_at) RETURNING " MEDGATE_GRANT_COLUMNS},
+        // Of record $1's revoked grants to grantee $2, all but the latest (shard migration 0029).
+        {kTrimRevokedGrants, "SELECT medgate_trim_revoked_grants($1, $2)"},
         {kSelectGrantForUpdate,
          "SELECT " MEDGATE_GRANT_COLUMNS " FROM share_grants g WHERE g.grant_id = $1 FOR UPDATE"},
         {kRevokeGrant,

@@ -185,6 +185,7 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_sharing tenant_record_usage_changes SELECT",
       "medgate_sharing medgate_fold_record_usage()",
       "medgate_sharing medgate_lock_tenant_usage()",
+      "medgate_sharing medgate_trim_revoked_grants()",
       "medgate_sharing chunk_purge_queue SELECT",
       "medgate_sharing chunk_purge_queue DELETE",
       "medgate_sharing record_requests SELECT",
@@ -199,6 +200,7 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_note_records_changed() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_fold_record_usage() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_queue_chunk_purge() SECURITY DEFINER search_path=public, pg_temp",
+      "medgate_trim_revoked_grants() SECURITY DEFINER search_path=public, pg_temp",
   };
   for (const char* table : {"records", "record_keys"}) {
     for (const char* right : {"SELECT", "INSERT", "UPDATE", "DELETE"}) {

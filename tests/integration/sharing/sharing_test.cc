@@ -2791,6 +2791,27 @@ TEST_F(SharingTest, SharingNeedsConsentAndGrantsAreRevokedAndExpire) {
   ASSERT_TRUE(renewed.ok());
   EXPECT_NE(renewed->grant_id(), shared->grant_id());
   ASSERT_TRUE(Download(p2, record).status.ok());
+  // Shares and revocations over and over keep two rows for the grantee: its grant and the latest
+  // revoked one (the audit log keeps them all). The latest revocation still reads as such.
+  auto p2_rows = [&] {
+    return Count("fr-1",
+                 absl::StrCat("SELECT count(*) FROM share_grants WHERE record_id = '", record,
+                              "' AND grantee = $1"),
+                 P2());
+  };
+  EXPECT_EQ(p2_rows(), 2);
+  for (int round = 0; round < 5; ++round) {
+    ASSERT_TRUE(RevokeByGrantee(pki_->practitioner(), record, P2()).ok());
+    ASSERT_TRUE(Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1)).ok());
+    EXPECT_EQ(p2_rows(), 2) << round;
+  }
+  ASSERT_TRUE(RevokeByGrantee(pki_->practitioner(), record, P2()).ok());
+  Downloaded revoked_again = Download(p2, record);
+  EXPECT_EQ(revoked_again.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(revoked_again.status.error_message(), HasSubstr("revoked"));
+  renewed = Share(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(renewed.ok());
+  ASSERT_TRUE(Download(p2, record).status.ok());
   AdvanceClock(absl::Hours(3));
   Downloaded expired = Download(p2, record);
   EXPECT_EQ(expired.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
