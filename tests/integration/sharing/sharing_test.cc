@@ -5731,6 +5731,74 @@ TEST_F(SharingTest, AListingItCannotAuditFails) {
               HasSubstr("the listing's audit entries could not be written"));
 }
 
+// A request whose audit entry cannot be written fails, and changes or shows nothing: every kind of
+// download (owner, grantee, break-glass), a share, a revocation, an archiving, an erasure of the
+// record and of the patient's records, and a query of the patient's audit entries, while the
+// shard refuses the patient's audit entries.
+TEST_F(SharingTest, CallsWhoseAuditEntryCannotBeWrittenFailAndChangeNothing) {
+  const auto [patient, spec, record] = ConsentedRecord("unaudited-calls-1", "kept as it was");
+  absl::StatusOr<v1::ShareRecordResponse> shared =
+      ShareOnceConsented(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  const std::string grants_sql =
+      "SELECT count(*) FROM share_grants WHERE record_id = $1 AND revoked_at IS NULL";
+  ASSERT_EQ(Count("fr-1", grants_sql, record), 1);
+  const int64_t entries_before =
+      Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1", patient);
+  Exec("fr-1",
+       absl::StrCat("CREATE FUNCTION refuse_patient_entries() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN IF NEW.patient_id = '", patient,
+                    "' THEN RAISE EXCEPTION 'entries refused by the test'; END IF; RETURN NEW; "
+                    "END $$"));
+  Exec("fr-1",
+       "CREATE TRIGGER refuse_patient_entries BEFORE INSERT ON audit_log FOR EACH ROW "
+       "EXECUTE FUNCTION refuse_patient_entries()");
+  absl::Cleanup restore = [] {
+    Exec("fr-1", "DROP TRIGGER IF EXISTS refuse_patient_entries ON audit_log");
+    Exec("fr-1", "DROP FUNCTION IF EXISTS refuse_patient_entries()");
+  };
+  const std::string break_glass = "unconscious patient in ER, record needed for treatment";
+  for (const auto& [who, as, reason] :
+       std::vector<std::tuple<std::string, const TestCert*, std::string>>{
+           {"owner", &pki_->practitioner(), ""},
+           {"grantee", &Cert("acme-p2"), ""},
+           {"break-glass", &pki_->ops(), break_glass}}) {
+    Downloaded d = Download(*as, record, reason);
+    // Failed for want of its entry, not for anything else.
+    EXPECT_THAT(d.status.error_message(), HasSubstr("entries refused by the test")) << who;
+    EXPECT_FALSE(d.has_header) << who;
+    EXPECT_EQ(d.bytes, 0u) << who;
+  }
+  v1::QueryAuditRequest query;
+  query.set_patient_id(patient);
+  for (const absl::Status& status :
+       {Share(pki_->practitioner(), record, P3(), ServerNow() + absl::Hours(1)).status(),
+        RevokeByGrantee(pki_->practitioner(), record, P2()).status(),
+        Archive(pki_->practitioner(), record, ServerNow() + absl::Hours(24)).status(),
+        Erase(pki_->practitioner(), record).status(), ErasePatient(pki_->app(), patient).status(),
+        QueryAudit(pki_->app(), query).status()}) {
+    EXPECT_THAT(std::string(status.message()), HasSubstr("entries refused by the test")) << status;
+  }
+  std::move(restore).Invoke();
+
+  // Nothing was changed, nor written to the audit log: the grants are as they were, and the
+  // record is whole, not archived, and reads as before for its owner and its grantee.
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1", patient),
+            entries_before);
+  EXPECT_EQ(Count("fr-1", grants_sql, record), 1);
+  EXPECT_EQ(Count("fr-1",
+                  absl::StrCat("SELECT count(*) FROM share_grants WHERE record_id = '", record,
+                               "' AND grantee = $1"),
+                  P3()),
+            0);
+  for (const TestCert* as : {&pki_->practitioner(), &Cert("acme-p2")}) {
+    Downloaded d = Download(*as, record);
+    ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+    EXPECT_EQ(d.content, spec.content);
+    EXPECT_NE(d.header.state(), v1::RECORD_STATE_ARCHIVED);
+  }
+}
+
 // A record has at most kMaxActiveGrantsPerRecord active grants: one more grantee is refused, an
 // extension of a present grantee is not, and a revocation makes room.
 TEST_F(SharingTest, ARecordsActiveGrantsAreBounded) {
