@@ -186,7 +186,7 @@ absl::Status IngestCore::Process(const Principal& device,
   request.consent_version = monitoring->consent_version;
   if (refused_for_consent > 0) {
     request.denial = absl::StrCat(consent::AccessReasonName(monitoring->reason),
-                                  " refused=", refused_for_consent);
+                                  ": refused=", refused_for_consent);
   }
   // The entry cites REMOTE_MONITORING; where the rows it stores had locations, it says what
   // became of them and under which GEOLOCATION decision, so the chain answers under which consent

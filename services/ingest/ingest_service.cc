@@ -694,7 +694,7 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     }
     entry.action = audit::Action::kRead;
     entry.decision = audit::Decision::kPermit;
-    entry.reason = absl::StrCat("readings=", std::min<size_t>(readings.size(), page));
+    entry.reason = absl::StrCat("PERMITTED: readings=", std::min<size_t>(readings.size(), page));
     if (!request->page_token().empty()) {
       absl::StrAppend(&entry.reason, " after=", request->page_token());
     }

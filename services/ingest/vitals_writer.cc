@@ -405,8 +405,9 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     e.patient_id = w.patient_id;
     if (w.denial.empty()) {
       e.decision = audit::Decision::kPermit;
-      e.reason =
-          absl::StrCat("stored=", outcomes[i].stored, " duplicates=", outcomes[i].duplicates);
+      // "CODE: detail", as every entry's reason, so that QueryAudit shows the code apart.
+      e.reason = absl::StrCat("PERMITTED: stored=", outcomes[i].stored,
+                              " duplicates=", outcomes[i].duplicates);
       // What became of the stored rows' locations, and under which GEOLOCATION decision.
       if (outcomes[i].locations_kept > 0) {
         absl::StrAppend(&e.reason, " locations=", outcomes[i].locations_kept, " ",

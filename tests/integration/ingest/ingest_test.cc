@@ -425,13 +425,13 @@ TEST_F(IngestTest, StoresInTheHomeShardOnlyAndResendsAreDuplicates) {
     EXPECT_EQ(entries[0][1].as<std::string>(), "acme");
     EXPECT_EQ(entries[0][2].as<std::string>(), "dev-home");
     EXPECT_EQ(entries[0][3].as<std::string>(), "permit");
-    EXPECT_EQ(entries[0][4].as<std::string>(), "stored=50 duplicates=0");
+    EXPECT_EQ(entries[0][4].as<std::string>(), "PERMITTED: stored=50 duplicates=0");
     EXPECT_EQ(entries[0][5].as<std::string>(), "REMOTE_MONITORING");
     EXPECT_EQ(entries[0][6].as<std::string>(), "batch:1");
     EXPECT_FALSE(entries[0][7].as<std::string>().empty());
     EXPECT_GE(entries[0][8].as<int64_t>(), 1);
     EXPECT_THAT(entries[0][9].as<std::string>(), ::testing::StartsWith("ipv4:127.0.0.1:"));
-    EXPECT_EQ(entries[1][4].as<std::string>(), "stored=10 duplicates=10");
+    EXPECT_EQ(entries[1][4].as<std::string>(), "PERMITTED: stored=10 duplicates=10");
     EXPECT_EQ(entries[1][6].as<std::string>(), "batch:2");
   }
   for (const char* other : {"de-1", "eu-1"}) {
@@ -1169,7 +1169,7 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
     ASSERT_EQ(denials.size(), 1u);
     EXPECT_EQ(denials[0][0].as<std::string>(), pki().SpiffeId("/tenant/acme/device/dev-noconsent"));
     EXPECT_EQ(denials[0][1].as<std::string>(), "deny");
-    EXPECT_EQ(denials[0][2].as<std::string>(), "NO_CONSENT refused=5");
+    EXPECT_EQ(denials[0][2].as<std::string>(), "NO_CONSENT: refused=5");
     EXPECT_EQ(denials[0][3].as<std::string>(), "REMOTE_MONITORING");
     EXPECT_EQ(denials[0][4].as<std::string>(), "batch:1");
     EXPECT_EQ(denials[0][5].as<std::string>(), "dev-noconsent");
@@ -1235,14 +1235,13 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
           patient, absl::StrCat("batch:", batch_seq));
       return rows.size() == 1 ? rows[0][0].as<std::string>() : std::string("(none)");
     };
-    EXPECT_THAT(reason_of(1), ::testing::StartsWith("stored=1 duplicates=0 locations_dropped=1 "
-                                                    "GEOLOCATION="));
-    EXPECT_EQ(reason_of(seq),
-              absl::StrCat("stored=1 duplicates=0 locations=1 GEOLOCATION=", geolocation_consent,
-                           "/v1"));
+    EXPECT_THAT(reason_of(1), ::testing::StartsWith(
+                                  "PERMITTED: stored=1 duplicates=0 locations_dropped=1 GEOLOCATION="));
+    EXPECT_EQ(reason_of(seq), absl::StrCat("PERMITTED: stored=1 duplicates=0 locations=1 GEOLOCATION=",
+                                           geolocation_consent, "/v1"));
     EXPECT_EQ(reason_of(overlapping),
-              absl::StrCat("stored=1 duplicates=1 locations=1 GEOLOCATION=", geolocation_consent,
-                           "/v1"));
+              absl::StrCat("PERMITTED: stored=1 duplicates=1 locations=1 GEOLOCATION=",
+                           geolocation_consent, "/v1"));
   }
 }
 
@@ -1977,7 +1976,7 @@ TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
     }
     EXPECT_EQ(ids.size(), reads.size());
     EXPECT_EQ(reads[reads.size() - 1][1].as<std::string>(),
-              absl::StrCat("readings=10 after=", last_page_token));
+              absl::StrCat("PERMITTED: readings=10 after=", last_page_token));
   }
   // A malformed patient id and a start an hour ahead are refused in this call's own terms.
   auto refused = [&](const std::string& patient_id, absl::Time start) {

@@ -209,7 +209,7 @@ TEST_F(VitalsWriterTest, ABatchIsStoredOnlyWithItsAuditEntry) {
     EXPECT_EQ(entries[0][2].as<std::string>(), "create");
     EXPECT_EQ(entries[0][3].as<std::string>(), "vitals");
     EXPECT_EQ(entries[0][5].as<std::string>(), "pt-dev-audited");
-    EXPECT_EQ(entries[0][6].as<std::string>(), "stored=4 duplicates=0");
+    EXPECT_EQ(entries[0][6].as<std::string>(), "PERMITTED: stored=4 duplicates=0");
     EXPECT_EQ(entries[0][7].as<std::string>(), "REMOTE_MONITORING");
     EXPECT_EQ(entries[0][8].as<std::string>(), "c-1");
     EXPECT_EQ(entries[0][9].as<int64_t>(), 2);
@@ -531,7 +531,7 @@ TEST_F(VitalsWriterTest, EveryBatchOfATransactionHasItsChainedEntry) {
   {
     pqxx::nontransaction q(c);
     EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log WHERE object_id LIKE 'dev-many-%' AND "
-                      "reason = 'stored=3 duplicates=0'")[0]
+                      "reason = 'PERMITTED: stored=3 duplicates=0'")[0]
                   .as<int>(),
               kDevices);
     // Several entries were appended by one call (one transaction, one time) and chained.
