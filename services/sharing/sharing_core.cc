@@ -2165,6 +2165,8 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
   absl::StatusOr<PatientErasure> erased = pool->TransactValue<PatientErasure>(
       [&](pqxx::work& txn) -> absl::StatusOr<PatientErasure> {
         retired.clear();
+        txn.exec0(absl::StrCat("SET LOCAL statement_timeout = ",
+                               absl::ToInt64Milliseconds(options_.patient_erasure_timeout)));
         // The records first, as an erasure of one of them takes its row before the key: a
         // patient erasure holding the key while it waited for such a record would deadlock
         // with it.

@@ -25,7 +25,8 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
                                  "download_idle_timeout_seconds", "download_min_bytes_per_second",
                                  "max_uploads_per_tenant", "max_downloads_per_tenant",
                                  "retention_sweep_seconds", "previous_kek_files",
-                                 "kek_rewrap", "kek_rewrap_seconds"}));
+                                 "kek_rewrap", "kek_rewrap_seconds",
+                                 "patient_erasure_timeout_seconds"}));
   SharingSettings settings;
   ASSIGN_OR_RETURN(settings.kek_file, node.String("kek_file", ""));
   ASSIGN_OR_RETURN(settings.kek_env, node.String("kek_env", ""));
@@ -70,6 +71,8 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
   settings.download_idle_timeout = absl::Seconds(download_idle);
   ASSIGN_OR_RETURN(settings.download_min_bytes_per_second,
                    node.Int("download_min_bytes_per_second", 1, int64_t{1} << 30, 16 * 1024));
+  ASSIGN_OR_RETURN(int64_t erasure, node.Int("patient_erasure_timeout_seconds", 1, 3600, 120));
+  settings.patient_erasure_timeout = absl::Seconds(erasure);
   ASSIGN_OR_RETURN(int64_t sweep, node.Int("retention_sweep_seconds", 1, 86400, 60));
   settings.retention_sweep_interval = absl::Seconds(sweep);
   ASSIGN_OR_RETURN(settings.consent_cache, consent::ParseConsentCacheOptions(config));
@@ -184,6 +187,7 @@ SharingServer::SharingServer(MedgateConfig config, SharingSettings settings,
   core_options.max_uploads_per_tenant = settings_.max_uploads_per_tenant;
   core_options.max_downloads_per_tenant = settings_.max_downloads_per_tenant;
   core_options.unused_vault_key_grace = UnusedVaultKeyGrace(config_);
+  core_options.patient_erasure_timeout = settings_.patient_erasure_timeout;
   // The identity its certificate carries (checked when the server starts).
   core_options.service_identity = (*config_.Service("sharing"))->identity;
   core_options.trust_domain = config_.trust_domain;

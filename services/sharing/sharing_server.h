@@ -65,6 +65,7 @@ struct SharingSettings {
   int max_uploads_per_tenant = 4;
   int max_downloads_per_tenant = 8;
   absl::Duration retention_sweep_interval = absl::Seconds(60);
+  absl::Duration patient_erasure_timeout = absl::Seconds(120);  // SharingOptions'
   // The consent cache's bounds, as the consent service's own (consent.cache.*).
   consent::ConsentCacheOptions consent_cache;
 };

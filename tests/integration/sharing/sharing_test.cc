@@ -5731,6 +5731,51 @@ TEST_F(SharingTest, AListingItCannotAuditFails) {
               HasSubstr("the listing's audit entries could not be written"));
 }
 
+// A patient's erasure deletes and audits every record in one transaction: its statements may
+// take sharing.patient_erasure_timeout_seconds, not the shard's statement timeout, or a patient
+// with many records could never be erased. Here the shard's statements may take 50 ms, and the
+// patient has 5,001 records (the copies are made in SQL, sharing the first one's key and content).
+TEST_F(SharingTest, APatientWithManyRecordsIsErasedPastTheShardsStatementTimeout) {
+  const std::string patient = Place("many-records-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "one of many";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  constexpr int kCopies = 5000;
+  {
+    pqxx::connection c(Db("fr-1").ConnectionString());
+    pqxx::work txn(c);
+    txn.exec_params0(
+        "INSERT INTO records SELECT (jsonb_populate_record(NULL::records, to_jsonb(r) || "
+        "jsonb_build_object('record_id', r.record_id || 'c' || g))).* FROM records r, "
+        "generate_series(1, $2::int) g WHERE r.record_id = $1",
+        record, kCopies);
+    txn.exec_params0(
+        "INSERT INTO record_keys SELECT (jsonb_populate_record(NULL::record_keys, to_jsonb(k) || "
+        "jsonb_build_object('key_id', k.key_id || 'c' || g, 'record_id', "
+        "k.record_id || 'c' || g))).* FROM record_keys k, generate_series(1, $2::int) g "
+        "WHERE k.record_id = $1",
+        record, kCopies);
+    txn.commit();
+  }
+  std::unique_ptr<MedgateConfig> config = ConfigWith(std::vector<std::pair<std::string, std::string>>{});
+  for (RegionConfig& region : config->regions) region.db.statement_timeout_ms = 50;
+  ExtraSharing tight = StartSharingOn(std::move(config));
+  ASSERT_NE(tight.server, nullptr);
+  absl::StatusOr<v1::ErasePatientRecordsResponse> erased =
+      ErasePatient(pki_->app(), patient, tight.server->port());
+  ASSERT_TRUE(erased.ok()) << erased.status();
+  EXPECT_EQ(erased->erased_count(), kCopies + 1u);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE patient_id = $1", patient), 0);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE patient_id = $1", patient), 0);
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM audit_log WHERE patient_id = $1 AND object_type = 'record' "
+                  "AND action = 'delete'",
+                  patient),
+            kCopies + 1);
+  tight.server->Shutdown();
+}
+
 // A request whose audit entry cannot be written fails, and changes or shows nothing: every kind of
 // download (owner, grantee, break-glass), a share, a revocation, an archiving, an erasure of the
 // record and of the patient's records, and a query of the patient's audit entries, while the
