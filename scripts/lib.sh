@@ -79,7 +79,9 @@ pg_state_prepare() {
     mkdir -p /var/lib/medgate
     chmod 0755 /var/lib/medgate
     install -d -m 0700 -o postgres -g postgres "$dir"
-    (cd "$MEDGATE_ROOT" && pwd -P) > "$dir/checkout"  # whose directory this is, for people
+    # Whose directory this is, for people; written as its owner (a link there is not followed
+    # with root's rights).
+    (cd "$MEDGATE_ROOT" && pwd -P) | as_pg_user tee "$dir/checkout" >/dev/null
   fi
 }
 

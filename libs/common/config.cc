@@ -80,11 +80,18 @@ absl::StatusOr<ConfigNode> ConfigNode::Parse(absl::string_view yaml_text) {
 }
 
 absl::StatusOr<ConfigNode> ConfigNode::LoadFile(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("config file '", path, "' cannot be read"));
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return Parse(buffer.str());
+  // Read up to one byte past the bound: a larger file (or /dev/zero) is refused, not read whole.
+  std::string text(kMaxConfigFileBytes + 1, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(text.size()));
+  if (in.bad()) return absl::NotFoundError(absl::StrCat("config file '", path, "' cannot be read"));
+  text.resize(static_cast<size_t>(in.gcount()));
+  if (text.size() > kMaxConfigFileBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("config file '", path, "': over ",
+                                                   kMaxConfigFileBytes, " bytes"));
+  }
+  return Parse(text);
 }
 
 std::string ConfigNode::KeyPath(absl::string_view key) const {

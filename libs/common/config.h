@@ -18,11 +18,16 @@
 
 namespace medgate {
 
+// The largest configuration file read (the most values a configuration may hold, 100,000, fit
+// in far less).
+inline constexpr size_t kMaxConfigFileBytes = 8 << 20;
+
 // A node of a YAML document that knows its dotted path, so errors can name the key.
 class ConfigNode {
  public:
   ConfigNode() = default;
   static absl::StatusOr<ConfigNode> Parse(absl::string_view yaml_text);
+  // The file at `path`, parsed; one over kMaxConfigFileBytes is refused without being read whole.
   static absl::StatusOr<ConfigNode> LoadFile(const std::string& path);
 
   const std::string& path() const { return path_; }

@@ -384,9 +384,10 @@ int Run(int argc, char** argv) {
   const std::string service(line->command->service);
   const Flags& flags = line->flags;
   MedgateConfig config = LoadConfigOrExit(line->config_path);
-  std::string pki = std::filesystem::path(config.ca_path).parent_path().string();
-  TlsConfig tls{absl::StrCat(pki, "/", line->identity, ".crt"),
-                absl::StrCat(pki, "/", line->identity, ".key"), config.ca_path, 60};
+  // Beside the CA's certificate (in the working directory when `ca` names no directory).
+  const std::filesystem::path pki = std::filesystem::path(config.ca_path).parent_path();
+  TlsConfig tls{(pki / (line->identity + ".crt")).string(),
+                (pki / (line->identity + ".key")).string(), config.ca_path, 60};
   absl::StatusOr<const ServiceEndpoint*> endpoint = config.Service(service);
   if (!endpoint.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(endpoint.status().message()).c_str());

@@ -23,6 +23,7 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "libs/common/config.h"
+#include "libs/common/latency_histogram.h"
 #include "libs/common/process.h"
 #include "libs/device_sdk/device_client.h"
 #include "libs/devpki/devpki.h"
@@ -97,7 +98,11 @@ std::optional<TlsConfig> Certificate(const devpki::Credential& ca, const std::st
                                      const std::string& path) {
   const std::string cert = absl::StrCat(dir, "/", name, ".crt");
   const std::string key = absl::StrCat(dir, "/", name, ".key");
-  if (!std::filesystem::exists(cert) || !std::filesystem::exists(key)) {
+  // Kept while the current CA signed it and it is valid for a day more; otherwise (the dev PKI
+  // made anew, a year gone by, files missing or unreadable) issued again.
+  absl::StatusOr<devpki::Credential> kept_leaf = devpki::Credential::ReadFiles(cert, key);
+  if (!kept_leaf.ok() ||
+      !devpki::CheckIssuedBy(*kept_leaf, ca, absl::Now() + absl::Hours(24)).ok()) {
     devpki::LeafOptions leaf;
     leaf.common_name = name;
     leaf.uri_sans = {absl::StrCat("spiffe://", config.trust_domain, path)};
@@ -170,10 +175,14 @@ bool Enroll(const MedgateConfig& config, const TlsConfig& app, const std::string
 
 int Run(const Args& args) {
   MedgateConfig config = LoadConfigOrExit(args.config);
-  const std::string pki = std::filesystem::path(config.ca_path).parent_path().string();
+  // The dev PKI's files, beside the CA's certificate (in the working directory when `ca` names
+  // no directory).
+  const std::filesystem::path pki_dir = std::filesystem::path(config.ca_path).parent_path();
+  auto in_pki = [&pki_dir](const char* name) { return (pki_dir / name).string(); };
   const std::string state = args.state.empty()
       ? (std::filesystem::path(args.config).parent_path() / "devsim").string() : args.state;
-  absl::StatusOr<devpki::Credential> ca = devpki::Credential::ReadFiles(pki + "/ca.crt", pki + "/ca.key");
+  absl::StatusOr<devpki::Credential> ca =
+      devpki::Credential::ReadFiles(in_pki("ca.crt"), in_pki("ca.key"));
   if (!ca.ok()) {
     std::fprintf(stderr, "the dev CA is needed to issue device and app certificates: %s\n",
                  std::string(ca.status().message()).c_str());
@@ -187,7 +196,9 @@ int Run(const Args& args) {
 
   // Declared before the clients, so destroyed after them: a client's ack callback uses them.
   std::mutex latency_mu;
-  std::vector<double> latencies_ms;
+  // Bounded whatever the run's length: percentiles are read as their bucket's upper bound (at
+  // most 19% above the true value).
+  LatencyHistogram latencies;
   std::atomic<uint64_t> retryable{0};
   std::map<std::string, uint64_t> rejected_by_reason;  // under latency_mu
   std::vector<std::unique_ptr<device::DeviceClient>> devices;
@@ -195,8 +206,15 @@ int Run(const Args& args) {
   // another device.
   const std::string device_dir =
       absl::StrCat(state, "/", config.trust_domain, "/", args.tenant);
-  std::filesystem::create_directories(device_dir);
-  if (std::filesystem::exists(state + "/certs")) {
+  std::error_code made;
+  std::filesystem::create_directories(device_dir, made);
+  if (made) {
+    std::fprintf(stderr, "--state: cannot make the directory '%s': %s\n", device_dir.c_str(),
+                 made.message().c_str());
+    return 2;
+  }
+  std::error_code ignored;
+  if (std::filesystem::exists(state + "/certs", ignored)) {
     std::fprintf(stderr, "devsim: %s/certs and %s/sim-*.buffer are an earlier version's and are "
                  "not used (the devices are now under %s); remove them once nothing there is "
                  "still to send\n", state.c_str(), state.c_str(), device_dir.c_str());
@@ -208,13 +226,13 @@ int Run(const Args& args) {
   // Another tenant's devices are enrolled by an app of theirs issued here.
   std::optional<TlsConfig> app;
   absl::StatusOr<devpki::Credential> pki_app =
-      devpki::Credential::ReadFiles(pki + "/app.crt", pki + "/app.key");
+      devpki::Credential::ReadFiles(in_pki("app.crt"), in_pki("app.key"));
   const std::string app_prefix =
       absl::StrCat("spiffe://", config.trust_domain, "/tenant/", args.tenant, "/app/");
   if (pki_app.ok() && absl::c_any_of(pki_app->UriSans(), [&](const std::string& uri) {
         return absl::StartsWith(uri, app_prefix);
       })) {
-    app = TlsConfig{pki + "/app.crt", pki + "/app.key", config.ca_path, 60};
+    app = TlsConfig{in_pki("app.crt"), in_pki("app.key"), config.ca_path, 60};
   } else {
     app = Certificate(*ca, device_dir, "app", config,
                       absl::StrCat("/tenant/", args.tenant, "/app/devsim"));
@@ -242,7 +260,7 @@ int Run(const Args& args) {
         return;
       }
       std::lock_guard<std::mutex> lock(latency_mu);
-      latencies_ms.push_back(absl::ToDoubleMilliseconds(latency));
+      latencies.Record(latency);
       for (const v1::SampleRejection& r : ack.rejections()) {
         ++rejected_by_reason[std::string(
             absl::StripPrefix(v1::RejectReason_Name(r.reason()), "REJECT_REASON_"))];
@@ -329,11 +347,7 @@ int Run(const Args& args) {
     total.samples_rejected += s.samples_rejected;
     total.retries += s.retries;
   }
-  std::sort(latencies_ms.begin(), latencies_ms.end());
-  auto pct = [&](double p) {
-    if (latencies_ms.empty()) return 0.0;
-    return latencies_ms[std::min(latencies_ms.size() - 1, static_cast<size_t>(p * latencies_ms.size()))];
-  };
+  const LatencyHistogram::Summary latency = latencies.TakeSummary();
   std::printf("devsim summary: devices=%d duration=%ds samples_produced=%llu batches_sent=%llu "
               "batches_acked=%llu stored=%llu duplicates=%llu rejected=%llu retries=%llu "
               "refused_by_sdk=%llu ack_latency_p50=%.2fms ack_latency_p99=%.2fms all_acked=%s\n",
@@ -344,7 +358,7 @@ int Run(const Args& args) {
               static_cast<unsigned long long>(total.samples_duplicate),
               static_cast<unsigned long long>(total.samples_rejected),
               static_cast<unsigned long long>(total.retries),
-              static_cast<unsigned long long>(refused), pct(0.5), pct(0.99),
+              static_cast<unsigned long long>(refused), latency.p50_ms, latency.p99_ms,
               drained ? "yes" : "no");
   for (const auto& [error, n] : unacked_by_error) {
     std::fprintf(stderr, "devsim: %d devices still have unacked batches; their last error: %s\n",

@@ -3,6 +3,7 @@
 // produced was stored; a run whose samples are refused (here for a withdrawn consent) fails,
 // naming why.
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <set>
 #include <string>
@@ -13,6 +14,7 @@
 #include <pqxx/pqxx>
 
 #include "absl/strings/str_cat.h"
+#include "libs/devpki/devpki.h"
 #include "libs/identity/credentials.h"
 #include "medgate/v1/consent.grpc.pb.h"
 #include "medgate/v1/routing.grpc.pb.h"
@@ -159,6 +161,43 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   EXPECT_THAT(run.output, HasSubstr("--rate needs a value"));
   EXPECT_THAT(run.output, ::testing::Not(HasSubstr("devsim summary")));
   EXPECT_EQ(StoredSamples(stack, "fr-1"), before);
+
+  // A device certificate the dev CA did not sign (left by a dev PKI made anew) is issued again,
+  // and the device streams: it used to be kept, and every handshake failed. (beta's sim-0: acme's
+  // has no consent now.)
+  const std::string device_files =
+      absl::StrCat(stack.dir(), "/devsim/", stack.config().trust_domain, "/beta/sim-0");
+  {
+    absl::StatusOr<devpki::Credential> other_ca = devpki::CreateCa({});
+    ASSERT_TRUE(other_ca.ok()) << other_ca.status();
+    devpki::LeafOptions leaf;
+    leaf.uri_sans = {stack.pki().SpiffeId("/tenant/beta/device/sim-0")};
+    absl::StatusOr<devpki::Credential> stale = devpki::IssueLeaf(*other_ca, leaf);
+    ASSERT_TRUE(stale.ok()) << stale.status();
+    ASSERT_TRUE(stale->WriteFiles(device_files + ".crt", device_files + ".key").ok());
+  }
+  run = test_support::RunShell(absl::StrCat(MEDGATE_DEVSIM_BINARY, " --config ", config,
+                                            " --tenant beta --devices 1 --duration 1 --state ",
+                                            stack.dir(), "/devsim 2>&1"));
+  EXPECT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("all_acked=yes"));
+  absl::StatusOr<devpki::Credential> ca = devpki::Credential::ReadFiles(
+      stack.pki().ca_path(),
+      (std::filesystem::path(stack.pki().ca_path()).parent_path() / "ca.key").string());
+  ASSERT_TRUE(ca.ok()) << ca.status();
+  absl::StatusOr<devpki::Credential> reissued =
+      devpki::Credential::ReadFiles(device_files + ".crt", device_files + ".key");
+  ASSERT_TRUE(reissued.ok()) << reissued.status();
+  EXPECT_TRUE(devpki::CheckIssuedBy(*reissued, *ca, absl::Now()).ok());
+
+  // A --state that cannot be a directory is refused with exit 2, not an uncaught exception.
+  const std::string not_a_directory = stack.dir() + "/devsim-state-file";
+  { std::ofstream(not_a_directory) << "x"; }
+  run = test_support::RunShell(absl::StrCat(MEDGATE_DEVSIM_BINARY, " --config ", config,
+                                            " --tenant acme --devices 1 --duration 1 --state ",
+                                            not_a_directory, " 2>&1"));
+  EXPECT_EQ(run.exit_code, 2) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("--state: cannot make the directory"));
 
   // Ingest gone: the run ends after its 30 s drain with the batches unacked, and says why.
   (*ingest)->Shutdown();

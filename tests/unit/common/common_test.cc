@@ -187,6 +187,10 @@ TEST(ConfigTest, RejectsNonYamlAndNonMap) {
   EXPECT_FALSE(ConfigNode::Parse("- just\n- a list\n").ok());
   EXPECT_EQ(ConfigNode::LoadFile("/nonexistent/medgate.yaml").status().code(),
             absl::StatusCode::kNotFound);
+  // An endless file is refused once past the bound, not read until memory runs out.
+  absl::StatusOr<ConfigNode> endless = ConfigNode::LoadFile("/dev/zero");
+  EXPECT_EQ(endless.status().code(), absl::StatusCode::kInvalidArgument) << endless.status();
+  EXPECT_THAT(std::string(endless.status().message()), ::testing::HasSubstr("over 8388608 bytes"));
 }
 
 // What a hand-edited file may hold that names no setting is refused with the line or key, as
