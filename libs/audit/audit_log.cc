@@ -3,13 +3,13 @@
 
 #include <limits>
 
-#include <openssl/evp.h>
 #include <openssl/sha.h>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
 #include "absl/strings/string_view.h"
+#include "libs/crypto/sha256.h"
 #include "libs/pg/pg_status.h"
 #include "libs/pg/sql_array.h"
 
@@ -102,16 +102,12 @@ std::string CanonicalEncoding(int64_t seq, int64_t at_us, const Entry& e) {
 }
 
 std::string ChainHash(absl::string_view prev_hash, int64_t seq, int64_t at_us, const Entry& entry) {
-  std::string encoded = CanonicalEncoding(seq, at_us, entry);
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
-  EVP_DigestUpdate(ctx, prev_hash.data(), prev_hash.size());
-  EVP_DigestUpdate(ctx, encoded.data(), encoded.size());
-  EVP_DigestFinal_ex(ctx, digest, &len);
-  EVP_MD_CTX_free(ctx);
-  return std::string(reinterpret_cast<const char*>(digest), len);
+  // crypto::Sha256 stops the process if OpenSSL fails: a digest that silently came out wrong
+  // would read as an altered entry.
+  crypto::Sha256 hash;
+  hash.Update(prev_hash);
+  hash.Update(CanonicalEncoding(seq, at_us, entry));
+  return hash.Finish();
 }
 
 absl::StatusOr<int64_t> Append(pqxx::work& txn, const Entry& entry) {

@@ -106,6 +106,9 @@ absl::StatusOr<std::string> Open(const SecretKey& key, absl::string_view aad,
       EVP_DecryptUpdate(ctx.get(), Bytes(out, 0), &len, Bytes(sealed, body),
                         static_cast<int>(text_len)) != 1 ||
       EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_SET_TAG, kTagBytes, tag.data()) != 1) {
+    // What was decrypted before the failure is unauthenticated (and, for a wrapped key, key
+    // bytes): wiped as after a failed tag.
+    OPENSSL_cleanse(out.data(), out.size());
     return absl::InternalError("AES-256-GCM decryption failed");
   }
   int final_len = 0;

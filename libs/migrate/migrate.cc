@@ -37,9 +37,26 @@ absl::StatusOr<std::vector<Migration>> LoadMigrations(const std::string& dir) {
     return absl::NotFoundError(absl::StrCat("migrations folder '", dir, "' does not exist"));
   }
   std::map<int, Migration> by_version;
-  for (const auto& item : std::filesystem::directory_iterator(dir)) {
+  // An unreadable folder is an error to report, not an exception.
+  std::filesystem::directory_iterator items(dir, ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("migrations folder '", dir, "' cannot be read: ", ec.message()));
+  }
+  for (; items != std::filesystem::directory_iterator(); items.increment(ec)) {
+    if (ec) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("migrations folder '", dir, "' cannot be read: ", ec.message()));
+    }
+    const std::filesystem::directory_entry& item = *items;
     std::string name = item.path().filename().string();
     if (item.path().extension() != ".sql") continue;
+    // A folder (or anything else) named like a migration would read as an empty one and be
+    // recorded as applied.
+    if (!item.is_regular_file(ec)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("migration '", name, "' is not a regular file"));
+    }
     size_t underscore = name.find('_');
     int version = 0;
     if (underscore == std::string::npos || underscore == 0 ||

@@ -1,6 +1,8 @@
 // Migrations against real PostgreSQL: fresh, re-run, tampered, gap, duplicate; medgate-migrate.
 #include <algorithm>
 #include <cstdlib>
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 
@@ -229,6 +231,30 @@ TEST_F(MigrateTest, RefusesGapsDuplicatesAndBadNames) {
   WriteFile(dir_ / "init.sql", "SELECT 1;");
   absl::StatusOr<std::vector<Migration>> bad = LoadMigrations(dir_);
   EXPECT_THAT(std::string(bad.status().message()), HasSubstr("'init.sql' is not named NNNN_description.sql"));
+
+  fs::remove(dir_ / "init.sql");
+
+  // A folder named like a migration would read as an empty one, recorded as applied.
+  fs::create_directory(dir_ / "0003_folder.sql");
+  absl::StatusOr<std::vector<Migration>> folder = LoadMigrations(dir_);
+  EXPECT_THAT(std::string(folder.status().message()),
+              HasSubstr("migration '0003_folder.sql' is not a regular file"));
+  fs::remove(dir_ / "0003_folder.sql");
+  // A folder that cannot be listed is an error, not an exception (as another user than root,
+  // whom no mode stops).
+  fs::permissions(dir_, fs::perms::owner_write | fs::perms::owner_exec | fs::perms::others_exec |
+                            fs::perms::others_write);
+  absl::StatusOr<std::vector<Migration>> unlistable;
+  if (geteuid() == 0) {
+    ASSERT_EQ(seteuid(65534), 0);
+    unlistable = LoadMigrations(dir_);
+    ASSERT_EQ(seteuid(0), 0);
+  } else {
+    unlistable = LoadMigrations(dir_);
+  }
+  fs::permissions(dir_, fs::perms::owner_all);
+  EXPECT_EQ(unlistable.status().code(), absl::StatusCode::kFailedPrecondition) << unlistable.status();
+  EXPECT_THAT(std::string(unlistable.status().message()), HasSubstr("cannot be read"));
 }
 
 TEST_F(MigrateTest, AFailingMigrationLeavesNoTrace) {
