@@ -76,8 +76,11 @@ int Print(const grpc::Status& status, const google::protobuf::Message& response)
   google::protobuf::util::JsonPrintOptions options;
   options.add_whitespace = true;
   options.preserve_proto_field_names = true;
-  (void)google::protobuf::util::MessageToJsonString(response, &json, options);
-  std::fputs(json.c_str(), stdout);
+  if (!google::protobuf::util::MessageToJsonString(response, &json, options).ok()) {
+    std::fprintf(stderr, "error: the answer could not be printed as JSON\n");
+    return 1;
+  }
+  if (std::fputs(json.c_str(), stdout) < 0 || std::fflush(stdout) != 0) return 1;
   return 0;
 }
 
@@ -100,7 +103,8 @@ int GrantConsent(v1::Consent::Stub& stub, const Flags& flags) {
   r.set_request_id(Get(flags, "request-id"));
   r.set_patient_id(Get(flags, "patient"));
   v1::Purpose purpose;
-  if (!v1::Purpose_Parse("PURPOSE_" + absl::AsciiStrToUpper(Get(flags, "purpose")), &purpose)) {
+  if (!v1::Purpose_Parse("PURPOSE_" + absl::AsciiStrToUpper(Get(flags, "purpose")), &purpose) ||
+      purpose == v1::PURPOSE_UNSPECIFIED) {
     return Fail("--purpose: CARE, REMOTE_MONITORING, RECORD_SHARING, RESEARCH, ... required");
   }
   r.set_purpose(purpose);
@@ -125,7 +129,8 @@ int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   const std::string path = Get(flags, "file");
   v1::RecordKind kind;
   const std::string kind_flag = Get(flags, "kind").empty() ? "document" : Get(flags, "kind");
-  if (!v1::RecordKind_Parse("RECORD_KIND_" + absl::AsciiStrToUpper(kind_flag), &kind)) {
+  if (!v1::RecordKind_Parse("RECORD_KIND_" + absl::AsciiStrToUpper(kind_flag), &kind) ||
+      kind == v1::RECORD_KIND_UNSPECIFIED) {
     return Fail("--kind: document, imaging or report");
   }
   // The record's name is UTF-8, as every proto3 string: a file named in another encoding (an

@@ -693,6 +693,17 @@ TEST_F(CtlTest, RefusesACommandLineItCannotReadBeforeAnythingIsSent) {
     EXPECT_EQ(tenant(), tenant_before) << c.arguments;
     EXPECT_EQ(acme_patients(), patients_before) << c.arguments;
   }
+
+  // "unspecified" names the enums' zero value, not a kind or purpose: refused here, before the
+  // call, as any other word that is not one.
+  CtlRun no_kind = Ctl("practitioner", "upload-record --patient fr-1.p-x --kind unspecified "
+                                       "--file /dev/null");
+  EXPECT_EQ(no_kind.exit_code, 1) << no_kind.output;
+  EXPECT_THAT(no_kind.output, HasSubstr("--kind: document, imaging or report"));
+  CtlRun no_purpose =
+      Ctl("app", "grant-consent --patient p-x --purpose unspecified --evidence form");
+  EXPECT_EQ(no_purpose.exit_code, 1) << no_purpose.output;
+  EXPECT_THAT(no_purpose.output, HasSubstr("--purpose: CARE"));
 }
 
 // A pod's readiness and liveness probes (helm/medgate): the service's binary asks the servers
