@@ -1333,6 +1333,48 @@ TEST_F(IngestTest, ADeviceOfAnotherTenantWithTheSameIdWritesForNobody) {
 // Only devices stream, only practitioners read: every other kind of identity is refused both,
 // though the patient has samples and CARE consent covering every actor of the tenant (a
 // practitioner reads them).
+// The streaming call refuses identities as every call does (mtls_test checks a unary service):
+// an identity the certificate cannot give is UNAUTHENTICATED, a certificate the CA did not sign
+// or that expired fails the handshake; nothing is stored either way.
+TEST_F(IngestTest, StreamVitalsRefusesEveryBadIdentityAndStoresNothing) {
+  MonitoredPatientWithDevice("bad-identities", "FR", "dev-bad-ids");
+  auto stored = [] {
+    int64_t n = 0;
+    for (auto* region : stack_->clusters().regions()) n += Count(region->name(), "true");
+    return n;
+  };
+  const int64_t before = stored();
+  struct Case {
+    const TestCert* cert;
+    grpc::StatusCode code;
+    std::string why;
+  };
+  for (const Case& c :
+       {Case{&pki().two_uris(), grpc::StatusCode::UNAUTHENTICATED, "more than one URI SAN"},
+        Case{&pki().no_san(), grpc::StatusCode::UNAUTHENTICATED, "no URI SAN"},
+        Case{&pki().other_trust_domain(), grpc::StatusCode::UNAUTHENTICATED,
+             "another trust domain"},
+        Case{&pki().unknown_form(), grpc::StatusCode::UNAUTHENTICATED, "unknown identity form"},
+        Case{&pki().rogue_signed(), grpc::StatusCode::UNAVAILABLE, ""},
+        Case{&pki().expired(), grpc::StatusCode::UNAVAILABLE, ""}}) {
+    auto stub = Ingest(*c.cert);
+    DeviceStream stream(*stub);
+    EXPECT_FALSE(stream.Send(Batch(1, 1, 5)).has_value()) << c.cert->cert_path;
+    grpc::Status status = stream.Finish();
+    EXPECT_EQ(status.error_code(), c.code) << c.cert->cert_path << ": " << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr(c.why)) << c.cert->cert_path;
+  }
+  EXPECT_EQ(stored(), before);
+  // The same batch from the device's own certificate is stored: the refusals above were the
+  // identities'.
+  auto device = Ingest(Device("acme", "dev-bad-ids"));
+  DeviceStream stream(*device);
+  std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 5));
+  ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+  EXPECT_EQ(ack->stored_count(), 5u);
+  EXPECT_TRUE(stream.Finish().ok());
+}
+
 TEST_F(IngestTest, OnlyDevicesStreamAndOnlyPractitionersRead) {
   const std::string patient = MonitoredPatientWithDevice("roles-fr", "FR", "dev-roles");
   {
