@@ -194,7 +194,7 @@ pg_postmaster_of() {
 pg_running() {
   local pid
   as_pg_user "$(pg_bindir)/pg_ctl" -D "$1" status >/dev/null 2>&1 || return 1
-  pid=$(head -n 1 "$1/postmaster.pid" 2>/dev/null) || return 1
+  pid=$(as_pg_user head -n 1 "$1/postmaster.pid" 2>/dev/null) || return 1
   pg_postmaster_of "$pid" "$1"
 }
 
@@ -202,7 +202,7 @@ pg_running() {
 # directory's server has it (pg_ctl would take that process for the server); nothing otherwise.
 pg_stale_pid() {
   local pid
-  pid=$(head -n 1 "$1/postmaster.pid" 2>/dev/null) || return 0
+  pid=$(as_pg_user head -n 1 "$1/postmaster.pid" 2>/dev/null) || return 0
   if [[ "$pid" =~ ^[1-9][0-9]*$ ]] && kill -0 "$pid" 2>/dev/null &&
      ! pg_postmaster_of "$pid" "$1"; then
     echo "$pid"

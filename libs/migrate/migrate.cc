@@ -44,16 +44,13 @@ absl::StatusOr<std::vector<Migration>> LoadMigrations(const std::string& dir) {
         absl::StrCat("migrations folder '", dir, "' cannot be read: ", ec.message()));
   }
   for (; items != std::filesystem::directory_iterator(); items.increment(ec)) {
-    if (ec) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("migrations folder '", dir, "' cannot be read: ", ec.message()));
-    }
     const std::filesystem::directory_entry& item = *items;
     std::string name = item.path().filename().string();
     if (item.path().extension() != ".sql") continue;
     // A folder (or anything else) named like a migration would read as an empty one and be
     // recorded as applied.
-    if (!item.is_regular_file(ec)) {
+    std::error_code type_error;
+    if (!item.is_regular_file(type_error)) {
       return absl::FailedPreconditionError(
           absl::StrCat("migration '", name, "' is not a regular file"));
     }
@@ -79,6 +76,11 @@ absl::StatusOr<std::vector<Migration>> LoadMigrations(const std::string& dir) {
     m.sql = buffer.str();
     m.checksum = Sha256Hex(m.sql);
     by_version.emplace(version, std::move(m));
+  }
+  // A failed step ends the iteration as if the folder were done: the listing was cut short.
+  if (ec) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("migrations folder '", dir, "' cannot be read: ", ec.message()));
   }
   std::vector<Migration> out;
   int expected = 1;

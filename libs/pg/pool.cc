@@ -169,6 +169,10 @@ absl::StatusOr<BinaryResult> Pool::Read(const BinaryQuery& query,
     ASSIGN_OR_RETURN(Lease lease, Acquire());
     absl::StatusOr<BinaryResult> result = query.Run(lease.connection(), parameters);
     if (result.ok() || result.status().code() != absl::StatusCode::kUnavailable) return result;
+    // UNAVAILABLE also answers a lock not taken in time or a standby refusing: the session is
+    // fine, and the answer is the server's. Only a session the server ended is dropped, and
+    // tried once more on a fresh one.
+    if (!lease.connection().ClosedByServer()) return result;
     lease.MarkBroken();
     status = result.status();
   }

@@ -4,7 +4,6 @@
 #include <grpcpp/client_context.h>
 
 #include "absl/strings/str_cat.h"
-#include "libs/common/grpc_status.h"
 #include "libs/common/status_macros.h"
 #include "libs/pg/sql_array.h"
 #include "services/sharing/sql.h"
@@ -39,10 +38,7 @@ absl::StatusOr<residency::ResidencyRule> RoutingDirectory::Rule(const std::strin
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
   grpc::Status status = stub_->ListResidencyRules(&context, request, &response);
-  if (!status.ok()) {
-    absl::Status s = FromGrpcStatus(status);
-    return absl::Status(s.code(), absl::StrCat("routing ListResidencyRules: ", s.message()));
-  }
+  if (!status.ok()) return RoutingCallError("ListResidencyRules", status);
   for (const v1::ResidencyRule& r : response.rules()) {
     if (r.territory() != territory) continue;
     residency::ResidencyRule rule;

@@ -1669,8 +1669,11 @@ absl::StatusOr<GrantInfo> SharingCore::RevokeShare(const CallContext& ctx,
     std::optional<RecordInfo> record =
         SelectRecord(txn, sql::kSelectRecordForShare, found->record_id);
     if (!record || record->tenant_id != ctx.principal.tenant) return not_found;
-    const GrantInfo grant =
-        GrantFromRow(txn.exec_prepared1(sql::kSelectGrantForUpdate, found->grant_id));
+    // A share that committed while this waited for the record may have trimmed this grant (a
+    // revoked one a later revocation superseded, shard migration 0029): then it is not found.
+    pqxx::result locked = txn.exec_prepared(sql::kSelectGrantForUpdate, found->grant_id);
+    if (locked.empty()) return not_found;
+    const GrantInfo grant = GrantFromRow(locked[0]);
     if (ctx.principal.spiffe_id != record->owner && ctx.principal.spiffe_id != grant.granted_by) {
       // Audited: a practitioner of the tenant tried to end another's share.
       return Deny<GrantInfo>(

@@ -99,10 +99,6 @@ statement_timeout_ms: {{ int64 $pool.statementTimeoutMs }}
 {{- end -}}
 
 {{/*
-The egress rules every pod of the release (and the migration Job) has: the databases' networks on
-the databases' ports only, and DNS.
-*/}}
-{{/*
 Egress rules to the databases of the kinds named (control, shards, keyVaults), one rule per kind:
 that kind's networks (networkPolicy.databaseCIDRs.KIND) on that kind's ports only.
 Called with (dict "root" $ "kinds" (list ...)).

@@ -16,6 +16,7 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/cleanup/cleanup.h"
 #include "libs/crypto/sha256.h"
 #include "libs/device_sdk/batch_buffer.h"
 
@@ -100,6 +101,7 @@ class UnprivilegedScope {
 // link planted where it writes its rewrite is removed, never written through.
 TEST_F(BatchBufferTest, FilesAreTheOwnersAloneAndNoLinkIsFollowed) {
   const mode_t umask_before = umask(022);
+  absl::Cleanup restore_umask = [umask_before] { umask(umask_before); };
   const std::string target = path_ + ".target";
   {
     std::ofstream out(target);
@@ -139,7 +141,6 @@ TEST_F(BatchBufferTest, FilesAreTheOwnersAloneAndNoLinkIsFollowed) {
     EXPECT_EQ(mode_of(path_), 0600u);  // the rewritten buffer
     std::filesystem::remove((*buffer)->damaged_copy());
   }
-  umask(umask_before);
   std::filesystem::remove(target);
 }
 
@@ -658,6 +659,8 @@ TEST_F(BatchBufferTest, ALastRecordOfTheRightLengthButNotWholeIsATornTail) {
     setrlimit(RLIMIT_FSIZE, &saved);
     std::signal(SIGXFSZ, SIG_DFL);
     ASSERT_TRUE(reopened.ok()) << reopened.status();
+    // The compaction's write failed: its file is removed, not left half-written.
+    EXPECT_FALSE(std::filesystem::exists(path_ + ".tmp"));
     EXPECT_TRUE((*reopened)->damaged_copy().empty()) << (*reopened)->damaged_copy();
     EXPECT_EQ((*reopened)->pending().size(), 2u);
     EXPECT_EQ((*reopened)->next_seq(), 1000u);

@@ -564,6 +564,12 @@ TEST_F(HelmChartTest, NetworkPoliciesLetInOnlyTheNamedClientsAndLetOutOnlyToTheD
     return peers;
   };
   EXPECT_EQ(EgressOf(*france_, PodLabels(*france_, "routing")), with_dns({control, shards}));
+  // No policy keeps the name of the earlier chart's, which let every pod reach every database:
+  // narrowed in place, it would refuse connections until the per-service ones exist. A new name
+  // makes an upgrade create those first and delete it last.
+  for (const YAML::Node& policy : OfKind(*france_, "NetworkPolicy")) {
+    EXPECT_NE(policy["metadata"]["name"].as<std::string>(), "medgate-egress");
+  }
   EXPECT_EQ(EgressOf(*france_, PodLabels(*france_, "consent")), with_dns({shards, routing}));
   EXPECT_EQ(EgressOf(*france_, PodLabels(*france_, "ingest")), with_dns({shards, routing}));
   EXPECT_EQ(EgressOf(*france_, PodLabels(*france_, "sharing")),
