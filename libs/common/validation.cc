@@ -1,7 +1,9 @@
 // Validation of request fields.
 #include "libs/common/validation.h"
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 
 namespace medgate {
@@ -81,6 +83,21 @@ std::string TruncateUtf8(absl::string_view text, size_t max_bytes) {
   // text[end], the first byte left out, continues a character: that character is left out whole.
   while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
   return std::string(text.substr(0, end));
+}
+
+absl::Status ValidateDistinct(const std::vector<std::string>& values, absl::string_view field,
+                              absl::string_view what) {
+  absl::flat_hash_map<absl::string_view, size_t> first_index;
+  for (size_t i = 0; i < values.size(); ++i) {
+    const auto [it, inserted] = first_index.emplace(values[i], i);
+    if (!inserted) {
+      return absl::InvalidArgumentError(absl::StrCat(field, "[", i, "]: ", what, "'",
+                                                     absl::CEscape(values[i]),
+                                                     "' is already listed at ", field, "[",
+                                                     it->second, "]"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace medgate

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
@@ -16,6 +17,12 @@ absl::Status ValidateIdentifier(absl::string_view value, absl::string_view field
 
 // 1..max_bytes of text without control characters; INVALID_ARGUMENT naming `field` otherwise.
 absl::Status ValidateText(absl::string_view value, absl::string_view field, size_t max_bytes);
+
+// OK when the entries of the list `field` are distinct; otherwise INVALID_ARGUMENT naming the
+// first repeat and the entry it repeats: "FIELD[i]: WHAT'x' is already listed at FIELD[j]"
+// (`what` says what the entries are, e.g. "region ", or nothing).
+absl::Status ValidateDistinct(const std::vector<std::string>& values, absl::string_view field,
+                              absl::string_view what = "");
 
 // Whether `text` is well-formed UTF-8 (no overlong forms, surrogates or code points past
 // U+10FFFF), as every proto3 string must be.

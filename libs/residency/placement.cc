@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "libs/common/validation.h"
 #include "libs/residency/territory.h"
 
 namespace medgate::residency {
@@ -93,18 +94,11 @@ absl::Status ValidateRule(const ResidencyRule& rule, absl::Span<const Region> re
                      "deleted; to stop placements of territory ", Quoted(rule.territory),
                      ", take it out of the tenants' territories with UpsertTenant)"));
   }
+  status = ValidateDistinct(rule.allowed_regions, names.allowed_regions, "region ");
+  if (!status.ok()) return status;
   auto allowed = [&names](std::size_t i) {
     return absl::StrCat(names.allowed_regions, "[", i, "]");
   };
-  absl::flat_hash_map<absl::string_view, std::size_t> first_index;
-  for (std::size_t i = 0; i < rule.allowed_regions.size(); ++i) {
-    const auto [it, inserted] = first_index.emplace(rule.allowed_regions[i], i);
-    if (!inserted) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(allowed(i), ": region ", Quoted(rule.allowed_regions[i]),
-                       " is already listed at ", allowed(it->second)));
-    }
-  }
   for (const std::string& reader : rule.readable_from) {
     status = ValidateTerritory(reader, names.readable_from);
     if (!status.ok()) return status;

@@ -26,20 +26,6 @@
 namespace medgate::routing {
 namespace {
 
-// INVALID_ARGUMENT naming the first entry of `values` (the list `field`) that repeats an earlier
-// one: each list is of distinct codes or ids.
-absl::Status RefuseRepeats(const std::vector<std::string>& values, absl::string_view field) {
-  for (size_t i = 0; i < values.size(); ++i) {
-    const auto first = std::find(values.begin(), values.end(), values[i]);
-    if (first != values.begin() + static_cast<std::ptrdiff_t>(i)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, "[", i, "]: '", values[i], "' is already listed at ", field, "[",
-          first - values.begin(), "]; the list is of distinct entries"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::Time FromEpochSeconds(const pqxx::field& f) {
   return absl::FromUnixMicros(static_cast<int64_t>(std::llround(f.as<double>() * 1e6)));
 }
@@ -216,7 +202,7 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
     RETURN_IF_ERROR(residency::ValidateTerritory(tenant.territories[i],
                                                  absl::StrCat("tenant.territories[", i, "]")));
   }
-  RETURN_IF_ERROR(RefuseRepeats(tenant.territories, "tenant.territories"));
+  RETURN_IF_ERROR(ValidateDistinct(tenant.territories, "tenant.territories"));
   if (tenant.region_ids) {
     for (size_t i = 0; i < tenant.region_ids->size(); ++i) {
       const std::string& id = (*tenant.region_ids)[i];
@@ -228,7 +214,7 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
       }
     }
     // Configured ids, so safe to name.
-    RETURN_IF_ERROR(RefuseRepeats(*tenant.region_ids, "tenant.region_ids"));
+    RETURN_IF_ERROR(ValidateDistinct(*tenant.region_ids, "tenant.region_ids"));
   }
   const absl::Status new_id = ValidateNewTenantId(tenant.tenant_id);
   return InTransaction<std::pair<TenantInfo, bool>>(
@@ -349,7 +335,7 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
     RETURN_IF_ERROR(residency::ValidateTerritory(
         rule.readable_from[i], absl::StrCat("rule.readable_from_territories[", i, "]")));
   }
-  RETURN_IF_ERROR(RefuseRepeats(rule.readable_from, "rule.readable_from_territories"));
+  RETURN_IF_ERROR(ValidateDistinct(rule.readable_from, "rule.readable_from_territories"));
   residency::ResidencyRule engine_rule;
   engine_rule.territory = rule.territory;
   engine_rule.allowed_regions = rule.region_ids;

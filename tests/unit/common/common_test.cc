@@ -286,6 +286,16 @@ TEST(ValidationTest, NamesTheFieldAndTheRule) {
 }
 
 // Cut before a character, never inside one: "é" is 2 bytes, "€" 3, "😀" 4.
+TEST(ValidationTest, ValidateDistinctNamesTheFirstRepeatAndWhatItRepeats) {
+  EXPECT_TRUE(ValidateDistinct({}, "list").ok());
+  EXPECT_TRUE(ValidateDistinct({"a", "b", "c"}, "list").ok());
+  EXPECT_EQ(ValidateDistinct({"a", "b", "b", "a"}, "list"),
+            absl::InvalidArgumentError("list[2]: 'b' is already listed at list[1]"));
+  EXPECT_EQ(ValidateDistinct({"fr-1", "fr-1"}, "rule.region_ids", "region "),
+            absl::InvalidArgumentError(
+                "rule.region_ids[1]: region 'fr-1' is already listed at rule.region_ids[0]"));
+}
+
 TEST(ValidationTest, TruncateUtf8CutsBetweenCharacters) {
   EXPECT_EQ(TruncateUtf8("abc", 16), "abc");
   EXPECT_EQ(TruncateUtf8("abcdef", 4), "abcd");
