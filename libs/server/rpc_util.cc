@@ -23,12 +23,16 @@ absl::Time FromProtoTimestamp(const google::protobuf::Timestamp& ts) {
   return absl::FromUnixSeconds(ts.seconds()) + absl::Nanoseconds(ts.nanos());
 }
 
-absl::StatusOr<absl::Time> TimeFromProto(const google::protobuf::Timestamp& ts,
-                                         absl::string_view field) {
+bool IsValidTimestamp(const google::protobuf::Timestamp& ts) {
   constexpr int64_t kMinSeconds = -62135596800;  // 0001-01-01T00:00:00Z
   constexpr int64_t kMaxSeconds = 253402300799;  // 9999-12-31T23:59:59Z
-  if (ts.seconds() < kMinSeconds || ts.seconds() > kMaxSeconds || ts.nanos() < 0 ||
-      ts.nanos() > 999999999) {
+  return ts.seconds() >= kMinSeconds && ts.seconds() <= kMaxSeconds && ts.nanos() >= 0 &&
+         ts.nanos() <= 999999999;
+}
+
+absl::StatusOr<absl::Time> TimeFromProto(const google::protobuf::Timestamp& ts,
+                                         absl::string_view field) {
+  if (!IsValidTimestamp(ts)) {
     return absl::InvalidArgumentError(
         absl::StrCat(field, ": not a valid timestamp (years 1 to 9999, nanos 0 to 999999999)"));
   }

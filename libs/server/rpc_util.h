@@ -16,6 +16,9 @@
 
 namespace medgate {
 
+// Whether `ts` is a Timestamp proto3 allows: years 1 to 9999, nanos 0 to 999,999,999.
+bool IsValidTimestamp(const google::protobuf::Timestamp& ts);
+
 google::protobuf::Timestamp ToProtoTimestamp(absl::Time t);
 absl::Time FromProtoTimestamp(const google::protobuf::Timestamp& ts);
 // A request's timestamp field: INVALID_ARGUMENT naming `field` outside the range a Timestamp may

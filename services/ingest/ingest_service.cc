@@ -107,9 +107,8 @@ std::vector<Sample> ToSamples(const v1::VitalsBatch& batch) {
     s.ucum = in.ucum_unit();
     if (in.has_measured_at()) {
       // Out-of-range nanos would otherwise move the sample in time.
-      absl::StatusOr<absl::Time> at = TimeFromProto(in.measured_at(), "measured_at");
-      if (at.ok()) {
-        s.measured_at = *at;
+      if (IsValidTimestamp(in.measured_at())) {
+        s.measured_at = FromProtoTimestamp(in.measured_at());
       } else {
         s.measured_at_malformed = true;
       }
