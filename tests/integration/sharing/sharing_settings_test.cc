@@ -37,6 +37,7 @@ TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
       "  previous_kek_files: [/etc/medgate/kek-2026, /etc/medgate/kek-2025]\n"
       "  kek_rewrap: true\n"
       "  kek_rewrap_seconds: 5\n"
+      "  patient_erasure_timeout_seconds: 600\n"
       "consent:\n"
       "  cache: {max_patients: 7, max_mib: 3}\n");
   ASSERT_TRUE(s.ok()) << s.status();
@@ -60,6 +61,7 @@ TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
             (std::vector<std::string>{"/etc/medgate/kek-2026", "/etc/medgate/kek-2025"}));
   EXPECT_TRUE(s->kek_rewrap);
   EXPECT_EQ(s->kek_rewrap_interval, absl::Seconds(5));
+  EXPECT_EQ(s->patient_erasure_timeout, absl::Seconds(600));
 }
 
 // Rewrapping names the KEKs it rewraps from: without previous ones it is a mistake, named.
@@ -86,6 +88,7 @@ TEST(SharingSettingsTest, DefaultsBesideTheKeySource) {
   EXPECT_TRUE(s->previous_kek_files.empty());
   EXPECT_FALSE(s->kek_rewrap);
   EXPECT_EQ(s->kek_rewrap_interval, absl::Seconds(60));
+  EXPECT_EQ(s->patient_erasure_timeout, absl::Seconds(120));
 }
 
 TEST(SharingSettingsTest, TheKeyEncryptionKeyNeedsExactlyOneSource) {
@@ -108,6 +111,7 @@ TEST(SharingSettingsTest, AValueOutOfRangeNamesItsKey) {
       {"download_idle_timeout_seconds", "0"}, {"download_idle_timeout_seconds", "3601"},
       {"download_min_bytes_per_second", "0"},
       {"kek_rewrap_seconds", "0"},           {"previous_kek_files", "[a, b, c, d, e, f, g, h, i]"},
+      {"patient_erasure_timeout_seconds", "0"}, {"patient_erasure_timeout_seconds", "3601"},
   };
   for (const auto& [key, value] : bad) {
     absl::StatusOr<SharingSettings> s =

@@ -5731,6 +5731,33 @@ TEST_F(SharingTest, AListingItCannotAuditFails) {
               HasSubstr("the listing's audit entries could not be written"));
 }
 
+// A revocation by grant id reads the grant, then waits for the record's lock; a share that
+// trims that grant (a revoked one a later revocation superseded) may commit meanwhile. The grant
+// is then not found, as any grant that is not there: NOT_FOUND, not an internal error. Here the
+// test holds the record's lock and deletes the grant itself, as such a share would.
+TEST_F(SharingTest, ARevocationOfAGrantTrimmedWhileItWaitedIsNotFound) {
+  const auto [patient, spec, record] = ConsentedRecord("trimmed-grant-1", "shared and revoked");
+  absl::StatusOr<v1::ShareRecordResponse> first =
+      ShareOnceConsented(pki_->practitioner(), record, P2(), ServerNow() + absl::Hours(1));
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(RevokeByGrantee(pki_->practitioner(), record, P2()).ok());
+  pqxx::connection holder(Db("fr-1").ConnectionString());
+  pqxx::work hold(holder);
+  hold.exec_params("SELECT 1 FROM records WHERE record_id = $1 FOR UPDATE", record);
+  absl::StatusOr<v1::RevokeShareResponse> revoked;
+  std::thread revoking([&] { revoked = RevokeById(pki_->practitioner(), first->grant_id()); });
+  const bool waited = PollUntil(absl::Now() + kPatience, [] {
+    return LockWaits("fr-1", "%FROM records r WHERE r.record_id = $1 FOR NO KEY UPDATE%") > 0;
+  });
+  hold.exec_params0("DELETE FROM share_grants WHERE grant_id = $1", first->grant_id());
+  hold.commit();
+  revoking.join();
+  ASSERT_TRUE(waited) << "the revocation never waited for the record's lock";
+  EXPECT_EQ(revoked.status().code(), absl::StatusCode::kNotFound) << revoked.status();
+  EXPECT_THAT(std::string(revoked.status().message()),
+              HasSubstr(absl::StrCat("grant '", first->grant_id(), "' not found")));
+}
+
 // A patient's erasure deletes and audits every record in one transaction: its statements may
 // take sharing.patient_erasure_timeout_seconds, not the shard's statement timeout, or a patient
 // with many records could never be erased. Here the shard's statements may take 50 ms, and the
