@@ -397,6 +397,34 @@ TEST_F(PoolTest, ALockTimeoutKeepsThePoolsConnections) {
   EXPECT_EQ((std::set<int>{a->connection().backendpid(), b->connection().backendpid()}), before);
 }
 
+// Pool::Read alike: a row lock not taken (55P03, UNAVAILABLE) is the server's answer on a live
+// session, passed on as it is; the connection is not dropped, nor called unreachable.
+TEST_F(PoolTest, AReadRefusedALockKeepsItsConnectionAndTheServersAnswer) {
+  Pool pool(Options());
+  ASSERT_TRUE(pool.Transact([](pqxx::work& txn) {
+    txn.exec_prepared0("insert_item", 41, "locked");
+    return absl::OkStatus();
+  }).ok());
+  int before = 0;
+  {
+    absl::StatusOr<Lease> lease = pool.Acquire();
+    ASSERT_TRUE(lease.ok());
+    before = lease->connection().backendpid();
+  }
+  pqxx::connection admin(cluster_->ConnectionString());
+  pqxx::work holding(admin);
+  holding.exec("SELECT 1 FROM items WHERE id = 41 FOR UPDATE");
+  constexpr BinaryQuery kLockNow("SELECT id FROM items WHERE id = $1::integer FOR UPDATE NOWAIT");
+  absl::StatusOr<BinaryResult> refused = pool.Read(kLockNow, {"41"});
+  holding.abort();
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("55P03"));
+  EXPECT_EQ(pool.idle_count(), 1);
+  absl::StatusOr<Lease> lease = pool.Acquire();
+  ASSERT_TRUE(lease.ok());
+  EXPECT_EQ(lease->connection().backendpid(), before);
+}
+
 TEST_F(PoolTest, RetriesAbortedTransactions) {
   Pool pool(Options());
   int attempts = 0;
