@@ -114,7 +114,7 @@ std::string Record(uint8_t type, const std::string& payload) {
 }
 
 // False (errno set) unless all of `data` is written at `offset`.
-bool WriteAt(int fd, const std::string& data, uint64_t offset) {
+bool WriteAt(int fd, absl::string_view data, uint64_t offset) {
   size_t done = 0;
   while (done < data.size()) {
     const ssize_t n =
@@ -398,7 +398,7 @@ absl::Status BatchBuffer::KeepDamagedCopy() {
       copied = n == 0;
       break;
     }
-    copied = WriteAt(out, chunk.substr(0, static_cast<size_t>(n)), at);
+    copied = WriteAt(out, absl::string_view(chunk.data(), static_cast<size_t>(n)), at);
     at += static_cast<uint64_t>(n);
   }
   const int failed = errno;
