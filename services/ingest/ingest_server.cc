@@ -31,6 +31,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
                                  "stats_interval_ms", "partition_check_minutes",
                                  "max_queued_rows", "max_streams_per_device", "instances",
                                  "max_reads_per_tenant", "read_idle_timeout_seconds",
+                                 "read_min_bytes_per_second",
                                  "partition_lock_timeout_ms"}));
   ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
   // A burst below the largest batch would refuse such a batch forever, however long it waits.
@@ -51,6 +52,8 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   ASSIGN_OR_RETURN(int64_t device_streams, node.Int("max_streams_per_device", 1, 1000, 4));
   ASSIGN_OR_RETURN(int64_t reads_per_tenant, node.Int("max_reads_per_tenant", 1, 10000, 16));
   ASSIGN_OR_RETURN(int64_t read_idle, node.Int("read_idle_timeout_seconds", 1, 3600, 30));
+  ASSIGN_OR_RETURN(int64_t read_rate,
+                   node.Int("read_min_bytes_per_second", 1, int64_t{1} << 30, 16 * 1024));
   ASSIGN_OR_RETURN(int64_t partition_lock, node.Int("partition_lock_timeout_ms", 100, 60000, 1000));
   // The tenant quota is the deployment's: each of the instances that share a tenant's streams
   // (the load balancer spreads its devices' connections over them) enforces its share. Its burst
@@ -74,6 +77,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.max_streams_per_device = static_cast<int>(device_streams);
   s.reads.max_per_tenant = static_cast<int>(reads_per_tenant);
   s.reads.idle_timeout = absl::Seconds(read_idle);
+  s.reads.min_bytes_per_second = read_rate;
   s.partition_lock_timeout = absl::Milliseconds(partition_lock);
   return s;
 }

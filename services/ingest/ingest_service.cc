@@ -21,6 +21,7 @@
 #include "libs/common/proto_duration.h"
 #include "libs/pg/sql_array.h"
 #include "libs/server/rpc_util.h"
+#include "libs/server/transfer_pace.h"
 #include "services/ingest/sql.h"
 
 namespace medgate::ingest {
@@ -720,31 +721,36 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
         last.device_id());
   }
   // A client that stops taking readings would hold this thread (and its tenant's place) while
-  // the write waits on flow control: the watch ends the call past the idle timeout.
+  // the write waits on flow control: the watch ends the call past the idle timeout, and the pace
+  // a call whose client takes them too slowly past it.
   StallWatch::Call stall(read_watch_, *context);
-  auto write = [&](const v1::ReadVitalsResponse& message) {
+  TransferPace pace("read", reads_.idle_timeout, reads_.min_bytes_per_second,
+                    "ingest.read_min_bytes_per_second", "read the page again");
+  auto write = [&](const v1::ReadVitalsResponse& message) -> grpc::Status {
+    // Asked before each message: a read whose last message was taken has ended well.
+    if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
     stall.Blocked();
     const bool written = writer->Write(message);
-    stall.Unblocked();
-    return written;
+    pace.Waited(stall.Unblocked());
+    if (!written) {
+      if (stall.fired()) {
+        return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "read stalled");  // the watch's
+      }
+      return grpc::Status(grpc::StatusCode::CANCELLED, "client gone");
+    }
+    pace.Moved(message.ByteSizeLong());
+    return grpc::Status::OK;
   };
   v1::ReadVitalsResponse response;
-  bool written = true;
-  for (size_t i = 0; i < readings.size() && written; ++i) {
+  for (size_t i = 0; i < readings.size(); ++i) {
     *response.add_readings() = std::move(readings[i]);
     if (response.readings_size() == kReadChunk) {
-      written = write(response);
+      if (grpc::Status s = write(response); !s.ok()) return s;
       response.Clear();
     }
   }
-  if (written) {
-    response.set_next_page_token(next_token);
-    if (write(response)) return grpc::Status::OK;
-  }
-  if (stall.fired()) {
-    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "read stalled");  // the watch's status
-  }
-  return grpc::Status(grpc::StatusCode::CANCELLED, "client gone");
+  response.set_next_page_token(next_token);
+  return write(response);
 }
 
 }  // namespace medgate::ingest

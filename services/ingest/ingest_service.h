@@ -26,6 +26,11 @@ struct ReadBounds {
   // A read whose client takes nothing for this long while the service waits to hand over its
   // next readings ends DEADLINE_EXCEEDED (ingest.read_idle_timeout_seconds).
   absl::Duration idle_timeout = absl::Seconds(30);
+  // A read whose client, once the service has waited idle_timeout for it in all, has taken its
+  // readings at under this average rate (bytes of the messages taken over the time waited) ends
+  // DEADLINE_EXCEEDED (ingest.read_min_bytes_per_second): a client taking a trickle is not let
+  // hold its thread for as long as it likes either.
+  int64_t min_bytes_per_second = 16 * 1024;
 };
 
 // What one ReadVitals call counts against its tenant's call rate (limits.tenant_calls_per_second,

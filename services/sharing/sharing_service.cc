@@ -18,6 +18,7 @@
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
 #include "libs/server/rpc_util.h"
+#include "libs/server/transfer_pace.h"
 
 namespace medgate::sharing {
 namespace {
@@ -67,44 +68,6 @@ absl::StatusOr<RecordKind> KindOf(v1::RecordKind kind, absl::string_view field, 
   }
 }
 
-// How fast a client moves a transfer: the bytes moved over the time the service waited for the
-// client (reads of an upload, writes of a download), not the time it spent on its own part (the
-// shard, sealing or opening chunks). Once the service has waited `grace` in all, a transfer
-// under `min_rate` bytes/s is too slow.
-class TransferPace {
- public:
-  TransferPace(absl::string_view what, absl::Duration grace, int64_t min_rate,
-               absl::string_view setting, absl::string_view then)
-      : what_(what), grace_(grace), min_rate_(min_rate), setting_(setting), then_(then) {}
-
-  void Waited(absl::Duration d) { waited_ += d; }
-  void Moved(uint64_t bytes) { bytes_ += bytes; }
-
-  // DEADLINE_EXCEEDED saying how slow, or OK.
-  grpc::Status Check() const {
-    const double seconds = absl::ToDoubleSeconds(waited_);
-    if (waited_ <= grace_ ||
-        static_cast<double>(bytes_) >= static_cast<double>(min_rate_) * seconds) {
-      return grpc::Status::OK;
-    }
-    log::Warning("transfer_too_slow", {{"transfer", what_}, {"bytes", bytes_}});
-    return grpc::Status(
-        grpc::StatusCode::DEADLINE_EXCEEDED,
-        absl::StrCat("the ", what_, " went at ",
-                     static_cast<int64_t>(static_cast<double>(bytes_) / seconds),
-                     " bytes/s, under the minimum of ", min_rate_, " (sharing.", setting_, "); ",
-                     then_));
-  }
-
- private:
-  const std::string what_;
-  const absl::Duration grace_;
-  const int64_t min_rate_;
-  const std::string setting_;
-  const std::string then_;
-  absl::Duration waited_;
-  uint64_t bytes_ = 0;
-};
 
 }  // namespace
 
@@ -146,7 +109,7 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
   if (!principal.ok()) return ToGrpcStatus(principal.status());
   StallWatch::Call idle(upload_watch_, *context);
   TransferPace pace("upload", core_.upload_idle_timeout(), core_.upload_min_bytes_per_second(),
-                    "upload_min_bytes_per_second", "nothing was stored");
+                    "sharing.upload_min_bytes_per_second", "nothing was stored");
   auto read = [&](v1::UploadRecordRequest* next) {
     idle.Blocked();
     const bool got = reader->Read(next);
@@ -323,7 +286,7 @@ grpc::Status SharingService::DownloadRecord(
   // service's own (the shard, opening chunks) does not.
   StallWatch::Call stall(download_watch_, *context);
   TransferPace pace("download", core_.download_idle_timeout(),
-                    core_.download_min_bytes_per_second(), "download_min_bytes_per_second",
+                    core_.download_min_bytes_per_second(), "sharing.download_min_bytes_per_second",
                     "download again");
   // Blocks until the transport takes the message: a slow reader slows the download.
   auto write = [&](const v1::DownloadRecordResponse& m) -> grpc::Status {

@@ -772,13 +772,18 @@ TEST_F(IngestTest, AStreamOwingTooManyAckBytesStopsReading) {
   // The stream reads until it owes too much, then waits for the client.
   uint64_t read = 0;
   int unchanged = 0;
-  while (unchanged < 10) {
+  const absl::Time give_up = absl::Now() + absl::Seconds(60);
+  while (unchanged < 10 && absl::Now() < give_up) {
     absl::SleepFor(absl::Milliseconds(100));
     const uint64_t now = server.counters().batches - before;
     unchanged = now == read && now > 0 ? unchanged + 1 : 0;
     read = now;
   }
+  ASSERT_EQ(unchanged, 10) << "the stream read " << read << " batches, never holding still for 1 s";
   EXPECT_LE(read, 16u) << "the stream kept reading while it owed more than 64 KiB of acks";
+  // Stopped, not merely slow: it still holds after as long again and more.
+  absl::SleepFor(absl::Seconds(2));
+  EXPECT_EQ(server.counters().batches - before, read) << "the stream read on without its acks read";
   // Read, the acks come, and the stream reads on: every batch is answered.
   v1::IngestAck ack;
   uint64_t acked = 0;
@@ -2170,6 +2175,36 @@ TEST_F(IngestReadBoundsTest, AReadWhoseClientStopsTakingReadingsEndsAndGivesBack
   EXPECT_EQ(ended.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << ended.error_message();
   EXPECT_THAT(ended.error_message(), HasSubstr("ingest.read_idle_timeout_seconds"));
   EXPECT_LT(received, 10000u);
+  extra->server->Shutdown();
+}
+
+// A client that keeps taking readings, but too slowly to matter, is not let hold its read either:
+// once the service has waited ingest.read_idle_timeout_seconds for it in all, it must have taken
+// them at ingest.read_min_bytes_per_second.
+TEST_F(IngestReadBoundsTest, AReadTakenUnderTheMinimumRateEnds) {
+  const std::string patient = PatientWithReadings("read-slow", 12000);
+  auto extra = StartIngest(
+      "ingest: {read_idle_timeout_seconds: 2, read_min_bytes_per_second: 100000000}\n");
+  ASSERT_NE(extra, nullptr);
+  const int port = extra->server->port();
+  // A message of 500 readings every 400 ms: never idle for the 2 s allowed (unless the machine
+  // stalls for 1.6 s), but some tens of KB/s, under the 100 MB/s this server asks for.
+  std::unique_ptr<StalledRead> slow = StallRead(patient, port);
+  v1::ReadVitalsResponse message;
+  size_t received = 0;
+  while (slow->reader->Read(&message)) {
+    received += message.readings_size();
+    absl::SleepFor(absl::Milliseconds(400));
+  }
+  grpc::Status ended = slow->reader->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << ended.error_message();
+  EXPECT_THAT(ended.error_message(), HasSubstr("under the minimum of 100000000"));
+  EXPECT_THAT(ended.error_message(), HasSubstr("ingest.read_min_bytes_per_second"));
+  EXPECT_LT(received, 10000u);
+  // A client that takes its readings at once is not cut off by the same server.
+  absl::StatusOr<size_t> prompt = ReadPage(patient, port);
+  ASSERT_TRUE(prompt.ok()) << prompt.status();
+  EXPECT_EQ(*prompt, 10000u);
   extra->server->Shutdown();
 }
 

@@ -40,6 +40,7 @@ TEST(IngestSettingsTest, EveryKeySetsItsSetting) {
       "  max_streams_per_device: 6\n"
       "  max_reads_per_tenant: 3\n"
       "  read_idle_timeout_seconds: 45\n"
+      "  read_min_bytes_per_second: 2048\n"
 
       "  partition_lock_timeout_ms: 2500\n");
   ASSERT_TRUE(s.ok()) << s.status();
@@ -59,6 +60,7 @@ TEST(IngestSettingsTest, EveryKeySetsItsSetting) {
   EXPECT_EQ(s->max_streams_per_device, 6);
   EXPECT_EQ(s->reads.max_per_tenant, 3);
   EXPECT_EQ(s->reads.idle_timeout, absl::Seconds(45));
+  EXPECT_EQ(s->reads.min_bytes_per_second, 2048);
   EXPECT_EQ(s->partition_lock_timeout, absl::Milliseconds(2500));
 }
 
@@ -74,6 +76,7 @@ TEST(IngestSettingsTest, DefaultsWithoutTheSectionAndWithoutTheirKeys) {
     EXPECT_EQ(s->partition_check, absl::Minutes(60));
     EXPECT_EQ(s->reads.max_per_tenant, 16);
     EXPECT_EQ(s->reads.idle_timeout, absl::Seconds(30));
+    EXPECT_EQ(s->reads.min_bytes_per_second, 16 * 1024);
     EXPECT_EQ(s->partition_lock_timeout, absl::Seconds(1));
   }
 }
@@ -90,6 +93,7 @@ TEST(IngestSettingsTest, AValueOutOfRangeNamesItsKey) {
       {"max_streams_per_device", "1001"}, {"writers_per_region", "two"},
       {"max_reads_per_tenant", "0"},      {"read_idle_timeout_seconds", "0"},
       {"read_idle_timeout_seconds", "3601"}, {"partition_lock_timeout_ms", "99"},
+      {"read_min_bytes_per_second", "0"}, {"read_min_bytes_per_second", "1073741825"},
   };
   for (const auto& [key, value] : bad) {
     absl::StatusOr<IngestSettings> s = Parse(absl::StrCat("ingest: {", key, ": ", value, "}\n"));
