@@ -781,7 +781,7 @@ TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
   const std::string from = "routing:\n  seed_rules:\n";
   ASSERT_NE(text.find(from), std::string::npos);
   text.replace(text.find(from), from.size(),
-               "routing:\n  device_reassign_wait_seconds: 1\n  seed_rules:\n");
+               "routing:\n  device_reassign_wait_seconds: 3\n  seed_rules:\n");
   auto root = ConfigNode::Parse(text);
   ASSERT_TRUE(root.ok()) << root.status();
   auto config = ParseMedgateConfig(*root);
@@ -876,7 +876,13 @@ TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
     hold.exec("SELECT 1 FROM audit_head FOR UPDATE");
     std::promise<grpc::Status> slow;
     std::thread unassigning([&] { slow.set_value(unassign()); });
-    absl::SleepFor(absl::Seconds(2));  // longer than the 1 s wait
+    // Once the unassignment waits for the head, the wait passes while it has not committed.
+    const bool waiting = test_support::PollUntil(absl::Now() + absl::Seconds(30), [] {
+      return CountIn(clusters_->control(),
+                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'") == 1;
+    });
+    EXPECT_TRUE(waiting) << "the unassignment never waited for the audit chain's head";
+    absl::SleepFor(absl::Seconds(4));  // longer than the 3 s wait
     std::optional<v1::ResolvedDevice> still = resolve();
     ASSERT_TRUE(still.has_value());
     EXPECT_EQ(still->patient_id(), patient2->patient_id());
@@ -896,14 +902,14 @@ TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
     pqxx::connection admin(stack_->clusters().control().ConnectionString());
     pqxx::nontransaction q(admin);
     q.exec("CREATE FUNCTION test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
-           "$$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$");
+           "$$ BEGIN PERFORM pg_sleep(4); RETURN NULL; END $$");
     q.exec("CREATE CONSTRAINT TRIGGER test_slow_unassignment AFTER UPDATE ON devices "
            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
            "WHEN (OLD.patient_id IS NOT NULL AND NEW.patient_id IS NULL) "
            "EXECUTE FUNCTION test_slow_commit()");
   }
   const grpc::Status slow_commit = unassign();
-  // At once (the wait is 1 s; the trigger does not fire on an assignment).
+  // At once (the wait is 3 s; the trigger does not fire on an assignment).
   const grpc::Status right_after = assign("wait-owner-2");
   {
     pqxx::connection admin(stack_->clusters().control().ConnectionString());

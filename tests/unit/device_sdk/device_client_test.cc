@@ -672,11 +672,16 @@ TEST_F(DeviceClientTest, WaitingWithoutATimeoutWaitsForTheAcks) {
   ASSERT_TRUE(client_->Send(Samples(1)).ok());
   client_->Start();
   absl::Status waited = absl::UnknownError("not returned");
+  std::atomic<bool> entered{false};
   std::atomic<bool> returned{false};
   std::thread waiter([&] {
+    entered = true;
     waited = client_->WaitUntilAcked(absl::InfiniteDuration());
     returned = true;
   });
+  // The wait has begun (or is about to): a wait that returned at once has returned well within
+  // the 200 ms after.
+  EXPECT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] { return entered.load(); }));
   absl::SleepFor(absl::Milliseconds(200));
   const bool returned_before_the_ack = returned.load();
   serve = true;

@@ -348,8 +348,22 @@ TEST_F(HelmChartTest, EachServiceReachesThePodsThatServeIt) {
     const std::string serving = name == "audit" ? "sharing" : name;
     const YAML::Node deployment = Named(*france_, "Deployment", "medgate-" + serving);
     const YAML::Node labels = deployment["spec"]["template"]["metadata"]["labels"];
-    for (const auto& kv : service["spec"]["selector"]) {
-      EXPECT_EQ(labels[kv.first.as<std::string>()].as<std::string>(), kv.second.as<std::string>());
+    // It selects these pods, and no other Deployment's: a selector without a label would select
+    // none, and one of the labels every pod shares would send the clients to every pod.
+    const YAML::Node selector = service["spec"]["selector"];
+    ASSERT_TRUE(selector.IsMap() && selector.size() > 0) << "the Service selects no pods";
+    auto selects = [&selector](const YAML::Node& pod_labels) {
+      for (const auto& kv : selector) {
+        const YAML::Node value = pod_labels[kv.first.as<std::string>()];
+        if (!value || value.as<std::string>() != kv.second.as<std::string>()) return false;
+      }
+      return true;
+    };
+    EXPECT_TRUE(selects(labels));
+    for (const YAML::Node& other : OfKind(*france_, "Deployment")) {
+      if (other["metadata"]["name"].as<std::string>() == "medgate-" + serving) continue;
+      EXPECT_FALSE(selects(other["spec"]["template"]["metadata"]["labels"]))
+          << "it also selects the pods of " << other["metadata"]["name"].as<std::string>();
     }
     bool named_port = false;
     for (const YAML::Node& p : deployment["spec"]["template"]["spec"]["containers"][0]["ports"]) {

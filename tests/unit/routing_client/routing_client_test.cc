@@ -911,6 +911,22 @@ TEST_F(RoutingClientTest, ConcurrentCallersAndInvalidationsGetCorrectAnswers) {
     });
   }
   for (std::thread& thread : threads) thread.join();
+  // The invalidations still work after all that: a patient moved by ops is answered where it is
+  // now once invalidated, one by one or all at once.
+  auto where = [&](const std::string& id) {
+    absl::StatusOr<std::vector<PatientLocation>> answers = routing.ResolvePatients({id});
+    EXPECT_TRUE(answers.ok()) << answers.status();
+    return answers.ok() && answers->size() == 1 ? Describe((*answers)[0]) : std::string("-");
+  };
+  EXPECT_EQ(where(ids[0]), absl::StrCat(ids[0], " t1/fr-1/FR"));
+  EXPECT_EQ(where(ids[1]), absl::StrCat(ids[1], " t1/fr-1/FR"));
+  fake_.PlacePatient(ids[0], "t1", "de-1", "DE");
+  fake_.PlacePatient(ids[1], "t1", "de-1", "DE");
+  routing.InvalidatePatient(ids[0]);
+  EXPECT_EQ(where(ids[0]), absl::StrCat(ids[0], " t1/de-1/DE"));
+  EXPECT_EQ(where(ids[1]), absl::StrCat(ids[1], " t1/fr-1/FR"));  // still as cached
+  routing.InvalidateAll();
+  EXPECT_EQ(where(ids[1]), absl::StrCat(ids[1], " t1/de-1/DE"));
 }
 
 }  // namespace
