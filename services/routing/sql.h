@@ -129,7 +129,7 @@ inline const std::vector<pg::Statement>& Statements() {
        "FROM unnest($1::text[], $2::text[]) AS k(tenant_id, device_id) "
        "LEFT JOIN tenants t ON t.tenant_id = k.tenant_id "
        "LEFT JOIN devices d ON d.tenant_id = k.tenant_id AND d.device_id = k.device_id "
-       "LEFT JOIN patients p ON p.patient_id = d.patient_id"},
+       "LEFT JOIN patients p ON p.patient_id = d.patient_id AND p.tenant_id = d.tenant_id"},
       {kResolveTenants, "SELECT tenant_id, active FROM tenants WHERE tenant_id = ANY($1::text[])"},
   };
   return statements;

@@ -131,12 +131,12 @@ class DatabaseRolesTest : public ::testing::Test {
 PgCluster* DatabaseRolesTest::cluster_ = nullptr;
 
 TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
-  const std::set<std::string> control = {
+  std::set<std::string> control = {
       "medgate_routing tenants SELECT",       "medgate_routing tenants INSERT",
-      "medgate_routing tenants UPDATE",       "medgate_routing residency_rules SELECT",
+      "medgate_routing residency_rules SELECT",
       "medgate_routing residency_rules INSERT",
       "medgate_routing devices SELECT",       "medgate_routing devices INSERT",
-      "medgate_routing devices UPDATE",       "medgate_routing patients SELECT",
+      "medgate_routing patients SELECT",
       "medgate_routing patients INSERT",      "medgate_routing audit_append()",
       "medgate_sharing audit_log SELECT",     "medgate_sharing audit_head SELECT",
       "medgate_sharing audit_append()",
@@ -146,6 +146,13 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "audit_append() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_routing DATABASE CONNECT",     "medgate_sharing DATABASE CONNECT",
   };
+  // Of a tenant, what PutTenant sets; of a device, its assignment (control migration 0013).
+  for (const char* column : {"display_name", "territories", "region_ids", "active", "updated_at"}) {
+    control.insert(absl::StrCat("medgate_routing tenants(", column, ") UPDATE"));
+  }
+  for (const char* column : {"patient_id", "former_patient_id", "assigned_at", "updated_at"}) {
+    control.insert(absl::StrCat("medgate_routing devices(", column, ") UPDATE"));
+  }
   EXPECT_THAT(RightsIn(*cluster_, kControl), ::testing::ContainerEq(control));
 
   std::set<std::string> shard = {
@@ -161,7 +168,8 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_ingest vitals INSERT",
       "medgate_ingest device_cursors SELECT",
       "medgate_ingest device_cursors INSERT",
-      "medgate_ingest device_cursors UPDATE",
+      "medgate_ingest device_cursors(max_seq) UPDATE",
+      "medgate_ingest device_cursors(updated_at) UPDATE",
       "medgate_ingest medgate_advance_device_cursors()",
       "medgate_ingest medgate_ensure_vitals_partitions()",
       "medgate_ingest audit_append()",
@@ -170,7 +178,10 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_sharing consent_versions SELECT",
       "medgate_sharing share_grants SELECT",
       "medgate_sharing share_grants INSERT",
-      "medgate_sharing share_grants UPDATE",
+      "medgate_sharing share_grants(granted_by) UPDATE",
+      "medgate_sharing share_grants(created_at) UPDATE",
+      "medgate_sharing share_grants(expires_at) UPDATE",
+      "medgate_sharing share_grants(revoked_at) UPDATE",
       "medgate_sharing key_destructions SELECT",
       "medgate_sharing key_destructions INSERT",
       "medgate_sharing key_destructions DELETE",
@@ -203,9 +214,17 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_trim_revoked_grants() SECURITY DEFINER search_path=public, pg_temp",
   };
   for (const char* table : {"records", "record_keys"}) {
-    for (const char* right : {"SELECT", "INSERT", "UPDATE", "DELETE"}) {
+    for (const char* right : {"SELECT", "INSERT", "DELETE"}) {
       shard.insert(absl::StrCat("medgate_sharing ", table, " ", right));
     }
+  }
+  // Of a record, its state and sealed metadata; of a key, its wrapping (shard migration 0030).
+  for (const char* column : {"state", "retain_until", "content_type", "file_name", "sha256",
+                             "content_type_sealed", "file_name_sealed", "sha256_sealed"}) {
+    shard.insert(absl::StrCat("medgate_sharing records(", column, ") UPDATE"));
+  }
+  for (const char* column : {"wrapped_by", "wrapped_key"}) {
+    shard.insert(absl::StrCat("medgate_sharing record_keys(", column, ") UPDATE"));
   }
   for (absl::string_view role : pg::kServiceRoles) {
     shard.insert(absl::StrCat(role, " DATABASE CONNECT"));
@@ -215,7 +234,10 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
 
   const std::set<std::string> vault = {
       "medgate_sharing patient_keys SELECT", "medgate_sharing patient_keys INSERT",
-      "medgate_sharing patient_keys UPDATE", "medgate_sharing patient_keys DELETE",
+      "medgate_sharing patient_keys DELETE",
+      "medgate_sharing patient_keys(confirmed) UPDATE",
+      "medgate_sharing patient_keys(kek_id) UPDATE",
+      "medgate_sharing patient_keys(wrapped_key) UPDATE",
       "medgate_sharing DATABASE CONNECT"};
   EXPECT_THAT(RightsIn(*cluster_, kVault), ::testing::ContainerEq(vault));
 }
@@ -411,6 +433,30 @@ TEST_F(DatabaseRolesTest, AServiceCannotReachAnotherServicesData) {
       {kShard, pg::kSharingRole, "CREATE TEMPORARY TABLE scratch (id int)"},
       // No connection where the service has nothing to do.
       {kVault, pg::kRoutingRole, "SELECT 1", kNoConnection},
+      // A service updates only the columns it changes: no record moves to another tenant,
+      // patient or owner, no grant to another grantee or record, no key to another patient, no
+      // tenant gets another pseudonym key, no device or cursor another tenant (migrations
+      // control 0013, shard 0030, vault 0006).
+      {kShard, pg::kSharingRole, "UPDATE records SET tenant_id = 'globex'"},
+      {kShard, pg::kSharingRole, "UPDATE records SET patient_id = 'p', owner = 'o'"},
+      {kShard, pg::kSharingRole, "UPDATE records SET size_bytes = 1"},
+      {kShard, pg::kSharingRole, "UPDATE share_grants SET grantee = 'g'"},
+      {kShard, pg::kSharingRole, "UPDATE share_grants SET record_id = 'r'"},
+      {kShard, pg::kSharingRole, "UPDATE record_keys SET patient_id = 'p'"},
+      {kVault, pg::kSharingRole, "UPDATE patient_keys SET patient_id = 'p'"},
+      {kControl, pg::kRoutingRole, "UPDATE tenants SET pseudonym_key = '\\x00'"},
+      {kControl, pg::kRoutingRole, "UPDATE devices SET tenant_id = 'globex'"},
+      {kShard, pg::kIngestRole, "UPDATE device_cursors SET device_id = 'd'"},
+      // What they do change, they may (no row here: the statements run, and change nothing).
+      {kShard, pg::kSharingRole,
+       "UPDATE share_grants SET revoked_at = now() WHERE grant_id = 'none'", "ok"},
+      {kShard, pg::kSharingRole,
+       "UPDATE records SET state = 'archived', retain_until = now() WHERE record_id = 'none'",
+       "ok"},
+      {kVault, pg::kSharingRole, "UPDATE patient_keys SET confirmed = true WHERE key_id = 'none'",
+       "ok"},
+      {kControl, pg::kRoutingRole, "UPDATE tenants SET active = false WHERE tenant_id = 'none'",
+       "ok"},
   };
   for (const Attempt& a : attempts) {
     EXPECT_EQ(RunAs(*cluster_, a.db, a.role, a.sql), a.result) << a.db << ", " << a.role << ": "
@@ -578,6 +624,43 @@ TEST(DatabaseRolesMigrationTest, MakesMissingRolesAndRefusesOverprivilegedOnes) 
   }
 }
 
+// A service role that belongs to a role without inheriting its rights (NOINHERIT) may SET ROLE to
+// it: the migrations refuse it by membership, as they refuse membership of any role that is a
+// superuser, where the roles' first check (by inherited rights, of listed roles) let both by.
+TEST(DatabaseRolesMigrationTest, AServiceRoleThatMaySetRoleToAPowerfulRoleIsRefused) {
+  absl::StatusOr<std::unique_ptr<PgCluster>> started = PgCluster::Start("roles-member");
+  ASSERT_TRUE(started.ok()) << started.status();
+  PgCluster& cluster = **started;
+  ASSERT_TRUE(Migrate(cluster, kControl, "control").ok());
+  const int vetting = VersionOf("shard", "_service_updates_by_column.sql");
+  struct Case {
+    std::vector<std::string> grant;
+    std::string message;
+    std::vector<std::string> undo;
+  };
+  const std::vector<Case> cases = {
+      {{"ALTER ROLE medgate_sharing NOINHERIT", "GRANT medgate TO medgate_sharing"},
+       "role medgate_sharing is a member of medgate (it may SET ROLE to it",
+       {"REVOKE medgate FROM medgate_sharing", "ALTER ROLE medgate_sharing INHERIT"}},
+      {{"CREATE ROLE dba SUPERUSER NOLOGIN", "GRANT dba TO medgate_ingest"},
+       "role medgate_ingest is a member of dba",
+       {"REVOKE dba FROM medgate_ingest", "DROP ROLE dba"}},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string db = absl::StrCat("shard_member_", i);
+    std::vector<std::string> setup = {"CREATE DATABASE " + db};
+    setup.insert(setup.end(), cases[i].grant.begin(), cases[i].grant.end());
+    ExecAsOwner(cluster, kControl, setup);
+    absl::Status refused = Migrate(cluster, db, "shard");
+    EXPECT_THAT(std::string(refused.message()), HasSubstr(cases[i].message)) << i;
+    EXPECT_EQ(LastApplied(cluster, db), vetting - 1) << i;
+    ExecAsOwner(cluster, kControl, cases[i].undo);
+    // Once undone, the migrations go on.
+    absl::Status migrated = Migrate(cluster, db, "shard");
+    EXPECT_TRUE(migrated.ok()) << i << ": " << migrated;
+  }
+}
+
 // A database whose public schema lets everyone create objects (one upgraded from a server before
 // PostgreSQL 15 keeps that; a grant can add it back) is closed by the migrations: a service role
 // that could plant a function there would have the owner-rights functions run it, as the owner.
@@ -612,6 +695,34 @@ TEST(DatabaseRolesMigrationTest, NoServiceRoleMayCreateObjectsInPublic) {
                         "shard_group"));
   EXPECT_EQ(LastApplied(cluster, "shard_group"),
             VersionOf("shard", "_no_objects_in_public_but_the_owners.sql") - 1);
+}
+
+// A device feeds patients of its own tenant only, whoever writes the row (control migration 0014):
+// routing's own statement giving an acme device a globex patient is refused by the database.
+TEST_F(DatabaseRolesTest, ADeviceCannotBeGivenAnotherTenantsPatient) {
+  ExecAsOwner(*cluster_, kControl,
+              {"INSERT INTO tenants (tenant_id, display_name, territories, active, pseudonym_key) "
+               "VALUES ('t-acme', 'Acme', '{FR}', true, decode(repeat('00', 32), 'hex')), "
+               "('t-globex', 'Globex', '{FR}', true, decode(repeat('01', 32), 'hex'))",
+               "INSERT INTO patients (patient_id, tenant_id, territory, region_id, rule_version) "
+               "VALUES ('p-acme', 't-acme', 'FR', 'fr-1', 1), "
+               "('p-globex', 't-globex', 'FR', 'fr-1', 1)"});
+  const std::string crossed =
+      RunAs(*cluster_, kControl, pg::kRoutingRole,
+            "INSERT INTO devices (tenant_id, device_id, patient_id) "
+            "VALUES ('t-acme', 'd-1', 'p-globex')");
+  EXPECT_THAT(crossed, HasSubstr("devices_patient_of_their_tenant"));
+  EXPECT_EQ(RunAs(*cluster_, kControl, pg::kRoutingRole,
+                  "INSERT INTO devices (tenant_id, device_id, patient_id) "
+                  "VALUES ('t-acme', 'd-1', 'p-acme')"),
+            "ok");
+  EXPECT_THAT(RunAs(*cluster_, kControl, pg::kRoutingRole,
+                    "UPDATE devices SET patient_id = 'p-globex' WHERE device_id = 'd-1'"),
+              HasSubstr("devices_patient_of_their_tenant"));
+  // Unassigned, it names no patient: nothing to check.
+  EXPECT_EQ(RunAs(*cluster_, kControl, pg::kRoutingRole,
+                  "UPDATE devices SET patient_id = NULL WHERE device_id = 'd-1'"),
+            "ok");
 }
 
 }  // namespace
