@@ -2,6 +2,7 @@
 #include "libs/audit/audit_log.h"
 
 #include <limits>
+#include <optional>
 
 #include <openssl/sha.h>
 
@@ -189,130 +190,169 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
     result.problem = std::move(problem);
     return result;
   };
+  std::string prev_hash = ZeroHash();
+  int64_t expected_seq = first_seq;
+  // Checks the entries of `rows` (in seq order) as the next of the chain: the fault of the first
+  // that does not verify, or none.
+  auto check = [&](const pqxx::result& rows) -> std::optional<VerifyResult> {
+    for (const pqxx::row& row : rows) {
+      int64_t seq = row[0].as<int64_t>();
+      if (seq != expected_seq) {
+        return fail(expected_seq, ChainFault::kMissing,
+                    absl::StrCat("entry ", expected_seq, " is missing"));
+      }
+      Entry e;
+      e.actor = row[2].c_str();
+      e.tenant = row[3].c_str();
+      absl::StatusOr<Action> action = ParseAction(row[4].c_str());
+      if (!action.ok()) {
+        return fail(seq, ChainFault::kMalformed, std::string(action.status().message()));
+      }
+      e.action = *action;
+      e.object_type = row[5].c_str();
+      e.object_id = row[6].c_str();
+      e.patient_id = row[7].c_str();
+      absl::StatusOr<Decision> decision = ParseDecision(row[8].c_str());
+      if (!decision.ok()) {
+        return fail(seq, ChainFault::kMalformed, std::string(decision.status().message()));
+      }
+      e.decision = *decision;
+      e.reason = row[9].c_str();
+      e.purpose = row[10].c_str();
+      e.consent_id = row[11].c_str();
+      e.consent_version = row[12].as<int64_t>();
+      e.request_id = row[13].c_str();
+      e.origin = row[14].c_str();
+      absl::StatusOr<std::string> stored_prev = FromByteaText(row[15].c_str());
+      absl::StatusOr<std::string> stored_hash = FromByteaText(row[16].c_str());
+      if (!stored_prev.ok() || !stored_hash.ok()) {
+        return fail(seq, ChainFault::kMalformed, "hash column is malformed");
+      }
+      if (*stored_prev != prev_hash) {
+        return fail(seq, ChainFault::kPrevHash, "prev_hash does not match the previous entry's hash");
+      }
+      std::string hash = ChainHash(prev_hash, seq, row[1].as<int64_t>(), e);
+      if (hash != *stored_hash) {
+        return fail(seq, ChainFault::kAltered, "content does not match its hash (entry altered)");
+      }
+      prev_hash = hash;
+      result.last_seq = seq;
+      result.last_hash = hash;
+      ++expected_seq;
+      ++result.entries_checked;
+    }
+    return std::nullopt;
+  };
+  // The next page of entries from expected_seq up to `stop`.
+  auto page = [&](pqxx::dbtransaction& txn, int64_t stop) {
+    return txn.exec_params(
+        "SELECT seq, at_us, actor, tenant, action, object_type, object_id, patient_id, "
+        "decision, reason, purpose, consent_id, consent_version, request_id, origin, prev_hash, "
+        "hash FROM audit_log WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+        expected_seq, stop, kVerifyPage);
+  };
   try {
-    // One snapshot for the whole walk, so concurrent appends do not look like a broken head.
-    pqxx::transaction<pqxx::repeatable_read, pqxx::read_only> txn(
-        connection);
-    pqxx::row head = txn.exec1("SELECT seq, hash FROM audit_head WHERE id");
-    const int64_t head_seq = head[0].as<int64_t>();
-    if (first_seq > 1 || last_seq != 0) {
-      // A ranged request names entries the log must have, as far as its head says.
-      if (first_seq > head_seq) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("start_seq ", first_seq, " is past the log's last entry (", head_seq,
-                         "); start at 1 to ", head_seq));
-      }
-      if (last_seq > head_seq) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("end_seq ", last_seq, " is past the log's last entry (", head_seq,
-                         "); use at most ", head_seq, ", or 0 for up to the last entry"));
-      }
-    }
-    std::string prev_hash = ZeroHash();
-    if (first_seq > 1) {
-      pqxx::result anchor =
-          txn.exec_params("SELECT hash FROM audit_log WHERE seq = $1", first_seq - 1);
-      if (anchor.empty()) {
-        return fail(first_seq - 1, ChainFault::kMissing, absl::StrCat("entry ", first_seq - 1,
-                                                " is missing (the anchor of the range)"));
-      }
-      absl::StatusOr<std::string> anchor_hash = FromByteaText(anchor[0][0].c_str());
-      if (!anchor_hash.ok()) {
-        return fail(first_seq - 1, ChainFault::kMalformed, "hash column is malformed");
-      }
-      prev_hash = *anchor_hash;
-    }
-    const int64_t stop = last_seq != 0 ? last_seq : std::numeric_limits<int64_t>::max();
-    int64_t expected_seq = first_seq;
-    while (expected_seq <= stop) {
+    // Each page is read in a short snapshot of its own: one snapshot held for a whole walk of a
+    // long log would keep every row version the appends leave behind meanwhile, the chain head's
+    // among them, and slow every append of the walk's time. Entries up to the head a snapshot
+    // shows are all committed, and nobody the walk trusts changes them, so a later snapshot reads
+    // them as that one would. What must be read together is the end: the head, and the entries
+    // up to it and past it, in the snapshot of the last page.
+    bool first_page = true;
+    while (true) {
       if (cancelled && cancelled()) {
         return absl::CancelledError(absl::StrCat(
             "the verification was cancelled after ", result.entries_checked,
             " entries, up to entry ", expected_seq - 1, "; nothing was concluded"));
       }
-      pqxx::result rows = txn.exec_params(
-          "SELECT seq, at_us, actor, tenant, action, object_type, object_id, patient_id, "
-          "decision, reason, purpose, consent_id, consent_version, request_id, origin, prev_hash, "
-          "hash FROM audit_log "
-          "WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
-          expected_seq, stop, kVerifyPage);
-      for (const pqxx::row& row : rows) {
-        int64_t seq = row[0].as<int64_t>();
-        if (seq != expected_seq) {
+      pqxx::transaction<pqxx::repeatable_read, pqxx::read_only> txn(connection);
+      pqxx::row head = txn.exec1("SELECT seq, hash FROM audit_head WHERE id");
+      const int64_t head_seq = head[0].as<int64_t>();
+      if (first_page) {
+        first_page = false;
+        if (first_seq > 1 || last_seq != 0) {
+          // A ranged request names entries the log must have, as far as its head says.
+          if (first_seq > head_seq) {
+            return absl::InvalidArgumentError(
+                absl::StrCat("start_seq ", first_seq, " is past the log's last entry (", head_seq,
+                             "); start at 1 to ", head_seq));
+          }
+          if (last_seq > head_seq) {
+            return absl::InvalidArgumentError(
+                absl::StrCat("end_seq ", last_seq, " is past the log's last entry (", head_seq,
+                             "); use at most ", head_seq, ", or 0 for up to the last entry"));
+          }
+        }
+        if (first_seq > 1) {
+          pqxx::result anchor =
+              txn.exec_params("SELECT hash FROM audit_log WHERE seq = $1", first_seq - 1);
+          if (anchor.empty()) {
+            return fail(first_seq - 1, ChainFault::kMissing,
+                        absl::StrCat("entry ", first_seq - 1,
+                                     " is missing (the anchor of the range)"));
+          }
+          absl::StatusOr<std::string> anchor_hash = FromByteaText(anchor[0][0].c_str());
+          if (!anchor_hash.ok()) {
+            return fail(first_seq - 1, ChainFault::kMalformed, "hash column is malformed");
+          }
+          prev_hash = *anchor_hash;
+        }
+      }
+      // Up to the range's end, or to the entry this snapshot's head names as last.
+      const int64_t stop = last_seq != 0 ? last_seq : head_seq;
+      bool full = false;
+      if (expected_seq <= stop) {
+        const pqxx::result rows = page(txn, stop);
+        if (std::optional<VerifyResult> bad = check(rows)) return *bad;
+        full = rows.size() == static_cast<size_t>(kVerifyPage);
+      }
+      if (full && expected_seq <= stop) {
+        txn.commit();
+        continue;
+      }
+      // The walk reached `stop`, or the log ended before it, in this snapshot.
+      if (last_seq != 0) {
+        // The head said the range exists: an entry of it that is not there was removed.
+        if (expected_seq <= last_seq) {
           return fail(expected_seq, ChainFault::kMissing,
                       absl::StrCat("entry ", expected_seq, " is missing"));
         }
-        Entry e;
-        e.actor = row[2].c_str();
-        e.tenant = row[3].c_str();
-        absl::StatusOr<Action> action = ParseAction(row[4].c_str());
-        if (!action.ok()) {
-          return fail(seq, ChainFault::kMalformed, std::string(action.status().message()));
-        }
-        e.action = *action;
-        e.object_type = row[5].c_str();
-        e.object_id = row[6].c_str();
-        e.patient_id = row[7].c_str();
-        absl::StatusOr<Decision> decision = ParseDecision(row[8].c_str());
-        if (!decision.ok()) {
-          return fail(seq, ChainFault::kMalformed, std::string(decision.status().message()));
-        }
-        e.decision = *decision;
-        e.reason = row[9].c_str();
-        e.purpose = row[10].c_str();
-        e.consent_id = row[11].c_str();
-        e.consent_version = row[12].as<int64_t>();
-        e.request_id = row[13].c_str();
-        e.origin = row[14].c_str();
-        absl::StatusOr<std::string> stored_prev = FromByteaText(row[15].c_str());
-        absl::StatusOr<std::string> stored_hash = FromByteaText(row[16].c_str());
-        if (!stored_prev.ok() || !stored_hash.ok()) return fail(seq, ChainFault::kMalformed, "hash column is malformed");
-        if (*stored_prev != prev_hash) {
-          return fail(seq, ChainFault::kPrevHash, "prev_hash does not match the previous entry's hash");
-        }
-        std::string hash = ChainHash(prev_hash, seq, row[1].as<int64_t>(), e);
-        if (hash != *stored_hash) {
-          return fail(seq, ChainFault::kAltered, "content does not match its hash (entry altered)");
-        }
-        prev_hash = hash;
-        result.last_seq = seq;
-        result.last_hash = hash;
-        ++expected_seq;
-        ++result.entries_checked;
+        return result;
       }
-      if (rows.size() < static_cast<size_t>(kVerifyPage)) break;
-    }
-    if (last_seq != 0) {
-      // The head said the range exists: an entry of it that is not there was removed.
-      if (expected_seq <= last_seq) {
-        return fail(expected_seq, ChainFault::kMissing,
-                      absl::StrCat("entry ", expected_seq, " is missing"));
+      // Chained entries after the head's last are walked too (the head moved back, or entries
+      // appended without moving it), then named.
+      if (expected_seq == head_seq + 1) {
+        while (true) {
+          const pqxx::result rows = page(txn, std::numeric_limits<int64_t>::max());
+          if (std::optional<VerifyResult> bad = check(rows)) return *bad;
+          if (rows.size() < static_cast<size_t>(kVerifyPage)) break;
+        }
+      }
+      absl::StatusOr<std::string> head_hash = FromByteaText(head[1].c_str());
+      if (head_seq < expected_seq - 1) {
+        // Chained entries after the one the head names as last: the first of them is the fault,
+        // the entries up to the head's (and that one) verified. (A range starting past the head's
+        // entry was refused above.)
+        VerifyResult past = fail(head_seq + 1, ChainFault::kPastHead, absl::StrCat(
+            "entries ", head_seq + 1, " to ", expected_seq - 1, " follow entry ", head_seq,
+            ", the last by the chain head (appended without moving the head, or the head moved "
+            "back)"));
+        past.entries_checked = head_seq - first_seq + 2;
+        return past;
+      }
+      if (head_seq != expected_seq - 1) {
+        return fail(expected_seq, ChainFault::kHeadBehind,
+                    absl::StrCat("chain head says entry ", head_seq, " is last but the log ends at ",
+                                 expected_seq - 1, " (entries removed or head altered)"));
+      }
+      if (!head_hash.ok() || *head_hash != prev_hash) {
+        return fail(head_seq, ChainFault::kHeadHash,
+                    absl::StrCat("the chain head's hash is not entry ", head_seq,
+                                 "'s (the entry rewritten with its hash recomputed, or the head "
+                                 "altered)"));
       }
       return result;
     }
-    absl::StatusOr<std::string> head_hash = FromByteaText(head[1].c_str());
-    if (head_seq < expected_seq - 1) {
-      // Chained entries after the one the head names as last: the first of them is the fault,
-      // the entries up to the head's (and that one) verified. (A range starting past the head's
-      // entry was refused above.)
-      VerifyResult past = fail(head_seq + 1, ChainFault::kPastHead, absl::StrCat(
-          "entries ", head_seq + 1, " to ", expected_seq - 1, " follow entry ", head_seq,
-          ", the last by the chain head (appended without moving the head, or the head moved "
-          "back)"));
-      past.entries_checked = head_seq - first_seq + 2;
-      return past;
-    }
-    if (head_seq != expected_seq - 1) {
-      return fail(expected_seq, ChainFault::kHeadBehind,
-                  absl::StrCat("chain head says entry ", head_seq, " is last but the log ends at ",
-                               expected_seq - 1, " (entries removed or head altered)"));
-    }
-    if (!head_hash.ok() || *head_hash != prev_hash) {
-      return fail(head_seq, ChainFault::kHeadHash, absl::StrCat("the chain head's hash is not entry ", head_seq,
-                                         "'s (the entry rewritten with its hash recomputed, or "
-                                         "the head altered)"));
-    }
-    return result;
   } catch (const std::exception& e) {
     return pg::StatusFromException(e);
   }

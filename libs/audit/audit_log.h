@@ -134,7 +134,9 @@ absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection_base& connection);
 // last_seq is 0 (up to the last entry). first_seq <= 1 starts at the first entry.
 // INVALID_ARGUMENT, saying which bound is wrong, when the range is empty or outside the log.
 // `cancelled`, when given, is asked between pages of entries: once it answers true the walk stops
-// with CANCELLED (its caller gone, its server draining), however long the log.
+// with CANCELLED (its caller gone, its server draining), however long the log. Each page is read in
+// a short snapshot of its own (no transaction stays open between pages); an unranged walk follows
+// the head to the one its last page's snapshot shows, and checks the head there.
 absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection, int64_t first_seq,
                                               int64_t last_seq,
                                               const std::function<bool()>& cancelled = nullptr);

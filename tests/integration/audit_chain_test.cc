@@ -284,6 +284,33 @@ TEST_F(AuditChainTest, AWalkStopsBetweenPagesOnceCancelled) {
   EXPECT_EQ(whole->entries_checked, kWriters * kEntriesPerWriter);
 }
 
+// A walk holds no snapshot between its pages (one held through a long walk would keep every row
+// version the appends leave meanwhile, the chain head's among them, and slow every append): between
+// pages its connection has no transaction open. Entries appended meanwhile are walked too, up to
+// the head of the last page's snapshot.
+TEST_F(AuditChainTest, AWalkHoldsNoSnapshotBetweenPagesAndFollowsTheHead) {
+  WriteConcurrently();  // 4,000 entries: two full pages
+  pqxx::connection c(cluster_->ConnectionString());
+  pqxx::connection observer(cluster_->ConnectionString());
+  int asked = 0;
+  std::vector<std::string> states;
+  absl::StatusOr<VerifyResult> walked = VerifyChainRange(c, 1, 0, [&] {
+    if (++asked > 1) {
+      pqxx::nontransaction q(observer);
+      states.push_back(
+          q.exec_params1("SELECT state FROM pg_stat_activity WHERE pid = $1", c.backendpid())[0]
+              .c_str());
+      EXPECT_TRUE(AppendEntries(1));
+    }
+    return false;
+  });
+  ASSERT_TRUE(walked.ok()) << walked.status();
+  EXPECT_TRUE(walked->ok) << walked->problem;
+  EXPECT_EQ(asked, 3);  // before each of the pages 1-2000, 2001-4000 and 4001-4002
+  EXPECT_EQ(states, std::vector<std::string>({"idle", "idle"}));
+  EXPECT_EQ(walked->entries_checked, kWriters * kEntriesPerWriter + 2);
+}
+
 // A text field holding a NUL byte is stored up to it (libpq sends text that far; PostgreSQL text
 // holds none) and hashed as stored, in every field, so the chain still verifies.
 // AppendMany chains several entries in one statement, interleaved with Append by other writers:
