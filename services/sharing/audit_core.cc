@@ -187,9 +187,18 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
     }
     log.region_id = home->region_id;
     tenant = home->tenant_id;
-    // Ops may read the patient's entries of another log: the control log holds their placement
-    // and device assignments.
-    if (query.log) log = *query.log;
+    // Ops may read the patient's entries of the control log too, which holds their placement
+    // and device assignments. Another region's log holds none, and the read's own entry, which
+    // names the patient, would be written there: nothing about a patient is stored outside its
+    // home shard (and the directory).
+    if (query.log) {
+      if (!query.log->control && query.log->region_id != home->region_id) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "log: patient '", query.patient_id, "' has entries only in its home region's log ('",
+            home->region_id, "') and in the control log; ask one of those, or leave log unset"));
+      }
+      log = *query.log;
+    }
   } else if (!ops) {
     return absl::InvalidArgumentError("patient_id: required");
   } else if (!query.log) {

@@ -1581,10 +1581,11 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
         if (std::optional<GrantInfo> held = LatestGrant(txn, record_id, grantee);
             held && IsActive(*held, now) && held->granted_by != ctx.principal.spiffe_id &&
             record->owner != ctx.principal.spiffe_id) {
+          // Not said: when it ends or who made it. The caller does not see grants it did not
+          // make (ListRecords and downloads show it its own).
           return absl::FailedPreconditionError(absl::StrCat(
               "grantee already holds an active grant on record '", record_id,
-              "' (until ", Rfc3339(held->expires_at), "), made by ", held->granted_by,
-              "; only they or the record's owner may extend it"));
+              "' made by another practitioner; only they or the record's owner may extend it"));
         }
         audit::Entry entry = AuditEntryFor(ctx, audit::Action::kCreate, "share_grant", record_id,
                                       record->tenant_id, record->patient_id, "");
