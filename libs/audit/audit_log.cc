@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
 #include "absl/strings/string_view.h"
+#include "libs/common/status_macros.h"
 #include "libs/crypto/sha256.h"
 #include "libs/pg/pg_status.h"
 #include "libs/pg/sql_array.h"
@@ -164,6 +165,24 @@ absl::StatusOr<int64_t> AppendMany(pqxx::work& txn, const std::vector<Entry>& en
   }
 }
 
+absl::StatusOr<Entry> EntryFromColumns(const pqxx::row& row, int first) {
+  Entry e;
+  e.actor = row[first].c_str();
+  e.tenant = row[first + 1].c_str();
+  ASSIGN_OR_RETURN(e.action, ParseAction(row[first + 2].c_str()));
+  e.object_type = row[first + 3].c_str();
+  e.object_id = row[first + 4].c_str();
+  e.patient_id = row[first + 5].c_str();
+  ASSIGN_OR_RETURN(e.decision, ParseDecision(row[first + 6].c_str()));
+  e.reason = row[first + 7].c_str();
+  e.purpose = row[first + 8].c_str();
+  e.consent_id = row[first + 9].c_str();
+  e.consent_version = row[first + 10].as<int64_t>();
+  e.request_id = row[first + 11].c_str();
+  e.origin = row[first + 12].c_str();
+  return e;
+}
+
 absl::StatusOr<VerifyResult> VerifyChain(pqxx::connection_base& connection) {
   return VerifyChainRange(connection, 1, 0);
 }
@@ -201,28 +220,11 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
         return fail(expected_seq, ChainFault::kMissing,
                     absl::StrCat("entry ", expected_seq, " is missing"));
       }
-      Entry e;
-      e.actor = row[2].c_str();
-      e.tenant = row[3].c_str();
-      absl::StatusOr<Action> action = ParseAction(row[4].c_str());
-      if (!action.ok()) {
-        return fail(seq, ChainFault::kMalformed, std::string(action.status().message()));
+      absl::StatusOr<Entry> parsed = EntryFromColumns(row, 2);
+      if (!parsed.ok()) {
+        return fail(seq, ChainFault::kMalformed, std::string(parsed.status().message()));
       }
-      e.action = *action;
-      e.object_type = row[5].c_str();
-      e.object_id = row[6].c_str();
-      e.patient_id = row[7].c_str();
-      absl::StatusOr<Decision> decision = ParseDecision(row[8].c_str());
-      if (!decision.ok()) {
-        return fail(seq, ChainFault::kMalformed, std::string(decision.status().message()));
-      }
-      e.decision = *decision;
-      e.reason = row[9].c_str();
-      e.purpose = row[10].c_str();
-      e.consent_id = row[11].c_str();
-      e.consent_version = row[12].as<int64_t>();
-      e.request_id = row[13].c_str();
-      e.origin = row[14].c_str();
+      const Entry& e = *parsed;
       absl::StatusOr<std::string> stored_prev = FromByteaText(row[15].c_str());
       absl::StatusOr<std::string> stored_hash = FromByteaText(row[16].c_str());
       if (!stored_prev.ok() || !stored_hash.ok()) {

@@ -103,6 +103,12 @@ std::vector<std::string> AppendManyArgs(const std::vector<Entry>& entries);
 // (the control database has audit_append alone). Returns the last entry's seq; 0 for no entries.
 absl::StatusOr<int64_t> AppendMany(pqxx::work& txn, const std::vector<Entry>& entries);
 
+// The fields of an entry read from columns first..first+12 of `row`: actor, tenant, action,
+// object_type, object_id, patient_id, decision, reason, purpose, consent_id, consent_version,
+// request_id, origin, as the log's readers select them. DATA_LOSS naming an action or decision no
+// entry may hold (a row altered in the database).
+absl::StatusOr<Entry> EntryFromColumns(const pqxx::row& row, int first);
+
 // What is wrong with the first entry a walk stops at.
 enum class ChainFault {
   kNone,

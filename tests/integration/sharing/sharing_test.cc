@@ -3124,6 +3124,35 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
   Downloaded d = Download(Cert("initech-p"), record);
   ASSERT_TRUE(d.status.ok()) << d.status.error_message();
   EXPECT_EQ(d.content, spec.content);
+  // The patient's tenant sees that initech's practitioner read the record, not from which
+  // address; its own practitioner's address it sees, and ops see both.
+  {
+    int initech_reads = 0;
+    int own_entries = 0;
+    for (const v1::AuditEntry& e : PatientAudit(patient)) {
+      if (e.actor() == initech) {
+        ++initech_reads;
+        EXPECT_EQ(e.origin_address(), "") << e.seq();
+      } else if (e.actor() == P1()) {
+        ++own_entries;
+        EXPECT_NE(e.origin_address(), "") << e.seq();
+      }
+    }
+    EXPECT_GE(initech_reads, 1);
+    EXPECT_GE(own_entries, 1);
+    v1::QueryAuditRequest request;
+    request.set_patient_id(patient);
+    request.set_page_size(1000);
+    auto ops_view = QueryAudit(pki_->ops(), request);
+    ASSERT_TRUE(ops_view.ok()) << ops_view.status();
+    int seen = 0;
+    for (const v1::AuditEntry& e : ops_view->entries()) {
+      if (e.actor() != initech) continue;
+      ++seen;
+      EXPECT_NE(e.origin_address(), "") << e.seq();
+    }
+    EXPECT_GE(seen, 1);
+  }
   auto refused = Share(pki_->practitioner(), record, umbrella, ServerNow() + absl::Hours(1));
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kPermissionDenied);
   EXPECT_THAT(std::string(refused.status().message()), HasSubstr("residency rule"));
