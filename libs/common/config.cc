@@ -2,6 +2,8 @@
 #include "absl/strings/string_view.h"
 #include "libs/common/config.h"
 
+#include <libpq-fe.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -216,6 +218,17 @@ absl::StatusOr<DbConfig> ParseDb(const ConfigNode& node) {
                                  "statement_timeout_ms"}));
   DbConfig db;
   ASSIGN_OR_RETURN(db.conninfo, node.String("conninfo"));
+  // Checked here, for every binary: libpq's own message for a string it cannot parse quotes it,
+  // password included, and the connection attempt would report (and log) it.
+  char* parse_error = nullptr;
+  PQconninfoOption* options = PQconninfoParse(db.conninfo.c_str(), &parse_error);
+  if (options == nullptr) {
+    PQfreemem(parse_error);
+    return KeyError(node.KeyPath("conninfo"),
+                    "not a libpq connection string (keyword=value or URI); libpq's own message, "
+                    "which quotes it, is not shown");
+  }
+  PQconninfoFree(options);
   ASSIGN_OR_RETURN(int64_t pool, node.Int("pool_size", 1, 256, 8));
   ASSIGN_OR_RETURN(int64_t waiters, node.Int("max_waiters", 0, 100000, 64));
   ASSIGN_OR_RETURN(int64_t acquire, node.Int("acquire_timeout_ms", 1, 600000, 2000));

@@ -31,6 +31,8 @@ class ConfigNode {
   static absl::StatusOr<ConfigNode> LoadFile(const std::string& path);
 
   const std::string& path() const { return path_; }
+  // The dotted path of `key` under this node, as errors name it.
+  std::string KeyPath(absl::string_view key) const;
   bool Has(absl::string_view key) const;
   // A map child; NOT_FOUND-style INVALID_ARGUMENT when missing and required.
   absl::StatusOr<ConfigNode> Child(absl::string_view key) const;
@@ -52,7 +54,6 @@ class ConfigNode {
 
  private:
   ConfigNode(YAML::Node node, std::string path) : node_(std::move(node)), path_(std::move(path)) {}
-  std::string KeyPath(absl::string_view key) const;
   absl::StatusOr<YAML::Node> Scalar(absl::string_view key) const;
 
   YAML::Node node_;

@@ -13,12 +13,6 @@
 namespace medgate::pg {
 namespace {
 
-absl::string_view FirstLine(absl::string_view text) {
-  text = absl::StripPrefix(text, "ERROR:  ");
-  size_t nl = text.find('\n');
-  return nl == absl::string_view::npos ? text : text.substr(0, nl);
-}
-
 // libpqxx 6.4 throws some errors as their own types without their SQLSTATE: the code their type
 // stands for, so that the status still names it.
 std::string SqlStateOf(const pqxx::sql_error& e) {
@@ -35,6 +29,12 @@ std::string SqlStateOf(const pqxx::sql_error& e) {
 }
 
 }  // namespace
+
+absl::string_view FirstLine(absl::string_view text) {
+  text = absl::StripPrefix(text, "ERROR:  ");
+  size_t nl = text.find('\n');
+  return nl == absl::string_view::npos ? text : text.substr(0, nl);
+}
 
 absl::Status StatusFromSqlState(absl::string_view sqlstate, absl::string_view message) {
   std::string text = absl::StrCat("database error ", sqlstate, ": ", FirstLine(message));

@@ -18,6 +18,10 @@ namespace medgate::pg {
 // contain row values).
 absl::Status StatusFromException(const std::exception& e);
 
+// The first line of a libpq or server message, without its "ERROR:  " prefix: what follows it (a
+// statement's LINE and text, DETAIL, CONTEXT) may quote what the statement carried.
+absl::string_view FirstLine(absl::string_view text);
+
 // The same mapping from a SQLSTATE code and message, for tests and non-exception paths.
 absl::Status StatusFromSqlState(absl::string_view sqlstate, absl::string_view message);
 

@@ -58,9 +58,7 @@ absl::StatusOr<std::unique_ptr<Connection>> Pool::Connect() {
 }
 
 absl::Status Pool::Unreachable(absl::string_view detail) {
-  // Its first line: what follows (a failed statement's LINE and text, DETAIL, CONTEXT) may quote
-  // what the statement carried.
-  detail = detail.substr(0, detail.find('\n'));
+  detail = FirstLine(detail);
   if (uint64_t held_back = 0; unreachable_log_.Allow(absl::Now(), held_back)) {
     log::Warning("database_unreachable", {{"database", options_.name},
                                           {"error", detail},

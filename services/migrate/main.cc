@@ -4,7 +4,6 @@
 #include <cstring>
 #include <string>
 
-#include <libpq-fe.h>
 #include <pqxx/pqxx>
 
 #include "absl/strings/str_join.h"
@@ -24,19 +23,6 @@ constexpr char kUsage[] =
 
 bool MigrateOne(const std::string& db_name, const std::string& conninfo,
                 const std::vector<medgate::migrate::Migration>& migrations) {
-  // Parsed first: libpq's message for a string it cannot parse quotes the string, password
-  // included, and would be logged.
-  char* parse_error = nullptr;
-  PQconninfoOption* options = PQconninfoParse(conninfo.c_str(), &parse_error);
-  if (options == nullptr) {
-    PQfreemem(parse_error);
-    medgate::log::Error("migrate_failed",
-                        {{"database", db_name},
-                         {"error", "its conninfo is not a libpq connection string (keyword=value "
-                                   "or URI); libpq's own message, which quotes it, is not shown"}});
-    return false;
-  }
-  PQconninfoFree(options);
   absl::StatusOr<medgate::migrate::MigrateResult> result = [&]()
       -> absl::StatusOr<medgate::migrate::MigrateResult> {
     try {

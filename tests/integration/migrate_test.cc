@@ -319,12 +319,12 @@ TEST_F(MigrateTest, CommandMigratesControlAndEveryShardIdempotently) {
   // A bad config exits 2 naming the key.
   WriteFile(config, "trust_domain: medgate.test\nca: x\nregions: [{id: fr-1}]\n");
   EXPECT_EQ(WEXITSTATUS(std::system(command.c_str())), 2);
-  // A conninfo libpq cannot parse fails, and its password is not in the log (libpq's message
+  // So does a conninfo libpq cannot parse, and its password is not in the log (libpq's message
   // quotes the string).
   WriteFile(config, "trust_domain: medgate.test\nca: /nonexistent/ca.crt\n"
                     "control_db: {conninfo: \"host=/nonexistent password=hunter2 sesame\"}\n"
                     "regions: []\n");
-  EXPECT_NE(std::system(command.c_str()), 0);
+  EXPECT_EQ(WEXITSTATUS(std::system(command.c_str())), 2);
   std::ifstream failed_log(dir_ / "out.log");
   const std::string failed((std::istreambuf_iterator<char>(failed_log)),
                            std::istreambuf_iterator<char>());

@@ -509,6 +509,23 @@ TEST_F(PoolTest, AServerThatCannotBeUsedIsNamedWithoutItsAddressOrUser) {
   }
 }
 
+// What the log keeps of a connection the pool could not make is the error's first line: libpq's
+// further lines (here the second host it tried, and its hint) are not logged, as a failed
+// statement's LINE and text, which may quote what it carried, would not be.
+TEST_F(PoolTest, AFailedConnectionIsLoggedByItsFirstLineOnly) {
+  PoolOptions options = Options();
+  options.conninfo = "host=127.0.0.1,127.0.0.2 port=1,1 dbname=medgate connect_timeout=2";
+  Pool pool(options);
+  ::testing::internal::CaptureStderr();
+  absl::StatusOr<Lease> lease = pool.Acquire();
+  const std::string logged = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(lease.status().code(), absl::StatusCode::kUnavailable) << lease.status();
+  EXPECT_THAT(logged, HasSubstr("database_unreachable"));
+  EXPECT_THAT(logged, HasSubstr("127.0.0.1"));
+  EXPECT_THAT(logged, ::testing::Not(HasSubstr("127.0.0.2")));
+  EXPECT_THAT(logged, ::testing::Not(HasSubstr("Is the server running")));
+}
+
 TEST_F(PoolTest, BoundsWaitersAndAcquireTime) {
   PoolOptions options = Options();
   options.size = 1;

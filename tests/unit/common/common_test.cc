@@ -19,6 +19,7 @@ namespace medgate {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 absl::Status FailIfNegative(int v) {
   if (v < 0) return absl::InvalidArgumentError("negative");
@@ -170,6 +171,27 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfigCase{"- id: fr-1", "- id: FR-1", "regions[0].id"},
         BadConfigCase{"- id: fr-1", "- id: fr_1", "regions[0].id"},
         BadConfigCase{"- id: fr-1", "- id: \"\"", "regions[0].id"}));
+
+// A conninfo libpq cannot parse is refused when the configuration is read, by every binary, naming
+// its key; libpq's own message, which quotes the string (a password with it), is not passed on.
+TEST(ConfigTest, AConninfoLibpqCannotParseIsRefusedWithoutQuotingIt) {
+  for (const std::string bad : {"host=127.0.0.1 password=hunter2 sesame",
+                                "postgresql://medgate:hunter2@db:5432/x?%zz"}) {
+    SCOPED_TRACE(bad);
+    std::string text = kGoodConfig;
+    const std::string from = "conninfo: \"host=127.0.0.1 port=5433\"";
+    ASSERT_NE(text.find(from), std::string::npos);
+    text.replace(text.find(from), from.size(), "conninfo: \"" + bad + "\"");
+    absl::StatusOr<ConfigNode> root = ConfigNode::Parse(text);
+    ASSERT_TRUE(root.ok()) << root.status();
+    absl::StatusOr<MedgateConfig> config = ParseMedgateConfig(*root);
+    ASSERT_FALSE(config.ok());
+    EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(config.status().message(), HasSubstr("'regions[0].db.conninfo'"));
+    EXPECT_THAT(config.status().message(), HasSubstr("not a libpq connection string"));
+    EXPECT_THAT(config.status().message(), Not(HasSubstr("hunter2")));
+  }
+}
 
 TEST(ConfigTest, ARegionIdOfThirtyBytesIsAccepted) {
   std::string text = kGoodConfig;
