@@ -260,7 +260,38 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
     // shows are all committed, and nobody the walk trusts changes them, so a later snapshot reads
     // them as that one would. What must be read together is the end: the head, and the entries
     // up to it and past it, in the snapshot of the last page.
-    bool first_page = true;
+    {
+      // A ranged request names entries the log must have, as far as its head says; its walk
+      // starts from the stored hash of the entry before it.
+      pqxx::transaction<pqxx::repeatable_read, pqxx::read_only> txn(connection);
+      const int64_t head_seq = txn.exec1("SELECT seq FROM audit_head WHERE id")[0].as<int64_t>();
+      if (first_seq > 1 || last_seq != 0) {
+        if (first_seq > head_seq) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("start_seq ", first_seq, " is past the log's last entry (", head_seq,
+                           "); start at 1 to ", head_seq));
+        }
+        if (last_seq > head_seq) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("end_seq ", last_seq, " is past the log's last entry (", head_seq,
+                           "); use at most ", head_seq, ", or 0 for up to the last entry"));
+        }
+      }
+      if (first_seq > 1) {
+        pqxx::result anchor =
+            txn.exec_params("SELECT hash FROM audit_log WHERE seq = $1", first_seq - 1);
+        if (anchor.empty()) {
+          return fail(first_seq - 1, ChainFault::kMissing,
+                      absl::StrCat("entry ", first_seq - 1, " is missing (the anchor of the range)"));
+        }
+        absl::StatusOr<std::string> anchor_hash = FromByteaText(anchor[0][0].c_str());
+        if (!anchor_hash.ok()) {
+          return fail(first_seq - 1, ChainFault::kMalformed, "hash column is malformed");
+        }
+        prev_hash = *anchor_hash;
+      }
+      txn.commit();
+    }
     while (true) {
       if (cancelled && cancelled()) {
         return absl::CancelledError(absl::StrCat(
@@ -270,36 +301,6 @@ absl::StatusOr<VerifyResult> VerifyChainRange(pqxx::connection_base& connection,
       pqxx::transaction<pqxx::repeatable_read, pqxx::read_only> txn(connection);
       pqxx::row head = txn.exec1("SELECT seq, hash FROM audit_head WHERE id");
       const int64_t head_seq = head[0].as<int64_t>();
-      if (first_page) {
-        first_page = false;
-        if (first_seq > 1 || last_seq != 0) {
-          // A ranged request names entries the log must have, as far as its head says.
-          if (first_seq > head_seq) {
-            return absl::InvalidArgumentError(
-                absl::StrCat("start_seq ", first_seq, " is past the log's last entry (", head_seq,
-                             "); start at 1 to ", head_seq));
-          }
-          if (last_seq > head_seq) {
-            return absl::InvalidArgumentError(
-                absl::StrCat("end_seq ", last_seq, " is past the log's last entry (", head_seq,
-                             "); use at most ", head_seq, ", or 0 for up to the last entry"));
-          }
-        }
-        if (first_seq > 1) {
-          pqxx::result anchor =
-              txn.exec_params("SELECT hash FROM audit_log WHERE seq = $1", first_seq - 1);
-          if (anchor.empty()) {
-            return fail(first_seq - 1, ChainFault::kMissing,
-                        absl::StrCat("entry ", first_seq - 1,
-                                     " is missing (the anchor of the range)"));
-          }
-          absl::StatusOr<std::string> anchor_hash = FromByteaText(anchor[0][0].c_str());
-          if (!anchor_hash.ok()) {
-            return fail(first_seq - 1, ChainFault::kMalformed, "hash column is malformed");
-          }
-          prev_hash = *anchor_hash;
-        }
-      }
       // Up to the range's end, or to the entry this snapshot's head names as last.
       const int64_t stop = last_seq != 0 ? last_seq : head_seq;
       bool full = false;

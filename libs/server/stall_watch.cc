@@ -42,12 +42,10 @@ void StallWatch::Call::Blocked() {
   if (wake) watch_.cv_.notify_one();
 }
 
-absl::Duration StallWatch::Call::Unblocked() {
+void StallWatch::Call::Unblocked() {
   std::lock_guard<std::mutex> lock(watch_.mu_);
-  const absl::Duration blocked =
-      blocked_since_ ? absl::FromChrono(Clock::now() - *blocked_since_) : absl::ZeroDuration();
+  if (blocked_since_) blocked_in_all_ += absl::FromChrono(Clock::now() - *blocked_since_);
   blocked_since_.reset();
-  return blocked;
 }
 
 bool StallWatch::Call::fired() {

@@ -32,9 +32,11 @@ class StallWatch {
    public:
     Call(StallWatch& watch, grpc::ServerContext& context);
     ~Call();
-    // Around each blocking read or write of the stream; Unblocked says how long it blocked.
+    // Around each blocking read or write of the stream.
     void Blocked();
-    absl::Duration Unblocked();
+    void Unblocked();
+    // How long the call has blocked on its client in all (what a TransferPace measures against).
+    absl::Duration blocked_in_all() const { return blocked_in_all_; }
     // The watch ended the call.
     bool fired();
 
@@ -43,6 +45,7 @@ class StallWatch {
     StallWatch& watch_;
     grpc::ServerContext& context_;
     std::optional<std::chrono::steady_clock::time_point> blocked_since_;
+    absl::Duration blocked_in_all_;  // the handler's thread only
     bool fired_ = false;
   };
 

@@ -6,13 +6,20 @@
 
 namespace medgate {
 
-TransferPace::TransferPace(absl::string_view what, absl::Duration grace, int64_t min_rate,
-                           absl::string_view setting, absl::string_view then)
-    : what_(what), grace_(grace), min_rate_(min_rate), setting_(setting), then_(then) {}
+TransferPace::TransferPace(const StallWatch::Call& watched, absl::string_view what,
+                           absl::Duration grace, int64_t min_rate, absl::string_view setting,
+                           absl::string_view then)
+    : watched_(watched),
+      what_(what),
+      grace_(grace),
+      min_rate_(min_rate),
+      setting_(setting),
+      then_(then) {}
 
 grpc::Status TransferPace::Check() const {
-  const double seconds = absl::ToDoubleSeconds(waited_);
-  if (waited_ <= grace_ ||
+  const absl::Duration waited = watched_.blocked_in_all();
+  const double seconds = absl::ToDoubleSeconds(waited);
+  if (waited <= grace_ ||
       static_cast<double>(bytes_) >= static_cast<double>(min_rate_) * seconds) {
     return grpc::Status::OK;
   }

@@ -724,14 +724,14 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   // the write waits on flow control: the watch ends the call past the idle timeout, and the pace
   // a call whose client takes them too slowly past it.
   StallWatch::Call stall(read_watch_, *context);
-  TransferPace pace("read", reads_.idle_timeout, reads_.min_bytes_per_second,
+  TransferPace pace(stall, "read", reads_.idle_timeout, reads_.min_bytes_per_second,
                     "ingest.read_min_bytes_per_second", "read the page again");
   auto write = [&](const v1::ReadVitalsResponse& message) -> grpc::Status {
     // Asked before each message: a read whose last message was taken has ended well.
     if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
     stall.Blocked();
     const bool written = writer->Write(message);
-    pace.Waited(stall.Unblocked());
+    stall.Unblocked();
     if (!written) {
       if (stall.fired()) {
         return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "read stalled");  // the watch's

@@ -68,7 +68,6 @@ absl::StatusOr<RecordKind> KindOf(v1::RecordKind kind, absl::string_view field, 
   }
 }
 
-
 }  // namespace
 
 SharingService::SharingService(SharingCore& core, std::string trust_domain,
@@ -108,12 +107,13 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
   absl::StatusOr<Principal> principal = policy_.Authorize(*context, "UploadRecord");
   if (!principal.ok()) return ToGrpcStatus(principal.status());
   StallWatch::Call idle(upload_watch_, *context);
-  TransferPace pace("upload", core_.upload_idle_timeout(), core_.upload_min_bytes_per_second(),
-                    "sharing.upload_min_bytes_per_second", "nothing was stored");
+  TransferPace pace(idle, "upload", core_.upload_idle_timeout(),
+                    core_.upload_min_bytes_per_second(), "sharing.upload_min_bytes_per_second",
+                    "nothing was stored");
   auto read = [&](v1::UploadRecordRequest* next) {
     idle.Blocked();
     const bool got = reader->Read(next);
-    pace.Waited(idle.Unblocked());
+    idle.Unblocked();
     return got;
   };
   auto ended = [&] {
@@ -285,14 +285,14 @@ grpc::Status SharingService::DownloadRecord(
   // download_min_bytes_per_second). Only the time spent waiting for the client counts: the
   // service's own (the shard, opening chunks) does not.
   StallWatch::Call stall(download_watch_, *context);
-  TransferPace pace("download", core_.download_idle_timeout(),
+  TransferPace pace(stall, "download", core_.download_idle_timeout(),
                     core_.download_min_bytes_per_second(), "sharing.download_min_bytes_per_second",
                     "download again");
   // Blocks until the transport takes the message: a slow reader slows the download.
   auto write = [&](const v1::DownloadRecordResponse& m) -> grpc::Status {
     stall.Blocked();
     const bool written = writer->Write(m);
-    pace.Waited(stall.Unblocked());
+    stall.Unblocked();
     if (!written) {
       if (stall.fired()) {
         log::Warning("download_idle_timeout", {{"method", "DownloadRecord"}});
