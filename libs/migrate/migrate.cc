@@ -140,7 +140,7 @@ absl::StatusOr<MigrateResult> ApplyLocked(pqxx::connection& connection,
           m.version, m.file_name, m.checksum);
       txn.commit();
     } catch (const std::exception& e) {
-      absl::Status s = pg::StatusFromException(e);
+      absl::Status s = pg::StatusWithServerText(e);
       const auto* sql = dynamic_cast<const pqxx::sql_error*>(&e);
       if (sql != nullptr && sql->sqlstate() == "55P03") {
         return absl::UnavailableError(absl::StrCat(
@@ -187,7 +187,7 @@ absl::StatusOr<MigrateResult> Apply(pqxx::connection& connection,
     }
     return result;
   } catch (const std::exception& e) {
-    return pg::StatusFromException(e);
+    return pg::StatusWithServerText(e);
   }
 }
 

@@ -30,7 +30,7 @@ bool MigrateOne(const std::string& db_name, const std::string& conninfo,
       pqxx::connection connection(medgate::pg::WithConnectionDefaults(conninfo));
       return medgate::migrate::Apply(connection, migrations);
     } catch (const std::exception& e) {
-      return medgate::pg::StatusFromException(e);
+      return medgate::pg::StatusWithServerText(e);
     }
   }();
   if (!result.ok()) {

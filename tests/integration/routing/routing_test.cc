@@ -217,6 +217,52 @@ TEST_F(RoutingTest, DirectoryHoldsNoPatientReference) {
   }
 }
 
+// A database error reaches the client as its SQLSTATE and what that means; the server's own text,
+// which names tables, functions and constraints, and may quote what the statement carried, stays
+// in the service's log. Here a trigger (as a compromised or broken schema would) fails a
+// placement with a text of its own, for each class of answer.
+TEST_F(RoutingTest, ADatabaseErrorIsToldByItsSqlStateAndItsTextStaysInTheLog) {
+  pqxx::connection c(clusters_->control().ConnectionString());
+  pqxx::nontransaction q(c);
+  auto drop = absl::MakeCleanup([&] {
+    q.exec0("DROP TRIGGER IF EXISTS medgate_test_refuse ON patients");
+    q.exec0("DROP FUNCTION IF EXISTS medgate_test_refuse()");
+  });
+  const struct {
+    const char* errcode;
+    absl::StatusCode code;
+  } cases[] = {
+      {"XX000", absl::StatusCode::kInternal},
+      {"P0001", absl::StatusCode::kFailedPrecondition},
+      {"23514", absl::StatusCode::kInvalidArgument},
+      {"42501", absl::StatusCode::kInternal},
+  };
+  int n = 0;
+  for (const auto& each : cases) {
+    const std::string marker = absl::StrCat("hidden_relation_", each.errcode);
+    q.exec0(absl::StrCat(
+        "CREATE OR REPLACE FUNCTION medgate_test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN RAISE EXCEPTION USING ERRCODE = '", each.errcode, "', MESSAGE = 'table ", marker,
+        " refused the row', DETAIL = 'Key (ref)=(detail-secret)'; END $$"));
+    q.exec0("CREATE OR REPLACE TRIGGER medgate_test_refuse BEFORE INSERT ON patients "
+            "FOR EACH ROW EXECUTE FUNCTION medgate_test_refuse()");
+    ::testing::internal::CaptureStderr();
+    auto placed = Place(pki_->app(), absl::StrCat("db-error-", ++n), "FR");
+    const std::string logged = ::testing::internal::GetCapturedStderr();
+    ASSERT_FALSE(placed.ok()) << each.errcode;
+    EXPECT_EQ(placed.status().code(), each.code) << placed.status();
+    const std::string message(placed.status().message());
+    EXPECT_THAT(message, HasSubstr(absl::StrCat("database error ", each.errcode, ": ")));
+    EXPECT_THAT(message, HasSubstr("the service's log has the database's message"));
+    EXPECT_THAT(message, ::testing::Not(HasSubstr(marker)));
+    EXPECT_THAT(message, ::testing::Not(HasSubstr("secret")));
+    EXPECT_THAT(logged, HasSubstr(absl::StrCat("table ", marker, " refused the row")));
+    EXPECT_THAT(logged, ::testing::Not(HasSubstr("detail-secret")));
+  }
+  std::move(drop).Invoke();
+  EXPECT_TRUE(Place(pki_->app(), "db-error-after", "FR").ok());
+}
+
 TEST_F(RoutingTest, DevicesAssignResolveAndUnassign) {
   auto patient = Place(pki_->app(), "dev-owner-1", "BE");
   ASSERT_TRUE(patient.ok());

@@ -2005,7 +2005,8 @@ TEST_F(SharingTest, FailedUploadsLeaveNoPatientKeyAndFirstUploadsShareOne) {
        absl::StrCat("CREATE FUNCTION refuse_test_record() RETURNS trigger LANGUAGE plpgsql AS $$ "
                     "BEGIN IF NEW.patient_id = '",
                     patient,
-                    "' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$"));
+                    "' THEN RAISE EXCEPTION USING ERRCODE = 'MG001', MESSAGE = 'injected failure'; "
+                    "END IF; RETURN NEW; END $$"));
   Exec("fr-1",
        "CREATE TRIGGER refuse_test_record BEFORE INSERT ON records FOR EACH ROW "
        "EXECUTE FUNCTION refuse_test_record()");
@@ -2014,7 +2015,7 @@ TEST_F(SharingTest, FailedUploadsLeaveNoPatientKeyAndFirstUploadsShareOne) {
     whole.declared_size.reset();
     grpc::Status failed = Upload(pki_->practitioner(), whole);
     EXPECT_FALSE(failed.ok());
-    EXPECT_THAT(failed.error_message(), HasSubstr("injected failure"));
+    EXPECT_THAT(failed.error_message(), HasSubstr("database error MG001: "));
   }
   Exec("fr-1", "DROP TRIGGER refuse_test_record ON records");
   Exec("fr-1", "DROP FUNCTION refuse_test_record()");
@@ -4323,7 +4324,8 @@ TEST_F(SharingTest, AKeyTheVaultCouldNotDestroyAtTheErasureIsDestroyedByTheSweep
 
   Exec("fr-1 keys",
        "CREATE FUNCTION refuse_key_delete() RETURNS trigger LANGUAGE plpgsql AS $$ "
-       "BEGIN RAISE EXCEPTION 'injected vault failure'; END $$");
+       "BEGIN RAISE EXCEPTION USING ERRCODE = 'MG002', MESSAGE = 'injected vault failure'; "
+       "END $$");
   Exec("fr-1 keys",
        "CREATE TRIGGER refuse_key_delete BEFORE DELETE ON patient_keys FOR EACH ROW "
        "EXECUTE FUNCTION refuse_key_delete()");
@@ -4340,7 +4342,7 @@ TEST_F(SharingTest, AKeyTheVaultCouldNotDestroyAtTheErasureIsDestroyedByTheSweep
             1);
   EXPECT_TRUE(OpenFromBackup(before, vault, patient, record_a).ok());
   auto swept = sharing_->core().SweepRetention();
-  EXPECT_THAT(swept.status().message(), HasSubstr("injected vault failure"));  // still refusing
+  EXPECT_THAT(swept.status().message(), HasSubstr("database error MG002: "));  // still refusing
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions WHERE patient_id = $1", patient),
             1);
 
@@ -4500,7 +4502,8 @@ TEST_F(SharingTest, AnErasureThatCannotRewrapTheOtherRecordsChangesNothing) {
 
   Exec("fr-1 keys",
        "CREATE FUNCTION refuse_new_key() RETURNS trigger LANGUAGE plpgsql AS $$ "
-       "BEGIN RAISE EXCEPTION 'injected vault refusal'; END $$");
+       "BEGIN RAISE EXCEPTION USING ERRCODE = 'MG003', MESSAGE = 'injected vault refusal'; "
+       "END $$");
   Exec("fr-1 keys",
        "CREATE TRIGGER refuse_new_key BEFORE INSERT ON patient_keys FOR EACH ROW "
        "EXECUTE FUNCTION refuse_new_key()");
@@ -4508,7 +4511,7 @@ TEST_F(SharingTest, AnErasureThatCannotRewrapTheOtherRecordsChangesNothing) {
   Exec("fr-1 keys", "DROP TRIGGER refuse_new_key ON patient_keys");
   Exec("fr-1 keys", "DROP FUNCTION refuse_new_key()");
   EXPECT_FALSE(refused.ok());
-  EXPECT_THAT(refused.status().message(), HasSubstr("injected vault refusal"));
+  EXPECT_THAT(refused.status().message(), HasSubstr("database error MG003: "));
   unchanged();
   ExpectContent(pki_->practitioner(), record_a, a.content);
 
@@ -4842,7 +4845,8 @@ TEST_F(SharingTest, TheRetentionSweepGoesPastRecordsWhoseErasureFails) {
   Exec("fr-1", absl::StrCat("CREATE FUNCTION refuse_record_delete() RETURNS trigger "
                             "LANGUAGE plpgsql AS $$ BEGIN IF OLD.record_id IN ('",
                             ids[0], "', '", ids[1],
-                            "') THEN RAISE EXCEPTION 'injected erasure failure'; END IF; "
+                            "') THEN RAISE EXCEPTION USING ERRCODE = 'MG004', "
+                            "MESSAGE = 'injected erasure failure'; END IF; "
                             "RETURN OLD; END $$"));
   Exec("fr-1",
        "CREATE TRIGGER refuse_record_delete BEFORE DELETE ON records FOR EACH ROW "
@@ -4860,7 +4864,7 @@ TEST_F(SharingTest, TheRetentionSweepGoesPastRecordsWhoseErasureFails) {
   EXPECT_EQ(swept->failed_records, 2);
   EXPECT_EQ(swept->erased_records, 0);
   EXPECT_THAT(swept->failed_record_ids, ::testing::ElementsAre(ids[0], ids[1]));
-  EXPECT_THAT(std::string(swept->first_failure.message()), HasSubstr("injected erasure failure"));
+  EXPECT_THAT(std::string(swept->first_failure.message()), HasSubstr("database error MG004: "));
   EXPECT_TRUE(swept->more);
   // The next batch starts past them.
   swept = sharing_->core().SweepRetention(/*batch=*/2);
