@@ -5864,8 +5864,8 @@ TEST_F(SharingTest, CallsWhoseAuditEntryCannotBeWrittenFailAndChangeNothing) {
   Exec("fr-1",
        absl::StrCat("CREATE FUNCTION refuse_patient_entries() RETURNS trigger LANGUAGE plpgsql AS "
                     "$$ BEGIN IF NEW.patient_id = '", patient,
-                    "' THEN RAISE EXCEPTION 'entries refused by the test'; END IF; RETURN NEW; "
-                    "END $$"));
+                    "' THEN RAISE EXCEPTION USING ERRCODE = 'MG005', "
+                    "MESSAGE = 'entries refused by the test'; END IF; RETURN NEW; END $$"));
   Exec("fr-1",
        "CREATE TRIGGER refuse_patient_entries BEFORE INSERT ON audit_log FOR EACH ROW "
        "EXECUTE FUNCTION refuse_patient_entries()");
@@ -5880,8 +5880,8 @@ TEST_F(SharingTest, CallsWhoseAuditEntryCannotBeWrittenFailAndChangeNothing) {
            {"grantee", &Cert("acme-p2"), ""},
            {"break-glass", &pki_->ops(), break_glass}}) {
     Downloaded d = Download(*as, record, reason);
-    // Failed for want of its entry, not for anything else.
-    EXPECT_THAT(d.status.error_message(), HasSubstr("entries refused by the test")) << who;
+    // Failed for want of its entry (the trigger's SQLSTATE), not for anything else.
+    EXPECT_THAT(d.status.error_message(), HasSubstr("database error MG005: ")) << who;
     EXPECT_FALSE(d.has_header) << who;
     EXPECT_EQ(d.bytes, 0u) << who;
   }
@@ -5893,7 +5893,7 @@ TEST_F(SharingTest, CallsWhoseAuditEntryCannotBeWrittenFailAndChangeNothing) {
         Archive(pki_->practitioner(), record, ServerNow() + absl::Hours(24)).status(),
         Erase(pki_->practitioner(), record).status(), ErasePatient(pki_->app(), patient).status(),
         QueryAudit(pki_->app(), query).status()}) {
-    EXPECT_THAT(std::string(status.message()), HasSubstr("entries refused by the test")) << status;
+    EXPECT_THAT(std::string(status.message()), HasSubstr("database error MG005: ")) << status;
   }
   std::move(restore).Invoke();
 
