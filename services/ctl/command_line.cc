@@ -129,6 +129,8 @@ const std::vector<Command>& Commands() {
        "metadata)\n"},
       {"erase-record", "sharing", {"record", "reason", "request-id"}, {},
        "  erase-record    --record ID --reason TEXT\n"},
+      {"erase-vitals", "ingest", {"patient", "reason", "request-id"}, {},
+       "  erase-vitals    --patient ID --reason TEXT   (every stored sample of the patient)\n"},
       {"verify-chain", "audit", {"log", "start-seq", "end-seq", "anchor-seq", "anchor-hash"}, {},
        "  verify-chain    --log fr-1|control [--start-seq N] [--end-seq N]\n"
        "                  [--anchor-seq N --anchor-hash BASE64]   (an earlier run's last_seq, "

@@ -31,6 +31,7 @@
 #include "libs/identity/credentials.h"
 #include "medgate/v1/audit.grpc.pb.h"
 #include "medgate/v1/consent.grpc.pb.h"
+#include "medgate/v1/ingest.grpc.pb.h"
 #include "medgate/v1/routing.grpc.pb.h"
 #include "medgate/v1/sharing.grpc.pb.h"
 #include "services/ctl/command_line.h"
@@ -416,6 +417,17 @@ int Run(int argc, char** argv) {
       r.set_reason(Get(flags, "reason"));
       return Call(&v1::RecordSharing::Stub::EraseRecord, *sharing, r);
     }
+  }
+  if (command == "erase-vitals") {
+    v1::EraseVitalsRequest r;
+    r.set_request_id(Get(flags, "request-id"));
+    r.set_patient_id(Get(flags, "patient"));
+    r.set_reason(Get(flags, "reason"));
+    grpc::ClientContext context;
+    // A patient's years of samples are deleted 10,000 a transaction: a generous deadline.
+    context.set_deadline(Deadline(std::chrono::seconds(600)));
+    v1::EraseVitalsResponse response;
+    return Print(v1::DeviceIngest::NewStub(*channel)->EraseVitals(&context, r, &response), response);
   }
   auto stub = v1::TenantRouting::NewStub(*channel);
   using S = v1::TenantRouting::Stub;

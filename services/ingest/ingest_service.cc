@@ -486,7 +486,8 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
       consent_(consent),
       shards_(shards),
       policy_(std::move(trust_domain),
-              {{"StreamVitals", {K::kDevice}}, {"ReadVitals", {K::kPractitioner}, kReadVitalsCalls}}),
+              {{"StreamVitals", {K::kDevice}}, {"ReadVitals", {K::kPractitioner}, kReadVitalsCalls},
+               {"EraseVitals", {K::kApp}, kReadVitalsCalls}}),
       executor_(executor),
       max_streams_per_device_(max_streams_per_device),
       reads_(reads),
@@ -751,6 +752,75 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   }
   response.set_next_page_token(next_token);
   return write(response);
+}
+
+grpc::Status IngestService::EraseVitals(grpc::ServerContext* context,
+                                        const v1::EraseVitalsRequest* request,
+                                        v1::EraseVitalsResponse* response) {
+  absl::StatusOr<CallContext> ctx =
+      BeginCall(policy_, *context, "EraseVitals", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  if (absl::Status id = ValidateIdentifier(request->patient_id(), "patient_id", 128); !id.ok()) {
+    return ToGrpcStatus(id);
+  }
+  if (absl::Status why = ValidateText(request->reason(), "reason", kMaxEraseReasonBytes);
+      !why.ok()) {
+    return ToGrpcStatus(why);
+  }
+  // An erasure holds a handler thread as a read does, for as long as its deletions take.
+  std::unique_ptr<BoundedCounts<std::string>::Slot> slot =
+      reads_per_tenant_.TryTake(ctx->principal.tenant, reads_.max_per_tenant);
+  if (slot == nullptr) {
+    return grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("this tenant already has ", reads_.max_per_tenant,
+                     " ReadVitals or EraseVitals calls in progress, the most "
+                     "ingest.max_reads_per_tenant allows; retry once one has ended"));
+  }
+  absl::StatusOr<std::vector<PatientLocation>> located =
+      routing_.ResolvePatients({request->patient_id()});
+  if (!located.ok()) return ToGrpcStatus(located.status());
+  const PatientLocation& where = (*located)[0];
+  if (!where.found || where.tenant_id != ctx->principal.tenant) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, "patient not found");
+  }
+  absl::StatusOr<pg::Pool*> pool = shards_.Get(where.region_id);
+  if (!pool.ok()) return ToGrpcStatus(pool.status());
+
+  // Code by code (the catalogue's: the only ones stored), earliest first, a bounded transaction
+  // at a time, each with the audit entry of what it deleted.
+  uint64_t erased = 0;
+  auto stopped = [&](grpc::StatusCode code, absl::string_view why) {
+    return grpc::Status(code, absl::StrCat(why, "; ", erased,
+                                           " samples were erased before it (their audit entries "
+                                           "say so); call again to go on"));
+  };
+  for (const VitalKind& kind : VitalCatalogue()) {
+    for (;;) {
+      if (context->IsCancelled()) {
+        return stopped(grpc::StatusCode::CANCELLED, "erasure cancelled");
+      }
+      int64_t deleted = 0;
+      absl::Status status = (*pool)->Transact([&](pqxx::work& txn) -> absl::Status {
+        deleted = txn.exec_prepared1(sql::kEraseVitals, where.tenant_id, where.patient_id,
+                                     std::string(kind.loinc), sql::kEraseVitalsRows)[0]
+                      .as<int64_t>();
+        if (deleted == 0) return absl::OkStatus();  // nothing changed: nothing to audit
+        return audit::Append(txn, AuditEntryFor(*ctx, audit::Action::kDelete, "vitals",
+                                                where.patient_id, where.tenant_id, where.patient_id,
+                                                absl::StrCat("ERASED: samples=", deleted, " code=",
+                                                             kind.loinc, "; ", request->reason())))
+            .status();
+      });
+      if (!status.ok()) {
+        return stopped(static_cast<grpc::StatusCode>(status.code()), status.message());
+      }
+      erased += static_cast<uint64_t>(deleted);
+      if (deleted < sql::kEraseVitalsRows) break;
+    }
+  }
+  response->set_erased_count(erased);
+  return grpc::Status::OK;
 }
 
 }  // namespace medgate::ingest

@@ -1,4 +1,5 @@
-// The DeviceIngest gRPC adapter: StreamVitals as a callback (reactor) stream, ReadVitals.
+// The DeviceIngest gRPC adapter: StreamVitals as a callback (reactor) stream, ReadVitals,
+// EraseVitals.
 #ifndef MEDGATE_SERVICES_INGEST_INGEST_SERVICE_H_
 #define MEDGATE_SERVICES_INGEST_INGEST_SERVICE_H_
 
@@ -38,6 +39,9 @@ struct ReadBounds {
 // tenant starts at most 100 reads a second on one instance, after a burst of 200.
 inline constexpr double kReadVitalsCalls = 10;
 
+// The longest reason an EraseVitals request may give (it goes into every audit entry).
+inline constexpr size_t kMaxEraseReasonBytes = 512;
+
 // StreamVitals is served raw (ByteBuffer in and out): a message that does not parse as a
 // VitalsBatch (a string field that is not UTF-8, as a device's protobuf library may send) ends
 // the stream with INVALID_ARGUMENT saying so. Parsed by gRPC, it would read as the end of the
@@ -63,6 +67,9 @@ class IngestService final
 
   grpc::Status ReadVitals(grpc::ServerContext* context, const v1::ReadVitalsRequest* request,
                           grpc::ServerWriter<v1::ReadVitalsResponse>* writer) override;
+
+  grpc::Status EraseVitals(grpc::ServerContext* context, const v1::EraseVitalsRequest* request,
+                           v1::EraseVitalsResponse* response) override;
 
   // Streams the device with this SPIFFE id has open, superseded ones still ending included.
   int device_streams(const std::string& spiffe_id) const {

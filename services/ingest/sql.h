@@ -15,6 +15,11 @@ namespace medgate::ingest::sql {
 
 inline constexpr char kReadVitals[] = "read_vitals";
 inline constexpr char kEnsurePartitions[] = "ensure_partitions";
+inline constexpr char kEraseVitals[] = "erase_vitals";
+
+// The samples one erasure transaction deletes, at most (plus those measured at the same instant
+// as the last of them).
+inline constexpr int kEraseVitalsRows = 10000;
 
 // The writer's transaction is two query strings (run through libpq by the COPY writer). This is
 // the first: open the transaction, lock and read the devices' cursors and advance them to the
@@ -79,6 +84,9 @@ inline const std::vector<pg::Statement>& Statements() {
        "ORDER BY measured_at, device_id, seq LIMIT $8) AS v "
        "ORDER BY v.measured_at, v.device_id, v.seq LIMIT $8"},
       {kEnsurePartitions, "SELECT medgate_ensure_vitals_partitions(2, 12)"},
+      // The earliest samples of one of a patient's codes: $1 tenant, $2 patient, $3 code, $4
+      // the most to delete (shard migration 0031).
+      {kEraseVitals, "SELECT medgate_erase_vitals($1, $2, $3, $4)"},
   };
   return statements;
 }

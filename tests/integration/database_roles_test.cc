@@ -172,6 +172,7 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_ingest device_cursors(updated_at) UPDATE",
       "medgate_ingest medgate_advance_device_cursors()",
       "medgate_ingest medgate_ensure_vitals_partitions()",
+      "medgate_ingest medgate_erase_vitals()",
       "medgate_ingest audit_append()",
       "medgate_ingest audit_append_many()",
       "medgate_sharing consents SELECT",
@@ -206,6 +207,7 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "audit_append_many() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_ensure_vitals_partitions() SECURITY DEFINER search_path=public, pg_temp "
       "TimeZone=UTC",
+      "medgate_erase_vitals() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_note_records_added() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_note_records_removed() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_note_records_changed() SECURITY DEFINER search_path=public, pg_temp",
@@ -416,6 +418,11 @@ TEST_F(DatabaseRolesTest, AServiceCannotReachAnotherServicesData) {
       {kVault, pg::kIngestRole, "SELECT * FROM patient_keys", kNoConnection},
       {kShard, pg::kIngestRole, "INSERT INTO consents VALUES ('c', 'p', 't', 'CARE', '')"},
       {kShard, pg::kIngestRole, "DELETE FROM vitals"},
+      // Ingest erases vitals one patient's code at a time, through medgate_erase_vitals only
+      // (shard migration 0031); no other service may call it.
+      {kShard, pg::kConsentRole, "SELECT medgate_erase_vitals('acme', 'p', '8867-4', 10)"},
+      {kShard, pg::kSharingRole, "SELECT medgate_erase_vitals('acme', 'p', '8867-4', 10)"},
+      {kShard, pg::kIngestRole, "SELECT medgate_erase_vitals('acme', 'p', '8867-4', 10)", "ok"},
       {kShard, pg::kConsentRole, "SELECT * FROM vitals"},
       {kShard, pg::kConsentRole, "SELECT * FROM records"},
       {kVault, pg::kConsentRole, "SELECT * FROM patient_keys", kNoConnection},

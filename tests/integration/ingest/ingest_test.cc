@@ -20,8 +20,11 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "libs/audit/audit_log.h"
 #include "libs/common/grpc_status.h"
@@ -2046,6 +2049,114 @@ TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
   EXPECT_THAT(ahead.error_message(), ::testing::StartsWith("time_range.start_at:"));
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok());
+  EXPECT_TRUE(verified->ok) << verified->problem;
+}
+
+// GDPR art. 17 for vitals: an app of the patient's tenant erases every stored sample of the
+// patient from its home shard, code by code in bounded transactions, each with its audit entry in
+// that transaction; another patient's samples stay, the chain still verifies, and no other caller
+// may erase them.
+TEST_F(IngestTest, AnAppErasesAPatientsVitalsInBoundedAuditedSteps) {
+  const std::string patient = MonitoredPatientWithDevice("erase-me", "FR", "dev-erase");
+  const std::string kept = MonitoredPatientWithDevice("erase-keep", "FR", "dev-erase-keep");
+  for (const char* device : {"dev-erase", "dev-erase-keep"}) {
+    auto stub = Ingest(Device("acme", device));
+    DeviceStream stream(*stub);
+    std::optional<v1::IngestAck> ack = stream.Send(Batch(1, 1, 30));
+    ASSERT_TRUE(ack.has_value());
+    ASSERT_EQ(ack->stored_count(), 30u) << device;
+    EXPECT_TRUE(stream.Finish().ok());
+  }
+  // Weeks of a device's heart rates and some temperatures, put in the shard directly: one code
+  // then takes several erasure transactions.
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  {
+    pqxx::nontransaction q(c);
+    q.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', 'dev-erase-bulk', g, $1, '8867-4', 70, '/min', "
+        "now() - interval '20 days' + g * interval '1 second' FROM generate_series(1, 25000) g",
+        patient);
+    q.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', 'dev-erase-bulk', 100000 + g, $1, '8310-5', 37, 'Cel', "
+        "now() - interval '10 days' + g * interval '1 minute' FROM generate_series(1, 40) g",
+        patient);
+  }
+  const std::string of_patient = absl::StrCat("patient_id = '", patient, "'");
+  const std::string of_kept = absl::StrCat("patient_id = '", kept, "'");
+  ASSERT_EQ(Count("fr-1", of_patient), 25070);
+  ASSERT_EQ(Count("fr-1", of_kept), 30);
+
+  auto erase = [&](const TestCert& as, const std::string& patient_id, const std::string& reason,
+                   const std::string& request_id) -> absl::StatusOr<v1::EraseVitalsResponse> {
+    v1::EraseVitalsRequest request;
+    request.set_request_id(request_id);
+    request.set_patient_id(patient_id);
+    request.set_reason(reason);
+    v1::EraseVitalsResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    grpc::Status status = Ingest(as)->EraseVitals(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  };
+  const std::string why = "the patient asked for erasure (ticket 4711)";
+  // Only apps, and only of the patient's tenant; a reason is required.
+  EXPECT_EQ(erase(pki().practitioner(), patient, why, "e-0").status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(erase(Device("acme", "dev-erase"), patient, why, "e-0").status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(erase(pki().globex_app(), patient, why, "e-0").status().code(),
+            absl::StatusCode::kNotFound);
+  absl::StatusOr<v1::EraseVitalsResponse> no_reason = erase(pki().app(), patient, "", "e-0");
+  EXPECT_EQ(no_reason.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(no_reason.status().message()), HasSubstr("reason"));
+  EXPECT_EQ(Count("fr-1", of_patient), 25070);
+
+  absl::StatusOr<v1::EraseVitalsResponse> erased = erase(pki().app(), patient, why, "erase-v-1");
+  ASSERT_TRUE(erased.ok()) << erased.status();
+  EXPECT_EQ(erased->erased_count(), 25070u);
+  EXPECT_EQ(Count("fr-1", of_patient), 0);
+  EXPECT_EQ(Count("fr-1", of_kept), 30);
+  for (const char* region : {"de-1", "eu-1"}) EXPECT_EQ(Count(region, of_patient), 0) << region;
+
+  // One entry per transaction, in the home shard, saying what each deleted: the heart rates in
+  // steps of sql::kEraseVitalsRows, the temperatures in one.
+  {
+    pqxx::nontransaction q(c);
+    std::map<std::string, std::vector<int64_t>> steps;  // code -> samples per entry
+    for (const pqxx::row& row : q.exec_params(
+             "SELECT reason, actor, decision FROM audit_log WHERE patient_id = $1 AND "
+             "action = 'delete' AND object_type = 'vitals' AND request_id = 'erase-v-1' "
+             "ORDER BY seq",
+             patient)) {
+      const std::string reason = row[0].as<std::string>();
+      EXPECT_EQ(row[1].as<std::string>(), pki().SpiffeId("/tenant/acme/app/backend")) << reason;
+      EXPECT_EQ(row[2].as<std::string>(), "permit");
+      EXPECT_THAT(reason, ::testing::EndsWith(absl::StrCat("; ", why)));
+      std::vector<std::string> words = absl::StrSplit(reason, ' ');
+      ASSERT_GE(words.size(), 3u) << reason;
+      int64_t samples = 0;
+      ASSERT_TRUE(absl::SimpleAtoi(absl::StripPrefix(words[1], "samples="), &samples)) << reason;
+      steps[std::string(absl::StripSuffix(absl::StripPrefix(words[2], "code="), ";"))].push_back(
+          samples);
+    }
+    EXPECT_EQ(steps["8867-4"], (std::vector<int64_t>{10000, 10000, 5030}));
+    EXPECT_EQ(steps["8310-5"], (std::vector<int64_t>{40}));
+    EXPECT_EQ(steps.size(), 2u);
+  }
+  // Called again: nothing left, nothing deleted, no entry.
+  absl::StatusOr<v1::EraseVitalsResponse> again = erase(pki().app(), patient, why, "erase-v-2");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->erased_count(), 0u);
+  {
+    pqxx::nontransaction q(c);
+    EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log WHERE request_id = 'erase-v-2'")[0].as<int>(),
+              0);
+  }
+  auto verified = audit::VerifyChain(c);
+  ASSERT_TRUE(verified.ok()) << verified.status();
   EXPECT_TRUE(verified->ok) << verified->problem;
 }
 
