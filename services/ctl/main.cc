@@ -427,7 +427,8 @@ int Run(int argc, char** argv) {
     // A patient's years of samples are deleted 10,000 a transaction: a generous deadline.
     context.set_deadline(Deadline(std::chrono::seconds(600)));
     v1::EraseVitalsResponse response;
-    return Print(v1::DeviceIngest::NewStub(*channel)->EraseVitals(&context, r, &response), response);
+    return Print(v1::DeviceIngest::NewStub(*channel)->EraseVitals(&context, r, &response),
+                 response);
   }
   auto stub = v1::TenantRouting::NewStub(*channel);
   using S = v1::TenantRouting::Stub;

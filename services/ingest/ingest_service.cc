@@ -522,20 +522,28 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* IngestService::Stre
                           context->peer(), std::move(slot));
 }
 
+std::unique_ptr<BoundedCounts<std::string>::Slot> IngestService::TakeReadPlace(
+    const std::string& tenant, grpc::Status& refused) {
+  std::unique_ptr<BoundedCounts<std::string>::Slot> slot =
+      reads_per_tenant_.TryTake(tenant, reads_.max_per_tenant);
+  if (slot == nullptr) {
+    refused = grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("this tenant already has ", reads_.max_per_tenant,
+                     " ReadVitals or EraseVitals calls in progress, the most "
+                     "ingest.max_reads_per_tenant allows; retry once one has ended"));
+  }
+  return slot;
+}
+
 grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
                                        const v1::ReadVitalsRequest* request,
                                        grpc::ServerWriter<v1::ReadVitalsResponse>* writer) {
   absl::StatusOr<Principal> principal = policy_.Authorize(*context, "ReadVitals");
   if (!principal.ok()) return ToGrpcStatus(principal.status());
-  std::unique_ptr<BoundedCounts<std::string>::Slot> slot =
-      reads_per_tenant_.TryTake(principal->tenant, reads_.max_per_tenant);
-  if (slot == nullptr) {
-    return grpc::Status(
-        grpc::StatusCode::RESOURCE_EXHAUSTED,
-        absl::StrCat("this tenant already has ", reads_.max_per_tenant,
-                     " ReadVitals calls in progress, the most ingest.max_reads_per_tenant allows; "
-                     "retry once one has ended"));
-  }
+  grpc::Status busy;
+  std::unique_ptr<BoundedCounts<std::string>::Slot> slot = TakeReadPlace(principal->tenant, busy);
+  if (slot == nullptr) return busy;
   consent::Purpose purpose;
   switch (request->purpose()) {
     case v1::PURPOSE_CARE: purpose = consent::Purpose::kCare; break;
@@ -768,15 +776,10 @@ grpc::Status IngestService::EraseVitals(grpc::ServerContext* context,
     return ToGrpcStatus(why);
   }
   // An erasure holds a handler thread as a read does, for as long as its deletions take.
+  grpc::Status busy;
   std::unique_ptr<BoundedCounts<std::string>::Slot> slot =
-      reads_per_tenant_.TryTake(ctx->principal.tenant, reads_.max_per_tenant);
-  if (slot == nullptr) {
-    return grpc::Status(
-        grpc::StatusCode::RESOURCE_EXHAUSTED,
-        absl::StrCat("this tenant already has ", reads_.max_per_tenant,
-                     " ReadVitals or EraseVitals calls in progress, the most "
-                     "ingest.max_reads_per_tenant allows; retry once one has ended"));
-  }
+      TakeReadPlace(ctx->principal.tenant, busy);
+  if (slot == nullptr) return busy;
   absl::StatusOr<std::vector<PatientLocation>> located =
       routing_.ResolvePatients({request->patient_id()});
   if (!located.ok()) return ToGrpcStatus(located.status());

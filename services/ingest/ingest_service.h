@@ -19,7 +19,8 @@
 
 namespace medgate::ingest {
 
-// What ReadVitals calls may hold: each holds a handler thread of the server's bounded pool.
+// What ReadVitals and EraseVitals calls may hold: each holds a handler thread of the server's
+// bounded pool.
 struct ReadBounds {
   // A tenant's reads in progress at once (ingest.max_reads_per_tenant); one more is refused
   // RESOURCE_EXHAUSTED, so one tenant cannot take every handler thread.
@@ -86,6 +87,11 @@ class IngestService final
   const int max_streams_per_device_;
   BoundedCounts<std::string> streams_per_device_;  // by the device's SPIFFE id
   DeviceTurns turns_;                              // by the device's SPIFFE id
+  // One of `tenant`'s places for a ReadVitals or EraseVitals call (ingest.max_reads_per_tenant);
+  // null when it has none left, with `refused` the RESOURCE_EXHAUSTED status to answer.
+  std::unique_ptr<BoundedCounts<std::string>::Slot> TakeReadPlace(const std::string& tenant,
+                                                                  grpc::Status& refused);
+
   const ReadBounds reads_;
   BoundedCounts<std::string> reads_per_tenant_;
   StallWatch read_watch_;
