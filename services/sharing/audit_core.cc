@@ -19,6 +19,15 @@
 namespace medgate::sharing {
 namespace {
 
+constexpr absl::string_view kTerritoryRefusal = "TERRITORY_NOT_PERMITTED: grantee=";
+
+// Cuts a share's territory refusal to the grantee it names; any other reason is left whole.
+void WithholdGranteeTerritories(std::string& reason) {
+  if (!absl::StartsWith(reason, kTerritoryRefusal)) return;
+  const size_t why = reason.find(" (", kTerritoryRefusal.size());
+  if (why != std::string::npos) reason.resize(why);
+}
+
 constexpr size_t kMaxReasonCodeBytes = 64;
 constexpr size_t kMaxActorBytes = 512;
 constexpr size_t kMaxPatientIdBytes = 64;  // as every other call's patient_id
@@ -234,6 +243,10 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
       // see every entry whole. (The entry's hash covers the address: such an entry is checked
       // by VerifyChain, not by the caller.)
       if (!ops && !absl::StartsWith(entry.entry.actor, own_actors)) entry.entry.origin.clear();
+      // Nor which territories another tenant serves, which a share refused by the patient's
+      // residency rule records for ops ("TERRITORY_NOT_PERMITTED: grantee=ID (why)"): the sharer
+      // was not told either.
+      if (!ops) WithholdGranteeTerritories(entry.entry.reason);
       page.entries.push_back(std::move(entry));
     }
     if (page.next_page_token.empty() && !query.actor.empty() && scanned == scan) {

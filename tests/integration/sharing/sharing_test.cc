@@ -3163,12 +3163,28 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
   EXPECT_THAT(std::string(refused.status().message()), Not(HasSubstr("umbrella")));
   EXPECT_TRUE(HasEntry(PatientAudit(patient), P1(), v1::AUDIT_ACTION_CREATE, record,
                        "TERRITORY_NOT_PERMITTED"));
-  bool detailed = false;
+  // The patient's tenant reads whom the share was refused for, not which territories that tenant
+  // serves; ops read why.
+  int refusals = 0;
   for (const v1::AuditEntry& e : PatientAudit(patient)) {
-    detailed |= e.reason() == "TERRITORY_NOT_PERMITTED" &&
-                absl::StrContains(e.reason_detail(), "from US, a territory tenant 'umbrella'");
+    if (e.reason() != "TERRITORY_NOT_PERMITTED" || e.object_type() != "share_grant") continue;
+    ++refusals;
+    EXPECT_EQ(e.reason_detail(), absl::StrCat("grantee=", umbrella));
   }
-  EXPECT_TRUE(detailed);
+  EXPECT_EQ(refusals, 1);
+  {
+    v1::QueryAuditRequest request;
+    request.set_patient_id(patient);
+    request.set_page_size(1000);
+    auto ops_view = QueryAudit(pki_->ops(), request);
+    ASSERT_TRUE(ops_view.ok()) << ops_view.status();
+    bool detailed = false;
+    for (const v1::AuditEntry& e : ops_view->entries()) {
+      detailed |= e.reason() == "TERRITORY_NOT_PERMITTED" &&
+                  absl::StrContains(e.reason_detail(), "from US, a territory tenant 'umbrella'");
+    }
+    EXPECT_TRUE(detailed);
+  }
   // A tenant that does not exist is refused in the same words: whether it does is not told.
   auto unknown = Share(pki_->practitioner(), record, Id("/tenant/nosuchtenant/practitioner/n-1"),
                        ServerNow() + absl::Hours(1));
