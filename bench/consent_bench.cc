@@ -124,7 +124,7 @@ int Run(const Flags& flags) {
   std::vector<std::string> patients;
   for (int i = 0; i < flags.patients; ++i) patients.push_back(PatientId(i));
   for (const std::string& p : patients) {
-    auto d = cache->Check("fr-1", p, Purpose::kCare, kActor, absl::Now());
+    auto d = cache->Check("fr-1", p, Purpose::kCare, kActor, "", absl::Now());
     if (!d.ok() || !d->permit) Die("warm-up check did not permit");
   }
   const ConsentCacheStats before = cache->Stats();
@@ -133,7 +133,7 @@ int Run(const Flags& flags) {
   const int64_t cached_cpu_start = CpuNanos();
   for (int i = 0; i < flags.checks; ++i) {
     auto d = cache->Check("fr-1", patients[static_cast<size_t>(i % flags.patients)], Purpose::kCare,
-                          kActor, absl::Now());
+                          kActor, "", absl::Now());
     permits += d.ok() && d->permit;
   }
   const int64_t cached_cpu_ns = CpuNanos() - cached_cpu_start;
@@ -149,7 +149,7 @@ int Run(const Flags& flags) {
     pqxx::nontransaction txn(direct);
     auto records = LoadCurrentConsents(txn, patients[static_cast<size_t>(i % flags.patients)]);
     if (!records.ok()) Die(std::string(records.status().message()));
-    if (!Decide(*records, Purpose::kCare, kActor, absl::Now()).permit) Die("uncached: no permit");
+    if (!Decide(*records, Purpose::kCare, kActor, "", absl::Now()).permit) Die("uncached: no permit");
   }
   const int64_t uncached_ns = Nanos() - uncached_start;
 
@@ -166,7 +166,7 @@ int Run(const Flags& flags) {
     while (cache->Stats().notifications <= heard) {
       if (absl::Now() > wait_until) Die("grant notification not heard within 10 s");
     }
-    auto d = cache->Check("fr-1", patient, Purpose::kCare, kActor, absl::Now());
+    auto d = cache->Check("fr-1", patient, Purpose::kCare, kActor, "", absl::Now());
     if (!d.ok() || !d->permit) Die("propagation: no permit before the revocation");
     pqxx::work txn(admin);
     txn.exec_params0(
@@ -178,7 +178,7 @@ int Run(const Flags& flags) {
     txn.commit();
     const int64_t give_up = commit_sent + int64_t{10} * 1000 * 1000 * 1000;
     while (true) {
-      auto now = cache->Check("fr-1", patient, Purpose::kCare, kActor, absl::Now());
+      auto now = cache->Check("fr-1", patient, Purpose::kCare, kActor, "", absl::Now());
       if (now.ok() && !now->permit) break;
       if (Nanos() > give_up) Die("revocation did not reach the cache within 10 s");
       // Leave the CPU to the listener thread: on a busy machine, spinning would delay the very

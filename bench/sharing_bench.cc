@@ -84,7 +84,7 @@ class PermitAll final : public consent::ConsentCache {
  public:
   absl::StatusOr<consent::AccessDecision> Check(absl::string_view, absl::string_view,
                                                 consent::Purpose, absl::string_view,
-                                                absl::Time) override {
+                                                absl::string_view, absl::Time) override {
     consent::AccessDecision d;
     d.permit = true;
     d.reason = consent::AccessReason::kPermitted;

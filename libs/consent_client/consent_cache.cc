@@ -105,6 +105,7 @@ size_t EntryBytes(absl::string_view patient_id, const std::vector<ConsentRecord>
   size_t bytes = sizeof(Entry) + 64 + 2 * patient_id.size();
   for (const ConsentRecord& c : consents) {
     bytes += sizeof(ConsentRecord) + c.consent_id.size() + c.tenant_id.size() + c.actor.size();
+    for (const std::string& category : c.categories) bytes += sizeof(std::string) + category.size();
   }
   return bytes;
 }
@@ -172,23 +173,25 @@ class PgConsentCache final : public ConsentCache {
 
   absl::StatusOr<AccessDecision> Check(absl::string_view region_id, absl::string_view patient_id,
                                        Purpose purpose, absl::string_view actor,
-                                       absl::Time now) override {
-    return *Answer(region_id, patient_id, purpose, actor, now, /*may_load=*/true);
+                                       absl::string_view category, absl::Time now) override {
+    return *Answer(region_id, patient_id, purpose, actor, category, now, /*may_load=*/true);
   }
 
   std::optional<absl::StatusOr<AccessDecision>> CheckCached(absl::string_view region_id,
                                                             absl::string_view patient_id,
                                                             Purpose purpose,
                                                             absl::string_view actor,
+                                                            absl::string_view category,
                                                             absl::Time now) override {
-    return Answer(region_id, patient_id, purpose, actor, now, /*may_load=*/false);
+    return Answer(region_id, patient_id, purpose, actor, category, now, /*may_load=*/false);
   }
 
   // nullopt only when `may_load` is false and the decision would need a load.
   std::optional<absl::StatusOr<AccessDecision>> Answer(absl::string_view region_id,
                                                        absl::string_view patient_id,
                                                        Purpose purpose, absl::string_view actor,
-                                                       absl::Time now, bool may_load) {
+                                                       absl::string_view category, absl::Time now,
+                                                       bool may_load) {
     auto it = regions_.find(region_id);
     if (it == regions_.end()) {
       return absl::FailedPreconditionError(
@@ -198,6 +201,9 @@ class PgConsentCache final : public ConsentCache {
     if (static_cast<int>(purpose) < static_cast<int>(Purpose::kCare) ||
         static_cast<int>(purpose) > static_cast<int>(Purpose::kGeolocation)) {
       return absl::InvalidArgumentError("purpose: not a known purpose");
+    }
+    if (!category.empty() && !IsDataCategory(category)) {
+      return absl::InvalidArgumentError("category: not a known data category");
     }
     const int64_t mono = MonoNanos();
     if (mono - region.alive_at.load(std::memory_order_acquire) > fail_closed_ns_) {
@@ -217,7 +223,7 @@ class PgConsentCache final : public ConsentCache {
             mono - entry.loaded_at < max_staleness_ns_) {
           stripe.lru.splice(stripe.lru.begin(), stripe.lru, hit->second);
           ++stripe.hits;
-          return Decide(entry.consents, purpose, actor, now);
+          return Decide(entry.consents, purpose, actor, category, now);
         }
         if (!may_load) return std::nullopt;  // left for Check to drop and load again
         Remove(stripe, hit);
@@ -230,7 +236,7 @@ class PgConsentCache final : public ConsentCache {
     const uint64_t region_epoch = region.epoch.load(std::memory_order_acquire);
     absl::StatusOr<std::vector<ConsentRecord>> consents = Load(region, patient_id);
     if (!consents.ok()) return consents.status();
-    AccessDecision decision = Decide(*consents, purpose, actor, now);
+    AccessDecision decision = Decide(*consents, purpose, actor, category, now);
     {
       std::lock_guard<std::mutex> lock(stripe.mu);
       if (stripe.epoch == stripe_epoch &&

@@ -20,7 +20,16 @@ namespace medgate::consent {
 // The purposes of use (ARCHITECTURE.md). There is deliberately no commercial purpose.
 enum class Purpose { kCare = 1, kRemoteMonitoring = 2, kRecordSharing = 3, kResearch = 4, kGeolocation = 5 };
 
-enum class AccessReason { kPermitted, kNoConsent, kRevoked, kExpired, kActorNotCovered, kNotYetValid };
+enum class AccessReason {
+  kPermitted,
+  kNoConsent,
+  kRevoked,
+  kExpired,
+  kActorNotCovered,
+  kNotYetValid,
+  // The consent that would apply is narrowed to data categories the use is not of.
+  kCategoryNotCovered,
+};
 
 absl::string_view PurposeName(Purpose purpose);        // "CARE", "REMOTE_MONITORING", ...
 absl::string_view AccessReasonName(AccessReason reason);  // "PERMITTED", "NO_CONSENT", ...
@@ -74,16 +83,20 @@ class ConsentCache {
   // whose shard cannot be read: UNAVAILABLE (callers treat it as deny). A tenant identity is
   // covered by its tenant's tenant-wide consents and by consents narrowed to exactly it
   // (consent_decision.h has the rules); unknown region: FAILED_PRECONDITION.
+  // `category` is the data category of the use (consent_decision.h: DataCategories()), "" for
+  // a use that is of none in particular: a consent narrowed to categories covers only uses of
+  // one of them.
   virtual absl::StatusOr<AccessDecision> Check(absl::string_view region_id,
                                                absl::string_view patient_id, Purpose purpose,
-                                               absl::string_view actor, absl::Time now) = 0;
+                                               absl::string_view actor, absl::string_view category,
+                                               absl::Time now) = 0;
 
   // The decision Check would give when it can be made from memory now; nullopt when Check would
   // read the shard (the patient's consents are not cached, or were loaded too long ago). Never
   // waits for the database. Implementations without a cache answer nullopt.
   virtual std::optional<absl::StatusOr<AccessDecision>> CheckCached(
       absl::string_view /*region_id*/, absl::string_view /*patient_id*/, Purpose /*purpose*/,
-      absl::string_view /*actor*/, absl::Time /*now*/) {
+      absl::string_view /*actor*/, absl::string_view /*category*/, absl::Time /*now*/) {
     return std::nullopt;
   }
 

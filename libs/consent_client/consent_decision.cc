@@ -2,11 +2,20 @@
 #include "libs/consent_client/consent_decision.h"
 
 #include <algorithm>
+#include <iterator>
 
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 
 namespace medgate::consent {
 namespace {
+
+constexpr absl::string_view kCategories[] = {
+    "heart-rate",       "oxygen-saturation", "blood-pressure", "body-temperature",
+    "respiratory-rate", "body-weight",       "blood-glucose",  "document",
+    "imaging",          "report"};
 
 constexpr Purpose kPurposes[] = {Purpose::kCare, Purpose::kRemoteMonitoring,
                                  Purpose::kRecordSharing, Purpose::kResearch,
@@ -51,6 +60,7 @@ absl::string_view AccessReasonName(AccessReason reason) {
     case AccessReason::kExpired: return "EXPIRED";
     case AccessReason::kActorNotCovered: return "ACTOR_NOT_COVERED";
     case AccessReason::kNotYetValid: return "NOT_YET_VALID";
+    case AccessReason::kCategoryNotCovered: return "CATEGORY_NOT_COVERED";
   }
   return "NO_CONSENT";
 }
@@ -76,6 +86,35 @@ ConsentStatus StatusAt(const ConsentRecord& record, absl::Time now) {
   return ConsentStatus::kGranted;
 }
 
+absl::Span<const absl::string_view> DataCategories() { return kCategories; }
+
+bool IsDataCategory(absl::string_view name) {
+  return std::find(std::begin(kCategories), std::end(kCategories), name) != std::end(kCategories);
+}
+
+absl::StatusOr<std::vector<std::string>> ValidateCategories(std::vector<std::string> categories,
+                                                             absl::string_view field) {
+  for (const std::string& category : categories) {
+    if (!IsDataCategory(category)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ": '", absl::CHexEscape(category.substr(0, 32)), "' is not a data category (",
+          absl::StrJoin(kCategories, ", "), ")"));
+    }
+  }
+  std::sort(categories.begin(), categories.end());
+  if (auto twice = std::adjacent_find(categories.begin(), categories.end());
+      twice != categories.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": '", *twice, "' is given twice"));
+  }
+  return categories;
+}
+
+bool CoversCategory(const ConsentRecord& record, absl::string_view category) {
+  if (record.categories.empty()) return true;
+  return !category.empty() && std::find(record.categories.begin(), record.categories.end(),
+                                        category) != record.categories.end();
+}
+
 absl::string_view TenantOfActor(absl::string_view actor) {
   constexpr absl::string_view kScheme = "spiffe://";
   if (!absl::ConsumePrefix(&actor, kScheme)) return "";
@@ -96,7 +135,7 @@ absl::string_view TenantOfActor(absl::string_view actor) {
 }
 
 AccessDecision Decide(absl::Span<const ConsentRecord> consents, Purpose purpose,
-                      absl::string_view actor, absl::Time now) {
+                      absl::string_view actor, absl::string_view category, absl::Time now) {
   const ConsentRecord* narrowed = nullptr;
   const ConsentRecord* tenant_wide = nullptr;
   bool any_for_purpose = false;
@@ -126,10 +165,19 @@ AccessDecision Decide(absl::Span<const ConsentRecord> consents, Purpose purpose,
   for (const ConsentRecord* c : {narrowed, tenant_wide}) {
     if (c == nullptr) continue;
     decision.valid_until = std::min(decision.valid_until, NextChange(*c, now));
-    if (rests_on == nullptr && StatusAt(*c, now) == ConsentStatus::kGranted) rests_on = c;
+    if (rests_on == nullptr && StatusAt(*c, now) == ConsentStatus::kGranted &&
+        CoversCategory(*c, category)) {
+      rests_on = c;
+    }
   }
-  if (rests_on == nullptr) rests_on = narrowed != nullptr ? narrowed : tenant_wide;
-  decision.reason = ReasonFor(StatusAt(*rests_on, now));
+  if (rests_on != nullptr) {
+    decision.reason = AccessReason::kPermitted;
+  } else {
+    rests_on = narrowed != nullptr ? narrowed : tenant_wide;
+    decision.reason = StatusAt(*rests_on, now) == ConsentStatus::kGranted
+                          ? AccessReason::kCategoryNotCovered
+                          : ReasonFor(StatusAt(*rests_on, now));
+  }
   decision.permit = decision.reason == AccessReason::kPermitted;
   decision.consent_id = rests_on->consent_id;
   decision.consent_version = rests_on->version;

@@ -6,7 +6,9 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
@@ -24,7 +26,22 @@ struct ConsentRecord {
   bool revoked = false;
   absl::Time valid_from = absl::InfinitePast();
   absl::Time valid_until = absl::InfiniteFuture();  // exclusive
+  // The data categories the consent is narrowed to, each once; empty: every category.
+  std::vector<std::string> categories;
 };
+
+// The data categories a consent may be narrowed to (DOMAIN.md): vitals by measure, then records
+// by kind. Each vital code and each record kind is of exactly one.
+//   heart-rate, oxygen-saturation, blood-pressure, body-temperature, respiratory-rate,
+//   body-weight, blood-glucose, document, imaging, report
+absl::Span<const absl::string_view> DataCategories();
+bool IsDataCategory(absl::string_view name);
+// The categories a grant names, checked: each known and given once, at most every category.
+// INVALID_ARGUMENT naming `field` and the offending entry otherwise. Sorted on return.
+absl::StatusOr<std::vector<std::string>> ValidateCategories(std::vector<std::string> categories,
+                                                             absl::string_view field);
+// Whether a use of `category` ("" for none in particular) falls within the consent's.
+bool CoversCategory(const ConsentRecord& record, absl::string_view category);
 
 // What a consent amounts to at a given time.
 enum class ConsentStatus { kGranted, kRevoked, kExpired, kNotYetValid };
@@ -41,12 +58,13 @@ absl::string_view TenantOfActor(absl::string_view actor);
 
 // Default deny. Among `consents` (one patient's), those for `purpose` that cover `actor`:
 // the one narrowed to exactly `actor`, and the tenant-wide one when `actor` belongs to the
-// patient's tenant (or is "", the tenant as a whole). The first of them that is granted and
-// within its period permits (the narrowed one first); otherwise the decision is a deny for the
-// most specific of them, with its reason. None for the purpose: NO_CONSENT; some, but none
-// covering the actor: ACTOR_NOT_COVERED.
+// patient's tenant (or is "", the tenant as a whole). The first of them that is granted, within
+// its period and covers `category` (CoversCategory) permits (the narrowed one first); otherwise
+// the decision is a deny for the most specific of them, with its reason: CATEGORY_NOT_COVERED
+// for one that is granted but narrowed to other categories. None for the purpose: NO_CONSENT;
+// some, but none covering the actor: ACTOR_NOT_COVERED.
 AccessDecision Decide(absl::Span<const ConsentRecord> consents, Purpose purpose,
-                      absl::string_view actor, absl::Time now);
+                      absl::string_view actor, absl::string_view category, absl::Time now);
 
 }  // namespace medgate::consent
 

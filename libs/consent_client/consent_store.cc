@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "libs/pg/pg_status.h"
+#include "libs/pg/sql_array.h"
 
 namespace medgate::consent {
 namespace {
@@ -21,9 +22,9 @@ const pg::Statement& LoadCurrentConsentsStatement() {
       "SELECT c.consent_id, c.tenant_id, c.purpose, c.actor, v.version, "
       "v.state IS DISTINCT FROM 'granted', "
       "(extract(epoch FROM v.valid_from) * 1000000)::int8, "
-      "(extract(epoch FROM v.valid_until) * 1000000)::int8 "
+      "(extract(epoch FROM v.valid_until) * 1000000)::int8, v.categories "
       "FROM consents c CROSS JOIN LATERAL ("
-      "  SELECT version, state, valid_from, valid_until FROM consent_versions cv "
+      "  SELECT version, state, valid_from, valid_until, categories FROM consent_versions cv "
       "  WHERE cv.consent_id = c.consent_id ORDER BY version DESC LIMIT 1) v "
       "WHERE c.patient_id = $1"};
   return statement;
@@ -51,6 +52,9 @@ absl::StatusOr<std::vector<ConsentRecord>> LoadCurrentConsents(pqxx::transaction
       r.revoked = row[5].as<bool>();
       r.valid_from = FromMicros(row[6], absl::InfinitePast());
       r.valid_until = FromMicros(row[7], absl::InfiniteFuture());
+      // Kept as stored: a category this code does not know (a later migration's) is one no use
+      // here is of, so a consent narrowed to it permits nothing it did not name.
+      r.categories = pg::ParseTextArray(row[8]);
       records.push_back(std::move(r));
     }
     return records;

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <iterator>
 #include <map>
 #include <tuple>
 
@@ -12,6 +13,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "libs/audit/audit_log.h"
@@ -50,6 +52,7 @@ VersionInfo VersionFromRow(const pqxx::row& row, int first) {
   v.recorded_by = row[first + 6].c_str();
   v.recorded_at = absl::FromUnixMicros(row[first + 7].as<int64_t>());
   v.request_id = row[first + 8].c_str();
+  v.categories = pg::ParseTextArray(row[first + 9]);
   return v;
 }
 
@@ -63,6 +66,7 @@ ConsentRecord RecordOf(const ConsentInfo& c) {
   r.revoked = c.current.state == VersionState::kRevoked;
   r.valid_from = c.current.valid_from;
   r.valid_until = c.current.valid_until.value_or(absl::InfiniteFuture());
+  r.categories = c.current.categories;
   return r;
 }
 
@@ -136,7 +140,7 @@ void InsertVersion(pqxx::work& txn, const std::string& consent_id, const Version
   txn.exec_prepared0(sql::kInsertVersion, consent_id, v.version, std::string(StateName(v.state)),
                      absl::ToUnixMicros(v.valid_from), v.valid_until ? until.c_str() : nullptr,
                      v.evidence_ref, v.reason, v.recorded_by, absl::ToUnixMicros(v.recorded_at),
-                     v.request_id);
+                     v.request_id, pg::TextArrayLiteral(v.categories));
 }
 
 }  // namespace
@@ -148,6 +152,41 @@ absl::StatusOr<Purpose> ValidatePurpose(int number, absl::string_view field) {
     return absl::InvalidArgumentError(absl::StrCat(field, ": unknown purpose ", number));
   }
   return *purpose;
+}
+
+absl::Status CheckCategoriesOfPurpose(Purpose purpose, const std::vector<std::string>& categories) {
+  constexpr absl::string_view kRecordKinds[] = {"document", "imaging", "report"};
+  auto is_record_kind = [&](absl::string_view c) {
+    return std::find(std::begin(kRecordKinds), std::end(kRecordKinds), c) != std::end(kRecordKinds);
+  };
+  for (const std::string& c : categories) {
+    // What each purpose is checked for: a category none of its uses is of would make a consent
+    // that permits nothing, which nobody means to grant.
+    switch (purpose) {
+      case Purpose::kGeolocation:
+        return absl::InvalidArgumentError(
+            "categories: a GEOLOCATION consent is about locations, the category of its own; it "
+            "is not narrowed to data categories");
+      case Purpose::kRemoteMonitoring:
+        if (is_record_kind(c)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "categories: '", c, "' is a kind of record; a REMOTE_MONITORING consent covers "
+              "devices' vitals, narrowed by measure"));
+        }
+        break;
+      case Purpose::kRecordSharing:
+        if (!is_record_kind(c)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "categories: '", c, "' is a measure of vitals; a RECORD_SHARING consent covers "
+              "records, narrowed by kind (document, imaging, report)"));
+        }
+        break;
+      case Purpose::kCare:
+      case Purpose::kResearch:
+        break;
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::pair<absl::Time, std::optional<absl::Time>>> ValidateGrantPeriod(
@@ -255,6 +294,9 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
   const absl::Time now = TruncateToMicros(absl::Now());
   ASSIGN_OR_RETURN(auto period, ValidateGrantPeriod(request.period, now));
   RETURN_IF_ERROR(ValidateText(request.evidence_ref, "evidence_ref", kMaxTextBytes));
+  ASSIGN_OR_RETURN(std::vector<std::string> categories,
+                   ValidateCategories(request.categories, "categories"));
+  RETURN_IF_ERROR(CheckCategoriesOfPurpose(purpose, categories));
   ASSIGN_OR_RETURN(PatientLocation patient, ResolvePatient(ctx, request.patient_id));
   if (actor && actor->tenant != patient.tenant_id) {
     return absl::InvalidArgumentError(
@@ -270,6 +312,7 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
   version.recorded_by = ctx.principal.spiffe_id;
   version.recorded_at = now;
   version.request_id = ctx.request_id;
+  version.categories = categories;
   const std::string purpose_name(PurposeName(purpose));
   ASSIGN_OR_RETURN(
       GrantResult result,
@@ -298,16 +341,17 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
                                   std::string(StateName(VersionState::kGranted)));
             !earlier.empty()) {
           VersionInfo recorded = VersionFromRow(earlier[0], 0);
-          // A retry repeats the grant: the same evidence and end, and the same start if it gave
-          // one (without one, the start was the first call's time).
+          // A retry repeats the grant: the same evidence, categories and end, and the same start
+          // if it gave one (without one, the start was the first call's time).
           const bool same = recorded.evidence_ref == request.evidence_ref &&
+                            recorded.categories == categories &&
                             recorded.valid_until == period.second &&
                             (!request.period.start_at || recorded.valid_from == period.first);
           if (!same) {
             return absl::InvalidArgumentError(absl::StrCat(
                 "request_id '", ctx.request_id, "' already recorded version ", recorded.version,
-                " of consent '", granted.consent_id, "' with other evidence or period; a new "
-                "grant needs a new request_id"));
+                " of consent '", granted.consent_id, "' with other evidence, categories or "
+                "period; a new grant needs a new request_id"));
           }
           granted.version = recorded.version;
           return granted;
@@ -331,7 +375,12 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
                                                     granted.version == 1 ? audit::Action::kCreate
                                                                          : audit::Action::kUpdate,
                                                     patient, granted.consent_id, purpose,
-                                                    granted.version, "GRANTED"))
+                                                    granted.version,
+                                                    categories.empty()
+                                                        ? std::string("GRANTED")
+                                                        : absl::StrCat("GRANTED: categories=",
+                                                                       absl::StrJoin(categories,
+                                                                                     ","))))
                             .status());
         return granted;
       }));
@@ -540,14 +589,18 @@ absl::StatusOr<AccessDecision> ConsentCore::CheckAccess(const CallContext& ctx,
   RETURN_IF_ERROR(ValidateIdentifier(request.patient_id, "patient_id", kMaxIdBytes));
   ASSIGN_OR_RETURN(Purpose purpose, ValidatePurpose(request.purpose, "purpose"));
   if (request.actor.empty()) return absl::InvalidArgumentError("actor: required");
+  if (!request.category.empty()) {
+    RETURN_IF_ERROR(ValidateCategories({request.category}, "category").status());
+  }
   RETURN_IF_ERROR(
       ParseActor(request.actor, "actor", trust_domain_,
                  {PrincipalKind::kPractitioner, PrincipalKind::kApp, PrincipalKind::kDevice},
                  "a practitioner, app or device")
           .status());
   ASSIGN_OR_RETURN(PatientLocation patient, ResolvePatient(ctx, request.patient_id));
-  ASSIGN_OR_RETURN(AccessDecision decision, cache_.Check(patient.region_id, patient.patient_id,
-                                                          purpose, request.actor, absl::Now()));
+  ASSIGN_OR_RETURN(AccessDecision decision,
+                   cache_.Check(patient.region_id, patient.patient_id, purpose, request.actor,
+                                request.category, absl::Now()));
   // A service asks before an access of its own, which its audit entry records with the decision.
   // A practitioner or app asking reads the patient's consent: audited in the patient's home shard
   // before the answer is given (no entry, no answer).
@@ -556,7 +609,8 @@ absl::StatusOr<AccessDecision> ConsentCore::CheckAccess(const CallContext& ctx,
     audit::Entry entry = AuditFor(
         ctx, audit::Action::kRead, patient, decision.consent_id, purpose, decision.consent_version,
         absl::StrCat("CHECKED: ", decision.permit ? "PERMIT " : "DENY ",
-                     AccessReasonName(decision.reason), " actor=", request.actor));
+                     AccessReasonName(decision.reason), " actor=", request.actor,
+                     request.category.empty() ? "" : absl::StrCat(" category=", request.category)));
     entry.object_type = "consent_decision";
     entry.object_id = decision.consent_id.empty() ? patient.patient_id : decision.consent_id;
     RETURN_IF_ERROR(shard->Transact([&](pqxx::work& txn) {

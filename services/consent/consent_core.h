@@ -49,6 +49,7 @@ struct GrantRequest {
   std::string actor;
   Period period;
   std::string evidence_ref;
+  std::vector<std::string> categories;  // empty: every category (ValidateCategories)
 };
 
 struct GrantResult {
@@ -87,6 +88,7 @@ struct VersionInfo {
   std::string recorded_by;
   absl::Time recorded_at;
   std::string request_id;
+  std::vector<std::string> categories;  // sorted; empty: every category
 };
 
 struct ConsentInfo {
@@ -116,6 +118,7 @@ struct CheckRequest {
   std::string patient_id;
   int purpose = 0;
   std::string actor;
+  std::string category;  // "" for none in particular
 };
 
 class ConsentCore {
@@ -148,6 +151,10 @@ class ConsentCore {
 
 // Pure helpers, exposed for tests. Every error is INVALID_ARGUMENT naming the field.
 absl::StatusOr<Purpose> ValidatePurpose(int number, absl::string_view field);
+// Categories (already ValidateCategories'd) a consent for `purpose` may be narrowed to: none for
+// GEOLOCATION, measures of vitals for REMOTE_MONITORING, kinds of record for RECORD_SHARING,
+// either for CARE and RESEARCH.
+absl::Status CheckCategoriesOfPurpose(Purpose purpose, const std::vector<std::string>& categories);
 // The period a grant at `now` records: [start or now, end), microsecond precision; the end, if
 // any, after a given start. Whether the end is still to come is Grant's to ask, once it knows the
 // grant is not a retry of one recorded earlier.

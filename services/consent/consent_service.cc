@@ -20,6 +20,7 @@ v1::AccessReason ToProto(AccessReason reason) {
     case AccessReason::kExpired: return v1::ACCESS_REASON_EXPIRED;
     case AccessReason::kActorNotCovered: return v1::ACCESS_REASON_ACTOR_NOT_COVERED;
     case AccessReason::kNotYetValid: return v1::ACCESS_REASON_NOT_YET_VALID;
+    case AccessReason::kCategoryNotCovered: return v1::ACCESS_REASON_CATEGORY_NOT_COVERED;
   }
   return v1::ACCESS_REASON_UNSPECIFIED;
 }
@@ -46,6 +47,7 @@ void ToProto(const VersionInfo& v, v1::ConsentVersion* out) {
   out->set_recorded_by(v.recorded_by);
   *out->mutable_recorded_at() = ToProtoTimestamp(v.recorded_at);
   out->set_request_id(v.request_id);
+  for (const std::string& category : v.categories) out->add_categories(category);
 }
 
 void ToProto(const ConsentInfo& c, v1::PatientConsent* out) {
@@ -99,6 +101,13 @@ grpc::Status ConsentService::GrantConsent(grpc::ServerContext* context,
     grant.period.end_at = *end;
   }
   grant.evidence_ref = request->evidence_ref();
+  // Bounded before it is copied: no grant names more than every category.
+  if (static_cast<size_t>(request->categories_size()) > DataCategories().size()) {
+    return ToGrpcStatus(absl::InvalidArgumentError(
+        absl::StrCat("categories: at most ", DataCategories().size(), " (each category once), got ",
+                     request->categories_size())));
+  }
+  grant.categories.assign(request->categories().begin(), request->categories().end());
   absl::StatusOr<GrantResult> result = core_.Grant(*ctx, grant);
   if (!result.ok()) return ToGrpcStatus(result.status());
   response->set_consent_id(result->consent_id);
@@ -153,7 +162,8 @@ grpc::Status ConsentService::CheckAccess(grpc::ServerContext* context,
   absl::StatusOr<CallContext> ctx = Begin(context, "CheckAccess", "");
   if (!ctx.ok()) return ToGrpcStatus(ctx.status());
   absl::StatusOr<AccessDecision> decision =
-      core_.CheckAccess(*ctx, {request->patient_id(), request->purpose(), request->actor()});
+      core_.CheckAccess(*ctx, {request->patient_id(), request->purpose(), request->actor(),
+                               request->category()});
   if (!decision.ok()) return ToGrpcStatus(decision.status());
   response->set_decision(decision->permit ? v1::DECISION_PERMIT : v1::DECISION_DENY);
   response->set_reason(ToProto(decision->reason));

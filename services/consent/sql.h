@@ -25,7 +25,7 @@ inline constexpr char kCountPatientConsents[] = "count_patient_consents";
 #define MEDGATE_CONSENT_VERSION_COLUMNS                                                      \
   "version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "                      \
   "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "  \
-  "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id"
+  "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id, categories"
 
 inline const std::vector<pg::Statement>& Statements() {
   static const std::vector<pg::Statement> statements = {
@@ -50,16 +50,17 @@ inline const std::vector<pg::Statement>& Statements() {
        "AND state = $4 ORDER BY version LIMIT 1"},
       {kInsertVersion,
        "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
-       "evidence_ref, reason, recorded_by, recorded_at, request_id) VALUES ($1, $2, $3, "
-       "timestamptz 'epoch' + $4::int8 * interval '1 microsecond', "
+       "evidence_ref, reason, recorded_by, recorded_at, request_id, categories) VALUES ($1, $2, "
+       "$3, timestamptz 'epoch' + $4::int8 * interval '1 microsecond', "
        "timestamptz 'epoch' + $5::int8 * interval '1 microsecond', $6, $7, $8, "
-       "timestamptz 'epoch' + $9::int8 * interval '1 microsecond', $10)"},
+       "timestamptz 'epoch' + $9::int8 * interval '1 microsecond', $10, $11::text[])"},
       // A patient's consents with their latest version; $2 = '' for every purpose.
       {kListConsents,
        "SELECT c.consent_id, c.purpose, c.actor, v.version, v.state, "
        "(extract(epoch FROM v.valid_from) * 1000000)::int8, "
        "(extract(epoch FROM v.valid_until) * 1000000)::int8, v.evidence_ref, v.reason, "
-       "v.recorded_by, (extract(epoch FROM v.recorded_at) * 1000000)::int8, v.request_id "
+       "v.recorded_by, (extract(epoch FROM v.recorded_at) * 1000000)::int8, v.request_id, "
+       "v.categories "
        "FROM consents c CROSS JOIN LATERAL ("
        "  SELECT * FROM consent_versions cv WHERE cv.consent_id = c.consent_id "
        "  ORDER BY version DESC LIMIT 1) v "
@@ -70,7 +71,7 @@ inline const std::vector<pg::Statement>& Statements() {
       {kListVersions,
        "SELECT consent_id, version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "
        "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "
-       "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id "
+       "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id, categories "
        "FROM consent_versions WHERE consent_id = ANY($1::text[]) ORDER BY consent_id, version"},
   };
   return statements;

@@ -116,9 +116,10 @@ const std::vector<Command>& Commands() {
        "  assign-device   --device ID --ref REF\n"},
       {"unassign-device", "routing", {"device", "request-id"}, {},
        "  unassign-device --device ID\n"},
-      {"grant-consent", "consent", {"patient", "purpose", "evidence", "actor", "request-id"}, {},
+      {"grant-consent", "consent",
+       {"patient", "purpose", "evidence", "actor", "categories", "request-id"}, {},
        "  grant-consent   --patient ID --purpose CARE|REMOTE_MONITORING|RECORD_SHARING|...\n"
-       "                  --evidence REF [--actor SPIFFE_ID]\n"},
+       "                  --evidence REF [--actor SPIFFE_ID] [--categories heart-rate,...]\n"},
       {"upload-record", "sharing",
        {"patient", "file", "kind", "content-type", "file-name", "request-id"}, {},
        "  upload-record   --patient ID --file PATH [--kind document|imaging|report]\n"

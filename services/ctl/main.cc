@@ -111,6 +111,10 @@ int GrantConsent(v1::Consent::Stub& stub, const Flags& flags) {
   r.set_purpose(purpose);
   r.set_actor(Get(flags, "actor"));
   r.set_evidence_ref(Get(flags, "evidence"));
+  // The data categories the consent is narrowed to; none: every category. The service checks them.
+  for (absl::string_view category : absl::StrSplit(Get(flags, "categories"), ',', absl::SkipEmpty())) {
+    r.add_categories(std::string(category));
+  }
   return Call(&v1::Consent::Stub::GrantConsent, stub, r);
 }
 

@@ -5,6 +5,7 @@
 
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "libs/common/status_macros.h"
@@ -83,27 +84,48 @@ absl::Status IngestCore::Process(const Principal& device,
 
   const absl::Time now = read_at;
   // The decision, from memory only unless `may_block`; nullopt: it would have to wait.
-  auto check = [&](consent::Purpose purpose)
+  auto check = [&](consent::Purpose purpose, absl::string_view category)
       -> std::optional<absl::StatusOr<consent::AccessDecision>> {
     if (may_block) {
-      return consent_.Check(where.region_id, where.patient_id, purpose, device.spiffe_id, now);
+      return consent_.Check(where.region_id, where.patient_id, purpose, device.spiffe_id,
+                            category, now);
     }
-    return consent_.CheckCached(where.region_id, where.patient_id, purpose, device.spiffe_id, now);
+    return consent_.CheckCached(where.region_id, where.patient_id, purpose, device.spiffe_id,
+                                category, now);
   };
-  std::optional<absl::StatusOr<consent::AccessDecision>> checked =
-      check(consent::Purpose::kRemoteMonitoring);
-  if (!checked) {
-    later->again = true;
-    return absl::OkStatus();
+  // REMOTE_MONITORING decided for each data category the batch's samples are of (a consent may
+  // be narrowed to some measures), at most one decision a category. Samples of codes outside the
+  // catalogue are rejected by validation and need none.
+  std::vector<std::pair<absl::string_view, consent::AccessDecision>> monitoring;
+  auto monitoring_of = [&](absl::string_view category) -> const consent::AccessDecision* {
+    for (const auto& [c, decision] : monitoring) {
+      if (c == category) return &decision;
+    }
+    return nullptr;
+  };
+  bool any_permit = false;
+  for (const Sample& s : samples) {
+    const VitalKind* kind = FindVital(s.loinc);
+    if (kind == nullptr || monitoring_of(kind->category) != nullptr) continue;
+    std::optional<absl::StatusOr<consent::AccessDecision>> checked =
+        check(consent::Purpose::kRemoteMonitoring, kind->category);
+    if (!checked) {
+      later->again = true;
+      return absl::OkStatus();
+    }
+    if (!checked->ok()) {
+      return retry(absl::UnavailableError("consent unavailable; resend"), absl::Seconds(1));
+    }
+    any_permit = any_permit || (*checked)->permit;
+    monitoring.emplace_back(kind->category, **checked);
   }
-  const absl::StatusOr<consent::AccessDecision>& monitoring = *checked;
-  if (!monitoring.ok()) return retry(absl::UnavailableError("consent unavailable; resend"), absl::Seconds(1));
   bool has_location = std::any_of(samples.begin(), samples.end(),
                                   [](const Sample& s) { return s.location.has_value(); });
   std::optional<consent::AccessDecision> geolocation;  // asked only when the batch has locations
-  if (monitoring->permit && has_location) {
+  if (any_permit && has_location) {
+    // Locations are a category of their own: GEOLOCATION consents are not narrowed.
     std::optional<absl::StatusOr<consent::AccessDecision>> geo =
-        check(consent::Purpose::kGeolocation);
+        check(consent::Purpose::kGeolocation, "");
     if (!geo) {
       later->again = true;
       return absl::OkStatus();
@@ -127,6 +149,13 @@ absl::Status IngestCore::Process(const Principal& device,
   rows.reserve(samples.size());
   uint64_t previous_seq = 0;
   uint32_t refused_for_consent = 0;
+  // The decision the stored samples rest on, and the first refusal with the categories refused,
+  // for the batch's audit entries. A device is covered by its tenant's tenant-wide consent only
+  // (consents are narrowed to practitioners and apps, never devices), so every category's
+  // decision rests on that one consent.
+  const consent::AccessDecision* stored_under = nullptr;
+  const consent::AccessDecision* refused_under = nullptr;
+  std::vector<absl::string_view> refused_categories;
   for (uint32_t i = 0; i < samples.size(); ++i) {
     Sample& s = samples[i];
     Verdict verdict = ValidateSample(s, previous_seq, now, options_.validation);
@@ -142,11 +171,21 @@ absl::Status IngestCore::Process(const Principal& device,
                                                absl::UTCTimeZone()),
                               ": not this patient's sample")};
     }
-    if (verdict.reject == Reject::kNone && !monitoring->permit) {
-      verdict = {Reject::kNoConsent,
-                 absl::StrCat("no REMOTE_MONITORING consent for this patient (",
-                              consent::AccessReasonName(monitoring->reason), ")")};
-      ++refused_for_consent;
+    if (verdict.reject == Reject::kNone) {
+      const absl::string_view category = FindVital(s.loinc)->category;
+      const consent::AccessDecision& decision = *monitoring_of(category);
+      if (!decision.permit) {
+        verdict = {Reject::kNoConsent,
+                   absl::StrCat("no REMOTE_MONITORING consent for this patient's ", category,
+                                " samples (", consent::AccessReasonName(decision.reason), ")")};
+        if (refused_for_consent++ == 0) refused_under = &decision;
+        if (std::find(refused_categories.begin(), refused_categories.end(), category) ==
+            refused_categories.end()) {
+          refused_categories.push_back(category);
+        }
+      } else if (stored_under == nullptr) {
+        stored_under = &decision;
+      }
     }
     if (s.seq > previous_seq) previous_seq = s.seq;
     if (verdict.reject != Reject::kNone) {
@@ -182,11 +221,16 @@ absl::Status IngestCore::Process(const Principal& device,
   request.read_at = read_at;
   request.source = std::move(source);
   request.batch_seq = batch_seq;
-  request.consent_id = monitoring->consent_id;
-  request.consent_version = monitoring->consent_version;
+  if (stored_under != nullptr) {
+    request.consent_id = stored_under->consent_id;
+    request.consent_version = stored_under->consent_version;
+  }
   if (refused_for_consent > 0) {
-    request.denial = absl::StrCat(consent::AccessReasonName(monitoring->reason),
-                                  ": refused=", refused_for_consent);
+    request.denial = absl::StrCat(consent::AccessReasonName(refused_under->reason),
+                                  ": refused=", refused_for_consent,
+                                  " categories=", absl::StrJoin(refused_categories, ","));
+    request.denial_consent_id = refused_under->consent_id;
+    request.denial_consent_version = refused_under->consent_version;
   }
   // The entry cites REMOTE_MONITORING; where the rows it stores had locations, it says what
   // became of them and under which GEOLOCATION decision, so the chain answers under which consent

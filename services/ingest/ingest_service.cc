@@ -12,6 +12,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "libs/audit/audit_log.h"
@@ -625,9 +626,47 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   if (!where.found || where.tenant_id != principal->tenant) {
     return grpc::Status(grpc::StatusCode::NOT_FOUND, "patient not found");
   }
-  absl::StatusOr<consent::AccessDecision> decision =
-      consent_.Check(where.region_id, where.patient_id, purpose, principal->spiffe_id, absl::Now());
-  if (!decision.ok()) return ToGrpcStatus(decision.status());
+  // The codes asked for, each once; none means every code of the catalogue (the only ones stored).
+  const bool every_code = request->loinc_codes().empty();
+  std::set<std::string> distinct(request->loinc_codes().begin(), request->loinc_codes().end());
+  if (every_code) {
+    for (const VitalKind& kind : VitalCatalogue()) distinct.emplace(kind.loinc);
+  }
+  // The purpose decided for each data category of those codes (a consent may be narrowed to some
+  // measures). Named codes must all be permitted; with none named, those permitted are read and
+  // the entry names the categories withheld. The entry cites the first permit (or refusal).
+  std::vector<std::pair<absl::string_view, consent::AccessDecision>> by_category;
+  std::vector<std::string> codes;
+  std::vector<absl::string_view> withheld_categories;
+  const consent::AccessDecision* permit = nullptr;
+  const consent::AccessDecision* refusal = nullptr;
+  absl::string_view refused_category;
+  const absl::Time decided_at = absl::Now();
+  for (const std::string& code : distinct) {
+    const absl::string_view category = FindVital(code)->category;
+    auto it = std::find_if(by_category.begin(), by_category.end(),
+                           [&](const auto& d) { return d.first == category; });
+    if (it == by_category.end()) {
+      absl::StatusOr<consent::AccessDecision> decided =
+          consent_.Check(where.region_id, where.patient_id, purpose, principal->spiffe_id,
+                         category, decided_at);
+      if (!decided.ok()) return ToGrpcStatus(decided.status());
+      by_category.emplace_back(category, *decided);
+      it = by_category.end() - 1;
+      if (!decided->permit && every_code) withheld_categories.push_back(category);
+    }
+    if (it->second.permit) {
+      codes.push_back(code);
+      if (permit == nullptr) permit = &it->second;
+    } else if (refusal == nullptr) {
+      refusal = &it->second;
+      refused_category = category;
+    }
+  }
+  std::sort(withheld_categories.begin(), withheld_categories.end());
+  // by_category no longer grows: the pointers into it stay valid.
+  const bool refused = permit == nullptr || (!every_code && refusal != nullptr);
+  const consent::AccessDecision* decision = refused ? refusal : permit;
   absl::StatusOr<pg::Pool*> pool = shards_.Get(where.region_id);
   if (!pool.ok()) return ToGrpcStatus(pool.status());
 
@@ -643,11 +682,14 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   entry.origin = context->peer();
   // A request id of its own, as every other call's entry has; the page read is in the reason.
   entry.request_id = NewRequestId();
-  if (!decision->permit) {
+  if (refused) {
     // A refused read is audited too.
     entry.action = audit::Action::kRead;
     entry.decision = audit::Decision::kDeny;
     entry.reason = std::string(consent::AccessReasonName(decision->reason));
+    if (decision->reason == consent::AccessReason::kCategoryNotCovered) {
+      absl::StrAppend(&entry.reason, ": category=", refused_category);
+    }
     absl::Status audited =
         (*pool)->Transact([&](pqxx::work& txn) { return audit::Append(txn, entry).status(); });
     if (!audited.ok()) {
@@ -655,6 +697,13 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
       log::Warning("audit_append_failed", {{"method", "ReadVitals"}, {"error", audited.message()}});
       return grpc::Status(grpc::StatusCode::UNAVAILABLE,
                           "the refusal could not be audited; retry later");
+    }
+    if (decision->reason == consent::AccessReason::kCategoryNotCovered) {
+      return grpc::Status(
+          grpc::StatusCode::PERMISSION_DENIED,
+          absl::StrCat("no ", consent::PurposeName(purpose), " consent for this patient's ",
+                       refused_category, " readings (CATEGORY_NOT_COVERED: the consent is "
+                       "narrowed to other data categories); ask for the codes it covers"));
     }
     return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
                         absl::StrCat("no ", consent::PurposeName(purpose), " consent for this patient (",
@@ -664,17 +713,11 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   // Stored locations go out only while GEOLOCATION permits this reader (checked now: a revocation
   // hides what was stored under an earlier consent). A check that fails withholds them.
   absl::StatusOr<consent::AccessDecision> geolocation = consent_.Check(
-      where.region_id, where.patient_id, consent::Purpose::kGeolocation, principal->spiffe_id,
+      where.region_id, where.patient_id, consent::Purpose::kGeolocation, principal->spiffe_id, "",
       absl::Now());
   const bool with_location = geolocation.ok() && geolocation->permit;
 
   std::vector<v1::VitalReading> readings;
-  // The codes asked for, each once; none means every code of the catalogue (the only ones stored).
-  std::set<std::string> distinct(request->loinc_codes().begin(), request->loinc_codes().end());
-  if (distinct.empty()) {
-    for (const VitalKind& kind : VitalCatalogue()) distinct.emplace(kind.loinc);
-  }
-  const std::vector<std::string> codes(distinct.begin(), distinct.end());
   absl::Status status = (*pool)->Transact([&](pqxx::work& txn) -> absl::Status {
     readings.clear();
     size_t withheld = 0;
@@ -706,6 +749,10 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     entry.reason = absl::StrCat("PERMITTED: readings=", std::min<size_t>(readings.size(), page));
     if (!request->page_token().empty()) {
       absl::StrAppend(&entry.reason, " after=", request->page_token());
+    }
+    if (!withheld_categories.empty()) {
+      // Every code was asked for, and the consent is narrowed: these were not read.
+      absl::StrAppend(&entry.reason, " categories_withheld=", absl::StrJoin(withheld_categories, ","));
     }
     if (disclosed > 0) {
       // The locations read out, under the GEOLOCATION decision that let them out.

@@ -12,16 +12,16 @@ namespace medgate::ingest {
 namespace {
 
 constexpr std::array<VitalKind, 10> kCatalogue = {{
-    {"8867-4", "/min", 20, 300, "heart rate"},
-    {"2708-6", "%", 50, 100, "oxygen saturation"},
-    {"59408-5", "%", 50, 100, "oxygen saturation by pulse oximetry"},
-    {"8480-6", "mm[Hg]", 50, 260, "systolic blood pressure"},
-    {"8462-4", "mm[Hg]", 20, 160, "diastolic blood pressure"},
-    {"8310-5", "Cel", 30, 45, "body temperature"},
-    {"9279-1", "/min", 4, 70, "respiratory rate"},
-    {"29463-7", "kg", 0.3, 400, "body weight"},
-    {"2339-0", "mg/dL", 10, 1000, "blood glucose (mass)"},
-    {"15074-8", "mmol/L", 0.5, 55, "blood glucose (moles)"},
+    {"8867-4", "/min", 20, 300, "heart rate", "heart-rate"},
+    {"2708-6", "%", 50, 100, "oxygen saturation", "oxygen-saturation"},
+    {"59408-5", "%", 50, 100, "oxygen saturation by pulse oximetry", "oxygen-saturation"},
+    {"8480-6", "mm[Hg]", 50, 260, "systolic blood pressure", "blood-pressure"},
+    {"8462-4", "mm[Hg]", 20, 160, "diastolic blood pressure", "blood-pressure"},
+    {"8310-5", "Cel", 30, 45, "body temperature", "body-temperature"},
+    {"9279-1", "/min", 4, 70, "respiratory rate", "respiratory-rate"},
+    {"29463-7", "kg", 0.3, 400, "body weight", "body-weight"},
+    {"2339-0", "mg/dL", 10, 1000, "blood glucose (mass)", "blood-glucose"},
+    {"15074-8", "mmol/L", 0.5, 55, "blood glucose (moles)", "blood-glucose"},
 }};
 
 }  // namespace

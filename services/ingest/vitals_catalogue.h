@@ -19,6 +19,8 @@ struct VitalKind {
   double min;
   double max;
   absl::string_view name;
+  // The data category a consent may be narrowed to (consent::DataCategories()).
+  absl::string_view category;
 };
 
 // The catalogue of DOMAIN.md; nullptr for a code that is not in it.

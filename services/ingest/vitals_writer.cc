@@ -392,18 +392,23 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   std::vector<audit::Entry> entries;
   for (size_t i = 0; i < live.size(); ++i) {
     const WriteRequest& w = *live[i];
-    if (outcomes[i].stored == 0 && w.denial.empty()) continue;
-    audit::Entry& e = entries.emplace_back();
-    if (w.source != nullptr) {
-      e.actor = w.source->actor;
-      e.origin = w.source->origin;
-    }
-    e.tenant = w.tenant_id;
-    e.action = audit::Action::kCreate;
-    e.object_type = "vitals";
-    e.object_id = w.device_id;
-    e.patient_id = w.patient_id;
-    if (w.denial.empty()) {
+    auto add = [&]() -> audit::Entry& {
+      audit::Entry& e = entries.emplace_back();
+      if (w.source != nullptr) {
+        e.actor = w.source->actor;
+        e.origin = w.source->origin;
+      }
+      e.tenant = w.tenant_id;
+      e.action = audit::Action::kCreate;
+      e.object_type = "vitals";
+      e.object_id = w.device_id;
+      e.patient_id = w.patient_id;
+      e.purpose = "REMOTE_MONITORING";
+      e.request_id = absl::StrCat("batch:", w.batch_seq);
+      return e;
+    };
+    if (outcomes[i].stored > 0) {
+      audit::Entry& e = add();
       e.decision = audit::Decision::kPermit;
       // "CODE: detail", as every entry's reason, so that QueryAudit shows the code apart.
       e.reason = absl::StrCat("PERMITTED: stored=", outcomes[i].stored,
@@ -416,14 +421,16 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
         absl::StrAppend(&e.reason, " locations_dropped=", outcomes[i].locations_dropped, " ",
                         w.locations_dropped_for);
       }
-    } else {
+      e.consent_id = w.consent_id;
+      e.consent_version = w.consent_version;
+    }
+    if (!w.denial.empty()) {
+      audit::Entry& e = add();
       e.decision = audit::Decision::kDeny;
       e.reason = w.denial;
+      e.consent_id = w.denial_consent_id;
+      e.consent_version = w.denial_consent_version;
     }
-    e.purpose = "REMOTE_MONITORING";
-    e.consent_id = w.consent_id;
-    e.consent_version = w.consent_version;
-    e.request_id = absl::StrCat("batch:", w.batch_seq);
   }
   absl::StatusOr<std::string> finish = sql::AuditAndCommitQuery(quote, entries);
   if (!finish.ok()) return fail(finish.status());

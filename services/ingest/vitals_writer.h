@@ -73,9 +73,12 @@ struct WriteRequest {
   uint64_t batch_seq = 0;
   std::string consent_id;
   int64_t consent_version = 0;
-  // Non-empty for a batch refused for lack of consent (it has no rows): its audit entry is a
-  // denial with this reason, and the batch is answered once that entry is committed.
+  // Non-empty when samples were refused for lack of consent: their audit entry is a denial with
+  // this reason, under the consent it cites, written in the same transaction as the rows stored
+  // (if any), and the batch is answered once it is committed.
   std::string denial;
+  std::string denial_consent_id;
+  int64_t denial_consent_version = 0;
   // For a stored batch's entry when the rows it stores carried locations: the GEOLOCATION decision
   // they were kept under ("GEOLOCATION=<consent>/v<version>"), or dropped for
   // ("GEOLOCATION=<reason>"). The writer adds how many, of the rows it stored.

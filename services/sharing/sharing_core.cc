@@ -33,6 +33,16 @@
 #include "services/sharing/sql.h"
 
 namespace medgate::sharing {
+
+absl::string_view DataCategoryOf(RecordKind kind) {
+  switch (kind) {
+    case RecordKind::kDocument: return "document";
+    case RecordKind::kImaging: return "imaging";
+    case RecordKind::kReport: return "report";
+    case RecordKind::kUnspecified: return "";
+  }
+  return "";
+}
 namespace {
 
 using crypto::SecretKey;
@@ -457,7 +467,7 @@ class PgUpload final : public Upload {
     // A consent revoked while the content arrived stops the record before it is stored; the
     // record's entry cites the decision it is stored under.
     // Its errors are not the upload connection's (Fail would take that one for broken).
-    if (absl::StatusOr<consent::AccessDecision> care = core_.PermitUpload(ctx_, home_);
+    if (absl::StatusOr<consent::AccessDecision> care = core_.PermitUpload(ctx_, home_, header_.kind);
         care.ok()) {
       care_ = *std::move(care);
     } else {
@@ -1430,7 +1440,7 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
   ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home->region_id));
   ASSIGN_OR_RETURN(pg::Pool * upload_pool, upload_shards_.Get(home->region_id));
 
-  ASSIGN_OR_RETURN(consent::AccessDecision care, PermitUpload(ctx, *home));
+  ASSIGN_OR_RETURN(consent::AccessDecision care, PermitUpload(ctx, *home, header.kind));
 
   // A tenant's uploads to a region are bounded: the region's upload connections are everyone's.
   ASSIGN_OR_RETURN(std::unique_ptr<TransferSlot> slot,
@@ -1476,11 +1486,13 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
 }
 
 absl::StatusOr<consent::AccessDecision> SharingCore::PermitUpload(const CallContext& ctx,
-                                                                  const PatientHome& home) {
-  // A practitioner adds to a patient's record for the patient's care: CARE must permit them.
+                                                                  const PatientHome& home,
+                                                                  RecordKind kind) {
+  // A practitioner adds to a patient's record for the patient's care: CARE must permit them, for
+  // a record of this kind.
   ASSIGN_OR_RETURN(consent::AccessDecision care,
                    consent_.Check(home.region_id, home.patient_id, consent::Purpose::kCare,
-                                  ctx.principal.spiffe_id, Now()));
+                                  ctx.principal.spiffe_id, DataCategoryOf(kind), Now()));
   if (care.permit) return care;
   ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home.region_id));
   audit::Entry entry = AuditEntryFor(ctx, audit::Action::kCreate, "record", "", home.tenant_id,
@@ -1558,7 +1570,7 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
         }
         const absl::StatusOr<consent::AccessDecision> consent =
             consent_.Check(region, unlocked->patient_id, consent::Purpose::kRecordSharing,
-                           ctx.principal.spiffe_id, now);
+                           ctx.principal.spiffe_id, DataCategoryOf(unlocked->kind), now);
         const absl::Status territory = to->tenant != unlocked->tenant_id
                                            ? CheckReadTerritory(*unlocked, to->tenant)
                                            : absl::OkStatus();
@@ -1716,7 +1728,7 @@ absl::StatusOr<bool> SharingCore::MayRead(const std::string& region, const Recor
   if (record.owner == caller) {
     ASSIGN_OR_RETURN(consent::AccessDecision care,
                      consent_.Check(region, record.patient_id, consent::Purpose::kCare, caller,
-                                    now));
+                                    DataCategoryOf(record.kind), now));
     return care.permit;
   }
   // AttachGrants gave a grantee's record its caller's active grant, if any.
@@ -1725,7 +1737,7 @@ absl::StatusOr<bool> SharingCore::MayRead(const std::string& region, const Recor
   if (grant == record.grants.end()) return false;
   ASSIGN_OR_RETURN(consent::AccessDecision sharing,
                    consent_.Check(region, record.patient_id, consent::Purpose::kRecordSharing,
-                                  grant->granted_by, now));
+                                  grant->granted_by, DataCategoryOf(record.kind), now));
   if (!sharing.permit) return false;
   if (grant->grantee_tenant == record.tenant_id) return true;
   absl::Status territory = CheckReadTerritory(record, grant->grantee_tenant);
@@ -1975,7 +1987,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
           // The owner reads for the patient's care, while CARE permits them.
           ASSIGN_OR_RETURN(consent::AccessDecision care,
                            consent_.Check(region, record.patient_id, consent::Purpose::kCare,
-                                          caller, now));
+                                          caller, DataCategoryOf(record.kind), now));
           CiteConsent(entry, care, consent::Purpose::kCare);
           if (!care.permit) {
             entry.reason = std::string(consent::AccessReasonName(care.reason));
@@ -2012,7 +2024,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
           ASSIGN_OR_RETURN(
               consent::AccessDecision decision,
               consent_.Check(region, record.patient_id, consent::Purpose::kRecordSharing,
-                             grant->granted_by, now));
+                             grant->granted_by, DataCategoryOf(record.kind), now));
           CiteConsent(entry, decision);
           if (!decision.permit) {
             entry.reason = absl::StrCat(consent::AccessReasonName(decision.reason), ":", which);
@@ -2066,7 +2078,8 @@ absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,
     // otherwise hold the record past any erasure by the tenant for up to a century.
     ASSIGN_OR_RETURN(consent::AccessDecision care,
                      consent_.Check(record_id.substr(0, record_id.find('.')), record->patient_id,
-                                    consent::Purpose::kCare, ctx.principal.spiffe_id, now));
+                                    consent::Purpose::kCare, ctx.principal.spiffe_id,
+                                    DataCategoryOf(record->kind), now));
     if (!care.permit) {
       audit::Entry entry =
           AuditEntryFor(ctx, audit::Action::kUpdate, "record", record_id, record->tenant_id,

@@ -32,6 +32,10 @@ namespace medgate::sharing {
 using ::medgate::CallContext;  // who asks, for the audit entry (libs/server/rpc_util.h)
 
 enum class RecordKind { kUnspecified = 0, kDocument = 1, kImaging = 2, kReport = 3 };
+
+// The data category of a record of `kind` that a consent may be narrowed to ("document",
+// "imaging", "report"; consent::DataCategories()); "" for kUnspecified.
+absl::string_view DataCategoryOf(RecordKind kind);
 enum class RecordState { kActive, kArchived };
 
 struct GrantInfo {
@@ -322,7 +326,7 @@ class SharingCore {
   // when the upload starts and again before it commits. A refusal is audited in the patient's
   // home shard (UNAVAILABLE if it cannot be) and returned as PERMISSION_DENIED.
   absl::StatusOr<consent::AccessDecision> PermitUpload(const CallContext& ctx,
-                                                       const PatientHome& home);
+                                                       const PatientHome& home, RecordKind kind);
 
   // The record the caller stored with the header's request id, if any, on `connection` (the
   // header's patient's home shard): its result when its header was the same (the answer audited

@@ -145,7 +145,7 @@ TEST_F(ConsentCacheTest, ANotificationInvalidatesTheCachedDecision) {
   // The grant's own notification first: arriving after the permit below was cached, it would drop
   // it, and the revocation would then be read from the database instead of reaching the cache.
   AwaitNotifications(*cache, 1);
-  auto permit = cache->Check("fr-1", "pt_notify", Purpose::kCare, kApp, absl::Now());
+  auto permit = cache->Check("fr-1", "pt_notify", Purpose::kCare, kApp, "", absl::Now());
   ASSERT_TRUE(permit.ok()) << permit.status();
   EXPECT_TRUE(permit->permit);
   EXPECT_EQ(permit->consent_id, id);
@@ -154,7 +154,7 @@ TEST_F(ConsentCacheTest, ANotificationInvalidatesTheCachedDecision) {
   RevokeVersion(*fr_, id, 2);
   absl::StatusOr<AccessDecision> last;
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    last = cache->Check("fr-1", "pt_notify", Purpose::kCare, kApp, absl::Now());
+    last = cache->Check("fr-1", "pt_notify", Purpose::kCare, kApp, "", absl::Now());
     return last.ok() && !last->permit;
   }));
   EXPECT_EQ(last->reason, AccessReason::kRevoked);
@@ -188,7 +188,7 @@ TEST_F(ConsentCacheTest, IsBoundedInBytesAsWellAsInPatients) {
   constexpr size_t kMaxBytes = 16 * 8 * 1024;
   auto cache = NewCache(absl::Minutes(10), absl::Seconds(1), kMaxBytes);
   for (int i = 0; i < kPatients; ++i) {
-    ASSERT_TRUE(cache->Check("fr-1", absl::StrCat("pt_bytes_", i), Purpose::kCare, kApp,
+    ASSERT_TRUE(cache->Check("fr-1", absl::StrCat("pt_bytes_", i), Purpose::kCare, kApp, "",
                              absl::Now()).ok());
     const ConsentCacheStats stats = cache->Stats();
     EXPECT_LE(stats.bytes, kMaxBytes);
@@ -198,7 +198,7 @@ TEST_F(ConsentCacheTest, IsBoundedInBytesAsWellAsInPatients) {
   // The large patient is read for every check, and decided as from memory.
   const uint64_t loads = cache->Stats().loads;
   for (int i = 0; i < 2; ++i) {
-    auto decision = cache->Check("fr-1", "pt_bytes_large", Purpose::kCare, kApp, absl::Now());
+    auto decision = cache->Check("fr-1", "pt_bytes_large", Purpose::kCare, kApp, "", absl::Now());
     ASSERT_TRUE(decision.ok()) << decision.status();
     EXPECT_FALSE(decision->permit);  // narrowed to other actors
     EXPECT_EQ(decision->reason, AccessReason::kActorNotCovered);
@@ -212,26 +212,26 @@ TEST_F(ConsentCacheTest, AnswersFromMemoryUntilInvalidatedOrStale) {
   const std::string id = GrantCare(*fr_, "pt_stale");
   for (ConsentCache* c : {cache.get(), short_lived.get()}) {
     AwaitNotifications(*c, 1);
-    ASSERT_TRUE(c->Check("fr-1", "pt_stale", Purpose::kCare, kApp, absl::Now())->permit);
+    ASSERT_TRUE(c->Check("fr-1", "pt_stale", Purpose::kCare, kApp, "", absl::Now())->permit);
   }
   // A change nobody is told about: only the cached copy can still permit.
   Exec(*fr_, "ALTER TABLE consent_versions DISABLE TRIGGER consent_versions_notify");
   RevokeVersion(*fr_, id, 2);
   Exec(*fr_, "ALTER TABLE consent_versions ENABLE TRIGGER consent_versions_notify");
   const ConsentCacheStats before = cache->Stats();
-  EXPECT_TRUE(cache->Check("fr-1", "pt_stale", Purpose::kCare, kApp, absl::Now())->permit);
+  EXPECT_TRUE(cache->Check("fr-1", "pt_stale", Purpose::kCare, kApp, "", absl::Now())->permit);
   EXPECT_EQ(cache->Stats().hits, before.hits + 1);
   EXPECT_EQ(cache->Stats().loads, before.loads);
   // Entries older than max_staleness are reloaded.
   absl::StatusOr<AccessDecision> last;
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    last = short_lived->Check("fr-1", "pt_stale", Purpose::kCare, kApp, absl::Now());
+    last = short_lived->Check("fr-1", "pt_stale", Purpose::kCare, kApp, "", absl::Now());
     return last.ok() && !last->permit;
   }));
   EXPECT_EQ(last->reason, AccessReason::kRevoked);
   // Invalidate drops the entry at once.
   cache->Invalidate("pt_stale");
-  auto reloaded = cache->Check("fr-1", "pt_stale", Purpose::kCare, kApp, absl::Now());
+  auto reloaded = cache->Check("fr-1", "pt_stale", Purpose::kCare, kApp, "", absl::Now());
   ASSERT_TRUE(reloaded.ok());
   EXPECT_EQ(reloaded->reason, AccessReason::kRevoked);
 }
@@ -244,39 +244,39 @@ TEST_F(ConsentCacheTest, CheckCachedAnswersFromMemoryOrNotAtAll) {
   GrantCare(*fr_, "pt_cached_only");
   for (ConsentCache* c : {cache.get(), short_lived.get()}) {
     AwaitNotifications(*c, 1);
-    EXPECT_FALSE(c->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now()));
+    EXPECT_FALSE(c->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp, "", absl::Now()));
     EXPECT_EQ(c->Stats().loads, 0u);
-    ASSERT_TRUE(c->Check("fr-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now())->permit);
+    ASSERT_TRUE(c->Check("fr-1", "pt_cached_only", Purpose::kCare, kApp, "", absl::Now())->permit);
   }
   const ConsentCacheStats before = cache->Stats();
   std::optional<absl::StatusOr<AccessDecision>> cached =
-      cache->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now());
+      cache->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp, "", absl::Now());
   ASSERT_TRUE(cached.has_value());
   ASSERT_TRUE(cached->ok()) << cached->status();
   EXPECT_TRUE((*cached)->permit);
   // Another purpose is decided from the same cached consents.
-  cached = cache->CheckCached("fr-1", "pt_cached_only", Purpose::kResearch, kApp, absl::Now());
+  cached = cache->CheckCached("fr-1", "pt_cached_only", Purpose::kResearch, kApp, "", absl::Now());
   ASSERT_TRUE(cached.has_value() && cached->ok());
   EXPECT_EQ((*cached)->reason, AccessReason::kNoConsent);
   EXPECT_EQ(cache->Stats().hits, before.hits + 2);
   EXPECT_EQ(cache->Stats().loads, before.loads);
   // Unknown regions are refused as by Check.
-  cached = cache->CheckCached("xx-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now());
+  cached = cache->CheckCached("xx-1", "pt_cached_only", Purpose::kCare, kApp, "", absl::Now());
   ASSERT_TRUE(cached.has_value());
   EXPECT_EQ(cached->status().code(), absl::StatusCode::kFailedPrecondition);
   // Invalidated, or older than max_staleness: Check would load, so there is no answer, and
   // nothing is loaded.
   cache->Invalidate("pt_cached_only");
-  EXPECT_FALSE(cache->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now()));
+  EXPECT_FALSE(cache->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp, "", absl::Now()));
   const uint64_t short_lived_loads = short_lived->Stats().loads;
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    return !short_lived->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp,
+    return !short_lived->CheckCached("fr-1", "pt_cached_only", Purpose::kCare, kApp, "",
                                      absl::Now());
   }));
   EXPECT_EQ(cache->Stats().loads, before.loads);
   EXPECT_EQ(short_lived->Stats().loads, short_lived_loads);
   // Check itself then loads again.
-  EXPECT_TRUE(short_lived->Check("fr-1", "pt_cached_only", Purpose::kCare, kApp, absl::Now())
+  EXPECT_TRUE(short_lived->Check("fr-1", "pt_cached_only", Purpose::kCare, kApp, "", absl::Now())
                   ->permit);
   EXPECT_EQ(short_lived->Stats().loads, short_lived_loads + 1);
 }
@@ -285,27 +285,27 @@ TEST_F(ConsentCacheTest, DecidesAtCheckTimeSoExpiryNeedsNoJob) {
   auto cache = NewCache();
   const std::string id = GrantCare(*fr_, "pt_expiry", absl::Hours(1));
   const absl::Time now = absl::Now();
-  auto permit = cache->Check("fr-1", "pt_expiry", Purpose::kCare, kApp, now);
+  auto permit = cache->Check("fr-1", "pt_expiry", Purpose::kCare, kApp, "", now);
   ASSERT_TRUE(permit.ok());
   EXPECT_TRUE(permit->permit);
   EXPECT_LT(permit->valid_until, now + absl::Hours(1) + absl::Minutes(1));
   EXPECT_GT(permit->valid_until, now + absl::Hours(1) - absl::Minutes(1));
-  auto later = cache->Check("fr-1", "pt_expiry", Purpose::kCare, kApp, now + absl::Hours(2));
+  auto later = cache->Check("fr-1", "pt_expiry", Purpose::kCare, kApp, "", now + absl::Hours(2));
   ASSERT_TRUE(later.ok());
   EXPECT_FALSE(later->permit);
   EXPECT_EQ(later->reason, AccessReason::kExpired);
   EXPECT_EQ(later->consent_id, id);
-  auto none = cache->Check("fr-1", "pt_never_consented", Purpose::kCare, kApp, now);
+  auto none = cache->Check("fr-1", "pt_never_consented", Purpose::kCare, kApp, "", now);
   ASSERT_TRUE(none.ok());
   EXPECT_EQ(none->reason, AccessReason::kNoConsent);
 }
 
 TEST_F(ConsentCacheTest, RefusesUnknownRegionsAndPurposes) {
   auto cache = NewCache();
-  EXPECT_EQ(cache->Check("mars-1", "pt_x", Purpose::kCare, kApp, absl::Now()).status().code(),
+  EXPECT_EQ(cache->Check("mars-1", "pt_x", Purpose::kCare, kApp, "", absl::Now()).status().code(),
             absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(
-      cache->Check("fr-1", "pt_x", static_cast<Purpose>(9), kApp, absl::Now()).status().code(),
+      cache->Check("fr-1", "pt_x", static_cast<Purpose>(9), kApp, "", absl::Now()).status().code(),
       absl::StatusCode::kInvalidArgument);
 }
 
@@ -314,8 +314,8 @@ TEST_F(ConsentCacheTest, FailsClosedWhenTheFeedCannotReconnectAndForgetsWhatItMi
   const std::string fr_id = GrantCare(*fr_, "pt_feed_fr");
   GrantCare(*de_, "pt_feed_de");
   AwaitNotifications(*cache, 2);
-  ASSERT_TRUE(cache->Check("fr-1", "pt_feed_fr", Purpose::kCare, kApp, absl::Now())->permit);
-  ASSERT_TRUE(cache->Check("de-1", "pt_feed_de", Purpose::kCare, kApp, absl::Now())->permit);
+  ASSERT_TRUE(cache->Check("fr-1", "pt_feed_fr", Purpose::kCare, kApp, "", absl::Now())->permit);
+  ASSERT_TRUE(cache->Check("de-1", "pt_feed_de", Purpose::kCare, kApp, "", absl::Now())->permit);
 
   // fr-1 stops accepting connections and its consent feed is cut: the listener cannot get back.
   // The connections the cache already has for loading stay open.
@@ -346,16 +346,16 @@ TEST_F(ConsentCacheTest, FailsClosedWhenTheFeedCannotReconnectAndForgetsWhatItMi
   }
   absl::StatusOr<AccessDecision> last;
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    last = cache->Check("fr-1", "pt_feed_fr", Purpose::kCare, kApp, absl::Now());
+    last = cache->Check("fr-1", "pt_feed_fr", Purpose::kCare, kApp, "", absl::Now());
     return !last.ok();
   }));
   EXPECT_EQ(last.status().code(), absl::StatusCode::kUnavailable) << last.status();
   EXPECT_FALSE(cache->FeedListening("fr-1"));
   EXPECT_TRUE(cache->FeedListening("de-1"));
   // Also for patients it never loaded, and only in that region.
-  EXPECT_EQ(cache->Check("fr-1", "pt_other", Purpose::kCare, kApp, absl::Now()).status().code(),
+  EXPECT_EQ(cache->Check("fr-1", "pt_other", Purpose::kCare, kApp, "", absl::Now()).status().code(),
             absl::StatusCode::kUnavailable);
-  auto de = cache->Check("de-1", "pt_feed_de", Purpose::kCare, kApp, absl::Now());
+  auto de = cache->Check("de-1", "pt_feed_de", Purpose::kCare, kApp, "", absl::Now());
   ASSERT_TRUE(de.ok()) << de.status();
   EXPECT_TRUE(de->permit);
 
@@ -363,7 +363,7 @@ TEST_F(ConsentCacheTest, FailsClosedWhenTheFeedCannotReconnectAndForgetsWhatItMi
   // first answer already reflects the revocation it never heard of.
   pqxx::nontransaction(other_db).exec0("ALTER DATABASE medgate ALLOW_CONNECTIONS true");
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    last = cache->Check("fr-1", "pt_feed_fr", Purpose::kCare, kApp, absl::Now());
+    last = cache->Check("fr-1", "pt_feed_fr", Purpose::kCare, kApp, "", absl::Now());
     return last.ok();
   })) << last.status();
   EXPECT_FALSE(last->permit);
@@ -375,18 +375,18 @@ TEST_F(ConsentCacheTest, ShardDownFailsClosedAndRecovers) {
   auto cache = NewCache(absl::Minutes(10), absl::Seconds(1));
   GrantCare(*de_, "pt_down_de");
   AwaitNotifications(*cache, 1);
-  ASSERT_TRUE(cache->Check("de-1", "pt_down_de", Purpose::kCare, kApp, absl::Now())->permit);
+  ASSERT_TRUE(cache->Check("de-1", "pt_down_de", Purpose::kCare, kApp, "", absl::Now())->permit);
   ASSERT_TRUE(de_->Stop().ok());
   absl::StatusOr<AccessDecision> last;
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    last = cache->Check("de-1", "pt_down_de", Purpose::kCare, kApp, absl::Now());
+    last = cache->Check("de-1", "pt_down_de", Purpose::kCare, kApp, "", absl::Now());
     return !last.ok();
   }));
   EXPECT_EQ(last.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_GE(cache->Stats().hits, 1u);  // it answered from memory until the bound
   ASSERT_TRUE(de_->StartAgain().ok());
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    last = cache->Check("de-1", "pt_down_de", Purpose::kCare, kApp, absl::Now());
+    last = cache->Check("de-1", "pt_down_de", Purpose::kCare, kApp, "", absl::Now());
     return last.ok();
   })) << last.status();
   EXPECT_TRUE(last->permit);
@@ -397,7 +397,7 @@ TEST_F(ConsentCacheTest, ShardDownFailsClosedAndRecovers) {
 TEST_F(ConsentCacheTest, AVersionInAStateItDoesNotKnowDoesNotGrant) {
   GrantCare(*fr_, "pt_unknown_state");
   auto cache = NewCache();
-  ASSERT_TRUE(cache->Check("fr-1", "pt_unknown_state", Purpose::kCare, kApp, absl::Now())->permit);
+  ASSERT_TRUE(cache->Check("fr-1", "pt_unknown_state", Purpose::kCare, kApp, "", absl::Now())->permit);
   Exec(*fr_, "ALTER TABLE consent_versions DROP CONSTRAINT consent_versions_state_check");
   absl::Cleanup restore = [] {
     // Past the append-only trigger, as only a superuser could: the suite's later tests share
@@ -416,7 +416,7 @@ TEST_F(ConsentCacheTest, AVersionInAStateItDoesNotKnowDoesNotGrant) {
        {"cn_test_pt_unknown_state"});
   auto fresh = NewCache();  // reads it from the shard
   absl::StatusOr<AccessDecision> decision =
-      fresh->Check("fr-1", "pt_unknown_state", Purpose::kCare, kApp, absl::Now());
+      fresh->Check("fr-1", "pt_unknown_state", Purpose::kCare, kApp, "", absl::Now());
   ASSERT_TRUE(decision.ok()) << decision.status();
   EXPECT_FALSE(decision->permit);
 }
@@ -429,7 +429,7 @@ TEST_F(ConsentCacheTest, AFeedConnectionThatStopsAnsweringIsReplaced) {
   auto cache = NewCache(absl::Minutes(10), absl::Seconds(1));
   GrantCare(*fr_, "pt_stall_fr");
   AwaitNotifications(*cache, 1);
-  ASSERT_TRUE(cache->Check("fr-1", "pt_stall_fr", Purpose::kCare, kApp, absl::Now())->permit);
+  ASSERT_TRUE(cache->Check("fr-1", "pt_stall_fr", Purpose::kCare, kApp, "", absl::Now())->permit);
   const uint64_t starts = cache->Stats().feed_starts;
   std::vector<int> stopped;
   {
@@ -449,7 +449,7 @@ TEST_F(ConsentCacheTest, AFeedConnectionThatStopsAnsweringIsReplaced) {
   absl::StatusOr<AccessDecision> last;
   bool listening_while_failed = true;
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    last = cache->Check("fr-1", "pt_stall_fr", Purpose::kCare, kApp, absl::Now());
+    last = cache->Check("fr-1", "pt_stall_fr", Purpose::kCare, kApp, "", absl::Now());
     if (!last.ok()) listening_while_failed = cache->FeedListening("fr-1");
     return !last.ok();
   }));
@@ -457,7 +457,7 @@ TEST_F(ConsentCacheTest, AFeedConnectionThatStopsAnsweringIsReplaced) {
   EXPECT_FALSE(listening_while_failed);
   // Back, on a new connection, while the old backend is still stopped.
   ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
-    last = cache->Check("fr-1", "pt_stall_fr", Purpose::kCare, kApp, absl::Now());
+    last = cache->Check("fr-1", "pt_stall_fr", Purpose::kCare, kApp, "", absl::Now());
     return last.ok();
   })) << last.status();
   EXPECT_TRUE(last->permit);
@@ -476,7 +476,7 @@ TEST_F(ConsentCacheTest, ALoadOnABackendThatStopsAnsweringEndsAfterTheLoadTimeou
   GrantCare(*fr_, "pt_frozen_b");
   AwaitNotifications(*cache, 2);
   // Leaves the loading pool's connection idle, to be taken by the next load.
-  ASSERT_TRUE(cache->Check("fr-1", "pt_frozen_a", Purpose::kCare, kApp, absl::Now())->permit);
+  ASSERT_TRUE(cache->Check("fr-1", "pt_frozen_a", Purpose::kCare, kApp, "", absl::Now())->permit);
   std::vector<int> stopped;
   {
     pqxx::connection admin(fr_->ConnectionString());
@@ -511,7 +511,7 @@ TEST_F(ConsentCacheTest, ALoadOnABackendThatStopsAnsweringEndsAfterTheLoadTimeou
     safety.join();
   };
   absl::StatusOr<AccessDecision> frozen =
-      cache->Check("fr-1", "pt_frozen_b", Purpose::kCare, kApp, absl::Now());
+      cache->Check("fr-1", "pt_frozen_b", Purpose::kCare, kApp, "", absl::Now());
   bool resumed_before_answer;
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -522,7 +522,7 @@ TEST_F(ConsentCacheTest, ALoadOnABackendThatStopsAnsweringEndsAfterTheLoadTimeou
   EXPECT_THAT(std::string(frozen.status().message()),
               ::testing::HasSubstr("consents of region fr-1 not read within 2s"));
   absl::StatusOr<AccessDecision> next =
-      cache->Check("fr-1", "pt_frozen_b", Purpose::kCare, kApp, absl::Now());
+      cache->Check("fr-1", "pt_frozen_b", Purpose::kCare, kApp, "", absl::Now());
   ASSERT_TRUE(next.ok()) << next.status();
   EXPECT_TRUE(next->permit);
   {

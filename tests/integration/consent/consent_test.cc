@@ -84,10 +84,15 @@ struct GrantArgs {
     request_id = std::move(r);
     return *this;
   }
+  GrantArgs& InCategories(std::vector<std::string> c) {
+    categories = std::move(c);
+    return *this;
+  }
 
   std::string patient_id;
   v1::Purpose purpose = v1::PURPOSE_CARE;
   std::string actor;
+  std::vector<std::string> categories;
   std::optional<absl::Time> start_at;
   std::optional<absl::Time> end_at;
   std::string evidence_ref = "signed-form-1";
@@ -258,6 +263,7 @@ class ConsentTest : public ::testing::Test {
     if (args.start_at) *request.mutable_period()->mutable_start_at() = ToProtoTimestamp(*args.start_at);
     if (args.end_at) *request.mutable_period()->mutable_end_at() = ToProtoTimestamp(*args.end_at);
     request.set_evidence_ref(args.evidence_ref);
+    for (const std::string& c : args.categories) request.add_categories(c);
     v1::GrantConsentResponse response;
     grpc::ClientContext context;
     grpc::Status status = stub.GrantConsent(&context, request, &response);
@@ -298,11 +304,13 @@ class ConsentTest : public ::testing::Test {
   static absl::StatusOr<v1::CheckAccessResponse> Check(v1::Consent::Stub& stub,
                                                        const std::string& patient_id,
                                                        v1::Purpose purpose,
-                                                       const std::string& actor) {
+                                                       const std::string& actor,
+                                                       const std::string& category = "") {
     v1::CheckAccessRequest request;
     request.set_patient_id(patient_id);
     request.set_purpose(purpose);
     request.set_actor(actor);
+    request.set_category(category);
     v1::CheckAccessResponse response;
     grpc::ClientContext context;
     grpc::Status status = stub.CheckAccess(&context, request, &response);
@@ -490,7 +498,7 @@ TEST_F(ConsentTest, RandomGrantsAndRevocationsDecideAsRecorded) {
         records.push_back(c);
       }
       const AccessDecision want =
-          Decide(records, *PurposeFromNumber(static_cast<int>(purposes[q])), asker, absl::Now());
+          Decide(records, *PurposeFromNumber(static_cast<int>(purposes[q])), asker, "", absl::Now());
       auto check = Check(*service, patient, purposes[q], asker);
       ASSERT_TRUE(check.ok()) << check.status();
       EXPECT_EQ(check->decision() == v1::DECISION_PERMIT, want.permit) << asker;
@@ -840,6 +848,114 @@ TEST_F(ConsentTest, ActorNarrowingCoversOnlyThatActor) {
     EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << actor;
     EXPECT_THAT(std::string(refused.status().message()), HasSubstr("actor")) << actor;
   }
+}
+
+TEST_F(ConsentTest, ACategoryNarrowedConsentPermitsOnlyItsCategories) {
+  const std::string patient = Place("categories-1", "FR");
+  auto service = Stub(pki_->service());
+  auto granted = Grant(GrantArgs(patient)
+                           .WithPurpose(v1::PURPOSE_REMOTE_MONITORING)
+                           .InCategories({"heart-rate", "blood-glucose"})
+                           .WithRequestId("categories-grant-1"));
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  for (const std::string category : {"heart-rate", "blood-glucose"}) {
+    auto check = Check(*service, patient, v1::PURPOSE_REMOTE_MONITORING, Device(), category);
+    ASSERT_TRUE(check.ok()) << check.status();
+    EXPECT_EQ(check->decision(), v1::DECISION_PERMIT) << category;
+    EXPECT_EQ(check->consent_id(), granted->consent_id());
+  }
+  // Another measure, or a use of no category in particular, is not covered; the deny cites the
+  // consent that is narrowed.
+  for (const std::string category : {"oxygen-saturation", ""}) {
+    auto check = Check(*service, patient, v1::PURPOSE_REMOTE_MONITORING, Device(), category);
+    ASSERT_TRUE(check.ok()) << check.status();
+    EXPECT_EQ(check->decision(), v1::DECISION_DENY) << category;
+    EXPECT_EQ(check->reason(), v1::ACCESS_REASON_CATEGORY_NOT_COVERED) << category;
+    EXPECT_EQ(check->consent_id(), granted->consent_id());
+  }
+  // A practitioner's check is audited with the category asked about.
+  auto asked = Check(*Stub(pki_->practitioner()), patient, v1::PURPOSE_REMOTE_MONITORING, Device(),
+                     "body-weight");
+  ASSERT_TRUE(asked.ok()) << asked.status();
+  EXPECT_EQ(asked->reason(), v1::ACCESS_REASON_CATEGORY_NOT_COVERED);
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM audit_log WHERE patient_id = $1 AND "
+                    "object_type = 'consent_decision' AND reason LIKE "
+                    "'CHECKED: DENY CATEGORY_NOT_COVERED actor=% category=body-weight'",
+                    patient),
+            1);
+  // The grant's entry names its categories; the listing shows them sorted, and a revocation keeps
+  // them on its version.
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM audit_log WHERE patient_id = $1 AND object_type = "
+                    "'consent' AND reason = 'GRANTED: categories=blood-glucose,heart-rate'",
+                    patient),
+            1);
+  ASSERT_TRUE(Revoke(*Stub(pki_->app()), ById(granted->consent_id())).ok());
+  auto listed = List(*Stub(pki_->app()), ListOf(patient, /*history=*/true));
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->consents_size(), 1);
+  const v1::PatientConsent& listed_consent = listed->consents(0);
+  ASSERT_EQ(listed_consent.history_size(), 2);
+  for (const v1::ConsentVersion& v : listed_consent.history()) {
+    EXPECT_THAT(std::vector<std::string>(v.categories().begin(), v.categories().end()),
+                ::testing::ElementsAre("blood-glucose", "heart-rate"))
+        << v.version();
+  }
+  EXPECT_EQ(Check(*service, patient, v1::PURPOSE_REMOTE_MONITORING, Device(), "heart-rate")
+                ->reason(),
+            v1::ACCESS_REASON_REVOKED);
+  // A re-grant replaces the categories; with none it covers every category.
+  ASSERT_TRUE(Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_REMOTE_MONITORING)).ok());
+  EXPECT_EQ(Check(*service, patient, v1::PURPOSE_REMOTE_MONITORING, Device(), "oxygen-saturation")
+                ->decision(),
+            v1::DECISION_PERMIT);
+  // A retry of the first grant with other categories is not a retry.
+  auto changed = Grant(GrantArgs(patient)
+                           .WithPurpose(v1::PURPOSE_REMOTE_MONITORING)
+                           .InCategories({"heart-rate"})
+                           .WithRequestId("categories-grant-1"));
+  EXPECT_EQ(changed.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(changed.status().message()), HasSubstr("other evidence, categories"));
+
+  // Bad categories, each refused naming what is wrong, nothing recorded.
+  struct Bad {
+    v1::Purpose purpose;
+    std::vector<std::string> categories;
+    std::string says;
+  };
+  const Bad bad[] = {
+      {v1::PURPOSE_CARE, {"mood"}, "'mood' is not a data category"},
+      {v1::PURPOSE_CARE, {"imaging", "imaging"}, "'imaging' is given twice"},
+      {v1::PURPOSE_GEOLOCATION, {"heart-rate"}, "GEOLOCATION consent is about locations"},
+      {v1::PURPOSE_REMOTE_MONITORING, {"document"}, "'document' is a kind of record"},
+      {v1::PURPOSE_RECORD_SHARING, {"heart-rate"}, "'heart-rate' is a measure of vitals"},
+      {v1::PURPOSE_CARE,
+       {"heart-rate", "oxygen-saturation", "blood-pressure", "body-temperature", "respiratory-rate",
+        "body-weight", "blood-glucose", "document", "imaging", "report", "heart-rate"},
+       "categories: at most 10"},
+  };
+  const std::string other = Place("categories-2", "FR");
+  for (const Bad& b : bad) {
+    auto refused = Grant(GrantArgs(other).WithPurpose(b.purpose).InCategories(b.categories));
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << b.says;
+    EXPECT_THAT(std::string(refused.status().message()), HasSubstr(b.says));
+  }
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM consents WHERE patient_id = $1", other),
+            0);
+  auto unknown = Check(*service, patient, v1::PURPOSE_CARE, Device(), "mood");
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(unknown.status().message()), HasSubstr("category: 'mood'"));
+  // The shard refuses a category it does not know, whoever writes it.
+  pqxx::connection owner(clusters_->region("fr-1").ConnectionString());
+  pqxx::work txn(owner);
+  EXPECT_THROW(txn.exec_params(
+                   "INSERT INTO consent_versions (consent_id, version, state, valid_from, "
+                   "evidence_ref, reason, recorded_by, recorded_at, request_id, categories) "
+                   "VALUES ($1, 99, 'granted', now(), 'e', '', 'x', now(), 'r', '{mood}')",
+                   granted->consent_id()),
+               pqxx::check_violation);
 }
 
 TEST_F(ConsentTest, ConsentsOfAnFrPatientExistOnlyInFr1) {

@@ -273,13 +273,15 @@ class IngestTest : public ::testing::Test {
   }
 
   static void Grant(const std::string& patient_id, v1::Purpose purpose, const std::string& actor = "",
-                    const TestCert& as = pki().app()) {
+                    const TestCert& as = pki().app(),
+                    const std::vector<std::string>& categories = {}) {
     auto stub = StubAs<v1::Consent>(as, pki().ca_path(), consent_->port(),
                                     pki().SpiffeId("/service/consent"));
     v1::GrantConsentRequest r;
     r.set_patient_id(patient_id);
     r.set_purpose(purpose);
     r.set_actor(actor);
+    for (const std::string& c : categories) r.add_categories(c);
     r.set_evidence_ref("signed-form-1");
     v1::GrantConsentResponse response;
     grpc::ClientContext context;
@@ -1177,7 +1179,7 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
     ASSERT_EQ(denials.size(), 1u);
     EXPECT_EQ(denials[0][0].as<std::string>(), pki().SpiffeId("/tenant/acme/device/dev-noconsent"));
     EXPECT_EQ(denials[0][1].as<std::string>(), "deny");
-    EXPECT_EQ(denials[0][2].as<std::string>(), "NO_CONSENT: refused=5");
+    EXPECT_EQ(denials[0][2].as<std::string>(), "NO_CONSENT: refused=5 categories=heart-rate");
     EXPECT_EQ(denials[0][3].as<std::string>(), "REMOTE_MONITORING");
     EXPECT_EQ(denials[0][4].as<std::string>(), "batch:1");
     EXPECT_EQ(denials[0][5].as<std::string>(), "dev-noconsent");
@@ -1251,6 +1253,112 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
               absl::StrCat("PERMITTED: stored=1 duplicates=1 locations=1 GEOLOCATION=",
                            geolocation_consent, "/v1"));
   }
+}
+
+// A consent narrowed to some measures: a batch's samples of those are stored, the others are
+// rejected for consent, and the batch's two audit entries (what it stored, what it refused) are in
+// the same transaction. A practitioner's CARE narrowed the same way reads only those measures.
+TEST_F(IngestTest, AConsentNarrowedToSomeMeasuresCoversOnlyThose) {
+  const std::string patient = PatientWithDevice("narrowed-measures", "FR", "dev-narrowed");
+  Grant(patient, v1::PURPOSE_REMOTE_MONITORING, "", pki().app(), {"heart-rate"});
+  Grant(patient, v1::PURPOSE_CARE, "", pki().app(), {"heart-rate"});
+  v1::VitalsBatch batch = Batch(1, 1, 3);
+  v1::VitalSample* glucose = batch.mutable_samples(1);
+  glucose->set_loinc_code("2339-0");
+  glucose->set_ucum_unit("mg/dL");
+  glucose->set_value(110);
+  auto stub = Ingest(Device("acme", "dev-narrowed"));
+  DeviceStream stream(*stub);
+  for (int attempt = 0; attempt < 2; ++attempt) {  // the second, a resend
+    auto ack = stream.Send(batch);
+    ASSERT_TRUE(ack.has_value());
+    EXPECT_EQ(ack->stored_count(), attempt == 0 ? 2u : 0u);
+    EXPECT_EQ(ack->duplicate_count(), attempt == 0 ? 0u : 2u);
+    ASSERT_EQ(ack->rejected_count(), 1u);
+    EXPECT_EQ(ack->rejections(0).sample_index(), 1u);
+    EXPECT_EQ(ack->rejections(0).reason(), v1::REJECT_REASON_NO_CONSENT);
+    EXPECT_EQ(ack->rejections(0).detail(),
+              "no REMOTE_MONITORING consent for this patient's blood-glucose samples "
+              "(CATEGORY_NOT_COVERED)");
+  }
+  EXPECT_TRUE(stream.Finish().ok());
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-narrowed' AND loinc = '8867-4'"), 2);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-narrowed' AND loinc = '2339-0'"), 0);
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  {
+    pqxx::nontransaction q(c);
+    const std::string monitoring =
+        q.exec_params1("SELECT consent_id FROM consents WHERE patient_id = $1 AND purpose = "
+                       "'REMOTE_MONITORING'",
+                       patient)[0]
+            .as<std::string>();
+    const pqxx::result entries = q.exec_params(
+        "SELECT decision, reason, consent_id, consent_version FROM audit_log WHERE patient_id = $1 "
+        "AND object_type = 'vitals' AND action = 'create' ORDER BY seq",
+        patient);
+    ASSERT_EQ(entries.size(), 3u);  // the first send's two, the resend's refusal
+    EXPECT_EQ(entries[0][0].as<std::string>(), "permit");
+    EXPECT_EQ(entries[0][1].as<std::string>(), "PERMITTED: stored=2 duplicates=0");
+    for (int i : {1, 2}) {
+      EXPECT_EQ(entries[i][0].as<std::string>(), "deny");
+      EXPECT_EQ(entries[i][1].as<std::string>(),
+                "CATEGORY_NOT_COVERED: refused=1 categories=blood-glucose");
+    }
+    for (const pqxx::row& e : entries) {
+      EXPECT_EQ(e[2].as<std::string>(), monitoring);
+      EXPECT_EQ(e[3].as<int64_t>(), 1);
+    }
+  }
+  // A glucose reading stored before the narrowing (by SQL here) is not read under it.
+  {
+    pqxx::work txn(c);
+    txn.exec_params(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) VALUES ('acme', 'dev-narrowed', 100, $1, '2339-0', 120, 'mg/dL', now())",
+        patient);
+    txn.commit();
+  }
+  auto read = [&](std::vector<std::string> codes, std::vector<v1::VitalReading>* out) {
+    v1::ReadVitalsRequest request;
+    request.set_patient_id(patient);
+    request.set_purpose(v1::PURPOSE_CARE);
+    for (const std::string& code : codes) request.add_loinc_codes(code);
+    grpc::ClientContext context;
+    auto reader = Ingest(pki().practitioner())->ReadVitals(&context, request);
+    v1::ReadVitalsResponse response;
+    while (reader->Read(&response)) {
+      for (const auto& r : response.readings()) out->push_back(r);
+    }
+    return reader->Finish();
+  };
+  std::vector<v1::VitalReading> readings;
+  grpc::Status refused = read({"8867-4", "2339-0"}, &readings);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(refused.error_message(),
+              HasSubstr("no CARE consent for this patient's blood-glucose readings "
+                        "(CATEGORY_NOT_COVERED"));
+  EXPECT_TRUE(readings.empty());
+  grpc::Status every = read({}, &readings);
+  ASSERT_TRUE(every.ok()) << every.error_message();
+  ASSERT_EQ(readings.size(), 2u);
+  for (const v1::VitalReading& r : readings) EXPECT_EQ(r.sample().loinc_code(), "8867-4");
+  {
+    pqxx::nontransaction q(c);
+    const pqxx::result reads = q.exec_params(
+        "SELECT decision, reason FROM audit_log WHERE patient_id = $1 AND object_type = 'vitals' "
+        "AND action = 'read' ORDER BY seq",
+        patient);
+    ASSERT_EQ(reads.size(), 2u);
+    EXPECT_EQ(reads[0][0].as<std::string>(), "deny");
+    EXPECT_EQ(reads[0][1].as<std::string>(), "CATEGORY_NOT_COVERED: category=blood-glucose");
+    EXPECT_EQ(reads[1][0].as<std::string>(), "permit");
+    EXPECT_EQ(reads[1][1].as<std::string>(),
+              "PERMITTED: readings=2 categories_withheld=blood-glucose,blood-pressure,"
+              "body-temperature,body-weight,oxygen-saturation,respiratory-rate");
+  }
+  auto verified = audit::VerifyChain(c);
+  ASSERT_TRUE(verified.ok());
+  EXPECT_TRUE(verified->ok) << verified->problem;
 }
 
 // A withdrawal of REMOTE_MONITORING reaches a stream already open: once ingest knows of it (its

@@ -644,6 +644,32 @@ TEST_F(CtlTest, AFileNamedInAnotherEncodingIsGivenANameWithFileName) {
   EXPECT_EQ(records(), 1);
 }
 
+// grant-consent narrows a consent to the data categories given: CARE for imaging only lets no
+// document in; an unknown category is the service's refusal, naming it.
+TEST_F(CtlTest, GrantsAConsentNarrowedToCategories) {
+  CtlRun placed = Ctl("app", "place-patient --ref ctl-categories --territory FR");
+  ASSERT_EQ(placed.exit_code, 0) << placed.output;
+  const std::string patient = Field(placed.output, "patient_id");
+  ASSERT_FALSE(patient.empty()) << placed.output;
+  CtlRun unknown = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
+                                           " --purpose CARE --evidence f --categories imaging,mood"));
+  EXPECT_EQ(unknown.exit_code, 1) << unknown.output;
+  EXPECT_THAT(unknown.output, HasSubstr("categories: 'mood' is not a data category"));
+  CtlRun granted = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
+                                           " --purpose CARE --evidence f --categories imaging"));
+  ASSERT_EQ(granted.exit_code, 0) << granted.output;
+  const std::string dir = stack_->dir() + "/ctl-categories";
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/letter.txt", std::ios::binary) << "letter";
+  CtlRun refused = Ctl("practitioner", absl::StrCat("upload-record --patient ", patient,
+                                                    " --kind document --file ", dir, "/letter.txt"));
+  EXPECT_EQ(refused.exit_code, 1) << refused.output;
+  EXPECT_THAT(refused.output, HasSubstr("CATEGORY_NOT_COVERED"));
+  CtlRun imaging = Ctl("practitioner", absl::StrCat("upload-record --patient ", patient,
+                                                    " --kind imaging --file ", dir, "/letter.txt"));
+  EXPECT_EQ(imaging.exit_code, 0) << imaging.output;
+}
+
 TEST_F(CtlTest, RefusesACommandLineItCannotReadBeforeAnythingIsSent) {
   pqxx::connection control(stack_->clusters().control().ConnectionString());
   auto tenant = [&] {

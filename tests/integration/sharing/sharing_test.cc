@@ -415,12 +415,14 @@ class SharingTest : public ::testing::Test {
   // Records a consent through the consent service as `as`; its id.
   static std::string GrantConsent(const TestCert& as, const std::string& patient_id,
                                   v1::Purpose purpose, const std::string& actor,
-                                  const std::string& request_id) {
+                                  const std::string& request_id,
+                                  const std::vector<std::string>& categories = {}) {
     v1::GrantConsentRequest request;
     request.set_request_id(request_id);
     request.set_patient_id(patient_id);
     request.set_purpose(purpose);
     request.set_actor(actor);
+    for (const std::string& c : categories) request.add_categories(c);
     request.set_evidence_ref("signed-form-7");
     v1::GrantConsentResponse response;
     grpc::ClientContext context;
@@ -2859,6 +2861,69 @@ TEST_F(SharingTest, AConsentNarrowedToOnePractitionerLetsOnlyThemShare) {
                                "' AND grantee = $1"),
                   P3()),
             0);
+}
+
+// Consents narrowed to kinds of record: RECORD_SHARING for documents lets a document be shared
+// but not an imaging study; CARE for documents lets the owner upload and read documents, not
+// imaging. Each refusal names the category, and nothing is stored for it.
+TEST_F(SharingTest, ConsentsNarrowedToKindsOfRecordCoverOnlyThose) {
+  const std::string patient = Place("kinds-1", "FR");  // CARE for every kind
+  UploadSpec document;
+  document.patient_id = patient;
+  document.content = Generate(61, 0, 3000);
+  const std::string letter = UploadOk(pki_->practitioner(), document);
+  UploadSpec imaging = document;
+  imaging.kind = v1::RECORD_KIND_IMAGING;
+  imaging.content_type = "application/dicom";
+  imaging.file_name = "chest.dcm";
+  imaging.content = Generate(62, 0, 5000);
+  const std::string scan = UploadOk(pki_->practitioner(), imaging);
+
+  GrantConsent(pki_->app(), patient, v1::PURPOSE_RECORD_SHARING, "", "kinds-1-sharing",
+               {"document"});
+  ASSERT_TRUE(ShareOnceConsented(pki_->practitioner(), letter, P2(), ServerNow() + absl::Hours(1))
+                  .ok());
+  auto refused = Share(pki_->practitioner(), scan, P2(), ServerNow() + absl::Hours(1));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("CATEGORY_NOT_COVERED"));
+  EXPECT_EQ(Count("fr-1",
+                  absl::StrCat("SELECT count(*) FROM share_grants WHERE record_id = '", scan,
+                               "' AND grantee = $1"),
+                  P2()),
+            0);
+
+  // CARE re-granted for documents only: the owner still reads the letter, not the scan, and may
+  // upload no more imaging.
+  GrantConsent(pki_->app(), patient, v1::PURPOSE_CARE, "", "kinds-1-care-documents",
+               {"document"});
+  Downloaded denied;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    denied = Download(pki_->practitioner(), scan);
+    return !denied.status.ok();
+  }));
+  EXPECT_EQ(denied.status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(denied.status.error_message(), HasSubstr("CATEGORY_NOT_COVERED"));
+  Downloaded read = Download(pki_->practitioner(), letter);
+  ASSERT_TRUE(read.status.ok()) << read.status.error_message();
+  EXPECT_EQ(read.content, document.content);
+  const int64_t before = StoredRows();
+  imaging.content = Generate(63, 0, 2000);
+  grpc::Status upload = Upload(pki_->practitioner(), imaging);
+  EXPECT_EQ(upload.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(upload.error_message(), HasSubstr("CATEGORY_NOT_COVERED"));
+  EXPECT_EQ(StoredRows(), before);
+  // The grantee of the letter still reads it: RECORD_SHARING covers documents.
+  Downloaded shared = Download(Cert("acme-p2"), letter);
+  ASSERT_TRUE(shared.status.ok()) << shared.status.error_message();
+  // The refusals are in the patient's chain, each for its category.
+  int category_refusals = 0;
+  for (const v1::AuditEntry& e : PatientAudit(patient)) {
+    if (e.decision() == v1::DECISION_DENY &&
+        e.reason().find("CATEGORY_NOT_COVERED") != std::string::npos) {
+      ++category_refusals;
+    }
+  }
+  EXPECT_GE(category_refusals, 3);  // the share, the read, the upload
 }
 
 TEST_F(SharingTest, RevokedConsentStopsGranteeReads) {

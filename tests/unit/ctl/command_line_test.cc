@@ -58,6 +58,7 @@ TEST(ParseCommandLineTest, ReadsEachDocumentedCommand) {
         "list-rules", "list-rules --territories FR,BE", "list-regions",
         "assign-device --device d --ref r --request-id q", "unassign-device --device d",
         "grant-consent --patient p --purpose CARE --evidence e --actor a --request-id q",
+        "grant-consent --patient p --purpose CARE --evidence e --categories heart-rate,imaging",
         "upload-record --patient p --file f --kind report --content-type text/plain --request-id q",
         "download-record --record r --out o --break-glass why",
         "erase-record --record r --reason why --request-id q",

@@ -1,9 +1,12 @@
 // Unit tests of the vitals catalogue and sample validation.
 #include <cmath>
 #include <limits>
+#include <set>
+#include <string>
 
 #include <gtest/gtest.h>
 
+#include "libs/consent_client/consent_decision.h"
 #include "services/ingest/vitals_catalogue.h"
 
 namespace medgate::ingest {
@@ -96,6 +99,21 @@ TEST(VitalsCatalogueTest, SeqBeyondTheStoredRangeIsRefused) {
   EXPECT_EQ(verdict.detail, "seq must be at most 9223372036854775807, got 9223372036854775808");
   s.seq = std::numeric_limits<uint64_t>::max();
   EXPECT_EQ(Check(s, kMax), Reject::kInvalidSeq);
+}
+
+// Each code is of one data category a consent may be narrowed to, and every vitals category has
+// codes: a REMOTE_MONITORING consent narrowed to a category always covers some measure.
+TEST(VitalsCatalogueTest, EveryCodeIsOfADataCategory) {
+  std::set<std::string> used;
+  for (const VitalKind& kind : VitalCatalogue()) {
+    EXPECT_TRUE(consent::IsDataCategory(kind.category)) << kind.loinc << " " << kind.category;
+    used.emplace(kind.category);
+  }
+  EXPECT_EQ(FindVital("8480-6")->category, FindVital("8462-4")->category);
+  EXPECT_EQ(FindVital("2339-0")->category, "blood-glucose");
+  EXPECT_EQ(used, (std::set<std::string>{"blood-glucose", "blood-pressure", "body-temperature",
+                                         "body-weight", "heart-rate", "oxygen-saturation",
+                                         "respiratory-rate"}));
 }
 
 TEST(VitalsCatalogueTest, DetailsNameTheExpectation) {
