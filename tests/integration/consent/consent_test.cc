@@ -434,6 +434,7 @@ TEST_F(ConsentTest, RandomGrantsAndRevocationsDecideAsRecorded) {
     bool revoked = false;
     absl::Time from = absl::InfinitePast();
     absl::Time until = absl::InfiniteFuture();
+    std::vector<std::string> categories;  // sorted, as the service keeps them
     std::vector<v1::ConsentState> states;  // of each version, oldest first
   };
   std::map<std::pair<int, int>, Recorded> recorded;  // (purpose, actor) -> latest version
@@ -470,6 +471,15 @@ TEST_F(ConsentTest, RandomGrantsAndRevocationsDecideAsRecorded) {
         r.until = now + absl::Hours(static_cast<int64_t>(testing::Uniform(rng, 2, 5)));
         args.EndingAt(r.until);
       }
+      // Narrowed to some categories a third of the time (REMOTE_MONITORING to measures only).
+      r.categories.clear();
+      if (testing::Uniform(rng, 0, 2) == 0) {
+        for (const char* c : {"blood-glucose", "heart-rate", "imaging"}) {
+          if (purposes[p] == v1::PURPOSE_REMOTE_MONITORING && std::string(c) == "imaging") continue;
+          if (testing::Uniform(rng, 0, 1) == 0) r.categories.push_back(c);
+        }
+      }
+      args.InCategories(r.categories);
       auto granted = Grant(args);
       ASSERT_TRUE(granted.ok()) << granted.status();
       r.consent_id = granted->consent_id();
@@ -483,6 +493,9 @@ TEST_F(ConsentTest, RandomGrantsAndRevocationsDecideAsRecorded) {
     for (int ask = 0; ask < 3; ++ask) {
       const int q = static_cast<int>(testing::Uniform(rng, 0, 2));
       const std::string& asker = askers[testing::Uniform(rng, 0, 4)];
+      const std::string category =
+          std::vector<std::string>{"", "heart-rate", "blood-glucose", "imaging"}[testing::Uniform(
+              rng, 0, 3)];
       std::vector<ConsentRecord> records;
       for (const auto& [key, r] : recorded) {
         ConsentRecord c;
@@ -495,11 +508,13 @@ TEST_F(ConsentTest, RandomGrantsAndRevocationsDecideAsRecorded) {
         // An unset start is the time of recording: before any check that follows it.
         c.valid_from = r.from;
         c.valid_until = r.until;
+        c.categories = r.categories;
         records.push_back(c);
       }
       const AccessDecision want =
-          Decide(records, *PurposeFromNumber(static_cast<int>(purposes[q])), asker, "", absl::Now());
-      auto check = Check(*service, patient, purposes[q], asker);
+          Decide(records, *PurposeFromNumber(static_cast<int>(purposes[q])), asker, category,
+                 absl::Now());
+      auto check = Check(*service, patient, purposes[q], asker, category);
       ASSERT_TRUE(check.ok()) << check.status();
       EXPECT_EQ(check->decision() == v1::DECISION_PERMIT, want.permit) << asker;
       EXPECT_EQ(v1::AccessReason_Name(check->reason()),
