@@ -181,8 +181,15 @@ absl::Status CheckCategoriesOfPurpose(Purpose purpose, const std::vector<std::st
               "records, narrowed by kind (document, imaging, report)"));
         }
         break;
-      case Purpose::kCare:
       case Purpose::kResearch:
+        // Research reads vitals (ReadVitals); records are not read for it.
+        if (is_record_kind(c)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "categories: '", c, "' is a kind of record; a RESEARCH consent covers vitals, "
+              "narrowed by measure"));
+        }
+        break;
+      case Purpose::kCare:
         break;
     }
   }

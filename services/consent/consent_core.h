@@ -152,8 +152,8 @@ class ConsentCore {
 // Pure helpers, exposed for tests. Every error is INVALID_ARGUMENT naming the field.
 absl::StatusOr<Purpose> ValidatePurpose(int number, absl::string_view field);
 // Categories (already ValidateCategories'd) a consent for `purpose` may be narrowed to: none for
-// GEOLOCATION, measures of vitals for REMOTE_MONITORING, kinds of record for RECORD_SHARING,
-// either for CARE and RESEARCH.
+// GEOLOCATION, measures of vitals for REMOTE_MONITORING and RESEARCH, kinds of record for
+// RECORD_SHARING, either for CARE.
 absl::Status CheckCategoriesOfPurpose(Purpose purpose, const std::vector<std::string>& categories);
 // The period a grant at `now` records: [start or now, end), microsecond precision; the end, if
 // any, after a given start. Whether the end is still to come is Grant's to ask, once it knows the

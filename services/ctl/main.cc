@@ -25,6 +25,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "libs/common/config.h"
 #include "libs/common/validation.h"
 #include "libs/crypto/sha256.h"
@@ -111,9 +112,17 @@ int GrantConsent(v1::Consent::Stub& stub, const Flags& flags) {
   r.set_purpose(purpose);
   r.set_actor(Get(flags, "actor"));
   r.set_evidence_ref(Get(flags, "evidence"));
-  // The data categories the consent is narrowed to; none: every category. The service checks them.
-  for (absl::string_view category : absl::StrSplit(Get(flags, "categories"), ',', absl::SkipEmpty())) {
-    r.add_categories(std::string(category));
+  // The data categories the consent is narrowed to; without the flag, every category. Given, it
+  // must name some: an empty list would silently grant every category. The service checks names.
+  if (flags.contains("categories")) {
+    for (absl::string_view category : absl::StrSplit(Get(flags, "categories"), ',')) {
+      category = absl::StripAsciiWhitespace(category);
+      if (category.empty()) {
+        return Fail("--categories: a comma-separated list of data categories (heart-rate, "
+                    "imaging, ...), none of them empty; leave the flag out to grant every category");
+      }
+      r.add_categories(std::string(category));
+    }
   }
   return Call(&v1::Consent::Stub::GrantConsent, stub, r);
 }

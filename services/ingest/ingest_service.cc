@@ -634,12 +634,15 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   }
   // The purpose decided for each data category of those codes (a consent may be narrowed to some
   // measures). Named codes must all be permitted; with none named, those permitted are read and
-  // the entry names the categories withheld. The entry cites the first permit (or refusal).
+  // the entry names the categories withheld. The entry cites the first permit (or refusal), and
+  // names the other consents the read rests on (an actor's own consent may cover some categories,
+  // the tenant-wide one others).
   std::vector<std::pair<absl::string_view, consent::AccessDecision>> by_category;
   std::vector<std::string> codes;
   std::vector<absl::string_view> withheld_categories;
-  const consent::AccessDecision* permit = nullptr;
-  const consent::AccessDecision* refusal = nullptr;
+  std::optional<consent::AccessDecision> permit;
+  std::optional<consent::AccessDecision> refusal;
+  std::vector<std::string> also_under;  // "<consent>/v<version>" of the other permits
   absl::string_view refused_category;
   const absl::Time decided_at = absl::Now();
   for (const std::string& code : distinct) {
@@ -657,16 +660,23 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     }
     if (it->second.permit) {
       codes.push_back(code);
-      if (permit == nullptr) permit = &it->second;
-    } else if (refusal == nullptr) {
-      refusal = &it->second;
+      if (!permit) {
+        permit = it->second;
+      } else if (it->second.consent_id != permit->consent_id) {
+        std::string other =
+            absl::StrCat(it->second.consent_id, "/v", it->second.consent_version);
+        if (std::find(also_under.begin(), also_under.end(), other) == also_under.end()) {
+          also_under.push_back(std::move(other));
+        }
+      }
+    } else if (!refusal) {
+      refusal = it->second;
       refused_category = category;
     }
   }
   std::sort(withheld_categories.begin(), withheld_categories.end());
-  // by_category no longer grows: the pointers into it stay valid.
-  const bool refused = permit == nullptr || (!every_code && refusal != nullptr);
-  const consent::AccessDecision* decision = refused ? refusal : permit;
+  const bool refused = !permit || (!every_code && refusal);
+  const consent::AccessDecision& decision = refused ? *refusal : *permit;
   absl::StatusOr<pg::Pool*> pool = shards_.Get(where.region_id);
   if (!pool.ok()) return ToGrpcStatus(pool.status());
 
@@ -677,8 +687,8 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   entry.object_id = where.patient_id;
   entry.patient_id = where.patient_id;
   entry.purpose = std::string(consent::PurposeName(purpose));
-  entry.consent_id = decision->consent_id;
-  entry.consent_version = decision->consent_version;
+  entry.consent_id = decision.consent_id;
+  entry.consent_version = decision.consent_version;
   entry.origin = context->peer();
   // A request id of its own, as every other call's entry has; the page read is in the reason.
   entry.request_id = NewRequestId();
@@ -686,8 +696,8 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     // A refused read is audited too.
     entry.action = audit::Action::kRead;
     entry.decision = audit::Decision::kDeny;
-    entry.reason = std::string(consent::AccessReasonName(decision->reason));
-    if (decision->reason == consent::AccessReason::kCategoryNotCovered) {
+    entry.reason = std::string(consent::AccessReasonName(decision.reason));
+    if (decision.reason == consent::AccessReason::kCategoryNotCovered) {
       absl::StrAppend(&entry.reason, ": category=", refused_category);
     }
     absl::Status audited =
@@ -698,16 +708,20 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
       return grpc::Status(grpc::StatusCode::UNAVAILABLE,
                           "the refusal could not be audited; retry later");
     }
-    if (decision->reason == consent::AccessReason::kCategoryNotCovered) {
+    if (decision.reason == consent::AccessReason::kCategoryNotCovered) {
       return grpc::Status(
           grpc::StatusCode::PERMISSION_DENIED,
-          absl::StrCat("no ", consent::PurposeName(purpose), " consent for this patient's ",
-                       refused_category, " readings (CATEGORY_NOT_COVERED: the consent is "
-                       "narrowed to other data categories); ask for the codes it covers"));
+          every_code
+              ? absl::StrCat("no ", consent::PurposeName(purpose), " consent for this patient "
+                             "covers any measure of vitals (CATEGORY_NOT_COVERED: the consent is "
+                             "narrowed to other data categories)")
+              : absl::StrCat("no ", consent::PurposeName(purpose), " consent for this patient's ",
+                             refused_category, " readings (CATEGORY_NOT_COVERED: the consent is "
+                             "narrowed to other data categories); ask for the codes it covers"));
     }
     return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
                         absl::StrCat("no ", consent::PurposeName(purpose), " consent for this patient (",
-                                     consent::AccessReasonName(decision->reason), ")"));
+                                     consent::AccessReasonName(decision.reason), ")"));
   }
 
   // Stored locations go out only while GEOLOCATION permits this reader (checked now: a revocation
@@ -749,6 +763,9 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     entry.reason = absl::StrCat("PERMITTED: readings=", std::min<size_t>(readings.size(), page));
     if (!request->page_token().empty()) {
       absl::StrAppend(&entry.reason, " after=", request->page_token());
+    }
+    if (!also_under.empty()) {
+      absl::StrAppend(&entry.reason, " also_under=", absl::StrJoin(also_under, ","));
     }
     if (!withheld_categories.empty()) {
       // Every code was asked for, and the consent is narrowed: these were not read.

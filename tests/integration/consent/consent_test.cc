@@ -471,11 +471,11 @@ TEST_F(ConsentTest, RandomGrantsAndRevocationsDecideAsRecorded) {
         r.until = now + absl::Hours(static_cast<int64_t>(testing::Uniform(rng, 2, 5)));
         args.EndingAt(r.until);
       }
-      // Narrowed to some categories a third of the time (REMOTE_MONITORING to measures only).
+      // Narrowed to some categories a third of the time (imaging for CARE only).
       r.categories.clear();
       if (testing::Uniform(rng, 0, 2) == 0) {
         for (const char* c : {"blood-glucose", "heart-rate", "imaging"}) {
-          if (purposes[p] == v1::PURPOSE_REMOTE_MONITORING && std::string(c) == "imaging") continue;
+          if (purposes[p] != v1::PURPOSE_CARE && std::string(c) == "imaging") continue;
           if (testing::Uniform(rng, 0, 1) == 0) r.categories.push_back(c);
         }
       }
@@ -945,6 +945,7 @@ TEST_F(ConsentTest, ACategoryNarrowedConsentPermitsOnlyItsCategories) {
       {v1::PURPOSE_GEOLOCATION, {"heart-rate"}, "GEOLOCATION consent is about locations"},
       {v1::PURPOSE_REMOTE_MONITORING, {"document"}, "'document' is a kind of record"},
       {v1::PURPOSE_RECORD_SHARING, {"heart-rate"}, "'heart-rate' is a measure of vitals"},
+      {v1::PURPOSE_RESEARCH, {"imaging"}, "a RESEARCH consent covers vitals"},
       {v1::PURPOSE_CARE,
        {"heart-rate", "oxygen-saturation", "blood-pressure", "body-temperature", "respiratory-rate",
         "body-weight", "blood-glucose", "document", "imaging", "report", "heart-rate"},
@@ -962,15 +963,19 @@ TEST_F(ConsentTest, ACategoryNarrowedConsentPermitsOnlyItsCategories) {
   auto unknown = Check(*service, patient, v1::PURPOSE_CARE, Device(), "mood");
   EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(unknown.status().message()), HasSubstr("category: 'mood'"));
-  // The shard refuses a category it does not know, whoever writes it.
+  // The shard refuses a category it does not know, a NULL one and a two-dimensional list, whoever
+  // writes them.
   pqxx::connection owner(clusters_->region("fr-1").ConnectionString());
-  pqxx::work txn(owner);
-  EXPECT_THROW(txn.exec_params(
-                   "INSERT INTO consent_versions (consent_id, version, state, valid_from, "
-                   "evidence_ref, reason, recorded_by, recorded_at, request_id, categories) "
-                   "VALUES ($1, 99, 'granted', now(), 'e', '', 'x', now(), 'r', '{mood}')",
-                   granted->consent_id()),
-               pqxx::check_violation);
+  for (const std::string bad_array : {"{mood}", "{imaging,NULL}", "{{imaging}}"}) {
+    pqxx::work txn(owner);
+    EXPECT_THROW(txn.exec_params(
+                     "INSERT INTO consent_versions (consent_id, version, state, valid_from, "
+                     "evidence_ref, reason, recorded_by, recorded_at, request_id, categories) "
+                     "VALUES ($1, 99, 'granted', now(), 'e', '', 'x', now(), 'r', $2::text[])",
+                     granted->consent_id(), bad_array),
+                 pqxx::check_violation)
+        << bad_array;
+  }
 }
 
 TEST_F(ConsentTest, ConsentsOfAnFrPatientExistOnlyInFr1) {

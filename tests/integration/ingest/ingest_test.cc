@@ -1356,6 +1356,37 @@ TEST_F(IngestTest, AConsentNarrowedToSomeMeasuresCoversOnlyThose) {
               "PERMITTED: readings=2 categories_withheld=blood-glucose,blood-pressure,"
               "body-temperature,body-weight,oxygen-saturation,respiratory-rate");
   }
+  // The practitioner's own CARE for glucose: the read now rests on two consents, the practitioner's
+  // for glucose and the tenant-wide one for heart rate, and its entry names both.
+  Grant(patient, v1::PURPOSE_CARE, pki().SpiffeId("/tenant/acme/practitioner/p-1"), pki().app(),
+        {"blood-glucose"});
+  readings.clear();
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(10), [&] {
+    readings.clear();
+    return read({}, &readings).ok() && readings.size() == 3;
+  }));
+  {
+    pqxx::nontransaction q(c);
+    auto consent_of = [&](const std::string& actor) {
+      return q
+          .exec_params1("SELECT consent_id FROM consents WHERE patient_id = $1 AND purpose = "
+                        "'CARE' AND actor = $2",
+                        patient, actor)[0]
+          .as<std::string>();
+    };
+    const std::string own = consent_of(pki().SpiffeId("/tenant/acme/practitioner/p-1"));
+    const std::string tenant_wide = consent_of("");
+    const pqxx::row last = q.exec_params1(
+        "SELECT reason, consent_id FROM audit_log WHERE patient_id = $1 AND object_type = 'vitals' "
+        "AND action = 'read' ORDER BY seq DESC LIMIT 1",
+        patient);
+    // Codes in order: glucose (2339-0) comes before heart rate (8867-4).
+    EXPECT_EQ(last[1].as<std::string>(), own);
+    EXPECT_EQ(last[0].as<std::string>(),
+              absl::StrCat("PERMITTED: readings=3 also_under=", tenant_wide,
+                           "/v1 categories_withheld=blood-pressure,body-temperature,body-weight,"
+                           "oxygen-saturation,respiratory-rate"));
+  }
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok());
   EXPECT_TRUE(verified->ok) << verified->problem;

@@ -655,6 +655,13 @@ TEST_F(CtlTest, GrantsAConsentNarrowedToCategories) {
                                            " --purpose CARE --evidence f --categories imaging,mood"));
   EXPECT_EQ(unknown.exit_code, 1) << unknown.output;
   EXPECT_THAT(unknown.output, HasSubstr("categories: 'mood' is not a data category"));
+  // An empty list would grant every category: refused before the call.
+  for (const std::string list : {"','", "imaging,", "' '"}) {
+    CtlRun empty = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
+                                           " --purpose CARE --evidence f --categories ", list));
+    EXPECT_EQ(empty.exit_code, 1) << list << ": " << empty.output;
+    EXPECT_THAT(empty.output, HasSubstr("--categories: a comma-separated list")) << list;
+  }
   CtlRun granted = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
                                            " --purpose CARE --evidence f --categories imaging"));
   ASSERT_EQ(granted.exit_code, 0) << granted.output;
