@@ -168,10 +168,11 @@ absl::Status CheckCategoriesOfPurpose(Purpose purpose, const std::vector<std::st
             "categories: a GEOLOCATION consent is about locations, the category of its own; it "
             "is not narrowed to data categories");
       case Purpose::kRemoteMonitoring:
+      case Purpose::kResearch:  // research reads vitals (ReadVitals), never records
         if (is_record_kind(c)) {
           return absl::InvalidArgumentError(absl::StrCat(
-              "categories: '", c, "' is a kind of record; a REMOTE_MONITORING consent covers "
-              "devices' vitals, narrowed by measure"));
+              "categories: '", c, "' is a kind of record; a ", PurposeName(purpose),
+              " consent covers vitals, narrowed by measure"));
         }
         break;
       case Purpose::kRecordSharing:
@@ -179,14 +180,6 @@ absl::Status CheckCategoriesOfPurpose(Purpose purpose, const std::vector<std::st
           return absl::InvalidArgumentError(absl::StrCat(
               "categories: '", c, "' is a measure of vitals; a RECORD_SHARING consent covers "
               "records, narrowed by kind (document, imaging, report)"));
-        }
-        break;
-      case Purpose::kResearch:
-        // Research reads vitals (ReadVitals); records are not read for it.
-        if (is_record_kind(c)) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "categories: '", c, "' is a kind of record; a RESEARCH consent covers vitals, "
-              "narrowed by measure"));
         }
         break;
       case Purpose::kCare:
