@@ -12,10 +12,12 @@
 namespace medgate::consent {
 namespace {
 
+// Vitals by measure, then records by kind (RecordCategories() is the tail).
 constexpr absl::string_view kCategories[] = {
     "heart-rate",       "oxygen-saturation", "blood-pressure", "body-temperature",
     "respiratory-rate", "body-weight",       "blood-glucose",  "document",
     "imaging",          "report"};
+constexpr size_t kRecordCategories = 3;
 
 constexpr Purpose kPurposes[] = {Purpose::kCare, Purpose::kRemoteMonitoring,
                                  Purpose::kRecordSharing, Purpose::kResearch,
@@ -87,6 +89,10 @@ ConsentStatus StatusAt(const ConsentRecord& record, absl::Time now) {
 }
 
 absl::Span<const absl::string_view> DataCategories() { return kCategories; }
+
+absl::Span<const absl::string_view> RecordCategories() {
+  return DataCategories().subspan(std::size(kCategories) - kRecordCategories);
+}
 
 bool IsDataCategory(absl::string_view name) {
   return std::find(std::begin(kCategories), std::end(kCategories), name) != std::end(kCategories);
@@ -174,9 +180,9 @@ AccessDecision Decide(absl::Span<const ConsentRecord> consents, Purpose purpose,
     decision.reason = AccessReason::kPermitted;
   } else {
     rests_on = narrowed != nullptr ? narrowed : tenant_wide;
-    decision.reason = StatusAt(*rests_on, now) == ConsentStatus::kGranted
-                          ? AccessReason::kCategoryNotCovered
-                          : ReasonFor(StatusAt(*rests_on, now));
+    const ConsentStatus status = StatusAt(*rests_on, now);
+    decision.reason =
+        status == ConsentStatus::kGranted ? AccessReason::kCategoryNotCovered : ReasonFor(status);
   }
   decision.permit = decision.reason == AccessReason::kPermitted;
   decision.consent_id = rests_on->consent_id;

@@ -35,6 +35,8 @@ struct ConsentRecord {
 //   heart-rate, oxygen-saturation, blood-pressure, body-temperature, respiratory-rate,
 //   body-weight, blood-glucose, document, imaging, report
 absl::Span<const absl::string_view> DataCategories();
+// Those of records (document, imaging, report); the others are measures of vitals.
+absl::Span<const absl::string_view> RecordCategories();
 bool IsDataCategory(absl::string_view name);
 // The categories a grant names, checked: each known and given once, at most every category.
 // INVALID_ARGUMENT naming `field` and the offending entry otherwise. Sorted on return.

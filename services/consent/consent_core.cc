@@ -155,9 +155,9 @@ absl::StatusOr<Purpose> ValidatePurpose(int number, absl::string_view field) {
 }
 
 absl::Status CheckCategoriesOfPurpose(Purpose purpose, const std::vector<std::string>& categories) {
-  constexpr absl::string_view kRecordKinds[] = {"document", "imaging", "report"};
-  auto is_record_kind = [&](absl::string_view c) {
-    return std::find(std::begin(kRecordKinds), std::end(kRecordKinds), c) != std::end(kRecordKinds);
+  auto is_record_kind = [](absl::string_view c) {
+    return std::find(RecordCategories().begin(), RecordCategories().end(), c) !=
+           RecordCategories().end();
   };
   for (const std::string& c : categories) {
     // What each purpose is checked for: a category none of its uses is of would make a consent

@@ -104,7 +104,10 @@ absl::Status IngestCore::Process(const Principal& device,
     return nullptr;
   };
   bool any_permit = false;
+  absl::string_view last_code;  // a batch's samples are mostly of one code: looked up once
   for (const Sample& s : samples) {
+    if (s.loinc == last_code) continue;
+    last_code = s.loinc;
     const VitalKind* kind = FindVital(s.loinc);
     if (kind == nullptr || monitoring_of(kind->category) != nullptr) continue;
     std::optional<absl::StatusOr<consent::AccessDecision>> checked =
@@ -172,7 +175,7 @@ absl::Status IngestCore::Process(const Principal& device,
                               ": not this patient's sample")};
     }
     if (verdict.reject == Reject::kNone) {
-      const absl::string_view category = FindVital(s.loinc)->category;
+      const absl::string_view category = verdict.kind->category;
       const consent::AccessDecision& decision = *monitoring_of(category);
       if (!decision.permit) {
         verdict = {Reject::kNoConsent,

@@ -82,7 +82,7 @@ Verdict ValidateSample(const Sample& s, uint64_t previous_seq, absl::Time now,
       return {Reject::kInvalidLocation, "location out of range"};
     }
   }
-  return {};
+  return {Reject::kNone, "", kind};
 }
 
 }  // namespace medgate::ingest

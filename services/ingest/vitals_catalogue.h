@@ -68,6 +68,8 @@ struct ValidationPolicy {
 struct Verdict {
   Reject reject = Reject::kNone;
   std::string detail;  // for the device developer; never contains the value's meaning
+  // The sample's catalogue entry; set whenever reject is kNone.
+  const VitalKind* kind = nullptr;
 };
 
 // Validates one sample against the catalogue, the clock and the previous seq of its batch.

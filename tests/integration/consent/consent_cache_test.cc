@@ -307,6 +307,10 @@ TEST_F(ConsentCacheTest, RefusesUnknownRegionsAndPurposes) {
   EXPECT_EQ(
       cache->Check("fr-1", "pt_x", static_cast<Purpose>(9), kApp, "", absl::Now()).status().code(),
       absl::StatusCode::kInvalidArgument);
+  // A category outside DataCategories() is a caller's mistake, not a use no consent covers.
+  auto unknown = cache->Check("fr-1", "pt_x", Purpose::kCare, kApp, "mood", absl::Now());
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(unknown.status().message(), "category: not a known data category");
 }
 
 TEST_F(ConsentCacheTest, FailsClosedWhenTheFeedCannotReconnectAndForgetsWhatItMissed) {

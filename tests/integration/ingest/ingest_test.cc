@@ -289,6 +289,19 @@ class IngestTest : public ::testing::Test {
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
 
+  // The id of the patient's consent for `purpose` (its name, as stored) narrowed to `actor` ("":
+  // tenant-wide), read from fr-1.
+  static std::string ConsentId(const std::string& patient_id, const std::string& purpose,
+                               const std::string& actor = "") {
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    return q
+        .exec_params1("SELECT consent_id FROM consents WHERE patient_id = $1 AND purpose = $2 "
+                      "AND actor = $3",
+                      patient_id, purpose, actor)[0]
+        .as<std::string>();
+  }
+
   static void Revoke(const std::string& patient_id, v1::Purpose purpose) {
     auto stub = StubAs<v1::Consent>(pki().app(), pki().ca_path(), consent_->port(),
                                     pki().SpiffeId("/service/consent"));
@@ -1233,11 +1246,7 @@ TEST_F(IngestTest, WithoutConsentNothingIsStoredAndLocationNeedsGeolocation) {
   {
     pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
     pqxx::nontransaction q(c);
-    const std::string geolocation_consent =
-        q.exec_params1("SELECT consent_id FROM consents WHERE patient_id = $1 AND purpose = "
-                       "'GEOLOCATION'",
-                       patient)[0]
-            .as<std::string>();
+    const std::string geolocation_consent = ConsentId(patient, "GEOLOCATION");
     auto reason_of = [&](uint64_t batch_seq) {
       pqxx::result rows = q.exec_params(
           "SELECT reason FROM audit_log WHERE patient_id = $1 AND object_type = 'vitals' AND "
@@ -1287,11 +1296,7 @@ TEST_F(IngestTest, AConsentNarrowedToSomeMeasuresCoversOnlyThose) {
   pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
   {
     pqxx::nontransaction q(c);
-    const std::string monitoring =
-        q.exec_params1("SELECT consent_id FROM consents WHERE patient_id = $1 AND purpose = "
-                       "'REMOTE_MONITORING'",
-                       patient)[0]
-            .as<std::string>();
+    const std::string monitoring = ConsentId(patient, "REMOTE_MONITORING");
     const pqxx::result entries = q.exec_params(
         "SELECT decision, reason, consent_id, consent_version FROM audit_log WHERE patient_id = $1 "
         "AND object_type = 'vitals' AND action = 'create' ORDER BY seq",
@@ -1367,15 +1372,9 @@ TEST_F(IngestTest, AConsentNarrowedToSomeMeasuresCoversOnlyThose) {
   }));
   {
     pqxx::nontransaction q(c);
-    auto consent_of = [&](const std::string& actor) {
-      return q
-          .exec_params1("SELECT consent_id FROM consents WHERE patient_id = $1 AND purpose = "
-                        "'CARE' AND actor = $2",
-                        patient, actor)[0]
-          .as<std::string>();
-    };
-    const std::string own = consent_of(pki().SpiffeId("/tenant/acme/practitioner/p-1"));
-    const std::string tenant_wide = consent_of("");
+    const std::string own =
+        ConsentId(patient, "CARE", pki().SpiffeId("/tenant/acme/practitioner/p-1"));
+    const std::string tenant_wide = ConsentId(patient, "CARE");
     const pqxx::row last = q.exec_params1(
         "SELECT reason, consent_id FROM audit_log WHERE patient_id = $1 AND object_type = 'vitals' "
         "AND action = 'read' ORDER BY seq DESC LIMIT 1",
@@ -1386,6 +1385,23 @@ TEST_F(IngestTest, AConsentNarrowedToSomeMeasuresCoversOnlyThose) {
               absl::StrCat("PERMITTED: readings=3 also_under=", tenant_wide,
                            "/v1 categories_withheld=blood-pressure,body-temperature,body-weight,"
                            "oxygen-saturation,respiratory-rate"));
+  }
+  // A patient whose CARE covers documents only: a read of every code covers no measure, and says so.
+  const std::string documents_only = PatientWithDevice("narrowed-to-documents", "FR", "dev-docs");
+  Grant(documents_only, v1::PURPOSE_CARE, "", pki().app(), {"document"});
+  {
+    v1::ReadVitalsRequest request;
+    request.set_patient_id(documents_only);
+    request.set_purpose(v1::PURPOSE_CARE);
+    grpc::ClientContext context;
+    auto reader = Ingest(pki().practitioner())->ReadVitals(&context, request);
+    v1::ReadVitalsResponse response;
+    EXPECT_FALSE(reader->Read(&response));
+    grpc::Status none = reader->Finish();
+    EXPECT_EQ(none.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_THAT(none.error_message(),
+                HasSubstr("no CARE consent for this patient covers any measure of vitals "
+                          "(CATEGORY_NOT_COVERED"));
   }
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok());

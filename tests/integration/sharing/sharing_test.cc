@@ -888,6 +888,16 @@ class SharingTest : public ::testing::Test {
     return arg.empty() ? q.exec1(sql)[0].as<int64_t>() : q.exec_params1(sql, arg)[0].as<int64_t>();
   }
 
+  // The rows of share_grants (active or revoked) of `record` in fr-1 for `grantee`.
+  static int64_t GrantRows(const std::string& record, const std::string& grantee) {
+    pqxx::connection c(ConnInfo("fr-1"));
+    pqxx::nontransaction q(c);
+    return q
+        .exec_params1("SELECT count(*) FROM share_grants WHERE record_id = $1 AND grantee = $2",
+                      record, grantee)[0]
+        .as<int64_t>();
+  }
+
   static void Exec(const std::string& db, const std::string& sql, const std::string& arg = "") {
     pqxx::connection c(ConnInfo(db));
     pqxx::work txn(c);
@@ -2803,10 +2813,7 @@ TEST_F(SharingTest, SharingNeedsConsentAndGrantsAreRevokedAndExpire) {
   // Shares and revocations over and over keep two rows for the grantee: its grant and the latest
   // revoked one (the audit log keeps them all). The latest revocation still reads as such.
   auto p2_rows = [&] {
-    return Count("fr-1",
-                 absl::StrCat("SELECT count(*) FROM share_grants WHERE record_id = '", record,
-                              "' AND grantee = $1"),
-                 P2());
+    return GrantRows(record, P2());
   };
   EXPECT_EQ(p2_rows(), 2);
   for (int round = 0; round < 5; ++round) {
@@ -2856,11 +2863,7 @@ TEST_F(SharingTest, AConsentNarrowedToOnePractitionerLetsOnlyThemShare) {
   auto reshared = Share(Cert("acme-p2"), record, P3(), ServerNow() + absl::Minutes(30));
   EXPECT_EQ(reshared.status().code(), absl::StatusCode::kPermissionDenied);
   EXPECT_THAT(std::string(reshared.status().message()), HasSubstr("ACTOR_NOT_COVERED"));
-  EXPECT_EQ(Count("fr-1",
-                  absl::StrCat("SELECT count(*) FROM share_grants WHERE record_id = '", record,
-                               "' AND grantee = $1"),
-                  P3()),
-            0);
+  EXPECT_EQ(GrantRows(record, P3()), 0);
 }
 
 // Consents narrowed to kinds of record: RECORD_SHARING for documents lets a document be shared
@@ -2886,11 +2889,7 @@ TEST_F(SharingTest, ConsentsNarrowedToKindsOfRecordCoverOnlyThose) {
   auto refused = Share(pki_->practitioner(), scan, P2(), ServerNow() + absl::Hours(1));
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kPermissionDenied);
   EXPECT_THAT(std::string(refused.status().message()), HasSubstr("CATEGORY_NOT_COVERED"));
-  EXPECT_EQ(Count("fr-1",
-                  absl::StrCat("SELECT count(*) FROM share_grants WHERE record_id = '", scan,
-                               "' AND grantee = $1"),
-                  P2()),
-            0);
+  EXPECT_EQ(GrantRows(scan, P2()), 0);
 
   // CARE re-granted for documents only: the owner still reads the letter, not the scan, and may
   // upload no more imaging.
@@ -5983,11 +5982,7 @@ TEST_F(SharingTest, CallsWhoseAuditEntryCannotBeWrittenFailAndChangeNothing) {
   EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1", patient),
             entries_before);
   EXPECT_EQ(Count("fr-1", grants_sql, record), 1);
-  EXPECT_EQ(Count("fr-1",
-                  absl::StrCat("SELECT count(*) FROM share_grants WHERE record_id = '", record,
-                               "' AND grantee = $1"),
-                  P3()),
-            0);
+  EXPECT_EQ(GrantRows(record, P3()), 0);
   for (const TestCert* as : {&pki_->practitioner(), &Cert("acme-p2")}) {
     Downloaded d = Download(*as, record);
     ASSERT_TRUE(d.status.ok()) << d.status.error_message();

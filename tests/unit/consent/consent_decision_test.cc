@@ -89,6 +89,8 @@ TEST_F(DecideTest, GrantsNameKnownCategoriesOnce) {
   EXPECT_NE(twice.status().message().find("'imaging' is given twice"), std::string::npos)
       << twice.status();
   EXPECT_EQ(DataCategories().size(), 10u);
+  EXPECT_EQ(std::vector<absl::string_view>(RecordCategories().begin(), RecordCategories().end()),
+            (std::vector<absl::string_view>{"document", "imaging", "report"}));
   for (absl::string_view c : DataCategories()) EXPECT_TRUE(IsDataCategory(c)) << c;
   EXPECT_FALSE(IsDataCategory(""));
 }

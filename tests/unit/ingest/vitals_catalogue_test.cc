@@ -111,6 +111,8 @@ TEST(VitalsCatalogueTest, EveryCodeIsOfADataCategory) {
   }
   EXPECT_EQ(FindVital("8480-6")->category, FindVital("8462-4")->category);
   EXPECT_EQ(FindVital("2339-0")->category, "blood-glucose");
+  // An accepted sample's verdict carries its entry, whose category its consent is decided for.
+  EXPECT_EQ(ValidateSample(Good(), 0, kNow, {}).kind, FindVital("8867-4"));
   EXPECT_EQ(used, (std::set<std::string>{"blood-glucose", "blood-pressure", "body-temperature",
                                          "body-weight", "heart-rate", "oxygen-saturation",
                                          "respiratory-rate"}));
