@@ -132,6 +132,9 @@ const std::vector<Command>& Commands() {
        "  erase-record    --record ID --reason TEXT\n"},
       {"erase-vitals", "ingest", {"patient", "reason", "request-id"}, {},
        "  erase-vitals    --patient ID --reason TEXT   (every stored sample of the patient)\n"},
+      {"export-vitals", "ingest", {"patient", "reason", "out", "request-id"}, {},
+       "  export-vitals   --patient ID --reason TEXT --out PATH   (every stored sample of the\n"
+       "                  patient, as FHIR R4 Observations in NDJSON)\n"},
       {"verify-chain", "audit", {"log", "start-seq", "end-seq", "anchor-seq", "anchor-hash"}, {},
        "  verify-chain    --log fr-1|control [--start-seq N] [--end-seq N]\n"
        "                  [--anchor-seq N --anchor-hash BASE64]   (an earlier run's last_seq, "

@@ -237,40 +237,79 @@ void RemovePartialAndExit(int signal) {
   _exit(128 + signal);
 }
 
-// Health data goes to --out only once all of it arrived, was authenticated, and matched the
-// size and SHA-256 its header announced: it is written to
-// a file only its owner may read, beside --out, renamed over --out when the download succeeded,
-// and removed otherwise (no partial or unverified plaintext is left behind).
-int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
-  const std::string out_path = Get(flags, "out");
-  if (out_path.empty()) return Fail("--out: the file to write the record to is required");
-  std::error_code error;
-  if (std::filesystem::exists(out_path, error) && !std::filesystem::is_regular_file(out_path, error)) {
-    return Fail("--out: '" + out_path + "' exists and is not a regular file");
+// Health data goes to --out only once all of it arrived and was checked: it is written to a file
+// only its owner may read, beside --out, renamed over --out when the command succeeded, and
+// removed otherwise (no partial or unverified plaintext is left behind).
+class OutFile {
+ public:
+  // An error message when --out cannot be written beside.
+  std::string Open(const std::string& out_path) {
+    out_path_ = out_path;
+    if (out_path.empty()) return "--out: the file to write to is required";
+    std::error_code error;
+    if (std::filesystem::exists(out_path, error) &&
+        !std::filesystem::is_regular_file(out_path, error)) {
+      return "--out: '" + out_path + "' exists and is not a regular file";
+    }
+    tmp_path_ = out_path + ".partial-XXXXXX";
+    fd_ = mkostemp(tmp_path_.data(), O_CLOEXEC);  // created 0600, exclusively
+    if (fd_ < 0) {
+      return absl::StrCat("--out: cannot write beside '", out_path, "': ", std::strerror(errno));
+    }
+    // Interrupted (Ctrl-C, a stop), the part received so far is removed too.
+    std::snprintf(g_partial_path, sizeof g_partial_path, "%s", tmp_path_.c_str());
+    std::signal(SIGINT, RemovePartialAndExit);
+    std::signal(SIGTERM, RemovePartialAndExit);
+    std::signal(SIGHUP, RemovePartialAndExit);
+    std::signal(SIGXFSZ, SIG_IGN);  // past a file size limit: a failed write, not a killed process
+    return "";
   }
-  std::string tmp_path = out_path + ".partial-XXXXXX";
-  const int fd = mkostemp(tmp_path.data(), O_CLOEXEC);  // created 0600, exclusively
-  if (fd < 0) return Fail(absl::StrCat("--out: cannot write beside '", out_path, "': ", std::strerror(errno)));
-  // Interrupted (Ctrl-C, a stop), the part received so far is removed too.
-  std::snprintf(g_partial_path, sizeof g_partial_path, "%s", tmp_path.c_str());
-  std::signal(SIGINT, RemovePartialAndExit);
-  std::signal(SIGTERM, RemovePartialAndExit);
-  std::signal(SIGHUP, RemovePartialAndExit);
-  std::signal(SIGXFSZ, SIG_IGN);  // past a file size limit: a failed write, not a killed process
-  bool written = true;
-  int write_error = 0;
-  auto write_all = [&](absl::string_view data) {
-    while (written && !data.empty()) {
-      const ssize_t n = write(fd, data.data(), data.size());
+  ~OutFile() {
+    if (fd_ >= 0) close(fd_);
+    if (!tmp_path_.empty()) std::remove(tmp_path_.c_str());
+    g_partial_path[0] = '\0';
+  }
+
+  void Write(absl::string_view data) {
+    while (write_error_ == 0 && !data.empty()) {
+      const ssize_t n = write(fd_, data.data(), data.size());
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
-        written = false;
-        write_error = n < 0 ? errno : ENOSPC;
+        write_error_ = n < 0 ? errno : ENOSPC;
         break;
       }
       data.remove_prefix(static_cast<size_t>(n));
     }
-  };
+  }
+  // Flushes the file to disk and renames it over --out: an error message when it could not.
+  std::string Commit() {
+    if (write_error_ == 0 && fsync(fd_) != 0) write_error_ = errno;
+    close(fd_);
+    fd_ = -1;
+    if (write_error_ != 0) {
+      return absl::StrCat("--out: writing '", tmp_path_, "' failed: ", std::strerror(write_error_));
+    }
+    if (std::rename(tmp_path_.c_str(), out_path_.c_str()) != 0) {
+      return absl::StrCat("--out: cannot rename '", tmp_path_, "' to '", out_path_, "': ",
+                          std::strerror(errno));
+    }
+    tmp_path_.clear();
+    return "";
+  }
+
+ private:
+  std::string out_path_;
+  std::string tmp_path_;
+  int fd_ = -1;
+  int write_error_ = 0;
+};
+
+// The record's content goes to --out (OutFile) once it was authenticated and matched the size and
+// SHA-256 its header announced.
+int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
+  const std::string out_path = Get(flags, "out");
+  OutFile out;
+  if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
   grpc::ClientContext context;
   context.set_deadline(Deadline(std::chrono::seconds(300)));
   v1::DownloadRecordRequest request;
@@ -307,7 +346,7 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
         break;
       }
       hasher.Update(data);
-      write_all(data);
+      out.Write(data);
     }
   }
   if (!broken.empty()) context.TryCancel();
@@ -322,28 +361,54 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
       broken = "the content does not match the header's sha256";
     }
   }
-  if (written && fsync(fd) != 0) {
-    written = false;
-    write_error = errno;
-  }
-  close(fd);
-  std::string failure;
   // A check that failed says more than the CANCELLED it ended the call with.
   if (!broken.empty()) {
-    failure = absl::StrCat("record '", request.record_id(), "': ", broken,
-                           "; nothing was written to '", out_path, "'");
-  } else if (!status.ok()) {
-    failure = absl::StrCat(StatusText(status), "; nothing was written to '", out_path, "'");
-  } else if (!written) {
-    failure = absl::StrCat("--out: writing '", tmp_path, "' failed: ", std::strerror(write_error));
-  } else if (std::rename(tmp_path.c_str(), out_path.c_str()) != 0) {
-    failure = absl::StrCat("--out: cannot rename '", tmp_path, "' to '", out_path, "': ",
-                           std::strerror(errno));
+    return Fail(absl::StrCat("record '", request.record_id(), "': ", broken,
+                             "; nothing was written to '", out_path, "'"));
   }
-  if (!failure.empty()) std::remove(tmp_path.c_str());
-  g_partial_path[0] = '\0';
-  if (!failure.empty()) return Fail(failure);
+  if (!status.ok()) {
+    return Fail(absl::StrCat(StatusText(status), "; nothing was written to '", out_path, "'"));
+  }
+  if (std::string problem = out.Commit(); !problem.empty()) return Fail(problem);
   return Print(status, header);
+}
+
+// A patient's vitals as FHIR R4 Observations, one JSON resource a line, to --out (OutFile), page
+// after page: the file appears once the last page arrived.
+int ExportVitals(v1::DeviceIngest::Stub& stub, const Flags& flags) {
+  const std::string out_path = Get(flags, "out");
+  OutFile out;
+  if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
+  v1::ExportVitalsRequest request;
+  request.set_request_id(Get(flags, "request-id"));
+  request.set_patient_id(Get(flags, "patient"));
+  request.set_reason(Get(flags, "reason"));
+  uint64_t observations = 0;
+  uint64_t pages = 0;
+  do {
+    grpc::ClientContext context;
+    context.set_deadline(Deadline(std::chrono::seconds(300)));
+    auto reader = stub.ExportVitals(&context, request);
+    v1::ExportVitalsResponse message;
+    std::string next_token;
+    while (reader->Read(&message)) {
+      out.Write(message.ndjson());
+      observations += message.observation_count();
+      next_token = message.next_page_token();
+    }
+    const grpc::Status status = reader->Finish();
+    if (!status.ok()) {
+      return Fail(absl::StrCat(StatusText(status), " (after ", observations, " observations in ",
+                               pages, " pages); nothing was written to '", out_path, "'"));
+    }
+    ++pages;
+    request.set_page_token(next_token);
+  } while (!request.page_token().empty());
+  if (std::string problem = out.Commit(); !problem.empty()) return Fail(problem);
+  std::printf("observations: %llu\npages: %llu\nfile: %s\nformat: FHIR R4 Observation, NDJSON\n",
+              static_cast<unsigned long long>(observations),
+              static_cast<unsigned long long>(pages), out_path.c_str());
+  return 0;
 }
 
 // Numeric flag `name` (0 when absent); false, with a message, when it is not a decimal number of
@@ -442,6 +507,9 @@ int Run(int argc, char** argv) {
     v1::EraseVitalsResponse response;
     return Print(v1::DeviceIngest::NewStub(*channel)->EraseVitals(&context, r, &response),
                  response);
+  }
+  if (command == "export-vitals") {
+    return ExportVitals(*v1::DeviceIngest::NewStub(*channel), flags);
   }
   auto stub = v1::TenantRouting::NewStub(*channel);
   using S = v1::TenantRouting::Stub;

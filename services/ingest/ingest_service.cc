@@ -23,6 +23,7 @@
 #include "libs/pg/sql_array.h"
 #include "libs/server/rpc_util.h"
 #include "libs/server/transfer_pace.h"
+#include "services/ingest/fhir_observation.h"
 #include "services/ingest/sql.h"
 
 namespace medgate::ingest {
@@ -44,6 +45,7 @@ constexpr int kRetainedSamples = 100;
 constexpr int kReadChunk = 500;
 constexpr int kDefaultReadPage = 1000;
 constexpr int kMaxReadPage = 10000;
+constexpr int kDefaultExportPage = 5000;
 // A device id is at most 128 bytes (routing's identifiers); a page token is two numbers and one.
 constexpr size_t kMaxDeviceIdBytes = 128;
 constexpr size_t kMaxPageTokenBytes = 64 + kMaxDeviceIdBytes;
@@ -122,6 +124,98 @@ std::vector<Sample> ToSamples(const v1::VitalsBatch& batch) {
     samples.push_back(std::move(s));
   }
   return samples;
+}
+
+// Keyset position after which a page of readings starts.
+struct PagePosition {
+  int64_t after_us = 0;
+  int64_t after_seq = 0;
+  std::string after_device;
+};
+
+// The position of `token` ("measured_us|seq|device_id" of the last reading of the previous page),
+// issued for the time range [from_us, to_us); an empty token starts the range.
+absl::StatusOr<PagePosition> ParsePageToken(const std::string& token, int64_t from_us,
+                                            int64_t to_us) {
+  PagePosition position;
+  position.after_us = from_us - 1;
+  if (token.empty()) return position;
+  // Bounded, as it goes into the audit entry.
+  std::vector<std::string> parts = absl::StrSplit(token, absl::MaxSplits('|', 2));
+  if (token.size() > kMaxPageTokenBytes || parts.size() != 3 ||
+      !absl::SimpleAtoi(parts[0], &position.after_us) ||
+      !absl::SimpleAtoi(parts[1], &position.after_seq) ||
+      !ValidateIdentifier(parts[2], "page_token", kMaxDeviceIdBytes).ok()) {
+    return absl::InvalidArgumentError("page_token: not a token we issued");
+  }
+  // A token's position is a reading of its request's time range: one outside this request's
+  // (another request's token, or a forged time the shard could not even convert) is refused.
+  if (position.after_us < from_us - 1 || position.after_us >= to_us) {
+    return absl::InvalidArgumentError("page_token: not a token we issued for this time_range");
+  }
+  position.after_device = std::move(parts[2]);
+  return position;
+}
+
+// The token of the page after `last`.
+std::string PageTokenAfter(const v1::VitalReading& last) {
+  return absl::StrCat(absl::ToUnixMicros(FromProtoTimestamp(last.sample().measured_at())), "|",
+                      last.sample().seq(), "|", last.device_id());
+}
+
+// One page of a patient's readings, and one more if there is one (so that the caller knows
+// whether to issue a token).
+struct PageRead {
+  std::vector<v1::VitalReading> readings;
+  size_t locations_disclosed = 0;  // of the page's readings (not the extra one)
+  size_t locations_withheld = 0;
+};
+
+PageRead ReadPage(pqxx::work& txn, const std::string& patient_id,
+                  const std::vector<std::string>& codes, int64_t from_us, int64_t to_us,
+                  const PagePosition& after, int page, bool with_location) {
+  PageRead read;
+  for (const pqxx::row& row :
+       txn.exec_prepared(sql::kReadVitals, patient_id, pg::TextArrayLiteral(codes), from_us,
+                         to_us, after.after_us, after.after_device, after.after_seq, page + 1)) {
+    v1::VitalReading r;
+    r.set_device_id(row[0].c_str());
+    v1::VitalSample* s = r.mutable_sample();
+    s->set_seq(row[1].as<uint64_t>());
+    s->set_loinc_code(row[2].c_str());
+    s->set_value(row[3].as<double>());
+    s->set_ucum_unit(row[4].c_str());
+    *s->mutable_measured_at() = TimestampFromMicros(row[5].as<int64_t>());
+    *r.mutable_received_at() = TimestampFromMicros(row[6].as<int64_t>());
+    const bool in_page = read.readings.size() < static_cast<size_t>(page);
+    if (!row[7].is_null() && with_location) {
+      if (in_page) ++read.locations_disclosed;
+      s->mutable_location()->set_latitude(row[7].as<double>());
+      s->mutable_location()->set_longitude(row[8].as<double>());
+      s->mutable_location()->set_accuracy_m(row[9].as<double>());
+    } else if (!row[7].is_null() && in_page) {
+      ++read.locations_withheld;
+    }
+    read.readings.push_back(std::move(r));
+  }
+  return read;
+}
+
+// What an audit entry of a read says of the locations it let out, under the GEOLOCATION
+// decision that let them out, and of those it withheld.
+void AppendLocations(const PageRead& read,
+                     const absl::StatusOr<consent::AccessDecision>& geolocation,
+                     std::string* reason) {
+  if (read.locations_disclosed > 0) {
+    absl::StrAppend(reason, " locations=", read.locations_disclosed, " GEOLOCATION=",
+                    geolocation->consent_id, "/v", geolocation->consent_version);
+  }
+  if (read.locations_withheld > 0) {
+    absl::StrAppend(reason, " locations_withheld=", read.locations_withheld, " (",
+                    geolocation.ok() ? consent::AccessReasonName(geolocation->reason)
+                                     : "GEOLOCATION consent unavailable",
+                    ")");
+  }
 }
 
 class VitalsStream;
@@ -488,7 +582,8 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
       shards_(shards),
       policy_(std::move(trust_domain),
               {{"StreamVitals", {K::kDevice}}, {"ReadVitals", {K::kPractitioner}, kReadVitalsCalls},
-               {"EraseVitals", {K::kApp}, kReadVitalsCalls}}),
+               {"EraseVitals", {K::kApp}, kReadVitalsCalls},
+               {"ExportVitals", {K::kApp}, kReadVitalsCalls}}),
       executor_(executor),
       max_streams_per_device_(max_streams_per_device),
       reads_(reads),
@@ -531,7 +626,7 @@ std::unique_ptr<BoundedCounts<std::string>::Slot> IngestService::TakeReadPlace(
     refused = grpc::Status(
         grpc::StatusCode::RESOURCE_EXHAUSTED,
         absl::StrCat("this tenant already has ", reads_.max_per_tenant,
-                     " ReadVitals or EraseVitals calls in progress, the most "
+                     " ReadVitals, ExportVitals or EraseVitals calls in progress, the most "
                      "ingest.max_reads_per_tenant allows; retry once one has ended"));
   }
   return slot;
@@ -599,26 +694,8 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
             : "time_range.start_at: more than an hour ahead of now, where no reading can be "
               "(with end_at unset the range ends an hour from now)");
   }
-  // Keyset position: "measured_us|seq|device_id" of the last reading of the previous page.
-  int64_t after_us = from_us - 1;
-  int64_t after_seq = 0;
-  std::string after_device;
-  if (!request->page_token().empty()) {
-    // Bounded, as it goes into the audit entry's request id.
-    std::vector<std::string> parts = absl::StrSplit(request->page_token(), absl::MaxSplits('|', 2));
-    if (request->page_token().size() > kMaxPageTokenBytes || parts.size() != 3 ||
-        !absl::SimpleAtoi(parts[0], &after_us) || !absl::SimpleAtoi(parts[1], &after_seq) ||
-        !ValidateIdentifier(parts[2], "page_token", kMaxDeviceIdBytes).ok()) {
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "page_token: not a token we issued");
-    }
-    // A token's position is a reading of its request's time range: one outside this request's
-    // (another request's token, or a forged time the shard could not even convert) is refused.
-    if (after_us < from_us - 1 || after_us >= to_us) {
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                          "page_token: not a token we issued for this time_range");
-    }
-    after_device = parts[2];
-  }
+  absl::StatusOr<PagePosition> after = ParsePageToken(request->page_token(), from_us, to_us);
+  if (!after.ok()) return ToGrpcStatus(after.status());
 
   absl::StatusOr<std::vector<PatientLocation>> located = routing_.ResolvePatients({request->patient_id()});
   if (!located.ok()) return ToGrpcStatus(located.status());
@@ -731,36 +808,13 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
       absl::Now());
   const bool with_location = geolocation.ok() && geolocation->permit;
 
-  std::vector<v1::VitalReading> readings;
+  PageRead read;
   absl::Status status = (*pool)->Transact([&](pqxx::work& txn) -> absl::Status {
-    readings.clear();
-    size_t withheld = 0;
-    size_t disclosed = 0;
-    for (const pqxx::row& row :
-         txn.exec_prepared(sql::kReadVitals, where.patient_id, pg::TextArrayLiteral(codes), from_us,
-                           to_us, after_us, after_device, after_seq, page + 1)) {
-      v1::VitalReading r;
-      r.set_device_id(row[0].c_str());
-      v1::VitalSample* s = r.mutable_sample();
-      s->set_seq(row[1].as<uint64_t>());
-      s->set_loinc_code(row[2].c_str());
-      s->set_value(row[3].as<double>());
-      s->set_ucum_unit(row[4].c_str());
-      *s->mutable_measured_at() = TimestampFromMicros(row[5].as<int64_t>());
-      *r.mutable_received_at() = TimestampFromMicros(row[6].as<int64_t>());
-      if (!row[7].is_null() && with_location) {
-        if (readings.size() < static_cast<size_t>(page)) ++disclosed;
-        s->mutable_location()->set_latitude(row[7].as<double>());
-        s->mutable_location()->set_longitude(row[8].as<double>());
-        s->mutable_location()->set_accuracy_m(row[9].as<double>());
-      } else if (!row[7].is_null() && readings.size() < static_cast<size_t>(page)) {
-        ++withheld;  // the extra row read to find the next page is not returned
-      }
-      readings.push_back(std::move(r));
-    }
+    read = ReadPage(txn, where.patient_id, codes, from_us, to_us, *after, page, with_location);
     entry.action = audit::Action::kRead;
     entry.decision = audit::Decision::kPermit;
-    entry.reason = absl::StrCat("PERMITTED: readings=", std::min<size_t>(readings.size(), page));
+    entry.reason =
+        absl::StrCat("PERMITTED: readings=", std::min<size_t>(read.readings.size(), page));
     if (!request->page_token().empty()) {
       absl::StrAppend(&entry.reason, " after=", request->page_token());
     }
@@ -771,39 +825,40 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
       // Every code was asked for, and the consent is narrowed: these were not read.
       absl::StrAppend(&entry.reason, " categories_withheld=", absl::StrJoin(withheld_categories, ","));
     }
-    if (disclosed > 0) {
-      // The locations read out, under the GEOLOCATION decision that let them out.
-      absl::StrAppend(&entry.reason, " locations=", disclosed, " GEOLOCATION=",
-                      geolocation->consent_id, "/v", geolocation->consent_version);
-    }
-    if (withheld > 0) {
-      absl::StrAppend(&entry.reason, " locations_withheld=", withheld, " (",
-                      geolocation.ok() ? consent::AccessReasonName(geolocation->reason)
-                                       : "GEOLOCATION consent unavailable",
-                      ")");
-    }
+    AppendLocations(read, geolocation, &entry.reason);
     return audit::Append(txn, entry).status();
   });
   if (!status.ok()) return ToGrpcStatus(status);
+  std::vector<v1::VitalReading>& readings = read.readings;
   std::string next_token;
   if (readings.size() > static_cast<size_t>(page)) {
     readings.resize(page);
-    const v1::VitalReading& last = readings.back();
-    next_token = absl::StrCat(
-        absl::ToUnixMicros(FromProtoTimestamp(last.sample().measured_at())), "|", last.sample().seq(), "|",
-        last.device_id());
+    next_token = PageTokenAfter(readings.back());
   }
-  // A client that stops taking readings would hold this thread (and its tenant's place) while
-  // the write waits on flow control: the watch ends the call past the idle timeout, and the pace
-  // a call whose client takes them too slowly past it.
-  StallWatch::Call stall(read_watch_, *context);
+  std::vector<v1::ReadVitalsResponse> messages(1);
+  for (size_t i = 0; i < readings.size(); ++i) {
+    if (messages.back().readings_size() == kReadChunk) messages.emplace_back();
+    *messages.back().add_readings() = std::move(readings[i]);
+  }
+  messages.back().set_next_page_token(next_token);
+  return SendPaced(*context, *writer, messages);
+}
+
+template <typename Response>
+grpc::Status IngestService::SendPaced(grpc::ServerContext& context,
+                                      grpc::ServerWriter<Response>& writer,
+                                      const std::vector<Response>& messages) {
+  // A client that stops taking them would hold this thread (and its tenant's place) while the
+  // write waits on flow control: the watch ends the call past the idle timeout, and the pace a
+  // call whose client takes them too slowly past it.
+  StallWatch::Call stall(read_watch_, context);
   TransferPace pace(stall, "read", reads_.idle_timeout, reads_.min_bytes_per_second,
                     "ingest.read_min_bytes_per_second", "read the page again");
-  auto write = [&](const v1::ReadVitalsResponse& message) -> grpc::Status {
+  for (const Response& message : messages) {
     // Asked before each message: a read whose last message was taken has ended well.
     if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
     stall.Blocked();
-    const bool written = writer->Write(message);
+    const bool written = writer.Write(message);
     stall.Unblocked();
     if (!written) {
       if (stall.fired()) {
@@ -812,18 +867,8 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
       return grpc::Status(grpc::StatusCode::CANCELLED, "client gone");
     }
     pace.Moved(message.ByteSizeLong());
-    return grpc::Status::OK;
-  };
-  v1::ReadVitalsResponse response;
-  for (size_t i = 0; i < readings.size(); ++i) {
-    *response.add_readings() = std::move(readings[i]);
-    if (response.readings_size() == kReadChunk) {
-      if (grpc::Status s = write(response); !s.ok()) return s;
-      response.Clear();
-    }
   }
-  response.set_next_page_token(next_token);
-  return write(response);
+  return grpc::Status::OK;
 }
 
 grpc::Status IngestService::EraseVitals(grpc::ServerContext* context,
@@ -888,6 +933,96 @@ grpc::Status IngestService::EraseVitals(grpc::ServerContext* context,
   }
   response->set_erased_count(erased);
   return grpc::Status::OK;
+}
+
+grpc::Status IngestService::ExportVitals(grpc::ServerContext* context,
+                                         const v1::ExportVitalsRequest* request,
+                                         grpc::ServerWriter<v1::ExportVitalsResponse>* writer) {
+  absl::StatusOr<CallContext> ctx =
+      BeginCall(policy_, *context, "ExportVitals", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  if (absl::Status id = ValidateIdentifier(request->patient_id(), "patient_id", 128); !id.ok()) {
+    return ToGrpcStatus(id);
+  }
+  if (absl::Status why = ValidateText(request->reason(), "reason", kMaxEraseReasonBytes);
+      !why.ok()) {
+    return ToGrpcStatus(why);
+  }
+  absl::StatusOr<int> page_size =
+      PageSize(request->page_size(), kDefaultExportPage, kMaxReadPage);
+  if (!page_size.ok()) return ToGrpcStatus(page_size.status());
+  const int page = *page_size;
+  // Every sample stored: none is measured more than 5 minutes ahead of its commit.
+  const int64_t from_us = absl::ToUnixMicros(absl::UniversalEpoch());
+  const int64_t to_us = absl::ToUnixMicros(absl::Now() + absl::Hours(1));
+  absl::StatusOr<PagePosition> after = ParsePageToken(request->page_token(), from_us, to_us);
+  if (!after.ok()) return ToGrpcStatus(after.status());
+  grpc::Status busy;
+  std::unique_ptr<BoundedCounts<std::string>::Slot> slot =
+      TakeReadPlace(ctx->principal.tenant, busy);
+  if (slot == nullptr) return busy;
+  absl::StatusOr<std::vector<PatientLocation>> located =
+      routing_.ResolvePatients({request->patient_id()});
+  if (!located.ok()) return ToGrpcStatus(located.status());
+  const PatientLocation& where = (*located)[0];
+  if (!where.found || where.tenant_id != ctx->principal.tenant) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, "patient not found");
+  }
+  absl::StatusOr<pg::Pool*> pool = shards_.Get(where.region_id);
+  if (!pool.ok()) return ToGrpcStatus(pool.status());
+  // The export rests on the patient's request, not on a consent; the locations, as in
+  // ReadVitals, on GEOLOCATION permitting the caller now.
+  absl::StatusOr<consent::AccessDecision> geolocation = consent_.Check(
+      where.region_id, where.patient_id, consent::Purpose::kGeolocation, ctx->principal.spiffe_id,
+      "", absl::Now());
+  const bool with_location = geolocation.ok() && geolocation->permit;
+  std::vector<std::string> codes;
+  for (const VitalKind& kind : VitalCatalogue()) codes.emplace_back(kind.loinc);
+
+  PageRead read;
+  absl::Status status = (*pool)->Transact([&](pqxx::work& txn) -> absl::Status {
+    read = ReadPage(txn, where.patient_id, codes, from_us, to_us, *after, page, with_location);
+    std::string reason = absl::StrCat(
+        "EXPORTED: observations=", std::min<size_t>(read.readings.size(), page), " format=fhir-r4");
+    if (!request->page_token().empty()) absl::StrAppend(&reason, " after=", request->page_token());
+    AppendLocations(read, geolocation, &reason);
+    absl::StrAppend(&reason, "; ", request->reason());
+    return audit::Append(txn, AuditEntryFor(*ctx, audit::Action::kRead, "vitals", where.patient_id,
+                                            where.tenant_id, where.patient_id, reason))
+        .status();
+  });
+  if (!status.ok()) return ToGrpcStatus(status);
+  std::vector<v1::VitalReading>& readings = read.readings;
+  std::string next_token;
+  if (readings.size() > static_cast<size_t>(page)) {
+    readings.resize(page);
+    next_token = PageTokenAfter(readings.back());
+  }
+  // A patient's devices are of the patient's tenant (routing assigns no other).
+  const std::string device_prefix =
+      absl::StrCat("spiffe://", policy_.trust_domain(), "/tenant/", where.tenant_id, "/device/");
+  std::vector<v1::ExportVitalsResponse> messages(1);
+  for (const v1::VitalReading& r : readings) {
+    if (messages.back().observation_count() == kReadChunk) messages.emplace_back();
+    StoredSample stored;
+    stored.device_spiffe_id = absl::StrCat(device_prefix, r.device_id());
+    stored.sample.seq = r.sample().seq();
+    stored.sample.loinc = r.sample().loinc_code();
+    stored.sample.value = r.sample().value();
+    stored.sample.ucum = r.sample().ucum_unit();
+    stored.sample.measured_at = FromProtoTimestamp(r.sample().measured_at());
+    if (r.sample().has_location()) {
+      stored.sample.location = Location{r.sample().location().latitude(),
+                                        r.sample().location().longitude(),
+                                        r.sample().location().accuracy_m()};
+    }
+    stored.received_at = FromProtoTimestamp(r.received_at());
+    v1::ExportVitalsResponse& message = messages.back();
+    absl::StrAppend(message.mutable_ndjson(), FhirObservationJson(stored, where.patient_id), "\n");
+    message.set_observation_count(message.observation_count() + 1);
+  }
+  messages.back().set_next_page_token(next_token);
+  return SendPaced(*context, *writer, messages);
 }
 
 }  // namespace medgate::ingest

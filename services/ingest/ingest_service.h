@@ -1,10 +1,11 @@
 // The DeviceIngest gRPC adapter: StreamVitals as a callback (reactor) stream, ReadVitals,
-// EraseVitals.
+// EraseVitals, ExportVitals.
 #ifndef MEDGATE_SERVICES_INGEST_INGEST_SERVICE_H_
 #define MEDGATE_SERVICES_INGEST_INGEST_SERVICE_H_
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/time/time.h"
 #include "libs/common/bounded_counts.h"
@@ -19,7 +20,7 @@
 
 namespace medgate::ingest {
 
-// What ReadVitals and EraseVitals calls may hold: each holds a handler thread of the server's
+// What ReadVitals, ExportVitals and EraseVitals calls may hold: each holds a handler thread of the server's
 // bounded pool.
 struct ReadBounds {
   // A tenant's reads in progress at once (ingest.max_reads_per_tenant); one more is refused
@@ -72,6 +73,9 @@ class IngestService final
   grpc::Status EraseVitals(grpc::ServerContext* context, const v1::EraseVitalsRequest* request,
                            v1::EraseVitalsResponse* response) override;
 
+  grpc::Status ExportVitals(grpc::ServerContext* context, const v1::ExportVitalsRequest* request,
+                            grpc::ServerWriter<v1::ExportVitalsResponse>* writer) override;
+
   // Streams the device with this SPIFFE id has open, superseded ones still ending included.
   int device_streams(const std::string& spiffe_id) const {
     return streams_per_device_.count(spiffe_id);
@@ -87,10 +91,16 @@ class IngestService final
   const int max_streams_per_device_;
   BoundedCounts<std::string> streams_per_device_;  // by the device's SPIFFE id
   DeviceTurns turns_;                              // by the device's SPIFFE id
-  // One of `tenant`'s places for a ReadVitals or EraseVitals call (ingest.max_reads_per_tenant);
+  // One of `tenant`'s places for a ReadVitals, ExportVitals or EraseVitals call (ingest.max_reads_per_tenant);
   // null when it has none left, with `refused` the RESOURCE_EXHAUSTED status to answer.
   std::unique_ptr<BoundedCounts<std::string>::Slot> TakeReadPlace(const std::string& tenant,
                                                                   grpc::Status& refused);
+
+  // Writes `messages` to a read's client, ending the call DEADLINE_EXCEEDED if the client takes
+  // nothing for reads_.idle_timeout or takes them under reads_.min_bytes_per_second.
+  template <typename Response>
+  grpc::Status SendPaced(grpc::ServerContext& context, grpc::ServerWriter<Response>& writer,
+                         const std::vector<Response>& messages);
 
   const ReadBounds reads_;
   BoundedCounts<std::string> reads_per_tenant_;

@@ -14,6 +14,8 @@
 #include <set>
 #include <thread>
 
+#include <google/protobuf/struct.pb.h>
+#include <google/protobuf/util/json_util.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <grpcpp/grpcpp.h>
@@ -2309,6 +2311,253 @@ TEST_F(IngestTest, AnAppErasesAPatientsVitalsInBoundedAuditedSteps) {
     pqxx::nontransaction q(c);
     EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log WHERE request_id = 'erase-v-2'")[0].as<int>(),
               0);
+  }
+  auto verified = audit::VerifyChain(c);
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_TRUE(verified->ok) << verified->problem;
+}
+
+// One ExportVitals of a patient, page after page: the NDJSON lines and the pages, or the first
+// failing call's status.
+struct Export {
+  std::vector<std::string> lines;
+  int pages = 0;
+};
+
+TEST_F(IngestTest, AnAppExportsAPatientsVitalsAsFhirObservationsPageByPage) {
+  const std::string patient = MonitoredPatientWithDevice("export-me", "FR", "dev-export");
+  const std::string other = MonitoredPatientWithDevice("export-other", "FR", "dev-export-other");
+  // Three samples through the device's stream, one of them with a location (dropped: no
+  // GEOLOCATION consent yet), and one of the other patient's.
+  {
+    auto stub = Ingest(Device("acme", "dev-export"));
+    DeviceStream stream(*stub);
+    v1::VitalsBatch batch = Batch(1, 1, 3);
+    batch.mutable_samples(1)->set_loinc_code("15074-8");
+    batch.mutable_samples(1)->set_ucum_unit("mmol/L");
+    batch.mutable_samples(1)->set_value(5.4);
+    std::optional<v1::IngestAck> ack = stream.Send(batch);
+    ASSERT_TRUE(ack.has_value());
+    ASSERT_EQ(ack->stored_count(), 3u);
+    EXPECT_TRUE(stream.Finish().ok());
+    auto other_stub = Ingest(Device("acme", "dev-export-other"));
+    DeviceStream other_stream(*other_stub);
+    ack = other_stream.Send(Batch(1, 1, 1));
+    ASSERT_TRUE(ack.has_value());
+    ASSERT_EQ(ack->stored_count(), 1u);
+    EXPECT_TRUE(other_stream.Finish().ok());
+  }
+  // Days of readings of two codes put in the shard directly, one with a location: the export
+  // takes pages.
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  {
+    pqxx::nontransaction q(c);
+    q.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', 'dev-export-bulk', g, $1, "
+        "CASE WHEN g % 2 = 0 THEN '8867-4' ELSE '8310-5' END, "
+        "CASE WHEN g % 2 = 0 THEN 60 + g % 50 ELSE 36 + (g % 30) / 10.0 + 0.05 END, "
+        "CASE WHEN g % 2 = 0 THEN '/min' ELSE 'Cel' END, "
+        "now() - interval '10 days' + g * interval '1 minute' FROM generate_series(1, 12000) g",
+        patient);
+    q.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at, latitude, longitude, accuracy_m) VALUES ('acme', 'dev-export-bulk', 20000, "
+        "$1, '29463-7', 71.3, 'kg', now() - interval '11 days', 43.2965, 5.3698, 15)",
+        patient);
+  }
+  // What the shard holds of the patient, by the Observation's identifier.
+  struct Stored {
+    std::string loinc;
+    double value;
+    std::string ucum;
+    int64_t measured_us;
+  };
+  std::map<std::string, Stored> stored;
+  {
+    pqxx::nontransaction q(c);
+    for (const pqxx::row& row : q.exec_params(
+             "SELECT device_id, seq, loinc, value, ucum, "
+             "(extract(epoch from measured_at) * 1000000)::bigint FROM vitals "
+             "WHERE patient_id = $1",
+             patient)) {
+      stored[absl::StrCat(pki().SpiffeId(absl::StrCat("/tenant/acme/device/",
+                                                      row[0].as<std::string>())),
+                          "#", row[1].as<int64_t>())] =
+          Stored{row[2].as<std::string>(), row[3].as<double>(), row[4].as<std::string>(),
+                 row[5].as<int64_t>()};
+    }
+  }
+  ASSERT_EQ(stored.size(), 12004u);
+
+  const std::string why = "the patient asked for a copy of their data (ticket 5120)";
+  auto export_all = [&](const TestCert& as, const std::string& patient_id,
+                        const std::string& reason, const std::string& request_id,
+                        int page_size = 0) -> absl::StatusOr<Export> {
+    Export result;
+    v1::ExportVitalsRequest request;
+    request.set_request_id(request_id);
+    request.set_patient_id(patient_id);
+    request.set_reason(reason);
+    request.set_page_size(page_size);
+    do {
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+      auto reader = Ingest(as)->ExportVitals(&context, request);
+      v1::ExportVitalsResponse message;
+      std::string token;
+      while (reader->Read(&message)) {
+        std::vector<std::string> lines = absl::StrSplit(message.ndjson(), '\n');
+        // Complete lines only: the text ends with a newline, so the last piece is empty.
+        EXPECT_EQ(lines.back(), "");
+        lines.pop_back();
+        EXPECT_EQ(lines.size(), message.observation_count());
+        for (std::string& line : lines) result.lines.push_back(std::move(line));
+        EXPECT_TRUE(token.empty()) << "a token on a message before the last";
+        token = message.next_page_token();
+      }
+      grpc::Status status = reader->Finish();
+      if (!status.ok()) return FromGrpcStatus(status);
+      ++result.pages;
+      request.set_page_token(token);
+    } while (!request.page_token().empty() && result.pages < 100);
+    return result;
+  };
+
+  // Only apps, of the patient's tenant, with a reason; bounds as ReadVitals has.
+  EXPECT_EQ(export_all(pki().practitioner(), patient, why, "x-0").status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(export_all(Device("acme", "dev-export"), patient, why, "x-0").status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(export_all(pki().globex_app(), patient, why, "x-0").status().code(),
+            absl::StatusCode::kNotFound);
+  absl::StatusOr<Export> refused = export_all(pki().app(), patient, "", "x-0");
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("reason"));
+  refused = export_all(pki().app(), patient, why, "x-0", -1);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  {
+    v1::ExportVitalsRequest request;
+    request.set_patient_id(patient);
+    request.set_reason(why);
+    request.set_page_token("1|x|d");
+    grpc::ClientContext context;
+    auto reader = Ingest(pki().app())->ExportVitals(&context, request);
+    v1::ExportVitalsResponse ignored;
+    while (reader->Read(&ignored)) {
+    }
+    grpc::Status status = reader->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_EQ(status.error_message(), "page_token: not a token we issued");
+  }
+  {
+    pqxx::nontransaction q(c);
+    EXPECT_EQ(q.exec1("SELECT count(*) FROM audit_log WHERE request_id = 'x-0'")[0].as<int>(), 0);
+  }
+
+  absl::StatusOr<Export> exported = export_all(pki().app(), patient, why, "export-1");
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_EQ(exported->pages, 3);  // 5,000 a page by default
+  ASSERT_EQ(exported->lines.size(), stored.size());
+  // Each line one Observation of the patient, exactly as stored, each stored sample once, in
+  // measured_at order.
+  std::set<std::string> seen;
+  int64_t previous_us = std::numeric_limits<int64_t>::min();
+  int located = 0;
+  for (const std::string& line : exported->lines) {
+    google::protobuf::Struct o;
+    ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(line, &o).ok()) << line;
+    const auto& f = o.fields();
+    ASSERT_EQ(f.at("resourceType").string_value(), "Observation") << line;
+    const std::string id =
+        f.at("identifier").list_value().values(0).struct_value().fields().at("value").string_value();
+    ASSERT_TRUE(stored.contains(id)) << line;
+    ASSERT_TRUE(seen.insert(id).second) << "twice: " << line;
+    const Stored& s = stored.at(id);
+    EXPECT_EQ(f.at("subject").struct_value().fields().at("identifier").struct_value().fields().at(
+                  "value").string_value(),
+              patient);
+    EXPECT_EQ(f.at("code").struct_value().fields().at("coding").list_value().values(0)
+                  .struct_value().fields().at("code").string_value(),
+              s.loinc) << line;
+    const auto& quantity = f.at("valueQuantity").struct_value().fields();
+    EXPECT_EQ(quantity.at("value").number_value(), s.value) << line;
+    EXPECT_EQ(quantity.at("code").string_value(), s.ucum) << line;
+    absl::Time measured;
+    std::string error;
+    ASSERT_TRUE(absl::ParseTime("%Y-%m-%dT%H:%M:%E*SZ", f.at("effectiveDateTime").string_value(),
+                                &measured, &error))
+        << error;
+    EXPECT_EQ(absl::ToUnixMicros(measured), s.measured_us) << line;
+    EXPECT_GE(s.measured_us, previous_us);
+    previous_us = s.measured_us;
+    if (f.contains("extension")) ++located;
+  }
+  EXPECT_EQ(located, 0) << "locations go out only under GEOLOCATION";
+  // One entry per page, in the home shard, in the page's transaction: what it exported and why.
+  {
+    pqxx::nontransaction q(c);
+    std::vector<std::string> reasons;
+    for (const pqxx::row& row : q.exec_params(
+             "SELECT reason, actor, action, decision, object_type FROM audit_log "
+             "WHERE patient_id = $1 AND request_id = 'export-1' ORDER BY seq",
+             patient)) {
+      EXPECT_EQ(row[1].as<std::string>(), pki().SpiffeId("/tenant/acme/app/backend"));
+      EXPECT_EQ(row[2].as<std::string>(), "read");
+      EXPECT_EQ(row[3].as<std::string>(), "permit");
+      EXPECT_EQ(row[4].as<std::string>(), "vitals");
+      EXPECT_THAT(row[0].as<std::string>(), ::testing::EndsWith(absl::StrCat("; ", why)));
+      reasons.push_back(row[0].as<std::string>());
+    }
+    ASSERT_EQ(reasons.size(), 3u);
+    // The first page has the located sample, whose location was withheld.
+    EXPECT_THAT(reasons[0], ::testing::StartsWith("EXPORTED: observations=5000 format=fhir-r4 "
+                                                  "locations_withheld=1 ("));
+    EXPECT_THAT(reasons[1], ::testing::StartsWith("EXPORTED: observations=5000 format=fhir-r4 after="));
+    EXPECT_THAT(reasons[2], ::testing::StartsWith("EXPORTED: observations=2004 format=fhir-r4 after="));
+  }
+  EXPECT_EQ(Count("fr-1", absl::StrCat("patient_id = '", other, "'")), 1) << "not exported";
+  for (const char* region : {"de-1", "eu-1"}) {
+    pqxx::connection elsewhere(stack_->clusters().region(region).ConnectionString());
+    pqxx::nontransaction q(elsewhere);
+    EXPECT_EQ(q.exec_params1("SELECT count(*) FROM audit_log WHERE patient_id = $1", patient)[0]
+                  .as<int>(),
+              0)
+        << region;
+  }
+
+  // Under a GEOLOCATION consent (once ingest's cache has it), the location goes out, with the
+  // consent its entry cites; pages of 10,000.
+  Grant(patient, v1::PURPOSE_GEOLOCATION);
+  const std::string geolocation = ConsentId(patient, "GEOLOCATION");
+  const absl::Time by = absl::Now() + absl::Seconds(10);
+  int n = 0;
+  do {
+    located = 0;
+    exported = export_all(pki().app(), patient, why, absl::StrCat("export-geo-", ++n), 10000);
+    ASSERT_TRUE(exported.ok()) << exported.status();
+    for (const std::string& line : exported->lines) {
+      if (absl::StrContains(line, "\"extension\"")) {
+        ++located;
+        EXPECT_THAT(line, HasSubstr("{\"url\":\"urn:medgate:fhir:measured-at-location\","
+                                    "\"extension\":[{\"url\":\"latitude\",\"valueDecimal\":43.2965},"
+                                    "{\"url\":\"longitude\",\"valueDecimal\":5.3698},"
+                                    "{\"url\":\"accuracy\",\"valueQuantity\":{\"value\":15,"));
+      }
+    }
+  } while (located == 0 && absl::Now() < by);
+  EXPECT_EQ(located, 1);
+  EXPECT_EQ(exported->pages, 2);
+  EXPECT_EQ(exported->lines.size(), stored.size());
+  {
+    pqxx::nontransaction q(c);
+    EXPECT_EQ(q.exec_params1("SELECT count(*) FROM audit_log WHERE request_id = $1 AND reason "
+                             "LIKE $2",
+                             absl::StrCat("export-geo-", n),
+                             absl::StrCat("EXPORTED: observations=10000 format=fhir-r4 locations=1 "
+                                          "GEOLOCATION=", geolocation, "/v1; ", why))[0]
+                  .as<int>(),
+              1);
   }
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok()) << verified.status();

@@ -31,6 +31,7 @@
 #include "libs/server/service_server.h"
 #include "medgate/v1/audit.grpc.pb.h"
 #include "medgate/v1/sharing.grpc.pb.h"
+#include "services/ingest/ingest_server.h"
 #include "services/sharing/sharing_server.h"
 #include "tests/support/directory_services.h"
 #include "tests/support/poll.h"
@@ -65,7 +66,7 @@ class CtlTest : public ::testing::Test {
     std::ofstream(*kek_path_) << kKekHex << "\n";
     std::filesystem::permissions(*kek_path_, std::filesystem::perms::owner_read |
                                                  std::filesystem::perms::owner_write);
-    auto stack = test_support::TestStack::Start({"routing", "consent", "sharing", "audit"},
+    auto stack = test_support::TestStack::Start({"routing", "consent", "sharing", "audit", "ingest"},
                                                 absl::StrCat("sharing:\n  kek_file: ", *kek_path_, "\n"));
     ASSERT_TRUE(stack.ok()) << stack.status();
     stack_ = stack->release();
@@ -81,6 +82,11 @@ class CtlTest : public ::testing::Test {
     ASSERT_TRUE(sharing_->Start().ok());
     stack_->SetAddress("sharing", sharing_->port());
     stack_->SetAddress("audit", sharing_->audit_port());
+    auto ingest = ingest::IngestServer::Create(stack_->config());
+    ASSERT_TRUE(ingest.ok()) << ingest.status();
+    ingest_ = ingest->release();
+    ASSERT_TRUE(ingest_->Start().ok());
+    stack_->SetAddress("ingest", ingest_->port());
     // Until fr-1's consent feed listens, the sharing service's cache keeps nothing it loads.
     ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(30), [] {
       return sharing_->consent_cache().FeedListening("fr-1");
@@ -92,6 +98,8 @@ class CtlTest : public ::testing::Test {
   static void TearDownTestSuite() {
     if (sharing_ != nullptr) sharing_->Shutdown();
     delete sharing_;
+    if (ingest_ != nullptr) ingest_->Shutdown();
+    delete ingest_;
     delete directory_;
     delete stack_;
     if (kek_path_ != nullptr) std::filesystem::remove(*kek_path_);
@@ -171,6 +179,7 @@ class CtlTest : public ::testing::Test {
   static test_support::TestStack* stack_;
   static test_support::DirectoryServices* directory_;
   static SharingServer* sharing_;
+  static ingest::IngestServer* ingest_;
   static std::string* kek_path_;
   static std::string* config_path_;
 };
@@ -178,6 +187,7 @@ class CtlTest : public ::testing::Test {
 test_support::TestStack* CtlTest::stack_ = nullptr;
 test_support::DirectoryServices* CtlTest::directory_ = nullptr;
 SharingServer* CtlTest::sharing_ = nullptr;
+ingest::IngestServer* CtlTest::ingest_ = nullptr;
 std::string* CtlTest::kek_path_ = nullptr;
 std::string* CtlTest::config_path_ = nullptr;
 
@@ -675,6 +685,72 @@ TEST_F(CtlTest, GrantsAConsentNarrowedToCategories) {
   CtlRun imaging = Ctl("practitioner", absl::StrCat("upload-record --patient ", patient,
                                                     " --kind imaging --file ", dir, "/letter.txt"));
   EXPECT_EQ(imaging.exit_code, 0) << imaging.output;
+}
+
+TEST_F(CtlTest, ExportsAPatientsVitalsToAFileAndErasesThem) {
+  CtlRun placed = Ctl("app", "place-patient --ref ctl-vitals --territory FR");
+  ASSERT_EQ(placed.exit_code, 0) << placed.output;
+  const std::string patient = Field(placed.output, "patient_id");
+  ASSERT_FALSE(patient.empty()) << placed.output;
+  // 6,000 readings in the patient's shard: two pages of the export.
+  {
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    q.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', 'dev-ctl', g, $1, '8867-4', 60 + g % 40, '/min', "
+        "now() - interval '5 days' + g * interval '1 minute' FROM generate_series(1, 6000) g",
+        patient);
+  }
+  const std::string dir = stack_->dir() + "/ctl-vitals";
+  std::filesystem::create_directories(dir);
+  const std::string out = dir + "/observations.ndjson";
+  const std::string why = "--reason 'the patient asked for a copy (ticket 77)'";
+
+  CtlRun no_out = Ctl("app", absl::StrCat("export-vitals --patient ", patient, " ", why));
+  EXPECT_EQ(no_out.exit_code, 1) << no_out.output;
+  EXPECT_THAT(no_out.output, HasSubstr("--out: the file to write to is required"));
+  CtlRun practitioner = Ctl("practitioner", absl::StrCat("export-vitals --patient ", patient, " ",
+                                                         why, " --out ", out));
+  EXPECT_EQ(practitioner.exit_code, 1) << practitioner.output;
+  EXPECT_THAT(practitioner.output, HasSubstr("PERMISSION_DENIED"));
+  EXPECT_THAT(practitioner.output, HasSubstr("nothing was written"));
+  EXPECT_FALSE(std::filesystem::exists(out));
+
+  CtlRun exported = Ctl("app", absl::StrCat("export-vitals --patient ", patient, " ", why,
+                                            " --out ", out));
+  ASSERT_EQ(exported.exit_code, 0) << exported.output;
+  EXPECT_THAT(exported.output, HasSubstr("observations: 6000\npages: 2\n"));
+  // Health data: only its owner may read the file.
+  EXPECT_EQ(std::filesystem::status(out).permissions() & std::filesystem::perms::all,
+            std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  std::ifstream file(out);
+  std::string line;
+  int lines = 0;
+  int of_patient = 0;
+  while (std::getline(file, line)) {
+    ++lines;
+    if (absl::StartsWith(line, "{\"resourceType\":\"Observation\",") &&
+        absl::StrContains(line, absl::StrCat("\"value\":\"", patient, "\"")) &&
+        absl::StrContains(line, "\"code\":\"8867-4\"")) {
+      ++of_patient;
+    }
+  }
+  EXPECT_EQ(lines, 6000);
+  EXPECT_EQ(of_patient, 6000);
+  // No file is left beside it.
+  int files = 0;
+  for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator(dir)) ++files;
+  EXPECT_EQ(files, 1);
+
+  CtlRun erased = Ctl("app", absl::StrCat("erase-vitals --patient ", patient, " ", why));
+  ASSERT_EQ(erased.exit_code, 0) << erased.output;
+  EXPECT_THAT(erased.output, HasSubstr("\"erased_count\": \"6000\""));
+  CtlRun empty = Ctl("app", absl::StrCat("export-vitals --patient ", patient, " ", why,
+                                         " --out ", out));
+  ASSERT_EQ(empty.exit_code, 0) << empty.output;
+  EXPECT_THAT(empty.output, HasSubstr("observations: 0\npages: 1\n"));
+  EXPECT_EQ(std::filesystem::file_size(out), 0u);
 }
 
 TEST_F(CtlTest, RefusesACommandLineItCannotReadBeforeAnythingIsSent) {
