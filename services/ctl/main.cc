@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
+#include "openssl/rand.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "libs/common/config.h"
@@ -242,6 +243,10 @@ void RemovePartialAndExit(int signal) {
 // removed otherwise (no partial or unverified plaintext is left behind).
 class OutFile {
  public:
+  OutFile() = default;
+  OutFile(const OutFile&) = delete;
+  OutFile& operator=(const OutFile&) = delete;
+
   // An error message when --out cannot be written beside.
   std::string Open(const std::string& out_path) {
     out_path_ = out_path;
@@ -251,11 +256,12 @@ class OutFile {
         !std::filesystem::is_regular_file(out_path, error)) {
       return "--out: '" + out_path + "' exists and is not a regular file";
     }
-    tmp_path_ = out_path + ".partial-XXXXXX";
-    fd_ = mkostemp(tmp_path_.data(), O_CLOEXEC);  // created 0600, exclusively
+    std::string tmp_path = out_path + ".partial-XXXXXX";
+    fd_ = mkostemp(tmp_path.data(), O_CLOEXEC);  // created 0600, exclusively
     if (fd_ < 0) {
       return absl::StrCat("--out: cannot write beside '", out_path, "': ", std::strerror(errno));
     }
+    tmp_path_ = std::move(tmp_path);  // only a file this created is removed
     // Interrupted (Ctrl-C, a stop), the part received so far is removed too.
     std::snprintf(g_partial_path, sizeof g_partial_path, "%s", tmp_path_.c_str());
     std::signal(SIGINT, RemovePartialAndExit);
@@ -270,7 +276,8 @@ class OutFile {
     g_partial_path[0] = '\0';
   }
 
-  void Write(absl::string_view data) {
+  // False once a write failed (Commit says why): nothing more needs to be fetched.
+  bool Write(absl::string_view data) {
     while (write_error_ == 0 && !data.empty()) {
       const ssize_t n = write(fd_, data.data(), data.size());
       if (n < 0 && errno == EINTR) continue;
@@ -280,6 +287,7 @@ class OutFile {
       }
       data.remove_prefix(static_cast<size_t>(n));
     }
+    return write_error_ == 0;
   }
   // Flushes the file to disk and renames it over --out: an error message when it could not.
   std::string Commit() {
@@ -293,6 +301,7 @@ class OutFile {
       return absl::StrCat("--out: cannot rename '", tmp_path_, "' to '", out_path_, "': ",
                           std::strerror(errno));
     }
+    g_partial_path[0] = '\0';  // a signal from now on leaves --out in place
     tmp_path_.clear();
     return "";
   }
@@ -380,7 +389,15 @@ int ExportVitals(v1::DeviceIngest::Stub& stub, const Flags& flags) {
   OutFile out;
   if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
   v1::ExportVitalsRequest request;
+  // One request id for every page, so that the audit entries of one export name it alike.
   request.set_request_id(Get(flags, "request-id"));
+  if (request.request_id().empty()) {
+    unsigned char bytes[12];
+    if (RAND_bytes(bytes, sizeof(bytes)) != 1) return Fail("no random bytes for a request id");
+    request.set_request_id(absl::StrCat(
+        "ctl-export-", absl::BytesToHexString(absl::string_view(
+                           reinterpret_cast<const char*>(bytes), sizeof(bytes)))));
+  }
   request.set_patient_id(Get(flags, "patient"));
   request.set_reason(Get(flags, "reason"));
   uint64_t observations = 0;
@@ -391,10 +408,17 @@ int ExportVitals(v1::DeviceIngest::Stub& stub, const Flags& flags) {
     auto reader = stub.ExportVitals(&context, request);
     v1::ExportVitalsResponse message;
     std::string next_token;
-    while (reader->Read(&message)) {
-      out.Write(message.ndjson());
+    bool written = true;
+    while (written && reader->Read(&message)) {
+      written = out.Write(message.ndjson());
       observations += message.observation_count();
       next_token = message.next_page_token();
+    }
+    if (!written) {
+      // The file cannot take more: the pages left are not fetched (Commit says why).
+      context.TryCancel();
+      reader->Finish();
+      break;
     }
     const grpc::Status status = reader->Finish();
     if (!status.ok()) {
@@ -405,9 +429,11 @@ int ExportVitals(v1::DeviceIngest::Stub& stub, const Flags& flags) {
     request.set_page_token(next_token);
   } while (!request.page_token().empty());
   if (std::string problem = out.Commit(); !problem.empty()) return Fail(problem);
-  std::printf("observations: %llu\npages: %llu\nfile: %s\nformat: FHIR R4 Observation, NDJSON\n",
-              static_cast<unsigned long long>(observations),
-              static_cast<unsigned long long>(pages), out_path.c_str());
+  std::printf(
+      "observations: %llu\npages: %llu\nfile: %s\nformat: FHIR R4 Observation, NDJSON\n"
+      "request_id: %s\n",
+      static_cast<unsigned long long>(observations), static_cast<unsigned long long>(pages),
+      out_path.c_str(), request.request_id().c_str());
   return 0;
 }
 

@@ -5,17 +5,29 @@
 #include <system_error>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
+#include "libs/common/log.h"
 
 namespace medgate::ingest {
 namespace {
 
-// The shortest decimal that reads back as `value` (a JSON number: finite values only).
+// The shortest decimal without an exponent that reads back as `value` (a JSON number: finite
+// values only). Exponents are valid JSON and FHIR, but not every reader of an export takes them.
 std::string JsonNumber(double value) {
-  char buffer[32];
-  const std::to_chars_result written = std::to_chars(buffer, buffer + sizeof(buffer), value);
-  if (written.ec != std::errc()) return "0";  // not reached: 32 bytes hold any double
+  // The longest such decimal, of the smallest subnormal, has 326 characters; the largest finite
+  // double has 309 digits.
+  char buffer[512];
+  std::to_chars_result written =
+      std::to_chars(buffer, buffer + sizeof(buffer), value, std::chars_format::fixed);
+  if (written.ec != std::errc()) {
+    written = std::to_chars(buffer, buffer + sizeof(buffer), value);  // not reached
+  }
   return std::string(buffer, written.ptr);
+}
+
+std::string JsonString(absl::string_view text) {
+  std::string out;
+  log::AppendJsonString(out, text);
+  return out;
 }
 
 std::string FhirInstant(absl::Time t) {
@@ -30,28 +42,6 @@ std::string Quantity(double value, absl::string_view ucum) {
 
 }  // namespace
 
-std::string JsonString(absl::string_view text) {
-  std::string out = "\"";
-  out.reserve(text.size() + 2);
-  for (const char c : text) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          absl::StrAppendFormat(&out, "\\u%04x", static_cast<unsigned char>(c));
-        } else {
-          out += c;  // UTF-8 passes as it is (every stored string is valid UTF-8)
-        }
-    }
-  }
-  out += '"';
-  return out;
-}
-
 std::string FhirObservationJson(const StoredSample& stored, absl::string_view patient_id) {
   const Sample& s = stored.sample;
   const VitalKind* kind = FindVital(s.loinc);
@@ -63,16 +53,19 @@ std::string FhirObservationJson(const StoredSample& stored, absl::string_view pa
       "\"http://terminology.hl7.org/CodeSystem/observation-category\",\"code\":",
       laboratory ? "\"laboratory\",\"display\":\"Laboratory\"" : "\"vital-signs\",\"display\":\"Vital Signs\"",
       "}]}],\"code\":{\"coding\":[{\"system\":\"http://loinc.org\",\"code\":", JsonString(s.loinc),
-      "}]");
+      "}");
+  // Pulse oximetry is a kind of oxygen saturation: FHIR's vital-signs profile finds it by 2708-6.
+  if (s.loinc == "59408-5") json += ",{\"system\":\"http://loinc.org\",\"code\":\"2708-6\"}";
+  json += "]";
   if (kind != nullptr) absl::StrAppend(&json, ",\"text\":", JsonString(kind->name));
-  absl::StrAppend(&json, "},\"subject\":{\"identifier\":{\"system\":\"", kFhirPatientSystem,
+  absl::StrAppend(&json, "},\"subject\":{\"type\":\"Patient\",\"identifier\":{\"system\":\"", kFhirPatientSystem,
                   "\",\"value\":", JsonString(patient_id), "}}");
   if (s.measured_at) {
     absl::StrAppend(&json, ",\"effectiveDateTime\":\"", FhirInstant(*s.measured_at), "\"");
   }
   absl::StrAppend(&json, ",\"issued\":\"", FhirInstant(stored.received_at),
                   "\",\"valueQuantity\":", Quantity(s.value, s.ucum),
-                  ",\"device\":{\"identifier\":{\"system\":\"urn:ietf:rfc:3986\",\"value\":",
+                  ",\"device\":{\"type\":\"Device\",\"identifier\":{\"system\":\"urn:ietf:rfc:3986\",\"value\":",
                   JsonString(stored.device_spiffe_id), "}}");
   if (s.location) {
     absl::StrAppend(&json, ",\"extension\":[{\"url\":\"", kFhirLocationUrl,

@@ -29,15 +29,14 @@ struct StoredSample {
 };
 
 // The Observation, one line of JSON without its newline: status final, category vital-signs
-// (laboratory for blood glucose), code as LOINC with the catalogue's name as text, valueQuantity
-// in UCUM, effectiveDateTime (measured) and issued (committed) in UTC to the microsecond,
-// subject and device by identifier, and a location as the extension kFhirLocationUrl. The value is
-// written in the shortest form that reads back as the same double. `sample.sample` must be of
+// (laboratory for blood glucose), code as LOINC with the catalogue's name as text (pulse
+// oximetry, 59408-5, with the oxygen saturation code 2708-6 beside it), valueQuantity in UCUM,
+// effectiveDateTime (measured) and issued (committed) in UTC to the microsecond, subject
+// (Patient) and device (Device) by identifier, and a location as the extension kFhirLocationUrl.
+// Numbers are written in the shortest decimal form, without an exponent, that reads back as the
+// same double. `sample.sample` must be of
 // the catalogue, with a finite value (every stored sample is).
 std::string FhirObservationJson(const StoredSample& sample, absl::string_view patient_id);
-
-// `text` as a JSON string, quotes included.
-std::string JsonString(absl::string_view text);
 
 }  // namespace medgate::ingest
 

@@ -632,6 +632,18 @@ std::unique_ptr<BoundedCounts<std::string>::Slot> IngestService::TakeReadPlace(
   return slot;
 }
 
+absl::StatusOr<IngestService::PatientShard> IngestService::PatientOfTenant(
+    const std::string& patient_id, const std::string& tenant) {
+  absl::StatusOr<std::vector<PatientLocation>> located = routing_.ResolvePatients({patient_id});
+  if (!located.ok()) return located.status();
+  const PatientLocation& where = (*located)[0];
+  // A patient of another tenant is not told apart from one that does not exist.
+  if (!where.found || where.tenant_id != tenant) return absl::NotFoundError("patient not found");
+  absl::StatusOr<pg::Pool*> pool = shards_.Get(where.region_id);
+  if (!pool.ok()) return pool.status();
+  return PatientShard{where, *pool};
+}
+
 grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
                                        const v1::ReadVitalsRequest* request,
                                        grpc::ServerWriter<v1::ReadVitalsResponse>* writer) {
@@ -697,12 +709,10 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   absl::StatusOr<PagePosition> after = ParsePageToken(request->page_token(), from_us, to_us);
   if (!after.ok()) return ToGrpcStatus(after.status());
 
-  absl::StatusOr<std::vector<PatientLocation>> located = routing_.ResolvePatients({request->patient_id()});
-  if (!located.ok()) return ToGrpcStatus(located.status());
-  const PatientLocation& where = (*located)[0];
-  if (!where.found || where.tenant_id != principal->tenant) {
-    return grpc::Status(grpc::StatusCode::NOT_FOUND, "patient not found");
-  }
+  absl::StatusOr<PatientShard> shard = PatientOfTenant(request->patient_id(), principal->tenant);
+  if (!shard.ok()) return ToGrpcStatus(shard.status());
+  const PatientLocation& where = shard->where;
+  pg::Pool* const pool = shard->pool;
   // The codes asked for, each once; none means every code of the catalogue (the only ones stored).
   const bool every_code = request->loinc_codes().empty();
   std::set<std::string> distinct(request->loinc_codes().begin(), request->loinc_codes().end());
@@ -754,8 +764,6 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   std::sort(withheld_categories.begin(), withheld_categories.end());
   const bool refused = !permit || (!every_code && refusal);
   const consent::AccessDecision& decision = refused ? *refusal : *permit;
-  absl::StatusOr<pg::Pool*> pool = shards_.Get(where.region_id);
-  if (!pool.ok()) return ToGrpcStatus(pool.status());
 
   audit::Entry entry;
   entry.actor = principal->spiffe_id;
@@ -778,7 +786,7 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
       absl::StrAppend(&entry.reason, ": category=", refused_category);
     }
     absl::Status audited =
-        (*pool)->Transact([&](pqxx::work& txn) { return audit::Append(txn, entry).status(); });
+        pool->Transact([&](pqxx::work& txn) { return audit::Append(txn, entry).status(); });
     if (!audited.ok()) {
       // A request whose audit entry cannot be written fails: the refusal is not answered as one.
       log::Warning("audit_append_failed", {{"method", "ReadVitals"}, {"error", audited.message()}});
@@ -809,7 +817,7 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   const bool with_location = geolocation.ok() && geolocation->permit;
 
   PageRead read;
-  absl::Status status = (*pool)->Transact([&](pqxx::work& txn) -> absl::Status {
+  absl::Status status = pool->Transact([&](pqxx::work& txn) -> absl::Status {
     read = ReadPage(txn, where.patient_id, codes, from_us, to_us, *after, page, with_location);
     entry.action = audit::Action::kRead;
     entry.decision = audit::Decision::kPermit;
@@ -835,26 +843,32 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
     readings.resize(page);
     next_token = PageTokenAfter(readings.back());
   }
-  std::vector<v1::ReadVitalsResponse> messages(1);
-  for (size_t i = 0; i < readings.size(); ++i) {
-    if (messages.back().readings_size() == kReadChunk) messages.emplace_back();
-    *messages.back().add_readings() = std::move(readings[i]);
-  }
-  messages.back().set_next_page_token(next_token);
-  return SendPaced(*context, *writer, messages);
+  // At most kReadChunk readings a message; the last message (the only one when the page is
+  // empty) carries the token.
+  size_t sent = 0;
+  bool done = false;
+  return SendPaced(*context, *writer, [&](v1::ReadVitalsResponse& message) {
+    if (done) return false;
+    for (; sent < readings.size() && message.readings_size() < kReadChunk; ++sent) {
+      *message.add_readings() = std::move(readings[sent]);
+    }
+    done = sent == readings.size();
+    if (done) message.set_next_page_token(next_token);
+    return true;
+  });
 }
 
-template <typename Response>
+template <typename Response, typename Next>
 grpc::Status IngestService::SendPaced(grpc::ServerContext& context,
-                                      grpc::ServerWriter<Response>& writer,
-                                      const std::vector<Response>& messages) {
+                                      grpc::ServerWriter<Response>& writer, Next next) {
   // A client that stops taking them would hold this thread (and its tenant's place) while the
   // write waits on flow control: the watch ends the call past the idle timeout, and the pace a
   // call whose client takes them too slowly past it.
   StallWatch::Call stall(read_watch_, context);
   TransferPace pace(stall, "read", reads_.idle_timeout, reads_.min_bytes_per_second,
                     "ingest.read_min_bytes_per_second", "read the page again");
-  for (const Response& message : messages) {
+  Response message;
+  while (next(message)) {
     // Asked before each message: a read whose last message was taken has ended well.
     if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
     stall.Blocked();
@@ -867,6 +881,7 @@ grpc::Status IngestService::SendPaced(grpc::ServerContext& context,
       return grpc::Status(grpc::StatusCode::CANCELLED, "client gone");
     }
     pace.Moved(message.ByteSizeLong());
+    message.Clear();
   }
   return grpc::Status::OK;
 }
@@ -889,15 +904,11 @@ grpc::Status IngestService::EraseVitals(grpc::ServerContext* context,
   std::unique_ptr<BoundedCounts<std::string>::Slot> slot =
       TakeReadPlace(ctx->principal.tenant, busy);
   if (slot == nullptr) return busy;
-  absl::StatusOr<std::vector<PatientLocation>> located =
-      routing_.ResolvePatients({request->patient_id()});
-  if (!located.ok()) return ToGrpcStatus(located.status());
-  const PatientLocation& where = (*located)[0];
-  if (!where.found || where.tenant_id != ctx->principal.tenant) {
-    return grpc::Status(grpc::StatusCode::NOT_FOUND, "patient not found");
-  }
-  absl::StatusOr<pg::Pool*> pool = shards_.Get(where.region_id);
-  if (!pool.ok()) return ToGrpcStatus(pool.status());
+  absl::StatusOr<PatientShard> shard =
+      PatientOfTenant(request->patient_id(), ctx->principal.tenant);
+  if (!shard.ok()) return ToGrpcStatus(shard.status());
+  const PatientLocation& where = shard->where;
+  pg::Pool* const pool = shard->pool;
 
   // Code by code (the catalogue's: the only ones stored), earliest first, a bounded transaction
   // at a time, each with the audit entry of what it deleted.
@@ -913,7 +924,7 @@ grpc::Status IngestService::EraseVitals(grpc::ServerContext* context,
         return stopped(grpc::StatusCode::CANCELLED, "erasure cancelled");
       }
       int64_t deleted = 0;
-      absl::Status status = (*pool)->Transact([&](pqxx::work& txn) -> absl::Status {
+      absl::Status status = pool->Transact([&](pqxx::work& txn) -> absl::Status {
         deleted = txn.exec_prepared1(sql::kEraseVitals, where.tenant_id, where.patient_id,
                                      std::string(kind.loinc), sql::kEraseVitalsRows)[0]
                       .as<int64_t>();
@@ -961,15 +972,11 @@ grpc::Status IngestService::ExportVitals(grpc::ServerContext* context,
   std::unique_ptr<BoundedCounts<std::string>::Slot> slot =
       TakeReadPlace(ctx->principal.tenant, busy);
   if (slot == nullptr) return busy;
-  absl::StatusOr<std::vector<PatientLocation>> located =
-      routing_.ResolvePatients({request->patient_id()});
-  if (!located.ok()) return ToGrpcStatus(located.status());
-  const PatientLocation& where = (*located)[0];
-  if (!where.found || where.tenant_id != ctx->principal.tenant) {
-    return grpc::Status(grpc::StatusCode::NOT_FOUND, "patient not found");
-  }
-  absl::StatusOr<pg::Pool*> pool = shards_.Get(where.region_id);
-  if (!pool.ok()) return ToGrpcStatus(pool.status());
+  absl::StatusOr<PatientShard> shard =
+      PatientOfTenant(request->patient_id(), ctx->principal.tenant);
+  if (!shard.ok()) return ToGrpcStatus(shard.status());
+  const PatientLocation& where = shard->where;
+  pg::Pool* const pool = shard->pool;
   // The export rests on the patient's request, not on a consent; the locations, as in
   // ReadVitals, on GEOLOCATION permitting the caller now.
   absl::StatusOr<consent::AccessDecision> geolocation = consent_.Check(
@@ -980,7 +987,7 @@ grpc::Status IngestService::ExportVitals(grpc::ServerContext* context,
   for (const VitalKind& kind : VitalCatalogue()) codes.emplace_back(kind.loinc);
 
   PageRead read;
-  absl::Status status = (*pool)->Transact([&](pqxx::work& txn) -> absl::Status {
+  absl::Status status = pool->Transact([&](pqxx::work& txn) -> absl::Status {
     read = ReadPage(txn, where.patient_id, codes, from_us, to_us, *after, page, with_location);
     std::string reason = absl::StrCat(
         "EXPORTED: observations=", std::min<size_t>(read.readings.size(), page), " format=fhir-r4");
@@ -1001,28 +1008,36 @@ grpc::Status IngestService::ExportVitals(grpc::ServerContext* context,
   // A patient's devices are of the patient's tenant (routing assigns no other).
   const std::string device_prefix =
       absl::StrCat("spiffe://", policy_.trust_domain(), "/tenant/", where.tenant_id, "/device/");
-  std::vector<v1::ExportVitalsResponse> messages(1);
-  for (const v1::VitalReading& r : readings) {
-    if (messages.back().observation_count() == kReadChunk) messages.emplace_back();
-    StoredSample stored;
-    stored.device_spiffe_id = absl::StrCat(device_prefix, r.device_id());
-    stored.sample.seq = r.sample().seq();
-    stored.sample.loinc = r.sample().loinc_code();
-    stored.sample.value = r.sample().value();
-    stored.sample.ucum = r.sample().ucum_unit();
-    stored.sample.measured_at = FromProtoTimestamp(r.sample().measured_at());
-    if (r.sample().has_location()) {
-      stored.sample.location = Location{r.sample().location().latitude(),
-                                        r.sample().location().longitude(),
-                                        r.sample().location().accuracy_m()};
+  // Each message's observations are encoded when the one before it has been taken: a page holds
+  // its readings, and one message's JSON at a time. At most kReadChunk observations a message;
+  // the last (the only one when the page is empty) carries the token.
+  size_t sent = 0;
+  bool done = false;
+  return SendPaced(*context, *writer, [&](v1::ExportVitalsResponse& message) {
+    if (done) return false;
+    for (; sent < readings.size() && message.observation_count() < kReadChunk; ++sent) {
+      const v1::VitalReading& r = readings[sent];
+      StoredSample stored;
+      stored.device_spiffe_id = absl::StrCat(device_prefix, r.device_id());
+      stored.sample.seq = r.sample().seq();
+      stored.sample.loinc = r.sample().loinc_code();
+      stored.sample.value = r.sample().value();
+      stored.sample.ucum = r.sample().ucum_unit();
+      stored.sample.measured_at = FromProtoTimestamp(r.sample().measured_at());
+      if (r.sample().has_location()) {
+        stored.sample.location = Location{r.sample().location().latitude(),
+                                          r.sample().location().longitude(),
+                                          r.sample().location().accuracy_m()};
+      }
+      stored.received_at = FromProtoTimestamp(r.received_at());
+      absl::StrAppend(message.mutable_ndjson(), FhirObservationJson(stored, where.patient_id),
+                      "\n");
+      message.set_observation_count(message.observation_count() + 1);
     }
-    stored.received_at = FromProtoTimestamp(r.received_at());
-    v1::ExportVitalsResponse& message = messages.back();
-    absl::StrAppend(message.mutable_ndjson(), FhirObservationJson(stored, where.patient_id), "\n");
-    message.set_observation_count(message.observation_count() + 1);
-  }
-  messages.back().set_next_page_token(next_token);
-  return SendPaced(*context, *writer, messages);
+    done = sent == readings.size();
+    if (done) message.set_next_page_token(next_token);
+    return true;
+  });
 }
 
 }  // namespace medgate::ingest

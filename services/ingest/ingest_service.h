@@ -96,11 +96,22 @@ class IngestService final
   std::unique_ptr<BoundedCounts<std::string>::Slot> TakeReadPlace(const std::string& tenant,
                                                                   grpc::Status& refused);
 
-  // Writes `messages` to a read's client, ending the call DEADLINE_EXCEEDED if the client takes
-  // nothing for reads_.idle_timeout or takes them under reads_.min_bytes_per_second.
-  template <typename Response>
+  // Where a patient of `tenant` lives, and its home shard's pool; NOT_FOUND for a patient of
+  // another tenant or none.
+  struct PatientShard {
+    PatientLocation where;
+    pg::Pool* pool;
+  };
+  absl::StatusOr<PatientShard> PatientOfTenant(const std::string& patient_id,
+                                               const std::string& tenant);
+
+  // Writes to a read's client the messages `next` fills, one at a time until it returns false
+  // (each is built only when the one before it has been taken), ending the call
+  // DEADLINE_EXCEEDED if the client takes nothing for reads_.idle_timeout or takes them under
+  // reads_.min_bytes_per_second.
+  template <typename Response, typename Next>
   grpc::Status SendPaced(grpc::ServerContext& context, grpc::ServerWriter<Response>& writer,
-                         const std::vector<Response>& messages);
+                         Next next);
 
   const ReadBounds reads_;
   BoundedCounts<std::string> reads_per_tenant_;

@@ -738,6 +738,21 @@ TEST_F(CtlTest, ExportsAPatientsVitalsToAFileAndErasesThem) {
   }
   EXPECT_EQ(lines, 6000);
   EXPECT_EQ(of_patient, 6000);
+  // Both pages' audit entries carry the one request id the command made up and printed.
+  const size_t id_at = exported.output.find("request_id: ctl-export-");
+  ASSERT_NE(id_at, std::string::npos) << exported.output;
+  const std::string request_id = exported.output.substr(
+      id_at + 12, exported.output.find('\n', id_at) - id_at - 12);
+  {
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    EXPECT_EQ(q.exec_params1("SELECT count(*) FROM audit_log WHERE request_id = $1 AND "
+                             "object_id = $2 AND reason LIKE 'EXPORTED: observations=%'",
+                             request_id, patient)[0]
+                  .as<int64_t>(),
+              2)
+        << request_id;
+  }
   // No file is left beside it.
   int files = 0;
   for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator(dir)) ++files;

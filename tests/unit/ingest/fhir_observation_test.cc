@@ -2,7 +2,9 @@
 #include "services/ingest/fhir_observation.h"
 
 #include <cmath>
+#include <limits>
 #include <random>
+#include <regex>
 #include <string>
 
 #include <google/protobuf/struct.pb.h>
@@ -77,6 +79,8 @@ TEST(FhirObservationTest, AHeartRateIsAFinalVitalSignsObservationOfItsPatientAnd
   EXPECT_EQ(Text(First(code, "coding"), "system"), "http://loinc.org");
   EXPECT_EQ(Text(First(code, "coding"), "code"), "8867-4");
   EXPECT_EQ(Text(code, "text"), "heart rate");
+  EXPECT_EQ(Text(Object(o, "subject"), "type"), "Patient");
+  EXPECT_EQ(Text(Object(o, "device"), "type"), "Device");
   const Struct& subject = Object(Object(o, "subject"), "identifier");
   EXPECT_EQ(Text(subject, "system"), kFhirPatientSystem);
   EXPECT_EQ(Text(subject, "value"), "pt_3b0c");
@@ -91,6 +95,20 @@ TEST(FhirObservationTest, AHeartRateIsAFinalVitalSignsObservationOfItsPatientAnd
   EXPECT_EQ(Text(device, "system"), "urn:ietf:rfc:3986");
   EXPECT_EQ(Text(device, "value"), kDevice);
   EXPECT_EQ(o.fields().count("extension"), 0u) << "no location, no extension";
+  EXPECT_EQ(Field(code, "coding").list_value().values_size(), 1);
+}
+
+TEST(FhirObservationTest, PulseOximetryAlsoCarriesTheOxygenSaturationCode) {
+  StoredSample s = HeartRate();
+  s.sample.loinc = "59408-5";
+  s.sample.ucum = "%";
+  s.sample.value = 97;
+  const Struct o = Parse(FhirObservationJson(s, "p"));
+  const Value& codings = Field(Object(o, "code"), "coding");
+  ASSERT_EQ(codings.list_value().values_size(), 2);
+  EXPECT_EQ(Text(codings.list_value().values(0).struct_value(), "code"), "59408-5");
+  EXPECT_EQ(Text(codings.list_value().values(1).struct_value(), "code"), "2708-6");
+  EXPECT_EQ(Text(codings.list_value().values(1).struct_value(), "system"), "http://loinc.org");
 }
 
 TEST(FhirObservationTest, BloodGlucoseIsALaboratoryObservation) {
@@ -155,11 +173,56 @@ TEST(FhirObservationTest, RandomValuesReadBackExactly) {
   }
 }
 
+// The JSON numbers of `json`: the values of members that start as a number does.
+std::vector<std::string> Numbers(const std::string& json) {
+  static const std::regex kNumber("\":(-?[0-9][0-9.eE+-]*)");
+  std::vector<std::string> numbers;
+  for (auto it = std::sregex_iterator(json.begin(), json.end(), kNumber);
+       it != std::sregex_iterator(); ++it) {
+    numbers.push_back((*it)[1].str());
+  }
+  return numbers;
+}
+
+// Tiny and huge values too (none is stored, the catalogue's ranges are narrower): plain decimals,
+// no exponent, each reading back exactly.
+TEST(FhirObservationTest, NumbersAreDecimalsWithoutAnExponentWhateverTheirSize) {
+  const double values[] = {std::numeric_limits<double>::denorm_min(),
+                           std::numeric_limits<double>::min(),
+                           1e-7,
+                           0.0001,
+                           -0.0001,
+                           123456789.125,
+                           1e21,
+                           std::numeric_limits<double>::max(),
+                           -std::numeric_limits<double>::max()};
+  for (double value : values) {
+    StoredSample s = HeartRate();
+    s.sample.value = value;
+    s.sample.location = Location{value, -value, std::fabs(value)};
+    const std::string json = FhirObservationJson(s, "p");
+    const Struct o = Parse(json);
+    EXPECT_EQ(Field(Object(o, "valueQuantity"), "value").number_value(), value) << json;
+    const Value& parts = Field(First(o, "extension"), "extension");
+    ASSERT_EQ(parts.list_value().values_size(), 3) << json;
+    EXPECT_EQ(Field(parts.list_value().values(0).struct_value(), "valueDecimal").number_value(),
+              value);
+    EXPECT_EQ(Field(parts.list_value().values(1).struct_value(), "valueDecimal").number_value(),
+              -value);
+    const std::vector<std::string> numbers = Numbers(json);
+    EXPECT_EQ(numbers.size(), 4u) << json;  // value, latitude, longitude, accuracy
+    for (const std::string& number : numbers) {
+      EXPECT_EQ(number.find_first_of("eE"), std::string::npos) << number;
+    }
+  }
+}
+
 TEST(FhirObservationTest, StringsAreEscaped) {
-  EXPECT_EQ(JsonString("a\"b\\c\n\t\x01/é"), "\"a\\\"b\\\\c\\n\\t\\u0001/é\"");
   StoredSample s = HeartRate();
-  s.device_spiffe_id = "spiffe://medgate.test/tenant/acme/device/a\"b\\c";
-  const Struct o = Parse(FhirObservationJson(s, "pt\"1"));
+  s.device_spiffe_id = "spiffe://medgate.test/tenant/acme/device/a\"b\\c\n\t\x01/é";
+  const std::string json = FhirObservationJson(s, "pt\"1");
+  EXPECT_EQ(json.find('\n'), std::string::npos) << "one NDJSON line";
+  const Struct o = Parse(json);
   EXPECT_EQ(Text(Object(Object(o, "device"), "identifier"), "value"), s.device_spiffe_id);
   EXPECT_EQ(Text(Object(Object(o, "subject"), "identifier"), "value"), "pt\"1");
 }
