@@ -569,6 +569,12 @@ class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
   std::optional<grpc::Status> fail_;
 };
 
+// The patient and the reason of a call made at the patient's request (an export, an erasure).
+absl::Status ValidatePatientsRequest(const std::string& patient_id, const std::string& reason) {
+  if (absl::Status id = ValidateIdentifier(patient_id, "patient_id", 128); !id.ok()) return id;
+  return ValidateText(reason, "reason", kMaxEraseReasonBytes);
+}
+
 }  // namespace
 
 IngestService::IngestService(IngestCore& core, RoutingClient& routing,
@@ -892,12 +898,9 @@ grpc::Status IngestService::EraseVitals(grpc::ServerContext* context,
   absl::StatusOr<CallContext> ctx =
       BeginCall(policy_, *context, "EraseVitals", request->request_id());
   if (!ctx.ok()) return ToGrpcStatus(ctx.status());
-  if (absl::Status id = ValidateIdentifier(request->patient_id(), "patient_id", 128); !id.ok()) {
-    return ToGrpcStatus(id);
-  }
-  if (absl::Status why = ValidateText(request->reason(), "reason", kMaxEraseReasonBytes);
-      !why.ok()) {
-    return ToGrpcStatus(why);
+  if (absl::Status valid = ValidatePatientsRequest(request->patient_id(), request->reason());
+      !valid.ok()) {
+    return ToGrpcStatus(valid);
   }
   // An erasure holds a handler thread as a read does, for as long as its deletions take.
   grpc::Status busy;
@@ -952,12 +955,9 @@ grpc::Status IngestService::ExportVitals(grpc::ServerContext* context,
   absl::StatusOr<CallContext> ctx =
       BeginCall(policy_, *context, "ExportVitals", request->request_id());
   if (!ctx.ok()) return ToGrpcStatus(ctx.status());
-  if (absl::Status id = ValidateIdentifier(request->patient_id(), "patient_id", 128); !id.ok()) {
-    return ToGrpcStatus(id);
-  }
-  if (absl::Status why = ValidateText(request->reason(), "reason", kMaxEraseReasonBytes);
-      !why.ok()) {
-    return ToGrpcStatus(why);
+  if (absl::Status valid = ValidatePatientsRequest(request->patient_id(), request->reason());
+      !valid.ok()) {
+    return ToGrpcStatus(valid);
   }
   absl::StatusOr<int> page_size =
       PageSize(request->page_size(), kDefaultExportPage, kMaxReadPage);
