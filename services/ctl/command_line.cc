@@ -135,6 +135,8 @@ const std::vector<Command>& Commands() {
       {"export-vitals", "ingest", {"patient", "reason", "out", "request-id"}, {},
        "  export-vitals   --patient ID --reason TEXT --out PATH   (every stored sample of the\n"
        "                  patient, as FHIR R4 Observations in NDJSON)\n"},
+      {"data-report", "audit", {"patient", "request-id"}, {},
+       "  data-report     --patient ID   (where the patient's data is, and who accessed it)\n"},
       {"verify-chain", "audit", {"log", "start-seq", "end-seq", "anchor-seq", "anchor-hash"}, {},
        "  verify-chain    --log fr-1|control [--start-seq N] [--end-seq N]\n"
        "                  [--anchor-seq N --anchor-hash BASE64]   (an earlier run's last_seq, "

@@ -510,6 +510,13 @@ int Run(int argc, char** argv) {
   }
   if (command == "grant-consent") return GrantConsent(*v1::Consent::NewStub(*channel), flags);
   if (command == "verify-chain") return VerifyChain(*v1::Audit::NewStub(*channel), flags);
+  if (command == "data-report") {
+    v1::PatientDataReportRequest r;
+    r.set_request_id(Get(flags, "request-id"));
+    r.set_patient_id(Get(flags, "patient"));
+    auto audit = v1::Audit::NewStub(*channel);
+    return Call(&v1::Audit::Stub::PatientDataReport, *audit, r);
+  }
   if (service == "sharing") {
     auto sharing = v1::RecordSharing::NewStub(*channel);
     if (command == "upload-record") return UploadRecord(*sharing, flags);

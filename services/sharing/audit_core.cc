@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "libs/common/log.h"
 #include "libs/common/status_macros.h"
@@ -169,23 +170,18 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
   const std::string own_actors = absl::StrCat("spiffe://", ctx.principal.trust_domain, "/tenant/",
                                               ctx.principal.tenant, "/");
   if (!query.patient_id.empty()) {
-    RETURN_IF_ERROR(ValidateIdentifier(query.patient_id, "patient_id", kMaxPatientIdBytes));
-    absl::StatusOr<PatientHome> home = directory_.Resolve(query.patient_id);
-    if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
-    if (!home.ok() || (!ops && home->tenant_id != ctx.principal.tenant)) {
-      return absl::NotFoundError(absl::StrCat("patient '", query.patient_id, "' not found"));
-    }
-    log.region_id = home->region_id;
-    tenant = home->tenant_id;
+    ASSIGN_OR_RETURN(const PatientHome home, HomeOf(ctx, query.patient_id));
+    log.region_id = home.region_id;
+    tenant = home.tenant_id;
     // Ops may read the patient's entries of the control log too, which holds their placement
     // and device assignments. Another region's log holds none, and the read's own entry, which
     // names the patient, would be written there: nothing about a patient is stored outside its
     // home shard (and the directory).
     if (query.log) {
-      if (!query.log->control && query.log->region_id != home->region_id) {
+      if (!query.log->control && query.log->region_id != home.region_id) {
         return absl::InvalidArgumentError(absl::StrCat(
             "log: patient '", query.patient_id, "' has entries only in its home region's log ('",
-            home->region_id, "') and in the control log; ask one of those, or leave log unset"));
+            home.region_id, "') and in the control log; ask one of those, or leave log unset"));
       }
       log = *query.log;
     }
@@ -269,6 +265,125 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
     RETURN_IF_ERROR(audit::Append(txn, e).status());
     return page;
   });
+}
+
+absl::StatusOr<PatientHome> AuditCore::HomeOf(const CallContext& ctx,
+                                              const std::string& patient_id) {
+  RETURN_IF_ERROR(ValidateIdentifier(patient_id, "patient_id", kMaxPatientIdBytes));
+  absl::StatusOr<PatientHome> home = directory_.Resolve(patient_id);
+  if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
+  if (!home.ok() ||
+      (ctx.principal.kind != PrincipalKind::kOps && home->tenant_id != ctx.principal.tenant)) {
+    return absl::NotFoundError(absl::StrCat("patient '", patient_id, "' not found"));
+  }
+  return home;
+}
+
+absl::StatusOr<PatientReport> AuditCore::Report(const CallContext& ctx,
+                                                const std::string& patient_id) {
+  ASSIGN_OR_RETURN(const PatientHome home, HomeOf(ctx, patient_id));
+  PatientReport report;
+  report.home = home;
+  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home.region_id));
+
+  // The other shards first, outside the home shard's transaction, which stays short. They are
+  // only read: an entry naming the patient is written in its home shard alone.
+  for (const std::string& region : shards_.RegionIds()) {
+    if (region == home.region_id) continue;
+    RegionRows& held = report.other_regions.emplace_back();
+    held.region_id = region;
+    absl::StatusOr<pg::Pool*> other = shards_.Get(region);
+    absl::Status asked = other.status();
+    if (asked.ok()) {
+      asked = (*other)->Transact([&](pqxx::work& txn) {
+        held.rows = txn.exec_prepared1(sql::kCountPatientRows, patient_id)[0].as<int64_t>();
+        return absl::OkStatus();
+      });
+    }
+    if (!asked.ok()) {
+      // The cause (hosts, ports) is for ops' logs, not for a tenant's caller.
+      log::Warning("patient_report_region_unavailable",
+                   {{"region", region}, {"error", asked.ToString()}});
+      held.unavailable = absl::StrCat(absl::StatusCodeToString(asked.code()),
+                                      ": the region's shard did not answer; ask again later");
+    }
+  }
+  int64_t held_elsewhere = 0;
+  std::vector<std::string> unavailable;
+  for (const RegionRows& held : report.other_regions) {
+    held_elsewhere += held.rows;
+    if (!held.unavailable.empty()) unavailable.push_back(held.region_id);
+  }
+  if (held_elsewhere > 0) {
+    // Residency broken: a fault ops must hear of, whatever the caller makes of the report.
+    log::Warning("patient_data_outside_home_region",
+                 {{"patient_id", patient_id}, {"home_region", home.region_id},
+                  {"rows", absl::StrCat(held_elsewhere)}});
+  }
+
+  RETURN_IF_ERROR(pool->Transact([&](pqxx::work& txn) -> absl::Status {
+    report.stored.clear();
+    report.accessors.clear();
+    report.accessors_left_out = 0;
+    for (const pqxx::row& row :
+         txn.exec_prepared(sql::kSelectPatientReport, patient_id, kMaxReportedAccessors)) {
+      const std::string kind = row[0].as<std::string>();
+      auto micros = [&](int column) { return row[column].is_null() ? 0 : row[column].as<int64_t>(); };
+      if (kind == "as_of") {
+        report.as_of_us = micros(5);
+      } else if (kind == "accessor") {
+        Accessor& a = report.accessors.emplace_back();
+        a.actor = row[1].as<std::string>();
+        a.reads = row[2].as<int64_t>();
+        a.writes = row[3].as<int64_t>();
+        a.denied = row[4].as<int64_t>();
+        a.first_us = micros(5);
+        a.last_us = micros(6);
+        report.accessors_left_out = row[7].as<int64_t>();  // every actor, for now
+      } else {
+        report.stored.push_back(StoredCount{kind, row[2].as<int64_t>(), micros(5), micros(6)});
+      }
+    }
+    report.accessors_left_out -= static_cast<int64_t>(report.accessors.size());
+    // UNION ALL keeps no order the SQL standard promises: the report's order is set here.
+    std::sort(report.accessors.begin(), report.accessors.end(),
+              [](const Accessor& a, const Accessor& b) {
+                return a.last_us != b.last_us ? a.last_us > b.last_us : a.actor < b.actor;
+              });
+    static constexpr absl::string_view kKinds[] = {"vitals", "records", "share_grants", "consents",
+                                                   "audit_entries"};
+    std::sort(report.stored.begin(), report.stored.end(),
+              [](const StoredCount& a, const StoredCount& b) {
+                auto rank = [](const std::string& kind) {
+                  return std::find(std::begin(kKinds), std::end(kKinds), kind) - std::begin(kKinds);
+                };
+                return rank(a.kind) < rank(b.kind);
+              });
+    // The report is an access to the patient's data trail: audited in the home shard, counts
+    // only (no health values).
+    std::string reason = "PERMITTED:";
+    for (const StoredCount& stored : report.stored) {
+      absl::StrAppend(&reason, " ", stored.kind, "=", stored.count);
+    }
+    absl::StrAppend(&reason, " accessors=", report.accessors.size() + report.accessors_left_out,
+                    " rows_elsewhere=", held_elsewhere);
+    if (!unavailable.empty()) {
+      absl::StrAppend(&reason, " unavailable=", absl::StrJoin(unavailable, ","));
+    }
+    audit::Entry e;
+    e.actor = ctx.principal.spiffe_id;
+    e.tenant = home.tenant_id;
+    e.action = audit::Action::kRead;
+    e.object_type = "patient_report";
+    e.object_id = patient_id;
+    e.patient_id = patient_id;
+    e.decision = audit::Decision::kPermit;
+    e.reason = std::move(reason);
+    e.request_id = ctx.request_id;
+    e.origin = ctx.origin;
+    return audit::Append(txn, e).status();
+  }));
+  return report;
 }
 
 absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const AuditLogRef& log,

@@ -41,6 +41,43 @@ struct AuditPage {
   std::string next_page_token;
 };
 
+// What a shard holds of one kind of a patient's data (Audit.PatientDataReport).
+struct StoredCount {
+  std::string kind;  // "vitals", "records", "share_grants", "consents", "audit_entries"
+  int64_t count = 0;
+  int64_t first_us = 0;  // unset (0) when count is 0
+  int64_t last_us = 0;
+};
+
+// What a shard other than the patient's home holds of them.
+struct RegionRows {
+  std::string region_id;
+  int64_t rows = 0;
+  std::string unavailable;  // why the shard could not be asked; empty when it answered
+};
+
+// One identity's entries about the patient in the home shard's audit log.
+struct Accessor {
+  std::string actor;
+  int64_t reads = 0;   // permitted reads
+  int64_t writes = 0;  // permitted creations, updates, deletions, executions
+  int64_t denied = 0;
+  int64_t first_us = 0;
+  int64_t last_us = 0;
+};
+
+struct PatientReport {
+  PatientHome home;
+  std::vector<StoredCount> stored;
+  std::vector<RegionRows> other_regions;
+  std::vector<Accessor> accessors;  // latest first
+  int64_t accessors_left_out = 0;
+  int64_t as_of_us = 0;
+};
+
+// Accessors one report lists at most.
+inline constexpr int kMaxReportedAccessors = 100;
+
 enum class ChainFault {
   kNone, kHashMismatch, kPrevHashMismatch, kSeqGap, kBadGenesis, kMalformed, kAnchorMismatch,
   kPastHead
@@ -99,6 +136,13 @@ class AuditCore {
   // anchor and the range's start would be trusted unchecked. `cancelled` (the call's, say) stops
   // a long walk with CANCELLED. A walk of a log that kMaxChainWalksPerLog walks are reading
   // already is RESOURCE_EXHAUSTED.
+  // Where a patient's data is and who saw it, for practitioners and apps of the patient's tenant
+  // and ops (NOT_FOUND for another tenant's patient): the home shard's counts and accessors in
+  // one snapshot, read in the transaction that audits the report there; every other region's
+  // shard asked how many rows name the patient (a shard that does not answer is reported so, the
+  // report goes on).
+  absl::StatusOr<PatientReport> Report(const CallContext& ctx, const std::string& patient_id);
+
   absl::StatusOr<ChainReport> Verify(const CallContext& ctx, const AuditLogRef& log,
                                      uint64_t start_seq, uint64_t end_seq,
                                      const ChainAnchor& anchor = {},
@@ -106,6 +150,9 @@ class AuditCore {
 
  private:
   absl::StatusOr<pg::Pool*> PoolOf(const AuditLogRef& log) const;
+  // Where `patient_id` lives: NOT_FOUND for a patient of another tenant than the caller's (ops
+  // excepted), or none.
+  absl::StatusOr<PatientHome> HomeOf(const CallContext& ctx, const std::string& patient_id);
 
   pg::Pool& control_;
   const pg::ShardSet& shards_;

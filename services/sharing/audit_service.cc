@@ -11,6 +11,10 @@ namespace {
 
 using K = PrincipalKind;
 
+// A report reads every kind of the patient's data in the home shard and asks every other shard:
+// it counts as this many calls against its tenant's call rate.
+constexpr double kPatientDataReportCalls = 10;
+
 v1::AuditAction ActionToProto(audit::Action a) {
   switch (a) {
     case audit::Action::kCreate:
@@ -96,13 +100,17 @@ absl::StatusOr<AuditLogRef> LogOf(const v1::AuditLogRef& ref) {
 AuditService::AuditService(AuditCore& core, std::string trust_domain, TenantGate* tenant_gate)
     : core_(core),
       policy_(std::move(trust_domain),
-              {{"QueryAudit", {K::kPractitioner, K::kApp, K::kOps}}, {"VerifyChain", {K::kOps}}}) {
+              {{"QueryAudit", {K::kPractitioner, K::kApp, K::kOps}},
+               {"VerifyChain", {K::kOps}},
+               {"PatientDataReport", {K::kPractitioner, K::kApp, K::kOps},
+                kPatientDataReportCalls}}) {
   policy_.set_tenant_gate(tenant_gate);
 }
 
 absl::StatusOr<CallContext> AuditService::Begin(grpc::ServerContext* context,
-                                                absl::string_view method) {
-  return BeginCall(policy_, *context, method, "");
+                                                absl::string_view method,
+                                                const std::string& request_id) {
+  return BeginCall(policy_, *context, method, request_id);
 }
 
 grpc::Status AuditService::QueryAudit(grpc::ServerContext* context,
@@ -161,6 +169,47 @@ grpc::Status AuditService::VerifyChain(grpc::ServerContext* context,
   response->set_detail(report->detail);
   response->set_last_seq(static_cast<uint64_t>(report->last_seq));
   response->set_last_hash(report->last_hash);
+  return grpc::Status::OK;
+}
+
+grpc::Status AuditService::PatientDataReport(grpc::ServerContext* context,
+                                             const v1::PatientDataReportRequest* request,
+                                             v1::PatientDataReportResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "PatientDataReport", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  absl::StatusOr<PatientReport> report = core_.Report(*ctx, request->patient_id());
+  if (!report.ok()) return ToGrpcStatus(report.status());
+  auto at = [](int64_t us) { return ToProtoTimestamp(absl::FromUnixMicros(us)); };
+  response->set_patient_id(report->home.patient_id);
+  response->set_tenant_id(report->home.tenant_id);
+  response->set_territory(report->home.territory);
+  response->set_home_region_id(report->home.region_id);
+  for (const StoredCount& stored : report->stored) {
+    v1::StoredData* out = response->add_stored();
+    out->set_kind(stored.kind);
+    out->set_count(static_cast<uint64_t>(stored.count));
+    if (stored.count > 0) {
+      *out->mutable_first_at() = at(stored.first_us);
+      *out->mutable_last_at() = at(stored.last_us);
+    }
+  }
+  for (const RegionRows& held : report->other_regions) {
+    v1::RegionHolding* out = response->add_other_regions();
+    out->set_region_id(held.region_id);
+    out->set_rows(static_cast<uint64_t>(held.rows));
+    out->set_unavailable(held.unavailable);
+  }
+  for (const Accessor& a : report->accessors) {
+    v1::DataAccessor* out = response->add_accessors();
+    out->set_actor(a.actor);
+    out->set_reads(static_cast<uint64_t>(a.reads));
+    out->set_writes(static_cast<uint64_t>(a.writes));
+    out->set_denied(static_cast<uint64_t>(a.denied));
+    *out->mutable_first_at() = at(a.first_us);
+    *out->mutable_last_at() = at(a.last_us);
+  }
+  response->set_accessors_left_out(static_cast<uint64_t>(report->accessors_left_out));
+  *response->mutable_as_of() = at(report->as_of_us);
   return grpc::Status::OK;
 }
 

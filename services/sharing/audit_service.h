@@ -19,9 +19,13 @@ class AuditService final : public v1::Audit::Service {
                           v1::QueryAuditResponse* response) override;
   grpc::Status VerifyChain(grpc::ServerContext* context, const v1::VerifyChainRequest* request,
                            v1::VerifyChainResponse* response) override;
+  grpc::Status PatientDataReport(grpc::ServerContext* context,
+                                 const v1::PatientDataReportRequest* request,
+                                 v1::PatientDataReportResponse* response) override;
 
  private:
-  absl::StatusOr<CallContext> Begin(grpc::ServerContext* context, absl::string_view method);
+  absl::StatusOr<CallContext> Begin(grpc::ServerContext* context, absl::string_view method,
+                                    const std::string& request_id = "");
 
   AuditCore& core_;
   RpcPolicy policy_;

@@ -198,6 +198,7 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_sharing medgate_fold_record_usage()",
       "medgate_sharing medgate_lock_tenant_usage()",
       "medgate_sharing medgate_trim_revoked_grants()",
+      "medgate_sharing medgate_vitals_summary()",
       "medgate_sharing chunk_purge_queue SELECT",
       "medgate_sharing chunk_purge_queue DELETE",
       "medgate_sharing record_requests SELECT",
@@ -214,6 +215,7 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "medgate_fold_record_usage() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_queue_chunk_purge() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_trim_revoked_grants() SECURITY DEFINER search_path=public, pg_temp",
+      "medgate_vitals_summary() SECURITY DEFINER search_path=public, pg_temp",
   };
   for (const char* table : {"records", "record_keys"}) {
     for (const char* right : {"SELECT", "INSERT", "DELETE"}) {
@@ -433,6 +435,11 @@ TEST_F(DatabaseRolesTest, AServiceCannotReachAnotherServicesData) {
       {kControl, pg::kSharingRole, "UPDATE tenants SET active = false"},
       {kControl, pg::kSharingRole, "SELECT * FROM devices"},
       {kShard, pg::kSharingRole, "SELECT * FROM vitals"},
+      // A patient's data report counts their samples, through medgate_vitals_summary (shard
+      // migration 0033), which answers a count and two times, never a value.
+      {kShard, pg::kSharingRole, "SELECT * FROM medgate_vitals_summary('p')", "ok"},
+      {kShard, pg::kConsentRole, "SELECT * FROM medgate_vitals_summary('p')"},
+      {kShard, pg::kRoutingRole, "SELECT * FROM medgate_vitals_summary('p')"},
       {kShard, pg::kSharingRole, "DELETE FROM share_grants"},
       {kShard, pg::kSharingRole, "ALTER TABLE records ADD COLUMN x int"},
       {kShard, pg::kSharingRole, "CREATE TABLE scratch (id int)"},

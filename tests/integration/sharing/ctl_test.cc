@@ -758,6 +758,13 @@ TEST_F(CtlTest, ExportsAPatientsVitalsToAFileAndErasesThem) {
   for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator(dir)) ++files;
   EXPECT_EQ(files, 1);
 
+  // Where the patient's data is: the 6,000 samples in fr-1, nothing in the other regions.
+  CtlRun reported = Ctl("app", absl::StrCat("data-report --patient ", patient));
+  ASSERT_EQ(reported.exit_code, 0) << reported.output;
+  EXPECT_THAT(reported.output, HasSubstr("\"home_region_id\": \"fr-1\""));
+  EXPECT_THAT(reported.output, HasSubstr("\"kind\": \"vitals\",\n   \"count\": \"6000\""));
+  EXPECT_THAT(reported.output, HasSubstr("\"region_id\": \"de-1\""));
+
   CtlRun erased = Ctl("app", absl::StrCat("erase-vitals --patient ", patient, " ", why));
   ASSERT_EQ(erased.exit_code, 0) << erased.output;
   EXPECT_THAT(erased.output, HasSubstr("\"erased_count\": \"6000\""));

@@ -1858,6 +1858,198 @@ TEST_F(SharingTest, RandomAuditPagesWhileEntriesArriveMissNoneAndRepeatNone) {
 // is extended only by the owner or its sharer, and becomes the extender's; a grant is revoked by
 // the owner or its sharer, and with it every grant its grantee shared on, and theirs, but not the
 // owner's. Seeded (MEDGATE_FUZZ_SEED and MEDGATE_FUZZ_ROUNDS replay or extend it).
+// "Where is my data and who saw it": the report of a patient's data, from its home shard in one
+// snapshot, every other shard asked, audited in the home shard only.
+TEST_F(SharingTest, APatientsDataReportSaysWhereTheirDataIsAndWhoSawIt) {
+  ConsentedUpload up = ConsentedRecord("data-report-1", Generate(71, 0, 4000));
+  const std::string& patient = up.patient;
+  ASSERT_TRUE(
+      ShareOnceConsented(pki_->practitioner(), up.record, P2(), ServerNow() + absl::Hours(1)).ok());
+  ASSERT_TRUE(Download(Cert("acme-p2"), up.record).status.ok());
+  EXPECT_FALSE(Download(Cert("acme-p3"), up.record).status.ok());  // no grant: refused, audited
+  // Three samples, written in the shard directly (the report reads what is stored, whoever
+  // stored it).
+  const absl::Time first = absl::FromUnixSeconds(1'793'000'000);
+  for (int i = 0; i < 3; ++i) {
+    Exec("fr-1",
+         absl::StrCat("INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, "
+                      "ucum, measured_at) VALUES ('acme', 'dev-report', ", i + 1, ", $1, "
+                      "'8867-4', 70, '/min', to_timestamp(", absl::ToUnixSeconds(first) + 3600 * i,
+                      "))"),
+         patient);
+  }
+  auto report = [&](const TestCert& as, const std::string& patient_id,
+                    int port = 0) -> absl::StatusOr<v1::PatientDataReportResponse> {
+    v1::PatientDataReportRequest request;
+    request.set_patient_id(patient_id);
+    request.set_request_id("data-report-test");
+    v1::PatientDataReportResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    grpc::Status status =
+        v1::Audit::NewStub(Channel(port != 0 ? port : sharing_->audit_port(), as, "audit"))
+            ->PatientDataReport(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  };
+  auto stored = [](const v1::PatientDataReportResponse& r, const std::string& kind) {
+    for (const v1::StoredData& s : r.stored()) {
+      if (s.kind() == kind) return s;
+    }
+    ADD_FAILURE() << "no " << kind;
+    return v1::StoredData();
+  };
+  auto accessor = [](const v1::PatientDataReportResponse& r, const std::string& actor) {
+    for (const v1::DataAccessor& a : r.accessors()) {
+      if (a.actor() == actor) return a;
+    }
+    ADD_FAILURE() << "no accessor " << actor;
+    return v1::DataAccessor();
+  };
+  auto entries = [&](const std::string& region, const std::string& where) {
+    return Count(region, absl::StrCat("SELECT count(*) FROM audit_log WHERE patient_id = $1", where),
+                 patient);
+  };
+
+  const int64_t entries_before = entries("fr-1", "");
+  const int64_t consents = Count("fr-1", "SELECT count(*) FROM consents WHERE patient_id = $1",
+                                 patient);
+  EXPECT_EQ(consents, 2);  // CARE and RECORD_SHARING
+  const absl::Time asked = ServerNow();
+  absl::StatusOr<v1::PatientDataReportResponse> r = report(pki_->app(), patient);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->patient_id(), patient);
+  EXPECT_EQ(r->tenant_id(), "acme");
+  EXPECT_EQ(r->territory(), "FR");
+  EXPECT_EQ(r->home_region_id(), "fr-1");
+  std::vector<std::string> kinds;
+  for (const v1::StoredData& s : r->stored()) kinds.push_back(s.kind());
+  EXPECT_THAT(kinds, ::testing::ElementsAre("vitals", "records", "share_grants", "consents",
+                                            "audit_entries"));
+  const v1::StoredData vitals = stored(*r, "vitals");
+  EXPECT_EQ(vitals.count(), 3u);
+  EXPECT_EQ(FromProtoTimestamp(vitals.first_at()), first);
+  EXPECT_EQ(FromProtoTimestamp(vitals.last_at()), first + absl::Hours(2));
+  EXPECT_EQ(stored(*r, "records").count(), 1u);
+  EXPECT_EQ(stored(*r, "share_grants").count(), 1u);
+  EXPECT_EQ(stored(*r, "consents").count(), static_cast<uint64_t>(consents));
+  EXPECT_EQ(stored(*r, "audit_entries").count(), static_cast<uint64_t>(entries_before));
+  EXPECT_GE(FromProtoTimestamp(r->as_of()), asked - absl::Seconds(5));
+  EXPECT_LE(FromProtoTimestamp(r->as_of()), ServerNow() + absl::Seconds(5));
+  // Every other region, asked, holds nothing of the patient.
+  ASSERT_EQ(r->other_regions_size(), 2);
+  EXPECT_EQ(r->other_regions(0).region_id(), "de-1");
+  EXPECT_EQ(r->other_regions(1).region_id(), "eu-1");
+  for (const v1::RegionHolding& held : r->other_regions()) {
+    EXPECT_EQ(held.rows(), 0u) << held.region_id();
+    EXPECT_EQ(held.unavailable(), "") << held.region_id();
+  }
+  // Who acted: the uploader wrote (upload, share), the grantee read, the practitioner without a
+  // grant was refused; the latest first.
+  EXPECT_GE(accessor(*r, P1()).writes(), 2u);
+  EXPECT_EQ(accessor(*r, P2()).reads(),
+            static_cast<uint64_t>(entries("fr-1", absl::StrCat(" AND actor = '", P2(),
+                                                               "' AND action = 'read' AND "
+                                                               "decision = 'permit'"))));
+  EXPECT_GE(accessor(*r, P2()).reads(), 1u);
+  EXPECT_EQ(accessor(*r, P2()).denied(), 0u);
+  EXPECT_GE(accessor(*r, P3()).denied(), 1u);
+  EXPECT_EQ(accessor(*r, P3()).reads() + accessor(*r, P3()).writes(), 0u);
+  for (int i = 1; i < r->accessors_size(); ++i) {
+    EXPECT_GE(FromProtoTimestamp(r->accessors(i - 1).last_at()),
+              FromProtoTimestamp(r->accessors(i).last_at()));
+  }
+  EXPECT_EQ(r->accessors_left_out(), 0u);
+  const uint64_t app_reads = accessor(*r, Id("/tenant/acme/app/backend")).reads();
+
+  // The report is audited in the home shard, counts only; nothing naming the patient elsewhere.
+  EXPECT_EQ(entries("fr-1", ""), entries_before + 1);
+  EXPECT_EQ(entries("fr-1", absl::StrCat(" AND object_type = 'patient_report' AND action = "
+                                         "'read' AND request_id = 'data-report-test' AND reason "
+                                         "LIKE 'PERMITTED: vitals=3 records=1 share_grants=1 "
+                                         "consents=2 audit_entries=",
+                                         entries_before, " accessors=",
+                                         r->accessors_size(), " rows_elsewhere=0'")),
+            1);
+  EXPECT_EQ(entries("de-1", ""), 0);
+  EXPECT_EQ(entries("eu-1", ""), 0);
+  // The next report counts the first.
+  absl::StatusOr<v1::PatientDataReportResponse> again = report(pki_->practitioner(), patient);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(stored(*again, "audit_entries").count(), static_cast<uint64_t>(entries_before + 1));
+  EXPECT_EQ(accessor(*again, Id("/tenant/acme/app/backend")).reads(), app_reads + 1);
+
+  // The patient's tenant and ops only.
+  EXPECT_EQ(report(pki_->globex_app(), patient).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(report(pki_->globex_practitioner(), patient).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(report(pki_->device(), patient).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE(report(pki_->ops(), patient).ok());
+  EXPECT_EQ(report(pki_->app(), "pt_nobody").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(report(pki_->app(), "").status().code(), absl::StatusCode::kInvalidArgument);
+
+  // A row naming the patient in another region (residency broken) is reported there.
+  Exec("de-1",
+       "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+       "measured_at) VALUES ('acme', 'dev-stray', 1, $1, '8867-4', 70, '/min', now())",
+       patient);
+  r = report(pki_->app(), patient);
+  Exec("de-1", "DELETE FROM vitals WHERE patient_id = $1", patient);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->other_regions(0).region_id(), "de-1");
+  EXPECT_EQ(r->other_regions(0).rows(), 1u);
+  EXPECT_EQ(r->other_regions(1).rows(), 0u);
+  EXPECT_EQ(entries("fr-1", " AND object_type = 'patient_report' AND reason LIKE "
+                            "'% rows_elsewhere=1'"),
+            1);
+
+  // More identities than a report lists: the latest 100, and how many were left out.
+  {
+    pqxx::connection c(ConnInfo("fr-1"));
+    pqxx::work txn(c);
+    for (int i = 0; i < 120; ++i) {
+      audit::Entry e;
+      e.actor = Id(absl::StrCat("/tenant/acme/practitioner/reader-", i));
+      e.tenant = "acme";
+      e.action = audit::Action::kRead;
+      e.object_type = "record";
+      e.object_id = up.record;
+      e.patient_id = patient;
+      e.decision = audit::Decision::kPermit;
+      e.reason = "PERMITTED";
+      e.request_id = "many-readers";
+      ASSERT_TRUE(audit::Append(txn, e).ok());
+    }
+    txn.commit();
+  }
+  const int64_t actors =
+      Count("fr-1", "SELECT count(DISTINCT actor) FROM audit_log WHERE patient_id = $1", patient);
+  r = report(pki_->app(), patient);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->accessors_size(), 100);
+  EXPECT_EQ(r->accessors_left_out(), static_cast<uint64_t>(actors - 100));
+  EXPECT_EQ(r->accessors(0).actor(), Id("/tenant/acme/practitioner/reader-119"));
+
+  // A region that does not answer is reported so; the report goes on.
+  auto proxy = test_support::PgFaultProxy::Start(Db("de-1").port());
+  ASSERT_TRUE(proxy.ok()) << proxy.status();
+  const std::string direct = Db("de-1").ConnectionString();
+  ExtraSharing extra = StartSharingOn(ConfigWith(direct, (*proxy)->Via(direct)));
+  ASSERT_NE(extra.server, nullptr);
+  (*proxy)->Sever();
+  r = report(pki_->app(), patient, extra.server->audit_port());
+  (*proxy)->Restore();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->other_regions(0).region_id(), "de-1");
+  EXPECT_THAT(r->other_regions(0).unavailable(), HasSubstr("UNAVAILABLE"));
+  EXPECT_EQ(r->other_regions(1).unavailable(), "");
+  EXPECT_EQ(entries("fr-1", " AND object_type = 'patient_report' AND reason LIKE "
+                            "'% rows_elsewhere=0 unavailable=de-1'"),
+            1);
+  extra.server->Shutdown();
+}
+
 TEST_F(SharingTest, RandomSharesAndRevocationsAllowExactlyTheActiveGrantees) {
   const uint64_t seed = testing::FuzzSeed();
   const std::string patient = Place(absl::StrCat("random-shares-", seed % 100000), "FR");
