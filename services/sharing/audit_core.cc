@@ -280,16 +280,30 @@ absl::StatusOr<PatientHome> AuditCore::HomeOf(const CallContext& ctx,
 }
 
 absl::StatusOr<PatientReport> AuditCore::Report(const CallContext& ctx,
-                                                const std::string& patient_id) {
+                                                const std::string& patient_id,
+                                                const std::function<bool()>& cancelled) {
   ASSIGN_OR_RETURN(const PatientHome home, HomeOf(ctx, patient_id));
+  // A report holds a home shard connection for as long as its statement runs: a tenant's
+  // reports in progress are bounded (ops' share one place).
+  std::unique_ptr<BoundedCounts<std::string>::Slot> place =
+      reports_.TryTake(ctx.principal.tenant, kMaxReportsPerTenant);
+  if (place == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "a tenant runs at most ", kMaxReportsPerTenant,
+        " data reports at once; retry when one of them has ended"));
+  }
+  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home.region_id));
+  auto gave_up = [&] { return cancelled != nullptr && cancelled(); };
+  const absl::Status cancelled_status =
+      absl::CancelledError("the data report was cancelled; nothing was audited");
+
   PatientReport report;
   report.home = home;
-  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home.region_id));
-
   // The other shards first, outside the home shard's transaction, which stays short. They are
   // only read: an entry naming the patient is written in its home shard alone.
   for (const std::string& region : shards_.RegionIds()) {
     if (region == home.region_id) continue;
+    if (gave_up()) return cancelled_status;
     RegionRows& held = report.other_regions.emplace_back();
     held.region_id = region;
     absl::StatusOr<pg::Pool*> other = shards_.Get(region);
@@ -308,50 +322,62 @@ absl::StatusOr<PatientReport> AuditCore::Report(const CallContext& ctx,
                                       ": the region's shard did not answer; ask again later");
     }
   }
-  int64_t held_elsewhere = 0;
-  std::vector<std::string> unavailable;
+  int64_t rows_elsewhere = 0;
+  std::vector<std::string> unanswered;
   for (const RegionRows& held : report.other_regions) {
-    held_elsewhere += held.rows;
-    if (!held.unavailable.empty()) unavailable.push_back(held.region_id);
+    rows_elsewhere += held.rows;
+    if (!held.unavailable.empty()) unanswered.push_back(held.region_id);
   }
-  if (held_elsewhere > 0) {
-    // Residency broken: a fault ops must hear of, whatever the caller makes of the report.
+  if (rows_elsewhere > 0) {
+    // Residency broken: a fault ops must hear of. The log names the report's request, whose
+    // entry in the home shard names the patient; not the patient.
     log::Warning("patient_data_outside_home_region",
-                 {{"patient_id", patient_id}, {"home_region", home.region_id},
-                  {"rows", absl::StrCat(held_elsewhere)}});
+                 {{"request_id", ctx.request_id}, {"home_region", home.region_id},
+                  {"rows", absl::StrCat(rows_elsewhere)}});
   }
+  if (gave_up()) return cancelled_status;
 
+  static constexpr absl::string_view kKinds[] = {"vitals", "records", "share_grants", "consents",
+                                                 "audit_entries"};
   RETURN_IF_ERROR(pool->Transact([&](pqxx::work& txn) -> absl::Status {
+    // Years of a monitored patient's samples and entries take seconds to count: more than the
+    // pool's bound for a statement, less than this.
+    txn.exec0(absl::StrCat("SET LOCAL statement_timeout = ",
+                           absl::ToInt64Milliseconds(kReportStatementTimeout)));
     report.stored.clear();
     report.accessors.clear();
     report.accessors_left_out = 0;
+    StoredCount entries{"audit_entries"};
     for (const pqxx::row& row :
          txn.exec_prepared(sql::kSelectPatientReport, patient_id, kMaxReportedAccessors)) {
       const std::string kind = row[0].as<std::string>();
-      auto micros = [&](int column) { return row[column].is_null() ? 0 : row[column].as<int64_t>(); };
+      auto number = [&](int column) { return row[column].is_null() ? 0 : row[column].as<int64_t>(); };
       if (kind == "as_of") {
-        report.as_of_us = micros(5);
+        report.as_of_us = number(5);
       } else if (kind == "accessor") {
         Accessor& a = report.accessors.emplace_back();
         a.actor = row[1].as<std::string>();
-        a.reads = row[2].as<int64_t>();
-        a.writes = row[3].as<int64_t>();
-        a.denied = row[4].as<int64_t>();
-        a.first_us = micros(5);
-        a.last_us = micros(6);
-        report.accessors_left_out = row[7].as<int64_t>();  // every actor, for now
+        a.reads = number(2);
+        a.writes = number(3);
+        a.denied = number(4);
+        a.first_us = number(5);
+        a.last_us = number(6);
+        // Of every actor's entries, on each row alike.
+        report.accessors_left_out = number(7);
+        entries.count = number(8);  // a sum: numeric, whole
+        entries.first_us = number(9);
+        entries.last_us = number(10);
       } else {
-        report.stored.push_back(StoredCount{kind, row[2].as<int64_t>(), micros(5), micros(6)});
+        report.stored.push_back(StoredCount{kind, number(2), number(5), number(6)});
       }
     }
     report.accessors_left_out -= static_cast<int64_t>(report.accessors.size());
+    report.stored.push_back(entries);
     // UNION ALL keeps no order the SQL standard promises: the report's order is set here.
     std::sort(report.accessors.begin(), report.accessors.end(),
               [](const Accessor& a, const Accessor& b) {
                 return a.last_us != b.last_us ? a.last_us > b.last_us : a.actor < b.actor;
               });
-    static constexpr absl::string_view kKinds[] = {"vitals", "records", "share_grants", "consents",
-                                                   "audit_entries"};
     std::sort(report.stored.begin(), report.stored.end(),
               [](const StoredCount& a, const StoredCount& b) {
                 auto rank = [](const std::string& kind) {
@@ -366,9 +392,9 @@ absl::StatusOr<PatientReport> AuditCore::Report(const CallContext& ctx,
       absl::StrAppend(&reason, " ", stored.kind, "=", stored.count);
     }
     absl::StrAppend(&reason, " accessors=", report.accessors.size() + report.accessors_left_out,
-                    " rows_elsewhere=", held_elsewhere);
-    if (!unavailable.empty()) {
-      absl::StrAppend(&reason, " unavailable=", absl::StrJoin(unavailable, ","));
+                    " rows_elsewhere=", rows_elsewhere);
+    if (!unanswered.empty()) {
+      absl::StrAppend(&reason, " unanswered=", absl::StrJoin(unanswered, ","));
     }
     audit::Entry e;
     e.actor = ctx.principal.spiffe_id;

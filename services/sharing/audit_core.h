@@ -77,6 +77,11 @@ struct PatientReport {
 
 // Accessors one report lists at most.
 inline constexpr int kMaxReportedAccessors = 100;
+// Reports one tenant (or ops) runs at once: each holds a home shard connection while it counts.
+inline constexpr int kMaxReportsPerTenant = 2;
+// The bound on the report's statement in the home shard (years of a monitored patient's samples
+// and audit entries take seconds to count).
+inline constexpr absl::Duration kReportStatementTimeout = absl::Seconds(30);
 
 enum class ChainFault {
   kNone, kHashMismatch, kPrevHashMismatch, kSeqGap, kBadGenesis, kMalformed, kAnchorMismatch,
@@ -140,8 +145,10 @@ class AuditCore {
   // and ops (NOT_FOUND for another tenant's patient): the home shard's counts and accessors in
   // one snapshot, read in the transaction that audits the report there; every other region's
   // shard asked how many rows name the patient (a shard that does not answer is reported so, the
-  // report goes on).
-  absl::StatusOr<PatientReport> Report(const CallContext& ctx, const std::string& patient_id);
+  // report goes on). At most kMaxReportsPerTenant of a tenant's at once (RESOURCE_EXHAUSTED).
+  // `cancelled` (the call's) stops it before the home shard is read: CANCELLED, nothing audited.
+  absl::StatusOr<PatientReport> Report(const CallContext& ctx, const std::string& patient_id,
+                                       const std::function<bool()>& cancelled = nullptr);
 
   absl::StatusOr<ChainReport> Verify(const CallContext& ctx, const AuditLogRef& log,
                                      uint64_t start_seq, uint64_t end_seq,
@@ -158,7 +165,8 @@ class AuditCore {
   const pg::ShardSet& shards_;
   PatientDirectory& directory_;
   const int64_t max_scanned_;
-  BoundedCounts<std::string> walks_;  // by log name
+  BoundedCounts<std::string> walks_;    // by log name
+  BoundedCounts<std::string> reports_;  // by the caller's tenant ("" for ops)
 };
 
 }  // namespace medgate::sharing

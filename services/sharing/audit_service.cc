@@ -177,7 +177,8 @@ grpc::Status AuditService::PatientDataReport(grpc::ServerContext* context,
                                              v1::PatientDataReportResponse* response) {
   absl::StatusOr<CallContext> ctx = Begin(context, "PatientDataReport", request->request_id());
   if (!ctx.ok()) return ToGrpcStatus(ctx.status());
-  absl::StatusOr<PatientReport> report = core_.Report(*ctx, request->patient_id());
+  absl::StatusOr<PatientReport> report = core_.Report(
+      *ctx, request->patient_id(), [context] { return context->IsCancelled(); });
   if (!report.ok()) return ToGrpcStatus(report.status());
   auto at = [](int64_t us) { return ToProtoTimestamp(absl::FromUnixMicros(us)); };
   response->set_patient_id(report->home.patient_id);
@@ -193,12 +194,21 @@ grpc::Status AuditService::PatientDataReport(grpc::ServerContext* context,
       *out->mutable_last_at() = at(stored.last_us);
     }
   }
+  const bool ops = ctx->principal.kind == PrincipalKind::kOps;
+  uint64_t rows_elsewhere = 0;
+  uint32_t unanswered = 0;
   for (const RegionRows& held : report->other_regions) {
+    rows_elsewhere += static_cast<uint64_t>(held.rows);
+    if (!held.unavailable.empty()) ++unanswered;
+    if (!ops) continue;  // which regions there are, and which answer, is ops' to know
     v1::RegionHolding* out = response->add_other_regions();
     out->set_region_id(held.region_id);
     out->set_rows(static_cast<uint64_t>(held.rows));
     out->set_unavailable(held.unavailable);
   }
+  response->set_other_regions_asked(static_cast<uint32_t>(report->other_regions.size()));
+  response->set_other_regions_unanswered(unanswered);
+  response->set_rows_elsewhere(rows_elsewhere);
   for (const Accessor& a : report->accessors) {
     v1::DataAccessor* out = response->add_accessors();
     out->set_actor(a.actor);

@@ -417,32 +417,33 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "DELETE FROM chunk_purge_queue q WHERE NOT EXISTS "
          "(SELECT 1 FROM record_chunks c WHERE c.record_id = q.record_id)"},
         // A patient's data report from its home shard, one statement so one snapshot: a row per
-        // kind stored (kind, NULL, count, -, -, first, last, -), the snapshot's time ('as_of',
-        // NULL, 0, -, -, time, -, -), and the $2 latest actors of the patient's audit entries
-        // ('accessor', actor, reads, writes, denied, first, last, actors in all). Each part is
-        // found by an index on patient_id; vitals, which this role may not read, through
-        // medgate_vitals_summary (shard migration 0033).
+        // kind stored (kind, NULL, count, -, -, first, last, -, -, -, -), the snapshot's time
+        // ('as_of', NULL, 0, -, -, time, -, ...), and the $2 latest actors of the patient's audit
+        // entries ('accessor', actor, reads, writes, denied, first, last, actors in all, entries
+        // in all, the first entry's time, the last's): the audit log, the longest history, is
+        // read once. Each part is found by an index on patient_id; vitals, which this role may
+        // not read, through medgate_vitals_summary (shard migration 0033).
         {kSelectPatientReport,
          "SELECT 'vitals', NULL::text, v.samples, NULL::bigint, NULL::bigint, v.first_us, "
-         "v.last_us, NULL::bigint FROM medgate_vitals_summary($1) v "
+         "v.last_us, NULL::bigint, NULL::numeric, NULL::bigint, NULL::bigint "
+         "FROM medgate_vitals_summary($1) v "
          "UNION ALL SELECT 'records', NULL, count(*), NULL, NULL, min(" MEDGATE_MICROS(
-             "created_at") "), max(" MEDGATE_MICROS("created_at") "), NULL FROM records "
-         "WHERE patient_id = $1 "
+             "created_at") "), max(" MEDGATE_MICROS("created_at") "), NULL, NULL, NULL, NULL "
+         "FROM records WHERE patient_id = $1 "
          "UNION ALL SELECT 'share_grants', NULL, count(*), NULL, NULL, min(" MEDGATE_MICROS(
-             "g.created_at") "), max(" MEDGATE_MICROS("g.created_at") "), NULL "
+             "g.created_at") "), max(" MEDGATE_MICROS("g.created_at") "), NULL, NULL, NULL, NULL "
          "FROM share_grants g JOIN records r ON r.record_id = g.record_id "
          "WHERE r.patient_id = $1 AND g.revoked_at IS NULL AND g.expires_at > now() "
          "UNION ALL SELECT 'consents', NULL, count(*), NULL, NULL, min(" MEDGATE_MICROS(
-             "created_at") "), max(" MEDGATE_MICROS("created_at") "), NULL FROM consents "
-         "WHERE patient_id = $1 "
-         "UNION ALL SELECT 'audit_entries', NULL, count(*), NULL, NULL, min(at_us), max(at_us), "
-         "NULL FROM audit_log WHERE patient_id = $1 AND patient_id <> '' "
+             "created_at") "), max(" MEDGATE_MICROS("created_at") "), NULL, NULL, NULL, NULL "
+         "FROM consents WHERE patient_id = $1 "
          "UNION ALL SELECT 'as_of', NULL, 0, NULL, NULL, " MEDGATE_MICROS(
-             "statement_timestamp()") ", NULL, NULL "
+             "statement_timestamp()") ", NULL, NULL, NULL, NULL, NULL "
          "UNION ALL (SELECT 'accessor', actor, "
          "count(*) FILTER (WHERE decision = 'permit' AND action = 'read'), "
          "count(*) FILTER (WHERE decision = 'permit' AND action <> 'read'), "
-         "count(*) FILTER (WHERE decision = 'deny'), min(at_us), max(at_us), count(*) OVER () "
+         "count(*) FILTER (WHERE decision = 'deny'), min(at_us), max(at_us), count(*) OVER (), "
+         "sum(count(*)) OVER (), min(min(at_us)) OVER (), max(max(at_us)) OVER () "
          "FROM audit_log WHERE patient_id = $1 AND patient_id <> '' GROUP BY actor "
          "ORDER BY max(at_us) DESC, actor LIMIT $2)"},
         // What a shard that is not the patient's home holds of them: nothing, unless residency
@@ -450,6 +451,8 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kCountPatientRows,
          "SELECT (SELECT samples FROM medgate_vitals_summary($1)) + "
          "(SELECT count(*) FROM records WHERE patient_id = $1) + "
+         "(SELECT count(*) FROM record_keys WHERE patient_id = $1) + "
+         "(SELECT count(*) FROM key_destructions WHERE patient_id = $1) + "
          "(SELECT count(*) FROM consents WHERE patient_id = $1) + "
          "(SELECT count(*) FROM audit_log WHERE patient_id = $1 AND patient_id <> '')"},
     };
