@@ -447,11 +447,13 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "FROM audit_log WHERE patient_id = $1 AND patient_id <> '' GROUP BY actor "
          "ORDER BY max(at_us) DESC, actor LIMIT $2)"},
         // What a shard that is not the patient's home holds of them: nothing, unless residency
-        // was broken.
+        // was broken. key_destructions by shard migration 0034's index.
         {kCountPatientRows,
          "SELECT (SELECT samples FROM medgate_vitals_summary($1)) + "
          "(SELECT count(*) FROM records WHERE patient_id = $1) + "
-         "(SELECT count(*) FROM record_keys WHERE patient_id = $1) + "
+         // Patient keys and record keys, each by its partial index.
+         "(SELECT count(*) FROM record_keys WHERE patient_id = $1 AND record_id IS NULL) + "
+         "(SELECT count(*) FROM record_keys WHERE patient_id = $1 AND record_id IS NOT NULL) + "
          "(SELECT count(*) FROM key_destructions WHERE patient_id = $1) + "
          "(SELECT count(*) FROM consents WHERE patient_id = $1) + "
          "(SELECT count(*) FROM audit_log WHERE patient_id = $1 AND patient_id <> '')"},
