@@ -24,11 +24,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
-#include "openssl/rand.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "libs/common/config.h"
 #include "libs/common/validation.h"
+#include "libs/crypto/aes_gcm.h"
 #include "libs/crypto/sha256.h"
 #include "libs/identity/credentials.h"
 #include "medgate/v1/audit.grpc.pb.h"
@@ -392,11 +392,8 @@ int ExportVitals(v1::DeviceIngest::Stub& stub, const Flags& flags) {
   // One request id for every page, so that the audit entries of one export name it alike.
   request.set_request_id(Get(flags, "request-id"));
   if (request.request_id().empty()) {
-    unsigned char bytes[12];
-    if (RAND_bytes(bytes, sizeof(bytes)) != 1) return Fail("no random bytes for a request id");
-    request.set_request_id(absl::StrCat(
-        "ctl-export-", absl::BytesToHexString(absl::string_view(
-                           reinterpret_cast<const char*>(bytes), sizeof(bytes)))));
+    request.set_request_id(
+        absl::StrCat("ctl-export-", absl::BytesToHexString(crypto::RandomBytes(12))));
   }
   request.set_patient_id(Get(flags, "patient"));
   request.set_reason(Get(flags, "reason"));

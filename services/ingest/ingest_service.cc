@@ -100,29 +100,32 @@ v1::IngestAck ToAck(const BatchResult& r) {
   return ack;
 }
 
+// A sample as a device sent it, or as ReadVitals returns a stored one.
+Sample ToSample(const v1::VitalSample& in) {
+  Sample s;
+  s.seq = in.seq();
+  s.loinc = in.loinc_code();
+  s.value = in.value();
+  s.ucum = in.ucum_unit();
+  if (in.has_measured_at()) {
+    // Out-of-range nanos would otherwise move the sample in time.
+    if (IsValidTimestamp(in.measured_at())) {
+      s.measured_at = FromProtoTimestamp(in.measured_at());
+    } else {
+      s.measured_at_malformed = true;
+    }
+  }
+  if (in.has_location()) {
+    s.location = Location{in.location().latitude(), in.location().longitude(),
+                          in.location().accuracy_m()};
+  }
+  return s;
+}
+
 std::vector<Sample> ToSamples(const v1::VitalsBatch& batch) {
   std::vector<Sample> samples;
   samples.reserve(static_cast<size_t>(batch.samples_size()));
-  for (const v1::VitalSample& in : batch.samples()) {
-    Sample s;
-    s.seq = in.seq();
-    s.loinc = in.loinc_code();
-    s.value = in.value();
-    s.ucum = in.ucum_unit();
-    if (in.has_measured_at()) {
-      // Out-of-range nanos would otherwise move the sample in time.
-      if (IsValidTimestamp(in.measured_at())) {
-        s.measured_at = FromProtoTimestamp(in.measured_at());
-      } else {
-        s.measured_at_malformed = true;
-      }
-    }
-    if (in.has_location()) {
-      s.location = Location{in.location().latitude(), in.location().longitude(),
-                            in.location().accuracy_m()};
-    }
-    samples.push_back(std::move(s));
-  }
+  for (const v1::VitalSample& in : batch.samples()) samples.push_back(ToSample(in));
   return samples;
 }
 
@@ -1017,19 +1020,8 @@ grpc::Status IngestService::ExportVitals(grpc::ServerContext* context,
     if (done) return false;
     for (; sent < readings.size() && message.observation_count() < kReadChunk; ++sent) {
       const v1::VitalReading& r = readings[sent];
-      StoredSample stored;
-      stored.device_spiffe_id = absl::StrCat(device_prefix, r.device_id());
-      stored.sample.seq = r.sample().seq();
-      stored.sample.loinc = r.sample().loinc_code();
-      stored.sample.value = r.sample().value();
-      stored.sample.ucum = r.sample().ucum_unit();
-      stored.sample.measured_at = FromProtoTimestamp(r.sample().measured_at());
-      if (r.sample().has_location()) {
-        stored.sample.location = Location{r.sample().location().latitude(),
-                                          r.sample().location().longitude(),
-                                          r.sample().location().accuracy_m()};
-      }
-      stored.received_at = FromProtoTimestamp(r.received_at());
+      const StoredSample stored{absl::StrCat(device_prefix, r.device_id()), ToSample(r.sample()),
+                                FromProtoTimestamp(r.received_at())};
       absl::StrAppend(message.mutable_ndjson(), FhirObservationJson(stored, where.patient_id),
                       "\n");
       message.set_observation_count(message.observation_count() + 1);

@@ -2376,6 +2376,33 @@ TEST_F(SharingTest, AnUploadCountsOnceAgainstItsTenantsCallRate) {
   extra.server->Shutdown();
 }
 
+// A data report counts as 10 calls against its tenant's rate: with 10 calls a second after a
+// burst of 30, the tenant runs about 3 in a row before one is refused (well before 30, as one
+// call each would allow, unless each report took about a second).
+TEST_F(SharingTest, ADataReportCountsAsTenCallsAgainstItsTenantsCallRate) {
+  ExtraSharing extra = StartSharingOn(
+      ConfigWith("limits: {drain_seconds: 1}",
+                 "limits: {drain_seconds: 1, tenant_calls_per_second: 10, tenant_call_burst: 30}"));
+  ASSERT_NE(extra.server, nullptr);
+  const std::string patient = Place("data-report-rate", "FR");
+  int reported = 0;
+  absl::Status refused;
+  for (int i = 0; i < 50 && refused.ok(); ++i) {
+    absl::StatusOr<v1::PatientDataReportResponse> r =
+        DataReport(pki_->app(), patient, extra.server->audit_port());
+    if (r.ok()) {
+      ++reported;
+    } else {
+      refused = r.status();
+    }
+  }
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("limits.tenant_calls_per_second"));
+  EXPECT_GE(reported, 3);
+  EXPECT_LE(reported, 10) << "each report counted as more than one call";
+  extra.server->Shutdown();
+}
+
 // The consent section's cache bounds (consent.cache.*) are sharing's too: with room for one
 // patient, uploads for two patients keep at most one cached.
 TEST_F(SharingTest, TheConsentCacheHasTheConfiguredBounds) {
