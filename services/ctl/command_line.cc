@@ -22,7 +22,8 @@ constexpr char kUsageHead[] =
   --identity NAME   use the certificate NAME.crt / NAME.key next to the configured CA
                     (the dev PKI has ops, app, practitioner, device and each service)
   --timeout SECONDS give up on the call after this long, 1 to 86400 (default: 10;
-                    300 for upload-record and download-record; 600 for verify-chain)
+                    300 for upload-record, download-record, and each page of
+                    export-vitals and export-records; 600 for verify-chain)
 
 )";
 
@@ -135,6 +136,10 @@ const std::vector<Command>& Commands() {
       {"export-vitals", "ingest", {"patient", "reason", "out", "request-id"}, {},
        "  export-vitals   --patient ID --reason TEXT --out PATH   (every stored sample of the\n"
        "                  patient, as FHIR R4 Observations in NDJSON)\n"},
+      {"export-records", "sharing", {"patient", "reason", "out", "request-id"}, {},
+       "  export-records  --patient ID --reason TEXT --out DIR   (every record of the patient, as\n"
+       "                  FHIR R4 DocumentReferences in DIR/DocumentReference.ndjson, each\n"
+       "                  record's content in DIR/content/RECORD_ID)\n"},
       {"data-report", "audit", {"patient", "request-id"}, {},
        "  data-report     --patient ID   (where the patient's data is, and who accessed it)\n"},
       {"verify-chain", "audit", {"log", "start-seq", "end-seq", "anchor-seq", "anchor-hash"}, {},

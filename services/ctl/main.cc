@@ -1,5 +1,8 @@
 // medgate-ctl: a command-line client for operators and developers, over the same mTLS as any client.
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -14,7 +17,9 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <google/protobuf/util/json_util.h>
@@ -382,6 +387,14 @@ int DownloadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   return Print(status, header);
 }
 
+// One request id for every page of an export, so that the audit entries of one export name it
+// alike: --request-id, or one made up (and printed at the end).
+std::string ExportRequestId(const Flags& flags) {
+  std::string id = Get(flags, "request-id");
+  if (id.empty()) id = absl::StrCat("ctl-export-", absl::BytesToHexString(crypto::RandomBytes(12)));
+  return id;
+}
+
 // A patient's vitals as FHIR R4 Observations, one JSON resource a line, to --out (OutFile), page
 // after page: the file appears once the last page arrived.
 int ExportVitals(v1::DeviceIngest::Stub& stub, const Flags& flags) {
@@ -389,12 +402,7 @@ int ExportVitals(v1::DeviceIngest::Stub& stub, const Flags& flags) {
   OutFile out;
   if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
   v1::ExportVitalsRequest request;
-  // One request id for every page, so that the audit entries of one export name it alike.
-  request.set_request_id(Get(flags, "request-id"));
-  if (request.request_id().empty()) {
-    request.set_request_id(
-        absl::StrCat("ctl-export-", absl::BytesToHexString(crypto::RandomBytes(12))));
-  }
+  request.set_request_id(ExportRequestId(flags));
   request.set_patient_id(Get(flags, "patient"));
   request.set_reason(Get(flags, "reason"));
   uint64_t observations = 0;
@@ -431,6 +439,243 @@ int ExportVitals(v1::DeviceIngest::Stub& stub, const Flags& flags) {
       "request_id: %s\n",
       static_cast<unsigned long long>(observations), static_cast<unsigned long long>(pages),
       out_path.c_str(), request.request_id().c_str());
+  return 0;
+}
+
+// An export's files go to the directory --out only once all of them arrived and were checked:
+// they are written into a directory only its owner may read, beside --out, renamed to --out when
+// the command succeeded, and removed otherwise, also when a signal (Ctrl-C, a stop) ends the
+// process first: a thread of its own takes those signals, blocked in every other thread.
+class OutDir {
+ public:
+  OutDir() = default;
+  OutDir(const OutDir&) = delete;
+  OutDir& operator=(const OutDir&) = delete;
+
+  // Before any other thread starts (they inherit the blocked signals).
+  static void BlockStopSignals() {
+    sigset_t stops = StopSignals();
+    pthread_sigmask(SIG_BLOCK, &stops, nullptr);
+  }
+
+  // An error message when --out cannot be made.
+  std::string Open(const std::string& out_path) {
+    out_path_ = out_path;
+    if (out_path.empty()) return "--out: the directory to write the export to is required";
+    std::error_code error;
+    if (std::filesystem::exists(out_path, error) || error) {
+      return "--out: '" + out_path + "' exists; name a directory that does not";
+    }
+    std::string tmp_path = out_path + ".partial-XXXXXX";
+    if (mkdtemp(tmp_path.data()) == nullptr) {  // created 0700
+      return absl::StrCat("--out: cannot write beside '", out_path, "': ", std::strerror(errno));
+    }
+    {
+      std::lock_guard<std::mutex> lock(g_out_dir_mu);
+      tmp_path_ = std::move(tmp_path);  // only a directory this created is removed
+      g_out_dir_partial = tmp_path_;
+    }
+    std::thread([] {
+      sigset_t stops = StopSignals();
+      int signal = 0;
+      sigwait(&stops, &signal);
+      std::lock_guard<std::mutex> lock(g_out_dir_mu);
+      std::error_code ignored;
+      if (!g_out_dir_partial.empty()) std::filesystem::remove_all(g_out_dir_partial, ignored);
+      _exit(128 + signal);
+    }).detach();
+    if (mkdir((tmp_path_ + "/content").c_str(), 0700) != 0) return Failed("content");
+    return "";
+  }
+  ~OutDir() {
+    if (fd_ >= 0) close(fd_);
+    std::lock_guard<std::mutex> lock(g_out_dir_mu);
+    std::error_code ignored;
+    if (!tmp_path_.empty()) std::filesystem::remove_all(tmp_path_, ignored);
+    g_out_dir_partial.clear();
+  }
+
+  // Starts the file `name` (a path inside the directory), ending the one before: false once a
+  // write failed (Commit says why).
+  bool Start(const std::string& name) {
+    if (!EndFile()) return false;
+    file_ = name;
+    fd_ = open((tmp_path_ + "/" + name).c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd_ < 0) Failed(name);
+    return fd_ >= 0;
+  }
+  // Appends to the file started last.
+  bool Write(absl::string_view data) {
+    while (problem_.empty() && !data.empty()) {
+      const ssize_t n = write(fd_, data.data(), data.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        if (n == 0) errno = ENOSPC;
+        Failed(file_);
+        break;
+      }
+      data.remove_prefix(static_cast<size_t>(n));
+    }
+    return problem_.empty();
+  }
+  // Why a write failed; empty while none did.
+  const std::string& problem() const { return problem_; }
+  // Ends the last file and renames the directory to --out: an error message when it could not.
+  std::string Commit() {
+    EndFile();
+    if (!problem_.empty()) return problem_;
+    std::lock_guard<std::mutex> lock(g_out_dir_mu);
+    if (std::rename(tmp_path_.c_str(), out_path_.c_str()) != 0) {
+      return absl::StrCat("--out: cannot rename '", tmp_path_, "' to '", out_path_, "': ",
+                          std::strerror(errno));
+    }
+    g_out_dir_partial.clear();  // a signal from now on leaves --out in place
+    tmp_path_.clear();
+    return "";
+  }
+
+ private:
+  static sigset_t StopSignals() {
+    sigset_t stops;
+    sigemptyset(&stops);
+    sigaddset(&stops, SIGINT);
+    sigaddset(&stops, SIGTERM);
+    sigaddset(&stops, SIGHUP);
+    return stops;
+  }
+  std::string Failed(const std::string& name) {
+    if (problem_.empty()) {
+      problem_ = absl::StrCat("--out: writing '", tmp_path_, "/", name, "' failed: ",
+                              std::strerror(errno));
+    }
+    return problem_;
+  }
+  // Flushes the file started last to disk.
+  bool EndFile() {
+    if (fd_ >= 0) {
+      if (problem_.empty() && fsync(fd_) != 0) Failed(file_);
+      close(fd_);
+      fd_ = -1;
+    }
+    return problem_.empty();
+  }
+
+  static inline std::mutex g_out_dir_mu;
+  static inline std::string g_out_dir_partial;  // what the signal thread removes
+  std::string out_path_;
+  std::string tmp_path_;
+  std::string file_;
+  std::string problem_;
+  int fd_ = -1;
+};
+
+// Whether `id` may name a file in an export's content directory.
+bool SafeFileName(const std::string& id) {
+  return !id.empty() && id != "." && id != ".." && id.size() <= 255 &&
+         std::all_of(id.begin(), id.end(), [](char c) {
+           return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' ||
+                  c == '_';
+         });
+}
+
+// A patient's records to --out (OutDir): DocumentReference.ndjson, one FHIR R4 DocumentReference a
+// line, and each record's content in content/<record_id>, checked against the size and SHA-256
+// its record announced, page after page.
+int ExportRecords(v1::RecordSharing::Stub& stub, const Flags& flags) {
+  const std::string out_path = Get(flags, "out");
+  OutDir out;
+  if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
+  v1::ExportPatientRecordsRequest request;
+  request.set_request_id(ExportRequestId(flags));
+  request.set_patient_id(Get(flags, "patient"));
+  request.set_reason(Get(flags, "reason"));
+  std::string index;  // DocumentReference.ndjson, written last
+  uint64_t records = 0;
+  uint64_t bytes = 0;
+  uint64_t pages = 0;
+  std::string broken;  // the stream breaks the protocol: first break seen
+  do {
+    grpc::ClientContext context;
+    context.set_deadline(Deadline(std::chrono::seconds(300)));
+    auto reader = stub.ExportPatientRecords(&context, request);
+    v1::ExportPatientRecordsResponse message;
+    v1::ExportedRecord current;
+    bool in_record = false;
+    crypto::Sha256 hasher;
+    uint64_t received = 0;
+    auto end_record = [&] {
+      if (!in_record) return;
+      in_record = false;
+      if (received != current.size_bytes()) {
+        broken = absl::StrCat(received, " bytes arrived, its size_bytes is ", current.size_bytes());
+      } else if (hasher.Finish() != current.sha256()) {
+        broken = "its content does not match its sha256";
+      } else {
+        ++records;
+        bytes += received;
+        index += current.document_reference();
+      }
+      if (!broken.empty()) broken = absl::StrCat("record '", current.record_id(), "': ", broken);
+    };
+    bool ended = false;
+    std::string next_token;
+    while (broken.empty() && !ended && reader->Read(&message)) {
+      if (message.has_record()) {
+        end_record();
+        if (!broken.empty()) break;
+        current = message.record();
+        if (!SafeFileName(current.record_id())) {
+          broken = "a record id that cannot name a file arrived";
+          break;
+        }
+        in_record = true;  // the hasher started over at the record before's end
+        received = 0;
+        if (!out.Start("content/" + current.record_id())) break;
+      } else if (message.has_content()) {
+        if (!in_record) {
+          broken = "content arrived before its record";
+          break;
+        }
+        received += message.content().size();
+        if (received > current.size_bytes()) {
+          broken = absl::StrCat("record '", current.record_id(),
+                                "': more than its size_bytes arrived");
+          break;
+        }
+        hasher.Update(message.content());
+        if (!out.Write(message.content())) break;
+      } else if (message.has_page_end()) {
+        end_record();
+        ended = true;
+        next_token = message.page_end().next_page_token();
+      }
+    }
+    // Stopped reading before the stream's end: nothing more is wanted from it.
+    if (!broken.empty() || !out.problem().empty()) context.TryCancel();
+    const grpc::Status status = reader->Finish();
+    if (!broken.empty()) {
+      return Fail(absl::StrCat(broken, "; nothing was written to '", out_path, "'"));
+    }
+    if (!out.problem().empty()) return Fail(out.problem());
+    if (!status.ok()) {
+      return Fail(absl::StrCat(StatusText(status), " (after ", records, " records in ", pages,
+                               " pages); nothing was written to '", out_path, "'"));
+    }
+    if (!ended) {
+      return Fail(absl::StrCat("the export's page ended without its page_end; nothing was written "
+                               "to '", out_path, "'"));
+    }
+    ++pages;
+    request.set_page_token(next_token);
+  } while (!request.page_token().empty());
+  if (!out.Start("DocumentReference.ndjson") || !out.Write(index)) return Fail(out.problem());
+  if (std::string problem = out.Commit(); !problem.empty()) return Fail(problem);
+  std::printf(
+      "records: %llu\nbytes: %llu\npages: %llu\ndirectory: %s\n"
+      "format: FHIR R4 DocumentReference, NDJSON, content in content/<record_id>\n"
+      "request_id: %s\n",
+      static_cast<unsigned long long>(records), static_cast<unsigned long long>(bytes),
+      static_cast<unsigned long long>(pages), out_path.c_str(), request.request_id().c_str());
   return 0;
 }
 
@@ -488,6 +733,7 @@ int Run(int argc, char** argv) {
   }
   g_timeout = std::chrono::seconds(line->timeout_seconds);
   const std::string command(line->command->name);
+  if (command == "export-records") OutDir::BlockStopSignals();  // before gRPC starts its threads
   const std::string service(line->command->service);
   const Flags& flags = line->flags;
   MedgateConfig config = LoadConfigOrExit(line->config_path);
@@ -518,6 +764,7 @@ int Run(int argc, char** argv) {
     auto sharing = v1::RecordSharing::NewStub(*channel);
     if (command == "upload-record") return UploadRecord(*sharing, flags);
     if (command == "download-record") return DownloadRecord(*sharing, flags);
+    if (command == "export-records") return ExportRecords(*sharing, flags);
     if (command == "erase-record") {
       v1::EraseRecordRequest r;
       r.set_request_id(Get(flags, "request-id"));

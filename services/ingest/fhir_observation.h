@@ -10,10 +10,8 @@
 
 namespace medgate::ingest {
 
-// Identifier systems of the exported resources. The patient is named by its pseudonym (no
-// Patient resource is exported: medgate holds no name, birth date or other identity of a
-// patient); a sample by its device's SPIFFE id and seq, which are unique in storage.
-inline constexpr char kFhirPatientSystem[] = "urn:medgate:patient";
+// Identifier system of the exported samples: a sample is named by its device's SPIFFE id and seq,
+// which are unique in storage (the patient by its pseudonym, fhir::kPatientSystem).
 inline constexpr char kFhirSampleSystem[] = "urn:medgate:vital-sample";
 // Where the sample was measured: an extension of ours (FHIR R4 has no element for it, and its
 // geolocation extension is for addresses), with sub-extensions latitude and longitude

@@ -314,7 +314,8 @@ std::string PageToken(const RecordInfo& last) {
       absl::StrCat(absl::ToUnixMicros(last.created_at), "/", last.record_id));
 }
 
-absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::string& token) {
+absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(
+    const std::string& token, absl::string_view method = "ListRecords") {
   if (token.empty()) return std::make_pair(absl::InfiniteFuture(), std::string());
   std::string decoded;
   int64_t micros = 0;
@@ -325,7 +326,8 @@ absl::StatusOr<std::pair<absl::Time, std::string>> ParsePageToken(const std::str
       return std::make_pair(absl::FromUnixMicros(micros), parts[1]);
     }
   }
-  return absl::InvalidArgumentError("page_token: not a token from an earlier ListRecords response");
+  return absl::InvalidArgumentError(
+      absl::StrCat("page_token: not a token from an earlier ", method, " response"));
 }
 
 // --- PgUpload ---------------------------------------------------------------------------------
@@ -1911,8 +1913,72 @@ absl::Status SharingCore::AuditListing(const CallContext& ctx, ListScope scope,
 
 absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
     const CallContext& ctx, const std::string& record_id, const std::string& break_glass_reason) {
+  return OpenRecord(ctx, record_id, break_glass_reason, nullptr);
+}
+
+absl::StatusOr<ExportListing> SharingCore::ListForExport(const CallContext& ctx,
+                                                         const std::string& patient_id,
+                                                         const std::string& reason, int limit,
+                                                         const std::string& page_token) {
+  RETURN_IF_ERROR(ValidateIdentifier(patient_id, "patient_id", kMaxIdBytes));
+  RETURN_IF_ERROR(ValidateText(reason, "reason", kMaxReasonBytes));
+  if (limit < 1) return absl::InvalidArgumentError("page_size: must be positive");
+  ASSIGN_OR_RETURN(auto after, ParsePageToken(page_token, "ExportPatientRecords"));
+  if (ctx.principal.kind != PrincipalKind::kApp) {
+    return absl::PermissionDeniedError("a patient's records are exported by an app of its tenant");
+  }
+  absl::StatusOr<PatientHome> home = directory_.Resolve(patient_id);
+  if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
+  if (!home.ok() || home->tenant_id != ctx.principal.tenant) {
+    return absl::NotFoundError(absl::StrCat("patient '", patient_id, "' not found"));
+  }
+  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home->region_id));
+  return pool->TransactValue<ExportListing>(
+      [&](pqxx::work& txn) -> absl::StatusOr<ExportListing> {
+        const pqxx::result rows =
+            txn.exec_prepared(sql::kListPatientForExport, patient_id, PgTime(after.first),
+                              after.second, limit + 1);
+        ExportListing listing;
+        for (const pqxx::row& row : rows) {
+          if (listing.record_ids.size() == static_cast<size_t>(limit)) {
+            RecordInfo last;
+            last.record_id = listing.record_ids.back();
+            last.created_at = TimeOf(rows[limit - 1][1]);
+            listing.next_page_token = PageToken(last);
+            break;
+          }
+          listing.record_ids.push_back(row[0].c_str());
+        }
+        // Which records the patient has is the patient's data: the listing is audited with the
+        // reason, even when it finds none.
+        const std::string head = absl::StrCat("EXPORT_LISTED: count=", listing.record_ids.size(), "; ");
+        RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kRead, "record_list",
+                                                         patient_id, home->tenant_id, patient_id,
+                                                         absl::StrCat(head, Utf8Prefix(
+                                                             reason, kMaxReasonDetailBytes -
+                                                                         head.size()))))
+                            .status());
+        return listing;
+      });
+}
+
+absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenExport(const CallContext& ctx,
+                                                                  const std::string& patient_id,
+                                                                  const std::string& record_id,
+                                                                  const std::string& reason) {
+  RETURN_IF_ERROR(ValidateText(reason, "reason", kMaxReasonBytes));
+  if (ctx.principal.kind != PrincipalKind::kApp) {
+    return absl::PermissionDeniedError("a patient's records are exported by an app of its tenant");
+  }
+  const ExportOf export_of{patient_id, reason};
+  return OpenRecord(ctx, record_id, "", &export_of);
+}
+
+absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenRecord(
+    const CallContext& ctx, const std::string& record_id, const std::string& break_glass_reason,
+    const ExportOf* export_of) {
   RETURN_IF_ERROR(ValidateIdentifier(record_id, "record_id", kMaxIdBytes));
-  const bool ops = ctx.principal.kind == PrincipalKind::kOps;
+  const bool ops = ctx.principal.kind == PrincipalKind::kOps && export_of == nullptr;
   // A break-glass request its caller may not make is refused once the record is read, so that the
   // refusal is audited with it (unless the record is not the caller's to know of).
   // An ops read with a reason too short to justify it is refused and audited as one without;
@@ -1977,7 +2043,16 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
         const std::string bytes = absl::StrCat("bytes=", record.size_bytes);
         std::vector<RecordInfo> one = {record};
         std::string grantee;  // the caller, when it reads under a grant
-        if (ops) {
+        if (export_of != nullptr) {
+          // An app of the patient's tenant, for the patient's request: no consent is asked.
+          if (record.tenant_id != ctx.principal.tenant ||
+              record.patient_id != export_of->patient_id) {
+            return RecordNotFound(record_id);
+          }
+          const std::string head = absl::StrCat("EXPORTED: ", bytes, "; ");
+          entry.reason = absl::StrCat(
+              head, Utf8Prefix(export_of->reason, kMaxReasonDetailBytes - head.size()));
+        } else if (ops) {
           // The ops reason may take the whole detail by itself: its end gives way to the size.
           const std::string head = absl::StrCat(bytes, " reason=");
           entry.reason =

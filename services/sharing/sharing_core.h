@@ -136,6 +136,12 @@ struct ListResult {
   std::string next_page_token;
 };
 
+// One call's page of a patient export: its records' ids, newest first.
+struct ExportListing {
+  std::vector<std::string> record_ids;
+  std::string next_page_token;  // empty when no record is left
+};
+
 struct PatientErasure {
   uint64_t erased_count = 0;
   absl::Time erased_at;
@@ -265,6 +271,20 @@ class SharingCore {
   absl::StatusOr<std::unique_ptr<Download>> OpenDownload(const CallContext& ctx,
                                                          const std::string& record_id,
                                                          const std::string& break_glass_reason);
+  // A patient export (GDPR art. 20), by an app of the patient's tenant for the patient's request
+  // (NOT_FOUND for a patient its tenant does not have): the ids of the patient's records, newest
+  // first after `page_token`, at most `limit`, the listing audited in the home shard
+  // ("EXPORT_LISTED: count=N" and `reason`).
+  absl::StatusOr<ExportListing> ListForExport(const CallContext& ctx,
+                                              const std::string& patient_id,
+                                              const std::string& reason, int limit,
+                                              const std::string& page_token);
+  // One record of that listing, opened and audited as OpenDownload does ("EXPORTED: bytes=N" and
+  // `reason`); NOT_FOUND once erased, or when it is not the patient's.
+  absl::StatusOr<std::unique_ptr<Download>> OpenExport(const CallContext& ctx,
+                                                       const std::string& patient_id,
+                                                       const std::string& record_id,
+                                                       const std::string& reason);
   absl::StatusOr<RecordInfo> ArchiveRecord(const CallContext& ctx, const std::string& record_id,
                                            absl::Time retain_until);
   absl::StatusOr<absl::Time> EraseRecord(const CallContext& ctx, const std::string& record_id,
@@ -338,6 +358,16 @@ class SharingCore {
                                                               const consent::AccessDecision& care);
 
  private:
+  // What an export reads a record for (OpenExport).
+  struct ExportOf {
+    const std::string& patient_id;
+    const std::string& reason;
+  };
+  // OpenDownload, or OpenExport when `export_of` is set.
+  absl::StatusOr<std::unique_ptr<Download>> OpenRecord(const CallContext& ctx,
+                                                       const std::string& record_id,
+                                                       const std::string& break_glass_reason,
+                                                       const ExportOf* export_of);
   // Appends a read entry per patient of `listed` to its home shard's chain.
   absl::Status AuditListing(const CallContext& ctx, ListScope scope,
                             const std::vector<RecordInfo>& listed);

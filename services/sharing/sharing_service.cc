@@ -19,11 +19,19 @@
 #include "libs/common/status_macros.h"
 #include "libs/server/rpc_util.h"
 #include "libs/server/transfer_pace.h"
+#include "services/sharing/fhir_document_reference.h"
 
 namespace medgate::sharing {
 namespace {
 
 using K = PrincipalKind;
+
+// An export reads every record of a patient: it counts as this many calls against its tenant's
+// call rate.
+constexpr double kExportCalls = 10;
+// Records per ExportPatientRecords call: by default, and at most.
+constexpr int kDefaultExportRecords = 20;
+constexpr int kMaxExportRecords = 100;
 
 void ToProto(const GrantInfo& g, v1::ShareGrant* out) {
   out->set_grant_id(g.grant_id);
@@ -51,6 +59,57 @@ void ToProto(const RecordInfo& r, v1::Record* out) {
   if (r.retain_until) *out->mutable_retain_until() = ToProtoTimestamp(*r.retain_until);
   for (const GrantInfo& g : r.grants) ToProto(g, out->add_grants());
 }
+
+// A server stream that sends health data: each message blocks until the transport takes it, so a
+// slow reader slows the transfer. A client that takes nothing for
+// sharing.download_idle_timeout_seconds, or takes it under download_min_bytes_per_second, is not
+// let keep the thread and the download place the call holds. Only the time spent waiting for the
+// client counts: the service's own (the shard, opening chunks) does not.
+template <typename Message>
+class PacedWriter {
+ public:
+  PacedWriter(SharingCore& core, StallWatch& watch, grpc::ServerContext& context,
+              grpc::ServerWriter<Message>* writer, const char* method)
+      : writer_(writer),
+        method_(method),
+        stall_(watch, context),
+        pace_(stall_, "download", core.download_idle_timeout(),
+              core.download_min_bytes_per_second(), "sharing.download_min_bytes_per_second",
+              "download again") {}
+
+  // `bytes`: the content `message` carries, which the pace counts.
+  grpc::Status Write(const Message& message, size_t bytes) {
+    stall_.Blocked();
+    const bool written = writer_->Write(message);
+    stall_.Unblocked();
+    if (!written) {
+      if (stall_.fired()) {
+        log::Warning("download_idle_timeout", {{"method", method_}});
+        return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "download stalled");
+      }
+      return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+    }
+    pace_.Moved(bytes);
+    return grpc::Status::OK;
+  }
+  // Sends `download`'s chunks, each in `message` as `data` (a field of it), asking before each
+  // whether the client keeps the pace: a transfer whose last chunk was taken has ended well.
+  grpc::Status SendContent(Download& download, Message& message, std::string* data) {
+    while (true) {
+      absl::StatusOr<bool> more = download.Next(data);
+      if (!more.ok()) return ToGrpcStatus(more.status());
+      if (!*more) return grpc::Status::OK;
+      if (grpc::Status slow = pace_.Check(); !slow.ok()) return slow;
+      if (grpc::Status s = Write(message, data->size()); !s.ok()) return s;
+    }
+  }
+
+ private:
+  grpc::ServerWriter<Message>* const writer_;
+  const char* const method_;
+  StallWatch::Call stall_;
+  TransferPace pace_;
+};
 
 absl::StatusOr<RecordKind> KindOf(v1::RecordKind kind, absl::string_view field, bool required) {
   switch (kind) {
@@ -91,7 +150,8 @@ SharingService::SharingService(SharingCore& core, std::string trust_domain,
                                         {"DownloadRecord", {K::kPractitioner, K::kOps}},
                                         {"ArchiveRecord", {K::kPractitioner}},
                                         {"EraseRecord", {K::kPractitioner, K::kApp}},
-                                        {"ErasePatientRecords", {K::kApp}}}) {
+                                        {"ErasePatientRecords", {K::kApp}},
+                                        {"ExportPatientRecords", {K::kApp}, kExportCalls}}) {
   policy_.set_tenant_gate(tenant_gate);
 }
 
@@ -280,43 +340,55 @@ grpc::Status SharingService::DownloadRecord(
   absl::StatusOr<std::unique_ptr<Download>> download =
       core_.OpenDownload(*ctx, request->record_id(), request->break_glass_reason());
   if (!download.ok()) return ToGrpcStatus(download.status());
-  // A download holds a thread and one of its tenant's download places: a client that stops
-  // reading, or reads too slowly, is not let keep them (sharing.download_idle_timeout_seconds and
-  // download_min_bytes_per_second). Only the time spent waiting for the client counts: the
-  // service's own (the shard, opening chunks) does not.
-  StallWatch::Call stall(download_watch_, *context);
-  TransferPace pace(stall, "download", core_.download_idle_timeout(),
-                    core_.download_min_bytes_per_second(), "sharing.download_min_bytes_per_second",
-                    "download again");
-  // Blocks until the transport takes the message: a slow reader slows the download.
-  auto write = [&](const v1::DownloadRecordResponse& m) -> grpc::Status {
-    stall.Blocked();
-    const bool written = writer->Write(m);
-    stall.Unblocked();
-    if (!written) {
-      if (stall.fired()) {
-        log::Warning("download_idle_timeout", {{"method", "DownloadRecord"}});
-        return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "download stalled");
-      }
-      return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
-    }
-    pace.Moved(m.chunk().data().size());
-    return grpc::Status::OK;
-  };
+  PacedWriter<v1::DownloadRecordResponse> out(core_, download_watch_, *context, writer,
+                                              "DownloadRecord");
   v1::DownloadRecordResponse message;
   ToProto((*download)->record(), message.mutable_header());
-  if (grpc::Status s = write(message); !s.ok()) return s;
+  if (grpc::Status s = out.Write(message, 0); !s.ok()) return s;
   message.Clear();
-  std::string* data = message.mutable_chunk()->mutable_data();
-  while (true) {
-    absl::StatusOr<bool> more = (*download)->Next(data);
-    if (!more.ok()) return ToGrpcStatus(more.status());
-    if (!*more) break;
-    // Asked before each chunk: a download whose last chunk was taken has ended well.
-    if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
-    if (grpc::Status s = write(message); !s.ok()) return s;
+  return out.SendContent(**download, message, message.mutable_chunk()->mutable_data());
+}
+
+grpc::Status SharingService::ExportPatientRecords(
+    grpc::ServerContext* context, const v1::ExportPatientRecordsRequest* request,
+    grpc::ServerWriter<v1::ExportPatientRecordsResponse>* writer) {
+  absl::StatusOr<CallContext> ctx =
+      Begin(context, "ExportPatientRecords", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  absl::StatusOr<int> page_size = PageSize(request->page_size(), kDefaultExportRecords,
+                                           kMaxExportRecords);
+  if (!page_size.ok()) return ToGrpcStatus(page_size.status());
+  absl::StatusOr<ExportListing> listing = core_.ListForExport(
+      *ctx, request->patient_id(), request->reason(), *page_size, request->page_token());
+  if (!listing.ok()) return ToGrpcStatus(listing.status());
+  PacedWriter<v1::ExportPatientRecordsResponse> out(core_, download_watch_, *context, writer,
+                                                    "ExportPatientRecords");
+  v1::ExportPatientRecordsResponse message;
+  uint32_t sent = 0;
+  for (const std::string& record_id : listing->record_ids) {
+    absl::StatusOr<std::unique_ptr<Download>> download =
+        core_.OpenExport(*ctx, request->patient_id(), record_id, request->reason());
+    // Erased since the listing: no longer the patient's data to export.
+    if (download.status().code() == absl::StatusCode::kNotFound) continue;
+    if (!download.ok()) return ToGrpcStatus(download.status());
+    const RecordInfo& record = (*download)->record();
+    message.Clear();
+    v1::ExportedRecord* header = message.mutable_record();
+    header->set_record_id(record.record_id);
+    header->set_document_reference(absl::StrCat(FhirDocumentReferenceJson(record), "\n"));
+    header->set_size_bytes(record.size_bytes);
+    header->set_sha256(record.sha256);
+    if (grpc::Status s = out.Write(message, 0); !s.ok()) return s;
+    message.Clear();
+    if (grpc::Status s = out.SendContent(**download, message, message.mutable_content()); !s.ok()) {
+      return s;
+    }
+    ++sent;
   }
-  return grpc::Status::OK;
+  message.Clear();
+  message.mutable_page_end()->set_record_count(sent);
+  message.mutable_page_end()->set_next_page_token(listing->next_page_token);
+  return out.Write(message, 0);
 }
 
 grpc::Status SharingService::ArchiveRecord(grpc::ServerContext* context,

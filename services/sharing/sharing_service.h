@@ -45,6 +45,9 @@ class SharingService final : public v1::RecordSharing::Service {
   grpc::Status ErasePatientRecords(grpc::ServerContext* context,
                                    const v1::ErasePatientRecordsRequest* request,
                                    v1::ErasePatientRecordsResponse* response) override;
+  grpc::Status ExportPatientRecords(
+      grpc::ServerContext* context, const v1::ExportPatientRecordsRequest* request,
+      grpc::ServerWriter<v1::ExportPatientRecordsResponse>* writer) override;
 
  private:
   absl::StatusOr<CallContext> Begin(grpc::ServerContext* context, absl::string_view method,

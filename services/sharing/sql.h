@@ -107,6 +107,7 @@ inline constexpr char kRevokeSharedOnward[] = "revoke_shared_onward";
 inline constexpr char kListOwned[] = "list_owned";
 inline constexpr char kListShared[] = "list_shared";
 inline constexpr char kListPatient[] = "list_patient";
+inline constexpr char kListPatientForExport[] = "list_patient_for_export";
 inline constexpr char kArchiveRecord[] = "archive_record";
 inline constexpr char kDeleteRecordKey[] = "delete_record_key";
 inline constexpr char kDeleteRecord[] = "delete_record";
@@ -318,6 +319,12 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "AND (r.owner = $7 OR EXISTS (SELECT 1 FROM share_grants g WHERE g.record_id = "
          "r.record_id AND g.grantee = $7 AND g.revoked_at IS NULL "
          "AND g.expires_at > $8::timestamptz))" MEDGATE_LIST_FILTERS},
+        // A patient export's page: the ids of the patient $1's records older than ($2, $3), newest
+        // first, at most $4 (records_patient's order).
+        {kListPatientForExport,
+         "SELECT record_id, " MEDGATE_MICROS("created_at") " FROM records WHERE patient_id = $1 "
+         "AND (created_at, record_id) < ($2::timestamptz, $3::text) "
+         "ORDER BY created_at DESC, record_id DESC LIMIT $4"},
         {kArchiveRecord,
          "UPDATE records SET state = 'archived', retain_until = $2::timestamptz "
          "WHERE record_id = $1"},

@@ -27,6 +27,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "libs/crypto/sha256.h"
 #include "libs/server/service_server.h"
 #include "medgate/v1/audit.grpc.pb.h"
@@ -287,6 +288,25 @@ class ScriptedSharing final : public v1::RecordSharing::Service {
     return grpc::Status::OK;
   }
 
+  void ScriptExport(std::vector<v1::ExportPatientRecordsResponse> messages) {
+    std::lock_guard<std::mutex> lock(mu_);
+    export_messages_ = std::move(messages);
+  }
+
+  grpc::Status ExportPatientRecords(
+      grpc::ServerContext*, const v1::ExportPatientRecordsRequest*,
+      grpc::ServerWriter<v1::ExportPatientRecordsResponse>* writer) override {
+    std::vector<v1::ExportPatientRecordsResponse> messages;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      messages = export_messages_;
+    }
+    for (const v1::ExportPatientRecordsResponse& message : messages) {
+      if (!writer->Write(message)) break;
+    }
+    return grpc::Status::OK;
+  }
+
   grpc::Status UploadRecord(grpc::ServerContext* context,
                             grpc::ServerReader<v1::UploadRecordRequest>* reader,
                             v1::UploadRecordResponse* response) override {
@@ -311,6 +331,7 @@ class ScriptedSharing final : public v1::RecordSharing::Service {
 
   std::mutex mu_;
   std::vector<v1::DownloadRecordResponse> messages_;
+  std::vector<v1::ExportPatientRecordsResponse> export_messages_;
   bool stall_ = false;
 };
 
@@ -399,6 +420,96 @@ TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
   EXPECT_EQ(stalled.output.find("error:", 1), std::string::npos) << stalled.output;
   EXPECT_FALSE(std::filesystem::exists(dir + "/stalled.bin"));
   EXPECT_EQ(CountFiles(dir, "stalled.bin.partial"), 0);
+  server.Shutdown();
+  std::filesystem::remove_all(dir);
+}
+
+// medgate-ctl checks every record of an export against the size and SHA-256 it was announced
+// with, the stream's shape, and that its id can name a file in the export's directory, and makes
+// --out only when all of it holds.
+TEST_F(CtlTest, AnExportThatDoesNotMatchItsRecordsLeavesNoDirectory) {
+  ScriptedSharing scripted;
+  ServiceServer server(stack_->config(), "sharing");
+  const std::string config =
+      ServeInPlace({{"sharing", &server, &scripted}}, "ctl-scripted-export.yaml");
+  ASSERT_FALSE(config.empty());
+  const std::string dir = stack_->dir() + "/ctl-scripted-export";
+  std::filesystem::create_directories(dir);
+  const std::string content(300'000, 'y');
+  auto record = [](const std::string& id, uint64_t size, const std::string& sha256) {
+    v1::ExportPatientRecordsResponse m;
+    m.mutable_record()->set_record_id(id);
+    m.mutable_record()->set_document_reference("{\"resourceType\":\"DocumentReference\"}\n");
+    m.mutable_record()->set_size_bytes(size);
+    m.mutable_record()->set_sha256(sha256);
+    return m;
+  };
+  auto chunk = [](absl::string_view data) {
+    v1::ExportPatientRecordsResponse m;
+    m.set_content(std::string(data));
+    return m;
+  };
+  auto end = [](uint32_t count) {
+    v1::ExportPatientRecordsResponse m;
+    m.mutable_page_end()->set_record_count(count);
+    return m;
+  };
+  const std::string sha = crypto::Sha256::Of(content);
+  const absl::string_view first = absl::string_view(content).substr(0, 100'000);
+  const absl::string_view rest = absl::string_view(content).substr(100'000);
+  auto run = [&](const std::string& out) {
+    return test_support::RunShell(absl::StrCat(
+        MEDGATE_CTL_BINARY, " --config ", config, " --identity app export-records --patient "
+        "fr-1.p-scripted --reason 'the patient asked' --out ", dir, "/", out, " 2>&1"));
+  };
+
+  scripted.ScriptExport({record("fr-1.r-1", content.size(), sha), chunk(first), chunk(rest),
+                         record("fr-1.r-2", 5, crypto::Sha256::Of("abcde")), chunk("abcde"),
+                         end(2)});
+  CtlRun whole = run("whole");
+  ASSERT_EQ(whole.exit_code, 0) << whole.output;
+  EXPECT_THAT(whole.output, HasSubstr("records: 2\nbytes: 300005\npages: 1\n"));
+  EXPECT_EQ(ReadFile(dir + "/whole/content/fr-1.r-1"), content);
+  EXPECT_EQ(ReadFile(dir + "/whole/content/fr-1.r-2"), "abcde");
+  EXPECT_EQ(ReadFile(dir + "/whole/DocumentReference.ndjson"),
+            "{\"resourceType\":\"DocumentReference\"}\n{\"resourceType\":\"DocumentReference\"}\n");
+
+  const struct {
+    const char* name;
+    std::vector<v1::ExportPatientRecordsResponse> messages;
+    const char* says;
+  } kBroken[] = {
+      {"other-content",
+       {record("fr-1.r-1", content.size(), crypto::Sha256::Of("other")), chunk(first),
+        chunk(rest), end(1)},
+       "record 'fr-1.r-1': its content does not match its sha256"},
+      {"short", {record("fr-1.r-1", content.size() + 1, sha), chunk(first), chunk(rest), end(1)},
+       "record 'fr-1.r-1': 300000 bytes arrived, its size_bytes is 300001"},
+      {"short-before-the-next",
+       {record("fr-1.r-1", content.size() + 1, sha), chunk(first), chunk(rest),
+        record("fr-1.r-2", 5, crypto::Sha256::Of("abcde")), chunk("abcde"), end(2)},
+       "record 'fr-1.r-1': 300000 bytes arrived, its size_bytes is 300001"},
+      {"long", {record("fr-1.r-1", content.size() - 1, sha), chunk(first), chunk(rest), end(1)},
+       "record 'fr-1.r-1': more than its size_bytes arrived"},
+      {"headless", {chunk(first), end(1)}, "content arrived before its record"},
+      {"no-end", {record("fr-1.r-1", content.size(), sha), chunk(first), chunk(rest)},
+       "the export's page ended without its page_end"},
+      {"escaping-id", {record("../escaped", content.size(), sha), chunk(first), chunk(rest),
+                       end(1)},
+       "a record id that cannot name a file arrived"},
+  };
+  for (const auto& broken : kBroken) {
+    SCOPED_TRACE(broken.name);
+    scripted.ScriptExport(broken.messages);
+    CtlRun r = run(broken.name);
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_THAT(r.output, HasSubstr(broken.says));
+    EXPECT_THAT(r.output, HasSubstr("nothing was written"));
+    EXPECT_FALSE(std::filesystem::exists(dir + "/" + broken.name));
+    EXPECT_EQ(CountFiles(dir, absl::StrCat(broken.name, ".partial")), 0);
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir + "/escaped"));
+  EXPECT_FALSE(std::filesystem::exists(stack_->dir() + "/escaped"));
   server.Shutdown();
   std::filesystem::remove_all(dir);
 }
@@ -777,6 +888,91 @@ TEST_F(CtlTest, ExportsAPatientsVitalsToAFileAndErasesThem) {
   ASSERT_EQ(empty.exit_code, 0) << empty.output;
   EXPECT_THAT(empty.output, HasSubstr("observations: 0\npages: 1\n"));
   EXPECT_EQ(std::filesystem::file_size(out), 0u);
+}
+
+TEST_F(CtlTest, ExportsAPatientsRecordsToADirectory) {
+  const std::string patient = PlaceWithCare("ctl-export-records");
+  ASSERT_FALSE(patient.empty());
+  const std::string dir = stack_->dir() + "/ctl-export-records";
+  std::filesystem::create_directories(dir);
+  std::string summary = "Discharge summary\n";
+  for (int i = 0; summary.size() < 1'200'000; ++i) absl::StrAppend(&summary, "line ", i, "\n");
+  std::ofstream(dir + "/summary.txt", std::ios::binary) << summary;
+  std::ofstream(dir + "/note.txt", std::ios::binary) << "a short note";
+  std::vector<std::string> records;
+  for (const char* file : {"summary.txt", "note.txt"}) {
+    CtlRun uploaded = Ctl("practitioner", absl::StrCat("upload-record --patient ", patient,
+                                                       " --content-type text/plain --file ", dir,
+                                                       "/", file));
+    ASSERT_EQ(uploaded.exit_code, 0) << uploaded.output;
+    records.push_back(Field(uploaded.output, "record_id"));
+  }
+  const std::string out = dir + "/export";
+  const std::string why = "--reason 'the patient asked for a copy (ticket 78)'";
+
+  CtlRun practitioner = Ctl("practitioner", absl::StrCat("export-records --patient ", patient,
+                                                         " ", why, " --out ", out));
+  EXPECT_EQ(practitioner.exit_code, 1) << practitioner.output;
+  EXPECT_THAT(practitioner.output, HasSubstr("PERMISSION_DENIED"));
+  EXPECT_THAT(practitioner.output, HasSubstr("nothing was written"));
+  EXPECT_FALSE(std::filesystem::exists(out));
+
+  CtlRun exported =
+      Ctl("app", absl::StrCat("export-records --patient ", patient, " ", why, " --out ", out));
+  ASSERT_EQ(exported.exit_code, 0) << exported.output;
+  EXPECT_THAT(exported.output,
+              HasSubstr(absl::StrCat("records: 2\nbytes: ", summary.size() + 12, "\npages: 1\n")));
+  EXPECT_EQ(ReadFile(out + "/content/" + records[0]), summary);
+  EXPECT_EQ(ReadFile(out + "/content/" + records[1]), "a short note");
+  // Newest first, a line each, naming the content beside it.
+  const std::vector<std::string> lines =
+      absl::StrSplit(ReadFile(out + "/DocumentReference.ndjson"), '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_THAT(lines[0], HasSubstr(absl::StrCat("\"url\":\"content/", records[1], "\"")));
+  EXPECT_THAT(lines[1], HasSubstr(absl::StrCat("\"url\":\"content/", records[0], "\"")));
+  EXPECT_THAT(lines[1], HasSubstr("\"title\":\"summary.txt\""));
+  // Health data: only its owner may enter the directory or read the files.
+  EXPECT_EQ(std::filesystem::status(out).permissions() & std::filesystem::perms::all,
+            std::filesystem::perms::owner_all);
+  EXPECT_EQ(std::filesystem::status(out + "/content/" + records[0]).permissions() &
+                std::filesystem::perms::all,
+            std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  // Each record's audit entry carries the request id the command made up and printed.
+  const size_t id_at = exported.output.find("request_id: ctl-export-");
+  ASSERT_NE(id_at, std::string::npos) << exported.output;
+  const std::string request_id = exported.output.substr(
+      id_at + 12, exported.output.find('\n', id_at) - id_at - 12);
+  {
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    EXPECT_EQ(q.exec_params1("SELECT count(*) FROM audit_log WHERE request_id = $1 AND "
+                             "patient_id = $2 AND reason LIKE 'EXPORTED: bytes=%'",
+                             request_id, patient)[0]
+                  .as<int64_t>(),
+              2)
+        << request_id;
+  }
+  // --out must not exist: an export never writes into a directory already there.
+  CtlRun again =
+      Ctl("app", absl::StrCat("export-records --patient ", patient, " ", why, " --out ", out));
+  EXPECT_EQ(again.exit_code, 1) << again.output;
+  EXPECT_THAT(again.output, HasSubstr("exists; name a directory that does not"));
+
+  // A record damaged in the shard: DATA_LOSS, and no directory, not even in part.
+  pqxx::connection shard(stack_->clusters().region("fr-1").ConnectionString());
+  pqxx::nontransaction n(shard);
+  const std::string flip =
+      "UPDATE record_chunks SET ciphertext = set_byte(ciphertext, 10, "
+      "get_byte(ciphertext, 10) # 1) WHERE record_id = $1 AND chunk_index = 1";
+  n.exec_params0(flip, records[0]);
+  CtlRun damaged = Ctl("app", absl::StrCat("export-records --patient ", patient, " ", why,
+                                           " --out ", dir, "/damaged"));
+  n.exec_params0(flip, records[0]);  // flipped back
+  EXPECT_EQ(damaged.exit_code, 1) << damaged.output;
+  EXPECT_THAT(damaged.output, HasSubstr("DATA_LOSS"));
+  EXPECT_THAT(damaged.output, HasSubstr(records[0]));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/damaged"));
+  EXPECT_EQ(CountFiles(dir, "damaged.partial"), 0);
 }
 
 TEST_F(CtlTest, RefusesACommandLineItCannotReadBeforeAnythingIsSent) {

@@ -3,6 +3,8 @@
 // revocation and expiry, residency of reads, tenant isolation, tampering, break-glass, archive,
 // erasure by crypto-shredding, quotas, and the Audit service.
 #include <gmock/gmock.h>
+#include <google/protobuf/struct.pb.h>
+#include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <sys/types.h>
@@ -745,6 +747,53 @@ class SharingTest : public ::testing::Test {
             ->PatientDataReport(&context, request, &response);
     if (!status.ok()) return FromGrpcStatus(status);
     return response;
+  }
+
+  // One ExportPatientRecords call: what it sent, record by record.
+  struct Exported {
+    grpc::Status status;
+    std::vector<v1::ExportedRecord> records;
+    std::map<std::string, std::string> contents;  // by record id
+    int largest_content_message = 0;
+    bool page_end = false;
+    v1::ExportPageEnd end;
+  };
+  static Exported Export(const TestCert& as, const std::string& patient_id,
+                         const std::string& reason, int page_size = 0,
+                         const std::string& page_token = "",
+                         const std::string& request_id = "export-test") {
+    v1::ExportPatientRecordsRequest request;
+    request.set_request_id(request_id);
+    request.set_patient_id(patient_id);
+    request.set_reason(reason);
+    request.set_page_size(page_size);
+    request.set_page_token(page_token);
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    auto stub = Stub(as);
+    std::unique_ptr<grpc::ClientReader<v1::ExportPatientRecordsResponse>> reader(
+        stub->ExportPatientRecords(&context, request));
+    Exported out;
+    v1::ExportPatientRecordsResponse message;
+    while (reader->Read(&message)) {
+      EXPECT_FALSE(out.page_end) << "a message after the page end";
+      if (message.has_record()) {
+        out.records.push_back(message.record());
+        out.contents[message.record().record_id()];
+      } else if (message.has_content()) {
+        EXPECT_FALSE(out.records.empty()) << "content before its record";
+        if (out.records.empty()) continue;
+        out.contents[out.records.back().record_id()] += message.content();
+        out.largest_content_message =
+            std::max(out.largest_content_message, static_cast<int>(message.content().size()));
+      } else {
+        EXPECT_TRUE(message.has_page_end());
+        out.page_end = true;
+        out.end = message.page_end();
+      }
+    }
+    out.status = reader->Finish();
+    return out;
   }
 
   static absl::StatusOr<v1::QueryAuditResponse> QueryAudit(const TestCert& as,
@@ -1871,6 +1920,194 @@ TEST_F(SharingTest, RandomAuditPagesWhileEntriesArriveMissNoneAndRepeatNone) {
 
 // "Where is my data and who saw it": the report of a patient's data, from its home shard in one
 // snapshot, every other shard asked, audited in the home shard only.
+// GDPR art. 20 for records: an app of the patient's tenant exports every record of the patient,
+// archived ones too, newest first, each as a FHIR R4 DocumentReference followed by its content,
+// page by page; every record and every listing audited with the request's reason and id.
+TEST_F(SharingTest, AnAppExportsEveryRecordOfThePatientWithItsDocumentReference) {
+  const std::string patient = Place("export-records-1", "FR");
+  const std::string other_patient = Place("export-records-2", "FR");
+  UploadSpec letter;
+  letter.patient_id = patient;
+  letter.content = Generate(61, 0, 5000);
+  letter.file_name = "lettre de sortie.pdf";
+  UploadSpec scan = letter;
+  scan.content = Generate(62, 0, 2 * kMiB + 700);  // three chunks
+  scan.kind = v1::RECORD_KIND_IMAGING;
+  scan.content_type = "application/dicom";
+  scan.file_name = "thorax.dcm";
+  UploadSpec report = letter;
+  report.content = Generate(63, 0, 900);
+  report.kind = v1::RECORD_KIND_REPORT;
+  report.file_name = "bilan.pdf";
+  const std::string letter_id = UploadOk(pki_->practitioner(), letter);
+  const std::string scan_id = UploadOk(Cert("acme-p2"), scan);
+  const std::string report_id = UploadOk(pki_->practitioner(), report);
+  const absl::Time retain_until = absl::FromUnixSeconds(absl::ToUnixSeconds(ServerNow())) +
+                                  absl::Hours(24 * 365);
+  ASSERT_TRUE(Archive(pki_->practitioner(), report_id, retain_until).ok());
+  UploadSpec not_theirs = letter;
+  not_theirs.patient_id = other_patient;
+  const std::string other_id = UploadOk(pki_->practitioner(), not_theirs);
+  const std::string reason = "the patient asked for a copy (ticket 4242)";
+
+  // Two pages of at most two records, newest first.
+  Exported first = Export(pki_->app(), patient, reason, 2);
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+  ASSERT_TRUE(first.page_end);
+  EXPECT_EQ(first.end.record_count(), 2u);
+  ASSERT_FALSE(first.end.next_page_token().empty());
+  Exported second = Export(pki_->app(), patient, reason, 2, first.end.next_page_token());
+  ASSERT_TRUE(second.status.ok()) << second.status.error_message();
+  ASSERT_TRUE(second.page_end);
+  EXPECT_EQ(second.end.record_count(), 1u);
+  EXPECT_TRUE(second.end.next_page_token().empty());
+  std::vector<v1::ExportedRecord> records = first.records;
+  records.insert(records.end(), second.records.begin(), second.records.end());
+  std::vector<std::string> ids;
+  for (const v1::ExportedRecord& r : records) ids.push_back(r.record_id());
+  EXPECT_EQ(ids, (std::vector<std::string>{report_id, scan_id, letter_id}));
+  std::map<std::string, std::string> contents = first.contents;
+  contents.insert(second.contents.begin(), second.contents.end());
+  EXPECT_EQ(contents[letter_id], letter.content);
+  EXPECT_EQ(contents[scan_id], scan.content);
+  EXPECT_EQ(contents[report_id], report.content);
+  EXPECT_EQ(contents.count(other_id), 0u);
+  EXPECT_LE(first.largest_content_message, static_cast<int>(kMiB));
+
+  const std::map<std::string, const UploadSpec*> specs = {
+      {letter_id, &letter}, {scan_id, &scan}, {report_id, &report}};
+  for (const v1::ExportedRecord& r : records) {
+    const UploadSpec& spec = *specs.at(r.record_id());
+    EXPECT_EQ(r.size_bytes(), spec.content.size());
+    EXPECT_EQ(r.sha256(), crypto::Sha256::Of(spec.content));
+    // One line of JSON, a FHIR R4 DocumentReference.
+    const std::string& line = r.document_reference();
+    ASSERT_FALSE(line.empty());
+    EXPECT_EQ(line.back(), '\n');
+    EXPECT_EQ(line.find('\n'), line.size() - 1);
+    google::protobuf::Struct json;
+    ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(line, &json).ok()) << line;
+    const auto& f = json.fields();
+    EXPECT_EQ(f.at("resourceType").string_value(), "DocumentReference");
+    EXPECT_EQ(f.at("status").string_value(), "current");
+    const auto& identifier = f.at("identifier").list_value().values(0).struct_value().fields();
+    EXPECT_EQ(identifier.at("system").string_value(), "urn:medgate:record");
+    EXPECT_EQ(identifier.at("value").string_value(), r.record_id());
+    const auto& subject = f.at("subject").struct_value().fields();
+    EXPECT_EQ(subject.at("type").string_value(), "Patient");
+    EXPECT_EQ(subject.at("identifier").struct_value().fields().at("value").string_value(), patient);
+    const auto& author =
+        f.at("author").list_value().values(0).struct_value().fields().at("identifier");
+    EXPECT_EQ(author.struct_value().fields().at("value").string_value(),
+              r.record_id() == scan_id ? Id("/tenant/acme/practitioner/p-2")
+                                       : P1());
+    const auto& category = f.at("category").list_value().values(0).struct_value().fields().at(
+        "coding").list_value().values(0).struct_value().fields();
+    EXPECT_EQ(category.at("code").string_value(),
+              spec.kind == v1::RECORD_KIND_IMAGING  ? "imaging"
+              : spec.kind == v1::RECORD_KIND_REPORT ? "report"
+                                                    : "document");
+    const auto& attachment = f.at("content").list_value().values(0).struct_value().fields().at(
+        "attachment").struct_value().fields();
+    EXPECT_EQ(attachment.at("contentType").string_value(), spec.content_type);
+    EXPECT_EQ(attachment.at("title").string_value(), spec.file_name);
+    EXPECT_EQ(attachment.at("size").number_value(), static_cast<double>(spec.content.size()));
+    EXPECT_EQ(attachment.at("url").string_value(), "content/" + r.record_id());
+    std::map<std::string, std::string> extensions;
+    for (const auto& e : f.at("extension").list_value().values()) {
+      const auto& ef = e.struct_value().fields();
+      extensions[ef.at("url").string_value()] =
+          ef.contains("valueBase64Binary") ? ef.at("valueBase64Binary").string_value()
+                                           : ef.at("valueInstant").string_value();
+    }
+    EXPECT_EQ(extensions["urn:medgate:fhir:content-sha256"], absl::Base64Escape(r.sha256()));
+    if (r.record_id() == report_id) {
+      EXPECT_EQ(extensions["urn:medgate:fhir:retain-until"],
+                absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", retain_until, absl::UTCTimeZone()));
+    } else {
+      EXPECT_EQ(extensions.count("urn:medgate:fhir:retain-until"), 0u);
+    }
+  }
+
+  // Audited in the patient's home shard: each record as a read before its bytes left, each call's
+  // listing, all with the reason and the request id; nothing of the other patient.
+  const std::string app = Id("/tenant/acme/app/backend");
+  auto entries = [&](const std::string& object_type, const std::string& like) {
+    pqxx::connection c(Db("fr-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    pqxx::row row = q.exec_params1(
+        "SELECT string_agg(object_id || ' ' || reason, ',' ORDER BY seq) FROM audit_log "
+        "WHERE actor = $1 AND patient_id IN ($2, $3) AND object_type = $4 AND reason LIKE $5 "
+        "AND request_id = 'export-test' AND action = 'read' AND decision = 'permit'",
+        app, patient, other_patient, object_type, like);
+    return row[0].is_null() ? std::string() : row[0].as<std::string>();
+  };
+  EXPECT_EQ(entries("record", "EXPORTED:%"),
+            absl::StrCat(report_id, " EXPORTED: bytes=900; ", reason, ",", scan_id,
+                         " EXPORTED: bytes=", scan.content.size(), "; ", reason, ",", letter_id,
+                         " EXPORTED: bytes=5000; ", reason));
+  EXPECT_EQ(entries("record_list", "EXPORT_LISTED:%"),
+            absl::StrCat(patient, " EXPORT_LISTED: count=2; ", reason, ",", patient,
+                         " EXPORT_LISTED: count=1; ", reason));
+  EXPECT_EQ(Count("de-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1", patient), 0);
+
+  // A patient without records: an empty page, audited all the same.
+  const std::string none = Place("export-records-none", "FR");
+  Exported empty = Export(pki_->app(), none, reason);
+  ASSERT_TRUE(empty.status.ok()) << empty.status.error_message();
+  ASSERT_TRUE(empty.page_end);
+  EXPECT_EQ(empty.end.record_count(), 0u);
+  EXPECT_TRUE(empty.records.empty());
+  EXPECT_EQ(Count("fr-1",
+                  "SELECT count(*) FROM audit_log WHERE patient_id = $1 AND "
+                  "reason LIKE 'EXPORT_LISTED: count=0; %'",
+                  none),
+            1);
+
+  // Only an app of the patient's tenant, with a reason; nothing sent otherwise.
+  struct Refused {
+    const TestCert* as;
+    std::string reason;
+    std::string token;
+    grpc::StatusCode code;
+    std::string message;
+  };
+  const std::vector<Refused> refused = {
+      {&pki_->practitioner(), reason, "", grpc::StatusCode::PERMISSION_DENIED,
+       "practitioner identity may not call ExportPatientRecords"},
+      {&pki_->device(), reason, "", grpc::StatusCode::PERMISSION_DENIED, "may not call"},
+      {&pki_->ops(), reason, "", grpc::StatusCode::PERMISSION_DENIED, "may not call"},
+      {&pki_->globex_app(), reason, "", grpc::StatusCode::NOT_FOUND, "not found"},
+      {&pki_->app(), "", "", grpc::StatusCode::INVALID_ARGUMENT, "reason"},
+      {&pki_->app(), reason, "not-a-token", grpc::StatusCode::INVALID_ARGUMENT,
+       "not a token from an earlier ExportPatientRecords response"},
+  };
+  for (const Refused& r : refused) {
+    Exported e = Export(*r.as, patient, r.reason, 0, r.token);
+    EXPECT_EQ(e.status.error_code(), r.code) << r.as->cert_path << ": " << e.status.error_message();
+    EXPECT_THAT(e.status.error_message(), HasSubstr(r.message));
+    EXPECT_TRUE(e.records.empty());
+  }
+
+  // A damaged record ends the export with DATA_LOSS naming it.
+  const std::string flip =
+      "UPDATE record_chunks SET ciphertext = set_byte(ciphertext, 100, "
+      "get_byte(ciphertext, 100) # 1) WHERE record_id = $1 AND chunk_index = 2";
+  Exec("fr-1", flip, scan_id);
+  Exported damaged = Export(pki_->app(), patient, reason);
+  EXPECT_EQ(damaged.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_THAT(damaged.status.error_message(), HasSubstr(scan_id));
+  EXPECT_FALSE(damaged.page_end);
+  Exec("fr-1", flip, scan_id);  // flipped back
+  // An erased record is no longer the patient's to export.
+  ASSERT_TRUE(Erase(pki_->practitioner(), letter_id).ok());
+  Exported after_erasure = Export(pki_->app(), patient, reason);
+  ASSERT_TRUE(after_erasure.status.ok()) << after_erasure.status.error_message();
+  EXPECT_EQ(after_erasure.end.record_count(), 2u);
+  EXPECT_EQ(after_erasure.contents.count(letter_id), 0u);
+  EXPECT_EQ(after_erasure.contents[scan_id], scan.content);
+}
+
 TEST_F(SharingTest, APatientsDataReportSaysWhereTheirDataIsAndWhoSawIt) {
   ConsentedUpload up = ConsentedRecord("data-report-1", Generate(71, 0, 4000));
   const std::string& patient = up.patient;

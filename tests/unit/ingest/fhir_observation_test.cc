@@ -12,6 +12,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "libs/common/fhir_json.h"
+
 namespace medgate::ingest {
 namespace {
 
@@ -82,7 +84,7 @@ TEST(FhirObservationTest, AHeartRateIsAFinalVitalSignsObservationOfItsPatientAnd
   EXPECT_EQ(Text(Object(o, "subject"), "type"), "Patient");
   EXPECT_EQ(Text(Object(o, "device"), "type"), "Device");
   const Struct& subject = Object(Object(o, "subject"), "identifier");
-  EXPECT_EQ(Text(subject, "system"), kFhirPatientSystem);
+  EXPECT_EQ(Text(subject, "system"), fhir::kPatientSystem);
   EXPECT_EQ(Text(subject, "value"), "pt_3b0c");
   EXPECT_EQ(Text(o, "effectiveDateTime"), "2027-01-15T08:00:00.123456Z");
   EXPECT_EQ(Text(o, "issued"), "2027-01-15T08:00:01.5Z");
