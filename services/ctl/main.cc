@@ -28,6 +28,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -484,6 +485,8 @@ class OutDir {
       if (!g_out_dir_partial.empty()) std::filesystem::remove_all(g_out_dir_partial, ignored);
       _exit(128 + signal);
     }).detach();
+    // Created under the lock the signal thread takes: nothing is added once it removes.
+    std::lock_guard<std::mutex> lock(g_out_dir_mu);
     if (mkdir((tmp_path_ + "/content").c_str(), 0700) != 0) return Failed("content");
     return "";
   }
@@ -500,6 +503,7 @@ class OutDir {
   bool Start(const std::string& name) {
     if (!EndFile()) return false;
     file_ = name;
+    std::lock_guard<std::mutex> lock(g_out_dir_mu);  // as Open's mkdir
     fd_ = open((tmp_path_ + "/" + name).c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd_ < 0) Failed(name);
     return fd_ >= 0;
@@ -521,16 +525,31 @@ class OutDir {
   // Why a write failed; empty while none did.
   const std::string& problem() const { return problem_; }
   // Ends the last file and renames the directory to --out: an error message when it could not.
+  // The directories' entries are flushed to disk too, so that an export said to be written is,
+  // after a crash as well; a directory made at --out meanwhile is not replaced.
   std::string Commit() {
     EndFile();
+    if (problem_.empty()) SyncDirectory(tmp_path_ + "/content", "content");
+    if (problem_.empty()) SyncDirectory(tmp_path_, ".");
     if (!problem_.empty()) return problem_;
     std::lock_guard<std::mutex> lock(g_out_dir_mu);
-    if (std::rename(tmp_path_.c_str(), out_path_.c_str()) != 0) {
+    if (renameat2(AT_FDCWD, tmp_path_.c_str(), AT_FDCWD, out_path_.c_str(), RENAME_NOREPLACE) !=
+        0) {
       return absl::StrCat("--out: cannot rename '", tmp_path_, "' to '", out_path_, "': ",
                           std::strerror(errno));
     }
     g_out_dir_partial.clear();  // a signal from now on leaves --out in place
     tmp_path_.clear();
+    const std::filesystem::path parent = std::filesystem::path(out_path_).parent_path();
+    const std::string parent_path = parent.empty() ? std::string(".") : parent.string();
+    const int fd = open(parent_path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 || fsync(fd) != 0) {
+      const std::string why = std::strerror(errno);
+      if (fd >= 0) close(fd);
+      return absl::StrCat("--out: '", out_path_, "' was written, but flushing '", parent_path,
+                          "' failed: ", why);
+    }
+    close(fd);
     return "";
   }
 
@@ -550,6 +569,11 @@ class OutDir {
     }
     return problem_;
   }
+  void SyncDirectory(const std::string& path, const std::string& name) {
+    const int fd = open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 || fsync(fd) != 0) Failed(name);
+    if (fd >= 0) close(fd);
+  }
   // Flushes the file started last to disk.
   bool EndFile() {
     if (fd_ >= 0) {
@@ -568,6 +592,8 @@ class OutDir {
   std::string problem_;
   int fd_ = -1;
 };
+
+constexpr int kExportRecordsPerPage = 5;
 
 // Whether `id` may name a file in an export's content directory.
 bool SafeFileName(const std::string& id) {
@@ -589,6 +615,9 @@ int ExportRecords(v1::RecordSharing::Stub& stub, const Flags& flags) {
   request.set_request_id(ExportRequestId(flags));
   request.set_patient_id(Get(flags, "patient"));
   request.set_reason(Get(flags, "reason"));
+  // Each page has the command's deadline (300 s): five records of up to 256 MiB each, so that a
+  // page of the largest records needs about 4.3 MB/s, not the 17 of the service's default page.
+  request.set_page_size(kExportRecordsPerPage);
   std::string index;  // DocumentReference.ndjson, written last
   uint64_t records = 0;
   uint64_t bytes = 0;
@@ -618,14 +647,26 @@ int ExportRecords(v1::RecordSharing::Stub& stub, const Flags& flags) {
       if (!broken.empty()) broken = absl::StrCat("record '", current.record_id(), "': ", broken);
     };
     bool ended = false;
+    uint32_t page_records = 0;
     std::string next_token;
     while (broken.empty() && !ended && reader->Read(&message)) {
       if (message.has_record()) {
         end_record();
         if (!broken.empty()) break;
         current = message.record();
+        ++page_records;
         if (!SafeFileName(current.record_id())) {
           broken = "a record id that cannot name a file arrived";
+          break;
+        }
+        // One line of DocumentReference.ndjson, naming the content written beside it.
+        const std::string& line = current.document_reference();
+        if (line.empty() || line.find('\n') != line.size() - 1 ||
+            !absl::StrContains(line, absl::StrCat("\"url\":\"content/", current.record_id(),
+                                                  "\""))) {
+          broken = absl::StrCat("record '", current.record_id(),
+                                "': its document_reference is not one line naming "
+                                "content/", current.record_id());
           break;
         }
         in_record = true;  // the hasher started over at the record before's end
@@ -648,6 +689,12 @@ int ExportRecords(v1::RecordSharing::Stub& stub, const Flags& flags) {
         end_record();
         ended = true;
         next_token = message.page_end().next_page_token();
+        if (broken.empty() && message.page_end().record_count() != page_records) {
+          broken = absl::StrCat("the page end counts ", message.page_end().record_count(),
+                                " records, ", page_records, " arrived");
+        }
+      } else {
+        broken = "a message with nothing in it arrived";
       }
     }
     // Stopped reading before the stream's end: nothing more is wanted from it.

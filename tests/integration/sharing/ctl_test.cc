@@ -26,6 +26,7 @@
 #include <pqxx/pqxx>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "libs/crypto/sha256.h"
@@ -288,22 +289,33 @@ class ScriptedSharing final : public v1::RecordSharing::Service {
     return grpc::Status::OK;
   }
 
-  void ScriptExport(std::vector<v1::ExportPatientRecordsResponse> messages) {
+  // The pages ExportPatientRecords sends: the first for an empty page token, page N for the
+  // token "N". With `stall`, the call then waits for its client to give up.
+  void ScriptExport(std::vector<std::vector<v1::ExportPatientRecordsResponse>> pages,
+                    bool stall = false) {
     std::lock_guard<std::mutex> lock(mu_);
-    export_messages_ = std::move(messages);
+    export_pages_ = std::move(pages);
+    stall_ = stall;
   }
 
   grpc::Status ExportPatientRecords(
-      grpc::ServerContext*, const v1::ExportPatientRecordsRequest*,
+      grpc::ServerContext* context, const v1::ExportPatientRecordsRequest* request,
       grpc::ServerWriter<v1::ExportPatientRecordsResponse>* writer) override {
     std::vector<v1::ExportPatientRecordsResponse> messages;
+    bool stall = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      messages = export_messages_;
+      size_t page = 0;
+      if (!request->page_token().empty() && !absl::SimpleAtoi(request->page_token(), &page)) {
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "page_token");
+      }
+      if (page < export_pages_.size()) messages = export_pages_[page];
+      stall = stall_;
     }
     for (const v1::ExportPatientRecordsResponse& message : messages) {
       if (!writer->Write(message)) break;
     }
+    if (stall) WaitForTheClientToGiveUp(*context);
     return grpc::Status::OK;
   }
 
@@ -331,7 +343,7 @@ class ScriptedSharing final : public v1::RecordSharing::Service {
 
   std::mutex mu_;
   std::vector<v1::DownloadRecordResponse> messages_;
-  std::vector<v1::ExportPatientRecordsResponse> export_messages_;
+  std::vector<std::vector<v1::ExportPatientRecordsResponse>> export_pages_;
   bool stall_ = false;
 };
 
@@ -434,12 +446,16 @@ TEST_F(CtlTest, AnExportThatDoesNotMatchItsRecordsLeavesNoDirectory) {
       ServeInPlace({{"sharing", &server, &scripted}}, "ctl-scripted-export.yaml");
   ASSERT_FALSE(config.empty());
   const std::string dir = stack_->dir() + "/ctl-scripted-export";
-  std::filesystem::create_directories(dir);
+  std::filesystem::create_directories(dir + "/in");
   const std::string content(300'000, 'y');
-  auto record = [](const std::string& id, uint64_t size, const std::string& sha256) {
+  auto line = [](const std::string& id) {
+    return absl::StrCat("{\"resourceType\":\"DocumentReference\",\"url\":\"content/", id,
+                        "\"}\n");
+  };
+  auto record = [&](const std::string& id, uint64_t size, const std::string& sha256) {
     v1::ExportPatientRecordsResponse m;
     m.mutable_record()->set_record_id(id);
-    m.mutable_record()->set_document_reference("{\"resourceType\":\"DocumentReference\"}\n");
+    m.mutable_record()->set_document_reference(line(id));
     m.mutable_record()->set_size_bytes(size);
     m.mutable_record()->set_sha256(sha256);
     return m;
@@ -449,31 +465,43 @@ TEST_F(CtlTest, AnExportThatDoesNotMatchItsRecordsLeavesNoDirectory) {
     m.set_content(std::string(data));
     return m;
   };
-  auto end = [](uint32_t count) {
+  auto end = [](uint32_t count, const std::string& token = "") {
     v1::ExportPatientRecordsResponse m;
     m.mutable_page_end()->set_record_count(count);
+    m.mutable_page_end()->set_next_page_token(token);
     return m;
   };
   const std::string sha = crypto::Sha256::Of(content);
   const absl::string_view first = absl::string_view(content).substr(0, 100'000);
   const absl::string_view rest = absl::string_view(content).substr(100'000);
+  // --out two levels down, so that an id climbing out of the export's directory would land in
+  // `dir`, where it is looked for below.
+  auto command = [&](const std::string& out) {
+    return absl::StrCat(MEDGATE_CTL_BINARY, " --config ", config,
+                        " --identity app export-records --patient fr-1.p-scripted --reason "
+                        "'the patient asked' --out ", dir, "/in/", out);
+  };
   auto run = [&](const std::string& out) {
-    return test_support::RunShell(absl::StrCat(
-        MEDGATE_CTL_BINARY, " --config ", config, " --identity app export-records --patient "
-        "fr-1.p-scripted --reason 'the patient asked' --out ", dir, "/", out, " 2>&1"));
+    return test_support::RunShell(command(out) + " 2>&1");
   };
 
-  scripted.ScriptExport({record("fr-1.r-1", content.size(), sha), chunk(first), chunk(rest),
-                         record("fr-1.r-2", 5, crypto::Sha256::Of("abcde")), chunk("abcde"),
-                         end(2)});
+  // Two pages, the second asked for with the first's token.
+  scripted.ScriptExport({{record("fr-1.r-1", content.size(), sha), chunk(first), chunk(rest),
+                          end(1, "1")},
+                         {record("fr-1.r-2", 5, crypto::Sha256::Of("abcde")), chunk("abcde"),
+                          end(1)}});
   CtlRun whole = run("whole");
   ASSERT_EQ(whole.exit_code, 0) << whole.output;
-  EXPECT_THAT(whole.output, HasSubstr("records: 2\nbytes: 300005\npages: 1\n"));
-  EXPECT_EQ(ReadFile(dir + "/whole/content/fr-1.r-1"), content);
-  EXPECT_EQ(ReadFile(dir + "/whole/content/fr-1.r-2"), "abcde");
-  EXPECT_EQ(ReadFile(dir + "/whole/DocumentReference.ndjson"),
-            "{\"resourceType\":\"DocumentReference\"}\n{\"resourceType\":\"DocumentReference\"}\n");
+  EXPECT_THAT(whole.output, HasSubstr("records: 2\nbytes: 300005\npages: 2\n"));
+  EXPECT_EQ(ReadFile(dir + "/in/whole/content/fr-1.r-1"), content);
+  EXPECT_EQ(ReadFile(dir + "/in/whole/content/fr-1.r-2"), "abcde");
+  EXPECT_EQ(ReadFile(dir + "/in/whole/DocumentReference.ndjson"),
+            line("fr-1.r-1") + line("fr-1.r-2"));
 
+  v1::ExportPatientRecordsResponse two_lines = record("fr-1.r-1", content.size(), sha);
+  two_lines.mutable_record()->set_document_reference(line("fr-1.r-1") + line("fr-1.r-9"));
+  v1::ExportPatientRecordsResponse other_url = record("fr-1.r-1", content.size(), sha);
+  other_url.mutable_record()->set_document_reference(line("fr-1.r-9"));
   const struct {
     const char* name;
     std::vector<v1::ExportPatientRecordsResponse> messages;
@@ -494,22 +522,46 @@ TEST_F(CtlTest, AnExportThatDoesNotMatchItsRecordsLeavesNoDirectory) {
       {"headless", {chunk(first), end(1)}, "content arrived before its record"},
       {"no-end", {record("fr-1.r-1", content.size(), sha), chunk(first), chunk(rest)},
        "the export's page ended without its page_end"},
-      {"escaping-id", {record("../escaped", content.size(), sha), chunk(first), chunk(rest),
+      {"miscounted", {record("fr-1.r-1", content.size(), sha), chunk(first), chunk(rest), end(2)},
+       "the page end counts 2 records, 1 arrived"},
+      {"empty-message", {v1::ExportPatientRecordsResponse(), end(0)},
+       "a message with nothing in it arrived"},
+      {"two-lines", {two_lines, chunk(first), chunk(rest), end(1)},
+       "its document_reference is not one line naming content/fr-1.r-1"},
+      {"other-url", {other_url, chunk(first), chunk(rest), end(1)},
+       "its document_reference is not one line naming content/fr-1.r-1"},
+      {"climbing-id", {record("../../escaped", content.size(), sha), chunk(first), chunk(rest),
                        end(1)},
+       "a record id that cannot name a file arrived"},
+      {"nested-id", {record("a/b", content.size(), sha), chunk(first), chunk(rest), end(1)},
        "a record id that cannot name a file arrived"},
   };
   for (const auto& broken : kBroken) {
     SCOPED_TRACE(broken.name);
-    scripted.ScriptExport(broken.messages);
+    scripted.ScriptExport({broken.messages});
     CtlRun r = run(broken.name);
     EXPECT_EQ(r.exit_code, 1) << r.output;
     EXPECT_THAT(r.output, HasSubstr(broken.says));
     EXPECT_THAT(r.output, HasSubstr("nothing was written"));
-    EXPECT_FALSE(std::filesystem::exists(dir + "/" + broken.name));
-    EXPECT_EQ(CountFiles(dir, absl::StrCat(broken.name, ".partial")), 0);
+    EXPECT_FALSE(std::filesystem::exists(dir + "/in/" + broken.name));
+    EXPECT_EQ(CountFiles(dir + "/in", absl::StrCat(broken.name, ".partial")), 0);
   }
   EXPECT_FALSE(std::filesystem::exists(dir + "/escaped"));
-  EXPECT_FALSE(std::filesystem::exists(stack_->dir() + "/escaped"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/in/a"));
+
+  // Stopped half way (SIGTERM, as a shutdown sends): the directory it was writing goes with it.
+  scripted.ScriptExport({{record("fr-1.r-1", content.size(), sha), chunk(first)}}, /*stall=*/true);
+  CtlRun stopped = test_support::RunShell(absl::StrCat(
+      command("stopped"), " >/dev/null 2>&1 & pid=$!; ",
+      // Until the content's first part is on disk.
+      "for i in $(seq 100); do [ -n \"$(find ", dir, "/in -path '*stopped.partial-*/content/*' "
+      "-size +0 2>/dev/null)\" ] && break; sleep 0.05; done; ",
+      "find ", dir, "/in -path '*stopped.partial-*/content/*' | wc -l; kill -TERM $pid; wait $pid; "
+      "echo exit=$?"));
+  EXPECT_THAT(stopped.output, StartsWith("1\n")) << stopped.output;  // it was being written
+  EXPECT_THAT(stopped.output, HasSubstr("exit=143")) << stopped.output;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/in/stopped"));
+  EXPECT_EQ(CountFiles(dir + "/in", "stopped.partial"), 0);
   server.Shutdown();
   std::filesystem::remove_all(dir);
 }

@@ -1918,8 +1918,6 @@ TEST_F(SharingTest, RandomAuditPagesWhileEntriesArriveMissNoneAndRepeatNone) {
   EXPECT_GT(appended, 0) << "no upload appended an entry during the rounds: nothing arrived";
 }
 
-// "Where is my data and who saw it": the report of a patient's data, from its home shard in one
-// snapshot, every other shard asked, audited in the home shard only.
 // GDPR art. 20 for records: an app of the patient's tenant exports every record of the patient,
 // archived ones too, newest first, each as a FHIR R4 DocumentReference followed by its content,
 // page by page; every record and every listing audited with the request's reason and id.
@@ -2082,12 +2080,17 @@ TEST_F(SharingTest, AnAppExportsEveryRecordOfThePatientWithItsDocumentReference)
       {&pki_->app(), reason, "not-a-token", grpc::StatusCode::INVALID_ARGUMENT,
        "not a token from an earlier ExportPatientRecords response"},
   };
+  const std::string entries_of_patient =
+      "SELECT count(*) FROM audit_log WHERE patient_id = $1";
+  const int64_t entries_before = Count("fr-1", entries_of_patient, patient);
   for (const Refused& r : refused) {
     Exported e = Export(*r.as, patient, r.reason, 0, r.token);
     EXPECT_EQ(e.status.error_code(), r.code) << r.as->cert_path << ": " << e.status.error_message();
     EXPECT_THAT(e.status.error_message(), HasSubstr(r.message));
     EXPECT_TRUE(e.records.empty());
   }
+  // Refused before anything of the patient was read: nothing to audit.
+  EXPECT_EQ(Count("fr-1", entries_of_patient, patient), entries_before);
 
   // A damaged record ends the export with DATA_LOSS naming it.
   const std::string flip =
@@ -2108,6 +2111,76 @@ TEST_F(SharingTest, AnAppExportsEveryRecordOfThePatientWithItsDocumentReference)
   EXPECT_EQ(after_erasure.contents[scan_id], scan.content);
 }
 
+// A record erased after the export listed it, before its turn, is left out of the export (no
+// longer the patient's data); one erased while it is being sent ends the call with ABORTED. The
+// client's flow-control window stays small, so the service cannot send far ahead of what it reads.
+TEST_F(SharingTest, AnExportLeavesOutARecordErasedBeforeItsTurnAndStopsAtOneErasedWhileSent) {
+  const std::string patient = Place("export-records-erased", "FR");
+  UploadSpec older;
+  older.patient_id = patient;
+  older.content = Generate(71, 0, 3000);
+  UploadSpec newer = older;
+  newer.content = Generate(72, 0, 4 * kMiB + 10);
+  const std::string older_id = UploadOk(pki_->practitioner(), older);
+  const std::string newer_id = UploadOk(pki_->practitioner(), newer);
+  auto creds = MakeChannelCredentials(
+      TlsConfig{pki_->app().cert_path, pki_->app().key_path, pki_->ca_path(), 60},
+      Id("/service/sharing"));
+  ASSERT_TRUE(creds.ok()) << creds.status();
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
+  auto stub = v1::RecordSharing::NewStub(
+      grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", sharing_->port()), *creds, args));
+  struct Run {
+    grpc::ClientContext context;
+    std::unique_ptr<grpc::ClientReader<v1::ExportPatientRecordsResponse>> reader;
+  };
+  auto start = [&](Run& run) {
+    v1::ExportPatientRecordsRequest request;
+    request.set_patient_id(patient);
+    request.set_reason("the patient asked for a copy");
+    run.context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    run.reader = stub->ExportPatientRecords(&run.context, request);
+    // The newer record's start and its first chunk: the service has listed both.
+    v1::ExportPatientRecordsResponse message;
+    EXPECT_TRUE(run.reader->Read(&message) && message.record().record_id() == newer_id);
+    EXPECT_TRUE(run.reader->Read(&message) && message.has_content());
+  };
+
+  {
+    Run run;
+    start(run);
+    ASSERT_TRUE(Erase(pki_->practitioner(), older_id).ok());
+    v1::ExportPatientRecordsResponse message;
+    std::vector<std::string> started;
+    uint32_t counted = 0;
+    while (run.reader->Read(&message)) {
+      if (message.has_record()) started.push_back(message.record().record_id());
+      if (message.has_page_end()) counted = message.page_end().record_count();
+    }
+    const grpc::Status status = run.reader->Finish();
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_TRUE(started.empty()) << started.front();  // the older record never started
+    EXPECT_EQ(counted, 1u);
+  }
+  {
+    Run run;
+    start(run);
+    ASSERT_TRUE(Erase(pki_->practitioner(), newer_id).ok());
+    v1::ExportPatientRecordsResponse message;
+    bool ended = false;
+    while (run.reader->Read(&message)) ended = ended || message.has_page_end();
+    const grpc::Status status = run.reader->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::ABORTED) << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr(newer_id));
+    EXPECT_FALSE(ended);
+  }
+}
+
+// "Where is my data and who saw it": the report of a patient's data, from its home shard in one
+// snapshot, every other shard asked, audited in the home shard only.
 TEST_F(SharingTest, APatientsDataReportSaysWhereTheirDataIsAndWhoSawIt) {
   ConsentedUpload up = ConsentedRecord("data-report-1", Generate(71, 0, 4000));
   const std::string& patient = up.patient;
