@@ -503,6 +503,41 @@ absl::StatusOr<RevokeResult> ConsentCore::Revoke(const CallContext& ctx,
 }
 
 absl::StatusOr<ListResult> ConsentCore::List(const CallContext& ctx, const ListRequest& request) {
+  return ReadConsents(ctx, request, [&](const ListResult& result) {
+    return absl::StrCat("LISTED: count=", result.consents.size(),
+                        request.include_history ? " with_history" : "",
+                        request.purpose != 0
+                            ? absl::StrCat(" purpose=", PurposeName(*PurposeFromNumber(
+                                                            request.purpose)))
+                            : "");
+  });
+}
+
+absl::StatusOr<ListResult> ConsentCore::Export(const CallContext& ctx,
+                                               const std::string& patient_id,
+                                               const std::string& reason, int page_size,
+                                               const std::string& page_token) {
+  RETURN_IF_ERROR(ValidateIdentifier(patient_id, "patient_id", kMaxIdBytes));
+  RETURN_IF_ERROR(ValidateText(reason, "reason", kMaxTextBytes));
+  if (ctx.principal.kind != PrincipalKind::kApp) {
+    return absl::PermissionDeniedError("a patient's consents are exported by an app of its tenant");
+  }
+  ListRequest request;
+  request.patient_id = patient_id;
+  request.include_history = true;
+  request.page_size = page_size;
+  request.page_token = page_token;
+  return ReadConsents(ctx, request, [&](const ListResult& result) {
+    size_t versions = 0;
+    for (const ConsentInfo& c : result.consents) versions += c.history.size();
+    return absl::StrCat("EXPORTED: consents=", result.consents.size(), " versions=", versions,
+                        " format=fhir-r4; ", reason);
+  });
+}
+
+absl::StatusOr<ListResult> ConsentCore::ReadConsents(
+    const CallContext& ctx, const ListRequest& request,
+    const std::function<std::string(const ListResult&)>& audit_reason) {
   RETURN_IF_ERROR(ValidateIdentifier(request.patient_id, "patient_id", kMaxIdBytes));
   std::optional<Purpose> filter;
   if (request.purpose != 0) {
@@ -574,9 +609,7 @@ absl::StatusOr<ListResult> ConsentCore::List(const CallContext& ctx, const ListR
     entry.object_id = patient.patient_id;
     entry.patient_id = patient.patient_id;
     entry.decision = audit::Decision::kPermit;
-    entry.reason = absl::StrCat("LISTED: count=", result.consents.size(),
-                                request.include_history ? " with_history" : "",
-                                filter ? absl::StrCat(" purpose=", PurposeName(*filter)) : "");
+    entry.reason = audit_reason(result);
     entry.request_id = ctx.request_id;
     entry.origin = ctx.origin;
     RETURN_IF_ERROR(audit::Append(txn, entry).status());

@@ -4,6 +4,7 @@
 #define MEDGATE_SERVICES_CONSENT_CONSENT_CORE_H_
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -131,8 +132,18 @@ class ConsentCore {
   absl::StatusOr<RevokeResult> Revoke(const CallContext& ctx, const RevokeRequest& request);
   absl::StatusOr<ListResult> List(const CallContext& ctx, const ListRequest& request);
   absl::StatusOr<AccessDecision> CheckAccess(const CallContext& ctx, const CheckRequest& request);
+  // A patient's consents with every version, for the patient's export (GDPR art. 20), by an app
+  // of the patient's tenant (PERMISSION_DENIED for any other identity): a page of List with
+  // history, audited with `reason` ("EXPORTED: consents=N versions=M format=fhir-r4; REASON").
+  absl::StatusOr<ListResult> Export(const CallContext& ctx, const std::string& patient_id,
+                                    const std::string& reason, int page_size,
+                                    const std::string& page_token);
 
  private:
+  // List's and Export's page, audited in the read's transaction with `audit_reason` of it.
+  absl::StatusOr<ListResult> ReadConsents(
+      const CallContext& ctx, const ListRequest& request,
+      const std::function<std::string(const ListResult&)>& audit_reason);
   // The patient's location; NOT_FOUND (one message for unknown and other tenants' patients)
   // unless the caller is ops or a service, or of the patient's tenant.
   absl::StatusOr<PatientLocation> ResolvePatient(const CallContext& ctx,

@@ -5,11 +5,16 @@
 #include "libs/common/grpc_status.h"
 #include "libs/common/status_macros.h"
 #include "libs/server/rpc_util.h"
+#include "services/consent/fhir_consent.h"
 
 namespace medgate::consent {
 namespace {
 
 using K = PrincipalKind;
+
+// An export reads every version of a patient's consents: it counts as this many calls against
+// its tenant's call rate.
+constexpr double kExportCalls = 10;
 
 // The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 v1::AccessReason ToProto(AccessReason reason) {
@@ -71,7 +76,8 @@ ConsentService::ConsentService(ConsentCore& core, std::string trust_domain,
               {{"GrantConsent", {K::kApp, K::kPractitioner}},
                {"RevokeConsent", {K::kApp, K::kPractitioner}},
                {"ListConsents", {K::kApp, K::kPractitioner}},
-               {"CheckAccess", {K::kService, K::kApp, K::kPractitioner}}}) {
+               {"CheckAccess", {K::kService, K::kApp, K::kPractitioner}},
+               {"ExportConsents", {K::kApp}, kExportCalls}}) {
   policy_.set_tenant_gate(tenant_gate);
 }
 
@@ -152,6 +158,28 @@ grpc::Status ConsentService::ListConsents(grpc::ServerContext* context,
   absl::StatusOr<ListResult> result = core_.List(*ctx, list);
   if (!result.ok()) return ToGrpcStatus(result.status());
   for (const ConsentInfo& c : result->consents) ToProto(c, response->add_consents());
+  response->set_next_page_token(result->next_page_token);
+  return grpc::Status::OK;
+}
+
+grpc::Status ConsentService::ExportConsents(grpc::ServerContext* context,
+                                            const v1::ExportConsentsRequest* request,
+                                            v1::ExportConsentsResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "ExportConsents", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  absl::StatusOr<ListResult> result = core_.Export(*ctx, request->patient_id(), request->reason(),
+                                                   request->page_size(), request->page_token());
+  if (!result.ok()) return ToGrpcStatus(result.status());
+  std::string* ndjson = response->mutable_ndjson();
+  uint32_t resources = 0;
+  for (const ConsentInfo& c : result->consents) {
+    for (const VersionInfo& v : c.history) {
+      absl::StrAppend(ndjson, FhirConsentJson(c, v), "\n");
+      ++resources;
+    }
+  }
+  response->set_consent_count(static_cast<uint32_t>(result->consents.size()));
+  response->set_resource_count(resources);
   response->set_next_page_token(result->next_page_token);
   return grpc::Status::OK;
 }

@@ -24,6 +24,9 @@ class ConsentService final : public v1::Consent::Service {
                             v1::ListConsentsResponse* response) override;
   grpc::Status CheckAccess(grpc::ServerContext* context, const v1::CheckAccessRequest* request,
                            v1::CheckAccessResponse* response) override;
+  grpc::Status ExportConsents(grpc::ServerContext* context,
+                              const v1::ExportConsentsRequest* request,
+                              v1::ExportConsentsResponse* response) override;
 
  private:
   // Authorizes the call and builds its audit context; request ids are bounded.

@@ -136,6 +136,9 @@ const std::vector<Command>& Commands() {
       {"export-vitals", "ingest", {"patient", "reason", "out", "request-id"}, {},
        "  export-vitals   --patient ID --reason TEXT --out PATH   (every stored sample of the\n"
        "                  patient, as FHIR R4 Observations in NDJSON)\n"},
+      {"export-consents", "consent", {"patient", "reason", "out", "request-id"}, {},
+       "  export-consents --patient ID --reason TEXT --out PATH   (every version of the\n"
+       "                  patient's consents, as FHIR R4 Consents in NDJSON)\n"},
       {"export-records", "sharing", {"patient", "reason", "out", "request-id"}, {},
        "  export-records  --patient ID --reason TEXT --out DIR   (every record of the patient, as\n"
        "                  FHIR R4 DocumentReferences in DIR/DocumentReference.ndjson, each\n"

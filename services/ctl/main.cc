@@ -726,6 +726,43 @@ int ExportRecords(v1::RecordSharing::Stub& stub, const Flags& flags) {
   return 0;
 }
 
+// A patient's consents as FHIR R4 Consents, every version a line, to --out (OutFile), page after
+// page: the file appears once the last page arrived.
+int ExportConsents(v1::Consent::Stub& stub, const Flags& flags) {
+  const std::string out_path = Get(flags, "out");
+  OutFile out;
+  if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
+  v1::ExportConsentsRequest request;
+  request.set_request_id(ExportRequestId(flags));
+  request.set_patient_id(Get(flags, "patient"));
+  request.set_reason(Get(flags, "reason"));
+  uint64_t consents = 0;
+  uint64_t resources = 0;
+  uint64_t pages = 0;
+  do {
+    grpc::ClientContext context;
+    context.set_deadline(Deadline(std::chrono::seconds(10)));
+    v1::ExportConsentsResponse response;
+    const grpc::Status status = stub.ExportConsents(&context, request, &response);
+    if (!status.ok()) {
+      return Fail(absl::StrCat(StatusText(status), " (after ", consents, " consents in ", pages,
+                               " pages); nothing was written to '", out_path, "'"));
+    }
+    if (!out.Write(response.ndjson())) break;  // Commit says why
+    consents += response.consent_count();
+    resources += response.resource_count();
+    ++pages;
+    request.set_page_token(response.next_page_token());
+  } while (!request.page_token().empty());
+  if (std::string problem = out.Commit(); !problem.empty()) return Fail(problem);
+  std::printf(
+      "consents: %llu\nversions: %llu\npages: %llu\nfile: %s\n"
+      "format: FHIR R4 Consent (every version), NDJSON\nrequest_id: %s\n",
+      static_cast<unsigned long long>(consents), static_cast<unsigned long long>(resources),
+      static_cast<unsigned long long>(pages), out_path.c_str(), request.request_id().c_str());
+  return 0;
+}
+
 // Numeric flag `name` (0 when absent); false, with a message, when it is not a decimal number of
 // at most `max`.
 bool NumberFlag(const Flags& flags, const std::string& name, uint64_t max, uint64_t* out) {
@@ -799,6 +836,7 @@ int Run(int argc, char** argv) {
     return 2;
   }
   if (command == "grant-consent") return GrantConsent(*v1::Consent::NewStub(*channel), flags);
+  if (command == "export-consents") return ExportConsents(*v1::Consent::NewStub(*channel), flags);
   if (command == "verify-chain") return VerifyChain(*v1::Audit::NewStub(*channel), flags);
   if (command == "data-report") {
     v1::PatientDataReportRequest r;

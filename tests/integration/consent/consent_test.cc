@@ -7,12 +7,16 @@
 #include <memory>
 #include <random>
 #include <thread>
+#include <tuple>
 
 #include <gmock/gmock.h>
+#include <google/protobuf/struct.pb.h>
+#include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "libs/audit/audit_log.h"
 #include "libs/common/grpc_status.h"
 #include "libs/consent_client/consent_decision.h"
@@ -786,6 +790,171 @@ TEST_F(ConsentTest, HistoryKeepsEveryVersion) {
     pqxx::work txn(c_fr);
     EXPECT_THROW(txn.exec_params(sql, c.consent_id()), pqxx::sql_error) << sql;
   }
+}
+
+// GDPR art. 20 for consents: an app of the patient's tenant exports every version of the
+// patient's consents as FHIR R4 Consent resources, page by page, each page audited with the
+// request's reason.
+TEST_F(ConsentTest, AnAppExportsEveryVersionOfThePatientsConsentsAsFhir) {
+  const std::string patient = Place("export-consents-1", "FR");
+  auto app = Stub(pki_->app());
+  const absl::Time end = absl::FromUnixSeconds(absl::ToUnixSeconds(absl::Now()) + 86400);
+  auto care = Grant(*app, GrantArgs(patient).WithEvidence("form-1").WithRequestId("x-1"));
+  ASSERT_TRUE(care.ok()) << care.status();
+  ASSERT_TRUE(Grant(*Stub(pki_->practitioner()),
+                    GrantArgs(patient).EndingAt(end).WithEvidence("form-2").WithRequestId("x-2"))
+                  .ok());
+  v1::RevokeConsentRequest revoke = ByKey(patient, v1::PURPOSE_CARE);
+  revoke.set_reason("moved to another clinic");
+  ASSERT_TRUE(Revoke(*app, revoke).ok());
+  auto monitoring = Grant(*app, GrantArgs(patient)
+                                    .WithPurpose(v1::PURPOSE_REMOTE_MONITORING)
+                                    .WithActor(Practitioner())
+                                    .InCategories({"heart-rate", "blood-pressure"})
+                                    .WithEvidence("app-event-9"));
+  ASSERT_TRUE(monitoring.ok()) << monitoring.status();
+
+  const std::string reason = "the patient asked for a copy (ticket 5151)";
+  auto export_page = [&](const TestCert& as, const std::string& why, int page_size,
+                         const std::string& token) -> absl::StatusOr<v1::ExportConsentsResponse> {
+    v1::ExportConsentsRequest request;
+    request.set_request_id("consent-export-test");
+    request.set_patient_id(patient);
+    request.set_reason(why);
+    request.set_page_size(page_size);
+    request.set_page_token(token);
+    v1::ExportConsentsResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = Stub(as)->ExportConsents(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  };
+  // Pages of one consent, with every version: CARE's three, then REMOTE_MONITORING's one.
+  auto first = export_page(pki_->app(), reason, 1, "");
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(first->consent_count(), 1u);
+  EXPECT_EQ(first->resource_count(), 3u);
+  ASSERT_FALSE(first->next_page_token().empty());
+  auto second = export_page(pki_->app(), reason, 1, first->next_page_token());
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(second->consent_count(), 1u);
+  EXPECT_EQ(second->resource_count(), 1u);
+  EXPECT_TRUE(second->next_page_token().empty());
+
+  std::vector<google::protobuf::Struct> lines;
+  for (const std::string& ndjson : {first->ndjson(), second->ndjson()}) {
+    ASSERT_FALSE(ndjson.empty());
+    EXPECT_EQ(ndjson.back(), '\n');
+    for (absl::string_view line : absl::StrSplit(ndjson, '\n', absl::SkipEmpty())) {
+      google::protobuf::Struct json;
+      ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(std::string(line), &json).ok())
+          << line;
+      lines.push_back(json);
+    }
+  }
+  ASSERT_EQ(lines.size(), 4u);
+  // References into `lines`, which outlives them.
+  auto field = [](const google::protobuf::Struct& s,
+                  const std::string& name) -> const google::protobuf::Value& {
+    return s.fields().at(name);
+  };
+  auto first_of = [](const google::protobuf::Value& v) -> const google::protobuf::Struct& {
+    return v.list_value().values(0).struct_value();
+  };
+  const std::vector<std::tuple<std::string, std::string, std::string, std::string>> expected = {
+      // consent, versionId, status, evidence
+      {care->consent_id(), "1", "active", "form-1"},
+      {care->consent_id(), "2", "active", "form-2"},
+      {care->consent_id(), "3", "inactive", "form-2"},
+      {monitoring->consent_id(), "1", "active", "app-event-9"}};
+  for (size_t i = 0; i < lines.size(); ++i) {
+    SCOPED_TRACE(i);
+    const google::protobuf::Struct& c = lines[i];
+    EXPECT_EQ(field(c, "resourceType").string_value(), "Consent");
+    EXPECT_EQ(field(first_of(field(c, "identifier")), "system").string_value(),
+              "urn:medgate:consent");
+    EXPECT_EQ(field(first_of(field(c, "identifier")), "value").string_value(),
+              std::get<0>(expected[i]));
+    EXPECT_EQ(field(field(c, "meta").struct_value(), "versionId").string_value(),
+              std::get<1>(expected[i]));
+    EXPECT_EQ(field(c, "status").string_value(), std::get<2>(expected[i]));
+    EXPECT_EQ(field(field(field(c, "sourceReference").struct_value(), "identifier").struct_value(),
+                    "value")
+                  .string_value(),
+              std::get<3>(expected[i]));
+    EXPECT_EQ(field(field(field(c, "patient").struct_value(), "identifier").struct_value(),
+                    "value")
+                  .string_value(),
+              patient);
+    EXPECT_EQ(field(first_of(field(field(c, "scope").struct_value(), "coding")), "code")
+                  .string_value(),
+              "patient-privacy");
+  }
+  auto provision = [&](size_t i) -> const google::protobuf::Struct& {
+    return field(lines[i], "provision").struct_value();
+  };
+  EXPECT_EQ(field(first_of(field(provision(0), "purpose")), "code").string_value(), "CARE");
+  EXPECT_FALSE(provision(0).fields().contains("actor"));
+  EXPECT_FALSE(field(provision(0), "period").struct_value().fields().contains("end"));
+  EXPECT_EQ(field(field(provision(1), "period").struct_value(), "end").string_value(),
+            absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", end, absl::UTCTimeZone()));
+  // The revocation: who recorded it and why.
+  std::map<std::string, std::string> extensions;
+  for (const auto& e : field(lines[2], "extension").list_value().values()) {
+    const auto& f = e.struct_value().fields();
+    extensions[f.at("url").string_value()] = f.contains("valueUri")
+                                                 ? f.at("valueUri").string_value()
+                                                 : f.at("valueString").string_value();
+  }
+  EXPECT_EQ(extensions["urn:medgate:fhir:recorded-by"], App());
+  EXPECT_EQ(extensions["urn:medgate:fhir:revocation-reason"], "moved to another clinic");
+  // Narrowed to one practitioner and two categories.
+  EXPECT_EQ(field(first_of(field(provision(3), "purpose")), "code").string_value(),
+            "REMOTE_MONITORING");
+  EXPECT_EQ(field(field(field(first_of(field(provision(3), "actor")), "reference").struct_value(),
+                        "identifier")
+                      .struct_value(),
+                  "value")
+                .string_value(),
+            Practitioner());
+  std::vector<std::string> classes;
+  for (const auto& v : field(provision(3), "class").list_value().values()) {
+    classes.push_back(v.struct_value().fields().at("code").string_value());
+  }
+  EXPECT_EQ(classes, (std::vector<std::string>{"blood-pressure", "heart-rate"}));
+
+  // Each page audited with the reason and the request id, in the patient's home shard.
+  pqxx::connection fr(clusters_->region("fr-1").ConnectionString());
+  pqxx::nontransaction q(fr);
+  pqxx::row reasons = q.exec_params1(
+      "SELECT string_agg(reason, '|' ORDER BY seq) FROM audit_log WHERE patient_id = $1 AND "
+      "action = 'read' AND actor = $2 AND request_id = 'consent-export-test'",
+      patient, App());
+  EXPECT_EQ(reasons[0].as<std::string>(""),
+            absl::StrCat("EXPORTED: consents=1 versions=3 format=fhir-r4; ", reason,
+                         "|EXPORTED: consents=1 versions=1 format=fhir-r4; ", reason));
+  const int64_t entries_before =
+      CountIn(clusters_->region("fr-1"), "SELECT count(*) FROM audit_log WHERE patient_id = $1",
+              patient);
+
+  // Only an app of the patient's tenant, with a reason.
+  struct Refused {
+    const TestCert* as;
+    std::string reason;
+    absl::StatusCode code;
+  };
+  for (const Refused& r : std::vector<Refused>{
+           {&pki_->practitioner(), reason, absl::StatusCode::kPermissionDenied},
+           {&pki_->device(), reason, absl::StatusCode::kPermissionDenied},
+           {&pki_->ops(), reason, absl::StatusCode::kPermissionDenied},
+           {&pki_->globex_app(), reason, absl::StatusCode::kNotFound},
+           {&pki_->app(), "", absl::StatusCode::kInvalidArgument}}) {
+    auto refused = export_page(*r.as, r.reason, 0, "");
+    EXPECT_EQ(refused.status().code(), r.code) << r.as->cert_path << ": " << refused.status();
+  }
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM audit_log WHERE patient_id = $1", patient),
+            entries_before);
 }
 
 TEST_F(ConsentTest, ExpiredConsentDeniesAndFutureOneIsNotYetValid) {

@@ -119,6 +119,20 @@ class CtlTest : public ::testing::Test {
     return test_support::RunShell(command);
   }
 
+  // `command` (export-records, export-consents) of `patient` to `out`, refused to a practitioner
+  // with nothing written, then run by the app: the app's run.
+  static CtlRun ExportAfterARefusal(const std::string& command, const std::string& patient,
+                                    const std::string& out) {
+    const std::string arguments = absl::StrCat(
+        command, " --patient ", patient, " --reason 'the patient asked for a copy' --out ", out);
+    CtlRun practitioner = Ctl("practitioner", arguments);
+    EXPECT_EQ(practitioner.exit_code, 1) << practitioner.output;
+    EXPECT_THAT(practitioner.output, HasSubstr("PERMISSION_DENIED"));
+    EXPECT_THAT(practitioner.output, HasSubstr("nothing was written"));
+    EXPECT_FALSE(std::filesystem::exists(out));
+    return Ctl("app", arguments);
+  }
+
   // Places a patient in FR and records its CARE consent, through medgate-ctl: the patient's id,
   // or empty (and a failure) when either command failed.
   static std::string PlaceWithCare(const std::string& ref) {
@@ -961,16 +975,7 @@ TEST_F(CtlTest, ExportsAPatientsRecordsToADirectory) {
   }
   const std::string out = dir + "/export";
   const std::string why = "--reason 'the patient asked for a copy (ticket 78)'";
-
-  CtlRun practitioner = Ctl("practitioner", absl::StrCat("export-records --patient ", patient,
-                                                         " ", why, " --out ", out));
-  EXPECT_EQ(practitioner.exit_code, 1) << practitioner.output;
-  EXPECT_THAT(practitioner.output, HasSubstr("PERMISSION_DENIED"));
-  EXPECT_THAT(practitioner.output, HasSubstr("nothing was written"));
-  EXPECT_FALSE(std::filesystem::exists(out));
-
-  CtlRun exported =
-      Ctl("app", absl::StrCat("export-records --patient ", patient, " ", why, " --out ", out));
+  CtlRun exported = ExportAfterARefusal("export-records", patient, out);
   ASSERT_EQ(exported.exit_code, 0) << exported.output;
   EXPECT_THAT(exported.output,
               HasSubstr(absl::StrCat("records: 2\nbytes: ", summary.size() + 12, "\npages: 1\n")));
@@ -1025,6 +1030,31 @@ TEST_F(CtlTest, ExportsAPatientsRecordsToADirectory) {
   EXPECT_THAT(damaged.output, HasSubstr(records[0]));
   EXPECT_FALSE(std::filesystem::exists(dir + "/damaged"));
   EXPECT_EQ(CountFiles(dir, "damaged.partial"), 0);
+}
+
+TEST_F(CtlTest, ExportsAPatientsConsentsToAFile) {
+  const std::string patient = PlaceWithCare("ctl-export-consents");
+  ASSERT_FALSE(patient.empty());
+  CtlRun geolocation = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
+                                               " --purpose GEOLOCATION --evidence app-event-3"));
+  ASSERT_EQ(geolocation.exit_code, 0) << geolocation.output;
+  const std::string dir = stack_->dir() + "/ctl-export-consents";
+  std::filesystem::create_directories(dir);
+  const std::string out = dir + "/consents.ndjson";
+  CtlRun exported = ExportAfterARefusal("export-consents", patient, out);
+  ASSERT_EQ(exported.exit_code, 0) << exported.output;
+  EXPECT_THAT(exported.output, HasSubstr("consents: 2\nversions: 2\npages: 1\n"));
+  EXPECT_EQ(std::filesystem::status(out).permissions() & std::filesystem::perms::all,
+            std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  const std::vector<std::string> lines = absl::StrSplit(ReadFile(out), '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 2u);
+  for (const std::string& line : lines) {
+    EXPECT_THAT(line, StartsWith("{\"resourceType\":\"Consent\","));
+    EXPECT_THAT(line, HasSubstr(absl::StrCat("\"value\":\"", patient, "\"")));
+  }
+  EXPECT_THAT(lines[0], HasSubstr("\"code\":\"CARE\""));
+  EXPECT_THAT(lines[1], HasSubstr("\"code\":\"GEOLOCATION\""));
+  EXPECT_THAT(lines[1], HasSubstr("app-event-3"));
 }
 
 TEST_F(CtlTest, RefusesACommandLineItCannotReadBeforeAnythingIsSent) {

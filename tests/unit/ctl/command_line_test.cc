@@ -66,6 +66,7 @@ TEST(ParseCommandLineTest, ReadsEachDocumentedCommand) {
         "export-vitals --patient p --reason why --out o --request-id q",
         "data-report --patient p --request-id q",
         "export-records --patient p --reason why --out o --request-id q",
+        "export-consents --patient p --reason why --out o --request-id q",
         "verify-chain --log control --start-seq 1 --end-seq 9 --anchor-seq 1 --anchor-hash AA=="}) {
     EXPECT_TRUE(Parse(line).ok()) << line << ": " << Parse(line).status();
   }

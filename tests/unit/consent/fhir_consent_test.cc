@@ -1,0 +1,104 @@
+// Unit tests of consents as FHIR R4 Consent resources.
+#include "services/consent/fhir_consent.h"
+
+#include <google/protobuf/struct.pb.h>
+#include <google/protobuf/util/json_util.h>
+#include <gtest/gtest.h>
+
+#include <string>
+
+namespace medgate::consent {
+namespace {
+
+using google::protobuf::Struct;
+
+Struct Parse(const std::string& json) {
+  Struct s;
+  EXPECT_TRUE(google::protobuf::util::JsonStringToMessage(json, &s).ok()) << json;
+  return s;
+}
+
+VersionInfo Version(int64_t number, VersionState state) {
+  VersionInfo v;
+  v.version = number;
+  v.state = state;
+  v.valid_from = absl::FromUnixSeconds(1'800'000'000);
+  v.evidence_ref = "form \"17\"";
+  v.recorded_by = "spiffe://medgate.test/tenant/acme/app/backend";
+  v.recorded_at = absl::FromUnixMicros(1'800'000'000'000'001);
+  return v;
+}
+
+ConsentInfo Care(ConsentStatus status) {
+  ConsentInfo c;
+  c.consent_id = "cn_fr-1_0123";
+  c.patient_id = "pt_3b0c";
+  c.purpose = Purpose::kCare;
+  c.status = status;
+  c.history = {Version(1, VersionState::kGranted), Version(2, VersionState::kGranted)};
+  c.current = c.history.back();
+  return c;
+}
+
+std::string Status(const std::string& json) {
+  return Parse(json).fields().at("status").string_value();
+}
+
+TEST(FhirConsentTest, AVersionIsOneLineWithItsPeriodPurposeAndEvidence) {
+  const ConsentInfo care = Care(ConsentStatus::kGranted);
+  const std::string json = FhirConsentJson(care, care.history[0]);
+  EXPECT_EQ(json.find('\n'), std::string::npos);
+  const Struct c = Parse(json);
+  EXPECT_EQ(c.fields().at("resourceType").string_value(), "Consent");
+  EXPECT_EQ(c.fields().at("meta").struct_value().fields().at("versionId").string_value(), "1");
+  EXPECT_EQ(c.fields().at("meta").struct_value().fields().at("lastUpdated").string_value(),
+            "2027-01-15T08:00:00.000001Z");
+  EXPECT_EQ(c.fields().at("dateTime").string_value(), "2027-01-15T08:00:00.000001Z");
+  EXPECT_EQ(c.fields()
+                .at("sourceReference")
+                .struct_value()
+                .fields()
+                .at("identifier")
+                .struct_value()
+                .fields()
+                .at("value")
+                .string_value(),
+            "form \"17\"");
+  const Struct& provision = c.fields().at("provision").struct_value();
+  EXPECT_EQ(provision.fields().at("type").string_value(), "permit");
+  EXPECT_EQ(provision.fields().at("period").struct_value().fields().at("start").string_value(),
+            "2027-01-15T08:00:00Z");
+  EXPECT_FALSE(provision.fields().at("period").struct_value().fields().contains("end"));
+  EXPECT_FALSE(provision.fields().contains("actor"));  // every practitioner and app of the tenant
+  EXPECT_FALSE(provision.fields().contains("class"));  // every category
+  EXPECT_EQ(provision.fields()
+                .at("purpose")
+                .list_value()
+                .values(0)
+                .struct_value()
+                .fields()
+                .at("code")
+                .string_value(),
+            "CARE");
+}
+
+TEST(FhirConsentTest, TheLatestVersionOfAnExpiredConsentIsInactiveItsEarlierOnesActive) {
+  const ConsentInfo expired = Care(ConsentStatus::kExpired);
+  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[0])), "active");
+  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[1])), "inactive");
+  const ConsentInfo granted = Care(ConsentStatus::kGranted);
+  EXPECT_EQ(Status(FhirConsentJson(granted, granted.history[1])), "active");
+  ConsentInfo revoked = Care(ConsentStatus::kRevoked);
+  revoked.history.push_back(Version(3, VersionState::kRevoked));
+  revoked.history.back().reason = "moved";
+  revoked.current = revoked.history.back();
+  EXPECT_EQ(Status(FhirConsentJson(revoked, revoked.history[1])), "active");
+  const std::string last = FhirConsentJson(revoked, revoked.history[2]);
+  EXPECT_EQ(Status(last), "inactive");
+  EXPECT_NE(last.find("\"url\":\"urn:medgate:fhir:revocation-reason\",\"valueString\":\"moved\""),
+            std::string::npos)
+      << last;
+}
+
+}  // namespace
+}  // namespace medgate::consent
