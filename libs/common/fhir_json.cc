@@ -5,6 +5,7 @@
 #include <system_error>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "libs/common/log.h"
 
 namespace medgate::fhir {
@@ -28,7 +29,10 @@ std::string Number(double value) {
 }
 
 std::string Instant(absl::Time t) {
-  return absl::FormatTime("%Y-%m-%dT%H:%M:%E*SZ", t, absl::UTCTimeZone());
+  // FHIR's year has four digits: %Y writes year 1 as "1".
+  const absl::CivilSecond civil = absl::ToCivilSecond(t, absl::UTCTimeZone());
+  return absl::StrCat(absl::StrFormat("%04d", civil.year()),
+                      absl::FormatTime("-%m-%dT%H:%M:%E*SZ", t, absl::UTCTimeZone()));
 }
 
 std::string ReferenceByIdentifier(absl::string_view type, absl::string_view system,

@@ -21,7 +21,8 @@ std::string String(absl::string_view text);
 // The shortest decimal without an exponent that reads back as `value` (a JSON number: finite
 // values only). Exponents are valid JSON and FHIR, but not every reader of an export takes them.
 std::string Number(double value);
-// A FHIR instant in UTC, to the microsecond (trailing zeros of the fraction dropped).
+// A FHIR instant in UTC, to the microsecond (trailing zeros of the fraction dropped), its year in
+// four digits (years 1 to 9999, as protobuf timestamps have them).
 std::string Instant(absl::Time t);
 // A reference of type `type` ("Patient", "Device", "Practitioner") by identifier.
 std::string ReferenceByIdentifier(absl::string_view type, absl::string_view system,

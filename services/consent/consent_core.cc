@@ -503,14 +503,13 @@ absl::StatusOr<RevokeResult> ConsentCore::Revoke(const CallContext& ctx,
 }
 
 absl::StatusOr<ListResult> ConsentCore::List(const CallContext& ctx, const ListRequest& request) {
-  return ReadConsents(ctx, request, [&](const ListResult& result) {
-    return absl::StrCat("LISTED: count=", result.consents.size(),
-                        request.include_history ? " with_history" : "",
-                        request.purpose != 0
-                            ? absl::StrCat(" purpose=", PurposeName(*PurposeFromNumber(
-                                                            request.purpose)))
-                            : "");
-  });
+  return ReadConsents(ctx, request,
+                      [&](const ListResult& result, std::optional<Purpose> filter) {
+                        return absl::StrCat(
+                            "LISTED: count=", result.consents.size(),
+                            request.include_history ? " with_history" : "",
+                            filter ? absl::StrCat(" purpose=", PurposeName(*filter)) : "");
+                      });
 }
 
 absl::StatusOr<ListResult> ConsentCore::Export(const CallContext& ctx,
@@ -525,9 +524,13 @@ absl::StatusOr<ListResult> ConsentCore::Export(const CallContext& ctx,
   ListRequest request;
   request.patient_id = patient_id;
   request.include_history = true;
-  request.page_size = page_size;
+  // A page's FHIR text stays well under the 4 MiB message bound: a version's line is about
+  // 1.2 KB, at most about 5 KB (every text field at its longest), and a consent has at most
+  // kMaxConsentVersions.
+  ASSIGN_OR_RETURN(request.page_size,
+                   PageSize(page_size, kMaxExportPageSize, kMaxExportPageSize));
   request.page_token = page_token;
-  return ReadConsents(ctx, request, [&](const ListResult& result) {
+  return ReadConsents(ctx, request, [&](const ListResult& result, std::optional<Purpose>) {
     size_t versions = 0;
     for (const ConsentInfo& c : result.consents) versions += c.history.size();
     return absl::StrCat("EXPORTED: consents=", result.consents.size(), " versions=", versions,
@@ -537,7 +540,7 @@ absl::StatusOr<ListResult> ConsentCore::Export(const CallContext& ctx,
 
 absl::StatusOr<ListResult> ConsentCore::ReadConsents(
     const CallContext& ctx, const ListRequest& request,
-    const std::function<std::string(const ListResult&)>& audit_reason) {
+    const std::function<std::string(const ListResult&, std::optional<Purpose>)>& audit_reason) {
   RETURN_IF_ERROR(ValidateIdentifier(request.patient_id, "patient_id", kMaxIdBytes));
   std::optional<Purpose> filter;
   if (request.purpose != 0) {
@@ -609,7 +612,7 @@ absl::StatusOr<ListResult> ConsentCore::ReadConsents(
     entry.object_id = patient.patient_id;
     entry.patient_id = patient.patient_id;
     entry.decision = audit::Decision::kPermit;
-    entry.reason = audit_reason(result);
+    entry.reason = audit_reason(result, filter);
     entry.request_id = ctx.request_id;
     entry.origin = ctx.origin;
     RETURN_IF_ERROR(audit::Append(txn, entry).status());

@@ -35,6 +35,9 @@ inline constexpr int kMaxPageSize = 1000;
 inline constexpr int64_t kMaxConsentsPerPatient = 1000;
 inline constexpr int64_t kMaxConsentVersions = 100;
 inline constexpr int kMaxPageSizeWithHistory = 10;
+// Consents, each with every version, per page of an export (its FHIR text, about 1.2 KB a
+// version, at most about 5 KB, stays under 2 MiB).
+inline constexpr int kMaxExportPageSize = 4;
 // Region ids are embedded in consent ids ("cn_<region>_<24 hex>", at most kMaxIdBytes).
 inline constexpr size_t kMaxRegionIdBytes = kMaxIdBytes - 28;
 
@@ -134,7 +137,8 @@ class ConsentCore {
   absl::StatusOr<AccessDecision> CheckAccess(const CallContext& ctx, const CheckRequest& request);
   // A patient's consents with every version, for the patient's export (GDPR art. 20), by an app
   // of the patient's tenant (PERMISSION_DENIED for any other identity): a page of List with
-  // history, audited with `reason` ("EXPORTED: consents=N versions=M format=fhir-r4; REASON").
+  // history of at most kMaxExportPageSize consents (0: that many), audited with `reason`
+  // ("EXPORTED: consents=N versions=M format=fhir-r4; REASON").
   absl::StatusOr<ListResult> Export(const CallContext& ctx, const std::string& patient_id,
                                     const std::string& reason, int page_size,
                                     const std::string& page_token);
@@ -143,7 +147,7 @@ class ConsentCore {
   // List's and Export's page, audited in the read's transaction with `audit_reason` of it.
   absl::StatusOr<ListResult> ReadConsents(
       const CallContext& ctx, const ListRequest& request,
-      const std::function<std::string(const ListResult&)>& audit_reason);
+      const std::function<std::string(const ListResult&, std::optional<Purpose>)>& audit_reason);
   // The patient's location; NOT_FOUND (one message for unknown and other tenants' patients)
   // unless the caller is ops or a service, or of the patient's tenant.
   absl::StatusOr<PatientLocation> ResolvePatient(const CallContext& ctx,

@@ -9,7 +9,10 @@ namespace medgate::consent {
 
 std::string FhirConsentJson(const ConsentInfo& consent, const VersionInfo& version) {
   using fhir::String;
-  const bool latest = version.version == consent.current.version;
+  // The history's last version (read in the same page as the consent's state, after it: a grant
+  // committed between the two reads is the last there, not `current`).
+  const bool latest = consent.history.empty() ? version.version == consent.current.version
+                                              : &version == &consent.history.back();
   const bool active = version.state == VersionState::kGranted &&
                       !(latest && consent.status == ConsentStatus::kExpired);
   std::string json = absl::StrCat(

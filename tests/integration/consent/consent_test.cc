@@ -955,6 +955,36 @@ TEST_F(ConsentTest, AnAppExportsEveryVersionOfThePatientsConsentsAsFhir) {
   EXPECT_EQ(CountIn(clusters_->region("fr-1"),
                     "SELECT count(*) FROM audit_log WHERE patient_id = $1", patient),
             entries_before);
+  EXPECT_EQ(export_page(pki_->app(), reason, -1, "").status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  // Pages of at most 4 consents (each with every version): 6 consents are 4 and 2, whatever was
+  // asked for.
+  const std::string many = Place("export-consents-many", "FR");
+  for (int i = 1; i <= 6; ++i) {
+    ASSERT_TRUE(Grant(*app, GrantArgs(many)
+                                .WithActor(pki_->SpiffeId(absl::StrCat(
+                                    "/tenant/acme/practitioner/p-", i)))
+                                .WithEvidence("form"))
+                    .ok());
+  }
+  for (int asked : {0, 50}) {
+    SCOPED_TRACE(asked);
+    v1::ExportConsentsRequest request;
+    request.set_patient_id(many);
+    request.set_reason(reason);
+    request.set_page_size(asked);
+    std::vector<uint32_t> pages;
+    do {
+      v1::ExportConsentsResponse response;
+      grpc::ClientContext context;
+      grpc::Status status = Stub(pki_->app())->ExportConsents(&context, request, &response);
+      ASSERT_TRUE(status.ok()) << status.error_message();
+      pages.push_back(response.consent_count());
+      request.set_page_token(response.next_page_token());
+    } while (!request.page_token().empty() && pages.size() < 10);
+    EXPECT_EQ(pages, (std::vector<uint32_t>{4, 2}));
+  }
 }
 
 TEST_F(ConsentTest, ExpiredConsentDeniesAndFutureOneIsNotYetValid) {

@@ -64,6 +64,16 @@ TEST(FhirConsentTest, AVersionIsOneLineWithItsPeriodPurposeAndEvidence) {
                 .at("value")
                 .string_value(),
             "form \"17\"");
+  // What FHIR R4 requires of a Consent: scope, a category, and policy or policyRule.
+  EXPECT_EQ(c.fields().at("scope").struct_value().fields().at("coding").list_value().values(0)
+                .struct_value().fields().at("code").string_value(),
+            "patient-privacy");
+  EXPECT_EQ(c.fields().at("category").list_value().values(0).struct_value().fields().at("coding")
+                .list_value().values(0).struct_value().fields().at("code").string_value(),
+            "59284-0");
+  EXPECT_EQ(c.fields().at("policyRule").struct_value().fields().at("coding").list_value()
+                .values(0).struct_value().fields().at("code").string_value(),
+            "OPTIN");
   const Struct& provision = c.fields().at("provision").struct_value();
   EXPECT_EQ(provision.fields().at("type").string_value(), "permit");
   EXPECT_EQ(provision.fields().at("period").struct_value().fields().at("start").string_value(),
@@ -98,6 +108,23 @@ TEST(FhirConsentTest, TheLatestVersionOfAnExpiredConsentIsInactiveItsEarlierOnes
   EXPECT_NE(last.find("\"url\":\"urn:medgate:fhir:revocation-reason\",\"valueString\":\"moved\""),
             std::string::npos)
       << last;
+}
+
+// A grant committed between the read of a consent's state and of its history is the history's
+// last version: that one, not `current`, is the latest.
+TEST(FhirConsentTest, TheLatestVersionIsTheHistorysLast) {
+  ConsentInfo expired = Care(ConsentStatus::kExpired);
+  expired.current = expired.history[0];  // read before version 2 was granted
+  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[0])), "active");
+  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[1])), "inactive");
+}
+
+TEST(FhirConsentTest, YearsHaveFourDigits) {
+  ConsentInfo care = Care(ConsentStatus::kGranted);
+  care.history[0].valid_from = absl::FromCivil(absl::CivilSecond(1, 1, 1, 0, 0, 0),
+                                               absl::UTCTimeZone());
+  const std::string json = FhirConsentJson(care, care.history[0]);
+  EXPECT_NE(json.find("\"start\":\"0001-01-01T00:00:00Z\""), std::string::npos) << json;
 }
 
 }  // namespace
