@@ -252,6 +252,12 @@ absl::string_view Utf8Prefix(absl::string_view text, size_t max_bytes) {
   return text.substr(0, end);
 }
 
+// "HEAD" then as much of `detail` as the stored reason's bound leaves (`head` ends with the
+// separator, "CODE: ...; ").
+std::string ReasonWithDetail(absl::string_view head, absl::string_view detail) {
+  return absl::StrCat(head, Utf8Prefix(detail, kMaxReasonDetailBytes - head.size()));
+}
+
 // Runs `statement` with `args` and then the audit entry, as MEDGATE_AUDIT_APPEND_FROM_n (sql.h)
 // takes it: the entry is chained by the shard in the same statement.
 template <typename... Args>
@@ -1434,20 +1440,16 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
   if (header.sha256.size() != crypto::kSha256Bytes) {
     return absl::InvalidArgumentError("header.sha256: exactly 32 bytes");
   }
-  absl::StatusOr<PatientHome> home = directory_.Resolve(header.patient_id);
-  if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
-  if (!home.ok() || home->tenant_id != ctx.principal.tenant) {
-    return absl::NotFoundError(absl::StrCat("patient '", header.patient_id, "' not found"));
-  }
-  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home->region_id));
-  ASSIGN_OR_RETURN(pg::Pool * upload_pool, upload_shards_.Get(home->region_id));
+  ASSIGN_OR_RETURN(const PatientHome home, HomeOfCallersPatient(ctx, header.patient_id));
+  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home.region_id));
+  ASSIGN_OR_RETURN(pg::Pool * upload_pool, upload_shards_.Get(home.region_id));
 
-  ASSIGN_OR_RETURN(consent::AccessDecision care, PermitUpload(ctx, *home, header.kind));
+  ASSIGN_OR_RETURN(consent::AccessDecision care, PermitUpload(ctx, home, header.kind));
 
   // A tenant's uploads to a region are bounded: the region's upload connections are everyone's.
   ASSIGN_OR_RETURN(std::unique_ptr<TransferSlot> slot,
                    TakeTransferSlot(uploads_in_progress_, options_.max_uploads_per_tenant,
-                                    home->tenant_id, home->region_id, "uploads",
+                                    home.tenant_id, home.region_id, "uploads",
                                     "max_uploads_per_tenant"));
   // An upload of several chunks writes them as they come, in a transaction of its own: it holds
   // a connection from its start. One of a single chunk needs one only to store it.
@@ -1459,7 +1461,7 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
         return acquired.status();
       }
       return absl::ResourceExhaustedError(absl::StrCat(
-          "too many uploads in progress to region ", home->region_id, "; retry later"));
+          "too many uploads in progress to region ", home.region_id, "; retry later"));
     }
     lease.emplace(*std::move(acquired));
     // A retry of an upload already stored is answered before its megabytes are sent again. A
@@ -1471,16 +1473,16 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
     if (earlier) return std::unique_ptr<Upload>(std::make_unique<AnsweredUpload>(*earlier));
     // Refuse early what the quota cannot take, before a client sends megabytes for nothing;
     // Finish() checks again under a lock (and is the only check of a one-chunk upload).
-    if (QuotaOf(home->tenant_id) > 0) {
+    if (QuotaOf(home.tenant_id) > 0) {
       ASSIGN_OR_RETURN(int64_t used,
                        pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
-                         return txn.exec_prepared1(sql::kTenantUsage, home->tenant_id)[0]
+                         return txn.exec_prepared1(sql::kTenantUsage, home.tenant_id)[0]
                              .as<int64_t>();
                        }));
-      RETURN_IF_ERROR(CheckQuota(home->tenant_id, home->region_id, used, header.size_bytes));
+      RETURN_IF_ERROR(CheckQuota(home.tenant_id, home.region_id, used, header.size_bytes));
     }
   }
-  auto upload = std::make_unique<PgUpload>(*this, ctx, header, *home, std::move(care),
+  auto upload = std::make_unique<PgUpload>(*this, ctx, header, home, std::move(care),
                                            *upload_pool, std::move(lease), patient_keys_,
                                            std::move(slot));
   upload->Begin(options_.upload_idle_timeout);
@@ -1764,12 +1766,8 @@ absl::StatusOr<ListResult> SharingCore::ListRecords(const CallContext& ctx,
 
   std::vector<std::string> regions;
   if (query.scope == ListScope::kPatient) {
-    absl::StatusOr<PatientHome> home = directory_.Resolve(query.patient_id);
-    if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
-    if (!home.ok() || home->tenant_id != ctx.principal.tenant) {
-      return absl::NotFoundError(absl::StrCat("patient '", query.patient_id, "' not found"));
-    }
-    regions.push_back(home->region_id);
+    ASSIGN_OR_RETURN(const PatientHome home, HomeOfCallersPatient(ctx, query.patient_id));
+    regions.push_back(home.region_id);
   } else {
     // A practitioner's records and grants may be in any region.
     regions = shards_.RegionIds();
@@ -1911,6 +1909,16 @@ absl::Status SharingCore::AuditListing(const CallContext& ctx, ListScope scope,
   return absl::OkStatus();
 }
 
+absl::StatusOr<PatientHome> SharingCore::HomeOfCallersPatient(const CallContext& ctx,
+                                                              const std::string& patient_id) {
+  absl::StatusOr<PatientHome> home = directory_.Resolve(patient_id);
+  if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
+  if (!home.ok() || home->tenant_id != ctx.principal.tenant) {
+    return absl::NotFoundError(absl::StrCat("patient '", patient_id, "' not found"));
+  }
+  return home;
+}
+
 absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenDownload(
     const CallContext& ctx, const std::string& record_id, const std::string& break_glass_reason) {
   return OpenRecord(ctx, record_id, break_glass_reason, nullptr);
@@ -1927,12 +1935,8 @@ absl::StatusOr<ExportListing> SharingCore::ListForExport(const CallContext& ctx,
   if (ctx.principal.kind != PrincipalKind::kApp) {
     return absl::PermissionDeniedError("a patient's records are exported by an app of its tenant");
   }
-  absl::StatusOr<PatientHome> home = directory_.Resolve(patient_id);
-  if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
-  if (!home.ok() || home->tenant_id != ctx.principal.tenant) {
-    return absl::NotFoundError(absl::StrCat("patient '", patient_id, "' not found"));
-  }
-  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home->region_id));
+  ASSIGN_OR_RETURN(const PatientHome home, HomeOfCallersPatient(ctx, patient_id));
+  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home.region_id));
   return pool->TransactValue<ExportListing>(
       [&](pqxx::work& txn) -> absl::StatusOr<ExportListing> {
         const pqxx::result rows =
@@ -1951,13 +1955,13 @@ absl::StatusOr<ExportListing> SharingCore::ListForExport(const CallContext& ctx,
         }
         // Which records the patient has is the patient's data: the listing is audited with the
         // reason, even when it finds none.
-        const std::string head = absl::StrCat("EXPORT_LISTED: count=", listing.record_ids.size(), "; ");
-        RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kRead, "record_list",
-                                                         patient_id, home->tenant_id, patient_id,
-                                                         absl::StrCat(head, Utf8Prefix(
-                                                             reason, kMaxReasonDetailBytes -
-                                                                         head.size()))))
-                            .status());
+        RETURN_IF_ERROR(
+            audit::Append(txn, AuditEntryFor(ctx, audit::Action::kRead, "record_list", patient_id,
+                                             home.tenant_id, patient_id,
+                                             ReasonWithDetail(absl::StrCat(
+                                                 "EXPORT_LISTED: count=",
+                                                 listing.record_ids.size(), "; "), reason)))
+                .status());
         return listing;
       });
 }
@@ -2049,15 +2053,13 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenRecord(
               record.patient_id != export_of->patient_id) {
             return RecordNotFound(record_id);
           }
-          const std::string head = absl::StrCat("EXPORTED: ", bytes, "; ");
-          entry.reason = absl::StrCat(
-              head, Utf8Prefix(export_of->reason, kMaxReasonDetailBytes - head.size()));
+          entry.reason = ReasonWithDetail(absl::StrCat("EXPORTED: ", bytes, "; "),
+                                          export_of->reason);
         } else if (ops) {
           // The ops reason may take the whole detail by itself: its end gives way to the size.
-          const std::string head = absl::StrCat(bytes, " reason=");
-          entry.reason =
-              absl::StrCat("BREAK_GLASS: ", head,
-                           Utf8Prefix(break_glass_reason, kMaxReasonDetailBytes - head.size()));
+          entry.reason = absl::StrCat(
+              "BREAK_GLASS: ",
+              ReasonWithDetail(absl::StrCat(bytes, " reason="), break_glass_reason));
         } else if (record.owner == caller) {
           // The owner reads for the patient's care, while CARE permits them.
           ASSIGN_OR_RETURN(consent::AccessDecision care,
@@ -2243,12 +2245,8 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
                                                                 const std::string& reason) {
   RETURN_IF_ERROR(ValidateIdentifier(patient_id, "patient_id", kMaxIdBytes));
   RETURN_IF_ERROR(ValidateText(reason, "reason", kMaxReasonBytes));
-  absl::StatusOr<PatientHome> home = directory_.Resolve(patient_id);
-  if (!home.ok() && home.status().code() != absl::StatusCode::kNotFound) return home.status();
-  if (!home.ok() || home->tenant_id != ctx.principal.tenant) {
-    return absl::NotFoundError(absl::StrCat("patient '", patient_id, "' not found"));
-  }
-  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home->region_id));
+  ASSIGN_OR_RETURN(const PatientHome home, HomeOfCallersPatient(ctx, patient_id));
+  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home.region_id));
   const absl::Time now = Now();
   // Forgotten before and after: an upload finishing meanwhile may have cached the key again.
   patient_keys_.Forget(patient_id);
@@ -2293,17 +2291,17 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
         entries.reserve(ids.size() + 1);
         for (const std::string& id : ids) {
           entries.push_back(AuditEntryFor(ctx, audit::Action::kDelete, "record", id,
-                                          home->tenant_id, patient_id,
+                                          home.tenant_id, patient_id,
                                           absl::StrCat("PATIENT_ERASURE: ", reason)));
         }
         entries.push_back(AuditEntryFor(ctx, audit::Action::kDelete, "patient_records", patient_id,
-                                        home->tenant_id, patient_id,
+                                        home.tenant_id, patient_id,
                                         absl::StrCat("PATIENT_ERASURE: erased=", ids.size(),
                                                      " reason=", reason)));
         RETURN_IF_ERROR(audit::AppendMany(txn, entries).status());
         return PatientErasure{ids.size(), now};
       });
-  if (erased.ok()) DestroyRetiredKeys(*pool, home->region_id, retired);
+  if (erased.ok()) DestroyRetiredKeys(*pool, home.region_id, retired);
   return erased;
 }
 

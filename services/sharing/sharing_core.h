@@ -358,6 +358,10 @@ class SharingCore {
                                                               const consent::AccessDecision& care);
 
  private:
+  // The home of a patient of the caller's tenant: NOT_FOUND alike for an unknown patient and
+  // another tenant's.
+  absl::StatusOr<PatientHome> HomeOfCallersPatient(const CallContext& ctx,
+                                                   const std::string& patient_id);
   // What an export reads a record for (OpenExport).
   struct ExportOf {
     const std::string& patient_id;

@@ -28,6 +28,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "libs/crypto/sha256.h"
 #include "libs/server/service_server.h"
@@ -117,6 +118,23 @@ class CtlTest : public ::testing::Test {
         absl::StrCat(shell_prefix, MEDGATE_CTL_BINARY, " --config ", *config_path_, " --identity ",
                      identity, " ", arguments, " 2>&1");
     return test_support::RunShell(command);
+  }
+
+  // The audit entries in fr-1 of `patient` whose reason is LIKE `reason_like`, under the request id
+  // an export command made up and printed in `output` ("request_id: ctl-export-..."); -1 when it
+  // printed none.
+  static int64_t EntriesOfPrintedRequest(const std::string& output, const std::string& patient,
+                                         const std::string& reason_like) {
+    const size_t id_at = output.find("request_id: ctl-export-");
+    EXPECT_NE(id_at, std::string::npos) << output;
+    if (id_at == std::string::npos) return -1;
+    const std::string request_id = output.substr(id_at + 12, output.find('\n', id_at) - id_at - 12);
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    return q.exec_params1("SELECT count(*) FROM audit_log WHERE request_id = $1 AND "
+                          "patient_id = $2 AND reason LIKE $3",
+                          request_id, patient, reason_like)[0]
+        .as<int64_t>();
   }
 
   // `command` (export-records, export-consents) of `patient` to `out`, refused to a practitioner
@@ -563,6 +581,19 @@ TEST_F(CtlTest, AnExportThatDoesNotMatchItsRecordsLeavesNoDirectory) {
   EXPECT_FALSE(std::filesystem::exists(dir + "/escaped"));
   EXPECT_FALSE(std::filesystem::exists(dir + "/in/a"));
 
+  // A page that stops half way: medgate-ctl gives up at its --timeout (DEADLINE_EXCEEDED, not the
+  // 300 s a page has by default; the server stalls 5 s at most) and keeps nothing.
+  scripted.ScriptExport({{record("fr-1.r-1", content.size(), sha), chunk(first)}}, /*stall=*/true);
+  CtlRun stalled = test_support::RunShell(
+      absl::StrCat(absl::StrReplaceAll(command("stalled"), {{" export-records", " --timeout 1 "
+                                                                               "export-records"}}),
+                   " 2>&1"));
+  EXPECT_EQ(stalled.exit_code, 1) << stalled.output;
+  EXPECT_THAT(stalled.output, StartsWith("error: DEADLINE_EXCEEDED (4): "));
+  EXPECT_THAT(stalled.output, HasSubstr("nothing was written"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/in/stalled"));
+  EXPECT_EQ(CountFiles(dir + "/in", "stalled.partial"), 0);
+
   // Stopped half way (SIGTERM, as a shutdown sends): the directory it was writing goes with it.
   scripted.ScriptExport({{record("fr-1.r-1", content.size(), sha), chunk(first)}}, /*stall=*/true);
   CtlRun stopped = test_support::RunShell(absl::StrCat(
@@ -916,20 +947,7 @@ TEST_F(CtlTest, ExportsAPatientsVitalsToAFileAndErasesThem) {
   EXPECT_EQ(lines, 6000);
   EXPECT_EQ(of_patient, 6000);
   // Both pages' audit entries carry the one request id the command made up and printed.
-  const size_t id_at = exported.output.find("request_id: ctl-export-");
-  ASSERT_NE(id_at, std::string::npos) << exported.output;
-  const std::string request_id = exported.output.substr(
-      id_at + 12, exported.output.find('\n', id_at) - id_at - 12);
-  {
-    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
-    pqxx::nontransaction q(c);
-    EXPECT_EQ(q.exec_params1("SELECT count(*) FROM audit_log WHERE request_id = $1 AND "
-                             "object_id = $2 AND reason LIKE 'EXPORTED: observations=%'",
-                             request_id, patient)[0]
-                  .as<int64_t>(),
-              2)
-        << request_id;
-  }
+  EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: observations=%"), 2);
   // No file is left beside it.
   int files = 0;
   for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator(dir)) ++files;
@@ -995,20 +1013,7 @@ TEST_F(CtlTest, ExportsAPatientsRecordsToADirectory) {
                 std::filesystem::perms::all,
             std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
   // Each record's audit entry carries the request id the command made up and printed.
-  const size_t id_at = exported.output.find("request_id: ctl-export-");
-  ASSERT_NE(id_at, std::string::npos) << exported.output;
-  const std::string request_id = exported.output.substr(
-      id_at + 12, exported.output.find('\n', id_at) - id_at - 12);
-  {
-    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
-    pqxx::nontransaction q(c);
-    EXPECT_EQ(q.exec_params1("SELECT count(*) FROM audit_log WHERE request_id = $1 AND "
-                             "patient_id = $2 AND reason LIKE 'EXPORTED: bytes=%'",
-                             request_id, patient)[0]
-                  .as<int64_t>(),
-              2)
-        << request_id;
-  }
+  EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: bytes=%"), 2);
   // --out must not exist: an export never writes into a directory already there.
   CtlRun again =
       Ctl("app", absl::StrCat("export-records --patient ", patient, " ", why, " --out ", out));
@@ -1044,6 +1049,8 @@ TEST_F(CtlTest, ExportsAPatientsConsentsToAFile) {
   CtlRun exported = ExportAfterARefusal("export-consents", patient, out);
   ASSERT_EQ(exported.exit_code, 0) << exported.output;
   EXPECT_THAT(exported.output, HasSubstr("consents: 2\nversions: 2\npages: 1\n"));
+  EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: consents=2 versions=2 %"),
+            1);
   EXPECT_EQ(std::filesystem::status(out).permissions() & std::filesystem::perms::all,
             std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
   const std::vector<std::string> lines = absl::StrSplit(ReadFile(out), '\n', absl::SkipEmpty());

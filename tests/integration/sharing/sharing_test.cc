@@ -2450,6 +2450,66 @@ TEST_F(SharingTest, ATenantRunsAtMostTwoDataReportsAtOnce) {
   EXPECT_TRUE(DataReport(pki_->app(), patient).ok()) << "the places are given back";
 }
 
+// A data report whose caller goes away before the home shard is read stops there: it audits
+// nothing, and gives its tenant's place back. Here it waits on de-1 (a table of its count locked)
+// when cancelled; the tenant's other place is held by a report waiting on fr-1's chain head, so a
+// third report is let in only once the cancelled one has ended.
+TEST_F(SharingTest, ACancelledDataReportAuditsNothingAndGivesItsPlaceBack) {
+  const std::string patient = Place("data-report-cancelled", "FR");
+  const std::string other = Place("data-report-cancelled-2", "FR");
+  auto report = [&](const std::string& of, const std::string& request_id, absl::Duration patience,
+                    grpc::ClientContext& context) {
+    v1::PatientDataReportRequest request;
+    request.set_patient_id(of);
+    request.set_request_id(request_id);
+    v1::PatientDataReportResponse response;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + patience));
+    return v1::Audit::NewStub(Channel(sharing_->audit_port(), pki_->app(), "audit"))
+        ->PatientDataReport(&context, request, &response);
+  };
+  auto entries_of = [&](const std::string& request_id) {
+    return Count("fr-1", "SELECT count(*) FROM audit_log WHERE request_id = $1", request_id);
+  };
+  // The tenant's first place: a report of another patient waiting to append its entry.
+  pqxx::connection hold_head(ConnInfo("fr-1"));
+  auto head = std::make_unique<pqxx::work>(hold_head);
+  ASSERT_EQ(head->exec("SELECT 1 FROM audit_head FOR UPDATE").size(), 1u);
+  grpc::ClientContext waiting_context;
+  std::thread waiting([&] { EXPECT_TRUE(report(other, "report-waiting", kPatience, waiting_context).ok()); });
+  absl::Cleanup release_head = [&] {
+    head.reset();
+    waiting.join();
+  };
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("fr-1", "%audit_append%") == 1; }));
+  // The second: the report to cancel, held in de-1.
+  pqxx::connection hold_de(ConnInfo("de-1"));
+  auto locked = std::make_unique<pqxx::work>(hold_de);
+  locked->exec0("LOCK TABLE consents IN ACCESS EXCLUSIVE MODE");
+  grpc::ClientContext cancelled_context;
+  grpc::Status cancelled_status;
+  std::thread cancelled(
+      [&] { cancelled_status = report(patient, "report-cancelled", kPatience, cancelled_context); });
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return LockWaits("de-1", "%key_destructions%") == 1; }));
+  cancelled_context.TryCancel();
+  cancelled.join();
+  EXPECT_EQ(cancelled_status.error_code(), grpc::StatusCode::CANCELLED);
+  locked.reset();  // de-1 answers; the cancelled report goes on to find its caller gone
+  // A third report is let in (and waits on the chain head until its deadline) once the
+  // cancelled one has given its place back.
+  grpc::StatusCode third = grpc::StatusCode::RESOURCE_EXHAUSTED;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    grpc::ClientContext context;
+    third = report(patient, "report-third", absl::Seconds(1), context).error_code();
+    return third != grpc::StatusCode::RESOURCE_EXHAUSTED;
+  })) << "the cancelled report kept its place";
+  EXPECT_EQ(third, grpc::StatusCode::DEADLINE_EXCEEDED);
+  std::move(release_head).Invoke();
+  EXPECT_EQ(entries_of("report-cancelled"), 0);  // ended before the home shard: nothing audited
+  EXPECT_EQ(entries_of("report-waiting"), 1);
+}
+
 // Random shares, extensions and revocations of one record among four practitioners of its
 // tenant (the owner and three others), each followed by a download attempt by everyone: a
 // download is allowed exactly while the model says the downloader holds an active grant (or owns
