@@ -18,7 +18,108 @@ absl::Status CheckLength(absl::string_view value, absl::string_view field, size_
   return absl::OkStatus();
 }
 
+// RFC 6838 restricted-name-chars after the first, which is a letter or digit.
+bool IsRestrictedNameChar(char c) {
+  return absl::ascii_isalnum(static_cast<unsigned char>(c)) ||
+         absl::string_view("!#$&-^_.+").find(c) != absl::string_view::npos;
+}
+
+// RFC 9110 tchar.
+bool IsTokenChar(char c) {
+  return absl::ascii_isalnum(static_cast<unsigned char>(c)) ||
+         absl::string_view("!#$%&'*+-.^_`|~").find(c) != absl::string_view::npos;
+}
+
+// Reads a media type left to right; the first thing it cannot read is the error.
+class MediaTypeReader {
+ public:
+  explicit MediaTypeReader(absl::string_view text) : text_(text) {}
+
+  // An empty string when `text` is a media type, otherwise what is wrong.
+  std::string Read() {
+    if (std::string e = RestrictedName("type"); !e.empty()) return e;
+    if (!Take('/')) return Expected("'/' after the type");
+    if (std::string e = RestrictedName("subtype"); !e.empty()) return e;
+    while (at_ < text_.size()) {
+      Take(' ');
+      if (!Take(';')) return Expected("';' before a parameter");
+      Take(' ');
+      if (Count(IsTokenChar) == 0) return Expected("a parameter name");
+      if (!Take('=')) return Expected("'=' after the parameter name");
+      if (Peek() == '"') {
+        if (std::string e = QuotedString(); !e.empty()) return e;
+      } else if (Count(IsTokenChar) == 0) {
+        return Expected("a parameter value (a token or a quoted string)");
+      }
+    }
+    return "";
+  }
+
+ private:
+  char Peek() const { return at_ < text_.size() ? text_[at_] : '\0'; }
+  bool Take(char c) {
+    if (Peek() != c) return false;  // Peek() is never c past the end
+    ++at_;
+    return true;
+  }
+  size_t Count(bool (*accepts)(char)) {
+    const size_t start = at_;
+    while (at_ < text_.size() && accepts(text_[at_])) ++at_;
+    return at_ - start;
+  }
+  std::string Expected(absl::string_view what) const {
+    return absl::StrCat("expected ", what, " at byte ", at_);
+  }
+  std::string RestrictedName(absl::string_view what) {
+    const size_t start = at_;
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(Peek()))) {
+      return Expected(absl::StrCat("the ", what, ", starting with a letter or digit"));
+    }
+    ++at_;
+    Count(IsRestrictedNameChar);
+    if (at_ - start > 127) {
+      return absl::StrCat("the ", what, " at byte ", start, " is longer than 127 characters");
+    }
+    return "";
+  }
+  std::string QuotedString() {
+    const size_t start = at_++;
+    while (at_ < text_.size()) {
+      const char c = text_[at_++];
+      if (c == '"') return "";
+      if (c == '\\') {
+        if (at_ >= text_.size()) break;
+        ++at_;
+      }
+    }
+    return absl::StrCat("the quoted string at byte ", start, " is not closed");
+  }
+
+  absl::string_view text_;
+  size_t at_ = 0;
+};
+
 }  // namespace
+
+absl::Status ValidateMediaType(absl::string_view value, absl::string_view field,
+                               size_t max_bytes) {
+  if (absl::Status s = ValidateText(value, field, max_bytes); !s.ok()) return s;
+  std::string error;
+  for (size_t i = 0; i < value.size() && error.empty(); ++i) {
+    if (static_cast<unsigned char>(value[i]) >= 0x80) {
+      error = absl::StrCat("a byte past ASCII at byte ", i);
+    } else if (value[i] == ' ' && (i == 0 || i + 1 == value.size() || value[i + 1] == ' ')) {
+      error = absl::StrCat(i == 0 || i + 1 == value.size() ? "a space at either end"
+                                                           : "two spaces in a row",
+                           " at byte ", i);
+    }
+  }
+  if (error.empty()) error = MediaTypeReader(value).Read();
+  if (error.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      field, ": not a media type such as application/pdf or text/plain; charset=utf-8 (", error,
+      ")"));
+}
 
 absl::Status ValidateIdentifier(absl::string_view value, absl::string_view field,
                                 size_t max_bytes) {

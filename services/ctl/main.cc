@@ -164,6 +164,13 @@ int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
     return Fail(absl::StrCat(which, " name '", absl::CHexEscape(file_name),
                              "' is not valid UTF-8; give the record a name with --file-name"));
   }
+  const std::string content_type = Get(flags, "content-type").empty()
+                                       ? "application/octet-stream"
+                                       : Get(flags, "content-type");
+  // Refused here, before the file is read, as the service would refuse it (255 bytes: its bound).
+  if (absl::Status valid = ValidateMediaType(content_type, "--content-type", 255); !valid.ok()) {
+    return Fail(std::string(valid.message()));
+  }
   constexpr size_t kChunk = size_t{1} << 20;  // the largest chunk the service takes
   std::string buffer(kChunk, '\0');
   uint64_t size = 0;
@@ -191,8 +198,7 @@ int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   header->set_request_id(Get(flags, "request-id"));
   header->set_patient_id(Get(flags, "patient"));
   header->set_kind(kind);
-  header->set_content_type(
-      Get(flags, "content-type").empty() ? "application/octet-stream" : Get(flags, "content-type"));
+  header->set_content_type(content_type);
   header->set_file_name(file_name);
   header->set_size_bytes(size);
   header->set_sha256(sha256);

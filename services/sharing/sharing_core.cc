@@ -1418,7 +1418,8 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
   if (header.kind == RecordKind::kUnspecified) {
     return absl::InvalidArgumentError("header.kind: required");
   }
-  RETURN_IF_ERROR(ValidateText(header.content_type, "header.content_type", kMaxNameBytes));
+  RETURN_IF_ERROR(
+      ValidateMediaType(header.content_type, "header.content_type", kMaxNameBytes));
   RETURN_IF_ERROR(ValidateText(header.file_name, "header.file_name", kMaxNameBytes));
   if (header.file_name.find_first_of("/\\") != std::string::npos) {
     return absl::InvalidArgumentError("header.file_name: no '/' or backslash");

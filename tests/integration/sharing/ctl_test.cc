@@ -822,7 +822,8 @@ TEST_F(CtlTest, VerifiesAChainAgainstAnAnchorItPrinted) {
 // word, `--allow-move false` read as true, a flag without its value, a misspelt flag) is refused
 // with exit code 2, naming what is wrong, and nothing is sent.
 // A record's name is UTF-8, as every proto3 string: a file named in another encoding is refused
-// before anything is sent, saying how to name the record, and --file-name names it.
+// before anything is sent, saying how to name the record, and --file-name names it. A
+// --content-type that is not a media type is refused before anything is sent too.
 TEST_F(CtlTest, AFileNamedInAnotherEncodingIsGivenANameWithFileName) {
   const std::string patient = PlaceWithCare("ctl-latin1-name");
   ASSERT_FALSE(patient.empty());
@@ -847,6 +848,13 @@ TEST_F(CtlTest, AFileNamedInAnotherEncodingIsGivenANameWithFileName) {
   EXPECT_NE(bad_name.exit_code, 0) << bad_name.output;
   EXPECT_THAT(bad_name.output,
               HasSubstr("--file-name: the name 'caf\\xe9.txt' is not valid UTF-8"));
+  CtlRun bad_type =
+      Ctl("practitioner", absl::StrCat("upload-record --patient ", patient, " --file '", latin1,
+                                       "' --file-name resume.txt --content-type 'text plain'"));
+  EXPECT_NE(bad_type.exit_code, 0) << bad_type.output;
+  EXPECT_THAT(bad_type.output,
+              HasSubstr("--content-type: not a media type such as application/pdf or "
+                        "text/plain; charset=utf-8 (expected '/' after the type at byte 4)"));
   EXPECT_EQ(records(), 0);
 
   CtlRun named =

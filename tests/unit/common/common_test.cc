@@ -307,6 +307,55 @@ TEST(ValidationTest, NamesTheFieldAndTheRule) {
   EXPECT_EQ(ValidateText("", "reason", 64).message(), "reason: must not be empty");
 }
 
+TEST(ValidationTest, MediaTypesAreTypeSlashSubtypeWithTokenOrQuotedParameters) {
+  for (const char* accepted :
+       {"application/pdf", "application/dicom", "image/jpeg", "text/plain; charset=utf-8",
+        "text/plain;charset=UTF-8", "text/plain ; charset=utf-8", "application/fhir+json",
+        "application/vnd.ms-excel", "multipart/related; type=\"application/dicom\"; boundary=x",
+        "text/plain; note=\"a \\\"quoted\\\" word\"", "application/x-type-marker",
+        "model/x3d+xml", "application/1d-interleaved-parityfec"}) {
+    EXPECT_TRUE(ValidateMediaType(accepted, "content_type", 255).ok()) << accepted;
+  }
+  // Each refusal names the field, and what is wrong where.
+  for (const auto& [refused, why] : std::vector<std::pair<std::string, std::string>>{
+           {"pdf", "expected '/' after the type at byte 3"},
+           {"/pdf", "expected the type, starting with a letter or digit at byte 0"},
+           {"application/", "expected the subtype, starting with a letter or digit at byte 12"},
+           {"application/.pdf", "expected the subtype, starting with a letter or digit at byte 12"},
+           {"application/pdf/x", "expected ';' before a parameter at byte 15"},
+           {"application/pdf;", "expected a parameter name at byte 16"},
+           {"application/pdf; charset", "expected '=' after the parameter name at byte 24"},
+           {"application/pdf; charset=", "expected a parameter value (a token or a quoted "
+                                          "string) at byte 25"},
+           {"text/plain; a=\"open", "the quoted string at byte 14 is not closed"},
+           {"text/plain; a=\"ends in \\\"", "the quoted string at byte 14 is not closed"},
+           {"text/plain; a=b c", "expected ';' before a parameter at byte 16"},
+           {"text/plain;  a=b", "two spaces in a row at byte 11"},
+           {" text/plain", "a space at either end at byte 0"},
+           {"text/plain ", "a space at either end at byte 10"},
+           {"text/pl\xc3\xa4in", "a byte past ASCII at byte 7"},
+           {"application/pdf,text/plain", "expected ';' before a parameter at byte 15"},
+           {"application/<script>",
+            "expected the subtype, starting with a letter or digit at byte 12"},
+           {absl::StrCat("application/", std::string(128, 'x')),
+            "the subtype at byte 12 is longer than 127 characters"}}) {
+    const absl::Status status = ValidateMediaType(refused, "header.content_type", 255);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << refused;
+    EXPECT_EQ(status.message(),
+              absl::StrCat("header.content_type: not a media type such as application/pdf or "
+                           "text/plain; charset=utf-8 (",
+                           why, ")"))
+        << refused;
+  }
+  EXPECT_EQ(ValidateMediaType("", "content_type", 255).message(),
+            "content_type: must not be empty");
+  EXPECT_EQ(ValidateMediaType("text/plain\n", "content_type", 255).message(),
+            "content_type: control characters are not allowed");
+  EXPECT_EQ(ValidateMediaType(absl::StrCat("text/", std::string(120, 'x')), "content_type", 64)
+                .message(),
+            "content_type: at most 64 bytes, got 125");
+}
+
 // Cut before a character, never inside one: "é" is 2 bytes, "€" 3, "😀" 4.
 TEST(ValidationTest, ValidateDistinctNamesTheFirstRepeatAndWhatItRepeats) {
   EXPECT_TRUE(ValidateDistinct({}, "list").ok());
