@@ -117,11 +117,12 @@ std::pair<std::string, std::string> SplitReason(absl::string_view reason) {
 }
 
 AuditCore::AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirectory& directory,
-                     int64_t max_scanned_per_page)
+                     int64_t max_scanned_per_page, absl::Duration report_statement_timeout)
     : control_(control),
       shards_(shards),
       directory_(directory),
-      max_scanned_(max_scanned_per_page) {}
+      max_scanned_(max_scanned_per_page),
+      report_statement_timeout_(report_statement_timeout) {}
 
 absl::StatusOr<pg::Pool*> AuditCore::PoolOf(const AuditLogRef& log) const {
   if (log.control) return &control_;
@@ -344,17 +345,17 @@ absl::StatusOr<PatientReport> AuditCore::Report(const CallContext& ctx,
     // entry in the home shard names the patient; not the patient.
     log::Warning("patient_data_outside_home_region",
                  {{"request_id", ctx.request_id}, {"home_region", home.region_id},
-                  {"rows", absl::StrCat(rows_elsewhere)}});
+                  {"rows", rows_elsewhere}});
   }
   if (gave_up()) return cancelled_status;
 
   static constexpr absl::string_view kKinds[] = {"vitals", "records", "share_grants", "consents",
                                                  "audit_entries"};
-  RETURN_IF_ERROR(pool->Transact([&](pqxx::work& txn) -> absl::Status {
+  absl::Status counted = pool->Transact([&](pqxx::work& txn) -> absl::Status {
     // Years of a monitored patient's samples and entries take seconds to count: more than the
     // pool's bound for a statement, less than this.
     txn.exec0(absl::StrCat("SET LOCAL statement_timeout = ",
-                           absl::ToInt64Milliseconds(kReportStatementTimeout)));
+                           absl::ToInt64Milliseconds(report_statement_timeout_)));
     report.stored.clear();
     report.accessors.clear();
     report.accessors_left_out = 0;
@@ -419,7 +420,15 @@ absl::StatusOr<PatientReport> AuditCore::Report(const CallContext& ctx,
     e.request_id = ctx.request_id;
     e.origin = ctx.origin;
     return audit::Append(txn, e).status();
-  }));
+  });
+  if (counted.code() == absl::StatusCode::kDeadlineExceeded) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "the patient's data in its home region ", home.region_id, " was not counted within the ",
+        "report's bound of ", absl::FormatDuration(report_statement_timeout_),
+        " (the shard is busy, or the history very long); nothing was audited, ask again later (",
+        counted.message(), ")"));
+  }
+  RETURN_IF_ERROR(counted);
   return report;
 }
 

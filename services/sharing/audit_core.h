@@ -124,9 +124,12 @@ class AuditCore {
   // `control` and `shards` must have been created with statements including
   // sql::AuditStatements().
   // `max_scanned_per_page`: how many entries of the time range one page filtered by actor may
-  // read (kMaxAuditScannedPerPage; tests make it small).
+  // read (kMaxAuditScannedPerPage; tests make it small). `report_statement_timeout`: the bound
+  // on a data report's statement in the home shard (kReportStatementTimeout; tests make it
+  // small).
   AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirectory& directory,
-            int64_t max_scanned_per_page = kMaxAuditScannedPerPage);
+            int64_t max_scanned_per_page = kMaxAuditScannedPerPage,
+            absl::Duration report_statement_timeout = kReportStatementTimeout);
 
   // Practitioners and apps: entries about one patient of their tenant. Ops: about any patient,
   // or a whole log. The query itself is audited in the log it read. A query by actor reads at
@@ -165,6 +168,7 @@ class AuditCore {
   const pg::ShardSet& shards_;
   PatientDirectory& directory_;
   const int64_t max_scanned_;
+  const absl::Duration report_statement_timeout_;
   BoundedCounts<std::string> walks_;    // by log name
   BoundedCounts<std::string> reports_;  // by the caller's tenant ("" for ops)
 };

@@ -88,6 +88,8 @@ struct SharingServerOptions {
   size_t max_listed_grants = 0;
   // AuditCore's max_scanned_per_page; tests make it small.
   int64_t audit_scanned_per_page = kMaxAuditScannedPerPage;
+  // AuditCore's report_statement_timeout; tests make it small.
+  absl::Duration audit_report_statement_timeout = kReportStatementTimeout;
   // Whether Create asks each region's key vault whether a KEK it is not given (current or
   // previous) wraps any key (KeyVault::CheckKek), and refuses to start then; tests turn it off to
   // act as if no vault answered at start.

@@ -1525,6 +1525,11 @@ TEST_F(SharingTest, BadUploadsAreRefusedClearlyAndStoreNothing) {
        &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "header.file_name"},
       {"empty content type", [](UploadSpec& s) { s.content_type = ""; }, &pki_->practitioner(),
        grpc::StatusCode::INVALID_ARGUMENT, "header.content_type"},
+      // The content type is the DocumentReference's contentType and a download's header.
+      {"content type not a media type", [](UploadSpec& s) { s.content_type = "PDF document"; },
+       &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT,
+       "header.content_type: not a media type such as application/pdf or text/plain; "
+       "charset=utf-8 (expected '/' after the type at byte 3)"},
       {"size over 256 MiB", [](UploadSpec& s) { s.declared_size = (uint64_t{256} << 20) + 1; },
        &pki_->practitioner(), grpc::StatusCode::INVALID_ARGUMENT, "header.size_bytes"},
       {"short hash", [](UploadSpec& s) { s.declared_sha = std::string(31, 'h'); },
@@ -2114,6 +2119,47 @@ TEST_F(SharingTest, AnAppExportsEveryRecordOfThePatientWithItsDocumentReference)
 // A record erased after the export listed it, before its turn, is left out of the export (no
 // longer the patient's data); one erased while it is being sent ends the call with ABORTED. The
 // client's flow-control window stays small, so the service cannot send far ahead of what it reads.
+// An export page holds 20 records when no size is asked, and at most 100 whatever is asked; the
+// token goes on where the page stopped.
+TEST_F(SharingTest, AnExportPageHoldsTwentyRecordsByDefaultAndAtMostAHundred) {
+  const std::string patient = Place("export-records-pages", "FR");
+  std::set<std::string> uploaded;
+  for (int i = 0; i < 101; ++i) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = absl::StrCat("note ", i);
+    spec.file_name = absl::StrCat("note-", i, ".txt");
+    spec.content_type = "text/plain; charset=utf-8";
+    const std::string id = UploadOk(pki_->practitioner(), spec);
+    ASSERT_FALSE(id.empty()) << i;
+    uploaded.insert(id);
+  }
+  const std::string reason = "the patient asked for a copy (ticket 4343)";
+  Exported by_default = Export(pki_->app(), patient, reason);
+  ASSERT_TRUE(by_default.status.ok()) << by_default.status.error_message();
+  EXPECT_EQ(by_default.records.size(), 20u);
+  EXPECT_EQ(by_default.end.record_count(), 20u);
+  for (int asked : {101, 1000, std::numeric_limits<int32_t>::max()}) {
+    Exported first = Export(pki_->app(), patient, reason, asked);
+    ASSERT_TRUE(first.status.ok()) << asked << ": " << first.status.error_message();
+    EXPECT_EQ(first.records.size(), 100u) << asked;
+    EXPECT_EQ(first.end.record_count(), 100u) << asked;
+    ASSERT_FALSE(first.end.next_page_token().empty()) << asked;
+    Exported rest = Export(pki_->app(), patient, reason, asked, first.end.next_page_token());
+    ASSERT_TRUE(rest.status.ok()) << asked << ": " << rest.status.error_message();
+    EXPECT_EQ(rest.records.size(), 1u) << asked;
+    EXPECT_TRUE(rest.end.next_page_token().empty()) << asked;
+    std::set<std::string> exported;
+    for (const Exported* page : {&first, &rest}) {
+      for (const v1::ExportedRecord& r : page->records) {
+        exported.insert(r.record_id());
+        EXPECT_EQ(page->contents.at(r.record_id()).rfind("note ", 0), 0u) << r.record_id();
+      }
+    }
+    EXPECT_EQ(exported, uploaded) << asked;
+  }
+}
+
 TEST_F(SharingTest, AnExportLeavesOutARecordErasedBeforeItsTurnAndStopsAtOneErasedWhileSent) {
   const std::string patient = Place("export-records-erased", "FR");
   UploadSpec older;
@@ -2344,8 +2390,26 @@ TEST_F(SharingTest, APatientsDataReportSaysWhereTheirDataIsAndWhoSawIt) {
         patient);
     txn.commit();
   }
+  // Residency broken is a fault ops must hear of: each report logs it, naming its request and
+  // the home region, never the patient.
+  ::testing::internal::CaptureStderr();
   r = DataReport(pki_->app(), patient);
   by_ops = DataReport(pki_->ops(), patient);
+  const std::string logged = ::testing::internal::GetCapturedStderr();
+  std::vector<std::string> outside_home;
+  for (absl::string_view line : absl::StrSplit(logged, '\n')) {
+    if (absl::StrContains(line, "\"event\":\"patient_data_outside_home_region\"")) {
+      outside_home.emplace_back(line);
+    }
+  }
+  ASSERT_EQ(outside_home.size(), 2u) << logged;
+  for (const std::string& line : outside_home) {
+    EXPECT_THAT(line, HasSubstr("\"level\":\"warning\"")) << line;
+    EXPECT_THAT(line, HasSubstr("\"request_id\":\"data-report-test\"")) << line;
+    EXPECT_THAT(line, HasSubstr("\"home_region\":\"fr-1\"")) << line;
+    EXPECT_THAT(line, HasSubstr("\"rows\":2")) << line;
+    EXPECT_THAT(line, Not(HasSubstr(patient))) << line;
+  }
   Exec("de-1", "DELETE FROM vitals WHERE patient_id = $1", patient);
   Exec("de-1", "DELETE FROM record_keys WHERE patient_id = $1", patient);
   ASSERT_TRUE(r.ok()) << r.status();
@@ -2508,6 +2572,55 @@ TEST_F(SharingTest, ACancelledDataReportAuditsNothingAndGivesItsPlaceBack) {
   std::move(release_head).Invoke();
   EXPECT_EQ(entries_of("report-cancelled"), 0);  // ended before the home shard: nothing audited
   EXPECT_EQ(entries_of("report-waiting"), 1);
+}
+
+// A report whose statement in the home shard passes its bound (1 s here, 30 s in service) ends
+// DEADLINE_EXCEEDED saying so, audits nothing, and gives its tenant's place back.
+TEST_F(SharingTest, ADataReportPastItsStatementBoundSaysSoAuditsNothingAndGivesItsPlaceBack) {
+  SharingServerOptions options;
+  options.audit_report_statement_timeout = absl::Seconds(1);
+  ExtraSharing extra = StartSharingOn(
+      ConfigWith("retention_sweep_seconds: 86400", "retention_sweep_seconds: 86400"), options);
+  ASSERT_NE(extra.server, nullptr);
+  const std::string patient = Place("data-report-bound", "FR");
+  auto report = [&](const std::string& request_id) {
+    v1::PatientDataReportRequest request;
+    request.set_patient_id(patient);
+    request.set_request_id(request_id);
+    v1::PatientDataReportResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
+    return v1::Audit::NewStub(Channel(extra.server->audit_port(), pki_->app(), "audit"))
+        ->PatientDataReport(&context, request, &response);
+  };
+  auto entries_of = [&](const std::string& request_id) {
+    return Count("fr-1", "SELECT count(*) FROM audit_log WHERE request_id = $1", request_id);
+  };
+  {
+    // The patient's consents cannot be counted while this lock is held.
+    pqxx::connection hold(ConnInfo("fr-1"));
+    pqxx::work locked(hold);
+    locked.exec0("LOCK TABLE consents IN ACCESS EXCLUSIVE MODE");
+    // As many reports as the tenant may run at once, one after the other: each must give its
+    // place back for the next to be let in at all.
+    for (int i = 0; i < kMaxReportsPerTenant + 1; ++i) {
+      const std::string request_id = absl::StrCat("report-past-bound-", i);
+      const grpc::Status status = report(request_id);
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << request_id;
+      EXPECT_THAT(status.error_message(),
+                  HasSubstr("the patient's data in its home region fr-1 was not counted within "
+                            "the report's bound of 1s"))
+          << request_id;
+      EXPECT_THAT(status.error_message(), HasSubstr("nothing was audited")) << request_id;
+    }
+  }
+  for (int i = 0; i < kMaxReportsPerTenant + 1; ++i) {
+    EXPECT_EQ(entries_of(absl::StrCat("report-past-bound-", i)), 0) << i;
+  }
+  // Once the shard answers in time, the same report is made and audited.
+  const grpc::Status answered = report("report-within-bound");
+  EXPECT_TRUE(answered.ok()) << answered.error_message();
+  EXPECT_EQ(entries_of("report-within-bound"), 1);
 }
 
 // Random shares, extensions and revocations of one record among four practitioners of its
