@@ -23,7 +23,8 @@ constexpr char kUsageHead[] =
                     (the dev PKI has ops, app, practitioner, device and each service)
   --timeout SECONDS give up on the call after this long, 1 to 86400 (default: 10;
                     300 for upload-record, download-record, and each page of
-                    export-vitals and export-records; 600 for verify-chain)
+                    export-vitals and export-records, and of those parts of
+                    export-patient; 600 for verify-chain)
 
 )";
 
@@ -39,7 +40,8 @@ constexpr char kRequestIdUsage[] = "                  [--request-id ID]   (an id
 constexpr absl::string_view kGlobalFlags[] = {"config", "identity", "timeout"};
 
 // The order of the usage's sections.
-constexpr absl::string_view kServices[] = {"routing", "consent", "sharing", "audit"};
+constexpr absl::string_view kServices[] = {"routing", "consent", "ingest", "sharing",
+                                           "consent, ingest, sharing", "audit"};
 
 bool IsFlag(absl::string_view arg) { return absl::StartsWith(arg, "--"); }
 
@@ -143,6 +145,12 @@ const std::vector<Command>& Commands() {
        "  export-records  --patient ID --reason TEXT --out DIR   (every record of the patient, as\n"
        "                  FHIR R4 DocumentReferences in DIR/DocumentReference.ndjson, each\n"
        "                  record's content in DIR/content/RECORD_ID)\n"},
+      {"export-patient", "consent, ingest, sharing", {"patient", "reason", "out", "request-id"},
+       {},
+       "  export-patient  --patient ID --reason TEXT --out DIR   (everything stored of the\n"
+       "                  patient, under one request id: DIR/Consent.ndjson, every version;\n"
+       "                  DIR/Observation.ndjson; DIR/DocumentReference.ndjson with each\n"
+       "                  record's content in DIR/content/RECORD_ID; all FHIR R4 NDJSON)\n"},
       {"data-report", "audit", {"patient", "request-id"}, {},
        "  data-report     --patient ID   (where the patient's data is, and who accessed it)\n"},
       {"verify-chain", "audit", {"log", "start-seq", "end-seq", "anchor-seq", "anchor-hash"}, {},
@@ -156,7 +164,8 @@ const std::vector<Command>& Commands() {
 std::string Usage() {
   std::string usage = kUsageHead;
   for (absl::string_view service : kServices) {
-    absl::StrAppend(&usage, "commands (service: ", service, "):\n");
+    absl::StrAppend(&usage, "commands (", absl::StrContains(service, ',') ? "services" : "service",
+                    ": ", service, "):\n");
     for (const Command& command : Commands()) {
       if (command.service == service) absl::StrAppend(&usage, command.usage);
     }

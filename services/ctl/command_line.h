@@ -14,7 +14,9 @@ namespace medgate::ctl {
 
 struct Command {
   absl::string_view name;
-  absl::string_view service;  // the service it calls: routing, consent, sharing or audit
+  // The service it calls: routing, consent, ingest, sharing or audit; or the services, as
+  // "consent, ingest, sharing" (export-patient).
+  absl::string_view service;
   std::vector<absl::string_view> value_flags;  // each given as `--flag value`
   std::vector<absl::string_view> switches;     // boolean flags: `--flag`, true when given
   absl::string_view usage;                     // its lines in the usage text

@@ -18,6 +18,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -402,50 +403,96 @@ std::string ExportRequestId(const Flags& flags) {
   return id;
 }
 
-// A patient's vitals as FHIR R4 Observations, one JSON resource a line, to --out (OutFile), page
-// after page: the file appears once the last page arrived.
-int ExportVitals(v1::DeviceIngest::Stub& stub, const Flags& flags) {
-  const std::string out_path = Get(flags, "out");
-  OutFile out;
-  if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
-  v1::ExportVitalsRequest request;
-  request.set_request_id(ExportRequestId(flags));
-  request.set_patient_id(Get(flags, "patient"));
-  request.set_reason(Get(flags, "reason"));
-  uint64_t observations = 0;
+// What an export read, page after page, or why it stopped: its pages' bytes went to the file(s)
+// given to it, which keep nothing unless the whole export succeeded.
+struct ExportRun {
+  uint64_t count = 0;     // observations, consents or records
+  uint64_t versions = 0;  // consents: every version of each
+  uint64_t bytes = 0;     // records: their content's bytes
   uint64_t pages = 0;
+  // Why the export stopped before its last page (a failed call, a stream that breaks the
+  // protocol); empty when it did not, or when a write failed (the file says why).
+  std::string failed;
+  bool write_failed = false;
+};
+
+// Appends an export's bytes to the file it is written to: false once a write failed.
+using Append = std::function<bool(absl::string_view)>;
+
+// A patient's vitals as FHIR R4 Observations, one JSON resource a line, to `append`.
+ExportRun FetchVitals(v1::DeviceIngest::Stub& stub, v1::ExportVitalsRequest request,
+                      const Append& append) {
+  ExportRun run;
   do {
     grpc::ClientContext context;
     context.set_deadline(Deadline(std::chrono::seconds(300)));
     auto reader = stub.ExportVitals(&context, request);
     v1::ExportVitalsResponse message;
     std::string next_token;
-    bool written = true;
-    while (written && reader->Read(&message)) {
-      written = out.Write(message.ndjson());
-      observations += message.observation_count();
+    while (!run.write_failed && reader->Read(&message)) {
+      run.write_failed = !append(message.ndjson());
+      run.count += message.observation_count();
       next_token = message.next_page_token();
     }
-    if (!written) {
-      // The file cannot take more: the pages left are not fetched (Commit says why).
+    if (run.write_failed) {
+      // The file cannot take more: the pages left are not fetched.
       context.TryCancel();
       reader->Finish();
-      break;
+      return run;
     }
     const grpc::Status status = reader->Finish();
     if (!status.ok()) {
-      return Fail(absl::StrCat(StatusText(status), " (after ", observations, " observations in ",
-                               pages, " pages); nothing was written to '", out_path, "'"));
+      run.failed = absl::StrCat(StatusText(status), " (after ", run.count, " observations in ",
+                                run.pages, " pages)");
+      return run;
     }
-    ++pages;
+    ++run.pages;
     request.set_page_token(next_token);
   } while (!request.page_token().empty());
-  if (std::string problem = out.Commit(); !problem.empty()) return Fail(problem);
+  return run;
+}
+
+// An export request for the patient --patient, for --reason, under `request_id`.
+template <typename Request>
+Request PatientExportRequest(const Flags& flags, const std::string& request_id) {
+  Request request;
+  request.set_request_id(request_id);
+  request.set_patient_id(Get(flags, "patient"));
+  request.set_reason(Get(flags, "reason"));
+  return request;
+}
+
+// Writes what `fetch` reads to --out (OutFile), which appears once the last page arrived: the
+// export's run, or nothing once it failed (and said why).
+std::optional<ExportRun> ExportToFile(const Flags& flags,
+                                      const std::function<ExportRun(const Append&)>& fetch) {
+  const std::string out_path = Get(flags, "out");
+  OutFile out;
+  std::string problem = out.Open(out_path);
+  if (problem.empty()) {
+    const ExportRun run = fetch([&out](absl::string_view data) { return out.Write(data); });
+    if (!run.failed.empty()) {
+      problem = absl::StrCat(run.failed, "; nothing was written to '", out_path, "'");
+    } else if (problem = out.Commit(); problem.empty()) {  // and says why a write failed
+      return run;
+    }
+  }
+  Fail(problem);
+  return std::nullopt;
+}
+
+// A patient's vitals to --out (OutFile).
+int ExportVitals(v1::DeviceIngest::Stub& stub, const Flags& flags) {
+  const auto request =
+      PatientExportRequest<v1::ExportVitalsRequest>(flags, ExportRequestId(flags));
+  const std::optional<ExportRun> run =
+      ExportToFile(flags, [&](const Append& append) { return FetchVitals(stub, request, append); });
+  if (!run) return 1;
   std::printf(
       "observations: %llu\npages: %llu\nfile: %s\nformat: FHIR R4 Observation, NDJSON\n"
       "request_id: %s\n",
-      static_cast<unsigned long long>(observations), static_cast<unsigned long long>(pages),
-      out_path.c_str(), request.request_id().c_str());
+      static_cast<unsigned long long>(run->count), static_cast<unsigned long long>(run->pages),
+      Get(flags, "out").c_str(), request.request_id().c_str());
   return 0;
 }
 
@@ -610,25 +657,16 @@ bool SafeFileName(const std::string& id) {
          });
 }
 
-// A patient's records to --out (OutDir): DocumentReference.ndjson, one FHIR R4 DocumentReference a
-// line, and each record's content in content/<record_id>, checked against the size and SHA-256
-// its record announced, page after page.
-int ExportRecords(v1::RecordSharing::Stub& stub, const Flags& flags) {
-  const std::string out_path = Get(flags, "out");
-  OutDir out;
-  if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
-  v1::ExportPatientRecordsRequest request;
-  request.set_request_id(ExportRequestId(flags));
-  request.set_patient_id(Get(flags, "patient"));
-  request.set_reason(Get(flags, "reason"));
+// A patient's records into `out` (an OutDir): each record's content in content/<record_id>,
+// checked against the size and SHA-256 its record announced, page after page; `index` gets
+// their FHIR R4 DocumentReferences, a line each, for DocumentReference.ndjson.
+ExportRun FetchRecords(v1::RecordSharing::Stub& stub, v1::ExportPatientRecordsRequest request,
+                       OutDir& out, std::string* index) {
   // Each page has the command's deadline (300 s): five records of up to 256 MiB each, so that a
   // page of the largest records needs about 4.3 MB/s, not the 17 of the service's default page.
   request.set_page_size(kExportRecordsPerPage);
-  std::string index;  // DocumentReference.ndjson, written last
-  uint64_t records = 0;
-  uint64_t bytes = 0;
-  uint64_t pages = 0;
-  std::string broken;  // the stream breaks the protocol: first break seen
+  ExportRun run;
+  std::string& broken = run.failed;  // the stream breaks the protocol: first break seen
   do {
     grpc::ClientContext context;
     context.set_deadline(Deadline(std::chrono::seconds(300)));
@@ -646,9 +684,9 @@ int ExportRecords(v1::RecordSharing::Stub& stub, const Flags& flags) {
       } else if (hasher.Finish() != current.sha256()) {
         broken = "its content does not match its sha256";
       } else {
-        ++records;
-        bytes += received;
-        index += current.document_reference();
+        ++run.count;
+        run.bytes += received;
+        *index += current.document_reference();
       }
       if (!broken.empty()) broken = absl::StrCat("record '", current.record_id(), "': ", broken);
     };
@@ -704,68 +742,145 @@ int ExportRecords(v1::RecordSharing::Stub& stub, const Flags& flags) {
       }
     }
     // Stopped reading before the stream's end: nothing more is wanted from it.
-    if (!broken.empty() || !out.problem().empty()) context.TryCancel();
+    run.write_failed = broken.empty() && !out.problem().empty();
+    if (!broken.empty() || run.write_failed) context.TryCancel();
     const grpc::Status status = reader->Finish();
-    if (!broken.empty()) {
-      return Fail(absl::StrCat(broken, "; nothing was written to '", out_path, "'"));
-    }
-    if (!out.problem().empty()) return Fail(out.problem());
+    if (!broken.empty() || run.write_failed) return run;
     if (!status.ok()) {
-      return Fail(absl::StrCat(StatusText(status), " (after ", records, " records in ", pages,
-                               " pages); nothing was written to '", out_path, "'"));
+      broken = absl::StrCat(StatusText(status), " (after ", run.count, " records in ", run.pages,
+                            " pages)");
+      return run;
     }
     if (!ended) {
-      return Fail(absl::StrCat("the export's page ended without its page_end; nothing was written "
-                               "to '", out_path, "'"));
+      broken = "the export's page ended without its page_end";
+      return run;
     }
-    ++pages;
+    ++run.pages;
     request.set_page_token(next_token);
   } while (!request.page_token().empty());
+  return run;
+}
+
+// A patient's records to --out (OutDir): DocumentReference.ndjson, one FHIR R4 DocumentReference a
+// line, and each record's content in content/<record_id>.
+int ExportRecords(v1::RecordSharing::Stub& stub, const Flags& flags) {
+  const std::string out_path = Get(flags, "out");
+  OutDir out;
+  if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
+  const auto request =
+      PatientExportRequest<v1::ExportPatientRecordsRequest>(flags, ExportRequestId(flags));
+  std::string index;  // DocumentReference.ndjson, written last
+  const ExportRun run = FetchRecords(stub, request, out, &index);
+  if (run.write_failed) return Fail(out.problem());
+  if (!run.failed.empty()) {
+    return Fail(absl::StrCat(run.failed, "; nothing was written to '", out_path, "'"));
+  }
   if (!out.Start("DocumentReference.ndjson") || !out.Write(index)) return Fail(out.problem());
   if (std::string problem = out.Commit(); !problem.empty()) return Fail(problem);
   std::printf(
       "records: %llu\nbytes: %llu\npages: %llu\ndirectory: %s\n"
       "format: FHIR R4 DocumentReference, NDJSON, content in content/<record_id>\n"
       "request_id: %s\n",
-      static_cast<unsigned long long>(records), static_cast<unsigned long long>(bytes),
-      static_cast<unsigned long long>(pages), out_path.c_str(), request.request_id().c_str());
+      static_cast<unsigned long long>(run.count), static_cast<unsigned long long>(run.bytes),
+      static_cast<unsigned long long>(run.pages), out_path.c_str(), request.request_id().c_str());
   return 0;
 }
 
-// A patient's consents as FHIR R4 Consents, every version a line, to --out (OutFile), page after
-// page: the file appears once the last page arrived.
-int ExportConsents(v1::Consent::Stub& stub, const Flags& flags) {
-  const std::string out_path = Get(flags, "out");
-  OutFile out;
-  if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
-  v1::ExportConsentsRequest request;
-  request.set_request_id(ExportRequestId(flags));
-  request.set_patient_id(Get(flags, "patient"));
-  request.set_reason(Get(flags, "reason"));
-  uint64_t consents = 0;
-  uint64_t resources = 0;
-  uint64_t pages = 0;
+// A patient's consents as FHIR R4 Consents, every version a line, to `append`.
+ExportRun FetchConsents(v1::Consent::Stub& stub, v1::ExportConsentsRequest request,
+                        const Append& append) {
+  ExportRun run;
   do {
     grpc::ClientContext context;
     context.set_deadline(Deadline(std::chrono::seconds(10)));
     v1::ExportConsentsResponse response;
     const grpc::Status status = stub.ExportConsents(&context, request, &response);
     if (!status.ok()) {
-      return Fail(absl::StrCat(StatusText(status), " (after ", consents, " consents in ", pages,
-                               " pages); nothing was written to '", out_path, "'"));
+      run.failed = absl::StrCat(StatusText(status), " (after ", run.count, " consents in ",
+                                run.pages, " pages)");
+      return run;
     }
-    if (!out.Write(response.ndjson())) break;  // Commit says why
-    consents += response.consent_count();
-    resources += response.resource_count();
-    ++pages;
+    if (!append(response.ndjson())) {
+      run.write_failed = true;
+      return run;
+    }
+    run.count += response.consent_count();
+    run.versions += response.resource_count();
+    ++run.pages;
     request.set_page_token(response.next_page_token());
   } while (!request.page_token().empty());
-  if (std::string problem = out.Commit(); !problem.empty()) return Fail(problem);
+  return run;
+}
+
+// A patient's consents to --out (OutFile).
+int ExportConsents(v1::Consent::Stub& stub, const Flags& flags) {
+  const auto request =
+      PatientExportRequest<v1::ExportConsentsRequest>(flags, ExportRequestId(flags));
+  const std::optional<ExportRun> run = ExportToFile(
+      flags, [&](const Append& append) { return FetchConsents(stub, request, append); });
+  if (!run) return 1;
   std::printf(
       "consents: %llu\nversions: %llu\npages: %llu\nfile: %s\n"
       "format: FHIR R4 Consent (every version), NDJSON\nrequest_id: %s\n",
-      static_cast<unsigned long long>(consents), static_cast<unsigned long long>(resources),
-      static_cast<unsigned long long>(pages), out_path.c_str(), request.request_id().c_str());
+      static_cast<unsigned long long>(run->count), static_cast<unsigned long long>(run->versions),
+      static_cast<unsigned long long>(run->pages), Get(flags, "out").c_str(),
+      request.request_id().c_str());
+  return 0;
+}
+
+// The stubs export-patient calls, one per service holding a part of the patient's data.
+struct PatientStubs {
+  std::unique_ptr<v1::Consent::Stub> consent;
+  std::unique_ptr<v1::DeviceIngest::Stub> ingest;
+  std::unique_ptr<v1::RecordSharing::Stub> sharing;
+};
+
+// Everything stored of a patient, to --out (OutDir) under one request id: Consent.ndjson (every
+// version), Observation.ndjson (every sample), DocumentReference.ndjson and content/<record_id>
+// (every record). The directory appears once all three exports succeeded; the three are read one
+// after the other, each as its own export command would read it.
+int ExportPatient(PatientStubs& stubs, const Flags& flags) {
+  const std::string out_path = Get(flags, "out");
+  OutDir out;
+  if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
+  const std::string request_id = ExportRequestId(flags);
+  const Append append = [&out](absl::string_view data) { return out.Write(data); };
+  // What stopped the export of `part`: the message to fail with, or empty when nothing did.
+  auto stopped = [&](absl::string_view part, const ExportRun& run) -> std::string {
+    if (run.write_failed) return out.problem();
+    if (run.failed.empty()) return "";
+    return absl::StrCat("the patient's ", part, ": ", run.failed, "; nothing was written to '",
+                        out_path, "'");
+  };
+
+  const auto consents_request = PatientExportRequest<v1::ExportConsentsRequest>(flags, request_id);
+  if (!out.Start("Consent.ndjson")) return Fail(out.problem());
+  const ExportRun consents = FetchConsents(*stubs.consent, consents_request, append);
+  if (std::string problem = stopped("consents", consents); !problem.empty()) return Fail(problem);
+
+  const auto vitals_request = PatientExportRequest<v1::ExportVitalsRequest>(flags, request_id);
+  if (!out.Start("Observation.ndjson")) return Fail(out.problem());
+  const ExportRun vitals = FetchVitals(*stubs.ingest, vitals_request, append);
+  if (std::string problem = stopped("vitals", vitals); !problem.empty()) return Fail(problem);
+
+  const auto records_request =
+      PatientExportRequest<v1::ExportPatientRecordsRequest>(flags, request_id);
+  std::string index;
+  const ExportRun records = FetchRecords(*stubs.sharing, records_request, out, &index);
+  if (std::string problem = stopped("records", records); !problem.empty()) return Fail(problem);
+  if (!out.Start("DocumentReference.ndjson") || !out.Write(index)) return Fail(out.problem());
+  if (std::string problem = out.Commit(); !problem.empty()) return Fail(problem);
+  std::printf(
+      "consents: %llu\nconsent versions: %llu\nobservations: %llu\nrecords: %llu\nbytes: %llu\n"
+      "directory: %s\n"
+      "format: FHIR R4, NDJSON: Consent.ndjson (every version), Observation.ndjson, "
+      "DocumentReference.ndjson with content in content/<record_id>\n"
+      "request_id: %s\n",
+      static_cast<unsigned long long>(consents.count),
+      static_cast<unsigned long long>(consents.versions),
+      static_cast<unsigned long long>(vitals.count),
+      static_cast<unsigned long long>(records.count),
+      static_cast<unsigned long long>(records.bytes), out_path.c_str(), request_id.c_str());
   return 0;
 }
 
@@ -823,7 +938,9 @@ int Run(int argc, char** argv) {
   }
   g_timeout = std::chrono::seconds(line->timeout_seconds);
   const std::string command(line->command->name);
-  if (command == "export-records") OutDir::BlockStopSignals();  // before gRPC starts its threads
+  if (command == "export-records" || command == "export-patient") {
+    OutDir::BlockStopSignals();  // before gRPC starts its threads
+  }
   const std::string service(line->command->service);
   const Flags& flags = line->flags;
   MedgateConfig config = LoadConfigOrExit(line->config_path);
@@ -831,28 +948,40 @@ int Run(int argc, char** argv) {
   const std::filesystem::path pki = std::filesystem::path(config.ca_path).parent_path();
   TlsConfig tls{(pki / (line->identity + ".crt")).string(),
                 (pki / (line->identity + ".key")).string(), config.ca_path, 60};
-  absl::StatusOr<const ServiceEndpoint*> endpoint = config.Service(service);
-  if (!endpoint.ok()) {
-    std::fprintf(stderr, "error: %s\n", std::string(endpoint.status().message()).c_str());
-    return 2;
+  // A channel to the configured service `name`; null, with the error printed, when there is none.
+  auto channel_to = [&](absl::string_view name) -> std::shared_ptr<grpc::Channel> {
+    absl::StatusOr<const ServiceEndpoint*> endpoint = config.Service(name);
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> made =
+        endpoint.ok() ? MakeServiceChannel(**endpoint, tls) : endpoint.status();
+    if (made.ok()) return *made;
+    std::fprintf(stderr, "error: %s\n", std::string(made.status().message()).c_str());
+    return nullptr;
+  };
+  if (command == "export-patient") {
+    PatientStubs stubs;
+    std::shared_ptr<grpc::Channel> consent = channel_to("consent");
+    std::shared_ptr<grpc::Channel> ingest = consent ? channel_to("ingest") : nullptr;
+    std::shared_ptr<grpc::Channel> sharing = ingest ? channel_to("sharing") : nullptr;
+    if (sharing == nullptr) return 2;
+    stubs.consent = v1::Consent::NewStub(consent);
+    stubs.ingest = v1::DeviceIngest::NewStub(ingest);
+    stubs.sharing = v1::RecordSharing::NewStub(sharing);
+    return ExportPatient(stubs, flags);
   }
-  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeServiceChannel(**endpoint, tls);
-  if (!channel.ok()) {
-    std::fprintf(stderr, "error: %s\n", std::string(channel.status().message()).c_str());
-    return 2;
-  }
-  if (command == "grant-consent") return GrantConsent(*v1::Consent::NewStub(*channel), flags);
-  if (command == "export-consents") return ExportConsents(*v1::Consent::NewStub(*channel), flags);
-  if (command == "verify-chain") return VerifyChain(*v1::Audit::NewStub(*channel), flags);
+  const std::shared_ptr<grpc::Channel> channel = channel_to(service);
+  if (channel == nullptr) return 2;
+  if (command == "grant-consent") return GrantConsent(*v1::Consent::NewStub(channel), flags);
+  if (command == "export-consents") return ExportConsents(*v1::Consent::NewStub(channel), flags);
+  if (command == "verify-chain") return VerifyChain(*v1::Audit::NewStub(channel), flags);
   if (command == "data-report") {
     v1::PatientDataReportRequest r;
     r.set_request_id(Get(flags, "request-id"));
     r.set_patient_id(Get(flags, "patient"));
-    auto audit = v1::Audit::NewStub(*channel);
+    auto audit = v1::Audit::NewStub(channel);
     return Call(&v1::Audit::Stub::PatientDataReport, *audit, r);
   }
   if (service == "sharing") {
-    auto sharing = v1::RecordSharing::NewStub(*channel);
+    auto sharing = v1::RecordSharing::NewStub(channel);
     if (command == "upload-record") return UploadRecord(*sharing, flags);
     if (command == "download-record") return DownloadRecord(*sharing, flags);
     if (command == "export-records") return ExportRecords(*sharing, flags);
@@ -873,13 +1002,13 @@ int Run(int argc, char** argv) {
     // A patient's years of samples are deleted 10,000 a transaction: a generous deadline.
     context.set_deadline(Deadline(std::chrono::seconds(600)));
     v1::EraseVitalsResponse response;
-    return Print(v1::DeviceIngest::NewStub(*channel)->EraseVitals(&context, r, &response),
+    return Print(v1::DeviceIngest::NewStub(channel)->EraseVitals(&context, r, &response),
                  response);
   }
   if (command == "export-vitals") {
-    return ExportVitals(*v1::DeviceIngest::NewStub(*channel), flags);
+    return ExportVitals(*v1::DeviceIngest::NewStub(channel), flags);
   }
-  auto stub = v1::TenantRouting::NewStub(*channel);
+  auto stub = v1::TenantRouting::NewStub(channel);
   using S = v1::TenantRouting::Stub;
   if (command == "upsert-tenant") {
     v1::UpsertTenantRequest r;

@@ -137,8 +137,8 @@ class CtlTest : public ::testing::Test {
         .as<int64_t>();
   }
 
-  // `command` (export-records, export-consents) of `patient` to `out`, refused to a practitioner
-  // with nothing written, then run by the app: the app's run.
+  // `command` (export-records, export-consents, export-patient) of `patient` to `out`, refused
+  // to a practitioner with nothing written, then run by the app: the app's run.
   static CtlRun ExportAfterARefusal(const std::string& command, const std::string& patient,
                                     const std::string& out) {
     const std::string arguments = absl::StrCat(
@@ -163,6 +163,18 @@ class CtlTest : public ::testing::Test {
                                              " --purpose CARE --evidence ctl-form"));
     EXPECT_EQ(granted.exit_code, 0) << granted.output;
     return granted.exit_code == 0 ? patient : "";
+  }
+
+  // `count` heart rates of `patient` from `device` (seq 1..count, a minute apart from five days
+  // ago), stored straight into fr-1.
+  static void StoreHeartRates(const std::string& patient, const std::string& device, int count) {
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::nontransaction q(c);
+    q.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', $2, g, $1, '8867-4', 60 + g % 40, '/min', "
+        "now() - interval '5 days' + g * interval '1 minute' FROM generate_series(1, $3) g",
+        patient, device, count);
   }
 
   // The value of `"field": "..."` in medgate-ctl's JSON output.
@@ -909,15 +921,7 @@ TEST_F(CtlTest, ExportsAPatientsVitalsToAFileAndErasesThem) {
   const std::string patient = Field(placed.output, "patient_id");
   ASSERT_FALSE(patient.empty()) << placed.output;
   // 6,000 readings in the patient's shard: two pages of the export.
-  {
-    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
-    pqxx::nontransaction q(c);
-    q.exec_params0(
-        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
-        "measured_at) SELECT 'acme', 'dev-ctl', g, $1, '8867-4', 60 + g % 40, '/min', "
-        "now() - interval '5 days' + g * interval '1 minute' FROM generate_series(1, 6000) g",
-        patient);
-  }
+  StoreHeartRates(patient, "dev-ctl", 6000);
   const std::string dir = stack_->dir() + "/ctl-vitals";
   std::filesystem::create_directories(dir);
   const std::string out = dir + "/observations.ndjson";
@@ -1070,6 +1074,72 @@ TEST_F(CtlTest, ExportsAPatientsConsentsToAFile) {
   EXPECT_THAT(lines[0], HasSubstr("\"code\":\"CARE\""));
   EXPECT_THAT(lines[1], HasSubstr("\"code\":\"GEOLOCATION\""));
   EXPECT_THAT(lines[1], HasSubstr("app-event-3"));
+}
+
+TEST_F(CtlTest, ExportsEverythingOfAPatientToOneDirectoryOrNothing) {
+  const std::string patient = PlaceWithCare("ctl-export-patient");
+  ASSERT_FALSE(patient.empty());
+  CtlRun geolocation = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
+                                               " --purpose GEOLOCATION --evidence app-event-9"));
+  ASSERT_EQ(geolocation.exit_code, 0) << geolocation.output;
+  StoreHeartRates(patient, "dev-ctl-patient", 30);
+  const std::string dir = stack_->dir() + "/ctl-export-patient";
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/letter.txt", std::ios::binary) << "Dear colleague,\n";
+  CtlRun uploaded = Ctl("practitioner", absl::StrCat("upload-record --patient ", patient,
+                                                     " --content-type text/plain --file ", dir,
+                                                     "/letter.txt"));
+  ASSERT_EQ(uploaded.exit_code, 0) << uploaded.output;
+  const std::string record = Field(uploaded.output, "record_id");
+
+  const std::string out = dir + "/export";
+  CtlRun exported = ExportAfterARefusal("export-patient", patient, out);
+  ASSERT_EQ(exported.exit_code, 0) << exported.output;
+  EXPECT_THAT(exported.output,
+              HasSubstr("consents: 2\nconsent versions: 2\nobservations: 30\nrecords: 1\n"
+                        "bytes: 16\n"));
+  const std::vector<std::string> consents =
+      absl::StrSplit(ReadFile(out + "/Consent.ndjson"), '\n', absl::SkipEmpty());
+  ASSERT_EQ(consents.size(), 2u);
+  EXPECT_THAT(consents[1], HasSubstr("app-event-9"));
+  const std::vector<std::string> observations =
+      absl::StrSplit(ReadFile(out + "/Observation.ndjson"), '\n', absl::SkipEmpty());
+  ASSERT_EQ(observations.size(), 30u);
+  for (const std::string& line : observations) {
+    EXPECT_THAT(line, StartsWith("{\"resourceType\":\"Observation\","));
+    EXPECT_THAT(line, HasSubstr(absl::StrCat("\"value\":\"", patient, "\"")));
+  }
+  const std::vector<std::string> documents =
+      absl::StrSplit(ReadFile(out + "/DocumentReference.ndjson"), '\n', absl::SkipEmpty());
+  ASSERT_EQ(documents.size(), 1u);
+  EXPECT_THAT(documents[0], HasSubstr(absl::StrCat("\"url\":\"content/", record, "\"")));
+  EXPECT_EQ(ReadFile(out + "/content/" + record), "Dear colleague,\n");
+  EXPECT_EQ(std::filesystem::status(out).permissions() & std::filesystem::perms::all,
+            std::filesystem::perms::owner_all);
+  // Each part is audited where the patient's data is, under the one request id printed.
+  EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: consents=2 versions=2 %"),
+            1);
+  EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: observations=30%"), 1);
+  EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: bytes=16%"), 1);
+
+  // The last part fails (a record damaged in the shard): the consents and vitals already read
+  // are not left behind either.
+  pqxx::connection shard(stack_->clusters().region("fr-1").ConnectionString());
+  pqxx::nontransaction n(shard);
+  const std::string flip =
+      "UPDATE record_chunks SET ciphertext = set_byte(ciphertext, 3, "
+      "get_byte(ciphertext, 3) # 1) WHERE record_id = $1 AND chunk_index = 0";
+  n.exec_params0(flip, record);
+  CtlRun damaged = Ctl("app", absl::StrCat("export-patient --patient ", patient,
+                                           " --reason 'the patient asked for a copy' --out ", dir,
+                                           "/damaged"));
+  n.exec_params0(flip, record);  // flipped back
+  EXPECT_EQ(damaged.exit_code, 1) << damaged.output;
+  EXPECT_THAT(damaged.output, HasSubstr("the patient's records: DATA_LOSS"));
+  EXPECT_THAT(damaged.output, HasSubstr(record));
+  EXPECT_THAT(damaged.output, HasSubstr("nothing was written"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/damaged"));
+  EXPECT_EQ(CountFiles(dir, "damaged.partial"), 0);
 }
 
 TEST_F(CtlTest, RefusesACommandLineItCannotReadBeforeAnythingIsSent) {

@@ -12,6 +12,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 
@@ -168,10 +169,22 @@ TEST(ParseCommandLineTest, ARefusalEndsWithTheCommandsUsage) {
   EXPECT_THAT(Refusal("--bogus"), HasSubstr("verify-chain"));
 }
 
-TEST(UsageTest, NamesEveryFlagOfEveryCommand) {
+TEST(UsageTest, ShowsEveryCommandOnceAndNamesEveryFlag) {
   const std::string usage = Usage();
   for (const Command& command : Commands()) {
-    EXPECT_THAT(usage, HasSubstr(std::string(command.name))) << command.name;
+    // Its own lines, under its service's heading: the name alone also appears in other lines.
+    const std::string lines(command.usage);
+    ASSERT_FALSE(lines.empty()) << command.name;
+    const size_t at = usage.find(lines);
+    ASSERT_NE(at, std::string::npos) << command.name << " is not in the usage";
+    EXPECT_EQ(usage.find(lines, at + 1), std::string::npos) << command.name << " twice";
+    const size_t heading = usage.rfind("commands (", at);
+    ASSERT_NE(heading, std::string::npos) << command.name;
+    EXPECT_EQ(usage.substr(heading, usage.find('\n', heading) - heading),
+              absl::StrCat("commands (",
+                           absl::StrContains(command.service, ',') ? "services" : "service", ": ",
+                           command.service, "):"))
+        << command.name;
     for (const auto& flags : {command.value_flags, command.switches}) {
       for (absl::string_view flag : flags) {
         EXPECT_THAT(std::string(command.usage) + usage, HasSubstr("--" + std::string(flag)))
