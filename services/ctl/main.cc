@@ -524,6 +524,7 @@ class OutDir {
     if (mkdtemp(tmp_path.data()) == nullptr) {  // created 0700
       return absl::StrCat("--out: cannot write beside '", out_path, "': ", std::strerror(errno));
     }
+    std::signal(SIGXFSZ, SIG_IGN);  // past a file size limit: a failed write, not a killed process
     {
       std::lock_guard<std::mutex> lock(g_out_dir_mu);
       tmp_path_ = std::move(tmp_path);  // only a directory this created is removed

@@ -1032,6 +1032,17 @@ TEST_F(CtlTest, ExportsAPatientsRecordsToADirectory) {
   EXPECT_EQ(again.exit_code, 1) << again.output;
   EXPECT_THAT(again.output, HasSubstr("exists; name a directory that does not"));
 
+  // A write that fails (past a 1 KiB file size limit, as a full disk would): exit 1, and no
+  // directory, not even in part.
+  CtlRun too_big = Ctl("app",
+                       absl::StrCat("export-records --patient ", patient, " ", why, " --out ",
+                                    dir, "/too-big"),
+                       "ulimit -f 2; ");
+  EXPECT_EQ(too_big.exit_code, 1) << too_big.output;
+  EXPECT_THAT(too_big.output, HasSubstr("failed: File too large"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/too-big"));
+  EXPECT_EQ(CountFiles(dir, "too-big.partial"), 0);
+
   // A record damaged in the shard: DATA_LOSS, and no directory, not even in part.
   pqxx::connection shard(stack_->clusters().region("fr-1").ConnectionString());
   pqxx::nontransaction n(shard);
@@ -1121,6 +1132,17 @@ TEST_F(CtlTest, ExportsEverythingOfAPatientToOneDirectoryOrNothing) {
             1);
   EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: observations=30%"), 1);
   EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: bytes=16%"), 1);
+
+  // A write that fails (past a 1 KiB file size limit, as a full disk would): exit 1, nothing left.
+  CtlRun too_big = Ctl("app",
+                       absl::StrCat("export-patient --patient ", patient,
+                                    " --reason 'the patient asked for a copy' --out ", dir,
+                                    "/too-big"),
+                       "ulimit -f 2; ");
+  EXPECT_EQ(too_big.exit_code, 1) << too_big.output;
+  EXPECT_THAT(too_big.output, HasSubstr("failed: File too large"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/too-big"));
+  EXPECT_EQ(CountFiles(dir, "too-big.partial"), 0);
 
   // The last part fails (a record damaged in the shard): the consents and vitals already read
   // are not left behind either.
