@@ -151,6 +151,18 @@ class CtlTest : public ::testing::Test {
     return Ctl("app", arguments);
   }
 
+  // The app's export `arguments` to a directory in `dir`, past a 1 KiB file size limit (as a full
+  // disk would fail its writes): exit 1 with the write's error, and no directory, not even in part.
+  static void ExpectAFailedWriteToLeaveNothing(const std::string& arguments,
+                                               const std::string& dir) {
+    CtlRun too_big =
+        Ctl("app", absl::StrCat(arguments, " --out ", dir, "/too-big"), "ulimit -f 2; ");
+    EXPECT_EQ(too_big.exit_code, 1) << too_big.output;
+    EXPECT_THAT(too_big.output, HasSubstr("failed: File too large"));
+    EXPECT_FALSE(std::filesystem::exists(dir + "/too-big"));
+    EXPECT_EQ(CountFiles(dir, "too-big.partial"), 0);
+  }
+
   // Places a patient in FR and records its CARE consent, through medgate-ctl: the patient's id,
   // or empty (and a failure) when either command failed.
   static std::string PlaceWithCare(const std::string& ref) {
@@ -175,6 +187,14 @@ class CtlTest : public ::testing::Test {
         "measured_at) SELECT 'acme', $2, g, $1, '8867-4', 60 + g % 40, '/min', "
         "now() - interval '5 days' + g * interval '1 minute' FROM generate_series(1, $3) g",
         patient, device, count);
+  }
+
+  // Records the patient's GEOLOCATION consent, on `evidence`, through medgate-ctl.
+  static bool GrantGeolocation(const std::string& patient, const std::string& evidence) {
+    CtlRun granted = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
+                                             " --purpose GEOLOCATION --evidence ", evidence));
+    EXPECT_EQ(granted.exit_code, 0) << granted.output;
+    return granted.exit_code == 0;
   }
 
   // The value of `"field": "..."` in medgate-ctl's JSON output.
@@ -1032,16 +1052,8 @@ TEST_F(CtlTest, ExportsAPatientsRecordsToADirectory) {
   EXPECT_EQ(again.exit_code, 1) << again.output;
   EXPECT_THAT(again.output, HasSubstr("exists; name a directory that does not"));
 
-  // A write that fails (past a 1 KiB file size limit, as a full disk would): exit 1, and no
-  // directory, not even in part.
-  CtlRun too_big = Ctl("app",
-                       absl::StrCat("export-records --patient ", patient, " ", why, " --out ",
-                                    dir, "/too-big"),
-                       "ulimit -f 2; ");
-  EXPECT_EQ(too_big.exit_code, 1) << too_big.output;
-  EXPECT_THAT(too_big.output, HasSubstr("failed: File too large"));
-  EXPECT_FALSE(std::filesystem::exists(dir + "/too-big"));
-  EXPECT_EQ(CountFiles(dir, "too-big.partial"), 0);
+  ExpectAFailedWriteToLeaveNothing(
+      absl::StrCat("export-records --patient ", patient, " ", why), dir);
 
   // A record damaged in the shard: DATA_LOSS, and no directory, not even in part.
   pqxx::connection shard(stack_->clusters().region("fr-1").ConnectionString());
@@ -1063,9 +1075,7 @@ TEST_F(CtlTest, ExportsAPatientsRecordsToADirectory) {
 TEST_F(CtlTest, ExportsAPatientsConsentsToAFile) {
   const std::string patient = PlaceWithCare("ctl-export-consents");
   ASSERT_FALSE(patient.empty());
-  CtlRun geolocation = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
-                                               " --purpose GEOLOCATION --evidence app-event-3"));
-  ASSERT_EQ(geolocation.exit_code, 0) << geolocation.output;
+  ASSERT_TRUE(GrantGeolocation(patient, "app-event-3"));
   const std::string dir = stack_->dir() + "/ctl-export-consents";
   std::filesystem::create_directories(dir);
   const std::string out = dir + "/consents.ndjson";
@@ -1090,9 +1100,7 @@ TEST_F(CtlTest, ExportsAPatientsConsentsToAFile) {
 TEST_F(CtlTest, ExportsEverythingOfAPatientToOneDirectoryOrNothing) {
   const std::string patient = PlaceWithCare("ctl-export-patient");
   ASSERT_FALSE(patient.empty());
-  CtlRun geolocation = Ctl("app", absl::StrCat("grant-consent --patient ", patient,
-                                               " --purpose GEOLOCATION --evidence app-event-9"));
-  ASSERT_EQ(geolocation.exit_code, 0) << geolocation.output;
+  ASSERT_TRUE(GrantGeolocation(patient, "app-event-9"));
   StoreHeartRates(patient, "dev-ctl-patient", 30);
   const std::string dir = stack_->dir() + "/ctl-export-patient";
   std::filesystem::create_directories(dir);
@@ -1133,16 +1141,8 @@ TEST_F(CtlTest, ExportsEverythingOfAPatientToOneDirectoryOrNothing) {
   EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: observations=30%"), 1);
   EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: bytes=16%"), 1);
 
-  // A write that fails (past a 1 KiB file size limit, as a full disk would): exit 1, nothing left.
-  CtlRun too_big = Ctl("app",
-                       absl::StrCat("export-patient --patient ", patient,
-                                    " --reason 'the patient asked for a copy' --out ", dir,
-                                    "/too-big"),
-                       "ulimit -f 2; ");
-  EXPECT_EQ(too_big.exit_code, 1) << too_big.output;
-  EXPECT_THAT(too_big.output, HasSubstr("failed: File too large"));
-  EXPECT_FALSE(std::filesystem::exists(dir + "/too-big"));
-  EXPECT_EQ(CountFiles(dir, "too-big.partial"), 0);
+  ExpectAFailedWriteToLeaveNothing(
+      absl::StrCat("export-patient --patient ", patient, " --reason 'a copy of everything'"), dir);
 
   // The last part fails (a record damaged in the shard): the consents and vitals already read
   // are not left behind either.
