@@ -1,6 +1,10 @@
 // Validation of request fields.
 #include "libs/common/validation.h"
 
+#include <algorithm>
+#include <string>
+#include <vector>
+
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
@@ -40,11 +44,18 @@ class MediaTypeReader {
     if (std::string e = RestrictedName("type"); !e.empty()) return e;
     if (!Take('/')) return Expected("'/' after the type");
     if (std::string e = RestrictedName("subtype"); !e.empty()) return e;
+    std::vector<std::string> names;  // lower case: parameter names are case-insensitive
     while (at_ < text_.size()) {
       Take(' ');
       if (!Take(';')) return Expected("';' before a parameter");
       Take(' ');
+      const size_t name_at = at_;
       if (Count(IsTokenChar) == 0) return Expected("a parameter name");
+      std::string name = absl::AsciiStrToLower(text_.substr(name_at, at_ - name_at));
+      if (std::find(names.begin(), names.end(), name) != names.end()) {
+        return absl::StrCat("the parameter '", name, "' at byte ", name_at, " is given twice");
+      }
+      names.push_back(std::move(name));
       if (!Take('=')) return Expected("'=' after the parameter name");
       if (Peek() == '"') {
         if (std::string e = QuotedString(); !e.empty()) return e;

@@ -21,7 +21,8 @@ absl::Status ValidateText(absl::string_view value, absl::string_view field, size
 // A media type (RFC 6838 section 4.2 names, RFC 9110 section 8.3.1 parameters), such as
 // "application/pdf" or "text/plain; charset=utf-8": TYPE/SUBTYPE of 1..127 of [A-Za-z0-9] then
 // [A-Za-z0-9!#$&^_.+-] each, then parameters ";NAME=VALUE" (NAME a token, VALUE a token or a
-// quoted string), with at most one space on either side of each ';'. ASCII only, 1..max_bytes,
+// quoted string; each name once, whatever its case), with at most one space on either side of
+// each ';'. ASCII only, 1..max_bytes,
 // no two spaces in a row and none at either end, so that the value is also a FHIR `code`.
 // INVALID_ARGUMENT naming `field`, what is wrong and its byte offset otherwise.
 absl::Status ValidateMediaType(absl::string_view value, absl::string_view field,

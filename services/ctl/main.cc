@@ -165,9 +165,9 @@ int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
     return Fail(absl::StrCat(which, " name '", absl::CHexEscape(file_name),
                              "' is not valid UTF-8; give the record a name with --file-name"));
   }
-  const std::string content_type = Get(flags, "content-type").empty()
-                                       ? "application/octet-stream"
-                                       : Get(flags, "content-type");
+  // Given empty, refused below as the service would refuse it.
+  const std::string content_type =
+      flags.contains("content-type") ? Get(flags, "content-type") : "application/octet-stream";
   // Refused here, before the file is read, as the service would refuse it (255 bytes: its bound).
   if (absl::Status valid = ValidateMediaType(content_type, "--content-type", 255); !valid.ok()) {
     return Fail(std::string(valid.message()));
@@ -516,6 +516,15 @@ class OutDir {
   std::string Open(const std::string& out_path) {
     out_path_ = out_path;
     if (out_path.empty()) return "--out: the directory to write the export to is required";
+    // Without them blocked in every thread (BlockStopSignals, before gRPC starts its threads),
+    // a stop could end the process before the thread below removes what it wrote.
+    sigset_t blocked;
+    pthread_sigmask(SIG_BLOCK, nullptr, &blocked);
+    for (int stop : {SIGINT, SIGTERM, SIGHUP}) {
+      if (sigismember(&blocked, stop) != 1) {
+        return "internal error: this command writes a directory without blocking stop signals";
+      }
+    }
     std::error_code error;
     if (std::filesystem::exists(out_path, error) || error) {
       return "--out: '" + out_path + "' exists; name a directory that does not";

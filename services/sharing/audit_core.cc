@@ -122,7 +122,8 @@ AuditCore::AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirec
       shards_(shards),
       directory_(directory),
       max_scanned_(max_scanned_per_page),
-      report_statement_timeout_(report_statement_timeout) {}
+      // 0 would be no bound at all in PostgreSQL's statement_timeout.
+      report_statement_timeout_(std::max(report_statement_timeout, absl::Milliseconds(1))) {}
 
 absl::StatusOr<pg::Pool*> AuditCore::PoolOf(const AuditLogRef& log) const {
   if (log.control) return &control_;
@@ -423,8 +424,8 @@ absl::StatusOr<PatientReport> AuditCore::Report(const CallContext& ctx,
   });
   if (counted.code() == absl::StatusCode::kDeadlineExceeded) {
     return absl::DeadlineExceededError(absl::StrCat(
-        "the patient's data in its home region ", home.region_id, " was not counted within the ",
-        "report's bound of ", absl::FormatDuration(report_statement_timeout_),
+        "the report's statement in the patient's home region ", home.region_id,
+        " was cancelled; its bound is ", absl::FormatDuration(report_statement_timeout_),
         " (the shard is busy, or the history very long); nothing was audited, ask again later (",
         counted.message(), ")"));
   }

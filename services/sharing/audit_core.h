@@ -126,7 +126,7 @@ class AuditCore {
   // `max_scanned_per_page`: how many entries of the time range one page filtered by actor may
   // read (kMaxAuditScannedPerPage; tests make it small). `report_statement_timeout`: the bound
   // on a data report's statement in the home shard (kReportStatementTimeout; tests make it
-  // small).
+  // small; at least 1 ms).
   AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirectory& directory,
             int64_t max_scanned_per_page = kMaxAuditScannedPerPage,
             absl::Duration report_statement_timeout = kReportStatementTimeout);

@@ -151,14 +151,16 @@ class CtlTest : public ::testing::Test {
     return Ctl("app", arguments);
   }
 
-  // The app's export `arguments` to a directory in `dir`, past a 1 KiB file size limit (as a full
-  // disk would fail its writes): exit 1 with the write's error, and no directory, not even in part.
+  // The app's export `arguments` to a directory in `dir`, past a file size limit of `kib` KiB (as
+  // a full disk would fail its writes): exit 1 with the write's error on the file `failing` (its
+  // path in the directory), and no directory, not even in part.
   static void ExpectAFailedWriteToLeaveNothing(const std::string& arguments,
-                                               const std::string& dir) {
-    CtlRun too_big =
-        Ctl("app", absl::StrCat(arguments, " --out ", dir, "/too-big"), "ulimit -f 2; ");
+                                               const std::string& dir, int kib,
+                                               const std::string& failing) {
+    CtlRun too_big = Ctl("app", absl::StrCat(arguments, " --out ", dir, "/too-big"),
+                         absl::StrCat("ulimit -f ", 2 * kib, "; "));  // in 512-byte blocks
     EXPECT_EQ(too_big.exit_code, 1) << too_big.output;
-    EXPECT_THAT(too_big.output, HasSubstr("failed: File too large"));
+    EXPECT_THAT(too_big.output, HasSubstr(absl::StrCat("/", failing, "' failed: File too large")));
     EXPECT_FALSE(std::filesystem::exists(dir + "/too-big"));
     EXPECT_EQ(CountFiles(dir, "too-big.partial"), 0);
   }
@@ -887,6 +889,12 @@ TEST_F(CtlTest, AFileNamedInAnotherEncodingIsGivenANameWithFileName) {
   EXPECT_THAT(bad_type.output,
               HasSubstr("--content-type: not a media type such as application/pdf or "
                         "text/plain; charset=utf-8 (expected '/' after the type at byte 4)"));
+  // Given empty, it is refused too, not taken for the default.
+  CtlRun empty_type =
+      Ctl("practitioner", absl::StrCat("upload-record --patient ", patient, " --file '", latin1,
+                                       "' --file-name resume.txt --content-type ''"));
+  EXPECT_NE(empty_type.exit_code, 0) << empty_type.output;
+  EXPECT_THAT(empty_type.output, HasSubstr("--content-type: must not be empty"));
   EXPECT_EQ(records(), 0);
 
   CtlRun named =
@@ -1053,7 +1061,8 @@ TEST_F(CtlTest, ExportsAPatientsRecordsToADirectory) {
   EXPECT_THAT(again.output, HasSubstr("exists; name a directory that does not"));
 
   ExpectAFailedWriteToLeaveNothing(
-      absl::StrCat("export-records --patient ", patient, " ", why), dir);
+      absl::StrCat("export-records --patient ", patient, " ", why), dir, 1,
+      "content/" + records[0]);
 
   // A record damaged in the shard: DATA_LOSS, and no directory, not even in part.
   pqxx::connection shard(stack_->clusters().region("fr-1").ConnectionString());
@@ -1141,8 +1150,15 @@ TEST_F(CtlTest, ExportsEverythingOfAPatientToOneDirectoryOrNothing) {
   EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: observations=30%"), 1);
   EXPECT_EQ(EntriesOfPrintedRequest(exported.output, patient, "EXPORTED: bytes=16%"), 1);
 
+  // Its last part too: the consents and vitals fit in 64 KiB, a record of 200 KiB does not.
+  std::ofstream(dir + "/scan.txt", std::ios::binary) << std::string(200 * 1024, 's');
+  CtlRun scan = Ctl("practitioner", absl::StrCat("upload-record --patient ", patient,
+                                                 " --content-type text/plain --file ", dir,
+                                                 "/scan.txt"));
+  ASSERT_EQ(scan.exit_code, 0) << scan.output;
   ExpectAFailedWriteToLeaveNothing(
-      absl::StrCat("export-patient --patient ", patient, " --reason 'a copy of everything'"), dir);
+      absl::StrCat("export-patient --patient ", patient, " --reason 'a copy of everything'"), dir,
+      64, "content/" + Field(scan.output, "record_id"));
 
   // The last part fails (a record damaged in the shard): the consents and vitals already read
   // are not left behind either.

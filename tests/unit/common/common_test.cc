@@ -331,6 +331,8 @@ TEST(ValidationTest, MediaTypesAreTypeSlashSubtypeWithTokenOrQuotedParameters) {
            {"text/plain; a=\"ends in \\\"", "the quoted string at byte 14 is not closed"},
            {"text/plain; a=b c", "expected ';' before a parameter at byte 16"},
            {"text/plain;  a=b", "two spaces in a row at byte 11"},
+           {"text/plain; charset=utf-8; Charset=latin1",
+            "the parameter 'charset' at byte 27 is given twice"},
            {" text/plain", "a space at either end at byte 0"},
            {"text/plain ", "a space at either end at byte 10"},
            {"text/pl\xc3\xa4in", "a byte past ASCII at byte 7"},
