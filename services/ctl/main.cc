@@ -243,12 +243,30 @@ int UploadRecord(v1::RecordSharing::Stub& stub, const Flags& flags) {
   return Print(writer->Finish(), response);
 }
 
-// The download in progress's file, removed if a signal ends the process first.
-char g_partial_path[4096];
+// What a stop (Ctrl-C, SIGTERM, SIGHUP) removes before the process ends: the partial file or
+// directory a download or an export is writing beside --out (OutFile, OutDir). Files are created
+// in it under the same lock, so nothing is added once it was removed.
+std::mutex g_partial_mu;
+std::string g_partial;  // guarded by g_partial_mu; empty when nothing is being written
 
-void RemovePartialAndExit(int signal) {
-  if (g_partial_path[0] != '\0') unlink(g_partial_path);  // async-signal-safe
-  _exit(128 + signal);
+// One thread takes the stop signals for the whole process: it removes g_partial and exits
+// 128 + the signal. Called before any other thread starts (gRPC's inherit the signals blocked).
+void WatchStopSignals() {
+  sigset_t stops;
+  sigemptyset(&stops);
+  sigaddset(&stops, SIGINT);
+  sigaddset(&stops, SIGTERM);
+  sigaddset(&stops, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &stops, nullptr);
+  std::signal(SIGXFSZ, SIG_IGN);  // past a file size limit: a failed write, not a killed process
+  std::thread([stops] {
+    int signal = 0;
+    sigwait(&stops, &signal);
+    std::lock_guard<std::mutex> lock(g_partial_mu);
+    std::error_code ignored;
+    if (!g_partial.empty()) std::filesystem::remove_all(g_partial, ignored);
+    _exit(128 + signal);
+  }).detach();
 }
 
 // Health data goes to --out only once all of it arrived and was checked: it is written to a file
@@ -269,24 +287,22 @@ class OutFile {
         !std::filesystem::is_regular_file(out_path, error)) {
       return "--out: '" + out_path + "' exists and is not a regular file";
     }
+    // Interrupted (Ctrl-C, a stop), the part received so far is removed too, even if just made.
+    std::lock_guard<std::mutex> lock(g_partial_mu);
     std::string tmp_path = out_path + ".partial-XXXXXX";
     fd_ = mkostemp(tmp_path.data(), O_CLOEXEC);  // created 0600, exclusively
     if (fd_ < 0) {
       return absl::StrCat("--out: cannot write beside '", out_path, "': ", std::strerror(errno));
     }
     tmp_path_ = std::move(tmp_path);  // only a file this created is removed
-    // Interrupted (Ctrl-C, a stop), the part received so far is removed too.
-    std::snprintf(g_partial_path, sizeof g_partial_path, "%s", tmp_path_.c_str());
-    std::signal(SIGINT, RemovePartialAndExit);
-    std::signal(SIGTERM, RemovePartialAndExit);
-    std::signal(SIGHUP, RemovePartialAndExit);
-    std::signal(SIGXFSZ, SIG_IGN);  // past a file size limit: a failed write, not a killed process
+    g_partial = tmp_path_;
     return "";
   }
   ~OutFile() {
     if (fd_ >= 0) close(fd_);
+    std::lock_guard<std::mutex> lock(g_partial_mu);
     if (!tmp_path_.empty()) std::remove(tmp_path_.c_str());
-    g_partial_path[0] = '\0';
+    g_partial.clear();
   }
 
   // False once a write failed (Commit says why): nothing more needs to be fetched.
@@ -310,11 +326,12 @@ class OutFile {
     if (write_error_ != 0) {
       return absl::StrCat("--out: writing '", tmp_path_, "' failed: ", std::strerror(write_error_));
     }
+    std::lock_guard<std::mutex> lock(g_partial_mu);
     if (std::rename(tmp_path_.c_str(), out_path_.c_str()) != 0) {
       return absl::StrCat("--out: cannot rename '", tmp_path_, "' to '", out_path_, "': ",
                           std::strerror(errno));
     }
-    g_partial_path[0] = '\0';  // a signal from now on leaves --out in place
+    g_partial.clear();  // a signal from now on leaves --out in place
     tmp_path_.clear();
     return "";
   }
@@ -499,66 +516,38 @@ int ExportVitals(v1::DeviceIngest::Stub& stub, const Flags& flags) {
 // An export's files go to the directory --out only once all of them arrived and were checked:
 // they are written into a directory only its owner may read, beside --out, renamed to --out when
 // the command succeeded, and removed otherwise, also when a signal (Ctrl-C, a stop) ends the
-// process first: a thread of its own takes those signals, blocked in every other thread.
+// process first (WatchStopSignals).
 class OutDir {
  public:
   OutDir() = default;
   OutDir(const OutDir&) = delete;
   OutDir& operator=(const OutDir&) = delete;
 
-  // Before any other thread starts (they inherit the blocked signals).
-  static void BlockStopSignals() {
-    sigset_t stops = StopSignals();
-    pthread_sigmask(SIG_BLOCK, &stops, nullptr);
-  }
-
   // An error message when --out cannot be made.
   std::string Open(const std::string& out_path) {
     out_path_ = out_path;
     if (out_path.empty()) return "--out: the directory to write the export to is required";
-    // Without them blocked in every thread (BlockStopSignals, before gRPC starts its threads),
-    // a stop could end the process before the thread below removes what it wrote.
-    sigset_t blocked;
-    pthread_sigmask(SIG_BLOCK, nullptr, &blocked);
-    for (int stop : {SIGINT, SIGTERM, SIGHUP}) {
-      if (sigismember(&blocked, stop) != 1) {
-        return "internal error: this command writes a directory without blocking stop signals";
-      }
-    }
     std::error_code error;
     if (std::filesystem::exists(out_path, error) || error) {
       return "--out: '" + out_path + "' exists; name a directory that does not";
     }
+    // Interrupted (Ctrl-C, a stop), what was written so far is removed too, even if just made.
+    std::lock_guard<std::mutex> lock(g_partial_mu);
     std::string tmp_path = out_path + ".partial-XXXXXX";
     if (mkdtemp(tmp_path.data()) == nullptr) {  // created 0700
       return absl::StrCat("--out: cannot write beside '", out_path, "': ", std::strerror(errno));
     }
-    std::signal(SIGXFSZ, SIG_IGN);  // past a file size limit: a failed write, not a killed process
-    {
-      std::lock_guard<std::mutex> lock(g_out_dir_mu);
-      tmp_path_ = std::move(tmp_path);  // only a directory this created is removed
-      g_out_dir_partial = tmp_path_;
-    }
-    std::thread([] {
-      sigset_t stops = StopSignals();
-      int signal = 0;
-      sigwait(&stops, &signal);
-      std::lock_guard<std::mutex> lock(g_out_dir_mu);
-      std::error_code ignored;
-      if (!g_out_dir_partial.empty()) std::filesystem::remove_all(g_out_dir_partial, ignored);
-      _exit(128 + signal);
-    }).detach();
-    // Created under the lock the signal thread takes: nothing is added once it removes.
-    std::lock_guard<std::mutex> lock(g_out_dir_mu);
+    tmp_path_ = std::move(tmp_path);  // only a directory this created is removed
+    g_partial = tmp_path_;
     if (mkdir((tmp_path_ + "/content").c_str(), 0700) != 0) return Failed("content");
     return "";
   }
   ~OutDir() {
     if (fd_ >= 0) close(fd_);
-    std::lock_guard<std::mutex> lock(g_out_dir_mu);
+    std::lock_guard<std::mutex> lock(g_partial_mu);
     std::error_code ignored;
     if (!tmp_path_.empty()) std::filesystem::remove_all(tmp_path_, ignored);
-    g_out_dir_partial.clear();
+    g_partial.clear();
   }
 
   // Starts the file `name` (a path inside the directory), ending the one before: false once a
@@ -566,7 +555,7 @@ class OutDir {
   bool Start(const std::string& name) {
     if (!EndFile()) return false;
     file_ = name;
-    std::lock_guard<std::mutex> lock(g_out_dir_mu);  // as Open's mkdir
+    std::lock_guard<std::mutex> lock(g_partial_mu);  // as Open's mkdir
     fd_ = open((tmp_path_ + "/" + name).c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd_ < 0) Failed(name);
     return fd_ >= 0;
@@ -595,13 +584,13 @@ class OutDir {
     if (problem_.empty()) SyncDirectory(tmp_path_ + "/content", "content");
     if (problem_.empty()) SyncDirectory(tmp_path_, ".");
     if (!problem_.empty()) return problem_;
-    std::lock_guard<std::mutex> lock(g_out_dir_mu);
+    std::lock_guard<std::mutex> lock(g_partial_mu);
     if (renameat2(AT_FDCWD, tmp_path_.c_str(), AT_FDCWD, out_path_.c_str(), RENAME_NOREPLACE) !=
         0) {
       return absl::StrCat("--out: cannot rename '", tmp_path_, "' to '", out_path_, "': ",
                           std::strerror(errno));
     }
-    g_out_dir_partial.clear();  // a signal from now on leaves --out in place
+    g_partial.clear();  // a signal from now on leaves --out in place
     tmp_path_.clear();
     const std::filesystem::path parent = std::filesystem::path(out_path_).parent_path();
     const std::string parent_path = parent.empty() ? std::string(".") : parent.string();
@@ -617,14 +606,6 @@ class OutDir {
   }
 
  private:
-  static sigset_t StopSignals() {
-    sigset_t stops;
-    sigemptyset(&stops);
-    sigaddset(&stops, SIGINT);
-    sigaddset(&stops, SIGTERM);
-    sigaddset(&stops, SIGHUP);
-    return stops;
-  }
   std::string Failed(const std::string& name) {
     if (problem_.empty()) {
       problem_ = absl::StrCat("--out: writing '", tmp_path_, "/", name, "' failed: ",
@@ -647,8 +628,6 @@ class OutDir {
     return problem_.empty();
   }
 
-  static inline std::mutex g_out_dir_mu;
-  static inline std::string g_out_dir_partial;  // what the signal thread removes
   std::string out_path_;
   std::string tmp_path_;
   std::string file_;
@@ -771,6 +750,15 @@ ExportRun FetchRecords(v1::RecordSharing::Stub& stub, v1::ExportPatientRecordsRe
   return run;
 }
 
+// What stopped an export into `out` (an OutDir at --out `out_path`): the message to fail with,
+// `part` (e.g. "the patient's vitals: ") before the export's own; empty when nothing did.
+std::string StoppedExport(const ExportRun& run, const OutDir& out, const std::string& out_path,
+                          absl::string_view part = "") {
+  if (run.write_failed) return out.problem();
+  if (run.failed.empty()) return "";
+  return absl::StrCat(part, run.failed, "; nothing was written to '", out_path, "'");
+}
+
 // A patient's records to --out (OutDir): DocumentReference.ndjson, one FHIR R4 DocumentReference a
 // line, and each record's content in content/<record_id>.
 int ExportRecords(v1::RecordSharing::Stub& stub, const Flags& flags) {
@@ -781,9 +769,8 @@ int ExportRecords(v1::RecordSharing::Stub& stub, const Flags& flags) {
       PatientExportRequest<v1::ExportPatientRecordsRequest>(flags, ExportRequestId(flags));
   std::string index;  // DocumentReference.ndjson, written last
   const ExportRun run = FetchRecords(stub, request, out, &index);
-  if (run.write_failed) return Fail(out.problem());
-  if (!run.failed.empty()) {
-    return Fail(absl::StrCat(run.failed, "; nothing was written to '", out_path, "'"));
+  if (std::string problem = StoppedExport(run, out, out_path); !problem.empty()) {
+    return Fail(problem);
   }
   if (!out.Start("DocumentReference.ndjson") || !out.Write(index)) return Fail(out.problem());
   if (std::string problem = out.Commit(); !problem.empty()) return Fail(problem);
@@ -855,12 +842,8 @@ int ExportPatient(PatientStubs& stubs, const Flags& flags) {
   if (std::string problem = out.Open(out_path); !problem.empty()) return Fail(problem);
   const std::string request_id = ExportRequestId(flags);
   const Append append = [&out](absl::string_view data) { return out.Write(data); };
-  // What stopped the export of `part`: the message to fail with, or empty when nothing did.
-  auto stopped = [&](absl::string_view part, const ExportRun& run) -> std::string {
-    if (run.write_failed) return out.problem();
-    if (run.failed.empty()) return "";
-    return absl::StrCat("the patient's ", part, ": ", run.failed, "; nothing was written to '",
-                        out_path, "'");
+  auto stopped = [&](absl::string_view part, const ExportRun& run) {
+    return StoppedExport(run, out, out_path, absl::StrCat("the patient's ", part, ": "));
   };
 
   const auto consents_request = PatientExportRequest<v1::ExportConsentsRequest>(flags, request_id);
@@ -948,9 +931,7 @@ int Run(int argc, char** argv) {
   }
   g_timeout = std::chrono::seconds(line->timeout_seconds);
   const std::string command(line->command->name);
-  if (command == "export-records" || command == "export-patient") {
-    OutDir::BlockStopSignals();  // before gRPC starts its threads
-  }
+  WatchStopSignals();  // before gRPC starts its threads
   const std::string service(line->command->service);
   const Flags& flags = line->flags;
   MedgateConfig config = LoadConfigOrExit(line->config_path);

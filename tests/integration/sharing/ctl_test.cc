@@ -151,18 +151,21 @@ class CtlTest : public ::testing::Test {
     return Ctl("app", arguments);
   }
 
-  // The app's export `arguments` to a directory in `dir`, past a file size limit of `kib` KiB (as
-  // a full disk would fail its writes): exit 1 with the write's error on the file `failing` (its
-  // path in the directory), and no directory, not even in part.
-  static void ExpectAFailedWriteToLeaveNothing(const std::string& arguments,
-                                               const std::string& dir, int kib,
-                                               const std::string& failing) {
-    CtlRun too_big = Ctl("app", absl::StrCat(arguments, " --out ", dir, "/too-big"),
+  // `identity`'s `command` (a download, an export) with --out `dir`/`out`, past a file size limit
+  // of `kib` KiB (as a full disk would fail its writes): exit 1 with the write's error (on the
+  // file `failing` of the directory, when given), and nothing at `out`, not even in part.
+  static void ExpectAFailedWriteToLeaveNothing(const std::string& identity,
+                                               const std::string& command,
+                                               const std::string& dir, const std::string& out,
+                                               int kib, const std::string& failing = "") {
+    CtlRun too_big = Ctl(identity, absl::StrCat(command, " --out ", dir, "/", out),
                          absl::StrCat("ulimit -f ", 2 * kib, "; "));  // in 512-byte blocks
     EXPECT_EQ(too_big.exit_code, 1) << too_big.output;
-    EXPECT_THAT(too_big.output, HasSubstr(absl::StrCat("/", failing, "' failed: File too large")));
-    EXPECT_FALSE(std::filesystem::exists(dir + "/too-big"));
-    EXPECT_EQ(CountFiles(dir, "too-big.partial"), 0);
+    EXPECT_THAT(too_big.output,
+                HasSubstr(absl::StrCat(failing.empty() ? "" : "/", failing,
+                                       "' failed: File too large")));
+    EXPECT_FALSE(std::filesystem::exists(dir + "/" + out));
+    EXPECT_EQ(CountFiles(dir, out + ".partial"), 0);
   }
 
   // Places a patient in FR and records its CARE consent, through medgate-ctl: the patient's id,
@@ -307,15 +310,8 @@ TEST_F(CtlTest, UploadsAndDownloadsARecordAndLeavesNothingOfAFailedDownload) {
   EXPECT_FALSE(std::filesystem::exists(dir + "/refused.txt"));
   EXPECT_EQ(CountFiles(dir, "refused.txt.partial"), 0);
 
-  // A write that fails (here past a 1 KiB file size limit, as a full disk would): exit 1, no file.
-  CtlRun too_big = Ctl("practitioner",
-                       absl::StrCat("download-record --record ", record, " --out ", dir,
-                                    "/too-big.txt"),
-                       "ulimit -f 2; ");
-  EXPECT_EQ(too_big.exit_code, 1) << too_big.output;
-  EXPECT_THAT(too_big.output, HasSubstr("writing"));
-  EXPECT_FALSE(std::filesystem::exists(dir + "/too-big.txt"));
-  EXPECT_EQ(CountFiles(dir, "too-big.txt.partial"), 0);
+  ExpectAFailedWriteToLeaveNothing("practitioner", "download-record --record " + record, dir,
+                                   "too-big.txt", 1);
 
   // --out naming something that is not a regular file is refused before anything is asked.
   CtlRun not_a_file = Ctl("practitioner", absl::StrCat("download-record --record ", record,
@@ -498,6 +494,21 @@ TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
   EXPECT_EQ(stalled.output.find("error:", 1), std::string::npos) << stalled.output;
   EXPECT_FALSE(std::filesystem::exists(dir + "/stalled.bin"));
   EXPECT_EQ(CountFiles(dir, "stalled.bin.partial"), 0);
+
+  // Stopped half way (SIGTERM, as a shutdown sends): the file it was writing goes with it.
+  scripted.Script({header(content.size(), sha), chunk(first)}, /*stall=*/true);
+  CtlRun stopped = test_support::RunShell(absl::StrCat(
+      MEDGATE_CTL_BINARY, " --config ", config, " --identity practitioner download-record ",
+      "--record fr-1.r-scripted --out ", dir, "/stopped.bin >/dev/null 2>&1 & pid=$!; ",
+      // Until the content's first part is on disk.
+      "for i in $(seq 100); do [ -n \"$(find ", dir, " -name 'stopped.bin.partial-*' -size +0 "
+      "2>/dev/null)\" ] && break; sleep 0.05; done; ",
+      "find ", dir, " -name 'stopped.bin.partial-*' | wc -l; kill -TERM $pid; wait $pid; "
+      "echo exit=$?"));
+  EXPECT_THAT(stopped.output, StartsWith("1\n")) << stopped.output;  // it was being written
+  EXPECT_THAT(stopped.output, HasSubstr("exit=143")) << stopped.output;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/stopped.bin"));
+  EXPECT_EQ(CountFiles(dir, "stopped.bin.partial"), 0);
   server.Shutdown();
   std::filesystem::remove_all(dir);
 }
@@ -1060,9 +1071,9 @@ TEST_F(CtlTest, ExportsAPatientsRecordsToADirectory) {
   EXPECT_EQ(again.exit_code, 1) << again.output;
   EXPECT_THAT(again.output, HasSubstr("exists; name a directory that does not"));
 
-  ExpectAFailedWriteToLeaveNothing(
-      absl::StrCat("export-records --patient ", patient, " ", why), dir, 1,
-      "content/" + records[0]);
+  ExpectAFailedWriteToLeaveNothing("app",
+                                   absl::StrCat("export-records --patient ", patient, " ", why),
+                                   dir, "too-big", 1, "content/" + records[0]);
 
   // A record damaged in the shard: DATA_LOSS, and no directory, not even in part.
   pqxx::connection shard(stack_->clusters().region("fr-1").ConnectionString());
@@ -1157,8 +1168,8 @@ TEST_F(CtlTest, ExportsEverythingOfAPatientToOneDirectoryOrNothing) {
                                                  "/scan.txt"));
   ASSERT_EQ(scan.exit_code, 0) << scan.output;
   ExpectAFailedWriteToLeaveNothing(
-      absl::StrCat("export-patient --patient ", patient, " --reason 'a copy of everything'"), dir,
-      64, "content/" + Field(scan.output, "record_id"));
+      "app", absl::StrCat("export-patient --patient ", patient, " --reason 'a copy of everything'"),
+      dir, "too-big", 64, "content/" + Field(scan.output, "record_id"));
 
   // The last part fails (a record damaged in the shard): the consents and vitals already read
   // are not left behind either.
