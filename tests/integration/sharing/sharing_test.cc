@@ -2582,15 +2582,21 @@ TEST_F(SharingTest, ADataReportPastItsStatementBoundSaysSoAuditsNothingAndGivesI
   ExtraSharing extra = StartSharingOn(
       ConfigWith("retention_sweep_seconds: 86400", "retention_sweep_seconds: 86400"), options);
   ASSERT_NE(extra.server, nullptr);
+  // A bound of 0 is taken as 1 ms: PostgreSQL would read 0 as no bound at all.
+  options.audit_report_statement_timeout = absl::ZeroDuration();
+  ExtraSharing unbounded = StartSharingOn(
+      ConfigWith("retention_sweep_seconds: 86400", "retention_sweep_seconds: 86400"), options);
+  ASSERT_NE(unbounded.server, nullptr);
   const std::string patient = Place("data-report-bound", "FR");
-  auto report = [&](const std::string& request_id) {
+  auto report = [&](const std::string& request_id, SharingServer* server = nullptr) {
     v1::PatientDataReportRequest request;
     request.set_patient_id(patient);
     request.set_request_id(request_id);
     v1::PatientDataReportResponse response;
     grpc::ClientContext context;
     context.set_deadline(absl::ToChronoTime(absl::Now() + kPatience));
-    return v1::Audit::NewStub(Channel(extra.server->audit_port(), pki_->app(), "audit"))
+    server = server != nullptr ? server : extra.server.get();
+    return v1::Audit::NewStub(Channel(server->audit_port(), pki_->app(), "audit"))
         ->PatientDataReport(&context, request, &response);
   };
   auto entries_of = [&](const std::string& request_id) {
@@ -2613,6 +2619,9 @@ TEST_F(SharingTest, ADataReportPastItsStatementBoundSaysSoAuditsNothingAndGivesI
           << request_id;
       EXPECT_THAT(status.error_message(), HasSubstr("nothing was audited")) << request_id;
     }
+    const grpc::Status zero = report("report-zero-bound", unbounded.server.get());
+    EXPECT_EQ(zero.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+    EXPECT_THAT(zero.error_message(), HasSubstr("was cancelled; its bound is 1ms"));
   }
   for (int i = 0; i < kMaxReportsPerTenant + 1; ++i) {
     EXPECT_EQ(entries_of(absl::StrCat("report-past-bound-", i)), 0) << i;
