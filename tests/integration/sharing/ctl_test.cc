@@ -168,6 +168,23 @@ class CtlTest : public ::testing::Test {
     EXPECT_EQ(CountFiles(dir, out + ".partial"), 0);
   }
 
+  // Runs the medgate-ctl command line `command`, whose --out is `dir`/`out`, in the background
+  // until `find` with `find_args` (naming its partial output) finds data written, then stops it
+  // with SIGTERM, as a shutdown would: it was writing, exits 143, and leaves nothing at `out`, not
+  // even in part.
+  static void ExpectAStopToLeaveNothing(const std::string& command, const std::string& find_args,
+                                        const std::string& dir, const std::string& out) {
+    CtlRun stopped = test_support::RunShell(absl::StrCat(
+        command, " >/dev/null 2>&1 & pid=$!; ",
+        "for i in $(seq 100); do [ -n \"$(find ", find_args, " -size +0 2>/dev/null)\" ] && "
+        "break; sleep 0.05; done; ",
+        "find ", find_args, " | wc -l; kill -TERM $pid; wait $pid; echo exit=$?"));
+    EXPECT_THAT(stopped.output, StartsWith("1\n")) << stopped.output;  // it was being written
+    EXPECT_THAT(stopped.output, HasSubstr("exit=143")) << stopped.output;
+    EXPECT_FALSE(std::filesystem::exists(dir + "/" + out));
+    EXPECT_EQ(CountFiles(dir, out + ".partial"), 0);
+  }
+
   // Places a patient in FR and records its CARE consent, through medgate-ctl: the patient's id,
   // or empty (and a failure) when either command failed.
   static std::string PlaceWithCare(const std::string& ref) {
@@ -497,18 +514,10 @@ TEST_F(CtlTest, ADownloadThatDoesNotMatchItsHeaderLeavesNoFile) {
 
   // Stopped half way (SIGTERM, as a shutdown sends): the file it was writing goes with it.
   scripted.Script({header(content.size(), sha), chunk(first)}, /*stall=*/true);
-  CtlRun stopped = test_support::RunShell(absl::StrCat(
-      MEDGATE_CTL_BINARY, " --config ", config, " --identity practitioner download-record ",
-      "--record fr-1.r-scripted --out ", dir, "/stopped.bin >/dev/null 2>&1 & pid=$!; ",
-      // Until the content's first part is on disk.
-      "for i in $(seq 100); do [ -n \"$(find ", dir, " -name 'stopped.bin.partial-*' -size +0 "
-      "2>/dev/null)\" ] && break; sleep 0.05; done; ",
-      "find ", dir, " -name 'stopped.bin.partial-*' | wc -l; kill -TERM $pid; wait $pid; "
-      "echo exit=$?"));
-  EXPECT_THAT(stopped.output, StartsWith("1\n")) << stopped.output;  // it was being written
-  EXPECT_THAT(stopped.output, HasSubstr("exit=143")) << stopped.output;
-  EXPECT_FALSE(std::filesystem::exists(dir + "/stopped.bin"));
-  EXPECT_EQ(CountFiles(dir, "stopped.bin.partial"), 0);
+  ExpectAStopToLeaveNothing(
+      absl::StrCat(MEDGATE_CTL_BINARY, " --config ", config, " --identity practitioner ",
+                   "download-record --record fr-1.r-scripted --out ", dir, "/stopped.bin"),
+      absl::StrCat(dir, " -name 'stopped.bin.partial-*'"), dir, "stopped.bin");
   server.Shutdown();
   std::filesystem::remove_all(dir);
 }
@@ -641,17 +650,9 @@ TEST_F(CtlTest, AnExportThatDoesNotMatchItsRecordsLeavesNoDirectory) {
 
   // Stopped half way (SIGTERM, as a shutdown sends): the directory it was writing goes with it.
   scripted.ScriptExport({{record("fr-1.r-1", content.size(), sha), chunk(first)}}, /*stall=*/true);
-  CtlRun stopped = test_support::RunShell(absl::StrCat(
-      command("stopped"), " >/dev/null 2>&1 & pid=$!; ",
-      // Until the content's first part is on disk.
-      "for i in $(seq 100); do [ -n \"$(find ", dir, "/in -path '*stopped.partial-*/content/*' "
-      "-size +0 2>/dev/null)\" ] && break; sleep 0.05; done; ",
-      "find ", dir, "/in -path '*stopped.partial-*/content/*' | wc -l; kill -TERM $pid; wait $pid; "
-      "echo exit=$?"));
-  EXPECT_THAT(stopped.output, StartsWith("1\n")) << stopped.output;  // it was being written
-  EXPECT_THAT(stopped.output, HasSubstr("exit=143")) << stopped.output;
-  EXPECT_FALSE(std::filesystem::exists(dir + "/in/stopped"));
-  EXPECT_EQ(CountFiles(dir + "/in", "stopped.partial"), 0);
+  ExpectAStopToLeaveNothing(command("stopped"),
+                            absl::StrCat(dir, "/in -path '*stopped.partial-*/content/*'"),
+                            dir + "/in", "stopped");
   server.Shutdown();
   std::filesystem::remove_all(dir);
 }
