@@ -22,16 +22,14 @@
 namespace medgate::device {
 namespace {
 
-// The device's own connection, no BDP probes (small batches and acks), and keepalive pings after
-// a minute without anything received, which find a connection that died without a word while
-// the stream waits.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> Dial(const DeviceOptions& options) {
-  ChannelOptions channel;
-  channel.bdp_probe = false;
-  channel.keepalive_time = absl::Seconds(60);
-  channel.keepalive_timeout = absl::Seconds(20);
-  return MakeChannel(options.address, options.tls, options.server_identity, channel);
+  return MakeChannel(options.address, options.tls, options.server_identity,
+                     DeviceChannelOptions(options));
 }
+
+// The longest backoff_max and ack_timeout Open takes: longer is a mistake (an infinite one would
+// overflow the waits), and a device waiting a day has lost its connection for good anyway.
+constexpr absl::Duration kLongestWait = absl::Hours(24);
 
 // True when the end of a stream refuses its batch in flight as such: every resend would be
 // refused the same way. One batch is in flight at a time, so a server's INVALID_ARGUMENT after it
@@ -58,14 +56,26 @@ absl::Duration ReconnectWait(absl::Duration jitter, absl::Duration retry_after,
   return jitter + std::clamp(retry_after, absl::ZeroDuration(), backoff_max);
 }
 
+ChannelOptions DeviceChannelOptions(const DeviceOptions& options) {
+  ChannelOptions channel;
+  channel.bdp_probe = false;
+  channel.keepalive_time = absl::Seconds(60);
+  channel.keepalive_timeout = absl::Seconds(20);
+  channel.reconnect_backoff_initial = options.backoff_initial;
+  channel.reconnect_backoff_max = options.backoff_max;
+  return channel;
+}
+
 absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(DeviceOptions options) {
   return Open(std::move(options), nullptr);
 }
 
 absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
     DeviceOptions options, std::shared_ptr<grpc::Channel> channel) {
-  if (options.ack_timeout <= absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("ack_timeout must be positive");
+  if (options.ack_timeout <= absl::ZeroDuration() || options.ack_timeout > kLongestWait) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ack_timeout must be positive and at most ", absl::FormatDuration(kLongestWait),
+                     ", not ", absl::FormatDuration(options.ack_timeout)));
   }
   if (options.backoff_initial <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("backoff_initial must be positive");
@@ -75,6 +85,11 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
         absl::StrCat("backoff_max (", absl::FormatDuration(options.backoff_max),
                      ") must be at least backoff_initial (",
                      absl::FormatDuration(options.backoff_initial), ")"));
+  }
+  if (options.backoff_max > kLongestWait) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backoff_max must be at most ", absl::FormatDuration(kLongestWait), ", not ",
+                     absl::FormatDuration(options.backoff_max)));
   }
   if (channel == nullptr) {
     // The ingest service's SPIFFE id, e.g. spiffe://TRUST_DOMAIN/service/ingest.
@@ -269,16 +284,15 @@ void DeviceClient::Loop() {
 void DeviceClient::Watchdog() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
-    const absl::Time now = absl::Now();
-    if (ack_due_ == absl::InfiniteFuture()) {
+    if (ack_due_ == kNoAckDue) {
       cv_.wait(lock);
-    } else if (now < ack_due_) {
-      cv_.wait_for(lock, absl::ToChronoNanoseconds(ack_due_ - now));
+    } else if (std::chrono::steady_clock::now() < ack_due_) {
+      cv_.wait_until(lock, ack_due_);
     } else {
       // Only an ack tells a live connection from one that died without a word (a half-open TCP
       // connection, where Write and Read wait forever). The cancelled stream ends its Write or
       // Read, and the sender reconnects and resends.
-      ack_due_ = absl::InfiniteFuture();
+      ack_due_ = kNoAckDue;
       ack_overdue_ = true;
       ++stats_.ack_timeouts;
       if (active_ != nullptr) active_->TryCancel();
@@ -315,18 +329,22 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
       first_send = batch.batch_seq() > maybe_sent_up_to_;
       maybe_sent_up_to_ = std::max(maybe_sent_up_to_, batch.batch_seq());
       ++stats_.batches_sent;
-      ack_due_ = absl::Now() + options_.ack_timeout;
+      // On the steady clock: a device's wall clock may step (at its first time sync), which would
+      // give up a healthy stream, or leave a dead one waiting.
+      ack_due_ = std::chrono::steady_clock::now() +
+                 std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                     absl::ToChronoNanoseconds(options_.ack_timeout));
       ack_overdue_ = false;
       cv_.notify_all();  // the watchdog
     }
-    const absl::Time sent = absl::Now();
+    const std::chrono::steady_clock::time_point sent = std::chrono::steady_clock::now();
     v1::IngestAck ack;
     const bool written = stream->Write(batch);
     const bool got_ack = written && stream->Read(&ack);
     bool overdue;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      ack_due_ = absl::InfiniteFuture();
+      ack_due_ = kNoAckDue;
       overdue = ack_overdue_;
     }
     if (!got_ack) {
@@ -362,7 +380,7 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
       std::lock_guard<std::mutex> lock(mu_);
       callback = on_ack_;
     }
-    if (callback) callback(ack, absl::Now() - sent);
+    if (callback) callback(ack, absl::FromChrono(std::chrono::steady_clock::now() - sent));
     if (ack.has_retryable_error()) {
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.retries;
@@ -415,11 +433,14 @@ absl::Status DeviceClient::RunStream(v1::DeviceIngest::Stub& stub, bool* answere
                                         std::move(unstored));
       count(resent);
     }
-    // The stream reached a server that works, and the buffer has its answer (or could not
-    // write it: the stream ends then, but WaitUntilAcked hears of what left the buffer).
-    *answered = true;
+    // WaitUntilAcked hears of what left the buffer, even when the file could not be written.
     cv_.notify_all();
+    // The stream ends when the buffer could not take the answer, and the batch goes again after
+    // a backoff that grows: a buffer that cannot be written (a full or read-only disk) would
+    // otherwise have the batch resent every backoff_initial, for as long as it lasts.
     RETURN_IF_ERROR(kept);
+    // The stream reached a server that works and the buffer has its answer.
+    *answered = true;
   }
 }
 

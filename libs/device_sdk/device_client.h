@@ -6,6 +6,7 @@
 #define MEDGATE_LIBS_DEVICE_SDK_DEVICE_CLIENT_H_
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <functional>
 #include <memory>
@@ -18,6 +19,7 @@
 #include "absl/time/time.h"
 #include "libs/common/config.h"
 #include "libs/device_sdk/batch_buffer.h"
+#include "libs/identity/credentials.h"
 #include "medgate/v1/ingest.grpc.pb.h"
 
 namespace medgate::device {
@@ -34,10 +36,14 @@ struct DeviceOptions {
   // Reconnects wait up to a backoff that doubles from backoff_initial to backoff_max, and starts
   // over after a stream on which a batch was acked or rejected.
   absl::Duration backoff_max = absl::Seconds(30);  // also bounds a server's retry_after
-  // (Open refuses a backoff_initial that is not positive, or a backoff_max below it.)
+  // (Open refuses a backoff_initial that is not positive, or a backoff_max below it or over a
+  // day.) The SDK's own channel reconnects its connection within the same bounds: gRPC's own
+  // backoff, up to 2 minutes, would leave streams failing at once for that long after a server
+  // came back.
   // How long a written batch may wait for its ack before the stream is given up for a reconnect
   // and a resend: a connection can die without either end being told. Longer than a server may
-  // hold an ack back (ingest's enqueue_wait, 10 s by default). Must be positive.
+  // hold an ack back (ingest's enqueue_wait, 10 s by default). Positive, at most a day. Timed on
+  // the steady clock.
   absl::Duration ack_timeout = absl::Seconds(30);
   // The first sample seq of a new buffer file (a new device, or one whose file was lost or
   // damaged); 0: the clock's microseconds since 1970. From the clock, a lost file's seqs are all
@@ -91,6 +97,11 @@ struct DeviceStats {
 // all come back at the same instant.
 absl::Duration ReconnectWait(absl::Duration jitter, absl::Duration retry_after,
                              absl::Duration backoff_max);
+
+// The SDK's own channel: no BDP probes (small batches and acks); keepalive pings after a minute
+// without anything received, which find a connection that died without a word while the stream
+// waits; and gRPC's reconnects of the connection between backoff_initial and backoff_max.
+ChannelOptions DeviceChannelOptions(const DeviceOptions& options);
 
 class DeviceClient {
  public:
@@ -157,7 +168,10 @@ class DeviceClient {
   // by one before it: those the buffer file had when opened). A later one's seqs reach a server
   // for the first time, so none of its samples can be a duplicate of one it sent.
   uint64_t maybe_sent_up_to_ = 0;
-  absl::Time ack_due_ = absl::InfiniteFuture();  // while a batch waits for its ack
+  // While a batch waits for its ack (steady clock); kNoAckDue otherwise.
+  static constexpr std::chrono::steady_clock::time_point kNoAckDue =
+      std::chrono::steady_clock::time_point::max();
+  std::chrono::steady_clock::time_point ack_due_ = kNoAckDue;
   bool ack_overdue_ = false;                     // the watchdog cancelled the active stream
   std::thread thread_;
   std::thread watchdog_;

@@ -3,10 +3,12 @@
 #include "libs/identity/credentials.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <iterator>
+#include <limits>
 
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/auth_metadata_processor.h>
@@ -180,17 +182,30 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& ad
   absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds =
       MakeChannelCredentials(tls, server_identity);
   if (!creds.ok()) return creds.status();
+  return grpc::CreateCustomChannel(address, *creds, ChannelArgumentsFor(options));
+}
+
+grpc::ChannelArguments ChannelArgumentsFor(const ChannelOptions& options) {
+  // gRPC takes milliseconds as an int: a longer duration is its largest.
+  auto ms = [](absl::Duration d) {
+    return static_cast<int>(
+        std::clamp<int64_t>(absl::ToInt64Milliseconds(d), 1, std::numeric_limits<int>::max()));
+  };
   grpc::ChannelArguments args;
   // Each channel gets its own connection so credentials are not shared across identities.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   if (!options.bdp_probe) args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
   if (options.keepalive_time > absl::ZeroDuration()) {
-    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS,
-                static_cast<int>(absl::ToInt64Milliseconds(options.keepalive_time)));
-    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
-                static_cast<int>(absl::ToInt64Milliseconds(options.keepalive_timeout)));
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, ms(options.keepalive_time));
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ms(options.keepalive_timeout));
   }
-  return grpc::CreateCustomChannel(address, *creds, args);
+  if (options.reconnect_backoff_initial > absl::ZeroDuration()) {
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, ms(options.reconnect_backoff_initial));
+  }
+  if (options.reconnect_backoff_max > absl::ZeroDuration()) {
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, ms(options.reconnect_backoff_max));
+  }
+  return args;
 }
 
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeServiceChannel(const ServiceEndpoint& target,

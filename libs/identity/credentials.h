@@ -8,6 +8,7 @@
 #include <grpcpp/channel.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/security/server_credentials.h>
+#include <grpcpp/support/channel_arguments.h>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -48,7 +49,15 @@ struct ChannelOptions {
   // pings every 30 s or more (ServiceServer).
   absl::Duration keepalive_time = absl::ZeroDuration();
   absl::Duration keepalive_timeout = absl::Seconds(20);
+  // How long the channel waits before its first reconnect after the connection failed, and at
+  // most between later ones (zero: gRPC's own, 1 s growing to 120 s). A client with a backoff
+  // of its own sets them to it, or streams fail at once while gRPC waits.
+  absl::Duration reconnect_backoff_initial = absl::ZeroDuration();
+  absl::Duration reconnect_backoff_max = absl::ZeroDuration();
 };
+
+// The gRPC channel arguments of `options` (MakeChannel's, before its credentials).
+grpc::ChannelArguments ChannelArgumentsFor(const ChannelOptions& options);
 
 // A channel to `address` (host:port) over mTLS, to the server whose certificate carries
 // `server_identity` (see MakeChannelCredentials).

@@ -339,6 +339,39 @@ TEST_F(DeviceClientTest, ASeqRestartThatCannotBeWrittenKeepsTheBatchInTheFile) {
   EXPECT_EQ((*reopened)->pending()[0].samples_size(), 3);
 }
 
+// While the buffer cannot take a server's answer (here: a seq restart, whose rewrite cannot be
+// made), the batch goes again after a backoff that grows, as after any failed stream: with the
+// backoff started over after each answer, it went every 0-1 ms here, for as long as the disk
+// stayed full. Growing from 1 ms, the waits come to about a second after a dozen sends; at most
+// 40 sends in 1.5 s allows for jitter that draws short waits, and is far under what a backoff
+// stuck at 1 ms sends (hundreds).
+TEST_F(DeviceClientTest, ABufferThatCannotTakeTheAnswerGetsABackoffThatGrows) {
+  options_.first_seq = 1;
+  options_.backoff_max = absl::Hours(1);
+  Connect([](int, Stream& io) {
+    v1::VitalsBatch batch;
+    while (io.Read(&batch)) {
+      v1::IngestAck ack;
+      ack.set_batch_seq(batch.batch_seq());
+      ack.set_duplicate_count(static_cast<uint32_t>(batch.samples_size()));
+      ack.set_highest_committed_seq(1'000'000);
+      io.Write(ack);
+    }
+    return grpc::Status::OK;
+  });
+  ASSERT_TRUE(client_->Send(Samples(3)).ok());
+  std::filesystem::create_directory(options_.buffer_path + ".tmp");
+  client_->Start();
+  absl::SleepFor(absl::Milliseconds(1500));
+  const DeviceStats stats = client_->stats();
+  client_->Stop();
+  std::filesystem::remove(options_.buffer_path + ".tmp");
+  EXPECT_GE(stats.batches_sent, 1u);
+  EXPECT_LE(stats.batches_sent, 40u);
+  EXPECT_EQ(stats.batches_acked, 0u);
+  EXPECT_EQ(client_->pending(), 1u);
+}
+
 // A device's samples as a server with a cursor stores them: a sample at or below the device's
 // highest stored seq is a duplicate. Each stored sample's value, with its seq.
 class CursorServer {
@@ -550,9 +583,18 @@ TEST_F(DeviceClientTest, OpenReportsABufferFileThatCannotBeOpened) {
   EXPECT_NE(status.message().find(std::strerror(ELOOP)), absl::string_view::npos) << status;
 }
 
-TEST_F(DeviceClientTest, OpenRefusesAnAckTimeoutThatIsNotPositive) {
-  options_.ack_timeout = absl::ZeroDuration();
-  EXPECT_EQ(DeviceClient::Open(options_).status().code(), absl::StatusCode::kInvalidArgument);
+// Not positive, the watchdog would give up every stream at once; over a day (an infinite one),
+// its deadline would overflow.
+TEST_F(DeviceClientTest, OpenRefusesAnAckTimeoutThatIsNotPositiveOrOverADay) {
+  for (absl::Duration timeout :
+       {absl::ZeroDuration(), absl::Hours(24) + absl::Seconds(1), absl::InfiniteDuration()}) {
+    options_.ack_timeout = timeout;
+    absl::Status status = DeviceClient::Open(options_).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << timeout;
+    EXPECT_NE(status.message().find("ack_timeout"), absl::string_view::npos) << status;
+  }
+  options_.ack_timeout = absl::Hours(24);
+  EXPECT_TRUE(DeviceClient::Open(options_).ok());
 }
 
 // A backoff of zero would reconnect in a tight loop against a server that refuses the device.
@@ -568,6 +610,27 @@ TEST_F(DeviceClientTest, OpenRefusesABackoffThatCouldSpin) {
   status = DeviceClient::Open(inverted).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(status.message().find("backoff_max"), absl::string_view::npos) << status;
+  // An infinite backoff_max would overflow the jittered wait.
+  for (absl::Duration longest : {absl::Hours(24) + absl::Seconds(1), absl::InfiniteDuration()}) {
+    DeviceOptions endless = options_;
+    endless.backoff_max = longest;
+    status = DeviceClient::Open(endless).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << longest;
+    EXPECT_NE(status.message().find("backoff_max must be at most 24h"), absl::string_view::npos)
+        << status;
+  }
+}
+
+// The SDK's own channel reconnects within the SDK's backoff: with gRPC's (up to 2 minutes), its
+// streams would fail at once for that long after a server came back.
+TEST_F(DeviceClientTest, TheChannelReconnectsWithinTheBackoff) {
+  options_.backoff_initial = absl::Milliseconds(250);
+  options_.backoff_max = absl::Seconds(7);
+  const ChannelOptions channel = DeviceChannelOptions(options_);
+  EXPECT_EQ(channel.reconnect_backoff_initial, absl::Milliseconds(250));
+  EXPECT_EQ(channel.reconnect_backoff_max, absl::Seconds(7));
+  EXPECT_FALSE(channel.bdp_probe);
+  EXPECT_GT(channel.keepalive_time, absl::ZeroDuration());
 }
 
 // Without the server's identity the SDK could not tell the ingest service from any other

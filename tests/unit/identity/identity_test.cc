@@ -1,6 +1,8 @@
 // Unit tests of libs/identity's pure parts: SPIFFE id parsing and the per-RPC role check.
 #include <gtest/gtest.h>
 
+#include <limits>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -8,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 
 #include "libs/identity/authz.h"
+#include "libs/identity/credentials.h"
 #include "libs/identity/principal.h"
 
 namespace medgate {
@@ -133,6 +136,43 @@ TEST(RpcPolicyTest, TenantGateDecidesForTenantIdentitiesOnly) {
   EXPECT_EQ(policy.Check(acme, "Resolve").message(), "an app identity may not call Resolve");
   EXPECT_EQ(policy.Check(globex, "Resolve").message(),
             "a practitioner identity may not call Resolve");
+}
+
+// The integer channel argument `key` of `args`, if set.
+std::optional<int> IntArg(const grpc::ChannelArguments& args, const char* key) {
+  const grpc_channel_args c = args.c_channel_args();
+  for (size_t i = 0; i < c.num_args; ++i) {
+    if (std::string(c.args[i].key) == key && c.args[i].type == GRPC_ARG_INTEGER) {
+      return c.args[i].value.integer;
+    }
+  }
+  return std::nullopt;
+}
+
+// A channel's reconnects follow the client's own backoff when it has one; gRPC's otherwise.
+TEST(ChannelArgumentsTest, ReconnectBackoffsAreSetOnlyWhenGiven) {
+  const grpc::ChannelArguments defaults = ChannelArgumentsFor(ChannelOptions{});
+  EXPECT_EQ(IntArg(defaults, GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS), std::nullopt);
+  EXPECT_EQ(IntArg(defaults, GRPC_ARG_MAX_RECONNECT_BACKOFF_MS), std::nullopt);
+  EXPECT_EQ(IntArg(defaults, GRPC_ARG_KEEPALIVE_TIME_MS), std::nullopt);
+  EXPECT_EQ(IntArg(defaults, GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL), 1);
+
+  const grpc::ChannelArguments set = ChannelArgumentsFor(
+      ChannelOptions{.bdp_probe = false,
+                     .keepalive_time = absl::Seconds(60),
+                     .keepalive_timeout = absl::Seconds(20),
+                     .reconnect_backoff_initial = absl::Milliseconds(100),
+                     .reconnect_backoff_max = absl::Seconds(30)});
+  EXPECT_EQ(IntArg(set, GRPC_ARG_HTTP2_BDP_PROBE), 0);
+  EXPECT_EQ(IntArg(set, GRPC_ARG_KEEPALIVE_TIME_MS), 60000);
+  EXPECT_EQ(IntArg(set, GRPC_ARG_KEEPALIVE_TIMEOUT_MS), 20000);
+  EXPECT_EQ(IntArg(set, GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS), 100);
+  EXPECT_EQ(IntArg(set, GRPC_ARG_MAX_RECONNECT_BACKOFF_MS), 30000);
+
+  // gRPC takes an int of milliseconds: a longer duration is its largest, not a wrapped one.
+  const grpc::ChannelArguments longest =
+      ChannelArgumentsFor(ChannelOptions{.reconnect_backoff_max = absl::Hours(24 * 365)});
+  EXPECT_EQ(IntArg(longest, GRPC_ARG_MAX_RECONNECT_BACKOFF_MS), std::numeric_limits<int>::max());
 }
 
 }  // namespace
