@@ -888,6 +888,19 @@ class PgDownload final : public Download {
   const RecordInfo& record() const override { return record_; }
 
   absl::StatusOr<bool> Next(std::string* chunk) override {
+    absl::StatusOr<bool> next = ReadNext(chunk);
+    // Stored content that does not read back is damage (or tampering) ops must hear of, whoever
+    // asked: the caller only gets DATA_LOSS, and the download's audit entry says it was let in.
+    if (next.status().code() == absl::StatusCode::kDataLoss) {
+      log::Error("record_damaged", {{"record", record_.record_id},
+                                    {"chunks_returned", static_cast<int64_t>(index_)},
+                                    {"error", next.status().message()}});
+    }
+    return next;
+  }
+
+ private:
+  absl::StatusOr<bool> ReadNext(std::string* chunk) {
     if (index_ == record_.chunk_count) {
       if (!verified_) {
         verified_ = true;
@@ -949,7 +962,6 @@ class PgDownload final : public Download {
     return true;
   }
 
- private:
   // One chunk's ciphertext, counted as buffered.
   absl::StatusOr<std::string> Fetch(uint32_t index) {
     ASSIGN_OR_RETURN(pg::BinaryResult rows,
@@ -2120,11 +2132,15 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenRecord(
           one[0].grants.push_back(*grant);
           grantee = caller;
         }
-        ASSIGN_OR_RETURN(SecretKey key, OpenRecordKey(txn, record, rows[0]));
-        RETURN_IF_ERROR(OpenSealedMetadata(key, one[0]));
+        absl::StatusOr<SecretKey> key = OpenRecordKey(txn, record, rows[0]);
+        absl::Status opened = key.ok() ? OpenSealedMetadata(*key, one[0]) : key.status();
+        if (opened.code() == absl::StatusCode::kDataLoss) {
+          log::Error("record_damaged", {{"record", record.record_id}, {"error", opened.message()}});
+        }
+        RETURN_IF_ERROR(opened);
         // Audited before the first byte leaves, for the full size.
         RETURN_IF_ERROR(audit::Append(txn, entry).status());
-        return Done(Opened{std::move(one[0]), std::move(key), std::move(grantee)});
+        return Done(Opened{std::move(one[0]), *std::move(key), std::move(grantee)});
       })));
   return std::unique_ptr<Download>(
       new PgDownload(*this, *pool, std::move(opened.record), std::move(opened.key),

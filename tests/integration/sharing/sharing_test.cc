@@ -4316,7 +4316,20 @@ TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes
   // A chunk gone while its record stays: DATA_LOSS naming the record and the chunk, after the
   // chunks before it.
   move(1, 99);
+  // Ops hear of it from the service's log, naming the record, never the patient.
+  ::testing::internal::CaptureStderr();
   Downloaded gap = Download(pki_->practitioner(), record);
+  const std::string logged = ::testing::internal::GetCapturedStderr();
+  std::vector<std::string> damaged;
+  for (absl::string_view line : absl::StrSplit(logged, '\n')) {
+    if (absl::StrContains(line, "\"event\":\"record_damaged\"")) damaged.emplace_back(line);
+  }
+  ASSERT_EQ(damaged.size(), 1u) << logged;
+  EXPECT_THAT(damaged[0], HasSubstr("\"level\":\"error\"")) << damaged[0];
+  EXPECT_THAT(damaged[0], HasSubstr(absl::StrCat("\"record\":\"", record, "\""))) << damaged[0];
+  EXPECT_THAT(damaged[0], HasSubstr("\"chunks_returned\":1,")) << damaged[0];
+  EXPECT_THAT(damaged[0], HasSubstr("chunk 1 is missing")) << damaged[0];
+  EXPECT_THAT(damaged[0], Not(HasSubstr(patient))) << damaged[0];
   EXPECT_EQ(gap.status.error_code(), grpc::StatusCode::DATA_LOSS);
   EXPECT_THAT(gap.status.error_message(), HasSubstr(record));
   EXPECT_THAT(gap.status.error_message(), HasSubstr("chunk 1 is missing"));
@@ -6418,10 +6431,17 @@ TEST_F(SharingTest, ARecordWhosePatientKeyTheVaultLostIsDataLossNotARetry) {
   auto other = SharingServer::Create(stack_->config());
   ASSERT_TRUE(other.ok()) << other.status();
   ASSERT_TRUE((*other)->Start().ok());
+  ::testing::internal::CaptureStderr();
   Downloaded d = Download(pki_->practitioner(), record, "", true, (*other)->port());
+  const std::string logged = ::testing::internal::GetCapturedStderr();
   EXPECT_EQ(d.status.error_code(), grpc::StatusCode::DATA_LOSS) << d.status.error_message();
   EXPECT_THAT(d.status.error_message(), HasSubstr(record));
   EXPECT_TRUE(d.content.empty());
+  // Ops hear of it from the service's log too.
+  EXPECT_THAT(logged, ::testing::ContainsRegex(absl::StrCat(
+                          "\"level\":\"error\",\"event\":\"record_damaged\",\"record\":\"",
+                          record, "\",\"error\":\"[^\"]*does not hold patient key")))
+      << logged;
   v1::ListRecordsRequest request;
   request.set_scope(v1::RECORD_SCOPE_PATIENT);
   request.set_patient_id(patient);
