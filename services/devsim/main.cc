@@ -201,6 +201,7 @@ int Run(const Args& args) {
   LatencyHistogram latencies;
   std::atomic<uint64_t> retryable{0};
   std::map<std::string, uint64_t> rejected_by_reason;  // under latency_mu
+  std::atomic<uint64_t> rejected_whole{0};  // samples of the batches refused whole
   std::vector<std::unique_ptr<device::DeviceClient>> devices;
   // Certificates and buffers per tenant and trust domain: a device of another run's tenant is
   // another device.
@@ -270,6 +271,7 @@ int Run(const Args& args) {
       std::lock_guard<std::mutex> lock(latency_mu);
       rejected_by_reason[absl::StrCat("batch refused whole (", why.message(), ")")] +=
           static_cast<uint64_t>(batch.samples_size());
+      rejected_whole.fetch_add(static_cast<uint64_t>(batch.samples_size()));
     });
     (*client)->Start();
     devices.push_back(*std::move(client));
@@ -309,15 +311,17 @@ int Run(const Args& args) {
       next_batch += batch_every;
     }
     if (now >= next_print) {
-      uint64_t stored = 0;
+      // Samples the server answered: stored, duplicates, and rejected (alone or with their batch).
+      uint64_t acked = rejected_whole.load();
       size_t pending = 0;
       for (auto& d : devices) {
-        stored += d->stats().samples_stored + d->stats().samples_duplicate;
+        const device::DeviceStats s = d->stats();
+        acked += s.samples_stored + s.samples_duplicate + s.samples_rejected;
         pending += d->pending();
       }
       std::fprintf(stderr, "\r[%3.0fs] devices %d  produced %llu  acked %llu  unacked batches %zu  retries %llu   ",
                    absl::ToDoubleSeconds(now - start), args.devices,
-                   static_cast<unsigned long long>(produced), static_cast<unsigned long long>(stored),
+                   static_cast<unsigned long long>(produced), static_cast<unsigned long long>(acked),
                    pending, static_cast<unsigned long long>(retryable.load()));
       next_print += absl::Seconds(1);
     }
@@ -338,10 +342,14 @@ int Run(const Args& args) {
     d->Stop();
     device::DeviceStats s = d->stats();
     if (d->pending() > 0) {
-      ++unacked_by_error[s.last_stream_error.empty() ? "none reported" : s.last_stream_error];
+      ++unacked_by_error[!s.last_stream_error.empty()  ? s.last_stream_error
+                         : !s.last_dial_error.empty() ? absl::StrCat("cannot connect: ",
+                                                                      s.last_dial_error)
+                                                      : "none reported"];
     }
     total.batches_sent += s.batches_sent;
     total.batches_acked += s.batches_acked;
+    total.batches_rejected += s.batches_rejected;
     total.samples_stored += s.samples_stored;
     total.samples_duplicate += s.samples_duplicate;
     total.samples_rejected += s.samples_rejected;
@@ -349,14 +357,17 @@ int Run(const Args& args) {
   }
   const LatencyHistogram::Summary latency = latencies.TakeSummary();
   std::printf("devsim summary: devices=%d duration=%ds samples_produced=%llu batches_sent=%llu "
-              "batches_acked=%llu stored=%llu duplicates=%llu rejected=%llu retries=%llu "
+              "batches_acked=%llu batches_rejected=%llu stored=%llu duplicates=%llu rejected=%llu "
+              "retries=%llu "
               "refused_by_sdk=%llu ack_latency_p50=%.2fms ack_latency_p99=%.2fms all_acked=%s\n",
               args.devices, args.duration, static_cast<unsigned long long>(produced),
               static_cast<unsigned long long>(total.batches_sent),
               static_cast<unsigned long long>(total.batches_acked),
+              static_cast<unsigned long long>(total.batches_rejected),
               static_cast<unsigned long long>(total.samples_stored),
               static_cast<unsigned long long>(total.samples_duplicate),
-              static_cast<unsigned long long>(total.samples_rejected),
+              // Rejected alone (in an ack) or with their batch (refused whole).
+              static_cast<unsigned long long>(total.samples_rejected + rejected_whole.load()),
               static_cast<unsigned long long>(total.retries),
               static_cast<unsigned long long>(refused), latency.p50_ms, latency.p99_ms,
               drained ? "yes" : "no");

@@ -79,7 +79,7 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
 
   test_support::ShellRun run = test_support::RunShell(command);
   EXPECT_EQ(run.exit_code, 0) << run.output;
-  EXPECT_THAT(run.output, HasSubstr("rejected=0"));
+  EXPECT_THAT(run.output, HasSubstr(" rejected=0 "));
   EXPECT_THAT(run.output, HasSubstr("all_acked=yes"));
   const int64_t stored = StoredSamples(stack, "fr-1");
   // Every sample it produced was stored (none rejected, none refused by the SDK): as many as its
@@ -122,7 +122,7 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
   run = test_support::RunShell(command);
   EXPECT_EQ(run.exit_code, 1) << run.output;
   EXPECT_THAT(run.output, HasSubstr("samples rejected: NO_CONSENT\n"));
-  EXPECT_THAT(run.output, ::testing::Not(HasSubstr("rejected=0 ")));
+  EXPECT_THAT(run.output, ::testing::Not(HasSubstr(" rejected=0 ")));
   // The other device's samples were stored all the same.
   EXPECT_GT(StoredSamples(stack, "fr-1"), stored);
 
@@ -202,6 +202,38 @@ TEST(DevsimTest, ExitsZeroOnlyWhenEverySampleItProducedIsStored) {
                                             not_a_directory, " 2>&1"));
   EXPECT_EQ(run.exit_code, 2) << run.output;
   EXPECT_THAT(run.output, HasSubstr("--state: cannot make the directory"));
+
+  // An ingest whose messages are bounded below devsim's batches (limits.max_message_bytes):
+  // every batch is refused whole and dropped. The run fails, and its summary counts them with
+  // their samples.
+  {
+    MedgateConfig narrow = stack.config();
+    narrow.limits.max_message_bytes = 1024;
+    auto small = IngestServer::Create(narrow);
+    ASSERT_TRUE(small.ok()) << small.status();
+    ASSERT_TRUE((*small)->Start().ok());
+    stack.SetAddress("ingest", (*small)->port());
+    const std::string narrow_config = stack.dir() + "/devsim-narrow.yaml";
+    ASSERT_TRUE(stack.WriteConfig(narrow_config).ok());
+    run = test_support::RunShell(absl::StrCat(MEDGATE_DEVSIM_BINARY, " --config ", narrow_config,
+                                              " --tenant beta --devices 1 --rate 100 --duration 1 "
+                                              "--batch 100 --state ",
+                                              stack.dir(), "/devsim 2>&1"));
+    (*small)->Shutdown();
+    stack.SetAddress("ingest", (*ingest)->port());
+    EXPECT_EQ(run.exit_code, 1) << run.output;
+    EXPECT_THAT(run.output, HasSubstr("all_acked=yes"));
+    EXPECT_THAT(run.output, HasSubstr("batches_acked=0 "));
+    EXPECT_THAT(run.output, HasSubstr("samples rejected: batch refused whole ("));
+    EXPECT_THAT(run.output, ::testing::ContainsRegex("batches_rejected=[1-9][0-9]* "));
+    const size_t at = run.output.find("samples_produced=");
+    ASSERT_NE(at, std::string::npos) << run.output;
+    const std::string produced =
+        run.output.substr(at + 17, run.output.find(' ', at) - (at + 17));
+    EXPECT_THAT(run.output, HasSubstr(absl::StrCat(" rejected=", produced, " "))) << run.output;
+    EXPECT_THAT(run.output, ::testing::ContainsRegex(absl::StrCat(
+                                "batches_rejected=", std::stoull(produced) / 100, " ")));
+  }
 
   // Ingest gone: the run ends after its 30 s drain with the batches unacked, and says why.
   (*ingest)->Shutdown();
