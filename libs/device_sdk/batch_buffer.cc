@@ -149,10 +149,12 @@ int CreateOwnerOnly(const std::string& path) {
 
 absl::StatusOr<std::unique_ptr<BatchBuffer>> BatchBuffer::Open(const std::string& path,
                                                                size_t max_batches,
-                                                               uint64_t first_seq) {
-  std::unique_ptr<BatchBuffer> buffer(new BatchBuffer(path, max_batches));
+                                                               uint64_t first_seq,
+                                                               size_t max_bytes) {
+  std::unique_ptr<BatchBuffer> buffer(new BatchBuffer(path, max_batches, max_bytes));
   RETURN_IF_ERROR(buffer->Lock());
   ASSIGN_OR_RETURN(const bool found, buffer->Load());
+  buffer->RecountPendingBytes();
   if (!buffer->damaged_copy_.empty() || !found) {
     // A damaged file is replaced by what could be read of it (its bytes kept aside); a new
     // device starts its file. Neither can go on without a rewrite. Both start their seqs at
@@ -513,12 +515,28 @@ absl::StatusOr<uint64_t> BatchBuffer::Seal(v1::VitalsBatch batch) {
     return absl::ResourceExhaustedError(
         absl::StrCat(pending_.size(), " batches are waiting for acks; the buffer is full"));
   }
+  // The seqs are the buffer's once the batch is in the file: a batch refused here, or whose
+  // append fails, leaves them to the next one.
+  uint64_t next_seq = next_seq_;
   batch.set_batch_seq(next_batch_seq_);
-  for (auto& s : *batch.mutable_samples()) s.set_seq(next_seq_++);
+  for (auto& s : *batch.mutable_samples()) s.set_seq(next_seq++);
+  const std::string payload = batch.SerializeAsString();
+  if (!pending_.empty() && pending_bytes_ + payload.size() > max_bytes_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        pending_.size(), " batches of ", pending_bytes_, " bytes are waiting for acks; this one's ",
+        payload.size(), " would take the buffer past its ", max_bytes_, " bytes"));
+  }
+  next_seq_ = next_seq;
   ++next_batch_seq_;
-  if (absl::Status s = Append(kBatch, batch.SerializeAsString()); !s.ok()) return s;
+  if (absl::Status s = Append(kBatch, payload); !s.ok()) return s;
+  pending_bytes_ += payload.size();
   pending_.push_back(std::move(batch));
   return pending_.back().batch_seq();
+}
+
+void BatchBuffer::RecountPendingBytes() {
+  pending_bytes_ = 0;
+  for (const v1::VitalsBatch& b : pending_) pending_bytes_ += b.ByteSizeLong();
 }
 
 absl::Status BatchBuffer::RestartSeqsAbove(uint64_t acked_batch_seq, uint64_t committed,
@@ -547,6 +565,7 @@ absl::Status BatchBuffer::RestartSeqsAbove(uint64_t acked_batch_seq, uint64_t co
   RETURN_IF_ERROR(Replace(pending, next_seq, next_batch_seq));
   // The file has the new state now, even if its rename cannot be made durable: so has memory.
   pending_ = std::move(pending);
+  RecountPendingBytes();
   next_seq_ = next_seq;
   next_batch_seq_ = next_batch_seq;
   return SyncDirectory();
@@ -556,6 +575,7 @@ bool BatchBuffer::Forget(uint64_t batch_seq) {
   auto it = std::find_if(pending_.begin(), pending_.end(),
                          [&](const v1::VitalsBatch& b) { return b.batch_seq() == batch_seq; });
   if (it == pending_.end()) return false;
+  pending_bytes_ -= std::min(pending_bytes_, it->ByteSizeLong());
   pending_.erase(it);
   return true;
 }

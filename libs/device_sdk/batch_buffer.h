@@ -19,6 +19,9 @@ namespace medgate::device {
 // as a whole by the server (DeviceClient::OnRejected).
 inline constexpr size_t kMaxSamplesPerBatch = 1000;
 inline constexpr size_t kMaxBatchBytes = 256 << 10;
+// The unacked batches a buffer holds at most, serialized, unless told otherwise: they are in the
+// device's memory as well as in its file.
+inline constexpr size_t kDefaultMaxBufferedBytes = 64 << 20;
 
 // Records: [u32 length][u8 type][u32 header sum][u32 payload sum][payload], each sum the first
 // 4 bytes of the SHA-256 of the length and type, and of the payload; the type has its high bit
@@ -46,13 +49,17 @@ class BatchBuffer {
   // new one: a file that cannot be opened or read (FAILED_PRECONDITION, naming it and why) is
   // left as it is. A file another BatchBuffer holds (another process) is FAILED_PRECONDITION:
   // both would give out the same seqs, and one's compaction would rename over the other's file.
-  static absl::StatusOr<std::unique_ptr<BatchBuffer>> Open(const std::string& path,
-                                                           size_t max_batches,
-                                                           uint64_t first_seq = 1);
+  // A file holding more than `max_batches` or `max_bytes` keeps them all: Seal refuses new batches
+  // until acks bring the buffer under its bounds.
+  static absl::StatusOr<std::unique_ptr<BatchBuffer>> Open(
+      const std::string& path, size_t max_batches, uint64_t first_seq = 1,
+      size_t max_bytes = kDefaultMaxBufferedBytes);
   ~BatchBuffer();
 
   // Assigns the next batch_seq and sample seqs to `batch`, and makes it durable (fsync).
-  // RESOURCE_EXHAUSTED when max_batches are already waiting for acks.
+  // RESOURCE_EXHAUSTED, and nothing sealed, when max_batches are already waiting for acks, or when
+  // the batch would take the unacked batches' serialized bytes past max_bytes (a batch alone in the
+  // buffer is always taken).
   absl::StatusOr<uint64_t> Seal(v1::VitalsBatch batch);
   // Records the ack of `batch_seq` (the batch leaves the buffer). Every 1,024 acks, or every
   // max(max_batches, 16) acks when that is fewer, the file is compacted: it holds at most that
@@ -76,6 +83,8 @@ class BatchBuffer {
 
   // The unacked batches, oldest first.
   const std::deque<v1::VitalsBatch>& pending() const { return pending_; }
+  // Their serialized bytes.
+  size_t pending_bytes() const { return pending_bytes_; }
   uint64_t next_seq() const { return next_seq_; }
   // Where Open kept a damaged file's bytes; empty when the file was whole.
   const std::string& damaged_copy() const { return damaged_copy_; }
@@ -88,7 +97,10 @@ class BatchBuffer {
   const std::string& last_compaction_error() const { return last_compaction_error_; }
 
  private:
-  BatchBuffer(std::string path, size_t max_batches) : path_(std::move(path)), max_batches_(max_batches) {}
+  BatchBuffer(std::string path, size_t max_batches, size_t max_bytes)
+      : path_(std::move(path)), max_batches_(max_batches), max_bytes_(max_bytes) {}
+  // pending_bytes_ counted again, after pending_ was replaced.
+  void RecountPendingBytes();
   // Takes the lock on path_ + ".lock" for the buffer's lifetime.
   absl::Status Lock();
   // Replays the file into memory; false when there is none (a new device).
@@ -112,12 +124,14 @@ class BatchBuffer {
 
   const std::string path_;
   const size_t max_batches_;
+  const size_t max_bytes_;
   int lock_fd_ = -1;
   int fd_ = -1;
   uint64_t size_ = 0;            // where the last durable record of `fd_` ends
   bool truncate_owed_ = false;   // a failed append's bytes may still follow size_
   bool dir_sync_owed_ = false;   // the last rename is not durable yet
   std::deque<v1::VitalsBatch> pending_;
+  size_t pending_bytes_ = 0;  // pending_'s, serialized
   uint64_t next_seq_ = 1;
   uint64_t next_batch_seq_ = 1;
   size_t acked_since_rewrite_ = 0;

@@ -101,7 +101,8 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
       BatchBuffer::Open(client->options_.buffer_path, client->options_.max_buffered_batches,
                         client->options_.first_seq != 0
                             ? client->options_.first_seq
-                            : static_cast<uint64_t>(std::max<int64_t>(1, absl::ToUnixMicros(absl::Now()))));
+                            : static_cast<uint64_t>(std::max<int64_t>(1, absl::ToUnixMicros(absl::Now()))),
+                        client->options_.max_buffered_bytes);
   if (!buffer.ok()) return buffer.status();
   client->buffer_ = *std::move(buffer);
   client->stats_.buffer_damaged_copy = client->buffer_->damaged_copy();

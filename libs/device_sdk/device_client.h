@@ -31,7 +31,10 @@ struct DeviceOptions {
   std::string server_identity;
   TlsConfig tls;             // the device's certificate
   std::string buffer_path;   // the durable buffer file
+  // Send refuses a batch (RESOURCE_EXHAUSTED) while this many batches, or this many bytes of them
+  // (serialized; they are held in memory as well as in the file), wait for acks.
   size_t max_buffered_batches = 10000;
+  size_t max_buffered_bytes = kDefaultMaxBufferedBytes;
   absl::Duration backoff_initial = absl::Milliseconds(100);
   // Reconnects wait up to a backoff that doubles from backoff_initial to backoff_max, and starts
   // over after a stream on which a batch was acked or rejected.

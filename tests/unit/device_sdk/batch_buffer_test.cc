@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <csignal>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -567,6 +568,56 @@ TEST_F(BatchBufferTest, IsBoundedAndToleratesATornTail) {
     EXPECT_TRUE((*reopened)->damaged_copy().empty()) << cut;
     EXPECT_EQ((*reopened)->next_seq(), 3u) << cut;
   }
+}
+
+// The unacked batches' bytes are bounded too (they are in the device's memory as well as in the
+// file): a batch that would take them past the bound is refused, and nothing of it is sealed (its
+// seqs go to the next batch); once an ack makes room it is taken. A file opened with a lower bound
+// than it was written under keeps every batch it holds; a batch alone is always taken.
+TEST_F(BatchBufferTest, TheUnackedBatchesBytesAreBounded) {
+  // A sealed batch of 10 samples, every seq here under 128 (one byte each).
+  v1::VitalsBatch sized = Samples(10);
+  sized.set_batch_seq(1);
+  for (v1::VitalSample& sample : *sized.mutable_samples()) sample.set_seq(1);
+  const size_t one = sized.ByteSizeLong();
+  uint64_t first = 0;
+  {
+    auto buffer = BatchBuffer::Open(path_, 100, /*first_seq=*/1, /*max_bytes=*/3 * one);
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    absl::StatusOr<uint64_t> sealed = (*buffer)->Seal(Samples(10));
+    ASSERT_TRUE(sealed.ok()) << sealed.status();
+    first = *sealed;
+    ASSERT_TRUE((*buffer)->Seal(Samples(10)).ok());
+    ASSERT_TRUE((*buffer)->Seal(Samples(10)).ok());
+    const size_t held = (*buffer)->pending_bytes();
+    EXPECT_EQ(held, 3 * one);
+    const uint64_t next_seq = (*buffer)->next_seq();
+    const uintmax_t file = std::filesystem::file_size(path_);
+    absl::StatusOr<uint64_t> refused = (*buffer)->Seal(Samples(10));
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_NE(refused.status().message().find("past its " + std::to_string(3 * one) + " bytes"),
+              std::string::npos)
+        << refused.status();
+    EXPECT_EQ((*buffer)->pending().size(), 3u);
+    EXPECT_EQ((*buffer)->pending_bytes(), held);
+    EXPECT_EQ((*buffer)->next_seq(), next_seq);
+    EXPECT_EQ(std::filesystem::file_size(path_), file);
+    ASSERT_TRUE((*buffer)->Ack(first).ok());
+    EXPECT_LT((*buffer)->pending_bytes(), held);
+    absl::StatusOr<uint64_t> taken = (*buffer)->Seal(Samples(10));
+    ASSERT_TRUE(taken.ok()) << taken.status();
+    EXPECT_EQ((*buffer)->pending().back().samples(0).seq(), next_seq);
+  }
+  auto narrower = BatchBuffer::Open(path_, 100, 1, /*max_bytes=*/one);
+  ASSERT_TRUE(narrower.ok()) << narrower.status();
+  EXPECT_EQ((*narrower)->pending().size(), 3u);
+  EXPECT_GT((*narrower)->pending_bytes(), one);
+  EXPECT_EQ((*narrower)->Seal(Samples(1)).status().code(), absl::StatusCode::kResourceExhausted);
+  for (const v1::VitalsBatch& b : std::deque<v1::VitalsBatch>((*narrower)->pending())) {
+    ASSERT_TRUE((*narrower)->Ack(b.batch_seq()).ok());
+  }
+  EXPECT_EQ((*narrower)->pending_bytes(), 0u);
+  EXPECT_TRUE((*narrower)->Seal(Samples(20)).ok());  // alone, though over the bound
 }
 
 // Acked batches leave the file at its compactions, which come sooner for a small bound: a file of

@@ -645,6 +645,29 @@ TEST_F(DeviceClientTest, OpenRefusesAMissingServerIdentity) {
   }
 }
 
+// Send refuses a batch while the unacked ones hold max_buffered_bytes, and takes it once they are
+// acked.
+TEST_F(DeviceClientTest, SendIsBoundedByTheBufferedBytes) {
+  options_.max_buffered_bytes = 2048;
+  Connect([](int, Stream& io) {
+    v1::VitalsBatch batch;
+    while (io.Read(&batch)) io.Write(Stored(batch));
+    return grpc::Status::OK;
+  });
+  int taken = 0;
+  absl::StatusOr<uint64_t> sent;
+  while ((sent = client_->Send(Samples(10))).ok()) ++taken;
+  EXPECT_EQ(sent.status().code(), absl::StatusCode::kResourceExhausted) << sent.status();
+  EXPECT_NE(sent.status().message().find("past its 2048 bytes"), absl::string_view::npos)
+      << sent.status();
+  EXPECT_GE(taken, 1);
+  EXPECT_LT(taken, 2048 / 10);  // each sample is more than 10 bytes serialized
+  EXPECT_EQ(client_->pending(), static_cast<size_t>(taken));
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  EXPECT_TRUE(client_->Send(Samples(10)).ok());
+}
+
 // A compaction of the buffer file that fails (no room for the new file; a directory stands in
 // its place here) leaves the file as it was and the stream as it was: the client does not end
 // its stream after every later ack, and WaitUntilAcked hears of every ack.
