@@ -101,6 +101,7 @@ class DeviceClientTest : public ::testing::Test {
     server_ = builder.BuildAndStart();
     ASSERT_NE(server_, nullptr);
     ASSERT_NE(port, 0);
+    port_ = port;
     auto client = DeviceClient::Open(
         options_, grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
                                       grpc::InsecureChannelCredentials()));
@@ -142,6 +143,7 @@ class DeviceClientTest : public ::testing::Test {
 
   DeviceOptions options_;
   int server_max_message_bytes_ = 0;  // the fake server's limits.max_message_bytes; 0: gRPC's
+  int port_ = 0;                      // the fake server's, once Connect started it
   std::unique_ptr<FakeIngest> ingest_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<DeviceClient> client_;
@@ -459,6 +461,58 @@ TEST_F(DeviceClientTest, AResendOfAStoredBatchIsNotStoredTwice) {
   EXPECT_EQ(stats.samples_duplicate, 4u);
   EXPECT_EQ(stats.seq_restarts, 0u);
   EXPECT_GE(stats.batches_sent, 2u);
+}
+
+// A batch written to a stream but not acked when the device process ends (stored, its ack lost
+// with the connection) is still in the buffer file: the next process sends it again, the
+// server's cursor takes the resend for duplicates, and it is stored once.
+TEST_F(DeviceClientTest, ABatchSentButNotAckedIsResentByTheNextProcess) {
+  options_.first_seq = 1;
+  CursorServer server(/*cursor=*/0);
+  std::atomic<bool> answer{false};
+  Connect([&server, &answer](int, Stream& io) {
+    v1::VitalsBatch batch;
+    while (io.Read(&batch)) {
+      v1::IngestAck stored = server.Store(batch);
+      if (!answer.load()) {
+        return grpc::Status(grpc::StatusCode::UNAVAILABLE, "connection reset after commit");
+      }
+      io.Write(stored);
+    }
+    return grpc::Status::OK;
+  });
+  std::vector<v1::VitalSample> samples = Samples(4);
+  for (int i = 0; i < 4; ++i) samples[static_cast<size_t>(i)].set_value(100 + i);
+  ASSERT_TRUE(client_->Send(std::move(samples)).ok());
+  client_->Start();
+  ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(20),
+                                      [&] { return server.stored().size() == 4; }));
+  client_.reset();  // the device process ends; its buffer file stays
+  {
+    auto file = BatchBuffer::Open(options_.buffer_path, 10);
+    ASSERT_TRUE(file.ok()) << file.status();
+    ASSERT_EQ((*file)->pending().size(), 1u);
+  }
+  answer = true;
+  auto next = DeviceClient::Open(
+      options_, grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_),
+                                    grpc::InsecureChannelCredentials()));
+  ASSERT_TRUE(next.ok()) << next.status();
+  client_ = *std::move(next);
+  client_->Start();
+  ASSERT_TRUE(client_->WaitUntilAcked(absl::Seconds(20)).ok());
+  client_->Stop();
+  const std::vector<std::pair<double, uint64_t>> stored = server.stored();
+  ASSERT_EQ(stored.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(stored[i].first, 100.0 + static_cast<double>(i));
+    EXPECT_EQ(stored[i].second, i + 1);
+  }
+  const DeviceStats stats = client_->stats();
+  EXPECT_EQ(stats.batches_acked, 1u);
+  EXPECT_EQ(stats.samples_stored, 0u);
+  EXPECT_EQ(stats.samples_duplicate, 4u);
+  EXPECT_EQ(client_->pending(), 0u);
 }
 
 // A server whose streams fail at random (a batch stored but its ack lost with the connection, a
