@@ -1218,30 +1218,52 @@ absl::StatusOr<PatientKey> SharingCore::NewPatientKey(absl::string_view region,
 absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& region,
                                          const RecordInfo& record,
                                          std::vector<std::string>& retired) {
+  return ShredRecordKeys(txn, region, record.patient_id, {record.record_id}, retired);
+}
+
+absl::Status SharingCore::ShredRecordKeys(pqxx::work& txn, const std::string& region,
+                                          const std::string& patient_id,
+                                          const std::vector<std::string>& record_ids,
+                                          std::vector<std::string>& retired) {
+  if (record_ids.empty()) return absl::OkStatus();
+  const std::string erasure =
+      record_ids.size() == 1
+          ? absl::StrCat("the erasure of record '", record_ids[0], "'")
+          : absl::StrCat("the erasure of ", record_ids.size(), " records of the patient (record '",
+                         record_ids[0], "' and others)");
   // Uploads store under the patient key FOR KEY SHARE: they commit before this lock is granted
   // (and their records are rewrapped below), or wait for this erasure and find the key gone.
-  // The key locked must be the one the record's key is wrapped under: an erasure of another of
+  // The key locked must be the one the records' keys are wrapped under: an erasure of another of
   // the patient's records that committed while this one waited for the lock has replaced it
   // (the lock then found no row), and the next statement sees the new one.
   pqxx::result locked;
   for (int attempt = 0;; ++attempt) {
-    locked = txn.exec_prepared(sql::kLockPatientKey, record.patient_id);
-    const pqxx::result under = txn.exec_prepared(sql::kSelectRecordKeyWrapper, record.record_id);
-    if (under.empty()) {
-      locked = pqxx::result();  // the record has no key: nothing to retire
+    locked = txn.exec_prepared(sql::kLockPatientKey, patient_id);
+    bool settled = true;
+    bool any_under_locked = false;  // the locked key wraps one of the records' keys: it retires
+    for (const std::string& id : record_ids) {
+      const pqxx::result under = txn.exec_prepared(sql::kSelectRecordKeyWrapper, id);
+      if (under.empty()) continue;  // the record has no key: nothing to retire for it
+      if (!locked.empty() && std::string(locked[0][0].c_str()) == under[0][0].c_str()) {
+        any_under_locked = true;
+        continue;
+      }
+      // A record whose key rests on no patient key the shard still names was left under a
+      // retired key by an erasure that could not open it (damaged), or its patient key row is
+      // gone: it is unreadable already, and no retry changes that. Its key goes; no patient key
+      // is retired for it. Only while nothing can move it meanwhile: this transaction holds the
+      // patient's key (only its holder rewraps), or the patient has none (nothing to rewrap
+      // under). Otherwise another erasure may just have rewrapped it and retired the key read:
+      // the next turn sees the new one.
+      if (txn.exec_prepared(sql::kPatientKeyRowExists, under[0][0].c_str()).empty() &&
+          (!locked.empty() || txn.exec_prepared(sql::kSelectPatientKey, patient_id).empty())) {
+        continue;
+      }
+      settled = false;
       break;
     }
-    if (!locked.empty() && std::string(locked[0][0].c_str()) == under[0][0].c_str()) break;
-    // A record whose key rests on no patient key the shard still names was left under a retired
-    // key by an erasure that could not open it (damaged), or its patient key row is gone: it is
-    // unreadable already, and no retry changes that. Its key goes; no patient key is retired.
-    // Only while nothing can move it meanwhile: this transaction holds the patient's key (only
-    // its holder rewraps), or the patient has none (nothing to rewrap under). Otherwise another
-    // erasure may just have rewrapped it and retired the key read: the next turn sees the new one.
-    if (txn.exec_prepared(sql::kPatientKeyRowExists, under[0][0].c_str()).empty() &&
-        (!locked.empty() ||
-         txn.exec_prepared(sql::kSelectPatientKey, record.patient_id).empty())) {
-      locked = pqxx::result();
+    if (settled) {
+      if (!any_under_locked) locked = pqxx::result();
       break;
     }
     if (attempt == 2) {
@@ -1249,26 +1271,27 @@ absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& reg
           "the patient's key was replaced by other erasures while this one waited; retry");
     }
   }
-  txn.exec_prepared0(sql::kDeleteRecordKey, record.record_id);
+  for (const std::string& id : record_ids) txn.exec_prepared0(sql::kDeleteRecordKey, id);
   if (locked.empty()) return absl::OkStatus();
   const std::string old_id = locked[0][0].c_str();
-  // Every other record key under the old patient key moves to a new one: the old key is then
-  // destroyed in the vault, and with it the erased record's key in the shard's backups.
-  const pqxx::result others = txn.exec_prepared(sql::kSelectRecordKeysUnder, old_id,
-                                                record.record_id, record.patient_id);
+  // Every other record key under the old patient key moves to a new one, once for all the
+  // records erased here: the old key is then destroyed in the vault, and with it the erased
+  // records' keys in the shard's backups. (Their own keys are deleted above, so the statement,
+  // which leaves out one record, finds none of them.)
+  const pqxx::result others =
+      txn.exec_prepared(sql::kSelectRecordKeysUnder, old_id, record_ids[0], patient_id);
   txn.exec_prepared0(sql::kDeletePatientKeyRow, old_id);
-  txn.exec_prepared0(sql::kQueueKeyDestruction, old_id, record.patient_id);
+  txn.exec_prepared0(sql::kQueueKeyDestruction, old_id, patient_id);
   retired.push_back(old_id);
   if (others.empty()) return absl::OkStatus();  // the next upload makes a new key
   absl::StatusOr<PatientKey> old_key =
-      OpenPatientKey(region, record.patient_id, old_id, locked[0][1].c_str(),
-                     BytesOf(locked[0][2]), /*row_locked=*/true);
+      OpenPatientKey(region, patient_id, old_id, locked[0][1].c_str(), BytesOf(locked[0][2]),
+                     /*row_locked=*/true);
   if (!old_key.ok()) {
     return absl::Status(old_key.status().code(),
-                        absl::StrCat(old_key.status().message(), "; the erasure of record '",
-                                     record.record_id, "' was not done"));
+                        absl::StrCat(old_key.status().message(), "; ", erasure, " was not done"));
   }
-  ASSIGN_OR_RETURN(PatientKey new_key, NewPatientKey(region, record.patient_id));
+  ASSIGN_OR_RETURN(PatientKey new_key, NewPatientKey(region, patient_id));
   std::vector<std::string> ids;
   std::vector<std::string> rewrapped;
   for (const pqxx::row& row : others) {
@@ -1277,7 +1300,7 @@ absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& reg
         crypto::Open(old_key->key, RecordKeyAad(id), BytesOf(row[1]));
     if (key.status().code() == absl::StatusCode::kDataLoss) {
       // Already unreadable: it stays under the retired key rather than block this erasure.
-      log::Error("record_key_damaged", {{"record", id}, {"during_erasure_of", record.record_id}});
+      log::Error("record_key_damaged", {{"record", id}, {"during_erasure_of", record_ids[0]}});
       continue;
     }
     // Any other failure is this process's (OpenSSL could not set up), not the record's: the
@@ -1285,8 +1308,7 @@ absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& reg
     if (!key.ok()) {
       return absl::Status(key.status().code(),
                           absl::StrCat("record '", id, "': its key not rewrapped (",
-                                       key.status().message(), "); the erasure of record '",
-                                       record.record_id, "' was not done"));
+                                       key.status().message(), "); ", erasure, " was not done"));
     }
     absl::StatusOr<std::string> sealed = crypto::Seal(new_key.key, RecordKeyAad(id), *key);
     OPENSSL_cleanse(key->data(), key->size());
@@ -1295,7 +1317,7 @@ absl::Status SharingCore::ShredRecordKey(pqxx::work& txn, const std::string& reg
     rewrapped.push_back(absl::BytesToHexString(*sealed));
   }
   if (ids.empty()) return absl::OkStatus();
-  if (txn.exec_prepared(sql::kInsertPatientKey, new_key.key_id, record.patient_id, kInVault,
+  if (txn.exec_prepared(sql::kInsertPatientKey, new_key.key_id, patient_id, kInVault,
                         pqxx::binarystring(std::string()), PgTime(Now()))
           .empty()) {
     return absl::AbortedError("the patient's key changed during the erasure; retry");
@@ -2349,20 +2371,24 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
         archives_after = it->second;
       }
     }
-    absl::StatusOr<std::vector<std::pair<std::string, absl::Time>>> expired =
-        pool->TransactValue<std::vector<std::pair<std::string, absl::Time>>>(
-            [&](pqxx::work& txn) -> absl::StatusOr<std::vector<std::pair<std::string, absl::Time>>> {
-              std::vector<std::pair<std::string, absl::Time>> page;
-              for (const pqxx::row& row :
-                   txn.exec_prepared(sql::kSelectExpiredArchives, PgTime(now), batch,
-                                     archives_after.first == absl::InfinitePast()
-                                         ? std::string("-infinity")
-                                         : PgTime(archives_after.first),
-                                     archives_after.second)) {
-                page.emplace_back(row[0].c_str(), TimeOf(row[1]));
-              }
-              return page;
-            });
+    struct Expired {
+      std::string record_id;
+      absl::Time retain_until;
+      std::string patient_id;
+    };
+    absl::StatusOr<std::vector<Expired>> expired = pool->TransactValue<std::vector<Expired>>(
+        [&](pqxx::work& txn) -> absl::StatusOr<std::vector<Expired>> {
+          std::vector<Expired> page;
+          for (const pqxx::row& row :
+               txn.exec_prepared(sql::kSelectExpiredArchives, PgTime(now), batch,
+                                 archives_after.first == absl::InfinitePast()
+                                     ? std::string("-infinity")
+                                     : PgTime(archives_after.first),
+                                 archives_after.second)) {
+            page.push_back(Expired{row[0].c_str(), TimeOf(row[1]), row[2].c_str()});
+          }
+          return page;
+        });
     if (!expired.ok()) {
       if (first_error.ok()) first_error = expired.status();
       continue;
@@ -2372,41 +2398,80 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
       // starts again from the first, trying again what failed.
       std::lock_guard<std::mutex> lock(retention_mu_);
       if (!expired->empty() && expired->size() == static_cast<size_t>(batch)) {
-        retention_after_[region] = {expired->back().second, expired->back().first};
+        retention_after_[region] = {expired->back().retain_until, expired->back().record_id};
       } else {
         retention_after_.erase(region);
       }
     }
     if (expired->size() == static_cast<size_t>(batch)) result.more = true;
-    for (const auto& expired_record : *expired) {
-      const std::string& id = expired_record.first;
+    // A patient's expired archives are erased together, in one transaction that gives the
+    // patient's other records one new key: erased one by one, each erasure would rewrap all the
+    // others again (a patient's archives often share their retention end). A group whose
+    // transaction fails is tried again one record at a time, so that a record whose erasure fails
+    // does not hold back the patient's others.
+    // The patients in the order the sweep took their first archive, each one's in that order.
+    std::vector<std::pair<std::string, std::vector<std::string>>> by_patient;
+    for (const Expired& e : *expired) {
+      auto it = std::find_if(by_patient.begin(), by_patient.end(),
+                             [&](const auto& group) { return group.first == e.patient_id; });
+      if (it == by_patient.end()) it = by_patient.insert(by_patient.end(), {e.patient_id, {}});
+      it->second.push_back(e.record_id);
+    }
+    // `ids` (one patient's) in one transaction, their rows locked in record id order (the order a
+    // patient erasure locks them in); how many it erased (those still archived and expired) in
+    // `erased_count`.
+    auto erase = [&](std::vector<std::string> ids, int& erased_count) {
+      std::sort(ids.begin(), ids.end());
       std::vector<std::string> retired;
       std::string patient_id;
-      bool done = false;
       absl::Status erased = pool->Transact([&](pqxx::work& txn) -> absl::Status {
         retired.clear();
-        done = false;
-        std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForUpdate, id);
-        if (!record || record->state != RecordState::kArchived || *record->retain_until > now) {
-          return absl::OkStatus();  // erased or re-archived meanwhile
+        patient_id.clear();
+        erased_count = 0;
+        std::vector<RecordInfo> records;
+        for (const std::string& id : ids) {
+          std::optional<RecordInfo> record = SelectRecord(txn, sql::kSelectRecordForUpdate, id);
+          if (!record || record->state != RecordState::kArchived || *record->retain_until > now) {
+            continue;  // erased or re-archived meanwhile
+          }
+          records.push_back(*std::move(record));
         }
-        done = true;
-        patient_id = record->patient_id;
-        RETURN_IF_ERROR(ShredRecordKey(txn, region, *record, retired));
-        txn.exec_prepared0(sql::kDeleteRecord, id);
-        return audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record", id,
-                                           record->tenant_id, record->patient_id,
-                                           absl::StrCat("RETENTION_END: until=",
-                                                        Rfc3339(*record->retain_until))))
-            .status();
+        if (records.empty()) return absl::OkStatus();
+        patient_id = records[0].patient_id;
+        std::vector<std::string> shredded;
+        for (const RecordInfo& record : records) shredded.push_back(record.record_id);
+        RETURN_IF_ERROR(ShredRecordKeys(txn, region, patient_id, shredded, retired));
+        for (const RecordInfo& record : records) {
+          txn.exec_prepared0(sql::kDeleteRecord, record.record_id);
+          RETURN_IF_ERROR(audit::Append(txn, AuditEntryFor(ctx, audit::Action::kDelete, "record",
+                                                           record.record_id, record.tenant_id,
+                                                           record.patient_id,
+                                                           absl::StrCat("RETENTION_END: until=",
+                                                                        Rfc3339(*record.retain_until))))
+                              .status());
+        }
+        erased_count = static_cast<int>(records.size());
+        return absl::OkStatus();
       });
       AfterRecordErasure(*pool, region, patient_id, retired, erased.ok());
-      if (!erased.ok()) {
-        ++result.failed_records;
-        if (result.first_failure.ok()) result.first_failure = erased;
-        if (result.failed_record_ids.size() < 10) result.failed_record_ids.push_back(id);
-      } else if (done) {
-        ++result.erased_records;
+      if (!erased.ok()) erased_count = 0;
+      return erased;
+    };
+    for (const auto& [patient, ids] : by_patient) {
+      int erased_count = 0;
+      if (ids.size() > 1 && erase(ids, erased_count).ok()) {
+        result.erased_records += erased_count;
+        continue;
+      }
+      for (const std::string& id : ids) {
+        absl::Status erased = erase({id}, erased_count);
+        if (!erased.ok()) {
+          ++result.failed_records;
+          if (result.first_failure.ok()) result.first_failure = erased;
+          if (result.failed_record_ids.size() < 10) result.failed_record_ids.push_back(id);
+        } else {
+          result.erased_records += erased_count;
+        }
       }
     }
     // Upload request ids past the time a retry can come.

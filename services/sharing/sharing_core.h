@@ -398,6 +398,12 @@ class SharingCore {
   // other record keys under a new patient key.
   absl::Status ShredRecordKey(pqxx::work& txn, const std::string& region, const RecordInfo& record,
                               std::vector<std::string>& retired);
+  // The same for several records of the patient `patient_id` (their rows locked, in record id
+  // order), with one new patient key for the patient's other records, not one per record.
+  absl::Status ShredRecordKeys(pqxx::work& txn, const std::string& region,
+                               const std::string& patient_id,
+                               const std::vector<std::string>& record_ids,
+                               std::vector<std::string>& retired);
   // After a record's erasure transaction (`committed` or not): the patient's cached key is
   // forgotten, the retired keys destroyed (when committed), and the cache forgotten again.
   void AfterRecordErasure(pg::Pool& shard, const std::string& region,

@@ -394,7 +394,7 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "ORDER BY 1 DESC, 2"},
         // Past the sweep's last one, ($3, $4).
         {kSelectExpiredArchives,
-         "SELECT record_id, " MEDGATE_MICROS("retain_until") " FROM records "
+         "SELECT record_id, " MEDGATE_MICROS("retain_until") ", patient_id FROM records "
          "WHERE state = 'archived' AND retain_until <= $1::timestamptz "
          "AND (retain_until, record_id) > ($3::timestamptz, $4) "
          "ORDER BY retain_until, record_id LIMIT $2"},

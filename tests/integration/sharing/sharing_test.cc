@@ -5793,6 +5793,72 @@ TEST_F(SharingTest, TheRetentionSweepGoesPastRecordsWhoseErasureFails) {
   }
 }
 
+// A patient's archives that reach their retention end together are erased in one transaction,
+// which gives the patient's other records one new key: one patient key retired, not one per
+// record (each erasure alone rewraps all the patient's other record keys again).
+TEST_F(SharingTest, TheRetentionSweepErasesAPatientsExpiredArchivesUnderOneNewKey) {
+  bool drained_all = false;
+  for (int i = 0; i < 1000 && !drained_all; ++i) {
+    absl::StatusOr<SweepResult> drained = sharing_->core().SweepRetention();
+    ASSERT_TRUE(drained.ok()) << drained.status();
+    drained_all = !drained->more;
+  }
+  ASSERT_TRUE(drained_all);
+  const std::string patient = Place("retention-together-1", "FR");
+  std::vector<std::string> archives;
+  for (int i = 0; i < 3; ++i) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = Generate(180 + i, 0, 1000);
+    archives.push_back(UploadOk(pki_->practitioner(), spec));
+    Exec("fr-1",
+         "UPDATE records SET state = 'archived', retain_until = '2001-01-01 00:00:00+00' "
+         "WHERE record_id = $1",
+         archives.back());
+  }
+  UploadSpec kept_spec;
+  kept_spec.patient_id = patient;
+  kept_spec.content = Generate(183, 0, 5000);
+  const std::string kept = UploadOk(pki_->practitioner(), kept_spec);
+  // The vault refuses to destroy keys, so that every key the erasures retire stays queued.
+  Exec("fr-1 keys",
+       "CREATE FUNCTION refuse_key_delete() RETURNS trigger LANGUAGE plpgsql AS $$ "
+       "BEGIN RAISE EXCEPTION USING ERRCODE = 'MG002', MESSAGE = 'injected vault failure'; "
+       "END $$");
+  Exec("fr-1 keys",
+       "CREATE TRIGGER refuse_key_delete BEFORE DELETE ON patient_keys FOR EACH ROW "
+       "EXECUTE FUNCTION refuse_key_delete()");
+  absl::Cleanup drop = [] {
+    Exec("fr-1 keys", "DROP TRIGGER IF EXISTS refuse_key_delete ON patient_keys");
+    Exec("fr-1 keys", "DROP FUNCTION IF EXISTS refuse_key_delete()");
+  };
+  absl::StatusOr<SweepResult> swept = sharing_->core().SweepRetention();
+  EXPECT_THAT(swept.status().message(), HasSubstr("database error MG002: "));  // the vault
+  for (const std::string& id : archives) {
+    EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE record_id = $1", id), 0) << id;
+    EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_keys WHERE record_id = $1", id), 0) << id;
+  }
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions WHERE patient_id = $1", patient),
+            1);
+  std::move(drop).Invoke();
+  swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM key_destructions WHERE patient_id = $1", patient),
+            0);
+  EXPECT_EQ(Count("fr-1 keys", "SELECT count(*) FROM patient_keys WHERE patient_id = $1", patient),
+            1);
+  ExpectContent(pki_->practitioner(), kept, kept_spec.content);
+  const std::vector<v1::AuditEntry> entries = PatientAudit(patient);
+  for (const std::string& id : archives) {
+    EXPECT_TRUE(HasEntry(entries, Id("/service/sharing"), v1::AUDIT_ACTION_DELETE, id,
+                         "RETENTION_END"))
+        << id;
+  }
+  auto chain = Verify("fr-1");
+  ASSERT_TRUE(chain.ok()) << chain.status();
+  EXPECT_TRUE(chain->ok()) << chain->detail();
+}
+
 // An upload that stores its record while a patient erasure runs: the erasure waits for it, then
 // erases that record too, counts it and audits it.
 TEST_F(SharingTest, APatientErasureIncludesARecordStoredWhileItWaited) {
