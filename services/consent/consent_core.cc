@@ -135,6 +135,25 @@ absl::StatusOr<std::optional<StoredConsent>> ReadConsent(pqxx::work& txn,
   return c;
 }
 
+// OK unless the caller recorded another change under ctx.request_id in this shard: a version of
+// another consent, or one of another kind than `state` (a grant's request id sent again with a
+// revocation). A request id names one change: sent again, it is a retry of that change only.
+// INVALID_ARGUMENT naming what it recorded, the caller's own change. (Changes in another region's
+// shard, of patients homed there, are not seen.)
+absl::Status CheckRequestIdNamesThisChange(pqxx::work& txn, const CallContext& ctx,
+                                           const std::string& consent_id, VersionState state) {
+  const pqxx::result other =
+      txn.exec_prepared(sql::kOtherChangeByRequestId, ctx.principal.spiffe_id, ctx.request_id,
+                        consent_id, std::string(StateName(state)));
+  if (other.empty()) return absl::OkStatus();
+  const std::string recorded = other[0][2].c_str();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "request_id '", ctx.request_id, "' already recorded ",
+      recorded == StateName(VersionState::kGranted) ? "a grant" : "a revocation", " (version ",
+      other[0][1].c_str(), " of consent '", other[0][0].c_str(), "'); a request id names one "
+      "change, and another change needs a new request_id"));
+}
+
 void InsertVersion(pqxx::work& txn, const std::string& consent_id, const VersionInfo& v) {
   std::string until = v.valid_until ? std::to_string(absl::ToUnixMicros(*v.valid_until)) : "";
   txn.exec_prepared0(sql::kInsertVersion, consent_id, v.version, std::string(StateName(v.state)),
@@ -333,6 +352,8 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
                                              purpose_name, request.actor);
         if (row.empty()) return absl::InternalError("consent vanished after insert");
         GrantResult granted{row[0][0].c_str(), 1};
+        RETURN_IF_ERROR(CheckRequestIdNamesThisChange(txn, ctx, granted.consent_id,
+                                                      VersionState::kGranted));
         // A retry of a grant already recorded (same request id) records nothing new, even when
         // the consent was revoked since: a late retry must not undo the patient's withdrawal.
         if (pqxx::result earlier =
@@ -452,6 +473,8 @@ absl::StatusOr<RevokeResult> ConsentCore::Revoke(const CallContext& ctx,
         if (request.consent_id && revoked.consent_id != *request.consent_id) {
           return absl::NotFoundError(kConsentNotFound);
         }
+        RETURN_IF_ERROR(CheckRequestIdNamesThisChange(txn, ctx, revoked.consent_id,
+                                                      VersionState::kRevoked));
         // A retry of a revocation already recorded (same request id) records nothing, even when
         // the consent was granted again since: a late retry must not undo the newer grant.
         if (pqxx::result earlier =

@@ -13,6 +13,7 @@ inline constexpr char kLockConsentByKey[] = "lock_consent_by_key";
 inline constexpr char kSelectConsentById[] = "select_consent_by_id";
 inline constexpr char kLatestVersion[] = "latest_consent_version";
 inline constexpr char kVersionByRequestId[] = "consent_version_by_request_id";
+inline constexpr char kOtherChangeByRequestId[] = "consent_other_change_by_request_id";
 inline constexpr char kInsertVersion[] = "insert_consent_version";
 inline constexpr char kListConsents[] = "list_consents";
 inline constexpr char kListVersions[] = "list_consent_versions";
@@ -26,6 +27,13 @@ inline constexpr char kCountPatientConsents[] = "count_patient_consents";
   "version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "                      \
   "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "  \
   "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id, categories"
+
+// The timestamptz `micros` (an int8 parameter: microseconds since 1970) stands for, exactly: an
+// int8 times an interval goes through float8, exact only within 2^53 µs of 1970 (years 1685 to
+// 2255), which stored 9999-12-31T23:59:59.999999Z as 10000-01-01.
+#define MEDGATE_FROM_MICROS(micros)                                                     \
+  "(timestamptz 'epoch' + (" micros "::int8 / 1000000) * interval '1 second' + (" micros \
+  "::int8 % 1000000) * interval '1 microsecond')"
 
 inline const std::vector<pg::Statement>& Statements() {
   static const std::vector<pg::Statement> statements = {
@@ -48,12 +56,18 @@ inline const std::vector<pg::Statement>& Statements() {
        "SELECT " MEDGATE_CONSENT_VERSION_COLUMNS
        " FROM consent_versions WHERE consent_id = $1 AND request_id = $2 AND recorded_by = $3 "
        "AND state = $4 ORDER BY version LIMIT 1"},
+      // A change of another consent ($3), or of another kind ($4: the state it recorded), that
+      // the same caller ($1) recorded under this request id ($2): a request id names one change
+      // (shard migration 0035 indexes them).
+      {kOtherChangeByRequestId,
+       "SELECT consent_id, version, state FROM consent_versions WHERE recorded_by = $1 "
+       "AND request_id = $2 AND (consent_id <> $3 OR state <> $4) ORDER BY consent_id, version "
+       "LIMIT 1"},
       {kInsertVersion,
        "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
        "evidence_ref, reason, recorded_by, recorded_at, request_id, categories) VALUES ($1, $2, "
-       "$3, timestamptz 'epoch' + $4::int8 * interval '1 microsecond', "
-       "timestamptz 'epoch' + $5::int8 * interval '1 microsecond', $6, $7, $8, "
-       "timestamptz 'epoch' + $9::int8 * interval '1 microsecond', $10, $11::text[])"},
+       "$3, " MEDGATE_FROM_MICROS("$4") ", " MEDGATE_FROM_MICROS("$5") ", $6, $7, $8, "
+       MEDGATE_FROM_MICROS("$9") ", $10, $11::text[])"},
       // A patient's consents with their latest version; $2 = '' for every purpose.
       {kListConsents,
        "SELECT c.consent_id, c.purpose, c.actor, v.version, v.state, "
@@ -78,6 +92,7 @@ inline const std::vector<pg::Statement>& Statements() {
 }
 
 #undef MEDGATE_CONSENT_VERSION_COLUMNS
+#undef MEDGATE_FROM_MICROS
 
 }  // namespace medgate::consent::sql
 

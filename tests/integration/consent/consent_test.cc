@@ -652,6 +652,85 @@ TEST_F(ConsentTest, ALateRetryOfAGrantDoesNotUndoARevocation) {
   EXPECT_EQ(now_listed->consents(0).state(), v1::CONSENT_STATE_GRANTED);
 }
 
+// A request id names one change of the caller's: sent again for another patient, purpose or
+// actor, or a grant's id sent with a revocation, it is refused (INVALID_ARGUMENT naming what it
+// recorded), and nothing is recorded. Sent again for the same change, it is a retry.
+TEST_F(ConsentTest, ARequestIdReusedForAnotherChangeIsRefused) {
+  const std::string patient = Place("request-id-once-1", "FR");
+  const std::string other_patient = Place("request-id-once-2", "FR");
+  auto app = Stub(pki_->app());
+  auto granted = Grant(*app, GrantArgs(patient).WithEvidence("form-1").WithRequestId("once-1"));
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  const std::vector<std::pair<std::string, GrantArgs>> others = {
+      {"another patient", GrantArgs(other_patient).WithEvidence("form-1").WithRequestId("once-1")},
+      {"another purpose", GrantArgs(patient)
+                              .WithPurpose(v1::PURPOSE_RESEARCH)
+                              .WithEvidence("form-1")
+                              .WithRequestId("once-1")},
+      {"another actor", GrantArgs(patient)
+                            .WithActor(Practitioner())
+                            .WithEvidence("form-1")
+                            .WithRequestId("once-1")},
+  };
+  for (const auto& [what, args] : others) {
+    auto reused = Grant(*app, args);
+    EXPECT_EQ(reused.status().code(), absl::StatusCode::kInvalidArgument) << what;
+    EXPECT_NE(reused.status().message().find(absl::StrCat(
+                  "request_id 'once-1' already recorded a grant (version 1 of consent '",
+                  granted->consent_id(), "')")),
+              absl::string_view::npos)
+        << what << ": " << reused.status();
+  }
+  v1::RevokeConsentRequest revoke = ByKey(patient, v1::PURPOSE_CARE);
+  revoke.set_request_id("once-1");
+  revoke.set_reason("withdrawn");
+  auto revoked = Revoke(*app, revoke);
+  EXPECT_EQ(revoked.status().code(), absl::StatusCode::kInvalidArgument) << revoked.status();
+  // Nothing of it was recorded: one consent, granted, and nothing for the other patient.
+  auto listed = List(*app, ListOf(patient, true));
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->consents_size(), 1);
+  EXPECT_EQ(listed->consents(0).state(), v1::CONSENT_STATE_GRANTED);
+  EXPECT_EQ(listed->consents(0).history_size(), 1);
+  auto other_listed = List(*app, ListOf(other_patient, true));
+  ASSERT_TRUE(other_listed.ok()) << other_listed.status();
+  EXPECT_EQ(other_listed->consents_size(), 0);
+  // The same change again is a retry, answered with what was recorded.
+  auto retry = Grant(*app, GrantArgs(patient).WithEvidence("form-1").WithRequestId("once-1"));
+  ASSERT_TRUE(retry.ok()) << retry.status();
+  EXPECT_EQ(retry->consent_id(), granted->consent_id());
+  EXPECT_EQ(retry->version(), 1);
+  // A revocation's id is its own too: sent with a grant of the consent it revoked, refused.
+  revoke.set_request_id("once-2");
+  ASSERT_TRUE(Revoke(*app, revoke).ok());
+  auto regrant = Grant(*app, GrantArgs(patient).WithEvidence("form-2").WithRequestId("once-2"));
+  EXPECT_EQ(regrant.status().code(), absl::StatusCode::kInvalidArgument) << regrant.status();
+  EXPECT_NE(regrant.status().message().find("already recorded a revocation (version 2"),
+            absl::string_view::npos)
+      << regrant.status();
+}
+
+// An instant far from 1970 is stored exactly: the end of 9999 (a common way to say "until
+// revoked") read back as 10000-01-01, which a retry then took for another period.
+TEST_F(ConsentTest, APeriodFarFromNowIsStoredToTheMicrosecond) {
+  const std::string patient = Place("far-period-1", "FR");
+  auto app = Stub(pki_->app());
+  const absl::Time end_of_9999 =
+      absl::FromCivil(absl::CivilSecond(9999, 12, 31, 23, 59, 59), absl::UTCTimeZone()) +
+      absl::Microseconds(999999);
+  auto granted = Grant(*app, GrantArgs(patient).EndingAt(end_of_9999).WithRequestId("far-1"));
+  ASSERT_TRUE(granted.ok()) << granted.status();
+  auto listed = List(*app, ListOf(patient, true));
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->consents_size(), 1);
+  const google::protobuf::Timestamp& end = listed->consents(0).current().period().end_at();
+  EXPECT_EQ(end.seconds(), absl::ToUnixSeconds(end_of_9999));
+  EXPECT_EQ(end.nanos(), 999999000);
+  auto retry = Grant(*app, GrantArgs(patient).EndingAt(end_of_9999).WithRequestId("far-1"));
+  ASSERT_TRUE(retry.ok()) << retry.status();
+  EXPECT_EQ(retry->version(), granted->version());
+}
+
 // A revocation whose answer was lost, retried after the patient granted again: the retry answers
 // the first revocation, records nothing and leaves the newer grant in force. The same request id
 // with another reason is a client's mistake, refused rather than taken for done.
