@@ -32,7 +32,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
                                  "max_queued_rows", "max_streams_per_device", "instances",
                                  "max_reads_per_tenant", "read_idle_timeout_seconds",
                                  "read_min_bytes_per_second",
-                                 "partition_lock_timeout_ms"}));
+                                 "partition_lock_timeout_ms", "max_batch_wait_ms"}));
   ASSIGN_OR_RETURN(int64_t rate, node.Int("tenant_samples_per_second", 1, 10000000, 50000));
   // A burst below the largest batch would refuse such a batch forever, however long it waits.
   ASSIGN_OR_RETURN(int64_t burst, node.Int("tenant_burst", static_cast<int64_t>(kMaxSamplesPerBatch),
@@ -47,6 +47,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
                    node.Int("max_waiting_batches", 1, 10000000, default_waiting));
   ASSIGN_OR_RETURN(int64_t lanes, node.Int("writers_per_region", 1, 64, 4));
   ASSIGN_OR_RETURN(int64_t enqueue_wait, node.Int("enqueue_wait_ms", 1, 600000, 10000));
+  ASSIGN_OR_RETURN(int64_t batch_wait, node.Int("max_batch_wait_ms", 100, 600000, 10000));
   ASSIGN_OR_RETURN(int64_t stats_interval, node.Int("stats_interval_ms", 100, 3600000, 10000));
   ASSIGN_OR_RETURN(int64_t partition_check, node.Int("partition_check_minutes", 1, 24 * 60, 60));
   ASSIGN_OR_RETURN(int64_t device_streams, node.Int("max_streams_per_device", 1, 1000, 4));
@@ -72,6 +73,7 @@ absl::StatusOr<IngestSettings> ParseIngestSettings(const MedgateConfig& config) 
   s.max_waiting_batches = static_cast<size_t>(waiting);
   s.writers_per_region = static_cast<int>(lanes);
   s.core.enqueue_wait = absl::Milliseconds(enqueue_wait);
+  s.writer.max_batch_wait = absl::Milliseconds(batch_wait);
   s.writer.stats_interval = absl::Milliseconds(stats_interval);
   s.partition_check = absl::Minutes(partition_check);
   s.max_streams_per_device = static_cast<int>(device_streams);

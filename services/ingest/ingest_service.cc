@@ -289,9 +289,11 @@ class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
     }
     std::unique_lock<std::mutex> lock(shared_->mu);
     read_outstanding_ = false;
-    if (!ok || superseded_) {
+    if (!ok || superseded_ || fail_) {
       // A batch read after a newer stream of the device opened is dropped unanswered: the
-      // device resends it there, after this stream's earlier batches.
+      // device resends it there, after this stream's earlier batches. So is one read after the
+      // stream failed (a batch of it was not stored): it would be refused, and the stream is
+      // ending; the device resends it on its next stream.
       if (!ok) reads_done_ = true;
       MaybeFinishLocked();
       return;
@@ -528,8 +530,13 @@ class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
   }
 
   void MaybeFinishLocked() {
-    // A superseded stream does not wait for its device's next batch: that read ends with the call.
-    if (finished_ || processing_ || write_in_flight_ || (read_outstanding_ && !superseded_)) return;
+    // A superseded or failed stream does not wait for its device's next batch: that read ends
+    // with the call (a client waiting for the stream's end, as its status tells it to, would
+    // otherwise wait until it sent, half-closed or gave up).
+    if (finished_ || processing_ || write_in_flight_ ||
+        (read_outstanding_ && !superseded_ && !fail_)) {
+      return;
+    }
     if (!(reads_done_ || fail_ || broken_)) return;
     if (!pending_.empty() && !broken_) return;
     finished_ = true;

@@ -214,14 +214,32 @@ void VitalsWriter::Loop() {
 void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
   // A stream that already failed must not write later batches (it would leave a seq gap).
   std::vector<WriteRequest*> live;
+  const absl::Time now = absl::Now();
+  size_t too_old = 0;
   for (WriteRequest& r : group) {
     if (r.poisoned && r.poisoned->load()) {
       r.done(WriteOutcome{absl::UnavailableError(
           "this stream stores nothing more after a batch it sent was not stored; reconnect and resend"),
                           0, 0, 0});
+    } else if (now - r.read_at > options_.max_batch_wait) {
+      // Decided (consent, the device's patient) too long ago to be stored on that decision.
+      ++too_old;
+      if (r.poisoned) r.poisoned->store(true);
+      r.done(WriteOutcome{
+          absl::UnavailableError(absl::StrCat(
+              "the batch waited ", absl::FormatDuration(absl::Trunc(now - r.read_at, absl::Milliseconds(1))),
+              " for region ", region_id_, "'s writer, more than its bound of ",
+              absl::FormatDuration(options_.max_batch_wait),
+              ": nothing of it was stored; resend it (its consent is checked again)")),
+          0, 0, 0});
     } else {
       live.push_back(&r);
     }
+  }
+  if (too_old > 0) {
+    log::Warning("vitals_batches_waited_too_long",
+                 {{"region", region_id_}, {"batches", too_old},
+                  {"bound_ms", absl::ToInt64Milliseconds(options_.max_batch_wait)}});
   }
   if (live.empty()) return;
 

@@ -93,6 +93,11 @@ struct WriterOptions {
   size_t max_queued_rows = 200000;
   size_t max_rows_per_transaction = 20000;
   absl::Duration linger = absl::Milliseconds(2);  // wait this long for more work to coalesce
+  // A batch read longer ago than this when its transaction starts is not written: answered with
+  // a retryable error, so its device resends it and it is decided again. Its consent and
+  // routing decisions were taken when it was read; this bounds how old they may be when it is
+  // stored (with the transaction's own statement bound on top).
+  absl::Duration max_batch_wait = absl::Seconds(10);
   // How often `vitals_writer_stats` (and the service's `ingest_ack_latency`) is logged.
   absl::Duration stats_interval = absl::Seconds(10);
 };

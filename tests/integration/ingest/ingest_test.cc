@@ -3514,6 +3514,63 @@ TEST_F(IngestTest, AFullWriteQueueStopsTheStreamAndLosesNothing) {
   }
 }
 
+// A batch that waited longer than max_batch_wait_ms for its writer's transaction (the shard held
+// the writer up) is not stored on the consent decision it was read under: it gets a retryable
+// UNAVAILABLE saying so, and the stream, which stores nothing more, ends by itself (it used to
+// wait for the device's next message). The resend is decided again and stored.
+TEST_F(IngestTest, ABatchThatWaitedPastItsBoundIsNotStoredOnItsOldDecision) {
+  const std::string device = "dev-old-decision";
+  MonitoredPatientWithDevice("old-decision-1", "FR", device);
+  auto extra =
+      StartIngest("ingest: {writers_per_region: 1, linger_ms: 0, max_batch_wait_ms: 300}\n");
+  ASSERT_NE(extra, nullptr);
+  IngestServer& server = *extra->server;
+  auto stub = Ingest(Device("acme", device), server.port());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto stream = stub->StreamVitals(&context);
+  v1::IngestAck ack;
+  ASSERT_TRUE(stream->Write(Batch(1, 1, 10)));
+  ASSERT_TRUE(stream->Read(&ack));
+  ASSERT_EQ(ack.stored_count(), 10u);
+
+  auto hold = std::make_unique<CursorHold>(device);
+  ASSERT_TRUE(stream->Write(Batch(2, 11, 10)));
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30), [] { return CursorHold::WriterWaits(); }));
+  ASSERT_TRUE(stream->Write(Batch(3, 21, 10)));
+  ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
+                        [&] { return server.queued_batches() == 1; }));
+  absl::SleepFor(absl::Milliseconds(600));  // batch 3 waits in the queue past its bound
+  hold->Release();
+
+  // Batch 2's transaction started within its bound: stored.
+  ASSERT_TRUE(stream->Read(&ack));
+  EXPECT_EQ(ack.batch_seq(), 2u);
+  EXPECT_FALSE(ack.has_retryable_error()) << ack.retryable_error().message();
+  EXPECT_EQ(ack.stored_count(), 10u);
+  ASSERT_TRUE(stream->Read(&ack));
+  EXPECT_EQ(ack.batch_seq(), 3u);
+  ASSERT_TRUE(ack.has_retryable_error());
+  EXPECT_EQ(ack.retryable_error().code(), static_cast<int32_t>(grpc::StatusCode::UNAVAILABLE));
+  EXPECT_THAT(ack.retryable_error().message(), HasSubstr("more than its bound of 300ms"));
+  EXPECT_THAT(ack.retryable_error().message(), HasSubstr("nothing of it was stored"));
+  EXPECT_EQ(ack.stored_count(), 0u);
+  // The stream ends without the device half-closing it.
+  EXPECT_FALSE(stream->Read(&ack));
+  grpc::Status ended = stream->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
+  EXPECT_EQ(Count("fr-1", absl::StrCat("device_id = '", device, "'")), 20);
+
+  DeviceStream again(*stub);
+  std::optional<v1::IngestAck> resent = again.Send(Batch(3, 21, 10));
+  ASSERT_TRUE(resent.has_value());
+  ASSERT_FALSE(resent->has_retryable_error()) << resent->retryable_error().message();
+  EXPECT_EQ(resent->stored_count(), 10u);
+  EXPECT_TRUE(again.Finish().ok());
+  EXPECT_EQ(Count("fr-1", absl::StrCat("device_id = '", device, "'")), 30);
+  server.Shutdown();
+}
+
 // Batches that would wait for a worker thread beyond max_waiting_batches are answered with a
 // retryable RESOURCE_EXHAUSTED: "ingest is saturated" for one not yet looked up, "write queue is
 // full" for one built but finding its writer's queue full. That stream stores nothing more and
