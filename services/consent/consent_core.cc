@@ -269,6 +269,28 @@ absl::StatusOr<std::pair<Purpose, std::string>> DecodePageToken(absl::string_vie
   return std::make_pair(*purpose, std::string(parts.second));
 }
 
+absl::Status PatientLookupError(const absl::Status& failed) {
+  absl::StatusCode code;
+  switch (failed.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kOutOfRange:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kResourceExhausted:
+      code = failed.code();
+      break;
+    case absl::StatusCode::kPermissionDenied:
+    case absl::StatusCode::kUnauthenticated:
+      code = absl::StatusCode::kInternal;
+      break;
+    default:
+      code = absl::StatusCode::kUnavailable;
+      break;
+  }
+  return absl::Status(code,
+                      absl::StrCat("cannot resolve the patient's home region: ", failed.message()));
+}
+
 ConsentCore::ConsentCore(RoutingClient& routing, const pg::ShardSet& shards, ConsentCache& cache,
                          std::string trust_domain)
     : routing_(routing), shards_(shards), cache_(cache), trust_domain_(std::move(trust_domain)) {}
@@ -277,10 +299,7 @@ absl::StatusOr<PatientLocation> ConsentCore::ResolvePatient(const CallContext& c
                                                             const std::string& patient_id) {
   absl::StatusOr<std::vector<PatientLocation>> found =
       routing_.ResolvePatients(absl::MakeConstSpan(&patient_id, 1));
-  if (!found.ok()) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot resolve the patient's home region: ", found.status().message()));
-  }
+  if (!found.ok()) return PatientLookupError(found.status());
   if (found->size() != 1) return absl::InternalError("routing answered for another patient");
   PatientLocation& patient = found->front();
   if (!patient.found ||

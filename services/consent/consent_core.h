@@ -182,6 +182,13 @@ std::optional<std::string> RegionOfConsentId(absl::string_view consent_id);
 // Region ids that can be embedded in consent ids.
 absl::Status ValidateRegionId(absl::string_view region_id);
 
+// What a failed look-up of a patient's home region in routing (`failed`, RoutingCallError's) is
+// answered: routing's answer about the request keeps its code (INVALID_ARGUMENT, NOT_FOUND,
+// OUT_OF_RANGE, FAILED_PRECONDITION; RESOURCE_EXHAUSTED, which passes); routing refusing this
+// service (PERMISSION_DENIED, UNAUTHENTICATED) is INTERNAL, a deployment's fault no retry mends;
+// anything else (routing unreachable, too slow, failing) is UNAVAILABLE, worth a retry.
+absl::Status PatientLookupError(const absl::Status& failed);
+
 std::string EncodePageToken(Purpose purpose, absl::string_view actor);
 absl::StatusOr<std::pair<Purpose, std::string>> DecodePageToken(absl::string_view token);
 

@@ -172,9 +172,10 @@ grpc::Status ConsentService::ExportConsents(grpc::ServerContext* context,
   if (!result.ok()) return ToGrpcStatus(result.status());
   std::string* ndjson = response->mutable_ndjson();
   uint32_t resources = 0;
+  const absl::Time now = absl::Now();
   for (const ConsentInfo& c : result->consents) {
     for (const VersionInfo& v : c.history) {
-      absl::StrAppend(ndjson, FhirConsentJson(c, v), "\n");
+      absl::StrAppend(ndjson, FhirConsentJson(c, v, now), "\n");
       ++resources;
     }
   }

@@ -7,14 +7,16 @@
 
 namespace medgate::consent {
 
-std::string FhirConsentJson(const ConsentInfo& consent, const VersionInfo& version) {
+std::string FhirConsentJson(const ConsentInfo& consent, const VersionInfo& version,
+                            absl::Time now) {
   using fhir::String;
   // The history's last version (read in the same page as the consent's state, after it: a grant
-  // committed between the two reads is the last there, not `current`).
+  // committed between the two reads is the last there, not `current`). Whether it has expired is
+  // its own period's: the consent's status was read with `current`, which may be an earlier one.
   const bool latest = consent.history.empty() ? version.version == consent.current.version
                                               : &version == &consent.history.back();
-  const bool active = version.state == VersionState::kGranted &&
-                      !(latest && consent.status == ConsentStatus::kExpired);
+  const bool expired = version.valid_until.has_value() && *version.valid_until <= now;
+  const bool active = version.state == VersionState::kGranted && !(latest && expired);
   std::string json = absl::StrCat(
       "{\"resourceType\":\"Consent\",\"meta\":{\"versionId\":\"", version.version,
       "\",\"lastUpdated\":\"", fhir::Instant(version.recorded_at),

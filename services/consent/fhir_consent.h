@@ -23,13 +23,14 @@ inline constexpr char kFhirRevocationReasonUrl[] = "urn:medgate:fhir:revocation-
 
 // One version of `consent` as a Consent resource, one line of JSON without its newline:
 // meta.versionId and lastUpdated (recorded), identifier the consent id, status active for a
-// granted version and inactive for a revoked one (and for the latest version of a consent that
-// is `now` expired), scope patient-privacy, category LOINC 59284-0 (patient consent), patient by
+// granted version and inactive for a revoked one (and for the latest version when its period
+// ended by `now`: the consent has expired), scope patient-privacy, category LOINC 59284-0 (patient consent), patient by
 // identifier, dateTime (recorded), sourceReference the evidence, policyRule OPTIN, and provision
 // permit with its period, the actor it is narrowed to (if any), the purpose and the categories.
 // `version` is an element of consent.history (the latest is its last), or consent.current when
 // the history is empty.
-std::string FhirConsentJson(const ConsentInfo& consent, const VersionInfo& version);
+std::string FhirConsentJson(const ConsentInfo& consent, const VersionInfo& version,
+                            absl::Time now);
 
 }  // namespace medgate::consent
 

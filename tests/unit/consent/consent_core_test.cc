@@ -4,6 +4,9 @@
 #include "libs/common/config.h"
 #include "libs/common/validation.h"
 
+#include <utility>
+#include <vector>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -67,6 +70,31 @@ TEST_F(ConsentCoreHelpersTest, GrantPeriodDefaultsToNowAndEndsAfterItsStart) {
   ASSERT_TRUE(past.ok()) << past.status();
   EXPECT_EQ(past->first, kNow);
   EXPECT_EQ(*past->second, kNow - absl::Seconds(1));
+}
+
+// Routing's answers about the request keep their code; routing refusing the consent service is
+// its deployment's fault (INTERNAL, not a retry forever); the rest is worth a retry.
+TEST_F(ConsentCoreHelpersTest, APatientLookUpThatFailsKeepsWhatRoutingSaidAboutTheRequest) {
+  const std::vector<std::pair<absl::StatusCode, absl::StatusCode>> cases = {
+      {absl::StatusCode::kInvalidArgument, absl::StatusCode::kInvalidArgument},
+      {absl::StatusCode::kNotFound, absl::StatusCode::kNotFound},
+      {absl::StatusCode::kOutOfRange, absl::StatusCode::kOutOfRange},
+      {absl::StatusCode::kFailedPrecondition, absl::StatusCode::kFailedPrecondition},
+      {absl::StatusCode::kResourceExhausted, absl::StatusCode::kResourceExhausted},
+      {absl::StatusCode::kPermissionDenied, absl::StatusCode::kInternal},
+      {absl::StatusCode::kUnauthenticated, absl::StatusCode::kInternal},
+      {absl::StatusCode::kUnavailable, absl::StatusCode::kUnavailable},
+      {absl::StatusCode::kDeadlineExceeded, absl::StatusCode::kUnavailable},
+      {absl::StatusCode::kInternal, absl::StatusCode::kUnavailable},
+      {absl::StatusCode::kUnknown, absl::StatusCode::kUnavailable},
+  };
+  for (const auto& [routing, answered] : cases) {
+    const absl::Status status =
+        PatientLookupError(absl::Status(routing, "routing ResolvePatients: what it said"));
+    EXPECT_EQ(status.code(), answered) << absl::StatusCodeToString(routing);
+    EXPECT_EQ(status.message(),
+              "cannot resolve the patient's home region: routing ResolvePatients: what it said");
+  }
 }
 
 TEST_F(ConsentCoreHelpersTest, ConsentIdsCarryTheirRegion) {

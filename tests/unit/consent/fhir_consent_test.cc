@@ -40,13 +40,16 @@ ConsentInfo Care(ConsentStatus status) {
   return c;
 }
 
+// When the exports below are made: after every fixture's versions were recorded.
+const absl::Time kNow = absl::FromUnixSeconds(1'900'000'000);
+
 std::string Status(const std::string& json) {
   return Parse(json).fields().at("status").string_value();
 }
 
 TEST(FhirConsentTest, AVersionIsOneLineWithItsPeriodPurposeAndEvidence) {
   const ConsentInfo care = Care(ConsentStatus::kGranted);
-  const std::string json = FhirConsentJson(care, care.history[0]);
+  const std::string json = FhirConsentJson(care, care.history[0], kNow);
   EXPECT_EQ(json.find('\n'), std::string::npos);
   const Struct c = Parse(json);
   EXPECT_EQ(c.fields().at("resourceType").string_value(), "Consent");
@@ -93,17 +96,24 @@ TEST(FhirConsentTest, AVersionIsOneLineWithItsPeriodPurposeAndEvidence) {
 }
 
 TEST(FhirConsentTest, TheLatestVersionOfAnExpiredConsentIsInactiveItsEarlierOnesActive) {
-  const ConsentInfo expired = Care(ConsentStatus::kExpired);
-  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[0])), "active");
-  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[1])), "inactive");
+  ConsentInfo expired = Care(ConsentStatus::kExpired);
+  expired.history[1].valid_until = kNow - absl::Hours(1);
+  expired.current = expired.history[1];
+  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[0], kNow)), "active");
+  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[1], kNow)), "inactive");
+  // At its period's end exactly, it has expired (periods are half-open).
+  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[1], kNow - absl::Hours(1))),
+            "inactive");
+  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[1], kNow - absl::Hours(2))),
+            "active");
   const ConsentInfo granted = Care(ConsentStatus::kGranted);
-  EXPECT_EQ(Status(FhirConsentJson(granted, granted.history[1])), "active");
+  EXPECT_EQ(Status(FhirConsentJson(granted, granted.history[1], kNow)), "active");
   ConsentInfo revoked = Care(ConsentStatus::kRevoked);
   revoked.history.push_back(Version(3, VersionState::kRevoked));
   revoked.history.back().reason = "moved";
   revoked.current = revoked.history.back();
-  EXPECT_EQ(Status(FhirConsentJson(revoked, revoked.history[1])), "active");
-  const std::string last = FhirConsentJson(revoked, revoked.history[2]);
+  EXPECT_EQ(Status(FhirConsentJson(revoked, revoked.history[1], kNow)), "active");
+  const std::string last = FhirConsentJson(revoked, revoked.history[2], kNow);
   EXPECT_EQ(Status(last), "inactive");
   EXPECT_NE(last.find("\"url\":\"urn:medgate:fhir:revocation-reason\",\"valueString\":\"moved\""),
             std::string::npos)
@@ -111,19 +121,25 @@ TEST(FhirConsentTest, TheLatestVersionOfAnExpiredConsentIsInactiveItsEarlierOnes
 }
 
 // A grant committed between the read of a consent's state and of its history is the history's
-// last version: that one, not `current`, is the latest.
+// last version: that one, not `current`, is the latest, and whether it has expired is its own
+// period's. A consent read as expired and granted again meanwhile is exported active: the
+// expired version was the last one read as `current`, not the last in the history.
 TEST(FhirConsentTest, TheLatestVersionIsTheHistorysLast) {
-  ConsentInfo expired = Care(ConsentStatus::kExpired);
-  expired.current = expired.history[0];  // read before version 2 was granted
-  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[0])), "active");
-  EXPECT_EQ(Status(FhirConsentJson(expired, expired.history[1])), "inactive");
+  ConsentInfo regranted = Care(ConsentStatus::kExpired);
+  regranted.history[0].valid_until = kNow - absl::Hours(1);
+  regranted.current = regranted.history[0];  // read, expired, before version 2 was granted
+  EXPECT_EQ(Status(FhirConsentJson(regranted, regranted.history[0], kNow)), "active");
+  EXPECT_EQ(Status(FhirConsentJson(regranted, regranted.history[1], kNow)), "active");
+  // Granted again, for a period that has ended too: inactive.
+  regranted.history[1].valid_until = kNow - absl::Minutes(1);
+  EXPECT_EQ(Status(FhirConsentJson(regranted, regranted.history[1], kNow)), "inactive");
 }
 
 TEST(FhirConsentTest, YearsHaveFourDigits) {
   ConsentInfo care = Care(ConsentStatus::kGranted);
   care.history[0].valid_from = absl::FromCivil(absl::CivilSecond(1, 1, 1, 0, 0, 0),
                                                absl::UTCTimeZone());
-  const std::string json = FhirConsentJson(care, care.history[0]);
+  const std::string json = FhirConsentJson(care, care.history[0], kNow);
   EXPECT_NE(json.find("\"start\":\"0001-01-01T00:00:00Z\""), std::string::npos) << json;
 }
 
