@@ -239,13 +239,20 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
       ASSIGN_OR_RETURN(audit::StoredEntry entry, EntryFromRow(row));
       // A tenant's callers see who of another tenant (a grantee, ops) read the patient's data,
       // not that person's network address: personal data of another organization's staff. Ops
-      // see every entry whole. (The entry's hash covers the address: such an entry is checked
-      // by VerifyChain, not by the caller.)
+      // see every entry whole.
+      const size_t whole = entry.entry.origin.size() + entry.entry.reason.size();
       if (!ops && !absl::StartsWith(entry.entry.actor, own_actors)) entry.entry.origin.clear();
       // Nor which territories another tenant serves, which a share refused by the patient's
       // residency rule records for ops ("TERRITORY_NOT_PERMITTED: grantee=ID (why)"): the sharer
       // was not told either.
       if (!ops) WithholdGranteeTerritories(entry.entry.reason);
+      // Nor the hashes of an entry withheld in part: they cover what was withheld, which trying
+      // candidates against them would give back (a territory among a few hundred, an address in
+      // a known network). Such an entry is checked by VerifyChain, ops', not by the caller.
+      if (entry.entry.origin.size() + entry.entry.reason.size() != whole) {
+        entry.prev_hash.clear();
+        entry.hash.clear();
+      }
       page.entries.push_back(std::move(entry));
     }
     if (page.next_page_token.empty() && !query.actor.empty() && scanned == scan) {
@@ -406,8 +413,14 @@ absl::StatusOr<PatientReport> AuditCore::Report(const CallContext& ctx,
     }
     absl::StrAppend(&reason, " accessors=", report.accessors.size() + report.accessors_left_out,
                     " rows_elsewhere=", rows_elsewhere);
+    // How many regions did not answer, not which: the entry is read back by the patient's
+    // tenant (QueryAudit), and which regions a cluster has is not a tenant's to see. Ops have
+    // their names in the log.
     if (!unanswered.empty()) {
-      absl::StrAppend(&reason, " unanswered=", absl::StrJoin(unanswered, ","));
+      absl::StrAppend(&reason, " unanswered=", unanswered.size());
+      log::Warning("patient_report_regions_unanswered",
+                   {{"request_id", ctx.request_id}, {"home_region", home.region_id},
+                    {"regions", absl::StrJoin(unanswered, ",")}});
     }
     audit::Entry e;
     e.actor = ctx.principal.spiffe_id;

@@ -2477,7 +2477,7 @@ TEST_F(SharingTest, APatientsDataReportSaysWhereTheirDataIsAndWhoSawIt) {
             "UNAVAILABLE: the region's shard did not answer; ask again later");
   EXPECT_EQ(by_ops->other_regions(1).unavailable(), "");
   EXPECT_EQ(entries("fr-1", " AND object_type = 'patient_report' AND reason LIKE "
-                            "'% rows_elsewhere=0 unanswered=de-1'"),
+                            "'% rows_elsewhere=0 unanswered=1'"),
             2);
   extra.server->Shutdown();
 }
@@ -4006,9 +4006,14 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
       if (e.actor() == initech) {
         ++initech_reads;
         EXPECT_EQ(e.origin_address(), "") << e.seq();
+        // Nor the entry's hashes, which would give the address back to whoever tries
+        // candidates against them.
+        EXPECT_EQ(e.hash(), "") << e.seq();
+        EXPECT_EQ(e.prev_hash(), "") << e.seq();
       } else if (e.actor() == P1()) {
         ++own_entries;
         EXPECT_NE(e.origin_address(), "") << e.seq();
+        EXPECT_EQ(e.hash().size(), 32u) << e.seq();
       }
     }
     EXPECT_GE(initech_reads, 1);
@@ -4023,6 +4028,8 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
       if (e.actor() != initech) continue;
       ++seen;
       EXPECT_NE(e.origin_address(), "") << e.seq();
+      EXPECT_EQ(e.hash().size(), 32u) << e.seq();
+      EXPECT_EQ(e.prev_hash().size(), 32u) << e.seq();
     }
     EXPECT_GE(seen, 1);
   }
@@ -4042,6 +4049,8 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
     if (e.reason() != "TERRITORY_NOT_PERMITTED" || e.object_type() != "share_grant") continue;
     ++refusals;
     EXPECT_EQ(e.reason_detail(), absl::StrCat("grantee=", umbrella));
+    EXPECT_EQ(e.hash(), "");  // it covers the territories withheld
+    EXPECT_EQ(e.prev_hash(), "");
   }
   EXPECT_EQ(refusals, 1);
   {
@@ -4053,7 +4062,8 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
     bool detailed = false;
     for (const v1::AuditEntry& e : ops_view->entries()) {
       detailed |= e.reason() == "TERRITORY_NOT_PERMITTED" &&
-                  absl::StrContains(e.reason_detail(), "from US, a territory tenant 'umbrella'");
+                  absl::StrContains(e.reason_detail(), "from US, a territory tenant 'umbrella'") &&
+                  e.hash().size() == 32u;
     }
     EXPECT_TRUE(detailed);
   }
