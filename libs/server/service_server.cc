@@ -82,7 +82,12 @@ absl::Status ServiceServer::Start() {
                                                "' for service ", service_name_));
   }
   bool healthy = true;
-  if (probe_) healthy = probe_().ok();
+  if (probe_) {
+    // Not serving until the first probe has answered: it may take the databases' connect
+    // timeouts, and gRPC's health service says SERVING from the start.
+    SetServing(false);
+    healthy = probe_().ok();
+  }
   SetServing(healthy);
   if (probe_) health_thread_ = std::thread([this] { HealthLoop(); });
   log::Info("server_started", {{"service", service_name_}, {"port", port_},

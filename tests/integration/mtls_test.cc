@@ -12,6 +12,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <unistd.h>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -791,6 +792,64 @@ TEST_F(MtlsTest, HealthFollowsTheProbe) {
   healthy_ = true;
   absl::Status healthy = wait_for(Health::kServing);
   EXPECT_TRUE(healthy.ok()) << healthy;
+}
+
+// Until its first health probe has answered, a server says NOT_SERVING: that probe may wait out
+// the databases' connect timeouts, and a readiness check answered SERVING meanwhile let a pod in
+// that could not reach them.
+TEST_F(MtlsTest, AServerIsNotServingUntilItsFirstProbeAnswers) {
+  int port = 0;
+  {
+    // A port free now, for a server whose port the test must know before its Start returns.
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    socklen_t len = sizeof(addr);
+    ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+    port = ntohs(addr.sin_port);
+    close(fd);
+  }
+  MedgateConfig config = config_;
+  config.services["test"].listen = absl::StrCat("127.0.0.1:", port);
+  std::atomic<bool> hold{true};
+  std::atomic<int> probes{0};
+  RecordingAuditService service(pki_->trust_domain());
+  ServiceServer server(config, "test");
+  server.AddService(&service);
+  server.SetHealthProbe(
+      [&] {
+        ++probes;
+        while (hold.load()) absl::SleepFor(absl::Milliseconds(5));
+        return absl::OkStatus();
+      },
+      absl::Milliseconds(50));
+  absl::Status started;
+  std::thread starting([&] { started = server.Start(); });
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> own =
+      MakeChannel(absl::StrCat("127.0.0.1:", port),
+                  TlsConfig{pki_->ops().cert_path, pki_->ops().key_path, pki_->ca_path(), 1},
+                  pki_->server_identity());
+  ASSERT_TRUE(own.ok()) << own.status();
+  // The first answer the health service gives, while the first probe is held.
+  absl::StatusOr<test_support::Health> first;
+  const bool answered = test_support::PollUntil(absl::Now() + absl::Seconds(10), [&] {
+    first = test_support::CheckHealth(*own, absl::Seconds(1));
+    return first.ok();
+  });
+  const int probes_then = probes.load();
+  hold = false;
+  starting.join();
+  ASSERT_TRUE(started.ok()) << started;
+  ASSERT_TRUE(answered) << first.status();
+  EXPECT_EQ(probes_then, 1);
+  EXPECT_EQ(*first, test_support::Health::kNotServing);
+  EXPECT_TRUE(test_support::WaitForHealth(*own, test_support::Health::kServing,
+                                          absl::Now() + absl::Seconds(10))
+                  .ok());
+  server.Shutdown();
 }
 
 // A stop answers NOT_SERVING and drains at once, without waiting for a health probe that is in

@@ -274,9 +274,34 @@ TEST_F(HelmChartTest, EachPodMountsAndIsIssuedWhatItsConfigurationNames) {
     ASSERT_EQ(command.size(), 3u);
     EXPECT_EQ(command[0], "/usr/local/bin/medgate-" + name);
     EXPECT_EQ(command[1], "--config");
+    // The configuration it reads is the pod's own copy, made at its start from the ConfigMap by
+    // the init container: a ConfigMap volume changes in place, under the running binary's probes.
     ASSERT_EQ(mounts.count(Dir(command[2])), 1u);
-    EXPECT_EQ(Volume(pod, mounts.at(Dir(command[2])))["configMap"]["name"].as<std::string>(),
-              "medgate-config");
+    const std::string copy = mounts.at(Dir(command[2]));
+    EXPECT_TRUE(Volume(pod, copy)["emptyDir"].IsDefined()) << copy;
+    ASSERT_EQ(pod["initContainers"].size(), 1u);
+    const YAML::Node init = pod["initContainers"][0];
+    const std::map<std::string, std::string> init_mounts = Mounts(init);
+    std::string copied_from;
+    for (const auto& [path, volume] : init_mounts) {
+      const YAML::Node v = Volume(pod, volume);
+      if (v["configMap"].IsDefined() && v["configMap"]["name"].as<std::string>() == "medgate-config") {
+        copied_from = path;
+      }
+    }
+    ASSERT_FALSE(copied_from.empty()) << "the init container does not mount the ConfigMap";
+    ASSERT_EQ(init_mounts.count(Dir(command[2])), 1u);
+    EXPECT_EQ(init_mounts.at(Dir(command[2])), copy);
+    EXPECT_THAT(init["command"][2].as<std::string>(),
+                HasSubstr(absl::StrCat("install -m 0444 ", copied_from, "/medgate.yaml ",
+                                       command[2], "\n")));
+    EXPECT_EQ(mounts.count(copied_from), 0u) << "the service reads the ConfigMap itself";
+    // Its probes read the same copy.
+    for (const char* probe : {"readinessProbe", "livenessProbe"}) {
+      const YAML::Node exec = container[probe]["exec"]["command"];
+      ASSERT_GE(exec.size(), 3u) << probe;
+      EXPECT_EQ(exec[2].as<std::string>(), command[2]) << probe;
+    }
 
     const std::vector<std::string> served =
         name == "sharing" ? std::vector<std::string>{"sharing", "audit"}
@@ -305,8 +330,6 @@ TEST_F(HelmChartTest, EachPodMountsAndIsIssuedWhatItsConfigurationNames) {
     const std::string pgpass = "/run/medgate/secrets/pgpass";
     ASSERT_EQ(mounts.count(Dir(pgpass)), 1u);
     EXPECT_EQ(Volume(pod, mounts.at(Dir(pgpass)))["emptyDir"]["medium"].as<std::string>(), "Memory");
-    ASSERT_EQ(pod["initContainers"].size(), 1u);
-    const YAML::Node init = pod["initContainers"][0];
     const std::string script = init["command"][2].as<std::string>();
     EXPECT_THAT(script, HasSubstr("install -m 0400 /etc/medgate/secrets/db/pgpass " + pgpass));
     EXPECT_EQ(Volume(pod, Mounts(init).at("/etc/medgate/secrets/db"))["secret"]["secretName"]
