@@ -223,6 +223,13 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- $ids := list -}}
 {{- $hosts := dict -}}
 {{- $covered := false -}}
+{{- /* Every database is one of its own: two regions on one shard would store a region's
+       patients where the directory says another holds them, and a vault on its shard's server
+       would share the shard's backups, where an erasure's destroyed key would live on. */ -}}
+{{- $databases := dict -}}
+{{- if $v.control.host -}}
+{{- $_ := set $databases (printf "%v:%d/%v" $v.control.host (int64 (default 5432 $v.control.port)) $v.control.dbname) "control" -}}
+{{- end -}}
 {{- range $i, $r := $v.regions -}}
 {{- $id := required (printf "regions[%d].id: required" $i) $r.id -}}
 {{- if not (regexMatch "^[a-z0-9][a-z0-9-]*$" $id) -}}
@@ -248,6 +255,16 @@ endpoints, nor the files the chart sets, nor TLS below 1.2. */ -}}
 {{- end -}}
 {{- if not $r.keysDb -}}
 {{- fail (printf "regions[%d].keysDb: region '%s' needs its key vault (a database apart from the shard)" $i $id) -}}
+{{- end -}}
+{{- range $which, $db := dict "db" $r.db "keysDb" $r.keysDb -}}
+{{- $key := printf "%v:%d/%v" $db.host (int64 (default 5432 $db.port)) $db.dbname -}}
+{{- if hasKey $databases $key -}}
+{{- fail (printf "regions[%d].%s: %s is also %s's: each region's shard and key vault, and the control database, are databases of their own" $i $which $key (get $databases $key)) -}}
+{{- end -}}
+{{- $_ := set $databases $key (printf "regions[%d].%s" $i $which) -}}
+{{- end -}}
+{{- if and (eq (toString $r.keysDb.host) (toString $r.db.host)) (eq (int64 (default 5432 $r.keysDb.port)) (int64 (default 5432 $r.db.port))) -}}
+{{- fail (printf "regions[%d].keysDb: on the server of the shard of region '%s' (%v:%d): the key vault is a server apart, backed up apart with a short retention, or an erasure's destroyed key lives on in the shard's backups" $i $id $r.db.host (int64 (default 5432 $r.db.port))) -}}
 {{- end -}}
 {{- end -}}
 {{- if not $covered -}}
@@ -343,9 +360,19 @@ before a rollout that would crash-loop. */ -}}
 {{- fail "networkPolicy.dns.ports: the DNS ports are required (an empty list would let the pods reach the DNS peers on every port)" -}}
 {{- end -}}
 {{- end -}}
+{{- range $k, $_ := ($v.affinity | default dict) -}}
+{{- if not (has $k (list "nodeAffinity" "podAffinity" "podAntiAffinity")) -}}
+{{- fail (printf "affinity.%s: not nodeAffinity, podAffinity or podAntiAffinity" $k) -}}
+{{- end -}}
+{{- end -}}
+{{- range $k, $_ := (($v.affinity | default dict).podAntiAffinity | default dict) -}}
+{{- if not (has $k (list "preferredDuringSchedulingIgnoredDuringExecution" "requiredDuringSchedulingIgnoredDuringExecution")) -}}
+{{- fail (printf "affinity.podAntiAffinity.%s: not one of Kubernetes' two kinds of term" $k) -}}
+{{- end -}}
+{{- end -}}
 {{- $pdb := $v.podDisruptionBudget.maxUnavailable -}}
-{{- if not (or (and (kindIs "string" $pdb) (regexMatch "^[0-9]{1,3}%$" $pdb)) (and (or (kindIs "float64" $pdb) (kindIs "int64" $pdb) (kindIs "int" $pdb)) (ge (int64 $pdb) 1))) -}}
-{{- fail (printf "podDisruptionBudget.maxUnavailable: '%v' must be a whole number of pods (at least 1) or a percentage (\"25%%\")" $pdb) -}}
+{{- if not (or (and (kindIs "string" $pdb) (regexMatch "^([1-9][0-9]?|100)%$" $pdb)) (and (or (kindIs "float64" $pdb) (kindIs "int64" $pdb) (kindIs "int" $pdb)) (ge (int64 $pdb) 1))) -}}
+{{- fail (printf "podDisruptionBudget.maxUnavailable: '%v' must be a whole number of pods (at least 1) or a percentage from 1%% to 100%% (\"25%%\")" $pdb) -}}
 {{- end -}}
 {{- if not (regexMatch "^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$" (toString $v.clusterDomain)) -}}
 {{- fail (printf "clusterDomain: '%v' is not a DNS domain (cluster.local)" $v.clusterDomain) -}}

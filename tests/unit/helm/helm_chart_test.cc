@@ -413,6 +413,8 @@ TEST_F(HelmChartTest, PodsRunWithoutPrivilegeAndDrainBeforeTheyAreKilled) {
     const YAML::Node pre_stop = container["lifecycle"]["preStop"]["exec"]["command"];
     ASSERT_EQ(pre_stop.size(), 2u);
     EXPECT_EQ(pre_stop[0].as<std::string>(), "/bin/sleep");
+    // The example's services are behind load balancers: its pods wait out their health checks.
+    EXPECT_EQ(pre_stop[1].as<int>(), 30);
     EXPECT_GT(pod["terminationGracePeriodSeconds"].as<int>(),
               pre_stop[1].as<int>() + config.limits.drain_seconds);
     for (const YAML::Node& c : {container, pod["initContainers"][0]}) {
@@ -731,6 +733,50 @@ TEST_F(HelmChartTest, OnlyServicesWithSeveralReplicasHaveADisruptionBudget) {
             "25%");
 }
 
+// A user's affinity (to pin the services to dedicated nodes, say) is added to the replicas'
+// spreading over nodes, not put in its place: one block goes to all four services, and no term of
+// the user's could name each one's own pods.
+TEST_F(HelmChartTest, AUsersAffinityKeepsTheReplicasSpreadOverNodes) {
+  const Render pinned = RenderChart(
+      "affinity:\n"
+      "  nodeAffinity:\n"
+      "    requiredDuringSchedulingIgnoredDuringExecution:\n"
+      "      nodeSelectorTerms:\n"
+      "        - matchExpressions: [{key: medgate.example/pool, operator: In, values: [hds]}]\n"
+      "  podAntiAffinity:\n"
+      "    preferredDuringSchedulingIgnoredDuringExecution:\n"
+      "      - weight: 50\n"
+      "        podAffinityTerm:\n"
+      "          topologyKey: topology.kubernetes.io/zone\n"
+      "          labelSelector: {matchLabels: {app.kubernetes.io/name: medgate}}\n");
+  for (const std::string& name : kDeployments) {
+    SCOPED_TRACE(name);
+    const YAML::Node affinity =
+        Named(pinned, "Deployment", "medgate-" + name)["spec"]["template"]["spec"]["affinity"];
+    EXPECT_EQ(affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                      ["nodeSelectorTerms"][0]["matchExpressions"][0]["key"]
+                          .as<std::string>(),
+              "medgate.example/pool");
+    const YAML::Node preferred =
+        affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"];
+    ASSERT_EQ(preferred.size(), 2u);
+    EXPECT_EQ(preferred[0]["podAffinityTerm"]["topologyKey"].as<std::string>(),
+              "kubernetes.io/hostname");
+    EXPECT_EQ(preferred[0]["podAffinityTerm"]["labelSelector"]["matchLabels"]
+                      ["app.kubernetes.io/component"]
+                          .as<std::string>(),
+              name);
+    EXPECT_EQ(preferred[1]["weight"].as<int>(), 50);
+    EXPECT_EQ(preferred[1]["podAffinityTerm"]["topologyKey"].as<std::string>(),
+              "topology.kubernetes.io/zone");
+  }
+  // Without one, the spreading alone.
+  const YAML::Node plain =
+      Named(*france_, "Deployment", "medgate-ingest")["spec"]["template"]["spec"]["affinity"];
+  EXPECT_FALSE(plain["nodeAffinity"].IsDefined());
+  EXPECT_EQ(plain["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"].size(), 1u);
+}
+
 // A changed configuration rolls the pods that read it: scaling ingest changes ingest.instances,
 // which only ingest reads, so the other services keep their pods; any other change rolls them all.
 TEST_F(HelmChartTest, ScalingIngestRollsOnlyIngestWhileOtherChangesRollEveryService) {
@@ -930,6 +976,30 @@ TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
        "services.ingest.clientCIDRs[0]: '0.0.0.0/0}' is not a network in CIDR notation"},
       {"podDisruptionBudget: {maxUnavailable: 0}\n",
        "podDisruptionBudget.maxUnavailable: '0' must be a whole number of pods (at least 1)"},
+      {"affinity: {podAntiAfinity: {}}\n",
+       "affinity.podAntiAfinity: not nodeAffinity, podAffinity or podAntiAffinity"},
+      // A budget of no pod blocks every node drain.
+      {"podDisruptionBudget: {maxUnavailable: \"0%\"}\n",
+       "podDisruptionBudget.maxUnavailable: '0%' must be a whole number of pods (at least 1) or a "
+       "percentage from 1% to 100%"},
+      {"podDisruptionBudget: {maxUnavailable: \"101%\"}\n",
+       "podDisruptionBudget.maxUnavailable: '101%'"},
+      // Every database is one of its own: two regions on one shard, a region on the control
+      // database, a key vault on its shard's server.
+      {"regions: [{id: fr-1, territories: [FR], db: {host: a, dbname: m, user: u}, keysDb: {host: "
+       "b, dbname: k, user: u}},\n"
+       "          {id: eu-1, territories: [BE], db: {host: a, port: 5432, dbname: m, user: u}, "
+       "keysDb: {host: d, dbname: k, user: u}}]\n",
+       "regions[1].db: a:5432/m is also regions[0].db's: each region's shard and key vault, and "
+       "the control database, are databases of their own"},
+      {"control: {host: c, dbname: m}\n"
+       "regions: [{id: fr-1, territories: [FR], db: {host: c, dbname: m, user: u}, keysDb: {host: "
+       "b, dbname: k, user: u}}]\n",
+       "regions[0].db: c:5432/m is also control's"},
+      {"regions: [{id: fr-1, territories: [FR], db: {host: a, dbname: m, user: u}, keysDb: {host: "
+       "a, dbname: k, user: u}}]\n",
+       "regions[0].keysDb: on the server of the shard of region 'fr-1' (a:5432): the key vault is "
+       "a server apart"},
       {"networkPolicy: {databaseCIDRs: {shards: [0.0.0.0/0]}}\n",
        "networkPolicy.databaseCIDRs.shards[0]: '0.0.0.0/0' is every address"},
       {"networkPolicy: {databaseCIDRs: {keyVaults: [10.20.2.0/24, \"::/0\"]}}\n",
