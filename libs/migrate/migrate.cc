@@ -120,6 +120,15 @@ absl::StatusOr<MigrateResult> ApplyLocked(pqxx::connection& connection,
           "migration ", version, " ('", entry.first,
           "') is applied in the database but missing from the migrations folder"));
     }
+    if (it->file_name != entry.first) {
+      // Another set's migration (a shard's database named as the control database's, a vault's
+      // as its shard's), or another branch's under the same number: not an edit.
+      return absl::FailedPreconditionError(absl::StrCat(
+          "migration ", version, " was applied to this database as '", entry.first,
+          "', and the migrations folder has '", it->file_name,
+          "' under that number: is this the database these migrations are for (the control "
+          "database, a shard, a key vault)?"));
+    }
     if (it->checksum != entry.second) {
       return absl::FailedPreconditionError(absl::StrCat(
           "migration '", it->file_name, "' was changed after it was applied (recorded checksum ",
@@ -171,6 +180,16 @@ absl::StatusOr<MigrateResult> Apply(pqxx::connection& connection,
       // Migrations run in UTC, as the services do: what they compute from the time (the first
       // vitals partitions, calendar months) must not depend on the server's time zone.
       lock.exec0("SET TIME ZONE 'UTC'");
+      // A migrator that vanishes (its pod's node lost, its network cut) while a migration holds
+      // its locks is found by the server within a minute, not when TCP gives up (15 minutes to
+      // 2 hours): idle in its transaction, between statements, or silent during one, its
+      // session ends and its locks, the advisory lock's included, go with it.
+      lock.exec0("SET idle_in_transaction_session_timeout = '1min'");
+      lock.exec0("SET tcp_keepalives_idle = 30");
+      lock.exec0("SET tcp_keepalives_interval = 10");
+      lock.exec0("SET tcp_keepalives_count = 3");
+      lock.exec0("SET tcp_user_timeout = 60000");
+      lock.exec0("SET client_connection_check_interval = '10s'");
       try {
         lock.exec_params("SELECT pg_advisory_lock($1)", kMigrationLockKey);
       } catch (const pqxx::sql_error& e) {
@@ -181,9 +200,15 @@ absl::StatusOr<MigrateResult> Apply(pqxx::connection& connection,
       }
     }
     absl::StatusOr<MigrateResult> result = ApplyLocked(connection, migrations);
-    {
-      pqxx::nontransaction unlock(connection);
-      unlock.exec_params("SELECT pg_advisory_unlock($1)", kMigrationLockKey);
+    // A connection lost during a migration took the lock with it: its failure is the answer,
+    // which naming the lost connection again would hide.
+    if (connection.is_open()) {
+      try {
+        pqxx::nontransaction unlock(connection);
+        unlock.exec_params("SELECT pg_advisory_unlock($1)", kMigrationLockKey);
+      } catch (const std::exception& e) {
+        if (result.ok()) return pg::StatusWithServerText(e);
+      }
     }
     return result;
   } catch (const std::exception& e) {

@@ -289,6 +289,42 @@ TEST_F(MigrateTest, MigrationsRunInUtc) {
   EXPECT_TRUE(zone[1].as<bool>());
 }
 
+// A migrator that vanishes mid-migration is found by the server within a minute, its locks
+// released: its session bounds idle time in a transaction and checks its peer.
+TEST_F(MigrateTest, AMigratorsSessionEndsSoonAfterItVanishes) {
+  WriteFile(dir_ / "0001_session.sql",
+            "CREATE TABLE session AS SELECT "
+            "current_setting('idle_in_transaction_session_timeout') AS idle, "
+            "current_setting('tcp_user_timeout') AS user_timeout, "
+            "current_setting('client_connection_check_interval') AS check_interval;");
+  pqxx::connection c = Connect();
+  absl::StatusOr<MigrateResult> result = Apply(c, *LoadMigrations(dir_));
+  ASSERT_TRUE(result.ok()) << result.status();
+  pqxx::nontransaction check(c);
+  pqxx::row row = check.exec1("SELECT idle, user_timeout, check_interval FROM session");
+  EXPECT_EQ(row[0].as<std::string>(), "1min");
+  EXPECT_EQ(row[1].as<std::string>(), "60000");  // ms
+  EXPECT_EQ(row[2].as<std::string>(), "10s");
+}
+
+// A migration recorded under another name than the folder's file of that number is another set's
+// (the database is not the one these migrations are for) or another branch's: said so, not taken
+// for an edit of an applied file.
+TEST_F(MigrateTest, AMigrationAppliedUnderAnotherNameIsNamedAsSuch) {
+  WriteFile(dir_ / "0001_patient_keys.sql", "CREATE TABLE keys (id int);");
+  pqxx::connection c = Connect();
+  ASSERT_TRUE(Apply(c, *LoadMigrations(dir_)).ok());
+  fs::remove(dir_ / "0001_patient_keys.sql");
+  WriteFile(dir_ / "0001_audit_log.sql", "CREATE TABLE audit (id int);");
+  absl::StatusOr<MigrateResult> result = Apply(c, *LoadMigrations(dir_));
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(result.status().message()),
+              HasSubstr("migration 1 was applied to this database as '0001_patient_keys.sql', and "
+                        "the migrations folder has '0001_audit_log.sql' under that number"));
+  EXPECT_THAT(std::string(result.status().message()), ::testing::Not(HasSubstr("changed after")));
+}
+
 TEST_F(MigrateTest, CommandMigratesControlAndEveryShardIdempotently) {
   fs::path config = dir_ / "medgate.yaml";
   std::string yaml = "trust_domain: medgate.test\nca: /nonexistent/ca.crt\n";
