@@ -370,6 +370,17 @@ class SharingTest : public ::testing::Test {
 
   static const TestCert& Cert(const std::string& name) { return certs_->at(name); }
   static std::string Id(const std::string& path) { return pki_->SpiffeId(path); }
+  // Sweeps until nothing expired is left from earlier tests, so that the next sweep starts from
+  // the region's first expired archive.
+  static void DrainRetentionSweeps() {
+    bool drained_all = false;
+    for (int i = 0; i < 1000 && !drained_all; ++i) {
+      absl::StatusOr<SweepResult> drained = sharing_->core().SweepRetention();
+      ASSERT_TRUE(drained.ok()) << drained.status();
+      drained_all = !drained->more;
+    }
+    ASSERT_TRUE(drained_all);
+  }
   static std::string P1() { return Id("/tenant/acme/practitioner/p-1"); }
   static std::string P2() { return Id("/tenant/acme/practitioner/p-2"); }
   static std::string P3() { return Id("/tenant/acme/practitioner/p-3"); }
@@ -5728,15 +5739,7 @@ TEST_F(SharingTest, ArchivedRecordsResistErasureUntilRetentionEnd) {
 // others: the sweep goes on past them (reporting them, not failing), and tries them again once it
 // has been through the region's other expired archives.
 TEST_F(SharingTest, TheRetentionSweepGoesPastRecordsWhoseErasureFails) {
-  // Whatever earlier tests left expired is erased first, so the sweep starts from the region's
-  // first expired archive.
-  bool drained_all = false;
-  for (int i = 0; i < 1000 && !drained_all; ++i) {
-    absl::StatusOr<SweepResult> drained = sharing_->core().SweepRetention();
-    ASSERT_TRUE(drained.ok()) << drained.status();
-    drained_all = !drained->more;
-  }
-  ASSERT_TRUE(drained_all);
+  ASSERT_NO_FATAL_FAILURE(DrainRetentionSweeps());
   const std::string patient = Place("retention-stuck-1", "FR");
   std::vector<std::string> ids;
   for (int i = 0; i < 3; ++i) {
@@ -5807,13 +5810,7 @@ TEST_F(SharingTest, TheRetentionSweepGoesPastRecordsWhoseErasureFails) {
 // which gives the patient's other records one new key: one patient key retired, not one per
 // record (each erasure alone rewraps all the patient's other record keys again).
 TEST_F(SharingTest, TheRetentionSweepErasesAPatientsExpiredArchivesUnderOneNewKey) {
-  bool drained_all = false;
-  for (int i = 0; i < 1000 && !drained_all; ++i) {
-    absl::StatusOr<SweepResult> drained = sharing_->core().SweepRetention();
-    ASSERT_TRUE(drained.ok()) << drained.status();
-    drained_all = !drained->more;
-  }
-  ASSERT_TRUE(drained_all);
+  ASSERT_NO_FATAL_FAILURE(DrainRetentionSweeps());
   const std::string patient = Place("retention-together-1", "FR");
   std::vector<std::string> archives;
   for (int i = 0; i < 3; ++i) {

@@ -42,6 +42,20 @@ v1::IngestAck Stored(const v1::VitalsBatch& batch) {
   return ack;
 }
 
+// A server that holds seqs above every one the buffer gave out (its earlier file was lost): it
+// answers every sample as a duplicate, its cursor at 1,000,000.
+grpc::Status AnswerAsHeldAboveEverySeq(int, Stream& io) {
+  v1::VitalsBatch batch;
+  while (io.Read(&batch)) {
+    v1::IngestAck ack;
+    ack.set_batch_seq(batch.batch_seq());
+    ack.set_duplicate_count(static_cast<uint32_t>(batch.samples_size()));
+    ack.set_highest_committed_seq(1'000'000);
+    io.Write(ack);
+  }
+  return grpc::Status::OK;
+}
+
 // DeviceIngest whose streams run the test's handler, given the stream's number (1, 2, ...).
 class FakeIngest final : public v1::DeviceIngest::Service {
  public:
@@ -306,17 +320,7 @@ TEST_F(DeviceClientTest, AnOverdueAckEndsTheStreamAndTheBatchIsResent) {
 // again: the ack is not recorded on its own first. Nor is it counted, however often it is sent.
 TEST_F(DeviceClientTest, ASeqRestartThatCannotBeWrittenKeepsTheBatchInTheFile) {
   options_.first_seq = 1;
-  Connect([](int, Stream& io) {
-    v1::VitalsBatch batch;
-    while (io.Read(&batch)) {
-      v1::IngestAck ack;
-      ack.set_batch_seq(batch.batch_seq());
-      ack.set_duplicate_count(static_cast<uint32_t>(batch.samples_size()));
-      ack.set_highest_committed_seq(1'000'000);
-      io.Write(ack);
-    }
-    return grpc::Status::OK;
-  });
+  Connect(AnswerAsHeldAboveEverySeq);
   ASSERT_TRUE(client_->Send(Samples(3)).ok());
   std::filesystem::create_directory(options_.buffer_path + ".tmp");
   client_->Start();
@@ -350,17 +354,7 @@ TEST_F(DeviceClientTest, ASeqRestartThatCannotBeWrittenKeepsTheBatchInTheFile) {
 TEST_F(DeviceClientTest, ABufferThatCannotTakeTheAnswerGetsABackoffThatGrows) {
   options_.first_seq = 1;
   options_.backoff_max = absl::Hours(1);
-  Connect([](int, Stream& io) {
-    v1::VitalsBatch batch;
-    while (io.Read(&batch)) {
-      v1::IngestAck ack;
-      ack.set_batch_seq(batch.batch_seq());
-      ack.set_duplicate_count(static_cast<uint32_t>(batch.samples_size()));
-      ack.set_highest_committed_seq(1'000'000);
-      io.Write(ack);
-    }
-    return grpc::Status::OK;
-  });
+  Connect(AnswerAsHeldAboveEverySeq);
   ASSERT_TRUE(client_->Send(Samples(3)).ok());
   std::filesystem::create_directory(options_.buffer_path + ".tmp");
   client_->Start();
