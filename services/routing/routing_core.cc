@@ -409,8 +409,12 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
                                              "re-read and retry"));
     }
     stored.updated_at = FromEpochSeconds(inserted[0][0]);
-    const std::string reason = absl::StrCat("regions=", absl::StrJoin(rule.region_ids, ","),
-                                            PlacedOutsideReason(placed_outside));
+    // Who may read the territory's data is as much the rule as where it is stored: both are in
+    // the chained entry (the territory itself always may, and is not listed).
+    const std::string reason = absl::StrCat(
+        "regions=", absl::StrJoin(rule.region_ids, ","), " readable_from=",
+        rule.readable_from.empty() ? std::string("-") : absl::StrJoin(rule.readable_from, ","),
+        PlacedOutsideReason(placed_outside));
     RETURN_IF_ERROR(audit::Append(
         txn, AuditEntryFor(ctx, stored.version == 1 ? audit::Action::kCreate : audit::Action::kUpdate,
                       "residency_rule", absl::StrCat(rule.territory, "@v", stored.version), "",

@@ -545,10 +545,14 @@ TEST_F(RoutingTest, ARuleThatDropsARegionWherePatientsLiveIsRefusedUnlessTheyAre
     ASSERT_TRUE(placed.ok()) << placed.status();
     ASSERT_EQ(placed->region_id(), "eu-1");
   }
-  auto put = [&](std::vector<std::string> regions, bool keep, v1::PutResidencyRuleResponse* response) {
+  auto put = [&](std::vector<std::string> regions, bool keep, v1::PutResidencyRuleResponse* response,
+                 std::vector<std::string> readable_from = {}) {
     v1::PutResidencyRuleRequest request;
     request.mutable_rule()->set_territory("ES");
     for (const std::string& r : regions) request.mutable_rule()->add_region_ids(r);
+    for (const std::string& t : readable_from) {
+      request.mutable_rule()->add_readable_from_territories(t);
+    }
     request.set_keep_placed_patients(keep);
     grpc::ClientContext context;
     return Stub(pki_->ops())->PutResidencyRule(&context, request, response);
@@ -569,9 +573,16 @@ TEST_F(RoutingTest, ARuleThatDropsARegionWherePatientsLiveIsRefusedUnlessTheyAre
 
   // A put that keeps the region needs no acknowledgement and counts nothing.
   v1::PutResidencyRuleResponse reordered;
-  grpc::Status kept_region = put({"fr-1", "eu-1"}, false, &reordered);
+  grpc::Status kept_region = put({"fr-1", "eu-1"}, false, &reordered, {"FR", "PT"});
   ASSERT_TRUE(kept_region.ok()) << kept_region.error_message();
   EXPECT_EQ(reordered.placed_outside_rule_size(), 0);
+  // Its chained audit entry says where the data may be read from, as well as where it is stored.
+  EXPECT_EQ(CountIn(clusters_->control(),
+                    absl::StrCat("SELECT count(*) FROM audit_log WHERE object_type = "
+                                 "'residency_rule' AND object_id = 'ES@v",
+                                 reordered.rule().version(),
+                                 "' AND reason = 'regions=fr-1,eu-1 readable_from=FR,PT'")),
+            1);
 
   v1::PutResidencyRuleResponse narrowed;
   grpc::Status kept = put({"fr-1"}, true, &narrowed);
@@ -583,7 +594,7 @@ TEST_F(RoutingTest, ARuleThatDropsARegionWherePatientsLiveIsRefusedUnlessTheyAre
   EXPECT_EQ(CountIn(clusters_->control(),
                     absl::StrCat("SELECT count(*) FROM audit_log WHERE object_type = "
                                  "'residency_rule' AND object_id = 'ES@v",
-                                 before + 2, "' AND reason = 'regions=fr-1 placed_outside=eu-1:3'")),
+                                 before + 2, "' AND reason = 'regions=fr-1 readable_from=- placed_outside=eu-1:3'")),
             1);
   // The patients stay where they live; new ones follow the rule.
   EXPECT_EQ(Place(*app, "es-kept-1", "ES")->region_id(), "eu-1");
