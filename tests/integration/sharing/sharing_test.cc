@@ -370,6 +370,21 @@ class SharingTest : public ::testing::Test {
 
   static const TestCert& Cert(const std::string& name) { return certs_->at(name); }
   static std::string Id(const std::string& path) { return pki_->SpiffeId(path); }
+  // fr-1's key vault refuses to destroy keys (database error MG002) until the returned cleanup
+  // runs (or goes out of scope): every key an erasure retires stays queued for the sweep.
+  static auto RefuseKeyDestructionInFr1Vault() {
+    Exec("fr-1 keys",
+         "CREATE FUNCTION refuse_key_delete() RETURNS trigger LANGUAGE plpgsql AS $$ "
+         "BEGIN RAISE EXCEPTION USING ERRCODE = 'MG002', MESSAGE = 'injected vault failure'; "
+         "END $$");
+    Exec("fr-1 keys",
+         "CREATE TRIGGER refuse_key_delete BEFORE DELETE ON patient_keys FOR EACH ROW "
+         "EXECUTE FUNCTION refuse_key_delete()");
+    return absl::Cleanup([] {
+      Exec("fr-1 keys", "DROP TRIGGER IF EXISTS refuse_key_delete ON patient_keys");
+      Exec("fr-1 keys", "DROP FUNCTION IF EXISTS refuse_key_delete()");
+    });
+  }
   // Sweeps until nothing expired is left from earlier tests, so that the next sweep starts from
   // the region's first expired archive.
   static void DrainRetentionSweeps() {
@@ -5244,17 +5259,7 @@ TEST_F(SharingTest, AKeyTheVaultCouldNotDestroyAtTheErasureIsDestroyedByTheSweep
   UploadOk(pki_->practitioner(), b);
   const ShardBackup before = BackUp(ConnInfo("fr-1"), patient);
 
-  Exec("fr-1 keys",
-       "CREATE FUNCTION refuse_key_delete() RETURNS trigger LANGUAGE plpgsql AS $$ "
-       "BEGIN RAISE EXCEPTION USING ERRCODE = 'MG002', MESSAGE = 'injected vault failure'; "
-       "END $$");
-  Exec("fr-1 keys",
-       "CREATE TRIGGER refuse_key_delete BEFORE DELETE ON patient_keys FOR EACH ROW "
-       "EXECUTE FUNCTION refuse_key_delete()");
-  absl::Cleanup drop = [] {
-    Exec("fr-1 keys", "DROP TRIGGER IF EXISTS refuse_key_delete ON patient_keys");
-    Exec("fr-1 keys", "DROP FUNCTION IF EXISTS refuse_key_delete()");
-  };
+  auto drop = RefuseKeyDestructionInFr1Vault();
   // The erasure is done (the record is gone from the shard); its retired key stays queued.
   auto erased = Erase(pki_->practitioner(), record_a);
   ASSERT_TRUE(erased.ok()) << erased.status();
@@ -5828,17 +5833,7 @@ TEST_F(SharingTest, TheRetentionSweepErasesAPatientsExpiredArchivesUnderOneNewKe
   kept_spec.content = Generate(183, 0, 5000);
   const std::string kept = UploadOk(pki_->practitioner(), kept_spec);
   // The vault refuses to destroy keys, so that every key the erasures retire stays queued.
-  Exec("fr-1 keys",
-       "CREATE FUNCTION refuse_key_delete() RETURNS trigger LANGUAGE plpgsql AS $$ "
-       "BEGIN RAISE EXCEPTION USING ERRCODE = 'MG002', MESSAGE = 'injected vault failure'; "
-       "END $$");
-  Exec("fr-1 keys",
-       "CREATE TRIGGER refuse_key_delete BEFORE DELETE ON patient_keys FOR EACH ROW "
-       "EXECUTE FUNCTION refuse_key_delete()");
-  absl::Cleanup drop = [] {
-    Exec("fr-1 keys", "DROP TRIGGER IF EXISTS refuse_key_delete ON patient_keys");
-    Exec("fr-1 keys", "DROP FUNCTION IF EXISTS refuse_key_delete()");
-  };
+  auto drop = RefuseKeyDestructionInFr1Vault();
   absl::StatusOr<SweepResult> swept = sharing_->core().SweepRetention();
   EXPECT_THAT(swept.status().message(), HasSubstr("database error MG002: "));  // the vault
   for (const std::string& id : archives) {
