@@ -236,10 +236,14 @@ void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
       live.push_back(&r);
     }
   }
-  if (too_old > 0) {
+  // At most a line a second: a shard that stays slow would otherwise log every transaction.
+  too_old_unlogged_ += too_old;
+  if (uint64_t held_back = 0;
+      too_old_unlogged_ > 0 && too_old_log_.Allow(now, held_back)) {
     log::Warning("vitals_batches_waited_too_long",
-                 {{"region", region_id_}, {"batches", too_old},
+                 {{"region", region_id_}, {"batches", too_old_unlogged_},
                   {"bound_ms", absl::ToInt64Milliseconds(options_.max_batch_wait)}});
+    too_old_unlogged_ = 0;
   }
   if (live.empty()) return;
 

@@ -21,6 +21,7 @@
 #include <libpq-fe.h>
 
 #include "libs/common/config.h"
+#include "libs/common/log.h"
 #include "services/ingest/vitals_catalogue.h"
 
 namespace medgate::ingest {
@@ -150,6 +151,10 @@ class VitalsWriter {
     absl::Duration longest_wait;  // the longest from a batch read to its transaction's start
   };
   WriterStats stats_;
+  // Batches answered for waiting past max_batch_wait since the last line that said so (writer
+  // thread only), and that line's pace.
+  uint64_t too_old_unlogged_ = 0;
+  log::Throttle too_old_log_{absl::Seconds(1)};
   std::mutex mu_;
   std::condition_variable work_cv_;
   std::condition_variable room_cv_;

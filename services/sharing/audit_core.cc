@@ -24,10 +24,13 @@ namespace {
 constexpr absl::string_view kTerritoryRefusal = "TERRITORY_NOT_PERMITTED: grantee=";
 
 // Cuts a share's territory refusal to the grantee it names; any other reason is left whole.
-void WithholdGranteeTerritories(std::string& reason) {
-  if (!absl::StartsWith(reason, kTerritoryRefusal)) return;
+// Whether it cut anything.
+bool WithholdGranteeTerritories(std::string& reason) {
+  if (!absl::StartsWith(reason, kTerritoryRefusal)) return false;
   const size_t why = reason.find(" (", kTerritoryRefusal.size());
-  if (why != std::string::npos) reason.resize(why);
+  if (why == std::string::npos) return false;
+  reason.resize(why);
+  return true;
 }
 
 constexpr size_t kMaxReasonCodeBytes = 64;
@@ -240,16 +243,19 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
       // A tenant's callers see who of another tenant (a grantee, ops) read the patient's data,
       // not that person's network address: personal data of another organization's staff. Ops
       // see every entry whole.
-      const size_t whole = entry.entry.origin.size() + entry.entry.reason.size();
-      if (!ops && !absl::StartsWith(entry.entry.actor, own_actors)) entry.entry.origin.clear();
+      bool withheld = false;
+      if (!ops && !absl::StartsWith(entry.entry.actor, own_actors) && !entry.entry.origin.empty()) {
+        entry.entry.origin.clear();
+        withheld = true;
+      }
       // Nor which territories another tenant serves, which a share refused by the patient's
       // residency rule records for ops ("TERRITORY_NOT_PERMITTED: grantee=ID (why)"): the sharer
       // was not told either.
-      if (!ops) WithholdGranteeTerritories(entry.entry.reason);
+      if (!ops) withheld = WithholdGranteeTerritories(entry.entry.reason) || withheld;
       // Nor the hashes of an entry withheld in part: they cover what was withheld, which trying
       // candidates against them would give back (a territory among a few hundred, an address in
       // a known network). Such an entry is checked by VerifyChain, ops', not by the caller.
-      if (entry.entry.origin.size() + entry.entry.reason.size() != whole) {
+      if (withheld) {
         entry.prev_hash.clear();
         entry.hash.clear();
       }

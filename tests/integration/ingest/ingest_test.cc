@@ -3541,6 +3541,7 @@ TEST_F(IngestTest, ABatchThatWaitedPastItsBoundIsNotStoredOnItsOldDecision) {
   ASSERT_TRUE(PollUntil(absl::Now() + absl::Seconds(30),
                         [&] { return server.queued_batches() == 1; }));
   absl::SleepFor(absl::Milliseconds(600));  // batch 3 waits in the queue past its bound
+  ::testing::internal::CaptureStderr();
   hold->Release();
 
   // Batch 2's transaction started within its bound: stored.
@@ -3555,6 +3556,12 @@ TEST_F(IngestTest, ABatchThatWaitedPastItsBoundIsNotStoredOnItsOldDecision) {
   EXPECT_THAT(ack.retryable_error().message(), HasSubstr("more than its bound of 300ms"));
   EXPECT_THAT(ack.retryable_error().message(), HasSubstr("nothing of it was stored"));
   EXPECT_EQ(ack.stored_count(), 0u);
+  // Ops hear of it: the writer's warning counts the batch and names the bound.
+  const std::string logged = ::testing::internal::GetCapturedStderr();
+  EXPECT_THAT(logged, ::testing::ContainsRegex(
+                          "\"level\":\"warning\",\"event\":\"vitals_batches_waited_too_long\","
+                          "\"region\":\"fr-1\",\"batches\":1,\"bound_ms\":300"))
+      << logged;
   // The stream ends without the device half-closing it.
   EXPECT_FALSE(stream->Read(&ack));
   grpc::Status ended = stream->Finish();
