@@ -385,6 +385,23 @@ class SharingTest : public ::testing::Test {
       Exec("fr-1 keys", "DROP FUNCTION IF EXISTS refuse_key_delete()");
     });
   }
+  // fr-1 refuses to delete the records `ids` (database error MG004, as when their erasure cannot
+  // be done) until the returned cleanup runs (or goes out of scope).
+  static auto RefuseRecordErasureInFr1(const std::vector<std::string>& ids) {
+    Exec("fr-1", absl::StrCat("CREATE FUNCTION refuse_record_delete() RETURNS trigger "
+                              "LANGUAGE plpgsql AS $$ BEGIN IF OLD.record_id IN ('",
+                              absl::StrJoin(ids, "', '"),
+                              "') THEN RAISE EXCEPTION USING ERRCODE = 'MG004', "
+                              "MESSAGE = 'injected erasure failure'; END IF; "
+                              "RETURN OLD; END $$"));
+    Exec("fr-1",
+         "CREATE TRIGGER refuse_record_delete BEFORE DELETE ON records FOR EACH ROW "
+         "EXECUTE FUNCTION refuse_record_delete()");
+    return absl::Cleanup([] {
+      Exec("fr-1", "DROP TRIGGER IF EXISTS refuse_record_delete ON records");
+      Exec("fr-1", "DROP FUNCTION IF EXISTS refuse_record_delete()");
+    });
+  }
   // Sweeps until nothing expired is left from earlier tests, so that the next sweep starts from
   // the region's first expired archive.
   static void DrainRetentionSweeps() {
@@ -5761,19 +5778,7 @@ TEST_F(SharingTest, TheRetentionSweepGoesPastRecordsWhoseErasureFails) {
          ids.back());
   }
   // The first two cannot be erased (as when the key vault lost their patient's key).
-  Exec("fr-1", absl::StrCat("CREATE FUNCTION refuse_record_delete() RETURNS trigger "
-                            "LANGUAGE plpgsql AS $$ BEGIN IF OLD.record_id IN ('",
-                            ids[0], "', '", ids[1],
-                            "') THEN RAISE EXCEPTION USING ERRCODE = 'MG004', "
-                            "MESSAGE = 'injected erasure failure'; END IF; "
-                            "RETURN OLD; END $$"));
-  Exec("fr-1",
-       "CREATE TRIGGER refuse_record_delete BEFORE DELETE ON records FOR EACH ROW "
-       "EXECUTE FUNCTION refuse_record_delete()");
-  absl::Cleanup drop = [] {
-    Exec("fr-1", "DROP TRIGGER IF EXISTS refuse_record_delete ON records");
-    Exec("fr-1", "DROP FUNCTION IF EXISTS refuse_record_delete()");
-  };
+  auto drop = RefuseRecordErasureInFr1({ids[0], ids[1]});
   const auto exists = [](const std::string& id) {
     return Count("fr-1", "SELECT count(*) FROM records WHERE record_id = $1", id) == 1;
   };
@@ -5859,6 +5864,40 @@ TEST_F(SharingTest, TheRetentionSweepErasesAPatientsExpiredArchivesUnderOneNewKe
   auto chain = Verify("fr-1");
   ASSERT_TRUE(chain.ok()) << chain.status();
   EXPECT_TRUE(chain->ok()) << chain->detail();
+}
+
+// A patient's expired archives whose one transaction fails (one of them cannot be erased) are
+// tried again one by one in the same sweep: the failing one is reported, the others are erased.
+TEST_F(SharingTest, ARecordThatCannotBeErasedHoldsBackNoneOfItsPatientsOtherArchives) {
+  ASSERT_NO_FATAL_FAILURE(DrainRetentionSweeps());
+  const std::string patient = Place("retention-together-2", "FR");
+  std::vector<std::string> archives;
+  for (int i = 0; i < 3; ++i) {
+    UploadSpec spec;
+    spec.patient_id = patient;
+    spec.content = Generate(190 + i, 0, 1000);
+    archives.push_back(UploadOk(pki_->practitioner(), spec));
+    Exec("fr-1",
+         "UPDATE records SET state = 'archived', retain_until = '2001-01-01 00:00:00+00' "
+         "WHERE record_id = $1",
+         archives.back());
+  }
+  const std::string stuck = archives[1];
+  auto drop = RefuseRecordErasureInFr1({stuck});
+  absl::StatusOr<SweepResult> swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_EQ(swept->erased_records, 2);
+  EXPECT_EQ(swept->failed_records, 1);
+  EXPECT_THAT(swept->failed_record_ids, ::testing::ElementsAre(stuck));
+  for (const std::string& id : archives) {
+    EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE record_id = $1", id),
+              id == stuck ? 1 : 0)
+        << id;
+  }
+  std::move(drop).Invoke();
+  swept = sharing_->core().SweepRetention();
+  ASSERT_TRUE(swept.ok()) << swept.status();
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM records WHERE record_id = $1", stuck), 0);
 }
 
 // An upload that stores its record while a patient erasure runs: the erasure waits for it, then
