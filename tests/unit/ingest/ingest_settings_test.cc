@@ -42,7 +42,8 @@ TEST(IngestSettingsTest, EveryKeySetsItsSetting) {
       "  read_idle_timeout_seconds: 45\n"
       "  read_min_bytes_per_second: 2048\n"
 
-      "  partition_lock_timeout_ms: 2500\n");
+      "  partition_lock_timeout_ms: 2500\n"
+      "  max_batch_wait_ms: 4000\n");
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->core.tenant_samples_per_second, 1234.0);
   EXPECT_EQ(s->core.tenant_burst, 5678.0);
@@ -62,6 +63,7 @@ TEST(IngestSettingsTest, EveryKeySetsItsSetting) {
   EXPECT_EQ(s->reads.idle_timeout, absl::Seconds(45));
   EXPECT_EQ(s->reads.min_bytes_per_second, 2048);
   EXPECT_EQ(s->partition_lock_timeout, absl::Milliseconds(2500));
+  EXPECT_EQ(s->writer.max_batch_wait, absl::Seconds(4));
 }
 
 TEST(IngestSettingsTest, DefaultsWithoutTheSectionAndWithoutTheirKeys) {
@@ -78,6 +80,7 @@ TEST(IngestSettingsTest, DefaultsWithoutTheSectionAndWithoutTheirKeys) {
     EXPECT_EQ(s->reads.idle_timeout, absl::Seconds(30));
     EXPECT_EQ(s->reads.min_bytes_per_second, 16 * 1024);
     EXPECT_EQ(s->partition_lock_timeout, absl::Seconds(1));
+    EXPECT_EQ(s->writer.max_batch_wait, absl::Seconds(10));
   }
 }
 
@@ -94,6 +97,7 @@ TEST(IngestSettingsTest, AValueOutOfRangeNamesItsKey) {
       {"max_reads_per_tenant", "0"},      {"read_idle_timeout_seconds", "0"},
       {"read_idle_timeout_seconds", "3601"}, {"partition_lock_timeout_ms", "99"},
       {"read_min_bytes_per_second", "0"}, {"read_min_bytes_per_second", "1073741825"},
+      {"max_batch_wait_ms", "99"},        {"max_batch_wait_ms", "600001"},
   };
   for (const auto& [key, value] : bad) {
     absl::StatusOr<IngestSettings> s = Parse(absl::StrCat("ingest: {", key, ": ", value, "}\n"));
