@@ -47,4 +47,8 @@ absl::Duration IdleInTransactionTimeout(absl::Duration statement_timeout) {
   return std::max(absl::Minutes(1), 4 * statement_timeout);
 }
 
+absl::Duration UnansweredLimit(absl::Duration statement_timeout) {
+  return statement_timeout + absl::Seconds(5);
+}
+
 }  // namespace medgate::pg

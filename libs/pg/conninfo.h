@@ -23,6 +23,13 @@ std::string WithConnectionDefaults(const std::string& conninfo);
 // head) to the server's own TCP keepalive otherwise, about two hours by default.
 absl::Duration IdleInTransactionTimeout(absl::Duration statement_timeout);
 
+// How long a pool's caller waits on a server that sends nothing before giving it up as not
+// answering (frozen, its storage hung, its host paused): the statement timeout and 5 s more. A
+// server that answers ends any statement of ours by its statement_timeout; one that does not
+// cannot, and its host's kernel still acknowledges what is sent, so TCP's own timeouts do not end
+// the wait either.
+absl::Duration UnansweredLimit(absl::Duration statement_timeout);
+
 }  // namespace medgate::pg
 
 #endif  // MEDGATE_LIBS_PG_CONNINFO_H_

@@ -1,6 +1,8 @@
 // A bounded PostgreSQL connection pool over libpqxx 6.4.
 #include "libs/pg/pool.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "libs/common/log.h"
 #include "libs/pg/conninfo.h"
@@ -29,16 +31,41 @@ Lease::~Lease() {
   if (pool_ != nullptr && connection_ != nullptr) pool_->Release(std::move(connection_), broken_);
 }
 
-Pool::Pool(PoolOptions options) : options_(std::move(options)) {}
+Pool::Pool(PoolOptions options)
+    : options_(std::move(options)),
+      unanswered_limit_(
+          options_.unanswered_limit.value_or(UnansweredLimit(options_.statement_timeout))) {}
 
 Pool::~Pool() {
   std::lock_guard<std::mutex> lock(mu_);
   idle_.clear();
 }
 
+std::unique_ptr<StatementWatch::Scope> Pool::Watch(Connection& connection,
+                                                   std::optional<absl::Duration> limit) {
+  return std::make_unique<StatementWatch::Scope>(watch_, connection.sock(),
+                                                 limit.value_or(unanswered_limit_),
+                                                 StatementWatch::Scope::Limit::kSinceLastAnswer);
+}
+
+absl::Status Pool::NotAnswering() {
+  if (uint64_t held_back = 0; unreachable_log_.Allow(absl::Now(), held_back)) {
+    log::Warning("database_not_answering",
+                 {{"database", options_.name},
+                  {"unanswered_ms", absl::ToInt64Milliseconds(unanswered_limit_)},
+                  {"similar_failures_not_logged", held_back}});
+  }
+  return absl::UnavailableError(absl::StrCat("database '", options_.name,
+                                             "' did not answer within ",
+                                             absl::FormatDuration(unanswered_limit_)));
+}
+
 absl::StatusOr<std::unique_ptr<Connection>> Pool::Connect() {
+  std::unique_ptr<StatementWatch::Scope> watch;
   try {
+    // Opening it is bounded by connect_timeout; setting it up, by the watch.
     auto connection = std::make_unique<Connection>(options_.conninfo);
+    watch = Watch(*connection);
     pqxx::nontransaction setup(*connection);
     setup.exec0(absl::StrCat("SET statement_timeout = ",
                              absl::ToInt64Milliseconds(options_.statement_timeout)));
@@ -49,8 +76,10 @@ absl::StatusOr<std::unique_ptr<Connection>> Pool::Connect() {
     setup.exec0("SET TIME ZONE 'UTC'");
     setup.commit();
     for (const Statement& s : options_.statements) connection->prepare(s.name, s.sql);
+    if (watch->fired()) return NotAnswering();
     return connection;
   } catch (const std::exception& e) {
+    if (watch != nullptr && watch->fired()) return NotAnswering();
     // Not reached, not logged in, or not set up for this service (a schema the statements do
     // not fit): to the caller, a database it cannot use now.
     return Unreachable(e.what());
@@ -124,33 +153,57 @@ void Pool::Release(std::unique_ptr<Connection> connection, bool broken) {
   cv_.notify_one();
 }
 
-absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn) {
+absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn,
+                           std::optional<absl::Duration> statement_timeout) {
+  const absl::Duration limit =
+      statement_timeout ? std::max(unanswered_limit_, UnansweredLimit(*statement_timeout))
+                        : unanswered_limit_;
   absl::Status status;
   bool reconnected = false;
   for (int attempt = 0; attempt <= options_.max_retries; ++attempt) {
     absl::StatusOr<Lease> lease = Acquire();
     if (!lease.ok()) return lease.status();
+    // Declared after the lease: it stops watching before the connection goes back.
+    std::unique_ptr<StatementWatch::Scope> watch = Watch(lease->connection(), limit);
     try {
       pqxx::work txn(lease->connection());
+      if (statement_timeout) {
+        // 0 would be no bound at all in PostgreSQL.
+        txn.exec0(absl::StrCat(
+            "SET LOCAL statement_timeout = ",
+            std::max<int64_t>(1, absl::ToInt64Milliseconds(*statement_timeout))));
+      }
       status = fn(txn);
       if (status.ok()) {
         txn.commit();
+        if (watch->fired()) lease->MarkBroken();  // its socket is shut, whatever came before
         return status;
       }
       txn.abort();
+      if (watch->fired()) {
+        // What `fn` made of the broken connection is not the server's answer.
+        lease->MarkBroken();
+        return NotAnswering();
+      }
       if (status.code() != absl::StatusCode::kAborted) return status;
     } catch (const pqxx::in_doubt_error& e) {
       // The commit may or may not have happened: never retry, let the caller decide.
       lease->MarkBroken();
       return StatusFromException(e);
     } catch (const pqxx::broken_connection& e) {
+      lease->MarkBroken();
+      // A server that stopped answering is not asked again: the caller would wait as long again.
+      if (watch->fired()) return NotAnswering();
       // Nothing was committed. An idle connection may have gone stale (server restarted):
       // retry once on a fresh connection.
-      lease->MarkBroken();
       status = Unreachable(e.what());
       if (reconnected) return status;
       reconnected = true;
     } catch (const std::exception& e) {
+      if (watch->fired()) {
+        lease->MarkBroken();
+        return NotAnswering();
+      }
       status = StatusFromException(e);
       // UNAVAILABLE also answers a lock not taken in time (55P03) on a session that is fine:
       // only a session the server ended is dropped, with the idle ones (the server restarted).
@@ -168,7 +221,14 @@ absl::StatusOr<BinaryResult> Pool::Read(const BinaryQuery& query,
   absl::Status status;
   for (int attempt = 0; attempt < 2; ++attempt) {
     ASSIGN_OR_RETURN(Lease lease, Acquire());
+    std::unique_ptr<StatementWatch::Scope> watch = Watch(lease.connection());
     absl::StatusOr<BinaryResult> result = query.Run(lease.connection(), parameters);
+    if (watch->fired()) {
+      lease.MarkBroken();
+      // Not run again: the caller would wait as long again.
+      if (!result.ok()) return NotAnswering();
+    }
+    watch.reset();
     if (result.ok() || result.status().code() != absl::StatusCode::kUnavailable) return result;
     // UNAVAILABLE also answers a lock not taken in time or a standby refusing: the session is
     // fine, and the answer is the server's. Only a session the server ended is dropped, and
@@ -191,21 +251,24 @@ absl::Status Pool::Ping() {
     // not report itself down, or every replica leaves the load balancer together).
     absl::StatusOr<std::unique_ptr<Connection>> own = Connect();
     if (!own.ok()) return own.status();
+    std::unique_ptr<StatementWatch::Scope> watch = Watch(**own);
     try {
       pqxx::nontransaction txn(**own);
       txn.exec1("SELECT 1");
       return absl::OkStatus();
     } catch (const std::exception& e) {
-      return StatusFromException(e);
+      return watch->fired() ? NotAnswering() : StatusFromException(e);
     }
   }
+  std::unique_ptr<StatementWatch::Scope> watch = Watch(lease->connection());
   try {
     pqxx::nontransaction txn(lease->connection());
     txn.exec1("SELECT 1");
+    if (watch->fired()) lease->MarkBroken();
     return absl::OkStatus();
   } catch (const std::exception& e) {
     lease->MarkBroken();
-    return StatusFromException(e);
+    return watch->fired() ? NotAnswering() : StatusFromException(e);
   }
 }
 

@@ -20,6 +20,7 @@
 #include "libs/common/config.h"
 #include "libs/common/log.h"
 #include "libs/pg/connection.h"
+#include "libs/pg/statement_watch.h"
 
 namespace medgate::pg {
 
@@ -38,6 +39,10 @@ struct PoolOptions {
   absl::Duration statement_timeout = absl::Seconds(5);
   // Unset: IdleInTransactionTimeout(statement_timeout).
   std::optional<absl::Duration> idle_in_transaction_timeout;
+  // A transaction, read or probe whose server has sent nothing for this long (and that has run
+  // this long) is given up: its connection is shut down and dropped, and the caller answered
+  // UNAVAILABLE, not retried. Unset: UnansweredLimit(statement_timeout).
+  std::optional<absl::Duration> unanswered_limit;
   int max_retries = 3;  // transaction retries on ABORTED (serialization failure, deadlock)
   std::vector<Statement> statements;
 
@@ -79,7 +84,10 @@ class Pool {
 
   // Runs `fn` in a READ COMMITTED transaction and commits when it returns OK; rolls back
   // otherwise. Retried up to max_retries on ABORTED. pqxx exceptions become Status here.
-  absl::Status Transact(const std::function<absl::Status(pqxx::work&)>& fn);
+  // `statement_timeout`, when given, is this transaction's instead of the pool's (SET LOCAL), and
+  // the wait for a server that does not answer grows with it.
+  absl::Status Transact(const std::function<absl::Status(pqxx::work&)>& fn,
+                        std::optional<absl::Duration> statement_timeout = std::nullopt);
 
   // Runs `query` on a pooled connection, outside any transaction. A read lost with its
   // connection (its session ended while it ran, or before the server's close reached Acquire) is
@@ -88,14 +96,17 @@ class Pool {
                                     const std::vector<std::string>& parameters);
 
   template <typename T>
-  absl::StatusOr<T> TransactValue(const std::function<absl::StatusOr<T>(pqxx::work&)>& fn) {
+  absl::StatusOr<T> TransactValue(const std::function<absl::StatusOr<T>(pqxx::work&)>& fn,
+                                  std::optional<absl::Duration> statement_timeout = std::nullopt) {
     std::optional<T> result;
-    absl::Status status = Transact([&](pqxx::work& txn) -> absl::Status {
-      absl::StatusOr<T> r = fn(txn);
-      if (!r.ok()) return r.status();
-      result = *std::move(r);
-      return absl::OkStatus();
-    });
+    absl::Status status = Transact(
+        [&](pqxx::work& txn) -> absl::Status {
+          absl::StatusOr<T> r = fn(txn);
+          if (!r.ok()) return r.status();
+          result = *std::move(r);
+          return absl::OkStatus();
+        },
+        statement_timeout);
     if (!status.ok()) return status;
     return *std::move(result);
   }
@@ -117,8 +128,16 @@ class Pool {
   // (`detail`): "database 'NAME' unreachable", without libpq's text, which names the server's
   // address, port, socket or user. The detail is logged, at most once a second.
   absl::Status Unreachable(absl::string_view detail);
+  // The status of work given up on a server that did not answer within unanswered_limit.
+  absl::Status NotAnswering();
+  // The watch over `connection` while a caller waits on it, for `limit` (unanswered_limit_ when
+  // not given).
+  std::unique_ptr<StatementWatch::Scope> Watch(Connection& connection,
+                                               std::optional<absl::Duration> limit = std::nullopt);
 
   const PoolOptions options_;
+  const absl::Duration unanswered_limit_;
+  StatementWatch watch_;
   log::Throttle unreachable_log_{absl::Seconds(1)};
   std::mutex mu_;
   std::condition_variable cv_;

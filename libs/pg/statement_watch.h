@@ -32,7 +32,15 @@ class StatementWatch {
   // scope fired: it is to be dropped, not returned to a pool.
   class Scope {
    public:
-    Scope(StatementWatch& watch, int socket, absl::Duration limit);
+    enum class Limit {
+      kTotal,  // the scope may last `limit` in all
+      // The scope is ended once it has lasted `limit` and nothing has arrived on the socket for
+      // `limit` either (a TCP socket's last received data, as the kernel reports it): a server
+      // that answers each statement in time may run a transaction of any length. On a socket
+      // that is not TCP, as kTotal.
+      kSinceLastAnswer,
+    };
+    Scope(StatementWatch& watch, int socket, absl::Duration limit, Limit kind = Limit::kTotal);
     ~Scope();
     Scope(const Scope&) = delete;
     Scope& operator=(const Scope&) = delete;
@@ -43,7 +51,9 @@ class StatementWatch {
     friend class StatementWatch;
     StatementWatch& watch_;
     const int socket_;  // the duplicate, -1 if it could not be made (then never shut down)
-    const std::chrono::steady_clock::time_point due_;
+    const absl::Duration limit_;
+    const Limit kind_;
+    std::chrono::steady_clock::time_point due_;  // the watch's next look (moved on by answers)
     bool fired_ = false;
   };
 

@@ -365,11 +365,9 @@ absl::StatusOr<PatientReport> AuditCore::Report(const CallContext& ctx,
 
   static constexpr absl::string_view kKinds[] = {"vitals", "records", "share_grants", "consents",
                                                  "audit_entries"};
+  // Years of a monitored patient's samples and entries take seconds to count: more than the
+  // pool's bound for a statement, less than report_statement_timeout_, this transaction's.
   absl::Status counted = pool->Transact([&](pqxx::work& txn) -> absl::Status {
-    // Years of a monitored patient's samples and entries take seconds to count: more than the
-    // pool's bound for a statement, less than this.
-    txn.exec0(absl::StrCat("SET LOCAL statement_timeout = ",
-                           absl::ToInt64Milliseconds(report_statement_timeout_)));
     report.stored.clear();
     report.accessors.clear();
     report.accessors_left_out = 0;
@@ -440,7 +438,7 @@ absl::StatusOr<PatientReport> AuditCore::Report(const CallContext& ctx,
     e.request_id = ctx.request_id;
     e.origin = ctx.origin;
     return audit::Append(txn, e).status();
-  });
+  }, report_statement_timeout_);
   if (counted.code() == absl::StatusCode::kDeadlineExceeded) {
     return absl::DeadlineExceededError(absl::StrCat(
         "the report's statement in the patient's home region ", home.region_id,

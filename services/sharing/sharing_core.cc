@@ -2294,8 +2294,6 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
   absl::StatusOr<PatientErasure> erased = pool->TransactValue<PatientErasure>(
       [&](pqxx::work& txn) -> absl::StatusOr<PatientErasure> {
         retired.clear();
-        txn.exec0(absl::StrCat("SET LOCAL statement_timeout = ",
-                               absl::ToInt64Milliseconds(options_.patient_erasure_timeout)));
         // The records first, as an erasure of one of them takes its row before the key: a
         // patient erasure holding the key while it waited for such a record would deadlock
         // with it.
@@ -2339,7 +2337,8 @@ absl::StatusOr<PatientErasure> SharingCore::ErasePatientRecords(const CallContex
                                                      " reason=", reason)));
         RETURN_IF_ERROR(audit::AppendMany(txn, entries).status());
         return PatientErasure{ids.size(), now};
-      });
+      },
+      options_.patient_erasure_timeout);  // its statements' bound, not the pool's
   if (erased.ok()) DestroyRetiredKeys(*pool, home.region_id, retired);
   return erased;
 }

@@ -2,6 +2,9 @@
 #include <poll.h>
 
 #include <atomic>
+#include <chrono>
+#include <csignal>
+#include <future>
 #include <iterator>
 #include <optional>
 #include <random>
@@ -13,6 +16,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/time/clock.h"
@@ -600,6 +604,94 @@ TEST_F(PoolTest, ABusyPoolStillAnswersItsProbe) {
   ASSERT_TRUE(cluster_->Stop().ok());
   EXPECT_EQ(pool.Ping().code(), absl::StatusCode::kUnavailable);
   ASSERT_TRUE(cluster_->StartAgain().ok());
+}
+
+// A server that stops answering (its processes frozen, as a paused host or hung storage leave it,
+// its kernel still acknowledging what is sent) cannot end a statement by its statement_timeout:
+// the pool gives up on it once it has sent nothing for unanswered_limit, drops the connection and
+// answers UNAVAILABLE, for a transaction, a read and a probe alike, none of them asked again. What
+// it gave up on was not committed, and the pool works again once the server answers.
+TEST_F(PoolTest, AServerThatStopsAnsweringIsGivenUpOnAndThePoolRecovers) {
+  PoolOptions options = Options();
+  options.statement_timeout = absl::Seconds(1);
+  options.unanswered_limit = absl::Seconds(2);
+  options.size = 3;
+  Pool pool(options);
+  ASSERT_TRUE(Insert(pool, 1, "one").ok());
+  constexpr BinaryQuery kOne("SELECT 1");
+  ASSERT_TRUE(pool.Read(kOne, {}).ok());
+  {
+    // Three connections open and idle, one for each caller below: a new one would fail to
+    // connect instead (connect_timeout), which is another path.
+    absl::StatusOr<Lease> a = pool.Acquire();
+    absl::StatusOr<Lease> b = pool.Acquire();
+    absl::StatusOr<Lease> c = pool.Acquire();
+    ASSERT_TRUE(a.ok() && b.ok() && c.ok());
+  }
+  ASSERT_EQ(pool.idle_count(), 3);
+  ASSERT_TRUE(cluster_->Signal(SIGSTOP).ok());
+  absl::Cleanup resume = [] { (void)cluster_->Signal(SIGCONT); };  // also if an ASSERT fails
+  // Each on a thread of its own, so that a wait that never ends fails the test, not hangs it.
+  std::future<absl::Status> insert =
+      std::async(std::launch::async, [&] { return Insert(pool, 2, "two"); });
+  std::future<absl::Status> read =
+      std::async(std::launch::async, [&] { return pool.Read(kOne, {}).status(); });
+  std::future<absl::Status> ping = std::async(std::launch::async, [&] { return pool.Ping(); });
+  bool returned = true;
+  for (std::future<absl::Status>* f : {&insert, &read, &ping}) {
+    returned = returned && f->wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  }
+  ASSERT_TRUE(cluster_->Signal(SIGCONT).ok());
+  ASSERT_TRUE(returned) << "a caller still waited on the frozen server after 60 s";
+  for (std::future<absl::Status>* f : {&insert, &read, &ping}) {
+    absl::Status status = f->get();
+    EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+    EXPECT_THAT(status.message(), HasSubstr("database 'pool-test' did not answer within 2s"));
+  }
+  absl::Status back = Insert(pool, 3, "three");
+  EXPECT_TRUE(back.ok()) << back;
+  EXPECT_TRUE(pool.Ping().ok());
+  // The insert given up on never reached its COMMIT (the server had not answered its BEGIN).
+  EXPECT_EQ(Count(pool), 2);
+}
+
+// The limit counts from the server's last answer, not from the transaction's start: a
+// transaction whose statements are each answered in time may take longer than the limit in all.
+TEST_F(PoolTest, ALongTransactionOnAServerThatAnswersIsNotCut) {
+  PoolOptions options = Options();
+  options.unanswered_limit = absl::Seconds(2);
+  Pool pool(options);
+  absl::Status long_one = pool.Transact([](pqxx::work& txn) {
+    for (int i = 0; i < 6; ++i) txn.exec1("SELECT pg_sleep(0.5)");
+    txn.exec0("INSERT INTO items (id, label) VALUES (1, 'after three seconds')");
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(long_one.ok()) << long_one;
+  EXPECT_EQ(Count(pool), 1);
+}
+
+// A transaction given a statement timeout of its own runs under it (SET LOCAL), and the pool
+// waits for its server accordingly longer: a statement longer than the pool's statement timeout
+// and its unanswered limit completes.
+TEST_F(PoolTest, ATransactionsOwnStatementTimeoutWidensItsWait) {
+  PoolOptions options = Options();
+  options.statement_timeout = absl::Seconds(1);
+  options.unanswered_limit = absl::Seconds(2);
+  Pool pool(options);
+  absl::StatusOr<std::string> shown = pool.TransactValue<std::string>(
+      [](pqxx::work& txn) -> absl::StatusOr<std::string> {
+        txn.exec1("SELECT pg_sleep(2.5)");
+        return txn.exec1("SHOW statement_timeout")[0].as<std::string>();
+      },
+      absl::Seconds(4));
+  ASSERT_TRUE(shown.ok()) << shown.status();
+  EXPECT_EQ(*shown, "4s");
+  // Without it, the pool's own statement timeout applies (the server ends the statement).
+  absl::Status bounded = pool.Transact([](pqxx::work& txn) {
+    txn.exec1("SELECT pg_sleep(2.5)");
+    return absl::OkStatus();
+  });
+  EXPECT_EQ(bounded.code(), absl::StatusCode::kDeadlineExceeded) << bounded;
 }
 
 TEST_F(PoolTest, ShardSetResolvesConfiguredRegionsOnly) {
