@@ -34,7 +34,8 @@ Lease::~Lease() {
 Pool::Pool(PoolOptions options)
     : options_(std::move(options)),
       unanswered_limit_(
-          options_.unanswered_limit.value_or(UnansweredLimit(options_.statement_timeout))) {}
+          options_.unanswered_limit.value_or(UnansweredLimit(options_.statement_timeout))),
+      watch_([this] { return AcceptsConnections(options_.conninfo, kServerAnswersWithin); }) {}
 
 Pool::~Pool() {
   std::lock_guard<std::mutex> lock(mu_);
@@ -48,16 +49,16 @@ std::unique_ptr<StatementWatch::Scope> Pool::Watch(Connection& connection,
                                                  StatementWatch::Scope::Limit::kSinceLastAnswer);
 }
 
-absl::Status Pool::NotAnswering() {
+absl::Status Pool::NotAnswering(absl::Duration limit) {
   if (uint64_t held_back = 0; unreachable_log_.Allow(absl::Now(), held_back)) {
     log::Warning("database_not_answering",
                  {{"database", options_.name},
-                  {"unanswered_ms", absl::ToInt64Milliseconds(unanswered_limit_)},
+                  {"unanswered_ms", absl::ToInt64Milliseconds(limit)},
                   {"similar_failures_not_logged", held_back}});
   }
   return absl::UnavailableError(absl::StrCat("database '", options_.name,
                                              "' did not answer within ",
-                                             absl::FormatDuration(unanswered_limit_)));
+                                             absl::FormatDuration(limit)));
 }
 
 absl::StatusOr<std::unique_ptr<Connection>> Pool::Connect() {
@@ -76,10 +77,10 @@ absl::StatusOr<std::unique_ptr<Connection>> Pool::Connect() {
     setup.exec0("SET TIME ZONE 'UTC'");
     setup.commit();
     for (const Statement& s : options_.statements) connection->prepare(s.name, s.sql);
-    if (watch->fired()) return NotAnswering();
+    if (watch->fired()) return NotAnswering(unanswered_limit_);
     return connection;
   } catch (const std::exception& e) {
-    if (watch != nullptr && watch->fired()) return NotAnswering();
+    if (watch != nullptr && watch->fired()) return NotAnswering(unanswered_limit_);
     // Not reached, not logged in, or not set up for this service (a schema the statements do
     // not fit): to the caller, a database it cannot use now.
     return Unreachable(e.what());
@@ -174,6 +175,12 @@ absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn,
             std::max<int64_t>(1, absl::ToInt64Milliseconds(*statement_timeout))));
       }
       status = fn(txn);
+      if (status.ok() && watch->fired()) {
+        // Given up on before its COMMIT was sent: the server ends the transaction on finding
+        // the socket shut, so nothing of it is committed.
+        lease->MarkBroken();
+        return NotAnswering(limit);
+      }
       if (status.ok()) {
         txn.commit();
         if (watch->fired()) lease->MarkBroken();  // its socket is shut, whatever came before
@@ -183,7 +190,7 @@ absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn,
       if (watch->fired()) {
         // What `fn` made of the broken connection is not the server's answer.
         lease->MarkBroken();
-        return NotAnswering();
+        return NotAnswering(limit);
       }
       if (status.code() != absl::StatusCode::kAborted) return status;
     } catch (const pqxx::in_doubt_error& e) {
@@ -193,7 +200,7 @@ absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn,
     } catch (const pqxx::broken_connection& e) {
       lease->MarkBroken();
       // A server that stopped answering is not asked again: the caller would wait as long again.
-      if (watch->fired()) return NotAnswering();
+      if (watch->fired()) return NotAnswering(limit);
       // Nothing was committed. An idle connection may have gone stale (server restarted):
       // retry once on a fresh connection.
       status = Unreachable(e.what());
@@ -202,7 +209,7 @@ absl::Status Pool::Transact(const std::function<absl::Status(pqxx::work&)>& fn,
     } catch (const std::exception& e) {
       if (watch->fired()) {
         lease->MarkBroken();
-        return NotAnswering();
+        return NotAnswering(limit);
       }
       status = StatusFromException(e);
       // UNAVAILABLE also answers a lock not taken in time (55P03) on a session that is fine:
@@ -226,7 +233,7 @@ absl::StatusOr<BinaryResult> Pool::Read(const BinaryQuery& query,
     if (watch->fired()) {
       lease.MarkBroken();
       // Not run again: the caller would wait as long again.
-      if (!result.ok()) return NotAnswering();
+      if (!result.ok()) return NotAnswering(unanswered_limit_);
     }
     watch.reset();
     if (result.ok() || result.status().code() != absl::StatusCode::kUnavailable) return result;
@@ -257,7 +264,7 @@ absl::Status Pool::Ping() {
       txn.exec1("SELECT 1");
       return absl::OkStatus();
     } catch (const std::exception& e) {
-      return watch->fired() ? NotAnswering() : StatusFromException(e);
+      return watch->fired() ? NotAnswering(unanswered_limit_) : StatusFromException(e);
     }
   }
   std::unique_ptr<StatementWatch::Scope> watch = Watch(lease->connection());
@@ -268,7 +275,7 @@ absl::Status Pool::Ping() {
     return absl::OkStatus();
   } catch (const std::exception& e) {
     lease->MarkBroken();
-    return watch->fired() ? NotAnswering() : StatusFromException(e);
+    return watch->fired() ? NotAnswering(unanswered_limit_) : StatusFromException(e);
   }
 }
 

@@ -40,8 +40,9 @@ struct PoolOptions {
   // Unset: IdleInTransactionTimeout(statement_timeout).
   std::optional<absl::Duration> idle_in_transaction_timeout;
   // A transaction, read or probe whose server has sent nothing for this long (and that has run
-  // this long) is given up: its connection is shut down and dropped, and the caller answered
-  // UNAVAILABLE, not retried. Unset: UnansweredLimit(statement_timeout).
+  // this long), and which does not complete a new connection either (AcceptsConnections), is
+  // given up: its connection is shut down and dropped, and the caller answered UNAVAILABLE, not
+  // retried. Unset: UnansweredLimit(statement_timeout).
   std::optional<absl::Duration> unanswered_limit;
   int max_retries = 3;  // transaction retries on ABORTED (serialization failure, deadlock)
   std::vector<Statement> statements;
@@ -128,8 +129,8 @@ class Pool {
   // (`detail`): "database 'NAME' unreachable", without libpq's text, which names the server's
   // address, port, socket or user. The detail is logged, at most once a second.
   absl::Status Unreachable(absl::string_view detail);
-  // The status of work given up on a server that did not answer within unanswered_limit.
-  absl::Status NotAnswering();
+  // The status of work given up on a server that did not answer within `limit`.
+  absl::Status NotAnswering(absl::Duration limit);
   // The watch over `connection` while a caller waits on it, for `limit` (unanswered_limit_ when
   // not given).
   std::unique_ptr<StatementWatch::Scope> Watch(Connection& connection,

@@ -2,6 +2,8 @@
 #include "libs/pg/statement_watch.h"
 
 #include <fcntl.h>
+#include <libpq-fe.h>
+#include <poll.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -9,11 +11,14 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstring>
+#include <utility>
 #include <optional>
 
 namespace medgate::pg {
 
-StatementWatch::StatementWatch() : thread_([this] { Run(); }) {}
+StatementWatch::StatementWatch(std::function<bool()> answers)
+    : answers_(std::move(answers)), thread_([this] { Run(); }) {}
 
 StatementWatch::~StatementWatch() {
   {
@@ -71,15 +76,23 @@ void StatementWatch::Run() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
     const auto now = std::chrono::steady_clock::now();
+    const bool asked_lately = last_asked_ && now - *last_asked_ < std::chrono::seconds(1);
     std::optional<std::chrono::steady_clock::time_point> next;
+    bool ask = false;
     for (Scope* scope : scopes_) {
       if (scope->fired_) continue;
-      if (scope->due_ <= now && scope->kind_ == Scope::Limit::kSinceLastAnswer &&
-          scope->socket_ >= 0) {
-        // The server answered within the limit: look again once the limit has passed since.
-        if (std::optional<absl::Duration> quiet = SinceLastReceived(scope->socket_);
-            quiet && *quiet < scope->limit_) {
+      if (scope->due_ <= now && scope->kind_ == Scope::Limit::kSinceLastAnswer) {
+        std::optional<absl::Duration> quiet;
+        if (scope->socket_ >= 0) quiet = SinceLastReceived(scope->socket_);
+        if (quiet && *quiet < scope->limit_) {
+          // The server answered within the limit: look again once the limit has passed since.
           scope->due_ = now + absl::ToChronoNanoseconds(scope->limit_ - *quiet);
+        } else if (answers_ != nullptr && !asked_lately) {
+          ask = true;  // decided below, once the server was asked
+          continue;
+        } else if (answers_ != nullptr && last_answered_) {
+          // Quiet, but the server answers: its caller is busy, or it is on a statement.
+          scope->due_ = now + absl::ToChronoNanoseconds(scope->limit_);
         }
       }
       if (scope->due_ <= now) {
@@ -89,12 +102,46 @@ void StatementWatch::Run() {
         next = scope->due_;
       }
     }
+    if (ask) {
+      // Asked without the lock: scopes come and go meanwhile, and are looked at again after.
+      lock.unlock();
+      const bool answered = answers_();
+      lock.lock();
+      last_answered_ = answered;
+      last_asked_ = std::chrono::steady_clock::now();
+      continue;
+    }
     if (next) {
       cv_.wait_until(lock, *next);
     } else {
       cv_.wait(lock);
     }
   }
+}
+
+bool AcceptsConnections(const std::string& conninfo, absl::Duration within) {
+  const auto deadline = std::chrono::steady_clock::now() + absl::ToChronoMilliseconds(within);
+  PGconn* conn = PQconnectStart(conninfo.c_str());
+  if (conn == nullptr) return false;
+  bool answered = false;
+  PostgresPollingStatusType polling = PGRES_POLLING_WRITING;
+  while (PQstatus(conn) != CONNECTION_BAD) {
+    if (polling == PGRES_POLLING_OK) {
+      answered = true;
+      break;
+    }
+    if (polling == PGRES_POLLING_FAILED) break;
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) break;
+    pollfd fd{PQsocket(conn), static_cast<short>(polling == PGRES_POLLING_READING ? POLLIN : POLLOUT), 0};
+    if (::poll(&fd, 1, static_cast<int>(left.count())) <= 0) break;
+    polling = PQconnectPoll(conn);
+  }
+  // Refused by the server itself (no slot left, say): it answers.
+  if (!answered && std::strstr(PQerrorMessage(conn), "FATAL:") != nullptr) answered = true;
+  PQfinish(conn);
+  return answered;
 }
 
 }  // namespace medgate::pg

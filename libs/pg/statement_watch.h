@@ -4,8 +4,11 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <mutex>
+#include <optional>
 #include <set>
+#include <string>
 #include <thread>
 
 #include "absl/time/time.h"
@@ -21,7 +24,13 @@ namespace medgate::pg {
 // scopes of a watch.
 class StatementWatch {
  public:
-  StatementWatch();
+  // `answers`, when given, asks whether the server still answers at all (AcceptsConnections, for
+  // one): a kSinceLastAnswer scope whose connection has been quiet for its limit is then ended
+  // only if it does not. A quiet connection is not always a server that stopped: its caller may
+  // be busy between two statements (another database's call inside a transaction), or its
+  // server on a statement (a lock wait) within the statement timeout. Called on the watch's
+  // thread, not more than once a second.
+  explicit StatementWatch(std::function<bool()> answers = nullptr);
   ~StatementWatch();
   StatementWatch(const StatementWatch&) = delete;
   StatementWatch& operator=(const StatementWatch&) = delete;
@@ -35,9 +44,10 @@ class StatementWatch {
     enum class Limit {
       kTotal,  // the scope may last `limit` in all
       // The scope is ended once it has lasted `limit` and nothing has arrived on the socket for
-      // `limit` either (a TCP socket's last received data, as the kernel reports it): a server
-      // that answers each statement in time may run a transaction of any length. On a socket
-      // that is not TCP, as kTotal.
+      // `limit` either (a TCP socket's last received data, as the kernel reports it), and the
+      // watch's `answers`, if any, says the server does not answer: a server that answers each
+      // statement in time may run a transaction of any length. On a socket that is not TCP, the
+      // quiet time is the scope's.
       kSinceLastAnswer,
     };
     Scope(StatementWatch& watch, int socket, absl::Duration limit, Limit kind = Limit::kTotal);
@@ -60,12 +70,23 @@ class StatementWatch {
  private:
   void Run();
 
+  const std::function<bool()> answers_;
   std::mutex mu_;
+  // The last answer of answers_, and when it was asked (mu_).
+  bool last_answered_ = false;
+  std::optional<std::chrono::steady_clock::time_point> last_asked_;
   std::condition_variable cv_;
   std::set<Scope*> scopes_;
   bool stopping_ = false;
   std::thread thread_;  // last: starts once the rest is set
 };
+
+// How long AcceptsConnections waits, as medgate's watches ask it.
+inline constexpr absl::Duration kServerAnswersWithin = absl::Seconds(3);
+
+// Whether the server of `conninfo` completes a new connection (or refuses it itself, as when it
+// has no connection slot left) within `within`: a server that stopped answering does not.
+bool AcceptsConnections(const std::string& conninfo, absl::Duration within);
 
 }  // namespace medgate::pg
 

@@ -655,8 +655,9 @@ TEST_F(PoolTest, AServerThatStopsAnsweringIsGivenUpOnAndThePoolRecovers) {
   EXPECT_EQ(Count(pool), 2);
 }
 
-// The limit counts from the server's last answer, not from the transaction's start: a
-// transaction whose statements are each answered in time may take longer than the limit in all.
+// The limit counts from the server's last answer, not from the transaction's start, and a quiet
+// connection is given up only if its server does not answer a new one either: a transaction whose
+// statements are each answered in time may take longer than the limit in all.
 TEST_F(PoolTest, ALongTransactionOnAServerThatAnswersIsNotCut) {
   PoolOptions options = Options();
   options.unanswered_limit = absl::Seconds(2);
@@ -668,6 +669,16 @@ TEST_F(PoolTest, ALongTransactionOnAServerThatAnswersIsNotCut) {
   });
   EXPECT_TRUE(long_one.ok()) << long_one;
   EXPECT_EQ(Count(pool), 1);
+  // Nor is a transaction whose caller is busy between two statements for longer than the limit
+  // (another database's call, say): its server sends nothing meanwhile, but still answers.
+  absl::Status busy_caller = pool.Transact([](pqxx::work& txn) {
+    txn.exec1("SELECT 1");
+    std::this_thread::sleep_for(std::chrono::seconds(4));
+    txn.exec0("INSERT INTO items (id, label) VALUES (2, 'after a busy caller')");
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(busy_caller.ok()) << busy_caller;
+  EXPECT_EQ(Count(pool), 2);
 }
 
 // A transaction given a statement timeout of its own runs under it (SET LOCAL), and the pool
