@@ -5,7 +5,6 @@
 
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "libs/common/status_macros.h"
@@ -151,14 +150,13 @@ absl::Status IngestCore::Process(const Principal& device,
   std::vector<VitalRow> rows;
   rows.reserve(samples.size());
   uint64_t previous_seq = 0;
-  uint32_t refused_for_consent = 0;
+  std::vector<RefusedSample> refused;
   // The decision the stored samples rest on, and the first refusal with the categories refused,
   // for the batch's audit entries. A device is covered by its tenant's tenant-wide consent only
   // (consents are narrowed to practitioners and apps, never devices), so every category's
   // decision rests on that one consent.
   const consent::AccessDecision* stored_under = nullptr;
   const consent::AccessDecision* refused_under = nullptr;
-  std::vector<absl::string_view> refused_categories;
   for (uint32_t i = 0; i < samples.size(); ++i) {
     Sample& s = samples[i];
     Verdict verdict = ValidateSample(s, previous_seq, now, options_.validation);
@@ -181,11 +179,8 @@ absl::Status IngestCore::Process(const Principal& device,
         verdict = {Reject::kNoConsent,
                    absl::StrCat("no REMOTE_MONITORING consent for this patient's ", category,
                                 " samples (", consent::AccessReasonName(decision.reason), ")")};
-        if (refused_for_consent++ == 0) refused_under = &decision;
-        if (std::find(refused_categories.begin(), refused_categories.end(), category) ==
-            refused_categories.end()) {
-          refused_categories.push_back(category);
-        }
+        if (refused.empty()) refused_under = &decision;
+        refused.push_back({s.seq, *s.measured_at, category});
       } else if (stored_under == nullptr) {
         stored_under = &decision;
       }
@@ -210,7 +205,7 @@ absl::Status IngestCore::Process(const Principal& device,
   }
   // A batch refused for lack of consent is audited as a denial, through the writer like a stored
   // one (answered once its entry is committed); one with nothing else to store is answered now.
-  if (rows.empty() && refused_for_consent == 0) {
+  if (rows.empty() && refused.empty()) {
     done(std::move(result));
     return absl::OkStatus();
   }
@@ -228,10 +223,9 @@ absl::Status IngestCore::Process(const Principal& device,
     request.consent_id = stored_under->consent_id;
     request.consent_version = stored_under->consent_version;
   }
-  if (refused_for_consent > 0) {
-    request.denial = absl::StrCat(consent::AccessReasonName(refused_under->reason),
-                                  ": refused=", refused_for_consent,
-                                  " categories=", absl::StrJoin(refused_categories, ","));
+  if (!refused.empty()) {
+    request.refused = std::move(refused);
+    request.denial_code = std::string(consent::AccessReasonName(refused_under->reason));
     request.denial_consent_id = refused_under->consent_id;
     request.denial_consent_version = refused_under->consent_version;
   }
@@ -260,6 +254,15 @@ absl::Status IngestCore::Process(const Principal& device,
     } else {
       r.stored = outcome.stored;
       r.duplicates = outcome.duplicates;
+      // Refused samples an earlier send already stored are answered as the duplicates they are.
+      if (!outcome.refused_already_stored.empty()) {
+        std::erase_if(r.rejections, [&](const Rejection& x) {
+          return x.reason == Reject::kNoConsent &&
+                 std::binary_search(outcome.refused_already_stored.begin(),
+                                    outcome.refused_already_stored.end(), x.seq);
+        });
+        r.duplicates += static_cast<uint32_t>(outcome.refused_already_stored.size());
+      }
       r.locations_dropped = outcome.locations_dropped;
       r.highest_committed_seq = outcome.highest_committed_seq;
     }

@@ -26,20 +26,46 @@ inline constexpr int kEraseVitalsRows = 10000;
 // highest seq the transaction brings (medgate_advance_device_cursors, shard migration 0008), and
 // start the COPY of the rows. `quote` makes a SQL literal of a value (PQescapeLiteral); the arrays
 // are text[] literals of the devices' tenant ids, device ids and highest seqs, in key order.
+// `refused`, when given, is four text[] literals (tenant ids, device ids, seqs, measurement times)
+// of samples refused for lack of consent: which of them are already stored is read, under the
+// cursors' locks, before the COPY (by the primary key), as their positions in the arrays.
+struct RefusedKeys {
+  std::string tenants;
+  std::string devices;
+  std::string seqs;
+  std::string measured_at;
+};
 template <typename Quote>
 absl::StatusOr<std::string> WriteVitalsQuery(Quote quote, const std::string& tenants,
                                              const std::string& devices,
-                                             const std::string& max_seqs) {
+                                             const std::string& max_seqs,
+                                             const RefusedKeys* refused = nullptr) {
   absl::StatusOr<std::string> t = quote(tenants);
   if (!t.ok()) return t.status();
   absl::StatusOr<std::string> d = quote(devices);
   if (!d.ok()) return d.status();
   absl::StatusOr<std::string> m = quote(max_seqs);
   if (!m.ok()) return m.status();
+  std::string stored_refused;
+  if (refused != nullptr) {
+    std::vector<std::string> literals;
+    for (const std::string* array :
+         {&refused->tenants, &refused->devices, &refused->seqs, &refused->measured_at}) {
+      absl::StatusOr<std::string> literal = quote(*array);
+      if (!literal.ok()) return literal.status();
+      literals.push_back(*std::move(literal));
+    }
+    // Answers the 1-based positions, in the arrays, of those found.
+    stored_refused = absl::StrCat(
+        "SELECT r.i FROM unnest(", literals[0], "::text[], ", literals[1], "::text[], ",
+        literals[2], "::bigint[], ", literals[3],
+        "::timestamptz[]) WITH ORDINALITY AS r(tenant_id, device_id, seq, measured_at, i) "
+        "JOIN vitals v USING (measured_at, seq, tenant_id, device_id); ");
+  }
   return absl::StrCat(
       "BEGIN; "
       "SELECT tenant_id, device_id, max_seq FROM medgate_advance_device_cursors(", *t,
-      "::text[], ", *d, "::text[], ", *m, "::bigint[]); "
+      "::text[], ", *d, "::text[], ", *m, "::bigint[]); ", stored_refused,
       "COPY vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, measured_at, "
       "latitude, longitude, accuracy_m) FROM STDIN (FORMAT binary)");
 }

@@ -6,9 +6,11 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "libs/common/log.h"
 #include "libs/pg/conninfo.h"
@@ -81,7 +83,13 @@ absl::StatusOr<PGresult*> Exec(PGconn* conn, const char* sql, std::vector<std::s
 }  // namespace
 
 VitalsWriter::VitalsWriter(std::string region_id, DbConfig db, WriterOptions options)
-    : region_id_(std::move(region_id)), db_(std::move(db)), options_(options) {
+    : region_id_(std::move(region_id)),
+      db_(std::move(db)),
+      watch_([this] {
+        return pg::AcceptsConnections(pg::WithConnectionDefaults(db_.conninfo),
+                                      pg::kServerAnswersWithin);
+      }),
+      options_(options) {
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -107,6 +115,9 @@ absl::Status VitalsWriter::EnsureConnected() {
     conn_ = nullptr;
     return status;
   }
+  pg::StatementWatch::Scope watch(watch_, PQsocket(conn_),
+                                  pg::UnansweredLimit(absl::Milliseconds(db_.statement_timeout_ms)),
+                                  pg::StatementWatch::Scope::Limit::kSinceLastAnswer);
   // A session this writer's host left inside a transaction (the host gone between its two round
   // trips) holds its devices' cursors: the server ends it after the idle timeout.
   for (const std::string& setting :
@@ -120,11 +131,23 @@ absl::Status VitalsWriter::EnsureConnected() {
       // timeouts.
       PQfinish(conn_);
       conn_ = nullptr;
-      return setup.status();
+      return watch.fired() ? NotAnswering() : setup.status();
     }
     PQclear(*setup);
   }
+  if (watch.fired()) {
+    PQfinish(conn_);
+    conn_ = nullptr;
+    return NotAnswering();
+  }
   return absl::OkStatus();
+}
+
+absl::Status VitalsWriter::NotAnswering() const {
+  // Not UNAVAILABLE: Commit does not try again on a new connection, which would wait as long.
+  return absl::DeadlineExceededError(absl::StrCat(
+      "database '", region_id_, "' did not answer within ",
+      absl::FormatDuration(pg::UnansweredLimit(absl::Milliseconds(db_.statement_timeout_ms)))));
 }
 
 bool VitalsWriter::HasRoomFor(size_t rows) const {
@@ -279,8 +302,18 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
                                      std::vector<WriteOutcome>& outcomes, bool& commit_sent) {
   outcomes.assign(live.size(), WriteOutcome{});
   if (absl::Status s = EnsureConnected(); !s.ok()) return s;
+  pg::StatementWatch::Scope watch(watch_, PQsocket(conn_),
+                                  pg::UnansweredLimit(absl::Milliseconds(db_.statement_timeout_ms)),
+                                  pg::StatementWatch::Scope::Limit::kSinceLastAnswer);
   bool in_transaction = false;
   auto fail = [&](absl::Status status) {
+    if (watch.fired()) {
+      // Its socket is shut: nothing more can be asked on it, and the commit, if sent, is in
+      // doubt (the batches are answered "resend"; a resend is deduplicated by the cursor).
+      PQfinish(conn_);
+      conn_ = nullptr;
+      return NotAnswering();
+    }
     // Read what the query string still answers; a COPY left open is ended as failed first.
     while (PGresult* extra = PQgetResult(conn_)) {
       const bool copy_open = PQresultStatus(extra) == PGRES_COPY_IN;
@@ -318,9 +351,29 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     PQfreemem(quoted);
     return out;
   };
-  absl::StatusOr<std::string> query =
-      sql::WriteVitalsQuery(quote, pg::TextArrayLiteral(tenants), pg::TextArrayLiteral(devices),
-                            pg::TextArrayLiteral(max_seqs));
+  // The samples refused for lack of consent, to learn which an earlier send already stored.
+  std::vector<std::string> refused_tenants;
+  std::vector<std::string> refused_devices;
+  std::vector<std::string> refused_seqs;
+  std::vector<std::string> refused_times;
+  for (WriteRequest* w : live) {
+    for (const RefusedSample& r : w->refused) {
+      refused_tenants.push_back(w->tenant_id);
+      refused_devices.push_back(w->device_id);
+      refused_seqs.push_back(absl::StrCat(r.seq));
+      refused_times.push_back(
+          absl::FormatTime("%Y-%m-%d %H:%M:%E6S+00", r.measured_at, absl::UTCTimeZone()));
+    }
+  }
+  std::optional<sql::RefusedKeys> refused_keys;
+  if (!refused_seqs.empty()) {
+    refused_keys = sql::RefusedKeys{
+        pg::TextArrayLiteral(refused_tenants), pg::TextArrayLiteral(refused_devices),
+        pg::TextArrayLiteral(refused_seqs), pg::TextArrayLiteral(refused_times)};
+  }
+  absl::StatusOr<std::string> query = sql::WriteVitalsQuery(
+      quote, pg::TextArrayLiteral(tenants), pg::TextArrayLiteral(devices),
+      pg::TextArrayLiteral(max_seqs), refused_keys ? &*refused_keys : nullptr);
   if (!query.ok()) return fail(query.status());
 
   // First round trip: open the transaction, lock and read the devices' cursors, advance them to
@@ -332,23 +385,33 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   }
   in_transaction = true;
   std::map<DeviceKey, int64_t> cursors;  // where each device stood before this transaction
-  for (ExecStatusType expected : {PGRES_COMMAND_OK, PGRES_TUPLES_OK, PGRES_COPY_IN}) {
+  // Of the refused samples, in the order of refused_seqs, those already stored.
+  std::vector<bool> refused_stored(refused_seqs.size(), false);
+  std::vector<ExecStatusType> results = {PGRES_COMMAND_OK, PGRES_TUPLES_OK};
+  if (refused_keys) results.push_back(PGRES_TUPLES_OK);
+  results.push_back(PGRES_COPY_IN);
+  for (size_t step = 0; step < results.size(); ++step) {
     PGresult* result = PQgetResult(conn_);
-    if (PQresultStatus(result) != expected) {
+    if (PQresultStatus(result) != results[step]) {
       absl::Status status = ResultStatus(conn_, result);
       PQclear(result);
       return fail(status);
     }
-    if (expected == PGRES_TUPLES_OK) {
-      for (int i = 0; i < PQntuples(result); ++i) {
-        cursors[{PQgetvalue(result, i, 0), PQgetvalue(result, i, 1)}] =
-            std::stoll(PQgetvalue(result, i, 2));
-      }
+    for (int i = 0; step == 1 && i < PQntuples(result); ++i) {
+      cursors[{PQgetvalue(result, i, 0), PQgetvalue(result, i, 1)}] =
+          std::stoll(PQgetvalue(result, i, 2));
+    }
+    for (int i = 0; step == 2 && refused_keys && i < PQntuples(result); ++i) {
+      const size_t position = std::stoull(PQgetvalue(result, i, 0));
+      if (position >= 1 && position <= refused_stored.size()) refused_stored[position - 1] = true;
     }
     PQclear(result);
   }
   const absl::Time locked = absl::Now();
 
+  // What this transaction stores, when it has refused samples to compare with (one an earlier
+  // batch of the same device stores in this very transaction is not found by the look-up).
+  std::map<std::tuple<std::string, std::string, uint64_t>, absl::Time> stored_now;
   // Everything new goes in one binary COPY.
   std::string buffer("PGCOPY\n\377\r\n\0", 11);
   PutU32(buffer, 0);
@@ -364,6 +427,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
       }
       cursor = static_cast<int64_t>(v.seq);
       ++out.stored;
+      if (refused_keys) stored_now[{w.tenant_id, w.device_id, v.seq}] = v.measured_at;
       if (v.location) {
         ++out.locations_kept;
       } else if (v.location_dropped) {
@@ -412,6 +476,7 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
   // patient's samples, under which consent (no values); and one per batch refused for lack of
   // consent.
   std::vector<audit::Entry> entries;
+  size_t refused_position = 0;  // in refused_stored
   for (size_t i = 0; i < live.size(); ++i) {
     const WriteRequest& w = *live[i];
     auto add = [&]() -> audit::Entry& {
@@ -446,10 +511,28 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
       e.consent_id = w.consent_id;
       e.consent_version = w.consent_version;
     }
-    if (!w.denial.empty()) {
+    // The refusal counts the samples it refused now: not those an earlier send stored.
+    uint32_t refused_now = 0;
+    std::vector<absl::string_view> categories;
+    for (const RefusedSample& r : w.refused) {
+      const bool stored_before = refused_stored[refused_position++];
+      const auto now_stored = stored_now.find({w.tenant_id, w.device_id, r.seq});
+      if (stored_before || (now_stored != stored_now.end() &&
+                            absl::ToUnixMicros(now_stored->second) ==
+                                absl::ToUnixMicros(r.measured_at))) {
+        outcomes[i].refused_already_stored.push_back(r.seq);
+        continue;
+      }
+      ++refused_now;
+      if (std::find(categories.begin(), categories.end(), r.category) == categories.end()) {
+        categories.push_back(r.category);
+      }
+    }
+    if (refused_now > 0) {
       audit::Entry& e = add();
       e.decision = audit::Decision::kDeny;
-      e.reason = w.denial;
+      e.reason = absl::StrCat(w.denial_code, ": refused=", refused_now,
+                              " categories=", absl::StrJoin(categories, ","));
       e.consent_id = w.denial_consent_id;
       e.consent_version = w.denial_consent_version;
     }
@@ -478,6 +561,11 @@ absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
     return fail(commit_status);
   }
   while (PGresult* extra = PQgetResult(conn_)) PQclear(extra);
+  if (watch.fired()) {
+    // Committed, then given up on just after: the connection goes, the outcome stands.
+    PQfinish(conn_);
+    conn_ = nullptr;
+  }
   const absl::Time committed = absl::Now();
   stats_.transactions += 1;
   stats_.batches += live.size();

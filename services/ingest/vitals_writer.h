@@ -17,11 +17,13 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include <libpq-fe.h>
 
 #include "libs/common/config.h"
 #include "libs/common/log.h"
+#include "libs/pg/statement_watch.h"
 #include "services/ingest/vitals_catalogue.h"
 
 namespace medgate::ingest {
@@ -47,6 +49,17 @@ struct WriteOutcome {
   // location was dropped.
   uint32_t locations_kept = 0;
   uint32_t locations_dropped = 0;
+  // Of the samples the batch refused for lack of consent, the seqs already in storage: stored by
+  // an earlier send of the same samples (whose commit was not answered), under the consent of
+  // then. They are the device's duplicates, not refusals, and the denial does not count them.
+  std::vector<uint64_t> refused_already_stored{};
+};
+
+// A sample refused for lack of consent, as its batch's denial entry counts it.
+struct RefusedSample {
+  uint64_t seq = 0;
+  absl::Time measured_at;
+  absl::string_view category;  // the catalogue's (static) data category
 };
 
 // Who sends a stream's batches, for their audit entries. The same for every batch of a stream:
@@ -74,10 +87,12 @@ struct WriteRequest {
   uint64_t batch_seq = 0;
   std::string consent_id;
   int64_t consent_version = 0;
-  // Non-empty when samples were refused for lack of consent: their audit entry is a denial with
-  // this reason, under the consent it cites, written in the same transaction as the rows stored
-  // (if any), and the batch is answered once it is committed.
-  std::string denial;
+  // Samples refused for lack of consent, in seq order: their audit entry is a denial
+  // ("<denial_code>: refused=N categories=..."), under the consent it cites, written in the same
+  // transaction as the rows stored (if any), and the batch is answered once it is committed. A
+  // refused sample found already in storage is not counted (see WriteOutcome).
+  std::vector<RefusedSample> refused;
+  std::string denial_code;  // consent::AccessReasonName of the refusal
   std::string denial_consent_id;
   int64_t denial_consent_version = 0;
   // For a stored batch's entry when the rows it stores carried locations: the GEOLOCATION decision
@@ -131,11 +146,16 @@ class VitalsWriter {
   // the COMMIT has gone to the shard: from then on a failure may follow a commit that happened.
   absl::Status WriteOnce(const std::vector<WriteRequest*>& live, std::vector<WriteOutcome>& outcomes,
                          bool& commit_sent);
+  // The status of a transaction or connection set-up given up on a shard that did not answer.
+  absl::Status NotAnswering() const;
   absl::Status EnsureConnected();
 
   const std::string region_id_;
   const DbConfig db_;
   PGconn* conn_ = nullptr;  // only the writer thread touches it
+  // Gives up on a shard that stops answering (frozen, its storage hung) once it has sent nothing
+  // for pg::UnansweredLimit(statement_timeout): its statement_timeout cannot end a wait then.
+  pg::StatementWatch watch_;
   const WriterOptions options_;
   // Where the writer's time goes, logged every 10 s (writer thread only).
   struct WriterStats {

@@ -1445,6 +1445,94 @@ TEST_F(IngestTest, AWithdrawalStopsAStreamAlreadyOpenFromStoring) {
             static_cast<int64_t>(5 + stored_after_revocation));
 }
 
+// A device resends samples whose commit it never heard of (its connection broke at the COMMIT,
+// which happened) after the patient withdrew REMOTE_MONITORING: the samples already stored are
+// answered as the duplicates they are, not refused (they were stored under the consent of their
+// first send, and the ack must say they are stored); samples of the same batch never stored are
+// refused, though their seqs are below the device's cursor, and only they are counted in the
+// refusal's audit entry.
+TEST_F(IngestTest, StoredSamplesResentAfterAWithdrawalAreDuplicatesNotRefusals) {
+  const std::string patient =
+      MonitoredPatientWithDevice("withdrawn-resend", "FR", "dev-withdrawn-resend");
+  auto stub = Ingest(Device("acme", "dev-withdrawn-resend"));
+  const v1::VitalsBatch first = Batch(1, 1, 5);  // seqs 1-5
+  {
+    DeviceStream stream(*stub);
+    std::optional<v1::IngestAck> ack = stream.Send(first);
+    ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+    ASSERT_EQ(ack->stored_count(), 5u);
+    ack = stream.Send(Batch(2, 50, 5));  // the device's cursor at 54
+    ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+    ASSERT_EQ(ack->stored_count(), 5u);
+    EXPECT_TRUE(stream.Finish().ok());
+  }
+  Revoke(patient, v1::PURPOSE_REMOTE_MONITORING);
+  // New samples (seqs from 100) until the service has seen the withdrawal.
+  DeviceStream stream(*stub);
+  uint64_t batch_seq = 2;
+  uint64_t probes_stored = 0;
+  std::optional<v1::IngestAck> probe;
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  do {
+    ++batch_seq;
+    probe = stream.Send(Batch(batch_seq, 100 + 5 * batch_seq, 5));
+    ASSERT_TRUE(probe.has_value()) << stream.Finish().error_message();
+    probes_stored += probe->stored_count();
+  } while (probe->rejected_count() == 0 && absl::Now() < deadline);
+  ASSERT_EQ(probe->rejected_count(), 5u);
+  ASSERT_EQ(probe->rejections(0).reason(), v1::REJECT_REASON_NO_CONSENT);
+
+  v1::VitalsBatch resend = first;
+  resend.set_batch_seq(++batch_seq);
+  const uint64_t resend_seq = batch_seq;
+  std::optional<v1::IngestAck> ack = stream.Send(resend);
+  ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+  EXPECT_EQ(ack->stored_count(), 0u);
+  EXPECT_EQ(ack->duplicate_count(), 5u);
+  EXPECT_EQ(ack->rejected_count(), 0u);
+  EXPECT_EQ(ack->rejections_size(), 0);
+
+  // Samples 4 and 5 again, with 6 and 7, never sent before.
+  v1::VitalsBatch mixed;
+  mixed.set_batch_seq(++batch_seq);
+  const uint64_t mixed_seq = batch_seq;
+  *mixed.add_samples() = first.samples(3);
+  *mixed.add_samples() = first.samples(4);
+  *mixed.add_samples() = HeartRate(6);
+  *mixed.add_samples() = HeartRate(7);
+  ack = stream.Send(mixed);
+  ASSERT_TRUE(ack.has_value()) << stream.Finish().error_message();
+  EXPECT_EQ(ack->stored_count(), 0u);
+  EXPECT_EQ(ack->duplicate_count(), 2u);
+  EXPECT_EQ(ack->rejected_count(), 2u);
+  ASSERT_EQ(ack->rejections_size(), 2);
+  EXPECT_EQ(ack->rejections(0).sample_index(), 2u);
+  EXPECT_EQ(ack->rejections(0).seq(), 6u);
+  EXPECT_EQ(ack->rejections(0).reason(), v1::REJECT_REASON_NO_CONSENT);
+  EXPECT_EQ(ack->rejections(1).seq(), 7u);
+  EXPECT_TRUE(stream.Finish().ok());
+
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-withdrawn-resend'"),
+            static_cast<int64_t>(10 + probes_stored));
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-withdrawn-resend' AND seq IN (6, 7)"), 0);
+  pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+  pqxx::nontransaction q(c);
+  auto denials = [&](uint64_t batch) {
+    std::vector<std::string> reasons;
+    for (const pqxx::row& row : q.exec_params(
+             "SELECT reason FROM audit_log WHERE patient_id = $1 AND object_type = 'vitals' "
+             "AND decision = 'deny' AND request_id = $2",
+             patient, absl::StrCat("batch:", batch))) {
+      reasons.push_back(row[0].as<std::string>());
+    }
+    return reasons;
+  };
+  EXPECT_THAT(denials(resend_seq), ::testing::IsEmpty());
+  const std::vector<std::string> mixed_denials = denials(mixed_seq);
+  ASSERT_EQ(mixed_denials.size(), 1u);
+  EXPECT_THAT(mixed_denials[0], ::testing::EndsWith(": refused=2 categories=heart-rate"));
+}
+
 TEST_F(IngestTest, OnlyAssignedDevicesMayStreamAndOnlyDevicesMayStream) {
   // A device of another tenant, or one never assigned, cannot write for anybody.
   auto stub = Ingest(pki().globex_device());

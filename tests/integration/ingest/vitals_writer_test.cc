@@ -3,7 +3,9 @@
 // setup failed is never used to write.
 #include "services/ingest/vitals_writer.h"
 
+#include <chrono>
 #include <condition_variable>
+#include <csignal>
 #include <future>
 #include <map>
 #include <mutex>
@@ -13,9 +15,11 @@
 #include <thread>
 #include <vector>
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <pqxx/pqxx>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "libs/audit/audit_log.h"
@@ -283,7 +287,8 @@ TEST_F(VitalsWriterTest, ACommitWhoseAnswerIsLostIsNeitherAckedNorWrittenAgain) 
   refused.tenant_id = "acme";
   refused.device_id = "dev-lost-commit-refused";
   refused.patient_id = "pt-dev-lost-commit-refused";
-  refused.denial = "no REMOTE_MONITORING consent";
+  refused.refused = {{1, absl::Now(), "heart-rate"}};
+  refused.denial_code = "NO_CONSENT";
   refused.batch_seq = 9;
   refused.read_at = absl::Now();
   (*proxy)->CutAtNextCommit();
@@ -317,10 +322,111 @@ TEST_F(VitalsWriterTest, ACommitWhoseAnswerIsLostIsNeitherAckedNorWrittenAgain) 
   EXPECT_EQ(resent.duplicates, 3u);
   EXPECT_EQ(resent.highest_committed_seq, 4u);
   EXPECT_EQ(Stored("dev-lost-commit"), 4);
+
+  // The same resend decided after a withdrawal of the patient's consent, with one sample never
+  // sent before: the samples the lost commit stored are found in storage (answered duplicates by
+  // the service), and the refusal's entry counts only the one it refused.
+  WriteRequest withdrawn;
+  withdrawn.tenant_id = "acme";
+  withdrawn.device_id = "dev-lost-commit";
+  withdrawn.patient_id = "pt-dev-lost-commit";
+  withdrawn.batch_seq = 3;
+  withdrawn.read_at = absl::Now();
+  for (const VitalRow& row : stored.rows) {
+    withdrawn.refused.push_back({row.seq, row.measured_at, "heart-rate"});
+  }
+  withdrawn.refused.push_back({5, absl::Now(), "heart-rate"});
+  withdrawn.denial_code = "CONSENT_WITHDRAWN";
+  WriteOutcome decided_again = Write(writer, withdrawn);
+  ASSERT_TRUE(decided_again.status.ok()) << decided_again.status;
+  EXPECT_THAT(decided_again.refused_already_stored, ::testing::ElementsAre(2u, 3u, 4u));
+  EXPECT_EQ(decided_again.stored, 0u);
+  {
+    pqxx::connection c(shard_->ConnectionString());
+    pqxx::nontransaction q(c);
+    const pqxx::result reasons = q.exec(
+        "SELECT reason FROM audit_log WHERE object_id = 'dev-lost-commit' AND decision = 'deny'");
+    ASSERT_EQ(reasons.size(), 1u);
+    EXPECT_EQ(reasons[0][0].as<std::string>(), "CONSENT_WITHDRAWN: refused=1 categories=heart-rate");
+  }
   pqxx::connection c(shard_->ConnectionString());
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok()) << verified.status();
   EXPECT_TRUE(verified->ok) << verified->problem;
+}
+
+// A shard that stops answering (its processes frozen, as a paused host or hung storage leave it)
+// cannot end the writer's statements by its statement_timeout: the writer gives up on it once it
+// has sent nothing for the statement timeout and 5 s more, answers the batch "resend" (nothing of
+// it stored), and stores the resend once the shard answers again.
+TEST_F(VitalsWriterTest, AShardThatStopsAnsweringIsGivenUpOnAndWrittenOnceItAnswers) {
+  DbConfig db = Db();
+  db.statement_timeout_ms = 1000;
+  VitalsWriter writer("fr-1", db, WriterOptions{});
+  ASSERT_TRUE(Write(writer, Batch("dev-frozen-shard", 1, 2)).status.ok());  // connected
+  ASSERT_TRUE(shard_->Signal(SIGSTOP).ok());
+  absl::Cleanup resume = [] { (void)shard_->Signal(SIGCONT); };  // also if an ASSERT fails
+  auto promise = std::make_shared<std::promise<WriteOutcome>>();
+  std::future<WriteOutcome> outcome = promise->get_future();
+  WriteRequest frozen = Batch("dev-frozen-shard", 3, 4);
+  frozen.done = [promise](const WriteOutcome& o) { promise->set_value(o); };
+  ASSERT_TRUE(writer.Enqueue(frozen, absl::Seconds(10)));
+  const bool answered = outcome.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  ASSERT_TRUE(shard_->Signal(SIGCONT).ok());
+  ASSERT_TRUE(answered) << "the writer still waited on the frozen shard after 60 s";
+  const WriteOutcome given_up = outcome.get();
+  EXPECT_EQ(given_up.status.code(), absl::StatusCode::kUnavailable) << given_up.status;
+  EXPECT_THAT(given_up.status.message(), ::testing::HasSubstr("resend"));
+  EXPECT_EQ(given_up.stored, 0u);
+
+  frozen.done = nullptr;
+  const WriteOutcome resent = Write(writer, frozen);
+  ASSERT_TRUE(resent.status.ok()) << resent.status;
+  EXPECT_EQ(resent.stored, 2u);
+  EXPECT_EQ(Stored("dev-frozen-shard"), 4);
+}
+
+// A refused resend in the same transaction as the batch it repeats (the first send still queued
+// when the device, reconnected, sent it again and was refused): the samples that transaction
+// stores are found too, and the refusal counts only the sample stored by neither.
+TEST_F(VitalsWriterTest, ARefusedResendFindsTheSamplesItsTransactionStores) {
+  WriterOptions options;
+  options.linger = absl::Milliseconds(300);  // both in one transaction
+  VitalsWriter writer("fr-1", Db(), options);
+  ASSERT_TRUE(Write(writer, Batch("dev-same-txn", 1, 1)).status.ok());  // connected, cursor 1
+  WriteRequest first = Batch("dev-same-txn", 2, 3);
+  first.batch_seq = 2;
+  WriteRequest refused;
+  refused.tenant_id = "acme";
+  refused.device_id = "dev-same-txn";
+  refused.patient_id = "pt-dev-same-txn";
+  refused.batch_seq = 3;
+  refused.read_at = absl::Now();
+  refused.refused = {{2, first.rows[0].measured_at, "heart-rate"},
+                     {3, first.rows[1].measured_at + absl::Seconds(1), "heart-rate"},  // not it
+                     {4, absl::Now(), "heart-rate"}};
+  refused.denial_code = "CONSENT_WITHDRAWN";
+  std::vector<std::future<WriteOutcome>> outcomes;
+  const uint64_t groups = writer.groups_taken();
+  for (WriteRequest* r : {&first, &refused}) {
+    auto promise = std::make_shared<std::promise<WriteOutcome>>();
+    outcomes.push_back(promise->get_future());
+    r->done = [promise](const WriteOutcome& o) { promise->set_value(o); };
+    ASSERT_TRUE(writer.Enqueue(*r, absl::Seconds(10)));
+  }
+  const WriteOutcome stored = outcomes[0].get();
+  const WriteOutcome decided = outcomes[1].get();
+  ASSERT_EQ(writer.groups_taken(), groups + 1) << "the two batches were not written together";
+  ASSERT_TRUE(stored.status.ok()) << stored.status;
+  EXPECT_EQ(stored.stored, 2u);
+  ASSERT_TRUE(decided.status.ok()) << decided.status;
+  EXPECT_THAT(decided.refused_already_stored, ::testing::ElementsAre(2u));
+  pqxx::connection c(shard_->ConnectionString());
+  pqxx::nontransaction q(c);
+  const pqxx::result reasons = q.exec(
+      "SELECT reason FROM audit_log WHERE object_id = 'dev-same-txn' AND decision = 'deny'");
+  ASSERT_EQ(reasons.size(), 1u);
+  EXPECT_EQ(reasons[0][0].as<std::string>(), "CONSENT_WITHDRAWN: refused=2 categories=heart-rate");
 }
 
 // Two writers' transactions taking the cursor of a device new to the shard: the later waits for the
