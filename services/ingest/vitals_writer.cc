@@ -237,8 +237,8 @@ void VitalsWriter::Loop() {
 void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
   // A stream that already failed must not write later batches (it would leave a seq gap).
   std::vector<WriteRequest*> live;
+  std::vector<WriteRequest*> too_old;  // answered once the warning below is written
   const absl::Time now = absl::Now();
-  size_t too_old = 0;
   for (WriteRequest& r : group) {
     if (r.poisoned && r.poisoned->load()) {
       r.done(WriteOutcome{absl::UnavailableError(
@@ -246,27 +246,31 @@ void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
                           0, 0, 0});
     } else if (now - r.read_at > options_.max_batch_wait) {
       // Decided (consent, the device's patient) too long ago to be stored on that decision.
-      ++too_old;
+      // Its stream's later batches, in this group too, are not written (no seq gap).
       if (r.poisoned) r.poisoned->store(true);
-      r.done(WriteOutcome{
-          absl::UnavailableError(absl::StrCat(
-              "the batch waited ", absl::FormatDuration(absl::Trunc(now - r.read_at, absl::Milliseconds(1))),
-              " for region ", region_id_, "'s writer, more than its bound of ",
-              absl::FormatDuration(options_.max_batch_wait),
-              ": nothing of it was stored; resend it (its consent is checked again)")),
-          0, 0, 0});
+      too_old.push_back(&r);
     } else {
       live.push_back(&r);
     }
   }
   // At most a line a second: a shard that stays slow would otherwise log every transaction.
-  too_old_unlogged_ += too_old;
+  too_old_unlogged_ += too_old.size();
   if (uint64_t held_back = 0;
       too_old_unlogged_ > 0 && too_old_log_.Allow(now, held_back)) {
     log::Warning("vitals_batches_waited_too_long",
                  {{"region", region_id_}, {"batches", too_old_unlogged_},
                   {"bound_ms", absl::ToInt64Milliseconds(options_.max_batch_wait)}});
     too_old_unlogged_ = 0;
+  }
+  for (WriteRequest* r : too_old) {
+    r->done(WriteOutcome{
+        absl::UnavailableError(absl::StrCat(
+            "the batch waited ",
+            absl::FormatDuration(absl::Trunc(now - r->read_at, absl::Milliseconds(1))),
+            " for region ", region_id_, "'s writer, more than its bound of ",
+            absl::FormatDuration(options_.max_batch_wait),
+            ": nothing of it was stored; resend it (its consent is checked again)")),
+        0, 0, 0});
   }
   if (live.empty()) return;
 

@@ -106,6 +106,26 @@ std::string PlacedOutsideReason(const std::vector<RegionPatients>& placed) {
                       }));
 }
 
+// "territory 'FR' (3 patients of tenant acme live there), ..." for a refusal.
+std::string DescribeInDroppedTerritories(const std::vector<TerritoryPatients>& in,
+                                         absl::string_view tenant_id) {
+  return absl::StrJoin(in, ", ", [tenant_id](std::string* out, const TerritoryPatients& t) {
+    absl::StrAppend(out, "territory '", t.territory, "' (", t.patients,
+                    t.patients == 1 ? " patient of tenant " : " patients of tenant ", tenant_id,
+                    t.patients == 1 ? " lives" : " live", " there)");
+  });
+}
+
+// " patients_in_dropped_territories=FR:3,..." for the audit entry of an upsert that dropped
+// territories where patients of the tenant live, or "".
+std::string InDroppedTerritoriesReason(const std::vector<TerritoryPatients>& in) {
+  if (in.empty()) return "";
+  return absl::StrCat(" patients_in_dropped_territories=",
+                      absl::StrJoin(in, ",", [](std::string* out, const TerritoryPatients& t) {
+                        absl::StrAppend(out, t.territory, ":", t.patients);
+                      }));
+}
+
 residency::TenantPolicy PolicyOf(const TenantInfo& t) {
   residency::TenantPolicy policy;
   policy.served_territories.insert(t.territories.begin(), t.territories.end());
@@ -282,6 +302,31 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
                 "are"));
           }
         }
+        // Territories this upsert drops where patients of the tenant live: those patients stay
+        // placed and served (medgate neither moves nor forgets a patient), but the tenant would
+        // place no new patient of those territories. Refused unless ops drop them knowingly.
+        std::vector<TerritoryPatients> in_dropped;
+        if (before) {
+          std::vector<std::string> dropped_territories;
+          for (const std::string& t : before->territories) {
+            if (!absl::c_linear_search(tenant.territories, t)) dropped_territories.push_back(t);
+          }
+          if (!dropped_territories.empty()) {
+            for (const pqxx::row& row :
+                 txn.exec_prepared(sql::kCountTenantPatientsOfTerritories, tenant.tenant_id,
+                                   pg::TextArrayLiteral(dropped_territories))) {
+              in_dropped.push_back({row[0].c_str(), row[1].as<int64_t>()});
+            }
+          }
+          if (!in_dropped.empty() && !keep_placed_patients) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                "tenant.territories would drop ",
+                DescribeInDroppedTerritories(in_dropped, tenant.tenant_id),
+                "; they would stay placed and served, but the tenant would place no new patient "
+                "of those territories. Keep the territory, or upsert the tenant again with "
+                "keep_placed_patients to drop it all the same"));
+          }
+        }
         std::string territories = pg::TextArrayLiteral(tenant.territories);
         std::string regions = pg::TextArrayLiteral(tenant.region_ids.value_or(std::vector<std::string>{}));
         bool narrowed = tenant.region_ids.has_value();
@@ -296,13 +341,14 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
         pqxx::row row = txn.exec_prepared1(sql::kSelectTenant, tenant.tenant_id);
         TenantInfo stored = TenantFromRow(row);
         stored.placed_outside = placed_outside;
+        stored.patients_in_dropped_territories = in_dropped;
         // What the tenant now is: the row is overwritten in place, so the chain is its history
         // (who suspended it, who widened its regions).
         const std::string state = absl::StrCat(
             created ? "TENANT_CREATED" : "TENANT_UPDATED", ": active=",
             stored.active ? "true" : "false", " territories=", absl::StrJoin(stored.territories, ","),
             " regions=", stored.region_ids ? absl::StrJoin(*stored.region_ids, ",") : "any",
-            PlacedOutsideReason(placed_outside));
+            PlacedOutsideReason(placed_outside), InDroppedTerritoriesReason(in_dropped));
         RETURN_IF_ERROR(audit::Append(
             txn, AuditEntryFor(ctx, created ? audit::Action::kCreate : audit::Action::kUpdate, "tenant",
                           tenant.tenant_id, tenant.tenant_id, "", state)).status());

@@ -28,6 +28,11 @@ struct RegionPatients {
   int64_t patients = 0;
 };
 
+struct TerritoryPatients {
+  std::string territory;
+  int64_t patients = 0;
+};
+
 struct TenantInfo {
   std::string tenant_id;
   std::string display_name;
@@ -39,6 +44,9 @@ struct TenantInfo {
   // An upsert's only, with keep_placed_patients: the regions its narrowing dropped where patients
   // of the tenant live, and how many.
   std::vector<RegionPatients> placed_outside;
+  // An upsert's only, with keep_placed_patients: the territories it dropped where patients of the
+  // tenant live, and how many.
+  std::vector<TerritoryPatients> patients_in_dropped_territories;
 };
 
 struct RuleInfo {
@@ -105,7 +113,9 @@ class RoutingCore {
               std::vector<residency::Region> regions, absl::Duration reassign_wait);
 
   // A narrowing that drops a region where patients of the tenant live is FAILED_PRECONDITION
-  // unless `keep_placed_patients` (they stay there; the result counts them in placed_outside).
+  // unless `keep_placed_patients` (they stay there; the result counts them in placed_outside);
+  // so is dropping a territory where patients of the tenant live (they stay placed and served;
+  // the result counts them in patients_in_dropped_territories).
   absl::StatusOr<std::pair<TenantInfo, bool>> UpsertTenant(const CallContext& ctx,
                                                            const TenantInfo& tenant,
                                                            bool keep_placed_patients = false);

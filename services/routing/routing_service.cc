@@ -109,6 +109,11 @@ grpc::Status RoutingService::UpsertTenant(grpc::ServerContext* context,
     out->set_region_id(r.region_id);
     out->set_patients(r.patients);
   }
+  for (const TerritoryPatients& t : result->first.patients_in_dropped_territories) {
+    v1::TerritoryPatients* out = response->add_patients_in_dropped_territories();
+    out->set_territory(t.territory);
+    out->set_patients(t.patients);
+  }
   return grpc::Status::OK;
 }
 

@@ -20,6 +20,7 @@ inline constexpr char kCountPlacedOutside[] = "count_placed_outside";
 inline constexpr char kShareTenant[] = "share_tenant";
 inline constexpr char kLockTenant[] = "lock_tenant";
 inline constexpr char kCountTenantPatientsIn[] = "count_tenant_patients_in";
+inline constexpr char kCountTenantPatientsOfTerritories[] = "count_tenant_patients_of_territories";
 inline constexpr char kSelectPatient[] = "select_patient";
 inline constexpr char kInsertPatient[] = "insert_patient";
 inline constexpr char kResolvePatients[] = "resolve_patients";
@@ -81,6 +82,11 @@ inline const std::vector<pg::Statement>& Statements() {
       {kCountTenantPatientsIn,
        "SELECT region_id, count(*) FROM patients WHERE tenant_id = $1 "
        "AND region_id = ANY($2::text[]) GROUP BY region_id ORDER BY region_id"},
+      // Walks the tenant's patients (patients_tenant_region): an upsert dropping a territory
+      // is rare, and an index for it would cost every placement.
+      {kCountTenantPatientsOfTerritories,
+       "SELECT territory, count(*) FROM patients WHERE tenant_id = $1 "
+       "AND territory = ANY($2::text[]) GROUP BY territory ORDER BY territory"},
       {kSelectPatient,
        "SELECT patient_id, tenant_id, territory, region_id, rule_version FROM patients "
        "WHERE patient_id = $1 AND tenant_id = $2"},

@@ -71,6 +71,33 @@ class VitalsWriterTest : public ::testing::Test {
     return request;
   }
 
+  // A batch of `device` whose samples were all refused for lack of consent (`code`).
+  static WriteRequest Refusal(const std::string& device, uint64_t batch_seq,
+                              std::vector<RefusedSample> refused, const std::string& code) {
+    WriteRequest request;
+    request.tenant_id = "acme";
+    request.device_id = device;
+    request.patient_id = "pt-" + device;
+    request.batch_seq = batch_seq;
+    request.read_at = absl::Now();
+    request.refused = std::move(refused);
+    request.denial_code = code;
+    return request;
+  }
+
+  // The reasons of `device`'s denial entries.
+  static std::vector<std::string> Denials(const std::string& device) {
+    pqxx::connection c(shard_->ConnectionString());
+    pqxx::nontransaction q(c);
+    std::vector<std::string> reasons;
+    for (const pqxx::row& row : q.exec_params(
+             "SELECT reason FROM audit_log WHERE object_id = $1 AND decision = 'deny' ORDER BY seq",
+             device)) {
+      reasons.push_back(row[0].as<std::string>());
+    }
+    return reasons;
+  }
+
   // Queues `request` and waits for its outcome.
   static WriteOutcome Write(VitalsWriter& writer, WriteRequest request) {
     auto promise = std::make_shared<std::promise<WriteOutcome>>();
@@ -283,14 +310,8 @@ TEST_F(VitalsWriterTest, ACommitWhoseAnswerIsLostIsNeitherAckedNorWrittenAgain) 
 
   WriteRequest stored = Batch("dev-lost-commit", 2, 4);
   stored.batch_seq = 2;
-  WriteRequest refused;
-  refused.tenant_id = "acme";
-  refused.device_id = "dev-lost-commit-refused";
-  refused.patient_id = "pt-dev-lost-commit-refused";
-  refused.refused = {{1, absl::Now(), "heart-rate"}};
-  refused.denial_code = "NO_CONSENT";
-  refused.batch_seq = 9;
-  refused.read_at = absl::Now();
+  WriteRequest refused =
+      Refusal("dev-lost-commit-refused", 9, {{1, absl::Now(), "heart-rate"}}, "NO_CONSENT");
   (*proxy)->CutAtNextCommit();
   std::vector<std::future<WriteOutcome>> outcomes;
   for (WriteRequest* r : {&stored, &refused}) {
@@ -306,13 +327,8 @@ TEST_F(VitalsWriterTest, ACommitWhoseAnswerIsLostIsNeitherAckedNorWrittenAgain) 
   }
   EXPECT_EQ((*proxy)->cuts(), 1);
   EXPECT_EQ(Stored("dev-lost-commit"), 4);  // committed: the shard has them
-  auto denials = [] {
-    pqxx::connection c(shard_->ConnectionString());
-    pqxx::nontransaction q(c);
-    return q.exec1("SELECT count(*) FROM audit_log WHERE object_id = 'dev-lost-commit-refused'")[0]
-        .as<int>();
-  };
-  EXPECT_EQ(denials(), 1);
+  EXPECT_THAT(Denials("dev-lost-commit-refused"),
+              ::testing::ElementsAre("NO_CONSENT: refused=1 categories=heart-rate"));
 
   // The device's resend: nothing twice.
   stored.done = nullptr;
@@ -326,29 +342,17 @@ TEST_F(VitalsWriterTest, ACommitWhoseAnswerIsLostIsNeitherAckedNorWrittenAgain) 
   // The same resend decided after a withdrawal of the patient's consent, with one sample never
   // sent before: the samples the lost commit stored are found in storage (answered duplicates by
   // the service), and the refusal's entry counts only the one it refused.
-  WriteRequest withdrawn;
-  withdrawn.tenant_id = "acme";
-  withdrawn.device_id = "dev-lost-commit";
-  withdrawn.patient_id = "pt-dev-lost-commit";
-  withdrawn.batch_seq = 3;
-  withdrawn.read_at = absl::Now();
+  WriteRequest withdrawn = Refusal("dev-lost-commit", 3, {}, "CONSENT_WITHDRAWN");
   for (const VitalRow& row : stored.rows) {
     withdrawn.refused.push_back({row.seq, row.measured_at, "heart-rate"});
   }
   withdrawn.refused.push_back({5, absl::Now(), "heart-rate"});
-  withdrawn.denial_code = "CONSENT_WITHDRAWN";
   WriteOutcome decided_again = Write(writer, withdrawn);
   ASSERT_TRUE(decided_again.status.ok()) << decided_again.status;
   EXPECT_THAT(decided_again.refused_already_stored, ::testing::ElementsAre(2u, 3u, 4u));
   EXPECT_EQ(decided_again.stored, 0u);
-  {
-    pqxx::connection c(shard_->ConnectionString());
-    pqxx::nontransaction q(c);
-    const pqxx::result reasons = q.exec(
-        "SELECT reason FROM audit_log WHERE object_id = 'dev-lost-commit' AND decision = 'deny'");
-    ASSERT_EQ(reasons.size(), 1u);
-    EXPECT_EQ(reasons[0][0].as<std::string>(), "CONSENT_WITHDRAWN: refused=1 categories=heart-rate");
-  }
+  EXPECT_THAT(Denials("dev-lost-commit"),
+              ::testing::ElementsAre("CONSENT_WITHDRAWN: refused=1 categories=heart-rate"));
   pqxx::connection c(shard_->ConnectionString());
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok()) << verified.status();
@@ -396,16 +400,12 @@ TEST_F(VitalsWriterTest, ARefusedResendFindsTheSamplesItsTransactionStores) {
   ASSERT_TRUE(Write(writer, Batch("dev-same-txn", 1, 1)).status.ok());  // connected, cursor 1
   WriteRequest first = Batch("dev-same-txn", 2, 3);
   first.batch_seq = 2;
-  WriteRequest refused;
-  refused.tenant_id = "acme";
-  refused.device_id = "dev-same-txn";
-  refused.patient_id = "pt-dev-same-txn";
-  refused.batch_seq = 3;
-  refused.read_at = absl::Now();
-  refused.refused = {{2, first.rows[0].measured_at, "heart-rate"},
-                     {3, first.rows[1].measured_at + absl::Seconds(1), "heart-rate"},  // not it
-                     {4, absl::Now(), "heart-rate"}};
-  refused.denial_code = "CONSENT_WITHDRAWN";
+  WriteRequest refused =
+      Refusal("dev-same-txn", 3,
+              {{2, first.rows[0].measured_at, "heart-rate"},
+               {3, first.rows[1].measured_at + absl::Seconds(1), "heart-rate"},  // not it
+               {4, absl::Now(), "heart-rate"}},
+              "CONSENT_WITHDRAWN");
   std::vector<std::future<WriteOutcome>> outcomes;
   const uint64_t groups = writer.groups_taken();
   for (WriteRequest* r : {&first, &refused}) {
@@ -421,12 +421,8 @@ TEST_F(VitalsWriterTest, ARefusedResendFindsTheSamplesItsTransactionStores) {
   EXPECT_EQ(stored.stored, 2u);
   ASSERT_TRUE(decided.status.ok()) << decided.status;
   EXPECT_THAT(decided.refused_already_stored, ::testing::ElementsAre(2u));
-  pqxx::connection c(shard_->ConnectionString());
-  pqxx::nontransaction q(c);
-  const pqxx::result reasons = q.exec(
-      "SELECT reason FROM audit_log WHERE object_id = 'dev-same-txn' AND decision = 'deny'");
-  ASSERT_EQ(reasons.size(), 1u);
-  EXPECT_EQ(reasons[0][0].as<std::string>(), "CONSENT_WITHDRAWN: refused=2 categories=heart-rate");
+  EXPECT_THAT(Denials("dev-same-txn"),
+              ::testing::ElementsAre("CONSENT_WITHDRAWN: refused=2 categories=heart-rate"));
 }
 
 // Two writers' transactions taking the cursor of a device new to the shard: the later waits for the

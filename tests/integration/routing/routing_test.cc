@@ -675,6 +675,72 @@ TEST_F(RoutingTest, ATenantsCallsAreBoundedByTheCallRate) {
   server->Shutdown();
 }
 
+// An upsert that drops a territory where patients of the tenant live is refused, naming the
+// territory and how many live there, unless ops drop it knowingly: those patients then stay placed
+// and served, the tenant places no new patient of the territory, and the response and the tenant's
+// audit entry count them. A territory without patients of the tenant is dropped without a word.
+TEST_F(RoutingTest, DroppingATerritoryWherePatientsLiveIsRefusedUnlessKeptKnowingly) {
+  absl::StatusOr<TestCert> app = AppOfTenantServing("territory-dropper", "NL");
+  ASSERT_TRUE(app.ok()) << app.status();
+  auto upsert = [&](std::vector<std::string> territories, bool keep,
+                    v1::UpsertTenantResponse* response) {
+    v1::UpsertTenantRequest request;
+    request.mutable_tenant()->set_tenant_id("territory-dropper");
+    request.mutable_tenant()->set_display_name("territory-dropper");
+    for (const std::string& t : territories) request.mutable_tenant()->add_territories(t);
+    request.mutable_tenant()->set_active(true);
+    request.set_keep_placed_patients(keep);
+    grpc::ClientContext context;
+    return Stub(pki_->ops())->UpsertTenant(&context, request, response);
+  };
+  v1::UpsertTenantResponse response;
+  ASSERT_TRUE(upsert({"NL", "FR", "DE"}, false, &response).ok());
+  std::string first_region;
+  for (const char* ref : {"fr-dropped-1", "fr-dropped-2"}) {
+    absl::StatusOr<v1::PlacePatientResponse> placed = Place(*app, ref, "FR");
+    ASSERT_TRUE(placed.ok()) << placed.status();
+    if (first_region.empty()) first_region = placed->region_id();
+  }
+  ASSERT_TRUE(Place(*app, "nl-stays-1", "NL").ok());
+
+  // DE has no patient of the tenant: dropping it says nothing.
+  grpc::Status quiet = upsert({"NL", "FR"}, false, &response);
+  ASSERT_TRUE(quiet.ok()) << quiet.error_message();
+  EXPECT_EQ(response.patients_in_dropped_territories_size(), 0);
+
+  grpc::Status refused = upsert({"NL"}, false, &response);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << refused.error_message();
+  EXPECT_THAT(refused.error_message(),
+              HasSubstr("territory 'FR' (2 patients of tenant territory-dropper live there)"));
+  EXPECT_THAT(refused.error_message(), HasSubstr("keep_placed_patients"));
+  ASSERT_TRUE(Place(*app, "fr-dropped-3", "FR").ok());  // FR still served
+
+  v1::UpsertTenantResponse dropped;
+  grpc::Status kept = upsert({"NL"}, true, &dropped);
+  ASSERT_TRUE(kept.ok()) << kept.error_message();
+  ASSERT_EQ(dropped.patients_in_dropped_territories_size(), 1);
+  EXPECT_EQ(dropped.patients_in_dropped_territories(0).territory(), "FR");
+  EXPECT_EQ(dropped.patients_in_dropped_territories(0).patients(), 3);
+  EXPECT_EQ(CountIn(clusters_->control(),
+                    "SELECT count(*) FROM audit_log WHERE object_type = 'tenant' AND object_id = "
+                    "'territory-dropper' AND reason LIKE "
+                    "'% territories=NL % patients_in_dropped_territories=FR:3'"),
+            1);
+  // The patients placed there stay where they are, and are answered as before; no new one is
+  // placed.
+  absl::StatusOr<v1::PlacePatientResponse> again = Place(*app, "fr-dropped-1", "FR");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->newly_placed());
+  EXPECT_EQ(again->region_id(), first_region);
+  EXPECT_EQ(CountIn(clusters_->control(),
+                    "SELECT count(*) FROM patients WHERE tenant_id = 'territory-dropper' AND "
+                    "territory = 'FR'"),
+            3);
+  absl::StatusOr<v1::PlacePatientResponse> fresh = Place(*app, "fr-dropped-4", "FR");
+  ASSERT_FALSE(fresh.ok());
+  EXPECT_EQ(fresh.status().code(), absl::StatusCode::kFailedPrecondition) << fresh.status();
+}
+
 // A tenant narrowed to fewer regions keeps its patients where they live (medgate does not move
 // data): an upsert whose narrowing drops a region holding patients of the tenant is refused,
 // naming the region and how many live there, unless ops keep them there knowingly.
