@@ -36,12 +36,15 @@ StatementWatch::Scope::Scope(StatementWatch& watch, int socket, absl::Duration l
       limit_(std::clamp(limit, absl::ZeroDuration(), absl::Hours(24))),
       kind_(kind),
       due_(std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(limit_)) {
+  bool wake = false;
   {
     std::lock_guard<std::mutex> lock(watch_.mu_);
     watch_.scopes_.insert(this);
+    wake = !watch_.waiting_until_ || due_ < *watch_.waiting_until_;
   }
-  // The watcher may be waiting for a later deadline, or for none.
-  watch_.cv_.notify_one();
+  // Only when the watcher waits for a later deadline, or for none: a scope after scope on one
+  // connection (a writer's transactions) does not wake it each time.
+  if (wake) watch_.cv_.notify_one();
 }
 
 StatementWatch::Scope::~Scope() {
@@ -111,6 +114,7 @@ void StatementWatch::Run() {
       last_asked_ = std::chrono::steady_clock::now();
       continue;
     }
+    waiting_until_ = next;
     if (next) {
       cv_.wait_until(lock, *next);
     } else {

@@ -73,6 +73,8 @@ class StatementWatch {
   const std::function<bool()> answers_;
   std::mutex mu_;
   // The last answer of answers_, and when it was asked (mu_).
+  // Until when Run waits (mu_; unset: for a notification): a scope due later needs no wake-up.
+  std::optional<std::chrono::steady_clock::time_point> waiting_until_;
   bool last_answered_ = false;
   std::optional<std::chrono::steady_clock::time_point> last_asked_;
   std::condition_variable cv_;
