@@ -87,42 +87,29 @@ absl::StatusOr<TenantRow> LoadActiveTenant(pqxx::work& txn, const std::string& t
   return t;
 }
 
-// "region 'eu-1' (3 patients of FR live there), ..." for a refusal.
-std::string DescribePlacedOutside(const std::vector<RegionPatients>& placed, absl::string_view of) {
-  return absl::StrJoin(placed, ", ", [of](std::string* out, const RegionPatients& r) {
-    absl::StrAppend(out, "region '", r.region_id, "' (", r.patients,
-                    r.patients == 1 ? " patient of " : " patients of ", of,
-                    r.patients == 1 ? " lives" : " live", " there)");
+// Where counted patients live: a region's id, or a territory.
+const std::string& PlaceOf(const RegionPatients& r) { return r.region_id; }
+const std::string& PlaceOf(const TerritoryPatients& t) { return t.territory; }
+
+// "region 'eu-1' (3 patients of FR live there), ..." for a refusal; `kind` names the places
+// ("region", "territory"), `of` whose patients they are.
+template <typename Counts>
+std::string DescribeWherePatientsLive(const std::vector<Counts>& counts, absl::string_view kind,
+                                      absl::string_view of) {
+  return absl::StrJoin(counts, ", ", [kind, of](std::string* out, const Counts& c) {
+    absl::StrAppend(out, kind, " '", PlaceOf(c), "' (", c.patients,
+                    c.patients == 1 ? " patient of " : " patients of ", of,
+                    c.patients == 1 ? " lives" : " live", " there)");
   });
 }
 
-// " placed_outside=eu-1:3,..." for the audit entry of a change that left patients outside it
-// (the chain says who did, and how many), or "".
-std::string PlacedOutsideReason(const std::vector<RegionPatients>& placed) {
-  if (placed.empty()) return "";
-  return absl::StrCat(" placed_outside=",
-                      absl::StrJoin(placed, ",", [](std::string* out, const RegionPatients& r) {
-                        absl::StrAppend(out, r.region_id, ":", r.patients);
-                      }));
-}
-
-// "territory 'FR' (3 patients of tenant acme live there), ..." for a refusal.
-std::string DescribeInDroppedTerritories(const std::vector<TerritoryPatients>& in,
-                                         absl::string_view tenant_id) {
-  return absl::StrJoin(in, ", ", [tenant_id](std::string* out, const TerritoryPatients& t) {
-    absl::StrAppend(out, "territory '", t.territory, "' (", t.patients,
-                    t.patients == 1 ? " patient of tenant " : " patients of tenant ", tenant_id,
-                    t.patients == 1 ? " lives" : " live", " there)");
-  });
-}
-
-// " patients_in_dropped_territories=FR:3,..." for the audit entry of an upsert that dropped
-// territories where patients of the tenant live, or "".
-std::string InDroppedTerritoriesReason(const std::vector<TerritoryPatients>& in) {
-  if (in.empty()) return "";
-  return absl::StrCat(" patients_in_dropped_territories=",
-                      absl::StrJoin(in, ",", [](std::string* out, const TerritoryPatients& t) {
-                        absl::StrAppend(out, t.territory, ":", t.patients);
+// " KEY=eu-1:3,..." for the audit entry of a change that left patients where it no longer places
+// any (the chain says who did, and how many), or "".
+template <typename Counts>
+std::string WherePatientsLiveReason(absl::string_view key, const std::vector<Counts>& counts) {
+  if (counts.empty()) return "";
+  return absl::StrCat(" ", key, "=", absl::StrJoin(counts, ",", [](std::string* out, const Counts& c) {
+                        absl::StrAppend(out, PlaceOf(c), ":", c.patients);
                       }));
 }
 
@@ -296,7 +283,7 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
           if (!placed_outside.empty() && !keep_placed_patients) {
             return absl::FailedPreconditionError(absl::StrCat(
                 "tenant.region_ids would drop ",
-                DescribePlacedOutside(placed_outside, absl::StrCat("tenant ", tenant.tenant_id)),
+                DescribeWherePatientsLive(placed_outside, "region", absl::StrCat("tenant ", tenant.tenant_id)),
                 "; medgate does not move their data, so they would stay there. Keep the region, "
                 "or upsert the tenant again with keep_placed_patients to leave them where they "
                 "are"));
@@ -321,7 +308,7 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
           if (!in_dropped.empty() && !keep_placed_patients) {
             return absl::FailedPreconditionError(absl::StrCat(
                 "tenant.territories would drop ",
-                DescribeInDroppedTerritories(in_dropped, tenant.tenant_id),
+                DescribeWherePatientsLive(in_dropped, "territory", absl::StrCat("tenant ", tenant.tenant_id)),
                 "; they would stay placed and served, but the tenant would place no new patient "
                 "of those territories. Keep the territory, or upsert the tenant again with "
                 "keep_placed_patients to drop it all the same"));
@@ -348,7 +335,8 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
             created ? "TENANT_CREATED" : "TENANT_UPDATED", ": active=",
             stored.active ? "true" : "false", " territories=", absl::StrJoin(stored.territories, ","),
             " regions=", stored.region_ids ? absl::StrJoin(*stored.region_ids, ",") : "any",
-            PlacedOutsideReason(placed_outside), InDroppedTerritoriesReason(in_dropped));
+            WherePatientsLiveReason("placed_outside", placed_outside),
+            WherePatientsLiveReason("patients_in_dropped_territories", in_dropped));
         RETURN_IF_ERROR(audit::Append(
             txn, AuditEntryFor(ctx, created ? audit::Action::kCreate : audit::Action::kUpdate, "tenant",
                           tenant.tenant_id, tenant.tenant_id, "", state)).status());
@@ -436,7 +424,7 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
     if (!placed_outside.empty() && !keep_placed_patients) {
       return absl::FailedPreconditionError(absl::StrCat(
           "rule for ", rule.territory, " would drop ",
-          DescribePlacedOutside(placed_outside, rule.territory),
+          DescribeWherePatientsLive(placed_outside, "region", rule.territory),
           "; medgate does not move their data, so they would stay there. Keep the region in the "
           "rule, or put it again with keep_placed_patients to leave them where they are"));
     }
@@ -460,7 +448,7 @@ absl::StatusOr<RuleInfo> RoutingCore::PutResidencyRule(const CallContext& ctx, c
     const std::string reason = absl::StrCat(
         "regions=", absl::StrJoin(rule.region_ids, ","), " readable_from=",
         rule.readable_from.empty() ? std::string("-") : absl::StrJoin(rule.readable_from, ","),
-        PlacedOutsideReason(placed_outside));
+        WherePatientsLiveReason("placed_outside", placed_outside));
     RETURN_IF_ERROR(audit::Append(
         txn, AuditEntryFor(ctx, stored.version == 1 ? audit::Action::kCreate : audit::Action::kUpdate,
                       "residency_rule", absl::StrCat(rule.territory, "@v", stored.version), "",
