@@ -26,6 +26,7 @@
 #include "libs/pg/pool.h"
 #include "libs/pg/shard_set.h"
 #include "libs/pg/sql_array.h"
+#include "libs/pg/statement_watch.h"
 #include "tests/support/fuzz.h"
 #include "tests/support/pg_cluster.h"
 #include "tests/support/poll.h"
@@ -653,6 +654,46 @@ TEST_F(PoolTest, AServerThatStopsAnsweringIsGivenUpOnAndThePoolRecovers) {
   EXPECT_TRUE(pool.Ping().ok());
   // The insert given up on never reached its COMMIT (the server had not answered its BEGIN).
   EXPECT_EQ(Count(pool), 2);
+}
+
+// A transaction whose server stops answering while its caller is busy after its last statement
+// is answered UNAVAILABLE, not "commit outcome unknown": its COMMIT was never sent, and nothing of
+// it is stored.
+TEST_F(PoolTest, ATransactionGivenUpBeforeItsCommitIsUnavailableAndStoresNothing) {
+  PoolOptions options = Options();
+  options.statement_timeout = absl::Seconds(1);
+  options.unanswered_limit = absl::Seconds(1);
+  Pool pool(options);
+  bool shut = false;
+  absl::Status given_up = pool.Transact([&](pqxx::work& txn) {
+    txn.exec0("INSERT INTO items (id, label) VALUES (1, 'never committed')");
+    if (!cluster_->Signal(SIGSTOP).ok()) return absl::InternalError("SIGSTOP failed");
+    // Busy until the watch has shut the connection's socket (it then reads as at its end).
+    const int socket = txn.conn().sock();
+    shut = test_support::PollUntil(absl::Now() + absl::Seconds(60), [socket] {
+      pollfd fd{socket, POLLIN, 0};
+      return ::poll(&fd, 1, 0) > 0;
+    });
+    return absl::OkStatus();
+  });
+  ASSERT_TRUE(cluster_->Signal(SIGCONT).ok());
+  ASSERT_TRUE(shut) << "the watch never gave the connection up";
+  EXPECT_EQ(given_up.code(), absl::StatusCode::kUnavailable) << given_up;
+  EXPECT_THAT(given_up.message(), HasSubstr("did not answer within 1s"));
+  EXPECT_EQ(Count(pool), 0);
+}
+
+// A server answers if it completes a new connection or refuses it itself (a wrong password); one
+// that is frozen, or nothing listening, does not.
+TEST_F(PoolTest, AServerAnswersIfItCompletesOrRefusesANewConnection) {
+  EXPECT_TRUE(AcceptsConnections(cluster_->ConnectionString(), kServerAnswersWithin));
+  EXPECT_TRUE(AcceptsConnections(cluster_->ConnectionString() + " password=wrong",
+                                 kServerAnswersWithin));
+  EXPECT_FALSE(AcceptsConnections("host=127.0.0.1 port=1 dbname=x user=x", kServerAnswersWithin));
+  ASSERT_TRUE(cluster_->Signal(SIGSTOP).ok());
+  const bool frozen_answers = AcceptsConnections(cluster_->ConnectionString(), absl::Seconds(1));
+  ASSERT_TRUE(cluster_->Signal(SIGCONT).ok());
+  EXPECT_FALSE(frozen_answers);
 }
 
 // The limit counts from the server's last answer, not from the transaction's start, and a quiet

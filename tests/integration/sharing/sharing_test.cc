@@ -413,6 +413,22 @@ class SharingTest : public ::testing::Test {
     }
     ASSERT_TRUE(drained_all);
   }
+  // `n` records of `patient` uploaded by p-1 (contents from seed `seed` on), archived with a
+  // retention end long past: what the next retention sweep erases.
+  static std::vector<std::string> ExpiredArchives(const std::string& patient, int seed, int n) {
+    std::vector<std::string> archives;
+    for (int i = 0; i < n; ++i) {
+      UploadSpec spec;
+      spec.patient_id = patient;
+      spec.content = Generate(seed + i, 0, 1000);
+      archives.push_back(UploadOk(pki_->practitioner(), spec));
+      Exec("fr-1",
+           "UPDATE records SET state = 'archived', retain_until = '2001-01-01 00:00:00+00' "
+           "WHERE record_id = $1",
+           archives.back());
+    }
+    return archives;
+  }
   static std::string P1() { return Id("/tenant/acme/practitioner/p-1"); }
   static std::string P2() { return Id("/tenant/acme/practitioner/p-2"); }
   static std::string P3() { return Id("/tenant/acme/practitioner/p-3"); }
@@ -5822,17 +5838,7 @@ TEST_F(SharingTest, TheRetentionSweepGoesPastRecordsWhoseErasureFails) {
 TEST_F(SharingTest, TheRetentionSweepErasesAPatientsExpiredArchivesUnderOneNewKey) {
   ASSERT_NO_FATAL_FAILURE(DrainRetentionSweeps());
   const std::string patient = Place("retention-together-1", "FR");
-  std::vector<std::string> archives;
-  for (int i = 0; i < 3; ++i) {
-    UploadSpec spec;
-    spec.patient_id = patient;
-    spec.content = Generate(180 + i, 0, 1000);
-    archives.push_back(UploadOk(pki_->practitioner(), spec));
-    Exec("fr-1",
-         "UPDATE records SET state = 'archived', retain_until = '2001-01-01 00:00:00+00' "
-         "WHERE record_id = $1",
-         archives.back());
-  }
+  const std::vector<std::string> archives = ExpiredArchives(patient, 180, 3);
   UploadSpec kept_spec;
   kept_spec.patient_id = patient;
   kept_spec.content = Generate(183, 0, 5000);
@@ -5871,17 +5877,7 @@ TEST_F(SharingTest, TheRetentionSweepErasesAPatientsExpiredArchivesUnderOneNewKe
 TEST_F(SharingTest, ARecordThatCannotBeErasedHoldsBackNoneOfItsPatientsOtherArchives) {
   ASSERT_NO_FATAL_FAILURE(DrainRetentionSweeps());
   const std::string patient = Place("retention-together-2", "FR");
-  std::vector<std::string> archives;
-  for (int i = 0; i < 3; ++i) {
-    UploadSpec spec;
-    spec.patient_id = patient;
-    spec.content = Generate(190 + i, 0, 1000);
-    archives.push_back(UploadOk(pki_->practitioner(), spec));
-    Exec("fr-1",
-         "UPDATE records SET state = 'archived', retain_until = '2001-01-01 00:00:00+00' "
-         "WHERE record_id = $1",
-         archives.back());
-  }
+  const std::vector<std::string> archives = ExpiredArchives(patient, 190, 3);
   const std::string stuck = archives[1];
   auto drop = RefuseRecordErasureInFr1({stuck});
   absl::StatusOr<SweepResult> swept = sharing_->core().SweepRetention();
