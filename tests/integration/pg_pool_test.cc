@@ -29,6 +29,7 @@
 #include "libs/pg/statement_watch.h"
 #include "tests/support/fuzz.h"
 #include "tests/support/pg_cluster.h"
+#include "tests/support/pg_fault_proxy.h"
 #include "tests/support/poll.h"
 
 namespace medgate::pg {
@@ -681,6 +682,37 @@ TEST_F(PoolTest, ATransactionGivenUpBeforeItsCommitIsUnavailableAndStoresNothing
   EXPECT_EQ(given_up.code(), absl::StatusCode::kUnavailable) << given_up;
   EXPECT_THAT(given_up.message(), HasSubstr("did not answer within 1s"));
   EXPECT_EQ(Count(pool), 0);
+}
+
+// A server that stops answering while a new connection of the pool is being set up (it let the
+// connection in and authenticated it; the session settings that follow get no answer) is given up
+// on as a statement would be: UNAVAILABLE, the connection not kept, the pool's count of open
+// connections back where it was, and the pool usable once the server answers.
+TEST_F(PoolTest, ANewConnectionWhoseSetUpGetsNoAnswerIsGivenUpOn) {
+  absl::StatusOr<std::unique_ptr<test_support::PgFaultProxy>> proxy =
+      test_support::PgFaultProxy::Start(cluster_->port());
+  ASSERT_TRUE(proxy.ok()) << proxy.status();
+  PoolOptions options = Options();
+  options.conninfo = (*proxy)->Via(options.conninfo);
+  options.statement_timeout = absl::Seconds(1);
+  options.unanswered_limit = absl::Seconds(2);
+  Pool pool(options);
+  ASSERT_EQ(pool.open_count(), 0);
+  (*proxy)->FreezeAfterNextStartUp();
+  absl::Cleanup thaw = [&] { (*proxy)->Thaw(); };  // also if an ASSERT fails
+  // On a thread of its own, so that a wait that never ends fails the test, not hangs it.
+  std::future<absl::Status> insert =
+      std::async(std::launch::async, [&] { return Insert(pool, 1, "one"); });
+  const bool returned = insert.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  (*proxy)->Thaw();
+  ASSERT_TRUE(returned) << "the pool still waited on the connection's set-up after 60 s";
+  absl::Status status = insert.get();
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+  EXPECT_THAT(status.message(), HasSubstr("database 'pool-test' did not answer within 2s"));
+  EXPECT_EQ(pool.open_count(), 0);
+  absl::Status back = Insert(pool, 2, "two");
+  EXPECT_TRUE(back.ok()) << back;
+  EXPECT_EQ(Count(pool), 1);
 }
 
 // A server answers if it completes a new connection or refuses it itself (a wrong password); one

@@ -48,6 +48,21 @@ bool WaitReadable(int fd, int stop_fd) {
   }
 }
 
+enum class Wait { kReadable, kStopped, kTimedOut };
+
+// Waits at most `timeout_ms` for `fd` (-1: none) to be readable, or the proxy to stop.
+Wait WaitFor(int fd, int stop_fd, int timeout_ms) {
+  pollfd fds[2] = {{.fd = stop_fd, .events = POLLIN, .revents = 0},
+                   {.fd = fd, .events = POLLIN, .revents = 0}};
+  while (true) {
+    const int n = poll(fds, fd >= 0 ? 2 : 1, timeout_ms);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 || fds[0].revents != 0) return Wait::kStopped;
+    if (n == 0) return Wait::kTimedOut;
+    return Wait::kReadable;
+  }
+}
+
 // The length of the longest end of `bytes` that begins `message`.
 size_t PartialAtEnd(absl::string_view bytes, absl::string_view message) {
   for (size_t n = std::min(bytes.size(), message.size() - 1); n > 0; --n) {
@@ -130,6 +145,12 @@ void PgFaultProxy::Sever() {
 
 void PgFaultProxy::Restore() { severed_.store(false); }
 
+void PgFaultProxy::Freeze() { frozen_.store(true); }
+
+void PgFaultProxy::FreezeAfterNextStartUp() { freeze_after_start_up_.store(true); }
+
+void PgFaultProxy::Thaw() { frozen_.store(false); }
+
 void PgFaultProxy::AcceptLoop() {
   while (WaitReadable(listener_, stop_pipe_[0])) {
     const int client = accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
@@ -163,8 +184,9 @@ void PgFaultProxy::AcceptLoop() {
 void PgFaultProxy::Forward(int client, int server) {
   // Which arming this connection's client sent the marker under (0: none).
   std::atomic<int> marked{0};
+  std::atomic<bool> client_done{false};
   // The client's bytes go to the server unchanged, on a thread of their own.
-  std::thread upstream([this, client, server, &marked] {
+  std::thread upstream([this, client, server, &marked, &client_done] {
     char buf[65536];
     std::string tail;  // the end of the previous read, for a marker split between two
     while (WaitReadable(client, stop_pipe_[0])) {
@@ -185,6 +207,7 @@ void PgFaultProxy::Forward(int client, int server) {
       }
       if (!SendAll(server, buf, static_cast<size_t>(n))) break;
     }
+    client_done.store(true);
     shutdown(server, SHUT_RDWR);
     shutdown(client, SHUT_RDWR);
   });
@@ -192,12 +215,46 @@ void PgFaultProxy::Forward(int client, int server) {
   // armed, the end of what has arrived that could begin one waits for the next bytes (the server
   // always sends a message whole, and more follows it).
   std::string held;
+  std::string frozen;  // what the server sent while the proxy was frozen, not yet looked at
+  bool started = false;  // the server's first ReadyForQuery has passed
   char buf[65536];
-  while (WaitReadable(server, stop_pipe_[0])) {
-    const ssize_t n = recv(server, buf, sizeof(buf), 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    held.append(buf, static_cast<size_t>(n));
+  while (true) {
+    if (frozen_.load()) {
+      // Nothing is read from the server; the wait ends with the client or the proxy.
+      if (client_done.load() || WaitFor(-1, stop_pipe_[0], 20) == Wait::kStopped) break;
+      continue;
+    }
+    if (frozen.empty()) {
+      const Wait wait = WaitFor(server, stop_pipe_[0], 20);
+      if (wait == Wait::kStopped) break;
+      if (wait == Wait::kTimedOut) continue;
+      const ssize_t n = recv(server, buf, sizeof(buf), 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      if (frozen_.load()) {  // frozen while this was on its way
+        frozen.append(buf, static_cast<size_t>(n));
+        continue;
+      }
+      held.append(buf, static_cast<size_t>(n));
+    } else {
+      held.append(frozen);
+      frozen.clear();
+    }
+    if (!started) {
+      if (const size_t at = Find(held, kReadyIdle); at != std::string::npos) {
+        started = true;
+        bool expected = true;
+        if (freeze_after_start_up_.compare_exchange_strong(expected, false)) {
+          // The start-up's answer passes; what follows it waits for Thaw().
+          const size_t end = at + kReadyIdle.size();
+          if (!SendAll(client, held.data(), end)) break;
+          frozen = held.substr(end);
+          held.clear();
+          frozen_.store(true);
+          continue;
+        }
+      }
+    }
     size_t pass = held.size();
     bool cut = false;
     bool mine = armed_.load();

@@ -3,8 +3,13 @@
 // The client then cannot tell a commit that happened from one that did not, which is the case
 // the services must answer without acknowledging twice or writing twice.
 //
+// It also stands for a server that stops answering while its host runs on (its processes frozen,
+// its storage hung): connections are still accepted and what clients send is still acknowledged,
+// but nothing comes back.
+//
 // Bytes pass through unchanged (the test servers do not use TLS). The proxy recognises the
-// server's CommandComplete message for COMMIT in the byte stream it forwards to the client.
+// server's CommandComplete message for COMMIT, and its ReadyForQuery, in the byte stream it
+// forwards to the client.
 #ifndef MEDGATE_TESTS_SUPPORT_PG_FAULT_PROXY_H_
 #define MEDGATE_TESTS_SUPPORT_PG_FAULT_PROXY_H_
 
@@ -49,6 +54,15 @@ class PgFaultProxy {
   void Sever();
   void Restore();
 
+  // Holds back what the server sends to the proxy's clients, on the connections open now and on
+  // new ones (still accepted and connected to the server), until Thaw() delivers it.
+  void Freeze();
+  // Freezes once the server has answered the next connection's start-up (its first
+  // ReadyForQuery, which passes): that connection is authenticated, and the first statement its
+  // client sends gets no answer.
+  void FreezeAfterNextStartUp();
+  void Thaw();
+
   // Connections cut so far.
   int cuts() const { return cuts_.load(); }
 
@@ -66,6 +80,8 @@ class PgFaultProxy {
   std::string marker_;           // guarded by mu_
   std::atomic<int> cuts_{0};
   std::atomic<bool> severed_{false};
+  std::atomic<bool> frozen_{false};
+  std::atomic<bool> freeze_after_start_up_{false};
   std::vector<int> open_sockets_;  // guarded by mu_
   std::thread acceptor_;
   std::mutex mu_;

@@ -1,10 +1,14 @@
 // pg::StatementWatch on a socket pair: a read blocked past its limit returns, one that ends in
-// time is left alone.
+// time is left alone, and a quiet one is left alone while the server answers (asked at most once
+// a second, whatever the number of scopes).
 #include "libs/pg/statement_watch.h"
 
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include <atomic>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -89,6 +93,43 @@ TEST(StatementWatchTest, ADescriptorClosedAndReusedDuringTheScopeIsLeftAlone) {
   ASSERT_EQ(::send(reused.server(), "y", 1, 0), 1);
   EXPECT_EQ(::recv(reused.client(), &byte, 1, 0), 1);
   ::close(fds[1]);
+}
+
+// Quiet scopes of a watch whose server answers are left alone, however long past their limit;
+// the server is asked once for all of them, and not more than once a second. Once it no longer
+// answers, they are ended.
+TEST(StatementWatchTest, QuietScopesAreEndedOnlyOnceTheServerNoLongerAnswers) {
+  std::atomic<int> asked{0};
+  std::atomic<bool> answers{true};
+  StatementWatch watch([&] {
+    asked.fetch_add(1);
+    return answers.load();
+  });
+  SocketPair first;
+  SocketPair second;
+  StatementWatch::Scope a(watch, first.client(), absl::Milliseconds(50),
+                          StatementWatch::Scope::Limit::kSinceLastAnswer);
+  StatementWatch::Scope b(watch, second.client(), absl::Milliseconds(80),
+                          StatementWatch::Scope::Limit::kSinceLastAnswer);
+  // Both quiet for 2.5 s, 30 to 50 times their limits (a socket pair is not TCP: quiet since its
+  // scope began).
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  EXPECT_FALSE(a.fired());
+  EXPECT_FALSE(b.fired());
+  // Asked at about 50 ms, 1.05 s and 2.05 s: once for both scopes each time. A slow machine asks
+  // less often, never more.
+  EXPECT_GE(asked.load(), 1);
+  EXPECT_LE(asked.load(), 3);
+  ASSERT_EQ(::send(first.server(), "x", 1, 0), 1);
+  char byte = 0;
+  ASSERT_EQ(::recv(first.client(), &byte, 1, 0), 1);  // the socket still carries data
+
+  answers.store(false);
+  ASSERT_TRUE(Readable(first.client()));
+  ASSERT_TRUE(Readable(second.client()));
+  EXPECT_EQ(::recv(second.client(), &byte, 1, 0), 0);
+  EXPECT_TRUE(a.fired());
+  EXPECT_TRUE(b.fired());
 }
 
 }  // namespace
