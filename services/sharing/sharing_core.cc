@@ -865,15 +865,18 @@ class PgDownload final : public Download {
  public:
   // `grantee` is the caller when it reads under a grant (empty for the owner and break-glass):
   // once it holds no active grant on the record (revoked, expired), the next chunk handed over
-  // stops the download.
+  // stops the download. So does `consent_holds` (if any) once it no longer answers OK: the
+  // patient's consent the download rests on was withdrawn (or can no longer be checked).
   PgDownload(SharingCore& core, pg::Pool& pool, RecordInfo record, SecretKey key,
-             std::string grantee, std::unique_ptr<TransferSlot> slot)
+             std::string grantee, std::function<absl::Status()> consent_holds,
+             std::unique_ptr<TransferSlot> slot)
       : slot_(std::move(slot)),
         core_(core),
         pool_(pool),
         record_(std::move(record)),
         key_(std::move(key)),
-        grantee_(std::move(grantee)) {}
+        grantee_(std::move(grantee)),
+        consent_holds_(std::move(consent_holds)) {}
 
   ~PgDownload() override {
     {
@@ -929,11 +932,14 @@ class PgDownload final : public Download {
       ahead_.reset();
       lock.unlock();
       cv_.notify_all();
-      // Fetched ahead, perhaps while the client was still taking an earlier chunk: an erasure or
-      // a revocation committed since then stops the download here, not a chunk or two later.
-      // (The first chunk was fetched within this call, after the download was let in.)
+      // Fetched ahead, perhaps while the client was still taking an earlier chunk: an erasure, a
+      // revocation or a consent's withdrawal committed since then stops the download here, not a
+      // chunk or two later. (The first chunk was fetched within this call, after the download was
+      // let in.)
       if (sealed.ok() && index_ > 0) {
-        if (absl::Status readable = StillReadable(); !readable.ok()) {
+        absl::Status readable = StillReadable();
+        if (readable.ok() && consent_holds_) readable = consent_holds_();
+        if (!readable.ok()) {
           core_.AddBuffered(-static_cast<int64_t>(sealed->size()));
           return readable;
         }
@@ -1023,6 +1029,7 @@ class PgDownload final : public Download {
   const RecordInfo record_;
   const SecretKey key_;
   const std::string grantee_;
+  const std::function<absl::Status()> consent_holds_;
   uint32_t index_ = 0;
   uint64_t delivered_ = 0;  // plaintext bytes handed out
   crypto::Sha256 hasher_;
@@ -1576,6 +1583,16 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
         // even from how long the answer took), and again once it is locked.
         // A refusal to a caller the record is visible to is audited, as a download refused to
         // them would be; one of another tenant without a grant learns (and leaves) nothing.
+        // The consent a grant rests on (its sharer's RECORD_SHARING), asked once per sharer.
+        std::optional<std::pair<std::string, absl::StatusOr<consent::AccessDecision>>> basis;
+        auto basis_of = [&](const GrantInfo& g, const RecordInfo& r) {
+          if (!basis || basis->first != g.granted_by) {
+            basis.emplace(g.granted_by,
+                          consent_.Check(region, r.patient_id, consent::Purpose::kRecordSharing,
+                                         g.granted_by, DataCategoryOf(r.kind), now));
+          }
+          return basis->second;
+        };
         auto may_share = [&](const RecordInfo& r) -> absl::StatusOr<Outcome<GrantInfo>> {
           if (r.owner == ctx.principal.spiffe_id) return Outcome<GrantInfo>{};
           std::optional<GrantInfo> mine = LatestGrant(txn, record_id, ctx.principal.spiffe_id);
@@ -1600,6 +1617,18 @@ absl::StatusOr<GrantInfo> SharingCore::ShareRecord(const CallContext& ctx,
             return absl::FailedPreconditionError(
                 absl::StrCat("expires_at: a re-share cannot outlast your own grant (until ",
                              Rfc3339(mine->expires_at), ")"));
+          }
+          // A grant stands only while the consent it rests on does, for sharing it onward as for
+          // reading under it: one whose sharer's consent was withdrawn passes nothing on.
+          ASSIGN_OR_RETURN(const consent::AccessDecision rests_on, basis_of(*mine, r));
+          if (!rests_on.permit) {
+            audit::Entry entry = AuditEntryFor(ctx, audit::Action::kCreate, "share_grant",
+                                               record_id, r.tenant_id, r.patient_id, "");
+            CiteConsent(entry, rests_on);
+            entry.reason = absl::StrCat(consent::AccessReasonName(rests_on.reason),
+                                        ": grantee=", grantee, " grant=", mine->grant_id);
+            return Deny<GrantInfo>(
+                txn, entry, ConsentRefusal(rests_on, "sharing onward a record shared with you"));
           }
           return Outcome<GrantInfo>{};
         };
@@ -2057,10 +2086,27 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenRecord(
   const absl::Time now = Now();
   const std::string& caller = ctx.principal.spiffe_id;
 
+  // The consent a download rests on, asked again before each chunk after the first is handed
+  // over: a withdrawal stops a download in progress as a revocation or an erasure does.
+  auto consent_holds = [this, region](const RecordInfo& record, consent::Purpose purpose,
+                                      std::string actor) -> std::function<absl::Status()> {
+    return [this, region, purpose, actor = std::move(actor), record_id = record.record_id,
+            patient_id = record.patient_id,
+            category = std::string(DataCategoryOf(record.kind))]() -> absl::Status {
+      ASSIGN_OR_RETURN(consent::AccessDecision decision,
+                       consent_.Check(region, patient_id, purpose, actor, category, Now()));
+      if (decision.permit) return absl::OkStatus();
+      return absl::PermissionDeniedError(absl::StrCat(
+          "record '", record_id, "': the patient's ", consent::PurposeName(purpose),
+          " consent no longer permits this download (", consent::AccessReasonName(decision.reason),
+          "); it stopped during the download"));
+    };
+  };
   struct Opened {
     RecordInfo record;
     SecretKey key;
     std::string grantee;  // the caller, when it reads under a grant
+    std::function<absl::Status()> consent_holds;  // none for break-glass and exports
   };
   ASSIGN_OR_RETURN(
       Opened opened,
@@ -2082,6 +2128,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenRecord(
         const std::string bytes = absl::StrCat("bytes=", record.size_bytes);
         std::vector<RecordInfo> one = {record};
         std::string grantee;  // the caller, when it reads under a grant
+        std::function<absl::Status()> holds;
         if (export_of != nullptr) {
           // An app of the patient's tenant, for the patient's request: no consent is asked.
           if (record.tenant_id != ctx.principal.tenant ||
@@ -2108,6 +2155,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenRecord(
           }
           entry.reason = absl::StrCat("PERMITTED: ", bytes);
           AttachGrants(txn, one, caller, now);
+          holds = consent_holds(record, consent::Purpose::kCare, caller);
         } else {
           std::optional<GrantInfo> grant = LatestGrant(txn, record_id, caller);
           if (!grant) {
@@ -2153,6 +2201,7 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenRecord(
           entry.reason = absl::StrCat("PERMITTED: ", bytes, which);
           one[0].grants.push_back(*grant);
           grantee = caller;
+          holds = consent_holds(record, consent::Purpose::kRecordSharing, grant->granted_by);
         }
         absl::StatusOr<SecretKey> key = OpenRecordKey(txn, record, rows[0]);
         absl::Status opened = key.ok() ? OpenSealedMetadata(*key, one[0]) : key.status();
@@ -2162,11 +2211,12 @@ absl::StatusOr<std::unique_ptr<Download>> SharingCore::OpenRecord(
         RETURN_IF_ERROR(opened);
         // Audited before the first byte leaves, for the full size.
         RETURN_IF_ERROR(audit::Append(txn, entry).status());
-        return Done(Opened{std::move(one[0]), *std::move(key), std::move(grantee)});
+        return Done(Opened{std::move(one[0]), *std::move(key), std::move(grantee),
+                           std::move(holds)});
       })));
-  return std::unique_ptr<Download>(
-      new PgDownload(*this, *pool, std::move(opened.record), std::move(opened.key),
-                     std::move(opened.grantee), std::move(slot)));
+  return std::unique_ptr<Download>(new PgDownload(
+      *this, *pool, std::move(opened.record), std::move(opened.key), std::move(opened.grantee),
+      std::move(opened.consent_holds), std::move(slot)));
 }
 
 absl::StatusOr<RecordInfo> SharingCore::ArchiveRecord(const CallContext& ctx,

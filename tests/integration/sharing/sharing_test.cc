@@ -892,6 +892,13 @@ class SharingTest : public ::testing::Test {
       received = message.chunk().data();
       return true;
     }
+    // Reads one more chunk; false if it did not come.
+    bool ReadChunk() {
+      v1::DownloadRecordResponse message;
+      if (!reader_->Read(&message) || !message.has_chunk()) return false;
+      received += message.chunk().data();
+      return true;
+    }
     // Reads to the end; how the download ended.
     grpc::Status ReadTheRest() {
       v1::DownloadRecordResponse message;
@@ -3900,6 +3907,46 @@ TEST_F(SharingTest, RevokingAGranteeRevokesWhatItSharedOnward) {
   EXPECT_FALSE(HasEntry(entries, P1(), v1::AUDIT_ACTION_UPDATE, to_p4->grant_id(), "REVOKED"));
 }
 
+// A grant stands only while the consent it rests on does: once the patient withdraws the
+// RECORD_SHARING consent its sharer shared under, its grantee may neither read the record nor
+// share it onward, though the grantee's own consent would let it share (refused, and audited
+// citing the withdrawn consent); the would-be grantee holds nothing.
+TEST_F(SharingTest, AGrantWhoseSharersConsentWasWithdrawnIsNotSharedOnward) {
+  const std::string patient = Place("onward-after-withdrawal-1", "FR");
+  const std::string p1_consent = GrantConsent(pki_->app(), patient, v1::PURPOSE_RECORD_SHARING,
+                                              P1(), "onward-after-withdrawal-1-p1");
+  GrantConsent(pki_->app(), patient, v1::PURPOSE_RECORD_SHARING, P2(),
+               "onward-after-withdrawal-1-p2");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "a letter shared on";
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  const absl::Time now = ServerNow();
+  ASSERT_TRUE(ShareOnceConsented(pki_->practitioner(), record, P2(), now + absl::Hours(2)).ok());
+  const TestCert& p2 = Cert("acme-p2");
+  ASSERT_TRUE(Download(p2, record).status.ok());
+
+  WithdrawConsent(p1_consent);
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {  // the service knows of the withdrawal
+    return Download(p2, record).status.error_code() == grpc::StatusCode::PERMISSION_DENIED;
+  }));
+  absl::StatusOr<v1::ShareRecordResponse> onward = Share(p2, record, P3(), now + absl::Hours(1));
+  EXPECT_EQ(onward.status().code(), absl::StatusCode::kPermissionDenied) << onward.status();
+  EXPECT_THAT(std::string(onward.status().message()),
+              HasSubstr("sharing onward a record shared with you: the patient's RECORD_SHARING "
+                        "consent does not permit it"));
+  EXPECT_EQ(Download(Cert("acme-p3"), record).status.error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  int audited = 0;
+  for (const v1::AuditEntry& e : PatientAudit(patient)) {
+    audited += e.actor() == P2() && e.action() == v1::AUDIT_ACTION_CREATE &&
+               e.object_id() == record && e.decision() == v1::DECISION_DENY &&
+               e.purpose() == v1::PURPOSE_RECORD_SHARING && e.consent_id() == p1_consent &&
+               absl::StrContains(e.reason_detail(), "grantee=" + P3());
+  }
+  EXPECT_EQ(audited, 1);
+}
+
 // A listing shows what DownloadRecord would let the caller read, no more: once the sharer's
 // RECORD_SHARING consent is withdrawn the grantee's listings leave the record out, and once the
 // owner's CARE consent is withdrawn so do the owner's. Pages skip what is left out without losing
@@ -4561,6 +4608,64 @@ TEST_F(SharingTest, ARevocationStopsTheGranteesRunningDownload) {
   EXPECT_EQ(received, big.content.substr(0, received.size()));
   // The owner's download of the same record is not affected by the grant.
   ExpectContent(pki_->practitioner(), large, big.content);
+}
+
+// A consent withdrawn while a download runs stops it at its next chunk, as a revocation does: the
+// grantee's, once the RECORD_SHARING consent its grant rests on is withdrawn, while the owner's
+// download of the same record goes on; then the owner's, once its CARE consent is withdrawn. Each
+// receives nothing but the record's own bytes, and at most the chunk already handed to gRPC
+// after the withdrawal.
+TEST_F(SharingTest, AConsentWithdrawnDuringADownloadStopsItAtItsNextChunk) {
+  const std::string patient = Place("consent-mid-download-1", "FR", nullptr, /*with_care=*/false);
+  const std::string care =
+      GrantConsent(pki_->app(), patient, v1::PURPOSE_CARE, "", "consent-mid-download-1-care");
+  const std::string sharing = GrantSharingConsent(patient);
+  UploadSpec big;
+  big.patient_id = patient;
+  big.content = Generate(44, 0, 8 * kMiB);
+  UploadSpec small = big;
+  small.content = "a probe of the service's consent cache";
+  std::string record;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {  // once the service knows of CARE
+    v1::UploadRecordResponse response;
+    if (!Upload(pki_->practitioner(), big, &response).ok()) return false;
+    record = response.record_id();
+    return true;
+  }));
+  const std::string probe = UploadOk(pki_->practitioner(), small);
+  for (const std::string& id : {record, probe}) {
+    ASSERT_TRUE(ShareOnceConsented(pki_->practitioner(), id, P2(), ServerNow() + absl::Hours(1)).ok());
+  }
+  auto refused = [&](const TestCert& as) {
+    return PollUntil(absl::Now() + kPatience, [&] {
+      return Download(as, probe).status.error_code() == grpc::StatusCode::PERMISSION_DENIED;
+    });
+  };
+
+  SlowDownload grantees(Cert("acme-p2"), record);
+  SlowDownload owners(pki_->practitioner(), record);
+  ASSERT_TRUE(grantees.ReadFirstChunk());
+  ASSERT_TRUE(owners.ReadFirstChunk());
+  WithdrawConsent(sharing);
+  ASSERT_TRUE(refused(Cert("acme-p2")));  // the service knows of the withdrawal
+  grpc::Status status = grantees.ReadTheRest();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr(record));
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("RECORD_SHARING consent no longer permits this download"));
+  EXPECT_LE(grantees.received.size(), 2 * kMiB);
+  EXPECT_EQ(grantees.received, big.content.substr(0, grantees.received.size()));
+
+  ASSERT_TRUE(owners.ReadChunk());
+  ASSERT_TRUE(owners.ReadChunk());  // past the chunk handed over before: the owner reads on
+  WithdrawConsent(care);
+  ASSERT_TRUE(refused(pki_->practitioner()));
+  const size_t before_withdrawal = owners.received.size();
+  status = owners.ReadTheRest();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("CARE consent no longer permits this download"));
+  EXPECT_LE(owners.received.size(), before_withdrawal + kMiB);
+  EXPECT_EQ(owners.received, big.content.substr(0, owners.received.size()));
 }
 
 TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
