@@ -234,25 +234,26 @@ void VitalsWriter::Loop() {
   }
 }
 
-void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
+void VitalsWriter::TakeOutStale(std::vector<WriteRequest*>& live) {
   // A stream that already failed must not write later batches (it would leave a seq gap).
-  std::vector<WriteRequest*> live;
+  std::vector<WriteRequest*> kept;
   std::vector<WriteRequest*> too_old;  // answered once the warning below is written
   const absl::Time now = absl::Now();
-  for (WriteRequest& r : group) {
-    if (r.poisoned && r.poisoned->load()) {
-      r.done(WriteOutcome{absl::UnavailableError(
+  for (WriteRequest* r : live) {
+    if (r->poisoned && r->poisoned->load()) {
+      r->done(WriteOutcome{absl::UnavailableError(
           "this stream stores nothing more after a batch it sent was not stored; reconnect and resend"),
                           0, 0, 0});
-    } else if (now - r.read_at > options_.max_batch_wait) {
+    } else if (now - r->read_at > options_.max_batch_wait) {
       // Decided (consent, the device's patient) too long ago to be stored on that decision.
       // Its stream's later batches, in this group too, are not written (no seq gap).
-      if (r.poisoned) r.poisoned->store(true);
-      too_old.push_back(&r);
+      if (r->poisoned) r->poisoned->store(true);
+      too_old.push_back(r);
     } else {
-      live.push_back(&r);
+      kept.push_back(r);
     }
   }
+  live.swap(kept);
   // At most a line a second: a shard that stays slow would otherwise log every transaction.
   too_old_unlogged_ += too_old.size();
   if (uint64_t held_back = 0;
@@ -272,13 +273,27 @@ void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
             ": nothing of it was stored; resend it (its consent is checked again)")),
         0, 0, 0});
   }
+}
+
+void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
+  std::vector<WriteRequest*> live;
+  for (WriteRequest& r : group) live.push_back(&r);
+  TakeOutStale(live);
   if (live.empty()) return;
 
-  std::vector<WriteOutcome> outcomes(live.size());
+  std::vector<WriteOutcome> outcomes;
   absl::Status status;
   for (int attempt = 0; attempt < 2; ++attempt) {
     bool commit_sent = false;
-    status = WriteOnce(live, outcomes, commit_sent);
+    // The bound on a batch's wait holds where its transaction starts: connecting (up to the
+    // connect timeout, and again for a second attempt) counts.
+    status = EnsureConnected();
+    if (status.ok()) {
+      TakeOutStale(live);
+      if (live.empty()) return;
+      outcomes.assign(live.size(), WriteOutcome{});
+      status = WriteOnce(live, outcomes, commit_sent);
+    }
     // A stale connection (server restarted) fails before anything is written: retry once. Not
     // once the COMMIT was sent: it may have happened, and a second transaction would answer the
     // stored samples as duplicates and write a refusal's entry twice.

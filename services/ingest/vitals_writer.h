@@ -142,6 +142,9 @@ class VitalsWriter {
   // Whether a request of `rows` rows fits the queue's bounds now (mu_ held).
   bool HasRoomFor(size_t rows) const;
   void Commit(std::vector<WriteRequest>& group);
+  // Answers and takes out of `live` the requests not to be written now: those of a stream that
+  // already failed, and those read longer than max_batch_wait ago (their streams then fail).
+  void TakeOutStale(std::vector<WriteRequest*>& live);
   // One attempt at writing `live` in one transaction; fills `outcomes`. `commit_sent` is set once
   // the COMMIT has gone to the shard: from then on a failure may follow a commit that happened.
   absl::Status WriteOnce(const std::vector<WriteRequest*>& live, std::vector<WriteOutcome>& outcomes,

@@ -390,6 +390,75 @@ TEST_F(VitalsWriterTest, AShardThatStopsAnsweringIsGivenUpOnAndWrittenOnceItAnsw
   EXPECT_EQ(Stored("dev-frozen-shard"), 4);
 }
 
+// The same when the shard stops answering while the writer sets up a new connection (let in and
+// authenticated, its session settings unanswered): the batch is answered "resend", nothing of it
+// stored, and the next transaction starts from a new connection.
+TEST_F(VitalsWriterTest, ANewConnectionWhoseSetUpGetsNoAnswerIsGivenUpOn) {
+  auto proxy = test_support::PgFaultProxy::Start(shard_->port());
+  ASSERT_TRUE(proxy.ok()) << proxy.status();
+  DbConfig db = Db();
+  db.conninfo = (*proxy)->Via(db.conninfo);
+  db.statement_timeout_ms = 1000;
+  VitalsWriter writer("fr-1", db, WriterOptions{});
+  (*proxy)->FreezeAfterNextStartUp();
+  absl::Cleanup thaw = [&] { (*proxy)->Thaw(); };  // also if an ASSERT fails
+  auto promise = std::make_shared<std::promise<WriteOutcome>>();
+  std::future<WriteOutcome> outcome = promise->get_future();
+  WriteRequest batch = Batch("dev-frozen-set-up", 1, 2);
+  batch.done = [promise](const WriteOutcome& o) { promise->set_value(o); };
+  ASSERT_TRUE(writer.Enqueue(batch, absl::Seconds(10)));
+  const bool answered = outcome.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  (*proxy)->Thaw();
+  ASSERT_TRUE(answered) << "the writer still waited on its connection's set-up after 60 s";
+  const WriteOutcome given_up = outcome.get();
+  EXPECT_EQ(given_up.status.code(), absl::StatusCode::kUnavailable) << given_up.status;
+  EXPECT_THAT(given_up.status.message(), ::testing::HasSubstr("resend"));
+  EXPECT_EQ(given_up.stored, 0u);
+  EXPECT_EQ(Stored("dev-frozen-set-up"), 0);
+
+  batch.done = nullptr;
+  const WriteOutcome resent = Write(writer, batch);
+  ASSERT_TRUE(resent.status.ok()) << resent.status;
+  EXPECT_EQ(resent.stored, 2u);
+  EXPECT_EQ(Stored("dev-frozen-set-up"), 2);
+}
+
+// The bound on a batch's wait holds until its transaction starts, the writer's connecting
+// included: a batch that waited past max_batch_wait while the shard was slow to let the writer in
+// is not stored on its old decision (answered "resend"); its resend, decided again, is.
+TEST_F(VitalsWriterTest, ABatchThatWaitedPastItsBoundWhileTheWriterConnectedIsNotStored) {
+  auto proxy = test_support::PgFaultProxy::Start(shard_->port());
+  ASSERT_TRUE(proxy.ok()) << proxy.status();
+  DbConfig db = Db();
+  db.conninfo = (*proxy)->Via(db.conninfo);
+  WriterOptions options;
+  options.max_batch_wait = absl::Seconds(1);
+  (*proxy)->Freeze();  // the shard's answers to the writer's connection are held back
+  absl::Cleanup thaw = [&] { (*proxy)->Thaw(); };  // also if an ASSERT fails
+  VitalsWriter writer("fr-1", db, options);
+  auto promise = std::make_shared<std::promise<WriteOutcome>>();
+  std::future<WriteOutcome> outcome = promise->get_future();
+  WriteRequest batch = Batch("dev-slow-connect", 1, 2);
+  batch.done = [promise](const WriteOutcome& o) { promise->set_value(o); };
+  ASSERT_TRUE(writer.Enqueue(batch, absl::Seconds(10)));
+  // Past the bound (and within the connect timeout), the shard lets the writer in.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  (*proxy)->Thaw();
+  ASSERT_EQ(outcome.wait_for(std::chrono::seconds(60)), std::future_status::ready);
+  const WriteOutcome too_old = outcome.get();
+  EXPECT_EQ(too_old.status.code(), absl::StatusCode::kUnavailable) << too_old.status;
+  EXPECT_THAT(too_old.status.message(), ::testing::HasSubstr("more than its bound of 1s"));
+  EXPECT_EQ(too_old.stored, 0u);
+  EXPECT_EQ(Stored("dev-slow-connect"), 0);
+
+  batch.done = nullptr;
+  batch.read_at = absl::Now();
+  const WriteOutcome resent = Write(writer, batch);
+  ASSERT_TRUE(resent.status.ok()) << resent.status;
+  EXPECT_EQ(resent.stored, 2u);
+  EXPECT_EQ(Stored("dev-slow-connect"), 2);
+}
+
 // A refused resend in the same transaction as the batch it repeats (the first send still queued
 // when the device, reconnected, sent it again and was refused): the samples that transaction
 // stores are found too, and the refusal counts only the sample stored by neither.
