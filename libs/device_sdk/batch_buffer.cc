@@ -460,6 +460,7 @@ absl::Status BatchBuffer::Replace(const std::deque<v1::VitalsBatch>& pending, ui
   size_ = size;
   truncate_owed_ = false;
   acked_since_rewrite_ = 0;
+  acked_bytes_since_rewrite_ = 0;
   return absl::OkStatus();
 }
 
@@ -581,12 +582,16 @@ bool BatchBuffer::Forget(uint64_t batch_seq) {
 }
 
 absl::Status BatchBuffer::Ack(uint64_t batch_seq) {
+  const size_t pending_before = pending_bytes_;
   if (!Forget(batch_seq)) return absl::OkStatus();  // already acked
   if (absl::Status s = Append(kAck, U64(batch_seq)); !s.ok()) return s;
-  // A small bound compacts sooner: the file holds at most max(max_batches, 16) acked batches,
-  // whatever their size, and a bound of 1 or 2 does not rewrite the file at every ack.
+  acked_bytes_since_rewrite_ += pending_before - pending_bytes_;
+  // A small bound compacts sooner: the file holds at most max(max_batches, 16) acked batches, and
+  // a bound of 1 or 2 does not rewrite the file at every ack. Large batches compact sooner too:
+  // the acked ones the file holds come to at most max_bytes and a batch, as the unacked ones do.
   if (++acked_since_rewrite_ <
-      std::min(kRewriteAfterAcks, std::max(max_batches_, kRewriteAfterAcksAtLeast))) {
+          std::min(kRewriteAfterAcks, std::max(max_batches_, kRewriteAfterAcksAtLeast)) &&
+      acked_bytes_since_rewrite_ < max_bytes_) {
     return absl::OkStatus();
   }
   absl::Status compacted = Rewrite();
@@ -595,6 +600,7 @@ absl::Status BatchBuffer::Ack(uint64_t batch_seq) {
   // until it is, and is the caller's error.
   if (compacted.ok() || dir_sync_owed_) return compacted;
   acked_since_rewrite_ = 0;
+  acked_bytes_since_rewrite_ = 0;
   ++compaction_failures_;
   last_compaction_error_ = std::string(compacted.message());
   return absl::OkStatus();

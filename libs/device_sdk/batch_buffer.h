@@ -62,8 +62,9 @@ class BatchBuffer {
   // buffer is always taken).
   absl::StatusOr<uint64_t> Seal(v1::VitalsBatch batch);
   // Records the ack of `batch_seq` (the batch leaves the buffer). Every 1,024 acks, or every
-  // max(max_batches, 16) acks when that is fewer, the file is compacted: it holds at most that
-  // many acked batches besides the unacked ones. A compaction that fails keeps the file it had,
+  // max(max_batches, 16) acks when that is fewer, and whenever the batches acked since the last
+  // compaction come to max_bytes, the file is compacted: it holds at most that many acked batches,
+  // of at most max_bytes and one batch, besides the unacked ones. A compaction that fails keeps the file it had,
   // is counted (compaction_failures()) and tried again as many acks later; the ack is recorded
   // all the same. An error after the ack is recorded comes from a compaction whose rename could
   // not be made durable.
@@ -135,6 +136,7 @@ class BatchBuffer {
   uint64_t next_seq_ = 1;
   uint64_t next_batch_seq_ = 1;
   size_t acked_since_rewrite_ = 0;
+  size_t acked_bytes_since_rewrite_ = 0;  // serialized, of the batches acked since
   uint64_t loaded_bytes_ = 0;  // where the last whole record Load read ends
   bool torn_last_record_ = false;  // Load found a last record of the right length but not whole
   std::string damaged_copy_;

@@ -653,6 +653,33 @@ TEST_F(BatchBufferTest, TheFileHoldsABoundedNumberOfAckedBatches) {
   EXPECT_TRUE((*buffer)->pending().empty());
 }
 
+// Large batches compact the file by their bytes too: with room for 10,000 batches (a compaction
+// every 1,024 acks by count), it never holds more than max_bytes of acked batches and one more
+// besides the unacked ones, as it never holds more unacked ones.
+TEST_F(BatchBufferTest, TheFileHoldsAtMostMaxBytesOfAckedBatches) {
+  constexpr size_t kMaxBytes = 64 * 1024;
+  auto buffer = BatchBuffer::Open(path_, 10000, 1, kMaxBytes);
+  ASSERT_TRUE(buffer.ok());
+  const uintmax_t empty = std::filesystem::file_size(path_);
+  absl::StatusOr<uint64_t> first = (*buffer)->Seal(Samples(500));
+  ASSERT_TRUE(first.ok());
+  const uintmax_t batch = std::filesystem::file_size(path_) - empty;
+  ASSERT_LT(batch, kMaxBytes / 4);  // several acked batches before a compaction
+  ASSERT_TRUE((*buffer)->Ack(*first).ok());
+  uintmax_t largest = 0;
+  for (int acks = 2; acks <= 200; ++acks) {
+    absl::StatusOr<uint64_t> sealed = (*buffer)->Seal(Samples(500));
+    ASSERT_TRUE(sealed.ok());
+    largest = std::max<uintmax_t>(largest, std::filesystem::file_size(path_));
+    ASSERT_TRUE((*buffer)->Ack(*sealed).ok());
+    largest = std::max<uintmax_t>(largest, std::filesystem::file_size(path_));
+  }
+  // max_bytes of acked batches, one more acked and one unacked, and the acks' small records.
+  EXPECT_LE(largest, empty + kMaxBytes + 3 * batch) << "one batch: " << batch << " bytes";
+  EXPECT_EQ((*buffer)->compaction_failures(), 0u);
+  EXPECT_TRUE((*buffer)->pending().empty());
+}
+
 // Power lost after the file grew but before the whole last record reached the disk: the blocks
 // that did not read as zeros. Whether none of the record arrived (its header zeros too), only the
 // part of its header in the sector it starts in, none of its payload, or only the payload's first
