@@ -52,7 +52,12 @@ struct DeviceOptions {
   // damaged); 0: the clock's microseconds since 1970. From the clock, a lost file's seqs are all
   // below the new file's (unless the device made over a million samples a second, or its clock
   // went back), so none of the new samples is taken for a duplicate. A file's later seqs follow
-  // on from its first, whatever the clock does.
+  // on from its first, whatever the clock does. A first_seq given here must be above every seq
+  // the device ever sent: seqs given out again are caught only in part (when the service's cursor
+  // is above every seq of the new file, or when a batch's first send by this process is answered
+  // duplicates). A batch the file held across a restart, or whose first answer was lost, cannot
+  // tell samples the service had from an earlier file from its own earlier send: they are
+  // counted as duplicates, and not sent again.
   uint64_t first_seq = 0;
 };
 
