@@ -120,10 +120,12 @@ std::pair<std::string, std::string> SplitReason(absl::string_view reason) {
 }
 
 AuditCore::AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirectory& directory,
-                     int64_t max_scanned_per_page, absl::Duration report_statement_timeout)
+                     consent::ConsentCache& consent, int64_t max_scanned_per_page,
+                     absl::Duration report_statement_timeout)
     : control_(control),
       shards_(shards),
       directory_(directory),
+      consent_(consent),
       max_scanned_(max_scanned_per_page),
       // 0 would be no bound at all in PostgreSQL's statement_timeout.
       report_statement_timeout_(std::max(report_statement_timeout, absl::Milliseconds(1))) {}
@@ -191,6 +193,7 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
       }
       log = *query.log;
     }
+    RETURN_IF_ERROR(MayReadTrail(ctx, home, query.patient_id, "audit_log", LogName(log)));
   } else if (!ops) {
     return absl::InvalidArgumentError("patient_id: required");
   } else if (!query.log) {
@@ -295,10 +298,44 @@ absl::StatusOr<PatientHome> AuditCore::HomeOf(const CallContext& ctx,
   return home;
 }
 
+absl::Status AuditCore::MayReadTrail(const CallContext& ctx, const PatientHome& home,
+                                     const std::string& patient_id,
+                                     absl::string_view object_type,
+                                     const std::string& object_id) {
+  if (ctx.principal.kind != PrincipalKind::kPractitioner) return absl::OkStatus();
+  // Of no category in particular: a consent narrowed to some covers only uses of those.
+  ASSIGN_OR_RETURN(const consent::AccessDecision care,
+                   consent_.Check(home.region_id, patient_id, consent::Purpose::kCare,
+                                  ctx.principal.spiffe_id, "", absl::Now()));
+  if (care.permit) return absl::OkStatus();
+  audit::Entry e;
+  e.actor = ctx.principal.spiffe_id;
+  e.tenant = home.tenant_id;
+  e.action = audit::Action::kRead;
+  e.object_type = std::string(object_type);
+  e.object_id = object_id;
+  e.patient_id = patient_id;
+  e.decision = audit::Decision::kDeny;
+  e.purpose = std::string(consent::PurposeName(consent::Purpose::kCare));
+  e.consent_id = care.consent_id;
+  e.consent_version = care.consent_version;
+  e.reason = std::string(consent::AccessReasonName(care.reason));
+  e.request_id = ctx.request_id;
+  e.origin = ctx.origin;
+  ASSIGN_OR_RETURN(pg::Pool * pool, shards_.Get(home.region_id));
+  RETURN_IF_ERROR(pool->Transact([&](pqxx::work& txn) { return audit::Append(txn, e).status(); }));
+  return absl::PermissionDeniedError(absl::StrCat(
+      "reading this patient's audit trail: the patient's CARE consent does not permit it (",
+      consent::AccessReasonName(care.reason),
+      "); a practitioner reads it under a CARE consent covering every data category, the "
+      "tenant's apps for the patient"));
+}
+
 absl::StatusOr<PatientReport> AuditCore::Report(const CallContext& ctx,
                                                 const std::string& patient_id,
                                                 const std::function<bool()>& cancelled) {
   ASSIGN_OR_RETURN(const PatientHome home, HomeOf(ctx, patient_id));
+  RETURN_IF_ERROR(MayReadTrail(ctx, home, patient_id, "patient_report", patient_id));
   // A report holds a home shard connection for as long as its statement runs: a tenant's
   // reports in progress are bounded (ops' share one place).
   std::unique_ptr<BoundedCounts<std::string>::Slot> place =

@@ -127,12 +127,14 @@ class AuditCore {
   // read (kMaxAuditScannedPerPage; tests make it small). `report_statement_timeout`: the bound
   // on a data report's statement in the home shard (kReportStatementTimeout; tests make it
   // small; at least 1 ms).
+  // `consent` decides whether a practitioner may read a patient's audit trail (MayReadTrail).
   AuditCore(pg::Pool& control, const pg::ShardSet& shards, PatientDirectory& directory,
+            consent::ConsentCache& consent,
             int64_t max_scanned_per_page = kMaxAuditScannedPerPage,
             absl::Duration report_statement_timeout = kReportStatementTimeout);
 
-  // Practitioners and apps: entries about one patient of their tenant. Ops: about any patient,
-  // or a whole log. The query itself is audited in the log it read. A query by actor reads at
+  // Practitioners and apps: entries about one patient of their tenant (practitioners under the
+  // patient's CARE consent: MayReadTrail). Ops: about any patient, or a whole log. The query itself is audited in the log it read. A query by actor reads at
   // most max_scanned_per_page entries of the range a page, so its pages may be short or empty
   // and still carry a next_page_token.
   absl::StatusOr<AuditPage> Query(const CallContext& ctx, const AuditQuery& query);
@@ -144,8 +146,8 @@ class AuditCore {
   // anchor and the range's start would be trusted unchecked. `cancelled` (the call's, say) stops
   // a long walk with CANCELLED. A walk of a log that kMaxChainWalksPerLog walks are reading
   // already is RESOURCE_EXHAUSTED.
-  // Where a patient's data is and who saw it, for practitioners and apps of the patient's tenant
-  // and ops (NOT_FOUND for another tenant's patient): the home shard's counts and accessors in
+  // Where a patient's data is and who saw it, for practitioners (under the patient's CARE
+  // consent) and apps of the patient's tenant and ops (NOT_FOUND for another tenant's patient): the home shard's counts and accessors in
   // one snapshot, read in the transaction that audits the report there; every other region's
   // shard asked how many rows name the patient (a shard that does not answer is reported so, the
   // report goes on). At most kMaxReportsPerTenant of a tenant's at once (RESOURCE_EXHAUSTED).
@@ -163,10 +165,18 @@ class AuditCore {
   // Where `patient_id` lives: NOT_FOUND for a patient of another tenant than the caller's (ops
   // excepted), or none.
   absl::StatusOr<PatientHome> HomeOf(const CallContext& ctx, const std::string& patient_id);
+  // A patient's audit trail tells who treats them and which kinds of data they have: a
+  // practitioner reads it for the patient's care, while the patient's CARE consent permits them
+  // for every data category. Apps (the patient's own requests) and ops need none. A refusal is
+  // PERMISSION_DENIED, audited in the home shard as a read of `object_type` `object_id`.
+  absl::Status MayReadTrail(const CallContext& ctx, const PatientHome& home,
+                            const std::string& patient_id, absl::string_view object_type,
+                            const std::string& object_id);
 
   pg::Pool& control_;
   const pg::ShardSet& shards_;
   PatientDirectory& directory_;
+  consent::ConsentCache& consent_;
   const int64_t max_scanned_;
   const absl::Duration report_statement_timeout_;
   BoundedCounts<std::string> walks_;    // by log name

@@ -197,7 +197,7 @@ SharingServer::SharingServer(MedgateConfig config, SharingSettings settings,
   core_options.max_listed_grants = options.max_listed_grants;
   core_ = std::make_unique<SharingCore>(*shards_, *upload_shards_, *directory_, *consent_, *vault_,
                                         std::move(core_options));
-  audit_core_ = std::make_unique<AuditCore>(*control_, *shards_, *directory_,
+  audit_core_ = std::make_unique<AuditCore>(*control_, *shards_, *directory_, *consent_,
                                             options.audit_scanned_per_page,
                                             options.audit_report_statement_timeout);
   service_ = std::make_unique<SharingService>(*core_, config_.trust_domain, tenant_gate_.get());

@@ -2291,6 +2291,49 @@ TEST_F(SharingTest, AnExportLeavesOutARecordErasedBeforeItsTurnAndStopsAtOneEras
   }
 }
 
+// A patient's audit trail tells who treats them and which kinds of data they hold: a practitioner
+// reads it (QueryAudit, PatientDataReport) only under the patient's CARE consent, one covering
+// every data category; each refusal is in the trail. The tenant's apps (for the patient) and ops
+// need none.
+TEST_F(SharingTest, APractitionerReadsAPatientsAuditTrailOnlyUnderCareConsent) {
+  const std::string patient = Place("trail-care-1", "FR", nullptr, /*with_care=*/false);
+  v1::QueryAuditRequest request;
+  request.set_patient_id(patient);
+  absl::StatusOr<v1::QueryAuditResponse> refused = QueryAudit(pki_->practitioner(), request);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kPermissionDenied) << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("the patient's CARE consent does not permit it (NO_CONSENT)"));
+  absl::StatusOr<v1::PatientDataReportResponse> report = DataReport(pki_->practitioner(), patient);
+  EXPECT_EQ(report.status().code(), absl::StatusCode::kPermissionDenied) << report.status();
+  EXPECT_TRUE(QueryAudit(pki_->app(), request).ok());
+  EXPECT_TRUE(DataReport(pki_->app(), patient).ok());
+  EXPECT_TRUE(DataReport(pki_->ops(), patient).ok());
+
+  // CARE narrowed to one category does not open the whole trail; a tenant-wide one does.
+  GrantConsent(pki_->app(), patient, v1::PURPOSE_CARE, P1(), "trail-care-1-heart", {"heart-rate"});
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    refused = QueryAudit(pki_->practitioner(), request);
+    return absl::StrContains(refused.status().message(), "CATEGORY_NOT_COVERED");
+  })) << refused.status();
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kPermissionDenied);
+  GrantConsent(pki_->app(), patient, v1::PURPOSE_CARE, "", "trail-care-1-all");
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience,
+                        [&] { return QueryAudit(pki_->practitioner(), request).ok(); }));
+  report = DataReport(pki_->practitioner(), patient);
+  EXPECT_TRUE(report.ok()) << report.status();
+
+  int query_refusals = 0;
+  int report_refusals = 0;
+  for (const v1::AuditEntry& e : PatientAudit(patient)) {
+    if (e.actor() != P1() || e.decision() != v1::DECISION_DENY) continue;
+    EXPECT_EQ(e.purpose(), v1::PURPOSE_CARE);
+    query_refusals += e.object_type() == "audit_log";
+    report_refusals += e.object_type() == "patient_report";
+  }
+  EXPECT_GE(query_refusals, 2);  // without consent, and under the narrowed one (maybe more polls)
+  EXPECT_EQ(report_refusals, 1);
+}
+
 // "Where is my data and who saw it": the report of a patient's data, from its home shard in one
 // snapshot, every other shard asked, audited in the home shard only.
 TEST_F(SharingTest, APatientsDataReportSaysWhereTheirDataIsAndWhoSawIt) {
