@@ -970,10 +970,17 @@ class PgDownload final : public Download {
 
   // One chunk's ciphertext, counted as buffered.
   absl::StatusOr<std::string> Fetch(uint32_t index) {
-    ASSIGN_OR_RETURN(pg::BinaryResult rows,
-                     pool_.Read(sql::kSelectChunk, {record_.record_id, absl::StrCat(index),
-                                                    grantee_, PgTime(core_.Now())}));
+    ASSIGN_OR_RETURN(
+        pg::BinaryResult rows,
+        pool_.Read(sql::kSelectChunk,
+                   {record_.record_id, absl::StrCat(index), grantee_, PgTime(core_.Now()),
+                    absl::StrCat(crypto::kMaxChunkBytes + crypto::kSealOverheadBytes)}));
     RETURN_IF_ERROR(Readable(rows, 1));
+    if (rows.boolean(0, 2)) {
+      return absl::DataLossError(absl::StrCat("record '", record_.record_id, "': chunk ", index,
+                                              " is stored larger than a sealed chunk can be; it "
+                                              "was not read"));
+    }
     if (rows.is_null(0, 0)) {
       return absl::DataLossError(
           absl::StrCat("record '", record_.record_id, "': chunk ", index, " is missing"));
@@ -2438,11 +2445,15 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
           }
           return page;
         });
-    if (!expired.ok()) {
+    // The region's other work (purges, key destructions still owed) goes on without the expired
+    // archives of this call: a region whose archives cannot be listed must not also keep keys
+    // erasures retired.
+    const bool listed = expired.ok();
+    if (!listed) {
       if (first_error.ok()) first_error = expired.status();
-      continue;
+      expired = std::vector<Expired>{};
     }
-    {
+    if (listed) {
       // A full page: the next call goes on past it. A short one reached the end: the next call
       // starts again from the first, trying again what failed.
       std::lock_guard<std::mutex> lock(retention_mu_);

@@ -83,11 +83,15 @@ inline constexpr char kFoldTenantUsage[] = "fold_tenant_usage";
 // stops the downloads already running at their next chunk; its chunks are purged later), a NULL
 // when the chunk is missing. Chunk $2 of record $1 (no row: the record is gone), and whether
 // grantee $3 (empty: the download rests on no grant) still holds an active grant on it at $4 (a
-// re-share after a revocation is a new grant).
+// re-share after a revocation is a new grant). A stored chunk longer than $5 bytes (more than a
+// sealed chunk can be: a row altered in the shard) is not read, only said to be (the third
+// column; its length is known without reading it): the download holds at most a chunk's bytes.
 inline constexpr pg::BinaryQuery kSelectChunk(
-    "SELECT c.ciphertext, $3 = '' OR EXISTS (SELECT 1 FROM share_grants g "
+    "SELECT CASE WHEN octet_length(c.ciphertext) <= $5::int THEN c.ciphertext END, "
+    "$3 = '' OR EXISTS (SELECT 1 FROM share_grants g "
     "WHERE g.record_id = $1 AND g.grantee = $3 AND g.revoked_at IS NULL "
-    "AND g.expires_at > $4::timestamptz) FROM records r LEFT JOIN record_chunks c "
+    "AND g.expires_at > $4::timestamptz), coalesce(octet_length(c.ciphertext) > $5::int, false) "
+    "FROM records r LEFT JOIN record_chunks c "
     "ON c.record_id = r.record_id AND c.chunk_index = $2 WHERE r.record_id = $1");
 // kSelectChunk's checks alone, for a chunk fetched ahead, as it is handed over: the record $1
 // (no row: erased) and the grant of grantee $2 at $3.

@@ -4466,6 +4466,24 @@ TEST_F(SharingTest, TamperedCiphertextIsDataLossNamingTheRecordNeverAlteredBytes
   Exec("fr-1", flip, record);  // flipped back
   ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
 
+  // A chunk row grown past what a sealed chunk can be (2 MiB more): DATA_LOSS naming it, and the
+  // service never reads it (it would hold the whole row in memory).
+  Exec("fr-1",
+       "UPDATE record_chunks SET ciphertext = ciphertext || decode(repeat('00', 2097152), 'hex') "
+       "WHERE record_id = $1 AND chunk_index = 1",
+       record);
+  Downloaded grown = Download(pki_->practitioner(), record);
+  EXPECT_EQ(grown.status.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_THAT(grown.status.error_message(), HasSubstr(record));
+  EXPECT_THAT(grown.status.error_message(),
+              HasSubstr("chunk 1 is stored larger than a sealed chunk can be; it was not read"));
+  EXPECT_EQ(grown.content, spec.content.substr(0, grown.content.size()));
+  Exec("fr-1",
+       "UPDATE record_chunks SET ciphertext = substring(ciphertext from 1 for "
+       "octet_length(ciphertext) - 2097152) WHERE record_id = $1 AND chunk_index = 1",
+       record);
+  ASSERT_TRUE(Download(pki_->practitioner(), record).status.ok());
+
   auto move = [&](int from, int to) {
     Exec("fr-1",
          absl::StrCat("UPDATE record_chunks SET chunk_index = ", to,
