@@ -665,9 +665,6 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
                                        grpc::ServerWriter<v1::ReadVitalsResponse>* writer) {
   absl::StatusOr<Principal> principal = policy_.Authorize(*context, "ReadVitals");
   if (!principal.ok()) return ToGrpcStatus(principal.status());
-  grpc::Status busy;
-  std::unique_ptr<BoundedCounts<std::string>::Slot> slot = TakeReadPlace(principal->tenant, busy);
-  if (slot == nullptr) return busy;
   consent::Purpose purpose;
   switch (request->purpose()) {
     case v1::PURPOSE_CARE: purpose = consent::Purpose::kCare; break;
@@ -717,13 +714,21 @@ grpc::Status IngestService::ReadVitals(grpc::ServerContext* context,
   if (to_us <= from_us) {
     return grpc::Status(
         grpc::StatusCode::INVALID_ARGUMENT,
-        request->time_range().has_end_at()
-            ? "time_range: end_at must be after start_at"
-            : "time_range.start_at: more than an hour ahead of now, where no reading can be "
-              "(with end_at unset the range ends an hour from now)");
+        !request->time_range().has_end_at()
+            ? "time_range.start_at: more than an hour ahead of now, where no reading can be "
+              "(with end_at unset the range ends an hour from now)"
+        : !request->time_range().has_start_at()
+            ? "time_range.end_at: at or before 1970-01-01T00:00:00Z, where no reading can be "
+              "(with start_at unset the range starts there)"
+            : "time_range: end_at must be after start_at");
   }
   absl::StatusOr<PagePosition> after = ParsePageToken(request->page_token(), from_us, to_us);
   if (!after.ok()) return ToGrpcStatus(after.status());
+  // Taken once the request is known to be well formed: a malformed one is told what to fix, not
+  // that the tenant's reads are busy.
+  grpc::Status busy;
+  std::unique_ptr<BoundedCounts<std::string>::Slot> slot = TakeReadPlace(principal->tenant, busy);
+  if (slot == nullptr) return busy;
 
   absl::StatusOr<PatientShard> shard = PatientOfTenant(request->patient_id(), principal->tenant);
   if (!shard.ok()) return ToGrpcStatus(shard.status());
@@ -931,29 +936,49 @@ grpc::Status IngestService::EraseVitals(grpc::ServerContext* context,
                                            " samples were erased before it (their audit entries "
                                            "say so); call again to go on"));
   };
-  for (const VitalKind& kind : VitalCatalogue()) {
+  // Every sample of `loinc`, a bounded transaction at a time; a status to answer with if stopped.
+  auto erase_code = [&](const std::string& loinc) -> std::optional<grpc::Status> {
     for (;;) {
       if (context->IsCancelled()) {
         return stopped(grpc::StatusCode::CANCELLED, "erasure cancelled");
       }
       int64_t deleted = 0;
       absl::Status status = pool->Transact([&](pqxx::work& txn) -> absl::Status {
-        deleted = txn.exec_prepared1(sql::kEraseVitals, where.tenant_id, where.patient_id,
-                                     std::string(kind.loinc), sql::kEraseVitalsRows)[0]
+        deleted = txn.exec_prepared1(sql::kEraseVitals, where.tenant_id, where.patient_id, loinc,
+                                     sql::kEraseVitalsRows)[0]
                       .as<int64_t>();
         if (deleted == 0) return absl::OkStatus();  // nothing changed: nothing to audit
         return audit::Append(txn, AuditEntryFor(*ctx, audit::Action::kDelete, "vitals",
                                                 where.patient_id, where.tenant_id, where.patient_id,
                                                 absl::StrCat("ERASED: samples=", deleted, " code=",
-                                                             kind.loinc, "; ", request->reason())))
+                                                             loinc, "; ", request->reason())))
             .status();
       });
       if (!status.ok()) {
         return stopped(static_cast<grpc::StatusCode>(status.code()), status.message());
       }
       erased += static_cast<uint64_t>(deleted);
-      if (deleted < sql::kEraseVitalsRows) break;
+      if (deleted < sql::kEraseVitalsRows) return std::nullopt;
     }
+  };
+  for (const VitalKind& kind : VitalCatalogue()) {
+    if (std::optional<grpc::Status> stop = erase_code(std::string(kind.loinc))) return *stop;
+  }
+  // Whatever codes are left: those a later version dropped from the catalogue, stored before.
+  absl::StatusOr<std::vector<std::string>> left = pool->TransactValue<std::vector<std::string>>(
+      [&](pqxx::work& txn) -> absl::StatusOr<std::vector<std::string>> {
+        std::vector<std::string> codes;
+        for (const pqxx::row& row :
+             txn.exec_prepared(sql::kStoredVitalCodes, where.tenant_id, where.patient_id)) {
+          codes.push_back(row[0].as<std::string>());
+        }
+        return codes;
+      });
+  if (!left.ok()) {
+    return stopped(static_cast<grpc::StatusCode>(left.status().code()), left.status().message());
+  }
+  for (const std::string& loinc : *left) {
+    if (std::optional<grpc::Status> stop = erase_code(loinc)) return *stop;
   }
   response->set_erased_count(erased);
   return grpc::Status::OK;

@@ -16,6 +16,7 @@ namespace medgate::ingest::sql {
 inline constexpr char kReadVitals[] = "read_vitals";
 inline constexpr char kEnsurePartitions[] = "ensure_partitions";
 inline constexpr char kEraseVitals[] = "erase_vitals";
+inline constexpr char kStoredVitalCodes[] = "stored_vital_codes";
 
 // The samples one erasure transaction deletes, at most (plus those measured at the same instant
 // as the last of them).
@@ -113,6 +114,16 @@ inline const std::vector<pg::Statement>& Statements() {
       // The earliest samples of one of a patient's codes: $1 tenant, $2 patient, $3 code, $4
       // the most to delete (shard migration 0031).
       {kEraseVitals, "SELECT medgate_erase_vitals($1, $2, $3, $4)"},
+      // The codes a patient's samples have (index vitals (patient, code, time): one look-up a
+      // code, skipping from one to the next).
+      {kStoredVitalCodes,
+       "WITH RECURSIVE codes(loinc) AS ("
+       " (SELECT loinc FROM vitals WHERE tenant_id = $1 AND patient_id = $2 ORDER BY loinc LIMIT 1)"
+       " UNION ALL"
+       " SELECT (SELECT v.loinc FROM vitals v WHERE v.tenant_id = $1 AND v.patient_id = $2"
+       "         AND v.loinc > c.loinc ORDER BY v.loinc LIMIT 1)"
+       " FROM codes c WHERE c.loinc IS NOT NULL)"
+       " SELECT loinc FROM codes WHERE loinc IS NOT NULL"},
   };
   return statements;
 }

@@ -2276,12 +2276,15 @@ TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
     EXPECT_EQ(reads[reads.size() - 1][1].as<std::string>(),
               absl::StrCat("PERMITTED: readings=10 after=", last_page_token));
   }
-  // A malformed patient id and a start an hour ahead are refused in this call's own terms.
-  auto refused = [&](const std::string& patient_id, absl::Time start) {
+  // A malformed patient id, a start an hour ahead and an end before 1970 (no start) are refused in
+  // this call's own terms, naming the field sent.
+  auto refused = [&](const std::string& patient_id, absl::Time start, bool start_is_end = false) {
     v1::ReadVitalsRequest request;
     request.set_patient_id(patient_id);
     request.set_purpose(v1::PURPOSE_CARE);
-    request.mutable_time_range()->mutable_start_at()->set_seconds(absl::ToUnixSeconds(start));
+    google::protobuf::Timestamp* bound = start_is_end ? request.mutable_time_range()->mutable_end_at()
+                                                      : request.mutable_time_range()->mutable_start_at();
+    bound->set_seconds(absl::ToUnixSeconds(start));
     grpc::ClientContext context;
     auto reader = Ingest(pki().practitioner())->ReadVitals(&context, request);
     v1::ReadVitalsResponse response;
@@ -2295,13 +2298,17 @@ TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
   grpc::Status ahead = refused(patient, absl::Now() + absl::Hours(2));
   EXPECT_EQ(ahead.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(ahead.error_message(), ::testing::StartsWith("time_range.start_at:"));
+  grpc::Status before_1970 = refused(patient, absl::FromUnixSeconds(-3600), /*start_is_end=*/true);
+  EXPECT_EQ(before_1970.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(before_1970.error_message(), ::testing::StartsWith("time_range.end_at:"));
   auto verified = audit::VerifyChain(c);
   ASSERT_TRUE(verified.ok());
   EXPECT_TRUE(verified->ok) << verified->problem;
 }
 
 // GDPR art. 17 for vitals: an app of the patient's tenant erases every stored sample of the
-// patient from its home shard, code by code in bounded transactions, each with its audit entry in
+// patient from its home shard (of the catalogue's codes, and of any other code stored), code by
+// code in bounded transactions, each with its audit entry in
 // that transaction; another patient's samples stay, the chain still verifies, and no other caller
 // may erase them.
 TEST_F(IngestTest, AnAppErasesAPatientsVitalsInBoundedAuditedSteps) {
@@ -2330,10 +2337,16 @@ TEST_F(IngestTest, AnAppErasesAPatientsVitalsInBoundedAuditedSteps) {
         "measured_at) SELECT 'acme', 'dev-erase-bulk', 100000 + g, $1, '8310-5', 37, 'Cel', "
         "now() - interval '10 days' + g * interval '1 minute' FROM generate_series(1, 40) g",
         patient);
+    // Samples of a code no longer in the catalogue (stored before a version dropped it).
+    q.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', 'dev-erase-bulk', 200000 + g, $1, '99999-9', 1, '1', "
+        "now() - interval '5 days' + g * interval '1 minute' FROM generate_series(1, 5) g",
+        patient);
   }
   const std::string of_patient = absl::StrCat("patient_id = '", patient, "'");
   const std::string of_kept = absl::StrCat("patient_id = '", kept, "'");
-  ASSERT_EQ(Count("fr-1", of_patient), 25070);
+  ASSERT_EQ(Count("fr-1", of_patient), 25075);
   ASSERT_EQ(Count("fr-1", of_kept), 30);
 
   auto erase = [&](const TestCert& as, const std::string& patient_id, const std::string& reason,
@@ -2360,11 +2373,11 @@ TEST_F(IngestTest, AnAppErasesAPatientsVitalsInBoundedAuditedSteps) {
   absl::StatusOr<v1::EraseVitalsResponse> no_reason = erase(pki().app(), patient, "", "e-0");
   EXPECT_EQ(no_reason.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(no_reason.status().message()), HasSubstr("reason"));
-  EXPECT_EQ(Count("fr-1", of_patient), 25070);
+  EXPECT_EQ(Count("fr-1", of_patient), 25075);
 
   absl::StatusOr<v1::EraseVitalsResponse> erased = erase(pki().app(), patient, why, "erase-v-1");
   ASSERT_TRUE(erased.ok()) << erased.status();
-  EXPECT_EQ(erased->erased_count(), 25070u);
+  EXPECT_EQ(erased->erased_count(), 25075u);
   EXPECT_EQ(Count("fr-1", of_patient), 0);
   EXPECT_EQ(Count("fr-1", of_kept), 30);
   for (const char* region : {"de-1", "eu-1"}) EXPECT_EQ(Count(region, of_patient), 0) << region;
@@ -2392,7 +2405,8 @@ TEST_F(IngestTest, AnAppErasesAPatientsVitalsInBoundedAuditedSteps) {
     }
     EXPECT_EQ(steps["8867-4"], (std::vector<int64_t>{10000, 10000, 5030}));
     EXPECT_EQ(steps["8310-5"], (std::vector<int64_t>{40}));
-    EXPECT_EQ(steps.size(), 2u);
+    EXPECT_EQ(steps["99999-9"], (std::vector<int64_t>{5}));
+    EXPECT_EQ(steps.size(), 3u);
   }
   // Called again: nothing left, nothing deleted, no entry.
   absl::StatusOr<v1::EraseVitalsResponse> again = erase(pki().app(), patient, why, "erase-v-2");
