@@ -91,6 +91,19 @@ absl::StatusOr<std::unique_ptr<DeviceClient>> DeviceClient::Open(
         absl::StrCat("backoff_max must be at most ", absl::FormatDuration(kLongestWait), ", not ",
                      absl::FormatDuration(options.backoff_max)));
   }
+  if (options.max_buffered_batches == 0 || options.max_buffered_bytes == 0) {
+    // Every Send would be refused.
+    return absl::InvalidArgumentError(
+        "max_buffered_batches and max_buffered_bytes must be positive");
+  }
+  // The service refuses a seq above the largest signed 64-bit integer (INVALID_SEQ): every sample
+  // of such a buffer would be rejected, and dropped.
+  constexpr uint64_t kLargestServerSeq = std::numeric_limits<int64_t>::max();
+  if (options.first_seq > kLargestServerSeq) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "first_seq must be at most ", kLargestServerSeq, " (the service's largest seq), not ",
+        options.first_seq));
+  }
   if (channel == nullptr) {
     // The ingest service's SPIFFE id, e.g. spiffe://TRUST_DOMAIN/service/ingest.
     RETURN_IF_ERROR(CheckSpiffeId(options.server_identity, "server_identity"));

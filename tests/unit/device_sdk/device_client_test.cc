@@ -669,6 +669,27 @@ TEST_F(DeviceClientTest, OpenRefusesABackoffThatCouldSpin) {
   }
 }
 
+// Bounds of zero would refuse every Send; a first seq the service refuses (above the largest
+// signed 64-bit integer) would have every sample rejected, and dropped.
+TEST_F(DeviceClientTest, OpenRefusesBoundsOfZeroAndAFirstSeqTheServiceRefuses) {
+  for (auto zero : {&DeviceOptions::max_buffered_batches, &DeviceOptions::max_buffered_bytes}) {
+    DeviceOptions options = options_;
+    options.*zero = 0;
+    absl::Status status = DeviceClient::Open(options).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_NE(status.message().find("must be positive"), absl::string_view::npos) << status;
+  }
+  DeviceOptions too_high = options_;
+  too_high.first_seq = uint64_t{1} << 63;
+  absl::Status status = DeviceClient::Open(too_high).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_NE(status.message().find("first_seq must be at most 9223372036854775807"),
+            absl::string_view::npos)
+      << status;
+  too_high.first_seq = (uint64_t{1} << 63) - 1;
+  EXPECT_TRUE(DeviceClient::Open(too_high).ok());
+}
+
 // The SDK's own channel reconnects within the SDK's backoff: with gRPC's (up to 2 minutes), its
 // streams would fail at once for that long after a server came back.
 TEST_F(DeviceClientTest, TheChannelReconnectsWithinTheBackoff) {
