@@ -98,13 +98,18 @@ class VitalsWriterTest : public ::testing::Test {
     return reasons;
   }
 
-  // Queues `request` and waits for its outcome.
-  static WriteOutcome Write(VitalsWriter& writer, WriteRequest request) {
+  // Queues `request` (a copy: the caller may send it again); its outcome to come.
+  static std::future<WriteOutcome> Queue(VitalsWriter& writer, WriteRequest request) {
     auto promise = std::make_shared<std::promise<WriteOutcome>>();
     std::future<WriteOutcome> outcome = promise->get_future();
     request.done = [promise](const WriteOutcome& o) { promise->set_value(o); };
     EXPECT_TRUE(writer.Enqueue(std::move(request), absl::Seconds(10)));
-    return outcome.get();
+    return outcome;
+  }
+
+  // Queues `request` and waits for its outcome.
+  static WriteOutcome Write(VitalsWriter& writer, WriteRequest request) {
+    return Queue(writer, std::move(request)).get();
   }
 
   static int64_t Stored(const std::string& device) {
@@ -370,11 +375,8 @@ TEST_F(VitalsWriterTest, AShardThatStopsAnsweringIsGivenUpOnAndWrittenOnceItAnsw
   ASSERT_TRUE(Write(writer, Batch("dev-frozen-shard", 1, 2)).status.ok());  // connected
   ASSERT_TRUE(shard_->Signal(SIGSTOP).ok());
   absl::Cleanup resume = [] { (void)shard_->Signal(SIGCONT); };  // also if an ASSERT fails
-  auto promise = std::make_shared<std::promise<WriteOutcome>>();
-  std::future<WriteOutcome> outcome = promise->get_future();
-  WriteRequest frozen = Batch("dev-frozen-shard", 3, 4);
-  frozen.done = [promise](const WriteOutcome& o) { promise->set_value(o); };
-  ASSERT_TRUE(writer.Enqueue(frozen, absl::Seconds(10)));
+  const WriteRequest frozen = Batch("dev-frozen-shard", 3, 4);
+  std::future<WriteOutcome> outcome = Queue(writer, frozen);
   const bool answered = outcome.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
   ASSERT_TRUE(shard_->Signal(SIGCONT).ok());
   ASSERT_TRUE(answered) << "the writer still waited on the frozen shard after 60 s";
@@ -383,7 +385,6 @@ TEST_F(VitalsWriterTest, AShardThatStopsAnsweringIsGivenUpOnAndWrittenOnceItAnsw
   EXPECT_THAT(given_up.status.message(), ::testing::HasSubstr("resend"));
   EXPECT_EQ(given_up.stored, 0u);
 
-  frozen.done = nullptr;
   const WriteOutcome resent = Write(writer, frozen);
   ASSERT_TRUE(resent.status.ok()) << resent.status;
   EXPECT_EQ(resent.stored, 2u);
@@ -402,11 +403,8 @@ TEST_F(VitalsWriterTest, ANewConnectionWhoseSetUpGetsNoAnswerIsGivenUpOn) {
   VitalsWriter writer("fr-1", db, WriterOptions{});
   (*proxy)->FreezeAfterNextStartUp();
   absl::Cleanup thaw = [&] { (*proxy)->Thaw(); };  // also if an ASSERT fails
-  auto promise = std::make_shared<std::promise<WriteOutcome>>();
-  std::future<WriteOutcome> outcome = promise->get_future();
-  WriteRequest batch = Batch("dev-frozen-set-up", 1, 2);
-  batch.done = [promise](const WriteOutcome& o) { promise->set_value(o); };
-  ASSERT_TRUE(writer.Enqueue(batch, absl::Seconds(10)));
+  const WriteRequest batch = Batch("dev-frozen-set-up", 1, 2);
+  std::future<WriteOutcome> outcome = Queue(writer, batch);
   const bool answered = outcome.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
   (*proxy)->Thaw();
   ASSERT_TRUE(answered) << "the writer still waited on its connection's set-up after 60 s";
@@ -416,7 +414,6 @@ TEST_F(VitalsWriterTest, ANewConnectionWhoseSetUpGetsNoAnswerIsGivenUpOn) {
   EXPECT_EQ(given_up.stored, 0u);
   EXPECT_EQ(Stored("dev-frozen-set-up"), 0);
 
-  batch.done = nullptr;
   const WriteOutcome resent = Write(writer, batch);
   ASSERT_TRUE(resent.status.ok()) << resent.status;
   EXPECT_EQ(resent.stored, 2u);
@@ -436,11 +433,8 @@ TEST_F(VitalsWriterTest, ABatchThatWaitedPastItsBoundWhileTheWriterConnectedIsNo
   (*proxy)->Freeze();  // the shard's answers to the writer's connection are held back
   absl::Cleanup thaw = [&] { (*proxy)->Thaw(); };  // also if an ASSERT fails
   VitalsWriter writer("fr-1", db, options);
-  auto promise = std::make_shared<std::promise<WriteOutcome>>();
-  std::future<WriteOutcome> outcome = promise->get_future();
   WriteRequest batch = Batch("dev-slow-connect", 1, 2);
-  batch.done = [promise](const WriteOutcome& o) { promise->set_value(o); };
-  ASSERT_TRUE(writer.Enqueue(batch, absl::Seconds(10)));
+  std::future<WriteOutcome> outcome = Queue(writer, batch);
   // Past the bound (and within the connect timeout), the shard lets the writer in.
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
   (*proxy)->Thaw();
@@ -451,7 +445,6 @@ TEST_F(VitalsWriterTest, ABatchThatWaitedPastItsBoundWhileTheWriterConnectedIsNo
   EXPECT_EQ(too_old.stored, 0u);
   EXPECT_EQ(Stored("dev-slow-connect"), 0);
 
-  batch.done = nullptr;
   batch.read_at = absl::Now();
   const WriteOutcome resent = Write(writer, batch);
   ASSERT_TRUE(resent.status.ok()) << resent.status;
