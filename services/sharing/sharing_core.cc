@@ -2586,7 +2586,7 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
       first_error = keys;
     }
   }
-  if (!first_error.ok()) return first_error;
+  result.first_error = first_error;
   return result;
 }
 

@@ -165,6 +165,9 @@ struct SweepResult {
   int moved_keys = 0;       // patient keys moved from a shard (written before the vault) to its vault
   int unmovable_keys = 0;   // such keys left in the shard: of a KEK not given, or damaged
   bool more = false;  // some region had a full batch: sweep again
+  // The first step that failed, in any region (a region down, a vault refusing): the sweep went
+  // on with that region's other steps and with the other regions, whose figures are above.
+  absl::Status first_error;
 };
 
 // A page of ListRecords ends early, with a next_page_token, once its records and grants come to
@@ -299,6 +302,8 @@ class SharingCore {
   // Expired archives are taken in (retain_until, record_id) order from where the previous call
   // stopped, so that records whose erasure keeps failing (reported in the result, not an error)
   // do not hold back the others; past the last one, the next call starts again from the first.
+  // A step that fails is reported in the result (first_error), not as the call's error: the
+  // work done elsewhere, and whether more is left, are still told.
   absl::StatusOr<SweepResult> SweepRetention(int batch = 100);
   // How many patient keys the region's shard still holds (from before the vault) that `kek_id`
   // does not wrap: a KEK rotation is not done while any is left.

@@ -253,12 +253,18 @@ absl::Status SharingServer::Start() {
 absl::Duration SharingServer::Sweep(PeriodicTask& task) {
   // Batch after batch while there is more to do, so a large erasure is purged in one cycle.
   bool more = true;
+  bool failure_logged = false;  // once a cycle: a region that stays down fails every batch
   while (more && !task.stopping()) {
     absl::StatusOr<SweepResult> swept = core_->SweepRetention();
     more = swept.ok() && swept->more;
     if (!swept.ok()) {
       log::Warning("retention_sweep_failed", {{"error", swept.status().message()}});
       continue;
+    }
+    if (!swept->first_error.ok() && !failure_logged) {
+      // The other regions' work went on, and goes on while they have more.
+      log::Warning("retention_sweep_failed", {{"error", swept->first_error.message()}});
+      failure_logged = true;
     }
     if (swept->failed_records > 0) {
       // Tried again once the sweep has been through the region's other expired archives.
