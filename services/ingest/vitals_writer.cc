@@ -236,9 +236,10 @@ void VitalsWriter::Loop() {
 
 void VitalsWriter::TakeOutStale(std::vector<WriteRequest*>& live) {
   // A stream that already failed must not write later batches (it would leave a seq gap).
-  std::vector<WriteRequest*> kept;
+  // Kept requests are compacted in place: nothing is allocated unless some are too old.
   std::vector<WriteRequest*> too_old;  // answered once the warning below is written
   const absl::Time now = absl::Now();
+  size_t kept = 0;
   for (WriteRequest* r : live) {
     if (r->poisoned && r->poisoned->load()) {
       r->done(WriteOutcome{absl::UnavailableError(
@@ -250,10 +251,10 @@ void VitalsWriter::TakeOutStale(std::vector<WriteRequest*>& live) {
       if (r->poisoned) r->poisoned->store(true);
       too_old.push_back(r);
     } else {
-      kept.push_back(r);
+      live[kept++] = r;
     }
   }
-  live.swap(kept);
+  live.resize(kept);
   // At most a line a second: a shard that stays slow would otherwise log every transaction.
   too_old_unlogged_ += too_old.size();
   if (uint64_t held_back = 0;
@@ -277,21 +278,20 @@ void VitalsWriter::TakeOutStale(std::vector<WriteRequest*>& live) {
 
 void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
   std::vector<WriteRequest*> live;
+  live.reserve(group.size());
   for (WriteRequest& r : group) live.push_back(&r);
-  TakeOutStale(live);
-  if (live.empty()) return;
 
   std::vector<WriteOutcome> outcomes;
   absl::Status status;
   for (int attempt = 0; attempt < 2; ++attempt) {
     bool commit_sent = false;
-    // The bound on a batch's wait holds where its transaction starts: connecting (up to the
-    // connect timeout, and again for a second attempt) counts.
+    // Stale requests are taken out where the transaction starts, once connected: the bound on a
+    // batch's wait counts the connecting too (up to the connect timeout, again for a second
+    // attempt). One look a transaction.
     status = EnsureConnected();
     if (status.ok()) {
       TakeOutStale(live);
       if (live.empty()) return;
-      outcomes.assign(live.size(), WriteOutcome{});
       status = WriteOnce(live, outcomes, commit_sent);
     }
     // A stale connection (server restarted) fails before anything is written: retry once. Not
@@ -320,7 +320,7 @@ void VitalsWriter::Commit(std::vector<WriteRequest>& group) {
 absl::Status VitalsWriter::WriteOnce(const std::vector<WriteRequest*>& live,
                                      std::vector<WriteOutcome>& outcomes, bool& commit_sent) {
   outcomes.assign(live.size(), WriteOutcome{});
-  if (absl::Status s = EnsureConnected(); !s.ok()) return s;
+  // Connected by Commit.
   pg::StatementWatch::Scope watch(watch_, PQsocket(conn_),
                                   pg::UnansweredLimit(absl::Milliseconds(db_.statement_timeout_ms)),
                                   pg::StatementWatch::Scope::Limit::kSinceLastAnswer);

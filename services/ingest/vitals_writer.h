@@ -145,8 +145,9 @@ class VitalsWriter {
   // Answers and takes out of `live` the requests not to be written now: those of a stream that
   // already failed, and those read longer than max_batch_wait ago (their streams then fail).
   void TakeOutStale(std::vector<WriteRequest*>& live);
-  // One attempt at writing `live` in one transaction; fills `outcomes`. `commit_sent` is set once
-  // the COMMIT has gone to the shard: from then on a failure may follow a commit that happened.
+  // One attempt at writing `live` in one transaction on the open connection (EnsureConnected
+  // first); fills `outcomes`. `commit_sent` is set once the COMMIT has gone to the shard: from
+  // then on a failure may follow a commit that happened.
   absl::Status WriteOnce(const std::vector<WriteRequest*>& live, std::vector<WriteOutcome>& outcomes,
                          bool& commit_sent);
   // The status of a transaction or connection set-up given up on a shard that did not answer.
