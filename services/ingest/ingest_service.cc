@@ -928,8 +928,8 @@ grpc::Status IngestService::EraseVitals(grpc::ServerContext* context,
   const PatientLocation& where = shard->where;
   pg::Pool* const pool = shard->pool;
 
-  // Code by code (the catalogue's: the only ones stored), earliest first, a bounded transaction
-  // at a time, each with the audit entry of what it deleted.
+  // Code by code (the catalogue's, then any others stored), earliest first, a bounded
+  // transaction at a time, each with the audit entry of what it deleted.
   uint64_t erased = 0;
   auto stopped = [&](grpc::StatusCode code, absl::string_view why) {
     return grpc::Status(code, absl::StrCat(why, "; ", erased,
@@ -1018,11 +1018,15 @@ grpc::Status IngestService::ExportVitals(grpc::ServerContext* context,
       where.region_id, where.patient_id, consent::Purpose::kGeolocation, ctx->principal.spiffe_id,
       "", absl::Now());
   const bool with_location = geolocation.ok() && geolocation->permit;
-  std::vector<std::string> codes;
-  for (const VitalKind& kind : VitalCatalogue()) codes.emplace_back(kind.loinc);
-
   PageRead read;
   absl::Status status = pool->Transact([&](pqxx::work& txn) -> absl::Status {
+    // Every code the patient's samples have, the catalogue's and any a later version dropped
+    // from it: an export is all that is stored of the patient.
+    std::vector<std::string> codes;
+    for (const pqxx::row& row :
+         txn.exec_prepared(sql::kStoredVitalCodes, where.tenant_id, where.patient_id)) {
+      codes.push_back(row[0].as<std::string>());
+    }
     read = ReadPage(txn, where.patient_id, codes, from_us, to_us, *after, page, with_location);
     std::string reason = absl::StrCat(
         "EXPORTED: observations=", std::min<size_t>(read.readings.size(), page), " format=fhir-r4");

@@ -2470,6 +2470,13 @@ TEST_F(IngestTest, AnAppExportsAPatientsVitalsAsFhirObservationsPageByPage) {
         "measured_at, latitude, longitude, accuracy_m) VALUES ('acme', 'dev-export-bulk', 20000, "
         "$1, '29463-7', 71.3, 'kg', now() - interval '11 days', 43.2965, 5.3698, 15)",
         patient);
+    // Samples of a code no longer in the catalogue (stored before a version dropped it): the
+    // export is of everything stored.
+    q.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', 'dev-export-bulk', 30000 + g, $1, '99999-9', g, '1', "
+        "now() - interval '12 days' + g * interval '1 minute' FROM generate_series(1, 3) g",
+        patient);
   }
   // What the shard holds of the patient, by the Observation's identifier.
   struct Stored {
@@ -2493,7 +2500,7 @@ TEST_F(IngestTest, AnAppExportsAPatientsVitalsAsFhirObservationsPageByPage) {
                  row[5].as<int64_t>()};
     }
   }
-  ASSERT_EQ(stored.size(), 12004u);
+  ASSERT_EQ(stored.size(), 12007u);
 
   const std::string why = "the patient asked for a copy of their data (ticket 5120)";
   auto export_all = [&](const TestCert& as, const std::string& patient_id,
@@ -2620,7 +2627,7 @@ TEST_F(IngestTest, AnAppExportsAPatientsVitalsAsFhirObservationsPageByPage) {
     EXPECT_THAT(reasons[0], ::testing::StartsWith("EXPORTED: observations=5000 format=fhir-r4 "
                                                   "locations_withheld=1 ("));
     EXPECT_THAT(reasons[1], ::testing::StartsWith("EXPORTED: observations=5000 format=fhir-r4 after="));
-    EXPECT_THAT(reasons[2], ::testing::StartsWith("EXPORTED: observations=2004 format=fhir-r4 after="));
+    EXPECT_THAT(reasons[2], ::testing::StartsWith("EXPORTED: observations=2007 format=fhir-r4 after="));
   }
   for (const char* region : {"de-1", "eu-1"}) {
     pqxx::connection elsewhere(stack_->clusters().region(region).ConnectionString());
