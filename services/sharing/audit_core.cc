@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -232,6 +233,7 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
             : txn.exec_prepared(sql::kSelectAuditForPatient, query.patient_id, after_at, after,
                                 end_us, query.actor, size + 1, scan);
     AuditPage page;
+    absl::flat_hash_set<int64_t> given_whole;  // seqs of entries a tenant's caller gets whole
     int64_t scanned = 0;
     int64_t last_scanned = 0;
     for (const pqxx::row& row : rows) {
@@ -261,8 +263,19 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
       if (withheld) {
         entry.prev_hash.clear();
         entry.hash.clear();
+      } else if (!ops) {
+        given_whole.insert(entry.seq);
       }
       page.entries.push_back(std::move(entry));
+    }
+    // An entry's prev_hash is the hash of the entry before it, which may be one withheld in part
+    // (on this page, another, or in an entry the caller cannot see): a tenant's caller gets it
+    // only where that entry is on this page and given whole, so it learns no hash it was not
+    // given with its entry. Seq 1's is 32 zero bytes.
+    if (!ops) {
+      for (audit::StoredEntry& entry : page.entries) {
+        if (entry.seq > 1 && !given_whole.contains(entry.seq - 1)) entry.prev_hash.clear();
+      }
     }
     if (page.next_page_token.empty() && !query.actor.empty() && scanned == scan) {
       // The scan stopped at its bound, maybe before the range's end: the next page goes on after

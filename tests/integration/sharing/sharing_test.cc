@@ -4220,6 +4220,35 @@ TEST_F(SharingTest, CrossTenantGranteesReadOnlyFromTerritoriesTheRuleAllows) {
     }
     EXPECT_TRUE(detailed);
   }
+  // Nor does the hash of an entry withheld in part reach the tenant another way: as the
+  // prev_hash of the entry after it (here the tenant's own reads of the trail, each written
+  // right after a withheld entry).
+  {
+    std::vector<v1::AuditEntry> tenant_view = PatientAudit(patient);
+    v1::QueryAuditRequest request;
+    request.set_patient_id(patient);
+    request.set_page_size(1000);
+    auto ops_view = QueryAudit(pki_->ops(), request);
+    ASSERT_TRUE(ops_view.ok()) << ops_view.status();
+    std::map<uint64_t, std::string> ops_hash;
+    for (const v1::AuditEntry& e : ops_view->entries()) ops_hash[e.seq()] = e.hash();
+    std::set<std::string> given;
+    for (const v1::AuditEntry& e : tenant_view) {
+      if (!e.hash().empty()) given.insert(e.hash());
+      if (!e.prev_hash().empty()) given.insert(e.prev_hash());
+    }
+    int withheld = 0;
+    int followed = 0;  // withheld entries whose next entry is in the patient's trail
+    for (const v1::AuditEntry& e : tenant_view) {
+      if (!e.hash().empty()) continue;
+      ++withheld;
+      ASSERT_TRUE(ops_hash.contains(e.seq())) << e.seq();
+      EXPECT_FALSE(given.contains(ops_hash[e.seq()])) << "the hash of withheld entry " << e.seq();
+      if (ops_hash.contains(e.seq() + 1)) ++followed;
+    }
+    EXPECT_GE(withheld, 2);  // initech's read, umbrella's refusal
+    EXPECT_GE(followed, 1);
+  }
   // A tenant that does not exist is refused in the same words: whether it does is not told.
   auto unknown = Share(pki_->practitioner(), record, Id("/tenant/nosuchtenant/practitioner/n-1"),
                        ServerNow() + absl::Hours(1));
@@ -7195,10 +7224,22 @@ TEST_F(SharingTest, QueryAuditAnswersWhoAccessedThePatientsData) {
   EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_CREATE, record, "PERMITTED"));
   EXPECT_TRUE(HasEntry(entries, P1(), v1::AUDIT_ACTION_CREATE, shared->grant_id(), "PERMITTED"));
   bool read = false;
+  // Each entry's hash; the prev_hash of one whose previous entry is on the page too (a tenant's
+  // caller gets no other), and then it is that entry's hash.
+  std::map<uint64_t, std::string> hash_of;
+  for (const v1::AuditEntry& e : entries) hash_of[e.seq()] = e.hash();
+  int linked = 0;
   for (const v1::AuditEntry& e : entries) {
     EXPECT_EQ(e.patient_id(), patient);
-    EXPECT_EQ(e.prev_hash().size(), 32u);
     EXPECT_EQ(e.hash().size(), 32u);
+    if (auto before = hash_of.find(e.seq() - 1); before != hash_of.end()) {
+      ++linked;
+      EXPECT_EQ(e.prev_hash(), before->second) << e.seq();
+    } else if (e.seq() == 1) {
+      EXPECT_EQ(e.prev_hash(), std::string(32, '\0'));
+    } else {
+      EXPECT_EQ(e.prev_hash(), "") << e.seq();
+    }
     if (e.actor() == P2() && e.action() == v1::AUDIT_ACTION_READ) {
       read = true;
       EXPECT_EQ(e.reason(), "PERMITTED");
@@ -7212,6 +7253,7 @@ TEST_F(SharingTest, QueryAuditAnswersWhoAccessedThePatientsData) {
     }
   }
   EXPECT_TRUE(read);
+  EXPECT_GE(linked, 1);
   for (size_t i = 1; i < entries.size(); ++i) EXPECT_LT(entries[i - 1].seq(), entries[i].seq());
 
   // Filters and pages.
