@@ -240,7 +240,8 @@ absl::StatusOr<DbConfig> ParseDb(const ConfigNode& node) {
   return db;
 }
 
-absl::StatusOr<TlsConfig> ParseTls(const ConfigNode& node, const std::string& ca_path) {
+absl::StatusOr<TlsConfig> ParseTls(const ConfigNode& node, const std::string& ca_path,
+                                   const std::string& crl_dir) {
   RETURN_IF_ERROR(node.OnlyKeys({"cert", "key", "refresh_seconds"}));
   TlsConfig tls;
   ASSIGN_OR_RETURN(tls.cert_path, node.String("cert"));
@@ -248,6 +249,7 @@ absl::StatusOr<TlsConfig> ParseTls(const ConfigNode& node, const std::string& ca
   ASSIGN_OR_RETURN(int64_t refresh, node.Int("refresh_seconds", 1, 86400, 60));
   tls.refresh_seconds = static_cast<int>(refresh);
   tls.ca_path = ca_path;
+  tls.crl_dir = crl_dir;
   return tls;
 }
 
@@ -269,13 +271,14 @@ absl::StatusOr<const ServiceEndpoint*> MedgateConfig::Service(absl::string_view 
 }
 
 absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
-  RETURN_IF_ERROR(root.OnlyKeys({"trust_domain", "ca", "dev_reflection", "limits", "control_db",
-                                 "regions", "services", "routing", "consent", "ingest",
-                                 "sharing", "audit"}));
+  RETURN_IF_ERROR(root.OnlyKeys({"trust_domain", "ca", "crl_dir", "dev_reflection", "limits",
+                                 "control_db", "regions", "services", "routing", "consent",
+                                 "ingest", "sharing", "audit"}));
   MedgateConfig config;
   config.root = root;
   ASSIGN_OR_RETURN(config.trust_domain, root.String("trust_domain"));
   ASSIGN_OR_RETURN(config.ca_path, root.String("ca"));
+  ASSIGN_OR_RETURN(config.crl_dir, root.String("crl_dir", ""));
   ASSIGN_OR_RETURN(config.dev_reflection, root.Bool("dev_reflection", false));
 
   if (root.Has("limits")) {
@@ -366,7 +369,7 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
       ASSIGN_OR_RETURN(endpoint.listen, s.String("listen"));
       ASSIGN_OR_RETURN(endpoint.address, s.String("address", endpoint.listen));
       ASSIGN_OR_RETURN(ConfigNode tls, s.Child("tls"));
-      ASSIGN_OR_RETURN(endpoint.tls, ParseTls(tls, config.ca_path));
+      ASSIGN_OR_RETURN(endpoint.tls, ParseTls(tls, config.ca_path, config.crl_dir));
       config.services.emplace(name, std::move(endpoint));
     }
   }

@@ -65,6 +65,10 @@ struct TlsConfig {
   std::string key_path;
   std::string ca_path;
   int refresh_seconds = 60;
+  // A directory of the CA's certificate revocation lists in OpenSSL's hashed form
+  // ("<issuer hash>.r0", .r1, ...); empty for none. A peer whose certificate one revokes is
+  // refused in the handshake.
+  std::string crl_dir{};
 };
 
 struct DbConfig {
@@ -123,6 +127,7 @@ struct ServiceEndpoint {
 struct MedgateConfig {
   std::string trust_domain;
   std::string ca_path;
+  std::string crl_dir;  // see TlsConfig::crl_dir
   bool dev_reflection = false;
   ServerLimits limits;
   std::optional<DbConfig> control_db;

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <ctime>
 #include <utility>
@@ -31,6 +32,15 @@ struct EvpPkeyCtxDeleter {
 };
 struct BignumDeleter {
   void operator()(BIGNUM* bn) const { BN_free(bn); }
+};
+struct CrlDeleter {
+  void operator()(X509_CRL* crl) const { X509_CRL_free(crl); }
+};
+struct Asn1TimeDeleter {
+  void operator()(ASN1_TIME* t) const { ASN1_TIME_free(t); }
+};
+struct Asn1IntegerDeleter {
+  void operator()(ASN1_INTEGER* i) const { ASN1_INTEGER_free(i); }
 };
 struct GeneralNameDeleter {
   void operator()(GENERAL_NAME* name) const { GENERAL_NAME_free(name); }
@@ -374,6 +384,78 @@ absl::StatusOr<Credential> IssueLeaf(const Credential& ca, const LeafOptions& op
   RETURN_IF_ERROR(AddSubjectAltNames(cert, options));
   if (X509_sign(cert, ca.key(), EVP_sha256()) <= 0) return OpenSslError("cannot sign leaf");
   return leaf;
+}
+
+absl::StatusOr<std::string> CreateCrlPem(const Credential& ca,
+                                         const std::vector<std::string>& revoked_serials,
+                                         absl::Duration next_update) {
+  if (next_update <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("devpki: a CRL's next update must be ahead of now");
+  }
+  std::unique_ptr<X509_CRL, CrlDeleter> crl(X509_CRL_new());
+  if (crl == nullptr) return OpenSslError("cannot allocate CRL");
+  const absl::Time now = absl::Now();
+  std::unique_ptr<ASN1_TIME, Asn1TimeDeleter> last(
+      ASN1_TIME_set(nullptr, absl::ToTimeT(now - absl::Hours(1))));
+  std::unique_ptr<ASN1_TIME, Asn1TimeDeleter> next(
+      ASN1_TIME_set(nullptr, absl::ToTimeT(now + next_update)));
+  std::unique_ptr<ASN1_TIME, Asn1TimeDeleter> revoked_at(ASN1_TIME_set(nullptr, absl::ToTimeT(now)));
+  if (last == nullptr || next == nullptr || revoked_at == nullptr ||
+      X509_CRL_set_version(crl.get(), 1) != 1 ||  // v2
+      X509_CRL_set_issuer_name(crl.get(), X509_get_subject_name(ca.cert())) != 1 ||
+      X509_CRL_set1_lastUpdate(crl.get(), last.get()) != 1 ||
+      X509_CRL_set1_nextUpdate(crl.get(), next.get()) != 1) {
+    return OpenSslError("cannot set up CRL");
+  }
+  for (const std::string& serial : revoked_serials) {
+    BIGNUM* raw = nullptr;
+    if (serial.empty() || BN_hex2bn(&raw, serial.c_str()) != static_cast<int>(serial.size())) {
+      BN_free(raw);
+      ERR_clear_error();
+      return absl::InvalidArgumentError(
+          absl::StrCat("devpki: '", serial, "' is not a serial number in hex"));
+    }
+    std::unique_ptr<BIGNUM, BignumDeleter> bn(raw);
+    std::unique_ptr<ASN1_INTEGER, Asn1IntegerDeleter> number(BN_to_ASN1_INTEGER(bn.get(), nullptr));
+    X509_REVOKED* revoked = X509_REVOKED_new();
+    if (number == nullptr || revoked == nullptr ||
+        X509_REVOKED_set_serialNumber(revoked, number.get()) != 1 ||
+        X509_REVOKED_set_revocationDate(revoked, revoked_at.get()) != 1 ||
+        X509_CRL_add0_revoked(crl.get(), revoked) != 1) {
+      X509_REVOKED_free(revoked);
+      return OpenSslError("cannot add a revoked certificate to the CRL");
+    }
+  }
+  if (X509_CRL_sort(crl.get()) != 1 || X509_CRL_sign(crl.get(), ca.key(), EVP_sha256()) <= 0) {
+    return OpenSslError("cannot sign CRL");
+  }
+  BioPtr bio(BIO_new(BIO_s_mem()));
+  if (bio == nullptr || PEM_write_bio_X509_CRL(bio.get(), crl.get()) != 1) {
+    return OpenSslError("cannot encode CRL PEM");
+  }
+  return BioContents(bio.get());
+}
+
+absl::StatusOr<std::string> WriteCrl(const Credential& ca,
+                                     const std::vector<std::string>& revoked_serials,
+                                     const std::string& dir, absl::Duration next_update) {
+  ASSIGN_OR_RETURN(std::string pem, CreateCrlPem(ca, revoked_serials, next_update));
+  int ok = 0;
+  const unsigned long hash =
+      X509_NAME_hash_ex(X509_get_subject_name(ca.cert()), nullptr, nullptr, &ok);
+  if (ok != 1) return OpenSslError("cannot hash the CA's name");
+  char name[16];
+  std::snprintf(name, sizeof(name), "%08lx", hash);
+  for (int index = 0; index < 1000; ++index) {
+    const std::string path = absl::StrCat(dir, "/", name, ".r", index);
+    struct stat st;
+    if (stat(path.c_str(), &st) == 0) continue;
+    if (errno != ENOENT) return ErrnoError("cannot look at", path, errno);
+    RETURN_IF_ERROR(WriteFileAtomically(path, pem, 0644));
+    return path;
+  }
+  return absl::ResourceExhaustedError(
+      absl::StrCat("devpki: ", dir, " already holds 1000 CRLs of this CA; remove old ones"));
 }
 
 absl::Status CheckIssuedBy(const Credential& leaf, const Credential& ca, absl::Time at) {

@@ -82,6 +82,21 @@ absl::StatusOr<Credential> CreateCa(const CaOptions& options);
 // is allowed, to test that peers refuse such a certificate).
 absl::StatusOr<Credential> IssueLeaf(const Credential& ca, const LeafOptions& options);
 
+// A certificate revocation list signed by `ca`, as PEM: the certificates of `revoked_serials`
+// (upper-case hex, as Credential::SerialHex gives them) are revoked as of now; it was issued an
+// hour ago (clock skew) and is current for `next_update` from now.
+absl::StatusOr<std::string> CreateCrlPem(const Credential& ca,
+                                         const std::vector<std::string>& revoked_serials,
+                                         absl::Duration next_update = absl::Hours(24 * 7));
+
+// Writes such a CRL into `dir` under the next name OpenSSL's hashed-directory look-up reads for
+// `ca` ("<issuer name hash>.r0", then .r1, ...: a newer CRL beside the ones before, as a running
+// server picks up new CRLs by new names), atomically; answers the path written.
+absl::StatusOr<std::string> WriteCrl(const Credential& ca,
+                                     const std::vector<std::string>& revoked_serials,
+                                     const std::string& dir,
+                                     absl::Duration next_update = absl::Hours(24 * 7));
+
 // OK if `leaf` carries a signature by `ca`'s key and `at` lies inside its validity. A cheap check
 // for deciding whether files left by an earlier run can be kept; not a chain verification.
 absl::Status CheckIssuedBy(const Credential& leaf, const Credential& ca, absl::Time at);

@@ -646,6 +646,76 @@ TEST_F(MtlsTest, AnExpiredCertificateIsRefusedEvenToAClientThatCachesTlsSessions
   grpc_ssl_session_cache_destroy(cache);
 }
 
+// A certificate that a CRL of the CA revokes (a practitioner who left, a stolen laptop's) is
+// refused in the handshake, before any handler, while every other certificate is served; a CRL
+// written while the server runs, by the next name, is enforced from the next connection on.
+TEST_F(MtlsTest, ACertificateRevokedByACrlIsRefusedInTheHandshake) {
+  const std::string crl_dir = *dir_ + "/crl";
+  std::filesystem::remove_all(crl_dir);
+  std::filesystem::create_directories(crl_dir);
+  auto issue = [&](const std::string& name) {
+    devpki::LeafOptions options;
+    options.common_name = name;
+    options.uri_sans = {pki_->SpiffeId(absl::StrCat("/tenant/acme/practitioner/", name))};
+    absl::StatusOr<TestCert> cert = pki_->Issue(name, options);
+    EXPECT_TRUE(cert.ok()) << cert.status();
+    return *cert;
+  };
+  const TestCert left = issue("p-left");
+  const TestCert stays = issue("p-stays");
+  const TestCert later = issue("p-later");
+
+  MedgateConfig with_crls = config_;
+  with_crls.services["test"].tls.crl_dir = crl_dir;
+  RecordingAuditService service(pki_->trust_domain());
+  ServiceServer server(with_crls, "test");
+  server.AddService(&service);
+  ASSERT_TRUE(server.Start().ok());
+  const std::string address = absl::StrCat("127.0.0.1:", server.port());
+  auto call_as = [&](const TestCert& cert) {
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+        MakeChannel(address, TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 1},
+                    pki_->server_identity());
+    EXPECT_TRUE(channel.ok()) << channel.status();
+    return Call(*channel);
+  };
+  // No CRL yet: every valid certificate is served.
+  for (const TestCert* cert : {&left, &stays, &later}) {
+    grpc::Status status = call_as(*cert);
+    EXPECT_TRUE(status.ok()) << cert->cert_path << ": " << status.error_message();
+  }
+  EXPECT_EQ(service.calls(), 3);
+
+  absl::StatusOr<std::string> first = pki_->WriteCrl({left.serial}, crl_dir);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(call_as(left).error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_TRUE(call_as(stays).ok());
+  EXPECT_TRUE(call_as(later).ok());
+  EXPECT_EQ(service.calls(), 5);
+
+  // The next CRL, beside the first, revokes one more. Of two CRLs of a CA, OpenSSL takes the
+  // one issued later (to the second, as CRLs give their times): this one is issued a second on.
+  absl::SleepFor(absl::Milliseconds(1100));
+  absl::StatusOr<std::string> second = pki_->WriteCrl({left.serial, later.serial}, crl_dir);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_NE(*second, *first);
+  EXPECT_EQ(call_as(later).error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(call_as(left).error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_TRUE(call_as(stays).ok());
+  EXPECT_EQ(service.calls(), 6);
+  server.Shutdown();
+
+  // A CRL directory that is not there is a configuration error, not a server that revokes nothing.
+  MedgateConfig missing = config_;
+  missing.services["test"].tls.crl_dir = *dir_ + "/no-such-crl-dir";
+  ServiceServer refused(missing, "test");
+  RecordingAuditService unused(pki_->trust_domain());
+  refused.AddService(&unused);
+  absl::Status started = refused.Start();
+  EXPECT_EQ(started.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(started.message()), HasSubstr("crl_dir"));
+}
+
 // A connection that never starts its handshake is closed after the handshake timeout, not held
 // (with its descriptor) for gRPC's default two minutes.
 TEST_F(MtlsTest, AConnectionThatSaysNothingIsClosedAfterTheHandshakeTimeout) {

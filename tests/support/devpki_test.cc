@@ -1,15 +1,19 @@
 // Tests medgate_devpki and the medgate-devpki tool by verifying their output with OpenSSL.
 #include "libs/devpki/devpki.h"
 
+#include <openssl/bio.h>
+#include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -142,6 +146,40 @@ TEST_F(DevpkiTest, ExpiredLeafFailsWithCertHasExpired) {
   EXPECT_EQ(VerifyCertificate(Pem(*ca_), Pem(leaf)).value_or(-1), X509_V_ERR_CERT_HAS_EXPIRED);
   EXPECT_FALSE(CheckIssuedBy(leaf, *ca_, absl::Now()).ok());
   EXPECT_TRUE(CheckIssuedBy(leaf, *ca_, absl::Now() - absl::Hours(36)).ok());
+}
+
+// A CRL is signed by the CA, names it as issuer, revokes the serials asked for and no other, and
+// goes into a hashed directory by the names OpenSSL looks it up by, each CRL by the next one.
+TEST_F(DevpkiTest, CrlsRevokeTheSerialsAskedForUnderTheCasHashedNames) {
+  Credential revoked = Issue(LeafOptions());
+  Credential kept = Issue(LeafOptions());
+  absl::StatusOr<std::string> pem = CreateCrlPem(*ca_, {revoked.SerialHex()});
+  ASSERT_TRUE(pem.ok()) << pem.status();
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_mem_buf(pem->data(), pem->size()),
+                                                &BIO_free);
+  std::unique_ptr<X509_CRL, decltype(&X509_CRL_free)> crl(
+      PEM_read_bio_X509_CRL(bio.get(), nullptr, nullptr, nullptr), &X509_CRL_free);
+  ASSERT_NE(crl, nullptr);
+  EXPECT_EQ(X509_CRL_verify(crl.get(), ca_->key()), 1);
+  EXPECT_EQ(X509_NAME_cmp(X509_CRL_get_issuer(crl.get()), X509_get_subject_name(ca_->cert())), 0);
+  X509_REVOKED* entry = nullptr;
+  EXPECT_EQ(X509_CRL_get0_by_cert(crl.get(), &entry, revoked.cert()), 1);
+  EXPECT_EQ(X509_CRL_get0_by_cert(crl.get(), &entry, kept.cert()), 0);
+  EXPECT_EQ(CreateCrlPem(*ca_, {"not-hex"}).status().code(), absl::StatusCode::kInvalidArgument);
+
+  ScratchDir dir("crl");
+  int ok = 0;
+  char hash[16];
+  std::snprintf(hash, sizeof(hash), "%08lx",
+                X509_NAME_hash_ex(X509_get_subject_name(ca_->cert()), nullptr, nullptr, &ok));
+  ASSERT_EQ(ok, 1);
+  absl::StatusOr<std::string> first = WriteCrl(*ca_, {revoked.SerialHex()}, dir.path());
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(*first, absl::StrCat(dir.path(), "/", hash, ".r0"));
+  absl::StatusOr<std::string> second = WriteCrl(*ca_, {}, dir.path());
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(*second, absl::StrCat(dir.path(), "/", hash, ".r1"));
+  EXPECT_THAT(ReadText(*first), ::testing::StartsWith("-----BEGIN X509 CRL-----"));
 }
 
 TEST_F(DevpkiTest, LeafOfAnotherCaDoesNotVerify) {

@@ -94,6 +94,11 @@ absl::Status TestPki::IssueAll() {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::string> TestPki::WriteCrl(const std::vector<std::string>& serials,
+                                              const std::string& dir) const {
+  return devpki::WriteCrl(ca_credential_, serials, dir);
+}
+
 absl::StatusOr<TestCert> TestPki::Issue(const std::string& name,
                                         const devpki::LeafOptions& options) const {
   ASSIGN_OR_RETURN(devpki::Credential credential, devpki::IssueLeaf(ca_credential_, options));

@@ -81,6 +81,10 @@ class TestPki {
   // certificate-rotation tests. With `service`, for spiffe://TD/service/SERVICE instead.
   absl::StatusOr<TestCert> IssueServer(const std::string& name,
                                        const std::string& service = "test-server") const;
+  // Writes a CRL of the test CA revoking `serials` (TestCert::serial) into `dir`, as the next
+  // <hash>.rN; answers its path.
+  absl::StatusOr<std::string> WriteCrl(const std::vector<std::string>& serials,
+                                       const std::string& dir) const;
 
  private:
   TestPki(std::string dir, std::string trust_domain, devpki::Credential ca);

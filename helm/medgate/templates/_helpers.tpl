@@ -408,6 +408,9 @@ roll the other services.
 # The cluster configuration of medgate in {{ $v.country }} (release {{ $root.Release.Name }}).
 trust_domain: {{ $v.trustDomain | quote }}
 ca: /etc/medgate/ca/ca.crt
+{{- if $v.tls.crlSecret }}
+crl_dir: /etc/medgate/crl
+{{- end }}
 limits:
   max_message_bytes: {{ int64 $v.limits.maxMessageBytes }}
   max_concurrent_streams: {{ int64 $v.limits.maxConcurrentStreams }}

@@ -875,6 +875,38 @@ TEST_F(HelmChartTest, WithoutCertManagerThePodsUseTheServicesOwnSecrets) {
             "health-medgate-audit.health.svc.cluster.local:8444");
 }
 
+// With a Secret of CRLs, every service reads them from where its pods mount that Secret, whole
+// (a CRL added later appears there); without one, the configuration names no CRL directory.
+TEST_F(HelmChartTest, ACrlSecretReachesEveryServiceWhereItsConfigurationLooksForCrls) {
+  EXPECT_EQ(ParseConfig(ConfigText(*france_)).crl_dir, "");
+  for (const std::string& name : kDeployments) {
+    const YAML::Node pod =
+        Named(*france_, "Deployment", "medgate-" + name)["spec"]["template"]["spec"];
+    for (const YAML::Node& v : pod["volumes"]) {
+      EXPECT_NE(v["name"].as<std::string>(), "crl") << name;
+    }
+  }
+  const Render render = RenderChart("tls: {crlSecret: medgate-ca-crls}\n");
+  ASSERT_EQ(render.exit_code, 0) << render.error;
+  const MedgateConfig config = ParseConfig(ConfigText(render));
+  ASSERT_FALSE(config.crl_dir.empty());
+  for (const std::string& name : kServices) {
+    absl::StatusOr<const ServiceEndpoint*> endpoint = config.Service(name);
+    ASSERT_TRUE(endpoint.ok()) << name;
+    EXPECT_EQ((*endpoint)->tls.crl_dir, config.crl_dir) << name;
+  }
+  for (const std::string& name : kDeployments) {
+    SCOPED_TRACE(name);
+    const YAML::Node pod =
+        Named(render, "Deployment", "medgate-" + name)["spec"]["template"]["spec"];
+    const std::map<std::string, std::string> mounts = Mounts(pod["containers"][0]);
+    ASSERT_EQ(mounts.count(config.crl_dir), 1u);
+    const YAML::Node volume = Volume(pod, mounts.at(config.crl_dir));
+    EXPECT_EQ(volume["secret"]["secretName"].as<std::string>(), "medgate-ca-crls");
+    EXPECT_FALSE(volume["secret"]["items"].IsDefined()) << "every CRL of the Secret, not some";
+  }
+}
+
 // Values that would give a cluster storing data where the residency rules do not allow, or one
 // that cannot start, stop the rendering with a message naming the value: nothing is deployed.
 TEST_F(HelmChartTest, ValuesThatCannotMakeAWorkingClusterAreRefusedByName) {
