@@ -359,13 +359,15 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
         const pqxx::result inserted =
             txn.exec_prepared(sql::kInsertConsent, NewConsentId(patient.region_id),
                               patient.patient_id, patient.tenant_id, purpose_name, request.actor);
-        if (inserted.affected_rows() == 1 &&
+        // Narrowed consents are bounded; a tenant-wide one (one a purpose) is always possible,
+        // so no pile of narrowed ones can keep the patient from consenting tenant-wide.
+        if (inserted.affected_rows() == 1 && !request.actor.empty() &&
             txn.exec_prepared1(sql::kCountPatientConsents, patient.patient_id)[0].as<int64_t>() >
                 kMaxConsentsPerPatient) {
           return absl::ResourceExhaustedError(absl::StrCat(
-              "the patient has ", kMaxConsentsPerPatient, " consents (purpose and actor pairs), "
-              "the most a patient may have; re-grant an existing one (a tenant-wide consent has "
-              "no actor) instead of adding another"));
+              "the patient has ", kMaxConsentsPerPatient, " consents narrowed to an actor "
+              "(purpose and actor pairs), the most a patient may have; re-grant an existing one, "
+              "or grant tenant-wide (no actor), instead of adding another"));
         }
         pqxx::result row = txn.exec_prepared(sql::kLockConsentByKey, patient.patient_id,
                                              purpose_name, request.actor);

@@ -30,7 +30,8 @@ inline constexpr size_t kMaxTextBytes = 512;      // evidence_ref, reason
 inline constexpr int kDefaultPageSize = 100;
 inline constexpr int kMaxPageSize = 1000;
 // Bounds that keep a patient's consents, and a page of them, finite: at most this many consents
-// (purpose and actor pairs) per patient, versions per consent (a grant beyond it is refused; a
+// narrowed to an actor (purpose and actor pairs) per patient, besides the tenant-wide ones (one a
+// purpose), versions per consent (a grant beyond it is refused; a
 // revocation never is), and consents per page when their history comes with them.
 inline constexpr int64_t kMaxConsentsPerPatient = 1000;
 inline constexpr int64_t kMaxConsentVersions = 100;

@@ -81,7 +81,10 @@ inline const std::vector<pg::Statement>& Statements() {
        "WHERE c.patient_id = $1 AND ($2 = '' OR c.purpose = $2)"},
       // New consents of one patient take turns, so the bound on their number holds.
       {kLockPatientConsents, "SELECT pg_advisory_xact_lock(hashtextextended($1, 7))"},
-      {kCountPatientConsents, "SELECT count(*) FROM consents WHERE patient_id = $1"},
+      // The patient's consents narrowed to an actor (the bound's; the tenant-wide ones, one a
+      // purpose, are not counted).
+      {kCountPatientConsents,
+       "SELECT count(*) FROM consents WHERE patient_id = $1 AND actor <> ''"},
       {kListVersions,
        "SELECT consent_id, version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "
        "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "

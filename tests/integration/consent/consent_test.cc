@@ -1494,8 +1494,8 @@ TEST_F(ConsentTest, APatientsConsentsAndTheirVersionsAreBounded) {
   auto app = Stub(pki_->app());
   auto first = Grant(*app, GrantArgs(patient).WithRequestId("bounded-v1"));
   ASSERT_TRUE(first.ok()) << first.status();
-  // What earlier grants would have stored: more consents, each granted once, up to one below the
-  // bound, and versions 2 to kMaxConsentVersions - 2 of the first.
+  // What earlier grants would have stored: consents narrowed to an actor, each granted once, up
+  // to one below the bound, and versions 2 to kMaxConsentVersions - 2 of the first.
   {
     pqxx::connection c(clusters_->region("fr-1").ConnectionString());
     pqxx::work txn(c);
@@ -1503,13 +1503,13 @@ TEST_F(ConsentTest, APatientsConsentsAndTheirVersionsAreBounded) {
         "INSERT INTO consents (consent_id, patient_id, tenant_id, purpose, actor) "
         "SELECT 'cn_fr-1_fill' || n, $1, 'acme', 'RESEARCH', $2 || n "
         "FROM generate_series(1, $3::int) AS n",
-        patient, pki_->SpiffeId("/tenant/acme/app/fill-"), kMaxConsentsPerPatient - 2);
+        patient, pki_->SpiffeId("/tenant/acme/app/fill-"), kMaxConsentsPerPatient - 1);
     txn.exec_params0(
         "INSERT INTO consent_versions (consent_id, version, state, valid_from, evidence_ref, "
         "reason, recorded_by, recorded_at, request_id) "
         "SELECT 'cn_fr-1_fill' || n, 1, 'granted', now(), 'form', '', $2, now(), 'fill' "
         "FROM generate_series(1, $1::int) AS n",
-        kMaxConsentsPerPatient - 2, App());
+        kMaxConsentsPerPatient - 1, App());
     txn.exec_params0(
         "INSERT INTO consent_versions (consent_id, version, state, valid_from, evidence_ref, "
         "reason, recorded_by, recorded_at, request_id) "
@@ -1518,15 +1518,26 @@ TEST_F(ConsentTest, APatientsConsentsAndTheirVersionsAreBounded) {
         first->consent_id(), App(), kMaxConsentVersions - 2);
     txn.commit();
   }
-  // The last consent the bound allows, then one too many.
-  ASSERT_TRUE(Grant(*app, GrantArgs(patient).WithPurpose(v1::PURPOSE_GEOLOCATION)).ok());
-  auto refused = Grant(*app, GrantArgs(patient).WithPurpose(v1::PURPOSE_RESEARCH));
+  // The last narrowed consent the bound allows, then one too many.
+  ASSERT_TRUE(Grant(*app, GrantArgs(patient).WithActor(Practitioner())).ok());
+  auto refused = Grant(*app, GrantArgs(patient).WithActor(
+                                 pki_->SpiffeId("/tenant/acme/practitioner/one-too-many")));
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(refused.status().message()),
-              HasSubstr(absl::StrCat(kMaxConsentsPerPatient, " consents")));
-  EXPECT_EQ(CountIn(clusters_->region("fr-1"), "SELECT count(*) FROM consents WHERE patient_id = $1",
-                    patient),
+              HasSubstr(absl::StrCat(kMaxConsentsPerPatient, " consents narrowed to an actor")));
+  // Tenant-wide consents are not held back by the narrowed ones: the patient can always consent
+  // for every purpose (a device's samples rest on a tenant-wide REMOTE_MONITORING).
+  for (v1::Purpose purpose : {v1::PURPOSE_GEOLOCATION, v1::PURPOSE_RESEARCH,
+                              v1::PURPOSE_REMOTE_MONITORING, v1::PURPOSE_RECORD_SHARING}) {
+    auto tenant_wide = Grant(*app, GrantArgs(patient).WithPurpose(purpose));
+    EXPECT_TRUE(tenant_wide.ok()) << v1::Purpose_Name(purpose) << ": " << tenant_wide.status();
+  }
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM consents WHERE patient_id = $1 AND actor <> ''", patient),
             kMaxConsentsPerPatient);
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM consents WHERE patient_id = $1 AND actor = ''", patient),
+            5);
   // Versions: one more grant fits, the next does not; a revocation still does.
   auto regranted = Grant(*app, GrantArgs(patient).WithEvidence("form-99").WithRequestId("b-99"));
   ASSERT_TRUE(regranted.ok()) << regranted.status();
@@ -1550,7 +1561,7 @@ TEST_F(ConsentTest, APatientsConsentsAndTheirVersionsAreBounded) {
   plain.set_page_size(1000);
   auto all = List(*app, plain);
   ASSERT_TRUE(all.ok()) << all.status();
-  EXPECT_EQ(all->consents_size(), kMaxConsentsPerPatient);
+  EXPECT_EQ(all->consents_size(), kMaxConsentsPerPatient);  // a page of 1,000 of the 1,005
 }
 
 // Grants racing for a patient's last free places: the per-patient lock lets exactly as many in as
