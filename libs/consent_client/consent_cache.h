@@ -77,8 +77,8 @@ class ConsentCache {
  public:
   virtual ~ConsentCache() = default;
 
-  // May `actor` (a SPIFFE id; "" for the patient's tenant as a whole, e.g. a device stream)
-  // use `patient_id`'s data for `purpose` at `now`? Default deny. The patient's home region
+  // May `actor` (the caller's verified SPIFFE id; "" is covered by no consent) use
+  // `patient_id`'s data for `purpose` at `now`? Default deny. The patient's home region
   // comes from routing. A region whose change feed is down longer than fail_closed_after, or
   // whose shard cannot be read: UNAVAILABLE (callers treat it as deny). A tenant identity is
   // covered by its tenant's tenant-wide consents and by consents narrowed to exactly it

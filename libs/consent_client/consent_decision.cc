@@ -149,9 +149,10 @@ AccessDecision Decide(absl::Span<const ConsentRecord> consents, Purpose purpose,
     if (c.purpose != purpose) continue;
     any_for_purpose = true;
     if (c.actor.empty()) {
-      // Parsed only here: most decisions never need the actor's tenant.
+      // Parsed only here: most decisions never need the actor's tenant. No actor is no one of
+      // the tenant: covered by nothing (default deny).
       const absl::string_view actor_tenant = actor.empty() ? "" : TenantOfActor(actor);
-      if (actor.empty() || (!actor_tenant.empty() && actor_tenant == c.tenant_id)) {
+      if (!actor_tenant.empty() && actor_tenant == c.tenant_id) {
         tenant_wide = &c;
       }
     } else if (!actor.empty() && c.actor == actor) {

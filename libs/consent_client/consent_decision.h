@@ -60,7 +60,7 @@ absl::string_view TenantOfActor(absl::string_view actor);
 
 // Default deny. Among `consents` (one patient's), those for `purpose` that cover `actor`:
 // the one narrowed to exactly `actor`, and the tenant-wide one when `actor` belongs to the
-// patient's tenant (or is "", the tenant as a whole). The first of them that is granted, within
+// patient's tenant (an empty `actor` is covered by none). The first of them that is granted, within
 // its period and covers `category` (CoversCategory) permits (the narrowed one first); otherwise
 // the decision is a deny for the most specific of them, with its reason: CATEGORY_NOT_COVERED
 // for one that is granted but narrowed to other categories. None for the purpose: NO_CONSENT;

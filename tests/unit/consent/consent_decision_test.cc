@@ -108,7 +108,7 @@ TEST_F(DecideTest, DeniesWithNoConsentByDefault) {
 
 TEST_F(DecideTest, TenantWideConsentCoversEveryIdentityOfTheTenant) {
   std::vector<ConsentRecord> consents = {Granted("c1", Purpose::kRemoteMonitoring)};
-  for (const char* actor : {kPractitioner, kApp, kDevice, ""}) {
+  for (const char* actor : {kPractitioner, kApp, kDevice}) {
     AccessDecision d = Decide(consents, Purpose::kRemoteMonitoring, actor, "", kNow);
     EXPECT_TRUE(d.permit) << actor;
     EXPECT_EQ(d.reason, AccessReason::kPermitted) << actor;
@@ -126,7 +126,7 @@ TEST_F(DecideTest, OtherTenantsActorIsNotCovered) {
   // Nor are identities that are not a tenant's practitioner, app or device.
   for (const char* actor :
        {"spiffe://medgate.test/service/ingest", "spiffe://medgate.test/ops/alice",
-        "not a spiffe id", "spiffe://medgate.test/tenant/acme/robot/x"}) {
+        "not a spiffe id", "spiffe://medgate.test/tenant/acme/robot/x", ""}) {
     EXPECT_EQ(Decide(consents, Purpose::kCare, actor, "", kNow).reason, AccessReason::kActorNotCovered)
         << actor;
   }
@@ -299,7 +299,7 @@ TEST_F(DecideTest, RandomConsentsPermitExactlyWhenCoveredAndHoldUntilValidUntil)
     for (const ConsentRecord& c : consents) {
       const bool covers =
           c.purpose == purpose &&
-          (c.actor.empty() ? actor.empty() || TenantOfActor(actor) == "acme" : c.actor == actor);
+          (c.actor.empty() ? TenantOfActor(actor) == "acme" : c.actor == actor);
       const bool of_its_categories =
           c.categories.empty() ||
           (!category.empty() &&
