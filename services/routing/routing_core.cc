@@ -627,6 +627,9 @@ absl::StatusOr<AssignResult> RoutingCore::AssignDevice(const CallContext& ctx,
   RETURN_IF_ERROR(ValidateRef(patient_ref));
   const std::string& tenant_id = ctx.principal.tenant;
   return InTransaction<AssignResult>(control_, [&](pqxx::work& txn) -> absl::StatusOr<AssignResult> {
+    // Held against upserts of the tenant until this commits, as a placement holds it: an
+    // assignment is never made after a suspension has committed.
+    txn.exec_prepared(sql::kShareTenant, tenant_id);
     ASSIGN_OR_RETURN(TenantRow tenant, LoadActiveTenant(txn, tenant_id));
     const std::string patient_id = PseudonymFor(tenant.key, patient_ref);
     pqxx::result patient = txn.exec_prepared(sql::kSelectPatient, patient_id, tenant_id);
@@ -659,7 +662,8 @@ absl::StatusOr<AssignResult> RoutingCore::AssignDevice(const CallContext& ctx,
     // unassigned since, whose reassignment wait this call has not checked.
     const pqxx::result assigned =
         device.empty() ? txn.exec_prepared(sql::kInsertDevice, tenant_id, device_id, patient_id)
-                       : txn.exec_prepared(sql::kAssignLockedDevice, tenant_id, device_id, patient_id);
+                       : txn.exec_prepared(sql::kAssignLockedDevice, tenant_id, device_id, patient_id,
+                                           absl::ToDoubleSeconds(reassign_wait_));
     if (assigned.affected_rows() != 1) {
       // ABORTED makes the pool run this again, and the look-up sees (and locks) that row.
       return absl::AbortedError(absl::StrCat("device '", device_id,

@@ -107,11 +107,13 @@ inline const std::vector<pg::Statement>& Statements() {
        "INSERT INTO devices (tenant_id, device_id, patient_id, assigned_at) "
        "VALUES ($1, $2, $3, now()) ON CONFLICT (tenant_id, device_id) DO NOTHING"},
       // The row the look-up locked, unassigned. assigned_at: a device given back to the patient it
-      // last fed continues that assignment (its samples measured meanwhile are that patient's);
-      // any other starts now.
+      // last fed within the reassignment wait ($4 seconds: an unassignment undone) continues that
+      // assignment (its samples measured meanwhile are that patient's); any other starts now: a
+      // device unassigned for longer may have been worn by someone else meanwhile.
       {kAssignLockedDevice,
        "UPDATE devices SET patient_id = $3, "
        "assigned_at = CASE WHEN former_patient_id = $3 AND assigned_at IS NOT NULL "
+       "AND now() - updated_at < make_interval(secs => $4::float8) "
        "THEN assigned_at ELSE now() END, updated_at = now() "
        "WHERE tenant_id = $1 AND device_id = $2 AND patient_id IS NULL"},
       // The time it is written, not the transaction's start: the reassignment wait counts from when

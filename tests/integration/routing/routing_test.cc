@@ -973,6 +973,14 @@ TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
   EXPECT_FALSE(resolve()->has_assigned_at());
   ASSERT_TRUE(assign("wait-owner-1").ok());
   EXPECT_EQ(micros(resolve()->assigned_at()), began);
+  // Given back only after longer than the reassignment wait (3 s here), when someone else may
+  // have worn it meanwhile, a new assignment begins: what it measured unassigned is no one's.
+  ASSERT_TRUE(unassign().ok());
+  const int64_t left_unassigned = absl::ToUnixMicros(absl::Now());
+  absl::SleepFor(absl::Seconds(4));
+  ASSERT_TRUE(assign("wait-owner-1").ok());
+  ASSERT_TRUE(resolve()->has_assigned_at());
+  EXPECT_GT(micros(resolve()->assigned_at()), left_unassigned);
 
   ASSERT_TRUE(unassign().ok());
   const int64_t unassigned_at = absl::ToUnixMicros(absl::Now());
@@ -1165,6 +1173,41 @@ TEST_F(RoutingTest, DevicesMayCallNothingAndAdminIsOpsOnly) {
   for (const auto& [name, status] : results) {
     EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << name;
   }
+}
+
+// An assignment holds its tenant against upserts, as a placement does: one that started while a
+// suspension was being written waits for it, and is refused once it has committed, not made
+// after it.
+TEST_F(RoutingTest, AnAssignmentRacingASuspensionWaitsForItAndIsRefused) {
+  absl::StatusOr<TestCert> issued =
+      test_support::IssueIdentity(*pki_, "assign-race-app", "/tenant/assign-race/app/backend");
+  ASSERT_TRUE(issued.ok()) << issued.status();
+  const TestCert app = *issued;
+  ASSERT_TRUE(
+      test_support::UpsertTenant(*pki_, server_->port(), "assign-race", {"FR"}, true).ok());
+  ASSERT_TRUE(Place(app, "assign-race-patient", "FR").ok());
+  // A suspension being written, as UpsertTenant writes one: the tenant's lock held, the row
+  // changed, not yet committed.
+  pqxx::connection holder(clusters_->control().ConnectionString());
+  pqxx::work suspending(holder);
+  suspending.exec("SELECT pg_advisory_xact_lock(7202, hashtext('assign-race'))");
+  suspending.exec("UPDATE tenants SET active = false WHERE tenant_id = 'assign-race'");
+  std::promise<grpc::Status> assigned;
+  std::thread assigning(
+      [&] { assigned.set_value(Assign(app, "assign-race-dev", "assign-race-patient")); });
+  const bool waits = test_support::PollUntil(absl::Now() + absl::Seconds(20), [] {
+    return CountIn(clusters_->control(),
+                   "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'") == 1;
+  });
+  suspending.commit();
+  assigning.join();
+  EXPECT_TRUE(waits) << "the assignment did not wait for the tenant's lock";
+  const grpc::Status status = assigned.get_future().get();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("suspended"));
+  EXPECT_EQ(CountIn(clusters_->control(),
+                    "SELECT count(*) FROM devices WHERE tenant_id = 'assign-race'"),
+            0);
 }
 
 // Tenant.active = false refuses every call of the tenant's identities with PERMISSION_DENIED
