@@ -601,6 +601,31 @@ absl::StatusOr<ListResult> ConsentCore::ReadConsents(
   ASSIGN_OR_RETURN(PatientLocation patient, ResolvePatient(ctx, request.patient_id));
   ASSIGN_OR_RETURN(pg::Pool * shard, HomeShard(patient));
   const absl::Time now = absl::Now();
+  // A patient's consents tell who treats the patient and which kinds of data they hold: a
+  // practitioner reads them only while the patient's CARE consent permits it for every data
+  // category, as the patient's audit trail; the tenant's apps, which ask for the patient, need
+  // none. A refusal is in the patient's trail.
+  if (ctx.principal.kind == PrincipalKind::kPractitioner) {
+    ASSIGN_OR_RETURN(const AccessDecision care,
+                     cache_.Check(patient.region_id, patient.patient_id, Purpose::kCare,
+                                  ctx.principal.spiffe_id, "", now));
+    if (!care.permit) {
+      audit::Entry entry = AuditFor(ctx, audit::Action::kRead, patient, care.consent_id,
+                                    Purpose::kCare, care.consent_version,
+                                    AccessReasonName(care.reason));
+      entry.object_type = "consent_list";
+      entry.object_id = patient.patient_id;
+      entry.decision = audit::Decision::kDeny;
+      RETURN_IF_ERROR(shard->Transact([&](pqxx::work& txn) {
+        return audit::Append(txn, entry).status();
+      }));
+      return absl::PermissionDeniedError(absl::StrCat(
+          "reading this patient's consents: the patient's CARE consent does not permit it (",
+          AccessReasonName(care.reason),
+          "); a practitioner reads them under a CARE consent covering every data category, the "
+          "tenant's apps for the patient"));
+    }
+  }
   return shard->TransactValue<ListResult>([&](pqxx::work& txn) -> absl::StatusOr<ListResult> {
     std::vector<ConsentInfo> all;
     for (const pqxx::row& row :

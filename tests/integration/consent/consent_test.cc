@@ -15,6 +15,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "libs/audit/audit_log.h"
@@ -1611,6 +1612,48 @@ TEST_F(ConsentTest, ConcurrentGrantsStopAtThePatientsBound) {
   EXPECT_EQ(CountIn(clusters_->region("fr-1"), "SELECT count(*) FROM consents WHERE patient_id = $1",
                     patient),
             kMaxConsentsPerPatient);
+}
+
+// A patient's consents tell who treats the patient and which kinds of data they hold: a
+// practitioner lists them only under the patient's CARE consent for every category (as the audit
+// trail), and a refusal is audited; the tenant's apps list them for the patient.
+TEST_F(ConsentTest, APractitionerListsAPatientsConsentsOnlyUnderCareConsent) {
+  const std::string patient = Place("listed-by-practitioner-1", "FR");
+  auto app = Stub(pki_->app());
+  auto practitioner = Stub(pki_->practitioner());
+  ASSERT_TRUE(Grant(*app, GrantArgs(patient).WithPurpose(v1::PURPOSE_RESEARCH)).ok());
+  // No CARE consent at all.
+  auto refused = List(*practitioner, ListOf(patient, true));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("CARE consent"));
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("NO_CONSENT"));
+  // CARE narrowed to the practitioner for one category does not cover every category.
+  ASSERT_TRUE(Grant(*app, GrantArgs(patient).WithActor(Practitioner()).InCategories({"heart-rate"}))
+                  .ok());
+  absl::StatusOr<v1::ListConsentsResponse> narrowed;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    narrowed = List(*practitioner, ListOf(patient));
+    return absl::StrContains(narrowed.status().message(), "CATEGORY_NOT_COVERED");
+  })) << narrowed.status();
+  EXPECT_EQ(narrowed.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM audit_log WHERE object_type = 'consent_list' AND "
+                    "patient_id = $1 AND decision = 'deny' AND purpose = 'CARE' AND actor = '" +
+                        Practitioner() + "'",
+                    patient),
+            2);
+  // The tenant's app lists them whatever the consents say.
+  auto by_app = List(*app, ListOf(patient));
+  ASSERT_TRUE(by_app.ok()) << by_app.status();
+  EXPECT_EQ(by_app->consents_size(), 2);
+  // Under a tenant-wide CARE consent (once the service's cache has it), the practitioner lists.
+  ASSERT_TRUE(Grant(*app, GrantArgs(patient)).ok());
+  absl::StatusOr<v1::ListConsentsResponse> listed;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    listed = List(*practitioner, ListOf(patient));
+    return listed.ok();
+  })) << listed.status();
+  EXPECT_EQ(listed->consents_size(), 3);
 }
 
 // A listing, or a practitioner's access check, whose read entry cannot be written fails and
