@@ -151,7 +151,7 @@ AccessDecision Decide(absl::Span<const ConsentRecord> consents, Purpose purpose,
     if (c.actor.empty()) {
       // Parsed only here: most decisions never need the actor's tenant. No actor is no one of
       // the tenant: covered by nothing (default deny).
-      const absl::string_view actor_tenant = actor.empty() ? "" : TenantOfActor(actor);
+      const absl::string_view actor_tenant = TenantOfActor(actor);  // "" for ""
       if (!actor_tenant.empty() && actor_tenant == c.tenant_id) {
         tenant_wide = &c;
       }

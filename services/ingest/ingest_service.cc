@@ -174,6 +174,17 @@ struct PageRead {
   size_t locations_withheld = 0;
 };
 
+// Every code the patient's samples have: the catalogue's, and any a later version dropped from
+// it (stored before).
+std::vector<std::string> StoredCodes(pqxx::work& txn, const PatientLocation& where) {
+  std::vector<std::string> codes;
+  for (const pqxx::row& row :
+       txn.exec_prepared(sql::kStoredVitalCodes, where.tenant_id, where.patient_id)) {
+    codes.push_back(row[0].as<std::string>());
+  }
+  return codes;
+}
+
 PageRead ReadPage(pqxx::work& txn, const std::string& patient_id,
                   const std::vector<std::string>& codes, int64_t from_us, int64_t to_us,
                   const PagePosition& after, int page, bool with_location) {
@@ -928,8 +939,8 @@ grpc::Status IngestService::EraseVitals(grpc::ServerContext* context,
   const PatientLocation& where = shard->where;
   pg::Pool* const pool = shard->pool;
 
-  // Code by code (the catalogue's, then any others stored), earliest first, a bounded
-  // transaction at a time, each with the audit entry of what it deleted.
+  // Code by code (every code stored of the patient), earliest first, a bounded transaction at a
+  // time, each with the audit entry of what it deleted.
   uint64_t erased = 0;
   auto stopped = [&](grpc::StatusCode code, absl::string_view why) {
     return grpc::Status(code, absl::StrCat(why, "; ", erased,
@@ -961,23 +972,14 @@ grpc::Status IngestService::EraseVitals(grpc::ServerContext* context,
       if (deleted < sql::kEraseVitalsRows) return std::nullopt;
     }
   };
-  for (const VitalKind& kind : VitalCatalogue()) {
-    if (std::optional<grpc::Status> stop = erase_code(std::string(kind.loinc))) return *stop;
-  }
-  // Whatever codes are left: those a later version dropped from the catalogue, stored before.
-  absl::StatusOr<std::vector<std::string>> left = pool->TransactValue<std::vector<std::string>>(
+  absl::StatusOr<std::vector<std::string>> codes = pool->TransactValue<std::vector<std::string>>(
       [&](pqxx::work& txn) -> absl::StatusOr<std::vector<std::string>> {
-        std::vector<std::string> codes;
-        for (const pqxx::row& row :
-             txn.exec_prepared(sql::kStoredVitalCodes, where.tenant_id, where.patient_id)) {
-          codes.push_back(row[0].as<std::string>());
-        }
-        return codes;
+        return StoredCodes(txn, where);
       });
-  if (!left.ok()) {
-    return stopped(static_cast<grpc::StatusCode>(left.status().code()), left.status().message());
+  if (!codes.ok()) {
+    return stopped(static_cast<grpc::StatusCode>(codes.status().code()), codes.status().message());
   }
-  for (const std::string& loinc : *left) {
+  for (const std::string& loinc : *codes) {
     if (std::optional<grpc::Status> stop = erase_code(loinc)) return *stop;
   }
   response->set_erased_count(erased);
@@ -1020,14 +1022,9 @@ grpc::Status IngestService::ExportVitals(grpc::ServerContext* context,
   const bool with_location = geolocation.ok() && geolocation->permit;
   PageRead read;
   absl::Status status = pool->Transact([&](pqxx::work& txn) -> absl::Status {
-    // Every code the patient's samples have, the catalogue's and any a later version dropped
-    // from it: an export is all that is stored of the patient.
-    std::vector<std::string> codes;
-    for (const pqxx::row& row :
-         txn.exec_prepared(sql::kStoredVitalCodes, where.tenant_id, where.patient_id)) {
-      codes.push_back(row[0].as<std::string>());
-    }
-    read = ReadPage(txn, where.patient_id, codes, from_us, to_us, *after, page, with_location);
+    // An export is all that is stored of the patient.
+    read = ReadPage(txn, where.patient_id, StoredCodes(txn, where), from_us, to_us, *after, page,
+                    with_location);
     std::string reason = absl::StrCat(
         "EXPORTED: observations=", std::min<size_t>(read.readings.size(), page), " format=fhir-r4");
     if (!request->page_token().empty()) absl::StrAppend(&reason, " after=", request->page_token());

@@ -233,7 +233,6 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
             : txn.exec_prepared(sql::kSelectAuditForPatient, query.patient_id, after_at, after,
                                 end_us, query.actor, size + 1, scan);
     AuditPage page;
-    absl::flat_hash_set<int64_t> given_whole;  // seqs of entries a tenant's caller gets whole
     int64_t scanned = 0;
     int64_t last_scanned = 0;
     for (const pqxx::row& row : rows) {
@@ -263,8 +262,6 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
       if (withheld) {
         entry.prev_hash.clear();
         entry.hash.clear();
-      } else if (!ops) {
-        given_whole.insert(entry.seq);
       }
       page.entries.push_back(std::move(entry));
     }
@@ -273,6 +270,10 @@ absl::StatusOr<AuditPage> AuditCore::Query(const CallContext& ctx, const AuditQu
     // only where that entry is on this page and given whole, so it learns no hash it was not
     // given with its entry. Seq 1's is 32 zero bytes.
     if (!ops) {
+      absl::flat_hash_set<int64_t> given_whole;  // entries given with their hash
+      for (const audit::StoredEntry& entry : page.entries) {
+        if (!entry.hash.empty()) given_whole.insert(entry.seq);
+      }
       for (audit::StoredEntry& entry : page.entries) {
         if (entry.seq > 1 && !given_whole.contains(entry.seq - 1)) entry.prev_hash.clear();
       }

@@ -180,6 +180,15 @@ TEST_F(DevpkiTest, CrlsRevokeTheSerialsAskedForUnderTheCasHashedNames) {
   ASSERT_TRUE(second.ok()) << second.status();
   EXPECT_EQ(*second, absl::StrCat(dir.path(), "/", hash, ".r1"));
   EXPECT_THAT(ReadText(*first), ::testing::StartsWith("-----BEGIN X509 CRL-----"));
+  EXPECT_EQ(CreateCrlPem(*ca_, {}, absl::ZeroDuration()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // A directory already holding 1,000 CRLs of the CA gets no more.
+  for (int index = 2; index < 1000; ++index) {
+    std::ofstream(absl::StrCat(dir.path(), "/", hash, ".r", index)) << "x";
+  }
+  absl::StatusOr<std::string> full = WriteCrl(*ca_, {}, dir.path());
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted) << full.status();
+  EXPECT_THAT(std::string(full.status().message()), ::testing::HasSubstr("1000 CRLs"));
 }
 
 TEST_F(DevpkiTest, LeafOfAnotherCaDoesNotVerify) {
