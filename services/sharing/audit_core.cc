@@ -7,7 +7,10 @@
 #include <thread>
 #include <vector>
 
+#include "absl/algorithm/container.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -79,7 +82,38 @@ void FailOnAnchor(ChainReport& report, std::string problem, const ChainAnchor& a
   report.detail = std::move(problem);
 }
 
+constexpr absl::string_view kAnchorPrefix = "ANCHOR: seq=";
+constexpr absl::string_view kAnchorHashField = " hash=";
+
 }  // namespace
+
+std::string AnchorReason(const ChainAnchor& anchor) {
+  return absl::StrCat(kAnchorPrefix, anchor.seq, kAnchorHashField, audit::ToHex(anchor.hash));
+}
+
+std::optional<ChainAnchor> ParseAnchorReason(absl::string_view reason) {
+  if (!absl::ConsumePrefix(&reason, kAnchorPrefix)) return std::nullopt;
+  const size_t hash_at = reason.find(kAnchorHashField);
+  if (hash_at == absl::string_view::npos) return std::nullopt;
+  // Exactly as AnchorReason writes it: digits alone, no sign, space or leading zero.
+  const absl::string_view seq = reason.substr(0, hash_at);
+  ChainAnchor anchor;
+  if (seq.empty() || seq[0] == '0' ||
+      !std::all_of(seq.begin(), seq.end(),
+                   [](char c) { return absl::ascii_isdigit(static_cast<unsigned char>(c)); }) ||
+      !absl::SimpleAtoi(seq, &anchor.seq)) {
+    return std::nullopt;
+  }
+  const absl::string_view hex = reason.substr(hash_at + kAnchorHashField.size());
+  if (hex.size() != 64 ||
+      !std::all_of(hex.begin(), hex.end(), [](char c) {
+        return absl::ascii_isdigit(static_cast<unsigned char>(c)) || (c >= 'a' && c <= 'f');
+      })) {
+    return std::nullopt;
+  }
+  anchor.hash = absl::HexStringToBytes(hex);
+  return anchor;
+}
 
 ChainFault FaultOf(const audit::VerifyResult& result) {
   switch (result.fault) {
@@ -550,6 +584,24 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
         kMaxChainWalksPerLog, " at a time: each holds one of the log's database connections for "
         "as long as it reads); retry when it ends"));
   }
+  // The latest anchor of the log recorded elsewhere, when the range covers its entry (a walk
+  // that starts after it would trust the entries in between unchecked, one that ends before it
+  // says nothing of the end).
+  RecordedAnchor recorded = LatestRecordedAnchor(log);
+  const uint64_t recorded_seq = static_cast<uint64_t>(recorded.anchor.seq);
+  const bool recorded_applies = recorded.anchor.seq > 0 && start_seq <= recorded_seq + 1 &&
+                                (end_seq == 0 || end_seq >= recorded_seq);
+  // The anchor given, then the one recorded elsewhere.
+  auto check_anchors = [&](pqxx::transaction_base& txn, ChainReport& report) {
+    if (anchor.seq > 0) FailOnAnchor(report, AnchorProblem(txn, anchor), anchor);
+    if (report.ok && recorded_applies) {
+      std::string problem = AnchorProblem(txn, recorded.anchor);
+      if (!problem.empty()) {
+        absl::StrAppend(&problem, " (the anchor recorded in log ", recorded.in_log, ")");
+      }
+      FailOnAnchor(report, std::move(problem), recorded.anchor);
+    }
+  };
   // Every walk that read the log is audited, concluded or not: ops read a log's entries either way.
   auto entry_for = [&](std::string reason) {
     audit::Entry e;
@@ -560,6 +612,10 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     e.decision = audit::Decision::kPermit;
     e.reason = std::move(reason);
     if (anchor.seq > 0) absl::StrAppend(&e.reason, " anchor_seq=", anchor.seq);
+    if (recorded_applies) {
+      absl::StrAppend(&e.reason, " recorded_anchor_seq=", recorded.anchor.seq,
+                      " recorded_anchor_log=", recorded.in_log);
+    }
     if (ranged) {
       absl::StrAppend(&e.reason, " start_seq=", std::max<uint64_t>(start_seq, 1),
                       " end_seq=", end_seq);
@@ -569,6 +625,11 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     return e;
   };
   ChainReport report;
+  if (recorded_applies) {
+    report.recorded_anchor_seq = recorded.anchor.seq;
+    report.recorded_anchor_log = recorded.in_log;
+  }
+  report.recorded_anchor_unavailable = recorded.unavailable;
   {
     ASSIGN_OR_RETURN(pg::Lease lease, pool->Acquire());
     absl::StatusOr<audit::VerifyResult> verified =
@@ -606,20 +667,16 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     if (!verified.ok()) {
       // A range past the log's end: against an anchor the log no longer reaches, that is the
       // log cut short (the anchor's fault), not the caller's mistake.
-      std::string problem;
-      if (anchor.seq > 0) {
-        try {
-          pqxx::nontransaction q(lease.connection());
-          problem = AnchorProblem(q, anchor);
-        } catch (const std::exception& e) {
-          return pg::StatusFromException(e);
-        }
+      try {
+        pqxx::nontransaction q(lease.connection());
+        check_anchors(q, report);
+      } catch (const std::exception& e) {
+        return pg::StatusFromException(e);
       }
-      if (problem.empty()) {
+      if (report.ok) {
         return absl::InvalidArgumentError(
             absl::StrCat("log ", LogName(log), ": ", verified.status().message()));
       }
-      FailOnAnchor(report, std::move(problem), anchor);
     } else {
       report.ok = verified->ok;
       report.first_bad_seq = verified->first_bad_seq;
@@ -647,7 +704,7 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     }
     // The chain links every entry to the one before; only a hash kept outside the database shows
     // a log cut short (its head moved back) or rewritten with its hashes recomputed.
-    if (out.ok && anchor.seq > 0) FailOnAnchor(out, AnchorProblem(txn, anchor), anchor);
+    if (out.ok) check_anchors(txn, out);
     RETURN_IF_ERROR(
         audit::Append(txn, entry_for(out.ok ? absl::StrCat("VERIFIED: entries=", out.entries_checked)
                                             : absl::StrCat("CHAIN_BROKEN: first_bad_seq=",
@@ -655,6 +712,134 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
             .status());
     return out;
   });
+}
+
+AuditCore::RecordedAnchor AuditCore::LatestRecordedAnchor(const AuditLogRef& log) {
+  RecordedAnchor latest;
+  const std::string name = LogName(log);
+  auto read = [&](pg::Pool& holder, const std::string& holder_name) {
+    absl::Status read = holder.Transact([&](pqxx::work& txn) -> absl::Status {
+      pqxx::result rows = txn.exec_prepared(sql::kSelectLastAnchor, name);
+      if (rows.empty()) return absl::OkStatus();
+      std::optional<ChainAnchor> anchor = ParseAnchorReason(rows[0][1].c_str());
+      if (!anchor) {
+        return absl::DataLossError(absl::StrCat("entry ", rows[0][0].c_str(),
+                                                " is an anchor whose reason does not parse"));
+      }
+      if (anchor->seq > latest.anchor.seq) {
+        latest.anchor = *std::move(anchor);
+        latest.in_log = holder_name;
+      }
+      return absl::OkStatus();
+    });
+    if (!read.ok()) {
+      if (!latest.unavailable.empty()) latest.unavailable += "; ";
+      absl::StrAppend(&latest.unavailable, "log ", holder_name, ": ", read.message());
+    }
+  };
+  if (!log.control) {
+    read(control_, "control");
+    return latest;
+  }
+  for (const std::string& region : shards_.RegionIds()) {
+    absl::StatusOr<pg::Pool*> shard = shards_.Get(region);
+    if (shard.ok()) read(**shard, region);
+  }
+  return latest;
+}
+
+absl::StatusOr<AuditCore::AnchorOutcome> AuditCore::RecordAnchor(pg::Pool& source,
+                                                                 const std::string& source_name,
+                                                                 pg::Pool& dest,
+                                                                 const std::string& actor) {
+  return dest.TransactValue<AnchorOutcome>([&](pqxx::work& txn) -> absl::StatusOr<AnchorOutcome> {
+    // Two servers recording the same log's anchor here take turns: the second sees the first's.
+    txn.exec_prepared(sql::kLockAnchorsOf, source_name);
+    pqxx::result last = txn.exec_prepared(sql::kSelectLastAnchor, source_name);
+    std::optional<ChainAnchor> previous;
+    if (!last.empty()) {
+      previous = ParseAnchorReason(last[0][1].c_str());
+      if (!previous) {
+        return absl::DataLossError(absl::StrCat("entry ", last[0][0].c_str(), " is an anchor of log ",
+                                                source_name, " whose reason does not parse"));
+      }
+    }
+    ChainAnchor head;
+    std::string problem;
+    bool moved = false;
+    {
+      ASSIGN_OR_RETURN(pg::Lease lease, source.Acquire());
+      try {
+        // One snapshot: the head, and the entries the checks read, as of the same moment.
+        pqxx::read_transaction q(lease.connection());
+        const pqxx::row row = q.exec_prepared1(sql::kSelectAuditHead);
+        head.seq = row[0].as<int64_t>();
+        head.hash = pqxx::binarystring(row[1]).str();
+        if (previous) {
+          problem = AnchorProblem(q, *previous);
+          moved = problem.empty() &&
+                  q.exec_prepared1(sql::kSelectEntriesBesideAnchorsAfter, previous->seq)[0].as<bool>();
+        } else {
+          moved = head.seq > 0;
+        }
+        q.commit();
+      } catch (const std::exception& e) {
+        lease.MarkBroken();
+        return pg::StatusFromException(e);
+      }
+    }
+    audit::Entry e;
+    e.actor = actor;
+    e.action = audit::Action::kExecute;
+    e.object_type = kAnchorObjectType;
+    e.object_id = source_name;
+    if (!problem.empty()) {
+      // The latest anchor stays the one the log no longer matches, for VerifyChain to report.
+      log::Error("audit_anchor_mismatch", {{"log", source_name}, {"problem", problem}});
+      e.decision = audit::Decision::kDeny;
+      e.reason = absl::StrCat("ANCHOR_MISMATCH: ", problem);
+      RETURN_IF_ERROR(audit::Append(txn, e).status());
+      return AnchorOutcome::kMismatch;
+    }
+    if (!moved) return AnchorOutcome::kUnchanged;
+    e.decision = audit::Decision::kPermit;
+    e.reason = AnchorReason(head);
+    RETURN_IF_ERROR(audit::Append(txn, e).status());
+    return AnchorOutcome::kRecorded;
+  });
+}
+
+AnchorRound AuditCore::RecordAnchors(const std::string& actor) {
+  AnchorRound round;
+  auto count = [&](const std::string& from, const std::string& to,
+                   const absl::StatusOr<AnchorOutcome>& outcome) {
+    if (!outcome.ok()) {
+      round.failed.push_back(absl::StrCat(from, " -> ", to, ": ", outcome.status().message()));
+      return;
+    }
+    switch (*outcome) {
+      case AnchorOutcome::kRecorded:
+        ++round.recorded;
+        break;
+      case AnchorOutcome::kUnchanged:
+        ++round.unchanged;
+        break;
+      case AnchorOutcome::kMismatch:
+        if (!absl::c_linear_search(round.mismatched, from)) round.mismatched.push_back(from);
+        break;
+    }
+  };
+  for (const std::string& region : shards_.RegionIds()) {
+    absl::StatusOr<pg::Pool*> shard = shards_.Get(region);
+    if (!shard.ok()) {
+      round.failed.push_back(absl::StrCat(region, ": ", shard.status().message()));
+      continue;
+    }
+    // The control log's head first: the shard's anchor recorded next covers that entry too.
+    count("control", region, RecordAnchor(control_, "control", **shard, actor));
+    count(region, "control", RecordAnchor(**shard, region, control_, actor));
+  }
+  return round;
 }
 
 }  // namespace medgate::sharing

@@ -102,6 +102,31 @@ struct ChainReport {
   std::string detail;
   int64_t last_seq = 0;
   std::string last_hash;  // 32 raw bytes; empty for an empty log
+  // The latest anchor of the log recorded in another log (RecordAnchors) that the verification
+  // checked: its seq (0 when none applied) and the log holding it; why none could be read.
+  int64_t recorded_anchor_seq = 0;
+  std::string recorded_anchor_log;
+  std::string recorded_anchor_unavailable;
+};
+
+// Anchors: each audit log's chain head recorded as an entry of another log (object_type
+// "audit_anchor", object_id the anchored log's name, reason AnchorReason()). Someone able to write
+// one database can cut its log short, or rewrite it with its hashes recomputed, and the chain
+// alone still verifies; the anchor in another database, which they cannot write, shows it.
+inline constexpr char kAnchorObjectType[] = "audit_anchor";
+// "ANCHOR: seq=N hash=HEX" (64 lower-case hex digits).
+std::string AnchorReason(const ChainAnchor& anchor);
+// The anchor an entry's reason records; nullopt for any other text.
+std::optional<ChainAnchor> ParseAnchorReason(absl::string_view reason);
+
+// What one round of RecordAnchors did, over every pair of logs it looked at.
+struct AnchorRound {
+  int recorded = 0;   // heads recorded
+  int unchanged = 0;  // logs with nothing but anchors appended since their last anchor
+  // Logs whose entry at their last recorded anchor is gone or has another hash: refused, not
+  // anchored again (each refusal is an entry, decision deny, in the log holding the anchor).
+  std::vector<std::string> mismatched;
+  std::vector<std::string> failed;  // "log -> log: error", a database that did not answer
 };
 
 // The fault libs/audit found, as the Audit API names it (kNone when the walk verified).
@@ -155,12 +180,39 @@ class AuditCore {
   absl::StatusOr<PatientReport> Report(const CallContext& ctx, const std::string& patient_id,
                                        const std::function<bool()>& cancelled = nullptr);
 
+  //
+  // A whole-log walk, or a range from at most the entry after it to the end (or past it), is
+  // also checked against the latest anchor of the log recorded in another log (RecordAnchors):
+  // a shard's in the control log, the control log's in each shard (the highest of those that
+  // answer). One that cannot be read is reported, and the walk goes on without it.
   absl::StatusOr<ChainReport> Verify(const CallContext& ctx, const AuditLogRef& log,
                                      uint64_t start_seq, uint64_t end_seq,
                                      const ChainAnchor& anchor = {},
                                      const std::function<bool()>& cancelled = nullptr);
 
+  // Records the control log's head in each shard's log, then each shard's head in the control
+  // log, as entries by `actor` (the service's identity): so a shard's anchor in the control log
+  // also covers the control log's anchor in it. A log with nothing but anchors appended since
+  // its last anchor is not anchored again, so idle logs stay as they are. Before recording a
+  // head, checks that the log's entry at its last anchor still has the anchor's hash; if not, it
+  // records a refusal (decision deny, reason ANCHOR_MISMATCH) instead, and keeps the old anchor
+  // as the latest, for VerifyChain to report. A database that does not answer is skipped
+  // (AnchorRound::failed); the others are anchored all the same.
+  AnchorRound RecordAnchors(const std::string& actor);
+
  private:
+  struct RecordedAnchor {
+    ChainAnchor anchor;   // seq 0: none recorded
+    std::string in_log;   // the log holding it
+    std::string unavailable;  // why it could not be read
+  };
+  // The latest anchor of `log` recorded in the other logs.
+  RecordedAnchor LatestRecordedAnchor(const AuditLogRef& log);
+  enum class AnchorOutcome { kRecorded, kUnchanged, kMismatch };
+  // Records the head of log `source` (named `source_name`) in log `dest`.
+  absl::StatusOr<AnchorOutcome> RecordAnchor(pg::Pool& source, const std::string& source_name,
+                                             pg::Pool& dest, const std::string& actor);
+
   absl::StatusOr<pg::Pool*> PoolOf(const AuditLogRef& log) const;
   // Where `patient_id` lives: NOT_FOUND for a patient of another tenant than the caller's (ops
   // excepted), or none.

@@ -4,6 +4,7 @@
 #include "absl/strings/str_cat.h"
 #include "libs/common/grpc_status.h"
 #include "libs/common/status_macros.h"
+#include "libs/common/validation.h"
 #include "libs/server/rpc_util.h"
 
 namespace medgate::sharing {
@@ -169,6 +170,10 @@ grpc::Status AuditService::VerifyChain(grpc::ServerContext* context,
   response->set_detail(report->detail);
   response->set_last_seq(static_cast<uint64_t>(report->last_seq));
   response->set_last_hash(report->last_hash);
+  response->set_recorded_anchor_seq(static_cast<uint64_t>(report->recorded_anchor_seq));
+  response->set_recorded_anchor_log(report->recorded_anchor_log);
+  response->set_recorded_anchor_unavailable(
+      TruncateUtf8(report->recorded_anchor_unavailable, 1024));
   return grpc::Status::OK;
 }
 

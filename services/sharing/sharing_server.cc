@@ -26,7 +26,7 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
                                  "max_uploads_per_tenant", "max_downloads_per_tenant",
                                  "retention_sweep_seconds", "previous_kek_files",
                                  "kek_rewrap", "kek_rewrap_seconds",
-                                 "patient_erasure_timeout_seconds"}));
+                                 "patient_erasure_timeout_seconds", "audit_anchor_seconds"}));
   SharingSettings settings;
   ASSIGN_OR_RETURN(settings.kek_file, node.String("kek_file", ""));
   ASSIGN_OR_RETURN(settings.kek_env, node.String("kek_env", ""));
@@ -75,6 +75,8 @@ absl::StatusOr<SharingSettings> ParseSharingSettings(const MedgateConfig& config
   settings.patient_erasure_timeout = absl::Seconds(erasure);
   ASSIGN_OR_RETURN(int64_t sweep, node.Int("retention_sweep_seconds", 1, 86400, 60));
   settings.retention_sweep_interval = absl::Seconds(sweep);
+  ASSIGN_OR_RETURN(int64_t anchors, node.Int("audit_anchor_seconds", 0, 86400, 300));
+  settings.audit_anchor_interval = absl::Seconds(anchors);
   ASSIGN_OR_RETURN(settings.consent_cache, consent::ParseConsentCacheOptions(config));
   return settings;
 }
@@ -246,8 +248,31 @@ absl::Status SharingServer::Start() {
     }
     return kUsageFoldInterval;
   });
+  if (settings_.audit_anchor_interval > absl::ZeroDuration()) {
+    anchorer_ = std::make_unique<PeriodicTask>(settings_.audit_anchor_interval,
+                                               [this](PeriodicTask&) { return RecordAnchors(); });
+  } else {
+    log::Warning("audit_anchors_off",
+                 {{"detail", "sharing.audit_anchor_seconds is 0: no audit log's head is recorded "
+                             "in the others, and VerifyChain checks only the anchors ops keep"}});
+  }
   log::Info("sharing_started", {{"kek_id", kek_->id()}});
   return absl::OkStatus();
+}
+
+absl::Duration SharingServer::RecordAnchors() {
+  const AnchorRound round = audit_core_->RecordAnchors(config_.Service("sharing").value()->identity);
+  if (!round.mismatched.empty()) {
+    log::Error("audit_anchors_refused",
+               {{"logs", absl::StrJoin(round.mismatched, ",")},
+                {"detail", "a log no longer has the entry its last anchor recorded, or another "
+                           "hash there: cut short or rewritten (VerifyChain names the entry)"}});
+  }
+  if (!round.failed.empty()) {
+    log::Warning("audit_anchors_failed", {{"error", absl::StrJoin(round.failed, "; ")}});
+  }
+  if (round.recorded > 0) log::Info("audit_anchors", {{"recorded", round.recorded}});
+  return settings_.audit_anchor_interval;
 }
 
 absl::Duration SharingServer::Sweep(PeriodicTask& task) {
@@ -347,11 +372,14 @@ void SharingServer::Shutdown() {
   if (usage_folder_) folder = std::thread([this] { usage_folder_->Stop(); });
   std::thread rewrapper;
   if (rewrapper_) rewrapper = std::thread([this] { rewrapper_->Stop(); });
+  std::thread anchorer;
+  if (anchorer_) anchorer = std::thread([this] { anchorer_->Stop(); });
   server_->Shutdown();
   if (audit.joinable()) audit.join();
   if (sweeper.joinable()) sweeper.join();
   if (folder.joinable()) folder.join();
   if (rewrapper.joinable()) rewrapper.join();
+  if (anchorer.joinable()) anchorer.join();
 }
 
 void SharingServer::RunUntilSignal() {

@@ -49,6 +49,8 @@ inline constexpr absl::Duration kUsageFoldInterval = absl::Seconds(10);
 //     max_uploads_per_tenant: 4         # uploads in progress per tenant and region
 //     max_downloads_per_tenant: 8       # downloads in progress per tenant and region
 //     retention_sweep_seconds: 60       # how often the retention and key sweep runs
+//     audit_anchor_seconds: 300         # how often every audit log's head is recorded in the
+//                                       # others (AuditCore::RecordAnchors); 0: never
 // Each region also needs its key vault (regions[].keys_db, libs/common/config.h).
 struct SharingSettings {
   std::string kek_file;
@@ -65,6 +67,7 @@ struct SharingSettings {
   int max_uploads_per_tenant = 4;
   int max_downloads_per_tenant = 8;
   absl::Duration retention_sweep_interval = absl::Seconds(60);
+  absl::Duration audit_anchor_interval = absl::Seconds(300);  // zero: no anchors recorded
   absl::Duration patient_erasure_timeout = absl::Seconds(120);  // SharingOptions'
   // The consent cache's bounds, as the consent service's own (consent.cache.*).
   consent::ConsentCacheOptions consent_cache;
@@ -113,6 +116,7 @@ class SharingServer {
   int port() const { return server_->port(); }
   int audit_port() const { return audit_server_ ? audit_server_->port() : 0; }
   SharingCore& core() { return *core_; }
+  AuditCore& audit_core() { return *audit_core_; }
   consent::ConsentCache& consent_cache() { return *consent_; }
 
  private:
@@ -123,6 +127,8 @@ class SharingServer {
                 SharingServerOptions options);
   // Rewraps the keys previous KEKs wrap, batch after batch; the wait before the next pass.
   absl::Duration RewrapKeys(PeriodicTask& task);
+  // One round of audit anchors (AuditCore::RecordAnchors); the wait before the next.
+  absl::Duration RecordAnchors();
   // One retention sweep, batch after batch while there is more; the wait before the next.
   absl::Duration Sweep(PeriodicTask& task);
   // The health probe of both servers: the control database answers (tenants' territories, the
@@ -152,6 +158,7 @@ class SharingServer {
   std::unique_ptr<PeriodicTask> sweeper_;  // every retention_sweep_interval once started
   std::unique_ptr<PeriodicTask> usage_folder_;  // every kUsageFoldInterval once started
   std::unique_ptr<PeriodicTask> rewrapper_;  // every kek_rewrap_interval, with kek_rewrap
+  std::unique_ptr<PeriodicTask> anchorer_;  // every audit_anchor_interval unless zero
 };
 
 }  // namespace medgate::sharing

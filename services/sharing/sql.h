@@ -139,6 +139,10 @@ inline constexpr char kSelectAuditLog[] = "select_audit_log";
 inline constexpr char kSelectAuditHash[] = "select_audit_hash";
 inline constexpr char kSelectAuditClock[] = "select_audit_clock";
 inline constexpr char kSelectAuditTime[] = "select_audit_time";
+inline constexpr char kSelectAuditHead[] = "select_audit_head";
+inline constexpr char kLockAnchorsOf[] = "lock_anchors_of";
+inline constexpr char kSelectLastAnchor[] = "select_last_anchor";
+inline constexpr char kSelectEntriesBesideAnchorsAfter[] = "select_entries_beside_anchors_after";
 inline constexpr char kSelectTenantTerritories[] = "select_tenant_territories";
 inline constexpr char kSelectPatientReport[] = "select_patient_report";
 inline constexpr char kCountPatientRows[] = "count_patient_rows";
@@ -168,6 +172,19 @@ inline const std::vector<pg::Statement>& AuditStatements() {
       {kSelectAuditClock, "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"},
       {kSelectAuditTime,
        "SELECT at_us FROM audit_log WHERE seq = $1 AND ($2 = '' OR patient_id = $2)"},
+      // Anchors (AuditCore::RecordAnchors): another log's head recorded in this one. The head
+      // as appends leave it; recorders of the same log's anchors in this database take turns.
+      {kSelectAuditHead, "SELECT seq, hash FROM audit_head WHERE id"},
+      {kLockAnchorsOf,
+       "SELECT pg_advisory_xact_lock(hashtext('medgate.audit_anchor'), hashtext($1))"},
+      // The latest anchor of log $1 recorded here (the partial index of migrations shard 0036 /
+      // control 0015), refusals of one (decision 'deny') aside.
+      {kSelectLastAnchor,
+       "SELECT seq, reason FROM audit_log WHERE object_type = 'audit_anchor' AND object_id = $1 "
+       "AND decision = 'permit' ORDER BY seq DESC LIMIT 1"},
+      // Whether anything but anchors was appended after entry $1: the log moved since.
+      {kSelectEntriesBesideAnchorsAfter,
+       "SELECT EXISTS (SELECT 1 FROM audit_log WHERE seq > $1 AND object_type <> 'audit_anchor')"},
   };
   return statements;
 }

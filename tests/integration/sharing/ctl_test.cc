@@ -70,7 +70,8 @@ class CtlTest : public ::testing::Test {
     std::filesystem::permissions(*kek_path_, std::filesystem::perms::owner_read |
                                                  std::filesystem::perms::owner_write);
     auto stack = test_support::TestStack::Start({"routing", "consent", "sharing", "audit", "ingest"},
-                                                absl::StrCat("sharing:\n  kek_file: ", *kek_path_, "\n"));
+                                                absl::StrCat("sharing:\n  kek_file: ", *kek_path_,
+                                                             "\n  audit_anchor_seconds: 1\n"));
     ASSERT_TRUE(stack.ok()) << stack.status();
     stack_ = stack->release();
     auto directory = test_support::DirectoryServices::Start(*stack_);
@@ -825,6 +826,22 @@ TEST_F(CtlTest, AFileThatChangesWhileItIsSentIsNotStored) {
   ASSERT_EQ(again.exit_code, 0) << again.output;
   EXPECT_EQ(records(), 1);
   std::filesystem::remove_all(dir);
+}
+
+// The sharing service records every audit log's head in the others on its own (each second
+// here, once a log moved): verify-chain checks a shard's log against its anchor in the control
+// log, and says which.
+TEST_F(CtlTest, VerifyChainChecksALogAgainstItsAnchorRecordedInAnother) {
+  CtlRun run;
+  // Each verification is an entry of fr-1's own: the log moves, and is anchored.
+  const bool anchored = test_support::PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    run = Ctl("ops", "verify-chain --log fr-1");
+    return run.exit_code == 0 && Field(run.output, "recorded_anchor_log") == "control";
+  });
+  ASSERT_TRUE(anchored) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("\"ok\": true"));
+  EXPECT_NE(Field(run.output, "recorded_anchor_seq"), "");
+  EXPECT_EQ(Field(run.output, "recorded_anchor_unavailable"), "");
 }
 
 // Ops verify a log's chain and keep its last hash; given back as the next run's anchor, it holds

@@ -38,6 +38,7 @@ TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
       "  kek_rewrap: true\n"
       "  kek_rewrap_seconds: 5\n"
       "  patient_erasure_timeout_seconds: 600\n"
+      "  audit_anchor_seconds: 30\n"
       "consent:\n"
       "  cache: {max_patients: 7, max_mib: 3}\n");
   ASSERT_TRUE(s.ok()) << s.status();
@@ -62,6 +63,7 @@ TEST(SharingSettingsTest, EveryKeySetsItsSetting) {
   EXPECT_TRUE(s->kek_rewrap);
   EXPECT_EQ(s->kek_rewrap_interval, absl::Seconds(5));
   EXPECT_EQ(s->patient_erasure_timeout, absl::Seconds(600));
+  EXPECT_EQ(s->audit_anchor_interval, absl::Seconds(30));
 }
 
 // Rewrapping names the KEKs it rewraps from: without previous ones it is a mistake, named.
@@ -89,6 +91,7 @@ TEST(SharingSettingsTest, DefaultsBesideTheKeySource) {
   EXPECT_FALSE(s->kek_rewrap);
   EXPECT_EQ(s->kek_rewrap_interval, absl::Seconds(60));
   EXPECT_EQ(s->patient_erasure_timeout, absl::Seconds(120));
+  EXPECT_EQ(s->audit_anchor_interval, absl::Seconds(300));
 }
 
 TEST(SharingSettingsTest, TheKeyEncryptionKeyNeedsExactlyOneSource) {
@@ -112,6 +115,7 @@ TEST(SharingSettingsTest, AValueOutOfRangeNamesItsKey) {
       {"download_min_bytes_per_second", "0"},
       {"kek_rewrap_seconds", "0"},           {"previous_kek_files", "[a, b, c, d, e, f, g, h, i]"},
       {"patient_erasure_timeout_seconds", "0"}, {"patient_erasure_timeout_seconds", "3601"},
+      {"audit_anchor_seconds", "-1"},        {"audit_anchor_seconds", "86401"},
   };
   for (const auto& [key, value] : bad) {
     absl::StatusOr<SharingSettings> s =

@@ -69,6 +69,8 @@ using test_support::PgCluster;
 using test_support::PgClusterSet;
 using test_support::TestCert;
 using test_support::TestPki;
+using ::testing::AnyOf;
+using ::testing::Contains;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::Not;
@@ -169,7 +171,9 @@ class SharingTest : public ::testing::Test {
     auto stack = test_support::TestStack::Start(
         {"routing", "consent", "sharing", "audit"},
         absl::StrCat("sharing:\n  kek_file: ", *kek_dir_, "/kek.hex\n  tenant_quotas: {tiny: ",
-                     kTinyQuota, "}\n  retention_sweep_seconds: 86400\n"));
+                     kTinyQuota, "}\n  retention_sweep_seconds: 86400\n"
+                     // Anchors only where a test records them (AuditCore::RecordAnchors).
+                     "  audit_anchor_seconds: 0\n"));
     ASSERT_TRUE(stack.ok()) << stack.status();
     stack_ = stack->release();
     clusters_ = &stack_->clusters();
@@ -1023,6 +1027,12 @@ class SharingTest : public ::testing::Test {
     pqxx::connection c(ConnInfo(db));
     pqxx::nontransaction q(c);
     return arg.empty() ? q.exec1(sql)[0].as<int64_t>() : q.exec_params1(sql, arg)[0].as<int64_t>();
+  }
+
+  static std::string Text(const std::string& db, const std::string& sql) {
+    pqxx::connection c(ConnInfo(db));
+    pqxx::nontransaction q(c);
+    return q.exec1(sql)[0].c_str();
   }
 
   // The rows of share_grants (active or revoked) of `record` in fr-1 for `grantee`.
@@ -8055,6 +8065,161 @@ TEST_F(SharingTest, HealthServesWhileControlAndAnyRegionsShardAnswer) {
           << "the consent feed of " << region << " did not come back";
     }
   }
+}
+
+TEST(AuditAnchorTest, AnAnchorsReasonReadsBackAndNothingElseIsAnAnchor) {
+  const ChainAnchor anchor{42, std::string(32, '\xab')};
+  const std::string reason = AnchorReason(anchor);
+  std::string hex_ab;
+  for (int i = 0; i < 32; ++i) hex_ab += "ab";
+  EXPECT_EQ(reason, "ANCHOR: seq=42 hash=" + hex_ab);
+  std::optional<ChainAnchor> back = ParseAnchorReason(reason);
+  ASSERT_TRUE(back.has_value());
+  EXPECT_EQ(back->seq, 42);
+  EXPECT_EQ(back->hash, anchor.hash);
+  const std::string hex(64, 'a');
+  for (const std::string& other :
+       {std::string("VERIFIED: entries=3"), absl::StrCat("ANCHOR: seq=0 hash=", hex),
+        absl::StrCat("ANCHOR: seq=-1 hash=", hex), absl::StrCat("ANCHOR: seq=x hash=", hex),
+        absl::StrCat("ANCHOR: seq=1 hash=", hex.substr(1)),
+        absl::StrCat("ANCHOR: seq=1 hash=", hex, "0"),
+        absl::StrCat("ANCHOR: seq=1 hash=", std::string(64, 'A')),
+        absl::StrCat("ANCHOR: seq=1 hash=", std::string(64, 'g')),
+        absl::StrCat("ANCHOR: seq=1  hash=", hex), absl::StrCat("ANCHOR: seq= 1 hash=", hex),
+        absl::StrCat("ANCHOR: seq=+1 hash=", hex), absl::StrCat("ANCHOR: seq=01 hash=", hex),
+        absl::StrCat("ANCHOR_MISMATCH: seq=1 hash=", hex),
+        std::string("ANCHOR: seq=99999999999999999999 hash=") + hex}) {
+    EXPECT_FALSE(ParseAnchorReason(other).has_value()) << other;
+  }
+}
+
+// Every audit log's head is recorded in the other logs (RecordAnchors; every
+// sharing.audit_anchor_seconds on its own, off in this suite): a shard's in the control log, the
+// control log's in each shard. Someone able to write only fr-1 cuts its log short and moves its
+// head back: every entry left links to the one before, and VerifyChain, given no anchor, still
+// finds the cut, against fr-1's anchor in the control log. Logs with nothing new are not anchored
+// again. (Last in the suite: the anchors it records stay, and the tests above cut and rewrite
+// de-1's log.)
+TEST_F(SharingTest, AuditLogsAreAnchoredInEachOtherAndALogCutShortIsFound) {
+  const std::string patient = Place("anchor-1", "FR");
+  UploadSpec spec;
+  spec.patient_id = patient;
+  spec.content = "anchored elsewhere";
+  for (int i = 0; i < 6; ++i) UploadOk(pki_->practitioner(), spec);
+  const std::string actor = pki_->SpiffeId("/service/sharing");
+  auto round = [&] {
+    AnchorRound r = sharing_->audit_core().RecordAnchors(actor);
+    EXPECT_TRUE(r.failed.empty()) << absl::StrJoin(r.failed, "; ");
+    return r;
+  };
+  const AnchorRound first = round();
+  EXPECT_TRUE(first.mismatched.empty()) << absl::StrJoin(first.mismatched, ", ");
+  EXPECT_GT(first.recorded, 0);
+  const auto latest_anchor = [](const std::string& in, const std::string& of) {
+    return Text(in, absl::StrCat("SELECT coalesce(max(reason), '') FROM audit_log WHERE seq = "
+                                 "(SELECT max(seq) FROM audit_log WHERE object_type = "
+                                 "'audit_anchor' AND object_id = '", of,
+                                 "' AND decision = 'permit')"));
+  };
+  // fr-1's head is what the control log records, the control log's anchor written into fr-1
+  // first included; the control log's anchor in fr-1 is an entry of the control log.
+  const int64_t fr_head = Count("fr-1", "SELECT seq FROM audit_head");
+  EXPECT_EQ(latest_anchor("control", "fr-1"),
+            Text("fr-1", "SELECT 'ANCHOR: seq=' || seq || ' hash=' || encode(hash, 'hex') "
+                         "FROM audit_head"));
+  std::optional<ChainAnchor> of_control = ParseAnchorReason(latest_anchor("fr-1", "control"));
+  ASSERT_TRUE(of_control.has_value());
+  EXPECT_EQ(Text("control", absl::StrCat("SELECT encode(hash, 'hex') FROM audit_log WHERE seq = ",
+                                         of_control->seq)),
+            audit::ToHex(of_control->hash));
+
+  // Nothing but anchors appended since: the next round records nothing, and no log moves.
+  const int64_t control_head = Count("control", "SELECT seq FROM audit_head");
+  const AnchorRound idle = round();
+  EXPECT_EQ(idle.recorded, 0);
+  EXPECT_TRUE(idle.mismatched.empty());
+  EXPECT_EQ(Count("control", "SELECT seq FROM audit_head"), control_head);
+  EXPECT_EQ(Count("fr-1", "SELECT seq FROM audit_head"), fr_head);
+
+  // VerifyChain checks fr-1 against its anchor in the control log without being given one, and
+  // the control log against the highest of its anchors in the shards.
+  auto verified = Verify("fr-1");
+  ASSERT_TRUE(verified.ok()) << verified.status();
+  EXPECT_TRUE(verified->ok()) << verified->detail();
+  EXPECT_EQ(verified->recorded_anchor_seq(), static_cast<uint64_t>(fr_head));
+  EXPECT_EQ(verified->recorded_anchor_log(), "control");
+  EXPECT_EQ(verified->recorded_anchor_unavailable(), "");
+  auto control = Verify("control");
+  ASSERT_TRUE(control.ok()) << control.status();
+  EXPECT_TRUE(control->ok()) << control->detail();
+  EXPECT_GE(control->recorded_anchor_seq(), static_cast<uint64_t>(of_control->seq));
+  EXPECT_THAT(control->recorded_anchor_log(), AnyOf("fr-1", "de-1", "eu-1"));
+  // A range that starts past the entry after the anchor's would trust the entries between
+  // unchecked: no recorded anchor is applied to it, nor to one ending before the anchor's entry.
+  ASSERT_TRUE(Verify("fr-1").ok());  // one more entry: fr_head + 2 exists
+  auto later = Verify("fr-1", nullptr, static_cast<uint64_t>(fr_head) + 2, 0);
+  ASSERT_TRUE(later.ok()) << later.status();
+  EXPECT_TRUE(later->ok()) << later->detail();
+  EXPECT_EQ(later->recorded_anchor_seq(), 0u);
+  auto earlier = Verify("fr-1", nullptr, 1, static_cast<uint64_t>(fr_head) - 1);
+  ASSERT_TRUE(earlier.ok()) << earlier.status();
+  EXPECT_EQ(earlier->recorded_anchor_seq(), 0u);
+  auto from_next = Verify("fr-1", nullptr, static_cast<uint64_t>(fr_head) + 1, 0);
+  ASSERT_TRUE(from_next.ok()) << from_next.status();
+  EXPECT_EQ(from_next->recorded_anchor_seq(), static_cast<uint64_t>(fr_head));
+
+  // fr-1's log cut short three entries before the anchor's, its head moved back.
+  ASSERT_GT(fr_head, 5);
+  const int64_t cut = fr_head - 3;
+  Exec("fr-1", "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
+  Exec("fr-1", "CREATE TABLE tail_kept AS SELECT * FROM audit_log WHERE seq > $1::bigint",
+       std::to_string(cut));
+  Exec("fr-1", "CREATE TABLE head_kept AS SELECT * FROM audit_head");
+  // Put back whatever happens below: other suites' runs (--gtest_repeat) verify this log too.
+  absl::Cleanup restore = [] {
+    Exec("fr-1", "DELETE FROM audit_log WHERE seq > (SELECT min(seq) - 1 FROM tail_kept)");
+    Exec("fr-1", "INSERT INTO audit_log SELECT * FROM tail_kept");
+    Exec("fr-1", "UPDATE audit_head SET seq = k.seq, hash = k.hash FROM head_kept k");
+    Exec("fr-1", "DROP TABLE tail_kept, head_kept");
+    Exec("fr-1", "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update");
+  };
+  Exec("fr-1", "DELETE FROM audit_log WHERE seq > $1::bigint", std::to_string(cut));
+  Exec("fr-1", "UPDATE audit_head SET seq = $1::bigint, hash = (SELECT hash FROM audit_log "
+               "WHERE seq = $1::bigint)", std::to_string(cut));
+  auto cut_short = Verify("fr-1");
+  ASSERT_TRUE(cut_short.ok()) << cut_short.status();
+  EXPECT_FALSE(cut_short->ok());
+  EXPECT_EQ(cut_short->fault(), v1::CHAIN_FAULT_ANCHOR_MISMATCH);
+  EXPECT_EQ(cut_short->first_bad_seq(), static_cast<uint64_t>(fr_head));
+  EXPECT_THAT(cut_short->detail(), HasSubstr("cut short"));
+  EXPECT_THAT(cut_short->detail(), HasSubstr("recorded in log control"));
+  // The next round does not anchor the log as it now is: it records the refusal in the control
+  // log, and the anchor the log no longer matches stays the latest.
+  const AnchorRound refused = round();
+  EXPECT_THAT(refused.mismatched, Contains("fr-1"));
+  EXPECT_EQ(Count("control", "SELECT count(*) FROM audit_log WHERE object_type = 'audit_anchor' "
+                             "AND object_id = 'fr-1' AND decision = 'deny' AND reason LIKE "
+                             "'ANCHOR_MISMATCH: entry %cut short%'"),
+            1);
+  auto still = Verify("fr-1");
+  ASSERT_TRUE(still.ok()) << still.status();
+  EXPECT_EQ(still->fault(), v1::CHAIN_FAULT_ANCHOR_MISMATCH);
+  EXPECT_EQ(still->first_bad_seq(), static_cast<uint64_t>(fr_head));
+  // Put back: fr-1 verifies against its anchor again, and is anchored on from there.
+  std::move(restore).Invoke();
+  auto restored = Verify("fr-1");
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_TRUE(restored->ok()) << restored->detail();
+  EXPECT_EQ(restored->recorded_anchor_seq(), static_cast<uint64_t>(fr_head));
+  const AnchorRound again = round();
+  EXPECT_TRUE(again.mismatched.empty()) << absl::StrJoin(again.mismatched, ", ");
+  std::optional<ChainAnchor> moved_on = ParseAnchorReason(latest_anchor("control", "fr-1"));
+  ASSERT_TRUE(moved_on.has_value());
+  EXPECT_GT(moved_on->seq, fr_head);
+  auto anchored_again = Verify("fr-1");
+  ASSERT_TRUE(anchored_again.ok()) << anchored_again.status();
+  EXPECT_TRUE(anchored_again->ok()) << anchored_again->detail();
+  EXPECT_GT(anchored_again->recorded_anchor_seq(), static_cast<uint64_t>(fr_head));
 }
 
 }  // namespace
