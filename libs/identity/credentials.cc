@@ -2,9 +2,13 @@
 #include "absl/strings/string_view.h"
 #include "libs/identity/credentials.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -19,6 +23,7 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -43,9 +48,30 @@ constexpr absl::string_view kAeadSuites[] = {
     "ECDHE-RSA-CHACHA20-POLY1305",
 };
 
+// A private key others may read is their identity too, and one its group may write is the
+// group's to replace. Read by the group is allowed: Kubernetes mounts a Secret for the pod's group
+// (the chart's 0440). Checked when the credentials are made; a key rotated in place later is
+// not checked again.
+absl::Status CheckPrivateKeyMode(const std::string& path) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("private key file '", path, "' cannot be checked: ", std::strerror(errno)));
+  }
+  if ((st.st_mode & (S_IRWXO | S_IWGRP)) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "private key file '", path, "' is open to others or writable by its group (mode ",
+        absl::StrFormat("%04o", st.st_mode & 07777), "): anyone who reads it can act as this "
+        "identity. Make it readable by its owner only (chmod 0600), or by its group too (0640, "
+        "0440)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckFiles(const TlsConfig& tls) {
   if (absl::Status s = CheckReadable(tls.cert_path, "certificate"); !s.ok()) return s;
   if (absl::Status s = CheckReadable(tls.key_path, "private key"); !s.ok()) return s;
+  if (absl::Status s = CheckPrivateKeyMode(tls.key_path); !s.ok()) return s;
   if (absl::Status s = CheckReadable(tls.ca_path, "CA certificate"); !s.ok()) return s;
   if (!tls.crl_dir.empty()) {
     // gRPC would take a missing directory for one without CRLs, and revoke nothing.

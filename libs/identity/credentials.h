@@ -20,7 +20,9 @@ namespace medgate {
 // before any handler runs, a certificate whose identity is not one of ours (UNAUTHENTICATED).
 // Certificate files replaced on disk are picked up for new connections within refresh_seconds.
 // TLS 1.2 or 1.3 with AEAD cipher suites only (gRPC's defaults); FAILED_PRECONDITION when the
-// environment's GRPC_SSL_CIPHER_SUITES would allow anything else.
+// environment's GRPC_SSL_CIPHER_SUITES would allow anything else. FAILED_PRECONDITION too, here
+// and in MakeChannelCredentials, when the private key file is open to others or writable by its
+// group (readable by its owner, and its group, only: 0600, 0640, 0440).
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const TlsConfig& tls, const std::string& trust_domain);
 

@@ -29,6 +29,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "libs/identity/authz.h"
@@ -714,6 +715,48 @@ TEST_F(MtlsTest, ACertificateRevokedByACrlIsRefusedInTheHandshake) {
   absl::Status started = refused.Start();
   EXPECT_EQ(started.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(started.message()), HasSubstr("crl_dir"));
+}
+
+// A private key file others may read (or its group write) is refused, by a server and by a client
+// alike, before anything is served or dialled; the owner's and the group's reads are allowed.
+TEST_F(MtlsTest, APrivateKeyOpenToOthersIsRefused) {
+  const TestCert& ops = pki_->ops();
+  const std::string key = *dir_ + "/mode-checked.key";
+  std::filesystem::copy_file(ops.key_path, key, std::filesystem::copy_options::overwrite_existing);
+  const TlsConfig tls{ops.cert_path, key, pki_->ca_path(), 60};
+  for (const auto& [mode, allowed] : std::vector<std::pair<std::filesystem::perms, bool>>{
+           {std::filesystem::perms(0600), true}, {std::filesystem::perms(0400), true},
+           {std::filesystem::perms(0640), true}, {std::filesystem::perms(0440), true},
+           {std::filesystem::perms(0644), false}, {std::filesystem::perms(0604), false},
+           {std::filesystem::perms(0660), false}, {std::filesystem::perms(0602), false}}) {
+    SCOPED_TRACE(absl::StrFormat("mode %04o", static_cast<unsigned>(mode)));
+    std::filesystem::permissions(key, mode);
+    absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> server =
+        MakeServerCredentials(tls, pki_->trust_domain());
+    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> client =
+        MakeChannelCredentials(tls, pki_->server_identity());
+    if (allowed) {
+      EXPECT_TRUE(server.ok()) << server.status();
+      EXPECT_TRUE(client.ok()) << client.status();
+      continue;
+    }
+    for (const absl::Status& refused : {server.status(), client.status()}) {
+      EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition) << refused;
+      EXPECT_THAT(std::string(refused.message()), HasSubstr(key));
+      EXPECT_THAT(std::string(refused.message()), HasSubstr("chmod 0600"));
+    }
+  }
+  // A service configured with such a key does not start.
+  std::filesystem::permissions(key, std::filesystem::perms(0644));
+  MedgateConfig loose = config_;
+  loose.services["test"].tls.key_path = key;
+  ServiceServer refused(loose, "test");
+  RecordingAuditService unused(pki_->trust_domain());
+  refused.AddService(&unused);
+  absl::Status started = refused.Start();
+  EXPECT_EQ(started.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(started.message()), HasSubstr("open to others"));
+  std::filesystem::remove(key);
 }
 
 // A connection that never starts its handshake is closed after the handshake timeout, not held
