@@ -157,6 +157,9 @@ const std::vector<Command>& Commands() {
        "  verify-chain    --log fr-1|control [--start-seq N] [--end-seq N]\n"
        "                  [--anchor-seq N --anchor-hash BASE64]   (an earlier run's last_seq, "
        "last_hash)\n"},
+      {"rebase-anchor", "audit", {"log", "reason", "request-id"}, {},
+       "  rebase-anchor   --log fr-1|control --reason TEXT   (anchor the log anew from its head\n"
+       "                  once you know why it no longer matches its last anchor: a restore)\n"},
   };
   return *commands;
 }

@@ -964,6 +964,20 @@ int Run(int argc, char** argv) {
   if (command == "grant-consent") return GrantConsent(*v1::Consent::NewStub(channel), flags);
   if (command == "export-consents") return ExportConsents(*v1::Consent::NewStub(channel), flags);
   if (command == "verify-chain") return VerifyChain(*v1::Audit::NewStub(channel), flags);
+  if (command == "rebase-anchor") {
+    v1::RebaseAnchorRequest r;
+    const std::string log = Get(flags, "log");
+    if (log.empty()) return Fail("--log: a region id (fr-1, ...) or control");
+    if (log == "control") {
+      r.mutable_log()->set_control(true);
+    } else {
+      r.mutable_log()->set_region_id(log);
+    }
+    r.set_reason(Get(flags, "reason"));
+    r.set_request_id(Get(flags, "request-id"));
+    auto audit = v1::Audit::NewStub(channel);
+    return Call(&v1::Audit::Stub::RebaseAnchor, *audit, r);
+  }
   if (command == "data-report") {
     v1::PatientDataReportRequest r;
     r.set_request_id(Get(flags, "request-id"));

@@ -84,11 +84,15 @@ void FailOnAnchor(ChainReport& report, std::string problem, const ChainAnchor& a
 
 constexpr absl::string_view kAnchorPrefix = "ANCHOR: seq=";
 constexpr absl::string_view kAnchorHashField = " hash=";
+constexpr absl::string_view kAnchorRebased = " REBASED: ";
 
 }  // namespace
 
-std::string AnchorReason(const ChainAnchor& anchor) {
-  return absl::StrCat(kAnchorPrefix, anchor.seq, kAnchorHashField, audit::ToHex(anchor.hash));
+std::string AnchorReason(const ChainAnchor& anchor, absl::string_view rebased) {
+  std::string reason =
+      absl::StrCat(kAnchorPrefix, anchor.seq, kAnchorHashField, audit::ToHex(anchor.hash));
+  if (!rebased.empty()) absl::StrAppend(&reason, kAnchorRebased, rebased);
+  return reason;
 }
 
 std::optional<ChainAnchor> ParseAnchorReason(absl::string_view reason) {
@@ -104,8 +108,9 @@ std::optional<ChainAnchor> ParseAnchorReason(absl::string_view reason) {
       !absl::SimpleAtoi(seq, &anchor.seq)) {
     return std::nullopt;
   }
-  const absl::string_view hex = reason.substr(hash_at + kAnchorHashField.size());
-  if (hex.size() != 64 ||
+  const absl::string_view hex = reason.substr(hash_at + kAnchorHashField.size(), 64);
+  const absl::string_view rest = reason.substr(std::min(reason.size(), hash_at + kAnchorHashField.size() + 64));
+  if (hex.size() != 64 || (!rest.empty() && !absl::StartsWith(rest, kAnchorRebased)) ||
       !std::all_of(hex.begin(), hex.end(), [](char c) {
         return absl::ascii_isdigit(static_cast<unsigned char>(c)) || (c >= 'a' && c <= 'f');
       })) {
@@ -584,22 +589,29 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
         kMaxChainWalksPerLog, " at a time: each holds one of the log's database connections for "
         "as long as it reads); retry when it ends"));
   }
-  // The latest anchor of the log recorded elsewhere, when the range covers its entry (a walk
-  // that starts after it would trust the entries in between unchecked, one that ends before it
-  // says nothing of the end).
-  RecordedAnchor recorded = LatestRecordedAnchor(log);
-  const uint64_t recorded_seq = static_cast<uint64_t>(recorded.anchor.seq);
-  const bool recorded_applies = recorded.anchor.seq > 0 && start_seq <= recorded_seq + 1 &&
-                                (end_seq == 0 || end_seq >= recorded_seq);
-  // The anchor given, then the one recorded elsewhere.
+  // The latest anchors of the log recorded elsewhere whose entry the range covers (a walk that
+  // starts after one would trust the entries in between unchecked, one that ends before it says
+  // nothing of the end).
+  RecordedAnchors recorded = LatestRecordedAnchors(log);
+  std::vector<RecordedAnchor> applied;
+  for (RecordedAnchor& r : recorded.anchors) {
+    const uint64_t seq = static_cast<uint64_t>(r.anchor.seq);
+    if (start_seq <= seq + 1 && (end_seq == 0 || end_seq >= seq)) applied.push_back(std::move(r));
+  }
+  // Reported: the highest.
+  std::sort(applied.begin(), applied.end(), [](const RecordedAnchor& a, const RecordedAnchor& b) {
+    return a.anchor.seq > b.anchor.seq;
+  });
+  // The anchor given, then those recorded elsewhere.
   auto check_anchors = [&](pqxx::transaction_base& txn, ChainReport& report) {
     if (anchor.seq > 0) FailOnAnchor(report, AnchorProblem(txn, anchor), anchor);
-    if (report.ok && recorded_applies) {
-      std::string problem = AnchorProblem(txn, recorded.anchor);
+    for (const RecordedAnchor& r : applied) {
+      if (!report.ok) return;
+      std::string problem = AnchorProblem(txn, r.anchor);
       if (!problem.empty()) {
-        absl::StrAppend(&problem, " (the anchor recorded in log ", recorded.in_log, ")");
+        absl::StrAppend(&problem, " (the anchor recorded in log ", r.in_log, ")");
       }
-      FailOnAnchor(report, std::move(problem), recorded.anchor);
+      FailOnAnchor(report, std::move(problem), r.anchor);
     }
   };
   // Every walk that read the log is audited, concluded or not: ops read a log's entries either way.
@@ -612,9 +624,9 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     e.decision = audit::Decision::kPermit;
     e.reason = std::move(reason);
     if (anchor.seq > 0) absl::StrAppend(&e.reason, " anchor_seq=", anchor.seq);
-    if (recorded_applies) {
-      absl::StrAppend(&e.reason, " recorded_anchor_seq=", recorded.anchor.seq,
-                      " recorded_anchor_log=", recorded.in_log);
+    if (!applied.empty()) {
+      absl::StrAppend(&e.reason, " recorded_anchor_seq=", applied[0].anchor.seq,
+                      " recorded_anchor_log=", applied[0].in_log);
     }
     if (ranged) {
       absl::StrAppend(&e.reason, " start_seq=", std::max<uint64_t>(start_seq, 1),
@@ -625,9 +637,9 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     return e;
   };
   ChainReport report;
-  if (recorded_applies) {
-    report.recorded_anchor_seq = recorded.anchor.seq;
-    report.recorded_anchor_log = recorded.in_log;
+  if (!applied.empty()) {
+    report.recorded_anchor_seq = applied[0].anchor.seq;
+    report.recorded_anchor_log = applied[0].in_log;
   }
   report.recorded_anchor_unavailable = recorded.unavailable;
   {
@@ -714,11 +726,30 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
   });
 }
 
-AuditCore::RecordedAnchor AuditCore::LatestRecordedAnchor(const AuditLogRef& log) {
-  RecordedAnchor latest;
+std::vector<std::pair<std::string, pg::Pool*>> AuditCore::AnchorHolders(
+    const AuditLogRef& log, std::vector<std::string>* unavailable) {
+  std::vector<std::pair<std::string, pg::Pool*>> holders;
+  if (!log.control) {
+    holders.emplace_back("control", &control_);
+    return holders;
+  }
+  for (const std::string& region : shards_.RegionIds()) {
+    absl::StatusOr<pg::Pool*> shard = shards_.Get(region);
+    if (shard.ok()) {
+      holders.emplace_back(region, *shard);
+    } else {
+      unavailable->push_back(absl::StrCat(region, ": ", shard.status().message()));
+    }
+  }
+  return holders;
+}
+
+AuditCore::RecordedAnchors AuditCore::LatestRecordedAnchors(const AuditLogRef& log) {
+  RecordedAnchors latest;
   const std::string name = LogName(log);
-  auto read = [&](pg::Pool& holder, const std::string& holder_name) {
-    absl::Status read = holder.Transact([&](pqxx::work& txn) -> absl::Status {
+  std::vector<std::string> unavailable;
+  for (const auto& [holder_name, holder] : AnchorHolders(log, &unavailable)) {
+    absl::Status read = holder->Transact([&, &holder_name = holder_name](pqxx::work& txn) -> absl::Status {
       pqxx::result rows = txn.exec_prepared(sql::kSelectLastAnchor, name);
       if (rows.empty()) return absl::OkStatus();
       std::optional<ChainAnchor> anchor = ParseAnchorReason(rows[0][1].c_str());
@@ -726,26 +757,68 @@ AuditCore::RecordedAnchor AuditCore::LatestRecordedAnchor(const AuditLogRef& log
         return absl::DataLossError(absl::StrCat("entry ", rows[0][0].c_str(),
                                                 " is an anchor whose reason does not parse"));
       }
-      if (anchor->seq > latest.anchor.seq) {
-        latest.anchor = *std::move(anchor);
-        latest.in_log = holder_name;
-      }
+      latest.anchors.push_back({*std::move(anchor), holder_name});
       return absl::OkStatus();
     });
-    if (!read.ok()) {
-      if (!latest.unavailable.empty()) latest.unavailable += "; ";
-      absl::StrAppend(&latest.unavailable, "log ", holder_name, ": ", read.message());
-    }
-  };
-  if (!log.control) {
-    read(control_, "control");
-    return latest;
+    if (!read.ok()) unavailable.push_back(absl::StrCat(holder_name, ": ", read.message()));
   }
-  for (const std::string& region : shards_.RegionIds()) {
-    absl::StatusOr<pg::Pool*> shard = shards_.Get(region);
-    if (shard.ok()) read(**shard, region);
-  }
+  if (!unavailable.empty()) latest.unavailable = absl::StrCat("log ", absl::StrJoin(unavailable, "; log "));
   return latest;
+}
+
+absl::StatusOr<RebasedAnchor> AuditCore::RebaseAnchor(const CallContext& ctx,
+                                                      const AuditLogRef& log,
+                                                      const std::string& reason) {
+  if (!log.control && log.region_id.empty()) {
+    return absl::InvalidArgumentError("log: region_id or control is required");
+  }
+  RETURN_IF_ERROR(ValidateText(reason, "reason", kMaxRebaseReasonBytes));
+  ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(log));
+  const std::string name = LogName(log);
+  RebasedAnchor rebased;
+  ASSIGN_OR_RETURN(rebased.anchor, pool->TransactValue<ChainAnchor>(
+                                       [&](pqxx::work& txn) -> absl::StatusOr<ChainAnchor> {
+                                         const pqxx::row row = txn.exec_prepared1(sql::kSelectAuditHead);
+                                         ChainAnchor head;
+                                         head.seq = row[0].as<int64_t>();
+                                         head.hash = pqxx::binarystring(row[1]).str();
+                                         return head;
+                                       }));
+  if (rebased.anchor.seq == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("log ", name, " has no entry yet: there is no head to anchor"));
+  }
+  audit::Entry e;
+  e.actor = ctx.principal.spiffe_id;
+  e.action = audit::Action::kExecute;
+  e.object_type = kAnchorObjectType;
+  e.object_id = name;
+  e.decision = audit::Decision::kPermit;
+  e.reason = AnchorReason(rebased.anchor, reason);
+  e.request_id = ctx.request_id;
+  e.origin = ctx.origin;
+  for (const auto& [holder_name, holder] : AnchorHolders(log, &rebased.unavailable)) {
+    absl::Status written = holder->Transact([&](pqxx::work& txn) -> absl::Status {
+      // After any round recording this log's anchor here, not in the middle of one.
+      txn.exec_prepared(sql::kLockAnchorsOf, name);
+      return audit::Append(txn, e).status();
+    });
+    if (written.ok()) {
+      rebased.recorded_in.push_back(holder_name);
+    } else {
+      rebased.unavailable.push_back(absl::StrCat(holder_name, ": ", written.message()));
+    }
+  }
+  if (rebased.recorded_in.empty()) {
+    return absl::UnavailableError(absl::StrCat("the anchor of log ", name,
+                                               " could be recorded in no log: ",
+                                               absl::StrJoin(rebased.unavailable, "; ")));
+  }
+  log::Warning("audit_anchor_rebased", {{"log", name},
+                                       {"seq", rebased.anchor.seq},
+                                       {"by", ctx.principal.spiffe_id},
+                                       {"recorded_in", absl::StrJoin(rebased.recorded_in, ",")}});
+  return rebased;
 }
 
 absl::StatusOr<AuditCore::AnchorOutcome> AuditCore::RecordAnchor(pg::Pool& source,

@@ -114,10 +114,21 @@ struct ChainReport {
 // one database can cut its log short, or rewrite it with its hashes recomputed, and the chain
 // alone still verifies; the anchor in another database, which they cannot write, shows it.
 inline constexpr char kAnchorObjectType[] = "audit_anchor";
-// "ANCHOR: seq=N hash=HEX" (64 lower-case hex digits).
-std::string AnchorReason(const ChainAnchor& anchor);
+// "ANCHOR: seq=N hash=HEX" (64 lower-case hex digits), followed by " REBASED: " and `rebased`
+// when ops anchored the log anew (RebaseAnchor).
+std::string AnchorReason(const ChainAnchor& anchor, absl::string_view rebased = "");
 // The anchor an entry's reason records; nullopt for any other text.
 std::optional<ChainAnchor> ParseAnchorReason(absl::string_view reason);
+
+// What RebaseAnchor recorded.
+struct RebasedAnchor {
+  ChainAnchor anchor;
+  std::vector<std::string> recorded_in;
+  std::vector<std::string> unavailable;  // "log: why"
+};
+
+// The longest reason RebaseAnchor takes.
+inline constexpr size_t kMaxRebaseReasonBytes = 500;
 
 // What one round of RecordAnchors did, over every pair of logs it looked at.
 struct AnchorRound {
@@ -183,8 +194,8 @@ class AuditCore {
   //
   // A whole-log walk, or a range from at most the entry after it to the end (or past it), is
   // also checked against the latest anchor of the log recorded in another log (RecordAnchors):
-  // a shard's in the control log, the control log's in each shard (the highest of those that
-  // answer). One that cannot be read is reported, and the walk goes on without it.
+  // a shard's in the control log, the control log's in each shard (every shard's latest, the
+  // highest reported). One that cannot be read is reported, and the walk goes on without it.
   absl::StatusOr<ChainReport> Verify(const CallContext& ctx, const AuditLogRef& log,
                                      uint64_t start_seq, uint64_t end_seq,
                                      const ChainAnchor& anchor = {},
@@ -200,14 +211,29 @@ class AuditCore {
   // (AnchorRound::failed); the others are anchored all the same.
   AnchorRound RecordAnchors(const std::string& actor);
 
+  // Ops: records `log`'s current head as its anchor in the logs holding its anchors (the control
+  // log for a shard's; every shard's for the control log's) without checking it against the last
+  // one, once ops know why it no longer matches. `reason` (1 to kMaxRebaseReasonBytes of text) is
+  // kept in each anchor entry, which audits the call. A holder that cannot be written is
+  // reported; UNAVAILABLE when none could.
+  absl::StatusOr<RebasedAnchor> RebaseAnchor(const CallContext& ctx, const AuditLogRef& log,
+                                             const std::string& reason);
+
  private:
   struct RecordedAnchor {
-    ChainAnchor anchor;   // seq 0: none recorded
-    std::string in_log;   // the log holding it
-    std::string unavailable;  // why it could not be read
+    ChainAnchor anchor;
+    std::string in_log;  // the log holding it
   };
-  // The latest anchor of `log` recorded in the other logs.
-  RecordedAnchor LatestRecordedAnchor(const AuditLogRef& log);
+  struct RecordedAnchors {
+    std::vector<RecordedAnchor> anchors;  // the latest of each log holding one
+    std::string unavailable;              // why a holder could not be read
+  };
+  // The logs holding `log`'s anchors: the control log for a shard's, every shard's for the
+  // control log's (by name).
+  std::vector<std::pair<std::string, pg::Pool*>> AnchorHolders(const AuditLogRef& log,
+                                                               std::vector<std::string>* unavailable);
+  // The latest anchor of `log` in each log holding its anchors.
+  RecordedAnchors LatestRecordedAnchors(const AuditLogRef& log);
   enum class AnchorOutcome { kRecorded, kUnchanged, kMismatch };
   // Records the head of log `source` (named `source_name`) in log `dest`.
   absl::StatusOr<AnchorOutcome> RecordAnchor(pg::Pool& source, const std::string& source_name,

@@ -103,6 +103,7 @@ AuditService::AuditService(AuditCore& core, std::string trust_domain, TenantGate
       policy_(std::move(trust_domain),
               {{"QueryAudit", {K::kPractitioner, K::kApp, K::kOps}},
                {"VerifyChain", {K::kOps}},
+               {"RebaseAnchor", {K::kOps}},
                {"PatientDataReport", {K::kPractitioner, K::kApp, K::kOps},
                 kPatientDataReportCalls}}) {
   policy_.set_tenant_gate(tenant_gate);
@@ -174,6 +175,24 @@ grpc::Status AuditService::VerifyChain(grpc::ServerContext* context,
   response->set_recorded_anchor_log(report->recorded_anchor_log);
   response->set_recorded_anchor_unavailable(
       TruncateUtf8(report->recorded_anchor_unavailable, 1024));
+  return grpc::Status::OK;
+}
+
+grpc::Status AuditService::RebaseAnchor(grpc::ServerContext* context,
+                                        const v1::RebaseAnchorRequest* request,
+                                        v1::RebaseAnchorResponse* response) {
+  absl::StatusOr<CallContext> ctx = Begin(context, "RebaseAnchor", request->request_id());
+  if (!ctx.ok()) return ToGrpcStatus(ctx.status());
+  absl::StatusOr<AuditLogRef> log = LogOf(request->log());
+  if (!log.ok()) return ToGrpcStatus(log.status());
+  absl::StatusOr<RebasedAnchor> rebased = core_.RebaseAnchor(*ctx, *log, request->reason());
+  if (!rebased.ok()) return ToGrpcStatus(rebased.status());
+  response->set_anchor_seq(static_cast<uint64_t>(rebased->anchor.seq));
+  response->set_anchor_hash(rebased->anchor.hash);
+  for (const std::string& in : rebased->recorded_in) response->add_recorded_in(in);
+  for (const std::string& why : rebased->unavailable) {
+    response->add_unavailable(TruncateUtf8(why, 1024));
+  }
   return grpc::Status::OK;
 }
 

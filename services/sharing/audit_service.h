@@ -22,6 +22,8 @@ class AuditService final : public v1::Audit::Service {
   grpc::Status PatientDataReport(grpc::ServerContext* context,
                                  const v1::PatientDataReportRequest* request,
                                  v1::PatientDataReportResponse* response) override;
+  grpc::Status RebaseAnchor(grpc::ServerContext* context, const v1::RebaseAnchorRequest* request,
+                            v1::RebaseAnchorResponse* response) override;
 
  private:
   absl::StatusOr<CallContext> Begin(grpc::ServerContext* context, absl::string_view method,

@@ -842,6 +842,23 @@ TEST_F(CtlTest, VerifyChainChecksALogAgainstItsAnchorRecordedInAnother) {
   EXPECT_THAT(run.output, HasSubstr("\"ok\": true"));
   EXPECT_NE(Field(run.output, "recorded_anchor_seq"), "");
   EXPECT_EQ(Field(run.output, "recorded_anchor_unavailable"), "");
+
+  // Ops anchor a log anew from its head, with a reason; the log is then checked against it.
+  CtlRun rebased = Ctl("ops", "rebase-anchor --log fr-1 --reason 'INC-1: restored'");
+  ASSERT_EQ(rebased.exit_code, 0) << rebased.output;
+  EXPECT_THAT(rebased.output, HasSubstr("\"recorded_in\""));
+  EXPECT_THAT(rebased.output, HasSubstr("\"control\""));
+  const std::string rebased_seq = Field(rebased.output, "anchor_seq");
+  ASSERT_NE(rebased_seq, "") << rebased.output;
+  CtlRun after = Ctl("ops", "verify-chain --log fr-1");
+  EXPECT_EQ(after.exit_code, 0) << after.output;
+  EXPECT_EQ(Field(after.output, "recorded_anchor_seq"), rebased_seq) << after.output;
+  CtlRun no_log = Ctl("ops", "rebase-anchor --reason x");
+  EXPECT_EQ(no_log.exit_code, 1);
+  EXPECT_THAT(no_log.output, HasSubstr("--log"));
+  CtlRun practitioner = Ctl("practitioner", "rebase-anchor --log fr-1 --reason x");
+  EXPECT_EQ(practitioner.exit_code, 1);
+  EXPECT_THAT(practitioner.output, HasSubstr("PERMISSION_DENIED"));
 }
 
 // Ops verify a log's chain and keep its last hash; given back as the next run's anchor, it holds

@@ -4417,6 +4417,7 @@ TEST_F(SharingTest, DevicesServicesAppsAndOpsAreRefusedWhatTheyMayNotDo) {
     auto audit = AuditStub(*cert);
     MEDGATE_CALL(std::string(who) + " QueryAudit", audit, QueryAudit);
     MEDGATE_CALL(std::string(who) + " VerifyChain", audit, VerifyChain);
+    MEDGATE_CALL(std::string(who) + " RebaseAnchor", audit, RebaseAnchor);
     results.emplace_back(std::string(who) + " DownloadRecord", Download(*cert, "fr-1.x").status);
   }
   {
@@ -4433,15 +4434,17 @@ TEST_F(SharingTest, DevicesServicesAppsAndOpsAreRefusedWhatTheyMayNotDo) {
     results.emplace_back("app DownloadRecord", Download(pki_->app(), "fr-1.x").status);
     auto app_audit = AuditStub(pki_->app());
     MEDGATE_CALL("app VerifyChain", app_audit, VerifyChain);
+    MEDGATE_CALL("app RebaseAnchor", app_audit, RebaseAnchor);
     auto audit = AuditStub(pki_->practitioner());
     MEDGATE_CALL("practitioner VerifyChain", audit, VerifyChain);
+    MEDGATE_CALL("practitioner RebaseAnchor", audit, RebaseAnchor);
   }
   // Ops host the records: they may read one under break-glass, and change none.
   changes("ops", pki_->ops());
   auto ops = Stub(pki_->ops());
   MEDGATE_CALL("ops ListRecords", ops, ListRecords);
 #undef MEDGATE_CALL
-  ASSERT_EQ(results.size(), 35u);
+  ASSERT_EQ(results.size(), 39u);
   for (const auto& [name, status] : results) {
     EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << name;
   }
@@ -8077,6 +8080,13 @@ TEST(AuditAnchorTest, AnAnchorsReasonReadsBackAndNothingElseIsAnAnchor) {
   ASSERT_TRUE(back.has_value());
   EXPECT_EQ(back->seq, 42);
   EXPECT_EQ(back->hash, anchor.hash);
+  // Anchored anew by ops, with their reason after it.
+  const std::string rebased = AnchorReason(anchor, "INC-7: restored");
+  EXPECT_EQ(rebased, "ANCHOR: seq=42 hash=" + hex_ab + " REBASED: INC-7: restored");
+  std::optional<ChainAnchor> rebased_back = ParseAnchorReason(rebased);
+  ASSERT_TRUE(rebased_back.has_value());
+  EXPECT_EQ(rebased_back->seq, 42);
+  EXPECT_EQ(rebased_back->hash, anchor.hash);
   const std::string hex(64, 'a');
   for (const std::string& other :
        {std::string("VERIFIED: entries=3"), absl::StrCat("ANCHOR: seq=0 hash=", hex),
@@ -8088,6 +8098,8 @@ TEST(AuditAnchorTest, AnAnchorsReasonReadsBackAndNothingElseIsAnAnchor) {
         absl::StrCat("ANCHOR: seq=1  hash=", hex), absl::StrCat("ANCHOR: seq= 1 hash=", hex),
         absl::StrCat("ANCHOR: seq=+1 hash=", hex), absl::StrCat("ANCHOR: seq=01 hash=", hex),
         absl::StrCat("ANCHOR_MISMATCH: seq=1 hash=", hex),
+        absl::StrCat("ANCHOR: seq=1 hash=", hex, " rebased: x"),
+        absl::StrCat("ANCHOR: seq=1 hash=", hex, "REBASED: x"),
         std::string("ANCHOR: seq=99999999999999999999 hash=") + hex}) {
     EXPECT_FALSE(ParseAnchorReason(other).has_value()) << other;
   }
@@ -8205,21 +8217,85 @@ TEST_F(SharingTest, AuditLogsAreAnchoredInEachOtherAndALogCutShortIsFound) {
   ASSERT_TRUE(still.ok()) << still.status();
   EXPECT_EQ(still->fault(), v1::CHAIN_FAULT_ANCHOR_MISMATCH);
   EXPECT_EQ(still->first_bad_seq(), static_cast<uint64_t>(fr_head));
-  // Put back: fr-1 verifies against its anchor again, and is anchored on from there.
+
+  // Ops who know why (a restore from an older backup, say) anchor the log anew from its head:
+  // ops only, with a reason, kept in the anchor entry.
+  auto rebase = [](const TestCert& as, const std::string& log, const std::string& reason)
+      -> absl::StatusOr<v1::RebaseAnchorResponse> {
+    v1::RebaseAnchorRequest request;
+    if (log == "control") {
+      request.mutable_log()->set_control(true);
+    } else {
+      request.mutable_log()->set_region_id(log);
+    }
+    request.set_reason(reason);
+    request.set_request_id("rebase-1");
+    v1::RebaseAnchorResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = AuditStub(as)->RebaseAnchor(&context, request, &response);
+    if (!status.ok()) {
+      return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                          status.error_message());
+    }
+    return response;
+  };
+  const std::string why = "INC-42: fr-1 restored from an older backup";
+  EXPECT_EQ(rebase(pki_->practitioner(), "fr-1", why).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(rebase(pki_->ops(), "fr-1", "").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(rebase(pki_->ops(), "fr-1", std::string(kMaxRebaseReasonBytes + 1, 'x')).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto rebased = rebase(pki_->ops(), "fr-1", why);
+  ASSERT_TRUE(rebased.ok()) << rebased.status();
+  EXPECT_THAT(rebased->recorded_in(), ElementsAre("control"));
+  EXPECT_TRUE(rebased->unavailable().empty());
+  EXPECT_EQ(rebased->anchor_seq(),
+            static_cast<uint64_t>(Count("fr-1", "SELECT seq FROM audit_head")));
+  EXPECT_EQ(latest_anchor("control", "fr-1"),
+            absl::StrCat("ANCHOR: seq=", rebased->anchor_seq(),
+                         " hash=", audit::ToHex(rebased->anchor_hash()), " REBASED: ", why));
+  EXPECT_EQ(Count("control", "SELECT count(*) FROM audit_log WHERE object_type = 'audit_anchor' "
+                             "AND object_id = 'fr-1' AND actor = $1 AND request_id = 'rebase-1'",
+                  pki_->SpiffeId("/ops/alice")),
+            1);
+  auto after_rebase = Verify("fr-1");
+  ASSERT_TRUE(after_rebase.ok()) << after_rebase.status();
+  EXPECT_TRUE(after_rebase->ok()) << after_rebase->detail();
+  EXPECT_EQ(after_rebase->recorded_anchor_seq(), rebased->anchor_seq());
+  // Anchored on from there by the rounds (the verification moved it).
+  EXPECT_TRUE(round().mismatched.empty());
+  std::optional<ChainAnchor> after_round = ParseAnchorReason(latest_anchor("control", "fr-1"));
+  ASSERT_TRUE(after_round.has_value());
+  EXPECT_GT(static_cast<uint64_t>(after_round->seq), rebased->anchor_seq());
+  // The control log's anchor is rebased in every shard.
+  auto control_rebased = rebase(pki_->ops(), "control", why);
+  ASSERT_TRUE(control_rebased.ok()) << control_rebased.status();
+  EXPECT_EQ(control_rebased->recorded_in_size(), 3);
+
+  // The cut tail put back: the entry of the new anchor is now another entry (its hash differs),
+  // as for a log rewritten after its anchor, and the log is reported again.
   std::move(restore).Invoke();
+  auto rewritten = Verify("fr-1");
+  ASSERT_TRUE(rewritten.ok()) << rewritten.status();
+  EXPECT_FALSE(rewritten->ok());
+  EXPECT_EQ(rewritten->fault(), v1::CHAIN_FAULT_ANCHOR_MISMATCH);
+  EXPECT_EQ(rewritten->first_bad_seq(), static_cast<uint64_t>(after_round->seq));
+  EXPECT_THAT(rewritten->detail(), HasSubstr("does not have the anchor's hash"));
+  auto rebased_back = rebase(pki_->ops(), "fr-1", "INC-42: the backup's tail put back");
+  ASSERT_TRUE(rebased_back.ok()) << rebased_back.status();
   auto restored = Verify("fr-1");
   ASSERT_TRUE(restored.ok()) << restored.status();
   EXPECT_TRUE(restored->ok()) << restored->detail();
-  EXPECT_EQ(restored->recorded_anchor_seq(), static_cast<uint64_t>(fr_head));
+  EXPECT_EQ(restored->recorded_anchor_seq(), rebased_back->anchor_seq());
   const AnchorRound again = round();
   EXPECT_TRUE(again.mismatched.empty()) << absl::StrJoin(again.mismatched, ", ");
   std::optional<ChainAnchor> moved_on = ParseAnchorReason(latest_anchor("control", "fr-1"));
   ASSERT_TRUE(moved_on.has_value());
-  EXPECT_GT(moved_on->seq, fr_head);
+  EXPECT_GT(static_cast<uint64_t>(moved_on->seq), rebased_back->anchor_seq());
   auto anchored_again = Verify("fr-1");
   ASSERT_TRUE(anchored_again.ok()) << anchored_again.status();
   EXPECT_TRUE(anchored_again->ok()) << anchored_again->detail();
-  EXPECT_GT(anchored_again->recorded_anchor_seq(), static_cast<uint64_t>(fr_head));
+  EXPECT_GT(anchored_again->recorded_anchor_seq(), rebased_back->anchor_seq());
 }
 
 }  // namespace
