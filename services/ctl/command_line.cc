@@ -102,10 +102,12 @@ std::optional<size_t> CommandIndex(const std::vector<std::string>& args) {
 
 const std::vector<Command>& Commands() {
   static const std::vector<Command>* const commands = new std::vector<Command>{
-      {"upsert-tenant", "routing", {"tenant", "name", "territories", "regions", "request-id"},
-       {"inactive", "keep-placed-patients"},
+      {"upsert-tenant", "routing",
+       {"tenant", "name", "territories", "regions", "request-id", "expected-version"},
+       {"inactive", "keep-placed-patients", "drop-region-narrowing"},
        "  upsert-tenant   --tenant ID --name NAME --territories FR,DE [--regions fr-1,...] "
-       "[--inactive] [--keep-placed-patients]\n"},
+       "[--inactive] [--keep-placed-patients]\n"
+       "                  [--expected-version N (get-tenant's version)] [--drop-region-narrowing]\n"},
       {"get-tenant", "routing", {"tenant"}, {}, "  get-tenant      --tenant ID\n"},
       {"put-rule", "routing", {"territory", "regions", "readable-from", "expected-version"},
        {"keep-placed-patients"},

@@ -1024,6 +1024,12 @@ int Run(int argc, char** argv) {
     for (const auto& id : List(flags, "regions")) r.mutable_tenant()->add_region_ids(id);
     r.mutable_tenant()->set_active(!flags.contains("inactive"));
     r.set_keep_placed_patients(flags.contains("keep-placed-patients"));
+    r.set_drop_region_narrowing(flags.contains("drop-region-narrowing"));
+    uint64_t expected = 0;
+    if (!NumberFlag(flags, "expected-version", std::numeric_limits<int64_t>::max(), &expected)) {
+      return 1;
+    }
+    r.set_expected_version(static_cast<int64_t>(expected));
     return Call(&S::UpsertTenant, *stub, r);
   }
   if (command == "get-tenant") {

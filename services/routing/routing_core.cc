@@ -60,6 +60,7 @@ TenantInfo TenantFromRow(const pqxx::row& row) {
   t.active = row[4].as<bool>();
   t.created_at = FromEpochSeconds(row[6]);
   t.updated_at = FromEpochSeconds(row[7]);
+  t.version = row[8].as<int64_t>();
   return t;
 }
 
@@ -190,9 +191,12 @@ absl::Status ValidateNewTenantId(absl::string_view tenant_id) {
       tenant_id.substr(0, kMaxIdBytes), "'"));
 }
 
-absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const CallContext& ctx,
-                                                                      const TenantInfo& tenant,
-                                                                      bool keep_placed_patients) {
+absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(
+    const CallContext& ctx, const TenantInfo& tenant, const UpsertOptions& options) {
+  const bool keep_placed_patients = options.keep_placed_patients;
+  if (options.expected_version < 0) {
+    return absl::InvalidArgumentError("expected_version: must not be negative");
+  }
   RETURN_IF_ERROR(ValidateIdentifier(tenant.tenant_id, "tenant.tenant_id", kMaxIdBytes));
   RETURN_IF_ERROR(ValidateText(tenant.display_name, "tenant.display_name", 200));
   if (tenant.territories.empty()) {
@@ -235,6 +239,30 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(const Call
         // An id of another form names no tenant that can be created; one registered before the
         // rule existed may still be updated (suspended, for one).
         if (!new_id.ok() && !before) return new_id;
+        // An upsert replaces the whole tenant: one made from an older read would undo what came
+        // since (a suspension, say).
+        if (options.expected_version != 0) {
+          if (!before) {
+            return absl::AbortedError(absl::StrCat(
+                "tenant '", tenant.tenant_id, "' does not exist, not at expected_version ",
+                options.expected_version, "; re-read and retry (0 creates it)"));
+          }
+          if (before->version != options.expected_version) {
+            return absl::AbortedError(absl::StrCat(
+                "tenant '", tenant.tenant_id, "' is at version ", before->version,
+                ", not expected_version ", options.expected_version,
+                ": it changed since it was read; re-read and retry"));
+          }
+        }
+        // Without regions the tenant would be placed in any region its rules allow: a narrowing
+        // is dropped only when asked, not by an upsert that forgot to resend it.
+        if (before && before->region_ids && !tenant.region_ids && !options.drop_region_narrowing) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "tenant.region_ids: empty, and tenant '", tenant.tenant_id, "' is narrowed to ",
+              absl::StrJoin(*before->region_ids, ", "), "; resend its regions to keep them, or "
+              "set drop_region_narrowing to place its new patients in any region its "
+              "territories' rules allow"));
+        }
         // Narrowing picks among the regions the tenant's territories' rules allow: a region that
         // none of them allows would never be used. Regions the tenant is already narrowed to are
         // kept whatever the rules say since (a rule may drop one later): ops resend them with any

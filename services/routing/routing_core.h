@@ -41,6 +41,7 @@ struct TenantInfo {
   bool active = true;
   absl::Time created_at;
   absl::Time updated_at;
+  int64_t version = 0;  // 1 when created, one more at every upsert
   // An upsert's only, with keep_placed_patients: the regions its narrowing dropped where patients
   // of the tenant live, and how many.
   std::vector<RegionPatients> placed_outside;
@@ -115,10 +116,21 @@ class RoutingCore {
   // A narrowing that drops a region where patients of the tenant live is FAILED_PRECONDITION
   // unless `keep_placed_patients` (they stay there; the result counts them in placed_outside);
   // so is dropping a territory where patients of the tenant live (they stay placed and served;
-  // the result counts them in patients_in_dropped_territories).
+  // the result counts them in patients_in_dropped_territories). An upsert without regions of a
+  // tenant narrowed to some is FAILED_PRECONDITION unless `drop_region_narrowing`. With a
+  // non-zero `expected_version`, ABORTED unless the tenant exists at that version.
+  struct UpsertOptions {
+    bool keep_placed_patients = false;
+    int64_t expected_version = 0;
+    bool drop_region_narrowing = false;
+  };
   absl::StatusOr<std::pair<TenantInfo, bool>> UpsertTenant(const CallContext& ctx,
                                                            const TenantInfo& tenant,
-                                                           bool keep_placed_patients = false);
+                                                           const UpsertOptions& options);
+  absl::StatusOr<std::pair<TenantInfo, bool>> UpsertTenant(const CallContext& ctx,
+                                                           const TenantInfo& tenant) {
+    return UpsertTenant(ctx, tenant, UpsertOptions{});
+  }
   absl::StatusOr<TenantInfo> GetTenant(const CallContext& ctx, const std::string& tenant_id);
 
   // `only_if_absent`: stores nothing, ALREADY_EXISTS, when the territory has a rule by the time

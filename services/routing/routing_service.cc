@@ -29,6 +29,7 @@ void ToProto(const TenantInfo& t, v1::Tenant* out) {
   out->set_active(t.active);
   *out->mutable_created_at() = ToProtoTimestamp(t.created_at);
   *out->mutable_updated_at() = ToProtoTimestamp(t.updated_at);
+  out->set_version(t.version);
 }
 
 void ToProto(const RuleInfo& r, v1::ResidencyRule* out) {
@@ -100,7 +101,10 @@ grpc::Status RoutingService::UpsertTenant(grpc::ServerContext* context,
   }
   tenant.active = in.active();
   absl::StatusOr<std::pair<TenantInfo, bool>> result =
-      core_.UpsertTenant(*ctx, tenant, request->keep_placed_patients());
+      core_.UpsertTenant(*ctx, tenant,
+                         RoutingCore::UpsertOptions{request->keep_placed_patients(),
+                                                    request->expected_version(),
+                                                    request->drop_region_narrowing()});
   if (!result.ok()) return ToGrpcStatus(result.status());
   ToProto(result->first, response->mutable_tenant());
   response->set_created(result->second);

@@ -37,7 +37,7 @@ inline const std::vector<pg::Statement>& Statements() {
       {kSelectTenant,
        "SELECT tenant_id, display_name, territories, region_ids, active, "
        "encode(pseudonym_key, 'hex'), "
-       "extract(epoch from created_at)::float8, extract(epoch from updated_at)::float8 "
+       "extract(epoch from created_at)::float8, extract(epoch from updated_at)::float8, version "
        "FROM tenants WHERE tenant_id = $1"},
       {kInsertTenant,
        "INSERT INTO tenants (tenant_id, display_name, territories, region_ids, active, pseudonym_key) "
@@ -46,7 +46,7 @@ inline const std::vector<pg::Statement>& Statements() {
       {kUpdateTenant,
        "UPDATE tenants SET display_name = $2, territories = $3::text[], "
        "region_ids = CASE WHEN $6 THEN $4::text[] END, "
-       "active = $5, updated_at = now() WHERE tenant_id = $1"},
+       "active = $5, updated_at = now(), version = version + 1 WHERE tenant_id = $1"},
       {kSelectCurrentRules,
        "SELECT DISTINCT ON (territory) territory, version, region_ids, readable_from, "
        "extract(epoch from updated_at)::float8, updated_by FROM residency_rules "

@@ -146,8 +146,10 @@ TEST_F(DatabaseRolesTest, EachRoleHoldsExactlyTheRightsItsServiceUses) {
       "audit_append() SECURITY DEFINER search_path=public, pg_temp",
       "medgate_routing DATABASE CONNECT",     "medgate_sharing DATABASE CONNECT",
   };
-  // Of a tenant, what PutTenant sets; of a device, its assignment (control migration 0013).
-  for (const char* column : {"display_name", "territories", "region_ids", "active", "updated_at"}) {
+  // Of a tenant, what PutTenant sets (control migrations 0013, 0016: its version); of a device,
+  // its assignment (0013).
+  for (const char* column :
+       {"display_name", "territories", "region_ids", "active", "updated_at", "version"}) {
     control.insert(absl::StrCat("medgate_routing tenants(", column, ") UPDATE"));
   }
   for (const char* column : {"patient_id", "former_patient_id", "assigned_at", "updated_at"}) {

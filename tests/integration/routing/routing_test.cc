@@ -754,8 +754,9 @@ TEST_F(RoutingTest, ANarrowingThatDropsARegionWherePatientsLiveIsRefusedUnlessTh
     ASSERT_EQ(placed->region_id(), "eu-1");
   }
   auto upsert = [&](std::optional<std::vector<std::string>> regions, bool keep,
-                    v1::UpsertTenantResponse* response) {
+                    v1::UpsertTenantResponse* response, bool drop_narrowing = false) {
     v1::UpsertTenantRequest request;
+    request.set_drop_region_narrowing(drop_narrowing);
     request.mutable_tenant()->set_tenant_id("narrower");
     request.mutable_tenant()->set_display_name("narrower");
     request.mutable_tenant()->add_territories("NL");
@@ -792,8 +793,22 @@ TEST_F(RoutingTest, ANarrowingThatDropsARegionWherePatientsLiveIsRefusedUnlessTh
   grpc::Status resent = upsert(std::vector<std::string>{"fr-1"}, false, &again);
   ASSERT_TRUE(resent.ok()) << resent.error_message();
   EXPECT_EQ(again.placed_outside_narrowing_size(), 0);
-  grpc::Status widened = upsert(std::nullopt, false, &again);
+  // Widening is asked for, not the upsert of one who forgot to resend the regions.
+  grpc::Status forgot = upsert(std::nullopt, false, &again);
+  EXPECT_EQ(forgot.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << forgot.error_message();
+  EXPECT_THAT(forgot.error_message(), HasSubstr("is narrowed to fr-1"));
+  EXPECT_THAT(forgot.error_message(), HasSubstr("drop_region_narrowing"));
+  {
+    v1::GetTenantRequest get;
+    get.set_tenant_id("narrower");
+    v1::GetTenantResponse got;
+    grpc::ClientContext context;
+    ASSERT_TRUE(Stub(pki_->ops())->GetTenant(&context, get, &got).ok());
+    EXPECT_THAT(got.tenant().region_ids(), ::testing::ElementsAre("fr-1"));  // still narrowed
+  }
+  grpc::Status widened = upsert(std::nullopt, false, &again, true);
   ASSERT_TRUE(widened.ok()) << widened.error_message();
+  EXPECT_EQ(again.tenant().region_ids_size(), 0);
   // Narrowing to eu-1 now drops fr-1, where nl-new-2 lives, and counts it alone.
   grpc::Status swapped = upsert(std::vector<std::string>{"eu-1"}, false, &again);
   EXPECT_EQ(swapped.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << swapped.error_message();
@@ -1389,6 +1404,58 @@ TEST_F(RoutingTest, TenantAndRuleListsAreBounded) {
 }
 
 // The API promises distinct territory codes: a repeated one is refused, naming where.
+// An upsert replaces the whole tenant: one sent from an older read would undo what came since.
+// With expected_version (the version GetTenant returned), such an upsert is ABORTED and changes
+// nothing; every upsert adds one to the version.
+TEST_F(RoutingTest, AnUpsertFromAStaleReadOfTheTenantIsAborted) {
+  auto upsert = [&](bool active, int64_t expected, v1::UpsertTenantResponse* response,
+                    const std::string& id = "versioned") {
+    v1::UpsertTenantRequest request;
+    request.mutable_tenant()->set_tenant_id(id);
+    request.mutable_tenant()->set_display_name("versioned");
+    request.mutable_tenant()->add_territories("FR");
+    request.mutable_tenant()->set_active(active);
+    request.set_expected_version(expected);
+    grpc::ClientContext context;
+    return Stub(pki_->ops())->UpsertTenant(&context, request, response);
+  };
+  auto get = [&] {
+    v1::GetTenantRequest request;
+    request.set_tenant_id("versioned");
+    v1::GetTenantResponse response;
+    grpc::ClientContext context;
+    EXPECT_TRUE(Stub(pki_->ops())->GetTenant(&context, request, &response).ok());
+    return response.tenant();
+  };
+  v1::UpsertTenantResponse response;
+  // A tenant that does not exist is at no version: expected_version is for updates.
+  grpc::Status absent = upsert(true, 1, &response);
+  EXPECT_EQ(absent.error_code(), grpc::StatusCode::ABORTED) << absent.error_message();
+  EXPECT_THAT(absent.error_message(), HasSubstr("does not exist"));
+  ASSERT_TRUE(upsert(true, 0, &response).ok());
+  EXPECT_TRUE(response.created());
+  EXPECT_EQ(response.tenant().version(), 1);
+  // Two ops read the tenant at version 1. One suspends it.
+  const v1::Tenant read = get();
+  ASSERT_EQ(read.version(), 1);
+  grpc::Status suspended = upsert(false, read.version(), &response);
+  ASSERT_TRUE(suspended.ok()) << suspended.error_message();
+  EXPECT_EQ(response.tenant().version(), 2);
+  // The other, from the same read, renames it: refused, and the suspension stays.
+  grpc::Status stale = upsert(true, read.version(), &response);
+  EXPECT_EQ(stale.error_code(), grpc::StatusCode::ABORTED) << stale.error_message();
+  EXPECT_THAT(stale.error_message(),
+              HasSubstr("tenant 'versioned' is at version 2, not expected_version 1"));
+  EXPECT_FALSE(get().active());
+  EXPECT_EQ(get().version(), 2);
+  // From a fresh read it goes through; without expected_version the check is skipped.
+  ASSERT_TRUE(upsert(false, 2, &response).ok());
+  EXPECT_EQ(response.tenant().version(), 3);
+  ASSERT_TRUE(upsert(false, 0, &response).ok());
+  EXPECT_EQ(get().version(), 4);
+  EXPECT_EQ(upsert(false, -1, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
 TEST_F(RoutingTest, UpsertTenantRefusesARepeatedTerritory) {
   v1::UpsertTenantRequest request;
   request.mutable_tenant()->set_tenant_id("twinned");
