@@ -601,31 +601,10 @@ absl::StatusOr<ListResult> ConsentCore::ReadConsents(
   ASSIGN_OR_RETURN(PatientLocation patient, ResolvePatient(ctx, request.patient_id));
   ASSIGN_OR_RETURN(pg::Pool * shard, HomeShard(patient));
   const absl::Time now = absl::Now();
-  // A patient's consents tell who treats the patient and which kinds of data they hold: a
-  // practitioner reads them only while the patient's CARE consent permits it for every data
-  // category, as the patient's audit trail; the tenant's apps, which ask for the patient, need
-  // none. A refusal is in the patient's trail.
-  if (ctx.principal.kind == PrincipalKind::kPractitioner) {
-    ASSIGN_OR_RETURN(const AccessDecision care,
-                     cache_.Check(patient.region_id, patient.patient_id, Purpose::kCare,
-                                  ctx.principal.spiffe_id, "", now));
-    if (!care.permit) {
-      audit::Entry entry = AuditFor(ctx, audit::Action::kRead, patient, care.consent_id,
-                                    Purpose::kCare, care.consent_version,
-                                    AccessReasonName(care.reason));
-      entry.object_type = "consent_list";
-      entry.object_id = patient.patient_id;
-      entry.decision = audit::Decision::kDeny;
-      RETURN_IF_ERROR(shard->Transact([&](pqxx::work& txn) {
-        return audit::Append(txn, entry).status();
-      }));
-      return absl::PermissionDeniedError(absl::StrCat(
-          "reading this patient's consents: the patient's CARE consent does not permit it (",
-          AccessReasonName(care.reason),
-          "); a practitioner reads them under a CARE consent covering every data category, the "
-          "tenant's apps for the patient"));
-    }
-  }
+  // A patient's consents tell who treats the patient and which kinds of data they hold, as the
+  // patient's audit trail; the tenant's apps, which ask for the patient, need no consent.
+  RETURN_IF_ERROR(RequireCareOfPractitioner(ctx, patient, *shard, now, "consent_list",
+                                            "reading this patient's consents"));
   return shard->TransactValue<ListResult>([&](pqxx::work& txn) -> absl::StatusOr<ListResult> {
     std::vector<ConsentInfo> all;
     for (const pqxx::row& row :
@@ -689,6 +668,29 @@ absl::StatusOr<ListResult> ConsentCore::ReadConsents(
   });
 }
 
+absl::Status ConsentCore::RequireCareOfPractitioner(const CallContext& ctx,
+                                                    const PatientLocation& patient,
+                                                    pg::Pool& shard, absl::Time now,
+                                                    absl::string_view object_type,
+                                                    absl::string_view reading) {
+  if (ctx.principal.kind != PrincipalKind::kPractitioner) return absl::OkStatus();
+  ASSIGN_OR_RETURN(const AccessDecision care,
+                   cache_.Check(patient.region_id, patient.patient_id, Purpose::kCare,
+                                ctx.principal.spiffe_id, "", now));
+  if (care.permit) return absl::OkStatus();
+  audit::Entry entry = AuditFor(ctx, audit::Action::kRead, patient, care.consent_id,
+                                Purpose::kCare, care.consent_version,
+                                AccessReasonName(care.reason));
+  entry.object_type = std::string(object_type);
+  entry.object_id = patient.patient_id;
+  entry.decision = audit::Decision::kDeny;
+  RETURN_IF_ERROR(shard.Transact([&](pqxx::work& txn) { return audit::Append(txn, entry).status(); }));
+  return absl::PermissionDeniedError(absl::StrCat(
+      reading, ": the patient's CARE consent does not permit it (", AccessReasonName(care.reason),
+      "); a practitioner does so under a CARE consent covering every data category, the "
+      "tenant's apps for the patient"));
+}
+
 absl::StatusOr<AccessDecision> ConsentCore::CheckAccess(const CallContext& ctx,
                                                         const CheckRequest& request) {
   RETURN_IF_ERROR(ValidateIdentifier(request.patient_id, "patient_id", kMaxIdBytes));
@@ -703,9 +705,18 @@ absl::StatusOr<AccessDecision> ConsentCore::CheckAccess(const CallContext& ctx,
                  "a practitioner, app or device")
           .status());
   ASSIGN_OR_RETURN(PatientLocation patient, ResolvePatient(ctx, request.patient_id));
+  const absl::Time now = absl::Now();
+  // A practitioner checks their own access freely; another's tells who treats the patient, or
+  // may, and for which kinds of data: as the patient's consents, under CARE.
+  if (ctx.principal.kind == PrincipalKind::kPractitioner &&
+      request.actor != ctx.principal.spiffe_id) {
+    ASSIGN_OR_RETURN(pg::Pool * shard, HomeShard(patient));
+    RETURN_IF_ERROR(RequireCareOfPractitioner(ctx, patient, *shard, now, "consent_decision",
+                                              "checking another actor's access to this patient"));
+  }
   ASSIGN_OR_RETURN(AccessDecision decision,
                    cache_.Check(patient.region_id, patient.patient_id, purpose, request.actor,
-                                request.category, absl::Now()));
+                                request.category, now));
   // A service asks before an access of its own, which its audit entry records with the decision.
   // A practitioner or app asking reads the patient's consent: audited in the patient's home shard
   // before the answer is given (no entry, no answer).

@@ -154,6 +154,14 @@ class ConsentCore {
   absl::StatusOr<PatientLocation> ResolvePatient(const CallContext& ctx,
                                                  const std::string& patient_id);
   absl::StatusOr<pg::Pool*> HomeShard(const PatientLocation& patient);
+  // A practitioner reading what tells who treats the patient and which kinds of data they hold
+  // (their consents, another actor's access) does so only while the patient's CARE consent
+  // permits them for every data category: otherwise PERMISSION_DENIED saying `reading` and why,
+  // after a deny entry in the home shard (`object_type`, the patient). OK for anyone else.
+  absl::Status RequireCareOfPractitioner(const CallContext& ctx, const PatientLocation& patient,
+                                         pg::Pool& shard, absl::Time now,
+                                         absl::string_view object_type,
+                                         absl::string_view reading);
   // The patient and key of a consent found by its (validated) id, with the same NOT_FOUND for
   // unknown ids and other tenants' consents.
   absl::StatusOr<std::pair<PatientLocation, KeyRef>> LocateById(const CallContext& ctx,

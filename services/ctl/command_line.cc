@@ -30,7 +30,8 @@ constexpr char kUsageHead[] =
 
 constexpr char kUsageTail[] =
     R"(Output is the response as JSON; errors print the gRPC status and exit 1; verify-chain exits 3
-when the chain is broken. A command line that cannot be read (an unknown flag, a flag without its
+when the chain is broken, 4 when it verified but an anchor of it recorded in another log could not
+be checked (recorded_anchor_unavailable). A command line that cannot be read (an unknown flag, a flag without its
 value, a value given to a flag that takes none, an extra word) exits 2 before anything is sent.
 )";
 

@@ -917,7 +917,9 @@ int VerifyChain(v1::Audit::Stub& stub, const Flags& flags) {
   v1::VerifyChainResponse response;
   const int printed = Print(stub.VerifyChain(&context, r, &response), response);
   if (printed != 0) return printed;
-  return response.ok() ? 0 : 3;  // the chain is broken: its own exit code
+  if (!response.ok()) return 3;  // the chain is broken: its own exit code
+  // The chain verified, but an anchor of it recorded in another log could not be checked.
+  return response.recorded_anchor_unavailable().empty() ? 0 : 4;
 }
 
 int Run(int argc, char** argv) {

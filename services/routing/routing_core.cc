@@ -228,8 +228,12 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(
     RETURN_IF_ERROR(ValidateDistinct(*tenant.region_ids, "tenant.region_ids"));
   }
   const absl::Status new_id = ValidateNewTenantId(tenant.tenant_id);
-  return InTransaction<std::pair<TenantInfo, bool>>(
-      control_, [&](pqxx::work& txn) -> absl::StatusOr<std::pair<TenantInfo, bool>> {
+  // The inner status is the answer to the caller, the outer one the transaction's: a stale
+  // expected_version is ABORTED from the inner one, which the pool does not run again (it retries
+  // a transaction that fails ABORTED, a conflict between transactions).
+  using Upserted = absl::StatusOr<std::pair<TenantInfo, bool>>;
+  absl::StatusOr<Upserted> upserted = InTransaction<Upserted>(
+      control_, [&](pqxx::work& txn) -> absl::StatusOr<Upserted> {
         // Waits for the tenant's placements in progress and holds new ones off until this
         // commits: the patients counted below are all there will be under the old narrowing.
         txn.exec_prepared(sql::kLockTenant, tenant.tenant_id);
@@ -243,15 +247,15 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(
         // since (a suspension, say).
         if (options.expected_version != 0) {
           if (!before) {
-            return absl::AbortedError(absl::StrCat(
+            return Upserted(absl::AbortedError(absl::StrCat(
                 "tenant '", tenant.tenant_id, "' does not exist, not at expected_version ",
-                options.expected_version, "; re-read and retry (0 creates it)"));
+                options.expected_version, "; re-read and retry (0 creates it)")));
           }
           if (before->version != options.expected_version) {
-            return absl::AbortedError(absl::StrCat(
+            return Upserted(absl::AbortedError(absl::StrCat(
                 "tenant '", tenant.tenant_id, "' is at version ", before->version,
                 ", not expected_version ", options.expected_version,
-                ": it changed since it was read; re-read and retry"));
+                ": it changed since it was read; re-read and retry")));
           }
         }
         // Without regions the tenant would be placed in any region its rules allow: a narrowing
@@ -368,8 +372,10 @@ absl::StatusOr<std::pair<TenantInfo, bool>> RoutingCore::UpsertTenant(
         RETURN_IF_ERROR(audit::Append(
             txn, AuditEntryFor(ctx, created ? audit::Action::kCreate : audit::Action::kUpdate, "tenant",
                           tenant.tenant_id, tenant.tenant_id, "", state)).status());
-        return std::make_pair(stored, created);
+        return Upserted(std::make_pair(stored, created));
       });
+  if (!upserted.ok()) return upserted.status();
+  return *std::move(upserted);
 }
 
 absl::StatusOr<TenantInfo> RoutingCore::GetTenant(const CallContext&, const std::string& tenant_id) {

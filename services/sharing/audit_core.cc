@@ -108,8 +108,9 @@ std::optional<ChainAnchor> ParseAnchorReason(absl::string_view reason) {
       !absl::SimpleAtoi(seq, &anchor.seq)) {
     return std::nullopt;
   }
-  const absl::string_view hex = reason.substr(hash_at + kAnchorHashField.size(), 64);
-  const absl::string_view rest = reason.substr(std::min(reason.size(), hash_at + kAnchorHashField.size() + 64));
+  const size_t hex_at = hash_at + kAnchorHashField.size();
+  const absl::string_view hex = reason.substr(hex_at, 64);
+  const absl::string_view rest = reason.substr(std::min(reason.size(), hex_at + 64));
   if (hex.size() != 64 || (!rest.empty() && !absl::StartsWith(rest, kAnchorRebased)) ||
       !std::all_of(hex.begin(), hex.end(), [](char c) {
         return absl::ascii_isdigit(static_cast<unsigned char>(c)) || (c >= 'a' && c <= 'f');
@@ -726,6 +727,42 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
   });
 }
 
+namespace {
+
+// A log's head, and how it stands against its last anchor.
+struct LogState {
+  ChainAnchor head;
+  std::string problem;  // why the log no longer matches `previous` ("" when it does)
+  bool moved = false;   // entries other than anchors after `previous` (any entry without one)
+};
+
+absl::StatusOr<LogState> ReadLogState(pg::Pool& log, const std::optional<ChainAnchor>& previous) {
+  ASSIGN_OR_RETURN(pg::Lease lease, log.Acquire());
+  try {
+    // One snapshot: the head, and the entries the checks read, as of the same moment.
+    pqxx::transaction<pqxx::repeatable_read, pqxx::read_only> q(lease.connection());
+    LogState state;
+    const pqxx::row row = q.exec_prepared1(sql::kSelectAuditHead);
+    state.head.seq = row[0].as<int64_t>();
+    state.head.hash = pqxx::binarystring(row[1]).str();
+    if (previous) {
+      state.problem = AnchorProblem(q, *previous);
+      state.moved = state.problem.empty() &&
+                    q.exec_prepared1(sql::kSelectEntriesBesideAnchorsAfter, previous->seq)[0]
+                        .as<bool>();
+    } else {
+      state.moved = state.head.seq > 0;
+    }
+    q.commit();
+    return state;
+  } catch (const std::exception& e) {
+    lease.MarkBroken();
+    return pg::StatusFromException(e);
+  }
+}
+
+}  // namespace
+
 std::vector<std::pair<std::string, pg::Pool*>> AuditCore::AnchorHolders(
     const AuditLogRef& log, std::vector<std::string>* unavailable) {
   std::vector<std::pair<std::string, pg::Pool*>> holders;
@@ -749,7 +786,8 @@ AuditCore::RecordedAnchors AuditCore::LatestRecordedAnchors(const AuditLogRef& l
   const std::string name = LogName(log);
   std::vector<std::string> unavailable;
   for (const auto& [holder_name, holder] : AnchorHolders(log, &unavailable)) {
-    absl::Status read = holder->Transact([&, &holder_name = holder_name](pqxx::work& txn) -> absl::Status {
+    const std::string& in = holder_name;
+    absl::Status read = holder->Transact([&](pqxx::work& txn) -> absl::Status {
       pqxx::result rows = txn.exec_prepared(sql::kSelectLastAnchor, name);
       if (rows.empty()) return absl::OkStatus();
       std::optional<ChainAnchor> anchor = ParseAnchorReason(rows[0][1].c_str());
@@ -757,12 +795,14 @@ AuditCore::RecordedAnchors AuditCore::LatestRecordedAnchors(const AuditLogRef& l
         return absl::DataLossError(absl::StrCat("entry ", rows[0][0].c_str(),
                                                 " is an anchor whose reason does not parse"));
       }
-      latest.anchors.push_back({*std::move(anchor), holder_name});
+      latest.anchors.push_back({*std::move(anchor), in});
       return absl::OkStatus();
     });
     if (!read.ok()) unavailable.push_back(absl::StrCat(holder_name, ": ", read.message()));
   }
-  if (!unavailable.empty()) latest.unavailable = absl::StrCat("log ", absl::StrJoin(unavailable, "; log "));
+  if (!unavailable.empty()) {
+    latest.unavailable = absl::StrCat("log ", absl::StrJoin(unavailable, "; log "));
+  }
   return latest;
 }
 
@@ -776,35 +816,32 @@ absl::StatusOr<RebasedAnchor> AuditCore::RebaseAnchor(const CallContext& ctx,
   ASSIGN_OR_RETURN(pg::Pool * pool, PoolOf(log));
   const std::string name = LogName(log);
   RebasedAnchor rebased;
-  ASSIGN_OR_RETURN(rebased.anchor, pool->TransactValue<ChainAnchor>(
-                                       [&](pqxx::work& txn) -> absl::StatusOr<ChainAnchor> {
-                                         const pqxx::row row = txn.exec_prepared1(sql::kSelectAuditHead);
-                                         ChainAnchor head;
-                                         head.seq = row[0].as<int64_t>();
-                                         head.hash = pqxx::binarystring(row[1]).str();
-                                         return head;
-                                       }));
-  if (rebased.anchor.seq == 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("log ", name, " has no entry yet: there is no head to anchor"));
-  }
   audit::Entry e;
   e.actor = ctx.principal.spiffe_id;
   e.action = audit::Action::kExecute;
   e.object_type = kAnchorObjectType;
   e.object_id = name;
   e.decision = audit::Decision::kPermit;
-  e.reason = AnchorReason(rebased.anchor, reason);
   e.request_id = ctx.request_id;
   e.origin = ctx.origin;
   for (const auto& [holder_name, holder] : AnchorHolders(log, &rebased.unavailable)) {
+    ChainAnchor head;
     absl::Status written = holder->Transact([&](pqxx::work& txn) -> absl::Status {
-      // After any round recording this log's anchor here, not in the middle of one.
+      // The head as of after any round recording this log's anchor here, not an older one.
       txn.exec_prepared(sql::kLockAnchorsOf, name);
+      ASSIGN_OR_RETURN(const LogState state, ReadLogState(*pool, std::nullopt));
+      if (state.head.seq == 0) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("log ", name, " has no entry yet: there is no head to anchor"));
+      }
+      head = state.head;
+      e.reason = AnchorReason(head, reason);
       return audit::Append(txn, e).status();
     });
+    if (written.code() == absl::StatusCode::kFailedPrecondition) return written;
     if (written.ok()) {
       rebased.recorded_in.push_back(holder_name);
+      if (head.seq > rebased.anchor.seq) rebased.anchor = head;
     } else {
       rebased.unavailable.push_back(absl::StrCat(holder_name, ": ", written.message()));
     }
@@ -833,50 +870,33 @@ absl::StatusOr<AuditCore::AnchorOutcome> AuditCore::RecordAnchor(pg::Pool& sourc
     if (!last.empty()) {
       previous = ParseAnchorReason(last[0][1].c_str());
       if (!previous) {
-        return absl::DataLossError(absl::StrCat("entry ", last[0][0].c_str(), " is an anchor of log ",
-                                                source_name, " whose reason does not parse"));
+        return absl::DataLossError(absl::StrCat("entry ", last[0][0].c_str(),
+                                                " is an anchor of log ", source_name,
+                                                " whose reason does not parse"));
       }
     }
-    ChainAnchor head;
-    std::string problem;
-    bool moved = false;
-    {
-      ASSIGN_OR_RETURN(pg::Lease lease, source.Acquire());
-      try {
-        // One snapshot: the head, and the entries the checks read, as of the same moment.
-        pqxx::read_transaction q(lease.connection());
-        const pqxx::row row = q.exec_prepared1(sql::kSelectAuditHead);
-        head.seq = row[0].as<int64_t>();
-        head.hash = pqxx::binarystring(row[1]).str();
-        if (previous) {
-          problem = AnchorProblem(q, *previous);
-          moved = problem.empty() &&
-                  q.exec_prepared1(sql::kSelectEntriesBesideAnchorsAfter, previous->seq)[0].as<bool>();
-        } else {
-          moved = head.seq > 0;
-        }
-        q.commit();
-      } catch (const std::exception& e) {
-        lease.MarkBroken();
-        return pg::StatusFromException(e);
-      }
-    }
+    ASSIGN_OR_RETURN(const LogState state, ReadLogState(source, previous));
     audit::Entry e;
     e.actor = actor;
     e.action = audit::Action::kExecute;
     e.object_type = kAnchorObjectType;
     e.object_id = source_name;
-    if (!problem.empty()) {
+    if (!state.problem.empty()) {
       // The latest anchor stays the one the log no longer matches, for VerifyChain to report.
-      log::Error("audit_anchor_mismatch", {{"log", source_name}, {"problem", problem}});
+      log::Error("audit_anchor_mismatch", {{"log", source_name}, {"problem", state.problem}});
       e.decision = audit::Decision::kDeny;
-      e.reason = absl::StrCat("ANCHOR_MISMATCH: ", problem);
-      RETURN_IF_ERROR(audit::Append(txn, e).status());
+      e.reason = absl::StrCat("ANCHOR_MISMATCH: ", state.problem);
+      // Once for each thing found wrong, not again at every round while it stays so.
+      pqxx::result newest = txn.exec_prepared(sql::kSelectLastAnchorEntry, source_name);
+      const bool refused_already = !newest.empty() &&
+                                   std::string_view(newest[0][0].c_str()) == "deny" &&
+                                   e.reason == newest[0][1].c_str();
+      if (!refused_already) RETURN_IF_ERROR(audit::Append(txn, e).status());
       return AnchorOutcome::kMismatch;
     }
-    if (!moved) return AnchorOutcome::kUnchanged;
+    if (!state.moved) return AnchorOutcome::kUnchanged;
     e.decision = audit::Decision::kPermit;
-    e.reason = AnchorReason(head);
+    e.reason = AnchorReason(state.head);
     RETURN_IF_ERROR(audit::Append(txn, e).status());
     return AnchorOutcome::kRecorded;
   });

@@ -142,6 +142,7 @@ inline constexpr char kSelectAuditTime[] = "select_audit_time";
 inline constexpr char kSelectAuditHead[] = "select_audit_head";
 inline constexpr char kLockAnchorsOf[] = "lock_anchors_of";
 inline constexpr char kSelectLastAnchor[] = "select_last_anchor";
+inline constexpr char kSelectLastAnchorEntry[] = "select_last_anchor_entry";
 inline constexpr char kSelectEntriesBesideAnchorsAfter[] = "select_entries_beside_anchors_after";
 inline constexpr char kSelectTenantTerritories[] = "select_tenant_territories";
 inline constexpr char kSelectPatientReport[] = "select_patient_report";
@@ -182,6 +183,10 @@ inline const std::vector<pg::Statement>& AuditStatements() {
       {kSelectLastAnchor,
        "SELECT seq, reason FROM audit_log WHERE object_type = 'audit_anchor' AND object_id = $1 "
        "AND decision = 'permit' ORDER BY seq DESC LIMIT 1"},
+      // The latest anchor entry of log $1 here, a refusal or not.
+      {kSelectLastAnchorEntry,
+       "SELECT decision, reason FROM audit_log WHERE object_type = 'audit_anchor' AND "
+       "object_id = $1 ORDER BY seq DESC LIMIT 1"},
       // Whether anything but anchors was appended after entry $1: the log moved since.
       {kSelectEntriesBesideAnchorsAfter,
        "SELECT EXISTS (SELECT 1 FROM audit_log WHERE seq > $1 AND object_type <> 'audit_anchor')"},

@@ -25,6 +25,8 @@ grpc::Status UpsertTenant(const TestPki& pki, int routing_port, const std::strin
   request.mutable_tenant()->set_display_name(tenant);
   for (const std::string& territory : territories) request.mutable_tenant()->add_territories(territory);
   request.mutable_tenant()->set_active(active);
+  // The tenant as given: any narrowing it had is dropped.
+  request.set_drop_region_narrowing(true);
   v1::UpsertTenantResponse response;
   grpc::ClientContext context;
   return v1::TenantRouting::NewStub(*channel)->UpsertTenant(&context, request, &response);

@@ -14,7 +14,7 @@
 namespace medgate::test_support {
 
 // Creates or replaces `tenant` through the routing service on `routing_port`, as ops: serving
-// `territories`, active or suspended.
+// `territories`, active or suspended, and narrowed to no region (any narrowing it had dropped).
 grpc::Status UpsertTenant(const TestPki& pki, int routing_port, const std::string& tenant,
                           const std::vector<std::string>& territories, bool active);
 

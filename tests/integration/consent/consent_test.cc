@@ -1167,9 +1167,9 @@ TEST_F(ConsentTest, ACategoryNarrowedConsentPermitsOnlyItsCategories) {
     EXPECT_EQ(check->reason(), v1::ACCESS_REASON_CATEGORY_NOT_COVERED) << category;
     EXPECT_EQ(check->consent_id(), granted->consent_id());
   }
-  // A practitioner's check is audited with the category asked about.
-  auto asked = Check(*Stub(pki_->practitioner()), patient, v1::PURPOSE_REMOTE_MONITORING, Device(),
-                     "body-weight");
+  // A practitioner's check (of their own access) is audited with the category asked about.
+  auto asked = Check(*Stub(pki_->practitioner()), patient, v1::PURPOSE_REMOTE_MONITORING,
+                     Practitioner(), "body-weight");
   ASSERT_TRUE(asked.ok()) << asked.status();
   EXPECT_EQ(asked->reason(), v1::ACCESS_REASON_CATEGORY_NOT_COVERED);
   EXPECT_EQ(CountIn(clusters_->region("fr-1"),
@@ -1654,6 +1654,49 @@ TEST_F(ConsentTest, APractitionerListsAPatientsConsentsOnlyUnderCareConsent) {
     return listed.ok();
   })) << listed.status();
   EXPECT_EQ(listed->consents_size(), 3);
+}
+
+// A practitioner asks about their own access freely; about another actor's (who treats the
+// patient, or may) only under the patient's CARE consent for every category, as for the list.
+TEST_F(ConsentTest, APractitionerChecksAnotherActorsAccessOnlyUnderCareConsent) {
+  const std::string patient = Place("checked-by-practitioner-1", "FR");
+  auto app = Stub(pki_->app());
+  auto practitioner = Stub(pki_->practitioner());
+  ASSERT_TRUE(Grant(*app, GrantArgs(patient).WithPurpose(v1::PURPOSE_RESEARCH)).ok());
+  // Their own: answered (no CARE consent, so DENY), audited as a read.
+  auto own = Check(*practitioner, patient, v1::PURPOSE_CARE, Practitioner());
+  ASSERT_TRUE(own.ok()) << own.status();
+  EXPECT_EQ(own->decision(), v1::DECISION_DENY);
+  // Another's: refused, the refusal in the trail, and nothing answered.
+  auto other = Check(*practitioner, patient, v1::PURPOSE_RESEARCH, App());
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kPermissionDenied) << other.status();
+  EXPECT_THAT(std::string(other.status().message()),
+              HasSubstr("checking another actor's access to this patient"));
+  EXPECT_THAT(std::string(other.status().message()), HasSubstr("NO_CONSENT"));
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM audit_log WHERE object_type = 'consent_decision' AND "
+                    "patient_id = $1 AND decision = 'deny' AND purpose = 'CARE' AND actor = '" +
+                        Practitioner() + "'",
+                    patient),
+            1);
+  // Nothing was decided for the refused check: the one answered check is the practitioner's own.
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM audit_log WHERE object_type = 'consent_decision' AND "
+                    "patient_id = $1 AND reason LIKE 'CHECKED: %'",
+                    patient),
+            1);
+  // The tenant's app asks about anyone.
+  auto by_app = Check(*app, patient, v1::PURPOSE_RESEARCH, Practitioner());
+  ASSERT_TRUE(by_app.ok()) << by_app.status();
+  EXPECT_EQ(by_app->decision(), v1::DECISION_PERMIT);
+  // Under a tenant-wide CARE consent (once the service's cache has it), the practitioner asks.
+  ASSERT_TRUE(Grant(*app, GrantArgs(patient)).ok());
+  absl::StatusOr<v1::CheckAccessResponse> answered;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    answered = Check(*practitioner, patient, v1::PURPOSE_RESEARCH, App());
+    return answered.ok();
+  })) << answered.status();
+  EXPECT_EQ(answered->decision(), v1::DECISION_PERMIT);
 }
 
 // A listing, or a practitioner's access check, whose read entry cannot be written fails and

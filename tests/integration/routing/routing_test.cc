@@ -1403,7 +1403,6 @@ TEST_F(RoutingTest, TenantAndRuleListsAreBounded) {
   EXPECT_THAT(status.error_message(), HasSubstr("tenant.region_ids: at most 32"));
 }
 
-// The API promises distinct territory codes: a repeated one is refused, naming where.
 // An upsert replaces the whole tenant: one sent from an older read would undo what came since.
 // With expected_version (the version GetTenant returned), such an upsert is ABORTED and changes
 // nothing; every upsert adds one to the version.
@@ -1456,6 +1455,7 @@ TEST_F(RoutingTest, AnUpsertFromAStaleReadOfTheTenantIsAborted) {
   EXPECT_EQ(upsert(false, -1, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
+// The API promises distinct territory codes: a repeated one is refused, naming where.
 TEST_F(RoutingTest, UpsertTenantRefusesARepeatedTerritory) {
   v1::UpsertTenantRequest request;
   request.mutable_tenant()->set_tenant_id("twinned");

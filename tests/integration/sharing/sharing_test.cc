@@ -8166,6 +8166,35 @@ TEST_F(SharingTest, AuditLogsAreAnchoredInEachOtherAndALogCutShortIsFound) {
   EXPECT_TRUE(control->ok()) << control->detail();
   EXPECT_GE(control->recorded_anchor_seq(), static_cast<uint64_t>(of_control->seq));
   EXPECT_THAT(control->recorded_anchor_log(), AnyOf("fr-1", "de-1", "eu-1"));
+  // Every shard's anchor of the control log is checked, not only reported: fr-1's rewritten to
+  // another hash (in fr-1's log, which the control log's verification does not walk), the
+  // control log is reported against it.
+  {
+    const std::string anchor_seq = Text(
+        "fr-1", "SELECT max(seq) FROM audit_log WHERE object_type = 'audit_anchor' AND "
+                "object_id = 'control' AND decision = 'permit'");
+    Exec("fr-1", "CREATE TABLE anchor_kept AS SELECT * FROM audit_log WHERE seq = $1::bigint",
+         anchor_seq);
+    absl::Cleanup put_back = [anchor_seq] {
+      Exec("fr-1", "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
+      Exec("fr-1", "UPDATE audit_log a SET reason = k.reason FROM anchor_kept k WHERE a.seq = k.seq");
+      Exec("fr-1", "DROP TABLE anchor_kept");
+      Exec("fr-1", "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update");
+    };
+    Exec("fr-1", "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
+    Exec("fr-1", absl::StrCat("UPDATE audit_log SET reason = 'ANCHOR: seq=", of_control->seq,
+                              " hash=", std::string(64, '0'), "' WHERE seq = $1::bigint"),
+         anchor_seq);
+    auto against_fr = Verify("control");
+    ASSERT_TRUE(against_fr.ok()) << against_fr.status();
+    EXPECT_FALSE(against_fr->ok());
+    EXPECT_EQ(against_fr->fault(), v1::CHAIN_FAULT_ANCHOR_MISMATCH);
+    EXPECT_EQ(against_fr->first_bad_seq(), static_cast<uint64_t>(of_control->seq));
+    EXPECT_THAT(against_fr->detail(), HasSubstr("recorded in log fr-1"));
+  }
+  auto control_again = Verify("control");
+  ASSERT_TRUE(control_again.ok()) << control_again.status();
+  EXPECT_TRUE(control_again->ok()) << control_again->detail();
   // A range that starts past the entry after the anchor's would trust the entries between
   // unchecked: no recorded anchor is applied to it, nor to one ending before the anchor's entry.
   ASSERT_TRUE(Verify("fr-1").ok());  // one more entry: fr_head + 2 exists
@@ -8212,6 +8241,11 @@ TEST_F(SharingTest, AuditLogsAreAnchoredInEachOtherAndALogCutShortIsFound) {
   EXPECT_EQ(Count("control", "SELECT count(*) FROM audit_log WHERE object_type = 'audit_anchor' "
                              "AND object_id = 'fr-1' AND decision = 'deny' AND reason LIKE "
                              "'ANCHOR_MISMATCH: entry %cut short%'"),
+            1);
+  // Recorded once for what it found, not again at each round while it stays so.
+  EXPECT_THAT(round().mismatched, Contains("fr-1"));
+  EXPECT_EQ(Count("control", "SELECT count(*) FROM audit_log WHERE object_type = 'audit_anchor' "
+                             "AND object_id = 'fr-1' AND decision = 'deny'"),
             1);
   auto still = Verify("fr-1");
   ASSERT_TRUE(still.ok()) << still.status();
