@@ -888,15 +888,24 @@ bool NumberFlag(const Flags& flags, const std::string& name, uint64_t max, uint6
   return false;
 }
 
+// --log as an audit log reference; false, with a message, when it is missing.
+bool LogFlag(const Flags& flags, v1::AuditLogRef* out) {
+  const std::string log = Get(flags, "log");
+  if (log.empty()) {
+    Fail("--log: a region id (fr-1, ...) or control");
+    return false;
+  }
+  if (log == "control") {
+    out->set_control(true);
+  } else {
+    out->set_region_id(log);
+  }
+  return true;
+}
+
 int VerifyChain(v1::Audit::Stub& stub, const Flags& flags) {
   v1::VerifyChainRequest r;
-  const std::string log = Get(flags, "log");
-  if (log.empty()) return Fail("--log: a region id (fr-1, ...) or control");
-  if (log == "control") {
-    r.mutable_log()->set_control(true);
-  } else {
-    r.mutable_log()->set_region_id(log);
-  }
+  if (!LogFlag(flags, r.mutable_log())) return 1;
   uint64_t start = 0, end = 0, anchor = 0;
   constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
   if (!NumberFlag(flags, "start-seq", kMax, &start) || !NumberFlag(flags, "end-seq", kMax, &end) ||
@@ -968,13 +977,7 @@ int Run(int argc, char** argv) {
   if (command == "verify-chain") return VerifyChain(*v1::Audit::NewStub(channel), flags);
   if (command == "rebase-anchor") {
     v1::RebaseAnchorRequest r;
-    const std::string log = Get(flags, "log");
-    if (log.empty()) return Fail("--log: a region id (fr-1, ...) or control");
-    if (log == "control") {
-      r.mutable_log()->set_control(true);
-    } else {
-      r.mutable_log()->set_region_id(log);
-    }
+    if (!LogFlag(flags, r.mutable_log())) return 1;
     r.set_reason(Get(flags, "reason"));
     r.set_request_id(Get(flags, "request-id"));
     auto audit = v1::Audit::NewStub(channel);

@@ -1035,6 +1035,27 @@ class SharingTest : public ::testing::Test {
     return q.exec1(sql)[0].c_str();
   }
 
+  // Cuts `db`'s audit log short after entry `cut` and moves its head back, as someone able to
+  // write the database could: every entry left still links to the one before. The function
+  // returned puts back the tail and the head as they were (the suite's other tests verify the
+  // log too), removing whatever was appended meanwhile.
+  static std::function<void()> CutLogShort(const std::string& db, int64_t cut) {
+    Exec(db, "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
+    Exec(db, "CREATE TABLE tail_kept AS SELECT * FROM audit_log WHERE seq > $1::bigint",
+         std::to_string(cut));
+    Exec(db, "CREATE TABLE head_kept AS SELECT * FROM audit_head");
+    Exec(db, "DELETE FROM audit_log WHERE seq > $1::bigint", std::to_string(cut));
+    Exec(db, "UPDATE audit_head SET seq = $1::bigint, hash = (SELECT hash FROM audit_log "
+             "WHERE seq = $1::bigint)", std::to_string(cut));
+    return [db] {
+      Exec(db, "DELETE FROM audit_log WHERE seq > (SELECT min(seq) - 1 FROM tail_kept)");
+      Exec(db, "INSERT INTO audit_log SELECT * FROM tail_kept");
+      Exec(db, "UPDATE audit_head SET seq = k.seq, hash = k.hash FROM head_kept k");
+      Exec(db, "DROP TABLE tail_kept, head_kept");
+      Exec(db, "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update");
+    };
+  }
+
   // The rows of share_grants (active or revoked) of `record` in fr-1 for `grantee`.
   static int64_t GrantRows(const std::string& record, const std::string& grantee) {
     pqxx::connection c(ConnInfo("fr-1"));
@@ -7884,21 +7905,8 @@ TEST_F(SharingTest, VerifyChainAgainstAnAnchorFindsALogCutShort) {
   // and the anchor's entry stays missing.
   ASSERT_GT(anchor_seq, 5u);
   const int64_t cut = static_cast<int64_t>(anchor_seq) - 5;
-  Exec("de-1", "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
-  Exec("de-1", "CREATE TABLE tail_kept AS SELECT * FROM audit_log WHERE seq > $1::bigint",
-       std::to_string(cut));
-  Exec("de-1", "CREATE TABLE head_kept AS SELECT * FROM audit_head");
-  // Put back whatever happens below: the suite's other tests verify this log too.
-  absl::Cleanup restore = [] {
-    Exec("de-1", "DELETE FROM audit_log WHERE seq > (SELECT min(seq) - 1 FROM tail_kept)");
-    Exec("de-1", "INSERT INTO audit_log SELECT * FROM tail_kept");
-    Exec("de-1", "UPDATE audit_head SET seq = k.seq, hash = k.hash FROM head_kept k");
-    Exec("de-1", "DROP TABLE tail_kept, head_kept");
-    Exec("de-1", "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update");
-  };
-  Exec("de-1", "DELETE FROM audit_log WHERE seq > $1::bigint", std::to_string(cut));
-  Exec("de-1", "UPDATE audit_head SET seq = $1::bigint, hash = (SELECT hash FROM audit_log "
-               "WHERE seq = $1::bigint)", std::to_string(cut));
+  // Put back whatever happens below.
+  absl::Cleanup restore = CutLogShort("de-1", cut);
 
   auto alone = Verify("de-1");
   ASSERT_TRUE(alone.ok()) << alone.status();
@@ -8212,21 +8220,8 @@ TEST_F(SharingTest, AuditLogsAreAnchoredInEachOtherAndALogCutShortIsFound) {
   // fr-1's log cut short three entries before the anchor's, its head moved back.
   ASSERT_GT(fr_head, 5);
   const int64_t cut = fr_head - 3;
-  Exec("fr-1", "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update");
-  Exec("fr-1", "CREATE TABLE tail_kept AS SELECT * FROM audit_log WHERE seq > $1::bigint",
-       std::to_string(cut));
-  Exec("fr-1", "CREATE TABLE head_kept AS SELECT * FROM audit_head");
-  // Put back whatever happens below: other suites' runs (--gtest_repeat) verify this log too.
-  absl::Cleanup restore = [] {
-    Exec("fr-1", "DELETE FROM audit_log WHERE seq > (SELECT min(seq) - 1 FROM tail_kept)");
-    Exec("fr-1", "INSERT INTO audit_log SELECT * FROM tail_kept");
-    Exec("fr-1", "UPDATE audit_head SET seq = k.seq, hash = k.hash FROM head_kept k");
-    Exec("fr-1", "DROP TABLE tail_kept, head_kept");
-    Exec("fr-1", "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update");
-  };
-  Exec("fr-1", "DELETE FROM audit_log WHERE seq > $1::bigint", std::to_string(cut));
-  Exec("fr-1", "UPDATE audit_head SET seq = $1::bigint, hash = (SELECT hash FROM audit_log "
-               "WHERE seq = $1::bigint)", std::to_string(cut));
+  // Put back whatever happens below.
+  absl::Cleanup restore = CutLogShort("fr-1", cut);
   auto cut_short = Verify("fr-1");
   ASSERT_TRUE(cut_short.ok()) << cut_short.status();
   EXPECT_FALSE(cut_short->ok());
