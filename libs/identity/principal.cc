@@ -6,6 +6,8 @@
 #include <vector>
 
 #include <grpc/grpc_security_constants.h>
+#include <ctime>
+
 #include <openssl/bio.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
@@ -116,6 +118,19 @@ absl::StatusOr<Principal> PrincipalFromCertificatePem(absl::string_view pem,
   if (uri_count == 0) return Unauthenticated("the certificate has no URI SAN");
   if (uri_count > 1) return Unauthenticated("the certificate has more than one URI SAN");
   return ParseSpiffeId(uri, trust_domain);
+}
+
+absl::StatusOr<absl::Time> CertificateNotAfter(absl::string_view pem) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(
+      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), &BIO_free);
+  if (!bio) return Unauthenticated("cannot read the peer certificate");
+  std::unique_ptr<X509, X509Deleter> cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+  if (!cert) return Unauthenticated("cannot parse the peer certificate");
+  struct tm tm {};
+  if (ASN1_TIME_to_tm(X509_get0_notAfter(cert.get()), &tm) != 1) {
+    return Unauthenticated("cannot read the peer certificate's expiry");
+  }
+  return absl::FromTimeT(timegm(&tm));
 }
 
 absl::StatusOr<Principal> PrincipalFromAuthContext(const grpc::AuthContext& context,

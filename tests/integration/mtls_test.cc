@@ -647,6 +647,39 @@ TEST_F(MtlsTest, AnExpiredCertificateIsRefusedEvenToAClientThatCachesTlsSessions
   grpc_ssl_session_cache_destroy(cache);
 }
 
+// The handshake verifies a certificate once, and a connection outlives it (up to its maximum
+// age): a call on a connection whose certificate has expired since is refused, UNAUTHENTICATED
+// saying so, before any handler. (A new connection would be refused in its handshake instead,
+// UNAVAILABLE.)
+TEST_F(MtlsTest, ACallOnAConnectionWhoseCertificateExpiredSinceIsRefused) {
+  devpki::LeafOptions options;
+  options.common_name = "expiring";
+  options.uri_sans = {pki_->SpiffeId("/tenant/acme/practitioner/p-expiring")};
+  options.not_after = absl::Seconds(4);
+  absl::StatusOr<TestCert> cert = pki_->Issue("expiring", options);
+  ASSERT_TRUE(cert.ok()) << cert.status();
+  const absl::Time expires = absl::Now() + absl::Seconds(4);
+  RecordingAuditService service(pki_->trust_domain());
+  ServiceServer server(config_, "test");
+  server.AddService(&service);
+  ASSERT_TRUE(server.Start().ok());
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+      MakeChannel(absl::StrCat("127.0.0.1:", server.port()),
+                  TlsConfig{cert->cert_path, cert->key_path, pki_->ca_path(), 60},
+                  pki_->server_identity());
+  ASSERT_TRUE(channel.ok()) << channel.status();
+  grpc::Status before = Call(*channel);
+  ASSERT_TRUE(before.ok()) << before.error_message();
+  EXPECT_EQ(service.calls(), 1);
+  absl::SleepFor(expires - absl::Now() + absl::Seconds(2));
+  ASSERT_EQ((*channel)->GetState(false), GRPC_CHANNEL_READY) << "the connection was not kept";
+  grpc::Status after = Call(*channel);
+  EXPECT_EQ(after.error_code(), grpc::StatusCode::UNAUTHENTICATED) << after.error_message();
+  EXPECT_THAT(after.error_message(), HasSubstr("expired at"));
+  EXPECT_EQ(service.calls(), 1);
+  server.Shutdown();
+}
+
 // A certificate that a CRL of the CA revokes (a practitioner who left, a stolen laptop's) is
 // refused in the handshake, before any handler, while every other certificate is served; a CRL
 // written while the server runs, by the next name, is enforced from the next connection on.
