@@ -2,11 +2,11 @@
 #include "absl/strings/string_view.h"
 #include "libs/identity/principal.h"
 
+#include <ctime>
 #include <memory>
 #include <vector>
 
 #include <grpc/grpc_security_constants.h>
-#include <ctime>
 
 #include <openssl/bio.h>
 #include <openssl/pem.h>
@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "libs/common/status_macros.h"
 
 namespace medgate {
 namespace {
@@ -94,13 +95,25 @@ absl::StatusOr<Principal> ParseSpiffeId(absl::string_view uri, absl::string_view
   return Unauthenticated("unknown identity form");
 }
 
-absl::StatusOr<Principal> PrincipalFromCertificatePem(absl::string_view pem,
-                                                      absl::string_view trust_domain) {
+namespace {
+
+using Certificate = std::unique_ptr<X509, X509Deleter>;
+
+// The certificate in `pem`; UNAUTHENTICATED when it cannot be read.
+absl::StatusOr<Certificate> ReadCertificate(absl::string_view pem) {
   std::unique_ptr<BIO, decltype(&BIO_free)> bio(
       BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), &BIO_free);
   if (!bio) return Unauthenticated("cannot read the peer certificate");
   std::unique_ptr<X509, X509Deleter> cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
   if (!cert) return Unauthenticated("cannot parse the peer certificate");
+  return cert;
+}
+
+}  // namespace
+
+absl::StatusOr<Principal> PrincipalFromCertificatePem(absl::string_view pem,
+                                                      absl::string_view trust_domain) {
+  ASSIGN_OR_RETURN(Certificate cert, ReadCertificate(pem));
   std::unique_ptr<GENERAL_NAMES, GeneralNamesDeleter> names(static_cast<GENERAL_NAMES*>(
       X509_get_ext_d2i(cert.get(), NID_subject_alt_name, nullptr, nullptr)));
   absl::string_view uri;
@@ -121,11 +134,7 @@ absl::StatusOr<Principal> PrincipalFromCertificatePem(absl::string_view pem,
 }
 
 absl::StatusOr<absl::Time> CertificateNotAfter(absl::string_view pem) {
-  std::unique_ptr<BIO, decltype(&BIO_free)> bio(
-      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), &BIO_free);
-  if (!bio) return Unauthenticated("cannot read the peer certificate");
-  std::unique_ptr<X509, X509Deleter> cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
-  if (!cert) return Unauthenticated("cannot parse the peer certificate");
+  ASSIGN_OR_RETURN(Certificate cert, ReadCertificate(pem));
   struct tm tm {};
   if (ASN1_TIME_to_tm(X509_get0_notAfter(cert.get()), &tm) != 1) {
     return Unauthenticated("cannot read the peer certificate's expiry");

@@ -600,9 +600,12 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     if (start_seq <= seq + 1 && (end_seq == 0 || end_seq >= seq)) applied.push_back(std::move(r));
   }
   // Reported: the highest.
-  std::sort(applied.begin(), applied.end(), [](const RecordedAnchor& a, const RecordedAnchor& b) {
-    return a.anchor.seq > b.anchor.seq;
-  });
+  const RecordedAnchor* reported =
+      applied.empty() ? nullptr
+                      : &*absl::c_max_element(applied, [](const RecordedAnchor& a,
+                                                          const RecordedAnchor& b) {
+                          return a.anchor.seq < b.anchor.seq;
+                        });
   // The anchor given, then those recorded elsewhere.
   auto check_anchors = [&](pqxx::transaction_base& txn, ChainReport& report) {
     if (anchor.seq > 0) FailOnAnchor(report, AnchorProblem(txn, anchor), anchor);
@@ -625,9 +628,9 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     e.decision = audit::Decision::kPermit;
     e.reason = std::move(reason);
     if (anchor.seq > 0) absl::StrAppend(&e.reason, " anchor_seq=", anchor.seq);
-    if (!applied.empty()) {
-      absl::StrAppend(&e.reason, " recorded_anchor_seq=", applied[0].anchor.seq,
-                      " recorded_anchor_log=", applied[0].in_log);
+    if (reported != nullptr) {
+      absl::StrAppend(&e.reason, " recorded_anchor_seq=", reported->anchor.seq,
+                      " recorded_anchor_log=", reported->in_log);
     }
     if (ranged) {
       absl::StrAppend(&e.reason, " start_seq=", std::max<uint64_t>(start_seq, 1),
@@ -638,9 +641,9 @@ absl::StatusOr<ChainReport> AuditCore::Verify(const CallContext& ctx, const Audi
     return e;
   };
   ChainReport report;
-  if (!applied.empty()) {
-    report.recorded_anchor_seq = applied[0].anchor.seq;
-    report.recorded_anchor_log = applied[0].in_log;
+  if (reported != nullptr) {
+    report.recorded_anchor_seq = reported->anchor.seq;
+    report.recorded_anchor_log = reported->in_log;
   }
   report.recorded_anchor_unavailable = recorded.unavailable;
   {

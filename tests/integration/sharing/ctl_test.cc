@@ -853,6 +853,13 @@ TEST_F(CtlTest, VerifyChainChecksALogAgainstItsAnchorRecordedInAnother) {
   CtlRun after = Ctl("ops", "verify-chain --log fr-1");
   EXPECT_EQ(after.exit_code, 0) << after.output;
   EXPECT_EQ(Field(after.output, "recorded_anchor_seq"), rebased_seq) << after.output;
+  // The control log's anchors are in the shards: with fr-1 down, the chain still verifies, but
+  // not against fr-1's anchor, which verify-chain says with exit code 4.
+  ASSERT_TRUE(stack_->clusters().region("fr-1").Stop().ok());
+  CtlRun partial = Ctl("ops", "verify-chain --log control");
+  ASSERT_TRUE(stack_->clusters().region("fr-1").StartAgain().ok());
+  EXPECT_EQ(partial.exit_code, 4) << partial.output;
+  EXPECT_THAT(Field(partial.output, "recorded_anchor_unavailable"), HasSubstr("log fr-1"));
   CtlRun no_log = Ctl("ops", "rebase-anchor --reason x");
   EXPECT_EQ(no_log.exit_code, 1);
   EXPECT_THAT(no_log.output, HasSubstr("--log"));

@@ -8161,6 +8161,20 @@ TEST_F(SharingTest, AuditLogsAreAnchoredInEachOtherAndALogCutShortIsFound) {
   EXPECT_EQ(Count("control", "SELECT seq FROM audit_head"), control_head);
   EXPECT_EQ(Count("fr-1", "SELECT seq FROM audit_head"), fr_head);
 
+  // A shard that does not answer: the round says so and anchors the others (nothing moved
+  // there); the control log's verification goes on without that shard's anchor, and says so.
+  ASSERT_TRUE(clusters_->region("de-1").Stop().ok());
+  const AnchorRound partial = sharing_->audit_core().RecordAnchors(actor);
+  EXPECT_EQ(partial.failed.size(), 2u) << absl::StrJoin(partial.failed, "; ");
+  EXPECT_THAT(partial.failed, Contains(HasSubstr("control -> de-1")));
+  EXPECT_THAT(partial.failed, Contains(HasSubstr("de-1 -> control")));
+  EXPECT_EQ(partial.unchanged, 4);
+  auto without_de = Verify("control");
+  ASSERT_TRUE(clusters_->region("de-1").StartAgain().ok());
+  ASSERT_TRUE(without_de.ok()) << without_de.status();
+  EXPECT_TRUE(without_de->ok()) << without_de->detail();
+  EXPECT_THAT(without_de->recorded_anchor_unavailable(), HasSubstr("log de-1"));
+
   // VerifyChain checks fr-1 against its anchor in the control log without being given one, and
   // the control log against the highest of its anchors in the shards.
   auto verified = Verify("fr-1");
