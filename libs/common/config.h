@@ -67,7 +67,8 @@ struct TlsConfig {
   int refresh_seconds = 60;
   // A directory of the CA's certificate revocation lists in OpenSSL's hashed form
   // ("<issuer hash>.r0", .r1, ...); empty for none. A peer whose certificate one revokes is
-  // refused in the handshake.
+  // refused in the handshake, and, on a connection opened before, at its next call
+  // (PeerCertificates).
   std::string crl_dir{};
 };
 

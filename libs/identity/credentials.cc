@@ -15,8 +15,6 @@
 #include <iterator>
 #include <limits>
 
-#include <openssl/sha.h>
-
 #include <grpc/grpc_security_constants.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/auth_metadata_processor.h>
@@ -25,10 +23,8 @@
 #include <grpcpp/security/tls_credentials_options.h>
 #include <grpcpp/support/channel_arguments.h>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "absl/strings/match.h"
@@ -92,41 +88,14 @@ absl::Status CheckFiles(const TlsConfig& tls) {
   return absl::OkStatus();
 }
 
-// When each peer certificate seen expires, by the SHA-256 of its PEM: decoding a certificate
-// costs about 0.1 ms, a digest about 1 us. At most kMaxEntries, forgotten all at once when full
-// (each connection's certificate is decoded again once).
-class CertificateExpiries {
- public:
-  static constexpr size_t kMaxEntries = 65536;
-
-  absl::StatusOr<absl::Time> NotAfter(absl::string_view pem) {
-    std::string digest(SHA256_DIGEST_LENGTH, '\0');
-    SHA256(reinterpret_cast<const unsigned char*>(pem.data()), pem.size(),
-           reinterpret_cast<unsigned char*>(digest.data()));
-    {
-      absl::MutexLock lock(&mu_);
-      auto it = by_digest_.find(digest);
-      if (it != by_digest_.end()) return it->second;
-    }
-    absl::StatusOr<absl::Time> not_after = CertificateNotAfter(pem);
-    if (!not_after.ok()) return not_after;
-    absl::MutexLock lock(&mu_);
-    if (by_digest_.size() >= kMaxEntries) by_digest_.clear();
-    by_digest_.emplace(std::move(digest), *not_after);
-    return not_after;
-  }
-
- private:
-  absl::Mutex mu_;
-  absl::flat_hash_map<std::string, absl::Time> by_digest_ ABSL_GUARDED_BY(mu_);
-};
-
 // Refuses every call whose verified peer certificate does not carry exactly one valid identity
-// of this trust domain, or has expired since the handshake verified it (a connection outlives
-// its certificate, up to its maximum age), before the call reaches a handler.
+// of this trust domain, or has expired or been revoked since the handshake verified it (a
+// connection outlives its certificate's checks, up to its maximum age), before the call reaches
+// a handler.
 class PeerIdentityProcessor final : public grpc::AuthMetadataProcessor {
  public:
-  explicit PeerIdentityProcessor(std::string trust_domain) : trust_domain_(std::move(trust_domain)) {}
+  PeerIdentityProcessor(std::string trust_domain, std::shared_ptr<PeerCertificates> peers)
+      : trust_domain_(std::move(trust_domain)), peers_(std::move(peers)) {}
 
   bool IsBlocking() const override { return false; }
 
@@ -134,24 +103,14 @@ class PeerIdentityProcessor final : public grpc::AuthMetadataProcessor {
                        OutputMetadata* /*consumed*/, OutputMetadata* /*response*/) override {
     absl::StatusOr<Principal> principal = PrincipalFromAuthContext(*context, trust_domain_);
     if (!principal.ok()) return ToGrpcStatus(principal.status());
-    // PrincipalFromAuthContext found exactly one.
-    const grpc::string_ref pem = context->FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME)[0];
-    absl::StatusOr<absl::Time> not_after =
-        expiries_.NotAfter(absl::string_view(pem.data(), pem.size()));
-    if (!not_after.ok()) return ToGrpcStatus(not_after.status());
-    if (absl::Now() > *not_after) {
-      return grpc::Status(
-          grpc::StatusCode::UNAUTHENTICATED,
-          absl::StrCat("the client certificate expired at ",
-                       absl::FormatTime(absl::RFC3339_sec, *not_after, absl::UTCTimeZone()),
-                       ", after this connection was opened; connect again with a current one"));
-    }
-    return grpc::Status::OK;
+    absl::StatusOr<std::shared_ptr<const PeerCertificate>> certificate = peers_->OfCall(*context);
+    if (!certificate.ok()) return ToGrpcStatus(certificate.status());
+    return ToGrpcStatus(peers_->Check(**certificate, absl::Now()));
   }
 
  private:
   const std::string trust_domain_;
-  CertificateExpiries expiries_;
+  const std::shared_ptr<PeerCertificates> peers_;
 };
 
 // Refuses, during the handshake, a server certificate that does not carry exactly one URI SAN equal
@@ -219,8 +178,10 @@ absl::Status CheckCipherSuites(absl::string_view list) {
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
-    const TlsConfig& tls, const std::string& trust_domain) {
+    const TlsConfig& tls, const std::string& trust_domain,
+    std::shared_ptr<PeerCertificates> peers) {
   if (absl::Status s = CheckFiles(tls); !s.ok()) return s;
+  if (peers == nullptr) peers = MakePeerCertificates(tls);
   // gRPC reads the suites from the environment; its default list is AEAD only, and its TLS
   // credentials refuse versions below 1.2.
   if (const char* suites = std::getenv("GRPC_SSL_CIPHER_SUITES"); suites != nullptr) {
@@ -234,12 +195,21 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
   options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
   // A certificate revoked by a CRL of the directory is refused in the handshake; OpenSSL looks a
   // CRL up by the issuer's name hash at each handshake, so one added later (by a new name) is
-  // enforced from the next handshake on.
+  // enforced from the next handshake on. On connections already open, `peers` enforces it from
+  // the next call on.
   if (!tls.crl_dir.empty()) options.set_crl_directory(tls.crl_dir);
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::experimental::TlsServerCredentials(options);
   if (!creds) return absl::InternalError("cannot build TLS server credentials");
-  creds->SetAuthMetadataProcessor(std::make_shared<PeerIdentityProcessor>(trust_domain));
+  creds->SetAuthMetadataProcessor(
+      std::make_shared<PeerIdentityProcessor>(trust_domain, std::move(peers)));
   return creds;
+}
+
+std::shared_ptr<PeerCertificates> MakePeerCertificates(const TlsConfig& tls) {
+  PeerCertificatesOptions options;
+  options.crl_dir = tls.crl_dir;
+  options.ca_path = tls.ca_path;
+  return std::make_shared<PeerCertificates>(std::move(options));
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(

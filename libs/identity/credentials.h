@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "libs/common/config.h"
+#include "libs/identity/peer_certificates.h"
 
 namespace medgate {
 
@@ -23,8 +24,15 @@ namespace medgate {
 // environment's GRPC_SSL_CIPHER_SUITES would allow anything else. FAILED_PRECONDITION too, here
 // and in MakeChannelCredentials, when the private key file is open to others or writable by its
 // group (readable by its owner, and its group, only: 0600, 0640, 0440).
+// Every call is checked again, before its handler, against `peers` (made from `tls` when null):
+// a call on a connection whose client certificate has expired, or been revoked by a CRL of
+// tls.crl_dir, since its handshake is refused UNAUTHENTICATED, saying which.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
-    const TlsConfig& tls, const std::string& trust_domain);
+    const TlsConfig& tls, const std::string& trust_domain,
+    std::shared_ptr<PeerCertificates> peers = nullptr);
+
+// The expiry and revocation checks for the peers of a server with `tls` (its crl_dir and CA).
+std::shared_ptr<PeerCertificates> MakePeerCertificates(const TlsConfig& tls);
 
 // OK when every suite of `list` (a GRPC_SSL_CIPHER_SUITES value, ':'-separated OpenSSL names) is
 // an AEAD suite with forward secrecy (TLS 1.3's, or ECDHE with AES-GCM or ChaCha20-Poly1305).

@@ -2,7 +2,6 @@
 #include "absl/strings/string_view.h"
 #include "libs/identity/principal.h"
 
-#include <ctime>
 #include <memory>
 #include <vector>
 
@@ -131,15 +130,6 @@ absl::StatusOr<Principal> PrincipalFromCertificatePem(absl::string_view pem,
   if (uri_count == 0) return Unauthenticated("the certificate has no URI SAN");
   if (uri_count > 1) return Unauthenticated("the certificate has more than one URI SAN");
   return ParseSpiffeId(uri, trust_domain);
-}
-
-absl::StatusOr<absl::Time> CertificateNotAfter(absl::string_view pem) {
-  ASSIGN_OR_RETURN(Certificate cert, ReadCertificate(pem));
-  struct tm tm {};
-  if (ASN1_TIME_to_tm(X509_get0_notAfter(cert.get()), &tm) != 1) {
-    return Unauthenticated("cannot read the peer certificate's expiry");
-  }
-  return absl::FromTimeT(timegm(&tm));
 }
 
 absl::StatusOr<Principal> PrincipalFromAuthContext(const grpc::AuthContext& context,

@@ -9,7 +9,6 @@
 
 #include "absl/strings/string_view.h"
 #include "absl/status/statusor.h"
-#include "absl/time/time.h"
 
 namespace medgate {
 
@@ -39,10 +38,6 @@ absl::StatusOr<Principal> ParseSpiffeId(absl::string_view uri, absl::string_view
 // Requires exactly one URI SAN in the PEM certificate and parses it.
 absl::StatusOr<Principal> PrincipalFromCertificatePem(absl::string_view pem,
                                                       absl::string_view trust_domain);
-
-// When the certificate in `pem` expires (its notAfter); UNAUTHENTICATED when it cannot be read.
-// Decoding a certificate costs about 0.1 ms: callers asking per call cache the answer.
-absl::StatusOr<absl::Time> CertificateNotAfter(absl::string_view pem);
 
 // The Principal of a verified TLS peer (the certificate chain was verified by the handshake).
 absl::StatusOr<Principal> PrincipalFromAuthContext(const grpc::AuthContext& context,

@@ -17,7 +17,11 @@
 namespace medgate {
 
 ServiceServer::ServiceServer(const MedgateConfig& config, std::string service_name)
-    : config_(config), service_name_(std::move(service_name)) {}
+    : config_(config), service_name_(std::move(service_name)) {
+  // An endpoint that is not configured fails Start; its checks then have no CRLs to read.
+  absl::StatusOr<const ServiceEndpoint*> endpoint = config_.Service(service_name_);
+  peer_certificates_ = MakePeerCertificates(endpoint.ok() ? (*endpoint)->tls : TlsConfig{});
+}
 
 ServiceServer::~ServiceServer() { Shutdown(); }
 
@@ -35,7 +39,7 @@ absl::Status ServiceServer::Start() {
     return absl::Status(s.code(), absl::StrCat("services.", service_name_, ": ", s.message()));
   }
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds =
-      MakeServerCredentials((*endpoint)->tls, config_.trust_domain);
+      MakeServerCredentials((*endpoint)->tls, config_.trust_domain, peer_certificates_);
   if (!creds.ok()) return creds.status();
 
   grpc::EnableDefaultHealthCheckService(true);

@@ -18,6 +18,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "libs/common/config.h"
+#include "libs/identity/peer_certificates.h"
 
 namespace medgate {
 
@@ -54,6 +55,10 @@ class ServiceServer {
   int port() const { return port_; }
   grpc::Server* server() { return server_.get(); }
 
+  // The expiry and revocation checks the server applies to every call (from its endpoint's
+  // crl_dir and CA), for a service to apply again on each message of a long stream. Never null.
+  const std::shared_ptr<PeerCertificates>& peer_certificates() const { return peer_certificates_; }
+
   // Forces the health status (the probe, if any, overrides it at its next run).
   void SetServing(bool serving);
 
@@ -74,6 +79,7 @@ class ServiceServer {
   const MedgateConfig& config_;
   const std::string service_name_;
   std::vector<grpc::Service*> services_;
+  std::shared_ptr<PeerCertificates> peer_certificates_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   bool bdp_probe_ = true;

@@ -129,6 +129,7 @@ absl::StatusOr<std::unique_ptr<IngestServer>> IngestServer::Create(const Medgate
                                                      config.trust_domain, *server->executor_,
                                                      server->settings_.writer.stats_interval,
                                                      server->tenant_gate_.get(),
+                                                     server->server_->peer_certificates(),
                                                      server->settings_.max_streams_per_device,
                                                      server->settings_.reads);
   return server;

@@ -245,11 +245,15 @@ using Turn = std::shared_ptr<DeviceTurns::Turn>;
 class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   VitalsStream(IngestCore& core, StreamExecutor& executor, LatencyWindow& ack_latency,
-               DeviceTurns& turns, absl::StatusOr<Principal> principal, std::string origin,
+               DeviceTurns& turns, PeerCertificates& peers,
+               absl::StatusOr<Principal> principal,
+               std::shared_ptr<const PeerCertificate> certificate, std::string origin,
                std::unique_ptr<IngestService::DeviceStreamSlot> slot)
       : core_(core),
         executor_(executor),
         ack_latency_(ack_latency),
+        peers_(peers),
+        certificate_(std::move(certificate)),
         slot_(std::move(slot)),
         shared_(std::make_shared<StreamShared>()) {
     if (!principal.ok()) {
@@ -298,6 +302,12 @@ class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
       }
       incoming_bytes_.Clear();
     }
+    // The handshake verified the device's certificate once; a stream lives on (up to the
+    // connection's maximum age) after it expires or is revoked. Checked again for each batch, as
+    // the server checks each call: the batch is not stored, those before it are answered, and
+    // the stream ends UNAUTHENTICATED.
+    absl::Status still_good = absl::OkStatus();
+    if (ok && parsed) still_good = peers_.Check(*certificate_, absl::Now());
     std::unique_lock<std::mutex> lock(shared_->mu);
     read_outstanding_ = false;
     if (!ok || superseded_ || fail_) {
@@ -321,6 +331,12 @@ class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
                          "loinc_code and ucum_unit among them, must be valid UTF-8); nothing "
                          "of it was stored, and the batches before it are answered"));
       }
+      MaybeFinishLocked();
+      return;
+    }
+    if (!still_good.ok()) {
+      incoming_.Clear();
+      if (!fail_) fail_ = ToGrpcStatus(still_good);
       MaybeFinishLocked();
       return;
     }
@@ -564,6 +580,9 @@ class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
   IngestCore& core_;
   StreamExecutor& executor_;
   LatencyWindow& ack_latency_;
+  PeerCertificates& peers_;
+  // The device's certificate (null when the stream was refused at its start).
+  const std::shared_ptr<const PeerCertificate> certificate_;
   // Counts this stream against its device's bound until the reactor is deleted.
   const std::unique_ptr<IngestService::DeviceStreamSlot> slot_;
   std::shared_ptr<StreamShared> shared_;
@@ -602,6 +621,7 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
                              consent::ConsentCache& consent, const pg::ShardSet& shards,
                              std::string trust_domain, StreamExecutor& executor,
                              absl::Duration stats_interval, TenantGate* tenant_gate,
+                             std::shared_ptr<PeerCertificates> peers,
                              int max_streams_per_device, ReadBounds reads)
     : core_(core),
       routing_(routing),
@@ -612,6 +632,7 @@ IngestService::IngestService(IngestCore& core, RoutingClient& routing,
                {"EraseVitals", {K::kApp}, kReadVitalsCalls},
                {"ExportVitals", {K::kApp}, kReadVitalsCalls}}),
       executor_(executor),
+      peers_(std::move(peers)),
       max_streams_per_device_(max_streams_per_device),
       reads_(reads),
       read_watch_(reads.idle_timeout,
@@ -629,6 +650,16 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* IngestService::Stre
   // Where the device's patient lives is fetched in the background, in one RPC with the devices
   // of other streams opening meanwhile, so a fleet reconnecting at once (after a restart of this
   // service) does not resolve its devices one round trip at a time on the executor threads.
+  std::shared_ptr<const PeerCertificate> certificate;
+  if (principal.ok()) {
+    absl::StatusOr<std::shared_ptr<const PeerCertificate>> read =
+        peers_->OfCall(*context->auth_context());
+    if (read.ok()) {
+      certificate = *std::move(read);
+    } else {
+      principal = read.status();
+    }
+  }
   std::unique_ptr<DeviceStreamSlot> slot;
   if (principal.ok()) {
     slot = streams_per_device_.TryTake(principal->spiffe_id, max_streams_per_device_);
@@ -641,8 +672,8 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* IngestService::Stre
           "stream, or close one first"));
     }
   }
-  return new VitalsStream(core_, executor_, ack_latency_, turns_, std::move(principal),
-                          context->peer(), std::move(slot));
+  return new VitalsStream(core_, executor_, ack_latency_, turns_, *peers_, std::move(principal),
+                          std::move(certificate), context->peer(), std::move(slot));
 }
 
 std::unique_ptr<BoundedCounts<std::string>::Slot> IngestService::TakeReadPlace(

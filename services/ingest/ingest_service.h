@@ -11,6 +11,7 @@
 #include "libs/common/bounded_counts.h"
 #include "libs/common/latency_histogram.h"
 #include "libs/identity/authz.h"
+#include "libs/identity/peer_certificates.h"
 #include "libs/pg/shard_set.h"
 #include "libs/server/stall_watch.h"
 #include "medgate/v1/ingest.grpc.pb.h"
@@ -53,12 +54,16 @@ class IngestService final
  public:
   // `tenant_gate` (not owned) refuses ReadVitals to the identities of suspended or unregistered
   // tenants; a device's batches learn their tenant's state from routing's device answer.
+  // `peers` (the server's, ServiceServer::peer_certificates) checks a device's certificate again
+  // for each batch of its stream: one that has expired or been revoked since the stream opened
+  // ends it UNAUTHENTICATED.
   // A device may have `max_streams_per_device` streams open at once; one of them reads and
   // stores: a stream opening supersedes the device's older ones (DeviceTurns).
   IngestService(IngestCore& core, RoutingClient& routing, consent::ConsentCache& consent,
                 const pg::ShardSet& shards, std::string trust_domain, StreamExecutor& executor,
                 absl::Duration stats_interval, TenantGate* tenant_gate,
-                int max_streams_per_device, ReadBounds reads = {});
+                std::shared_ptr<PeerCertificates> peers, int max_streams_per_device,
+                ReadBounds reads = {});
 
   // One of a device's open streams, counted while it lives.
   using DeviceStreamSlot = BoundedCounts<std::string>::Slot;
@@ -88,6 +93,7 @@ class IngestService final
   const pg::ShardSet& shards_;
   RpcPolicy policy_;
   StreamExecutor& executor_;
+  const std::shared_ptr<PeerCertificates> peers_;
   const int max_streams_per_device_;
   BoundedCounts<std::string> streams_per_device_;  // by the device's SPIFFE id
   DeviceTurns turns_;                              // by the device's SPIFFE id

@@ -750,6 +750,59 @@ TEST_F(MtlsTest, ACertificateRevokedByACrlIsRefusedInTheHandshake) {
   EXPECT_THAT(std::string(started.message()), HasSubstr("crl_dir"));
 }
 
+// Revocation, like expiry, reaches connections already open: once a CRL revoking a certificate is
+// in the directory (the server looks at it every second), a call on a connection it opened
+// earlier is refused UNAUTHENTICATED, naming the serial, before any handler; a call of another
+// certificate on its own open connection is served.
+TEST_F(MtlsTest, ACallOnAConnectionWhoseCertificateWasRevokedSinceIsRefused) {
+  const std::string crl_dir = *dir_ + "/crl-open";
+  std::filesystem::remove_all(crl_dir);
+  std::filesystem::create_directories(crl_dir);
+  auto issue = [&](const std::string& name) {
+    devpki::LeafOptions options;
+    options.common_name = name;
+    options.uri_sans = {pki_->SpiffeId(absl::StrCat("/tenant/acme/practitioner/", name))};
+    absl::StatusOr<TestCert> cert = pki_->Issue(name, options);
+    EXPECT_TRUE(cert.ok()) << cert.status();
+    return *cert;
+  };
+  const TestCert left = issue("p-left-open");
+  const TestCert stays = issue("p-stays-open");
+  MedgateConfig with_crls = config_;
+  with_crls.services["test"].tls.crl_dir = crl_dir;
+  RecordingAuditService service(pki_->trust_domain());
+  ServiceServer server(with_crls, "test");
+  server.AddService(&service);
+  ASSERT_TRUE(server.Start().ok());
+  auto channel_of = [&](const TestCert& cert) {
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+        MakeChannel(absl::StrCat("127.0.0.1:", server.port()),
+                    TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60},
+                    pki_->server_identity());
+    EXPECT_TRUE(channel.ok()) << channel.status();
+    return *channel;
+  };
+  std::shared_ptr<grpc::Channel> left_channel = channel_of(left);
+  std::shared_ptr<grpc::Channel> stays_channel = channel_of(stays);
+  ASSERT_TRUE(Call(left_channel).ok());
+  ASSERT_TRUE(Call(stays_channel).ok());
+  EXPECT_EQ(service.calls(), 2);
+
+  ASSERT_TRUE(pki_->WriteCrl({left.serial}, crl_dir).ok());
+  absl::SleepFor(absl::Milliseconds(1500));
+  ASSERT_EQ(left_channel->GetState(false), GRPC_CHANNEL_READY) << "the connection was not kept";
+  grpc::Status refused = Call(left_channel);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAUTHENTICATED) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), HasSubstr(absl::StrCat("serial ", left.serial)));
+  EXPECT_THAT(refused.error_message(), HasSubstr("revoked"));
+  EXPECT_EQ(service.calls(), 2);
+  grpc::Status served = Call(stays_channel);
+  EXPECT_TRUE(served.ok()) << served.error_message();
+  EXPECT_EQ(service.calls(), 3);
+  EXPECT_EQ(server.peer_certificates()->crls_in_force(), 1u);
+  server.Shutdown();
+}
+
 // A private key file others may read (or its group write) is refused, by a server and by a client
 // alike, before anything is served or dialled; the owner's and the group's reads are allowed.
 TEST_F(MtlsTest, APrivateKeyOpenToOthersIsRefused) {

@@ -164,13 +164,15 @@ class IngestTest : public ::testing::Test {
     std::unique_ptr<IngestServer> server;
   };
   // A `statement_timeout_ms` other than 0 replaces the regions' shard statement timeout; a
-  // `fr1_conninfo` replaces fr-1's.
+  // `fr1_conninfo` replaces fr-1's; a `crl_dir`, the server's (none).
   static std::unique_ptr<ExtraIngest> StartIngest(
       const std::string& ingest_yaml, int statement_timeout_ms = 0,
-      const std::string& fr1_conninfo = "", const ServerLimits* limits = nullptr) {
+      const std::string& fr1_conninfo = "", const ServerLimits* limits = nullptr,
+      const std::string& crl_dir = "") {
     auto extra = std::make_unique<ExtraIngest>();
     extra->config = stack_->config();
     if (limits != nullptr) extra->config.limits = *limits;
+    extra->config.services["ingest"].tls.crl_dir = crl_dir;
     for (RegionConfig& region : extra->config.regions) {
       if (statement_timeout_ms != 0) region.db.statement_timeout_ms = statement_timeout_ms;
       if (region.id == "fr-1" && !fr1_conninfo.empty()) region.db.conninfo = fr1_conninfo;
@@ -317,9 +319,12 @@ class IngestTest : public ::testing::Test {
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
 
-  static TestCert Device(const std::string& tenant, const std::string& name) {
+  // A device certificate, valid for a year or for `valid` from now.
+  static TestCert Device(const std::string& tenant, const std::string& name,
+                         absl::Duration valid = absl::Hours(24 * 365)) {
     devpki::LeafOptions options;
     options.common_name = name;
+    options.not_after = valid;
     options.uri_sans = {pki().SpiffeId(absl::StrCat("/tenant/", tenant, "/device/", name))};
     auto cert = pki().Issue(absl::StrCat(tenant, "-", name), options);
     EXPECT_TRUE(cert.ok());
@@ -1109,6 +1114,64 @@ TEST_F(IngestTest, AMessageThatIsNotABatchEndsTheStreamInvalidAfterEarlierAcks) 
   EXPECT_EQ(ack->stored_count(), 1u);
   EXPECT_TRUE(next.Finish().ok());
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-not-a-batch'"), 3);
+}
+
+// The handshake verifies a device's certificate once, and a stream would outlive it. One
+// device's certificate is revoked (a CRL written while it streams), another's expires: each
+// stream's next batch is not stored, and the stream ends UNAUTHENTICATED saying why, after its
+// earlier batches were answered and stored. Another device's stream on the same server goes on.
+TEST_F(IngestTest, AStreamEndsAtItsNextBatchOnceItsCertificateIsRevokedOrExpired) {
+  const std::string crl_dir = SuitePath("ingest-crl");
+  std::filesystem::create_directories(crl_dir);
+  std::unique_ptr<ExtraIngest> extra = StartIngest(
+      "ingest: {tenant_samples_per_second: 1000000}\n", 0, "", nullptr, crl_dir);
+  ASSERT_NE(extra, nullptr);
+  MonitoredPatientWithDevice("revoked-mid", "FR", "dev-revoked-mid");
+  MonitoredPatientWithDevice("expires-mid", "FR", "dev-expires-mid");
+  MonitoredPatientWithDevice("stays-mid", "FR", "dev-stays-mid");
+  const TestCert revoked = Device("acme", "dev-revoked-mid");
+  const TestCert expiring = Device("acme", "dev-expires-mid", absl::Seconds(5));
+  const absl::Time expires = absl::Now() + absl::Seconds(5);
+  auto revoked_stub = Ingest(revoked, extra->server->port());
+  auto expiring_stub = Ingest(expiring, extra->server->port());
+  auto stays_stub = Ingest(Device("acme", "dev-stays-mid"), extra->server->port());
+  DeviceStream revoked_stream(*revoked_stub);
+  DeviceStream expiring_stream(*expiring_stub);
+  DeviceStream stays_stream(*stays_stub);
+  for (DeviceStream* stream : {&revoked_stream, &expiring_stream, &stays_stream}) {
+    std::optional<v1::IngestAck> ack = stream->Send(Batch(1, 1, 2));
+    ASSERT_TRUE(ack.has_value()) << stream->Finish().error_message();
+    EXPECT_EQ(ack->stored_count(), 2u);
+  }
+  ASSERT_TRUE(pki().WriteCrl({revoked.serial}, crl_dir).ok());
+  // Past the expiry, and past the server's next look at its CRL directory (every second).
+  absl::SleepFor(expires - absl::Now() + absl::Seconds(1));
+
+  EXPECT_FALSE(revoked_stream.Send(Batch(2, 3, 2)).has_value());
+  const grpc::Status revoked_end = revoked_stream.Finish();
+  EXPECT_EQ(revoked_end.error_code(), grpc::StatusCode::UNAUTHENTICATED)
+      << revoked_end.error_message();
+  EXPECT_THAT(revoked_end.error_message(), HasSubstr(absl::StrCat("serial ", revoked.serial)));
+  EXPECT_THAT(revoked_end.error_message(), HasSubstr("revoked"));
+  EXPECT_FALSE(expiring_stream.Send(Batch(2, 3, 2)).has_value());
+  const grpc::Status expired_end = expiring_stream.Finish();
+  EXPECT_EQ(expired_end.error_code(), grpc::StatusCode::UNAUTHENTICATED)
+      << expired_end.error_message();
+  EXPECT_THAT(expired_end.error_message(), HasSubstr("expired at"));
+  std::optional<v1::IngestAck> goes_on = stays_stream.Send(Batch(2, 3, 2));
+  ASSERT_TRUE(goes_on.has_value()) << stays_stream.Finish().error_message();
+  EXPECT_EQ(goes_on->stored_count(), 2u);
+  EXPECT_TRUE(stays_stream.Finish().ok());
+
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-revoked-mid'"), 2);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-expires-mid'"), 2);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-stays-mid'"), 4);
+  // A new stream of the revoked device is refused in its handshake.
+  auto again_stub = Ingest(revoked, extra->server->port());
+  DeviceStream again(*again_stub);
+  EXPECT_FALSE(again.Send(Batch(3, 5, 1)).has_value());
+  EXPECT_EQ(again.Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-revoked-mid'"), 2);
 }
 
 // The device SDK refuses a batch with a code or unit that is not UTF-8 when it is sent, buffering

@@ -1,0 +1,334 @@
+// Expiry and revocation of peer certificates, checked after the handshake.
+#include "libs/identity/peer_certificates.h"
+
+#include <algorithm>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <sstream>
+#include <utility>
+#include <vector>
+
+#include <grpc/grpc_security_constants.h>
+
+#include <openssl/bio.h>
+#include <openssl/bn.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/sha.h>
+#include <openssl/x509.h>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "libs/common/log.h"
+
+namespace medgate {
+namespace {
+
+struct X509Deleter {
+  void operator()(X509* x) const { X509_free(x); }
+};
+struct CrlDeleter {
+  void operator()(X509_CRL* c) const { X509_CRL_free(c); }
+};
+struct BioDeleter {
+  void operator()(BIO* b) const { BIO_free(b); }
+};
+using Certificate = std::unique_ptr<X509, X509Deleter>;
+using Crl = std::unique_ptr<X509_CRL, CrlDeleter>;
+using Bio = std::unique_ptr<BIO, BioDeleter>;
+
+absl::Status Unauthenticated(absl::string_view why) {
+  return absl::UnauthenticatedError(absl::StrCat("client identity refused: ", why));
+}
+
+Bio MemoryBio(absl::string_view bytes) {
+  return Bio(BIO_new_mem_buf(bytes.data(), static_cast<int>(bytes.size())));
+}
+
+// Upper-case hex, as BN_bn2hex prints it ("-" first for a negative serial, which no CA should
+// issue but a CRL and a certificate then print alike).
+std::string SerialHex(const ASN1_INTEGER* serial) {
+  std::unique_ptr<BIGNUM, decltype(&BN_free)> bn(ASN1_INTEGER_to_BN(serial, nullptr), &BN_free);
+  if (bn == nullptr) return "";
+  char* hex = BN_bn2hex(bn.get());
+  if (hex == nullptr) return "";
+  std::string out(hex);
+  OPENSSL_free(hex);
+  return out;
+}
+
+std::string NameDer(const X509_NAME* name) {
+  const unsigned char* der = nullptr;
+  size_t size = 0;
+  if (X509_NAME_get0_der(name, &der, &size) != 1) return "";
+  return std::string(reinterpret_cast<const char*>(der), size);
+}
+
+// The issuer's DER name, then the serial's hex: the DER name is self-delimiting, so the pair
+// reads back one way only.
+std::string RevokedKey(const X509_NAME* issuer, const ASN1_INTEGER* serial) {
+  return absl::StrCat(NameDer(issuer), SerialHex(serial));
+}
+
+absl::StatusOr<absl::Time> TimeOf(const ASN1_TIME* time) {
+  struct tm tm {};
+  if (time == nullptr || ASN1_TIME_to_tm(time, &tm) != 1) {
+    return absl::InvalidArgumentError("an unreadable time");
+  }
+  return absl::FromTimeT(timegm(&tm));
+}
+
+// OpenSSL's hashed-directory names for CRLs: eight hex digits, ".r", a number.
+bool IsCrlName(absl::string_view name) {
+  if (name.size() < 11 || name.substr(8, 2) != ".r") return false;
+  for (char c : name.substr(0, 8)) {
+    if (!absl::ascii_isxdigit(c) || absl::ascii_isupper(c)) return false;
+  }
+  for (char c : name.substr(10)) {
+    if (!absl::ascii_isdigit(c)) return false;
+  }
+  return true;
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream out;
+  out << in.rdbuf();
+  return in ? out.str() : std::string();
+}
+
+std::vector<Certificate> ReadCas(const std::string& path) {
+  std::vector<Certificate> cas;
+  const std::string pem = ReadAll(path);
+  Bio bio = MemoryBio(pem);
+  while (bio != nullptr) {
+    Certificate ca(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+    if (ca == nullptr) break;
+    cas.push_back(std::move(ca));
+  }
+  ERR_clear_error();  // the end of the file reads as an error
+  return cas;
+}
+
+void SkipCrl(const std::string& path, absl::string_view why) {
+  log::Write(log::Level::kError, "crl_skipped", {{"path", path}, {"why", why}});
+}
+
+}  // namespace
+
+struct PeerCertificates::Revocations {
+  std::string fingerprint;
+  absl::flat_hash_set<std::string> revoked;
+  size_t crls = 0;
+};
+
+PeerCertificates::PeerCertificates(PeerCertificatesOptions options)
+    : options_(std::move(options)) {
+  std::shared_ptr<const Revocations> first =
+      options_.crl_dir.empty() ? std::make_shared<const Revocations>() : Scan(Fingerprint());
+  absl::MutexLock lock(&mu_);
+  revocations_ = std::move(first);
+  next_scan_ = absl::Now() + options_.rescan;
+}
+
+absl::StatusOr<std::shared_ptr<const PeerCertificate>> PeerCertificates::Read(
+    absl::string_view pem) {
+  std::string digest(SHA256_DIGEST_LENGTH, '\0');
+  SHA256(reinterpret_cast<const unsigned char*>(pem.data()), pem.size(),
+         reinterpret_cast<unsigned char*>(digest.data()));
+  {
+    absl::MutexLock lock(&cache_mu_);
+    auto it = by_digest_.find(digest);
+    if (it != by_digest_.end()) return it->second;
+  }
+  Bio bio = MemoryBio(pem);
+  Certificate cert(bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr);
+  if (cert == nullptr) {
+    ERR_clear_error();
+    return Unauthenticated("cannot parse the peer certificate");
+  }
+  absl::StatusOr<absl::Time> not_after = TimeOf(X509_get0_notAfter(cert.get()));
+  if (!not_after.ok()) return Unauthenticated("cannot read the peer certificate's expiry");
+  auto read = std::make_shared<PeerCertificate>();
+  read->not_after = *not_after;
+  read->serial_hex = SerialHex(X509_get0_serialNumber(cert.get()));
+  read->revoked_key =
+      RevokedKey(X509_get_issuer_name(cert.get()), X509_get0_serialNumber(cert.get()));
+  absl::MutexLock lock(&cache_mu_);
+  if (by_digest_.size() >= options_.max_cached) by_digest_.clear();
+  by_digest_.emplace(std::move(digest), read);
+  return read;
+}
+
+absl::StatusOr<std::shared_ptr<const PeerCertificate>> PeerCertificates::OfCall(
+    const grpc::AuthContext& context) {
+  std::vector<grpc::string_ref> pems = context.FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME);
+  if (pems.size() != 1) return Unauthenticated("no verified client certificate");
+  return Read(absl::string_view(pems[0].data(), pems[0].size()));
+}
+
+absl::Status PeerCertificates::Check(const PeerCertificate& certificate, absl::Time now) {
+  if (now > certificate.not_after) {
+    return Unauthenticated(absl::StrCat(
+        "the client certificate expired at ",
+        absl::FormatTime(absl::RFC3339_sec, certificate.not_after, absl::UTCTimeZone()),
+        ", after this connection was opened; connect again with a current one"));
+  }
+  std::shared_ptr<const Revocations> current = Current(now);
+  if (current->revoked.contains(certificate.revoked_key)) {
+    return Unauthenticated(absl::StrCat(
+        "the client certificate (serial ", certificate.serial_hex,
+        ") has been revoked by its CA's CRL since this connection was opened; this identity is "
+        "no longer accepted"));
+  }
+  return absl::OkStatus();
+}
+
+size_t PeerCertificates::cached() const {
+  absl::MutexLock lock(&cache_mu_);
+  return by_digest_.size();
+}
+
+size_t PeerCertificates::crls_in_force() const {
+  absl::MutexLock lock(&mu_);
+  return revocations_->crls;
+}
+
+size_t PeerCertificates::revoked() const {
+  absl::MutexLock lock(&mu_);
+  return revocations_->revoked.size();
+}
+
+std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Current(absl::Time now) {
+  std::shared_ptr<const Revocations> current;
+  {
+    absl::MutexLock lock(&mu_);
+    // One caller looks at the directory; the others meanwhile go on with what is in force.
+    if (options_.crl_dir.empty() || scanning_ || now < next_scan_) return revocations_;
+    scanning_ = true;
+    next_scan_ = now + options_.rescan;
+    current = revocations_;
+  }
+  std::string fingerprint = Fingerprint();
+  std::shared_ptr<const Revocations> fresh =
+      fingerprint == current->fingerprint ? current : Scan(fingerprint);
+  absl::MutexLock lock(&mu_);
+  scanning_ = false;
+  revocations_ = fresh;
+  return fresh;
+}
+
+// The CA file's and each CRL file's size and modification time, by name. A file replaced in place
+// (a Kubernetes Secret's files are links into a directory swapped at once) changes its time.
+std::string PeerCertificates::Fingerprint() const {
+  std::error_code error;
+  auto stamp = [&error](const std::filesystem::path& path) {
+    const uintmax_t size = std::filesystem::file_size(path, error);
+    const auto time = std::filesystem::last_write_time(path, error);
+    return absl::StrCat(error ? "?" : "", size, "@", time.time_since_epoch().count());
+  };
+  std::vector<std::string> entries = {absl::StrCat("ca:", stamp(options_.ca_path))};
+  for (std::filesystem::directory_iterator it(options_.crl_dir, error), end;
+       !error && it != end; it.increment(error)) {
+    const std::string name = it->path().filename().string();
+    if (IsCrlName(name)) entries.push_back(absl::StrCat(name, ":", stamp(it->path())));
+  }
+  if (error) entries.push_back(absl::StrCat("error:", error.message()));
+  std::sort(entries.begin() + 1, entries.end());
+  return absl::StrJoin(entries, "|");
+}
+
+std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
+    const std::string& fingerprint) const {
+  auto scanned = std::make_shared<Revocations>();
+  scanned->fingerprint = fingerprint;
+  const std::vector<Certificate> cas = ReadCas(options_.ca_path);
+  std::vector<std::filesystem::path> paths;
+  std::error_code error;
+  for (std::filesystem::directory_iterator it(options_.crl_dir, error), end;
+       !error && it != end; it.increment(error)) {
+    if (IsCrlName(it->path().filename().string())) paths.push_back(it->path());
+  }
+  if (error) {
+    log::Write(log::Level::kError, "crl_dir_unreadable",
+               {{"crl_dir", options_.crl_dir}, {"why", error.message()}});
+  }
+  std::sort(paths.begin(), paths.end());
+  if (paths.size() > options_.max_crl_files) {
+    log::Write(log::Level::kError, "crl_files_over_bound",
+               {{"crl_dir", options_.crl_dir}, {"files", static_cast<uint64_t>(paths.size())},
+                {"read", static_cast<uint64_t>(options_.max_crl_files)}});
+    paths.resize(options_.max_crl_files);
+  }
+  // Of each CA's CRLs, the one issued last; those issued at the same second count together.
+  struct Latest {
+    absl::Time issued;
+    std::vector<Crl> crls;
+  };
+  absl::flat_hash_map<std::string, Latest> by_issuer;
+  for (const std::filesystem::path& path : paths) {
+    const uintmax_t size = std::filesystem::file_size(path, error);
+    if (error || size > options_.max_crl_bytes) {
+      SkipCrl(path.string(), error ? error.message()
+                                   : absl::StrCat("larger than ", options_.max_crl_bytes, " bytes"));
+      continue;
+    }
+    const std::string pem = ReadAll(path.string());
+    Bio bio = MemoryBio(pem);
+    int read = 0;
+    while (bio != nullptr) {
+      Crl crl(PEM_read_bio_X509_CRL(bio.get(), nullptr, nullptr, nullptr));
+      if (crl == nullptr) break;
+      ++read;
+      const X509_NAME* issuer = X509_CRL_get_issuer(crl.get());
+      auto ca = std::find_if(cas.begin(), cas.end(), [issuer](const Certificate& c) {
+        return X509_NAME_cmp(X509_get_subject_name(c.get()), issuer) == 0;
+      });
+      if (ca == cas.end()) {
+        SkipCrl(path.string(), "its issuer is not a CA of ca_path");
+        continue;
+      }
+      if (X509_CRL_verify(crl.get(), X509_get0_pubkey(ca->get())) != 1) {
+        SkipCrl(path.string(), "its signature is not its issuer's");
+        continue;
+      }
+      absl::StatusOr<absl::Time> issued = TimeOf(X509_CRL_get0_lastUpdate(crl.get()));
+      if (!issued.ok()) {
+        SkipCrl(path.string(), "its issue time cannot be read");
+        continue;
+      }
+      Latest& latest = by_issuer[NameDer(issuer)];
+      if (latest.crls.empty() || *issued > latest.issued) {
+        latest.issued = *issued;
+        latest.crls.clear();
+      } else if (*issued < latest.issued) {
+        continue;
+      }
+      latest.crls.push_back(std::move(crl));
+    }
+    ERR_clear_error();
+    if (read == 0) SkipCrl(path.string(), "it holds no PEM CRL");
+  }
+  for (const auto& [issuer, latest] : by_issuer) {
+    for (const Crl& crl : latest.crls) {
+      ++scanned->crls;
+      STACK_OF(X509_REVOKED)* revoked = X509_CRL_get_REVOKED(crl.get());
+      for (int i = 0; i < sk_X509_REVOKED_num(revoked); ++i) {
+        scanned->revoked.insert(RevokedKey(
+            X509_CRL_get_issuer(crl.get()),
+            X509_REVOKED_get0_serialNumber(sk_X509_REVOKED_value(revoked, i))));
+      }
+    }
+  }
+  log::Write(log::Level::kInfo, "crls_loaded",
+             {{"crl_dir", options_.crl_dir}, {"crls", static_cast<uint64_t>(scanned->crls)},
+              {"revoked", static_cast<uint64_t>(scanned->revoked.size())}});
+  return scanned;
+}
+
+}  // namespace medgate

@@ -1,0 +1,208 @@
+// PeerCertificates: a peer certificate checked again after its handshake, against its expiry and
+// the CRLs of a directory, with real certificates and CRLs (devpki) in a private directory.
+#include "libs/identity/peer_certificates.h"
+
+#include <stdlib.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "libs/devpki/devpki.h"
+
+namespace medgate {
+namespace {
+
+using ::testing::HasSubstr;
+
+class PeerCertificatesTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string path = ::testing::TempDir() + "/peer-certificates-XXXXXX";
+    ASSERT_NE(::mkdtemp(path.data()), nullptr);
+    dir_ = path;
+    crl_dir_ = dir_ + "/crl";
+    std::filesystem::create_directories(crl_dir_);
+    absl::StatusOr<devpki::Credential> ca = devpki::CreateCa({});
+    ASSERT_TRUE(ca.ok()) << ca.status();
+    ca_ = std::make_unique<devpki::Credential>(*std::move(ca));
+    ASSERT_TRUE(ca_->WriteFiles(dir_ + "/ca.crt", dir_ + "/ca.key").ok());
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  struct Leaf {
+    std::string pem;
+    std::string serial;
+  };
+  Leaf Issue(const devpki::Credential& ca, absl::Duration valid = absl::Hours(24 * 365)) {
+    devpki::LeafOptions options;
+    options.uri_sans = {"spiffe://medgate.test/tenant/acme/device/d"};
+    options.not_after = valid;
+    absl::StatusOr<devpki::Credential> leaf = devpki::IssueLeaf(ca, options);
+    EXPECT_TRUE(leaf.ok()) << leaf.status();
+    absl::StatusOr<std::string> pem = leaf->CertPem();
+    EXPECT_TRUE(pem.ok()) << pem.status();
+    return Leaf{*pem, leaf->SerialHex()};
+  }
+
+  PeerCertificatesOptions Options() const {
+    PeerCertificatesOptions options;
+    options.crl_dir = crl_dir_;
+    options.ca_path = dir_ + "/ca.crt";
+    options.rescan = absl::Hours(1);  // the tests move `now` past it by hand
+    return options;
+  }
+
+  // Checks `leaf` at `at`.
+  absl::Status CheckAt(PeerCertificates& peers, const Leaf& leaf, absl::Time at) {
+    absl::StatusOr<std::shared_ptr<const PeerCertificate>> read = peers.Read(leaf.pem);
+    if (!read.ok()) return read.status();
+    return peers.Check(**read, at);
+  }
+
+  std::string dir_;
+  std::string crl_dir_;
+  std::unique_ptr<devpki::Credential> ca_;
+};
+
+TEST_F(PeerCertificatesTest, ACertificateIsRefusedOnceItHasExpired) {
+  PeerCertificates peers(Options());
+  const Leaf leaf = Issue(*ca_, absl::Hours(2));
+  absl::StatusOr<std::shared_ptr<const PeerCertificate>> read = peers.Read(leaf.pem);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ((*read)->serial_hex, leaf.serial);
+  EXPECT_TRUE(peers.Check(**read, absl::Now()).ok());
+  absl::Status expired = peers.Check(**read, (*read)->not_after + absl::Seconds(1));
+  EXPECT_EQ(expired.code(), absl::StatusCode::kUnauthenticated) << expired;
+  EXPECT_THAT(std::string(expired.message()), HasSubstr("expired at"));
+  // The handshake's verification stands until the expiry, to the second.
+  EXPECT_TRUE(peers.Check(**read, (*read)->not_after).ok());
+
+  absl::StatusOr<std::shared_ptr<const PeerCertificate>> garbage = peers.Read("not a certificate");
+  EXPECT_EQ(garbage.status().code(), absl::StatusCode::kUnauthenticated) << garbage.status();
+}
+
+// Of a CA's CRLs, the one it issued last decides: a certificate it lists is revoked, and one a
+// CRL issued before listed but this one does not (a hold released) is not. A new CRL counts once
+// the directory is looked at again, not before.
+TEST_F(PeerCertificatesTest, ACertificateTheLatestCrlOfItsCaListsIsRevoked) {
+  PeerCertificates peers(Options());
+  const Leaf held = Issue(*ca_);
+  const Leaf left = Issue(*ca_);
+  absl::Time at = absl::Now();
+  EXPECT_TRUE(CheckAt(peers, held, at).ok());
+  EXPECT_TRUE(CheckAt(peers, left, at).ok());
+  EXPECT_EQ(peers.crls_in_force(), 0u);
+
+  ASSERT_TRUE(devpki::WriteCrl(*ca_, {held.serial}, crl_dir_).ok());
+  EXPECT_TRUE(CheckAt(peers, held, at).ok()) << "read again before its rescan interval";
+  at += absl::Hours(2);
+  absl::Status revoked = CheckAt(peers, held, at);
+  EXPECT_EQ(revoked.code(), absl::StatusCode::kUnauthenticated) << revoked;
+  EXPECT_THAT(std::string(revoked.message()), HasSubstr(absl::StrCat("serial ", held.serial)));
+  EXPECT_THAT(std::string(revoked.message()), HasSubstr("revoked"));
+  EXPECT_TRUE(CheckAt(peers, left, at).ok());
+  EXPECT_EQ(peers.crls_in_force(), 1u);
+  EXPECT_EQ(peers.revoked(), 1u);
+
+  // CRLs give their issue time to the second.
+  absl::SleepFor(absl::Milliseconds(1100));
+  ASSERT_TRUE(devpki::WriteCrl(*ca_, {left.serial}, crl_dir_).ok());
+  at += absl::Hours(2);
+  EXPECT_TRUE(CheckAt(peers, held, at).ok());
+  EXPECT_EQ(CheckAt(peers, left, at).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(peers.crls_in_force(), 1u);
+
+  // A CRL file replaced in place, by one issued later still, is read again.
+  absl::SleepFor(absl::Milliseconds(1100));
+  absl::StatusOr<std::string> both = devpki::CreateCrlPem(*ca_, {held.serial, left.serial});
+  ASSERT_TRUE(both.ok()) << both.status();
+  for (const auto& entry : std::filesystem::directory_iterator(crl_dir_)) {
+    std::ofstream(entry.path(), std::ios::trunc) << *both;
+  }
+  at += absl::Hours(2);
+  EXPECT_EQ(CheckAt(peers, held, at).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(CheckAt(peers, left, at).code(), absl::StatusCode::kUnauthenticated);
+
+  // A checker made now reads the directory at once.
+  PeerCertificates fresh(Options());
+  EXPECT_EQ(fresh.revoked(), 2u);
+  EXPECT_EQ(CheckAt(fresh, held, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+}
+
+// Only a CRL that a CA of ca_path signed counts: one signed by another key under the same CA name
+// (which OpenSSL's look-up would find under the same file name) neither revokes, nor, issued
+// later, releases what the real CA revoked. Files that are not CRLs, or not named as CRLs, are
+// skipped.
+TEST_F(PeerCertificatesTest, OnlyCrlsSignedByTheCaCount) {
+  const Leaf leaf = Issue(*ca_);
+  const Leaf other = Issue(*ca_);
+  absl::StatusOr<devpki::Credential> impostor = devpki::CreateCa({});  // the same name
+  ASSERT_TRUE(impostor.ok()) << impostor.status();
+  absl::StatusOr<devpki::Credential> stranger = devpki::CreateCa({.common_name = "another CA"});
+  ASSERT_TRUE(stranger.ok()) << stranger.status();
+
+  ASSERT_TRUE(devpki::WriteCrl(*impostor, {other.serial}, crl_dir_).ok());
+  ASSERT_TRUE(devpki::WriteCrl(*stranger, {other.serial}, crl_dir_).ok());
+  std::ofstream(crl_dir_ + "/0badf00d.r0") << "not a CRL";
+  absl::StatusOr<std::string> real = devpki::CreateCrlPem(*ca_, {leaf.serial});
+  ASSERT_TRUE(real.ok()) << real.status();
+  std::ofstream(crl_dir_ + "/notes.pem") << *real;  // not a CRL's name: OpenSSL reads no such file
+  PeerCertificates unrevoked(Options());
+  EXPECT_EQ(unrevoked.crls_in_force(), 0u);
+  EXPECT_TRUE(CheckAt(unrevoked, other, absl::Now()).ok());
+  EXPECT_TRUE(CheckAt(unrevoked, leaf, absl::Now()).ok());
+
+  ASSERT_TRUE(devpki::WriteCrl(*ca_, {leaf.serial}, crl_dir_).ok());
+  absl::SleepFor(absl::Milliseconds(1100));
+  ASSERT_TRUE(devpki::WriteCrl(*impostor, {}, crl_dir_).ok());
+  PeerCertificates revoked(Options());
+  EXPECT_EQ(revoked.crls_in_force(), 1u);
+  EXPECT_EQ(CheckAt(revoked, leaf, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_TRUE(CheckAt(revoked, other, absl::Now()).ok());
+}
+
+// Decoded certificates are kept up to the bound, then all forgotten, and read again as needed.
+TEST_F(PeerCertificatesTest, KeptCertificatesAreBounded) {
+  PeerCertificatesOptions options = Options();
+  options.max_cached = 2;
+  PeerCertificates peers(options);
+  std::vector<Leaf> leaves = {Issue(*ca_), Issue(*ca_), Issue(*ca_)};
+  absl::StatusOr<std::shared_ptr<const PeerCertificate>> first = peers.Read(leaves[0].pem);
+  ASSERT_TRUE(first.ok());
+  absl::StatusOr<std::shared_ptr<const PeerCertificate>> again = peers.Read(leaves[0].pem);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(first->get(), again->get()) << "decoded a second time";
+  EXPECT_EQ(peers.cached(), 1u);
+  for (int round = 0; round < 2; ++round) {
+    for (const Leaf& leaf : leaves) {
+      absl::StatusOr<std::shared_ptr<const PeerCertificate>> read = peers.Read(leaf.pem);
+      ASSERT_TRUE(read.ok()) << read.status();
+      EXPECT_EQ((*read)->serial_hex, leaf.serial);
+      EXPECT_LE(peers.cached(), 2u);
+    }
+  }
+}
+
+// Without a CRL directory nothing is revoked, and nothing is read.
+TEST_F(PeerCertificatesTest, NoCrlDirectoryRevokesNothing) {
+  const Leaf leaf = Issue(*ca_);
+  ASSERT_TRUE(devpki::WriteCrl(*ca_, {leaf.serial}, crl_dir_).ok());
+  EXPECT_EQ(PeerCertificates(Options()).revoked(), 1u);
+  PeerCertificatesOptions options = Options();
+  options.crl_dir.clear();
+  PeerCertificates peers(options);
+  EXPECT_EQ(peers.crls_in_force(), 0u);
+  EXPECT_TRUE(CheckAt(peers, leaf, absl::Now() + absl::Hours(2)).ok());
+}
+
+}  // namespace
+}  // namespace medgate
