@@ -3,14 +3,25 @@
 #include "libs/identity/authz.h"
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace medgate {
 
-RpcPolicy::RpcPolicy(std::string trust_domain, std::initializer_list<RpcRule> rules)
+RpcPolicy::RpcPolicy(std::string trust_domain, std::initializer_list<RpcRule> rules,
+                     const ServiceIdentities& identities)
     : trust_domain_(std::move(trust_domain)) {
   for (const RpcRule& rule : rules) {
     rules_[std::string(rule.method)].insert(rule.allowed.begin(), rule.allowed.end());
     calls_[std::string(rule.method)] = rule.calls;
+    if (rule.services.size() == 0) continue;
+    ServiceCallers& callers = service_callers_[std::string(rule.method)];
+    for (absl::string_view name : rule.services) {
+      auto configured = identities.find(name);
+      callers.names.emplace_back(name);
+      callers.ids.insert(configured != identities.end()
+                             ? configured->second
+                             : absl::StrCat("spiffe://", trust_domain_, "/service/", name));
+    }
   }
 }
 
@@ -32,6 +43,13 @@ absl::Status RpcPolicy::CheckRole(const Principal& principal, absl::string_view 
     const bool vowel = !kind.empty() && absl::string_view("aeiou").find(kind[0]) != absl::string_view::npos;
     return absl::PermissionDeniedError(
         absl::StrCat(vowel ? "an " : "a ", kind, " identity may not call ", method));
+  }
+  if (principal.kind != PrincipalKind::kService) return absl::OkStatus();
+  auto callers = service_callers_.find(method);
+  if (callers != service_callers_.end() && !callers->second.ids.contains(principal.spiffe_id)) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "the service identity ", principal.spiffe_id, " may not call ", method, ": only ",
+        absl::StrJoin(callers->second.names, ", "), " may"));
   }
   return absl::OkStatus();
 }

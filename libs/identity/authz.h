@@ -7,6 +7,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <grpcpp/server_context.h>
 
@@ -22,7 +23,15 @@ struct RpcRule {
   // What one call of it counts against its tenant's call rate (the gate's): more than 1 for a
   // call that costs the service more (ReadVitals scans a shard and commits an audit entry).
   double calls = 1;
+  // When `allowed` has kService: the medgate services, by name ("ingest"), whose identities may
+  // call it; empty for any service's. A service reaches only what its work needs: one whose
+  // certificate leaks does not open every internal RPC.
+  std::initializer_list<absl::string_view> services = {};
 };
+
+// The SPIFFE ids of medgate's services by name, where the configuration gives one other than
+// spiffe://TRUST_DOMAIN/service/NAME (services.NAME.identity).
+using ServiceIdentities = std::map<std::string, std::string, std::less<>>;
 
 // Whether a tenant's identities may act now. Implementations cache what they learn.
 class TenantGate {
@@ -39,7 +48,9 @@ class TenantGate {
 // An RPC not listed is denied to everybody (default deny).
 class RpcPolicy {
  public:
-  RpcPolicy(std::string trust_domain, std::initializer_list<RpcRule> rules);
+  // `identities` names the services that rules restrict to some services (RpcRule::services).
+  RpcPolicy(std::string trust_domain, std::initializer_list<RpcRule> rules,
+            const ServiceIdentities& identities = {});
 
   // The caller's Principal if its kind may call `method` and, for an identity of a tenant
   // (device, practitioner, app), the tenant gate (if set) lets its tenant act: UNAUTHENTICATED
@@ -70,6 +81,12 @@ class RpcPolicy {
   TenantGate* gate_ = nullptr;
   std::map<std::string, std::set<PrincipalKind>, std::less<>> rules_;
   std::map<std::string, double, std::less<>> calls_;  // by method: what a call counts
+  // By method, for those a rule restricts to some services: their names, and their SPIFFE ids.
+  struct ServiceCallers {
+    std::vector<std::string> names;
+    std::set<std::string, std::less<>> ids;
+  };
+  std::map<std::string, ServiceCallers, std::less<>> service_callers_;
 };
 
 }  // namespace medgate

@@ -60,7 +60,8 @@ std::string Paginate(const std::vector<T>& items, KeyFn key, const std::string& 
 }  // namespace
 
 RoutingService::RoutingService(RoutingCore& core, std::string trust_domain,
-                               TenantGateOptions tenant_gate)
+                               TenantGateOptions tenant_gate,
+                               const ServiceIdentities& service_identities)
     : core_(core),
       gate_(NewCachedTenantGate(
           [&core](absl::Span<const std::string> ids) { return core.ResolveTenants(ids); },
@@ -69,14 +70,18 @@ RoutingService::RoutingService(RoutingCore& core, std::string trust_domain,
               {{"UpsertTenant", {K::kOps}},
                {"GetTenant", {K::kOps}},
                {"PutResidencyRule", {K::kOps}},
-               {"ListResidencyRules", {K::kOps, K::kService}},
+               // Each service reaches what its work needs: sharing places a record's copies by
+               // the rules; ingest, consent and sharing find their patients and check their
+               // callers' tenants; ingest alone finds a device's patient.
+               {"ListResidencyRules", {K::kOps, K::kService}, 1, {"sharing"}},
                {"ListRegions", {K::kOps, K::kService}},
                {"PlacePatient", {K::kApp, K::kPractitioner}},
                {"AssignDevice", {K::kApp, K::kPractitioner}},
                {"UnassignDevice", {K::kApp, K::kPractitioner}},
-               {"ResolvePatients", {K::kService}},
-               {"ResolveDevices", {K::kService}},
-               {"ResolveTenants", {K::kService}}}) {
+               {"ResolvePatients", {K::kService}, 1, {"ingest", "consent", "sharing"}},
+               {"ResolveDevices", {K::kService}, 1, {"ingest"}},
+               {"ResolveTenants", {K::kService}, 1, {"ingest", "consent", "sharing"}}},
+              service_identities) {
   policy_.set_tenant_gate(gate_.get());
 }
 

@@ -14,7 +14,9 @@ namespace medgate::routing {
 class RoutingService final : public v1::TenantRouting::Service {
  public:
   // `tenant_gate` decides for routing's own callers, from the control database.
-  RoutingService(RoutingCore& core, std::string trust_domain, TenantGateOptions tenant_gate = {});
+  // `service_identities`: the services' identities the configuration names (services.NAME.identity).
+  RoutingService(RoutingCore& core, std::string trust_domain, TenantGateOptions tenant_gate = {},
+                 const ServiceIdentities& service_identities = {});
 
   grpc::Status UpsertTenant(grpc::ServerContext* context, const v1::UpsertTenantRequest* request,
                             v1::UpsertTenantResponse* response) override;

@@ -3,7 +3,9 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <map>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -66,6 +68,21 @@ class RoutingTest : public ::testing::Test {
     delete server_;
     delete stack_;
   }
+
+  // A certificate of medgate service `name` (spiffe://TD/service/NAME), issued once.
+  static const TestCert& ServiceCert(const std::string& name) {
+    static std::map<std::string, TestCert>* issued = new std::map<std::string, TestCert>();
+    auto it = issued->find(name);
+    if (it == issued->end()) {
+      absl::StatusOr<TestCert> cert =
+          test_support::IssueIdentity(*pki_, "svc-" + name, "/service/" + name);
+      EXPECT_TRUE(cert.ok()) << cert.status();
+      it = issued->emplace(name, cert.ok() ? *cert : TestCert{}).first;
+    }
+    return it->second;
+  }
+  // Ingest's identity: it resolves devices, patients and tenants.
+  static const TestCert& IngestCert() { return ServiceCert("ingest"); }
 
   static std::unique_ptr<v1::TenantRouting::Stub> Stub(const TestCert& cert) {
     auto channel = MakeChannel(absl::StrCat("127.0.0.1:", server_->port()),
@@ -292,7 +309,7 @@ TEST_F(RoutingTest, DevicesAssignResolveAndUnassign) {
     key->set_device_id("dev-100");
     v1::ResolveDevicesResponse response;
     grpc::ClientContext context;
-    ASSERT_TRUE(Stub(pki_->service())->ResolveDevices(&context, request, &response).ok());
+    ASSERT_TRUE(Stub(IngestCert())->ResolveDevices(&context, request, &response).ok());
     ASSERT_EQ(response.devices_size(), 2);
     EXPECT_TRUE(response.devices(0).found());
     EXPECT_EQ(response.devices(0).patient_id(), patient->patient_id());
@@ -305,7 +322,7 @@ TEST_F(RoutingTest, DevicesAssignResolveAndUnassign) {
     request.add_patient_ids("pt_unknown");
     v1::ResolvePatientsResponse response;
     grpc::ClientContext context;
-    ASSERT_TRUE(Stub(pki_->service())->ResolvePatients(&context, request, &response).ok());
+    ASSERT_TRUE(Stub(IngestCert())->ResolvePatients(&context, request, &response).ok());
     ASSERT_EQ(response.patients_size(), 2);
     EXPECT_TRUE(response.patients(0).found());
     EXPECT_EQ(response.patients(0).tenant_id(), "acme");
@@ -955,7 +972,7 @@ TEST_F(RoutingTest, AnUnassignedDeviceFeedsAnotherPatientAfterTheWait) {
     request.mutable_devices(0)->set_device_id("dev-wait");
     v1::ResolveDevicesResponse response;
     grpc::ClientContext context;
-    grpc::Status status = stub(pki_->service())->ResolveDevices(&context, request, &response);
+    grpc::Status status = stub(IngestCert())->ResolveDevices(&context, request, &response);
     if (!status.ok() || response.devices_size() != 1) {
       ADD_FAILURE() << status.error_message();
       return std::nullopt;
@@ -1119,8 +1136,64 @@ TEST_F(RoutingTest, CrossTenantMatrixHasZeroSuccesses) {
   key->set_device_id("acme-dev-7");
   v1::ResolveDevicesResponse response;
   grpc::ClientContext context;
-  ASSERT_TRUE(Stub(pki_->service())->ResolveDevices(&context, request, &response).ok());
+  ASSERT_TRUE(Stub(IngestCert())->ResolveDevices(&context, request, &response).ok());
   EXPECT_EQ(response.devices(0).patient_id(), acme_patient->patient_id());
+}
+
+// Services call routing for what their work needs, each with its own identity: sharing reads the
+// residency rules; ingest, consent and sharing resolve patients and tenants; ingest alone resolves
+// devices. Any other service identity is refused, and told which may.
+TEST_F(RoutingTest, EachServiceIdentityReachesOnlyWhatItsWorkNeeds) {
+  auto call = [](const TestCert& cert, const std::string& rpc) {
+    auto stub = Stub(cert);
+    grpc::ClientContext context;
+    if (rpc == "ListResidencyRules") {
+      v1::ListResidencyRulesResponse response;
+      return stub->ListResidencyRules(&context, {}, &response);
+    }
+    if (rpc == "ResolvePatients") {
+      v1::ResolvePatientsRequest request;
+      request.add_patient_ids("pt_nobody");
+      v1::ResolvePatientsResponse response;
+      return stub->ResolvePatients(&context, request, &response);
+    }
+    if (rpc == "ResolveTenants") {
+      v1::ResolveTenantsRequest request;
+      request.add_tenant_ids("acme");
+      v1::ResolveTenantsResponse response;
+      return stub->ResolveTenants(&context, request, &response);
+    }
+    v1::ResolveDevicesRequest request;
+    v1::DeviceKey* key = request.add_devices();
+    key->set_tenant_id("acme");
+    key->set_device_id("nobodys-device");
+    v1::ResolveDevicesResponse response;
+    return stub->ResolveDevices(&context, request, &response);
+  };
+  const std::map<std::string, std::set<std::string>> may = {
+      {"ingest", {"ResolvePatients", "ResolveTenants", "ResolveDevices"}},
+      {"consent", {"ResolvePatients", "ResolveTenants"}},
+      {"sharing", {"ResolvePatients", "ResolveTenants", "ListResidencyRules"}},
+      {"routing", {}},
+      {"audit", {}}};
+  for (const auto& [service, allowed] : may) {
+    for (const std::string rpc :
+         {"ListResidencyRules", "ResolvePatients", "ResolveTenants", "ResolveDevices"}) {
+      SCOPED_TRACE(absl::StrCat(service, " calls ", rpc));
+      const grpc::Status status = call(ServiceCert(service), rpc);
+      if (allowed.contains(rpc)) {
+        EXPECT_TRUE(status.ok()) << status.error_message();
+        continue;
+      }
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+      EXPECT_THAT(status.error_message(),
+                  HasSubstr(absl::StrCat("the service identity ",
+                                         pki_->SpiffeId("/service/" + service), " may not call ",
+                                         rpc, ": only ")));
+    }
+  }
+  // Ops read the rules too (medgate-ctl list-rules).
+  EXPECT_TRUE(call(pki_->ops(), "ListResidencyRules").ok());
 }
 
 TEST_F(RoutingTest, DevicesMayCallNothingAndAdminIsOpsOnly) {
@@ -1183,8 +1256,17 @@ TEST_F(RoutingTest, DevicesMayCallNothingAndAdminIsOpsOnly) {
   MEDGATE_CALL(ops, ResolvePatients);
   MEDGATE_CALL(ops, ResolveDevices);
   MEDGATE_CALL(ops, ResolveTenants);
+  // A service reaches only what its work needs: the routing service's identity resolves nothing
+  // and reads no rule; consent's finds no device and reads no rule.
+  MEDGATE_CALL(service, ResolvePatients);
+  MEDGATE_CALL(service, ResolveDevices);
+  MEDGATE_CALL(service, ResolveTenants);
+  MEDGATE_CALL(service, ListResidencyRules);
+  auto consent = Stub(ServiceCert("consent"));
+  MEDGATE_CALL(consent, ResolveDevices);
+  MEDGATE_CALL(consent, ListResidencyRules);
 #undef MEDGATE_CALL
-  ASSERT_EQ(results.size(), 39u);
+  ASSERT_EQ(results.size(), 45u);
   for (const auto& [name, status] : results) {
     EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << name;
   }
@@ -1245,7 +1327,7 @@ TEST_F(RoutingTest, SuspendedOrUnregisteredTenantIsRefused) {
     for (const std::string& id : ids) request.add_tenant_ids(id);
     v1::ResolveTenantsResponse response;
     grpc::ClientContext context;
-    EXPECT_TRUE(Stub(pki_->service())->ResolveTenants(&context, request, &response).ok());
+    EXPECT_TRUE(Stub(IngestCert())->ResolveTenants(&context, request, &response).ok());
     return response;
   };
   auto device_tenant_active = [] {
@@ -1255,7 +1337,7 @@ TEST_F(RoutingTest, SuspendedOrUnregisteredTenantIsRefused) {
     key->set_device_id("pausable-dev");
     v1::ResolveDevicesResponse response;
     grpc::ClientContext context;
-    EXPECT_TRUE(Stub(pki_->service())->ResolveDevices(&context, request, &response).ok());
+    EXPECT_TRUE(Stub(IngestCert())->ResolveDevices(&context, request, &response).ok());
     EXPECT_TRUE(response.devices(0).found());
     return response.devices(0).tenant_active();
   };
@@ -1314,7 +1396,7 @@ TEST_F(RoutingTest, SuspendedOrUnregisteredTenantIsRefused) {
     key->set_device_id("acme-never-assigned");
     v1::ResolveDevicesResponse response;
     grpc::ClientContext context;
-    ASSERT_TRUE(Stub(pki_->service())->ResolveDevices(&context, request, &response).ok());
+    ASSERT_TRUE(Stub(IngestCert())->ResolveDevices(&context, request, &response).ok());
     ASSERT_EQ(response.devices_size(), 2);
     EXPECT_FALSE(response.devices(0).found());
     EXPECT_FALSE(response.devices(0).tenant_active());
@@ -1356,7 +1438,7 @@ TEST_F(RoutingTest, SuspendedOrUnregisteredTenantIsRefused) {
   v1::ResolveTenantsRequest empty;
   v1::ResolveTenantsResponse ignored;
   grpc::ClientContext empty_context;
-  grpc::Status bad = Stub(pki_->service())->ResolveTenants(&empty_context, empty, &ignored);
+  grpc::Status bad = Stub(IngestCert())->ResolveTenants(&empty_context, empty, &ignored);
   EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(bad.error_message(), HasSubstr("tenant_ids"));
 }

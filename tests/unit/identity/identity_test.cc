@@ -80,6 +80,42 @@ TEST(RpcPolicyTest, AllowsListedKindsAndDeniesByDefault) {
   EXPECT_EQ(policy.Check(ops, "DropEverything").code(), absl::StatusCode::kPermissionDenied);
 }
 
+// A rule may narrow a service RPC to some services, by name: their identities are the configured
+// ones where the configuration names one, spiffe://TD/service/NAME otherwise. Other identities'
+// rules are untouched.
+TEST(RpcPolicyTest, AServiceRuleAdmitsOnlyTheNamedServicesIdentities) {
+  const ServiceIdentities configured = {{"ingest", "spiffe://medgate.test/service/ingest-eu"}};
+  RpcPolicy policy(kTd,
+                   {{"ResolveDevices", {PrincipalKind::kService}, 1, {"ingest"}},
+                    {"ResolvePatients", {PrincipalKind::kService}, 1, {"ingest", "consent"}},
+                    {"ListRegions", {PrincipalKind::kService, PrincipalKind::kOps}},
+                    {"ListResidencyRules", {PrincipalKind::kService, PrincipalKind::kOps}, 1,
+                     {"sharing"}}},
+                   configured);
+  auto service = [](const std::string& name) {
+    return *ParseSpiffeId(absl::StrCat("spiffe://medgate.test/service/", name), kTd);
+  };
+  const Principal ops = *ParseSpiffeId("spiffe://medgate.test/ops/alice", kTd);
+  EXPECT_TRUE(policy.Check(service("ingest-eu"), "ResolveDevices").ok());
+  absl::Status by_default_name = policy.Check(service("ingest"), "ResolveDevices");
+  EXPECT_EQ(by_default_name.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(by_default_name.message(),
+            "the service identity spiffe://medgate.test/service/ingest may not call "
+            "ResolveDevices: only ingest may");
+  EXPECT_EQ(policy.Check(service("consent"), "ResolveDevices").code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE(policy.Check(service("consent"), "ResolvePatients").ok());
+  EXPECT_TRUE(policy.Check(service("ingest-eu"), "ResolvePatients").ok());
+  EXPECT_EQ(policy.Check(service("sharing"), "ResolvePatients").code(),
+            absl::StatusCode::kPermissionDenied);
+  // Unnarrowed: any service; narrowed for services only: ops as before.
+  EXPECT_TRUE(policy.Check(service("anything"), "ListRegions").ok());
+  EXPECT_TRUE(policy.Check(ops, "ListResidencyRules").ok());
+  EXPECT_TRUE(policy.Check(service("sharing"), "ListResidencyRules").ok());
+  EXPECT_EQ(policy.Check(service("routing"), "ListResidencyRules").code(),
+            absl::StatusCode::kPermissionDenied);
+}
+
 // A gate answering from a fixed set of active tenants, counting what it was asked.
 class SetTenantGate final : public TenantGate {
  public:
