@@ -271,6 +271,13 @@ void DeviceClient::Loop() {
       // Every end is followed by a reconnect; why, the app can read in the stats (a refusal
       // such as PERMISSION_DENIED is retried too, and would otherwise look like being offline).
       absl::Status ended = RunStream(*stub, &answered);
+      // The server refuses the device's certificate on this connection (it expired or was
+      // revoked since the handshake): every stream on it would be refused until the connection
+      // ends, up to the server's maximum connection age. The next stream dials anew, with the
+      // certificate files as they are now (renewed, if the device has renewed them).
+      if (ended.code() == absl::StatusCode::kUnauthenticated) {
+        channel = std::shared_ptr<grpc::Channel>();
+      }
       std::lock_guard<std::mutex> lock(mu_);
       if (!ended.ok() && !stopping_) {
         ++stats_.stream_failures;

@@ -129,11 +129,50 @@ struct PeerCertificates::Revocations {
 
 PeerCertificates::PeerCertificates(PeerCertificatesOptions options)
     : options_(std::move(options)) {
-  std::shared_ptr<const Revocations> first =
-      options_.crl_dir.empty() ? std::make_shared<const Revocations>() : Scan(Fingerprint());
+  std::shared_ptr<const Revocations> first = options_.crl_dir.empty()
+                                                 ? std::make_shared<const Revocations>()
+                                                 : Scan(Fingerprint(), nullptr);
+  {
+    absl::MutexLock lock(&mu_);
+    revocations_ = std::move(first);
+  }
+  if (!options_.crl_dir.empty() && options_.rescan > absl::ZeroDuration()) {
+    rescanner_ = std::thread([this] { RescanLoop(); });
+  }
+}
+
+PeerCertificates::~PeerCertificates() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (rescanner_.joinable()) rescanner_.join();
+}
+
+void PeerCertificates::RescanLoop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.rescan);
+      if (stopping_) return;
+    }
+    Rescan();
+  }
+}
+
+void PeerCertificates::Rescan() {
+  if (options_.crl_dir.empty()) return;
+  absl::MutexLock one_look(&rescan_mu_);
+  std::shared_ptr<const Revocations> current;
+  {
+    absl::MutexLock lock(&mu_);
+    current = revocations_;
+  }
+  const std::string fingerprint = Fingerprint();
+  if (fingerprint == current->fingerprint) return;
+  std::shared_ptr<const Revocations> fresh = Scan(fingerprint, current.get());
   absl::MutexLock lock(&mu_);
-  revocations_ = std::move(first);
-  next_scan_ = absl::Now() + options_.rescan;
+  revocations_ = std::move(fresh);
 }
 
 absl::StatusOr<std::shared_ptr<const PeerCertificate>> PeerCertificates::Read(
@@ -172,15 +211,15 @@ absl::StatusOr<std::shared_ptr<const PeerCertificate>> PeerCertificates::OfCall(
   return Read(absl::string_view(pems[0].data(), pems[0].size()));
 }
 
-absl::Status PeerCertificates::Check(const PeerCertificate& certificate, absl::Time now) {
+absl::Status PeerCertificates::Check(const PeerCertificate& certificate, absl::Time now) const {
   if (now > certificate.not_after) {
     return Unauthenticated(absl::StrCat(
         "the client certificate expired at ",
         absl::FormatTime(absl::RFC3339_sec, certificate.not_after, absl::UTCTimeZone()),
         ", after this connection was opened; connect again with a current one"));
   }
-  std::shared_ptr<const Revocations> current = Current(now);
-  if (current->revoked.contains(certificate.revoked_key)) {
+  absl::ReaderMutexLock lock(&mu_);
+  if (revocations_->revoked.contains(certificate.revoked_key)) {
     return Unauthenticated(absl::StrCat(
         "the client certificate (serial ", certificate.serial_hex,
         ") has been revoked by its CA's CRL since this connection was opened; this identity is "
@@ -204,25 +243,6 @@ size_t PeerCertificates::revoked() const {
   return revocations_->revoked.size();
 }
 
-std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Current(absl::Time now) {
-  std::shared_ptr<const Revocations> current;
-  {
-    absl::MutexLock lock(&mu_);
-    // One caller looks at the directory; the others meanwhile go on with what is in force.
-    if (options_.crl_dir.empty() || scanning_ || now < next_scan_) return revocations_;
-    scanning_ = true;
-    next_scan_ = now + options_.rescan;
-    current = revocations_;
-  }
-  std::string fingerprint = Fingerprint();
-  std::shared_ptr<const Revocations> fresh =
-      fingerprint == current->fingerprint ? current : Scan(fingerprint);
-  absl::MutexLock lock(&mu_);
-  scanning_ = false;
-  revocations_ = fresh;
-  return fresh;
-}
-
 // The CA file's and each CRL file's size and modification time, by name. A file replaced in place
 // (a Kubernetes Secret's files are links into a directory swapped at once) changes its time.
 std::string PeerCertificates::Fingerprint() const {
@@ -244,10 +264,16 @@ std::string PeerCertificates::Fingerprint() const {
 }
 
 std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
-    const std::string& fingerprint) const {
+    const std::string& fingerprint, const Revocations* previous) const {
   auto scanned = std::make_shared<Revocations>();
   scanned->fingerprint = fingerprint;
+  bool read_all = true;  // every file read, every CRL verified
   const std::vector<Certificate> cas = ReadCas(options_.ca_path);
+  if (cas.empty()) {
+    read_all = false;
+    log::Write(log::Level::kError, "crl_ca_unreadable",
+               {{"ca_path", options_.ca_path}, {"why", "no certificate could be read from it"}});
+  }
   std::vector<std::filesystem::path> paths;
   std::error_code error;
   for (std::filesystem::directory_iterator it(options_.crl_dir, error), end;
@@ -255,11 +281,13 @@ std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
     if (IsCrlName(it->path().filename().string())) paths.push_back(it->path());
   }
   if (error) {
+    read_all = false;
     log::Write(log::Level::kError, "crl_dir_unreadable",
                {{"crl_dir", options_.crl_dir}, {"why", error.message()}});
   }
   std::sort(paths.begin(), paths.end());
   if (paths.size() > options_.max_crl_files) {
+    read_all = false;
     log::Write(log::Level::kError, "crl_files_over_bound",
                {{"crl_dir", options_.crl_dir}, {"files", static_cast<uint64_t>(paths.size())},
                 {"read", static_cast<uint64_t>(options_.max_crl_files)}});
@@ -271,9 +299,12 @@ std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
     std::vector<Crl> crls;
   };
   absl::flat_hash_map<std::string, Latest> by_issuer;
+  std::vector<Crl> refuse_only;  // CRLs that may refuse but release nothing
+  const absl::Time now = absl::Now();
   for (const std::filesystem::path& path : paths) {
     const uintmax_t size = std::filesystem::file_size(path, error);
     if (error || size > options_.max_crl_bytes) {
+      read_all = false;
       SkipCrl(path.string(), error ? error.message()
                                    : absl::StrCat("larger than ", options_.max_crl_bytes, " bytes"));
       continue;
@@ -286,20 +317,38 @@ std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
       if (crl == nullptr) break;
       ++read;
       const X509_NAME* issuer = X509_CRL_get_issuer(crl.get());
-      auto ca = std::find_if(cas.begin(), cas.end(), [issuer](const Certificate& c) {
-        return X509_NAME_cmp(X509_get_subject_name(c.get()), issuer) == 0;
-      });
-      if (ca == cas.end()) {
-        SkipCrl(path.string(), "its issuer is not a CA of ca_path");
-        continue;
+      // A CA whose key was replaced under the same name is in the file twice: either may sign.
+      bool named = false;
+      bool verified = false;
+      for (const Certificate& ca : cas) {
+        if (X509_NAME_cmp(X509_get_subject_name(ca.get()), issuer) != 0) continue;
+        named = true;
+        if (X509_CRL_verify(crl.get(), X509_get0_pubkey(ca.get())) == 1) {
+          verified = true;
+          break;
+        }
       }
-      if (X509_CRL_verify(crl.get(), X509_get0_pubkey(ca->get())) != 1) {
-        SkipCrl(path.string(), "its signature is not its issuer's");
-        continue;
-      }
+      ERR_clear_error();
       absl::StatusOr<absl::Time> issued = TimeOf(X509_CRL_get0_lastUpdate(crl.get()));
-      if (!issued.ok()) {
-        SkipCrl(path.string(), "its issue time cannot be read");
+      std::unique_ptr<ASN1_INTEGER, decltype(&ASN1_INTEGER_free)> delta(
+          static_cast<ASN1_INTEGER*>(
+              X509_CRL_get_ext_d2i(crl.get(), NID_delta_crl, nullptr, nullptr)),
+          &ASN1_INTEGER_free);
+      absl::string_view refuse_only_why;
+      if (!verified) {
+        // An intermediate CA's CRL is expected here; one claiming a CA of ca_path is not.
+        if (named) read_all = false;
+        refuse_only_why = named ? "its signature is not its issuer's"
+                                : "its issuer is not a CA of ca_path";
+      } else if (delta != nullptr) {
+        refuse_only_why = "a delta CRL";
+      } else if (!issued.ok() || *issued > now + absl::Minutes(5)) {
+        refuse_only_why = "its issue time is unreadable or in the future";
+      }
+      if (!refuse_only_why.empty()) {
+        SkipCrl(path.string(), absl::StrCat(refuse_only_why,
+                                            ": what it lists is refused, it releases nothing"));
+        refuse_only.push_back(std::move(crl));
         continue;
       }
       Latest& latest = by_issuer[NameDer(issuer)];
@@ -312,22 +361,31 @@ std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
       latest.crls.push_back(std::move(crl));
     }
     ERR_clear_error();
-    if (read == 0) SkipCrl(path.string(), "it holds no PEM CRL");
-  }
-  for (const auto& [issuer, latest] : by_issuer) {
-    for (const Crl& crl : latest.crls) {
-      ++scanned->crls;
-      STACK_OF(X509_REVOKED)* revoked = X509_CRL_get_REVOKED(crl.get());
-      for (int i = 0; i < sk_X509_REVOKED_num(revoked); ++i) {
-        scanned->revoked.insert(RevokedKey(
-            X509_CRL_get_issuer(crl.get()),
-            X509_REVOKED_get0_serialNumber(sk_X509_REVOKED_value(revoked, i))));
-      }
+    if (read == 0) {
+      read_all = false;
+      SkipCrl(path.string(), "it holds no PEM CRL");
     }
+  }
+  auto add = [&scanned](const Crl& crl) {
+    ++scanned->crls;
+    STACK_OF(X509_REVOKED)* revoked = X509_CRL_get_REVOKED(crl.get());
+    for (int i = 0; i < sk_X509_REVOKED_num(revoked); ++i) {
+      scanned->revoked.insert(RevokedKey(
+          X509_CRL_get_issuer(crl.get()),
+          X509_REVOKED_get0_serialNumber(sk_X509_REVOKED_value(revoked, i))));
+    }
+  };
+  for (const auto& [issuer, latest] : by_issuer) {
+    for (const Crl& crl : latest.crls) add(crl);
+  }
+  for (const Crl& crl : refuse_only) add(crl);
+  if (!read_all && previous != nullptr) {
+    scanned->revoked.insert(previous->revoked.begin(), previous->revoked.end());
   }
   log::Write(log::Level::kInfo, "crls_loaded",
              {{"crl_dir", options_.crl_dir}, {"crls", static_cast<uint64_t>(scanned->crls)},
-              {"revoked", static_cast<uint64_t>(scanned->revoked.size())}});
+              {"revoked", static_cast<uint64_t>(scanned->revoked.size())},
+              {"read_all", read_all}});
   return scanned;
 }
 

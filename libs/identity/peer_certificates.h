@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include <grpcpp/security/auth_context.h>
 
@@ -29,27 +30,39 @@ struct PeerCertificate {
 struct PeerCertificatesOptions {
   // A directory of CRLs in OpenSSL's hashed form (TlsConfig::crl_dir); empty: nothing revoked.
   std::string crl_dir;
-  // The CA certificate(s) (TlsConfig::ca_path): a CRL counts only when one of them signed it.
+  // The CA certificate(s) (TlsConfig::ca_path): a CRL that one of them signed can release what an
+  // earlier CRL revoked.
   std::string ca_path;
-  // How often the directory is looked at for a changed CRL (a file added, replaced or removed).
+  // How often a thread of its own looks at the directory for a changed CRL (a file added,
+  // replaced or removed, by name, size and time); zero: only when Rescan is called.
   absl::Duration rescan = absl::Seconds(1);
   // Certificates decoded and kept, by the SHA-256 of their PEM (all forgotten at once when full).
   size_t max_cached = 65536;
-  // Bounds on what is read from the directory; a file beyond them is skipped, and logged.
+  // Bounds on what is read from the directory; a file beyond them is not read, and logged.
   size_t max_crl_files = 1024;
   uintmax_t max_crl_bytes = 16u << 20;
 };
 
 // Shared by a server's per-call identity check and a service's long streams. Thread-safe.
 //
-// Of the CRLs in the directory that a CA of `ca_path` signed, the one issued last by each CA
-// counts (as in OpenSSL's handshake); a certificate its issuer's CRL lists is revoked. A CRL file
-// that cannot be read, or whose signature no CA of `ca_path` verifies, is skipped and logged (the
-// handshake refuses every certificate of that issuer meanwhile).
+// What counts as revoked, never less than the handshake refuses:
+// - of the CRLs that a CA of `ca_path` signed (any of those with the CRL's issuer name), the one
+//   each CA issued last, as in OpenSSL's handshake;
+// - and whatever any other CRL of the directory lists (a CRL of an intermediate CA, which the
+//   handshake verifies with the peer's chain; one whose signature no CA of `ca_path` verifies; a
+//   delta CRL; one issued in the future): such a CRL can refuse, but releases nothing.
+// A look at the directory that could not read all of it (the directory or the CA file
+// unreadable, a file over its bound or holding no CRL, a CRL not verified) keeps everything the
+// previous look revoked as well, until one reads it all: a revocation is never lost to a file
+// half written. Each such problem is logged (`crl_skipped`, `crl_dir_unreadable`).
 class PeerCertificates {
  public:
-  // Reads the directory once, now.
+  // Reads the directory once, now, then every `rescan` on a thread of its own.
   explicit PeerCertificates(PeerCertificatesOptions options);
+  ~PeerCertificates();
+
+  PeerCertificates(const PeerCertificates&) = delete;
+  PeerCertificates& operator=(const PeerCertificates&) = delete;
 
   // The certificate in `pem`, decoded once and then kept; UNAUTHENTICATED when it does not parse.
   absl::StatusOr<std::shared_ptr<const PeerCertificate>> Read(absl::string_view pem);
@@ -57,10 +70,14 @@ class PeerCertificates {
   absl::StatusOr<std::shared_ptr<const PeerCertificate>> OfCall(const grpc::AuthContext& context);
 
   // OK while `certificate` has neither expired nor been revoked at `now`; UNAUTHENTICATED saying
-  // which, otherwise. Looks at the CRL directory again when `rescan` has passed since last time.
-  absl::Status Check(const PeerCertificate& certificate, absl::Time now);
+  // which, otherwise. Reads nothing from disk: a look-up in memory.
+  absl::Status Check(const PeerCertificate& certificate, absl::Time now) const;
 
-  // Certificates kept; CRLs in force (one per CA); certificates they revoke (for tests and logs).
+  // Looks at the directory now, and reads it again if anything changed.
+  void Rescan();
+
+  // Certificates kept; CRLs in force (a CA's latest, and those that can only refuse);
+  // certificates revoked (for tests and logs).
   size_t cached() const;
   size_t crls_in_force() const;
   size_t revoked() const;
@@ -68,11 +85,10 @@ class PeerCertificates {
  private:
   struct Revocations;
 
-  // The directory's CRLs: looked at again when `now` is past the next scan, read again when a
-  // file's name, size or time changed. Not under mu_ while it reads.
-  std::shared_ptr<const Revocations> Current(absl::Time now);
-  std::shared_ptr<const Revocations> Scan(const std::string& fingerprint) const;
+  std::shared_ptr<const Revocations> Scan(const std::string& fingerprint,
+                                          const Revocations* previous) const;
   std::string Fingerprint() const;
+  void RescanLoop();
 
   const PeerCertificatesOptions options_;
 
@@ -80,10 +96,11 @@ class PeerCertificates {
   absl::flat_hash_map<std::string, std::shared_ptr<const PeerCertificate>> by_digest_
       ABSL_GUARDED_BY(cache_mu_);
 
+  absl::Mutex rescan_mu_;  // one look at a time (the thread's, a caller's)
   mutable absl::Mutex mu_;
   std::shared_ptr<const Revocations> revocations_ ABSL_GUARDED_BY(mu_);
-  absl::Time next_scan_ ABSL_GUARDED_BY(mu_);
-  bool scanning_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread rescanner_;
 };
 
 }  // namespace medgate

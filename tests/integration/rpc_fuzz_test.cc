@@ -690,12 +690,14 @@ TEST_F(RpcFuzzTest, RandomRequestsToEveryRpcGetTheCallersAnswerNeverAServerError
   };
   const TestCert sharing_service = service_cert("sharing");
   const TestCert consent_service = service_cert("consent");
+  const TestCert ingest_service = service_cert("ingest");  // the only one that resolves devices
   const std::vector<std::pair<std::string, const TestCert*>> callers = {
       {"acme app", &pki.app()},          {"acme practitioner", &pki.practitioner()},
       {"acme device", &pki.device()},    {"globex app", &pki.globex_app()},
       {"globex practitioner", &pki.globex_practitioner()},
       {"ops", &pki.ops()},               {"routing service", &pki.service()},
-      {"sharing service", &sharing_service},  {"consent service", &consent_service}};
+      {"sharing service", &sharing_service},  {"consent service", &consent_service},
+      {"ingest service", &ingest_service}};
   // One channel per caller and server, as clients keep them.
   std::map<std::pair<int, std::string>, std::shared_ptr<grpc::Channel>> channels;
   for (const Method& m : methods) {

@@ -1174,6 +1174,36 @@ TEST_F(IngestTest, AStreamEndsAtItsNextBatchOnceItsCertificateIsRevokedOrExpired
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-revoked-mid'"), 2);
 }
 
+// A device renews its certificate files before the old certificate expires. Its open connection
+// still carries the old one: once that expires, the server ends the stream at its next batch
+// (UNAUTHENTICATED) and would refuse every stream on that connection. The SDK dials a new
+// connection, with the renewed files, and delivers the batch: nothing is lost or held for the
+// connection's maximum age.
+TEST_F(IngestTest, TheSdkDialsAgainWithItsRenewedCertificateOnceTheOldOneIsRefused) {
+  MonitoredPatientWithDevice("renews", "FR", "dev-renews");
+  const TestCert first = Device("acme", "dev-renews", absl::Seconds(5));
+  const absl::Time expires = absl::Now() + absl::Seconds(5);
+  device::DeviceOptions options = SdkOptions(first, "renews");
+  options.backoff_initial = absl::Milliseconds(100);
+  options.backoff_max = absl::Milliseconds(500);
+  auto client = device::DeviceClient::Open(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  ASSERT_TRUE((*client)->Send(HeartRates(10)).ok());
+  (*client)->Start();
+  ASSERT_TRUE((*client)->WaitUntilAcked(absl::Seconds(30)).ok());
+  const TestCert renewed = Device("acme", "dev-renews");  // the same files, a year's validity
+  ASSERT_EQ(renewed.cert_path, first.cert_path);
+  absl::SleepFor(expires - absl::Now() + absl::Seconds(1));
+
+  ASSERT_TRUE((*client)->Send(HeartRates(10)).ok());
+  EXPECT_TRUE((*client)->WaitUntilAcked(absl::Seconds(30)).ok());
+  const device::DeviceStats stats = (*client)->stats();
+  (*client)->Stop();
+  EXPECT_GE(stats.stream_failures, 1u);
+  EXPECT_THAT(stats.last_stream_error, HasSubstr("expired at"));
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-renews'"), 20);
+}
+
 // The device SDK refuses a batch with a code or unit that is not UTF-8 when it is sent, buffering
 // nothing: the server could not read it (above). The batches around it are delivered.
 TEST_F(IngestTest, TheSdkRefusesABatchThatIsNotUtf8WhenItIsSent) {

@@ -57,7 +57,7 @@ class PeerCertificatesTest : public ::testing::Test {
     PeerCertificatesOptions options;
     options.crl_dir = crl_dir_;
     options.ca_path = dir_ + "/ca.crt";
-    options.rescan = absl::Hours(1);  // the tests move `now` past it by hand
+    options.rescan = absl::ZeroDuration();  // the tests call Rescan()
     return options;
   }
 
@@ -92,19 +92,19 @@ TEST_F(PeerCertificatesTest, ACertificateIsRefusedOnceItHasExpired) {
 
 // Of a CA's CRLs, the one it issued last decides: a certificate it lists is revoked, and one a
 // CRL issued before listed but this one does not (a hold released) is not. A new CRL counts once
-// the directory is looked at again, not before.
+// the directory is looked at again; a check reads nothing from disk.
 TEST_F(PeerCertificatesTest, ACertificateTheLatestCrlOfItsCaListsIsRevoked) {
   PeerCertificates peers(Options());
   const Leaf held = Issue(*ca_);
   const Leaf left = Issue(*ca_);
-  absl::Time at = absl::Now();
+  const absl::Time at = absl::Now();
   EXPECT_TRUE(CheckAt(peers, held, at).ok());
   EXPECT_TRUE(CheckAt(peers, left, at).ok());
   EXPECT_EQ(peers.crls_in_force(), 0u);
 
   ASSERT_TRUE(devpki::WriteCrl(*ca_, {held.serial}, crl_dir_).ok());
-  EXPECT_TRUE(CheckAt(peers, held, at).ok()) << "read again before its rescan interval";
-  at += absl::Hours(2);
+  EXPECT_TRUE(CheckAt(peers, held, at).ok()) << "the directory was read by a check";
+  peers.Rescan();
   absl::Status revoked = CheckAt(peers, held, at);
   EXPECT_EQ(revoked.code(), absl::StatusCode::kUnauthenticated) << revoked;
   EXPECT_THAT(std::string(revoked.message()), HasSubstr(absl::StrCat("serial ", held.serial)));
@@ -116,7 +116,7 @@ TEST_F(PeerCertificatesTest, ACertificateTheLatestCrlOfItsCaListsIsRevoked) {
   // CRLs give their issue time to the second.
   absl::SleepFor(absl::Milliseconds(1100));
   ASSERT_TRUE(devpki::WriteCrl(*ca_, {left.serial}, crl_dir_).ok());
-  at += absl::Hours(2);
+  peers.Rescan();
   EXPECT_TRUE(CheckAt(peers, held, at).ok());
   EXPECT_EQ(CheckAt(peers, left, at).code(), absl::StatusCode::kUnauthenticated);
   EXPECT_EQ(peers.crls_in_force(), 1u);
@@ -128,7 +128,7 @@ TEST_F(PeerCertificatesTest, ACertificateTheLatestCrlOfItsCaListsIsRevoked) {
   for (const auto& entry : std::filesystem::directory_iterator(crl_dir_)) {
     std::ofstream(entry.path(), std::ios::trunc) << *both;
   }
-  at += absl::Hours(2);
+  peers.Rescan();
   EXPECT_EQ(CheckAt(peers, held, at).code(), absl::StatusCode::kUnauthenticated);
   EXPECT_EQ(CheckAt(peers, left, at).code(), absl::StatusCode::kUnauthenticated);
 
@@ -138,36 +138,99 @@ TEST_F(PeerCertificatesTest, ACertificateTheLatestCrlOfItsCaListsIsRevoked) {
   EXPECT_EQ(CheckAt(fresh, held, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
 }
 
-// Only a CRL that a CA of ca_path signed counts: one signed by another key under the same CA name
-// (which OpenSSL's look-up would find under the same file name) neither revokes, nor, issued
-// later, releases what the real CA revoked. Files that are not CRLs, or not named as CRLs, are
-// skipped.
-TEST_F(PeerCertificatesTest, OnlyCrlsSignedByTheCaCount) {
+// Its own thread looks at the directory every `rescan`.
+TEST_F(PeerCertificatesTest, ANewCrlIsPickedUpWithoutACall) {
+  PeerCertificatesOptions options = Options();
+  options.rescan = absl::Milliseconds(50);
+  PeerCertificates peers(options);
+  const Leaf leaf = Issue(*ca_);
+  ASSERT_TRUE(devpki::WriteCrl(*ca_, {leaf.serial}, crl_dir_).ok());
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (peers.revoked() == 0 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(10));
+  EXPECT_EQ(CheckAt(peers, leaf, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+}
+
+// Only a CRL that a CA of ca_path signed releases anything. One under the CA's name signed by
+// another key (which OpenSSL's look-up would find under the same file name) revokes what it
+// lists, but, issued later, does not release what the real CA revoked. A CRL of another CA (an
+// intermediate's, say) revokes that CA's certificates only. Files that are not CRLs, or not
+// named as CRLs, are skipped.
+TEST_F(PeerCertificatesTest, OnlyCrlsSignedByTheCaRelease) {
   const Leaf leaf = Issue(*ca_);
   const Leaf other = Issue(*ca_);
+  const Leaf third = Issue(*ca_);
   absl::StatusOr<devpki::Credential> impostor = devpki::CreateCa({});  // the same name
   ASSERT_TRUE(impostor.ok()) << impostor.status();
   absl::StatusOr<devpki::Credential> stranger = devpki::CreateCa({.common_name = "another CA"});
   ASSERT_TRUE(stranger.ok()) << stranger.status();
+  const Leaf strangers = Issue(*stranger);
 
   ASSERT_TRUE(devpki::WriteCrl(*impostor, {other.serial}, crl_dir_).ok());
-  ASSERT_TRUE(devpki::WriteCrl(*stranger, {other.serial}, crl_dir_).ok());
+  ASSERT_TRUE(devpki::WriteCrl(*stranger, {third.serial, strangers.serial}, crl_dir_).ok());
   std::ofstream(crl_dir_ + "/0badf00d.r0") << "not a CRL";
   absl::StatusOr<std::string> real = devpki::CreateCrlPem(*ca_, {leaf.serial});
   ASSERT_TRUE(real.ok()) << real.status();
   std::ofstream(crl_dir_ + "/notes.pem") << *real;  // not a CRL's name: OpenSSL reads no such file
-  PeerCertificates unrevoked(Options());
-  EXPECT_EQ(unrevoked.crls_in_force(), 0u);
-  EXPECT_TRUE(CheckAt(unrevoked, other, absl::Now()).ok());
-  EXPECT_TRUE(CheckAt(unrevoked, leaf, absl::Now()).ok());
+  PeerCertificates first(Options());
+  EXPECT_EQ(first.crls_in_force(), 2u);
+  EXPECT_EQ(CheckAt(first, other, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_TRUE(CheckAt(first, third, absl::Now()).ok()) << "a serial of another CA's CRL";
+  EXPECT_EQ(CheckAt(first, strangers, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_TRUE(CheckAt(first, leaf, absl::Now()).ok());
 
   ASSERT_TRUE(devpki::WriteCrl(*ca_, {leaf.serial}, crl_dir_).ok());
   absl::SleepFor(absl::Milliseconds(1100));
   ASSERT_TRUE(devpki::WriteCrl(*impostor, {}, crl_dir_).ok());
-  PeerCertificates revoked(Options());
-  EXPECT_EQ(revoked.crls_in_force(), 1u);
-  EXPECT_EQ(CheckAt(revoked, leaf, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
-  EXPECT_TRUE(CheckAt(revoked, other, absl::Now()).ok());
+  PeerCertificates later(Options());
+  EXPECT_EQ(CheckAt(later, leaf, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_TRUE(CheckAt(later, third, absl::Now()).ok());
+}
+
+// A CA whose key was replaced keeps its name: the CA file holds both certificates, and a CRL
+// signed by either is the CA's (here the newer key's CRL releases what the older key's revoked).
+TEST_F(PeerCertificatesTest, ACrlSignedByAnyOfTheCasWithItsIssuersNameCounts) {
+  absl::StatusOr<devpki::Credential> renewed = devpki::CreateCa({});  // the same name
+  ASSERT_TRUE(renewed.ok()) << renewed.status();
+  absl::StatusOr<std::string> old_pem = ca_->CertPem();
+  absl::StatusOr<std::string> new_pem = renewed->CertPem();
+  ASSERT_TRUE(old_pem.ok() && new_pem.ok());
+  std::ofstream(dir_ + "/ca.crt", std::ios::trunc) << *old_pem << *new_pem;
+  const Leaf held = Issue(*ca_);
+  ASSERT_TRUE(devpki::WriteCrl(*ca_, {held.serial}, crl_dir_).ok());
+  PeerCertificates peers(Options());
+  EXPECT_EQ(CheckAt(peers, held, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  absl::SleepFor(absl::Milliseconds(1100));
+  ASSERT_TRUE(devpki::WriteCrl(*renewed, {}, crl_dir_).ok());
+  peers.Rescan();
+  EXPECT_TRUE(CheckAt(peers, held, absl::Now()).ok());
+  EXPECT_EQ(peers.crls_in_force(), 1u);
+}
+
+// A look at the directory that cannot read all of it keeps what was revoked before: a CRL file
+// half written, or a CA file missing for a moment, releases nothing. Read whole again, the
+// directory decides alone.
+TEST_F(PeerCertificatesTest, ADirectoryReadOnlyInPartKeepsWhatWasRevoked) {
+  const Leaf leaf = Issue(*ca_);
+  absl::StatusOr<std::string> path = devpki::WriteCrl(*ca_, {leaf.serial}, crl_dir_);
+  ASSERT_TRUE(path.ok()) << path.status();
+  PeerCertificates peers(Options());
+  ASSERT_EQ(CheckAt(peers, leaf, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+
+  std::ofstream(*path, std::ios::trunc) << "-----BEGIN X509 CRL-----\nMIIB";  // cut short
+  peers.Rescan();
+  EXPECT_EQ(CheckAt(peers, leaf, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  std::filesystem::rename(dir_ + "/ca.crt", dir_ + "/ca.crt.moved");
+  absl::SleepFor(absl::Milliseconds(1100));
+  absl::StatusOr<std::string> none = devpki::CreateCrlPem(*ca_, {});
+  ASSERT_TRUE(none.ok()) << none.status();
+  std::ofstream(*path, std::ios::trunc) << *none;
+  peers.Rescan();
+  EXPECT_EQ(CheckAt(peers, leaf, absl::Now()).code(), absl::StatusCode::kUnauthenticated)
+      << "released by a CRL no CA could verify";
+  std::filesystem::rename(dir_ + "/ca.crt.moved", dir_ + "/ca.crt");
+  peers.Rescan();
+  EXPECT_TRUE(CheckAt(peers, leaf, absl::Now()).ok());
+  EXPECT_EQ(peers.revoked(), 0u);
 }
 
 // Decoded certificates are kept up to the bound, then all forgotten, and read again as needed.
