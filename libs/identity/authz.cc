@@ -7,6 +7,12 @@
 
 namespace medgate {
 
+ServiceIdentities ConfiguredServiceIdentities(const MedgateConfig& config) {
+  ServiceIdentities identities;
+  for (const auto& [name, endpoint] : config.services) identities[name] = endpoint.identity;
+  return identities;
+}
+
 RpcPolicy::RpcPolicy(std::string trust_domain, std::initializer_list<RpcRule> rules,
                      const ServiceIdentities& identities)
     : trust_domain_(std::move(trust_domain)) {

@@ -13,6 +13,7 @@
 
 #include "absl/strings/string_view.h"
 #include "absl/status/statusor.h"
+#include "libs/common/config.h"
 #include "libs/identity/principal.h"
 
 namespace medgate {
@@ -32,6 +33,9 @@ struct RpcRule {
 // The SPIFFE ids of medgate's services by name, where the configuration gives one other than
 // spiffe://TRUST_DOMAIN/service/NAME (services.NAME.identity).
 using ServiceIdentities = std::map<std::string, std::string, std::less<>>;
+
+// Those of the services `config` lists.
+ServiceIdentities ConfiguredServiceIdentities(const MedgateConfig& config);
 
 // Whether a tenant's identities may act now. Implementations cache what they learn.
 class TenantGate {

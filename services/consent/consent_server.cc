@@ -46,7 +46,8 @@ ConsentServer::ConsentServer(MedgateConfig config, ConsentSettings settings,
                                       TenantGateOptions::FromLimits(config_.limits));
   cache_ = NewConsentCache(config_.regions, settings.cache);
   core_ = std::make_unique<ConsentCore>(*routing_, *shards_, *cache_, config_.trust_domain);
-  service_ = std::make_unique<ConsentService>(*core_, config_.trust_domain, tenant_gate_.get());
+  service_ = std::make_unique<ConsentService>(*core_, config_.trust_domain, tenant_gate_.get(),
+                                              ConfiguredServiceIdentities(config_));
   server_ = std::make_unique<ServiceServer>(config_, "consent");
 }
 

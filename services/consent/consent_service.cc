@@ -70,14 +70,18 @@ void ToProto(const ConsentInfo& c, v1::PatientConsent* out) {
 // Consents are recorded and read by the patient's tenant only: ops host the data and have no
 // say in a patient's consent.
 ConsentService::ConsentService(ConsentCore& core, std::string trust_domain,
-                               TenantGate* tenant_gate)
+                               TenantGate* tenant_gate,
+                               const ServiceIdentities& service_identities)
     : core_(core),
       policy_(std::move(trust_domain),
               {{"GrantConsent", {K::kApp, K::kPractitioner}},
                {"RevokeConsent", {K::kApp, K::kPractitioner}},
                {"ListConsents", {K::kApp, K::kPractitioner}},
-               {"CheckAccess", {K::kService, K::kApp, K::kPractitioner}},
-               {"ExportConsents", {K::kApp}, kExportCalls}}) {
+               // Services check on behalf of their callers, unaudited: only those that enforce
+               // consent (ingest, sharing) may.
+               {"CheckAccess", {K::kService, K::kApp, K::kPractitioner}, 1, {"ingest", "sharing"}},
+               {"ExportConsents", {K::kApp}, kExportCalls}},
+              service_identities) {
   policy_.set_tenant_gate(tenant_gate);
 }
 

@@ -14,7 +14,9 @@ class ConsentService final : public v1::Consent::Service {
  public:
   // `tenant_gate` (not owned; may be null in tests of the adapter alone) refuses the identities
   // of suspended or unregistered tenants.
-  ConsentService(ConsentCore& core, std::string trust_domain, TenantGate* tenant_gate);
+  // `service_identities`: the services' identities the configuration names (services.NAME.identity).
+  ConsentService(ConsentCore& core, std::string trust_domain, TenantGate* tenant_gate,
+                 const ServiceIdentities& service_identities = {});
 
   grpc::Status GrantConsent(grpc::ServerContext* context, const v1::GrantConsentRequest* request,
                             v1::GrantConsentResponse* response) override;

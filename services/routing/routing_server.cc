@@ -56,11 +56,9 @@ RoutingServer::RoutingServer(MedgateConfig config, RoutingSettings settings)
   }
   core_ = std::make_unique<RoutingCore>(*control_, *shards_, std::move(regions),
                                         settings_.device_reassign_wait);
-  ServiceIdentities identities;
-  for (const auto& [name, endpoint] : config_.services) identities[name] = endpoint.identity;
   service_ = std::make_unique<RoutingService>(*core_, config_.trust_domain,
                                               TenantGateOptions::FromLimits(config_.limits),
-                                              identities);
+                                              ConfiguredServiceIdentities(config_));
   server_ = std::make_unique<ServiceServer>(config_, "routing");
 }
 

@@ -239,6 +239,21 @@ class ConsentTest : public ::testing::Test {
     return v1::TenantRouting::NewStub(Channel(routing_->port(), cert, "routing"));
   }
 
+  // A certificate of medgate service `name` (spiffe://TD/service/NAME), issued once.
+  static const TestCert& ServiceCert(const std::string& name) {
+    static std::map<std::string, TestCert>* issued = new std::map<std::string, TestCert>();
+    auto it = issued->find(name);
+    if (it == issued->end()) {
+      absl::StatusOr<TestCert> cert =
+          test_support::IssueIdentity(*pki_, "svc-" + name, "/service/" + name);
+      EXPECT_TRUE(cert.ok()) << cert.status();
+      it = issued->emplace(name, cert.ok() ? *cert : TestCert{}).first;
+    }
+    return it->second;
+  }
+  // The sharing service's identity, which checks access on behalf of its callers.
+  static const TestCert& Sharing() { return ServiceCert("sharing"); }
+
   static std::unique_ptr<v1::Consent::Stub> Stub(const TestCert& cert,
                                                  ConsentServer* server = nullptr) {
     return v1::Consent::NewStub(Channel((server != nullptr ? server : a_)->port(), cert, "consent"));
@@ -373,7 +388,7 @@ ConsentServer* ConsentTest::b_ = nullptr;
 
 TEST_F(ConsentTest, GrantThenCheckAccessPermitsAndDefaultIsDeny) {
   const std::string patient = Place("grant-check-1", "FR");
-  auto service = Stub(pki_->service());
+  auto service = Stub(Sharing());
   // Nothing granted yet: default deny.
   auto before = Check(*service, patient, v1::PURPOSE_CARE, Practitioner());
   ASSERT_TRUE(before.ok()) << before.status();
@@ -413,7 +428,7 @@ TEST_F(ConsentTest, GrantThenCheckAccessPermitsAndDefaultIsDeny) {
             1);
   EXPECT_EQ(audited(""), 1);
   // The second instance answers the same.
-  auto other = Check(*Stub(pki_->service(), b_), patient, v1::PURPOSE_CARE, App());
+  auto other = Check(*Stub(Sharing(), b_), patient, v1::PURPOSE_CARE, App());
   ASSERT_TRUE(other.ok()) << other.status();
   EXPECT_EQ(other->decision(), v1::DECISION_PERMIT);
 }
@@ -427,7 +442,7 @@ TEST_F(ConsentTest, GrantThenCheckAccessPermitsAndDefaultIsDeny) {
 TEST_F(ConsentTest, RandomGrantsAndRevocationsDecideAsRecorded) {
   const uint64_t seed = testing::FuzzSeed();
   const std::string patient = Place(absl::StrCat("random-consents-", seed % 100000), "FR");
-  auto service = Stub(pki_->service());
+  auto service = Stub(Sharing());
   const v1::Purpose purposes[] = {v1::PURPOSE_CARE, v1::PURPOSE_REMOTE_MONITORING,
                                   v1::PURPOSE_RESEARCH};
   const std::string narrowed_to[] = {"", Practitioner(), App()};
@@ -552,7 +567,7 @@ TEST_F(ConsentTest, RandomGrantsAndRevocationsDecideAsRecorded) {
 TEST_F(ConsentTest, RevocationOnOneInstanceReachesTheOtherThroughTheChangeFeed) {
   const std::string patient = Place("propagation-1", "FR");
   auto on_a = Stub(pki_->app(), a_);
-  auto on_b = Stub(pki_->service(), b_);
+  auto on_b = Stub(Sharing(), b_);
   const uint64_t heard = b_->cache().Stats().notifications;
   auto granted = Grant(*on_a, GrantArgs(patient).WithPurpose(v1::PURPOSE_REMOTE_MONITORING));
   ASSERT_TRUE(granted.ok()) << granted.status();
@@ -585,7 +600,7 @@ TEST_F(ConsentTest, RevocationOnOneInstanceReachesTheOtherThroughTheChangeFeed) 
   EXPECT_GT(b_->cache().Stats().notifications, heard_before_revocation);
 
   // And the other way round: a new grant on B reaches A's cache.
-  auto on_a_check = Stub(pki_->service(), a_);
+  auto on_a_check = Stub(Sharing(), a_);
   ASSERT_EQ(Check(*on_a_check, patient, v1::PURPOSE_REMOTE_MONITORING, Device())->decision(),
             v1::DECISION_DENY);
   const uint64_t a_heard = a_->cache().Stats().notifications;
@@ -1069,7 +1084,7 @@ TEST_F(ConsentTest, AnAppExportsEveryVersionOfThePatientsConsentsAsFhir) {
 
 TEST_F(ConsentTest, ExpiredConsentDeniesAndFutureOneIsNotYetValid) {
   const std::string patient = Place("periods-1", "FR");
-  auto service = Stub(pki_->service());
+  auto service = Stub(Sharing());
   const absl::Time end = absl::Now() + absl::Milliseconds(1500);
   auto granted = Grant(GrantArgs(patient).EndingAt(end));
   ASSERT_TRUE(granted.ok()) << granted.status();
@@ -1113,7 +1128,7 @@ TEST_F(ConsentTest, ExpiredConsentDeniesAndFutureOneIsNotYetValid) {
 
 TEST_F(ConsentTest, ActorNarrowingCoversOnlyThatActor) {
   const std::string patient = Place("narrowing-1", "FR");
-  auto service = Stub(pki_->service());
+  auto service = Stub(Sharing());
   auto narrowed =
       Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_RESEARCH).WithActor(Practitioner()));
   ASSERT_TRUE(narrowed.ok()) << narrowed.status();
@@ -1146,7 +1161,7 @@ TEST_F(ConsentTest, ActorNarrowingCoversOnlyThatActor) {
 
 TEST_F(ConsentTest, ACategoryNarrowedConsentPermitsOnlyItsCategories) {
   const std::string patient = Place("categories-1", "FR");
-  auto service = Stub(pki_->service());
+  auto service = Stub(Sharing());
   auto granted = Grant(GrantArgs(patient)
                            .WithPurpose(v1::PURPOSE_REMOTE_MONITORING)
                            .InCategories({"heart-rate", "blood-glucose"})
@@ -1331,7 +1346,7 @@ TEST_F(ConsentTest, CrossTenantMatrixHasZeroSuccesses) {
   EXPECT_EQ(calls, 10);
   EXPECT_EQ(successes, 0);
   // A service asking on behalf of globex's practitioner gets a deny, not acme's consent.
-  auto on_behalf = Check(*Stub(pki_->service()), patient, v1::PURPOSE_CARE, GlobexPractitioner());
+  auto on_behalf = Check(*Stub(Sharing()), patient, v1::PURPOSE_CARE, GlobexPractitioner());
   ASSERT_TRUE(on_behalf.ok());
   EXPECT_EQ(on_behalf->decision(), v1::DECISION_DENY);
   EXPECT_EQ(on_behalf->reason(), v1::ACCESS_REASON_ACTOR_NOT_COVERED);
@@ -1422,6 +1437,25 @@ TEST_F(ConsentTest, OpsNeitherRecordNorReadConsents) {
             0);
 }
 
+// Checking access on behalf of a caller, unaudited and for any tenant's patient, is for the
+// services that enforce consent (ingest and sharing): any other service identity is refused.
+TEST_F(ConsentTest, OnlyTheServicesThatEnforceConsentCheckAccessOnBehalf) {
+  const std::string patient = Place("service-check-1", "FR");
+  ASSERT_TRUE(Grant(GrantArgs(patient).WithPurpose(v1::PURPOSE_CARE).WithActor(App())).ok());
+  for (const std::string enforcing : {"ingest", "sharing"}) {
+    auto check = Check(*Stub(ServiceCert(enforcing)), patient, v1::PURPOSE_CARE, App());
+    ASSERT_TRUE(check.ok()) << enforcing << ": " << check.status();
+    EXPECT_EQ(check->decision(), v1::DECISION_PERMIT) << enforcing;
+  }
+  for (const std::string other : {"routing", "consent", "audit"}) {
+    auto check = Check(*Stub(ServiceCert(other)), patient, v1::PURPOSE_CARE, App());
+    EXPECT_EQ(check.status().code(), absl::StatusCode::kPermissionDenied) << other;
+    EXPECT_THAT(std::string(check.status().message()),
+                HasSubstr("may not call CheckAccess: only ingest, sharing may"))
+        << other;
+  }
+}
+
 // A service's identity belongs to no tenant, so only the role table keeps it from revoking any
 // tenant's consent: by id and by key, it is refused, and the consent stays as it was.
 TEST_F(ConsentTest, ServicesMayNotRevokeConsents) {
@@ -1440,8 +1474,8 @@ TEST_F(ConsentTest, ServicesMayNotRevokeConsents) {
   ASSERT_TRUE(listed.ok()) << listed.status();
   ASSERT_EQ(listed->consents_size(), 1);
   EXPECT_EQ(listed->consents(0).current().version(), 1);
-  // And a service still decides with it: the consent is in force.
-  auto decision = Check(*service, patient, v1::PURPOSE_CARE, App());
+  // And a service that enforces consent still decides with it: the consent is in force.
+  auto decision = Check(*Stub(Sharing()), patient, v1::PURPOSE_CARE, App());
   ASSERT_TRUE(decision.ok()) << decision.status();
   EXPECT_EQ(decision->decision(), v1::DECISION_PERMIT);
 }
@@ -1474,7 +1508,7 @@ TEST_F(ConsentTest, ASuspendedTenantIsRefused) {
   EXPECT_EQ(Check(*Stub(*app), patient, v1::PURPOSE_CARE, "").status().code(),
             absl::StatusCode::kPermissionDenied);
   // Services still decide for the tenant's data (the callers they serve are gated themselves).
-  auto decided = Check(*Stub(pki_->service()), patient, v1::PURPOSE_CARE,
+  auto decided = Check(*Stub(Sharing()), patient, v1::PURPOSE_CARE,
                        pki_->SpiffeId("/tenant/pausable/app/backend"));
   ASSERT_TRUE(decided.ok()) << decided.status();
 
@@ -1820,7 +1854,7 @@ TEST_F(ConsentTest, BadInputNamesTheField) {
     EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << mentions;
     EXPECT_THAT(std::string(result.status().message()), HasSubstr(mentions));
   }
-  auto service = Stub(pki_->service());
+  auto service = Stub(Sharing());
   for (const auto& [purpose, actor, mentions] :
        std::vector<std::tuple<v1::Purpose, std::string, std::string>>{
            {v1::PURPOSE_UNSPECIFIED, App(), "purpose"},
@@ -1972,7 +2006,7 @@ TEST_F(ConsentTest, RoutingDownIsUnavailable) {
   auto app = Stub(pki_->app(), server->get());
   ExpectNoNetworkDetail(Grant(*app, GrantArgs(patient)).status(), "127.0.0.1:1");
   ExpectNoNetworkDetail(List(*app, ListOf(patient)).status(), "127.0.0.1:1");
-  EXPECT_EQ(Check(*Stub(pki_->service(), server->get()), patient, v1::PURPOSE_CARE, App())
+  EXPECT_EQ(Check(*Stub(Sharing(), server->get()), patient, v1::PURPOSE_CARE, App())
                 .status()
                 .code(),
             absl::StatusCode::kUnavailable);
@@ -1984,7 +2018,7 @@ TEST_F(ConsentTest, ShardDownIsUnavailableForItsPatientsOnly) {
   const std::string de = Place("outage-de", "DE");
   const std::string fr = Place("outage-fr", "FR");
   auto app = Stub(pki_->app());
-  auto service = Stub(pki_->service());
+  auto service = Stub(Sharing());
   ASSERT_TRUE(Grant(*app, GrantArgs(de)).ok());
   ASSERT_TRUE(Grant(*app, GrantArgs(fr)).ok());
   ASSERT_EQ(Check(*service, de, v1::PURPOSE_CARE, App())->decision(), v1::DECISION_PERMIT);
@@ -2006,7 +2040,7 @@ TEST_F(ConsentTest, ShardDownIsUnavailableForItsPatientsOnly) {
   // ...while other regions' patients keep working, reads and writes.
   EXPECT_TRUE(Grant(*app, GrantArgs(fr).WithPurpose(v1::PURPOSE_RESEARCH)).ok());
   EXPECT_EQ(Check(*service, fr, v1::PURPOSE_CARE, App())->decision(), v1::DECISION_PERMIT);
-  EXPECT_EQ(Check(*Stub(pki_->service(), b_), fr, v1::PURPOSE_RESEARCH, App())->decision(),
+  EXPECT_EQ(Check(*Stub(Sharing(), b_), fr, v1::PURPOSE_RESEARCH, App())->decision(),
             v1::DECISION_PERMIT);
   EXPECT_TRUE(List(*app, ListOf(fr)).ok());
 
