@@ -228,6 +228,14 @@ absl::Status PeerCertificates::Check(const PeerCertificate& certificate, absl::T
   return absl::OkStatus();
 }
 
+absl::Status PeerCertificates::CheckCall(const grpc::ServerContextBase& context) {
+  std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
+  if (auth == nullptr) return Unauthenticated("no TLS peer");
+  absl::StatusOr<std::shared_ptr<const PeerCertificate>> certificate = OfCall(*auth);
+  if (!certificate.ok()) return certificate.status();
+  return Check(**certificate, absl::Now());
+}
+
 size_t PeerCertificates::cached() const {
   absl::MutexLock lock(&cache_mu_);
   return by_digest_.size();

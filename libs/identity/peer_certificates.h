@@ -10,6 +10,7 @@
 #include <thread>
 
 #include <grpcpp/security/auth_context.h>
+#include <grpcpp/server_context.h>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
@@ -72,6 +73,10 @@ class PeerCertificates {
   // OK while `certificate` has neither expired nor been revoked at `now`; UNAUTHENTICATED saying
   // which, otherwise. Reads nothing from disk: a look-up in memory.
   absl::Status Check(const PeerCertificate& certificate, absl::Time now) const;
+
+  // Check, now, of the verified client certificate of `context`'s call: for a call that runs on
+  // (a download, an upload) to ask again between its messages.
+  absl::Status CheckCall(const grpc::ServerContextBase& context);
 
   // Looks at the directory now, and reads it again if anything changed.
   void Rescan();

@@ -934,6 +934,8 @@ grpc::Status IngestService::SendPaced(grpc::ServerContext& context,
   while (next(message)) {
     // Asked before each message: a read whose last message was taken has ended well.
     if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
+    // The caller's certificate may have expired, or been revoked, since the call began.
+    if (absl::Status good = peers_->CheckCall(context); !good.ok()) return ToGrpcStatus(good);
     stall.Blocked();
     const bool written = writer.Write(message);
     stall.Unblocked();

@@ -202,10 +202,11 @@ SharingServer::SharingServer(MedgateConfig config, SharingSettings settings,
   audit_core_ = std::make_unique<AuditCore>(*control_, *shards_, *directory_, *consent_,
                                             options.audit_scanned_per_page,
                                             options.audit_report_statement_timeout);
-  service_ = std::make_unique<SharingService>(*core_, config_.trust_domain, tenant_gate_.get());
+  server_ = std::make_unique<ServiceServer>(config_, "sharing");
+  service_ = std::make_unique<SharingService>(*core_, config_.trust_domain, tenant_gate_.get(),
+                                              server_->peer_certificates());
   audit_service_ =
       std::make_unique<AuditService>(*audit_core_, config_.trust_domain, tenant_gate_.get());
-  server_ = std::make_unique<ServiceServer>(config_, "sharing");
   if (config_.Service("audit").ok()) {
     audit_only_service_ =
         std::make_unique<AuditService>(*audit_core_, config_.trust_domain, tenant_gate_.get());

@@ -68,10 +68,13 @@ void ToProto(const RecordInfo& r, v1::Record* out) {
 template <typename Message>
 class PacedWriter {
  public:
+  // `peers` (may be null) checks the caller's certificate again before each chunk.
   PacedWriter(SharingCore& core, StallWatch& watch, grpc::ServerContext& context,
-              grpc::ServerWriter<Message>* writer, const char* method)
+              grpc::ServerWriter<Message>* writer, const char* method, PeerCertificates* peers)
       : writer_(writer),
         method_(method),
+        context_(context),
+        peers_(peers),
         stall_(watch, context),
         pace_(stall_, "download", core.download_idle_timeout(),
               core.download_min_bytes_per_second(), "sharing.download_min_bytes_per_second",
@@ -100,6 +103,10 @@ class PacedWriter {
       if (!more.ok()) return ToGrpcStatus(more.status());
       if (!*more) return grpc::Status::OK;
       if (grpc::Status slow = pace_.Check(); !slow.ok()) return slow;
+      // The caller's certificate may have expired, or been revoked, since the call began.
+      if (peers_ != nullptr) {
+        if (absl::Status good = peers_->CheckCall(context_); !good.ok()) return ToGrpcStatus(good);
+      }
       if (grpc::Status s = Write(message, data->size()); !s.ok()) return s;
     }
   }
@@ -107,6 +114,8 @@ class PacedWriter {
  private:
   grpc::ServerWriter<Message>* const writer_;
   const char* const method_;
+  grpc::ServerContext& context_;
+  PeerCertificates* const peers_;
   StallWatch::Call stall_;
   TransferPace pace_;
 };
@@ -130,8 +139,9 @@ absl::StatusOr<RecordKind> KindOf(v1::RecordKind kind, absl::string_view field, 
 }  // namespace
 
 SharingService::SharingService(SharingCore& core, std::string trust_domain,
-                               TenantGate* tenant_gate)
+                               TenantGate* tenant_gate, std::shared_ptr<PeerCertificates> peers)
     : core_(core),
+      peers_(std::move(peers)),
       max_awaiting_header_(core.max_uploads_per_tenant() *
                            static_cast<int>(std::max<size_t>(1, core.region_count()))),
       upload_watch_(core.upload_idle_timeout(),
@@ -239,6 +249,13 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
     }
     pace.Moved(next.chunk().data().size());
     if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
+    // The caller's certificate may have expired, or been revoked, since the upload began.
+    if (peers_ != nullptr) {
+      if (absl::Status good = peers_->CheckCall(*context); !good.ok()) {
+        return ToGrpcStatus(absl::Status(good.code(),
+                                         absl::StrCat(good.message(), "; nothing was stored")));
+      }
+    }
     if (absl::Status s = (*upload)->Write(next.chunk().data()); !s.ok()) {
       return ToGrpcStatus(s);
     }
@@ -341,7 +358,7 @@ grpc::Status SharingService::DownloadRecord(
       core_.OpenDownload(*ctx, request->record_id(), request->break_glass_reason());
   if (!download.ok()) return ToGrpcStatus(download.status());
   PacedWriter<v1::DownloadRecordResponse> out(core_, download_watch_, *context, writer,
-                                              "DownloadRecord");
+                                              "DownloadRecord", peers_.get());
   v1::DownloadRecordResponse message;
   ToProto((*download)->record(), message.mutable_header());
   if (grpc::Status s = out.Write(message, 0); !s.ok()) return s;
@@ -362,7 +379,7 @@ grpc::Status SharingService::ExportPatientRecords(
       *ctx, request->patient_id(), request->reason(), *page_size, request->page_token());
   if (!listing.ok()) return ToGrpcStatus(listing.status());
   PacedWriter<v1::ExportPatientRecordsResponse> out(core_, download_watch_, *context, writer,
-                                                    "ExportPatientRecords");
+                                                    "ExportPatientRecords", peers_.get());
   v1::ExportPatientRecordsResponse message;
   uint32_t sent = 0;
   for (const std::string& record_id : listing->record_ids) {

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -15,6 +16,7 @@
 #include "absl/time/time.h"
 #include "libs/common/bounded_counts.h"
 #include "libs/identity/authz.h"
+#include "libs/identity/peer_certificates.h"
 #include "libs/server/stall_watch.h"
 #include "medgate/v1/sharing.grpc.pb.h"
 #include "services/sharing/sharing_core.h"
@@ -24,7 +26,11 @@ namespace medgate::sharing {
 class SharingService final : public v1::RecordSharing::Service {
  public:
   // `tenant_gate` (not owned) refuses the identities of suspended or unregistered tenants.
-  SharingService(SharingCore& core, std::string trust_domain, TenantGate* tenant_gate);
+  // `peers` (the server's, ServiceServer::peer_certificates; null: none) checks the caller's
+  // certificate again between the messages of an upload or a download: one that has expired or
+  // been revoked since the call began ends it UNAUTHENTICATED.
+  SharingService(SharingCore& core, std::string trust_domain, TenantGate* tenant_gate,
+                 std::shared_ptr<PeerCertificates> peers = nullptr);
 
   grpc::Status UploadRecord(grpc::ServerContext* context,
                             grpc::ServerReader<v1::UploadRecordRequest>* reader,
@@ -54,6 +60,7 @@ class SharingService final : public v1::RecordSharing::Service {
                                     const std::string& request_id);
 
   SharingCore& core_;
+  const std::shared_ptr<PeerCertificates> peers_;
   // Uploads whose header has not come yet, by tenant: at most the uploads the tenant may have in
   // progress in every region together (sharing.max_uploads_per_tenant each), so that streams
   // that send nothing cannot hold the server's threads.

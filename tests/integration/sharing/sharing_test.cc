@@ -4845,6 +4845,59 @@ TEST_F(SharingTest, ATenantsDownloadsInProgressAreBounded) {
   extra.server->Shutdown();
 }
 
+// The handshake verified the practitioner's certificate once; a download or an upload runs on
+// after it. One whose certificate expires meanwhile ends at its next chunk, UNAUTHENTICATED: the
+// download's client keeps what came before, and the upload stores nothing.
+TEST_F(SharingTest, ATransferEndsAtItsNextChunkOnceTheCallersCertificateHasExpired) {
+  UploadSpec spec;
+  spec.patient_id = Place("expiring-transfer-1", "FR");
+  spec.content = Generate(99, 0, 4 * kMiB);
+  const std::string record = UploadOk(pki_->practitioner(), spec);
+  // The same practitioner (p-1), on a certificate valid for 5 s.
+  devpki::LeafOptions options;
+  options.common_name = "p-1-expiring";
+  options.uri_sans = {Id("/tenant/acme/practitioner/p-1")};
+  options.not_after = absl::Seconds(5);
+  absl::StatusOr<TestCert> expiring = pki_->Issue("p-1-expiring", options);
+  ASSERT_TRUE(expiring.ok()) << expiring.status();
+  const absl::Time expires = absl::Now() + absl::Seconds(5);
+
+  std::unique_ptr<Stalled> download = StalledDownload(*expiring, record);
+  v1::DownloadRecordResponse message;
+  ASSERT_TRUE(download->reader->Read(&message)) << download->reader->Finish().error_message();
+  ASSERT_TRUE(message.has_header());
+
+  // An upload of two chunks, the second sent once the certificate has expired.
+  UploadSpec second;
+  second.patient_id = spec.patient_id;
+  second.content = Generate(100, 0, 2 * second.chunk_bytes);
+  second.before_chunk = [&](uint64_t offset) {
+    if (offset > 0) absl::SleepFor(expires - absl::Now() + absl::Seconds(1));
+  };
+  const grpc::Status uploaded = Upload(*expiring, second);
+  EXPECT_EQ(uploaded.error_code(), grpc::StatusCode::UNAUTHENTICATED) << uploaded.error_message();
+  EXPECT_THAT(uploaded.error_message(), HasSubstr("expired at"));
+  EXPECT_THAT(uploaded.error_message(), HasSubstr("nothing was stored"));
+
+  uint64_t received = 0;
+  while (download->reader->Read(&message)) received += message.chunk().data().size();
+  const grpc::Status downloaded = download->reader->Finish();
+  EXPECT_EQ(downloaded.error_code(), grpc::StatusCode::UNAUTHENTICATED)
+      << downloaded.error_message();
+  EXPECT_THAT(downloaded.error_message(), HasSubstr("expired at"));
+  EXPECT_LT(received, spec.content.size());
+
+  // The patient has the first record only; its owner, on a current certificate, downloads it.
+  absl::StatusOr<v1::ListRecordsResponse> listed =
+      List(pki_->practitioner(), v1::RECORD_SCOPE_PATIENT, spec.patient_id);
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->records_size(), 1);
+  EXPECT_EQ(listed->records(0).record_id(), record);
+  Downloaded whole = Download(pki_->practitioner(), record);
+  EXPECT_TRUE(whole.status.ok()) << whole.status.error_message();
+  EXPECT_EQ(whole.content, spec.content);
+}
+
 // A client that stops reading does not keep its download (a thread and one of its tenant's
 // places) for good: past sharing.download_idle_timeout_seconds it ends, and the place is free.
 TEST_F(SharingTest, ADownloadWhoseClientStopsReadingEndsAndGivesBackItsPlace) {
