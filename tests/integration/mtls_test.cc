@@ -200,6 +200,26 @@ class MtlsTest : public ::testing::Test {
 
   void TearDown() override { server_->Shutdown(); }
 
+  // A practitioner of acme, `name`, with a certificate of its own.
+  TestCert IssuePractitioner(const std::string& name) {
+    devpki::LeafOptions options;
+    options.common_name = name;
+    options.uri_sans = {pki_->SpiffeId(absl::StrCat("/tenant/acme/practitioner/", name))};
+    absl::StatusOr<TestCert> cert = pki_->Issue(name, options);
+    EXPECT_TRUE(cert.ok()) << cert.status();
+    return cert.ok() ? *cert : TestCert{};
+  }
+
+  // The test server's configuration, with `name`, a new empty directory, as its crl_dir.
+  MedgateConfig WithEmptyCrlDir(const std::string& name) {
+    const std::string crl_dir = *dir_ + "/" + name;
+    std::filesystem::remove_all(crl_dir);
+    std::filesystem::create_directories(crl_dir);
+    MedgateConfig with_crls = config_;
+    with_crls.services["test"].tls.crl_dir = crl_dir;
+    return with_crls;
+  }
+
   std::shared_ptr<grpc::Channel> ChannelAs(const TestCert& cert) {
     absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
         MakeChannel(address_, TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 1},
@@ -684,23 +704,11 @@ TEST_F(MtlsTest, ACallOnAConnectionWhoseCertificateExpiredSinceIsRefused) {
 // refused in the handshake, before any handler, while every other certificate is served; a CRL
 // written while the server runs, by the next name, is enforced from the next connection on.
 TEST_F(MtlsTest, ACertificateRevokedByACrlIsRefusedInTheHandshake) {
-  const std::string crl_dir = *dir_ + "/crl";
-  std::filesystem::remove_all(crl_dir);
-  std::filesystem::create_directories(crl_dir);
-  auto issue = [&](const std::string& name) {
-    devpki::LeafOptions options;
-    options.common_name = name;
-    options.uri_sans = {pki_->SpiffeId(absl::StrCat("/tenant/acme/practitioner/", name))};
-    absl::StatusOr<TestCert> cert = pki_->Issue(name, options);
-    EXPECT_TRUE(cert.ok()) << cert.status();
-    return *cert;
-  };
-  const TestCert left = issue("p-left");
-  const TestCert stays = issue("p-stays");
-  const TestCert later = issue("p-later");
-
-  MedgateConfig with_crls = config_;
-  with_crls.services["test"].tls.crl_dir = crl_dir;
+  const TestCert left = IssuePractitioner("p-left");
+  const TestCert stays = IssuePractitioner("p-stays");
+  const TestCert later = IssuePractitioner("p-later");
+  const MedgateConfig with_crls = WithEmptyCrlDir("crl");
+  const std::string& crl_dir = with_crls.services.at("test").tls.crl_dir;
   RecordingAuditService service(pki_->trust_domain());
   ServiceServer server(with_crls, "test");
   server.AddService(&service);
@@ -755,21 +763,10 @@ TEST_F(MtlsTest, ACertificateRevokedByACrlIsRefusedInTheHandshake) {
 // earlier is refused UNAUTHENTICATED, naming the serial, before any handler; a call of another
 // certificate on its own open connection is served.
 TEST_F(MtlsTest, ACallOnAConnectionWhoseCertificateWasRevokedSinceIsRefused) {
-  const std::string crl_dir = *dir_ + "/crl-open";
-  std::filesystem::remove_all(crl_dir);
-  std::filesystem::create_directories(crl_dir);
-  auto issue = [&](const std::string& name) {
-    devpki::LeafOptions options;
-    options.common_name = name;
-    options.uri_sans = {pki_->SpiffeId(absl::StrCat("/tenant/acme/practitioner/", name))};
-    absl::StatusOr<TestCert> cert = pki_->Issue(name, options);
-    EXPECT_TRUE(cert.ok()) << cert.status();
-    return *cert;
-  };
-  const TestCert left = issue("p-left-open");
-  const TestCert stays = issue("p-stays-open");
-  MedgateConfig with_crls = config_;
-  with_crls.services["test"].tls.crl_dir = crl_dir;
+  const TestCert left = IssuePractitioner("p-left-open");
+  const TestCert stays = IssuePractitioner("p-stays-open");
+  const MedgateConfig with_crls = WithEmptyCrlDir("crl-open");
+  const std::string& crl_dir = with_crls.services.at("test").tls.crl_dir;
   RecordingAuditService service(pki_->trust_domain());
   ServiceServer server(with_crls, "test");
   server.AddService(&service);

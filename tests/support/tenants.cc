@@ -1,9 +1,14 @@
 // Tenants for service integration tests.
 #include "tests/support/tenants.h"
 
+#include <map>
+#include <utility>
+
 #include <grpcpp/client_context.h>
+#include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "libs/identity/credentials.h"
 #include "medgate/v1/routing.grpc.pb.h"
 
@@ -38,6 +43,20 @@ absl::StatusOr<TestCert> IssueIdentity(const TestPki& pki, const std::string& na
   options.common_name = name;
   options.uri_sans = {pki.SpiffeId(path)};
   return pki.Issue(name, options);
+}
+
+const TestCert& ServiceCert(const TestPki& pki, const std::string& service) {
+  static absl::Mutex mu(absl::kConstInit);
+  static auto* issued = new std::map<std::pair<std::string, std::string>, TestCert>();
+  absl::MutexLock lock(&mu);
+  const std::pair<std::string, std::string> key{pki.dir(), service};
+  auto it = issued->find(key);
+  if (it == issued->end()) {
+    absl::StatusOr<TestCert> cert = IssueIdentity(pki, "svc-" + service, "/service/" + service);
+    EXPECT_TRUE(cert.ok()) << cert.status();
+    it = issued->emplace(key, cert.ok() ? *cert : TestCert{}).first;
+  }
+  return it->second;
 }
 
 }  // namespace medgate::test_support

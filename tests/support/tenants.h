@@ -23,6 +23,11 @@ grpc::Status UpsertTenant(const TestPki& pki, int routing_port, const std::strin
 absl::StatusOr<TestCert> IssueIdentity(const TestPki& pki, const std::string& name,
                                        const std::string& path);
 
+// The certificate of medgate service `service` (spiffe://TD/service/SERVICE) under the PKI's
+// directory, issued on first use and kept for the process (a failure to issue is a test failure,
+// and an empty TestCert).
+const TestCert& ServiceCert(const TestPki& pki, const std::string& service);
+
 }  // namespace medgate::test_support
 
 #endif  // MEDGATE_TESTS_SUPPORT_TENANTS_H_

@@ -239,17 +239,9 @@ class ConsentTest : public ::testing::Test {
     return v1::TenantRouting::NewStub(Channel(routing_->port(), cert, "routing"));
   }
 
-  // A certificate of medgate service `name` (spiffe://TD/service/NAME), issued once.
+  // A certificate of medgate service `name` (spiffe://TD/service/NAME).
   static const TestCert& ServiceCert(const std::string& name) {
-    static std::map<std::string, TestCert>* issued = new std::map<std::string, TestCert>();
-    auto it = issued->find(name);
-    if (it == issued->end()) {
-      absl::StatusOr<TestCert> cert =
-          test_support::IssueIdentity(*pki_, "svc-" + name, "/service/" + name);
-      EXPECT_TRUE(cert.ok()) << cert.status();
-      it = issued->emplace(name, cert.ok() ? *cert : TestCert{}).first;
-    }
-    return it->second;
+    return test_support::ServiceCert(*pki_, name);
   }
   // The sharing service's identity, which checks access on behalf of its callers.
   static const TestCert& Sharing() { return ServiceCert("sharing"); }

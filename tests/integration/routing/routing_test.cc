@@ -69,17 +69,9 @@ class RoutingTest : public ::testing::Test {
     delete stack_;
   }
 
-  // A certificate of medgate service `name` (spiffe://TD/service/NAME), issued once.
+  // A certificate of medgate service `name` (spiffe://TD/service/NAME).
   static const TestCert& ServiceCert(const std::string& name) {
-    static std::map<std::string, TestCert>* issued = new std::map<std::string, TestCert>();
-    auto it = issued->find(name);
-    if (it == issued->end()) {
-      absl::StatusOr<TestCert> cert =
-          test_support::IssueIdentity(*pki_, "svc-" + name, "/service/" + name);
-      EXPECT_TRUE(cert.ok()) << cert.status();
-      it = issued->emplace(name, cert.ok() ? *cert : TestCert{}).first;
-    }
-    return it->second;
+    return test_support::ServiceCert(*pki_, name);
   }
   // Ingest's identity: it resolves devices, patients and tenants.
   static const TestCert& IngestCert() { return ServiceCert("ingest"); }
