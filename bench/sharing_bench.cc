@@ -206,8 +206,10 @@ class Bench {
       for (const std::string& id : ids) out.push_back({.tenant_id = id, .found = true, .active = true});
       return absl::StatusOr<std::vector<TenantStatus>>(std::move(out));
     });
-    service_ = std::make_unique<SharingService>(*core_, pki_->trust_domain(), tenant_gate_.get());
     server_ = std::make_unique<ServiceServer>(*config_, "sharing");
+    // As medgate-sharing runs it: the caller's certificate checked again before each chunk.
+    service_ = std::make_unique<SharingService>(*core_, pki_->trust_domain(), tenant_gate_.get(),
+                                                server_->peer_certificates());
     server_->AddService(service_.get());
     Check(server_->Start(), "server");
     const test_support::TestCert& me = pki_->practitioner();

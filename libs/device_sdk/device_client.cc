@@ -275,7 +275,8 @@ void DeviceClient::Loop() {
       // revoked since the handshake): every stream on it would be refused until the connection
       // ends, up to the server's maximum connection age. The next stream dials anew, with the
       // certificate files as they are now (renewed, if the device has renewed them).
-      if (ended.code() == absl::StatusCode::kUnauthenticated) {
+      // A channel the app gave is the app's to replace.
+      if (ended.code() == absl::StatusCode::kUnauthenticated && channel_ == nullptr) {
         channel = std::shared_ptr<grpc::Channel>();
       }
       std::lock_guard<std::mutex> lock(mu_);

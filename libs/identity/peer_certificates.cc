@@ -19,6 +19,7 @@
 #include <openssl/pem.h>
 #include <openssl/sha.h>
 #include <openssl/x509.h>
+#include <openssl/x509v3.h>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
@@ -125,7 +126,26 @@ struct PeerCertificates::Revocations {
   std::string fingerprint;
   absl::flat_hash_set<std::string> revoked;
   size_t crls = 0;
+  // When the directory must be read again though no file changed: a partial read is tried again,
+  // and a CRL issued in the future counts once its time has come.
+  absl::Time read_again = absl::InfiniteFuture();
 };
+
+namespace {
+
+constexpr absl::Duration kClockSkew = absl::Minutes(5);
+constexpr absl::Duration kPartialRetry = absl::Seconds(10);
+
+// Whether the CRL entry releases its certificate rather than revoking it (RFC 5280 5.3.1).
+bool RemovesFromCrl(const X509_REVOKED* entry) {
+  std::unique_ptr<ASN1_ENUMERATED, decltype(&ASN1_ENUMERATED_free)> reason(
+      static_cast<ASN1_ENUMERATED*>(
+          X509_REVOKED_get_ext_d2i(entry, NID_crl_reason, nullptr, nullptr)),
+      &ASN1_ENUMERATED_free);
+  return reason != nullptr && ASN1_ENUMERATED_get(reason.get()) == CRL_REASON_REMOVE_FROM_CRL;
+}
+
+}  // namespace
 
 PeerCertificates::PeerCertificates(PeerCertificatesOptions options)
     : options_(std::move(options)) {
@@ -142,22 +162,12 @@ PeerCertificates::PeerCertificates(PeerCertificatesOptions options)
 }
 
 PeerCertificates::~PeerCertificates() {
-  {
-    absl::MutexLock lock(&mu_);
-    stopping_ = true;
-  }
+  stopping_.Notify();
   if (rescanner_.joinable()) rescanner_.join();
 }
 
 void PeerCertificates::RescanLoop() {
-  while (true) {
-    {
-      absl::MutexLock lock(&mu_);
-      mu_.AwaitWithTimeout(absl::Condition(&stopping_), options_.rescan);
-      if (stopping_) return;
-    }
-    Rescan();
-  }
+  while (!stopping_.WaitForNotificationWithTimeout(options_.rescan)) Rescan();
 }
 
 void PeerCertificates::Rescan() {
@@ -169,7 +179,7 @@ void PeerCertificates::Rescan() {
     current = revocations_;
   }
   const std::string fingerprint = Fingerprint();
-  if (fingerprint == current->fingerprint) return;
+  if (fingerprint == current->fingerprint && absl::Now() < current->read_again) return;
   std::shared_ptr<const Revocations> fresh = Scan(fingerprint, current.get());
   absl::MutexLock lock(&mu_);
   revocations_ = std::move(fresh);
@@ -306,8 +316,11 @@ std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
     absl::Time issued;
     std::vector<Crl> crls;
   };
-  absl::flat_hash_map<std::string, Latest> by_issuer;
+  absl::flat_hash_map<std::string, Latest> by_issuer;  // CAs of ca_path, and others'
   std::vector<Crl> refuse_only;  // CRLs that may refuse but release nothing
+  // Issuers of ca_path with a verified CRL, and those with CRLs none of them verifies.
+  absl::flat_hash_set<std::string> verified_issuers;
+  absl::flat_hash_set<std::string> unverified_issuers;
   const absl::Time now = absl::Now();
   for (const std::filesystem::path& path : paths) {
     const uintmax_t size = std::filesystem::file_size(path, error);
@@ -343,16 +356,18 @@ std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
               X509_CRL_get_ext_d2i(crl.get(), NID_delta_crl, nullptr, nullptr)),
           &ASN1_INTEGER_free);
       absl::string_view refuse_only_why;
-      if (!verified) {
-        // An intermediate CA's CRL is expected here; one claiming a CA of ca_path is not.
-        if (named) read_all = false;
-        refuse_only_why = named ? "its signature is not its issuer's"
-                                : "its issuer is not a CA of ca_path";
+      if (named && !verified) {
+        unverified_issuers.insert(NameDer(issuer));
+        refuse_only_why = "its signature is not its issuer's";
       } else if (delta != nullptr) {
         refuse_only_why = "a delta CRL";
-      } else if (!issued.ok() || *issued > now + absl::Minutes(5)) {
-        refuse_only_why = "its issue time is unreadable or in the future";
+      } else if (!issued.ok()) {
+        refuse_only_why = "its issue time cannot be read";
+      } else if (*issued > now + kClockSkew) {
+        refuse_only_why = "issued in the future (read again then)";
+        scanned->read_again = std::min(scanned->read_again, *issued - kClockSkew);
       }
+      if (verified) verified_issuers.insert(NameDer(issuer));
       if (!refuse_only_why.empty()) {
         SkipCrl(path.string(), absl::StrCat(refuse_only_why,
                                             ": what it lists is refused, it releases nothing"));
@@ -378,17 +393,26 @@ std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
     ++scanned->crls;
     STACK_OF(X509_REVOKED)* revoked = X509_CRL_get_REVOKED(crl.get());
     for (int i = 0; i < sk_X509_REVOKED_num(revoked); ++i) {
-      scanned->revoked.insert(RevokedKey(
-          X509_CRL_get_issuer(crl.get()),
-          X509_REVOKED_get0_serialNumber(sk_X509_REVOKED_value(revoked, i))));
+      const X509_REVOKED* entry = sk_X509_REVOKED_value(revoked, i);
+      if (RemovesFromCrl(entry)) continue;
+      scanned->revoked.insert(
+          RevokedKey(X509_CRL_get_issuer(crl.get()), X509_REVOKED_get0_serialNumber(entry)));
     }
   };
   for (const auto& [issuer, latest] : by_issuer) {
     for (const Crl& crl : latest.crls) add(crl);
   }
   for (const Crl& crl : refuse_only) add(crl);
-  if (!read_all && previous != nullptr) {
-    scanned->revoked.insert(previous->revoked.begin(), previous->revoked.end());
+  // A CRL under a CA's name that no CA verifies, while none of that CA's does: its real CRL may
+  // be the file half written. (Beside a verified one, it is an old key's, or a forgery.)
+  for (const std::string& issuer : unverified_issuers) {
+    if (!verified_issuers.contains(issuer)) read_all = false;
+  }
+  if (!read_all) {
+    if (previous != nullptr) {
+      scanned->revoked.insert(previous->revoked.begin(), previous->revoked.end());
+    }
+    scanned->read_again = std::min(scanned->read_again, now + kPartialRetry);
   }
   log::Write(log::Level::kInfo, "crls_loaded",
              {{"crl_dir", options_.crl_dir}, {"crls", static_cast<uint64_t>(scanned->crls)},

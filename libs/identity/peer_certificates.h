@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 
 namespace medgate {
@@ -49,13 +50,17 @@ struct PeerCertificatesOptions {
 // What counts as revoked, never less than the handshake refuses:
 // - of the CRLs that a CA of `ca_path` signed (any of those with the CRL's issuer name), the one
 //   each CA issued last, as in OpenSSL's handshake;
-// - and whatever any other CRL of the directory lists (a CRL of an intermediate CA, which the
-//   handshake verifies with the peer's chain; one whose signature no CA of `ca_path` verifies; a
-//   delta CRL; one issued in the future): such a CRL can refuse, but releases nothing.
+// - of the CRLs of a CA not in `ca_path` (an intermediate's, which the handshake verifies with
+//   the peer's chain and this cannot), the one issued last;
+// - and whatever any other CRL lists (one under the name of a CA of `ca_path` that none of them
+//   verifies, a delta CRL, one issued in the future): such a CRL can refuse, but releases
+//   nothing. One issued in the future is read again once its time has come.
+// An entry whose reason is removeFromCRL revokes nothing (a hold released, as OpenSSL reads it).
 // A look at the directory that could not read all of it (the directory or the CA file
-// unreadable, a file over its bound or holding no CRL, a CRL not verified) keeps everything the
-// previous look revoked as well, until one reads it all: a revocation is never lost to a file
-// half written. Each such problem is logged (`crl_skipped`, `crl_dir_unreadable`).
+// unreadable, a file over its bound or holding no CRL, a CRL under a CA's name that no CA
+// verifies while none of that CA's does) keeps everything the previous look revoked as well, and
+// is tried again every 10 s until one reads it all: a revocation is never lost to a file half
+// written. Each such problem is logged (`crl_skipped`, `crl_dir_unreadable`).
 class PeerCertificates {
  public:
   // Reads the directory once, now, then every `rescan` on a thread of its own.
@@ -104,7 +109,7 @@ class PeerCertificates {
   absl::Mutex rescan_mu_;  // one look at a time (the thread's, a caller's)
   mutable absl::Mutex mu_;
   std::shared_ptr<const Revocations> revocations_ ABSL_GUARDED_BY(mu_);
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Notification stopping_;  // not under mu_: a waiter there would slow every check
   std::thread rescanner_;
 };
 

@@ -261,6 +261,13 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
     }
   }
   if (context->IsCancelled()) return ended();
+  // Once more before anything is stored: the certificate may have ended since the last chunk.
+  if (peers_ != nullptr) {
+    if (absl::Status good = peers_->CheckCall(*context); !good.ok()) {
+      return ToGrpcStatus(
+          absl::Status(good.code(), absl::StrCat(good.message(), "; nothing was stored")));
+    }
+  }
   absl::StatusOr<UploadResult> result = (*upload)->Finish();
   if (!result.ok()) return ToGrpcStatus(result.status());
   response->set_record_id(result->record_id);
@@ -383,6 +390,10 @@ grpc::Status SharingService::ExportPatientRecords(
   v1::ExportPatientRecordsResponse message;
   uint32_t sent = 0;
   for (const std::string& record_id : listing->record_ids) {
+    // Before each record is opened (and audited): the certificate may have ended since.
+    if (peers_ != nullptr) {
+      if (absl::Status good = peers_->CheckCall(*context); !good.ok()) return ToGrpcStatus(good);
+    }
     absl::StatusOr<std::unique_ptr<Download>> download =
         core_.OpenExport(*ctx, request->patient_id(), record_id, request->reason());
     // Erased since the listing: no longer the patient's data to export.

@@ -24,8 +24,8 @@ absl::StatusOr<TestCert> IssueIdentity(const TestPki& pki, const std::string& na
                                        const std::string& path);
 
 // The certificate of medgate service `service` (spiffe://TD/service/SERVICE) under the PKI's
-// directory, issued on first use and kept for the process (a failure to issue is a test failure,
-// and an empty TestCert).
+// directory, issued on first use and kept for the process (the process aborts, saying why, if it
+// cannot be issued).
 const TestCert& ServiceCert(const TestPki& pki, const std::string& service);
 
 }  // namespace medgate::test_support

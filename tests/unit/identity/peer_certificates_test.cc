@@ -10,6 +10,11 @@
 #include <string>
 #include <vector>
 
+#include <openssl/bn.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -22,6 +27,48 @@ namespace medgate {
 namespace {
 
 using ::testing::HasSubstr;
+
+// A CRL of `ca` as PEM, issued at `issued`, listing `entries` (serial in upper-case hex, and an
+// RFC 5280 reason code, or -1 for none): what devpki::CreateCrlPem cannot make.
+std::string CrlPem(const devpki::Credential& ca, absl::Time issued,
+                   const std::vector<std::pair<std::string, int>>& entries) {
+  X509_CRL* crl = X509_CRL_new();
+  X509_CRL_set_version(crl, 1);
+  X509_CRL_set_issuer_name(crl, X509_get_subject_name(ca.cert()));
+  ASN1_TIME* last = ASN1_TIME_set(nullptr, absl::ToTimeT(issued));
+  ASN1_TIME* next = ASN1_TIME_set(nullptr, absl::ToTimeT(issued + absl::Hours(24)));
+  X509_CRL_set1_lastUpdate(crl, last);
+  X509_CRL_set1_nextUpdate(crl, next);
+  for (const auto& [serial, reason] : entries) {
+    X509_REVOKED* revoked = X509_REVOKED_new();
+    BIGNUM* bn = nullptr;
+    BN_hex2bn(&bn, serial.c_str());
+    ASN1_INTEGER* number = BN_to_ASN1_INTEGER(bn, nullptr);
+    X509_REVOKED_set_serialNumber(revoked, number);
+    X509_REVOKED_set_revocationDate(revoked, last);
+    if (reason >= 0) {
+      ASN1_ENUMERATED* code = ASN1_ENUMERATED_new();
+      ASN1_ENUMERATED_set(code, reason);
+      X509_REVOKED_add1_ext_i2d(revoked, NID_crl_reason, code, 0, 0);
+      ASN1_ENUMERATED_free(code);
+    }
+    X509_CRL_add0_revoked(crl, revoked);
+    ASN1_INTEGER_free(number);
+    BN_free(bn);
+  }
+  X509_CRL_sort(crl);
+  X509_CRL_sign(crl, ca.key(), EVP_sha256());
+  BIO* bio = BIO_new(BIO_s_mem());
+  PEM_write_bio_X509_CRL(bio, crl);
+  char* data = nullptr;
+  const long size = BIO_get_mem_data(bio, &data);
+  std::string pem(data, static_cast<size_t>(size));
+  BIO_free(bio);
+  ASN1_TIME_free(last);
+  ASN1_TIME_free(next);
+  X509_CRL_free(crl);
+  return pem;
+}
 
 class PeerCertificatesTest : public ::testing::Test {
  protected:
@@ -231,6 +278,42 @@ TEST_F(PeerCertificatesTest, ADirectoryReadOnlyInPartKeepsWhatWasRevoked) {
   peers.Rescan();
   EXPECT_TRUE(CheckAt(peers, leaf, absl::Now()).ok());
   EXPECT_EQ(peers.revoked(), 0u);
+}
+
+// An entry whose reason is removeFromCRL releases its certificate (a hold lifted), as OpenSSL
+// reads it; any other reason, or none, revokes.
+TEST_F(PeerCertificatesTest, AnEntryRemovedFromTheCrlRevokesNothing) {
+  const Leaf released = Issue(*ca_);
+  const Leaf held = Issue(*ca_);
+  const Leaf left = Issue(*ca_);
+  std::ofstream(crl_dir_ + "/00000000.r0")
+      << CrlPem(*ca_, absl::Now() - absl::Minutes(1),
+                {{released.serial, CRL_REASON_REMOVE_FROM_CRL},
+                 {held.serial, CRL_REASON_CERTIFICATE_HOLD},
+                 {left.serial, -1}});
+  PeerCertificates peers(Options());
+  EXPECT_TRUE(CheckAt(peers, released, absl::Now()).ok());
+  EXPECT_EQ(CheckAt(peers, held, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(CheckAt(peers, left, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(peers.revoked(), 2u);
+}
+
+// A CRL issued ahead of this host's clock (beyond 5 minutes of skew) releases nothing yet, and is
+// read again once its time has come, though no file changed.
+TEST_F(PeerCertificatesTest, ACrlIssuedInTheFutureCountsOnceItsTimeHasCome) {
+  const Leaf held = Issue(*ca_);
+  std::ofstream(crl_dir_ + "/00000000.r0")
+      << CrlPem(*ca_, absl::Now() - absl::Hours(1), {{held.serial, CRL_REASON_CERTIFICATE_HOLD}});
+  const absl::Time ahead = absl::Now() + absl::Minutes(5) + absl::Seconds(2);
+  std::ofstream(crl_dir_ + "/00000000.r1") << CrlPem(*ca_, ahead, {});
+  PeerCertificates peers(Options());
+  EXPECT_EQ(CheckAt(peers, held, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  peers.Rescan();
+  EXPECT_EQ(CheckAt(peers, held, absl::Now()).code(), absl::StatusCode::kUnauthenticated)
+      << "released before its time";
+  absl::SleepFor(ahead - absl::Minutes(5) - absl::Now() + absl::Milliseconds(500));
+  peers.Rescan();
+  EXPECT_TRUE(CheckAt(peers, held, absl::Now()).ok());
 }
 
 // Decoded certificates are kept up to the bound, then all forgotten, and read again as needed.
