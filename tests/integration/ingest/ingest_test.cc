@@ -2297,6 +2297,61 @@ TEST_F(IngestTest, AReadVitalsPageReadsAboutAPageOfRowsPerCodeAndPagesKeepOrder)
   EXPECT_EQ(got, expected);
 }
 
+// A ReadVitals page is checked again before each message: a reader whose certificate expires
+// before it has taken the whole page gets the messages sent before, then UNAUTHENTICATED.
+TEST_F(IngestTest, AReadEndsAtItsNextMessageOnceTheReadersCertificateHasExpired) {
+  const std::string patient =
+      PatientWithDevice("expiring-reader", "FR", "dev-expiring-reader");
+  Grant(patient, v1::PURPOSE_CARE);
+  constexpr int kRows = 5000;  // ten messages of 500 readings, far more than a 64 KiB window
+  {
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::work txn(c);
+    txn.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', 'dev-expiring-reader', g, $1, '8867-4', 70, '/min', "
+        "date_trunc('second', now()) - interval '1 second' * g FROM generate_series(1, $2) AS g",
+        patient, kRows);
+    txn.commit();
+  }
+  devpki::LeafOptions options;
+  options.common_name = "p-expiring-reader";
+  options.uri_sans = {pki().SpiffeId("/tenant/acme/practitioner/p-expiring-reader")};
+  options.not_after = absl::Seconds(5);
+  absl::StatusOr<TestCert> cert = pki().Issue("p-expiring-reader", options);
+  ASSERT_TRUE(cert.ok()) << cert.status();
+  const absl::Time expires = absl::Now() + absl::Seconds(5);
+  // On a connection of its own with a small window, so the service soon waits to send.
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds = MakeChannelCredentials(
+      TlsConfig{cert->cert_path, cert->key_path, pki().ca_path(), 60},
+      pki().SpiffeId("/service/ingest"));
+  ASSERT_TRUE(creds.ok()) << creds.status();
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
+  auto stub = v1::DeviceIngest::NewStub(grpc::CreateCustomChannel(
+      absl::StrCat("127.0.0.1:", ingest_->port()), *creds, args));
+  v1::ReadVitalsRequest request;
+  request.set_patient_id(patient);
+  request.set_purpose(v1::PURPOSE_CARE);
+  request.add_loinc_codes("8867-4");
+  request.set_page_size(kRows);
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+  auto reader = stub->ReadVitals(&context, request);
+  v1::ReadVitalsResponse response;
+  ASSERT_TRUE(reader->Read(&response)) << reader->Finish().error_message();
+  size_t received = static_cast<size_t>(response.readings_size());
+  absl::SleepFor(expires - absl::Now() + absl::Seconds(1));
+  while (reader->Read(&response)) received += static_cast<size_t>(response.readings_size());
+  const grpc::Status ended = reader->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAUTHENTICATED) << ended.error_message();
+  EXPECT_THAT(ended.error_message(), HasSubstr("expired at"));
+  EXPECT_GT(received, 0u);
+  EXPECT_LT(received, static_cast<size_t>(kRows));
+}
+
 TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
   std::string patient = MonitoredPatientWithDevice("reader", "FR", "dev-read");
   auto stub = Ingest(Device("acme", "dev-read"));
