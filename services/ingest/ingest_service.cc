@@ -306,8 +306,9 @@ class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
     // connection's maximum age) after it expires or is revoked. Checked again for each batch, as
     // the server checks each call: the batch is not stored, those before it are answered, and
     // the stream ends UNAUTHENTICATED.
+    const absl::Time read_at = absl::Now();  // the batch's, and the check's: one clock read
     absl::Status still_good = absl::OkStatus();
-    if (ok && parsed) still_good = peers_.Check(*certificate_, absl::Now());
+    if (ok && parsed) still_good = peers_.Check(*certificate_, read_at);
     std::unique_lock<std::mutex> lock(shared_->mu);
     read_outstanding_ = false;
     if (!ok || superseded_ || fail_) {
@@ -341,7 +342,6 @@ class VitalsStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
       return;
     }
     const uint64_t slot = first_slot_ + pending_.size();
-    const absl::Time read_at = absl::Now();
     pending_.push_back(PendingAck{std::nullopt, 0, read_at});
     // Until the batch is with its writer (or answered), the stream reads nothing more and cannot
     // finish: this reactor stays alive while it is processed below.

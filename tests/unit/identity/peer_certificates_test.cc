@@ -338,6 +338,36 @@ TEST_F(PeerCertificatesTest, KeptCertificatesAreBounded) {
   }
 }
 
+// The bounds on what is read: a CRL file over max_crl_bytes, or past the first max_crl_files
+// (by name), is not read; the read is partial, and keeps what a whole read revoked before.
+TEST_F(PeerCertificatesTest, CrlFilesBeyondTheBoundsAreNotRead) {
+  const Leaf first = Issue(*ca_);
+  const Leaf second = Issue(*ca_);
+  std::ofstream(crl_dir_ + "/00000000.r0")
+      << CrlPem(*ca_, absl::Now() - absl::Hours(1), {{first.serial, -1}});
+  std::ofstream(crl_dir_ + "/00000000.r1")
+      << CrlPem(*ca_, absl::Now() - absl::Hours(2), {{second.serial, -1}});
+  PeerCertificatesOptions one_file = Options();
+  one_file.max_crl_files = 1;
+  PeerCertificates by_count(one_file);
+  EXPECT_EQ(by_count.crls_in_force(), 1u);
+  EXPECT_EQ(CheckAt(by_count, first, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_TRUE(CheckAt(by_count, second, absl::Now()).ok()) << ".r1 was read";
+
+  PeerCertificatesOptions small = Options();
+  small.max_crl_bytes = 64;
+  PeerCertificates by_size(small);
+  EXPECT_EQ(by_size.crls_in_force(), 0u);
+  EXPECT_TRUE(CheckAt(by_size, first, absl::Now()).ok());
+
+  // Read whole first, then over the bound: what was revoked stays revoked.
+  PeerCertificates whole(Options());
+  ASSERT_EQ(CheckAt(whole, first, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  std::ofstream(crl_dir_ + "/00000000.r0", std::ios::app) << std::string(17u << 20, '\n');
+  whole.Rescan();
+  EXPECT_EQ(CheckAt(whole, first, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+}
+
 // Without a CRL directory nothing is revoked, and nothing is read.
 TEST_F(PeerCertificatesTest, NoCrlDirectoryRevokesNothing) {
   const Leaf leaf = Issue(*ca_);
