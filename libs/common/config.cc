@@ -286,7 +286,8 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
     RETURN_IF_ERROR(limits.OnlyKeys({"max_message_bytes", "max_concurrent_streams", "max_threads",
                                      "max_connection_age_seconds",
                                      "max_connection_age_grace_seconds", "drain_seconds",
-                                     "tenant_calls_per_second", "tenant_call_burst"}));
+                                     "tenant_calls_per_second", "tenant_call_burst",
+                                     "max_health_watches_per_caller", "max_health_watches"}));
     ServerLimits& l = config.limits;
     ASSIGN_OR_RETURN(int64_t msg, limits.Int("max_message_bytes", 1024, 64 << 20, l.max_message_bytes));
     ASSIGN_OR_RETURN(int64_t streams, limits.Int("max_concurrent_streams", 1, 100000, l.max_concurrent_streams));
@@ -305,7 +306,14 @@ absl::StatusOr<MedgateConfig> ParseMedgateConfig(const ConfigNode& root) {
     l.max_connection_age_grace_seconds = static_cast<int>(grace);
     l.drain_seconds = static_cast<int>(drain);
     l.tenant_calls_per_second = static_cast<int>(calls);
+    ASSIGN_OR_RETURN(int64_t watches_per_caller,
+                     limits.Int("max_health_watches_per_caller", 1, 10000,
+                                l.max_health_watches_per_caller));
+    ASSIGN_OR_RETURN(int64_t watches, limits.Int("max_health_watches", 1, 1000000,
+                                                 l.max_health_watches));
     l.tenant_call_burst = static_cast<int>(call_burst);
+    l.max_health_watches_per_caller = static_cast<int>(watches_per_caller);
+    l.max_health_watches = static_cast<int>(watches);
   }
 
   if (root.Has("control_db")) {

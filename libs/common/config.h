@@ -112,6 +112,10 @@ struct ServerLimits {
   // answer instead (ingest's sample quota and per-device stream bound apply to them).
   int tenant_calls_per_second = 1000;
   int tenant_call_burst = 2000;
+  // Health Watch streams (grpc.health.v1.Health/Watch) one caller identity may hold open on one
+  // server, and the server in all: one more is RESOURCE_EXHAUSTED.
+  int max_health_watches_per_caller = 8;
+  int max_health_watches = 1024;
 };
 
 // One service's endpoint and identity in the cluster configuration.

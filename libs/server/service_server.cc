@@ -6,7 +6,6 @@
 #include <pthread.h>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/resource_quota.h>
 
 #include "absl/strings/str_cat.h"
@@ -21,6 +20,9 @@ ServiceServer::ServiceServer(const MedgateConfig& config, std::string service_na
   // An endpoint that is not configured fails Start; its checks then have no CRLs to read.
   absl::StatusOr<const ServiceEndpoint*> endpoint = config_.Service(service_name_);
   peer_certificates_ = MakePeerCertificates(endpoint.ok() ? (*endpoint)->tls : TlsConfig{});
+  health_ = std::make_unique<HealthService>(config_.trust_domain,
+                                            config_.limits.max_health_watches_per_caller,
+                                            config_.limits.max_health_watches);
 }
 
 ServiceServer::~ServiceServer() { Shutdown(); }
@@ -42,7 +44,8 @@ absl::Status ServiceServer::Start() {
       MakeServerCredentials((*endpoint)->tls, config_.trust_domain, peer_certificates_);
   if (!creds.ok()) return creds.status();
 
-  grpc::EnableDefaultHealthCheckService(true);
+  // gRPC's own health service bounds no Watch streams: this server serves its own.
+  grpc::EnableDefaultHealthCheckService(false);
   if (config_.dev_reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
   const ServerLimits& limits = config_.limits;
@@ -79,6 +82,7 @@ absl::Status ServiceServer::Start() {
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<RequestParseErrorsFactory>());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  builder.RegisterService(health_.get());
   for (grpc::Service* service : services_) builder.RegisterService(service);
   server_ = builder.BuildAndStart();
   if (!server_ || port_ == 0) {
@@ -88,8 +92,7 @@ absl::Status ServiceServer::Start() {
   bool healthy = true;
   if (probe_) {
     // Not serving until the first probe has answered: it may take the databases' connect
-    // timeouts, and gRPC's health service says SERVING from the start.
-    SetServing(false);
+    // timeouts (the health service starts NOT_SERVING).
     healthy = probe_().ok();
   }
   SetServing(healthy);
@@ -101,8 +104,7 @@ absl::Status ServiceServer::Start() {
 
 void ServiceServer::SetServing(bool serving) {
   if (!server_) return;
-  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-  if (health != nullptr) health->SetServingStatus(serving);
+  health_->SetServing(serving);
 }
 
 void ServiceServer::HealthLoop() {
@@ -133,9 +135,9 @@ void ServiceServer::Shutdown() {
   cv_.notify_all();
   if (server_) {
     // NOT_SERVING and draining at once, without waiting for a health probe that may be in a
-    // database call: after Shutdown the health service takes no more changes.
-    grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-    if (health != nullptr) health->Shutdown();
+    // database call: after Shutdown the health service takes no more changes, and its watches
+    // end once told, rather than hold the drain.
+    health_->Shutdown();
     server_->Shutdown(std::chrono::system_clock::now() +
                       std::chrono::seconds(config_.limits.drain_seconds));
     server_->Wait();

@@ -19,6 +19,7 @@
 #include "absl/time/time.h"
 #include "libs/common/config.h"
 #include "libs/identity/peer_certificates.h"
+#include "libs/server/health_service.h"
 
 namespace medgate {
 
@@ -59,6 +60,9 @@ class ServiceServer {
   // crl_dir and CA), for a service to apply again on each message of a long stream. Never null.
   const std::shared_ptr<PeerCertificates>& peer_certificates() const { return peer_certificates_; }
 
+  // The server's grpc.health.v1.Health service. Never null.
+  const HealthService& health() const { return *health_; }
+
   // Forces the health status (the probe, if any, overrides it at its next run).
   void SetServing(bool serving);
 
@@ -80,6 +84,7 @@ class ServiceServer {
   const std::string service_name_;
   std::vector<grpc::Service*> services_;
   std::shared_ptr<PeerCertificates> peer_certificates_;
+  std::unique_ptr<HealthService> health_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   bool bdp_probe_ = true;

@@ -1,6 +1,7 @@
 // mTLS over real TLS on loopback: the accept/reject matrix, Principals, rotation, health.
 #include <atomic>
 #include <future>
+#include <optional>
 #include <filesystem>
 #include <thread>
 
@@ -35,6 +36,7 @@
 #include "libs/identity/authz.h"
 #include "libs/identity/credentials.h"
 #include "libs/server/service_server.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "medgate/v1/audit.grpc.pb.h"
 #include "tests/support/health_check.h"
 #include "tests/support/poll.h"
@@ -1087,6 +1089,131 @@ TEST_F(MtlsTest, AStopIsNotHeldByAHealthProbeInProgress) {
   hold = false;
   stopping.join();
   EXPECT_TRUE(stopped) << "the server kept serving until its health probe returned";
+}
+
+// A health Watch, as a load balancer keeps one open.
+struct HealthWatch {
+  grpc::ClientContext context;
+  std::unique_ptr<grpc::ClientReader<grpc::health::v1::HealthCheckResponse>> reader;
+
+  // The next status the server sends; nullopt once the stream has ended.
+  std::optional<grpc::health::v1::HealthCheckResponse::ServingStatus> Next() {
+    grpc::health::v1::HealthCheckResponse response;
+    if (!reader->Read(&response)) return std::nullopt;
+    return response.status();
+  }
+};
+
+std::unique_ptr<HealthWatch> OpenHealthWatch(const std::shared_ptr<grpc::Channel>& channel,
+                                             const std::string& service = "") {
+  auto watch = std::make_unique<HealthWatch>();
+  watch->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  watch->reader = grpc::health::v1::Health::NewStub(channel)->Watch(&watch->context, request);
+  return watch;
+}
+
+// A Watch answers the status at once, then each change; a stop tells it NOT_SERVING and ends it
+// UNAVAILABLE, rather than leave it open until the drain's deadline cancels it.
+TEST_F(MtlsTest, AHealthWatchIsToldEachChangeAndEndsWhenTheServerStops) {
+  using grpc::health::v1::HealthCheckResponse;
+  auto channel = ChannelAs(pki_->ops());
+  ASSERT_TRUE(test_support::WaitForHealth(channel, test_support::Health::kServing,
+                                          absl::Now() + absl::Seconds(10))
+                  .ok());
+  std::unique_ptr<HealthWatch> watch = OpenHealthWatch(channel);
+  EXPECT_EQ(watch->Next(), HealthCheckResponse::SERVING);
+  healthy_ = false;
+  EXPECT_EQ(watch->Next(), HealthCheckResponse::NOT_SERVING);
+  healthy_ = true;
+  EXPECT_EQ(watch->Next(), HealthCheckResponse::SERVING);
+
+  // A name the server does not answer for: SERVICE_UNKNOWN to a watch, NOT_FOUND to a check.
+  std::unique_ptr<HealthWatch> unknown = OpenHealthWatch(channel, "medgate.v1.Nothing");
+  EXPECT_EQ(unknown->Next(), HealthCheckResponse::SERVICE_UNKNOWN);
+  {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    grpc::health::v1::HealthCheckRequest request;
+    request.set_service("medgate.v1.Nothing");
+    grpc::health::v1::HealthCheckResponse response;
+    grpc::Status status =
+        grpc::health::v1::Health::NewStub(channel)->Check(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << status.error_message();
+  }
+
+  std::thread stopping([&] { server_->Shutdown(); });
+  EXPECT_EQ(watch->Next(), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(watch->Next(), std::nullopt);
+  grpc::Status ended = watch->reader->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
+  EXPECT_THAT(ended.error_message(), ::testing::HasSubstr("shutting down"));
+  EXPECT_EQ(unknown->Next(), std::nullopt);
+  ended = unknown->reader->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAVAILABLE) << ended.error_message();
+  stopping.join();
+}
+
+// Watches hold memory for as long as their callers keep them: a caller identity may hold
+// limits.max_health_watches_per_caller of them open, the server limits.max_health_watches in all.
+// Checks are not counted.
+TEST_F(MtlsTest, HealthWatchesAreBoundedPerCallerAndInAll) {
+  using grpc::health::v1::HealthCheckResponse;
+  MedgateConfig config = config_;
+  config.limits.max_health_watches_per_caller = 2;
+  config.limits.max_health_watches = 3;
+  RecordingAuditService service(pki_->trust_domain());
+  ServiceServer server(config, "test");
+  server.AddService(&service);
+  ASSERT_TRUE(server.Start().ok());
+  const std::string address = absl::StrCat("127.0.0.1:", server.port());
+  auto channel_as = [&](const TestCert& cert) {
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+        MakeChannel(address, TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 1},
+                    pki_->server_identity());
+    EXPECT_TRUE(channel.ok()) << channel.status();
+    return *channel;
+  };
+  auto ops = channel_as(pki_->ops());
+  const TestCert watcher_cert = IssuePractitioner("watcher");
+  auto watcher = channel_as(watcher_cert);
+  const std::string ops_id = pki_->SpiffeId("/ops/alice");
+  auto refused = [](HealthWatch& watch, const std::string& bound) {
+    EXPECT_EQ(watch.Next(), std::nullopt);
+    grpc::Status status = watch.reader->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+    EXPECT_THAT(status.error_message(), ::testing::HasSubstr(bound));
+  };
+
+  std::vector<std::unique_ptr<HealthWatch>> open;
+  for (int i = 0; i < 2; ++i) {
+    open.push_back(OpenHealthWatch(ops));
+    EXPECT_EQ(open.back()->Next(), HealthCheckResponse::SERVING);
+  }
+  std::unique_ptr<HealthWatch> third_of_ops = OpenHealthWatch(ops);
+  refused(*third_of_ops, "max_health_watches_per_caller");
+  EXPECT_EQ(server.health().watches_of(ops_id), 2);
+
+  // Another caller has its own count, within the server's.
+  open.push_back(OpenHealthWatch(watcher));
+  EXPECT_EQ(open.back()->Next(), HealthCheckResponse::SERVING);
+  std::unique_ptr<HealthWatch> beyond_the_server = OpenHealthWatch(watcher);
+  refused(*beyond_the_server, "max_health_watches)");
+  EXPECT_EQ(server.health().watches(), 3);
+  EXPECT_TRUE(test_support::CheckHealth(ops, absl::Seconds(10)).ok());
+
+  // A watch that ends gives its place back.
+  open.front()->context.TryCancel();
+  EXPECT_EQ(open.front()->Next(), std::nullopt);
+  ASSERT_TRUE(test_support::PollUntil(absl::Now() + absl::Seconds(10),
+                                      [&] { return server.health().watches_of(ops_id) == 1; }));
+  std::unique_ptr<HealthWatch> again = OpenHealthWatch(ops);
+  EXPECT_EQ(again->Next(), HealthCheckResponse::SERVING);
+  EXPECT_EQ(server.health().watches_of(ops_id), 2);
+  EXPECT_EQ(server.health().watches(), 3);
+  server.Shutdown();
+  EXPECT_EQ(server.health().watches(), 0);
 }
 
 // Device streams turn gRPC's BDP probe off at both ends (it costs more than their small messages).

@@ -420,6 +420,8 @@ limits:
   drain_seconds: {{ int64 $v.limits.drainSeconds }}
   tenant_calls_per_second: {{ int64 $v.limits.tenantCallsPerSecond }}
   tenant_call_burst: {{ int64 $v.limits.tenantCallBurst }}
+  max_health_watches_per_caller: {{ int64 $v.limits.maxHealthWatchesPerCaller }}
+  max_health_watches: {{ int64 $v.limits.maxHealthWatches }}
 control_db:
   {{- include "medgate.dbBlock" (dict "root" $root "db" $v.control "where" "control") | nindent 2 }}
 regions:

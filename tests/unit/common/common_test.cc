@@ -62,6 +62,7 @@ ca: /pki/ca.crt
 limits:
   max_message_bytes: 2097152
   tenant_calls_per_second: 50
+  max_health_watches_per_caller: 3
 control_db:
   conninfo: host=127.0.0.1 port=5432
 regions:
@@ -88,6 +89,8 @@ TEST(ConfigTest, ParsesAValidConfig) {
   EXPECT_EQ(config->limits.max_concurrent_streams, 1000);  // default
   EXPECT_EQ(config->limits.tenant_calls_per_second, 50);
   EXPECT_EQ(config->limits.tenant_call_burst, 2000);  // default
+  EXPECT_EQ(config->limits.max_health_watches_per_caller, 3);
+  EXPECT_EQ(config->limits.max_health_watches, 1024);  // default
   ASSERT_EQ(config->regions.size(), 2u);
   EXPECT_EQ(config->regions[0].db.pool_size, 4);
   ASSERT_TRUE(config->regions[0].keys_db.has_value());
@@ -158,6 +161,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfigCase{"max_message_bytes: 2097152", "max_mesage_bytes: 5", "limits.max_mesage_bytes"},
         BadConfigCase{"tenant_calls_per_second: 50", "tenant_calls_per_second: 0",
                       "limits.tenant_calls_per_second"},
+        BadConfigCase{"max_health_watches_per_caller: 3", "max_health_watches_per_caller: 0",
+                      "limits.max_health_watches_per_caller"},
         BadConfigCase{"territories: [FR]", "territories: [France]", "regions[0].territories[0]"},
         BadConfigCase{"pool_size: 4", "pool_size: 0", "regions[0].db.pool_size"},
         BadConfigCase{"pool_size: 2", "pool_size: 0", "regions[0].keys_db.pool_size"},
@@ -225,11 +230,11 @@ TEST(ConfigTest, KeysThatAreNotNamesOrGivenTwiceAreRefused) {
     return std::string(root.status().message());
   };
   EXPECT_THAT(refused(absl::StrCat(kGoodConfig, "? [a, b]\n: 1\n")),
-              AllOf(HasSubstr("a key must be a single value, not a list"), HasSubstr("line 21")));
+              AllOf(HasSubstr("a key must be a single value, not a list"), HasSubstr("line 22")));
   EXPECT_THAT(refused(absl::StrCat(kGoodConfig, "  ? {a: 1}\n  : {listen: x}\n")),
               HasSubstr("not a map (in 'services')"));
   EXPECT_THAT(refused(absl::StrCat(kGoodConfig, "regions: []\n")),
-              HasSubstr("config key 'regions': given twice (line 21)"));
+              HasSubstr("config key 'regions': given twice (line 22)"));
   EXPECT_THAT(refused(absl::StrCat(kGoodConfig, "    listen: 127.0.0.1:1\n")),
               HasSubstr("config key 'services.routing.listen': given twice"));
   // An alias of a list that holds it, and lists nested past any configuration's depth.

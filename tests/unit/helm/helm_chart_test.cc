@@ -217,6 +217,8 @@ TEST_F(HelmChartTest, TheConfigurationIsOneEveryServiceAccepts) {
   EXPECT_EQ(config.limits.drain_seconds, 20);
   EXPECT_EQ(config.limits.tenant_calls_per_second, 1000);
   EXPECT_EQ(config.limits.tenant_call_burst, 2000);
+  EXPECT_EQ(config.limits.max_health_watches_per_caller, 8);
+  EXPECT_EQ(config.limits.max_health_watches, 1024);
   // The regions and seed rules pass routing's own residency checks.
   std::vector<residency::Region> regions;
   for (const RegionConfig& r : config.regions) {
