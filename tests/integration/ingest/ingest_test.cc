@@ -245,6 +245,46 @@ class IngestTest : public ::testing::Test {
                                     pki().SpiffeId("/service/ingest"));
   }
 
+  // As Ingest, on a connection of its own whose streams have a 64 KiB window: a server stream of
+  // more soon waits for its client to read.
+  static std::unique_ptr<v1::DeviceIngest::Stub> IngestWithSmallWindow(const TestCert& as) {
+    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds = MakeChannelCredentials(
+        TlsConfig{as.cert_path, as.key_path, pki().ca_path(), 60},
+        pki().SpiffeId("/service/ingest"));
+    EXPECT_TRUE(creds.ok()) << creds.status();
+    if (!creds.ok()) return nullptr;
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
+    return v1::DeviceIngest::NewStub(grpc::CreateCustomChannel(
+        absl::StrCat("127.0.0.1:", ingest_->port()), *creds, args));
+  }
+
+  // A certificate of `path` (e.g. "/tenant/acme/app/x") that expires in `lifetime`.
+  static TestCert ExpiringCert(const std::string& name, const std::string& path,
+                               absl::Duration lifetime) {
+    devpki::LeafOptions options;
+    options.common_name = name;
+    options.uri_sans = {pki().SpiffeId(path)};
+    options.not_after = lifetime;
+    absl::StatusOr<TestCert> cert = pki().Issue(name, options);
+    EXPECT_TRUE(cert.ok()) << cert.status();
+    return cert.ok() ? *cert : TestCert{};
+  }
+
+  // Puts `rows` heart-rate readings of `patient` in the FR shard, one a second back from now.
+  static void StoreReadings(const std::string& patient, const std::string& device, int rows) {
+    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
+    pqxx::work txn(c);
+    txn.exec_params0(
+        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
+        "measured_at) SELECT 'acme', $3, g, $1, '8867-4', 70, '/min', "
+        "date_trunc('second', now()) - interval '1 second' * g FROM generate_series(1, $2) AS g",
+        patient, rows, device);
+    txn.commit();
+  }
+
   // Places a patient of `as`'s tenant (acme by default) and assigns `device` to it; returns the
   // patient id.
   static std::string PatientWithDevice(const std::string& ref, const std::string& territory,
@@ -2304,34 +2344,12 @@ TEST_F(IngestTest, AReadEndsAtItsNextMessageOnceTheReadersCertificateHasExpired)
       PatientWithDevice("expiring-reader", "FR", "dev-expiring-reader");
   Grant(patient, v1::PURPOSE_CARE);
   constexpr int kRows = 5000;  // ten messages of 500 readings, far more than a 64 KiB window
-  {
-    pqxx::connection c(stack_->clusters().region("fr-1").ConnectionString());
-    pqxx::work txn(c);
-    txn.exec_params0(
-        "INSERT INTO vitals (tenant_id, device_id, seq, patient_id, loinc, value, ucum, "
-        "measured_at) SELECT 'acme', 'dev-expiring-reader', g, $1, '8867-4', 70, '/min', "
-        "date_trunc('second', now()) - interval '1 second' * g FROM generate_series(1, $2) AS g",
-        patient, kRows);
-    txn.commit();
-  }
-  devpki::LeafOptions options;
-  options.common_name = "p-expiring-reader";
-  options.uri_sans = {pki().SpiffeId("/tenant/acme/practitioner/p-expiring-reader")};
-  options.not_after = absl::Seconds(5);
-  absl::StatusOr<TestCert> cert = pki().Issue("p-expiring-reader", options);
-  ASSERT_TRUE(cert.ok()) << cert.status();
+  StoreReadings(patient, "dev-expiring-reader", kRows);
+  const TestCert cert = ExpiringCert(
+      "p-expiring-reader", "/tenant/acme/practitioner/p-expiring-reader", absl::Seconds(5));
   const absl::Time expires = absl::Now() + absl::Seconds(5);
-  // On a connection of its own with a small window, so the service soon waits to send.
-  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds = MakeChannelCredentials(
-      TlsConfig{cert->cert_path, cert->key_path, pki().ca_path(), 60},
-      pki().SpiffeId("/service/ingest"));
-  ASSERT_TRUE(creds.ok()) << creds.status();
-  grpc::ChannelArguments args;
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 * 1024);
-  auto stub = v1::DeviceIngest::NewStub(grpc::CreateCustomChannel(
-      absl::StrCat("127.0.0.1:", ingest_->port()), *creds, args));
+  auto stub = IngestWithSmallWindow(cert);
+  ASSERT_NE(stub, nullptr);
   v1::ReadVitalsRequest request;
   request.set_patient_id(patient);
   request.set_purpose(v1::PURPOSE_CARE);
@@ -2345,6 +2363,38 @@ TEST_F(IngestTest, AReadEndsAtItsNextMessageOnceTheReadersCertificateHasExpired)
   size_t received = static_cast<size_t>(response.readings_size());
   absl::SleepFor(expires - absl::Now() + absl::Seconds(1));
   while (reader->Read(&response)) received += static_cast<size_t>(response.readings_size());
+  const grpc::Status ended = reader->Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAUTHENTICATED) << ended.error_message();
+  EXPECT_THAT(ended.error_message(), HasSubstr("expired at"));
+  EXPECT_GT(received, 0u);
+  EXPECT_LT(received, static_cast<size_t>(kRows));
+}
+
+// The same for an export (an app's, of a whole patient): it checks the app's certificate before
+// each message it sends.
+TEST_F(IngestTest, AnExportEndsAtItsNextMessageOnceTheAppsCertificateHasExpired) {
+  const std::string patient =
+      PatientWithDevice("expiring-export", "FR", "dev-expiring-export");
+  constexpr int kRows = 5000;  // ten messages of 500 observations, far more than a 64 KiB window
+  StoreReadings(patient, "dev-expiring-export", kRows);
+  const TestCert cert =
+      ExpiringCert("app-expiring", "/tenant/acme/app/app-expiring", absl::Seconds(5));
+  const absl::Time expires = absl::Now() + absl::Seconds(5);
+  auto stub = IngestWithSmallWindow(cert);
+  ASSERT_NE(stub, nullptr);
+  v1::ExportVitalsRequest request;
+  request.set_request_id("export-expiring");
+  request.set_patient_id(patient);
+  request.set_reason("the patient asked for a copy of their data (ticket 7781)");
+  request.set_page_size(kRows);
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+  auto reader = stub->ExportVitals(&context, request);
+  v1::ExportVitalsResponse response;
+  ASSERT_TRUE(reader->Read(&response)) << reader->Finish().error_message();
+  size_t received = response.observation_count();
+  absl::SleepFor(expires - absl::Now() + absl::Seconds(1));
+  while (reader->Read(&response)) received += response.observation_count();
   const grpc::Status ended = reader->Finish();
   EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAUTHENTICATED) << ended.error_message();
   EXPECT_THAT(ended.error_message(), HasSubstr("expired at"));
