@@ -24,34 +24,7 @@
 namespace medgate::devpki {
 namespace {
 
-struct BioDeleter {
-  void operator()(BIO* bio) const { BIO_free(bio); }
-};
-struct EvpPkeyCtxDeleter {
-  void operator()(EVP_PKEY_CTX* ctx) const { EVP_PKEY_CTX_free(ctx); }
-};
-struct BignumDeleter {
-  void operator()(BIGNUM* bn) const { BN_free(bn); }
-};
-struct CrlDeleter {
-  void operator()(X509_CRL* crl) const { X509_CRL_free(crl); }
-};
-struct Asn1TimeDeleter {
-  void operator()(ASN1_TIME* t) const { ASN1_TIME_free(t); }
-};
-struct Asn1IntegerDeleter {
-  void operator()(ASN1_INTEGER* i) const { ASN1_INTEGER_free(i); }
-};
-struct GeneralNameDeleter {
-  void operator()(GENERAL_NAME* name) const { GENERAL_NAME_free(name); }
-};
-struct GeneralNamesDeleter {
-  void operator()(GENERAL_NAMES* names) const { GENERAL_NAMES_free(names); }
-};
-struct ExtensionDeleter {
-  void operator()(X509_EXTENSION* ext) const { X509_EXTENSION_free(ext); }
-};
-using BioPtr = std::unique_ptr<BIO, BioDeleter>;
+using BioPtr = openssl::Bio;
 
 // OpenSSL reports the cause on a thread-local queue; fold it into the status and leave the queue
 // empty so a later, unrelated failure does not inherit stale entries.
@@ -134,7 +107,7 @@ std::string BioContents(BIO* bio) {
 int NoPassphrase(char* /*buf*/, int /*size*/, int /*rwflag*/, void* /*userdata*/) { return 0; }
 
 absl::StatusOr<EvpPkeyPtr> GenerateP256Key() {
-  std::unique_ptr<EVP_PKEY_CTX, EvpPkeyCtxDeleter> ctx(
+  openssl::EvpPkeyCtx ctx(
       EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
   if (ctx == nullptr || EVP_PKEY_keygen_init(ctx.get()) <= 0 ||
       EVP_PKEY_CTX_set_group_name(ctx.get(), "P-256") <= 0) {
@@ -151,7 +124,7 @@ absl::Status SetRandomSerial(X509* cert) {
   unsigned char bytes[16];
   if (RAND_bytes(bytes, sizeof(bytes)) != 1) return OpenSslError("cannot draw a serial");
   bytes[0] = static_cast<unsigned char>((bytes[0] & 0x7f) | 0x40);
-  std::unique_ptr<BIGNUM, BignumDeleter> bn(BN_bin2bn(bytes, sizeof(bytes), nullptr));
+  openssl::Bignum bn(BN_bin2bn(bytes, sizeof(bytes), nullptr));
   if (bn == nullptr || BN_to_ASN1_INTEGER(bn.get(), X509_get_serialNumber(cert)) == nullptr) {
     return OpenSslError("cannot set serial");
   }
@@ -188,7 +161,7 @@ absl::Status SetSubject(X509* cert, const std::string& common_name) {
 absl::Status AddExtension(X509* cert, X509* issuer, int nid, const char* value) {
   X509V3_CTX ctx;
   X509V3_set_ctx(&ctx, issuer, cert, nullptr, nullptr, 0);
-  std::unique_ptr<X509_EXTENSION, ExtensionDeleter> ext(
+  openssl::Extension ext(
       X509V3_EXT_conf_nid(nullptr, &ctx, nid, value));
   if (ext == nullptr || X509_add_ext(cert, ext.get(), -1) != 1) {
     return OpenSslError(absl::StrCat("cannot add extension ", OBJ_nid2sn(nid), "=", value));
@@ -202,10 +175,10 @@ absl::Status AddSubjectAltNames(X509* cert, const LeafOptions& options) {
   if (options.uri_sans.empty() && options.dns_sans.empty() && options.ip_sans.empty()) {
     return absl::OkStatus();
   }
-  std::unique_ptr<GENERAL_NAMES, GeneralNamesDeleter> names(sk_GENERAL_NAME_new_null());
+  openssl::GeneralNames names(sk_GENERAL_NAME_new_null());
   if (names == nullptr) return OpenSslError("cannot allocate SANs");
   auto push = [&names](int type, ASN1_STRING* value) -> absl::Status {
-    std::unique_ptr<GENERAL_NAME, GeneralNameDeleter> name(GENERAL_NAME_new());
+    openssl::GeneralName name(GENERAL_NAME_new());
     if (name == nullptr) {
       ASN1_STRING_free(value);
       return OpenSslError("cannot allocate SAN");
@@ -314,7 +287,7 @@ absl::StatusOr<std::string> Credential::KeyPem() const {
 }
 
 std::string Credential::SerialHex() const {
-  std::unique_ptr<BIGNUM, BignumDeleter> bn(
+  openssl::Bignum bn(
       ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert_.get()), nullptr));
   if (bn == nullptr) return "";
   char* hex = BN_bn2hex(bn.get());
@@ -326,7 +299,7 @@ std::string Credential::SerialHex() const {
 
 std::vector<std::string> Credential::UriSans() const {
   std::vector<std::string> uris;
-  std::unique_ptr<GENERAL_NAMES, GeneralNamesDeleter> names(static_cast<GENERAL_NAMES*>(
+  openssl::GeneralNames names(static_cast<GENERAL_NAMES*>(
       X509_get_ext_d2i(cert_.get(), NID_subject_alt_name, nullptr, nullptr)));
   if (names == nullptr) return uris;
   for (int i = 0; i < sk_GENERAL_NAME_num(names.get()); ++i) {
@@ -392,14 +365,14 @@ absl::StatusOr<std::string> CreateCrlPem(const Credential& ca,
   if (next_update <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("devpki: a CRL's next update must be ahead of now");
   }
-  std::unique_ptr<X509_CRL, CrlDeleter> crl(X509_CRL_new());
+  openssl::Crl crl(X509_CRL_new());
   if (crl == nullptr) return OpenSslError("cannot allocate CRL");
   const absl::Time now = absl::Now();
-  std::unique_ptr<ASN1_TIME, Asn1TimeDeleter> last(
+  openssl::Asn1Time last(
       ASN1_TIME_set(nullptr, absl::ToTimeT(now - absl::Hours(1))));
-  std::unique_ptr<ASN1_TIME, Asn1TimeDeleter> next(
+  openssl::Asn1Time next(
       ASN1_TIME_set(nullptr, absl::ToTimeT(now + next_update)));
-  std::unique_ptr<ASN1_TIME, Asn1TimeDeleter> revoked_at(ASN1_TIME_set(nullptr, absl::ToTimeT(now)));
+  openssl::Asn1Time revoked_at(ASN1_TIME_set(nullptr, absl::ToTimeT(now)));
   if (last == nullptr || next == nullptr || revoked_at == nullptr ||
       X509_CRL_set_version(crl.get(), 1) != 1 ||  // v2
       X509_CRL_set_issuer_name(crl.get(), X509_get_subject_name(ca.cert())) != 1 ||
@@ -415,8 +388,8 @@ absl::StatusOr<std::string> CreateCrlPem(const Credential& ca,
       return absl::InvalidArgumentError(
           absl::StrCat("devpki: '", serial, "' is not a serial number in hex"));
     }
-    std::unique_ptr<BIGNUM, BignumDeleter> bn(raw);
-    std::unique_ptr<ASN1_INTEGER, Asn1IntegerDeleter> number(BN_to_ASN1_INTEGER(bn.get(), nullptr));
+    openssl::Bignum bn(raw);
+    openssl::Asn1Integer number(BN_to_ASN1_INTEGER(bn.get(), nullptr));
     X509_REVOKED* revoked = X509_REVOKED_new();
     if (number == nullptr || revoked == nullptr ||
         X509_REVOKED_set_serialNumber(revoked, number.get()) != 1 ||

@@ -12,17 +12,12 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "libs/common/openssl_ptr.h"
 
 namespace medgate::devpki {
 
-struct EvpPkeyDeleter {
-  void operator()(EVP_PKEY* key) const { EVP_PKEY_free(key); }
-};
-struct X509Deleter {
-  void operator()(X509* cert) const { X509_free(cert); }
-};
-using EvpPkeyPtr = std::unique_ptr<EVP_PKEY, EvpPkeyDeleter>;
-using X509Ptr = std::unique_ptr<X509, X509Deleter>;
+using EvpPkeyPtr = openssl::EvpPkey;
+using X509Ptr = openssl::Certificate;
 
 // A private key and the certificate for it. Move-only: it owns the OpenSSL objects.
 class Credential {

@@ -26,35 +26,25 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "libs/common/log.h"
+#include "libs/common/openssl_ptr.h"
+#include "libs/identity/principal.h"
 
 namespace medgate {
 namespace {
 
-struct X509Deleter {
-  void operator()(X509* x) const { X509_free(x); }
-};
-struct CrlDeleter {
-  void operator()(X509_CRL* c) const { X509_CRL_free(c); }
-};
-struct BioDeleter {
-  void operator()(BIO* b) const { BIO_free(b); }
-};
-using Certificate = std::unique_ptr<X509, X509Deleter>;
-using Crl = std::unique_ptr<X509_CRL, CrlDeleter>;
-using Bio = std::unique_ptr<BIO, BioDeleter>;
+using openssl::Bio;
+using openssl::Certificate;
+using openssl::Crl;
+using openssl::MemoryBio;
 
 absl::Status Unauthenticated(absl::string_view why) {
   return absl::UnauthenticatedError(absl::StrCat("client identity refused: ", why));
 }
 
-Bio MemoryBio(absl::string_view bytes) {
-  return Bio(BIO_new_mem_buf(bytes.data(), static_cast<int>(bytes.size())));
-}
-
 // Upper-case hex, as BN_bn2hex prints it ("-" first for a negative serial, which no CA should
 // issue but a CRL and a certificate then print alike).
 std::string SerialHex(const ASN1_INTEGER* serial) {
-  std::unique_ptr<BIGNUM, decltype(&BN_free)> bn(ASN1_INTEGER_to_BN(serial, nullptr), &BN_free);
+  openssl::Bignum bn(ASN1_INTEGER_to_BN(serial, nullptr));
   if (bn == nullptr) return "";
   char* hex = BN_bn2hex(bn.get());
   if (hex == nullptr) return "";
@@ -63,17 +53,88 @@ std::string SerialHex(const ASN1_INTEGER* serial) {
   return out;
 }
 
-std::string NameDer(const X509_NAME* name) {
-  const unsigned char* der = nullptr;
-  size_t size = 0;
-  if (X509_NAME_get0_der(name, &der, &size) != 1) return "";
-  return std::string(reinterpret_cast<const char*>(der), size);
+// OpenSSL's white space (ossl_isspace): what its canonical names trim and collapse.
+bool IsNameSpace(unsigned char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r';
 }
 
-// The issuer's DER name, then the serial's hex: the DER name is self-delimiting, so the pair
-// reads back one way only.
-std::string RevokedKey(const X509_NAME* issuer, const ASN1_INTEGER* serial) {
-  return absl::StrCat(NameDer(issuer), SerialHex(serial));
+// A string value as X509_NAME_cmp compares it: the text types as UTF-8 with white space trimmed,
+// inner runs of it one space, and ASCII letters in lower case; other types as they are, with
+// their type. Empty if it cannot be converted.
+std::string CanonicalValue(const ASN1_STRING* value) {
+  constexpr unsigned long kTextTypes = B_ASN1_UTF8STRING | B_ASN1_BMPSTRING |
+                                       B_ASN1_UNIVERSALSTRING | B_ASN1_PRINTABLESTRING |
+                                       B_ASN1_T61STRING | B_ASN1_IA5STRING |
+                                       B_ASN1_VISIBLESTRING;
+  const int type = ASN1_STRING_type(value);
+  if ((ASN1_tag2bit(type) & kTextTypes) == 0) {
+    const auto* data = reinterpret_cast<const char*>(ASN1_STRING_get0_data(value));
+    const std::string raw(data, static_cast<size_t>(ASN1_STRING_length(value)));
+    return absl::StrCat("t", type, ":", raw.size(), ":", raw);
+  }
+  unsigned char* utf8 = nullptr;
+  const int length = ASN1_STRING_to_UTF8(&utf8, value);
+  if (length < 0) {
+    ERR_clear_error();
+    return "";
+  }
+  absl::string_view text(reinterpret_cast<const char*>(utf8), static_cast<size_t>(length));
+  while (!text.empty() && IsNameSpace(text.front())) text.remove_prefix(1);
+  while (!text.empty() && IsNameSpace(text.back())) text.remove_suffix(1);
+  std::string canonical;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (IsNameSpace(c)) {
+      canonical += ' ';
+      while (i + 1 < text.size() && IsNameSpace(text[i + 1])) ++i;
+    } else {
+      canonical += c < 0x80 ? absl::ascii_tolower(static_cast<char>(c)) : static_cast<char>(c);
+    }
+  }
+  OPENSSL_free(utf8);
+  return absl::StrCat("u:", canonical.size(), ":", canonical);
+}
+
+// The name as X509_NAME_cmp tells names apart, as bytes that read back one way only: its
+// relative names in order, each the sorted set of its attributes (type and canonical value).
+// OpenSSL keeps its own canonical encoding private. A CA's CRLs may spell its name otherwise than
+// the certificates it issued (other string types, case or spacing) and still be its CRLs, as
+// they are in a handshake. A value that cannot be read as text leaves the name's DER as it is.
+std::string CanonicalName(const X509_NAME* name) {
+  std::vector<std::vector<std::string>> relative_names;
+  int set = -1;
+  for (int i = 0; i < X509_NAME_entry_count(name); ++i) {
+    const X509_NAME_ENTRY* entry = X509_NAME_get_entry(name, i);
+    if (relative_names.empty() || X509_NAME_ENTRY_set(entry) != set) {
+      relative_names.emplace_back();
+      set = X509_NAME_ENTRY_set(entry);
+    }
+    char oid[128];
+    const int oid_length =
+        OBJ_obj2txt(oid, sizeof(oid), X509_NAME_ENTRY_get_object(entry), /*no_name=*/1);
+    const std::string value = CanonicalValue(X509_NAME_ENTRY_get_data(entry));
+    if (oid_length <= 0 || oid_length >= static_cast<int>(sizeof(oid)) || value.empty()) {
+      ERR_clear_error();
+      const unsigned char* der = nullptr;
+      size_t size = 0;
+      if (X509_NAME_get0_der(name, &der, &size) != 1) return "";
+      return absl::StrCat("der:", absl::string_view(reinterpret_cast<const char*>(der), size));
+    }
+    relative_names.back().push_back(absl::StrCat(oid_length, ":", oid, value));
+  }
+  std::string key = absl::StrCat("name:", relative_names.size(), ":");
+  for (std::vector<std::string>& attributes : relative_names) {
+    std::sort(attributes.begin(), attributes.end());
+    absl::StrAppend(&key, attributes.size(), ":");
+    for (const std::string& attribute : attributes) absl::StrAppend(&key, attribute);
+  }
+  return key;
+}
+
+// The issuer's canonical name, then the serial's hex: the name's key is self-delimiting, so the
+// pair reads back one way only.
+std::string RevokedKey(absl::string_view issuer, const ASN1_INTEGER* serial) {
+  return absl::StrCat(issuer, SerialHex(serial));
 }
 
 absl::StatusOr<absl::Time> TimeOf(const ASN1_TIME* time) {
@@ -138,10 +199,8 @@ constexpr absl::Duration kPartialRetry = absl::Seconds(10);
 
 // Whether the CRL entry releases its certificate rather than revoking it (RFC 5280 5.3.1).
 bool RemovesFromCrl(const X509_REVOKED* entry) {
-  std::unique_ptr<ASN1_ENUMERATED, decltype(&ASN1_ENUMERATED_free)> reason(
-      static_cast<ASN1_ENUMERATED*>(
-          X509_REVOKED_get_ext_d2i(entry, NID_crl_reason, nullptr, nullptr)),
-      &ASN1_ENUMERATED_free);
+  openssl::Asn1Enumerated reason(static_cast<ASN1_ENUMERATED*>(
+      X509_REVOKED_get_ext_d2i(entry, NID_crl_reason, nullptr, nullptr)));
   return reason != nullptr && ASN1_ENUMERATED_get(reason.get()) == CRL_REASON_REMOVE_FROM_CRL;
 }
 
@@ -195,19 +254,16 @@ absl::StatusOr<std::shared_ptr<const PeerCertificate>> PeerCertificates::Read(
     auto it = by_digest_.find(digest);
     if (it != by_digest_.end()) return it->second;
   }
-  Bio bio = MemoryBio(pem);
-  Certificate cert(bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr);
-  if (cert == nullptr) {
-    ERR_clear_error();
-    return Unauthenticated("cannot parse the peer certificate");
-  }
-  absl::StatusOr<absl::Time> not_after = TimeOf(X509_get0_notAfter(cert.get()));
+  absl::StatusOr<Certificate> cert = ReadPeerCertificate(pem);
+  if (!cert.ok()) return cert.status();
+  absl::StatusOr<absl::Time> not_after = TimeOf(X509_get0_notAfter(cert->get()));
   if (!not_after.ok()) return Unauthenticated("cannot read the peer certificate's expiry");
   auto read = std::make_shared<PeerCertificate>();
   read->not_after = *not_after;
-  read->serial_hex = SerialHex(X509_get0_serialNumber(cert.get()));
+  read->serial_hex = SerialHex(X509_get0_serialNumber(cert->get()));
   read->revoked_key =
-      RevokedKey(X509_get_issuer_name(cert.get()), X509_get0_serialNumber(cert.get()));
+      RevokedKey(CanonicalName(X509_get_issuer_name(cert->get())),
+                 X509_get0_serialNumber(cert->get()));
   absl::MutexLock lock(&cache_mu_);
   if (by_digest_.size() >= options_.max_cached) by_digest_.clear();
   by_digest_.emplace(std::move(digest), read);
@@ -352,13 +408,11 @@ std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
       }
       ERR_clear_error();
       absl::StatusOr<absl::Time> issued = TimeOf(X509_CRL_get0_lastUpdate(crl.get()));
-      std::unique_ptr<ASN1_INTEGER, decltype(&ASN1_INTEGER_free)> delta(
-          static_cast<ASN1_INTEGER*>(
-              X509_CRL_get_ext_d2i(crl.get(), NID_delta_crl, nullptr, nullptr)),
-          &ASN1_INTEGER_free);
+      openssl::Asn1Integer delta(static_cast<ASN1_INTEGER*>(
+          X509_CRL_get_ext_d2i(crl.get(), NID_delta_crl, nullptr, nullptr)));
       absl::string_view refuse_only_why;
       if (named && !verified) {
-        unverified_issuers.insert(NameDer(issuer));
+        unverified_issuers.insert(CanonicalName(issuer));
         refuse_only_why = "its signature is not its issuer's";
       } else if (delta != nullptr) {
         refuse_only_why = "a delta CRL";
@@ -368,14 +422,14 @@ std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
         refuse_only_why = "issued in the future (read again then)";
         scanned->read_again = std::min(scanned->read_again, *issued - kClockSkew);
       }
-      if (verified) verified_issuers.insert(NameDer(issuer));
+      if (verified) verified_issuers.insert(CanonicalName(issuer));
       if (!refuse_only_why.empty()) {
         SkipCrl(path.string(), absl::StrCat(refuse_only_why,
                                             ": what it lists is refused, it releases nothing"));
         refuse_only.push_back(std::move(crl));
         continue;
       }
-      Latest& latest = by_issuer[NameDer(issuer)];
+      Latest& latest = by_issuer[CanonicalName(issuer)];
       if (latest.crls.empty() || *issued > latest.issued) {
         latest.issued = *issued;
         latest.crls.clear();
@@ -392,12 +446,12 @@ std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
   }
   auto add = [&scanned](const Crl& crl) {
     ++scanned->crls;
+    const std::string issuer = CanonicalName(X509_CRL_get_issuer(crl.get()));
     STACK_OF(X509_REVOKED)* revoked = X509_CRL_get_REVOKED(crl.get());
     for (int i = 0; i < sk_X509_REVOKED_num(revoked); ++i) {
       const X509_REVOKED* entry = sk_X509_REVOKED_value(revoked, i);
       if (RemovesFromCrl(entry)) continue;
-      scanned->revoked.insert(
-          RevokedKey(X509_CRL_get_issuer(crl.get()), X509_REVOKED_get0_serialNumber(entry)));
+      scanned->revoked.insert(RevokedKey(issuer, X509_REVOKED_get0_serialNumber(entry)));
     }
   };
   for (const auto& [issuer, latest] : by_issuer) {

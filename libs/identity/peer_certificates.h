@@ -26,7 +26,7 @@ namespace medgate {
 struct PeerCertificate {
   absl::Time not_after;
   std::string serial_hex;   // upper-case hex, as CRL tools and `devpki` print it
-  std::string revoked_key;  // the issuer's DER name and the serial: how a CRL names it
+  std::string revoked_key;  // the issuer's canonical name and the serial: how a CRL names it
 };
 
 struct PeerCertificatesOptions {

@@ -8,6 +8,7 @@
 #include <grpc/grpc_security_constants.h>
 
 #include <openssl/bio.h>
+#include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
@@ -36,13 +37,6 @@ bool ValidSegment(absl::string_view s) {
 absl::Status Unauthenticated(absl::string_view why) {
   return absl::UnauthenticatedError(absl::StrCat("client identity refused: ", why));
 }
-
-struct X509Deleter {
-  void operator()(X509* x) const { X509_free(x); }
-};
-struct GeneralNamesDeleter {
-  void operator()(GENERAL_NAMES* n) const { GENERAL_NAMES_free(n); }
-};
 
 }  // namespace
 
@@ -94,26 +88,21 @@ absl::StatusOr<Principal> ParseSpiffeId(absl::string_view uri, absl::string_view
   return Unauthenticated("unknown identity form");
 }
 
-namespace {
-
-using Certificate = std::unique_ptr<X509, X509Deleter>;
-
-// The certificate in `pem`; UNAUTHENTICATED when it cannot be read.
-absl::StatusOr<Certificate> ReadCertificate(absl::string_view pem) {
-  std::unique_ptr<BIO, decltype(&BIO_free)> bio(
-      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), &BIO_free);
+absl::StatusOr<openssl::Certificate> ReadPeerCertificate(absl::string_view pem) {
+  openssl::Bio bio = openssl::MemoryBio(pem);
   if (!bio) return Unauthenticated("cannot read the peer certificate");
-  std::unique_ptr<X509, X509Deleter> cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
-  if (!cert) return Unauthenticated("cannot parse the peer certificate");
+  openssl::Certificate cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+  if (!cert) {
+    ERR_clear_error();
+    return Unauthenticated("cannot parse the peer certificate");
+  }
   return cert;
 }
 
-}  // namespace
-
 absl::StatusOr<Principal> PrincipalFromCertificatePem(absl::string_view pem,
                                                       absl::string_view trust_domain) {
-  ASSIGN_OR_RETURN(Certificate cert, ReadCertificate(pem));
-  std::unique_ptr<GENERAL_NAMES, GeneralNamesDeleter> names(static_cast<GENERAL_NAMES*>(
+  ASSIGN_OR_RETURN(openssl::Certificate cert, ReadPeerCertificate(pem));
+  openssl::GeneralNames names(static_cast<GENERAL_NAMES*>(
       X509_get_ext_d2i(cert.get(), NID_subject_alt_name, nullptr, nullptr)));
   absl::string_view uri;
   int uri_count = 0;

@@ -9,6 +9,7 @@
 
 #include "absl/strings/string_view.h"
 #include "absl/status/statusor.h"
+#include "libs/common/openssl_ptr.h"
 
 namespace medgate {
 
@@ -34,6 +35,9 @@ struct Principal {
 // Parses spiffe://TD/tenant/T/{device,practitioner,app}/X, spiffe://TD/service/NAME or
 // spiffe://TD/ops/NAME. Another trust domain or any other form is UNAUTHENTICATED.
 absl::StatusOr<Principal> ParseSpiffeId(absl::string_view uri, absl::string_view trust_domain);
+
+// The first certificate in `pem`; UNAUTHENTICATED when it cannot be read.
+absl::StatusOr<openssl::Certificate> ReadPeerCertificate(absl::string_view pem);
 
 // Requires exactly one URI SAN in the PEM certificate and parses it.
 absl::StatusOr<Principal> PrincipalFromCertificatePem(absl::string_view pem,

@@ -18,6 +18,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -29,12 +30,14 @@ namespace {
 using ::testing::HasSubstr;
 
 // A CRL of `ca` as PEM, issued at `issued`, listing `entries` (serial in upper-case hex, and an
-// RFC 5280 reason code, or -1 for none): what devpki::CreateCrlPem cannot make.
+// RFC 5280 reason code, or -1 for none), under `issuer` (default: the CA's subject as it is):
+// what devpki::CreateCrlPem cannot make.
 std::string CrlPem(const devpki::Credential& ca, absl::Time issued,
-                   const std::vector<std::pair<std::string, int>>& entries) {
+                   const std::vector<std::pair<std::string, int>>& entries,
+                   const X509_NAME* issuer = nullptr) {
   X509_CRL* crl = X509_CRL_new();
   X509_CRL_set_version(crl, 1);
-  X509_CRL_set_issuer_name(crl, X509_get_subject_name(ca.cert()));
+  X509_CRL_set_issuer_name(crl, issuer != nullptr ? issuer : X509_get_subject_name(ca.cert()));
   ASN1_TIME* last = ASN1_TIME_set(nullptr, absl::ToTimeT(issued));
   ASN1_TIME* next = ASN1_TIME_set(nullptr, absl::ToTimeT(issued + absl::Hours(24)));
   X509_CRL_set1_lastUpdate(crl, last);
@@ -251,6 +254,59 @@ TEST_F(PeerCertificatesTest, ACrlSignedByAnyOfTheCasWithItsIssuersNameCounts) {
   peers.Rescan();
   EXPECT_TRUE(CheckAt(peers, held, absl::Now()).ok());
   EXPECT_EQ(peers.crls_in_force(), 1u);
+}
+
+// A CA's CRL may spell its name otherwise than its certificates do (another string type, case,
+// spacing): OpenSSL compares names in a canonical form, so the handshake takes it as the CA's
+// CRL, and so does the check of open connections.
+TEST_F(PeerCertificatesTest, ACrlThatSpellsItsCasNameOtherwiseIsItsCasCrl) {
+  const X509_NAME* subject = X509_get_subject_name(ca_->cert());
+  std::unique_ptr<X509_NAME, decltype(&X509_NAME_free)> respelled(X509_NAME_new(),
+                                                                  &X509_NAME_free);
+  for (int i = 0; i < X509_NAME_entry_count(subject); ++i) {
+    const X509_NAME_ENTRY* entry = X509_NAME_get_entry(subject, i);
+    const ASN1_STRING* data = X509_NAME_ENTRY_get_data(entry);
+    std::string text(reinterpret_cast<const char*>(ASN1_STRING_get0_data(data)),
+                     static_cast<size_t>(ASN1_STRING_length(data)));
+    std::string spelled = "  ";
+    for (char c : text) {
+      spelled += c == ' ' ? std::string(" \t ") : std::string(1, absl::ascii_toupper(c));
+    }
+    spelled += " ";
+    ASSERT_EQ(X509_NAME_add_entry_by_OBJ(respelled.get(), X509_NAME_ENTRY_get_object(entry),
+                                         V_ASN1_UTF8STRING,
+                                         reinterpret_cast<const unsigned char*>(spelled.data()),
+                                         static_cast<int>(spelled.size()), -1, 0),
+              1);
+  }
+  ASSERT_EQ(X509_NAME_cmp(respelled.get(), subject), 0) << "OpenSSL takes them as one name";
+  const unsigned char* der_a = nullptr;
+  const unsigned char* der_b = nullptr;
+  size_t size_a = 0;
+  size_t size_b = 0;
+  ASSERT_EQ(X509_NAME_get0_der(respelled.get(), &der_a, &size_a), 1);
+  ASSERT_EQ(X509_NAME_get0_der(subject, &der_b, &size_b), 1);
+  ASSERT_NE(std::string(reinterpret_cast<const char*>(der_a), size_a),
+            std::string(reinterpret_cast<const char*>(der_b), size_b))
+      << "their bytes differ";
+
+  const Leaf held = Issue(*ca_);
+  const Leaf other = Issue(*ca_);
+  std::ofstream(crl_dir_ + "/00000000.r0")
+      << CrlPem(*ca_, absl::Now() - absl::Hours(1), {{held.serial, -1}}, respelled.get());
+  PeerCertificates peers(Options());
+  EXPECT_EQ(peers.crls_in_force(), 1u);
+  absl::Status revoked = CheckAt(peers, held, absl::Now());
+  EXPECT_EQ(revoked.code(), absl::StatusCode::kUnauthenticated) << revoked;
+  EXPECT_TRUE(CheckAt(peers, other, absl::Now()).ok());
+
+  // The same CA's later CRL, in its certificates' spelling, is its latest: it releases `held`.
+  std::ofstream(crl_dir_ + "/00000000.r1")
+      << CrlPem(*ca_, absl::Now() - absl::Minutes(1), {{other.serial, -1}});
+  peers.Rescan();
+  EXPECT_EQ(peers.crls_in_force(), 1u);
+  EXPECT_TRUE(CheckAt(peers, held, absl::Now()).ok());
+  EXPECT_EQ(CheckAt(peers, other, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
 }
 
 // A look at the directory that cannot read all of it keeps what was revoked before: a CRL file
