@@ -3,6 +3,8 @@
 #ifndef MEDGATE_LIBS_COMMON_OPENSSL_PTR_H_
 #define MEDGATE_LIBS_COMMON_OPENSSL_PTR_H_
 
+#include <climits>
+#include <cstddef>
 #include <memory>
 
 #include <openssl/asn1.h>
@@ -37,8 +39,10 @@ using Extension = std::unique_ptr<X509_EXTENSION, Free<X509_EXTENSION_free>>;
 using GeneralName = std::unique_ptr<GENERAL_NAME, Free<GENERAL_NAME_free>>;
 using GeneralNames = std::unique_ptr<GENERAL_NAMES, Free<GENERAL_NAMES_free>>;
 
-// A read-only memory BIO over `bytes`, which must outlive it; null if OpenSSL cannot make one.
+// A read-only memory BIO over `bytes`, which must outlive it; null if OpenSSL cannot make one
+// (or `bytes` are over INT_MAX long).
 inline Bio MemoryBio(absl::string_view bytes) {
+  if (bytes.size() > static_cast<size_t>(INT_MAX)) return nullptr;
   return Bio(BIO_new_mem_buf(bytes.data(), static_cast<int>(bytes.size())));
 }
 

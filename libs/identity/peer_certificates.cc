@@ -72,13 +72,15 @@ std::string CanonicalValue(const ASN1_STRING* value) {
     const std::string raw(data, static_cast<size_t>(ASN1_STRING_length(value)));
     return absl::StrCat("t", type, ":", raw.size(), ":", raw);
   }
-  unsigned char* utf8 = nullptr;
-  const int length = ASN1_STRING_to_UTF8(&utf8, value);
+  unsigned char* converted = nullptr;
+  const int length = ASN1_STRING_to_UTF8(&converted, value);
   if (length < 0) {
     ERR_clear_error();
     return "";
   }
-  absl::string_view text(reinterpret_cast<const char*>(utf8), static_cast<size_t>(length));
+  const std::unique_ptr<unsigned char, void (*)(unsigned char*)> utf8(
+      converted, [](unsigned char* bytes) { OPENSSL_free(bytes); });
+  absl::string_view text(reinterpret_cast<const char*>(utf8.get()), static_cast<size_t>(length));
   while (!text.empty() && IsNameSpace(text.front())) text.remove_prefix(1);
   while (!text.empty() && IsNameSpace(text.back())) text.remove_suffix(1);
   std::string canonical;
@@ -91,7 +93,6 @@ std::string CanonicalValue(const ASN1_STRING* value) {
       canonical += c < 0x80 ? absl::ascii_tolower(static_cast<char>(c)) : static_cast<char>(c);
     }
   }
-  OPENSSL_free(utf8);
   return absl::StrCat("u:", canonical.size(), ":", canonical);
 }
 
@@ -109,18 +110,25 @@ std::string CanonicalName(const X509_NAME* name) {
       relative_names.emplace_back();
       set = X509_NAME_ENTRY_set(entry);
     }
-    char oid[128];
-    const int oid_length =
-        OBJ_obj2txt(oid, sizeof(oid), X509_NAME_ENTRY_get_object(entry), /*no_name=*/1);
+    const ASN1_OBJECT* object = X509_NAME_ENTRY_get_object(entry);
+    const int oid_length = OBJ_obj2txt(nullptr, 0, object, /*no_name=*/1);
+    std::string oid(oid_length > 0 ? static_cast<size_t>(oid_length) + 1 : 0, '\0');
+    if (oid_length > 0 &&
+        OBJ_obj2txt(oid.data(), static_cast<int>(oid.size()), object, /*no_name=*/1) ==
+            oid_length) {
+      oid.resize(static_cast<size_t>(oid_length));
+    } else {
+      oid.clear();
+    }
     const std::string value = CanonicalValue(X509_NAME_ENTRY_get_data(entry));
-    if (oid_length <= 0 || oid_length >= static_cast<int>(sizeof(oid)) || value.empty()) {
+    if (oid.empty() || value.empty()) {
       ERR_clear_error();
       const unsigned char* der = nullptr;
       size_t size = 0;
       if (X509_NAME_get0_der(name, &der, &size) != 1) return "";
       return absl::StrCat("der:", absl::string_view(reinterpret_cast<const char*>(der), size));
     }
-    relative_names.back().push_back(absl::StrCat(oid_length, ":", oid, value));
+    relative_names.back().push_back(absl::StrCat(oid.size(), ":", oid, value));
   }
   std::string key = absl::StrCat("name:", relative_names.size(), ":");
   for (std::vector<std::string>& attributes : relative_names) {
@@ -195,7 +203,6 @@ struct PeerCertificates::Revocations {
 namespace {
 
 constexpr absl::Duration kClockSkew = absl::Minutes(5);
-constexpr absl::Duration kPartialRetry = absl::Seconds(10);
 
 // Whether the CRL entry releases its certificate rather than revoking it (RFC 5280 5.3.1).
 bool RemovesFromCrl(const X509_REVOKED* entry) {
@@ -467,7 +474,7 @@ std::shared_ptr<const PeerCertificates::Revocations> PeerCertificates::Scan(
     if (previous != nullptr) {
       scanned->revoked.insert(previous->revoked.begin(), previous->revoked.end());
     }
-    scanned->read_again = std::min(scanned->read_again, now + kPartialRetry);
+    scanned->read_again = std::min(scanned->read_again, now + options_.partial_retry);
   }
   log::Write(log::Level::kInfo, "crls_loaded",
              {{"crl_dir", options_.crl_dir}, {"crls", static_cast<uint64_t>(scanned->crls)},

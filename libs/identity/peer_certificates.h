@@ -38,6 +38,9 @@ struct PeerCertificatesOptions {
   // How often a thread of its own looks at the directory for a changed CRL (a file added,
   // replaced or removed, by name, size and time); zero: only when Rescan is called.
   absl::Duration rescan = absl::Seconds(1);
+  // How soon a look that could not read all of the directory is tried again, even if no file
+  // seems to have changed (a transient read error, a file rewritten within its own time stamp).
+  absl::Duration partial_retry = absl::Seconds(10);
   // Certificates decoded and kept, by the SHA-256 of their PEM (all forgotten at once when full).
   size_t max_cached = 65536;
   // Bounds on what is read from the directory; a file beyond them is not read, and logged.
@@ -59,8 +62,8 @@ struct PeerCertificatesOptions {
 // A look at the directory that could not read all of it (the directory or the CA file
 // unreadable, a file over its bound or holding no CRL, a CRL under a CA's name that no CA
 // verifies while none of that CA's does) keeps everything the previous look revoked as well, and
-// is tried again every 10 s until one reads it all: a revocation is never lost to a file half
-// written. Each such problem is logged (`crl_skipped`, `crl_dir_unreadable`).
+// is tried again every `partial_retry` (10 s) until one reads it all: a revocation is never lost
+// to a file half written. Each such problem is logged (`crl_skipped`, `crl_dir_unreadable`).
 class PeerCertificates {
  public:
   // Reads the directory once, now, then every `rescan` on a thread of its own.

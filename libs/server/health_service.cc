@@ -1,5 +1,7 @@
 #include "libs/server/health_service.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <utility>
 #include <vector>
 
@@ -13,19 +15,14 @@ using grpc::health::v1::HealthCheckResponse;
 
 // One Watch call. Its writes and its Finish are started with no lock held (gRPC may run a
 // reaction, even OnDone, on the thread that starts one); the service's notifications hold a
-// reference, so the reactor outlives OnDone until the last of them has returned.
+// reference, so the reactor outlives OnDone until the last of them has returned. A refused watch
+// is never registered: it finishes, and OnDone deletes it.
 class HealthService::WatchReactor final : public grpc::ServerWriteReactor<HealthCheckResponse> {
  public:
   // `status` is the first answer: the server's, or SERVICE_UNKNOWN for a name it does not know
   // (which no later change concerns). A non-OK `refusal` ends the call at once.
-  WatchReactor(HealthService* service, std::string caller, Status status, bool known,
-               grpc::Status refusal)
-      : service_(service), caller_(std::move(caller)), known_(known), latest_(status) {
-    if (!refusal.ok()) {
-      finishing_ = true;
-      Finish(refusal);
-    }
-  }
+  WatchReactor(HealthService* service, std::string caller, Status status, bool known)
+      : service_(service), caller_(std::move(caller)), known_(known), latest_(status) {}
 
   // A notification's reference: taken while the service's lock shows the watch still registered.
   void Ref() {
@@ -41,20 +38,33 @@ class HealthService::WatchReactor final : public grpc::ServerWriteReactor<Health
     if (last) delete this;
   }
 
-  // The server's status is now `status`; with `end`, the watch is to end UNAVAILABLE once it has
-  // been told.
-  void Update(Status status, bool end) {
+  // The server's status is now `status`, its change number `change`; with `end`, the watch is to
+  // end UNAVAILABLE once it has been told. Notifications may arrive out of order (each is sent
+  // after the service's lock is released): an older change than one already taken is ignored.
+  void Update(Status status, uint64_t change, bool end) {
     std::unique_lock<std::mutex> lock(mu_);
+    if (change <= change_) return;
+    change_ = change;
     if (known_) latest_ = status;
     if (end && end_.ok()) end_ = grpc::Status(grpc::StatusCode::UNAVAILABLE,
                                               "the server is shutting down");
     Next(lock);
   }
 
-  // Sends the first answer.
-  void Start() {
+  // Sends the first answer, the status as of change number `change`.
+  void Start(uint64_t change) {
     std::unique_lock<std::mutex> lock(mu_);
+    change_ = std::max(change_, change);
     Next(lock);
+  }
+
+  // Ends a watch refused at its start, before anything was sent.
+  void Refuse(grpc::Status refusal) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      finishing_ = true;
+    }
+    Finish(std::move(refusal));
   }
 
   void OnWriteDone(bool ok) override {
@@ -112,6 +122,7 @@ class HealthService::WatchReactor final : public grpc::ServerWriteReactor<Health
 
   std::mutex mu_;
   int refs_ = 1;  // gRPC's, given back at OnDone
+  uint64_t change_ = 0;  // the latest change of the server's status taken
   Status latest_;
   Status sent_ = HealthCheckResponse::UNKNOWN;
   bool sent_any_ = false;
@@ -133,35 +144,39 @@ HealthService::~HealthService() = default;
 void HealthService::SetServing(bool serving) {
   std::vector<WatchReactor*> watches;
   Status status;
+  uint64_t change = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (shut_down_) return;
     status_ = serving ? HealthCheckResponse::SERVING : HealthCheckResponse::NOT_SERVING;
     status = status_;
+    change = ++change_;
     for (WatchReactor* watch : watches_) {
       watch->Ref();
       watches.push_back(watch);
     }
   }
   for (WatchReactor* watch : watches) {
-    watch->Update(status, /*end=*/false);
+    watch->Update(status, change, /*end=*/false);
     watch->Unref();
   }
 }
 
 void HealthService::Shutdown() {
   std::vector<WatchReactor*> watches;
+  uint64_t change = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     shut_down_ = true;
     status_ = HealthCheckResponse::NOT_SERVING;
+    change = ++change_;
     for (WatchReactor* watch : watches_) {
       watch->Ref();
       watches.push_back(watch);
     }
   }
   for (WatchReactor* watch : watches) {
-    watch->Update(HealthCheckResponse::NOT_SERVING, /*end=*/true);
+    watch->Update(HealthCheckResponse::NOT_SERVING, change, /*end=*/true);
     watch->Unref();
   }
 }
@@ -203,24 +218,33 @@ grpc::ServerWriteReactor<HealthCheckResponse>* HealthService::Watch(
   grpc::Status refusal;
   absl::StatusOr<Principal> principal =
       PrincipalFromAuthContext(*context->auth_context(), trust_domain_);
-  if (principal.ok()) {
-    caller = principal->spiffe_id;
-  } else {
+  if (!principal.ok()) {
     refusal = grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                            std::string(principal.status().message()));
+  } else if (principal->IsTenantScoped()) {
+    // Load balancers, orchestrators and ops watch; devices and tenants' callers have no need to,
+    // and could otherwise fill the server's watches between them.
+    refusal = grpc::Status(
+        grpc::StatusCode::PERMISSION_DENIED,
+        absl::StrCat("Health/Watch is for service and ops identities, not a ",
+                     PrincipalKindName(principal->kind), "'s: ask Health/Check"));
+  } else {
+    caller = principal->spiffe_id;
   }
 
   WatchReactor* watch = nullptr;
+  uint64_t change = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (refusal.ok() && shut_down_) {
       refusal = grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
     }
-    int& of_caller = watches_by_caller_[caller];
-    if (refusal.ok() && of_caller >= max_watches_per_caller_) {
+    auto of_caller = watches_by_caller_.find(caller);
+    const int open = of_caller == watches_by_caller_.end() ? 0 : of_caller->second;
+    if (refusal.ok() && open >= max_watches_per_caller_) {
       refusal = grpc::Status(
           grpc::StatusCode::RESOURCE_EXHAUSTED,
-          absl::StrCat(caller, " already has ", of_caller, " health watches open, the most one ",
+          absl::StrCat(caller, " already has ", open, " health watches open, the most one ",
                        "caller may (limits.max_health_watches_per_caller): end one first, ",
                        "or ask Health/Check"));
     } else if (refusal.ok() && static_cast<int>(watches_.size()) >= max_watches_) {
@@ -230,17 +254,21 @@ grpc::ServerWriteReactor<HealthCheckResponse>* HealthService::Watch(
                        "keeps (limits.max_health_watches): try again later, or ask ",
                        "Health/Check"));
     }
-    if (of_caller == 0 && !refusal.ok()) watches_by_caller_.erase(caller);
     const Status first = known ? status_ : HealthCheckResponse::SERVICE_UNKNOWN;
-    watch = new WatchReactor(this, caller, first, known, refusal);
+    watch = new WatchReactor(this, caller, first, known);
     if (refusal.ok()) {
       ++watches_by_caller_[caller];
       watch->set_counted();
       watches_.insert(watch);
+      change = change_;
     }
   }
-  // Before it is returned, gRPC keeps the reactor's operations until it binds the call.
-  if (refusal.ok()) watch->Start();
+  // With no lock held. Until the reactor is returned, gRPC keeps what it starts for later.
+  if (refusal.ok()) {
+    watch->Start(change);
+  } else {
+    watch->Refuse(std::move(refusal));
+  }
   return watch;
 }
 

@@ -4,6 +4,7 @@
 #ifndef MEDGATE_LIBS_SERVER_HEALTH_SERVICE_H_
 #define MEDGATE_LIBS_SERVER_HEALTH_SERVICE_H_
 
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <set>
@@ -17,7 +18,8 @@ class HealthService final : public grpc::health::v1::Health::CallbackService {
  public:
   // Watches open at once: at most `max_watches_per_caller` for one caller identity (the SPIFFE
   // id of its certificate, of `trust_domain`) and `max_watches` in all; one more is
-  // RESOURCE_EXHAUSTED. The server starts NOT_SERVING.
+  // RESOURCE_EXHAUSTED. Only service and ops identities may watch (a device's or a tenant's is
+  // PERMISSION_DENIED); any may check. The server starts NOT_SERVING.
   HealthService(std::string trust_domain, int max_watches_per_caller, int max_watches);
   ~HealthService() override;
 
@@ -53,6 +55,7 @@ class HealthService final : public grpc::health::v1::Health::CallbackService {
 
   mutable std::mutex mu_;
   Status status_ = grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+  uint64_t change_ = 0;  // counts the changes of status_, so that watches take them in order
   bool shut_down_ = false;
   std::set<WatchReactor*> watches_;
   std::map<std::string, int> watches_by_caller_;

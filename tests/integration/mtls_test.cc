@@ -1156,8 +1156,8 @@ TEST_F(MtlsTest, AHealthWatchIsToldEachChangeAndEndsWhenTheServerStops) {
 }
 
 // Watches hold memory for as long as their callers keep them: a caller identity may hold
-// limits.max_health_watches_per_caller of them open, the server limits.max_health_watches in all.
-// Checks are not counted.
+// limits.max_health_watches_per_caller of them open, the server limits.max_health_watches in all,
+// and only service and ops identities may watch. Checks are not counted.
 TEST_F(MtlsTest, HealthWatchesAreBoundedPerCallerAndInAll) {
   using grpc::health::v1::HealthCheckResponse;
   MedgateConfig config = config_;
@@ -1176,8 +1176,16 @@ TEST_F(MtlsTest, HealthWatchesAreBoundedPerCallerAndInAll) {
     return *channel;
   };
   auto ops = channel_as(pki_->ops());
-  const TestCert watcher_cert = IssuePractitioner("watcher");
-  auto watcher = channel_as(watcher_cert);
+  auto watcher = channel_as(pki_->service());
+  {
+    std::unique_ptr<HealthWatch> tenants = OpenHealthWatch(channel_as(pki_->practitioner()));
+    EXPECT_EQ(tenants->Next(), std::nullopt);
+    grpc::Status status = tenants->reader->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+    EXPECT_THAT(status.error_message(), ::testing::HasSubstr("Health/Check"));
+    EXPECT_TRUE(test_support::CheckHealth(channel_as(pki_->practitioner()), absl::Seconds(10))
+                    .ok());
+  }
   const std::string ops_id = pki_->SpiffeId("/ops/alice");
   auto refused = [](HealthWatch& watch, const std::string& bound) {
     EXPECT_EQ(watch.Next(), std::nullopt);

@@ -30,13 +30,20 @@ namespace {
 using ::testing::HasSubstr;
 
 // A CRL of `ca` as PEM, issued at `issued`, listing `entries` (serial in upper-case hex, and an
-// RFC 5280 reason code, or -1 for none), under `issuer` (default: the CA's subject as it is):
-// what devpki::CreateCrlPem cannot make.
+// RFC 5280 reason code, or -1 for none), under `issuer` (default: the CA's subject as it is),
+// a delta CRL over base CRL number `delta_of` unless it is negative: what devpki::CreateCrlPem
+// cannot make.
 std::string CrlPem(const devpki::Credential& ca, absl::Time issued,
                    const std::vector<std::pair<std::string, int>>& entries,
-                   const X509_NAME* issuer = nullptr) {
+                   const X509_NAME* issuer = nullptr, int delta_of = -1) {
   X509_CRL* crl = X509_CRL_new();
   X509_CRL_set_version(crl, 1);
+  if (delta_of >= 0) {
+    ASN1_INTEGER* base = ASN1_INTEGER_new();
+    ASN1_INTEGER_set(base, delta_of);
+    X509_CRL_add1_ext_i2d(crl, NID_delta_crl, base, /*crit=*/1, 0);
+    ASN1_INTEGER_free(base);
+  }
   X509_CRL_set_issuer_name(crl, issuer != nullptr ? issuer : X509_get_subject_name(ca.cert()));
   ASN1_TIME* last = ASN1_TIME_set(nullptr, absl::ToTimeT(issued));
   ASN1_TIME* next = ASN1_TIME_set(nullptr, absl::ToTimeT(issued + absl::Hours(24)));
@@ -258,7 +265,8 @@ TEST_F(PeerCertificatesTest, ACrlSignedByAnyOfTheCasWithItsIssuersNameCounts) {
 
 // A CA's CRL may spell its name otherwise than its certificates do (another string type, case,
 // spacing): OpenSSL compares names in a canonical form, so the handshake takes it as the CA's
-// CRL, and so does the check of open connections.
+// CRL, and so does the check of open connections. Here the CA's UTF8String name is spelled as
+// PrintableString, in capitals, with runs of spaces.
 TEST_F(PeerCertificatesTest, ACrlThatSpellsItsCasNameOtherwiseIsItsCasCrl) {
   const X509_NAME* subject = X509_get_subject_name(ca_->cert());
   std::unique_ptr<X509_NAME, decltype(&X509_NAME_free)> respelled(X509_NAME_new(),
@@ -270,11 +278,12 @@ TEST_F(PeerCertificatesTest, ACrlThatSpellsItsCasNameOtherwiseIsItsCasCrl) {
                      static_cast<size_t>(ASN1_STRING_length(data)));
     std::string spelled = "  ";
     for (char c : text) {
-      spelled += c == ' ' ? std::string(" \t ") : std::string(1, absl::ascii_toupper(c));
+      spelled += c == ' ' ? std::string("   ") : std::string(1, absl::ascii_toupper(c));
     }
     spelled += " ";
+    ASSERT_EQ(ASN1_STRING_type(data), V_ASN1_UTF8STRING);
     ASSERT_EQ(X509_NAME_add_entry_by_OBJ(respelled.get(), X509_NAME_ENTRY_get_object(entry),
-                                         V_ASN1_UTF8STRING,
+                                         V_ASN1_PRINTABLESTRING,
                                          reinterpret_cast<const unsigned char*>(spelled.data()),
                                          static_cast<int>(spelled.size()), -1, 0),
               1);
@@ -334,6 +343,54 @@ TEST_F(PeerCertificatesTest, ADirectoryReadOnlyInPartKeepsWhatWasRevoked) {
   peers.Rescan();
   EXPECT_TRUE(CheckAt(peers, leaf, absl::Now()).ok());
   EXPECT_EQ(peers.revoked(), 0u);
+}
+
+// A look that could not read all of the directory is tried again after `partial_retry`, even
+// when no file seems to have changed: here a CRL file read half written, then completed within
+// the same size and time stamp, which the rescans alone (by name, size and time) never read again.
+TEST_F(PeerCertificatesTest, ALookThatReadPartOfTheDirectoryIsTriedAgain) {
+  const Leaf leaf = Issue(*ca_);
+  absl::StatusOr<std::string> crl = devpki::CreateCrlPem(*ca_, {leaf.serial});
+  ASSERT_TRUE(crl.ok()) << crl.status();
+  const std::string path = crl_dir_ + "/00000000.r0";
+  // As long as the CRL, but not one yet.
+  std::ofstream(path) << std::string(crl->size(), '-');
+  const auto stamp = std::filesystem::last_write_time(path);
+  PeerCertificatesOptions options = Options();
+  options.rescan = absl::Milliseconds(20);
+  options.partial_retry = absl::Milliseconds(300);
+  PeerCertificates peers(options);
+  ASSERT_TRUE(CheckAt(peers, leaf, absl::Now()).ok()) << "nothing could be read yet";
+
+  std::ofstream(path, std::ios::trunc) << *crl;
+  std::filesystem::last_write_time(path, stamp);
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  absl::Status checked;
+  do {
+    absl::SleepFor(absl::Milliseconds(20));
+    checked = CheckAt(peers, leaf, absl::Now());
+  } while (checked.ok() && absl::Now() < deadline);
+  EXPECT_EQ(checked.code(), absl::StatusCode::kUnauthenticated) << checked;
+  EXPECT_EQ(peers.crls_in_force(), 1u);
+}
+
+// A delta CRL (RFC 5280 5.2.4) lists what was revoked since its base: what it lists is refused,
+// but as it is not the CA's whole list, it releases nothing the CA's latest CRL revoked, even
+// issued later.
+TEST_F(PeerCertificatesTest, ADeltaCrlRefusesWhatItListsAndReleasesNothing) {
+  const Leaf in_base = Issue(*ca_);
+  const Leaf in_delta = Issue(*ca_);
+  const Leaf neither = Issue(*ca_);
+  std::ofstream(crl_dir_ + "/00000000.r0")
+      << CrlPem(*ca_, absl::Now() - absl::Hours(1), {{in_base.serial, -1}});
+  std::ofstream(crl_dir_ + "/00000000.r1")
+      << CrlPem(*ca_, absl::Now() - absl::Minutes(1), {{in_delta.serial, -1}}, nullptr,
+                /*delta_of=*/1);
+  PeerCertificates peers(Options());
+  EXPECT_EQ(peers.crls_in_force(), 2u);
+  EXPECT_EQ(CheckAt(peers, in_base, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(CheckAt(peers, in_delta, absl::Now()).code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_TRUE(CheckAt(peers, neither, absl::Now()).ok());
 }
 
 // An entry whose reason is removeFromCRL releases its certificate (a hold lifted), as OpenSSL
