@@ -222,10 +222,14 @@ class MtlsTest : public ::testing::Test {
     return with_crls;
   }
 
-  std::shared_ptr<grpc::Channel> ChannelAs(const TestCert& cert) {
-    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
-        MakeChannel(address_, TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 1},
-                    pki_->server_identity());
+  // A channel to the test server as `cert`, or to the server on `port` if not 0, whose
+  // certificate files are read again every `refresh_seconds`.
+  std::shared_ptr<grpc::Channel> ChannelAs(const TestCert& cert, int port = 0,
+                                           int refresh_seconds = 1) {
+    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(
+        port == 0 ? address_ : absl::StrCat("127.0.0.1:", port),
+        TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), refresh_seconds},
+        pki_->server_identity());
     EXPECT_TRUE(channel.ok()) << channel.status();
     return *channel;
   }
@@ -715,14 +719,7 @@ TEST_F(MtlsTest, ACertificateRevokedByACrlIsRefusedInTheHandshake) {
   ServiceServer server(with_crls, "test");
   server.AddService(&service);
   ASSERT_TRUE(server.Start().ok());
-  const std::string address = absl::StrCat("127.0.0.1:", server.port());
-  auto call_as = [&](const TestCert& cert) {
-    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
-        MakeChannel(address, TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 1},
-                    pki_->server_identity());
-    EXPECT_TRUE(channel.ok()) << channel.status();
-    return Call(*channel);
-  };
+  auto call_as = [&](const TestCert& cert) { return Call(ChannelAs(cert, server.port())); };
   // No CRL yet: every valid certificate is served.
   for (const TestCert* cert : {&left, &stays, &later}) {
     grpc::Status status = call_as(*cert);
@@ -773,14 +770,7 @@ TEST_F(MtlsTest, ACallOnAConnectionWhoseCertificateWasRevokedSinceIsRefused) {
   ServiceServer server(with_crls, "test");
   server.AddService(&service);
   ASSERT_TRUE(server.Start().ok());
-  auto channel_of = [&](const TestCert& cert) {
-    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
-        MakeChannel(absl::StrCat("127.0.0.1:", server.port()),
-                    TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 60},
-                    pki_->server_identity());
-    EXPECT_TRUE(channel.ok()) << channel.status();
-    return *channel;
-  };
+  auto channel_of = [&](const TestCert& cert) { return ChannelAs(cert, server.port(), 60); };
   std::shared_ptr<grpc::Channel> left_channel = channel_of(left);
   std::shared_ptr<grpc::Channel> stays_channel = channel_of(stays);
   ASSERT_TRUE(Call(left_channel).ok());
@@ -1167,14 +1157,7 @@ TEST_F(MtlsTest, HealthWatchesAreBoundedPerCallerAndInAll) {
   ServiceServer server(config, "test");
   server.AddService(&service);
   ASSERT_TRUE(server.Start().ok());
-  const std::string address = absl::StrCat("127.0.0.1:", server.port());
-  auto channel_as = [&](const TestCert& cert) {
-    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
-        MakeChannel(address, TlsConfig{cert.cert_path, cert.key_path, pki_->ca_path(), 1},
-                    pki_->server_identity());
-    EXPECT_TRUE(channel.ok()) << channel.status();
-    return *channel;
-  };
+  auto channel_as = [&](const TestCert& cert) { return ChannelAs(cert, server.port()); };
   auto ops = channel_as(pki_->ops());
   auto watcher = channel_as(pki_->service());
   {

@@ -2339,6 +2339,24 @@ TEST_F(IngestTest, AReadVitalsPageReadsAboutAPageOfRowsPerCodeAndPagesKeepOrder)
 
 // A ReadVitals page is checked again before each message: a reader whose certificate expires
 // before it has taken the whole page gets the messages sent before, then UNAUTHENTICATED.
+// Reads a first message of `reader`, waits until a second after `expires` (the caller's
+// certificate's end), then reads on: the stream ends UNAUTHENTICATED, short of the `rows` it
+// would have given (each message's `count`).
+template <typename Response, typename Count>
+void ExpectEndsOnceExpired(grpc::ClientReader<Response>& reader, absl::Time expires, int rows,
+                           Count count) {
+  Response response;
+  ASSERT_TRUE(reader.Read(&response)) << reader.Finish().error_message();
+  size_t received = count(response);
+  absl::SleepFor(expires - absl::Now() + absl::Seconds(1));
+  while (reader.Read(&response)) received += count(response);
+  const grpc::Status ended = reader.Finish();
+  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAUTHENTICATED) << ended.error_message();
+  EXPECT_THAT(ended.error_message(), HasSubstr("expired at"));
+  EXPECT_GT(received, 0u);
+  EXPECT_LT(received, static_cast<size_t>(rows));
+}
+
 TEST_F(IngestTest, AReadEndsAtItsNextMessageOnceTheReadersCertificateHasExpired) {
   const std::string patient =
       PatientWithDevice("expiring-reader", "FR", "dev-expiring-reader");
@@ -2358,16 +2376,9 @@ TEST_F(IngestTest, AReadEndsAtItsNextMessageOnceTheReadersCertificateHasExpired)
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
   auto reader = stub->ReadVitals(&context, request);
-  v1::ReadVitalsResponse response;
-  ASSERT_TRUE(reader->Read(&response)) << reader->Finish().error_message();
-  size_t received = static_cast<size_t>(response.readings_size());
-  absl::SleepFor(expires - absl::Now() + absl::Seconds(1));
-  while (reader->Read(&response)) received += static_cast<size_t>(response.readings_size());
-  const grpc::Status ended = reader->Finish();
-  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAUTHENTICATED) << ended.error_message();
-  EXPECT_THAT(ended.error_message(), HasSubstr("expired at"));
-  EXPECT_GT(received, 0u);
-  EXPECT_LT(received, static_cast<size_t>(kRows));
+  ExpectEndsOnceExpired(*reader, expires, kRows, [](const v1::ReadVitalsResponse& message) {
+    return static_cast<size_t>(message.readings_size());
+  });
 }
 
 // The same for an export (an app's, of a whole patient): it checks the app's certificate before
@@ -2375,7 +2386,7 @@ TEST_F(IngestTest, AReadEndsAtItsNextMessageOnceTheReadersCertificateHasExpired)
 TEST_F(IngestTest, AnExportEndsAtItsNextMessageOnceTheAppsCertificateHasExpired) {
   const std::string patient =
       PatientWithDevice("expiring-export", "FR", "dev-expiring-export");
-  constexpr int kRows = 5000;  // ten messages of 500 observations, far more than a 64 KiB window
+  constexpr int kRows = 5000;  // ten messages of 500 observations, each over a 64 KiB window
   StoreReadings(patient, "dev-expiring-export", kRows);
   const TestCert cert =
       ExpiringCert("app-expiring", "/tenant/acme/app/app-expiring", absl::Seconds(5));
@@ -2390,16 +2401,9 @@ TEST_F(IngestTest, AnExportEndsAtItsNextMessageOnceTheAppsCertificateHasExpired)
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
   auto reader = stub->ExportVitals(&context, request);
-  v1::ExportVitalsResponse response;
-  ASSERT_TRUE(reader->Read(&response)) << reader->Finish().error_message();
-  size_t received = response.observation_count();
-  absl::SleepFor(expires - absl::Now() + absl::Seconds(1));
-  while (reader->Read(&response)) received += response.observation_count();
-  const grpc::Status ended = reader->Finish();
-  EXPECT_EQ(ended.error_code(), grpc::StatusCode::UNAUTHENTICATED) << ended.error_message();
-  EXPECT_THAT(ended.error_message(), HasSubstr("expired at"));
-  EXPECT_GT(received, 0u);
-  EXPECT_LT(received, static_cast<size_t>(kRows));
+  ExpectEndsOnceExpired(*reader, expires, kRows, [](const v1::ExportVitalsResponse& message) {
+    return static_cast<size_t>(message.observation_count());
+  });
 }
 
 TEST_F(IngestTest, PractitionerReadsWithCareConsentAndTheReadIsAudited) {
