@@ -1244,6 +1244,41 @@ TEST_F(IngestTest, TheSdkDialsAgainWithItsRenewedCertificateOnceTheOldOneIsRefus
   EXPECT_EQ(Count("fr-1", "device_id = 'dev-renews'"), 20);
 }
 
+// A channel the app gave the SDK is the app's: after UNAUTHENTICATED the SDK streams on it again
+// rather than dial a connection of its own (here its options name an address where nothing
+// listens, which such a dial would report).
+TEST_F(IngestTest, TheSdkKeepsAChannelTheAppGaveItAfterItsCertificateIsRefused) {
+  MonitoredPatientWithDevice("app-channel", "FR", "dev-app-channel");
+  const TestCert cert = Device("acme", "dev-app-channel", absl::Seconds(5));
+  const absl::Time expires = absl::Now() + absl::Seconds(5);
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
+      MakeChannel(absl::StrCat("127.0.0.1:", ingest_->port()),
+                  TlsConfig{cert.cert_path, cert.key_path, pki().ca_path(), 60},
+                  pki().SpiffeId("/service/ingest"));
+  ASSERT_TRUE(channel.ok()) << channel.status();
+  device::DeviceOptions options = SdkOptions(cert, "app-channel");
+  options.address = "127.0.0.1:1";
+  options.backoff_initial = absl::Milliseconds(100);
+  options.backoff_max = absl::Milliseconds(300);
+  auto client = device::DeviceClient::Open(options, *channel);
+  ASSERT_TRUE(client.ok()) << client.status();
+  ASSERT_TRUE((*client)->Send(HeartRates(10)).ok());
+  (*client)->Start();
+  ASSERT_TRUE((*client)->WaitUntilAcked(absl::Seconds(30)).ok());
+  absl::SleepFor(expires - absl::Now() + absl::Seconds(1));
+
+  ASSERT_TRUE((*client)->Send(HeartRates(10)).ok());
+  const bool refused_again = PollUntil(absl::Now() + absl::Seconds(30), [&] {
+    return (*client)->stats().stream_failures >= 3;
+  });
+  const device::DeviceStats stats = (*client)->stats();
+  (*client)->Stop();
+  EXPECT_TRUE(refused_again) << stats.stream_failures << " stream failures";
+  EXPECT_THAT(stats.last_stream_error, HasSubstr("expired at"));
+  EXPECT_EQ(Count("fr-1", "device_id = 'dev-app-channel'"), 10);
+  std::filesystem::remove(options.buffer_path);
+}
+
 // The device SDK refuses a batch with a code or unit that is not UTF-8 when it is sent, buffering
 // nothing: the server could not read it (above). The batches around it are delivered.
 TEST_F(IngestTest, TheSdkRefusesABatchThatIsNotUtf8WhenItIsSent) {
