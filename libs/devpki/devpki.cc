@@ -340,6 +340,26 @@ absl::StatusOr<Credential> CreateCa(const CaOptions& options) {
   return ca;
 }
 
+absl::StatusOr<Credential> IssueIntermediateCa(const Credential& ca, const CaOptions& options) {
+  ASSIGN_OR_RETURN(Credential intermediate,
+                   NewUnsignedCertificate(options.common_name, options.not_before,
+                                          options.not_after));
+  X509* cert = intermediate.cert();
+  if (X509_set_issuer_name(cert, X509_get_subject_name(ca.cert())) != 1) {
+    return OpenSslError("cannot set issuer");
+  }
+  for (auto [nid, value] : {std::pair{NID_basic_constraints, "critical,CA:TRUE,pathlen:0"},
+                            std::pair{NID_key_usage, "critical,keyCertSign,cRLSign"},
+                            std::pair{NID_subject_key_identifier, "hash"},
+                            std::pair{NID_authority_key_identifier, "keyid:always"}}) {
+    RETURN_IF_ERROR(AddExtension(cert, ca.cert(), nid, value));
+  }
+  if (X509_sign(cert, ca.key(), EVP_sha256()) <= 0) {
+    return OpenSslError("cannot sign intermediate CA");
+  }
+  return intermediate;
+}
+
 absl::StatusOr<Credential> IssueLeaf(const Credential& ca, const LeafOptions& options) {
   ASSIGN_OR_RETURN(Credential leaf, NewUnsignedCertificate(options.common_name, options.not_before,
                                                            options.not_after));

@@ -72,6 +72,10 @@ struct LeafOptions {
 // A self-signed CA: basicConstraints CA:TRUE, keyUsage keyCertSign and cRLSign.
 absl::StatusOr<Credential> CreateCa(const CaOptions& options);
 
+// An intermediate CA signed by `ca` (basicConstraints CA:TRUE, pathlen:0; keyUsage keyCertSign
+// and cRLSign), for leaves whose peers trust `ca` only and are sent the intermediate with them.
+absl::StatusOr<Credential> IssueIntermediateCa(const Credential& ca, const CaOptions& options);
+
 // A leaf signed by `ca` with a fresh key and a random serial: basicConstraints CA:FALSE, keyUsage
 // digitalSignature, extendedKeyUsage serverAuth and clientAuth, and the SANs asked for (none at all
 // is allowed, to test that peers refuse such a certificate).

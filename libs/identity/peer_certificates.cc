@@ -252,9 +252,14 @@ void PeerCertificates::Rescan() {
 }
 
 absl::StatusOr<std::shared_ptr<const PeerCertificate>> PeerCertificates::Read(
-    absl::string_view pem) {
+    absl::string_view pem, absl::string_view chain) {
+  // With a chain, the digest is of both: a PEM text ends each certificate with a line that no
+  // certificate's text holds, so the two parts read back one way only.
+  const std::string with_chain =
+      chain.empty() ? std::string() : absl::StrCat(pem, "\n--chain--\n", chain);
+  const absl::string_view digested = chain.empty() ? pem : absl::string_view(with_chain);
   std::string digest(SHA256_DIGEST_LENGTH, '\0');
-  SHA256(reinterpret_cast<const unsigned char*>(pem.data()), pem.size(),
+  SHA256(reinterpret_cast<const unsigned char*>(digested.data()), digested.size(),
          reinterpret_cast<unsigned char*>(digest.data()));
   {
     absl::MutexLock lock(&cache_mu_);
@@ -271,6 +276,25 @@ absl::StatusOr<std::shared_ptr<const PeerCertificate>> PeerCertificates::Read(
   read->revoked_key =
       RevokedKey(CanonicalName(X509_get_issuer_name(cert->get())),
                  X509_get0_serialNumber(cert->get()));
+  if (!chain.empty()) {
+    Bio bio = MemoryBio(chain);
+    size_t read_certificates = 0;
+    while (bio != nullptr) {
+      Certificate issuer(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+      if (issuer == nullptr) break;
+      if (++read_certificates > kMaxChain) {
+        ERR_clear_error();
+        return Unauthenticated(absl::StrCat("the peer sent over ", kMaxChain,
+                                            " certificates in its chain"));
+      }
+      if (X509_cmp(issuer.get(), cert->get()) == 0) continue;
+      read->issuers.push_back(
+          {SerialHex(X509_get0_serialNumber(issuer.get())),
+           RevokedKey(CanonicalName(X509_get_issuer_name(issuer.get())),
+                      X509_get0_serialNumber(issuer.get()))});
+    }
+    ERR_clear_error();  // the end of the text reads as an error
+  }
   absl::MutexLock lock(&cache_mu_);
   if (by_digest_.size() >= options_.max_cached) by_digest_.clear();
   by_digest_.emplace(std::move(digest), read);
@@ -281,7 +305,11 @@ absl::StatusOr<std::shared_ptr<const PeerCertificate>> PeerCertificates::OfCall(
     const grpc::AuthContext& context) {
   std::vector<grpc::string_ref> pems = context.FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME);
   if (pems.size() != 1) return Unauthenticated("no verified client certificate");
-  return Read(absl::string_view(pems[0].data(), pems[0].size()));
+  std::vector<grpc::string_ref> chains =
+      context.FindPropertyValues(GRPC_X509_PEM_CERT_CHAIN_PROPERTY_NAME);
+  absl::string_view chain;
+  if (!chains.empty()) chain = absl::string_view(chains[0].data(), chains[0].size());
+  return Read(absl::string_view(pems[0].data(), pems[0].size()), chain);
 }
 
 absl::Status PeerCertificates::Check(const PeerCertificate& certificate, absl::Time now) const {
@@ -298,6 +326,14 @@ absl::Status PeerCertificates::Check(const PeerCertificate& certificate, absl::T
         "the client certificate (serial ", certificate.serial_hex,
         ") has been revoked by its CA's CRL since this connection was opened; this identity is "
         "no longer accepted"));
+  }
+  for (const PeerCertificate::Issuer& issuer : certificate.issuers) {
+    if (revocations_->revoked.contains(issuer.revoked_key)) {
+      return Unauthenticated(absl::StrCat(
+          "the client certificate's issuing CA (serial ", issuer.serial_hex,
+          ") has been revoked by its own CA's CRL since this connection was opened; no "
+          "certificate it issued is accepted any more"));
+    }
   }
   return absl::OkStatus();
 }

@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <grpcpp/security/auth_context.h>
 #include <grpcpp/server_context.h>
@@ -27,6 +28,14 @@ struct PeerCertificate {
   absl::Time not_after;
   std::string serial_hex;   // upper-case hex, as CRL tools and `devpki` print it
   std::string revoked_key;  // the issuer's canonical name and the serial: how a CRL names it
+
+  // The other certificates the peer sent with it (its intermediate CAs), whose revocation ends
+  // the peer's acceptance as well.
+  struct Issuer {
+    std::string serial_hex;
+    std::string revoked_key;
+  };
+  std::vector<Issuer> issuers;
 };
 
 struct PeerCertificatesOptions {
@@ -59,6 +68,8 @@ struct PeerCertificatesOptions {
 //   verifies, a delta CRL, one issued in the future): such a CRL can refuse, but releases
 //   nothing. One issued in the future is read again once its time has come.
 // An entry whose reason is removeFromCRL revokes nothing (a hold released, as OpenSSL reads it).
+// A peer is refused once its certificate, or a CA certificate it sent with it (an intermediate,
+// revoked by its own CA's CRL), is revoked.
 // A look at the directory that could not read all of it (the directory or the CA file
 // unreadable, a file over its bound or holding no CRL, a CRL under a CA's name that no CA
 // verifies while none of that CA's does) keeps everything the previous look revoked as well, and
@@ -73,9 +84,14 @@ class PeerCertificates {
   PeerCertificates(const PeerCertificates&) = delete;
   PeerCertificates& operator=(const PeerCertificates&) = delete;
 
-  // The certificate in `pem`, decoded once and then kept; UNAUTHENTICATED when it does not parse.
-  absl::StatusOr<std::shared_ptr<const PeerCertificate>> Read(absl::string_view pem);
-  // The verified client certificate of a call (exactly one PEM certificate in its auth context).
+  // The certificate in `pem`, with the certificates of `chain` (PEM, as the peer sent them; the
+  // certificate itself among them is skipped), decoded once and then kept; UNAUTHENTICATED when
+  // it does not parse, or `chain` holds over kMaxChain certificates.
+  absl::StatusOr<std::shared_ptr<const PeerCertificate>> Read(absl::string_view pem,
+                                                              absl::string_view chain = {});
+  static constexpr size_t kMaxChain = 16;
+  // The verified client certificate of a call (exactly one PEM certificate in its auth context),
+  // with the chain its client sent.
   absl::StatusOr<std::shared_ptr<const PeerCertificate>> OfCall(const grpc::AuthContext& context);
 
   // OK while `certificate` has neither expired nor been revoked at `now`; UNAUTHENTICATED saying

@@ -792,6 +792,42 @@ TEST_F(MtlsTest, ACallOnAConnectionWhoseCertificateWasRevokedSinceIsRefused) {
   server.Shutdown();
 }
 
+// A client that sends its intermediate CA with its certificate is refused on its open connection
+// once the CA's CRL revokes that intermediate, though no CRL lists its own certificate.
+TEST_F(MtlsTest, ACallOnAConnectionWhoseIntermediateCaWasRevokedSinceIsRefused) {
+  devpki::LeafOptions options;
+  options.common_name = "p-intermediate";
+  options.uri_sans = {pki_->SpiffeId("/tenant/acme/practitioner/p-intermediate")};
+  std::string intermediate_serial;
+  absl::StatusOr<TestCert> chained =
+      pki_->IssueThroughIntermediate("p-intermediate", options, &intermediate_serial);
+  ASSERT_TRUE(chained.ok()) << chained.status();
+  const TestCert stays = IssuePractitioner("p-stays-direct");
+  const MedgateConfig with_crls = WithEmptyCrlDir("crl-intermediate");
+  const std::string& crl_dir = with_crls.services.at("test").tls.crl_dir;
+  RecordingAuditService service(pki_->trust_domain());
+  ServiceServer server(with_crls, "test");
+  server.AddService(&service);
+  ASSERT_TRUE(server.Start().ok());
+  std::shared_ptr<grpc::Channel> chained_channel = ChannelAs(*chained, server.port(), 60);
+  std::shared_ptr<grpc::Channel> stays_channel = ChannelAs(stays, server.port(), 60);
+  grpc::Status first = Call(chained_channel);
+  ASSERT_TRUE(first.ok()) << "the handshake takes the chain: " << first.error_message();
+  ASSERT_TRUE(Call(stays_channel).ok());
+
+  ASSERT_TRUE(pki_->WriteCrl({intermediate_serial}, crl_dir).ok());
+  absl::SleepFor(absl::Milliseconds(1500));
+  ASSERT_EQ(chained_channel->GetState(false), GRPC_CHANNEL_READY) << "the connection was not kept";
+  grpc::Status refused = Call(chained_channel);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAUTHENTICATED) << refused.error_message();
+  EXPECT_THAT(refused.error_message(),
+              HasSubstr(absl::StrCat("issuing CA (serial ", intermediate_serial)));
+  EXPECT_EQ(service.calls(), 2);
+  grpc::Status served = Call(stays_channel);
+  EXPECT_TRUE(served.ok()) << served.error_message();
+  server.Shutdown();
+}
+
 // A private key file others may read (or its group write) is refused, by a server and by a client
 // alike, before anything is served or dialled; the owner's and the group's reads are allowed.
 TEST_F(MtlsTest, APrivateKeyOpenToOthersIsRefused) {

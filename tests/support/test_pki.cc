@@ -2,6 +2,7 @@
 #include "tests/support/test_pki.h"
 
 #include <filesystem>
+#include <fstream>
 #include <system_error>
 #include <utility>
 #include <vector>
@@ -103,6 +104,28 @@ absl::StatusOr<TestCert> TestPki::Issue(const std::string& name,
                                         const devpki::LeafOptions& options) const {
   ASSIGN_OR_RETURN(devpki::Credential credential, devpki::IssueLeaf(ca_credential_, options));
   return Save(credential, name);
+}
+
+absl::StatusOr<TestCert> TestPki::IssueThroughIntermediate(
+    const std::string& name, const devpki::LeafOptions& options,
+    std::string* intermediate_serial) const {
+  devpki::CaOptions ca_options;
+  ca_options.common_name = absl::StrCat("medgate issuing CA for ", name);
+  ASSIGN_OR_RETURN(devpki::Credential intermediate,
+                   devpki::IssueIntermediateCa(ca_credential_, ca_options));
+  ASSIGN_OR_RETURN(devpki::Credential credential, devpki::IssueLeaf(intermediate, options));
+  ASSIGN_OR_RETURN(TestCert cert, Save(credential, name));
+  ASSIGN_OR_RETURN(std::string intermediate_pem, intermediate.CertPem());
+  {
+    std::ofstream out(cert.cert_path, std::ios::app);
+    out << intermediate_pem;
+    if (!out.flush()) {
+      return absl::InternalError(absl::StrCat("cannot append to ", cert.cert_path));
+    }
+  }
+  cert.cert_pem += intermediate_pem;
+  *intermediate_serial = intermediate.SerialHex();
+  return cert;
 }
 
 absl::StatusOr<TestCert> TestPki::IssueServer(const std::string& name,

@@ -77,6 +77,12 @@ class TestPki {
 
   // Issues one more certificate from the test CA, as dir/NAME.{crt,key} (overwriting).
   absl::StatusOr<TestCert> Issue(const std::string& name, const devpki::LeafOptions& options) const;
+  // Issues an intermediate CA from the test CA, and from it a certificate saved as
+  // dir/NAME.{crt,key}, the intermediate after it in the .crt: the chain its client sends. Sets
+  // `intermediate_serial` to the intermediate's serial.
+  absl::StatusOr<TestCert> IssueThroughIntermediate(const std::string& name,
+                                                    const devpki::LeafOptions& options,
+                                                    std::string* intermediate_serial) const;
   // A fresh certificate with the same SANs as server() but a new key and serial: for
   // certificate-rotation tests. With `service`, for spiffe://TD/service/SERVICE instead.
   absl::StatusOr<TestCert> IssueServer(const std::string& name,

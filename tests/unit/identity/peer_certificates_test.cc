@@ -393,6 +393,42 @@ TEST_F(PeerCertificatesTest, ADeltaCrlRefusesWhatItListsAndReleasesNothing) {
   EXPECT_TRUE(CheckAt(peers, neither, absl::Now()).ok());
 }
 
+// A peer that sent its intermediate CA with its certificate is refused once its CA's CRL revokes
+// the intermediate; its own certificate alone, which no CRL lists, is not.
+TEST_F(PeerCertificatesTest, APeerWhoseIntermediateCaIsRevokedIsRefused) {
+  devpki::CaOptions options;
+  options.common_name = "medgate issuing CA";
+  absl::StatusOr<devpki::Credential> intermediate = devpki::IssueIntermediateCa(*ca_, options);
+  ASSERT_TRUE(intermediate.ok()) << intermediate.status();
+  absl::StatusOr<std::string> intermediate_pem = intermediate->CertPem();
+  ASSERT_TRUE(intermediate_pem.ok()) << intermediate_pem.status();
+  const Leaf leaf = Issue(*intermediate);
+  // As gRPC gives it, or with the leaf first: the leaf is not counted twice.
+  for (const std::string& chain : {*intermediate_pem, leaf.pem + *intermediate_pem}) {
+    PeerCertificates peers(Options());
+    absl::StatusOr<std::shared_ptr<const PeerCertificate>> read = peers.Read(leaf.pem, chain);
+    ASSERT_TRUE(read.ok()) << read.status();
+    ASSERT_EQ((*read)->issuers.size(), 1u);
+    EXPECT_TRUE(peers.Check(**read, absl::Now()).ok());
+  }
+
+  ASSERT_TRUE(devpki::WriteCrl(*ca_, {intermediate->SerialHex()}, crl_dir_).ok());
+  PeerCertificates peers(Options());
+  absl::StatusOr<std::shared_ptr<const PeerCertificate>> read =
+      peers.Read(leaf.pem, *intermediate_pem);
+  ASSERT_TRUE(read.ok()) << read.status();
+  absl::Status refused = peers.Check(**read, absl::Now());
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnauthenticated) << refused;
+  EXPECT_THAT(std::string(refused.message()),
+              HasSubstr(absl::StrCat("issuing CA (serial ", intermediate->SerialHex())));
+  EXPECT_TRUE(CheckAt(peers, leaf, absl::Now()).ok()) << "the leaf alone is listed nowhere";
+
+  // A chain is bounded.
+  std::string long_chain;
+  for (size_t i = 0; i <= PeerCertificates::kMaxChain; ++i) long_chain += *intermediate_pem;
+  EXPECT_EQ(peers.Read(leaf.pem, long_chain).status().code(), absl::StatusCode::kUnauthenticated);
+}
+
 // An entry whose reason is removeFromCRL releases its certificate (a hold lifted), as OpenSSL
 // reads it; any other reason, or none, revokes.
 TEST_F(PeerCertificatesTest, AnEntryRemovedFromTheCrlRevokesNothing) {
