@@ -16,6 +16,7 @@
 #include <openssl/bn.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/sha.h>
 #include <openssl/x509.h>
@@ -141,8 +142,20 @@ std::string CanonicalName(const X509_NAME* name) {
 
 // The issuer's canonical name, then the serial's hex: the name's key is self-delimiting, so the
 // pair reads back one way only.
+// Kept as its SHA-256: a fixed 32 bytes, however long the name and the serial.
 std::string RevokedKey(absl::string_view issuer, const ASN1_INTEGER* serial) {
-  return absl::StrCat(issuer, SerialHex(serial));
+  const std::string key = absl::StrCat(issuer, SerialHex(serial));
+  std::string digest(SHA256_DIGEST_LENGTH, '\0');
+  SHA256(reinterpret_cast<const unsigned char*>(key.data()), key.size(),
+         reinterpret_cast<unsigned char*>(digest.data()));
+  return digest;
+}
+
+// A serial as a refusal prints it: at most 64 hex digits (RFC 5280 allows 40).
+std::string PrintedSerial(const ASN1_INTEGER* serial) {
+  std::string hex = SerialHex(serial);
+  if (hex.size() > 64) hex = absl::StrCat(hex.substr(0, 64), "...");
+  return hex;
 }
 
 absl::StatusOr<absl::Time> TimeOf(const ASN1_TIME* time) {
@@ -253,14 +266,28 @@ void PeerCertificates::Rescan() {
 
 absl::StatusOr<std::shared_ptr<const PeerCertificate>> PeerCertificates::Read(
     absl::string_view pem, absl::string_view chain) {
+  if (chain.size() > kMaxChainBytes) {
+    return Unauthenticated(absl::StrCat("the peer sent a certificate chain of over ",
+                                        kMaxChainBytes, " bytes"));
+  }
   // With a chain, the digest is of both: a PEM text ends each certificate with a line that no
   // certificate's text holds, so the two parts read back one way only.
-  const std::string with_chain =
-      chain.empty() ? std::string() : absl::StrCat(pem, "\n--chain--\n", chain);
-  const absl::string_view digested = chain.empty() ? pem : absl::string_view(with_chain);
   std::string digest(SHA256_DIGEST_LENGTH, '\0');
-  SHA256(reinterpret_cast<const unsigned char*>(digested.data()), digested.size(),
-         reinterpret_cast<unsigned char*>(digest.data()));
+  {
+    std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> sha(EVP_MD_CTX_new(),
+                                                               &EVP_MD_CTX_free);
+    constexpr absl::string_view kSeparator = "\n--chain--\n";
+    if (sha == nullptr || EVP_DigestInit_ex(sha.get(), EVP_sha256(), nullptr) != 1 ||
+        EVP_DigestUpdate(sha.get(), pem.data(), pem.size()) != 1 ||
+        (!chain.empty() &&
+         (EVP_DigestUpdate(sha.get(), kSeparator.data(), kSeparator.size()) != 1 ||
+          EVP_DigestUpdate(sha.get(), chain.data(), chain.size()) != 1)) ||
+        EVP_DigestFinal_ex(sha.get(), reinterpret_cast<unsigned char*>(digest.data()),
+                           nullptr) != 1) {
+      ERR_clear_error();
+      return Unauthenticated("cannot digest the peer certificate");
+    }
+  }
   {
     absl::MutexLock lock(&cache_mu_);
     auto it = by_digest_.find(digest);
@@ -272,28 +299,52 @@ absl::StatusOr<std::shared_ptr<const PeerCertificate>> PeerCertificates::Read(
   if (!not_after.ok()) return Unauthenticated("cannot read the peer certificate's expiry");
   auto read = std::make_shared<PeerCertificate>();
   read->not_after = *not_after;
-  read->serial_hex = SerialHex(X509_get0_serialNumber(cert->get()));
+  read->serial_hex = PrintedSerial(X509_get0_serialNumber(cert->get()));
   read->revoked_key =
       RevokedKey(CanonicalName(X509_get_issuer_name(cert->get())),
                  X509_get0_serialNumber(cert->get()));
   if (!chain.empty()) {
+    // What the peer sent with its certificate, at most kMaxChain certificates. A refusal is kept
+    // as an answer too, so that a call does not parse the chain again.
+    std::vector<Certificate> sent;
     Bio bio = MemoryBio(chain);
-    size_t read_certificates = 0;
     while (bio != nullptr) {
-      Certificate issuer(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
-      if (issuer == nullptr) break;
-      if (++read_certificates > kMaxChain) {
-        ERR_clear_error();
-        return Unauthenticated(absl::StrCat("the peer sent over ", kMaxChain,
-                                            " certificates in its chain"));
+      Certificate next(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+      if (next == nullptr) {
+        // The end of the text reads as "no start line"; anything else is a certificate that
+        // does not parse.
+        const unsigned long error = ERR_peek_last_error();
+        if (ERR_GET_REASON(error) != PEM_R_NO_START_LINE) {
+          read->refusal = "a certificate of the chain the peer sent does not parse";
+        }
+        break;
       }
-      if (X509_cmp(issuer.get(), cert->get()) == 0) continue;
-      read->issuers.push_back(
-          {SerialHex(X509_get0_serialNumber(issuer.get())),
-           RevokedKey(CanonicalName(X509_get_issuer_name(issuer.get())),
-                      X509_get0_serialNumber(issuer.get()))});
+      if (sent.size() == kMaxChain) {
+        read->refusal = absl::StrCat("the peer sent over ", kMaxChain,
+                                     " certificates in its chain");
+        break;
+      }
+      sent.push_back(std::move(next));
     }
-    ERR_clear_error();  // the end of the text reads as an error
+    ERR_clear_error();
+    // Of those, its issuers, from its certificate's up: a certificate the chain does not need
+    // (an old intermediate left in a bundle), and the self-signed root, are not its issuers.
+    X509* current = cert->get();
+    for (size_t step = 0; step < sent.size() && read->refusal.empty(); ++step) {
+      X509* issuer = nullptr;
+      for (const Certificate& candidate : sent) {
+        if (candidate.get() != current && X509_cmp(candidate.get(), current) != 0 &&
+            X509_check_issued(candidate.get(), current) == X509_V_OK) {
+          issuer = candidate.get();
+          break;
+        }
+      }
+      if (issuer == nullptr || X509_check_issued(issuer, issuer) == X509_V_OK) break;
+      read->issuers.push_back({PrintedSerial(X509_get0_serialNumber(issuer)),
+                               RevokedKey(CanonicalName(X509_get_issuer_name(issuer)),
+                                          X509_get0_serialNumber(issuer))});
+      current = issuer;
+    }
   }
   absl::MutexLock lock(&cache_mu_);
   if (by_digest_.size() >= options_.max_cached) by_digest_.clear();
@@ -307,12 +358,14 @@ absl::StatusOr<std::shared_ptr<const PeerCertificate>> PeerCertificates::OfCall(
   if (pems.size() != 1) return Unauthenticated("no verified client certificate");
   std::vector<grpc::string_ref> chains =
       context.FindPropertyValues(GRPC_X509_PEM_CERT_CHAIN_PROPERTY_NAME);
+  if (chains.size() > 1) return Unauthenticated("more than one client certificate chain");
   absl::string_view chain;
   if (!chains.empty()) chain = absl::string_view(chains[0].data(), chains[0].size());
   return Read(absl::string_view(pems[0].data(), pems[0].size()), chain);
 }
 
 absl::Status PeerCertificates::Check(const PeerCertificate& certificate, absl::Time now) const {
+  if (!certificate.refusal.empty()) return Unauthenticated(certificate.refusal);
   if (now > certificate.not_after) {
     return Unauthenticated(absl::StrCat(
         "the client certificate expired at ",

@@ -27,10 +27,14 @@ namespace medgate {
 struct PeerCertificate {
   absl::Time not_after;
   std::string serial_hex;   // upper-case hex, as CRL tools and `devpki` print it
-  std::string revoked_key;  // the issuer's canonical name and the serial: how a CRL names it
+  // The SHA-256 of the issuer's canonical name and the serial: how a CRL names it.
+  std::string revoked_key;
+  // Not empty: why the peer is refused whatever the CRLs say (the chain it sent).
+  std::string refusal;
 
-  // The other certificates the peer sent with it (its intermediate CAs), whose revocation ends
-  // the peer's acceptance as well.
+  // The intermediate CAs the peer sent with it, from its certificate's issuer up (not a
+  // self-signed root, nor a certificate that issued none of them), whose revocation ends the
+  // peer's acceptance as well.
   struct Issuer {
     std::string serial_hex;
     std::string revoked_key;
@@ -84,12 +88,14 @@ class PeerCertificates {
   PeerCertificates(const PeerCertificates&) = delete;
   PeerCertificates& operator=(const PeerCertificates&) = delete;
 
-  // The certificate in `pem`, with the certificates of `chain` (PEM, as the peer sent them; the
-  // certificate itself among them is skipped), decoded once and then kept; UNAUTHENTICATED when
-  // it does not parse, or `chain` holds over kMaxChain certificates.
+  // The certificate in `pem`, with its issuers among the certificates of `chain` (PEM, as the
+  // peer sent them), decoded once and then kept; UNAUTHENTICATED when it does not parse, or
+  // `chain` is over kMaxChainBytes. A chain of over kMaxChain certificates, or one that does not
+  // parse, is kept as a refusal, which Check answers.
   absl::StatusOr<std::shared_ptr<const PeerCertificate>> Read(absl::string_view pem,
                                                               absl::string_view chain = {});
   static constexpr size_t kMaxChain = 16;
+  static constexpr size_t kMaxChainBytes = 64 * 1024;
   // The verified client certificate of a call (exactly one PEM certificate in its auth context),
   // with the chain its client sent.
   absl::StatusOr<std::shared_ptr<const PeerCertificate>> OfCall(const grpc::AuthContext& context);

@@ -2372,8 +2372,6 @@ TEST_F(IngestTest, AReadVitalsPageReadsAboutAPageOfRowsPerCodeAndPagesKeepOrder)
   EXPECT_EQ(got, expected);
 }
 
-// A ReadVitals page is checked again before each message: a reader whose certificate expires
-// before it has taken the whole page gets the messages sent before, then UNAUTHENTICATED.
 // Reads a first message of `reader`, waits until a second after `expires` (the caller's
 // certificate's end), then reads on: the stream ends UNAUTHENTICATED, short of the `rows` it
 // would have given (each message's `count`).
@@ -2392,6 +2390,8 @@ void ExpectEndsOnceExpired(grpc::ClientReader<Response>& reader, absl::Time expi
   EXPECT_LT(received, static_cast<size_t>(rows));
 }
 
+// A ReadVitals page is checked again before each message: a reader whose certificate expires
+// before it has taken the whole page gets the messages sent before, then UNAUTHENTICATED.
 TEST_F(IngestTest, AReadEndsAtItsNextMessageOnceTheReadersCertificateHasExpired) {
   const std::string patient =
       PatientWithDevice("expiring-reader", "FR", "dev-expiring-reader");

@@ -394,25 +394,35 @@ TEST_F(PeerCertificatesTest, ADeltaCrlRefusesWhatItListsAndReleasesNothing) {
 }
 
 // A peer that sent its intermediate CA with its certificate is refused once its CA's CRL revokes
-// the intermediate; its own certificate alone, which no CRL lists, is not.
+// the intermediate; its own certificate alone, which no CRL lists, is not. Of what it sent, only
+// its issuers count: not the root, nor a CA that issued none of them.
 TEST_F(PeerCertificatesTest, APeerWhoseIntermediateCaIsRevokedIsRefused) {
   devpki::CaOptions options;
   options.common_name = "medgate issuing CA";
   absl::StatusOr<devpki::Credential> intermediate = devpki::IssueIntermediateCa(*ca_, options);
   ASSERT_TRUE(intermediate.ok()) << intermediate.status();
+  options.common_name = "medgate former issuing CA";
+  absl::StatusOr<devpki::Credential> former = devpki::IssueIntermediateCa(*ca_, options);
+  ASSERT_TRUE(former.ok()) << former.status();
   absl::StatusOr<std::string> intermediate_pem = intermediate->CertPem();
-  ASSERT_TRUE(intermediate_pem.ok()) << intermediate_pem.status();
+  absl::StatusOr<std::string> former_pem = former->CertPem();
+  absl::StatusOr<std::string> root_pem = ca_->CertPem();
+  ASSERT_TRUE(intermediate_pem.ok() && former_pem.ok() && root_pem.ok());
   const Leaf leaf = Issue(*intermediate);
-  // As gRPC gives it, or with the leaf first: the leaf is not counted twice.
-  for (const std::string& chain : {*intermediate_pem, leaf.pem + *intermediate_pem}) {
+  // As gRPC gives it; with the leaf first; with the root, and a CA that issued nothing of it.
+  for (const std::string& chain :
+       {*intermediate_pem, leaf.pem + *intermediate_pem,
+        *former_pem + *intermediate_pem + *root_pem}) {
     PeerCertificates peers(Options());
     absl::StatusOr<std::shared_ptr<const PeerCertificate>> read = peers.Read(leaf.pem, chain);
     ASSERT_TRUE(read.ok()) << read.status();
     ASSERT_EQ((*read)->issuers.size(), 1u);
+    EXPECT_EQ((*read)->issuers[0].serial_hex, intermediate->SerialHex());
     EXPECT_TRUE(peers.Check(**read, absl::Now()).ok());
   }
 
-  ASSERT_TRUE(devpki::WriteCrl(*ca_, {intermediate->SerialHex()}, crl_dir_).ok());
+  ASSERT_TRUE(
+      devpki::WriteCrl(*ca_, {intermediate->SerialHex(), former->SerialHex()}, crl_dir_).ok());
   PeerCertificates peers(Options());
   absl::StatusOr<std::shared_ptr<const PeerCertificate>> read =
       peers.Read(leaf.pem, *intermediate_pem);
@@ -422,11 +432,34 @@ TEST_F(PeerCertificatesTest, APeerWhoseIntermediateCaIsRevokedIsRefused) {
   EXPECT_THAT(std::string(refused.message()),
               HasSubstr(absl::StrCat("issuing CA (serial ", intermediate->SerialHex())));
   EXPECT_TRUE(CheckAt(peers, leaf, absl::Now()).ok()) << "the leaf alone is listed nowhere";
+  // A revoked CA sent along that issued none of the peer's chain refuses nothing.
+  const Leaf other = Issue(*ca_);
+  read = peers.Read(other.pem, *former_pem);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_TRUE(peers.Check(**read, absl::Now()).ok());
 
-  // A chain is bounded.
-  std::string long_chain;
-  for (size_t i = 0; i <= PeerCertificates::kMaxChain; ++i) long_chain += *intermediate_pem;
-  EXPECT_EQ(peers.Read(leaf.pem, long_chain).status().code(), absl::StatusCode::kUnauthenticated);
+  // A chain is bounded: kMaxChain certificates are read, one more is refused, as is a chain
+  // over kMaxChainBytes or one that does not parse.
+  std::string chain;
+  for (size_t i = 0; i < PeerCertificates::kMaxChain; ++i) chain += *former_pem;
+  read = peers.Read(other.pem, chain);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_TRUE(peers.Check(**read, absl::Now()).ok());
+  chain += *former_pem;
+  read = peers.Read(other.pem, chain);
+  ASSERT_TRUE(read.ok()) << read.status();
+  refused = peers.Check(**read, absl::Now());
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("over 16 certificates"));
+  EXPECT_EQ(peers.Read(other.pem, std::string(PeerCertificates::kMaxChainBytes + 1, 'x'))
+                .status()
+                .code(),
+            absl::StatusCode::kUnauthenticated);
+  std::string cut = *former_pem;
+  cut.replace(cut.size() / 2, 8, "!!!!!!!!");
+  read = peers.Read(other.pem, *former_pem + cut);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_THAT(std::string(peers.Check(**read, absl::Now()).message()), HasSubstr("does not parse"));
 }
 
 // An entry whose reason is removeFromCRL releases its certificate (a hold lifted), as OpenSSL
