@@ -391,12 +391,15 @@ absl::Status PeerCertificates::Check(const PeerCertificate& certificate, absl::T
   return absl::OkStatus();
 }
 
-absl::Status PeerCertificates::CheckCall(const grpc::ServerContextBase& context) {
+PeerCertificates::CallCheck PeerCertificates::ForCall(const grpc::ServerContextBase& context) {
   std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
-  if (auth == nullptr) return Unauthenticated("no TLS peer");
-  absl::StatusOr<std::shared_ptr<const PeerCertificate>> certificate = OfCall(*auth);
-  if (!certificate.ok()) return certificate.status();
-  return Check(**certificate, absl::Now());
+  if (auth == nullptr) return CallCheck(*this, Unauthenticated("no TLS peer"));
+  return CallCheck(*this, OfCall(*auth));
+}
+
+absl::Status PeerCertificates::CallCheck::Check() const {
+  if (!certificate_.ok()) return certificate_.status();
+  return peers_.Check(**certificate_, absl::Now());
 }
 
 size_t PeerCertificates::cached() const {

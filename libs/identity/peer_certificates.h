@@ -104,9 +104,23 @@ class PeerCertificates {
   // which, otherwise. Reads nothing from disk: a look-up in memory.
   absl::Status Check(const PeerCertificate& certificate, absl::Time now) const;
 
-  // Check, now, of the verified client certificate of `context`'s call: for a call that runs on
-  // (a download, an upload) to ask again between its messages.
-  absl::Status CheckCall(const grpc::ServerContextBase& context);
+  // A call's verified client certificate, read once, to check again between the messages of a
+  // call that runs on (a read, an upload, a download) without reading it each time.
+  class CallCheck {
+   public:
+    // OK while the call's certificate has neither expired nor been revoked, now; the reason the
+    // certificate could not be read, if it could not.
+    absl::Status Check() const;
+
+   private:
+    friend class PeerCertificates;
+    CallCheck(const PeerCertificates& peers,
+              absl::StatusOr<std::shared_ptr<const PeerCertificate>> certificate)
+        : peers_(peers), certificate_(std::move(certificate)) {}
+    const PeerCertificates& peers_;
+    const absl::StatusOr<std::shared_ptr<const PeerCertificate>> certificate_;
+  };
+  CallCheck ForCall(const grpc::ServerContextBase& context);
 
   // Looks at the directory now, and reads it again if anything changed.
   void Rescan();

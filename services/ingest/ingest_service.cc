@@ -930,12 +930,13 @@ grpc::Status IngestService::SendPaced(grpc::ServerContext& context,
   StallWatch::Call stall(read_watch_, context);
   TransferPace pace(stall, "read", reads_.idle_timeout, reads_.min_bytes_per_second,
                     "ingest.read_min_bytes_per_second", "read the page again");
+  const PeerCertificates::CallCheck certificate = peers_->ForCall(context);
   Response message;
   while (next(message)) {
     // Asked before each message: a read whose last message was taken has ended well.
     if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
     // The caller's certificate may have expired, or been revoked, since the call began.
-    if (absl::Status good = peers_->CheckCall(context); !good.ok()) return ToGrpcStatus(good);
+    if (absl::Status good = certificate.Check(); !good.ok()) return ToGrpcStatus(good);
     stall.Blocked();
     const bool written = writer.Write(message);
     stall.Unblocked();

@@ -68,13 +68,13 @@ void ToProto(const RecordInfo& r, v1::Record* out) {
 template <typename Message>
 class PacedWriter {
  public:
-  // `peers` (may be null) checks the caller's certificate again before each chunk.
+  // `certificate` (the call's) is checked again before each chunk.
   PacedWriter(SharingCore& core, StallWatch& watch, grpc::ServerContext& context,
-              grpc::ServerWriter<Message>* writer, const char* method, PeerCertificates* peers)
+              grpc::ServerWriter<Message>* writer, const char* method,
+              const PeerCertificates::CallCheck& certificate)
       : writer_(writer),
         method_(method),
-        context_(context),
-        peers_(peers),
+        certificate_(certificate),
         stall_(watch, context),
         pace_(stall_, "download", core.download_idle_timeout(),
               core.download_min_bytes_per_second(), "sharing.download_min_bytes_per_second",
@@ -104,9 +104,7 @@ class PacedWriter {
       if (!*more) return grpc::Status::OK;
       if (grpc::Status slow = pace_.Check(); !slow.ok()) return slow;
       // The caller's certificate may have expired, or been revoked, since the call began.
-      if (peers_ != nullptr) {
-        if (absl::Status good = peers_->CheckCall(context_); !good.ok()) return ToGrpcStatus(good);
-      }
+      if (absl::Status good = certificate_.Check(); !good.ok()) return ToGrpcStatus(good);
       if (grpc::Status s = Write(message, data->size()); !s.ok()) return s;
     }
   }
@@ -114,8 +112,7 @@ class PacedWriter {
  private:
   grpc::ServerWriter<Message>* const writer_;
   const char* const method_;
-  grpc::ServerContext& context_;
-  PeerCertificates* const peers_;
+  const PeerCertificates::CallCheck& certificate_;
   StallWatch::Call stall_;
   TransferPace pace_;
 };
@@ -193,6 +190,13 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
     }
     return grpc::Status(grpc::StatusCode::CANCELLED, "upload cancelled; nothing was stored");
   };
+  const PeerCertificates::CallCheck certificate = peers_->ForCall(*context);
+  auto still_good = [&] {
+    absl::Status good = certificate.Check();
+    if (good.ok()) return grpc::Status::OK;
+    return ToGrpcStatus(
+        absl::Status(good.code(), absl::StrCat(good.message(), "; nothing was stored")));
+  };
   std::unique_ptr<BoundedCounts<std::string>::Slot> awaiting =
       awaiting_header_.TryTake(principal->tenant, max_awaiting_header_);
   if (awaiting == nullptr) {
@@ -250,24 +254,14 @@ grpc::Status SharingService::UploadRecord(grpc::ServerContext* context,
     pace.Moved(next.chunk().data().size());
     if (grpc::Status slow = pace.Check(); !slow.ok()) return slow;
     // The caller's certificate may have expired, or been revoked, since the upload began.
-    if (peers_ != nullptr) {
-      if (absl::Status good = peers_->CheckCall(*context); !good.ok()) {
-        return ToGrpcStatus(absl::Status(good.code(),
-                                         absl::StrCat(good.message(), "; nothing was stored")));
-      }
-    }
+    if (grpc::Status good = still_good(); !good.ok()) return good;
     if (absl::Status s = (*upload)->Write(next.chunk().data()); !s.ok()) {
       return ToGrpcStatus(s);
     }
   }
   if (context->IsCancelled()) return ended();
   // Once more before anything is stored: the certificate may have ended since the last chunk.
-  if (peers_ != nullptr) {
-    if (absl::Status good = peers_->CheckCall(*context); !good.ok()) {
-      return ToGrpcStatus(
-          absl::Status(good.code(), absl::StrCat(good.message(), "; nothing was stored")));
-    }
-  }
+  if (grpc::Status good = still_good(); !good.ok()) return good;
   absl::StatusOr<UploadResult> result = (*upload)->Finish();
   if (!result.ok()) return ToGrpcStatus(result.status());
   response->set_record_id(result->record_id);
@@ -364,8 +358,9 @@ grpc::Status SharingService::DownloadRecord(
   absl::StatusOr<std::unique_ptr<Download>> download =
       core_.OpenDownload(*ctx, request->record_id(), request->break_glass_reason());
   if (!download.ok()) return ToGrpcStatus(download.status());
+  const PeerCertificates::CallCheck certificate = peers_->ForCall(*context);
   PacedWriter<v1::DownloadRecordResponse> out(core_, download_watch_, *context, writer,
-                                              "DownloadRecord", peers_.get());
+                                              "DownloadRecord", certificate);
   v1::DownloadRecordResponse message;
   ToProto((*download)->record(), message.mutable_header());
   if (grpc::Status s = out.Write(message, 0); !s.ok()) return s;
@@ -385,15 +380,14 @@ grpc::Status SharingService::ExportPatientRecords(
   absl::StatusOr<ExportListing> listing = core_.ListForExport(
       *ctx, request->patient_id(), request->reason(), *page_size, request->page_token());
   if (!listing.ok()) return ToGrpcStatus(listing.status());
+  const PeerCertificates::CallCheck certificate = peers_->ForCall(*context);
   PacedWriter<v1::ExportPatientRecordsResponse> out(core_, download_watch_, *context, writer,
-                                                    "ExportPatientRecords", peers_.get());
+                                                    "ExportPatientRecords", certificate);
   v1::ExportPatientRecordsResponse message;
   uint32_t sent = 0;
   for (const std::string& record_id : listing->record_ids) {
     // Before each record is opened (and audited): the certificate may have ended since.
-    if (peers_ != nullptr) {
-      if (absl::Status good = peers_->CheckCall(*context); !good.ok()) return ToGrpcStatus(good);
-    }
+    if (absl::Status good = certificate.Check(); !good.ok()) return ToGrpcStatus(good);
     absl::StatusOr<std::unique_ptr<Download>> download =
         core_.OpenExport(*ctx, request->patient_id(), record_id, request->reason());
     // Erased since the listing: no longer the patient's data to export.

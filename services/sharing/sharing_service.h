@@ -26,11 +26,11 @@ namespace medgate::sharing {
 class SharingService final : public v1::RecordSharing::Service {
  public:
   // `tenant_gate` (not owned) refuses the identities of suspended or unregistered tenants.
-  // `peers` (the server's, ServiceServer::peer_certificates; null: none) checks the caller's
+  // `peers` (the server's, ServiceServer::peer_certificates; never null) checks the caller's
   // certificate again between the messages of an upload or a download: one that has expired or
   // been revoked since the call began ends it UNAUTHENTICATED.
   SharingService(SharingCore& core, std::string trust_domain, TenantGate* tenant_gate,
-                 std::shared_ptr<PeerCertificates> peers = nullptr);
+                 std::shared_ptr<PeerCertificates> peers);
 
   grpc::Status UploadRecord(grpc::ServerContext* context,
                             grpc::ServerReader<v1::UploadRecordRequest>* reader,
