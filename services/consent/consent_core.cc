@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <iterator>
-#include <map>
 #include <tuple>
 
 #include "absl/strings/ascii.h"
@@ -249,11 +248,20 @@ absl::Status ValidateRegionId(absl::string_view region_id) {
   return ValidateIdentifier(region_id, "region id", kMaxRegionIdBytes);
 }
 
-std::string EncodePageToken(Purpose purpose, absl::string_view actor) {
-  return absl::WebSafeBase64Escape(absl::StrCat(static_cast<int>(purpose), "/", actor));
+size_t ConsentsBegun(const ListResult& page) {
+  return static_cast<size_t>(std::count_if(page.consents.begin(), page.consents.end(),
+                                           [](const ConsentInfo& c) { return !c.continued; }));
 }
 
-absl::StatusOr<std::pair<Purpose, std::string>> DecodePageToken(absl::string_view token) {
+// "PURPOSE/ACTOR", or "PURPOSE.VERSION/ACTOR" within a consent's history (actors hold '/').
+std::string EncodePageToken(const PageToken& token) {
+  return absl::WebSafeBase64Escape(absl::StrCat(
+      static_cast<int>(token.purpose),
+      token.after_version > 0 ? absl::StrCat(".", token.after_version) : std::string(), "/",
+      token.actor));
+}
+
+absl::StatusOr<PageToken> DecodePageToken(absl::string_view token) {
   const absl::Status invalid =
       absl::InvalidArgumentError("page_token: not a token from a previous response");
   std::string raw;
@@ -262,11 +270,21 @@ absl::StatusOr<std::pair<Purpose, std::string>> DecodePageToken(absl::string_vie
   }
   std::pair<absl::string_view, absl::string_view> parts =
       absl::StrSplit(raw, absl::MaxSplits('/', 1));
+  std::pair<absl::string_view, absl::string_view> position =
+      absl::StrSplit(parts.first, absl::MaxSplits('.', 1));
+  PageToken decoded;
   int number = 0;
-  if (!absl::SimpleAtoi(parts.first, &number)) return invalid;
+  if (!absl::SimpleAtoi(position.first, &number)) return invalid;
   std::optional<Purpose> purpose = PurposeFromNumber(number);
   if (!purpose) return invalid;
-  return std::make_pair(*purpose, std::string(parts.second));
+  decoded.purpose = *purpose;
+  if (parts.first.find('.') != absl::string_view::npos &&
+      (!absl::SimpleAtoi(position.second, &decoded.after_version) ||
+       decoded.after_version <= 0)) {
+    return invalid;
+  }
+  decoded.actor = std::string(parts.second);
+  return decoded;
 }
 
 absl::Status PatientLookupError(const absl::Status& failed) {
@@ -403,13 +421,6 @@ absl::StatusOr<GrantResult> ConsentCore::Grant(const CallContext& ctx,
         }
         if (std::optional<VersionInfo> latest = LatestVersion(txn, granted.consent_id)) {
           granted.version = latest->version + 1;
-          // The last version is kept for a revocation, which is never refused.
-          if (granted.version >= kMaxConsentVersions) {
-            return absl::ResourceExhaustedError(absl::StrCat(
-                "consent '", granted.consent_id, "' has ", latest->version, " versions (grants "
-                "and revocations), the most it may have before its last, kept for a revocation; "
-                "record further consent for this purpose tenant-wide or for another actor"));
-          }
         }
         version.version = granted.version;
         InsertVersion(txn, granted.consent_id, version);
@@ -547,7 +558,7 @@ absl::StatusOr<RevokeResult> ConsentCore::Revoke(const CallContext& ctx,
 }
 
 absl::StatusOr<ListResult> ConsentCore::List(const CallContext& ctx, const ListRequest& request) {
-  return ReadConsents(ctx, request,
+  return ReadConsents(ctx, request, kMaxHistoryVersionsPerPage,
                       [&](const ListResult& result, std::optional<Purpose> filter) {
                         return absl::StrCat(
                             "LISTED: count=", result.consents.size(),
@@ -569,21 +580,21 @@ absl::StatusOr<ListResult> ConsentCore::Export(const CallContext& ctx,
   request.patient_id = patient_id;
   request.include_history = true;
   // A page's FHIR text stays well under the 4 MiB message bound: a version's line is about
-  // 1.2 KB, at most about 5 KB (every text field at its longest), and a consent has at most
-  // kMaxConsentVersions.
+  // 1.2 KB, at most about 5 KB (every text field at its longest).
   ASSIGN_OR_RETURN(request.page_size,
                    PageSize(page_size, kMaxExportPageSize, kMaxExportPageSize));
   request.page_token = page_token;
-  return ReadConsents(ctx, request, [&](const ListResult& result, std::optional<Purpose>) {
-    size_t versions = 0;
-    for (const ConsentInfo& c : result.consents) versions += c.history.size();
-    return absl::StrCat("EXPORTED: consents=", result.consents.size(), " versions=", versions,
-                        " format=fhir-r4; ", reason);
-  });
+  return ReadConsents(ctx, request, kMaxExportVersionsPerPage,
+                      [&](const ListResult& result, std::optional<Purpose>) {
+                        size_t versions = 0;
+                        for (const ConsentInfo& c : result.consents) versions += c.history.size();
+                        return absl::StrCat("EXPORTED: consents=", ConsentsBegun(result),
+                                            " versions=", versions, " format=fhir-r4; ", reason);
+                      });
 }
 
 absl::StatusOr<ListResult> ConsentCore::ReadConsents(
-    const CallContext& ctx, const ListRequest& request,
+    const CallContext& ctx, const ListRequest& request, size_t max_versions,
     const std::function<std::string(const ListResult&, std::optional<Purpose>)>& audit_reason) {
   RETURN_IF_ERROR(ValidateIdentifier(request.patient_id, "patient_id", kMaxIdBytes));
   std::optional<Purpose> filter;
@@ -594,7 +605,7 @@ absl::StatusOr<ListResult> ConsentCore::ReadConsents(
                    PageSize(request.page_size,
                             request.include_history ? kMaxPageSizeWithHistory : kDefaultPageSize,
                             request.include_history ? kMaxPageSizeWithHistory : kMaxPageSize));
-  std::optional<std::pair<Purpose, std::string>> after;
+  std::optional<PageToken> after;
   if (!request.page_token.empty()) {
     ASSIGN_OR_RETURN(after, DecodePageToken(request.page_token));
   }
@@ -626,30 +637,41 @@ absl::StatusOr<ListResult> ConsentCore::ReadConsents(
     };
     std::sort(all.begin(), all.end(),
               [&](const ConsentInfo& a, const ConsentInfo& b) { return order(a) < order(b); });
+    std::optional<std::pair<int, std::string>> last_listed;
+    if (after) last_listed.emplace(static_cast<int>(after->purpose), after->actor);
     ListResult result;
+    size_t versions_left = max_versions;
     for (ConsentInfo& c : all) {
-      if (after && order(c) <= std::make_pair(static_cast<int>(after->first), after->second)) {
-        continue;
-      }
-      if (result.consents.size() == static_cast<size_t>(page_size)) {
+      // The consent the last page ended within is listed again, its history continued.
+      const bool continued =
+          after && after->after_version > 0 && order(c) == *last_listed;
+      if (last_listed && order(c) <= *last_listed && !continued) continue;
+      if (result.consents.size() == static_cast<size_t>(page_size) ||
+          (request.include_history && versions_left == 0)) {
         const ConsentInfo& last = result.consents.back();
-        result.next_page_token = EncodePageToken(last.purpose, last.actor);
+        result.next_page_token = EncodePageToken({last.purpose, last.actor, 0});
         break;
       }
+      if (request.include_history) {
+        const int64_t from = continued ? after->after_version : 0;
+        // One more than fits tells whether the history goes on.
+        for (const pqxx::row& row :
+             txn.exec_prepared(sql::kListVersions, c.consent_id, from,
+                               static_cast<int64_t>(versions_left) + 1)) {
+          c.history.push_back(VersionFromRow(row, 0));
+        }
+        if (continued && c.history.empty()) continue;  // nothing after the token's version
+        c.continued = continued;
+        if (c.history.size() > versions_left) {
+          c.history.resize(versions_left);
+          result.next_page_token =
+              EncodePageToken({c.purpose, c.actor, c.history.back().version});
+          result.consents.push_back(std::move(c));
+          break;
+        }
+        versions_left -= c.history.size();
+      }
       result.consents.push_back(std::move(c));
-    }
-    if (request.include_history && !result.consents.empty()) {
-      std::map<std::string, ConsentInfo*> by_id;
-      std::vector<std::string> ids;
-      for (ConsentInfo& c : result.consents) {
-        by_id[c.consent_id] = &c;
-        ids.push_back(c.consent_id);
-      }
-      for (const pqxx::row& row :
-           txn.exec_prepared(sql::kListVersions, pg::TextArrayLiteral(ids))) {
-        auto it = by_id.find(row[0].c_str());
-        if (it != by_id.end()) it->second->history.push_back(VersionFromRow(row, 1));
-      }
     }
     // Reading a patient's consents is an access to the patient's data: audited, with the read.
     audit::Entry entry;

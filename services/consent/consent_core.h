@@ -31,14 +31,18 @@ inline constexpr int kDefaultPageSize = 100;
 inline constexpr int kMaxPageSize = 1000;
 // Bounds that keep a patient's consents, and a page of them, finite: at most this many consents
 // narrowed to an actor (purpose and actor pairs) per patient, besides the tenant-wide ones (one a
-// purpose), versions per consent (a grant beyond it is refused; a
-// revocation never is), and consents per page when their history comes with them.
+// purpose), and consents per page when their history comes with them. A consent's versions are
+// not bounded (a bound would lock a consent out once reached, and the tenant's call rate bounds
+// how fast they grow): a page holds at most kMaxHistoryVersionsPerPage of them (about 2 KB a
+// version at most, so about 2 MiB), and a consent with more ends its page and continues on the
+// next.
 inline constexpr int64_t kMaxConsentsPerPatient = 1000;
-inline constexpr int64_t kMaxConsentVersions = 100;
 inline constexpr int kMaxPageSizeWithHistory = 10;
-// Consents, each with every version, per page of an export (its FHIR text, about 1.2 KB a
-// version, at most about 5 KB, stays under 2 MiB).
+inline constexpr size_t kMaxHistoryVersionsPerPage = 1000;
+// Consents per page of an export, and versions: a version's FHIR text is about 1.2 KB, at most
+// about 5 KB, so a page stays under 2 MiB.
 inline constexpr int kMaxExportPageSize = 4;
+inline constexpr size_t kMaxExportVersionsPerPage = 400;
 // Region ids are embedded in consent ids ("cn_<region>_<24 hex>", at most kMaxIdBytes).
 inline constexpr size_t kMaxRegionIdBytes = kMaxIdBytes - 28;
 
@@ -104,6 +108,9 @@ struct ConsentInfo {
   ConsentStatus status = ConsentStatus::kGranted;  // in effect when listed
   VersionInfo current;
   std::vector<VersionInfo> history;  // oldest first, when asked for
+  // The history starts after versions listed on an earlier page (a consent whose history did
+  // not fit there).
+  bool continued = false;
 };
 
 struct ListRequest {
@@ -118,6 +125,9 @@ struct ListResult {
   std::vector<ConsentInfo> consents;  // by purpose, then actor
   std::string next_page_token;
 };
+
+// The consents of a page that begin on it: all but one continued from the page before.
+size_t ConsentsBegun(const ListResult& page);
 
 struct CheckRequest {
   std::string patient_id;
@@ -138,16 +148,18 @@ class ConsentCore {
   absl::StatusOr<AccessDecision> CheckAccess(const CallContext& ctx, const CheckRequest& request);
   // A patient's consents with every version, for the patient's export (GDPR art. 20), by an app
   // of the patient's tenant (PERMISSION_DENIED for any other identity): a page of List with
-  // history of at most kMaxExportPageSize consents (0: that many), audited with `reason`
-  // ("EXPORTED: consents=N versions=M format=fhir-r4; REASON").
+  // history of at most kMaxExportPageSize consents (0: that many) and kMaxExportVersionsPerPage
+  // versions, audited with `reason` ("EXPORTED: consents=N versions=M format=fhir-r4; REASON",
+  // N not counting a consent continued from the page before).
   absl::StatusOr<ListResult> Export(const CallContext& ctx, const std::string& patient_id,
                                     const std::string& reason, int page_size,
                                     const std::string& page_token);
 
  private:
-  // List's and Export's page, audited in the read's transaction with `audit_reason` of it.
+  // List's and Export's page, with at most `max_versions` versions of history, audited in the
+  // read's transaction with `audit_reason` of it.
   absl::StatusOr<ListResult> ReadConsents(
-      const CallContext& ctx, const ListRequest& request,
+      const CallContext& ctx, const ListRequest& request, size_t max_versions,
       const std::function<std::string(const ListResult&, std::optional<Purpose>)>& audit_reason);
   // The patient's location; NOT_FOUND (one message for unknown and other tenants' patients)
   // unless the caller is ops or a service, or of the patient's tenant.
@@ -198,8 +210,15 @@ absl::Status ValidateRegionId(absl::string_view region_id);
 // anything else (routing unreachable, too slow, failing) is UNAVAILABLE, worth a retry.
 absl::Status PatientLookupError(const absl::Status& failed);
 
-std::string EncodePageToken(Purpose purpose, absl::string_view actor);
-absl::StatusOr<std::pair<Purpose, std::string>> DecodePageToken(absl::string_view token);
+// Where a page of a patient's consents ends: after the consent (purpose, actor) or, when
+// `after_version` is set, within that consent's history, after that version.
+struct PageToken {
+  Purpose purpose = Purpose::kCare;
+  std::string actor;
+  int64_t after_version = 0;
+};
+std::string EncodePageToken(const PageToken& token);
+absl::StatusOr<PageToken> DecodePageToken(absl::string_view token);
 
 }  // namespace medgate::consent
 

@@ -183,7 +183,7 @@ grpc::Status ConsentService::ExportConsents(grpc::ServerContext* context,
       ++resources;
     }
   }
-  response->set_consent_count(static_cast<uint32_t>(result->consents.size()));
+  response->set_consent_count(static_cast<uint32_t>(ConsentsBegun(*result)));
   response->set_resource_count(resources);
   response->set_next_page_token(result->next_page_token);
   return grpc::Status::OK;

@@ -85,11 +85,11 @@ inline const std::vector<pg::Statement>& Statements() {
       // purpose, are not counted).
       {kCountPatientConsents,
        "SELECT count(*) FROM consents WHERE patient_id = $1 AND actor <> ''"},
+      // A consent's versions after version $2, oldest first, at most $3 of them.
       {kListVersions,
-       "SELECT consent_id, version, state, (extract(epoch FROM valid_from) * 1000000)::int8, "
-       "(extract(epoch FROM valid_until) * 1000000)::int8, evidence_ref, reason, recorded_by, "
-       "(extract(epoch FROM recorded_at) * 1000000)::int8, request_id, categories "
-       "FROM consent_versions WHERE consent_id = ANY($1::text[]) ORDER BY consent_id, version"},
+       "SELECT " MEDGATE_CONSENT_VERSION_COLUMNS
+       " FROM consent_versions WHERE consent_id = $1 AND version > $2 ORDER BY version "
+       "LIMIT $3"},
   };
   return statements;
 }

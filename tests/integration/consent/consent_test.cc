@@ -5,6 +5,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <thread>
 #include <tuple>
@@ -1513,16 +1514,15 @@ TEST_F(ConsentTest, ASuspendedTenantIsRefused) {
   EXPECT_EQ(listed->consents(0).current().version(), 1);
 }
 
-// A patient has at most kMaxConsentsPerPatient consents and a consent at most kMaxConsentVersions
-// versions, the last of them kept for a revocation; a page with history holds at most
-// kMaxPageSizeWithHistory consents.
+// A patient has at most kMaxConsentsPerPatient consents narrowed to an actor; a page with history
+// holds at most kMaxPageSizeWithHistory consents.
 TEST_F(ConsentTest, APatientsConsentsAndTheirVersionsAreBounded) {
   const std::string patient = Place("bounded-1", "FR");
   auto app = Stub(pki_->app());
   auto first = Grant(*app, GrantArgs(patient).WithRequestId("bounded-v1"));
   ASSERT_TRUE(first.ok()) << first.status();
   // What earlier grants would have stored: consents narrowed to an actor, each granted once, up
-  // to one below the bound, and versions 2 to kMaxConsentVersions - 2 of the first.
+  // to one below the bound.
   {
     pqxx::connection c(clusters_->region("fr-1").ConnectionString());
     pqxx::work txn(c);
@@ -1537,12 +1537,6 @@ TEST_F(ConsentTest, APatientsConsentsAndTheirVersionsAreBounded) {
         "SELECT 'cn_fr-1_fill' || n, 1, 'granted', now(), 'form', '', $2, now(), 'fill' "
         "FROM generate_series(1, $1::int) AS n",
         kMaxConsentsPerPatient - 1, App());
-    txn.exec_params0(
-        "INSERT INTO consent_versions (consent_id, version, state, valid_from, evidence_ref, "
-        "reason, recorded_by, recorded_at, request_id) "
-        "SELECT $1, v, 'granted', now(), 'form-' || v, '', $2, now(), 'fill-' || v "
-        "FROM generate_series(2, $3::int) AS v",
-        first->consent_id(), App(), kMaxConsentVersions - 2);
     txn.commit();
   }
   // The last narrowed consent the bound allows, then one too many.
@@ -1565,15 +1559,6 @@ TEST_F(ConsentTest, APatientsConsentsAndTheirVersionsAreBounded) {
   EXPECT_EQ(CountIn(clusters_->region("fr-1"),
                     "SELECT count(*) FROM consents WHERE patient_id = $1 AND actor = ''", patient),
             5);
-  // Versions: one more grant fits, the next does not; a revocation still does.
-  auto regranted = Grant(*app, GrantArgs(patient).WithEvidence("form-99").WithRequestId("b-99"));
-  ASSERT_TRUE(regranted.ok()) << regranted.status();
-  EXPECT_EQ(regranted->version(), kMaxConsentVersions - 1);
-  auto too_many = Grant(*app, GrantArgs(patient).WithEvidence("form-100").WithRequestId("b-100"));
-  EXPECT_EQ(too_many.status().code(), absl::StatusCode::kResourceExhausted);
-  auto revoked = Revoke(*app, ById(first->consent_id()));
-  ASSERT_TRUE(revoked.ok()) << revoked.status();
-  EXPECT_EQ(revoked->version(), kMaxConsentVersions);
   // With history, pages are short; without, the usual size.
   v1::ListConsentsRequest with_history = ListOf(patient, true);
   with_history.set_page_size(1000);
@@ -1589,6 +1574,118 @@ TEST_F(ConsentTest, APatientsConsentsAndTheirVersionsAreBounded) {
   auto all = List(*app, plain);
   ASSERT_TRUE(all.ok()) << all.status();
   EXPECT_EQ(all->consents_size(), kMaxConsentsPerPatient);  // a page of 1,000 of the 1,005
+}
+
+// A consent's versions are not bounded, so a consent granted and revoked many times can always be
+// granted again; a page with history holds at most kMaxHistoryVersionsPerPage versions (an export's
+// kMaxExportVersionsPerPage), and a longer history ends its page and goes on at the start of the
+// next.
+TEST_F(ConsentTest, AConsentsHistoryOfAnyLengthIsPagedInListsAndExports) {
+  const std::string patient = Place("long-history-1", "FR");
+  auto app = Stub(pki_->app());
+  auto care = Grant(*app, GrantArgs(patient).WithRequestId("long-v1"));
+  ASSERT_TRUE(care.ok()) << care.status();
+  // What years of grants and revocations would have stored: versions 2 to 1,200.
+  constexpr int64_t kStored = 1200;
+  {
+    pqxx::connection c(clusters_->region("fr-1").ConnectionString());
+    pqxx::work txn(c);
+    txn.exec_params0(
+        "INSERT INTO consent_versions (consent_id, version, state, valid_from, evidence_ref, "
+        "reason, recorded_by, recorded_at, request_id) "
+        "SELECT $1, v, CASE WHEN v % 2 = 1 THEN 'revoked' ELSE 'granted' END, now(), "
+        "'form-' || v, '', $2, now(), 'fill-' || v FROM generate_series(2, $3::int) AS v",
+        care->consent_id(), App(), kStored);
+    txn.commit();
+  }
+  // Revoked and granted again, well past any bound a consent once had.
+  auto revoked = Revoke(*app, ById(care->consent_id()));
+  ASSERT_TRUE(revoked.ok()) << revoked.status();
+  EXPECT_EQ(revoked->version(), kStored + 1);
+  auto regranted = Grant(*app, GrantArgs(patient).WithEvidence("form-again").WithRequestId("again"));
+  ASSERT_TRUE(regranted.ok()) << regranted.status();
+  EXPECT_EQ(regranted->version(), kStored + 2);
+  absl::StatusOr<v1::CheckAccessResponse> decided;
+  ASSERT_TRUE(PollUntil(absl::Now() + kPatience, [&] {
+    decided = Check(*Stub(Sharing()), patient, v1::PURPOSE_CARE, App());
+    return decided.ok() && decided->consent_version() == kStored + 2;
+  })) << (decided.ok() ? decided->DebugString() : decided.status().ToString());
+  EXPECT_EQ(decided->decision(), v1::DECISION_PERMIT);
+  for (v1::Purpose purpose : {v1::PURPOSE_REMOTE_MONITORING, v1::PURPOSE_RESEARCH}) {
+    ASSERT_TRUE(Grant(*app, GrantArgs(patient).WithPurpose(purpose)).ok());
+  }
+  constexpr int64_t kLast = kStored + 2;
+
+  // Listed with history: CARE's first 1,000 versions, then a page that starts with CARE again,
+  // its versions 1,001 to the last, and the two other consents.
+  std::vector<v1::ListConsentsResponse> pages;
+  v1::ListConsentsRequest request = ListOf(patient, /*history=*/true);
+  do {
+    auto page = List(*app, request);
+    ASSERT_TRUE(page.ok()) << page.status();
+    pages.push_back(*page);
+    request.set_page_token(page->next_page_token());
+  } while (!request.page_token().empty() && pages.size() < 10);
+  ASSERT_EQ(pages.size(), 2u);
+  ASSERT_EQ(pages[0].consents_size(), 1);
+  ASSERT_EQ(pages[1].consents_size(), 3);
+  EXPECT_EQ(pages[0].consents(0).history_size(), static_cast<int>(kMaxHistoryVersionsPerPage));
+  EXPECT_EQ(pages[1].consents(0).consent_id(), care->consent_id());
+  std::vector<int64_t> versions;
+  for (const auto* c : {&pages[0].consents(0), &pages[1].consents(0)}) {
+    EXPECT_EQ(c->current().version(), kLast);
+    EXPECT_EQ(c->state(), v1::CONSENT_STATE_GRANTED);
+    for (const v1::ConsentVersion& v : c->history()) versions.push_back(v.version());
+  }
+  std::vector<int64_t> every(kLast);
+  std::iota(every.begin(), every.end(), 1);
+  EXPECT_EQ(versions, every);
+  EXPECT_EQ(pages[1].consents(0).history(kLast - 1 - kMaxHistoryVersionsPerPage).evidence_ref(),
+            "form-again");
+  EXPECT_EQ(pages[1].consents(1).purpose(), v1::PURPOSE_REMOTE_MONITORING);
+  EXPECT_EQ(pages[1].consents(1).history_size(), 1);
+  EXPECT_EQ(pages[1].consents(2).purpose(), v1::PURPOSE_RESEARCH);
+  // A token past the end of a history (what no page gives) lists what follows that consent.
+  request.set_page_token(EncodePageToken({Purpose::kCare, "", kLast + 100}));
+  auto past = List(*app, request);
+  ASSERT_TRUE(past.ok()) << past.status();
+  EXPECT_EQ(past->consents_size(), 2);
+  ASSERT_FALSE(past->consents().empty());
+  EXPECT_EQ(past->consents(0).purpose(), v1::PURPOSE_REMOTE_MONITORING);
+
+  // Exported: 400 versions a page; the consents counted where they begin.
+  v1::ExportConsentsRequest exported;
+  exported.set_request_id("long-history-export");
+  exported.set_patient_id(patient);
+  exported.set_reason("the patient asked for a copy");
+  std::vector<std::pair<uint32_t, uint32_t>> counts;  // consents, resources
+  std::vector<std::string> version_ids;
+  do {
+    v1::ExportConsentsResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = app->ExportConsents(&context, exported, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    counts.emplace_back(response.consent_count(), response.resource_count());
+    for (absl::string_view line : absl::StrSplit(response.ndjson(), '\n', absl::SkipEmpty())) {
+      google::protobuf::Struct json;
+      ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(std::string(line), &json).ok());
+      const auto& identifier = json.fields().at("identifier").list_value().values(0);
+      if (identifier.struct_value().fields().at("value").string_value() == care->consent_id()) {
+        version_ids.push_back(
+            json.fields().at("meta").struct_value().fields().at("versionId").string_value());
+      }
+    }
+    exported.set_page_token(response.next_page_token());
+  } while (!exported.page_token().empty() && counts.size() < 10);
+  EXPECT_EQ(counts, (std::vector<std::pair<uint32_t, uint32_t>>{
+                        {1, 400}, {0, 400}, {0, 400}, {2, 4}}));
+  ASSERT_EQ(version_ids.size(), static_cast<size_t>(kLast));
+  for (int64_t v = 1; v <= kLast; ++v) EXPECT_EQ(version_ids[v - 1], absl::StrCat(v));
+  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                    "SELECT count(*) FROM audit_log WHERE patient_id = $1 AND reason LIKE "
+                    "'EXPORTED: consents=0 versions=400 %'",
+                    patient),
+            2);
 }
 
 // Grants racing for a patient's last free places: the per-patient lock lets exactly as many in as

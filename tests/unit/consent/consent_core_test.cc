@@ -118,15 +118,24 @@ TEST_F(ConsentCoreHelpersTest, ConsentIdsCarryTheirRegion) {
 }
 
 TEST_F(ConsentCoreHelpersTest, PageTokensRoundTripAndForgeriesAreRefused) {
-  std::string token = EncodePageToken(Purpose::kResearch, "spiffe://td/tenant/a/app/x");
+  std::string token = EncodePageToken({Purpose::kResearch, "spiffe://td/tenant/a/app/x", 0});
   auto decoded = DecodePageToken(token);
   ASSERT_TRUE(decoded.ok()) << decoded.status();
-  EXPECT_EQ(decoded->first, Purpose::kResearch);
-  EXPECT_EQ(decoded->second, "spiffe://td/tenant/a/app/x");
-  auto empty_actor = DecodePageToken(EncodePageToken(Purpose::kCare, ""));
+  EXPECT_EQ(decoded->purpose, Purpose::kResearch);
+  EXPECT_EQ(decoded->actor, "spiffe://td/tenant/a/app/x");
+  EXPECT_EQ(decoded->after_version, 0);
+  auto empty_actor = DecodePageToken(EncodePageToken({Purpose::kCare, "", 0}));
   ASSERT_TRUE(empty_actor.ok());
-  EXPECT_EQ(empty_actor->second, "");
-  for (const char* bad : {"***", "OTk5L3g", "eA"}) {  // not base64, purpose 999, no purpose
+  EXPECT_EQ(empty_actor->actor, "");
+  // Within a consent's history: the version listed last, and the actor's own dots and slashes.
+  auto within = DecodePageToken(EncodePageToken({Purpose::kCare, "spiffe://td.eu/a.b/c", 1234}));
+  ASSERT_TRUE(within.ok()) << within.status();
+  EXPECT_EQ(within->purpose, Purpose::kCare);
+  EXPECT_EQ(within->actor, "spiffe://td.eu/a.b/c");
+  EXPECT_EQ(within->after_version, 1234);
+  // Not base64, purpose 999, no purpose, and "1./x", "1.0/x", "1.-3/x", "1.z/x" (versions that
+  // are not one).
+  for (const char* bad : {"***", "OTk5L3g", "eA", "MS4veA", "MS4wL3g", "MS4tMy94", "MS56L3g"}) {
     ExpectInvalid(DecodePageToken(bad).status(), "page_token");
   }
 }
