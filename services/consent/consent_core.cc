@@ -268,6 +268,7 @@ absl::StatusOr<PageToken> DecodePageToken(absl::string_view token) {
   if (token.size() > 2 * kMaxIdentityBytes || !absl::WebSafeBase64Unescape(token, &raw)) {
     return invalid;
   }
+  if (raw.find('/') == std::string::npos) return invalid;
   std::pair<absl::string_view, absl::string_view> parts =
       absl::StrSplit(raw, absl::MaxSplits('/', 1));
   std::pair<absl::string_view, absl::string_view> position =
@@ -643,8 +644,8 @@ absl::StatusOr<ListResult> ConsentCore::ReadConsents(
     size_t versions_left = max_versions;
     for (ConsentInfo& c : all) {
       // The consent the last page ended within is listed again, its history continued.
-      const bool continued =
-          after && after->after_version > 0 && order(c) == *last_listed;
+      const bool continued = request.include_history && after && after->after_version > 0 &&
+                             order(c) == *last_listed;
       if (last_listed && order(c) <= *last_listed && !continued) continue;
       if (result.consents.size() == static_cast<size_t>(page_size) ||
           (request.include_history && versions_left == 0)) {
@@ -664,6 +665,7 @@ absl::StatusOr<ListResult> ConsentCore::ReadConsents(
         c.continued = continued;
         if (c.history.size() > versions_left) {
           c.history.resize(versions_left);
+          c.continues = true;
           result.next_page_token =
               EncodePageToken({c.purpose, c.actor, c.history.back().version});
           result.consents.push_back(std::move(c));

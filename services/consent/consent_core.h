@@ -109,8 +109,9 @@ struct ConsentInfo {
   VersionInfo current;
   std::vector<VersionInfo> history;  // oldest first, when asked for
   // The history starts after versions listed on an earlier page (a consent whose history did
-  // not fit there).
+  // not fit there), and goes on on a later page (it did not fit on this one).
   bool continued = false;
+  bool continues = false;
 };
 
 struct ListRequest {

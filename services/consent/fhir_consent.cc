@@ -11,10 +11,12 @@ std::string FhirConsentJson(const ConsentInfo& consent, const VersionInfo& versi
                             absl::Time now) {
   using fhir::String;
   // The history's last version (read in the same page as the consent's state, after it: a grant
-  // committed between the two reads is the last there, not `current`). Whether it has expired is
-  // its own period's: the consent's status was read with `current`, which may be an earlier one.
+  // committed between the two reads is the last there, not `current`), unless the history goes
+  // on on the next page. Whether it has expired is its own period's: the consent's status was
+  // read with `current`, which may be an earlier one.
   const bool latest = consent.history.empty() ? version.version == consent.current.version
-                                              : &version == &consent.history.back();
+                                              : !consent.continues &&
+                                                    &version == &consent.history.back();
   const bool expired = version.valid_until.has_value() && *version.valid_until <= now;
   const bool active = version.state == VersionState::kGranted && !(latest && expired);
   std::string json = absl::StrCat(

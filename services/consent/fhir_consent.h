@@ -27,8 +27,8 @@ inline constexpr char kFhirRevocationReasonUrl[] = "urn:medgate:fhir:revocation-
 // ended by `now`: the consent has expired), scope patient-privacy, category LOINC 59284-0 (patient consent), patient by
 // identifier, dateTime (recorded), sourceReference the evidence, policyRule OPTIN, and provision
 // permit with its period, the actor it is narrowed to (if any), the purpose and the categories.
-// `version` is an element of consent.history (the latest is its last), or consent.current when
-// the history is empty.
+// `version` is an element of consent.history (the latest is its last, unless the history
+// continues on the next page), or consent.current when the history is empty.
 std::string FhirConsentJson(const ConsentInfo& consent, const VersionInfo& version,
                             absl::Time now);
 

@@ -353,6 +353,24 @@ class ConsentTest : public ::testing::Test {
     return q.exec_params1(sql, arg)[0].as<int64_t>();
   }
 
+  // Stores versions `first` to `last` of a consent of fr-1, as earlier calls by the app would
+  // have: granted, every other one revoked if `alternating`, each with a period that ended a day
+  // ago if `ended`, open-ended otherwise.
+  static void StoreVersions(const std::string& consent_id, int64_t first, int64_t last,
+                            bool alternating, bool ended) {
+    pqxx::connection c(clusters_->region("fr-1").ConnectionString());
+    pqxx::work txn(c);
+    txn.exec_params0(
+        "INSERT INTO consent_versions (consent_id, version, state, valid_from, valid_until, "
+        "evidence_ref, reason, recorded_by, recorded_at, request_id) "
+        "SELECT $1, v, CASE WHEN $4 AND v % 2 = 1 THEN 'revoked' ELSE 'granted' END, "
+        "CASE WHEN $5 THEN now() - interval '2 days' ELSE now() END, "
+        "CASE WHEN $5 THEN now() - interval '1 day' END, 'form-' || v, '', $6, now(), "
+        "'fill-' || v FROM generate_series($2::int8, $3::int8) AS v",
+        consent_id, first, last, alternating, ended, App());
+    txn.commit();
+  }
+
   static std::string Practitioner() { return pki_->SpiffeId("/tenant/acme/practitioner/p-1"); }
   static std::string App() { return pki_->SpiffeId("/tenant/acme/app/backend"); }
   static std::string Device() { return pki_->SpiffeId("/tenant/acme/device/dev-1"); }
@@ -1516,7 +1534,7 @@ TEST_F(ConsentTest, ASuspendedTenantIsRefused) {
 
 // A patient has at most kMaxConsentsPerPatient consents narrowed to an actor; a page with history
 // holds at most kMaxPageSizeWithHistory consents.
-TEST_F(ConsentTest, APatientsConsentsAndTheirVersionsAreBounded) {
+TEST_F(ConsentTest, APatientsConsentsAreBounded) {
   const std::string patient = Place("bounded-1", "FR");
   auto app = Stub(pki_->app());
   auto first = Grant(*app, GrantArgs(patient).WithRequestId("bounded-v1"));
@@ -1585,24 +1603,16 @@ TEST_F(ConsentTest, AConsentsHistoryOfAnyLengthIsPagedInListsAndExports) {
   auto app = Stub(pki_->app());
   auto care = Grant(*app, GrantArgs(patient).WithRequestId("long-v1"));
   ASSERT_TRUE(care.ok()) << care.status();
-  // What years of grants and revocations would have stored: versions 2 to 1,200.
+  // What years of grants and revocations would have stored: versions 2 to 1,200, the last a
+  // grant.
   constexpr int64_t kStored = 1200;
-  {
-    pqxx::connection c(clusters_->region("fr-1").ConnectionString());
-    pqxx::work txn(c);
-    txn.exec_params0(
-        "INSERT INTO consent_versions (consent_id, version, state, valid_from, evidence_ref, "
-        "reason, recorded_by, recorded_at, request_id) "
-        "SELECT $1, v, CASE WHEN v % 2 = 1 THEN 'revoked' ELSE 'granted' END, now(), "
-        "'form-' || v, '', $2, now(), 'fill-' || v FROM generate_series(2, $3::int) AS v",
-        care->consent_id(), App(), kStored);
-    txn.commit();
-  }
+  StoreVersions(care->consent_id(), 2, kStored, /*alternating=*/true, /*ended=*/false);
   // Revoked and granted again, well past any bound a consent once had.
   auto revoked = Revoke(*app, ById(care->consent_id()));
   ASSERT_TRUE(revoked.ok()) << revoked.status();
   EXPECT_EQ(revoked->version(), kStored + 1);
-  auto regranted = Grant(*app, GrantArgs(patient).WithEvidence("form-again").WithRequestId("again"));
+  auto regranted =
+      Grant(*app, GrantArgs(patient).WithEvidence("form-again").WithRequestId("again"));
   ASSERT_TRUE(regranted.ok()) << regranted.status();
   EXPECT_EQ(regranted->version(), kStored + 2);
   absl::StatusOr<v1::CheckAccessResponse> decided;
@@ -1681,11 +1691,111 @@ TEST_F(ConsentTest, AConsentsHistoryOfAnyLengthIsPagedInListsAndExports) {
                         {1, 400}, {0, 400}, {0, 400}, {2, 4}}));
   ASSERT_EQ(version_ids.size(), static_cast<size_t>(kLast));
   for (int64_t v = 1; v <= kLast; ++v) EXPECT_EQ(version_ids[v - 1], absl::StrCat(v));
-  EXPECT_EQ(CountIn(clusters_->region("fr-1"),
-                    "SELECT count(*) FROM audit_log WHERE patient_id = $1 AND reason LIKE "
-                    "'EXPORTED: consents=0 versions=400 %'",
-                    patient),
-            2);
+  for (const auto& [counts_of_page, pages_so_audited] :
+       std::vector<std::pair<std::string, int64_t>>{
+           {"consents=1 versions=400", 1}, {"consents=0 versions=400", 2},
+           {"consents=2 versions=4", 1}}) {
+    EXPECT_EQ(CountIn(clusters_->region("fr-1"),
+                      absl::StrCat("SELECT count(*) FROM audit_log WHERE patient_id = $1 AND "
+                                   "reason LIKE 'EXPORTED: ", counts_of_page, " %'"),
+                      patient),
+              pages_so_audited)
+        << counts_of_page;
+  }
+}
+
+// Where a page's versions run out: a history that fills it exactly, and one cut after another
+// consent's; a token within a history asked for without history, or under a purpose filter; and
+// the export's status of the version a page was cut at.
+TEST_F(ConsentTest, AHistoryIsCutWhereItsPageIsFull) {
+  const std::string patient = Place("cut-history-1", "FR");
+  auto app = Stub(pki_->app());
+  auto care = Grant(*app, GrantArgs(patient));
+  auto monitoring = Grant(*app, GrantArgs(patient).WithPurpose(v1::PURPOSE_REMOTE_MONITORING));
+  ASSERT_TRUE(care.ok() && monitoring.ok());
+  ASSERT_TRUE(Grant(*app, GrantArgs(patient).WithPurpose(v1::PURPOSE_RESEARCH)).ok());
+  // CARE: 600 versions, each granted for a period that has ended; REMOTE_MONITORING: 400.
+  StoreVersions(care->consent_id(), 2, 600, /*alternating=*/false, /*ended=*/true);
+  StoreVersions(monitoring->consent_id(), 2, 400, /*alternating=*/true, /*ended=*/false);
+  ASSERT_EQ(600 + 400, static_cast<int>(kMaxHistoryVersionsPerPage));
+
+  // Listed: CARE and REMOTE_MONITORING fill the first page exactly; RESEARCH is the next.
+  auto shape = [](const v1::ListConsentsResponse& page) {
+    std::vector<std::pair<int, int>> purposes_and_versions;
+    for (const v1::PatientConsent& c : page.consents()) {
+      purposes_and_versions.emplace_back(c.purpose(), c.history_size());
+    }
+    return purposes_and_versions;
+  };
+  v1::ListConsentsRequest request = ListOf(patient, /*history=*/true);
+  auto first = List(*app, request);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(shape(*first), (std::vector<std::pair<int, int>>{
+                               {v1::PURPOSE_CARE, 600}, {v1::PURPOSE_REMOTE_MONITORING, 400}}));
+  request.set_page_token(first->next_page_token());
+  auto second = List(*app, request);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(shape(*second), (std::vector<std::pair<int, int>>{{v1::PURPOSE_RESEARCH, 1}}));
+  EXPECT_TRUE(second->next_page_token().empty());
+
+  // A token within REMOTE_MONITORING's history: without history, what follows it; under its
+  // purpose's filter, the rest of its history; under an earlier purpose's, nothing.
+  const std::string within = EncodePageToken({Purpose::kRemoteMonitoring, "", 200});
+  v1::ListConsentsRequest plain = ListOf(patient);
+  plain.set_page_token(within);
+  auto after_it = List(*app, plain);
+  ASSERT_TRUE(after_it.ok()) << after_it.status();
+  EXPECT_EQ(shape(*after_it), (std::vector<std::pair<int, int>>{{v1::PURPOSE_RESEARCH, 0}}));
+  v1::ListConsentsRequest filtered = ListOf(patient, /*history=*/true);
+  filtered.set_purpose(v1::PURPOSE_REMOTE_MONITORING);
+  filtered.set_page_token(within);
+  auto rest = List(*app, filtered);
+  ASSERT_TRUE(rest.ok()) << rest.status();
+  EXPECT_EQ(shape(*rest),
+            (std::vector<std::pair<int, int>>{{v1::PURPOSE_REMOTE_MONITORING, 200}}));
+  ASSERT_EQ(rest->consents_size(), 1);
+  EXPECT_EQ(rest->consents(0).history(0).version(), 201);
+  filtered.set_purpose(v1::PURPOSE_CARE);
+  auto none = List(*app, filtered);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->consents_size(), 0);
+
+  // Exported, 400 versions a page: CARE's first 400; its last 200 and REMOTE_MONITORING's first
+  // 200; the rest of those and RESEARCH.
+  v1::ExportConsentsRequest exported;
+  exported.set_patient_id(patient);
+  exported.set_reason("the patient asked for a copy");
+  std::vector<std::pair<uint32_t, uint32_t>> counts;  // consents, resources
+  std::map<std::pair<std::string, std::string>, std::string> status_of;  // consent, version
+  do {
+    v1::ExportConsentsResponse response;
+    grpc::ClientContext context;
+    grpc::Status status = app->ExportConsents(&context, exported, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    counts.emplace_back(response.consent_count(), response.resource_count());
+    for (absl::string_view line : absl::StrSplit(response.ndjson(), '\n', absl::SkipEmpty())) {
+      google::protobuf::Struct json;
+      ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(std::string(line), &json).ok());
+      const auto& fields = json.fields();
+      status_of[{fields.at("identifier").list_value().values(0).struct_value().fields().at(
+                     "value").string_value(),
+                 fields.at("meta").struct_value().fields().at("versionId").string_value()}] =
+          fields.at("status").string_value();
+    }
+    exported.set_page_token(response.next_page_token());
+  } while (!exported.page_token().empty() && counts.size() < 10);
+  EXPECT_EQ(counts,
+            (std::vector<std::pair<uint32_t, uint32_t>>{{1, 400}, {1, 400}, {1, 201}}));
+  EXPECT_EQ(status_of.size(), 1001u);
+  // A superseded grant is active whatever its period; the latest, ended, is inactive: the one a
+  // page was cut at is not taken for the latest.
+  auto status = [&](const std::string& consent_id, const std::string& version) {
+    return status_of[std::make_pair(consent_id, version)];
+  };
+  EXPECT_EQ(status(care->consent_id(), "400"), "active");
+  EXPECT_EQ(status(care->consent_id(), "401"), "active");
+  EXPECT_EQ(status(care->consent_id(), "600"), "inactive");
+  EXPECT_EQ(status(monitoring->consent_id(), "200"), "active");
 }
 
 // Grants racing for a patient's last free places: the per-patient lock lets exactly as many in as

@@ -133,9 +133,10 @@ TEST_F(ConsentCoreHelpersTest, PageTokensRoundTripAndForgeriesAreRefused) {
   EXPECT_EQ(within->purpose, Purpose::kCare);
   EXPECT_EQ(within->actor, "spiffe://td.eu/a.b/c");
   EXPECT_EQ(within->after_version, 1234);
-  // Not base64, purpose 999, no purpose, and "1./x", "1.0/x", "1.-3/x", "1.z/x" (versions that
-  // are not one).
-  for (const char* bad : {"***", "OTk5L3g", "eA", "MS4veA", "MS4wL3g", "MS4tMy94", "MS56L3g"}) {
+  // Not base64, purpose 999, no purpose; "1./x", "1.0/x", "1.-3/x", "1.z/x" and
+  // "1.9223372036854775808/x" (versions that are not one); "1.5" (no actor's place).
+  for (const char* bad : {"***", "OTk5L3g", "eA", "MS4veA", "MS4wL3g", "MS4tMy94", "MS56L3g",
+                          "MS45MjIzMzcyMDM2ODU0Nzc1ODA4L3g", "MS41"}) {
     ExpectInvalid(DecodePageToken(bad).status(), "page_token");
   }
 }
