@@ -517,7 +517,8 @@ class PgUpload final : public Upload {
       lease_.emplace(*std::move(lease));
     }
     try {
-      const int64_t quota = core_.QuotaOf(home_.tenant_id);
+      const QuotaLimit limit = core_.LimitIn(home_.tenant_id, home_.region_id);
+      const int64_t quota = limit.here();
       // The last piece's hash has run meanwhile (on a spare core). Checked before anything of the
       // record is written: a mismatch creates no key and never holds the audit chain's head.
       RETURN_IF_ERROR(ContentAsDeclared());
@@ -528,11 +529,11 @@ class PgUpload final : public Upload {
       if (key) {
         absl::StatusOr<Written> written;
         if (txn_ != nullptr) {
-          written = StoreRecord(*txn_, *key, now, entry, quota);
+          written = StoreRecord(*txn_, *key, now, entry, limit);
         } else {
           pqxx::nontransaction alone(lease_->connection());
           try {
-            written = StoreRecord(alone, *key, now, entry, quota);
+            written = StoreRecord(alone, *key, now, entry, limit);
           } catch (const pqxx::broken_connection&) {
             return absl::UnavailableError(kOutcomeUnknown);
           }
@@ -555,8 +556,8 @@ class PgUpload final : public Upload {
         // that concurrent uploads cannot overshoot the quota together.
         const int64_t used =
             txn_->exec_prepared1(sql::kLockTenantUsage, home_.tenant_id)[0].as<int64_t>();
-        if (absl::Status room =
-                core_.CheckQuota(home_.tenant_id, home_.region_id, used, header_.size_bytes);
+        if (absl::Status room = core_.CheckQuota(home_.tenant_id, home_.region_id, used,
+                                                 header_.size_bytes, limit);
             !room.ok()) {
           return AnswerFromEarlier(std::move(room));
         }
@@ -567,7 +568,7 @@ class PgUpload final : public Upload {
       for (int attempt = 0; attempt < 2 && !stored; ++attempt) {
         ASSIGN_OR_RETURN(PatientKey key, ReadOrCreatePatientKey(*txn_, now));
         // The quota was checked above, under the lock this transaction holds.
-        ASSIGN_OR_RETURN(Written written, StoreRecord(*txn_, key, now, entry, /*quota=*/0));
+        ASSIGN_OR_RETURN(Written written, StoreRecord(*txn_, key, now, entry, QuotaLimit{}));
         stored = written.stored;
         current.emplace(std::move(key));
       }
@@ -638,10 +639,12 @@ class PgUpload final : public Upload {
     absl::Status no_room;
   };
 
-  // `quota`: the tenant's limit in bytes (0: none), checked by the statement under the tenant's
-  // usage lock.
+  // `limit`: the tenant's quota, whose part for this region (limit.here(), 0: none) the statement
+  // checks under the tenant's usage lock.
   absl::StatusOr<Written> StoreRecord(pqxx::transaction_base& txn, const PatientKey& key,
-                                      absl::Time now, const audit::Entry& entry, int64_t quota) {
+                                      absl::Time now, const audit::Entry& entry,
+                                      const QuotaLimit& limit) {
+    const int64_t quota = limit.here();
     ASSIGN_OR_RETURN(std::string wrapped_record_key,
                      crypto::Seal(key.key, RecordKeyAad(record_id_), record_key_.bytes()));
     ASSIGN_OR_RETURN(SealedMetadata metadata,
@@ -659,7 +662,7 @@ class PgUpload final : public Upload {
     written.stored = !rows.empty() && !rows[0][1].is_null();
     if (!written.stored && quota > 0 && !rows.empty() && !rows[0][0].is_null()) {
       written.no_room = core_.CheckQuota(home_.tenant_id, home_.region_id,
-                                         rows[0][0].as<int64_t>(), header_.size_bytes);
+                                         rows[0][0].as<int64_t>(), header_.size_bytes, limit);
     }
     return written;
   }
@@ -1084,18 +1087,34 @@ void SharingCore::AddBuffered(int64_t delta) {
   }
 }
 
-int64_t SharingCore::QuotaOf(const std::string& tenant) const {
+int64_t QuotaLimit::here() const {
+  if (quota <= 0) return 0;
+  return std::max<int64_t>(1, quota - elsewhere);
+}
+
+QuotaLimit SharingCore::LimitIn(const std::string& tenant, const std::string& region) const {
+  QuotaLimit limit;
   auto it = options_.tenant_quota_bytes.find(tenant);
-  return it != options_.tenant_quota_bytes.end() ? it->second : options_.default_tenant_quota_bytes;
+  limit.quota =
+      it != options_.tenant_quota_bytes.end() ? it->second : options_.default_tenant_quota_bytes;
+  if (limit.quota <= 0) return limit;
+  std::lock_guard<std::mutex> lock(usage_mu_);
+  for (const auto& [other, tenants] : usage_by_region_) {
+    if (other == region) continue;
+    if (auto used = tenants.find(tenant); used != tenants.end()) limit.elsewhere += used->second;
+  }
+  return limit;
 }
 
 absl::Status SharingCore::CheckQuota(const std::string& tenant, const std::string& region,
-                                     int64_t used, uint64_t adding) const {
-  const int64_t quota = QuotaOf(tenant);
-  if (quota > 0 && used + static_cast<int64_t>(adding) > quota) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("tenant '", tenant, "' stores ", used, " bytes of records in region ", region,
-                     "; adding ", adding, " would exceed its limit of ", quota, " bytes"));
+                                     int64_t used, uint64_t adding,
+                                     const QuotaLimit& limit) const {
+  if (limit.quota > 0 && used + limit.elsewhere + static_cast<int64_t>(adding) > limit.quota) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "tenant '", tenant, "' stores ", used, " bytes of records in region ", region,
+        limit.elsewhere > 0 ? absl::StrCat(" and ", limit.elsewhere, " in its other regions")
+                            : std::string(),
+        "; adding ", adding, " would exceed its limit of ", limit.quota, " bytes"));
   }
   return absl::OkStatus();
 }
@@ -1522,13 +1541,13 @@ absl::StatusOr<std::unique_ptr<Upload>> SharingCore::StartUpload(const CallConte
     if (earlier) return std::unique_ptr<Upload>(std::make_unique<AnsweredUpload>(*earlier));
     // Refuse early what the quota cannot take, before a client sends megabytes for nothing;
     // Finish() checks again under a lock (and is the only check of a one-chunk upload).
-    if (QuotaOf(home.tenant_id) > 0) {
+    if (const QuotaLimit limit = LimitIn(home.tenant_id, home.region_id); limit.quota > 0) {
       ASSIGN_OR_RETURN(int64_t used,
                        pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
                          return txn.exec_prepared1(sql::kTenantUsage, home.tenant_id)[0]
                              .as<int64_t>();
                        }));
-      RETURN_IF_ERROR(CheckQuota(home.tenant_id, home.region_id, used, header.size_bytes));
+      RETURN_IF_ERROR(CheckQuota(home.tenant_id, home.region_id, used, header.size_bytes, limit));
     }
   }
   auto upload = std::make_unique<PgUpload>(*this, ctx, header, home, std::move(care),
@@ -2595,12 +2614,20 @@ absl::StatusOr<int64_t> SharingCore::FoldTenantUsage() {
   absl::Status first_error;
   for (const std::string& region : shards_.RegionIds()) {
     pg::Pool* pool = *shards_.Get(region);
+    std::map<std::string, int64_t> usage;
     absl::StatusOr<int64_t> folded =
         pool->TransactValue<int64_t>([&](pqxx::work& txn) -> absl::StatusOr<int64_t> {
-          return txn.exec_prepared1(sql::kFoldTenantUsage)[0].as<int64_t>();
+          usage.clear();
+          const int64_t changes = txn.exec_prepared1(sql::kFoldTenantUsage)[0].as<int64_t>();
+          for (const pqxx::row& row : txn.exec_prepared(sql::kAllTenantsUsage)) {
+            usage[row[0].c_str()] = row[1].as<int64_t>();
+          }
+          return changes;
         });
     if (folded.ok()) {
       total += *folded;
+      std::lock_guard<std::mutex> lock(usage_mu_);
+      usage_by_region_[region] = std::move(usage);
     } else if (first_error.ok()) {
       first_error = folded.status();
     }

@@ -174,9 +174,20 @@ struct SweepResult {
 // about this many bytes (SharingOptions), so that a page fits a client's default 4 MiB limit.
 inline constexpr size_t kMaxListPageBytes = size_t{2} << 20;
 
-// Bytes of live records a tenant may keep in one region unless configured otherwise: a bound even
-// where ops set none.
+// Bytes of live records a tenant may keep, in all its regions together, unless configured
+// otherwise: a bound even where ops set none.
 inline constexpr int64_t kDefaultTenantQuotaBytes = int64_t{1} << 40;  // 1 TiB
+
+// A tenant's quota as an upload in one region is checked against it: exactly for the region's
+// own records (under the tenant's usage lock in its shard), and for the tenant's other regions as
+// the last fold read them (SharingCore::FoldTenantUsage, every 10 s).
+struct QuotaLimit {
+  int64_t quota = 0;      // the tenant's, in all regions; 0: no limit
+  int64_t elsewhere = 0;  // bytes of the tenant's records in its other regions
+  // What the region's shard may hold for the tenant (0: no limit; at least 1 when the tenant's
+  // other regions already hold its quota: no room for a record of any size).
+  int64_t here() const;
+};
 
 // A multi-chunk upload's transaction, for an upload idle timeout of `idle_timeout`: how long the
 // shard lets it sit idle (the timeout and a grace, so that the service, which ends the stream
@@ -187,7 +198,7 @@ absl::Duration UploadTransactionIdleBound(absl::Duration idle_timeout);
 absl::Duration UploadKeepaliveTurn(absl::Duration idle_timeout);
 
 struct SharingOptions {
-  // Bytes of live records a tenant may keep in one region; 0 means no limit.
+  // Bytes of live records a tenant may keep in all its regions together; 0 means no limit.
   int64_t default_tenant_quota_bytes = kDefaultTenantQuotaBytes;
   std::map<std::string, int64_t> tenant_quota_bytes;  // per-tenant overrides
   // Longest wait for an upload's next message before the upload ends (DEADLINE_EXCEEDED; the
@@ -311,7 +322,9 @@ class SharingCore {
                                                      const std::string& kek_id);
   // Folds the records' size changes that the shards' triggers appended into the tenants' usage
   // counts (shard migration 0021), in every region: the quota's read sums only the changes since.
-  // How many changes were folded.
+  // Each region's counts, read in the same transaction, are what an upload elsewhere counts
+  // against the tenant's quota (a region that fails keeps its last counts). How many changes were
+  // folded.
   absl::StatusOr<int64_t> FoldTenantUsage();
   // Drops (and wipes) the cached patient keys past their max age, used or not since.
   size_t DropExpiredPatientKeys() { return patient_keys_.DropExpired(KeyCacheNow()); }
@@ -334,7 +347,8 @@ class SharingCore {
   // and hashes beside encrypting when a core is idle.
   void AddBuffered(int64_t delta);
   SpareThreads& spare_threads() { return spare_threads_; }
-  int64_t QuotaOf(const std::string& tenant) const;  // 0: no limit
+  // The tenant's quota for an upload in `region`.
+  QuotaLimit LimitIn(const std::string& tenant, const std::string& region) const;
   // The patient key a shard row names (`wrapped_by` and `wrapped` as the row has them): from the
   // cache, the region's key vault, or the row itself for keys written before the vault. When the
   // vault no longer holds it: ABORTED if the caller read the row without locking it (an erasure
@@ -345,8 +359,10 @@ class SharingCore {
                                             absl::string_view wrapped, bool row_locked = false);
   // A new patient key, stored in the region's key vault (committed there) before it is returned.
   absl::StatusOr<PatientKey> NewPatientKey(absl::string_view region, const std::string& patient_id);
+  // RESOURCE_EXHAUSTED, naming the bytes used here and elsewhere, unless `adding` bytes to the
+  // `used` of `region` fit `limit`.
   absl::Status CheckQuota(const std::string& tenant, const std::string& region, int64_t used,
-                          uint64_t adding) const;
+                          uint64_t adding, const QuotaLimit& limit) const;
   // The CARE decision that lets `ctx`'s practitioner add a record for `home`'s patient, asked
   // when the upload starts and again before it commits. A refusal is audited in the patient's
   // home shard (UNAVAILABLE if it cannot be) and returned as PERMISSION_DENIED.
@@ -440,6 +456,10 @@ class SharingCore {
   TransferCounts uploads_in_progress_;
   TransferCounts downloads_in_progress_;
   std::atomic<int64_t> peak_buffered_{0};
+  // Per region, per tenant, the bytes of records the last fold read (FoldTenantUsage): at most
+  // the regions times the tenants with records.
+  mutable std::mutex usage_mu_;
+  std::map<std::string, std::map<std::string, int64_t>> usage_by_region_;
   // Per region, the (retain_until, record_id) of the last expired archive the sweep took.
   std::mutex retention_mu_;
   std::map<std::string, std::pair<absl::Time, std::string>> retention_after_;

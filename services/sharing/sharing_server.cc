@@ -240,9 +240,11 @@ absl::Status SharingServer::Start() {
         settings_.kek_rewrap_interval, [this](PeriodicTask& task) { return RewrapKeys(task); });
   }
   // Whatever the retention sweep's interval, so that a quota check never sums more than a few
-  // seconds of a tenant's changes. The same turn drops cached patient keys past their age, so
-  // that a key another process erased leaves this one's memory even when nothing here asks.
-  usage_folder_ = std::make_unique<PeriodicTask>(kUsageFoldInterval, [this](PeriodicTask&) {
+  // seconds of a tenant's changes, and counts what the tenant stores in its other regions as of
+  // at most that long ago (first at once, for a server just started). The same turn drops cached
+  // patient keys past their age, so that a key another process erased leaves this one's memory
+  // even when nothing here asks.
+  usage_folder_ = std::make_unique<PeriodicTask>(absl::ZeroDuration(), [this](PeriodicTask&) {
     core_->DropExpiredPatientKeys();
     if (absl::StatusOr<int64_t> folded = core_->FoldTenantUsage(); !folded.ok()) {
       log::Warning("usage_fold_failed", {{"error", folded.status().message()}});

@@ -39,8 +39,8 @@ inline constexpr absl::Duration kUsageFoldInterval = absl::Seconds(10);
 //     kek_rewrap: false                 # rewrap those keys under kek_file's KEK, as they are read
 //                                       # and by a sweep (README, "Rotating the KEK")
 //     kek_rewrap_seconds: 60            # how often that sweep runs
-//     tenant_quota_bytes: 10737418240   # bytes of records per tenant and region (default 1 TiB;
-//                                       # 0: no limit, which must be asked for)
+//     tenant_quota_bytes: 10737418240   # bytes of records per tenant, in all its regions
+//                                       # (default 1 TiB; 0: no limit, which must be asked for)
 //     tenant_quotas: {acme: 1073741824} # per-tenant overrides
 //     upload_idle_timeout_seconds: 30   # longest pause between two chunks of an upload
 //     upload_min_bytes_per_second: 16384  # an upload's lowest average rate past that pause

@@ -78,6 +78,7 @@ inline constexpr char kInsertChunk[] = "insert_chunk";
 inline constexpr char kLockTenantUsage[] = "lock_tenant_usage";
 inline constexpr char kTenantUsage[] = "tenant_usage";
 inline constexpr char kFoldTenantUsage[] = "fold_tenant_usage";
+inline constexpr char kAllTenantsUsage[] = "all_tenants_usage";
 // Read in binary format, not as libpqxx's statements are: a chunk's ciphertext (up to 1 MiB) as
 // text would be hex, twice its size. Through the record: no row once it is erased (an erasure
 // stops the downloads already running at their next chunk; its chunks are purged later), a NULL
@@ -290,6 +291,10 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "SELECT coalesce((SELECT bytes FROM tenant_record_usage WHERE tenant_id = $1), 0) + "
          "coalesce((SELECT sum(bytes) FROM tenant_record_usage_changes WHERE tenant_id = $1), 0)"},
         {kFoldTenantUsage, "SELECT medgate_fold_record_usage()"},
+        // Every tenant's usage in the shard, as kTenantUsage reads one's.
+        {kAllTenantsUsage,
+         "SELECT tenant_id, sum(bytes)::int8 FROM (SELECT tenant_id, bytes FROM tenant_record_usage "
+         "UNION ALL SELECT tenant_id, bytes FROM tenant_record_usage_changes) u GROUP BY tenant_id"},
         // The active grants of records $1, in their order: all of them for a record whose $2 is
         // true (the caller owns it), else only those to $4; at most $5.
         {kSelectActiveGrants,

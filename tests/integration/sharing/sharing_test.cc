@@ -3381,6 +3381,76 @@ TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
   }
 }
 
+// A tenant's quota holds for all its regions together: what it stores in one region counts
+// against an upload in another once the service has read it (when it starts, then every 10 s;
+// here when the test folds), and an erasure there gives the room back.
+TEST_F(SharingTest, ATenantsQuotaCountsItsRecordsInEveryRegion) {
+  const std::string in_france = Place("quota-regions-fr", "FR");
+  const std::string in_germany = Place("quota-regions-de", "DE");
+  int64_t used = 0;
+  for (const char* region : {"fr-1", "de-1", "eu-1"}) used += TenantUsage(region, "acme");
+  // Room for one more MiB, not two, whichever region they go to.
+  const int64_t quota = used + kMiB + kMiB / 2;
+  ExtraSharing extra = StartSharingOn(ConfigWith(
+      "tenant_quotas: {tiny: ", absl::StrCat("tenant_quotas: {acme: ", quota, ", tiny: ")));
+  ASSERT_NE(extra.server, nullptr);
+  SharingCore& core = extra.server->core();
+  ASSERT_TRUE(core.FoldTenantUsage().ok());
+  UploadSpec german;
+  german.patient_id = in_germany;
+  german.content = Generate(140, 0, kMiB);
+  const std::string stored = UploadOk(pki_->practitioner(), german, extra.server->port());
+  ASSERT_FALSE(stored.empty());
+  ASSERT_TRUE(core.FoldTenantUsage().ok());
+
+  UploadSpec french;
+  french.patient_id = in_france;
+  french.content = Generate(141, 0, kMiB);
+  const int64_t before = StoredRows();
+  grpc::Status refused = Upload(pki_->practitioner(), french, nullptr, extra.server->port());
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_THAT(refused.error_message(),
+              HasSubstr(absl::StrCat(" in its other regions; adding ", kMiB,
+                                     " would exceed its limit of ", quota, " bytes")));
+  EXPECT_EQ(StoredRows(), before);
+  // The quota's part for fr-1 is what the other regions leave of it.
+  const QuotaLimit limit = core.LimitIn("acme", "fr-1");
+  EXPECT_EQ(limit.quota, quota);
+  EXPECT_EQ(limit.elsewhere, TenantUsage("de-1", "acme") + TenantUsage("eu-1", "acme"));
+  EXPECT_EQ(limit.here(), quota - limit.elsewhere);
+
+  ASSERT_TRUE(Erase(pki_->practitioner(), stored, "made room").ok());
+  ASSERT_TRUE(core.FoldTenantUsage().ok());
+  EXPECT_FALSE(UploadOk(pki_->practitioner(), french, extra.server->port()).empty());
+
+  // Half a MiB is left. An upload let in by it is refused at its end if another region took the
+  // room meanwhile: the record's own statement (the patient's key is cached) checks fr-1's part.
+  absl::StatusOr<Principal> practitioner =
+      ParseSpiffeId(pki_->SpiffeId("/tenant/acme/practitioner/p-1"), pki_->trust_domain());
+  ASSERT_TRUE(practitioner.ok()) << practitioner.status();
+  const CallContext ctx{*practitioner, "quota-regions-late", "test"};
+  const std::string late = Generate(142, 0, 400 * 1024);
+  absl::StatusOr<std::unique_ptr<sharing::Upload>> pending = core.StartUpload(
+      ctx, {in_france, RecordKind::kDocument, "text/plain", "late.txt", late.size(), Sha(late),
+            ""});
+  ASSERT_TRUE(pending.ok()) << pending.status();
+  german.content = Generate(143, 0, 300 * 1024);
+  ASSERT_FALSE(UploadOk(pki_->practitioner(), german, extra.server->port()).empty());
+  ASSERT_TRUE(core.FoldTenantUsage().ok());
+  const int64_t before_late = StoredRows();
+  ASSERT_TRUE((*pending)->Write(late).ok());
+  absl::StatusOr<UploadResult> finished = (*pending)->Finish();
+  EXPECT_EQ(finished.status().code(), absl::StatusCode::kResourceExhausted) << finished.status();
+  pending->reset();
+  EXPECT_EQ(StoredRows(), before_late);
+  // Other tenants, and a tenant whose other regions already hold its quota (no room left here,
+  // whatever the size).
+  EXPECT_EQ(core.LimitIn("globex", "fr-1").quota, kDefaultTenantQuotaBytes);
+  EXPECT_EQ((QuotaLimit{100, 100}.here()), 1);
+  EXPECT_EQ((QuotaLimit{100, 250}.here()), 1);
+  EXPECT_EQ((QuotaLimit{0, 250}.here()), 0);
+}
+
 // A retry of an upload already stored is answered even when the tenant has no room left for a
 // second copy: its record already takes its room.
 TEST_F(SharingTest, ARetryIsAnsweredWhenTheQuotaHasNoRoomForASecondCopy) {
@@ -6448,7 +6518,11 @@ TEST_F(SharingTest, TwoUploadsWithOneRequestIdAtOnceStoreOneRecord) {
 // With the patient's key cached, a one-chunk upload is one statement that commits by itself, begun
 // before the other committed; an upload of several chunks ends its own transaction with it.
 TEST_F(SharingTest, TwoUploadsAtOnceCannotBothTakeTheQuotasLastRoom) {
-  const auto usage = [] { return TenantUsage("fr-1", "acme"); };
+  // The quota is the tenant's in all regions; the race is for fr-1's part of it.
+  const auto usage = [] {
+    return TenantUsage("fr-1", "acme") + TenantUsage("de-1", "acme") +
+           TenantUsage("eu-1", "acme");
+  };
   int round = 0;
   for (const int64_t size : {int64_t{200000}, static_cast<int64_t>(kMiB + kMiB / 2)}) {
     SCOPED_TRACE(size);
@@ -6464,6 +6538,8 @@ TEST_F(SharingTest, TwoUploadsAtOnceCannotBothTakeTheQuotasLastRoom) {
     for (RegionConfig& region : config->regions) region.db.statement_timeout_ms = 60000;
     ExtraSharing limited = StartSharingOn(std::move(config));
     ASSERT_NE(limited.server, nullptr);
+    // What acme stores in the other regions, known to the server (it reads it as it starts).
+    ASSERT_TRUE(limited.server->core().FoldTenantUsage().ok());
     const int port = limited.server->port();
     ASSERT_TRUE(CachePatientKey(patient, port));
     const int64_t records_before =
