@@ -293,8 +293,9 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         {kFoldTenantUsage, "SELECT medgate_fold_record_usage()"},
         // Every tenant's usage in the shard, as kTenantUsage reads one's.
         {kAllTenantsUsage,
-         "SELECT tenant_id, sum(bytes)::int8 FROM (SELECT tenant_id, bytes FROM tenant_record_usage "
-         "UNION ALL SELECT tenant_id, bytes FROM tenant_record_usage_changes) u GROUP BY tenant_id"},
+         "SELECT tenant_id, sum(bytes)::int8 FROM ("
+         "SELECT tenant_id, bytes FROM tenant_record_usage UNION ALL "
+         "SELECT tenant_id, bytes FROM tenant_record_usage_changes) u GROUP BY tenant_id"},
         // The active grants of records $1, in their order: all of them for a record whose $2 is
         // true (the caller owns it), else only those to $4; at most $5.
         {kSelectActiveGrants,
