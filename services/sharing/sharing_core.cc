@@ -526,7 +526,9 @@ class PgUpload final : public Upload {
       // tenant's quota under its lock, is the whole write (and, outside a transaction, the
       // commit).
       std::optional<PatientKey> key = keys_.Get(home_.patient_id, core_.KeyCacheNow());
-      if (key) {
+      // (Unless the tenant's other regions hold its quota already: then the locked check below
+      // refuses it exactly.)
+      if (key && limit.exact()) {
         absl::StatusOr<Written> written;
         if (txn_ != nullptr) {
           written = StoreRecord(*txn_, *key, now, entry, limit);
@@ -2610,6 +2612,7 @@ absl::StatusOr<SweepResult> SharingCore::SweepRetention(int batch) {
 }
 
 absl::StatusOr<int64_t> SharingCore::FoldTenantUsage() {
+  std::lock_guard<std::mutex> fold(fold_mu_);
   int64_t total = 0;
   absl::Status first_error;
   for (const std::string& region : shards_.RegionIds()) {

@@ -184,9 +184,10 @@ inline constexpr int64_t kDefaultTenantQuotaBytes = int64_t{1} << 40;  // 1 TiB
 struct QuotaLimit {
   int64_t quota = 0;      // the tenant's, in all regions; 0: no limit
   int64_t elsewhere = 0;  // bytes of the tenant's records in its other regions
-  // What the region's shard may hold for the tenant (0: no limit; at least 1 when the tenant's
-  // other regions already hold its quota: no room for a record of any size).
+  // What the region's shard may hold for the tenant: 0 for no limit, and exact while the other
+  // regions hold less than the quota (`exact()`); past that, 1, which an upload checks otherwise.
   int64_t here() const;
+  bool exact() const { return quota <= 0 || elsewhere < quota; }
 };
 
 // A multi-chunk upload's transaction, for an upload idle timeout of `idle_timeout`: how long the
@@ -460,6 +461,8 @@ class SharingCore {
   // the regions times the tenants with records.
   mutable std::mutex usage_mu_;
   std::map<std::string, std::map<std::string, int64_t>> usage_by_region_;
+  // One fold at a time, so that an older read never replaces a newer one.
+  std::mutex fold_mu_;
   // Per region, the (retain_until, record_id) of the last expired archive the sweep took.
   std::mutex retention_mu_;
   std::map<std::string, std::pair<absl::Time, std::string>> retention_after_;

@@ -224,6 +224,11 @@ absl::Status SharingServer::Probe() {
 }
 
 absl::Status SharingServer::Start() {
+  // Uploads count what each tenant stores in its other regions from the first one on. A region
+  // that cannot be read now counts as nothing until a later fold reads it.
+  if (absl::StatusOr<int64_t> folded = core_->FoldTenantUsage(); !folded.ok()) {
+    log::Warning("usage_fold_failed", {{"error", folded.status().message()}});
+  }
   server_->AddService(service_.get());
   server_->AddService(audit_service_.get());
   server_->SetHealthProbe([this] { return Probe(); }, absl::Seconds(2));
@@ -241,10 +246,9 @@ absl::Status SharingServer::Start() {
   }
   // Whatever the retention sweep's interval, so that a quota check never sums more than a few
   // seconds of a tenant's changes, and counts what the tenant stores in its other regions as of
-  // at most that long ago (first at once, for a server just started). The same turn drops cached
-  // patient keys past their age, so that a key another process erased leaves this one's memory
-  // even when nothing here asks.
-  usage_folder_ = std::make_unique<PeriodicTask>(absl::ZeroDuration(), [this](PeriodicTask&) {
+  // at most that long ago. The same turn drops cached patient keys past their age, so that a key
+  // another process erased leaves this one's memory even when nothing here asks.
+  usage_folder_ = std::make_unique<PeriodicTask>(kUsageFoldInterval, [this](PeriodicTask&) {
     core_->DropExpiredPatientKeys();
     if (absl::StatusOr<int64_t> folded = core_->FoldTenantUsage(); !folded.ok()) {
       log::Warning("usage_fold_failed", {{"error", folded.status().message()}});

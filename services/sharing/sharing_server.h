@@ -27,7 +27,9 @@
 
 namespace medgate::sharing {
 
-// How often the server folds the shards' record size changes into the tenants' usage counts.
+// How often the server folds the shards' record size changes into the tenants' usage counts, and
+// reads each region's counts, which uploads in the tenant's other regions count against its quota
+// (SharingCore::FoldTenantUsage; also once as the server starts, before it serves).
 inline constexpr absl::Duration kUsageFoldInterval = absl::Seconds(10);
 
 // The sharing section of the configuration:

@@ -291,7 +291,8 @@ inline const std::vector<pg::Statement>& ShardStatements() {
          "SELECT coalesce((SELECT bytes FROM tenant_record_usage WHERE tenant_id = $1), 0) + "
          "coalesce((SELECT sum(bytes) FROM tenant_record_usage_changes WHERE tenant_id = $1), 0)"},
         {kFoldTenantUsage, "SELECT medgate_fold_record_usage()"},
-        // Every tenant's usage in the shard, as kTenantUsage reads one's.
+        // Every tenant's usage in the shard, as kTenantUsage reads one's. Run right after the fold,
+        // it reads a row a tenant and the changes of a few seconds at most.
         {kAllTenantsUsage,
          "SELECT tenant_id, sum(bytes)::int8 FROM ("
          "SELECT tenant_id, bytes FROM tenant_record_usage UNION ALL "

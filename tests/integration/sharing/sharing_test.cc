@@ -3382,26 +3382,28 @@ TEST_F(SharingTest, TenantQuotaLimitsStoredBytes) {
 }
 
 // A tenant's quota holds for all its regions together: what it stores in one region counts
-// against an upload in another once the service has read it (when it starts, then every 10 s;
-// here when the test folds), and an erasure there gives the room back.
+// against an upload in another once the service has read it (as it starts, then every 10 s;
+// here also when the test folds), and an erasure there gives the room back.
 TEST_F(SharingTest, ATenantsQuotaCountsItsRecordsInEveryRegion) {
   const std::string in_france = Place("quota-regions-fr", "FR");
   const std::string in_germany = Place("quota-regions-de", "DE");
   int64_t used = 0;
   for (const char* region : {"fr-1", "de-1", "eu-1"}) used += TenantUsage(region, "acme");
-  // Room for one more MiB, not two, whichever region they go to.
+  // A MiB in de-1 (through the stack's server), then room for half a MiB more, wherever it goes.
+  UploadSpec german;
+  german.patient_id = in_germany;
+  german.content = Generate(140, 0, kMiB);
+  const std::string stored = UploadOk(pki_->practitioner(), german);
+  ASSERT_FALSE(stored.empty());
   const int64_t quota = used + kMiB + kMiB / 2;
   ExtraSharing extra = StartSharingOn(ConfigWith(
       "tenant_quotas: {tiny: ", absl::StrCat("tenant_quotas: {acme: ", quota, ", tiny: ")));
   ASSERT_NE(extra.server, nullptr);
   SharingCore& core = extra.server->core();
-  ASSERT_TRUE(core.FoldTenantUsage().ok());
-  UploadSpec german;
-  german.patient_id = in_germany;
-  german.content = Generate(140, 0, kMiB);
-  const std::string stored = UploadOk(pki_->practitioner(), german, extra.server->port());
-  ASSERT_FALSE(stored.empty());
-  ASSERT_TRUE(core.FoldTenantUsage().ok());
+  // Read as the server started, before it served.
+  ASSERT_GE(TenantUsage("de-1", "acme"), static_cast<int64_t>(kMiB));
+  EXPECT_EQ(core.LimitIn("acme", "fr-1").elsewhere,
+            TenantUsage("de-1", "acme") + TenantUsage("eu-1", "acme"));
 
   UploadSpec french;
   french.patient_id = in_france;
@@ -3413,18 +3415,27 @@ TEST_F(SharingTest, ATenantsQuotaCountsItsRecordsInEveryRegion) {
               HasSubstr(absl::StrCat(" in its other regions; adding ", kMiB,
                                      " would exceed its limit of ", quota, " bytes")));
   EXPECT_EQ(StoredRows(), before);
-  // The quota's part for fr-1 is what the other regions leave of it.
-  const QuotaLimit limit = core.LimitIn("acme", "fr-1");
-  EXPECT_EQ(limit.quota, quota);
-  EXPECT_EQ(limit.elsewhere, TenantUsage("de-1", "acme") + TenantUsage("eu-1", "acme"));
-  EXPECT_EQ(limit.here(), quota - limit.elsewhere);
+  // So is a record of several chunks, as it starts.
+  UploadSpec larger = french;
+  larger.content = Generate(144, 0, 2 * kMiB);
+  refused = Upload(pki_->practitioner(), larger, nullptr, extra.server->port());
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), HasSubstr(" in its other regions; adding 2097152 "));
+  EXPECT_EQ(StoredRows(), before);
 
   ASSERT_TRUE(Erase(pki_->practitioner(), stored, "made room").ok());
   ASSERT_TRUE(core.FoldTenantUsage().ok());
   EXPECT_FALSE(UploadOk(pki_->practitioner(), french, extra.server->port()).empty());
+  // fr-1's own records are not counted as elsewhere for it.
+  ASSERT_TRUE(core.FoldTenantUsage().ok());
+  ASSERT_GE(TenantUsage("fr-1", "acme"), static_cast<int64_t>(kMiB));
+  const QuotaLimit limit = core.LimitIn("acme", "fr-1");
+  EXPECT_EQ(limit.quota, quota);
+  EXPECT_EQ(limit.elsewhere, TenantUsage("de-1", "acme") + TenantUsage("eu-1", "acme"));
 
-  // Half a MiB is left. An upload let in by it is refused at its end if another region took the
-  // room meanwhile: the record's own statement (the patient's key is cached) checks fr-1's part.
+  // Half a MiB is left. An upload started while it was is refused at its end if another region
+  // took the room meanwhile: the record's own statement (the patient's key is cached) checks
+  // fr-1's part.
   absl::StatusOr<Principal> practitioner =
       ParseSpiffeId(pki_->SpiffeId("/tenant/acme/practitioner/p-1"), pki_->trust_domain());
   ASSERT_TRUE(practitioner.ok()) << practitioner.status();
@@ -3443,12 +3454,15 @@ TEST_F(SharingTest, ATenantsQuotaCountsItsRecordsInEveryRegion) {
   EXPECT_EQ(finished.status().code(), absl::StatusCode::kResourceExhausted) << finished.status();
   pending->reset();
   EXPECT_EQ(StoredRows(), before_late);
-  // Other tenants, and a tenant whose other regions already hold its quota (no room left here,
-  // whatever the size).
+  // Other tenants have the default quota. A region's part is exact while the others leave room
+  // (no limit is 0); past that, uploads are checked otherwise (under the usage lock).
   EXPECT_EQ(core.LimitIn("globex", "fr-1").quota, kDefaultTenantQuotaBytes);
-  EXPECT_EQ((QuotaLimit{100, 100}.here()), 1);
-  EXPECT_EQ((QuotaLimit{100, 250}.here()), 1);
+  EXPECT_EQ((QuotaLimit{100, 99}.here()), 1);
+  EXPECT_TRUE((QuotaLimit{100, 99}.exact()));
+  EXPECT_FALSE((QuotaLimit{100, 100}.exact()));
+  EXPECT_FALSE((QuotaLimit{100, 250}.exact()));
   EXPECT_EQ((QuotaLimit{0, 250}.here()), 0);
+  EXPECT_TRUE((QuotaLimit{0, 250}.exact()));
 }
 
 // A retry of an upload already stored is answered even when the tenant has no room left for a
@@ -6538,8 +6552,7 @@ TEST_F(SharingTest, TwoUploadsAtOnceCannotBothTakeTheQuotasLastRoom) {
     for (RegionConfig& region : config->regions) region.db.statement_timeout_ms = 60000;
     ExtraSharing limited = StartSharingOn(std::move(config));
     ASSERT_NE(limited.server, nullptr);
-    // What acme stores in the other regions, known to the server (it reads it as it starts).
-    ASSERT_TRUE(limited.server->core().FoldTenantUsage().ok());
+    // What acme stores in the other regions is known to the server: it read it as it started.
     const int port = limited.server->port();
     ASSERT_TRUE(CachePatientKey(patient, port));
     const int64_t records_before =
