@@ -371,6 +371,45 @@ class ConsentTest : public ::testing::Test {
     txn.commit();
   }
 
+  // Every page of a patient's export by the app, in turn: each page's (consent_count,
+  // resource_count), and each line's consent id, versionId and status. At most 10 pages.
+  struct ExportedLine {
+    std::string consent_id;
+    std::string version;
+    std::string status;
+  };
+  struct ExportedPages {
+    std::vector<std::pair<uint32_t, uint32_t>> counts;
+    std::vector<ExportedLine> lines;
+  };
+  static absl::StatusOr<ExportedPages> ExportEveryPage(const std::string& patient_id) {
+    v1::ExportConsentsRequest request;
+    request.set_patient_id(patient_id);
+    request.set_reason("the patient asked for a copy");
+    ExportedPages pages;
+    do {
+      v1::ExportConsentsResponse response;
+      grpc::ClientContext context;
+      grpc::Status status = Stub(pki_->app())->ExportConsents(&context, request, &response);
+      if (!status.ok()) return FromGrpcStatus(status);
+      pages.counts.emplace_back(response.consent_count(), response.resource_count());
+      for (absl::string_view line : absl::StrSplit(response.ndjson(), '\n', absl::SkipEmpty())) {
+        google::protobuf::Struct json;
+        if (!google::protobuf::util::JsonStringToMessage(std::string(line), &json).ok()) {
+          return absl::DataLossError(absl::StrCat("not JSON: ", line));
+        }
+        const auto& fields = json.fields();
+        pages.lines.push_back(
+            {fields.at("identifier").list_value().values(0).struct_value().fields().at(
+                 "value").string_value(),
+             fields.at("meta").struct_value().fields().at("versionId").string_value(),
+             fields.at("status").string_value()});
+      }
+      request.set_page_token(response.next_page_token());
+    } while (!request.page_token().empty() && pages.counts.size() < 10);
+    return pages;
+  }
+
   static std::string Practitioner() { return pki_->SpiffeId("/tenant/acme/practitioner/p-1"); }
   static std::string App() { return pki_->SpiffeId("/tenant/acme/app/backend"); }
   static std::string Device() { return pki_->SpiffeId("/tenant/acme/device/dev-1"); }
@@ -1664,31 +1703,14 @@ TEST_F(ConsentTest, AConsentsHistoryOfAnyLengthIsPagedInListsAndExports) {
   EXPECT_EQ(past->consents(0).purpose(), v1::PURPOSE_REMOTE_MONITORING);
 
   // Exported: 400 versions a page; the consents counted where they begin.
-  v1::ExportConsentsRequest exported;
-  exported.set_request_id("long-history-export");
-  exported.set_patient_id(patient);
-  exported.set_reason("the patient asked for a copy");
-  std::vector<std::pair<uint32_t, uint32_t>> counts;  // consents, resources
+  absl::StatusOr<ExportedPages> exported = ExportEveryPage(patient);
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_EQ(exported->counts, (std::vector<std::pair<uint32_t, uint32_t>>{
+                                  {1, 400}, {0, 400}, {0, 400}, {2, 4}}));
   std::vector<std::string> version_ids;
-  do {
-    v1::ExportConsentsResponse response;
-    grpc::ClientContext context;
-    grpc::Status status = app->ExportConsents(&context, exported, &response);
-    ASSERT_TRUE(status.ok()) << status.error_message();
-    counts.emplace_back(response.consent_count(), response.resource_count());
-    for (absl::string_view line : absl::StrSplit(response.ndjson(), '\n', absl::SkipEmpty())) {
-      google::protobuf::Struct json;
-      ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(std::string(line), &json).ok());
-      const auto& identifier = json.fields().at("identifier").list_value().values(0);
-      if (identifier.struct_value().fields().at("value").string_value() == care->consent_id()) {
-        version_ids.push_back(
-            json.fields().at("meta").struct_value().fields().at("versionId").string_value());
-      }
-    }
-    exported.set_page_token(response.next_page_token());
-  } while (!exported.page_token().empty() && counts.size() < 10);
-  EXPECT_EQ(counts, (std::vector<std::pair<uint32_t, uint32_t>>{
-                        {1, 400}, {0, 400}, {0, 400}, {2, 4}}));
+  for (const ExportedLine& line : exported->lines) {
+    if (line.consent_id == care->consent_id()) version_ids.push_back(line.version);
+  }
   ASSERT_EQ(version_ids.size(), static_cast<size_t>(kLast));
   for (int64_t v = 1; v <= kLast; ++v) EXPECT_EQ(version_ids[v - 1], absl::StrCat(v));
   for (const auto& [counts_of_page, pages_so_audited] :
@@ -1762,30 +1784,14 @@ TEST_F(ConsentTest, AHistoryIsCutWhereItsPageIsFull) {
 
   // Exported, 400 versions a page: CARE's first 400; its last 200 and REMOTE_MONITORING's first
   // 200; the rest of those and RESEARCH.
-  v1::ExportConsentsRequest exported;
-  exported.set_patient_id(patient);
-  exported.set_reason("the patient asked for a copy");
-  std::vector<std::pair<uint32_t, uint32_t>> counts;  // consents, resources
-  std::map<std::pair<std::string, std::string>, std::string> status_of;  // consent, version
-  do {
-    v1::ExportConsentsResponse response;
-    grpc::ClientContext context;
-    grpc::Status status = app->ExportConsents(&context, exported, &response);
-    ASSERT_TRUE(status.ok()) << status.error_message();
-    counts.emplace_back(response.consent_count(), response.resource_count());
-    for (absl::string_view line : absl::StrSplit(response.ndjson(), '\n', absl::SkipEmpty())) {
-      google::protobuf::Struct json;
-      ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(std::string(line), &json).ok());
-      const auto& fields = json.fields();
-      status_of[{fields.at("identifier").list_value().values(0).struct_value().fields().at(
-                     "value").string_value(),
-                 fields.at("meta").struct_value().fields().at("versionId").string_value()}] =
-          fields.at("status").string_value();
-    }
-    exported.set_page_token(response.next_page_token());
-  } while (!exported.page_token().empty() && counts.size() < 10);
-  EXPECT_EQ(counts,
+  absl::StatusOr<ExportedPages> exported = ExportEveryPage(patient);
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_EQ(exported->counts,
             (std::vector<std::pair<uint32_t, uint32_t>>{{1, 400}, {1, 400}, {1, 201}}));
+  std::map<std::pair<std::string, std::string>, std::string> status_of;  // consent, version
+  for (const ExportedLine& line : exported->lines) {
+    status_of[std::make_pair(line.consent_id, line.version)] = line.status;
+  }
   EXPECT_EQ(status_of.size(), 1001u);
   // A superseded grant is active whatever its period; the latest, ended, is inactive: the one a
   // page was cut at is not taken for the latest.
