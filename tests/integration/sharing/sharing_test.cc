@@ -3465,6 +3465,31 @@ TEST_F(SharingTest, ATenantsQuotaCountsItsRecordsInEveryRegion) {
   EXPECT_TRUE((QuotaLimit{0, 250}.exact()));
 }
 
+// A region that cannot be read as the server starts does not keep it from starting and serving;
+// until a fold reads that region, what the tenant stores there counts as nothing.
+TEST_F(SharingTest, AServerStartsWhileARegionsUsageCannotBeRead) {
+  UploadSpec german;
+  german.patient_id = Place("quota-region-down-de", "DE");
+  german.content = Generate(146, 0, 1000);
+  ASSERT_FALSE(UploadOk(pki_->practitioner(), german).empty());
+  ASSERT_GT(TenantUsage("de-1", "acme"), 0);
+  const std::string reachable = Db("de-1").ConnectionString();
+  std::string unreachable = reachable;
+  const size_t port_at = unreachable.find(" port=");
+  ASSERT_NE(port_at, std::string::npos);
+  unreachable.replace(port_at, unreachable.find(' ', port_at + 1) - port_at, " port=1");
+  ExtraSharing extra = StartSharingOn(ConfigWith(reachable, unreachable));
+  ASSERT_NE(extra.server, nullptr);
+  SharingCore& core = extra.server->core();
+  EXPECT_EQ(core.LimitIn("acme", "fr-1").elsewhere, TenantUsage("eu-1", "acme"));
+  EXPECT_FALSE(core.FoldTenantUsage().ok());  // de-1's, named in the log
+  EXPECT_EQ(core.LimitIn("acme", "fr-1").elsewhere, TenantUsage("eu-1", "acme"));
+  UploadSpec spec;
+  spec.patient_id = Place("quota-region-down-fr", "FR");
+  spec.content = Generate(145, 0, 1000);
+  EXPECT_FALSE(UploadOk(pki_->practitioner(), spec, extra.server->port()).empty());
+}
+
 // A retry of an upload already stored is answered even when the tenant has no room left for a
 // second copy: its record already takes its room.
 TEST_F(SharingTest, ARetryIsAnsweredWhenTheQuotaHasNoRoomForASecondCopy) {
