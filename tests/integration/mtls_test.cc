@@ -222,6 +222,30 @@ class MtlsTest : public ::testing::Test {
     return with_crls;
   }
 
+  // The test service on a server of its own that reads CRLs from the empty directory `name`
+  // (WithEmptyCrlDir), started; null (and a test failure) if it does not start.
+  struct CrlServer {
+    CrlServer(MedgateConfig with_crls, const std::string& trust_domain)
+        : config(std::move(with_crls)),
+          crl_dir(config.services.at("test").tls.crl_dir),
+          service(trust_domain),
+          server(config, "test") {
+      server.AddService(&service);
+    }
+    const MedgateConfig config;
+    const std::string crl_dir;
+    RecordingAuditService service;
+    ServiceServer server;
+  };
+  std::unique_ptr<CrlServer> StartWithCrls(const std::string& name) {
+    auto started = std::make_unique<CrlServer>(WithEmptyCrlDir(name), pki_->trust_domain());
+    if (absl::Status s = started->server.Start(); !s.ok()) {
+      ADD_FAILURE() << s;
+      return nullptr;
+    }
+    return started;
+  }
+
   // A channel to the test server as `cert`, or to the server on `port` if not 0, whose
   // certificate files are read again every `refresh_seconds`.
   std::shared_ptr<grpc::Channel> ChannelAs(const TestCert& cert, int port = 0,
@@ -713,38 +737,34 @@ TEST_F(MtlsTest, ACertificateRevokedByACrlIsRefusedInTheHandshake) {
   const TestCert left = IssuePractitioner("p-left");
   const TestCert stays = IssuePractitioner("p-stays");
   const TestCert later = IssuePractitioner("p-later");
-  const MedgateConfig with_crls = WithEmptyCrlDir("crl");
-  const std::string& crl_dir = with_crls.services.at("test").tls.crl_dir;
-  RecordingAuditService service(pki_->trust_domain());
-  ServiceServer server(with_crls, "test");
-  server.AddService(&service);
-  ASSERT_TRUE(server.Start().ok());
-  auto call_as = [&](const TestCert& cert) { return Call(ChannelAs(cert, server.port())); };
+  const std::unique_ptr<CrlServer> crls = StartWithCrls("crl");
+  ASSERT_NE(crls, nullptr);
+  auto call_as = [&](const TestCert& cert) { return Call(ChannelAs(cert, crls->server.port())); };
   // No CRL yet: every valid certificate is served.
   for (const TestCert* cert : {&left, &stays, &later}) {
     grpc::Status status = call_as(*cert);
     EXPECT_TRUE(status.ok()) << cert->cert_path << ": " << status.error_message();
   }
-  EXPECT_EQ(service.calls(), 3);
+  EXPECT_EQ(crls->service.calls(), 3);
 
-  absl::StatusOr<std::string> first = pki_->WriteCrl({left.serial}, crl_dir);
+  absl::StatusOr<std::string> first = pki_->WriteCrl({left.serial}, crls->crl_dir);
   ASSERT_TRUE(first.ok()) << first.status();
   EXPECT_EQ(call_as(left).error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_TRUE(call_as(stays).ok());
   EXPECT_TRUE(call_as(later).ok());
-  EXPECT_EQ(service.calls(), 5);
+  EXPECT_EQ(crls->service.calls(), 5);
 
   // The next CRL, beside the first, revokes one more. Of two CRLs of a CA, OpenSSL takes the
   // one issued later (to the second, as CRLs give their times): this one is issued a second on.
   absl::SleepFor(absl::Milliseconds(1100));
-  absl::StatusOr<std::string> second = pki_->WriteCrl({left.serial, later.serial}, crl_dir);
+  absl::StatusOr<std::string> second = pki_->WriteCrl({left.serial, later.serial}, crls->crl_dir);
   ASSERT_TRUE(second.ok()) << second.status();
   EXPECT_NE(*second, *first);
   EXPECT_EQ(call_as(later).error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(call_as(left).error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_TRUE(call_as(stays).ok());
-  EXPECT_EQ(service.calls(), 6);
-  server.Shutdown();
+  EXPECT_EQ(crls->service.calls(), 6);
+  crls->server.Shutdown();
 
   // A CRL directory that is not there is a configuration error, not a server that revokes nothing.
   MedgateConfig missing = config_;
@@ -764,32 +784,28 @@ TEST_F(MtlsTest, ACertificateRevokedByACrlIsRefusedInTheHandshake) {
 TEST_F(MtlsTest, ACallOnAConnectionWhoseCertificateWasRevokedSinceIsRefused) {
   const TestCert left = IssuePractitioner("p-left-open");
   const TestCert stays = IssuePractitioner("p-stays-open");
-  const MedgateConfig with_crls = WithEmptyCrlDir("crl-open");
-  const std::string& crl_dir = with_crls.services.at("test").tls.crl_dir;
-  RecordingAuditService service(pki_->trust_domain());
-  ServiceServer server(with_crls, "test");
-  server.AddService(&service);
-  ASSERT_TRUE(server.Start().ok());
-  auto channel_of = [&](const TestCert& cert) { return ChannelAs(cert, server.port(), 60); };
+  const std::unique_ptr<CrlServer> crls = StartWithCrls("crl-open");
+  ASSERT_NE(crls, nullptr);
+  auto channel_of = [&](const TestCert& cert) { return ChannelAs(cert, crls->server.port(), 60); };
   std::shared_ptr<grpc::Channel> left_channel = channel_of(left);
   std::shared_ptr<grpc::Channel> stays_channel = channel_of(stays);
   ASSERT_TRUE(Call(left_channel).ok());
   ASSERT_TRUE(Call(stays_channel).ok());
-  EXPECT_EQ(service.calls(), 2);
+  EXPECT_EQ(crls->service.calls(), 2);
 
-  ASSERT_TRUE(pki_->WriteCrl({left.serial}, crl_dir).ok());
+  ASSERT_TRUE(pki_->WriteCrl({left.serial}, crls->crl_dir).ok());
   absl::SleepFor(absl::Milliseconds(1500));
   ASSERT_EQ(left_channel->GetState(false), GRPC_CHANNEL_READY) << "the connection was not kept";
   grpc::Status refused = Call(left_channel);
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAUTHENTICATED) << refused.error_message();
   EXPECT_THAT(refused.error_message(), HasSubstr(absl::StrCat("serial ", left.serial)));
   EXPECT_THAT(refused.error_message(), HasSubstr("revoked"));
-  EXPECT_EQ(service.calls(), 2);
+  EXPECT_EQ(crls->service.calls(), 2);
   grpc::Status served = Call(stays_channel);
   EXPECT_TRUE(served.ok()) << served.error_message();
-  EXPECT_EQ(service.calls(), 3);
-  EXPECT_EQ(server.peer_certificates()->crls_in_force(), 1u);
-  server.Shutdown();
+  EXPECT_EQ(crls->service.calls(), 3);
+  EXPECT_EQ(crls->server.peer_certificates()->crls_in_force(), 1u);
+  crls->server.Shutdown();
 }
 
 // A client that sends its intermediate CA with its certificate is refused on its open connection
@@ -803,29 +819,25 @@ TEST_F(MtlsTest, ACallOnAConnectionWhoseIntermediateCaWasRevokedSinceIsRefused) 
       pki_->IssueThroughIntermediate("p-intermediate", options, &intermediate_serial);
   ASSERT_TRUE(chained.ok()) << chained.status();
   const TestCert stays = IssuePractitioner("p-stays-direct");
-  const MedgateConfig with_crls = WithEmptyCrlDir("crl-intermediate");
-  const std::string& crl_dir = with_crls.services.at("test").tls.crl_dir;
-  RecordingAuditService service(pki_->trust_domain());
-  ServiceServer server(with_crls, "test");
-  server.AddService(&service);
-  ASSERT_TRUE(server.Start().ok());
-  std::shared_ptr<grpc::Channel> chained_channel = ChannelAs(*chained, server.port(), 60);
-  std::shared_ptr<grpc::Channel> stays_channel = ChannelAs(stays, server.port(), 60);
+  const std::unique_ptr<CrlServer> crls = StartWithCrls("crl-intermediate");
+  ASSERT_NE(crls, nullptr);
+  std::shared_ptr<grpc::Channel> chained_channel = ChannelAs(*chained, crls->server.port(), 60);
+  std::shared_ptr<grpc::Channel> stays_channel = ChannelAs(stays, crls->server.port(), 60);
   grpc::Status first = Call(chained_channel);
   ASSERT_TRUE(first.ok()) << "the handshake takes the chain: " << first.error_message();
   ASSERT_TRUE(Call(stays_channel).ok());
 
-  ASSERT_TRUE(pki_->WriteCrl({intermediate_serial}, crl_dir).ok());
+  ASSERT_TRUE(pki_->WriteCrl({intermediate_serial}, crls->crl_dir).ok());
   absl::SleepFor(absl::Milliseconds(1500));
   ASSERT_EQ(chained_channel->GetState(false), GRPC_CHANNEL_READY) << "the connection was not kept";
   grpc::Status refused = Call(chained_channel);
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAUTHENTICATED) << refused.error_message();
   EXPECT_THAT(refused.error_message(),
               HasSubstr(absl::StrCat("issuing CA (serial ", intermediate_serial)));
-  EXPECT_EQ(service.calls(), 2);
+  EXPECT_EQ(crls->service.calls(), 2);
   grpc::Status served = Call(stays_channel);
   EXPECT_TRUE(served.ok()) << served.error_message();
-  server.Shutdown();
+  crls->server.Shutdown();
 }
 
 // A private key file others may read (or its group write) is refused, by a server and by a client
