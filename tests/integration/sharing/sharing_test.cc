@@ -3622,12 +3622,21 @@ TEST_F(SharingTest, AOneStatementUploadIsStillCheckedFirst) {
   spec.content = Generate(98, 0, 7000);
   const std::string first = UploadOk(pki_->practitioner(), spec, port);  // caches the key
   const int64_t before = StoredRows();
+  const auto entries = [&] {
+    return Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1", spec.patient_id);
+  };
+  const int64_t entries_before = entries();
   UploadSpec bad = spec;
   bad.declared_sha = Sha("other content");
+  bad.request_id = "checked-first";
   grpc::Status refused = Upload(pki_->practitioner(), bad, nullptr, port);
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << refused.error_message();
   EXPECT_THAT(refused.error_message(), HasSubstr("does not match header.sha256"));
   EXPECT_EQ(StoredRows(), before);
+  EXPECT_EQ(entries(), entries_before);
+  EXPECT_EQ(Count("fr-1", "SELECT count(*) FROM record_requests WHERE request_id = $1",
+                  bad.request_id),
+            0);
   spec.content = Generate(99, 0, 9000);
   const std::string second = UploadOk(pki_->practitioner(), spec, port);
   EXPECT_EQ(StoredRows(), before + 3);  // the record, its chunk, its key
