@@ -3626,6 +3626,7 @@ TEST_F(SharingTest, AOneStatementUploadIsStillCheckedFirst) {
     return Count("fr-1", "SELECT count(*) FROM audit_log WHERE patient_id = $1", spec.patient_id);
   };
   const int64_t entries_before = entries();
+  ASSERT_GE(entries_before, 1);  // the first upload's
   UploadSpec bad = spec;
   bad.declared_sha = Sha("other content");
   bad.request_id = "checked-first";
