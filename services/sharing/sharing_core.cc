@@ -518,7 +518,6 @@ class PgUpload final : public Upload {
     }
     try {
       const QuotaLimit limit = core_.LimitIn(home_.tenant_id, home_.region_id);
-      const int64_t quota = limit.here();
       // The last piece's hash has run meanwhile (on a spare core). Checked before anything of the
       // record is written: a mismatch creates no key and never holds the audit chain's head.
       RETURN_IF_ERROR(ContentAsDeclared());
@@ -526,9 +525,7 @@ class PgUpload final : public Upload {
       // tenant's quota under its lock, is the whole write (and, outside a transaction, the
       // commit).
       std::optional<PatientKey> key = keys_.Get(home_.patient_id, core_.KeyCacheNow());
-      // (Unless the tenant's other regions hold its quota already: then the locked check below
-      // refuses it exactly.)
-      if (key && limit.exact()) {
+      if (key) {
         absl::StatusOr<Written> written;
         if (txn_ != nullptr) {
           written = StoreRecord(*txn_, *key, now, entry, limit);
@@ -552,7 +549,7 @@ class PgUpload final : public Upload {
       // vault is deleted by the sweep). An erasure committed meanwhile may have replaced the key
       // (one record's) or removed it (all of them): then the next statement sees what is now.
       if (txn_ == nullptr) txn_ = std::make_unique<pqxx::work>(lease_->connection());
-      if (quota > 0) {
+      if (limit.quota > 0) {
         // Before a key is created for a record the quota has no room for. The lock, taken here
         // for the rest of the transaction, serializes the tenant's commits in this region so
         // that concurrent uploads cannot overshoot the quota together.
@@ -641,12 +638,12 @@ class PgUpload final : public Upload {
     absl::Status no_room;
   };
 
-  // `limit`: the tenant's quota, whose part for this region (limit.here(), 0: none) the statement
+  // `limit`: the tenant's quota, whose part for this region (limit.room_here()) the statement
   // checks under the tenant's usage lock.
   absl::StatusOr<Written> StoreRecord(pqxx::transaction_base& txn, const PatientKey& key,
                                       absl::Time now, const audit::Entry& entry,
                                       const QuotaLimit& limit) {
-    const int64_t quota = limit.here();
+    const std::optional<int64_t> room = limit.room_here();
     ASSIGN_OR_RETURN(std::string wrapped_record_key,
                      crypto::Seal(key.key, RecordKeyAad(record_id_), record_key_.bytes()));
     ASSIGN_OR_RETURN(SealedMetadata metadata,
@@ -659,10 +656,10 @@ class PgUpload final : public Upload {
         static_cast<int64_t>(header_.size_bytes), pqxx::binarystring(metadata.sha256), next_index_,
         ctx_.principal.spiffe_id, PgTime(now), NewId(home_.region_id, "k"), key.key_id,
         pqxx::binarystring(wrapped_record_key), static_cast<int64_t>(last_.index),
-        pqxx::binarystring(last_.bytes), header_.request_id, quota);
+        pqxx::binarystring(last_.bytes), header_.request_id, room);
     Written written;
     written.stored = !rows.empty() && !rows[0][1].is_null();
-    if (!written.stored && quota > 0 && !rows.empty() && !rows[0][0].is_null()) {
+    if (!written.stored && room && !rows.empty() && !rows[0][0].is_null()) {
       written.no_room = core_.CheckQuota(home_.tenant_id, home_.region_id,
                                          rows[0][0].as<int64_t>(), header_.size_bytes, limit);
     }
@@ -1087,11 +1084,6 @@ void SharingCore::AddBuffered(int64_t delta) {
   int64_t peak = peak_buffered_.load();
   while (now > peak && !peak_buffered_.compare_exchange_weak(peak, now)) {
   }
-}
-
-int64_t QuotaLimit::here() const {
-  if (quota <= 0) return 0;
-  return std::max<int64_t>(1, quota - elsewhere);
 }
 
 QuotaLimit SharingCore::LimitIn(const std::string& tenant, const std::string& region) const {

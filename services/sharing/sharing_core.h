@@ -184,10 +184,12 @@ inline constexpr int64_t kDefaultTenantQuotaBytes = int64_t{1} << 40;  // 1 TiB
 struct QuotaLimit {
   int64_t quota = 0;      // the tenant's, in all regions; 0: no limit
   int64_t elsewhere = 0;  // bytes of the tenant's records in its other regions
-  // What the region's shard may hold for the tenant: 0 for no limit, and exact while the other
-  // regions hold less than the quota (`exact()`); past that, 1, which an upload checks otherwise.
-  int64_t here() const;
-  bool exact() const { return quota <= 0 || elsewhere < quota; }
+  // What the region's shard may hold for the tenant (none: no limit; at most 0 when the other
+  // regions already hold the quota), which the record's statement checks under the usage lock.
+  std::optional<int64_t> room_here() const {
+    if (quota <= 0) return std::nullopt;
+    return quota - elsewhere;
+  }
 };
 
 // A multi-chunk upload's transaction, for an upload idle timeout of `idle_timeout`: how long the

@@ -249,16 +249,17 @@ inline const std::vector<pg::Statement>& ShardStatements() {
         // $1 record_id, $2 tenant_id, $3 patient_id, $4 kind, $5 content_type and $6 file_name
         // (both sealed), $7 size_bytes, $8 sha256 (sealed), $9 chunk_count, $10 owner, $11 created_at,
         // $12 record key id, $13 patient key id, $14 wrapped record key, $15 last chunk's index,
-        // $16 its ciphertext, $17 the client's request id, $18 the tenant's quota in bytes (0:
-        // none), $19.. the audit entry (ExecWithAudit in sharing_core.cc).
+        // $16 its ciphertext, $17 the client's request id, $18 the bytes the tenant may hold in
+        // this region (QuotaLimit::room_here; NULL: no limit; at most 0 when its other regions
+        // hold its quota), $19.. the audit entry (ExecWithAudit in sharing_core.cc).
         // One row back: the usage read (NULL without a quota) and the audit entry's seq, NULL when
         // nothing was written (no room, or the patient key is gone).
         {kFinishUpload,
-         "WITH usage AS (SELECT CASE WHEN $18::bigint > 0 THEN medgate_lock_tenant_usage($2) "
-         "END AS used), "
+         "WITH usage AS (SELECT CASE WHEN $18::bigint IS NOT NULL THEN "
+         "medgate_lock_tenant_usage($2) END AS used), "
          "patient_key AS (SELECT key_id FROM record_keys WHERE key_id = $13 "
          "AND patient_id = $3 AND record_id IS NULL "
-         "AND ($18::bigint <= 0 OR (SELECT used FROM usage) + $7::bigint <= $18::bigint) "
+         "AND ($18::bigint IS NULL OR (SELECT used FROM usage) + $7::bigint <= $18::bigint) "
          "FOR KEY SHARE), "
          "chunk AS (INSERT INTO record_chunks (record_id, chunk_index, ciphertext) "
          "SELECT $1, $15, $16 FROM patient_key RETURNING chunk_index), "

@@ -3454,15 +3454,51 @@ TEST_F(SharingTest, ATenantsQuotaCountsItsRecordsInEveryRegion) {
   EXPECT_EQ(finished.status().code(), absl::StatusCode::kResourceExhausted) << finished.status();
   pending->reset();
   EXPECT_EQ(StoredRows(), before_late);
-  // Other tenants have the default quota. A region's part is exact while the others leave room
-  // (no limit is 0); past that, uploads are checked otherwise (under the usage lock).
+  // Other tenants have the default quota. A region's part is what the others leave, none or
+  // less when they hold it all (no record fits), and no limit without a quota.
   EXPECT_EQ(core.LimitIn("globex", "fr-1").quota, kDefaultTenantQuotaBytes);
-  EXPECT_EQ((QuotaLimit{100, 99}.here()), 1);
-  EXPECT_TRUE((QuotaLimit{100, 99}.exact()));
-  EXPECT_FALSE((QuotaLimit{100, 100}.exact()));
-  EXPECT_FALSE((QuotaLimit{100, 250}.exact()));
-  EXPECT_EQ((QuotaLimit{0, 250}.here()), 0);
-  EXPECT_TRUE((QuotaLimit{0, 250}.exact()));
+  EXPECT_EQ((QuotaLimit{100, 99}.room_here()), std::optional<int64_t>(1));
+  EXPECT_EQ((QuotaLimit{100, 100}.room_here()), std::optional<int64_t>(0));
+  EXPECT_EQ((QuotaLimit{100, 250}.room_here()), std::optional<int64_t>(-150));
+  EXPECT_EQ((QuotaLimit{0, 250}.room_here()), std::nullopt);
+}
+
+// Once a tenant's other regions hold more than its whole quota (a region's room is then below
+// zero), no record fits in the region, however small: the record's statement refuses it, also
+// for a patient whose key is cached.
+TEST_F(SharingTest, NoRecordFitsARegionWhoseRoomTheOtherRegionsTook) {
+  const std::string in_france = Place("quota-taken-fr", "FR", &pki_->globex_app());
+  const std::string in_germany = Place("quota-taken-de", "DE", &pki_->globex_app());
+  int64_t used = 0;
+  for (const char* region : {"fr-1", "de-1", "eu-1"}) used += TenantUsage(region, "globex");
+  const int64_t quota = used + 1000;  // room for the first record below, in any region
+  ExtraSharing extra = StartSharingOn(ConfigWith(
+      "tenant_quotas: {tiny: ", absl::StrCat("tenant_quotas: {globex: ", quota, ", tiny: ")));
+  ASSERT_NE(extra.server, nullptr);
+  UploadSpec french;
+  french.patient_id = in_france;
+  french.content = Generate(152, 0, 1000);
+  ASSERT_FALSE(UploadOk(pki_->globex_practitioner(), french, extra.server->port()).empty());
+  // The stack's server (the default quota) stores more in de-1 than fr-1 holds, which the extra
+  // server reads at its next fold.
+  UploadSpec german;
+  german.patient_id = in_germany;
+  german.content = Generate(153, 0, static_cast<size_t>(TenantUsage("fr-1", "globex")) + 4096);
+  ASSERT_FALSE(UploadOk(pki_->globex_practitioner(), german).empty());
+  SharingCore& core = extra.server->core();
+  ASSERT_TRUE(core.FoldTenantUsage().ok());
+  const std::optional<int64_t> room = core.LimitIn("globex", "fr-1").room_here();
+  ASSERT_TRUE(room.has_value());
+  ASSERT_LT(*room, 0);
+  const int64_t before = StoredRows();
+  french.content = "x";  // the patient's key is cached since the first upload
+  grpc::Status refused =
+      Upload(pki_->globex_practitioner(), french, nullptr, extra.server->port());
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_THAT(refused.error_message(),
+              HasSubstr(absl::StrCat("; adding 1 would exceed its limit of ", quota, " bytes")));
+  EXPECT_EQ(StoredRows(), before);
+  extra.server->Shutdown();
 }
 
 // A region that cannot be read as the server starts does not keep it from starting and serving;
